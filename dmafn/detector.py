@@ -1,0 +1,78 @@
+"""In-memory DMAFN detector with the PyOD / scikit-learn contract.
+
+    det = Detector(modalities, config=small(fusion="attention")).fit(features)
+    det.decision_function(features)   # higher = more anomalous
+    det.predict(features)             # 0/1 by det.threshold_
+    det.score_record(features)        # fused score and per-modality contributions
+
+`features` is a `dmafn.features.Features` (a dict of modality arrays and a presence mask), e.g. from
+`featurize(aligned, spec, stats)`. Uses the same scoring path as the Ray pipelines.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dmafn.features import Features
+from dmafn.model import ModelConfig, build_model, small
+from dmafn.postprocess import fit_threshold
+from dmafn.scoring import ScoreRecord, fit_calibration, raw_scores, to_record
+from dmafn.spec import ModalitySpec
+from dmafn.training import fit_model, seed_everything
+
+
+def _rows(features: Features, idx: np.ndarray) -> Features:
+    return Features({m: features.inputs[m][idx] for m in features.modalities}, features.mask[idx],
+                    features.modalities)
+
+
+class Detector:
+    """Multi-modal anomaly detector. Parameters are stored as given; fitted state ends in '_'."""
+
+    def __init__(self, modalities: dict[str, ModalitySpec], config: ModelConfig | None = None, *, epochs: int = 10,
+                 batch_size: int = 256, learning_rate: float = 1e-3, vote: str = "attention",
+                 threshold: str = "pot", risk: float = 1e-3, quantile: float = 0.99,
+                 threshold_value: float | None = None, validation_fraction: float = 0.2, seed: int = 0,
+                 device: str = "cpu"):
+        self.modalities = modalities
+        self.config = config
+        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        self.vote, self.threshold, self.risk, self.quantile = vote, threshold, risk, quantile
+        self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
+        self.seed, self.device = seed, device
+
+    def fit(self, X: Features, y: np.ndarray | None = None) -> "Detector":
+        """Train on the first rows, calibrate contributions and the threshold on the last
+        `validation_fraction` (time order kept). `y` is only used by the classifier detector."""
+        cfg = self.config or small()
+        n = len(X.mask)
+        n_val = int(n * self.validation_fraction) if n >= 20 else 0
+        train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)
+        if n_val == 0:
+            val_idx = train_idx
+        seed_everything(self.seed)
+        self.model_ = build_model(self.modalities, cfg)
+        self.history_ = fit_model(self.model_, _rows(X, train_idx), epochs=self.epochs, batch_size=self.batch_size,
+                                  lr=self.learning_rate, labels=None if y is None else np.asarray(y)[train_idx],
+                                  seed=self.seed, device=self.device)
+        raw_val = raw_scores(self.model_, _rows(X, val_idx), device=self.device)
+        self.calibration_: dict[str, Any] = fit_calibration(raw_val, X.modalities, cfg.detector, self.vote)
+        val_scores = to_record(raw_val, self.calibration_, X.modalities).score
+        self.threshold_ = fit_threshold(val_scores, self.threshold, risk=self.risk, quantile=self.quantile,
+                                        value=self.threshold_value)
+        self.decision_scores_ = self.decision_function(X)
+        self.labels_ = (np.nan_to_num(self.decision_scores_, nan=-np.inf) > self.threshold_).astype(int)
+        return self
+
+    def score_record(self, X: Features) -> ScoreRecord:
+        raw = raw_scores(self.model_, X, device=self.device)
+        return to_record(raw, self.calibration_, X.modalities)
+
+    def decision_function(self, X: Features) -> np.ndarray:
+        """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""
+        return self.score_record(X).score
+
+    def predict(self, X: Features) -> np.ndarray:
+        """0/1 per row by the calibrated threshold."""
+        return (np.nan_to_num(self.decision_function(X), nan=-np.inf) > self.threshold_).astype(int)

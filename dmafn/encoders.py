@@ -1,0 +1,189 @@
+"""Encoders, one per modality kind. Each maps its input to a (B, d) embedding and defines the
+reconstruction target (B, D) that detector heads predict for that modality.
+
+Kinds and networks: tabular/sensor -> MLP; timeseries -> GRU | LSTM | TCN | transformer;
+image -> CNN; text -> transformer (or embedding bag) over hashed tokens; audio -> log-mel CNN.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmafn.features import TEXT_VOCAB
+
+TEXT_TARGET_BUCKETS = 64
+
+
+class TabularEncoder(nn.Module):
+    """MLP over a vector of sensor values; target: the values themselves."""
+
+    def __init__(self, n_columns: int, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_columns, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+        self.target_dim = n_columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, C) -> (B, d)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _TCN(nn.Module):
+    """Causal dilated 1-D convolutions with residuals."""
+
+    def __init__(self, channels: int, d_model: int, levels: int = 3, kernel: int = 3):
+        super().__init__()
+        self.inp = nn.Conv1d(channels, d_model, 1)
+        self.blocks = nn.ModuleList(
+            nn.Conv1d(d_model, d_model, kernel, dilation=2 ** i) for i in range(levels))
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.transpose(1, 2))                                   # (B, d, L)
+        for i, conv in enumerate(self.blocks):
+            pad = (self.kernel - 1) * 2 ** i
+            h = h + F.gelu(conv(F.pad(h, (pad, 0))))                      # causal: pad on the left only
+        return h[:, :, -1]                                                # (B, d): the state at the tick
+
+
+class SeriesEncoder(nn.Module):
+    """A window of a multichannel series (B, L, C); target: the window, pooled to at most 32 steps."""
+
+    def __init__(self, channels: int, steps: int, d_model: int, cell: str = "gru"):
+        super().__init__()
+        self.cell, self.steps, self.channels = cell, steps, channels
+        if cell in ("gru", "lstm"):
+            self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(channels, d_model, batch_first=True)
+        elif cell == "tcn":
+            self.tcn = _TCN(channels, d_model)
+        elif cell == "transformer":
+            self.inp = nn.Linear(channels, d_model)
+            self.pos = nn.Parameter(torch.randn(1, steps, d_model) * 0.02)
+            layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True)
+            self.transformer = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"unknown series encoder {cell!r} (gru, lstm, tcn, transformer)")
+        self.pooled_steps = min(steps, 32)
+        self.target_dim = self.pooled_steps * channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cell in ("gru", "lstm"):
+            out, _ = self.rnn(x)                                          # (B, L, d)
+            return out[:, -1]
+        if self.cell == "tcn":
+            return self.tcn(x)
+        h = self.transformer(self.inp(x) + self.pos[:, : x.shape[1]])     # (B, L, d)
+        return h.mean(1)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool1d(x.transpose(1, 2), self.pooled_steps)  # (B, C, L')
+        return pooled.flatten(1)
+
+
+class ImageEncoder(nn.Module):
+    """CNN over (B, ch, H, W) in [0, 1]; target: the image pooled to 16x16."""
+
+    def __init__(self, channels: int, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, d_model))
+        self.target_dim = channels * 16 * 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)                                        # (B, ch, H, W) -> (B, d)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.adaptive_avg_pool2d(x, 16) * 4 - 2).flatten(1)          # (B, ch*256), roughly unit scale
+
+
+class TextEncoder(nn.Module):
+    """Transformer (or mean embedding bag) over hashed token ids (B, T), 0 = padding.
+
+    Target: log counts of tokens in 64 hash buckets (the bag of words, compressed).
+    """
+
+    def __init__(self, d_model: int, kind: str = "transformer", max_tokens: int = 64, vocab: int = TEXT_VOCAB):
+        super().__init__()
+        if kind not in ("transformer", "bag"):
+            raise ValueError(f"unknown text encoder {kind!r} (transformer, bag)")
+        self.kind = kind
+        self.embed = nn.Embedding(vocab, d_model, padding_idx=0)
+        self.cls = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        if kind == "transformer":
+            self.pos = nn.Parameter(torch.randn(1, max_tokens + 1, d_model) * 0.02)
+            layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True)
+            self.transformer = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.out = nn.Linear(d_model, d_model)
+        self.target_dim = TEXT_TARGET_BUCKETS
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == 0                                                 # (B, T)
+        h = self.embed(tokens)                                            # (B, T, d)
+        if self.kind == "bag":
+            count = (~pad).sum(1, keepdim=True).clamp(min=1)
+            return self.out(h.sum(1) / count + torch.log1p(count.float()) * self.cls[0])
+        h = torch.cat([self.cls.expand(len(tokens), -1, -1), h], 1) + self.pos[:, : tokens.shape[1] + 1]
+        pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)           # the CLS token is never padding
+        h = self.transformer(h, src_key_padding_mask=pad)                 # (B, T+1, d)
+        return self.out(h[:, 0])
+
+    def target(self, tokens: torch.Tensor) -> torch.Tensor:
+        buckets = torch.where(tokens > 0, tokens % TEXT_TARGET_BUCKETS, TEXT_TARGET_BUCKETS)
+        counts = F.one_hot(buckets, TEXT_TARGET_BUCKETS + 1)[..., :-1].sum(1).float()
+        return torch.log1p(counts)                                        # (B, 64)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:
+    """Triangular mel filters (n_mels, n_fft // 2 + 1)."""
+    def hz_to_mel(f):
+        return 2595 * np.log10(1 + f / 700)
+
+    def mel_to_hz(m):
+        return 700 * (10 ** (m / 2595) - 1)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(20.0), hz_to_mel(sample_rate / 2), n_mels + 2))
+    bank = np.zeros((n_mels, freqs.size), np.float32)
+    for i in range(n_mels):
+        lo, mid, hi = edges[i], edges[i + 1], edges[i + 2]
+        bank[i] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
+    return bank
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel spectrogram (torch.stft) and a CNN over (B, S) waveforms.
+
+    Target: per mel band, the mean and standard deviation over time of the log-mel spectrogram.
+    """
+
+    def __init__(self, sample_rate: int, d_model: int, n_mels: int = 32):
+        super().__init__()
+        self.n_fft = 1 << max(6, int(math.log2(sample_rate * 0.032)))    # ~32 ms frames
+        self.hop = self.n_fft // 2
+        self.register_buffer("mel", torch.from_numpy(mel_filterbank(self.n_fft, n_mels, sample_rate)))
+        self.register_buffer("window", torch.hann_window(self.n_fft))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, d_model))
+        self.target_dim = 2 * n_mels
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
+        power = spec.abs() ** 2                                           # (B, F, frames)
+        return torch.log1p(torch.einsum("mf,bft->bmt", self.mel, power))  # (B, n_mels, frames)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.net(self.log_mel(wave).unsqueeze(1))                  # (B, S) -> (B, d)
+
+    def target(self, wave: torch.Tensor) -> torch.Tensor:
+        mel = self.log_mel(wave)
+        return torch.cat([mel.mean(2), mel.std(2)], 1)                    # (B, 2 * n_mels)

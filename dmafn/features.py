@@ -1,0 +1,215 @@
+"""Preprocessing: aligned rows -> model tensors, with statistics fitted on training days only.
+
+Aligned rows come from `pipelines.align` (columns `m__present`, `m__<col>`). The statistics are plain
+JSON-able dicts saved with each model version, so scoring uses exactly what training fitted.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from dmafn.spec import ModalitySpec, Spec
+
+TEXT_VOCAB = 4096          # hashed token ids: 0 = padding, 1 = message separator
+TEXT_TOKENS = 64           # the latest tokens in the window
+_TOKEN = re.compile(r"[a-z]+|\d+")
+_EPS = 1e-6
+
+
+def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
+    """One string per row naming its entity (several key columns joined by '|')."""
+    cols = [table.column(k).to_pylist() for k in keys]
+    return ["|".join(str(v) for v in row) for row in zip(*cols)]
+
+
+# ------------------------------------------------------------------ statistics
+class _Moments:
+    """Streaming per-column count / sum / sum of squares."""
+
+    def __init__(self) -> None:
+        self.n, self.s, self.ss = 0.0, 0.0, 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[:, None]
+        self.n += values.shape[0]
+        self.s = self.s + values.sum(0, dtype=np.float64)
+        self.ss = self.ss + (values.astype(np.float64) ** 2).sum(0)
+
+    def result(self) -> dict[str, list[float]]:
+        mean = self.s / max(self.n, 1)
+        std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean ** 2, 0.0))
+        return {"mean": np.atleast_1d(mean).tolist(), "std": np.maximum(np.atleast_1d(std), 1e-3).tolist(),
+                "count": self.n}
+
+
+class StatisticsFitter:
+    """Fits normalisation statistics from aligned training batches (streamed, any number of batches)."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.global_: dict[str, _Moments] = {m: _Moments() for m in spec.modalities}
+        self.entity_: dict[str, dict[str, _Moments]] = {m: {} for m in spec.modalities}
+
+    def add(self, aligned: pa.Table) -> "StatisticsFitter":
+        keys = entity_key(aligned, self.spec.entity)
+        for name, m in self.spec.modalities.items():
+            if m.kind not in ("tabular", "timeseries", "audio"):
+                continue
+            present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
+            if not present.any():
+                continue
+            values = raw_values(aligned, m)[present]
+            self.global_[name].add(_per_channel(values, m))
+            if m.kind != "audio":
+                for key in set(np.asarray(keys, object)[present]):
+                    rows = np.asarray(keys, object)[present] == key
+                    self.entity_[name].setdefault(key, _Moments()).add(_per_channel(values[rows], m))
+        return self
+
+    def result(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"modalities": {}}
+        for name, m in self.spec.modalities.items():
+            entry: dict[str, Any] = {"kind": m.kind}
+            if m.kind in ("tabular", "timeseries", "audio"):
+                if self.global_[name].n == 0:
+                    raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
+                entry["global"] = self.global_[name].result()
+                entry["entity"] = {k: v.result() for k, v in self.entity_[name].items()}
+            stats["modalities"][name] = entry
+        stats["normalization"] = self.spec.model.normalization
+        return stats
+
+
+def _per_channel(values: np.ndarray, m: ModalitySpec) -> np.ndarray:
+    if m.kind == "audio":
+        return values.reshape(-1)
+    return values  # tabular (N, C); timeseries (N, L, C) -> moments over N and L
+
+
+# ------------------------------------------------------------------ featurization
+def raw_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
+    """Tabular (N, C) float32; timeseries (N, L, C) float32; audio (N, S) float32. Absent rows are zeros."""
+    n = aligned.num_rows
+    if m.kind == "tabular":
+        cols = [aligned.column(f"{m.name}__{c}").to_numpy(zero_copy_only=False) for c in m.columns]
+        return np.nan_to_num(np.stack([np.asarray(c, np.float64) for c in cols], 1).astype(np.float32))
+    if m.kind == "timeseries":
+        out = np.zeros((n, m.steps, len(m.columns)), np.float32)
+        for j, c in enumerate(m.columns):
+            out[:, :, j] = _fixed_lists(aligned.column(f"{m.name}__{c}"), m.steps)
+        return out
+    if m.kind == "audio":
+        return _fixed_lists(aligned.column(f"{m.name}__{m.column}"), m.samples)
+    raise ValueError(f"raw_values does not handle kind {m.kind}")
+
+
+def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
+    """A list<float> column -> (N, length), nulls as zeros, longer lists keep their last `length` values."""
+    out = np.zeros((len(column), length), np.float32)
+    for i, values in enumerate(column.to_pylist()):
+        if values:
+            tail = np.asarray(values[-length:], np.float32)
+            out[i, length - tail.size:] = np.nan_to_num(tail)
+    return out
+
+
+def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool) -> np.ndarray:
+    mean = np.asarray(stats["global"]["mean"], np.float32)
+    std = np.asarray(stats["global"]["std"], np.float32)
+    if not by_entity or not stats.get("entity"):
+        return (values - mean) / std
+    out = np.empty_like(values)
+    for key in set(keys):
+        rows = np.asarray(keys, object) == key
+        ent = stats["entity"].get(key, stats["global"])     # unseen entity: global fallback
+        out[rows] = (values[rows] - np.asarray(ent["mean"], np.float32)) / np.asarray(ent["std"], np.float32)
+    return out
+
+
+def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
+    """PNG/JPEG bytes -> (channels, H, W) float32 in [0, 1]; None when the bytes cannot be decoded."""
+    from PIL import Image
+
+    if not data:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data)).convert("L" if m.channels == 1 else "RGB")
+        img = img.resize((m.size[1], m.size[0]), Image.BILINEAR)
+    except Exception:  # noqa: BLE001 - any decoder failure means "not usable"
+        return None
+    arr = np.asarray(img, np.float32) / 255.0
+    return arr[None] if m.channels == 1 else arr.transpose(2, 0, 1)
+
+
+def hash_token(token: str) -> int:
+    return 2 + zlib.crc32(token.encode()) % (TEXT_VOCAB - 2)
+
+
+def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS) -> np.ndarray:
+    """Messages (oldest first) -> the latest `max_tokens` hashed token ids, separator between messages."""
+    ids: list[int] = []
+    for msg in messages or []:
+        ids.extend(hash_token(t) for t in _TOKEN.findall(str(msg).lower()))
+        ids.append(1)
+    tail = ids[-max_tokens:]
+    out = np.zeros(max_tokens, np.int64)
+    out[max_tokens - len(tail):] = tail
+    return out
+
+
+@dataclass
+class Features:
+    """Model inputs for N ticks: `inputs[m]` per modality and `mask` (N, M), True = present."""
+
+    inputs: dict[str, np.ndarray]
+    mask: np.ndarray
+    modalities: tuple[str, ...]
+
+
+def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
+    """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False."""
+    n = aligned.num_rows
+    keys = entity_key(aligned, spec.entity)
+    by_entity = stats.get("normalization") == "entity"
+    inputs, masks = {}, []
+    for name, m in spec.modalities.items():
+        present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
+        if m.kind in ("tabular", "timeseries"):
+            x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, by_entity)
+        elif m.kind == "audio":
+            x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
+        elif m.kind == "image":
+            x = np.zeros((n, m.channels, *m.size), np.float32)
+            for i, data in enumerate(aligned.column(f"{name}__{m.column}").to_pylist()):
+                img = decode_image(data, m) if present[i] else None
+                if img is None:
+                    present[i] = False
+                else:
+                    x[i] = img
+        else:
+            x = np.stack([tokenize_messages(msgs) for msgs in aligned.column(f"{name}__{m.column}").to_pylist()]) \
+                if n else np.zeros((0, TEXT_TOKENS), np.int64)
+        x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
+        inputs[name] = x
+        masks.append(present)
+    mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
+    return Features(inputs=inputs, mask=mask, modalities=tuple(spec.modalities))
+
+
+def features_to_columns(features: Features) -> dict[str, np.ndarray]:
+    """Features as flat numpy columns (for Ray Data tensor columns): `x__<m>` and `mask`."""
+    cols = {f"x__{m}": features.inputs[m] for m in features.modalities}
+    cols["mask"] = features.mask
+    return cols
+
+
+def features_from_columns(batch: dict[str, np.ndarray], modalities: Iterable[str]) -> Features:
+    modalities = tuple(modalities)
+    return Features(inputs={m: np.asarray(batch[f"x__{m}"]) for m in modalities},
+                    mask=np.asarray(batch["mask"], bool), modalities=modalities)

@@ -1,0 +1,179 @@
+"""The DMAFN network: per-modality encoders, a fusion layer and a detector head, composed (not inherited).
+
+    inputs[m] --encoder_m--> token_m (B, d) --fusion(tokens, mask)--> z (B, d) --head--> recon_m, latent term
+Late fusion has no fusion layer: each modality gets its own head and the scores are voted on afterwards.
+Early fusion feeds the modalities' aligned inputs straight into one network.
+
+Scores per modality come from reconstruction errors. With `cross_modal` scoring the model also predicts
+each modality with that modality hidden (leave-one-out), so a modality that is normal on its own but no
+longer agrees with the others still scores high; modality dropout in training teaches exactly that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmafn.encoders import AudioEncoder, ImageEncoder, SeriesEncoder, TabularEncoder, TextEncoder
+from dmafn.features import TEXT_TOKENS
+from dmafn.fusion import AttentionFusion, EarlyFusion, GatedFusion
+from dmafn.heads import HeadOutput, build_head
+from dmafn.spec import ModalitySpec
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network (saved with each model version)."""
+
+    fusion: str = "attention"
+    detector: str = "autoencoder"
+    d_model: int = 32
+    latent: int = 12
+    series_encoder: str = "gru"
+    text_encoder: str = "transformer"
+    modality_dropout: float = 0.25
+    cross_modal: bool = True
+
+
+def small(**overrides) -> ModelConfig:
+    """Preset: d_model 32, latent 12 - CPU friendly."""
+    return ModelConfig(**{"d_model": 32, "latent": 12, **overrides})
+
+
+def base(**overrides) -> ModelConfig:
+    """Preset: d_model 64, latent 24 - for GPUs and larger fleets."""
+    return ModelConfig(**{"d_model": 64, "latent": 24, **overrides})
+
+
+PRESETS = {"small": small, "base": base}
+
+
+def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
+    if m.kind == "tabular":
+        return TabularEncoder(len(m.columns), cfg.d_model)
+    if m.kind == "timeseries":
+        return SeriesEncoder(len(m.columns), m.steps, cfg.d_model, m.encoder or cfg.series_encoder)
+    if m.kind == "image":
+        return ImageEncoder(m.channels, cfg.d_model)
+    if m.kind == "text":
+        return TextEncoder(cfg.d_model, m.encoder or cfg.text_encoder, TEXT_TOKENS)
+    if m.kind == "audio":
+        return AudioEncoder(m.sample_rate, cfg.d_model)
+    raise ValueError(f"no encoder for modality kind {m.kind!r}")
+
+
+@dataclass
+class ModelOutput:
+    targets: dict[str, torch.Tensor]
+    heads: dict[str, HeadOutput]   # "fused", or one per modality for late fusion
+
+    def recon(self, m: str) -> torch.Tensor:
+        head = self.heads.get(m) or self.heads["fused"]
+        return head.recon[m]
+
+
+class DMAFN(nn.Module):
+    """Encoders, fusion and heads passed in; `fusion=None` means late fusion (`heads` keyed by modality)."""
+
+    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module | None, heads: nn.ModuleDict, cfg: ModelConfig):
+        super().__init__()
+        self.encoders, self.fusion, self.heads, self.cfg = encoders, fusion, heads, cfg
+        self.modalities = tuple(encoders.keys())
+
+    @property
+    def late(self) -> bool:
+        return self.fusion is None
+
+    def forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ModelOutput:
+        targets = {m: enc.target(inputs[m]) for m, enc in self.encoders.items()}          # m -> (B, D_m)
+        if isinstance(self.fusion, EarlyFusion):
+            return ModelOutput(targets, {"fused": self.heads["fused"](self.fuse(None, targets, mask))})
+        tokens = torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)      # (B, M, d)
+        if self.late:
+            return ModelOutput(targets, {m: self.heads[m](tokens[:, i]) for i, m in enumerate(self.modalities)})
+        return ModelOutput(targets, {"fused": self.heads["fused"](self.fuse(tokens, targets, mask))})
+
+    def fuse(self, tokens: torch.Tensor | None, targets: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.fusion, EarlyFusion):
+            return self.fusion([targets[m] for m in self.modalities], mask)
+        return self.fusion(tokens, mask)                                                    # (B, d)
+
+    def logit(self, out: ModelOutput, mask: torch.Tensor) -> torch.Tensor:
+        """Classifier logit (B,); with late fusion the mean of the present modalities' logits."""
+        if not self.late:
+            return out.heads["fused"].logit
+        logits = torch.stack([out.heads[m].logit for m in self.modalities], 1)            # (B, M)
+        weights = mask.float()
+        return (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def errors(self, out: ModelOutput) -> torch.Tensor:
+        """Per-modality mean squared reconstruction error (B, M)."""
+        return torch.stack([F.mse_loss(out.recon(m), out.targets[m], reduction="none").mean(1)
+                            for m in self.modalities], 1)
+
+    def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present."""
+        targets = {m: enc.target(inputs[m]) for m, enc in self.encoders.items()}
+        tokens = None if isinstance(self.fusion, EarlyFusion) else \
+            torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)
+        cols = []
+        for i, m in enumerate(self.modalities):
+            hidden = mask.clone()
+            hidden[:, i] = False
+            recon = self.heads["fused"](self.fuse(tokens, targets, hidden)).recon[m]
+            err = F.mse_loss(recon, targets[m], reduction="none").mean(1)
+            cols.append(torch.where(hidden.any(1), err, torch.full_like(err, float("nan"))))
+        return torch.stack(cols, 1)
+
+
+def build_model(modalities: dict[str, ModalitySpec], cfg: ModelConfig) -> DMAFN:
+    """Build the network for these modalities from a config (see `small`, `base`)."""
+    encoders = nn.ModuleDict({name: build_encoder(m, cfg) for name, m in modalities.items()})
+    dims = {name: enc.target_dim for name, enc in encoders.items()}
+    if cfg.fusion == "late":
+        heads = nn.ModuleDict({m: build_head(cfg.detector, cfg.d_model, cfg.latent, {m: dims[m]}) for m in dims})
+        return DMAFN(encoders, None, heads, cfg)
+    if cfg.fusion == "early":
+        fusion: nn.Module = EarlyFusion(list(dims.values()), cfg.d_model)
+    elif cfg.fusion == "attention":
+        fusion = AttentionFusion(len(dims), cfg.d_model)
+    elif cfg.fusion == "gated":
+        fusion = GatedFusion(len(dims), cfg.d_model)
+    else:
+        raise ValueError(f"unknown fusion {cfg.fusion!r} (early, late, attention, gated)")
+    return DMAFN(encoders, fusion, nn.ModuleDict({"fused": build_head(cfg.detector, cfg.d_model, cfg.latent, dims)}),
+                 cfg)
+
+
+def modality_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hide each present modality with probability p, always keeping at least one present."""
+    if p <= 0 or mask.shape[1] < 2:
+        return mask
+    keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= p
+    dropped = mask & keep
+    none_left = ~dropped.any(1) & mask.any(1)
+    first_present = torch.argmax(mask.int(), 1)
+    restore = F.one_hot(first_present, mask.shape[1]).bool() & none_left.unsqueeze(1)
+    return dropped | restore
+
+
+def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+                  labels: torch.Tensor | None = None, pos_weight: float = 1.0) -> torch.Tensor:
+    """The loss of one batch: masked reconstruction (+ head terms), or weighted BCE for the classifier."""
+    if model.cfg.detector == "classifier":
+        if labels is None:
+            raise ValueError("detector 'classifier' needs labels to train")
+        logit = model.logit(model(inputs, mask), mask)
+        return F.binary_cross_entropy_with_logits(logit, labels.float(),
+                                                  pos_weight=torch.tensor(pos_weight, device=logit.device))
+    input_mask = mask if model.late else modality_dropout(mask, model.cfg.modality_dropout)
+    out = model(inputs, input_mask)
+    err = model.errors(out)                                                                  # (B, M)
+    weights = mask.float()
+    loss = (err * weights).sum() / weights.sum().clamp(min=1)
+    for head_out in out.heads.values():
+        if head_out.aux_loss is not None:
+            loss = loss + head_out.aux_loss
+    return loss

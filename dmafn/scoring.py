@@ -1,0 +1,160 @@
+"""The one scoring path: features -> raw per-modality errors -> calibrated contributions -> fused score.
+
+Used by the in-memory `Detector`, the Ray Data scorer and model validation alike.
+
+Contribution of modality m (`score_<m>`): log of its reconstruction error (plus, with cross-modal
+scoring, the error of predicting it from the other modalities), robustly standardised with the median
+and interquartile range seen on validation ticks. A latent term of the head (KL, distance to centre,
+discriminator) is standardised the same way and shared equally among the present modalities.
+The fused score is a vote over the present modalities' contributions (mean, max, weighted, attention),
+so it stays comparable when a modality is absent. The classifier head scores with its logit and
+attributes by occlusion: the drop of the logit when a modality is hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmafn.features import Features
+from dmafn.model import DMAFN
+
+VOTES = ("mean", "max", "weighted", "attention")
+
+
+@dataclass
+class RawScores:
+    errors: np.ndarray                # (N, M) raw per-modality error, NaN where absent
+    latent: np.ndarray | None         # (N,) head latent term
+    mask: np.ndarray                  # (N, M)
+
+
+@dataclass
+class ScoreRecord:
+    """Scores of N ticks: the fused `score` (N,) and `contributions` (N, M), NaN where absent."""
+
+    score: np.ndarray
+    contributions: np.ndarray
+    mask: np.ndarray
+    modalities: tuple[str, ...]
+
+
+def _to_tensors(features: Features, rows: slice, device: torch.device) -> tuple[dict, torch.Tensor]:
+    inputs = {m: torch.from_numpy(np.ascontiguousarray(features.inputs[m][rows])).to(device)
+              for m in features.modalities}
+    return inputs, torch.from_numpy(features.mask[rows]).to(device)
+
+
+@torch.no_grad()
+def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device: str = "cpu") -> RawScores:
+    """Run the model over all ticks in eval mode."""
+    model.eval()
+    dev = torch.device(device)
+    model.to(dev)
+    errors, latents = [], []
+    n = len(features.mask)
+    for start in range(0, n, batch_size):
+        inputs, mask = _to_tensors(features, slice(start, start + batch_size), dev)
+        if model.cfg.detector == "classifier":
+            errors.append(_occlusion(model, inputs, mask))
+            continue
+        out = model(inputs, mask)
+        err = model.errors(out)
+        if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
+            loo = model.leave_one_out_errors(inputs, mask)
+            err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
+        errors.append(err.cpu().numpy())
+        terms = [h.latent_score for h in out.heads.values() if h.latent_score is not None]
+        if terms:
+            latents.append(torch.stack(terms, 1).mean(1).cpu().numpy())
+    m = len(features.modalities)
+    err = np.concatenate(errors) if errors else np.zeros((0, m + (model.cfg.detector == "classifier")))
+    latent = np.concatenate(latents) if latents else None
+    mask = features.mask
+    if model.cfg.detector == "classifier":
+        latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
+    return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask)
+
+
+def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
+    full = model.logit(model(inputs, mask), mask)
+    cols = [full]
+    for i in range(mask.shape[1]):
+        hidden = mask.clone()
+        hidden[:, i] = False
+        cols.append(full - model.logit(model(inputs, hidden), hidden))
+    return torch.stack(cols, 1).cpu().numpy()
+
+
+def _robust(values: np.ndarray) -> dict[str, float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"median": 0.0, "scale": 1.0}
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return {"median": float(q50), "scale": float(max(q75 - q25, 1e-6))}
+
+
+def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean") -> dict[str, Any]:
+    """Normalisation of each modality's contribution, fitted on validation ticks."""
+    if detector == "classifier":
+        return {"detector": detector, "vote": vote, "modalities": list(modalities)}
+    log_err = np.log(np.maximum(raw.errors, 1e-12))
+    calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
+                             "contribution": {m: _robust(log_err[:, i]) for i, m in enumerate(modalities)}}
+    if raw.latent is not None:
+        calib["latent"] = _robust(np.log(np.maximum(raw.latent, 1e-12)))
+    contributions = _contributions(raw, calib)
+    spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
+                       else 1.0 for i in range(len(modalities))])
+    weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
+    calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
+    return calib
+
+
+def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
+    log_err = np.log(np.maximum(raw.errors, 1e-12))
+    cols = []
+    for i, m in enumerate(calib["modalities"]):
+        c = calib["contribution"][m]
+        cols.append((log_err[:, i] - c["median"]) / c["scale"])
+    contrib = np.stack(cols, 1) if cols else np.zeros((len(raw.mask), 0))
+    if raw.latent is not None and "latent" in calib:
+        lat = (np.log(np.maximum(raw.latent, 1e-12)) - calib["latent"]["median"]) / calib["latent"]["scale"]
+        n_present = np.maximum(raw.mask.sum(1, keepdims=True), 1)
+        contrib = contrib + lat[:, None] / n_present
+    return np.where(raw.mask, contrib, np.nan)
+
+
+def vote(contributions: np.ndarray, mask: np.ndarray, how: str, weights: list[float] | None = None) -> np.ndarray:
+    """Fuse per-modality contributions (N, M) over the present modalities into one score (N,)."""
+    c = np.where(mask, contributions, 0.0)
+    n = mask.sum(1)
+    safe_n = np.maximum(n, 1)
+    if how == "mean":
+        fused = c.sum(1) / safe_n
+    elif how == "max":
+        fused = np.where(mask, contributions, -np.inf).max(1) if c.shape[1] else np.zeros(len(c))
+    elif how == "weighted":
+        w = np.asarray(weights if weights is not None else np.ones(c.shape[1]))[None, :] * mask
+        fused = (c * w).sum(1) / np.maximum(w.sum(1), 1e-9)
+    elif how == "attention":
+        logits = np.where(mask, contributions, -np.inf)
+        logits = logits - np.max(np.where(mask, logits, -1e30), 1, keepdims=True)
+        att = np.where(mask, np.exp(logits), 0.0)
+        fused = (c * att).sum(1) / np.maximum(att.sum(1), 1e-12)
+    else:
+        raise ValueError(f"unknown vote {how!r} ({', '.join(VOTES)})")
+    return np.where(n > 0, fused, np.nan)
+
+
+def to_record(raw: RawScores, calib: dict[str, Any], modalities: tuple[str, ...]) -> ScoreRecord:
+    """Calibrated contributions and fused score."""
+    if calib["detector"] == "classifier":
+        contrib = np.where(raw.mask, raw.errors, np.nan)
+        score = np.where(raw.mask.any(1), raw.latent, np.nan)
+        return ScoreRecord(score=score, contributions=contrib, mask=raw.mask, modalities=modalities)
+    contrib = _contributions(raw, calib)
+    score = vote(contrib, raw.mask, calib.get("vote", "mean"), calib.get("weights"))
+    return ScoreRecord(score=score, contributions=contrib, mask=raw.mask, modalities=modalities)

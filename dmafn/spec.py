@@ -1,0 +1,463 @@
+"""The pipeline spec: a YAML file parsed into frozen dataclasses, validated, never executed.
+
+Every error names the file and the key. Unknown keys are errors.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+MODALITY_KINDS = ("tabular", "timeseries", "image", "text", "audio")
+FUSIONS = ("early", "late", "attention", "gated")
+DETECTORS = ("autoencoder", "vae", "adversarial", "classifier", "svdd")
+SERIES_ENCODERS = ("gru", "lstm", "tcn", "transformer")
+TEXT_ENCODERS = ("transformer", "bag")
+VOTES = ("mean", "max", "weighted", "attention")
+PRESETS = ("small", "base")
+NORMALIZATIONS = ("global", "entity")
+THRESHOLD_METHODS = ("pot", "quantile", "fixed")
+SMOOTHING_METHODS = ("none", "ewma", "rolling")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h|d)\s*$")
+_UNITS_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "sec": 1_000_000, "min": 60_000_000,
+             "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+DAY_US = _UNITS_US["d"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file and the key."""
+
+
+def parse_duration_us(text: Any, *, where: str) -> int:
+    """'100ms', '5min', '2h', '1d' -> microseconds (int)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise SpecError(f"{where}: {text!r} is not a duration like 100ms, 1s, 5min, 2h, 1d")
+    value = float(match.group(1)) * _UNITS_US[match.group(2)]
+    if value <= 0:
+        raise SpecError(f"{where}: duration must be positive, got {text!r}")
+    return int(round(value))
+
+
+def format_duration(us: int) -> str:
+    for unit in ("d", "h", "min", "s", "ms"):
+        if us % _UNITS_US[unit] == 0:
+            return f"{us // _UNITS_US[unit]}{unit}"
+    return f"{us}us"
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality table and how it is aligned to the tick."""
+
+    name: str
+    kind: str
+    path: str
+    columns: tuple[str, ...] = ()       # tabular / timeseries value columns
+    column: str | None = None           # image / text / audio payload column
+    period_us: int | None = None        # timeseries resampling period
+    window_us: int | None = None        # timeseries / text: window ending at the tick
+    tolerance_us: int | None = None     # tabular / image / audio: max age of the latest row
+    size: tuple[int, int] | None = None  # image (height, width)
+    channels: int = 1                   # image: 1 grey, 3 RGB
+    sample_rate: int | None = None      # audio
+    clip_us: int | None = None          # audio clip length fed to the model
+    encoder: str | None = None          # timeseries / text encoder override
+
+    @property
+    def value_columns(self) -> tuple[str, ...]:
+        return self.columns if self.kind in ("tabular", "timeseries") else (self.column,)
+
+    @property
+    def lookback_us(self) -> int:
+        """How far before a tick this modality may read."""
+        return int(self.window_us or self.tolerance_us or 0)
+
+    @property
+    def steps(self) -> int:
+        """Timeseries: number of resampled steps in the window."""
+        return int(self.window_us // self.period_us)
+
+    @property
+    def samples(self) -> int:
+        """Audio: number of samples per clip."""
+        return int(round(self.sample_rate * self.clip_us / 1e6))
+
+
+@dataclass(frozen=True)
+class LabelsSpec:
+    path: str
+    start: str = "start_ts"
+    end: str = "end_ts"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    fusion: str = "attention"
+    detector: str = "autoencoder"
+    preset: str = "small"
+    series_encoder: str = "gru"
+    text_encoder: str = "transformer"
+    vote: str = "attention"
+    normalization: str = "global"
+    modality_dropout: float = 0.25
+    cross_modal_scoring: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    start: dt.date
+    end: dt.date
+    epochs: int = 10
+    workers: int = 2
+    gpu: bool = False
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    validation_days: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    method: str = "pot"
+    risk: float = 1e-3
+    quantile: float = 0.99
+    value: float | None = None
+    level: float = 0.98
+
+
+@dataclass(frozen=True)
+class SmoothingSpec:
+    method: str = "ewma"
+    alpha: float = 0.3
+    window: int = 5
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    output: str
+    threshold: ThresholdSpec = field(default_factory=ThresholdSpec)
+    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
+    quarantine: str | None = None
+    runs: str | None = None
+
+    @property
+    def quarantine_path(self) -> str:
+        return self.quarantine or self.output.rstrip("/") + "_quarantine"
+
+    @property
+    def runs_path(self) -> str:
+        return self.runs or self.output.rstrip("/") + "_runs"
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    endpoint_url: str | None = None
+    region: str | None = None
+    allow_http: bool | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated pipeline spec (see README: 'The spec')."""
+
+    name: str
+    entity: tuple[str, ...]
+    time: str
+    grain_us: int
+    partition: str
+    modalities: dict[str, ModalitySpec]
+    train: TrainSpec
+    registry: str
+    score: ScoreSpec
+    model: ModelSpec = field(default_factory=ModelSpec)
+    labels: LabelsSpec | None = None
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    source: str = "<memory>"
+
+    @property
+    def lookback_days(self) -> int:
+        """Days before a date whose partitions feed its first ticks."""
+        longest = max(m.lookback_us for m in self.modalities.values())
+        return -(-longest // DAY_US)
+
+    def with_modalities(self, names: list[str]) -> "Spec":
+        return replace(self, modalities={n: self.modalities[n] for n in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain data (saved with every model version)."""
+        return spec_to_dict(self)
+
+
+# ---------------------------------------------------------------- parsing helpers
+class _Section:
+    """Reads one mapping of the YAML, tracking which keys were used."""
+
+    def __init__(self, data: Any, where: str, source: str):
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{source}: '{where}' must be a mapping, got {type(data).__name__}")
+        self.data, self.where, self.source = dict(data), where, source
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def err(self, key: str, message: str) -> SpecError:
+        return SpecError(f"{self.source}: key '{self._key(key)}': {message}")
+
+    def required(self, key: str) -> Any:
+        if key not in self.data or self.data[key] is None:
+            raise SpecError(f"{self.source}: missing required key '{self._key(key)}'")
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get(key, default) if default is not None else self.required(key)
+        if value not in options:
+            raise self.err(key, f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    def duration(self, key: str, default: str | None = None, required: bool = False) -> int | None:
+        value = self.required(key) if required else self.get(key, default)
+        return None if value is None else parse_duration_us(value, where=f"{self.source}: key '{self._key(key)}'")
+
+    def date(self, key: str) -> dt.date:
+        value = self.required(key)
+        if isinstance(value, dt.datetime):
+            return value.date()
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(str(value))
+        except ValueError:
+            raise self.err(key, f"{value!r} is not a date YYYY-MM-DD") from None
+
+    def number(self, key: str, default: float | int, kind: type = float, low: float | None = None,
+               high: float | None = None) -> Any:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.err(key, f"{value!r} is not a number")
+        if kind is int and not float(value).is_integer():
+            raise self.err(key, f"{value!r} is not a whole number")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.err(key, f"{value!r} is outside [{low}, {high}]")
+        return kind(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.err(key, f"{value!r} is not true/false")
+        return value
+
+    def string_list(self, key: str) -> tuple[str, ...]:
+        value = self.required(key)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.err(key, "must be a non-empty list of column names")
+        return tuple(value)
+
+    def section(self, key: str, required: bool = False) -> "_Section | None":
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise SpecError(f"{self.source}: missing required key '{self._key(key)}'")
+            return None
+        return _Section(self.data[key], self._key(key), self.source)
+
+    def reject_unknown(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise SpecError(f"{self.source}: unknown key '{self._key(key)}' "
+                                f"(allowed here: {', '.join(sorted(allowed))})")
+
+
+_MODALITY_KEYS = {
+    "tabular": {"kind", "path", "columns", "tolerance"},
+    "timeseries": {"kind", "path", "columns", "period", "window", "encoder"},
+    "image": {"kind", "path", "column", "size", "tolerance", "channels"},
+    "text": {"kind", "path", "column", "window", "encoder"},
+    "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip"},
+}
+
+
+def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
+    kind = sec.choice("kind", MODALITY_KINDS)
+    sec.reject_unknown(_MODALITY_KEYS[kind])
+    path = str(sec.required("path"))
+    if kind == "tabular":
+        return ModalitySpec(name, kind, path, columns=sec.string_list("columns"),
+                            tolerance_us=sec.duration("tolerance") or grain_us)
+    if kind == "timeseries":
+        period, window = sec.duration("period", required=True), sec.duration("window", required=True)
+        if window % period or window // period < 2:
+            raise sec.err("window", "must be a whole multiple (>= 2) of 'period'")
+        if grain_us % period:
+            raise sec.err("period", "must divide the spec's 'grain' evenly")
+        return ModalitySpec(name, kind, path, columns=sec.string_list("columns"), period_us=period,
+                            window_us=window, encoder=sec.choice("encoder", SERIES_ENCODERS, "gru")
+                            if sec.get("encoder") else None)
+    column = str(sec.required("column"))
+    if kind == "image":
+        size = sec.get("size", [32, 32])
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 8 for v in size)):
+            raise sec.err("size", f"{size!r} must be [height, width], each an integer >= 8")
+        channels = sec.number("channels", 1, int)
+        if channels not in (1, 3):
+            raise sec.err("channels", "must be 1 (grey) or 3 (RGB)")
+        return ModalitySpec(name, kind, path, column=column, size=(size[0], size[1]), channels=channels,
+                            tolerance_us=sec.duration("tolerance", required=True))
+    if kind == "text":
+        return ModalitySpec(name, kind, path, column=column, window_us=sec.duration("window", required=True),
+                            encoder=sec.choice("encoder", TEXT_ENCODERS, "transformer")
+                            if sec.get("encoder") else None)
+    return ModalitySpec(name, kind, path, column=column, sample_rate=sec.number("sample_rate", 16000, int, 100),
+                        tolerance_us=sec.duration("tolerance", required=True),
+                        clip_us=sec.duration("clip", "1s"))
+
+
+def _parse_model(sec: _Section | None) -> ModelSpec:
+    if sec is None:
+        return ModelSpec()
+    sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
+                        "normalization", "modality_dropout", "cross_modal_scoring"})
+    return ModelSpec(
+        fusion=sec.choice("fusion", FUSIONS, "attention"), detector=sec.choice("detector", DETECTORS, "autoencoder"),
+        preset=sec.choice("preset", PRESETS, "small"), series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, "gru"),
+        text_encoder=sec.choice("text_encoder", TEXT_ENCODERS, "transformer"),
+        vote=sec.choice("vote", VOTES, "attention"),
+        normalization=sec.choice("normalization", NORMALIZATIONS, "global"),
+        modality_dropout=sec.number("modality_dropout", 0.25, float, 0.0, 0.9),
+        cross_modal_scoring=sec.boolean("cross_modal_scoring", True))
+
+
+def _parse_train(sec: _Section) -> TrainSpec:
+    sec.reject_unknown({"start", "end", "epochs", "workers", "gpu", "batch_size", "learning_rate",
+                        "validation_days", "seed"})
+    start, end = sec.date("start"), sec.date("end")
+    if end < start:
+        raise sec.err("end", f"{end} is before start {start}")
+    return TrainSpec(start=start, end=end, epochs=sec.number("epochs", 10, int, 1),
+                     workers=sec.number("workers", 2, int, 1), gpu=sec.boolean("gpu", False),
+                     batch_size=sec.number("batch_size", 256, int, 1),
+                     learning_rate=sec.number("learning_rate", 1e-3, float, 0.0),
+                     validation_days=sec.number("validation_days", 1, int, 0),
+                     seed=sec.number("seed", 0, int))
+
+
+def _parse_score(sec: _Section) -> ScoreSpec:
+    sec.reject_unknown({"output", "threshold", "smoothing", "quarantine", "runs"})
+    thr = sec.section("threshold")
+    threshold = ThresholdSpec()
+    if thr is not None:
+        thr.reject_unknown({"method", "risk", "quantile", "value", "level"})
+        method = thr.choice("method", THRESHOLD_METHODS, "pot")
+        if method == "fixed" and thr.get("value") is None:
+            raise thr.err("value", "required when method is 'fixed'")
+        threshold = ThresholdSpec(method=method, risk=thr.number("risk", 1e-3, float, 0.0, 1.0),
+                                  quantile=thr.number("quantile", 0.99, float, 0.0, 1.0),
+                                  value=None if thr.get("value") is None else thr.number("value", 0.0),
+                                  level=thr.number("level", 0.98, float, 0.5, 0.9999))
+    smo = sec.section("smoothing")
+    smoothing = SmoothingSpec()
+    if smo is not None:
+        smo.reject_unknown({"method", "alpha", "window"})
+        smoothing = SmoothingSpec(method=smo.choice("method", SMOOTHING_METHODS, "ewma"),
+                                  alpha=smo.number("alpha", 0.3, float, 0.001, 1.0),
+                                  window=smo.number("window", 5, int, 1))
+    return ScoreSpec(output=str(sec.required("output")), threshold=threshold, smoothing=smoothing,
+                     quarantine=sec.get("quarantine"), runs=sec.get("runs"))
+
+
+def parse_spec(data: Any, source: str = "<memory>") -> Spec:
+    """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
+    top = _Section(data, "", source)
+    top.reject_unknown({"name", "entity", "time", "grain", "partition", "modalities", "labels", "model",
+                        "train", "registry", "score", "storage"})
+    grain = top.duration("grain", required=True)
+    if DAY_US % grain:
+        raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
+    mods_sec = top.section("modalities", required=True)
+    if not mods_sec.data:
+        raise top.err("modalities", "needs at least one modality")
+    modalities = {}
+    for name in mods_sec.data:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)):
+            raise mods_sec.err(str(name), "modality names are letters, digits and '_'")
+        modalities[str(name)] = _parse_modality(str(name), mods_sec.section(name, required=True), grain)
+    labels = None
+    if (lab := top.section("labels")) is not None:
+        lab.reject_unknown({"path", "start", "end"})
+        labels = LabelsSpec(path=str(lab.required("path")), start=lab.get("start", "start_ts"),
+                            end=lab.get("end", "end_ts"))
+    storage = StorageSpec()
+    if (sto := top.section("storage")) is not None:
+        sto.reject_unknown({"endpoint_url", "region", "allow_http"})
+        storage = StorageSpec(endpoint_url=sto.get("endpoint_url"), region=sto.get("region"),
+                              allow_http=sto.get("allow_http"))
+    spec = Spec(name=str(top.required("name")), entity=top.string_list("entity"), time=str(top.required("time")),
+                grain_us=grain, partition=str(top.get("partition", "date")), modalities=modalities,
+                train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),
+                score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
+                labels=labels, storage=storage, source=source)
+    if spec.model.detector == "classifier" and spec.labels is None:
+        raise top.err("model", "detector 'classifier' needs a 'labels' section")
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(data, source=str(path))
+
+
+def spec_to_dict(spec: Spec) -> dict[str, Any]:
+    mods = {}
+    for m in spec.modalities.values():
+        entry: dict[str, Any] = {"kind": m.kind, "path": m.path}
+        if m.kind in ("tabular", "timeseries"):
+            entry["columns"] = list(m.columns)
+        else:
+            entry["column"] = m.column
+        for key, value in (("period", m.period_us), ("window", m.window_us), ("tolerance", m.tolerance_us),
+                           ("clip", m.clip_us)):
+            if value is not None:
+                entry[key] = format_duration(value)
+        if m.kind == "image":
+            entry.update(size=list(m.size), channels=m.channels)
+        if m.kind == "audio":
+            entry["sample_rate"] = m.sample_rate
+        if m.encoder:
+            entry["encoder"] = m.encoder
+        mods[m.name] = entry
+    out: dict[str, Any] = {
+        "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
+        "partition": spec.partition, "modalities": mods,
+        "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
+        "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)
+                  for k, v in ((k, getattr(spec.train, k)) for k in TrainSpec.__dataclass_fields__)},
+        "registry": spec.registry,
+        "score": {"output": spec.score.output,
+                  "threshold": {k: v for k, v in vars(spec.score.threshold).items() if v is not None},
+                  "smoothing": dict(vars(spec.score.smoothing)),
+                  **({"quarantine": spec.score.quarantine} if spec.score.quarantine else {}),
+                  **({"runs": spec.score.runs} if spec.score.runs else {})},
+    }
+    if spec.labels:
+        out["labels"] = dict(vars(spec.labels))
+    storage = {k: v for k, v in vars(spec.storage).items() if v is not None}
+    if storage:
+        out["storage"] = storage
+    return out

@@ -1,0 +1,259 @@
+"""A synthetic multi-modal fleet: pumps whose modalities are tied together by a hidden load.
+
+Normal behaviour: a per-pump load L(t) in [0, 1] (daily cycle + slow drift) drives
+  process   (tabular, ~1/min)   temperature follows a lagged load, pressure follows load
+  vibration (timeseries, 1 Hz)  amplitude grows with load
+  camera    (image, ~every 5 min, PNG) the pressure gauge: its needle angle shows the process load
+  logs      (text, irregular)   message rate and wording follow load
+  mic       (audio, optional, ~every 5 min) a hum whose pitch and level follow load
+Each pump has its own operating point (base temperature and pressure).
+
+Injected anomalies (labels: entity, start, end, kind):
+  vibration   single modality: vibration becomes rough (noise and a harmonic)
+  overheat    single modality: temperature far above its range
+  log_errors  single modality: error messages appear in the log
+  camera      single modality: the camera image is fogged
+  cross_modal only across modalities: the process side (temperature, pressure and the gauge the
+              camera sees) follows a load shifted by 0.45 while the mechanical side (vibration, logs)
+              follows the true load; every value stays in its normal range, only their relation breaks.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from dmafn.spec import DAY_US
+
+ANOMALY_KINDS = ("vibration", "overheat", "log_errors", "camera", "cross_modal")
+SINGLE_MODALITY_KINDS = {"vibration": "vibration", "overheat": "process", "log_errors": "logs", "camera": "camera"}
+_S = 1_000_000  # microseconds per second
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Size and shape of the generated fleet."""
+
+    entities: int = 4
+    start: dt.date = dt.date(2024, 1, 1)
+    days: int = 6
+    clean_days: int = 3          # the first days carry no anomalies (the training period)
+    anomalies_per_day: int = 5   # per entity
+    image_size: int = 32
+    audio: bool = False
+    audio_rate: int = 4000
+    seed: int = 0
+
+
+@dataclass
+class SyntheticData:
+    tables: dict[str, pa.Table]
+    labels: pa.Table
+    config: SyntheticConfig
+
+
+def _load_curve(rng: np.random.Generator, seconds: int, phase: float) -> np.ndarray:
+    minutes = seconds // 60 + 2
+    drift = np.zeros(minutes)
+    noise = rng.normal(0, 0.04, minutes)
+    for i in range(1, minutes):
+        drift[i] = 0.97 * drift[i - 1] + noise[i]
+    t_min = np.arange(minutes)
+    per_min = 0.5 + 0.3 * np.sin(2 * np.pi * t_min / 1440 + phase) + drift
+    per_min += 0.1 * np.sin(2 * np.pi * t_min / 97 + 2 * phase)
+    return np.clip(np.interp(np.arange(seconds) / 60.0, t_min, per_min), 0.02, 0.98)
+
+
+def _ema(x: np.ndarray, tau: float) -> np.ndarray:
+    alpha, out, acc = 1.0 / tau, np.empty_like(x), x[0]
+    for i, v in enumerate(x):
+        acc += alpha * (v - acc)
+        out[i] = acc
+    return out
+
+
+def _draw_events(rng: np.random.Generator, cfg: SyntheticConfig, seconds: int) -> list[tuple[int, int, str]]:
+    events: list[tuple[int, int, str]] = []
+    for day in range(cfg.clean_days, cfg.days):
+        slots = rng.choice(np.arange(2, 24 * 2 - 2), size=cfg.anomalies_per_day, replace=False)
+        kinds = rng.permutation(np.resize(ANOMALY_KINDS, cfg.anomalies_per_day))
+        for slot, kind in zip(sorted(slots), kinds):
+            start = day * 86400 + int(slot) * 1800 + int(rng.integers(0, 600))
+            events.append((start, min(start + int(rng.integers(20, 41)) * 60, seconds - 1), str(kind)))
+    return events
+
+
+def _mask(events: list[tuple[int, int, str]], kind: str, seconds: int) -> np.ndarray:
+    mask = np.zeros(seconds, bool)
+    for start, end, k in events:
+        if k == kind:
+            mask[start:end + 1] = True
+    return mask
+
+
+def _gauge_png(load: float, fog: bool, rng: np.random.Generator, size: int) -> bytes:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
+    angle = np.pi * (1 - load)
+    dx, dy = np.cos(angle), -np.sin(angle)
+    along = np.clip(xx * dx + yy * dy, 0, 0.9)
+    dist = np.hypot(xx - along * dx, yy - along * dy)
+    img = 0.15 + 0.75 * np.exp(-(dist / 0.08) ** 2) + 0.25 * (np.hypot(xx, yy) > 0.95)
+    if fog:
+        img = 0.55 + 0.25 * img + 0.2 * np.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.3)
+    img = np.clip(img + rng.normal(0, 0.04, img.shape), 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_LOG_NORMAL = {0: ["INFO pump idle cycle ok", "DEBUG heartbeat ok", "INFO standby flow low"],
+               1: ["INFO pump cycle complete", "INFO flow nominal", "DEBUG heartbeat ok"],
+               2: ["INFO high load cycle complete", "WARN fan speed increased", "INFO flow high"]}
+_LOG_ERRORS = ["ERROR seal leak detected", "ERROR bearing fault code 17", "WARN pressure drop unexpected"]
+
+
+def _timestamps(base_us: int, seconds: np.ndarray, jitter_s: float, rng: np.random.Generator) -> np.ndarray:
+    return base_us + (seconds * _S + rng.uniform(-jitter_s, jitter_s, seconds.shape) * _S).astype(np.int64)
+
+
+def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
+    seconds = cfg.days * 86400
+    base_us = int(dt.datetime(cfg.start.year, cfg.start.month, cfg.start.day,
+                              tzinfo=dt.timezone.utc).timestamp() * _S)
+    load = _load_curve(rng, seconds, phase=rng.uniform(0, 2 * np.pi))
+    events = _draw_events(rng, cfg, seconds)
+    shifted = np.where(load < 0.5, load + 0.45, load - 0.45)
+    cross = _mask(events, "cross_modal", seconds)
+    process_load = np.where(cross, shifted, load)
+    base_temp, base_pressure = 40 + 8 * rng.random(), 3 + 2 * rng.random()
+    name = f"pump-{e:02d}"
+
+    # process: one row per minute, jittered, 2 % missing
+    minute_s = np.arange(30, seconds, 60)
+    minute_s = minute_s[rng.random(minute_s.size) > 0.02]
+    temp_curve = base_temp + 25 * _ema(process_load[::10], tau=12)[minute_s // 10]
+    temperature = temp_curve + rng.normal(0, 0.4, minute_s.size) + 30 * _mask(events, "overheat", seconds)[minute_s]
+    pressure = base_pressure + 4 * process_load[minute_s] + rng.normal(0, 0.1, minute_s.size)
+    process = {"ts": _timestamps(base_us, minute_s, 15, rng), "temperature": temperature, "pressure": pressure}
+
+    # vibration: 1 Hz with outages
+    keep = np.ones(seconds, bool)
+    for _ in range(2 * cfg.days):
+        start = int(rng.integers(0, seconds - 900))
+        keep[start:start + int(rng.integers(120, 600))] = False
+    vib_s = np.flatnonzero(keep)
+    amp = 0.2 + 1.0 * load[vib_s]
+    rough = _mask(events, "vibration", seconds)[vib_s]
+    phase = 2 * np.pi * vib_s / 6.3
+    noise = np.where(rough, 0.45, 0.05)
+    vibration = {"ts": _timestamps(base_us, vib_s, 0.2, rng),
+                 "ax": amp * np.sin(phase) + rough * 0.6 * np.sin(3 * phase) + rng.normal(0, 1, vib_s.size) * noise,
+                 "ay": amp * np.cos(phase) + rng.normal(0, 1, vib_s.size) * noise,
+                 "az": 0.5 * amp + rng.normal(0, 1, vib_s.size) * noise}
+
+    # camera: every 5 minutes, 5 % missing
+    cam_s = np.arange(150, seconds, 300)
+    cam_s = cam_s[rng.random(cam_s.size) > 0.05]
+    fog = _mask(events, "camera", seconds)[cam_s]
+    camera = {"ts": _timestamps(base_us, cam_s, 30, rng),
+              "frame": [_gauge_png(process_load[s], f, rng, cfg.image_size) for s, f in zip(cam_s, fog)]}
+
+    # logs: Poisson per minute, rate and words follow load
+    rate = 0.3 + 2.0 * load[30::60]
+    counts = rng.poisson(rate)
+    log_s = np.repeat(np.arange(counts.size) * 60, counts) + rng.integers(0, 60, counts.sum())
+    level = np.digitize(load[log_s], [0.35, 0.7])
+    messages = [_LOG_NORMAL[lv][rng.integers(3)] for lv in level]
+    err_mask = _mask(events, "log_errors", seconds)
+    err_s = np.flatnonzero(err_mask[::30]) * 30
+    log_s = np.concatenate([log_s, err_s])
+    messages += [_LOG_ERRORS[rng.integers(3)] for _ in err_s]
+    order = np.argsort(log_s, kind="stable")
+    logs = {"ts": _timestamps(base_us, log_s[order], 0.5, rng), "message": [messages[i] for i in order]}
+
+    tables = {"process": process, "vibration": vibration, "camera": camera, "logs": logs}
+    if cfg.audio:
+        mic_s = np.arange(200, seconds, 300)
+        t = np.arange(cfg.audio_rate) / cfg.audio_rate
+        waves = [(0.2 + 0.5 * load[s]) * np.sin(2 * np.pi * (80 + 220 * load[s]) * t)
+                 + rng.normal(0, 0.02, t.size) for s in mic_s]
+        tables["mic"] = {"ts": _timestamps(base_us, mic_s, 10, rng),
+                         "wave": [w.astype(np.float32).tolist() for w in waves]}
+    labels = [(name, base_us + s * _S, base_us + end * _S, kind) for s, end, kind in events]
+    return name, tables, labels
+
+
+def generate(cfg: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
+    """Generate the fleet: one Arrow table per modality (with a `date` column) and the labels table."""
+    rng = np.random.default_rng(cfg.seed)
+    columns: dict[str, dict[str, list]] = {}
+    labels: list[tuple] = []
+    for e in range(cfg.entities):
+        name, tables, ent_labels = _entity_tables(e, cfg, rng)
+        labels += ent_labels
+        for mod, cols in tables.items():
+            dest = columns.setdefault(mod, {"machine_id": []})
+            dest["machine_id"].append(np.full(len(cols["ts"]), name, dtype=object))
+            for key, values in cols.items():
+                dest.setdefault(key, []).append(values)
+    out = {}
+    for mod, cols in columns.items():
+        arrays = {"machine_id": pa.array(np.concatenate(cols.pop("machine_id")), pa.string())}
+        for key, parts in cols.items():
+            if key == "ts":
+                arrays[key] = pa.array(np.concatenate(parts), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+            elif isinstance(parts[0], list):
+                flat = [v for p in parts for v in p]
+                arrays[key] = pa.array(flat, pa.binary() if key == "frame" else
+                                       pa.list_(pa.float32()) if key == "wave" else pa.string())
+            else:
+                arrays[key] = pa.array(np.concatenate(parts).astype(np.float64))
+        table = pa.table(arrays)
+        out[mod] = table.append_column("date", _dates(table["ts"]))
+    label_table = pa.table({
+        "machine_id": pa.array([lab[0] for lab in labels], pa.string()),
+        "start_ts": pa.array([lab[1] for lab in labels], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "end_ts": pa.array([lab[2] for lab in labels], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        "kind": pa.array([lab[3] for lab in labels], pa.string()),
+    })
+    return SyntheticData(tables=out, labels=label_table, config=cfg)
+
+
+def _dates(ts: pa.ChunkedArray) -> pa.Array:
+    micros = np.asarray(ts.cast(pa.int64()).to_numpy())
+    days = (micros // DAY_US).astype("datetime64[D]")
+    return pa.array(np.datetime_as_string(days, unit="D"), pa.string())
+
+
+def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = None) -> dict:
+    """The spec (as plain data) describing data written under `root` by `generate`."""
+    train_days = cfg.clean_days if train_days is None else train_days
+    end = cfg.start + dt.timedelta(days=train_days - 1)
+    modalities = {
+        "process": {"kind": "tabular", "path": f"{root}/raw/process", "columns": ["temperature", "pressure"],
+                    "tolerance": "2min"},
+        "vibration": {"kind": "timeseries", "path": f"{root}/raw/vibration", "columns": ["ax", "ay", "az"],
+                      "period": "2s", "window": "1min"},
+        "camera": {"kind": "image", "path": f"{root}/raw/camera", "column": "frame",
+                   "size": [cfg.image_size, cfg.image_size], "tolerance": "6min"},
+        "logs": {"kind": "text", "path": f"{root}/raw/logs", "column": "message", "window": "5min"},
+    }
+    if cfg.audio:
+        modalities["mic"] = {"kind": "audio", "path": f"{root}/raw/mic", "column": "wave",
+                             "sample_rate": cfg.audio_rate, "tolerance": "6min", "clip": "1s"}
+    return {
+        "name": "synthetic-pumps", "entity": "machine_id", "time": "ts", "grain": "1min", "partition": "date",
+        "modalities": modalities,
+        "labels": {"path": f"{root}/labels", "start": "start_ts", "end": "end_ts"},
+        "model": {"fusion": "attention", "detector": "autoencoder"},
+        "train": {"start": cfg.start.isoformat(), "end": end.isoformat(), "epochs": 8, "workers": 2,
+                  "gpu": False, "validation_days": 1},
+        "registry": f"{root}/models",
+        "score": {"output": f"{root}/scores", "threshold": {"method": "pot", "risk": 1e-3},
+                  "smoothing": {"method": "ewma", "alpha": 0.3}},
+    }

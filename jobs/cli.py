@@ -1,0 +1,162 @@
+"""`dmafn` command line: parse, call pipelines/, report, exit. Each verb is also `python -m jobs.<verb>`."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from typing import Callable
+
+from dmafn.spec import SpecError, load_spec
+from pipelines.storage import DataError
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _yesterday() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+
+
+def cmd_demo(args) -> None:
+    from dmafn.synthetic import SyntheticConfig
+    from pipelines.demo import run_demo
+    from pipelines.ray_runtime import ray_session
+
+    cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed)
+    with ray_session(args.address):
+        run_demo(args.workdir, cfg, epochs=args.epochs, baselines=not args.no_baselines)
+
+
+def cmd_generate(args) -> None:
+    from dmafn.synthetic import SyntheticConfig
+    from pipelines.generate import write_synthetic
+
+    cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
+                          audio=args.audio)
+    print(f"spec: {write_synthetic(args.dir, cfg)}")
+
+
+def cmd_validate(args) -> None:
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: valid spec '{spec.name}' with modalities {', '.join(spec.modalities)}")
+
+
+def cmd_train(args) -> None:
+    from pipelines.ray_runtime import ray_session
+    from pipelines.train import train
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address):
+        print(f"model version: {train(spec)}")
+
+
+def cmd_score(args) -> None:
+    from pipelines.ray_runtime import ray_session
+    from pipelines.score import score_date
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address):
+        r = score_date(spec, args.date or _yesterday(), version=args.model)
+    print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
+          f"{r.anomalies} anomalies -> {spec.score.output}")
+
+
+def cmd_backfill(args) -> None:
+    from pipelines.ray_runtime import ray_session
+    from pipelines.score import backfill
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address):
+        results = backfill(spec, args.start, args.end, version=args.model)
+    for r in results:
+        print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
+              f"{r.anomalies} anomalies")
+
+
+def cmd_evaluate(args) -> None:
+    from pipelines.evaluate import evaluate
+    from pipelines.ray_runtime import ray_session
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address):
+        evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
+
+
+def cmd_maintain(args) -> None:
+    from pipelines.maintain import maintain
+
+    spec = load_spec(args.spec)
+    for line in maintain(spec, retention_hours=args.retention_hours):
+        print(line)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmafn", description="Deep Multi-Modal Anomaly Fusion Network")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, fn: Callable, help_: str, spec: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        if spec:
+            p.add_argument("spec", help="pipeline spec YAML")
+        p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("demo", cmd_demo, "generate, train, backfill, evaluate: all local", spec=False)
+    p.add_argument("--workdir", default="demo_workdir")
+    p.add_argument("--entities", type=int, default=4)
+    p.add_argument("--days", type=int, default=6)
+    p.add_argument("--train-days", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baselines", action="store_true", help="skip training each modality alone")
+    p = verb("generate", cmd_generate, "write a synthetic multi-modal data set and its spec", spec=False)
+    p.add_argument("dir")
+    p.add_argument("--entities", type=int, default=4)
+    p.add_argument("--days", type=int, default=6)
+    p.add_argument("--train-days", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
+    verb("validate", cmd_validate, "check a spec")
+    verb("train", cmd_train, "train a model version on the spec's training window")
+    p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
+    p.add_argument("--date", type=_date, default=None)
+    p.add_argument("--model", default=None, help="model version (default: LATEST)")
+    p = verb("backfill", cmd_backfill, "score every date of a range, one commit per date")
+    p.add_argument("--start", type=_date, required=True)
+    p.add_argument("--end", type=_date, required=True)
+    p.add_argument("--model", default=None)
+    p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")
+    p.add_argument("--start", type=_date, default=None)
+    p.add_argument("--end", type=_date, default=None)
+    p.add_argument("--report", default=None, help="folder for metrics.json, metrics.txt and scores.png")
+    p.add_argument("--baselines", action="store_true", help="also train each modality alone for comparison")
+    p = verb("maintain", cmd_maintain, "compact and vacuum the output Delta tables")
+    p.add_argument("--retention-hours", type=int, default=168)
+    return parser
+
+
+def main(argv: list[str] | None = None, verb: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if verb:
+        argv = [verb, *argv]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    try:
+        args.fn(args)
+    except (SpecError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Alignment: one row per entity per tick, each modality joined as of the tick, never after it.
+
+Plain functions over Polars tables; `pipelines.ingest` wires them into Ray Data.
+
+Conventions of the tables passed in: entity column(s), `_t` (event time as Int64 microseconds since the
+epoch, UTC) and the modality's value columns. Output columns per modality `m`:
+  `m__present`                     bool, the modality had a usable row for that tick
+  tabular     `m__<col>`           float64: latest row with  tick - tolerance <= t <= tick
+  timeseries  `m__<col>`           list[f32] of window/period steps, mean per period bin ending at the tick,
+                                   gaps filled from neighbouring bins inside the window
+  image/audio `m__<column>`        the payload of the latest row within tolerance
+  text        `m__<column>`        list[str]: messages with  tick - window < t <= tick, oldest first
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+
+from dmafn.spec import DAY_US, ModalitySpec, Spec
+
+TIME = "_t"
+
+
+def to_micros(expr: pl.Expr) -> pl.Expr:
+    """A datetime column (naive = UTC) as Int64 microseconds since the epoch."""
+    return expr.dt.replace_time_zone(None).dt.cast_time_unit("us").dt.epoch("us")
+
+
+def date_start_us(date: dt.date) -> int:
+    return int(dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+
+
+def make_ticks(entities: pl.DataFrame, date: dt.date, grain_us: int) -> pl.DataFrame:
+    """Every entity x every tick of one UTC day: ticks start at 00:00 and step by `grain`."""
+    start = date_start_us(date)
+    ticks = pl.DataFrame({TIME: pl.int_range(start, start + DAY_US, grain_us, eager=True).cast(pl.Int64)})
+    return entities.unique().join(ticks, how="cross").sort([*entities.columns, TIME])
+
+
+def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:
+    cols = list(m.value_columns)
+    right = table.select([*keys, pl.col(TIME).alias("_rt"), *cols]).sort("_rt")
+    joined = ticks.sort(TIME).join_asof(right, left_on=TIME, right_on="_rt", by=keys, strategy="backward",
+                                        tolerance=m.tolerance_us, check_sortedness=False)
+    return joined.select([*keys, TIME, pl.col("_rt").is_not_null().alias(f"{m.name}__present"),
+                          *[pl.col(c).alias(f"{m.name}__{c}") for c in cols]])
+
+
+def _series(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:
+    period, steps, cols = m.period_us, m.steps, list(m.columns)
+    binned = (table.with_columns(((pl.col(TIME) + period - 1) // period * period).alias("_bin"))
+              .group_by([*keys, "_bin"]).agg([pl.col(c).cast(pl.Float64).mean() for c in cols]))
+    grid = (ticks.select([*keys, TIME]).with_columns(pl.int_ranges(0, steps).alias("_k")).explode("_k")
+            .with_columns((pl.col(TIME) - (steps - 1 - pl.col("_k")) * period).alias("_bin")))
+    group = [*keys, TIME]
+    joined = grid.join(binned, on=[*keys, "_bin"], how="left").sort([*group, "_k"])
+    filled = joined.with_columns([pl.col(c).fill_null(strategy="forward").fill_null(strategy="backward")
+                                  .over(group).cast(pl.Float32) for c in cols])
+    present = pl.col(cols[0]).is_not_null().all()
+    out = filled.group_by(group, maintain_order=True).agg(
+        [present.alias(f"{m.name}__present"), *[pl.col(c).alias(f"{m.name}__{c}") for c in cols]])
+    return out.with_columns([pl.when(pl.col(f"{m.name}__present")).then(pl.col(f"{m.name}__{c}"))
+                             .otherwise(None).alias(f"{m.name}__{c}") for c in cols])
+
+
+def _text(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str], grain_us: int) -> pl.DataFrame:
+    col, window = m.column, m.window_us
+    first = (pl.col(TIME) + grain_us - 1) // grain_us                 # first tick at or after the message
+    last = (pl.col(TIME) + window + grain_us - 1) // grain_us - 1      # last tick with tick - window < t
+    spread = (table.select([*keys, TIME, col]).with_columns(pl.int_ranges(first, last + 1).alias("_tick"))
+              .explode("_tick").drop_nulls("_tick").with_columns((pl.col("_tick") * grain_us).alias("_tick")))
+    grouped = (spread.sort(TIME).group_by([*keys, "_tick"], maintain_order=True)
+               .agg(pl.col(col).alias(f"{m.name}__{col}")).rename({"_tick": TIME}))
+    joined = ticks.select([*keys, TIME]).join(grouped, on=[*keys, TIME], how="left")
+    return joined.with_columns(pl.col(f"{m.name}__{col}").is_not_null().alias(f"{m.name}__present"))
+
+
+def align_modality(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str],
+                   grain_us: int) -> pl.DataFrame:
+    """One modality joined onto the ticks; see the module docstring for the columns."""
+    if m.kind == "timeseries":
+        return _series(ticks, table, m, keys)
+    if m.kind == "text":
+        return _text(ticks, table, m, keys, grain_us)
+    return _asof(ticks, table, m, keys)
+
+
+def align(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spec) -> pl.DataFrame:
+    """All modalities joined onto the ticks. An absent modality is a mask (`m__present` false), not a lost tick.
+
+    `ticks` holds the entity columns and `_t`; `tables[m]` holds the entity columns, `_t` and m's columns.
+    A modality missing from `tables` is absent on every tick.
+    """
+    keys = list(spec.entity)
+    out = ticks.select([*keys, TIME]).sort([*keys, TIME])
+    for name, m in spec.modalities.items():
+        table = tables.get(name)
+        if table is None:
+            table = empty_modality_table(spec, m, out.schema)
+        part = align_modality(out.select([*keys, TIME]), table, m, keys, spec.grain_us)
+        out = out.join(part, on=[*keys, TIME], how="left")
+    return out.with_columns(
+        pl.from_epoch(TIME, time_unit="us").dt.replace_time_zone("UTC").alias("ts"),
+    ).with_columns(pl.col("ts").dt.strftime("%Y-%m-%d").alias("date")).sort([*keys, TIME])
+
+
+_PAYLOAD_TYPES = {"image": pl.Binary, "text": pl.String, "audio": pl.List(pl.Float32)}
+
+
+def empty_modality_table(spec: Spec, m: ModalitySpec, entity_schema: pl.Schema) -> pl.DataFrame:
+    """A table with m's columns and no rows (for a modality with no data in range)."""
+    schema = {k: entity_schema[k] for k in spec.entity}
+    schema[TIME] = pl.Int64
+    for c in m.value_columns:
+        schema[c] = _PAYLOAD_TYPES.get(m.kind, pl.Float64)
+    return pl.DataFrame(schema=schema)
+
+
+def alignment_input(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
+    """A modality's raw rows (entity, spec.time, value columns) in the form `align` takes."""
+    return table.select([*spec.entity, to_micros(pl.col(spec.time)).alias(TIME), *m.value_columns])
+
+
+def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
+    """Add `label` (1 where the tick lies inside a labelled interval of its entity) and `label_kind`."""
+    keys = list(spec.entity)
+    intervals = labels.select([*keys, to_micros(pl.col(start)).alias("_s"), to_micros(pl.col(end)).alias("_e"),
+                               (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
+    hits = (aligned.select([*keys, TIME]).join(intervals, on=keys, how="inner")
+            .filter((pl.col(TIME) >= pl.col("_s")) & (pl.col(TIME) <= pl.col("_e")))
+            .group_by([*keys, TIME]).agg(pl.col("_kind").first().alias("label_kind")))
+    out = aligned.join(hits, on=[*keys, TIME], how="left")
+    return out.with_columns(pl.col("label_kind").is_not_null().cast(pl.Int8).alias("label"))

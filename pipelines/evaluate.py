@@ -1,0 +1,197 @@
+"""Evaluation: the scores in the Delta table against the labels - fused and per modality, per anomaly kind.
+
+Prints a table, writes `metrics.json` and a PNG of score vs. labelled anomalies for one entity.
+With `baselines=True` it also trains each modality alone (a late-fusion detector: one detector per
+modality, never sees the others) on the training days, to show what fusion adds.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import ray
+
+from dmafn.detector import Detector
+from dmafn.features import StatisticsFitter, featurize
+from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, roc_auc
+from dmafn.model import ModelConfig
+from dmafn.spec import Spec
+from pipelines.align import TIME, label_ticks, to_micros
+from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
+from pipelines.labels import read_labels
+from pipelines.postprocess import smooth_columns
+from pipelines.storage import DataError, Storage
+from pipelines.train import model_config, split_dates
+
+log = logging.getLogger(__name__)
+
+
+def read_scores(spec: Spec, storage: Storage, start: dt.date | None = None, end: dt.date | None = None) -> pl.DataFrame:
+    uri = storage.delta_uri(spec.score.output)
+    try:
+        df = pl.read_delta(uri, storage_options=storage.delta_options(spec.score.output))
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"scores {spec.score.output}: cannot be read ({exc})") from None
+    if start:
+        df = df.filter(pl.col("date") >= start.isoformat())
+    if end:
+        df = df.filter(pl.col("date") <= end.isoformat())
+    if df.is_empty():
+        raise DataError(f"scores {spec.score.output}: no rows in {start}..{end}")
+    return df.sort([*spec.entity, "ts"])
+
+
+def _grouped_events(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    hits = events = good = alarms = 0
+    for g in np.unique(groups):
+        rows = groups == g
+        e = event_metrics(pred[rows], labels[rows])
+        hits += e["event_recall"] * e["events"]
+        events += e["events"]
+        good += e["event_precision"] * e["alarms"]
+        alarms += e["alarms"]
+    p = good / alarms if alarms else 0.0
+    r = hits / events if events else 0.0
+    return {"event_precision": p, "event_recall": r, "event_f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def _row(scores: np.ndarray, labels: np.ndarray, threshold: float | None, groups: np.ndarray) -> dict[str, Any]:
+    out: dict[str, Any] = {"roc_auc": roc_auc(scores, labels), "pr_auc": pr_auc(scores, labels)}
+    if threshold is not None:
+        pred = np.nan_to_num(scores, nan=-np.inf) > threshold
+        out.update(point_metrics(pred, labels))
+        out.update(_grouped_events(pred, labels, groups))
+        out["f1_point_adjusted"] = point_metrics(point_adjust(pred, labels), labels)["f1"]
+    return out
+
+
+def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Metrics per score column and per anomaly kind. `df` holds scores, `label`, `label_kind`."""
+    labels = df["label"].to_numpy().astype(bool)
+    kinds = df["label_kind"].fill_null("").to_numpy()
+    groups = df.select(pl.concat_str([pl.col(k).cast(pl.String) for k in spec.entity], separator="|")).to_series()
+    groups = groups.to_numpy()
+    columns = {"fused": (df["score"].to_numpy(), float(df["threshold"][0]))}
+    for m in spec.modalities:
+        if f"score_{m}" in df.columns:
+            columns[f"score_{m}"] = (df[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(), None)
+    for name, values in (extra or {}).items():
+        columns[name] = (values, None)
+    result: dict[str, Any] = {"ticks": int(len(labels)), "anomalous_ticks": int(labels.sum()), "overall": {},
+                              "by_kind": {}}
+    for name, (scores, thr) in columns.items():
+        result["overall"][name] = _row(scores, labels, thr, groups)
+    for kind in sorted(k for k in set(kinds) if k):
+        sel = (kinds == kind) | ~labels
+        result["by_kind"][kind] = {name: _row(scores[sel], labels[sel], None, groups[sel])
+                                   for name, (scores, _) in columns.items()}
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: ROC-AUC per score column and kind, and the fused score's F1 at its threshold."""
+    names = list(result["overall"])
+    kinds = list(result["by_kind"])
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'ROC-AUC':<{width}}" + "".join(f"{k:>13}" for k in ["overall", *kinds])]
+    for n in names:
+        cells = [result["overall"][n]["roc_auc"], *[result["by_kind"][k][n]["roc_auc"] for k in kinds]]
+        lines.append(f"{n:<{width}}" + "".join(f"{c:>13.3f}" for c in cells))
+    f = result["overall"]["fused"]
+    lines.append("")
+    lines.append(f"fused at the calibrated threshold: precision {f['precision']:.3f}  recall {f['recall']:.3f}  "
+                 f"F1 {f['f1']:.3f}  FAR {f['far']:.4f}  MAR {f['mar']:.3f}  PR-AUC {f['pr_auc']:.3f}")
+    lines.append(f"  event-wise: precision {f['event_precision']:.3f}  recall {f['event_recall']:.3f}  "
+                 f"F1 {f['event_f1']:.3f}   (point-adjusted F1 {f['f1_point_adjusted']:.3f}, shown only beside "
+                 f"the point-wise F1 {f['f1']:.3f})")
+    lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
+    return "\n".join(lines)
+
+
+def plot_entity(df: pl.DataFrame, spec: Spec, path: Path, entity: str | None = None) -> Path:
+    """PNG: fused score, threshold and labelled anomalies (shaded by kind) over time for one entity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = spec.entity[0]
+    entity = entity or str(df[key][0])
+    one = df.filter(pl.col(key).cast(pl.String) == entity).sort("ts")
+    ts = one["ts"].to_numpy()
+    fig, axes = plt.subplots(2, 1, figsize=(14, 7), sharex=True)
+    axes[0].plot(ts, one["score"].to_numpy(), lw=0.7, color="black", label="fused score")
+    axes[0].axhline(float(one["threshold"][0]), color="red", ls="--", lw=1, label="threshold")
+    colors = plt.cm.tab10.colors
+    kinds = sorted(k for k in one["label_kind"].unique().to_list() if k)
+    for ax in axes:
+        for i, kind in enumerate(kinds):
+            mask = (one["label_kind"] == kind).to_numpy()
+            ax.fill_between(ts, 0, 1, where=mask, transform=ax.get_xaxis_transform(), color=colors[i % 10],
+                            alpha=0.25, label=kind if ax is axes[0] else None)
+    for m in spec.modalities:
+        if f"score_{m}" in one.columns:
+            axes[1].plot(ts, one[f"score_{m}"].cast(pl.Float64).to_numpy(), lw=0.6, label=f"score_{m}")
+    axes[0].set_title(f"{spec.name}: {entity}")
+    axes[0].set_ylabel("fused score")
+    axes[1].set_ylabel("per-modality contribution")
+    axes[0].legend(loc="upper right", fontsize=8, ncol=4)
+    axes[1].legend(loc="upper right", fontsize=8, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Each modality alone: a late-fusion detector trained on the training days, scored on the scored ticks."""
+    train_days, _ = split_dates(spec)
+    dates = sorted({dt.date.fromisoformat(d) for d in scores["date"].unique().to_list()})
+    cfg = model_config(spec)
+    per_day = []
+    for days in (train_days, dates):
+        inputs = read_inputs(spec, days, storage)
+        blocks = ray.get(aligned_dataset(spec, inputs).to_arrow_refs())
+        per_day.append(pl.from_arrow(pa.concat_tables(blocks)).sort([*spec.entity, TIME]))
+    train_al, eval_al = per_day
+    stats = StatisticsFitter(spec).add(train_al.to_arrow()).result()
+    det = Detector(spec.modalities, ModelConfig(**{**cfg.__dict__, "fusion": "late", "detector": "autoencoder"}),
+                   epochs=spec.train.epochs, vote=spec.model.vote, seed=spec.train.seed)
+    det.fit(featurize(train_al.to_arrow(), spec, stats))
+    keyed = scores.select([*spec.entity, "ts"]).with_columns(to_micros(pl.col("ts")).alias(TIME))
+    eval_al = keyed.join(eval_al.drop("ts"), on=[*spec.entity, TIME], how="left")
+    record = det.score_record(featurize(eval_al.to_arrow(), spec, stats))
+    out = keyed.with_columns([pl.Series(f"alone_{m}", record.contributions[:, i]).fill_nan(None)
+                              for i, m in enumerate(record.modalities)])
+    out = smooth_columns(out, [f"alone_{m}" for m in record.modalities], spec)
+    return {f"alone_{m}": out[f"alone_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in record.modalities}
+
+
+def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
+             baselines: bool = False) -> dict[str, Any]:
+    """Metrics of the scored dates in [start, end] against the labels; prints and writes the report."""
+    storage = Storage.from_spec(spec.storage)
+    scores = read_scores(spec, storage, start, end)
+    labels = read_labels(spec, storage)
+    df = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec, spec.labels.start,
+                     spec.labels.end).sort([*spec.entity, "ts"])
+    extra = single_modality_baselines(spec, storage, df) if baselines else None
+    result = metrics_table(df, spec, extra)
+    result["dates"] = sorted(df["date"].unique().to_list())
+    text = format_table(result)
+    print(text)
+    if report_dir:
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        (out / "metrics.txt").write_text(text + "\n")
+        result["plot"] = str(plot_entity(df, spec, out / "scores.png"))
+        print(f"report: {out / 'metrics.txt'}, plot: {result['plot']}")
+    return result

@@ -1,0 +1,178 @@
+"""Ingest: read modality tables with partition pruning, check the contract, quarantine bad rows, align.
+
+Steps are plain functions (`check_schema`, `check_rows`, `pipelines.align.align`); the Ray Data wiring
+(`read_modality`, `aligned_dataset`) is thin. Alignment broadcasts the day's modality tables to a few
+aligner actors (`ray.put`) and maps them over the tick table, the pattern measured in STACK.md.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+import ray
+from ray.data.datasource.partitioning import Partitioning
+
+from dmafn.spec import ModalitySpec, Spec
+from pipelines.align import TIME, align, alignment_input, date_start_us, make_ticks
+from pipelines.ray_runtime import Resources
+from pipelines.storage import DataError, Storage, list_partitions
+
+log = logging.getLogger(__name__)
+REASON = "_reason"
+_PNG, _JPEG = b"\x89PNG", b"\xff\xd8"
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _is_list_of_numbers(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+        and _is_numeric(t.value_type)
+
+
+_EXPECTED = {
+    "tabular": (_is_numeric, "a number"), "timeseries": (_is_numeric, "a number"),
+    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (PNG/JPEG bytes)"),
+    "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string"),
+    "audio": (_is_list_of_numbers, "a list of floats"),
+}
+
+
+def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> None:
+    """Raise DataError naming the table and column when the contract does not hold."""
+    names = set(schema.names)
+    for col in [*spec.entity, spec.time, *m.value_columns]:
+        if col not in names:
+            raise DataError(f"modality '{m.name}' ({where}): column '{col}' not found; "
+                            f"columns are {sorted(names)}")
+    if not pa.types.is_timestamp(schema.field(spec.time).type):
+        raise DataError(f"modality '{m.name}' ({where}): time column '{spec.time}' is "
+                        f"{schema.field(spec.time).type}, expected a timestamp")
+    check, expected = _EXPECTED[m.kind]
+    for col in m.value_columns:
+        if not check(schema.field(col).type):
+            raise DataError(f"modality '{m.name}' ({where}): column '{col}' is {schema.field(col).type}, "
+                            f"expected {expected}")
+
+
+def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
+    """Add `_reason`: null for a usable row, else why the row cannot be used (first problem found)."""
+    df = pl.from_arrow(table)
+    conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
+    conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
+    for col in m.value_columns:
+        bad = pl.col(col).is_null()
+        if m.kind in ("tabular", "timeseries"):
+            bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
+        elif m.kind == "image":
+            bad = bad | ~(pl.col(col).bin.starts_with(_PNG) | pl.col(col).bin.starts_with(_JPEG))
+        elif m.kind == "audio":
+            bad = bad | (pl.col(col).list.len() == 0)
+        conditions.append((bad, f"unusable value in column '{col}'"))
+    expr = pl.when(conditions[0][0]).then(pl.lit(conditions[0][1]))
+    for cond, reason in conditions[1:]:
+        expr = expr.when(cond).then(pl.lit(reason))
+    return df.with_columns(expr.otherwise(None).alias(REASON)).to_arrow()
+
+
+@dataclass
+class ModalityRows:
+    """A modality's rows for a date range: usable rows (alignment input) and quarantined raw rows."""
+
+    valid: pl.DataFrame
+    quarantined: pl.DataFrame
+    dates_found: list[dt.date] = field(default_factory=list)
+
+
+def read_modality(spec: Spec, m: ModalitySpec, dates: list[dt.date], storage: Storage) -> ModalityRows | None:
+    """Read the partitions of `dates` that exist (Ray Data, pruned to those folders); None when none exist."""
+    parts = list_partitions(storage, m.path, spec.partition)
+    found = [d for d in dates if d in parts]
+    if not found:
+        return None
+    fs = storage.filesystem(m.path)
+    columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns, spec.partition]))
+    partitioning = Partitioning("hive", base_dir=storage.fs_path(m.path), filesystem=fs)
+    ds = ray.data.read_parquet([parts[d] for d in found], filesystem=fs, partitioning=partitioning)
+    check_schema(_arrow_schema(ds), spec, m, m.path)
+    checked = ds.select_columns(columns).map_batches(check_rows, fn_kwargs={"spec": spec, "m": m},
+                                                     batch_format="pyarrow", batch_size=None)
+    blocks = [b for b in ray.get(checked.to_arrow_refs()) if b.num_rows]
+    if not blocks:
+        return ModalityRows(pl.DataFrame(), pl.DataFrame(), found)
+    table = pl.from_arrow(pa.concat_tables(blocks, promote_options="permissive"))
+    valid = table.filter(pl.col(REASON).is_null()).drop(REASON)
+    quarantined = table.filter(pl.col(REASON).is_not_null())
+    quarantined = quarantined.with_columns(pl.col(spec.partition).cast(pl.String).alias("date"))
+    return ModalityRows(alignment_input(valid, spec, m), quarantined, found)
+
+
+def _arrow_schema(ds) -> pa.Schema:
+    schema = ds.schema()
+    return pa.schema([pa.field(n, t) for n, t in zip(schema.names, schema.types)])
+
+
+class Aligner:
+    """Ray Data callable: a batch of ticks -> aligned rows. The modality tables arrive once, by reference."""
+
+    def __init__(self, spec: Spec, table_refs: dict):
+        self.spec = spec
+        self.tables = {m: pl.from_arrow(ray.get(ref)) for m, ref in table_refs["refs"].items()}
+
+    def __call__(self, ticks: pa.Table) -> pa.Table:
+        tick_df = pl.from_arrow(ticks)
+        ents = tick_df.select(list(self.spec.entity)).unique()
+        tables = {m: t.join(ents, on=list(self.spec.entity), how="semi") for m, t in self.tables.items()}
+        return align(tick_df, tables, self.spec).to_arrow()
+
+
+@dataclass
+class DayInputs:
+    """Everything read for a set of dates: per-modality usable rows, quarantined rows, and the ticks."""
+
+    tables: dict[str, pl.DataFrame]
+    quarantined: dict[str, pl.DataFrame]
+    ticks: pl.DataFrame
+
+
+def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs:
+    """Read every modality for `dates` (plus the look-back days that feed the first ticks) and build the ticks.
+
+    Raises DataError before anything is written when no modality has data for any of the dates.
+    """
+    dates = sorted(dates)
+    lookback = [dates[0] - dt.timedelta(days=i) for i in range(spec.lookback_days, 0, -1)]
+    tables, quarantined, entities = {}, {}, []
+    for name, m in spec.modalities.items():
+        rows = read_modality(spec, m, lookback + dates, storage)
+        if rows is None or rows.valid.is_empty():
+            log.warning("modality '%s': no data for %s..%s under %s; it is absent there", name, dates[0],
+                        dates[-1], m.path)
+            if rows is not None and not rows.quarantined.is_empty():
+                quarantined[name] = rows.quarantined
+            continue
+        tables[name], quarantined[name] = rows.valid, rows.quarantined
+        in_range = rows.valid.filter(pl.col(TIME) >= date_start_us(dates[0])).select(list(spec.entity))
+        entities.append(in_range)
+    if not entities or pl.concat(entities).is_empty():
+        raise DataError(f"no modality of spec '{spec.name}' has data for {dates[0]}..{dates[-1]}")
+    ents = pl.concat(entities).unique()
+    ticks = pl.concat([make_ticks(ents, d, spec.grain_us) for d in dates])
+    return DayInputs(tables=tables, quarantined=quarantined, ticks=ticks)
+
+
+def aligned_dataset(spec: Spec, inputs: DayInputs) -> "ray.data.Dataset":
+    """Ray Data: the ticks mapped through aligner actors that hold the broadcast modality tables."""
+    res = Resources.current()
+    refs = {"refs": {m: ray.put(t.to_arrow()) for m, t in inputs.tables.items()}}
+    per_day = inputs.ticks.select(list(spec.entity)).n_unique() * (86_400_000_000 // spec.grain_us)
+    blocks = max(1, min(64, inputs.ticks.height // max(per_day // 2, 1)))
+    ticks = ray.data.from_arrow(inputs.ticks.to_arrow()).repartition(blocks)
+    pool = res.actor_pool()
+    return ticks.map_batches(Aligner, fn_constructor_kwargs={"spec": spec, "table_refs": refs},
+                             batch_format="pyarrow", batch_size=None, concurrency=pool,
+                             num_cpus=res.actor_cpus(pool))

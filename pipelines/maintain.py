@@ -1,0 +1,23 @@
+"""Maintenance of the output Delta tables: compaction (optimize) and vacuum with a retention period."""
+from __future__ import annotations
+
+from dmafn.spec import Spec
+from pipelines.delta_sink import read_table
+from pipelines.storage import Storage
+
+
+def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
+    """Compact small files and vacuum files older than the retention; returns one line per table."""
+    storage = Storage.from_spec(spec.storage)
+    lines = []
+    for path in (spec.score.output, spec.score.quarantine_path, spec.score.runs_path):
+        table = read_table(storage.delta_uri(path), storage.delta_options(path))
+        if table is None:
+            lines.append(f"{path}: no table yet")
+            continue
+        compacted = table.optimize.compact()
+        removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        lines.append(f"{path}: compacted {compacted.get('numFilesRemoved', 0)} files into "
+                     f"{compacted.get('numFilesAdded', 0)}; vacuumed {len(removed)} files older than "
+                     f"{retention_hours}h")
+    return lines

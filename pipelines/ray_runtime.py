@@ -1,0 +1,68 @@
+"""Starting, sizing and stopping Ray. Every Ray call that depends on the cluster's size lives here.
+
+Sizing follows the CPU-starvation trap of STACK.md: workers and actors take fractional CPUs so that
+Ray Data's read tasks always have room; sizes come from the cluster, never from constants.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Connect to `address` (or RAY_ADDRESS); else start a small local Ray. Always shut down afterwards."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    already = ray.is_initialized()
+    if not already:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            cpus = num_cpus or os.cpu_count() or 2
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     object_store_memory=_object_store_bytes(), configure_logging=True,
+                     _system_config={"automatic_object_spilling_enabled": True})
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        if not already:
+            ray.shutdown()
+
+
+def _object_store_bytes() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return int(min(max(total * 0.15, 512 << 20), 4 << 30))
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def current(cls) -> "Resources":
+        res = ray.cluster_resources()
+        return cls(cpus=float(res.get("CPU", 1)), gpus=float(res.get("GPU", 0)))
+
+    def train_worker_cpus(self, workers: int) -> float:
+        """CPUs per Train worker, leaving at least a quarter of the cluster to Ray Data."""
+        return max(0.25, min(1.0, self.cpus * 0.75 / max(workers, 1)))
+
+    def actor_cpus(self, actors: int) -> float:
+        return max(0.1, min(1.0, self.cpus * 0.25 / max(actors, 1)))
+
+    def actor_pool(self) -> int:
+        return max(1, min(4, int(self.cpus // 2)))

@@ -1,0 +1,102 @@
+"""Paths: local folders or s3:// URIs, with the spec's `storage:` block and the AWS credential chain."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from dmafn.spec import StorageSpec
+
+_PARTITION = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>\d{4}-\d{2}-\d{2})$")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the path, column or date."""
+
+
+def is_s3(path: str) -> bool:
+    return str(path).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Resolved storage settings: spec values first, then the environment (AWS_ENDPOINT_URL, AWS_REGION)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    allow_http: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: StorageSpec | None) -> "Storage":
+        spec = spec or StorageSpec()
+        endpoint = spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        region = spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        allow_http = spec.allow_http if spec.allow_http is not None else bool(endpoint and endpoint.startswith("http:"))
+        return cls(endpoint_url=endpoint, region=region, allow_http=allow_http)
+
+    def filesystem(self, path: str) -> pafs.FileSystem:
+        """A pyarrow filesystem for `path` (local or S3)."""
+        if not is_s3(path):
+            return pafs.LocalFileSystem()
+        kwargs: dict = {"region": self.region}
+        if self.endpoint_url:
+            scheme, _, host = self.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        return pafs.S3FileSystem(**kwargs)
+
+    def fs_path(self, path: str) -> str:
+        """The path as the pyarrow filesystem wants it (no scheme for S3)."""
+        return path[len("s3://"):] if is_s3(path) else str(Path(path).absolute())
+
+    def delta_options(self, path: str) -> dict[str, str] | None:
+        """deltalake storage options for `path` (None for local folders)."""
+        if not is_s3(path):
+            return None
+        opts = {"AWS_REGION": self.region or "us-east-1"}
+        if self.endpoint_url:
+            opts["AWS_ENDPOINT_URL"] = self.endpoint_url
+        if self.allow_http:
+            opts["AWS_ALLOW_HTTP"] = "true"
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            if os.environ.get(name):
+                opts[name] = os.environ[name]
+        return opts
+
+    def delta_uri(self, path: str) -> str:
+        return path if is_s3(path) else str(Path(path).absolute())
+
+
+def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]:
+    """The `key=YYYY-MM-DD` partition folders under `path`: date -> folder path (as the filesystem names it).
+
+    Raises DataError naming the path when it does not exist or cannot be reached.
+    """
+    fs, root = storage.filesystem(path), storage.fs_path(path)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{path}: table not found")
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    out = {}
+    for entry in entries:
+        match = _PARTITION.match(entry.base_name)
+        if entry.type == pafs.FileType.Directory and match and match.group("key") == key:
+            out[dt.date.fromisoformat(match.group("value"))] = entry.path
+    if not out:
+        raise DataError(f"{path}: no '{key}=YYYY-MM-DD' partitions found")
+    return out

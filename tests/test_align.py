@@ -1,0 +1,102 @@
+"""Alignment on hand-made 3-row tables, without Ray."""
+import datetime as dt
+
+import polars as pl
+
+from pipelines.align import TIME, align, date_start_us, label_ticks, make_ticks
+
+DAY = dt.date(2024, 1, 2)
+T0 = date_start_us(DAY)          # the first tick of the day, 00:00
+S, M = 1_000_000, 60_000_000
+
+
+def ticks(n=3, entities=("a",)):
+    return make_ticks(pl.DataFrame({"machine_id": list(entities)}), DAY, M).group_by("machine_id").head(n)
+
+
+def table(ts, **cols):
+    return pl.DataFrame({"machine_id": ["a"] * len(ts), TIME: ts, **cols})
+
+
+def run(spec, **tables):
+    return align(ticks(), tables, spec).sort(TIME)
+
+
+def test_ticks_cover_the_day_for_each_entity():
+    t = make_ticks(pl.DataFrame({"machine_id": ["a", "b"]}), DAY, M)
+    assert t.height == 2 * 1440
+    assert t[TIME].min() == T0 and t[TIME].max() == T0 + 1439 * M
+
+
+def test_tabular_is_latest_row_at_or_before_tick(tiny_spec):
+    out = run(tiny_spec, proc=table([T0 - 30 * S, T0 + 10 * S, T0 + 2 * M], temp=[1.0, 2.0, 3.0]))
+    assert out["proc__temp"].to_list() == [1.0, 2.0, 3.0]   # a row exactly at the tick counts
+    assert out["proc__present"].to_list() == [True, True, True]
+
+
+def test_no_row_after_the_tick_is_used(tiny_spec):
+    out = run(tiny_spec, proc=table([T0 + 1, T0 + M + 1, T0 + 2 * M + 1], temp=[1.0, 2.0, 3.0]))
+    assert out["proc__temp"].to_list() == [None, 1.0, 2.0]
+    assert out["proc__present"].to_list() == [False, True, True]
+
+
+def test_tolerance_limits_the_age_of_a_row(tiny_spec):
+    # tolerance 2min: at tick 0 the latest row is 119 s old (used); at tick 1 it is 179 s old (absent)
+    out = run(tiny_spec, proc=table([T0 - 150 * S, T0 - 119 * S, T0 + 100 * M], temp=[9.0, 1.0, 5.0]))
+    assert out["proc__temp"].to_list() == [1.0, None, None]
+    assert out["proc__present"].to_list() == [True, False, False]
+
+
+def test_day_boundary_uses_previous_day_rows(tiny_spec):
+    out = run(tiny_spec, vib=table([T0 - 40 * S, T0 - 20 * S, T0], a=[1.0, 2.0, 3.0]))
+    first = out.row(0, named=True)
+    assert first["vib__present"] and first["vib__a"] == [1.0, 2.0, 3.0]   # bins ending -40s, -20s, 0s
+
+
+def test_timeseries_window_is_resampled_and_never_reads_ahead(tiny_spec):
+    out = run(tiny_spec, vib=table([T0 - 10 * S, T0 - 5 * S, T0 + 50 * S], a=[2.0, 4.0, 7.0]))
+    # tick 0: window (-60s, 0]: bins -40,-20,0 -> only bin 0 has data (mean of 2 and 4), gaps filled
+    assert out["vib__a"][0].to_list() == [3.0, 3.0, 3.0]
+    # tick 1: bins 20,40,60: the sample at 50s falls in bin 60 (<= tick)
+    assert out["vib__a"][1].to_list() == [7.0, 7.0, 7.0]
+    # tick 2: window (60s, 120s] is empty: absent, not lost
+    assert out["vib__present"].to_list() == [True, True, False]
+    assert out["vib__a"][2] is None
+
+
+def test_text_window_is_half_open(tiny_spec):
+    out = run(tiny_spec, logs=table([T0 - 2 * M, T0 - 60 * S, T0 + 90 * S], msg=["x", "y", "z"]))
+    # window 2min: (tick-2min, tick]; at tick 1 min the message of -60 s is exactly 2 min old: out
+    assert out["logs__msg"].to_list() == [["y"], None, ["z"]]
+    assert out["logs__present"].to_list() == [True, False, True]
+
+
+def test_absent_modality_is_a_mask_not_a_dropped_tick(tiny_spec):
+    out = run(tiny_spec, proc=table([T0], temp=[1.0]))
+    assert out.height == 3
+    assert out["cam__present"].to_list() == [False] * 3
+    assert out["logs__present"].to_list() == [False] * 3
+
+
+def test_entities_do_not_leak_into_each_other(tiny_spec):
+    t = ticks(entities=("a", "b"))
+    proc = pl.DataFrame({"machine_id": ["b"], TIME: [T0], "temp": [5.0]})
+    out = align(t, {"proc": proc}, tiny_spec).sort(["machine_id", TIME])
+    assert out.filter(pl.col("machine_id") == "a")["proc__present"].to_list() == [False] * 3
+    assert out.filter(pl.col("machine_id") == "b")["proc__temp"].to_list() == [5.0, 5.0, 5.0]
+
+
+def test_output_has_utc_ts_and_date(tiny_spec):
+    out = run(tiny_spec)
+    assert str(out["ts"].dtype) == "Datetime(time_unit='us', time_zone='UTC')"
+    assert out["date"].unique().to_list() == ["2024-01-02"]
+
+
+def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
+    out = run(tiny_spec)
+    labels = pl.DataFrame({"machine_id": ["a"], "start_ts": [T0 + M], "end_ts": [T0 + 2 * M], "kind": ["k"]})
+    labels = labels.with_columns(pl.from_epoch("start_ts", "us").dt.replace_time_zone("UTC"),
+                                 pl.from_epoch("end_ts", "us").dt.replace_time_zone("UTC"))
+    lab = label_ticks(out, labels, tiny_spec, "start_ts", "end_ts").sort(TIME)
+    assert lab["label"].to_list() == [0, 1, 1]
+    assert lab["label_kind"].to_list() == [None, "k", "k"]

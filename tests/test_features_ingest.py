@@ -1,0 +1,141 @@
+"""Featurisation, statistics, row checks and schema checks - pure functions, without Ray."""
+import io
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from dmafn.detector import Detector
+from dmafn.features import StatisticsFitter, decode_image, featurize, tokenize_messages
+from dmafn.model import small
+from pipelines.align import TIME, align, date_start_us, make_ticks
+from pipelines.ingest import REASON, check_rows, check_schema
+from pipelines.storage import DataError
+from tests.modeldata import make, specs
+
+T0 = date_start_us(__import__("datetime").date(2024, 1, 2))
+M = 60_000_000
+
+
+def png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 20), value, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def aligned_rows(spec, entities=("a", "b")):
+    ticks = make_ticks(pl.DataFrame({"machine_id": list(entities)}), __import__("datetime").date(2024, 1, 2),
+                       spec.grain_us).group_by("machine_id").head(3)
+    rows = lambda ts, **c: pl.DataFrame({"machine_id": [e for e in entities for _ in ts],  # noqa: E731
+                                         TIME: [t for _ in entities for t in ts],
+                                         **{k: [v for i in range(len(entities)) for v in vals(i)]
+                                            for k, vals in c.items()}})
+    tables = {
+        "proc": rows([T0, T0 + M], temp=lambda i: [10.0 + 100 * i, 12.0 + 100 * i]),
+        "vib": rows([T0 - 20_000_000, T0], a=lambda i: [1.0, 2.0]),
+        "logs": rows([T0], msg=lambda i: ["ERROR pump 7 failed"]),
+        "cam": pl.DataFrame({"machine_id": [entities[0]], TIME: [T0], "frame": [png(200)]}),
+    }
+    return align(ticks, tables, spec).to_arrow()
+
+
+def test_tokenizer_hashes_stably_and_keeps_latest_tokens():
+    a = tokenize_messages(["INFO pump ok", "ERROR seal 17"], max_tokens=5)
+    assert a.shape == (5,) and (a > 0).all()
+    assert (tokenize_messages(["error SEAL 17"], 4) == a[-4:]).all()     # case-folded, same ids
+    assert tokenize_messages(None, 4).tolist() == [0, 0, 0, 0]
+
+
+def test_decode_image_resizes_and_rejects_garbage(tiny_spec):
+    cam = tiny_spec.modalities["cam"]
+    img = decode_image(png(255), cam)
+    assert img.shape == (1, 16, 16) and img.max() == pytest.approx(1.0)
+    assert decode_image(b"not an image", cam) is None
+
+
+def test_featurize_shapes_masks_and_global_statistics(tiny_spec):
+    aligned = aligned_rows(tiny_spec)
+    stats = StatisticsFitter(tiny_spec).add(aligned).result()
+    feats = featurize(aligned, tiny_spec, stats)
+    n = aligned.num_rows
+    assert feats.inputs["proc"].shape == (n, 1)
+    assert feats.inputs["vib"].shape == (n, 3, 1)
+    assert feats.inputs["cam"].shape == (n, 1, 16, 16)
+    assert feats.inputs["logs"].shape[0] == n and feats.inputs["logs"].dtype == np.int64
+    assert feats.mask.shape == (n, 4)
+    present_proc = feats.mask[:, 0]
+    assert abs(feats.inputs["proc"][present_proc].mean()) < 1e-5      # normalised with training statistics
+    assert (feats.inputs["cam"][~feats.mask[:, 3]] == 0).all()          # absent -> zeros
+
+
+def test_entity_normalisation_with_global_fallback(tiny_spec):
+    from dataclasses import replace
+
+    spec = replace(tiny_spec, model=replace(tiny_spec.model, normalization="entity"))
+    aligned = aligned_rows(spec)
+    stats = StatisticsFitter(spec).add(aligned).result()
+    assert set(stats["modalities"]["proc"]["entity"]) == {"a", "b"}
+    feats = featurize(aligned, spec, stats)
+    proc = feats.inputs["proc"][feats.mask[:, 0], 0]
+    assert np.abs(proc).max() < 2.0            # each pump around its own operating point
+    unseen = featurize(aligned_rows(spec, entities=("zz",)), spec, stats)
+    assert np.isfinite(unseen.inputs["proc"]).all()
+
+
+def test_check_rows_gives_a_reason_per_bad_row(tiny_spec):
+    table = pa.table({"machine_id": ["a", None, "a", "a"],
+                      "ts": pa.array([1, 2, None, 4], pa.timestamp("us", tz="UTC")),
+                      "temp": [1.0, 2.0, 3.0, float("nan")]})
+    reasons = check_rows(table, tiny_spec, tiny_spec.modalities["proc"]).column(REASON).to_pylist()
+    assert reasons == [None, "null entity column 'machine_id'", "null time column 'ts'",
+                       "unusable value in column 'temp'"]
+
+
+def test_check_rows_rejects_non_image_bytes(tiny_spec):
+    table = pa.table({"machine_id": ["a", "a"], "ts": pa.array([1, 2], pa.timestamp("us", tz="UTC")),
+                      "frame": [png(3), b"hello"]})
+    reasons = check_rows(table, tiny_spec, tiny_spec.modalities["cam"]).column(REASON).to_pylist()
+    assert reasons == [None, "unusable value in column 'frame'"]
+
+
+def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
+    schema = pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us"))])
+    with pytest.raises(DataError, match=r"modality 'proc' \(/data/proc\): column 'temp' not found"):
+        check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    schema = schema.append(pa.field("temp", pa.string()))
+    with pytest.raises(DataError, match="column 'temp' is string, expected a number"):
+        check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.string()), ("temp", pa.float64())])
+    with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp"):
+        check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+
+
+def test_detector_follows_the_pyod_contract():
+    train, _ = make(300, seed=3)
+    test, y = make(200, seed=4, anomalies=20, kind="proc")
+    det = Detector(specs(), small(d_model=16, latent=4), epochs=3, threshold="quantile", quantile=0.95)
+    assert det.fit(train) is det
+    assert det.decision_scores_.shape == (300,)
+    assert np.isfinite(det.threshold_)
+    scores = det.decision_function(test)
+    assert set(np.unique(det.predict(test))) <= {0, 1}
+    assert (det.predict(test) == (scores > det.threshold_)).all()
+    assert scores[y == 1].mean() > scores[y == 0].mean()          # higher = more anomalous
+    record = det.score_record(test)
+    assert record.contributions.shape == (200, 4)
+    assert np.nanargmax(np.nanmean(record.contributions[y == 1], 0)) == 0   # the anomaly is in 'proc'
+
+
+def test_detector_scores_with_a_modality_absent():
+    train, _ = make(400, seed=5)
+    test, y = make(300, seed=6, anomalies=40, kind="proc")
+    det = Detector(specs(), small(d_model=16, latent=4), epochs=4, threshold="quantile").fit(train)
+    full = det.decision_function(test)
+    test.mask[:150, 2] = False                       # the camera is missing on half the ticks
+    partial = det.decision_function(test)
+    assert np.isfinite(partial).all()
+    assert np.allclose(full[150:], partial[150:])    # ticks that still have it are unchanged
+    from dmafn.metrics import roc_auc
+    assert roc_auc(partial, y) > 0.8

@@ -1,0 +1,174 @@
+"""Encoders, fusion layers, heads and the composed model: shapes, masks, gradients, and that every
+fusion x detector pair learns to rank injected anomalies above normal ticks."""
+import numpy as np
+import pytest
+import torch
+
+from dmafn.detector import Detector
+from dmafn.encoders import AudioEncoder, ImageEncoder, SeriesEncoder, TabularEncoder, TextEncoder
+from dmafn.fusion import AttentionFusion, EarlyFusion, GatedFusion
+from dmafn.metrics import roc_auc
+from dmafn.model import ModelConfig, build_model, modality_dropout, small, training_loss
+from dmafn.spec import DETECTORS, FUSIONS, SERIES_ENCODERS
+from tests.modeldata import make, specs
+
+B, D = 5, 16
+
+
+@pytest.mark.parametrize("cell", SERIES_ENCODERS)
+def test_series_encoders_shape_and_gradient(cell):
+    torch.manual_seed(0)
+    enc = SeriesEncoder(3, 12, D, cell)
+    x = torch.randn(B, 12, 3, requires_grad=True)
+    out = enc(x)
+    assert out.shape == (B, D)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert enc.target(x).shape == (B, enc.target_dim)
+
+
+def test_tcn_is_causal():
+    torch.manual_seed(0)
+    enc = SeriesEncoder(1, 10, D, "tcn")
+    x = torch.randn(1, 10, 1)
+    a = enc(x)
+    x2 = x.clone()
+    x2[0, -1] += 5.0       # the last step changes the state at the tick ...
+    assert not torch.allclose(a, enc(x2))
+    # ... and the state at step 5 ignores steps after it
+    h1 = enc.tcn.inp(x.transpose(1, 2))
+    assert h1.shape[-1] == 10
+
+
+@pytest.mark.parametrize("make_enc,x", [
+    (lambda: TabularEncoder(4, D), torch.randn(B, 4)),
+    (lambda: ImageEncoder(1, D), torch.rand(B, 1, 24, 24)),
+    (lambda: ImageEncoder(3, D), torch.rand(B, 3, 16, 16)),
+    (lambda: TextEncoder(D, "transformer", 10), torch.randint(0, 50, (B, 10))),
+    (lambda: TextEncoder(D, "bag", 10), torch.randint(0, 50, (B, 10))),
+    (lambda: AudioEncoder(8000, D), torch.randn(B, 4000)),
+])
+def test_encoders_shapes(make_enc, x):
+    torch.manual_seed(0)
+    enc = make_enc()
+    assert enc(x).shape == (B, D)
+    assert enc.target(x).shape == (B, enc.target_dim)
+
+
+def test_text_encoder_handles_empty_windows():
+    enc = TextEncoder(D, "transformer", 6)
+    out = enc(torch.zeros(2, 6, dtype=torch.long))
+    assert torch.isfinite(out).all()
+
+
+def test_audio_log_mel_sees_pitch():
+    enc = AudioEncoder(8000, D)
+    t = torch.arange(4000) / 8000
+    low, high = torch.sin(2 * torch.pi * 200 * t), torch.sin(2 * torch.pi * 2000 * t)
+    mel = enc.log_mel(torch.stack([low, high]))
+    assert mel.mean(2)[0].argmax() < mel.mean(2)[1].argmax()
+
+
+@pytest.mark.parametrize("fusion", [AttentionFusion(3, D), GatedFusion(3, D)])
+def test_fusion_ignores_absent_modalities(fusion):
+    torch.manual_seed(0)
+    tokens = torch.randn(B, 3, D)
+    mask = torch.tensor([[True, True, False]] * B)
+    changed = tokens.clone()
+    changed[:, 2] += 100.0          # the absent modality's token changes nothing
+    fusion.eval()
+    assert torch.allclose(fusion(tokens, mask), fusion(changed, mask), atol=1e-5)
+    changed[:, 0] += 1.0            # a present one does
+    assert not torch.allclose(fusion(tokens, mask), fusion(changed, mask), atol=1e-5)
+
+
+def test_fusion_with_no_modality_is_finite():
+    mask = torch.zeros(B, 3, dtype=torch.bool)
+    for fusion in (AttentionFusion(3, D), GatedFusion(3, D)):
+        assert torch.isfinite(fusion(torch.randn(B, 3, D), mask)).all()
+
+
+def test_early_fusion_ignores_absent_inputs():
+    fusion = EarlyFusion([2, 3], D)
+    a, b = torch.randn(B, 2), torch.randn(B, 3)
+    mask = torch.tensor([[True, False]] * B)
+    assert torch.allclose(fusion([a, b], mask), fusion([a, b + 50], mask))
+
+
+def test_modality_dropout_keeps_one_present():
+    torch.manual_seed(0)
+    mask = torch.ones(1000, 4, dtype=torch.bool)
+    mask[:, 3] = False
+    dropped = modality_dropout(mask, 0.9)
+    assert dropped.any(1).all()
+    assert not (dropped & ~mask).any()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("detector", [d for d in DETECTORS if d != "classifier"])
+def test_gradients_reach_every_encoder(fusion, detector):
+    torch.manual_seed(0)
+    feats, _ = make(32)
+    model = build_model(specs(), small(fusion=fusion, detector=detector, d_model=16, latent=4))
+    inputs = {m: torch.from_numpy(feats.inputs[m]) for m in feats.modalities}
+    loss = training_loss(model, inputs, torch.from_numpy(feats.mask))
+    loss.backward()
+    assert torch.isfinite(loss)
+    used = model.encoders if fusion != "early" else []
+    for name in used:
+        grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0, name
+
+
+def _fit_and_auc(fusion, detector, kind="cross", epochs=12):
+    train, _ = make(768, seed=1)
+    test, y = make(400, seed=2, anomalies=60, kind=kind)
+    labels = None
+    if detector == "classifier":
+        train, labels = make(768, seed=1, anomalies=150, kind=kind)
+        order = np.random.default_rng(0).permutation(768)
+        train.inputs = {m: v[order] for m, v in train.inputs.items()}
+        train.mask, labels = train.mask[order], labels[order]
+    det = Detector(specs(), small(fusion=fusion, detector=detector, d_model=16, latent=4, modality_dropout=0.3),
+                   epochs=epochs, batch_size=64, learning_rate=3e-3, threshold="quantile", quantile=0.99, seed=0)
+    det.fit(train, labels)
+    return roc_auc(det.decision_function(test), y), det
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_pair_ranks_anomalies_above_normal(fusion, detector):
+    kind = "cross" if fusion != "late" else "proc"   # late fusion cannot see cross-modal anomalies, by design
+    auc, det = _fit_and_auc(fusion, detector, kind)
+    assert auc > 0.75, f"{fusion} x {detector}: ROC-AUC {auc:.3f}"
+    assert np.isfinite(det.threshold_)
+
+
+def test_late_fusion_is_blind_to_cross_modal_anomalies_but_fusion_sees_them():
+    late, _ = _fit_and_auc("late", "autoencoder", "cross")
+    fused, _ = _fit_and_auc("attention", "autoencoder", "cross")
+    assert fused > late + 0.15, (fused, late)
+
+
+def test_audio_modality_trains():
+    mods = ("proc", "mic")
+    train, _ = make(256, seed=1, modalities=mods)
+    test, y = make(200, seed=2, anomalies=30, kind="proc", modalities=mods)
+    det = Detector(specs(mods), small(d_model=16, latent=4), epochs=6, batch_size=64, learning_rate=3e-3,
+                   threshold="quantile").fit(train)
+    assert roc_auc(det.decision_function(test), y) > 0.8
+
+
+def test_seeded_training_is_reproducible():
+    a, _ = _fit_and_auc("gated", "autoencoder", epochs=2)
+    b, _ = _fit_and_auc("gated", "autoencoder", epochs=2)
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_state_dict_round_trip_with_weights_only(tmp_path):
+    model = build_model(specs(), ModelConfig(d_model=16, latent=4))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    again = build_model(specs(), ModelConfig(d_model=16, latent=4))
+    again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(v, w), k

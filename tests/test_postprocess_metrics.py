@@ -1,0 +1,109 @@
+"""POT, thresholds, smoothing, events and metrics against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, report, roc_auc
+from dmafn.postprocess import (best_f1_threshold, events, ewma, fit_threshold, gpd_fit, pot_threshold,
+                               rolling_mean, smooth_by_group, to_labels)
+
+
+def test_roc_auc_hand_computed():
+    # pairs (pos, neg): (0.8,0.1) (0.8,0.4) (0.8,0.35) (0.35,0.1) (0.35,0.4) (0.35 tie 0.35 = 0.5) -> 4.5 / 6
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.35])
+    labels = np.array([0, 0, 0, 1, 1])
+    assert roc_auc(scores, labels) == pytest.approx(4.5 / 6)
+
+
+def test_roc_auc_ignores_nan_and_needs_both_classes():
+    assert roc_auc(np.array([np.nan, 1.0, 0.0]), np.array([0, 1, 0])) == 1.0
+    assert math.isnan(roc_auc(np.array([1.0, 2.0]), np.array([1, 1])))
+
+
+def test_pr_auc_hand_computed():
+    # ranked: 0.9(+) 0.8(-) 0.7(+) 0.1(-): AP = 1/2 * 1 + 1/2 * 2/3
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    labels = np.array([1, 0, 1, 0])
+    assert pr_auc(scores, labels) == pytest.approx(0.5 + 1 / 3)
+
+
+def test_point_metrics_hand_computed():
+    pred = np.array([1, 1, 0, 0, 1, 0])
+    true = np.array([1, 0, 1, 0, 1, 0])
+    m = point_metrics(pred, true)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["far"] == pytest.approx(1 / 3)
+    assert m["mar"] == pytest.approx(1 / 3)
+
+
+def test_event_metrics_and_point_adjust():
+    true = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0, 0])
+    pred = np.array([0, 0, 1, 0, 0, 0, 0, 0, 1, 1])
+    e = event_metrics(pred, true)
+    assert e["event_recall"] == 0.5 and e["event_precision"] == 0.5 and e["events"] == 2 and e["alarms"] == 2
+    assert point_adjust(pred, true).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    r = report(pred.astype(float), true, 0.5)
+    assert r["f1_point_adjusted"] >= r["f1"]          # adjustment inflates; both are reported
+
+
+def test_events_bridge_gaps():
+    assert events(np.array([1, 1, 0, 1, 0, 0, 0, 1])) == [(0, 1), (3, 3), (7, 7)]
+    assert events(np.array([1, 1, 0, 1, 0, 0, 0, 1]), max_gap=1) == [(0, 3), (7, 7)]
+    assert events(np.zeros(4)) == []
+
+
+def test_ewma_and_rolling_hand_computed():
+    assert ewma(np.array([1.0, 3.0, np.nan, 5.0]), 0.5).tolist()[:2] == [1.0, 2.0]
+    out = ewma(np.array([1.0, 3.0, np.nan, 5.0]), 0.5)
+    assert math.isnan(out[2]) and out[3] == pytest.approx(3.5)
+    assert rolling_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+
+
+def test_smoothing_stays_within_its_group():
+    scores = np.array([0.0, 10.0, 0.0, 10.0])
+    groups = np.array(["a", "b", "a", "b"])
+    assert smooth_by_group(scores, groups, "ewma", 0.5).tolist() == [0.0, 10.0, 0.0, 10.0]
+
+
+def test_gpd_fit_recovers_exponential_and_pareto():
+    rng = np.random.default_rng(0)
+    gamma, sigma = gpd_fit(rng.exponential(2.0, 20000))          # GPD with shape 0, scale 2
+    assert gamma == pytest.approx(0.0, abs=0.05) and sigma == pytest.approx(2.0, rel=0.05)
+    u = rng.uniform(size=20000)
+    x = 1.0 / 0.3 * ((1 - u) ** -0.3 - 1)                       # GPD shape 0.3, scale 1
+    gamma, sigma = gpd_fit(x)
+    assert gamma == pytest.approx(0.3, abs=0.05) and sigma == pytest.approx(1.0, rel=0.08)
+
+
+def test_pot_threshold_matches_the_formula_and_the_true_quantile():
+    rng = np.random.default_rng(1)
+    scores = rng.exponential(1.0, 200000)
+    # exponential tail: the score exceeded with probability 1e-4 is -ln(1e-4) = 9.21
+    assert pot_threshold(scores, 1e-4, level=0.98) == pytest.approx(-math.log(1e-4), rel=0.05)
+    # hand-computed: t = q98, then t + sigma/gamma * ((risk n / N_t)^-gamma - 1)
+    t = np.quantile(scores, 0.98)
+    exc = scores[scores > t] - t
+    gamma, sigma = gpd_fit(exc)
+    expected = t + sigma / gamma * ((1e-4 * scores.size / exc.size) ** -gamma - 1)
+    assert pot_threshold(scores, 1e-4, level=0.98) == pytest.approx(expected)
+
+
+def test_fit_threshold_methods():
+    scores = np.arange(1000, dtype=float)
+    assert fit_threshold(scores, "quantile", quantile=0.9) == pytest.approx(899.1)
+    assert fit_threshold(scores, "fixed", value=3.0) == 3.0
+    with pytest.raises(ValueError, match="needs a value"):
+        fit_threshold(scores, "fixed")
+    with pytest.raises(ValueError, match="unknown threshold"):
+        fit_threshold(scores, "magic")
+
+
+def test_best_f1_threshold_is_an_oracle():
+    scores = np.array([0.1, 0.2, 0.9, 0.8, 0.3])
+    labels = np.array([0, 0, 1, 1, 0])
+    thr = best_f1_threshold(scores, labels)
+    assert thr == 0.8
+    assert to_labels(scores, thr - 1e-9).tolist() == [0, 0, 1, 1, 0]

@@ -1,0 +1,75 @@
+import pytest
+
+from dmafn.spec import SpecError, load_spec, parse_duration_us, parse_spec
+from tests.conftest import tiny_spec_dict
+
+
+def test_valid_spec_resolves_defaults(tiny_spec):
+    assert tiny_spec.entity == ("machine_id",)
+    assert tiny_spec.grain_us == 60_000_000
+    assert tiny_spec.modalities["vib"].steps == 3
+    assert tiny_spec.model.fusion == "attention" and tiny_spec.model.detector == "autoencoder"
+    assert tiny_spec.score.quarantine_path == "/tmp/none/scores_quarantine"
+    assert tiny_spec.lookback_days == 1
+
+
+def test_round_trip_through_dict(tiny_spec):
+    again = parse_spec(tiny_spec.to_dict())
+    assert again.modalities == tiny_spec.modalities
+    assert again.train == tiny_spec.train
+
+
+@pytest.mark.parametrize("text,us", [("100ms", 100_000), ("5min", 300_000_000), ("2h", 7_200_000_000),
+                                     ("1d", 86_400_000_000), ("1.5s", 1_500_000)])
+def test_durations(text, us):
+    assert parse_duration_us(text, where="x") == us
+
+
+def test_unknown_top_level_key_names_key_and_file():
+    with pytest.raises(SpecError, match=r"spec.yaml: unknown key 'colour'"):
+        parse_spec({**tiny_spec_dict(), "colour": "red"}, source="spec.yaml")
+
+
+def test_unknown_nested_key_names_full_path():
+    data = tiny_spec_dict()
+    data["modalities"]["proc"]["window"] = "1min"
+    with pytest.raises(SpecError, match=r"unknown key 'modalities.proc.window'"):
+        parse_spec(data, source="s.yaml")
+
+
+def test_missing_key_is_named():
+    data = tiny_spec_dict()
+    del data["registry"]
+    with pytest.raises(SpecError, match=r"s.yaml: missing required key 'registry'"):
+        parse_spec(data, source="s.yaml")
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"grain": "7min"}, "must divide one day"),
+    ({"model": {"fusion": "mixing"}}, "'model.fusion': 'mixing' is not one of"),
+    ({"model": {"detector": "classifier"}}, "needs a 'labels' section"),
+    ({"train": {"start": "2024-02-01", "end": "2024-01-01"}}, "before start"),
+    ({"score": {"output": "x", "threshold": {"method": "fixed"}}}, "required when method is 'fixed'"),
+])
+def test_bad_values_are_explained(patch, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec({**tiny_spec_dict(), **patch}, source="s.yaml")
+
+
+def test_timeseries_period_must_fit_grain_and_window():
+    data = tiny_spec_dict()
+    data["modalities"]["vib"]["period"] = "7s"
+    with pytest.raises(SpecError, match="modalities.vib.window"):
+        parse_spec(data, source="s.yaml")
+
+
+def test_load_spec_reports_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_load_spec_reports_bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
