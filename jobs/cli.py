@@ -72,7 +72,8 @@ def cmd_backfill(args) -> None:
 
     spec = load_spec(args.spec)
     with ray_session(args.address):
-        results = backfill(spec, args.start, args.end, version=args.model)
+        results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
+                           parallel=args.parallel)
     for r in results:
         print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
               f"{r.anomalies} anomalies")
@@ -85,6 +86,22 @@ def cmd_evaluate(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address):
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
+
+
+def cmd_profile(args) -> None:
+    from pipelines.profile import profile
+    from pipelines.ray_runtime import ray_session
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address):
+        table = profile(spec, args.start, args.end)
+    import polars as pl
+
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        print(table)
+    if args.out:
+        table.write_parquet(args.out)
+        print(f"profile written to {args.out}")
 
 
 def cmd_maintain(args) -> None:
@@ -132,11 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--model", default=None)
+    p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
+    p.add_argument("--parallel", type=int, default=None, help="dates in flight at once (default: from the CPUs)")
     p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")
     p.add_argument("--start", type=_date, default=None)
     p.add_argument("--end", type=_date, default=None)
     p.add_argument("--report", default=None, help="folder for metrics.json, metrics.txt and scores.png")
     p.add_argument("--baselines", action="store_true", help="also train each modality alone for comparison")
+    p = verb("profile", cmd_profile, "per modality and day: rows, entities, period, gaps, nulls, duplicates")
+    p.add_argument("--start", type=_date, required=True)
+    p.add_argument("--end", type=_date, required=True)
+    p.add_argument("--out", default=None, help="also write the table to this Parquet file")
     p = verb("maintain", cmd_maintain, "compact and vacuum the output Delta tables")
     p.add_argument("--retention-hours", type=int, default=168)
     return parser

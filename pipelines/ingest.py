@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import polars as pl
 import pyarrow as pa
 import ray
-from ray.data.datasource.partitioning import Partitioning
 
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, align, alignment_input, date_start_us, make_ticks
@@ -60,7 +61,8 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
 
 
 def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
-    """Add `_reason`: null for a usable row, else why the row cannot be used (first problem found)."""
+    """Add `_reason`: null for a usable row, else why the row cannot be used (first problem found).
+    A `path` column (the file read) becomes `date`, the partition the row came from."""
     df = pl.from_arrow(table)
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
@@ -76,7 +78,11 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
     expr = pl.when(conditions[0][0]).then(pl.lit(conditions[0][1]))
     for cond, reason in conditions[1:]:
         expr = expr.when(cond).then(pl.lit(reason))
-    return df.with_columns(expr.otherwise(None).alias(REASON)).to_arrow()
+    df = df.with_columns(expr.otherwise(None).alias(REASON))
+    if "path" in df.columns:
+        pattern = rf"{re.escape(spec.partition)}=(\d{{4}}-\d{{2}}-\d{{2}})"
+        df = df.with_columns(pl.col("path").str.extract(pattern, 1).alias("date")).drop("path")
+    return df.to_arrow()
 
 
 @dataclass
@@ -95,19 +101,17 @@ def read_modality(spec: Spec, m: ModalitySpec, dates: list[dt.date], storage: St
     if not found:
         return None
     fs = storage.filesystem(m.path)
-    columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns, spec.partition]))
-    partitioning = Partitioning("hive", base_dir=storage.fs_path(m.path), filesystem=fs)
-    ds = ray.data.read_parquet([parts[d] for d in found], filesystem=fs, partitioning=partitioning)
+    columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
+    ds = ray.data.read_parquet([parts[d] for d in found], filesystem=fs, partitioning=None, include_paths=True)
     check_schema(_arrow_schema(ds), spec, m, m.path)
-    checked = ds.select_columns(columns).map_batches(check_rows, fn_kwargs={"spec": spec, "m": m},
-                                                     batch_format="pyarrow", batch_size=None)
+    checked = ds.select_columns([*columns, "path"]).map_batches(
+        check_rows, fn_kwargs={"spec": spec, "m": m}, batch_format="pyarrow", batch_size=None)
     blocks = [b for b in ray.get(checked.to_arrow_refs()) if b.num_rows]
     if not blocks:
         return ModalityRows(pl.DataFrame(), pl.DataFrame(), found)
     table = pl.from_arrow(pa.concat_tables(blocks, promote_options="permissive"))
     valid = table.filter(pl.col(REASON).is_null()).drop(REASON)
     quarantined = table.filter(pl.col(REASON).is_not_null())
-    quarantined = quarantined.with_columns(pl.col(spec.partition).cast(pl.String).alias("date"))
     return ModalityRows(alignment_input(valid, spec, m), quarantined, found)
 
 
@@ -147,8 +151,11 @@ def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs
     dates = sorted(dates)
     lookback = [dates[0] - dt.timedelta(days=i) for i in range(spec.lookback_days, 0, -1)]
     tables, quarantined, entities = {}, {}, []
+    with ThreadPoolExecutor(max_workers=len(spec.modalities)) as pool:   # reads overlap their listing waits
+        futures = {name: pool.submit(read_modality, spec, m, lookback + dates, storage)
+                   for name, m in spec.modalities.items()}
     for name, m in spec.modalities.items():
-        rows = read_modality(spec, m, lookback + dates, storage)
+        rows = futures[name].result()
         if rows is None or rows.valid.is_empty():
             log.warning("modality '%s': no data for %s..%s under %s; it is absent there", name, dates[0],
                         dates[-1], m.path)
@@ -174,5 +181,5 @@ def aligned_dataset(spec: Spec, inputs: DayInputs) -> "ray.data.Dataset":
     ticks = ray.data.from_arrow(inputs.ticks.to_arrow()).repartition(blocks)
     pool = res.actor_pool()
     return ticks.map_batches(Aligner, fn_constructor_kwargs={"spec": spec, "table_refs": refs},
-                             batch_format="pyarrow", batch_size=None, concurrency=pool,
+                             batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
                              num_cpus=res.actor_cpus(pool))

@@ -11,17 +11,19 @@ import datetime as dt
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import ray
 
 from dmafn.features import featurize
 from dmafn.scoring import raw_scores, to_record
 from dmafn.spec import Spec
-from pipelines.delta_sink import write_partition
+from pipelines.delta_sink import read_table, write_partition
 from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
 from pipelines.postprocess import smooth_columns
 from pipelines.ray_runtime import Resources
@@ -115,7 +117,7 @@ def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id:
     pool = res.actor_pool()
     scored_ds = aligned_dataset(model_spec, inputs).map_batches(
         Scorer, fn_constructor_kwargs={"registry": spec.registry, "version": mv.version, "storage": storage},
-        batch_format="pyarrow", batch_size=None, concurrency=pool, num_cpus=res.actor_cpus(pool))
+        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=res.actor_cpus(pool))
     blocks = [b for b in scored_ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     rows = pl.from_arrow(pa.concat_tables(blocks))
     day = date.isoformat()
@@ -151,18 +153,67 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     storage_options=storage.delta_options(spec.score.runs_path))
 
 
-def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None) -> list[DateResult]:
-    """Score every date in [start, end], one commit per date, with one loaded model version."""
+def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -> set[str]:
+    """Dates whose rows in the output table were all written by model `version`."""
+    uri = storage.delta_uri(spec.score.output)
+    if read_table(uri, storage.delta_options(spec.score.output)) is None:
+        return set()
+    done = (pl.scan_delta(uri, storage_options=storage.delta_options(spec.score.output))
+            .filter(pl.col("date").is_in(dates)).group_by("date")
+            .agg((pl.col("model_version") == version).all().alias("same")).collect())
+    return set(done.filter(pl.col("same"))["date"].to_list())
+
+
+def _progress(done: int, total: int, started: float, r: DateResult) -> None:
+    elapsed = time.time() - started
+    eta = elapsed / done * (total - done)
+    log.info("[%d/%d] %s: %d ticks, %d scored, %d quarantined, %d anomalies (%.1fs) - elapsed %s, ETA %s",
+             done, total, r.date, r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies, r.seconds,
+             _clock(elapsed), _clock(eta))
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):d}:{int(seconds % 60):02d}"
+
+
+def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
+             parallel: int | None = None) -> list[DateResult]:
+    """Score every date in [start, end], one commit per date, with one model version.
+
+    Resumable: dates already scored by that version are skipped unless `force`. Several dates are in
+    flight at once (`parallel`, default from the cluster's CPUs); a date that fails is recorded as failed
+    in the runs table and the error is raised once the other dates in flight have finished.
+    """
     if end < start:
         raise ValueError(f"backfill: end {end} is before start {start}")
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version)
     run_id = uuid.uuid4().hex[:12]
-    results = []
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    for i, day in enumerate(days, 1):
-        results.append(score_date(spec, day, run_id=run_id, loaded=mv))
-        r = results[-1]
-        log.info("[%d/%d] %s: %d ticks, %d scored, %d quarantined, %d anomalies (%.1fs)", i, len(days), r.date,
-                 r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies, r.seconds)
-    return results
+    skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
+    todo = [d for d in days if d.isoformat() not in skip]
+    if skip:
+        log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
+    parallel = parallel or max(1, int(Resources.current().cpus // 2))
+    started, results, errors = time.time(), [], []
+
+    def one(day: dt.date) -> DateResult:
+        try:
+            return score_date(spec, day, run_id=run_id, loaded=mv)
+        except Exception:
+            record_run(spec, storage, DateResult(day.isoformat(), 0, 0, 0, 0, 0.0), run_id=run_id,
+                       version=mv.version, status="failed")
+            raise
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {pool.submit(one, d): d for d in todo}
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+                _progress(len(results), len(todo), started, results[-1])
+            except Exception as exc:  # noqa: BLE001 - finish the others, then raise
+                errors.append((futures[future], exc))
+    if errors:
+        day, exc = errors[0]
+        raise RuntimeError(f"backfill: {len(errors)} date(s) failed, first {day}: {exc}") from exc
+    return sorted(results, key=lambda r: r.date)

@@ -46,7 +46,8 @@ class Storage:
         """A pyarrow filesystem for `path` (local or S3)."""
         if not is_s3(path):
             return pafs.LocalFileSystem()
-        kwargs: dict = {"region": self.region}
+        kwargs: dict = {"region": self.region, "connect_timeout": 5, "request_timeout": 30,
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host, scheme=scheme)

@@ -116,7 +116,7 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
     if spec.train.gpu:
         per_worker["GPU"] = 1
     run_config = RunConfig(
-        name=f"{spec.name}-{int(time.time())}", storage_path=run_root,
+        name=f"{spec.name}-{int(time.time())}", storage_path=storage.fs_path(run_root) if is_s3(run_root) else run_root,
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
     trainer = TorchTrainer(
@@ -178,7 +178,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
     features = aligned.map_batches(FeatureBuilder, fn_constructor_kwargs={"spec": spec, "stats": stats,
                                                                           "labels": labels},
-                                   batch_format="pyarrow", batch_size=None, concurrency=1,
+                                   batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1),
                                    num_cpus=Resources.current().actor_cpus(1)).materialize()
     pos_weight = 1.0
     if labels is not None:

@@ -125,6 +125,7 @@ def _fit_and_auc(fusion, detector, kind="cross", epochs=12):
     test, y = make(400, seed=2, anomalies=60, kind=kind)
     labels = None
     if detector == "classifier":
+        epochs = max(epochs, 20)          # supervised from scratch: a few more passes over 768 rows
         train, labels = make(768, seed=1, anomalies=150, kind=kind)
         order = np.random.default_rng(0).permutation(768)
         train.inputs = {m: v[order] for m, v in train.inputs.items()}

@@ -1,0 +1,238 @@
+"""Production jobs against a moto S3 server: train -> nightly -> backfill -> re-run (skipped) -> --force ->
+a backfill killed mid-way and re-run -> concurrent jobs; and `ray job submit` of the nightly job to a
+`ray start --head` cluster on 127.0.0.1."""
+import datetime as dt
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import boto3
+import polars as pl
+import pyarrow as pa
+import pytest
+import yaml
+
+from dmafn.spec import load_spec
+from dmafn.synthetic import SyntheticConfig
+from pipelines.delta_sink import write_partition
+from pipelines.generate import write_synthetic
+from pipelines.storage import DataError, Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "lake"
+DAYS = [dt.date(2024, 1, 3), dt.date(2024, 1, 4), dt.date(2024, 1, 5)]
+
+
+def _upload(local: Path, bucket: str, prefix: str) -> None:
+    s3 = boto3.client("s3")
+    for path in local.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+@pytest.fixture(scope="module")
+def s3_spec(tmp_path_factory, local_ray, s3_endpoint):
+    from pipelines.train import train
+
+    local = tmp_path_factory.mktemp("s3data")
+    spec_path = write_synthetic(local, SyntheticConfig(entities=2, days=5, clean_days=2, image_size=16, seed=5))
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    _upload(local / "raw", BUCKET, "raw")
+    _upload(local / "labels", BUCKET, "labels")
+    data = yaml.safe_load(spec_path.read_text())
+    for m in data["modalities"].values():
+        m["path"] = m["path"].replace(str(local), f"s3://{BUCKET}")
+    data["labels"]["path"] = f"s3://{BUCKET}/labels"
+    data["registry"] = f"s3://{BUCKET}/models"
+    data["score"]["output"] = f"s3://{BUCKET}/scores"
+    data["train"].update(epochs=1, batch_size=256)
+    data["storage"] = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
+    s3_spec_path = local / "s3-spec.yaml"
+    s3_spec_path.write_text(yaml.safe_dump(data))
+    spec = load_spec(s3_spec_path)
+    version = train(spec)
+    return spec, version, s3_spec_path
+
+
+def _scores(spec) -> pl.DataFrame:
+    storage = Storage.from_spec(spec.storage)
+    return pl.read_delta(spec.score.output, storage_options=storage.delta_options(spec.score.output))
+
+
+def _assert_each_date_once(spec, dates):
+    df = _scores(spec)
+    for d in dates:
+        day = df.filter(pl.col("date") == d.isoformat())
+        assert day.height > 0, d
+        assert day.select(["machine_id", "ts"]).is_duplicated().sum() == 0, d
+    return df
+
+
+def test_registry_on_s3_has_latest_and_manifest(s3_spec):
+    spec, version, _ = s3_spec
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="models/")["Contents"]]
+    assert "models/LATEST" in keys
+    assert f"models/{version}/weights.pt" in keys and f"models/{version}/manifest.json" in keys
+
+
+def test_nightly_backfill_rerun_and_force(s3_spec):
+    from pipelines.score import backfill, score_date
+
+    spec, version, _ = s3_spec
+    nightly = score_date(spec, DAYS[0])
+    assert nightly.ticks_in == nightly.rows_scored + nightly.rows_quarantined
+    results = backfill(spec, DAYS[0], DAYS[-1])
+    assert [r.date for r in results] == ["2024-01-04", "2024-01-05"]      # the nightly's date is skipped
+    counts = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
+    assert backfill(spec, DAYS[0], DAYS[-1]) == []                         # everything already scored
+    forced = backfill(spec, DAYS[0], DAYS[-1], force=True)
+    assert len(forced) == 3
+    again = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
+    assert again.equals(counts)
+    runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
+                         .delta_options(spec.score.runs_path))
+    assert (runs["ticks_in"] == runs["rows_scored"] + runs["rows_quarantined"]).all()
+    assert set(runs["status"]) == {"succeeded"}
+
+
+def test_backfill_killed_midway_then_rerun(s3_spec, local_ray):
+    from pipelines.score import backfill
+
+    spec, version, spec_path = s3_spec
+    before = _scores(spec).group_by("date").len().sort("date")
+    runs_uri = spec.score.runs_path
+    opts = Storage.from_spec(spec.storage).delta_options(runs_uri)
+    n_runs = pl.read_delta(runs_uri, storage_options=opts).height
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.backfill", str(spec_path), "--start", "2024-01-03",
+                             "--end", "2024-01-05", "--force", "--parallel", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while pl.read_delta(runs_uri, storage_options=opts).height == n_runs:   # wait for the first date's commit
+        assert proc.poll() is None and time.time() < deadline, "backfill ended before any commit"
+        time.sleep(0.5)
+    proc.kill()                                                           # killed mid-way
+    proc.wait()
+    backfill(spec, DAYS[0], DAYS[-1])                                     # the re-run finishes the rest
+    after = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
+    assert after.equals(before)                                           # none lost, none duplicated
+
+
+def test_concurrent_jobs_on_different_and_same_dates(s3_spec):
+    from pipelines.score import score_date
+
+    spec, _, _ = s3_spec
+    before = _scores(spec).group_by("date").len().sort("date")
+    errors = []
+
+    def run(day):
+        try:
+            score_date(spec, day)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in (DAYS[1], DAYS[2], DAYS[1])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    after = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
+    assert after.equals(before)
+
+
+def test_unreachable_endpoint_is_a_clear_error_before_any_write(s3_spec, tmp_path):
+    from pipelines.ingest import read_inputs
+
+    spec, _, _ = s3_spec
+    broken = replace(spec, storage=replace(spec.storage, endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(DataError, match=r"s3://lake/raw/.*cannot be read"):
+        read_inputs(broken, [DAYS[0]], Storage.from_spec(broken.storage))
+
+
+def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):
+    uri = str(tmp_path / "scores")
+    old = pa.table({"date": ["2024-01-01"], "score": [1.0], "score_a": [0.5]})
+    new = pa.table({"date": ["2024-01-02"], "score": [2.0], "score_a": [0.1], "score_b": [0.7]})
+    write_partition(uri, old, date="2024-01-01", mode="replace_date")
+    write_partition(uri, new, date="2024-01-02", mode="replace_date")
+    df = pl.read_delta(uri).sort("date")
+    assert df["score_b"].to_list() == [None, 0.7]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop only the processes of the cluster started with --temp-dir=temp (`ray stop` would also stop the
+    test session's own Ray), then check none is left."""
+    import psutil
+
+    def ours():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(temp) in part for part in (p.info["cmdline"] or [])):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    for p in ours():
+        p.terminate()
+    _, alive = psutil.wait_procs(ours(), timeout=15)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert not ours(), "processes of the submitted-to cluster are left running"
+
+
+def test_ray_job_submit_nightly(s3_spec, tmp_path):
+    spec, version, spec_path = s3_spec
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    temp = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
+    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={_free_port()}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                            # the test session's own Ray holds the default agent ports
+                            f"--dashboard-agent-listen-port={_free_port()}",
+                            f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                            f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+                            "--disable-usage-stats", f"--temp-dir={temp}"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        shutil.copy(spec_path, ROOT / ".ci-job-spec.yaml")
+        deadline = time.time() + 90
+        while True:   # right after `ray start` the job agent may not be up yet
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                 "python", "-m", "jobs.nightly", ".ci-job-spec.yaml", "--date", "2024-01-05"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+        assert "2024-01-05:" in submit.stdout and "scored" in submit.stdout
+    finally:
+        (ROOT / ".ci-job-spec.yaml").unlink(missing_ok=True)
+        _stop_cluster(temp)
+    runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
+                         .delta_options(spec.score.runs_path)).sort("finished_at")
+    assert runs["date"][-1] == "2024-01-05" and runs["status"][-1] == "succeeded"
+    _assert_each_date_once(spec, [DAYS[2]])
