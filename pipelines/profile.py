@@ -64,7 +64,7 @@ def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True) -
     results = []
     for name, m in spec.modalities.items():
         frame = _modality_frame(spec, m, storage, dates)
-        summary = frame.groupby(spec.partition).apply(
+        summary = frame.assign(_day=frame[spec.partition]).groupby("_day").apply(   # the key column stays in each group
             profile_day, keys=list(spec.entity), time=spec.time, partition=spec.partition,
             value_columns=list(m.value_columns), meta=_META)
         out = summary.compute(scheduler=scheduler) if scheduler else summary.compute()
