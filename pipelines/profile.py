@@ -11,7 +11,7 @@ import pandas as pd
 import polars as pl
 
 from dmafn.spec import ModalitySpec, Spec
-from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.storage import DataError, Storage, is_s3, list_partitions
 
 log = logging.getLogger(__name__)
 GAP_FACTOR = 3.0     # a gap: consecutive rows of one entity further apart than 3x the median period
@@ -39,16 +39,14 @@ def profile_day(day: pd.DataFrame, keys: list[str], time: str, partition: str, v
 
 def _modality_frame(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt.date]) -> dd.DataFrame:
     parts = list_partitions(storage, m.path, spec.partition)
-    wanted = [parts[d] for d in dates if d in parts]
-    if not wanted:
+    found = [d for d in dates if d in parts]
+    if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
-    frames = []
-    for d, folder in zip([d for d in dates if d in parts], wanted):
-        uri = ("s3://" + folder) if m.path.startswith("s3://") else folder
-        opts = {"filesystem": storage.filesystem(m.path)} if m.path.startswith("s3://") else {}
-        frame = dd.read_parquet(uri, columns=columns, **opts)
-        frames.append(frame.assign(**{spec.partition: d.isoformat()}))
+    s3 = is_s3(m.path)
+    opts = {"filesystem": storage.filesystem(m.path)} if s3 else {}
+    frames = [dd.read_parquet(("s3://" + parts[d]) if s3 else parts[d], columns=columns, **opts)
+              .assign(**{spec.partition: d.isoformat()}) for d in found]
     return dd.concat(frames)
 
 
