@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt $(PIP_EXTRA) -e ".[dev,bench]"
+	$(BIN)/python -m pip install -qq --upgrade "pip>=24"
+	$(BIN)/python -m pip install -qq -c constraints.txt $(PIP_EXTRA) -e ".[dev,bench]"
 	touch $@
 
 install: $(BIN)/.installed

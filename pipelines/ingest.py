@@ -1,16 +1,15 @@
 """Ingest: read modality tables with partition pruning, check the contract, quarantine bad rows, align.
 
 Steps are plain functions (`check_schema`, `check_rows`, `pipelines.align.align`); the Ray Data wiring
-(`read_modality`, `aligned_dataset`) is thin. Alignment broadcasts the day's modality tables to a few
+(`read_modality` over `DatePartitionedParquet`, `aligned_dataset`) is thin. Alignment broadcasts the day's modality tables to a few
 aligner actors (`ray.put`) and maps them over the tick table, the pattern measured in STACK.md.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import polars as pl
 import pyarrow as pa
@@ -18,6 +17,7 @@ import ray
 
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, align, alignment_input, date_start_us, make_ticks
+from pipelines.parquet_source import DatePartitionedParquet
 from pipelines.ray_runtime import Resources
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -62,7 +62,7 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
 
 def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
     """Add `_reason`: null for a usable row, else why the row cannot be used (first problem found).
-    A `path` column (the file read) becomes `date`, the partition the row came from."""
+    The `date` column (the partition the row came from) is kept as it is."""
     df = pl.from_arrow(table)
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
@@ -79,9 +79,6 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
     for cond, reason in conditions[1:]:
         expr = expr.when(cond).then(pl.lit(reason))
     df = df.with_columns(expr.otherwise(None).alias(REASON))
-    if "path" in df.columns:
-        pattern = rf"{re.escape(spec.partition)}=(\d{{4}}-\d{{2}}-\d{{2}})"
-        df = df.with_columns(pl.col("path").str.extract(pattern, 1).alias("date")).drop("path")
     return df.to_arrow()
 
 
@@ -100,13 +97,12 @@ def read_modality(spec: Spec, m: ModalitySpec, dates: list[dt.date], storage: St
     found = [d for d in dates if d in parts]
     if not found:
         return None
-    fs = storage.filesystem(m.path)
     columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
-    ds = ray.data.read_parquet([parts[d] for d in found], filesystem=fs, partitioning=None, include_paths=True)
-    check_schema(_arrow_schema(ds), spec, m, m.path)
-    checked = ds.select_columns([*columns, "path"]).map_batches(
-        check_rows, fn_kwargs={"spec": spec, "m": m}, batch_format="pyarrow", batch_size=None)
-    blocks = [b for b in ray.get(checked.to_arrow_refs()) if b.num_rows]
+    source = DatePartitionedParquet(
+        {d: parts[d] for d in found}, storage.filesystem(m.path), columns,
+        check_schema=partial(_check_file_schema, spec=spec, m=m), transform=partial(check_rows, spec=spec, m=m))
+    reads = ray.data.read_datasource(source, num_cpus=0.5)
+    blocks = [b for b in ray.get(reads.to_arrow_refs()) if b.num_rows]
     if not blocks:
         return ModalityRows(pl.DataFrame(), pl.DataFrame(), found)
     table = pl.from_arrow(pa.concat_tables(blocks, promote_options="permissive"))
@@ -115,9 +111,8 @@ def read_modality(spec: Spec, m: ModalitySpec, dates: list[dt.date], storage: St
     return ModalityRows(alignment_input(valid, spec, m), quarantined, found)
 
 
-def _arrow_schema(ds) -> pa.Schema:
-    schema = ds.schema()
-    return pa.schema([pa.field(n, t) for n, t in zip(schema.names, schema.types)])
+def _check_file_schema(schema: pa.Schema, path: str, *, spec: Spec, m: ModalitySpec) -> None:
+    check_schema(schema, spec, m, path)
 
 
 class Aligner:
@@ -151,11 +146,8 @@ def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs
     dates = sorted(dates)
     lookback = [dates[0] - dt.timedelta(days=i) for i in range(spec.lookback_days, 0, -1)]
     tables, quarantined, entities = {}, {}, []
-    with ThreadPoolExecutor(max_workers=len(spec.modalities)) as pool:   # reads overlap their listing waits
-        futures = {name: pool.submit(read_modality, spec, m, lookback + dates, storage)
-                   for name, m in spec.modalities.items()}
     for name, m in spec.modalities.items():
-        rows = futures[name].result()
+        rows = read_modality(spec, m, lookback + dates, storage)
         if rows is None or rows.valid.is_empty():
             log.warning("modality '%s': no data for %s..%s under %s; it is absent there", name, dates[0],
                         dates[-1], m.path)
@@ -172,14 +164,26 @@ def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs
     return DayInputs(tables=tables, quarantined=quarantined, ticks=ticks)
 
 
+def tick_dataset(spec: Spec, ticks: pl.DataFrame) -> "ray.data.Dataset":
+    """The ticks as a Ray Data dataset of about half a day per block, each block holding whole entities where
+    it can (an aligner then joins only those entities' rows). Built from in-memory blocks, so no task runs."""
+    ticks = ticks.sort([*spec.entity, TIME])
+    per_day = ticks.select(list(spec.entity)).n_unique() * (86_400_000_000 // spec.grain_us)
+    n = max(1, min(64, ticks.height // max(per_day // 2, 1)))
+    step = -(-ticks.height // n)
+    return ray.data.from_arrow([ticks.slice(i, step).to_arrow() for i in range(0, ticks.height, step)])
+
+
+def broadcast_tables(inputs: DayInputs) -> dict:
+    """The modality tables put in the object store once; aligner actors resolve the references."""
+    return {"refs": {m: ray.put(t.to_arrow()) for m, t in inputs.tables.items()}}
+
+
 def aligned_dataset(spec: Spec, inputs: DayInputs) -> "ray.data.Dataset":
     """Ray Data: the ticks mapped through aligner actors that hold the broadcast modality tables."""
     res = Resources.current()
-    refs = {"refs": {m: ray.put(t.to_arrow()) for m, t in inputs.tables.items()}}
-    per_day = inputs.ticks.select(list(spec.entity)).n_unique() * (86_400_000_000 // spec.grain_us)
-    blocks = max(1, min(64, inputs.ticks.height // max(per_day // 2, 1)))
-    ticks = ray.data.from_arrow(inputs.ticks.to_arrow()).repartition(blocks)
     pool = res.actor_pool()
-    return ticks.map_batches(Aligner, fn_constructor_kwargs={"spec": spec, "table_refs": refs},
-                             batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
-                             num_cpus=res.actor_cpus(pool))
+    return tick_dataset(spec, inputs.ticks).map_batches(
+        Aligner, fn_constructor_kwargs={"spec": spec, "table_refs": broadcast_tables(inputs)},
+        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=res.actor_cpus(pool))

@@ -1,4 +1,9 @@
-"""Scoring: aligned ticks -> Ray Data actor pool (`Scorer`) -> post-processing -> Delta Lake, one date a commit.
+"""Scoring: ticks -> Ray Data actor pool (`DayScorer`: align, then score) -> post-processing -> Delta Lake,
+one date a commit.
+
+Alignment and scoring share one actor so that a date's pipeline needs exactly one kind of actor and no
+other task: several dates (or jobs) on a small cluster then queue for CPUs instead of each holding part
+of what it needs (the hold-and-wait that can stall a 2-CPU cluster).
 
 Output table (`score.output`, partitioned by `date`): entity column(s), ts, date, score, threshold,
 is_anomaly, score_<modality> (null where absent), modalities, model_version, run_id, scored_at.
@@ -24,7 +29,7 @@ from dmafn.features import featurize
 from dmafn.scoring import raw_scores, to_record
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table, write_partition
-from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
+from pipelines.ingest import Aligner, DayInputs, broadcast_tables, read_inputs, tick_dataset
 from pipelines.postprocess import smooth_columns
 from pipelines.ray_runtime import Resources
 from pipelines.registry import ModelVersion, Registry
@@ -57,6 +62,17 @@ class Scorer:
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols["_reason"] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
+
+
+class DayScorer:
+    """Ray Data callable: a batch of ticks -> aligned against the broadcast modality tables -> scored."""
+
+    def __init__(self, spec: Spec, table_refs: dict, registry: str, version: str, storage: Storage):
+        self.aligner = Aligner(spec, table_refs)
+        self.scorer = Scorer(registry, version, storage)
+
+    def __call__(self, ticks: pa.Table) -> pa.Table:
+        return self.scorer(self.aligner(ticks))
 
 
 @dataclass
@@ -115,9 +131,11 @@ def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id:
     inputs = read_inputs(model_spec, [date], storage)
     res = Resources.current()
     pool = res.actor_pool()
-    scored_ds = aligned_dataset(model_spec, inputs).map_batches(
-        Scorer, fn_constructor_kwargs={"registry": spec.registry, "version": mv.version, "storage": storage},
-        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=res.actor_cpus(pool))
+    scored_ds = tick_dataset(model_spec, inputs.ticks).map_batches(
+        DayScorer, fn_constructor_kwargs={"spec": model_spec, "table_refs": broadcast_tables(inputs),
+                                          "registry": spec.registry, "version": mv.version, "storage": storage},
+        batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=res.actor_cpus(pool))
     blocks = [b for b in scored_ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     rows = pl.from_arrow(pa.concat_tables(blocks))
     day = date.isoformat()

@@ -139,3 +139,52 @@ def test_detector_scores_with_a_modality_absent():
     assert np.allclose(full[150:], partial[150:])    # ticks that still have it are unchanged
     from dmafn.metrics import roc_auc
     assert roc_auc(partial, y) > 0.8
+
+
+def _write(path, table):
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_date_partitioned_source_reads_only_given_folders_and_adds_their_date(tmp_path, tiny_spec):
+    import datetime as dt
+    from functools import partial
+
+    import pyarrow.fs as pafs
+
+    from pipelines.parquet_source import DatePartitionedParquet
+
+    m = tiny_spec.modalities["proc"]
+    ts = pa.array([1_704_153_600_000_000, 1_704_153_660_000_000], pa.timestamp("us", tz="UTC"))
+    rows = pa.table({"machine_id": ["a", "b"], "ts": ts, "temp": [1.0, float("nan")], "extra": [1, 2]})
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", rows)
+    _write(tmp_path / "date=2024-01-02" / "part-1.parquet", rows.slice(0, 1))
+    _write(tmp_path / "date=2024-01-02" / "_spark_side_file.parquet", rows)      # skipped
+    _write(tmp_path / "date=2024-01-03" / "part-0.parquet", rows)                  # not asked for
+    source = DatePartitionedParquet({dt.date(2024, 1, 2): str(tmp_path / "date=2024-01-02")}, pafs.LocalFileSystem(),
+                                    ["machine_id", "ts", "temp"], transform=partial(check_rows, spec=tiny_spec, m=m))
+    tasks = source.get_read_tasks(parallelism=8)
+    assert len(tasks) == 2                                        # never more tasks than files
+    out = pa.concat_tables([t for task in tasks for t in task()])
+    assert out.num_rows == 3 and set(out.column("date").to_pylist()) == {"2024-01-02"}
+    assert "extra" not in out.column_names                        # only the wanted columns are read
+    assert out.column(REASON).to_pylist().count(None) == 2        # the NaN row is marked for quarantine
+
+
+def test_date_partitioned_source_names_the_file_with_a_bad_schema(tmp_path, tiny_spec):
+    import datetime as dt
+    from functools import partial
+
+    import pyarrow.fs as pafs
+
+    from pipelines.ingest import _check_file_schema
+    from pipelines.parquet_source import DatePartitionedParquet
+
+    m = tiny_spec.modalities["proc"]
+    bad = tmp_path / "date=2024-01-02" / "part-0.parquet"
+    _write(bad, pa.table({"machine_id": ["a"], "ts": pa.array([0], pa.timestamp("us")), "tmp": [1.0]}))
+    with pytest.raises(DataError, match=r"part-0\.parquet.*'temp' not found"):
+        DatePartitionedParquet({dt.date(2024, 1, 2): str(bad.parent)}, pafs.LocalFileSystem(),
+                               ["machine_id", "ts", "temp"], check_schema=partial(_check_file_schema, spec=tiny_spec, m=m))

@@ -202,8 +202,9 @@ def _stop_cluster(temp: Path) -> None:
 def test_ray_job_submit_nightly(s3_spec, tmp_path):
     spec, version, spec_path = s3_spec
     ray_bin = Path(sys.executable).parent / "ray"
+    # `python` in the job's entrypoint must be this environment's, as on a cluster built from our image
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
     temp = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
