@@ -88,7 +88,7 @@ def run_config(spec, files, tables, fusion: str, detector: str, epochs: int, qua
     preds, labels, scores_all = [], [], []
     for name, df in files.items():
         al = aligned_file(spec, tables, name, df)
-        label = pl.DataFrame({"_t": df["datetime"].dt.tz_localize("UTC").astype("int64") // 1000,
+        label = pl.DataFrame({"_t": df["datetime"].dt.tz_localize("UTC").dt.as_unit("us").astype("int64"),
                               "anomaly": df["anomaly"].astype(int)})
         al = al.join(label.unique("_t"), on="_t", how="left").sort("_t")
         train, test = al.head(TRAIN_ROWS), al.slice(TRAIN_ROWS)

@@ -32,11 +32,20 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        _quiet_ray_data_console()
     try:
         yield
     finally:
         if not already:
             ray.shutdown()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data prints an INFO line per dataset execution; keep warnings on the console (the full log stays
+    in Ray's session folder, ray-data.log)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _object_store_bytes() -> int:

@@ -14,7 +14,7 @@ from dmafn.synthetic import SyntheticConfig
 from pipelines.generate import write_synthetic
 from pipelines.storage import DataError
 
-DAY1, DAY3 = dt.date(2024, 1, 1), dt.date(2024, 1, 3)
+DAY1, DAY2, DAY3 = dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)
 OUTPUT_COLUMNS = {"machine_id", "ts", "date", "score", "threshold", "is_anomaly", "score_process",
                   "score_vibration", "score_camera", "score_logs", "modalities", "model_version", "run_id",
                   "scored_at"}
@@ -66,6 +66,28 @@ def test_score_writes_delta_and_rescoring_leaves_one_copy(trained):
     assert again.height == df.height                              # idempotent: one copy of the date
     assert again["run_id"].unique().to_list() == [second_run(root)]
     assert second.ticks_in == second.rows_scored + second.rows_quarantined
+
+
+def test_adding_a_modality_adds_its_column_and_old_rows_keep_null(trained, tmp_path):
+    """Schema evolution end to end: a model without `logs` scores a date, then the spec gains `logs` and a
+    model with it scores another date into the same table: `score_logs` appears, the old rows keep null."""
+    from pipelines.score import score_date
+    from pipelines.train import train
+
+    spec, version, _ = trained
+    out = str(tmp_path / "evolving")
+    without_logs = replace(spec, modalities={k: v for k, v in spec.modalities.items() if k != "logs"},
+                           registry=str(tmp_path / "models"), score=replace(spec.score, output=out),
+                           train=replace(spec.train, epochs=1))
+    train(without_logs)
+    score_date(without_logs, DAY3)
+    assert "score_logs" not in pl.read_delta(out).columns
+    score_date(replace(spec, score=replace(spec.score, output=out)), DAY2, version=version)
+    df = pl.read_delta(out)
+    old, new = df.filter(pl.col("date") == DAY3.isoformat()), df.filter(pl.col("date") == DAY2.isoformat())
+    assert old.height > 0 and old["score_logs"].null_count() == old.height
+    assert new["score_logs"].null_count() < new.height
+    assert set(df.columns) == OUTPUT_COLUMNS
 
 
 def second_run(root):
