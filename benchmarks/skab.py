@@ -50,7 +50,7 @@ def load_files(root: Path) -> dict[str, pd.DataFrame]:
     return {f"{p.parent.name}/{p.stem}": pd.read_csv(p, sep=";", parse_dates=["datetime"]) for p in files}
 
 
-def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int) -> Path:
+def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int, groups: list[str] | None = None) -> Path:
     """Each sensor group as a modality table (hive-partitioned Parquet) and the spec describing them."""
     frames = []
     for name, df in files.items():
@@ -61,6 +61,8 @@ def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int) -> Pat
     data["date"] = data["ts"].dt.strftime("%Y-%m-%d")
     modalities = {}
     for group, cols in GROUPS.items():
+        if groups and group not in groups:
+            continue
         table = pa.Table.from_pandas(data[["file", "ts", *cols, "date"]], preserve_index=False)
         pads.write_dataset(table, root / "raw" / group, format="parquet", partitioning=["date"],
                            partitioning_flavor="hive", existing_data_behavior="delete_matching")
@@ -119,11 +121,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--alpha", type=float, default=0.1, help="EWMA smoothing of scores (causal)")
+    parser.add_argument("--groups", default=",".join(GROUPS),
+                        help="comma-separated sensor groups used as modalities (an ablation when not all four)")
     args = parser.parse_args()
     t0 = time.time()
     files = load_files(args.skab)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = load_spec(write_lake(files, Path(tmp), args.window))
+        spec = load_spec(write_lake(files, Path(tmp), args.window, args.groups.split(",")))
         tables = {}
         for name, m in spec.modalities.items():
             raw = pl.from_arrow(pads.dataset(m.path, format="parquet", partitioning="hive").to_table())
@@ -137,12 +141,14 @@ def main() -> None:
             print(f"DMAFN {pair:<26} F1 {r['f1']:.3f}  FAR {r['far']:6.2f} %  MAR {r['mar']:6.2f} %  "
                   f"(pooled ROC-AUC {r['roc_auc_pooled']:.3f}, {time.time() - start:.0f}s)", flush=True)
     print(f"\nSKAB outlier detection, {len(files)} files, first {TRAIN_ROWS} rows of each for training, "
-          f"window {args.window}s, threshold: {args.quantile:.2f}-quantile of held-out training scores")
+          f"window {args.window}s, groups {args.groups}, threshold: {args.quantile:.2f}-quantile of held-out "
+          f"training scores")
     print(f"{'algorithm':<34}{'F1':>6}{'FAR %':>9}{'MAR %':>9}")
     table = [(f"DMAFN {k}", v["f1"], v["far"], v["mar"]) for k, v in results.items()] + LEADERBOARD
     for name, f1, far, mar in sorted(table, key=lambda r: -r[1]):
         print(f"{name:<34}{f1:>6.2f}{far:>9.2f}{mar:>9.2f}")
-    write_json(f"{args.out}/skab.json", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
+    name = f"skab-{args.groups.replace(',', '_')}-w{args.window}.json"
+    write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
                                          "leaderboard": LEADERBOARD, "seconds": time.time() - t0,
                                          "date": dt.date.today().isoformat()})
 
