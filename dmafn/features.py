@@ -67,8 +67,7 @@ class StatisticsFitter:
             values = raw_values(aligned, m)[present]
             self.global_[name].add(_per_channel(values, m))
             if m.kind != "audio":
-                for key in set(np.asarray(keys, object)[present]):
-                    rows = np.asarray(keys, object)[present] == key
+                for key, rows in group_rows(np.asarray(keys, object)[present]):
                     self.entity_[name].setdefault(key, _Moments()).add(_per_channel(values[rows], m))
         return self
 
@@ -119,14 +118,24 @@ def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
     return out
 
 
+def group_rows(keys: Iterable[str]) -> list[tuple[str, np.ndarray]]:
+    """(key, row indices) for each distinct key, in one sort (O(n log n), not a scan per key)."""
+    keys = np.asarray(list(keys) if not isinstance(keys, np.ndarray) else keys, dtype=object).astype(str)
+    if keys.size == 0:
+        return []
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    return [(str(key), order[bounds[i]:bounds[i + 1]]) for i, key in enumerate(uniq)]
+
+
 def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool) -> np.ndarray:
     mean = np.asarray(stats["global"]["mean"], np.float32)
     std = np.asarray(stats["global"]["std"], np.float32)
     if not by_entity or not stats.get("entity"):
         return (values - mean) / std
     out = np.empty_like(values)
-    for key in set(keys):
-        rows = np.asarray(keys, object) == key
+    for key, rows in group_rows(keys):
         ent = stats["entity"].get(key, stats["global"])     # unseen entity: global fallback
         out[rows] = (values[rows] - np.asarray(ent["mean"], np.float32)) / np.asarray(ent["std"], np.float32)
     return out

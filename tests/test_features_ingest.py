@@ -188,3 +188,11 @@ def test_date_partitioned_source_names_the_file_with_a_bad_schema(tmp_path, tiny
     with pytest.raises(DataError, match=r"part-0\.parquet.*'temp' not found"):
         DatePartitionedParquet({dt.date(2024, 1, 2): str(bad.parent)}, pafs.LocalFileSystem(),
                                ["machine_id", "ts", "temp"], check_schema=partial(_check_file_schema, spec=tiny_spec, m=m))
+
+
+def test_group_rows_gives_each_key_its_rows_in_order():
+    from dmafn.features import group_rows
+
+    groups = dict(group_rows(["b", "a", "b", "c", "a"]))
+    assert {k: v.tolist() for k, v in groups.items()} == {"a": [1, 4], "b": [0, 2], "c": [3]}
+    assert group_rows([]) == []
