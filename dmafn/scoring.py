@@ -5,7 +5,9 @@ Used by the in-memory `Detector`, the Ray Data scorer and model validation alike
 Contribution of modality m (`score_<m>`): log of its reconstruction error (plus, with cross-modal
 scoring, the error of predicting it from the other modalities), robustly standardised with the median
 and interquartile range seen on validation ticks. A latent term of the head (KL, distance to centre,
-discriminator) is standardised the same way and shared equally among the present modalities.
+discriminator) is standardised the same way and only adds evidence (clipped at 0, so a code that looks
+more typical than usual never lowers a score); a fused head's term is shared equally among the present
+modalities, a late-fusion head's term stays with its own modality.
 The fused score is a vote over the present modalities' contributions (mean, max, weighted, attention),
 so it stays comparable when a modality is absent. The classifier head scores with its logit and
 attributes by occlusion: the drop of the logit when a modality is hidden.
@@ -27,7 +29,7 @@ VOTES = ("mean", "max", "weighted", "attention")
 @dataclass
 class RawScores:
     errors: np.ndarray                # (N, M) raw per-modality error, NaN where absent
-    latent: np.ndarray | None         # (N,) head latent term
+    latent: np.ndarray | None         # (N,) fused head latent term, or (N, M) one per late-fusion head
     mask: np.ndarray                  # (N, M)
 
 
@@ -66,9 +68,13 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
             loo = model.leave_one_out_errors(inputs, mask)
             err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
         errors.append(err.cpu().numpy())
-        terms = [h.latent_score for h in out.heads.values() if h.latent_score is not None]
-        if terms:
-            latents.append(torch.stack(terms, 1).mean(1).cpu().numpy())
+        if model.late:      # each modality's own head: its latent term belongs to that modality only
+            terms = [out.heads[m].latent_score for m in features.modalities
+                     if m in out.heads and out.heads[m].latent_score is not None]
+            if len(terms) == len(features.modalities):
+                latents.append(torch.stack(terms, 1).cpu().numpy())          # (B, M)
+        elif out.heads["fused"].latent_score is not None:
+            latents.append(out.heads["fused"].latent_score.cpu().numpy())   # (B,)
     m = len(features.modalities)
     err = np.concatenate(errors) if errors else np.zeros((0, m + (model.cfg.detector == "classifier")))
     latent = np.concatenate(latents) if latents else None
@@ -104,7 +110,9 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
                              "contribution": {m: _robust(log_err[:, i]) for i, m in enumerate(modalities)}}
     if raw.latent is not None:
-        calib["latent"] = _robust(np.log(np.maximum(raw.latent, 1e-12)))
+        log_lat = np.log(np.maximum(raw.latent, 1e-12))
+        calib["latent"] = ({m: _robust(np.where(raw.mask[:, i], log_lat[:, i], np.nan)) for i, m in enumerate(modalities)}
+                           if log_lat.ndim == 2 else _robust(log_lat))
     contributions = _contributions(raw, calib)
     spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
                        else 1.0 for i in range(len(modalities))])
@@ -121,9 +129,16 @@ def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
         cols.append((log_err[:, i] - c["median"]) / c["scale"])
     contrib = np.stack(cols, 1) if cols else np.zeros((len(raw.mask), 0))
     if raw.latent is not None and "latent" in calib:
-        lat = (np.log(np.maximum(raw.latent, 1e-12)) - calib["latent"]["median"]) / calib["latent"]["scale"]
-        n_present = np.maximum(raw.mask.sum(1, keepdims=True), 1)
-        contrib = contrib + lat[:, None] / n_present
+        # the latent term only adds evidence: a code that looks more typical than usual does not lower a score
+        log_lat = np.log(np.maximum(raw.latent, 1e-12))
+        if log_lat.ndim == 2:           # late fusion: each modality's own head
+            lat = np.stack([(log_lat[:, i] - calib["latent"][m]["median"]) / calib["latent"][m]["scale"]
+                            for i, m in enumerate(calib["modalities"])], 1)
+            contrib = contrib + np.maximum(lat, 0.0)
+        else:                           # one fused head: shared by the present modalities
+            lat = (log_lat - calib["latent"]["median"]) / calib["latent"]["scale"]
+            n_present = np.maximum(raw.mask.sum(1, keepdims=True), 1)
+            contrib = contrib + np.maximum(lat, 0.0)[:, None] / n_present
     return np.where(raw.mask, contrib, np.nan)
 
 
