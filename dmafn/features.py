@@ -120,7 +120,7 @@ def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
 
 def group_rows(keys: Iterable[str]) -> list[tuple[str, np.ndarray]]:
     """(key, row indices) for each distinct key, in one sort (O(n log n), not a scan per key)."""
-    keys = np.asarray(list(keys) if not isinstance(keys, np.ndarray) else keys, dtype=object).astype(str)
+    keys = np.asarray(list(keys), dtype=str)
     if keys.size == 0:
         return []
     uniq, inverse = np.unique(keys, return_inverse=True)

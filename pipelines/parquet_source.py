@@ -24,6 +24,14 @@ SchemaCheck = Callable[[pa.Schema, str], None]
 Transform = Callable[[pa.Table], pa.Table]
 
 
+def _open(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    """The Parquet file at `path` (footer read); DataError naming the file when it is not Parquet."""
+    try:
+        return pq.ParquetFile(filesystem.open_input_file(path))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
 class DatePartitionedParquet(Datasource):
     """The Parquet files under `folders` (date -> folder path as `filesystem` names it).
 
@@ -47,13 +55,8 @@ class DatePartitionedParquet(Datasource):
                            if i.is_file and i.base_name.endswith(".parquet")
                            and not i.base_name.startswith((".", "_"))]
         if self.files and check_schema is not None:
-            check_schema(self._schema_of(self.files[0][1]), self.files[0][1])
-
-    def _schema_of(self, path: str) -> pa.Schema:
-        try:
-            return pq.read_schema(path, filesystem=self.filesystem)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            first = self.files[0][1]
+            check_schema(_open(filesystem, first).schema_arrow, first)
 
     def estimate_inmemory_data_size(self) -> int:
         return 3 * sum(size for _, _, size in self.files)        # decoded Arrow is ~3x the Parquet bytes
@@ -78,10 +81,7 @@ class DatePartitionedParquet(Datasource):
 
         def read() -> Iterator[pa.Table]:
             for date, path, _ in group:
-                try:
-                    parquet = pq.ParquetFile(fs.open_input_file(path))
-                except (OSError, pa.ArrowInvalid) as exc:
-                    raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+                parquet = _open(fs, path)
                 if check is not None:
                     check(parquet.schema_arrow, path)
                 table = parquet.read(columns=columns)
