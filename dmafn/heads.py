@@ -5,7 +5,7 @@ loss and a latent anomaly term:
 - AutoencoderHead: a bottleneck; score = reconstruction error.
 - VAEHead: Gaussian latent; loss = reconstruction + beta * KL (the negative ELBO); latent term = KL.
 - AdversarialHead: an adversarial autoencoder: a discriminator tells latent codes from N(0, I) samples,
-  the encoder learns to fool it through a gradient-reversal layer (one optimiser); latent term =
+  the encoder learns to fool it with the non-saturating generator loss (one optimiser); latent term =
   -log D(code), how unlike the prior a code is.
 - SVDDHead: Deep SVDD, a bias-free projection pulled towards a fixed centre; latent term = squared
   distance to the centre. A reconstruction loss is kept as a regulariser against hypersphere collapse.
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 
 @dataclass
@@ -70,17 +71,13 @@ class VAEHead(nn.Module):
         return HeadOutput(recon=self.decoders(code), aux_loss=self.beta * kl.mean(), latent_score=kl)
 
 
-class _GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return -grad
-
-
 class AdversarialHead(nn.Module):
+    """Adversarial autoencoder trained with one optimiser: the discriminator learns codes vs. prior
+    samples on detached codes; the encoder gets the non-saturating generator loss -log D(code) through
+    a frozen copy of the discriminator's weights. (Reversing the discriminator's gradient instead gives
+    the saturating loss: once the discriminator rejects codes confidently the encoder gets no gradient,
+    codes drift off and reconstructions collapse.)"""
+
     def __init__(self, d_model: int, latent: int, target_dims: dict[str, int], weight: float = 0.1):
         super().__init__()
         self.encode = _encoder(d_model, latent)
@@ -90,12 +87,17 @@ class AdversarialHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> HeadOutput:
         code = self.encode(z)                                             # (B, k)
-        fake = self.discriminator(_GradientReversal.apply(code)).squeeze(1)
-        real = self.discriminator(torch.randn_like(code)).squeeze(1)
-        adv = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)) + \
-            F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-        unlike_prior = F.softplus(-self.discriminator(code).squeeze(1))   # -log D(code), (B,)
-        return HeadOutput(recon=self.decoders(code), aux_loss=self.weight * adv, latent_score=unlike_prior.detach())
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        logit = functional_call(self.discriminator, frozen, (code,)).squeeze(1)   # (B,), grads to the encoder only
+        unlike_prior = F.softplus(-logit)                                 # -log D(code), (B,)
+        aux = None
+        if self.training:
+            fake = self.discriminator(code.detach()).squeeze(1)
+            real = self.discriminator(torch.randn_like(code)).squeeze(1)
+            critic = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)) + \
+                F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            aux = self.weight * (critic + unlike_prior.mean())
+        return HeadOutput(recon=self.decoders(code), aux_loss=aux, latent_score=unlike_prior.detach())
 
 
 class SVDDHead(nn.Module):

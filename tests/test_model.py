@@ -173,3 +173,19 @@ def test_state_dict_round_trip_with_weights_only(tmp_path):
     again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def test_adversarial_encoder_still_learns_when_the_discriminator_rejects_its_codes():
+    from dmafn.heads import AdversarialHead
+
+    torch.manual_seed(0)
+    head = AdversarialHead(D, 4, {"a": 3})
+    with torch.no_grad():
+        head.discriminator[-1].bias.fill_(-20.0)                  # D(code) ~ 2e-9: codes confidently rejected
+    out = head(torch.randn(16, D))
+    out.aux_loss.backward()
+    encoder_grad = sum(p.grad.norm() for p in head.encode.parameters())
+    assert encoder_grad > 1e-2          # non-saturating: -log D(code) still pulls codes towards the prior
+    assert out.latent_score.min() > 15  # and the latent term says how unlike the prior the codes are
+    head.eval()
+    assert head(torch.randn(4, D)).aux_loss is None                # no critic step when scoring
