@@ -4,6 +4,8 @@ anomaly kind. Then robustness: one modality absent on 30 % of test ticks.
 
     python -m benchmarks.fusion_pays --out benchmarks/results [--quick]
 
+Rows are also written as they finish to `fusion_pays.partial.json` (removed when the run completes).
+
 Targets (issue 3): on cross_modal the best fused model beats the best single modality by >= 0.15
 ROC-AUC; with one modality absent on 30 % of test ticks, overall ROC-AUC drops <= 0.03.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +66,7 @@ def main() -> None:
         rows[name]["seconds"] = {"roc_auc": time.time() - start, "pr_auc": float("nan")}
         fitted[name] = det
         print_table({name: rows[name]})
+        write_json(f"{args.out}/fusion_pays.partial.json", {"config": vars(cfg) | {"epochs": epochs}, "rows": rows})
 
     for m in mods:
         run(f"alone:{m}", (m,), fusion="attention", detector="autoencoder")
@@ -110,6 +114,7 @@ def main() -> None:
     write_json(f"{args.out}/fusion_pays.json", {"config": vars(cfg) | {"epochs": epochs}, "rows": rows,
                                                 "cross_modal_margin": margin, "best_fused": best_fused,
                                                 "best_single": best_alone, "absent_30pct_drop": drops})
+    Path(f"{args.out}/fusion_pays.partial.json").unlink(missing_ok=True)
     print(f"written {args.out}/fusion_pays.json ({time.time() - t0:.0f}s)")
 
 

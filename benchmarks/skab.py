@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ def load_files(root: Path) -> dict[str, pd.DataFrame]:
     return {f"{p.parent.name}/{p.stem}": pd.read_csv(p, sep=";", parse_dates=["datetime"]) for p in files}
 
 
-def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int, groups: list[str] | None = None) -> Path:
-    """Each sensor group as a modality table (hive-partitioned Parquet) and the spec describing them."""
+def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int, groups: list[str] | None = None,
+               transforms: dict[str, str] | None = None) -> Path:
+    """Each sensor group as a modality table (hive-partitioned Parquet) and the spec describing them;
+    `transforms` sets a sensor group's series transform (level, centered, difference)."""
     frames = []
     for name, df in files.items():
         frame = df.rename(columns={"datetime": "ts"}).assign(file=name)
@@ -67,7 +70,8 @@ def write_lake(files: dict[str, pd.DataFrame], root: Path, window_s: int, groups
         pads.write_dataset(table, root / "raw" / group, format="parquet", partitioning=["date"],
                            partitioning_flavor="hive", existing_data_behavior="delete_matching")
         modalities[group] = {"kind": "timeseries", "path": str(root / "raw" / group), "columns": cols,
-                             "period": "1s", "window": f"{window_s}s"}
+                             "period": "1s", "window": f"{window_s}s",
+                             "transform": (transforms or {}).get(group, "level")}
     import yaml
 
     spec = {"name": "skab", "entity": "file", "time": "ts", "grain": "1s", "partition": "date",
@@ -86,29 +90,89 @@ def aligned_file(spec, tables: dict[str, pl.DataFrame], name: str, df: pd.DataFr
     return align(ticks, own, spec)
 
 
-def run_config(spec, files, tables, fusion: str, detector: str, epochs: int, quantile: float, alpha: float):
-    preds, labels, scores_all = [], [], []
+@dataclass
+class FileSplit:
+    """One SKAB file through the pipeline code: its first 400 aligned rows (training) and the rest (test)."""
+
+    name: str
+    train: pl.DataFrame
+    test: pl.DataFrame
+    stats: dict
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.test["anomaly"].fill_null(0).to_numpy()
+
+
+def file_splits(spec, files, tables) -> list[FileSplit]:
+    splits = []
     for name, df in files.items():
         al = aligned_file(spec, tables, name, df)
         label = pl.DataFrame({"_t": df["datetime"].dt.tz_localize("UTC").dt.as_unit("us").astype("int64"),
                               "anomaly": df["anomaly"].astype(int)})
         al = al.join(label.unique("_t"), on="_t", how="left").sort("_t")
         train, test = al.head(TRAIN_ROWS), al.slice(TRAIN_ROWS)
-        stats = StatisticsFitter(spec).add(train.to_arrow()).result()
+        splits.append(FileSplit(name, train, test, StatisticsFitter(spec).add(train.to_arrow()).result()))
+    return splits
+
+
+def pooled(preds: list, scores: list, splits: list[FileSplit]) -> dict:
+    """SKAB's pooled point-wise metrics over all files' test parts."""
+    pred, s = np.concatenate(preds), np.concatenate(scores)
+    y = np.concatenate([f.labels for f in splits])
+    m = point_metrics(pred, y)
+    return {"f1": m["f1"], "far": 100 * m["far"], "mar": 100 * m["mar"], "roc_auc_pooled": roc_auc(s, y)}
+
+
+def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, quantile: float,
+               alpha: float) -> dict:
+    preds, scores, contributions = [], [], []
+    n_val = int(TRAIN_ROWS * 0.2)
+    for f in splits:
         det = Detector(spec.modalities, small(fusion=fusion, detector=detector, modality_dropout=0.25),
                        epochs=epochs, batch_size=32, learning_rate=2e-3, threshold="quantile", quantile=quantile,
                        validation_fraction=0.2, seed=0)
-        det.fit(featurize(train.to_arrow(), spec, stats))
+        det.fit(featurize(f.train.to_arrow(), spec, f.stats))
         # the threshold is fitted on smoothed scores of the held-out training rows (no labels)
-        val = featurize(train.tail(int(TRAIN_ROWS * 0.2)).to_arrow(), spec, stats)
+        val = featurize(f.train.tail(n_val).to_arrow(), spec, f.stats)
         threshold = float(np.quantile(ewma(det.decision_function(val), alpha), quantile))
-        score = ewma(det.decision_function(featurize(test.to_arrow(), spec, stats)), alpha)
+        record = det.score_record(featurize(f.test.to_arrow(), spec, f.stats))
+        score = ewma(record.score, alpha)
+        contributions.append(record.contributions)
         preds.append(score > threshold)
-        scores_all.append(score)
-        labels.append(test["anomaly"].fill_null(0).to_numpy())
-    pred, y, s = np.concatenate(preds), np.concatenate(labels), np.concatenate(scores_all)
-    m = point_metrics(pred, y)
-    return {"f1": m["f1"], "far": 100 * m["far"], "mar": 100 * m["mar"], "roc_auc_pooled": roc_auc(s, y)}
+        scores.append(score)
+    result = pooled(preds, scores, splits)
+    contrib, y = np.concatenate(contributions), np.concatenate([f.labels for f in splits])
+    result["roc_auc_by_modality"] = {name: roc_auc(contrib[:, i], y) for i, name in enumerate(spec.modalities)}
+    return result
+
+
+def run_reference(spec, splits: list[FileSplit], quantile: float, alpha: float) -> dict:
+    """A classical reference on the same inputs and protocol: Hotelling T^2 of the per-channel window
+    means (the featurized model inputs), mean and covariance (shrunk towards its diagonal) from the first
+    320 rows, threshold from the next 80, EWMA-smoothed like DMAFN's scores."""
+    preds, scores = [], []
+    n_fit = TRAIN_ROWS - int(TRAIN_ROWS * 0.2)
+
+    def window_means(table: pl.DataFrame, stats: dict) -> np.ndarray:
+        feats = featurize(table.to_arrow(), spec, stats)
+        return np.concatenate([feats.inputs[m].mean(1) for m in feats.modalities], 1).astype(np.float64)
+
+    for f in splits:
+        x_train, x_test = window_means(f.train, f.stats), window_means(f.test, f.stats)
+        fit = x_train[:n_fit]
+        mean, cov = fit.mean(0), np.cov(fit.T)
+        cov = 0.8 * cov + 0.2 * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(mean))
+        inv = np.linalg.inv(cov)
+
+        def t2(x: np.ndarray) -> np.ndarray:
+            return np.einsum("ij,jk,ik->i", x - mean, inv, x - mean)
+
+        threshold = float(np.quantile(ewma(t2(x_train[n_fit:]), alpha), quantile))
+        score = ewma(t2(x_test), alpha)
+        preds.append(score > threshold)
+        scores.append(score)
+    return pooled(preds, scores, splits)
 
 
 def main() -> None:
@@ -123,33 +187,50 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1, help="EWMA smoothing of scores (causal)")
     parser.add_argument("--groups", default=",".join(GROUPS),
                         help="comma-separated sensor groups used as modalities (an ablation when not all four)")
+    parser.add_argument("--transform", default="thermal=centered",
+                        help="comma-separated GROUP=TRANSFORM (level, centered, difference); default: the thermal "
+                             "group as each window minus its mean (temperatures drift as the rig warms up); "
+                             "'' for levels everywhere")
     args = parser.parse_args()
+    transforms = dict(kv.split("=", 1) for kv in args.transform.split(",") if kv)
+    unknown = set(transforms) - set(GROUPS)
+    if unknown:
+        parser.error(f"--transform names unknown sensor groups {sorted(unknown)} (groups: {', '.join(GROUPS)})")
     t0 = time.time()
     files = load_files(args.skab)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = load_spec(write_lake(files, Path(tmp), args.window, args.groups.split(",")))
+        spec = load_spec(write_lake(files, Path(tmp), args.window, args.groups.split(","), transforms))
         tables = {}
         for name, m in spec.modalities.items():
             raw = pl.from_arrow(pads.dataset(m.path, format="parquet", partitioning="hive").to_table())
             tables[name] = alignment_input(raw, spec, m)
+        splits = file_splits(spec, files, tables)
+        reference = run_reference(spec, splits, args.quantile, args.alpha)
+        print(f"reference T^2 of window means  F1 {reference['f1']:.3f}  FAR {reference['far']:6.2f} %  "
+              f"MAR {reference['mar']:6.2f} %  (pooled ROC-AUC {reference['roc_auc_pooled']:.3f})", flush=True)
         results = {}
         for pair in args.configs.split(","):
             fusion, detector = pair.split("+")
             start = time.time()
-            results[pair] = run_config(spec, files, tables, fusion, detector, args.epochs, args.quantile, args.alpha)
+            results[pair] = run_config(spec, splits, fusion, detector, args.epochs, args.quantile, args.alpha)
             r = results[pair]
             print(f"DMAFN {pair:<26} F1 {r['f1']:.3f}  FAR {r['far']:6.2f} %  MAR {r['mar']:6.2f} %  "
-                  f"(pooled ROC-AUC {r['roc_auc_pooled']:.3f}, {time.time() - start:.0f}s)", flush=True)
+                  f"(pooled ROC-AUC {r['roc_auc_pooled']:.3f}; by modality "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["roc_auc_by_modality"].items())
+                  + f"; {time.time() - start:.0f}s)", flush=True)
     print(f"\nSKAB outlier detection, {len(files)} files, first {TRAIN_ROWS} rows of each for training, "
-          f"window {args.window}s, groups {args.groups}, threshold: {args.quantile:.2f}-quantile of held-out "
-          f"training scores")
+          f"window {args.window}s, groups {args.groups}, transforms {args.transform or 'none'}, "
+          f"threshold: {args.quantile:.2f}-quantile of held-out training scores")
     print(f"{'algorithm':<34}{'F1':>6}{'FAR %':>9}{'MAR %':>9}")
-    table = [(f"DMAFN {k}", v["f1"], v["far"], v["mar"]) for k, v in results.items()] + LEADERBOARD
+    table = [(f"DMAFN {k}", v["f1"], v["far"], v["mar"]) for k, v in results.items()] + LEADERBOARD + \
+        [("(reference: T^2 of window means)", reference["f1"], reference["far"], reference["mar"])]
     for name, f1, far, mar in sorted(table, key=lambda r: -r[1]):
         print(f"{name:<34}{f1:>6.2f}{far:>9.2f}{mar:>9.2f}")
-    name = f"skab-{args.groups.replace(',', '_')}-w{args.window}.json"
+    tag = "".join(f"-{g}_{t}" for g, t in sorted(transforms.items()) if t != "level")
+    name = f"skab-{args.groups.replace(',', '_')}-w{args.window}{tag}.json"
     write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
-                                         "leaderboard": LEADERBOARD, "seconds": time.time() - t0,
+                                         "reference_t2_window_means": reference, "leaderboard": LEADERBOARD,
+                                         "seconds": time.time() - t0,
                                          "date": dt.date.today().isoformat()})
 
 

@@ -75,6 +75,8 @@ class StatisticsFitter:
         stats: dict[str, Any] = {"modalities": {}}
         for name, m in self.spec.modalities.items():
             entry: dict[str, Any] = {"kind": m.kind}
+            if m.kind == "timeseries":
+                entry["transform"] = m.transform
             if m.kind in ("tabular", "timeseries", "audio"):
                 if self.global_[name].n == 0:
                     raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
@@ -102,10 +104,26 @@ def raw_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
         out = np.zeros((n, m.steps, len(m.columns)), np.float32)
         for j, c in enumerate(m.columns):
             out[:, :, j] = _fixed_lists(aligned.column(f"{m.name}__{c}"), m.steps)
-        return out
+        return transform_window(out, m.transform)
     if m.kind == "audio":
         return _fixed_lists(aligned.column(f"{m.name}__{m.column}"), m.samples)
     raise ValueError(f"raw_values does not handle kind {m.kind}")
+
+
+def transform_window(windows: np.ndarray, transform: str) -> np.ndarray:
+    """How a series window (N, L, C) is presented to the model.
+
+    level: the values as they are. centered: each window minus its own mean per channel - the shape
+    within the window, free of slow drift that training days cannot cover (temperatures warming up).
+    difference: step-to-step changes (the first step is 0) - the rate of change, also drift-free.
+    """
+    if transform == "level":
+        return windows
+    if transform == "centered":
+        return windows - windows.mean(1, keepdims=True)
+    if transform == "difference":
+        return np.diff(windows, axis=1, prepend=windows[:, :1])
+    raise ValueError(f"unknown series transform {transform!r} (level, centered, difference)")
 
 
 def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
@@ -190,6 +208,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
         if m.kind in ("tabular", "timeseries"):
+            _check_transform(m, stats["modalities"][name])
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, by_entity)
         elif m.kind == "audio":
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
@@ -209,6 +228,13 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
         masks.append(present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     return Features(inputs=inputs, mask=mask, modalities=tuple(spec.modalities))
+
+
+def _check_transform(m: ModalitySpec, fitted: dict) -> None:
+    trained = fitted.get("transform", "level")
+    if m.kind == "timeseries" and trained != m.transform:
+        raise ValueError(f"modality '{m.name}': the model was trained with transform '{trained}' but the spec "
+                         f"says '{m.transform}'; restore the spec's transform or train a new model version")
 
 
 def features_to_columns(features: Features) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ FUSIONS = ("early", "late", "attention", "gated")
 DETECTORS = ("autoencoder", "vae", "adversarial", "classifier", "svdd")
 SERIES_ENCODERS = ("gru", "lstm", "tcn", "transformer")
 TEXT_ENCODERS = ("transformer", "bag")
+SERIES_TRANSFORMS = ("level", "centered", "difference")
 VOTES = ("mean", "max", "weighted", "attention")
 PRESETS = ("small", "base")
 NORMALIZATIONS = ("global", "entity")
@@ -68,6 +69,7 @@ class ModalitySpec:
     sample_rate: int | None = None      # audio
     clip_us: int | None = None          # audio clip length fed to the model
     encoder: str | None = None          # timeseries / text encoder override
+    transform: str = "level"            # timeseries: level | centered | difference (see features.transform_window)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -280,7 +282,7 @@ class _Section:
 
 _MODALITY_KEYS = {
     "tabular": {"kind", "path", "columns", "tolerance"},
-    "timeseries": {"kind", "path", "columns", "period", "window", "encoder"},
+    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform"},
     "image": {"kind", "path", "column", "size", "tolerance", "channels"},
     "text": {"kind", "path", "column", "window", "encoder"},
     "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip"},
@@ -302,7 +304,8 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
             raise sec.err("period", "must divide the spec's 'grain' evenly")
         return ModalitySpec(name, kind, path, columns=sec.string_list("columns"), period_us=period,
                             window_us=window, encoder=sec.choice("encoder", SERIES_ENCODERS, "gru")
-                            if sec.get("encoder") else None)
+                            if sec.get("encoder") else None,
+                            transform=sec.choice("transform", SERIES_TRANSFORMS, "level"))
     column = str(sec.required("column"))
     if kind == "image":
         size = sec.get("size", [32, 32])
@@ -441,6 +444,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["sample_rate"] = m.sample_rate
         if m.encoder:
             entry["encoder"] = m.encoder
+        if m.transform != "level":
+            entry["transform"] = m.transform
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

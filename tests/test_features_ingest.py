@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dmafn.detector import Detector
-from dmafn.features import StatisticsFitter, decode_image, featurize, tokenize_messages
+from dmafn.features import StatisticsFitter, decode_image, featurize, tokenize_messages, transform_window
 from dmafn.model import small
 from pipelines.align import TIME, align, date_start_us, make_ticks
 from pipelines.ingest import REASON, check_rows, check_schema
@@ -196,3 +196,30 @@ def test_group_rows_gives_each_key_its_rows_in_order():
     groups = dict(group_rows(["b", "a", "b", "c", "a"]))
     assert {k: v.tolist() for k, v in groups.items()} == {"a": [1, 4], "b": [0, 2], "c": [3]}
     assert group_rows([]) == []
+
+
+def test_series_transforms_remove_the_level_and_keep_the_shape():
+    windows = np.array([[[1.0, 10.0], [2.0, 10.0], [4.0, 13.0]]], np.float32)      # (N=1, L=3, C=2)
+    assert transform_window(windows, "level") is windows
+    centered = transform_window(windows, "centered")
+    assert np.allclose(centered[0, :, 0], [-4 / 3, -1 / 3, 5 / 3]) and np.allclose(centered[0, :, 1], [-1, -1, 2])
+    assert np.allclose(transform_window(windows + 50, "centered"), centered)       # a drifted level: same input
+    diff = transform_window(windows, "difference")
+    assert diff[0, :, 0].tolist() == [0.0, 1.0, 2.0] and diff[0, :, 1].tolist() == [0.0, 0.0, 3.0]
+    with pytest.raises(ValueError, match="unknown series transform 'log'"):
+        transform_window(windows, "log")
+
+
+def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
+    from dataclasses import replace
+
+    vib = replace(tiny_spec.modalities["vib"], transform="centered")
+    spec = replace(tiny_spec, modalities={**tiny_spec.modalities, "vib": vib})
+    aligned = aligned_rows(spec)
+    stats = StatisticsFitter(spec).add(aligned).result()
+    assert stats["modalities"]["vib"]["transform"] == "centered"
+    feats = featurize(aligned, spec, stats)
+    present = feats.mask[:, list(spec.modalities).index("vib")]
+    assert np.allclose(feats.inputs["vib"][present].sum(1), 0, atol=1e-5)          # each window centred
+    with pytest.raises(ValueError, match="modality 'vib': the model was trained with transform 'centered'"):
+        featurize(aligned, tiny_spec, stats)

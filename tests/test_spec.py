@@ -73,3 +73,18 @@ def test_load_spec_reports_bad_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+def test_series_transform_is_parsed_checked_and_round_trips():
+    data = tiny_spec_dict()
+    data["modalities"]["vib"]["transform"] = "centered"
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.modalities["vib"].transform == "centered"
+    assert parse_spec(spec.to_dict()).modalities["vib"].transform == "centered"
+    data["modalities"]["vib"]["transform"] = "log"
+    with pytest.raises(SpecError, match=r"'modalities.vib.transform': 'log' is not one of level, centered"):
+        parse_spec(data, source="s.yaml")
+    data["modalities"]["vib"].pop("transform")
+    data["modalities"]["proc"]["transform"] = "centered"          # tabular rows have no window to transform
+    with pytest.raises(SpecError, match=r"unknown key 'modalities.proc.transform'"):
+        parse_spec(data, source="s.yaml")
