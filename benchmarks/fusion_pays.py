@@ -51,6 +51,7 @@ def main() -> None:
     cfg = SyntheticConfig(entities=2 if args.quick else 4, days=5 if args.quick else 6,
                           clean_days=2 if args.quick else 3)
     epochs = args.epochs or (3 if args.quick else 8)
+    config = vars(cfg) | {"epochs": epochs}
     t0 = time.time()
     split = synthetic_split(cfg)
     print(f"data: {len(split.train.mask)} training ticks, {len(split.test.mask)} test ticks "
@@ -66,7 +67,7 @@ def main() -> None:
         rows[name]["seconds"] = {"roc_auc": time.time() - start, "pr_auc": float("nan")}
         fitted[name] = det
         print_table({name: rows[name]})
-        write_json(f"{args.out}/fusion_pays.partial.json", {"config": vars(cfg) | {"epochs": epochs}, "rows": rows})
+        write_json(f"{args.out}/fusion_pays.partial.json", {"config": config, "rows": rows})
 
     for m in mods:
         run(f"alone:{m}", (m,), fusion="attention", detector="autoencoder")
@@ -111,7 +112,7 @@ def main() -> None:
         drops[m] = full - auc_by_kind(det.decision_function(test), split)["overall"]["roc_auc"]
         print(f"{best_fused} with '{m}' absent on 30% of test ticks: overall ROC-AUC drop {drops[m]:+.3f} "
               f"(target <= 0.03)", flush=True)
-    write_json(f"{args.out}/fusion_pays.json", {"config": vars(cfg) | {"epochs": epochs}, "rows": rows,
+    write_json(f"{args.out}/fusion_pays.json", {"config": config, "rows": rows,
                                                 "cross_modal_margin": margin, "best_fused": best_fused,
                                                 "best_single": best_alone, "absent_30pct_drop": drops})
     Path(f"{args.out}/fusion_pays.partial.json").unlink(missing_ok=True)

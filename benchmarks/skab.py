@@ -38,6 +38,8 @@ from pipelines.align import TIME, align, alignment_input, to_micros
 GROUPS = {"vibration": ["Accelerometer1RMS", "Accelerometer2RMS"], "electrical": ["Current", "Voltage"],
           "hydraulic": ["Pressure", "Volume Flow RateRMS"], "thermal": ["Temperature", "Thermocouple"]}
 TRAIN_ROWS = 400
+VALIDATION_FRACTION = 0.2                                   # of the training rows: held out for the threshold
+VALIDATION_ROWS = int(TRAIN_ROWS * VALIDATION_FRACTION)
 LEADERBOARD = [("Conv-AE", 0.78, 13.55, 28.02), ("MSET", 0.78, 39.73, 14.13), ("T-squared+Q (PCA)", 0.76, 26.62, 24.92),
                ("LSTM-AE", 0.74, 29.96, 25.92), ("T-squared", 0.66, 19.21, 42.60), ("LSTM-VAE", 0.56, 9.13, 55.03),
                ("Vanilla LSTM", 0.54, 12.54, 59.53), ("Vanilla AE", 0.39, 2.59, 75.15), ("MSCRED", 0.36, 49.94, 69.88),
@@ -127,14 +129,13 @@ def pooled(preds: list, scores: list, splits: list[FileSplit]) -> dict:
 def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, quantile: float,
                alpha: float) -> dict:
     preds, scores, contributions = [], [], []
-    n_val = int(TRAIN_ROWS * 0.2)
     for f in splits:
         det = Detector(spec.modalities, small(fusion=fusion, detector=detector, modality_dropout=0.25),
                        epochs=epochs, batch_size=32, learning_rate=2e-3, threshold="quantile", quantile=quantile,
-                       validation_fraction=0.2, seed=0)
+                       validation_fraction=VALIDATION_FRACTION, seed=0)
         det.fit(featurize(f.train.to_arrow(), spec, f.stats))
         # the threshold is fitted on smoothed scores of the held-out training rows (no labels)
-        val = featurize(f.train.tail(n_val).to_arrow(), spec, f.stats)
+        val = featurize(f.train.tail(VALIDATION_ROWS).to_arrow(), spec, f.stats)
         threshold = float(np.quantile(ewma(det.decision_function(val), alpha), quantile))
         record = det.score_record(featurize(f.test.to_arrow(), spec, f.stats))
         score = ewma(record.score, alpha)
@@ -152,7 +153,7 @@ def run_reference(spec, splits: list[FileSplit], quantile: float, alpha: float) 
     means (the featurized model inputs), mean and covariance (shrunk towards its diagonal) from the first
     320 rows, threshold from the next 80, EWMA-smoothed like DMAFN's scores."""
     preds, scores = [], []
-    n_fit = TRAIN_ROWS - int(TRAIN_ROWS * 0.2)
+    n_fit = TRAIN_ROWS - VALIDATION_ROWS
 
     def window_means(table: pl.DataFrame, stats: dict) -> np.ndarray:
         feats = featurize(table.to_arrow(), spec, stats)
