@@ -40,10 +40,9 @@ NO_MODALITY = "no modality present at the tick"
 
 
 class Scorer:
-    """Ray Data callable: loads the model version once; `__call__(aligned batch)` is pure."""
+    """Scores aligned batches with one loaded model version; `__call__(aligned batch)` is pure."""
 
-    def __init__(self, registry: str, version: str, storage: Storage, loaded: ModelVersion | None = None):
-        mv = loaded or Registry(registry, storage).load(version)
+    def __init__(self, mv: ModelVersion):
         self.version, self.model, self.spec = mv.version, mv.model, mv.spec
         self.stats, self.calibration = mv.stats, mv.calibration
 
@@ -65,11 +64,12 @@ class Scorer:
 
 
 class DayScorer:
-    """Ray Data callable: a batch of ticks -> aligned against the broadcast modality tables -> scored."""
+    """Ray Data callable: a batch of ticks -> aligned against the broadcast modality tables -> scored
+    with the model version the driver loaded and put in the object store once (no registry read per actor)."""
 
-    def __init__(self, spec: Spec, table_refs: dict, registry: str, version: str, storage: Storage):
+    def __init__(self, spec: Spec, table_refs: dict, model_ref: dict):
         self.aligner = Aligner(spec, table_refs)
-        self.scorer = Scorer(registry, version, storage)
+        self.scorer = Scorer(ray.get(model_ref["ref"]))
 
     def __call__(self, ticks: pa.Table) -> pa.Table:
         return self.scorer(self.aligner(ticks))
@@ -133,7 +133,7 @@ def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id:
     pool = res.actor_pool()
     scored_ds = tick_dataset(model_spec, inputs.ticks).map_batches(
         DayScorer, fn_constructor_kwargs={"spec": model_spec, "table_refs": broadcast_tables(inputs),
-                                          "registry": spec.registry, "version": mv.version, "storage": storage},
+                                          "model_ref": {"ref": ray.put(mv)}},   # in a dict: actors resolve it
         batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
         num_cpus=res.actor_cpus(pool))
     blocks = [b for b in scored_ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
