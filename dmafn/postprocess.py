@@ -115,18 +115,27 @@ def fit_threshold(scores: np.ndarray, method: str, *, risk: float = 1e-3, quanti
     raise ValueError(f"unknown threshold method {method!r} (pot, quantile, fixed)")
 
 
-def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Oracle: the threshold with the best point-wise F1 on labelled scores (report only, never deploy)."""
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, max_far: float | None = None) -> float:
+    """Oracle: the threshold with the best point-wise F1 on labelled scores (report only, never deploy).
+
+    Used as `score > threshold`, it flags exactly the best set of top-scored ticks. With `max_far`, only
+    thresholds whose false-alarm rate (FP / negatives) is at most `max_far` are considered."""
     finite = np.isfinite(scores)
     s, y = scores[finite], labels[finite].astype(bool)
-    order = np.argsort(-s)
+    if s.size == 0:
+        raise ValueError("no finite scores to choose a threshold on")
+    order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
-    tp = np.cumsum(y)
+    tp = np.cumsum(y)                                     # flagging the top i+1 ticks
     fp = np.cumsum(~y)
     f1 = 2 * tp / np.maximum(tp + fp + y.sum(), 1)
-    distinct = np.r_[s[1:] != s[:-1], True]
-    best = np.argmax(np.where(distinct, f1, -1))
-    return float(s[best])
+    allowed = np.r_[s[1:] != s[:-1], True]                # cut only between distinct scores
+    if max_far is not None:
+        allowed &= fp <= max_far * max((~y).sum(), 1)
+    if not allowed.any():
+        return float(s[0])                                # nothing may be flagged
+    best = int(np.argmax(np.where(allowed, f1, -1)))
+    return float(np.nextafter(s[best], -np.inf))          # > this flags s[best] and everything above
 
 
 def to_labels(scores: np.ndarray, threshold: float) -> np.ndarray:

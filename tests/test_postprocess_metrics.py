@@ -105,5 +105,16 @@ def test_best_f1_threshold_is_an_oracle():
     scores = np.array([0.1, 0.2, 0.9, 0.8, 0.3])
     labels = np.array([0, 0, 1, 1, 0])
     thr = best_f1_threshold(scores, labels)
-    assert thr == 0.8
-    assert to_labels(scores, thr - 1e-9).tolist() == [0, 0, 1, 1, 0]
+    assert 0.3 <= thr < 0.8
+    assert to_labels(scores, thr).tolist() == [0, 0, 1, 1, 0]     # used as score > threshold
+
+
+def test_best_f1_threshold_respects_a_false_alarm_limit():
+    # by hand: flagging the top 4 (0.9, 0.8, 0.7, 0.6) gives F1 = 2*3/(4+3) = 0.857 with FAR 1/3;
+    # with FAR <= 0 only the top 2 may be flagged: F1 = 2*2/(2+3) = 0.8
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    labels = np.array([1, 1, 0, 1, 0, 0])
+    assert to_labels(scores, best_f1_threshold(scores, labels)).tolist() == [1, 1, 1, 1, 0, 0]
+    assert to_labels(scores, best_f1_threshold(scores, labels, max_far=0.0)).tolist() == [1, 1, 0, 0, 0, 0]
+    ties = np.array([0.5, 0.5, 0.1])                              # a tie is never split
+    assert to_labels(ties, best_f1_threshold(ties, np.array([1, 0, 0]), max_far=0.0)).tolist() == [0, 0, 0]
