@@ -24,7 +24,7 @@ from dmafn.postprocess import best_f1_threshold
 from dmafn.model import ModelConfig
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
-from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
+from pipelines.ingest import aligned_dataset, read_inputs
 from pipelines.labels import read_labels
 from pipelines.postprocess import smooth_columns
 from pipelines.storage import DataError, Storage
