@@ -129,7 +129,8 @@ def pooled(preds: list, scores: list, margins: list, splits: list[FileSplit]) ->
     shift = best_f1_threshold(margin, y, max_far=ORACLE_MAX_FAR)
     o = point_metrics(np.nan_to_num(margin, nan=-np.inf) > shift, y)
     return {"f1": m["f1"], "far": 100 * m["far"], "mar": 100 * m["mar"], "roc_auc_pooled": roc_auc(s, y),
-            "oracle_far10": {"f1": o["f1"], "far": 100 * o["far"], "mar": 100 * o["mar"], "shift": shift}}
+            "oracle_far10": {"f1": o["f1"], "far": 100 * o["far"], "mar": 100 * o["mar"], "shift": shift},
+            "roc_auc_by_file": {f.name: roc_auc(sc, f.labels) for f, sc in zip(splits, scores)}}
 
 
 def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, quantile: float,
@@ -186,7 +187,9 @@ def run_reference(spec, splits: list[FileSplit], quantile: float, alpha: float) 
 
 def _oracle_text(r: dict) -> str:
     o = r["oracle_far10"]
-    return f"oracle bound at FAR <= 10 %: F1 {o['f1']:.3f}, FAR {o['far']:.1f} %, MAR {o['mar']:.1f} %"
+    hardest = sorted((auc, name) for name, auc in r["roc_auc_by_file"].items() if np.isfinite(auc))[:3]
+    return (f"oracle bound at FAR <= 10 %: F1 {o['f1']:.3f}, FAR {o['far']:.1f} %, MAR {o['mar']:.1f} %; "
+            "lowest ROC-AUC within a file: " + ", ".join(f"{name} {auc:.2f}" for auc, name in hardest))
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import ray
 from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, roc_auc
-from dmafn.postprocess import best_f1_threshold
 from dmafn.model import ModelConfig
+from dmafn.postprocess import best_f1_threshold
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.ingest import aligned_dataset, read_inputs
