@@ -250,6 +250,10 @@ def main() -> None:
         o = r["oracle_far10"]
         print(f"{name:<34}{o['f1']:>6.2f}{o['far']:>9.2f}{o['mar']:>9.2f}")
     tag = "".join(f"-{g}_{t}" for g, t in sorted(transforms.items()) if t != "level")
+    for option in ("quantile", "alpha", "epochs"):       # a run with other settings gets its own file
+        if getattr(args, option) != parser.get_default(option):
+            tag += f"-{option}{getattr(args, option):g}"
+    tag += "" if results else "-reference_only"
     name = f"skab-{args.groups.replace(',', '_')}-w{args.window}{tag}.json"
     write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
                                          "reference_t2_window_means": reference, "leaderboard": LEADERBOARD,
