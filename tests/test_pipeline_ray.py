@@ -150,3 +150,17 @@ def test_missing_table_is_named(trained):
     mods["camera"] = replace(mods["camera"], path=str(root / "raw" / "nowhere"))
     with pytest.raises(DataError, match="nowhere: table not found"):
         read_inputs(replace(spec, modalities=mods), [DAY3], Storage())
+
+
+def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_path):
+    from pipelines.score import backfill
+
+    spec, _, _ = trained
+    day4 = DAY3 + dt.timedelta(days=1)                       # no data upstream for this date
+    spec = replace(spec, score=replace(spec.score, output=str(tmp_path / "scores")))
+    with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-04: no modality"):
+        backfill(spec, DAY3, day4, parallel=1)
+    runs = pl.read_delta(spec.score.runs_path)
+    assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-03": "succeeded",
+                                                                             "2024-01-04": "failed"}
+    assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
