@@ -37,6 +37,15 @@ def trained(tmp_path_factory, local_ray):
     return spec, version, root
 
 
+@pytest.fixture(scope="module")
+def scored(trained):
+    """DAY3 scored once into the fleet's output tables (the tests below read them)."""
+    from pipelines.score import score_date
+
+    spec, _, _ = trained
+    return score_date(spec, DAY3)
+
+
 def test_model_version_has_manifest_and_weights(trained):
     spec, version, root = trained
     folder = root / "models" / version
@@ -51,11 +60,11 @@ def test_model_version_has_manifest_and_weights(trained):
     assert any(k.startswith("encoders.vibration") for k in state)
 
 
-def test_score_writes_delta_and_rescoring_leaves_one_copy(trained):
+def test_score_writes_delta_and_rescoring_leaves_one_copy(trained, scored):
     from pipelines.score import score_date
 
     spec, version, root = trained
-    first = score_date(spec, DAY3)
+    first = scored
     df = pl.read_delta(str(root / "scores"))
     assert set(df.columns) == OUTPUT_COLUMNS
     assert df.height == first.rows_scored == 2 * 1440 - first.rows_quarantined
@@ -95,7 +104,7 @@ def second_run(root):
     return runs["run_id"][-1]
 
 
-def test_quarantine_and_run_audit_account_for_every_tick(trained):
+def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     spec, _, root = trained
     q = pl.read_delta(str(root / "scores_quarantine")).filter(pl.col("date") == "2024-01-03")
     ingest = q.filter(pl.col("stage") == "ingest")
@@ -108,7 +117,7 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained):
     assert last["rows_scored"] == scored
 
 
-def test_evaluate_reports_metrics_and_plot(trained, tmp_path, capsys):
+def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     from pipelines.evaluate import evaluate
 
     spec, _, _ = trained
