@@ -31,7 +31,7 @@ from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import point_metrics, roc_auc
 from dmafn.model import small
-from dmafn.postprocess import best_f1_threshold, ewma
+from dmafn.postprocess import best_f1_threshold, ewma, to_labels
 from dmafn.spec import load_spec
 from pipelines.align import TIME, align, alignment_input, to_micros
 
@@ -127,7 +127,7 @@ def pooled(preds: list, scores: list, margins: list, splits: list[FileSplit]) ->
     y = np.concatenate([f.labels for f in splits])
     m = point_metrics(pred, y)
     shift = best_f1_threshold(margin, y, max_far=ORACLE_MAX_FAR)
-    o = point_metrics(np.nan_to_num(margin, nan=-np.inf) > shift, y)
+    o = point_metrics(to_labels(margin, shift), y)
     return {"f1": m["f1"], "far": 100 * m["far"], "mar": 100 * m["mar"], "roc_auc_pooled": roc_auc(s, y),
             "oracle_far10": {"f1": o["f1"], "far": 100 * o["far"], "mar": 100 * o["mar"], "shift": shift},
             "roc_auc_by_file": {f.name: roc_auc(sc, f.labels) for f, sc in zip(splits, scores)}}
@@ -141,9 +141,10 @@ def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs
                        epochs=epochs, batch_size=32, learning_rate=2e-3, threshold="quantile", quantile=quantile,
                        validation_fraction=VALIDATION_FRACTION, seed=0)
         det.fit(featurize(f.train.to_arrow(), spec, f.stats))
-        # the threshold is fitted on smoothed scores of the held-out training rows (no labels)
-        val = featurize(f.train.tail(VALIDATION_ROWS).to_arrow(), spec, f.stats)
-        threshold = float(np.quantile(ewma(det.decision_function(val), alpha), quantile))
+        # the threshold is fitted on smoothed scores of the held-out training rows (no labels); `fit` has
+        # scored every training row already, in time order
+        held_out = det.decision_scores_[-VALIDATION_ROWS:]
+        threshold = float(np.quantile(ewma(held_out, alpha), quantile))
         record = det.score_record(featurize(f.test.to_arrow(), spec, f.stats))
         score = ewma(record.score, alpha)
         contributions.append(record.contributions)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from dmafn.spec import ModalitySpec, Spec
+from dmafn.spec import SERIES_TRANSFORMS, ModalitySpec, Spec
 
 TEXT_VOCAB = 4096          # hashed token ids: 0 = padding, 1 = message separator
 TEXT_TOKENS = 64           # the latest tokens in the window
@@ -123,7 +123,7 @@ def transform_window(windows: np.ndarray, transform: str) -> np.ndarray:
         return windows - windows.mean(1, keepdims=True)
     if transform == "difference":
         return np.diff(windows, axis=1, prepend=windows[:, :1])
-    raise ValueError(f"unknown series transform {transform!r} (level, centered, difference)")
+    raise ValueError(f"unknown series transform {transform!r} ({', '.join(SERIES_TRANSFORMS)})")
 
 
 def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, roc_auc
 from dmafn.model import ModelConfig
-from dmafn.postprocess import best_f1_threshold
+from dmafn.postprocess import best_f1_threshold, to_labels
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.ingest import aligned_dataset, read_inputs
@@ -65,14 +65,14 @@ def _grouped_events(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) ->
 def _row(scores: np.ndarray, labels: np.ndarray, threshold: float | None, groups: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = {"roc_auc": roc_auc(scores, labels), "pr_auc": pr_auc(scores, labels)}
     if threshold is not None:
-        pred = np.nan_to_num(scores, nan=-np.inf) > threshold
+        pred = to_labels(scores, threshold)
         out.update(point_metrics(pred, labels))
         out.update(_grouped_events(pred, labels, groups))
         out["f1_point_adjusted"] = point_metrics(point_adjust(pred, labels), labels)["f1"]
         if labels.any() and np.isfinite(scores).any():   # an oracle: chosen with the labels, reported only
             oracle = best_f1_threshold(scores, labels)
             out["oracle_threshold"] = oracle
-            out["oracle_f1"] = point_metrics(np.nan_to_num(scores, nan=-np.inf) > oracle, labels)["f1"]
+            out["oracle_f1"] = point_metrics(to_labels(scores, oracle), labels)["f1"]
     return out
 
 
