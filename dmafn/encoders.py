@@ -125,6 +125,14 @@ class TextEncoder(nn.Module):
         self.target_dim = TEXT_TARGET_BUCKETS
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.kind == "transformer" and len(tokens) > 1:
+            # a log window is the same for many ticks in a row (often empty): encode each distinct one once
+            distinct, index = torch.unique(tokens, dim=0, return_inverse=True)    # (U, T), (B,)
+            if len(distinct) < len(tokens):
+                return self._encode(distinct)[index]                      # (B, d)
+        return self._encode(tokens)
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         pad = tokens == 0                                                 # (B, T)
         h = self.embed(tokens)                                            # (B, T, d)
         if self.kind == "bag":

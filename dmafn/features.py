@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dmafn.spec import SERIES_TRANSFORMS, ModalitySpec, Spec
 
@@ -127,12 +128,19 @@ def transform_window(windows: np.ndarray, transform: str) -> np.ndarray:
 
 
 def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
-    """A list<float> column -> (N, length), nulls as zeros, longer lists keep their last `length` values."""
-    out = np.zeros((len(column), length), np.float32)
-    for i, values in enumerate(column.to_pylist()):
-        if values:
-            tail = np.asarray(values[-length:], np.float32)
-            out[i, length - tail.size:] = np.nan_to_num(tail)
+    """A list<float> column -> (N, length), right-aligned: nulls as zeros, longer lists keep their last
+    `length` values, shorter ones are zero-padded on the left."""
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    out = np.zeros((len(lists), length), np.float32)
+    if len(lists) == 0:
+        return out
+    sizes = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = np.nan_to_num(np.asarray(pc.list_flatten(lists).to_numpy(zero_copy_only=False), np.float32))
+    ends = np.cumsum(sizes)                                   # flat index after each row's last value
+    step = np.arange(length)
+    keep = step[None, :] >= (length - np.minimum(sizes, length))[:, None]          # (N, length)
+    source = ends[:, None] - length + step[None, :]
+    out[keep] = flat[source[keep]]
     return out
 
 
@@ -214,15 +222,26 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":
             x = np.zeros((n, m.channels, *m.size), np.float32)
+            decoded: dict[bytes | None, np.ndarray | None] = {}     # a frame is the latest for many ticks
             for i, data in enumerate(aligned.column(f"{name}__{m.column}").to_pylist()):
-                img = decode_image(data, m) if present[i] else None
+                if not present[i]:
+                    continue
+                if data not in decoded:
+                    decoded[data] = decode_image(data, m)
+                img = decoded[data]
                 if img is None:
                     present[i] = False
                 else:
                     x[i] = img
         else:
-            x = np.stack([tokenize_messages(msgs) for msgs in aligned.column(f"{name}__{m.column}").to_pylist()]) \
-                if n else np.zeros((0, TEXT_TOKENS), np.int64)
+            tokenized: dict[tuple, np.ndarray] = {}                  # a window's messages repeat tick to tick
+            rows = []
+            for msgs in aligned.column(f"{name}__{m.column}").to_pylist():
+                key = tuple(msgs or ())
+                if key not in tokenized:
+                    tokenized[key] = tokenize_messages(msgs)
+                rows.append(tokenized[key])
+            x = np.stack(rows) if n else np.zeros((0, TEXT_TOKENS), np.int64)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
         masks.append(present)

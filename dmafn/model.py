@@ -68,6 +68,7 @@ def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
 class ModelOutput:
     targets: dict[str, torch.Tensor]
     heads: dict[str, HeadOutput]   # "fused", or one per modality for late fusion
+    tokens: torch.Tensor | None = None   # (B, M, d) modality tokens; None for early fusion
 
     def recon(self, m: str) -> torch.Tensor:
         head = self.heads.get(m) or self.heads["fused"]
@@ -92,8 +93,9 @@ class DMAFN(nn.Module):
             return ModelOutput(targets, {"fused": self.heads["fused"](self.fuse(None, targets, mask))})
         tokens = torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)      # (B, M, d)
         if self.late:
-            return ModelOutput(targets, {m: self.heads[m](tokens[:, i]) for i, m in enumerate(self.modalities)})
-        return ModelOutput(targets, {"fused": self.heads["fused"](self.fuse(tokens, targets, mask))})
+            return ModelOutput(targets, {m: self.heads[m](tokens[:, i]) for i, m in enumerate(self.modalities)},
+                               tokens)
+        return ModelOutput(targets, {"fused": self.heads["fused"](self.fuse(tokens, targets, mask))}, tokens)
 
     def fuse(self, tokens: torch.Tensor | None, targets: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         if isinstance(self.fusion, EarlyFusion):
@@ -113,11 +115,18 @@ class DMAFN(nn.Module):
         return torch.stack([F.mse_loss(out.recon(m), out.targets[m], reduction="none").mean(1)
                             for m in self.modalities], 1)
 
-    def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present."""
-        targets = {m: enc.target(inputs[m]) for m, enc in self.encoders.items()}
-        tokens = None if isinstance(self.fusion, EarlyFusion) else \
-            torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)
+    def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+                             out: ModelOutput | None = None) -> torch.Tensor:
+        """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present.
+
+        `out`: this batch's forward output in eval mode, whose encodings are reused (the encoders are most
+        of the cost); without it the encoders run again."""
+        if out is not None:
+            targets, tokens = out.targets, out.tokens
+        else:
+            targets = {m: enc.target(inputs[m]) for m, enc in self.encoders.items()}
+            tokens = None if isinstance(self.fusion, EarlyFusion) else \
+                torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)            # (B, M, d)
         cols = []
         for i, m in enumerate(self.modalities):
             hidden = mask.clone()

@@ -65,7 +65,7 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
         out = model(inputs, mask)
         err = model.errors(out)
         if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
-            loo = model.leave_one_out_errors(inputs, mask)
+            loo = model.leave_one_out_errors(inputs, mask, out)  # reuses out's encodings
             err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
         errors.append(err.cpu().numpy())
         if model.late:      # each modality's own head: its latent term belongs to that modality only

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from dmafn.detector import Detector
-from dmafn.features import StatisticsFitter, decode_image, featurize, tokenize_messages, transform_window
+from dmafn.features import (StatisticsFitter, _fixed_lists, decode_image, featurize, tokenize_messages,
+                            transform_window)
 from dmafn.model import small
 from pipelines.align import TIME, align, date_start_us, make_ticks
 from pipelines.ingest import REASON, check_rows, check_schema
@@ -53,6 +54,33 @@ def test_decode_image_resizes_and_rejects_garbage(tiny_spec):
     img = decode_image(png(255), cam)
     assert img.shape == (1, 16, 16) and img.max() == pytest.approx(1.0)
     assert decode_image(b"not an image", cam) is None
+
+
+def test_fixed_lists_right_align_pad_truncate_and_zero_nulls():
+    lists = [[1.0, 2.0], None, [1.0, 2.0, 3.0, 4.0, 5.0], [], [7.0, None, 9.0]]
+    column = pa.chunked_array([pa.array(lists[:2], pa.list_(pa.float32())),
+                               pa.array(lists, pa.list_(pa.float32())).slice(2)])    # chunks, one sliced
+    expected = [[0, 0, 1, 2], [0, 0, 0, 0], [2, 3, 4, 5], [0, 0, 0, 0], [0, 7, 0, 9]]
+    assert _fixed_lists(column, 4).tolist() == expected
+    assert _fixed_lists(pa.chunked_array([], pa.list_(pa.float32())), 4).shape == (0, 4)
+
+
+def test_featurize_decodes_a_repeated_frame_once_and_keeps_bad_bytes_absent(tiny_spec, monkeypatch):
+    import dmafn.features as features
+
+    aligned = aligned_rows(tiny_spec)
+    stats = StatisticsFitter(tiny_spec).add(aligned).result()
+    frames = aligned.column("cam__frame").to_pylist()
+    present = aligned.column("cam__present").to_pylist()
+    first = present.index(True)
+    garbage = [b"not an image" if i == first else f for i, f in enumerate(frames)]
+    calls = []
+    real = features.decode_image
+    monkeypatch.setattr(features, "decode_image", lambda data, m: calls.append(data) or real(data, m))
+    feats = featurize(aligned.set_column(aligned.schema.get_field_index("cam__frame"), "cam__frame",
+                                         pa.array(garbage, pa.binary())), tiny_spec, stats)
+    assert sum(present) == 3 and len(calls) == 2        # the garbage and the frame the two other ticks share
+    assert not feats.mask[first, 3] and feats.mask[:, 3].sum() == sum(present) - 1
 
 
 def test_featurize_shapes_masks_and_global_statistics(tiny_spec):

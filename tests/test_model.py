@@ -61,6 +61,18 @@ def test_text_encoder_handles_empty_windows():
     assert torch.isfinite(out).all()
 
 
+def test_text_encoder_encodes_repeated_windows_once_with_the_same_result_and_gradients():
+    torch.manual_seed(0)
+    enc = TextEncoder(D, "transformer", 6)
+    windows = torch.randint(1, 50, (3, 6))
+    tokens = windows[[0, 1, 0, 2, 2, 0]]                              # repeated windows, as ticks have them
+    each = torch.cat([enc(row[None]) for row in tokens])              # one at a time: no de-duplication
+    together = enc(tokens)
+    assert torch.allclose(together, each, atol=1e-6)
+    together.sum().backward()
+    assert enc.embed.weight.grad is not None and enc.embed.weight.grad.abs().sum() > 0
+
+
 def test_audio_log_mel_sees_pitch():
     enc = AudioEncoder(8000, D)
     t = torch.arange(4000) / 8000
@@ -118,6 +130,23 @@ def test_gradients_reach_every_encoder(fusion, detector):
     for name in used:
         grads = [p.grad for p in model.encoders[name].parameters() if p.grad is not None]
         assert grads and sum(g.abs().sum() for g in grads) > 0, name
+
+
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "late"])
+def test_leave_one_out_errors_reuse_the_forward_encodings(fusion):
+    """Scoring passes the forward output in: the same errors as running the encoders again."""
+    torch.manual_seed(0)
+    feats, _ = make(48)
+    model = build_model(specs(), small(fusion=fusion, d_model=16, latent=4)).eval()
+    inputs = {m: torch.from_numpy(feats.inputs[m]) for m in feats.modalities}
+    mask = torch.from_numpy(feats.mask).clone()
+    mask[:8, 0] = False                                  # proc absent on the first rows
+    with torch.no_grad():
+        out = model(inputs, mask)
+        reused, again = model.leave_one_out_errors(inputs, mask, out), model.leave_one_out_errors(inputs, mask)
+    assert reused.shape == (48, len(feats.modalities))
+    assert torch.allclose(reused, again, equal_nan=True)
+    assert torch.isfinite(reused).all()
 
 
 def _fit_and_auc(fusion, detector, kind="cross", epochs=12):
