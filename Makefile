@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-fusion bench-skab clean
+.PHONY: install demo test bench-fusion bench-skab bench-backfill clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-fusion: install
 bench-skab: install
 	@test -n "$(SKAB)" || (echo "usage: make bench-skab SKAB=path/to/skab" && exit 2)
 	$(BIN)/python -m benchmarks.skab $(SKAB) --out benchmarks/results
+
+bench-backfill: install
+	$(BIN)/python -m benchmarks.backfill --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -73,7 +73,7 @@ def cmd_backfill(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
-                           parallel=args.parallel)
+                           parallel=args.parallel, days_per_pass=args.days_per_pass)
     for r in results:
         print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
               f"{r.anomalies} anomalies")
@@ -150,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
-    p.add_argument("--parallel", type=int, default=None, help="dates in flight at once (default: from the CPUs)")
+    p.add_argument("--parallel", type=int, default=None, help="passes in flight at once (default: from the CPUs)")
+    p.add_argument("--days-per-pass", type=int, default=7,
+                   help="dates read and scored together, each still committed alone (default 7; lower it when "
+                        "a few days of inputs do not fit in the object store)")
     p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")
     p.add_argument("--start", type=_date, default=None)
     p.add_argument("--end", type=_date, default=None)

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from dmafn.spec import ModalitySpec, Spec
+from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, align, alignment_input, date_start_us, make_ticks
 from pipelines.parquet_source import DatePartitionedParquet
 from pipelines.ray_runtime import Resources
@@ -102,7 +102,12 @@ def read_modality(spec: Spec, m: ModalitySpec, dates: list[dt.date], storage: St
         {d: parts[d] for d in found}, storage.filesystem(m.path), columns,
         check_schema=partial(_check_file_schema, spec=spec, m=m), transform=partial(check_rows, spec=spec, m=m))
     reads = ray.data.read_datasource(source, num_cpus=0.5)
-    blocks = [b for b in ray.get(reads.to_arrow_refs()) if b.num_rows]
+    try:
+        blocks = [b for b in ray.get(reads.to_arrow_refs()) if b.num_rows]
+    except ray.exceptions.RayTaskError as exc:       # a read task's DataError names the file: raise it as is
+        if isinstance(exc.cause, DataError):
+            raise exc.cause from None
+        raise
     if not blocks:
         return ModalityRows(pl.DataFrame(), pl.DataFrame(), found)
     table = pl.from_arrow(pa.concat_tables(blocks, promote_options="permissive"))
@@ -139,15 +144,18 @@ class DayInputs:
 
 
 def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs:
-    """Read every modality for `dates` (plus the look-back days that feed the first ticks) and build the ticks.
+    """Read every modality for `dates` (plus the look-back days that feed each date's first ticks) and build
+    the ticks: every entity with a usable row timed inside a date gets every tick of that date.
 
-    Raises DataError before anything is written when no modality has data for any of the dates.
+    Raises DataError before anything is written when no modality has data for any of the dates; a date
+    of several with no data gets no ticks (the caller reports it).
     """
-    dates = sorted(dates)
-    lookback = [dates[0] - dt.timedelta(days=i) for i in range(spec.lookback_days, 0, -1)]
-    tables, quarantined, entities = {}, {}, []
+    dates = sorted(set(dates))
+    lookback = {d - dt.timedelta(days=i) for d in dates for i in range(1, spec.lookback_days + 1)}
+    wanted = {date_start_us(d) // DAY_US: d for d in dates}
+    tables, quarantined, entity_days = {}, {}, []
     for name, m in spec.modalities.items():
-        rows = read_modality(spec, m, lookback + dates, storage)
+        rows = read_modality(spec, m, sorted(lookback.union(dates)), storage)
         if rows is None or rows.valid.is_empty():
             log.warning("modality '%s': no data for %s..%s under %s; it is absent there", name, dates[0],
                         dates[-1], m.path)
@@ -155,12 +163,13 @@ def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs
                 quarantined[name] = rows.quarantined
             continue
         tables[name], quarantined[name] = rows.valid, rows.quarantined
-        in_range = rows.valid.filter(pl.col(TIME) >= date_start_us(dates[0])).select(list(spec.entity))
-        entities.append(in_range)
-    if not entities or pl.concat(entities).is_empty():
+        entity_days.append(rows.valid.select(*spec.entity, (pl.col(TIME) // DAY_US).alias("_day"))
+                           .filter(pl.col("_day").is_in(list(wanted))).unique())
+    present = pl.concat(entity_days).unique() if entity_days else pl.DataFrame()
+    if present.is_empty():
         raise DataError(f"no modality of spec '{spec.name}' has data for {dates[0]}..{dates[-1]}")
-    ents = pl.concat(entities).unique()
-    ticks = pl.concat([make_ticks(ents, d, spec.grain_us) for d in dates])
+    ticks = pl.concat([make_ticks(present.filter(pl.col("_day") == day).drop("_day"), d, spec.grain_us)
+                       for day, d in wanted.items()])
     return DayInputs(tables=tables, quarantined=quarantined, ticks=ticks)
 
 

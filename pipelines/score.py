@@ -1,5 +1,5 @@
 """Scoring: ticks -> Ray Data actor pool (`DayScorer`: align, then score) -> post-processing -> Delta Lake,
-one date a commit.
+one date a commit (a backfill reads and scores several dates in one pass, then commits each alone).
 
 Alignment and scoring share one actor so that a date's pipeline needs exactly one kind of actor and no
 other task: several dates (or jobs) on a small cluster then queue for CPUs instead of each holding part
@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,16 +27,18 @@ import ray
 
 from dmafn.features import featurize
 from dmafn.scoring import raw_scores, to_record
-from dmafn.spec import Spec
+from dmafn.spec import DAY_US, Spec
+from pipelines.align import TIME, date_start_us
 from pipelines.delta_sink import read_table, write_partition
 from pipelines.ingest import Aligner, DayInputs, broadcast_tables, read_inputs, tick_dataset
 from pipelines.postprocess import smooth_columns
 from pipelines.ray_runtime import Resources
 from pipelines.registry import ModelVersion, Registry
-from pipelines.storage import Storage
+from pipelines.storage import DataError, Storage
 
 log = logging.getLogger(__name__)
 NO_MODALITY = "no modality present at the tick"
+DAYS_PER_PASS = 7       # backfill: dates read and scored together (one actor pool), each still committed alone
 
 
 class Scorer:
@@ -123,12 +125,62 @@ def _quarantine_rows(ticks: pl.DataFrame, inputs: DayInputs, spec: Spec, date: s
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None,
                loaded: ModelVersion | None = None) -> DateResult:
     """Score one date with a model version (default LATEST) and replace that date in the output tables."""
-    t0 = time.time()
     storage = Storage.from_spec(spec.storage)
     mv = loaded or Registry(spec.registry, storage).load(version)
-    model_spec = mv.spec
-    run_id = run_id or uuid.uuid4().hex[:12]
-    inputs = read_inputs(model_spec, [date], storage)
+    done, failed = score_dates(spec, [date], mv, run_id=run_id or uuid.uuid4().hex[:12])
+    if failed:
+        raise failed[0][1]
+    return done[0]
+
+
+def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: str
+                ) -> tuple[list[DateResult], list[tuple[dt.date, Exception]]]:
+    """Score several dates in one pass (one read, one actor pool), then commit each date on its own.
+
+    Each date's rows are smoothed, thresholded, checked (ticks in = scored + quarantined) and committed
+    separately, exactly as if it had been scored alone, and recorded in the runs table. Returns the dates
+    done and the dates that failed with their error (a date with no data, a failed commit); an error of
+    the shared pass itself (a read, the cluster) is raised.
+    """
+    t0 = time.time()
+    storage = Storage.from_spec(spec.storage)
+    model_spec = reading_spec(mv, spec)
+    inputs = read_inputs(model_spec, dates, storage)
+    rows = _score_ticks(model_spec, inputs, mv)
+    shared = (time.time() - t0) / len(dates)                 # the pass's time, shared out over its dates
+    ticks_per_day = dict(inputs.ticks.group_by(pl.col(TIME) // DAY_US).len().iter_rows())
+    done, failed = [], []
+    for date in sorted(dates):
+        t1 = time.time()
+        day = date.isoformat()
+        try:
+            ticks_in = ticks_per_day.get(date_start_us(date) // DAY_US, 0)
+            if not ticks_in:
+                raise DataError(f"no modality of spec '{model_spec.name}' has data for {day}")
+            result = _commit_date(spec, storage, mv, rows.filter(pl.col("date") == day), inputs, day, ticks_in,
+                                  run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 - the other dates of the pass still commit
+            failed.append((date, exc))
+            continue
+        result.seconds = round(shared + time.time() - t1, 2)
+        record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded")
+        done.append(result)
+    return done, failed
+
+
+def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
+    """The model version's modalities, columns and windows, read from where `spec` says the data lives now
+    (its modality paths and partition key): moving the data does not need a new model."""
+    missing = sorted(set(mv.spec.modalities) - set(spec.modalities))
+    if missing:
+        raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "
+                        "define; add them back or score with a model trained on this spec")
+    modalities = {name: replace(m, path=spec.modalities[name].path) for name, m in mv.spec.modalities.items()}
+    return replace(mv.spec, modalities=modalities, partition=spec.partition)
+
+
+def _score_ticks(model_spec: Spec, inputs: DayInputs, mv: ModelVersion) -> pl.DataFrame:
+    """Ray Data: every tick aligned and scored by a pool of `DayScorer` actors; rows back on the driver."""
     res = Resources.current()
     pool = res.actor_pool()
     scored_ds = tick_dataset(model_spec, inputs.ticks).map_batches(
@@ -137,25 +189,26 @@ def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id:
         batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=pool),
         num_cpus=res.actor_cpus(pool))
     blocks = [b for b in scored_ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
-    rows = pl.from_arrow(pa.concat_tables(blocks))
-    day = date.isoformat()
+    return pl.from_arrow(pa.concat_tables(blocks))
+
+
+def _commit_date(spec: Spec, storage: Storage, mv: ModelVersion, rows: pl.DataFrame, inputs: DayInputs, day: str,
+                 ticks_in: int, *, run_id: str) -> DateResult:
+    """One date's scored rows -> smoothed and thresholded output rows + quarantine rows, both committed."""
+    model_spec = mv.spec
     good, bad = rows.filter(pl.col("_reason").is_null()), rows.filter(pl.col("_reason").is_not_null())
-    modalities = list(model_spec.modalities)
     out = finalize(good.drop("_reason"), model_spec, mv.calibration, version=mv.version, run_id=run_id,
-                   modalities=modalities)
+                   modalities=list(model_spec.modalities))
     quarantine = _quarantine_rows(bad, inputs, model_spec, day, run_id, mv.version)
     q_ticks = quarantine.filter(pl.col("stage") == "score").height
-    if out.height + q_ticks != inputs.ticks.height:
-        raise RuntimeError(f"{day}: {inputs.ticks.height} ticks in but {out.height} scored + {q_ticks} quarantined")
-    opts = storage.delta_options(spec.score.output)
+    if out.height + q_ticks != ticks_in:
+        raise RuntimeError(f"{day}: {ticks_in} ticks in but {out.height} scored + {q_ticks} quarantined")
     write_partition(storage.delta_uri(spec.score.quarantine_path), quarantine.to_arrow(), date=day,
                     mode="replace_date", storage_options=storage.delta_options(spec.score.quarantine_path))
     write_partition(storage.delta_uri(spec.score.output), out.to_arrow(), date=day, mode="replace_date",
-                    storage_options=opts)
-    result = DateResult(date=day, ticks_in=inputs.ticks.height, rows_scored=out.height, rows_quarantined=q_ticks,
-                        anomalies=int(out["is_anomaly"].sum()), seconds=round(time.time() - t0, 2))
-    record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded")
-    return result
+                    storage_options=storage.delta_options(spec.score.output))
+    return DateResult(date=day, ticks_in=ticks_in, rows_scored=out.height, rows_quarantined=q_ticks,
+                      anomalies=int(out["is_anomaly"].sum()), seconds=0.0)
 
 
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str) -> None:
@@ -195,15 +248,20 @@ def _clock(seconds: float) -> str:
 
 
 def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
-             parallel: int | None = None) -> list[DateResult]:
+             parallel: int | None = None, days_per_pass: int = DAYS_PER_PASS) -> list[DateResult]:
     """Score every date in [start, end], one commit per date, with one model version.
 
-    Resumable: dates already scored by that version are skipped unless `force`. Several dates are in
-    flight at once (`parallel`, default from the cluster's CPUs); a date that fails is recorded as failed
-    in the runs table and the error is raised once the other dates in flight have finished.
+    Resumable: dates already scored by that version are skipped unless `force`. Dates go through the
+    cluster `days_per_pass` at a time (one read and one actor pool per pass; each date still smoothed and
+    committed on its own), `parallel` passes in flight (default from the cluster's CPUs). When a pass
+    fails as a whole (e.g. an unreadable file), its dates are retried one by one, so one bad date fails
+    alone. A date that fails is recorded as failed in the runs table and the error is raised once the
+    other passes have finished.
     """
     if end < start:
         raise ValueError(f"backfill: end {end} is before start {start}")
+    if days_per_pass < 1:
+        raise ValueError(f"backfill: days_per_pass must be at least 1, got {days_per_pass}")
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version)
     run_id = uuid.uuid4().hex[:12]
@@ -212,26 +270,36 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     todo = [d for d in days if d.isoformat() not in skip]
     if skip:
         log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
+    passes = [todo[i:i + days_per_pass] for i in range(0, len(todo), days_per_pass)]
     parallel = parallel or max(1, int(Resources.current().cpus // 2))
     started, results, errors = time.time(), [], []
 
-    def one(day: dt.date) -> DateResult:
+    def one_pass(dates: list[dt.date]) -> tuple[list[DateResult], list[tuple[dt.date, Exception]]]:
         try:
-            return score_date(spec, day, run_id=run_id, loaded=mv)
-        except Exception:
+            done, failed = score_dates(spec, dates, mv, run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 - the pass as a whole failed: retry its dates alone
+            if len(dates) == 1:
+                done, failed = [], [(dates[0], exc)]
+            else:
+                log.warning("pass %s..%s failed (%s); scoring its dates one by one", dates[0], dates[-1], exc)
+                done, failed = [], []
+                for chunk in ([d] for d in dates):
+                    part_done, part_failed = one_pass(chunk)
+                    done, failed = done + part_done, failed + part_failed
+                return done, failed
+        for day, _ in failed:
             record_run(spec, storage, DateResult(day.isoformat(), 0, 0, 0, 0, 0.0), run_id=run_id,
                        version=mv.version, status="failed")
-            raise
+        return done, failed
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {pool.submit(one, d): d for d in todo}
-        for future in as_completed(futures):
-            try:
-                results.append(future.result())
-                _progress(len(results), len(todo), started, results[-1])
-            except Exception as exc:  # noqa: BLE001 - finish the others, then raise
-                errors.append((futures[future], exc))
+        for future in as_completed([pool.submit(one_pass, p) for p in passes]):
+            done, failed = future.result()
+            for r in done:
+                results.append(r)
+                _progress(len(results), len(todo), started, r)
+            errors += failed
     if errors:
-        day, exc = errors[0]
+        day, exc = sorted(errors, key=lambda e: e[0])[0]
         raise RuntimeError(f"backfill: {len(errors)} date(s) failed, first {day}: {exc}") from exc
     return sorted(results, key=lambda r: r.date)

@@ -173,3 +173,66 @@ def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_pat
     assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-03": "succeeded",
                                                                              "2024-01-04": "failed"}
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
+
+
+def test_backfill_in_one_pass_equals_date_by_date(trained, tmp_path):
+    """Several dates read and scored together give each date exactly what scoring it alone gives."""
+    from pipelines.score import backfill
+
+    spec, _, _ = trained
+    outputs = {}
+    for per_pass in (1, 2):
+        out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{per_pass}")))
+        results = backfill(out, DAY2, DAY3, days_per_pass=per_pass, parallel=1)
+        assert [r.date for r in results] == ["2024-01-02", "2024-01-03"]
+        assert all(r.ticks_in == r.rows_scored + r.rows_quarantined for r in results)
+        runs = pl.read_delta(out.score.runs_path)
+        assert sorted(runs["date"].to_list()) == ["2024-01-02", "2024-01-03"] and set(runs["status"]) == {"succeeded"}
+        quarantine = pl.read_delta(out.score.quarantine_path).group_by("date", "stage").len().sort("date", "stage")
+        outputs[per_pass] = (pl.read_delta(out.score.output).sort("machine_id", "ts"), quarantine,
+                             [(r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies) for r in results])
+    (alone, q_alone, counts_alone), (together, q_together, counts_together) = outputs[1], outputs[2]
+    assert counts_together == counts_alone and q_together.equals(q_alone)
+    assert together.select("machine_id", "ts", "is_anomaly").equals(alone.select("machine_id", "ts", "is_anomaly"))
+    for col in ("score", "score_process", "score_vibration", "score_camera", "score_logs"):
+        assert together[col].is_null().equals(alone[col].is_null()), col
+        assert (together[col] - alone[col]).abs().max() < 1e-6, col     # batches differ, the rows do not
+
+
+def test_a_failed_pass_retries_its_dates_alone(trained, tmp_path):
+    """An unreadable file fails the whole pass; its dates are then scored one by one, so only the date
+    whose inputs hold the file fails."""
+    import shutil
+
+    from pipelines.score import backfill
+
+    spec, _, root = trained
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    (tmp_path / "raw" / "process" / "date=2024-01-03" / "truncated.parquet").write_bytes(b"PAR1 not parquet")
+    mods = {k: replace(m, path=m.path.replace(str(root / "raw"), str(tmp_path / "raw")))
+            for k, m in spec.modalities.items()}
+    spec = replace(spec, modalities=mods, score=replace(spec.score, output=str(tmp_path / "scores")))
+    with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-03: \S+/date=2024-01-03/"
+                                           r"truncated.parquet: not a readable Parquet file"):
+        backfill(spec, DAY2, DAY3, days_per_pass=2, parallel=1)
+    runs = pl.read_delta(spec.score.runs_path)
+    assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-02": "succeeded",
+                                                                             "2024-01-03": "failed"}
+    assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-02"]
+
+
+def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, tmp_path):
+    """Data moved since training: the spec's paths are read; a modality the model needs but the spec no
+    longer defines is an error naming it."""
+    from pipelines.registry import Registry
+    from pipelines.score import reading_spec
+    from pipelines.storage import Storage
+
+    spec, version, root = trained
+    mv = Registry(spec.registry, Storage()).load(version)
+    moved = replace(spec, modalities={k: replace(m, path=str(tmp_path / k)) for k, m in spec.modalities.items()})
+    assert {k: m.path for k, m in reading_spec(mv, moved).modalities.items()} == \
+        {k: str(tmp_path / k) for k in spec.modalities}
+    without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
+    with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
+        reading_spec(mv, without_logs)

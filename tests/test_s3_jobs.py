@@ -111,7 +111,7 @@ def test_backfill_killed_midway_then_rerun(s3_spec, local_ray):
     n_runs = pl.read_delta(runs_uri, storage_options=opts).height
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.backfill", str(spec_path), "--start", "2024-01-03",
-                             "--end", "2024-01-05", "--force", "--parallel", "1"], cwd=ROOT, env=env,
+                             "--end", "2024-01-05", "--force", "--parallel", "1", "--days-per-pass", "1"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while pl.read_delta(runs_uri, storage_options=opts).height == n_runs:   # wait for the first date's commit
