@@ -174,26 +174,37 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _stop_cluster(temp: Path) -> None:
-    """Stop only the processes of the cluster started with --temp-dir=temp (`ray stop` would also stop the
-    test session's own Ray), then check none is left."""
+def _stop_cluster(temp: Path, gcs_port: int) -> None:
+    """Stop only the processes of the cluster started with --temp-dir=temp and --port=gcs_port (`ray stop`
+    would also stop the test session's own Ray), with their children (the agents rename themselves
+    `ray::DashboardAgent` etc., so their command lines no longer name the temp dir), then check none is left."""
     import psutil
 
+    def marked(part: str) -> bool:
+        return str(temp) in part or part.endswith(f":{gcs_port}")        # e.g. --address=IP:PORT
+
     def ours():
-        found = []
+        found = {}
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(str(temp) in part for part in (p.info["cmdline"] or [])):
-                    found.append(p)
+                if any(marked(part) for part in (p.info["cmdline"] or [])):
+                    found[p.pid] = p
+                    found.update({c.pid: c for c in p.children(recursive=True)})
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return found
+        return list(found.values())
 
     for p in ours():
-        p.terminate()
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
     _, alive = psutil.wait_procs(ours(), timeout=15)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(alive, timeout=10)
     shutil.rmtree(temp, ignore_errors=True)
     assert not ours(), "processes of the submitted-to cluster are left running"
@@ -208,7 +219,8 @@ def test_ray_job_submit_nightly(s3_spec, tmp_path):
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
     temp = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
-    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={_free_port()}",
+    gcs_port = _free_port()
+    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={gcs_port}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                             # the test session's own Ray holds the default agent ports
                             f"--dashboard-agent-listen-port={_free_port()}",
@@ -232,7 +244,7 @@ def test_ray_job_submit_nightly(s3_spec, tmp_path):
         assert "2024-01-05:" in submit.stdout and "scored" in submit.stdout
     finally:
         (ROOT / ".ci-job-spec.yaml").unlink(missing_ok=True)
-        _stop_cluster(temp)
+        _stop_cluster(temp, gcs_port)
     runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
                          .delta_options(spec.score.runs_path)).sort("finished_at")
     assert runs["date"][-1] == "2024-01-05" and runs["status"][-1] == "succeeded"
