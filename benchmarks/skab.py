@@ -254,7 +254,10 @@ def main() -> None:
     for option in ("quantile", "alpha", "epochs"):       # a run with other settings gets its own file
         if getattr(args, option) != parser.get_default(option):
             tag += f"-{option}{getattr(args, option):g}"
-    tag += "" if results else "-reference_only"
+    if not results:
+        tag += "-reference_only"
+    elif args.configs != parser.get_default("configs"):   # other pairs: their own file, the defaults' stays
+        tag += "-" + "_".join(pair.replace("+", "-") for pair in results)
     name = f"skab-{args.groups.replace(',', '_')}-w{args.window}{tag}.json"
     write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
                                          "reference_t2_window_means": reference, "leaderboard": LEADERBOARD,
