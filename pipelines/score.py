@@ -253,7 +253,7 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
 
     Resumable: dates already scored by that version are skipped unless `force`. Dates go through the
     cluster `days_per_pass` at a time (one read and one actor pool per pass; each date still smoothed and
-    committed on its own), `parallel` passes in flight (default from the cluster's CPUs). When a pass
+    committed on its own), `parallel` passes in flight (default: CPUs / 2 / days_per_pass). When a pass
     fails as a whole (e.g. an unreadable file), its dates are retried one by one, so one bad date fails
     alone. A date that fails is recorded as failed in the runs table and the error is raised once the
     other passes have finished.
@@ -271,7 +271,8 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     if skip:
         log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
     passes = [todo[i:i + days_per_pass] for i in range(0, len(todo), days_per_pass)]
-    parallel = parallel or max(1, int(Resources.current().cpus // 2))
+    # default: about half the cluster's CPUs in dates in flight, as when every date was its own pass
+    parallel = parallel or max(1, int(Resources.current().cpus // 2) // days_per_pass)
     started, results, errors = time.time(), [], []
 
     def one_pass(dates: list[dt.date]) -> tuple[list[DateResult], list[tuple[dt.date, Exception]]]:
