@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from dmafn.spec import SpecError, load_spec
-from pipelines.storage import DataError
+from pipelines.storage import BackfillError, DataError
 
 
 def _date(text: str) -> dt.date:
@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     except (SpecError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BackfillError as exc:          # the other dates are committed: re-running retries only these
+        for day, cause in exc.failed:
+            print(f"error: {day}: {cause}", file=sys.stderr)
+        print(f"error: {len(exc.failed)} date(s) failed (recorded as failed in the runs table); the others are "
+              "committed, and re-running the backfill scores only the dates still missing", file=sys.stderr)
+        return 1
     return 0
 
 

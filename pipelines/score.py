@@ -34,7 +34,7 @@ from pipelines.ingest import Aligner, DayInputs, broadcast_tables, read_inputs, 
 from pipelines.postprocess import smooth_columns
 from pipelines.ray_runtime import Resources
 from pipelines.registry import ModelVersion, Registry
-from pipelines.storage import DataError, Storage
+from pipelines.storage import BackfillError, DataError, Storage
 
 log = logging.getLogger(__name__)
 NO_MODALITY = "no modality present at the tick"
@@ -301,6 +301,5 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
                 _progress(len(results), len(todo), started, r)
             errors += failed
     if errors:
-        day, exc = sorted(errors, key=lambda e: e[0])[0]
-        raise RuntimeError(f"backfill: {len(errors)} date(s) failed, first {day}: {exc}") from exc
+        raise BackfillError(errors) from sorted(errors, key=lambda e: e[0])[0][1]
     return sorted(results, key=lambda r: r.date)

@@ -18,6 +18,15 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the path, column or date."""
 
 
+class BackfillError(RuntimeError):
+    """Some dates of a backfill failed (the others were committed); `failed` holds (date, error) by date."""
+
+    def __init__(self, failed: list[tuple[dt.date, Exception]]):
+        self.failed = sorted(failed, key=lambda f: f[0])
+        day, exc = self.failed[0]
+        super().__init__(f"backfill: {len(failed)} date(s) failed, first {day}: {exc}")
+
+
 def is_s3(path: str) -> bool:
     return str(path).startswith("s3://")
 

@@ -236,3 +236,22 @@ def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, t
     without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
     with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
         reading_spec(mv, without_logs)
+
+
+def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):
+    """`dmafn backfill` over a date without data: no traceback; each failed date on stderr, exit code 1."""
+    import yaml
+
+    from jobs.cli import main
+
+    spec, _, root = trained
+    data = yaml.safe_load((root / "spec.yaml").read_text())
+    data["score"]["output"] = str(tmp_path / "scores")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["backfill", str(path), "--start", "2024-01-04", "--end", "2024-01-04"]) == 1
+    err = capsys.readouterr().err
+    assert "error: 2024-01-04: no modality of spec" in err and "1 date(s) failed" in err
+    assert "Traceback" not in err
+    runs = pl.read_delta(str(tmp_path / "scores_runs"))
+    assert runs["status"].to_list() == ["failed"]

@@ -88,3 +88,18 @@ def test_series_transform_is_parsed_checked_and_round_trips():
     data["modalities"]["proc"]["transform"] = "centered"          # tabular rows have no window to transform
     with pytest.raises(SpecError, match=r"unknown key 'modalities.proc.transform'"):
         parse_spec(data, source="s.yaml")
+
+
+def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(scheduler="nightly")))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "scheduler" in err and str(path) in err
+    path.write_text(yaml.safe_dump(tiny_spec_dict()))
+    assert main(["validate", str(path)]) == 0
+    assert "valid spec 'tiny'" in capsys.readouterr().out
