@@ -128,12 +128,20 @@ class Aligner:
 
     def __init__(self, spec: Spec, table_refs: dict):
         self.spec = spec
-        self.tables = {m: pl.from_arrow(ray.get(ref)) for m, ref in table_refs["refs"].items()}
+        self.tables = {m: pl.from_arrow(ray.get(ref)).sort(TIME) for m, ref in table_refs["refs"].items()}
 
     def __call__(self, ticks: pa.Table) -> pa.Table:
         tick_df = pl.from_arrow(ticks)
         ents = tick_df.select(list(self.spec.entity)).unique()
-        tables = {m: t.join(ents, on=list(self.spec.entity), how="semi") for m, t in self.tables.items()}
+        first, last = tick_df[TIME].min(), tick_df[TIME].max()
+        tables = {}
+        for m, table in self.tables.items():
+            # only the rows these ticks can read: from the modality's look-back before the first tick
+            # to the last tick (a pass holds several days; a batch covers a few hours of them)
+            back = self.spec.modalities[m].lookback_us
+            start = table[TIME].search_sorted(first - back, side="left") if back > 0 else 0
+            end = table[TIME].search_sorted(last, side="right")
+            tables[m] = table.slice(start, end - start).join(ents, on=list(self.spec.entity), how="semi")
         return align(tick_df, tables, self.spec).to_arrow()
 
 

@@ -255,3 +255,20 @@ def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):
     assert "Traceback" not in err
     runs = pl.read_delta(str(tmp_path / "scores_runs"))
     assert runs["status"].to_list() == ["failed"]
+
+
+def test_aligner_batch_reads_the_rows_before_its_first_tick(trained):
+    """An aligner batch starting mid-day (as Ray Data batches do) gives exactly what aligning against the
+    whole tables gives: its first ticks still see the window and tolerance rows before the batch."""
+    from pipelines.align import TIME, align, date_start_us
+    from pipelines.ingest import Aligner, broadcast_tables, read_inputs
+    from pipelines.storage import Storage
+
+    spec, _, _ = trained
+    inputs = read_inputs(spec, [DAY3], Storage())
+    noon = date_start_us(DAY3) + 12 * 3_600_000_000
+    batch = inputs.ticks.filter((pl.col(TIME) >= noon) & (pl.col(TIME) < noon + 600_000_000)).sort("machine_id", TIME)
+    got = pl.from_arrow(Aligner(spec, broadcast_tables(inputs))(batch.to_arrow()))
+    expected = align(batch, inputs.tables, spec)
+    assert got.height == batch.height and got.equals(expected)
+    assert got.filter(pl.col(TIME) == noon)["vibration__present"].all()   # the window before noon was read
