@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
-    p.add_argument("--parallel", type=int, default=None, help="passes in flight at once (default: CPUs / 2 / days per pass, at least 1)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="passes in flight at once (default: CPUs / 2 / days per pass, at least 1)")
     p.add_argument("--days-per-pass", type=int, default=7,
                    help="dates read and scored together, each still committed alone (default 7; lower it when "
                         "a few days of inputs do not fit in the object store)")

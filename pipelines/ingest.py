@@ -132,9 +132,9 @@ class Aligner:
 
     def __call__(self, ticks: pa.Table) -> pa.Table:
         tick_df = pl.from_arrow(ticks)
-        ents = tick_df.select(list(self.spec.entity)).unique()
         if tick_df.is_empty():
             return align(tick_df, {m: t.head(0) for m, t in self.tables.items()}, self.spec).to_arrow()
+        ents = tick_df.select(list(self.spec.entity)).unique()
         first, last = tick_df[TIME].min(), tick_df[TIME].max()
         tables = {}
         for m, table in self.tables.items():

@@ -279,15 +279,11 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
         try:
             done, failed = score_dates(spec, dates, mv, run_id=run_id)
         except Exception as exc:  # noqa: BLE001 - the pass as a whole failed: retry its dates alone
-            if len(dates) == 1:
-                done, failed = [], [(dates[0], exc)]
-            else:
+            if len(dates) > 1:
                 log.warning("pass %s..%s failed (%s); scoring its dates one by one", dates[0], dates[-1], exc)
-                done, failed = [], []
-                for chunk in ([d] for d in dates):
-                    part_done, part_failed = one_pass(chunk)
-                    done, failed = done + part_done, failed + part_failed
-                return done, failed
+                alone = [one_pass([d]) for d in dates]
+                return [r for ok, _ in alone for r in ok], [f for _, bad in alone for f in bad]
+            done, failed = [], [(dates[0], exc)]
         for day, _ in failed:
             record_run(spec, storage, DateResult(day.isoformat(), 0, 0, 0, 0, 0.0), run_id=run_id,
                        version=mv.version, status="failed")
@@ -301,5 +297,6 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
                 _progress(len(results), len(todo), started, r)
             errors += failed
     if errors:
-        raise BackfillError(errors) from sorted(errors, key=lambda e: e[0])[0][1]
+        error = BackfillError(errors)
+        raise error from error.failed[0][1]
     return sorted(results, key=lambda r: r.date)
