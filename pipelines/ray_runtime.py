@@ -40,6 +40,19 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def ordered_datasets() -> Iterator[None]:
+    """Datasets created inside keep their blocks in input order (Ray Data's `preserve_order`), so what they
+    hold and in which order does not depend on which task finished first; restored on exit."""
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def _quiet_ray_data_console() -> None:
     """Ray Data prints an INFO line per dataset execution; keep warnings on the console (the full log stays
     in Ray's session folder, ray-data.log)."""

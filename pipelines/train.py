@@ -29,7 +29,7 @@ from pipelines.align import label_ticks
 from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
 from pipelines.labels import read_labels
 from pipelines.postprocess import calibrate_threshold
-from pipelines.ray_runtime import Resources
+from pipelines.ray_runtime import Resources, ordered_datasets
 from pipelines.registry import Registry
 from pipelines.storage import DataError, Storage, is_s3, join
 
@@ -90,8 +90,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(start_epoch, config["epochs"]):
         losses = []
+        # a seeded shuffle per (seed, epoch, rank): same data and seed -> same batches, same weights
+        shuffle_seed = (config["seed"] * 1_000_003 + epoch * 1_009 + rank) % 2**32
         for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * config["batch_size"]):
+                                        local_shuffle_buffer_size=4 * config["batch_size"],
+                                        local_shuffle_seed=shuffle_seed):
             feats = features_from_columns(batch, modalities)
             labels = batch.get("label")
             losses.append(train_step(model, optimizer, feats, labels, device, config["pos_weight"],
@@ -107,7 +110,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Storage, run_root: str) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = Resources.current()
@@ -119,6 +122,8 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
         name=f"{spec.name}-{int(time.time())}", storage_path=storage.fs_path(run_root) if is_s3(run_root) else run_root,
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True                     # each worker's shard is the same rows in the same order
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec, "model": asdict(cfg), "epochs": spec.train.epochs, "seed": spec.train.seed,
@@ -126,7 +131,7 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
                            "pos_weight": pos_weight, "gpu": spec.train.gpu},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=spec.train.gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if spec.train.gpu else "gloo"),
-        run_config=run_config, datasets={"train": train_ds})
+        run_config=run_config, datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training of '{spec.name}' produced no checkpoint: {result.error}")
@@ -170,16 +175,18 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     t0 = time.time()
     inputs = read_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     train_ticks = inputs.ticks.filter(pl.col("_t").is_between(*_range_us(train_days), closed="left"))
-    aligned = aligned_dataset(spec, DayInputs(inputs.tables, inputs.quarantined, train_ticks)).materialize()
-    fitter = StatisticsFitter(spec)
-    for batch in aligned.iter_batches(batch_format="pyarrow", batch_size=None):
-        fitter.add(batch)
-    stats = fitter.result()
     labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-    features = aligned.map_batches(FeatureBuilder, fn_constructor_kwargs={"spec": spec, "stats": stats,
-                                                                          "labels": labels},
-                                   batch_format="pyarrow", batch_size=None, compute=ray.data.ActorPoolStrategy(size=1),
-                                   num_cpus=Resources.current().actor_cpus(1)).materialize()
+    with ordered_datasets():                         # same data + seed -> same model version, run after run
+        aligned = aligned_dataset(spec, DayInputs(inputs.tables, inputs.quarantined, train_ticks)).materialize()
+        fitter = StatisticsFitter(spec)
+        for batch in aligned.iter_batches(batch_format="pyarrow", batch_size=None):
+            fitter.add(batch)
+        stats = fitter.result()
+        features = aligned.map_batches(FeatureBuilder, fn_constructor_kwargs={"spec": spec, "stats": stats,
+                                                                              "labels": labels},
+                                       batch_format="pyarrow", batch_size=None,
+                                       compute=ray.data.ActorPoolStrategy(size=1),
+                                       num_cpus=Resources.current().actor_cpus(1)).materialize()
     pos_weight = 1.0
     if labels is not None:
         pos_weight = positive_weight(np.concatenate([b["label"] for b in features.iter_batches(
@@ -193,7 +200,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     fitted = _fit(spec, features, cfg, pos_weight, storage, run_root if is_s3(run_root) else os.path.abspath(run_root))
     model = build_model(spec.modalities, cfg)
     model.load_state_dict(fitted["state"])
-    calibration, validation = _calibrate(spec, model, stats, inputs, val_days)
+    with ordered_datasets():
+        calibration, validation = _calibrate(spec, model, stats, inputs, val_days)
     manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration,
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},
