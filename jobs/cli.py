@@ -73,7 +73,8 @@ def cmd_backfill(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
-                           parallel=args.parallel, days_per_pass=args.days_per_pass)
+                           parallel=args.parallel, days_per_pass=args.days_per_pass,
+                           max_pass_bytes=None if args.max_pass_mb is None else int(args.max_pass_mb * 1e6))
     for r in results:
         print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
               f"{r.anomalies} anomalies")
@@ -153,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=None,
                    help="passes in flight at once (default: CPUs / 2 / days per pass, at least 1)")
     p.add_argument("--days-per-pass", type=int, default=7,
-                   help="dates read and scored together, each still committed alone (default 7; lower it when "
-                        "a few days of inputs do not fit in the object store)")
+                   help="dates read and scored together, each still committed alone (default 7; a pass holds "
+                        "fewer when their input files exceed --max-pass-mb)")
+    p.add_argument("--max-pass-mb", type=float, default=None,
+                   help="a pass also stops adding dates before its Parquet input files exceed this many MB "
+                        "(default: 1/32 of this machine's memory / passes in flight)")
     p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")
     p.add_argument("--start", type=_date, default=None)
     p.add_argument("--end", type=_date, default=None)

@@ -17,7 +17,7 @@ import ray
 
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, align, alignment_input, date_start_us, make_ticks
-from pipelines.parquet_source import DatePartitionedParquet
+from pipelines.parquet_source import DatePartitionedParquet, list_parquet_files
 from pipelines.ray_runtime import Resources
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -154,6 +154,21 @@ class DayInputs:
     tables: dict[str, pl.DataFrame]
     quarantined: dict[str, pl.DataFrame]
     ticks: pl.DataFrame
+
+
+def input_bytes_by_date(spec: Spec, dates: list[dt.date], storage: Storage) -> dict[dt.date, int]:
+    """The on-disk bytes of every modality's Parquet files of each date (a backfill sizes its passes by
+    it). A table or folder that cannot be listed counts as 0 here: reading it reports the error."""
+    sizes = dict.fromkeys(dates, 0)
+    for m in spec.modalities.values():
+        try:
+            parts = list_partitions(storage, m.path, spec.partition)
+            files = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in dates if d in parts})
+        except DataError:
+            continue
+        for day, _, size in files:
+            sizes[dt.date.fromisoformat(day)] += size
+    return sizes
 
 
 def read_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> DayInputs:

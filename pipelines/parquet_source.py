@@ -32,6 +32,20 @@ def _open(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
+def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[tuple[str, str, int]]:
+    """(date, path, bytes) of the Parquet files under each date's folder, by date then path. Files whose
+    names start with `.` or `_` are skipped; DataError names a folder that cannot be listed."""
+    files: list[tuple[str, str, int]] = []
+    for date, folder in sorted(folders.items()):
+        try:
+            infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot be listed ({exc})") from None
+        files += [(date.isoformat(), i.path, i.size or 0) for i in sorted(infos, key=lambda i: i.path)
+                  if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
+    return files
+
+
 class DatePartitionedParquet(Datasource):
     """The Parquet files under `folders` (date -> folder path as `filesystem` names it).
 
@@ -45,15 +59,7 @@ class DatePartitionedParquet(Datasource):
         super().__init__()
         self.filesystem, self.columns = filesystem, columns
         self.check_schema, self.transform = check_schema, transform
-        self.files: list[tuple[str, str, int]] = []          # (date, path, bytes)
-        for date, folder in sorted(folders.items()):
-            try:
-                infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-            except OSError as exc:
-                raise DataError(f"{folder}: cannot be listed ({exc})") from None
-            self.files += [(date.isoformat(), i.path, i.size or 0) for i in sorted(infos, key=lambda i: i.path)
-                           if i.is_file and i.base_name.endswith(".parquet")
-                           and not i.base_name.startswith((".", "_"))]
+        self.files = list_parquet_files(filesystem, folders)    # (date, path, bytes)
         if self.files and check_schema is not None:
             first = self.files[0][1]
             check_schema(_open(filesystem, first).schema_arrow, first)

@@ -61,12 +61,16 @@ def _quiet_ray_data_console() -> None:
             handler.setLevel(logging.WARNING)
 
 
-def _object_store_bytes() -> int:
+def machine_memory_bytes() -> int:
+    """This machine's physical memory (8 GiB when the OS does not say)."""
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        total = 8 << 30
-    return int(min(max(total * 0.15, 512 << 20), 4 << 30))
+        return 8 << 30
+
+
+def _object_store_bytes() -> int:
+    return int(min(max(machine_memory_bytes() * 0.15, 512 << 20), 4 << 30))
 
 
 @dataclass(frozen=True)

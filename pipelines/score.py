@@ -30,15 +30,19 @@ from dmafn.scoring import raw_scores, to_record
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, date_start_us
 from pipelines.delta_sink import read_table, write_partition
-from pipelines.ingest import Aligner, DayInputs, broadcast_tables, read_inputs, tick_dataset
+from pipelines.ingest import Aligner, DayInputs, broadcast_tables, input_bytes_by_date, read_inputs, tick_dataset
 from pipelines.postprocess import smooth_columns
-from pipelines.ray_runtime import Resources
+from pipelines.ray_runtime import Resources, machine_memory_bytes
 from pipelines.registry import ModelVersion, Registry
 from pipelines.storage import BackfillError, DataError, Storage
 
 log = logging.getLogger(__name__)
 NO_MODALITY = "no modality present at the tick"
 DAYS_PER_PASS = 7       # backfill: dates read and scored together (one actor pool), each still committed alone
+# backfill: a pass's input files (Parquet bytes on disk) may total at most this share of the driver machine's
+# memory, divided by the passes in flight: the driver decodes a pass's tables (~3x the Parquet bytes) and
+# puts them in the object store, so 1/32 keeps all passes in flight to about a fifth of the memory
+PASS_MEMORY_SHARE = 1 / 32
 
 
 class Scorer:
@@ -247,13 +251,32 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60):d}:{int(seconds % 60):02d}"
 
 
+def plan_passes(dates: list[dt.date], input_bytes: dict[dt.date, int], days_per_pass: int,
+                max_pass_bytes: int) -> list[list[dt.date]]:
+    """Consecutive dates grouped into passes of at most `days_per_pass` dates whose input bytes total at
+    most `max_pass_bytes`; a date larger than that on its own is a pass alone."""
+    passes: list[list[dt.date]] = []
+    size = 0
+    for date in dates:
+        grows = input_bytes.get(date, 0)
+        if not passes or len(passes[-1]) == days_per_pass or size + grows > max_pass_bytes:
+            passes.append([])
+            size = 0
+        passes[-1].append(date)
+        size += grows
+    return passes
+
+
 def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
-             parallel: int | None = None, days_per_pass: int = DAYS_PER_PASS) -> list[DateResult]:
+             parallel: int | None = None, days_per_pass: int = DAYS_PER_PASS,
+             max_pass_bytes: int | None = None) -> list[DateResult]:
     """Score every date in [start, end], one commit per date, with one model version.
 
     Resumable: dates already scored by that version are skipped unless `force`. Dates go through the
     cluster `days_per_pass` at a time (one read and one actor pool per pass; each date still smoothed and
-    committed on its own), `parallel` passes in flight (default: CPUs / 2 / days_per_pass). When a pass
+    committed on its own), `parallel` passes in flight (default: CPUs / 2 / days_per_pass); a pass holds
+    fewer dates when their Parquet files would exceed `max_pass_bytes` (default: PASS_MEMORY_SHARE of this
+    machine's memory / parallel). When a pass
     fails as a whole (e.g. an unreadable file), its dates are retried one by one, so one bad date fails
     alone. A date that fails is recorded as failed in the runs table and the error is raised once the
     other passes have finished.
@@ -262,6 +285,8 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
         raise ValueError(f"backfill: end {end} is before start {start}")
     if days_per_pass < 1:
         raise ValueError(f"backfill: days_per_pass must be at least 1, got {days_per_pass}")
+    if max_pass_bytes is not None and max_pass_bytes <= 0:
+        raise ValueError(f"backfill: max_pass_bytes must be positive, got {max_pass_bytes}")
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version)
     run_id = uuid.uuid4().hex[:12]
@@ -270,9 +295,15 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     todo = [d for d in days if d.isoformat() not in skip]
     if skip:
         log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
-    passes = [todo[i:i + days_per_pass] for i in range(0, len(todo), days_per_pass)]
     # default: about half the cluster's CPUs in dates in flight, as when every date was its own pass
     parallel = parallel or max(1, int(Resources.current().cpus // 2) // days_per_pass)
+    if max_pass_bytes is None:
+        max_pass_bytes = int(machine_memory_bytes() * PASS_MEMORY_SHARE / parallel)
+    sizes = input_bytes_by_date(reading_spec(mv, spec), todo, storage) if days_per_pass > 1 else {}
+    passes = plan_passes(todo, sizes, days_per_pass, max_pass_bytes)
+    if passes:
+        log.info("backfill: %d date(s) in %d pass(es) of at most %d date(s) and %.0f MB of input files, "
+                 "%d in flight", len(todo), len(passes), days_per_pass, max_pass_bytes / 1e6, parallel)
     started, results, errors = time.time(), [], []
 
     def one_pass(dates: list[dt.date]) -> tuple[list[DateResult], list[tuple[dt.date, Exception]]]:

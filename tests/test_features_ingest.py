@@ -201,6 +201,20 @@ def test_date_partitioned_source_reads_only_given_folders_and_adds_their_date(tm
     assert out.column(REASON).to_pylist().count(None) == 2        # the NaN row is marked for quarantine
 
 
+def test_plan_passes_caps_each_pass_by_dates_and_by_input_bytes():
+    import datetime as dt
+
+    from pipelines.score import plan_passes
+
+    days = [dt.date(2024, 1, d) for d in range(1, 8)]
+    sizes = dict(zip(days, [10, 10, 10, 50, 10, 10, 10]))
+    assert plan_passes(days, sizes, 3, 10**9) == [days[0:3], days[3:6], days[6:7]]
+    assert plan_passes(days, sizes, 7, 30) == [days[0:3], days[3:4], days[4:7]]    # 50 > 30: a pass alone
+    assert plan_passes(days, sizes, 7, 25) == [days[0:2], days[2:3], days[3:4], days[4:6], days[6:7]]
+    assert plan_passes(days, {}, 2, 1) == [days[0:2], days[2:4], days[4:6], days[6:7]]   # unknown: 0
+    assert plan_passes([], sizes, 3, 30) == []
+
+
 def test_date_partitioned_source_names_the_file_with_a_bad_schema(tmp_path, tiny_spec):
     import datetime as dt
     from functools import partial

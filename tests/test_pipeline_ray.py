@@ -218,6 +218,28 @@ def test_backfill_in_one_pass_equals_date_by_date(trained, tmp_path):
         assert (together[col] - alone[col]).abs().max() < 1e-6, col     # batches differ, the rows do not
 
 
+def test_backfill_passes_stop_at_the_input_byte_cap(trained, tmp_path, monkeypatch):
+    """Input bytes per date are the Parquet files under each modality's date folders; a backfill's passes
+    hold fewer dates when those would exceed `max_pass_bytes`."""
+    import pipelines.score as score
+    from pipelines.ingest import input_bytes_by_date
+    from pipelines.storage import Storage
+
+    spec, _, root = trained
+    sizes = input_bytes_by_date(spec, [DAY2, DAY3, DAY3 + dt.timedelta(days=1)], Storage())
+    on_disk = {d: sum(f.stat().st_size for f in root.glob(f"raw/*/date={d.isoformat()}/*.parquet")) for d in sizes}
+    assert sizes == on_disk and sizes[DAY2] > 0 and sizes[DAY3 + dt.timedelta(days=1)] == 0
+    passes, real = [], score.score_dates
+    monkeypatch.setattr(score, "score_dates",
+                        lambda s, dates, mv, **kw: passes.append(dates) or real(s, dates, mv, **kw))
+    both = sizes[DAY2] + sizes[DAY3]
+    for cap, expected in ((both, [[DAY2, DAY3]]), (both - 1, [[DAY2], [DAY3]])):
+        passes.clear()
+        out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{cap}")))
+        results = score.backfill(out, DAY2, DAY3, days_per_pass=7, parallel=1, max_pass_bytes=cap)
+        assert passes == expected and [r.date for r in results] == ["2024-01-02", "2024-01-03"]
+
+
 def test_a_failed_pass_retries_its_dates_alone(trained, tmp_path):
     """An unreadable file fails the whole pass; its dates are then scored one by one, so only the date
     whose inputs hold the file fails."""
@@ -268,7 +290,7 @@ def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):
     data["score"]["output"] = str(tmp_path / "scores")
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["backfill", str(path), "--start", "2024-01-04", "--end", "2024-01-04"]) == 1
+    assert main(["backfill", str(path), "--start", "2024-01-04", "--end", "2024-01-04", "--max-pass-mb", "0.5"]) == 1
     err = capsys.readouterr().err
     assert "error: 2024-01-04: no modality of spec" in err and "1 date(s) failed" in err
     assert "Traceback" not in err
