@@ -18,6 +18,19 @@ def _date(text: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
 
 
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above zero, else a usage error naming the value."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+    return parse
+
+
 def _yesterday() -> dt.date:
     return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
 
@@ -151,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
-    p.add_argument("--parallel", type=int, default=None,
+    p.add_argument("--parallel", type=_positive(int), default=None,
                    help="passes in flight at once (default: CPUs / 2 / days per pass, at least 1)")
-    p.add_argument("--days-per-pass", type=int, default=7,
+    p.add_argument("--days-per-pass", type=_positive(int), default=7,
                    help="dates read and scored together, each still committed alone (default 7; a pass holds "
                         "fewer when their input files exceed --max-pass-mb)")
-    p.add_argument("--max-pass-mb", type=float, default=None,
+    p.add_argument("--max-pass-mb", type=_positive(float), default=None,
                    help="a pass also stops adding dates before its Parquet input files exceed this many MB "
                         "(default: 1/32 of this machine's memory / passes in flight)")
     p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")

@@ -258,12 +258,12 @@ def plan_passes(dates: list[dt.date], input_bytes: dict[dt.date, int], days_per_
     passes: list[list[dt.date]] = []
     size = 0
     for date in dates:
-        grows = input_bytes.get(date, 0)
-        if not passes or len(passes[-1]) == days_per_pass or size + grows > max_pass_bytes:
+        date_bytes = input_bytes.get(date, 0)
+        if not passes or len(passes[-1]) == days_per_pass or size + date_bytes > max_pass_bytes:
             passes.append([])
             size = 0
         passes[-1].append(date)
-        size += grows
+        size += date_bytes
     return passes
 
 
@@ -276,9 +276,8 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     cluster `days_per_pass` at a time (one read and one actor pool per pass; each date still smoothed and
     committed on its own), `parallel` passes in flight (default: CPUs / 2 / days_per_pass); a pass holds
     fewer dates when their Parquet files would exceed `max_pass_bytes` (default: PASS_MEMORY_SHARE of this
-    machine's memory / parallel). When a pass
-    fails as a whole (e.g. an unreadable file), its dates are retried one by one, so one bad date fails
-    alone. A date that fails is recorded as failed in the runs table and the error is raised once the
+    machine's memory / parallel). When a pass fails as a whole (e.g. an unreadable file), its dates are
+    retried one by one, so one bad date fails alone. A date that fails is recorded as failed in the runs table and the error is raised once the
     other passes have finished.
     """
     if end < start:
