@@ -277,8 +277,8 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     committed on its own), `parallel` passes in flight (default: CPUs / 2 / days_per_pass); a pass holds
     fewer dates when their Parquet files would exceed `max_pass_bytes` (default: PASS_MEMORY_SHARE of this
     machine's memory / parallel). When a pass fails as a whole (e.g. an unreadable file), its dates are
-    retried one by one, so one bad date fails alone. A date that fails is recorded as failed in the runs table and the error is raised once the
-    other passes have finished.
+    retried one by one, so one bad date fails alone. A date that fails is recorded as failed in the runs
+    table and the error is raised once the other passes have finished.
     """
     if end < start:
         raise ValueError(f"backfill: end {end} is before start {start}")
