@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-fusion bench-skab bench-backfill clean
+.PHONY: install demo test bench-fusion bench-skab bench-scale clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ bench-skab: install
 	@test -n "$(SKAB)" || (echo "usage: make bench-skab SKAB=path/to/skab" && exit 2)
 	$(BIN)/python -m benchmarks.skab $(SKAB) --out benchmarks/results
 
-bench-backfill: install
-	$(BIN)/python -m benchmarks.backfill --out benchmarks/results
+bench-scale: install
+	$(BIN)/python -m benchmarks.scale --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -6,7 +6,7 @@ anomaly kind. Then robustness: one modality absent on 30 % of test ticks.
 
 Rows are also written as they finish to `fusion_pays.partial.json` (removed when the run completes).
 
-Targets (issue 3): on cross_modal the best fused model beats the best single modality by >= 0.15
+Targets: on cross_modal the best fused model beats the best single modality by >= 0.15
 ROC-AUC; with one modality absent on 30 % of test ticks, overall ROC-AUC drops <= 0.03.
 """
 from __future__ import annotations

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from dmafn.features import Features
-from dmafn.model import ModelConfig, build_model, small
+from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.postprocess import fit_threshold
 from dmafn.scoring import ScoreRecord, fit_calibration, raw_scores, to_record
-from dmafn.spec import ModalitySpec
+from dmafn.spec import ModalitySpec, ModelSpec, ThresholdSpec, TrainSpec
 from dmafn.training import fit_model, seed_everything
 
 
@@ -30,11 +30,12 @@ def _rows(features: Features, idx: np.ndarray) -> Features:
 class Detector:
     """Multi-modal anomaly detector. Parameters are stored as given; fitted state ends in '_'."""
 
-    def __init__(self, modalities: dict[str, ModalitySpec], config: ModelConfig | None = None, *, epochs: int = 10,
-                 batch_size: int = 256, learning_rate: float = 1e-3, vote: str = "attention",
-                 threshold: str = "pot", risk: float = 1e-3, quantile: float = 0.99,
-                 threshold_value: float | None = None, validation_fraction: float = 0.2, seed: int = 0,
-                 device: str = "cpu"):
+    def __init__(self, modalities: dict[str, ModalitySpec], config: ModelConfig | None = None, *,
+                 epochs: int = TrainSpec.epochs, batch_size: int = TrainSpec.batch_size,
+                 learning_rate: float = TrainSpec.learning_rate, vote: str = ModelSpec.vote,
+                 threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
+                 quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
+                 validation_fraction: float = 0.2, seed: int = TrainSpec.seed, device: str = "cpu"):
         self.modalities = modalities
         self.config = config
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
@@ -45,7 +46,7 @@ class Detector:
     def fit(self, X: Features, y: np.ndarray | None = None) -> "Detector":
         """Train on the first rows, calibrate contributions and the threshold on the last
         `validation_fraction` (time order kept). `y` is only used by the classifier detector."""
-        cfg = self.config or small()
+        cfg = self.config or model_config(ModelSpec())
         n = len(X.mask)
         n_val = int(n * self.validation_fraction) if n >= 20 else 0
         train_idx, val_idx = np.arange(n - n_val), np.arange(n - n_val, n)

@@ -42,6 +42,13 @@ class _Moments:
         self.s = self.s + values.sum(0, dtype=np.float64)
         self.ss = self.ss + (values.astype(np.float64) ** 2).sum(0)
 
+    def merge(self, other: "_Moments") -> "_Moments":
+        """Add another partial result (moments of disjoint rows are sums)."""
+        self.n += other.n
+        self.s = self.s + other.s
+        self.ss = self.ss + other.ss
+        return self
+
     def result(self) -> dict[str, list[float]]:
         mean = self.s / max(self.n, 1)
         std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean ** 2, 0.0))
@@ -70,6 +77,15 @@ class StatisticsFitter:
             if m.kind != "audio":
                 for key, rows in group_rows(np.asarray(keys, object)[present]):
                     self.entity_[name].setdefault(key, _Moments()).add(_per_channel(values[rows], m))
+        return self
+
+    def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
+        """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
+        fitter that saw all the rows (up to float summation order)."""
+        for name in self.spec.modalities:
+            self.global_[name].merge(other.global_[name])
+            for key, moments in other.entity_[name].items():
+                self.entity_[name].setdefault(key, _Moments()).merge(moments)
         return self
 
     def result(self) -> dict[str, Any]:

@@ -20,21 +20,21 @@ from dmafn.encoders import AudioEncoder, ImageEncoder, SeriesEncoder, TabularEnc
 from dmafn.features import TEXT_TOKENS
 from dmafn.fusion import AttentionFusion, EarlyFusion, GatedFusion
 from dmafn.heads import HeadOutput, build_head
-from dmafn.spec import ModalitySpec
+from dmafn.spec import ModalitySpec, ModelSpec
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network (saved with each model version)."""
 
-    fusion: str = "attention"
-    detector: str = "autoencoder"
+    fusion: str = ModelSpec.fusion
+    detector: str = ModelSpec.detector
     d_model: int = 32
     latent: int = 12
-    series_encoder: str = "gru"
-    text_encoder: str = "transformer"
-    modality_dropout: float = 0.25
-    cross_modal: bool = True
+    series_encoder: str = ModelSpec.series_encoder
+    text_encoder: str = ModelSpec.text_encoder
+    modality_dropout: float = ModelSpec.modality_dropout
+    cross_modal: bool = ModelSpec.cross_modal_scoring
 
 
 def small(**overrides) -> ModelConfig:
@@ -48,6 +48,13 @@ def base(**overrides) -> ModelConfig:
 
 
 PRESETS = {"small": small, "base": base}
+
+
+def model_config(m: ModelSpec) -> ModelConfig:
+    """The network config a spec's `model` section asks for: its named preset plus its options."""
+    return PRESETS[m.preset](fusion=m.fusion, detector=m.detector, series_encoder=m.series_encoder,
+                             text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
+                             cross_modal=m.cross_modal_scoring)
 
 
 def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:

@@ -49,19 +49,16 @@ def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5)
 
 def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: float = 0.3,
                     window: int = 5) -> np.ndarray:
-    """Smooth each group's series separately; rows must already be in time order within each group."""
+    """Smooth each group's series separately (one sort, not a scan per group); rows must already be in time
+    order within each group."""
     out = np.empty(len(scores))
-    for g in np.unique(groups):
-        rows = np.flatnonzero(groups == g)
+    if len(scores) == 0:
+        return out
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
         out[rows] = smooth(scores[rows], method, alpha, window)
     return out
-
-
-def robust_normalizer(scores: np.ndarray) -> tuple[float, float]:
-    """(median, IQR) of finite validation scores, for (s - median) / IQR."""
-    finite = scores[np.isfinite(scores)]
-    q25, q50, q75 = np.percentile(finite, [25, 50, 75])
-    return float(q50), float(max(q75 - q25, 1e-9))
 
 
 def gpd_fit(excesses: np.ndarray) -> tuple[float, float]:

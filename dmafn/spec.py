@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -188,9 +188,6 @@ class Spec:
         longest = max(m.lookback_us for m in self.modalities.values())
         return -(-longest // DAY_US)
 
-    def with_modalities(self, names: list[str]) -> "Spec":
-        return replace(self, modalities={n: self.modalities[n] for n in names})
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain data (saved with every model version)."""
         return spec_to_dict(self)
@@ -331,13 +328,13 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
                         "normalization", "modality_dropout", "cross_modal_scoring"})
     return ModelSpec(
-        fusion=sec.choice("fusion", FUSIONS, "attention"), detector=sec.choice("detector", DETECTORS, "autoencoder"),
-        preset=sec.choice("preset", PRESETS, "small"), series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, "gru"),
-        text_encoder=sec.choice("text_encoder", TEXT_ENCODERS, "transformer"),
-        vote=sec.choice("vote", VOTES, "attention"),
-        normalization=sec.choice("normalization", NORMALIZATIONS, "global"),
-        modality_dropout=sec.number("modality_dropout", 0.25, float, 0.0, 0.9),
-        cross_modal_scoring=sec.boolean("cross_modal_scoring", True))
+        fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion), detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
+        preset=sec.choice("preset", PRESETS, ModelSpec.preset), series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, ModelSpec.series_encoder),
+        text_encoder=sec.choice("text_encoder", TEXT_ENCODERS, ModelSpec.text_encoder),
+        vote=sec.choice("vote", VOTES, ModelSpec.vote),
+        normalization=sec.choice("normalization", NORMALIZATIONS, ModelSpec.normalization),
+        modality_dropout=sec.number("modality_dropout", ModelSpec.modality_dropout, float, 0.0, 0.9),
+        cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring))
 
 
 def _parse_train(sec: _Section) -> TrainSpec:
@@ -346,12 +343,12 @@ def _parse_train(sec: _Section) -> TrainSpec:
     start, end = sec.date("start"), sec.date("end")
     if end < start:
         raise sec.err("end", f"{end} is before start {start}")
-    return TrainSpec(start=start, end=end, epochs=sec.number("epochs", 10, int, 1),
-                     workers=sec.number("workers", 2, int, 1), gpu=sec.boolean("gpu", False),
-                     batch_size=sec.number("batch_size", 256, int, 1),
-                     learning_rate=sec.number("learning_rate", 1e-3, float, 0.0),
-                     validation_days=sec.number("validation_days", 1, int, 0),
-                     seed=sec.number("seed", 0, int))
+    return TrainSpec(start=start, end=end, epochs=sec.number("epochs", TrainSpec.epochs, int, 1),
+                     workers=sec.number("workers", TrainSpec.workers, int, 1), gpu=sec.boolean("gpu", TrainSpec.gpu),
+                     batch_size=sec.number("batch_size", TrainSpec.batch_size, int, 1),
+                     learning_rate=sec.number("learning_rate", TrainSpec.learning_rate, float, 0.0),
+                     validation_days=sec.number("validation_days", TrainSpec.validation_days, int, 0),
+                     seed=sec.number("seed", TrainSpec.seed, int))
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:
@@ -360,20 +357,20 @@ def _parse_score(sec: _Section) -> ScoreSpec:
     threshold = ThresholdSpec()
     if thr is not None:
         thr.reject_unknown({"method", "risk", "quantile", "value", "level"})
-        method = thr.choice("method", THRESHOLD_METHODS, "pot")
+        method = thr.choice("method", THRESHOLD_METHODS, ThresholdSpec.method)
         if method == "fixed" and thr.get("value") is None:
             raise thr.err("value", "required when method is 'fixed'")
-        threshold = ThresholdSpec(method=method, risk=thr.number("risk", 1e-3, float, 0.0, 1.0),
-                                  quantile=thr.number("quantile", 0.99, float, 0.0, 1.0),
+        threshold = ThresholdSpec(method=method, risk=thr.number("risk", ThresholdSpec.risk, float, 0.0, 1.0),
+                                  quantile=thr.number("quantile", ThresholdSpec.quantile, float, 0.0, 1.0),
                                   value=None if thr.get("value") is None else thr.number("value", 0.0),
-                                  level=thr.number("level", 0.98, float, 0.5, 0.9999))
+                                  level=thr.number("level", ThresholdSpec.level, float, 0.5, 0.9999))
     smo = sec.section("smoothing")
     smoothing = SmoothingSpec()
     if smo is not None:
         smo.reject_unknown({"method", "alpha", "window"})
-        smoothing = SmoothingSpec(method=smo.choice("method", SMOOTHING_METHODS, "ewma"),
-                                  alpha=smo.number("alpha", 0.3, float, 0.001, 1.0),
-                                  window=smo.number("window", 5, int, 1))
+        smoothing = SmoothingSpec(method=smo.choice("method", SMOOTHING_METHODS, SmoothingSpec.method),
+                                  alpha=smo.number("alpha", SmoothingSpec.alpha, float, 0.001, 1.0),
+                                  window=smo.number("window", SmoothingSpec.window, int, 1))
     return ScoreSpec(output=str(sec.required("output")), threshold=threshold, smoothing=smoothing,
                      quarantine=sec.get("quarantine"), runs=sec.get("runs"))
 

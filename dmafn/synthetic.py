@@ -29,7 +29,6 @@ import pyarrow as pa
 from dmafn.spec import DAY_US
 
 ANOMALY_KINDS = ("vibration", "overheat", "log_errors", "camera", "cross_modal")
-SINGLE_MODALITY_KINDS = {"vibration": "vibration", "overheat": "process", "log_errors": "logs", "camera": "camera"}
 _S = 1_000_000  # microseconds per second
 
 

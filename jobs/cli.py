@@ -86,8 +86,8 @@ def cmd_backfill(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
-                           parallel=args.parallel, days_per_pass=args.days_per_pass,
-                           max_pass_bytes=None if args.max_pass_mb is None else int(args.max_pass_mb * 1e6))
+                           parallel=args.parallel, days_per_shard=args.days_per_shard,
+                           shard_bytes=int(args.shard_mb * 1e6))
     for r in results:
         print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
               f"{r.anomalies} anomalies")
@@ -165,13 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
     p.add_argument("--parallel", type=_positive(int), default=None,
-                   help="passes in flight at once (default: CPUs / 2 / days per pass, at least 1)")
-    p.add_argument("--days-per-pass", type=_positive(int), default=7,
-                   help="dates read and scored together, each still committed alone (default 7; a pass holds "
-                        "fewer when their input files exceed --max-pass-mb)")
-    p.add_argument("--max-pass-mb", type=_positive(float), default=None,
-                   help="a pass also stops adding dates before its Parquet input files exceed this many MB "
-                        "(default: 1/32 of this machine's memory / passes in flight)")
+                   help="shards scored at once, one CPU each (default: the cluster's CPUs)")
+    p.add_argument("--days-per-shard", type=_positive(int), default=7,
+                   help="consecutive dates a shard may hold, each still committed alone (default 7)")
+    p.add_argument("--shard-mb", type=_positive(float), default=64,
+                   help="Parquet input per shard, look-back days included: bigger dates are split into entity "
+                        "buckets, smaller ones share a shard (default 64)")
     p = verb("evaluate", cmd_evaluate, "metrics of scored dates against the labels")
     p.add_argument("--start", type=_date, default=None)
     p.add_argument("--end", type=_date, default=None)

@@ -23,8 +23,9 @@ TIME = "_t"
 
 
 def to_micros(expr: pl.Expr) -> pl.Expr:
-    """A datetime column (naive = UTC) as Int64 microseconds since the epoch."""
-    return expr.dt.replace_time_zone(None).dt.cast_time_unit("us").dt.epoch("us")
+    """A datetime column as Int64 microseconds since the epoch, UTC: a naive column is read as UTC, a column
+    with a time zone is converted from it."""
+    return expr.dt.epoch("us")
 
 
 def date_start_us(date: dt.date) -> int:
@@ -32,10 +33,51 @@ def date_start_us(date: dt.date) -> int:
 
 
 def make_ticks(entities: pl.DataFrame, date: dt.date, grain_us: int) -> pl.DataFrame:
-    """Every entity x every tick of one UTC day: ticks start at 00:00 and step by `grain`."""
+    """Every entity x every tick of one UTC day (00:00 + k * grain): the grid `data_ticks` keeps a part of."""
     start = date_start_us(date)
     ticks = pl.DataFrame({TIME: pl.int_range(start, start + DAY_US, grain_us, eager=True).cast(pl.Int64)})
     return entities.unique().join(ticks, how="cross").sort([*entities.columns, TIME])
+
+
+def reach(m: ModalitySpec, grain_us: int) -> pl.Expr:
+    """For each row of modality m (`_t`): the first and last tick index (tick / grain) that can read it -
+    exactly the ticks at which `align` finds m present through this row."""
+    t = pl.col(TIME)
+    if m.kind == "timeseries":                     # its period bin b is read by ticks b .. b + window - period
+        b = (t + m.period_us - 1) // m.period_us * m.period_us
+        first, last = (b + grain_us - 1) // grain_us, (b + m.window_us - m.period_us) // grain_us
+    elif m.kind == "text":                         # tick - window < t <= tick
+        first, last = (t + grain_us - 1) // grain_us, (t + m.window_us + grain_us - 1) // grain_us - 1
+    else:                                          # tick - tolerance <= t <= tick
+        first, last = (t + grain_us - 1) // grain_us, (t + (m.tolerance_us or 0)) // grain_us
+    return pl.struct(first.alias("_lo"), last.alias("_hi"))
+
+
+def data_ticks(tables: dict[str, pl.DataFrame], present: pl.DataFrame, spec: Spec,
+               dates: list[dt.date] | tuple[dt.date, ...]) -> pl.DataFrame:
+    """The ticks that follow the data: an entity gets a tick of a date only when it has a usable row timed
+    inside that date (`present`: entity columns and `_day`), and only where some modality has a row the tick can
+    read (within that modality's window or tolerance before the tick). Ticks are `00:00 + k * grain` UTC;
+    returns the entity columns and `_t`, sorted."""
+    keys, g = list(spec.entity), spec.grain_us
+    schema = {**{k: present.schema[k] for k in keys}, TIME: pl.Int64} if not present.is_empty() else None
+    spans = [t.select(*keys, reach(spec.modalities[name], g).alias("_r")).unnest("_r").unique()
+             for name, t in tables.items() if not t.is_empty()]
+    if not spans or present.is_empty():
+        return pl.DataFrame(schema=schema or {TIME: pl.Int64})
+    lo_day, hi_day = min(dates), max(dates)
+    first, last = date_start_us(lo_day) // g, (date_start_us(hi_day) + DAY_US) // g - 1
+    spans = (pl.concat(spans, how="vertical_relaxed")
+             .with_columns(pl.col("_lo").clip(first, None), pl.col("_hi").clip(None, last))
+             .filter(pl.col("_hi") >= pl.col("_lo")).sort([*keys, "_lo"]))
+    # merge overlapping or touching spans per entity: a new span starts past the furthest end so far
+    prev_end = pl.col("_hi").cum_max().shift(1).over(keys)
+    spans = spans.with_columns(((pl.col("_lo") > prev_end + 1).fill_null(True)).cum_sum().over(keys).alias("_span"))
+    merged = spans.group_by([*keys, "_span"]).agg(pl.col("_lo").min(), pl.col("_hi").max())
+    ticks = (merged.select(*keys, (pl.int_ranges("_lo", pl.col("_hi") + 1) * g).alias(TIME)).explode(TIME)
+             .with_columns(pl.col(TIME).cast(pl.Int64), (pl.col(TIME) // DAY_US).alias("_day")))
+    return (ticks.join(present.select(*keys, pl.col("_day").cast(pl.Int64)), on=[*keys, "_day"], how="semi")
+            .select(*keys, TIME).sort([*keys, TIME]))
 
 
 def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:

@@ -1,15 +1,24 @@
-"""The one Delta Lake writer: replace one date's partition (idempotent) or append, with retries on
-concurrent-commit conflicts and schema merge (a new `score_<modality>` column appears, old rows keep null)."""
+"""Delta Lake writes, one way per kind of sink:
+- the scored tables: workers write a date's Parquet data files (`write_data_file`), the driver commits each
+  date atomically (`commit_date`: add the new files, remove the date's old ones), so no scored row passes
+  through the driver and re-running a date leaves one copy;
+- small tables written from the driver (the runs audit table): `write_partition`.
+Both retry on concurrent-commit conflicts and merge schemas (a new `score_<modality>` column appears, old rows
+keep null)."""
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+import uuid
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +57,47 @@ def read_table(uri: str, storage_options: dict[str, str] | None = None) -> Delta
         return DeltaTable(uri, storage_options=storage_options)
     except TableNotFoundError:
         return None
+
+
+def write_data_file(uri: str, data: pa.Table, *, date: str, name: str, filesystem, root: str) -> dict:
+    """Write one Parquet data file of `date` under the table at `uri` (not yet committed) and return its add
+    action as plain data for `commit_date`. `root` is the table's path as `filesystem` names it. The partition
+    column is not stored in the file (Delta keeps it in the log)."""
+    relative = f"date={date}/part-{name}-{uuid.uuid4().hex[:12]}.parquet"
+    path = f"{root.rstrip('/')}/{relative}"
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    body = data.drop_columns(["date"]) if "date" in data.column_names else data
+    pq.write_table(body, path, filesystem=filesystem)
+    size = filesystem.get_file_info(path).size
+    return {"path": relative, "size": int(size), "partition_values": {"date": date},
+            "modification_time": int(time.time() * 1000), "data_change": True,
+            "stats": json.dumps({"numRecords": data.num_rows})}
+
+
+def commit_date(uri: str, files: list[dict], *, date: str, schema: pa.Schema,
+                storage_options: dict[str, str] | None = None, retries: int = 8) -> None:
+    """Atomically replace every row of `date` in the table at `uri` by the already written `files` (one Delta
+    commit: their add actions and the removal of the date's old files). The table is created when missing,
+    and columns of `schema` it lacks are added (older rows read them as null). Retries conflicting commits, so
+    two jobs committing the same date end with one copy."""
+    for attempt in range(retries + 1):
+        try:
+            table = read_table(uri, storage_options)
+            if table is None:
+                table = DeltaTable.create(uri, schema, mode="ignore", partition_by=["date"],
+                                          storage_options=storage_options)
+            table.create_write_transaction([AddAction(**f) for f in files], "overwrite", merged_schema(table, schema),
+                                           partition_by=["date"], partition_filters=[("date", "=", date)])
+            return
+        except CommitFailedError as exc:
+            if attempt == retries:
+                raise
+            wait = min(0.2 * 2 ** attempt, 5.0) * (0.5 + random.random())
+            log.warning("Delta commit of %s to %s conflicted (%s); retrying in %.1fs", date, uri, exc, wait)
+            time.sleep(wait)
+
+
+def merged_schema(table: DeltaTable, schema: pa.Schema) -> pa.Schema:
+    """The table's columns in their order, then the columns of `schema` it does not have yet."""
+    current = pa.schema(table.schema().to_arrow())
+    return pa.schema([*current, *[f for f in schema if f.name not in current.names]])

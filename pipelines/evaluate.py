@@ -19,16 +19,18 @@ import ray
 
 from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize
-from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, roc_auc
-from dmafn.model import ModelConfig
+from dmafn.metrics import point_adjust, point_metrics, pr_auc, roc_auc
+from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import best_f1_threshold, to_labels
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
-from pipelines.ingest import aligned_dataset, read_inputs
+from pipelines.ingest import require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import smooth_columns
 from pipelines.storage import DataError, Storage
-from pipelines.train import model_config, split_dates
+from pipelines.ray_runtime import raise_task_error
+from pipelines.shards import Shard, list_inputs, plan_shards
+from pipelines.train import aligned_batches, split_dates
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,18 @@ def read_scores(spec: Spec, storage: Storage, start: dt.date | None = None, end:
 
 
 def _grouped_events(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    hits = events = good = alarms = 0
-    for g in np.unique(groups):
-        rows = groups == g
-        e = event_metrics(pred[rows], labels[rows])
-        hits += e["event_recall"] * e["events"]
-        events += e["events"]
-        good += e["event_precision"] * e["alarms"]
-        alarms += e["alarms"]
+    """Event-wise precision / recall / F1 (as `dmafn.metrics.event_metrics`) pooled over groups: an event is a
+    run of labelled ticks of one group, an alarm a run of flagged ticks; rows in time order within each group.
+    Polars window expressions, so the cost grows with the rows, not rows x groups."""
+    df = pl.DataFrame({"g": groups, "p": np.asarray(pred, bool), "y": np.asarray(labels, bool)})
+
+    def runs(flag: str, other: str) -> tuple[int, int]:
+        run = (pl.col(flag) != pl.col(flag).shift(1)).fill_null(True).cum_sum().over("g")
+        found = df.with_columns(run.alias("_run")).filter(pl.col(flag)).group_by("g", "_run").agg(pl.col(other).any())
+        return found.height, int(found[other].sum())
+
+    events, hits = runs("y", "p")
+    alarms, good = runs("p", "y")
     p = good / alarms if alarms else 0.0
     r = hits / events if events else 0.0
     return {"event_precision": p, "event_recall": r, "event_f1": 2 * p * r / (p + r) if p + r else 0.0}
@@ -158,17 +164,31 @@ def plot_entity(df: pl.DataFrame, spec: Spec, path: Path, entity: str | None = N
     return path
 
 
+@ray.remote(num_cpus=1)
+def _shard_aligned(shard: Shard, spec: Spec) -> pa.Table | None:
+    batches, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    tables = [b.to_arrow() for b in batches]
+    return pa.concat_tables(tables) if tables else None
+
+
+def aligned_rows(spec: Spec, days: list[dt.date], storage: Storage) -> pl.DataFrame:
+    """The aligned rows of `days`, gathered here: only for the in-memory baselines of a report (an evaluation
+    window of a demo-sized fleet), never on a job's path."""
+    files = list_inputs(spec, days, storage)
+    require_columns(spec, storage, files)
+    tables = [t for t in (raise_task_error(r) for r in [_shard_aligned.remote(s, spec)
+                                                        for s in plan_shards(spec, days, files)]) if t is not None]
+    if not tables:
+        raise DataError(f"spec '{spec.name}': no data for {days[0]}..{days[-1]}")
+    return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive")).sort([*spec.entity, TIME])
+
+
 def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame) -> dict[str, np.ndarray]:
     """Each modality alone: a late-fusion detector trained on the training days, scored on the scored ticks."""
     train_days, _ = split_dates(spec)
     dates = sorted({dt.date.fromisoformat(d) for d in scores["date"].unique().to_list()})
-    cfg = model_config(spec)
-    per_day = []
-    for days in (train_days, dates):
-        inputs = read_inputs(spec, days, storage)
-        blocks = ray.get(aligned_dataset(spec, inputs).to_arrow_refs())
-        per_day.append(pl.from_arrow(pa.concat_tables(blocks)).sort([*spec.entity, TIME]))
-    train_al, eval_al = per_day
+    cfg = model_config(spec.model)
+    train_al, eval_al = aligned_rows(spec, train_days, storage), aligned_rows(spec, dates, storage)
     stats = StatisticsFitter(spec).add(train_al.to_arrow()).result()
     det = Detector(spec.modalities, ModelConfig(**{**cfg.__dict__, "fusion": "late", "detector": "autoencoder"}),
                    epochs=spec.train.epochs, vote=spec.model.vote, seed=spec.train.seed)

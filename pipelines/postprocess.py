@@ -1,5 +1,5 @@
 """Post-processing of scored ticks, shared by calibration and scoring: smoothing per entity in time
-order, then the calibrated threshold."""
+order (Polars window expressions, O(rows)), then the calibrated threshold."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,26 +7,34 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.spec import Spec
+from dmafn.postprocess import fit_threshold
+from dmafn.spec import SmoothingSpec, Spec
 
 
-def _groups(df: pl.DataFrame, spec: Spec) -> np.ndarray:
-    return df.select(pl.concat_str([pl.col(k).cast(pl.String) for k in spec.entity], separator="|")).to_series() \
-        .to_numpy()
+def smoothed(column: str, method: str, *, alpha: float, window: int, over: list[str]) -> pl.Expr:
+    """Causal smoothing of `column` within each `over` group (rows already in time order): NaN/null ticks are
+    skipped (the state carries over them) and stay null - the same values as `dmafn.postprocess.smooth`."""
+    values = pl.col(column).cast(pl.Float64).fill_nan(None)
+    if method == "none":
+        out = values
+    elif method == "ewma":
+        out = values.ewm_mean(alpha=alpha, adjust=False, ignore_nulls=True, min_samples=1)
+    elif method == "rolling":
+        out = values.rolling_mean(window_size=window, min_samples=1)
+    else:
+        raise ValueError(f"unknown smoothing {method!r} (none, ewma, rolling)")
+    return pl.when(values.is_not_null()).then(out.over(over)).otherwise(None).alias(column)
 
 
-def smooth_columns(df: pl.DataFrame, columns: list[str], spec: Spec) -> pl.DataFrame:
-    """Smooth score columns per entity, causally, in tick order (the spec's `score.smoothing`)."""
-    sm = spec.score.smoothing
-    df = df.sort([*spec.entity, "ts"])
+def smooth_columns(df: pl.DataFrame, columns: list[str], spec: Spec, *, by: tuple[str, ...] = ()) -> pl.DataFrame:
+    """Smooth score columns per entity (and per each `by` column, e.g. the date), causally, in tick order (the
+    spec's `score.smoothing`)."""
+    sm: SmoothingSpec = spec.score.smoothing
+    df = df.sort([*spec.entity, *by, "ts"])
     if sm.method == "none" or df.is_empty():
         return df
-    groups = _groups(df, spec)
-    return df.with_columns([
-        pl.Series(c, smooth_by_group(df[c].cast(pl.Float64).fill_null(np.nan).to_numpy(), groups, sm.method,
-                                     sm.alpha, sm.window)).fill_nan(None)
-        for c in columns])
+    over = [*spec.entity, *by]
+    return df.with_columns([smoothed(c, sm.method, alpha=sm.alpha, window=sm.window, over=over) for c in columns])
 
 
 def calibrate_threshold(keys: pl.DataFrame, scores: np.ndarray, spec: Spec) -> tuple[float, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Starting, sizing and stopping Ray. Every Ray call that depends on the cluster's size lives here.
 
-Sizing follows the CPU-starvation trap of STACK.md: workers and actors take fractional CPUs so that
-Ray Data's read tasks always have room; sizes come from the cluster, never from constants.
+Sizing avoids a CPU-starvation hang: on a small cluster, Train workers (or actors) holding every CPU leave
+none for Ray Data's tasks and the job waits forever, so they take fractional CPUs; sizes come from the cluster,
+never from constants.
 """
 from __future__ import annotations
 
@@ -87,8 +88,14 @@ class Resources:
         """CPUs per Train worker, leaving at least a quarter of the cluster to Ray Data."""
         return max(0.25, min(1.0, self.cpus * 0.75 / max(workers, 1)))
 
-    def actor_cpus(self, actors: int) -> float:
-        return max(0.1, min(1.0, self.cpus * 0.25 / max(actors, 1)))
 
-    def actor_pool(self) -> int:
-        return max(1, min(4, int(self.cpus // 2)))
+def raise_task_error(ref: "ray.ObjectRef"):
+    """`ray.get(ref)`, but a task's own error (a DataError naming a file, ...) is raised as itself rather than
+    wrapped in Ray's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        raise

@@ -1,8 +1,10 @@
-"""Training: align the training days, fit preprocessing statistics, train with Ray Train, calibrate, register.
+"""Training that streams shards: nothing on the driver grows with the training window.
 
-    read + align (Ray Data) -> statistics on training days only -> features (Ray Data map_batches)
-    -> TorchTrainer (DDP; gloo on CPU, nccl + bf16 autocast on GPU; checkpoint every epoch)
-    -> calibrate contributions and threshold on the validation days -> model version in the registry
+    shards of the training days -> partial statistics per shard (Ray tasks), merged on the driver
+    -> features per shard (Ray Data map_batches over the shards; ticks with no modality dropped), materialized
+       in the object store (spilled to disk when it is full) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16
+       autocast on GPU; checkpoint every epoch; each epoch re-iterates its dataset shard)
+    -> raw scores of the validation days' shards (Ray tasks) -> calibration -> model version in the registry
 """
 from __future__ import annotations
 
@@ -21,27 +23,21 @@ import ray
 import torch
 
 from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
-from dmafn.model import PRESETS, ModelConfig, build_model
-from dmafn.scoring import fit_calibration, raw_scores, to_record
+from dmafn.model import ModelConfig, build_model, model_config
+from dmafn.scoring import RawScores, fit_calibration, raw_scores, to_record
 from dmafn.spec import Spec
 from dmafn.training import positive_weight, seed_everything, train_step
-from pipelines.align import label_ticks
-from pipelines.ingest import DayInputs, aligned_dataset, read_inputs
+from pipelines.align import align, data_ticks, label_ticks
+from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import calibrate_threshold
-from pipelines.ray_runtime import Resources, ordered_datasets
+from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
 from pipelines.registry import Registry
+from pipelines.score_steps import tick_batches
+from pipelines.shards import Shard, list_inputs, plan_shards, require_data
 from pipelines.storage import DataError, Storage, is_s3, join
 
 log = logging.getLogger(__name__)
-
-
-def model_config(spec: Spec) -> ModelConfig:
-    """The network config a spec asks for: a named preset plus the spec's model options."""
-    m = spec.model
-    return PRESETS[m.preset](fusion=m.fusion, detector=m.detector, series_encoder=m.series_encoder,
-                             text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
-                             cross_modal=m.cross_modal_scoring)
 
 
 def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
@@ -51,19 +47,59 @@ def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
     return (days[:-n_val], days[-n_val:]) if n_val > 0 else (days, days)
 
 
-class FeatureBuilder:
-    """Ray Data callable: aligned rows -> model input tensor columns (+ label when labels are given)."""
+def aligned_batches(shard: Shard, spec: Spec, storage: Storage):
+    """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), and its input quarantine
+    counts per modality."""
+    inputs = read_shard(shard, spec, storage)
+    ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
+    counts = dict(inputs.quarantined.group_by("source").len().iter_rows())
+    return (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec)), counts
 
-    def __init__(self, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None = None):
-        self.spec, self.stats, self.labels = spec, stats, labels
 
-    def __call__(self, aligned: pa.Table) -> dict[str, np.ndarray]:
-        cols = features_to_columns(featurize(aligned, self.spec, self.stats))
-        if self.labels is not None:
-            lab = self.spec.labels
-            labelled = label_ticks(pl.from_arrow(aligned), self.labels, self.spec, lab.start, lab.end)
-            cols["label"] = labelled["label"].to_numpy().astype(np.float32)
-        return cols
+@ray.remote(num_cpus=1)
+def _shard_statistics(shard: Shard, spec: Spec) -> tuple[StatisticsFitter, dict[str, int]]:
+    """Partial normalisation statistics of one training shard (merged on the driver)."""
+    fitter = StatisticsFitter(spec)
+    batches, quarantined = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    for aligned in batches:
+        fitter.add(aligned.to_arrow())
+    return fitter, quarantined
+
+
+def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: Spec, stats: dict[str, Any],
+                   labels: pl.DataFrame | None) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: shard indices -> model input columns (`x__<m>`, `mask`, `label` with labels) of
+    their ticks that have at least one modality present."""
+    storage = Storage.from_spec(spec.storage)
+    parts = []
+    for index in batch["shard"]:
+        batches, _ = aligned_batches(shards[int(index)], spec, storage)
+        for aligned in batches:
+            cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats))
+            if labels is not None:
+                lab = spec.labels
+                cols["label"] = label_ticks(aligned, labels, spec, lab.start, lab.end)["label"].to_numpy() \
+                    .astype(np.float32)
+            keep = cols["mask"].any(1)
+            parts.append({k: v[keep] for k, v in cols.items()})
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@ray.remote(num_cpus=1)
+def _shard_raw_scores(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tuple[pa.Table, RawScores] | None:
+    """The raw scores of one validation shard's ticks with their keys (entity columns, ts)."""
+    batches, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    keys, raws = [], []
+    for aligned in batches:
+        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats)))
+        keys.append(aligned.select([*spec.entity, "ts"]).to_arrow())
+    if not raws:
+        return None
+    return pa.concat_tables(keys), RawScores(
+        errors=np.concatenate([r.errors for r in raws]), mask=np.concatenate([r.mask for r in raws]),
+        latent=None if raws[0].latent is None else np.concatenate([r.latent for r in raws]))
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -140,32 +176,40 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
     return {"state": state["model"], "loss": result.metrics.get("loss"), "epochs": state["epoch"] + 1}
 
 
-def _calibrate(spec: Spec, model, stats, inputs: DayInputs, val_days: list[dt.date]) -> tuple[dict, dict]:
-    """Contribution normalisation and threshold from the validation days (the one scoring path)."""
-    ticks = inputs.ticks.filter(pl.col("_t").is_between(*_range_us(val_days), closed="left"))
-    val = aligned_dataset(spec, DayInputs(inputs.tables, inputs.quarantined, ticks))
-    tables, raws = [], []
-    for batch in val.iter_batches(batch_format="pyarrow", batch_size=None):
-        feats = featurize(batch, spec, stats)
-        raws.append(raw_scores(model, feats))
-        tables.append(batch.select([*spec.entity, "ts"]))
-    from dmafn.scoring import RawScores
-
-    raw = RawScores(errors=np.concatenate([r.errors for r in raws]),
-                    latent=None if raws[0].latent is None else np.concatenate([r.latent for r in raws]),
-                    mask=np.concatenate([r.mask for r in raws]))
+def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> tuple[dict, dict]:
+    """Contribution normalisation and threshold from the validation days' raw scores (the one scoring path):
+    a float per tick and modality comes back to the driver, not the aligned rows."""
+    model_ref = ray.put(model)
+    parts = [p for p in (raise_task_error(r) for r in [_shard_raw_scores.remote(s, spec, stats, model_ref)
+                                                       for s in shards]) if p is not None]
+    if not parts:
+        raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
+    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts]), mask=np.concatenate([r.mask for _, r in parts]),
+                    latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts]))
     modalities = tuple(spec.modalities)
     calib = fit_calibration(raw, modalities, spec.model.detector, spec.model.vote)
     record = to_record(raw, calib, modalities)
-    keys = pl.from_arrow(pa.concat_tables(tables))
+    keys = pl.from_arrow(pa.concat_tables([k for k, _ in parts]))
     calib["threshold"], validation = calibrate_threshold(keys, record.score, spec)
     return calib, validation
 
 
-def _range_us(days: list[dt.date]) -> tuple[int, int]:
-    from pipelines.align import date_start_us
+def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here."""
+    fitter, quarantined = StatisticsFitter(spec), {}
+    for partial, counts in (raise_task_error(r) for r in [_shard_statistics.remote(s, spec) for s in shards]):
+        fitter.merge(partial)
+        for name, n in counts.items():
+            quarantined[name] = quarantined.get(name, 0) + n
+    return fitter.result(), quarantined
 
-    return date_start_us(min(days)), date_start_us(max(days) + dt.timedelta(days=1))
+
+def feature_dataset(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None):
+    """Ray Data: the training shards mapped to model input columns, materialized in the object store."""
+    items = ray.data.from_items([{"shard": i} for i in range(len(shards))], override_num_blocks=max(1, len(shards)))
+    return items.map_batches(shard_features, fn_kwargs={"shards": shards, "spec": spec, "stats": stats,
+                                                        "labels": labels},
+                             batch_size=1, batch_format="numpy", num_cpus=1).materialize()
 
 
 def train(spec: Spec, *, run_root: str | None = None) -> str:
@@ -173,41 +217,39 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     storage = Storage.from_spec(spec.storage)
     train_days, val_days = split_dates(spec)
     t0 = time.time()
-    inputs = read_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
-    train_ticks = inputs.ticks.filter(pl.col("_t").is_between(*_range_us(train_days), closed="left"))
+    files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
+    require_data(spec, files, train_days)
+    require_columns(spec, storage, files)
+    train_shards = plan_shards(spec, train_days, files)
+    val_shards = plan_shards(spec, val_days, files)
     labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
+    stats, quarantined = fit_statistics(spec, train_shards)
     with ordered_datasets():                         # same data + seed -> same model version, run after run
-        aligned = aligned_dataset(spec, DayInputs(inputs.tables, inputs.quarantined, train_ticks)).materialize()
-        fitter = StatisticsFitter(spec)
-        for batch in aligned.iter_batches(batch_format="pyarrow", batch_size=None):
-            fitter.add(batch)
-        stats = fitter.result()
-        features = aligned.map_batches(FeatureBuilder, fn_constructor_kwargs={"spec": spec, "stats": stats,
-                                                                              "labels": labels},
-                                       batch_format="pyarrow", batch_size=None,
-                                       compute=ray.data.ActorPoolStrategy(size=1),
-                                       num_cpus=Resources.current().actor_cpus(1)).materialize()
+        features = feature_dataset(spec, train_shards, stats, labels)
+    ticks = features.count()
+    if not ticks:
+        raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
+                        "has a modality present")
     pos_weight = 1.0
     if labels is not None:
-        pos_weight = positive_weight(np.concatenate([b["label"] for b in features.iter_batches(
-            batch_format="numpy", batch_size=None)]))
-        if pos_weight == float(features.count()):
+        positives = int(features.sum("label") or 0)
+        if not positives:
             raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
-    cfg = model_config(spec)
+        pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
+    cfg = model_config(spec.model)
     run_root = run_root or join(spec.registry, "_train_runs")
-    log.info("training %s on %d ticks (%s..%s), %d workers", spec.name, features.count(), train_days[0],
-             train_days[-1], spec.train.workers)
+    log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
+             train_days[-1], len(train_shards), spec.train.workers)
     fitted = _fit(spec, features, cfg, pos_weight, storage, run_root if is_s3(run_root) else os.path.abspath(run_root))
     model = build_model(spec.modalities, cfg)
     model.load_state_dict(fitted["state"])
-    with ordered_datasets():
-        calibration, validation = _calibrate(spec, model, stats, inputs, val_days)
+    calibration, validation = _calibrate(spec, model, stats, val_shards)
     manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration,
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},
-                "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], **validation,
-                            "seconds": round(time.time() - t0, 1)},
-                "input_quarantine": {m: q.height for m, q in inputs.quarantined.items()}}
+                "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
+                            **validation, "seconds": round(time.time() - t0, 1)},
+                "input_quarantine": quarantined}
     version = Registry(spec.registry, storage).save(model, manifest)
     log.info("model version %s saved under %s", version, spec.registry)
     return version

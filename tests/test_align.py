@@ -100,3 +100,25 @@ def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
     lab = label_ticks(out, labels, tiny_spec, "start_ts", "end_ts").sort(TIME)
     assert lab["label"].to_list() == [0, 1, 1]
     assert lab["label_kind"].to_list() == [None, "k", "k"]
+
+
+def test_ticks_follow_the_data_exactly_where_a_modality_can_be_present(tiny_spec):
+    """`data_ticks` keeps the ticks at which `align` finds some modality present and no others; an entity
+    without a row inside the date gets no tick, whatever its look-back rows."""
+    from pipelines.align import data_ticks
+
+    rows = lambda ts, **c: pl.DataFrame({"machine_id": [e for e, _ in ts], TIME: [t for _, t in ts], **c})  # noqa
+    tables = {
+        "proc": rows([("a", T0 - 30 * S), ("a", T0 + 10 * S), ("b", T0 - 30 * S)], temp=[1.0, 2.0, 3.0]),
+        "vib": rows([("a", T0 + 30 * M + 5 * S)], a=[1.0]),
+        "logs": rows([("a", T0 + 50 * M + S), ("a", T0 + 1439 * M + S)], msg=["x", "y"]),
+    }
+    present = pl.DataFrame({"machine_id": ["a"], "_day": [T0 // (1440 * M)]})
+    got = data_ticks(tables, present, tiny_spec, [DAY])
+    assert ((got[TIME] - T0) // M).to_list() == [0, 1, 2, 31, 51, 52]
+    grid = make_ticks(pl.DataFrame({"machine_id": ["a"]}), DAY, M)
+    aligned = align(grid, tables, tiny_spec)
+    some = pl.any_horizontal([pl.col(f"{m}__present") for m in tiny_spec.modalities])
+    expected = aligned.filter(some.fill_null(False)).select("machine_id", TIME)
+    assert got.equals(expected)
+    assert data_ticks(tables, present.head(0), tiny_spec, [DAY]).is_empty()

@@ -176,60 +176,119 @@ def _write(path, table):
     pq.write_table(table, path)
 
 
-def test_date_partitioned_source_reads_only_given_folders_and_adds_their_date(tmp_path, tiny_spec):
+def _shards(spec, dates, shard_bytes=10**9):
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+
+    return plan_shards(spec, dates, list_inputs(spec, dates, Storage()), shard_bytes=shard_bytes)
+
+
+def _shard(tmp_path, spec, dates):
+    (shard,) = _shards(spec, dates)
+    return shard
+
+
+def _proc_spec(tiny_spec, path):
+    from dataclasses import replace
+
+    return replace(tiny_spec, modalities={"proc": replace(tiny_spec.modalities["proc"], path=str(path))})
+
+
+def test_read_shard_reads_its_dates_and_the_lookback_and_quarantines_bad_rows(tmp_path, tiny_spec):
     import datetime as dt
-    from functools import partial
 
-    import pyarrow.fs as pafs
+    import polars as pl
 
-    from pipelines.parquet_source import DatePartitionedParquet
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
 
-    m = tiny_spec.modalities["proc"]
-    ts = pa.array([1_704_153_600_000_000, 1_704_153_660_000_000], pa.timestamp("us", tz="UTC"))
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day, day + 60_000_000], pa.timestamp("us", tz="UTC"))
     rows = pa.table({"machine_id": ["a", "b"], "ts": ts, "temp": [1.0, float("nan")], "extra": [1, 2]})
     _write(tmp_path / "date=2024-01-02" / "part-0.parquet", rows)
     _write(tmp_path / "date=2024-01-02" / "part-1.parquet", rows.slice(0, 1))
     _write(tmp_path / "date=2024-01-02" / "_spark_side_file.parquet", rows)      # skipped
     _write(tmp_path / "date=2024-01-03" / "part-0.parquet", rows)                  # not asked for
-    source = DatePartitionedParquet({dt.date(2024, 1, 2): str(tmp_path / "date=2024-01-02")}, pafs.LocalFileSystem(),
-                                    ["machine_id", "ts", "temp"], transform=partial(check_rows, spec=tiny_spec, m=m))
-    tasks = source.get_read_tasks(parallelism=8)
-    assert len(tasks) == 2                                        # never more tasks than files
-    out = pa.concat_tables([t for task in tasks for t in task()])
-    assert out.num_rows == 3 and set(out.column("date").to_pylist()) == {"2024-01-02"}
-    assert "extra" not in out.column_names                        # only the wanted columns are read
-    assert out.column(REASON).to_pylist().count(None) == 2        # the NaN row is marked for quarantine
+    late = pa.array([day - 60_000_000, day - 3_600_000_000], pa.timestamp("us", tz="UTC"))   # 23:59 and 23:00
+    _write(tmp_path / "date=2024-01-01" / "part-0.parquet", rows.set_column(1, "ts", late))
+    shard = _shard(tmp_path, spec, [dt.date(2024, 1, 2)])
+    assert sorted(f.date.isoformat() for f in shard.files) == ["2024-01-01", "2024-01-02", "2024-01-02"]
+    got = read_shard(shard, spec, Storage())
+    proc = got.tables["proc"].sort("_t")
+    assert proc.columns == ["machine_id", "_t", "temp"]           # only the wanted columns are read
+    # the look-back day gives only the row within the 2 min tolerance of the first tick; its NaN row is
+    # its own date's quarantine, not this shard's
+    assert proc["_t"].to_list() == [day - 60_000_000, day, day]
+    assert got.quarantined.select("entity", "date", "source", "reason").rows() == [
+        ("b", "2024-01-02", "proc", "unusable value in column 'temp'")]
+    assert got.present.sort("machine_id")["machine_id"].to_list() == ["a"]
+    assert got.present["_day"].to_list() == [day // 86_400_000_000]
 
 
-def test_plan_passes_caps_each_pass_by_dates_and_by_input_bytes():
+def test_entity_buckets_split_rows_and_keep_every_row_once(tmp_path, tiny_spec):
     import datetime as dt
 
-    from pipelines.score import plan_passes
+    import polars as pl
 
-    days = [dt.date(2024, 1, d) for d in range(1, 8)]
-    sizes = dict(zip(days, [10, 10, 10, 50, 10, 10, 10]))
-    assert plan_passes(days, sizes, 3, 10**9) == [days[0:3], days[3:6], days[6:7]]
-    assert plan_passes(days, sizes, 7, 30) == [days[0:3], days[3:4], days[4:7]]    # 50 > 30: a pass alone
-    assert plan_passes(days, sizes, 7, 25) == [days[0:2], days[2:3], days[3:4], days[4:6], days[6:7]]
-    assert plan_passes(days, {}, 2, 1) == [days[0:2], days[2:4], days[4:6], days[6:7]]   # unknown: 0
-    assert plan_passes([], sizes, 3, 30) == []
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day = 1_704_153_600_000_000
+    names = [f"pump-{i}" for i in range(40)] + [None]
+    rows = pa.table({"machine_id": names, "ts": pa.array([day] * 41, pa.timestamp("us", tz="UTC")),
+                     "temp": [1.0] * 41})
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", rows)
+    seen, quarantined = [], 0
+    size = (tmp_path / "date=2024-01-02" / "part-0.parquet").stat().st_size
+    shards = _shards(spec, [dt.date(2024, 1, 2)], shard_bytes=size // 4 + 1)
+    assert [s.bucket for s in shards] == [0, 1, 2, 3] and {s.buckets for s in shards} == {4}
+    for shard in shards:
+        got = read_shard(shard, spec, Storage())
+        assert got.tables["proc"].height < 40 if "proc" in got.tables else True
+        seen += got.tables["proc"]["machine_id"].to_list() if "proc" in got.tables else []
+        quarantined += got.quarantined.height
+    assert sorted(seen) == sorted(n for n in names if n) and quarantined == 1
 
 
-def test_date_partitioned_source_names_the_file_with_a_bad_schema(tmp_path, tiny_spec):
+def test_plan_shards_groups_dates_and_splits_big_ones_into_entity_buckets(tiny_spec):
     import datetime as dt
-    from functools import partial
 
-    import pyarrow.fs as pafs
+    from pipelines.shards import InputFile, plan_shards
 
-    from pipelines.ingest import _check_file_schema
-    from pipelines.parquet_source import DatePartitionedParquet
+    spec = tiny_spec
+    days = [dt.date(2024, 1, d) for d in range(2, 9)]
+    sizes = [10, 10, 10, 50, 10, 10, 10]
+    files = [InputFile("proc", d, f"/x/{d}", n) for d, n in zip(days, sizes)]
+    files.append(InputFile("proc", dt.date(2024, 1, 1), "/x/lookback", 7))
+    plan = plan_shards(spec, days, files, shard_bytes=10**9, days_per_shard=3)
+    assert [s.dates for s in plan] == [tuple(days[0:3]), tuple(days[3:6]), tuple(days[6:7])]
+    assert [f.path for f in plan[0].files] == ["/x/2024-01-02", "/x/2024-01-03", "/x/2024-01-04", "/x/lookback"]
+    # 50 bytes at most 25 per shard: two entity buckets for every date; dates share a shard up to 25 per bucket
+    plan = plan_shards(spec, days, files, shard_bytes=25, days_per_shard=7)
+    assert {s.buckets for s in plan} == {2} and [s.bucket for s in plan[:2]] == [0, 1]
+    assert [s.dates for s in plan if s.bucket == 0] == [tuple(days[0:3]), (days[3],), tuple(days[4:7])]
+    alone = plan[0].alone()
+    assert [s.dates for s in alone] == [(d,) for d in days[0:3]]
+    assert [f.path for f in alone[1].files] == ["/x/2024-01-02", "/x/2024-01-03"]     # its look-back day too
+    assert plan_shards(spec, [], files) == []
 
-    m = tiny_spec.modalities["proc"]
+
+def test_a_file_with_a_bad_schema_or_body_is_named(tmp_path, tiny_spec):
+    import datetime as dt
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
     bad = tmp_path / "date=2024-01-02" / "part-0.parquet"
     _write(bad, pa.table({"machine_id": ["a"], "ts": pa.array([0], pa.timestamp("us")), "tmp": [1.0]}))
     with pytest.raises(DataError, match=r"part-0\.parquet.*'temp' not found"):
-        DatePartitionedParquet({dt.date(2024, 1, 2): str(bad.parent)}, pafs.LocalFileSystem(),
-                               ["machine_id", "ts", "temp"], check_schema=partial(_check_file_schema, spec=tiny_spec, m=m))
+        read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    bad.write_bytes(b"PAR1 not parquet")
+    with pytest.raises(DataError, match=r"part-0\.parquet: not a readable Parquet file"):
+        read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
 
 
 def test_group_rows_gives_each_key_its_rows_in_order():

@@ -60,9 +60,9 @@ def test_model_version_has_manifest_and_weights(trained):
     assert any(k.startswith("encoders.vibration") for k in state)
 
 
-def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path):
-    """Same data, spec and seed -> bit-identical weights, statistics and threshold (ordered ingest and a seeded
-    shuffle; Ray Data's task completion order and an unseeded shuffle buffer made each run differ)."""
+def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path, monkeypatch):
+    """Same data, spec and seed -> bit-identical weights, statistics and threshold (shards merged in order, ordered
+    features and a seeded shuffle); the driver reads no input row while training."""
     import torch
 
     from pipelines.registry import Registry
@@ -70,6 +70,7 @@ def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path)
     from pipelines.train import train
 
     spec, version, _ = trained
+    _driver_must_not_touch_rows(monkeypatch)
     again = replace(spec, registry=str(tmp_path / "models"))
     first = Registry(spec.registry, Storage.from_spec(spec.storage)).load(version)
     second = Registry(again.registry, Storage.from_spec(spec.storage)).load(train(again))
@@ -153,16 +154,15 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
 
 def test_missing_column_fails_before_any_write(trained, tmp_path):
     from pipelines.score import score_date
+    from pipelines.train import train
 
     spec, _, root = trained
     mods = dict(spec.modalities)
     mods["process"] = replace(mods["process"], columns=("temperature", "humidity"))
     out = tmp_path / "never"
-    broken = replace(spec, modalities=mods, score=replace(spec.score, output=str(out)))
-    with pytest.raises(DataError, match="column 'humidity' not found"):
-        from pipelines.ingest import read_inputs
-        from pipelines.storage import Storage
-        read_inputs(broken, [DAY3], Storage())
+    broken = replace(spec, modalities=mods, score=replace(spec.score, output=str(out)), registry=str(out / "models"))
+    with pytest.raises(DataError, match="process/date=2024-01-01/.*column 'humidity' not found"):
+        train(broken)
     assert not out.exists()
     with pytest.raises(DataError, match="no modality .* has data for 2030-01-01"):
         score_date(replace(spec, score=replace(spec.score, output=str(out))), dt.date(2030, 1, 1))
@@ -170,14 +170,14 @@ def test_missing_column_fails_before_any_write(trained, tmp_path):
 
 
 def test_missing_table_is_named(trained):
-    from pipelines.ingest import read_inputs
+    from pipelines.shards import list_inputs
     from pipelines.storage import Storage
 
     spec, _, root = trained
     mods = dict(spec.modalities)
     mods["camera"] = replace(mods["camera"], path=str(root / "raw" / "nowhere"))
     with pytest.raises(DataError, match="nowhere: table not found"):
-        read_inputs(replace(spec, modalities=mods), [DAY3], Storage())
+        list_inputs(replace(spec, modalities=mods), [DAY3], Storage())
 
 
 def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_path):
@@ -194,50 +194,51 @@ def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_pat
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
 
 
-def test_backfill_in_one_pass_equals_date_by_date(trained, tmp_path):
-    """Several dates read and scored together give each date exactly what scoring it alone gives."""
-    from pipelines.score import backfill
+def _driver_must_not_touch_rows(monkeypatch):
+    """In this (driver) process, reading a table's rows or writing scored rows fails the test; the Ray tasks,
+    in their own processes, use the real functions."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read input rows or wrote scored rows")
 
-    spec, _, _ = trained
+    monkeypatch.setattr("pipelines.ingest.read_columns", refuse)
+    monkeypatch.setattr("pipelines.score_steps.write_data_file", refuse)
+
+
+def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_path, monkeypatch):
+    """Dates scored one per shard, two per shard, or split into entity buckets give each date exactly the same
+    rows, counts and quarantine (smoothing restarts per date; alignment never reads past a tick); the driver
+    reads no input row and writes no scored row."""
+    from pipelines.score import backfill
+    from pipelines.shards import list_inputs
+    from pipelines.storage import Storage
+
+    spec, _, root = trained
+    _driver_must_not_touch_rows(monkeypatch)
+    files = list_inputs(spec, [DAY2, DAY3], Storage())
+    assert {f.path: f.size for f in files} == {str(p): p.stat().st_size for d in ("01", "02", "03")
+                                               for p in root.glob(f"raw/*/date=2024-01-{d}/*.parquet")}
+    day_bytes = max(sum(f.size for f in files if f.date == d) for d in (DAY2, DAY3))
     outputs = {}
-    for per_pass in (1, 2):
-        out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{per_pass}")))
-        results = backfill(out, DAY2, DAY3, days_per_pass=per_pass, parallel=1)
+    for cut, kwargs in {"alone": {"days_per_shard": 1}, "together": {"days_per_shard": 2},
+                        "buckets": {"shard_bytes": day_bytes // 3 + 1}}.items():
+        out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{cut}")))
+        results = backfill(out, DAY2, DAY3, parallel=2, **kwargs)
         assert [r.date for r in results] == ["2024-01-02", "2024-01-03"]
         assert all(r.ticks_in == r.rows_scored + r.rows_quarantined for r in results)
         runs = pl.read_delta(out.score.runs_path)
         assert sorted(runs["date"].to_list()) == ["2024-01-02", "2024-01-03"] and set(runs["status"]) == {"succeeded"}
         quarantine = pl.read_delta(out.score.quarantine_path).group_by("date", "stage").len().sort("date", "stage")
-        outputs[per_pass] = (pl.read_delta(out.score.output).sort("machine_id", "ts"), quarantine,
-                             [(r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies) for r in results])
-    (alone, q_alone, counts_alone), (together, q_together, counts_together) = outputs[1], outputs[2]
-    assert counts_together == counts_alone and q_together.equals(q_alone)
-    assert together.select("machine_id", "ts", "is_anomaly").equals(alone.select("machine_id", "ts", "is_anomaly"))
-    for col in ("score", "score_process", "score_vibration", "score_camera", "score_logs"):
-        assert together[col].is_null().equals(alone[col].is_null()), col
-        assert (together[col] - alone[col]).abs().max() < 1e-6, col     # batches differ, the rows do not
-
-
-def test_backfill_passes_stop_at_the_input_byte_cap(trained, tmp_path, monkeypatch):
-    """Input bytes per date are the Parquet files under each modality's date folders; a backfill's passes
-    hold fewer dates when those would exceed `max_pass_bytes`."""
-    import pipelines.score as score
-    from pipelines.ingest import input_bytes_by_date
-    from pipelines.storage import Storage
-
-    spec, _, root = trained
-    sizes = input_bytes_by_date(spec, [DAY2, DAY3, DAY3 + dt.timedelta(days=1)], Storage())
-    on_disk = {d: sum(f.stat().st_size for f in root.glob(f"raw/*/date={d.isoformat()}/*.parquet")) for d in sizes}
-    assert sizes == on_disk and sizes[DAY2] > 0 and sizes[DAY3 + dt.timedelta(days=1)] == 0
-    passes, real = [], score.score_dates
-    monkeypatch.setattr(score, "score_dates",
-                        lambda s, dates, mv, **kw: passes.append(dates) or real(s, dates, mv, **kw))
-    both = sizes[DAY2] + sizes[DAY3]
-    for cap, expected in ((both, [[DAY2, DAY3]]), (both - 1, [[DAY2], [DAY3]])):
-        passes.clear()
-        out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{cap}")))
-        results = score.backfill(out, DAY2, DAY3, days_per_pass=7, parallel=1, max_pass_bytes=cap)
-        assert passes == expected and [r.date for r in results] == ["2024-01-02", "2024-01-03"]
+        outputs[cut] = (pl.read_delta(out.score.output).sort("machine_id", "ts"), quarantine,
+                        [(r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies) for r in results])
+    # three entity buckets: pump-00 and pump-01 hash to two of them (one is empty), a data file per bucket with rows
+    assert len(list((tmp_path / "scores_buckets" / "date=2024-01-03").glob("*.parquet"))) == 2
+    alone, q_alone, counts_alone = outputs.pop("alone")
+    for cut, (rows, quarantine, counts) in outputs.items():
+        assert counts == counts_alone and quarantine.equals(q_alone), cut
+        assert rows.select("machine_id", "ts", "is_anomaly").equals(alone.select("machine_id", "ts", "is_anomaly"))
+        for col in ("score", "score_process", "score_vibration", "score_camera", "score_logs"):
+            assert rows[col].is_null().equals(alone[col].is_null()), (cut, col)
+            assert (rows[col] - alone[col]).abs().max() < 1e-6, (cut, col)     # batches differ, the rows do not
 
 
 def test_a_failed_pass_retries_its_dates_alone(trained, tmp_path):
@@ -255,7 +256,7 @@ def test_a_failed_pass_retries_its_dates_alone(trained, tmp_path):
     spec = replace(spec, modalities=mods, score=replace(spec.score, output=str(tmp_path / "scores")))
     with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-03: \S+/date=2024-01-03/"
                                            r"truncated.parquet: not a readable Parquet file"):
-        backfill(spec, DAY2, DAY3, days_per_pass=2, parallel=1)
+        backfill(spec, DAY2, DAY3, days_per_shard=2, parallel=1)
     runs = pl.read_delta(spec.score.runs_path)
     assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-02": "succeeded",
                                                                              "2024-01-03": "failed"}
@@ -290,7 +291,7 @@ def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):
     data["score"]["output"] = str(tmp_path / "scores")
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["backfill", str(path), "--start", "2024-01-04", "--end", "2024-01-04", "--max-pass-mb", "0.5"]) == 1
+    assert main(["backfill", str(path), "--start", "2024-01-04", "--end", "2024-01-04", "--shard-mb", "0.5"]) == 1
     err = capsys.readouterr().err
     assert "error: 2024-01-04: no modality of spec" in err and "1 date(s) failed" in err
     assert "Traceback" not in err
@@ -298,18 +299,22 @@ def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):
     assert runs["status"].to_list() == ["failed"]
 
 
-def test_aligner_batch_reads_the_rows_before_its_first_tick(trained):
-    """An aligner batch starting mid-day (as Ray Data batches do) gives exactly what aligning against the
-    whole tables gives: its first ticks still see the window and tolerance rows before the batch."""
-    from pipelines.align import TIME, align, date_start_us
-    from pipelines.ingest import Aligner, broadcast_tables, read_inputs
+def test_tick_batches_read_the_rows_before_their_first_tick(trained):
+    """A slice of a shard's ticks starting mid-day gives exactly what aligning all its ticks at once gives: its
+    first ticks still see the window and tolerance rows before the slice."""
+    from pipelines.align import TIME, align, data_ticks, date_start_us
+    from pipelines.ingest import read_shard
+    from pipelines.score_steps import tick_batches
+    from pipelines.shards import list_inputs, plan_shards
     from pipelines.storage import Storage
 
     spec, _, _ = trained
-    inputs = read_inputs(spec, [DAY3], Storage())
+    (shard,) = plan_shards(spec, [DAY3], list_inputs(spec, [DAY3], Storage()))
+    inputs = read_shard(shard, spec, Storage())
+    ticks = data_ticks(inputs.tables, inputs.present, spec, [DAY3])
+    whole = align(ticks, inputs.tables, spec)
+    sliced = pl.concat([align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec, 97)])
+    assert sliced.equals(whole)
     noon = date_start_us(DAY3) + 12 * 3_600_000_000
-    batch = inputs.ticks.filter((pl.col(TIME) >= noon) & (pl.col(TIME) < noon + 600_000_000)).sort("machine_id", TIME)
-    got = pl.from_arrow(Aligner(spec, broadcast_tables(inputs))(batch.to_arrow()))
-    expected = align(batch, inputs.tables, spec)
-    assert got.height == batch.height and got.equals(expected)
-    assert got.filter(pl.col(TIME) == noon)["vibration__present"].all()   # the window before noon was read
+    first = next(tables for batch, tables in tick_batches(ticks.filter(pl.col(TIME) >= noon), inputs.tables, spec, 10))
+    assert first["vibration"][TIME].min() < noon                   # the window before noon was read

@@ -1,6 +1,6 @@
 """Production jobs against a moto S3 server: train -> nightly -> backfill -> re-run (skipped) -> --force ->
-a backfill killed mid-way and re-run -> concurrent jobs; and `ray job submit` of the nightly job to a
-`ray start --head` cluster on 127.0.0.1."""
+a backfill killed mid-way and re-run -> concurrent jobs; and `ray job submit` of train, backfill and the
+nightly job to a 2-node cluster (`ray start --head` + `ray start --address`) on 127.0.0.1."""
 import datetime as dt
 import os
 import secrets
@@ -111,7 +111,7 @@ def test_backfill_killed_midway_then_rerun(s3_spec, local_ray):
     n_runs = pl.read_delta(runs_uri, storage_options=opts).height
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.backfill", str(spec_path), "--start", "2024-01-03",
-                             "--end", "2024-01-05", "--force", "--parallel", "1", "--days-per-pass", "1"], cwd=ROOT, env=env,
+                             "--end", "2024-01-05", "--force", "--parallel", "1", "--days-per-shard", "1"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while pl.read_delta(runs_uri, storage_options=opts).height == n_runs:   # wait for the first date's commit
@@ -148,12 +148,12 @@ def test_concurrent_jobs_on_different_and_same_dates(s3_spec):
 
 
 def test_unreachable_endpoint_is_a_clear_error_before_any_write(s3_spec, tmp_path):
-    from pipelines.ingest import read_inputs
+    from pipelines.shards import list_inputs
 
     spec, _, _ = s3_spec
     broken = replace(spec, storage=replace(spec.storage, endpoint_url="http://127.0.0.1:9"))
     with pytest.raises(DataError, match=r"s3://lake/raw/.*cannot be read"):
-        read_inputs(broken, [DAYS[0]], Storage.from_spec(broken.storage))
+        list_inputs(broken, [DAYS[0]], Storage.from_spec(broken.storage))
 
 
 def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):
@@ -210,42 +210,76 @@ def _stop_cluster(temp: Path, gcs_port: int) -> None:
     assert not ours(), "processes of the submitted-to cluster are left running"
 
 
-def test_ray_job_submit_nightly(s3_spec, tmp_path):
-    spec, version, spec_path = s3_spec
+def _ray_start(ray_bin: Path, env: dict, *args: str) -> None:
+    # the test session's own Ray holds the default agent ports
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    started = subprocess.run([str(ray_bin), "start", *args, *ports, "--disable-usage-stats"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+
+
+def _submit(ray_bin: Path, env: dict, dash: int, *entrypoint: str) -> str:
+    deadline = time.time() + 90
+    while True:   # right after `ray start` the job agent may not be up yet
+        submit = subprocess.run(
+            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+             "python", "-m", *entrypoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    return submit.stdout
+
+
+def _nodes(ray_bin: Path, env: dict, dash: int, kind: str, where: str) -> set[str]:
+    """The node ids of the cluster's `kind` (actors, tasks) matching `where`, from Ray's state API."""
+    import json
+
+    listed = subprocess.run([str(ray_bin), "list", kind, f"--address=http://127.0.0.1:{dash}", f"--filter={where}",
+                             "--limit=1000", "--format=json"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return {row["node_id"] for row in json.loads(listed.stdout)}
+
+
+def test_ray_job_submit_train_backfill_nightly_on_a_two_node_cluster(s3_spec, tmp_path):
+    """A 2-node Ray cluster on 127.0.0.1 (a head and a second `ray start --address` with its own resource, one
+    CPU each): `ray job submit` of train, backfill and the nightly job; the Train workers and the scoring
+    tasks ran on both nodes."""
+    spec, _, spec_path = s3_spec
     ray_bin = Path(sys.executable).parent / "ray"
     # `python` in the job's entrypoint must be this environment's, as on a cluster built from our image
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    dash, gcs_port = _free_port(), _free_port()
     temp = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
-    gcs_port = _free_port()
-    start = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={gcs_port}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                            # the test session's own Ray holds the default agent ports
-                            f"--dashboard-agent-listen-port={_free_port()}",
-                            f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                            f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-                            "--disable-usage-stats", f"--temp-dir={temp}"],
-                           env=env, capture_output=True, text=True, timeout=120)
+    data = yaml.safe_load(spec_path.read_text())
+    data["registry"] = f"s3://{BUCKET}/cluster-models"
+    data["score"]["output"] = f"s3://{BUCKET}/cluster-scores"
+    job_spec = replace(load_spec(spec_path), registry=data["registry"],
+                       score=replace(spec.score, output=data["score"]["output"]))
     try:
-        assert start.returncode == 0, start.stderr[-2000:]
-        shutil.copy(spec_path, ROOT / ".ci-job-spec.yaml")
-        deadline = time.time() + 90
-        while True:   # right after `ray start` the job agent may not be up yet
-            submit = subprocess.run(
-                [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                 "python", "-m", "jobs.nightly", ".ci-job-spec.yaml", "--date", "2024-01-05"],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
-        assert "2024-01-05:" in submit.stdout and "scored" in submit.stdout
+        _ray_start(ray_bin, env, "--head", "--num-cpus=1", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={dash}", "--include-dashboard=true", f"--temp-dir={temp}",
+                   f"--ray-client-server-port={_free_port()}")
+        _ray_start(ray_bin, env, f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", '--resources={"node2": 1}')
+        (ROOT / ".ci-job-spec.yaml").write_text(yaml.safe_dump(data))
+        assert "model version" in _submit(ray_bin, env, dash, "jobs.train", ".ci-job-spec.yaml")
+        out = _submit(ray_bin, env, dash, "jobs.backfill", ".ci-job-spec.yaml", "--start", "2024-01-03",
+                      "--end", "2024-01-04", "--days-per-shard", "1")
+        assert "2024-01-03:" in out and "2024-01-04:" in out
+        out = _submit(ray_bin, env, dash, "jobs.nightly", ".ci-job-spec.yaml", "--date", "2024-01-05")
+        assert "2024-01-05:" in out and "scored" in out
+        train_nodes = _nodes(ray_bin, env, dash, "actors", "class_name=RayTrainWorker")
+        shard_nodes = _nodes(ray_bin, env, dash, "tasks", "name=_score_shard_task")
+        assert len(train_nodes) == 2, train_nodes        # 0.75 CPU per Train worker: one per 1-CPU node
+        assert len(shard_nodes) == 2, shard_nodes
     finally:
         (ROOT / ".ci-job-spec.yaml").unlink(missing_ok=True)
         _stop_cluster(temp, gcs_port)
-    runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
-                         .delta_options(spec.score.runs_path)).sort("finished_at")
-    assert runs["date"][-1] == "2024-01-05" and runs["status"][-1] == "succeeded"
-    _assert_each_date_once(spec, [DAYS[2]])
+    runs = pl.read_delta(job_spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
+                         .delta_options(job_spec.score.runs_path))
+    assert sorted(runs["date"].to_list()) == ["2024-01-03", "2024-01-04", "2024-01-05"]
+    assert set(runs["status"]) == {"succeeded"}
+    _assert_each_date_once(job_spec, DAYS)

@@ -103,7 +103,7 @@ def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_spec_dict()))
     assert main(["validate", str(path)]) == 0
     assert "valid spec 'tiny'" in capsys.readouterr().out
-    for option, value in (("--days-per-pass", "0"), ("--parallel", "-1"), ("--max-pass-mb", "none")):
+    for option, value in (("--days-per-shard", "0"), ("--parallel", "-1"), ("--shard-mb", "none")):
         with pytest.raises(SystemExit) as usage:          # a usage error before anything starts
             main(["backfill", str(path), "--start", "2024-01-01", "--end", "2024-01-02", option, value])
         assert usage.value.code == 2 and f"'{value}' is not a positive" in capsys.readouterr().err

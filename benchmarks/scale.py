@@ -1,0 +1,179 @@
+"""Benchmark: how training and backfill grow with the data, against a bare single-process loop, in one run.
+
+    python -m benchmarks.scale [--scales 1,8,32] [--out benchmarks/results]
+
+For each scale the synthetic fleet is generated (entities x days grow together; the demo's size is 1x:
+4 pumps, 2 training days, 2 scored days), then, through the public CLI with a local Ray on this machine's CPUs:
+`dmafn train` (1 epoch) and `dmafn backfill`. While each command runs, the RSS of its driver process and of
+every Ray worker process is sampled twice a second (peak driver, peak of the largest worker). Then, in this
+process, a bare loop scores the same dates with the same model version: per date, pyarrow read -> the
+project's `align` -> `featurize` -> the model (one torch thread) -> `write_deltalake`; its scores are checked
+against the backfill's. Prints ticks/s of both and the ratio, and how the RSS figures grow from scale to
+scale; writes `scale.json` (`ratio` = backfill ticks/s / bare single-core ticks/s at the largest scale).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import psutil
+import yaml
+
+from benchmarks.common import write_json
+
+SCALES = {1: (4, 2, 2), 8: (8, 8, 8), 32: (16, 8, 16)}       # scale: (entities, training-window days, scored days)
+
+
+class PeakRss:
+    """Samples a process tree: peak RSS of the root (the driver) and of the largest `ray::` worker."""
+
+    def __init__(self, pid: int):
+        self.root, self.driver, self.worker = psutil.Process(pid), 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.driver = max(self.driver, self.root.memory_info().rss)
+                for child in self.root.children(recursive=True):
+                    try:
+                        if child.name().startswith("ray::") or "default_worker" in " ".join(child.cmdline()[:3]):
+                            self.worker = max(self.worker, child.memory_info().rss)
+                    except psutil.Error:
+                        continue
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.driver, self.worker
+
+
+def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    """Run `dmafn ARGS`; (seconds, peak driver RSS, peak largest worker RSS)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rss = PeakRss(proc.pid)
+    out, _ = proc.communicate()
+    driver, worker = rss.stop()
+    if proc.returncode:
+        raise RuntimeError(f"dmafn {' '.join(args)} exited {proc.returncode}:\n{out[-3000:]}")
+    return time.perf_counter() - started, driver, worker
+
+
+def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int]:
+    """The same steps in this process, one date at a time, one torch thread; (seconds, ticks)."""
+    import torch
+    from deltalake import write_deltalake
+
+    from dmafn.spec import load_spec
+    from pipelines.align import align, data_ticks
+    from pipelines.ingest import read_shard
+    from pipelines.registry import Registry
+    from pipelines.score import reading_spec
+    from pipelines.score_steps import REASON, Scorer, finalize
+    from pipelines.shards import Shard, list_inputs
+    from pipelines.storage import Storage
+
+    torch.set_num_threads(1)
+    spec, storage = load_spec(spec_path), Storage()
+    mv = Registry(spec.registry, storage).load(version)
+    model_spec, scorer = reading_spec(mv, spec), Scorer(mv)
+    started, ticks_total = time.perf_counter(), 0
+    for date in dates:
+        files = tuple(list_inputs(model_spec, [date], storage))
+        inputs = read_shard(Shard((date,), 0, 1, files, model_spec.lookback_days), model_spec, storage)
+        ticks = data_ticks(inputs.tables, inputs.present, model_spec, [date])
+        scored = pl.from_arrow(scorer(align(ticks, inputs.tables, model_spec).to_arrow()))
+        rows = finalize(scored.filter(pl.col(REASON).is_null()).drop(REASON), mv.spec, mv.calibration,
+                        version=mv.version, run_id="bare", modalities=list(mv.spec.modalities),
+                        scored_at=dt.datetime.now(dt.timezone.utc))
+        write_deltalake(out, rows.to_arrow(), mode="overwrite", predicate=f"date = '{date.isoformat()}'",
+                        partition_by=["date"])
+        ticks_total += ticks.height
+    return time.perf_counter() - started, ticks_total
+
+
+def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str]) -> dict:
+    entities, train_days, scored_days = SCALES[scale]
+    from dmafn.synthetic import SyntheticConfig
+    from pipelines.generate import write_synthetic
+
+    cfg = SyntheticConfig(entities=entities, days=train_days + scored_days, clean_days=train_days, image_size=16)
+    t0 = time.perf_counter()
+    spec_path = write_synthetic(root, cfg, train_days=train_days)
+    data = yaml.safe_load(spec_path.read_text())
+    data["train"].update(epochs=1, workers=2)
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    print(f"[{scale}x] generated {entities} entities x {train_days + scored_days} days in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    train_s, train_driver, train_worker = cli(["train", str(spec_path)], env)
+    version = (root / "models" / "LATEST").read_text().strip()
+    first = cfg.start + dt.timedelta(days=train_days)
+    dates = [first + dt.timedelta(days=i) for i in range(scored_days)]
+    back_s, back_driver, back_worker = cli(["backfill", str(spec_path), "--start", dates[0].isoformat(),
+                                            "--end", dates[-1].isoformat()], env)
+    ticks = int(pl.read_delta(str(root / "scores_runs"))["ticks_in"].sum())
+    bare_s, bare_ticks = bare_loop(spec_path, version, dates, str(root / "bare_scores"))
+    ours = pl.read_delta(str(root / "scores")).sort("machine_id", "ts")
+    bare = pl.read_delta(str(root / "bare_scores")).sort("machine_id", "ts")
+    same = ours.select("machine_id", "ts", "is_anomaly").equals(bare.select("machine_id", "ts", "is_anomaly"))
+    diff = float((ours["score"] - bare["score"]).abs().max()) if ours.height == bare.height else float("inf")
+    row = {"scale": scale, "entities": entities, "train_days": train_days, "scored_days": scored_days,
+           "ticks": ticks, "bare_ticks": bare_ticks, "train_seconds": round(train_s, 1),
+           "backfill_seconds": round(back_s, 1), "bare_seconds": round(bare_s, 1),
+           "backfill_ticks_per_s": ticks / back_s, "bare_ticks_per_s": bare_ticks / bare_s,
+           "ratio": (ticks / back_s) / (bare_ticks / bare_s), "same_rows": same, "max_score_diff": diff,
+           "train_driver_rss_mb": train_driver / 1e6, "train_largest_worker_rss_mb": train_worker / 1e6,
+           "backfill_driver_rss_mb": back_driver / 1e6, "backfill_largest_worker_rss_mb": back_worker / 1e6}
+    print(f"[{scale}x] {ticks} ticks: backfill {row['backfill_ticks_per_s']:.0f} ticks/s (CLI, {num_cpus} CPUs, "
+          f"Ray start included), bare loop {row['bare_ticks_per_s']:.0f} ticks/s (1 core): ratio {row['ratio']:.2f}; "
+          f"same rows {same}, largest score difference {diff:.1e}; train {train_s:.0f} s; peak RSS MB train "
+          f"driver {row['train_driver_rss_mb']:.0f} / worker {row['train_largest_worker_rss_mb']:.0f}, backfill "
+          f"driver {row['backfill_driver_rss_mb']:.0f} / worker {row['backfill_largest_worker_rss_mb']:.0f}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", default="1,8,32", help=f"comma-separated, of {sorted(SCALES)}")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    num_cpus = os.cpu_count() or 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in scales:
+            rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env))
+    base = rows[0]
+    print("\nscale  ticks    backfill t/s  bare t/s  ratio  train drv MB  train wkr MB  bf drv MB  bf wkr MB")
+    for r in rows:
+        print(f"{r['scale']:>4}x  {r['ticks']:>7}  {r['backfill_ticks_per_s']:>12.0f}  {r['bare_ticks_per_s']:>8.0f}  "
+              f"{r['ratio']:>5.2f}  {r['train_driver_rss_mb']:>12.0f}  {r['train_largest_worker_rss_mb']:>12.0f}  "
+              f"{r['backfill_driver_rss_mb']:>9.0f}  {r['backfill_largest_worker_rss_mb']:>9.0f}")
+    growth = {f"{r['scale']}x_over_{base['scale']}x": {
+        k: r[k] / base[k] for k in ("train_driver_rss_mb", "train_largest_worker_rss_mb", "backfill_driver_rss_mb",
+                                    "backfill_largest_worker_rss_mb")} for r in rows[1:]}
+    for name, g in growth.items():
+        print(f"RSS growth {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.items()))
+    write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"], "scales": rows, "rss_growth": growth,
+                                          "num_cpus": num_cpus, "date": dt.date.today().isoformat()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Scoring steps as plain functions (no Ray): one shard read, aligned, featurized and scored, its rows smoothed
+and thresholded per entity and date, and written as Parquet data files of the output and quarantine tables.
+`pipelines.score` runs `score_shard` in Ray tasks and commits each date once all its shards are written.
+
+Output table (`score.output`, partitioned by `date`): entity column(s), ts, date, score, threshold,
+is_anomaly, score_<modality> (null where absent), modalities, model_version, run_id, scored_at.
+Ticks with no usable modality go to the quarantine table with a reason; for every date
+ticks in = rows scored + rows quarantined (also recorded in the runs table).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dmafn.features import featurize
+from dmafn.scoring import raw_scores, to_record
+from dmafn.spec import DAY_US, Spec
+from pipelines.align import TIME, align, data_ticks
+from pipelines.delta_sink import write_data_file
+from pipelines.ingest import REASON, entity_string, read_shard
+from pipelines.postprocess import smooth_columns
+from pipelines.registry import ModelVersion
+from pipelines.shards import Shard
+from pipelines.storage import Storage
+
+NO_MODALITY = "no modality present at the tick"
+BATCH_TICKS = 8192          # ticks aligned, featurized and scored at once inside a shard
+_OLDEST = pl.CompatLevel.oldest()     # large_string, not string_view: what Delta's schema takes
+
+
+class Scorer:
+    """Scores aligned batches with one loaded model version; `__call__(aligned batch)` is pure."""
+
+    def __init__(self, mv: ModelVersion):
+        self.version, self.model, self.spec = mv.version, mv.model, mv.spec
+        self.stats, self.calibration = mv.stats, mv.calibration
+
+    def __call__(self, aligned: pa.Table) -> pa.Table:
+        spec = self.spec
+        feats = featurize(aligned, spec, self.stats)
+        record = to_record(raw_scores(self.model, feats), self.calibration, feats.modalities)
+        names = np.asarray(feats.modalities, object)
+        present = [list(names[row]) for row in feats.mask]
+        cols: dict[str, Any] = {k: aligned.column(k) for k in spec.entity}
+        cols.update(ts=aligned.column("ts"), date=aligned.column("date"),
+                    score=pa.array(record.score, pa.float64(), mask=~np.isfinite(record.score)))
+        for i, m in enumerate(feats.modalities):
+            c = record.contributions[:, i]
+            cols[f"score_{m}"] = pa.array(c, pa.float64(), mask=~np.isfinite(c))
+        cols["modalities"] = pa.array(present, pa.list_(pa.string()))
+        cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
+        return pa.table(cols)
+
+
+def tick_batches(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spec,
+                 batch_ticks: int = BATCH_TICKS) -> Iterator[tuple[pl.DataFrame, dict[str, pl.DataFrame]]]:
+    """Slices of at most `batch_ticks` ticks (sorted by entity and time) with the rows each slice can read: its
+    entities' rows from each modality's look-back before its first tick to its last tick."""
+    keys = list(spec.entity)
+    for start in range(0, ticks.height, batch_ticks):
+        batch = ticks.slice(start, batch_ticks)
+        ents = batch.select(keys).unique()
+        first, last = batch[TIME].min(), batch[TIME].max()
+        yield batch, {name: t.filter(pl.col(TIME).is_between(first - spec.modalities[name].lookback_us, last))
+                      .join(ents, on=keys, how="semi") for name, t in tables.items()}
+
+
+def finalize(scored: pl.DataFrame, spec: Spec, calibration: dict[str, Any], *, version: str, run_id: str,
+             modalities: list[str], scored_at: dt.datetime) -> pl.DataFrame:
+    """Smooth per entity and date, apply the calibrated threshold, add provenance columns (output table schema)."""
+    score_cols = ["score", *[f"score_{m}" for m in modalities]]
+    df = smooth_columns(scored, score_cols, spec, by=("date",))
+    threshold = float(calibration["threshold"])
+    return df.select([
+        *spec.entity, pl.col("ts"), pl.col("date"), pl.col("score").cast(pl.Float64),
+        pl.lit(threshold, pl.Float64).alias("threshold"),
+        (pl.col("score") > threshold).fill_null(False).alias("is_anomaly"),
+        *[pl.col(c).cast(pl.Float64) for c in score_cols[1:]],
+        pl.col("modalities"), pl.lit(version).alias("model_version"), pl.lit(run_id).alias("run_id"),
+        pl.lit(scored_at, pl.Datetime("us", "UTC")).alias("scored_at")])
+
+
+def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
+                    at: dt.datetime) -> pl.DataFrame:
+    """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
+    (`stage = ingest`), each with its reason."""
+    ts = pl.from_epoch(TIME, time_unit="us").dt.replace_time_zone("UTC").alias("ts")
+    ticks = bad_ticks.select(pl.col("date"), pl.lit("score").alias("stage"), pl.lit("tick").alias("source"),
+                             entity_string(spec.entity).alias("entity"), pl.col("ts").cast(pl.Datetime("us", "UTC")),
+                             pl.col(REASON).alias("reason"))
+    rows = ingest.select(pl.col("date"), pl.lit("ingest").alias("stage"), pl.col("source"), pl.col("entity"), ts,
+                         pl.col("reason"))
+    return pl.concat([ticks, rows], how="vertical_relaxed").with_columns(
+        pl.lit(run_id).alias("run_id"), pl.lit(version).alias("model_version"),
+        pl.lit(at, pl.Datetime("us", "UTC")).alias("quarantined_at"))
+
+
+@dataclass
+class DateCounts:
+    """One date's part of a shard: counts and the data files written for it (add actions as plain data)."""
+
+    ticks_in: int = 0
+    rows_scored: int = 0
+    rows_quarantined: int = 0
+    anomalies: int = 0
+    output_files: list[dict] = field(default_factory=list)
+    quarantine_files: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ShardScores:
+    """What a scoring task returns to the driver: per date counts and file actions, the tables' schemas."""
+
+    shard: str
+    dates: dict[str, DateCounts]
+    output_schema: pa.Schema | None
+    quarantine_schema: pa.Schema | None
+    seconds: float = 0.0
+
+
+def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,
+                scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS) -> ShardScores:
+    """Read, align, featurize and score one shard, then write each of its dates' output and quarantine rows as
+    data files of the output tables (not committed: the driver commits each date). `spec` names where the data
+    is and the model version's modalities (see `pipelines.score.reading_spec`)."""
+    inputs = read_shard(shard, spec, storage)
+    ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
+    scorer = Scorer(mv)
+    parts = [pl.from_arrow(scorer(align(batch, tables, spec).to_arrow()))
+             for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks)]
+    scored = pl.concat(parts) if parts else None
+    result = ShardScores(shard.name, {}, None, None)
+    out_uri, q_uri = spec.score.output, spec.score.quarantine_path
+    for date in shard.dates:
+        day = date.isoformat()
+        counts = result.dates.setdefault(day, DateCounts())
+        counts.ticks_in = ticks.filter((pl.col(TIME) // DAY_US) == _day_number(date)).height
+        rows = scored.filter(pl.col("date") == day) if scored is not None else None
+        ingest = inputs.quarantined.filter(pl.col("date") == day)
+        if rows is not None and rows.height:
+            good = rows.filter(pl.col(REASON).is_null()).drop(REASON)
+            bad = rows.filter(pl.col(REASON).is_not_null())
+        else:
+            good = bad = None
+        if good is not None and good.height:
+            out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
+                           modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)
+            counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
+            counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
+            result.output_schema = out.schema
+        quarantine = quarantine_rows(bad if bad is not None else _no_ticks(spec), ingest, spec, run_id=run_id,
+                                     version=mv.version, at=scored_at).to_arrow(compat_level=_OLDEST)
+        counts.rows_quarantined = 0 if bad is None else bad.height
+        if quarantine.num_rows:
+            counts.quarantine_files.append(_write(storage, q_uri, quarantine, day, f"{run_id}-{shard.bucket}"))
+            result.quarantine_schema = quarantine.schema
+    return result
+
+
+def _day_number(date: dt.date) -> int:
+    return (date - dt.date(1970, 1, 1)).days
+
+
+def _no_ticks(spec: Spec) -> pl.DataFrame:
+    return pl.DataFrame(schema={**{k: pl.String for k in spec.entity}, "ts": pl.Datetime("us", "UTC"),
+                                "date": pl.String, REASON: pl.String})
+
+
+def _write(storage: Storage, uri: str, table: pa.Table, day: str, name: str) -> dict:
+    return write_data_file(storage.delta_uri(uri), table, date=day, name=name, filesystem=storage.filesystem(uri),
+                           root=storage.fs_path(uri))

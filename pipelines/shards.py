@@ -1,0 +1,132 @@
+"""Shards: the unit of work of every job. A shard is one or a few consecutive dates x one entity bucket,
+sized by the input bytes of its files; the driver plans shards from metadata only (file lists and sizes).
+
+Pure functions, no Ray: `list_inputs` lists each modality's Parquet files per date (the look-back days
+included), `plan_shards` groups dates and entity buckets under a byte budget.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import zlib
+from dataclasses import dataclass
+
+import polars as pl
+
+from dmafn.spec import Spec
+from pipelines.parquet_files import list_parquet_files
+from pipelines.storage import DataError, Storage, list_partitions
+
+# a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
+# aligned they take ~10x that in one worker
+SHARD_BYTES = 64_000_000
+DAYS_PER_SHARD = 7
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file of a modality: the date partition it lies in, its path (as the filesystem names it)
+    and its size on disk."""
+
+    modality: str
+    date: dt.date
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Consecutive `dates` x entity bucket `bucket` of `buckets`; `files` holds every file it reads: its dates'
+    and the look-back days' before them (rows within each modality's window or tolerance of the first tick)."""
+
+    dates: tuple[dt.date, ...]
+    bucket: int
+    buckets: int
+    files: tuple[InputFile, ...]
+    lookback_days: int = 1
+
+    @property
+    def name(self) -> str:
+        days = self.dates[0].isoformat() + (f"..{self.dates[-1].isoformat()}" if len(self.dates) > 1 else "")
+        return f"{days}#{self.bucket}of{self.buckets}"
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def alone(self) -> list["Shard"]:
+        """The same shard one date at a time (each with its own look-back files)."""
+        if len(self.dates) == 1:
+            return [self]
+        return [Shard((d,), self.bucket, self.buckets,
+                      tuple(f for f in self.files if f.date in _reads((d,), self.lookback_days)), self.lookback_days)
+                for d in self.dates]
+
+
+def _reads(dates: tuple[dt.date, ...], lookback_days: int) -> set[dt.date]:
+    return {d - dt.timedelta(days=i) for d in dates for i in range(lookback_days + 1)}
+
+
+def list_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> list[InputFile]:
+    """Every modality's Parquet files of `dates` and of the look-back days before them (metadata only).
+
+    Raises DataError naming the path when a modality's table or a folder cannot be listed; a date with no
+    folder simply has no files.
+    """
+    wanted = sorted(_reads(tuple(dates), spec.lookback_days))
+    files = []
+    for name, m in spec.modalities.items():
+        parts = list_partitions(storage, m.path, spec.partition)
+        listed = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in wanted if d in parts})
+        files += [InputFile(name, dt.date.fromisoformat(day), path, size) for day, path, size in listed]
+    return files
+
+
+def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:
+    sizes: dict[dt.date, int] = {}
+    for f in files:
+        sizes[f.date] = sizes.get(f.date, 0) + f.size
+    return sizes
+
+
+def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, shard_bytes: int = SHARD_BYTES,
+                days_per_shard: int = DAYS_PER_SHARD) -> list[Shard]:
+    """Shards covering `dates`: the entity buckets are as many as the largest date needs to fit `shard_bytes`
+    (every bucket of a date reads the date's files and keeps its entities' rows), and consecutive dates share
+    a shard while their bytes per bucket stay under `shard_bytes` (at most `days_per_shard` dates)."""
+    dates = sorted(set(dates))
+    if not dates:
+        return []
+    sizes = bytes_by_date(files)
+    buckets = max(1, max(-(-sizes.get(d, 0) // shard_bytes) for d in dates))
+    groups: list[list[dt.date]] = []
+    held = 0
+    for d in dates:
+        size = sizes.get(d, 0) / buckets
+        if not groups or len(groups[-1]) == days_per_shard or held + size > shard_bytes \
+                or (d - groups[-1][-1]).days != 1:
+            groups.append([])
+            held = 0
+        groups[-1].append(d)
+        held += size
+    shards = []
+    for group in groups:
+        reads = _reads(tuple(group), spec.lookback_days)
+        mine = tuple(f for f in files if f.date in reads)
+        shards += [Shard(tuple(group), b, buckets, mine, spec.lookback_days) for b in range(buckets)]
+    return shards
+
+
+def in_bucket(rows: pl.DataFrame, keys: list[str], bucket: int, buckets: int) -> pl.DataFrame:
+    """The rows whose entity falls in `bucket` of `buckets`: CRC-32 of the entity key (the same in every process
+    and version). A null key falls in one bucket, so its row is counted once."""
+    if buckets == 1:
+        return rows
+    key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in keys], separator="|").alias("_key")
+    mine = [k for k in rows.select(key).unique()["_key"].to_list() if zlib.crc32(k.encode()) % buckets == bucket]
+    return rows.filter(key.is_in(mine))
+
+
+def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> None:
+    """DataError when no modality has a file for any of `dates` (before anything is written)."""
+    if not any(f.date in set(dates) for f in files):
+        raise DataError(f"no modality of spec '{spec.name}' has data for {min(dates)}..{max(dates)}")
