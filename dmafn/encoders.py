@@ -16,6 +16,13 @@ from torch import nn
 from dmafn.features import TEXT_VOCAB
 
 TEXT_TARGET_BUCKETS = 64
+TEXT_CHUNK = 256          # text windows encoded together (sorted by length, trimmed to the chunk's longest)
+
+
+def first_token(pad: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's first non-padding column (T for an all-padding row)."""
+    columns = torch.arange(pad.shape[1], device=pad.device).expand_as(pad)
+    return torch.where(pad, pad.shape[1], columns).min(1).values
 
 
 class TabularEncoder(nn.Module):
@@ -98,6 +105,11 @@ class ImageEncoder(nn.Module):
         self.target_dim = channels * 16 * 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and len(x) > 1:
+            # scoring: a frame is the latest one for many ticks in a row; encode each distinct frame once
+            distinct, index = torch.unique(x.flatten(1), dim=0, return_inverse=True)         # (U, ch*H*W), (B,)
+            if len(distinct) < len(x):
+                return self.net(distinct.view(-1, *x.shape[1:]) * 2 - 1)[index]             # (B, d)
         return self.net(x * 2 - 1)                                        # (B, ch, H, W) -> (B, d)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,19 +146,32 @@ class TextEncoder(nn.Module):
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         pad = tokens == 0                                                 # (B, T)
-        h = self.embed(tokens)                                            # (B, T, d)
         if self.kind == "bag":
+            h = self.embed(tokens)                                        # (B, T, d)
             count = (~pad).sum(1, keepdim=True).clamp(min=1)
             return self.out(h.sum(1) / count + torch.log1p(count.float()) * self.cls[0])
-        h = torch.cat([self.cls.expand(len(tokens), -1, -1), h], 1) + self.pos[:, : tokens.shape[1] + 1]
-        pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)           # the CLS token is never padding
-        h = self.transformer(h, src_key_padding_mask=pad)                 # (B, T+1, d)
+        # windows sorted by length, a chunk at a time, each chunk without the leading columns that are padding
+        # in all its rows: attention costs grow with the square of the columns, and padded keys add nothing
+        lengths = tokens.shape[1] - first_token(pad)                      # (B,)
+        order = torch.argsort(lengths, stable=True)
+        encoded = [self._encode_columns(tokens[rows], tokens.shape[1] - int(lengths[rows].max()))
+                   for rows in order.split(TEXT_CHUNK)]
+        return torch.cat(encoded)[torch.argsort(order)]                   # (B, d), in the input's order
+
+    def _encode_columns(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The transformer over columns `start:` of `tokens`, at their positions in the full window."""
+        kept = tokens[:, start:]                                          # (B, T')
+        pad = torch.cat([torch.zeros(len(kept), 1, dtype=torch.bool, device=kept.device), kept == 0], 1)  # CLS: never
+        h = torch.cat([self.cls.expand(len(kept), -1, -1) + self.pos[:, :1],
+                       self.embed(kept) + self.pos[:, start + 1: tokens.shape[1] + 1]], 1)  # (B, T'+1, d)
+        h = self.transformer(h, src_key_padding_mask=pad)                 # (B, T'+1, d)
         return self.out(h[:, 0])
 
     def target(self, tokens: torch.Tensor) -> torch.Tensor:
-        buckets = torch.where(tokens > 0, tokens % TEXT_TARGET_BUCKETS, TEXT_TARGET_BUCKETS)
-        counts = F.one_hot(buckets, TEXT_TARGET_BUCKETS + 1)[..., :-1].sum(1).float()
-        return torch.log1p(counts)                                        # (B, 64)
+        buckets = torch.where(tokens > 0, tokens % TEXT_TARGET_BUCKETS, TEXT_TARGET_BUCKETS)      # (B, T)
+        counts = torch.zeros(len(tokens), TEXT_TARGET_BUCKETS + 1, device=tokens.device)
+        counts.scatter_add_(1, buckets, torch.ones_like(buckets, dtype=counts.dtype))           # (B, 65)
+        return torch.log1p(counts[:, :-1])                                # (B, 64)
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:

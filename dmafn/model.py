@@ -134,13 +134,17 @@ class DMAFN(nn.Module):
             targets = {m: enc.target(inputs[m]) for m, enc in self.encoders.items()}
             tokens = None if isinstance(self.fusion, EarlyFusion) else \
                 torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)            # (B, M, d)
+        # all M "one modality hidden" variants in one pass: block i of the (M*B)-row batch hides modality i
+        n, b = len(self.modalities), mask.shape[0]
+        hidden = mask.repeat(n, 1)                                                          # (M*B, M)
+        hidden[torch.arange(n * b, device=mask.device), torch.arange(n, device=mask.device).repeat_interleave(b)] = False
+        recon = self.heads["fused"](self.fuse(None if tokens is None else tokens.repeat(n, 1, 1),
+                                              {m: t.repeat(n, 1) for m, t in targets.items()}, hidden)).recon
         cols = []
         for i, m in enumerate(self.modalities):
-            hidden = mask.clone()
-            hidden[:, i] = False
-            recon = self.heads["fused"](self.fuse(tokens, targets, hidden)).recon[m]
-            err = F.mse_loss(recon, targets[m], reduction="none").mean(1)
-            cols.append(torch.where(hidden.any(1), err, torch.full_like(err, float("nan"))))
+            block = slice(i * b, (i + 1) * b)
+            err = F.mse_loss(recon[m][block], targets[m], reduction="none").mean(1)                  # (B,)
+            cols.append(torch.where(hidden[block].any(1), err, torch.full_like(err, float("nan"))))
         return torch.stack(cols, 1)
 
 

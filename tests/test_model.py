@@ -73,6 +73,44 @@ def test_text_encoder_encodes_repeated_windows_once_with_the_same_result_and_gra
     assert enc.embed.weight.grad is not None and enc.embed.weight.grad.abs().sum() > 0
 
 
+def _full_width_text(enc, tokens):
+    """The text transformer over every column of the window (the reference the trimmed chunks must equal)."""
+    h = torch.cat([enc.cls.expand(len(tokens), -1, -1), enc.embed(tokens)], 1) + enc.pos[:, : tokens.shape[1] + 1]
+    pad = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens == 0], 1)
+    return enc.out(enc.transformer(h, src_key_padding_mask=pad)[:, 0])
+
+
+def test_text_encoder_in_length_sorted_trimmed_chunks_equals_the_full_window_with_gradients():
+    from dmafn.encoders import TEXT_CHUNK
+
+    torch.manual_seed(0)
+    enc = TextEncoder(D, "transformer", 12)
+    n = 2 * TEXT_CHUNK + 7                                        # several chunks
+    tokens = torch.randint(1, 50, (n, 12))
+    lengths = torch.randint(0, 13, (n,))
+    tokens[torch.arange(12).expand(n, 12) < (12 - lengths)[:, None]] = 0      # left padding, as windows have
+    tokens[5, 9] = 0                                              # and a padding id inside one window
+    got, expected = enc._encode(tokens), _full_width_text(enc, tokens)
+    assert torch.allclose(got, expected, atol=1e-5)
+    got.sum().backward()
+    trimmed = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    expected.sum().backward()
+    for a, b in zip(trimmed, [p.grad for p in enc.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_image_encoder_scores_each_distinct_frame_once_with_the_same_result():
+    from dmafn.encoders import ImageEncoder
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(1, D).eval()
+    frames = torch.rand(3, 1, 16, 16)[[0, 0, 1, 2, 2, 2, 0]]
+    with torch.no_grad():
+        deduplicated = enc(frames)
+    assert torch.allclose(deduplicated, enc(frames), atol=1e-6)     # with gradients on: every row encoded
+
+
 def test_audio_log_mel_sees_pitch():
     enc = AudioEncoder(8000, D)
     t = torch.arange(4000) / 8000
@@ -147,6 +185,13 @@ def test_leave_one_out_errors_reuse_the_forward_encodings(fusion):
     assert reused.shape == (48, len(feats.modalities))
     assert torch.allclose(reused, again, equal_nan=True)
     assert torch.isfinite(reused).all()
+    with torch.no_grad():                                # one modality hidden at a time, one pass each
+        for i, m in enumerate(model.modalities):
+            hidden = mask.clone()
+            hidden[:, i] = False
+            recon = model.heads["fused"](model.fuse(out.tokens, out.targets, hidden)).recon[m]
+            err = ((recon - out.targets[m]) ** 2).mean(1)
+            assert torch.allclose(reused[:, i], err, atol=1e-5), m
 
 
 def _fit_and_auc(fusion, detector, kind="cross", epochs=12):
