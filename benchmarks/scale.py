@@ -1,6 +1,6 @@
 """Benchmark: how training and backfill grow with the data, against a bare single-process loop, in one run.
 
-    python -m benchmarks.scale [--scales 1,8,32] [--out benchmarks/results]
+    python -m benchmarks.scale [--scales 1,8,32] [--skab PATH/TO/skab] [--out benchmarks/results]
 
 For each scale the synthetic fleet is generated (entities x days grow together; the demo's size is 1x:
 4 pumps, 2 training days, 2 scored days), then, through the public CLI with a local Ray on this machine's CPUs:
@@ -10,6 +10,10 @@ process, a bare loop scores the same dates with the same model version: per date
 project's `align` -> `featurize` -> the model (one torch thread) -> `write_deltalake`; its scores are checked
 against the backfill's. Prints ticks/s of both and the ratio, and how the RSS figures grow from scale to
 scale; writes `scale.json` (`ratio` = backfill ticks/s / bare single-core ticks/s at the largest scale).
+
+With `--skab`, also sparse data of SKAB's shape (34 runs of ~20 minutes at 1 Hz spread over a month, grain
+1 s): its files as a lake (`benchmarks.skab.write_lake`), `dmafn train` (1 epoch) and `dmafn backfill` over
+every date through the CLI, timed against its number of rows.
 """
 from __future__ import annotations
 
@@ -148,9 +152,48 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str]) -> dic
     return row
 
 
+def run_skab(path: Path, root: Path, env: dict[str, str]) -> dict:
+    """SKAB-shaped sparse data through the CLI: many short runs a day at 1 Hz."""
+    from benchmarks.skab import load_files, write_lake
+
+    files = load_files(path)
+    spec_path = write_lake(files, root, window_s=10)
+    rows = sum(len(df) for df in files.values())
+    days = sorted({d for df in files.values() for d in df["datetime"].dt.date.unique()})
+    data = yaml.safe_load(spec_path.read_text())
+    data["train"] = {"start": days[0].isoformat(), "end": days[-1].isoformat(), "epochs": 1, "workers": 2,
+                     "validation_days": 1}
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    train_s, train_driver, _ = cli(["train", str(spec_path)], env)
+    back_s, back_driver = 0.0, 0
+    for first, last in _runs_of_days(days):          # a date without data is an error: backfill where data is
+        seconds, driver, _ = cli(["backfill", str(spec_path), "--start", first.isoformat(), "--end",
+                                  last.isoformat()], env)
+        back_s, back_driver = back_s + seconds, max(back_driver, driver)
+    ticks = int(pl.read_delta(str(root / "scores_runs"))["ticks_in"].sum())
+    row = {"files": len(files), "rows": rows, "dates": len(days), "ticks": ticks, "train_seconds": round(train_s, 1),
+           "backfill_seconds": round(back_s, 1), "train_driver_rss_mb": train_driver / 1e6,
+           "backfill_driver_rss_mb": back_driver / 1e6}
+    print(f"[skab] {len(files)} files, {rows} rows on {len(days)} dates: train {train_s:.0f} s, backfill "
+          f"{back_s:.0f} s for {ticks} ticks (ticks follow the data: about one per row, not "
+          f"{len(files)} x 86400 a day)", flush=True)
+    return row
+
+
+def _runs_of_days(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
+    runs: list[list[dt.date]] = []
+    for d in days:
+        if runs and (d - runs[-1][-1]).days == 1:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return [(r[0], r[-1]) for r in runs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="1,8,32", help=f"comma-separated, of {sorted(SCALES)}")
+    parser.add_argument("--skab", default=None, help="also run SKAB-shaped sparse data from this folder")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
@@ -160,6 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scale in scales:
             rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env))
+        skab = run_skab(Path(args.skab), Path(tmp) / "skab", env) if args.skab else None
     base = rows[0]
     print("\nscale  ticks    backfill t/s  bare t/s  ratio  train drv MB  train wkr MB  bf drv MB  bf wkr MB")
     for r in rows:
@@ -172,7 +216,8 @@ def main() -> None:
     for name, g in growth.items():
         print(f"RSS growth {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.items()))
     write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"], "scales": rows, "rss_growth": growth,
-                                          "num_cpus": num_cpus, "date": dt.date.today().isoformat()})
+                                          "skab_shaped": skab, "num_cpus": num_cpus,
+                                          "date": dt.date.today().isoformat()})
 
 
 if __name__ == "__main__":

@@ -82,10 +82,11 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     dates = sorted(set(dates))
     files = list_inputs(model_spec, dates, storage)
     require_columns(model_spec, storage, files)
-    shards = plan_shards(model_spec, dates, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard)
-    if len(shards) > len(dates):
-        log.info("%d date(s) in %d shard(s) of %d entity bucket(s)", len(dates), len(shards), shards[0].buckets)
     parallel = parallel or max(1, int(Resources.current().cpus))
+    shards = plan_shards(model_spec, dates, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard,
+                         min_shards=2 * parallel)
+    log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
+             shards[0].buckets if shards else 0, parallel)
     mv_ref, scored_at = ray.put(mv), dt.datetime.now(dt.timezone.utc)
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
     parts: dict[str, list[tuple[DateCounts, float]]] = {d: [] for d in waiting}

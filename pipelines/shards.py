@@ -89,15 +89,18 @@ def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:
 
 
 def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, shard_bytes: int = SHARD_BYTES,
-                days_per_shard: int = DAYS_PER_SHARD) -> list[Shard]:
+                days_per_shard: int = DAYS_PER_SHARD, min_shards: int = 1) -> list[Shard]:
     """Shards covering `dates`: the entity buckets are as many as the largest date needs to fit `shard_bytes`
     (every bucket of a date reads the date's files and keeps its entities' rows), and consecutive dates share
-    a shard while their bytes per bucket stay under `shard_bytes` (at most `days_per_shard` dates)."""
+    a shard while their bytes per bucket stay under `shard_bytes` (at most `days_per_shard` dates, fewer when
+    that would give less than `min_shards` shards: a cluster's slots all get work, and the last shard to
+    finish is short)."""
     dates = sorted(set(dates))
     if not dates:
         return []
     sizes = bytes_by_date(files)
     buckets = max(1, max(-(-sizes.get(d, 0) // shard_bytes) for d in dates))
+    days_per_shard = max(1, min(days_per_shard, -(-len(dates) * buckets // max(min_shards, 1))))
     groups: list[list[dt.date]] = []
     held = 0
     for d in dates:

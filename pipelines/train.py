@@ -220,8 +220,10 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
     require_columns(spec, storage, files)
-    train_shards = plan_shards(spec, train_days, files)
-    val_shards = plan_shards(spec, val_days, files)
+    # enough shards to keep a cluster busy, from the spec (not the cluster): the same spec plans the same shards
+    slots = 4 * spec.train.workers
+    train_shards = plan_shards(spec, train_days, files, min_shards=slots)
+    val_shards = plan_shards(spec, val_days, files, min_shards=slots)
     labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
     stats, quarantined = fit_statistics(spec, train_shards)
     with ordered_datasets():                         # same data + seed -> same model version, run after run

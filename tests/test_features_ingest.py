@@ -273,6 +273,9 @@ def test_plan_shards_groups_dates_and_splits_big_ones_into_entity_buckets(tiny_s
     assert [s.dates for s in alone] == [(d,) for d in days[0:3]]
     assert [f.path for f in alone[1].files] == ["/x/2024-01-02", "/x/2024-01-03"]     # its look-back day too
     assert plan_shards(spec, [], files) == []
+    # at least 4 shards for 7 dates and one bucket: 2 dates a shard, not 7
+    plan = plan_shards(spec, days, files, shard_bytes=10**9, days_per_shard=7, min_shards=4)
+    assert [len(s.dates) for s in plan] == [2, 2, 2, 1]
 
 
 def test_a_file_with_a_bad_schema_or_body_is_named(tmp_path, tiny_spec):
@@ -324,3 +327,22 @@ def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(t
     assert np.allclose(feats.inputs["vib"][present].sum(1), 0, atol=1e-5)          # each window centred
     with pytest.raises(ValueError, match="modality 'vib': the model was trained with transform 'centered'"):
         featurize(aligned, tiny_spec, stats)
+
+
+def test_files_with_naive_utc_and_other_time_zones_meet_as_utc(tmp_path, tiny_spec):
+    """Each file's event time becomes UTC microseconds before the files meet: naive means UTC, a time zone
+    is converted from; files of one date may differ."""
+    import datetime as dt
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    noon = 1_704_196_800_000_000                                  # 2024-01-02 12:00 UTC
+    rows = lambda ts_type, t: pa.table({"machine_id": ["a"], "ts": pa.array([t], ts_type), "temp": [1.0]})  # noqa
+    _write(tmp_path / "date=2024-01-02" / "naive.parquet", rows(pa.timestamp("us"), noon))
+    _write(tmp_path / "date=2024-01-02" / "utc.parquet", rows(pa.timestamp("ms", tz="UTC"), noon // 1000 + 60_000))
+    _write(tmp_path / "date=2024-01-02" / "berlin.parquet", rows(pa.timestamp("us", tz="Europe/Berlin"),
+                                                                  noon + 120_000_000))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert sorted(got.tables["proc"]["_t"].to_list()) == [noon, noon + 60_000_000, noon + 120_000_000]
