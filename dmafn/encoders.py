@@ -50,12 +50,16 @@ class _TCN(nn.Module):
             nn.Conv1d(d_model, d_model, kernel, dilation=2 ** i) for i in range(levels))
         self.kernel = kernel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def states(self, x: torch.Tensor) -> torch.Tensor:
+        """The state after every step (B, d, L): step t sees steps <= t only."""
         h = self.inp(x.transpose(1, 2))                                   # (B, d, L)
         for i, conv in enumerate(self.blocks):
             pad = (self.kernel - 1) * 2 ** i
             h = h + F.gelu(conv(F.pad(h, (pad, 0))))                      # causal: pad on the left only
-        return h[:, :, -1]                                                # (B, d): the state at the tick
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.states(x)[:, :, -1]                                   # (B, d): the state at the tick
 
 
 class SeriesEncoder(nn.Module):

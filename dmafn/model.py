@@ -137,7 +137,8 @@ class DMAFN(nn.Module):
         # all M "one modality hidden" variants in one pass: block i of the (M*B)-row batch hides modality i
         n, b = len(self.modalities), mask.shape[0]
         hidden = mask.repeat(n, 1)                                                          # (M*B, M)
-        hidden[torch.arange(n * b, device=mask.device), torch.arange(n, device=mask.device).repeat_interleave(b)] = False
+        rows, hide = torch.arange(n * b, device=mask.device), torch.arange(n, device=mask.device).repeat_interleave(b)
+        hidden[rows, hide] = False
         recon = self.heads["fused"](self.fuse(None if tokens is None else tokens.repeat(n, 1, 1),
                                               {m: t.repeat(n, 1) for m, t in targets.items()}, hidden)).recon
         cols = []

@@ -162,6 +162,7 @@ class StorageSpec:
     endpoint_url: str | None = None
     region: str | None = None
     allow_http: bool | None = None
+    timeout_s: float = 10.0      # each S3 connect and request; with one retry an unresponsive endpoint fails in ~30 s
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,10 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
                         "normalization", "modality_dropout", "cross_modal_scoring"})
     return ModelSpec(
-        fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion), detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
-        preset=sec.choice("preset", PRESETS, ModelSpec.preset), series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, ModelSpec.series_encoder),
+        fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
+        detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
+        preset=sec.choice("preset", PRESETS, ModelSpec.preset),
+        series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, ModelSpec.series_encoder),
         text_encoder=sec.choice("text_encoder", TEXT_ENCODERS, ModelSpec.text_encoder),
         vote=sec.choice("vote", VOTES, ModelSpec.vote),
         normalization=sec.choice("normalization", NORMALIZATIONS, ModelSpec.normalization),
@@ -398,9 +401,10 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                             end=lab.get("end", "end_ts"))
     storage = StorageSpec()
     if (sto := top.section("storage")) is not None:
-        sto.reject_unknown({"endpoint_url", "region", "allow_http"})
+        sto.reject_unknown({"endpoint_url", "region", "allow_http", "timeout_s"})
         storage = StorageSpec(endpoint_url=sto.get("endpoint_url"), region=sto.get("region"),
-                              allow_http=sto.get("allow_http"))
+                              allow_http=sto.get("allow_http"),
+                              timeout_s=sto.number("timeout_s", StorageSpec.timeout_s, float, 0.1, 600))
     spec = Spec(name=str(top.required("name")), entity=top.string_list("entity"), time=str(top.required("time")),
                 grain_us=grain, partition=str(top.get("partition", "date")), modalities=modalities,
                 train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from dmafn.features import decode_image
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, date_start_us, to_micros
 from pipelines.parquet_files import open_parquet, read_columns
@@ -18,6 +20,7 @@ from pipelines.shards import Shard, in_bucket
 from pipelines.storage import DataError, Storage
 
 REASON = "_reason"
+BAD_TEXT = "_bad_text"
 _PNG, _JPEG = b"\x89PNG", b"\xff\xd8"
 
 
@@ -61,8 +64,12 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
-    """`df` with `_reason` added (see `check_rows`)."""
+    """`df` with `_reason` added (see `check_rows`); a true `_bad_text` column (from `valid_text`) marks text that
+    was not valid UTF-8, and is dropped."""
+    bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
+    df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT))
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
+    conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
     for col in m.value_columns:
         bad = pl.col(col).is_null()
@@ -76,7 +83,48 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     expr = pl.when(conditions[0][0]).then(pl.lit(conditions[0][1]))
     for cond, reason in conditions[1:]:
         expr = expr.when(cond).then(pl.lit(reason))
-    return df.with_columns(expr.otherwise(None).alias(REASON))
+    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT)
+
+
+def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
+    """A text modality's column with every value that is not valid UTF-8 replaced by null, and the mask of those
+    rows (all false for other kinds). Valid columns, the usual case, are checked in one pass."""
+    bad = np.zeros(table.num_rows, bool)
+    if m.kind != "text":
+        return table, bad
+    column = table.column(m.column)
+    try:
+        column.validate(full=True)
+        return table, bad
+    except pa.ArrowInvalid:
+        pass
+    raw = column.cast(pa.binary()).to_pylist()
+    for i, value in enumerate(raw):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+    fixed = pa.array([None if b else v for v, b in zip(raw, bad)], pa.binary()).cast(pa.string())
+    return table.set_column(table.schema.get_field_index(m.column), m.column, fixed), bad
+
+
+def misplaced(rows: pl.DataFrame, date) -> pl.DataFrame:
+    """Rows of the `date` partition timed on another date get a reason (they are quarantined, never used)."""
+    start = date_start_us(date)
+    outside = pl.col(REASON).is_null() & ((pl.col(TIME) < start) | (pl.col(TIME) >= start + DAY_US))
+    return rows.with_columns(pl.when(outside).then(pl.lit(f"timed outside its date partition {date.isoformat()}"))
+                             .otherwise(pl.col(REASON)).alias(REASON))
+
+
+def undecodable_images(rows: pl.DataFrame, m: ModalitySpec) -> pl.DataFrame:
+    """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason."""
+    usable = rows[REASON].is_null().to_numpy()
+    frames = rows[m.column].to_list()
+    broken = [bool(ok) and decode_image(frame, m) is None for ok, frame in zip(usable, frames)]
+    reason = pl.lit(f"undecodable image in column '{m.column}'")
+    return rows.with_columns(pl.when(pl.Series(broken, dtype=pl.Boolean)).then(reason).otherwise(pl.col(REASON))
+                             .alias(REASON))
 
 
 @dataclass
@@ -108,9 +156,13 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         for f in (f for f in shard.files if f.modality == name):
             parquet = open_parquet(fs, f.path)
             check_schema(parquet.schema_arrow, spec, m, f.path)
-            rows = with_reasons(pl.from_arrow(read_columns(parquet, f.path, columns)), spec, m)
+            table, bad_text = valid_text(read_columns(parquet, f.path, columns), m)
+            rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
             rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                 .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
+            rows = misplaced(rows, f.date)
+            if m.kind == "image":
+                rows = undecodable_images(rows, m)
             good = rows.filter(pl.col(REASON).is_null())
             if f.date.isoformat() in days.values():
                 quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(

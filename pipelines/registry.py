@@ -1,12 +1,13 @@
 """Model registry: a folder per version under `registry` (local or s3:// via boto3) and a LATEST pointer.
 
-A version holds `weights.pt` (a state dict, loaded with weights_only=True: no pickled code) and
-`manifest.json` (resolved spec, model config, preprocessing statistics, threshold calibration, validation
-metrics, training window).
+A version holds `weights.pt` (a state dict, loaded with weights_only=True: no pickled code), `manifest.json`
+(resolved spec, model config, preprocessing statistics, threshold calibration, validation metrics, training
+window, the SHA-256 of the weights) and `manifest.sha256` (the manifest's own SHA-256); both are checked at load.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import uuid
@@ -21,6 +22,7 @@ from dmafn.spec import Spec, parse_spec
 from pipelines.storage import DataError, Storage, is_s3, join
 
 LATEST = "LATEST"
+MANIFEST_SHA256 = "manifest.sha256"
 
 
 @dataclass
@@ -50,9 +52,7 @@ class Registry:
 
     # -- bytes I/O, local or S3
     def _s3(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.storage.endpoint_url, region_name=self.storage.region)
+        return self.storage.boto3_client()
 
     @staticmethod
     def _split(uri: str) -> tuple[str, str]:
@@ -86,8 +86,12 @@ class Registry:
         torch.save(model.state_dict(), buf)
         manifest = {**manifest, "version": version, "model_config": asdict(model.cfg),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-        self._write(join(self.root, version, "weights.pt"), buf.getvalue())
-        self._write(join(self.root, version, "manifest.json"), json.dumps(manifest, indent=2, default=str).encode())
+        weights = buf.getvalue()
+        manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        body = json.dumps(manifest, indent=2, default=str).encode()
+        self._write(join(self.root, version, "weights.pt"), weights)
+        self._write(join(self.root, version, "manifest.json"), body)
+        self._write(join(self.root, version, MANIFEST_SHA256), hashlib.sha256(body).hexdigest().encode())
         self._write(join(self.root, LATEST), version.encode())
         return version
 
@@ -95,13 +99,47 @@ class Registry:
         return self._read(join(self.root, LATEST)).decode().strip()
 
     def load(self, version: str | None = None) -> ModelVersion:
-        """Load a version (default: LATEST) with weights_only=True."""
+        """Load a version (default: LATEST): the manifest and the weights are checked against the checksums
+        written at save, and the weights must be a plain state dict of tensors (loaded with weights_only=True,
+        so no code in the file is run). DataError names the file otherwise."""
         version = version or self.latest()
-        manifest = json.loads(self._read(join(self.root, version, "manifest.json")))
+        manifest_path, weights_path = join(self.root, version, "manifest.json"), join(self.root, version, "weights.pt")
+        body = self._read(manifest_path)
+        expected = self._read_optional(join(self.root, version, MANIFEST_SHA256))
+        if expected is not None and hashlib.sha256(body).hexdigest() != expected.decode().strip():
+            raise DataError(f"{manifest_path}: checksum does not match {MANIFEST_SHA256}; the file was changed "
+                            "after the version was saved")
+        manifest = json.loads(body)
         spec = parse_spec(manifest["spec"], source=f"model version {version}")
         model = build_model(spec.modalities, ModelConfig(**manifest["model_config"]))
-        state = torch.load(io.BytesIO(self._read(join(self.root, version, "weights.pt"))), map_location="cpu",
-                           weights_only=True)
-        model.load_state_dict(state)
+        weights = self._read(weights_path)
+        if manifest.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != manifest["weights_sha256"]:
+            raise DataError(f"{weights_path}: checksum does not match the manifest's weights_sha256; the file was "
+                            "changed after the version was saved")
+        model.load_state_dict(plain_state_dict(weights, weights_path))
         model.eval()
         return ModelVersion(version=version, manifest=manifest, model=model)
+
+    def _read_optional(self, path: str) -> bytes | None:
+        """The file's bytes, or None when a version saved before checksums has none."""
+        try:
+            return self._read(path)
+        except DataError as exc:
+            if "not found" in str(exc) or "NoSuchKey" in str(exc) or "404" in str(exc):
+                return None
+            raise
+
+
+def plain_state_dict(data: bytes, path: str) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from `data`, or DataError naming `path`: anything else (a pickled object, a
+    module, code) is refused by torch's weights_only loader without running any of it."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ... all mean "not a plain state dict"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a plain tensor state dict, refused without running any code in it "
+                        f"({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise DataError(f"{path}: not a plain tensor state dict (it holds {type(state).__name__}); refused")
+    return state

@@ -36,6 +36,7 @@ class DateResult:
     rows_quarantined: int
     anomalies: int
     seconds: float
+    input_rows_quarantined: int = 0     # unusable input rows of the date (stage = ingest in the quarantine table)
 
 
 @ray.remote(num_cpus=1)
@@ -154,9 +155,9 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         raise DataError(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:
         raise RuntimeError(f"{day}: {ticks_in} ticks in but {scored} scored + {quarantined} quarantined")
-    for path, files, schema in ((spec.score.quarantine_path, [f for c in counts for f in c.quarantine_files],
-                                 schemas.get("quarantine")),
-                                (spec.score.output, [f for c in counts for f in c.output_files], schemas.get("output"))):
+    tables = ((spec.score.quarantine_path, [f for c in counts for f in c.quarantine_files], schemas.get("quarantine")),
+              (spec.score.output, [f for c in counts for f in c.output_files], schemas.get("output")))
+    for path, files, schema in tables:
         uri, options = storage.delta_uri(path), storage.delta_options(path)
         if schema is None:                       # nothing written for this table by any shard of the run
             table = read_table(uri, options)
@@ -166,7 +167,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         commit_date(uri, files, date=day, schema=schema, storage_options=options)
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
-                      seconds=round(sum(s for _, s in parts) + time.time() - t0, 2))
+                      seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
+                      input_rows_quarantined=sum(c.input_rows_quarantined for c in counts))
 
 
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str) -> None:
@@ -176,6 +178,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
                     "rows_quarantined": pa.array([result.rows_quarantined], pa.int64()),
                     "anomalies": pa.array([result.anomalies], pa.int64()),
+                    "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
     write_partition(storage.delta_uri(spec.score.runs_path), row, date=None, mode="append",

@@ -109,6 +109,7 @@ class DateCounts:
     rows_scored: int = 0
     rows_quarantined: int = 0
     anomalies: int = 0
+    input_rows_quarantined: int = 0
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 
@@ -143,6 +144,7 @@ def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *,
         counts.ticks_in = ticks.filter((pl.col(TIME) // DAY_US) == _day_number(date)).height
         rows = scored.filter(pl.col("date") == day) if scored is not None else None
         ingest = inputs.quarantined.filter(pl.col("date") == day)
+        counts.input_rows_quarantined = ingest.height
         if rows is not None and rows.height:
             good = rows.filter(pl.col(REASON).is_null()).drop(REASON)
             bad = rows.filter(pl.col(REASON).is_not_null())

@@ -42,6 +42,7 @@ class Storage:
     endpoint_url: str | None = None
     region: str | None = None
     allow_http: bool = False
+    timeout_s: float = StorageSpec.timeout_s     # per S3 connect and request, one retry (pyarrow, deltalake, boto3)
 
     @classmethod
     def from_spec(cls, spec: StorageSpec | None) -> "Storage":
@@ -49,14 +50,14 @@ class Storage:
         endpoint = spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         region = spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         allow_http = spec.allow_http if spec.allow_http is not None else bool(endpoint and endpoint.startswith("http:"))
-        return cls(endpoint_url=endpoint, region=region, allow_http=allow_http)
+        return cls(endpoint_url=endpoint, region=region, allow_http=allow_http, timeout_s=spec.timeout_s)
 
     def filesystem(self, path: str) -> pafs.FileSystem:
         """A pyarrow filesystem for `path` (local or S3)."""
         if not is_s3(path):
             return pafs.LocalFileSystem()
-        kwargs: dict = {"region": self.region, "connect_timeout": 5, "request_timeout": 30,
-                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+        kwargs: dict = {"region": self.region, "connect_timeout": self.timeout_s, "request_timeout": self.timeout_s,
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host, scheme=scheme)
@@ -73,7 +74,8 @@ class Storage:
         """deltalake storage options for `path` (None for local folders)."""
         if not is_s3(path):
             return None
-        opts = {"AWS_REGION": self.region or "us-east-1"}
+        seconds = f"{max(1, round(self.timeout_s))}s"
+        opts = {"AWS_REGION": self.region or "us-east-1", "timeout": seconds, "connect_timeout": seconds}
         if self.endpoint_url:
             opts["AWS_ENDPOINT_URL"] = self.endpoint_url
         if self.allow_http:
@@ -82,6 +84,15 @@ class Storage:
             if os.environ.get(name):
                 opts[name] = os.environ[name]
         return opts
+
+    def boto3_client(self):
+        """A boto3 S3 client with the same endpoint, region and timeouts (one retry)."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s,
+                        retries={"max_attempts": 2, "mode": "standard"})
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def delta_uri(self, path: str) -> str:
         return path if is_s3(path) else str(Path(path).absolute())

@@ -184,7 +184,8 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> tuple[dict, dic
                                                        for s in shards]) if p is not None]
     if not parts:
         raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
-    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts]), mask=np.concatenate([r.mask for _, r in parts]),
+    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts]),
+                    mask=np.concatenate([r.mask for _, r in parts]),
                     latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts]))
     modalities = tuple(spec.modalities)
     calib = fit_calibration(raw, modalities, spec.model.detector, spec.model.vote)

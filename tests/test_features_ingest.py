@@ -346,3 +346,57 @@ def test_files_with_naive_utc_and_other_time_zones_meet_as_utc(tmp_path, tiny_sp
                                                                   noon + 120_000_000))
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     assert sorted(got.tables["proc"]["_t"].to_list()) == [noon, noon + 60_000_000, noon + 120_000_000]
+
+
+def _invalid_utf8(values: list[bytes]) -> pa.Array:
+    offsets = np.cumsum([0, *[len(v) for v in values]]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                           pa.py_buffer(b"".join(values))])
+
+
+def test_bad_text_undecodable_images_and_misplaced_rows_are_quarantined_with_their_reason(tmp_path, tiny_spec):
+    """Invalid UTF-8 in a text column, a PNG header followed by garbage, and a row filed under another date's
+    partition are each kept out of the usable rows and counted in quarantine with their own reason."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day + 60_000_000, day + 120_000_000, day - 60_000_000], pa.timestamp("us", tz="UTC"))
+    mods = {"logs": replace(tiny_spec.modalities["logs"], path=str(tmp_path / "logs")),
+            "cam": replace(tiny_spec.modalities["cam"], path=str(tmp_path / "cam"))}
+    spec = replace(tiny_spec, modalities=mods)
+    _write(tmp_path / "logs" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a", "a", "a"], "ts": ts, "msg": _invalid_utf8([b"ok", b"bad \xff\xfe", b"x"])}))
+    _write(tmp_path / "cam" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a", "a", "a"], "ts": ts,
+                     "frame": [png(10), b"\x89PNG\r\n\x1a\n garbage", png(20)]}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["logs"]["msg"].to_list() == ["ok"] and got.tables["cam"].height == 1
+    reasons = sorted(got.quarantined.select("source", "reason").rows())
+    assert reasons == [("cam", "timed outside its date partition 2024-01-02"),
+                       ("cam", "undecodable image in column 'frame'"),
+                       ("logs", "invalid UTF-8 in column 'msg'"),
+                       ("logs", "timed outside its date partition 2024-01-02")]
+
+
+def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
+    """The footer reads, the pages do not: a DataError naming the file, not a thrift traceback."""
+    import datetime as dt
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    path = tmp_path / "date=2024-01-02" / "part-0.parquet"
+    n = 5000
+    _write(path, pa.table({"machine_id": ["a"] * n, "ts": pa.array(np.arange(n) + 1_704_153_600_000_000,
+                                                                   pa.timestamp("us", tz="UTC")),
+                           "temp": np.random.default_rng(0).normal(size=n)}))
+    data = bytearray(path.read_bytes())
+    data[4:4000] = bytes(np.random.default_rng(1).integers(0, 256, 3996, dtype=np.uint8))   # pages, not footer
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"part-0\.parquet: not a readable Parquet file"):
+        read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())

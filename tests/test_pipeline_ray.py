@@ -29,9 +29,11 @@ def trained(tmp_path_factory, local_ray):
     spec = load_spec(spec_path)
     spec = replace(spec, train=replace(spec.train, epochs=2, batch_size=128))
     # a few unusable rows on the scored day: they must be counted in quarantine, not lost
-    bad = pa.table({"machine_id": ["pump-00", None], "ts": pa.array([int(1704240000e6), int(1704240060e6)],
-                                                                     pa.timestamp("us", tz="UTC")),
-                    "temperature": [None, 50.0], "pressure": [3.0, 3.0]})
+    # (and a row filed under 2024-01-03 but timed on 2024-01-04)
+    bad = pa.table({"machine_id": ["pump-00", None, "pump-01"],
+                    "ts": pa.array([int(1704240000e6), int(1704240060e6), int(1704328200e6)],
+                                   pa.timestamp("us", tz="UTC")),
+                    "temperature": [None, 50.0, 50.0], "pressure": [3.0, 3.0, 3.0]})
     pq.write_table(bad, root / "raw" / "process" / "date=2024-01-03" / "bad-rows.parquet")
     version = train(spec)
     return spec, version, root
@@ -129,12 +131,13 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     q = pl.read_delta(str(root / "scores_quarantine")).filter(pl.col("date") == "2024-01-03")
     ingest = q.filter(pl.col("stage") == "ingest")
     assert sorted(ingest["reason"].to_list()) == ["null entity column 'machine_id'",
+                                                  "timed outside its date partition 2024-01-03",
                                                   "unusable value in column 'temperature'"]
     runs = pl.read_delta(str(root / "scores_runs"))
     scored = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").height
     last = runs.sort("finished_at").row(-1, named=True)
     assert last["ticks_in"] == last["rows_scored"] + last["rows_quarantined"]
-    assert last["rows_scored"] == scored
+    assert last["rows_scored"] == scored and last["input_rows_quarantined"] == 3
 
 
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
@@ -143,8 +146,18 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     spec, _, _ = trained
     result = evaluate(spec, start=DAY3, end=DAY3, report_dir=str(tmp_path))
     assert {"fused", "score_process", "score_vibration"} <= set(result["overall"])
-    assert 0.0 <= result["overall"]["fused"]["roc_auc"] <= 1.0
     assert result["anomalous_ticks"] > 0
+    # the report's ROC-AUC is the one of the Delta table's scores against the labels, and ranks the anomalies
+    from dmafn.metrics import roc_auc
+    from pipelines.align import label_ticks, to_micros
+    from pipelines.labels import read_labels
+    from pipelines.storage import Storage
+
+    table = pl.read_delta(spec.score.output).filter(pl.col("date") == DAY3.isoformat())
+    labelled = label_ticks(table.with_columns(to_micros(pl.col("ts")).alias("_t")), read_labels(spec, Storage()),
+                           spec, spec.labels.start, spec.labels.end)
+    expected = roc_auc(labelled["score"].to_numpy(), labelled["label"].to_numpy())
+    assert result["overall"]["fused"]["roc_auc"] == pytest.approx(expected) and expected > 0.7
     assert (tmp_path / "scores.png").stat().st_size > 10_000
     fused = result["overall"]["fused"]
     assert fused["oracle_f1"] >= fused["f1"]            # the oracle may pick the calibrated threshold too
@@ -318,3 +331,75 @@ def test_tick_batches_read_the_rows_before_their_first_tick(trained):
     noon = date_start_us(DAY3) + 12 * 3_600_000_000
     first = next(tables for batch, tables in tick_batches(ticks.filter(pl.col(TIME) >= noon), inputs.tables, spec, 10))
     assert first["vibration"][TIME].min() < noon                   # the window before noon was read
+
+
+def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray):
+    """A Parquet file whose footer reads but whose pages do not, met inside a Ray task: `dmafn score` exits 2
+    with one `error:` line naming the file, and no traceback (from Ray or Python) on its console."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+    import yaml
+
+    spec, _, root = trained
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    bad = tmp_path / "raw" / "process" / "date=2024-01-03" / "bad-rows.parquet"
+    n = 5000
+    pq.write_table(pa.table({"machine_id": ["pump-00"] * n, "ts": pa.array(np.arange(n) + int(1704240000e6),
+                                                                           pa.timestamp("us", tz="UTC")),
+                             "temperature": np.ones(n), "pressure": np.ones(n)}), bad)
+    data = bytearray(bad.read_bytes())
+    data[4:4000] = bytes(np.random.default_rng(1).integers(0, 256, 3996, dtype=np.uint8))
+    bad.write_bytes(bytes(data))
+    spec_data = yaml.safe_load((root / "spec.yaml").read_text())
+    for m in spec_data["modalities"].values():
+        m["path"] = m["path"].replace(str(root / "raw"), str(tmp_path / "raw"))
+    spec_data["score"]["output"] = str(tmp_path / "scores")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_data))
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-m", "jobs.score", str(tmp_path / "spec.yaml"), "--date", "2024-01-03"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert len(errors) == 1 and "bad-rows.parquet: not a readable Parquet file" in errors[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr + run.stdout and "RayTaskError" not in run.stderr + run.stdout
+    assert not (tmp_path / "scores").exists()
+
+
+def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp_path):
+    """A registry version whose weights are not a plain tensor state dict is refused without running its code;
+    weights or a manifest changed after saving fail their checksum; each error names the file."""
+    import io
+    import shutil
+
+    import torch
+
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+
+    spec, version, root = trained
+    registry = Registry(str(tmp_path / "models"), Storage())
+    folder = tmp_path / "models" / version
+    shutil.copytree(root / "models" / version, folder)
+    assert registry.load(version).version == version
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran code from weights.pt",))
+
+    buf = io.BytesIO()
+    torch.save({"encoders.x": Payload()}, buf)
+    (folder / "weights.pt").write_bytes(buf.getvalue())
+    with pytest.raises(DataError, match=r"weights\.pt: checksum does not match"):
+        registry.load(version)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("weights_sha256")                               # an attacker who edits the manifest too ...
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"manifest\.json: checksum does not match"):
+        registry.load(version)
+    (folder / "manifest.sha256").unlink()                         # ... and drops its checksum: still refused
+    with pytest.raises(DataError, match=r"weights\.pt: not a plain tensor state dict, refused without running"):
+        registry.load(version)

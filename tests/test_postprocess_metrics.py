@@ -107,7 +107,8 @@ def test_grouped_events_pool_each_entitys_runs():
         good += e["event_precision"] * e["alarms"]
         alarms += e["alarms"]
     got = _grouped_events(pred, labels, groups)
-    assert got["event_recall"] == pytest.approx(hits / events_) and got["event_precision"] == pytest.approx(good / alarms)
+    assert got["event_recall"] == pytest.approx(hits / events_)
+    assert got["event_precision"] == pytest.approx(good / alarms)
 
 
 def test_gpd_fit_recovers_exponential_and_pareto():

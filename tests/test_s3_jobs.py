@@ -156,6 +156,46 @@ def test_unreachable_endpoint_is_a_clear_error_before_any_write(s3_spec, tmp_pat
         list_inputs(broken, [DAYS[0]], Storage.from_spec(broken.storage))
 
 
+def test_an_endpoint_that_never_answers_fails_within_the_storage_timeout(s3_spec):
+    """A server that accepts connections and never answers: listing the inputs fails with a DataError after
+    the spec's `storage.timeout_s` (and one retry), not after minutes."""
+    import socket
+
+    from pipelines.shards import list_inputs
+
+    spec, _, _ = s3_spec
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])              # held open, never answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    silent = replace(spec, storage=replace(spec.storage, endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}",
+                                           timeout_s=1.0))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataError, match=r"s3://lake/raw/.*cannot be read"):
+            list_inputs(silent, [DAYS[0]], Storage.from_spec(silent.storage))
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()
+    assert accepted, "the client never connected"
+    assert time.monotonic() - started < 30
+
+
 def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):
     uri = str(tmp_path / "scores")
     old = pa.table({"date": ["2024-01-01"], "score": [1.0], "score_a": [0.5]})
