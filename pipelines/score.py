@@ -120,6 +120,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 if not shard.dates:
                     continue
             running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at)] = shard
+        if not running:                           # only shards of dates that had already failed were left
+            break
         ready, _ = ray.wait(list(running), num_returns=1)
         shard = running.pop(ready[0])
         try:
