@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -113,14 +115,22 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
-    start_epoch = 0
+    start_epoch, resumed_at = 0, []
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:                                   # resume after a failure
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+    # Ray Train may restart a worker group without a checkpoint it had already persisted (seen when a worker
+    # died right after the first one): take the newest complete one in the run's folder if it is further on
+    on_disk = latest_checkpoint_state(Storage.from_spec(spec.storage), config["run_dir"], device)
+    if on_disk is not None and (state is None or on_disk["epoch"] > state["epoch"]):
+        state = on_disk
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
+        resumed_at = [*state.get("resumed_at", []), start_epoch]
     shard = ray.train.get_dataset_shard("train")
     modalities = tuple(spec.modalities)
     rank = ray.train.get_context().get_world_rank()
@@ -139,10 +149,31 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           os.path.join(d, "state.pt"))
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "resumed_at": resumed_at}, os.path.join(d, "state.pt"))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)   # every rank reports (Ray Train V2)
+
+
+def latest_checkpoint_state(storage: Storage, run_dir: str, device) -> dict | None:
+    """The newest `checkpoint_*/state.pt` under a Ray Train run's folder that loads completely (one cut off by
+    a dying worker is skipped); None when there is none yet."""
+    import pyarrow.fs as pafs
+
+    fs = storage.filesystem(run_dir)
+    root = storage.fs_path(run_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    for entry in sorted((e for e in entries if e.base_name.startswith("checkpoint_")), key=lambda e: e.base_name,
+                        reverse=True):
+        try:
+            with fs.open_input_stream(f"{entry.path}/state.pt") as f:
+                return torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        except Exception:  # noqa: BLE001 - missing or cut off: try the one before
+            continue
+    return None
 
 
 def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Storage, run_root: str) -> dict:
@@ -154,8 +185,9 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
     per_worker = {"CPU": res.train_worker_cpus(workers)}
     if spec.train.gpu:
         per_worker["GPU"] = 1
+    name = f"{spec.name}-{int(time.time())}-{uuid.uuid4().hex[:6]}"
     run_config = RunConfig(
-        name=f"{spec.name}-{int(time.time())}", storage_path=storage.fs_path(run_root) if is_s3(run_root) else run_root,
+        name=name, storage_path=storage.fs_path(run_root) if is_s3(run_root) else run_root,
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
     ingest = DataConfig.default_ingest_options()
@@ -164,7 +196,7 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
         _train_loop,
         train_loop_config={"spec": spec, "model": asdict(cfg), "epochs": spec.train.epochs, "seed": spec.train.seed,
                            "lr": spec.train.learning_rate, "batch_size": spec.train.batch_size,
-                           "pos_weight": pos_weight, "gpu": spec.train.gpu},
+                           "pos_weight": pos_weight, "gpu": spec.train.gpu, "run_dir": join(run_root, name)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=spec.train.gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if spec.train.gpu else "gloo"),
         run_config=run_config, datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
@@ -173,7 +205,8 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
         raise RuntimeError(f"training of '{spec.name}' produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    return {"state": state["model"], "loss": result.metrics.get("loss"), "epochs": state["epoch"] + 1}
+    return {"state": state["model"], "loss": result.metrics.get("loss"), "epochs": state["epoch"] + 1,
+            "resumed_at": state.get("resumed_at", [])}
 
 
 def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> tuple[dict, dict]:
@@ -251,6 +284,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},
                 "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
+                            "resumed_at_epochs": fitted["resumed_at"],
                             **validation, "seconds": round(time.time() - t0, 1)},
                 "input_quarantine": quarantined}
     version = Registry(spec.registry, storage).save(model, manifest)

@@ -403,3 +403,41 @@ def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp
     (folder / "manifest.sha256").unlink()                         # ... and drops its checksum: still refused
     with pytest.raises(DataError, match=r"weights\.pt: not a plain tensor state dict, refused without running"):
         registry.load(version)
+
+
+def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(trained, tmp_path):
+    """A Train worker killed once the first checkpoint exists: the worker group restarts and training goes on
+    from the epoch after the latest checkpoint, not from epoch 0 (the manifest records where it resumed)."""
+    import threading
+    import time
+
+    import psutil
+
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+    from pipelines.train import train
+
+    spec, _, _ = trained
+    spec = replace(spec, registry=str(tmp_path / "models"), train=replace(spec.train, epochs=5))
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "models" / "_train_runs").glob("*/checkpoint_*")):
+                for proc in psutil.process_iter(["name", "cmdline"]):
+                    title = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
+                    if "RayTrainWorker" in title:
+                        proc.kill()
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    version = train(spec)
+    watcher.join()
+    assert killed, "no Train worker was found to kill"
+    metrics = Registry(spec.registry, Storage()).load(version).manifest["metrics"]
+    assert metrics["epochs"] == 5
+    assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= 1, metrics["resumed_at_epochs"]
