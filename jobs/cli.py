@@ -5,6 +5,7 @@ import argparse
 import datetime as dt
 import logging
 import sys
+import traceback
 from typing import Callable
 
 from dmafn.spec import SpecError, load_spec
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     try:
         args.fn(args)
     except (SpecError, DataError) as exc:
+        if args.verbose:                  # the one line below says what; the traceback says where, on request
+            traceback.print_exc(file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BackfillError as exc:          # the other dates are committed: re-running retries only these

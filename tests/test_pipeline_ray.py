@@ -369,7 +369,7 @@ def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray
     assert not (tmp_path / "scores").exists()
 
 
-def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp_path):
+def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp_path, capsys):
     """A registry version whose weights are not a plain tensor state dict is refused without running its code;
     weights or a manifest changed after saving fail their checksum; each error names the file."""
     import io
@@ -403,6 +403,19 @@ def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp
     (folder / "manifest.sha256").unlink()                         # ... and drops its checksum: still refused
     with pytest.raises(DataError, match=r"weights\.pt: not a plain tensor state dict, refused without running"):
         registry.load(version)
+    # through the CLI: exit 2 and one line naming the file
+    import yaml
+
+    from jobs.cli import main
+
+    data = yaml.safe_load((root / "spec.yaml").read_text())
+    data["registry"], data["score"]["output"] = str(tmp_path / "models"), str(tmp_path / "scores")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert main(["score", str(tmp_path / "spec.yaml"), "--date", "2024-01-03", "--model", version]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{version}/weights.pt: not a plain tensor state dict" in err
+    assert "Traceback" not in err and "ran code from weights.pt" not in err
+    assert not (tmp_path / "scores").exists()
 
 
 def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(trained, tmp_path):
