@@ -42,7 +42,7 @@ def cmd_demo(args) -> None:
     from pipelines.ray_runtime import ray_session
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         run_demo(args.workdir, cfg, epochs=args.epochs, baselines=not args.no_baselines)
 
 
@@ -65,7 +65,7 @@ def cmd_train(args) -> None:
     from pipelines.train import train
 
     spec = load_spec(args.spec)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         print(f"model version: {train(spec)}")
 
 
@@ -74,7 +74,7 @@ def cmd_score(args) -> None:
     from pipelines.score import score_date
 
     spec = load_spec(args.spec)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         r = score_date(spec, args.date or _yesterday(), version=args.model)
     print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
           f"{r.anomalies} anomalies -> {spec.score.output}")
@@ -85,7 +85,7 @@ def cmd_backfill(args) -> None:
     from pipelines.score import backfill
 
     spec = load_spec(args.spec)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
                            parallel=args.parallel, days_per_shard=args.days_per_shard,
                            shard_bytes=int(args.shard_mb * 1e6))
@@ -99,7 +99,7 @@ def cmd_evaluate(args) -> None:
     from pipelines.ray_runtime import ray_session
 
     spec = load_spec(args.spec)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
 
 
@@ -108,7 +108,7 @@ def cmd_profile(args) -> None:
     from pipelines.ray_runtime import ray_session
 
     spec = load_spec(args.spec)
-    with ray_session(args.address):
+    with ray_session(args.address, verbose=args.verbose):
         table = profile(spec, args.start, args.end)
     import polars as pl
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,22 +19,29 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to `address` (or RAY_ADDRESS); else start a small local Ray. Always shut down afterwards."""
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False
+                ) -> Iterator[None]:
+    """Connect to `address` (or RAY_ADDRESS); else start a small local Ray. Always shut down afterwards.
+
+    The console shows the job's own lines: what Ray's workers and actors print (Train reports, Ray's own
+    warnings) stays in Ray's log files under its session folder unless `verbose`."""
     address = address or os.environ.get("RAY_ADDRESS")
     already = ray.is_initialized()
+    level = logging.WARNING if verbose else logging.ERROR
+    if not verbose:                        # Ray's deprecation notices about its own internals
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
     if not already:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(address=address, logging_level=level, log_to_driver=verbose)
         else:
             cpus = num_cpus or os.cpu_count() or 2
-            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     object_store_memory=_object_store_bytes(), configure_logging=True,
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level=level,
+                     object_store_memory=_object_store_bytes(), configure_logging=True, log_to_driver=verbose,
                      _system_config={"automatic_object_spilling_enabled": True})
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        _quiet_ray_data_console()
+        _quiet_ray_data_console(level)
     try:
         yield
     finally:
@@ -54,12 +62,12 @@ def ordered_datasets() -> Iterator[None]:
         options.preserve_order = before
 
 
-def _quiet_ray_data_console() -> None:
-    """Ray Data prints an INFO line per dataset execution; keep warnings on the console (the full log stays
-    in Ray's session folder, ray-data.log)."""
+def _quiet_ray_data_console(level: int) -> None:
+    """Ray Data prints an INFO line per dataset execution; keep only `level` and above on the console (the full
+    log stays in Ray's session folder, ray-data.log)."""
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.WARNING)
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(level)
 
 
 def machine_memory_bytes() -> int:
