@@ -129,6 +129,7 @@ def cmd_maintain(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmafn", description="Deep Multi-Modal Anomaly Fusion Network")
+    parser.add_argument("--version", action="version", version=f"dmafn {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     def verb(name: str, fn: Callable, help_: str, spec: bool = True) -> argparse.ArgumentParser:
@@ -136,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         if spec:
             p.add_argument("spec", help="pipeline spec YAML")
         p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-        p.add_argument("-v", "--verbose", action="store_true")
+        quiet = p.add_mutually_exclusive_group()
+        quiet.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and tracebacks too")
+        quiet.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
         p.set_defaults(fn=fn)
         return p
 
@@ -190,10 +193,13 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if verb:
         argv = [verb, *argv]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "start", None) and getattr(args, "end", None) and args.end < args.start:
+        parser.error(f"--end {args.end} is before --start {args.start}")      # before any Ray starts
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
+    logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         args.fn(args)
     except (SpecError, DataError) as exc:
@@ -207,7 +213,25 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
         print(f"error: {len(exc.failed)} date(s) failed (recorded as failed in the runs table); the others are "
               "committed, and re-running the backfill scores only the dates still missing", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the dates already committed stay committed; run again to continue (a backfill "
+              "skips them)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback with -v
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 3
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dmafn")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -107,3 +107,39 @@ def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as usage:          # a usage error before anything starts
             main(["backfill", str(path), "--start", "2024-01-01", "--end", "2024-01-02", option, value])
         assert usage.value.code == 2 and f"'{value}' is not a positive" in capsys.readouterr().err
+
+
+def test_cli_version_order_of_dates_unexpected_errors_and_interrupts(tmp_path, capsys, monkeypatch):
+    """--version; --end before --start is a usage error before anything starts; an unexpected error is one
+    line and exit 3 (its traceback with -v); Ctrl-C exits 130 saying how to continue."""
+    import yaml
+
+    import jobs.cli
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("dmafn ")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict()))
+    with pytest.raises(SystemExit) as usage:
+        main(["backfill", str(path), "--start", "2024-01-05", "--end", "2024-01-02"])
+    assert usage.value.code == 2 and "--end 2024-01-02 is before --start 2024-01-05" in capsys.readouterr().err
+
+    def boom(args):
+        raise RuntimeError("the disk fell off")
+
+    monkeypatch.setattr(jobs.cli, "cmd_validate", boom)
+    assert main(["validate", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: unexpected RuntimeError: the disk fell off (run with -v for the "
+                                        "traceback)"]
+    assert main(["validate", str(path), "-v"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.cli, "cmd_validate", interrupted)
+    assert main(["validate", str(path)]) == 130
+    assert "interrupted: the dates already committed stay committed; run again" in capsys.readouterr().err
