@@ -16,7 +16,9 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
             lines.append(f"{path}: no table yet")
             continue
         compacted = table.optimize.compact()
-        removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        # full: also the data files no commit ever referenced (a shard whose date failed, a killed job)
+        removed = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False,
+                               full=True)
         lines.append(f"{path}: compacted {compacted.get('numFilesRemoved', 0)} files into "
                      f"{compacted.get('numFilesAdded', 0)}; vacuumed {len(removed)} files older than "
                      f"{retention_hours}h")

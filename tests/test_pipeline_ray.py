@@ -454,3 +454,26 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
     metrics = Registry(spec.registry, Storage()).load(version).manifest["metrics"]
     assert metrics["epochs"] == 5
     assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= 1, metrics["resumed_at_epochs"]
+
+
+def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
+    """A data file left by a shard whose date never committed is not part of the table; `maintain` removes it
+    once older than the retention, and the table's rows stay."""
+    import os
+    import time
+
+    from pipelines.maintain import maintain
+    from pipelines.score import score_date
+
+    spec, _, _ = trained
+    spec = replace(spec, score=replace(spec.score, output=str(tmp_path / "scores")))
+    score_date(spec, DAY3)
+    before = pl.read_delta(spec.score.output).sort("machine_id", "ts")
+    orphan = tmp_path / "scores" / "date=2024-01-03" / "part-left-by-a-failed-shard.parquet"
+    pq.write_table(before.drop("date").to_arrow(), orphan)
+    week_and_a_day = time.time() - 8 * 24 * 3600
+    os.utime(orphan, (week_and_a_day, week_and_a_day))
+    assert pl.read_delta(spec.score.output).height == before.height          # not part of the table
+    lines = maintain(spec, retention_hours=168)
+    assert not orphan.exists() and any("vacuumed 1 files" in line for line in lines), lines
+    assert pl.read_delta(spec.score.output).sort("machine_id", "ts").equals(before)
