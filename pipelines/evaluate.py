@@ -24,7 +24,7 @@ from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import best_f1_threshold, to_labels
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
-from pipelines.ingest import require_columns
+from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import smooth_columns
 from pipelines.storage import DataError, Storage
@@ -86,8 +86,7 @@ def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | N
     """Metrics per score column and per anomaly kind. `df` holds scores, `label`, `label_kind`."""
     labels = df["label"].to_numpy().astype(bool)
     kinds = df["label_kind"].fill_null("").to_numpy()
-    groups = df.select(pl.concat_str([pl.col(k).cast(pl.String) for k in spec.entity], separator="|")).to_series()
-    groups = groups.to_numpy()
+    groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
     columns = {"fused": (df["score"].to_numpy(), float(df["threshold"][0]))}
     for m in spec.modalities:
         if f"score_{m}" in df.columns:

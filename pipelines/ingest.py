@@ -146,7 +146,7 @@ def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
 
 def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
-    days = {date_start_us(d) // DAY_US: d.isoformat() for d in shard.dates}
+    days = [date_start_us(d) // DAY_US for d in shard.dates]
     first = date_start_us(min(shard.dates))
     tables, quarantined, present = {}, [], []
     for name, m in spec.modalities.items():
@@ -164,7 +164,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             if m.kind == "image":
                 rows = undecodable_images(rows, m)
             good = rows.filter(pl.col(REASON).is_null())
-            if f.date.isoformat() in days.values():
+            if f.date in shard.dates:
                 quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
                     entity_string(spec.entity).alias("entity"), pl.col(TIME), pl.lit(f.date.isoformat()).alias("date"),
                     pl.lit(name).alias("source"), pl.col(REASON).alias("reason")))
@@ -176,7 +176,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             continue
         tables[name] = table
         present.append(table.select(*spec.entity, (pl.col(TIME) // DAY_US).alias("_day"))
-                       .filter(pl.col("_day").is_in(list(days))).unique())
+                       .filter(pl.col("_day").is_in(days)).unique())
     return ShardInputs(
         tables=tables,
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(

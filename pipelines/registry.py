@@ -67,15 +67,22 @@ class Registry:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_bytes(data)
 
-    def _read(self, path: str) -> bytes:
+    def _read(self, path: str, *, missing_ok: bool = False) -> bytes | None:
+        """The file's bytes; with `missing_ok`, None when it does not exist (a version saved before checksums
+        has no `manifest.sha256`)."""
         try:
             if is_s3(path):
                 bucket, key = self._split(path)
                 return self._s3().get_object(Bucket=bucket, Key=key)["Body"].read()
             return Path(path).read_bytes()
         except FileNotFoundError:
+            if missing_ok:
+                return None
             raise DataError(f"{path}: not found in the model registry") from None
         except Exception as exc:  # botocore errors: NoSuchKey, endpoint unreachable, ...
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if missing_ok and code in ("NoSuchKey", "404"):
+                return None
             raise DataError(f"{path}: cannot be read from the model registry ({exc})") from None
 
     # -- versions
@@ -105,7 +112,7 @@ class Registry:
         version = version or self.latest()
         manifest_path, weights_path = join(self.root, version, "manifest.json"), join(self.root, version, "weights.pt")
         body = self._read(manifest_path)
-        expected = self._read_optional(join(self.root, version, MANIFEST_SHA256))
+        expected = self._read(join(self.root, version, MANIFEST_SHA256), missing_ok=True)
         if expected is not None and hashlib.sha256(body).hexdigest() != expected.decode().strip():
             raise DataError(f"{manifest_path}: checksum does not match {MANIFEST_SHA256}; the file was changed "
                             "after the version was saved")
@@ -119,15 +126,6 @@ class Registry:
         model.load_state_dict(plain_state_dict(weights, weights_path))
         model.eval()
         return ModelVersion(version=version, manifest=manifest, model=model)
-
-    def _read_optional(self, path: str) -> bytes | None:
-        """The file's bytes, or None when a version saved before checksums has none."""
-        try:
-            return self._read(path)
-        except DataError as exc:
-            if "not found" in str(exc) or "NoSuchKey" in str(exc) or "404" in str(exc):
-                return None
-            raise
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, torch.Tensor]:

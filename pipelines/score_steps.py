@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from dmafn.features import featurize
 from dmafn.scoring import raw_scores, to_record
 from dmafn.spec import DAY_US, Spec
-from pipelines.align import TIME, align, data_ticks
+from pipelines.align import TIME, align, data_ticks, date_start_us
 from pipelines.delta_sink import write_data_file
 from pipelines.ingest import REASON, entity_string, read_shard
 from pipelines.postprocess import smooth_columns
@@ -135,41 +135,34 @@ def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *,
     scorer = Scorer(mv)
     parts = [pl.from_arrow(scorer(align(batch, tables, spec).to_arrow()))
              for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks)]
-    scored = pl.concat(parts) if parts else None
+    scored = pl.concat(parts) if parts else _no_ticks(spec)
     result = ShardScores(shard.name, {}, None, None)
     out_uri, q_uri = spec.score.output, spec.score.quarantine_path
     for date in shard.dates:
         day = date.isoformat()
         counts = result.dates.setdefault(day, DateCounts())
-        counts.ticks_in = ticks.filter((pl.col(TIME) // DAY_US) == _day_number(date)).height
-        rows = scored.filter(pl.col("date") == day) if scored is not None else None
+        counts.ticks_in = ticks.filter((pl.col(TIME) // DAY_US) == date_start_us(date) // DAY_US).height
+        rows = scored.filter(pl.col("date") == day)
+        good, bad = rows.filter(pl.col(REASON).is_null()).drop(REASON), rows.filter(pl.col(REASON).is_not_null())
         ingest = inputs.quarantined.filter(pl.col("date") == day)
         counts.input_rows_quarantined = ingest.height
-        if rows is not None and rows.height:
-            good = rows.filter(pl.col(REASON).is_null()).drop(REASON)
-            bad = rows.filter(pl.col(REASON).is_not_null())
-        else:
-            good = bad = None
-        if good is not None and good.height:
+        if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
-        quarantine = quarantine_rows(bad if bad is not None else _no_ticks(spec), ingest, spec, run_id=run_id,
-                                     version=mv.version, at=scored_at).to_arrow(compat_level=_OLDEST)
-        counts.rows_quarantined = 0 if bad is None else bad.height
+        quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,
+                                     at=scored_at).to_arrow(compat_level=_OLDEST)
+        counts.rows_quarantined = bad.height
         if quarantine.num_rows:
             counts.quarantine_files.append(_write(storage, q_uri, quarantine, day, f"{run_id}-{shard.bucket}"))
             result.quarantine_schema = quarantine.schema
     return result
 
 
-def _day_number(date: dt.date) -> int:
-    return (date - dt.date(1970, 1, 1)).days
-
-
 def _no_ticks(spec: Spec) -> pl.DataFrame:
+    """Scored rows of a shard with no tick (the columns `quarantine_rows` reads)."""
     return pl.DataFrame(schema={**{k: pl.String for k in spec.entity}, "ts": pl.Datetime("us", "UTC"),
                                 "date": pl.String, REASON: pl.String})
 

@@ -49,10 +49,6 @@ class Shard:
         days = self.dates[0].isoformat() + (f"..{self.dates[-1].isoformat()}" if len(self.dates) > 1 else "")
         return f"{days}#{self.bucket}of{self.buckets}"
 
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
     def alone(self) -> list["Shard"]:
         """The same shard one date at a time (each with its own look-back files)."""
         if len(self.dates) == 1:

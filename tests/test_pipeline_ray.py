@@ -438,8 +438,11 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if list((tmp_path / "models" / "_train_runs").glob("*/checkpoint_*")):
-                for proc in psutil.process_iter(["name", "cmdline"]):
-                    title = " ".join([proc.info["name"] or "", *(proc.info["cmdline"] or [])])
+                for proc in psutil.Process().children(recursive=True):       # this session's Ray only
+                    try:
+                        title = " ".join([proc.name(), *proc.cmdline()])
+                    except psutil.Error:
+                        continue
                     if "RayTrainWorker" in title:
                         proc.kill()
                         killed.append(proc.pid)
