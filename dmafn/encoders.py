@@ -14,9 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmafn.features import TEXT_VOCAB
+from dmafn.layers import encode
 
 TEXT_TARGET_BUCKETS = 64
 TEXT_CHUNK = 256          # text windows encoded together (sorted by length, trimmed to the chunk's longest)
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, ...) the distinct rows of x (B, ...) and (B,) each row's index among them.
+
+    Ticks in order repeat a row many times in a row (the latest camera frame, a quiet log window): runs of
+    equal neighbours are collapsed first (one vectorised comparison), then the remaining rows de-duplicated."""
+    flat = x.flatten(1)
+    starts = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    starts[1:] = (flat[1:] != flat[:-1]).any(1)                          # (B,) a row unlike the one before
+    distinct, index = torch.unique(flat[starts], dim=0, return_inverse=True)
+    return distinct.view(-1, *x.shape[1:]), index[starts.cumsum(0) - 1]
 
 
 def first_token(pad: torch.Tensor) -> torch.Tensor:
@@ -111,9 +124,9 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and len(x) > 1:
             # scoring: a frame is the latest one for many ticks in a row; encode each distinct frame once
-            distinct, index = torch.unique(x.flatten(1), dim=0, return_inverse=True)         # (U, ch*H*W), (B,)
+            distinct, index = distinct_rows(x)                                # (U, ch, H, W), (B,)
             if len(distinct) < len(x):
-                return self.net(distinct.view(-1, *x.shape[1:]) * 2 - 1)[index]             # (B, d)
+                return self.net(distinct * 2 - 1)[index]                      # (B, d)
         return self.net(x * 2 - 1)                                        # (B, ch, H, W) -> (B, d)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +156,7 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kind == "transformer" and len(tokens) > 1:
             # a log window is the same for many ticks in a row (often empty): encode each distinct one once
-            distinct, index = torch.unique(tokens, dim=0, return_inverse=True)    # (U, T), (B,)
+            distinct, index = distinct_rows(tokens)                           # (U, T), (B,)
             if len(distinct) < len(tokens):
                 return self._encode(distinct)[index]                      # (B, d)
         return self._encode(tokens)
@@ -168,8 +181,8 @@ class TextEncoder(nn.Module):
         pad = torch.cat([torch.zeros(len(kept), 1, dtype=torch.bool, device=kept.device), kept == 0], 1)  # CLS: never
         h = torch.cat([self.cls.expand(len(kept), -1, -1) + self.pos[:, :1],
                        self.embed(kept) + self.pos[:, start + 1: tokens.shape[1] + 1]], 1)  # (B, T'+1, d)
-        h = self.transformer(h, src_key_padding_mask=pad)                 # (B, T'+1, d)
-        return self.out(h[:, 0])
+        cls = encode(self.transformer, h, pad, outputs=1)                 # (B, 1, d): the [CLS] position only
+        return self.out(cls[:, 0])
 
     def target(self, tokens: torch.Tensor) -> torch.Tensor:
         buckets = torch.where(tokens > 0, tokens % TEXT_TARGET_BUCKETS, TEXT_TARGET_BUCKETS)      # (B, T)

@@ -33,6 +33,22 @@ class AttentionFusion(nn.Module):
         weights = mask.float().unsqueeze(-1)
         return self.norm((h * weights).sum(1) / weights.sum(1))           # (B, d)
 
+    def leave_one_out(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(M*B, d): block i of the rows is `forward` with modality i hidden, for every i in one pass.
+
+        A hidden token is taken out of the sequence instead of masked: nothing attends to it and the pooling
+        skips it, so the result is the same for every row where another modality is present, at (M-1)/M of
+        the cost. Rows with nothing else present are undefined (the caller discards them)."""
+        b, n, d = tokens.shape
+        keep = torch.ones(n, n, dtype=torch.bool, device=tokens.device).fill_diagonal_(False)   # row i: all but i
+        others = keep.nonzero()[:, 1].view(n, n - 1)                                            # (M, M-1) indices
+        placed = (tokens + self.modality_embedding)[:, others]                                  # (B, M, M-1, d)
+        placed = placed.transpose(0, 1).reshape(n * b, n - 1, d)                                # (M*B, M-1, d)
+        present = _safe_mask(mask[:, others].transpose(0, 1).reshape(n * b, n - 1))             # (M*B, M-1)
+        h = self.transformer(placed, src_key_padding_mask=~present)                             # (M*B, M-1, d)
+        weights = present.float().unsqueeze(-1)
+        return self.norm((h * weights).sum(1) / weights.sum(1))                                 # (M*B, d)
+
 
 class GatedFusion(nn.Module):
     def __init__(self, n_modalities: int, d_model: int):

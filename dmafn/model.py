@@ -139,8 +139,12 @@ class DMAFN(nn.Module):
         hidden = mask.repeat(n, 1)                                                          # (M*B, M)
         rows, hide = torch.arange(n * b, device=mask.device), torch.arange(n, device=mask.device).repeat_interleave(b)
         hidden[rows, hide] = False
-        recon = self.heads["fused"](self.fuse(None if tokens is None else tokens.repeat(n, 1, 1),
-                                              {m: t.repeat(n, 1) for m, t in targets.items()}, hidden)).recon
+        if isinstance(self.fusion, AttentionFusion) and n > 1:
+            z = self.fusion.leave_one_out(tokens, mask)                                     # (M*B, d)
+        else:
+            z = self.fuse(None if tokens is None else tokens.repeat(n, 1, 1),
+                          {m: t.repeat(n, 1) for m, t in targets.items()}, hidden)
+        recon = self.heads["fused"](z).recon
         cols = []
         for i, m in enumerate(self.modalities):
             block = slice(i * b, (i + 1) * b)

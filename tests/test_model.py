@@ -101,6 +101,52 @@ def test_text_encoder_in_length_sorted_trimmed_chunks_equals_the_full_window_wit
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encode_equals_torch_transformer_encoder_and_its_first_positions_with_gradients(norm_first):
+    from dmafn.layers import encode
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(D, 4, 2 * D, dropout=0.0, batch_first=True, norm_first=norm_first)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    h = torch.randn(B, 7, D, requires_grad=True)
+    pad = torch.rand(B, 7) < 0.4
+    pad[:, 0] = False                                             # a [CLS] position is never padding
+    expected = encoder(h, src_key_padding_mask=pad)
+    assert torch.allclose(encode(encoder, h, pad), expected, atol=1e-5)
+    first = encode(encoder, h, pad, outputs=1)                    # (B, 1, D): the last layer for position 0 only
+    assert first.shape == (B, 1, D) and torch.allclose(first[:, 0], expected[:, 0], atol=1e-5)
+    grad_first, = torch.autograd.grad(first.sum(), h)
+    grad_expected, = torch.autograd.grad(expected[:, 0].sum(), h)
+    assert torch.allclose(grad_first, grad_expected, atol=1e-5)
+
+
+def test_distinct_rows_rebuild_the_input_and_are_distinct():
+    from dmafn.encoders import distinct_rows
+
+    rows = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [3, 4], [3, 4], [0, 0]])
+    distinct, index = distinct_rows(rows)
+    assert torch.equal(distinct[index], rows)
+    assert len(distinct) == 3 and len(torch.unique(distinct, dim=0)) == 3
+    frames = torch.rand(2, 1, 4, 4)[[0, 1, 1, 0]]
+    distinct, index = distinct_rows(frames)
+    assert distinct.shape == (2, 1, 4, 4) and torch.equal(distinct[index], frames)
+
+
+def test_attention_fusion_leave_one_out_equals_hiding_each_modality_by_its_mask():
+    torch.manual_seed(0)
+    fusion = AttentionFusion(3, D).eval()
+    tokens = torch.randn(B, 3, D)
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, True, True],
+                         [True, True, False], [True, False, False]])
+    with torch.no_grad():
+        together = fusion.leave_one_out(tokens, mask).view(3, B, D)
+        for i in range(3):
+            hidden = mask.clone()
+            hidden[:, i] = False
+            defined = hidden.any(1)                                # rows where another modality is present
+            assert torch.allclose(together[i][defined], fusion(tokens, hidden)[defined], atol=1e-5), i
+
+
 def test_image_encoder_scores_each_distinct_frame_once_with_the_same_result():
     from dmafn.encoders import ImageEncoder
 
