@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-fusion bench-skab bench-scale clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/dmafn demo --workdir $(WORKDIR)
 
-test: install
+# The report page's test opens it in headless Chromium: Debian's chromium package, installed when missing
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (the report page is tested in a real browser)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-fusion: install
@@ -33,6 +40,14 @@ bench-skab: install
 
 bench-scale: install
 	$(BIN)/python -m benchmarks.scale --out benchmarks/results
+
+# The cluster images (ray_cluster.yaml, infra/k8s): make images REGISTRY=ghcr.io/your-org [PUSH=1]
+REGISTRY ?= ghcr.io/your-org
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	docker build -f infra/Dockerfile -t $(REGISTRY)/dmafn:cpu-$(VERSION) .
+	docker build -f infra/Dockerfile.cuda -t $(REGISTRY)/dmafn:cuda-$(VERSION) .
+	if [ -n "$(PUSH)" ]; then docker push $(REGISTRY)/dmafn:cpu-$(VERSION) && docker push $(REGISTRY)/dmafn:cuda-$(VERSION); fi
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) .pytest_cache
