@@ -415,16 +415,20 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     return spec
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec YAML file."""
+def read_spec_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a spec file (not validated); SpecError when it is missing or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    return parse_spec(data, source=str(path))
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec YAML file."""
+    return parse_spec(read_spec_yaml(path), source=str(path))
 
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import traceback
 from typing import Callable
 
 from dmafn.spec import SpecError, load_spec
-from pipelines.storage import BackfillError, DataError
+from pipelines.storage import BackfillError, DataError, Interrupted
 
 
 def _date(text: str) -> dt.date:
@@ -56,8 +56,30 @@ def cmd_generate(args) -> None:
 
 
 def cmd_validate(args) -> None:
+    import json
+
+    from dmafn.spec import read_spec_yaml
+    from dmafn.spec_schema import spec_json_schema, spec_problems
+
+    if args.schema:
+        print(json.dumps(spec_json_schema(), indent=2))
+        return
+    if not args.spec:
+        raise SpecError("validate: give a spec file (or --schema)")
+    problems = spec_problems(read_spec_yaml(args.spec), source=args.spec)
+    if problems:
+        raise SpecError(f"{len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
     spec = load_spec(args.spec)
     print(f"{args.spec}: valid spec '{spec.name}' with modalities {', '.join(spec.modalities)}")
+    if args.check_data:
+        from pipelines.check_data import check_data
+
+        found = check_data(spec)
+        for data in found:
+            print("\n".join(data.lines()))
+        problems = [p for data in found for p in data.problems]
+        if problems:
+            raise DataError(f"{len(problems)} data problem(s):\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def cmd_train(args) -> None:
@@ -101,6 +123,15 @@ def cmd_evaluate(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
+
+
+def cmd_report(args) -> None:
+    from pipelines.report import build_report
+
+    spec = load_spec(args.spec)
+    entities = [e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None
+    path = build_report(spec, args.out, start=args.start, end=args.end, entities=entities, top_events=args.top)
+    print(f"report: {path}")
 
 
 def cmd_profile(args) -> None:
@@ -158,7 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-days", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
-    verb("validate", cmd_validate, "check a spec")
+    p = sub.add_parser("validate", help="check a spec: every problem at once")
+    p.add_argument("spec", nargs="?", help="pipeline spec YAML")
+    p.add_argument("--check-data", action="store_true",
+                   help="also list each modality path's partitions, dates, files and columns, and check them")
+    p.add_argument("--schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
+    p.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    quiet = p.add_mutually_exclusive_group()
+    quiet.add_argument("-v", "--verbose", action="store_true", help="tracebacks too")
+    quiet.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.set_defaults(fn=cmd_validate)
     verb("train", cmd_train, "train a model version on the spec's training window")
     p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
     p.add_argument("--date", type=_date, default=None)
@@ -180,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, default=None)
     p.add_argument("--report", default=None, help="folder for metrics.json, metrics.txt and scores.png")
     p.add_argument("--baselines", action="store_true", help="also train each modality alone for comparison")
+    p = verb("report", cmd_report, "one self-contained HTML page: metrics, curves, timelines, alarms, runs, quality")
+    p.add_argument("--start", type=_date, default=None)
+    p.add_argument("--end", type=_date, default=None)
+    p.add_argument("--out", default="dmafn-report.html", help="the HTML file to write (default dmafn-report.html)")
+    p.add_argument("--entities", default=None,
+                   help="comma-separated entities to draw (default: the 4 with the most alarm ticks)")
+    p.add_argument("--top", type=_positive(int), default=20, help="alarm events listed (default 20)")
     p = verb("profile", cmd_profile, "per modality and day: rows, entities, period, gaps, nulls, duplicates")
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
@@ -213,6 +260,10 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
         print(f"error: {len(exc.failed)} date(s) failed (recorded as failed in the runs table); the others are "
               "committed, and re-running the backfill scores only the dates still missing", file=sys.stderr)
         return 1
+    except Interrupted as exc:            # a backfill stopped between commits: say how far it got
+        print(f"interrupted: {exc.committed} of {exc.total} dates committed; run again to continue (committed "
+              "dates are skipped)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: the dates already committed stay committed; run again to continue (a backfill "
               "skips them)", file=sys.stderr)

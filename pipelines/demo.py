@@ -1,4 +1,4 @@
-"""The demo: generate -> train on the first days -> backfill the later days -> evaluate -> report."""
+"""The demo: generate -> train on the first days -> backfill the later days -> evaluate -> the HTML report."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,6 +10,7 @@ from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
 from pipelines.evaluate import evaluate
 from pipelines.generate import write_synthetic
+from pipelines.report import build_report
 from pipelines.score import backfill
 from pipelines.train import train
 
@@ -35,4 +36,8 @@ def run_demo(workdir: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *, e
         print(f"[demo] scored {r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} "
               f"quarantined, {r.anomalies} alarms")
     print(f"[demo] scores: Delta table {spec.score.output}")
-    return evaluate(spec, start=first, end=last, report_dir=str(workdir / "report"), baselines=baselines)
+    result = evaluate(spec, start=first, end=last, report_dir=str(workdir / "report"), baselines=baselines)
+    page = build_report(spec, workdir / "report" / "report.html", start=first, end=last)
+    print(f"[demo] report page: {page} (open it in a browser)")
+    result["report_page"] = str(page)
+    return result

@@ -19,11 +19,12 @@ import ray
 from dmafn.spec import Spec
 from pipelines.delta_sink import commit_date, read_table, write_partition
 from pipelines.ingest import require_columns
+from pipelines.progress import ProgressBoard, ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
 from pipelines.score_steps import DateCounts, ShardScores, score_shard
 from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, Shard, list_inputs, plan_shards
-from pipelines.storage import BackfillError, DataError, Storage
+from pipelines.storage import BackfillError, DataError, Interrupted, Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,16 @@ class DateResult:
 
 
 @ray.remote(num_cpus=1)
-def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime) -> ShardScores:
-    started = time.time()
-    result = score_shard(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id, scored_at=scored_at)
+def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime,
+                      board=None) -> ShardScores:
+    started, throttle = time.time(), Throttle(1.0)
+
+    def posted(done: int, total: int) -> None:
+        if board is not None and (throttle() or done == total):
+            board.post.remote(shard.name, done=done, total=total)
+
+    result = score_shard(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id, scored_at=scored_at,
+                         on_batch=posted)
     result.seconds = time.time() - started
     return result
 
@@ -88,7 +96,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                          min_shards=2 * parallel)
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
-    mv_ref, scored_at = ray.put(mv), dt.datetime.now(dt.timezone.utc)
+    mv_ref, scored_at, board = ray.put(mv), dt.datetime.now(dt.timezone.utc), ProgressBoard.remote()
+    display = ProgressDisplay("scoring", len(shards), "shards")
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
     parts: dict[str, list[tuple[DateCounts, float]]] = {d: [] for d in waiting}
     schemas: dict[str, pa.Schema] = {}
@@ -104,45 +113,66 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
             else:
+                done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded")
-                done.append(result)
-                _progress(len(done) + len(failed), len(dates), started, result)
+                display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 return
         failed.append((date, error))
         record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed")
         log.warning("%s failed: %s", day, error)
 
-    while todo or running:
-        while todo and len(running) < parallel:
-            shard = todo.popleft()
-            if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
-                shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
-                if not shard.dates:
-                    continue
-            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at)] = shard
-        if not running:                           # only shards of dates that had already failed were left
-            break
-        ready, _ = ray.wait(list(running), num_returns=1)
-        shard = running.pop(ready[0])
-        try:
-            result: ShardScores = raise_task_error(ready[0])
-        except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
-            if len(shard.dates) > 1:
-                log.warning("shard %s failed (%s); scoring its dates one at a time", shard.name, exc)
-                todo.extendleft(reversed(shard.alone()))
-            elif shard.dates[0].isoformat() in waiting:
-                finish(shard.dates[0].isoformat(), exc)
-            continue
-        for name, schema in (("output", result.output_schema), ("quarantine", result.quarantine_schema)):
-            if schema is not None:
-                schemas[name] = schema
-        for day, counts in result.dates.items():
-            if day not in waiting:
+    finished_shards, ticks_done = 0, 0
+
+    def show() -> None:
+        posts = ray.get(board.read.remote())
+        partial = [posts[s.name] for s in running.values() if s.name in posts]
+        display.update(finished_shards + sum(p["done"] / max(p["total"], 1) for p in partial),
+                       ticks=ticks_done + sum(p["done"] for p in partial),
+                       committed=f"{len(done)}/{len(dates)} dates")
+
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                shard = todo.popleft()
+                if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
+                    shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
+                    if not shard.dates:
+                        continue
+                running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, board)] = shard
+            if not running:                           # only shards of dates that had already failed were left
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if not ready:
+                show()
                 continue
-            parts[day].append((counts, result.seconds / len(result.dates)))
-            waiting[day] -= 1
-            if waiting[day] == 0:
-                finish(day, None)
+            shard = running.pop(ready[0])
+            try:
+                result: ShardScores = raise_task_error(ready[0])
+            except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
+                if len(shard.dates) > 1:
+                    log.warning("shard %s failed (%s); scoring its dates one at a time", shard.name, exc)
+                    todo.extendleft(reversed(shard.alone()))
+                elif shard.dates[0].isoformat() in waiting:
+                    finish(shard.dates[0].isoformat(), exc)
+                continue
+            finished_shards += 1
+            ticks_done += sum(c.ticks_in for c in result.dates.values())
+            for name, schema in (("output", result.output_schema), ("quarantine", result.quarantine_schema)):
+                if schema is not None:
+                    schemas[name] = schema
+            for day, counts in result.dates.items():
+                if day not in waiting:
+                    continue
+                parts[day].append((counts, result.seconds / len(result.dates)))
+                waiting[day] -= 1
+                if waiting[day] == 0:
+                    finish(day, None)
+            show()
+    except KeyboardInterrupt:
+        raise Interrupted(len(done), len(dates)) from None
+    finally:
+        display.close()
+        ray.kill(board)
     return sorted(done, key=lambda r: r.date), sorted(failed, key=lambda f: f[0])
 
 
@@ -198,16 +228,11 @@ def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -
     return set(done.filter(pl.col("same"))["date"].to_list())
 
 
-def _progress(done: int, total: int, started: float, r: DateResult) -> None:
+def _date_line(done: int, total: int, started: float, r: DateResult) -> str:
     elapsed = time.time() - started
     eta = elapsed / done * (total - done)
-    log.info("[%d/%d] %s: %d ticks, %d scored, %d quarantined, %d anomalies (%.1fs) - elapsed %s, ETA %s",
-             done, total, r.date, r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies, r.seconds,
-             _clock(elapsed), _clock(eta))
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60):d}:{int(seconds % 60):02d}"
+    return (f"[{done}/{total}] {r.date}: {r.ticks_in} ticks, {r.rows_scored} scored, {r.rows_quarantined} "
+            f"quarantined, {r.anomalies} anomalies ({r.seconds:.1f}s) - elapsed {clock(elapsed)}, ETA {clock(eta)}")
 
 
 def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -126,15 +126,20 @@ class ShardScores:
 
 
 def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,
-                scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS) -> ShardScores:
+                scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS,
+                on_batch: Callable[[int, int], None] | None = None) -> ShardScores:
     """Read, align, featurize and score one shard, then write each of its dates' output and quarantine rows as
     data files of the output tables (not committed: the driver commits each date). `spec` names where the data
-    is and the model version's modalities (see `pipelines.score.reading_spec`)."""
+    is and the model version's modalities (see `pipelines.score.reading_spec`). `on_batch(ticks_done,
+    ticks_total)` is called after each batch of ticks (progress)."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
-    parts = [pl.from_arrow(scorer(align(batch, tables, spec).to_arrow()))
-             for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks)]
+    parts = []
+    for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
+        parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow())))
+        if on_batch is not None:
+            on_batch(sum(p.height for p in parts), ticks.height)
     scored = pl.concat(parts) if parts else _no_ticks(spec)
     result = ShardScores(shard.name, {}, None, None)
     out_uri, q_uri = spec.score.output, spec.score.quarantine_path

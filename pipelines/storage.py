@@ -27,6 +27,14 @@ class BackfillError(RuntimeError):
         super().__init__(f"backfill: {len(failed)} date(s) failed, first {day}: {exc}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a backfill: `committed` of `total` dates were committed before it (they stay committed)."""
+
+    def __init__(self, committed: int, total: int):
+        self.committed, self.total = committed, total
+        super().__init__(f"{committed} of {total} dates committed")
+
+
 def is_s3(path: str) -> bool:
     return str(path).startswith("s3://")
 

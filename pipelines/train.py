@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import math
 import os
 import tempfile
 import time
@@ -33,6 +34,7 @@ from pipelines.align import align, data_ticks, label_ticks
 from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import calibrate_threshold
+from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
 from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
@@ -134,6 +136,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     modalities = tuple(spec.modalities)
     rank = ray.train.get_context().get_world_rank()
+    board, throttle = (config.get("progress") if rank == 0 else None), Throttle(1.0)
     for epoch in range(start_epoch, config["epochs"]):
         losses = []
         # a seeded shuffle per (seed, epoch, rank): same data and seed -> same batches, same weights
@@ -145,7 +148,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             labels = batch.get("label")
             losses.append(train_step(model, optimizer, feats, labels, device, config["pos_weight"],
                                      bf16=config["gpu"], loss_model=wrapped))
+            if board is not None and throttle():          # rank 0 only: epoch, batch and running loss
+                board.post.remote("rank0", epoch=epoch, batch=len(losses), loss=float(np.mean(losses)))
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
+        if board is not None:
+            board.post.remote("rank0", epoch=epoch + 1, batch=0, loss=metrics["loss"])
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -190,17 +197,33 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
         name=name, storage_path=storage.fs_path(run_root) if is_s3(run_root) else run_root,
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
+    board = ProgressBoard.remote()
+    batches = max(1, math.ceil(train_ds.count() / workers / spec.train.batch_size))   # per worker and epoch
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True                     # each worker's shard is the same rows in the same order
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec, "model": asdict(cfg), "epochs": spec.train.epochs, "seed": spec.train.seed,
                            "lr": spec.train.learning_rate, "batch_size": spec.train.batch_size,
-                           "pos_weight": pos_weight, "gpu": spec.train.gpu, "run_dir": join(run_root, name)},
+                           "pos_weight": pos_weight, "gpu": spec.train.gpu, "run_dir": join(run_root, name),
+                           "progress": board},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=spec.train.gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if spec.train.gpu else "gloo"),
         run_config=run_config, datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
-    result = trainer.fit()
+    display = ProgressDisplay("training", spec.train.epochs * batches, "batches")
+
+    def show(posts: dict) -> None:
+        p = posts.get("rank0")
+        if p:
+            display.update(min(p["epoch"] * batches + p["batch"], spec.train.epochs * batches),
+                           epoch=f"{min(p['epoch'] + 1, spec.train.epochs)}/{spec.train.epochs}", loss=p["loss"])
+
+    try:
+        with BoardWatcher(board, show):
+            result = trainer.fit()
+    finally:
+        display.close()
+        ray.kill(board)
     if result.checkpoint is None:
         raise RuntimeError(f"training of '{spec.name}' produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:

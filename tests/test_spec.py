@@ -143,3 +143,84 @@ def test_cli_version_order_of_dates_unexpected_errors_and_interrupts(tmp_path, c
     monkeypatch.setattr(jobs.cli, "cmd_validate", interrupted)
     assert main(["validate", str(path)]) == 130
     assert "interrupted: the dates already committed stay committed; run again" in capsys.readouterr().err
+
+
+def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    data = tiny_spec_dict(grain="1 minute", bogus=1)
+    data["modalities"]["proc"]["tolerence"] = "2min"
+    data["modalities"]["cam"].pop("column")
+    data["modalities"]["logs"]["kind"] = "txt"
+    data["train"]["epochs"] = 0
+    data["model"] = {"fusion": "attn"}
+    data.pop("registry")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 8 problem(s):")
+    for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, kind, path, tolerance)",
+                     "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
+                     "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
+                     "missing required key 'registry'"):
+        assert f"{path}: {expected}" in err, expected
+
+
+def test_validate_checks_across_keys_once_the_structure_is_sound():
+    from dmafn.spec_schema import spec_problems
+
+    data = tiny_spec_dict()
+    data["modalities"]["vib"]["window"] = "50s"                 # not a multiple of its 20s period
+    assert spec_problems(data, "s.yaml") == ["s.yaml: key 'modalities.vib.window': must be a whole multiple "
+                                             "(>= 2) of 'period'"]
+    assert spec_problems(tiny_spec_dict(), "s.yaml") == []
+
+
+def test_the_published_json_schema_is_the_one_the_code_builds():
+    import json
+    from pathlib import Path
+
+    from dmafn.spec_schema import spec_json_schema
+
+    published = json.loads((Path(__file__).resolve().parents[1] / "spec.schema.json").read_text())
+    assert published == spec_json_schema()                     # regenerate: dmafn validate --schema > spec.schema.json
+
+
+def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_path, capsys):
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    data = tiny_spec_dict()
+    ts = pa.array([dt.datetime(2024, 1, 1, 0, 0, tzinfo=dt.timezone.utc)], pa.timestamp("us", tz="UTC"))
+    for name in ("proc", "vib", "logs", "cam"):
+        data["modalities"][name]["path"] = str(tmp_path / name)
+    for day in ("2024-01-01", "2024-01-03"):
+        folder = tmp_path / "proc" / f"date={day}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "temp": [1.0]}), folder / "part-0.parquet")
+    folder = tmp_path / "vib" / "date=2024-01-01"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "b": [1.0]}), folder / "part-0.parquet")   # no 'a'
+    (folder / "broken.parquet").write_bytes(b"not parquet")
+    folder = tmp_path / "logs" / "day=2024-01-01"                                # the wrong partition key
+    folder.mkdir(parents=True)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path), "--check-data"]) == 2
+    captured = capsys.readouterr()
+    assert "proc: " in captured.out and "partitions: 2 dates 2024-01-01 .. 2024-01-03 (1 date(s) missing in between)" \
+        in captured.out and "columns: machine_id string, ts timestamp[us, tz=UTC], temp double" in captured.out
+    err = captured.err
+    assert err.startswith("error: 4 data problem(s):")
+    assert "column 'a' not found" in err and "broken.parquet: not a readable Parquet file" in err
+    assert f"modality 'logs': {tmp_path / 'logs'}: no 'date=YYYY-MM-DD' partitions found" in err
+    assert f"modality 'cam': {tmp_path / 'cam'}: table not found" in err

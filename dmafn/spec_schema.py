@@ -1,0 +1,139 @@
+"""The spec's JSON Schema (for editors and for `dmafn validate`, which lists every problem at once).
+
+Built from the same option lists the parser uses, so the two cannot drift; `spec.schema.json` in the repository is
+this schema, written by `dmafn validate --schema` (a test keeps it current). The schema checks structure, types
+and options; the parser (`dmafn.spec.parse_spec`) adds the checks across keys (a window a multiple of its
+period, a grain that divides a day, a classifier needing labels).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from dmafn.spec import (DETECTORS, FUSIONS, MODALITY_KINDS, NORMALIZATIONS, PRESETS, SERIES_ENCODERS,
+                        SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, VOTES, SpecError,
+                        parse_spec)
+
+_DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
+             "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
+_DATE = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "description": "a date YYYY-MM-DD"}
+_COLUMNS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
+
+
+def _enum(options: tuple[str, ...]) -> dict:
+    return {"enum": list(options)}
+
+
+def _number(kind: str = "number", low: float | None = None, high: float | None = None) -> dict:
+    out: dict[str, Any] = {"type": kind}
+    if low is not None:
+        out["minimum"] = low
+    if high is not None:
+        out["maximum"] = high
+    return out
+
+
+def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+_MODALITY = {
+    "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION}, ("columns",)),
+    "timeseries": ({"columns": _COLUMNS, "period": _DURATION, "window": _DURATION,
+                    "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS)},
+                   ("columns", "period", "window")),
+    "image": ({"column": {"type": "string"}, "tolerance": _DURATION, "channels": {"enum": [1, 3]},
+               "size": {"type": "array", "items": _number("integer", 8), "minItems": 2, "maxItems": 2}},
+              ("column", "tolerance")),
+    "text": ({"column": {"type": "string"}, "window": _DURATION, "encoder": _enum(TEXT_ENCODERS)},
+             ("column", "window")),
+    "audio": ({"column": {"type": "string"}, "tolerance": _DURATION, "clip": _DURATION,
+               "sample_rate": _number("integer", 100)}, ("column", "tolerance")),
+}
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a spec file."""
+    base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}}
+    modality = {"type": "object", "required": ["kind", "path"], "properties": base,
+                "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
+                           "then": _closed({**base, **props}, ("kind", "path", *required))}
+                          for kind, (props, required) in _MODALITY.items()]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/dmafn/dmafn/spec.schema.json",
+        "title": "DMAFN pipeline spec",
+        **_closed({
+            "name": {"type": "string"},
+            "entity": _COLUMNS,
+            "time": {"type": "string"},
+            "grain": _DURATION,
+            "partition": {"type": "string"},
+            "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                           "patternProperties": {r"^[A-Za-z][A-Za-z0-9_]*$": modality}},
+            "labels": _closed({"path": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"}},
+                              ("path",)),
+            "model": _closed({"fusion": _enum(FUSIONS), "detector": _enum(DETECTORS), "preset": _enum(PRESETS),
+                              "series_encoder": _enum(SERIES_ENCODERS), "text_encoder": _enum(TEXT_ENCODERS),
+                              "vote": _enum(VOTES), "normalization": _enum(NORMALIZATIONS),
+                              "modality_dropout": _number("number", 0.0, 0.9),
+                              "cross_modal_scoring": {"type": "boolean"}}),
+            "train": _closed({"start": _DATE, "end": _DATE, "epochs": _number("integer", 1),
+                              "workers": _number("integer", 1), "gpu": {"type": "boolean"},
+                              "batch_size": _number("integer", 1), "learning_rate": _number("number", 0.0),
+                              "validation_days": _number("integer", 0), "seed": _number("integer")},
+                             ("start", "end")),
+            "registry": {"type": "string"},
+            "score": _closed({
+                "output": {"type": "string"}, "quarantine": {"type": "string"}, "runs": {"type": "string"},
+                "threshold": _closed({"method": _enum(THRESHOLD_METHODS), "risk": _number("number", 0.0, 1.0),
+                                      "quantile": _number("number", 0.0, 1.0), "value": _number("number"),
+                                      "level": _number("number", 0.5, 0.9999)}),
+                "smoothing": _closed({"method": _enum(SMOOTHING_METHODS), "alpha": _number("number", 0.001, 1.0),
+                                      "window": _number("integer", 1)})}, ("output",)),
+            "storage": _closed({"endpoint_url": {"type": "string"}, "region": {"type": "string"},
+                                "allow_http": {"type": "boolean"}, "timeout_s": _number("number", 0.1, 600)}),
+        }, ("name", "entity", "time", "grain", "modalities", "train", "registry", "score")),
+    }
+
+
+def spec_problems(data: Any, source: str = "<memory>") -> list[str]:
+    """Every problem of a parsed spec YAML, each naming the file and the key; [] when the spec is valid.
+
+    The schema's problems all at once; then, when the structure is sound, the parser's checks across keys."""
+    import jsonschema
+
+    plain = json.loads(json.dumps(data, default=lambda v: v.isoformat() if isinstance(v, dt.date) else str(v)))
+    validator = jsonschema.Draft202012Validator(spec_json_schema())
+    problems = sorted({_describe(e, source) for e in validator.iter_errors(plain)})
+    if not problems:
+        try:
+            parse_spec(data, source)
+        except SpecError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _describe(error, source: str) -> str:
+    import jsonschema
+
+    if error.validator in ("allOf", "if") and error.context:       # a modality's kind-specific keys
+        error = jsonschema.exceptions.best_match(error.context)
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return "; ".join(f"{source}: unknown key '{_join(where, k)}' (allowed here: {allowed})" for k in extra)
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return f"{source}: missing required key '{_join(where, missing)}'"
+    if error.validator == "enum":
+        return f"{source}: key '{where}': {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern" and "description" in error.schema:
+        return f"{source}: key '{where}': {error.instance!r} is not {error.schema['description']}"
+    return f"{source}: key '{where or '(top)'}': {error.message}"
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,71 @@
+"""`dmafn validate --check-data`: what each modality's path really holds, against what the spec expects.
+
+Metadata only (listings and Parquet footers, no rows): per modality the partitions found, their dates, files,
+bytes and the columns with their types; every problem (a path that cannot be listed, no partitions under the
+spec's key, a file that is not Parquet, a column missing or of the wrong type, files whose columns differ) is
+listed, not only the first.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from dmafn.spec import Spec
+from pipelines.ingest import check_schema
+from pipelines.parquet_files import list_parquet_files, open_parquet
+from pipelines.storage import DataError, Storage, list_partitions
+
+
+@dataclass
+class ModalityData:
+    name: str
+    path: str
+    dates: list[dt.date] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    columns: dict[str, str] = field(default_factory=dict)     # name -> Arrow type, as the first file has them
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        if not self.dates:
+            return [f"{self.name}: {self.path}: no data"]
+        gaps = (self.dates[-1] - self.dates[0]).days + 1 - len(self.dates)
+        columns = ", ".join(f"{c} {t}" for c, t in self.columns.items())
+        return [f"{self.name}: {self.path}",
+                f"  partitions: {len(self.dates)} dates {self.dates[0]} .. {self.dates[-1]}"
+                + (f" ({gaps} date(s) missing in between)" if gaps else ""),
+                f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
+                f"  columns: {columns}"]
+
+
+def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData]:
+    """What every modality path holds; problems are collected on each `ModalityData`, nothing is raised."""
+    storage = storage or Storage.from_spec(spec.storage)
+    found = []
+    for name, m in spec.modalities.items():
+        data = ModalityData(name, m.path)
+        found.append(data)
+        try:
+            partitions = list_partitions(storage, m.path, spec.partition)
+            files = list_parquet_files(storage.filesystem(m.path), partitions)
+        except DataError as exc:
+            data.problems.append(f"modality '{name}': {exc}")
+            continue
+        data.dates = sorted(partitions)
+        data.files, data.bytes = len(files), sum(size for _, _, size in files)
+        if not files:
+            data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
+        schemas: dict[tuple, str] = {}
+        for _, path, _ in files:
+            try:
+                schema = open_parquet(storage.filesystem(m.path), path).schema_arrow
+                check_schema(schema, spec, m, path)
+            except DataError as exc:
+                data.problems.append(str(exc))
+                continue
+            if not data.columns:
+                data.columns = {f.name: str(f.type) for f in schema}
+            schemas.setdefault(tuple((f.name, str(f.type)) for f in schema), path)
+        if len(schemas) > 1:
+            data.problems.append(f"modality '{name}': files differ in their columns, e.g. {list(schemas.values())[:2]}")
+    return found

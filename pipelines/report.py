@@ -1,0 +1,408 @@
+"""`dmafn report`: one self-contained HTML page for a window of scored dates.
+
+Sections: metrics per anomaly kind and per modality (when the spec has labels), ROC and PR curves, per-entity
+timelines (fused score on a clipped axis with the threshold, alarms marked, labelled anomalies shaded by kind,
+each modality's contribution below), the top alarm events with the modality that dominated each, the runs
+table and a data-quality summary from the quarantine table. Figures are inline SVG, styles inline, no script
+and nothing fetched: the file opens anywhere, offline, and can be mailed or archived as it is.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from dmafn.spec import Spec
+from pipelines.align import TIME, label_ticks, to_micros
+from pipelines.evaluate import metrics_table, read_scores
+from pipelines.ingest import entity_string
+from pipelines.labels import read_labels
+from pipelines.storage import Storage
+
+LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
+KIND_COLOURS = ["#f6c85f", "#9dd866", "#8dddd0", "#ffa056", "#c7b2de", "#b8d7f5", "#e0c9a6"]  # shaded labels
+ALARM, THRESHOLD, SCORE = "#d62728", "#d62728", "#222222"
+WIDTH, PLOT_HEIGHT = 1000, 180
+MAX_POINTS = 2000
+
+
+def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, end: dt.date | None = None,
+                 entities: list[str] | None = None, top_events: int = 20, max_entities: int = 4) -> Path:
+    """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path."""
+    storage = Storage.from_spec(spec.storage)
+    scores = read_scores(spec, storage, start, end).with_columns(entity_string(spec.entity).alias("_entity"))
+    modalities = [m for m in spec.modalities if f"score_{m}" in scores.columns]
+    if spec.labels:
+        labels = read_labels(spec, storage)
+        scores = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec,
+                             spec.labels.start, spec.labels.end).drop(TIME).sort(["_entity", "ts"])
+    dates = sorted(scores["date"].unique().to_list())
+    chosen = entities or _busiest_entities(scores, max_entities)
+    unknown = sorted(set(chosen) - set(scores["_entity"].unique().to_list()))
+    if unknown:
+        from pipelines.storage import DataError
+        raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
+    sections = [_header(spec, scores, dates)]
+    if "label" in scores.columns:
+        result = metrics_table(scores, spec)
+        sections += [_metrics_section(result), _curves_section(scores, modalities)]
+    else:
+        sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
+    sections.append(_timelines_section(scores, chosen, modalities))
+    sections.append(_events_section(scores, modalities, top_events))
+    sections.append(_runs_section(_read_table(spec.score.runs_path, storage), dates))
+    sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage), dates))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_page(f"DMAFN report: {spec.name} {dates[0]}..{dates[-1]}", "\n".join(sections)))
+    return path
+
+
+def _read_table(path: str, storage: Storage) -> pl.DataFrame | None:
+    """A Delta table of the pipeline's, or None when none was written yet."""
+    try:
+        return pl.read_delta(storage.delta_uri(path), storage_options=storage.delta_options(path))
+    except Exception:  # noqa: BLE001 - a missing table is an empty section, not an error
+        return None
+
+
+def _busiest_entities(scores: pl.DataFrame, n: int) -> list[str]:
+    """The n entities with the most alarm ticks (then the most labelled ticks, then by name)."""
+    aggs = [pl.col("is_anomaly").sum().alias("alarms")]
+    if "label" in scores.columns:
+        aggs.append(pl.col("label").sum().alias("labelled"))
+    ranked = scores.group_by("_entity").agg(aggs)
+    by = ["alarms", *(["labelled"] if "label" in scores.columns else [])]
+    ranked = ranked.sort([*by, "_entity"], descending=[True] * len(by) + [False])
+    return ranked["_entity"].head(n).to_list()
+
+
+# ---------------------------------------------------------------- sections
+
+def _header(spec: Spec, scores: pl.DataFrame, dates: list[str]) -> str:
+    versions = ", ".join(sorted(scores["model_version"].unique().to_list()))
+    alarms = int(scores["is_anomaly"].sum())
+    facts = [("dates", f"{dates[0]} .. {dates[-1]} ({len(dates)})"), ("ticks", f"{scores.height:,}"),
+             ("entities", str(scores["_entity"].n_unique())), ("alarm ticks", f"{alarms:,}"),
+             ("model version", versions), ("scores table", spec.score.output),
+             ("generated", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
+    return f'<header><h1>{_e(spec.name)}</h1><table class="facts">{rows}</table></header>'
+
+
+def _metrics_section(result: dict[str, Any]) -> str:
+    f = result["overall"]["fused"]
+    point = [("precision", f["precision"]), ("recall", f["recall"]), ("F1", f["f1"]), ("FAR", f["far"]),
+             ("MAR", f["mar"]), ("event precision", f["event_precision"]), ("event recall", f["event_recall"]),
+             ("event F1", f["event_f1"]), ("point-adjusted F1 (beside the point-wise F1)", f["f1_point_adjusted"])]
+    if "oracle_f1" in f:
+        point.append(("oracle F1 (threshold chosen with the labels; not deployable)", f["oracle_f1"]))
+    fused = _table(["at the calibrated threshold", "value"], [[k, _num(v)] for k, v in point], "fused-metrics")
+    kinds = list(result["by_kind"])
+    head = ["score", "ROC-AUC overall", "PR-AUC overall", *[f"ROC-AUC {k}" for k in kinds]]
+    rows = [[name, _num(result["overall"][name]["roc_auc"]), _num(result["overall"][name]["pr_auc"]),
+             *[_num(result["by_kind"][k][name]["roc_auc"]) for k in kinds]] for name in result["overall"]]
+    per_kind = _table(head, rows, "kind-metrics")
+    return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
+            f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{per_kind}{fused}</section>')
+
+
+def _curves_section(scores: pl.DataFrame, modalities: list[str]) -> str:
+    labels = scores["label"].to_numpy().astype(bool)
+    columns = {"fused": scores["score"].to_numpy()}
+    columns |= {m: scores[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in modalities}
+    roc, pr = {}, {}
+    for name, values in columns.items():
+        fpr, tpr, precision, recall = _curve_points(values, labels)
+        roc[name], pr[name] = (fpr, tpr), (recall, precision)
+    return ('<section id="curves"><h2>ROC and PR curves</h2><div class="row">'
+            + _xy_figure("roc", "ROC: true vs false positive rate", roc, "false positive rate", "true positive rate",
+                         diagonal=True)
+            + _xy_figure("pr", "Precision vs recall", pr, "recall", "precision") + "</div></section>")
+
+
+def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: list[str]) -> str:
+    kinds = sorted(k for k in scores["label_kind"].unique().to_list() if k) if "label_kind" in scores.columns else []
+    legend = "".join(f'<span class="key" style="background:{KIND_COLOURS[i % len(KIND_COLOURS)]}"></span>{_e(k)} '
+                     for i, k in enumerate(kinds))
+    legend += f'<span class="key" style="background:{ALARM}"></span>alarm (is_anomaly) '
+    parts = [f'<section id="timelines"><h2>Timelines</h2><p class="legend">{legend}</p>']
+    for entity in entities:
+        one = scores.filter(pl.col("_entity") == entity).sort("ts")
+        parts.append(_timeline_figure(entity, one, modalities, kinds))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _events_section(scores: pl.DataFrame, modalities: list[str], top: int) -> str:
+    events = alarm_events(scores, modalities)
+    head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "labelled kind"]
+    rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]), e["dominant"], e["kind"] or "none"]
+            for e in events[:top]]
+    note = f"{len(events)} alarm events (runs of consecutive alarm ticks of one entity); the {min(top, len(events))} " \
+           "with the highest peak score. Dominant modality: the largest mean contribution during the event."
+    return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
+
+
+def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, Any]]:
+    """Runs of consecutive `is_anomaly` ticks per entity, highest peak first: entity, start, end, ticks, peak,
+    the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any."""
+    run = (pl.col("is_anomaly") != pl.col("is_anomaly").shift(1)).fill_null(True).cum_sum().over("_entity")
+    has_kind = "label_kind" in scores.columns
+    aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
+            pl.col("score").max().alias("peak"),
+            *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in modalities]]
+    if has_kind:
+        aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
+                    .alias("kind"))
+    runs = (scores.sort(["_entity", "ts"]).with_columns(run.alias("_run")).filter(pl.col("is_anomaly"))
+            .group_by("_entity", "_run").agg(aggs).sort(["peak", "_entity"], descending=[True, False]))
+    events = []
+    for row in runs.iter_rows(named=True):
+        means = {m: row[m] for m in modalities if row[m] is not None and math.isfinite(row[m])}
+        events.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
+                       "ticks": row["ticks"], "peak": row["peak"],
+                       "dominant": max(means, key=means.get) if means else "none",
+                       "kind": row.get("kind") if has_kind else None})
+    return events
+
+
+def _runs_section(runs: pl.DataFrame | None, dates: list[str]) -> str:
+    if runs is None:
+        return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
+    runs = runs.filter(pl.col("date").is_in(dates)).sort(["date", "finished_at"])
+    cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
+                        "input_rows_quarantined", "anomalies", "duration_s", "run_id", "finished_at"] if c in runs.columns]
+    rows = [[_cell(r[c]) for c in cols] for r in runs.select(cols).iter_rows(named=True)]
+    return (f'<section id="runs"><h2>Runs</h2><p>Every scoring run of these dates (a re-run adds a row).</p>'
+            f'{_table(cols, rows, "runs-table")}</section>')
+
+
+def _quality_section(quarantine: pl.DataFrame | None, dates: list[str]) -> str:
+    title = '<section id="quality"><h2>Data quality</h2>'
+    if quarantine is None:
+        return title + "<p>No quarantine table: nothing was quarantined.</p></section>"
+    q = quarantine.filter(pl.col("date").is_in(dates))
+    if q.is_empty():
+        return title + "<p>Nothing quarantined in these dates.</p></section>"
+    summary = (q.group_by("stage", "source", "reason").agg(pl.len().alias("rows"), pl.col("entity").n_unique()
+                                                           .alias("entities"), pl.col("date").n_unique().alias("dates"))
+               .sort("rows", descending=True))
+    rows = [[_cell(v) for v in r] for r in summary.iter_rows()]
+    return (title + f"<p>{q.height:,} quarantined rows (stage ingest: unusable input rows; stage score: ticks no "
+            f"modality could serve), by reason.</p>{_table(summary.columns, rows, 'quality-table')}</section>")
+
+
+# ---------------------------------------------------------------- figures
+
+def _curve_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(fpr, tpr, precision, recall) at every distinct threshold, downsampled to <= MAX_POINTS."""
+    ok = np.isfinite(scores)
+    s, y = scores[ok], labels[ok]
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1] if len(s) else np.array([], int)
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    pos, neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    fpr, tpr = np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
+    precision, recall = np.r_[1.0, tp / np.maximum(tp + fp, 1)], np.r_[0.0, tp / pos]
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), MAX_POINTS)).astype(int))
+    return fpr[keep], tpr[keep], precision[keep], recall[keep]
+
+
+def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
+               diagonal: bool = False) -> str:
+    w, h, pad, legend_width = 500, 320, 40, 90
+    side = h - 2 * pad
+    sx = lambda v: pad + v * side                             # noqa: E731 - unit square to pixels
+    sy = lambda v: h - pad - v * side                         # noqa: E731
+    body = [f'<rect x="{pad}" y="{pad}" width="{side}" height="{side}" class="frame"/>']
+    for t in (0, 0.5, 1):
+        body.append(f'<text x="{sx(t):.0f}" y="{h - pad + 14}" class="tick">{t:g}</text>'
+                    f'<text x="{pad - 6}" y="{sy(t) + 4:.0f}" class="tick" text-anchor="end">{t:g}</text>')
+    if diagonal:
+        body.append(f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(1)}" y2="{sy(1)}" class="diagonal"/>')
+    legend = []
+    for i, (name, (x, y)) in enumerate(series.items()):
+        colour = SCORE if name == "fused" else LINE_COLOURS[(i - 1) % len(LINE_COLOURS)]
+        points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x, y))
+        width = 2 if name == "fused" else 1.2
+        body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="{width}"/>')
+        legend.append(f'<text x="{w - legend_width}" y="{pad + 10 + 14 * i}" class="label" '
+                      f'fill="{colour}">{_e(name)}</text>')
+    body.append(f'<text x="{pad + side / 2}" y="{h - 6}" class="axis" text-anchor="middle">{_e(xlabel)}</text>'
+                f'<text x="12" y="{h / 2}" class="axis" text-anchor="middle" '
+                f'transform="rotate(-90 12 {h / 2})">{_e(ylabel)}</text>')
+    return (f'<figure id="{fid}"><svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img">'
+            f'{"".join(body + legend)}</svg><figcaption>{_e(title)}</figcaption></figure>')
+
+
+def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kinds: list[str]) -> str:
+    t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
+    t0, t1 = float(t.min()), float(max(t.max(), t.min() + 1))
+    sx = lambda v: 50 + (v - t0) / (t1 - t0) * (WIDTH - 70)   # noqa: E731
+    score = one["score"].to_numpy().astype(np.float64)
+    threshold = float(one["threshold"][0])
+    lo, hi = _clipped_range(score, threshold)
+    top = _panel(t, {"fused score": (score, SCORE)}, lo, hi, sx, threshold=threshold)
+    clipped = int((score > hi).sum())
+    shading = _shading(one, kinds, sx, PLOT_HEIGHT) + _alarms(one, sx, PLOT_HEIGHT)
+    contributions = {m: (one[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                         LINE_COLOURS[i % len(LINE_COLOURS)]) for i, m in enumerate(modalities)}
+    finite = np.concatenate([v[np.isfinite(v)] for v, _ in contributions.values()]) if contributions else np.zeros(1)
+    c_lo, c_hi = _clipped_range(finite if finite.size else np.zeros(1), None)
+    bottom = _panel(t, contributions, c_lo, c_hi, sx)
+    days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30)
+    legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, c) in contributions.items())
+    svg = (f'<svg viewBox="0 0 {WIDTH} {2 * PLOT_HEIGHT + 40}" width="{WIDTH}" height="{2 * PLOT_HEIGHT + 40}" '
+           f'role="img"><g>{shading}{top}</g><g transform="translate(0 {PLOT_HEIGHT + 15})">'
+           f'{_shading(one, kinds, sx, PLOT_HEIGHT)}{bottom}<text x="56" y="14" class="label">contributions:'
+           f'{legend}</text></g>{days}</svg>')
+    note = (f"fused score on an axis clipped to [{lo:.2f}, {hi:.2f}]; {clipped} tick(s) above it drawn on the top "
+            f"edge. Dashed: the threshold {threshold:.3f}." if clipped else
+            f"fused score; dashed: the threshold {threshold:.3f}.")
+    return f'<figure class="timeline" data-entity="{_e(entity)}">{svg}<figcaption>{_e(entity)}: {_e(note)}' \
+           f'</figcaption></figure>'
+
+
+def _clipped_range(values: np.ndarray, threshold: float | None) -> tuple[float, float]:
+    """An axis that a few huge values cannot flatten: the 0.5-99.5 % range, widened to show the threshold."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold + 0.25 * abs(threshold) + 1e-6)
+    span = max(hi - lo, 1e-6)
+    return float(lo - 0.05 * span), float(hi + 0.05 * span)
+
+
+def _panel(t: np.ndarray, series: dict[str, tuple[np.ndarray, str]], lo: float, hi: float, sx,
+           threshold: float | None = None) -> str:
+    sy = lambda v: 20 + (1 - (np.clip(v, lo, hi) - lo) / (hi - lo)) * (PLOT_HEIGHT - 30)   # noqa: E731
+    out = [f'<rect x="50" y="20" width="{WIDTH - 70}" height="{PLOT_HEIGHT - 30}" class="frame"/>',
+           f'<text x="44" y="24" class="tick" text-anchor="end">{hi:.2f}</text>',
+           f'<text x="44" y="{PLOT_HEIGHT - 8}" class="tick" text-anchor="end">{lo:.2f}</text>']
+    for values, colour in series.values():
+        for segment in _segments(t, values):
+            xs, ys = _envelope(t[segment], values[segment])
+            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(xs, ys))
+            out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1"/>')
+    if threshold is not None:
+        out.append(f'<line x1="50" x2="{WIDTH - 20}" y1="{sy(threshold):.1f}" y2="{sy(threshold):.1f}" '
+                   f'stroke="{THRESHOLD}" stroke-dasharray="5 3" class="threshold"/>')
+    return "".join(out)
+
+
+def _segments(t: np.ndarray, values: np.ndarray) -> list[slice]:
+    """Runs of finite values: a line never bridges a gap where a modality was absent."""
+    finite = np.isfinite(values)
+    edges = np.flatnonzero(np.diff(np.r_[0, finite.astype(np.int8), 0]))
+    return [slice(a, b) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _envelope(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~2 points per pixel column: each column's min and max in time order (peaks are kept)."""
+    if len(t) <= 2 * WIDTH:
+        return t, v
+    bucket = ((t - t[0]) / max(t[-1] - t[0], 1) * (WIDTH - 1)).astype(int)
+    frame = pl.DataFrame({"b": bucket, "t": t, "v": v}).group_by("b", maintain_order=True).agg(
+        pl.col("t").first(), pl.col("t").last().alias("t2"), pl.col("v").min().alias("lo"), pl.col("v").max().alias("hi"))
+    xs = np.column_stack([frame["t"].to_numpy(), frame["t2"].to_numpy()]).ravel()
+    ys = np.column_stack([frame["lo"].to_numpy(), frame["hi"].to_numpy()]).ravel()
+    return xs, ys
+
+
+def _runs_of(flag: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.r_[0, flag.astype(np.int8), 0]))
+    return list(zip(edges[::2], edges[1::2] - 1))
+
+
+def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
+    if not kinds:
+        return ""
+    t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
+    kind = one["label_kind"].fill_null("").to_numpy()
+    out = []
+    for i, k in enumerate(kinds):
+        for a, b in _runs_of(kind == k):
+            x0, x1 = sx(t[a]), sx(t[b])
+            out.append(f'<rect x="{x0:.1f}" y="20" width="{max(x1 - x0, 1.5):.1f}" height="{height - 30}" '
+                       f'fill="{KIND_COLOURS[i % len(KIND_COLOURS)]}" opacity="0.55" class="label-span">'
+                       f'<title>{_e(k)}</title></rect>')
+    return "".join(out)
+
+
+def _alarms(one: pl.DataFrame, sx, height: int) -> str:
+    t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
+    out = []
+    for a, b in _runs_of(one["is_anomaly"].to_numpy().astype(bool)):
+        x0, x1 = sx(t[a]), sx(t[b])
+        out.append(f'<rect x="{x0:.1f}" y="{height - 9}" width="{max(x1 - x0, 2):.1f}" height="7" fill="{ALARM}" '
+                   f'class="alarm"><title>alarm {_when(one["ts"][int(a)])} .. {_when(one["ts"][int(b)])}</title></rect>')
+    return "".join(out)
+
+
+def _day_ticks(t0: float, t1: float, sx, y: int) -> str:
+    day = 86_400_000_000
+    first = math.ceil(t0 / day) * day
+    marks = range(int(first), int(t1) + 1, day) if (t1 - t0) / day <= 31 else []
+    return "".join(f'<text x="{sx(m):.0f}" y="{y}" class="tick" text-anchor="middle">'
+                   f'{dt.datetime.fromtimestamp(m / 1e6, dt.timezone.utc):%Y-%m-%d}</text>' for m in marks)
+
+
+# ---------------------------------------------------------------- HTML
+
+def _table(head: list[str], rows: list[list[str]], tid: str) -> str:
+    thead = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{tid}"><thead><tr>{thead}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px auto; max-width: 1060px; color: #222; }}
+h1 {{ margin: 0 0 8px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }}
+table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee;
+  text-align: right; }} th {{ background: #f6f6f6; }} td:first-child, th:first-child {{ text-align: left; }}
+table.facts th {{ text-align: left; background: none; font-weight: 600; }}
+.row {{ display: flex; gap: 16px; flex-wrap: wrap; }} figure {{ margin: 8px 0 20px; }}
+figcaption {{ color: #555; font-size: 12px; }} .frame {{ fill: none; stroke: #ccc; }}
+.tick {{ font-size: 10px; fill: #666; }} .axis, .label {{ font-size: 11px; fill: #333; }}
+.diagonal {{ stroke: #bbb; stroke-dasharray: 4 4; }} .key {{ display: inline-block; width: 12px; height: 12px;
+  margin: 0 4px 0 12px; vertical-align: middle; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return _when(value)
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def _when(value: dt.datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S")
