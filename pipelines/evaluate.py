@@ -104,6 +104,29 @@ def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | N
     return result
 
 
+def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any]:
+    """The alarm rate of the scored ticks and the false-alarm rate (alarms on ticks labelled normal) against
+    the rate the model version expects: its validation days' alarm rate (`validation_alarm_rate` in the
+    manifest's metrics: clean days, so every alarm there is a false one)."""
+    from pipelines.registry import Registry
+
+    alarms = df["is_anomaly"].to_numpy().astype(bool)
+    normal = ~df["label"].to_numpy().astype(bool)
+    out: dict[str, Any] = {"alarm_rate": float(alarms.mean()) if alarms.size else 0.0,
+                           "false_alarm_rate": float(alarms[normal].mean()) if normal.any() else 0.0,
+                           "expected_false_alarm_rate": {}}
+    registry = Registry(spec.registry, storage)
+    for version in sorted(df["model_version"].unique().to_list()):
+        try:
+            metrics = registry.load(version).manifest.get("metrics", {})
+        except DataError as exc:
+            log.warning("model version %s: %s (no expected alarm rate)", version, exc)
+            continue
+        if metrics.get("validation_alarm_rate") is not None:
+            out["expected_false_alarm_rate"][version] = float(metrics["validation_alarm_rate"])
+    return out
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: ROC-AUC per score column and kind, and the fused score's F1 at its threshold."""
     names = list(result["overall"])
@@ -123,6 +146,12 @@ def format_table(result: dict[str, Any]) -> str:
     if "oracle_f1" in f:
         lines.append(f"  oracle (threshold chosen with the labels, not deployable): best point-wise F1 "
                      f"{f['oracle_f1']:.3f} at {f['oracle_threshold']:.3f} vs the calibrated {f['f1']:.3f}")
+    if "alarm_rate" in result:
+        expected = result["expected_false_alarm_rate"]
+        said = ", ".join(f"{100 * r:.2f} % ({v})" for v, r in expected.items()) or "unknown"
+        lines.append(f"  alarms on {100 * result['alarm_rate']:.2f} % of ticks; false alarms on "
+                     f"{100 * result['false_alarm_rate']:.2f} % of the ticks labelled normal, expected {said} "
+                     "from the validation days")
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     return "\n".join(lines)
 
@@ -212,6 +241,7 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     extra = single_modality_baselines(spec, storage, df) if baselines else None
     result = metrics_table(df, spec, extra)
     result["dates"] = sorted(df["date"].unique().to_list())
+    result |= alarm_rates(df, spec, storage)
     text = format_table(result)
     print(text)
     if report_dir:

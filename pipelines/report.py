@@ -19,7 +19,7 @@ import polars as pl
 
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
-from pipelines.evaluate import metrics_table, read_scores
+from pipelines.evaluate import alarm_rates, metrics_table, read_scores
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.storage import Storage
@@ -49,7 +49,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     sections = [_header(spec, scores, dates)]
     if "label" in scores.columns:
-        result = metrics_table(scores, spec)
+        result = metrics_table(scores, spec) | alarm_rates(scores, spec, storage)
         sections += [_metrics_section(result), _curves_section(scores, modalities)]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
@@ -102,6 +102,9 @@ def _metrics_section(result: dict[str, Any]) -> str:
              ("event F1", f["event_f1"]), ("point-adjusted F1 (beside the point-wise F1)", f["f1_point_adjusted"])]
     if "oracle_f1" in f:
         point.append(("oracle F1 (threshold chosen with the labels; not deployable)", f["oracle_f1"]))
+    point.append(("alarm rate (all ticks)", result["alarm_rate"]))
+    for version, rate in result["expected_false_alarm_rate"].items():
+        point.append((f"expected false-alarm rate (validation days of {version})", rate))
     fused = _table(["at the calibrated threshold", "value"], [[k, _num(v)] for k, v in point], "fused-metrics")
     kinds = list(result["by_kind"])
     head = ["score", "ROC-AUC overall", "PR-AUC overall", *[f"ROC-AUC {k}" for k in kinds]]
@@ -393,7 +396,9 @@ def _e(value: Any) -> str:
 def _num(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 0.1 else f"{value:.3f}"
+    return str(value)
 
 
 def _cell(value: Any) -> str:

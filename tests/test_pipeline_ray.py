@@ -3,6 +3,7 @@ score (Ray Data actor pool) -> Delta Lake -> evaluate; idempotency, quarantine a
 import datetime as dt
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -163,6 +164,12 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     assert fused["oracle_f1"] >= fused["f1"]            # the oracle may pick the calibrated threshold too
     out = capsys.readouterr().out
     assert "ROC-AUC" in out and "oracle (threshold chosen with the labels, not deployable)" in out
+    # the false-alarm rate of these dates against the one the model version expects from its validation days
+    _, version, _ = trained
+    assert result["false_alarm_rate"] == pytest.approx(fused["far"])
+    manifest = json.loads((Path(spec.registry) / version / "manifest.json").read_text())
+    assert result["expected_false_alarm_rate"] == {version: manifest["metrics"]["validation_alarm_rate"]}
+    assert f"false alarms on {100 * fused['far']:.2f} % of the ticks labelled normal, expected" in out
 
 
 REPORT_CHECK = """({
