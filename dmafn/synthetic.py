@@ -16,6 +16,18 @@ Injected anomalies (labels: entity, start, end, kind):
   cross_modal only across modalities: the process side (temperature, pressure and the gauge the
               camera sees) follows a load shifted by 0.45 while the mechanical side (vibration, logs)
               follows the true load; every value stays in its normal range, only their relation breaks.
+
+The shifted fleet (`SyntheticConfig(shifted=True)`, `dmafn generate --shifted`) is for evaluation only: other
+machines (hotter and less load-sensitive, a two-shift load cycle, a faster shaft, log lines that carry
+numbers and ids) and other anomaly shapes, none of which the demo's settings were chosen on:
+  slow_drift       temperature creeps away from its relation with load over 45-90 minutes (up to +6 C, inside
+                   the normal range) - visible only against load, slowly
+  intermittent     vibration rough in bursts of 20-90 s, smooth in between
+  novel_logs       a burst of log lines whose templates never occur on normal days
+  camera_fade      the camera image degrades gradually (fog rising from nothing to full over the event)
+  cross_modal      the process side follows a load shifted by 0.35
+Besides, each pump's vibration sensor fails for 2-4 hours once on a scored day (rows missing, not labelled:
+an absent modality is not an anomaly, and scores must not jump for it).
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ import pyarrow as pa
 from dmafn.spec import DAY_US
 
 ANOMALY_KINDS = ("vibration", "overheat", "log_errors", "camera", "cross_modal")
+SHIFTED_KINDS = ("slow_drift", "intermittent", "novel_logs", "camera_fade", "cross_modal")
 _S = 1_000_000  # microseconds per second
 
 
@@ -45,6 +58,33 @@ class SyntheticConfig:
     audio: bool = False
     audio_rate: int = 4000
     seed: int = 0
+    shifted: bool = False        # the evaluation-only fleet: other machines and anomaly shapes (module doc)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return SHIFTED_KINDS if self.shifted else ANOMALY_KINDS
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """How a pump of a fleet behaves: load cycle, process response, shaft, log rate and wording."""
+
+    cycle_minutes: float = 1440        # the load's main cycle
+    temp_base: tuple[float, float] = (40, 8)        # base temperature: low + spread * U(0, 1)
+    temp_gain: float = 25              # degrees from no load to full load
+    temp_tau: float = 12               # lag of the temperature behind the load (in 10 s steps)
+    pressure_base: tuple[float, float] = (3, 2)
+    pressure_gain: float = 4
+    shaft_period_s: float = 6.3
+    vib_amp: tuple[float, float] = (0.2, 1.0)       # amplitude at no load, gain with load
+    log_rate: tuple[float, float] = (0.3, 2.0)      # lines per minute at no load, gain with load
+    cross_shift: float = 0.45
+
+
+_DEMO_MACHINE = _Machine()
+_SHIFTED_MACHINE = _Machine(cycle_minutes=720, temp_base=(55, 10), temp_gain=18, temp_tau=20, pressure_base=(5, 3),
+                            pressure_gain=6, shaft_period_s=4.1, vib_amp=(0.35, 0.8), log_rate=(0.5, 1.5),
+                            cross_shift=0.35)
 
 
 @dataclass
@@ -54,14 +94,14 @@ class SyntheticData:
     config: SyntheticConfig
 
 
-def _load_curve(rng: np.random.Generator, seconds: int, phase: float) -> np.ndarray:
+def _load_curve(rng: np.random.Generator, seconds: int, phase: float, cycle_minutes: float = 1440) -> np.ndarray:
     minutes = seconds // 60 + 2
     drift = np.zeros(minutes)
     noise = rng.normal(0, 0.04, minutes)
     for i in range(1, minutes):
         drift[i] = 0.97 * drift[i - 1] + noise[i]
     t_min = np.arange(minutes)
-    per_min = 0.5 + 0.3 * np.sin(2 * np.pi * t_min / 1440 + phase) + drift
+    per_min = 0.5 + 0.3 * np.sin(2 * np.pi * t_min / cycle_minutes + phase) + drift
     per_min += 0.1 * np.sin(2 * np.pi * t_min / 97 + 2 * phase)
     return np.clip(np.interp(np.arange(seconds) / 60.0, t_min, per_min), 0.02, 0.98)
 
@@ -78,10 +118,11 @@ def _draw_events(rng: np.random.Generator, cfg: SyntheticConfig, seconds: int) -
     events: list[tuple[int, int, str]] = []
     for day in range(cfg.clean_days, cfg.days):
         slots = rng.choice(np.arange(2, 24 * 2 - 2), size=cfg.anomalies_per_day, replace=False)
-        kinds = rng.permutation(np.resize(ANOMALY_KINDS, cfg.anomalies_per_day))
+        kinds = rng.permutation(np.resize(cfg.kinds, cfg.anomalies_per_day))
         for slot, kind in zip(sorted(slots), kinds):
             start = day * 86400 + int(slot) * 1800 + int(rng.integers(0, 600))
-            events.append((start, min(start + int(rng.integers(20, 41)) * 60, seconds - 1), str(kind)))
+            minutes = int(rng.integers(45, 91)) if kind == "slow_drift" else int(rng.integers(20, 41))
+            events.append((start, min(start + minutes * 60, seconds - 1), str(kind)))
     return events
 
 
@@ -93,7 +134,17 @@ def _mask(events: list[tuple[int, int, str]], kind: str, seconds: int) -> np.nda
     return mask
 
 
-def _gauge_png(load: float, fog: bool, rng: np.random.Generator, size: int) -> bytes:
+def _ramp(events: list[tuple[int, int, str]], kind: str, seconds: int) -> np.ndarray:
+    """0 outside the events of `kind`, rising linearly from 0 to 1 over each."""
+    ramp = np.zeros(seconds)
+    for start, end, k in events:
+        if k == kind:
+            ramp[start:end + 1] = np.linspace(0, 1, end - start + 1)
+    return ramp
+
+
+def _gauge_png(load: float, fog: float, rng: np.random.Generator, size: int) -> bytes:
+    """The gauge at this load; `fog` in [0, 1] mixes in a fogged picture (1: fully fogged)."""
     from PIL import Image
 
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
@@ -103,7 +154,8 @@ def _gauge_png(load: float, fog: bool, rng: np.random.Generator, size: int) -> b
     dist = np.hypot(xx - along * dx, yy - along * dy)
     img = 0.15 + 0.75 * np.exp(-(dist / 0.08) ** 2) + 0.25 * (np.hypot(xx, yy) > 0.95)
     if fog:
-        img = 0.55 + 0.25 * img + 0.2 * np.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.3)
+        fogged = 0.55 + 0.25 * img + 0.2 * np.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.3)
+        img = fogged if fog >= 1 else (1 - fog) * img + fog * fogged
     img = np.clip(img + rng.normal(0, 0.04, img.shape), 0, 1)
     buf = io.BytesIO()
     Image.fromarray((img * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
@@ -114,6 +166,17 @@ _LOG_NORMAL = {0: ["INFO pump idle cycle ok", "DEBUG heartbeat ok", "INFO standb
                1: ["INFO pump cycle complete", "INFO flow nominal", "DEBUG heartbeat ok"],
                2: ["INFO high load cycle complete", "WARN fan speed increased", "INFO flow high"]}
 _LOG_ERRORS = ["ERROR seal leak detected", "ERROR bearing fault code 17", "WARN pressure drop unexpected"]
+# the shifted fleet's controller writes numbers and ids into its lines (templates with variable fields)
+_LOG_SHIFTED = {0: ["INFO unit {id} idle for {n} s", "DEBUG hb seq={n} ok", "INFO standby valve={v} closed"],
+                1: ["INFO unit {id} cycle {n} done in {ms} ms", "INFO flow {f} l/min nominal", "DEBUG hb seq={n} ok"],
+                2: ["INFO unit {id} cycle {n} done in {ms} ms", "WARN fan rpm {n} above 3000", "INFO flow {f} l/min high"]}
+_LOG_NOVEL = ["CRIT actuator {id} stalled torque={f}Nm", "ALERT coolant loop {v} pressure oscillation {f} bar",
+              "FATAL controller watchdog reset after {ms} ms"]
+
+
+def _fill(template: str, rng: np.random.Generator) -> str:
+    return template.format(id=f"u{rng.integers(100, 999)}", n=int(rng.integers(1, 99_999)), ms=int(rng.integers(5, 900)),
+                           v="ABCD"[rng.integers(4)], f=f"{rng.uniform(1, 99):.1f}")
 
 
 def _timestamps(base_us: int, seconds: np.ndarray, jitter_s: float, rng: np.random.Generator) -> np.ndarray:
@@ -122,33 +185,50 @@ def _timestamps(base_us: int, seconds: np.ndarray, jitter_s: float, rng: np.rand
 
 def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     seconds = cfg.days * 86400
+    m = _SHIFTED_MACHINE if cfg.shifted else _DEMO_MACHINE
     base_us = int(dt.datetime(cfg.start.year, cfg.start.month, cfg.start.day,
                               tzinfo=dt.timezone.utc).timestamp() * _S)
-    load = _load_curve(rng, seconds, phase=rng.uniform(0, 2 * np.pi))
+    load = _load_curve(rng, seconds, phase=rng.uniform(0, 2 * np.pi), cycle_minutes=m.cycle_minutes)
     events = _draw_events(rng, cfg, seconds)
-    shifted = np.where(load < 0.5, load + 0.45, load - 0.45)
+    shifted = np.where(load < 0.5, load + m.cross_shift, load - m.cross_shift)
     cross = _mask(events, "cross_modal", seconds)
     process_load = np.where(cross, shifted, load)
-    base_temp, base_pressure = 40 + 8 * rng.random(), 3 + 2 * rng.random()
+    base_temp = m.temp_base[0] + m.temp_base[1] * rng.random()
+    base_pressure = m.pressure_base[0] + m.pressure_base[1] * rng.random()
     name = f"pump-{e:02d}"
 
     # process: one row per minute, jittered, 2 % missing
     minute_s = np.arange(30, seconds, 60)
     minute_s = minute_s[rng.random(minute_s.size) > 0.02]
-    temp_curve = base_temp + 25 * _ema(process_load[::10], tau=12)[minute_s // 10]
+    temp_curve = base_temp + m.temp_gain * _ema(process_load[::10], tau=m.temp_tau)[minute_s // 10]
     temperature = temp_curve + rng.normal(0, 0.4, minute_s.size) + 30 * _mask(events, "overheat", seconds)[minute_s]
-    pressure = base_pressure + 4 * process_load[minute_s] + rng.normal(0, 0.1, minute_s.size)
+    temperature += 6 * _ramp(events, "slow_drift", seconds)[minute_s]
+    pressure = base_pressure + m.pressure_gain * process_load[minute_s] + rng.normal(0, 0.1, minute_s.size)
     process = {"ts": _timestamps(base_us, minute_s, 15, rng), "temperature": temperature, "pressure": pressure}
 
-    # vibration: 1 Hz with outages
+    # vibration: 1 Hz with outages (the shifted fleet: also one sensor failure of 2-4 h on a scored day)
     keep = np.ones(seconds, bool)
     for _ in range(2 * cfg.days):
         start = int(rng.integers(0, seconds - 900))
         keep[start:start + int(rng.integers(120, 600))] = False
+    if cfg.shifted and cfg.days > cfg.clean_days:
+        start = int(rng.integers(cfg.clean_days * 86400, seconds - 4 * 3600))
+        keep[start:start + int(rng.integers(2 * 3600, 4 * 3600))] = False
     vib_s = np.flatnonzero(keep)
-    amp = 0.2 + 1.0 * load[vib_s]
-    rough = _mask(events, "vibration", seconds)[vib_s]
-    phase = 2 * np.pi * vib_s / 6.3
+    amp = m.vib_amp[0] + m.vib_amp[1] * load[vib_s]
+    rough = _mask(events, "vibration", seconds)
+    if cfg.shifted:                     # intermittent: rough in bursts of 20-90 s, smooth in between
+        bursts = np.zeros(seconds, bool)
+        for start, end, kind in events:
+            if kind == "intermittent":
+                t = start
+                while t < end:
+                    on = int(rng.integers(20, 91))
+                    bursts[t:min(t + on, end)] = True
+                    t += on + int(rng.integers(20, 91))
+        rough = rough | bursts
+    rough = rough[vib_s]
+    phase = 2 * np.pi * vib_s / m.shaft_period_s
     noise = np.where(rough, 0.45, 0.05)
     vibration = {"ts": _timestamps(base_us, vib_s, 0.2, rng),
                  "ax": amp * np.sin(phase) + rough * 0.6 * np.sin(3 * phase) + rng.normal(0, 1, vib_s.size) * noise,
@@ -158,20 +238,27 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     # camera: every 5 minutes, 5 % missing
     cam_s = np.arange(150, seconds, 300)
     cam_s = cam_s[rng.random(cam_s.size) > 0.05]
-    fog = _mask(events, "camera", seconds)[cam_s]
+    fog = np.maximum(_mask(events, "camera", seconds), _ramp(events, "camera_fade", seconds))[cam_s]
     camera = {"ts": _timestamps(base_us, cam_s, 30, rng),
               "frame": [_gauge_png(process_load[s], f, rng, cfg.image_size) for s, f in zip(cam_s, fog)]}
 
     # logs: Poisson per minute, rate and words follow load
-    rate = 0.3 + 2.0 * load[30::60]
+    rate = m.log_rate[0] + m.log_rate[1] * load[30::60]
     counts = rng.poisson(rate)
     log_s = np.repeat(np.arange(counts.size) * 60, counts) + rng.integers(0, 60, counts.sum())
     level = np.digitize(load[log_s], [0.35, 0.7])
-    messages = [_LOG_NORMAL[lv][rng.integers(3)] for lv in level]
+    if cfg.shifted:
+        messages = [_fill(_LOG_SHIFTED[lv][rng.integers(3)], rng) for lv in level]
+    else:
+        messages = [_LOG_NORMAL[lv][rng.integers(3)] for lv in level]
     err_mask = _mask(events, "log_errors", seconds)
     err_s = np.flatnonzero(err_mask[::30]) * 30
     log_s = np.concatenate([log_s, err_s])
     messages += [_LOG_ERRORS[rng.integers(3)] for _ in err_s]
+    if cfg.shifted:                     # novel templates, about one line every 40 s during the event
+        novel_s = np.flatnonzero(_mask(events, "novel_logs", seconds)[::40]) * 40
+        log_s = np.concatenate([log_s, novel_s])
+        messages += [_fill(_LOG_NOVEL[rng.integers(3)], rng) for _ in novel_s]
     order = np.argsort(log_s, kind="stable")
     logs = {"ts": _timestamps(base_us, log_s[order], 0.5, rng), "message": [messages[i] for i in order]}
 
@@ -246,7 +333,7 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
         modalities["mic"] = {"kind": "audio", "path": f"{root}/raw/mic", "column": "wave",
                              "sample_rate": cfg.audio_rate, "tolerance": "6min", "clip": "1s"}
     return {
-        "name": "synthetic-pumps", "entity": "machine_id", "time": "ts", "grain": "1min", "partition": "date",
+        "name": "synthetic-pumps-shifted" if cfg.shifted else "synthetic-pumps", "entity": "machine_id", "time": "ts", "grain": "1min", "partition": "date",
         "modalities": modalities,
         "labels": {"path": f"{root}/labels", "start": "start_ts", "end": "end_ts"},
         "model": {"fusion": "attention", "detector": "autoencoder"},

@@ -51,7 +51,7 @@ def cmd_generate(args) -> None:
     from pipelines.generate import write_synthetic
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
-                          audio=args.audio)
+                          audio=args.audio, shifted=args.shifted)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-days", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
+    p.add_argument("--shifted", action="store_true",
+                   help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")
     p = sub.add_parser("validate", help="check a spec: every problem at once")
     p.add_argument("spec", nargs="?", help="pipeline spec YAML")
     p.add_argument("--check-data", action="store_true",

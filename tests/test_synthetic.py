@@ -1,0 +1,76 @@
+"""The synthetic fleets: the demo fleet stays as it was, the shifted (evaluation-only) fleet has its own
+machines and anomaly shapes."""
+import datetime as dt
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from dmafn.synthetic import ANOMALY_KINDS, SHIFTED_KINDS, SyntheticConfig, generate
+
+DAY_S = 86_400
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    return generate(SyntheticConfig(entities=2, days=3, clean_days=2, anomalies_per_day=10, image_size=16,
+                                    shifted=True, seed=1))
+
+
+def _seconds(ts) -> np.ndarray:
+    return ts.cast("int64").to_numpy() / 1e6 - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+
+
+def test_each_fleet_labels_its_own_kinds_after_the_clean_days(shifted):
+    demo = generate(SyntheticConfig(entities=1, days=2, clean_days=1, anomalies_per_day=5, image_size=16))
+    assert set(demo.labels["kind"].to_pylist()) == set(ANOMALY_KINDS)
+    assert set(shifted.labels["kind"].to_pylist()) == set(SHIFTED_KINDS)
+    assert _seconds(shifted.labels["start_ts"]).min() >= 2 * DAY_S             # the clean days stay clean
+    drifts = shifted.labels.filter(pc.equal(shifted.labels["kind"], "slow_drift"))
+    minutes = (_seconds(drifts["end_ts"]) - _seconds(drifts["start_ts"])) / 60
+    assert minutes.min() >= 45 and minutes.max() <= 90                          # slow: tens of minutes
+
+
+def test_novel_log_templates_occur_only_inside_their_events(shifted):
+    logs, labels = shifted.tables["logs"], shifted.labels
+    novel = np.array([m.split()[0] in ("CRIT", "ALERT", "FATAL") for m in logs["message"].to_pylist()])
+    assert novel.any()
+    t, who = _seconds(logs["ts"]), np.array(logs["machine_id"].to_pylist())
+    events = labels.filter(pc.equal(labels["kind"], "novel_logs")).to_pylist()
+    inside = np.zeros(len(t), bool)
+    for e in events:
+        start = (e["start_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        end = (e["end_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        inside |= (who == e["machine_id"]) & (t >= start - 1) & (t <= end + 1)
+    assert not (novel & ~inside).any()
+    normal = [m for m, n in zip(logs["message"].to_pylist(), novel) if not n]
+    assert any(any(c.isdigit() for c in m) for m in normal)                      # lines carry numbers and ids
+
+
+def test_the_vibration_sensor_fails_for_hours_on_a_scored_day_unlabelled(shifted):
+    vib = shifted.tables["vibration"]
+    for pump in ("pump-00", "pump-01"):
+        t = np.sort(_seconds(vib.filter(pc.equal(vib["machine_id"], pump))["ts"]))
+        gaps = np.diff(t)
+        longest = int(np.argmax(gaps))
+        assert gaps[longest] >= 2 * 3600 - 5 and t[longest] >= 2 * DAY_S - 5
+    assert "outage" not in set(shifted.labels["kind"].to_pylist())
+
+
+def test_a_slow_drift_moves_temperature_up_to_six_degrees_inside_its_range(shifted):
+    proc, labels = shifted.tables["process"], shifted.labels
+    drift = labels.filter(pc.equal(labels["kind"], "slow_drift")).to_pylist()[0]
+    rows = proc.filter(pc.equal(proc["machine_id"], drift["machine_id"]))
+    t, temp = _seconds(rows["ts"]), rows["temperature"].to_numpy()
+    base = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    start, end = (drift["start_ts"] - base).total_seconds(), (drift["end_ts"] - base).total_seconds()
+    assert start < end
+    clean = temp[t < 2 * DAY_S]
+    assert temp[(t >= start) & (t <= end)].max() < clean.max() + 6           # never far out of the normal range
+
+
+def test_ramps_rise_from_nothing_to_full_over_their_events():
+    from dmafn.synthetic import _ramp
+
+    ramp = _ramp([(2, 6, "slow_drift"), (8, 9, "camera_fade")], "slow_drift", 12)
+    assert ramp.tolist() == [0, 0, 0, 0.25, 0.5, 0.75, 1, 0, 0, 0, 0, 0]
