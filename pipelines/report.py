@@ -22,7 +22,7 @@ from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.evaluate import alarm_rates, metrics_table, read_scores
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
-from pipelines.storage import Storage
+from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
 KIND_COLOURS = ["#f6c85f", "#9dd866", "#8dddd0", "#ffa056", "#c7b2de", "#b8d7f5", "#e0c9a6"]  # shaded labels
@@ -45,7 +45,6 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     chosen = entities or _busiest_entities(scores, max_entities)
     unknown = sorted(set(chosen) - set(scores["_entity"].unique().to_list()))
     if unknown:
-        from pipelines.storage import DataError
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     sections = [_header(spec, scores, dates)]
     if "label" in scores.columns:
