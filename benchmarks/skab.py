@@ -155,20 +155,19 @@ def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs
                alpha: float) -> dict:
     preds, scores, margins, contributions, train_preds, train_margins = [], [], [], [], [], []
     for f in splits:
+        # the detector's calibration: the threshold is fitted on EWMA-smoothed scores of the held-out last
+        # training rows (no labels), and every score it gives is smoothed the same way
         det = Detector(spec.modalities, small(fusion=fusion, detector=detector, modality_dropout=0.25),
                        epochs=epochs, batch_size=32, learning_rate=2e-3, threshold="quantile", quantile=quantile,
-                       validation_fraction=VALIDATION_FRACTION, seed=0)
+                       smoothing="ewma", alpha=alpha, validation_fraction=VALIDATION_FRACTION, seed=0)
         det.fit(featurize(f.train.to_arrow(), spec, f.stats))
-        # the threshold is fitted on smoothed scores of the held-out training rows (no labels); `fit` has
-        # scored every training row already, in time order
-        held_out = det.decision_scores_[-VALIDATION_ROWS:]
-        threshold = float(np.quantile(ewma(held_out, alpha), quantile))
-        train_score = ewma(det.decision_scores_, alpha)      # for the leaderboard's whole-file evaluation
+        threshold = det.threshold_
+        train_score = det.decision_scores_                   # for the leaderboard's whole-file evaluation
         train_preds.append(train_score > threshold)
         train_margins.append(train_score - threshold)
-        record = det.score_record(featurize(f.test.to_arrow(), spec, f.stats))
-        score = ewma(record.score, alpha)
-        contributions.append(record.contributions)
+        test = featurize(f.test.to_arrow(), spec, f.stats)
+        score = det.decision_function(test)
+        contributions.append(det.score_record(test, smoothed=False).contributions)
         preds.append(score > threshold)
         scores.append(score)
         margins.append(score - threshold)                   # scores are log-scale already

@@ -4,21 +4,20 @@
     det.decision_function(features)   # higher = more anomalous
     det.predict(features)             # 0/1 by det.threshold_
     det.score_record(features)        # fused score and per-modality contributions
+    det.calibration_                  # the fitted `dmafn.calibration.Calibration` (normalisation, smoothing, threshold)
 
 `features` is a `dmafn.features.Features` (a dict of modality arrays and a presence mask), e.g. from
 `featurize(aligned, spec, stats)`. Uses the same scoring path as the Ray pipelines.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
-from dmafn.postprocess import fit_threshold
-from dmafn.scoring import ScoreRecord, fit_calibration, raw_scores, to_record
-from dmafn.spec import ModalitySpec, ModelSpec, ThresholdSpec, TrainSpec
+from dmafn.calibration import Calibration
+from dmafn.scoring import ScoreRecord, raw_scores
+from dmafn.spec import ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec
 from dmafn.training import fit_model, seed_everything
 
 
@@ -35,12 +34,14 @@ class Detector:
                  learning_rate: float = TrainSpec.learning_rate, vote: str = ModelSpec.vote,
                  threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
+                 smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
                  validation_fraction: float = 0.2, seed: int = TrainSpec.seed, device: str = "cpu"):
         self.modalities = modalities
         self.config = config
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.vote, self.threshold, self.risk, self.quantile = vote, threshold, risk, quantile
         self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
+        self.smoothing, self.alpha, self.window = smoothing, alpha, window
         self.seed, self.device = seed, device
 
     def fit(self, X: Features, y: np.ndarray | None = None) -> "Detector":
@@ -58,22 +59,25 @@ class Detector:
                                   lr=self.learning_rate, labels=None if y is None else np.asarray(y)[train_idx],
                                   seed=self.seed, device=self.device)
         raw_val = raw_scores(self.model_, _rows(X, val_idx), device=self.device)
-        self.calibration_: dict[str, Any] = fit_calibration(raw_val, X.modalities, cfg.detector, self.vote)
-        val_scores = to_record(raw_val, self.calibration_, X.modalities).score
-        self.threshold_ = fit_threshold(val_scores, self.threshold, risk=self.risk, quantile=self.quantile,
-                                        value=self.threshold_value)
+        self.calibration_ = Calibration.fit(
+            raw_val, X.modalities, detector=cfg.detector, vote=self.vote,
+            smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
+            threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value))
+        self.threshold_ = self.calibration_.threshold
         self.decision_scores_ = self.decision_function(X)
-        self.labels_ = (np.nan_to_num(self.decision_scores_, nan=-np.inf) > self.threshold_).astype(int)
+        self.labels_ = self.calibration_.alarms(self.decision_scores_).astype(int)
         return self
 
-    def score_record(self, X: Features) -> ScoreRecord:
+    def score_record(self, X: Features, groups: np.ndarray | None = None, *, smoothed: bool = True) -> ScoreRecord:
+        """Fused score and contributions; smoothed (causally, per group: rows in time order) unless `smoothed`
+        is False or the detector's smoothing is 'none'."""
         raw = raw_scores(self.model_, X, device=self.device)
-        return to_record(raw, self.calibration_, X.modalities)
+        return self.calibration_.apply(raw, groups)[0] if smoothed else self.calibration_.record(raw)
 
-    def decision_function(self, X: Features) -> np.ndarray:
+    def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""
-        return self.score_record(X).score
+        return self.score_record(X, groups).score
 
-    def predict(self, X: Features) -> np.ndarray:
+    def predict(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """0/1 per row by the calibrated threshold."""
-        return (np.nan_to_num(self.decision_function(X), nan=-np.inf) > self.threshold_).astype(int)
+        return self.calibration_.alarms(self.decision_function(X, groups)).astype(int)

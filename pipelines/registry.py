@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dmafn.calibration import Calibration
 from dmafn.model import DMAFN, ModelConfig, build_model
 from dmafn.spec import Spec, parse_spec
 from pipelines.storage import DataError, Storage, is_s3, join
@@ -40,8 +41,10 @@ class ModelVersion:
         return self.manifest["statistics"]
 
     @property
-    def calibration(self) -> dict[str, Any]:
-        return self.manifest["calibration"]
+    def calibration(self) -> Calibration:
+        """The fitted calibration; versions saved before it stored its smoothing take the spec's."""
+        return Calibration.from_dict(self.manifest["calibration"], smoothing=self.spec.score.smoothing,
+                                     validation=self.manifest.get("metrics"))
 
 
 class Registry:

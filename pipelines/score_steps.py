@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.features import featurize
-from dmafn.scoring import raw_scores, to_record
+from dmafn.calibration import Calibration
+from dmafn.scoring import raw_scores
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, align, data_ticks, date_start_us
 from pipelines.delta_sink import write_data_file
@@ -44,7 +45,7 @@ class Scorer:
     def __call__(self, aligned: pa.Table) -> pa.Table:
         spec = self.spec
         feats = featurize(aligned, spec, self.stats)
-        record = to_record(raw_scores(self.model, feats), self.calibration, feats.modalities)
+        record = self.calibration.record(raw_scores(self.model, feats))      # smoothed later, per entity and date
         names = np.asarray(feats.modalities, object)
         present = [list(names[row]) for row in feats.mask]
         cols: dict[str, Any] = {k: aligned.column(k) for k in spec.entity}
@@ -71,12 +72,13 @@ def tick_batches(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spe
                       .join(ents, on=keys, how="semi") for name, t in tables.items()}
 
 
-def finalize(scored: pl.DataFrame, spec: Spec, calibration: dict[str, Any], *, version: str, run_id: str,
+def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, version: str, run_id: str,
              modalities: list[str], scored_at: dt.datetime) -> pl.DataFrame:
-    """Smooth per entity and date, apply the calibrated threshold, add provenance columns (output table schema)."""
+    """The calibration's smoothing per entity and date and its threshold (as `Calibration.apply`, in Polars
+    window expressions), then the provenance columns: the output table's schema."""
     score_cols = ["score", *[f"score_{m}" for m in modalities]]
-    df = smooth_columns(scored, score_cols, spec, by=("date",))
-    threshold = float(calibration["threshold"])
+    df = smooth_columns(scored, score_cols, spec, by=("date",), smoothing=calibration.smoothing)
+    threshold = float(calibration.threshold)
     return df.select([
         *spec.entity, pl.col("ts"), pl.col("date"), pl.col("score").cast(pl.Float64),
         pl.lit(threshold, pl.Float64).alias("threshold"),

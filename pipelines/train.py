@@ -27,13 +27,13 @@ import torch
 
 from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
 from dmafn.model import ModelConfig, build_model, model_config
-from dmafn.scoring import RawScores, fit_calibration, raw_scores, to_record
+from dmafn.calibration import Calibration
+from dmafn.scoring import RawScores, raw_scores
 from dmafn.spec import Spec
 from dmafn.training import positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
-from pipelines.ingest import read_shard, require_columns
+from pipelines.ingest import entity_string, read_shard, require_columns
 from pipelines.labels import read_labels
-from pipelines.postprocess import calibrate_threshold
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
 from pipelines.registry import Registry
@@ -232,23 +232,24 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
             "resumed_at": state.get("resumed_at", [])}
 
 
-def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> tuple[dict, dict]:
-    """Contribution normalisation and threshold from the validation days' raw scores (the one scoring path):
-    a float per tick and modality comes back to the driver, not the aligned rows."""
+def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
+    """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
+    the validation days' raw scores - the one scoring path: a float per tick and modality comes back to the
+    driver with the tick's keys, not the aligned rows."""
     model_ref = ray.put(model)
     parts = [p for p in (raise_task_error(r) for r in [_shard_raw_scores.remote(s, spec, stats, model_ref)
                                                        for s in shards]) if p is not None]
     if not parts:
         raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
-    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts]),
-                    mask=np.concatenate([r.mask for _, r in parts]),
-                    latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts]))
-    modalities = tuple(spec.modalities)
-    calib = fit_calibration(raw, modalities, spec.model.detector, spec.model.vote)
-    record = to_record(raw, calib, modalities)
-    keys = pl.from_arrow(pa.concat_tables([k for k, _ in parts]))
-    calib["threshold"], validation = calibrate_threshold(keys, record.score, spec)
-    return calib, validation
+    keys = pl.from_arrow(pa.concat_tables([k for k, _ in parts])).with_row_index("_row")
+    order = keys.sort([*spec.entity, "ts"])                       # each entity's ticks in time order
+    rows = order["_row"].to_numpy()
+    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts])[rows],
+                    mask=np.concatenate([r.mask for _, r in parts])[rows],
+                    latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts])[rows])
+    return Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
+                           smoothing=spec.score.smoothing, threshold=spec.score.threshold,
+                           groups=order.select(entity_string(spec.entity)).to_series().to_numpy())
 
 
 def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -302,13 +303,13 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     fitted = _fit(spec, features, cfg, pos_weight, storage, run_root if is_s3(run_root) else os.path.abspath(run_root))
     model = build_model(spec.modalities, cfg)
     model.load_state_dict(fitted["state"])
-    calibration, validation = _calibrate(spec, model, stats, val_shards)
-    manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration,
+    calibration = _calibrate(spec, model, stats, val_shards)
+    manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},
                 "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
                             "resumed_at_epochs": fitted["resumed_at"],
-                            **validation, "seconds": round(time.time() - t0, 1)},
+                            **calibration.validation, "seconds": round(time.time() - t0, 1)},
                 "input_quarantine": quarantined}
     version = Registry(spec.registry, storage).save(model, manifest)
     log.info("model version %s saved under %s", version, spec.registry)

@@ -1,0 +1,108 @@
+"""One calibration: what turns a model's raw per-modality errors into scores and alarms, fitted once on
+validation ticks and applied everywhere - the in-memory `Detector`, the pipelines' training and scoring, the
+benchmarks.
+
+    raw errors --contribution normalisation--> contributions (N, M) --vote--> fused score (N,)
+               --causal smoothing per group (entity)--> smoothed score --threshold--> alarm
+
+`Calibration.fit(raw, groups=...)` fits the normalisation on the validation ticks, smooths their fused score
+per group in time order, and fits the threshold on the smoothed scores (so the threshold sees the same
+scores it is later applied to); `apply(raw, groups=...)` does the same steps on new ticks. It is stored as
+plain data (`to_dict` / `from_dict`) in a model version's manifest; the expected alarm rate on clean days is
+the validation alarm rate it records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from dmafn.postprocess import fit_threshold, smooth_by_group
+from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, to_record
+from dmafn.spec import SmoothingSpec, ThresholdSpec
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fitted post-model steps; `normalisation` is `dmafn.scoring.fit_calibration`'s data (contributions,
+    latent term, vote weights), `threshold` applies to the smoothed fused score."""
+
+    modalities: tuple[str, ...]
+    normalisation: dict[str, Any]
+    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
+    threshold: float | None = None
+    threshold_method: str = ThresholdSpec.method
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, raw: RawScores, modalities: tuple[str, ...], *, detector: str, vote: str,
+            smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
+            groups: np.ndarray | None = None) -> "Calibration":
+        """Fit on validation ticks (rows in time order within each group; `groups` e.g. the entity keys)."""
+        calibration = cls(tuple(modalities), fit_calibration(raw, tuple(modalities), detector, vote), smoothing,
+                          threshold_method=threshold.method)
+        smoothed = calibration.smooth(calibration.record(raw).score, groups)
+        value = fit_threshold(smoothed, threshold.method, risk=threshold.risk, quantile=threshold.quantile,
+                              value=threshold.value, level=threshold.level)
+        finite = smoothed[np.isfinite(smoothed)]
+        validation = {"validation_ticks": int(len(smoothed)), "validation_scored": int(finite.size),
+                      "validation_alarm_rate": float((finite > value).mean()) if finite.size else 0.0,
+                      "validation_score_p50": float(np.median(finite)) if finite.size else None,
+                      "validation_score_p99": float(np.quantile(finite, 0.99)) if finite.size else None,
+                      "threshold_method": threshold.method}
+        return replace(calibration, threshold=float(value), validation=validation)
+
+    @property
+    def expected_alarm_rate(self) -> float | None:
+        """The alarm rate on the validation ticks (clean days: the false-alarm rate to expect)."""
+        return self.validation.get("validation_alarm_rate")
+
+    def record(self, raw: RawScores) -> ScoreRecord:
+        """Contributions and fused score, not smoothed (per batch: no state across ticks)."""
+        return to_record(raw, self.normalisation, self.modalities)
+
+    def smooth(self, values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """Causal smoothing of a score column (N,) or columns (N, k) within each group, rows in time order."""
+        values = np.asarray(values, float)
+        sm = self.smoothing
+        if sm.method == "none":
+            return values.copy()
+        groups = np.zeros(len(values), np.int8) if groups is None else np.asarray(groups)
+        if values.ndim == 1:
+            return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window)
+        return np.stack([smooth_by_group(values[:, i], groups, sm.method, sm.alpha, sm.window)
+                         for i in range(values.shape[1])], 1) if values.shape[1] else values
+
+    def apply(self, raw: RawScores, groups: np.ndarray | None = None) -> tuple[ScoreRecord, np.ndarray]:
+        """Smoothed scores of new ticks (each group's rows in time order) and the alarms (N,) bool."""
+        record = self.record(raw)
+        smoothed = ScoreRecord(score=self.smooth(record.score, groups),
+                               contributions=self.smooth(record.contributions, groups), mask=record.mask,
+                               modalities=record.modalities)
+        return smoothed, self.alarms(smoothed.score)
+
+    def alarms(self, smoothed_score: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise ValueError("calibration has no threshold (fit it first)")
+        return np.nan_to_num(np.asarray(smoothed_score, float), nan=-np.inf) > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a manifest: the normalisation's keys at the top level (as before), plus the
+        smoothing, threshold and validation summary."""
+        return {**self.normalisation, "smoothing": dict(vars(self.smoothing)), "threshold": self.threshold,
+                "threshold_method": self.threshold_method, "validation": dict(self.validation)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, smoothing: SmoothingSpec | None = None,
+                  validation: dict[str, Any] | None = None) -> "Calibration":
+        """Read `to_dict`'s data; manifests written before the smoothing was stored here take it (and the
+        validation summary) from the arguments - the model version's spec and metrics."""
+        extra = {"smoothing", "threshold", "threshold_method", "validation"}
+        stored = data.get("smoothing")
+        return cls(modalities=tuple(data["modalities"]), normalisation={k: v for k, v in data.items() if k not in extra},
+                   smoothing=SmoothingSpec(**stored) if stored else (smoothing or SmoothingSpec(method="none")),
+                   threshold=None if data.get("threshold") is None else float(data["threshold"]),
+                   threshold_method=data.get("threshold_method", (validation or {}).get("threshold_method",
+                                                                                         ThresholdSpec.method)),
+                   validation=data.get("validation") or dict(validation or {}))
