@@ -34,6 +34,9 @@ class Calibration:
     threshold: float | None = None
     threshold_method: str = ThresholdSpec.method
     validation: dict[str, Any] = field(default_factory=dict)
+    # per-entity score normalisation: group -> (median, scale) of its smoothed validation scores; "*" for the
+    # pooled ones, used for a group not seen in validation
+    entity_scale: dict[str, tuple[float, float]] | None = None
 
     @classmethod
     def fit(cls, raw: RawScores, modalities: tuple[str, ...], *, detector: str, vote: str,
@@ -43,8 +46,11 @@ class Calibration:
         calibration = cls(tuple(modalities), fit_calibration(raw, tuple(modalities), detector, vote), smoothing,
                           threshold_method=threshold.method)
         smoothed = calibration.smooth(calibration.record(raw).score, groups)
+        if threshold.per_entity:
+            calibration = replace(calibration, entity_scale=_entity_scales(smoothed, groups))
+            smoothed = calibration.normalise(smoothed, groups)
         value = fit_threshold(smoothed, threshold.method, risk=threshold.risk, quantile=threshold.quantile,
-                              value=threshold.value, level=threshold.level)
+                              value=threshold.value, level=threshold.level, rate=threshold.rate)
         finite = smoothed[np.isfinite(smoothed)]
         validation = {"validation_ticks": int(len(smoothed)), "validation_scored": int(finite.size),
                       "validation_alarm_rate": float((finite > value).mean()) if finite.size else 0.0,
@@ -74,10 +80,22 @@ class Calibration:
         return np.stack([smooth_by_group(values[:, i], groups, sm.method, sm.alpha, sm.window)
                          for i in range(values.shape[1])], 1) if values.shape[1] else values
 
+    def normalise(self, smoothed_score: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """With per-entity normalisation: each group's smoothed score minus its validation median, over its
+        scale (pooled values for a group validation never saw); else the score as it is."""
+        if not self.entity_scale:
+            return np.asarray(smoothed_score, float)
+        keys = np.full(len(smoothed_score), "*", object) if groups is None else np.asarray(groups).astype(str)
+        pooled = self.entity_scale["*"]
+        median = np.array([self.entity_scale.get(k, pooled)[0] for k in keys], float)
+        scale = np.array([self.entity_scale.get(k, pooled)[1] for k in keys], float)
+        return (np.asarray(smoothed_score, float) - median) / scale
+
     def apply(self, raw: RawScores, groups: np.ndarray | None = None) -> tuple[ScoreRecord, np.ndarray]:
-        """Smoothed scores of new ticks (each group's rows in time order) and the alarms (N,) bool."""
+        """Smoothed (and, per entity, normalised) scores of new ticks - each group's rows in time order - and
+        the alarms (N,) bool."""
         record = self.record(raw)
-        smoothed = ScoreRecord(score=self.smooth(record.score, groups),
+        smoothed = ScoreRecord(score=self.normalise(self.smooth(record.score, groups), groups),
                                contributions=self.smooth(record.contributions, groups), mask=record.mask,
                                modalities=record.modalities)
         return smoothed, self.alarms(smoothed.score)
@@ -90,19 +108,40 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a manifest: the normalisation's keys at the top level (as before), plus the
         smoothing, threshold and validation summary."""
-        return {**self.normalisation, "smoothing": dict(vars(self.smoothing)), "threshold": self.threshold,
-                "threshold_method": self.threshold_method, "validation": dict(self.validation)}
+        out = {**self.normalisation, "smoothing": dict(vars(self.smoothing)), "threshold": self.threshold,
+               "threshold_method": self.threshold_method, "validation": dict(self.validation)}
+        if self.entity_scale:
+            out["entity_scale"] = {k: list(v) for k, v in self.entity_scale.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, smoothing: SmoothingSpec | None = None,
                   validation: dict[str, Any] | None = None) -> "Calibration":
         """Read `to_dict`'s data; manifests written before the smoothing was stored here take it (and the
         validation summary) from the arguments - the model version's spec and metrics."""
-        extra = {"smoothing", "threshold", "threshold_method", "validation"}
+        extra = {"smoothing", "threshold", "threshold_method", "validation", "entity_scale"}
         stored = data.get("smoothing")
         return cls(modalities=tuple(data["modalities"]), normalisation={k: v for k, v in data.items() if k not in extra},
                    smoothing=SmoothingSpec(**stored) if stored else (smoothing or SmoothingSpec(method="none")),
                    threshold=None if data.get("threshold") is None else float(data["threshold"]),
                    threshold_method=data.get("threshold_method", (validation or {}).get("threshold_method",
                                                                                          ThresholdSpec.method)),
-                   validation=data.get("validation") or dict(validation or {}))
+                   validation=data.get("validation") or dict(validation or {}),
+                   entity_scale={k: (float(v[0]), float(v[1])) for k, v in data["entity_scale"].items()}
+                   if data.get("entity_scale") else None)
+
+
+def _entity_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:
+    """Median and interquartile range of each group's finite smoothed scores, and of all of them ("*")."""
+    keys = np.full(len(smoothed), "*", object) if groups is None else np.asarray(groups).astype(str)
+
+    def robust(values: np.ndarray) -> tuple[float, float]:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return 0.0, 1.0
+        q25, q50, q75 = np.percentile(values, [25, 50, 75])
+        return float(q50), float(max(q75 - q25, 1e-6))
+
+    scales = {str(k): robust(smoothed[keys == k]) for k in np.unique(keys) if k != "*"}
+    scales["*"] = robust(smoothed)
+    return scales

@@ -2,6 +2,7 @@
 
 Thresholds are named, versioned calibrations fitted on validation scores (no hidden contamination rate):
 - quantile: the q-quantile of validation scores;
+- rate: the score a given share of validation scores exceeds (an alarm budget, e.g. 1 % of ticks);
 - pot: peaks over threshold (Siffer et al., SPOT): a generalised Pareto fit to the excesses over an
   initial high level, giving the score exceeded with probability `risk`;
 - fixed: a value given in the spec;
@@ -96,8 +97,9 @@ def pot_threshold(scores: np.ndarray, risk: float, level: float = 0.98) -> float
 
 
 def fit_threshold(scores: np.ndarray, method: str, *, risk: float = 1e-3, quantile: float = 0.99,
-                  value: float | None = None, level: float = 0.98) -> float:
-    """A threshold from validation scores by a named method: pot | quantile | fixed."""
+                  value: float | None = None, level: float = 0.98, rate: float = 0.01) -> float:
+    """A threshold from validation scores by a named method: pot | quantile | rate (the share of validation
+    scores that may exceed it: an alarm budget) | fixed."""
     finite = scores[np.isfinite(scores)]
     if method == "fixed":
         if value is None:
@@ -107,9 +109,11 @@ def fit_threshold(scores: np.ndarray, method: str, *, risk: float = 1e-3, quanti
         raise ValueError("no finite validation scores to fit a threshold on")
     if method == "quantile":
         return float(np.quantile(finite, quantile))
+    if method == "rate":
+        return float(np.quantile(finite, 1.0 - rate))
     if method == "pot":
         return pot_threshold(finite, risk, level)
-    raise ValueError(f"unknown threshold method {method!r} (pot, quantile, fixed)")
+    raise ValueError(f"unknown threshold method {method!r} (pot, quantile, rate, fixed)")
 
 
 def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, max_far: float | None = None) -> float:

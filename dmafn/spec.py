@@ -21,7 +21,7 @@ SERIES_TRANSFORMS = ("level", "centered", "difference")
 VOTES = ("mean", "max", "weighted", "attention")
 PRESETS = ("small", "base")
 NORMALIZATIONS = ("global", "entity")
-THRESHOLD_METHODS = ("pot", "quantile", "fixed")
+THRESHOLD_METHODS = ("pot", "quantile", "rate", "fixed")
 SMOOTHING_METHODS = ("none", "ewma", "rolling")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h|d)\s*$")
@@ -131,6 +131,8 @@ class ThresholdSpec:
     quantile: float = 0.99
     value: float | None = None
     level: float = 0.98
+    rate: float = 0.01            # method 'rate': the share of validation ticks that may alarm
+    per_entity: bool = False      # each entity's smoothed score standardised by its own validation scores
 
 
 @dataclass(frozen=True)
@@ -359,14 +361,16 @@ def _parse_score(sec: _Section) -> ScoreSpec:
     thr = sec.section("threshold")
     threshold = ThresholdSpec()
     if thr is not None:
-        thr.reject_unknown({"method", "risk", "quantile", "value", "level"})
+        thr.reject_unknown({"method", "risk", "quantile", "value", "level", "rate", "per_entity"})
         method = thr.choice("method", THRESHOLD_METHODS, ThresholdSpec.method)
         if method == "fixed" and thr.get("value") is None:
             raise thr.err("value", "required when method is 'fixed'")
         threshold = ThresholdSpec(method=method, risk=thr.number("risk", ThresholdSpec.risk, float, 0.0, 1.0),
                                   quantile=thr.number("quantile", ThresholdSpec.quantile, float, 0.0, 1.0),
                                   value=None if thr.get("value") is None else thr.number("value", 0.0),
-                                  level=thr.number("level", ThresholdSpec.level, float, 0.5, 0.9999))
+                                  level=thr.number("level", ThresholdSpec.level, float, 0.5, 0.9999),
+                                  rate=thr.number("rate", ThresholdSpec.rate, float, 0.0, 1.0),
+                                  per_entity=thr.boolean("per_entity", ThresholdSpec.per_entity))
     smo = sec.section("smoothing")
     smoothing = SmoothingSpec()
     if smo is not None:

@@ -78,6 +78,10 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
     window expressions), then the provenance columns: the output table's schema."""
     score_cols = ["score", *[f"score_{m}" for m in modalities]]
     df = smooth_columns(scored, score_cols, spec, by=("date",), smoothing=calibration.smoothing)
+    if calibration.entity_scale:                    # per-entity normalisation of the smoothed fused score
+        groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
+        score = calibration.normalise(df["score"].cast(pl.Float64).fill_null(np.nan).to_numpy(), groups)
+        df = df.with_columns(pl.Series("score", score).fill_nan(None))
     threshold = float(calibration.threshold)
     return df.select([
         *spec.entity, pl.col("ts"), pl.col("date"), pl.col("score").cast(pl.Float64),

@@ -89,3 +89,57 @@ def test_three_rows():
                           threshold=ThresholdSpec("quantile", quantile=0.5))
     record, alarms = cal.apply(raw)
     assert np.isnan(record.score[2]) and not alarms[2]                # nothing present: no score, no alarm
+
+
+def test_per_entity_normalisation_puts_entities_with_other_baselines_on_one_scale():
+    rng = np.random.default_rng(0)
+    n = 600
+    groups = np.repeat(np.array(["quiet", "loud"]), n // 2)
+    errors = np.exp(rng.normal(0, 0.2, (n, 2)) + np.where(groups == "loud", 1.5, 0.0)[:, None])
+    raw = RawScores(errors=errors, latent=None, mask=np.ones((n, 2), bool))
+    kwargs = dict(detector="autoencoder", vote="mean", groups=groups)
+    pooled = Calibration.fit(raw, MODALITIES, threshold=ThresholdSpec("rate", rate=0.02), **kwargs)
+    per_entity = Calibration.fit(raw, MODALITIES, threshold=ThresholdSpec("rate", rate=0.02, per_entity=True),
+                                 **kwargs)
+    loud = groups == "loud"
+    assert pooled.apply(raw, groups)[1][~loud].sum() == 0            # one scale: the quiet entity never alarms
+    alarms = per_entity.apply(raw, groups)[1]
+    assert alarms[loud].mean() == pytest.approx(0.02, abs=0.015) and alarms[~loud].mean() == pytest.approx(0.02, abs=0.015)
+    again = Calibration.from_dict(per_entity.to_dict())
+    np.testing.assert_array_equal(again.apply(raw, groups)[1], alarms)
+    unseen = again.normalise(np.array([1.0]), np.array(["new-pump"]))     # pooled scale for an unseen entity
+    assert np.isfinite(unseen).all()
+
+
+def test_rate_threshold_is_an_alarm_budget_on_validation():
+    raw = _raw(1000)
+    cal = Calibration.fit(raw, MODALITIES, detector="autoencoder", vote="mean",
+                          threshold=ThresholdSpec("rate", rate=0.05))
+    assert cal.expected_alarm_rate == pytest.approx(0.05, abs=0.002)
+
+
+def test_the_pipelines_finalize_applies_the_per_entity_normalisation_as_the_calibration_does():
+    import datetime as dt
+
+    from dmafn.spec import parse_spec
+    from pipelines.score_steps import finalize
+    from tests.conftest import tiny_spec_dict
+
+    spec = parse_spec(tiny_spec_dict(), "tiny.yaml")
+    n = 40
+    groups = np.repeat(np.array(["m1", "m2"]), n // 2)
+    rng = np.random.default_rng(3)
+    raw = RawScores(errors=np.exp(rng.normal(0, 0.3, (n, 2)) + (groups == "m2")[:, None]), latent=None,
+                    mask=np.ones((n, 2), bool))
+    cal = Calibration.fit(raw, MODALITIES, detector="autoencoder", vote="mean", smoothing=SmoothingSpec("none"),
+                          threshold=ThresholdSpec("quantile", quantile=0.9, per_entity=True), groups=groups)
+    record = cal.record(raw)
+    ts = [dt.datetime(2024, 1, 1, 0, i % (n // 2), tzinfo=dt.timezone.utc) for i in range(n)]
+    scored = pl.DataFrame({"machine_id": groups, "ts": ts, "date": ["2024-01-01"] * n, "score": record.score,
+                           "score_a": record.contributions[:, 0], "score_b": record.contributions[:, 1],
+                           "modalities": [["a", "b"]] * n})
+    out = finalize(scored, spec, cal, version="v", run_id="r", modalities=["a", "b"],
+                   scored_at=dt.datetime(2024, 1, 2, tzinfo=dt.timezone.utc))
+    expected, alarms = cal.apply(raw, groups)
+    np.testing.assert_allclose(out["score"].to_numpy(), expected.score)
+    np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), alarms)
