@@ -214,6 +214,20 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert max(histogram) < 0.97 * sum(histogram)                 # not one flat colour
 
 
+def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_path):
+    """A spec without labels still gets timelines, events, runs and quality (no metrics); an entity that has
+    no scores in the window is a data error naming it."""
+    from pipelines.report import build_report
+
+    spec, _, _ = trained
+    unlabelled = replace(spec, labels=None)
+    page = build_report(unlabelled, tmp_path / "r.html", start=DAY3, end=DAY3, entities=["pump-01"]).read_text()
+    assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
+    assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
+    with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):
+        build_report(unlabelled, tmp_path / "x.html", start=DAY3, end=DAY3, entities=["pump-99"])
+
+
 def test_report_timelines_are_not_flattened_by_a_spike_and_events_name_their_dominant_modality():
     import numpy as np
 
