@@ -160,16 +160,17 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
             rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                 .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
+            own_date = f.date in shard.dates
+            if not own_date:      # a look-back day: only what the first ticks can read is checked further and kept
+                rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
             rows = misplaced(rows, f.date)
             if m.kind == "image":
                 rows = undecodable_images(rows, m)
             good = rows.filter(pl.col(REASON).is_null())
-            if f.date in shard.dates:
+            if own_date:
                 quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
                     entity_string(spec.entity).alias("entity"), pl.col(TIME), pl.lit(f.date.isoformat()).alias("date"),
                     pl.lit(name).alias("source"), pl.col(REASON).alias("reason")))
-            else:                                       # a look-back day: only what the first ticks can read
-                good = good.filter(pl.col(TIME) >= first - m.lookback_us)
             usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():

@@ -226,6 +226,39 @@ def test_read_shard_reads_its_dates_and_the_lookback_and_quarantines_bad_rows(tm
     assert got.present["_day"].to_list() == [day // 86_400_000_000]
 
 
+def test_a_lookback_days_images_are_decoded_only_within_reach(tmp_path, tiny_spec, monkeypatch):
+    """The day before a shard's date feeds only its last minutes (the tolerance): the frames before that are
+    neither kept nor decoded to check them."""
+    import datetime as dt
+    import io
+    from dataclasses import replace
+
+    from PIL import Image
+
+    import pipelines.ingest as ingest
+    from pipelines.storage import Storage
+
+    cam = replace(tiny_spec.modalities["cam"], path=str(tmp_path))           # tolerance 5 min
+    spec = replace(tiny_spec, modalities={"cam": cam})
+    png = io.BytesIO()
+    Image.new("L", (16, 16)).save(png, format="PNG")
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    before = [day - k * minute for k in (600, 300, 120, 2)]       # 10 h, 5 h, 2 h and 2 min before
+    _write(tmp_path / "date=2024-01-01" / "part-0.parquet",
+           pa.table({"machine_id": ["a"] * 4, "ts": pa.array(before, pa.timestamp("us", tz="UTC")),
+                     "frame": [png.getvalue()] * 4}))
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a"], "ts": pa.array([day + minute], pa.timestamp("us", tz="UTC")),
+                     "frame": [png.getvalue()]}))
+    decoded = []
+    real = ingest.decode_image
+    monkeypatch.setattr(ingest, "decode_image", lambda frame, m: decoded.append(1) or real(frame, m))
+    got = ingest.read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert sorted(got.tables["cam"]["_t"].to_list()) == [day - 2 * minute, day + minute]
+    assert len(decoded) == 2                                      # the 2-minutes-before frame and the day's
+
+
 def test_entity_buckets_split_rows_and_keep_every_row_once(tmp_path, tiny_spec):
     import datetime as dt
 
