@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, to_record
+from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
 from dmafn.spec import SmoothingSpec, ThresholdSpec
 
 
@@ -75,10 +75,7 @@ class Calibration:
         if sm.method == "none":
             return values.copy()
         groups = np.zeros(len(values), np.int8) if groups is None else np.asarray(groups)
-        if values.ndim == 1:
-            return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window)
-        return np.stack([smooth_by_group(values[:, i], groups, sm.method, sm.alpha, sm.window)
-                         for i in range(values.shape[1])], 1) if values.shape[1] else values
+        return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window)
 
     def normalise(self, smoothed_score: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
         """With per-entity normalisation: each group's smoothed score minus its validation median, over its
@@ -136,11 +133,8 @@ def _entity_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str,
     keys = np.full(len(smoothed), "*", object) if groups is None else np.asarray(groups).astype(str)
 
     def robust(values: np.ndarray) -> tuple[float, float]:
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return 0.0, 1.0
-        q25, q50, q75 = np.percentile(values, [25, 50, 75])
-        return float(q50), float(max(q75 - q25, 1e-6))
+        r = robust_scale(values)
+        return r["median"], r["scale"]
 
     scales = {str(k): robust(smoothed[keys == k]) for k in np.unique(keys) if k != "*"}
     scales["*"] = robust(smoothed)

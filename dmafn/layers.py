@@ -3,7 +3,8 @@
 
 Same mathematics and parameters as `nn.TransformerEncoder` (checkpoints are unchanged); two savings:
 - a padding mask goes to scaled-dot-product attention instead of the native path's masked softmax, which on
-  CPU costs more than the attention itself for the short sequences used here (modality tokens, log windows);
+  CPU costs more than the attention itself for log windows of tens of tokens (the text encoder uses this);
+  for the 4-6 modality tokens of the fusion the native path is faster, so `AttentionFusion` keeps it;
 - an encoder read out at a [CLS] position (`outputs=1`) computes the last layer's attention query, output
   projection and feed-forward for that position only: the other positions' outputs would be thrown away.
 """

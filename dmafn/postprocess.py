@@ -51,14 +51,17 @@ def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5)
 def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: float = 0.3,
                     window: int = 5) -> np.ndarray:
     """Smooth each group's series separately (one sort, not a scan per group); rows must already be in time
-    order within each group."""
-    out = np.empty(len(scores))
-    if len(scores) == 0:
+    order within each group. `scores` (N,) or (N, k): each column smoothed on its own."""
+    scores = np.asarray(scores, float)
+    out = np.empty(scores.shape)
+    if out.size == 0:
         return out
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
+    columns = scores.reshape(len(scores), -1)
     for rows in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
-        out[rows] = smooth(scores[rows], method, alpha, window)
+        out.reshape(len(scores), -1)[rows] = np.stack(
+            [smooth(columns[rows, j], method, alpha, window) for j in range(columns.shape[1])], 1)
     return out
 
 
@@ -149,11 +152,6 @@ def events(binary: np.ndarray, max_gap: int = 0) -> list[tuple[int, int]]:
     idx = np.flatnonzero(np.asarray(binary).astype(bool))
     if idx.size == 0:
         return []
-    out, start, prev = [], idx[0], idx[0]
-    for i in idx[1:]:
-        if i - prev > max_gap + 1:
-            out.append((int(start), int(prev)))
-            start = i
-        prev = i
-    out.append((int(start), int(prev)))
-    return out
+    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1)               # an event ends at idx[b], the next starts after
+    starts, ends = idx[np.r_[0, breaks + 1]], idx[np.r_[breaks, idx.size - 1]]
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]

@@ -94,7 +94,8 @@ def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
     return torch.stack(cols, 1).cpu().numpy()
 
 
-def _robust(values: np.ndarray) -> dict[str, float]:
+def robust_scale(values: np.ndarray) -> dict[str, float]:
+    """Median and interquartile range (at least 1e-6) of the finite values; 0 and 1 when there are none."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return {"median": 0.0, "scale": 1.0}
@@ -108,11 +109,11 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
     log_err = np.log(np.maximum(raw.errors, 1e-12))
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
-                             "contribution": {m: _robust(log_err[:, i]) for i, m in enumerate(modalities)}}
+                             "contribution": {m: robust_scale(log_err[:, i]) for i, m in enumerate(modalities)}}
     if raw.latent is not None:
         log_lat = np.log(np.maximum(raw.latent, 1e-12))
-        calib["latent"] = ({m: _robust(np.where(raw.mask[:, i], log_lat[:, i], np.nan)) for i, m in enumerate(modalities)}
-                           if log_lat.ndim == 2 else _robust(log_lat))
+        calib["latent"] = ({m: robust_scale(np.where(raw.mask[:, i], log_lat[:, i], np.nan)) for i, m in enumerate(modalities)}
+                           if log_lat.ndim == 2 else robust_scale(log_lat))
     contributions = _contributions(raw, calib)
     spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
                        else 1.0 for i in range(len(modalities))])

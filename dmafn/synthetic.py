@@ -155,7 +155,7 @@ def _gauge_png(load: float, fog: float, rng: np.random.Generator, size: int) -> 
     img = 0.15 + 0.75 * np.exp(-(dist / 0.08) ** 2) + 0.25 * (np.hypot(xx, yy) > 0.95)
     if fog:
         fogged = 0.55 + 0.25 * img + 0.2 * np.exp(-((xx - 0.3) ** 2 + (yy + 0.2) ** 2) / 0.3)
-        img = fogged if fog >= 1 else (1 - fog) * img + fog * fogged
+        img = (1 - fog) * img + fog * fogged
     img = np.clip(img + rng.normal(0, 0.04, img.shape), 0, 1)
     buf = io.BytesIO()
     Image.fromarray((img * 255).astype(np.uint8), mode="L").save(buf, format="PNG")

@@ -58,7 +58,7 @@ def cmd_generate(args) -> None:
 def cmd_validate(args) -> None:
     import json
 
-    from dmafn.spec import read_spec_yaml
+    from dmafn.spec import parse_spec, read_spec_yaml
     from dmafn.spec_schema import spec_json_schema, spec_problems
 
     if args.schema:
@@ -66,10 +66,11 @@ def cmd_validate(args) -> None:
         return
     if not args.spec:
         raise SpecError("validate: give a spec file (or --schema)")
-    problems = spec_problems(read_spec_yaml(args.spec), source=args.spec)
+    data = read_spec_yaml(args.spec)
+    problems = spec_problems(data, source=args.spec)
     if problems:
         raise SpecError(f"{len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
-    spec = load_spec(args.spec)
+    spec = parse_spec(data, source=args.spec)
     print(f"{args.spec}: valid spec '{spec.name}' with modalities {', '.join(spec.modalities)}")
     if args.check_data:
         from pipelines.check_data import check_data
@@ -163,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmafn {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    def verb(name: str, fn: Callable, help_: str, spec: bool = True) -> argparse.ArgumentParser:
+    def verb(name: str, fn: Callable, help_: str, spec: bool | str = True) -> argparse.ArgumentParser:
+        """A verb's parser with the common options; `spec`: True (required), False, or "?" (optional)."""
         p = sub.add_parser(name, help=help_)
         if spec:
-            p.add_argument("spec", help="pipeline spec YAML")
+            p.add_argument("spec", nargs=None if spec is True else spec, help="pipeline spec YAML")
         p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         quiet = p.add_mutually_exclusive_group()
         quiet.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and tracebacks too")
@@ -191,16 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
     p.add_argument("--shifted", action="store_true",
                    help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")
-    p = sub.add_parser("validate", help="check a spec: every problem at once")
-    p.add_argument("spec", nargs="?", help="pipeline spec YAML")
+    p = verb("validate", cmd_validate, "check a spec: every problem at once", spec="?")
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")
     p.add_argument("--schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
-    p.add_argument("--address", default=None, help=argparse.SUPPRESS)
-    quiet = p.add_mutually_exclusive_group()
-    quiet.add_argument("-v", "--verbose", action="store_true", help="tracebacks too")
-    quiet.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    p.set_defaults(fn=cmd_validate)
     verb("train", cmd_train, "train a model version on the spec's training window")
     p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
     p.add_argument("--date", type=_date, default=None)

@@ -26,7 +26,7 @@ from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
-from pipelines.postprocess import smooth_columns
+from pipelines.postprocess import run_number, smooth_columns
 from pipelines.storage import DataError, Storage
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard, list_inputs, plan_shards
@@ -57,8 +57,7 @@ def _grouped_events(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) ->
     df = pl.DataFrame({"g": groups, "p": np.asarray(pred, bool), "y": np.asarray(labels, bool)})
 
     def runs(flag: str, other: str) -> tuple[int, int]:
-        run = (pl.col(flag) != pl.col(flag).shift(1)).fill_null(True).cum_sum().over("g")
-        found = df.with_columns(run.alias("_run")).filter(pl.col(flag)).group_by("g", "_run").agg(pl.col(other).any())
+        found = df.with_columns(run_number(flag, "g").alias("_run")).filter(pl.col(flag)).group_by("g", "_run").agg(pl.col(other).any())
         return found.height, int(found[other].sum())
 
     events, hits = runs("y", "p")
@@ -118,7 +117,7 @@ def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any
     registry = Registry(spec.registry, storage)
     for version in sorted(df["model_version"].unique().to_list()):
         try:
-            metrics = registry.load(version).manifest.get("metrics", {})
+            metrics = registry.manifest(version).get("metrics", {})
         except DataError as exc:
             log.warning("model version %s: %s (no expected alarm rate)", version, exc)
             continue

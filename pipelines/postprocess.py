@@ -22,6 +22,12 @@ def smoothed(column: str, method: str, *, alpha: float, window: int, over: list[
     return pl.when(values.is_not_null()).then(out.over(over)).otherwise(None).alias(column)
 
 
+def run_number(flag: str, over: str) -> pl.Expr:
+    """Numbers the runs of equal values of `flag` within each `over` group (rows in time order): consecutive
+    flagged ticks share a number, as `dmafn.postprocess.events` groups them."""
+    return (pl.col(flag) != pl.col(flag).shift(1)).fill_null(True).cum_sum().over(over)
+
+
 def smooth_columns(df: pl.DataFrame, columns: list[str], spec: Spec, *, by: tuple[str, ...] = (),
                    smoothing: SmoothingSpec | None = None) -> pl.DataFrame:
     """Smooth score columns per entity (and per each `by` column, e.g. the date), causally, in tick order

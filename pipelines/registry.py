@@ -12,6 +12,7 @@ import io
 import json
 import uuid
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,16 @@ class ModelVersion:
     manifest: dict[str, Any]
     model: DMAFN
 
-    @property
+    @cached_property
     def spec(self) -> Spec:
+        """The version's resolved spec (parsed once)."""
         return parse_spec(self.manifest["spec"], source=f"model version {self.version}")
 
     @property
     def stats(self) -> dict[str, Any]:
         return self.manifest["statistics"]
 
-    @property
+    @cached_property
     def calibration(self) -> Calibration:
         """The fitted calibration; versions saved before it stored its smoothing take the spec's."""
         return Calibration.from_dict(self.manifest["calibration"], smoothing=self.spec.score.smoothing,
@@ -108,18 +110,23 @@ class Registry:
     def latest(self) -> str:
         return self._read(join(self.root, LATEST)).decode().strip()
 
-    def load(self, version: str | None = None) -> ModelVersion:
-        """Load a version (default: LATEST): the manifest and the weights are checked against the checksums
-        written at save, and the weights must be a plain state dict of tensors (loaded with weights_only=True,
-        so no code in the file is run). DataError names the file otherwise."""
-        version = version or self.latest()
-        manifest_path, weights_path = join(self.root, version, "manifest.json"), join(self.root, version, "weights.pt")
+    def manifest(self, version: str) -> dict[str, Any]:
+        """A version's manifest, checked against the checksum written at save (DataError names the file)."""
+        manifest_path = join(self.root, version, "manifest.json")
         body = self._read(manifest_path)
         expected = self._read(join(self.root, version, MANIFEST_SHA256), missing_ok=True)
         if expected is not None and hashlib.sha256(body).hexdigest() != expected.decode().strip():
             raise DataError(f"{manifest_path}: checksum does not match {MANIFEST_SHA256}; the file was changed "
                             "after the version was saved")
-        manifest = json.loads(body)
+        return json.loads(body)
+
+    def load(self, version: str | None = None) -> ModelVersion:
+        """Load a version (default: LATEST): the manifest and the weights are checked against the checksums
+        written at save, and the weights must be a plain state dict of tensors (loaded with weights_only=True,
+        so no code in the file is run). DataError names the file otherwise."""
+        version = version or self.latest()
+        weights_path = join(self.root, version, "weights.pt")
+        manifest = self.manifest(version)
         spec = parse_spec(manifest["spec"], source=f"model version {version}")
         model = build_model(spec.modalities, ModelConfig(**manifest["model_config"]))
         weights = self._read(weights_path)

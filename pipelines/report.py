@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
+from pipelines.delta_sink import read_table
 from pipelines.evaluate import alarm_rates, metrics_table, read_scores
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
+from pipelines.postprocess import run_number
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -63,11 +66,13 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
 
 
 def _read_table(path: str, storage: Storage) -> pl.DataFrame | None:
-    """A Delta table of the pipeline's, or None when none was written yet."""
+    """A Delta table of the pipeline's, or None when none was written yet (a section says so); a table that
+    exists but cannot be read is a DataError naming it."""
     try:
-        return pl.read_delta(storage.delta_uri(path), storage_options=storage.delta_options(path))
-    except Exception:  # noqa: BLE001 - a missing table is an empty section, not an error
-        return None
+        table = read_table(storage.delta_uri(path), storage.delta_options(path))
+        return None if table is None else pl.from_arrow(table.to_pyarrow_table())
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
 def _busiest_entities(scores: pl.DataFrame, n: int) -> list[str]:
@@ -142,11 +147,11 @@ def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: li
 
 
 def _events_section(scores: pl.DataFrame, modalities: list[str], top: int) -> str:
-    events = alarm_events(scores, modalities)
+    found = alarm_events(scores, modalities)
     head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "labelled kind"]
     rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]), e["dominant"], e["kind"] or "none"]
-            for e in events[:top]]
-    note = f"{len(events)} alarm events (runs of consecutive alarm ticks of one entity); the {min(top, len(events))} " \
+            for e in found[:top]]
+    note = f"{len(found)} alarm events (runs of consecutive alarm ticks of one entity); the {min(top, len(found))} " \
            "with the highest peak score. Dominant modality: the largest mean contribution during the event."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
 
@@ -154,7 +159,6 @@ def _events_section(scores: pl.DataFrame, modalities: list[str], top: int) -> st
 def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, Any]]:
     """Runs of consecutive `is_anomaly` ticks per entity, highest peak first: entity, start, end, ticks, peak,
     the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any."""
-    run = (pl.col("is_anomaly") != pl.col("is_anomaly").shift(1)).fill_null(True).cum_sum().over("_entity")
     has_kind = "label_kind" in scores.columns
     aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
             pl.col("score").max().alias("peak"),
@@ -162,16 +166,16 @@ def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, 
     if has_kind:
         aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
                     .alias("kind"))
-    runs = (scores.sort(["_entity", "ts"]).with_columns(run.alias("_run")).filter(pl.col("is_anomaly"))
+    runs = (scores.sort(["_entity", "ts"]).with_columns(run_number("is_anomaly", "_entity").alias("_run")).filter(pl.col("is_anomaly"))
             .group_by("_entity", "_run").agg(aggs).sort(["peak", "_entity"], descending=[True, False]))
-    events = []
+    found = []
     for row in runs.iter_rows(named=True):
         means = {m: row[m] for m in modalities if row[m] is not None and math.isfinite(row[m])}
-        events.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
+        found.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
                        "ticks": row["ticks"], "peak": row["peak"],
                        "dominant": max(means, key=means.get) if means else "none",
                        "kind": row.get("kind") if has_kind else None})
-    return events
+    return found
 
 
 def _runs_section(runs: pl.DataFrame | None, dates: list[str]) -> str:
@@ -291,7 +295,7 @@ def _panel(t: np.ndarray, series: dict[str, tuple[np.ndarray, str]], lo: float, 
            f'<text x="44" y="24" class="tick" text-anchor="end">{hi:.2f}</text>',
            f'<text x="44" y="{PLOT_HEIGHT - 8}" class="tick" text-anchor="end">{lo:.2f}</text>']
     for values, colour in series.values():
-        for segment in _segments(t, values):
+        for segment in _segments(values):
             xs, ys = _envelope(t[segment], values[segment])
             points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(xs, ys))
             out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1"/>')
@@ -301,11 +305,9 @@ def _panel(t: np.ndarray, series: dict[str, tuple[np.ndarray, str]], lo: float, 
     return "".join(out)
 
 
-def _segments(t: np.ndarray, values: np.ndarray) -> list[slice]:
+def _segments(values: np.ndarray) -> list[slice]:
     """Runs of finite values: a line never bridges a gap where a modality was absent."""
-    finite = np.isfinite(values)
-    edges = np.flatnonzero(np.diff(np.r_[0, finite.astype(np.int8), 0]))
-    return [slice(a, b) for a, b in zip(edges[::2], edges[1::2])]
+    return [slice(a, b + 1) for a, b in events(np.isfinite(values))]
 
 
 def _envelope(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,11 +322,6 @@ def _envelope(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def _runs_of(flag: np.ndarray) -> list[tuple[int, int]]:
-    edges = np.flatnonzero(np.diff(np.r_[0, flag.astype(np.int8), 0]))
-    return list(zip(edges[::2], edges[1::2] - 1))
-
-
 def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
     if not kinds:
         return ""
@@ -332,7 +329,7 @@ def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
     kind = one["label_kind"].fill_null("").to_numpy()
     out = []
     for i, k in enumerate(kinds):
-        for a, b in _runs_of(kind == k):
+        for a, b in events(kind == k):
             x0, x1 = sx(t[a]), sx(t[b])
             out.append(f'<rect x="{x0:.1f}" y="20" width="{max(x1 - x0, 1.5):.1f}" height="{height - 30}" '
                        f'fill="{KIND_COLOURS[i % len(KIND_COLOURS)]}" opacity="0.55" class="label-span">'
@@ -343,7 +340,7 @@ def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
 def _alarms(one: pl.DataFrame, sx, height: int) -> str:
     t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
     out = []
-    for a, b in _runs_of(one["is_anomaly"].to_numpy().astype(bool)):
+    for a, b in events(one["is_anomaly"].to_numpy()):
         x0, x1 = sx(t[a]), sx(t[b])
         out.append(f'<rect x="{x0:.1f}" y="{height - 9}" width="{max(x1 - x0, 2):.1f}" height="7" fill="{ALARM}" '
                    f'class="alarm"><title>alarm {_when(one["ts"][int(a)])} .. {_when(one["ts"][int(b)])}</title></rect>')
