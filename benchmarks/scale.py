@@ -5,11 +5,14 @@
 For each scale the synthetic fleet is generated (entities x days grow together; the demo's size is 1x:
 4 pumps, 2 training days, 2 scored days), then, through the public CLI with a local Ray on this machine's CPUs:
 `dmafn train` (1 epoch) and `dmafn backfill`. While each command runs, the RSS of its driver process and of
-every Ray worker process is sampled twice a second (peak driver, peak of the largest worker). Then, in this
-process, a bare loop scores the same dates with the same model version: per date, pyarrow read -> the
-project's `align` -> `featurize` -> the model (one torch thread) -> `write_deltalake`; its scores are checked
-against the backfill's. Prints ticks/s of both and the ratio, and how the RSS figures grow from scale to
-scale; writes `scale.json` (`ratio` = backfill ticks/s / bare single-core ticks/s at the largest scale).
+every Ray worker process is sampled twice a second (peak driver, peak of the largest worker). Then a bare loop
+scores the same dates with the same model version in one process pinned to one CPU (so Polars', Arrow's and
+torch's threads share one core): per date, pyarrow read -> the project's `align` -> `featurize` -> the model
+-> `write_deltalake`; its scores are checked against the backfill's. Prints ticks/s of both and the ratio, and
+how the RSS figures grow from scale to scale; writes `scale.json` (`ratio` = backfill ticks/s / bare
+single-core ticks/s at the largest scale, the backfill's time counting the CLI's start, Ray's start and stop).
+At the largest scale the backfill runs once more with `--address` on a standing local cluster (`ray start
+--head`), as a job on a running cluster does: `ratio_standing_cluster`.
 
 With `--skab`, also sparse data of SKAB's shape (34 runs of ~20 minutes at 1 Hz spread over a month, grain
 1 s): its files as a lake (`benchmarks.skab.write_lake`), `dmafn train` (1 epoch) and `dmafn backfill` over
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -78,8 +82,9 @@ def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     return time.perf_counter() - started, driver, worker
 
 
-def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int]:
-    """The same steps in this process, one date at a time, one torch thread; (seconds, ticks)."""
+def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int, float]:
+    """The same steps in this process, one date at a time, one torch thread; (seconds, ticks, CPU seconds of all
+    the process's threads). `bare_on_one_core` runs it pinned to one CPU."""
     import torch
     from deltalake import write_deltalake
 
@@ -96,7 +101,7 @@ def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> 
     spec, storage = load_spec(spec_path), Storage()
     mv = Registry(spec.registry, storage).load(version)
     model_spec, scorer = reading_spec(mv, spec), Scorer(mv)
-    started, ticks_total = time.perf_counter(), 0
+    started, cpu, ticks_total = time.perf_counter(), time.process_time(), 0
     for date in dates:
         files = tuple(list_inputs(model_spec, [date], storage))
         inputs = read_shard(Shard((date,), 0, 1, files, model_spec.lookback_days), model_spec, storage)
@@ -108,10 +113,59 @@ def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> 
         write_deltalake(out, rows.to_arrow(), mode="overwrite", predicate=f"date = '{date.isoformat()}'",
                         partition_by=["date"])
         ticks_total += ticks.height
-    return time.perf_counter() - started, ticks_total
+    return time.perf_counter() - started, ticks_total, time.process_time() - cpu
 
 
-def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str]) -> dict:
+def bare_on_one_core(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int, float]:
+    """`bare_loop` in a child process pinned to one CPU before anything is imported, so Polars', Arrow's and
+    torch's thread pools all share that core: a single-core loop. (seconds, ticks, CPU seconds of the loop)."""
+    code = ("import datetime as dt, json, sys; from pathlib import Path; from benchmarks.scale import bare_loop; "
+            "a = json.loads(sys.argv[1]); "
+            "s, n, c = bare_loop(Path(a['spec']), a['version'], [dt.date.fromisoformat(d) for d in a['dates']], a['out']); "
+            "print(json.dumps({'seconds': s, 'ticks': n, 'cpu': c}))")
+    args = {"spec": str(spec_path), "version": version, "dates": [d.isoformat() for d in dates], "out": out}
+    cpu = min(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode:
+        raise RuntimeError(f"bare loop exited {done.returncode}:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["ticks"], result["cpu"]
+
+
+def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> tuple[float, int, int]:
+    """`dmafn ARGS --address` against a local cluster already started (`ray start --head --block`, stopped with
+    it afterwards): the CLI without Ray's start and stop, as a job on a standing cluster runs."""
+    import secrets
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray-bench-")
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             f"--num-cpus={num_cpus}", f"--port={port}", "--include-dashboard=false",
+                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:            # ready once a driver can connect: `ray status` answers
+            probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", f"--address=127.0.0.1:{port}"],
+                                   env=env, capture_output=True)
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the local Ray head did not start")
+            time.sleep(1)
+        return cli([*args, "--address", f"127.0.0.1:{port}"], env)
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standing: bool = False) -> dict:
+    """One scale through the CLI and the bare loop; with `standing`, the backfill again on a standing cluster."""
     entities, train_days, scored_days = SCALES[scale]
     from dmafn.synthetic import SyntheticConfig
     from pipelines.generate import write_synthetic
@@ -131,7 +185,7 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str]) -> dic
     back_s, back_driver, back_worker = cli(["backfill", str(spec_path), "--start", dates[0].isoformat(),
                                             "--end", dates[-1].isoformat()], env)
     ticks = int(pl.read_delta(str(root / "scores_runs"))["ticks_in"].sum())
-    bare_s, bare_ticks = bare_loop(spec_path, version, dates, str(root / "bare_scores"))
+    bare_s, bare_ticks, bare_cpu = bare_on_one_core(spec_path, version, dates, str(root / "bare_scores"))
     ours = pl.read_delta(str(root / "scores")).sort("machine_id", "ts")
     bare = pl.read_delta(str(root / "bare_scores")).sort("machine_id", "ts")
     same = ours.select("machine_id", "ts", "is_anomaly").equals(bare.select("machine_id", "ts", "is_anomaly"))
@@ -140,11 +194,19 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str]) -> dic
            "ticks": ticks, "bare_ticks": bare_ticks, "train_seconds": round(train_s, 1),
            "backfill_seconds": round(back_s, 1), "bare_seconds": round(bare_s, 1),
            "backfill_ticks_per_s": ticks / back_s, "bare_ticks_per_s": bare_ticks / bare_s,
+           "bare_cpu_seconds": round(bare_cpu, 1),
            "ratio": (ticks / back_s) / (bare_ticks / bare_s), "same_rows": same, "max_score_diff": diff,
            "train_driver_rss_mb": train_driver / 1e6, "train_largest_worker_rss_mb": train_worker / 1e6,
            "backfill_driver_rss_mb": back_driver / 1e6, "backfill_largest_worker_rss_mb": back_worker / 1e6}
+    if standing:
+        seconds, _, _ = on_running_cluster(["backfill", str(spec_path), "--start", dates[0].isoformat(), "--end",
+                                            dates[-1].isoformat(), "--force"], env, num_cpus)
+        row.update(backfill_standing_cluster_seconds=round(seconds, 1),
+                   ratio_standing_cluster=(ticks / seconds) / (bare_ticks / bare_s))
+        print(f"[{scale}x] backfill on a standing cluster: {seconds:.1f} s, ratio "
+              f"{row['ratio_standing_cluster']:.2f}", flush=True)
     print(f"[{scale}x] {ticks} ticks: backfill {row['backfill_ticks_per_s']:.0f} ticks/s (CLI, {num_cpus} CPUs, "
-          f"Ray start included), bare loop {row['bare_ticks_per_s']:.0f} ticks/s (1 core): ratio {row['ratio']:.2f}; "
+          f"Ray start included), bare loop {row['bare_ticks_per_s']:.0f} ticks/s (pinned to 1 core): ratio {row['ratio']:.2f}; "
           f"same rows {same}, largest score difference {diff:.1e}; train {train_s:.0f} s; peak RSS MB train "
           f"driver {row['train_driver_rss_mb']:.0f} / worker {row['train_largest_worker_rss_mb']:.0f}, backfill "
           f"driver {row['backfill_driver_rss_mb']:.0f} / worker {row['backfill_largest_worker_rss_mb']:.0f}",
@@ -202,7 +264,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale in scales:
-            rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env))
+            rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env, standing=scale == max(scales)))
         skab = run_skab(Path(args.skab), Path(tmp) / "skab", env) if args.skab else None
     base = rows[0]
     print("\nscale  ticks    backfill t/s  bare t/s  ratio  train drv MB  train wkr MB  bf drv MB  bf wkr MB")
@@ -215,7 +277,8 @@ def main() -> None:
                                     "backfill_largest_worker_rss_mb")} for r in rows[1:]}
     for name, g in growth.items():
         print(f"RSS growth {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.items()))
-    write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"], "scales": rows, "rss_growth": growth,
+    write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"],
+                                          "ratio_standing_cluster": rows[-1].get("ratio_standing_cluster"), "scales": rows, "rss_growth": growth,
                                           "skab_shaped": skab, "num_cpus": num_cpus,
                                           "date": dt.date.today().isoformat()})
 
