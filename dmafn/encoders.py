@@ -17,6 +17,7 @@ from dmafn.features import TEXT_VOCAB
 from dmafn.layers import encode
 
 TEXT_TARGET_BUCKETS = 64
+NOVELTY_COLUMNS = 2          # text inputs' extra columns: unseen-template lines, unseen tokens
 TEXT_CHUNK = 256          # text windows encoded together (sorted by length, trimmed to the chunk's longest)
 
 
@@ -136,14 +137,19 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """Transformer (or mean embedding bag) over hashed token ids (B, T), 0 = padding.
 
-    Target: log counts of tokens in 64 hash buckets (the bag of words, compressed).
+    Target: log counts of tokens in 64 hash buckets (the bag of words, compressed). With `novelty`, the inputs
+    carry two more columns (B, T + 2) - the window's lines with a template unseen in training and its unseen
+    tokens (`features.TextVocabulary`) - and the target adds their log counts: they are never seen in training,
+    so the head learns to expect none and a window full of new lines reconstructs badly. The encoder reads the
+    token ids only.
     """
 
-    def __init__(self, d_model: int, kind: str = "transformer", max_tokens: int = 64, vocab: int = TEXT_VOCAB):
+    def __init__(self, d_model: int, kind: str = "transformer", max_tokens: int = 64, vocab: int = TEXT_VOCAB,
+                 novelty: bool = False):
         super().__init__()
         if kind not in ("transformer", "bag"):
             raise ValueError(f"unknown text encoder {kind!r} (transformer, bag)")
-        self.kind = kind
+        self.kind, self.max_tokens, self.novelty = kind, max_tokens, novelty
         self.embed = nn.Embedding(vocab, d_model, padding_idx=0)
         self.cls = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
         if kind == "transformer":
@@ -151,9 +157,10 @@ class TextEncoder(nn.Module):
             layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True)
             self.transformer = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
         self.out = nn.Linear(d_model, d_model)
-        self.target_dim = TEXT_TARGET_BUCKETS
+        self.target_dim = TEXT_TARGET_BUCKETS + (NOVELTY_COLUMNS if novelty else 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens[:, :self.max_tokens]                              # (B, T): ids, novelty columns dropped
         if self.kind == "transformer" and len(tokens) > 1:
             # a log window is the same for many ticks in a row (often empty): encode each distinct one once
             distinct, index = distinct_rows(tokens)                           # (U, T), (B,)
@@ -184,11 +191,18 @@ class TextEncoder(nn.Module):
         cls = encode(self.transformer, h, pad, outputs=1)                 # (B, 1, d): the [CLS] position only
         return self.out(cls[:, 0])
 
-    def target(self, tokens: torch.Tensor) -> torch.Tensor:
+    def target(self, inputs: torch.Tensor) -> torch.Tensor:
+        tokens = inputs[:, :self.max_tokens]                              # (B, T)
         buckets = torch.where(tokens > 0, tokens % TEXT_TARGET_BUCKETS, TEXT_TARGET_BUCKETS)      # (B, T)
         counts = torch.zeros(len(tokens), TEXT_TARGET_BUCKETS + 1, device=tokens.device)
         counts.scatter_add_(1, buckets, torch.ones_like(buckets, dtype=counts.dtype))           # (B, 65)
-        return torch.log1p(counts[:, :-1])                                # (B, 64)
+        bag = torch.log1p(counts[:, :-1])                                 # (B, 64)
+        if not self.novelty:
+            return bag
+        novel = inputs[:, self.max_tokens:self.max_tokens + NOVELTY_COLUMNS].float()             # (B, 2) or (B, 0)
+        if novel.shape[1] < NOVELTY_COLUMNS:
+            raise ValueError("this text encoder expects novelty columns (features fitted with a vocabulary)")
+        return torch.cat([bag, torch.log1p(novel)], 1)                    # (B, 66)
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:

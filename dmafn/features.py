@@ -63,10 +63,14 @@ class StatisticsFitter:
         self.spec = spec
         self.global_: dict[str, _Moments] = {m: _Moments() for m in spec.modalities}
         self.entity_: dict[str, dict[str, _Moments]] = {m: {} for m in spec.modalities}
+        self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
 
     def add(self, aligned: pa.Table) -> "StatisticsFitter":
         keys = entity_key(aligned, self.spec.entity)
         for name, m in self.spec.modalities.items():
+            if m.kind == "text":              # each distinct message once per batch (windows repeat it)
+                flat = pc.unique(pc.list_flatten(aligned.column(f"{name}__{m.column}"))).drop_null()
+                TextVocabulary.count(flat.to_pylist(), self.templates_[name])
             if m.kind not in ("tabular", "timeseries", "audio"):
                 continue
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
@@ -86,6 +90,10 @@ class StatisticsFitter:
             self.global_[name].merge(other.global_[name])
             for key, moments in other.entity_[name].items():
                 self.entity_[name].setdefault(key, _Moments()).merge(moments)
+        for name, counts in other.templates_.items():
+            mine = self.templates_[name]
+            for t, c in counts.items():
+                mine[t] = mine.get(t, 0) + c
         return self
 
     def result(self) -> dict[str, Any]:
@@ -99,6 +107,8 @@ class StatisticsFitter:
                     raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
                 entry["global"] = self.global_[name].result()
                 entry["entity"] = {k: v.result() for k, v in self.entity_[name].items()}
+            if m.kind == "text":
+                entry["vocabulary"] = TextVocabulary.fit(self.templates_[name]).to_dict()
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
         return stats
@@ -214,6 +224,79 @@ def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS)
     return out
 
 
+_WORD = re.compile(r"\S+")
+_LETTERS = re.compile(r"[a-z]+")
+VOCABULARY_CAP = 50_000       # most frequent templates / tokens kept in a model version's text vocabulary
+
+
+def line_template(message: str) -> str:
+    """A log line's template (Drain-style masking): lower case, every word holding a digit (numbers, ids,
+    hex, addresses, values with units) replaced by `<*>`."""
+    return " ".join("<*>" if any(c.isdigit() for c in w) else w for w in _WORD.findall(str(message).lower()))
+
+
+def template_words(template: str) -> list[str]:
+    """The letter tokens of a template (its masked words left out)."""
+    return [t for w in template.split() if w != "<*>" for t in _LETTERS.findall(w)]
+
+
+class TextVocabulary:
+    """Templates and tokens seen in the training days (`fit` merges partial counts), and per log window the
+    count of lines whose template was never seen and of tokens never seen: novelty the hashed-token encoder
+    cannot be relied on to notice."""
+
+    def __init__(self, templates: Iterable[str] = (), tokens: Iterable[str] = ()):
+        self.templates, self.tokens = frozenset(templates), frozenset(tokens)
+
+    @staticmethod
+    def count(messages: Iterable[str], counts: dict[str, int] | None = None) -> dict[str, int]:
+        """Template counts of `messages`, added to `counts` (partial counts merge by addition)."""
+        counts = {} if counts is None else counts
+        for msg in messages:
+            t = line_template(msg)
+            counts[t] = counts.get(t, 0) + 1
+        return counts
+
+    @classmethod
+    def fit(cls, template_counts: dict[str, int], cap: int = VOCABULARY_CAP) -> "TextVocabulary":
+        kept = sorted(template_counts, key=lambda t: (-template_counts[t], t))[:cap]
+        tokens: dict[str, int] = {}
+        for t in kept:
+            for w in template_words(t):
+                tokens[w] = tokens.get(w, 0) + template_counts[t]
+        return cls(kept, sorted(tokens, key=lambda w: (-tokens[w], w))[:cap])
+
+    def novelty(self, messages: Iterable[str] | None) -> tuple[int, int]:
+        """(lines with an unseen template, tokens never seen) in one window."""
+        lines = words = 0
+        for msg in messages or ():
+            t = line_template(msg)
+            if t not in self.templates:
+                lines += 1
+                words += sum(w not in self.tokens for w in template_words(t))
+        return lines, words
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"templates": sorted(self.templates), "tokens": sorted(self.tokens)}
+
+    @classmethod
+    def from_stats(cls, entry: dict[str, Any]) -> "TextVocabulary | None":
+        """The vocabulary saved in a modality's statistics (None for versions fitted without one); cached."""
+        vocab = entry.get("vocabulary")
+        if vocab is None:
+            return None
+        key = id(vocab)
+        cached = _VOCABULARIES.get(key)
+        if cached is None or cached[0] is not vocab:
+            cached = _VOCABULARIES[key] = (vocab, cls(vocab["templates"], vocab["tokens"]))
+            if len(_VOCABULARIES) > 16:
+                _VOCABULARIES.pop(next(iter(_VOCABULARIES)))
+        return cached[1]
+
+
+_VOCABULARIES: dict[int, tuple[dict, TextVocabulary]] = {}
+
+
 @dataclass
 class Features:
     """Model inputs for N ticks: `inputs[m]` per modality and `mask` (N, M), True = present."""
@@ -250,14 +333,19 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
                 else:
                     x[i] = img
         else:
+            # token ids (N, TEXT_TOKENS), then with a vocabulary the window's novelty (unseen-template lines,
+            # unseen tokens) as two more columns: (N, TEXT_TOKENS + 2)
+            vocab = TextVocabulary.from_stats(stats["modalities"].get(name, {}))
+            width = TEXT_TOKENS + (2 if vocab is not None else 0)
             tokenized: dict[tuple, np.ndarray] = {}                  # a window's messages repeat tick to tick
             rows = []
             for msgs in aligned.column(f"{name}__{m.column}").to_pylist():
                 key = tuple(msgs or ())
                 if key not in tokenized:
-                    tokenized[key] = tokenize_messages(msgs)
+                    ids = tokenize_messages(msgs)
+                    tokenized[key] = ids if vocab is None else np.concatenate([ids, vocab.novelty(msgs)])
                 rows.append(tokenized[key])
-            x = np.stack(rows) if n else np.zeros((0, TEXT_TOKENS), np.int64)
+            x = np.stack(rows) if n else np.zeros((0, width), np.int64)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
         masks.append(present)

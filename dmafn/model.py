@@ -35,6 +35,8 @@ class ModelConfig:
     text_encoder: str = ModelSpec.text_encoder
     modality_dropout: float = ModelSpec.modality_dropout
     cross_modal: bool = ModelSpec.cross_modal_scoring
+    text_novelty: bool = False      # the text target counts lines and tokens unseen in training (versions since
+                                    # the text vocabulary; older ones load without it)
 
 
 def small(**overrides) -> ModelConfig:
@@ -54,7 +56,7 @@ def model_config(m: ModelSpec) -> ModelConfig:
     """The network config a spec's `model` section asks for: its named preset plus its options."""
     return PRESETS[m.preset](fusion=m.fusion, detector=m.detector, series_encoder=m.series_encoder,
                              text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
-                             cross_modal=m.cross_modal_scoring)
+                             cross_modal=m.cross_modal_scoring, text_novelty=True)
 
 
 def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
@@ -65,7 +67,7 @@ def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
     if m.kind == "image":
         return ImageEncoder(m.channels, cfg.d_model)
     if m.kind == "text":
-        return TextEncoder(cfg.d_model, m.encoder or cfg.text_encoder, TEXT_TOKENS)
+        return TextEncoder(cfg.d_model, m.encoder or cfg.text_encoder, TEXT_TOKENS, novelty=cfg.text_novelty)
     if m.kind == "audio":
         return AudioEncoder(m.sample_rate, cfg.d_model)
     raise ValueError(f"no encoder for modality kind {m.kind!r}")

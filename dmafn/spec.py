@@ -70,6 +70,7 @@ class ModalitySpec:
     clip_us: int | None = None          # audio clip length fed to the model
     encoder: str | None = None          # timeseries / text encoder override
     transform: str = "level"            # timeseries: level | centered | difference (see features.transform_window)
+    context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -281,8 +282,8 @@ class _Section:
 
 
 _MODALITY_KEYS = {
-    "tabular": {"kind", "path", "columns", "tolerance"},
-    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform"},
+    "tabular": {"kind", "path", "columns", "tolerance", "context"},
+    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform", "context"},
     "image": {"kind", "path", "column", "size", "tolerance", "channels"},
     "text": {"kind", "path", "column", "window", "encoder"},
     "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip"},
@@ -323,6 +324,30 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     return ModalitySpec(name, kind, path, column=column, sample_rate=sec.number("sample_rate", 16000, int, 100),
                         tolerance_us=sec.duration("tolerance", required=True),
                         clip_us=sec.duration("clip", "1s"))
+
+
+CONTEXT_SUFFIX = "_context"
+
+
+def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> ModalitySpec | None:
+    """A modality's `context` (tabular, timeseries): a second, coarse window over the same rows - the mean of
+    each `period` over the last `window` - as its own time-series modality `<name>_context`, so slow changes
+    (a drift over tens of minutes, a level away from its relation with the others) are seen beside the short
+    window."""
+    ctx = sec.section("context")
+    if ctx is None:
+        return None
+    ctx.reject_unknown({"window", "period"})
+    period = ctx.duration("period") or grain_us
+    window = ctx.duration("window", required=True)
+    if grain_us % period:
+        raise ctx.err("period", "must divide the spec's 'grain' evenly")
+    if window % period or window // period < 2:
+        raise ctx.err("window", "must be a whole multiple (>= 2) of 'period'")
+    if window <= parent.lookback_us:
+        raise ctx.err("window", f"must be longer than the modality's own reach ({format_duration(parent.lookback_us)})")
+    return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
+                        period_us=period, window_us=window, context_of=parent.name)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -397,7 +422,12 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     for name in mods_sec.data:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)):
             raise mods_sec.err(str(name), "modality names are letters, digits and '_'")
-        modalities[str(name)] = _parse_modality(str(name), mods_sec.section(name, required=True), grain)
+        sec = mods_sec.section(name, required=True)
+        modalities[str(name)] = _parse_modality(str(name), sec, grain)
+        if (context := _parse_context(modalities[str(name)], sec, grain)) is not None:
+            if context.name in mods_sec.data:
+                raise sec.err("context", f"derives modality '{context.name}', which the spec also defines")
+            modalities[context.name] = context
     labels = None
     if (lab := top.section("labels")) is not None:
         lab.reject_unknown({"path", "start", "end"})
@@ -438,6 +468,10 @@ def load_spec(path: str | Path) -> Spec:
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     mods = {}
     for m in spec.modalities.values():
+        if m.context_of:                      # written as its parent's `context`
+            mods[m.context_of]["context"] = {"window": format_duration(m.window_us),
+                                             "period": format_duration(m.period_us)}
+            continue
         entry: dict[str, Any] = {"kind": m.kind, "path": m.path}
         if m.kind in ("tabular", "timeseries"):
             entry["columns"] = list(m.columns)

@@ -38,10 +38,14 @@ def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
     return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
 
 
+_CONTEXT = {"type": "object", "properties": {"window": _DURATION, "period": _DURATION}, "required": ["window"],
+            "additionalProperties": False,
+            "description": "a slow view: the mean of each period (default: the grain) over the last window, "
+                           "encoded as its own modality <name>_context"}
 _MODALITY = {
-    "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION}, ("columns",)),
+    "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION, "context": _CONTEXT}, ("columns",)),
     "timeseries": ({"columns": _COLUMNS, "period": _DURATION, "window": _DURATION,
-                    "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS)},
+                    "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS), "context": _CONTEXT},
                    ("columns", "period", "window")),
     "image": ({"column": {"type": "string"}, "tolerance": _DURATION, "channels": {"enum": [1, 3]},
                "size": {"type": "array", "items": _number("integer", 8), "minItems": 2, "maxItems": 2}},

@@ -433,3 +433,45 @@ def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"part-0\.parquet: not a readable Parquet file"):
         read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+
+
+def test_log_templates_mask_numbers_and_ids_and_novelty_counts_unseen_lines_and_tokens():
+    from dmafn.features import TextVocabulary, line_template
+
+    assert line_template("Pump 7 pressure=3.2bar id=ab12f OK") == "pump <*> <*> <*> ok"
+    counts = TextVocabulary.count(["pump 1 ok", "pump 2 ok", "valve open"])
+    counts = TextVocabulary.count(["pump 3 ok"], counts)                 # partial counts add up
+    assert counts == {"pump <*> ok": 3, "valve open": 1}
+    vocab = TextVocabulary.fit(counts)
+    assert vocab.novelty(["pump 9 ok", "valve open"]) == (0, 0)
+    assert vocab.novelty(["valve open pump"]) == (1, 0)                   # new template of known words
+    assert vocab.novelty(["seal breach 4 detected", "pump 1 ok"]) == (1, 3)
+    assert vocab.novelty(None) == (0, 0)
+    assert TextVocabulary.fit(counts, cap=1).templates == {"pump <*> ok"}
+
+
+def test_statistics_fit_a_text_vocabulary_and_featurize_adds_the_windows_novelty(tiny_spec):
+    import torch
+    from dmafn.encoders import TextEncoder
+
+    aligned = aligned_rows(tiny_spec)
+    fitter = StatisticsFitter(tiny_spec).add(aligned)
+    stats = StatisticsFitter(tiny_spec).merge(fitter).result()         # merged partials give the same vocabulary
+    assert stats["modalities"]["logs"]["vocabulary"] == {"templates": ["error pump <*> failed"],
+                                                         "tokens": ["error", "failed", "pump"]}
+    x = featurize(aligned, tiny_spec, stats).inputs["logs"]
+    assert x.shape == (aligned.num_rows, 66) and not x[:, 64:].any()
+    novel = aligned.set_column(aligned.schema.get_field_index("logs__msg"), "logs__msg",
+                               pa.array([["seal breach detected", "ERROR pump 8 failed"]] * aligned.num_rows,
+                                        pa.list_(pa.string())))
+    feats = featurize(novel, tiny_spec, stats)
+    x, present = feats.inputs["logs"], feats.mask[:, feats.modalities.index("logs")]
+    assert present.any() and (x[present, 64:] == [1, 3]).all() and not x[~present].any()
+    enc = TextEncoder(8, "transformer", 64, novelty=True)
+    target = enc.target(torch.as_tensor(x))
+    assert target.shape == (len(x), 66)
+    assert torch.allclose(target[torch.as_tensor(present), 64:], torch.log1p(torch.tensor([1.0, 3.0])))
+    assert enc(torch.as_tensor(x)).shape == (len(x), 8)                  # the encoder reads the token ids only
+    assert TextEncoder(8, "bag", 64).target(torch.as_tensor(x)).shape == (len(x), 64)   # older versions: no novelty
+    with pytest.raises(ValueError, match="expects novelty columns"):
+        enc.target(torch.as_tensor(x[:, :64]))

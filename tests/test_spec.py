@@ -163,7 +163,7 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
-                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, kind, path, tolerance)",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, kind, path, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
@@ -224,3 +224,27 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     assert "column 'a' not found" in err and "broken.parquet: not a readable Parquet file" in err
     assert f"modality 'logs': {tmp_path / 'logs'}: no 'date=YYYY-MM-DD' partitions found" in err
     assert f"modality 'cam': {tmp_path / 'cam'}: table not found" in err
+
+
+def test_context_derives_a_slow_time_series_view_of_the_same_rows():
+    data = tiny_spec_dict()
+    data["modalities"]["proc"]["context"] = {"window": "30min"}          # period: the grain
+    spec = parse_spec(data, source="s.yaml")
+    ctx = spec.modalities["proc_context"]
+    assert (ctx.kind, ctx.path, ctx.columns, ctx.context_of) == ("timeseries", "/tmp/none/proc", ("temp",), "proc")
+    assert (ctx.period_us, ctx.steps) == (60_000_000, 30)
+    assert list(spec.modalities)[:2] == ["proc", "proc_context"]
+    again = parse_spec(spec.to_dict())
+    assert again.modalities == spec.modalities and spec.to_dict()["modalities"]["proc"]["context"] == \
+        {"window": "30min", "period": "1min"}
+    for patch, message in (({"window": "30min", "period": "7min"}, "context.period': must divide"),
+                           ({"window": "2min"}, "context.window': must be longer than the modality's own reach"),
+                           ({"period": "1min"}, "context.window"),
+                           ({"window": "1h", "step": "1min"}, "unknown key 'modalities.proc.context.step'")):
+        data["modalities"]["proc"]["context"] = patch
+        with pytest.raises(SpecError, match=message):
+            parse_spec(data, source="s.yaml")
+    data["modalities"]["proc"]["context"] = {"window": "1h"}
+    data["modalities"]["proc_context"] = dict(data["modalities"]["vib"])
+    with pytest.raises(SpecError, match="derives modality 'proc_context', which the spec also defines"):
+        parse_spec(data, source="s.yaml")
