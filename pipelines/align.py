@@ -165,7 +165,9 @@ def alignment_input(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.Data
 
 
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
-    """Add `label` (1 where the tick lies inside a labelled interval of its entity) and `label_kind`."""
+    """Add `label` (1 where the tick lies inside a labelled interval of its entity), `label_kind` and
+    `since_event_us` (microseconds since the end of the entity's latest interval that ended before the tick;
+    null where none has). Rows keep their order."""
     keys = list(spec.entity)
     intervals = labels.select([*keys, to_micros(pl.col(start)).alias("_s"), to_micros(pl.col(end)).alias("_e"),
                                (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
@@ -173,4 +175,10 @@ def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: 
             .filter((pl.col(TIME) >= pl.col("_s")) & (pl.col(TIME) <= pl.col("_e")))
             .group_by([*keys, TIME]).agg(pl.col("_kind").first().alias("label_kind")))
     out = aligned.join(hits, on=[*keys, TIME], how="left")
+    # time since the end of the entity's latest labelled interval that ended before the tick (null: none yet)
+    ends = intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end")
+    out = (out.with_row_index("_row").sort(TIME)
+           .join_asof(ends, left_on=TIME, right_on="_end", by=keys, strategy="backward", allow_exact_matches=False,
+                      check_sortedness=False)
+           .sort("_row").with_columns((pl.col(TIME) - pl.col("_end")).alias("since_event_us")).drop("_end", "_row"))
     return out.with_columns(pl.col("label_kind").is_not_null().cast(pl.Int8).alias("label"))

@@ -107,6 +107,9 @@ def _metrics_section(result: dict[str, Any]) -> str:
     if "oracle_f1" in f:
         point.append(("oracle F1 (threshold chosen with the labels; not deployable)", f["oracle_f1"]))
     point.append(("alarm rate (all ticks)", result["alarm_rate"]))
+    if result.get("false_alarm_rate_clear") is not None:
+        point.append((f"FAR clear of events (normal ticks over {result['clear_after_minutes']:.0f} min after one)",
+                      result["false_alarm_rate_clear"]))
     for version, rate in result["expected_false_alarm_rate"].items():
         point.append((f"expected false-alarm rate (validation days of {version})", rate))
     fused = _table(["at the calibrated threshold", "value"], [[k, _num(v)] for k, v in point], "fused-metrics")

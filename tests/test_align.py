@@ -2,6 +2,7 @@
 import datetime as dt
 
 import polars as pl
+import pytest
 
 from pipelines.align import TIME, align, date_start_us, label_ticks, make_ticks
 
@@ -97,9 +98,27 @@ def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
     labels = pl.DataFrame({"machine_id": ["a"], "start_ts": [T0 + M], "end_ts": [T0 + 2 * M], "kind": ["k"]})
     labels = labels.with_columns(pl.from_epoch("start_ts", "us").dt.replace_time_zone("UTC"),
                                  pl.from_epoch("end_ts", "us").dt.replace_time_zone("UTC"))
-    lab = label_ticks(out, labels, tiny_spec, "start_ts", "end_ts").sort(TIME)
+    lab = label_ticks(out, labels, tiny_spec, "start_ts", "end_ts")
+    assert lab.select(TIME).equals(out.select(TIME))                    # rows keep their order
+    lab = lab.sort(TIME)
     assert lab["label"].to_list() == [0, 1, 1]
     assert lab["label_kind"].to_list() == [None, "k", "k"]
+    assert lab["since_event_us"].to_list() == [None, None, None]        # the event has not ended before them
+    later = label_ticks(out, labels.with_columns(pl.col("end_ts") - pl.duration(minutes=1)), tiny_spec,
+                        "start_ts", "end_ts").sort(TIME)
+    assert later["label"].to_list() == [0, 1, 0] and later["since_event_us"].to_list() == [None, None, M]
+
+
+def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
+    from pipelines.evaluate import alarm_rates, settle_us
+
+    # tiny spec: longest reach 5 min (camera tolerance), EWMA 0.3 settles in 9 ticks of 1 min
+    assert settle_us(tiny_spec) == 14 * M
+    df = pl.DataFrame({"machine_id": ["a"] * 4, "is_anomaly": [True, True, False, True], "label": [1, 0, 0, 0],
+                       "since_event_us": [None, 2 * M, 20 * M, None], "model_version": ["v"] * 4})
+    rates = alarm_rates(df, tiny_spec, __import__("pipelines.storage", fromlist=["Storage"]).Storage())
+    assert rates["false_alarm_rate"] == pytest.approx(2 / 3)
+    assert rates["false_alarm_rate_clear"] == pytest.approx(1 / 2) and rates["clear_ticks"] == 2
 
 
 def test_ticks_follow_the_data_exactly_where_a_modality_can_be_present(tiny_spec):

@@ -475,3 +475,33 @@ def test_statistics_fit_a_text_vocabulary_and_featurize_adds_the_windows_novelty
     assert TextEncoder(8, "bag", 64).target(torch.as_tensor(x)).shape == (len(x), 64)   # older versions: no novelty
     with pytest.raises(ValueError, match="expects novelty columns"):
         enc.target(torch.as_tensor(x[:, :64]))
+
+
+def test_a_context_view_reads_the_same_rows_as_a_coarse_window_with_an_hour_of_look_back(tmp_path):
+    """`context: {window: 1h}` on a tabular modality: its rows of the last hour, one mean per minute, as the
+    modality `proc_context` beside `proc` - the look-back day's last hour included."""
+    import datetime as dt
+
+    from dmafn.spec import parse_spec
+    from pipelines.align import data_ticks
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path), "context": {"window": "1h"}}}
+    spec = parse_spec(data)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minutes = [-90, -30, -1, 0, 1]                                # the look-back day's rows, then the date's
+    for date, part in (("2024-01-01", minutes[:3]), ("2024-01-02", minutes[3:])):
+        ts = pa.array([day + m * M for m in part], pa.timestamp("us", tz="UTC"))
+        _write(tmp_path / f"date={date}" / "part-0.parquet",
+               pa.table({"machine_id": ["a"] * len(part), "ts": ts, "temp": [float(m) for m in part]}))
+    inputs = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert inputs.tables["proc"]["_t"].to_list() == [day - M, day, day + M]            # 2 min tolerance
+    assert sorted(inputs.tables["proc_context"]["_t"].to_list()) == [day + m * M for m in minutes[1:]]  # 1 h
+    ticks = data_ticks(inputs.tables, inputs.present, spec, [dt.date(2024, 1, 2)])
+    aligned = align(ticks.head(2), inputs.tables, spec)
+    window = aligned.sort(TIME)["proc_context__temp"].to_list()
+    assert len(window[0]) == 60 and window[0][-1] == 0.0 and window[0][-2] == -1.0 and window[0][30] == -30.0
+    assert window[1][-1] == 1.0
