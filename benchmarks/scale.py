@@ -106,7 +106,7 @@ def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> 
         files = tuple(list_inputs(model_spec, [date], storage))
         inputs = read_shard(Shard((date,), 0, 1, files, model_spec.lookback_days), model_spec, storage)
         ticks = data_ticks(inputs.tables, inputs.present, model_spec, [date])
-        scored = pl.from_arrow(scorer(align(ticks, inputs.tables, model_spec).to_arrow()))
+        scored = pl.from_arrow(scorer(align(ticks, inputs.tables, model_spec).to_arrow(), inputs.decoded))
         rows = finalize(scored.filter(pl.col(REASON).is_null()).drop(REASON), mv.spec, mv.calibration,
                         version=mv.version, run_id="bare", modalities=list(mv.spec.modalities),
                         scored_at=dt.datetime.now(dt.timezone.utc))

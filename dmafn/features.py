@@ -193,8 +193,9 @@ def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool
     return out
 
 
-def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
-    """PNG/JPEG bytes -> (channels, H, W) float32 in [0, 1]; None when the bytes cannot be decoded."""
+def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
+    """PNG/JPEG bytes -> (channels, H, W) uint8, resized to the modality's size; None when the bytes cannot
+    be decoded."""
     from PIL import Image
 
     if not data:
@@ -204,8 +205,14 @@ def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
         img = img.resize((m.size[1], m.size[0]), Image.BILINEAR)
     except Exception:  # noqa: BLE001 - any decoder failure means "not usable"
         return None
-    arr = np.asarray(img, np.float32) / 255.0
+    arr = np.asarray(img, np.uint8)
     return arr[None] if m.channels == 1 else arr.transpose(2, 0, 1)
+
+
+def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
+    """PNG/JPEG bytes -> (channels, H, W) float32 in [0, 1]; None when the bytes cannot be decoded."""
+    pixels = decode_pixels(data, m)
+    return None if pixels is None else pixels.astype(np.float32) / 255.0
 
 
 def hash_token(token: str) -> int:
@@ -306,8 +313,12 @@ class Features:
     modalities: tuple[str, ...]
 
 
-def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
-    """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False."""
+def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
+              decoded: dict[str, dict[bytes, np.ndarray | None]] | None = None) -> Features:
+    """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False.
+
+    `decoded[m]`: frames of image modality m already decoded (`decode_pixels`, keyed by their bytes, None
+    for bytes that do not decode), e.g. by the ingest check of the same shard; the others are decoded here."""
     n = aligned.num_rows
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
@@ -321,17 +332,18 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any]) -> Features:
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":
             x = np.zeros((n, m.channels, *m.size), np.float32)
-            decoded: dict[bytes | None, np.ndarray | None] = {}     # a frame is the latest for many ticks
+            frames = {} if decoded is None else decoded.setdefault(name, {})   # a frame is the latest for many ticks
             for i, data in enumerate(aligned.column(f"{name}__{m.column}").to_pylist()):
                 if not present[i]:
                     continue
-                if data not in decoded:
-                    decoded[data] = decode_image(data, m)
-                img = decoded[data]
+                if data not in frames:
+                    frames[data] = decode_pixels(data, m)
+                img = frames[data]
                 if img is None:
                     present[i] = False
                 else:
                     x[i] = img
+            x /= 255.0
         else:
             # token ids (N, TEXT_TOKENS), then with a vocabulary the window's novelty (unseen-template lines,
             # unseen tokens) as two more columns: (N, TEXT_TOKENS + 2)

@@ -217,7 +217,7 @@ def plot_entity(df: pl.DataFrame, spec: Spec, path: Path, entity: str | None = N
 
 @ray.remote(num_cpus=1)
 def _shard_aligned(shard: Shard, spec: Spec) -> pa.Table | None:
-    batches, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    batches, _, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     tables = [b.to_arrow() for b in batches]
     return pa.concat_tables(tables) if tables else None
 

@@ -6,13 +6,13 @@ Plain functions (pyarrow + Polars, no Ray): a shard's task (`pipelines.score`, `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dmafn.features import decode_image
+from dmafn.features import decode_pixels
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, date_start_us, to_micros
 from pipelines.parquet_files import open_parquet, read_columns
@@ -117,11 +117,18 @@ def misplaced(rows: pl.DataFrame, date) -> pl.DataFrame:
                              .otherwise(pl.col(REASON)).alias(REASON))
 
 
-def undecodable_images(rows: pl.DataFrame, m: ModalitySpec) -> pl.DataFrame:
-    """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason."""
+def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
+                       decoded: dict[bytes, np.ndarray | None] | None = None) -> pl.DataFrame:
+    """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason. The
+    decoded frames are kept in `decoded` (keyed by their bytes) for featurize, which then decodes none again."""
+    decoded = {} if decoded is None else decoded
     usable = rows[REASON].is_null().to_numpy()
     frames = rows[m.column].to_list()
-    broken = [bool(ok) and decode_image(frame, m) is None for ok, frame in zip(usable, frames)]
+    broken = []
+    for ok, frame in zip(usable, frames):
+        if ok and frame not in decoded:
+            decoded[frame] = decode_pixels(frame, m)
+        broken.append(bool(ok) and decoded[frame] is None)
     reason = pl.lit(f"undecodable image in column '{m.column}'")
     return rows.with_columns(pl.when(pl.Series(broken, dtype=pl.Boolean)).then(reason).otherwise(pl.col(REASON))
                              .alias(REASON))
@@ -132,11 +139,13 @@ class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
     only within the modality's window or tolerance of the shard's first tick), the unusable rows of the shard's
     own dates (`entity`, `_t`, `date`, `source`, `reason`), and the (entity, `_day`) pairs with a usable row timed
-    inside one of its dates (`_day` = days since the epoch)."""
+    inside one of its dates (`_day` = days since the epoch), and the image frames the check decoded (uint8,
+    by their bytes: `featurize(..., decoded=)` reuses them)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
     present: pl.DataFrame
+    decoded: dict[str, dict[bytes, np.ndarray | None]] = field(default_factory=dict)   # image frames, for featurize
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -148,7 +157,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
     days = [date_start_us(d) // DAY_US for d in shard.dates]
     first = date_start_us(min(shard.dates))
-    tables, quarantined, present = {}, [], []
+    tables, quarantined, present, decoded = {}, [], [], {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
@@ -165,7 +174,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
             rows = misplaced(rows, f.date)
             if m.kind == "image":
-                rows = undecodable_images(rows, m)
+                rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
             good = rows.filter(pl.col(REASON).is_null())
             if own_date:
                 quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
@@ -182,7 +191,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         tables=tables,
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(
             schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
-        present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame())
+        present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
+        decoded=decoded)
 
 
 def require_columns(spec: Spec, storage: Storage, files) -> None:

@@ -130,10 +130,9 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                        ticks=ticks_done + sum(p["done"] for p in partial),
                        committed=f"{len(done)}/{len(dates)} dates")
 
-    in_flight = parallel + 1        # one shard queued beyond the running ones: a worker that finishes starts the
-    try:                            # next at once, not after the driver's commit of the date it finished
+    try:
         while todo or running:
-            while todo and len(running) < in_flight:
+            while todo and len(running) < parallel:
                 shard = todo.popleft()
                 if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
                     shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))

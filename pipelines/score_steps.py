@@ -42,9 +42,10 @@ class Scorer:
         self.version, self.model, self.spec = mv.version, mv.model, mv.spec
         self.stats, self.calibration = mv.stats, mv.calibration
 
-    def __call__(self, aligned: pa.Table) -> pa.Table:
+    def __call__(self, aligned: pa.Table, decoded: dict | None = None) -> pa.Table:
+        """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
         spec = self.spec
-        feats = featurize(aligned, spec, self.stats)
+        feats = featurize(aligned, spec, self.stats, decoded)
         record = self.calibration.record(raw_scores(self.model, feats))      # smoothed later, per entity and date
         names = np.asarray(feats.modalities, object)
         present = [list(names[row]) for row in feats.mask]
@@ -143,7 +144,7 @@ def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *,
     scorer = Scorer(mv)
     parts = []
     for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
-        parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow())))
+        parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow(), inputs.decoded)))
         if on_batch is not None:
             on_batch(sum(p.height for p in parts), ticks.height)
     scored = pl.concat(parts) if parts else _no_ticks(spec)

@@ -52,19 +52,20 @@ def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
 
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage):
-    """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), and its input quarantine
-    counts per modality."""
+    """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine
+    counts per modality and the image frames its check decoded (for `featurize(..., decoded=)`)."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     counts = dict(inputs.quarantined.group_by("source").len().iter_rows())
-    return (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec)), counts
+    return ((align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec)), counts,
+            inputs.decoded)
 
 
 @ray.remote(num_cpus=1)
 def _shard_statistics(shard: Shard, spec: Spec) -> tuple[StatisticsFitter, dict[str, int]]:
     """Partial normalisation statistics of one training shard (merged on the driver)."""
     fitter = StatisticsFitter(spec)
-    batches, quarantined = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     for aligned in batches:
         fitter.add(aligned.to_arrow())
     return fitter, quarantined
@@ -77,9 +78,9 @@ def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: S
     storage = Storage.from_spec(spec.storage)
     parts = []
     for index in batch["shard"]:
-        batches, _ = aligned_batches(shards[int(index)], spec, storage)
+        batches, _, decoded = aligned_batches(shards[int(index)], spec, storage)
         for aligned in batches:
-            cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats))
+            cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
             if labels is not None:
                 lab = spec.labels
                 cols["label"] = label_ticks(aligned, labels, spec, lab.start, lab.end)["label"].to_numpy() \
@@ -94,10 +95,10 @@ def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: S
 @ray.remote(num_cpus=1)
 def _shard_raw_scores(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tuple[pa.Table, RawScores] | None:
     """The raw scores of one validation shard's ticks with their keys (entity columns, ts)."""
-    batches, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     keys, raws = [], []
     for aligned in batches:
-        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats)))
+        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
         keys.append(aligned.select([*spec.entity, "ts"]).to_arrow())
     if not raws:
         return None

@@ -75,8 +75,8 @@ def test_featurize_decodes_a_repeated_frame_once_and_keeps_bad_bytes_absent(tiny
     first = present.index(True)
     garbage = [b"not an image" if i == first else f for i, f in enumerate(frames)]
     calls = []
-    real = features.decode_image
-    monkeypatch.setattr(features, "decode_image", lambda data, m: calls.append(data) or real(data, m))
+    real = features.decode_pixels
+    monkeypatch.setattr(features, "decode_pixels", lambda data, m: calls.append(data) or real(data, m))
     feats = featurize(aligned.set_column(aligned.schema.get_field_index("cam__frame"), "cam__frame",
                                          pa.array(garbage, pa.binary())), tiny_spec, stats)
     assert sum(present) == 3 and len(calls) == 2        # the garbage and the frame the two other ticks share
@@ -240,23 +240,35 @@ def test_a_lookback_days_images_are_decoded_only_within_reach(tmp_path, tiny_spe
 
     cam = replace(tiny_spec.modalities["cam"], path=str(tmp_path))           # tolerance 5 min
     spec = replace(tiny_spec, modalities={"cam": cam})
-    png = io.BytesIO()
-    Image.new("L", (16, 16)).save(png, format="PNG")
     day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
     minute = 60_000_000
     before = [day - k * minute for k in (600, 300, 120, 2)]       # 10 h, 5 h, 2 h and 2 min before
     _write(tmp_path / "date=2024-01-01" / "part-0.parquet",
            pa.table({"machine_id": ["a"] * 4, "ts": pa.array(before, pa.timestamp("us", tz="UTC")),
-                     "frame": [png.getvalue()] * 4}))
+                     "frame": [png(v) for v in (10, 20, 30, 40)]}))              # distinct frames
     _write(tmp_path / "date=2024-01-02" / "part-0.parquet",
            pa.table({"machine_id": ["a"], "ts": pa.array([day + minute], pa.timestamp("us", tz="UTC")),
-                     "frame": [png.getvalue()]}))
+                     "frame": [png(50)]}))
     decoded = []
-    real = ingest.decode_image
-    monkeypatch.setattr(ingest, "decode_image", lambda frame, m: decoded.append(1) or real(frame, m))
+    real = ingest.decode_pixels
+    monkeypatch.setattr(ingest, "decode_pixels", lambda frame, m: decoded.append(1) or real(frame, m))
     got = ingest.read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     assert sorted(got.tables["cam"]["_t"].to_list()) == [day - 2 * minute, day + minute]
     assert len(decoded) == 2                                      # the 2-minutes-before frame and the day's
+    assert sorted(int(f[0, 0, 0]) for f in got.decoded["cam"].values()) == [40, 50]   # kept for featurize
+
+
+def test_featurize_reuses_the_frames_the_ingest_check_decoded(tiny_spec, monkeypatch):
+    import dmafn.features as features
+
+    aligned = aligned_rows(tiny_spec)
+    stats = StatisticsFitter(tiny_spec).add(aligned).result()
+    fresh = featurize(aligned, tiny_spec, stats)
+    cache = {"cam": {png(200): features.decode_pixels(png(200), tiny_spec.modalities["cam"])}}
+    monkeypatch.setattr(features, "decode_pixels", lambda data, m: pytest.fail("decoded again"))
+    again = featurize(aligned, tiny_spec, stats, cache)
+    assert np.array_equal(again.inputs["cam"], fresh.inputs["cam"]) and np.array_equal(again.mask, fresh.mask)
+    assert fresh.inputs["cam"].max() == np.float32(200) / np.float32(255)
 
 
 def test_entity_buckets_split_rows_and_keep_every_row_once(tmp_path, tiny_spec):
