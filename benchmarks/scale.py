@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
     finally:
         head.terminate()
         head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standing: bool = False) -> dict:

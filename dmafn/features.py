@@ -70,7 +70,7 @@ class StatisticsFitter:
         for name, m in self.spec.modalities.items():
             if m.kind == "text":              # each distinct message once per batch (windows repeat it)
                 flat = pc.unique(pc.list_flatten(aligned.column(f"{name}__{m.column}"))).drop_null()
-                TextVocabulary.count(flat.to_pylist(), self.templates_[name])
+                self.templates_[name] = prune_counts(TextVocabulary.count(flat.to_pylist(), self.templates_[name]))
             if m.kind not in ("tabular", "timeseries", "audio"):
                 continue
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
@@ -94,6 +94,7 @@ class StatisticsFitter:
             mine = self.templates_[name]
             for t, c in counts.items():
                 mine[t] = mine.get(t, 0) + c
+            self.templates_[name] = prune_counts(mine)
         return self
 
     def result(self) -> dict[str, Any]:
@@ -234,6 +235,16 @@ def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS)
 _WORD = re.compile(r"\S+")
 _LETTERS = re.compile(r"[a-z]+")
 VOCABULARY_CAP = 50_000       # most frequent templates / tokens kept in a model version's text vocabulary
+
+
+def prune_counts(counts: dict[str, int], cap: int = VOCABULARY_CAP) -> dict[str, int]:
+    """Bound partial template counts (a shard's, or a merge of them): past 4 x cap distinct keys, keep the
+    2 x cap most frequent. Memory stays bounded however many distinct lines the logs hold; a template rarer
+    than the kept ones may be lost, which only makes the vocabulary stricter."""
+    if len(counts) <= 4 * cap:
+        return counts
+    kept = sorted(counts, key=lambda t: (-counts[t], t))[:2 * cap]
+    return {t: counts[t] for t in kept}
 
 
 def line_template(message: str) -> str:

@@ -367,6 +367,13 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring))
 
 
+def default_validation_days(start: dt.date, end: dt.date) -> int:
+    """Validation days when the spec gives none: a tenth of the training window, at least 1 and at most 14 -
+    enough clean days (all entities) for the threshold to hold on new ones, without starving training."""
+    days = (end - start).days + 1
+    return int(min(14, max(1, round(days / 10))))
+
+
 def _parse_train(sec: _Section) -> TrainSpec:
     sec.reject_unknown({"start", "end", "epochs", "workers", "gpu", "batch_size", "learning_rate",
                         "validation_days", "seed"})
@@ -377,7 +384,7 @@ def _parse_train(sec: _Section) -> TrainSpec:
                      workers=sec.number("workers", TrainSpec.workers, int, 1), gpu=sec.boolean("gpu", TrainSpec.gpu),
                      batch_size=sec.number("batch_size", TrainSpec.batch_size, int, 1),
                      learning_rate=sec.number("learning_rate", TrainSpec.learning_rate, float, 0.0),
-                     validation_days=sec.number("validation_days", TrainSpec.validation_days, int, 0),
+                     validation_days=sec.number("validation_days", default_validation_days(start, end), int, 0),
                      seed=sec.number("seed", TrainSpec.seed, int))
 
 

@@ -176,7 +176,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             if m.kind == "image":
                 rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
             good = rows.filter(pl.col(REASON).is_null())
-            if own_date:
+            if own_date and not m.context_of:       # a context view reads its parent's rows: quarantined once
                 quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
                     entity_string(spec.entity).alias("entity"), pl.col(TIME), pl.lit(f.date.isoformat()).alias("date"),
                     pl.lit(name).alias("source"), pl.col(REASON).alias("reason")))

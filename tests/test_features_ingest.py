@@ -460,6 +460,13 @@ def test_log_templates_mask_numbers_and_ids_and_novelty_counts_unseen_lines_and_
     assert vocab.novelty(["seal breach 4 detected", "pump 1 ok"]) == (1, 3)
     assert vocab.novelty(None) == (0, 0)
     assert TextVocabulary.fit(counts, cap=1).templates == {"pump <*> ok"}
+    from dmafn.features import prune_counts
+
+    many = {f"line {chr(97 + i % 26)}{chr(97 + i // 26)}": 1 + (i < 3) for i in range(9)}
+    assert prune_counts(many, cap=3) == many                        # up to 4 x cap: kept whole
+    many.update({f"more {chr(97 + i)}": 1 for i in range(4)})
+    assert prune_counts(many, cap=3) == {"line aa": 2, "line ba": 2, "line ca": 2, "line da": 1, "line ea": 1,
+                                         "line fa": 1}              # past it: the 2 x cap most frequent
 
 
 def test_statistics_fit_a_text_vocabulary_and_featurize_adds_the_windows_novelty(tiny_spec):
@@ -509,7 +516,11 @@ def test_a_context_view_reads_the_same_rows_as_a_coarse_window_with_an_hour_of_l
         ts = pa.array([day + m * M for m in part], pa.timestamp("us", tz="UTC"))
         _write(tmp_path / f"date={date}" / "part-0.parquet",
                pa.table({"machine_id": ["a"] * len(part), "ts": ts, "temp": [float(m) for m in part]}))
+    _write(tmp_path / "date=2024-01-02" / "part-1.parquet",       # a bad row: quarantined once, not per view
+           pa.table({"machine_id": ["a"], "ts": pa.array([day + 5 * M], pa.timestamp("us", tz="UTC")),
+                     "temp": [float("nan")]}))
     inputs = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert inputs.quarantined.select("source", "reason").rows() == [("proc", "unusable value in column 'temp'")]
     assert inputs.tables["proc"]["_t"].to_list() == [day - M, day, day + M]            # 2 min tolerance
     assert sorted(inputs.tables["proc_context"]["_t"].to_list()) == [day + m * M for m in minutes[1:]]  # 1 h
     ticks = data_ticks(inputs.tables, inputs.present, spec, [dt.date(2024, 1, 2)])

@@ -248,3 +248,17 @@ def test_context_derives_a_slow_time_series_view_of_the_same_rows():
     data["modalities"]["proc_context"] = dict(data["modalities"]["vib"])
     with pytest.raises(SpecError, match="derives modality 'proc_context', which the spec also defines"):
         parse_spec(data, source="s.yaml")
+
+
+def test_validation_days_default_to_a_tenth_of_the_training_window():
+    from dmafn.spec import default_validation_days
+
+    d = __import__("datetime").date
+    assert [default_validation_days(d(2024, 1, 1), d(2024, 1, n)) for n in (1, 3, 14, 15, 31)] == [1, 1, 1, 2, 3]
+    assert default_validation_days(d(2024, 1, 1), d(2024, 6, 30)) == 14
+    data = tiny_spec_dict()
+    data["train"] = {"start": "2024-01-01", "end": "2024-01-30"}
+    assert parse_spec(data).train.validation_days == 3
+    data["train"]["validation_days"] = 1                      # given: kept
+    spec = parse_spec(data)
+    assert spec.train.validation_days == 1 and parse_spec(spec.to_dict()).train.validation_days == 1
