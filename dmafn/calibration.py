@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
 from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
 from dmafn.spec import SmoothingSpec, ThresholdSpec
@@ -80,13 +81,14 @@ class Calibration:
     def normalise(self, smoothed_score: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
         """With per-entity normalisation: each group's smoothed score minus its validation median, over its
         scale (pooled values for a group validation never saw); else the score as it is."""
+        score = np.asarray(smoothed_score, float)
         if not self.entity_scale:
-            return np.asarray(smoothed_score, float)
-        keys = np.full(len(smoothed_score), "*", object) if groups is None else np.asarray(groups).astype(str)
-        pooled = self.entity_scale["*"]
-        median = np.array([self.entity_scale.get(k, pooled)[0] for k in keys], float)
-        scale = np.array([self.entity_scale.get(k, pooled)[1] for k in keys], float)
-        return (np.asarray(smoothed_score, float) - median) / scale
+            return score
+        pooled, out = self.entity_scale["*"], np.empty(len(score))
+        for key, rows in group_rows(_keys(score, groups)):            # one sort, not a lookup per row
+            median, scale = self.entity_scale.get(key, pooled)
+            out[rows] = (score[rows] - median) / scale
+        return out
 
     def apply(self, raw: RawScores, groups: np.ndarray | None = None) -> tuple[ScoreRecord, np.ndarray]:
         """Smoothed (and, per entity, normalised) scores of new ticks - each group's rows in time order - and
@@ -130,12 +132,16 @@ class Calibration:
 
 def _entity_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:
     """Median and interquartile range of each group's finite smoothed scores, and of all of them ("*")."""
-    keys = np.full(len(smoothed), "*", object) if groups is None else np.asarray(groups).astype(str)
 
     def robust(values: np.ndarray) -> tuple[float, float]:
         r = robust_scale(values)
         return r["median"], r["scale"]
 
-    scales = {str(k): robust(smoothed[keys == k]) for k in np.unique(keys) if k != "*"}
+    scales = {key: robust(smoothed[rows]) for key, rows in group_rows(_keys(smoothed, groups)) if key != "*"}
     scales["*"] = robust(smoothed)
     return scales
+
+
+def _keys(values: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """The group of each row as a string ("*" for all rows when there are no groups)."""
+    return np.full(len(values), "*") if groups is None else np.asarray(groups).astype(str)

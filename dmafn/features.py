@@ -5,6 +5,7 @@ JSON-able dicts saved with each model version, so scoring uses exactly what trai
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import zlib
@@ -247,6 +248,7 @@ def prune_counts(counts: dict[str, int], cap: int = VOCABULARY_CAP) -> dict[str,
     return {t: counts[t] for t in kept}
 
 
+@functools.lru_cache(maxsize=1 << 16)      # a line sits in every window that reaches it: template it once
 def line_template(message: str) -> str:
     """A log line's template (Drain-style masking): lower case, every word holding a digit (numbers, ids,
     hex, addresses, values with units) replaced by `<*>`."""
