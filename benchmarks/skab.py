@@ -13,6 +13,11 @@ FAR, MAR without point adjustment, pooled over files two ways: over the test par
 the first 400), and over whole files with the training rows predicted too - how SKAB's own evaluation
 code computes its leaderboard (`core/metrics.py` `chp_score` sums each whole file's confusion matrix),
 so only that second evaluation is comparable with the leaderboard's rows.
+
+`--preregistered` runs the settings fixed in advance (`PREREGISTERED`, below, committed before that run):
+every setting comes from outside SKAB's test parts - the spec's default model, the demo fleet's
+calibration, the benchmark's training schedule, and the series transform chosen by `transform: auto` from
+each file's training rows alone - and writes `skab-preregistered.json`.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import point_metrics, roc_auc
 from dmafn.model import small
-from dmafn.postprocess import best_f1_threshold, ewma, to_labels
+from dmafn.postprocess import best_f1_threshold, ewma, fit_threshold, to_labels
 from dmafn.spec import load_spec
 from pipelines.align import TIME, align, alignment_input, to_micros
 
@@ -48,6 +53,19 @@ LEADERBOARD = [("Conv-AE", 0.78, 13.55, 28.02), ("MSET", 0.78, 39.73, 14.13), ("
                ("LSTM-AE", 0.74, 29.96, 25.92), ("T-squared", 0.66, 19.21, 42.60), ("LSTM-VAE", 0.56, 9.13, 55.03),
                ("Vanilla LSTM", 0.54, 12.54, 59.53), ("Vanilla AE", 0.39, 2.59, 75.15), ("MSCRED", 0.36, 49.94, 69.88),
                ("Isolation forest", 0.29, 2.56, 82.89)]
+
+# Settings fixed before the run that reports them (written 2026-11-30, before any run with them; SKAB's test
+# labels had been seen in earlier runs with other settings, listed in README). Where each comes from:
+PREREGISTERED = {
+    "groups": ",".join(GROUPS),            # all four sensor groups, as the data come
+    "window": 10,                          # the benchmark's window since its first version
+    "transform": "auto",                   # every group: level or centered per channel, chosen by each channel's
+                                           # drift over the training rows (dmafn.features.auto_transforms)
+    "configs": "attention+autoencoder",    # the spec's default model (ModelSpec: attention fusion, autoencoder)
+    "threshold": "pot", "risk": 1e-3,      # the demo fleet's calibration (`dmafn generate`'s spec)
+    "alpha": 0.3,                          # the demo fleet's EWMA smoothing
+    "epochs": 30,                          # the benchmark's training schedule since its first version
+}
 
 
 def load_files(root: Path) -> dict[str, pd.DataFrame]:
@@ -115,15 +133,22 @@ class FileSplit:
 
 
 def file_splits(spec, files, tables) -> list[FileSplit]:
-    splits = []
+    """Each file's training and test rows and its statistics. A transform 'auto' is chosen as `dmafn train`
+    chooses it for a fleet - by the median file's drift over the training rows of all files (each file an
+    entity; labels unused) - and each file's statistics are then fitted on its own training rows."""
+    aligned = []
     for name, df in files.items():
         al = aligned_file(spec, tables, name, df)
         label = pl.DataFrame({"_t": df["datetime"].dt.tz_localize("UTC").dt.as_unit("us").astype("int64"),
                               "anomaly": df["anomaly"].astype(int)})
         al = al.join(label.unique("_t"), on="_t", how="left").sort("_t")
-        train, test = al.head(TRAIN_ROWS), al.slice(TRAIN_ROWS)
-        splits.append(FileSplit(name, train, test, StatisticsFitter(spec).add(train.to_arrow()).result()))
-    return splits
+        aligned.append((name, al.head(TRAIN_ROWS), al.slice(TRAIN_ROWS)))
+    fleet = StatisticsFitter(spec)
+    for _, train, _ in aligned:
+        fleet.add(train.drop("anomaly").to_arrow())
+    chosen = {m: e["channel_transforms"] for m, e in fleet.result()["modalities"].items() if "channel_transforms" in e}
+    return [FileSplit(name, train, test, StatisticsFitter(spec).add(train.to_arrow()).result(chosen))
+            for name, train, test in aligned]
 
 
 def _metrics_and_bound(pred: np.ndarray, margin: np.ndarray, y: np.ndarray) -> dict:
@@ -151,14 +176,27 @@ def pooled(preds: list, scores: list, margins: list, splits: list[FileSplit], tr
             "leaderboard_evaluation": _metrics_and_bound(whole_pred, whole_margin, whole_y)}
 
 
-def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, quantile: float,
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How each file's threshold is fitted on its held-out training scores (smoothed)."""
+
+    method: str = "quantile"
+    quantile: float = 0.99
+    risk: float = 1e-3
+
+    def fit(self, scores: np.ndarray) -> float:
+        return fit_threshold(scores, self.method, quantile=self.quantile, risk=self.risk)
+
+
+def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, rule: ThresholdRule,
                alpha: float) -> dict:
     preds, scores, margins, contributions, train_preds, train_margins = [], [], [], [], [], []
     for f in splits:
         # the detector's calibration: the threshold is fitted on EWMA-smoothed scores of the held-out last
         # training rows (no labels), and every score it gives is smoothed the same way
         det = Detector(spec.modalities, small(fusion=fusion, detector=detector, modality_dropout=0.25),
-                       epochs=epochs, batch_size=32, learning_rate=2e-3, threshold="quantile", quantile=quantile,
+                       epochs=epochs, batch_size=32, learning_rate=2e-3, threshold=rule.method,
+                       quantile=rule.quantile, risk=rule.risk,
                        smoothing="ewma", alpha=alpha, validation_fraction=VALIDATION_FRACTION, seed=0)
         det.fit(featurize(f.train.to_arrow(), spec, f.stats))
         threshold = det.threshold_
@@ -177,7 +215,7 @@ def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs
     return result
 
 
-def run_reference(spec, splits: list[FileSplit], quantile: float, alpha: float) -> dict:
+def run_reference(spec, splits: list[FileSplit], rule: ThresholdRule, alpha: float) -> dict:
     """A classical reference on the same inputs and protocol: Hotelling T^2 of the per-channel window
     means (the featurized model inputs), mean and covariance (shrunk towards its diagonal) from the first
     320 rows, threshold from the next 80, EWMA-smoothed like DMAFN's scores."""
@@ -201,7 +239,7 @@ def run_reference(spec, splits: list[FileSplit], quantile: float, alpha: float) 
         def t2(x: np.ndarray) -> np.ndarray:
             return np.einsum("ij,jk,ik->i", x - mean, inv, x - mean)
 
-        threshold = float(np.quantile(ewma(t2(x_train[n_fit:]), alpha), quantile))
+        threshold = rule.fit(ewma(t2(x_train[n_fit:]), alpha))
         score = ewma(t2(x_test), alpha)
         preds.append(score > threshold)
         scores.append(score)
@@ -226,6 +264,29 @@ def _oracle_text(r: dict) -> str:
             "lowest ROC-AUC within a file: " + ", ".join(f"{name} {auc:.2f}" for auc, name in hardest))
 
 
+def transforms_chosen(spec, splits: list[FileSplit]) -> dict[str, dict[str, int]]:
+    """Per channel of every modality whose transform is 'auto': how many files' training rows chose each."""
+    chosen: dict[str, dict[str, int]] = {}
+    for f in splits:
+        for name, entry in f.stats["modalities"].items():
+            for column, transform in zip(spec.modalities[name].columns, entry.get("channel_transforms", [])):
+                counts = chosen.setdefault(f"{name}.{column}", {})
+                counts[transform] = counts.get(transform, 0) + 1
+    return chosen
+
+
+def print_transforms(spec, splits: list[FileSplit]) -> None:
+    chosen = transforms_chosen(spec, splits)
+    if chosen:
+        print("transform 'auto', chosen from the training rows of all files (the median file's drift; files per choice): "
+              + "; ".join(f"{channel} " + ", ".join(f"{t} {n}" for t, n in sorted(c.items()))
+                          for channel, c in chosen.items()), flush=True)
+
+
+def _rule_text(rule: ThresholdRule) -> str:
+    return f"POT (risk {rule.risk:g})" if rule.method == "pot" else f"{rule.quantile:.2f}-quantile"
+
+
 def _print_table(rows: list[tuple[str, dict]], published: list | None = None) -> None:
     print(f"{'algorithm':<34}{'F1':>6}{'FAR %':>9}{'MAR %':>9}")
     table = [(name, r["f1"], r["far"], r["mar"]) for name, r in rows] + (published or [])
@@ -241,16 +302,28 @@ def main() -> None:
                         help="comma-separated fusion+detector pairs ('' for the reference row only)")
     parser.add_argument("--window", type=int, default=10, help="seconds of each sensor group per tick")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threshold", choices=("quantile", "pot"), default="quantile",
+                        help="how each file's threshold is fitted on its held-out training scores")
     parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--risk", type=float, default=1e-3, help="--threshold pot: the exceedance probability")
     parser.add_argument("--alpha", type=float, default=0.1, help="EWMA smoothing of scores (causal)")
     parser.add_argument("--groups", default=",".join(GROUPS),
                         help="comma-separated sensor groups used as modalities (an ablation when not all four)")
     parser.add_argument("--transform", default="thermal=centered",
-                        help="comma-separated GROUP=TRANSFORM (level, centered, difference); default: the thermal "
-                             "group as each window minus its mean (temperatures drift as the rig warms up); "
-                             "'' for levels everywhere")
+                        help="comma-separated GROUP=TRANSFORM (level, centered, difference, auto), or one TRANSFORM "
+                             "for every group; default: the thermal group as each window minus its mean "
+                             "(temperatures drift as the rig warms up); '' for levels everywhere")
+    parser.add_argument("--preregistered", action="store_true",
+                        help="run the settings fixed in advance (PREREGISTERED; the options above are ignored)")
+    parser.add_argument("--transforms-only", action="store_true",
+                        help="print what `transform: auto` chooses from each file's training rows and stop "
+                             "(no labels read)")
     args = parser.parse_args()
-    transforms = dict(kv.split("=", 1) for kv in args.transform.split(",") if kv)
+    if args.preregistered:
+        for option, value in PREREGISTERED.items():
+            setattr(args, option, value)
+    transforms = {g: args.transform for g in GROUPS} if args.transform and "=" not in args.transform \
+        else dict(kv.split("=", 1) for kv in args.transform.split(",") if kv)
     unknown = set(transforms) - set(GROUPS)
     if unknown:
         parser.error(f"--transform names unknown sensor groups {sorted(unknown)} (groups: {', '.join(GROUPS)})")
@@ -263,14 +336,18 @@ def main() -> None:
             raw = pl.from_arrow(pads.dataset(m.path, format="parquet", partitioning="hive").to_table())
             tables[name] = alignment_input(raw, spec, m)
         splits = file_splits(spec, files, tables)
-        reference = run_reference(spec, splits, args.quantile, args.alpha)
+        print_transforms(spec, splits)
+        if args.transforms_only:
+            return
+        rule = ThresholdRule(args.threshold, args.quantile, args.risk)
+        reference = run_reference(spec, splits, rule, args.alpha)
         print(f"reference T^2 of window means  {_both_text(reference)}  (pooled ROC-AUC of the test parts "
               f"{reference['roc_auc_pooled']:.3f}; {_oracle_text(reference)})", flush=True)
         results = {}
         for pair in filter(None, args.configs.split(",")):
             fusion, detector = pair.split("+")
             start = time.time()
-            results[pair] = run_config(spec, splits, fusion, detector, args.epochs, args.quantile, args.alpha)
+            results[pair] = run_config(spec, splits, fusion, detector, args.epochs, rule, args.alpha)
             r = results[pair]
             print(f"DMAFN {pair:<26} {_both_text(r)}  (pooled ROC-AUC of the test parts "
                   f"{r['roc_auc_pooled']:.3f}; by modality "
@@ -278,7 +355,8 @@ def main() -> None:
                   + f"; {_oracle_text(r)}; {time.time() - start:.0f}s)", flush=True)
     print(f"\nSKAB outlier detection, {len(files)} files, first {TRAIN_ROWS} rows of each for training, "
           f"window {args.window}s, groups {args.groups}, transforms {args.transform or 'none'}, "
-          f"threshold: {args.quantile:.2f}-quantile of held-out training scores")
+          f"threshold: {_rule_text(rule)} of held-out training scores, EWMA alpha {args.alpha:g}"
+          + (" (the preregistered settings)" if args.preregistered else ""))
     ours = [*((f"DMAFN {k}", v) for k, v in results.items()), ("(reference: T^2 of window means)", reference)]
     print("\nWhole files pooled, training rows included (how SKAB's code computes the leaderboard rows):")
     _print_table([(name, r["leaderboard_evaluation"]) for name, r in ours], LEADERBOARD)
@@ -291,6 +369,8 @@ def main() -> None:
         print(f"{name:<34}{whole['f1']:>6.2f}{whole['far']:>9.2f}{whole['mar']:>9.2f}   |"
               f"{test['f1']:>6.2f}{test['far']:>9.2f}{test['mar']:>9.2f}")
     tag = "".join(f"-{g}_{t}" for g, t in sorted(transforms.items()) if t != "level")
+    if args.threshold != parser.get_default("threshold"):
+        tag += f"-{args.threshold}{args.risk:g}"
     for option in ("quantile", "alpha", "epochs"):       # a run with other settings gets its own file
         if getattr(args, option) != parser.get_default(option):
             tag += f"-{option}{getattr(args, option):g}"
@@ -299,7 +379,10 @@ def main() -> None:
     elif args.configs != parser.get_default("configs"):   # other pairs: their own file, the defaults' stays
         tag += "-" + "_".join(pair.replace("+", "-") for pair in results)
     name = f"skab-{args.groups.replace(',', '_')}-w{args.window}{tag}.json"
+    if args.preregistered:
+        name = "skab-preregistered.json"
     write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
+                                         "transforms_chosen": transforms_chosen(spec, splits),
                                          "reference_t2_window_means": reference, "leaderboard": LEADERBOARD,
                                          "seconds": time.time() - t0,
                                          "date": dt.date.today().isoformat()})

@@ -16,12 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.spec import SERIES_TRANSFORMS, ModalitySpec, Spec
+from dmafn.spec import TICK_TIME, WINDOW_TRANSFORMS, ModalitySpec, Spec
 
 TEXT_VOCAB = 4096          # hashed token ids: 0 = padding, 1 = message separator
 TEXT_TOKENS = 64           # the latest tokens in the window
 _TOKEN = re.compile(r"[a-z]+|\d+")
 _EPS = 1e-6
+DRIFT_LIMIT = 1.0          # transform 'auto': a channel whose training trend moves it by more residual stds is centered
+AUTO_CANDIDATES = ("level", "centered")
 
 
 def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
@@ -57,14 +59,82 @@ class _Moments:
                 "count": self.n}
 
 
+class _Trend:
+    """Streaming least-squares line of each column against time (n, means, centred sums; Chan et al.'s
+    pairwise merge, numerically stable), for the drift of a channel over the training span."""
+
+    def __init__(self) -> None:
+        self.n, self.mt, self.mx, self.st, self.sx, self.c = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+        self.t_min, self.t_max = np.inf, -np.inf
+
+    def add(self, t: np.ndarray, x: np.ndarray) -> "_Trend":
+        """`t` (N,) seconds, `x` (N, C)."""
+        if len(t) == 0:
+            return self
+        part = _Trend()
+        part.n, part.mt, part.mx = len(t), float(t.mean()), x.mean(0)
+        dt, dx = t - part.mt, x - part.mx
+        part.st, part.sx, part.c = float(dt @ dt), (dx * dx).sum(0), dt @ dx
+        part.t_min, part.t_max = float(t.min()), float(t.max())
+        return self.merge(part)
+
+    def merge(self, other: "_Trend") -> "_Trend":
+        if other.n == 0:
+            return self
+        n = self.n + other.n
+        dt, dx, w = other.mt - self.mt, other.mx - self.mx, self.n * other.n / n
+        self.st = self.st + other.st + dt * dt * w
+        self.sx = self.sx + other.sx + dx * dx * w
+        self.c = self.c + other.c + dt * dx * w
+        self.mt, self.mx = self.mt + dt * other.n / n, self.mx + dx * other.n / n
+        self.n, self.t_min, self.t_max = n, min(self.t_min, other.t_min), max(self.t_max, other.t_max)
+        return self
+
+    def drift(self) -> np.ndarray | None:
+        """Per column: how far the fitted line moves across the span, in standard deviations of the residual
+        about it; None with fewer than 10 rows or no time span."""
+        if self.n < 10 or self.st <= 0:
+            return None
+        slope = np.asarray(self.c, float) / self.st
+        residual = np.maximum(np.asarray(self.sx, float) - slope * np.asarray(self.c, float), 0.0) / self.n
+        return np.abs(slope) * (self.t_max - self.t_min) / np.maximum(np.sqrt(residual), 1e-9)
+
+
+def auto_transforms(drifts: Iterable[np.ndarray], limit: float = DRIFT_LIMIT) -> tuple[list[str], list[float]]:
+    """Transform 'auto', per channel from each entity's training drift (`_Trend.drift`): 'centered' where the
+    median entity's trend moves the channel by more than `limit` residual standard deviations over its
+    training span (a level that keeps moving - warming up, wearing - lies outside the training range on
+    later days; each window minus its mean keeps its shape), else 'level' (levels carry the anomalies)."""
+    per_entity = [d for d in drifts if d is not None]
+    if not per_entity:
+        return [], []
+    median = np.median(np.stack(per_entity), 0)
+    return ["centered" if d > limit else "level" for d in median], [float(d) for d in median]
+
+
 class StatisticsFitter:
-    """Fits normalisation statistics from aligned training batches (streamed, any number of batches)."""
+    """Fits normalisation statistics from aligned training batches (streamed, any number of batches).
+
+    A timeseries modality with transform 'auto' keeps the moments of both candidate presentations and each
+    entity's trend of every channel (the latest value at each tick against the tick time); `result` picks per
+    channel and keeps the chosen presentation's moments."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
-        self.global_: dict[str, _Moments] = {m: _Moments() for m in spec.modalities}
-        self.entity_: dict[str, dict[str, _Moments]] = {m: {} for m in spec.modalities}
+        self.global_: dict[str, dict[str, _Moments]] = {}        # modality -> transform -> moments
+        self.entity_: dict[str, dict[str, dict[str, _Moments]]] = {}   # modality -> transform -> entity -> moments
+        for name, m in spec.modalities.items():
+            views = self._views(m)
+            self.global_[name] = {v: _Moments() for v in views}
+            self.entity_[name] = {v: {} for v in views}
+        self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
+
+    @staticmethod
+    def _views(m: ModalitySpec) -> tuple[str, ...]:
+        if m.kind == "timeseries":
+            return AUTO_CANDIDATES if m.transform == "auto" else (m.transform,)
+        return ("level",)
 
     def add(self, aligned: pa.Table) -> "StatisticsFitter":
         keys = entity_key(aligned, self.spec.entity)
@@ -77,20 +147,36 @@ class StatisticsFitter:
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
             if not present.any():
                 continue
-            values = raw_values(aligned, m)[present]
-            self.global_[name].add(_per_channel(values, m))
-            if m.kind != "audio":
-                for key, rows in group_rows(np.asarray(keys, object)[present]):
-                    self.entity_[name].setdefault(key, _Moments()).add(_per_channel(values[rows], m))
+            auto = name in self.trend_
+            values = raw_values(aligned, m, "level" if auto else None)[present]
+            groups = group_rows(np.asarray(keys, object)[present]) if m.kind != "audio" else []
+            for view in self._views(m):
+                shown = transform_window(values, view) if auto else values
+                self.global_[name][view].add(_per_channel(shown, m))
+                for key, rows in groups:
+                    self.entity_[name][view].setdefault(key, _Moments()).add(_per_channel(shown[rows], m))
+            if auto:
+                if TICK_TIME not in aligned.column_names:
+                    raise ValueError(f"modality '{name}': transform 'auto' needs the aligned rows' tick time "
+                                     f"column '{TICK_TIME}'")
+                seconds = np.asarray(aligned.column(TICK_TIME).to_numpy(zero_copy_only=False), np.float64)[present] / 1e6
+                latest = values[:, -1, :].astype(np.float64)              # the latest value at each tick (N, C)
+                for key, rows in groups:
+                    self.trend_[name].setdefault(key, _Trend()).add(seconds[rows], latest[rows])
         return self
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
         """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
         fitter that saw all the rows (up to float summation order)."""
         for name in self.spec.modalities:
-            self.global_[name].merge(other.global_[name])
-            for key, moments in other.entity_[name].items():
-                self.entity_[name].setdefault(key, _Moments()).merge(moments)
+            for view, moments in other.global_[name].items():
+                self.global_[name][view].merge(moments)
+                mine = self.entity_[name][view]
+                for key, part in other.entity_[name][view].items():
+                    mine.setdefault(key, _Moments()).merge(part)
+        for name, trends in other.trend_.items():
+            for key, part in trends.items():
+                self.trend_[name].setdefault(key, _Trend()).merge(part)
         for name, counts in other.templates_.items():
             mine = self.templates_[name]
             for t, c in counts.items():
@@ -98,22 +184,46 @@ class StatisticsFitter:
             self.templates_[name] = prune_counts(mine)
         return self
 
-    def result(self) -> dict[str, Any]:
+    def result(self, transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        """The statistics; `transforms[m]`: the per-channel choice for an 'auto' modality made elsewhere (e.g.
+        across a fleet) instead of from these rows."""
         stats: dict[str, Any] = {"modalities": {}}
         for name, m in self.spec.modalities.items():
             entry: dict[str, Any] = {"kind": m.kind}
             if m.kind == "timeseries":
                 entry["transform"] = m.transform
             if m.kind in ("tabular", "timeseries", "audio"):
-                if self.global_[name].n == 0:
+                views = self._views(m)
+                if self.global_[name][views[0]].n == 0:
                     raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
-                entry["global"] = self.global_[name].result()
-                entry["entity"] = {k: v.result() for k, v in self.entity_[name].items()}
+                if name in self.trend_:
+                    chosen, drift = auto_transforms(t.drift() for t in self.trend_[name].values())
+                    if transforms and name in transforms:
+                        chosen = list(transforms[name])
+                        if len(chosen) != len(m.columns) or set(chosen) - set(AUTO_CANDIDATES):
+                            raise ValueError(f"modality '{name}': {chosen} is not one of "
+                                             f"{'/'.join(AUTO_CANDIDATES)} per column of {list(m.columns)}")
+                    if not chosen:
+                        chosen, drift = ["level"] * len(m.columns), [0.0] * len(m.columns)
+                    entry.update(channel_transforms=chosen, drift=drift, drift_limit=DRIFT_LIMIT)
+                    entry["global"] = _pick_channels({v: self.global_[name][v].result() for v in views}, chosen)
+                    entry["entity"] = {key: _pick_channels({v: self.entity_[name][v][key].result() for v in views},
+                                                           chosen) for key in self.entity_[name][views[0]]}
+                else:
+                    entry["global"] = self.global_[name][views[0]].result()
+                    entry["entity"] = {k: v.result() for k, v in self.entity_[name][views[0]].items()}
             if m.kind == "text":
                 entry["vocabulary"] = TextVocabulary.fit(self.templates_[name]).to_dict()
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
         return stats
+
+
+def _pick_channels(by_view: dict[str, dict], chosen: list[str]) -> dict[str, Any]:
+    """Moments per channel from the presentation chosen for that channel."""
+    first = next(iter(by_view.values()))
+    return {"mean": [by_view[v]["mean"][j] for j, v in enumerate(chosen)],
+            "std": [by_view[v]["std"][j] for j, v in enumerate(chosen)], "count": first["count"]}
 
 
 def _per_channel(values: np.ndarray, m: ModalitySpec) -> np.ndarray:
@@ -123,8 +233,9 @@ def _per_channel(values: np.ndarray, m: ModalitySpec) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ featurization
-def raw_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
-    """Tabular (N, C) float32; timeseries (N, L, C) float32; audio (N, S) float32. Absent rows are zeros."""
+def raw_values(aligned: pa.Table, m: ModalitySpec, transform: str | list[str] | None = None) -> np.ndarray:
+    """Tabular (N, C) float32; timeseries (N, L, C) float32, presented by `transform` (default the spec's; one
+    per channel for a fitted 'auto'); audio (N, S) float32. Absent rows are zeros."""
     n = aligned.num_rows
     if m.kind == "tabular":
         cols = [aligned.column(f"{m.name}__{c}").to_numpy(zero_copy_only=False) for c in m.columns]
@@ -133,26 +244,38 @@ def raw_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
         out = np.zeros((n, m.steps, len(m.columns)), np.float32)
         for j, c in enumerate(m.columns):
             out[:, :, j] = _fixed_lists(aligned.column(f"{m.name}__{c}"), m.steps)
-        return transform_window(out, m.transform)
+        return transform_window(out, m.transform if transform is None else transform)
     if m.kind == "audio":
         return _fixed_lists(aligned.column(f"{m.name}__{m.column}"), m.samples)
     raise ValueError(f"raw_values does not handle kind {m.kind}")
 
 
-def transform_window(windows: np.ndarray, transform: str) -> np.ndarray:
-    """How a series window (N, L, C) is presented to the model.
+def transform_window(windows: np.ndarray, transform: str | list[str] | tuple[str, ...]) -> np.ndarray:
+    """How a series window (N, L, C) is presented to the model; a list gives one transform per channel.
 
     level: the values as they are. centered: each window minus its own mean per channel - the shape
     within the window, free of slow drift that training days cannot cover (temperatures warming up).
     difference: step-to-step changes (the first step is 0) - the rate of change, also drift-free.
+    ('auto' is resolved per channel by the statistics: `auto_transforms`.)
     """
+    if not isinstance(transform, str):
+        if len(transform) != windows.shape[-1]:
+            raise ValueError(f"{len(transform)} channel transforms for {windows.shape[-1]} channels")
+        out = windows.copy()
+        for name in set(transform):
+            channels = np.asarray([t == name for t in transform])
+            out[..., channels] = transform_window(windows[..., channels], name)
+        return out
     if transform == "level":
         return windows
     if transform == "centered":
         return windows - windows.mean(1, keepdims=True)
     if transform == "difference":
         return np.diff(windows, axis=1, prepend=windows[:, :1])
-    raise ValueError(f"unknown series transform {transform!r} ({', '.join(SERIES_TRANSFORMS)})")
+    if transform == "auto":
+        raise ValueError("series transform 'auto' is chosen per channel by the training statistics: pass their "
+                         "'channel_transforms'")
+    raise ValueError(f"unknown series transform {transform!r} ({', '.join(WINDOW_TRANSFORMS)})")
 
 
 def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
@@ -339,8 +462,9 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
         if m.kind in ("tabular", "timeseries"):
-            _check_transform(m, stats["modalities"][name])
-            x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, by_entity)
+            fitted = stats["modalities"][name]
+            _check_transform(m, fitted)
+            x = _normalise(raw_values(aligned, m, fitted.get("channel_transforms")), fitted, keys, by_entity)
         elif m.kind == "audio":
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":

@@ -17,7 +17,9 @@ FUSIONS = ("early", "late", "attention", "gated")
 DETECTORS = ("autoencoder", "vae", "adversarial", "classifier", "svdd")
 SERIES_ENCODERS = ("gru", "lstm", "tcn", "transformer")
 TEXT_ENCODERS = ("transformer", "bag")
-SERIES_TRANSFORMS = ("level", "centered", "difference")
+WINDOW_TRANSFORMS = ("level", "centered", "difference")   # how a window is presented (features.transform_window)
+SERIES_TRANSFORMS = (*WINDOW_TRANSFORMS, "auto")          # auto: per channel, level or centered by its training drift
+TICK_TIME = "_t"            # aligned rows: the tick time, Int64 microseconds since the epoch (UTC)
 VOTES = ("mean", "max", "weighted", "attention")
 PRESETS = ("small", "base")
 NORMALIZATIONS = ("global", "entity")
@@ -69,7 +71,7 @@ class ModalitySpec:
     sample_rate: int | None = None      # audio
     clip_us: int | None = None          # audio clip length fed to the model
     encoder: str | None = None          # timeseries / text encoder override
-    transform: str = "level"            # timeseries: level | centered | difference (see features.transform_window)
+    transform: str = "level"            # timeseries: level | centered | difference | auto (features.transform_window)
     context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
 
     @property

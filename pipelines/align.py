@@ -17,9 +17,9 @@ import datetime as dt
 
 import polars as pl
 
-from dmafn.spec import DAY_US, ModalitySpec, Spec
+from dmafn.spec import DAY_US, TICK_TIME, ModalitySpec, Spec
 
-TIME = "_t"
+TIME = TICK_TIME
 
 
 def to_micros(expr: pl.Expr) -> pl.Expr:

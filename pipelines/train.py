@@ -285,6 +285,11 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     val_shards = plan_shards(spec, val_days, files, min_shards=slots)
     labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
     stats, quarantined = fit_statistics(spec, train_shards)
+    for name, entry in stats["modalities"].items():
+        if "channel_transforms" in entry:
+            log.info("modality '%s': transform auto -> %s", name, ", ".join(
+                f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
+                                                               entry["channel_transforms"], entry["drift"])))
     with ordered_datasets():                         # same data + seed -> same model version, run after run
         features = feature_dataset(spec, train_shards, stats, labels)
     ticks = features.count()

@@ -22,3 +22,33 @@ def test_skab_pools_test_parts_and_whole_files_as_its_leaderboard_does():
     whole = r["leaderboard_evaluation"]
     assert (whole["f1"], whole["far"], whole["mar"]) == pytest.approx((0.5, 25.0, 50.0))
     assert set(r["roc_auc_by_file"]) == {"a", "b"}
+
+
+def test_skab_transform_auto_is_chosen_across_files_from_training_rows_only(tmp_path):
+    """Thermal channels that warm up through every file's training rows are centered, the others keep their
+    level; the labels play no part (they are made to disagree with the drift)."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from benchmarks.skab import GROUPS, file_splits, load_files, transforms_chosen, write_lake
+    from dmafn.spec import load_spec
+    from pipelines.align import alignment_input
+
+    rng = np.random.default_rng(0)
+    for folder, k in (("valve1", 0), ("valve2", 1), ("other", 2)):
+        (tmp_path / "skab" / folder).mkdir(parents=True)
+        n = 450
+        frame = pd.DataFrame({"datetime": pd.date_range(f"2020-03-0{k + 1} 10:00", periods=n, freq="1s")})
+        for c in sum(GROUPS.values(), []):
+            frame[c] = rng.normal(size=n) + (np.arange(n) / 40 if c in GROUPS["thermal"] else 0)
+        frame["anomaly"], frame["changepoint"] = (np.arange(n) < 200).astype(float), 0.0
+        frame.to_csv(tmp_path / "skab" / folder / f"{k}.csv", sep=";", index=False)
+    files = load_files(tmp_path / "skab")
+    spec = load_spec(write_lake(files, tmp_path / "lake", 10, None, {g: "auto" for g in GROUPS}))
+    tables = {name: alignment_input(pl.from_arrow(pads.dataset(m.path, format="parquet", partitioning="hive")
+                                                  .to_table()), spec, m) for name, m in spec.modalities.items()}
+    splits = file_splits(spec, files, tables)
+    chosen = transforms_chosen(spec, splits)
+    assert chosen["thermal.Temperature"] == {"centered": 3} and chosen["thermal.Thermocouple"] == {"centered": 3}
+    assert all(c == {"level": 3} for name, c in chosen.items() if not name.startswith("thermal."))
+    assert [len(f.train) for f in splits] == [400] * 3 and [len(f.test) for f in splits] == [50] * 3

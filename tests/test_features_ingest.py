@@ -374,6 +374,89 @@ def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(t
         featurize(aligned, tiny_spec, stats)
 
 
+def _series_rows(spec, level, entities=("a", "b"), ticks=12):
+    """Aligned rows of the 2-channel series modality 'vib' (3 steps a window): channel a = level(i) + a wiggle,
+    channel b = a stationary wiggle; tick i at i minutes."""
+    keys, times, a, b = [], [], [], []
+    for e in entities:
+        for i in range(ticks):
+            wiggle = [0.0, 1.0, -1.0] if i % 2 else [1.0, -1.0, 0.0]
+            keys.append(e), times.append(T0 + i * M)
+            a.append([level(i) + w for w in wiggle]), b.append([5.0 + w for w in wiggle])
+    return pa.table({"machine_id": keys, TIME: pa.array(times, pa.int64()), "vib__present": [True] * len(keys),
+                     "vib__a": pa.array(a, pa.list_(pa.float32())), "vib__b": pa.array(b, pa.list_(pa.float32()))})
+
+
+@pytest.fixture
+def auto_spec():
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    vib = {"kind": "timeseries", "path": "/tmp/none/vib", "columns": ["a", "b"], "period": "20s", "window": "1min",
+           "transform": "auto"}
+    return parse_spec(tiny_spec_dict(modalities={"vib": vib}), source="tiny.yaml")
+
+
+def test_trend_of_two_parts_merges_to_the_trend_of_all_rows():
+    from dmafn.features import _Trend
+
+    t = np.arange(40.0)
+    x = np.stack([0.5 * t + np.sin(t), np.cos(t)], 1)
+    whole = _Trend().add(t, x)
+    parts = _Trend().add(t[:13], x[:13]).merge(_Trend().add(t[13:], x[13:]))
+    assert np.allclose(whole.drift(), parts.drift())
+    assert whole.drift()[0] > 10 and whole.drift()[1] < 1          # a line through noise; noise alone
+    assert _Trend().add(t[:5], x[:5]).drift() is None               # too few rows to call a trend
+
+
+def test_auto_transforms_take_the_median_entity():
+    from dmafn.features import auto_transforms
+
+    chosen, drift = auto_transforms([np.array([3.0, 0.1]), np.array([2.0, 0.2]), np.array([0.5, 5.0]), None])
+    assert chosen == ["centered", "level"] and drift == [2.0, 0.2]   # one entity's odd channel b is outvoted
+    assert auto_transforms([None]) == ([], [])
+
+
+def test_transform_auto_centers_the_drifting_channel_and_keeps_the_level_of_the_other(auto_spec):
+    aligned = _series_rows(auto_spec, level=lambda i: 10.0 + 3.0 * i)            # a rises, b does not
+    stats = StatisticsFitter(auto_spec).add(aligned).result()
+    entry = stats["modalities"]["vib"]
+    assert entry["transform"] == "auto" and entry["channel_transforms"] == ["centered", "level"]
+    assert entry["drift"][0] > 1.0 > entry["drift"][1]
+    assert entry["global"]["mean"] == pytest.approx([0.0, 5.0], abs=1e-6)       # a's moments are of centred windows
+    x = featurize(aligned, auto_spec, stats).inputs["vib"]
+    shifted = _series_rows(auto_spec, level=lambda i: 1000.0 + 3.0 * i)
+    assert np.allclose(featurize(shifted, auto_spec, stats).inputs["vib"], x)     # a far level: same inputs
+    halves = StatisticsFitter(auto_spec).add(aligned.slice(0, 12)).merge(StatisticsFitter(auto_spec).add(aligned.slice(12)))
+    assert halves.result()["modalities"]["vib"]["channel_transforms"] == ["centered", "level"]
+    flat = StatisticsFitter(auto_spec).add(_series_rows(auto_spec, level=lambda i: 10.0)).result()
+    assert flat["modalities"]["vib"]["channel_transforms"] == ["level", "level"]
+
+
+def test_transform_auto_choice_from_elsewhere_is_checked_and_the_spec_must_keep_auto(auto_spec):
+    from dataclasses import replace
+
+    fitter = StatisticsFitter(auto_spec).add(_series_rows(auto_spec, level=lambda i: 10.0 + 3.0 * i))
+    assert fitter.result({"vib": ["level", "level"]})["modalities"]["vib"]["channel_transforms"] == ["level", "level"]
+    with pytest.raises(ValueError, match=r"modality 'vib': \['level'\] is not one of level/centered per column"):
+        fitter.result({"vib": ["level"]})
+    level_spec = replace(auto_spec, modalities={"vib": replace(auto_spec.modalities["vib"], transform="level")})
+    with pytest.raises(ValueError, match="modality 'vib': the model was trained with transform 'auto'"):
+        featurize(_series_rows(auto_spec, level=lambda i: 1.0), level_spec, fitter.result())
+    with pytest.raises(ValueError, match="transform 'auto' needs the aligned rows' tick time column '_t'"):
+        StatisticsFitter(auto_spec).add(_series_rows(auto_spec, level=lambda i: 1.0).drop([TIME]))
+
+
+def test_per_channel_transforms_and_an_unresolved_auto():
+    windows = np.array([[[1.0, 10.0], [2.0, 10.0], [4.0, 13.0]]], np.float32)
+    both = transform_window(windows, ["level", "centered"])
+    assert both[0, :, 0].tolist() == [1.0, 2.0, 4.0] and np.allclose(both[0, :, 1], [-1, -1, 2])
+    with pytest.raises(ValueError, match="1 channel transforms for 2 channels"):
+        transform_window(windows, ["level"])
+    with pytest.raises(ValueError, match="'auto' is chosen per channel by the training statistics"):
+        transform_window(windows, "auto")
+
+
 def test_files_with_naive_utc_and_other_time_zones_meet_as_utc(tmp_path, tiny_spec):
     """Each file's event time becomes UTC microseconds before the files meet: naive means UTC, a time zone
     is converted from; files of one date may differ."""

@@ -28,7 +28,8 @@ def trained(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("fleet")
     spec_path = write_synthetic(root, SyntheticConfig(entities=2, days=3, clean_days=2, image_size=16, seed=3))
     spec = load_spec(spec_path)
-    spec = replace(spec, train=replace(spec.train, epochs=2, batch_size=128))
+    spec = replace(spec, train=replace(spec.train, epochs=2, batch_size=128),  # vibration: chosen per channel
+                   modalities={**spec.modalities, "vibration": replace(spec.modalities["vibration"], transform="auto")})
     # a few unusable rows on the scored day: they must be counted in quarantine, not lost
     # (and a row filed under 2024-01-03 but timed on 2024-01-04)
     bad = pa.table({"machine_id": ["pump-00", None, "pump-01"],
@@ -57,6 +58,9 @@ def test_model_version_has_manifest_and_weights(trained):
     assert manifest["training_window"]["train_days"] == ["2024-01-01"]
     assert manifest["training_window"]["validation_days"] == ["2024-01-02"]
     assert set(manifest["statistics"]["modalities"]) == {"process", "vibration", "camera", "logs"}
+    vibration = manifest["statistics"]["modalities"]["vibration"]        # 'auto' chosen over the shards' trends
+    assert vibration["channel_transforms"] == ["centered" if d > vibration["drift_limit"] else "level"
+                                               for d in vibration["drift"]]
     assert "threshold" in manifest["calibration"] and manifest["metrics"]["epochs"] == 2
     import torch
     state = torch.load(folder / "weights.pt", weights_only=True)

@@ -81,8 +81,10 @@ def test_series_transform_is_parsed_checked_and_round_trips():
     spec = parse_spec(data, source="s.yaml")
     assert spec.modalities["vib"].transform == "centered"
     assert parse_spec(spec.to_dict()).modalities["vib"].transform == "centered"
+    data["modalities"]["vib"]["transform"] = "auto"
+    assert parse_spec(parse_spec(data).to_dict()).modalities["vib"].transform == "auto"
     data["modalities"]["vib"]["transform"] = "log"
-    with pytest.raises(SpecError, match=r"'modalities.vib.transform': 'log' is not one of level, centered"):
+    with pytest.raises(SpecError, match=r"'modalities.vib.transform': 'log' is not one of level, centered, difference, auto"):
         parse_spec(data, source="s.yaml")
     data["modalities"]["vib"].pop("transform")
     data["modalities"]["proc"]["transform"] = "centered"          # tabular rows have no window to transform
