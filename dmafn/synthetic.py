@@ -340,6 +340,6 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
         "train": {"start": cfg.start.isoformat(), "end": end.isoformat(), "epochs": 8, "workers": 2,
                   "gpu": False, "validation_days": 1},
         "registry": f"{root}/models",
-        "score": {"output": f"{root}/scores", "threshold": {"method": "pot", "risk": 1e-3},
+        "score": {"output": f"{root}/scores", "threshold": {"method": "pot", "risk": 3e-3},
                   "smoothing": {"method": "ewma", "alpha": 0.3}},
     }
