@@ -17,7 +17,7 @@ from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import ScoreRecord, raw_scores
-from dmafn.spec import ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec
+from dmafn.spec import ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, voting_modalities
 from dmafn.training import fit_model, seed_everything
 
 
@@ -62,7 +62,8 @@ class Detector:
         self.calibration_ = Calibration.fit(
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote,
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
-            threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value))
+            threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
+            voting=voting_modalities(self.modalities))
         self.threshold_ = self.calibration_.threshold
         self.decision_scores_ = self.decision_function(X)
         self.labels_ = self.calibration_.alarms(self.decision_scores_).astype(int)

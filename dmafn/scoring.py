@@ -9,7 +9,9 @@ discriminator) is standardised the same way and only adds evidence (clipped at 0
 more typical than usual never lowers a score); a fused head's term is shared equally among the present
 modalities, a late-fusion head's term stays with its own modality.
 The fused score is a vote over the present modalities' contributions (mean, max, weighted, attention),
-so it stays comparable when a modality is absent. The classifier head scores with its logit and
+so it stays comparable when a modality is absent. Modalities outside `voting` (a slow `context` view)
+inform the others' reconstructions and keep their own contribution column, but do not vote: an hour of
+look-back would otherwise hold an event's score up for an hour after it ends. The classifier head scores with its logit and
 attributes by occlusion: the drop of the logit when a modality is hidden.
 """
 from __future__ import annotations
@@ -103,10 +105,16 @@ def robust_scale(values: np.ndarray) -> dict[str, float]:
     return {"median": float(q50), "scale": float(max(q75 - q25, 1e-6))}
 
 
-def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean") -> dict[str, Any]:
-    """Normalisation of each modality's contribution, fitted on validation ticks."""
+def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean",
+                    voting: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Normalisation of each modality's contribution, fitted on validation ticks; `voting`: the modalities
+    whose contributions make the fused score (default all)."""
     if detector == "classifier":
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
+    if voting is not None and set(voting) != set(modalities):
+        unknown = set(voting) - set(modalities)
+        if unknown or not voting:
+            raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
     log_err = np.log(np.maximum(raw.errors, 1e-12))
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
                              "contribution": {m: robust_scale(log_err[:, i]) for i, m in enumerate(modalities)}}
@@ -119,7 +127,18 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
                        else 1.0 for i in range(len(modalities))])
     weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
     calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
+    if voting is not None and set(voting) != set(modalities):
+        calib["voting"] = [m for m in modalities if m in voting]
     return calib
+
+
+def voting_mask(mask: np.ndarray, calib: dict[str, Any]) -> np.ndarray:
+    """(N, M) the present modalities that vote; a tick where only non-voting ones are present lets them vote
+    (a score rather than none)."""
+    if "voting" not in calib:
+        return mask
+    votes = mask & np.isin(np.asarray(calib["modalities"]), calib["voting"])[None, :]
+    return np.where(votes.any(1, keepdims=True), votes, mask)
 
 
 def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
@@ -172,5 +191,5 @@ def to_record(raw: RawScores, calib: dict[str, Any], modalities: tuple[str, ...]
         score = np.where(raw.mask.any(1), raw.latent, np.nan)
         return ScoreRecord(score=score, contributions=contrib, mask=raw.mask, modalities=modalities)
     contrib = _contributions(raw, calib)
-    score = vote(contrib, raw.mask, calib.get("vote", "mean"), calib.get("weights"))
+    score = vote(contrib, voting_mask(raw.mask, calib), calib.get("vote", "mean"), calib.get("weights"))
     return ScoreRecord(score=score, contributions=contrib, mask=raw.mask, modalities=modalities)

@@ -331,6 +331,13 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
 CONTEXT_SUFFIX = "_context"
 
 
+def voting_modalities(modalities: dict[str, ModalitySpec]) -> tuple[str, ...]:
+    """The modalities whose contributions make the fused score: all but the slow `context` views, which
+    inform the others' reconstructions without voting (their look-back would hold an event's score up long
+    after it ends)."""
+    return tuple(name for name, m in modalities.items() if m.context_of is None)
+
+
 def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> ModalitySpec | None:
     """A modality's `context` (tabular, timeseries): a second, coarse window over the same rows - the mean of
     each `period` over the last `window` - as its own time-series modality `<name>_context`, so slow changes

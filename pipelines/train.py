@@ -29,7 +29,7 @@ from dmafn.features import StatisticsFitter, featurize, features_from_columns, f
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import RawScores, raw_scores
-from dmafn.spec import Spec
+from dmafn.spec import Spec, voting_modalities
 from dmafn.training import positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
 from pipelines.ingest import entity_string, read_shard, require_columns
@@ -250,7 +250,8 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
                     latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts])[rows])
     return Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
                            smoothing=spec.score.smoothing, threshold=spec.score.threshold,
-                           groups=order.select(entity_string(spec.entity)).to_series().to_numpy())
+                           groups=order.select(entity_string(spec.entity)).to_series().to_numpy(),
+                           voting=voting_modalities(spec.modalities))
 
 
 def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:

@@ -143,3 +143,27 @@ def test_the_pipelines_finalize_applies_the_per_entity_normalisation_as_the_cali
     expected, alarms = cal.apply(raw, groups)
     np.testing.assert_allclose(out["score"].to_numpy(), expected.score)
     np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), alarms)
+
+
+def test_a_non_voting_modality_keeps_its_contribution_but_does_not_move_the_score():
+    """A slow context view ('b' here) informs the model but does not vote; a tick where only it is present
+    still gets a score, from it; the choice round-trips and a bad voting set is refused."""
+    from dmafn.spec import parse_spec, voting_modalities
+    from tests.conftest import tiny_spec_dict
+
+    raw = _raw(400)
+    kwargs = dict(detector="autoencoder", vote="mean", smoothing=SmoothingSpec("none"),
+                  threshold=ThresholdSpec("quantile", quantile=0.95))
+    cal = Calibration.fit(raw, MODALITIES, voting=("a",), **kwargs)
+    record = cal.record(raw)
+    np.testing.assert_allclose(record.score, record.contributions[:, 0])        # 'a' alone votes
+    assert np.isfinite(record.contributions[:, 1]).sum() == raw.mask[:, 1].sum()  # 'b' still attributed
+    only_b = RawScores(np.array([[np.nan, 2.0]]), None, np.array([[False, True]]))
+    assert cal.record(only_b).score[0] == pytest.approx(cal.record(only_b).contributions[0, 1])
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    assert "voting" not in Calibration.fit(raw, MODALITIES, voting=MODALITIES, **kwargs).normalisation
+    with pytest.raises(ValueError, match=r"voting modalities \['c'\] must be a non-empty subset"):
+        Calibration.fit(raw, MODALITIES, voting=("c",), **kwargs)
+    data = tiny_spec_dict()
+    data["modalities"]["proc"]["context"] = {"window": "1h"}
+    assert voting_modalities(parse_spec(data).modalities) == ("proc", "vib", "logs", "cam")
