@@ -116,7 +116,7 @@ def settle_us(spec: Spec) -> int:
 def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any]:
     """The alarm rate of the scored ticks and the false-alarm rate (alarms on ticks labelled normal) against
     the rate the model version expects: its validation days' alarm rate (`validation_alarm_rate` in the
-    manifest's metrics: clean days, so every alarm there is a false one). Besides, the false-alarm rate on
+    manifest's `calibration.validation`: clean days, so every alarm there is a false one). Besides, the false-alarm rate on
     the normal ticks clear of events (more than `settle_us` after the end of the entity's last labelled
     event): the like-for-like comparison with the clean validation days, since right after an event the
     windows still hold its rows and the smoothing its scores."""
@@ -137,12 +137,14 @@ def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any
     registry = Registry(spec.registry, storage)
     for version in sorted(df["model_version"].unique().to_list()):
         try:
-            metrics = registry.manifest(version).get("metrics", {})
+            manifest = registry.manifest(version)
         except DataError as exc:
             log.warning("model version %s: %s (no expected alarm rate)", version, exc)
             continue
-        if metrics.get("validation_alarm_rate") is not None:
-            out["expected_false_alarm_rate"][version] = float(metrics["validation_alarm_rate"])
+        # the calibration's validation summary; versions saved before it was kept there have it in `metrics`
+        validation = manifest.get("calibration", {}).get("validation") or manifest.get("metrics", {})
+        if validation.get("validation_alarm_rate") is not None:
+            out["expected_false_alarm_rate"][version] = float(validation["validation_alarm_rate"])
     return out
 
 

@@ -315,8 +315,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},
                 "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
-                            "resumed_at_epochs": fitted["resumed_at"],
-                            **calibration.validation, "seconds": round(time.time() - t0, 1)},
+                            "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                 "input_quarantine": quarantined}
     version = Registry(spec.registry, storage).save(model, manifest)
     log.info("model version %s saved under %s", version, spec.registry)

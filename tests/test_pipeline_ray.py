@@ -172,7 +172,7 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     _, version, _ = trained
     assert result["false_alarm_rate"] == pytest.approx(fused["far"])
     manifest = json.loads((Path(spec.registry) / version / "manifest.json").read_text())
-    assert result["expected_false_alarm_rate"] == {version: manifest["metrics"]["validation_alarm_rate"]}
+    assert result["expected_false_alarm_rate"] == {version: manifest["calibration"]["validation"]["validation_alarm_rate"]}
     assert f"false alarms on {100 * fused['far']:.2f} % of the ticks labelled normal, expected" in out
 
 
