@@ -32,11 +32,7 @@ class ModelVersion:
     version: str
     manifest: dict[str, Any]
     model: DMAFN
-
-    @cached_property
-    def spec(self) -> Spec:
-        """The version's resolved spec (parsed once)."""
-        return parse_spec(self.manifest["spec"], source=f"model version {self.version}")
+    spec: Spec                     # the version's resolved spec, parsed from the manifest once
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -135,7 +131,7 @@ class Registry:
                             "changed after the version was saved")
         model.load_state_dict(plain_state_dict(weights, weights_path))
         model.eval()
-        return ModelVersion(version=version, manifest=manifest, model=model)
+        return ModelVersion(version=version, manifest=manifest, model=model, spec=spec)
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, torch.Tensor]:
