@@ -111,10 +111,9 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
     whose contributions make the fused score (default all)."""
     if detector == "classifier":
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
-    if voting is not None and set(voting) != set(modalities):
-        unknown = set(voting) - set(modalities)
-        if unknown or not voting:
-            raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
+    if voting is not None and (not voting or set(voting) - set(modalities)):
+        raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
+    voting = None if voting is None or set(voting) == set(modalities) else voting   # all vote: nothing to store
     log_err = np.log(np.maximum(raw.errors, 1e-12))
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
                              "contribution": {m: robust_scale(log_err[:, i]) for i, m in enumerate(modalities)}}
@@ -127,7 +126,7 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
                        else 1.0 for i in range(len(modalities))])
     weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
     calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
-    if voting is not None and set(voting) != set(modalities):
+    if voting is not None:
         calib["voting"] = [m for m in modalities if m in voting]
     return calib
 

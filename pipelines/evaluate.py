@@ -18,6 +18,7 @@ import pyarrow as pa
 import ray
 
 from dmafn.detector import Detector
+from dmafn.calibration import Calibration
 from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import point_adjust, point_metrics, pr_auc, roc_auc
 from dmafn.model import ModelConfig, model_config
@@ -141,10 +142,10 @@ def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any
         except DataError as exc:
             log.warning("model version %s: %s (no expected alarm rate)", version, exc)
             continue
-        # the calibration's validation summary; versions saved before it was kept there have it in `metrics`
-        validation = manifest.get("calibration", {}).get("validation") or manifest.get("metrics", {})
-        if validation.get("validation_alarm_rate") is not None:
-            out["expected_false_alarm_rate"][version] = float(validation["validation_alarm_rate"])
+        # read as the version's calibration reads it (older versions kept the summary in `metrics`)
+        expected = Calibration.from_dict(manifest["calibration"], validation=manifest.get("metrics")).expected_alarm_rate
+        if expected is not None:
+            out["expected_false_alarm_rate"][version] = float(expected)
     return out
 
 
