@@ -22,8 +22,7 @@ from dmafn.training import fit_model, seed_everything
 
 
 def _rows(features: Features, idx: np.ndarray) -> Features:
-    return Features({m: features.inputs[m][idx] for m in features.modalities}, features.mask[idx],
-                    features.modalities)
+    return features.rows(idx)
 
 
 class Detector:

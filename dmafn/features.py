@@ -112,6 +112,105 @@ def auto_transforms(drifts: Iterable[np.ndarray], limit: float = DRIFT_LIMIT) ->
     return ["centered" if d > limit else "level" for d in median], [float(d) for d in median]
 
 
+# ------------------------------------------------------------------ channel relations (slow context)
+RELATION_BLOCKS = (1, 3, 10, 30)   # context steps, counted back from the latest, that end each history block
+
+
+def relation_blocks(steps: int) -> list[tuple[int, int]]:
+    """(from, to) step ranges counted back from the latest step of a context window of `steps` steps: the last
+    step, steps 2-3, 4-10, 11-30 and the rest (those the window has)."""
+    ends = sorted({min(b, steps) for b in RELATION_BLOCKS} | {steps})
+    return [(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
+
+
+def relation_design(current: np.ndarray, history: np.ndarray, target: int) -> np.ndarray:
+    """What channel `target` is predicted from: the other channels' current values (N, C) and the means of
+    their context window (N, T, C) over `relation_blocks` - never the target's own values, so a channel that
+    creeps away from its relation with the others cannot explain itself. (N, (C-1) x (1 + blocks))."""
+    others = [j for j in range(current.shape[1]) if j != target]
+    steps = history.shape[1]
+    cols = [current[:, others]] + [history[:, steps - hi:steps - lo][:, :, others].mean(1)
+                                   for lo, hi in relation_blocks(steps)]
+    return np.concatenate(cols, 1).astype(np.float64)
+
+
+class _Regression:
+    """Streaming least squares of one channel on its design (`relation_design`) for one entity: count, sums and
+    cross products, merged by adding."""
+
+    def __init__(self, d: int):
+        self.n, self.sx, self.sy = 0, np.zeros(d), 0.0
+        self.sxx, self.sxy, self.syy = np.zeros((d, d)), np.zeros(d), 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.n += len(y)
+        self.sx = self.sx + x.sum(0)
+        self.sy += float(y.sum())
+        self.sxx = self.sxx + x.T @ x
+        self.sxy = self.sxy + x.T @ y
+        self.syy += float(y @ y)
+
+    def merge(self, other: "_Regression") -> "_Regression":
+        self.n += other.n
+        self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
+        self.sxx, self.sxy, self.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        return self
+
+
+def fit_relation(per_entity: dict[str, _Regression]) -> dict[str, Any] | None:
+    """One channel's relation: weights pooled over entities on within-entity deviations (each entity keeps its
+    own intercept, an unseen one gets the fleet's) and the residual's std (the unit of its error). None
+    without enough rows to fit it."""
+    fits = [r for r in per_entity.values() if r.n >= 2]
+    if not fits:
+        return None
+    d = len(fits[0].sx)
+    n = sum(r.n for r in fits)
+    if n < 2 * d + 10:
+        return None
+    sxx = sum(r.sxx - np.outer(r.sx, r.sx) / r.n for r in fits)
+    sxy = sum(r.sxy - r.sx * r.sy / r.n for r in fits)
+    syy = sum(r.syy - r.sy ** 2 / r.n for r in fits)
+    ridge = 1e-6 * max(float(np.trace(sxx)) / d, 1e-12)
+    weights = np.linalg.solve(sxx + ridge * np.eye(d), sxy)
+    spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
+    residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
+    total_x, total_y = sum(r.sx for r in fits), sum(r.sy for r in fits)
+    return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
+            "entity_intercepts": {key: float((r.sy - weights @ r.sx) / r.n) for key, r in per_entity.items() if r.n >= 2},
+            "residual_std": max(residual, 1e-9)}
+
+
+def relation_pairs(spec: Spec) -> dict[str, str]:
+    """context view -> its parent, for parents with at least two channels (one channel has no relation)."""
+    return {name: m.context_of for name, m in spec.modalities.items()
+            if m.context_of and len(spec.modalities[m.context_of].columns) >= 2}
+
+
+def current_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
+    """The latest raw value of each channel at each tick (N, C): a tabular row, a window's last step."""
+    values = raw_values(aligned, m, "level")
+    return values if m.kind == "tabular" else values[:, -1, :]
+
+
+def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
+                    keys: list[str]) -> np.ndarray:
+    """(N,) mean over channels of the squared error of predicting each channel from its relation with the
+    others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
+    channel with no fitted relation)."""
+    n = len(current)
+    total = np.zeros(n)
+    for c, fitted in enumerate(relation["channels"]):
+        if fitted is None:
+            continue
+        intercepts = np.full(n, fitted["intercept"])
+        for key, rows in group_rows(keys):
+            intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
+        pred = relation_design(current, history, c) @ np.asarray(fitted["weights"]) + intercepts
+        total += ((current[:, c] - pred) / fitted["residual_std"]) ** 2
+    return total / max(len(relation["channels"]), 1)
+
+
 class StatisticsFitter:
     """Fits normalisation statistics from aligned training batches (streamed, any number of batches).
 
@@ -129,6 +228,8 @@ class StatisticsFitter:
             self.entity_[name] = {v: {} for v in views}
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
+        # context view -> entity -> one regression per parent channel (`relation_design`)
+        self.relations_: dict[str, dict[str, list[_Regression]]] = {ctx: {} for ctx in relation_pairs(spec)}
 
     @staticmethod
     def _views(m: ModalitySpec) -> tuple[str, ...]:
@@ -163,6 +264,21 @@ class StatisticsFitter:
                 latest = values[:, -1, :].astype(np.float64)              # the latest value at each tick (N, C)
                 for key, rows in groups:
                     self.trend_[name].setdefault(key, _Trend()).add(seconds[rows], latest[rows])
+        for ctx, parent in relation_pairs(self.spec).items():
+            both = np.ones(aligned.num_rows, bool)
+            for name in (ctx, parent):
+                both &= np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
+            if not both.any():
+                continue
+            current = current_values(aligned, self.spec.modalities[parent])[both].astype(np.float64)
+            history = raw_values(aligned, self.spec.modalities[ctx], "level")[both]
+            for key, rows in group_rows(np.asarray(keys, object)[both]):
+                regs = self.relations_[ctx].get(key)
+                for c in range(current.shape[1]):
+                    x = relation_design(current[rows], history[rows], c)
+                    if regs is None:
+                        regs = self.relations_[ctx][key] = [_Regression(x.shape[1]) for _ in range(current.shape[1])]
+                    regs[c].add(x, current[rows, c])
         return self
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
@@ -182,6 +298,14 @@ class StatisticsFitter:
             for t, c in counts.items():
                 mine[t] = mine.get(t, 0) + c
             self.templates_[name] = prune_counts(mine)
+        for ctx, entities in other.relations_.items():
+            for key, regs in entities.items():
+                mine = self.relations_[ctx].get(key)
+                if mine is None:
+                    self.relations_[ctx][key] = regs
+                else:
+                    for a, b in zip(mine, regs):
+                        a.merge(b)
         return self
 
     def result(self, transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -216,6 +340,14 @@ class StatisticsFitter:
                 entry["vocabulary"] = TextVocabulary.fit(self.templates_[name]).to_dict()
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
+        relations = {}
+        for ctx, parent in relation_pairs(self.spec).items():
+            channels = [fit_relation({key: regs[c] for key, regs in self.relations_[ctx].items()})
+                        for c in range(len(self.spec.modalities[parent].columns))]
+            if any(ch is not None for ch in channels):
+                relations[ctx] = {"parent": parent, "channels": channels}
+        if relations:
+            stats["relations"] = relations
         return stats
 
 
@@ -447,6 +579,12 @@ class Features:
     inputs: dict[str, np.ndarray]
     mask: np.ndarray
     modalities: tuple[str, ...]
+    relation_errors: np.ndarray | None = None   # (N, M): added to a parent modality's error (`relation_errors`)
+
+    def rows(self, idx) -> "Features":
+        """The same features for a subset of the ticks."""
+        return Features({m: self.inputs[m][idx] for m in self.modalities}, self.mask[idx], self.modalities,
+                        None if self.relation_errors is None else self.relation_errors[idx])
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
@@ -499,7 +637,21 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         inputs[name] = x
         masks.append(present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
-    return Features(inputs=inputs, mask=mask, modalities=tuple(spec.modalities))
+    names = tuple(spec.modalities)
+    relations = None
+    for ctx, fitted in stats.get("relations", {}).items():
+        parent = fitted["parent"]
+        if ctx not in spec.modalities or parent not in spec.modalities:
+            continue
+        if relations is None:
+            relations = np.zeros((n, len(names)), np.float32)
+        both = mask[:, names.index(ctx)] & mask[:, names.index(parent)]
+        if both.any():
+            errors = relation_errors(fitted, current_values(aligned, spec.modalities[parent])[both].astype(np.float64),
+                                     raw_values(aligned, spec.modalities[ctx], "level")[both],
+                                     list(np.asarray(keys, object)[both]))
+            relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
+    return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
 
 
 def _check_transform(m: ModalitySpec, fitted: dict) -> None:

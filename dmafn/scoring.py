@@ -83,6 +83,8 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     mask = features.mask
     if model.cfg.detector == "classifier":
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
+    elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
+        err = err + features.relation_errors
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask)
 
 

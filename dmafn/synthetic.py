@@ -26,8 +26,11 @@ numbers and ids) and other anomaly shapes, none of which the demo's settings wer
   novel_logs       a burst of log lines whose templates never occur on normal days
   camera_fade      the camera image degrades gradually (fog rising from nothing to full over the event)
   cross_modal      the process side follows a load shifted by 0.35
-Besides, each pump's vibration sensor fails for 2-4 hours once on a scored day (rows missing, not labelled:
-an absent modality is not an anomaly, and scores must not jump for it).
+With `slow_drifts` (`dmafn generate --slow-drifts`), the demo's machines also get the slow drift as a sixth
+kind (six anomalies per pump and day): a labelled fleet of the demo's family on which a setting for slow
+drifts can be chosen without looking at the shifted fleet.
+Besides, in the shifted fleet each pump's vibration sensor fails for 2-4 hours once on a scored day (rows
+missing, not labelled: an absent modality is not an anomaly, and scores must not jump for it).
 """
 from __future__ import annotations
 
@@ -59,10 +62,13 @@ class SyntheticConfig:
     audio_rate: int = 4000
     seed: int = 0
     shifted: bool = False        # the evaluation-only fleet: other machines and anomaly shapes (module doc)
+    slow_drifts: bool = False    # the demo's machines with slow drifts as a sixth kind: a fleet to choose on
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return SHIFTED_KINDS if self.shifted else ANOMALY_KINDS
+        if self.shifted:
+            return SHIFTED_KINDS
+        return (*ANOMALY_KINDS, "slow_drift") if self.slow_drifts else ANOMALY_KINDS
 
 
 @dataclass(frozen=True)
@@ -322,7 +328,7 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
     end = cfg.start + dt.timedelta(days=train_days - 1)
     modalities = {
         "process": {"kind": "tabular", "path": f"{root}/raw/process", "columns": ["temperature", "pressure"],
-                    "tolerance": "2min"},
+                    "tolerance": "2min", "context": {"window": "1h"}},
         "vibration": {"kind": "timeseries", "path": f"{root}/raw/vibration", "columns": ["ax", "ay", "az"],
                       "period": "2s", "window": "1min"},
         "camera": {"kind": "image", "path": f"{root}/raw/camera", "column": "frame",

@@ -51,7 +51,8 @@ def cmd_generate(args) -> None:
     from pipelines.generate import write_synthetic
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
-                          audio=args.audio, shifted=args.shifted)
+                          audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
+                          anomalies_per_day=6 if args.slow_drifts else 5)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
     p.add_argument("--shifted", action="store_true",
                    help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")
+    p.add_argument("--slow-drifts", action="store_true",
+                   help="the demo's machines with slow drifts as a sixth anomaly kind (a fleet to choose settings on)")
     p = verb("validate", cmd_validate, "check a spec: every problem at once", spec="?")
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")

@@ -61,6 +61,8 @@ def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True) -
         scheduler = ray_dask_get
     results = []
     for name, m in spec.modalities.items():
+        if m.context_of:                  # a slow view reads its parent's rows: profiled once, as the parent
+            continue
         frame = _modality_frame(spec, m, storage, dates)
         summary = frame.assign(_day=frame[spec.partition]).groupby("_day").apply(   # the key column stays in each group
             profile_day, keys=list(spec.entity), time=spec.time, partition=spec.partition,

@@ -611,3 +611,58 @@ def test_a_context_view_reads_the_same_rows_as_a_coarse_window_with_an_hour_of_l
     window = aligned.sort(TIME)["proc_context__temp"].to_list()
     assert len(window[0]) == 60 and window[0][-1] == 0.0 and window[0][-2] == -1.0 and window[0][30] == -30.0
     assert window[1][-1] == 1.0
+
+
+def _relation_rows(spec, n, rng, offsets, drift=0.0):
+    """Aligned rows of `proc` (temp, pres) and its 10-minute context: temp follows the mean of the last three
+    minutes of pressure (a lagged response) plus each entity's own offset; `drift` is added to temp now."""
+    steps = spec.modalities["proc_context"].steps
+    history = rng.normal(0, 1, (n, steps))                                    # per-minute pressure means
+    pres = history[:, -1]
+    temp_hist = np.zeros((n, steps))
+    keys = [list(offsets)[i % len(offsets)] for i in range(n)]
+    base = np.array([offsets[k] for k in keys])
+    temp = 2 * history[:, -3:].mean(1) + base + rng.normal(0, 0.05, n) + drift
+    temp_hist[:] = temp[:, None]                     # its own history says it was always here: never used
+    return pa.table({"machine_id": keys, "proc__present": [True] * n, "proc__temp": temp, "proc__pres": pres,
+                     "proc_context__present": [True] * n,
+                     "proc_context__temp": pa.array(temp_hist.astype(np.float32).tolist(), pa.list_(pa.float32())),
+                     "proc_context__pres": pa.array(history.astype(np.float32).tolist(), pa.list_(pa.float32()))})
+
+
+def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_error():
+    """A context view fits, per channel of its parent, a least-squares relation to the other channels (now and
+    over the window) with an intercept per entity; shards merge exactly; on new rows a channel where its
+    relation puts it errs ~1, a channel moved away from it errs far more, and its own history never explains it."""
+    from dmafn.features import relation_blocks, relation_design
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    assert relation_blocks(60) == [(0, 1), (1, 3), (3, 10), (10, 30), (30, 60)]
+    assert relation_blocks(5) == [(0, 1), (1, 3), (3, 5)]
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(0)
+    offsets = {"a": 0.0, "b": 5.0}
+    train = _relation_rows(spec, 600, rng, offsets)
+    whole = StatisticsFitter(spec).add(train).result()
+    halves = StatisticsFitter(spec).add(train.slice(0, 300)).merge(StatisticsFitter(spec).add(train.slice(300))).result()
+    temp = whole["relations"]["proc_context"]["channels"][0]
+    np.testing.assert_allclose(temp["weights"], halves["relations"]["proc_context"]["channels"][0]["weights"],
+                               atol=1e-9)
+    assert temp["entity_intercepts"]["b"] - temp["entity_intercepts"]["a"] == pytest.approx(5.0, abs=0.05)
+    assert temp["residual_std"] == pytest.approx(0.05, rel=0.2)
+
+    normal = featurize(_relation_rows(spec, 200, rng, offsets), spec, whole)
+    moved = featurize(_relation_rows(spec, 200, rng, offsets, drift=0.5), spec, whole)
+    proc = normal.modalities.index("proc")
+    assert normal.relation_errors[:, proc].mean() < 3
+    assert moved.relation_errors[:, proc].mean() > 20 * normal.relation_errors[:, proc].mean()
+    assert (normal.relation_errors[:, normal.modalities.index("proc_context")] == 0).all()
+    current, history = np.array([[1.0, 2.0]]), np.ones((1, 10, 2))
+    changed = history.copy()
+    changed[..., 0] = 99.0                                   # the target's own history: not in its design
+    np.testing.assert_array_equal(relation_design(current, history, 0), relation_design(current, changed, 0))
+    assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)

@@ -310,3 +310,22 @@ def test_adversarial_encoder_still_learns_when_the_discriminator_rejects_its_cod
     assert out.latent_score.min() > 15  # and the latent term says how unlike the prior the codes are
     head.eval()
     assert head(torch.randn(4, D)).aux_loss is None                # no critic step when scoring
+
+
+def test_relation_errors_add_to_their_modality_and_only_there():
+    """`Features.relation_errors` (a channel away from its relation with the others) is added to its
+    modality's raw error, where that modality is present; the other columns are unchanged."""
+    from dataclasses import replace
+
+    from dmafn.scoring import raw_scores
+
+    features, _ = make(40)
+    features.mask[5, 0] = False
+    model = build_model(specs(), small())
+    base = raw_scores(model, features).errors
+    extra = np.zeros_like(features.mask, np.float32)
+    extra[:, 0] = 3.0
+    got = raw_scores(model, replace(features, relation_errors=extra)).errors
+    np.testing.assert_allclose(np.delete(got, 5, 0)[:, 0], np.delete(base, 5, 0)[:, 0] + 3.0, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 1:], base[:, 1:])
+    assert np.isnan(got[5, 0])

@@ -17,8 +17,8 @@ from pipelines.storage import DataError
 
 DAY1, DAY2, DAY3 = dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)
 OUTPUT_COLUMNS = {"machine_id", "ts", "date", "score", "threshold", "is_anomaly", "score_process",
-                  "score_vibration", "score_camera", "score_logs", "modalities", "model_version", "run_id",
-                  "scored_at"}
+                  "score_vibration", "score_camera", "score_logs", "score_process_context", "modalities",
+                  "model_version", "run_id", "scored_at"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,10 @@ def test_model_version_has_manifest_and_weights(trained):
     assert (root / "models" / "LATEST").read_text() == version
     assert manifest["training_window"]["train_days"] == ["2024-01-01"]
     assert manifest["training_window"]["validation_days"] == ["2024-01-02"]
-    assert set(manifest["statistics"]["modalities"]) == {"process", "vibration", "camera", "logs"}
+    assert set(manifest["statistics"]["modalities"]) == {"process", "vibration", "camera", "logs", "process_context"}
+    relation = manifest["statistics"]["relations"]["process_context"]     # the generated spec's slow context
+    assert relation["parent"] == "process" and len(relation["channels"]) == 2
+    assert set(relation["channels"][0]["entity_intercepts"]) == {"pump-00", "pump-01"}
     vibration = manifest["statistics"]["modalities"]["vibration"]        # 'auto' chosen over the shards' trends
     assert vibration["channel_transforms"] == ["centered" if d > vibration["drift_limit"] else "level"
                                                for d in vibration["drift"]]
@@ -205,11 +208,11 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert page.errors == []
     got = page.result
     assert got["sections"] == ["metrics", "curves", "timelines", "events", "runs", "quality"]
-    assert got["curves"] == 2 * (1 + 4)                           # fused + each modality, ROC and PR
+    assert got["curves"] == 2 * (1 + 5)          # fused + each modality (the process context view too), ROC and PR
     assert sorted(got["timelines"]) == ["pump-00", "pump-01"]
     assert got["thresholds"] == 2 and got["timelineLines"] >= 2 * 5 and got["labelSpans"] > 0 and got["alarms"] > 0
     rows = got["rows"]
-    assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
+    assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 6 and rows["events-table"] > 0
     assert rows["runs-table"] >= 1
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     image = Image.open(page.screenshot).convert("L")

@@ -31,6 +31,21 @@ def test_each_fleet_labels_its_own_kinds_after_the_clean_days(shifted):
     assert minutes.min() >= 45 and minutes.max() <= 90                          # slow: tens of minutes
 
 
+def test_the_slow_drift_fleet_is_the_demos_fleet_with_slow_drifts_as_a_sixth_kind():
+    """`slow_drifts`: the demo's machines and kinds plus slow_drift (six a day), each 45-90 minutes long."""
+    from dmafn.synthetic import synthetic_spec
+
+    cfg = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=4, anomalies_per_day=6,
+                          slow_drifts=True)
+    data = generate(cfg)
+    kinds = data.labels["kind"].to_pylist()
+    assert set(kinds) == {*ANOMALY_KINDS, "slow_drift"} and len(kinds) == 2 * 6
+    drifts = data.labels.filter(pc.equal(data.labels["kind"], "slow_drift"))
+    minutes = (_seconds(drifts["end_ts"]) - _seconds(drifts["start_ts"])) / 60
+    assert minutes.min() >= 45 and minutes.max() <= 90
+    assert synthetic_spec("/x", cfg)["name"] == "synthetic-pumps"            # the demo's machines, not the shifted
+
+
 def test_novel_log_templates_occur_only_inside_their_events(shifted):
     logs, labels = shifted.tables["logs"], shifted.labels
     novel = np.array([m.split()[0] in ("CRIT", "ALERT", "FATAL") for m in logs["message"].to_pylist()])
