@@ -47,7 +47,8 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
 
 def subset(features: Features, modalities: tuple[str, ...]) -> Features:
     idx = [features.modalities.index(m) for m in modalities]
-    return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities)
+    relations = None if features.relation_errors is None else features.relation_errors[:, idx]
+    return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations)
 
 
 def auc_by_kind(scores: np.ndarray, split: Split, smooth: float | None = 0.3) -> dict[str, dict[str, float]]:
