@@ -15,7 +15,7 @@ import pyarrow as pa
 from dmafn.features import decode_pixels
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, date_start_us, to_micros
-from pipelines.parquet_files import open_parquet, read_columns
+from pipelines.parquet_files import open_parquet, read_columns, row_groups_since
 from pipelines.shards import Shard, in_bucket
 from pipelines.storage import DataError, Storage
 
@@ -165,11 +165,13 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         for f in (f for f in shard.files if f.modality == name):
             parquet = open_parquet(fs, f.path)
             check_schema(parquet.schema_arrow, spec, m, f.path)
-            table, bad_text = valid_text(read_columns(parquet, f.path, columns), m)
+            own_date = f.date in shard.dates
+            # a look-back day: only the row groups that can hold what the first ticks read (by their statistics)
+            groups = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
+            table, bad_text = valid_text(read_columns(parquet, f.path, columns, groups), m)
             rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
             rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                 .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
-            own_date = f.date in shard.dates
             if not own_date:      # a look-back day: only what the first ticks can read is checked further and kept
                 rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
             rows = misplaced(rows, f.date)

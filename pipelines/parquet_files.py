@@ -21,10 +21,41 @@ def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str]) -> pa.Table:
-    """The file's `columns`; DataError naming the file when its pages cannot be read or decoded."""
+_MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1e-3}
+
+
+def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -> list[int] | None:
+    """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
+    time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
+    field = parquet.schema_arrow.field(time_column)
+    meta = parquet.metadata
+    if not pa.types.is_timestamp(field.type) or meta.num_row_groups == 0:
+        return None
+    column = next((j for j in range(meta.num_columns)
+                   if meta.row_group(0).column(j).path_in_schema == time_column), None)
+    if column is None:
+        return None
+    keep = []
+    for r in range(meta.num_row_groups):
+        chunk = meta.row_group(r).column(column)
+        stats = chunk.statistics
+        if chunk.physical_type != "INT64" or stats is None or not stats.has_min_max:
+            return None
+        if stats.max_raw * _MICROS_PER_UNIT[field.type.unit] >= since_us:
+            keep.append(r)
+    return keep
+
+
+def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
+                 row_groups: list[int] | None = None) -> pa.Table:
+    """The file's `columns` (of `row_groups` only, when given); DataError naming the file when its pages cannot
+    be read or decoded."""
     try:
-        return parquet.read(columns=columns)
+        if row_groups is None:
+            return parquet.read(columns=columns)
+        if not row_groups:
+            return parquet.schema_arrow.empty_table().select(columns)
+        return parquet.read_row_groups(row_groups, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 

@@ -666,3 +666,56 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     changed[..., 0] = 99.0                                   # the target's own history: not in its design
     np.testing.assert_array_equal(relation_design(current, history, 0), relation_design(current, changed, 0))
     assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)
+
+
+def test_a_look_back_day_reads_only_the_row_groups_its_statistics_allow_with_the_same_rows(tmp_path, tiny_spec,
+                                                                                          monkeypatch):
+    """The day before a shard's first date is read for its last minutes only: row groups whose time
+    statistics end before the look-back are skipped (same rows as reading the whole file); a file without
+    statistics, or timed in another unit, is read whole or pruned alike."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import open_parquet, row_groups_since
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minutes = np.arange(-1440, 0)                                 # every minute of 2024-01-01
+    before = pa.table({"machine_id": ["a"] * 1440,
+                       "ts": pa.array(day + minutes * 60_000_000, pa.timestamp("us", tz="UTC")),
+                       "temp": np.arange(1440, dtype=float)})
+    pq.write_table(before, _dir(tmp_path, "2024-01-01") / "part-0.parquet", row_group_size=100)
+    pq.write_table(before.slice(0, 2).set_column(1, "ts", before["ts"].slice(0, 2).cast(pa.timestamp("ms"))),
+                   _dir(tmp_path, "2024-01-01") / "part-1.parquet", write_statistics=False)
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", before.slice(0, 1).set_column(
+        1, "ts", pa.array([day], pa.timestamp("us", tz="UTC"))))
+    fs = Storage().filesystem(str(tmp_path))
+    parquet = open_parquet(fs, str(tmp_path / "date=2024-01-01" / "part-0.parquet"))
+    assert row_groups_since(parquet, "ts", day - 2 * 60_000_000) == [14]        # rows 1400-1439: the last group
+    assert row_groups_since(parquet, "ts", day + 1) == []
+    assert row_groups_since(open_parquet(fs, str(tmp_path / "date=2024-01-01" / "part-1.parquet")), "ts", day) is None
+    assert row_groups_since(pq.ParquetFile(_ms_file(tmp_path, before)), "ts", day - 2 * 60_000_000) == [14]
+
+    shard = _shard(tmp_path, spec, [dt.date(2024, 1, 2)])
+    pruned = ingest.read_shard(shard, spec, Storage())
+    monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
+    whole = ingest.read_shard(shard, spec, Storage())
+    assert pruned.tables["proc"].equals(whole.tables["proc"]) and pruned.tables["proc"].height == 3   # 23:59, 23:58 + own
+
+
+def _dir(tmp_path, day):
+    folder = tmp_path / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _ms_file(tmp_path, table):
+    """The same rows with the time column in milliseconds, written outside the table's folders."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path.parent / f"{tmp_path.name}-ms.parquet"
+    pq.write_table(table.set_column(1, "ts", table["ts"].cast(pa.timestamp("ms", tz="UTC"))), path, row_group_size=100)
+    return path
