@@ -301,8 +301,8 @@ class StatisticsFitter:
         for ctx, entities in other.relations_.items():
             for key, regs in entities.items():
                 mine = self.relations_[ctx].get(key)
-                if mine is None:
-                    self.relations_[ctx][key] = regs
+                if mine is None:                          # copies: merging on must not change `other`
+                    self.relations_[ctx][key] = [_Regression(len(r.sx)).merge(r) for r in regs]
                 else:
                     for a, b in zip(mine, regs):
                         a.merge(b)

@@ -648,7 +648,10 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     offsets = {"a": 0.0, "b": 5.0}
     train = _relation_rows(spec, 600, rng, offsets)
     whole = StatisticsFitter(spec).add(train).result()
-    halves = StatisticsFitter(spec).add(train.slice(0, 300)).merge(StatisticsFitter(spec).add(train.slice(300))).result()
+    second = StatisticsFitter(spec).add(train.slice(300))
+    first = StatisticsFitter(spec).merge(second).add(train.slice(0, 300))     # merged into an empty one, then added
+    assert second.relations_["proc_context"]["a"][0].n == 150                 # merging copied, `second` unchanged
+    halves = first.result()
     temp = whole["relations"]["proc_context"]["channels"][0]
     np.testing.assert_allclose(temp["weights"], halves["relations"]["proc_context"]["channels"][0]["weights"],
                                atol=1e-9)
