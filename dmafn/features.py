@@ -187,10 +187,10 @@ def relation_pairs(spec: Spec) -> dict[str, str]:
             if m.context_of and len(spec.modalities[m.context_of].columns) >= 2}
 
 
-def current_values(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
-    """The latest raw value of each channel at each tick (N, C): a tabular row, a window's last step."""
-    values = raw_values(aligned, m, "level")
-    return values if m.kind == "tabular" else values[:, -1, :]
+def current_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
+    """The latest raw value of each channel at each tick (N, C) from modality m's `raw_values` as they are
+    ('level'): a tabular row, a window's last step."""
+    return level if m.kind == "tabular" else level[:, -1, :]
 
 
 def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
@@ -239,6 +239,7 @@ class StatisticsFitter:
 
     def add(self, aligned: pa.Table) -> "StatisticsFitter":
         keys = entity_key(aligned, self.spec.entity)
+        levels, presents = {}, {}        # per modality: its raw values as they are (every row), its presence
         for name, m in self.spec.modalities.items():
             if m.kind == "text":              # each distinct message once per batch (windows repeat it)
                 flat = pc.unique(pc.list_flatten(aligned.column(f"{name}__{m.column}"))).drop_null()
@@ -246,13 +247,14 @@ class StatisticsFitter:
             if m.kind not in ("tabular", "timeseries", "audio"):
                 continue
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
+            levels[name], presents[name] = raw_values(aligned, m, "level"), present
             if not present.any():
                 continue
             auto = name in self.trend_
-            values = raw_values(aligned, m, "level" if auto else None)[present]
+            values = levels[name][present]
             groups = group_rows(np.asarray(keys, object)[present]) if m.kind != "audio" else []
-            for view in self._views(m):
-                shown = transform_window(values, view) if auto else values
+            for view in self._views(m):          # 'level' only, for tabular and audio: the values as they are
+                shown = transform_window(values, view)
                 self.global_[name][view].add(_per_channel(shown, m))
                 for key, rows in groups:
                     self.entity_[name][view].setdefault(key, _Moments()).add(_per_channel(shown[rows], m))
@@ -265,13 +267,11 @@ class StatisticsFitter:
                 for key, rows in groups:
                     self.trend_[name].setdefault(key, _Trend()).add(seconds[rows], latest[rows])
         for ctx, parent in relation_pairs(self.spec).items():
-            both = np.ones(aligned.num_rows, bool)
-            for name in (ctx, parent):
-                both &= np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
+            both = presents[ctx] & presents[parent]
             if not both.any():
                 continue
-            current = current_values(aligned, self.spec.modalities[parent])[both].astype(np.float64)
-            history = raw_values(aligned, self.spec.modalities[ctx], "level")[both]
+            current = current_values(levels[parent], self.spec.modalities[parent])[both].astype(np.float64)
+            history = levels[ctx][both]
             for key, rows in group_rows(np.asarray(keys, object)[both]):
                 regs = self.relations_[ctx].get(key)
                 for c in range(current.shape[1]):
@@ -596,13 +596,16 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     n = aligned.num_rows
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
-    inputs, masks = {}, []
+    inputs, masks, levels = {}, [], {}           # levels: tabular and series values as they are (relations)
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
         if m.kind in ("tabular", "timeseries"):
             fitted = stats["modalities"][name]
             _check_transform(m, fitted)
-            x = _normalise(raw_values(aligned, m, fitted.get("channel_transforms")), fitted, keys, by_entity)
+            levels[name] = raw_values(aligned, m, "level")
+            shown = levels[name] if m.kind == "tabular" else \
+                transform_window(levels[name], fitted.get("channel_transforms") or m.transform)
+            x = _normalise(shown, fitted, keys, by_entity)
         elif m.kind == "audio":
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":
@@ -647,9 +650,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             relations = np.zeros((n, len(names)), np.float32)
         both = mask[:, names.index(ctx)] & mask[:, names.index(parent)]
         if both.any():
-            errors = relation_errors(fitted, current_values(aligned, spec.modalities[parent])[both].astype(np.float64),
-                                     raw_values(aligned, spec.modalities[ctx], "level")[both],
-                                     list(np.asarray(keys, object)[both]))
+            errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
+                                     levels[ctx][both], list(np.asarray(keys, object)[both]))
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
 
