@@ -337,7 +337,9 @@ def main() -> None:
                         help="print what `transform: auto` chooses from each file's training rows and stop "
                              "(no labels read)")
     args = parser.parse_args()
-    if args.preregistered or args.preregistered_relations:
+    fixed = "preregistered-relations" if args.preregistered_relations else \
+        "preregistered" if args.preregistered else None                      # settings fixed in advance, if any
+    if fixed:
         for option, value in (PREREGISTERED_RELATIONS if args.preregistered_relations else PREREGISTERED).items():
             setattr(args, option, value)
     transforms = {g: args.transform for g in GROUPS} if args.transform and "=" not in args.transform \
@@ -375,7 +377,7 @@ def main() -> None:
           f"window {args.window}s, groups {args.groups}, transforms {args.transform or 'none'}, "
           f"threshold: {_rule_text(rule)} of held-out training scores, EWMA alpha {args.alpha:g}"
           + (f", context {args.context}s" if args.context else "")
-          + (" (the preregistered settings)" if args.preregistered or args.preregistered_relations else ""))
+          + (" (the preregistered settings)" if fixed else ""))
     ours = [*((f"DMAFN {k}", v) for k, v in results.items()), ("(reference: T^2 of window means)", reference)]
     print("\nWhole files pooled, training rows included (how SKAB's code computes the leaderboard rows):")
     _print_table([(name, r["leaderboard_evaluation"]) for name, r in ours], LEADERBOARD)
@@ -398,8 +400,8 @@ def main() -> None:
     elif args.configs != parser.get_default("configs"):   # other pairs: their own file, the defaults' stays
         tag += "-" + "_".join(pair.replace("+", "-") for pair in results)
     name = f"skab-{args.groups.replace(',', '_')}-w{args.window}{tag}.json"
-    if args.preregistered or args.preregistered_relations:
-        name = "skab-preregistered-relations.json" if args.preregistered_relations else "skab-preregistered.json"
+    if fixed:
+        name = f"skab-{fixed}.json"
     write_json(f"{args.out}/{name}", {"args": {k: str(v) for k, v in vars(args).items()}, "dmafn": results,
                                          "transforms_chosen": transforms_chosen(spec, splits),
                                          "reference_t2_window_means": reference, "leaderboard": LEADERBOARD,
