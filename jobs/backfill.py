@@ -1,7 +1,5 @@
 """`python -m jobs.backfill`: the same as `dmafn backfill` (a `ray job submit` target)."""
-import sys
-
-from jobs.cli import main
+from jobs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(verb="backfill"))
+    run(verb="backfill")

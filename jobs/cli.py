@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import logging
+import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 from dmafn.spec import SpecError, load_spec
 from pipelines.storage import BackfillError, DataError, Interrupted
@@ -277,6 +279,19 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     return 0
 
 
+def run(verb: str | None = None) -> NoReturn:
+    """The process entry point (the `dmafn` script, `python -m jobs.VERB`): `main`, the exit handlers, then the
+    exit code without the interpreter's teardown. By then every output is committed and closed and Ray is shut
+    down; what is skipped is freeing torch's, Arrow's and Ray's modules object by object (~0.7 s of every
+    command, measured after a backfill)."""
+    code = main(verb=verb)
+    logging.shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -287,4 +302,4 @@ def _version() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,7 +1,5 @@
 """`python -m jobs.generate`: the same as `dmafn generate` (a `ray job submit` target)."""
-import sys
-
-from jobs.cli import main
+from jobs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(verb="generate"))
+    run(verb="generate")

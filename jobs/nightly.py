@@ -1,7 +1,5 @@
 """`python -m jobs.nightly SPEC [--date D]`: the nightly job, scoring yesterday (UTC) by default."""
-import sys
-
-from jobs.cli import main
+from jobs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(verb="score"))
+    run(verb="score")

@@ -1,7 +1,5 @@
 """`python -m jobs.score`: the same as `dmafn score` (a `ray job submit` target)."""
-import sys
-
-from jobs.cli import main
+from jobs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(verb="score"))
+    run(verb="score")

@@ -53,3 +53,21 @@ def test_a_local_session_stops_its_autoscaler_monitor_before_ray_shuts_down(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen == {"monitor_started": True, "task": 42, "monitor_left": [], "raylet_alive": True}
+
+
+def test_the_process_entry_point_runs_exit_handlers_flushes_and_keeps_the_exit_code():
+    """`jobs.cli.run` skips the interpreter's teardown, not what a command registered or printed."""
+    script = textwrap.dedent("""
+        import atexit, logging, sys
+        import jobs.cli as cli
+        atexit.register(lambda: print("handler ran"))
+        def main(argv=None, verb=None):
+            print("printed, unflushed", end="")
+            sys.stderr.write(f"verb {verb}")
+            return 3
+        cli.main = main
+        cli.run(verb="score")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert (done.returncode, done.stdout, done.stderr) == (3, "printed, unflushedhandler ran\n", "verb score")
