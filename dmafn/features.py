@@ -136,11 +136,12 @@ def relation_design(current: np.ndarray, history: np.ndarray, target: int) -> np
 
 class _Regression:
     """Streaming least squares of one channel on its design (`relation_design`) for one entity: count, sums and
-    cross products, merged by adding."""
+    cross products, and the range each design column took; merged by adding (ranges by min / max)."""
 
     def __init__(self, d: int):
         self.n, self.sx, self.sy = 0, np.zeros(d), 0.0
         self.sxx, self.sxy, self.syy = np.zeros((d, d)), np.zeros(d), 0.0
+        self.lo, self.hi = np.full(d, np.inf), np.full(d, -np.inf)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.n += len(y)
@@ -149,11 +150,14 @@ class _Regression:
         self.sxx = self.sxx + x.T @ x
         self.sxy = self.sxy + x.T @ y
         self.syy += float(y @ y)
+        if len(y):
+            self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
 
     def merge(self, other: "_Regression") -> "_Regression":
         self.n += other.n
         self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
         self.sxx, self.sxy, self.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
         return self
 
 
@@ -176,9 +180,13 @@ def fit_relation(per_entity: dict[str, _Regression]) -> dict[str, Any] | None:
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
     residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
     total_x, total_y = sum(r.sx for r in fits), sum(r.sy for r in fits)
+    fleet_lo, fleet_hi = np.min([r.lo for r in fits], 0), np.max([r.hi for r in fits], 0)
     return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
             "entity_intercepts": {key: float((r.sy - weights @ r.sx) / r.n) for key, r in per_entity.items() if r.n >= 2},
-            "residual_std": max(residual, 1e-9)}
+            "residual_std": max(residual, 1e-9),
+            # where the predictors were seen: a prediction never extrapolates from an abnormal predictor
+            "range": [fleet_lo.tolist(), fleet_hi.tolist()],
+            "entity_ranges": {key: [r.lo.tolist(), r.hi.tolist()] for key, r in per_entity.items() if r.n >= 2}}
 
 
 def relation_pairs(spec: Spec) -> dict[str, str]:
@@ -197,16 +205,21 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
                     keys: list[str]) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
     others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
-    channel with no fitted relation)."""
+    channel with no fitted relation). The design is held inside the range it took on the training days (the
+    entity's, else the fleet's): a prediction never extrapolates from an abnormal predictor."""
     n = len(current)
     total = np.zeros(n)
     for c, fitted in enumerate(relation["channels"]):
         if fitted is None:
             continue
         intercepts = np.full(n, fitted["intercept"])
+        design = relation_design(current, history, c)
         for key, rows in group_rows(keys):
             intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
-        pred = relation_design(current, history, c) @ np.asarray(fitted["weights"]) + intercepts
+            if "range" in fitted:                       # versions before ranges were kept: no clipping
+                lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
+                design[rows] = np.clip(design[rows], lo, hi)
+        pred = design @ np.asarray(fitted["weights"]) + intercepts
         total += ((current[:, c] - pred) / fitted["residual_std"]) ** 2
     return total / max(len(relation["channels"]), 1)
 

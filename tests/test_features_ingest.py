@@ -671,6 +671,40 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)
 
 
+def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was_fitted_on():
+    """Each fitted relation keeps the range of every design column per entity (the fleet's for an unseen one);
+    a predictor far outside it (an event in another channel, or still in its history) is held at the range's
+    edge, so it cannot make the target look wrong by more than the training range allows."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(1)
+    offsets = {"a": 0.0, "b": 5.0}
+    fitted = StatisticsFitter(spec).add(_relation_rows(spec, 600, rng, offsets)).result()
+    temp = fitted["relations"]["proc_context"]["channels"][0]
+    lo, hi = temp["entity_ranges"]["a"]
+    assert len(lo) == len(temp["weights"]) and all(a < b for a, b in zip(lo, hi))
+    assert np.all(np.asarray(temp["range"][0]) <= lo) and np.all(np.asarray(temp["range"][1]) >= hi)
+
+    rows = _relation_rows(spec, 50, rng, {"a": 0.0})
+    def with_pressure_history(shift):
+        hist = np.asarray(rows["proc_context__pres"].to_pylist()) + shift
+        return rows.set_column(rows.column_names.index("proc_context__pres"), "proc_context__pres",
+                               pa.array(hist.astype(np.float32).tolist(), pa.list_(pa.float32())))
+    proc = list(spec.modalities).index("proc")
+    far = featurize(with_pressure_history(50.0), spec, fitted).relation_errors[:, proc]
+    farther = featurize(with_pressure_history(500.0), spec, fitted).relation_errors[:, proc]
+    np.testing.assert_allclose(far, farther, rtol=1e-6)          # held at the edge: how far out no longer matters
+    unclipped = {**fitted, "relations": {"proc_context": {**fitted["relations"]["proc_context"], "channels": [
+        {k: v for k, v in c.items() if k not in ("range", "entity_ranges")} for c in
+        fitted["relations"]["proc_context"]["channels"]]}}}     # a version saved before ranges were kept
+    assert featurize(with_pressure_history(500.0), spec, unclipped).relation_errors[:, proc].mean() > 10 * far.mean()
+
+
 def test_a_look_back_day_reads_only_the_row_groups_its_statistics_allow_with_the_same_rows(tmp_path, tiny_spec,
                                                                                           monkeypatch):
     """The day before a shard's first date is read for its last minutes only: row groups whose time
