@@ -1,6 +1,6 @@
 """Benchmark: how training and backfill grow with the data, against a bare single-process loop, in one run.
 
-    python -m benchmarks.scale [--scales 1,8,32] [--skab PATH/TO/skab] [--out benchmarks/results]
+    python -m benchmarks.scale [--scales 1,8,32] [--repeats 3] [--skab PATH/TO/skab] [--out benchmarks/results]
 
 For each scale the synthetic fleet is generated (entities x days grow together; the demo's size is 1x:
 4 pumps, 2 training days, 2 scored days), then, through the public CLI with a local Ray on this machine's CPUs:
@@ -11,6 +11,8 @@ torch's threads share one core): per date, pyarrow read -> the project's `align`
 -> `write_deltalake`; its scores are checked against the backfill's. Prints ticks/s of both and the ratio, and
 how the RSS figures grow from scale to scale; writes `scale.json` (`ratio` = backfill ticks/s / bare
 single-core ticks/s at the largest scale, the backfill's time counting the CLI's start, Ray's start and stop).
+At the largest scale the backfill (again with `--force`) and the bare loop take `--repeats` turns each and the
+ratio is that of the medians: on this 2-vCPU machine one run's figure swings by ~5 %.
 At the largest scale the backfill runs once more with `--address` on a standing local cluster (`ray start
 --head`), as a job on a running cluster does: `ratio_standing_cluster`.
 
@@ -25,6 +27,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,8 +169,11 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standing: bool = False) -> dict:
-    """One scale through the CLI and the bare loop; with `standing`, the backfill again on a standing cluster."""
+def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standing: bool = False,
+              repeats: int = 1) -> dict:
+    """One scale through the CLI and the bare loop; with `standing`, the backfill again on a standing cluster.
+    With `repeats` > 1 the backfill (`--force`) and the bare loop run that many times each, taking turns, and
+    the ratio is that of their medians (this machine's timings swing by several % from run to run)."""
     entities, train_days, scored_days = SCALES[scale]
     from dmafn.synthetic import SyntheticConfig
     from pipelines.generate import write_synthetic
@@ -188,6 +194,15 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standi
                                             "--end", dates[-1].isoformat()], env)
     ticks = int(pl.read_delta(str(root / "scores_runs"))["ticks_in"].sum())
     bare_s, bare_ticks, bare_cpu = bare_on_one_core(spec_path, version, dates, str(root / "bare_scores"))
+    back_runs, bare_runs = [back_s], [bare_s]
+    for turn in range(1, repeats):
+        back_runs.append(cli(["backfill", str(spec_path), "--start", dates[0].isoformat(), "--end",
+                              dates[-1].isoformat(), "--force"], env)[0])
+        bare_runs.append(bare_on_one_core(spec_path, version, dates, str(root / f"bare_scores_{turn}"))[0])
+    if repeats > 1:
+        print(f"[{scale}x] {repeats} turns: backfill " + ", ".join(f"{t:.1f}" for t in back_runs) + " s; bare loop "
+              + ", ".join(f"{t:.1f}" for t in bare_runs) + " s", flush=True)
+        back_s, bare_s = statistics.median(back_runs), statistics.median(bare_runs)
     ours = pl.read_delta(str(root / "scores")).sort("machine_id", "ts")
     bare = pl.read_delta(str(root / "bare_scores")).sort("machine_id", "ts")
     same = ours.select("machine_id", "ts", "is_anomaly").equals(bare.select("machine_id", "ts", "is_anomaly"))
@@ -197,6 +212,7 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standi
            "backfill_seconds": round(back_s, 1), "bare_seconds": round(bare_s, 1),
            "backfill_ticks_per_s": ticks / back_s, "bare_ticks_per_s": bare_ticks / bare_s,
            "bare_cpu_seconds": round(bare_cpu, 1),
+           "backfill_seconds_runs": [round(t, 1) for t in back_runs], "bare_seconds_runs": [round(t, 1) for t in bare_runs],
            "ratio": (ticks / back_s) / (bare_ticks / bare_s), "same_rows": same, "max_score_diff": diff,
            "train_driver_rss_mb": train_driver / 1e6, "train_largest_worker_rss_mb": train_worker / 1e6,
            "backfill_driver_rss_mb": back_driver / 1e6, "backfill_largest_worker_rss_mb": back_worker / 1e6}
@@ -259,6 +275,8 @@ def main() -> None:
     parser.add_argument("--scales", default="1,8,32", help=f"comma-separated, of {sorted(SCALES)}")
     parser.add_argument("--skab", default=None, help="also run SKAB-shaped sparse data from this folder")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="at the largest scale, backfill and bare loop this many times each, ratio of the medians")
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -266,7 +284,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scale in scales:
-            rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env, standing=scale == max(scales)))
+            largest = scale == max(scales)
+            rows.append(run_scale(scale, Path(tmp) / f"x{scale}", num_cpus, env, standing=largest,
+                                  repeats=args.repeats if largest else 1))
         skab = run_skab(Path(args.skab), Path(tmp) / "skab", env) if args.skab else None
     base = rows[0]
     print("\nscale  ticks    backfill t/s  bare t/s  ratio  train drv MB  train wkr MB  bf drv MB  bf wkr MB")
@@ -281,7 +301,7 @@ def main() -> None:
         print(f"RSS growth {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.items()))
     write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"],
                                           "ratio_standing_cluster": rows[-1].get("ratio_standing_cluster"), "scales": rows, "rss_growth": growth,
-                                          "skab_shaped": skab, "num_cpus": num_cpus,
+                                          "skab_shaped": skab, "num_cpus": num_cpus, "repeats": args.repeats,
                                           "date": dt.date.today().isoformat()})
 
 
