@@ -358,7 +358,9 @@ class StatisticsFitter:
             channels = [fit_relation({key: regs[c] for key, regs in self.relations_[ctx].items()})
                         for c in range(len(self.spec.modalities[parent].columns))]
             if any(ch is not None for ch in channels):
-                relations[ctx] = {"parent": parent, "channels": channels}
+                # the context then speaks only through the relations: as a model input its hour of history kept
+                # every reconstruction disturbed for the hour after an event, and let the model copy a drift
+                relations[ctx] = {"parent": parent, "channels": channels, "model_input": False}
         if relations:
             stats["relations"] = relations
         return stats
@@ -666,6 +668,10 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
                                      levels[ctx][both], list(np.asarray(keys, object)[both]))
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
+    for ctx, fitted in stats.get("relations", {}).items():
+        if ctx in names and not fitted.get("model_input", True):       # relation-only context: absent to the model
+            mask[:, names.index(ctx)] = False
+            inputs[ctx] = np.zeros_like(inputs[ctx])
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
 
 

@@ -671,6 +671,31 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)
 
 
+def test_a_context_view_with_relations_speaks_only_through_them():
+    """Where relations were fitted, the context view is absent to the model (mask False, zero inputs) while its
+    relation errors still reach the parent; a version saved before (no `model_input` key) keeps it as input."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(2)
+    fitted = StatisticsFitter(spec).add(_relation_rows(spec, 300, rng, {"a": 0.0})).result()
+    assert fitted["relations"]["proc_context"]["model_input"] is False
+    rows = _relation_rows(spec, 5, rng, {"a": 0.0}, drift=0.5)
+    now = featurize(rows, spec, fitted)
+    proc, ctx = now.modalities.index("proc"), now.modalities.index("proc_context")
+    assert now.mask[:, proc].all() and not now.mask[:, ctx].any() and not now.inputs["proc_context"].any()
+    assert (now.relation_errors[:, proc] > 10).all()
+    before = {**fitted, "relations": {"proc_context": {k: v for k, v in fitted["relations"]["proc_context"].items()
+                                                       if k != "model_input"}}}
+    old = featurize(rows, spec, before)
+    assert old.mask[:, ctx].all() and old.inputs["proc_context"].any()
+    np.testing.assert_array_equal(old.relation_errors, now.relation_errors)
+
+
 def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was_fitted_on():
     """Each fitted relation keeps the range of every design column per entity (the fleet's for an unseen one);
     a predictor far outside it (an event in another channel, or still in its history) is held at the range's
