@@ -88,11 +88,12 @@ def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | N
     kinds = df["label_kind"].fill_null("").to_numpy()
     groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
     columns = {"fused": (df["score"].to_numpy(), float(df["threshold"][0]))}
-    for m in spec.modalities:
-        if f"score_{m}" in df.columns:
+    for m in spec.modalities:     # a modality with no contribution at all (a relation-only context) has no row
+        if f"score_{m}" in df.columns and df[f"score_{m}"].null_count() < df.height:
             columns[f"score_{m}"] = (df[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(), None)
     for name, values in (extra or {}).items():
-        columns[name] = (values, None)
+        if not np.isnan(values).all():
+            columns[name] = (values, None)
     result: dict[str, Any] = {"ticks": int(len(labels)), "anomalous_ticks": int(labels.sum()), "overall": {},
                               "by_kind": {}}
     for name, (scores, thr) in columns.items():

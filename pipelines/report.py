@@ -39,7 +39,8 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path."""
     storage = Storage.from_spec(spec.storage)
     scores = read_scores(spec, storage, start, end).with_columns(entity_string(spec.entity).alias("_entity"))
-    modalities = [m for m in spec.modalities if f"score_{m}" in scores.columns]
+    modalities = [m for m in spec.modalities      # a relation-only context has no contribution of its own
+                  if f"score_{m}" in scores.columns and scores[f"score_{m}"].null_count() < scores.height]
     if spec.labels:
         labels = read_labels(spec, storage)
         scores = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec,

@@ -208,11 +208,11 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert page.errors == []
     got = page.result
     assert got["sections"] == ["metrics", "curves", "timelines", "events", "runs", "quality"]
-    assert got["curves"] == 2 * (1 + 5)          # fused + each modality (the process context view too), ROC and PR
+    assert got["curves"] == 2 * (1 + 4)    # fused + each modality (not the relation-only process context), ROC and PR
     assert sorted(got["timelines"]) == ["pump-00", "pump-01"]
     assert got["thresholds"] == 2 and got["timelineLines"] >= 2 * 5 and got["labelSpans"] > 0 and got["alarms"] > 0
     rows = got["rows"]
-    assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 6 and rows["events-table"] > 0
+    assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["runs-table"] >= 1
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     image = Image.open(page.screenshot).convert("L")

@@ -161,3 +161,18 @@ def test_best_f1_threshold_respects_a_false_alarm_limit():
     assert to_labels(scores, best_f1_threshold(scores, labels, max_far=0.0)).tolist() == [1, 1, 0, 0, 0, 0]
     ties = np.array([0.5, 0.5, 0.1])                              # a tie is never split
     assert to_labels(ties, best_f1_threshold(ties, np.array([1, 0, 0]), max_far=0.0)).tolist() == [0, 0, 0]
+
+
+def test_the_metrics_table_has_no_row_for_a_modality_without_any_contribution(tiny_spec):
+    """A relation-only context (or any modality the model never saw) has an empty score column: no row of NaNs."""
+    import polars as pl
+
+    from pipelines.evaluate import metrics_table
+
+    n = 8
+    df = pl.DataFrame({"machine_id": ["a"] * n, "score": np.linspace(0, 1, n), "threshold": [0.5] * n,
+                       "label": [False] * 4 + [True] * 4, "label_kind": [None] * 4 + ["x"] * 4,
+                       "score_proc": np.linspace(0, 1, n), "score_vib": pl.Series([None] * n, dtype=pl.Float64)})
+    table = metrics_table(df, tiny_spec, {"alone_vib": np.full(n, np.nan), "alone_proc": np.linspace(0, 1, n)})
+    assert set(table["overall"]) == {"fused", "score_proc", "alone_proc"}
+    assert table["overall"]["score_proc"]["roc_auc"] == 1.0 and set(table["by_kind"]["x"]) == set(table["overall"])
