@@ -612,15 +612,20 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
     inputs, masks, levels = {}, [], {}           # levels: tabular and series values as they are (relations)
+    presence = {}                                 # what each modality really has (the mask hides relation-only ones)
+    relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
         if m.kind in ("tabular", "timeseries"):
             fitted = stats["modalities"][name]
             _check_transform(m, fitted)
             levels[name] = raw_values(aligned, m, "level")
-            shown = levels[name] if m.kind == "tabular" else \
-                transform_window(levels[name], fitted.get("channel_transforms") or m.transform)
-            x = _normalise(shown, fitted, keys, by_entity)
+            if name in relation_only:             # a context absent to the model: its values feed the relations only
+                x = np.zeros_like(levels[name])
+            else:
+                shown = levels[name] if m.kind == "tabular" else \
+                    transform_window(levels[name], fitted.get("channel_transforms") or m.transform)
+                x = _normalise(shown, fitted, keys, by_entity)
         elif m.kind == "audio":
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":
@@ -653,7 +658,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             x = np.stack(rows) if n else np.zeros((0, width), np.int64)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
-        masks.append(present)
+        presence[name] = present
+        masks.append(np.zeros(n, bool) if name in relation_only else present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     names = tuple(spec.modalities)
     relations = None
@@ -663,15 +669,11 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             continue
         if relations is None:
             relations = np.zeros((n, len(names)), np.float32)
-        both = mask[:, names.index(ctx)] & mask[:, names.index(parent)]
+        both = presence[ctx] & presence[parent]
         if both.any():
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
                                      levels[ctx][both], list(np.asarray(keys, object)[both]))
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
-    for ctx, fitted in stats.get("relations", {}).items():
-        if ctx in names and not fitted.get("model_input", True):       # relation-only context: absent to the model
-            mask[:, names.index(ctx)] = False
-            inputs[ctx] = np.zeros_like(inputs[ctx])
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
 
 

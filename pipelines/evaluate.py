@@ -82,15 +82,20 @@ def _row(scores: np.ndarray, labels: np.ndarray, threshold: float | None, groups
     return out
 
 
+def contributing_modalities(scores: pl.DataFrame, spec: Spec) -> list[str]:
+    """The modalities with a contribution column holding any value (a relation-only context holds none)."""
+    return [m for m in spec.modalities
+            if f"score_{m}" in scores.columns and scores[f"score_{m}"].null_count() < scores.height]
+
+
 def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Metrics per score column and per anomaly kind. `df` holds scores, `label`, `label_kind`."""
     labels = df["label"].to_numpy().astype(bool)
     kinds = df["label_kind"].fill_null("").to_numpy()
     groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
     columns = {"fused": (df["score"].to_numpy(), float(df["threshold"][0]))}
-    for m in spec.modalities:     # a modality with no contribution at all (a relation-only context) has no row
-        if f"score_{m}" in df.columns and df[f"score_{m}"].null_count() < df.height:
-            columns[f"score_{m}"] = (df[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(), None)
+    for m in contributing_modalities(df, spec):
+        columns[f"score_{m}"] = (df[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(), None)
     for name, values in (extra or {}).items():
         if not np.isnan(values).all():
             columns[name] = (values, None)

@@ -30,7 +30,6 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
     level = logging.WARNING if verbose else logging.ERROR
     if not verbose:                        # Ray's deprecation notices about its own internals
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
-    started_here = False
     if not already:
         if address:
             ray.init(address=address, logging_level=level, log_to_driver=verbose)
@@ -42,7 +41,6 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=level,
                      object_store_memory=_object_store_bytes(), configure_logging=True, log_to_driver=verbose,
                      _system_config={"automatic_object_spilling_enabled": True})
-            started_here = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -51,7 +49,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
         yield
     finally:
         if not already:
-            if started_here:
+            if not address:                    # the local Ray this session started
                 _stop_autoscaler_monitor()
             ray.shutdown()
 

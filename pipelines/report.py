@@ -21,7 +21,7 @@ from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.delta_sink import read_table
-from pipelines.evaluate import alarm_rates, metrics_table, read_scores
+from pipelines.evaluate import alarm_rates, contributing_modalities, metrics_table, read_scores
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number
@@ -39,8 +39,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path."""
     storage = Storage.from_spec(spec.storage)
     scores = read_scores(spec, storage, start, end).with_columns(entity_string(spec.entity).alias("_entity"))
-    modalities = [m for m in spec.modalities      # a relation-only context has no contribution of its own
-                  if f"score_{m}" in scores.columns and scores[f"score_{m}"].null_count() < scores.height]
+    modalities = contributing_modalities(scores, spec)
     if spec.labels:
         labels = read_labels(spec, storage)
         scores = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec,

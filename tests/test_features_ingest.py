@@ -613,6 +613,17 @@ def test_a_context_view_reads_the_same_rows_as_a_coarse_window_with_an_hour_of_l
     assert window[1][-1] == 1.0
 
 
+def _relation_spec():
+    """`proc` with two channels (temp, pres) and a 10-minute context: a spec whose context fits relations."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}}
+    return parse_spec(data)
+
+
 def _relation_rows(spec, n, rng, offsets, drift=0.0):
     """Aligned rows of `proc` (temp, pres) and its 10-minute context: temp follows the mean of the last three
     minutes of pressure (a lagged response) plus each entity's own offset; `drift` is added to temp now."""
@@ -635,15 +646,10 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     over the window) with an intercept per entity; shards merge exactly; on new rows a channel where its
     relation puts it errs ~1, a channel moved away from it errs far more, and its own history never explains it."""
     from dmafn.features import relation_blocks, relation_design
-    from dmafn.spec import parse_spec
-    from tests.conftest import tiny_spec_dict
 
     assert relation_blocks(60) == [(0, 1), (1, 3), (3, 10), (10, 30), (30, 60)]
     assert relation_blocks(5) == [(0, 1), (1, 3), (3, 5)]
-    data = tiny_spec_dict()
-    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
-                                   "context": {"window": "10min"}}}
-    spec = parse_spec(data)
+    spec = _relation_spec()
     rng = np.random.default_rng(0)
     offsets = {"a": 0.0, "b": 5.0}
     train = _relation_rows(spec, 600, rng, offsets)
@@ -674,13 +680,7 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
 def test_a_context_view_with_relations_speaks_only_through_them():
     """Where relations were fitted, the context view is absent to the model (mask False, zero inputs) while its
     relation errors still reach the parent; a version saved before (no `model_input` key) keeps it as input."""
-    from dmafn.spec import parse_spec
-    from tests.conftest import tiny_spec_dict
-
-    data = tiny_spec_dict()
-    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
-                                   "context": {"window": "10min"}}}
-    spec = parse_spec(data)
+    spec = _relation_spec()
     rng = np.random.default_rng(2)
     fitted = StatisticsFitter(spec).add(_relation_rows(spec, 300, rng, {"a": 0.0})).result()
     assert fitted["relations"]["proc_context"]["model_input"] is False
@@ -700,13 +700,7 @@ def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was
     """Each fitted relation keeps the range of every design column per entity (the fleet's for an unseen one);
     a predictor far outside it (an event in another channel, or still in its history) is held at the range's
     edge, so it cannot make the target look wrong by more than the training range allows."""
-    from dmafn.spec import parse_spec
-    from tests.conftest import tiny_spec_dict
-
-    data = tiny_spec_dict()
-    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
-                                   "context": {"window": "10min"}}}
-    spec = parse_spec(data)
+    spec = _relation_spec()
     rng = np.random.default_rng(1)
     offsets = {"a": 0.0, "b": 5.0}
     fitted = StatisticsFitter(spec).add(_relation_rows(spec, 600, rng, offsets)).result()
