@@ -28,7 +28,9 @@ numbers and ids) and other anomaly shapes, none of which the demo's settings wer
   cross_modal      the process side follows a load shifted by 0.35
 With `slow_drifts` (`dmafn generate --slow-drifts`), the demo's machines also get the slow drift as a sixth
 kind (six anomalies per pump and day): a labelled fleet of the demo's family on which a setting for slow
-drifts can be chosen without looking at the shifted fleet.
+drifts can be chosen without looking at the shifted fleet. With `gradual` (`dmafn generate --gradual`) they
+get the three gradual shapes: slow_drift, intermittent and camera_fade as sixth to eighth kinds (eight a
+day), for choosing settings for those shapes the same way.
 Besides, in the shifted fleet each pump's vibration sensor fails for 2-4 hours once on a scored day (rows
 missing, not labelled: an absent modality is not an anomaly, and scores must not jump for it).
 """
@@ -45,6 +47,7 @@ from dmafn.spec import DAY_US
 
 ANOMALY_KINDS = ("vibration", "overheat", "log_errors", "camera", "cross_modal")
 SHIFTED_KINDS = ("slow_drift", "intermittent", "novel_logs", "camera_fade", "cross_modal")
+GRADUAL_KINDS = ("slow_drift", "intermittent", "camera_fade")
 _S = 1_000_000  # microseconds per second
 
 
@@ -63,11 +66,14 @@ class SyntheticConfig:
     seed: int = 0
     shifted: bool = False        # the evaluation-only fleet: other machines and anomaly shapes (module doc)
     slow_drifts: bool = False    # the demo's machines with slow drifts as a sixth kind: a fleet to choose on
+    gradual: bool = False        # the demo's machines with slow_drift, intermittent and camera_fade too
 
     @property
     def kinds(self) -> tuple[str, ...]:
         if self.shifted:
             return SHIFTED_KINDS
+        if self.gradual:
+            return (*ANOMALY_KINDS, *GRADUAL_KINDS)
         return (*ANOMALY_KINDS, "slow_drift") if self.slow_drifts else ANOMALY_KINDS
 
 
@@ -223,7 +229,7 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     vib_s = np.flatnonzero(keep)
     amp = m.vib_amp[0] + m.vib_amp[1] * load[vib_s]
     rough = _mask(events, "vibration", seconds)
-    if cfg.shifted:                     # intermittent: rough in bursts of 20-90 s, smooth in between
+    if "intermittent" in cfg.kinds:     # intermittent: rough in bursts of 20-90 s, smooth in between
         bursts = np.zeros(seconds, bool)
         for start, end, kind in events:
             if kind == "intermittent":

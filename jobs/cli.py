@@ -54,7 +54,7 @@ def cmd_generate(args) -> None:
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
-                          anomalies_per_day=6 if args.slow_drifts else 5)
+                          gradual=args.gradual, anomalies_per_day=8 if args.gradual else 6 if args.slow_drifts else 5)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -194,10 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-days", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
-    p.add_argument("--shifted", action="store_true",
-                   help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")
-    p.add_argument("--slow-drifts", action="store_true",
-                   help="the demo's machines with slow drifts as a sixth anomaly kind (a fleet to choose settings on)")
+    fleet = p.add_mutually_exclusive_group()
+    fleet.add_argument("--shifted", action="store_true",
+                       help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")
+    fleet.add_argument("--slow-drifts", action="store_true",
+                       help="the demo's machines with slow drifts as a sixth anomaly kind (a fleet to choose settings on)")
+    fleet.add_argument("--gradual", action="store_true",
+                       help="the demo's machines with slow drifts, intermittent vibration and camera fades as kinds "
+                            "six to eight (a fleet to choose settings for gradual faults on)")
     p = verb("validate", cmd_validate, "check a spec: every problem at once", spec="?")
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")

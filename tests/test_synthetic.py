@@ -46,6 +46,28 @@ def test_the_slow_drift_fleet_is_the_demos_fleet_with_slow_drifts_as_a_sixth_kin
     assert synthetic_spec("/x", cfg)["name"] == "synthetic-pumps"            # the demo's machines, not the shifted
 
 
+def test_the_gradual_fleet_is_the_demos_fleet_with_the_three_gradual_kinds():
+    """`gradual`: the demo's machines and kinds plus slow_drift, intermittent and camera_fade (eight a day);
+    intermittent vibration is rough in bursts with smooth stretches between, inside its events only."""
+    from dmafn.synthetic import GRADUAL_KINDS, synthetic_spec
+
+    cfg = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=4, anomalies_per_day=8, gradual=True)
+    data = generate(cfg)
+    kinds = data.labels["kind"].to_pylist()
+    assert set(kinds) == {*ANOMALY_KINDS, *GRADUAL_KINDS} and len(kinds) == 2 * 8
+    assert synthetic_spec("/x", cfg)["name"] == "synthetic-pumps"
+    vib, labels = data.tables["vibration"], data.labels
+    t, who, az = _seconds(vib["ts"]), np.array(vib["machine_id"].to_pylist()), np.asarray(vib["az"])
+    for e in labels.filter(pc.equal(labels["kind"], "intermittent")).to_pylist():
+        start = (e["start_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        end = (e["end_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        inside = az[(who == e["machine_id"]) & (t >= start) & (t <= end)]
+        before = az[(who == e["machine_id"]) & (t >= start - 3600) & (t < start - 600)]
+        rough = [chunk.std() > 0.2 for chunk in np.array_split(inside, len(inside) // 10)]   # 10 s: sd 0.45 or 0.05
+        assert 0.2 < np.mean(rough) < 0.8                 # bursts with smooth stretches between
+        assert np.mean([chunk.std() > 0.2 for chunk in np.array_split(before, len(before) // 10)]) < 0.05
+
+
 def test_novel_log_templates_occur_only_inside_their_events(shifted):
     logs, labels = shifted.tables["logs"], shifted.labels
     novel = np.array([m.split()[0] in ("CRIT", "ALERT", "FATAL") for m in logs["message"].to_pylist()])
