@@ -59,7 +59,7 @@ class SyntheticConfig:
     start: dt.date = dt.date(2024, 1, 1)
     days: int = 6
     clean_days: int = 3          # the first days carry no anomalies (the training period)
-    anomalies_per_day: int = 5   # per entity
+    anomalies_per_day: int | None = None   # per entity and scored day; None: one of each kind
     image_size: int = 32
     audio: bool = False
     audio_rate: int = 4000
@@ -75,6 +75,11 @@ class SyntheticConfig:
         if self.gradual:
             return (*ANOMALY_KINDS, *GRADUAL_KINDS)
         return (*ANOMALY_KINDS, "slow_drift") if self.slow_drifts else ANOMALY_KINDS
+
+    @property
+    def events_per_day(self) -> int:
+        """Anomalies per entity and scored day: `anomalies_per_day`, else one of each kind."""
+        return self.anomalies_per_day or len(self.kinds)
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,8 @@ def _ema(x: np.ndarray, tau: float) -> np.ndarray:
 def _draw_events(rng: np.random.Generator, cfg: SyntheticConfig, seconds: int) -> list[tuple[int, int, str]]:
     events: list[tuple[int, int, str]] = []
     for day in range(cfg.clean_days, cfg.days):
-        slots = rng.choice(np.arange(2, 24 * 2 - 2), size=cfg.anomalies_per_day, replace=False)
-        kinds = rng.permutation(np.resize(cfg.kinds, cfg.anomalies_per_day))
+        slots = rng.choice(np.arange(2, 24 * 2 - 2), size=cfg.events_per_day, replace=False)
+        kinds = rng.permutation(np.resize(cfg.kinds, cfg.events_per_day))
         for slot, kind in zip(sorted(slots), kinds):
             start = day * 86400 + int(slot) * 1800 + int(rng.integers(0, 600))
             minutes = int(rng.integers(45, 91)) if kind == "slow_drift" else int(rng.integers(20, 41))

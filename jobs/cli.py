@@ -54,7 +54,7 @@ def cmd_generate(args) -> None:
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
-                          gradual=args.gradual, anomalies_per_day=8 if args.gradual else 6 if args.slow_drifts else 5)
+                          gradual=args.gradual)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 

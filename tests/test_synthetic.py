@@ -51,7 +51,7 @@ def test_the_gradual_fleet_is_the_demos_fleet_with_the_three_gradual_kinds():
     intermittent vibration is rough in bursts with smooth stretches between, inside its events only."""
     from dmafn.synthetic import GRADUAL_KINDS, synthetic_spec
 
-    cfg = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=4, anomalies_per_day=8, gradual=True)
+    cfg = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=4, gradual=True)  # one of each kind
     data = generate(cfg)
     kinds = data.labels["kind"].to_pylist()
     assert set(kinds) == {*ANOMALY_KINDS, *GRADUAL_KINDS} and len(kinds) == 2 * 8
