@@ -208,13 +208,13 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
     channel with no fitted relation). The design is held inside the range it took on the training days (the
     entity's, else the fleet's): a prediction never extrapolates from an abnormal predictor."""
     n = len(current)
-    total = np.zeros(n)
+    total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
     for c, fitted in enumerate(relation["channels"]):
         if fitted is None:
             continue
         intercepts = np.full(n, fitted["intercept"])
         design = relation_design(current, history, c)
-        for key, rows in group_rows(keys):
+        for key, rows in groups:
             intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
             if "range" in fitted:                       # versions before ranges were kept: no clipping
                 lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
