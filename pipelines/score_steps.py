@@ -63,14 +63,20 @@ class Scorer:
 def tick_batches(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spec,
                  batch_ticks: int = BATCH_TICKS) -> Iterator[tuple[pl.DataFrame, dict[str, pl.DataFrame]]]:
     """Slices of at most `batch_ticks` ticks (sorted by entity and time) with the rows each slice can read: its
-    entities' rows from each modality's look-back before its first tick to its last tick."""
+    entities' rows from each modality's look-back before its first tick to its last tick. Each table is split
+    by entity once, so a shard's rows are visited once, not once per slice."""
     keys = list(spec.entity)
+    by_entity = {name: t.partition_by(keys, as_dict=True, maintain_order=True) for name, t in tables.items()}
     for start in range(0, ticks.height, batch_ticks):
         batch = ticks.slice(start, batch_ticks)
-        ents = batch.select(keys).unique()
         first, last = batch[TIME].min(), batch[TIME].max()
-        yield batch, {name: t.filter(pl.col(TIME).is_between(first - spec.modalities[name].lookback_us, last))
-                      .join(ents, on=keys, how="semi") for name, t in tables.items()}
+        ents = batch.select(keys).unique(maintain_order=True).rows()
+        rows = {}
+        for name, t in tables.items():
+            parts = [by_entity[name][e] for e in ents if e in by_entity[name]]
+            rows[name] = ((pl.concat(parts, rechunk=False) if parts else t.clear())
+                          .filter(pl.col(TIME).is_between(first - spec.modalities[name].lookback_us, last)))
+        yield batch, rows
 
 
 def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, version: str, run_id: str,

@@ -450,8 +450,15 @@ def test_tick_batches_read_the_rows_before_their_first_tick(trained):
     inputs = read_shard(shard, spec, Storage())
     ticks = data_ticks(inputs.tables, inputs.present, spec, [DAY3])
     whole = align(ticks, inputs.tables, spec)
-    sliced = pl.concat([align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec, 97)])
+    batches = list(tick_batches(ticks, inputs.tables, spec, 97))
+    sliced = pl.concat([align(batch, tables, spec) for batch, tables in batches])
     assert sliced.equals(whole)
+    keys = list(spec.entity)
+    for batch, tables in batches:                               # each slice reads its own entities' rows only
+        mine = set(batch.select(keys).rows())
+        assert all(set(t.select(keys).unique().rows()) <= mine for t in tables.values())
+    assert any(len(set(t.select(keys).unique().rows())) < len(set(ticks.select(keys).rows()))
+               for _, tables in batches for t in tables.values() if t.height)
     noon = date_start_us(DAY3) + 12 * 3_600_000_000
     first = next(tables for batch, tables in tick_batches(ticks.filter(pl.col(TIME) >= noon), inputs.tables, spec, 10))
     assert first["vibration"][TIME].min() < noon                   # the window before noon was read
