@@ -42,11 +42,13 @@ class Calibration:
     @classmethod
     def fit(cls, raw: RawScores, modalities: tuple[str, ...], *, detector: str, vote: str,
             smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
-            groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None) -> "Calibration":
+            groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None,
+            scale: str = "robust") -> "Calibration":
         """Fit on validation ticks (rows in time order within each group; `groups` e.g. the entity keys);
-        `voting`: the modalities whose contributions make the fused score (default all; `dmafn.spec.voting_modalities`)."""
-        calibration = cls(tuple(modalities), fit_calibration(raw, tuple(modalities), detector, vote, voting), smoothing,
-                          threshold_method=threshold.method)
+        `voting`: the modalities whose contributions make the fused score (default all; `dmafn.spec.voting_modalities`);
+        `scale`: the contributions' units, `robust` or `tail` (`dmafn.scoring.fit_calibration`)."""
+        calibration = cls(tuple(modalities), fit_calibration(raw, tuple(modalities), detector, vote, voting, scale),
+                          smoothing, threshold_method=threshold.method)
         smoothed = calibration.smooth(calibration.record(raw).score, groups)
         if threshold.per_entity:
             calibration = replace(calibration, entity_scale=_entity_scales(smoothed, groups))

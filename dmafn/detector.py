@@ -31,6 +31,7 @@ class Detector:
     def __init__(self, modalities: dict[str, ModalitySpec], config: ModelConfig | None = None, *,
                  epochs: int = TrainSpec.epochs, batch_size: int = TrainSpec.batch_size,
                  learning_rate: float = TrainSpec.learning_rate, vote: str = ModelSpec.vote,
+                 contribution_scale: str = ModelSpec.contribution_scale,
                  threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
                  smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
@@ -39,6 +40,7 @@ class Detector:
         self.config = config
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.vote, self.threshold, self.risk, self.quantile = vote, threshold, risk, quantile
+        self.contribution_scale = contribution_scale
         self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
         self.smoothing, self.alpha, self.window = smoothing, alpha, window
         self.seed, self.device = seed, device
@@ -59,7 +61,7 @@ class Detector:
                                   seed=self.seed, device=self.device)
         raw_val = raw_scores(self.model_, _rows(X, val_idx), device=self.device)
         self.calibration_ = Calibration.fit(
-            raw_val, X.modalities, detector=cfg.detector, vote=self.vote,
+            raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
             threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
             voting=voting_modalities(self.modalities))

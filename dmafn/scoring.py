@@ -108,9 +108,10 @@ def robust_scale(values: np.ndarray) -> dict[str, float]:
 
 
 def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean",
-                    voting: tuple[str, ...] | None = None) -> dict[str, Any]:
+                    voting: tuple[str, ...] | None = None, scale: str = "robust") -> dict[str, Any]:
     """Normalisation of each modality's contribution, fitted on validation ticks; `voting`: the modalities
-    whose contributions make the fused score (default all)."""
+    whose contributions make the fused score (default all); `scale`: `robust` (median and IQR of the log
+    error) or `tail` (that value put on its tail surprise among the validation ticks, `fit_tail`)."""
     if detector == "classifier":
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
     if voting is not None and (not voting or set(voting) - set(modalities)):
@@ -124,6 +125,11 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
         calib["latent"] = ({m: robust_scale(np.where(raw.mask[:, i], log_lat[:, i], np.nan)) for i, m in enumerate(modalities)}
                            if log_lat.ndim == 2 else robust_scale(log_lat))
     contributions = _contributions(raw, calib)
+    if scale == "tail":
+        calib["tail"] = {m: fit_tail(contributions[:, i]) for i, m in enumerate(modalities)}
+        contributions = _contributions(raw, calib)
+    elif scale != "robust":
+        raise ValueError(f"unknown contribution scale {scale!r} (robust, tail)")
     spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
                        else 1.0 for i in range(len(modalities))])
     weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
@@ -160,7 +166,40 @@ def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
             lat = (log_lat - calib["latent"]["median"]) / calib["latent"]["scale"]
             n_present = np.maximum(raw.mask.sum(1, keepdims=True), 1)
             contrib = contrib + np.maximum(lat, 0.0)[:, None] / n_present
+    if "tail" in calib:
+        contrib = np.stack([tail_surprise(contrib[:, i], calib["tail"][m])
+                            for i, m in enumerate(calib["modalities"])], 1) if contrib.shape[1] else contrib
     return np.where(raw.mask, contrib, np.nan)
+
+
+TAIL_LEVEL = 0.99       # above this quantile of the validation values the tail is an exponential fit
+_TAIL_KNOTS = np.linspace(0.0, TAIL_LEVEL, 100)
+
+
+def fit_tail(values: np.ndarray) -> dict[str, Any]:
+    """How rare each value is among validation `values` (NaN ignored): their quantiles at 0-99 % and an
+    exponential fit (rate) to the excesses over the 99 % quantile, for `tail_surprise`."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"levels": [0.0], "knots": [0.0], "rate": 1.0}
+    knots = np.maximum.accumulate(np.quantile(values, _TAIL_KNOTS))
+    knots, first = np.unique(knots, return_index=True)                  # ties: one knot, its lowest level
+    excess = values[values > knots[-1]] - knots[-1]
+    # mean excess at least 0.05 (contributions are in IQR units): a tail never steeper than that
+    rate = 1.0 / max(float(excess.mean()) if excess.size else 0.0, 0.05)
+    return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate}
+
+
+def tail_surprise(values: np.ndarray, tail: dict[str, Any]) -> np.ndarray:
+    """-log10 of the share of validation ticks expected at or above each value: 0 at or below the validation
+    minimum, 2 at its 99 % quantile, and beyond it the fitted exponential tail (one more unit per 1/rate x
+    ln 10 of excess) - contributions of every modality in the same units, whatever their spread or tails."""
+    knots, levels = np.asarray(tail["knots"]), np.asarray(tail["levels"])
+    top = knots[-1]
+    inside = np.interp(values, knots, levels, left=0.0, right=levels[-1])
+    share = np.where(values > top, (1.0 - levels[-1]) * np.exp(-tail["rate"] * np.maximum(values - top, 0.0)),
+                     1.0 - inside)
+    return np.where(np.isfinite(values), -np.log10(np.maximum(share, 1e-300)), np.nan)
 
 
 def vote(contributions: np.ndarray, mask: np.ndarray, how: str, weights: list[float] | None = None) -> np.ndarray:

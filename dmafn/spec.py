@@ -21,6 +21,7 @@ WINDOW_TRANSFORMS = ("level", "centered", "difference")   # how a window is pres
 SERIES_TRANSFORMS = (*WINDOW_TRANSFORMS, "auto")          # auto: per channel, level or centered by its training drift
 TICK_TIME = "_t"            # aligned rows: the tick time, Int64 microseconds since the epoch (UTC)
 VOTES = ("mean", "max", "weighted", "attention")
+CONTRIBUTION_SCALES = ("robust", "tail")
 PRESETS = ("small", "base")
 NORMALIZATIONS = ("global", "entity")
 THRESHOLD_METHODS = ("pot", "quantile", "rate", "fixed")
@@ -109,6 +110,7 @@ class ModelSpec:
     series_encoder: str = "gru"
     text_encoder: str = "transformer"
     vote: str = "attention"
+    contribution_scale: str = "robust"      # robust | tail: the units contributions are voted in
     normalization: str = "global"
     modality_dropout: float = 0.25
     cross_modal_scoring: bool = True
@@ -363,7 +365,7 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     if sec is None:
         return ModelSpec()
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
-                        "normalization", "modality_dropout", "cross_modal_scoring"})
+                        "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
         detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
@@ -371,6 +373,7 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         series_encoder=sec.choice("series_encoder", SERIES_ENCODERS, ModelSpec.series_encoder),
         text_encoder=sec.choice("text_encoder", TEXT_ENCODERS, ModelSpec.text_encoder),
         vote=sec.choice("vote", VOTES, ModelSpec.vote),
+        contribution_scale=sec.choice("contribution_scale", CONTRIBUTION_SCALES, ModelSpec.contribution_scale),
         normalization=sec.choice("normalization", NORMALIZATIONS, ModelSpec.normalization),
         modality_dropout=sec.number("modality_dropout", ModelSpec.modality_dropout, float, 0.0, 0.9),
         cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring))

@@ -11,9 +11,9 @@ import datetime as dt
 import json
 from typing import Any
 
-from dmafn.spec import (DETECTORS, FUSIONS, MODALITY_KINDS, NORMALIZATIONS, PRESETS, SERIES_ENCODERS,
-                        SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, VOTES, SpecError,
-                        parse_spec)
+from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, FUSIONS, MODALITY_KINDS, NORMALIZATIONS, PRESETS,
+                        SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, VOTES,
+                        SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -80,7 +80,8 @@ def spec_json_schema() -> dict[str, Any]:
                               ("path",)),
             "model": _closed({"fusion": _enum(FUSIONS), "detector": _enum(DETECTORS), "preset": _enum(PRESETS),
                               "series_encoder": _enum(SERIES_ENCODERS), "text_encoder": _enum(TEXT_ENCODERS),
-                              "vote": _enum(VOTES), "normalization": _enum(NORMALIZATIONS),
+                              "vote": _enum(VOTES), "contribution_scale": _enum(CONTRIBUTION_SCALES),
+                              "normalization": _enum(NORMALIZATIONS),
                               "modality_dropout": _number("number", 0.0, 0.9),
                               "cross_modal_scoring": {"type": "boolean"}}),
             "train": _closed({"start": _DATE, "end": _DATE, "epochs": _number("integer", 1),

@@ -353,7 +353,7 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
         "name": "synthetic-pumps-shifted" if cfg.shifted else "synthetic-pumps", "entity": "machine_id", "time": "ts", "grain": "1min", "partition": "date",
         "modalities": modalities,
         "labels": {"path": f"{root}/labels", "start": "start_ts", "end": "end_ts"},
-        "model": {"fusion": "attention", "detector": "autoencoder"},
+        "model": {"fusion": "attention", "detector": "autoencoder", "contribution_scale": "tail"},
         "train": {"start": cfg.start.isoformat(), "end": end.isoformat(), "epochs": 8, "workers": 2,
                   "gpu": False, "validation_days": 1},
         "registry": f"{root}/models",

@@ -249,6 +249,7 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
                     mask=np.concatenate([r.mask for _, r in parts])[rows],
                     latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts])[rows])
     return Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
+                           scale=spec.model.contribution_scale,
                            smoothing=spec.score.smoothing, threshold=spec.score.threshold,
                            groups=order.select(entity_string(spec.entity)).to_series().to_numpy(),
                            voting=voting_modalities(spec.modalities))

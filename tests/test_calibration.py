@@ -167,3 +167,36 @@ def test_a_non_voting_modality_keeps_its_contribution_but_does_not_move_the_scor
     data = tiny_spec_dict()
     data["modalities"]["proc"]["context"] = {"window": "1h"}
     assert voting_modalities(parse_spec(data).modalities) == ("proc", "vib", "logs", "cam")
+
+
+def test_tail_scale_puts_modalities_with_different_tails_in_the_same_units():
+    """`scale="tail"`: a contribution becomes -log10 of the share of validation ticks at or above it, so a
+    modality with heavy tails on normal ticks no longer outvotes a rare value of a quiet one."""
+    from dmafn.scoring import fit_tail, tail_surprise
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    errors = np.exp(np.stack([rng.normal(0, 0.3, n), rng.standard_t(1.5, n) * 0.3], 1))   # b: heavy tails
+    raw = RawScores(errors=errors, latent=None, mask=np.ones((n, 2), bool))
+    kwargs = dict(detector="autoencoder", vote="attention", threshold=ThresholdSpec("quantile", quantile=0.99))
+    robust = Calibration.fit(raw, MODALITIES, **kwargs)
+    tail = Calibration.fit(raw, MODALITIES, scale="tail", **kwargs)
+    contributions = tail.record(raw).contributions
+    for i in range(2):                                   # the 99 % quantile of each column sits at 2 (1 in 100)
+        assert np.quantile(contributions[:, i], 0.99) == pytest.approx(2.0, abs=0.05)
+        assert contributions[:, i].min() >= 0.0
+    # a tick where a is at 1 in 10,000 of its validation ticks, one where b is at 1 in 100 of its own
+    a_rare = np.exp(0.3 * 3.72)
+    b_common = np.exp(0.3 * np.quantile(rng.standard_t(1.5, 200_000), 0.99))
+    probe = RawScores(errors=np.array([[a_rare, 1.0], [1.0, b_common]]), latent=None, mask=np.ones((2, 2), bool))
+    assert tail.record(probe).score[0] > tail.record(probe).score[1]          # the rare value ranks first
+    assert robust.record(probe).score[0] < robust.record(probe).score[1]      # in IQR units it did not
+    assert Calibration.from_dict(tail.to_dict()) == tail                     # stored as plain data
+    # tiny inputs: three rows, one modality constant, one absent throughout
+    three = fit_tail(np.array([0.0, 1.0, np.nan]))
+    np.testing.assert_allclose(tail_surprise(np.array([-1.0, 0.0, np.nan]), three)[:2], [0.0, 0.0])
+    assert np.isnan(tail_surprise(np.array([np.nan]), three)[0])
+    assert tail_surprise(np.array([5.0]), fit_tail(np.array([1.0, 1.0, 1.0])))[0] > 2    # above a constant
+    assert tail_surprise(np.array([5.0]), fit_tail(np.array([np.nan])))[0] > 0
+    with pytest.raises(ValueError, match="contribution scale"):
+        Calibration.fit(raw, MODALITIES, scale="ranks", **kwargs)
