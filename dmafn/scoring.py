@@ -173,21 +173,22 @@ def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
 
 
 TAIL_LEVEL = 0.99       # above this quantile of the validation values the tail is an exponential fit
+TAIL_MIN_VALUES = 1000  # fewer validation values than this: the top 1 % is a handful of ticks (train warns)
 _TAIL_KNOTS = np.linspace(0.0, TAIL_LEVEL, 100)
 
 
 def fit_tail(values: np.ndarray) -> dict[str, Any]:
     """How rare each value is among validation `values` (NaN ignored): their quantiles at 0-99 % and an
-    exponential fit (rate) to the excesses over the 99 % quantile, for `tail_surprise`."""
+    exponential fit (rate) to the excesses over the 99 % quantile, for `tail_surprise`; `n` values."""
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return {"levels": [0.0], "knots": [0.0], "rate": 1.0}
+        return {"levels": [0.0], "knots": [0.0], "rate": 1.0, "n": 0}
     knots = np.maximum.accumulate(np.quantile(values, _TAIL_KNOTS))
     knots, first = np.unique(knots, return_index=True)                  # ties: one knot, its lowest level
     excess = values[values > knots[-1]] - knots[-1]
     # mean excess at least 0.05 (contributions are in IQR units): a tail never steeper than that
     rate = 1.0 / max(float(excess.mean()) if excess.size else 0.0, 0.05)
-    return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate}
+    return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate, "n": int(values.size)}
 
 
 def tail_surprise(values: np.ndarray, tail: dict[str, Any]) -> np.ndarray:

@@ -194,6 +194,7 @@ def test_tail_scale_puts_modalities_with_different_tails_in_the_same_units():
     assert Calibration.from_dict(tail.to_dict()) == tail                     # stored as plain data
     # tiny inputs: three rows, one modality constant, one absent throughout
     three = fit_tail(np.array([0.0, 1.0, np.nan]))
+    assert three["n"] == 2 and tail.normalisation["tail"]["a"]["n"] == n     # train warns under TAIL_MIN_VALUES
     np.testing.assert_allclose(tail_surprise(np.array([-1.0, 0.0, np.nan]), three)[:2], [0.0, 0.0])
     assert np.isnan(tail_surprise(np.array([np.nan]), three)[0])
     assert tail_surprise(np.array([5.0]), fit_tail(np.array([1.0, 1.0, 1.0])))[0] > 2    # above a constant
