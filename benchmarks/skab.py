@@ -48,7 +48,7 @@ from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import point_metrics, roc_auc
 from dmafn.model import small
 from dmafn.postprocess import best_f1_threshold, ewma, fit_threshold, to_labels
-from dmafn.spec import CONTRIBUTION_SCALES, load_spec
+from dmafn.spec import CONTRIBUTION_SCALES, ModelSpec, load_spec
 from pipelines.align import TIME, align, alignment_input, to_micros
 
 GROUPS = {"vibration": ["Accelerometer1RMS", "Accelerometer2RMS"], "electrical": ["Current", "Voltage"],
@@ -224,7 +224,7 @@ class ThresholdRule:
 
 
 def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs: int, rule: ThresholdRule,
-               alpha: float, contribution_scale: str = "robust") -> dict:
+               alpha: float, contribution_scale: str = ModelSpec.contribution_scale) -> dict:
     preds, scores, margins, contributions, train_preds, train_margins = [], [], [], [], [], []
     for f in splits:
         # the detector's calibration: the threshold is fitted on EWMA-smoothed scores of the held-out last
@@ -351,7 +351,7 @@ def main() -> None:
                              "(temperatures drift as the rig warms up); '' for levels everywhere")
     parser.add_argument("--context", type=int, default=0,
                         help="seconds of slow context per sensor group, with its channel relations (0: none)")
-    parser.add_argument("--contribution-scale", default="robust", choices=CONTRIBUTION_SCALES,
+    parser.add_argument("--contribution-scale", default=ModelSpec.contribution_scale, choices=CONTRIBUTION_SCALES,
                         help="the units each group's contribution is voted in (model.contribution_scale)")
     parser.add_argument("--preregistered", nargs="?", const="preregistered", choices=list(PREREGISTERED_RUNS),
                         help="run settings fixed in advance (PREREGISTERED_RUNS; default the first; the options "
@@ -405,7 +405,7 @@ def main() -> None:
           f"window {args.window}s, groups {args.groups}, transforms {args.transform or 'none'}, "
           f"threshold: {_rule_text(rule)} of held-out training scores, EWMA alpha {args.alpha:g}"
           + (f", context {args.context}s" if args.context else "")
-          + (f", contributions on their {args.contribution_scale} scale" if args.contribution_scale != "robust" else "")
+          + (f", contributions on their {args.contribution_scale} scale" if args.contribution_scale != parser.get_default("contribution_scale") else "")
           + (" (the preregistered settings)" if fixed else ""))
     ours = [*((f"DMAFN {k}", v) for k, v in results.items()), ("(reference: T^2 of window means)", reference)]
     print("\nWhole files pooled, training rows included (how SKAB's code computes the leaderboard rows):")

@@ -21,7 +21,7 @@ import numpy as np
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
 from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
-from dmafn.spec import SmoothingSpec, ThresholdSpec
+from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Calibration:
     def fit(cls, raw: RawScores, modalities: tuple[str, ...], *, detector: str, vote: str,
             smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
             groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None,
-            scale: str = "robust") -> "Calibration":
+            scale: str = ModelSpec.contribution_scale) -> "Calibration":
         """Fit on validation ticks (rows in time order within each group; `groups` e.g. the entity keys);
         `voting`: the modalities whose contributions make the fused score (default all; `dmafn.spec.voting_modalities`);
         `scale`: the contributions' units, `robust` or `tail` (`dmafn.scoring.fit_calibration`)."""

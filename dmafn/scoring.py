@@ -24,6 +24,7 @@ import torch
 
 from dmafn.features import Features
 from dmafn.model import DMAFN
+from dmafn.spec import CONTRIBUTION_SCALES, ModelSpec
 
 VOTES = ("mean", "max", "weighted", "attention")
 
@@ -108,10 +109,13 @@ def robust_scale(values: np.ndarray) -> dict[str, float]:
 
 
 def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean",
-                    voting: tuple[str, ...] | None = None, scale: str = "robust") -> dict[str, Any]:
+                    voting: tuple[str, ...] | None = None,
+                    scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
     """Normalisation of each modality's contribution, fitted on validation ticks; `voting`: the modalities
     whose contributions make the fused score (default all); `scale`: `robust` (median and IQR of the log
     error) or `tail` (that value put on its tail surprise among the validation ticks, `fit_tail`)."""
+    if scale not in CONTRIBUTION_SCALES:
+        raise ValueError(f"unknown contribution scale {scale!r} ({', '.join(CONTRIBUTION_SCALES)})")
     if detector == "classifier":
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
     if voting is not None and (not voting or set(voting) - set(modalities)):
@@ -128,8 +132,6 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
     if scale == "tail":
         calib["tail"] = {m: fit_tail(contributions[:, i]) for i, m in enumerate(modalities)}
         contributions = _contributions(raw, calib)
-    elif scale != "robust":
-        raise ValueError(f"unknown contribution scale {scale!r} (robust, tail)")
     spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
                        else 1.0 for i in range(len(modalities))])
     weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
