@@ -31,7 +31,9 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
     """Generate, align every day (the same `align` the pipeline maps over Ray Data), split train / test."""
     data = generate(cfg)
     spec = parse_spec(synthetic_spec("/unused", cfg))
-    tables = {m: alignment_input(pl.from_arrow(data.tables[m]), spec, spec.modalities[m]) for m in spec.modalities}
+    # a slow `context` view reads its parent modality's rows, as the pipeline's ingest does
+    tables = {m: alignment_input(pl.from_arrow(data.tables[ms.context_of or m]), spec, ms)
+              for m, ms in spec.modalities.items()}
     ents = pl.DataFrame({"machine_id": [f"pump-{i:02d}" for i in range(cfg.entities)]})
     days = [align(make_ticks(ents, cfg.start + dt.timedelta(days=d), spec.grain_us), tables, spec)
             for d in range(cfg.days)]
