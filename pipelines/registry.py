@@ -14,14 +14,16 @@ import uuid
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dmafn.calibration import Calibration
-from dmafn.model import DMAFN, ModelConfig, build_model
 from dmafn.spec import Spec, parse_spec
 from pipelines.storage import DataError, Storage, is_s3, join
+
+if TYPE_CHECKING:                  # torch is imported where a model is built or saved, not by a scoring driver
+    import torch
+
+    from dmafn.calibration import Calibration
+    from dmafn.model import DMAFN
 
 LATEST = "LATEST"
 MANIFEST_SHA256 = "manifest.sha256"
@@ -29,20 +31,42 @@ MANIFEST_SHA256 = "manifest.sha256"
 
 @dataclass
 class ModelVersion:
+    """A saved model version: its manifest, its spec and its weights as saved. The network is built from the
+    weights on first use of `model`, so a process that only plans and commits (a scoring job's driver) never
+    imports torch; a pickled version carries the weights, not the built network."""
+
     version: str
     manifest: dict[str, Any]
-    model: DMAFN
+    weights: bytes                 # the state dict as torch.save wrote it, checked against weights_sha256
     spec: Spec                     # the version's resolved spec, parsed from the manifest once
+    weights_path: str = ""         # where the weights were read from, for errors
 
     @property
     def stats(self) -> dict[str, Any]:
         return self.manifest["statistics"]
 
     @cached_property
-    def calibration(self) -> Calibration:
+    def model(self) -> "DMAFN":
+        """The network with the version's weights, in eval mode (DataError naming the file when the weights are
+        not a plain tensor state dict)."""
+        from dmafn.model import ModelConfig, build_model
+
+        model = build_model(self.spec.modalities, ModelConfig(**self.manifest["model_config"]))
+        model.load_state_dict(plain_state_dict(self.weights, self.weights_path))
+        model.eval()
+        return model
+
+    @cached_property
+    def calibration(self) -> "Calibration":
         """The fitted calibration; versions saved before it stored its smoothing take the spec's."""
+        from dmafn.calibration import Calibration
+
         return Calibration.from_dict(self.manifest["calibration"], smoothing=self.spec.score.smoothing,
                                      validation=self.manifest.get("metrics"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what was built from the manifest and the weights is rebuilt where it is used, not shipped
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "calibration")}
 
 
 class Registry:
@@ -87,8 +111,10 @@ class Registry:
             raise DataError(f"{path}: cannot be read from the model registry ({exc})") from None
 
     # -- versions
-    def save(self, model: DMAFN, manifest: dict[str, Any]) -> str:
+    def save(self, model: "DMAFN", manifest: dict[str, Any]) -> str:
         """Write a new version and point LATEST at it; returns the version id."""
+        import torch
+
         version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -116,27 +142,32 @@ class Registry:
                             "after the version was saved")
         return json.loads(body)
 
-    def load(self, version: str | None = None) -> ModelVersion:
+    def load(self, version: str | None = None, *, build: bool = True) -> ModelVersion:
         """Load a version (default: LATEST): the manifest and the weights are checked against the checksums
         written at save, and the weights must be a plain state dict of tensors (loaded with weights_only=True,
-        so no code in the file is run). DataError names the file otherwise."""
+        so no code in the file is run). DataError names the file otherwise.
+
+        With `build=False` the network is built where `model` is first used (a scoring job's workers), unless
+        the weights have no checksum to vouch for them: those are loaded here, so a bad file fails at once."""
         version = version or self.latest()
         weights_path = join(self.root, version, "weights.pt")
         manifest = self.manifest(version)
         spec = parse_spec(manifest["spec"], source=f"model version {version}")
-        model = build_model(spec.modalities, ModelConfig(**manifest["model_config"]))
         weights = self._read(weights_path)
         if manifest.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != manifest["weights_sha256"]:
             raise DataError(f"{weights_path}: checksum does not match the manifest's weights_sha256; the file was "
                             "changed after the version was saved")
-        model.load_state_dict(plain_state_dict(weights, weights_path))
-        model.eval()
-        return ModelVersion(version=version, manifest=manifest, model=model, spec=spec)
+        mv = ModelVersion(version=version, manifest=manifest, weights=weights, spec=spec, weights_path=weights_path)
+        if build or not manifest.get("weights_sha256"):
+            mv.model  # noqa: B018 - built now: the weights are checked here
+        return mv
 
 
-def plain_state_dict(data: bytes, path: str) -> dict[str, torch.Tensor]:
+def plain_state_dict(data: bytes, path: str) -> dict[str, "torch.Tensor"]:
     """A state dict of tensors from `data`, or DataError naming `path`: anything else (a pickled object, a
     module, code) is refused by torch's weights_only loader without running any of it."""
+    import torch
+
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ... all mean "not a plain state dict"

@@ -17,13 +17,13 @@ import pyarrow as pa
 import ray
 
 from dmafn.spec import Spec
+from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import commit_date, read_table, write_partition
 from pipelines.ingest import require_columns
 from pipelines.progress import ProgressBoard, ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
-from pipelines.score_steps import DateCounts, ShardScores, score_shard
-from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, Shard, list_inputs, plan_shards
+from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,18 @@ class DateResult:
 
 @ray.remote(num_cpus=1)
 def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime,
-                      board=None) -> ShardScores:
+                      board=None, pin: bool = True) -> ShardScores:
+    from pipelines.score_steps import score_shard    # torch and the model code: in the worker, never the driver
+
     started, throttle = time.time(), Throttle(1.0)
 
     def posted(done: int, total: int) -> None:
         if board is not None and (throttle() or done == total):
             board.post.remote(shard.name, done=done, total=total)
 
-    result = score_shard(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id, scored_at=scored_at,
-                         on_batch=posted)
+    with pinned_to_free_cpu(pin):                        # one core per task (pipelines.affinity)
+        result = score_shard(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id,
+                             scored_at=scored_at, on_batch=posted)
     result.seconds = time.time() - started
     return result
 
@@ -69,7 +72,7 @@ def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:
     """Score one date with a model version (default LATEST) and replace that date in the output tables."""
-    mv = Registry(spec.registry, Storage.from_spec(spec.storage)).load(version)
+    mv = Registry(spec.registry, Storage.from_spec(spec.storage)).load(version, build=False)
     done, failed = score_dates(spec, [date], mv, run_id=run_id or uuid.uuid4().hex[:12])
     if failed:
         raise failed[0][1]
@@ -97,6 +100,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
     mv_ref, scored_at, board = ray.put(mv), dt.datetime.now(dt.timezone.utc), ProgressBoard.remote()
+    pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
     parts: dict[str, list[tuple[DateCounts, float]]] = {d: [] for d in waiting}
@@ -130,15 +134,18 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                        ticks=ticks_done + sum(p["done"] for p in partial),
                        committed=f"{len(done)}/{len(dates)} dates")
 
+    def submit() -> None:
+        while todo and len(running) < parallel:
+            shard = todo.popleft()
+            if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
+                shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
+                if not shard.dates:
+                    continue
+            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, board, pin)] = shard
+
     try:
         while todo or running:
-            while todo and len(running) < parallel:
-                shard = todo.popleft()
-                if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
-                    shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
-                    if not shard.dates:
-                        continue
-                running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, board)] = shard
+            submit()
             if not running:                           # only shards of dates that had already failed were left
                 break
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
@@ -146,6 +153,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 show()
                 continue
             shard = running.pop(ready[0])
+            submit()                 # the freed slot gets its next shard before this one's dates are committed
             try:
                 result: ShardScores = raise_task_error(ready[0])
             except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
@@ -250,7 +258,7 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     if days_per_shard < 1 or shard_bytes <= 0 or (parallel is not None and parallel < 1):
         raise ValueError("backfill: days_per_shard, shard_bytes and parallel must be positive")
     storage = Storage.from_spec(spec.storage)
-    mv = Registry(spec.registry, storage).load(version)
+    mv = Registry(spec.registry, storage).load(version, build=False)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
     todo = [d for d in days if d.isoformat() not in skip]

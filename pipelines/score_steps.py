@@ -10,7 +10,6 @@ ticks in = rows scored + rows quarantined (also recorded in the runs table).
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -27,7 +26,7 @@ from pipelines.delta_sink import write_data_file
 from pipelines.ingest import REASON, entity_string, read_shard
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
-from pipelines.shards import Shard
+from pipelines.shards import DateCounts, Shard, ShardScores
 from pipelines.storage import Storage
 
 NO_MODALITY = "no modality present at the tick"
@@ -112,30 +111,6 @@ def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *
     return pl.concat([ticks, rows], how="vertical_relaxed").with_columns(
         pl.lit(run_id).alias("run_id"), pl.lit(version).alias("model_version"),
         pl.lit(at, pl.Datetime("us", "UTC")).alias("quarantined_at"))
-
-
-@dataclass
-class DateCounts:
-    """One date's part of a shard: counts and the data files written for it (add actions as plain data)."""
-
-    ticks_in: int = 0
-    rows_scored: int = 0
-    rows_quarantined: int = 0
-    anomalies: int = 0
-    input_rows_quarantined: int = 0
-    output_files: list[dict] = field(default_factory=list)
-    quarantine_files: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class ShardScores:
-    """What a scoring task returns to the driver: per date counts and file actions, the tables' schemas."""
-
-    shard: str
-    dates: dict[str, DateCounts]
-    output_schema: pa.Schema | None
-    quarantine_schema: pa.Schema | None
-    seconds: float = 0.0
 
 
 def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
+import pyarrow as pa
 
 from dmafn.spec import Spec
 from pipelines.parquet_files import list_parquet_files
@@ -56,6 +57,31 @@ class Shard:
         return [Shard((d,), self.bucket, self.buckets,
                       tuple(f for f in self.files if f.date in _reads((d,), self.lookback_days)), self.lookback_days)
                 for d in self.dates]
+
+
+@dataclass
+class DateCounts:
+    """One date's part of a shard: counts and the data files written for it (add actions as plain data)."""
+
+    ticks_in: int = 0
+    rows_scored: int = 0
+    rows_quarantined: int = 0
+    anomalies: int = 0
+    input_rows_quarantined: int = 0
+    output_files: list[dict] = field(default_factory=list)
+    quarantine_files: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ShardScores:
+    """What a scoring task returns to the driver: per date counts and file actions, the tables' schemas (defined
+    here, beside `Shard`, so the driver unpickles it without importing the model code)."""
+
+    shard: str
+    dates: dict[str, DateCounts]
+    output_schema: pa.Schema | None
+    quarantine_schema: pa.Schema | None
+    seconds: float = 0.0
 
 
 def _reads(dates: tuple[dt.date, ...], lookback_days: int) -> set[dt.date]:

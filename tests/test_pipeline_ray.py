@@ -500,6 +500,42 @@ def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray
     assert not (tmp_path / "scores").exists()
 
 
+def test_a_scoring_driver_never_builds_the_network_nor_imports_torch(trained, tmp_path, local_ray):
+    """A scoring job's driver only plans and commits: the model version travels to the shard tasks as its
+    weights and is built there, and the driver process never imports torch (its start and memory stay small)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+
+    spec, version, root = trained
+    registry = Registry(str(root / "models"), Storage())
+    lazy, built = registry.load(version, build=False), registry.load(version)
+    assert "model" not in lazy.__dict__ and "model" in built.__dict__
+    shipped = pickle.loads(pickle.dumps(built))
+    assert "model" not in shipped.__dict__                       # the weights travel, not the network
+    a, b = shipped.model.state_dict(), built.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    data = yaml.safe_load((root / "spec.yaml").read_text())
+    data["score"]["output"] = str(tmp_path / "scores")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    script = ("import sys; from jobs.cli import main; code = main(['score', sys.argv[1], '--date', '2024-01-03']); "
+              "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.yaml")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch imported: False" in run.stdout, run.stdout[-2000:]
+    scored = pl.read_delta(str(tmp_path / "scores"))
+    assert scored.height > 0 and set(scored["model_version"]) == {version}
+
+
 def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp_path, capsys):
     """A registry version whose weights are not a plain tensor state dict is refused without running its code;
     weights or a manifest changed after saving fail their checksum; each error names the file."""

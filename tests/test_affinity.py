@@ -1,0 +1,107 @@
+"""Scoring tasks pin themselves to one free core (pipelines.affinity): distinct cores per holder, every thread
+pinned, everything restored on exit, nothing done when off or when no core is free."""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import pytest
+
+from pipelines.affinity import PIN_ENV, _claim, pinned_to_free_cpu, pinning_enabled
+
+linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"),
+                                reason="per-thread CPU affinity is Linux only")
+
+
+def _affinities() -> dict[int, set[int]]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            out[int(tid)] = os.sched_getaffinity(int(tid))
+    return out
+
+
+@linux_only
+def test_a_task_takes_a_core_no_one_holds_pins_every_thread_and_restores_them(tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("this process may use one core only: pinning is a no-op (tested below)")
+    before = _affinities()
+    release, started = threading.Event(), threading.Event()
+    seen: dict[str, set[int]] = {}
+
+    def worker():                      # a thread started while pinned inherits the core
+        seen["thread"] = os.sched_getaffinity(0)
+        started.set()
+        release.wait(10)
+
+    others = [_claim([cpu], str(tmp_path)) for cpu in allowed[:-1]]     # other tasks hold every core but the last
+    try:
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+            assert cpu == allowed[-1]
+            assert all(a == {cpu} for a in _affinities().values())      # every thread of the process
+            t = threading.Thread(target=worker)
+            t.start()
+            started.wait(10)
+            assert seen["thread"] == {cpu}
+            with pinned_to_free_cpu(lock_folder=str(tmp_path)) as extra:
+                assert extra is None                      # no core free (nor more than one allowed now)
+        after = _affinities()
+        assert all(after[tid] == before[tid] for tid in before if tid in after)
+        assert after[t.native_id] == set(allowed)         # the thread started inside gets the process's set back
+        release.set()
+        t.join()
+        others[-1][1].close()                             # one other task ends: its core is the first free one
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+            assert cpu == others[-1][0]
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+            assert cpu == others[-1][0]                   # released on exit, taken again
+    finally:
+        release.set()
+        for claimed in others:
+            claimed[1].close()
+    others = [_claim([cpu], str(tmp_path)) for cpu in allowed]           # every core held: not pinned
+    with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+        assert cpu is None and os.sched_getaffinity(0) == set(allowed)
+    for claimed in others:
+        claimed[1].close()
+
+
+@linux_only
+def test_an_error_inside_releases_the_core_and_restores_affinity(tmp_path):
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one core only")
+    with pytest.raises(RuntimeError, match="boom"):
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+            assert os.sched_getaffinity(0) == {cpu}
+            raise RuntimeError("boom")
+    assert os.sched_getaffinity(0) == allowed
+    with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+        assert cpu == min(allowed)                        # the first core is free again
+
+
+def test_off_or_unusable_does_nothing(tmp_path, monkeypatch):
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    with pinned_to_free_cpu(False, lock_folder=str(tmp_path)) as cpu:
+        assert cpu is None
+        if before is not None:
+            assert os.sched_getaffinity(0) == before
+    assert not list(tmp_path.iterdir())                   # no lock taken
+    with pinned_to_free_cpu(lock_folder=str(tmp_path / "missing")) as cpu:
+        assert cpu is None                                # no lock folder: not pinned, no error
+    if before is not None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
+            assert cpu is None                            # one core allowed: nothing to choose
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), ("1", True), ("0", False), ("off", False),
+                                             ("false", False), (" No ", False)])
+def test_pinning_is_on_unless_turned_off(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(PIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PIN_ENV, value)
+    assert pinning_enabled() is expected
