@@ -21,7 +21,7 @@ from benchmarks.common import auc_by_kind, print_table, subset, synthetic_split,
 from dmafn.detector import Detector
 from dmafn.encoders import TEXT_TARGET_BUCKETS
 from dmafn.model import small
-from dmafn.spec import DETECTORS, FUSIONS
+from dmafn.spec import DETECTORS, FUSIONS, voting_modalities
 from dmafn.synthetic import SyntheticConfig
 
 
@@ -70,8 +70,10 @@ def main() -> None:
         print_table({name: rows[name]})
         write_json(f"{args.out}/fusion_pays.partial.json", {"config": config, "rows": rows})
 
-    for m in mods:
-        run(f"alone:{m}", (m,), fusion="attention", detector="autoencoder")
+    # a modality with its slow context view, if the spec gives it one (the view informs, it does not vote)
+    views = {m: (m, *(c for c, spec in mods.items() if spec.context_of == m)) for m in voting_modalities(mods)}
+    for m, own in views.items():
+        run(f"alone:{m}", own, fusion="attention", detector="autoencoder")
     pairs = [(f, d) for f in FUSIONS for d in DETECTORS if d != "classifier"]
     if args.quick:
         pairs = [("attention", "autoencoder"), ("gated", "vae"), ("early", "autoencoder"), ("late", "autoencoder")]
@@ -106,10 +108,12 @@ def main() -> None:
     det = fitted[best_fused]
     full = rows[best_fused]["overall"]["roc_auc"]
     drops = {}
-    for i, m in enumerate(split.test.modalities):
+    for m, own in views.items():                   # the modality and its context view go missing together
         test = subset(split.test, split.test.modalities)
         test.mask = test.mask.copy()
-        test.mask[rng.random(len(test.mask)) < 0.3, i] = False
+        gone = rng.random(len(test.mask)) < 0.3
+        for view in own:
+            test.mask[gone, split.test.modalities.index(view)] = False
         drops[m] = full - auc_by_kind(det.decision_function(test), split)["overall"]["roc_auc"]
         print(f"{best_fused} with '{m}' absent on 30% of test ticks: overall ROC-AUC drop {drops[m]:+.3f} "
               f"(target <= 0.03)", flush=True)

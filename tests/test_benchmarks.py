@@ -52,3 +52,19 @@ def test_skab_transform_auto_is_chosen_across_files_from_training_rows_only(tmp_
     assert chosen["thermal.Temperature"] == {"centered": 3} and chosen["thermal.Thermocouple"] == {"centered": 3}
     assert all(c == {"level": 3} for name, c in chosen.items() if not name.startswith("thermal."))
     assert [len(f.train) for f in splits] == [400] * 3 and [len(f.test) for f in splits] == [50] * 3
+
+
+def test_the_synthetic_split_reads_the_generated_specs_context_views():
+    """The fusion and forward benchmarks' data: every modality of the generated spec, its slow context views
+    included (each reads its parent's rows), featurized for train and test; they failed on a KeyError once
+    the generated spec grew a context view."""
+    from benchmarks.common import synthetic_split
+    from dmafn.synthetic import SyntheticConfig
+
+    split = synthetic_split(SyntheticConfig(entities=1, days=2, clean_days=1, image_size=8))
+    contexts = [m for m, spec in split.spec.modalities.items() if spec.context_of]
+    assert contexts and set(split.test.modalities) == set(split.spec.modalities)
+    for features in (split.train, split.test):                   # a relation-only view speaks through its relations
+        i = features.modalities.index(contexts[0])
+        assert features.relation_errors is not None and np.isfinite(features.relation_errors[:, i]).any()
+    assert len(split.labels) == len(split.test.mask) > 0
