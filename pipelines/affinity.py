@@ -37,10 +37,19 @@ def _threads() -> list[int]:
 def _claim(cpus: list[int], folder: str) -> tuple[int, IO] | None:
     """The first of `cpus` whose lock file no other process holds, with the open (locked) file."""
     for cpu in cpus:
-        try:
-            handle = open(os.path.join(folder, f"dmafn-cpu-{cpu}.lock"), "a")
-        except OSError:              # a file of another user's, a read-only folder: not ours to take
+        path = os.path.join(folder, f"dmafn-cpu-{cpu}.lock")
+        try:                         # an existing file is opened without O_CREAT: in a sticky temp folder Linux
+            fd = os.open(path, os.O_RDWR)                   # refuses O_CREAT on another user's file
+        except FileNotFoundError:
+            try:                     # writable by every user of the machine: their tasks share its cores
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                continue
+        except OSError:              # a read-only folder, a file another user made private: not ours to take
             continue
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666)     # past the umask (only the file's owner can; others find it so already)
+        handle = os.fdopen(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

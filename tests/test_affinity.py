@@ -105,3 +105,19 @@ def test_pinning_is_on_unless_turned_off(monkeypatch, value, expected):
     else:
         monkeypatch.setenv(PIN_ENV, value)
     assert pinning_enabled() is expected
+
+
+def test_lock_files_are_shared_by_every_user_of_the_machine(tmp_path):
+    """Tasks of other users (another job's workers) take the same cores: the lock files are writable by all,
+    whatever the umask; a file already there is opened as it is."""
+    old = os.umask(0o077)
+    try:
+        cpu, handle = _claim([0], str(tmp_path))
+        handle.close()
+    finally:
+        os.umask(old)
+    lock = tmp_path / f"dmafn-cpu-{cpu}.lock"
+    assert lock.stat().st_mode & 0o777 == 0o666
+    again = _claim([0], str(tmp_path))
+    assert again is not None and again[0] == 0
+    again[1].close()
