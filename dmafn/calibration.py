@@ -20,7 +20,7 @@ import numpy as np
 
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.scoring import RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
+from dmafn.scoring import TAIL_MIN_VALUES, RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 
 
@@ -106,6 +106,14 @@ class Calibration:
         if self.threshold is None:
             raise ValueError("calibration has no threshold (fit it first)")
         return np.nan_to_num(np.asarray(smoothed_score, float), nan=-np.inf) > self.threshold
+
+    def tail_warnings(self) -> list[str]:
+        """One line per modality whose `tail` scale was fitted on fewer than TAIL_MIN_VALUES validation ticks
+        (its 99 % quantile is then a handful of ticks); `dmafn train` logs them, `Detector.fit` warns."""
+        return [f"modality '{name}': contribution_scale tail fitted on {tail['n']} validation ticks (fewer than "
+                f"{TAIL_MIN_VALUES}: its 99 % quantile is a handful of ticks); give it more validation ticks or use "
+                "contribution_scale robust"
+                for name, tail in self.normalisation.get("tail", {}).items() if 0 < tail["n"] < TAIL_MIN_VALUES]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a manifest: the normalisation's keys at the top level (as before), plus the

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from dmafn.features import Features
@@ -65,6 +67,8 @@ class Detector:
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
             threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
             voting=voting_modalities(self.modalities))
+        for line in self.calibration_.tail_warnings():
+            warnings.warn(line, UserWarning, stacklevel=2)
         self.threshold_ = self.calibration_.threshold
         self.decision_scores_ = self.decision_function(X)
         self.labels_ = self.calibration_.alarms(self.decision_scores_).astype(int)

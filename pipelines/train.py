@@ -28,7 +28,7 @@ import torch
 from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.scoring import TAIL_MIN_VALUES, RawScores, raw_scores
+from dmafn.scoring import RawScores, raw_scores
 from dmafn.spec import Spec, voting_modalities
 from dmafn.training import positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
@@ -312,11 +312,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     model = build_model(spec.modalities, cfg)
     model.load_state_dict(fitted["state"])
     calibration = _calibrate(spec, model, stats, val_shards)
-    for name, tail in calibration.normalisation.get("tail", {}).items():
-        if 0 < tail["n"] < TAIL_MIN_VALUES:
-            log.warning("modality '%s': contribution_scale tail fitted on %d validation ticks (fewer than %d: its "
-                        "99 %% quantile is a handful of ticks); give it more validation days or use robust",
-                        name, tail["n"], TAIL_MIN_VALUES)
+    for line in calibration.tail_warnings():
+        log.warning("%s", line)
     manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),
                 "training_window": {"train_days": [d.isoformat() for d in train_days],
                                     "validation_days": [d.isoformat() for d in val_days]},

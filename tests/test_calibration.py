@@ -169,6 +169,37 @@ def test_a_non_voting_modality_keeps_its_contribution_but_does_not_move_the_scor
     assert voting_modalities(parse_spec(data).modalities) == ("proc", "vib", "logs", "cam")
 
 
+def test_a_tail_fitted_on_few_validation_ticks_is_reported_by_train_and_the_detector(recwarn):
+    """Fewer than TAIL_MIN_VALUES validation ticks under `scale="tail"`: one line naming the modality (train logs
+    it, the in-memory Detector warns with it); enough ticks, or the robust scale, report nothing."""
+    from dmafn.scoring import TAIL_MIN_VALUES
+
+    rng = np.random.default_rng(1)
+    kwargs = dict(detector="autoencoder", vote="mean", threshold=ThresholdSpec("quantile", quantile=0.99))
+
+    def fitted(n_a: int, n_b: int, scale: str) -> Calibration:
+        n = max(n_a, n_b)
+        mask = np.stack([np.arange(n) < n_a, np.arange(n) < n_b], 1)
+        return Calibration.fit(RawScores(np.exp(rng.normal(0, 0.3, (n, 2))), None, mask), MODALITIES,
+                               scale=scale, **kwargs)
+
+    lines = fitted(80, TAIL_MIN_VALUES, "tail").tail_warnings()
+    assert len(lines) == 1 and lines[0].startswith("modality 'a': contribution_scale tail fitted on 80 validation")
+    assert fitted(TAIL_MIN_VALUES, TAIL_MIN_VALUES, "tail").tail_warnings() == []
+    assert fitted(80, 80, "robust").tail_warnings() == []
+    # the in-memory detector (the SKAB benchmark's path): 100 rows, 20 of them held out for calibration
+    from dmafn.detector import Detector
+    from dmafn.features import Features
+    from dmafn.model import small
+    from dmafn.spec import ModalitySpec
+
+    x = Features({"a": rng.normal(0, 1, (100, 3)).astype(np.float32)}, np.ones((100, 1), bool), ("a",))
+    det = Detector({"a": ModalitySpec("a", "tabular", "/unused", ("c0", "c1", "c2"))}, small(d_model=16, latent=4),
+                   epochs=1, contribution_scale="tail")
+    with pytest.warns(UserWarning, match=r"modality 'a': contribution_scale tail fitted on 20 validation ticks"):
+        det.fit(x)
+
+
 def test_tail_scale_puts_modalities_with_different_tails_in_the_same_units():
     """`scale="tail"`: a contribution becomes -log10 of the share of validation ticks at or above it, so a
     modality with heavy tails on normal ticks no longer outvotes a rare value of a quiet one."""
