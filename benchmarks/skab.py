@@ -247,7 +247,9 @@ def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs
         margins.append(score - threshold)                   # scores are log-scale already
     result = pooled(preds, scores, margins, splits, train_preds, train_margins)
     contrib, y = np.concatenate(contributions), np.concatenate([f.labels for f in splits])
-    result["roc_auc_by_modality"] = {name: roc_auc(contrib[:, i], y) for i, name in enumerate(spec.modalities)}
+    # a context view that speaks only through its relations has no contribution of its own: not listed
+    result["roc_auc_by_modality"] = {name: roc_auc(contrib[:, i], y) for i, name in enumerate(spec.modalities)
+                                     if np.isfinite(contrib[:, i]).any()}
     return result
 
 

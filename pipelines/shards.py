@@ -2,7 +2,8 @@
 sized by the input bytes of its files; the driver plans shards from metadata only (file lists and sizes).
 
 Pure functions, no Ray: `list_inputs` lists each modality's Parquet files per date (the look-back days
-included), `plan_shards` groups dates and entity buckets under a byte budget.
+included), `plan_shards` groups dates and entity buckets under a byte budget. `ShardScores` / `DateCounts`
+are what a scoring task hands back for its shard (counts and file actions: plain data, no model code).
 """
 from __future__ import annotations
 
