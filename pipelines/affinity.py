@@ -5,9 +5,10 @@ Arrow's, the Delta writer's) across every core, and two tasks on a 2-core machin
 each other's threads. Measured on this project's 2-vCPU machine, two shards scored at once took 4.1 s each
 unpinned and 3.8 s each with every thread of each process held to its own core.
 
-`pinned_to_free_cpu` claims one of the cores this process may use by locking a file per core in the
-machine's temp folder (so tasks of different Ray workers, jobs or nodes on one machine never share a core), holds
-every thread of the process to it, and restores the threads' affinity and releases the core on exit. It does
+`pinned_to_free_cpu` claims one of the cores this process may use - the one the OS runs it on when free,
+else the next free one - by locking a file per core in the machine's temp folder (so tasks of different Ray
+workers, jobs or nodes on one machine never share a core), holds every thread of the process to it, and
+restores the threads' affinity and releases the core on exit. It does
 nothing where the OS has no per-thread affinity (only Linux has it), where the process may use one core only, or
 when every core is claimed already (more tasks than cores: the OS places them).
 """
@@ -32,6 +33,15 @@ def _threads() -> list[int]:
         return [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         return []
+
+
+def _current_cpu() -> int | None:
+    """The core this thread last ran on (field 39 of /proc/thread-self/stat), or None where it cannot be read."""
+    try:
+        with open("/proc/thread-self/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _claim(cpus: list[int], folder: str) -> tuple[int, IO] | None:
@@ -72,7 +82,11 @@ def pinned_to_free_cpu(enabled: bool = True, *, lock_folder: str | None = None) 
     if len(allowed) < 2 or not threads:
         yield None
         return
-    claimed = _claim(sorted(allowed), lock_folder or tempfile.gettempdir())
+    # the core the OS placed this task on first (no move, and likely idle), then the others in order
+    here, cpus = _current_cpu(), sorted(allowed)
+    if here in allowed:
+        cpus = cpus[cpus.index(here):] + cpus[:cpus.index(here)]
+    claimed = _claim(cpus, lock_folder or tempfile.gettempdir())
     if claimed is None:
         yield None
         return

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pipelines.affinity import PIN_ENV, _claim, pinned_to_free_cpu, pinning_enabled
+from pipelines.affinity import PIN_ENV, _claim, _current_cpu, pinned_to_free_cpu, pinning_enabled
 
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"),
                                 reason="per-thread CPU affinity is Linux only")
@@ -52,11 +52,13 @@ def test_a_task_takes_a_core_no_one_holds_pins_every_thread_and_restores_them(tm
         assert after[t.native_id] == set(allowed)         # the thread started inside gets the process's set back
         release.set()
         t.join()
-        others[-1][1].close()                             # one other task ends: its core is the first free one
+        others[-1][1].close()                             # one other task ends, another takes the last core:
+        last = _claim([allowed[-1]], str(tmp_path))       # the ended task's core is the only free one
         with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
             assert cpu == others[-1][0]
         with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
             assert cpu == others[-1][0]                   # released on exit, taken again
+        last[1].close()
     finally:
         release.set()
         for claimed in others:
@@ -79,7 +81,7 @@ def test_an_error_inside_releases_the_core_and_restores_affinity(tmp_path):
             raise RuntimeError("boom")
     assert os.sched_getaffinity(0) == allowed
     with pinned_to_free_cpu(lock_folder=str(tmp_path)) as cpu:
-        assert cpu == min(allowed)                        # the first core is free again
+        assert cpu in allowed                             # the core is free again
 
 
 def test_off_or_unusable_does_nothing(tmp_path, monkeypatch):
@@ -121,3 +123,21 @@ def test_lock_files_are_shared_by_every_user_of_the_machine(tmp_path):
     again = _claim([0], str(tmp_path))
     assert again is not None and again[0] == 0
     again[1].close()
+
+
+@linux_only
+def test_a_task_keeps_the_core_it_runs_on_when_that_core_is_free(tmp_path, monkeypatch):
+    import pipelines.affinity as affinity
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one core only")
+    os.sched_setaffinity(0, {allowed[1]})
+    try:
+        assert _current_cpu() == allowed[1]               # read from /proc: where the OS runs this thread
+    finally:
+        os.sched_setaffinity(0, set(allowed))
+    for here in allowed[:2]:
+        monkeypatch.setattr(affinity, "_current_cpu", lambda: here)
+        with pinned_to_free_cpu(lock_folder=str(tmp_path)) as got:
+            assert got == here                            # taken first, as no other task holds it
