@@ -24,9 +24,7 @@ import torch
 
 from dmafn.features import Features
 from dmafn.model import DMAFN
-from dmafn.spec import CONTRIBUTION_SCALES, ModelSpec
-
-VOTES = ("mean", "max", "weighted", "attention")
+from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModelSpec
 
 
 @dataclass

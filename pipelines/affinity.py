@@ -69,31 +69,34 @@ def _claim(cpus: list[int], folder: str) -> tuple[int, IO] | None:
     return None
 
 
+def _claim_for_this_process(folder: str) -> tuple[int, IO] | None:
+    """A free core for this process and its lock, or None where pinning cannot help: no per-thread affinity
+    (not Linux), one core allowed, or every allowed core held. The core the OS placed this task on comes first
+    (no move, and likely idle), then the others in order."""
+    if not hasattr(os, "sched_setaffinity") or not _threads():
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None
+    here = _current_cpu()
+    if here in allowed:
+        allowed = allowed[allowed.index(here):] + allowed[:allowed.index(here)]
+    return _claim(allowed, folder)
+
+
 @contextlib.contextmanager
 def pinned_to_free_cpu(enabled: bool = True, *, lock_folder: str | None = None) -> Iterator[int | None]:
     """Hold every thread of this process to one free core for the duration; yields the core, or None when
     nothing was pinned (disabled, unsupported, one core only, or none free). Threads started inside inherit the
     core; on exit every thread gets back the affinity the process had."""
-    if not enabled or not hasattr(os, "sched_setaffinity"):
-        yield None
-        return
-    allowed = os.sched_getaffinity(0)
-    threads = _threads()
-    if len(allowed) < 2 or not threads:
-        yield None
-        return
-    # the core the OS placed this task on first (no move, and likely idle), then the others in order
-    here, cpus = _current_cpu(), sorted(allowed)
-    if here in allowed:
-        cpus = cpus[cpus.index(here):] + cpus[:cpus.index(here)]
-    claimed = _claim(cpus, lock_folder or tempfile.gettempdir())
+    claimed = _claim_for_this_process(lock_folder or tempfile.gettempdir()) if enabled else None
     if claimed is None:
         yield None
         return
     cpu, handle = claimed
-    before = {}
+    allowed, before = os.sched_getaffinity(0), {}
     try:
-        for tid in threads:
+        for tid in _threads():
             with contextlib.suppress(OSError):          # a thread that ended meanwhile
                 before[tid] = os.sched_getaffinity(tid)
                 os.sched_setaffinity(tid, {cpu})
