@@ -23,24 +23,45 @@ from deltalake.transaction import AddAction
 log = logging.getLogger(__name__)
 
 
+class OpenTables:
+    """The Delta tables one job commits to, each opened once and brought up to date (`update_incremental`: the
+    commits since, ~2 ms) before each use, instead of replaying its log on every commit (~35 ms each; a
+    backfill's driver commits three tables per date)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, DeltaTable] = {}
+
+    def get(self, uri: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:
+        """The table at `uri` as of now, or None when none exists yet."""
+        table = self._tables.get(uri)
+        if table is not None:
+            table.update_incremental()
+            return table
+        table = read_table(uri, storage_options)
+        if table is not None:
+            self._tables[uri] = table
+        return table
+
+
 def write_partition(uri: str, data: pa.Table, *, date: str | None, mode: Literal["replace_date", "append"],
                     storage_options: dict[str, str] | None = None, partition_by: tuple[str, ...] = ("date",),
-                    retries: int = 8) -> None:
+                    retries: int = 8, tables: OpenTables | None = None) -> None:
     """Write `data` to the Delta table at `uri`.
 
     mode="replace_date": atomically replace every row of `date` (re-running leaves one copy);
-    mode="append": add rows (the run audit table).
+    mode="append": add rows (the run audit table). `tables`: reuse the job's open tables.
     """
     if mode == "replace_date" and not date:
         raise ValueError("mode 'replace_date' needs a date")
     for attempt in range(retries + 1):
         try:
+            target = (tables.get(uri, storage_options) if tables is not None else None) or uri
             if mode == "replace_date":
-                write_deltalake(uri, data, mode="overwrite", predicate=f"date = '{date}'",
+                write_deltalake(target, data, mode="overwrite", predicate=f"date = '{date}'",
                                 partition_by=list(partition_by), storage_options=storage_options,
                                 schema_mode="merge")
             else:
-                write_deltalake(uri, data, mode="append", partition_by=list(partition_by),
+                write_deltalake(target, data, mode="append", partition_by=list(partition_by),
                                 storage_options=storage_options, schema_mode="merge")
             return
         except CommitFailedError as exc:
@@ -75,14 +96,15 @@ def write_data_file(uri: str, data: pa.Table, *, date: str, name: str, filesyste
 
 
 def commit_date(uri: str, files: list[dict], *, date: str, schema: pa.Schema,
-                storage_options: dict[str, str] | None = None, retries: int = 8) -> None:
+                storage_options: dict[str, str] | None = None, retries: int = 8,
+                tables: OpenTables | None = None) -> None:
     """Atomically replace every row of `date` in the table at `uri` by the already written `files` (one Delta
     commit: their add actions and the removal of the date's old files). The table is created when missing,
     and columns of `schema` it lacks are added (older rows read them as null). Retries conflicting commits, so
-    two jobs committing the same date end with one copy."""
+    two jobs committing the same date end with one copy. `tables`: reuse the job's open tables."""
     for attempt in range(retries + 1):
         try:
-            table = read_table(uri, storage_options)
+            table = tables.get(uri, storage_options) if tables is not None else read_table(uri, storage_options)
             if table is None:
                 table = DeltaTable.create(uri, schema, mode="ignore", partition_by=["date"],
                                           storage_options=storage_options)

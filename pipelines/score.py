@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from typing import Iterator
 from dataclasses import dataclass, replace
 
 import polars as pl
@@ -18,9 +19,9 @@ import ray
 
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
-from pipelines.delta_sink import commit_date, read_table, write_partition
+from pipelines.delta_sink import OpenTables, commit_date, read_table, write_partition
 from pipelines.ingest import require_columns
-from pipelines.progress import ProgressBoard, ProgressDisplay, Throttle, clock
+from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
 from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
@@ -40,22 +41,24 @@ class DateResult:
     input_rows_quarantined: int = 0     # unusable input rows of the date (stage = ingest in the quarantine table)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, num_returns="streaming")
 def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime,
-                      board=None, pin: bool = True) -> ShardScores:
-    from pipelines.score_steps import score_shard    # torch and the model code: in the worker, never the driver
+                      pin: bool = True) -> Iterator[tuple[int, int] | ShardScores]:
+    """Streams (ticks done, ticks total) at most once a second while it scores, then the shard's `ShardScores`."""
+    import torch
 
-    started, throttle = time.time(), Throttle(1.0)
+    from pipelines.score_steps import score_shard_steps   # torch and the model code: in the worker, never the driver
 
-    def posted(done: int, total: int) -> None:
-        if board is not None and (throttle() or done == total):
-            board.post.remote(shard.name, done=done, total=total)
-
+    torch.set_num_threads(1)     # the task holds one CPU (and, pinned, one core): one intra-op thread, whatever
+    started, throttle = time.time(), Throttle(1.0)   # the worker's torch was started with
     with pinned_to_free_cpu(pin):                        # one core per task (pipelines.affinity)
-        result = score_shard(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id,
-                             scored_at=scored_at, on_batch=posted)
-    result.seconds = time.time() - started
-    return result
+        for step in score_shard_steps(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id,
+                                      scored_at=scored_at):
+            if isinstance(step, ShardScores):
+                step.seconds = time.time() - started
+                yield step
+            elif throttle():
+                yield step
 
 
 def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
@@ -99,39 +102,40 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                          min_shards=2 * parallel)
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
-    mv_ref, scored_at, board = ray.put(mv), dt.datetime.now(dt.timezone.utc), ProgressBoard.remote()
+    mv_ref, scored_at = ray.put(mv), dt.datetime.now(dt.timezone.utc)
     pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
     parts: dict[str, list[tuple[DateCounts, float]]] = {d: [] for d in waiting}
     schemas: dict[str, pa.Schema] = {}
-    done, failed, started = [], [], time.time()
-    todo, running = deque(shards), {}
+    done, failed, started, tables = [], [], time.time(), OpenTables()
+    todo, running = deque(shards), {}                  # running: each shard task's stream -> its shard
+    partial: dict[str, tuple[int, int]] = {}           # a running shard's last (ticks done, ticks total)
 
     def finish(day: str, error: Exception | None) -> None:
         waiting.pop(day)
         date = dt.date.fromisoformat(day)
         if error is None:
             try:
-                result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec.name)
+                result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec.name, tables)
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
             else:
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
-                record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded")
+                record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
+                           tables=tables)
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 return
         failed.append((date, error))
-        record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed")
+        record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed",
+                   tables=tables)
         log.warning("%s failed: %s", day, error)
 
     finished_shards, ticks_done = 0, 0
 
     def show() -> None:
-        posts = ray.get(board.read.remote())
-        partial = [posts[s.name] for s in running.values() if s.name in posts]
-        display.update(finished_shards + sum(p["done"] / max(p["total"], 1) for p in partial),
-                       ticks=ticks_done + sum(p["done"] for p in partial),
+        now = [partial[s.name] for s in running.values() if s.name in partial]
+        display.update(finished_shards + sum(d / max(t, 1) for d, t in now), ticks=ticks_done + sum(d for d, _ in now),
                        committed=f"{len(done)}/{len(dates)} dates")
 
     def submit() -> None:
@@ -141,7 +145,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
                 if not shard.dates:
                     continue
-            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, board, pin)] = shard
+            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, pin)] = shard
 
     try:
         while todo or running:
@@ -152,17 +156,29 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             if not ready:
                 show()
                 continue
-            shard = running.pop(ready[0])
-            submit()                 # the freed slot gets its next shard before this one's dates are committed
+            stream = ready[0]
             try:
-                result: ShardScores = raise_task_error(ready[0])
+                step = raise_task_error(next(stream))
             except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
+                shard = running.pop(stream)
+                partial.pop(shard.name, None)
+                submit()
+                if isinstance(exc, StopIteration):
+                    exc = RuntimeError(f"shard {shard.name} ended without its scores")
                 if len(shard.dates) > 1:
                     log.warning("shard %s failed (%s); scoring its dates one at a time", shard.name, exc)
                     todo.extendleft(reversed(shard.alone()))
                 elif shard.dates[0].isoformat() in waiting:
                     finish(shard.dates[0].isoformat(), exc)
                 continue
+            if not isinstance(step, ShardScores):         # progress: (ticks done, ticks total)
+                partial[running[stream].name] = step
+                show()
+                continue
+            result: ShardScores = step
+            shard = running.pop(stream)
+            partial.pop(shard.name, None)
+            submit()                 # the freed slot gets its next shard before this one's dates are committed
             finished_shards += 1
             ticks_done += sum(c.ticks_in for c in result.dates.values())
             for name, schema in (("output", result.output_schema), ("quarantine", result.quarantine_schema)):
@@ -180,12 +196,11 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
         raise Interrupted(len(done), len(dates)) from None
     finally:
         display.close()
-        ray.kill(board)
     return sorted(done, key=lambda r: r.date), sorted(failed, key=lambda f: f[0])
 
 
 def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts, float]],
-            schemas: dict[str, pa.Schema], name: str) -> DateResult:
+            schemas: dict[str, pa.Schema], name: str, tables: OpenTables) -> DateResult:
     """One date's files from all its shards: checked, then committed (quarantine first, then the output)."""
     t0 = time.time()
     counts = [c for c, _ in parts]
@@ -195,23 +210,24 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         raise DataError(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:
         raise RuntimeError(f"{day}: {ticks_in} ticks in but {scored} scored + {quarantined} quarantined")
-    tables = ((spec.score.quarantine_path, [f for c in counts for f in c.quarantine_files], schemas.get("quarantine")),
-              (spec.score.output, [f for c in counts for f in c.output_files], schemas.get("output")))
-    for path, files, schema in tables:
+    targets = ((spec.score.quarantine_path, [f for c in counts for f in c.quarantine_files], schemas.get("quarantine")),
+               (spec.score.output, [f for c in counts for f in c.output_files], schemas.get("output")))
+    for path, files, schema in targets:
         uri, options = storage.delta_uri(path), storage.delta_options(path)
         if schema is None:                       # nothing written for this table by any shard of the run
-            table = read_table(uri, options)
+            table = tables.get(uri, options)
             if table is None:
                 continue
             schema = pa.schema(table.schema().to_arrow())
-        commit_date(uri, files, date=day, schema=schema, storage_options=options)
+        commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
                       seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
                       input_rows_quarantined=sum(c.input_rows_quarantined for c in counts))
 
 
-def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str) -> None:
+def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str,
+               tables: OpenTables | None = None) -> None:
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
@@ -222,7 +238,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "duration_s": [float(result.seconds)], "status": [status],
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
     write_partition(storage.delta_uri(spec.score.runs_path), row, date=None, mode="append",
-                    storage_options=storage.delta_options(spec.score.runs_path))
+                    storage_options=storage.delta_options(spec.score.runs_path), tables=tables)
 
 
 def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -> set[str]:

@@ -1,6 +1,6 @@
 """Scoring steps as plain functions (no Ray): one shard read, aligned, featurized and scored, its rows smoothed
 and thresholded per entity and date, and written as Parquet data files of the output and quarantine tables.
-`pipelines.score` runs `score_shard` in Ray tasks and commits each date once all its shards are written.
+`pipelines.score` runs `score_shard_steps` in Ray tasks and commits each date once all its shards are written.
 
 Output table (`score.output`, partitioned by `date`): entity column(s), ts, date, score, threshold,
 is_anomaly, score_<modality> (null where absent), modalities, model_version, run_id, scored_at.
@@ -120,14 +120,28 @@ def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *,
     data files of the output tables (not committed: the driver commits each date). `spec` names where the data
     is and the model version's modalities (see `pipelines.score.reading_spec`). `on_batch(ticks_done,
     ticks_total)` is called after each batch of ticks (progress)."""
+    for step in score_shard_steps(shard, spec, mv, storage, run_id=run_id, scored_at=scored_at,
+                                  batch_ticks=batch_ticks):
+        if isinstance(step, ShardScores):
+            return step
+        if on_batch is not None:
+            on_batch(*step)
+    raise RuntimeError(f"shard {shard.name} ended without its scores")     # pragma: no cover - see the generator
+
+
+def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,
+                      scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS
+                      ) -> Iterator[tuple[int, int] | ShardScores]:
+    """`score_shard` step by step: yields (ticks done, ticks total) after each batch of ticks, then the shard's
+    `ShardScores` last (a Ray task streams these to the driver: progress without an actor)."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
-    parts = []
+    parts, done = [], 0
     for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
         parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow(), inputs.decoded)))
-        if on_batch is not None:
-            on_batch(sum(p.height for p in parts), ticks.height)
+        done += parts[-1].height
+        yield done, ticks.height
     scored = pl.concat(parts) if parts else _no_ticks(spec)
     result = ShardScores(shard.name, {}, None, None)
     out_uri, q_uri = spec.score.output, spec.score.quarantine_path
@@ -151,7 +165,7 @@ def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *,
         if quarantine.num_rows:
             counts.quarantine_files.append(_write(storage, q_uri, quarantine, day, f"{run_id}-{shard.bucket}"))
             result.quarantine_schema = quarantine.schema
-    return result
+    yield result
 
 
 def _no_ticks(spec: Spec) -> pl.DataFrame:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,7 @@ def test_images_build_from_the_repository_with_a_documented_command():
                 for source in line.split()[1:-1]:
                     assert (ROOT / source).exists(), (name, source)
         assert "-c constraints.txt" in text          # the tested versions, as the Makefile installs them
+        assert f"_RJEM_MALLOC_CONF={WORKER_JEMALLOC_CONF}" in text      # a cluster's workers: as a local Ray's
 
 
 def test_ray_validation_would_catch_a_broken_config():

@@ -464,6 +464,30 @@ def test_tick_batches_read_the_rows_before_their_first_tick(trained):
     assert first["vibration"][TIME].min() < noon                   # the window before noon was read
 
 
+def test_a_shard_streams_its_progress_then_its_scores(trained, tmp_path):
+    """`score_shard_steps` yields (ticks done, ticks total) after each batch, growing to the total, then the
+    shard's `ShardScores` last - what a scoring task streams to the driver instead of posting to an actor."""
+    from pipelines.registry import Registry
+    from pipelines.score import reading_spec
+    from pipelines.score_steps import score_shard_steps
+    from pipelines.shards import ShardScores, list_inputs, plan_shards
+    from pipelines.storage import Storage
+
+    spec, version, root = trained
+    spec = replace(spec, score=replace(spec.score, output=str(tmp_path / "scores")))
+    mv = Registry(spec.registry, Storage()).load(version)
+    model_spec = reading_spec(mv, spec)
+    (shard,) = plan_shards(model_spec, [DAY3], list_inputs(model_spec, [DAY3], Storage()))
+    steps = list(score_shard_steps(shard, model_spec, mv, Storage(), run_id="t", batch_ticks=500,
+                                   scored_at=dt.datetime.now(dt.timezone.utc)))
+    progress, last = steps[:-1], steps[-1]
+    assert isinstance(last, ShardScores) and not any(isinstance(p, ShardScores) for p in progress)
+    counts = last.dates[DAY3.isoformat()]
+    assert len(progress) == -(-counts.ticks_in // 500) >= 2
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress) and progress[-1] == (counts.ticks_in,) * 2
+    assert {t for _, t in progress} == {counts.ticks_in} and counts.rows_scored + counts.rows_quarantined == counts.ticks_in
+
+
 def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray):
     """A Parquet file whose footer reads but whose pages do not, met inside a Ray task: `dmafn score` exits 2
     with one `error:` line naming the file, and no traceback (from Ray or Python) on its console."""
@@ -502,7 +526,8 @@ def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray
 
 def test_a_scoring_driver_never_builds_the_network_nor_imports_torch(trained, tmp_path, local_ray):
     """A scoring job's driver only plans and commits: the model version travels to the shard tasks as its
-    weights and is built there, and the driver process never imports torch (its start and memory stay small)."""
+    weights and is built there, and the driver process never imports torch nor Ray Data (its start and memory
+    stay small)."""
     import os
     import pickle
     import subprocess
@@ -526,12 +551,12 @@ def test_a_scoring_driver_never_builds_the_network_nor_imports_torch(trained, tm
     data["score"]["output"] = str(tmp_path / "scores")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
     script = ("import sys; from jobs.cli import main; code = main(['score', sys.argv[1], '--date', '2024-01-03']); "
-              "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+              "print('torch imported:', 'torch' in sys.modules, 'ray.data' in sys.modules); sys.exit(code)")
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.yaml")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "torch imported: False" in run.stdout, run.stdout[-2000:]
+    assert "torch imported: False False" in run.stdout, run.stdout[-2000:]
     scored = pl.read_delta(str(tmp_path / "scores"))
     assert scored.height > 0 and set(scored["model_version"]) == {version}
 
