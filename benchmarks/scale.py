@@ -14,7 +14,9 @@ single-core ticks/s at the largest scale, the backfill's time counting the CLI's
 At the largest scale the backfill (again with `--force`) and the bare loop take `--repeats` turns each and the
 ratio is that of the medians: on this 2-vCPU machine one run's figure swings by ~5 %.
 At the largest scale the backfill runs once more with `--address` on a standing local cluster (`ray start
---head`), as a job on a running cluster does: `ratio_standing_cluster`.
+--head`, with the images' allocator setting), as a job on a running cluster does: `ratio_standing_cluster`;
+and the bare loop once more with the allocator setting DMAFN's workers run with
+(`pipelines.ray_runtime.WORKER_JEMALLOC_CONF`): `ratio_vs_bare_with_worker_allocator`.
 
 With `--skab`, also sparse data of SKAB's shape (34 runs of ~20 minutes at 1 Hz spread over a month, grain
 1 s): its files as a lake (`benchmarks.skab.write_lake`), `dmafn train` (1 epoch) and `dmafn backfill` over
@@ -120,16 +122,18 @@ def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> 
     return time.perf_counter() - started, ticks_total, time.process_time() - cpu
 
 
-def bare_on_one_core(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int, float]:
+def bare_on_one_core(spec_path: Path, version: str, dates: list[dt.date], out: str,
+                     env: dict[str, str] | None = None) -> tuple[float, int, float]:
     """`bare_loop` in a child process pinned to one CPU before anything is imported, so Polars', Arrow's and
-    torch's thread pools all share that core: a single-core loop. (seconds, ticks, CPU seconds of the loop)."""
+    torch's thread pools all share that core: a single-core loop. (seconds, ticks, CPU seconds of the loop).
+    `env`: the child's environment (default: this process's)."""
     code = ("import datetime as dt, json, sys; from pathlib import Path; from benchmarks.scale import bare_loop; "
             "a = json.loads(sys.argv[1]); "
             "s, n, c = bare_loop(Path(a['spec']), a['version'], [dt.date.fromisoformat(d) for d in a['dates']], a['out']); "
             "print(json.dumps({'seconds': s, 'ticks': n, 'cpu': c}))")
     args = {"spec": str(spec_path), "version": version, "dates": [d.isoformat() for d in dates], "out": out}
     cpu = min(os.sched_getaffinity(0))
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env,
                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), cwd=Path(__file__).resolve().parent.parent)
     if done.returncode:
         raise RuntimeError(f"bare loop exited {done.returncode}:\n{done.stderr[-3000:]}")
@@ -146,7 +150,10 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
+
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
+           "_RJEM_MALLOC_CONF": WORKER_JEMALLOC_CONF}         # as the project's images start a cluster
     temp = tempfile.mkdtemp(prefix="ray-bench-")
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--num-cpus={num_cpus}", f"--port={port}", "--include-dashboard=false",
@@ -199,6 +206,12 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standi
         back_runs.append(cli(["backfill", str(spec_path), "--start", dates[0].isoformat(), "--end",
                               dates[-1].isoformat(), "--force"], env)[0])
         bare_runs.append(bare_on_one_core(spec_path, version, dates, str(root / f"bare_scores_{turn}"))[0])
+    same_allocator = None
+    if repeats > 1:      # the bare loop once more with the allocator setting the backfill's workers run with
+        from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
+
+        same_allocator = bare_on_one_core(spec_path, version, dates, str(root / "bare_scores_allocator"),
+                                          env={**env, "_RJEM_MALLOC_CONF": WORKER_JEMALLOC_CONF})[0]
     if repeats > 1:
         print(f"[{scale}x] {repeats} turns: backfill " + ", ".join(f"{t:.1f}" for t in back_runs) + " s; bare loop "
               + ", ".join(f"{t:.1f}" for t in bare_runs) + " s", flush=True)
@@ -216,6 +229,11 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standi
            "ratio": (ticks / back_s) / (bare_ticks / bare_s), "same_rows": same, "max_score_diff": diff,
            "train_driver_rss_mb": train_driver / 1e6, "train_largest_worker_rss_mb": train_worker / 1e6,
            "backfill_driver_rss_mb": back_driver / 1e6, "backfill_largest_worker_rss_mb": back_worker / 1e6}
+    if same_allocator is not None:
+        row.update(bare_seconds_worker_allocator=round(same_allocator, 1),
+                   ratio_vs_bare_with_worker_allocator=(ticks / back_s) / (bare_ticks / same_allocator))
+        print(f"[{scale}x] bare loop with the workers' allocator setting: {same_allocator:.1f} s, ratio "
+              f"{row['ratio_vs_bare_with_worker_allocator']:.2f}", flush=True)
     if standing:
         seconds, _, _ = on_running_cluster(["backfill", str(spec_path), "--start", dates[0].isoformat(), "--end",
                                             dates[-1].isoformat(), "--force"], env, num_cpus)
@@ -300,7 +318,10 @@ def main() -> None:
     for name, g in growth.items():
         print(f"RSS growth {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in g.items()))
     write_json(f"{args.out}/scale.json", {"ratio": rows[-1]["ratio"],
-                                          "ratio_standing_cluster": rows[-1].get("ratio_standing_cluster"), "scales": rows, "rss_growth": growth,
+                                          "ratio_standing_cluster": rows[-1].get("ratio_standing_cluster"),
+                                          "ratio_vs_bare_with_worker_allocator":
+                                              rows[-1].get("ratio_vs_bare_with_worker_allocator"),
+                                          "scales": rows, "rss_growth": growth,
                                           "skab_shaped": skab, "num_cpus": num_cpus, "repeats": args.repeats,
                                           "date": dt.date.today().isoformat()})
 
