@@ -1,7 +1,8 @@
 """Progress of the long steps (training epochs, backfill passes), shown on the driver.
 
-Workers post a few numbers to a `ProgressBoard` actor (fire-and-forget, throttled); the driver reads the board
-while it waits and shows one display per step: a live tqdm bar when stderr is a terminal, a plain log line
+Training's rank 0 posts a few numbers to a `ProgressBoard` actor (fire-and-forget, throttled) that a
+`BoardWatcher` thread reads; scoring tasks stream theirs to the driver with their results (`pipelines.score`).
+Either way the driver shows one display per step: a live tqdm bar when stderr is a terminal, a plain log line
 every `every` seconds otherwise (a job's log, `ray job logs`). Nothing is shown with `-q` (the `pipelines`
 logger above INFO).
 """
