@@ -42,6 +42,7 @@ import psutil
 import yaml
 
 from benchmarks.common import write_json
+from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
 
 SCALES = {1: (4, 2, 2), 8: (8, 8, 8), 32: (16, 8, 16)}       # scale: (entities, training-window days, scored days)
 
@@ -150,8 +151,6 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
-
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
            "_RJEM_MALLOC_CONF": WORKER_JEMALLOC_CONF}         # as the project's images start a cluster
     temp = tempfile.mkdtemp(prefix="ray-bench-")
@@ -207,12 +206,10 @@ def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standi
                               dates[-1].isoformat(), "--force"], env)[0])
         bare_runs.append(bare_on_one_core(spec_path, version, dates, str(root / f"bare_scores_{turn}"))[0])
     same_allocator = None
-    if repeats > 1:      # the bare loop once more with the allocator setting the backfill's workers run with
-        from pipelines.ray_runtime import WORKER_JEMALLOC_CONF
-
+    if repeats > 1:
+        # the bare loop once more with the allocator setting the backfill's workers run with
         same_allocator = bare_on_one_core(spec_path, version, dates, str(root / "bare_scores_allocator"),
                                           env={**env, "_RJEM_MALLOC_CONF": WORKER_JEMALLOC_CONF})[0]
-    if repeats > 1:
         print(f"[{scale}x] {repeats} turns: backfill " + ", ".join(f"{t:.1f}" for t in back_runs) + " s; bare loop "
               + ", ".join(f"{t:.1f}" for t in bare_runs) + " s", flush=True)
         back_s, bare_s = statistics.median(back_runs), statistics.median(bare_runs)

@@ -1,6 +1,6 @@
 """Scoring jobs (the Ray wiring): the dates are cut into shards (`pipelines.shards`), each shard is scored by a
 Ray task that reads its files straight from storage and writes its rows as data files of the output tables
-(`pipelines.score_steps.score_shard`), and the driver commits each date once all its shards are written - one
+(`pipelines.score_steps.score_shard_steps`), and the driver commits each date once all its shards are written - one
 atomic Delta commit per date and table. The driver holds metadata only: file lists, the model version, counts.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Iterator
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -49,8 +49,9 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, s
 
     from pipelines.score_steps import score_shard_steps   # torch and the model code: in the worker, never the driver
 
-    torch.set_num_threads(1)     # the task holds one CPU (and, pinned, one core): one intra-op thread, whatever
-    started, throttle = time.time(), Throttle(1.0)   # the worker's torch was started with
+    # the task holds one CPU (and, pinned, one core): one intra-op thread, whatever the worker's torch started with
+    torch.set_num_threads(1)
+    started, throttle = time.time(), Throttle(1.0)
     with pinned_to_free_cpu(pin):                        # one core per task (pipelines.affinity)
         for step in score_shard_steps(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id,
                                       scored_at=scored_at):
@@ -147,6 +148,14 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                     continue
             running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, pin)] = shard
 
+    def release(stream) -> Shard:
+        """A finished (or failed) task's shard; its slot gets the next shard at once, before this one's dates
+        are committed."""
+        shard = running.pop(stream)
+        partial.pop(shard.name, None)
+        submit()
+        return shard
+
     try:
         while todo or running:
             submit()
@@ -160,9 +169,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             try:
                 step = raise_task_error(next(stream))
             except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
-                shard = running.pop(stream)
-                partial.pop(shard.name, None)
-                submit()
+                shard = release(stream)
                 if isinstance(exc, StopIteration):
                     exc = RuntimeError(f"shard {shard.name} ended without its scores")
                 if len(shard.dates) > 1:
@@ -176,9 +183,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 show()
                 continue
             result: ShardScores = step
-            shard = running.pop(stream)
-            partial.pop(shard.name, None)
-            submit()                 # the freed slot gets its next shard before this one's dates are committed
+            shard = release(stream)
             finished_shards += 1
             ticks_done += sum(c.ticks_in for c in result.dates.values())
             for name, schema in (("output", result.output_schema), ("quarantine", result.quarantine_schema)):

@@ -10,7 +10,7 @@ ticks in = rows scored + rows quarantined (also recorded in the runs table).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -113,27 +113,14 @@ def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *
         pl.lit(at, pl.Datetime("us", "UTC")).alias("quarantined_at"))
 
 
-def score_shard(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,
-                scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS,
-                on_batch: Callable[[int, int], None] | None = None) -> ShardScores:
-    """Read, align, featurize and score one shard, then write each of its dates' output and quarantine rows as
-    data files of the output tables (not committed: the driver commits each date). `spec` names where the data
-    is and the model version's modalities (see `pipelines.score.reading_spec`). `on_batch(ticks_done,
-    ticks_total)` is called after each batch of ticks (progress)."""
-    for step in score_shard_steps(shard, spec, mv, storage, run_id=run_id, scored_at=scored_at,
-                                  batch_ticks=batch_ticks):
-        if isinstance(step, ShardScores):
-            return step
-        if on_batch is not None:
-            on_batch(*step)
-    raise RuntimeError(f"shard {shard.name} ended without its scores")     # pragma: no cover - see the generator
-
-
 def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Storage, *, run_id: str,
                       scored_at: dt.datetime, batch_ticks: int = BATCH_TICKS
                       ) -> Iterator[tuple[int, int] | ShardScores]:
-    """`score_shard` step by step: yields (ticks done, ticks total) after each batch of ticks, then the shard's
-    `ShardScores` last (a Ray task streams these to the driver: progress without an actor)."""
+    """Read, align, featurize and score one shard, then write each of its dates' output and quarantine rows as
+    data files of the output tables (not committed: the driver commits each date). `spec` names where the data
+    is and the model version's modalities (see `pipelines.score.reading_spec`). Yields (ticks done, ticks
+    total) after each batch of ticks, then the shard's `ShardScores` last (a Ray task streams these to the
+    driver: progress without an actor)."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
