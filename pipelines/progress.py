@@ -9,6 +9,7 @@ logger above INFO).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
@@ -54,7 +55,8 @@ class ProgressDisplay:
         self.title, self.total, self.unit, self.every = title, max(int(total), 1), unit, every
         self.stream = stream or sys.stderr
         self.enabled = logging.getLogger("pipelines").isEnabledFor(logging.INFO)
-        self.started, self.last_line, self.done, self.facts = time.monotonic(), 0.0, 0.0, {}
+        # -inf: the first update always shows (0.0 hid it on a machine up for less than `every` seconds)
+        self.started, self.last_line, self.done, self.facts = time.monotonic(), -math.inf, 0.0, {}
         self.first: tuple[float, float] | None = None      # (time, done) of the first progress: the rate's origin
         self.bar = None
         if self.enabled and _is_terminal(self.stream):
