@@ -54,7 +54,7 @@ def cmd_generate(args) -> None:
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
-                          gradual=args.gradual)
+                          gradual=args.gradual, outages=args.outages)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--gradual", action="store_true",
                        help="the demo's machines with slow drifts, intermittent vibration and camera fades as kinds "
                             "six to eight (a fleet to choose settings for gradual faults on)")
+    p.add_argument("--outages", action="store_true",
+                   help="each pump's vibration sensor fails for 2-4 hours once on a scored day, unlabelled (the "
+                        "shifted fleet always has it): how scores hold while a modality is gone")
     p = verb("validate", cmd_validate, "check a spec: every problem at once", spec="?")
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")
