@@ -110,6 +110,38 @@ def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | N
     return result
 
 
+def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+    """How soon the calibrated alarms catch each labelled event: per anomaly kind and overall, the events with at
+    least one scored tick, how many raised an alarm inside them, and for those the delay from the event's start to
+    its first alarm (median and 90th percentile, minutes) and the share of the event gone by then (median). A
+    gradual fault's ROC-AUC counts every tick of its onset, where the fault is still smaller than the noise; the
+    delay says what an operator waits. `ticks`: the scored ticks with `is_anomaly` and the tick time column."""
+    keys = list(spec.entity)
+    intervals = labels.select([*keys, to_micros(pl.col(spec.labels.start)).alias("_s"),
+                               to_micros(pl.col(spec.labels.end)).alias("_e"),
+                               (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
+    events = (ticks.select([*keys, TIME, pl.col("is_anomaly").cast(pl.Boolean)])
+              .join(intervals, on=keys, how="inner")
+              .filter((pl.col(TIME) >= pl.col("_s")) & (pl.col(TIME) <= pl.col("_e")))
+              .group_by([*keys, "_s", "_e", "_kind"])
+              .agg(pl.col(TIME).filter(pl.col("is_anomaly")).min().alias("_first"))
+              .with_columns(((pl.col("_first") - pl.col("_s")) / 60e6).alias("delay_min"),
+                            ((pl.col("_first") - pl.col("_s")) / pl.max_horizontal(pl.col("_e") - pl.col("_s"),
+                                                                                spec.grain_us)).alias("elapsed")))
+
+    def summary(rows: pl.DataFrame) -> dict[str, Any]:
+        found = rows.filter(pl.col("_first").is_not_null())
+        delays, elapsed = found["delay_min"].to_numpy(), found["elapsed"].to_numpy()
+        return {"events": rows.height, "detected": found.height,
+                "median_delay_min": float(np.median(delays)) if delays.size else None,
+                "p90_delay_min": float(np.quantile(delays, 0.9)) if delays.size else None,
+                "median_elapsed_share": float(np.median(elapsed)) if elapsed.size else None}
+
+    return {"overall": summary(events),
+            "by_kind": {kind: summary(events.filter(pl.col("_kind") == kind))
+                        for kind in sorted(events["_kind"].unique().to_list())}}
+
+
 def settle_us(spec: Spec) -> int:
     """How long an event can still move the score after it ends: the longest reach of a modality (its window
     or tolerance) plus the smoothing's settling time (EWMA: until a step's weight is under 5 %; rolling: its
@@ -184,6 +216,13 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"  clear of events (normal ticks more than {result['clear_after_minutes']:.0f} min after "
                          f"an event's end: windows' reach + smoothing; {result['clear_ticks']} ticks): false "
                          f"alarms on {100 * result['false_alarm_rate_clear']:.2f} %")
+    if result.get("detection"):
+        lines.append("  detection at the calibrated threshold (events caught; of those, minutes from the event's start "
+                     "to its first alarm, median / p90, and the share of the event gone by then):")
+        for kind, d in [("overall", result["detection"]["overall"]), *result["detection"]["by_kind"].items()]:
+            lines.append(f"    {kind:<14}{d['detected']:>4}/{d['events']:<4}" + (
+                f"  {d['median_delay_min']:6.1f} / {d['p90_delay_min']:6.1f} min  {100 * d['median_elapsed_share']:3.0f} %"
+                if d["detected"] else "  none caught"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     return "\n".join(lines)
 
@@ -274,6 +313,7 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     result = metrics_table(df, spec, extra)
     result["dates"] = sorted(df["date"].unique().to_list())
     result |= alarm_rates(df, spec, storage)
+    result["detection"] = detection(df, labels, spec)
     text = format_table(result)
     print(text)
     if report_dir:

@@ -21,7 +21,7 @@ from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.delta_sink import read_table
-from pipelines.evaluate import alarm_rates, contributing_modalities, metrics_table, read_scores
+from pipelines.evaluate import alarm_rates, contributing_modalities, detection, metrics_table, read_scores
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number
@@ -43,7 +43,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     if spec.labels:
         labels = read_labels(spec, storage)
         scores = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec,
-                             spec.labels.start, spec.labels.end).drop(TIME).sort(["_entity", "ts"])
+                             spec.labels.start, spec.labels.end).sort(["_entity", "ts"])
     dates = sorted(scores["date"].unique().to_list())
     chosen = entities or _busiest_entities(scores, max_entities)
     unknown = sorted(set(chosen) - set(scores["_entity"].unique().to_list()))
@@ -52,6 +52,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     sections = [_header(spec, scores, dates)]
     if "label" in scores.columns:
         result = metrics_table(scores, spec) | alarm_rates(scores, spec, storage)
+        result["detection"] = detection(scores, labels, spec)
         sections += [_metrics_section(result), _curves_section(scores, modalities)]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
@@ -118,8 +119,17 @@ def _metrics_section(result: dict[str, Any]) -> str:
     rows = [[name, _num(result["overall"][name]["roc_auc"]), _num(result["overall"][name]["pr_auc"]),
              *[_num(result["by_kind"][k][name]["roc_auc"]) for k in kinds]] for name in result["overall"]]
     per_kind = _table(head, rows, "kind-metrics")
+    caught = ""
+    if result.get("detection"):
+        found = [("all kinds", result["detection"]["overall"]), *result["detection"]["by_kind"].items()]
+        caught = _table(["kind", "events caught", "minutes to first alarm (median)", "(p90)", "share of the event gone"],
+                        [[k, f"{d['detected']} of {d['events']}",
+                          *([f"{d['median_delay_min']:.1f}", f"{d['p90_delay_min']:.1f}",
+                             f"{100 * d['median_elapsed_share']:.0f} %"] if d["detected"] else ["-", "-", "-"])]
+                         for k, d in found], "detection")
     return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
-            f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{per_kind}{fused}</section>')
+            f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{per_kind}{fused}'
+            f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}</section>')
 
 
 def _curves_section(scores: pl.DataFrame, modalities: list[str]) -> str:

@@ -176,3 +176,34 @@ def test_the_metrics_table_has_no_row_for_a_modality_without_any_contribution(ti
     table = metrics_table(df, tiny_spec, {"alone_vib": np.full(n, np.nan), "alone_proc": np.linspace(0, 1, n)})
     assert set(table["overall"]) == {"fused", "score_proc", "alone_proc"}
     assert table["overall"]["score_proc"]["roc_auc"] == 1.0 and set(table["by_kind"]["x"]) == set(table["overall"])
+
+
+def test_detection_counts_each_events_delay_to_its_first_alarm_inside_it():
+    """Per kind: events with a scored tick, those caught, minutes from start to the first alarm inside the event
+    (an alarm before it does not count), the share of the event gone by then; an event no tick saw is left out."""
+    import datetime as dt
+
+    import polars as pl
+
+    from dmafn.spec import parse_spec
+    from pipelines.align import TIME
+    from pipelines.evaluate import detection
+    from tests.conftest import tiny_spec_dict
+
+    spec = parse_spec(tiny_spec_dict(labels={"path": "/tmp/none/labels", "start": "start_ts", "end": "end_ts"}),
+                      source="tiny.yaml")
+    t0 = dt.datetime(2024, 1, 3, tzinfo=dt.timezone.utc)
+    at = lambda minute: t0 + dt.timedelta(minutes=minute)                        # noqa: E731
+    alarms = {"a": {4, *range(8, 15), 16}, "b": set()}
+    ticks = pl.DataFrame([{"machine_id": e, TIME: int(at(m).timestamp() * 1e6), "is_anomaly": m in alarms[e]}
+                          for e in ("a", "b") for m in range(20)])
+    labels = pl.DataFrame({"machine_id": ["a", "b", "a", "a"], "start_ts": [at(5), at(2), at(16), at(100)],
+                           "end_ts": [at(14), at(5), at(18), at(110)], "kind": ["ramp", "ramp", "step", "step"]})
+    found = detection(ticks, labels, spec)
+    ramp, step = found["by_kind"]["ramp"], found["by_kind"]["step"]
+    assert (ramp["events"], ramp["detected"]) == (2, 1)                       # b's ramp never alarmed
+    assert ramp["median_delay_min"] == 3.0 and abs(ramp["median_elapsed_share"] - 3 / 9) < 1e-9
+    assert (step["events"], step["detected"], step["median_delay_min"]) == (1, 1, 0.0)   # minute 100: no tick
+    assert (found["overall"]["events"], found["overall"]["detected"]) == (3, 2)
+    nothing = detection(ticks.with_columns(pl.lit(False).alias("is_anomaly")), labels, spec)["overall"]
+    assert nothing["detected"] == 0 and nothing["median_delay_min"] is None
