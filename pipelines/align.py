@@ -171,13 +171,19 @@ def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: 
     keys = list(spec.entity)
     intervals = labels.select([*keys, to_micros(pl.col(start)).alias("_s"), to_micros(pl.col(end)).alias("_e"),
                                (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
-    hits = (aligned.select([*keys, TIME]).join(intervals, on=keys, how="inner")
-            .filter((pl.col(TIME) >= pl.col("_s")) & (pl.col(TIME) <= pl.col("_e")))
-            .group_by([*keys, TIME]).agg(pl.col("_kind").first().alias("label_kind")))
-    out = aligned.join(hits, on=[*keys, TIME], how="left")
+    # per entity, in order of start (ties: as listed): the latest end so far, `_cover`. The first interval whose
+    # `_cover` reaches a tick is the earliest-starting one that can cover it, and does exactly when it started at or
+    # before the tick - one as-of join per tick, overlapping intervals included: the cost grows with ticks +
+    # intervals, not ticks x intervals. A tick two intervals cover takes the kind of the one that started first.
+    started = (intervals.sort("_s", maintain_order=True)
+               .with_columns(pl.col("_e").cum_max().over(keys).alias("_cover"))
+               .sort("_cover", maintain_order=True))
     # time since the end of the entity's latest labelled interval that ended before the tick (null: none yet)
     ends = intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end")
-    out = (out.with_row_index("_row").sort(TIME)
+    out = (aligned.with_row_index("_row").sort(TIME)
+           .join_asof(started, left_on=TIME, right_on="_cover", by=keys, strategy="forward", check_sortedness=False)
+           .with_columns(pl.when(pl.col("_s") <= pl.col(TIME)).then(pl.col("_kind")).otherwise(None).alias("label_kind"))
+           .drop("_s", "_e", "_kind", "_cover")
            .join_asof(ends, left_on=TIME, right_on="_end", by=keys, strategy="backward", allow_exact_matches=False,
                       check_sortedness=False)
            .sort("_row").with_columns((pl.col(TIME) - pl.col("_end")).alias("since_event_us")).drop("_end", "_row"))

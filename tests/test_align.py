@@ -1,6 +1,7 @@
 """Alignment on hand-made 3-row tables, without Ray."""
 import datetime as dt
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -141,3 +142,25 @@ def test_ticks_follow_the_data_exactly_where_a_modality_can_be_present(tiny_spec
     expected = aligned.filter(some.fill_null(False)).select("machine_id", TIME)
     assert got.equals(expected)
     assert data_ticks(tables, present.head(0), tiny_spec, [DAY]).is_empty()
+
+
+def test_label_ticks_agree_with_checking_every_interval_overlaps_included(tiny_spec):
+    """Random ticks of two entities against random, overlapping intervals: a tick is labelled exactly when some
+    interval of its entity covers it (ends included), with the kind of the earliest-starting one that does -
+    what comparing every tick with every interval gives, at the cost of one as-of join."""
+    rng = np.random.default_rng(3)
+    n = 400
+    ticks = pl.DataFrame({"machine_id": rng.choice(["a", "b"], n),
+                          TIME: T0 + rng.integers(0, 300, n) * M}).with_row_index("i")
+    starts = T0 + rng.integers(0, 300, 40) * M
+    labels = pl.DataFrame({"machine_id": rng.choice(["a", "b", "c"], 40), "start_ts": starts,
+                           "end_ts": starts + rng.integers(0, 40, 40) * M, "kind": rng.choice(["x", "y", "z"], 40)})
+    labels = labels.with_columns(pl.from_epoch("start_ts", "us").dt.replace_time_zone("UTC"),
+                                 pl.from_epoch("end_ts", "us").dt.replace_time_zone("UTC"))
+    got = label_ticks(ticks, labels, tiny_spec, "start_ts", "end_ts")
+    assert got["i"].to_list() == ticks["i"].to_list()                    # rows keep their order
+    s, e = (labels[c].dt.epoch("us").to_numpy() for c in ("start_ts", "end_ts"))
+    for entity, t, label, kind in got.select("machine_id", TIME, "label", "label_kind").iter_rows():
+        covering = sorted((a, i, k) for i, (m, a, b, k) in enumerate(zip(labels["machine_id"], s, e, labels["kind"]))
+                          if m == entity and a <= t <= b)
+        assert label == bool(covering) and kind == (covering[0][2] if covering else None)
