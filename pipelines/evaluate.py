@@ -120,11 +120,15 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
     intervals = labels.select([*keys, to_micros(pl.col(spec.labels.start)).alias("_s"),
                                to_micros(pl.col(spec.labels.end)).alias("_e"),
                                (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
-    events = (ticks.select([*keys, TIME, pl.col("is_anomaly").cast(pl.Boolean)])
-              .join(intervals, on=keys, how="inner")
-              .filter((pl.col(TIME) >= pl.col("_s")) & (pl.col(TIME) <= pl.col("_e")))
-              .group_by([*keys, "_s", "_e", "_kind"])
-              .agg(pl.col(TIME).filter(pl.col("is_anomaly")).min().alias("_first"))
+    # the first scored tick and the first alarm at or after each event's start (as-of joins per entity: the cost
+    # grows with ticks + events, not ticks x events), kept where they fall inside the event
+    scored = ticks.select([*keys, pl.col(TIME).alias("_tick")]).sort("_tick")
+    alarms = ticks.filter(pl.col("is_anomaly").cast(pl.Boolean)).select([*keys, pl.col(TIME).alias("_alarm")]).sort("_alarm")
+    events = (intervals.sort("_s")
+              .join_asof(scored, left_on="_s", right_on="_tick", by=keys, strategy="forward", check_sortedness=False)
+              .filter(pl.col("_tick") <= pl.col("_e"))
+              .join_asof(alarms, left_on="_s", right_on="_alarm", by=keys, strategy="forward", check_sortedness=False)
+              .with_columns(pl.when(pl.col("_alarm") <= pl.col("_e")).then(pl.col("_alarm")).alias("_first"))
               .with_columns(((pl.col("_first") - pl.col("_s")) / 60e6).alias("delay_min"),
                             ((pl.col("_first") - pl.col("_s")) / pl.max_horizontal(pl.col("_e") - pl.col("_s"),
                                                                                 spec.grain_us)).alias("elapsed")))
