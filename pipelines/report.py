@@ -122,7 +122,8 @@ def _metrics_section(result: dict[str, Any]) -> str:
     caught = ""
     if result.get("detection"):
         found = [("all kinds", result["detection"]["overall"]), *result["detection"]["by_kind"].items()]
-        caught = _table(["kind", "events caught", "minutes to first alarm (median)", "(p90)", "share of the event gone"],
+        head = ["kind", "events caught", "minutes to first alarm: median", "p90", "share of the event gone (median)"]
+        caught = _table(head,
                         [[k, f"{d['detected']} of {d['events']}",
                           *([f"{d['median_delay_min']:.1f}", f"{d['p90_delay_min']:.1f}",
                              f"{100 * d['median_elapsed_share']:.0f} %"] if d["detected"] else ["-", "-", "-"])]
