@@ -164,13 +164,19 @@ def alignment_input(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.Data
     return table.select([*spec.entity, to_micros(pl.col(spec.time)).alias(TIME), *m.value_columns])
 
 
+def label_intervals(labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
+    """The labelled intervals as the entity column(s), `_s` and `_e` (microseconds) and `_kind` ("anomaly"
+    where the labels have no `kind` column)."""
+    return labels.select([*spec.entity, to_micros(pl.col(start)).alias("_s"), to_micros(pl.col(end)).alias("_e"),
+                          (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
+
+
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
     """Add `label` (1 where the tick lies inside a labelled interval of its entity), `label_kind` and
     `since_event_us` (microseconds since the end of the entity's latest interval that ended before the tick;
     null where none has). Rows keep their order."""
     keys = list(spec.entity)
-    intervals = labels.select([*keys, to_micros(pl.col(start)).alias("_s"), to_micros(pl.col(end)).alias("_e"),
-                               (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
+    intervals = label_intervals(labels, spec, start, end)
     # per entity, in order of start (ties: as listed): the latest end so far, `_cover`. The first interval whose
     # `_cover` reaches a tick is the earliest-starting one that can cover it, and does exactly when it started at or
     # before the tick - one as-of join per tick, overlapping intervals included: the cost grows with ticks +

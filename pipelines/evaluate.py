@@ -24,7 +24,7 @@ from dmafn.metrics import point_adjust, point_metrics, pr_auc, roc_auc
 from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import best_f1_threshold, to_labels
 from dmafn.spec import Spec
-from pipelines.align import TIME, label_ticks, to_micros
+from pipelines.align import TIME, label_intervals, label_ticks, to_micros
 from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number, smooth_columns
@@ -117,9 +117,7 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
     gradual fault's ROC-AUC counts every tick of its onset, where the fault is still smaller than the noise; the
     delay says what an operator waits. `ticks`: the scored ticks with `is_anomaly` and the tick time column."""
     keys = list(spec.entity)
-    intervals = labels.select([*keys, to_micros(pl.col(spec.labels.start)).alias("_s"),
-                               to_micros(pl.col(spec.labels.end)).alias("_e"),
-                               (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
+    intervals = label_intervals(labels, spec, spec.labels.start, spec.labels.end)
     # the first scored tick and the first alarm at or after each event's start (as-of joins per entity: the cost
     # grows with ticks + events, not ticks x events), kept where they fall inside the event
     scored = ticks.select([*keys, pl.col(TIME).alias("_tick")]).sort("_tick")
