@@ -76,17 +76,23 @@ class PeakRss:
         return self.driver, self.worker
 
 
-def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
-    """Run `dmafn ARGS`; (seconds, peak driver RSS, peak largest worker RSS)."""
+def run_python(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
+    """Run `python ARGS` from the project's folder; (seconds, peak RSS of the process, peak RSS of its largest
+    Ray worker, its output)."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
     rss = PeakRss(proc.pid)
     out, _ = proc.communicate()
     driver, worker = rss.stop()
     if proc.returncode:
-        raise RuntimeError(f"dmafn {' '.join(args)} exited {proc.returncode}:\n{out[-3000:]}")
-    return time.perf_counter() - started, driver, worker
+        raise RuntimeError(f"python {' '.join(args)} exited {proc.returncode}:\n{out[-3000:]}")
+    return time.perf_counter() - started, driver, worker, out
+
+
+def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    """Run `dmafn ARGS`; (seconds, peak driver RSS, peak largest worker RSS)."""
+    return run_python(["-m", "jobs.cli", *args], env)[:3]
 
 
 def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> tuple[float, int, float]:

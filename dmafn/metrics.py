@@ -48,7 +48,11 @@ def pr_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def point_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Point-wise precision, recall, F1, false alarm rate (FP / negatives) and missed alarm rate (FN / positives)."""
     p, y = np.asarray(predicted).astype(bool), np.asarray(labels).astype(bool)
-    tp, fp, fn, tn = int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum()), int((~p & ~y).sum())
+    return count_metrics(int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum()), int((~p & ~y).sum()))
+
+
+def count_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """`point_metrics` from the confusion counts."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -89,3 +93,91 @@ def report(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str
     out.update(event_metrics(predicted, labels))
     out["f1_point_adjusted"] = point_metrics(point_adjust(predicted, labels), labels)["f1"]
     return out
+
+
+class RankingTally:
+    """ROC-AUC, PR-AUC and the oracle best-F1 threshold of a score column read in chunks, exactly as `roc_auc`,
+    `pr_auc` and `postprocess.best_f1_threshold` give them on the whole column, holding only the positives.
+
+    Two passes over the chunks: `add_positives` keeps the finite scores of the labelled ticks (with an integer
+    group each, e.g. the anomaly kind); after `freeze`, `add_negatives` counts for each positive the negatives
+    scored below it and equal to it. Memory: the positives plus one chunk, whatever the number of negatives."""
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.positives = np.empty(0)             # ascending, after freeze
+        self.groups = np.empty(0, np.int64)
+        self._below = np.zeros(1, np.int64)       # difference arrays over the sorted positives
+        self._equal = np.zeros(1, np.int64)
+        self.negatives = 0
+        self.max_score = -np.inf                  # of the finite negatives, for an oracle without positives
+        self._at_max = 0                          # negatives scored max_score
+
+    def add_positives(self, scores: np.ndarray, groups: np.ndarray | None = None) -> None:
+        s = np.asarray(scores, float)
+        g = np.zeros(len(s), np.int64) if groups is None else np.asarray(groups, np.int64)
+        keep = np.isfinite(s)
+        if keep.any():
+            self._chunks.append((s[keep], g[keep]))
+
+    def freeze(self) -> None:
+        """End of the first pass: sort the positives."""
+        s = np.concatenate([c[0] for c in self._chunks]) if self._chunks else np.empty(0)
+        g = np.concatenate([c[1] for c in self._chunks]) if self._chunks else np.empty(0, np.int64)
+        order = np.argsort(s, kind="stable")
+        self.positives, self.groups, self._chunks = s[order], g[order], []
+        self._below = np.zeros(len(s) + 1, np.int64)
+        self._equal = np.zeros(len(s) + 1, np.int64)
+
+    def add_negatives(self, scores: np.ndarray) -> None:
+        s = np.asarray(scores, float)
+        s = s[np.isfinite(s)]
+        if not s.size:
+            return
+        self.negatives += s.size
+        top = float(s.max())
+        if top >= self.max_score:
+            self._at_max = (self._at_max if top == self.max_score else 0) + int((s == top).sum())
+            self.max_score = top
+        n = len(self.positives) + 1
+        above = np.bincount(np.searchsorted(self.positives, s, "right"), minlength=n)   # first positive > x
+        from_ = np.bincount(np.searchsorted(self.positives, s, "left"), minlength=n)   # first positive >= x
+        self._below += above
+        self._equal += from_ - above
+
+    def _counts(self, group: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The positives of `group` (all: None), ascending, with the negatives below and equal to each."""
+        below, equal = np.cumsum(self._below)[:-1], np.cumsum(self._equal)[:-1]
+        if group is None:
+            return self.positives, below, equal
+        sel = self.groups == group
+        return self.positives[sel], below[sel], equal[sel]
+
+    def roc_auc(self, group: int | None = None) -> float:
+        s, below, equal = self._counts(group)
+        if not s.size or not self.negatives:
+            return float("nan")
+        return float((below.sum() + 0.5 * equal.sum()) / (s.size * self.negatives))
+
+    def _cuts(self, group: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per distinct positive score, descending: the score, positives and negatives at or above it."""
+        s, below, _ = self._counts(group)
+        s, below = s[::-1], below[::-1]
+        last = np.r_[s[1:] != s[:-1], True][:s.size]               # the last of each run of equal scores
+        return s[last], np.arange(1, s.size + 1)[last], self.negatives - below[last]
+
+    def pr_auc(self, group: int | None = None) -> float:
+        value, tp, fp = self._cuts(group)
+        if not value.size:
+            return float("nan")
+        return float(np.sum(np.diff(np.r_[0, tp]) / tp[-1] * (tp / (tp + fp))))
+
+    def best_f1(self, labelled: int) -> tuple[float, int, int]:
+        """The oracle cut over all positives: (threshold, flagged positives, flagged negatives); `score >
+        threshold` flags them. `labelled`: every labelled tick, finite score or not (the F1's recall base)."""
+        value, tp, fp = self._cuts(None)
+        if not value.size:                                   # nothing to find: the top-scored ticks
+            return float(np.nextafter(self.max_score, -np.inf)), 0, self._at_max
+        f1 = 2 * tp / np.maximum(tp + fp + len(self.positives), 1)
+        best = int(np.argmax(f1))
+        return float(np.nextafter(value[best], -np.inf)), int(tp[best]), int(fp[best])

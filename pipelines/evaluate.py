@@ -20,14 +20,16 @@ import ray
 from dmafn.detector import Detector
 from dmafn.calibration import Calibration
 from dmafn.features import StatisticsFitter, featurize
-from dmafn.metrics import point_adjust, point_metrics, pr_auc, roc_auc
+from dmafn.metrics import RankingTally, count_metrics
 from dmafn.model import ModelConfig, model_config
-from dmafn.postprocess import best_f1_threshold, to_labels
-from dmafn.spec import Spec
+from dmafn.postprocess import to_labels
+from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, label_intervals, label_ticks, to_micros
+from pipelines.delta_sink import read_table
 from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number, smooth_columns
+from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard, list_inputs, plan_shards
@@ -51,35 +53,112 @@ def read_scores(spec: Spec, storage: Storage, start: dt.date | None = None, end:
     return df.sort([*spec.entity, "ts"])
 
 
-def _grouped_events(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Event-wise precision / recall / F1 (as `dmafn.metrics.event_metrics`) pooled over groups: an event is a
-    run of labelled ticks of one group, an alarm a run of flagged ticks; rows in time order within each group.
-    Polars window expressions, so the cost grows with the rows, not rows x groups."""
-    df = pl.DataFrame({"g": groups, "p": np.asarray(pred, bool), "y": np.asarray(labels, bool)})
+class MetricsTally:
+    """`metrics_table`'s numbers for a window read in chunks (dates, in time order), exactly as if read whole:
+    ROC-AUC and PR-AUC per score column, overall and per anomaly kind; the fused score's point-wise, event-wise
+    and point-adjusted metrics at its threshold and the oracle F1. Two passes over the same chunks:
+    `first_pass` each, `freeze`, `second_pass` each, then `result`. Memory: one chunk, the labelled ticks' scores
+    (`dmafn.metrics.RankingTally`) and each entity's run of alarms or labelled ticks still open at a chunk's end.
 
-    def runs(flag: str, other: str) -> tuple[int, int]:
-        found = df.with_columns(run_number(flag, "g").alias("_run")).filter(pl.col(flag)).group_by("g", "_run").agg(pl.col(other).any())
-        return found.height, int(found[other].sum())
+    A chunk holds the score columns, `threshold`, `label`, `label_kind` and the entity keys, rows in time order
+    per entity; `extra`: more score columns as arrays over its rows (the in-memory baselines)."""
 
-    events, hits = runs("y", "p")
-    alarms, good = runs("p", "y")
-    p = good / alarms if alarms else 0.0
-    r = hits / events if events else 0.0
-    return {"event_precision": p, "event_recall": r, "event_f1": 2 * p * r / (p + r) if p + r else 0.0}
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.columns: dict[str, RankingTally] = {}
+        self.seen: set[str] = set()                       # columns holding any value
+        self.kinds: dict[str, int] = {}
+        self.ticks = self.labelled = 0
+        self.points = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
+        self.runs = dict.fromkeys(("events", "hits", "hit_ticks", "alarms", "good"), 0)
+        self._carry: dict[str, pl.DataFrame] = {}
 
+    def _scores(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        out = {"fused": chunk["score"].cast(pl.Float64).fill_null(np.nan).to_numpy()}
+        for m in self.spec.modalities:
+            if f"score_{m}" in chunk.columns:
+                out[f"score_{m}"] = chunk[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        return out | (extra or {})
 
-def _row(scores: np.ndarray, labels: np.ndarray, threshold: float | None, groups: np.ndarray) -> dict[str, Any]:
-    out: dict[str, Any] = {"roc_auc": roc_auc(scores, labels), "pr_auc": pr_auc(scores, labels)}
-    if threshold is not None:
-        pred = to_labels(scores, threshold)
-        out.update(point_metrics(pred, labels))
-        out.update(_grouped_events(pred, labels, groups))
-        out["f1_point_adjusted"] = point_metrics(point_adjust(pred, labels), labels)["f1"]
-        if labels.any() and np.isfinite(scores).any():   # an oracle: chosen with the labels, reported only
-            oracle = best_f1_threshold(scores, labels)
-            out["oracle_threshold"] = oracle
-            out["oracle_f1"] = point_metrics(to_labels(scores, oracle), labels)["f1"]
-    return out
+    def first_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+        labels = chunk["label"].to_numpy().astype(bool)
+        kinds = chunk["label_kind"].fill_null("").to_numpy()
+        codes = np.array([self.kinds.setdefault(k, len(self.kinds)) if k else -1 for k in kinds[labels]], np.int64)
+        for name, values in self._scores(chunk, extra).items():
+            self.columns.setdefault(name, RankingTally()).add_positives(values[labels], codes)
+            if not np.isnan(values).all():
+                self.seen.add(name)
+        self.ticks += len(labels)
+        self.labelled += int(labels.sum())
+        pred = to_labels(chunk["score"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                         chunk["threshold"].to_numpy()).astype(bool)
+        for key, hit in (("tp", pred & labels), ("fp", pred & ~labels), ("fn", ~pred & labels), ("tn", ~pred & ~labels)):
+            self.points[key] += int(hit.sum())
+        self._count_runs(pl.DataFrame({"g": chunk.select(entity_string(self.spec.entity)).to_series(),
+                                       "p": pred, "y": labels}))
+
+    def _count_runs(self, frame: pl.DataFrame, final: bool = False) -> None:
+        """Runs of labelled ticks (events) and of alarms per entity, rows in time order, as `dmafn.metrics`
+        counts them on a whole series: an entity's last run of each may go on in the next chunk, so its rows wait
+        (with the last row of an entity, which says whether the next chunk's first row starts a run)."""
+        for flag, other in (("y", "p"), ("p", "y")):
+            rows = pl.concat([self._carry[flag], frame]) if flag in self._carry else frame
+            rows = (rows.with_row_index("_i").sort("g", maintain_order=True)
+                    .with_columns(run_number(flag, "g").alias("_run"))
+                    .with_columns((pl.col("_run") == pl.col("_run").max().over("g")).alias("_last"),
+                                  (pl.col("_i") == pl.col("_i").max().over("g")).alias("_end")))
+            runs = (rows.filter(pl.col(flag) & (~pl.col("_last") | final)).group_by("g", "_run")
+                    .agg(pl.len().alias("n"), pl.col(other).any().alias("hit")))
+            hits = runs.filter(pl.col("hit"))
+            if flag == "y":
+                self.runs["events"] += runs.height
+                self.runs["hits"] += hits.height
+                self.runs["hit_ticks"] += int(hits["n"].sum())
+            else:
+                self.runs["alarms"] += runs.height
+                self.runs["good"] += hits.height
+            self._carry[flag] = (rows.filter(pl.col("_last") & (pl.col(flag) | pl.col("_end"))).select("g", "p", "y")
+                                 if not final else frame.clear())
+
+    def freeze(self) -> None:
+        """End of the first pass: count the runs still open and sort the labelled ticks' scores."""
+        self._count_runs(pl.DataFrame(schema={"g": pl.String, "p": pl.Boolean, "y": pl.Boolean}), final=True)
+        for tally in self.columns.values():
+            tally.freeze()
+
+    def second_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+        normal = ~chunk["label"].to_numpy().astype(bool)
+        for name, values in self._scores(chunk, extra).items():
+            self.columns[name].add_negatives(values[normal])
+
+    def result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"ticks": self.ticks, "anomalous_ticks": self.labelled, "overall": {}, "by_kind": {}}
+        names = [n for n in self.columns if n in self.seen or n == "fused"]
+        for name in names:
+            tally = self.columns[name]
+            result["overall"][name] = {"roc_auc": tally.roc_auc(), "pr_auc": tally.pr_auc()}
+        result["overall"]["fused"] |= self._fused()
+        for kind, code in sorted(self.kinds.items()):
+            result["by_kind"][kind] = {name: {"roc_auc": self.columns[name].roc_auc(code),
+                                              "pr_auc": self.columns[name].pr_auc(code)} for name in names}
+        return result
+
+    def _fused(self) -> dict[str, Any]:
+        tp, fp, fn, tn = (self.points[k] for k in ("tp", "fp", "fn", "tn"))
+        out = count_metrics(tp, fp, fn, tn)
+        r = self.runs
+        precision = r["good"] / r["alarms"] if r["alarms"] else 0.0
+        recall = r["hits"] / r["events"] if r["events"] else 0.0
+        out |= {"event_precision": precision, "event_recall": recall,
+                "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+        # point adjustment: every tick of an event with an alarm inside counts as found (only beside the point-wise F1)
+        out["f1_point_adjusted"] = count_metrics(r["hit_ticks"], fp, self.labelled - r["hit_ticks"], tn)["f1"]
+        tally = self.columns["fused"]
+        if self.labelled and (tally.positives.size or tally.negatives):   # an oracle: chosen with the labels, reported only
+            threshold, found, wrong = tally.best_f1(self.labelled)
+            out["oracle_threshold"] = threshold
+            out["oracle_f1"] = count_metrics(found, wrong, self.labelled - found, 0)["f1"]
+        return out
 
 
 def contributing_modalities(scores: pl.DataFrame, spec: Spec) -> list[str]:
@@ -89,44 +168,47 @@ def contributing_modalities(scores: pl.DataFrame, spec: Spec) -> list[str]:
 
 
 def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Metrics per score column and per anomaly kind. `df` holds scores, `label`, `label_kind`."""
-    labels = df["label"].to_numpy().astype(bool)
-    kinds = df["label_kind"].fill_null("").to_numpy()
-    groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
-    columns = {"fused": (df["score"].to_numpy(), float(df["threshold"][0]))}
-    for m in contributing_modalities(df, spec):
-        columns[f"score_{m}"] = (df[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(), None)
-    for name, values in (extra or {}).items():
-        if not np.isnan(values).all():
-            columns[name] = (values, None)
-    result: dict[str, Any] = {"ticks": int(len(labels)), "anomalous_ticks": int(labels.sum()), "overall": {},
-                              "by_kind": {}}
-    for name, (scores, thr) in columns.items():
-        result["overall"][name] = _row(scores, labels, thr, groups)
-    for kind in sorted(k for k in set(kinds) if k):
-        sel = (kinds == kind) | ~labels
-        result["by_kind"][kind] = {name: _row(scores[sel], labels[sel], None, groups[sel])
-                                   for name, (scores, _) in columns.items()}
-    return result
+    """Metrics per score column and per anomaly kind. `df` holds scores, `threshold`, `label`, `label_kind`, rows
+    in time order per entity; `extra`: more score columns over its rows (a column of NaN gets no row)."""
+    tally = MetricsTally(spec)
+    tally.first_pass(df, extra)
+    tally.freeze()
+    tally.second_pass(df, extra)
+    return tally.result()
 
 
-def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+def event_intervals(labels: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """The labelled intervals (`align.label_intervals`) numbered `_event`."""
+    return label_intervals(labels, spec, spec.labels.start, spec.labels.end).with_row_index("_event")
+
+
+def event_firsts(ticks: pl.DataFrame, intervals: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Per labelled interval (`event_intervals`): the first of `ticks` inside it (`_tick`) and the first alarm
+    inside it (`_first`), null where none; the earlier of two chunks' is the first of both. As-of joins per entity:
+    the cost grows with ticks + intervals, not ticks x intervals."""
+    scored = ticks.select([*keys, pl.col(TIME).alias("_tick")]).sort("_tick")
+    alarms = ticks.filter(pl.col("is_anomaly").cast(pl.Boolean)).select([*keys, pl.col(TIME).alias("_alarm")]).sort("_alarm")
+    return (intervals.sort("_s")
+            .join_asof(scored, left_on="_s", right_on="_tick", by=keys, strategy="forward", check_sortedness=False)
+            .join_asof(alarms, left_on="_s", right_on="_alarm", by=keys, strategy="forward", check_sortedness=False)
+            .select("_event", pl.when(pl.col("_tick") <= pl.col("_e")).then(pl.col("_tick")).alias("_tick"),
+                    pl.when(pl.col("_alarm") <= pl.col("_e")).then(pl.col("_alarm")).alias("_first")))
+
+
+def earliest(firsts: pl.DataFrame | None, more: pl.DataFrame) -> pl.DataFrame:
+    """Two `event_firsts` of the same intervals combined: the earlier tick and alarm of each."""
+    if firsts is None:
+        return more
+    return pl.concat([firsts, more]).group_by("_event").agg(pl.col("_tick").min(), pl.col("_first").min())
+
+
+def detection_summary(intervals: pl.DataFrame, firsts: pl.DataFrame, spec: Spec) -> dict[str, Any]:
     """How soon the calibrated alarms catch each labelled event: per anomaly kind and overall, the events with at
     least one scored tick, how many raised an alarm inside them, and for those the delay from the event's start to
     its first alarm (median and 90th percentile, minutes) and the share of the event gone by then (median). A
     gradual fault's ROC-AUC counts every tick of its onset, where the fault is still smaller than the noise; the
-    delay says what an operator waits. `ticks`: the scored ticks with `is_anomaly` and the tick time column."""
-    keys = list(spec.entity)
-    intervals = label_intervals(labels, spec, spec.labels.start, spec.labels.end)
-    # the first scored tick and the first alarm at or after each event's start (as-of joins per entity: the cost
-    # grows with ticks + events, not ticks x events), kept where they fall inside the event
-    scored = ticks.select([*keys, pl.col(TIME).alias("_tick")]).sort("_tick")
-    alarms = ticks.filter(pl.col("is_anomaly").cast(pl.Boolean)).select([*keys, pl.col(TIME).alias("_alarm")]).sort("_alarm")
-    events = (intervals.sort("_s")
-              .join_asof(scored, left_on="_s", right_on="_tick", by=keys, strategy="forward", check_sortedness=False)
-              .filter(pl.col("_tick") <= pl.col("_e"))
-              .join_asof(alarms, left_on="_s", right_on="_alarm", by=keys, strategy="forward", check_sortedness=False)
-              .with_columns(pl.when(pl.col("_alarm") <= pl.col("_e")).then(pl.col("_alarm")).alias("_first"))
+    delay says what an operator waits. `firsts`: `event_firsts` of the window's ticks."""
+    events = (intervals.join(firsts, on="_event").filter(pl.col("_tick").is_not_null())
               .with_columns(((pl.col("_first") - pl.col("_s")) / 60e6).alias("delay_min"),
                             ((pl.col("_first") - pl.col("_s")) / pl.max_horizontal(pl.col("_e") - pl.col("_s"),
                                                                                 spec.grain_us)).alias("elapsed")))
@@ -144,6 +226,12 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
                         for kind in sorted(events["_kind"].unique().to_list())}}
 
 
+def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+    """`detection_summary` of scored `ticks` held in memory (with `is_anomaly` and the tick time column)."""
+    intervals = event_intervals(labels, spec)
+    return detection_summary(intervals, event_firsts(ticks, intervals, list(spec.entity)), spec)
+
+
 def settle_us(spec: Spec) -> int:
     """How long an event can still move the score after it ends: the longest reach of a modality (its window
     or tolerance) plus the smoothing's settling time (EWMA: until a step's weight is under 5 %; rolling: its
@@ -154,29 +242,44 @@ def settle_us(spec: Spec) -> int:
     return max(m.lookback_us for m in spec.modalities.values()) + ticks * spec.grain_us
 
 
-def alarm_rates(df: pl.DataFrame, spec: Spec, storage: Storage) -> dict[str, Any]:
+def alarm_counts(df: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+    """What `alarm_rates` needs of some labelled scored ticks, as counts that add up over chunks (`add_counts`)."""
+    alarms = df["is_anomaly"].to_numpy().astype(bool)
+    normal = ~df["label"].to_numpy().astype(bool)
+    clear = normal
+    if "since_event_us" in df.columns:
+        since = df["since_event_us"].fill_null(np.iinfo(np.int64).max).to_numpy()
+        clear = normal & (since > settle_us(spec))
+    return {"ticks": int(alarms.size), "alarms": int(alarms.sum()), "normal": int(normal.sum()),
+            "false_alarms": int(alarms[normal].sum()), "clear": int(clear.sum()),
+            "clear_alarms": int(alarms[clear].sum()), "versions": set(df["model_version"].unique().to_list())}
+
+
+def add_counts(total: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    """Two `alarm_counts` together."""
+    if total is None:
+        return more
+    return {k: total[k] | v if isinstance(v, set) else total[k] + v for k, v in more.items()}
+
+
+def alarm_rates(df: pl.DataFrame | dict[str, Any], spec: Spec, storage: Storage) -> dict[str, Any]:
     """The alarm rate of the scored ticks and the false-alarm rate (alarms on ticks labelled normal) against
     the rate the model version expects: its validation days' alarm rate (`validation_alarm_rate` in the
     manifest's `calibration.validation`: clean days, so every alarm there is a false one). Besides, the false-alarm rate on
     the normal ticks clear of events (more than `settle_us` after the end of the entity's last labelled
     event): the like-for-like comparison with the clean validation days, since right after an event the
-    windows still hold its rows and the smoothing its scores."""
+    windows still hold its rows and the smoothing its scores. `df`: the labelled scored ticks or their
+    `alarm_counts`."""
     from pipelines.registry import Registry
 
-    alarms = df["is_anomaly"].to_numpy().astype(bool)
-    normal = ~df["label"].to_numpy().astype(bool)
-    guard = settle_us(spec)
-    clear = normal
-    if "since_event_us" in df.columns:
-        since = df["since_event_us"].fill_null(np.iinfo(np.int64).max).to_numpy()
-        clear = normal & (since > guard)
-    out: dict[str, Any] = {"alarm_rate": float(alarms.mean()) if alarms.size else 0.0,
-                           "false_alarm_rate": float(alarms[normal].mean()) if normal.any() else 0.0,
-                           "false_alarm_rate_clear": float(alarms[clear].mean()) if clear.any() else None,
-                           "clear_after_minutes": guard / 60e6, "clear_ticks": int(clear.sum()),
+    c = alarm_counts(df, spec) if isinstance(df, pl.DataFrame) else df
+    out: dict[str, Any] = {"alarm_rate": c["alarms"] / c["ticks"] if c["ticks"] else 0.0,
+                           "false_alarm_rate": c["false_alarms"] / c["normal"] if c["normal"] else 0.0,
+                           "false_alarm_rate_clear": c["clear_alarms"] / c["clear"] if c["clear"] else None,
+                           "clear_after_minutes": settle_us(spec) / 60e6, "clear_ticks": c["clear"],
                            "expected_false_alarm_rate": {}}
     registry = Registry(spec.registry, storage)
-    for version in sorted(df["model_version"].unique().to_list()):
+    for version in sorted(c["versions"]):
         try:
             manifest = registry.manifest(version)
         except DataError as exc:
@@ -227,6 +330,21 @@ def format_table(result: dict[str, Any]) -> str:
                 if d["detected"] else "  none caught"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     return "\n".join(lines)
+
+
+PLOT_POINTS = 4000          # the PNG is ~1,500 pixels wide: more points than this only cost memory
+
+
+def plot_rows(chunk: pl.DataFrame, spec: Spec, entity: str, bucket_us: int) -> pl.DataFrame:
+    """One entity's rows of a chunk for `plot_entity`, each `bucket_us` of time as its highest scores (a spike
+    stays visible) and its labelled kind: what the plot holds grows with its points, not with the window."""
+    key = spec.entity[0]
+    cols = ["score", "threshold", *[c for c in chunk.columns if c.startswith("score_")]]
+    one = (chunk.filter(pl.col(key).cast(pl.String) == entity)
+           .select("ts", *cols, pl.col("label_kind").cast(pl.Categorical)).sort("ts"))
+    return (one.group_by_dynamic("ts", every=f"{max(int(bucket_us), 1)}us")
+            .agg(*[pl.col(c).max() for c in cols], pl.col("label_kind").drop_nulls().first())
+            .with_columns(pl.lit(entity).alias(key)))
 
 
 def plot_entity(df: pl.DataFrame, spec: Spec, path: Path, entity: str | None = None) -> Path:
@@ -303,19 +421,77 @@ def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame
     return {f"alone_{m}": out[f"alone_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in record.modalities}
 
 
+def score_dates(spec: Spec, storage: Storage, start: dt.date | None = None, end: dt.date | None = None) -> list[str]:
+    """The dates in [start, end] that the output table holds, from its log (no data file is read)."""
+    try:
+        table = read_table(storage.delta_uri(spec.score.output), storage.delta_options(spec.score.output))
+        dates = sorted({p["date"] for p in table.partitions()}) if table is not None else []
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"scores {spec.score.output}: cannot be read ({exc})") from None
+    dates = [d for d in dates if (not start or d >= start.isoformat()) and (not end or d <= end.isoformat())]
+    if not dates:
+        raise DataError(f"scores {spec.score.output}: no rows in {start}..{end}")
+    return dates
+
+
+def read_score_date(spec: Spec, storage: Storage, date: str) -> pl.DataFrame:
+    """The output table's rows of one date (its partition alone), in time order per entity."""
+    uri = storage.delta_uri(spec.score.output)
+    try:
+        df = pl.scan_delta(uri, storage_options=storage.delta_options(spec.score.output)).filter(
+            pl.col("date") == date).collect()
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"scores {spec.score.output}: date {date} cannot be read ({exc})") from None
+    return df.sort([*spec.entity, "ts"])
+
+
+def _labelled(scores: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    return label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec, spec.labels.start,
+                       spec.labels.end)
+
+
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
              baselines: bool = False) -> dict[str, Any]:
-    """Metrics of the scored dates in [start, end] against the labels; prints and writes the report."""
+    """Metrics of the scored dates in [start, end] against the labels; prints and writes the report.
+
+    The window is read a date at a time, twice (`MetricsTally`): memory holds one date's scores, the labelled
+    ticks' scores and the labels, whatever the window's length. With `baselines` the single-modality detectors
+    score the whole window in this process (for demo-sized windows)."""
     storage = Storage.from_spec(spec.storage)
-    scores = read_scores(spec, storage, start, end)
     labels = read_labels(spec, storage)
-    df = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec, spec.labels.start,
-                     spec.labels.end).sort([*spec.entity, "ts"])
-    extra = single_modality_baselines(spec, storage, df) if baselines else None
-    result = metrics_table(df, spec, extra)
-    result["dates"] = sorted(df["date"].unique().to_list())
-    result |= alarm_rates(df, spec, storage)
-    result["detection"] = detection(df, labels, spec)
+    intervals = event_intervals(labels, spec)
+    dates = score_dates(spec, storage, start, end)
+    extra = None
+    if baselines:
+        whole = _labelled(read_scores(spec, storage, start, end), labels, spec)
+        extra = single_modality_baselines(spec, storage, whole)
+
+    def chunks():
+        if baselines:
+            yield whole
+            return
+        for date in dates:
+            yield _labelled(read_score_date(spec, storage, date), labels, spec)
+
+    tally, counts, firsts, plotted, entity = MetricsTally(spec), None, None, [], None
+    progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
+    for i, chunk in enumerate(chunks()):
+        tally.first_pass(chunk, extra)
+        counts = add_counts(counts, alarm_counts(chunk, spec))
+        firsts = earliest(firsts, event_firsts(chunk, intervals, list(spec.entity)))
+        if report_dir and not chunk.is_empty():          # the plot's entity: the first of the first date
+            entity = entity or str(chunk[spec.entity[0]][0])
+            plotted.append(plot_rows(chunk, spec, entity, len(dates) * DAY_US // PLOT_POINTS))
+        progress.update(i + 1 if not baselines else len(dates))
+    tally.freeze()
+    for i, chunk in enumerate(chunks()):
+        tally.second_pass(chunk, extra)
+        progress.update(len(dates) + (i + 1 if not baselines else len(dates)))
+    progress.close()
+    result = tally.result()
+    result["dates"] = dates
+    result |= alarm_rates(counts, spec, storage)
+    result["detection"] = detection_summary(intervals, firsts, spec)
     text = format_table(result)
     print(text)
     if report_dir:
@@ -323,6 +499,6 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         (out / "metrics.txt").write_text(text + "\n")
-        result["plot"] = str(plot_entity(df, spec, out / "scores.png"))
+        result["plot"] = str(plot_entity(pl.concat(plotted, how="diagonal_relaxed"), spec, out / "scores.png", entity))
         print(f"report: {out / 'metrics.txt'}, plot: {result['plot']}")
     return result

@@ -90,25 +90,98 @@ def test_polars_smoothing_per_entity_equals_the_reference_series_by_series(metho
     assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=1e-12)
 
 
-def test_grouped_events_pool_each_entitys_runs():
-    """Event-wise metrics over several entities: the Polars version counts the same events and alarms as
-    `event_metrics` applied entity by entity."""
-    from pipelines.evaluate import _grouped_events
+def test_the_metrics_tally_read_in_chunks_equals_the_metrics_of_the_whole_series(tiny_spec):
+    """`MetricsTally` over time chunks (events and alarm runs crossing their edges, an entity absent from one)
+    gives what `dmafn.metrics` gives on the whole series: ROC-AUC / PR-AUC overall and per kind, point-wise,
+    event-wise (each entity's runs, pooled) and point-adjusted metrics, and the oracle threshold."""
+    import polars as pl
+
+    from dmafn.metrics import point_adjust, point_metrics, pr_auc, roc_auc
+    from dmafn.postprocess import best_f1_threshold, to_labels
+    from pipelines.evaluate import MetricsTally, metrics_table
 
     rng = np.random.default_rng(3)
-    groups = np.repeat(np.array(["a", "b", "c"]), 200)
-    labels = (rng.random(600) < 0.1).astype(int)
-    pred = (rng.random(600) < 0.15).astype(int)
+    n, entities = 240, ["a", "b", "c"]
+    rows = []
+    for e in entities:
+        label = np.zeros(n, bool)
+        kind = np.full(n, None, object)
+        for start in rng.choice(n - 30, 6, replace=False):
+            length = int(rng.integers(3, 30))
+            label[start:start + length] = True
+            kind[start:start + length] = rng.choice(["x", "y"])
+        score = rng.normal(size=n) + 1.5 * label
+        proc = np.where(rng.random(n) < 0.1, np.nan, score + rng.normal(size=n))
+        rows.append(pl.DataFrame({"machine_id": e, "ts": np.arange(n), "score": score, "threshold": 1.0,
+                                  "label": label.astype(np.int8), "label_kind": kind.tolist(),
+                                  "score_proc": pl.Series(proc).fill_nan(None)}))
+    df = pl.concat(rows).sort("machine_id", "ts")
+    whole = metrics_table(df, tiny_spec)
+
+    tally, cuts = MetricsTally(tiny_spec), [0, 37, 100, 101, 190, n]
+    chunks = [df.filter((pl.col("ts") >= a) & (pl.col("ts") < b)) for a, b in zip(cuts, cuts[1:])]
+    chunks[2] = chunks[2].filter(pl.col("machine_id") != "c")
+    chunks[3] = pl.concat([chunks[3], df.filter((pl.col("ts") == 100) & (pl.col("machine_id") == "c"))]).sort("machine_id", "ts")
+    for chunk in chunks:
+        tally.first_pass(chunk)
+    tally.freeze()
+    for chunk in chunks:
+        tally.second_pass(chunk)
+    flat = lambda d, at="": ({k: v for key, sub in d.items() for k, v in flat(sub, f"{at}/{key}").items()}  # noqa: E731
+                             if isinstance(d, dict) else {at: d})
+    assert flat(tally.result()) == pytest.approx(flat(whole), rel=0, abs=1e-12, nan_ok=True)
+    assert whole["by_kind"].keys() == {"x", "y"} and whole["overall"].keys() == {"fused", "score_proc"}
+
+    score, y = df["score"].to_numpy(), df["label"].to_numpy().astype(bool)
+    fused = whole["overall"]["fused"]
+    assert fused["roc_auc"] == roc_auc(score, y) and fused["pr_auc"] == pytest.approx(pr_auc(score, y), abs=1e-12)
+    x = (df["label_kind"] == "x").fill_null(False).to_numpy()
+    assert whole["by_kind"]["x"]["fused"]["roc_auc"] == pytest.approx(roc_auc(score[x | ~y], y[x | ~y]), abs=1e-12)
+    proc = df["score_proc"].fill_null(np.nan).to_numpy()
+    assert whole["overall"]["score_proc"]["roc_auc"] == pytest.approx(roc_auc(proc, y), abs=1e-12)
+    pred = to_labels(score, 1.0)
+    assert {k: fused[k] for k in ("precision", "recall", "f1", "far", "mar")} == point_metrics(pred, y)
     hits = events_ = good = alarms = 0
-    for g in ("a", "b", "c"):
-        e = event_metrics(pred[groups == g], labels[groups == g])
-        hits += e["event_recall"] * e["events"]
-        events_ += e["events"]
-        good += e["event_precision"] * e["alarms"]
-        alarms += e["alarms"]
-    got = _grouped_events(pred, labels, groups)
-    assert got["event_recall"] == pytest.approx(hits / events_)
-    assert got["event_precision"] == pytest.approx(good / alarms)
+    adjusted = []
+    for e in entities:
+        sel = (df["machine_id"] == e).to_numpy()
+        m = event_metrics(pred[sel], y[sel])
+        hits, events_ = hits + m["event_recall"] * m["events"], events_ + m["events"]
+        good, alarms = good + m["event_precision"] * m["alarms"], alarms + m["alarms"]
+        adjusted.append(point_adjust(pred[sel], y[sel]))
+    assert fused["event_recall"] == pytest.approx(hits / events_) and fused["event_precision"] == pytest.approx(good / alarms)
+    assert fused["f1_point_adjusted"] == pytest.approx(point_metrics(np.concatenate(adjusted), y)["f1"])
+    oracle = best_f1_threshold(score, y)
+    assert fused["oracle_threshold"] == oracle and fused["oracle_f1"] == point_metrics(to_labels(score, oracle), y)["f1"]
+
+
+def test_the_ranking_tally_equals_the_whole_column_metrics_on_random_ties():
+    """`RankingTally` (positives kept, negatives counted in chunks) against roc_auc / pr_auc / best_f1_threshold:
+    ties within and across classes, NaN scores, groups, no positives at all."""
+    from dmafn.metrics import RankingTally
+    from dmafn.postprocess import best_f1_threshold
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 120))
+        s = np.round(rng.normal(size=n), int(rng.integers(0, 3)))
+        s[rng.random(n) < 0.05] = np.nan
+        y, g = rng.random(n) < rng.random(), rng.integers(0, 2, n)
+        tally = RankingTally()
+        cuts = [0, *sorted(rng.integers(0, n, 2)), n]
+        for a, b in zip(cuts, cuts[1:]):
+            tally.add_positives(s[a:b][y[a:b]], g[a:b][y[a:b]])
+        tally.freeze()
+        for a, b in zip(cuts, cuts[1:]):
+            tally.add_negatives(s[a:b][~y[a:b]])
+        for group in (None, 0, 1):
+            sel = np.ones(n, bool) if group is None else ~y | (g == group)
+            assert tally.roc_auc(group) == pytest.approx(roc_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
+            assert tally.pr_auc(group) == pytest.approx(pr_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
+        if np.isfinite(s).any():
+            threshold, found, wrong = tally.best_f1(int(y.sum()))
+            pred = to_labels(s, threshold).astype(bool)
+            assert threshold == best_f1_threshold(s, y) and (found, wrong) == ((pred & y).sum(), (pred & ~y).sum())
 
 
 def test_gpd_fit_recovers_exponential_and_pareto():
@@ -207,3 +280,22 @@ def test_detection_counts_each_events_delay_to_its_first_alarm_inside_it():
     assert (found["overall"]["events"], found["overall"]["detected"]) == (3, 2)
     nothing = detection(ticks.with_columns(pl.lit(False).alias("is_anomaly")), labels, spec)["overall"]
     assert nothing["detected"] == 0 and nothing["median_delay_min"] is None
+
+
+def test_the_plot_of_a_long_window_keeps_each_buckets_highest_scores_and_its_kind(tiny_spec):
+    """`plot_rows`: one entity's ticks in buckets of time, each at its highest scores (a one-tick spike stays)
+    and the kind labelled inside it; other entities left out."""
+    import datetime as dt
+
+    import polars as pl
+
+    from pipelines.evaluate import plot_rows
+
+    ts = [dt.datetime(2024, 1, 3, 0, m, tzinfo=dt.timezone.utc) for m in range(6)]
+    chunk = pl.DataFrame({"machine_id": ["a"] * 6 + ["b"] * 6, "ts": ts * 2,
+                          "score": [0.1, 0.9, 0.2, 0.1, 0.1, 0.3] + [5.0] * 6, "threshold": 0.5,
+                          "score_proc": [0.0, 0.1, 0.7, None, None, None] + [5.0] * 6,
+                          "label_kind": [None, None, None, "x", None, None] * 2})
+    rows = plot_rows(chunk, tiny_spec, "a", 3 * 60_000_000)
+    assert rows["score"].to_list() == [0.9, 0.3] and rows["score_proc"].to_list() == [0.7, None]
+    assert rows["label_kind"].cast(pl.String).to_list() == [None, "x"] and rows["machine_id"].to_list() == ["a", "a"]
