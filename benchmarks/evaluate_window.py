@@ -7,7 +7,9 @@ entity; the fused score and four contributions: noise, raised inside labelled ev
 labels, then for each window length runs, each in its own process and sampled twice a second for peak RSS:
 - `dmafn evaluate` through the CLI (a date at a time, twice: `pipelines.evaluate.MetricsTally`);
 - a bare loop of the same steps on the whole window in one process: read every date at once, attach the
-  labels, the same metrics, alarm rates and detection on the whole arrays (how `evaluate` worked before).
+  labels, the same metrics, alarm rates and detection on the whole arrays (how `evaluate` worked before);
+- `dmafn report` through the CLI (the page: the same metrics, curves, the 4 busiest entities' timelines, the
+  top alarm events; a date at a time, twice).
 Checks both give the same metrics and prints seconds and peak RSS of each and their ratios; writes
 `evaluate_window.json`. No model is trained: the scores are made up, what is measured is the evaluation.
 """
@@ -124,6 +126,8 @@ def main() -> None:
             out = root / f"eval-{days}"
             secs, peak, _, _ = run_python(["-m", "jobs.cli", "evaluate", str(spec_path), "--start", start, "--end", end,
                                  "--report", str(out), "-q"])
+            report_secs, report_peak, _, _ = run_python(["-m", "jobs.cli", "report", str(spec_path), "--start", start,
+                                                        "--end", end, "--out", str(out / "report.html"), "-q"])
             code = ("import json, sys; from benchmarks.evaluate_window import whole_window; "
                     "print(json.dumps(whole_window(*sys.argv[1:]), default=float))")
             bare_secs, bare_peak, _, text = run_python(["-c", code, str(spec_path), start, end])
@@ -134,14 +138,17 @@ def main() -> None:
                 raise SystemExit(f"{days} dates: the streamed metrics differ from the whole window's")
             ticks = streamed["ticks"]
             rows.append({"dates": days, "ticks": ticks, "evaluate_s": secs, "evaluate_peak_rss_mb": peak / 2**20,
-                         "whole_s": bare_secs, "whole_peak_rss_mb": bare_peak / 2**20})
+                         "whole_s": bare_secs, "whole_peak_rss_mb": bare_peak / 2**20,
+                         "report_s": report_secs, "report_peak_rss_mb": report_peak / 2**20})
             print(f"{days:>4} dates {ticks:>9} ticks: evaluate {secs:6.1f} s {peak / 2**20:7.0f} MB | whole window "
                   f"in one process {bare_secs:6.1f} s {bare_peak / 2**20:7.0f} MB | time ratio {secs / bare_secs:.2f}, "
-                  f"memory ratio {peak / bare_peak:.2f}  (same metrics)")
+                  f"memory ratio {peak / bare_peak:.2f}  (same metrics) | report {report_secs:6.1f} s "
+                  f"{report_peak / 2**20:7.0f} MB")
     first, last = rows[0], rows[-1]
     print(f"window x{last['dates'] / first['dates']:.0f}: evaluate's peak RSS x"
           f"{last['evaluate_peak_rss_mb'] / first['evaluate_peak_rss_mb']:.2f}, the whole window's x"
-          f"{last['whole_peak_rss_mb'] / first['whole_peak_rss_mb']:.2f}")
+          f"{last['whole_peak_rss_mb'] / first['whole_peak_rss_mb']:.2f}, the report page's x"
+          f"{last['report_peak_rss_mb'] / first['report_peak_rss_mb']:.2f}")
     write_json(Path(a.out) / "evaluate_window.json", {"entities": a.entities, "rows": rows,
                                                        "measured": dt.datetime.now().isoformat(timespec="minutes")})
 

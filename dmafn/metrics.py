@@ -181,3 +181,13 @@ class RankingTally:
         f1 = 2 * tp / np.maximum(tp + fp + len(self.positives), 1)
         best = int(np.argmax(f1))
         return float(np.nextafter(value[best], -np.inf)), int(tp[best]), int(fp[best])
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(fpr, tpr, precision, recall) at each distinct positive score, from the strictest cut to flagging every
+        tick: the corners of the ROC and PR curves (between them only negatives or only positives join)."""
+        _, tp, fp = self._cuts(None)
+        pos, neg = max(len(self.positives), 1), max(self.negatives, 1)
+        fpr, tpr = np.r_[0.0, fp / neg, 1.0], np.r_[0.0, tp / pos, 1.0 if len(self.positives) else 0.0]
+        precision = np.r_[1.0, tp / np.maximum(tp + fp, 1)]
+        recall = np.r_[0.0, tp / pos]
+        return fpr, tpr, np.r_[precision, precision[-1]], np.r_[recall, recall[-1]]

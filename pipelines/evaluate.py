@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -450,6 +450,14 @@ def _labelled(scores: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> pl.Data
                        spec.labels.end)
 
 
+def score_chunks(spec: Spec, storage: Storage, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
+    """The output table's rows a date at a time, in time order per entity, with the labels attached (`label`,
+    `label_kind`, `since_event_us`) when `labels` are given."""
+    for date in dates:
+        chunk = read_score_date(spec, storage, date)
+        yield chunk if labels is None else _labelled(chunk, labels, spec)
+
+
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
              baselines: bool = False) -> dict[str, Any]:
     """Metrics of the scored dates in [start, end] against the labels; prints and writes the report.
@@ -470,8 +478,7 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         if baselines:
             yield whole
             return
-        for date in dates:
-            yield _labelled(read_score_date(spec, storage, date), labels, spec)
+        yield from score_chunks(spec, storage, dates, labels)
 
     tally, counts, firsts, plotted, entity = MetricsTally(spec), None, None, [], None
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")

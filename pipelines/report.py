@@ -12,16 +12,16 @@ import datetime as dt
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
 
 from dmafn.postprocess import events
 from dmafn.spec import Spec
-from pipelines.align import TIME, label_ticks, to_micros
 from pipelines.delta_sink import read_table
-from pipelines.evaluate import alarm_rates, contributing_modalities, detection, metrics_table, read_scores
+from pipelines.evaluate import (MetricsTally, add_counts, alarm_counts, alarm_rates, contributing_modalities,
+                                detection_summary, earliest, event_firsts, event_intervals, score_chunks, score_dates)
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number
@@ -36,65 +36,170 @@ MAX_POINTS = 2000
 
 def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, end: dt.date | None = None,
                  entities: list[str] | None = None, top_events: int = 20, max_entities: int = 4) -> Path:
-    """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path."""
+    """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path.
+
+    The window is read a date at a time, twice: the first pass tallies the metrics, the alarm events and each
+    entity's counts, the second ranks the normal ticks and keeps the timelines' entities' rows. Memory holds a
+    date, the labelled ticks' scores, the top events and the timelines' rows, not the window."""
     storage = Storage.from_spec(spec.storage)
-    scores = read_scores(spec, storage, start, end).with_columns(entity_string(spec.entity).alias("_entity"))
-    modalities = contributing_modalities(scores, spec)
-    if spec.labels:
-        labels = read_labels(spec, storage)
-        scores = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec,
-                             spec.labels.start, spec.labels.end).sort(["_entity", "ts"])
-    dates = sorted(scores["date"].unique().to_list())
-    chosen = entities or _busiest_entities(scores, max_entities)
-    unknown = sorted(set(chosen) - set(scores["_entity"].unique().to_list()))
+    dates = score_dates(spec, storage, start, end)
+    labels = read_labels(spec, storage) if spec.labels else None
+    intervals = event_intervals(labels, spec) if labels is not None else None
+    tally = MetricsTally(spec) if labels is not None else None
+    window, found, counts, firsts = WindowFacts(), AlarmEvents(list(spec.modalities), top_events), None, None
+    for chunk in _chunks(spec, storage, dates, labels):
+        window.add(chunk, spec)
+        found.add(chunk)
+        if tally is not None:
+            tally.first_pass(chunk)
+            counts = add_counts(counts, alarm_counts(chunk, spec))
+            firsts = earliest(firsts, event_firsts(chunk, intervals, list(spec.entity)))
+    found.finish()
+    chosen = entities or window.busiest(max_entities)
+    unknown = sorted(set(chosen) - window.entities)
     if unknown:
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
-    sections = [_header(spec, scores, dates)]
-    if "label" in scores.columns:
-        result = metrics_table(scores, spec) | alarm_rates(scores, spec, storage)
-        result["detection"] = detection(scores, labels, spec)
-        sections += [_metrics_section(result), _curves_section(scores, modalities)]
+    modalities = [m for m in spec.modalities if m in window.modalities]
+    if tally is not None:
+        tally.freeze()
+    shown = []
+    for chunk in _chunks(spec, storage, dates, labels):
+        if tally is not None:
+            tally.second_pass(chunk)
+        keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
+                *(["label_kind"] if "label_kind" in chunk.columns else [])]
+        shown.append(chunk.filter(pl.col("_entity").is_in(chosen)).select(keep))
+    sections = [_header(spec, window, dates)]
+    kinds = sorted(tally.kinds) if tally is not None else []
+    if tally is not None:
+        result = tally.result() | alarm_rates(counts, spec, storage)
+        result["detection"] = detection_summary(intervals, firsts, spec)
+        sections += [_metrics_section(result), _curves_section(tally, modalities)]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
-    sections.append(_timelines_section(scores, chosen, modalities))
-    sections.append(_events_section(scores, modalities, top_events))
-    sections.append(_runs_section(_read_table(spec.score.runs_path, storage), dates))
-    sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage), dates))
+    sections.append(_timelines_section(pl.concat(shown, how="diagonal_relaxed"), chosen, modalities, kinds))
+    sections.append(_events_section(found))
+    sections.append(_runs_section(_read_table(spec.score.runs_path, storage, dates)))
+    sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage, dates)))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_page(f"DMAFN report: {spec.name} {dates[0]}..{dates[-1]}", "\n".join(sections)))
     return path
 
 
-def _read_table(path: str, storage: Storage) -> pl.DataFrame | None:
-    """A Delta table of the pipeline's, or None when none was written yet (a section says so); a table that
-    exists but cannot be read is a DataError naming it."""
+def _chunks(spec: Spec, storage: Storage, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
+    for chunk in score_chunks(spec, storage, dates, labels):
+        yield chunk.with_columns(entity_string(spec.entity).alias("_entity"))
+
+
+def _read_table(path: str, storage: Storage, dates: list[str]) -> pl.DataFrame | None:
+    """The rows of `dates` of a Delta table of the pipeline's, or None when none was written yet (a section says
+    so); a table that exists but cannot be read is a DataError naming it."""
     try:
-        table = read_table(storage.delta_uri(path), storage.delta_options(path))
-        return None if table is None else pl.from_arrow(table.to_pyarrow_table())
+        uri, options = storage.delta_uri(path), storage.delta_options(path)
+        if read_table(uri, options) is None:
+            return None
+        return pl.scan_delta(uri, storage_options=options).filter(pl.col("date").is_in(dates)).collect()
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
-def _busiest_entities(scores: pl.DataFrame, n: int) -> list[str]:
-    """The n entities with the most alarm ticks (then the most labelled ticks, then by name)."""
-    aggs = [pl.col("is_anomaly").sum().alias("alarms")]
-    if "label" in scores.columns:
-        aggs.append(pl.col("label").sum().alias("labelled"))
-    ranked = scores.group_by("_entity").agg(aggs)
-    by = ["alarms", *(["labelled"] if "label" in scores.columns else [])]
-    ranked = ranked.sort([*by, "_entity"], descending=[True] * len(by) + [False])
-    return ranked["_entity"].head(n).to_list()
+class WindowFacts:
+    """What the header and the choice of timelines need of a window read in chunks: ticks, alarm ticks, model
+    versions, the modalities with any contribution, and per entity its alarm and labelled ticks."""
+
+    def __init__(self) -> None:
+        self.ticks = self.alarms = 0
+        self.versions: set[str] = set()
+        self.modalities: set[str] = set()
+        self.per_entity: pl.DataFrame | None = None
+
+    def add(self, chunk: pl.DataFrame, spec: Spec) -> None:
+        self.ticks += chunk.height
+        self.alarms += int(chunk["is_anomaly"].sum())
+        self.versions |= set(chunk["model_version"].unique().to_list())
+        self.modalities |= set(contributing_modalities(chunk, spec))
+        aggs = [pl.col("is_anomaly").cast(pl.Int64).sum().alias("alarms")]
+        if "label" in chunk.columns:
+            aggs.append(pl.col("label").cast(pl.Int64).sum().alias("labelled"))
+        part = chunk.group_by("_entity").agg(aggs)
+        self.per_entity = part if self.per_entity is None else \
+            pl.concat([self.per_entity, part]).group_by("_entity").agg(pl.all().sum())
+
+    @property
+    def entities(self) -> set[str]:
+        return set(self.per_entity["_entity"].to_list()) if self.per_entity is not None else set()
+
+    def busiest(self, n: int) -> list[str]:
+        """The n entities with the most alarm ticks (then the most labelled ticks, then by name)."""
+        by = ["alarms", *(["labelled"] if "labelled" in self.per_entity.columns else [])]
+        ranked = self.per_entity.sort([*by, "_entity"], descending=[True] * len(by) + [False])
+        return ranked["_entity"].head(n).to_list()
+
+
+class AlarmEvents:
+    """Runs of consecutive `is_anomaly` ticks per entity of a window read in chunks (dates in time order; an
+    entity's run still open at a chunk's end waits for the next), highest peak first: entity, start, end, ticks,
+    peak, the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any.
+    Keeps the number of runs and the `top` highest (all: None)."""
+
+    def __init__(self, modalities: list[str], top: int | None = None) -> None:
+        self.modalities, self.top, self.count = modalities, top, 0
+        self.best: pl.DataFrame | None = None
+        self._carry: pl.DataFrame | None = None
+        self.found: list[dict[str, Any]] = []
+
+    def add(self, chunk: pl.DataFrame, final: bool = False) -> None:
+        contributions = [m for m in self.modalities if f"score_{m}" in chunk.columns]
+        has_kind = "label_kind" in chunk.columns
+        rows = chunk.select("_entity", "ts", "is_anomaly", "score", *[f"score_{m}" for m in contributions],
+                            *(["label_kind"] if has_kind else []))
+        if self._carry is not None:
+            rows = pl.concat([self._carry, rows], how="diagonal_relaxed")
+        rows = (rows.with_row_index("_i").sort("_entity", maintain_order=True)
+                .with_columns(run_number("is_anomaly", "_entity").alias("_run"))
+                .with_columns((pl.col("_run") == pl.col("_run").max().over("_entity")).alias("_last"),
+                              (pl.col("_i") == pl.col("_i").max().over("_entity")).alias("_end")))
+        aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
+                pl.col("score").max().alias("peak"),
+                *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in contributions]]
+        if has_kind:
+            aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
+                        .alias("kind"))
+        runs = rows.filter(pl.col("is_anomaly") & (~pl.col("_last") | final)).group_by("_entity", "_run").agg(aggs)
+        self.count += runs.height
+        best = runs if self.best is None else pl.concat([self.best, runs], how="diagonal_relaxed")
+        best = best.sort(["peak", "_entity"], descending=[True, False])
+        self.best = best.head(self.top) if self.top is not None else best
+        self._carry = None if final else \
+            rows.filter(pl.col("_last") & (pl.col("is_anomaly") | pl.col("_end"))).drop("_i", "_run", "_last", "_end")
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Close the runs still open; the runs found, highest peak first."""
+        if self._carry is not None:
+            self.add(self._carry.clear(), final=True)
+        self.found = []
+        for row in (self.best.iter_rows(named=True) if self.best is not None else []):
+            means = {m: row[m] for m in self.modalities if row.get(m) is not None and math.isfinite(row[m])}
+            self.found.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
+                               "ticks": row["ticks"], "peak": row["peak"],
+                               "dominant": max(means, key=means.get) if means else "none", "kind": row.get("kind")})
+        return self.found
+
+
+def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, Any]]:
+    """`AlarmEvents` of scores held in memory (with `_entity`), every run."""
+    found = AlarmEvents(modalities)
+    found.add(scores.sort(["_entity", "ts"]), final=True)
+    return found.finish()
 
 
 # ---------------------------------------------------------------- sections
 
-def _header(spec: Spec, scores: pl.DataFrame, dates: list[str]) -> str:
-    versions = ", ".join(sorted(scores["model_version"].unique().to_list()))
-    alarms = int(scores["is_anomaly"].sum())
-    facts = [("dates", f"{dates[0]} .. {dates[-1]} ({len(dates)})"), ("ticks", f"{scores.height:,}"),
-             ("entities", str(scores["_entity"].n_unique())), ("alarm ticks", f"{alarms:,}"),
-             ("model version", versions), ("scores table", spec.score.output),
+def _header(spec: Spec, window: WindowFacts, dates: list[str]) -> str:
+    facts = [("dates", f"{dates[0]} .. {dates[-1]} ({len(dates)})"), ("ticks", f"{window.ticks:,}"),
+             ("entities", str(len(window.entities))), ("alarm ticks", f"{window.alarms:,}"),
+             ("model version", ", ".join(sorted(window.versions))), ("scores table", spec.score.output),
              ("generated", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
     return f'<header><h1>{_e(spec.name)}</h1><table class="facts">{rows}</table></header>'
@@ -133,22 +238,19 @@ def _metrics_section(result: dict[str, Any]) -> str:
             f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}</section>')
 
 
-def _curves_section(scores: pl.DataFrame, modalities: list[str]) -> str:
-    labels = scores["label"].to_numpy().astype(bool)
-    columns = {"fused": scores["score"].to_numpy()}
-    columns |= {m: scores[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in modalities}
+def _curves_section(tally: MetricsTally, modalities: list[str]) -> str:
     roc, pr = {}, {}
-    for name, values in columns.items():
-        fpr, tpr, precision, recall = _curve_points(values, labels)
-        roc[name], pr[name] = (fpr, tpr), (recall, precision)
+    for name in ["fused", *[f"score_{m}" for m in modalities]]:
+        fpr, tpr, precision, recall = _thin(*tally.columns[name].curve())
+        label = name.removeprefix("score_")
+        roc[label], pr[label] = (fpr, tpr), (recall, precision)
     return ('<section id="curves"><h2>ROC and PR curves</h2><div class="row">'
             + _xy_figure("roc", "ROC: true vs false positive rate", roc, "false positive rate", "true positive rate",
                          diagonal=True)
             + _xy_figure("pr", "Precision vs recall", pr, "recall", "precision") + "</div></section>")
 
 
-def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: list[str]) -> str:
-    kinds = sorted(k for k in scores["label_kind"].unique().to_list() if k) if "label_kind" in scores.columns else []
+def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: list[str], kinds: list[str]) -> str:
     legend = "".join(f'<span class="key" style="background:{KIND_COLOURS[i % len(KIND_COLOURS)]}"></span>{_e(k)} '
                      for i, k in enumerate(kinds))
     legend += f'<span class="key" style="background:{ALARM}"></span>alarm (is_anomaly) '
@@ -160,42 +262,19 @@ def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: li
     return "".join(parts)
 
 
-def _events_section(scores: pl.DataFrame, modalities: list[str], top: int) -> str:
-    found = alarm_events(scores, modalities)
+def _events_section(found: AlarmEvents) -> str:
     head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "labelled kind"]
     rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]), e["dominant"], e["kind"] or "none"]
-            for e in found[:top]]
-    note = f"{len(found)} alarm events (runs of consecutive alarm ticks of one entity); the {min(top, len(found))} " \
+            for e in found.found]
+    note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score. Dominant modality: the largest mean contribution during the event."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
 
 
-def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, Any]]:
-    """Runs of consecutive `is_anomaly` ticks per entity, highest peak first: entity, start, end, ticks, peak,
-    the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any."""
-    has_kind = "label_kind" in scores.columns
-    aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
-            pl.col("score").max().alias("peak"),
-            *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in modalities]]
-    if has_kind:
-        aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
-                    .alias("kind"))
-    runs = (scores.sort(["_entity", "ts"]).with_columns(run_number("is_anomaly", "_entity").alias("_run")).filter(pl.col("is_anomaly"))
-            .group_by("_entity", "_run").agg(aggs).sort(["peak", "_entity"], descending=[True, False]))
-    found = []
-    for row in runs.iter_rows(named=True):
-        means = {m: row[m] for m in modalities if row[m] is not None and math.isfinite(row[m])}
-        found.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
-                       "ticks": row["ticks"], "peak": row["peak"],
-                       "dominant": max(means, key=means.get) if means else "none",
-                       "kind": row.get("kind") if has_kind else None})
-    return found
-
-
-def _runs_section(runs: pl.DataFrame | None, dates: list[str]) -> str:
+def _runs_section(runs: pl.DataFrame | None) -> str:
     if runs is None:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
-    runs = runs.filter(pl.col("date").is_in(dates)).sort(["date", "finished_at"])
+    runs = runs.sort(["date", "finished_at"])
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
                         "input_rows_quarantined", "anomalies", "duration_s", "run_id", "finished_at"] if c in runs.columns]
     rows = [[_cell(r[c]) for c in cols] for r in runs.select(cols).iter_rows(named=True)]
@@ -203,11 +282,10 @@ def _runs_section(runs: pl.DataFrame | None, dates: list[str]) -> str:
             f'{_table(cols, rows, "runs-table")}</section>')
 
 
-def _quality_section(quarantine: pl.DataFrame | None, dates: list[str]) -> str:
+def _quality_section(q: pl.DataFrame | None) -> str:
     title = '<section id="quality"><h2>Data quality</h2>'
-    if quarantine is None:
+    if q is None:
         return title + "<p>No quarantine table: nothing was quarantined.</p></section>"
-    q = quarantine.filter(pl.col("date").is_in(dates))
     if q.is_empty():
         return title + "<p>Nothing quarantined in these dates.</p></section>"
     summary = (q.group_by("stage", "source", "reason").agg(pl.len().alias("rows"), pl.col("entity").n_unique()
@@ -220,19 +298,10 @@ def _quality_section(quarantine: pl.DataFrame | None, dates: list[str]) -> str:
 
 # ---------------------------------------------------------------- figures
 
-def _curve_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(fpr, tpr, precision, recall) at every distinct threshold, downsampled to <= MAX_POINTS."""
-    ok = np.isfinite(scores)
-    s, y = scores[ok], labels[ok]
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1] if len(s) else np.array([], int)
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    pos, neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    fpr, tpr = np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
-    precision, recall = np.r_[1.0, tp / np.maximum(tp + fp, 1)], np.r_[0.0, tp / pos]
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), MAX_POINTS)).astype(int))
-    return fpr[keep], tpr[keep], precision[keep], recall[keep]
+def _thin(*curves: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Curves of equal length downsampled alike to <= MAX_POINTS points (the first and last kept)."""
+    keep = np.unique(np.linspace(0, len(curves[0]) - 1, min(len(curves[0]), MAX_POINTS)).astype(int))
+    return tuple(c[keep] for c in curves)
 
 
 def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,

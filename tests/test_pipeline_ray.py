@@ -239,7 +239,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
 def test_report_timelines_are_not_flattened_by_a_spike_and_events_name_their_dominant_modality():
     import numpy as np
 
-    from pipelines.report import _clipped_range, alarm_events
+    from pipelines.report import AlarmEvents, _clipped_range, alarm_events
 
     values = np.r_[np.random.default_rng(0).normal(0, 1, 5000), 1e6]
     lo, hi = _clipped_range(values, threshold=3.0)
@@ -252,6 +252,15 @@ def test_report_timelines_are_not_flattened_by_a_spike_and_events_name_their_dom
     events = alarm_events(scores, ["x", "y"])
     assert [(e["ticks"], e["peak"], e["dominant"], e["kind"]) for e in events] == [(1, 9.0, "y", None),
                                                                                  (2, 6.0, "x", "leak")]
+    # read in chunks (the report reads a date at a time): a run across a chunk's edge is one run; top 1 kept
+    chunked = AlarmEvents(["x", "y"], top=1)
+    for part in (scores[:2], scores[2:2], scores[2:6], scores[6:]):
+        chunked.add(part)
+    assert chunked.finish() == events[:1] and chunked.count == 2
+    other = AlarmEvents(["x", "y"])
+    for part in (scores[:2], scores[2:]):
+        other.add(part)
+    assert other.finish() == events
 
 
 def test_missing_column_fails_before_any_write(trained, tmp_path):

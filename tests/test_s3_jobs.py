@@ -101,6 +101,23 @@ def test_nightly_backfill_rerun_and_force(s3_spec):
     assert set(runs["status"]) == {"succeeded"}
 
 
+def test_evaluate_and_report_read_the_scores_on_s3_a_date_at_a_time(s3_spec, tmp_path):
+    """`evaluate` and `report` list the output table's dates from its log and read each date's partition from S3:
+    every scored tick counted once, the runs table's rows of those dates on the page."""
+    from pipelines.evaluate import evaluate
+    from pipelines.report import build_report
+    from pipelines.score import backfill
+
+    spec, _, _ = s3_spec
+    backfill(spec, DAYS[0], DAYS[-1])
+    scored = _scores(spec).filter(pl.col("date").is_in([d.isoformat() for d in DAYS]))
+    result = evaluate(spec, start=DAYS[0], end=DAYS[-1], report_dir=str(tmp_path / "eval"))
+    assert result["ticks"] == scored.height and result["dates"] == [d.isoformat() for d in DAYS]
+    assert result["overall"]["fused"]["roc_auc"] > 0.5 and (tmp_path / "eval" / "scores.png").exists()
+    page = build_report(spec, tmp_path / "r.html", start=DAYS[0], end=DAYS[-1]).read_text()
+    assert f"{scored.height:,}" in page and 'id="runs-table"' in page and 'id="kind-metrics"' in page
+
+
 def test_backfill_killed_midway_then_rerun(s3_spec, local_ray):
     from pipelines.score import backfill
 
