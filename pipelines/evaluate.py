@@ -488,7 +488,8 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         firsts = earliest(firsts, event_firsts(chunk, intervals, list(spec.entity)))
         if report_dir and not chunk.is_empty():          # the plot's entity: the first of the first date
             entity = entity or str(chunk[spec.entity[0]][0])
-            plotted.append(plot_rows(chunk, spec, entity, len(dates) * DAY_US // PLOT_POINTS))
+            plotted.append(plot_rows(chunk, spec, entity, max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1)
+                                     * spec.grain_us))
         progress.update(i + 1 if not baselines else len(dates))
     tally.freeze()
     for i, chunk in enumerate(chunks()):
