@@ -84,10 +84,11 @@ def run_python(args: list[str], env: dict[str, str] | None = None) -> tuple[floa
                             text=True, cwd=Path(__file__).resolve().parent.parent)
     rss = PeakRss(proc.pid)
     out, _ = proc.communicate()
+    seconds = time.perf_counter() - started     # before the sampler's last half-second nap
     driver, worker = rss.stop()
     if proc.returncode:
         raise RuntimeError(f"python {' '.join(args)} exited {proc.returncode}:\n{out[-3000:]}")
-    return time.perf_counter() - started, driver, worker, out
+    return seconds, driver, worker, out
 
 
 def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:
