@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

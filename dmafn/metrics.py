@@ -172,9 +172,9 @@ class RankingTally:
             return float("nan")
         return float(np.sum(np.diff(np.r_[0, tp]) / tp[-1] * (tp / (tp + fp))))
 
-    def best_f1(self, labelled: int) -> tuple[float, int, int]:
-        """The oracle cut over all positives: (threshold, flagged positives, flagged negatives); `score >
-        threshold` flags them. `labelled`: every labelled tick, finite score or not (the F1's recall base)."""
+    def best_f1(self) -> tuple[float, int, int]:
+        """The oracle cut, `postprocess.best_f1_threshold`'s: (threshold, flagged positives, flagged negatives);
+        `score > threshold` flags them."""
         value, tp, fp = self._cuts(None)
         if not value.size:                                   # nothing to find: the top-scored ticks
             return float(np.nextafter(self.max_score, -np.inf)), 0, self._at_max

@@ -156,7 +156,7 @@ class MetricsTally:
         out["f1_point_adjusted"] = count_metrics(r["hit_ticks"], fp, self.labelled - r["hit_ticks"], tn)["f1"]
         tally = self.columns["fused"]
         if self.labelled and (tally.positives.size or tally.negatives):   # an oracle: chosen with the labels, reported only
-            threshold, found, wrong = tally.best_f1(self.labelled)
+            threshold, found, wrong = tally.best_f1()
             out["oracle_threshold"] = threshold
             out["oracle_f1"] = count_metrics(found, wrong, self.labelled - found, 0)["f1"]
         return out
