@@ -29,7 +29,7 @@ from pipelines.align import TIME, label_intervals, label_ticks, to_micros
 from pipelines.delta_sink import read_table
 from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
-from pipelines.postprocess import run_number, smooth_columns
+from pipelines.postprocess import mark_runs, open_runs, smooth_columns
 from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
 from pipelines.ray_runtime import raise_task_error
@@ -104,10 +104,7 @@ class MetricsTally:
         (with the last row of an entity, which says whether the next chunk's first row starts a run)."""
         for flag, other in (("y", "p"), ("p", "y")):
             rows = pl.concat([self._carry[flag], frame]) if flag in self._carry else frame
-            rows = (rows.with_row_index("_i").sort("g", maintain_order=True)
-                    .with_columns(run_number(flag, "g").alias("_run"))
-                    .with_columns((pl.col("_run") == pl.col("_run").max().over("g")).alias("_last"),
-                                  (pl.col("_i") == pl.col("_i").max().over("g")).alias("_end")))
+            rows = mark_runs(rows, flag, "g")
             runs = (rows.filter(pl.col(flag) & (~pl.col("_last") | final)).group_by("g", "_run")
                     .agg(pl.len().alias("n"), pl.col(other).any().alias("hit")))
             hits = runs.filter(pl.col("hit"))
@@ -118,8 +115,7 @@ class MetricsTally:
             else:
                 self.runs["alarms"] += runs.height
                 self.runs["good"] += hits.height
-            self._carry[flag] = (rows.filter(pl.col("_last") & (pl.col(flag) | pl.col("_end"))).select("g", "p", "y")
-                                 if not final else frame.clear())
+            self._carry[flag] = open_runs(rows, flag) if not final else frame.clear()
 
     def freeze(self) -> None:
         """End of the first pass: count the runs still open and sort the labelled ticks' scores."""

@@ -28,6 +28,22 @@ def run_number(flag: str, over: str) -> pl.Expr:
     return (pl.col(flag) != pl.col(flag).shift(1)).fill_null(True).cum_sum().over(over)
 
 
+def mark_runs(rows: pl.DataFrame, flag: str, over: str) -> pl.DataFrame:
+    """`rows` (in time order within each `over` group, a group's rows in one block or spread: they are grouped
+    stably) with `_run` (`run_number`), `_last` (the group's last run: it may go on in the next chunk of a window
+    read in chunks) and `_end` (the group's last row)."""
+    return (rows.with_row_index("_i").sort(over, maintain_order=True)
+            .with_columns(run_number(flag, over).alias("_run"))
+            .with_columns((pl.col("_run") == pl.col("_run").max().over(over)).alias("_last"),
+                          (pl.col("_i") == pl.col("_i").max().over(over)).alias("_end")))
+
+
+def open_runs(marked: pl.DataFrame, flag: str) -> pl.DataFrame:
+    """The rows of `mark_runs` output that the next chunk needs: each group's last run where `flag` is set (it may
+    go on), else the group's last row (whether the next chunk's first row starts a run); helper columns dropped."""
+    return marked.filter(pl.col("_last") & (pl.col(flag) | pl.col("_end"))).drop("_i", "_run", "_last", "_end")
+
+
 def smooth_columns(df: pl.DataFrame, columns: list[str], spec: Spec, *, by: tuple[str, ...] = (),
                    smoothing: SmoothingSpec | None = None) -> pl.DataFrame:
     """Smooth score columns per entity (and per each `by` column, e.g. the date), causally, in tick order

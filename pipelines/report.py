@@ -26,7 +26,7 @@ from pipelines.evaluate import (MetricsTally, add_counts, alarm_counts, alarm_ra
                                 score_dates)
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
-from pipelines.postprocess import run_number
+from pipelines.postprocess import mark_runs, open_runs
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -159,10 +159,7 @@ class AlarmEvents:
                             *(["label_kind"] if has_kind else []))
         if self._carry is not None:
             rows = pl.concat([self._carry, rows], how="diagonal_relaxed")
-        rows = (rows.with_row_index("_i").sort("_entity", maintain_order=True)
-                .with_columns(run_number("is_anomaly", "_entity").alias("_run"))
-                .with_columns((pl.col("_run") == pl.col("_run").max().over("_entity")).alias("_last"),
-                              (pl.col("_i") == pl.col("_i").max().over("_entity")).alias("_end")))
+        rows = mark_runs(rows, "is_anomaly", "_entity")
         aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
                 pl.col("score").max().alias("peak"),
                 *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in contributions]]
@@ -174,8 +171,7 @@ class AlarmEvents:
         best = runs if self.best is None else pl.concat([self.best, runs], how="diagonal_relaxed")
         best = best.sort(["peak", "_entity"], descending=[True, False])
         self.best = best.head(self.top) if self.top is not None else best
-        self._carry = None if final else \
-            rows.filter(pl.col("_last") & (pl.col("is_anomaly") | pl.col("_end"))).drop("_i", "_run", "_last", "_end")
+        self._carry = None if final else open_runs(rows, "is_anomaly")
 
     def finish(self) -> list[dict[str, Any]]:
         """Close the runs still open; the runs found, highest peak first."""
