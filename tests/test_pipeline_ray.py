@@ -627,6 +627,7 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
     import time
 
     import psutil
+    import torch
 
     from pipelines.registry import Registry
     from pipelines.storage import Storage
@@ -636,10 +637,21 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
     spec = replace(spec, registry=str(tmp_path / "models"), train=replace(spec.train, epochs=5))
     killed = []
 
+    def complete_checkpoint() -> bool:
+        """A checkpoint whose state loads whole: a folder still being copied would leave nothing to resume from
+        (training then rightly starts again at epoch 0, and this test would see no resume)."""
+        for state in (tmp_path / "models" / "_train_runs").glob("*/checkpoint_*/state.pt"):
+            try:
+                torch.load(state, weights_only=True)
+                return True
+            except Exception:  # noqa: BLE001 - still being written
+                continue
+        return False
+
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list((tmp_path / "models" / "_train_runs").glob("*/checkpoint_*")):
+            if complete_checkpoint():
                 for proc in psutil.Process().children(recursive=True):       # this session's Ray only
                     try:
                         title = " ".join([proc.name(), *proc.cmdline()])
