@@ -85,14 +85,16 @@ def write_window(root: Path, entities: int, days: int, seed: int = 0) -> int:
 def whole_window(spec_path: str, start: str, end: str) -> dict:
     """The bare loop: the same metrics on the whole window read at once."""
     from dmafn.spec import load_spec
-    from pipelines.evaluate import _labelled, alarm_rates, detection, metrics_table, read_scores
+    from pipelines.align import TIME, label_ticks, to_micros
+    from pipelines.evaluate import alarm_rates, detection, metrics_table
     from pipelines.labels import read_labels
     from pipelines.storage import Storage
 
     spec, storage = load_spec(spec_path), Storage()
     labels = read_labels(spec, storage)
-    df = _labelled(read_scores(spec, storage, dt.date.fromisoformat(start), dt.date.fromisoformat(end)), labels,
-                   spec).sort([*spec.entity, "ts"])
+    scores = pl.read_delta(spec.score.output).filter(pl.col("date").is_between(pl.lit(start), pl.lit(end)))
+    df = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec, spec.labels.start,
+                     spec.labels.end).sort([*spec.entity, "ts"])
     result = metrics_table(df, spec) | alarm_rates(df, spec, storage)
     result["detection"] = detection(df, labels, spec)
     return result

@@ -14,6 +14,7 @@ epoch, UTC) and the modality's value columns. Output columns per modality `m`:
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -171,26 +172,44 @@ def label_intervals(labels: pl.DataFrame, spec: Spec, start: str, end: str) -> p
                           (pl.col("kind") if "kind" in labels.columns else pl.lit("anomaly")).alias("_kind")])
 
 
+@dataclass(frozen=True)
+class LabelIndex:
+    """Labels prepared for `attach_labels` once, for many batches of ticks. `started`: per entity, in order of
+    start (ties: as listed), each interval with the latest end so far, `_cover`, sorted by it. The first interval
+    whose `_cover` reaches a tick is the earliest-starting one that can cover it, and does exactly when it started
+    at or before the tick - one as-of join per tick, overlapping intervals included: the cost grows with ticks +
+    intervals, not ticks x intervals. A tick two intervals cover takes the kind of the one that started first.
+    `ends`: every interval's end, sorted."""
+    started: pl.DataFrame
+    ends: pl.DataFrame
+
+    @classmethod
+    def build(cls, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> "LabelIndex":
+        keys = list(spec.entity)
+        intervals = label_intervals(labels, spec, start, end)
+        started = (intervals.sort("_s", maintain_order=True)
+                   .with_columns(pl.col("_e").cum_max().over(keys).alias("_cover"))
+                   .sort("_cover", maintain_order=True))
+        return cls(started, intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end"))
+
+
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
     """Add `label` (1 where the tick lies inside a labelled interval of its entity), `label_kind` and
     `since_event_us` (microseconds since the end of the entity's latest interval that ended before the tick;
     null where none has). Rows keep their order."""
+    return attach_labels(aligned, LabelIndex.build(labels, spec, start, end), spec)
+
+
+def attach_labels(aligned: pl.DataFrame, index: LabelIndex, spec: Spec) -> pl.DataFrame:
+    """`label_ticks` with the labels already prepared (`LabelIndex.build`)."""
     keys = list(spec.entity)
-    intervals = label_intervals(labels, spec, start, end)
-    # per entity, in order of start (ties: as listed): the latest end so far, `_cover`. The first interval whose
-    # `_cover` reaches a tick is the earliest-starting one that can cover it, and does exactly when it started at or
-    # before the tick - one as-of join per tick, overlapping intervals included: the cost grows with ticks +
-    # intervals, not ticks x intervals. A tick two intervals cover takes the kind of the one that started first.
-    started = (intervals.sort("_s", maintain_order=True)
-               .with_columns(pl.col("_e").cum_max().over(keys).alias("_cover"))
-               .sort("_cover", maintain_order=True))
-    # time since the end of the entity's latest labelled interval that ended before the tick (null: none yet)
-    ends = intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end")
     out = (aligned.with_row_index("_row").sort(TIME)
-           .join_asof(started, left_on=TIME, right_on="_cover", by=keys, strategy="forward", check_sortedness=False)
+           .join_asof(index.started, left_on=TIME, right_on="_cover", by=keys, strategy="forward",
+                      check_sortedness=False)
            .with_columns(pl.when(pl.col("_s") <= pl.col(TIME)).then(pl.col("_kind")).otherwise(None).alias("label_kind"))
            .drop("_s", "_e", "_kind", "_cover")
-           .join_asof(ends, left_on=TIME, right_on="_end", by=keys, strategy="backward", allow_exact_matches=False,
-                      check_sortedness=False)
+           # time since the end of the entity's latest labelled interval that ended before the tick (null: none yet)
+           .join_asof(index.ends, left_on=TIME, right_on="_end", by=keys, strategy="backward",
+                      allow_exact_matches=False, check_sortedness=False)
            .sort("_row").with_columns((pl.col(TIME) - pl.col("_end")).alias("since_event_us")).drop("_end", "_row"))
     return out.with_columns(pl.col("label_kind").is_not_null().cast(pl.Int8).alias("label"))

@@ -25,7 +25,7 @@ from dmafn.metrics import RankingTally, count_metrics
 from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
-from pipelines.align import TIME, label_intervals, label_ticks, to_micros
+from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
 from pipelines.delta_sink import read_table
 from pipelines.ingest import entity_string, require_columns
 from pipelines.labels import read_labels
@@ -37,21 +37,6 @@ from pipelines.shards import Shard, list_inputs, plan_shards
 from pipelines.train import aligned_batches, split_dates
 
 log = logging.getLogger(__name__)
-
-
-def read_scores(spec: Spec, storage: Storage, start: dt.date | None = None, end: dt.date | None = None) -> pl.DataFrame:
-    uri = storage.delta_uri(spec.score.output)
-    try:
-        df = pl.read_delta(uri, storage_options=storage.delta_options(spec.score.output))
-    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
-        raise DataError(f"scores {spec.score.output}: cannot be read ({exc})") from None
-    if start:
-        df = df.filter(pl.col("date") >= start.isoformat())
-    if end:
-        df = df.filter(pl.col("date") <= end.isoformat())
-    if df.is_empty():
-        raise DataError(f"scores {spec.score.output}: no rows in {start}..{end}")
-    return df.sort([*spec.entity, "ts"])
 
 
 class MetricsTally:
@@ -85,14 +70,14 @@ class MetricsTally:
         labels = chunk["label"].to_numpy().astype(bool)
         kinds = chunk["label_kind"].fill_null("").to_numpy()
         codes = np.array([self.kinds.setdefault(k, len(self.kinds)) if k else -1 for k in kinds[labels]], np.int64)
-        for name, values in self._scores(chunk, extra).items():
+        scores = self._scores(chunk, extra)
+        for name, values in scores.items():
             self.columns.setdefault(name, RankingTally()).add_positives(values[labels], codes)
             if not np.isnan(values).all():
                 self.seen.add(name)
         self.ticks += len(labels)
         self.labelled += int(labels.sum())
-        pred = to_labels(chunk["score"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-                         chunk["threshold"].to_numpy()).astype(bool)
+        pred = to_labels(scores["fused"], chunk["threshold"].to_numpy()).astype(bool)
         for key, hit in (("tp", pred & labels), ("fp", pred & ~labels), ("fn", ~pred & labels), ("tn", ~pred & ~labels)):
             self.points[key] += int(hit.sum())
         self._count_runs(pl.DataFrame({"g": chunk.select(entity_string(self.spec.entity)).to_series(),
@@ -227,6 +212,34 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
     """`detection_summary` of scored `ticks` held in memory (with `is_anomaly` and the tick time column)."""
     intervals = event_intervals(labels, spec)
     return detection_summary(intervals, event_firsts(ticks, intervals, list(spec.entity)), spec)
+
+
+class WindowEvaluation:
+    """What `evaluate` and the report page say of a labelled window read in chunks (dates in time order, two
+    passes as `MetricsTally`): the metrics, the alarm rates against the expected one, and detection."""
+
+    def __init__(self, spec: Spec, labels: pl.DataFrame) -> None:
+        self.spec, self.intervals = spec, event_intervals(labels, spec)
+        self.metrics = MetricsTally(spec)
+        self.counts: dict[str, Any] | None = None
+        self.firsts: pl.DataFrame | None = None
+
+    def first_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+        self.metrics.first_pass(chunk, extra)
+        self.counts = add_counts(self.counts, alarm_counts(chunk, self.spec))
+        self.firsts = earliest(self.firsts, event_firsts(chunk, self.intervals, list(self.spec.entity)))
+
+    def freeze(self) -> None:
+        self.metrics.freeze()
+
+    def second_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+        self.metrics.second_pass(chunk, extra)
+
+    def result(self, storage: Storage) -> dict[str, Any]:
+        """`metrics_table`'s dict with `alarm_rates` and `detection` added."""
+        result = self.metrics.result() | alarm_rates(self.counts, self.spec, storage)
+        result["detection"] = detection_summary(self.intervals, self.firsts, self.spec)
+        return result
 
 
 def settle_us(spec: Spec) -> int:
@@ -448,17 +461,14 @@ def read_score_date(table: DeltaTable, spec: Spec, date: str) -> pl.DataFrame:
     return df.sort([*spec.entity, "ts"])
 
 
-def _labelled(scores: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    return label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), labels, spec, spec.labels.start,
-                       spec.labels.end)
-
-
 def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
     """The output table's rows a date at a time, in time order per entity, with the labels attached (`label`,
     `label_kind`, `since_event_us`) when `labels` are given."""
+    index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
     for date in dates:
         chunk = read_score_date(table, spec, date)
-        yield chunk if labels is None else _labelled(chunk, labels, spec)
+        yield chunk if index is None else \
+            attach_labels(chunk.with_columns(to_micros(pl.col("ts")).alias(TIME)), index, spec)
 
 
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
@@ -472,38 +482,31 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage)
-    intervals = event_intervals(labels, spec)
-    extra = None
+    extra, whole = None, None
     if baselines:
-        whole = _labelled(read_scores(spec, storage, start, end), labels, spec)
+        whole = pl.concat(score_chunks(table, spec, dates, labels), how="diagonal_relaxed")
         extra = single_modality_baselines(spec, storage, whole)
 
-    def chunks():
-        if baselines:
-            yield whole
-            return
-        yield from score_chunks(table, spec, dates, labels)
+    def chunks() -> Iterator[pl.DataFrame]:
+        return iter([whole]) if baselines else score_chunks(table, spec, dates, labels)
 
-    tally, counts, firsts, plotted, entity = MetricsTally(spec), None, None, [], None
+    evaluation, plotted, entity = WindowEvaluation(spec, labels), [], None
+    bucket_us = max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1) * spec.grain_us
+    step = len(dates) if baselines else 1              # dates per chunk
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
     for i, chunk in enumerate(chunks()):
-        tally.first_pass(chunk, extra)
-        counts = add_counts(counts, alarm_counts(chunk, spec))
-        firsts = earliest(firsts, event_firsts(chunk, intervals, list(spec.entity)))
+        evaluation.first_pass(chunk, extra)
         if report_dir and not chunk.is_empty():          # the plot's entity: the first of the first date
             entity = entity or str(chunk[spec.entity[0]][0])
-            plotted.append(plot_rows(chunk, spec, entity, max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1)
-                                     * spec.grain_us))
-        progress.update(i + 1 if not baselines else len(dates))
-    tally.freeze()
+            plotted.append(plot_rows(chunk, spec, entity, bucket_us))
+        progress.update((i + 1) * step)
+    evaluation.freeze()
     for i, chunk in enumerate(chunks()):
-        tally.second_pass(chunk, extra)
-        progress.update(len(dates) + (i + 1 if not baselines else len(dates)))
+        evaluation.second_pass(chunk, extra)
+        progress.update(len(dates) + (i + 1) * step)
     progress.close()
-    result = tally.result()
+    result = evaluation.result(storage)
     result["dates"] = dates
-    result |= alarm_rates(counts, spec, storage)
-    result["detection"] = detection_summary(intervals, firsts, spec)
     text = format_table(result)
     print(text)
     if report_dir:

@@ -21,8 +21,7 @@ from deltalake import DeltaTable
 from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table
-from pipelines.evaluate import (MetricsTally, add_counts, alarm_counts, alarm_rates, contributing_modalities,
-                                detection_summary, earliest, event_firsts, event_intervals, open_scores, score_chunks,
+from pipelines.evaluate import (MetricsTally, WindowEvaluation, contributing_modalities, open_scores, score_chunks,
                                 score_dates)
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
@@ -47,37 +46,32 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage) if spec.labels else None
-    intervals = event_intervals(labels, spec) if labels is not None else None
-    tally = MetricsTally(spec) if labels is not None else None
-    window, found, counts, firsts = WindowFacts(), AlarmEvents(list(spec.modalities), top_events), None, None
+    evaluation = WindowEvaluation(spec, labels) if labels is not None else None
+    window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events)
     for chunk in _chunks(table, spec, dates, labels):
         window.add(chunk, spec)
         found.add(chunk)
-        if tally is not None:
-            tally.first_pass(chunk)
-            counts = add_counts(counts, alarm_counts(chunk, spec))
-            firsts = earliest(firsts, event_firsts(chunk, intervals, list(spec.entity)))
+        if evaluation is not None:
+            evaluation.first_pass(chunk)
     found.finish()
     chosen = entities or window.busiest(max_entities)
     unknown = sorted(set(chosen) - window.entities)
     if unknown:
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     modalities = [m for m in spec.modalities if m in window.modalities]
-    if tally is not None:
-        tally.freeze()
+    if evaluation is not None:
+        evaluation.freeze()
     shown = []
     for chunk in _chunks(table, spec, dates, labels):
-        if tally is not None:
-            tally.second_pass(chunk)
+        if evaluation is not None:
+            evaluation.second_pass(chunk)
         keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
                 *(["label_kind"] if "label_kind" in chunk.columns else [])]
         shown.append(chunk.filter(pl.col("_entity").is_in(chosen)).select(keep))
     sections = [_header(spec, window, dates)]
-    kinds = sorted(tally.kinds) if tally is not None else []
-    if tally is not None:
-        result = tally.result() | alarm_rates(counts, spec, storage)
-        result["detection"] = detection_summary(intervals, firsts, spec)
-        sections += [_metrics_section(result), _curves_section(tally, modalities)]
+    kinds = sorted(evaluation.metrics.kinds) if evaluation is not None else []
+    if evaluation is not None:
+        sections += [_metrics_section(evaluation.result(storage)), _curves_section(evaluation.metrics, modalities)]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
     sections.append(_timelines_section(pl.concat(shown, how="diagonal_relaxed"), chosen, modalities, kinds))
