@@ -422,12 +422,13 @@ def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame
     det = Detector(spec.modalities, ModelConfig(**{**cfg.__dict__, "fusion": "late", "detector": "autoencoder"}),
                    epochs=spec.train.epochs, vote=spec.model.vote, seed=spec.train.seed)
     det.fit(featurize(train_al.to_arrow(), spec, stats))
-    keyed = scores.select([*spec.entity, "ts"]).with_columns(to_micros(pl.col("ts")).alias(TIME))
-    eval_al = keyed.join(eval_al.drop("ts"), on=[*spec.entity, TIME], how="left")
-    record = det.score_record(featurize(eval_al.to_arrow(), spec, stats))
+    # the arrays come back in the rows' order of `scores`, whatever it is (smoothing sorts by entity and time)
+    keyed = scores.select([*spec.entity, "ts"]).with_columns(to_micros(pl.col("ts")).alias(TIME)).with_row_index("_row")
+    eval_al = keyed.join(eval_al.drop("ts"), on=[*spec.entity, TIME], how="left", maintain_order="left")
+    record = det.score_record(featurize(eval_al.drop("_row").to_arrow(), spec, stats))
     out = keyed.with_columns([pl.Series(f"alone_{m}", record.contributions[:, i]).fill_nan(None)
                               for i, m in enumerate(record.modalities)])
-    out = smooth_columns(out, [f"alone_{m}" for m in record.modalities], spec)
+    out = smooth_columns(out, [f"alone_{m}" for m in record.modalities], spec).sort("_row")
     return {f"alone_{m}": out[f"alone_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in record.modalities}
 
 
