@@ -126,7 +126,7 @@ def cmd_evaluate(args) -> None:
     from pipelines.ray_runtime import ray_session
 
     spec = load_spec(args.spec)
-    # only the baselines run on Ray (they align the window's inputs); the metrics read the output table here
+    # only the baselines run on Ray (they train and score each modality alone); the metrics read the tables here
     with ray_session(args.address, verbose=args.verbose) if args.baselines else contextlib.nullcontext():
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
 

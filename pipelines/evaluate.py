@@ -2,7 +2,8 @@
 
 Prints a table, writes `metrics.json` and a PNG of score vs. labelled anomalies for one entity.
 With `baselines=True` it also trains each modality alone (a late-fusion detector: one detector per
-modality, never sees the others) on the training days, to show what fusion adds.
+modality, never sees the others) on the training days and scores the window with it, to show what fusion adds
+(`pipelines.baselines`: the same training and scoring jobs, into the table `<output>_alone`).
 """
 from __future__ import annotations
 
@@ -14,27 +15,20 @@ from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import ray
 from deltalake import DeltaTable
 
-from dmafn.detector import Detector
 from dmafn.calibration import Calibration
-from dmafn.features import StatisticsFitter, featurize
 from dmafn.metrics import RankingTally, count_metrics
-from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
+from pipelines.baselines import score_alone
 from pipelines.delta_sink import read_table
-from pipelines.ingest import entity_string, require_columns
+from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
-from pipelines.postprocess import mark_runs, open_runs, smooth_columns
+from pipelines.postprocess import mark_runs, open_runs
 from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
-from pipelines.ray_runtime import raise_task_error
-from pipelines.shards import Shard, list_inputs, plan_shards
-from pipelines.train import aligned_batches, split_dates
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +41,7 @@ class MetricsTally:
     (`dmafn.metrics.RankingTally`) and each entity's run of alarms or labelled ticks still open at a chunk's end.
 
     A chunk holds the score columns, `threshold`, `label`, `label_kind` and the entity keys, rows in time order
-    per entity; `extra`: more score columns as arrays over its rows (the in-memory baselines)."""
+    per entity, and the baselines' `alone_<m>` columns if any (a column holding no value gets no row)."""
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
@@ -59,18 +53,17 @@ class MetricsTally:
         self.runs = dict.fromkeys(("events", "hits", "hit_ticks", "alarms", "good"), 0)
         self._carry: dict[str, pl.DataFrame] = {}
 
-    def _scores(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        out = {"fused": chunk["score"].cast(pl.Float64).fill_null(np.nan).to_numpy()}
-        for m in self.spec.modalities:
-            if f"score_{m}" in chunk.columns:
-                out[f"score_{m}"] = chunk[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        return out | (extra or {})
+    def _scores(self, chunk: pl.DataFrame) -> dict[str, np.ndarray]:
+        names = {"score": "fused"} | {f"{prefix}_{m}": f"{prefix}_{m}" for prefix in ("score", "alone")
+                                      for m in self.spec.modalities}
+        return {name: chunk[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                for column, name in names.items() if column in chunk.columns}
 
-    def first_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+    def first_pass(self, chunk: pl.DataFrame) -> None:
         labels = chunk["label"].to_numpy().astype(bool)
         kinds = chunk["label_kind"].fill_null("").to_numpy()
         codes = np.array([self.kinds.setdefault(k, len(self.kinds)) if k else -1 for k in kinds[labels]], np.int64)
-        scores = self._scores(chunk, extra)
+        scores = self._scores(chunk)
         for name, values in scores.items():
             self.columns.setdefault(name, RankingTally()).add_positives(values[labels], codes)
             if not np.isnan(values).all():
@@ -108,9 +101,9 @@ class MetricsTally:
         for tally in self.columns.values():
             tally.freeze()
 
-    def second_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
+    def second_pass(self, chunk: pl.DataFrame) -> None:
         normal = ~chunk["label"].to_numpy().astype(bool)
-        for name, values in self._scores(chunk, extra).items():
+        for name, values in self._scores(chunk).items():
             self.columns[name].add_negatives(values[normal])
 
     def result(self) -> dict[str, Any]:
@@ -149,13 +142,13 @@ def contributing_modalities(scores: pl.DataFrame, spec: Spec) -> list[str]:
             if f"score_{m}" in scores.columns and scores[f"score_{m}"].null_count() < scores.height]
 
 
-def metrics_table(df: pl.DataFrame, spec: Spec, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def metrics_table(df: pl.DataFrame, spec: Spec) -> dict[str, Any]:
     """Metrics per score column and per anomaly kind. `df` holds scores, `threshold`, `label`, `label_kind`, rows
-    in time order per entity; `extra`: more score columns over its rows (a column of NaN gets no row)."""
+    in time order per entity; the baselines' `alone_<m>` if any (a column holding no value gets no row)."""
     tally = MetricsTally(spec)
-    tally.first_pass(df, extra)
+    tally.first_pass(df)
     tally.freeze()
-    tally.second_pass(df, extra)
+    tally.second_pass(df)
     return tally.result()
 
 
@@ -224,16 +217,16 @@ class WindowEvaluation:
         self.counts: dict[str, Any] | None = None
         self.firsts: pl.DataFrame | None = None
 
-    def first_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
-        self.metrics.first_pass(chunk, extra)
+    def first_pass(self, chunk: pl.DataFrame) -> None:
+        self.metrics.first_pass(chunk)
         self.counts = add_counts(self.counts, alarm_counts(chunk, self.spec))
         self.firsts = earliest(self.firsts, event_firsts(chunk, self.intervals, list(self.spec.entity)))
 
     def freeze(self) -> None:
         self.metrics.freeze()
 
-    def second_pass(self, chunk: pl.DataFrame, extra: dict[str, np.ndarray] | None = None) -> None:
-        self.metrics.second_pass(chunk, extra)
+    def second_pass(self, chunk: pl.DataFrame) -> None:
+        self.metrics.second_pass(chunk)
 
     def result(self, storage: Storage) -> dict[str, Any]:
         """`metrics_table`'s dict with `alarm_rates` and `detection` added."""
@@ -393,45 +386,6 @@ def plot_entity(df: pl.DataFrame, spec: Spec, path: Path, entity: str | None = N
     return path
 
 
-@ray.remote(num_cpus=1)
-def _shard_aligned(shard: Shard, spec: Spec) -> pa.Table | None:
-    batches, _, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
-    tables = [b.to_arrow() for b in batches]
-    return pa.concat_tables(tables) if tables else None
-
-
-def aligned_rows(spec: Spec, days: list[dt.date], storage: Storage) -> pl.DataFrame:
-    """The aligned rows of `days`, gathered here: only for the in-memory baselines of a report (an evaluation
-    window of a demo-sized fleet), never on a job's path."""
-    files = list_inputs(spec, days, storage)
-    require_columns(spec, storage, files)
-    tables = [t for t in (raise_task_error(r) for r in [_shard_aligned.remote(s, spec)
-                                                        for s in plan_shards(spec, days, files)]) if t is not None]
-    if not tables:
-        raise DataError(f"spec '{spec.name}': no data for {days[0]}..{days[-1]}")
-    return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive")).sort([*spec.entity, TIME])
-
-
-def single_modality_baselines(spec: Spec, storage: Storage, scores: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Each modality alone: a late-fusion detector trained on the training days, scored on the scored ticks."""
-    train_days, _ = split_dates(spec)
-    dates = sorted({dt.date.fromisoformat(d) for d in scores["date"].unique().to_list()})
-    cfg = model_config(spec.model)
-    train_al, eval_al = aligned_rows(spec, train_days, storage), aligned_rows(spec, dates, storage)
-    stats = StatisticsFitter(spec).add(train_al.to_arrow()).result()
-    det = Detector(spec.modalities, ModelConfig(**{**cfg.__dict__, "fusion": "late", "detector": "autoencoder"}),
-                   epochs=spec.train.epochs, vote=spec.model.vote, seed=spec.train.seed)
-    det.fit(featurize(train_al.to_arrow(), spec, stats))
-    # the arrays come back in the rows' order of `scores`, whatever it is (smoothing sorts by entity and time)
-    keyed = scores.select([*spec.entity, "ts"]).with_columns(to_micros(pl.col("ts")).alias(TIME)).with_row_index("_row")
-    eval_al = keyed.join(eval_al.drop("ts"), on=[*spec.entity, TIME], how="left", maintain_order="left")
-    record = det.score_record(featurize(eval_al.drop("_row").to_arrow(), spec, stats))
-    out = keyed.with_columns([pl.Series(f"alone_{m}", record.contributions[:, i]).fill_nan(None)
-                              for i, m in enumerate(record.modalities)])
-    out = smooth_columns(out, [f"alone_{m}" for m in record.modalities], spec).sort("_row")
-    return {f"alone_{m}": out[f"alone_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy() for m in record.modalities}
-
-
 def open_scores(spec: Spec, storage: Storage) -> DeltaTable:
     """The output table at its current version: every pass of an evaluation reads this one snapshot, whatever
     a job commits meanwhile."""
@@ -462,14 +416,26 @@ def read_score_date(table: DeltaTable, spec: Spec, date: str) -> pl.DataFrame:
     return df.sort([*spec.entity, "ts"])
 
 
-def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
+def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None,
+                 beside: DeltaTable | None = None) -> Iterator[pl.DataFrame]:
     """The output table's rows a date at a time, in time order per entity, with the labels attached (`label`,
-    `label_kind`, `since_event_us`) when `labels` are given."""
+    `label_kind`, `since_event_us`) when `labels` are given, and with `beside` (the baselines' table: each
+    modality alone) its `score_<m>` of the same ticks as `alone_<m>` (null where it has no row)."""
     index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
     for date in dates:
         chunk = read_score_date(table, spec, date)
+        if beside is not None:
+            chunk = with_alone_scores(chunk, read_score_date(beside, spec, date), spec)
         yield chunk if index is None else \
             attach_labels(chunk.with_columns(to_micros(pl.col("ts")).alias(TIME)), index, spec)
+
+
+def with_alone_scores(chunk: pl.DataFrame, alone: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """`chunk` with the baselines' contributions of its ticks (`score_<m>` of `alone`) as `alone_<m>`, rows kept
+    in their order."""
+    keys = [*spec.entity, "ts"]
+    columns = {f"score_{m}": f"alone_{m}" for m in spec.modalities if f"score_{m}" in alone.columns}
+    return chunk.join(alone.select([*keys, *columns]).rename(columns), on=keys, how="left", maintain_order="left")
 
 
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
@@ -477,34 +443,27 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     """Metrics of the scored dates in [start, end] against the labels; prints and writes the report.
 
     The window is read a date at a time, twice (`MetricsTally`): memory holds one date's scores, the labelled
-    ticks' scores and the labels, whatever the window's length. With `baselines` the single-modality detectors
-    score the whole window in this process (for demo-sized windows)."""
+    ticks' scores and the labels, whatever the window's length. With `baselines` each modality alone is trained
+    and scored by the jobs (`pipelines.baselines`, on Ray) into `<output>_alone`, read beside the output table."""
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage)
-    extra, whole = None, None
-    if baselines:
-        whole = pl.concat(score_chunks(table, spec, dates, labels), how="diagonal_relaxed")
-        extra = single_modality_baselines(spec, storage, whole)
-
-    def chunks() -> Iterator[pl.DataFrame]:
-        return iter([whole]) if baselines else score_chunks(table, spec, dates, labels)
+    beside = open_scores(score_alone(spec, dates), storage) if baselines else None
 
     evaluation, plotted, entity = WindowEvaluation(spec, labels), [], None
     bucket_us = max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1) * spec.grain_us
-    step = len(dates) if baselines else 1              # dates per chunk
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
-    for i, chunk in enumerate(chunks()):
-        evaluation.first_pass(chunk, extra)
+    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
+        evaluation.first_pass(chunk)
         if report_dir and not chunk.is_empty():          # the plot's entity: the first of the first date
             entity = entity or str(chunk[spec.entity[0]][0])
             plotted.append(plot_rows(chunk, spec, entity, bucket_us))
-        progress.update((i + 1) * step)
+        progress.update(i + 1)
     evaluation.freeze()
-    for i, chunk in enumerate(chunks()):
-        evaluation.second_pass(chunk, extra)
-        progress.update(len(dates) + (i + 1) * step)
+    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
+        evaluation.second_pass(chunk)
+        progress.update(len(dates) + i + 1)
     progress.close()
     result = evaluation.result(storage)
     result["dates"] = dates

@@ -278,9 +278,18 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
         raise ValueError(f"backfill: end {end} is before start {start}")
     if days_per_shard < 1 or shard_bytes <= 0 or (parallel is not None and parallel < 1):
         raise ValueError("backfill: days_per_shard, shard_bytes and parallel must be positive")
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    return backfill_dates(spec, days, version=version, force=force, parallel=parallel,
+                          days_per_shard=days_per_shard, shard_bytes=shard_bytes)
+
+
+def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = None, force: bool = False,
+                   parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
+                   shard_bytes: int = SHARD_BYTES) -> list[DateResult]:
+    """`backfill` of the dates `days` (in any order, not necessarily consecutive)."""
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
-    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    days = sorted(set(days))
     skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
     todo = [d for d in days if d.isoformat() not in skip]
     if skip:

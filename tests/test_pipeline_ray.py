@@ -694,3 +694,61 @@ def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
     lines = maintain(spec, retention_hours=168)
     assert not orphan.exists() and any("vacuumed 1 files" in line for line in lines), lines
     assert pl.read_delta(spec.score.output).sort("machine_id", "ts").equals(before)
+
+
+def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_output(trained, tmp_path, monkeypatch):
+    """`evaluate --baselines`: each modality alone is a late-fusion autoencoder trained and scored by the jobs
+    into `<output>_alone` (nothing gathered on the driver); evaluate reads its `score_<m>` of the same ticks as
+    `alone_<m>`, and a second run reuses that version and its rows."""
+    import shutil
+
+    import numpy as np
+
+    from dmafn.metrics import roc_auc
+    from pipelines.align import label_ticks, to_micros
+    from pipelines import baselines
+    from pipelines.baselines import alone_spec
+    from pipelines.evaluate import evaluate
+    from pipelines.labels import read_labels
+    from pipelines.registry import Registry
+    from pipelines.score import score_date
+    from pipelines.storage import Storage
+
+    spec, _, _ = trained
+    shutil.copytree(spec.registry, tmp_path / "models")
+    spec = replace(spec, registry=str(tmp_path / "models"), score=replace(spec.score, output=str(tmp_path / "scores")))
+    score_date(spec, DAY3)
+    result = evaluate(spec, start=DAY3, end=DAY3, baselines=True)
+
+    alone = alone_spec(spec)
+    assert alone.registry == str(tmp_path / "models" / "_alone") and alone.score.output == str(tmp_path / "scores_alone")
+    version = (tmp_path / "models" / "_alone" / "LATEST").read_text()
+    manifest = json.loads((tmp_path / "models" / "_alone" / version / "manifest.json").read_text())
+    assert (manifest["model_config"]["fusion"], manifest["model_config"]["detector"]) == ("late", "autoencoder")
+    rows = pl.read_delta(alone.score.output)
+    assert rows["model_version"].unique().to_list() == [version] and rows["date"].unique().to_list() == [DAY3.isoformat()]
+    assert (tmp_path / "scores_alone_runs").exists()
+    # alone_<m> is the baseline table's score_<m> at the same tick, whatever the two tables' row orders
+    scores = pl.read_delta(spec.score.output).sort("ts", descending=True)
+    labelled = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias("_t")), read_labels(spec, Storage()),
+                           spec, spec.labels.start, spec.labels.end)
+    joined = labelled.join(rows.sample(fraction=1.0, shuffle=True, seed=1), on=["machine_id", "ts"], how="left",
+                           suffix="_alone")
+    modalities = [m for m in ("process", "vibration", "camera", "logs") if f"alone_{m}" in result["overall"]]
+    assert modalities == ["process", "vibration", "camera", "logs"]
+    for m in modalities:
+        expected = roc_auc(joined[f"score_{m}_alone"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+                           joined["label"].to_numpy())
+        assert result["overall"][f"alone_{m}"]["roc_auc"] == pytest.approx(expected), m
+    assert result["overall"]["alone_vibration"]["roc_auc"] != result["overall"]["score_vibration"]["roc_auc"]
+
+    again = evaluate(spec, start=DAY3, end=DAY3, baselines=True)
+    assert (tmp_path / "models" / "_alone" / "LATEST").read_text() == version
+    assert pl.read_delta(alone.score.output).height == rows.height
+    assert json.dumps(again["overall"]) == json.dumps(result["overall"])
+    # a model trained again (say on new data) makes the baseline train again too
+    registry = Registry(spec.registry, Storage())
+    model = registry.load()
+    registry.save(model.model, {k: v for k, v in model.manifest.items() if k not in ("version", "created_at")})
+    monkeypatch.setattr(baselines, "train", lambda s: f"retrained {s.registry}")
+    assert baselines.alone_version(spec, alone, Storage()) == f"retrained {alone.registry}"

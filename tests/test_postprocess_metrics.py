@@ -245,8 +245,9 @@ def test_the_metrics_table_has_no_row_for_a_modality_without_any_contribution(ti
     n = 8
     df = pl.DataFrame({"machine_id": ["a"] * n, "score": np.linspace(0, 1, n), "threshold": [0.5] * n,
                        "label": [False] * 4 + [True] * 4, "label_kind": [None] * 4 + ["x"] * 4,
-                       "score_proc": np.linspace(0, 1, n), "score_vib": pl.Series([None] * n, dtype=pl.Float64)})
-    table = metrics_table(df, tiny_spec, {"alone_vib": np.full(n, np.nan), "alone_proc": np.linspace(0, 1, n)})
+                       "score_proc": np.linspace(0, 1, n), "score_vib": pl.Series([None] * n, dtype=pl.Float64),
+                       "alone_vib": np.full(n, np.nan), "alone_proc": np.linspace(0, 1, n)})
+    table = metrics_table(df, tiny_spec)
     assert set(table["overall"]) == {"fused", "score_proc", "alone_proc"}
     assert table["overall"]["score_proc"]["roc_auc"] == 1.0 and set(table["by_kind"]["x"]) == set(table["overall"])
 
