@@ -20,7 +20,6 @@ from dmafn.spec import Spec
 from pipelines.registry import Registry
 from pipelines.score import backfill_dates
 from pipelines.storage import DataError, Storage, join
-from pipelines.train import train
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,8 @@ def alone_version(spec: Spec, alone: Spec, storage: Storage) -> str:
         log.info("baselines: each modality alone, model version %s (trained from this spec after the model)",
                  baseline["version"])
         return baseline["version"]
+    from pipelines.train import train              # torch: only where a baseline is trained
+
     log.info("baselines: training each modality alone (late fusion, autoencoder) into %s", alone.registry)
     return train(alone)
 

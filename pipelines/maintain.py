@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 from dmafn.spec import Spec
+from pipelines.baselines import alone_spec
 from pipelines.delta_sink import read_table
 from pipelines.storage import Storage
 
 
 def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
-    """Compact small files and vacuum files older than the retention; returns one line per table."""
+    """Compact small files and vacuum files older than the retention in the output, quarantine and runs tables,
+    and in the baselines' (`evaluate --baselines`) where they exist; returns one line per table."""
     storage = Storage.from_spec(spec.storage)
     lines = []
-    for path in (spec.score.output, spec.score.quarantine_path, spec.score.runs_path):
+    alone = alone_spec(spec).score
+    for path, optional in ((spec.score.output, False), (spec.score.quarantine_path, False),
+                           (spec.score.runs_path, False), (alone.output, True), (alone.quarantine_path, True),
+                           (alone.runs_path, True)):
         table = read_table(storage.delta_uri(path), storage.delta_options(path))
         if table is None:
-            lines.append(f"{path}: no table yet")
+            if not optional:
+                lines.append(f"{path}: no table yet")
             continue
         compacted = table.optimize.compact()
         # full: also the data files no commit ever referenced (a shard whose date failed, a killed job)

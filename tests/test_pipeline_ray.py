@@ -750,5 +750,10 @@ def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_out
     registry = Registry(spec.registry, Storage())
     model = registry.load()
     registry.save(model.model, {k: v for k, v in model.manifest.items() if k not in ("version", "created_at")})
-    monkeypatch.setattr(baselines, "train", lambda s: f"retrained {s.registry}")
+    monkeypatch.setattr("pipelines.train.train", lambda s: f"retrained {s.registry}")
     assert baselines.alone_version(spec, alone, Storage()) == f"retrained {alone.registry}"
+    # maintain compacts and vacuums the baselines' tables too
+    from pipelines.maintain import maintain
+
+    lines = maintain(spec)
+    assert sum(line.startswith(str(tmp_path / "scores_alone")) for line in lines) == 3, lines
