@@ -20,8 +20,10 @@ import numpy as np
 
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.scoring import TAIL_MIN_VALUES, RawScores, ScoreRecord, fit_calibration, robust_scale, to_record
+from dmafn.scoring import (TAIL_MIN_VALUES, RawScores, RawTicks, ScoreRecord, fit_normalisation, robust_scale,
+                           to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
+from dmafn.validation import ArrayValues, Values
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,35 @@ class Calibration:
             smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
             groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None,
             scale: str = ModelSpec.contribution_scale) -> "Calibration":
-        """Fit on validation ticks (rows in time order within each group; `groups` e.g. the entity keys);
-        `voting`: the modalities whose contributions make the fused score (default all; `dmafn.spec.voting_modalities`);
-        `scale`: the contributions' units, `robust` or `tail` (`dmafn.scoring.fit_calibration`)."""
-        calibration = cls(tuple(modalities), fit_calibration(raw, tuple(modalities), detector, vote, voting, scale),
+        """Fit on validation ticks in memory (rows in time order within each group; `groups` e.g. the entity
+        keys); `voting`: the modalities whose contributions make the fused score (default all;
+        `dmafn.spec.voting_modalities`); `scale`: the contributions' units, `robust` or `tail`
+        (`dmafn.scoring.fit_calibration`)."""
+        return cls.fit_from(InMemoryTicks(raw, groups), modalities, detector=detector, vote=vote,
+                            smoothing=smoothing, threshold=threshold, voting=voting, scale=scale)
+
+    @classmethod
+    def fit_from(cls, ticks: "InMemoryTicks", modalities: tuple[str, ...], *, detector: str, vote: str,
+                 smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
+                 voting: tuple[str, ...] | None = None, scale: str = ModelSpec.contribution_scale) -> "Calibration":
+        """`fit` on validation ticks wherever they are held: `ticks` gives the finite values of their columns,
+        their fused scores smoothed per group under a calibration, and each group's robust scale of them
+        (`InMemoryTicks`; `pipelines.calibrate.ShardTicks` keeps them on the workers)."""
+        calibration = cls(tuple(modalities), fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale),
                           smoothing, threshold_method=threshold.method)
-        smoothed = calibration.smooth(calibration.record(raw).score, groups)
+        smoothed = ticks.scores(calibration)
         if threshold.per_entity:
-            calibration = replace(calibration, entity_scale=_entity_scales(smoothed, groups))
-            smoothed = calibration.normalise(smoothed, groups)
+            calibration = replace(calibration, entity_scale={**ticks.group_scales(calibration),
+                                                             "*": _robust(smoothed)})
+            smoothed = ticks.scores(calibration)
         value = fit_threshold(smoothed, threshold.method, risk=threshold.risk, quantile=threshold.quantile,
                               value=threshold.value, level=threshold.level, rate=threshold.rate)
-        finite = smoothed[np.isfinite(smoothed)]
-        validation = {"validation_ticks": int(len(smoothed)), "validation_scored": int(finite.size),
-                      "validation_alarm_rate": float((finite > value).mean()) if finite.size else 0.0,
-                      "validation_score_p50": float(np.median(finite)) if finite.size else None,
-                      "validation_score_p99": float(np.quantile(finite, 0.99)) if finite.size else None,
+        scored = smoothed.count()
+        p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
+        validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
+                      "validation_alarm_rate": float(smoothed.above(value).size / scored) if scored else 0.0,
+                      "validation_score_p50": None if p50 is None else float(p50),
+                      "validation_score_p99": None if p99 is None else float(p99),
                       "threshold_method": threshold.method}
         return replace(calibration, threshold=float(value), validation=validation)
 
@@ -80,6 +95,36 @@ class Calibration:
             return values.copy()
         groups = np.zeros(len(values), np.int8) if groups is None else np.asarray(groups)
         return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window)
+
+    def smooth_carried(self, values: np.ndarray, groups: np.ndarray,
+                       carry: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`smooth` of a part of each group's series (rows sorted by group, in time order within it) that goes
+        on from where `carry` (this method's last answer; {} at the start) left it: the same values as
+        smoothing the whole series at once. Returns the smoothed part and the carry for the next part (each
+        group's EWMA state, or its last `window` values for a rolling mean)."""
+        values, groups = np.asarray(values, float), np.asarray(groups).astype(str)
+        sm = self.smoothing
+        if sm.method == "none" or not len(values):
+            return values.copy(), dict(carry)
+        cuts = np.flatnonzero(groups[1:] != groups[:-1]) + 1
+        pieces, labels, own, out_carry = [], [], [], dict(carry)
+        for rows in np.split(np.arange(len(values)), cuts):
+            key = groups[rows[0]]
+            prefix = carry.get(key, np.zeros(0))
+            pieces += [prefix, values[rows]]
+            labels.append(np.full(len(prefix) + len(rows), key))
+            own.append(np.r_[np.zeros(len(prefix), bool), np.ones(len(rows), bool)])
+        series, keys, mine = np.concatenate(pieces), np.concatenate(labels), np.concatenate(own)
+        smoothed = self.smooth(series, keys)
+        starts = np.r_[0, np.cumsum([len(k) for k in labels])]
+        for i, key in enumerate(k[0] for k in labels):
+            span = slice(starts[i], starts[i + 1])
+            if sm.method == "ewma":              # the state: the last smoothed value (NaN while there is none)
+                done = smoothed[span][np.isfinite(smoothed[span])]
+                out_carry[key] = done[-1:] if done.size else np.array([np.nan])
+            else:                                # rolling: the last window values, NaN included
+                out_carry[key] = series[span][-sm.window:]
+        return smoothed[mine], out_carry
 
     def normalise(self, smoothed_score: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
         """With per-entity normalisation: each group's smoothed score minus its validation median, over its
@@ -141,16 +186,39 @@ class Calibration:
                    if data.get("entity_scale") else None)
 
 
-def _entity_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:
-    """Median and interquartile range of each group's finite smoothed scores, and of all of them ("*")."""
+class InMemoryTicks(RawTicks):
+    """Validation ticks in memory for `Calibration.fit_from`: raw scores, rows in time order within each group."""
 
-    def robust(values: np.ndarray) -> tuple[float, float]:
-        r = robust_scale(values)
-        return r["median"], r["scale"]
+    def __init__(self, raw: RawScores, groups: np.ndarray | None = None) -> None:
+        super().__init__(raw)
+        self.groups = groups
 
-    scales = {key: robust(smoothed[rows]) for key, rows in group_rows(_keys(smoothed, groups)) if key != "*"}
-    scales["*"] = robust(smoothed)
-    return scales
+    def count(self) -> int:
+        return len(self.raw.mask)
+
+    def scores(self, calibration: Calibration) -> Values:
+        """The fused scores smoothed per group (and put on each group's scale, with `entity_scale`)."""
+        return ArrayValues(group_scores(calibration, self.raw, self.groups))
+
+    def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
+        """Median and interquartile range of each group's smoothed fused scores."""
+        return group_scales(calibration.smooth(calibration.record(self.raw).score, self.groups), self.groups)
+
+
+def group_scores(calibration: Calibration, raw: RawScores, groups: np.ndarray | None) -> np.ndarray:
+    """(N,) the fused scores of `raw` smoothed per group, normalised per group with `entity_scale`."""
+    return calibration.normalise(calibration.smooth(calibration.record(raw).score, groups), groups)
+
+
+def group_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:
+    """Median and interquartile range of each group's finite smoothed scores."""
+    return {key: _robust(ArrayValues(smoothed[rows])) for key, rows in group_rows(_keys(smoothed, groups))
+            if key != "*"}
+
+
+def _robust(values: Values) -> tuple[float, float]:
+    r = robust_scale(values)
+    return r["median"], r["scale"]
 
 
 def _keys(values: np.ndarray, groups: np.ndarray | None) -> np.ndarray:

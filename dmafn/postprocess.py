@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from dmafn.validation import ArrayValues, Values
+
 
 def ewma(scores: np.ndarray, alpha: float) -> np.ndarray:
     """Causal exponentially weighted moving average; NaNs are skipped (the state carries over)."""
@@ -83,39 +85,42 @@ def gpd_fit(excesses: np.ndarray) -> tuple[float, float]:
     return float(-k), float(max(sigma, 1e-9))             # gamma = -k in the usual GPD parameterisation
 
 
-def pot_threshold(scores: np.ndarray, risk: float, level: float = 0.98) -> float:
-    """Score exceeded with probability `risk`: z_q = t + sigma/gamma * ((risk * n / N_t) ** -gamma - 1)."""
-    finite = np.sort(scores[np.isfinite(scores)])
-    if finite.size < 10:
-        raise ValueError(f"POT needs at least 10 validation scores, got {finite.size}")
-    t = float(np.quantile(finite, level))
-    excesses = finite[finite > t] - t
-    if excesses.size < 3 or risk * finite.size >= excesses.size:
-        return float(np.quantile(finite, 1 - risk))
+def pot_threshold(scores: np.ndarray | Values, risk: float, level: float = 0.98) -> float:
+    """Score exceeded with probability `risk`: z_q = t + sigma/gamma * ((risk * n / N_t) ** -gamma - 1).
+    `scores`: an array or `dmafn.validation.Values` (the finite ones count)."""
+    values = scores if not isinstance(scores, np.ndarray) else ArrayValues(scores)
+    n = values.count()
+    if n < 10:
+        raise ValueError(f"POT needs at least 10 validation scores, got {n}")
+    t = float(values.quantiles([level])[0])
+    excesses = values.above(t) - t
+    if excesses.size < 3 or risk * n >= excesses.size:
+        return float(values.quantiles([1 - risk])[0])
     gamma, sigma = gpd_fit(excesses)
-    ratio = risk * finite.size / excesses.size
+    ratio = risk * n / excesses.size
     if abs(gamma) < 1e-6:
         return t - sigma * math.log(ratio)
     return t + sigma / gamma * (ratio ** (-gamma) - 1)
 
 
-def fit_threshold(scores: np.ndarray, method: str, *, risk: float = 1e-3, quantile: float = 0.99,
+def fit_threshold(scores: np.ndarray | Values, method: str, *, risk: float = 1e-3, quantile: float = 0.99,
                   value: float | None = None, level: float = 0.98, rate: float = 0.01) -> float:
     """A threshold from validation scores by a named method: pot | quantile | rate (the share of validation
-    scores that may exceed it: an alarm budget) | fixed."""
-    finite = scores[np.isfinite(scores)]
+    scores that may exceed it: an alarm budget) | fixed. `scores`: an array or `dmafn.validation.Values`
+    (the finite ones count)."""
     if method == "fixed":
         if value is None:
             raise ValueError("threshold method 'fixed' needs a value")
         return float(value)
-    if finite.size == 0:
+    values = scores if not isinstance(scores, np.ndarray) else ArrayValues(scores)
+    if values.count() == 0:
         raise ValueError("no finite validation scores to fit a threshold on")
     if method == "quantile":
-        return float(np.quantile(finite, quantile))
+        return float(values.quantiles([quantile])[0])
     if method == "rate":
-        return float(np.quantile(finite, 1.0 - rate))
+        return float(values.quantiles([1.0 - rate])[0])
     if method == "pot":
-        return pot_threshold(finite, risk, level)
+        return pot_threshold(values, risk, level)
     raise ValueError(f"unknown threshold method {method!r} (pot, quantile, rate, fixed)")
 
 

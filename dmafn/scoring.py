@@ -25,6 +25,7 @@ import torch
 from dmafn.features import Features
 from dmafn.model import DMAFN
 from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModelSpec
+from dmafn.validation import ArrayValues, Values
 
 
 @dataclass
@@ -97,21 +98,66 @@ def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
     return torch.stack(cols, 1).cpu().numpy()
 
 
-def robust_scale(values: np.ndarray) -> dict[str, float]:
-    """Median and interquartile range (at least 1e-6) of the finite values; 0 and 1 when there are none."""
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+def robust_scale(values: np.ndarray | Values) -> dict[str, float]:
+    """Median and interquartile range (at least 1e-6) of the finite values; 0 and 1 when there are none.
+    `values`: an array or `dmafn.validation.Values`."""
+    values = ArrayValues(values) if isinstance(values, np.ndarray) else values
+    if values.count() == 0:
         return {"median": 0.0, "scale": 1.0}
-    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    q25, q50, q75 = values.quantiles([0.25, 0.5, 0.75])
     return {"median": float(q50), "scale": float(max(q75 - q25, 1e-6))}
+
+
+@dataclass(frozen=True)
+class Column:
+    """Per-tick columns of validation raw scores that the normalisation is fitted on, (N, k): each modality's
+    `log_error`, its `latent` term (k = 1 for a fused head's), or its `contribution` under the normalisation
+    `calib` fitted so far. Plain data, so a worker holding the raw scores can compute it."""
+
+    kind: str
+    calib: dict[str, Any] | None = None
+
+    def __call__(self, raw: RawScores) -> np.ndarray:
+        if self.kind == "log_error":
+            return np.log(np.maximum(raw.errors, 1e-12))
+        if self.kind == "latent":
+            log_lat = np.log(np.maximum(raw.latent, 1e-12))
+            return log_lat[:, None] if log_lat.ndim == 1 else np.where(raw.mask, log_lat, np.nan)
+        if self.kind == "contribution":
+            return _contributions(raw, self.calib)
+        raise ValueError(f"unknown column {self.kind!r}")
+
+
+class RawTicks:
+    """Validation raw scores in memory, as `fit_normalisation` reads them (`pipelines.calibrate` holds them
+    on workers instead)."""
+
+    def __init__(self, raw: RawScores) -> None:
+        self.raw = raw
+
+    @property
+    def latent_dims(self) -> int | None:
+        """None without a latent term; 1 for a fused head's, 2 for one per modality (late fusion)."""
+        return None if self.raw.latent is None else self.raw.latent.ndim
+
+    def column(self, column: Column) -> list[Values]:
+        return [ArrayValues(c) for c in column(self.raw).T]
 
 
 def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean",
                     voting: tuple[str, ...] | None = None,
                     scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
-    """Normalisation of each modality's contribution, fitted on validation ticks; `voting`: the modalities
-    whose contributions make the fused score (default all); `scale`: `robust` (median and IQR of the log
-    error) or `tail` (that value put on its tail surprise among the validation ticks, `fit_tail`)."""
+    """`fit_normalisation` of raw scores in memory."""
+    return fit_normalisation(RawTicks(raw), modalities, detector, vote, voting, scale)
+
+
+def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: str, vote: str = "mean",
+                      voting: tuple[str, ...] | None = None,
+                      scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
+    """Normalisation of each modality's contribution, fitted on validation ticks (`ticks.column(Column)`:
+    the finite values of each column, wherever they are held); `voting`: the modalities whose contributions
+    make the fused score (default all); `scale`: `robust` (median and IQR of the log error) or `tail` (that
+    value put on its tail surprise among the validation ticks, `fit_tail`)."""
     if scale not in CONTRIBUTION_SCALES:
         raise ValueError(f"unknown contribution scale {scale!r} ({', '.join(CONTRIBUTION_SCALES)})")
     if detector == "classifier":
@@ -119,19 +165,16 @@ def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, 
     if voting is not None and (not voting or set(voting) - set(modalities)):
         raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
     voting = None if voting is None or set(voting) == set(modalities) else voting   # all vote: nothing to store
-    log_err = np.log(np.maximum(raw.errors, 1e-12))
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
-                             "contribution": {m: robust_scale(log_err[:, i]) for i, m in enumerate(modalities)}}
-    if raw.latent is not None:
-        log_lat = np.log(np.maximum(raw.latent, 1e-12))
-        calib["latent"] = ({m: robust_scale(np.where(raw.mask[:, i], log_lat[:, i], np.nan)) for i, m in enumerate(modalities)}
-                           if log_lat.ndim == 2 else robust_scale(log_lat))
-    contributions = _contributions(raw, calib)
+                             "contribution": {m: robust_scale(v) for m, v in
+                                              zip(modalities, ticks.column(Column("log_error")))}}
+    if ticks.latent_dims is not None:
+        latent = [robust_scale(v) for v in ticks.column(Column("latent"))]
+        calib["latent"] = dict(zip(modalities, latent)) if ticks.latent_dims == 2 else latent[0]
     if scale == "tail":
-        calib["tail"] = {m: fit_tail(contributions[:, i]) for i, m in enumerate(modalities)}
-        contributions = _contributions(raw, calib)
-    spread = np.array([np.nanpercentile(contributions[:, i], 99) if np.isfinite(contributions[:, i]).any()
-                       else 1.0 for i in range(len(modalities))])
+        calib["tail"] = {m: fit_tail(v) for m, v in zip(modalities, ticks.column(Column("contribution", calib)))}
+    spread = np.array([v.quantiles([0.99])[0] if v.count() else 1.0
+                       for v in ticks.column(Column("contribution", calib))])
     weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
     calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
     if voting is not None:
@@ -177,18 +220,20 @@ TAIL_MIN_VALUES = 1000  # fewer validation values than this: the top 1 % is a ha
 _TAIL_KNOTS = np.linspace(0.0, TAIL_LEVEL, 100)
 
 
-def fit_tail(values: np.ndarray) -> dict[str, Any]:
-    """How rare each value is among validation `values` (NaN ignored): their quantiles at 0-99 % and an
-    exponential fit (rate) to the excesses over the 99 % quantile, for `tail_surprise`; `n` values."""
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+def fit_tail(values: np.ndarray | Values) -> dict[str, Any]:
+    """How rare each value is among validation `values` (an array, NaN ignored, or `dmafn.validation.Values`):
+    their quantiles at 0-99 % and an exponential fit (rate) to the excesses over the 99 % quantile, for
+    `tail_surprise`; `n` values."""
+    values = ArrayValues(values) if isinstance(values, np.ndarray) else values
+    n = values.count()
+    if n == 0:
         return {"levels": [0.0], "knots": [0.0], "rate": 1.0, "n": 0}
-    knots = np.maximum.accumulate(np.quantile(values, _TAIL_KNOTS))
+    knots = np.maximum.accumulate(values.quantiles(_TAIL_KNOTS))
     knots, first = np.unique(knots, return_index=True)                  # ties: one knot, its lowest level
-    excess = values[values > knots[-1]] - knots[-1]
+    excess = values.above(knots[-1]) - knots[-1]              # sorted: the same mean wherever they were held
     # mean excess at least 0.05 (contributions are in IQR units): a tail never steeper than that
-    rate = 1.0 / max(float(excess.mean()) if excess.size else 0.0, 0.05)
-    return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate, "n": int(values.size)}
+    rate = 1.0 / max(float(excess.mean(dtype=np.float64)) if excess.size else 0.0, 0.05)
+    return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate, "n": n}
 
 
 def tail_surprise(values: np.ndarray, tail: dict[str, Any]) -> np.ndarray:

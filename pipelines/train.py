@@ -21,18 +21,16 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import ray
 import torch
 
 from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.scoring import RawScores, raw_scores
 from dmafn.spec import Spec, voting_modalities
 from dmafn.training import positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
-from pipelines.ingest import entity_string, read_shard, require_columns
+from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
@@ -90,21 +88,6 @@ def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: S
     if not parts:
         return {}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-@ray.remote(num_cpus=1)
-def _shard_raw_scores(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tuple[pa.Table, RawScores] | None:
-    """The raw scores of one validation shard's ticks with their keys (entity columns, ts)."""
-    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
-    keys, raws = [], []
-    for aligned in batches:
-        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
-        keys.append(aligned.select([*spec.entity, "ts"]).to_arrow())
-    if not raws:
-        return None
-    return pa.concat_tables(keys), RawScores(
-        errors=np.concatenate([r.errors for r in raws]), mask=np.concatenate([r.mask for r in raws]),
-        latent=None if raws[0].latent is None else np.concatenate([r.latent for r in raws]))
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -235,24 +218,14 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
 
 def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
-    the validation days' raw scores - the one scoring path: a float per tick and modality comes back to the
-    driver with the tick's keys, not the aligned rows."""
-    model_ref = ray.put(model)
-    parts = [p for p in (raise_task_error(r) for r in [_shard_raw_scores.remote(s, spec, stats, model_ref)
-                                                       for s in shards]) if p is not None]
-    if not parts:
-        raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
-    keys = pl.from_arrow(pa.concat_tables([k for k, _ in parts])).with_row_index("_row")
-    order = keys.sort([*spec.entity, "ts"])                       # each entity's ticks in time order
-    rows = order["_row"].to_numpy()
-    raw = RawScores(errors=np.concatenate([r.errors for _, r in parts])[rows],
-                    mask=np.concatenate([r.mask for _, r in parts])[rows],
-                    latent=None if parts[0][1].latent is None else np.concatenate([r.latent for _, r in parts])[rows])
-    return Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
-                           scale=spec.model.contribution_scale,
-                           smoothing=spec.score.smoothing, threshold=spec.score.threshold,
-                           groups=order.select(entity_string(spec.entity)).to_series().to_numpy(),
-                           voting=voting_modalities(spec.modalities))
+    the validation days' raw scores - the one scoring path - where the shards' tasks leave them
+    (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks."""
+    from pipelines.calibrate import ShardTicks
+
+    return Calibration.fit_from(ShardTicks.score(spec, model, stats, shards), tuple(spec.modalities),
+                                detector=spec.model.detector, vote=spec.model.vote,
+                                scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
+                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities))
 
 
 def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:

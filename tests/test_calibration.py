@@ -232,3 +232,67 @@ def test_tail_scale_puts_modalities_with_different_tails_in_the_same_units():
     assert tail_surprise(np.array([5.0]), fit_tail(np.array([np.nan])))[0] > 0
     with pytest.raises(ValueError, match="contribution scale"):
         Calibration.fit(raw, MODALITIES, scale="ranks", **kwargs)
+
+
+def test_exact_quantiles_from_sorted_parts_by_counts_and_small_gathers():
+    """`select_ranks` + `quantiles_from_ranks` give `np.quantile`'s numbers bit for bit (float64 and float32,
+    ties, a constant, outliers that stretch the range), in rounds when intervals hold more than `gather_max`."""
+    from dmafn.validation import quantiles_from_ranks, select_ranks, sorted_part_sample
+
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=997), rng.normal(size=500).astype(np.float32), rng.integers(0, 4, 800).astype(float),
+             np.full(50, 3.0), np.r_[rng.lognormal(size=300), -1e300, 1e300], np.array([2.5])]
+    qs = np.r_[0.0, 0.25, 0.5, 0.75, 0.99, 1.0, np.linspace(0, 0.99, 100), rng.random(5)]
+    for values in cases:
+        parts = [np.sort(p).astype(float) for p in np.array_split(rng.permutation(values), 3)]   # as the shards keep them
+        rounds = []
+
+        def count_le(levels):
+            rounds.append("count_le")
+            return sum(np.searchsorted(p, levels, side="right") for p in parts)
+
+        def between(intervals):
+            rounds.append("between")
+            return [np.concatenate([p[np.searchsorted(p, lo, "right"):np.searchsorted(p, hi, "right")] for p in parts])
+                    for lo, hi in intervals]
+
+        def sample(intervals, k):
+            return [np.concatenate([sorted_part_sample(p, lo, hi, k) for p in parts]) for lo, hi in intervals]
+
+        got = quantiles_from_ranks(values.size, qs, lambda ranks: select_ranks(
+            ranks, n=values.size, bounds=(float(values.min()), float(values.max())), count_le=count_le,
+            between=between, sample=sample, gather_max=16, bins=8), values.dtype)
+        assert np.array_equal(got, np.quantile(values, qs)), values[:5]
+        assert values.size <= 16 or values.min() == values.max() or "count_le" in rounds
+
+
+def test_smoothing_in_parts_with_a_carry_equals_smoothing_the_whole_series():
+    """`Calibration.smooth_carried`: each group's series cut in time, smoothed part by part, as smoothed whole
+    (EWMA bit for bit; a rolling mean's sums start elsewhere: 1e-12)."""
+    from dmafn.spec import SmoothingSpec
+
+    rng = np.random.default_rng(1)
+    n = 300
+    groups = np.sort(rng.choice(["x", "y", "z"], n))
+    time = rng.random(n)
+    order = np.lexsort((time, groups))
+    groups, time = groups[order], time[order]
+    values = rng.normal(size=n)
+    values[rng.random(n) < 0.3] = np.nan
+    values[groups == "z"] = np.nan                       # a group with no value yet carries NaN
+    slot = np.searchsorted([0.3, 0.31, 0.7], time)      # the second part holds few rows
+    for smoothing in (SmoothingSpec(method="ewma", alpha=0.3), SmoothingSpec(method="rolling", window=4),
+                      SmoothingSpec(method="none")):
+        calibration = Calibration(("a",), {}, smoothing)
+        carry, got = {}, np.full(n, np.nan)
+        for k in range(4):
+            rows = np.flatnonzero(slot == k)
+            got[rows], carry = calibration.smooth_carried(values[rows], groups[rows], carry)
+        whole = calibration.smooth(values, groups)
+        if smoothing.method == "rolling":
+            np.testing.assert_allclose(got, whole, rtol=1e-12, atol=1e-12)
+        else:
+            assert np.array_equal(got, whole, equal_nan=True)
+        if smoothing.method != "none":
+            parted = calibration.smooth(values, np.char.add(groups, slot.astype(str)))   # without the carry
+            assert not np.allclose(parted, whole, equal_nan=True)

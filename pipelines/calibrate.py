@@ -1,0 +1,205 @@
+"""The calibration fitted on the validation shards where the workers hold them (`Calibration.fit_from`).
+
+Each validation shard's task scores its ticks and keeps the raw scores in the object store (sorted by entity
+and time); the driver holds their references, the shards' tick counts and at most `GATHER_MAX` values at a
+time, whatever the validation window. What the fit asks of the ticks:
+- a column's finite values (log errors, latent terms, contributions): each shard's task sorts its values;
+  their count, exact quantiles (`dmafn.validation.select_ranks`: counts at levels and small gathers, a few
+  rounds of small tasks, the same numbers as `np.quantile` on the whole column) and the values above a level
+  (the POT threshold's tail);
+- the fused scores smoothed per entity: each entity bucket's shards in date order, a chain of tasks handing
+  on each entity's smoothing state (`Calibration.smooth_carried`: the same values as smoothing each entity's
+  whole validation series);
+- each entity's robust scale (per-entity normalisation): one task per entity bucket over its smoothed scores.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import ray
+
+from dmafn.calibration import Calibration, group_scales
+from dmafn.features import featurize
+from dmafn.scoring import Column, RawScores, raw_scores
+from dmafn.spec import Spec
+from dmafn.validation import GATHER_MAX, ArrayValues, quantiles_from_ranks, select_ranks, sorted_part_sample
+from pipelines.ingest import entity_string
+from pipelines.ray_runtime import raise_task_error
+from pipelines.shards import Shard
+from pipelines.storage import DataError, Storage
+from pipelines.train import aligned_batches
+
+
+@dataclass
+class ShardPart:
+    """One validation shard's ticks where its task left them: raw scores and entity keys, sorted by entity and
+    time."""
+
+    groups: np.ndarray
+    raw: RawScores
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tuple[dict[str, int | None], ShardPart]:
+    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    keys, raws = [], []
+    for aligned in batches:
+        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
+        keys.append(aligned.select([*spec.entity, "ts"]))
+    if not raws:
+        return {"ticks": 0, "columns": 0, "latent_dims": None}, ShardPart(np.zeros(0, str), RawScores(
+            np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
+    order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
+    rows = order["_row"].to_numpy()
+    latent = None if raws[0].latent is None else np.concatenate([r.latent for r in raws])[rows]
+    raw = RawScores(errors=np.concatenate([r.errors for r in raws])[rows],
+                    mask=np.concatenate([r.mask for r in raws])[rows], latent=latent)
+    part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
+    return {"ticks": len(rows), "columns": raw.errors.shape[1],
+            "latent_dims": None if latent is None else latent.ndim}, part
+
+
+def _sorted(values: np.ndarray) -> dict[str, Any]:
+    """Columns (N, k) as `_ask` reads them: each one's finite values sorted, as float64 (so that every level
+    compares exactly), and the dtype they had (numpy's quantiles interpolate in it)."""
+    return {"columns": [np.sort(v[np.isfinite(v)]).astype(np.float64) for v in values.T], "dtype": values.dtype.str}
+
+
+@ray.remote(num_cpus=1)
+def _column(part: ShardPart, column: Column) -> dict[str, Any]:
+    return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, 0)))
+
+
+@ray.remote(num_cpus=1)
+def _ask(columns: dict[str, Any], j: int, question: str, args: Any) -> Any:
+    """One sorted column of a shard (`_sorted`) answers: its count, min, max and dtype; how many values <= each
+    level; its values in each (lo, hi]; a sample of them in each (lo, hi]."""
+    v = columns["columns"][j]
+    if question == "summary":
+        return (v.size, float(v[0]), float(v[-1]), columns["dtype"]) if v.size else (0, np.inf, -np.inf, "<f8")
+    if question == "count_le":
+        return np.searchsorted(v, args, side="right")
+    if question == "between":
+        return [v[np.searchsorted(v, lo, side="right"):np.searchsorted(v, hi, side="right")] for lo, hi in args]
+    intervals, k = args
+    return [sorted_part_sample(v, lo, hi, k) for lo, hi in intervals]
+
+
+@ray.remote(num_cpus=1, num_returns=3)
+def _smooth_part(part: ShardPart, calibration: Calibration, carry: dict[str, np.ndarray] | None):
+    """A shard's fused scores smoothed per entity, going on from the entity bucket's previous shard (`carry`):
+    its sorted finite scores (normalised per entity with `entity_scale`), (entities, smoothed scores) for the
+    entity scales, and the carry for the bucket's next shard."""
+    score = calibration.record(part.raw).score
+    smoothed, carry = calibration.smooth_carried(score, part.groups, carry or {})
+    scores = calibration.normalise(smoothed, part.groups)
+    return _sorted(scores[:, None]), (part.groups, smoothed), carry
+
+
+@ray.remote(num_cpus=1)
+def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Each entity's robust scale of its smoothed scores, from its bucket's shards (an entity lies in one)."""
+    return group_scales(np.concatenate([s for _, s in keyed]), np.concatenate([g for g, _ in keyed]))
+
+
+class ShardValues:
+    """`dmafn.validation.Values` of one column held sorted by the shards' objects (`refs`, column `j`)."""
+
+    def __init__(self, refs: list[ray.ObjectRef], j: int) -> None:
+        self.refs, self.j = refs, j
+        self._summary: tuple[int, float, float, str] | None = None
+
+    def _ask(self, question: str, args: Any = None) -> list[Any]:
+        return [raise_task_error(r) for r in [_ask.remote(ref, self.j, question, args) for ref in self.refs]]
+
+    def summary(self) -> tuple[int, float, float, str]:
+        """Count, min, max and dtype of the values."""
+        if self._summary is None:
+            parts = self._ask("summary")
+            self._summary = (sum(p[0] for p in parts), min((p[1] for p in parts), default=np.inf),
+                             max((p[2] for p in parts), default=-np.inf), next((p[3] for p in parts if p[0]), "<f8"))
+        return self._summary
+
+    def count(self) -> int:
+        return self.summary()[0]
+
+    def _between(self, intervals: list[tuple[float, float]]) -> list[np.ndarray]:
+        answers = self._ask("between", intervals)
+        return [np.concatenate([a[i] for a in answers]) for i in range(len(intervals))]
+
+    def quantiles(self, qs) -> np.ndarray:
+        n, lo, hi, dtype = self.summary()
+        if n <= GATHER_MAX:                            # few enough to read whole (in their dtype, as numpy would)
+            return ArrayValues(self._between([(-np.inf, np.inf)])[0].astype(dtype)).quantiles(qs)
+
+        def sample(intervals, k):
+            answers = self._ask("sample", (intervals, k))
+            return [np.concatenate([a[i] for a in answers]) for i in range(len(intervals))]
+
+        return quantiles_from_ranks(n, qs, lambda ranks: select_ranks(
+            ranks, n=n, bounds=(lo, hi), count_le=lambda levels: np.sum(self._ask("count_le", levels), axis=0),
+            between=self._between, sample=sample, gather_max=GATHER_MAX), np.dtype(dtype))
+
+    def above(self, level: float) -> np.ndarray:
+        return np.sort(self._between([(level, np.inf)])[0])
+
+
+class ShardTicks:
+    """Validation ticks held by the workers, for `Calibration.fit_from`: one scored part per shard in the
+    object store, chained per entity bucket in date order for the smoothing."""
+
+    def __init__(self, parts: list[tuple[int, dt.date, ray.ObjectRef]], metas: list[dict[str, Any]]) -> None:
+        self.parts = sorted(parts, key=lambda p: (p[0], p[1]))
+        self.metas = metas
+        self._chain: tuple[Calibration, list, list] | None = None
+
+    @classmethod
+    def score(cls, spec: Spec, model, stats: dict[str, Any], shards: list[Shard]) -> "ShardTicks":
+        """Score the validation shards in Ray tasks; their raw scores stay in the object store."""
+        model_ref = ray.put(model)
+        launched = [(s, *_score_shard.remote(s, spec, stats, model_ref)) for s in shards]
+        metas = [raise_task_error(meta) for _, meta, _ in launched]
+        parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
+        if not parts:
+            raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
+        return cls(parts, [m for m in metas if m["ticks"]])
+
+    @property
+    def latent_dims(self) -> int | None:
+        return self.metas[0]["latent_dims"]
+
+    def count(self) -> int:
+        return sum(m["ticks"] for m in self.metas)
+
+    def column(self, column: Column) -> list[ShardValues]:
+        refs = [_column.remote(part, column) for _, _, part in self.parts]
+        width = 1 if column.kind == "latent" and self.latent_dims == 1 else self.metas[0]["columns"]
+        return [ShardValues(refs, j) for j in range(width)]
+
+    def _smoothed(self, calibration: Calibration) -> tuple[list, list]:
+        if self._chain is None or self._chain[0] is not calibration:     # the chain of this very calibration
+            scores, keyed, carry, bucket = [], [], None, None
+            for b, _, part in self.parts:
+                carry = None if b != bucket else carry
+                bucket = b
+                values, by_entity, carry = _smooth_part.remote(part, calibration, carry)
+                scores.append(values)
+                keyed.append((b, by_entity))
+            self._chain = (calibration, scores, keyed)
+        return self._chain[1], self._chain[2]
+
+    def scores(self, calibration: Calibration) -> ShardValues:
+        return ShardValues(self._smoothed(calibration)[0], 0)
+
+    def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
+        keyed = self._smoothed(calibration)[1]
+        buckets = sorted({b for b, _ in keyed})
+        out: dict[str, tuple[float, float]] = {}
+        for scales in (raise_task_error(r) for r in
+                       [_bucket_scales.remote(*[ref for b, ref in keyed if b == bucket]) for bucket in buckets]):
+            out.update(scales)
+        return out

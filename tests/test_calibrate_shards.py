@@ -1,0 +1,82 @@
+"""The calibration fitted on validation shards held by Ray workers (`pipelines.calibrate.ShardTicks`) equals
+the one fitted on the same ticks in memory (`Calibration.fit`), while the driver reads counts and small
+gathers only."""
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from dmafn.calibration import Calibration
+from dmafn.scoring import RawScores
+from dmafn.spec import SmoothingSpec, ThresholdSpec
+
+MODALITIES = ("a", "b", "c")
+
+
+def _fleet(latent_dims, seed=0, entities=6, ticks=700):
+    """Raw scores of a few entities over time, modalities missing at random, rows sorted by entity and time."""
+    rng = np.random.default_rng(seed)
+    n = entities * ticks
+    groups = np.repeat([f"e{i}" for i in range(entities)], ticks)
+    time = np.tile(np.arange(ticks), entities)
+    mask = rng.random((n, len(MODALITIES))) > 0.1
+    errors = np.where(mask, rng.lognormal(size=(n, len(MODALITIES))) * (1 + np.arange(entities).repeat(ticks))[:, None],
+                      np.nan)
+    errors[rng.random(n) < 0.01, 0] = 1e3                 # a heavy tail
+    latent = None if latent_dims is None else rng.lognormal(size=n if latent_dims == 1 else (n, len(MODALITIES)))
+    return groups, time, RawScores(errors=errors, latent=latent, mask=mask)
+
+
+def _shard_ticks(groups, time, raw, ray):
+    """The same ticks as shards: entity buckets x three spans of time, each sorted by entity and time."""
+    from pipelines.calibrate import ShardPart, ShardTicks
+
+    bucket = np.array([int(g[1:]) % 2 for g in groups])
+    span = np.searchsorted([230, 480], time, side="right")
+    parts, metas = [], []
+    for b in (1, 0):                                      # any order: the chain follows bucket and date
+        for s in (2, 0, 1):
+            rows = np.flatnonzero((bucket == b) & (span == s))
+            rows = rows[np.lexsort((time[rows], groups[rows]))]
+            latent = None if raw.latent is None else raw.latent[rows]
+            part = ShardPart(groups[rows], RawScores(raw.errors[rows], latent, raw.mask[rows]))
+            parts.append((b, dt.date(2024, 1, 1 + s), ray.put(part)))
+            metas.append({"ticks": len(rows), "columns": len(MODALITIES),
+                          "latent_dims": None if latent is None else latent.ndim})
+    return ShardTicks(parts, metas)
+
+
+@pytest.mark.parametrize("latent_dims,smoothing,threshold,scale", [
+    (1, SmoothingSpec(method="ewma", alpha=0.3), ThresholdSpec(method="pot", risk=1e-3), "tail"),
+    (2, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="quantile", quantile=0.99, per_entity=True), "robust"),
+    (None, SmoothingSpec(method="rolling", window=5), ThresholdSpec(method="pot", risk=1e-3, per_entity=True), "tail"),
+])
+def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray, monkeypatch, latent_dims, smoothing,
+                                                                         threshold, scale):
+    import pipelines.calibrate as calibrate
+
+    groups, time, raw = _fleet(latent_dims)
+    fit = dict(detector="autoencoder", vote="attention", smoothing=smoothing, threshold=threshold, scale=scale)
+    whole = Calibration.fit(raw, MODALITIES, groups=groups, **fit).to_dict()
+    monkeypatch.setattr(calibrate, "GATHER_MAX", 64)      # quantiles by rounds of counts, not one gather
+    asked = []
+    answer = calibrate._ask.remote
+    monkeypatch.setattr(calibrate._ask, "remote", lambda *a: asked.append(a[2]) or answer(*a))
+    shards = Calibration.fit_from(_shard_ticks(groups, time, raw, local_ray), MODALITIES, **fit).to_dict()
+    assert {"count_le", "sample", "between"} <= set(asked)
+    if smoothing.method == "ewma":                        # the same numbers, bit for bit
+        assert shards == whole
+    else:                                                 # a rolling mean's sums start elsewhere: 1e-12
+        assert _close(shards, whole)
+    assert whole["validation"]["validation_ticks"] == len(groups)
+
+
+def _close(a, b) -> bool:
+    """Equal structures whose floats agree to 1e-12."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-12, abs=1e-12)
+    return a == b
