@@ -198,16 +198,12 @@ class InMemoryTicks(RawTicks):
 
     def scores(self, calibration: Calibration) -> Values:
         """The fused scores smoothed per group (and put on each group's scale, with `entity_scale`)."""
-        return ArrayValues(group_scores(calibration, self.raw, self.groups))
+        smoothed = calibration.smooth(calibration.record(self.raw).score, self.groups)
+        return ArrayValues(calibration.normalise(smoothed, self.groups))
 
     def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
         """Median and interquartile range of each group's smoothed fused scores."""
         return group_scales(calibration.smooth(calibration.record(self.raw).score, self.groups), self.groups)
-
-
-def group_scores(calibration: Calibration, raw: RawScores, groups: np.ndarray | None) -> np.ndarray:
-    """(N,) the fused scores of `raw` smoothed per group, normalised per group with `entity_scale`."""
-    return calibration.normalise(calibration.smooth(calibration.record(raw).score, groups), groups)
 
 
 def group_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:

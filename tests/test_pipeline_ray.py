@@ -757,3 +757,49 @@ def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_out
 
     lines = maintain(spec)
     assert sum(line.startswith(str(tmp_path / "scores_alone")) for line in lines) == 3, lines
+
+
+def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(trained, monkeypatch):
+    """`train`'s calibration (`pipelines.calibrate.ShardTicks`) on the validation day cut into two entity buckets,
+    its quantiles found by rounds of counts: the driver never receives a shard's ticks, and the calibration is
+    the one `Calibration.fit` gives on the same raw scores gathered and sorted by entity and time."""
+    import numpy as np
+    import ray
+
+    import pipelines.calibrate as calibrate
+    from dmafn.calibration import Calibration
+    from dmafn.scoring import RawScores
+    from dmafn.spec import voting_modalities
+    from pipelines.registry import Registry
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+    from pipelines.train import _calibrate, split_dates
+
+    spec, version, _ = trained
+    mv = Registry(spec.registry, Storage()).load(version)
+    _, validation = split_dates(spec)
+    files = list_inputs(spec, validation, Storage())
+    # three entity buckets: the two pumps hash to two of them
+    shards = plan_shards(spec, validation, files, shard_bytes=sum(f.size for f in files if f.date in validation) // 3 + 1)
+    assert len(shards) == 3
+    received, real = [], calibrate.raise_task_error
+    monkeypatch.setattr(calibrate, "raise_task_error", lambda ref: received.append(real(ref)) or received[-1])
+    monkeypatch.setattr(calibrate, "GATHER_MAX", 64)
+    on_workers = _calibrate(spec, mv.model, mv.stats, shards).to_dict()
+    assert received and not any(isinstance(v, calibrate.ShardPart) for v in received)
+
+    parts = [ray.get(calibrate._score_shard.remote(s, spec, mv.stats, mv.model)[1]) for s in shards]
+    keys = np.concatenate([p.groups for p in parts])
+    assert len(set(keys)) == 2 and all(len(set(p.groups)) <= 1 for p in parts)     # each pump in one bucket
+    order = np.argsort(keys, kind="stable")                                          # parts: time order inside
+    latent = None if parts[0].raw.latent is None else np.concatenate([p.raw.latent for p in parts if len(p.groups)])
+    raw = RawScores(errors=np.concatenate([p.raw.errors for p in parts if len(p.groups)])[order],
+                    latent=None if latent is None else latent[order],
+                    mask=np.concatenate([p.raw.mask for p in parts if len(p.groups)])[order])
+    gathered = Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
+                               scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
+                               threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
+                               groups=keys[order]).to_dict()
+    assert on_workers == gathered
+    # training cut the day otherwise: other batch shapes round the model's float32 sums otherwise (~1e-6)
+    assert on_workers["threshold"] == pytest.approx(mv.manifest["calibration"]["threshold"], rel=1e-3)
