@@ -28,7 +28,7 @@ from dmafn.validation import ArrayValues, Values
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted post-model steps; `normalisation` is `dmafn.scoring.fit_calibration`'s data (contributions,
+    """Fitted post-model steps; `normalisation` is `dmafn.scoring.fit_normalisation`'s data (contributions,
     latent term, vote weights), `threshold` applies to the smoothed fused score."""
 
     modalities: tuple[str, ...]
@@ -49,7 +49,7 @@ class Calibration:
         """Fit on validation ticks in memory (rows in time order within each group; `groups` e.g. the entity
         keys); `voting`: the modalities whose contributions make the fused score (default all;
         `dmafn.spec.voting_modalities`); `scale`: the contributions' units, `robust` or `tail`
-        (`dmafn.scoring.fit_calibration`)."""
+        (`dmafn.scoring.fit_normalisation`)."""
         return cls.fit_from(InMemoryTicks(raw, groups), modalities, detector=detector, vote=vote,
                             smoothing=smoothing, threshold=threshold, voting=voting, scale=scale)
 

@@ -144,13 +144,6 @@ class RawTicks:
         return [ArrayValues(c) for c in column(self.raw).T]
 
 
-def fit_calibration(raw: RawScores, modalities: tuple[str, ...], detector: str, vote: str = "mean",
-                    voting: tuple[str, ...] | None = None,
-                    scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
-    """`fit_normalisation` of raw scores in memory."""
-    return fit_normalisation(RawTicks(raw), modalities, detector, vote, voting, scale)
-
-
 def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: str, vote: str = "mean",
                       voting: tuple[str, ...] | None = None,
                       scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
