@@ -63,24 +63,26 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tupl
             "latent_dims": None if latent is None else latent.ndim}, part
 
 
-def _sorted(values: np.ndarray) -> dict[str, Any]:
-    """Columns (N, k) as `_ask` reads them: each one's finite values sorted, as float64 (so that every level
-    compares exactly), and the dtype they had (numpy's quantiles interpolate in it)."""
-    return {"columns": [np.sort(v[np.isfinite(v)]).astype(np.float64) for v in values.T], "dtype": values.dtype.str}
+def _sorted(values: np.ndarray) -> tuple[Any, ...]:
+    """Columns (N, k) as the driver's questions read them: their summaries [(count, min, max, dtype)], then each
+    column's finite values sorted, as float64 (so that every level compares exactly; numpy's quantiles
+    interpolate in the dtype they had) - one object each, so a few values travel without a task."""
+    columns = [np.sort(v[np.isfinite(v)]).astype(np.float64) for v in values.T]
+    dtype = values.dtype.str
+    return ([(c.size, float(c[0]), float(c[-1]), dtype) if c.size else (0, np.inf, -np.inf, "<f8") for c in columns],
+            *columns)
 
 
 @ray.remote(num_cpus=1)
-def _column(part: ShardPart, column: Column) -> dict[str, Any]:
-    return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, 0)))
+def _column(part: ShardPart, column: Column, width: int) -> tuple[Any, ...]:
+    """`_sorted` of a shard's `column` (`width` columns): run with num_returns=1 + width."""
+    return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, width)))
 
 
 @ray.remote(num_cpus=1)
-def _ask(columns: dict[str, Any], j: int, question: str, args: Any) -> Any:
-    """One sorted column of a shard (`_sorted`) answers: its count, min, max and dtype; how many values <= each
-    level; its values in each (lo, hi]; a sample of them in each (lo, hi]."""
-    v = columns["columns"][j]
-    if question == "summary":
-        return (v.size, float(v[0]), float(v[-1]), columns["dtype"]) if v.size else (0, np.inf, -np.inf, "<f8")
+def _ask(v: np.ndarray, question: str, args: Any) -> Any:
+    """One sorted column of a shard answers: how many values <= each level; its values in each (lo, hi]; a sample
+    of them in each (lo, hi]."""
     if question == "count_le":
         return np.searchsorted(v, args, side="right")
     if question == "between":
@@ -89,15 +91,15 @@ def _ask(columns: dict[str, Any], j: int, question: str, args: Any) -> Any:
     return [sorted_part_sample(v, lo, hi, k) for lo, hi in intervals]
 
 
-@ray.remote(num_cpus=1, num_returns=3)
+@ray.remote(num_cpus=1, num_returns=4)
 def _smooth_part(part: ShardPart, calibration: Calibration, carry: dict[str, np.ndarray] | None):
     """A shard's fused scores smoothed per entity, going on from the entity bucket's previous shard (`carry`):
-    its sorted finite scores (normalised per entity with `entity_scale`), (entities, smoothed scores) for the
-    entity scales, and the carry for the bucket's next shard."""
+    `_sorted` of its scores (normalised per entity with `entity_scale`: summary, sorted finite values),
+    (entities, smoothed scores) for the entity scales, and the carry for the bucket's next shard."""
     score = calibration.record(part.raw).score
     smoothed, carry = calibration.smooth_carried(score, part.groups, carry or {})
     scores = calibration.normalise(smoothed, part.groups)
-    return _sorted(scores[:, None]), (part.groups, smoothed), carry
+    return (*_sorted(scores[:, None]), (part.groups, smoothed), carry)
 
 
 @ray.remote(num_cpus=1)
@@ -107,19 +109,20 @@ def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[flo
 
 
 class ShardValues:
-    """`dmafn.validation.Values` of one column held sorted by the shards' objects (`refs`, column `j`)."""
+    """`dmafn.validation.Values` of one column held sorted by the shards' objects: `summaries` (each shard's
+    [(count, min, max, dtype)] of its columns), `j` the column's place there, `columns` its sorted values."""
 
-    def __init__(self, refs: list[ray.ObjectRef], j: int) -> None:
-        self.refs, self.j = refs, j
+    def __init__(self, summaries: list[ray.ObjectRef], j: int, columns: list[ray.ObjectRef]) -> None:
+        self.summaries, self.j, self.columns = summaries, j, columns
         self._summary: tuple[int, float, float, str] | None = None
 
     def _ask(self, question: str, args: Any = None) -> list[Any]:
-        return [raise_task_error(r) for r in [_ask.remote(ref, self.j, question, args) for ref in self.refs]]
+        return [raise_task_error(r) for r in [_ask.remote(ref, question, args) for ref in self.columns]]
 
     def summary(self) -> tuple[int, float, float, str]:
         """Count, min, max and dtype of the values."""
         if self._summary is None:
-            parts = self._ask("summary")
+            parts = [raise_task_error(ref)[self.j] for ref in self.summaries]
             self._summary = (sum(p[0] for p in parts), min((p[1] for p in parts), default=np.inf),
                              max((p[2] for p in parts), default=-np.inf), next((p[3] for p in parts if p[0]), "<f8"))
         return self._summary
@@ -134,7 +137,8 @@ class ShardValues:
     def quantiles(self, qs) -> np.ndarray:
         n, lo, hi, dtype = self.summary()
         if n <= GATHER_MAX:                            # few enough to read whole (in their dtype, as numpy would)
-            return ArrayValues(self._between([(-np.inf, np.inf)])[0].astype(dtype)).quantiles(qs)
+            values = np.concatenate([raise_task_error(ref) for ref in self.columns])
+            return ArrayValues(values.astype(dtype)).quantiles(qs)
 
         def sample(intervals, k):
             answers = self._ask("sample", (intervals, k))
@@ -176,9 +180,9 @@ class ShardTicks:
         return sum(m["ticks"] for m in self.metas)
 
     def column(self, column: Column) -> list[ShardValues]:
-        refs = [_column.remote(part, column) for _, _, part in self.parts]
         width = 1 if column.kind == "latent" and self.latent_dims == 1 else self.metas[0]["columns"]
-        return [ShardValues(refs, j) for j in range(width)]
+        refs = [_column.options(num_returns=1 + width).remote(part, column, width) for _, _, part in self.parts]
+        return [ShardValues([r[0] for r in refs], j, [r[1 + j] for r in refs]) for j in range(width)]
 
     def _smoothed(self, calibration: Calibration) -> tuple[list, list]:
         if self._chain is None or self._chain[0] is not calibration:     # the chain of this very calibration
@@ -186,14 +190,15 @@ class ShardTicks:
             for b, _, part in self.parts:
                 carry = None if b != bucket else carry
                 bucket = b
-                values, by_entity, carry = _smooth_part.remote(part, calibration, carry)
-                scores.append(values)
+                summary, values, by_entity, carry = _smooth_part.remote(part, calibration, carry)
+                scores.append((summary, values))
                 keyed.append((b, by_entity))
             self._chain = (calibration, scores, keyed)
         return self._chain[1], self._chain[2]
 
     def scores(self, calibration: Calibration) -> ShardValues:
-        return ShardValues(self._smoothed(calibration)[0], 0)
+        scores = self._smoothed(calibration)[0]
+        return ShardValues([summary for summary, _ in scores], 0, [values for _, values in scores])
 
     def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
         keyed = self._smoothed(calibration)[1]

@@ -61,7 +61,7 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
     monkeypatch.setattr(calibrate, "GATHER_MAX", 64)      # quantiles by rounds of counts, not one gather
     asked = []
     answer = calibrate._ask.remote
-    monkeypatch.setattr(calibrate._ask, "remote", lambda *a: asked.append(a[2]) or answer(*a))
+    monkeypatch.setattr(calibrate._ask, "remote", lambda *a: asked.append(a[1]) or answer(*a))
     shards = Calibration.fit_from(_shard_ticks(groups, time, raw, local_ray), MODALITIES, **fit).to_dict()
     assert {"count_le", "sample", "between"} <= set(asked)
     if smoothing.method == "ewma":                        # the same numbers, bit for bit
