@@ -196,14 +196,16 @@ class InMemoryTicks(RawTicks):
     def count(self) -> int:
         return len(self.raw.mask)
 
+    def _smoothed(self, calibration: Calibration) -> np.ndarray:
+        return calibration.smooth(calibration.record(self.raw).score, self.groups)
+
     def scores(self, calibration: Calibration) -> Values:
         """The fused scores smoothed per group (and put on each group's scale, with `entity_scale`)."""
-        smoothed = calibration.smooth(calibration.record(self.raw).score, self.groups)
-        return ArrayValues(calibration.normalise(smoothed, self.groups))
+        return ArrayValues(calibration.normalise(self._smoothed(calibration), self.groups))
 
     def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
         """Median and interquartile range of each group's smoothed fused scores."""
-        return group_scales(calibration.smooth(calibration.record(self.raw).score, self.groups), self.groups)
+        return group_scales(self._smoothed(calibration), self.groups)
 
 
 def group_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from dmafn.validation import ArrayValues, Values
+from dmafn.validation import Values, as_values
 
 
 def ewma(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -88,7 +88,7 @@ def gpd_fit(excesses: np.ndarray) -> tuple[float, float]:
 def pot_threshold(scores: np.ndarray | Values, risk: float, level: float = 0.98) -> float:
     """Score exceeded with probability `risk`: z_q = t + sigma/gamma * ((risk * n / N_t) ** -gamma - 1).
     `scores`: an array or `dmafn.validation.Values` (the finite ones count)."""
-    values = scores if not isinstance(scores, np.ndarray) else ArrayValues(scores)
+    values = as_values(scores)
     n = values.count()
     if n < 10:
         raise ValueError(f"POT needs at least 10 validation scores, got {n}")
@@ -112,7 +112,7 @@ def fit_threshold(scores: np.ndarray | Values, method: str, *, risk: float = 1e-
         if value is None:
             raise ValueError("threshold method 'fixed' needs a value")
         return float(value)
-    values = scores if not isinstance(scores, np.ndarray) else ArrayValues(scores)
+    values = as_values(scores)
     if values.count() == 0:
         raise ValueError("no finite validation scores to fit a threshold on")
     if method == "quantile":

@@ -25,7 +25,7 @@ import torch
 from dmafn.features import Features
 from dmafn.model import DMAFN
 from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModelSpec
-from dmafn.validation import ArrayValues, Values
+from dmafn.validation import ArrayValues, Values, as_values
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
 def robust_scale(values: np.ndarray | Values) -> dict[str, float]:
     """Median and interquartile range (at least 1e-6) of the finite values; 0 and 1 when there are none.
     `values`: an array or `dmafn.validation.Values`."""
-    values = ArrayValues(values) if isinstance(values, np.ndarray) else values
+    values = as_values(values)
     if values.count() == 0:
         return {"median": 0.0, "scale": 1.0}
     q25, q50, q75 = values.quantiles([0.25, 0.5, 0.75])
@@ -217,7 +217,7 @@ def fit_tail(values: np.ndarray | Values) -> dict[str, Any]:
     """How rare each value is among validation `values` (an array, NaN ignored, or `dmafn.validation.Values`):
     their quantiles at 0-99 % and an exponential fit (rate) to the excesses over the 99 % quantile, for
     `tail_surprise`; `n` values."""
-    values = ArrayValues(values) if isinstance(values, np.ndarray) else values
+    values = as_values(values)
     n = values.count()
     if n == 0:
         return {"levels": [0.0], "knots": [0.0], "rate": 1.0, "n": 0}

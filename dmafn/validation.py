@@ -6,9 +6,9 @@ memory (`Detector`, the benchmarks) and on validation shards held by a cluster's
 
 - `Values`: the finite values of one column: how many, exact quantiles (those of `np.quantile`), and the
   values above a level (a tail: the POT threshold's excesses). `ArrayValues` holds them in memory.
-- `select_ranks`: exact order statistics of values split in sorted parts, asking the parts only for counts
-  at given levels and for the values inside a small interval; `quantiles_from_ranks` turns them into
-  `np.quantile`'s numbers, bit for bit.
+- `select_ranks`: exact order statistics of values split in sorted parts, asking the parts only for samples
+  of their values, counts at given levels and the values inside a small interval; `quantiles_from_ranks`
+  turns them into `np.quantile`'s numbers, bit for bit.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 GATHER_MAX = 65_536     # an interval holding at most this many values is read whole
-SPLIT_BINS = 256        # else it is cut in this many bins per round, and the bins holding the ranks kept
+SPLIT_BINS = 256        # else it is cut at up to this many sampled values of each part per round
 
 
 class Values(Protocol):
@@ -53,6 +53,11 @@ class ArrayValues:
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self.values[self.values > level])
+
+
+def as_values(values: np.ndarray | Values) -> Values:
+    """An array as `ArrayValues`; `Values` as they are."""
+    return ArrayValues(values) if isinstance(values, np.ndarray) else values
 
 
 def quantiles_from_ranks(n: int, qs: Sequence[float], select: Callable[[list[int]], dict[int, float]],

@@ -1,8 +1,8 @@
 """The calibration fitted on the validation shards where the workers hold them (`Calibration.fit_from`).
 
 Each validation shard's task scores its ticks and keeps the raw scores in the object store (sorted by entity
-and time); the driver holds their references, the shards' tick counts and at most `GATHER_MAX` values at a
-time, whatever the validation window. What the fit asks of the ticks:
+and time); the driver holds their references, the shards' tick counts, at most `GATHER_MAX` values per
+quantile's last round and the tails the fit reads (`above`: 1-2 % of the ticks). What the fit asks of the ticks:
 - a column's finite values (log errors, latent terms, contributions): each shard's task sorts its values;
   their count, exact quantiles (`dmafn.validation.select_ranks`: counts at levels and small gathers, a few
   rounds of small tasks, the same numbers as `np.quantile` on the whole column) and the values above a level
@@ -130,23 +130,23 @@ class ShardValues:
     def count(self) -> int:
         return self.summary()[0]
 
-    def _between(self, intervals: list[tuple[float, float]]) -> list[np.ndarray]:
-        answers = self._ask("between", intervals)
+    def _per_interval(self, question: str, intervals: list[tuple[float, float]], *args: Any) -> list[np.ndarray]:
+        """Every shard's answer for each interval, joined per interval."""
+        answers = self._ask(question, (intervals, *args) if args else intervals)
         return [np.concatenate([a[i] for a in answers]) for i in range(len(intervals))]
+
+    def _between(self, intervals: list[tuple[float, float]]) -> list[np.ndarray]:
+        return self._per_interval("between", intervals)
 
     def quantiles(self, qs) -> np.ndarray:
         n, lo, hi, dtype = self.summary()
         if n <= GATHER_MAX:                            # few enough to read whole (in their dtype, as numpy would)
             values = np.concatenate([raise_task_error(ref) for ref in self.columns])
             return ArrayValues(values.astype(dtype)).quantiles(qs)
-
-        def sample(intervals, k):
-            answers = self._ask("sample", (intervals, k))
-            return [np.concatenate([a[i] for a in answers]) for i in range(len(intervals))]
-
         return quantiles_from_ranks(n, qs, lambda ranks: select_ranks(
             ranks, n=n, bounds=(lo, hi), count_le=lambda levels: np.sum(self._ask("count_le", levels), axis=0),
-            between=self._between, sample=sample, gather_max=GATHER_MAX), np.dtype(dtype))
+            between=self._between, sample=lambda intervals, k: self._per_interval("sample", intervals, k),
+            gather_max=GATHER_MAX), np.dtype(dtype))
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self._between([(level, np.inf)])[0])
