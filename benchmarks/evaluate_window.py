@@ -5,12 +5,14 @@
 Writes a scored-output Delta table of the pipeline's schema (one date partition per day, a tick a minute per
 entity; the fused score and four contributions: noise, raised inside labelled events of four kinds) and its
 labels, then for each window length runs, each in its own process and sampled twice a second for peak RSS:
-- `dmafn evaluate` through the CLI (a date at a time, twice: `pipelines.evaluate.MetricsTally`);
+- `dmafn evaluate` through the CLI: a local Ray, each date read and tallied by tasks (`pipelines.evaluate_tasks`);
+  peak RSS of the driver and of the largest Ray worker;
+- `evaluate` called without Ray: a date at a time, twice, in one process (`pipelines.evaluate.MetricsTally`);
 - a bare loop of the same steps on the whole window in one process: read every date at once, attach the
   labels, the same metrics, alarm rates and detection on the whole arrays (how `evaluate` worked before);
 - `dmafn report` through the CLI (the page: the same metrics, curves, the 4 busiest entities' timelines, the
   top alarm events; a date at a time, twice).
-Checks both give the same metrics and prints seconds and peak RSS of each and their ratios; writes
+Checks all three give the same metrics and prints seconds and peak RSS of each and their ratios; writes
 `evaluate_window.json`. No model is trained: the scores are made up, what is measured is the evaluation.
 """
 from __future__ import annotations
@@ -108,6 +110,17 @@ def same(a, b) -> bool:
     return a == b
 
 
+def one_process(spec_path: str, start: str, end: str, out: str) -> None:
+    """`evaluate` without Ray: a date at a time in this process (as a Python caller without Ray gets it)."""
+    import datetime as dt_
+
+    from dmafn.spec import load_spec
+    from pipelines.evaluate import evaluate
+
+    evaluate(load_spec(spec_path), start=dt_.date.fromisoformat(start), end=dt_.date.fromisoformat(end),
+             report_dir=out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entities", type=int, default=16)
@@ -116,6 +129,7 @@ def main() -> None:
     a = parser.parse_args()
     lengths = [int(d) for d in a.days.split(",")]
     rows = []
+    keys = ("overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate", "false_alarm_rate_clear")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ticks_all = write_window(root, a.entities, max(lengths))
@@ -125,31 +139,40 @@ def main() -> None:
         for days in lengths:
             start, end = FIRST.isoformat(), (FIRST + dt.timedelta(days=days - 1)).isoformat()
             out = root / f"eval-{days}"
-            secs, peak, _, _ = run_python(["-m", "jobs.cli", "evaluate", str(spec_path), "--start", start, "--end", end,
-                                 "--report", str(out), "-q"])
+            secs, peak, worker, _ = run_python(["-m", "jobs.cli", "evaluate", str(spec_path), "--start", start,
+                                                "--end", end, "--report", str(out / "tasks"), "-q"])
+            here_secs, here_peak, _, _ = run_python(
+                ["-c", "import sys; from benchmarks.evaluate_window import one_process; one_process(*sys.argv[1:])",
+                 str(spec_path), start, end, str(out / "here")])
             report_secs, report_peak, _, _ = run_python(["-m", "jobs.cli", "report", str(spec_path), "--start", start,
                                                         "--end", end, "--out", str(out / "report.html"), "-q"])
             code = ("import json, sys; from benchmarks.evaluate_window import whole_window; "
                     "print(json.dumps(whole_window(*sys.argv[1:]), default=float))")
             bare_secs, bare_peak, _, text = run_python(["-c", code, str(spec_path), start, end])
-            streamed = json.loads((out / "metrics.json").read_text())
             whole = json.loads(text.strip().splitlines()[-1])
-            keys = ("overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate", "false_alarm_rate_clear")
-            if not all(same(streamed[k], whole[k]) for k in keys):
-                raise SystemExit(f"{days} dates: the streamed metrics differ from the whole window's")
-            ticks = streamed["ticks"]
+            for way in ("tasks", "here"):
+                got = json.loads((out / way / "metrics.json").read_text())
+                if not all(same(got[k], whole[k]) for k in keys):
+                    raise SystemExit(f"{days} dates: the metrics of evaluate ({way}) differ from the whole window's")
+            ticks = whole["ticks"]
             rows.append({"dates": days, "ticks": ticks, "evaluate_s": secs, "evaluate_peak_rss_mb": peak / 2**20,
+                         "evaluate_worker_peak_rss_mb": worker / 2**20,
+                         "one_process_s": here_secs, "one_process_peak_rss_mb": here_peak / 2**20,
                          "whole_s": bare_secs, "whole_peak_rss_mb": bare_peak / 2**20,
                          "report_s": report_secs, "report_peak_rss_mb": report_peak / 2**20})
-            print(f"{days:>4} dates {ticks:>9} ticks: evaluate {secs:6.1f} s {peak / 2**20:7.0f} MB | whole window "
-                  f"in one process {bare_secs:6.1f} s {bare_peak / 2**20:7.0f} MB | time ratio {secs / bare_secs:.2f}, "
-                  f"memory ratio {peak / bare_peak:.2f}  (same metrics) | report {report_secs:6.1f} s "
-                  f"{report_peak / 2**20:7.0f} MB")
+            print(f"{days:>4} dates {ticks:>9} ticks: evaluate on tasks {secs:6.1f} s, driver {peak / 2**20:5.0f} MB, "
+                  f"largest worker {worker / 2**20:5.0f} MB | a date at a time in one process {here_secs:6.1f} s "
+                  f"{here_peak / 2**20:5.0f} MB | whole window in one process {bare_secs:6.1f} s "
+                  f"{bare_peak / 2**20:5.0f} MB | time ratio to the whole window: tasks {secs / bare_secs:.2f}, one "
+                  f"process {here_secs / bare_secs:.2f} (same metrics) | report {report_secs:6.1f} s "
+                  f"{report_peak / 2**20:5.0f} MB")
     first, last = rows[0], rows[-1]
-    print(f"window x{last['dates'] / first['dates']:.0f}: evaluate's peak RSS x"
-          f"{last['evaluate_peak_rss_mb'] / first['evaluate_peak_rss_mb']:.2f}, the whole window's x"
-          f"{last['whole_peak_rss_mb'] / first['whole_peak_rss_mb']:.2f}, the report page's x"
-          f"{last['report_peak_rss_mb'] / first['report_peak_rss_mb']:.2f}")
+    growth = {k: last[k] / first[k] for k in ("evaluate_peak_rss_mb", "evaluate_worker_peak_rss_mb",
+                                              "one_process_peak_rss_mb", "whole_peak_rss_mb", "report_peak_rss_mb")}
+    print(f"window x{last['dates'] / first['dates']:.0f}: peak RSS of evaluate's driver x"
+          f"{growth['evaluate_peak_rss_mb']:.2f} (largest worker x{growth['evaluate_worker_peak_rss_mb']:.2f}), "
+          f"of one process a date at a time x{growth['one_process_peak_rss_mb']:.2f}, of the whole window x"
+          f"{growth['whole_peak_rss_mb']:.2f}, of the report page x{growth['report_peak_rss_mb']:.2f}")
     write_json(Path(a.out) / "evaluate_window.json", {"entities": a.entities, "rows": rows,
                                                        "measured": dt.datetime.now().isoformat(timespec="minutes")})
 

@@ -101,7 +101,9 @@ class RankingTally:
 
     Two passes over the chunks: `add_positives` keeps the finite scores of the labelled ticks (with an integer
     group each, e.g. the anomaly kind); after `freeze`, `add_negatives` counts for each positive the negatives
-    scored below it and equal to it. Memory: the positives plus one chunk, whatever the number of negatives."""
+    scored below it and equal to it - or `count_negatives` counts a chunk's where it lies (a copy of the frozen
+    tally), and `add_counts` adds the counts, summed in any order. Memory: the positives plus one chunk, whatever
+    the number of negatives."""
 
     def __init__(self) -> None:
         self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
@@ -129,21 +131,31 @@ class RankingTally:
         self._below = np.zeros(len(s) + 1, np.int64)
         self._equal = np.zeros(len(s) + 1, np.int64)
 
-    def add_negatives(self, scores: np.ndarray) -> None:
+    def count_negatives(self, scores: np.ndarray) -> "NegativeCounts":
+        """What `add_negatives` adds for these negatives, as a `NegativeCounts` (computed where they lie; added up
+        with `+` and into a tally with `add_counts`, in any order)."""
         s = np.asarray(scores, float)
         s = np.sort(s[np.isfinite(s)])           # sorted queries: the searches below run ~3x faster
-        if not s.size:
-            return
-        self.negatives += s.size
-        top = float(s[-1])
-        if top >= self.max_score:
-            self._at_max = (self._at_max if top == self.max_score else 0) + int((s == top).sum())
-            self.max_score = top
         n = len(self.positives) + 1
+        if not s.size:
+            return NegativeCounts(np.zeros(n, np.int64), np.zeros(n, np.int64), 0, -np.inf, 0)
         above = np.bincount(np.searchsorted(self.positives, s, "right"), minlength=n)   # first positive > x
         from_ = np.bincount(np.searchsorted(self.positives, s, "left"), minlength=n)   # first positive >= x
-        self._below += above
-        self._equal += from_ - above
+        top = float(s[-1])
+        return NegativeCounts(above, from_ - above, int(s.size), top, int((s == top).sum()))
+
+    def add_counts(self, counts: "NegativeCounts") -> None:
+        """Add negatives counted by `count_negatives` (of this tally's positives)."""
+        if len(counts.below) != len(self._below):
+            raise ValueError(f"negatives counted against {len(counts.below) - 1} positives, "
+                             f"this tally holds {len(self._below) - 1}")
+        self._below = self._below + counts.below        # new arrays: a tally read from shared memory is read-only
+        self._equal = self._equal + counts.equal
+        self.negatives += counts.n
+        self.max_score, self._at_max = _top((self.max_score, self._at_max), (counts.max_score, counts.at_max))
+
+    def add_negatives(self, scores: np.ndarray) -> None:
+        self.add_counts(self.count_negatives(scores))
 
     def _counts(self, group: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The positives of `group` (all: None), ascending, with the negatives below and equal to each."""
@@ -191,3 +203,23 @@ class RankingTally:
         precision = np.r_[1.0, tp / np.maximum(tp + fp, 1)]
         recall = np.r_[0.0, tp / pos]
         return fpr, tpr, np.r_[precision, precision[-1]], np.r_[recall, recall[-1]]
+
+
+def _top(a: tuple[float, int], b: tuple[float, int]) -> tuple[float, int]:
+    """The higher of two (max score, how many scored it), the counts added where they are equal."""
+    if a[0] == b[0]:
+        return a[0], a[1] + b[1]
+    return a if a[0] > b[0] else b
+
+
+class NegativeCounts:
+    """Negatives counted against a `RankingTally`'s positives: for each positive (difference arrays over the sorted
+    positives) how many score below it and equal to it, their number and their top score with its count. Two add
+    up with `+`."""
+
+    def __init__(self, below: np.ndarray, equal: np.ndarray, n: int, max_score: float, at_max: int) -> None:
+        self.below, self.equal, self.n, self.max_score, self.at_max = below, equal, n, max_score, at_max
+
+    def __add__(self, other: "NegativeCounts") -> "NegativeCounts":
+        top, at = _top((self.max_score, self.at_max), (other.max_score, other.at_max))
+        return NegativeCounts(self.below + other.below, self.equal + other.equal, self.n + other.n, top, at)

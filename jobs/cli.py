@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -126,8 +125,7 @@ def cmd_evaluate(args) -> None:
     from pipelines.ray_runtime import ray_session
 
     spec = load_spec(args.spec)
-    # only the baselines run on Ray (they train and score each modality alone); the metrics read the tables here
-    with ray_session(args.address, verbose=args.verbose) if args.baselines else contextlib.nullcontext():
+    with ray_session(args.address, verbose=args.verbose):      # each date read and tallied by a task
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
 
 

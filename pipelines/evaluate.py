@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +20,7 @@ import polars as pl
 from deltalake import DeltaTable
 
 from dmafn.calibration import Calibration
-from dmafn.metrics import RankingTally, count_metrics
+from dmafn.metrics import NegativeCounts, RankingTally, count_metrics
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
@@ -26,11 +28,159 @@ from pipelines.baselines import score_alone
 from pipelines.delta_sink import read_table
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
-from pipelines.postprocess import mark_runs, open_runs
+from pipelines.postprocess import mark_runs
 from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
 
 log = logging.getLogger(__name__)
+
+
+def score_arrays(chunk: pl.DataFrame, spec: Spec) -> dict[str, np.ndarray]:
+    """A chunk's score columns as float64 arrays (NaN where null), by the name the metrics give them: `fused`,
+    `score_<m>`, and the baselines' `alone_<m>`."""
+    names = {"score": "fused"} | {f"{prefix}_{m}": f"{prefix}_{m}" for prefix in ("score", "alone")
+                                  for m in spec.modalities}
+    return {name: chunk[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
+            for column, name in names.items() if column in chunk.columns}
+
+
+RUN_FLAGS = (("y", "p"), ("p", "y"))     # runs of labelled ticks (events), hit by an alarm; runs of alarms, good
+                                         # when they touch a labelled tick
+
+
+def run_edges(frame: pl.DataFrame) -> dict[str, tuple[dict[str, int], pl.DataFrame]]:
+    """Runs of labelled ticks and of alarms in a chunk (`frame`: entity `g`, alarm `p`, label `y`; rows in time
+    order per entity), per flag: the counts of the runs that lie wholly inside the chunk (`runs`, `hit`: runs
+    the other flag touches, `hit_ticks`: their ticks), and per entity its edges - whether its first row is flagged
+    and the run it starts (`f0`, `head_n`, `head_hit`), the same for its last row (`f1`, `tail_n`, `tail_hit`), and
+    `through` when one run covers every row. `RunTally` joins the edges of consecutive chunks."""
+    out = {}
+    for flag, other in RUN_FLAGS:
+        rows = mark_runs(frame, flag, "g")
+        ends = rows.group_by("g", maintain_order=True).agg(pl.col("_run").max().alias("_runs"),
+                                                           pl.col(flag).first().alias("f0"),
+                                                           pl.col(flag).last().alias("f1"))
+        runs = (rows.filter(pl.col(flag)).group_by("g", "_run")
+                .agg(pl.len().cast(pl.Int64).alias("n"), pl.col(other).any().alias("hit"))
+                .join(ends.select("g", "_runs"), on="g"))
+        inner = runs.filter((pl.col("_run") != 1) & (pl.col("_run") != pl.col("_runs")))
+        hit = inner.filter(pl.col("hit"))
+        counts = {"runs": inner.height, "hit": hit.height, "hit_ticks": int(hit["n"].sum())}
+        head = runs.filter(pl.col("_run") == 1).select("g", pl.col("n").alias("head_n"), pl.col("hit").alias("head_hit"))
+        tail = (runs.filter(pl.col("_run") == pl.col("_runs"))
+                .select("g", pl.col("n").alias("tail_n"), pl.col("hit").alias("tail_hit")))
+        edges = (ends.join(head, on="g", how="left").join(tail, on="g", how="left")
+                 .with_columns((pl.col("f0") & (pl.col("_runs") == 1)).alias("through")).drop("_runs"))
+        out[flag] = (counts, edges)
+    return out
+
+
+class RunTally:
+    """Runs of one flag per entity over chunks in time order (`run_edges`), counted as on each entity's whole
+    series: a run at a chunk's end stays open until the entity's next row that is not flagged (an entity absent
+    from a chunk keeps its run open). Holds one open run per entity, not rows."""
+
+    def __init__(self) -> None:
+        self.runs = self.hit = self.hit_ticks = 0
+        self.open = pl.DataFrame(schema={"g": pl.String, "n": pl.Int64, "hit": pl.Boolean})
+
+    def _close(self, closed: pl.DataFrame) -> None:
+        hit = closed.filter(pl.col("hit"))
+        self.runs += closed.height
+        self.hit += hit.height
+        self.hit_ticks += int(hit["n"].sum())
+
+    def add(self, counts: dict[str, int], edges: pl.DataFrame) -> None:
+        """One chunk's `run_edges` of this flag, chunks in time order."""
+        self.runs += counts["runs"]
+        self.hit += counts["hit"]
+        self.hit_ticks += counts["hit_ticks"]
+        j = edges.join(self.open, on="g", how="left").with_columns(
+            (pl.col("n").fill_null(0) + pl.col("head_n").fill_null(0)).alias("merged_n"),
+            (pl.col("hit").fill_null(False) | pl.col("head_hit").fill_null(False)).alias("merged_hit"))
+        self._close(pl.concat([
+            j.filter(pl.col("f0") & ~pl.col("through")).select("g", n="merged_n", hit="merged_hit"),
+            j.filter(~pl.col("f0") & pl.col("n").is_not_null()).select("g", "n", "hit")]))
+        self.open = pl.concat([
+            self.open.join(edges.select("g"), on="g", how="anti"),
+            j.filter(pl.col("through")).select("g", n="merged_n", hit="merged_hit"),
+            j.filter(~pl.col("through") & pl.col("f1")).select("g", n="tail_n", hit="tail_hit")])
+
+    def finish(self) -> None:
+        """Close the runs still open (the window's end)."""
+        self._close(self.open)
+        self.open = self.open.clear()
+
+
+@dataclass
+class ChunkPart:
+    """What `MetricsTally`'s first pass takes of one chunk, computed where the chunk lies (`chunk_part`): counts,
+    each entity's run edges and the names of the score columns - small, whatever the chunk. The labelled ticks'
+    scores travel beside it (`positives`)."""
+    ticks: int
+    labelled: int
+    points: dict[str, int]
+    names: list[str]                  # score columns, in the table's order
+    seen: set[str]                    # those holding any value
+    kinds: set[str]                   # labelled kinds
+    runs: dict[str, tuple[dict[str, int], pl.DataFrame]]
+    first_entity: str | None
+
+
+def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame]:
+    """A chunk's `ChunkPart` and its labelled ticks' scores (`kind` and a column per score name)."""
+    labels = chunk["label"].to_numpy().astype(bool)
+    scores = score_arrays(chunk, spec)
+    pred = to_labels(scores["fused"], chunk["threshold"].to_numpy()).astype(bool)
+    points = {key: int(hit.sum()) for key, hit in (("tp", pred & labels), ("fp", pred & ~labels),
+                                                   ("fn", ~pred & labels), ("tn", ~pred & ~labels))}
+    kinds = chunk["label_kind"].fill_null("").to_numpy()[labels]
+    positives = pl.DataFrame({"kind": kinds.astype(str), **{n: v[labels] for n, v in scores.items()}})
+    runs = run_edges(pl.DataFrame({"g": chunk.select(entity_string(spec.entity)).to_series(), "p": pred, "y": labels}))
+    part = ChunkPart(ticks=len(labels), labelled=int(labels.sum()), points=points, names=list(scores),
+                     seen={n for n, v in scores.items() if not np.isnan(v).all()}, kinds=set(kinds) - {""},
+                     runs=runs, first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None)
+    return part, positives
+
+
+def ranking_tallies(positives: list[pl.DataFrame], names: list[str], kinds: list[str]) -> dict[str, RankingTally]:
+    """The frozen `RankingTally` of each score column from the chunks' labelled ticks (`chunk_part`): groups are
+    the places of the kinds in `kinds` (-1: a labelled tick without a kind)."""
+    codes = {k: i for i, k in enumerate(kinds)}
+    tallies = {name: RankingTally() for name in names}
+    for frame in positives:
+        groups = np.array([codes.get(k, -1) for k in frame["kind"].to_list()], np.int64)
+        for name in names:
+            if name in frame.columns:
+                tallies[name].add_positives(frame[name].to_numpy(), groups)
+    for tally in tallies.values():
+        tally.freeze()
+    return tallies
+
+
+def negative_counts(tallies: dict[str, RankingTally], chunk: pl.DataFrame, spec: Spec) -> dict[str, NegativeCounts]:
+    """The second pass over a chunk, where it lies: its normal ticks counted against each column's positives."""
+    normal = ~chunk["label"].to_numpy().astype(bool)
+    return {name: tallies[name].count_negatives(values[normal]) for name, values in score_arrays(chunk, spec).items()
+            if name in tallies}
+
+
+def add_negative_counts(a: dict[str, NegativeCounts] | None, b: dict[str, NegativeCounts]) -> dict[str, NegativeCounts]:
+    """Two chunks' `negative_counts` together (in any order)."""
+    if a is None:
+        return b
+    return {name: a[name] + b[name] if name in a and name in b else a.get(name) or b[name] for name in a | b}
+
+
+def ranking_metrics(tallies: dict[str, RankingTally], names: list[str], kinds: list[str]) -> dict[str, Any]:
+    """ROC-AUC and PR-AUC of each of `names` overall and per kind, and the fused score's oracle cut, from tallies
+    that have counted every negative."""
+    overall = {name: {"roc_auc": tallies[name].roc_auc(), "pr_auc": tallies[name].pr_auc()} for name in names}
+    by_kind = {kind: {name: {"roc_auc": tallies[name].roc_auc(code), "pr_auc": tallies[name].pr_auc(code)}
+                      for name in names} for code, kind in enumerate(kinds)}
+    fused = tallies["fused"]
+    oracle = fused.best_f1() if fused.positives.size or fused.negatives else None
+    return {"overall": overall, "by_kind": by_kind, "oracle": oracle}
 
 
 class MetricsTally:
@@ -38,99 +188,90 @@ class MetricsTally:
     ROC-AUC and PR-AUC per score column, overall and per anomaly kind; the fused score's point-wise, event-wise
     and point-adjusted metrics at its threshold and the oracle F1. Two passes over the same chunks:
     `first_pass` each, `freeze`, `second_pass` each, then `result`. Memory: one chunk, the labelled ticks' scores
-    (`dmafn.metrics.RankingTally`) and each entity's run of alarms or labelled ticks still open at a chunk's end.
+    (`dmafn.metrics.RankingTally`) and each entity's open run of alarms and of labelled ticks.
+
+    The passes split where chunks lie elsewhere (`pipelines.evaluate_tasks`): `add_part` takes a `chunk_part`
+    computed anywhere (in time order), the ranking tallies are built, counted and read where the scores lie
+    (`ranking_tallies`, `negative_counts`, `ranking_metrics`), and `result(ranking)` joins them.
 
     A chunk holds the score columns, `threshold`, `label`, `label_kind` and the entity keys, rows in time order
     per entity, and the baselines' `alone_<m>` columns if any (a column holding no value gets no row)."""
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        self.columns: dict[str, RankingTally] = {}
-        self.seen: set[str] = set()                       # columns holding any value
-        self.kinds: dict[str, int] = {}
+        self.names: list[str] = []                        # score columns, in order of appearance
+        self.seen: set[str] = set()                       # those holding any value
+        self.kinds: set[str] = set()
         self.ticks = self.labelled = 0
         self.points = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
-        self.runs = dict.fromkeys(("events", "hits", "hit_ticks", "alarms", "good"), 0)
-        self._carry: dict[str, pl.DataFrame] = {}
+        self.run_tallies = {flag: RunTally() for flag, _ in RUN_FLAGS}
+        self.columns: dict[str, RankingTally] = {}        # in memory, after freeze
+        self._positives: list[pl.DataFrame] = []
 
-    def _scores(self, chunk: pl.DataFrame) -> dict[str, np.ndarray]:
-        names = {"score": "fused"} | {f"{prefix}_{m}": f"{prefix}_{m}" for prefix in ("score", "alone")
-                                      for m in self.spec.modalities}
-        return {name: chunk[column].cast(pl.Float64).fill_null(np.nan).to_numpy()
-                for column, name in names.items() if column in chunk.columns}
+    def add_part(self, part: ChunkPart) -> None:
+        """One chunk's first pass, chunks in time order."""
+        self.names += [n for n in part.names if n not in self.names]
+        self.seen |= part.seen
+        self.kinds |= part.kinds
+        self.ticks += part.ticks
+        self.labelled += part.labelled
+        for key, n in part.points.items():
+            self.points[key] += n
+        for flag, (counts, edges) in part.runs.items():
+            self.run_tallies[flag].add(counts, edges)
+
+    def keep_positives(self, positives: pl.DataFrame) -> None:
+        """A chunk's labelled ticks' scores (`chunk_part`), kept here until `freeze`."""
+        self._positives.append(positives)
 
     def first_pass(self, chunk: pl.DataFrame) -> None:
-        labels = chunk["label"].to_numpy().astype(bool)
-        kinds = chunk["label_kind"].fill_null("").to_numpy()
-        codes = np.array([self.kinds.setdefault(k, len(self.kinds)) if k else -1 for k in kinds[labels]], np.int64)
-        scores = self._scores(chunk)
-        for name, values in scores.items():
-            self.columns.setdefault(name, RankingTally()).add_positives(values[labels], codes)
-            if not np.isnan(values).all():
-                self.seen.add(name)
-        self.ticks += len(labels)
-        self.labelled += int(labels.sum())
-        pred = to_labels(scores["fused"], chunk["threshold"].to_numpy()).astype(bool)
-        for key, hit in (("tp", pred & labels), ("fp", pred & ~labels), ("fn", ~pred & labels), ("tn", ~pred & ~labels)):
-            self.points[key] += int(hit.sum())
-        self._count_runs(pl.DataFrame({"g": chunk.select(entity_string(self.spec.entity)).to_series(),
-                                       "p": pred, "y": labels}))
+        part, positives = chunk_part(chunk, self.spec)
+        self.add_part(part)
+        self.keep_positives(positives)
 
-    def _count_runs(self, frame: pl.DataFrame, final: bool = False) -> None:
-        """Runs of labelled ticks (events) and of alarms per entity, rows in time order, as `dmafn.metrics`
-        counts them on a whole series: an entity's last run of each may go on in the next chunk, so its rows wait
-        (with the last row of an entity, which says whether the next chunk's first row starts a run)."""
-        for flag, other in (("y", "p"), ("p", "y")):
-            rows = pl.concat([self._carry[flag], frame]) if flag in self._carry else frame
-            rows = mark_runs(rows, flag, "g")
-            runs = (rows.filter(pl.col(flag) & (~pl.col("_last") | final)).group_by("g", "_run")
-                    .agg(pl.len().alias("n"), pl.col(other).any().alias("hit")))
-            hits = runs.filter(pl.col("hit"))
-            if flag == "y":
-                self.runs["events"] += runs.height
-                self.runs["hits"] += hits.height
-                self.runs["hit_ticks"] += int(hits["n"].sum())
-            else:
-                self.runs["alarms"] += runs.height
-                self.runs["good"] += hits.height
-            self._carry[flag] = open_runs(rows, flag) if not final else frame.clear()
+    def close_runs(self) -> None:
+        """End of the first pass: count the runs still open."""
+        for tally in self.run_tallies.values():
+            tally.finish()
 
     def freeze(self) -> None:
         """End of the first pass: count the runs still open and sort the labelled ticks' scores."""
-        self._count_runs(pl.DataFrame(schema={"g": pl.String, "p": pl.Boolean, "y": pl.Boolean}), final=True)
-        for tally in self.columns.values():
-            tally.freeze()
+        self.close_runs()
+        self.columns, self._positives = ranking_tallies(self._positives, self.names, self.kind_list), []
+
+    @property
+    def kind_list(self) -> list[str]:
+        return sorted(self.kinds)
+
+    @property
+    def reported(self) -> list[str]:
+        """The score columns that get a row: those holding any value, and the fused score."""
+        return [n for n in self.names if n in self.seen or n == "fused"]
 
     def second_pass(self, chunk: pl.DataFrame) -> None:
-        normal = ~chunk["label"].to_numpy().astype(bool)
-        for name, values in self._scores(chunk).items():
-            self.columns[name].add_negatives(values[normal])
+        for name, counts in negative_counts(self.columns, chunk, self.spec).items():
+            self.columns[name].add_counts(counts)
 
-    def result(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"ticks": self.ticks, "anomalous_ticks": self.labelled, "overall": {}, "by_kind": {}}
-        names = [n for n in self.columns if n in self.seen or n == "fused"]
-        for name in names:
-            tally = self.columns[name]
-            result["overall"][name] = {"roc_auc": tally.roc_auc(), "pr_auc": tally.pr_auc()}
-        result["overall"]["fused"] |= self._fused()
-        for kind, code in sorted(self.kinds.items()):
-            result["by_kind"][kind] = {name: {"roc_auc": self.columns[name].roc_auc(code),
-                                              "pr_auc": self.columns[name].pr_auc(code)} for name in names}
+    def result(self, ranking: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The metrics; `ranking`: `ranking_metrics` computed elsewhere (else of the tallies held here)."""
+        ranking = ranking or ranking_metrics(self.columns, self.reported, self.kind_list)
+        result: dict[str, Any] = {"ticks": self.ticks, "anomalous_ticks": self.labelled,
+                                  "overall": ranking["overall"], "by_kind": ranking["by_kind"]}
+        result["overall"]["fused"] |= self._fused(ranking["oracle"])
         return result
 
-    def _fused(self) -> dict[str, Any]:
+    def _fused(self, oracle: tuple[float, int, int] | None) -> dict[str, Any]:
         tp, fp, fn, tn = (self.points[k] for k in ("tp", "fp", "fn", "tn"))
         out = count_metrics(tp, fp, fn, tn)
-        r = self.runs
-        precision = r["good"] / r["alarms"] if r["alarms"] else 0.0
-        recall = r["hits"] / r["events"] if r["events"] else 0.0
+        events, alarms = self.run_tallies["y"], self.run_tallies["p"]
+        precision = alarms.hit / alarms.runs if alarms.runs else 0.0
+        recall = events.hit / events.runs if events.runs else 0.0
         out |= {"event_precision": precision, "event_recall": recall,
                 "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
         # point adjustment: every tick of an event with an alarm inside counts as found (only beside the point-wise F1)
-        out["f1_point_adjusted"] = count_metrics(r["hit_ticks"], fp, self.labelled - r["hit_ticks"], tn)["f1"]
-        tally = self.columns["fused"]
-        if self.labelled and (tally.positives.size or tally.negatives):   # an oracle: chosen with the labels, reported only
-            threshold, found, wrong = tally.best_f1()
+        out["f1_point_adjusted"] = count_metrics(events.hit_ticks, fp, self.labelled - events.hit_ticks, tn)["f1"]
+        if self.labelled and oracle is not None:         # an oracle: chosen with the labels, reported only
+            threshold, found, wrong = oracle
             out["oracle_threshold"] = threshold
             out["oracle_f1"] = count_metrics(found, wrong, self.labelled - found, 0)["f1"]
         return out
@@ -207,9 +348,25 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
     return detection_summary(intervals, event_firsts(ticks, intervals, list(spec.entity)), spec)
 
 
+@dataclass
+class WindowPart:
+    """`WindowEvaluation`'s first pass of one chunk (`window_part`): the metrics' part, the alarm counts and the
+    first tick and alarm inside each labelled interval - small, whatever the chunk."""
+    metrics: ChunkPart
+    counts: dict[str, Any]
+    firsts: pl.DataFrame
+
+
+def window_part(chunk: pl.DataFrame, spec: Spec, intervals: pl.DataFrame) -> tuple[WindowPart, pl.DataFrame]:
+    """A chunk's `WindowPart` and its labelled ticks' scores (`chunk_part`)."""
+    metrics, positives = chunk_part(chunk, spec)
+    return WindowPart(metrics, alarm_counts(chunk, spec), event_firsts(chunk, intervals, list(spec.entity))), positives
+
+
 class WindowEvaluation:
     """What `evaluate` and the report page say of a labelled window read in chunks (dates in time order, two
-    passes as `MetricsTally`): the metrics, the alarm rates against the expected one, and detection."""
+    passes as `MetricsTally`): the metrics, the alarm rates against the expected one, and detection. The first
+    pass takes chunks (`first_pass`) or their `window_part` computed elsewhere (`add_part`)."""
 
     def __init__(self, spec: Spec, labels: pl.DataFrame) -> None:
         self.spec, self.intervals = spec, event_intervals(labels, spec)
@@ -217,10 +374,15 @@ class WindowEvaluation:
         self.counts: dict[str, Any] | None = None
         self.firsts: pl.DataFrame | None = None
 
+    def add_part(self, part: WindowPart) -> None:
+        self.metrics.add_part(part.metrics)
+        self.counts = add_counts(self.counts, part.counts)
+        self.firsts = earliest(self.firsts, part.firsts)
+
     def first_pass(self, chunk: pl.DataFrame) -> None:
-        self.metrics.first_pass(chunk)
-        self.counts = add_counts(self.counts, alarm_counts(chunk, self.spec))
-        self.firsts = earliest(self.firsts, event_firsts(chunk, self.intervals, list(self.spec.entity)))
+        part, positives = window_part(chunk, self.spec, self.intervals)
+        self.add_part(part)
+        self.metrics.keep_positives(positives)
 
     def freeze(self) -> None:
         self.metrics.freeze()
@@ -228,9 +390,9 @@ class WindowEvaluation:
     def second_pass(self, chunk: pl.DataFrame) -> None:
         self.metrics.second_pass(chunk)
 
-    def result(self, storage: Storage) -> dict[str, Any]:
-        """`metrics_table`'s dict with `alarm_rates` and `detection` added."""
-        result = self.metrics.result() | alarm_rates(self.counts, self.spec, storage)
+    def result(self, storage: Storage, ranking: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`metrics_table`'s dict with `alarm_rates` and `detection` added (`ranking`: as `MetricsTally.result`)."""
+        result = self.metrics.result(ranking) | alarm_rates(self.counts, self.spec, storage)
         result["detection"] = detection_summary(self.intervals, self.firsts, self.spec)
         return result
 
@@ -416,12 +578,14 @@ def read_score_date(table: DeltaTable, spec: Spec, date: str) -> pl.DataFrame:
     return df.sort([*spec.entity, "ts"])
 
 
-def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None,
+def score_chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | LabelIndex | None,
                  beside: DeltaTable | None = None) -> Iterator[pl.DataFrame]:
     """The output table's rows a date at a time, in time order per entity, with the labels attached (`label`,
-    `label_kind`, `since_event_us`) when `labels` are given, and with `beside` (the baselines' table: each
-    modality alone) its `score_<m>` of the same ticks as `alone_<m>` (null where it has no row)."""
-    index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
+    `label_kind`, `since_event_us`) when `labels` are given (or their `LabelIndex`), and with `beside` (the
+    baselines' table: each modality alone) its `score_<m>` of the same ticks as `alone_<m>` (null where it has no
+    row)."""
+    index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) \
+        if isinstance(labels, pl.DataFrame) else labels
     for date in dates:
         chunk = read_score_date(table, spec, date)
         if beside is not None:
@@ -438,34 +602,36 @@ def with_alone_scores(chunk: pl.DataFrame, alone: pl.DataFrame, spec: Spec) -> p
     return chunk.join(alone.select([*keys, *columns]).rename(columns), on=keys, how="left", maintain_order="left")
 
 
+def ray_running() -> bool:
+    """Whether this process is connected to Ray (without importing it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
              baselines: bool = False) -> dict[str, Any]:
     """Metrics of the scored dates in [start, end] against the labels; prints and writes the report.
 
-    The window is read a date at a time, twice (`MetricsTally`): memory holds one date's scores, the labelled
-    ticks' scores and the labels, whatever the window's length. With `baselines` each modality alone is trained
-    and scored by the jobs (`pipelines.baselines`, on Ray) into `<output>_alone`, read beside the output table."""
+    The window is read a date at a time, twice (`MetricsTally`). Connected to Ray (the `dmafn evaluate` job is),
+    each date is read and tallied by a task where the cluster has room (`pipelines.evaluate_tasks`): this process
+    holds the window's small per-date results, never a scored row. Without Ray it reads the dates itself: memory
+    holds one date's scores, the labelled ticks' scores and the labels, whatever the window's length. The numbers
+    are the same. With `baselines` each modality alone is trained and scored by the jobs (`pipelines.baselines`,
+    on Ray) into `<output>_alone`, read beside the output table."""
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage)
     beside = open_scores(score_alone(spec, dates), storage) if baselines else None
-
-    evaluation, plotted, entity = WindowEvaluation(spec, labels), [], None
     bucket_us = max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1) * spec.grain_us
-    progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
-    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
-        evaluation.first_pass(chunk)
-        if report_dir and not chunk.is_empty():          # the plot's entity: the first of the first date
-            entity = entity or str(chunk[spec.entity[0]][0])
-            plotted.append(plot_rows(chunk, spec, entity, bucket_us))
-        progress.update(i + 1)
-    evaluation.freeze()
-    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
-        evaluation.second_pass(chunk)
-        progress.update(len(dates) + i + 1)
-    progress.close()
-    result = evaluation.result(storage)
+    if ray_running():
+        from pipelines.evaluate_tasks import evaluate_on_tasks
+
+        result, plotted, entity = evaluate_on_tasks(spec, storage, table, beside, dates, labels,
+                                                    bucket_us if report_dir else None)
+    else:
+        result, plotted, entity = _evaluate_here(spec, storage, table, beside, dates, labels,
+                                                 bucket_us if report_dir else None)
     result["dates"] = dates
     text = format_table(result)
     print(text)
@@ -474,6 +640,26 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         (out / "metrics.txt").write_text(text + "\n")
-        result["plot"] = str(plot_entity(pl.concat(plotted, how="diagonal_relaxed"), spec, out / "scores.png", entity))
+        result["plot"] = str(plot_entity(plotted, spec, out / "scores.png", entity))
         print(f"report: {out / 'metrics.txt'}, plot: {result['plot']}")
     return result
+
+
+def _evaluate_here(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
+                   labels: pl.DataFrame, bucket_us: int | None) -> tuple[dict[str, Any], pl.DataFrame | None, str | None]:
+    """`evaluate`'s two passes in this process: the result, and with `bucket_us` the plot's rows and entity (the
+    first of the first date)."""
+    evaluation, plotted, entity = WindowEvaluation(spec, labels), [], None
+    progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
+    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
+        evaluation.first_pass(chunk)
+        if bucket_us and not chunk.is_empty():
+            entity = entity or str(chunk[spec.entity[0]][0])
+            plotted.append(plot_rows(chunk, spec, entity, bucket_us))
+        progress.update(i + 1)
+    evaluation.freeze()
+    for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
+        evaluation.second_pass(chunk)
+        progress.update(len(dates) + i + 1)
+    progress.close()
+    return evaluation.result(storage), pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity

@@ -1,5 +1,8 @@
 """POT, thresholds, smoothing, events and metrics against hand-computed values."""
+import functools
 import math
+import operator
+import pickle
 
 import numpy as np
 import pytest
@@ -157,7 +160,8 @@ def test_the_metrics_tally_read_in_chunks_equals_the_metrics_of_the_whole_series
 
 def test_the_ranking_tally_equals_the_whole_column_metrics_on_random_ties():
     """`RankingTally` (positives kept, negatives counted in chunks) against roc_auc / pr_auc / best_f1_threshold:
-    ties within and across classes, NaN scores, groups, no positives at all."""
+    ties within and across classes, NaN scores, groups, no positives at all; and the chunks' `NegativeCounts`
+    counted against copies of the frozen tally and summed in another order."""
     from dmafn.metrics import RankingTally
     from dmafn.postprocess import best_f1_threshold
 
@@ -172,16 +176,21 @@ def test_the_ranking_tally_equals_the_whole_column_metrics_on_random_ties():
         for a, b in zip(cuts, cuts[1:]):
             tally.add_positives(s[a:b][y[a:b]], g[a:b][y[a:b]])
         tally.freeze()
+        # where the chunks lie elsewhere: each counted against a copy of the frozen tally, summed in another order
+        counts = [pickle.loads(pickle.dumps(tally)).count_negatives(s[a:b][~y[a:b]]) for a, b in zip(cuts, cuts[1:])]
+        summed = pickle.loads(pickle.dumps(tally))
+        summed.add_counts(functools.reduce(operator.add, counts[::-1]))
         for a, b in zip(cuts, cuts[1:]):
             tally.add_negatives(s[a:b][~y[a:b]])
-        for group in (None, 0, 1):
-            sel = np.ones(n, bool) if group is None else ~y | (g == group)
-            assert tally.roc_auc(group) == pytest.approx(roc_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
-            assert tally.pr_auc(group) == pytest.approx(pr_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
-        if np.isfinite(s).any():
-            threshold, found, wrong = tally.best_f1()
-            pred = to_labels(s, threshold).astype(bool)
-            assert threshold == best_f1_threshold(s, y) and (found, wrong) == ((pred & y).sum(), (pred & ~y).sum())
+        for t in (tally, summed):
+            for group in (None, 0, 1):
+                sel = np.ones(n, bool) if group is None else ~y | (g == group)
+                assert t.roc_auc(group) == pytest.approx(roc_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
+                assert t.pr_auc(group) == pytest.approx(pr_auc(s[sel], y[sel]), abs=1e-12, nan_ok=True)
+            if np.isfinite(s).any():
+                threshold, found, wrong = t.best_f1()
+                pred = to_labels(s, threshold).astype(bool)
+                assert threshold == best_f1_threshold(s, y) and (found, wrong) == ((pred & y).sum(), (pred & ~y).sum())
 
 
 def test_gpd_fit_recovers_exponential_and_pareto():
@@ -328,9 +337,10 @@ def test_evaluate_and_report_name_the_output_table_when_it_is_missing_or_the_win
         evaluate(spec, start=dt.date(2024, 2, 1))
 
 
-def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_path):
-    """`evaluate` on a Delta table of three dates (one commit each), an event and an alarm run crossing midnight,
-    an entity absent on one date: the same metrics, alarm rates and detection as the whole window in memory."""
+def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_path, monkeypatch):
+    """`evaluate` in this process (no Ray: `tests/test_evaluate_tasks.py` has the tasks) on a Delta table of three
+    dates (one commit each), an event and an alarm run crossing midnight, an entity absent on one date: the same
+    metrics, alarm rates and detection as the whole window in memory."""
     import datetime as dt
     import json
 
@@ -338,9 +348,12 @@ def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_p
     import yaml
     from deltalake import write_deltalake
 
+    import pipelines.evaluate as ev
     from benchmarks.evaluate_window import same, whole_window
     from pipelines.evaluate import evaluate
     from tests.conftest import tiny_spec_dict
+
+    monkeypatch.setattr(ev, "ray_running", lambda: False)
 
     rng = np.random.default_rng(7)
     t0 = dt.datetime(2024, 1, 3, tzinfo=dt.timezone.utc)

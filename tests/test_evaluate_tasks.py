@@ -1,0 +1,140 @@
+"""`evaluate` on Ray tasks (`pipelines.evaluate_tasks`) against the same window evaluated in one process and
+whole: events and alarm runs crossing midnight, an entity absent for a date inside its event, a contribution
+that is null on some ticks, more dates than slices."""
+import datetime as dt
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from deltalake import write_deltalake
+
+from dmafn.spec import parse_spec
+
+DATES = [dt.date(2024, 3, 1) + dt.timedelta(days=i) for i in range(5)]
+STEP_MIN = 10                                            # a tick every 10 minutes: 144 a day
+
+
+def _flat(d, at=""):
+    return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{at}/{key}").items()} \
+        if isinstance(d, dict) else {at: d}
+
+
+@pytest.fixture
+def window(tmp_path):
+    """A scored output table (5 dates, 3 entities, `c` absent on the third date) and labels of two kinds."""
+    spec = parse_spec({
+        "name": "eval-tasks", "entity": "machine_id", "time": "ts", "grain": f"{STEP_MIN}min", "partition": "date",
+        "modalities": {m: {"kind": "tabular", "path": str(tmp_path / "raw" / m), "columns": ["x"], "tolerance": "10min"}
+                       for m in ("process", "vibration")},
+        "labels": {"path": str(tmp_path / "labels"), "start": "start_ts", "end": "end_ts"},
+        "train": {"start": "2024-02-01", "end": "2024-02-02"},
+        "registry": str(tmp_path / "models"), "score": {"output": str(tmp_path / "scores")}}, source="t.yaml")
+    rng = np.random.default_rng(7)
+    t0 = np.datetime64(DATES[0].isoformat(), "m")
+    n = len(DATES) * 1440 // STEP_MIN
+    ts = t0 + np.arange(n) * np.timedelta64(STEP_MIN, "m")
+    events = {"a": [(130, 160, "drift"), (400, 410, "spike")],        # 130-160 crosses the first midnight
+              "b": [(280, 300, "spike"), (575, 600, "drift")],         # 575-600 crosses the last midnight
+              "c": [(250, 330, "drift")]}                              # c is absent on date 3 (ticks 288-431)
+    frames, labels = [], []
+    for name, spans in events.items():
+        label = np.zeros(n, bool)
+        for lo, hi, kind in spans:
+            label[lo:hi + 1] = True
+            labels.append({"machine_id": name, "start_ts": ts[lo].astype("datetime64[us]").item(),
+                           "end_ts": ts[hi].astype("datetime64[us]").item(), "kind": kind})
+        score = rng.normal(size=n) + 2.0 * label
+        vib = np.where(rng.random(n) < 0.2, np.nan, rng.normal(size=n) + label)
+        frame = pl.DataFrame({"machine_id": name, "ts": ts.astype("datetime64[us]"), "score": score,
+                              "threshold": 1.2, "is_anomaly": score > 1.2, "score_process": score + rng.normal(size=n),
+                              "score_vibration": pl.Series(vib).fill_nan(None), "model_version": "v-test"})
+        frames.append(frame)
+    scores = (pl.concat(frames).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
+                                             pl.col("ts").dt.date().cast(pl.String).alias("date"))
+              .filter(~((pl.col("machine_id") == "c") & (pl.col("date") == DATES[2].isoformat()))))
+    for date in DATES:
+        write_deltalake(spec.score.output, scores.filter(pl.col("date") == date.isoformat()).to_arrow(),
+                        mode="append", partition_by=["date"])
+    (tmp_path / "labels").mkdir()
+    pl.DataFrame(labels).with_columns(pl.col("start_ts", "end_ts").dt.replace_time_zone("UTC")).write_parquet(
+        tmp_path / "labels" / "part-0.parquet")
+    return spec, scores
+
+
+def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, tmp_path, monkeypatch, local_ray):
+    import pipelines.evaluate as ev
+    from pipelines.align import TIME, label_ticks, to_micros
+    from pipelines.labels import read_labels
+    from pipelines.storage import Storage
+
+    spec, scores = window
+    here_dir, tasks_dir = tmp_path / "here", tmp_path / "tasks"
+    monkeypatch.setattr(ev, "ray_running", lambda: False)
+    here = ev.evaluate(spec, report_dir=str(here_dir))
+    monkeypatch.undo()
+
+    def no_rows_here(*_args, **_kwargs):                # the driver reads no scored row: the tasks do
+        raise AssertionError("the driver read a date of scores")
+    monkeypatch.setattr(ev, "read_score_date", no_rows_here)
+    assert ev.ray_running()
+    tasks = ev.evaluate(spec, report_dir=str(tasks_dir))
+
+    labelled = label_ticks(scores.with_columns(to_micros(pl.col("ts")).alias(TIME)), read_labels(spec, Storage()),
+                           spec, spec.labels.start, spec.labels.end).sort("machine_id", "ts")
+    whole = ev.metrics_table(labelled, spec) | ev.alarm_rates(labelled, spec, Storage())
+    whole["detection"] = ev.detection(labelled, read_labels(spec, Storage()), spec)
+
+    keys = ("ticks", "anomalous_ticks", "overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate",
+            "false_alarm_rate_clear")
+    for got in (here, tasks):
+        assert _flat({k: got[k] for k in keys}) == pytest.approx(_flat({k: whole[k] for k in keys}), rel=0,
+                                                                abs=1e-12, nan_ok=True)
+    assert json.loads((tasks_dir / "metrics.json").read_text())["overall"] == \
+        json.loads((here_dir / "metrics.json").read_text())["overall"]
+    assert (tasks_dir / "scores.png").stat().st_size > 10_000
+    # the window really has what the tallies must carry over a date's edge
+    fused = whole["overall"]["fused"]
+    assert whole["by_kind"].keys() == {"drift", "spike"} and whole["detection"]["overall"]["events"] == 5
+    assert fused["event_recall"] == 1.0 and 0 < fused["event_precision"] < 1 and not math.isnan(fused["roc_auc"])
+    assert set(whole["overall"]) == {"fused", "score_process", "score_vibration"}
+
+
+def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():
+    """`RunTally` over `run_edges` of chunks (a run through a whole chunk, an entity missing from a chunk while
+    its run is open, runs touching both edges) counts what the whole series' runs give."""
+    from pipelines.evaluate import RunTally, run_edges
+
+    rng = np.random.default_rng(11)
+    n = 60
+    series = {g: (rng.random(n) < 0.5, rng.random(n) < 0.4) for g in "xyz"}
+    series["x"][1][10:30] = True                               # one run through the chunk [15, 25)
+    frame = pl.DataFrame([{"g": g, "t": t, "p": bool(p[t]), "y": bool(y[t])}
+                          for g, (p, y) in series.items() for t in range(n)])
+    whole = {flag: RunTally() for flag in ("y", "p")}
+    for flag, (counts, edges) in run_edges(frame).items():
+        whole[flag].add(counts, edges)
+        whole[flag].finish()
+    chunked = {flag: RunTally() for flag in ("y", "p")}
+    for lo, hi in [(0, 15), (15, 25), (25, 26), (26, 40), (40, n)]:
+        chunk = frame.filter(pl.col("t").is_between(lo, hi - 1))
+        if lo == 25:
+            chunk = chunk.filter(pl.col("g") != "y")               # y absent from a chunk
+        if lo == 26:
+            chunk = pl.concat([frame.filter((pl.col("t") == 25) & (pl.col("g") == "y")), chunk])
+        for flag, (counts, edges) in run_edges(chunk.sort("g", "t", maintain_order=True)).items():
+            chunked[flag].add(counts, edges)
+    for flag in ("y", "p"):
+        chunked[flag].finish()
+        other = "p" if flag == "y" else "y"
+        runs = hit = hit_ticks = 0
+        for p_y in series.values():
+            f, o = (p_y[1], p_y[0]) if flag == "y" else p_y
+            edges = np.flatnonzero(np.diff(np.r_[0, f.astype(int), 0]))
+            for s, e in zip(edges[::2], edges[1::2]):
+                runs += 1
+                if o[s:e].any():
+                    hit, hit_ticks = hit + 1, hit_ticks + (e - s)
+        for tally in (whole[flag], chunked[flag]):
+            assert (tally.runs, tally.hit, tally.hit_ticks) == (runs, hit, hit_ticks), (flag, other)
