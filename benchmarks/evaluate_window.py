@@ -11,7 +11,7 @@ labels, then for each window length runs, each in its own process and sampled tw
 - a bare loop of the same steps on the whole window in one process: read every date at once, attach the
   labels, the same metrics, alarm rates and detection on the whole arrays (how `evaluate` worked before);
 - `dmafn report` through the CLI (the page: the same metrics, curves, the 4 busiest entities' timelines, the
-  top alarm events; a date at a time, twice).
+  top alarm events; a date at a time, twice, on the same tasks as `evaluate`; peak RSS of its driver).
 Checks all three give the same metrics and prints seconds and peak RSS of each and their ratios; writes
 `evaluate_window.json`. No model is trained: the scores are made up, what is measured is the evaluation.
 """

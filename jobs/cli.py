@@ -130,11 +130,13 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from pipelines.ray_runtime import ray_session
     from pipelines.report import build_report
 
     spec = load_spec(args.spec)
     entities = [e.strip() for e in args.entities.split(",") if e.strip()] if args.entities else None
-    path = build_report(spec, args.out, start=args.start, end=args.end, entities=entities, top_events=args.top)
+    with ray_session(args.address, verbose=args.verbose):      # each date read and tallied by a task
+        path = build_report(spec, args.out, start=args.start, end=args.end, entities=entities, top_events=args.top)
     print(f"report: {path}")
 
 

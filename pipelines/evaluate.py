@@ -172,15 +172,27 @@ def add_negative_counts(a: dict[str, NegativeCounts] | None, b: dict[str, Negati
     return {name: a[name] + b[name] if name in a and name in b else a.get(name) or b[name] for name in a | b}
 
 
-def ranking_metrics(tallies: dict[str, RankingTally], names: list[str], kinds: list[str]) -> dict[str, Any]:
-    """ROC-AUC and PR-AUC of each of `names` overall and per kind, and the fused score's oracle cut, from tallies
-    that have counted every negative."""
+CURVE_POINTS = 2000         # a curve's corners kept for a figure (`thin`)
+
+
+def thin(*curves: np.ndarray, points: int = CURVE_POINTS) -> tuple[np.ndarray, ...]:
+    """Curves of equal length downsampled alike to <= `points` points (the first and last kept)."""
+    keep = np.unique(np.linspace(0, len(curves[0]) - 1, min(len(curves[0]), points)).astype(int))
+    return tuple(c[keep] for c in curves)
+
+
+def ranking_metrics(tallies: dict[str, RankingTally], names: list[str], kinds: list[str],
+                    curves: list[str] = ()) -> dict[str, Any]:
+    """ROC-AUC and PR-AUC of each of `names` overall and per kind, the fused score's oracle cut, and the ROC and PR
+    curves' corners of each of `curves` (`RankingTally.curve`, `thin`ned), from tallies that have counted every
+    negative."""
     overall = {name: {"roc_auc": tallies[name].roc_auc(), "pr_auc": tallies[name].pr_auc()} for name in names}
     by_kind = {kind: {name: {"roc_auc": tallies[name].roc_auc(code), "pr_auc": tallies[name].pr_auc(code)}
                       for name in names} for code, kind in enumerate(kinds)}
     fused = tallies["fused"]
     oracle = fused.best_f1() if fused.positives.size or fused.negatives else None
-    return {"overall": overall, "by_kind": by_kind, "oracle": oracle}
+    return {"overall": overall, "by_kind": by_kind, "oracle": oracle,
+            "curves": {name: thin(*tallies[name].curve()) for name in curves}}
 
 
 class MetricsTally:
@@ -299,23 +311,27 @@ def event_intervals(labels: pl.DataFrame, spec: Spec) -> pl.DataFrame:
 
 
 def event_firsts(ticks: pl.DataFrame, intervals: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Per labelled interval (`event_intervals`): the first of `ticks` inside it (`_tick`) and the first alarm
-    inside it (`_first`), null where none; the earlier of two chunks' is the first of both. As-of joins per entity:
-    the cost grows with ticks + intervals, not ticks x intervals."""
+    """Per labelled interval (`event_intervals`) with a tick of `ticks` inside it: the first such tick (`_tick`) and
+    the first alarm inside it (`_first`, null where none); the earlier of two chunks' is the first of both
+    (`earliest`). As-of joins per entity over the intervals that overlap the ticks' time span: the cost grows with
+    ticks + those intervals, not ticks x intervals, nor with the window's other intervals."""
+    if ticks.is_empty():
+        intervals = intervals.clear()
+    else:
+        intervals = intervals.filter((pl.col("_e") >= ticks[TIME].min()) & (pl.col("_s") <= ticks[TIME].max()))
     scored = ticks.select([*keys, pl.col(TIME).alias("_tick")]).sort("_tick")
     alarms = ticks.filter(pl.col("is_anomaly").cast(pl.Boolean)).select([*keys, pl.col(TIME).alias("_alarm")]).sort("_alarm")
     return (intervals.sort("_s")
             .join_asof(scored, left_on="_s", right_on="_tick", by=keys, strategy="forward", check_sortedness=False)
             .join_asof(alarms, left_on="_s", right_on="_alarm", by=keys, strategy="forward", check_sortedness=False)
             .select("_event", pl.when(pl.col("_tick") <= pl.col("_e")).then(pl.col("_tick")).alias("_tick"),
-                    pl.when(pl.col("_alarm") <= pl.col("_e")).then(pl.col("_alarm")).alias("_first")))
+                    pl.when(pl.col("_alarm") <= pl.col("_e")).then(pl.col("_alarm")).alias("_first"))
+            .filter(pl.col("_tick").is_not_null()))
 
 
-def earliest(firsts: pl.DataFrame | None, more: pl.DataFrame) -> pl.DataFrame:
-    """Two `event_firsts` of the same intervals combined: the earlier tick and alarm of each."""
-    if firsts is None:
-        return more
-    return pl.concat([firsts, more]).group_by("_event").agg(pl.col("_tick").min(), pl.col("_first").min())
+def earliest(firsts: list[pl.DataFrame]) -> pl.DataFrame:
+    """`event_firsts` of several chunks combined: the earlier tick and alarm of each interval."""
+    return pl.concat(firsts).group_by("_event").agg(pl.col("_tick").min(), pl.col("_first").min())
 
 
 def detection_summary(intervals: pl.DataFrame, firsts: pl.DataFrame, spec: Spec) -> dict[str, Any]:
@@ -372,12 +388,12 @@ class WindowEvaluation:
         self.spec, self.intervals = spec, event_intervals(labels, spec)
         self.metrics = MetricsTally(spec)
         self.counts: dict[str, Any] | None = None
-        self.firsts: pl.DataFrame | None = None
+        self.firsts: list[pl.DataFrame] = []             # each chunk's `event_firsts`: its intervals only
 
     def add_part(self, part: WindowPart) -> None:
         self.metrics.add_part(part.metrics)
         self.counts = add_counts(self.counts, part.counts)
-        self.firsts = earliest(self.firsts, part.firsts)
+        self.firsts.append(part.firsts)
 
     def first_pass(self, chunk: pl.DataFrame) -> None:
         part, positives = window_part(chunk, self.spec, self.intervals)
@@ -393,7 +409,7 @@ class WindowEvaluation:
     def result(self, storage: Storage, ranking: dict[str, Any] | None = None) -> dict[str, Any]:
         """`metrics_table`'s dict with `alarm_rates` and `detection` added (`ranking`: as `MetricsTally.result`)."""
         result = self.metrics.result(ranking) | alarm_rates(self.counts, self.spec, storage)
-        result["detection"] = detection_summary(self.intervals, self.firsts, self.spec)
+        result["detection"] = detection_summary(self.intervals, earliest(self.firsts), self.spec)
         return result
 
 

@@ -1,23 +1,26 @@
-"""`evaluate` on Ray: each date of the window is read and tallied by a task, where the cluster has room.
+"""`evaluate` and `report` on Ray: each date of the window is read and tallied by a task, where the cluster has room.
 
 The driver holds the window's small per-date results (`WindowPart`: counts, each entity's open runs at the
-date's edges, the first alarm inside each labelled interval) and object references, never a scored row:
+date's edges, the first alarm inside each labelled interval; the report's `ReportPart` adds its header's counts
+and the alarm runs at the date's edges) and object references, never a scored row (`TaskPasses`):
 1. one task per date reads the date's partition of the output table (and of the baselines' beside it) at the
-   snapshot the driver opened, attaches the labels and returns its `WindowPart`, which the driver adds up in date
+   snapshot the driver opened, attaches the labels and returns its part, which the driver adds up in date
    order, and its labelled ticks' scores, which stay in the object store;
 2. one task sorts those scores into a `RankingTally` per score column (`ranking_tallies`);
 3. a task per slice of consecutive dates (as many slices as the cluster has CPUs) reads its dates again and
-   counts their normal ticks against the sorted positives (`negative_counts`), and returns the plot's rows;
-4. the slices' counts are added pairwise by tasks as they come, and a last task reads the ROC-AUC, PR-AUC and
-   oracle cut off the tallies (`ranking_metrics`): the driver receives those numbers.
-The numbers are the same as `evaluate` computes in one process (`pipelines.evaluate._evaluate_here`).
+   counts their normal ticks against the sorted positives (`negative_counts`), and returns the few rows the
+   caller asks of each date (the plot's buckets, the timelines' entities);
+4. the slices' counts are added pairwise by tasks as they come, and a last task reads the ROC-AUC, PR-AUC, the
+   oracle cut and the curves' corners off the tallies (`ranking_metrics`): the driver receives those numbers.
+The numbers are the same as the passes compute in one process (`evaluate._evaluate_here`, `report`'s own loop).
 Object store: the labelled ticks' scores twice (as read, then sorted) and, per slice still to be added, a count
 per labelled tick and score column (16 bytes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -27,7 +30,7 @@ from deltalake import DeltaTable
 from dmafn.metrics import NegativeCounts, RankingTally
 from dmafn.spec import Spec
 from pipelines.align import LabelIndex
-from pipelines.evaluate import (WindowEvaluation, WindowPart, add_negative_counts, negative_counts, plot_rows,
+from pipelines.evaluate import (MetricsTally, WindowEvaluation, add_negative_counts, negative_counts, plot_rows,
                                 ranking_metrics, ranking_tallies, score_chunks, window_part)
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -52,20 +55,24 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a task reads its dates: the output table, the baselines' beside it (or None), the labels."""
+    """Where a task reads its dates: the output table, the baselines' beside it (or None), the labels (or None)."""
     spec: Spec
     scores: Snapshot
     beside: Snapshot | None
-    labels: LabelIndex
+    labels: LabelIndex | None
 
-    def chunks(self, dates: list[str]):
+    def chunks(self, dates: list[str]) -> Iterator[pl.DataFrame]:
         yield from score_chunks(self.scores.open(), self.spec, dates, self.labels,
                                 self.beside.open() if self.beside else None)
 
 
+FirstPass = Callable[[pl.DataFrame], tuple[Any, pl.DataFrame | None]]   # a chunk -> (its part, its positives)
+Keep = Callable[[pl.DataFrame], pl.DataFrame]                           # a chunk -> the rows the caller keeps
+
+
 @ray.remote(num_cpus=1, num_returns=2)
-def _first_pass(source: Source, date: str, intervals: pl.DataFrame) -> tuple[WindowPart, pl.DataFrame]:
-    return window_part(next(source.chunks([date])), source.spec, intervals)
+def _first_pass(source: Source, date: str, first: FirstPass) -> tuple[Any, pl.DataFrame | None]:
+    return first(next(source.chunks([date])))
 
 
 @ray.remote(num_cpus=1)
@@ -74,13 +81,14 @@ def _tallies(names: list[str], kinds: list[str], *positives: pl.DataFrame) -> di
 
 
 @ray.remote(num_cpus=1, num_returns=2)
-def _second_pass(source: Source, dates: list[str], tallies: dict[str, RankingTally], plot: tuple[str, int] | None
+def _second_pass(source: Source, dates: list[str], tallies: dict[str, RankingTally] | None, keep: Keep | None
                  ) -> tuple[dict[str, NegativeCounts] | None, pl.DataFrame | None]:
     counts, rows = None, []
     for chunk in source.chunks(dates):
-        counts = add_negative_counts(counts, negative_counts(tallies, chunk, source.spec))
-        if plot is not None:
-            rows.append(plot_rows(chunk, source.spec, *plot))
+        if tallies is not None:
+            counts = add_negative_counts(counts, negative_counts(tallies, chunk, source.spec))
+        if keep is not None:
+            rows.append(keep(chunk))
     return counts, pl.concat(rows, how="diagonal_relaxed") if rows else None
 
 
@@ -91,10 +99,10 @@ def _add(a: dict[str, NegativeCounts] | None, b: dict[str, NegativeCounts] | Non
 
 @ray.remote(num_cpus=1)
 def _ranking(tallies: dict[str, RankingTally], counts: dict[str, NegativeCounts] | None, names: list[str],
-             kinds: list[str]) -> dict[str, Any]:
+             kinds: list[str], curves: list[str]) -> dict[str, Any]:
     for name, c in (counts or {}).items():
         tallies[name].add_counts(c)
-    return ranking_metrics(tallies, names, kinds)
+    return ranking_metrics(tallies, names, kinds, curves)
 
 
 def _added(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
@@ -112,37 +120,68 @@ def slices(dates: list[str], n: int) -> list[list[str]]:
     return [list(part) for part in np.array_split(np.array(dates, dtype=object), n)]
 
 
+class TaskPasses:
+    """Two passes over a window's dates in Ray tasks, for a caller that adds up the parts (`first`), then asks for
+    each date's negatives counted and a few rows kept (`second`), then the ranking metrics (`ranking`)."""
+
+    def __init__(self, name: str, spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None,
+                 dates: list[str], labels: pl.DataFrame | None) -> None:
+        index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
+        self.source = ray.put(Source(spec, Snapshot.of(table, storage),
+                                     Snapshot.of(beside, storage) if beside is not None else None, index))
+        self.dates = dates
+        self.groups = slices(dates, int(Resources.current().cpus))
+        self.progress = ProgressDisplay(name, len(dates) + len(self.groups), "tasks")   # a date each, then a slice
+        self._positives: list[ray.ObjectRef] = []
+        self._tallies: ray.ObjectRef | None = None
+        self._counts: list[ray.ObjectRef] = []
+
+    def first(self, first: FirstPass) -> Iterator[Any]:
+        """Each date's part, in date order; its positives (if any) stay in the object store."""
+        first_ref = ray.put(first)                         # once, however many dates
+        launched = [_first_pass.remote(self.source, date, first_ref) for date in self.dates]
+        self._positives = [positives for _, positives in launched]
+        for i, (part, _) in enumerate(launched):
+            yield raise_task_error(part)
+            self.progress.update(i + 1)
+
+    def freeze(self, metrics: MetricsTally) -> None:
+        """End of the first pass of `metrics` (its parts all added): the positives sorted by a task."""
+        metrics.close_runs()
+        self._tallies = _tallies.remote(metrics.names, metrics.kind_list, *self._positives)
+        self._positives = []
+
+    def second(self, keep: Keep | None) -> list[pl.DataFrame]:
+        """Each slice's kept rows, in date order; its negatives counted (after `freeze`) stay in the object store."""
+        keep_ref = ray.put(keep)
+        launched = [_second_pass.remote(self.source, group, self._tallies, keep_ref) for group in self.groups]
+        self._counts = [counts for counts, _ in launched]
+        kept = []
+        for i, (_, rows) in enumerate(launched):
+            kept.append(raise_task_error(rows))
+            self.progress.update(len(self.dates) + i + 1)
+        self.progress.close()
+        return [rows for rows in kept if rows is not None]
+
+    def ranking(self, metrics: MetricsTally, curves: list[str] = ()) -> dict[str, Any]:
+        """`ranking_metrics` of the tallies with every slice's negatives added, read by a task."""
+        return raise_task_error(_ranking.remote(self._tallies, _added(self._counts), metrics.reported,
+                                                metrics.kind_list, list(curves)))
+
+
 def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
                       labels: pl.DataFrame, bucket_us: int | None
                       ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None]:
     """`evaluate`'s two passes in Ray tasks: the result, and with `bucket_us` the plot's rows and entity (the
     first of the first date)."""
     evaluation = WindowEvaluation(spec, labels)
-    source = Source(spec, Snapshot.of(table, storage), Snapshot.of(beside, storage) if beside is not None else None,
-                    LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end))
-    source_ref, intervals_ref = ray.put(source), ray.put(evaluation.intervals)
-    groups = slices(dates, int(Resources.current().cpus))
-    progress = ProgressDisplay("evaluate", len(dates) + len(groups), "tasks")   # a date each, then a slice each
-    launched = [_first_pass.remote(source_ref, date, intervals_ref) for date in dates]
+    passes = TaskPasses("evaluate", spec, storage, table, beside, dates, labels)
     entity = None
-    for i, (part_ref, _) in enumerate(launched):
-        part = raise_task_error(part_ref)
+    for part in passes.first(partial(window_part, spec=spec, intervals=evaluation.intervals)):
         evaluation.add_part(part)
         entity = entity or part.metrics.first_entity
-        progress.update(i + 1)
-    metrics = evaluation.metrics
-    metrics.close_runs()
-    tallies = _tallies.remote(metrics.names, metrics.kind_list, *[positives for _, positives in launched])
-    del launched
-    plot = (entity, bucket_us) if bucket_us and entity is not None else None
-    second = [_second_pass.remote(source_ref, group, tallies, plot) for group in groups]
-    plotted = []
-    for i, (_, rows) in enumerate(second):
-        plotted.append(raise_task_error(rows))
-        progress.update(len(dates) + i + 1)
-    ranking = raise_task_error(_ranking.remote(tallies, _added([counts for counts, _ in second]), metrics.reported,
-                                               metrics.kind_list))
-    progress.close()
-    plotted = [rows for rows in plotted if rows is not None]
-    return (evaluation.result(storage, ranking), pl.concat(plotted, how="diagonal_relaxed") if plotted else None,
-            entity)
+    passes.freeze(evaluation.metrics)
+    plot = partial(plot_rows, spec=spec, entity=entity, bucket_us=bucket_us) if bucket_us and entity else None
+    plotted = passes.second(plot)
+    result = evaluation.result(storage, passes.ranking(evaluation.metrics))
+    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity

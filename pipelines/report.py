@@ -11,18 +11,20 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import polars as pl
-from deltalake import DeltaTable
 
 from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table
-from pipelines.evaluate import (MetricsTally, WindowEvaluation, contributing_modalities, open_scores, score_chunks,
-                                score_dates)
+from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
+                                ray_running, score_chunks, score_dates, window_part)
+from pipelines.evaluate_tasks import TaskPasses
 from pipelines.ingest import entity_string
 from pipelines.labels import read_labels
 from pipelines.postprocess import mark_runs, open_runs
@@ -32,7 +34,6 @@ LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8"
 KIND_COLOURS = ["#f6c85f", "#9dd866", "#8dddd0", "#ffa056", "#c7b2de", "#b8d7f5", "#e0c9a6"]  # shaded labels
 ALARM, THRESHOLD, SCORE = "#d62728", "#d62728", "#222222"
 WIDTH, PLOT_HEIGHT = 1000, 180
-MAX_POINTS = 2000
 
 
 def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, end: dt.date | None = None,
@@ -40,38 +41,56 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path.
 
     The window is read a date at a time, twice: the first pass tallies the metrics, the alarm events and each
-    entity's counts, the second ranks the normal ticks and keeps the timelines' entities' rows. Memory holds a
-    date, the labelled ticks' scores, the top events and the timelines' rows, not the window."""
+    entity's counts (`report_part` of each date), the second ranks the normal ticks and keeps the timelines'
+    entities' rows. Connected to Ray (the `dmafn report` job is), the dates are read by tasks
+    (`pipelines.evaluate_tasks.TaskPasses`) and this process holds the parts, the top events and the timelines'
+    rows; without Ray it reads them itself, also holding a date and the labelled ticks' scores. The page is the
+    same."""
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
     labels = read_labels(spec, storage) if spec.labels else None
     evaluation = WindowEvaluation(spec, labels) if labels is not None else None
     window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events)
-    for chunk in _chunks(table, spec, dates, labels):
-        window.add(chunk, spec)
-        found.add(chunk)
+    first = partial(report_part, spec=spec, top=top_events,
+                    intervals=evaluation.intervals if evaluation is not None else None)
+    passes = TaskPasses("report", spec, storage, table, None, dates, labels) if ray_running() else None
+    for part, positives in (((p, None) for p in passes.first(first)) if passes else
+                            (first(chunk) for chunk in score_chunks(table, spec, dates, labels))):
+        window.add_part(part.facts)
+        found.add_part(part.events)
         if evaluation is not None:
-            evaluation.first_pass(chunk)
+            evaluation.add_part(part.window)
+            if positives is not None:
+                evaluation.metrics.keep_positives(positives)
     found.finish()
     chosen = entities or window.busiest(max_entities)
     unknown = sorted(set(chosen) - window.entities)
     if unknown:
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     modalities = [m for m in spec.modalities if m in window.modalities]
-    if evaluation is not None:
-        evaluation.freeze()
-    shown = []
-    for chunk in _chunks(table, spec, dates, labels):
+    keep = partial(timeline_rows, spec=spec, entities=chosen, modalities=modalities)
+    curves = ["fused", *[f"score_{m}" for m in modalities]]
+    if passes is not None:
         if evaluation is not None:
-            evaluation.second_pass(chunk)
-        keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
-                *(["label_kind"] if "label_kind" in chunk.columns else [])]
-        shown.append(chunk.filter(pl.col("_entity").is_in(chosen)).select(keep))
+            passes.freeze(evaluation.metrics)
+        shown = passes.second(keep)
+        ranking = passes.ranking(evaluation.metrics, curves) if evaluation is not None else None
+    else:
+        if evaluation is not None:
+            evaluation.freeze()
+        shown = []
+        for chunk in score_chunks(table, spec, dates, labels):
+            if evaluation is not None:
+                evaluation.second_pass(chunk)
+            shown.append(keep(chunk))
+        metrics = evaluation.metrics if evaluation is not None else None
+        ranking = ranking_metrics(metrics.columns, metrics.reported, metrics.kind_list, curves) \
+            if metrics is not None else None
     sections = [_header(spec, window, dates)]
-    kinds = sorted(evaluation.metrics.kinds) if evaluation is not None else []
+    kinds = evaluation.metrics.kind_list if evaluation is not None else []
     if evaluation is not None:
-        sections += [_metrics_section(evaluation.result(storage)), _curves_section(evaluation.metrics, modalities)]
+        sections += [_metrics_section(evaluation.result(storage, ranking)), _curves_section(ranking["curves"])]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
     sections.append(_timelines_section(pl.concat(shown, how="diagonal_relaxed"), chosen, modalities, kinds))
@@ -84,9 +103,31 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     return path
 
 
-def _chunks(table: DeltaTable, spec: Spec, dates: list[str], labels: pl.DataFrame | None) -> Iterator[pl.DataFrame]:
-    for chunk in score_chunks(table, spec, dates, labels):
-        yield chunk.with_columns(entity_string(spec.entity).alias("_entity"))
+@dataclass
+class ReportPart:
+    """What the report's first pass takes of one date (`report_part`): the header's counts, the alarm runs (those
+    inside the date aggregated, the top ones kept; the rows of those at its edges) and, with labels, the
+    evaluation's part."""
+    facts: dict[str, Any]
+    events: "EventsPart"
+    window: WindowPart | None
+
+
+def report_part(chunk: pl.DataFrame, spec: Spec, top: int | None, intervals: pl.DataFrame | None
+                ) -> tuple[ReportPart, pl.DataFrame | None]:
+    """A chunk's `ReportPart` and, with labels (`intervals`), its labelled ticks' scores."""
+    chunk = chunk.with_columns(entity_string(spec.entity).alias("_entity"))
+    window, positives = window_part(chunk, spec, intervals) if intervals is not None else (None, None)
+    return ReportPart(WindowFacts.part(chunk, spec), AlarmEvents.part(chunk, list(spec.modalities), top), window), \
+        positives
+
+
+def timeline_rows(chunk: pl.DataFrame, spec: Spec, entities: list[str], modalities: list[str]) -> pl.DataFrame:
+    """The rows of a chunk the timelines draw: those of `entities`."""
+    keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
+            *(["label_kind"] if "label_kind" in chunk.columns else [])]
+    return (chunk.with_columns(entity_string(spec.entity).alias("_entity"))
+            .filter(pl.col("_entity").is_in(entities)).select(keep))
 
 
 def _read_table(path: str, storage: Storage, dates: list[str]) -> pl.DataFrame | None:
@@ -109,19 +150,38 @@ class WindowFacts:
         self.ticks = self.alarms = 0
         self.versions: set[str] = set()
         self.modalities: set[str] = set()
-        self.per_entity: pl.DataFrame | None = None
+        self._per_entity: list[pl.DataFrame] = []
+        self._summed: pl.DataFrame | None = None
 
-    def add(self, chunk: pl.DataFrame, spec: Spec) -> None:
-        self.ticks += chunk.height
-        self.alarms += int(chunk["is_anomaly"].sum())
-        self.versions |= set(chunk["model_version"].unique().to_list())
-        self.modalities |= set(contributing_modalities(chunk, spec))
+    @staticmethod
+    def part(chunk: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+        """A chunk's counts (with `_entity`), for `add_part`."""
         aggs = [pl.col("is_anomaly").cast(pl.Int64).sum().alias("alarms")]
         if "label" in chunk.columns:
             aggs.append(pl.col("label").cast(pl.Int64).sum().alias("labelled"))
-        part = chunk.group_by("_entity").agg(aggs)
-        self.per_entity = part if self.per_entity is None else \
-            pl.concat([self.per_entity, part]).group_by("_entity").agg(pl.all().sum())
+        return {"ticks": chunk.height, "alarms": int(chunk["is_anomaly"].sum()),
+                "versions": set(chunk["model_version"].unique().to_list()),
+                "modalities": set(contributing_modalities(chunk, spec)),
+                "per_entity": chunk.group_by("_entity").agg(aggs)}
+
+    def add_part(self, part: dict[str, Any]) -> None:
+        self.ticks += part["ticks"]
+        self.alarms += part["alarms"]
+        self.versions |= part["versions"]
+        self.modalities |= part["modalities"]
+        self._per_entity.append(part["per_entity"])
+        self._summed = None
+
+    def add(self, chunk: pl.DataFrame, spec: Spec) -> None:
+        self.add_part(self.part(chunk, spec))
+
+    @property
+    def per_entity(self) -> pl.DataFrame | None:
+        """Per entity its alarm ticks (and labelled ticks) over the chunks added."""
+        if self._summed is None and self._per_entity:
+            self._summed = pl.concat(self._per_entity).group_by("_entity").agg(pl.all().sum())
+            self._per_entity = [self._summed]
+        return self._summed
 
     @property
     def entities(self) -> set[str]:
@@ -134,11 +194,22 @@ class WindowFacts:
         return ranked["_entity"].head(n).to_list()
 
 
+@dataclass
+class EventsPart:
+    """A chunk's alarm runs for `AlarmEvents.add_part`: how many lie wholly inside it (`count`), the `top` of those
+    aggregated (`runs`), and the rows the runs at its edges need (`edges`: each entity's first run if alarmed
+    and the row after it, its last run if alarmed, its first and last rows)."""
+    count: int
+    runs: pl.DataFrame
+    edges: pl.DataFrame
+
+
 class AlarmEvents:
     """Runs of consecutive `is_anomaly` ticks per entity of a window read in chunks (dates in time order; an
     entity's run still open at a chunk's end waits for the next), highest peak first: entity, start, end, ticks,
     peak, the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any.
-    Keeps the number of runs and the `top` highest (all: None)."""
+    Keeps the number of runs and the `top` highest (all: None). A chunk is added whole (`add`) or as the
+    `EventsPart` computed where it lies (`add_part`): the runs inside it counted there, those at its edges here."""
 
     def __init__(self, modalities: list[str], top: int | None = None) -> None:
         self.modalities, self.top, self.count = modalities, top, 0
@@ -146,25 +217,56 @@ class AlarmEvents:
         self._carry: pl.DataFrame | None = None
         self.found: list[dict[str, Any]] = []
 
-    def add(self, chunk: pl.DataFrame, final: bool = False) -> None:
-        contributions = [m for m in self.modalities if f"score_{m}" in chunk.columns]
+    @staticmethod
+    def _rows(chunk: pl.DataFrame, modalities: list[str]) -> tuple[pl.DataFrame, list[pl.Expr]]:
+        """A chunk's columns that the runs need, and the aggregations of a run."""
+        contributions = [m for m in modalities if f"score_{m}" in chunk.columns]
         has_kind = "label_kind" in chunk.columns
         rows = chunk.select("_entity", "ts", "is_anomaly", "score", *[f"score_{m}" for m in contributions],
                             *(["label_kind"] if has_kind else []))
-        if self._carry is not None:
-            rows = pl.concat([self._carry, rows], how="diagonal_relaxed")
-        rows = mark_runs(rows, "is_anomaly", "_entity")
         aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
                 pl.col("score").max().alias("peak"),
                 *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in contributions]]
         if has_kind:
             aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
                         .alias("kind"))
-        runs = rows.filter(pl.col("is_anomaly") & (~pl.col("_last") | final)).group_by("_entity", "_run").agg(aggs)
-        self.count += runs.height
+        return rows, aggs
+
+    def _keep(self, runs: pl.DataFrame) -> None:
         best = runs if self.best is None else pl.concat([self.best, runs], how="diagonal_relaxed")
         best = best.sort(["peak", "_entity"], descending=[True, False])
         self.best = best.head(self.top) if self.top is not None else best
+
+    @staticmethod
+    def part(chunk: pl.DataFrame, modalities: list[str], top: int | None) -> EventsPart:
+        """A chunk's `EventsPart`."""
+        rows, aggs = AlarmEvents._rows(chunk, modalities)
+        marked = mark_runs(rows, "is_anomaly", "_entity").with_columns(
+            pl.col("_run").max().over("_entity").alias("_runs"),
+            (pl.col("_i") == pl.col("_i").min().over("_entity", "_run")).alias("_starts"))
+        inner = marked.filter(pl.col("is_anomaly") & (pl.col("_run") != 1) & (pl.col("_run") != pl.col("_runs")))
+        runs = inner.group_by("_entity", "_run").agg(aggs).sort(["peak", "_entity"], descending=[True, False])
+        edge = (((pl.col("_run") == 1) & (pl.col("is_anomaly") | pl.col("_starts")))
+                | ((pl.col("_run") == 2) & pl.col("_starts") & ~pl.col("is_anomaly"))      # ends an alarmed first run
+                | ((pl.col("_run") == pl.col("_runs")) & pl.col("is_anomaly")) | pl.col("_end"))
+        edges = marked.filter(edge).sort("_i").drop("_i", "_run", "_last", "_end", "_runs", "_starts")
+        return EventsPart(runs.height, runs.head(top) if top is not None else runs, edges)
+
+    def add_part(self, part: EventsPart) -> None:
+        """A chunk's `EventsPart`, chunks in time order."""
+        self.count += part.count
+        if part.runs.height:
+            self._keep(part.runs)
+        self.add(part.edges)
+
+    def add(self, chunk: pl.DataFrame, final: bool = False) -> None:
+        rows, aggs = self._rows(chunk, self.modalities)
+        if self._carry is not None:
+            rows = pl.concat([self._carry, rows], how="diagonal_relaxed")
+        rows = mark_runs(rows, "is_anomaly", "_entity")
+        runs = rows.filter(pl.col("is_anomaly") & (~pl.col("_last") | final)).group_by("_entity", "_run").agg(aggs)
+        self.count += runs.height
+        self._keep(runs)
         self._carry = None if final else open_runs(rows, "is_anomaly")
 
     def finish(self) -> list[dict[str, Any]]:
@@ -231,10 +333,10 @@ def _metrics_section(result: dict[str, Any]) -> str:
             f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}</section>')
 
 
-def _curves_section(tally: MetricsTally, modalities: list[str]) -> str:
+def _curves_section(curves: dict[str, tuple[np.ndarray, ...]]) -> str:
+    """The ROC and PR figures of `ranking_metrics`' curves (fpr, tpr, precision, recall per score column)."""
     roc, pr = {}, {}
-    for name in ["fused", *[f"score_{m}" for m in modalities]]:
-        fpr, tpr, precision, recall = _thin(*tally.columns[name].curve())
+    for name, (fpr, tpr, precision, recall) in curves.items():
         label = name.removeprefix("score_")
         roc[label], pr[label] = (fpr, tpr), (recall, precision)
     return ('<section id="curves"><h2>ROC and PR curves</h2><div class="row">'
@@ -290,12 +392,6 @@ def _quality_section(q: pl.DataFrame | None) -> str:
 
 
 # ---------------------------------------------------------------- figures
-
-def _thin(*curves: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Curves of equal length downsampled alike to <= MAX_POINTS points (the first and last kept)."""
-    keep = np.unique(np.linspace(0, len(curves[0]) - 1, min(len(curves[0]), MAX_POINTS)).astype(int))
-    return tuple(c[keep] for c in curves)
-
 
 def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
                diagonal: bool = False) -> str:

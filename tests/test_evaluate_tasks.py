@@ -138,3 +138,59 @@ def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():
                     hit, hit_ticks = hit + 1, hit_ticks + (e - s)
         for tally in (whole[flag], chunked[flag]):
             assert (tally.runs, tally.hit, tally.hit_ticks) == (runs, hit, hit_ticks), (flag, other)
+
+
+def test_alarm_events_from_chunk_parts_equal_the_whole_series():
+    """`AlarmEvents.part` of each chunk (runs inside it aggregated where it lies, the rows of those at its edges
+    added here) gives the runs, counts and top events of the whole series: runs through a chunk, across edges,
+    an entity missing from a chunk while its run is open, runs in the middle of a chunk."""
+    from pipelines.report import AlarmEvents, alarm_events
+
+    rng = np.random.default_rng(5)
+    n = 120
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for g in ("a", "b", "c"):
+        alarm = rng.random(n) < 0.45
+        alarm[40:75] = g == "a"                                           # a's run goes through a chunk
+        for t in range(n):
+            rows.append({"_entity": g, "ts": t0 + dt.timedelta(minutes=t), "score": float(rng.normal() + 3 * alarm[t]),
+                         "is_anomaly": bool(alarm[t]), "score_x": float(rng.random()), "score_y": float(rng.random()),
+                         "label_kind": "k" if rng.random() < 0.3 else None})
+    scores = pl.DataFrame(rows)
+    whole = alarm_events(scores, ["x", "y"])
+    for top in (None, 5):
+        found = AlarmEvents(["x", "y"], top)
+        for lo, hi in [(0, 17), (17, 50), (50, 51), (51, 90), (90, n)]:
+            chunk = scores.filter(pl.col("ts").is_between(t0 + dt.timedelta(minutes=lo), t0 + dt.timedelta(minutes=hi - 1)))
+            if lo == 50:
+                chunk = chunk.filter(pl.col("_entity") != "b")
+            if lo == 51:
+                chunk = pl.concat([scores.filter((pl.col("_entity") == "b") & (pl.col("ts") == t0 + dt.timedelta(minutes=50))),
+                                   chunk]).sort("_entity", "ts", maintain_order=True)
+            found.add_part(AlarmEvents.part(chunk, ["x", "y"], top))
+        got = found.finish()
+        assert found.count == len(whole) and got == (whole[:top] if top else whole)
+    assert len(whole) > 20 and any(e["ticks"] >= 35 for e in whole)
+
+
+def test_the_report_page_on_ray_tasks_is_the_page_of_one_process(window, tmp_path, monkeypatch, local_ray):
+    """`build_report` with its dates read by tasks writes the page that one process writes (all but the time it
+    was generated), and this process reads no date of scores."""
+    import re
+
+    import pipelines.evaluate as ev
+    import pipelines.report as rp
+
+    spec, _ = window
+    monkeypatch.setattr(rp, "ray_running", lambda: False)
+    here = rp.build_report(spec, tmp_path / "here.html").read_text()
+    monkeypatch.undo()
+
+    def no_rows_here(*_args, **_kwargs):
+        raise AssertionError("the report's process read a date of scores")
+    monkeypatch.setattr(ev, "read_score_date", no_rows_here)
+    tasks = rp.build_report(spec, tmp_path / "tasks.html").read_text()
+    generated = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    assert generated.sub("", tasks) == generated.sub("", here)
+    assert 'id="curves"' in here and here.count('class="timeline"') == 3 and 'id="events-table"' in here
