@@ -7,14 +7,15 @@ and the alarm runs at the date's edges) and object references, never a scored ro
    snapshot the driver opened, attaches the labels and returns its part, which the driver adds up in date
    order, and its labelled ticks' scores, which stay in the object store;
 2. one task sorts those scores into a `RankingTally` per score column (`ranking_tallies`);
-3. a task per slice of consecutive dates (as many slices as the cluster has CPUs) reads its dates again and
-   counts their normal ticks against the sorted positives (`negative_counts`), and returns the few rows the
-   caller asks of each date (the plot's buckets, the timelines' entities);
+3. a task per slice of consecutive dates (as many slices as the cluster has CPUs, fewer where their counts would
+   pass `COUNTS_BUDGET`) reads its dates again and counts their normal ticks against the sorted positives
+   (`negative_counts`), and returns the few rows the caller asks of each date (the plot's buckets, the
+   timelines' entities);
 4. the slices' counts are added pairwise by tasks as they come, and a last task reads the ROC-AUC, PR-AUC, the
    oracle cut and the curves' corners off the tallies (`ranking_metrics`): the driver receives those numbers.
 The numbers are the same as the passes compute in one process (`evaluate._evaluate_here`, `report`'s own loop).
 Object store: the labelled ticks' scores twice (as read, then sorted) and, per slice still to be added, a count
-per labelled tick and score column (16 bytes).
+per labelled tick and score column (16 bytes; at most `COUNTS_BUDGET` in all).
 """
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ def _ranking(tallies: dict[str, RankingTally], counts: dict[str, NegativeCounts]
     return ranking_metrics(tallies, names, kinds, curves)
 
 
+COUNTS_BUDGET = 1 << 30     # bytes of negatives' counts the second pass's slices may hold at once (16 per labelled
+                            # tick and score column each): fewer slices than CPUs where the labelled ticks are many
+
+
 def _added(refs: list[ray.ObjectRef]) -> ray.ObjectRef:
     """The sum of the counts behind `refs`, added two at a time as they are ready."""
     pending = list(refs)
@@ -131,7 +136,7 @@ class TaskPasses:
                                      Snapshot.of(beside, storage) if beside is not None else None, index))
         self.dates = dates
         self.groups = slices(dates, int(Resources.current().cpus))
-        self.progress = ProgressDisplay(name, len(dates) + len(self.groups), "tasks")   # a date each, then a slice
+        self.progress = ProgressDisplay(name, 2 * len(dates), "date passes")
         self._positives: list[ray.ObjectRef] = []
         self._tallies: ray.ObjectRef | None = None
         self._counts: list[ray.ObjectRef] = []
@@ -150,16 +155,19 @@ class TaskPasses:
         metrics.close_runs()
         self._tallies = _tallies.remote(metrics.names, metrics.kind_list, *self._positives)
         self._positives = []
+        per_slice = 16 * (metrics.labelled + 1) * max(len(metrics.names), 1)      # its counts, bytes
+        self.groups = slices(self.dates, min(int(Resources.current().cpus), max(1, COUNTS_BUDGET // per_slice)))
 
     def second(self, keep: Keep | None) -> list[pl.DataFrame]:
         """Each slice's kept rows, in date order; its negatives counted (after `freeze`) stay in the object store."""
         keep_ref = ray.put(keep)
         launched = [_second_pass.remote(self.source, group, self._tallies, keep_ref) for group in self.groups]
         self._counts = [counts for counts, _ in launched]
-        kept = []
-        for i, (_, rows) in enumerate(launched):
+        kept, done = [], len(self.dates)
+        for group, (_, rows) in zip(self.groups, launched):
             kept.append(raise_task_error(rows))
-            self.progress.update(len(self.dates) + i + 1)
+            done += len(group)
+            self.progress.update(done)
         self.progress.close()
         return [rows for rows in kept if rows is not None]
 

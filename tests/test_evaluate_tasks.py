@@ -88,7 +88,14 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
 
     keys = ("ticks", "anomalous_ticks", "overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate",
             "false_alarm_rate_clear")
-    for got in (here, tasks):
+    # the negatives' counts over budget: one slice of every date instead of one per CPU
+    import pipelines.evaluate_tasks as et
+    asked = []
+    monkeypatch.setattr(et, "COUNTS_BUDGET", 1)
+    monkeypatch.setattr(et, "slices", lambda dates, n: asked.append(n) or [list(dates)])
+    one_slice = ev.evaluate(spec)
+    assert asked == [2, 1]
+    for got in (here, tasks, one_slice):
         assert _flat({k: got[k] for k in keys}) == pytest.approx(_flat({k: whole[k] for k in keys}), rel=0,
                                                                 abs=1e-12, nan_ok=True)
     assert json.loads((tasks_dir / "metrics.json").read_text())["overall"] == \

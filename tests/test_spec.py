@@ -147,6 +147,25 @@ def test_cli_version_order_of_dates_unexpected_errors_and_interrupts(tmp_path, c
     assert "interrupted: the dates already committed stay committed; run again" in capsys.readouterr().err
 
 
+def test_every_verb_is_also_a_jobs_module_that_runs_it():
+    """Each `dmafn VERB` is `python -m jobs.VERB` too (a `ray job submit` target), as README says; `score`'s is
+    `jobs.nightly` (and `jobs.score`)."""
+    import argparse
+    import ast
+    from pathlib import Path
+
+    from jobs.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    jobs = Path(__file__).resolve().parent.parent / "jobs"
+    for verb in sub.choices:
+        module = jobs / f"{verb}.py"
+        assert module.exists(), f"no jobs/{verb}.py for `dmafn {verb}`"
+        calls = [n for n in ast.walk(ast.parse(module.read_text())) if isinstance(n, ast.Call)
+                 and getattr(n.func, "id", None) == "run"]
+        assert [kw.value.value for c in calls for kw in c.keywords if kw.arg == "verb"] == [verb], module
+
+
 def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     import yaml
 
