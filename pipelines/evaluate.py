@@ -27,7 +27,7 @@ from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to
 from pipelines.baselines import score_alone
 from pipelines.delta_sink import read_table
 from pipelines.ingest import entity_string
-from pipelines.labels import read_labels
+from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs
 from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
@@ -510,6 +510,11 @@ def format_table(result: dict[str, Any]) -> str:
                 f"  {d['median_delay_min']:6.1f} / {d['p90_delay_min']:6.1f} min  {100 * d['median_elapsed_share']:3.0f} %"
                 if d["detected"] else "  none caught"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
+    if result.get("labels", {}).get("unusable"):
+        lab = result["labels"]
+        reasons = ", ".join(f"{n} {why}" for why, n in lab["unusable"].items())
+        lines.append(f"labels: {lab['used']} of {lab['rows']} rows used; left out: {reasons} "
+                     f"(labels_unusable.parquet in the report folder)")
     return "\n".join(lines)
 
 
@@ -576,6 +581,11 @@ def open_scores(spec: Spec, storage: Storage) -> DeltaTable:
     return table
 
 
+def score_types(table: DeltaTable) -> dict[str, pl.DataType]:
+    """The output table's column types, from its log (no data file is read)."""
+    return dict(pl.scan_delta(table).collect_schema())
+
+
 def score_dates(table: DeltaTable, spec: Spec, start: dt.date | None = None, end: dt.date | None = None) -> list[str]:
     """The dates in [start, end] that the output table holds, from its log (no data file is read)."""
     dates = sorted({p["date"] for p in table.partitions()})
@@ -637,7 +647,8 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
-    labels = read_labels(spec, storage)
+    checked = load_labels(spec, storage).keyed_as(spec, score_types(table))
+    labels = checked.usable
     beside = open_scores(score_alone(spec, dates), storage) if baselines else None
     bucket_us = max(len(dates) * DAY_US // spec.grain_us // PLOT_POINTS, 1) * spec.grain_us
     if ray_running():
@@ -649,11 +660,14 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         result, plotted, entity = _evaluate_here(spec, storage, table, beside, dates, labels,
                                                  bucket_us if report_dir else None)
     result["dates"] = dates
+    result["labels"] = checked.summary()
     text = format_table(result)
     print(text)
     if report_dir:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if checked.unusable.height:                 # kept beside the metrics they were left out of
+            checked.unusable.write_parquet(out / "labels_unusable.parquet")
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         (out / "metrics.txt").write_text(text + "\n")
         result["plot"] = str(plot_entity(plotted, spec, out / "scores.png", entity))

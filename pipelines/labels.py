@@ -1,5 +1,13 @@
-"""Reading the optional labels table (entity, start, end[, kind]) named in the spec."""
+"""Reading the optional labels table (entity, start, end[, kind]) named in the spec.
+
+A column of the wrong type is a DataError naming the path and the column. Rows that cannot be used - an entity,
+start or end missing, or an end before its start - are left out, counted per reason in a warning that names the
+path, and kept (`Labels.unusable`, with their `reason`): `evaluate` reports them beside its metrics and writes
+them to `labels_unusable.parquet` in its report folder, the report page counts them."""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
 
 import polars as pl
 import pyarrow.dataset as pads
@@ -7,9 +15,42 @@ import pyarrow.dataset as pads
 from dmafn.spec import Spec
 from pipelines.storage import DataError, Storage
 
+log = logging.getLogger(__name__)
 
-def read_labels(spec: Spec, storage: Storage) -> pl.DataFrame:
-    """The labels as a Polars table; DataError naming the path or column when unusable."""
+
+@dataclass(frozen=True)
+class Labels:
+    """The labels' usable rows, and the unusable ones with a `reason` each."""
+    path: str
+    usable: pl.DataFrame
+    unusable: pl.DataFrame
+
+    def summary(self) -> dict[str, object]:
+        """Rows read, used, and the unusable ones per reason (for `metrics.json` and the page)."""
+        reasons = dict(self.unusable.group_by("reason").len().sort("reason").iter_rows()) if self.unusable.height else {}
+        return {"path": self.path, "rows": self.usable.height + self.unusable.height, "used": self.usable.height,
+                "unusable": reasons}
+
+
+    def keyed_as(self, spec: Spec, types: dict[str, pl.DataType]) -> "Labels":
+        """The labels with their entity columns cast to `types` (the scored table's): a label's `17` finds the
+        ticks of entity `"17"`. DataError naming the path and the column where some value cannot be cast."""
+        usable = self.usable
+        for key in spec.entity:
+            want, have = types.get(key), usable.schema[key]
+            if want is None or have == want:
+                continue
+            try:
+                usable = usable.with_columns(pl.col(key).cast(want, strict=True))
+            except pl.exceptions.PolarsError:
+                raise DataError(f"labels {self.path}: column '{key}' is {have} and some of its values cannot be "
+                                f"read as {want}, the scores' type") from None
+        return replace(self, usable=usable)
+
+
+def load_labels(spec: Spec, storage: Storage) -> Labels:
+    """The labels, checked: DataError naming the path and column when a column is missing or of the wrong type;
+    unusable rows set aside with their reason (and a warning)."""
     if spec.labels is None:
         raise DataError(f"{spec.source}: the spec has no 'labels' section")
     path = spec.labels.path
@@ -18,7 +59,27 @@ def read_labels(spec: Spec, storage: Storage) -> pl.DataFrame:
     except (OSError, FileNotFoundError) as exc:
         raise DataError(f"labels {path}: cannot be read ({exc})") from None
     df = pl.from_arrow(table)
-    for col in [*spec.entity, spec.labels.start, spec.labels.end]:
+    start, end = spec.labels.start, spec.labels.end
+    for col in [*spec.entity, start, end]:
         if col not in df.columns:
             raise DataError(f"labels {path}: column '{col}' not found; columns are {df.columns}")
-    return df
+    for col in (start, end):
+        if not isinstance(df.schema[col], (pl.Datetime, pl.Date)):
+            raise DataError(f"labels {path}: column '{col}' is {df.schema[col]}; a timestamp (or date) is needed")
+    if "kind" in df.columns and df.schema["kind"] != pl.String:
+        raise DataError(f"labels {path}: column 'kind' is {df.schema['kind']}; text is needed")
+    missing = [(pl.col(c).is_null(), f"null {c}") for c in [*spec.entity, start, end]]
+    reason = pl.lit(None, pl.String)
+    for test, why in reversed([*missing, (pl.col(end) < pl.col(start), f"{end} before {start}")]):
+        reason = pl.when(test).then(pl.lit(why)).otherwise(reason)
+    marked = df.with_columns(reason.alias("reason"))
+    unusable = marked.filter(pl.col("reason").is_not_null())
+    if unusable.height:
+        counts = ", ".join(f"{n} {why}" for why, n in unusable.group_by("reason").len().sort("reason").iter_rows())
+        log.warning("labels %s: %d of %d rows left out (%s)", path, unusable.height, df.height, counts)
+    return Labels(path, marked.filter(pl.col("reason").is_null()).drop("reason"), unusable)
+
+
+def read_labels(spec: Spec, storage: Storage) -> pl.DataFrame:
+    """The usable labels as a Polars table (`load_labels`)."""
+    return load_labels(spec, storage).usable

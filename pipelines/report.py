@@ -23,10 +23,10 @@ from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
-                                ray_running, score_chunks, score_dates, window_part)
+                                ray_running, score_chunks, score_dates, score_types, window_part)
 from pipelines.evaluate_tasks import TaskPasses
 from pipelines.ingest import entity_string
-from pipelines.labels import read_labels
+from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.storage import DataError, Storage
 
@@ -49,7 +49,8 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
-    labels = read_labels(spec, storage) if spec.labels else None
+    checked = load_labels(spec, storage).keyed_as(spec, score_types(table)) if spec.labels else None
+    labels = checked.usable if checked is not None else None
     evaluation = WindowEvaluation(spec, labels) if labels is not None else None
     window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events)
     first = partial(report_part, spec=spec, top=top_events,
@@ -87,7 +88,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
         metrics = evaluation.metrics if evaluation is not None else None
         ranking = ranking_metrics(metrics.columns, metrics.reported, metrics.kind_list, curves) \
             if metrics is not None else None
-    sections = [_header(spec, window, dates)]
+    sections = [_header(spec, window, dates, checked.summary() if checked is not None else None)]
     kinds = evaluation.metrics.kind_list if evaluation is not None else []
     if evaluation is not None:
         sections += [_metrics_section(evaluation.result(storage, ranking)), _curves_section(ranking["curves"])]
@@ -291,11 +292,15 @@ def alarm_events(scores: pl.DataFrame, modalities: list[str]) -> list[dict[str, 
 
 # ---------------------------------------------------------------- sections
 
-def _header(spec: Spec, window: WindowFacts, dates: list[str]) -> str:
+def _header(spec: Spec, window: WindowFacts, dates: list[str], labels: dict[str, Any] | None) -> str:
     facts = [("dates", f"{dates[0]} .. {dates[-1]} ({len(dates)})"), ("ticks", f"{window.ticks:,}"),
              ("entities", str(len(window.entities))), ("alarm ticks", f"{window.alarms:,}"),
              ("model version", ", ".join(sorted(window.versions))), ("scores table", spec.score.output),
              ("generated", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+    if labels is not None:
+        left = ", ".join(f"{n} {why}" for why, n in labels["unusable"].items())
+        facts.append(("labels", f"{labels['used']:,} of {labels['rows']:,} rows used"
+                      + (f"; left out: {left}" if left else "")))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
     return f'<header><h1>{_e(spec.name)}</h1><table class="facts">{rows}</table></header>'
 

@@ -201,3 +201,48 @@ def test_the_report_page_on_ray_tasks_is_the_page_of_one_process(window, tmp_pat
     generated = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
     assert generated.sub("", tasks) == generated.sub("", here)
     assert 'id="curves"' in here and here.count('class="timeline"') == 3 and 'id="events-table"' in here
+
+
+def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_named(window, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Label rows without an entity or a start, or ending before they start, are left out of the metrics, counted
+    per reason (printed, in metrics.json, on the page) and kept in labels_unusable.parquet; a time column of text
+    is a DataError naming the file's path and the column."""
+    from dataclasses import replace
+
+    import pipelines.evaluate as ev
+    from pipelines.labels import load_labels
+    from pipelines.report import build_report
+    from pipelines.storage import DataError, Storage
+
+    spec, _ = window
+    monkeypatch.setattr(ev, "ray_running", lambda: False)
+    clean = ev.evaluate(spec)
+    t = dt.datetime(2024, 3, 2, 1, tzinfo=dt.timezone.utc)
+    bad = pl.DataFrame({"machine_id": ["a", None, "b"], "start_ts": [None, t, t], "end_ts": [t, t, t - dt.timedelta(hours=1)],
+                        "kind": ["drift", "drift", "spike"]})
+    bad.write_parquet(tmp_path / "labels" / "part-1.parquet")
+    out = tmp_path / "eval"
+    result = ev.evaluate(spec, report_dir=str(out))
+    assert result["labels"] == {"path": spec.labels.path, "rows": 8, "used": 5,
+                                "unusable": {"end_ts before start_ts": 1, "null machine_id": 1, "null start_ts": 1}}
+    assert {k: result[k] for k in ("overall", "by_kind", "detection")} == \
+        {k: clean[k] for k in ("overall", "by_kind", "detection")}
+    kept = pl.read_parquet(out / "labels_unusable.parquet")
+    assert sorted(kept["reason"].to_list()) == ["end_ts before start_ts", "null machine_id", "null start_ts"]
+    assert "labels: 5 of 8 rows used; left out: 1 end_ts before start_ts, 1 null machine_id, 1 null start_ts" \
+        in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["labels"]["used"] == 5
+    page = build_report(spec, tmp_path / "r.html").read_text()
+    assert "5 of 8 rows used; left out: 1 end_ts before start_ts" in page
+
+    # entity keys of another type: cast to the scores' type where they can be, else named
+    labels = load_labels(spec, Storage())
+    categorical = replace(labels, usable=labels.usable.with_columns(pl.col("machine_id").cast(pl.Categorical)))
+    assert categorical.keyed_as(spec, ev.score_types(ev.open_scores(spec, Storage()))).usable.equals(labels.usable)
+    with pytest.raises(DataError, match="column 'machine_id' is String and some of its values cannot be read as Int64"):
+        labels.keyed_as(spec, {"machine_id": pl.Int64})
+    (tmp_path / "labels" / "part-0.parquet").unlink()
+    bad.with_columns(pl.col("start_ts").cast(pl.String)).write_parquet(tmp_path / "labels" / "part-1.parquet")
+    with pytest.raises(DataError, match=rf"labels {tmp_path / 'labels'}: column 'start_ts' is String"):
+        load_labels(spec, Storage())
