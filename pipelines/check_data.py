@@ -3,7 +3,9 @@
 Metadata only (listings and Parquet footers, no rows): per modality the partitions found, their dates, files,
 bytes and the columns with their types; every problem (a path that cannot be listed, no partitions under the
 spec's key, a file that is not Parquet, a column missing or of the wrong type, files whose columns differ) is
-listed, not only the first.
+listed, not only the first. The labels, when the spec has them, are read (they are small): their rows, how many
+are used and why the others cannot be (`labels.load_labels`); labels that cannot be read or have a column
+missing or of the wrong type are a problem.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from dmafn.spec import Spec
 from pipelines.ingest import check_schema
+from pipelines.labels import load_labels
 from pipelines.parquet_files import list_parquet_files, open_parquet
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -38,10 +41,36 @@ class ModalityData:
                 f"  columns: {columns}"]
 
 
-def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData]:
-    """What every modality path holds; problems are collected on each `ModalityData`, nothing is raised."""
+@dataclass
+class LabelsData:
+    """What the labels hold: `summary` (`Labels.summary`), or the problem that kept them from being read."""
+    path: str
+    summary: dict | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        if self.summary is None:
+            return [f"labels: {self.path}: cannot be used"]
+        left = ", ".join(f"{n} {why}" for why, n in self.summary["unusable"].items())
+        return [f"labels: {self.path}",
+                f"  rows: {self.summary['rows']}, used {self.summary['used']}" + (f"; left out: {left}" if left else "")]
+
+
+def check_labels(spec: Spec, storage: Storage) -> LabelsData:
+    """The spec's labels read and checked; a DataError becomes the problem."""
+    data = LabelsData(spec.labels.path)
+    try:
+        data.summary = load_labels(spec, storage).summary()
+    except DataError as exc:
+        data.problems.append(str(exc))
+    return data
+
+
+def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData | LabelsData]:
+    """What every modality path holds, and the labels if the spec has them; problems are collected on each,
+    nothing is raised."""
     storage = storage or Storage.from_spec(spec.storage)
-    found = []
+    found: list[ModalityData | LabelsData] = []
     for name, m in spec.modalities.items():
         data = ModalityData(name, m.path)
         found.append(data)
@@ -68,4 +97,6 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData]
             schemas.setdefault(tuple((f.name, str(f.type)) for f in schema), path)
         if len(schemas) > 1:
             data.problems.append(f"modality '{name}': files differ in their columns, e.g. {list(schemas.values())[:2]}")
+    if spec.labels:
+        found.append(check_labels(spec, storage))
     return found

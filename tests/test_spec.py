@@ -234,17 +234,31 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     (folder / "broken.parquet").write_bytes(b"not parquet")
     folder = tmp_path / "logs" / "day=2024-01-01"                                # the wrong partition key
     folder.mkdir(parents=True)
+    (tmp_path / "labels").mkdir()                                                 # one label row unusable
+    pq.write_table(pa.table({"machine_id": ["a", "a"], "start_ts": pa.array([ts[0].as_py(), None], ts.type),
+                             "end_ts": ts.take([0, 0])}), tmp_path / "labels" / "part-0.parquet")
+    data["labels"] = {"path": str(tmp_path / "labels"), "start": "start_ts", "end": "end_ts"}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path), "--check-data"]) == 2
     captured = capsys.readouterr()
     assert "proc: " in captured.out and "partitions: 2 dates 2024-01-01 .. 2024-01-03 (1 date(s) missing in between)" \
         in captured.out and "columns: machine_id string, ts timestamp[us, tz=UTC], temp double" in captured.out
+    assert f"labels: {tmp_path / 'labels'}\n  rows: 2, used 1; left out: 1 null start_ts" in captured.out
     err = captured.err
     assert err.startswith("error: 4 data problem(s):")
     assert "column 'a' not found" in err and "broken.parquet: not a readable Parquet file" in err
     assert f"modality 'logs': {tmp_path / 'logs'}: no 'date=YYYY-MM-DD' partitions found" in err
     assert f"modality 'cam': {tmp_path / 'cam'}: table not found" in err
+
+    # labels whose end column is text: a problem naming their path and the column
+    pq.write_table(pa.table({"machine_id": ["a"], "start_ts": ts, "end_ts": ["2024-01-01"]}),
+                   tmp_path / "labels" / "part-0.parquet")
+    assert main(["validate", str(path), "--check-data"]) == 2
+    captured = capsys.readouterr()
+    assert f"labels: {tmp_path / 'labels'}: cannot be used" in captured.out
+    assert captured.err.startswith("error: 5 data problem(s):")
+    assert f"labels {tmp_path / 'labels'}: column 'end_ts' is String; a timestamp (or date) is needed" in captured.err
 
 
 def test_context_derives_a_slow_time_series_view_of_the_same_rows():
