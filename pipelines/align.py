@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dmafn.spec import DAY_US, TICK_TIME, ModalitySpec, Spec
+from pipelines.storage import DataError
 
 TIME = TICK_TIME
 
@@ -192,6 +193,20 @@ class LabelIndex:
                    .sort("_cover", maintain_order=True))
         return cls(started, intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end"))
 
+    def keyed_as(self, ticks: pl.DataFrame, keys: list[str]) -> "LabelIndex":
+        """The index with its entity columns of the ticks' types (a label's `17` finds the ticks of `"17"`); a
+        DataError naming the column where a label's key cannot be read as the ticks' type."""
+        cast = {k: ticks.schema[k] for k in keys if self.started.schema[k] != ticks.schema[k]}
+        if not cast:
+            return self
+        try:
+            return LabelIndex(self.started.with_columns(pl.col(k).cast(t, strict=True) for k, t in cast.items()),
+                              self.ends.with_columns(pl.col(k).cast(t, strict=True) for k, t in cast.items()))
+        except pl.exceptions.PolarsError:
+            wrong = ", ".join(f"'{k}' is {self.started.schema[k]}, the ticks' {t}" for k, t in cast.items())
+            raise DataError(f"labels: entity column {wrong}, and some label's key cannot be read as the "
+                             "ticks' type") from None
+
 
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
     """Add `label` (1 where the tick lies inside a labelled interval of its entity), `label_kind` and
@@ -203,6 +218,7 @@ def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: 
 def attach_labels(aligned: pl.DataFrame, index: LabelIndex, spec: Spec) -> pl.DataFrame:
     """`label_ticks` with the labels already prepared (`LabelIndex.build`)."""
     keys = list(spec.entity)
+    index = index.keyed_as(aligned, keys)
     out = (aligned.with_row_index("_row").sort(TIME)
            .join_asof(index.started, left_on=TIME, right_on="_cover", by=keys, strategy="forward",
                       check_sortedness=False)

@@ -108,6 +108,13 @@ def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
     later = label_ticks(out, labels.with_columns(pl.col("end_ts") - pl.duration(minutes=1)), tiny_spec,
                         "start_ts", "end_ts").sort(TIME)
     assert later["label"].to_list() == [0, 1, 0] and later["since_event_us"].to_list() == [None, None, M]
+    # labels whose entity column has another type find the same ticks (cast to the ticks' type) or say why not
+    categorical = label_ticks(out, labels.with_columns(pl.col("machine_id").cast(pl.Categorical)), tiny_spec,
+                              "start_ts", "end_ts").sort(TIME)
+    assert categorical["label"].to_list() == [0, 1, 1]
+    from pipelines.storage import DataError
+    with pytest.raises(DataError, match="entity column 'machine_id' is String, the ticks' Int64"):
+        label_ticks(out.with_columns(pl.lit(7, pl.Int64).alias("machine_id")), labels, tiny_spec, "start_ts", "end_ts")
 
 
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
