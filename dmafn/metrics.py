@@ -111,6 +111,7 @@ class RankingTally:
         self.groups = np.empty(0, np.int64)
         self._below = np.zeros(1, np.int64)       # difference arrays over the sorted positives
         self._equal = np.zeros(1, np.int64)
+        self._cumulative: tuple[np.ndarray, np.ndarray] | None = None    # their cumulative sums, when asked
         self.negatives = 0
         self.max_score = -np.inf                  # of the finite negatives, for an oracle without positives
         self._at_max = 0                          # negatives scored max_score
@@ -130,6 +131,7 @@ class RankingTally:
         self.positives, self.groups, self._chunks = s[order], g[order], []
         self._below = np.zeros(len(s) + 1, np.int64)
         self._equal = np.zeros(len(s) + 1, np.int64)
+        self._cumulative = None
 
     def count_negatives(self, scores: np.ndarray) -> "NegativeCounts":
         """What `add_negatives` adds for these negatives, as a `NegativeCounts` (computed where they lie; added up
@@ -151,6 +153,7 @@ class RankingTally:
                              f"this tally holds {len(self._below) - 1}")
         self._below = self._below + counts.below        # new arrays: a tally read from shared memory is read-only
         self._equal = self._equal + counts.equal
+        self._cumulative = None
         self.negatives += counts.n
         self.max_score, self._at_max = _top((self.max_score, self._at_max), (counts.max_score, counts.at_max))
 
@@ -159,7 +162,9 @@ class RankingTally:
 
     def _counts(self, group: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The positives of `group` (all: None), ascending, with the negatives below and equal to each."""
-        below, equal = np.cumsum(self._below)[:-1], np.cumsum(self._equal)[:-1]
+        if self._cumulative is None:                  # once per state of the counts, not per metric and group
+            self._cumulative = np.cumsum(self._below)[:-1], np.cumsum(self._equal)[:-1]
+        below, equal = self._cumulative
         if group is None:
             return self.positives, below, equal
         sel = self.groups == group
