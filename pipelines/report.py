@@ -173,9 +173,6 @@ class WindowFacts:
         self._per_entity.append(part["per_entity"])
         self._summed = None
 
-    def add(self, chunk: pl.DataFrame, spec: Spec) -> None:
-        self.add_part(self.part(chunk, spec))
-
     @property
     def per_entity(self) -> pl.DataFrame | None:
         """Per entity its alarm ticks (and labelled ticks) over the chunks added."""
