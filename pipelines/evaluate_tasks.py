@@ -10,7 +10,7 @@ and the alarm runs at the date's edges) and object references, never a scored ro
 3. a task per slice of consecutive dates (as many slices as the cluster has CPUs, fewer where their counts would
    pass `COUNTS_BUDGET`) reads its dates again and counts their normal ticks against the sorted positives
    (`negative_counts`), and returns the few rows the caller asks of each date (the plot's buckets, the
-   timelines' entities);
+   rows the timelines draw);
 4. the slices' counts are added pairwise by tasks as they come, and a last task reads the ROC-AUC, PR-AUC, the
    oracle cut and the curves' corners off the tallies (`ranking_metrics`): the driver receives those numbers.
 The numbers are the same as the passes compute in one process (`evaluate._evaluate_here`, `report`'s own loop).

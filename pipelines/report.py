@@ -41,11 +41,11 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path.
 
     The window is read a date at a time, twice: the first pass tallies the metrics, the alarm events and each
-    entity's counts (`report_part` of each date), the second ranks the normal ticks and keeps the timelines'
-    entities' rows. Connected to Ray (the `dmafn report` job is), the dates are read by tasks
-    (`pipelines.evaluate_tasks.TaskPasses`) and this process holds the parts, the top events and the timelines'
-    rows; without Ray it reads them itself, also holding a date and the labelled ticks' scores. The page is the
-    same."""
+    entity's counts and first and last tick (`report_part` of each date), the second ranks the normal ticks and
+    keeps the rows the timelines draw, reduced date by date to a few per pixel column (`timeline_rows`). Connected
+    to Ray (the `dmafn report` job is), the dates are read by tasks (`pipelines.evaluate_tasks.TaskPasses`) and
+    this process holds the parts, the top events and the drawn rows, however long the window; without Ray it reads
+    them itself, also holding a date and the labelled ticks' scores. The page is the same."""
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     dates = score_dates(table, spec, start, end)
@@ -70,7 +70,8 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     if unknown:
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     modalities = [m for m in spec.modalities if m in window.modalities]
-    keep = partial(timeline_rows, spec=spec, entities=chosen, modalities=modalities)
+    spans = window.spans(chosen)
+    keep = partial(timeline_rows, spec=spec, spans=spans, modalities=modalities)
     curves = ["fused", *[f"score_{m}" for m in modalities]]
     if passes is not None:
         if evaluation is not None:
@@ -94,7 +95,10 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
         sections += [_metrics_section(evaluation.result(storage, ranking)), _curves_section(ranking["curves"])]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
-    sections.append(_timelines_section(pl.concat(shown, how="diagonal_relaxed"), chosen, modalities, kinds))
+    lines = ["score", *[f"score_{m}" for m in modalities]]
+    marks = ["is_anomaly", *(["label_kind"] if labels is not None else [])]
+    drawn = drawn_rows(pl.concat(shown, how="diagonal_relaxed"), spans, lines, marks)
+    sections.append(_timelines_section(drawn, chosen, modalities, kinds))
     sections.append(_events_section(found))
     sections.append(_runs_section(_read_table(spec.score.runs_path, storage, dates)))
     sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage, dates)))
@@ -123,12 +127,62 @@ def report_part(chunk: pl.DataFrame, spec: Spec, top: int | None, intervals: pl.
         positives
 
 
-def timeline_rows(chunk: pl.DataFrame, spec: Spec, entities: list[str], modalities: list[str]) -> pl.DataFrame:
-    """The rows of a chunk the timelines draw: those of `entities`."""
-    keep = ["_entity", "ts", "score", "threshold", "is_anomaly", *[f"score_{m}" for m in modalities],
-            *(["label_kind"] if "label_kind" in chunk.columns else [])]
-    return (chunk.with_columns(entity_string(spec.entity).alias("_entity"))
-            .filter(pl.col("_entity").is_in(entities)).select(keep))
+def timeline_rows(chunk: pl.DataFrame, spec: Spec, spans: pl.DataFrame, modalities: list[str]) -> pl.DataFrame:
+    """The rows of a chunk the timelines of the entities in `spans` need (`drawn_rows`)."""
+    marks = ["is_anomaly", *(["label_kind"] if "label_kind" in chunk.columns else [])]
+    lines = ["score", *[f"score_{m}" for m in modalities]]
+    rows = (chunk.with_columns(entity_string(spec.entity).alias("_entity"))
+            .filter(pl.col("_entity").is_in(spans["_entity"].implode()))
+            .select("_entity", "ts", "threshold", *lines, *marks))
+    return drawn_rows(rows, spans, lines, marks)
+
+
+PLOT_COLUMNS = WIDTH - 70          # pixel columns of a timeline's plot
+
+
+def pixel_column(t_us: pl.Expr | np.ndarray, t0: Any, t1: Any) -> Any:
+    """The pixel column of a timeline's plot (0..PLOT_COLUMNS-1) that microsecond `t_us` falls in, on an axis from
+    `t0` to `t1` (t1 > t0)."""
+    column = (t_us - t0) * PLOT_COLUMNS // (t1 - t0)
+    return column.clip(0, PLOT_COLUMNS - 1)
+
+
+def drawn_rows(rows: pl.DataFrame, spans: pl.DataFrame, lines: list[str], marks: list[str]) -> pl.DataFrame:
+    """The rows of some entities' ticks (`_entity`, `ts`) their timelines need to look as if drawn through every
+    row, in entity and time order, with a column `_line_<c>` for each line column `c` saying which rows its line
+    goes through.
+
+    Per pixel column of an entity's axis (`spans`: `_t0`, `_t1` in microseconds) a line keeps its first, last,
+    lowest and highest finite value (M4 aggregation: the polyline through them covers the pixels a line through
+    every row covers) and its first and last tick without a value (the line breaks there); each `marks` column
+    (alarms, labelled kinds) keeps the first and last tick of each of its values (not null, not false). Each
+    entity's first and last row are kept. So a timeline holds at most a few rows per pixel column and line however
+    long the window and however often a modality comes and goes, and `drawn_rows` of the concatenated
+    `drawn_rows` of chunks of a window is `drawn_rows` of the whole window: each date is reduced where it is
+    read."""
+    frame = (rows.join(spans, on="_entity", how="inner").sort("_entity", "ts", maintain_order=True)
+             .with_columns(pixel_column(pl.col("ts").dt.epoch("us"), pl.col("_t0"), pl.col("_t1")).alias("_col"),
+                           pl.int_range(pl.len()).alias("_i")))
+    i = pl.col("_i")
+    keep = (i == i.min().over("_entity")) | (i == i.max().over("_entity"))
+
+    def ends(group: list[str]) -> pl.Expr:
+        return (i == i.min().over(group)) | (i == i.max().over(group))
+
+    for column in marks:
+        c = pl.col(column)
+        marked = c.fill_null(False) if frame.schema[column] == pl.Boolean else c.is_not_null()
+        keep = keep | (marked & ends(["_entity", "_col", column]))
+    flags = []
+    for column in lines:
+        value = pl.col(column).cast(pl.Float64)
+        finite = value.is_finite().fill_null(False)
+        group = ["_entity", "_col", finite]
+        at = pl.int_range(pl.len()).over(group)
+        extremes = (at == value.arg_min().over(group)) | (at == value.arg_max().over(group))
+        flags.append((ends(group) | (finite & extremes).fill_null(False)).alias(f"_line_{column}"))
+        keep = keep | flags[-1]
+    return frame.with_columns(*flags, keep.alias("_keep")).filter("_keep").drop("_t0", "_t1", "_col", "_i", "_keep")
 
 
 def _read_table(path: str, storage: Storage, dates: list[str]) -> pl.DataFrame | None:
@@ -157,7 +211,8 @@ class WindowFacts:
     @staticmethod
     def part(chunk: pl.DataFrame, spec: Spec) -> dict[str, Any]:
         """A chunk's counts (with `_entity`), for `add_part`."""
-        aggs = [pl.col("is_anomaly").cast(pl.Int64).sum().alias("alarms")]
+        aggs = [pl.col("is_anomaly").cast(pl.Int64).sum().alias("alarms"),
+                pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last")]
         if "label" in chunk.columns:
             aggs.append(pl.col("label").cast(pl.Int64).sum().alias("labelled"))
         return {"ticks": chunk.height, "alarms": int(chunk["is_anomaly"].sum()),
@@ -175,15 +230,24 @@ class WindowFacts:
 
     @property
     def per_entity(self) -> pl.DataFrame | None:
-        """Per entity its alarm ticks (and labelled ticks) over the chunks added."""
+        """Per entity its alarm ticks (and labelled ticks), first and last tick over the chunks added."""
         if self._summed is None and self._per_entity:
-            self._summed = pl.concat(self._per_entity).group_by("_entity").agg(pl.all().sum())
+            self._summed = pl.concat(self._per_entity).group_by("_entity").agg(
+                pl.all().exclude("first", "last").sum(), pl.col("first").min(), pl.col("last").max())
             self._per_entity = [self._summed]
         return self._summed
 
     @property
     def entities(self) -> set[str]:
         return set(self.per_entity["_entity"].to_list()) if self.per_entity is not None else set()
+
+    def spans(self, entities: list[str]) -> pl.DataFrame:
+        """Each of `entities`' time axis on its timeline, in microseconds: `_t0` its first tick, `_t1` its last
+        (at least 1 later)."""
+        first = pl.col("first").dt.epoch("us")
+        return (self.per_entity.filter(pl.col("_entity").is_in(entities))
+                .select("_entity", first.alias("_t0"), pl.max_horizontal(pl.col("last").dt.epoch("us"), first + 1)
+                        .alias("_t1")))
 
     def busiest(self, n: int) -> list[str]:
         """The n entities with the most alarm ticks (then the most labelled ticks, then by name)."""
@@ -423,35 +487,42 @@ def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndar
 
 
 def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kinds: list[str]) -> str:
+    """One entity's timeline from its `drawn_rows`: each line through the rows its `_line_` column marks."""
     t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
     t0, t1 = float(t.min()), float(max(t.max(), t.min() + 1))
     sx = lambda v: 50 + (v - t0) / (t1 - t0) * (WIDTH - 70)   # noqa: E731
-    score = one["score"].to_numpy().astype(np.float64)
+
+    def line(column: str) -> tuple[np.ndarray, np.ndarray]:
+        points = one.filter(pl.col(f"_line_{column}"))
+        return (points["ts"].dt.epoch("us").to_numpy().astype(np.float64),
+                points[column].cast(pl.Float64).fill_null(np.nan).to_numpy())
+
+    score = line("score")
     threshold = float(one["threshold"][0])
-    lo, hi = _clipped_range(score, threshold)
-    top = _panel(t, {"fused score": (score, SCORE)}, lo, hi, sx, threshold=threshold)
-    clipped = int((score > hi).sum())
+    lo, hi = _clipped_range(score[1], threshold)
+    top = _panel({"fused score": (*score, SCORE)}, lo, hi, sx, threshold=threshold)
+    clipped = int((score[1] > hi).sum())
     shading = _shading(one, kinds, sx, PLOT_HEIGHT) + _alarms(one, sx, PLOT_HEIGHT)
-    contributions = {m: (one[f"score_{m}"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
-                         LINE_COLOURS[i % len(LINE_COLOURS)]) for i, m in enumerate(modalities)}
-    finite = np.concatenate([v[np.isfinite(v)] for v, _ in contributions.values()]) if contributions else np.zeros(1)
+    contributions = {m: (*line(f"score_{m}"), LINE_COLOURS[i % len(LINE_COLOURS)]) for i, m in enumerate(modalities)}
+    finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in contributions.values()]) if contributions else np.zeros(1)
     c_lo, c_hi = _clipped_range(finite if finite.size else np.zeros(1), None)
-    bottom = _panel(t, contributions, c_lo, c_hi, sx)
+    bottom = _panel(contributions, c_lo, c_hi, sx)
     days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30)
-    legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, c) in contributions.items())
+    legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, _, c) in contributions.items())
     svg = (f'<svg viewBox="0 0 {WIDTH} {2 * PLOT_HEIGHT + 40}" width="{WIDTH}" height="{2 * PLOT_HEIGHT + 40}" '
            f'role="img"><g>{shading}{top}</g><g transform="translate(0 {PLOT_HEIGHT + 15})">'
            f'{_shading(one, kinds, sx, PLOT_HEIGHT)}{bottom}<text x="56" y="14" class="label">contributions:'
            f'{legend}</text></g>{days}</svg>')
-    note = (f"fused score on an axis clipped to [{lo:.2f}, {hi:.2f}]; {clipped} tick(s) above it drawn on the top "
-            f"edge. Dashed: the threshold {threshold:.3f}." if clipped else
+    note = (f"fused score on an axis clipped to [{lo:.2f}, {hi:.2f}]; {clipped} of the points drawn lie above it, "
+            f"on the top edge. Dashed: the threshold {threshold:.3f}." if clipped else
             f"fused score; dashed: the threshold {threshold:.3f}.")
     return f'<figure class="timeline" data-entity="{_e(entity)}">{svg}<figcaption>{_e(entity)}: {_e(note)}' \
            f'</figcaption></figure>'
 
 
 def _clipped_range(values: np.ndarray, threshold: float | None) -> tuple[float, float]:
-    """An axis that a few huge values cannot flatten: the 0.5-99.5 % range, widened to show the threshold."""
+    """An axis that a few huge values cannot flatten: the 0.5-99.5 % range of the points drawn (each pixel column's
+    lowest and highest among them), widened to show the threshold."""
     v = values[np.isfinite(values)]
     if v.size == 0:
         return 0.0, 1.0
@@ -462,16 +533,15 @@ def _clipped_range(values: np.ndarray, threshold: float | None) -> tuple[float, 
     return float(lo - 0.05 * span), float(hi + 0.05 * span)
 
 
-def _panel(t: np.ndarray, series: dict[str, tuple[np.ndarray, str]], lo: float, hi: float, sx,
+def _panel(series: dict[str, tuple[np.ndarray, np.ndarray, str]], lo: float, hi: float, sx,
            threshold: float | None = None) -> str:
     sy = lambda v: 20 + (1 - (np.clip(v, lo, hi) - lo) / (hi - lo)) * (PLOT_HEIGHT - 30)   # noqa: E731
     out = [f'<rect x="50" y="20" width="{WIDTH - 70}" height="{PLOT_HEIGHT - 30}" class="frame"/>',
            f'<text x="44" y="24" class="tick" text-anchor="end">{hi:.2f}</text>',
            f'<text x="44" y="{PLOT_HEIGHT - 8}" class="tick" text-anchor="end">{lo:.2f}</text>']
-    for values, colour in series.values():
+    for t, values, colour in series.values():
         for segment in _segments(values):
-            xs, ys = _envelope(t[segment], values[segment])
-            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(xs, ys))
+            points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(t[segment], values[segment]))
             out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1"/>')
     if threshold is not None:
         out.append(f'<line x1="50" x2="{WIDTH - 20}" y1="{sy(threshold):.1f}" y2="{sy(threshold):.1f}" '
@@ -484,16 +554,17 @@ def _segments(values: np.ndarray) -> list[slice]:
     return [slice(a, b + 1) for a, b in events(np.isfinite(values))]
 
 
-def _envelope(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """At most ~2 points per pixel column: each column's min and max in time order (peaks are kept)."""
-    if len(t) <= 2 * WIDTH:
-        return t, v
-    bucket = ((t - t[0]) / max(t[-1] - t[0], 1) * (WIDTH - 1)).astype(int)
-    frame = pl.DataFrame({"b": bucket, "t": t, "v": v}).group_by("b", maintain_order=True).agg(
-        pl.col("t").first(), pl.col("t").last().alias("t2"), pl.col("v").min().alias("lo"), pl.col("v").max().alias("hi"))
-    xs = np.column_stack([frame["t"].to_numpy(), frame["t2"].to_numpy()]).ravel()
-    ys = np.column_stack([frame["lo"].to_numpy(), frame["hi"].to_numpy()]).ravel()
-    return xs, ys
+def _spans(one: pl.DataFrame, marked: np.ndarray) -> list[tuple[int, int]]:
+    """The (first, last) rows of each stretch of adjacent pixel columns holding a `marked` row: a mark drawn per
+    stretch, however many runs of ticks fall in it."""
+    idx = np.flatnonzero(marked)
+    if idx.size == 0:
+        return []
+    t = one["ts"].dt.epoch("us").to_numpy()
+    t0, t1 = int(t.min()), max(int(t.max()), int(t.min()) + 1)
+    columns = pixel_column(t[idx], t0, t1)
+    breaks = np.flatnonzero(np.diff(columns) > 1)
+    return [(int(idx[a]), int(idx[b])) for a, b in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
 
 
 def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
@@ -503,7 +574,7 @@ def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
     kind = one["label_kind"].fill_null("").to_numpy()
     out = []
     for i, k in enumerate(kinds):
-        for a, b in events(kind == k):
+        for a, b in _spans(one, kind == k):
             x0, x1 = sx(t[a]), sx(t[b])
             out.append(f'<rect x="{x0:.1f}" y="20" width="{max(x1 - x0, 1.5):.1f}" height="{height - 30}" '
                        f'fill="{KIND_COLOURS[i % len(KIND_COLOURS)]}" opacity="0.55" class="label-span">'
@@ -514,10 +585,10 @@ def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
 def _alarms(one: pl.DataFrame, sx, height: int) -> str:
     t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
     out = []
-    for a, b in events(one["is_anomaly"].to_numpy()):
+    for a, b in _spans(one, one["is_anomaly"].fill_null(False).to_numpy()):
         x0, x1 = sx(t[a]), sx(t[b])
         out.append(f'<rect x="{x0:.1f}" y="{height - 9}" width="{max(x1 - x0, 2):.1f}" height="7" fill="{ALARM}" '
-                   f'class="alarm"><title>alarm {_when(one["ts"][int(a)])} .. {_when(one["ts"][int(b)])}</title></rect>')
+                   f'class="alarm"><title>alarm ticks {_when(one["ts"][a])} .. {_when(one["ts"][b])}</title></rect>')
     return "".join(out)
 
 

@@ -181,6 +181,73 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
     assert len(whole) > 20 and any(e["ticks"] >= 35 for e in whole)
 
 
+def test_timeline_rows_reduced_a_date_at_a_time_are_those_of_the_whole_window_and_keep_every_pixel():
+    """`drawn_rows` of chunks' `drawn_rows` is `drawn_rows` of the whole window (gaps and runs across chunk edges,
+    an entity absent from a chunk, long ties, a line that comes and goes every other tick), and its rows keep what
+    a timeline shows of every row: per pixel column each line's first, last, lowest and highest value and where
+    it has none, and where each alarm and labelled kind starts and ends - at most a few rows per column."""
+    from pipelines.report import PLOT_COLUMNS, drawn_rows, pixel_column
+
+    rng = np.random.default_rng(7)
+    n = 30_000                                                                  # ~32 ticks a pixel column
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    frames = []
+    for g, start in (("a", 0), ("b", 1000), ("c", 0)):
+        gap = np.zeros(n, bool)
+        gap[2990:3030] = gap[4000:4001] = gap[n - 2:] = True                      # one across the 3000 cut
+        tied = np.where(np.arange(n) % 1500 < 700, 0.0, rng.random(n))            # long runs of one value
+        alarm = (rng.random(n) < 0.05) | ((np.arange(n) >= 2995) & (np.arange(n) < 3010))
+        frames.append(pl.DataFrame({
+            "_entity": g, "ts": pl.datetime_range(t0 + dt.timedelta(minutes=start),
+                                                  t0 + dt.timedelta(minutes=start + n - 1), "1m", eager=True),
+            "threshold": 2.5, "score": np.cumsum(rng.normal(size=n)), "score_x": np.where(gap, np.nan, rng.normal(size=n)),
+            "score_y": tied, "score_z": np.where(np.arange(n) % 2 == 0, rng.normal(size=n), np.nan), "is_anomaly": alarm,
+            "label_kind": pl.Series([["leak", None, "heat"][(i // 400) % 3] for i in range(n)], dtype=pl.String)}))
+    rows = pl.concat(frames).with_columns(pl.when(pl.col("_entity") == "c").then(None).otherwise(pl.col("score_y"))
+                                          .alias("score_y"))                  # c: y never there
+    cuts = [t0 + dt.timedelta(minutes=m) for m in (0, 1440, 2880, 3000, 3001, 5000, 20_000, 40_000)]
+    rows = rows.filter((pl.col("_entity") != "c") | (pl.col("ts") != cuts[3]))    # c absent from the 4th chunk
+    spans = rows.group_by("_entity").agg(pl.col("ts").min().dt.epoch("us").alias("_t0"),
+                                         pl.col("ts").max().dt.epoch("us").alias("_t1")).sort("_entity")
+    lines, marks = ["score", "score_x", "score_y", "score_z"], ["is_anomaly", "label_kind"]
+    whole = drawn_rows(rows, spans, lines, marks)
+    parts = [drawn_rows(rows.filter((pl.col("ts") >= lo) & (pl.col("ts") < hi)), spans, lines, marks)
+             for lo, hi in zip(cuts, cuts[1:])]
+    again = drawn_rows(pl.concat(parts[::-1], how="diagonal_relaxed"), spans, lines, marks)
+    assert again.equals(whole)
+    assert whole.height < 0.4 * rows.height                                    # ~32 rows a column to ~10
+
+    def per_column(frame: pl.DataFrame, first: int, last: int) -> pl.DataFrame:
+        return frame.with_columns(pixel_column(pl.col("ts").dt.epoch("us"), first, last).alias("col"))
+
+    for (g,), one in rows.group_by("_entity"):
+        first, last = spans.filter(pl.col("_entity") == g).row(0)[1:]
+        drawn = per_column(whole.filter(pl.col("_entity") == g), first, last)
+        one = per_column(one, first, last)
+        assert drawn["ts"].is_sorted() and (drawn["ts"][0], drawn["ts"][-1]) == (one["ts"].min(), one["ts"].max())
+        for name in lines:
+            line = drawn.filter(pl.col(f"_line_{name}"))
+            assert line.group_by("col").len()["len"].max() <= 6
+            assert line_summary(line, name).equals(line_summary(one, name)), name
+        for name in marks:
+            assert mark_summary(drawn, name).equals(mark_summary(one, name)) and mark_summary(one, name).height > 100
+
+
+def line_summary(rows: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Per pixel column: a line's lowest, highest, first and last value and first and last tick without one."""
+    v = pl.col("v")
+    return (rows.with_columns(pl.col(name).cast(pl.Float64).fill_nan(None).alias("v")).group_by("col")
+            .agg(v.min().alias("lo"), v.max().alias("hi"), v.drop_nulls().first().alias("v0"),
+                 v.drop_nulls().last().alias("v1"), pl.col("ts").filter(v.is_null()).min().alias("gap0"),
+                 pl.col("ts").filter(v.is_null()).max().alias("gap1")).sort("col"))
+
+
+def mark_summary(rows: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Per pixel column and value of a mark (alarm, labelled kind): its first and last tick."""
+    marked = rows.filter(pl.col(name).cast(pl.String).is_in(["true", "leak", "heat"]))
+    return marked.group_by("col", name).agg(pl.col("ts").min().alias("t0"), pl.col("ts").max().alias("t1")).sort("col", name)
+
+
 def test_the_report_page_on_ray_tasks_is_the_page_of_one_process(window, tmp_path, monkeypatch, local_ray):
     """`build_report` with its dates read by tasks writes the page that one process writes (all but the time it
     was generated), and this process reads no date of scores."""
