@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from dmafn.spec import DAY_US, TICK_TIME, ModalitySpec, Spec
-from pipelines.storage import DataError
+from pipelines.labels import cast_keys
 
 TIME = TICK_TIME
 
@@ -196,16 +196,10 @@ class LabelIndex:
     def keyed_as(self, ticks: pl.DataFrame, keys: list[str]) -> "LabelIndex":
         """The index with its entity columns of the ticks' types (a label's `17` finds the ticks of `"17"`); a
         DataError naming the column where a label's key cannot be read as the ticks' type."""
-        cast = {k: ticks.schema[k] for k in keys if self.started.schema[k] != ticks.schema[k]}
-        if not cast:
+        if all(self.started.schema[k] == ticks.schema[k] for k in keys):
             return self
-        try:
-            return LabelIndex(self.started.with_columns(pl.col(k).cast(t, strict=True) for k, t in cast.items()),
-                              self.ends.with_columns(pl.col(k).cast(t, strict=True) for k, t in cast.items()))
-        except pl.exceptions.PolarsError:
-            wrong = ", ".join(f"'{k}' is {self.started.schema[k]}, the ticks' {t}" for k, t in cast.items())
-            raise DataError(f"labels: entity column {wrong}, and some label's key cannot be read as the "
-                             "ticks' type") from None
+        types = dict(ticks.schema)
+        return LabelIndex(cast_keys(self.started, types, keys, "labels"), cast_keys(self.ends, types, keys, "labels"))
 
 
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:

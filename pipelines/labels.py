@@ -35,17 +35,22 @@ class Labels:
     def keyed_as(self, spec: Spec, types: dict[str, pl.DataType]) -> "Labels":
         """The labels with their entity columns cast to `types` (the scored table's): a label's `17` finds the
         ticks of entity `"17"`. DataError naming the path and the column where some value cannot be cast."""
-        usable = self.usable
-        for key in spec.entity:
-            want, have = types.get(key), usable.schema[key]
-            if want is None or have == want:
-                continue
-            try:
-                usable = usable.with_columns(pl.col(key).cast(want, strict=True))
-            except pl.exceptions.PolarsError:
-                raise DataError(f"labels {self.path}: column '{key}' is {have} and some of its values cannot be "
-                                f"read as {want}, the scores' type") from None
-        return replace(self, usable=usable)
+        return replace(self, usable=cast_keys(self.usable, types, list(spec.entity), f"labels {self.path}"))
+
+
+def cast_keys(labels: pl.DataFrame, types: dict[str, pl.DataType], keys: list[str], where: str) -> pl.DataFrame:
+    """`labels` with their entity columns `keys` cast to `types` (those of the rows they label) where they differ;
+    a DataError naming `where` and the column where some value cannot be read as that type."""
+    for key in keys:
+        want, have = types.get(key), labels.schema[key]
+        if want is None or have == want:
+            continue
+        try:
+            labels = labels.with_columns(pl.col(key).cast(want, strict=True))
+        except pl.exceptions.PolarsError:
+            raise DataError(f"{where}: entity column '{key}' is {have} and some of its values cannot be read as "
+                            f"{want}, the type of the rows they label") from None
+    return labels
 
 
 def load_labels(spec: Spec, storage: Storage) -> Labels:

@@ -113,7 +113,7 @@ def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
                               "start_ts", "end_ts").sort(TIME)
     assert categorical["label"].to_list() == [0, 1, 1]
     from pipelines.storage import DataError
-    with pytest.raises(DataError, match="entity column 'machine_id' is String, the ticks' Int64"):
+    with pytest.raises(DataError, match="labels: entity column 'machine_id' is String and some of its values cannot be read as Int64"):
         label_ticks(out.with_columns(pl.lit(7, pl.Int64).alias("machine_id")), labels, tiny_spec, "start_ts", "end_ts")
 
 
