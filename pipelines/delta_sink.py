@@ -14,7 +14,9 @@ import time
 import uuid
 from typing import Literal
 
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
@@ -92,7 +94,60 @@ def write_data_file(uri: str, data: pa.Table, *, date: str, name: str, filesyste
     size = filesystem.get_file_info(path).size
     return {"path": relative, "size": int(size), "partition_values": {"date": date},
             "modification_time": int(time.time() * 1000), "data_change": True,
-            "stats": json.dumps({"numRecords": data.num_rows})}
+            "stats": json.dumps(file_stats(body))}
+
+
+STATS_MAX_CHARS = 32     # a longer string column gets no statistics: a truncated bound would mislead readers
+
+
+def file_stats(data: pa.Table) -> dict:
+    """A data file's Delta statistics: its row count and, for each text column whose values are at most
+    `STATS_MAX_CHARS` long (entity keys, `model_version`, `run_id`), its null count, lowest and highest value -
+    exact, so that any Delta reader may skip files by them (a filter on an entity or a model version) and
+    `dates_written_by` reads them instead of the rows. Other columns get none; readers then read the file."""
+    lows, highs, nulls = {}, {}, {}
+    for name in data.column_names:
+        column = data.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_string_view(column.type)):
+            continue
+        column = column.cast(pa.large_string())
+        longest = pc.max(pc.utf8_length(column)).as_py()
+        if longest is not None and longest > STATS_MAX_CHARS:
+            continue
+        nulls[name] = column.null_count
+        if column.null_count < len(column):
+            bounds = pc.min_max(column)
+            lows[name], highs[name] = bounds["min"].as_py(), bounds["max"].as_py()
+    return {"numRecords": data.num_rows, "minValues": lows, "maxValues": highs, "nullCount": nulls}
+
+
+def dates_written_by(uri: str, storage_options: dict[str, str] | None, column: str, value: str,
+                     dates: list[str]) -> set[str]:
+    """The `dates` of the table at `uri` (partitioned by `date`) all of whose rows have `column` == `value`. Read
+    off the Delta log where every data file of the date has statistics of `column` (`file_stats`: metadata only,
+    however many rows); a date with a file written without them (before 2026-12-02) is read, that one column,
+    streaming."""
+    table = read_table(uri, storage_options)
+    if table is None:
+        return set()
+    files = pl.DataFrame(table.get_add_actions(flatten=True))
+    low, high, nulls = f"min.{column}", f"max.{column}", f"null_count.{column}"
+    files = files.with_columns(pl.lit(None, pl.String).alias(c) for c in (low, high) if c not in files.columns)
+    files = files.with_columns(pl.lit(None, pl.Int64).alias(c) for c in (nulls,) if c not in files.columns)
+    per_date = (files.filter(pl.col("partition.date").is_in(dates)).group_by("partition.date")
+                .agg((pl.col(low).is_not_null() & pl.col(high).is_not_null() & pl.col(nulls).is_not_null()).all()
+                     .alias("known"),
+                     ((pl.col(low) == value) & (pl.col(high) == value) & (pl.col(nulls) == 0)).all().alias("same")))
+    done = set(per_date.filter(pl.col("known") & pl.col("same"))["partition.date"].to_list())
+    unknown = per_date.filter(~pl.col("known"))["partition.date"].to_list()
+    if unknown:
+        read = (pl.scan_delta(uri, storage_options=storage_options).filter(pl.col("date").is_in(unknown))
+                .group_by("date").agg((pl.col(column) == value).all().alias("same")).collect(engine="streaming"))
+        done |= set(read.filter(pl.col("same"))["date"].to_list())
+    return done
 
 
 def commit_date(uri: str, files: list[dict], *, date: str, schema: pa.Schema,

@@ -13,13 +13,12 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Iterator
 
-import polars as pl
 import pyarrow as pa
 import ray
 
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
-from pipelines.delta_sink import OpenTables, commit_date, read_table, write_partition
+from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, write_partition
 from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -248,13 +247,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
 
 def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -> set[str]:
     """Dates whose rows in the output table were all written by model `version`."""
-    uri = storage.delta_uri(spec.score.output)
-    if read_table(uri, storage.delta_options(spec.score.output)) is None:
-        return set()
-    done = (pl.scan_delta(uri, storage_options=storage.delta_options(spec.score.output))
-            .filter(pl.col("date").is_in(dates)).group_by("date")
-            .agg((pl.col("model_version") == version).all().alias("same")).collect())
-    return set(done.filter(pl.col("same"))["date"].to_list())
+    return dates_written_by(storage.delta_uri(spec.score.output), storage.delta_options(spec.score.output),
+                            "model_version", version, dates)
 
 
 def _date_line(done: int, total: int, started: float, r: DateResult) -> str:

@@ -33,3 +33,50 @@ def test_open_tables_are_opened_once_and_see_other_writers_commits(tmp_path):
     for run in ("r1", "r2"):
         write_partition(runs, pa.table({"run_id": [run]}), date=None, mode="append", partition_by=(), tables=tables)
     assert sorted(pl.read_delta(runs)["run_id"].to_list()) == ["r1", "r2"]
+
+
+def _version_files(uri: str, date: str, versions: list[str], name: str) -> list[dict]:
+    table = pa.table({"machine_id": [f"pump-{i:02d}" for i in range(len(versions))], "score": [1.0] * len(versions),
+                      "model_version": versions, "note": ["x" * 40] * len(versions), "date": [date] * len(versions)})
+    return [write_data_file(uri, table, date=date, name=name, filesystem=fs.LocalFileSystem(), root=uri)]
+
+
+def test_files_carry_exact_text_statistics_and_the_dates_a_version_wrote_are_read_off_the_log(tmp_path, monkeypatch):
+    """Each data file's add action carries its text columns' null count, min and max (not for a longer text,
+    nor for numbers); a reader's filter on them skips files and still returns every matching row; the dates all
+    written by one model version come from those statistics without reading a row, and a date committed without
+    them (an older writer) is read."""
+    import json
+
+    import pipelines.delta_sink as sink
+
+    uri = str(tmp_path / "scores")
+    schema = pa.schema([("machine_id", pa.string()), ("score", pa.float64()), ("model_version", pa.string()),
+                        ("note", pa.string()), ("date", pa.string())])
+    commit_date(uri, _version_files(uri, "2024-01-01", ["v1", "v1"], "a"), date="2024-01-01", schema=schema)
+    commit_date(uri, _version_files(uri, "2024-01-02", ["v1", "v2", "v1"], "a"), date="2024-01-02", schema=schema)
+    old = _version_files(uri, "2024-01-03", ["v1"], "a")
+    old[0]["stats"] = json.dumps({"numRecords": 1})                        # as written before 2026-12-02
+    commit_date(uri, old, date="2024-01-03", schema=schema)
+    old = _version_files(uri, "2024-01-04", ["v2"], "a")
+    old[0]["stats"] = json.dumps({"numRecords": 1})
+    commit_date(uri, old, date="2024-01-04", schema=schema)
+
+    stats = json.loads(_version_files(uri, "2024-01-05", ["v2", "v1"], "b")[0]["stats"])
+    assert stats == {"numRecords": 2, "minValues": {"machine_id": "pump-00", "model_version": "v1"},
+                     "maxValues": {"machine_id": "pump-01", "model_version": "v2"},
+                     "nullCount": {"machine_id": 0, "model_version": 0}}
+    actions = pl.DataFrame(DeltaTable(uri).get_add_actions(flatten=True)).sort("partition.date")
+    assert actions["min.model_version"].to_list() == ["v1", "v1", None, None]
+    assert actions["max.model_version"].to_list() == ["v1", "v2", None, None]
+    picked = pl.scan_delta(uri).filter(pl.col("model_version") == "v2").collect()
+    assert sorted(picked["date"].to_list()) == ["2024-01-02", "2024-01-04"]
+
+    read = []
+    real_scan = pl.scan_delta
+    monkeypatch.setattr(sink.pl, "scan_delta", lambda *a, **k: read.append(a) or real_scan(*a, **k))
+    dates = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-09"]
+    assert sink.dates_written_by(uri, None, "model_version", "v1", dates) == {"2024-01-01", "2024-01-03"}
+    assert sink.dates_written_by(uri, None, "model_version", "v2", dates) == {"2024-01-04"}
+    assert len(read) == 2                                                    # once per call: the dates without stats
+    assert sink.dates_written_by(str(tmp_path / "none"), None, "model_version", "v1", dates) == set()
