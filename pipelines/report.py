@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -101,7 +101,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     sections.append(_timelines_section(drawn, chosen, modalities, kinds))
     sections.append(_events_section(found))
     sections.append(_runs_section(_read_table(spec.score.runs_path, storage, dates)))
-    sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage, dates)))
+    sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage, dates, quarantine_summary)))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_page(f"DMAFN report: {spec.name} {dates[0]}..{dates[-1]}", "\n".join(sections)))
@@ -185,14 +185,17 @@ def drawn_rows(rows: pl.DataFrame, spans: pl.DataFrame, lines: list[str], marks:
     return frame.with_columns(*flags, keep.alias("_keep")).filter("_keep").drop("_t0", "_t1", "_col", "_i", "_keep")
 
 
-def _read_table(path: str, storage: Storage, dates: list[str]) -> pl.DataFrame | None:
-    """The rows of `dates` of a Delta table of the pipeline's, or None when none was written yet (a section says
-    so); a table that exists but cannot be read is a DataError naming it."""
+def _read_table(path: str, storage: Storage, dates: list[str],
+                query: Callable[[pl.LazyFrame], pl.LazyFrame] = lambda rows: rows) -> pl.DataFrame | None:
+    """`query` of the rows of `dates` of a Delta table of the pipeline's, run streaming (a query that aggregates
+    holds its groups, not the rows), or None when none was written yet (a section says so); a table that exists
+    but cannot be read is a DataError naming it."""
     try:
         uri, options = storage.delta_uri(path), storage.delta_options(path)
         if read_table(uri, options) is None:
             return None
-        return pl.scan_delta(uri, storage_options=options).filter(pl.col("date").is_in(dates)).collect()
+        rows = pl.scan_delta(uri, storage_options=options).filter(pl.col("date").is_in(dates))
+        return query(rows).collect(engine="streaming")
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: cannot be read ({exc})") from None
 
@@ -443,18 +446,22 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             f'{_table(cols, rows, "runs-table")}</section>')
 
 
-def _quality_section(q: pl.DataFrame | None) -> str:
+def quarantine_summary(rows: pl.LazyFrame) -> pl.LazyFrame:
+    """Quarantined rows per stage, source and reason: how many, of how many entities and dates."""
+    return rows.group_by("stage", "source", "reason").agg(
+        pl.len().alias("rows"), pl.col("entity").n_unique().alias("entities"), pl.col("date").n_unique().alias("dates"))
+
+
+def _quality_section(summary: pl.DataFrame | None) -> str:
     title = '<section id="quality"><h2>Data quality</h2>'
-    if q is None:
+    if summary is None:
         return title + "<p>No quarantine table: nothing was quarantined.</p></section>"
-    if q.is_empty():
+    if summary.is_empty():
         return title + "<p>Nothing quarantined in these dates.</p></section>"
-    summary = (q.group_by("stage", "source", "reason").agg(pl.len().alias("rows"), pl.col("entity").n_unique()
-                                                           .alias("entities"), pl.col("date").n_unique().alias("dates"))
-               .sort("rows", descending=True))
+    summary = summary.sort(["rows", "stage", "source", "reason"], descending=[True, False, False, False])
     rows = [[_cell(v) for v in r] for r in summary.iter_rows()]
-    return (title + f"<p>{q.height:,} quarantined rows (stage ingest: unusable input rows; stage score: ticks no "
-            f"modality could serve), by reason.</p>{_table(summary.columns, rows, 'quality-table')}</section>")
+    return (title + f"<p>{summary['rows'].sum():,} quarantined rows (stage ingest: unusable input rows; stage score: "
+            f"ticks no modality could serve), by reason.</p>{_table(summary.columns, rows, 'quality-table')}</section>")
 
 
 # ---------------------------------------------------------------- figures

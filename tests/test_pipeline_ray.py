@@ -232,6 +232,8 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     page = build_report(unlabelled, tmp_path / "r.html", start=DAY3, end=DAY3, entities=["pump-01"]).read_text()
     assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
     assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
+    quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
+    assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):
         build_report(unlabelled, tmp_path / "x.html", start=DAY3, end=DAY3, entities=["pump-99"])
 
