@@ -135,8 +135,8 @@ def dates_written_by(uri: str, storage_options: dict[str, str] | None, column: s
         return set()
     files = pl.DataFrame(table.get_add_actions(flatten=True))
     low, high, nulls = f"min.{column}", f"max.{column}", f"null_count.{column}"
-    files = files.with_columns(pl.lit(None, pl.String).alias(c) for c in (low, high) if c not in files.columns)
-    files = files.with_columns(pl.lit(None, pl.Int64).alias(c) for c in (nulls,) if c not in files.columns)
+    absent = {low: pl.String, high: pl.String, nulls: pl.Int64}                  # no file has statistics of it
+    files = files.with_columns(pl.lit(None, t).alias(c) for c, t in absent.items() if c not in files.columns)
     per_date = (files.filter(pl.col("partition.date").is_in(dates)).group_by("partition.date")
                 .agg((pl.col(low).is_not_null() & pl.col(high).is_not_null() & pl.col(nulls).is_not_null()).all()
                      .alias("known"),

@@ -71,7 +71,9 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
         raise DataError(f"report: entity {', '.join(unknown)} has no scores in {dates[0]}..{dates[-1]}")
     modalities = [m for m in spec.modalities if m in window.modalities]
     spans = window.spans(chosen)
-    keep = partial(timeline_rows, spec=spec, spans=spans, modalities=modalities)
+    lines = ["score", *[f"score_{m}" for m in modalities]]                 # each drawn as a line
+    marks = ["is_anomaly", *(["label_kind"] if labels is not None else [])]  # alarms and labelled spans
+    keep = partial(timeline_rows, spec=spec, spans=spans, lines=lines, marks=marks)
     curves = ["fused", *[f"score_{m}" for m in modalities]]
     if passes is not None:
         if evaluation is not None:
@@ -95,8 +97,6 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
         sections += [_metrics_section(evaluation.result(storage, ranking)), _curves_section(ranking["curves"])]
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
-    lines = ["score", *[f"score_{m}" for m in modalities]]
-    marks = ["is_anomaly", *(["label_kind"] if labels is not None else [])]
     drawn = drawn_rows(pl.concat(shown, how="diagonal_relaxed"), spans, lines, marks)
     sections.append(_timelines_section(drawn, chosen, modalities, kinds))
     sections.append(_events_section(found))
@@ -127,10 +127,9 @@ def report_part(chunk: pl.DataFrame, spec: Spec, top: int | None, intervals: pl.
         positives
 
 
-def timeline_rows(chunk: pl.DataFrame, spec: Spec, spans: pl.DataFrame, modalities: list[str]) -> pl.DataFrame:
-    """The rows of a chunk the timelines of the entities in `spans` need (`drawn_rows`)."""
-    marks = ["is_anomaly", *(["label_kind"] if "label_kind" in chunk.columns else [])]
-    lines = ["score", *[f"score_{m}" for m in modalities]]
+def timeline_rows(chunk: pl.DataFrame, spec: Spec, spans: pl.DataFrame, lines: list[str], marks: list[str]
+                  ) -> pl.DataFrame:
+    """The rows of a chunk the timelines of the entities in `spans` need (`drawn_rows` of `lines` and `marks`)."""
     rows = (chunk.with_columns(entity_string(spec.entity).alias("_entity"))
             .filter(pl.col("_entity").is_in(spans["_entity"].implode()))
             .select("_entity", "ts", "threshold", *lines, *marks))
@@ -509,7 +508,7 @@ def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kind
     lo, hi = _clipped_range(score[1], threshold)
     top = _panel({"fused score": (*score, SCORE)}, lo, hi, sx, threshold=threshold)
     clipped = int((score[1] > hi).sum())
-    shading = _shading(one, kinds, sx, PLOT_HEIGHT) + _alarms(one, sx, PLOT_HEIGHT)
+    labelled = _shading(one, kinds, sx, PLOT_HEIGHT)                      # behind both panels
     contributions = {m: (*line(f"score_{m}"), LINE_COLOURS[i % len(LINE_COLOURS)]) for i, m in enumerate(modalities)}
     finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in contributions.values()]) if contributions else np.zeros(1)
     c_lo, c_hi = _clipped_range(finite if finite.size else np.zeros(1), None)
@@ -517,9 +516,9 @@ def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kind
     days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30)
     legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, _, c) in contributions.items())
     svg = (f'<svg viewBox="0 0 {WIDTH} {2 * PLOT_HEIGHT + 40}" width="{WIDTH}" height="{2 * PLOT_HEIGHT + 40}" '
-           f'role="img"><g>{shading}{top}</g><g transform="translate(0 {PLOT_HEIGHT + 15})">'
-           f'{_shading(one, kinds, sx, PLOT_HEIGHT)}{bottom}<text x="56" y="14" class="label">contributions:'
-           f'{legend}</text></g>{days}</svg>')
+           f'role="img"><g>{labelled}{_alarms(one, sx, PLOT_HEIGHT)}{top}</g>'
+           f'<g transform="translate(0 {PLOT_HEIGHT + 15})">{labelled}{bottom}'
+           f'<text x="56" y="14" class="label">contributions:{legend}</text></g>{days}</svg>')
     note = (f"fused score on an axis clipped to [{lo:.2f}, {hi:.2f}]; {clipped} of the points drawn lie above it, "
             f"on the top edge. Dashed: the threshold {threshold:.3f}." if clipped else
             f"fused score; dashed: the threshold {threshold:.3f}.")
