@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-evaluate: install
 
 bench-calibrate: install
 	$(BIN)/python -m benchmarks.calibrate_window --out benchmarks/results
+
+bench-profile: install
+	$(BIN)/python -m benchmarks.profile_day --out benchmarks/results
 
 # The cluster images (ray_cluster.yaml, infra/k8s): make images REGISTRY=ghcr.io/your-org [PUSH=1]
 REGISTRY ?= ghcr.io/your-org

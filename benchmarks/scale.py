@@ -48,13 +48,29 @@ SCALES = {1: (4, 2, 2), 8: (8, 8, 8), 32: (16, 8, 16)}       # scale: (entities,
 
 
 class PeakRss:
-    """Samples a process tree: peak RSS of the root (the driver) and of the largest `ray::` worker."""
+    """Samples a process tree twice a second: peak RSS of the root (the driver) and of the largest `ray::` worker;
+    with `private`, also the largest peaks of what a worker holds itself (its private pages outside the object
+    store) and of the object store's pages only it has touched (objects it wrote that no other process has read
+    yet: the store's memory, not the task's)."""
 
-    def __init__(self, pid: int):
-        self.root, self.driver, self.worker = psutil.Process(pid), 0, 0
+    def __init__(self, pid: int, private: bool = False):
+        self.root, self.private = psutil.Process(pid), private
+        self.driver = self.worker = self.worker_own = self.worker_store = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _sample_worker(self, worker: psutil.Process) -> None:
+        self.worker = max(self.worker, worker.memory_info().rss)
+        if self.private:
+            own = store = 0
+            for mapping in worker.memory_maps(grouped=True):
+                pages = mapping.private_clean + mapping.private_dirty
+                if mapping.path.startswith("/dev/shm/plasma"):
+                    store += pages
+                else:
+                    own += pages
+            self.worker_own, self.worker_store = max(self.worker_own, own), max(self.worker_store, store)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -63,7 +79,7 @@ class PeakRss:
                 for child in self.root.children(recursive=True):
                     try:
                         if child.name().startswith("ray::") or "default_worker" in " ".join(child.cmdline()[:3]):
-                            self.worker = max(self.worker, child.memory_info().rss)
+                            self._sample_worker(child)
                     except psutil.Error:
                         continue
             except psutil.Error:
@@ -76,19 +92,26 @@ class PeakRss:
         return self.driver, self.worker
 
 
-def run_python(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
-    """Run `python ARGS` from the project's folder; (seconds, peak RSS of the process, peak RSS of its largest
-    Ray worker, its output)."""
+def run_sampled(args: list[str], env: dict[str, str] | None = None, private: bool = False
+                ) -> tuple[float, PeakRss, str]:
+    """Run `python ARGS` from the project's folder; (seconds, its memory sampler, stopped, its output)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=Path(__file__).resolve().parent.parent)
-    rss = PeakRss(proc.pid)
+    memory = PeakRss(proc.pid, private)
     out, _ = proc.communicate()
     seconds = time.perf_counter() - started     # before the sampler's last half-second nap
-    driver, worker = rss.stop()
+    memory.stop()
     if proc.returncode:
         raise RuntimeError(f"python {' '.join(args)} exited {proc.returncode}:\n{out[-3000:]}")
-    return seconds, driver, worker, out
+    return seconds, memory, out
+
+
+def run_python(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
+    """Run `python ARGS` from the project's folder; (seconds, peak RSS of the process, peak RSS of its largest
+    Ray worker, its output)."""
+    seconds, memory, out = run_sampled(args, env)
+    return seconds, memory.driver, memory.worker, out
 
 
 def cli(args: list[str], env: dict[str, str]) -> tuple[float, int, int]:

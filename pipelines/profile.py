@@ -1,73 +1,255 @@
-"""Profile the raw modality history with Dask (on the Ray cluster through dask-on-ray):
-per modality and day - rows, entities, median sampling period, gaps, nulls, duplicate keys, and rows
-whose time falls outside their date partition (late or misfiled rows)."""
+"""Profile the raw modality history with Dask (on the Ray cluster through dask-on-ray): per modality and day -
+rows, entities, median sampling period, gaps, nulls, duplicate keys, and rows whose time falls outside their
+date partition (late or misfiled rows).
+
+Two passes; a task holds a few row groups or one shuffled partition, never a day or the window, and the
+driver holds a row per file and per modality and day:
+1. per file (`file_counts`), a row group at a time: rows, null cells, rows outside the partition and its row
+   groups (a column's nulls come from the Parquet statistics where those are exact and the column cannot hold
+   NaN: images are not read);
+2. per few row groups (`key_rows`): the entity (a 64-bit hash of its key columns' text) and time, numbers only,
+   shuffled by Dask on (modality and day, entity) into partitions of about `PARTITION_ROWS` rows, so that each
+   entity's rows of a day are together; per entity its median period, gaps and repeated keys
+   (`entity_periods`). The data is read once: the shuffle moves 20 bytes a row.
+Dask's group-by merges the entities per modality and day.
+"""
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 
 import dask.dataframe as dd
 import pandas as pd
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from dmafn.spec import ModalitySpec, Spec
-from pipelines.storage import DataError, Storage, is_s3, list_partitions
+from dmafn.spec import DAY_US, ModalitySpec, Spec
+from pipelines.align import date_start_us, to_micros
+from pipelines.parquet_files import list_parquet_files, open_parquet, read_columns
+from pipelines.storage import DataError, Storage, list_partitions
 
 log = logging.getLogger(__name__)
-GAP_FACTOR = 3.0     # a gap: consecutive rows of one entity further apart than 3x the median period
+GAP_FACTOR = 3.0                # a gap: rows of one entity further apart than 3x its median period that day
+PARTITION_ROWS = 2_000_000      # rows per shuffled partition of pass 2 (~40 MB shuffled, ~0.5 GB to work on)
+PART_ROWS = 2_000_000           # rows read by one pass-2 task (whole row groups; at least one)
+COLUMNS = ["modality", "date", "rows", "entities", "median_period_s", "gaps", "nulls", "duplicate_keys",
+           "outside_partition"]
 
-_META = pd.DataFrame({"date": pd.Series(dtype="str"), "rows": pd.Series(dtype="int64"),
-                      "entities": pd.Series(dtype="int64"), "median_period_s": pd.Series(dtype="float64"),
-                      "gaps": pd.Series(dtype="int64"), "nulls": pd.Series(dtype="int64"),
-                      "duplicate_keys": pd.Series(dtype="int64"), "outside_partition": pd.Series(dtype="int64")})
-
-
-def profile_day(day: pd.DataFrame, keys: list[str], time: str, partition: str, value_columns: list[str]) -> pd.DataFrame:
-    """One day's rows of one modality -> one profile row (a plain pandas function, tested without Dask)."""
-    ts = pd.to_datetime(day[time], utc=True)
-    ordered = day.assign(_ts=ts).sort_values([*keys, "_ts"])
-    diffs = ordered.groupby(keys, observed=True)["_ts"].diff().dt.total_seconds().dropna()
-    median = float(diffs.median()) if len(diffs) else float("nan")
-    gaps = int((diffs > GAP_FACTOR * median).sum()) if len(diffs) and median > 0 else 0
-    date = str(day[partition].iloc[0])
-    return pd.DataFrame({
-        "date": [date], "rows": [len(day)], "entities": [int(day[keys].drop_duplicates().shape[0])],
-        "median_period_s": [median], "gaps": [gaps], "nulls": [int(day[value_columns].isna().sum().sum())],
-        "duplicate_keys": [int(ordered.duplicated([*keys, "_ts"]).sum())],
-        "outside_partition": [int((ts.dt.strftime("%Y-%m-%d") != date).sum())]})
+_FILE_META = pd.DataFrame({"path": pd.Series(dtype="str"), "modality": pd.Series(dtype="str"),
+                           "date": pd.Series(dtype="str"),
+                           "rows": pd.Series(dtype="int64"), "nulls": pd.Series(dtype="int64"),
+                           "outside_partition": pd.Series(dtype="int64"), "row_groups": pd.Series(dtype="int64")})
+_KEY_META = pd.DataFrame({"_day": pd.Series(dtype="int32"), "_entity": pd.Series(dtype="uint64"),
+                          "_us": pd.Series(dtype="int64")})
+_PERIODS_META = pd.DataFrame({"_day": pd.Series(dtype="int32"), "period_s": pd.Series(dtype="float64"),
+                              "gaps": pd.Series(dtype="int64"), "duplicate_keys": pd.Series(dtype="int64")})
 
 
-def _modality_frame(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt.date]) -> dd.DataFrame:
+@dataclass(frozen=True)
+class Columns:
+    """What a modality's files must hold: entity columns, the time column, value columns."""
+
+    modality: str
+    keys: tuple[str, ...]
+    time: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
+        values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*spec.entity, spec.time))
+        return cls(m.name, tuple(spec.entity), spec.time, values)
+
+    @property
+    def key_and_time(self) -> list[str]:
+        return [*self.keys, self.time]
+
+    def check(self, schema: pa.Schema, path: str) -> None:
+        """DataError naming the file and the column when a column is missing or the time is not a timestamp."""
+        for col in [*self.key_and_time, *self.values]:
+            if col not in schema.names:
+                raise DataError(f"modality '{self.modality}' ({path}): column '{col}' not found; "
+                                f"columns are {sorted(schema.names)}")
+        if not pa.types.is_timestamp(schema.field(self.time).type):
+            raise DataError(f"modality '{self.modality}' ({path}): time column '{self.time}' is "
+                            f"{schema.field(self.time).type}, expected a timestamp")
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """Pass 1's unit: one Parquet file of a modality's date partition."""
+
+    columns: Columns
+    date: dt.date
+    path: str
+    storage: Storage
+    table: str                      # the modality's path: which filesystem the file is on
+
+
+@dataclass(frozen=True)
+class RowGroupsPart:
+    """Pass 2's unit: consecutive row groups of a file (their entity and time columns are read)."""
+
+    file: FilePart
+    row_groups: tuple[int, ...]
+    day: int                        # its (modality, date), numbered by the driver
+
+
+def row_group_parts(files: list[FilePart], per_file: pl.DataFrame, days: dict[tuple[str, str], int],
+                    part_rows: int = PART_ROWS) -> list[RowGroupsPart]:
+    """Pass 2's parts: each file's row groups (`per_file`: pass 1's rows) in runs of about `part_rows` rows (at
+    least one row group)."""
+    counted = {row["path"]: (row["row_groups"], row["rows"]) for row in per_file.iter_rows(named=True)}
+    parts = []
+    for f in files:
+        groups, n = counted[f.path]
+        per_part = max(1, part_rows * groups // max(n, 1))
+        day = days[(f.columns.modality, f.date.isoformat())]
+        parts += [RowGroupsPart(f, tuple(range(g, min(g + per_part, groups))), day) for g in range(0, groups, per_part)]
+    return parts
+
+
+def _null_cells(column: pa.ChunkedArray) -> int:
+    """Null cells of a column, NaN counted as null in a float column."""
+    nulls = column.null_count
+    if pa.types.is_floating(column.type):
+        nulls += int(pc.sum(pc.is_nan(column)).as_py() or 0)
+    return nulls
+
+
+def _nulls_from_statistics(parquet, row_group: int, column: str) -> int | None:
+    """The column chunk's null count when the file's statistics give it exactly for a flat column that cannot
+    hold NaN; None when the column must be read."""
+    field = parquet.schema_arrow.field(column)
+    if pa.types.is_floating(field.type) or pa.types.is_nested(field.type):
+        return None
+    meta = parquet.metadata.row_group(row_group)
+    for j in range(meta.num_columns):
+        chunk = meta.column(j)
+        if chunk.path_in_schema == column:
+            stats = chunk.statistics
+            return stats.null_count if stats is not None and stats.has_null_count else None
+    return None
+
+
+def outside_day(micros: pl.Series, date: dt.date) -> int:
+    """Rows whose time (microseconds, UTC) is not on `date`; rows without a time are not counted."""
+    start = date_start_us(date)
+    return int(((micros < start) | (micros >= start + DAY_US)).sum())
+
+
+def file_counts(part: FilePart) -> pd.DataFrame:
+    """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
+    time is outside the partition's date, and its row groups."""
+    cols = part.columns
+    parquet = open_parquet(part.storage.filesystem(part.table), part.path)
+    cols.check(parquet.schema_arrow, part.path)
+    rows = nulls = outside = 0
+    for r in range(parquet.metadata.num_row_groups):
+        from_stats = {c: _nulls_from_statistics(parquet, r, c) for c in cols.values}
+        read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
+        table = read_columns(parquet, part.path, read, [r])
+        rows += table.num_rows
+        nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
+        micros = pl.from_arrow(table.select([cols.time])).select(to_micros(pl.col(cols.time)))[cols.time]
+        outside += outside_day(micros, part.date)
+    return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],
+                         "rows": [rows], "nulls": [nulls], "outside_partition": [outside],
+                         "row_groups": [parquet.metadata.num_row_groups]})
+
+
+def entity_periods(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Rows (`keys` and `_us`, the time in microseconds) holding every row of each of their entities (for one
+    day) -> one row per entity: its median period (`period_s`, seconds between consecutive rows; null with one
+    row), its `gaps` (further apart than `GAP_FACTOR` x that median) and its `duplicate_keys` (rows repeating
+    an earlier row's time). Rows without an entity or a time are left out (pass 1 counts them as nulls)."""
+    diffs = (rows.drop_nulls([*keys, "_us"]).sort([*keys, "_us"])
+             .with_columns(pl.col("_us").diff().over(keys).alias("_diff")))
+    median = pl.col("_diff").median()
+    return diffs.group_by(keys).agg(
+        (median / 1e6).cast(pl.Float64).alias("period_s"),
+        pl.when(median > 0).then((pl.col("_diff") > GAP_FACTOR * median).sum()).otherwise(0)
+        .cast(pl.Int64).alias("gaps"),
+        (pl.col("_diff") == 0).sum().cast(pl.Int64).alias("duplicate_keys"))
+
+
+def key_rows(part: RowGroupsPart) -> pd.DataFrame:
+    """Pass 2's read: the part's (modality, date) number, entity (a 64-bit hash of its key columns' text) and
+    time (microseconds) of each row with both."""
+    cols, path = part.file.columns, part.file.path
+    parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
+    rows = pl.from_arrow(read_columns(parquet, path, cols.key_and_time, list(part.row_groups))).drop_nulls()
+    entity = pl.concat_str([pl.col(k).cast(pl.String) for k in cols.keys], separator="|").hash(seed=0)
+    return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
+                       to_micros(pl.col(cols.time)).alias("_us")).to_pandas()
+
+
+def partition_periods(rows: pd.DataFrame) -> pd.DataFrame:
+    """A shuffled partition (every row of each of its (day, entity)) -> `entity_periods` per day and entity."""
+    periods = entity_periods(pl.from_pandas(rows), ["_day", "_entity"]).drop("_entity")
+    return periods.to_pandas().astype(_PERIODS_META.dtypes.to_dict())[list(_PERIODS_META.columns)]
+
+
+def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt.date]) -> list[FilePart]:
+    """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing); DataError
+    naming the modality's path when none of the dates has a partition."""
     parts = list_partitions(storage, m.path, spec.partition)
-    found = [d for d in dates if d in parts]
+    found = {d: parts[d] for d in dates if d in parts}
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
-    columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
-    s3 = is_s3(m.path)
-    opts = {"filesystem": storage.filesystem(m.path)} if s3 else {}
-    frames = [dd.read_parquet(("s3://" + parts[d]) if s3 else parts[d], columns=columns, **opts)
-              .assign(**{spec.partition: d.isoformat()}) for d in found]
-    return dd.concat(frames)
+    cols = Columns.of(spec, m)
+    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path)
+            for day, path, _ in list_parquet_files(storage.filesystem(m.path), found)]
 
 
-def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True) -> pl.DataFrame:
-    """Profile every modality over [start, end]; one row per modality and day."""
+def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,
+            partition_rows: int = PARTITION_ROWS) -> pl.DataFrame:
+    """Profile every modality over [start, end]; one row per modality and day that has files.
+
+    `median_period_s` is the median over the day's entities of each entity's median period; a gap is two
+    consecutive rows of one entity further apart than 3x that entity's median period of the day.
+    """
+    if end < start:
+        raise DataError(f"profile: the window ends ({end}) before it starts ({start})")
     storage = Storage.from_spec(spec.storage)
     dates = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    scheduler = None
-    if use_ray:
-        from ray.util.dask import ray_dask_get
+    files = [f for m in spec.modalities.values() if not m.context_of    # a slow view reads its parent's rows:
+             for f in modality_files(spec, m, storage, dates)]          # profiled once, as the parent
+    if not files:
+        raise DataError(f"spec '{spec.name}': no Parquet files in {start}..{end}")
+    per_file = pl.from_pandas(_compute(dd.from_map(file_counts, files, meta=_FILE_META), use_ray))
+    counts = per_file.group_by("modality", "date").agg(pl.col("rows", "nulls", "outside_partition").sum())
+    days = {key: i for i, key in enumerate(sorted(counts.select("modality", "date").iter_rows()))}
+    parts = row_group_parts(files, per_file, days)
+    periods = pl.DataFrame(schema={"_day": pl.Int32, "entities": pl.Int64, "period_s": pl.Float64,
+                                   "gaps": pl.Int64, "duplicate_keys": pl.Int64})
+    if parts:
+        partitions = max(1, -(-int(per_file["rows"].sum()) // partition_rows))
+        log.info("profile: %d files, %d reads of row groups, %d partitions", len(files), len(parts), partitions)
+        keys = dd.from_map(key_rows, parts, meta=_KEY_META)
+        shuffled = keys.shuffle(on=["_day", "_entity"], npartitions=partitions, shuffle_method="tasks")
+        per_entity = shuffled.map_partitions(partition_periods, meta=_PERIODS_META).assign(entities=1)
+        periods = pl.from_pandas(_compute(per_entity.groupby("_day").agg(
+            {"entities": "sum", "period_s": "median", "gaps": "sum", "duplicate_keys": "sum"}), use_ray).reset_index())
+    names = pl.DataFrame({"modality": [m for m, _ in days], "date": [d for _, d in days],
+                          "_day": list(days.values())}, schema_overrides={"_day": pl.Int32})
+    table = (counts.join(names, on=["modality", "date"])
+             .join(periods.with_columns(pl.col("_day").cast(pl.Int32)), on="_day", how="left")
+             .rename({"period_s": "median_period_s"})
+             .with_columns(pl.col("entities", "gaps", "duplicate_keys").fill_null(0).cast(pl.Int64),
+                           pl.col("median_period_s").cast(pl.Float64).fill_nan(None)))
+    return table.select(COLUMNS).sort(["modality", "date"])
 
-        scheduler = ray_dask_get
-    results = []
-    for name, m in spec.modalities.items():
-        if m.context_of:                  # a slow view reads its parent's rows: profiled once, as the parent
-            continue
-        frame = _modality_frame(spec, m, storage, dates)
-        summary = frame.assign(_day=frame[spec.partition]).groupby("_day").apply(   # the key column stays in each group
-            profile_day, keys=list(spec.entity), time=spec.time, partition=spec.partition,
-            value_columns=list(m.value_columns), meta=_META)
-        out = summary.compute(scheduler=scheduler) if scheduler else summary.compute()
-        results.append(pl.from_pandas(out.reset_index(drop=True)).with_columns(pl.lit(name).alias("modality")))
-    table = pl.concat(results).select(["modality", *_META.columns]).sort(["modality", "date"])
-    return table.with_columns(pl.col("median_period_s").fill_nan(None))
+
+def _compute(collection, use_ray: bool):
+    """`collection.compute()` on the Ray cluster (dask-on-ray) or, with `use_ray=False`, on Dask's own threads;
+    a task's own error (a DataError naming a file) is raised as itself."""
+    if not use_ray:
+        return collection.compute()
+    from ray.util.dask import ray_dask_get
+
+    from pipelines.ray_runtime import task_error_as_itself
+
+    with task_error_as_itself():
+        return collection.compute(scheduler=ray_dask_get)

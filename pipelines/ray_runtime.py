@@ -132,13 +132,20 @@ class Resources:
         return max(0.25, min(1.0, self.cpus * 0.75 / max(workers, 1)))
 
 
-def raise_task_error(ref: "ray.ObjectRef"):
-    """`ray.get(ref)`, but a task's own error (a DataError naming a file, ...) is raised as itself rather than
-    wrapped in Ray's traceback."""
+@contextlib.contextmanager
+def task_error_as_itself():
+    """Inside it, a Ray task's own error (a DataError naming a file, ...) is raised as itself rather than
+    wrapped in Ray's traceback; Ray's own errors (a lost worker, ...) are raised as they are."""
     try:
-        return ray.get(ref)
+        yield
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
             raise cause from None
         raise
+
+
+def raise_task_error(ref: "ray.ObjectRef"):
+    """`ray.get(ref)`, a task's own error raised as itself (`task_error_as_itself`)."""
+    with task_error_as_itself():
+        return ray.get(ref)

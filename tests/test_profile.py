@@ -1,36 +1,104 @@
-"""Profile: the per-day pandas function by hand, and the whole profile with Dask on the local Ray."""
+"""Profile: each pass's function by hand, and the whole profile with Dask on the local Ray (an entity's rows of a
+day spread over reads and files are brought together; more partitions give the same table; a bad file is named)."""
 import datetime as dt
+import logging
+import re
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import polars as pl
+import pytest
 
 from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
 from pipelines.generate import write_synthetic
-from pipelines.profile import profile, profile_day
+from pipelines.profile import Columns, FilePart, entity_periods, file_counts, profile
+from pipelines.storage import DataError, Storage
+
+S = 1_000_000                                  # a second in microseconds
+DAY = 1704067200 * S                           # 2024-01-01 00:00 UTC
 
 
-def test_profile_day_hand_computed():
-    ts = pd.to_datetime(["2024-01-01 00:00:00", "2024-01-01 00:00:10", "2024-01-01 00:00:20",
-                         "2024-01-01 00:01:20", "2024-01-01 00:01:20", "2024-01-02 00:00:05"], utc=True)
-    day = pd.DataFrame({"m": ["a"] * 6, "ts": ts, "v": [1.0, None, 2.0, 3.0, 3.0, 4.0], "date": "2024-01-01"})
-    row = profile_day(day, ["m"], "ts", "date", ["v"]).iloc[0]
-    assert row["rows"] == 6 and row["entities"] == 1
-    assert row["median_period_s"] == 10.0               # diffs 10, 10, 60, 0, 86325 -> median 10
-    assert row["gaps"] == 2                              # 60 s and the jump into the next day
-    assert row["nulls"] == 1 and row["duplicate_keys"] == 1 and row["outside_partition"] == 1
+def test_entity_periods_per_entity_by_hand():
+    # a: every 10 s, gaps of 60 and 40 s, one repeated tick -> diffs 10, 10, 60, 0, 10, 40, 10 -> median 10,
+    #    2 gaps (over 30 s; against 3x their mean, 60 s, none), 1 repeat;
+    # b: every 30 s -> median 30, no gap (pooled, a's and b's diffs would have a median of 20 and a no gap);
+    # c: one row -> no period; rows without an entity or a time are left to the null count
+    a = [0, 10, 20, 80, 80, 90, 130, 140]
+    b = [5, 35, 65, 95]
+    rows = pl.DataFrame({"m": ["a"] * 8 + ["b"] * 4 + ["c", None, "a"],
+                         "_us": [DAY + t * S for t in [*a, *b, 3]] + [DAY, None]})
+    out = entity_periods(rows.sample(fraction=1.0, shuffle=True, seed=1), ["m"]).sort("m")
+    assert out["m"].to_list() == ["a", "b", "c"]
+    assert out["period_s"].to_list() == [10.0, 30.0, None]
+    assert out["gaps"].to_list() == [2, 0, 0] and out["duplicate_keys"].to_list() == [1, 0, 0]
 
 
-def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray):
-    spec = load_spec(write_synthetic(tmp_path, SyntheticConfig(entities=2, days=2, clean_days=2, image_size=16)))
-    late = pa.table({"machine_id": ["pump-00"], "ts": pa.array([1704153600000000 + 10], pa.timestamp("us", tz="UTC")),
-                     "temperature": [40.0], "pressure": [3.0]})
-    pq.write_table(late, tmp_path / "raw" / "process" / "date=2024-01-01" / "late.parquet")   # misfiled row
+def test_file_counts_a_row_group_at_a_time(tmp_path):
+    ts = pa.array([DAY + i * S for i in range(5)] + [DAY + 86_400 * S + 5, None], pa.timestamp("us", tz="UTC"))
+    table = pa.table({"m": ["a", "a", None, "b", "b", "b", "b"], "ts": ts,
+                      "v": [1.0, float("nan"), None, 2.0, 3.0, 4.0, 5.0],
+                      "img": [b"\x89PNG", None, b"\x89PNG", b"\x89PNG", None, b"\x89PNG", b"\x89PNG"]})
+    path = tmp_path / "part.parquet"
+    pq.write_table(table, path, row_group_size=3)               # three row groups
+    cols = Columns("process", ("m",), "ts", ("v", "img"))
+    part = FilePart(cols, dt.date(2024, 1, 1), str(path), Storage(), str(tmp_path))
+    row = file_counts(part).iloc[0]
+    assert row["rows"] == 7 and row["date"] == "2024-01-01"
+    assert row["nulls"] == 6                    # a null key, a null time, NaN and null in v, two null images
+    assert row["outside_partition"] == 1        # the row timed on the next day; the one without a time is a null
+    assert row["row_groups"] == 3
+    text_time = table.set_column(1, "ts", pa.array(["x"] * 7))
+    pq.write_table(text_time, tmp_path / "text.parquet")
+    with pytest.raises(DataError, match=r"text\.parquet.*time column 'ts' is string"):
+        file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "text.parquet"), Storage(), str(tmp_path)))
+    with pytest.raises(DataError, match=r"part\.parquet.*column 'w' not found"):
+        file_counts(FilePart(Columns("process", ("m",), "ts", ("w",)), dt.date(2024, 1, 1), str(path), Storage(),
+                             str(tmp_path)))
+
+
+def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, caplog):
+    spec = load_spec(write_synthetic(tmp_path, SyntheticConfig(entities=3, days=2, clean_days=2, image_size=16)))
+    late = pa.table({"machine_id": ["pump-00", "pump-00"],
+                     "ts": pa.array([1704153600000000 + 10] * 2, pa.timestamp("us", tz="UTC")),
+                     "temperature": [40.0, None], "pressure": [3.0, 3.0]})
+    pq.write_table(late, tmp_path / "raw" / "process" / "date=2024-01-01" / "late.parquet")   # misfiled rows
+    # a day's vibration in two files of small row groups, each holding every entity: an entity's rows of the
+    # day lie in several reads, which the shuffle must bring together
+    folder = tmp_path / "raw" / "vibration" / "date=2024-01-01"
+    day = pl.read_parquet(folder)
+    for old in folder.iterdir():
+        old.unlink()
+    half = day.height // 2
+    for i, piece in enumerate([day[:half], day[half:]]):
+        pq.write_table(piece.to_arrow(), folder / f"part-{i}.parquet", row_group_size=5_000)
+
     table = profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2))
     assert set(table["modality"]) == {"process", "vibration", "camera", "logs"}
-    assert table.height == 8
-    vib = table.filter(table["modality"] == "vibration").row(0, named=True)
-    assert vib["entities"] == 2 and 0.8 < vib["median_period_s"] < 1.2 and vib["gaps"] > 0
-    proc = table.filter(table["modality"] == "process").sort("date")
-    assert proc["outside_partition"].to_list() == [1, 0]
+    assert table.height == 8 and table.columns[:2] == ["modality", "date"]
+    proc = table.filter(pl.col("modality") == "process").sort("date")
+    assert proc["outside_partition"].to_list() == [2, 0]
+    assert proc["duplicate_keys"].to_list() == [1, 0] and proc["nulls"].to_list() == [1, 0]
+    raw = pq.read_table(tmp_path / "raw" / "process" / "date=2024-01-02")
+    assert proc["rows"].to_list()[1] == raw.num_rows
+
+    # the vibration day: what the pure per-entity function gives on the whole day in one frame
+    whole = entity_periods(day.select("machine_id", pl.col("ts").dt.epoch("us").alias("_us")), ["machine_id"])
+    vib = table.filter((pl.col("modality") == "vibration") & (pl.col("date") == "2024-01-01")).row(0, named=True)
+    assert vib["rows"] == day.height and vib["entities"] == 3 == whole.height
+    assert vib["median_period_s"] == pytest.approx(whole["period_s"].median(), rel=1e-12)
+    assert 0.8 < vib["median_period_s"] < 1.2 and vib["gaps"] == whole["gaps"].sum() > 0
+    assert vib["duplicate_keys"] == whole["duplicate_keys"].sum()
+
+    # more, smaller shuffled partitions: the same table
+    with caplog.at_level(logging.INFO, logger="pipelines.profile"):
+        small = profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2), partition_rows=100_000)
+    assert re.search(r"profile: 10 files, 10 reads of row groups, ([2-9]|\d\d+) partitions", caplog.text)
+    assert small.drop("median_period_s").equals(table.drop("median_period_s"))
+    assert small["median_period_s"].to_list() == pytest.approx(table["median_period_s"].to_list(), rel=1e-12)
+
+    # a file whose time column is text: its path and the column named (raised from the task as itself)
+    bad = late.set_column(1, "ts", pa.array(["2024-01-02"] * 2))
+    pq.write_table(bad, tmp_path / "raw" / "process" / "date=2024-01-02" / "bad.parquet")
+    with pytest.raises(DataError, match=r"date=2024-01-02/bad\.parquet.*time column 'ts' is string"):
+        profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2))
