@@ -118,6 +118,19 @@ def test_evaluate_and_report_read_the_scores_on_s3_a_date_at_a_time(s3_spec, tmp
     assert f"{scored.height:,}" in page and 'id="runs-table"' in page and 'id="kind-metrics"' in page
 
 
+def test_profile_reads_the_history_on_s3(s3_spec):
+    """`profile` lists and reads the modality files on S3 (both passes in Ray tasks): the same table as over the
+    local copy they were uploaded from."""
+    from pipelines.profile import profile
+
+    spec, _, spec_path = s3_spec
+    on_s3 = profile(spec, DAYS[0], DAYS[-1])
+    here = profile(load_spec(spec_path.parent / "spec.yaml"), DAYS[0], DAYS[-1])
+    assert on_s3.height == 4 * len(DAYS) and on_s3["rows"].sum() > 0
+    assert on_s3.drop("median_period_s").equals(here.drop("median_period_s"))
+    assert on_s3["median_period_s"].to_list() == pytest.approx(here["median_period_s"].to_list(), rel=1e-12)
+
+
 def test_backfill_killed_midway_then_rerun(s3_spec, local_ray):
     from pipelines.score import backfill
 
