@@ -11,6 +11,7 @@ import pytest
 
 from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
+from jobs.cli import main
 from pipelines.generate import write_synthetic
 from pipelines.profile import Columns, FilePart, entity_periods, file_counts, profile
 from pipelines.storage import DataError, Storage
@@ -57,7 +58,7 @@ def test_file_counts_a_row_group_at_a_time(tmp_path):
                              str(tmp_path)))
 
 
-def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, caplog):
+def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, caplog, capsys):
     spec = load_spec(write_synthetic(tmp_path, SyntheticConfig(entities=3, days=2, clean_days=2, image_size=16)))
     late = pa.table({"machine_id": ["pump-00", "pump-00"],
                      "ts": pa.array([1704153600000000 + 10] * 2, pa.timestamp("us", tz="UTC")),
@@ -73,7 +74,11 @@ def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, capl
     for i, piece in enumerate([day[:half], day[half:]]):
         pq.write_table(piece.to_arrow(), folder / f"part-{i}.parquet", row_group_size=5_000)
 
-    table = profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2))
+    out = tmp_path / "profile.parquet"                             # through the CLI, as a user runs it
+    assert main(["profile", str(tmp_path / "spec.yaml"), "--start", "2024-01-01", "--end", "2024-01-02",
+                 "--out", str(out)]) == 0
+    table = pl.read_parquet(out)
+    assert "vibration" in capsys.readouterr().out
     assert set(table["modality"]) == {"process", "vibration", "camera", "logs"}
     assert table.height == 8 and table.columns[:2] == ["modality", "date"]
     proc = table.filter(pl.col("modality") == "process").sort("date")
@@ -102,3 +107,5 @@ def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, capl
     pq.write_table(bad, tmp_path / "raw" / "process" / "date=2024-01-02" / "bad.parquet")
     with pytest.raises(DataError, match=r"date=2024-01-02/bad\.parquet.*time column 'ts' is string"):
         profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2))
+    assert main(["profile", str(tmp_path / "spec.yaml"), "--start", "2024-01-02", "--end", "2024-01-02"]) == 2
+    assert re.search(r"error: .*bad\.parquet.*time column 'ts' is string", capsys.readouterr().err)
