@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-calibrate: install
 
 bench-profile: install
 	$(BIN)/python -m benchmarks.profile_day --out benchmarks/results
+
+bench-shard-reads: install
+	$(BIN)/python -m benchmarks.shard_reads --out benchmarks/results
 
 # The cluster images (ray_cluster.yaml, infra/k8s): make images REGISTRY=ghcr.io/your-org [PUSH=1]
 REGISTRY ?= ghcr.io/your-org

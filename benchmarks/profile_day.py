@@ -41,17 +41,19 @@ def spec_dict(root: Path) -> dict:
             "registry": str(root / "models"), "score": {"output": str(root / "scores")}}
 
 
-def write_day(root: Path, entities: int, rows: int, seed: int = 0) -> None:
-    """`rows` rows of one date over `entities` machines, one file per PER_FILE entities."""
+def write_day(root: Path, entities: int, rows: int, seed: int = 0, *, per_file: int = PER_FILE,
+              row_group_rows: int = 1_000_000, by_time: bool = False) -> None:
+    """`rows` rows of one date over `entities` machines, one file per `per_file` machines, its rows sorted by
+    machine then time (`by_time`: by time, the machines interleaved)."""
     rng = np.random.default_rng(seed)
     folder = root / "raw" / "vibration" / f"date={DATE.isoformat()}"
     folder.mkdir(parents=True, exist_ok=True)
     rates = rng.uniform(1, 3, entities)
     counts = np.floor(rows * rates / rates.sum()).astype(int)
     t0 = int(dt.datetime(DATE.year, DATE.month, DATE.day, tzinfo=dt.timezone.utc).timestamp() * 1e6)
-    for first in range(0, entities, PER_FILE):
+    for first in range(0, entities, per_file):
         frames = []
-        for e in range(first, min(first + PER_FILE, entities)):
+        for e in range(first, min(first + per_file, entities)):
             n = counts[e]
             step = 86_400e6 / n
             ts = t0 + (np.arange(n) * step + rng.uniform(0, step * 0.2, n)).astype(np.int64)
@@ -64,7 +66,8 @@ def write_day(root: Path, entities: int, rows: int, seed: int = 0) -> None:
             frames.append(pl.DataFrame({"machine_id": f"m-{e:05d}", "ts": np.sort(ts)[keep],
                                         "ax": values[0][keep], "ay": values[1][keep], "az": values[2][keep]}))
         day = pl.concat(frames).with_columns(pl.from_epoch("ts", "us").dt.replace_time_zone("UTC"))
-        day.write_parquet(folder / f"part-{first // PER_FILE:03d}.parquet", row_group_size=1_000_000)
+        day = day.sort("ts") if by_time else day
+        day.write_parquet(folder / f"part-{first // per_file:04d}.parquet", row_group_size=row_group_rows)
 
 
 def on_ray(spec_path: str) -> None:

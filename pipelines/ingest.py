@@ -16,7 +16,7 @@ from dmafn.features import decode_pixels
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, date_start_us, to_micros
 from pipelines.parquet_files import open_parquet, read_columns, row_groups_since
-from pipelines.shards import Shard, in_bucket
+from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 
 REASON = "_reason"
@@ -153,6 +153,13 @@ def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
     return pl.concat_str([pl.col(k).cast(pl.String) for k in keys], separator="|")
 
 
+def both(first: list[int] | None, second: list[int] | None) -> list[int] | None:
+    """The row groups two selections keep (None: every row group)."""
+    if first is None or second is None:
+        return second if first is None else first
+    return sorted(set(first) & set(second))
+
+
 def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
     days = [date_start_us(d) // DAY_US for d in shard.dates]
@@ -166,8 +173,10 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             parquet = open_parquet(fs, f.path)
             check_schema(parquet.schema_arrow, spec, m, f.path)
             own_date = f.date in shard.dates
-            # a look-back day: only the row groups that can hold what the first ticks read (by their statistics)
-            groups = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
+            # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
+            # and of an entity bucket, only the row groups that may hold its entities
+            since = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
+            groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
             table, bad_text = valid_text(read_columns(parquet, f.path, columns, groups), m)
             rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
             rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \

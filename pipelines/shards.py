@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dmafn.spec import Spec
 from pipelines.parquet_files import list_parquet_files
@@ -150,6 +151,45 @@ def in_bucket(rows: pl.DataFrame, keys: list[str], bucket: int, buckets: int) ->
     key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in keys], separator="|").alias("_key")
     mine = [k for k in rows.select(key).unique()["_key"].to_list() if zlib.crc32(k.encode()) % buckets == bucket]
     return rows.filter(key.is_in(mine))
+
+
+# a single-key row group is pruned only when its key is text or an integer (cast to text as `in_bucket` does) and
+# shorter than this: some writers cut long text statistics
+_EXACT_KEY_CHARS = 64
+
+
+def _single_key(parquet: pq.ParquetFile, keys: list[str], row_group: int) -> str | None:
+    """The one entity key (as `in_bucket` writes it) of every row of `row_group` when its statistics say so (each
+    key column's min equals its max, no nulls); None when they do not."""
+    meta = parquet.metadata.row_group(row_group)
+    chunks = {meta.column(j).path_in_schema: meta.column(j) for j in range(meta.num_columns)}
+    values = []
+    for key in keys:
+        field_type = parquet.schema_arrow.field(key).type
+        if pa.types.is_dictionary(field_type):
+            field_type = field_type.value_type
+        text = pa.types.is_string(field_type) or pa.types.is_large_string(field_type)
+        if key not in chunks or not (text or pa.types.is_integer(field_type)):
+            return None
+        stats = chunks[key].statistics
+        if stats is None or not stats.has_min_max or not stats.has_null_count or stats.null_count:
+            return None
+        if stats.min != stats.max or (text and len(stats.min) >= _EXACT_KEY_CHARS):
+            return None
+        values.append(str(stats.min))
+    return "|".join(values)
+
+
+def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, buckets: int) -> list[int] | None:
+    """The row groups of a file that may hold rows of entity bucket `bucket` of `buckets` (`in_bucket`'s CRC-32):
+    a row group whose statistics show one entity key and no null key is left out when that key falls in another
+    bucket (a file per machine, or files sorted by machine, are then read by the bucket that owns them); every
+    other row group is kept. None when all are kept."""
+    if buckets == 1:
+        return None
+    kept = [r for r in range(parquet.metadata.num_row_groups)
+            if (key := _single_key(parquet, keys, r)) is None or zlib.crc32(key.encode()) % buckets == bucket]
+    return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 
 def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> None:

@@ -775,3 +775,62 @@ def _ms_file(tmp_path, table):
     path = tmp_path.parent / f"{tmp_path.name}-ms.parquet"
     pq.write_table(table.set_column(1, "ts", table["ts"].cast(pa.timestamp("ms", tz="UTC"))), path, row_group_size=100)
     return path
+
+
+def test_an_entity_bucket_reads_only_the_row_groups_its_statistics_allow_with_the_same_rows(tmp_path, tiny_spec,
+                                                                                            monkeypatch):
+    """A row group whose entity statistics show one key (no nulls) is read only by the bucket that key falls in
+    (a file per machine, or files sorted by machine); row groups of several keys, with a null key, of an integer
+    key or without statistics are handled as the rows are (integers as their text); every bucket gets the same
+    rows as when each reads every row group."""
+    import datetime as dt
+    import zlib
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import open_parquet
+    from pipelines.shards import row_groups_in_bucket
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    names = [f"pump-{i}" for i in range(8) for _ in range(10)]    # sorted by machine: 10 rows each
+    table = pa.table({"machine_id": names, "ts": pa.array([day + i for i in range(80)], pa.timestamp("us", tz="UTC")),
+                      "temp": [1.0] * 80})
+    folder = _dir(tmp_path, "2024-01-02")
+    pq.write_table(table, folder / "sorted.parquet", row_group_size=10)           # a machine per row group
+    pq.write_table(table, folder / "mixed.parquet", row_group_size=15)            # most hold two machines
+    pq.write_table(table, folder / "nostats.parquet", row_group_size=10, write_statistics=False)
+    with_null = table.slice(0, 10).set_column(0, "machine_id", pa.array(["pump-0"] * 9 + [None]))
+    pq.write_table(with_null, folder / "null.parquet")
+    fs = Storage().filesystem(str(tmp_path))
+    sorted_file = open_parquet(fs, str(folder / "sorted.parquet"))
+    owner = {f"pump-{i}": zlib.crc32(f"pump-{i}".encode()) % 3 for i in range(8)}
+    for bucket in range(3):
+        assert row_groups_in_bucket(sorted_file, ["machine_id"], bucket, 3) == \
+            [i for i in range(8) if owner[f"pump-{i}"] == bucket]
+    assert row_groups_in_bucket(sorted_file, ["machine_id"], 0, 1) is None
+    mixed = open_parquet(fs, str(folder / "mixed.parquet"))
+    for bucket in range(3):                            # groups of pumps 0-1, 1-2, 3-4, 4-5, 6-7 are read by all
+        kept = [0, 1, 2, 3, 4] + ([5] if owner["pump-7"] == bucket else [])       # the last holds pump-7 alone
+        assert row_groups_in_bucket(mixed, ["machine_id"], bucket, 3) == (None if len(kept) == 6 else kept)
+    assert row_groups_in_bucket(open_parquet(fs, str(folder / "nostats.parquet")), ["machine_id"], 0, 3) is None
+    other = (owner["pump-0"] + 1) % 3                  # a bucket pump-0 is not in: the null key may be
+    assert row_groups_in_bucket(open_parquet(fs, str(folder / "null.parquet")), ["machine_id"], other, 3) is None
+    numbered = pa.table({"machine_id": pa.array([7] * 5 + [8] * 5, pa.int64()), "ts": table["ts"].slice(0, 10)})
+    pq.write_table(numbered, tmp_path / "numbered.parquet", row_group_size=5)
+    expected = [r for r, key in enumerate(["7", "8"]) if zlib.crc32(key.encode()) % 2 == 1]
+    assert row_groups_in_bucket(pq.ParquetFile(tmp_path / "numbered.parquet"), ["machine_id"], 1, 2) == expected
+
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    shards = _shards(spec, [dt.date(2024, 1, 2)], shard_bytes=size // 3 + 1)
+    assert {s.buckets for s in shards} == {3}
+    pruned = [ingest.read_shard(s, spec, Storage()).tables["proc"] for s in shards]
+    monkeypatch.setattr(ingest, "row_groups_in_bucket", lambda *a: None)
+    whole = [ingest.read_shard(s, spec, Storage()).tables["proc"] for s in shards]
+    for got, want in zip(pruned, whole):
+        assert got.sort(["machine_id", "_t"]).equals(want.sort(["machine_id", "_t"]))
+    counts = pl.concat(pruned)["machine_id"].value_counts().sort("machine_id")["count"].to_list()
+    assert counts == [39] + [30] * 7                   # 3 files x 10 rows, and pump-0's 9 of the file with a null
