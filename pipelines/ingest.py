@@ -41,16 +41,22 @@ _EXPECTED = {
 }
 
 
+def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str) -> None:
+    """Raise DataError naming the table and column when one of `columns` is missing or `time` is not a
+    timestamp (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
+    names = set(schema.names)
+    for col in columns:
+        if col not in names:
+            raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
+                            f"columns are {sorted(names)}")
+    if not pa.types.is_timestamp(schema.field(time).type):
+        raise DataError(f"modality '{modality}' ({where}): time column '{time}' is "
+                        f"{schema.field(time).type}, expected a timestamp")
+
+
 def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> None:
     """Raise DataError naming the table and column when the contract does not hold."""
-    names = set(schema.names)
-    for col in [*spec.entity, spec.time, *m.value_columns]:
-        if col not in names:
-            raise DataError(f"modality '{m.name}' ({where}): column '{col}' not found; "
-                            f"columns are {sorted(names)}")
-    if not pa.types.is_timestamp(schema.field(spec.time).type):
-        raise DataError(f"modality '{m.name}' ({where}): time column '{spec.time}' is "
-                        f"{schema.field(spec.time).type}, expected a timestamp")
+    check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where)
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
         if not check(schema.field(col).type):
@@ -109,10 +115,15 @@ def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
     return table.set_column(table.schema.get_field_index(m.column), m.column, fixed), bad
 
 
+def timed_outside(micros: pl.Expr, date) -> pl.Expr:
+    """True where a time (microseconds, UTC) is not on `date`; null where there is no time."""
+    start = date_start_us(date)
+    return (micros < start) | (micros >= start + DAY_US)
+
+
 def misplaced(rows: pl.DataFrame, date) -> pl.DataFrame:
     """Rows of the `date` partition timed on another date get a reason (they are quarantined, never used)."""
-    start = date_start_us(date)
-    outside = pl.col(REASON).is_null() & ((pl.col(TIME) < start) | (pl.col(TIME) >= start + DAY_US))
+    outside = pl.col(REASON).is_null() & timed_outside(pl.col(TIME), date)
     return rows.with_columns(pl.when(outside).then(pl.lit(f"timed outside its date partition {date.isoformat()}"))
                              .otherwise(pl.col(REASON)).alias(REASON))
 

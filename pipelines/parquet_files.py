@@ -24,6 +24,13 @@ def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
 _MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1e-3}
 
 
+def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.ColumnChunkMetaData | None:
+    """The metadata (statistics, physical type) of `column`'s chunk in `row_group`; None when the file has no
+    flat column of that name."""
+    meta = parquet.metadata.row_group(row_group)
+    return next((meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == column), None)
+
+
 def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -> list[int] | None:
     """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
     time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
@@ -31,13 +38,11 @@ def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -
     meta = parquet.metadata
     if not pa.types.is_timestamp(field.type) or meta.num_row_groups == 0:
         return None
-    column = next((j for j in range(meta.num_columns)
-                   if meta.row_group(0).column(j).path_in_schema == time_column), None)
-    if column is None:
-        return None
     keep = []
     for r in range(meta.num_row_groups):
-        chunk = meta.row_group(r).column(column)
+        chunk = column_chunk(parquet, r, time_column)
+        if chunk is None:
+            return None
         stats = chunk.statistics
         if chunk.physical_type != "INT64" or stats is None or not stats.has_min_max:
             return None

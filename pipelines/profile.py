@@ -25,9 +25,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.spec import DAY_US, ModalitySpec, Spec
-from pipelines.align import date_start_us, to_micros
-from pipelines.parquet_files import list_parquet_files, open_parquet, read_columns
+from dmafn.spec import ModalitySpec, Spec
+from pipelines.align import to_micros
+from pipelines.ingest import check_columns, entity_string, timed_outside
+from pipelines.parquet_files import column_chunk, list_parquet_files, open_parquet, read_columns
 from pipelines.storage import DataError, Storage, list_partitions
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,7 @@ class Columns:
 
     def check(self, schema: pa.Schema, path: str) -> None:
         """DataError naming the file and the column when a column is missing or the time is not a timestamp."""
-        for col in [*self.key_and_time, *self.values]:
-            if col not in schema.names:
-                raise DataError(f"modality '{self.modality}' ({path}): column '{col}' not found; "
-                                f"columns are {sorted(schema.names)}")
-        if not pa.types.is_timestamp(schema.field(self.time).type):
-            raise DataError(f"modality '{self.modality}' ({path}): time column '{self.time}' is "
-                            f"{schema.field(self.time).type}, expected a timestamp")
+        check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path)
 
 
 @dataclass(frozen=True)
@@ -124,19 +119,9 @@ def _nulls_from_statistics(parquet, row_group: int, column: str) -> int | None:
     field = parquet.schema_arrow.field(column)
     if pa.types.is_floating(field.type) or pa.types.is_nested(field.type):
         return None
-    meta = parquet.metadata.row_group(row_group)
-    for j in range(meta.num_columns):
-        chunk = meta.column(j)
-        if chunk.path_in_schema == column:
-            stats = chunk.statistics
-            return stats.null_count if stats is not None and stats.has_null_count else None
-    return None
-
-
-def outside_day(micros: pl.Series, date: dt.date) -> int:
-    """Rows whose time (microseconds, UTC) is not on `date`; rows without a time are not counted."""
-    start = date_start_us(date)
-    return int(((micros < start) | (micros >= start + DAY_US)).sum())
+    chunk = column_chunk(parquet, row_group, column)
+    stats = None if chunk is None else chunk.statistics
+    return stats.null_count if stats is not None and stats.has_null_count else None
 
 
 def file_counts(part: FilePart) -> pd.DataFrame:
@@ -152,8 +137,8 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         table = read_columns(parquet, part.path, read, [r])
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
-        micros = pl.from_arrow(table.select([cols.time])).select(to_micros(pl.col(cols.time)))[cols.time]
-        outside += outside_day(micros, part.date)
+        outside += pl.from_arrow(table.select([cols.time])).select(   # rows without a time are nulls, not here
+            timed_outside(to_micros(pl.col(cols.time)), part.date).sum()).item()
     return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],
                          "rows": [rows], "nulls": [nulls], "outside_partition": [outside],
                          "row_groups": [parquet.metadata.num_row_groups]})
@@ -175,18 +160,19 @@ def entity_periods(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 
 
 def key_rows(part: RowGroupsPart) -> pd.DataFrame:
-    """Pass 2's read: the part's (modality, date) number, entity (a 64-bit hash of its key columns' text) and
-    time (microseconds) of each row with both."""
+    """Pass 2's read, in a Dask task on a worker: the part's (modality, date) number, entity (a 64-bit hash of
+    its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     cols, path = part.file.columns, part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
     rows = pl.from_arrow(read_columns(parquet, path, cols.key_and_time, list(part.row_groups))).drop_nulls()
-    entity = pl.concat_str([pl.col(k).cast(pl.String) for k in cols.keys], separator="|").hash(seed=0)
+    entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
                        to_micros(pl.col(cols.time)).alias("_us")).to_pandas()
 
 
 def partition_periods(rows: pd.DataFrame) -> pd.DataFrame:
-    """A shuffled partition (every row of each of its (day, entity)) -> `entity_periods` per day and entity."""
+    """In a Dask task on a worker: a shuffled partition (every row of each of its (day, entity)) -> `entity_periods`
+    per day and entity, as the pandas frame Dask's group-by merges (the driver gets a row per day)."""
     periods = entity_periods(pl.from_pandas(rows), ["_day", "_entity"]).drop("_entity")
     return periods.to_pandas().astype(_PERIODS_META.dtypes.to_dict())[list(_PERIODS_META.columns)]
 
@@ -219,8 +205,9 @@ def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,
     if not files:
         raise DataError(f"spec '{spec.name}': no Parquet files in {start}..{end}")
     per_file = pl.from_pandas(_compute(dd.from_map(file_counts, files, meta=_FILE_META), use_ray))
-    counts = per_file.group_by("modality", "date").agg(pl.col("rows", "nulls", "outside_partition").sum())
-    days = {key: i for i, key in enumerate(sorted(counts.select("modality", "date").iter_rows()))}
+    counts = (per_file.group_by("modality", "date").agg(pl.col("rows", "nulls", "outside_partition").sum())
+              .sort("modality", "date").with_row_index("_day").with_columns(pl.col("_day").cast(pl.Int32)))
+    days = {(m, d): i for i, m, d in counts.select("_day", "modality", "date").iter_rows()}
     parts = row_group_parts(files, per_file, days)
     periods = pl.DataFrame(schema={"_day": pl.Int32, "entities": pl.Int64, "period_s": pl.Float64,
                                    "gaps": pl.Int64, "duplicate_keys": pl.Int64})
@@ -232,10 +219,7 @@ def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,
         per_entity = shuffled.map_partitions(partition_periods, meta=_PERIODS_META).assign(entities=1)
         periods = pl.from_pandas(_compute(per_entity.groupby("_day").agg(
             {"entities": "sum", "period_s": "median", "gaps": "sum", "duplicate_keys": "sum"}), use_ray).reset_index())
-    names = pl.DataFrame({"modality": [m for m, _ in days], "date": [d for _, d in days],
-                          "_day": list(days.values())}, schema_overrides={"_day": pl.Int32})
-    table = (counts.join(names, on=["modality", "date"])
-             .join(periods.with_columns(pl.col("_day").cast(pl.Int32)), on="_day", how="left")
+    table = (counts.join(periods.with_columns(pl.col("_day").cast(pl.Int32)), on="_day", how="left")
              .rename({"period_s": "median_period_s"})
              .with_columns(pl.col("entities", "gaps", "duplicate_keys").fill_null(0).cast(pl.Int64),
                            pl.col("median_period_s").cast(pl.Float64).fill_nan(None)))

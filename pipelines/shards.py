@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmafn.spec import Spec
-from pipelines.parquet_files import list_parquet_files
+from pipelines.parquet_files import column_chunk, list_parquet_files
 from pipelines.storage import DataError, Storage, list_partitions
 
 # a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
@@ -161,17 +161,16 @@ _EXACT_KEY_CHARS = 64
 def _single_key(parquet: pq.ParquetFile, keys: list[str], row_group: int) -> str | None:
     """The one entity key (as `in_bucket` writes it) of every row of `row_group` when its statistics say so (each
     key column's min equals its max, no nulls); None when they do not."""
-    meta = parquet.metadata.row_group(row_group)
-    chunks = {meta.column(j).path_in_schema: meta.column(j) for j in range(meta.num_columns)}
     values = []
     for key in keys:
         field_type = parquet.schema_arrow.field(key).type
         if pa.types.is_dictionary(field_type):
             field_type = field_type.value_type
         text = pa.types.is_string(field_type) or pa.types.is_large_string(field_type)
-        if key not in chunks or not (text or pa.types.is_integer(field_type)):
+        chunk = column_chunk(parquet, row_group, key)
+        if chunk is None or not (text or pa.types.is_integer(field_type)):
             return None
-        stats = chunks[key].statistics
+        stats = chunk.statistics
         if stats is None or not stats.has_min_max or not stats.has_null_count or stats.null_count:
             return None
         if stats.min != stats.max or (text and len(stats.min) >= _EXACT_KEY_CHARS):
