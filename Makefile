@@ -52,6 +52,7 @@ bench-profile: install
 
 bench-shard-reads: install
 	$(BIN)/python -m benchmarks.shard_reads --out benchmarks/results
+	$(BIN)/python -m benchmarks.shard_reads --shard-mb 16 --out benchmarks/results
 
 # The cluster images (ray_cluster.yaml, infra/k8s): make images REGISTRY=ghcr.io/your-org [PUSH=1]
 REGISTRY ?= ghcr.io/your-org

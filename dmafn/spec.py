@@ -154,6 +154,7 @@ class ScoreSpec:
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
     quarantine: str | None = None
     runs: str | None = None
+    staging: str | None = None
 
     @property
     def quarantine_path(self) -> str:
@@ -162,6 +163,11 @@ class ScoreSpec:
     @property
     def runs_path(self) -> str:
         return self.runs or self.output.rstrip("/") + "_runs"
+
+    @property
+    def staging_path(self) -> str:
+        """Where a run splits files that interleave entities, by entity bucket (deleted as it goes)."""
+        return self.staging or self.output.rstrip("/") + "_staging"
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,7 @@ def _parse_train(sec: _Section) -> TrainSpec:
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:
-    sec.reject_unknown({"output", "threshold", "smoothing", "quarantine", "runs"})
+    sec.reject_unknown({"output", "threshold", "smoothing", "quarantine", "runs", "staging"})
     thr = sec.section("threshold")
     threshold = ThresholdSpec()
     if thr is not None:
@@ -423,7 +429,8 @@ def _parse_score(sec: _Section) -> ScoreSpec:
                                   alpha=smo.number("alpha", SmoothingSpec.alpha, float, 0.001, 1.0),
                                   window=smo.number("window", SmoothingSpec.window, int, 1))
     return ScoreSpec(output=str(sec.required("output")), threshold=threshold, smoothing=smoothing,
-                     quarantine=sec.get("quarantine"), runs=sec.get("runs"))
+                     quarantine=sec.get("quarantine"), runs=sec.get("runs"),
+                     staging=sec.get("staging"))
 
 
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
@@ -520,7 +527,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
                   "threshold": {k: v for k, v in vars(spec.score.threshold).items() if v is not None},
                   "smoothing": dict(vars(spec.score.smoothing)),
                   **({"quarantine": spec.score.quarantine} if spec.score.quarantine else {}),
-                  **({"runs": spec.score.runs} if spec.score.runs else {})},
+                  **({"runs": spec.score.runs} if spec.score.runs else {}),
+                  **({"staging": spec.score.staging} if spec.score.staging else {})},
     }
     if spec.labels:
         out["labels"] = dict(vars(spec.labels))

@@ -92,6 +92,7 @@ def spec_json_schema() -> dict[str, Any]:
             "registry": {"type": "string"},
             "score": _closed({
                 "output": {"type": "string"}, "quarantine": {"type": "string"}, "runs": {"type": "string"},
+                "staging": {"type": "string"},
                 "threshold": _closed({"method": _enum(THRESHOLD_METHODS), "risk": _number("number", 0.0, 1.0),
                                       "quantile": _number("number", 0.0, 1.0), "value": _number("number"),
                                       "level": _number("number", 0.5, 0.9999),

@@ -15,7 +15,7 @@ import pyarrow as pa
 from dmafn.features import decode_pixels
 from dmafn.spec import DAY_US, ModalitySpec, Spec
 from pipelines.align import TIME, date_start_us, to_micros
-from pipelines.parquet_files import open_parquet, read_columns, row_groups_since
+from pipelines.parquet_files import each_row_group, open_parquet, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 
@@ -188,21 +188,24 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             # and of an entity bucket, only the row groups that may hold its entities
             since = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
             groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
-            table, bad_text = valid_text(read_columns(parquet, f.path, columns, groups), m)
-            rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
-            rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
-                .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
-            if not own_date:      # a look-back day: only what the first ticks can read is checked further and kept
-                rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
-            rows = misplaced(rows, f.date)
-            if m.kind == "image":
-                rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
-            good = rows.filter(pl.col(REASON).is_null())
-            if own_date and not m.context_of:       # a context view reads its parent's rows: quarantined once
-                quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
-                    entity_string(spec.entity).alias("entity"), pl.col(TIME), pl.lit(f.date.isoformat()).alias("date"),
-                    pl.lit(name).alias("source"), pl.col(REASON).alias("reason")))
-            usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
+            groups = both(groups, None if f.row_groups is None else list(f.row_groups))
+            for part in each_row_group(parquet, f.path, columns, groups):   # peak: one row group beside the kept rows
+                table, bad_text = valid_text(part, m)
+                rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
+                rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
+                    .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
+                if not own_date:  # a look-back day: only what the first ticks can read is checked further and kept
+                    rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
+                rows = misplaced(rows, f.date)
+                if m.kind == "image":
+                    rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
+                good = rows.filter(pl.col(REASON).is_null())
+                if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
+                    quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
+                        entity_string(spec.entity).alias("entity"), pl.col(TIME),
+                        pl.lit(f.date.isoformat()).alias("date"), pl.lit(name).alias("source"),
+                        pl.col(REASON).alias("reason")))
+                usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue

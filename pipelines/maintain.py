@@ -1,15 +1,18 @@
-"""Maintenance of the output Delta tables: compaction (optimize) and vacuum with a retention period."""
+"""Maintenance of the output Delta tables: compaction (optimize) and vacuum with a retention period; staged
+pieces left by killed jobs are removed."""
 from __future__ import annotations
 
 from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
 from pipelines.delta_sink import read_table
+from pipelines.staging import remove_stale_runs
 from pipelines.storage import Storage
 
 
 def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
     """Compact small files and vacuum files older than the retention in the output, quarantine and runs tables,
-    and in the baselines' (`evaluate --baselines`) where they exist; returns one line per table."""
+    and in the baselines' (`evaluate --baselines`) where they exist; delete the staging folders of runs older
+    than the retention (`pipelines.staging`); returns one line per table and one for the staging folder."""
     storage = Storage.from_spec(spec.storage)
     lines = []
     alone = alone_spec(spec).score
@@ -28,4 +31,7 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
         lines.append(f"{path}: compacted {compacted.get('numFilesRemoved', 0)} files into "
                      f"{compacted.get('numFilesAdded', 0)}; vacuumed {len(removed)} files older than "
                      f"{retention_hours}h")
+    stale = remove_stale_runs(spec, storage, retention_hours)
+    lines.append(f"{spec.score.staging_path}: removed {stale} staging folder(s) of stopped runs older than "
+                 f"{retention_hours}h")
     return lines

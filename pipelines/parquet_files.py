@@ -3,6 +3,7 @@ name the file. Plain pyarrow, no Ray: a shard's task reads its files with these.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -63,6 +64,14 @@ def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
         return parquet.read_row_groups(row_groups, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str],
+                   row_groups: list[int] | None = None) -> Iterator[pa.Table]:
+    """The file's `columns` one row group at a time (of `row_groups` only, when given): a reader holds one row
+    group's decoded columns beside what it keeps of them."""
+    for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
+        yield read_columns(parquet, path, columns, [r])
 
 
 def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[tuple[str, str, int]]:

@@ -24,6 +24,7 @@ from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
 from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
+from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class DateResult:
 
 @ray.remote(num_cpus=1, num_returns="streaming")
 def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime,
-                      pin: bool = True) -> Iterator[tuple[int, int] | ShardScores]:
-    """Streams (ticks done, ticks total) at most once a second while it scores, then the shard's `ShardScores`."""
+                      pin: bool = True, *splits: SplitFile) -> Iterator[tuple[int, int] | ShardScores]:
+    """Streams (ticks done, ticks total) at most once a second while it scores, then the shard's `ShardScores`.
+    `splits`: its files split by entity bucket (`pipelines.staging`), read in their place."""
     import torch
 
     from pipelines.score_steps import score_shard_steps   # torch and the model code: in the worker, never the driver
@@ -52,8 +54,8 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, s
     torch.set_num_threads(1)
     started, throttle = time.time(), Throttle(1.0)
     with pinned_to_free_cpu(pin):                        # one core per task (pipelines.affinity)
-        for step in score_shard_steps(shard, spec, mv, Storage.from_spec(spec.storage), run_id=run_id,
-                                      scored_at=scored_at):
+        for step in score_shard_steps(with_pieces(shard, splits), spec, mv, Storage.from_spec(spec.storage),
+                                      run_id=run_id, scored_at=scored_at):
             if isinstance(step, ShardScores):
                 step.seconds = time.time() - started
                 yield step
@@ -103,6 +105,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
     mv_ref, scored_at = ray.put(mv), dt.datetime.now(dt.timezone.utc)
+    staging = Staging(model_spec, storage, shards, dates, run_id)    # files that mix entities: split once
     pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
@@ -144,14 +147,17 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             if any(d.isoformat() not in waiting for d in shard.dates):     # a date already failed: skip it
                 shard = replace(shard, dates=tuple(d for d in shard.dates if d.isoformat() in waiting))
                 if not shard.dates:
+                    staging.release(shard)
                     continue
-            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, pin)] = shard
+            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, pin,
+                                             *staging.splits(shard))] = shard
 
     def release(stream) -> Shard:
         """A finished (or failed) task's shard; its slot gets the next shard at once, before this one's dates
         are committed."""
         shard = running.pop(stream)
         partial.pop(shard.name, None)
+        staging.release(shard)
         submit()
         return shard
 
@@ -168,6 +174,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             try:
                 step = raise_task_error(next(stream))
             except Exception as exc:  # noqa: BLE001 - one shard: retry its dates alone, or fail its date
+                if len(running[stream].dates) > 1:
+                    staging.retain(running[stream].alone())     # before release: its files' pieces are kept
                 shard = release(stream)
                 if isinstance(exc, StopIteration):
                     exc = RuntimeError(f"shard {shard.name} ended without its scores")
@@ -200,6 +208,9 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
         raise Interrupted(len(done), len(dates)) from None
     finally:
         display.close()
+        staging.close()
+        if staging.submitted:
+            log.info("%d file(s) split by entity bucket", staging.submitted)
     return sorted(done, key=lambda r: r.date), sorted(failed, key=lambda f: f[0])
 
 

@@ -28,12 +28,14 @@ DAYS_PER_SHARD = 7
 @dataclass(frozen=True)
 class InputFile:
     """One Parquet file of a modality: the date partition it lies in, its path (as the filesystem names it)
-    and its size on disk."""
+    and its size on disk; `row_groups`: only these are read (None: all; `pipelines.staging` moves a file's
+    row groups of several entities to pieces per bucket and leaves the rest here)."""
 
     modality: str
     date: dt.date
     path: str
     size: int
+    row_groups: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -143,14 +145,21 @@ def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, sha
     return shards
 
 
+def bucket_numbers(rows: pl.DataFrame, keys: list[str], buckets: int) -> pl.Series:
+    """Each row's entity bucket of `buckets`: CRC-32 of the entity key text (the same in every process and
+    version). A null key falls in one bucket, so its row is counted once."""
+    key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in keys], separator="|")
+    texts = rows.select(key.alias("_key"))["_key"]
+    unique = texts.unique()
+    numbers = pl.Series([zlib.crc32(k.encode()) % buckets for k in unique.to_list()], dtype=pl.UInt32)
+    return texts.replace_strict(unique, numbers, return_dtype=pl.UInt32).alias("_bucket")
+
+
 def in_bucket(rows: pl.DataFrame, keys: list[str], bucket: int, buckets: int) -> pl.DataFrame:
-    """The rows whose entity falls in `bucket` of `buckets`: CRC-32 of the entity key (the same in every process
-    and version). A null key falls in one bucket, so its row is counted once."""
+    """The rows whose entity falls in `bucket` of `buckets` (`bucket_numbers`)."""
     if buckets == 1:
         return rows
-    key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in keys], separator="|").alias("_key")
-    mine = [k for k in rows.select(key).unique()["_key"].to_list() if zlib.crc32(k.encode()) % buckets == bucket]
-    return rows.filter(key.is_in(mine))
+    return rows.filter(bucket_numbers(rows, keys, buckets) == bucket)
 
 
 # a single-key row group is pruned only when its key is text or an integer (cast to text as `in_bucket` does) and
@@ -158,7 +167,7 @@ def in_bucket(rows: pl.DataFrame, keys: list[str], bucket: int, buckets: int) ->
 _EXACT_KEY_CHARS = 64
 
 
-def _single_key(parquet: pq.ParquetFile, keys: list[str], row_group: int) -> str | None:
+def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int) -> str | None:
     """The one entity key (as `in_bucket` writes it) of every row of `row_group` when its statistics say so (each
     key column's min equals its max, no nulls); None when they do not."""
     values = []
@@ -187,7 +196,7 @@ def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, 
     if buckets == 1:
         return None
     kept = [r for r in range(parquet.metadata.num_row_groups)
-            if (key := _single_key(parquet, keys, r)) is None or zlib.crc32(key.encode()) % buckets == bucket]
+            if (key := row_group_entity(parquet, keys, r)) is None or zlib.crc32(key.encode()) % buckets == bucket]
     return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 

@@ -37,6 +37,7 @@ from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
 from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
 from pipelines.shards import Shard, list_inputs, plan_shards, require_data
+from pipelines.staging import Staging
 from pipelines.storage import DataError, Storage, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -258,41 +259,47 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     slots = 4 * spec.train.workers
     train_shards = plan_shards(spec, train_days, files, min_shards=slots)
     val_shards = plan_shards(spec, val_days, files, min_shards=slots)
-    labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-    stats, quarantined = fit_statistics(spec, train_shards)
-    for name, entry in stats["modalities"].items():
-        if "channel_transforms" in entry:
-            log.info("modality '%s': transform auto -> %s", name, ", ".join(
-                f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
-                                                               entry["channel_transforms"], entry["drift"])))
-    with ordered_datasets():                         # same data + seed -> same model version, run after run
-        features = feature_dataset(spec, train_shards, stats, labels)
-    ticks = features.count()
-    if not ticks:
-        raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
-                        "has a modality present")
-    pos_weight = 1.0
-    if labels is not None:
-        positives = int(features.sum("label") or 0)
-        if not positives:
-            raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
-        pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
-    cfg = model_config(spec.model)
-    run_root = run_root or join(spec.registry, "_train_runs")
-    log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
-             train_days[-1], len(train_shards), spec.train.workers)
-    fitted = _fit(spec, features, cfg, pos_weight, storage, run_root if is_s3(run_root) else os.path.abspath(run_root))
-    model = build_model(spec.modalities, cfg)
-    model.load_state_dict(fitted["state"])
-    calibration = _calibrate(spec, model, stats, val_shards)
-    for line in calibration.tail_warnings():
-        log.warning("%s", line)
-    manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),
-                "training_window": {"train_days": [d.isoformat() for d in train_days],
-                                    "validation_days": [d.isoformat() for d in val_days]},
-                "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
-                            "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
-                "input_quarantine": quarantined}
+    staging = Staging(spec, storage, train_shards + val_shards, [*train_days, *val_days], uuid.uuid4().hex[:12])
+    try:                                           # files that mix entities: split by bucket once, read from there
+        train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
+        labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
+        stats, quarantined = fit_statistics(spec, train_shards)
+        for name, entry in stats["modalities"].items():
+            if "channel_transforms" in entry:
+                log.info("modality '%s': transform auto -> %s", name, ", ".join(
+                    f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
+                                                                   entry["channel_transforms"], entry["drift"])))
+        with ordered_datasets():                         # same data + seed -> same model version, run after run
+            features = feature_dataset(spec, train_shards, stats, labels)
+        ticks = features.count()
+        if not ticks:
+            raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
+                            "has a modality present")
+        pos_weight = 1.0
+        if labels is not None:
+            positives = int(features.sum("label") or 0)
+            if not positives:
+                raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
+            pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
+        cfg = model_config(spec.model)
+        run_root = run_root or join(spec.registry, "_train_runs")
+        log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
+                 train_days[-1], len(train_shards), spec.train.workers)
+        fitted = _fit(spec, features, cfg, pos_weight, storage,
+                      run_root if is_s3(run_root) else os.path.abspath(run_root))
+        model = build_model(spec.modalities, cfg)
+        model.load_state_dict(fitted["state"])
+        calibration = _calibrate(spec, model, stats, val_shards)
+        for line in calibration.tail_warnings():
+            log.warning("%s", line)
+        manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),
+                    "training_window": {"train_days": [d.isoformat() for d in train_days],
+                                        "validation_days": [d.isoformat() for d in val_days]},
+                    "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
+                                "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
+                    "input_quarantine": quarantined}
+    finally:
+        staging.close()
     version = Registry(spec.registry, storage).save(model, manifest)
     log.info("model version %s saved under %s", version, spec.registry)
     return version

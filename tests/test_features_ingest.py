@@ -834,3 +834,94 @@ def test_an_entity_bucket_reads_only_the_row_groups_its_statistics_allow_with_th
         assert got.sort(["machine_id", "_t"]).equals(want.sort(["machine_id", "_t"]))
     counts = pl.concat(pruned)["machine_id"].value_counts().sort("machine_id")["count"].to_list()
     assert counts == [39] + [30] * 7                   # 3 files x 10 rows, and pump-0's 9 of the file with a null
+
+
+def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whole_file(tmp_path):
+    """`split_file` writes a file that mixes machines in its row groups as one piece per entity bucket (a null key,
+    bad values, invalid UTF-8 and a row of another date kept as they are, the columns of every modality reading
+    the file, a context view included); each bucket reading its pieces gets the same rows, quarantine and
+    presence as reading the whole files, and every row lands in exactly one piece. A file whose row groups
+    hold one machine each stays where it is, as do such row groups of a file that also has mixed ones; a file
+    without a spec column is named."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.ingest import read_shard
+    from pipelines.shards import bytes_by_date, list_inputs
+    from pipelines.staging import split_file, with_pieces
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc"),
+                                   "context": {"window": "1h"}},
+                          "logs": {**data["modalities"]["logs"], "path": str(tmp_path / "logs")}}
+    data["score"] = {"output": str(tmp_path / "scores")}
+    spec = parse_spec(data)
+    day, n = 1_704_153_600_000_000, 160                           # 2024-01-02 00:00 UTC
+    machines = [f"pump-{i % 8}" for i in range(n)]                # interleaved: every row group mixes machines
+    machines[7] = None
+    ts = [day + i * 20_000_000 for i in range(n)]
+    ts[9] = day - 5 * M                                           # filed under the wrong date
+    temp = np.linspace(0, 1, n)
+    temp[11] = np.nan
+    for date, times in (("2024-01-01", [t - 86_400_000_000 for t in ts]), ("2024-01-02", ts)):
+        folder = tmp_path / "proc" / f"date={date}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": machines, "ts": pa.array(times, pa.timestamp("us", tz="UTC")),
+                                 "temp": temp, "extra": np.arange(n)}), folder / "mixed.parquet", row_group_size=25)
+    by_machine = pa.table({"machine_id": sorted(f"pump-{i}" for i in range(8) for _ in range(5)),
+                           "ts": pa.array([day + i * M for i in range(40)], pa.timestamp("us", tz="UTC")),
+                           "temp": [1.0] * 40, "extra": list(range(40))})
+    pq.write_table(by_machine, tmp_path / "proc" / "date=2024-01-02" / "sorted.parquet", row_group_size=5)
+    partly = pa.concat_tables([by_machine.slice(0, 5), by_machine.take(list(range(0, 40, 5)))])   # then one of each
+    pq.write_table(partly, tmp_path / "proc" / "date=2024-01-02" / "partly.parquet", row_group_size=5)
+    msgs = [f"line {i}".encode() for i in range(n)]
+    msgs[3] = b"bad \xff\xfe"
+    _write(tmp_path / "logs" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": machines, "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+                     "msg": _invalid_utf8(msgs)}))
+
+    date = dt.date(2024, 1, 2)
+    size = bytes_by_date(list_inputs(spec, [date], Storage()))[date]     # a context view lists its parent's files
+    shards = _shards(spec, [date], shard_bytes=size // 3 + 1)
+    assert {s.buckets for s in shards} == {3}
+    own = sorted({f for s in shards for f in s.files if f.date == date}, key=lambda f: (f.modality, f.path))
+    splits = [split_file(f, spec, Storage(), 3, str(tmp_path / "stage" / str(i))) for i, f in enumerate(own)]
+    kept = {s.source.path.rsplit("/", 1)[1]: s.pieces for s in splits if s.source.modality != "proc_context"}
+    assert kept["sorted.parquet"] is None
+    partly_split = next(s for s in splits if s.source.path.endswith("partly.parquet"))
+    assert partly_split.kept == (0,) and set(partly_split.pieces) == {0, 1, 2}   # pump-0's group stays, 2 move
+    assert sum(pq.ParquetFile(p.path).metadata.num_rows for p in partly_split.pieces.values()) == 8
+    for name, source_rows in (("mixed.parquet", n), ("part-0.parquet", n)):
+        pieces = kept[name]
+        assert set(pieces) == {0, 1, 2}
+        assert sum(pq.ParquetFile(p.path).metadata.num_rows for p in pieces.values()) == source_rows
+    assert "extra" not in pq.ParquetFile(kept["mixed.parquet"][0].path).schema_arrow.names
+    for shard in shards:
+        staged = with_pieces(shard, splits)
+        assert {f.path for f in staged.files if f.date == date and "sorted" not in f.path} <= \
+            {p.path for s in splits if s.pieces for p in s.pieces.values()} | {partly_split.source.path}
+        assert [f.row_groups for f in staged.files if f.path == partly_split.source.path] == [(0,)] * 2
+        assert {f.modality for f in staged.files} == {"proc", "proc_context", "logs"}
+        got, want = read_shard(staged, spec, Storage()), read_shard(shard, spec, Storage())
+        for name in want.tables:
+            order = ["machine_id", "_t"]
+            assert got.tables[name].sort(order).equals(want.tables[name].sort(order)), name
+        assert got.quarantined.sort(pl.all()).equals(want.quarantined.sort(pl.all()))
+        assert got.present.sort(pl.all()).equals(want.present.sort(pl.all()))
+    reasons = pl.concat([read_shard(with_pieces(s, splits), spec, Storage()).quarantined for s in shards])
+    assert reasons.group_by("source", "reason").len().sort("source", "reason").rows() == [
+        ("logs", "invalid UTF-8 in column 'msg'", 1), ("logs", "null entity column 'machine_id'", 1),
+        ("logs", "timed outside its date partition 2024-01-02", 1),
+        ("proc", "null entity column 'machine_id'", 1), ("proc", "timed outside its date partition 2024-01-02", 1),
+        ("proc", "unusable value in column 'temp'", 1)]
+
+    pq.write_table(by_machine.drop(["temp"]), tmp_path / "no_temp.parquet")
+    with pytest.raises(DataError, match=r"no_temp\.parquet\): column 'temp' not found"):
+        split_file(replace(next(f for f in own if f.modality == "proc"), path=str(tmp_path / "no_temp.parquet")),
+                   spec, Storage(), 3, str(tmp_path / "stage" / "bad"))

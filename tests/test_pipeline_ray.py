@@ -2,6 +2,7 @@
 score (Ray Data actor pool) -> Delta Lake -> evaluate; idempotency, quarantine accounting, bad input."""
 import datetime as dt
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,18 +73,30 @@ def test_model_version_has_manifest_and_weights(trained):
 
 def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path, monkeypatch):
     """Same data, spec and seed -> bit-identical weights, statistics and threshold (shards merged in order, ordered
-    features and a seeded shuffle); the driver reads no input row while training."""
+    features and a seeded shuffle); the driver reads no input row while training. The second training reads its
+    files split by entity bucket (staged even for one bucket here: the same rows in the same order), and leaves
+    no piece behind."""
     import torch
 
+    import pipelines.train
     from pipelines.registry import Registry
+    from pipelines.staging import Staging
     from pipelines.storage import Storage
     from pipelines.train import train
 
     spec, version, _ = trained
     _driver_must_not_touch_rows(monkeypatch)
-    again = replace(spec, registry=str(tmp_path / "models"))
+    again = replace(spec, registry=str(tmp_path / "models"), score=replace(spec.score, output=str(tmp_path / "out")))
+    runs = []
+
+    def staging(*args, **kwargs):
+        runs.append(Staging(*args, **kwargs, min_buckets=1))
+        return runs[-1]
+
+    monkeypatch.setattr(pipelines.train, "Staging", staging)
     first = Registry(spec.registry, Storage.from_spec(spec.storage)).load(version)
     second = Registry(again.registry, Storage.from_spec(spec.storage)).load(train(again))
+    assert runs[0].submitted > 0 and list((tmp_path / "out_staging").glob("*")) == []
     a, b = first.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert first.manifest["statistics"] == second.manifest["statistics"]
@@ -313,14 +326,17 @@ def _driver_must_not_touch_rows(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the driver read input rows or wrote scored rows")
 
-    monkeypatch.setattr("pipelines.ingest.read_columns", refuse)
+    monkeypatch.setattr("pipelines.parquet_files.read_columns", refuse)
     monkeypatch.setattr("pipelines.score_steps.write_data_file", refuse)
 
 
-def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_path, monkeypatch):
-    """Dates scored one per shard, two per shard, or split into entity buckets give each date exactly the same
-    rows, counts and quarantine (smoothing restarts per date; alignment never reads past a tick); the driver
-    reads no input row and writes no scored row."""
+def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_path, monkeypatch, caplog):
+    """Dates scored one per shard, two per shard, or split into entity buckets (their files split by bucket
+    first) give each date exactly the same rows, counts and quarantine (smoothing restarts per date; alignment
+    never reads past a tick); the driver reads no input row and writes no scored row."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pipelines.score")
     from pipelines.score import backfill
     from pipelines.shards import list_inputs
     from pipelines.storage import Storage
@@ -333,7 +349,7 @@ def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_pa
     day_bytes = max(sum(f.size for f in files if f.date == d) for d in (DAY2, DAY3))
     outputs = {}
     for cut, kwargs in {"alone": {"days_per_shard": 1}, "together": {"days_per_shard": 2},
-                        "buckets": {"shard_bytes": day_bytes // 3 + 1}}.items():
+                        "buckets": {"shard_bytes": day_bytes // 4 + 1}}.items():
         out = replace(spec, score=replace(spec.score, output=str(tmp_path / f"scores_{cut}")))
         results = backfill(out, DAY2, DAY3, parallel=2, **kwargs)
         assert [r.date for r in results] == ["2024-01-02", "2024-01-03"]
@@ -343,8 +359,11 @@ def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_pa
         quarantine = pl.read_delta(out.score.quarantine_path).group_by("date", "stage").len().sort("date", "stage")
         outputs[cut] = (pl.read_delta(out.score.output).sort("machine_id", "ts"), quarantine,
                         [(r.ticks_in, r.rows_scored, r.rows_quarantined, r.anomalies) for r in results])
-    # three entity buckets: pump-00 and pump-01 hash to two of them (one is empty), a data file per bucket with rows
+    # four entity buckets: pump-00 and pump-01 hash to two of them (two are empty), a data file per bucket with rows
     assert len(list((tmp_path / "scores_buckets" / "date=2024-01-03").glob("*.parquet"))) == 2
+    # the demo's files mix both pumps in a row group: split by bucket once per file, the pieces deleted at the end
+    assert re.search(r"(^|\s)[1-9]\d* file\(s\) split by entity bucket", caplog.text)
+    assert list((tmp_path / "scores_buckets_staging").glob("*")) == []
     alone, q_alone, counts_alone = outputs.pop("alone")
     for cut, (rows, quarantine, counts) in outputs.items():
         assert counts == counts_alone and quarantine.equals(q_alone), cut
@@ -677,7 +696,8 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
 
 def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
     """A data file left by a shard whose date never committed is not part of the table; `maintain` removes it
-    once older than the retention, and the table's rows stay."""
+    once older than the retention, and the table's rows stay; a killed run's staged pieces go too, a running
+    run's stay."""
     import os
     import time
 
@@ -693,8 +713,16 @@ def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
     week_and_a_day = time.time() - 8 * 24 * 3600
     os.utime(orphan, (week_and_a_day, week_and_a_day))
     assert pl.read_delta(spec.score.output).height == before.height          # not part of the table
+    left = tmp_path / "scores_staging" / "run-killed" / "3buckets" / "abc" / "bucket=0.parquet"  # a killed job's
+    running = tmp_path / "scores_staging" / "run-now" / "3buckets" / "abc" / "bucket=0.parquet"
+    for piece in (left, running):
+        piece.parent.mkdir(parents=True)
+        pq.write_table(before.drop("date").to_arrow(), piece)
+    os.utime(left, (week_and_a_day, week_and_a_day))
     lines = maintain(spec, retention_hours=168)
     assert not orphan.exists() and any("vacuumed 1 files" in line for line in lines), lines
+    assert not left.parent.parent.parent.exists() and running.exists()
+    assert any("removed 1 staging folder(s)" in line for line in lines), lines
     assert pl.read_delta(spec.score.output).sort("machine_id", "ts").equals(before)
 
 
@@ -805,3 +833,59 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     assert on_workers == gathered
     # training cut the day otherwise: other batch shapes round the model's float32 sums otherwise (~1e-6)
     assert on_workers["threshold"] == pytest.approx(mv.manifest["calibration"]["threshold"], rel=1e-3)
+
+
+def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left_reads_them(local_ray, tmp_path,
+                                                                                            tiny_spec):
+    """A file of the run's dates is split once, whichever shard asks first (its date's buckets, or the next
+    date's as look-back); a look-back day outside the run is read in place; a file's pieces go when the last
+    shard reading it is released, a failed shard's dates retried alone keep them; `close` leaves nothing. A bad
+    file is named by the split's error."""
+    import zlib
+
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.staging import Staging
+    from pipelines.storage import Storage
+
+    spec = replace(tiny_spec, modalities={"proc": replace(tiny_spec.modalities["proc"], path=str(tmp_path / "proc"))},
+                   score=replace(tiny_spec.score, output=str(tmp_path / "scores")))
+    for day in ("2024-01-01", "2024-01-02", "2024-01-03"):
+        start = dt.datetime.fromisoformat(day).replace(tzinfo=dt.timezone.utc)
+        folder = tmp_path / "proc" / f"date={day}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": [f"pump-{i % 6}" for i in range(60)],
+                                 "ts": pa.array([start + dt.timedelta(minutes=i) for i in range(60)],
+                                                pa.timestamp("us", tz="UTC")),
+                                 "temp": [float(i) for i in range(60)]}), folder / "part-0.parquet")
+    dates = [DAY2, DAY3]
+    files = list_inputs(spec, dates, Storage())
+    shards = plan_shards(spec, dates, files, shard_bytes=max(f.size for f in files) // 4 + 1, days_per_shard=1)
+    assert len(shards) == 8 and {s.buckets for s in shards} == {4}
+    staging = Staging(spec, Storage(), shards, dates, "run-1")
+    run = tmp_path / "scores_staging" / "run-1" / "4buckets"
+    day2, day3 = shards[:4], shards[4:]
+    assert len(staging.splits(day2[0])) == 1                     # 2024-01-01 is outside the run: read in place
+    assert len(staging.splits(day3[0])) == 2 and staging.splits(day3[0])[0] in staging.splits(day2[1])
+    resolved = staging.resolve(shards)
+    assert all(f.path.startswith(str(run)) for s in resolved for f in s.files if f.date != DAY1)
+    held = {zlib.crc32(f"pump-{i}".encode()) % 4 for i in range(6)}
+    assert len(list(run.glob("*/bucket=*.parquet"))) == 2 * len(held)     # two files x the buckets with rows
+    for shard in day2:
+        staging.release(shard)
+    assert len(list(run.glob("*"))) == 2                          # 2024-01-02 is 2024-01-03's look-back: kept
+    staging.retain(day3[0].alone())                               # a retry of the same dates holds them
+    for shard in day3:
+        staging.release(shard)
+    assert len(list(run.glob("*"))) == 2
+    staging.release(day3[0])
+    assert len(list(run.glob("*"))) == 0
+    staging.close()
+    assert not (tmp_path / "scores_staging" / "run-1").exists()
+
+    (tmp_path / "proc" / "date=2024-01-03" / "part-1.parquet").write_bytes(b"PAR1 not parquet")
+    files = list_inputs(spec, dates, Storage())
+    shards = plan_shards(spec, dates, files, shard_bytes=max(f.size for f in files) // 4 + 1, days_per_shard=1)
+    staging = Staging(spec, Storage(), shards, dates, "run-2")
+    with pytest.raises(DataError, match=r"date=2024-01-03/part-1\.parquet: not a readable Parquet file"):
+        staging.resolve(shards)
+    staging.close()

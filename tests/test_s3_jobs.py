@@ -3,6 +3,7 @@ a backfill killed mid-way and re-run -> concurrent jobs; and `ray job submit` of
 nightly job to a 2-node cluster (`ray start --head` + `ray start --address`) on 127.0.0.1."""
 import datetime as dt
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -81,8 +82,11 @@ def test_registry_on_s3_has_latest_and_manifest(s3_spec):
     assert f"models/{version}/weights.pt" in keys and f"models/{version}/manifest.json" in keys
 
 
-def test_nightly_backfill_rerun_and_force(s3_spec):
+def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
+    import logging
+
     from pipelines.score import backfill, score_date
+    from pipelines.shards import bytes_by_date, list_inputs
 
     spec, version, _ = s3_spec
     nightly = score_date(spec, DAYS[0])
@@ -91,10 +95,19 @@ def test_nightly_backfill_rerun_and_force(s3_spec):
     assert [r.date for r in results] == ["2024-01-04", "2024-01-05"]      # the nightly's date is skipped
     counts = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
     assert backfill(spec, DAYS[0], DAYS[-1]) == []                         # everything already scored
-    forced = backfill(spec, DAYS[0], DAYS[-1], force=True)
+    # forced in four entity buckets: the files are split by bucket on S3 first, the pieces deleted afterwards
+    files = list_inputs(spec, DAYS, Storage.from_spec(spec.storage))
+    caplog.set_level(logging.INFO, logger="pipelines.score")
+    forced = backfill(spec, DAYS[0], DAYS[-1], force=True,
+                      shard_bytes=max(bytes_by_date(files).values()) // 4 + 1)
     assert len(forced) == 3
     again = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
     assert again.equals(counts)
+    assert [(r.ticks_in, r.rows_scored, r.anomalies) for r in forced[1:]] == \
+        [(r.ticks_in, r.rows_scored, r.anomalies) for r in results]
+    assert re.search(r"(^|\s)[1-9]\d* file\(s\) split by entity bucket", caplog.text)
+    left = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="scores_staging/").get("Contents", [])
+    assert [o["Key"] for o in left] in ([], ["scores_staging/"])        # at most pyarrow's folder marker
     runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
                          .delta_options(spec.score.runs_path))
     assert (runs["ticks_in"] == runs["rows_scored"] + runs["rows_quarantined"]).all()

@@ -1,0 +1,235 @@
+"""Staging: files that interleave entities are split by entity bucket once, so that a date of B entity buckets
+is read once instead of B times.
+
+Every bucket of a date lists all the date's files (`pipelines.shards`). A file whose row groups each hold one
+entity (a file per machine, or sorted by machine) is read only by the bucket that owns each row group
+(`shards.row_groups_in_bucket`); a file that mixes machines in its row groups - hourly files landed from a
+stream, say - would be read whole by every bucket. When a run needs `SPLIT_MIN_BUCKETS` buckets or more, each
+file of the run's dates is first handed to a split task (`split_file`): it reads the file's row groups that
+hold several entities, one at a time, and writes each bucket's rows of them (the spec's columns, values as they
+are: checks and quarantine happen where a shard reads them, as for any file) to
+`<staging>/<run>/<B>buckets/<file key>/bucket=<k>.parquet`; row groups of one entity stay where they are. A
+shard's task gets the split results of its files as arguments - Ray starts it once they exist - and reads its
+bucket's piece and the file's single-entity row groups in place of the file (`with_pieces`).
+
+`Staging` does the bookkeeping on the driver (metadata only): it submits a file's split the first time a
+shard needs it, deletes a file's pieces as soon as no shard left to run reads them (a backfill of a year holds
+only the dates in flight), and deletes the run's folder at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from dmafn.spec import Spec
+from pipelines.ingest import check_schema
+from pipelines.parquet_files import each_row_group, open_parquet
+from pipelines.ray_runtime import raise_task_error
+from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
+from pipelines.storage import Storage, is_s3, join
+
+log = logging.getLogger(__name__)
+
+# below this many buckets a split (read once, write once, read once) saves nothing: `make bench-shard-reads` on
+# files of interleaved machines, local disk, 2026-12-02: 3 buckets 0.96 x every bucket reading them, 4: 0.83 x
+SPLIT_MIN_BUCKETS = 4
+# a split task writes what it holds once its pending rows pass this (decoded bytes): a bucket's piece gets a row
+# group per flush, and the task's memory stays one source row group plus this
+SPLIT_BUFFER_BYTES = 64_000_000
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One input file after its split: its row groups of several entities moved to `pieces` (a bucket -> the
+    file of its rows; a bucket with none has no piece), `kept` the row groups of one entity each, still read in
+    place (by the bucket that owns them). `pieces` None: nothing moved, the file is read as it is."""
+
+    source: InputFile
+    buckets: int
+    pieces: dict[int, InputFile] | None
+    kept: tuple[int, ...] = ()
+
+
+def file_key(path: str) -> str:
+    """A short name for a source file's folder of pieces (the same in every process)."""
+    return hashlib.sha1(path.encode()).hexdigest()[:20]
+
+
+def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, folder: str) -> SplitFile:
+    """Move the rows of `file`'s row groups that hold several entities (or a null one) into one Parquet file per
+    entity bucket under `folder` (a path as the staging filesystem names it; see the module docstring); its row
+    groups of one entity each, by their statistics, stay where they are. Raises DataError naming the file when
+    its columns break the contract or its pages cannot be read."""
+    path = spec.modalities[file.modality].path
+    readers = [m for m in spec.modalities.values() if m.path == path]      # a context view reads the same files
+    parquet = open_parquet(storage.filesystem(path), file.path)
+    for m in readers:
+        check_schema(parquet.schema_arrow, spec, m, file.path)
+    keys = list(spec.entity)
+    single = [row_group_entity(parquet, keys, r) is not None for r in range(parquet.metadata.num_row_groups)]
+    if all(single):
+        return SplitFile(file, buckets, None)
+    columns = list(dict.fromkeys([*keys, spec.time, *(c for m in readers for c in m.value_columns)]))
+    staging_fs = storage.filesystem(spec.score.staging_path)
+    writers: dict[int, tuple[pq.ParquetWriter, pa.NativeFile, str]] = {}
+    pending: dict[int, list[pa.Table]] = {}
+    held = 0
+
+    def flush() -> None:
+        for bucket, tables in pending.items():
+            if bucket not in writers:
+                if not writers:
+                    staging_fs.create_dir(folder, recursive=True)
+                piece = join(folder, f"bucket={bucket}.parquet")
+                sink = staging_fs.open_output_stream(piece)
+                writers[bucket] = (pq.ParquetWriter(sink, tables[0].schema), sink, piece)
+            writers[bucket][0].write_table(pa.concat_tables(tables))
+        pending.clear()
+
+    sizes = {}
+    try:
+        for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one]):
+            numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
+            order = np.argsort(numbers, kind="stable")
+            part, numbers = part.take(pa.array(order)), numbers[order]
+            starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
+            for start, stop in zip(starts, [*starts[1:], len(numbers)]):
+                pending.setdefault(int(numbers[start]), []).append(part.slice(start, stop - start))
+            held += part.nbytes
+            if held > SPLIT_BUFFER_BYTES:
+                flush()
+                held = 0
+        flush()
+    finally:
+        for bucket, (writer, sink, piece) in writers.items():
+            writer.close()
+            sizes[bucket] = (piece, sink.tell())
+            sink.close()
+    return SplitFile(file, buckets, {b: InputFile(file.modality, file.date, piece, size)
+                                     for b, (piece, size) in sizes.items()},
+                     tuple(r for r, one in enumerate(single) if one))
+
+
+_split_task = ray.remote(num_cpus=1)(split_file)
+
+
+def with_pieces(shard: Shard, splits: Sequence[SplitFile]) -> Shard:
+    """`shard` reading its bucket's pieces in place of the files that were split (other files as they are)."""
+    by_path = {s.source.path: s for s in splits if s.buckets == shard.buckets}
+    files = []
+    for f in shard.files:
+        split = by_path.get(f.path)
+        if split is None or split.pieces is None:
+            files.append(f)
+            continue
+        if split.kept:                          # its row groups of one entity each, read in place
+            files.append(replace(f, row_groups=split.kept))
+        if shard.bucket in split.pieces:        # as this modality's file: a context view reads its parent's pieces
+            files.append(replace(split.pieces[shard.bucket], modality=f.modality))
+    return replace(shard, files=tuple(files))
+
+
+class Staging:
+    """The splits of one run (see the module docstring): `splits(shard)` submits the splits a shard's files need
+    (once per file) and returns their object refs, `retain`/`release` count the shards still to run that read a
+    file (its pieces are deleted when none is left), `close` deletes the run's folder."""
+
+    def __init__(self, spec: Spec, storage: Storage, shards: Sequence[Shard], dates: Sequence[dt.date], run_id: str,
+                 *, min_buckets: int = SPLIT_MIN_BUCKETS):
+        self.spec, self.storage = spec, storage
+        self.folder = join(spec.score.staging_path, run_id)
+        self.dates, self.min_buckets = set(dates), min_buckets
+        # a modality on another kind of storage than the staging folder is read in place (its reader opens
+        # pieces with the modality's filesystem)
+        self.modalities = {name for name, m in spec.modalities.items()
+                           if is_s3(m.path) == is_s3(spec.score.staging_path)}
+        self.refs: dict[tuple[str, int], ray.ObjectRef] = {}
+        self.uses: Counter = Counter()
+        self.submitted = 0                             # files split so far
+        self.retain(shards)
+
+    def _split(self, shard: Shard) -> list[tuple[InputFile, tuple[str, int]]]:
+        """The files of `shard` that a split serves: those of the run's own dates, when the shard has enough
+        buckets (a look-back day outside the run is read in place: only its last row groups are read)."""
+        if shard.buckets < self.min_buckets:
+            return []
+        return [(f, (f.path, shard.buckets)) for f in shard.files
+                if f.date in self.dates and f.modality in self.modalities]
+
+    def _folder(self, key: tuple[str, int]) -> str:
+        return join(self.folder, f"{key[1]}buckets", file_key(key[0]))
+
+    def retain(self, shards: Sequence[Shard]) -> None:
+        """Count `shards` (still to run) as readers of their files."""
+        for shard in shards:
+            self.uses.update({key for _, key in self._split(shard)})
+
+    def splits(self, shard: Shard) -> list[ray.ObjectRef]:
+        """The object refs of the splits of `shard`'s files, submitted the first time a file is asked for."""
+        refs = {}
+        for f, key in self._split(shard):
+            if key not in self.refs:
+                self.submitted += 1
+                self.refs[key] = _split_task.remote(f, self.spec, self.storage, key[1],
+                                                    self.storage.fs_path(self._folder(key)))
+            refs[key] = self.refs[key]
+        return list(refs.values())
+
+    def resolve(self, shards: Sequence[Shard]) -> list[Shard]:
+        """Every shard with its pieces in place, the splits run first (training reads its shards several times).
+        A file's error (DataError naming it) is raised as itself."""
+        refs = [self.splits(s) for s in shards]
+        return [with_pieces(s, [raise_task_error(r) for r in mine]) for s, mine in zip(shards, refs)]
+
+    def release(self, shard: Shard) -> None:
+        """`shard` has finished (or failed): the pieces of files no shard left to run reads are deleted."""
+        for key in {key for _, key in self._split(shard)}:
+            self.uses[key] -= 1
+            if self.uses[key] <= 0:
+                del self.uses[key]
+                if self.refs.pop(key, None) is not None:
+                    self._delete(self._folder(key))
+
+    def close(self) -> None:
+        """Delete the run's folder (every piece left)."""
+        self._delete(self.folder)
+        self.refs.clear()
+
+    def _delete(self, folder: str) -> None:
+        try:
+            self.storage.filesystem(folder).delete_dir(self.storage.fs_path(folder))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:                  # left for `dmafn maintain`; the run's results stand
+            log.warning("could not delete staged pieces under %s: %s", folder, exc)
+
+
+def remove_stale_runs(spec: Spec, storage: Storage, older_than_hours: float) -> int:
+    """Delete the staging folders of runs whose newest piece is older than `older_than_hours` (a job that was
+    killed before its `close`); returns how many. A run still writing pieces is younger and stays."""
+    fs, root = storage.filesystem(spec.score.staging_path), storage.fs_path(spec.score.staging_path)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return 0
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=older_than_hours)
+    removed = 0
+    for run in fs.get_file_info(pafs.FileSelector(root)):
+        if run.type != pafs.FileType.Directory:
+            continue
+        times = [i.mtime for i in fs.get_file_info(pafs.FileSelector(run.path, recursive=True))
+                 if i.type == pafs.FileType.File and i.mtime]
+        if all(t.astimezone(dt.timezone.utc) < cutoff for t in times):
+            fs.delete_dir(run.path)
+            removed += 1
+    return removed
+
