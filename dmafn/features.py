@@ -684,24 +684,6 @@ def _check_transform(m: ModalitySpec, fitted: dict) -> None:
                          f"says '{m.transform}'; restore the spec's transform or train a new model version")
 
 
-def tick_bytes(spec: Spec) -> int:
-    """Bytes one tick's model inputs take as `features_to_columns` gives them (every modality's array and its
-    mask) plus a label: what a training window's features need per tick, wherever they are kept."""
-    total = len(spec.modalities) + 4                                          # mask, label
-    for m in spec.modalities.values():
-        if m.kind == "tabular":
-            total += 4 * len(m.columns)
-        elif m.kind == "timeseries":
-            total += 4 * m.steps * len(m.columns)
-        elif m.kind == "image":
-            total += 4 * m.channels * m.size[0] * m.size[1]
-        elif m.kind == "audio":
-            total += 4 * m.samples
-        else:                                                                 # token ids and two novelty rates
-            total += 8 * (TEXT_TOKENS + 2)
-    return total
-
-
 def features_to_columns(features: Features) -> dict[str, np.ndarray]:
     """Features as flat numpy columns (for Ray Data tensor columns): `x__<m>` and `mask`."""
     cols = {f"x__{m}": features.inputs[m] for m in features.modalities}

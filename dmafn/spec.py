@@ -127,10 +127,6 @@ class TrainSpec:
     learning_rate: float = 1e-3
     validation_days: int = 1
     seed: int = 0
-    features: str = "auto"      # the training features kept for every epoch (materialized) or read again (streamed)
-
-
-TRAIN_FEATURES = ("auto", "materialized", "streamed")
 
 
 @dataclass(frozen=True)
@@ -398,7 +394,7 @@ def default_validation_days(start: dt.date, end: dt.date) -> int:
 
 def _parse_train(sec: _Section) -> TrainSpec:
     sec.reject_unknown({"start", "end", "epochs", "workers", "gpu", "batch_size", "learning_rate",
-                        "validation_days", "seed", "features"})
+                        "validation_days", "seed"})
     start, end = sec.date("start"), sec.date("end")
     if end < start:
         raise sec.err("end", f"{end} is before start {start}")
@@ -407,8 +403,7 @@ def _parse_train(sec: _Section) -> TrainSpec:
                      batch_size=sec.number("batch_size", TrainSpec.batch_size, int, 1),
                      learning_rate=sec.number("learning_rate", TrainSpec.learning_rate, float, 0.0),
                      validation_days=sec.number("validation_days", default_validation_days(start, end), int, 0),
-                     seed=sec.number("seed", TrainSpec.seed, int),
-                     features=sec.choice("features", TRAIN_FEATURES, TrainSpec.features))
+                     seed=sec.number("seed", TrainSpec.seed, int))
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, FUSIONS, MODALITY_KINDS, NORMALIZATIONS, PRESETS,
-                        SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS,
-                        TRAIN_FEATURES, VOTES, SpecError, parse_spec)
+                        SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, VOTES,
+                        SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -87,8 +87,7 @@ def spec_json_schema() -> dict[str, Any]:
             "train": _closed({"start": _DATE, "end": _DATE, "epochs": _number("integer", 1),
                               "workers": _number("integer", 1), "gpu": {"type": "boolean"},
                               "batch_size": _number("integer", 1), "learning_rate": _number("number", 0.0),
-                              "validation_days": _number("integer", 0), "seed": _number("integer"),
-                              "features": _enum(TRAIN_FEATURES)},
+                              "validation_days": _number("integer", 0), "seed": _number("integer")},
                              ("start", "end")),
             "registry": {"type": "string"},
             "score": _closed({

@@ -2,7 +2,7 @@
 
     shards of the training days -> partial statistics per shard (Ray tasks), merged on the driver
     -> features per shard (Ray Data map_batches over the shards; ticks with no modality dropped), materialized
-       in the object store when they fit in it, else mapped again every epoch (`train.features`) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16
+       in the object store (spilled to disk when it is full) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16
        autocast on GPU; checkpoint every epoch; each epoch re-iterates its dataset shard)
     -> raw scores of the validation days' shards (Ray tasks) -> calibration -> model version in the registry
 """
@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,7 @@ import polars as pl
 import ray
 import torch
 
-from dmafn.features import (StatisticsFitter, featurize, features_from_columns, features_to_columns,
-                            tick_bytes)
+from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
@@ -61,33 +60,14 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage):
             inputs.decoded)
 
 
-@dataclass
-class TickCounts:
-    """Ticks of the training shards as the statistics pass aligned them (before ticks with no modality the
-    model sees are dropped: at least the ticks trained on), and of them the ones labelled anomalous."""
-
-    ticks: int = 0
-    positives: int = 0
-
-    def add(self, other: "TickCounts") -> None:
-        self.ticks += other.ticks
-        self.positives += other.positives
-
-
 @ray.remote(num_cpus=1)
-def _shard_statistics(shard: Shard, spec: Spec, labels: pl.DataFrame | None = None,
-                      ) -> tuple[StatisticsFitter, dict[str, int], TickCounts]:
-    """Partial normalisation statistics of one training shard (merged on the driver), its input quarantine
-    counts and its tick counts."""
-    fitter, counts = StatisticsFitter(spec), TickCounts()
+def _shard_statistics(shard: Shard, spec: Spec) -> tuple[StatisticsFitter, dict[str, int]]:
+    """Partial normalisation statistics of one training shard (merged on the driver)."""
+    fitter = StatisticsFitter(spec)
     batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     for aligned in batches:
         fitter.add(aligned.to_arrow())
-        counts.ticks += aligned.height
-        if labels is not None:
-            counts.positives += int(label_ticks(aligned, labels, spec, spec.labels.start, spec.labels.end)["label"]
-                                    .sum())
-    return fitter, quarantined, counts
+    return fitter, quarantined
 
 
 def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: Spec, stats: dict[str, Any],
@@ -188,8 +168,7 @@ def latest_checkpoint_state(storage: Storage, run_dir: str, device) -> dict | No
     return None
 
 
-def _fit(spec: Spec, train_ds, ticks: int, cfg: ModelConfig, pos_weight: float, storage: Storage,
-         run_root: str) -> dict:
+def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Storage, run_root: str) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -204,7 +183,7 @@ def _fit(spec: Spec, train_ds, ticks: int, cfg: ModelConfig, pos_weight: float, 
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
     board = ProgressBoard.remote()
-    batches = max(1, math.ceil(ticks / workers / spec.train.batch_size))   # per worker and epoch
+    batches = max(1, math.ceil(train_ds.count() / workers / spec.train.batch_size))   # per worker and epoch
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True                     # each worker's shard is the same rows in the same order
     trainer = TorchTrainer(
@@ -250,44 +229,22 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
                                 threshold=spec.score.threshold, voting=voting_modalities(spec.modalities))
 
 
-def fit_statistics(spec: Spec, shards: list[Shard], labels: pl.DataFrame | None = None,
-                   ) -> tuple[dict[str, Any], dict[str, int], TickCounts]:
-    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here; the
-    input rows quarantined per modality and the shards' tick counts."""
-    fitter, quarantined, ticks = StatisticsFitter(spec), {}, TickCounts()
-    refs = [_shard_statistics.remote(s, spec, labels) for s in shards]
-    for partial, counts, shard_ticks in (raise_task_error(r) for r in refs):
+def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here."""
+    fitter, quarantined = StatisticsFitter(spec), {}
+    for partial, counts in (raise_task_error(r) for r in [_shard_statistics.remote(s, spec) for s in shards]):
         fitter.merge(partial)
-        ticks.add(shard_ticks)
         for name, n in counts.items():
             quarantined[name] = quarantined.get(name, 0) + n
-    return fitter.result(), quarantined, ticks
+    return fitter.result(), quarantined
 
 
-def keeps_features(spec: Spec, ticks: int) -> bool:
-    """Whether the training features are materialized once in the object store and iterated every epoch
-    (`train.features: materialized`), or mapped again from the shards each epoch (`streamed`); `auto`: kept
-    while the window's features (`ticks` x `tick_bytes`) fit in the cluster's object store, streamed beyond it
-    (spilling a window larger than the store to the nodes' disks would need that much disk)."""
-    if spec.train.features != "auto":
-        return spec.train.features == "materialized"
-    return ticks * tick_bytes(spec) <= ray.cluster_resources().get("object_store_memory", 0)
-
-
-def feature_dataset(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None, *,
-                    materialize: bool = True):
-    """Ray Data: the training shards mapped to model input columns, materialized in the object store (or left
-    lazy: each epoch's iteration maps the shards again, streaming)."""
+def feature_dataset(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None):
+    """Ray Data: the training shards mapped to model input columns, materialized in the object store."""
     items = ray.data.from_items([{"shard": i} for i in range(len(shards))], override_num_blocks=max(1, len(shards)))
-    # streamed, the shards are mapped while the Train workers hold their CPUs: a task takes what they leave
-    # (at least a quarter of the cluster, `Resources.train_worker_cpus`), up to one CPU
-    res = Resources.current()
-    left = res.cpus - spec.train.workers * res.train_worker_cpus(spec.train.workers)
-    cpus = 1.0 if materialize else max(0.0, min(1.0, left))
-    features = items.map_batches(shard_features, fn_kwargs={"shards": shards, "spec": spec, "stats": stats,
-                                                            "labels": labels},
-                                 batch_size=1, batch_format="numpy", num_cpus=cpus)
-    return features.materialize() if materialize else features
+    return items.map_batches(shard_features, fn_kwargs={"shards": shards, "spec": spec, "stats": stats,
+                                                        "labels": labels},
+                             batch_size=1, batch_format="numpy", num_cpus=1).materialize()
 
 
 def train(spec: Spec, *, run_root: str | None = None) -> str:
@@ -306,35 +263,29 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-        stats, quarantined, aligned = fit_statistics(spec, train_shards, labels)
+        stats, quarantined = fit_statistics(spec, train_shards)
         for name, entry in stats["modalities"].items():
             if "channel_transforms" in entry:
                 log.info("modality '%s': transform auto -> %s", name, ", ".join(
                     f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
                                                                    entry["channel_transforms"], entry["drift"])))
-        kept = keeps_features(spec, aligned.ticks)
         with ordered_datasets():                         # same data + seed -> same model version, run after run
-            features = feature_dataset(spec, train_shards, stats, labels, materialize=kept)
-        # materialized: the ticks trained on; streamed: the aligned ticks (counting them exactly would map the
-        # window once more), for the progress and the class weight
-        ticks = features.count() if kept else aligned.ticks
+            features = feature_dataset(spec, train_shards, stats, labels)
+        ticks = features.count()
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
                             "has a modality present")
         pos_weight = 1.0
         if labels is not None:
-            positives = int(features.sum("label") or 0) if kept else aligned.positives
+            positives = int(features.sum("label") or 0)
             if not positives:
                 raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
             pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
-        log.info("training features %s (%d ticks x %d bytes; train.features: %s)",
-                 "materialized in the object store" if kept else "streamed from the shards every epoch",
-                 aligned.ticks, tick_bytes(spec), spec.train.features)
         cfg = model_config(spec.model)
         run_root = run_root or join(spec.registry, "_train_runs")
         log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
                  train_days[-1], len(train_shards), spec.train.workers)
-        fitted = _fit(spec, features, ticks, cfg, pos_weight, storage,
+        fitted = _fit(spec, features, cfg, pos_weight, storage,
                       run_root if is_s3(run_root) else os.path.abspath(run_root))
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])

@@ -96,9 +96,6 @@ def test_featurize_shapes_masks_and_global_statistics(tiny_spec):
     present_proc = feats.mask[:, 0]
     assert abs(feats.inputs["proc"][present_proc].mean()) < 1e-5      # normalised with training statistics
     assert (feats.inputs["cam"][~feats.mask[:, 3]] == 0).all()          # absent -> zeros
-    # what a training window's features take per tick: every column of a tick, a float32 label beside
-    from dmafn.features import features_to_columns, tick_bytes
-    assert tick_bytes(tiny_spec) == sum(c.nbytes for c in features_to_columns(feats).values()) // n + 4
 
 
 def test_entity_normalisation_with_global_fallback(tiny_spec):

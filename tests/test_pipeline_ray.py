@@ -75,8 +75,7 @@ def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path,
     """Same data, spec and seed -> bit-identical weights, statistics and threshold (shards merged in order, ordered
     features and a seeded shuffle); the driver reads no input row while training. The second training reads its
     files split by entity bucket (staged even for one bucket here: the same rows in the same order), and leaves
-    no piece behind; its features are streamed from the shards every epoch instead of materialized once
-    (`train.features`), the same batches."""
+    no piece behind."""
     import torch
 
     import pipelines.train
@@ -87,8 +86,7 @@ def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path,
 
     spec, version, _ = trained
     _driver_must_not_touch_rows(monkeypatch)
-    again = replace(spec, registry=str(tmp_path / "models"), score=replace(spec.score, output=str(tmp_path / "out")),
-                    train=replace(spec.train, features="streamed"))
+    again = replace(spec, registry=str(tmp_path / "models"), score=replace(spec.score, output=str(tmp_path / "out")))
     runs = []
 
     def staging(*args, **kwargs):
@@ -891,18 +889,3 @@ def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left
     with pytest.raises(DataError, match=r"date=2024-01-03/part-1\.parquet: not a readable Parquet file"):
         staging.resolve(shards)
     staging.close()
-
-
-def test_training_features_are_kept_while_the_window_fits_in_the_object_store(local_ray, tiny_spec):
-    """`train.features: auto` materializes the window's features while ticks x `tick_bytes` fit in the cluster's
-    object store (512 MB in the tests' Ray) and streams them from the shards beyond; the other two values
-    force one way."""
-    from dmafn.features import tick_bytes
-    from pipelines.train import keeps_features
-
-    store = local_ray.cluster_resources()["object_store_memory"]
-    fits = int(store // tick_bytes(tiny_spec))
-    assert keeps_features(tiny_spec, fits) and not keeps_features(tiny_spec, fits + 1)
-    for features, kept in (("materialized", True), ("streamed", False)):
-        forced = replace(tiny_spec, train=replace(tiny_spec.train, features=features))
-        assert keeps_features(forced, 10) is kept and keeps_features(forced, 10 * fits) is kept

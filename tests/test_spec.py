@@ -50,8 +50,6 @@ def test_missing_key_is_named():
     ({"model": {"detector": "classifier"}}, "needs a 'labels' section"),
     ({"train": {"start": "2024-02-01", "end": "2024-01-01"}}, "before start"),
     ({"score": {"output": "x", "threshold": {"method": "fixed"}}}, "required when method is 'fixed'"),
-    ({"train": {"start": "2024-01-01", "end": "2024-01-02", "features": "cached"}},
-     "'train.features': 'cached' is not one of auto, materialized, streamed"),
 ])
 def test_bad_values_are_explained(patch, message):
     with pytest.raises(SpecError, match=message):
