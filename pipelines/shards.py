@@ -145,13 +145,19 @@ def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, sha
     return shards
 
 
+def bucket_of(key: str, buckets: int) -> int:
+    """The entity bucket of `buckets` an entity key text falls in: CRC-32 of the text (the same in every process
+    and version)."""
+    return zlib.crc32(key.encode()) % buckets
+
+
 def bucket_numbers(rows: pl.DataFrame, keys: list[str], buckets: int) -> pl.Series:
-    """Each row's entity bucket of `buckets`: CRC-32 of the entity key text (the same in every process and
-    version). A null key falls in one bucket, so its row is counted once."""
+    """Each row's entity bucket of `buckets` (`bucket_of` of its key columns' text, '|' between several). A null
+    key falls in one bucket, so its row is counted once."""
     key = pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in keys], separator="|")
     texts = rows.select(key.alias("_key"))["_key"]
     unique = texts.unique()
-    numbers = pl.Series([zlib.crc32(k.encode()) % buckets for k in unique.to_list()], dtype=pl.UInt32)
+    numbers = pl.Series([bucket_of(k, buckets) for k in unique.to_list()], dtype=pl.UInt32)
     return texts.replace_strict(unique, numbers, return_dtype=pl.UInt32).alias("_bucket")
 
 
@@ -189,14 +195,14 @@ def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int) -
 
 
 def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, buckets: int) -> list[int] | None:
-    """The row groups of a file that may hold rows of entity bucket `bucket` of `buckets` (`in_bucket`'s CRC-32):
+    """The row groups of a file that may hold rows of entity bucket `bucket` of `buckets` (`bucket_of`):
     a row group whose statistics show one entity key and no null key is left out when that key falls in another
     bucket (a file per machine, or files sorted by machine, are then read by the bucket that owns them); every
     other row group is kept. None when all are kept."""
     if buckets == 1:
         return None
     kept = [r for r in range(parquet.metadata.num_row_groups)
-            if (key := row_group_entity(parquet, keys, r)) is None or zlib.crc32(key.encode()) % buckets == bucket]
+            if (key := row_group_entity(parquet, keys, r)) is None or bucket_of(key, buckets) == bucket]
     return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 
