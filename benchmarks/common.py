@@ -28,7 +28,7 @@ class Split:
 
 
 def synthetic_split(cfg: SyntheticConfig) -> Split:
-    """Generate, align every day (the same `align` the pipeline maps over Ray Data), split train / test."""
+    """Generate, align every day (the same `align` the pipeline's shard tasks call), split train / test."""
     data = generate(cfg)
     spec = parse_spec(synthetic_spec("/unused", cfg))
     # a slow `context` view reads its parent modality's rows, as the pipeline's ingest does

@@ -25,6 +25,7 @@ every date through the CLI, timed against its number of rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -92,12 +93,13 @@ class PeakRss:
         return self.driver, self.worker
 
 
-def run_sampled(args: list[str], env: dict[str, str] | None = None, private: bool = False
-                ) -> tuple[float, PeakRss, str]:
-    """Run `python ARGS` from the project's folder; (seconds, its memory sampler, stopped, its output)."""
+def run_sampled(args: list[str], env: dict[str, str] | None = None, private: bool = False,
+                cwd: Path | None = None) -> tuple[float, PeakRss, str]:
+    """Run `python ARGS` from `cwd` (default the project's folder); (seconds, its memory sampler, stopped, its
+    output)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=Path(__file__).resolve().parent.parent)
+                            text=True, cwd=cwd or Path(__file__).resolve().parent.parent)
     memory = PeakRss(proc.pid, private)
     out, _ = proc.communicate()
     seconds = time.perf_counter() - started     # before the sampler's last half-second nap
@@ -172,9 +174,11 @@ def bare_on_one_core(spec_path: Path, version: str, dates: list[dt.date], out: s
     return result["seconds"], result["ticks"], result["cpu"]
 
 
-def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> tuple[float, int, int]:
-    """`dmafn ARGS --address` against a local cluster already started (`ray start --head --block`, stopped with
-    it afterwards): the CLI without Ray's start and stop, as a job on a standing cluster runs."""
+@contextlib.contextmanager
+def standing_cluster(env: dict[str, str], num_cpus: int, object_store_bytes: int | None = None):
+    """A local cluster started as the project's images start one (`ray start --head --block`, token auth, the
+    workers' allocator setting), stopped on exit; yields (address, the environment to reach it with, the head
+    process's pid, its temp folder)."""
     import secrets
     import socket
 
@@ -184,10 +188,11 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
            "_RJEM_MALLOC_CONF": WORKER_JEMALLOC_CONF}         # as the project's images start a cluster
     temp = tempfile.mkdtemp(prefix="ray-bench-")
+    store = [f"--object-store-memory={object_store_bytes}"] if object_store_bytes else []
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--num-cpus={num_cpus}", f"--port={port}", "--include-dashboard=false",
-                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             f"--temp-dir={temp}", "--disable-usage-stats", *store], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while True:            # ready once a driver can connect: `ray status` answers
@@ -198,11 +203,18 @@ def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> t
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError("the local Ray head did not start")
             time.sleep(1)
-        return cli([*args, "--address", f"127.0.0.1:{port}"], env)
+        yield f"127.0.0.1:{port}", env, head.pid, temp
     finally:
         head.terminate()
         head.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def on_running_cluster(args: list[str], env: dict[str, str], num_cpus: int) -> tuple[float, int, int]:
+    """`dmafn ARGS --address` against a local cluster already started (`standing_cluster`): the CLI without
+    Ray's start and stop, as a job on a standing cluster runs."""
+    with standing_cluster(env, num_cpus) as (address, cluster_env, _, _):
+        return cli([*args, "--address", address], cluster_env)
 
 
 def run_scale(scale: int, root: Path, num_cpus: int, env: dict[str, str], standing: bool = False,

@@ -685,7 +685,7 @@ def _check_transform(m: ModalitySpec, fitted: dict) -> None:
 
 
 def features_to_columns(features: Features) -> dict[str, np.ndarray]:
-    """Features as flat numpy columns (for Ray Data tensor columns): `x__<m>` and `mask`."""
+    """Features as flat numpy columns (a training feature file's columns): `x__<m>` and `mask`."""
     cols = {f"x__{m}": features.inputs[m] for m in features.modalities}
     cols["mask"] = features.mask
     return cols

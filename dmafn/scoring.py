@@ -1,6 +1,6 @@
 """The one scoring path: features -> raw per-modality errors -> calibrated contributions -> fused score.
 
-Used by the in-memory `Detector`, the Ray Data scorer and model validation alike.
+Used by the in-memory `Detector`, the scoring tasks and model validation alike.
 
 Contribution of modality m (`score_<m>`): log of its reconstruction error (plus, with cross-modal
 scoring, the error of predicting it from the other modalities), robustly standardised with the median

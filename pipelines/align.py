@@ -1,6 +1,6 @@
 """Alignment: one row per entity per tick, each modality joined as of the tick, never after it.
 
-Plain functions over Polars tables; `pipelines.ingest` wires them into Ray Data.
+Plain functions over Polars tables; the shards' tasks call them on what `pipelines.ingest` read.
 
 Conventions of the tables passed in: entity column(s), `_t` (event time as Int64 microseconds since the
 epoch, UTC) and the modality's value columns. Output columns per modality `m`:

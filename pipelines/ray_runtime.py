@@ -1,8 +1,8 @@
 """Starting, sizing and stopping Ray. Every Ray call that depends on the cluster's size lives here.
 
 Sizing avoids a CPU-starvation hang: on a small cluster, Train workers (or actors) holding every CPU leave
-none for Ray Data's tasks and the job waits forever, so they take fractional CPUs; sizes come from the cluster,
-never from constants.
+none for the tasks a job still submits (the progress board, a retried task) and it waits forever, so they take
+fractional CPUs; sizes come from the cluster, never from constants.
 """
 from __future__ import annotations
 
@@ -49,8 +49,6 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, verb
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=level,
                      object_store_memory=_object_store_bytes(), configure_logging=True, log_to_driver=verbose,
                      _system_config={"automatic_object_spilling_enabled": True})
-        _RAY_DATA_CONSOLE["level"] = level      # applied when a job uses Ray Data (`ordered_datasets`): importing
-                                                # it costs a scoring job's driver ~0.7 s of CPU before its first task
     try:
         yield
     finally:
@@ -76,35 +74,6 @@ def _stop_autoscaler_monitor() -> None:
         log.debug("autoscaler monitor not stopped early: %s", exc)
 
 
-_RAY_DATA_CONSOLE = {"level": logging.ERROR}
-
-
-@contextlib.contextmanager
-def ordered_datasets() -> Iterator[None]:
-    """Datasets created inside keep their blocks in input order (Ray Data's `preserve_order`), so what they
-    hold and in which order does not depend on which task finished first; restored on exit. Ray Data shows no
-    progress bars and logs at the session's level on the console."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    _quiet_ray_data_console(_RAY_DATA_CONSOLE["level"])
-    options = ctx.execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
-def _quiet_ray_data_console(level: int) -> None:
-    """Ray Data prints an INFO line per dataset execution; keep only `level` and above on the console (the full
-    log stays in Ray's session folder, ray-data.log)."""
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(level)
-
-
 def machine_memory_bytes() -> int:
     """This machine's physical memory (8 GiB when the OS does not say)."""
     try:
@@ -128,7 +97,7 @@ class Resources:
         return cls(cpus=float(res.get("CPU", 1)), gpus=float(res.get("GPU", 0)))
 
     def train_worker_cpus(self, workers: int) -> float:
-        """CPUs per Train worker, leaving at least a quarter of the cluster to Ray Data."""
+        """CPUs per Train worker, leaving at least a quarter of the cluster free (see the module docstring)."""
         return max(0.25, min(1.0, self.cpus * 0.75 / max(workers, 1)))
 
 

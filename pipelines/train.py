@@ -1,9 +1,9 @@
 """Training that streams shards: nothing on the driver grows with the training window.
 
     shards of the training days -> partial statistics per shard (Ray tasks), merged on the driver
-    -> features per shard (Ray Data map_batches over the shards; ticks with no modality dropped), materialized
-       in the object store (spilled to disk when it is full) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16
-       autocast on GPU; checkpoint every epoch; each epoch re-iterates its dataset shard)
+    -> features per shard (a Ray task each; ticks with no modality dropped) written to a feature file in the
+       run's staging folder (`pipelines.feature_files`) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16 autocast
+       on GPU; checkpoint every epoch; each epoch every worker streams its equal part of the files' rows)
     -> raw scores of the validation days' shards (Ray tasks) -> calibration -> model version in the registry
 """
 from __future__ import annotations
@@ -30,10 +30,11 @@ from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
 from dmafn.training import positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
+from pipelines.feature_files import FeatureFile, epoch_batches, worker_pieces, write_features
 from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
-from pipelines.ray_runtime import Resources, ordered_datasets, raise_task_error
+from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
 from pipelines.shards import Shard, list_inputs, plan_shards, require_data
@@ -70,25 +71,47 @@ def _shard_statistics(shard: Shard, spec: Spec) -> tuple[StatisticsFitter, dict[
     return fitter, quarantined
 
 
-def shard_features(batch: dict[str, np.ndarray], *, shards: list[Shard], spec: Spec, stats: dict[str, Any],
-                   labels: pl.DataFrame | None) -> dict[str, np.ndarray]:
-    """Ray Data map_batches: shard indices -> model input columns (`x__<m>`, `mask`, `label` with labels) of
-    their ticks that have at least one modality present."""
-    storage = Storage.from_spec(spec.storage)
-    parts = []
-    for index in batch["shard"]:
-        batches, _, decoded = aligned_batches(shards[int(index)], spec, storage)
-        for aligned in batches:
-            cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
-            if labels is not None:
-                lab = spec.labels
-                cols["label"] = label_ticks(aligned, labels, spec, lab.start, lab.end)["label"].to_numpy() \
-                    .astype(np.float32)
-            keep = cols["mask"].any(1)
-            parts.append({k: v[keep] for k, v in cols.items()})
-    if not parts:
-        return {}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
+                        labels: pl.DataFrame | None):
+    """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
+    ticks that have at least one modality present."""
+    batches, _, decoded = aligned_batches(shard, spec, storage)
+    for aligned in batches:
+        cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
+        if labels is not None:
+            lab = spec.labels
+            cols["label"] = label_ticks(aligned, labels, spec, lab.start, lab.end)["label"].to_numpy() \
+                .astype(np.float32)
+        keep = cols["mask"].any(1)
+        yield {k: v[keep] for k, v in cols.items()}
+
+
+@ray.remote(num_cpus=1)
+def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
+                          path: str) -> tuple[int, int]:
+    """One training shard's features written to its feature file; returns (rows, labelled positives)."""
+    storage, positives = Storage.from_spec(spec.storage), 0
+
+    def parts():
+        nonlocal positives
+        for part in shard_feature_parts(shard, spec, storage, stats, labels):
+            if "label" in part:
+                positives += int(part["label"].sum())
+            yield part
+
+    return write_features(storage, path, parts()), positives
+
+
+def write_training_features(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None,
+                            folder: str) -> tuple[list[FeatureFile], int]:
+    """The training shards' features written by Ray tasks to `folder/<i>.arrow` (`pipelines.feature_files`);
+    returns the files in shard order with their rows, and the labelled positives in all. The driver holds
+    the counts only."""
+    stats_ref, labels_ref = ray.put(stats), ray.put(labels)          # once for every task
+    paths = [join(folder, f"{i:06d}.arrow") for i in range(len(shards))]
+    refs = [_write_shard_features.remote(s, spec, stats_ref, labels_ref, p) for s, p in zip(shards, paths)]
+    counts = [raise_task_error(r) for r in refs]
+    return [FeatureFile(p, rows) for p, (rows, _) in zip(paths, counts)], sum(pos for _, pos in counts)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -118,17 +141,17 @@ def _train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         resumed_at = [*state.get("resumed_at", []), start_epoch]
-    shard = ray.train.get_dataset_shard("train")
     modalities = tuple(spec.modalities)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    storage = Storage.from_spec(spec.storage)
+    pieces = worker_pieces(config["files"], rank, context.get_world_size())
     board, throttle = (config.get("progress") if rank == 0 else None), Throttle(1.0)
     for epoch in range(start_epoch, config["epochs"]):
         losses = []
-        # a seeded shuffle per (seed, epoch, rank): same data and seed -> same batches, same weights
-        shuffle_seed = (config["seed"] * 1_000_003 + epoch * 1_009 + rank) % 2**32
-        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * config["batch_size"],
-                                        local_shuffle_seed=shuffle_seed):
+        # a seeded order and shuffle per (seed, epoch, rank): same data and seed -> same batches, same weights
+        rng = np.random.default_rng((config["seed"] * 1_000_003 + epoch * 1_009 + rank) % 2**32)
+        for batch in epoch_batches(storage, pieces, config["batch_size"], rng):
             feats = features_from_columns(batch, modalities)
             labels = batch.get("label")
             losses.append(train_step(model, optimizer, feats, labels, device, config["pos_weight"],
@@ -168,8 +191,9 @@ def latest_checkpoint_state(storage: Storage, run_dir: str, device) -> dict | No
     return None
 
 
-def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Storage, run_root: str) -> dict:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit(spec: Spec, files: list[FeatureFile], cfg: ModelConfig, pos_weight: float, storage: Storage,
+         run_root: str) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = Resources.current()
@@ -183,18 +207,17 @@ def _fit(spec: Spec, train_ds, cfg: ModelConfig, pos_weight: float, storage: Sto
         storage_filesystem=storage.filesystem(run_root) if is_s3(run_root) else None,
         checkpoint_config=CheckpointConfig(num_to_keep=2), failure_config=FailureConfig(max_failures=2))
     board = ProgressBoard.remote()
-    batches = max(1, math.ceil(train_ds.count() / workers / spec.train.batch_size))   # per worker and epoch
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True                     # each worker's shard is the same rows in the same order
+    # per worker and epoch
+    batches = max(1, math.ceil(sum(f.rows for f in files) // workers / spec.train.batch_size))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec, "model": asdict(cfg), "epochs": spec.train.epochs, "seed": spec.train.seed,
                            "lr": spec.train.learning_rate, "batch_size": spec.train.batch_size,
                            "pos_weight": pos_weight, "gpu": spec.train.gpu, "run_dir": join(run_root, name),
-                           "progress": board},
+                           "files": files, "progress": board},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=spec.train.gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if spec.train.gpu else "gloo"),
-        run_config=run_config, datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
+        run_config=run_config)
     display = ProgressDisplay("training", spec.train.epochs * batches, "batches")
 
     def show(posts: dict) -> None:
@@ -239,14 +262,6 @@ def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dic
     return fitter.result(), quarantined
 
 
-def feature_dataset(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None):
-    """Ray Data: the training shards mapped to model input columns, materialized in the object store."""
-    items = ray.data.from_items([{"shard": i} for i in range(len(shards))], override_num_blocks=max(1, len(shards)))
-    return items.map_batches(shard_features, fn_kwargs={"shards": shards, "spec": spec, "stats": stats,
-                                                        "labels": labels},
-                             batch_size=1, batch_format="numpy", num_cpus=1).materialize()
-
-
 def train(spec: Spec, *, run_root: str | None = None) -> str:
     """Train a model version for `spec` over its training window; returns the version id."""
     storage = Storage.from_spec(spec.storage)
@@ -269,15 +284,14 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                 log.info("modality '%s': transform auto -> %s", name, ", ".join(
                     f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
                                                                    entry["channel_transforms"], entry["drift"])))
-        with ordered_datasets():                         # same data + seed -> same model version, run after run
-            features = feature_dataset(spec, train_shards, stats, labels)
-        ticks = features.count()
+        files, positives = write_training_features(spec, train_shards, stats, labels,
+                                                   join(staging.folder, "features"))
+        ticks = sum(f.rows for f in files)
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
                             "has a modality present")
         pos_weight = 1.0
         if labels is not None:
-            positives = int(features.sum("label") or 0)
             if not positives:
                 raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
             pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
@@ -285,7 +299,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
         run_root = run_root or join(spec.registry, "_train_runs")
         log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
                  train_days[-1], len(train_shards), spec.train.workers)
-        fitted = _fit(spec, features, cfg, pos_weight, storage,
+        fitted = _fit(spec, files, cfg, pos_weight, storage,
                       run_root if is_s3(run_root) else os.path.abspath(run_root))
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])

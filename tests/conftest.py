@@ -90,8 +90,6 @@ def local_ray(s3_endpoint):
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
     try:
         yield ray
     finally:

@@ -1,5 +1,5 @@
 """The whole path on tiny data with a small local Ray: generate -> train (Ray Train, 2 workers) ->
-score (Ray Data actor pool) -> Delta Lake -> evaluate; idempotency, quarantine accounting, bad input."""
+score (a Ray task per shard) -> Delta Lake -> evaluate; idempotency, quarantine accounting, bad input."""
 import datetime as dt
 import json
 import re
