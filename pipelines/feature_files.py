@@ -1,12 +1,12 @@
 """Training features staged as files: written once by the featurizing tasks, streamed by each Train worker.
 
 A training shard's model inputs (`x__<m>`, `mask`, `label` with labels) are written by its task to one Arrow IPC
-file under the run's staging folder, a tick slice per record batch (LZ4); the task returns its row count and
-positives. The driver keeps the file list. Every epoch each Train worker reads its own part of the rows -
+file under the run's staging folder (LZ4; up to 4,096 ticks and about 16 MB a record batch); the task returns
+its row count and positives. The driver keeps the file list. Every epoch each Train worker reads its own part of the rows -
 the window's rows in shard order cut into `workers` equal ranges (the remainder, fewer than `workers` rows,
 is left out, as a Ray Data equal split does, so every rank runs the same number of batches) - its pieces in a
 seeded order, a record batch at a time, through a seeded shuffle buffer. No process and no object store
-holds the window: a worker holds its shuffle buffer, one record batch and the one read ahead.
+holds the window: a worker holds its shuffle buffer and a few record batches (the one it uses, two read ahead).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from pipelines.storage import DataError, Storage
 
-BATCH_ROWS = 4096                  # rows per record batch of a feature file: a worker's read unit
+BATCH_ROWS = 4096                  # rows per record batch of a feature file (a worker's read unit) at most,
+BATCH_BYTES = 16 << 20             # and about this many bytes at most when a tick's inputs are big (images)
 _SHAPE = b"dmafn.shape"
 _DTYPE = b"dmafn.dtype"
 _IPC = pa.ipc.IpcWriteOptions(compression="lz4")
@@ -72,16 +73,23 @@ def columns_of(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
     return out
 
 
+def batch_rows(columns: dict[str, np.ndarray]) -> int:
+    """Rows a record batch of these columns holds: `BATCH_ROWS`, fewer where that would pass `BATCH_BYTES`."""
+    row_bytes = sum(v.itemsize * int(np.prod(v.shape[1:], dtype=np.int64)) for v in columns.values())
+    return max(1, min(BATCH_ROWS, BATCH_BYTES // max(row_bytes, 1)))
+
+
 def write_features(storage: Storage, path: str, parts: Iterable[dict[str, np.ndarray]]) -> int:
-    """Write `parts` (numpy columns, the same names, shapes and dtypes each) to one feature file at `path`, at
-    most `BATCH_ROWS` rows a record batch; returns the rows written. With no part at all no file is written."""
+    """Write `parts` (numpy columns, the same names, shapes and dtypes each) to one feature file at `path`,
+    `batch_rows` rows a record batch; returns the rows written. With no part at all no file is written."""
     fs, writer, rows = storage.filesystem(path), None, 0
     sink = None
     try:
         for part in parts:
             n = len(next(iter(part.values())))
-            for lo in range(0, max(n, 1), BATCH_ROWS):
-                batch = _record_batch({k: v[lo:lo + BATCH_ROWS] for k, v in part.items()})
+            step = batch_rows(part)
+            for lo in range(0, max(n, 1), step):
+                batch = _record_batch({k: v[lo:lo + step] for k, v in part.items()})
                 if writer is None:
                     fs.create_dir(storage.fs_path(path).rsplit("/", 1)[0], recursive=True)
                     sink = fs.open_output_stream(storage.fs_path(path))

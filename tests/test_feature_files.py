@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dmafn.features import StatisticsFitter, featurize, features_to_columns
-from pipelines.feature_files import (BATCH_ROWS, FeatureFile, Piece, epoch_batches, read_ahead, read_piece,
+from pipelines.feature_files import (BATCH_BYTES, BATCH_ROWS, FeatureFile, batch_rows, Piece, epoch_batches, read_ahead, read_piece,
                                      shuffled_batches, worker_pieces, write_features)
 from pipelines.storage import DataError, Storage
 from tests.test_features_ingest import aligned_rows
@@ -40,6 +40,13 @@ def test_a_feature_file_gives_back_its_columns_with_their_shapes_and_dtypes_in_a
     assert not (tmp_path / "f" / "none.arrow").exists()
     with pytest.raises(DataError, match="none.arrow"):
         list(read_piece(storage, Piece(str(tmp_path / "f" / "none.arrow"), 0, 1)))
+
+
+def test_a_record_batch_of_big_ticks_holds_fewer_rows():
+    small = {"x__sensors": np.zeros((1, 5, 3), np.float32), "mask": np.ones((1, 2), bool)}
+    images = {"x__cam": np.zeros((1, 3, 256, 256), np.float32), "mask": np.ones((1, 1), bool)}
+    assert batch_rows(small) == BATCH_ROWS
+    assert batch_rows(images) == BATCH_BYTES // (3 * 256 * 256 * 4 + 1) < BATCH_ROWS
 
 
 def test_featurized_ticks_round_trip_through_a_feature_file(tiny_spec, tmp_path):
