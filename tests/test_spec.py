@@ -297,3 +297,49 @@ def test_validation_days_default_to_a_tenth_of_the_training_window():
     data["train"]["validation_days"] = 1                      # given: kept
     spec = parse_spec(data)
     assert spec.train.validation_days == 1 and parse_spec(spec.to_dict()).train.validation_days == 1
+
+
+def test_check_data_reads_footers_in_parallel_and_lists_problems_in_file_order(tmp_path, monkeypatch):
+    """Footers are read by threads; the problems still come in file order when later files answer first."""
+    import datetime as dt
+    import threading
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipelines.check_data as check
+    from dmafn.spec import parse_spec
+
+    data = tiny_spec_dict()
+    ts = pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)], pa.timestamp("us", tz="UTC"))
+    folder = tmp_path / "proc" / "date=2024-01-01"
+    folder.mkdir(parents=True)
+    for i in range(24):
+        if i % 5 == 2:
+            (folder / f"part-{i:02d}.parquet").write_bytes(b"not parquet")
+        else:
+            pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "temp": [1.0]}), folder / f"part-{i:02d}.parquet")
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    spec = parse_spec(data, source="spec.yaml")
+    reading, most = set(), [0]
+    lock = threading.Lock()
+    read = check.file_schema
+
+    def slow_first(filesystem, path):
+        with lock:
+            reading.add(path)
+            most[0] = max(most[0], len(reading))
+        time.sleep(0.2 - 0.008 * int(path[-10:-8]))          # the later the file, the sooner it answers
+        try:
+            return read(filesystem, path)
+        finally:
+            with lock:
+                reading.discard(path)
+
+    monkeypatch.setattr(check, "file_schema", slow_first)
+    found = check.check_data(spec)[0]
+    assert found.files == 24 and most[0] > 1
+    broken = [p for p in found.problems if "not a readable Parquet file" in p]
+    assert [p.split("part-")[1][:2] for p in broken] == ["02", "07", "12", "17", "22"]
+    assert found.columns == {"machine_id": "string", "ts": "timestamp[us, tz=UTC]", "temp": "double"}
