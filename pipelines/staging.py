@@ -8,7 +8,9 @@ stream, say - would be read whole by every bucket. When a run needs `SPLIT_MIN_B
 file of the run's dates is first handed to a split task (`split_file`): it reads the file's row groups that
 hold several entities, one at a time, and writes each bucket's rows of them (the spec's columns, values as they
 are: checks and quarantine happen where a shard reads them, as for any file) to
-`<staging>/<run>/<B>buckets/<file key>/bucket=<k>.parquet`; row groups of one entity stay where they are. A
+`<staging>/<run>/<B>buckets/<file key>/bucket=<k>.<n>.parquet` - the rows held when the task's buffer
+fills (`SPLIT_BUFFER_BYTES`) go out as one file per bucket, each written and closed before the next, so the
+task holds one output stream, not one per bucket; row groups of one entity stay where they are. A
 shard's task gets the split results of its files as arguments - Ray starts it once they exist - and reads its
 bucket's piece and the file's single-entity row groups in place of the file (`with_pieces`).
 
@@ -44,20 +46,21 @@ log = logging.getLogger(__name__)
 # below this many buckets a split (read once, write once, read once) saves nothing: `make bench-shard-reads` on
 # files of interleaved machines, local disk, 2026-12-02: 3 buckets 0.96 x every bucket reading them, 4: 0.83 x
 SPLIT_MIN_BUCKETS = 4
-# a split task writes what it holds once its pending rows pass this (decoded bytes): a bucket's piece gets a row
-# group per flush, and the task's memory stays one source row group plus this
+# a split task writes what it holds once its pending rows pass this (decoded bytes): each bucket gets a piece
+# file per flush, and the task's memory stays one source row group plus this plus one output stream
 SPLIT_BUFFER_BYTES = 64_000_000
 
 
 @dataclass(frozen=True)
 class SplitFile:
     """One input file after its split: its row groups of several entities moved to `pieces` (a bucket -> the
-    file of its rows; a bucket with none has no piece), `kept` the row groups of one entity each, still read in
-    place (by the bucket that owns them). `pieces` None: nothing moved, the file is read as it is."""
+    files of its rows, one per flush of the split, in the source's order; a bucket with none has no piece),
+    `kept` the row groups of one entity each, still read in place (by the bucket that owns them). `pieces`
+    None: nothing moved, the file is read as it is."""
 
     source: InputFile
     buckets: int
-    pieces: dict[int, InputFile] | None
+    pieces: dict[int, tuple[InputFile, ...]] | None
     kept: tuple[int, ...] = ()
 
 
@@ -67,7 +70,7 @@ def file_key(path: str) -> str:
 
 
 def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, folder: str) -> SplitFile:
-    """Move the rows of `file`'s row groups that hold several entities (or a null one) into one Parquet file per
+    """Move the rows of `file`'s row groups that hold several entities (or a null one) into Parquet files per
     entity bucket under `folder` (a path as the staging filesystem names it; see the module docstring); its row
     groups of one entity each, by their statistics, stay where they are. Raises DataError naming the file when
     its columns break the contract or its pages cannot be read."""
@@ -82,42 +85,38 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         return SplitFile(file, buckets, None)
     columns = list(dict.fromkeys([*keys, spec.time, *(c for m in readers for c in m.value_columns)]))
     staging_fs = storage.filesystem(spec.score.staging_path)
-    writers: dict[int, tuple[pq.ParquetWriter, pa.NativeFile, str]] = {}
+    pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}
-    held = 0
+    held, flushes = 0, 0
 
     def flush() -> None:
-        for bucket, tables in pending.items():
-            if bucket not in writers:
-                if not writers:
-                    staging_fs.create_dir(folder, recursive=True)
-                piece = join(folder, f"bucket={bucket}.parquet")
-                sink = staging_fs.open_output_stream(piece)
-                writers[bucket] = (pq.ParquetWriter(sink, tables[0].schema), sink, piece)
-            writers[bucket][0].write_table(pa.concat_tables(tables))
+        """Each bucket's pending rows to a piece file of their own, written and closed one after another: one
+        output stream at a time (on S3 each buffers a part before it uploads)."""
+        nonlocal flushes
+        if pending and not pieces:
+            staging_fs.create_dir(folder, recursive=True)
+        for bucket, tables in sorted(pending.items()):
+            piece = join(folder, f"bucket={bucket}.{flushes:05d}.parquet")
+            with staging_fs.open_output_stream(piece) as sink:
+                pq.write_table(pa.concat_tables(tables), sink)
+                size = sink.tell()
+            pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size))
         pending.clear()
+        flushes += 1
 
-    sizes = {}
-    try:
-        for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one]):
-            numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
-            order = np.argsort(numbers, kind="stable")
-            part, numbers = part.take(pa.array(order)), numbers[order]
-            starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
-            for start, stop in zip(starts, [*starts[1:], len(numbers)]):
-                pending.setdefault(int(numbers[start]), []).append(part.slice(start, stop - start))
-            held += part.nbytes
-            if held > SPLIT_BUFFER_BYTES:
-                flush()
-                held = 0
-        flush()
-    finally:
-        for bucket, (writer, sink, piece) in writers.items():
-            writer.close()
-            sizes[bucket] = (piece, sink.tell())
-            sink.close()
-    return SplitFile(file, buckets, {b: InputFile(file.modality, file.date, piece, size)
-                                     for b, (piece, size) in sizes.items()},
+    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one]):
+        numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
+        order = np.argsort(numbers, kind="stable")
+        part, numbers = part.take(pa.array(order)), numbers[order]
+        starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
+        for start, stop in zip(starts, [*starts[1:], len(numbers)]):
+            pending.setdefault(int(numbers[start]), []).append(part.slice(start, stop - start))
+        held += part.nbytes
+        if held > SPLIT_BUFFER_BYTES:
+            flush()
+            held = 0
+    flush()
+    return SplitFile(file, buckets, {b: tuple(files) for b, files in pieces.items()},
                      tuple(r for r, one in enumerate(single) if one))
 
 
@@ -135,8 +134,8 @@ def with_pieces(shard: Shard, splits: Sequence[SplitFile]) -> Shard:
             continue
         if split.kept:                          # its row groups of one entity each, read in place
             files.append(replace(f, row_groups=split.kept))
-        if shard.bucket in split.pieces:        # as this modality's file: a context view reads its parent's pieces
-            files.append(replace(split.pieces[shard.bucket], modality=f.modality))
+        # as this modality's files: a context view reads its parent's pieces
+        files.extend(replace(piece, modality=f.modality) for piece in split.pieces.get(shard.bucket, ()))
     return replace(shard, files=tuple(files))
 
 

@@ -836,13 +836,16 @@ def test_an_entity_bucket_reads_only_the_row_groups_its_statistics_allow_with_th
     assert counts == [39] + [30] * 7                   # 3 files x 10 rows, and pump-0's 9 of the file with a null
 
 
-def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whole_file(tmp_path):
+@pytest.mark.parametrize("flush_every_row_group", [False, True])
+def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whole_file(tmp_path, monkeypatch,
+                                                                                       flush_every_row_group):
     """`split_file` writes a file that mixes machines in its row groups as one piece per entity bucket (a null key,
     bad values, invalid UTF-8 and a row of another date kept as they are, the columns of every modality reading
     the file, a context view included); each bucket reading its pieces gets the same rows, quarantine and
-    presence as reading the whole files, and every row lands in exactly one piece. A file whose row groups
-    hold one machine each stays where it is, as do such row groups of a file that also has mixed ones; a file
-    without a spec column is named."""
+    presence as reading the whole files, and every row lands in exactly one piece - also when the split's
+    buffer flushes after every row group (a piece file per bucket per flush). A file whose row groups hold one
+    machine each stays where it is, as do such row groups of a file that also has mixed ones; a file without a
+    spec column is named."""
     import datetime as dt
     from dataclasses import replace
 
@@ -852,10 +855,13 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     from dmafn.spec import parse_spec
     from pipelines.ingest import read_shard
     from pipelines.shards import bytes_by_date, list_inputs
+    import pipelines.staging
     from pipelines.staging import split_file, with_pieces
     from pipelines.storage import Storage
     from tests.conftest import tiny_spec_dict
 
+    if flush_every_row_group:
+        monkeypatch.setattr(pipelines.staging, "SPLIT_BUFFER_BYTES", 1)
     data = tiny_spec_dict()
     data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc"),
                                    "context": {"window": "1h"}},
@@ -896,16 +902,19 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     assert kept["sorted.parquet"] is None
     partly_split = next(s for s in splits if s.source.path.endswith("partly.parquet"))
     assert partly_split.kept == (0,) and set(partly_split.pieces) == {0, 1, 2}   # pump-0's group stays, 2 move
-    assert sum(pq.ParquetFile(p.path).metadata.num_rows for p in partly_split.pieces.values()) == 8
+    assert sum(pq.ParquetFile(p.path).metadata.num_rows for ps in partly_split.pieces.values() for p in ps) == 8
     for name, source_rows in (("mixed.parquet", n), ("part-0.parquet", n)):
         pieces = kept[name]
         assert set(pieces) == {0, 1, 2}
-        assert sum(pq.ParquetFile(p.path).metadata.num_rows for p in pieces.values()) == source_rows
-    assert "extra" not in pq.ParquetFile(kept["mixed.parquet"][0].path).schema_arrow.names
+        assert sum(pq.ParquetFile(p.path).metadata.num_rows for ps in pieces.values() for p in ps) == source_rows
+        # 160 rows in row groups of 25 (mixed) or one group (logs): a piece per flush that held the bucket's rows
+        assert max(len(ps) for ps in pieces.values()) == (7 if flush_every_row_group and name == "mixed.parquet"
+                                                          else 1)
+    assert "extra" not in pq.ParquetFile(kept["mixed.parquet"][0][0].path).schema_arrow.names
     for shard in shards:
         staged = with_pieces(shard, splits)
         assert {f.path for f in staged.files if f.date == date and "sorted" not in f.path} <= \
-            {p.path for s in splits if s.pieces for p in s.pieces.values()} | {partly_split.source.path}
+            {p.path for s in splits if s.pieces for ps in s.pieces.values() for p in ps} | {partly_split.source.path}
         assert [f.row_groups for f in staged.files if f.path == partly_split.source.path] == [(0,)] * 2
         assert {f.modality for f in staged.files} == {"proc", "proc_context", "logs"}
         got, want = read_shard(staged, spec, Storage()), read_shard(shard, spec, Storage())
