@@ -10,6 +10,7 @@ holds the window: a worker holds its shuffle buffer and a few record batches (th
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
@@ -148,26 +149,25 @@ def shuffled_batches(chunks: Iterable[dict[str, np.ndarray]], batch_size: int, b
     `buffer_rows`, it is permuted and its whole batches go out, the rest waits for the next chunk.
     Every row comes out once; ceil(rows / batch_size) batches in all."""
     held, count = [], 0
-    for chunk in chunks:
-        n = len(next(iter(chunk.values())))
-        if not n:
-            continue
-        held.append(chunk)
-        count += n
-        if count < buffer_rows:
+    for chunk in itertools.chain(chunks, [None]):        # None: the end, where the buffer empties whole
+        last = chunk is None
+        if not last:
+            n = len(next(iter(chunk.values())))
+            if not n:
+                continue
+            held.append(chunk)
+            count += n
+            if count < buffer_rows:
+                continue
+        if not count:
             continue
         rows = _concat(held)
         order = rng.permutation(count)
-        whole = count // batch_size * batch_size
-        for lo in range(0, whole, batch_size):
+        out = count if last else count // batch_size * batch_size
+        for lo in range(0, out, batch_size):
             yield {k: v[order[lo:lo + batch_size]] for k, v in rows.items()}
-        held = [{k: v[order[whole:]] for k, v in rows.items()}] if whole < count else []
-        count -= whole
-    if count:
-        rows = _concat(held)
-        order = rng.permutation(count)
-        for lo in range(0, count, batch_size):
-            yield {k: v[order[lo:lo + batch_size]] for k, v in rows.items()}
+        held = [{k: v[order[out:]] for k, v in rows.items()}] if out < count else []
+        count -= out
 
 
 def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
