@@ -61,8 +61,8 @@ def main() -> None:
 
     def run(name, modalities, **model):
         start = time.time()
-        det = Detector({m: mods[m] for m in modalities}, small(**{"text_novelty": True, **model}),
-                       epochs=epochs, seed=0)                  # the pipeline's text head (novelty reconstructed)
+        det = Detector({m: mods[m] for m in modalities}, small(**{"text_novelty": True, "image_grid": True, **model}),
+                       epochs=epochs, seed=0)                  # the pipeline's text head and image grid
         det.fit(subset(split.train, modalities))
         rows[name] = auc_by_kind(det.decision_function(subset(split.test, modalities)), split)
         rows[name]["seconds"] = {"roc_auc": time.time() - start, "pr_auc": float("nan")}

@@ -18,6 +18,7 @@ from dmafn.layers import encode
 
 TEXT_TARGET_BUCKETS = 64
 NOVELTY_COLUMNS = 2          # text inputs' extra columns: unseen-template lines, unseen tokens
+IMAGE_GRID = 4            # an image embedding's grid of places (rows = columns), model versions with `grid`
 TEXT_CHUNK = 256          # text windows encoded together (sorted by length, trimmed to the chunk's longest)
 
 
@@ -111,15 +112,22 @@ class SeriesEncoder(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """CNN over (B, ch, H, W) in [0, 1]; target: the image pooled to 16x16."""
+    """CNN over (B, ch, H, W) in [0, 1]; target: the image pooled to 16x16.
 
-    def __init__(self, channels: int, d_model: int):
+    With `grid` (model versions since 2026-12-02) the last feature maps are pooled to a 4x4 grid that a linear
+    layer reads cell by cell, so the embedding keeps where things are in the frame (a needle's angle, a part's
+    place); without it they are averaged over the whole frame (older versions), which keeps only which
+    patterns occur. Any frame size works: the grid adapts to the maps' size."""
+
+    def __init__(self, channels: int, d_model: int, grid: bool = False):
         super().__init__()
+        cells = IMAGE_GRID * IMAGE_GRID if grid else 1
         self.net = nn.Sequential(
             nn.Conv2d(channels, 16, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, d_model))
+            nn.AdaptiveAvgPool2d(IMAGE_GRID if grid else 1), nn.Flatten(),   # (B, 64 * cells)
+            nn.Linear(64 * cells, d_model))
         self.target_dim = channels * 16 * 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ class ModelConfig:
     cross_modal: bool = ModelSpec.cross_modal_scoring
     text_novelty: bool = False      # the text target counts lines and tokens unseen in training (versions since
                                     # the text vocabulary; older ones load without it)
+    image_grid: bool = False        # image embeddings keep a 4x4 grid of places (versions since 2026-12-02; older
+                                    # ones averaged the whole frame and load without it)
 
 
 def small(**overrides) -> ModelConfig:
@@ -56,7 +58,8 @@ def model_config(m: ModelSpec) -> ModelConfig:
     """The network config a spec's `model` section asks for: its named preset plus its options."""
     return PRESETS[m.preset](fusion=m.fusion, detector=m.detector, series_encoder=m.series_encoder,
                              text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
-                             cross_modal=m.cross_modal_scoring, text_novelty=True)
+                             cross_modal=m.cross_modal_scoring, text_novelty=True,
+                             image_grid=True)
 
 
 def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
@@ -65,7 +68,7 @@ def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:
     if m.kind == "timeseries":
         return SeriesEncoder(len(m.columns), m.steps, cfg.d_model, m.encoder or cfg.series_encoder)
     if m.kind == "image":
-        return ImageEncoder(m.channels, cfg.d_model)
+        return ImageEncoder(m.channels, cfg.d_model, grid=cfg.image_grid)
     if m.kind == "text":
         return TextEncoder(cfg.d_model, m.encoder or cfg.text_encoder, TEXT_TOKENS, novelty=cfg.text_novelty)
     if m.kind == "audio":

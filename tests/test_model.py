@@ -45,6 +45,9 @@ def test_tcn_is_causal():
     (lambda: TabularEncoder(4, D), torch.randn(B, 4)),
     (lambda: ImageEncoder(1, D), torch.rand(B, 1, 24, 24)),
     (lambda: ImageEncoder(3, D), torch.rand(B, 3, 16, 16)),
+    (lambda: ImageEncoder(1, D, grid=True), torch.rand(B, 1, 32, 32)),
+    (lambda: ImageEncoder(3, D, grid=True), torch.rand(B, 3, 8, 8)),         # maps smaller than the grid
+    (lambda: ImageEncoder(1, D, grid=True), torch.rand(B, 1, 100, 60)),
     (lambda: TextEncoder(D, "transformer", 10), torch.randint(0, 50, (B, 10))),
     (lambda: TextEncoder(D, "bag", 10), torch.randint(0, 50, (B, 10))),
     (lambda: AudioEncoder(8000, D), torch.randn(B, 4000)),
@@ -156,6 +159,35 @@ def test_image_encoder_scores_each_distinct_frame_once_with_the_same_result():
     with torch.no_grad():
         deduplicated = enc(frames)
     assert torch.allclose(deduplicated, enc(frames), atol=1e-6)     # with gradients on: every row encoded
+
+
+def test_image_encoder_grid_keeps_where_things_are_in_the_frame():
+    """A blob moved by 8 pixels (the CNN's stride) away from the borders: the whole-frame average gives the same
+    embedding for both frames, the grid tells them apart."""
+    from dmafn.encoders import ImageEncoder
+
+    here, there = torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 64, 64)
+    here[..., 24:28, 24:28] = 1
+    there[..., 32:36, 32:36] = 1
+    with torch.no_grad():
+        for grid, same in ((False, True), (True, False)):
+            torch.manual_seed(0)
+            enc = ImageEncoder(1, D, grid=grid).eval()
+            a, b = enc(here), enc(there)
+            assert torch.allclose(a, b, atol=1e-6) == same, grid
+            assert not torch.allclose(a, enc(torch.zeros(1, 1, 64, 64)), atol=1e-4)   # both see the blob
+
+
+def test_model_versions_before_the_image_grid_rebuild_the_whole_frame_average():
+    from dataclasses import asdict
+
+    from dmafn.model import model_config
+    from dmafn.spec import ModalitySpec, ModelSpec
+
+    mods = {"camera": ModalitySpec(name="camera", kind="image", path="x", column="frame", size=(16, 16))}
+    old = {k: v for k, v in asdict(model_config(ModelSpec())).items() if k != "image_grid"}   # an older manifest
+    assert build_model(mods, ModelConfig(**old)).encoders["camera"].net[-1].in_features == 64
+    assert build_model(mods, model_config(ModelSpec())).encoders["camera"].net[-1].in_features == 64 * 16
 
 
 def test_audio_log_mel_sees_pitch():
