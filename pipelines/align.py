@@ -112,9 +112,12 @@ def _text(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[
     col, window = m.column, m.window_us
     first = (pl.col(TIME) + grain_us - 1) // grain_us                 # first tick at or after the message
     last = (pl.col(TIME) + window + grain_us - 1) // grain_us - 1      # last tick with tick - window < t
-    spread = (table.select([*keys, TIME, col]).with_columns(pl.int_ranges(first, last + 1).alias("_tick"))
+    # lines in time order, and lines at the same microsecond by their text: the window's order never depends on
+    # the order the files were read in (the staging split and the direct read give the same windows)
+    spread = (table.select([*keys, TIME, col]).sort([TIME, col])
+              .with_columns(pl.int_ranges(first, last + 1).alias("_tick"))
               .explode("_tick").drop_nulls("_tick").with_columns((pl.col("_tick") * grain_us).alias("_tick")))
-    grouped = (spread.sort(TIME).group_by([*keys, "_tick"], maintain_order=True)
+    grouped = (spread.group_by([*keys, "_tick"], maintain_order=True)
                .agg(pl.col(col).alias(f"{m.name}__{col}")).rename({"_tick": TIME}))
     joined = ticks.select([*keys, TIME]).join(grouped, on=[*keys, TIME], how="left")
     return joined.with_columns(pl.col(f"{m.name}__{col}").is_not_null().alias(f"{m.name}__present"))

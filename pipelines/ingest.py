@@ -145,6 +145,29 @@ def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
                              .alias(REASON))
 
 
+CONFLICT = "conflicting rows: another row of this entity at the same time holds other values"
+
+
+def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
+    """Boolean mask of the rows of an as-of modality (tabular, image, audio) whose entity and time repeat in a
+    row with other values: which one a tick should read cannot be told, and a choice would follow the order the
+    files were read in. Exact repeats are kept (whichever is read, it is the same). Time series average their
+    rows per period and text keeps every line, in an order that does not depend on the files
+    (`pipelines.align`): neither has to choose."""
+    clash = np.zeros(table.height, bool)
+    if m.kind in ("timeseries", "text") or table.is_empty():
+        return clash
+    keys = [*spec.entity, TIME]
+    repeated = table.select(pl.struct(keys).is_duplicated()).to_series()
+    if not repeated.any():
+        return clash
+    groups = (table.with_row_index("_row").filter(repeated).group_by(keys)
+              .agg(pl.col("_row"), pl.struct(list(m.value_columns)).n_unique().alias("_values"))
+              .filter(pl.col("_values") > 1))
+    clash[groups["_row"].explode().to_numpy()] = True
+    return clash
+
+
 @dataclass
 class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
@@ -182,33 +205,45 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         usable = []
         for f in (f for f in shard.files if f.modality == name):
             parquet = open_parquet(fs, f.path)
-            check_schema(parquet.schema_arrow, spec, m, f.path)
-            own_date = f.date in shard.dates
-            # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
-            # and of an entity bucket, only the row groups that may hold its entities
-            since = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
-            groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
-            groups = both(groups, None if f.row_groups is None else list(f.row_groups))
-            for part in each_row_group(parquet, f.path, columns, groups):   # peak: one row group beside the kept rows
-                table, bad_text = valid_text(part, m)
-                rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
-                rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
-                    .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
-                if not own_date:  # a look-back day: only what the first ticks can read is checked further and kept
-                    rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
-                rows = misplaced(rows, f.date)
-                if m.kind == "image":
-                    rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
-                good = rows.filter(pl.col(REASON).is_null())
-                if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
-                    quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
-                        entity_string(spec.entity).alias("entity"), pl.col(TIME),
-                        pl.lit(f.date.isoformat()).alias("date"), pl.lit(name).alias("source"),
-                        pl.col(REASON).alias("reason")))
-                usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
+            try:
+                check_schema(parquet.schema_arrow, spec, m, f.path)
+                own_date = f.date in shard.dates
+                # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
+                # and of an entity bucket, only the row groups that may hold its entities
+                since = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
+                groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
+                groups = both(groups, None if f.row_groups is None else list(f.row_groups))
+                for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
+                    table, bad_text = valid_text(part, m)
+                    rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
+                    rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
+                        .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
+                    if not own_date:  # a look-back day: only what the first ticks can read is checked further and kept
+                        rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
+                    rows = misplaced(rows, f.date)
+                    if m.kind == "image":
+                        rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
+                    good = rows.filter(pl.col(REASON).is_null())
+                    if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
+                        quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
+                            entity_string(spec.entity).alias("entity"), pl.col(TIME),
+                            pl.lit(f.date.isoformat()).alias("date"), pl.lit(name).alias("source"),
+                            pl.col(REASON).alias("reason")))
+                    usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
+            finally:
+                parquet.close()
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue
+        clash = conflicting(table, spec, m)
+        if clash.any():                 # rows of one key can sit in different files: checked on the whole table
+            if not m.context_of:
+                dropped = table.filter(pl.Series(clash) & (pl.col(TIME) // DAY_US).is_in(days))
+                quarantined.append(dropped.select(
+                    entity_string(spec.entity).alias("entity"), pl.col(TIME),
+                    pl.from_epoch(TIME, time_unit="us").dt.date().cast(pl.String).alias("date"),
+                    pl.lit(name).alias("source"), pl.lit(CONFLICT).alias("reason")))
+            table = table.filter(~pl.Series(clash))
         tables[name] = table
         present.append(table.select(*spec.entity, (pl.col(TIME) // DAY_US).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())
@@ -229,5 +264,9 @@ def require_columns(spec: Spec, storage: Storage, files) -> None:
             continue
         seen.add(f.modality)
         m = spec.modalities[f.modality]
-        check_schema(open_parquet(storage.filesystem(m.path), f.path).schema_arrow, spec, m, f.path)
+        parquet = open_parquet(storage.filesystem(m.path), f.path)
+        try:
+            check_schema(parquet.schema_arrow, spec, m, f.path)
+        finally:
+            parquet.close()
 

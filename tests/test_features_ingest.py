@@ -226,6 +226,57 @@ def test_read_shard_reads_its_dates_and_the_lookback_and_quarantines_bad_rows(tm
     assert got.present["_day"].to_list() == [day // 86_400_000_000]
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_read_shard_quarantines_rows_of_one_key_with_other_values_whatever_the_files_order(tmp_path, tiny_spec,
+                                                                                           reverse):
+    """Two rows of one entity at one time with different values: which one a tick reads cannot be told, and
+    picking one would follow the files' order; both go to quarantine. An exact repeat is kept."""
+    import datetime as dt
+
+    from pipelines.ingest import CONFLICT, read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day, day, day + 60_000_000], pa.timestamp("us", tz="UTC"))
+    first = pa.table({"machine_id": ["a", "b", "a"], "ts": ts, "temp": [1.0, 5.0, 3.0]})
+    second = pa.table({"machine_id": ["a", "b"], "ts": ts.slice(0, 2), "temp": [2.0, 5.0]})   # a: other value
+    for name, rows in zip(("part-0", "part-1"), (second, first) if reverse else (first, second)):
+        _write(tmp_path / "date=2024-01-02" / f"{name}.parquet", rows)
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert sorted(got.tables["proc"].rows()) == [("a", day + 60_000_000, 3.0), ("b", day, 5.0), ("b", day, 5.0)]
+    assert sorted(got.quarantined.rows()) == [("a", day, "2024-01-02", "proc", CONFLICT)] * 2
+
+
+def test_conflicting_rows_by_kind(tiny_spec):
+    from dataclasses import replace
+
+    from pipelines.ingest import conflicting
+
+    keys = {"machine_id": ["a", "a", "a", "b", "b"], TIME: [1, 1, 2, 1, 1]}
+    frames = pl.DataFrame({**keys, "frame": [png(1), png(2), png(1), png(3), png(3)]})
+    assert conflicting(frames, tiny_spec, tiny_spec.modalities["cam"]).tolist() == [True, True, False, False, False]
+    mic = replace(tiny_spec.modalities["cam"], kind="audio", column="wave")
+    waves = pl.DataFrame({**keys, "wave": [[0.1, 0.2], [0.1, 0.2], [0.3], [0.1], [0.1, 0.0]]})
+    assert conflicting(waves, tiny_spec, mic).tolist() == [False, False, False, True, True]
+    series = pl.DataFrame({**keys, "a": [1.0, 2.0, 3.0, 4.0, 5.0]})     # a period's rows are averaged: no choice
+    assert not conflicting(series, tiny_spec, tiny_spec.modalities["vib"]).any()
+    assert conflicting(frames.clear(), tiny_spec, tiny_spec.modalities["cam"]).tolist() == []
+
+
+def test_text_lines_at_one_microsecond_keep_one_order_whatever_the_files_order(tiny_spec):
+    from dataclasses import replace
+
+    spec = replace(tiny_spec, modalities={"logs": tiny_spec.modalities["logs"]})
+    day = date_start_us(__import__("datetime").date(2024, 1, 2))
+    ticks = pl.DataFrame({"machine_id": ["a"], TIME: [day + 60_000_000]})
+    lines = pl.DataFrame({"machine_id": ["a"] * 4, TIME: [day + 5, day + 5, day + 5, day + 1],
+                          "msg": ["zeta warn", "alpha ok", "mid error", "first"]})
+    windows = {tuple(align(ticks, {"logs": lines[list(order)]}, spec)["logs__msg"][0])
+               for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2])}
+    assert windows == {("first", "alpha ok", "mid error", "zeta warn")}
+
+
 def test_a_lookback_days_images_are_decoded_only_within_reach(tmp_path, tiny_spec, monkeypatch):
     """The day before a shard's date feeds only its last minutes (the tolerance): the frames before that are
     neither kept nor decoded to check them."""
@@ -853,7 +904,7 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     import pyarrow.parquet as pq
 
     from dmafn.spec import parse_spec
-    from pipelines.ingest import read_shard
+    from pipelines.ingest import CONFLICT, read_shard
     from pipelines.shards import bytes_by_date, list_inputs
     import pipelines.staging
     from pipelines.staging import split_file, with_pieces
@@ -927,6 +978,7 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     assert reasons.group_by("source", "reason").len().sort("source", "reason").rows() == [
         ("logs", "invalid UTF-8 in column 'msg'", 1), ("logs", "null entity column 'machine_id'", 1),
         ("logs", "timed outside its date partition 2024-01-02", 1),
+        ("proc", CONFLICT, 15),     # 6 keys of the sorted files' pumps that the mixed file times with other values
         ("proc", "null entity column 'machine_id'", 1), ("proc", "timed outside its date partition 2024-01-02", 1),
         ("proc", "unusable value in column 'temp'", 1)]
 
