@@ -153,9 +153,11 @@ def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     row with other values: which one a tick should read cannot be told, and a choice would follow the order the
     files were read in. Exact repeats are kept (whichever is read, it is the same). Time series average their
     rows per period and text keeps every line, in an order that does not depend on the files
-    (`pipelines.align`): neither has to choose."""
+    (`pipelines.align`): neither has to choose. A context view reads its parent's rows and drops the same ones.
+    """
     clash = np.zeros(table.height, bool)
-    if m.kind in ("timeseries", "text") or table.is_empty():
+    kind = spec.modalities[m.context_of].kind if m.context_of else m.kind
+    if kind in ("timeseries", "text") or table.is_empty():
         return clash
     keys = [*spec.entity, TIME]
     repeated = table.select(pl.struct(keys).is_duplicated()).to_series()
