@@ -170,6 +170,13 @@ def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     return clash
 
 
+def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
+    """`rows` (entity columns, `_t`) as a shard's quarantined input rows: `entity`, `_t`, `date`, `source`,
+    `reason`."""
+    return rows.select(entity_string(spec.entity).alias("entity"), pl.col(TIME), date.alias("date"),
+                       pl.lit(source).alias("source"), reason.alias("reason"))
+
+
 @dataclass
 class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
@@ -206,8 +213,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
         usable = []
         for f in (f for f in shard.files if f.modality == name):
-            parquet = open_parquet(fs, f.path)
-            try:
+            with open_parquet(fs, f.path) as parquet:
                 check_schema(parquet.schema_arrow, spec, m, f.path)
                 own_date = f.date in shard.dates
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
@@ -227,25 +233,19 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                         rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
                     good = rows.filter(pl.col(REASON).is_null())
                     if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
-                        quarantined.append(rows.filter(pl.col(REASON).is_not_null()).select(
-                            entity_string(spec.entity).alias("entity"), pl.col(TIME),
-                            pl.lit(f.date.isoformat()).alias("date"), pl.lit(name).alias("source"),
-                            pl.col(REASON).alias("reason")))
+                        quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
+                                                             pl.lit(f.date.isoformat()), pl.col(REASON)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
-            finally:
-                parquet.close()
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue
-        clash = conflicting(table, spec, m)
+        clash = pl.Series(conflicting(table, spec, m))
         if clash.any():                 # rows of one key can sit in different files: checked on the whole table
             if not m.context_of:
-                dropped = table.filter(pl.Series(clash) & (pl.col(TIME) // DAY_US).is_in(days))
-                quarantined.append(dropped.select(
-                    entity_string(spec.entity).alias("entity"), pl.col(TIME),
-                    pl.from_epoch(TIME, time_unit="us").dt.date().cast(pl.String).alias("date"),
-                    pl.lit(name).alias("source"), pl.lit(CONFLICT).alias("reason")))
-            table = table.filter(~pl.Series(clash))
+                quarantined.append(quarantined_input(
+                    table.filter(clash & (pl.col(TIME) // DAY_US).is_in(days)), spec, name,
+                    pl.from_epoch(TIME, time_unit="us").dt.date().cast(pl.String), pl.lit(CONFLICT)))
+            table = table.filter(~clash)
         tables[name] = table
         present.append(table.select(*spec.entity, (pl.col(TIME) // DAY_US).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())
@@ -266,9 +266,6 @@ def require_columns(spec: Spec, storage: Storage, files) -> None:
             continue
         seen.add(f.modality)
         m = spec.modalities[f.modality]
-        parquet = open_parquet(storage.filesystem(m.path), f.path)
-        try:
+        with open_parquet(storage.filesystem(m.path), f.path) as parquet:
             check_schema(parquet.schema_arrow, spec, m, f.path)
-        finally:
-            parquet.close()
 
