@@ -176,6 +176,32 @@ class RankingTally:
             return float("nan")
         return float((below.sum() + 0.5 * equal.sum()) / (s.size * self.negatives))
 
+    def count_pairs(self, scores: np.ndarray) -> "PairCounts":
+        """Some negatives (a part of those counted) against the frozen positives, as pairs: how many (positive,
+        negative) pairs rank the negative above and level - their part of `shortfall_of_pairs`."""
+        s = np.asarray(scores, float)
+        s = s[np.isfinite(s)]
+        under = np.searchsorted(self.positives, s, "left")                  # positives strictly below each negative
+        level = np.searchsorted(self.positives, s, "right") - under
+        return PairCounts(int(under.sum()), int(level.sum()), int(s.size))
+
+    def shortfall(self, group: int | None = None) -> float:
+        """The part of 1 - ROC-AUC (over all positives) that the positives of `group` carry: the pairs in which a
+        negative outranks one of them (a tie half), over all pairs. Summed over the groups: 1 - `roc_auc()`."""
+        s, below, equal = self._counts(group)
+        if not self.positives.size or not self.negatives:
+            return float("nan")
+        return float((s.size * self.negatives - below.sum() - 0.5 * equal.sum())
+                     / (self.positives.size * self.negatives))
+
+    def shortfall_of_pairs(self, pairs: "PairCounts") -> float:
+        """The part of 1 - ROC-AUC that some negatives carry (`count_pairs`, after every negative was counted):
+        the pairs in which one of them outranks a positive (a tie half), over all pairs. Summed over negatives
+        that split all of them: 1 - `roc_auc()`."""
+        if not self.positives.size or not self.negatives:
+            return float("nan")
+        return float((pairs.above + 0.5 * pairs.level) / (self.positives.size * self.negatives))
+
     def _cuts(self, group: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per distinct positive score, descending: the score, positives and negatives at or above it."""
         s, below, _ = self._counts(group)
@@ -228,3 +254,14 @@ class NegativeCounts:
     def __add__(self, other: "NegativeCounts") -> "NegativeCounts":
         top, at = _top((self.max_score, self.at_max), (other.max_score, other.at_max))
         return NegativeCounts(self.below + other.below, self.equal + other.equal, self.n + other.n, top, at)
+
+
+class PairCounts:
+    """Negatives counted against a `RankingTally`'s positives as pairs (`RankingTally.count_pairs`): the (positive,
+    negative) pairs that rank the negative above, those level, and the negatives' number. Two add up with `+`."""
+
+    def __init__(self, above: int, level: int, n: int) -> None:
+        self.above, self.level, self.n = above, level, n
+
+    def __add__(self, other: "PairCounts") -> "PairCounts":
+        return PairCounts(self.above + other.above, self.level + other.level, self.n + other.n)

@@ -20,7 +20,7 @@ import polars as pl
 from deltalake import DeltaTable
 
 from dmafn.calibration import Calibration
-from dmafn.metrics import NegativeCounts, RankingTally, count_metrics
+from dmafn.metrics import NegativeCounts, PairCounts, RankingTally, count_metrics
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
@@ -158,14 +158,49 @@ def ranking_tallies(positives: list[pl.DataFrame], names: list[str], kinds: list
     return tallies
 
 
-def negative_counts(tallies: dict[str, RankingTally], chunk: pl.DataFrame, spec: Spec) -> dict[str, NegativeCounts]:
-    """The second pass over a chunk, where it lies: its normal ticks counted against each column's positives."""
+SINCE_EVENT_MINUTES = (5, 15)   # where the shortfall splits the normal ticks by time since an event's end (and at
+                                # `settle_us`: past it they are clear of events)
+
+
+def since_event_classes(spec: Spec) -> list[tuple[str, float]]:
+    """The classes of normal ticks by time since their entity's last labelled event ended, as (name, upper bound
+    in microseconds, inclusive): `SINCE_EVENT_MINUTES` below `settle_us`, then `settle_us`, then `clear` (later,
+    or no event before the tick)."""
+    settle = settle_us(spec)
+    uppers = sorted({m * 60_000_000 for m in SINCE_EVENT_MINUTES if m * 60_000_000 < settle} | {settle})
+    lowers = [0, *uppers[:-1]]
+    return [(f"{lo / 60e6:g}-{hi / 60e6:g} min", float(hi)) for lo, hi in zip(lowers, uppers)] + [("clear", np.inf)]
+
+
+def negative_counts(tallies: dict[str, RankingTally], chunk: pl.DataFrame, spec: Spec
+                    ) -> dict[Any, NegativeCounts | PairCounts]:
+    """The second pass over a chunk, where it lies: its normal ticks counted against each column's positives;
+    with `since_event_us` in the chunk also the fused score's normal ticks of each `since_event_classes` class
+    as pairs (key `("fused", class)`, for the shortfall's split)."""
     normal = ~chunk["label"].to_numpy().astype(bool)
-    return {name: tallies[name].count_negatives(values[normal]) for name, values in score_arrays(chunk, spec).items()
-            if name in tallies}
+    scores = score_arrays(chunk, spec)
+    out: dict[Any, NegativeCounts | PairCounts] = {name: tallies[name].count_negatives(values[normal])
+                                                   for name, values in scores.items() if name in tallies}
+    if "fused" in tallies and "since_event_us" in chunk.columns:
+        since = chunk["since_event_us"].cast(pl.Float64).fill_null(np.inf).to_numpy()[normal]
+        classes = since_event_classes(spec)
+        which = np.searchsorted(np.array([hi for _, hi in classes]), since, "left")   # first class reaching it
+        fused = scores["fused"][normal]
+        for i, (name, _) in enumerate(classes):
+            out[("fused", name)] = tallies["fused"].count_pairs(fused[which == i])
+    return out
 
 
-def add_negative_counts(a: dict[str, NegativeCounts] | None, b: dict[str, NegativeCounts]) -> dict[str, NegativeCounts]:
+def split_counts(counts: dict[Any, NegativeCounts | PairCounts] | None
+                 ) -> tuple[dict[str, NegativeCounts], dict[str, PairCounts]]:
+    """`negative_counts` (added up) as each column's counts and the fused score's pairs by class."""
+    counts = counts or {}
+    return ({k: c for k, c in counts.items() if isinstance(c, NegativeCounts)},
+            {k[1]: c for k, c in counts.items() if isinstance(c, PairCounts)})
+
+
+def add_negative_counts(a: dict[Any, NegativeCounts | PairCounts] | None, b: dict[Any, NegativeCounts | PairCounts]
+                        ) -> dict[Any, NegativeCounts | PairCounts]:
     """Two chunks' `negative_counts` together (in any order)."""
     if a is None:
         return b
@@ -182,17 +217,33 @@ def thin(*curves: np.ndarray, points: int = CURVE_POINTS) -> tuple[np.ndarray, .
 
 
 def ranking_metrics(tallies: dict[str, RankingTally], names: list[str], kinds: list[str],
-                    curves: list[str] = ()) -> dict[str, Any]:
-    """ROC-AUC and PR-AUC of each of `names` overall and per kind, the fused score's oracle cut, and the ROC and PR
-    curves' corners of each of `curves` (`RankingTally.curve`, `thin`ned), from tallies that have counted every
-    negative."""
+                    curves: list[str] = (), pairs: dict[str, PairCounts] | None = None) -> dict[str, Any]:
+    """ROC-AUC and PR-AUC of each of `names` overall and per kind, the fused score's oracle cut and `shortfall`,
+    and the ROC and PR curves' corners of each of `curves` (`RankingTally.curve`, `thin`ned), from tallies that
+    have counted every negative (`pairs`: the fused score's normal ticks by class, `split_counts`)."""
     overall = {name: {"roc_auc": tallies[name].roc_auc(), "pr_auc": tallies[name].pr_auc()} for name in names}
     by_kind = {kind: {name: {"roc_auc": tallies[name].roc_auc(code), "pr_auc": tallies[name].pr_auc(code)}
                       for name in names} for code, kind in enumerate(kinds)}
     fused = tallies["fused"]
     oracle = fused.best_f1() if fused.positives.size or fused.negatives else None
-    return {"overall": overall, "by_kind": by_kind, "oracle": oracle,
+    return {"overall": overall, "by_kind": by_kind, "oracle": oracle, "shortfall": shortfall(fused, kinds, pairs),
             "curves": {name: thin(*tallies[name].curve()) for name in curves}}
+
+
+def shortfall(fused: RankingTally, kinds: list[str], pairs: dict[str, PairCounts] | None) -> dict[str, Any] | None:
+    """Where the fused ROC-AUC falls short of 1, split two ways that each add up to 1 - ROC-AUC: by the anomaly
+    kind of the positive in each pair the negative outranks (`by_kind`), and by the class of the normal tick
+    (`by_normal_ticks`: time since its entity's last event ended, `since_event_classes`; with `pairs` only).
+    None without positives or negatives."""
+    if not fused.positives.size or not fused.negatives:
+        return None
+    out: dict[str, Any] = {"total": 1.0 - fused.roc_auc(),
+                           "by_kind": {kind: fused.shortfall(code) for code, kind in enumerate(kinds)}}
+    if (fused.groups < 0).any():                     # labelled ticks without a kind
+        out["by_kind"]["(no kind)"] = fused.shortfall(-1)
+    if pairs:
+        out["by_normal_ticks"] = {name: {"ticks": c.n, "share": fused.shortfall_of_pairs(c)} for name, c in pairs.items()}
+    return out
 
 
 class MetricsTally:
@@ -218,6 +269,7 @@ class MetricsTally:
         self.points = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
         self.run_tallies = {flag: RunTally() for flag, _ in RUN_FLAGS}
         self.columns: dict[str, RankingTally] = {}        # in memory, after freeze
+        self.pairs: dict[str, PairCounts] = {}            # the fused score's normal ticks by class, second pass
         self._positives: list[pl.DataFrame] = []
 
     def add_part(self, part: ChunkPart) -> None:
@@ -261,14 +313,18 @@ class MetricsTally:
         return [n for n in self.names if n in self.seen or n == "fused"]
 
     def second_pass(self, chunk: pl.DataFrame) -> None:
-        for name, counts in negative_counts(self.columns, chunk, self.spec).items():
-            self.columns[name].add_counts(counts)
+        counts, pairs = split_counts(negative_counts(self.columns, chunk, self.spec))
+        for name, c in counts.items():
+            self.columns[name].add_counts(c)
+        self.pairs = {name: self.pairs[name] + c if name in self.pairs else c for name, c in pairs.items()}
 
     def result(self, ranking: dict[str, Any] | None = None) -> dict[str, Any]:
         """The metrics; `ranking`: `ranking_metrics` computed elsewhere (else of the tallies held here)."""
-        ranking = ranking or ranking_metrics(self.columns, self.reported, self.kind_list)
+        ranking = ranking or ranking_metrics(self.columns, self.reported, self.kind_list, pairs=self.pairs)
         result: dict[str, Any] = {"ticks": self.ticks, "anomalous_ticks": self.labelled,
                                   "overall": ranking["overall"], "by_kind": ranking["by_kind"]}
+        if ranking.get("shortfall"):
+            result["shortfall"] = ranking["shortfall"]
         result["overall"]["fused"] |= self._fused(ranking["oracle"])
         return result
 
@@ -509,6 +565,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"    {kind:<14}{d['detected']:>4}/{d['events']:<4}" + (
                 f"  {d['median_delay_min']:6.1f} / {d['p90_delay_min']:6.1f} min  {100 * d['median_elapsed_share']:3.0f} %"
                 if d["detected"] else "  none caught"))
+    lines += shortfall_lines(result.get("shortfall"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     if result.get("labels", {}).get("unusable"):
         lab = result["labels"]
@@ -516,6 +573,19 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"labels: {lab['used']} of {lab['rows']} rows used; left out: {reasons} "
                      f"(labels_unusable.parquet in the report folder)")
     return "\n".join(lines)
+
+
+def shortfall_lines(short: dict[str, Any] | None) -> list[str]:
+    """`shortfall` as text lines (none without it)."""
+    if not short:
+        return []
+    kinds = sorted(short["by_kind"].items(), key=lambda kv: -kv[1])
+    lines = [f"  where the fused ROC-AUC falls short of 1 (by {short['total']:.3f}; each split adds up to it):",
+             "    by the anomaly kind outranked: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds)]
+    if short.get("by_normal_ticks"):
+        lines.append("    by the normal ticks outranking, time since their last event ended: " + ", ".join(
+            f"{name} {c['share']:.3f} ({c['ticks']} ticks)" for name, c in short["by_normal_ticks"].items()))
+    return lines
 
 
 PLOT_POINTS = 4000          # the PNG is ~1,500 pixels wide: more points than this only cost memory

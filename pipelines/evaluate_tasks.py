@@ -28,11 +28,11 @@ import polars as pl
 import ray
 from deltalake import DeltaTable
 
-from dmafn.metrics import NegativeCounts, RankingTally
+from dmafn.metrics import NegativeCounts, PairCounts, RankingTally
 from dmafn.spec import Spec
 from pipelines.align import LabelIndex
 from pipelines.evaluate import (MetricsTally, WindowEvaluation, add_negative_counts, negative_counts, plot_rows,
-                                ranking_metrics, ranking_tallies, score_chunks, window_part)
+                                ranking_metrics, ranking_tallies, score_chunks, split_counts, window_part)
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.storage import Storage
@@ -81,9 +81,12 @@ def _tallies(names: list[str], kinds: list[str], *positives: pl.DataFrame) -> di
     return ranking_tallies(list(positives), names, kinds)
 
 
+Counts = dict[Any, NegativeCounts | PairCounts]       # `negative_counts`
+
+
 @ray.remote(num_cpus=1, num_returns=2)
 def _second_pass(source: Source, dates: list[str], tallies: dict[str, RankingTally] | None, keep: Keep | None
-                 ) -> tuple[dict[str, NegativeCounts] | None, pl.DataFrame | None]:
+                 ) -> tuple[Counts | None, pl.DataFrame | None]:
     counts, rows = None, []
     for chunk in source.chunks(dates):
         if tallies is not None:
@@ -94,16 +97,17 @@ def _second_pass(source: Source, dates: list[str], tallies: dict[str, RankingTal
 
 
 @ray.remote(num_cpus=1)
-def _add(a: dict[str, NegativeCounts] | None, b: dict[str, NegativeCounts] | None) -> dict[str, NegativeCounts] | None:
+def _add(a: Counts | None, b: Counts | None) -> Counts | None:
     return b if a is None else a if b is None else add_negative_counts(a, b)
 
 
 @ray.remote(num_cpus=1)
-def _ranking(tallies: dict[str, RankingTally], counts: dict[str, NegativeCounts] | None, names: list[str],
-             kinds: list[str], curves: list[str]) -> dict[str, Any]:
-    for name, c in (counts or {}).items():
+def _ranking(tallies: dict[str, RankingTally], counts: Counts | None, names: list[str], kinds: list[str],
+             curves: list[str]) -> dict[str, Any]:
+    negatives, pairs = split_counts(counts)
+    for name, c in negatives.items():
         tallies[name].add_counts(c)
-    return ranking_metrics(tallies, names, kinds, curves)
+    return ranking_metrics(tallies, names, kinds, curves, pairs)
 
 
 COUNTS_BUDGET = 1 << 30     # bytes of negatives' counts the second pass's slices may hold at once (16 per labelled

@@ -89,7 +89,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
                 evaluation.second_pass(chunk)
             shown.append(keep(chunk))
         metrics = evaluation.metrics if evaluation is not None else None
-        ranking = ranking_metrics(metrics.columns, metrics.reported, metrics.kind_list, curves) \
+        ranking = ranking_metrics(metrics.columns, metrics.reported, metrics.kind_list, curves, metrics.pairs) \
             if metrics is not None else None
     sections = [_header(spec, window, dates, checked.summary() if checked is not None else None)]
     kinds = evaluation.metrics.kind_list if evaluation is not None else []
@@ -396,9 +396,19 @@ def _metrics_section(result: dict[str, Any]) -> str:
                           *([f"{d['median_delay_min']:.1f}", f"{d['p90_delay_min']:.1f}",
                              f"{100 * d['median_elapsed_share']:.0f} %"] if d["detected"] else ["-", "-", "-"])]
                          for k, d in found], "detection")
+    short = ""
+    if result.get("shortfall"):
+        s = result["shortfall"]
+        rows = [["anomaly kind outranked", k, "", _num(v)] for k, v in sorted(s["by_kind"].items(), key=lambda kv: -kv[1])]
+        rows += [["normal ticks outranking, since their last event ended", name, f"{c['ticks']:,}", _num(c["share"])]
+                 for name, c in s.get("by_normal_ticks", {}).items()]
+        short = (f'<p>Where the fused ROC-AUC falls short of 1 (by {_num(s["total"])}): the pairs of a normal tick '
+                 'outranking a labelled one, split by the labelled tick\'s kind and by the normal tick\'s time since '
+                 'its entity\'s last event ended (each split adds up to the shortfall):</p>'
+                 + _table(["split", "part", "ticks", "of 1 - ROC-AUC"], rows, "shortfall"))
     return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
             f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{per_kind}{fused}'
-            f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}</section>')
+            f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{short}</section>')
 
 
 def _curves_section(curves: dict[str, tuple[np.ndarray, ...]]) -> str:

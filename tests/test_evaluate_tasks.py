@@ -87,7 +87,7 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
     whole["detection"] = ev.detection(labelled, read_labels(spec, Storage()), spec)
 
     keys = ("ticks", "anomalous_ticks", "overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate",
-            "false_alarm_rate_clear")
+            "false_alarm_rate_clear", "shortfall")
     # the negatives' counts over budget: one slice of every date instead of one per CPU
     import pipelines.evaluate_tasks as et
     asked = []
@@ -106,6 +106,26 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
     assert whole["by_kind"].keys() == {"drift", "spike"} and whole["detection"]["overall"]["events"] == 5
     assert fused["event_recall"] == 1.0 and 0 < fused["event_precision"] < 1 and not math.isnan(fused["roc_auc"])
     assert set(whole["overall"]) == {"fused", "score_process", "score_vibration"}
+    # the shortfall: both splits add up to 1 - ROC-AUC; each class of normal ticks is its pairs counted by brute force
+    short = whole["shortfall"]
+    assert short["total"] == pytest.approx(1 - fused["roc_auc"], abs=1e-12)
+    assert sum(short["by_kind"].values()) == pytest.approx(short["total"], abs=1e-12)
+    assert sum(c["share"] for c in short["by_normal_ticks"].values()) == pytest.approx(short["total"], abs=1e-12)
+    classes = ev.since_event_classes(spec)
+    assert [name for name, _ in classes] == list(short["by_normal_ticks"]) and classes[-1][0] == "clear"
+    normal = labelled.filter(pl.col("label") == 0)
+    since = normal["since_event_us"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+    pos = labelled.filter(pl.col("label") == 1)["score"].to_numpy()
+    lower = 0.0
+    for name, upper in classes:
+        neg = normal["score"].to_numpy()[(since > lower) & (since <= upper)]
+        brute = (neg[:, None] > pos[None, :]).sum() + 0.5 * (neg[:, None] == pos[None, :]).sum()
+        assert short["by_normal_ticks"][name]["ticks"] == neg.size
+        assert short["by_normal_ticks"][name]["share"] == pytest.approx(brute / (pos.size * normal.height), abs=1e-12)
+        lower = upper
+    assert short["by_normal_ticks"]["0-5 min"]["ticks"] == 0                 # a tick every 10 minutes
+    assert short["by_normal_ticks"]["clear"]["ticks"] > 0 and short["by_normal_ticks"]["5-15 min"]["ticks"] > 0
+    assert "where the fused ROC-AUC falls short of 1" in (tasks_dir / "metrics.txt").read_text()
 
 
 def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():

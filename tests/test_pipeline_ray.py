@@ -227,6 +227,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     rows = got["rows"]
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
+    assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     image = Image.open(page.screenshot).convert("L")

@@ -193,6 +193,49 @@ def test_the_ranking_tally_equals_the_whole_column_metrics_on_random_ties():
                 assert threshold == best_f1_threshold(s, y) and (found, wrong) == ((pred & y).sum(), (pred & ~y).sum())
 
 
+def test_the_shortfall_splits_one_minus_roc_auc_by_kind_and_by_normal_ticks_hand_computed():
+    """Positives 1 (kind 0), 3 (kind 1); negatives 2 and 3 (class a), 0 (class b): pairs outranked (neg > pos):
+    2>1, 3>1; tied: 3=3 - so 1 - ROC-AUC = (2 + 0.5) / 6, kind 0 carries 2/6, kind 1 0.5/6; class a all of it."""
+    from dmafn.metrics import RankingTally
+
+    tally = RankingTally()
+    tally.add_positives(np.array([1.0, 3.0, np.nan]), np.array([0, 1, 1]))
+    tally.freeze()
+    a, b = tally.count_pairs(np.array([2.0, 3.0, np.nan])), tally.count_pairs(np.array([0.0]))
+    assert (a.above, a.level, a.n, b.above, b.level, b.n) == (2, 1, 2, 0, 0, 1)   # 2 over 1; 3 over 1, level with 3
+    tally.add_negatives(np.array([2.0, 3.0, 0.0]))
+    assert 1 - tally.roc_auc() == pytest.approx(2.5 / 6)
+    assert (tally.shortfall(0), tally.shortfall(1), tally.shortfall()) == pytest.approx((2 / 6, 0.5 / 6, 2.5 / 6))
+    assert (tally.shortfall_of_pairs(a), tally.shortfall_of_pairs(b)) == pytest.approx((2.5 / 6, 0.0))
+    assert tally.shortfall_of_pairs(a + b) == pytest.approx(2.5 / 6)
+
+
+def test_the_shortfall_adds_up_to_one_minus_roc_auc_on_random_ties():
+    """Over random scores with ties and NaN: the kinds' parts and any split of the negatives add up to 1 - ROC-AUC,
+    and each class's part is its pairs counted by brute force."""
+    from dmafn.metrics import RankingTally
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n = int(rng.integers(3, 80))
+        s = np.round(rng.normal(size=n), int(rng.integers(0, 2)))
+        s[rng.random(n) < 0.05] = np.nan
+        y, g, cls = rng.random(n) < 0.4, rng.integers(0, 3, n), rng.integers(0, 2, n)
+        if not (y & np.isfinite(s)).any() or not (~y & np.isfinite(s)).any():
+            continue
+        tally = RankingTally()
+        tally.add_positives(s[y], g[y])
+        tally.freeze()
+        pairs = [tally.count_pairs(s[~y & (cls == c)]) for c in (0, 1)]
+        tally.add_negatives(s[~y])
+        total = 1 - roc_auc(s, y)
+        assert sum(tally.shortfall(k) for k in range(3)) == pytest.approx(total, abs=1e-12)
+        assert sum(tally.shortfall_of_pairs(p) for p in pairs) == pytest.approx(total, abs=1e-12)
+        pos, neg = s[y & np.isfinite(s)], s[~y & (cls == 0) & np.isfinite(s)]
+        brute = ((neg[:, None] > pos[None, :]).sum() + 0.5 * (neg[:, None] == pos[None, :]).sum())
+        assert tally.shortfall_of_pairs(pairs[0]) == pytest.approx(brute / (pos.size * (~y & np.isfinite(s)).sum()))
+
+
 def test_gpd_fit_recovers_exponential_and_pareto():
     rng = np.random.default_rng(0)
     gamma, sigma = gpd_fit(rng.exponential(2.0, 20000))          # GPD with shape 0, scale 2
