@@ -205,7 +205,7 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
                     keys: list[str]) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
     others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
-    channel with no fitted relation). The design is held inside the range it took on the training days (the
+    channel with no fitted relation; each residual held within `Z_LIMIT`). The design is held inside the range it took on the training days (the
     entity's, else the fleet's): a prediction never extrapolates from an abnormal predictor."""
     n = len(current)
     total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
@@ -220,7 +220,7 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
                 lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
                 design[rows] = np.clip(design[rows], lo, hi)
         pred = design @ np.asarray(fitted["weights"]) + intercepts
-        total += ((current[:, c] - pred) / fitted["residual_std"]) ** 2
+        total += np.clip((current[:, c] - pred) / fitted["residual_std"], -Z_LIMIT, Z_LIMIT) ** 2
     return total / max(len(relation["channels"]), 1)
 
 
@@ -386,7 +386,8 @@ def raw_values(aligned: pa.Table, m: ModalitySpec, transform: str | list[str] | 
     n = aligned.num_rows
     if m.kind == "tabular":
         cols = [aligned.column(f"{m.name}__{c}").to_numpy(zero_copy_only=False) for c in m.columns]
-        return np.nan_to_num(np.stack([np.asarray(c, np.float64) for c in cols], 1).astype(np.float32))
+        with np.errstate(over="ignore"):               # beyond float32's range: its largest value (see Z_LIMIT)
+            return np.nan_to_num(np.stack([np.asarray(c, np.float64) for c in cols], 1).astype(np.float32))
     if m.kind == "timeseries":
         out = np.zeros((n, m.steps, len(m.columns)), np.float32)
         for j, c in enumerate(m.columns):
@@ -453,16 +454,22 @@ def group_rows(keys: Iterable[str]) -> list[tuple[str, np.ndarray]]:
     return [(str(key), order[bounds[i]:bounds[i + 1]]) for i, key in enumerate(uniq)]
 
 
+Z_LIMIT = 1e4   # standardised inputs and relation residuals are held within +-Z_LIMIT standard deviations: a
+                # reading far beyond it (a glitch of 1e20) still scores as extreme, where squaring it in float32
+                # would give inf and NaN, a score of NaN and no alarm
+
+
 def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool) -> np.ndarray:
     mean = np.asarray(stats["global"]["mean"], np.float32)
     std = np.asarray(stats["global"]["std"], np.float32)
-    if not by_entity or not stats.get("entity"):
-        return (values - mean) / std
-    out = np.empty_like(values)
-    for key, rows in group_rows(keys):
-        ent = stats["entity"].get(key, stats["global"])     # unseen entity: global fallback
-        out[rows] = (values[rows] - np.asarray(ent["mean"], np.float32)) / np.asarray(ent["std"], np.float32)
-    return out
+    with np.errstate(over="ignore"):                       # a value near float32's limit: inf, then clipped
+        if not by_entity or not stats.get("entity"):
+            return np.clip((values - mean) / std, -Z_LIMIT, Z_LIMIT)
+        out = np.empty_like(values)
+        for key, rows in group_rows(keys):
+            ent = stats["entity"].get(key, stats["global"])     # unseen entity: global fallback
+            out[rows] = (values[rows] - np.asarray(ent["mean"], np.float32)) / np.asarray(ent["std"], np.float32)
+    return np.clip(out, -Z_LIMIT, Z_LIMIT)
 
 
 def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:

@@ -83,8 +83,9 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
             bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
         elif m.kind == "image":
             bad = bad | ~(pl.col(col).bin.starts_with(_PNG) | pl.col(col).bin.starts_with(_JPEG))
-        elif m.kind == "audio":
-            bad = bad | (pl.col(col).list.len() == 0)
+        elif m.kind == "audio":                       # an empty clip, or one with a missing or non-finite sample
+            bad = bad | (pl.col(col).list.len() == 0) | pl.col(col).list.eval(
+                ~pl.element().cast(pl.Float64).is_finite().fill_null(False)).list.any()
         conditions.append((bad, f"unusable value in column '{col}'"))
     expr = pl.when(conditions[0][0]).then(pl.lit(conditions[0][1]))
     for cond, reason in conditions[1:]:

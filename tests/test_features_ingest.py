@@ -98,6 +98,48 @@ def test_featurize_shapes_masks_and_global_statistics(tiny_spec):
     assert (feats.inputs["cam"][~feats.mask[:, 3]] == 0).all()          # absent -> zeros
 
 
+@pytest.mark.parametrize("glitch", [1e20, 1e300, -1e300])
+def test_a_reading_far_beyond_the_training_range_gives_bounded_inputs_and_a_finite_extreme_score(tiny_spec, glitch):
+    """A finite glitch of any size is held at Z_LIMIT standard deviations: squared in float32 it would give inf,
+    then NaN through the network, a NaN score and no alarm; held, it scores finite and above every normal row."""
+    import torch
+
+    from dmafn.features import Z_LIMIT
+    from dmafn.model import build_model, small
+    from dmafn.scoring import raw_scores
+
+    aligned = aligned_rows(tiny_spec)
+    stats = StatisticsFitter(tiny_spec).add(aligned).result()
+    temp = aligned.column("proc__temp").to_numpy(zero_copy_only=False).copy()
+    row = int(np.flatnonzero(np.isfinite(temp))[0])
+    temp[row] = glitch
+    glitched = aligned.set_column(aligned.schema.get_field_index("proc__temp"), "proc__temp", pa.array(temp))
+    feats = featurize(glitched, tiny_spec, stats)
+    assert np.isfinite(feats.inputs["proc"]).all() and np.abs(feats.inputs["proc"]).max() <= Z_LIMIT
+    assert feats.inputs["proc"][row, 0] == np.sign(glitch) * Z_LIMIT
+    torch.manual_seed(0)
+    model = build_model(tiny_spec.modalities, small(d_model=8, latent=4, fusion="attention"))
+    errors = raw_scores(model, feats).errors
+    proc = feats.modalities.index("proc")
+    assert np.isfinite(errors[feats.mask]).all()
+    assert errors[row, proc] == np.nanmax(errors[:, proc]) > 1e6 * np.nanmedian(errors[:, proc])
+
+
+def test_a_relation_residual_is_held_within_z_limit():
+    from dmafn.features import Z_LIMIT
+
+    spec = _relation_spec()
+    rng = np.random.default_rng(0)
+    stats = StatisticsFitter(spec).add(_relation_rows(spec, 300, rng, {"a": 0.0})).result()
+    rows = _relation_rows(spec, 5, rng, {"a": 0.0})
+    temp = rows.column("proc__temp").to_numpy().copy()
+    temp[0] = 1e300
+    feats = featurize(rows.set_column(rows.schema.get_field_index("proc__temp"), "proc__temp", pa.array(temp)),
+                      spec, stats)
+    errors = feats.relation_errors[:, feats.modalities.index("proc")]
+    assert np.isfinite(errors).all() and errors[0] == pytest.approx(Z_LIMIT ** 2 / 2, rel=1e-3)   # 2 channels
+
+
 def test_entity_normalisation_with_global_fallback(tiny_spec):
     from dataclasses import replace
 
@@ -119,6 +161,17 @@ def test_check_rows_gives_a_reason_per_bad_row(tiny_spec):
     reasons = check_rows(table, tiny_spec, tiny_spec.modalities["proc"]).column(REASON).to_pylist()
     assert reasons == [None, "null entity column 'machine_id'", "null time column 'ts'",
                        "unusable value in column 'temp'"]
+
+
+def test_check_rows_rejects_audio_clips_that_are_empty_or_hold_a_missing_or_non_finite_sample(tiny_spec):
+    from dataclasses import replace
+
+    mic = replace(tiny_spec.modalities["cam"], name="mic", kind="audio", column="wave")
+    table = pa.table({"machine_id": ["a"] * 6, "ts": pa.array(range(6), pa.timestamp("us", tz="UTC")),
+                      "wave": pa.array([[0.1, -0.2], [0.1, float("nan")], [float("inf"), 1.0], [1.0, None], [], None],
+                                       pa.list_(pa.float32()))})
+    reasons = check_rows(table, tiny_spec, mic).column(REASON).to_pylist()
+    assert reasons == [None] + ["unusable value in column 'wave'"] * 5
 
 
 def test_check_rows_rejects_non_image_bytes(tiny_spec):
