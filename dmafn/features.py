@@ -33,24 +33,40 @@ def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------ statistics
+GLITCH_SHARE = 0.1          # one value holding more of a channel's training variance than this is reported
+GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values: a normal maximum can hold it)
+
+
 class _Moments:
-    """Streaming per-column count / sum / sum of squares."""
+    """Streaming per-column count / sum / sum of squares, and the smallest and largest value."""
 
     def __init__(self) -> None:
         self.n, self.s, self.ss = 0.0, 0.0, 0.0
+        self.lo, self.hi = np.inf, -np.inf
 
     def add(self, values: np.ndarray) -> None:
         values = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[:, None]
         self.n += values.shape[0]
         self.s = self.s + values.sum(0, dtype=np.float64)
         self.ss = self.ss + (values.astype(np.float64) ** 2).sum(0)
+        if values.shape[0]:
+            self.lo, self.hi = np.minimum(self.lo, values.min(0)), np.maximum(self.hi, values.max(0))
 
     def merge(self, other: "_Moments") -> "_Moments":
         """Add another partial result (moments of disjoint rows are sums)."""
         self.n += other.n
         self.s = self.s + other.s
         self.ss = self.ss + other.ss
+        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
         return self
+
+    def extreme_share(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per column, the value farthest from the mean and the share of the column's variance (sum of squared
+        deviations) that this one value holds."""
+        mean = self.s / max(self.n, 1)
+        var_sum = np.maximum(self.ss - self.n * mean ** 2, 1e-300)
+        far = np.where(np.abs(self.hi - mean) >= np.abs(self.lo - mean), self.hi, self.lo)
+        return np.atleast_1d(far), np.atleast_1d((far - mean) ** 2 / var_sum)
 
     def result(self) -> dict[str, list[float]]:
         mean = self.s / max(self.n, 1)
@@ -320,6 +336,27 @@ class StatisticsFitter:
                     for a, b in zip(mine, regs):
                         a.merge(b)
         return self
+
+    def outlier_warnings(self) -> list[str]:
+        """One line per channel where a single training value holds over `GLITCH_SHARE` of the channel's
+        variance (with at least `GLITCH_MIN_VALUES` values): a glitch such as 1e20 then sets the channel's mean
+        and std, and every normal value standardises to about the same number. `dmafn train` logs them."""
+        lines = []
+        for name, m in self.spec.modalities.items():
+            if m.kind not in ("tabular", "timeseries", "audio"):
+                continue
+            moments = self.global_[name][self._views(m)[0]]
+            if moments.n < GLITCH_MIN_VALUES:
+                continue
+            copies = m.steps if m.kind == "timeseries" else 1          # a period's value sits in up to `steps` windows
+            columns = [m.column] if m.kind == "audio" else list(m.columns)
+            for col, far, share in zip(columns, *moments.extreme_share()):
+                if share * copies > GLITCH_SHARE:
+                    lines.append(f"modality '{name}', column '{col}': one training value ({far:.4g}) holds "
+                                 f"{min(share * copies, 1.0):.0%} of the column's variance over the training days - "
+                                 "a glitch? It sets the column's mean and std, so normal values all standardise "
+                                 "alike; drop or fix such rows at the source (or quarantine them upstream)")
+        return lines
 
     def result(self, transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
         """The statistics; `transforms[m]`: the per-channel choice for an 'auto' modality made elsewhere (e.g.

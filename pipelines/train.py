@@ -253,12 +253,15 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
 
 
 def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here."""
+    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here; a channel
+    whose variance one value holds (`StatisticsFitter.outlier_warnings`) is logged as a warning."""
     fitter, quarantined = StatisticsFitter(spec), {}
     for partial, counts in (raise_task_error(r) for r in [_shard_statistics.remote(s, spec) for s in shards]):
         fitter.merge(partial)
         for name, n in counts.items():
             quarantined[name] = quarantined.get(name, 0) + n
+    for line in fitter.outlier_warnings():
+        log.warning("%s", line)
     return fitter.result(), quarantined
 
 

@@ -125,6 +125,22 @@ def test_a_reading_far_beyond_the_training_range_gives_bounded_inputs_and_a_fini
     assert errors[row, proc] == np.nanmax(errors[:, proc]) > 1e6 * np.nanmedian(errors[:, proc])
 
 
+def test_a_training_glitch_that_holds_a_channels_variance_is_reported_by_modality_and_column():
+    """One value of 1e20 among 1,200 training rows sets the channel's std: `outlier_warnings` names the modality,
+    the column and the value, also when the fitter's shards merge; clean rows give no line."""
+    spec = _relation_spec()
+    rng = np.random.default_rng(0)
+    rows = _relation_rows(spec, 1200, rng, {"a": 0.0, "b": 5.0})
+    assert StatisticsFitter(spec).add(rows).outlier_warnings() == []
+    pres = rows.column("proc__pres").to_numpy().copy()
+    pres[700] = 1e20
+    glitched = rows.set_column(rows.schema.get_field_index("proc__pres"), "proc__pres", pa.array(pres))
+    merged = StatisticsFitter(spec).add(glitched.slice(0, 600)).merge(StatisticsFitter(spec).add(glitched.slice(600)))
+    (line,) = merged.outlier_warnings()
+    assert line.startswith("modality 'proc', column 'pres': one training value (1e+20) holds 100% of")
+    assert merged.result()["modalities"]["proc"]["global"]["std"][1] > 1e17      # what it did to the statistics
+
+
 def test_a_relation_residual_is_held_within_z_limit():
     from dmafn.features import Z_LIMIT
 
