@@ -3,6 +3,7 @@ name the file. Plain pyarrow, no Ray: a shard's task reads its files with these.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Iterator
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 from pipelines.storage import DataError
 
 PARTITION_COLUMN = "date"
+log = logging.getLogger(__name__)
 
 
 def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
@@ -76,14 +78,19 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str],
 
 def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[tuple[str, str, int]]:
     """(date, path, bytes) of the Parquet files under each date's folder, by date then path. Files whose
-    names start with `.` or `_` are skipped (Spark/Delta side files); DataError names a folder that cannot
-    be listed."""
+    names start with `.` or `_` are skipped (Spark/Delta side files); other files not named `*.parquet` (a Hive
+    table's `000000_0`) are skipped with a warning naming them, never silently; DataError names a folder that
+    cannot be listed."""
     files: list[tuple[str, str, int]] = []
     for date, folder in sorted(folders.items()):
         try:
             infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
         except OSError as exc:
             raise DataError(f"{folder}: cannot be listed ({exc})") from None
-        files += [(date.isoformat(), i.path, i.size or 0) for i in sorted(infos, key=lambda i: i.path)
-                  if i.is_file and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
+        shown = sorted((i for i in infos if i.is_file and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
+        files += [(date.isoformat(), i.path, i.size or 0) for i in shown if i.base_name.endswith(".parquet")]
+        other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
+        if other:
+            log.warning("%s: %d file(s) not named *.parquet are not read (%s%s); name them *.parquet to have them "
+                        "read", folder, len(other), ", ".join(other[:3]), ", ..." if len(other) > 3 else "")
     return files

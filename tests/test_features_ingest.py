@@ -1061,3 +1061,25 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     with pytest.raises(DataError, match=r"no_temp\.parquet\): column 'temp' not found"):
         split_file(replace(next(f for f in own if f.modality == "proc"), path=str(tmp_path / "no_temp.parquet")),
                    spec, Storage(), 3, str(tmp_path / "stage" / "bad"))
+
+
+def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_side_files_quietly(tmp_path, caplog):
+    """A date folder as Spark or Hive leave it: side files (`_SUCCESS`, `.crc`) are skipped quietly; a data file
+    without the .parquet name (Hive's `000000_0`) is not read, and the warning says so by name."""
+    import datetime as dt
+    import logging
+
+    import pyarrow.fs as pafs
+
+    from pipelines.parquet_files import list_parquet_files
+
+    folder = tmp_path / "proc" / "date=2024-01-02"
+    folder.mkdir(parents=True)
+    for name in ("part-0.parquet", "_SUCCESS", ".part-0.parquet.crc", "000000_0"):
+        (folder / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="pipelines.parquet_files"):
+        files = list_parquet_files(pafs.LocalFileSystem(), {dt.date(2024, 1, 2): str(folder)})
+    assert [p.rsplit("/", 1)[1] for _, p, _ in files] == ["part-0.parquet"]
+    (record,) = caplog.records
+    assert "1 file(s) not named *.parquet are not read (000000_0)" in record.getMessage()
+    assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
