@@ -221,8 +221,9 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
                     keys: list[str]) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
     others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
-    channel with no fitted relation; each residual held within `Z_LIMIT`). The design is held inside the range it took on the training days (the
-    entity's, else the fleet's): a prediction never extrapolates from an abnormal predictor."""
+    channel with no fitted relation; each residual held within `Z_LIMIT`). The design is held inside the range
+    it took on the training days (the entity's, else the fleet's): a prediction never extrapolates from an
+    abnormal predictor."""
     n = len(current)
     total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
     for c, fitted in enumerate(relation["channels"]):

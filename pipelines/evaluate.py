@@ -242,7 +242,8 @@ def shortfall(fused: RankingTally, kinds: list[str], pairs: dict[str, PairCounts
     if (fused.groups < 0).any():                     # labelled ticks without a kind
         out["by_kind"]["(no kind)"] = fused.shortfall(-1)
     if pairs:
-        out["by_normal_ticks"] = {name: {"ticks": c.n, "share": fused.shortfall_of_pairs(c)} for name, c in pairs.items()}
+        out["by_normal_ticks"] = {name: {"ticks": c.n, "share": fused.shortfall_of_pairs(c)}
+                                  for name, c in pairs.items()}
     return out
 
 
