@@ -344,7 +344,7 @@ class StatisticsFitter:
         and std, and every normal value standardises to about the same number. `dmafn train` logs them."""
         lines = []
         for name, m in self.spec.modalities.items():
-            if m.kind not in ("tabular", "timeseries", "audio"):
+            if m.kind not in ("tabular", "timeseries", "audio") or m.context_of:   # a context view: its parent says it
                 continue
             moments = self.global_[name][self._views(m)[0]]
             if moments.n < GLITCH_MIN_VALUES:

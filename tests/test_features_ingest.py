@@ -127,7 +127,8 @@ def test_a_reading_far_beyond_the_training_range_gives_bounded_inputs_and_a_fini
 
 def test_a_training_glitch_that_holds_a_channels_variance_is_reported_by_modality_and_column():
     """One value of 1e20 among 1,200 training rows sets the channel's std: `outlier_warnings` names the modality,
-    the column and the value, also when the fitter's shards merge; clean rows give no line."""
+    the column and the value once (not again for the context view whose windows hold it), also when the fitter's
+    shards merge; clean rows give no line."""
     spec = _relation_spec()
     rng = np.random.default_rng(0)
     rows = _relation_rows(spec, 1200, rng, {"a": 0.0, "b": 5.0})
@@ -135,6 +136,10 @@ def test_a_training_glitch_that_holds_a_channels_variance_is_reported_by_modalit
     pres = rows.column("proc__pres").to_numpy().copy()
     pres[700] = 1e20
     glitched = rows.set_column(rows.schema.get_field_index("proc__pres"), "proc__pres", pa.array(pres))
+    history = np.array(glitched.column("proc_context__pres").to_pylist(), np.float32)
+    history[700:760, -1] = 1e20                          # the same reading in the context windows that hold it
+    glitched = glitched.set_column(glitched.schema.get_field_index("proc_context__pres"), "proc_context__pres",
+                                   pa.array(history.tolist(), pa.list_(pa.float32())))
     merged = StatisticsFitter(spec).add(glitched.slice(0, 600)).merge(StatisticsFitter(spec).add(glitched.slice(600)))
     (line,) = merged.outlier_warnings()
     assert line.startswith("modality 'proc', column 'pres': one training value (1e+20) holds 100% of")
