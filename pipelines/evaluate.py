@@ -232,15 +232,17 @@ def ranking_metrics(tallies: dict[str, RankingTally], names: list[str], kinds: l
 
 def shortfall(fused: RankingTally, kinds: list[str], pairs: dict[str, PairCounts] | None) -> dict[str, Any] | None:
     """Where the fused ROC-AUC falls short of 1, split two ways that each add up to 1 - ROC-AUC: by the anomaly
-    kind of the positive in each pair the negative outranks (`by_kind`), and by the class of the normal tick
+    kind of the positive in each pair the negative outranks (`by_kind`, the largest part first, as the text and
+    the report page list it), and by the class of the normal tick
     (`by_normal_ticks`: time since its entity's last event ended, `since_event_classes`; with `pairs` only).
     None without positives or negatives."""
     if not fused.positives.size or not fused.negatives:
         return None
-    out: dict[str, Any] = {"total": 1.0 - fused.roc_auc(),
-                           "by_kind": {kind: fused.shortfall(code) for code, kind in enumerate(kinds)}}
+    by_kind = {kind: fused.shortfall(code) for code, kind in enumerate(kinds)}
     if (fused.groups < 0).any():                     # labelled ticks without a kind
-        out["by_kind"]["(no kind)"] = fused.shortfall(-1)
+        by_kind["(no kind)"] = fused.shortfall(-1)
+    out: dict[str, Any] = {"total": 1.0 - fused.roc_auc(),      # kinds from the largest part down
+                           "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
     if pairs:
         out["by_normal_ticks"] = {name: {"ticks": c.n, "share": fused.shortfall_of_pairs(c)}
                                   for name, c in pairs.items()}
@@ -580,9 +582,8 @@ def shortfall_lines(short: dict[str, Any] | None) -> list[str]:
     """`shortfall` as text lines (none without it)."""
     if not short:
         return []
-    kinds = sorted(short["by_kind"].items(), key=lambda kv: -kv[1])
     lines = [f"  where the fused ROC-AUC falls short of 1 (by {short['total']:.3f}; each split adds up to it):",
-             "    by the anomaly kind outranked: " + ", ".join(f"{k} {v:.3f}" for k, v in kinds)]
+             "    by the anomaly kind outranked: " + ", ".join(f"{k} {v:.3f}" for k, v in short["by_kind"].items())]
     if short.get("by_normal_ticks"):
         lines.append("    by the normal ticks outranking, time since their last event ended: " + ", ".join(
             f"{name} {c['share']:.3f} ({c['ticks']} ticks)" for name, c in short["by_normal_ticks"].items()))

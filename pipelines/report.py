@@ -399,7 +399,7 @@ def _metrics_section(result: dict[str, Any]) -> str:
     short = ""
     if result.get("shortfall"):
         s = result["shortfall"]
-        rows = [["anomaly kind outranked", k, "", _num(v)] for k, v in sorted(s["by_kind"].items(), key=lambda kv: -kv[1])]
+        rows = [["anomaly kind outranked", k, "", _num(v)] for k, v in s["by_kind"].items()]
         rows += [["normal ticks outranking, since their last event ended", name, f"{c['ticks']:,}", _num(c["share"])]
                  for name, c in s.get("by_normal_ticks", {}).items()]
         short = (f'<p>Where the fused ROC-AUC falls short of 1 (by {_num(s["total"])}): the pairs of a normal tick '
