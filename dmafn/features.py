@@ -139,15 +139,39 @@ def relation_blocks(steps: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
 
 
-def relation_design(current: np.ndarray, history: np.ndarray, target: int) -> np.ndarray:
+def relation_design(current: np.ndarray, history: np.ndarray, target: int,
+                    peers: np.ndarray | None = None) -> np.ndarray:
     """What channel `target` is predicted from: the other channels' current values (N, C) and the means of
     their context window (N, T, C) over `relation_blocks` - never the target's own values, so a channel that
-    creeps away from its relation with the others cannot explain itself. (N, (C-1) x (1 + blocks))."""
+    creeps away from its relation with the others cannot explain itself - and, for a cross-modal relation,
+    the peer modalities' current values (N, K; `peer_values`). (N, (C-1) x (1 + blocks) [+ K])."""
     others = [j for j in range(current.shape[1]) if j != target]
     steps = history.shape[1]
     cols = [current[:, others]] + [history[:, steps - hi:steps - lo][:, :, others].mean(1)
                                    for lo, hi in relation_blocks(steps)]
+    if peers is not None:
+        cols.append(peers)
     return np.concatenate(cols, 1).astype(np.float64)
+
+
+def relation_peers(spec: Spec, parent: str) -> list[str]:
+    """The modalities whose current values a cross-modal relation of `parent`'s channels also reads: every other
+    tabular or timeseries modality that is not a context view (in spec order)."""
+    return [name for name, m in spec.modalities.items()
+            if name != parent and m.kind in ("tabular", "timeseries") and not m.context_of]
+
+
+def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
+                peers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The peers' current values side by side (N, K): a tabular row as it is, a series window's mean per channel
+    (its level over the window: the latest step alone is one noisy sample of a fast signal); and where every peer
+    is present (N,)."""
+    cols, present = [], None
+    for name in peers:
+        m, level = spec.modalities[name], levels[name]
+        cols.append(level.astype(np.float64) if m.kind == "tabular" else level.mean(1, dtype=np.float64))
+        present = presence[name] if present is None else present & presence[name]
+    return np.concatenate(cols, 1), present
 
 
 class _Regression:
@@ -217,27 +241,42 @@ def current_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
     return level if m.kind == "tabular" else level[:, -1, :]
 
 
+def _relation_residual(fitted: dict[str, Any], design: np.ndarray, target: np.ndarray,
+                       groups: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """(N,) the target's distance from its prediction by one fitted relation, in residual stds, each entity with
+    its intercept and its design held inside the range it took on the training days."""
+    intercepts = np.full(len(target), fitted["intercept"])
+    for key, rows in groups:
+        intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
+        if "range" in fitted:                       # versions before ranges were kept: no clipping
+            lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
+            design[rows] = np.clip(design[rows], lo, hi)
+    pred = design @ np.asarray(fitted["weights"]) + intercepts
+    return np.clip((target - pred) / fitted["residual_std"], -Z_LIMIT, Z_LIMIT)
+
+
 def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
-                    keys: list[str]) -> np.ndarray:
+                    keys: list[str], peers: np.ndarray | None = None,
+                    peers_present: np.ndarray | None = None) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
     others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
     channel with no fitted relation; each residual held within `Z_LIMIT`). The design is held inside the range
     it took on the training days (the entity's, else the fleet's): a prediction never extrapolates from an
-    abnormal predictor."""
+    abnormal predictor. Where the relation has a cross-modal fit (`cross_channels`) and the ticks' peer values
+    (`peers`, N x K) are present (`peers_present`), those ticks are scored by it instead."""
     n = len(current)
     total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
+    cross = relation.get("cross_channels") if peers is not None else None
+    across = np.flatnonzero(peers_present) if cross is not None else np.zeros(0, np.int64)
+    cross_groups = group_rows(np.asarray(keys, object)[across]) if len(across) else []
     for c, fitted in enumerate(relation["channels"]):
         if fitted is None:
             continue
-        intercepts = np.full(n, fitted["intercept"])
-        design = relation_design(current, history, c)
-        for key, rows in groups:
-            intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
-            if "range" in fitted:                       # versions before ranges were kept: no clipping
-                lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
-                design[rows] = np.clip(design[rows], lo, hi)
-        pred = design @ np.asarray(fitted["weights"]) + intercepts
-        total += np.clip((current[:, c] - pred) / fitted["residual_std"], -Z_LIMIT, Z_LIMIT) ** 2
+        z = _relation_residual(fitted, relation_design(current, history, c), current[:, c], groups)
+        if cross is not None and cross[c] is not None and len(across):
+            z[across] = _relation_residual(cross[c], relation_design(current[across], history[across], c, peers[across]),
+                                           current[across, c], cross_groups)
+        total += z ** 2
     return total / max(len(relation["channels"]), 1)
 
 
@@ -260,6 +299,9 @@ class StatisticsFitter:
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
         # context view -> entity -> one regression per parent channel (`relation_design`)
         self.relations_: dict[str, dict[str, list[_Regression]]] = {ctx: {} for ctx in relation_pairs(spec)}
+        # the same with the peers' current values beside (`relation_peers`), on ticks where every peer is present
+        self.cross_relations_: dict[str, dict[str, list[_Regression]]] = \
+            {ctx: {} for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
 
     @staticmethod
     def _views(m: ModalitySpec) -> tuple[str, ...]:
@@ -302,14 +344,25 @@ class StatisticsFitter:
                 continue
             current = current_values(levels[parent], self.spec.modalities[parent])[both].astype(np.float64)
             history = levels[ctx][both]
-            for key, rows in group_rows(np.asarray(keys, object)[both]):
-                regs = self.relations_[ctx].get(key)
-                for c in range(current.shape[1]):
-                    x = relation_design(current[rows], history[rows], c)
-                    if regs is None:
-                        regs = self.relations_[ctx][key] = [_Regression(x.shape[1]) for _ in range(current.shape[1])]
-                    regs[c].add(x, current[rows, c])
+            self._add_relation(self.relations_[ctx], current, history, np.asarray(keys, object)[both])
+            if ctx in self.cross_relations_:
+                peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent))
+                across = peers_present[both]
+                if across.any():
+                    self._add_relation(self.cross_relations_[ctx], current[across], history[across],
+                                       np.asarray(keys, object)[both][across], peers[both][across])
         return self
+
+    @staticmethod
+    def _add_relation(entities: dict[str, list["_Regression"]], current: np.ndarray, history: np.ndarray,
+                      keys: np.ndarray, peers: np.ndarray | None = None) -> None:
+        for key, rows in group_rows(keys):
+            regs = entities.get(key)
+            for c in range(current.shape[1]):
+                x = relation_design(current[rows], history[rows], c, None if peers is None else peers[rows])
+                if regs is None:
+                    regs = entities[key] = [_Regression(x.shape[1]) for _ in range(current.shape[1])]
+                regs[c].add(x, current[rows, c])
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
         """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
@@ -328,14 +381,15 @@ class StatisticsFitter:
             for t, c in counts.items():
                 mine[t] = mine.get(t, 0) + c
             self.templates_[name] = prune_counts(mine)
-        for ctx, entities in other.relations_.items():
-            for key, regs in entities.items():
-                mine = self.relations_[ctx].get(key)
-                if mine is None:                          # copies: merging on must not change `other`
-                    self.relations_[ctx][key] = [_Regression(len(r.sx)).merge(r) for r in regs]
-                else:
-                    for a, b in zip(mine, regs):
-                        a.merge(b)
+        for own, theirs in ((self.relations_, other.relations_), (self.cross_relations_, other.cross_relations_)):
+            for ctx, entities in theirs.items():
+                for key, regs in entities.items():
+                    mine = own[ctx].get(key)
+                    if mine is None:                          # copies: merging on must not change `other`
+                        own[ctx][key] = [_Regression(len(r.sx)).merge(r) for r in regs]
+                    else:
+                        for a, b in zip(mine, regs):
+                            a.merge(b)
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -399,6 +453,11 @@ class StatisticsFitter:
                 # the context then speaks only through the relations: as a model input its hour of history kept
                 # every reconstruction disturbed for the hour after an event, and let the model copy a drift
                 relations[ctx] = {"parent": parent, "channels": channels, "model_input": False}
+                if self.cross_relations_.get(ctx):
+                    cross = [fit_relation({key: regs[c] for key, regs in self.cross_relations_[ctx].items()})
+                             for c in range(len(channels))]
+                    if any(ch is not None for ch in cross):
+                        relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross)
         if relations:
             stats["relations"] = relations
         return stats
@@ -715,9 +774,13 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         if relations is None:
             relations = np.zeros((n, len(names)), np.float32)
         both = presence[ctx] & presence[parent]
+        peers = peers_present = None
+        if fitted.get("cross_channels") and all(p in levels for p in fitted["peers"]):
+            peers, peers_present = peer_values(levels, presence, spec, fitted["peers"])
+            peers, peers_present = peers[both], peers_present[both]
         if both.any():
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
-                                     levels[ctx][both], list(np.asarray(keys, object)[both]))
+                                     levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
 

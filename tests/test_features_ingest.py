@@ -808,6 +808,65 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)
 
 
+def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0):
+    """Aligned rows of `proc` (temp, pres, 10-minute context) and `vib` (a 3-step window) driven by one load: pres
+    follows it now, temp the last three minutes of pres, vib's window its level plus fast noise. `shift` moves the
+    process side (pres and its history, so temp too) to another load while vib keeps the true one; `spread`: the
+    load's std (new rows keep inside the training range, so no predictor is held at its edge)."""
+    steps = spec.modalities["proc_context"].steps
+    load = rng.normal(0, spread, (n, steps))                                    # per-minute load
+    history = load + shift + rng.normal(0, 0.05, (n, steps))                    # pressure's per-minute means
+    temp = 2 * history[:, -3:].mean(1) + rng.normal(0, 0.05, n)
+    vib = load[:, -1:] + rng.normal(0, 0.2, (n, 3))
+    return pa.table({"machine_id": ["a"] * n, "proc__present": [True] * n, "proc__temp": temp,
+                     "proc__pres": history[:, -1], "proc_context__present": [True] * n,
+                     "proc_context__temp": pa.array(np.repeat(temp[:, None], steps, 1).astype(np.float32).tolist(),
+                                                    pa.list_(pa.float32())),
+                     "proc_context__pres": pa.array(history.astype(np.float32).tolist(), pa.list_(pa.float32())),
+                     "vib__present": [vib_present] * n,
+                     "vib__a": pa.array(vib.astype(np.float32).tolist() if vib_present else [None] * n,
+                                        pa.list_(pa.float32()))})
+
+
+def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not_with_its_peers():
+    """A context's relations are fitted a second time with the peer modalities' current values beside (a series
+    window's mean): a process side that follows another load than the vibration - each channel still where the
+    other puts it - errs far from its cross-modal relation; where the peer is absent the within-modality relation
+    scores it (and misses it); shards merge exactly."""
+    from dmafn.features import peer_values, relation_peers
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    assert relation_peers(spec, "proc") == ["vib"]
+    rng = np.random.default_rng(4)
+    train = _cross_rows(spec, 800, rng)
+    whole = StatisticsFitter(spec).add(train).result()
+    halves = StatisticsFitter(spec).add(train.slice(0, 400)).merge(StatisticsFitter(spec).add(train.slice(400))).result()
+    fitted = whole["relations"]["proc_context"]
+    assert fitted["peers"] == ["vib"] and len(fitted["cross_channels"][1]["weights"]) == 1 + 3 + 1   # temp now, 3 blocks, vib
+    np.testing.assert_allclose(fitted["cross_channels"][1]["weights"],
+                               halves["relations"]["proc_context"]["cross_channels"][1]["weights"], atol=1e-9)
+
+    levels = {"vib": np.array([[[1.0], [2.0], [6.0]]], np.float32)}
+    values, present = peer_values(levels, {"vib": np.array([True])}, spec, ["vib"])
+    np.testing.assert_allclose(values, [[3.0]]) and present.tolist() == [True]      # the window's mean
+
+    proc = list(spec.modalities).index("proc")
+    def errors(stats, **kw):
+        return featurize(_cross_rows(spec, 200, rng, spread=0.4, **kw), spec, stats).relation_errors[:, proc]
+
+    normal, shifted, blind = errors(whole), errors(whole, shift=1.2), errors(whole, shift=1.2, vib_present=False)
+    assert normal.mean() < 3 and shifted.mean() > 20 * normal.mean()
+    assert blind.mean() < 3                     # without the peer only the process's own relation: it agrees
+    within = {**whole, "relations": {"proc_context": {k: v for k, v in fitted.items()
+                                                      if k not in ("peers", "cross_channels")}}}
+    assert errors(within, shift=1.2).mean() < 3
+
+
 def test_a_context_view_with_relations_speaks_only_through_them():
     """Where relations were fitted, the context view is absent to the model (mask False, zero inputs) while its
     relation errors still reach the parent; a version saved before (no `model_input` key) keeps it as input."""
