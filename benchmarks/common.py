@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,15 @@ class Split:
     kinds: np.ndarray
     groups: np.ndarray
     spec: Spec
+    train_within: Features | None = None    # the same, each relation within its own modality (no peers' values):
+    test_within: Features | None = None     # what a modality alone, or a tick without the peer, may see
+
+
+def within_modality(stats: dict) -> dict:
+    """The statistics without their cross-modal relation fits (`peers`, `cross_channels`)."""
+    relations = {ctx: {k: v for k, v in fitted.items() if k not in ("peers", "cross_channels")}
+                 for ctx, fitted in stats.get("relations", {}).items()}
+    return {**stats, "relations": relations} if relations else stats
 
 
 def synthetic_split(cfg: SyntheticConfig) -> Split:
@@ -42,9 +51,16 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
     train = aligned.filter(pl.col("date") < first_test).sort(["machine_id", "_t"])
     test = aligned.filter(pl.col("date") >= first_test).sort(["machine_id", "_t"])
     stats = StatisticsFitter(spec).add(train.to_arrow()).result()
-    return Split(featurize(train.to_arrow(), spec, stats), featurize(test.to_arrow(), spec, stats),
-                 test["label"].to_numpy().astype(int), test["label_kind"].fill_null("").to_numpy(),
-                 test["machine_id"].to_numpy(), spec)
+    within = within_modality(stats)
+    parts = {}
+    for name, rows in (("train", train.to_arrow()), ("test", test.to_arrow())):
+        decoded: dict = {}                                      # frames decoded once for both
+        parts[name] = featurize(rows, spec, stats, decoded)
+        errors = featurize(rows, spec, within, decoded).relation_errors if within is not stats else None
+        parts[f"{name}_within"] = replace(parts[name], relation_errors=errors) if within is not stats else parts[name]
+    return Split(parts["train"], parts["test"], test["label"].to_numpy().astype(int),
+                 test["label_kind"].fill_null("").to_numpy(), test["machine_id"].to_numpy(), spec,
+                 parts["train_within"], parts["test_within"])
 
 
 def subset(features: Features, modalities: tuple[str, ...]) -> Features:

@@ -156,7 +156,10 @@ def relation_design(current: np.ndarray, history: np.ndarray, target: int,
 
 def relation_peers(spec: Spec, parent: str) -> list[str]:
     """The modalities whose current values a cross-modal relation of `parent`'s channels also reads: every other
-    tabular or timeseries modality that is not a context view (in spec order)."""
+    tabular or timeseries modality that is not a context view (in spec order); none with `model.cross_modal_relations`
+    false."""
+    if not spec.model.cross_modal_relations:
+        return []
     return [name for name, m in spec.modalities.items()
             if name != parent and m.kind in ("tabular", "timeseries") and not m.context_of]
 

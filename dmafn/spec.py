@@ -114,6 +114,7 @@ class ModelSpec:
     normalization: str = "global"
     modality_dropout: float = 0.25
     cross_modal_scoring: bool = True
+    cross_modal_relations: bool = True      # context relations also fitted with the peer modalities' values
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     if sec is None:
         return ModelSpec()
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
-                        "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring"})
+                        "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring",
+                        "cross_modal_relations"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
         detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
@@ -382,7 +384,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         contribution_scale=sec.choice("contribution_scale", CONTRIBUTION_SCALES, ModelSpec.contribution_scale),
         normalization=sec.choice("normalization", NORMALIZATIONS, ModelSpec.normalization),
         modality_dropout=sec.number("modality_dropout", ModelSpec.modality_dropout, float, 0.0, 0.9),
-        cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring))
+        cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring),
+        cross_modal_relations=sec.boolean("cross_modal_relations", ModelSpec.cross_modal_relations))
 
 
 def default_validation_days(start: dt.date, end: dt.date) -> int:

@@ -1,7 +1,7 @@
 """Each modality alone, for `evaluate --baselines`: what the modalities give without fusion.
 
-The baseline is the spec's own model with `fusion: late` and `detector: autoencoder`: one detector per modality
-that never sees the others, its contribution per modality (`score_<m>`) being that modality's score alone. It is
+The baseline is the spec's own model with `fusion: late`, `detector: autoencoder` and no cross-modal relations:
+one detector per modality that never sees the others, its contribution per modality (`score_<m>`) being that modality's score alone. It is
 trained and scored by the same jobs as the model (Ray Train streaming shards, scoring tasks writing Delta), so
 it keeps the scale rules whatever the window: its versions live under `<registry>/_alone`, its scores in the
 Delta table `<output>_alone` (with its own runs and quarantine tables), and `evaluate` reads them a date at a
@@ -27,10 +27,11 @@ ALONE = "_alone"
 
 
 def alone_spec(spec: Spec) -> Spec:
-    """`spec` with one detector per modality (late fusion, autoencoder): the same data, windows, training and
-    calibration; model versions under `<registry>/_alone`, scores in `<output>_alone`."""
+    """`spec` with one detector per modality (late fusion, autoencoder, a context's relations within its own
+    modality only): the same data, windows, training and calibration; model versions under `<registry>/_alone`,
+    scores in `<output>_alone`."""
     output = spec.score.output.rstrip("/") + ALONE
-    return replace(spec, model=replace(spec.model, fusion="late", detector="autoencoder"),
+    return replace(spec, model=replace(spec.model, fusion="late", detector="autoencoder", cross_modal_relations=False),
                    registry=join(spec.registry, ALONE),
                    score=replace(spec.score, output=output, quarantine=None, runs=None))
 

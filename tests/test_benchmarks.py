@@ -68,3 +68,8 @@ def test_the_synthetic_split_reads_the_generated_specs_context_views():
         i = features.modalities.index(contexts[0])
         assert features.relation_errors is not None and np.isfinite(features.relation_errors[:, i]).any()
     assert len(split.labels) == len(split.test.mask) > 0
+    # what a modality alone may see: the same inputs, each relation within its own modality (no peers' values)
+    parent = split.test.modalities.index(split.spec.modalities[contexts[0]].context_of)
+    for full, within in ((split.train, split.train_within), (split.test, split.test_within)):
+        assert within.inputs is full.inputs and (within.mask == full.mask).all()
+        assert not np.allclose(within.relation_errors[:, parent], full.relation_errors[:, parent])

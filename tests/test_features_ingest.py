@@ -865,6 +865,9 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
     within = {**whole, "relations": {"proc_context": {k: v for k, v in fitted.items()
                                                       if k not in ("peers", "cross_channels")}}}
     assert errors(within, shift=1.2).mean() < 3
+    off = parse_spec({**data, "model": {"cross_modal_relations": False}})        # a spec can turn them off
+    assert relation_peers(off, "proc") == [] and "cross_channels" not in \
+        StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
 
 
 def test_a_context_view_with_relations_speaks_only_through_them():

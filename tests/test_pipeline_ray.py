@@ -756,6 +756,10 @@ def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_out
     version = (tmp_path / "models" / "_alone" / "LATEST").read_text()
     manifest = json.loads((tmp_path / "models" / "_alone" / version / "manifest.json").read_text())
     assert (manifest["model_config"]["fusion"], manifest["model_config"]["detector"]) == ("late", "autoencoder")
+    # alone, a context's relations stay within its modality: the model's reach across to the vibration, its own not
+    model_relations = Registry(spec.registry, Storage()).load().manifest["statistics"]["relations"]["process_context"]
+    assert model_relations["peers"] == ["vibration"] and model_relations["cross_channels"]
+    assert "cross_channels" not in manifest["statistics"]["relations"]["process_context"]
     rows = pl.read_delta(alone.score.output)
     assert rows["model_version"].unique().to_list() == [version] and rows["date"].unique().to_list() == [DAY3.isoformat()]
     assert (tmp_path / "scores_alone_runs").exists()
