@@ -177,59 +177,82 @@ def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], 
     return np.concatenate(cols, 1), present
 
 
-class _Regression:
-    """Streaming least squares of one channel on its design (`relation_design`) for one entity: count, sums and
-    cross products, and the range each design column took; merged by adding (ranges by min / max)."""
+class _EntitySums:
+    """One entity's part of a relation's regression: its row count, the sums of its design and target, and the
+    range each design column took (O(design width))."""
 
     def __init__(self, d: int):
         self.n, self.sx, self.sy = 0, np.zeros(d), 0.0
-        self.sxx, self.sxy, self.syy = np.zeros((d, d)), np.zeros(d), 0.0
         self.lo, self.hi = np.full(d, np.inf), np.full(d, -np.inf)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.n += len(y)
         self.sx = self.sx + x.sum(0)
         self.sy += float(y.sum())
-        self.sxx = self.sxx + x.T @ x
-        self.sxy = self.sxy + x.T @ y
-        self.syy += float(y @ y)
         if len(y):
             self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
 
-    def merge(self, other: "_Regression") -> "_Regression":
-        self.n += other.n
-        self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
-        self.sxx, self.sxy, self.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+    def merge(self, other: "_EntitySums") -> "_EntitySums":
+        self.n, self.sx, self.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
         self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
         return self
 
 
-def fit_relation(per_entity: dict[str, _Regression]) -> dict[str, Any] | None:
+class _Regression:
+    """Streaming least squares of one channel on its design (`relation_design`) over a fleet: the cross products
+    over every row once (d x d), and per entity only what its own intercept and range need (`_EntitySums`), so
+    memory grows with the entities by O(d), not O(d^2); the within-entity cross products are the fleet's minus
+    each entity's sums' outer product over its count. Merged by adding (ranges by min / max)."""
+
+    def __init__(self, d: int):
+        self.d = d
+        self.sxx, self.sxy, self.syy = np.zeros((d, d)), np.zeros(d), 0.0
+        self.entities: dict[str, _EntitySums] = {}
+
+    def add(self, key: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Rows of one entity: design x (n, d), target y (n,)."""
+        self.sxx = self.sxx + x.T @ x
+        self.sxy = self.sxy + x.T @ y
+        self.syy += float(y @ y)
+        self.entities.setdefault(key, _EntitySums(self.d)).add(x, y)
+
+    def merge(self, other: "_Regression") -> "_Regression":
+        self.sxx, self.sxy, self.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        for key, part in other.entities.items():               # copies: merging on must not change `other`
+            self.entities.setdefault(key, _EntitySums(self.d)).merge(part)
+        return self
+
+
+def fit_relation(reg: _Regression) -> dict[str, Any] | None:
     """One channel's relation: weights pooled over entities on within-entity deviations (each entity keeps its
     own intercept, an unseen one gets the fleet's) and the residual's std (the unit of its error). None
     without enough rows to fit it."""
-    fits = [r for r in per_entity.values() if r.n >= 2]
+    fits = {key: e for key, e in reg.entities.items() if e.n >= 2}   # one row has no deviation from its mean
     if not fits:
         return None
-    d = len(fits[0].sx)
-    n = sum(r.n for r in fits)
+    d = reg.d
+    n = sum(e.n for e in fits.values())
     if n < 2 * d + 10:
         return None
-    sxx = sum(r.sxx - np.outer(r.sx, r.sx) / r.n for r in fits)
-    sxy = sum(r.sxy - r.sx * r.sy / r.n for r in fits)
-    syy = sum(r.syy - r.sy ** 2 / r.n for r in fits)
+    counted = [e for e in reg.entities.values() if e.n]              # an entity's own means, taken out
+    sums = np.stack([e.sx for e in counted])                          # (E, d)
+    counts = np.array([e.n for e in counted], np.float64)
+    ys = np.array([e.sy for e in counted])
+    sxx = reg.sxx - sums.T @ (sums / counts[:, None])
+    sxy = reg.sxy - sums.T @ (ys / counts)
+    syy = reg.syy - float(ys @ (ys / counts))
     ridge = 1e-6 * max(float(np.trace(sxx)) / d, 1e-12)
     weights = np.linalg.solve(sxx + ridge * np.eye(d), sxy)
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
     residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
-    total_x, total_y = sum(r.sx for r in fits), sum(r.sy for r in fits)
-    fleet_lo, fleet_hi = np.min([r.lo for r in fits], 0), np.max([r.hi for r in fits], 0)
+    total_x, total_y = sum(e.sx for e in fits.values()), sum(e.sy for e in fits.values())
+    fleet_lo, fleet_hi = np.min([e.lo for e in fits.values()], 0), np.max([e.hi for e in fits.values()], 0)
     return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
-            "entity_intercepts": {key: float((r.sy - weights @ r.sx) / r.n) for key, r in per_entity.items() if r.n >= 2},
+            "entity_intercepts": {key: float((e.sy - weights @ e.sx) / e.n) for key, e in fits.items()},
             "residual_std": max(residual, 1e-9),
             # where the predictors were seen: a prediction never extrapolates from an abnormal predictor
             "range": [fleet_lo.tolist(), fleet_hi.tolist()],
-            "entity_ranges": {key: [r.lo.tolist(), r.hi.tolist()] for key, r in per_entity.items() if r.n >= 2}}
+            "entity_ranges": {key: [e.lo.tolist(), e.hi.tolist()] for key, e in fits.items()}}
 
 
 def relation_pairs(spec: Spec) -> dict[str, str]:
@@ -300,11 +323,11 @@ class StatisticsFitter:
             self.entity_[name] = {v: {} for v in views}
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
-        # context view -> entity -> one regression per parent channel (`relation_design`)
-        self.relations_: dict[str, dict[str, list[_Regression]]] = {ctx: {} for ctx in relation_pairs(spec)}
+        # context view -> one regression per parent channel (`relation_design`), made on the first rows
+        self.relations_: dict[str, list[_Regression]] = {ctx: [] for ctx in relation_pairs(spec)}
         # the same with the peers' current values beside (`relation_peers`), on ticks where every peer is present
-        self.cross_relations_: dict[str, dict[str, list[_Regression]]] = \
-            {ctx: {} for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
+        self.cross_relations_: dict[str, list[_Regression]] = \
+            {ctx: [] for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
 
     @staticmethod
     def _views(m: ModalitySpec) -> tuple[str, ...]:
@@ -357,15 +380,14 @@ class StatisticsFitter:
         return self
 
     @staticmethod
-    def _add_relation(entities: dict[str, list["_Regression"]], current: np.ndarray, history: np.ndarray,
+    def _add_relation(regs: list["_Regression"], current: np.ndarray, history: np.ndarray,
                       keys: np.ndarray, peers: np.ndarray | None = None) -> None:
         for key, rows in group_rows(keys):
-            regs = entities.get(key)
             for c in range(current.shape[1]):
                 x = relation_design(current[rows], history[rows], c, None if peers is None else peers[rows])
-                if regs is None:
-                    regs = entities[key] = [_Regression(x.shape[1]) for _ in range(current.shape[1])]
-                regs[c].add(x, current[rows, c])
+                if len(regs) <= c:
+                    regs.append(_Regression(x.shape[1]))
+                regs[c].add(key, x, current[rows, c])
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
         """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
@@ -385,14 +407,11 @@ class StatisticsFitter:
                 mine[t] = mine.get(t, 0) + c
             self.templates_[name] = prune_counts(mine)
         for own, theirs in ((self.relations_, other.relations_), (self.cross_relations_, other.cross_relations_)):
-            for ctx, entities in theirs.items():
-                for key, regs in entities.items():
-                    mine = own[ctx].get(key)
-                    if mine is None:                          # copies: merging on must not change `other`
-                        own[ctx][key] = [_Regression(len(r.sx)).merge(r) for r in regs]
-                    else:
-                        for a, b in zip(mine, regs):
-                            a.merge(b)
+            for ctx, regs in theirs.items():
+                for c, reg in enumerate(regs):            # copies: merging on must not change `other`
+                    if len(own[ctx]) <= c:
+                        own[ctx].append(_Regression(reg.d))
+                    own[ctx][c].merge(reg)
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -450,15 +469,15 @@ class StatisticsFitter:
         stats["normalization"] = self.spec.model.normalization
         relations = {}
         for ctx, parent in relation_pairs(self.spec).items():
-            channels = [fit_relation({key: regs[c] for key, regs in self.relations_[ctx].items()})
+            regs = self.relations_[ctx]
+            channels = [fit_relation(regs[c]) if c < len(regs) else None
                         for c in range(len(self.spec.modalities[parent].columns))]
             if any(ch is not None for ch in channels):
                 # the context then speaks only through the relations: as a model input its hour of history kept
                 # every reconstruction disturbed for the hour after an event, and let the model copy a drift
                 relations[ctx] = {"parent": parent, "channels": channels, "model_input": False}
                 if self.cross_relations_.get(ctx):
-                    cross = [fit_relation({key: regs[c] for key, regs in self.cross_relations_[ctx].items()})
-                             for c in range(len(channels))]
+                    cross = [fit_relation(reg) for reg in self.cross_relations_[ctx]]
                     if any(ch is not None for ch in cross):
                         relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross)
         if relations:

@@ -787,7 +787,7 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     whole = StatisticsFitter(spec).add(train).result()
     second = StatisticsFitter(spec).add(train.slice(300))
     first = StatisticsFitter(spec).merge(second).add(train.slice(0, 300))     # merged into an empty one, then added
-    assert second.relations_["proc_context"]["a"][0].n == 150                 # merging copied, `second` unchanged
+    assert second.relations_["proc_context"][0].entities["a"].n == 150        # merging copied, `second` unchanged
     halves = first.result()
     temp = whole["relations"]["proc_context"]["channels"][0]
     np.testing.assert_allclose(temp["weights"], halves["relations"]["proc_context"]["channels"][0]["weights"],
@@ -868,6 +868,40 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
     off = parse_spec({**data, "model": {"cross_modal_relations": False}})        # a spec can turn them off
     assert relation_peers(off, "proc") == [] and "cross_channels" not in \
         StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
+
+
+def test_a_relations_fit_keeps_per_entity_only_what_grows_with_its_design_not_its_square():
+    """A fleet of many entities: the fitter's relations hold one d x d cross product per channel for the whole
+    fleet, and per entity only counts, sums and ranges (O(d)): 200 more entities add far less than a d x d matrix
+    each (the fitter before kept one per entity and channel, ~4 KB here, and fails this)."""
+    import pickle
+
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    columns = [f"c{j}" for j in range(6)]
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": columns, "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    steps = spec.modalities["proc_context"].steps
+    rng = np.random.default_rng(0)
+
+    def rows(entities, per_entity=30):
+        n = entities * per_entity
+        history = rng.normal(0, 1, (n, steps, len(columns)))
+        keys = [f"e{i // per_entity}" for i in range(n)]
+        offsets = np.repeat(rng.normal(0, 10, entities), per_entity)[:, None]
+        current = history[:, -1, :] + offsets
+        return pa.table({"machine_id": keys, "proc__present": [True] * n,
+                         **{f"proc__{c}": current[:, j] for j, c in enumerate(columns)},
+                         "proc_context__present": [True] * n,
+                         **{f"proc_context__{c}": pa.array((history[:, :, j] + offsets).astype(np.float32).tolist(),
+                                                           pa.list_(pa.float32())) for j, c in enumerate(columns)}})
+
+    size = {e: len(pickle.dumps(StatisticsFitter(spec).add(rows(e)).relations_)) for e in (10, 210)}
+    d = (len(columns) - 1) * (1 + 3)                 # the other 5 channels, now and over 3 history blocks: 20
+    per_entity_channel = (size[210] - size[10]) / 200 / len(columns)
+    assert per_entity_channel < 8 * d * d / 2, per_entity_channel     # a d x d matrix per entity would be 3,200 B
 
 
 def test_a_context_view_with_relations_speaks_only_through_them():
