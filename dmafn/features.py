@@ -139,19 +139,37 @@ def relation_blocks(steps: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
 
 
+def relation_quantities(current: np.ndarray, history: np.ndarray, peers: np.ndarray | None = None) -> np.ndarray:
+    """Everything a modality's relations are built from, once per tick: every channel's current value (N, C), the
+    means of its context window (N, T, C) over each of `relation_blocks` (C per block), and the peers' current
+    values (N, K; `peer_values`) for a cross-modal relation. (N, C x (1 + blocks) [+ K]), float64."""
+    steps = history.shape[1]
+    cols = [current] + [history[:, steps - hi:steps - lo].mean(1) for lo, hi in relation_blocks(steps)]
+    if peers is not None:
+        cols.append(peers)
+    return np.concatenate(cols, 1).astype(np.float64)
+
+
+def design_index(channels: int, blocks: int, target: int, peers: int = 0) -> np.ndarray:
+    """The columns of `relation_quantities` that channel `target`'s design reads: the other channels' current
+    values and block means - never its own - and every peer value."""
+    others = [j for j in range(channels) if j != target]
+    return np.array([b * channels + j for b in range(1 + blocks) for j in others]
+                    + [(1 + blocks) * channels + k for k in range(peers)], np.int64)
+
+
 def relation_design(current: np.ndarray, history: np.ndarray, target: int,
                     peers: np.ndarray | None = None) -> np.ndarray:
     """What channel `target` is predicted from: the other channels' current values (N, C) and the means of
     their context window (N, T, C) over `relation_blocks` - never the target's own values, so a channel that
     creeps away from its relation with the others cannot explain itself - and, for a cross-modal relation,
     the peer modalities' current values (N, K; `peer_values`). (N, (C-1) x (1 + blocks) [+ K])."""
-    others = [j for j in range(current.shape[1]) if j != target]
-    steps = history.shape[1]
-    cols = [current[:, others]] + [history[:, steps - hi:steps - lo][:, :, others].mean(1)
-                                   for lo, hi in relation_blocks(steps)]
-    if peers is not None:
-        cols.append(peers)
-    return np.concatenate(cols, 1).astype(np.float64)
+    quantities = relation_quantities(current, history, peers)
+    return quantities[:, _design_of(quantities, current.shape[1], target, 0 if peers is None else peers.shape[1])]
+
+
+def _design_of(quantities: np.ndarray, channels: int, target: int, peers: int) -> np.ndarray:
+    return design_index(channels, (quantities.shape[1] - peers) // channels - 1, target, peers)
 
 
 def relation_peers(spec: Spec, parent: str) -> list[str]:
@@ -178,29 +196,63 @@ def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], 
 
 
 class _EntitySums:
-    """One entity's part of a relation's regression: its row count, the sums of its design and target, and the
-    range each design column took (O(design width))."""
+    """One entity's part of a relation's regression: its row count and the sums of its design and target."""
 
     def __init__(self, d: int):
         self.n, self.sx, self.sy = 0, np.zeros(d), 0.0
-        self.lo, self.hi = np.full(d, np.inf), np.full(d, -np.inf)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.n += len(y)
         self.sx = self.sx + x.sum(0)
         self.sy += float(y.sum())
-        if len(y):
-            self.lo, self.hi = np.minimum(self.lo, x.min(0)), np.maximum(self.hi, x.max(0))
 
     def merge(self, other: "_EntitySums") -> "_EntitySums":
         self.n, self.sx, self.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
-        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
         return self
+
+
+class _Range:
+    """The range each of a relation's quantities (`relation_quantities`) took for one entity, and its rows."""
+
+    def __init__(self, q: int):
+        self.n, self.lo, self.hi = 0, np.full(q, np.inf), np.full(q, -np.inf)
+
+    def add(self, values: np.ndarray) -> None:
+        self.n += len(values)
+        if len(values):
+            self.lo, self.hi = np.minimum(self.lo, values.min(0)), np.maximum(self.hi, values.max(0))
+
+    def merge(self, other: "_Range") -> "_Range":
+        self.n, self.lo, self.hi = self.n + other.n, np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
+        return self
+
+
+def fit_ranges(ranges: dict[str, _Range]) -> dict[str, Any] | None:
+    """Where a relation's quantities were seen on the training days, per entity (those with 2 rows or more, as
+    the fits) and over the fleet: at scoring each is held inside it, so a prediction never extrapolates from an
+    abnormal predictor. Kept once per relation, not per channel (a quantity is in every other channel's design)."""
+    seen = {key: r for key, r in ranges.items() if r.n >= 2}
+    if not seen:
+        return None
+    return {"fleet": [np.min([r.lo for r in seen.values()], 0).tolist(), np.max([r.hi for r in seen.values()], 0).tolist()],
+            "entities": {key: [r.lo.tolist(), r.hi.tolist()] for key, r in seen.items()}}
+
+
+def clip_quantities(quantities: np.ndarray, ranges: dict[str, Any] | None,
+                    groups: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """`quantities` held inside the ranges (`fit_ranges`) their entity took on the training days, else the
+    fleet's; as they are without ranges."""
+    if ranges is None:
+        return quantities
+    for key, rows in groups:
+        lo, hi = ranges["entities"].get(key, ranges["fleet"])
+        quantities[rows] = np.clip(quantities[rows], lo, hi)
+    return quantities
 
 
 class _Regression:
     """Streaming least squares of one channel on its design (`relation_design`) over a fleet: the cross products
-    over every row once (d x d), and per entity only what its own intercept and range need (`_EntitySums`), so
+    over every row once (d x d), and per entity only what its own intercept needs (`_EntitySums`), so
     memory grows with the entities by O(d), not O(d^2); the within-entity cross products are the fleet's minus
     each entity's sums' outer product over its count. Merged by adding (ranges by min / max)."""
 
@@ -246,13 +298,9 @@ def fit_relation(reg: _Regression) -> dict[str, Any] | None:
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
     residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
     total_x, total_y = sum(e.sx for e in fits.values()), sum(e.sy for e in fits.values())
-    fleet_lo, fleet_hi = np.min([e.lo for e in fits.values()], 0), np.max([e.hi for e in fits.values()], 0)
     return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
             "entity_intercepts": {key: float((e.sy - weights @ e.sx) / e.n) for key, e in fits.items()},
-            "residual_std": max(residual, 1e-9),
-            # where the predictors were seen: a prediction never extrapolates from an abnormal predictor
-            "range": [fleet_lo.tolist(), fleet_hi.tolist()],
-            "entity_ranges": {key: [e.lo.tolist(), e.hi.tolist()] for key, e in fits.items()}}
+            "residual_std": max(residual, 1e-9)}
 
 
 def relation_pairs(spec: Spec) -> dict[str, str]:
@@ -270,11 +318,12 @@ def current_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
 def _relation_residual(fitted: dict[str, Any], design: np.ndarray, target: np.ndarray,
                        groups: list[tuple[str, np.ndarray]]) -> np.ndarray:
     """(N,) the target's distance from its prediction by one fitted relation, in residual stds, each entity with
-    its intercept and its design held inside the range it took on the training days."""
+    its intercept (a version that kept its design's ranges per channel, saved before the relation-level
+    `ranges` of 2026-12-02, is held inside them here; later ones clip the quantities once, `clip_quantities`)."""
     intercepts = np.full(len(target), fitted["intercept"])
     for key, rows in groups:
         intercepts[rows] = fitted["entity_intercepts"].get(key, fitted["intercept"])
-        if "range" in fitted:                       # versions before ranges were kept: no clipping
+        if "range" in fitted:
             lo, hi = fitted["entity_ranges"].get(key, fitted["range"])
             design[rows] = np.clip(design[rows], lo, hi)
     pred = design @ np.asarray(fitted["weights"]) + intercepts
@@ -286,22 +335,26 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
                     peers_present: np.ndarray | None = None) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
     others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
-    channel with no fitted relation; each residual held within `Z_LIMIT`). The design is held inside the range
-    it took on the training days (the entity's, else the fleet's): a prediction never extrapolates from an
-    abnormal predictor. Where the relation has a cross-modal fit (`cross_channels`) and the ticks' peer values
-    (`peers`, N x K) are present (`peers_present`), those ticks are scored by it instead."""
-    n = len(current)
+    channel with no fitted relation; each residual held within `Z_LIMIT`). The quantities the designs are made of
+    are held inside the range they took on the training days (the entity's, else the fleet's): a prediction never
+    extrapolates from an abnormal predictor. Where the relation has a cross-modal fit (`cross_channels`) and the
+    ticks' peer values (`peers`, N x K) are present (`peers_present`), those ticks are scored by it instead."""
+    n, channels = current.shape
     total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
+    quantities = clip_quantities(relation_quantities(current, history), relation.get("ranges"), groups)
     cross = relation.get("cross_channels") if peers is not None else None
     across = np.flatnonzero(peers_present) if cross is not None else np.zeros(0, np.int64)
-    cross_groups = group_rows(np.asarray(keys, object)[across]) if len(across) else []
+    if len(across):
+        cross_groups = group_rows(np.asarray(keys, object)[across])
+        cross_quantities = clip_quantities(relation_quantities(current[across], history[across], peers[across]),
+                                           relation.get("cross_ranges"), cross_groups)
     for c, fitted in enumerate(relation["channels"]):
         if fitted is None:
             continue
-        z = _relation_residual(fitted, relation_design(current, history, c), current[:, c], groups)
-        if cross is not None and cross[c] is not None and len(across):
-            z[across] = _relation_residual(cross[c], relation_design(current[across], history[across], c, peers[across]),
-                                           current[across, c], cross_groups)
+        z = _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, 0)], current[:, c], groups)
+        if len(across) and cross[c] is not None:
+            design = cross_quantities[:, _design_of(cross_quantities, channels, c, peers.shape[1])]
+            z[across] = _relation_residual(cross[c], design, current[across, c], cross_groups)
         total += z ** 2
     return total / max(len(relation["channels"]), 1)
 
@@ -328,6 +381,9 @@ class StatisticsFitter:
         # the same with the peers' current values beside (`relation_peers`), on ticks where every peer is present
         self.cross_relations_: dict[str, list[_Regression]] = \
             {ctx: [] for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
+        # context view -> entity -> the range of each quantity its relations (and the cross-modal ones) read
+        self.relation_ranges_: dict[str, dict[str, _Range]] = {ctx: {} for ctx in self.relations_}
+        self.cross_ranges_: dict[str, dict[str, _Range]] = {ctx: {} for ctx in self.cross_relations_}
 
     @staticmethod
     def _views(m: ModalitySpec) -> tuple[str, ...]:
@@ -370,21 +426,26 @@ class StatisticsFitter:
                 continue
             current = current_values(levels[parent], self.spec.modalities[parent])[both].astype(np.float64)
             history = levels[ctx][both]
-            self._add_relation(self.relations_[ctx], current, history, np.asarray(keys, object)[both])
+            self._add_relation(self.relations_[ctx], self.relation_ranges_[ctx], current, history,
+                               np.asarray(keys, object)[both])
             if ctx in self.cross_relations_:
                 peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent))
                 across = peers_present[both]
                 if across.any():
-                    self._add_relation(self.cross_relations_[ctx], current[across], history[across],
-                                       np.asarray(keys, object)[both][across], peers[both][across])
+                    self._add_relation(self.cross_relations_[ctx], self.cross_ranges_[ctx], current[across],
+                                       history[across], np.asarray(keys, object)[both][across], peers[both][across])
         return self
 
     @staticmethod
-    def _add_relation(regs: list["_Regression"], current: np.ndarray, history: np.ndarray,
-                      keys: np.ndarray, peers: np.ndarray | None = None) -> None:
+    def _add_relation(regs: list["_Regression"], ranges: dict[str, "_Range"], current: np.ndarray,
+                      history: np.ndarray, keys: np.ndarray, peers: np.ndarray | None = None) -> None:
+        quantities = relation_quantities(current, history, peers)
+        channels, width = current.shape[1], 0 if peers is None else peers.shape[1]
         for key, rows in group_rows(keys):
-            for c in range(current.shape[1]):
-                x = relation_design(current[rows], history[rows], c, None if peers is None else peers[rows])
+            mine = quantities[rows]
+            ranges.setdefault(key, _Range(quantities.shape[1])).add(mine)
+            for c in range(channels):
+                x = mine[:, _design_of(quantities, channels, c, width)]
                 if len(regs) <= c:
                     regs.append(_Regression(x.shape[1]))
                 regs[c].add(key, x, current[rows, c])
@@ -412,6 +473,10 @@ class StatisticsFitter:
                     if len(own[ctx]) <= c:
                         own[ctx].append(_Regression(reg.d))
                     own[ctx][c].merge(reg)
+        for own, theirs in ((self.relation_ranges_, other.relation_ranges_), (self.cross_ranges_, other.cross_ranges_)):
+            for ctx, entities in theirs.items():
+                for key, part in entities.items():
+                    own[ctx].setdefault(key, _Range(len(part.lo))).merge(part)
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -475,11 +540,13 @@ class StatisticsFitter:
             if any(ch is not None for ch in channels):
                 # the context then speaks only through the relations: as a model input its hour of history kept
                 # every reconstruction disturbed for the hour after an event, and let the model copy a drift
-                relations[ctx] = {"parent": parent, "channels": channels, "model_input": False}
+                relations[ctx] = {"parent": parent, "channels": channels, "model_input": False,
+                                  "ranges": fit_ranges(self.relation_ranges_[ctx])}
                 if self.cross_relations_.get(ctx):
                     cross = [fit_relation(reg) for reg in self.cross_relations_[ctx]]
                     if any(ch is not None for ch in cross):
-                        relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross)
+                        relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
+                                              cross_ranges=fit_ranges(self.cross_ranges_[ctx]))
         if relations:
             stats["relations"] = relations
         return stats

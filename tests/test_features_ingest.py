@@ -924,17 +924,21 @@ def test_a_context_view_with_relations_speaks_only_through_them():
 
 
 def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was_fitted_on():
-    """Each fitted relation keeps the range of every design column per entity (the fleet's for an unseen one);
-    a predictor far outside it (an event in another channel, or still in its history) is held at the range's
-    edge, so it cannot make the target look wrong by more than the training range allows."""
+    """Each relation keeps the range of every quantity its designs read, once (not per channel), per entity (the
+    fleet's for an unseen one); a predictor far outside it (an event in another channel, or still in its history)
+    is held at the range's edge, so it cannot make the target look wrong by more than the training range allows.
+    A version that kept the ranges per channel's design scores the same; one without ranges does not clip."""
+    from dmafn.features import design_index
+
     spec = _relation_spec()
     rng = np.random.default_rng(1)
     offsets = {"a": 0.0, "b": 5.0}
     fitted = StatisticsFitter(spec).add(_relation_rows(spec, 600, rng, offsets)).result()
-    temp = fitted["relations"]["proc_context"]["channels"][0]
-    lo, hi = temp["entity_ranges"]["a"]
-    assert len(lo) == len(temp["weights"]) and all(a < b for a, b in zip(lo, hi))
-    assert np.all(np.asarray(temp["range"][0]) <= lo) and np.all(np.asarray(temp["range"][1]) >= hi)
+    relation = fitted["relations"]["proc_context"]
+    lo, hi = relation["ranges"]["entities"]["a"]
+    assert len(lo) == 2 * (1 + 3) and all(a < b for a, b in zip(lo, hi))      # 2 channels, now and 3 blocks
+    assert np.all(np.asarray(relation["ranges"]["fleet"][0]) <= lo) and np.all(np.asarray(relation["ranges"]["fleet"][1]) >= hi)
+    assert not any("entity_ranges" in c for c in relation["channels"])
 
     rows = _relation_rows(spec, 50, rng, {"a": 0.0})
     def with_pressure_history(shift):
@@ -945,9 +949,18 @@ def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was
     far = featurize(with_pressure_history(50.0), spec, fitted).relation_errors[:, proc]
     farther = featurize(with_pressure_history(500.0), spec, fitted).relation_errors[:, proc]
     np.testing.assert_allclose(far, farther, rtol=1e-6)          # held at the edge: how far out no longer matters
-    unclipped = {**fitted, "relations": {"proc_context": {**fitted["relations"]["proc_context"], "channels": [
-        {k: v for k, v in c.items() if k not in ("range", "entity_ranges")} for c in
-        fitted["relations"]["proc_context"]["channels"]]}}}     # a version saved before ranges were kept
+
+    def per_channel(c, fit):                                 # how versions saved before 2026-12-02's change kept them
+        idx = design_index(2, 3, c)
+        pick = lambda r: [list(np.asarray(r[0])[idx]), list(np.asarray(r[1])[idx])]
+        return {**fit, "range": pick(relation["ranges"]["fleet"]),
+                "entity_ranges": {k: pick(r) for k, r in relation["ranges"]["entities"].items()}}
+    older = {k: v for k, v in relation.items() if k != "ranges"}
+    older["channels"] = [per_channel(c, fit) for c, fit in enumerate(relation["channels"])]
+    np.testing.assert_allclose(featurize(with_pressure_history(500.0), spec,
+                                         {**fitted, "relations": {"proc_context": older}}).relation_errors[:, proc],
+                               farther, rtol=1e-9)
+    unclipped = {**fitted, "relations": {"proc_context": {k: v for k, v in relation.items() if k != "ranges"}}}
     assert featurize(with_pressure_history(500.0), spec, unclipped).relation_errors[:, proc].mean() > 10 * far.mean()
 
 
