@@ -234,7 +234,8 @@ def fit_ranges(ranges: dict[str, _Range]) -> dict[str, Any] | None:
     seen = {key: r for key, r in ranges.items() if r.n >= 2}
     if not seen:
         return None
-    return {"fleet": [np.min([r.lo for r in seen.values()], 0).tolist(), np.max([r.hi for r in seen.values()], 0).tolist()],
+    fleet = [np.min([r.lo for r in seen.values()], 0).tolist(), np.max([r.hi for r in seen.values()], 0).tolist()]
+    return {"fleet": fleet,
             "entities": {key: [r.lo.tolist(), r.hi.tolist()] for key, r in seen.items()}}
 
 

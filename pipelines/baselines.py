@@ -1,7 +1,8 @@
 """Each modality alone, for `evaluate --baselines`: what the modalities give without fusion.
 
 The baseline is the spec's own model with `fusion: late`, `detector: autoencoder` and no cross-modal relations:
-one detector per modality that never sees the others, its contribution per modality (`score_<m>`) being that modality's score alone. It is
+one detector per modality that never sees the others, its contribution per modality (`score_<m>`) being that
+modality's score alone. It is
 trained and scored by the same jobs as the model (Ray Train streaming shards, scoring tasks writing Delta), so
 it keeps the scale rules whatever the window: its versions live under `<registry>/_alone`, its scores in the
 Delta table `<output>_alone` (with its own runs and quarantine tables), and `evaluate` reads them a date at a

@@ -845,9 +845,11 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
     rng = np.random.default_rng(4)
     train = _cross_rows(spec, 800, rng)
     whole = StatisticsFitter(spec).add(train).result()
-    halves = StatisticsFitter(spec).add(train.slice(0, 400)).merge(StatisticsFitter(spec).add(train.slice(400))).result()
+    halves = StatisticsFitter(spec).add(train.slice(0, 400)).merge(
+        StatisticsFitter(spec).add(train.slice(400))).result()
     fitted = whole["relations"]["proc_context"]
-    assert fitted["peers"] == ["vib"] and len(fitted["cross_channels"][1]["weights"]) == 1 + 3 + 1   # temp now, 3 blocks, vib
+    assert fitted["peers"] == ["vib"]
+    assert len(fitted["cross_channels"][1]["weights"]) == 1 + 3 + 1         # temp now, 3 blocks, vib
     np.testing.assert_allclose(fitted["cross_channels"][1]["weights"],
                                halves["relations"]["proc_context"]["cross_channels"][1]["weights"], atol=1e-9)
 
@@ -937,7 +939,8 @@ def test_a_relation_never_extrapolates_from_a_predictor_outside_the_range_it_was
     relation = fitted["relations"]["proc_context"]
     lo, hi = relation["ranges"]["entities"]["a"]
     assert len(lo) == 2 * (1 + 3) and all(a < b for a, b in zip(lo, hi))      # 2 channels, now and 3 blocks
-    assert np.all(np.asarray(relation["ranges"]["fleet"][0]) <= lo) and np.all(np.asarray(relation["ranges"]["fleet"][1]) >= hi)
+    fleet_lo, fleet_hi = (np.asarray(r) for r in relation["ranges"]["fleet"])
+    assert np.all(fleet_lo <= lo) and np.all(fleet_hi >= hi)
     assert not any("entity_ranges" in c for c in relation["channels"])
 
     rows = _relation_rows(spec, 50, rng, {"a": 0.0})
