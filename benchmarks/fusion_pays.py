@@ -4,7 +4,8 @@ anomaly kind. Then robustness: one modality absent on 30 % of test ticks.
 
     python -m benchmarks.fusion_pays --out benchmarks/results [--quick]
 
-Rows are also written as they finish to `fusion_pays.partial.json` (removed when the run completes).
+Writes `fusion_pays.json` (`--quick`: `fusion_pays_quick.json`, so a quick run never replaces the full one); rows
+are also written as they finish to `<name>.partial.json` (removed when the run completes).
 
 Targets: on cross_modal the best fused model beats the best single modality by >= 0.15
 ROC-AUC; with one modality absent on 30 % of test ticks, overall ROC-AUC drops <= 0.03.
@@ -52,6 +53,7 @@ def main() -> None:
     cfg = SyntheticConfig(entities=2 if args.quick else 4, days=5 if args.quick else 6,
                           clean_days=2 if args.quick else 3)
     epochs = args.epochs or (3 if args.quick else 8)
+    name_of = "fusion_pays_quick" if args.quick else "fusion_pays"       # a quick run never replaces the full one
     config = vars(cfg) | {"epochs": epochs}
     t0 = time.time()
     split = synthetic_split(cfg)
@@ -70,7 +72,7 @@ def main() -> None:
         rows[name]["seconds"] = {"roc_auc": time.time() - start, "pr_auc": float("nan")}
         fitted[name] = det
         print_table({name: rows[name]})
-        write_json(f"{args.out}/fusion_pays.partial.json", {"config": config, "rows": rows})
+        write_json(f"{args.out}/{name_of}.partial.json", {"config": config, "rows": rows})
 
     # a modality with its slow context view, if the spec gives it one (the view informs, it does not vote)
     views = {m: (m, *(c for c, spec in mods.items() if spec.context_of == m)) for m in voting_modalities(mods)}
@@ -122,11 +124,11 @@ def main() -> None:
         drops[m] = full - auc_by_kind(det.decision_function(test), split)["overall"]["roc_auc"]
         print(f"{best_fused} with '{m}' absent on 30% of test ticks: overall ROC-AUC drop {drops[m]:+.3f} "
               f"(target <= 0.03)", flush=True)
-    write_json(f"{args.out}/fusion_pays.json", {"config": config, "rows": rows,
+    write_json(f"{args.out}/{name_of}.json", {"config": config, "rows": rows,
                                                 "cross_modal_margin": margin, "best_fused": best_fused,
                                                 "best_single": best_alone, "absent_30pct_drop": drops})
-    Path(f"{args.out}/fusion_pays.partial.json").unlink(missing_ok=True)
-    print(f"written {args.out}/fusion_pays.json ({time.time() - t0:.0f}s)")
+    Path(f"{args.out}/{name_of}.partial.json").unlink(missing_ok=True)
+    print(f"written {args.out}/{name_of}.json ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
