@@ -301,7 +301,25 @@ def fit_relation(reg: _Regression) -> dict[str, Any] | None:
     total_x, total_y = sum(e.sx for e in fits.values()), sum(e.sy for e in fits.values())
     return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
             "entity_intercepts": {key: float((e.sy - weights @ e.sx) / e.n) for key, e in fits.items()},
-            "residual_std": max(residual, 1e-9)}
+            "residual_std": max(residual, 1e-9), "spread": spread}
+
+
+def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
+    """One line per fitted channel relation, for `dmafn train`'s log: the residual std (the unit its error is
+    counted in) within the modality and, where fitted, across to its peers, each with the share of the channel's
+    own within-entity spread it leaves (how much of the channel each relation explains)."""
+    lines = []
+    for ctx, relation in stats.get("relations", {}).items():
+        parent = relation["parent"]
+        cross = relation.get("cross_channels") or [None] * len(relation["channels"])
+        for column, within, across in zip(spec.modalities[parent].columns, relation["channels"], cross):
+            parts = [f"{label} {fit['residual_std']:.4g}" + (f" ({fit['residual_std'] / fit['spread']:.0%} of its "
+                                                             "spread)" if fit.get("spread") else "")
+                     for label, fit in (("within the modality", within),
+                                        (f"across to {', '.join(relation.get('peers', []))}", across)) if fit]
+            if parts:
+                lines.append(f"modality '{parent}', column '{column}': relation residual " + "; ".join(parts))
+    return lines
 
 
 def relation_pairs(spec: Spec) -> dict[str, str]:

@@ -24,7 +24,8 @@ import polars as pl
 import ray
 import torch
 
-from dmafn.features import StatisticsFitter, featurize, features_from_columns, features_to_columns
+from dmafn.features import (StatisticsFitter, featurize, features_from_columns, features_to_columns,
+                            relation_lines)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
@@ -282,6 +283,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
         stats, quarantined = fit_statistics(spec, train_shards)
+        for line in relation_lines(stats, spec):
+            log.info("%s", line)
         for name, entry in stats["modalities"].items():
             if "channel_transforms" in entry:
                 log.info("modality '%s': transform auto -> %s", name, ", ".join(

@@ -867,6 +867,12 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
     within = {**whole, "relations": {"proc_context": {k: v for k, v in fitted.items()
                                                       if k not in ("peers", "cross_channels")}}}
     assert errors(within, shift=1.2).mean() < 3
+    from dmafn.features import relation_lines
+
+    temp_line, pres_line = relation_lines(whole, spec)                       # what `dmafn train` logs
+    assert temp_line.startswith("modality 'proc', column 'temp': relation residual within the modality ")
+    within_share, across_share = (int(part.split("(")[1].split("%")[0]) for part in pres_line.split(";"))
+    assert "; across to vib " in pres_line and across_share < 20 < 60 < within_share    # vib explains pres
     off = parse_spec({**data, "model": {"cross_modal_relations": False}})        # a spec can turn them off
     assert relation_peers(off, "proc") == [] and "cross_channels" not in \
         StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
