@@ -56,8 +56,8 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
     for name, rows in (("train", train.to_arrow()), ("test", test.to_arrow())):
         decoded: dict = {}                                      # frames decoded once for both
         parts[name] = featurize(rows, spec, stats, decoded)
-        errors = featurize(rows, spec, within, decoded).relation_errors if within is not stats else None
-        parts[f"{name}_within"] = replace(parts[name], relation_errors=errors) if within is not stats else parts[name]
+        parts[f"{name}_within"] = parts[name] if within is stats else \
+            replace(parts[name], relation_errors=featurize(rows, spec, within, decoded).relation_errors)
     return Split(parts["train"], parts["test"], test["label"].to_numpy().astype(int),
                  test["label_kind"].fill_null("").to_numpy(), test["machine_id"].to_numpy(), spec,
                  parts["train_within"], parts["test_within"])

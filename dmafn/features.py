@@ -276,6 +276,39 @@ class _Regression:
         return self
 
 
+class _RelationFit:
+    """One context's relations as its rows stream in: a regression per parent channel (`_Regression`) on the
+    channel's design, and the range each quantity (`relation_quantities`) took per entity (`_Range`); merged by
+    adding."""
+
+    def __init__(self) -> None:
+        self.channels: list[_Regression] = []
+        self.ranges: dict[str, _Range] = {}
+
+    def add(self, current: np.ndarray, history: np.ndarray, keys: np.ndarray, peers: np.ndarray | None = None) -> None:
+        """Ticks with the parent's current values (N, C), the context window (N, T, C), their entity keys and, for a
+        cross-modal fit, the peers' values (N, K)."""
+        quantities = relation_quantities(current, history, peers)
+        width = 0 if peers is None else peers.shape[1]
+        designs = [_design_of(quantities, current.shape[1], c, width) for c in range(current.shape[1])]
+        if not self.channels:
+            self.channels = [_Regression(len(design)) for design in designs]
+        for key, rows in group_rows(keys):
+            mine = quantities[rows]
+            self.ranges.setdefault(key, _Range(quantities.shape[1])).add(mine)
+            for c, (reg, design) in enumerate(zip(self.channels, designs)):
+                reg.add(key, mine[:, design], current[rows, c])
+
+    def merge(self, other: "_RelationFit") -> "_RelationFit":
+        if not self.channels:                                   # copies: merging on must not change `other`
+            self.channels = [_Regression(reg.d) for reg in other.channels]
+        for mine, theirs in zip(self.channels, other.channels):
+            mine.merge(theirs)
+        for key, part in other.ranges.items():
+            self.ranges.setdefault(key, _Range(len(part.lo))).merge(part)
+        return self
+
+
 def fit_relation(reg: _Regression) -> dict[str, Any] | None:
     """One channel's relation: weights pooled over entities on within-entity deviations (each entity keeps its
     own intercept, an unseen one gets the fleet's) and the residual's std (the unit of its error). None
@@ -395,14 +428,11 @@ class StatisticsFitter:
             self.entity_[name] = {v: {} for v in views}
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
-        # context view -> one regression per parent channel (`relation_design`), made on the first rows
-        self.relations_: dict[str, list[_Regression]] = {ctx: [] for ctx in relation_pairs(spec)}
-        # the same with the peers' current values beside (`relation_peers`), on ticks where every peer is present
-        self.cross_relations_: dict[str, list[_Regression]] = \
-            {ctx: [] for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
-        # context view -> entity -> the range of each quantity its relations (and the cross-modal ones) read
-        self.relation_ranges_: dict[str, dict[str, _Range]] = {ctx: {} for ctx in self.relations_}
-        self.cross_ranges_: dict[str, dict[str, _Range]] = {ctx: {} for ctx in self.cross_relations_}
+        # context view -> its parent's channel relations; and the same with the peers' current values beside
+        # (`relation_peers`), on the ticks where every peer is present
+        self.relations_: dict[str, _RelationFit] = {ctx: _RelationFit() for ctx in relation_pairs(spec)}
+        self.cross_relations_: dict[str, _RelationFit] = \
+            {ctx: _RelationFit() for ctx, parent in relation_pairs(spec).items() if relation_peers(spec, parent)}
 
     @staticmethod
     def _views(m: ModalitySpec) -> tuple[str, ...]:
@@ -445,29 +475,14 @@ class StatisticsFitter:
                 continue
             current = current_values(levels[parent], self.spec.modalities[parent])[both].astype(np.float64)
             history = levels[ctx][both]
-            self._add_relation(self.relations_[ctx], self.relation_ranges_[ctx], current, history,
-                               np.asarray(keys, object)[both])
+            ticks = np.asarray(keys, object)[both]
+            self.relations_[ctx].add(current, history, ticks)
             if ctx in self.cross_relations_:
                 peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent))
                 across = peers_present[both]
                 if across.any():
-                    self._add_relation(self.cross_relations_[ctx], self.cross_ranges_[ctx], current[across],
-                                       history[across], np.asarray(keys, object)[both][across], peers[both][across])
+                    self.cross_relations_[ctx].add(current[across], history[across], ticks[across], peers[both][across])
         return self
-
-    @staticmethod
-    def _add_relation(regs: list["_Regression"], ranges: dict[str, "_Range"], current: np.ndarray,
-                      history: np.ndarray, keys: np.ndarray, peers: np.ndarray | None = None) -> None:
-        quantities = relation_quantities(current, history, peers)
-        channels, width = current.shape[1], 0 if peers is None else peers.shape[1]
-        for key, rows in group_rows(keys):
-            mine = quantities[rows]
-            ranges.setdefault(key, _Range(quantities.shape[1])).add(mine)
-            for c in range(channels):
-                x = mine[:, _design_of(quantities, channels, c, width)]
-                if len(regs) <= c:
-                    regs.append(_Regression(x.shape[1]))
-                regs[c].add(key, x, current[rows, c])
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
         """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
@@ -487,15 +502,8 @@ class StatisticsFitter:
                 mine[t] = mine.get(t, 0) + c
             self.templates_[name] = prune_counts(mine)
         for own, theirs in ((self.relations_, other.relations_), (self.cross_relations_, other.cross_relations_)):
-            for ctx, regs in theirs.items():
-                for c, reg in enumerate(regs):            # copies: merging on must not change `other`
-                    if len(own[ctx]) <= c:
-                        own[ctx].append(_Regression(reg.d))
-                    own[ctx][c].merge(reg)
-        for own, theirs in ((self.relation_ranges_, other.relation_ranges_), (self.cross_ranges_, other.cross_ranges_)):
-            for ctx, entities in theirs.items():
-                for key, part in entities.items():
-                    own[ctx].setdefault(key, _Range(len(part.lo))).merge(part)
+            for ctx, fit in theirs.items():
+                own[ctx].merge(fit)
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -553,19 +561,17 @@ class StatisticsFitter:
         stats["normalization"] = self.spec.model.normalization
         relations = {}
         for ctx, parent in relation_pairs(self.spec).items():
-            regs = self.relations_[ctx]
-            channels = [fit_relation(regs[c]) if c < len(regs) else None
-                        for c in range(len(self.spec.modalities[parent].columns))]
+            channels = [fit_relation(reg) for reg in self.relations_[ctx].channels]   # none without rows
             if any(ch is not None for ch in channels):
                 # the context then speaks only through the relations: as a model input its hour of history kept
                 # every reconstruction disturbed for the hour after an event, and let the model copy a drift
                 relations[ctx] = {"parent": parent, "channels": channels, "model_input": False,
-                                  "ranges": fit_ranges(self.relation_ranges_[ctx])}
-                if self.cross_relations_.get(ctx):
-                    cross = [fit_relation(reg) for reg in self.cross_relations_[ctx]]
+                                  "ranges": fit_ranges(self.relations_[ctx].ranges)}
+                if ctx in self.cross_relations_:
+                    cross = [fit_relation(reg) for reg in self.cross_relations_[ctx].channels]
                     if any(ch is not None for ch in cross):
                         relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
-                                              cross_ranges=fit_ranges(self.cross_ranges_[ctx]))
+                                              cross_ranges=fit_ranges(self.cross_relations_[ctx].ranges))
         if relations:
             stats["relations"] = relations
         return stats

@@ -787,7 +787,7 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     whole = StatisticsFitter(spec).add(train).result()
     second = StatisticsFitter(spec).add(train.slice(300))
     first = StatisticsFitter(spec).merge(second).add(train.slice(0, 300))     # merged into an empty one, then added
-    assert second.relations_["proc_context"][0].entities["a"].n == 150        # merging copied, `second` unchanged
+    assert second.relations_["proc_context"].channels[0].entities["a"].n == 150   # merging copied, `second` unchanged
     halves = first.result()
     temp = whole["relations"]["proc_context"]["channels"][0]
     np.testing.assert_allclose(temp["weights"], halves["relations"]["proc_context"]["channels"][0]["weights"],
