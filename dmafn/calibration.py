@@ -45,23 +45,27 @@ class Calibration:
     def fit(cls, raw: RawScores, modalities: tuple[str, ...], *, detector: str, vote: str,
             smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
             groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None,
-            scale: str = ModelSpec.contribution_scale) -> "Calibration":
+            scale: str = ModelSpec.contribution_scale,
+            state_baseline: bool = ModelSpec.state_baseline) -> "Calibration":
         """Fit on validation ticks in memory (rows in time order within each group; `groups` e.g. the entity
         keys); `voting`: the modalities whose contributions make the fused score (default all;
-        `dmafn.spec.voting_modalities`); `scale`: the contributions' units, `robust` or `tail`
-        (`dmafn.scoring.fit_normalisation`)."""
+        `dmafn.spec.voting_modalities`); `scale`: the contributions' units, `robust` or `tail`; `state_baseline`:
+        each modality's error against the level expected at the tick's operating state (`raw.state`;
+        `dmafn.scoring.fit_normalisation`)."""
         return cls.fit_from(InMemoryTicks(raw, groups), modalities, detector=detector, vote=vote,
-                            smoothing=smoothing, threshold=threshold, voting=voting, scale=scale)
+                            smoothing=smoothing, threshold=threshold, voting=voting, scale=scale,
+                            state_baseline=state_baseline)
 
     @classmethod
     def fit_from(cls, ticks: "InMemoryTicks", modalities: tuple[str, ...], *, detector: str, vote: str,
                  smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
-                 voting: tuple[str, ...] | None = None, scale: str = ModelSpec.contribution_scale) -> "Calibration":
+                 voting: tuple[str, ...] | None = None, scale: str = ModelSpec.contribution_scale,
+                 state_baseline: bool = ModelSpec.state_baseline) -> "Calibration":
         """`fit` on validation ticks wherever they are held: `ticks` gives the finite values of their columns,
         their fused scores smoothed per group under a calibration, and each group's robust scale of them
         (`InMemoryTicks`; `pipelines.calibrate.ShardTicks` keeps them on the workers)."""
-        calibration = cls(tuple(modalities), fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale),
-                          smoothing, threshold_method=threshold.method)
+        calibration = cls(tuple(modalities), fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale,
+                                                               state_baseline), smoothing, threshold_method=threshold.method)
         smoothed = ticks.scores(calibration)
         if threshold.per_entity:
             calibration = replace(calibration, entity_scale={**ticks.group_scales(calibration),

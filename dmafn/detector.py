@@ -34,6 +34,7 @@ class Detector:
                  epochs: int = TrainSpec.epochs, batch_size: int = TrainSpec.batch_size,
                  learning_rate: float = TrainSpec.learning_rate, vote: str = ModelSpec.vote,
                  contribution_scale: str = ModelSpec.contribution_scale,
+                 state_baseline: bool = ModelSpec.state_baseline,
                  threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
                  smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
@@ -42,7 +43,7 @@ class Detector:
         self.config = config
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.vote, self.threshold, self.risk, self.quantile = vote, threshold, risk, quantile
-        self.contribution_scale = contribution_scale
+        self.contribution_scale, self.state_baseline = contribution_scale, state_baseline
         self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
         self.smoothing, self.alpha, self.window = smoothing, alpha, window
         self.seed, self.device = seed, device
@@ -66,7 +67,7 @@ class Detector:
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
             threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
-            voting=voting_modalities(self.modalities))
+            voting=voting_modalities(self.modalities), state_baseline=self.state_baseline)
         for line in self.calibration_.tail_warnings():
             warnings.warn(line, UserWarning, stacklevel=2)
         self.threshold_ = self.calibration_.threshold

@@ -813,11 +813,14 @@ class Features:
     mask: np.ndarray
     modalities: tuple[str, ...]
     relation_errors: np.ndarray | None = None   # (N, M): added to a parent modality's error (`relation_errors`)
+    state: np.ndarray | None = None             # (N, S) the operating state (`operating_state`), NaN where absent
+    state_owners: tuple[str, ...] = ()          # the modality each state column comes from
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
         return Features({m: self.inputs[m][idx] for m in self.modalities}, self.mask[idx], self.modalities,
-                        None if self.relation_errors is None else self.relation_errors[idx])
+                        None if self.relation_errors is None else self.relation_errors[idx],
+                        None if self.state is None else self.state[idx], self.state_owners)
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
@@ -896,7 +899,43 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
                                      levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
-    return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations)
+    state, owners = operating_state(levels, presence, spec, stats, keys, relation_only)
+    return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
+                    state_owners=owners)
+
+
+def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
+                    stats: dict[str, Any], keys: list[str], relation_only: set[str] = frozenset()
+                    ) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """Where each machine is operating at each tick: the level of every channel of the tabular and series
+    modalities that are not context views (a row's value, a series window's mean; a series channel presented
+    drift-free, `centered` or `difference`, is left out: its level is not meant to be read), in the training
+    days' standard deviations from the entity's own training mean (the fleet's for an entity not seen).
+    (N, S) float32, NaN where the channel's modality is absent, and the modality of each column. The
+    calibration reads it to expect each modality's error level at that state (`dmafn.scoring.fit_baseline`)."""
+    cols, owners = [], []
+    for name, m in spec.modalities.items():
+        if m.kind not in ("tabular", "timeseries") or m.context_of or name in relation_only or name not in levels:
+            continue
+        fitted = stats["modalities"][name]
+        shown = fitted.get("channel_transforms") or ([m.transform] * len(m.columns) if m.kind == "timeseries"
+                                                     else ["level"] * len(m.columns))
+        level = levels[name] if m.kind == "tabular" else levels[name].mean(1, dtype=np.float64)
+        keep = [j for j, t in enumerate(shown) if t == "level"]
+        if not keep:
+            continue
+        mean = np.asarray(fitted["global"]["mean"], np.float64)
+        std = np.maximum(np.asarray(fitted["global"]["std"], np.float64), 1e-9)
+        centre = np.broadcast_to(mean, (len(level), len(mean))).copy()
+        for key, rows in group_rows(keys):
+            if key in fitted.get("entity", {}):
+                centre[rows] = np.asarray(fitted["entity"][key]["mean"], np.float64)
+        z = np.clip((level - centre) / std, -Z_LIMIT, Z_LIMIT)[:, keep]
+        cols.append(np.where(presence[name][:, None], z, np.nan).astype(np.float32))
+        owners += [name] * len(keep)
+    if not cols:
+        return None, ()
+    return np.concatenate(cols, 1), tuple(owners)
 
 
 def _check_transform(m: ModalitySpec, fitted: dict) -> None:

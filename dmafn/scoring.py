@@ -33,6 +33,8 @@ class RawScores:
     errors: np.ndarray                # (N, M) raw per-modality error, NaN where absent
     latent: np.ndarray | None         # (N,) fused head latent term, or (N, M) one per late-fusion head
     mask: np.ndarray                  # (N, M)
+    state: np.ndarray | None = None   # (N, S) the ticks' operating state (`dmafn.features.operating_state`)
+    state_owners: tuple[str, ...] = ()
 
 
 @dataclass
@@ -85,7 +87,8 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
     elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
         err = err + features.relation_errors
-    return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask)
+    return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
+                     state_owners=features.state_owners)
 
 
 def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
@@ -111,15 +114,19 @@ def robust_scale(values: np.ndarray | Values) -> dict[str, float]:
 @dataclass(frozen=True)
 class Column:
     """Per-tick columns of validation raw scores that the normalisation is fitted on, (N, k): each modality's
-    `log_error`, its `latent` term (k = 1 for a fused head's), or its `contribution` under the normalisation
-    `calib` fitted so far. Plain data, so a worker holding the raw scores can compute it."""
+    `log_error` (less the level expected at the tick's operating state where `calib` has a `baseline`), its
+    `latent` term (k = 1 for a fused head's), its `contribution` under the normalisation `calib` fitted so far,
+    or the operating `state` (k = S). Plain data, so a worker holding the raw scores can compute it."""
 
     kind: str
     calib: dict[str, Any] | None = None
 
     def __call__(self, raw: RawScores) -> np.ndarray:
         if self.kind == "log_error":
-            return np.log(np.maximum(raw.errors, 1e-12))
+            log_err = np.log(np.maximum(raw.errors, 1e-12))
+            return log_err if self.calib is None else log_err - expected_log_error(raw, self.calib)
+        if self.kind == "state":
+            return raw.state if raw.state is not None else np.zeros((len(raw.mask), 0))
         if self.kind == "latent":
             log_lat = np.log(np.maximum(raw.latent, 1e-12))
             return log_lat[:, None] if log_lat.ndim == 1 else np.where(raw.mask, log_lat, np.nan)
@@ -140,17 +147,27 @@ class RawTicks:
         """None without a latent term; 1 for a fused head's, 2 for one per modality (late fusion)."""
         return None if self.raw.latent is None else self.raw.latent.ndim
 
+    @property
+    def state_owners(self) -> tuple[str, ...]:
+        """The modality of each operating-state column the ticks carry (none: no state)."""
+        return self.raw.state_owners if self.raw.state is not None else ()
+
     def column(self, column: Column) -> list[Values]:
         return [ArrayValues(c) for c in column(self.raw).T]
+
+    def total(self, sums: "BaselineSums") -> dict[str, np.ndarray]:
+        """`sums` added up over the ticks."""
+        return sums(self.raw)
 
 
 def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: str, vote: str = "mean",
                       voting: tuple[str, ...] | None = None,
-                      scale: str = ModelSpec.contribution_scale) -> dict[str, Any]:
+                      scale: str = ModelSpec.contribution_scale, state_baseline: bool = False) -> dict[str, Any]:
     """Normalisation of each modality's contribution, fitted on validation ticks (`ticks.column(Column)`:
     the finite values of each column, wherever they are held); `voting`: the modalities whose contributions
     make the fused score (default all); `scale`: `robust` (median and IQR of the log error) or `tail` (that
-    value put on its tail surprise among the validation ticks, `fit_tail`)."""
+    value put on its tail surprise among the validation ticks, `fit_tail`); `state_baseline`: each modality's
+    log error taken relative to the level expected at the tick's operating state (`fit_baseline`)."""
     if scale not in CONTRIBUTION_SCALES:
         raise ValueError(f"unknown contribution scale {scale!r} ({', '.join(CONTRIBUTION_SCALES)})")
     if detector == "classifier":
@@ -158,9 +175,11 @@ def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: st
     if voting is not None and (not voting or set(voting) - set(modalities)):
         raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
     voting = None if voting is None or set(voting) == set(modalities) else voting   # all vote: nothing to store
-    calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
-                             "contribution": {m: robust_scale(v) for m, v in
-                                              zip(modalities, ticks.column(Column("log_error")))}}
+    calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities)}
+    if state_baseline:
+        calib.update(fit_baseline(ticks, tuple(modalities)))
+    calib["contribution"] = {m: robust_scale(v) for m, v in
+                             zip(modalities, ticks.column(Column("log_error", calib if "baseline" in calib else None)))}
     if ticks.latent_dims is not None:
         latent = [robust_scale(v) for v in ticks.column(Column("latent"))]
         calib["latent"] = dict(zip(modalities, latent)) if ticks.latent_dims == 2 else latent[0]
@@ -184,8 +203,105 @@ def voting_mask(mask: np.ndarray, calib: dict[str, Any]) -> np.ndarray:
     return np.where(votes.any(1, keepdims=True), votes, mask)
 
 
+STATE_LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)   # a state column is held within its 1-99 % quantiles of the
+                                               # validation ticks, with hinges at its quartiles
+BASELINE_RIDGE = 1e-3                          # ridge of the baseline regression, relative to its design's scale
+
+
+def _state_basis(state: np.ndarray, spec: dict[str, Any], columns: list[int]) -> np.ndarray:
+    """(N, 4 k + 1) piecewise-linear basis of k state columns: each held within its validation range (a missing
+    value at its median), itself and its hinges at the quartiles, and a constant."""
+    n = len(state)
+    if not columns:
+        return np.ones((n, 1))
+    lo, hi = np.asarray(spec["lo"])[columns], np.asarray(spec["hi"])[columns]
+    x = state[:, columns].astype(np.float64)
+    x = np.clip(np.where(np.isfinite(x), x, np.asarray(spec["median"])[columns]), lo, hi)
+    knots = np.asarray(spec["knots"])[columns]                                  # (k, 3)
+    hinges = np.maximum(x[:, :, None] - knots[None], 0.0).reshape(n, -1)
+    return np.concatenate([x, hinges, np.ones((n, 1))], 1)
+
+
+def _baseline_columns(owners: list[str], modality: str) -> list[int]:
+    """The state columns a modality's baseline reads: every other modality's (its own level would explain its
+    own anomaly away)."""
+    return [j for j, owner in enumerate(owners) if owner != modality]
+
+
+@dataclass(frozen=True)
+class BaselineSums:
+    """Per modality, the normal equations of its baseline regression over ticks (the log error on the state
+    basis, `calib['state']`), added up wherever the ticks are held: {m: (X'X, X'y, n) packed as one array}."""
+
+    calib: dict[str, Any]
+
+    def __call__(self, raw: RawScores) -> dict[str, np.ndarray]:
+        spec, out = self.calib["state"], {}
+        log_err = np.log(np.maximum(raw.errors, 1e-12))
+        for i, m in enumerate(self.calib["modalities"]):
+            columns = _baseline_columns(spec["owners"], m)
+            d = 4 * len(columns) + 1
+            rows = np.isfinite(log_err[:, i]) & raw.mask[:, i]
+            if raw.state is None or not columns or not rows.any():
+                out[m] = np.zeros(d * d + d + 1)
+                continue
+            x = _state_basis(raw.state[rows], spec, columns)
+            y = log_err[rows, i]
+            out[m] = np.concatenate([(x.T @ x).ravel(), x.T @ y, [len(y)]])
+        return out
+
+
+def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]:
+    """Each modality's expected log error at the tick's operating state (`dmafn.features.operating_state`: the
+    levels of the other modalities' channels), fitted on the validation ticks by a ridge regression on a
+    piecewise-linear basis of each state column. A reconstruction error often grows with load (a vibration
+    window's error with its amplitude), so normal ticks at high load outrank faults at low load; scored
+    against its baseline, each modality's error says how unusual it is where the machine is operating.
+    {} without a state (or none to read), else `state` (its columns' owners, ranges, medians and knots) and
+    `baseline` (per modality: its columns, weights on their basis, the validation ticks it was fitted on)."""
+    owners = list(ticks.state_owners)
+    if not owners:
+        return {}
+    values = ticks.column(Column("state"))
+    qs = np.array([v.quantiles(STATE_LEVELS) if v.count() else np.zeros(len(STATE_LEVELS)) for v in values])
+    state = {"owners": owners, "lo": qs[:, 0].tolist(), "hi": qs[:, 4].tolist(), "median": qs[:, 2].tolist(),
+             "knots": qs[:, 1:4].tolist()}
+    totals = ticks.total(BaselineSums({"modalities": list(modalities), "state": state}))
+    baseline = {}
+    for m in modalities:
+        columns = _baseline_columns(owners, m)
+        d = 4 * len(columns) + 1
+        packed = totals[m]
+        n = int(packed[-1])
+        if not columns or n < 10 * d:
+            continue
+        xtx, xty = packed[:d * d].reshape(d, d), packed[d * d:d * d + d]
+        ridge = BASELINE_RIDGE * np.trace(xtx) / d * np.eye(d)
+        ridge[-1, -1] = 0.0                                                       # the constant is not shrunk
+        weights = np.linalg.solve(xtx + ridge, xty)
+        baseline[m] = {"columns": columns, "weights": weights.tolist(), "ticks": n}
+    return {"state": state, "baseline": baseline} if baseline else {}
+
+
+def expected_log_error(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
+    """(N, M) each modality's expected log error at the ticks' operating state (`fit_baseline`); 0 where a
+    modality has no baseline. A version fitted on another layout of the state (its owners) is refused."""
+    out = np.zeros(raw.errors.shape)
+    if not calib.get("baseline"):
+        return out
+    spec = calib["state"]
+    if raw.state is None or list(raw.state_owners) != list(spec["owners"]):
+        raise ValueError(f"the calibration expects an operating state of {spec['owners']} and the ticks carry "
+                         f"{list(raw.state_owners)}: score with the spec the model version was trained with")
+    for i, m in enumerate(calib["modalities"]):
+        fitted = calib["baseline"].get(m)
+        if fitted is not None:
+            out[:, i] = _state_basis(raw.state, spec, fitted["columns"]) @ np.asarray(fitted["weights"])
+    return out
+
+
 def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
-    log_err = np.log(np.maximum(raw.errors, 1e-12))
+    log_err = np.log(np.maximum(raw.errors, 1e-12)) - expected_log_error(raw, calib)
     cols = []
     for i, m in enumerate(calib["modalities"]):
         c = calib["contribution"][m]

@@ -29,10 +29,11 @@ ALONE = "_alone"
 
 def alone_spec(spec: Spec) -> Spec:
     """`spec` with one detector per modality (late fusion, autoencoder, a context's relations within its own
-    modality only): the same data, windows, training and calibration; model versions under `<registry>/_alone`,
-    scores in `<output>_alone`."""
+    modality only, each error scaled without the others' operating state): the same data, windows, training
+    and calibration; model versions under `<registry>/_alone`, scores in `<output>_alone`."""
     output = spec.score.output.rstrip("/") + ALONE
-    return replace(spec, model=replace(spec.model, fusion="late", detector="autoencoder", cross_modal_relations=False),
+    return replace(spec, model=replace(spec.model, fusion="late", detector="autoencoder", cross_modal_relations=False,
+                                       state_baseline=False),
                    registry=join(spec.registry, ALONE),
                    score=replace(spec.score, output=output, quarantine=None, runs=None))
 

@@ -51,16 +51,18 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tupl
         raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
         keys.append(aligned.select([*spec.entity, "ts"]))
     if not raws:
-        return {"ticks": 0, "columns": 0, "latent_dims": None}, ShardPart(np.zeros(0, str), RawScores(
-            np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
+        return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": ()}, ShardPart(
+            np.zeros(0, str), RawScores(np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
     latent = None if raws[0].latent is None else np.concatenate([r.latent for r in raws])[rows]
+    state = None if raws[0].state is None else np.concatenate([r.state for r in raws])[rows]
     raw = RawScores(errors=np.concatenate([r.errors for r in raws])[rows],
-                    mask=np.concatenate([r.mask for r in raws])[rows], latent=latent)
+                    mask=np.concatenate([r.mask for r in raws])[rows], latent=latent, state=state,
+                    state_owners=raws[0].state_owners)
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
-    return {"ticks": len(rows), "columns": raw.errors.shape[1],
-            "latent_dims": None if latent is None else latent.ndim}, part
+    return {"ticks": len(rows), "columns": raw.errors.shape[1], "latent_dims": None if latent is None else latent.ndim,
+            "state_owners": raw.state_owners if state is not None else ()}, part
 
 
 def _sorted(values: np.ndarray) -> tuple[Any, ...]:
@@ -77,6 +79,12 @@ def _sorted(values: np.ndarray) -> tuple[Any, ...]:
 def _column(part: ShardPart, column: Column, width: int) -> tuple[Any, ...]:
     """`_sorted` of a shard's `column` (`width` columns): run with num_returns=1 + width."""
     return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, width)))
+
+
+@ray.remote(num_cpus=1)
+def _total(part: ShardPart, sums) -> dict[str, np.ndarray]:
+    """`sums` (`dmafn.scoring.BaselineSums`) over a shard's ticks."""
+    return sums(part.raw)
 
 
 @ray.remote(num_cpus=1)
@@ -179,8 +187,21 @@ class ShardTicks:
     def count(self) -> int:
         return sum(m["ticks"] for m in self.metas)
 
+    @property
+    def state_owners(self) -> tuple[str, ...]:
+        return tuple(self.metas[0].get("state_owners", ()))
+
+    def total(self, sums) -> dict[str, np.ndarray]:
+        """`sums` added up over every shard's ticks: each shard's task sums its own, the driver adds them."""
+        out: dict[str, np.ndarray] = {}
+        for part in (raise_task_error(r) for r in [_total.remote(p, sums) for _, _, p in self.parts]):
+            for key, value in part.items():
+                out[key] = out[key] + value if key in out else value
+        return out
+
     def column(self, column: Column) -> list[ShardValues]:
-        width = 1 if column.kind == "latent" and self.latent_dims == 1 else self.metas[0]["columns"]
+        width = (1 if column.kind == "latent" and self.latent_dims == 1 else
+                 len(self.state_owners) if column.kind == "state" else self.metas[0]["columns"])
         refs = [_column.options(num_returns=1 + width).remote(part, column, width) for _, _, part in self.parts]
         return [ShardValues([r[0] for r in refs], j, [r[1 + j] for r in refs]) for j in range(width)]
 

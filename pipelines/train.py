@@ -250,7 +250,8 @@ def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
     return Calibration.fit_from(ShardTicks.score(spec, model, stats, shards), tuple(spec.modalities),
                                 detector=spec.model.detector, vote=spec.model.vote,
                                 scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
-                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities))
+                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
+                                state_baseline=spec.model.state_baseline)
 
 
 def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:

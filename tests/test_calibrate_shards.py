@@ -13,8 +13,9 @@ from dmafn.spec import SmoothingSpec, ThresholdSpec
 MODALITIES = ("a", "b", "c")
 
 
-def _fleet(latent_dims, seed=0, entities=6, ticks=700):
-    """Raw scores of a few entities over time, modalities missing at random, rows sorted by entity and time."""
+def _fleet(latent_dims, seed=0, entities=6, ticks=700, state=False):
+    """Raw scores of a few entities over time, modalities missing at random, rows sorted by entity and time;
+    with `state`, an operating state of two columns (of modalities b and c) that a's error grows with."""
     rng = np.random.default_rng(seed)
     n = entities * ticks
     groups = np.repeat([f"e{i}" for i in range(entities)], ticks)
@@ -24,7 +25,11 @@ def _fleet(latent_dims, seed=0, entities=6, ticks=700):
                       np.nan)
     errors[rng.random(n) < 0.01, 0] = 1e3                 # a heavy tail
     latent = None if latent_dims is None else rng.lognormal(size=n if latent_dims == 1 else (n, len(MODALITIES)))
-    return groups, time, RawScores(errors=errors, latent=latent, mask=mask)
+    if not state:
+        return groups, time, RawScores(errors=errors, latent=latent, mask=mask)
+    levels = np.where(mask[:, 1:], rng.normal(size=(n, 2)), np.nan)
+    errors[:, 0] *= np.exp(np.nan_to_num(levels[:, 0]))
+    return groups, time, RawScores(errors=errors, latent=latent, mask=mask, state=levels, state_owners=("b", "c"))
 
 
 def _shard_ticks(groups, time, raw, ray):
@@ -39,24 +44,30 @@ def _shard_ticks(groups, time, raw, ray):
             rows = np.flatnonzero((bucket == b) & (span == s))
             rows = rows[np.lexsort((time[rows], groups[rows]))]
             latent = None if raw.latent is None else raw.latent[rows]
-            part = ShardPart(groups[rows], RawScores(raw.errors[rows], latent, raw.mask[rows]))
+            state = None if raw.state is None else raw.state[rows]
+            part = ShardPart(groups[rows], RawScores(raw.errors[rows], latent, raw.mask[rows], state, raw.state_owners))
             parts.append((b, dt.date(2024, 1, 1 + s), ray.put(part)))
             metas.append({"ticks": len(rows), "columns": len(MODALITIES),
-                          "latent_dims": None if latent is None else latent.ndim})
+                          "latent_dims": None if latent is None else latent.ndim,
+                          "state_owners": raw.state_owners if state is not None else ()})
     return ShardTicks(parts, metas)
 
 
-@pytest.mark.parametrize("latent_dims,smoothing,threshold,scale", [
-    (1, SmoothingSpec(method="ewma", alpha=0.3), ThresholdSpec(method="pot", risk=1e-3), "tail"),
-    (2, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="quantile", quantile=0.99, per_entity=True), "robust"),
-    (None, SmoothingSpec(method="rolling", window=5), ThresholdSpec(method="pot", risk=1e-3, per_entity=True), "tail"),
+@pytest.mark.parametrize("latent_dims,smoothing,threshold,scale,state", [
+    (1, SmoothingSpec(method="ewma", alpha=0.3), ThresholdSpec(method="pot", risk=1e-3), "tail", False),
+    (2, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="quantile", quantile=0.99, per_entity=True), "robust",
+     False),
+    (None, SmoothingSpec(method="rolling", window=5), ThresholdSpec(method="pot", risk=1e-3, per_entity=True), "tail",
+     False),
+    (1, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="pot", risk=1e-3), "tail", True),
 ])
 def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray, monkeypatch, latent_dims, smoothing,
-                                                                         threshold, scale):
+                                                                         threshold, scale, state):
     import pipelines.calibrate as calibrate
 
-    groups, time, raw = _fleet(latent_dims)
-    fit = dict(detector="autoencoder", vote="attention", smoothing=smoothing, threshold=threshold, scale=scale)
+    groups, time, raw = _fleet(latent_dims, state=state)
+    fit = dict(detector="autoencoder", vote="attention", smoothing=smoothing, threshold=threshold, scale=scale,
+               state_baseline=state)
     whole = Calibration.fit(raw, MODALITIES, groups=groups, **fit).to_dict()
     monkeypatch.setattr(calibrate, "GATHER_MAX", 64)      # quantiles by rounds of counts, not one gather
     asked = []
@@ -64,19 +75,20 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
     monkeypatch.setattr(calibrate._ask, "remote", lambda *a: asked.append(a[1]) or answer(*a))
     shards = Calibration.fit_from(_shard_ticks(groups, time, raw, local_ray), MODALITIES, **fit).to_dict()
     assert {"count_le", "sample", "between"} <= set(asked)
-    if smoothing.method == "ewma":                        # the same numbers, bit for bit
+    if smoothing.method == "ewma" and not state:          # the same numbers, bit for bit
         assert shards == whole
-    else:                                                 # a rolling mean's sums start elsewhere: 1e-12
-        assert _close(shards, whole)
+    else:             # a rolling mean's sums start elsewhere, the baseline's normal equations are added per shard
+        assert _close(shards, whole, 1e-9 if state else 1e-12)
     assert whole["validation"]["validation_ticks"] == len(groups)
+    assert ("baseline" in whole) == state
 
 
-def _close(a, b) -> bool:
-    """Equal structures whose floats agree to 1e-12."""
+def _close(a, b, tol=1e-12) -> bool:
+    """Equal structures whose floats agree to `tol`."""
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
     if isinstance(a, float):
-        return a == pytest.approx(b, rel=1e-12, abs=1e-12)
+        return a == pytest.approx(b, rel=tol, abs=tol)
     return a == b

@@ -296,3 +296,53 @@ def test_smoothing_in_parts_with_a_carry_equals_smoothing_the_whole_series():
         if smoothing.method != "none":
             parted = calibration.smooth(values, np.char.add(groups, slot.astype(str)))   # without the carry
             assert not np.allclose(parted, whole, equal_nan=True)
+
+
+def _loaded(n: int, seed: int = 0) -> RawScores:
+    """Ticks whose modality a errs more at high load (a state column of b's), b's error independent of it;
+    a's own level is a state column too."""
+    rng = np.random.default_rng(seed)
+    load = rng.uniform(-1.5, 1.5, n)
+    log_err = np.stack([load + rng.normal(0, 0.2, n), rng.normal(0, 0.3, n)], 1)
+    state = np.stack([load, rng.normal(size=n)], 1)
+    return RawScores(errors=np.exp(log_err), latent=None, mask=np.ones((n, 2), bool), state=state,
+                     state_owners=("b", "a"))
+
+
+def test_a_state_baseline_scores_each_error_against_its_level_at_the_operating_state():
+    raw = _loaded(4000)
+    fit = dict(detector="autoencoder", vote="mean", threshold=ThresholdSpec("quantile", quantile=0.99))
+    cal = Calibration.fit(raw, MODALITIES, state_baseline=True, **fit)
+    plain = Calibration.fit(raw, MODALITIES, state_baseline=False, **fit)
+    assert "baseline" not in plain.normalisation
+    assert cal.normalisation["baseline"]["a"]["columns"] == [0]        # b's level, never a's own
+    assert cal.normalisation["baseline"]["b"]["columns"] == [1]
+    a = cal.record(raw).contributions[:, 0]
+    assert abs(np.corrcoef(a, raw.state[:, 0])[0, 1]) < 0.1             # no longer follows the load
+    assert np.corrcoef(plain.record(raw).contributions[:, 0], raw.state[:, 0])[0, 1] > 0.9
+    # a fault that lifts a's error by 0.8 at low load, against a normal tick at high load
+    probe = RawScores(errors=np.exp(np.array([[-1.2 + 0.8, 0.0], [1.2, 0.0]])), latent=None,
+                      mask=np.ones((2, 2), bool), state=np.array([[-1.2, 0.0], [1.2, 0.0]]), state_owners=("b", "a"))
+    fault, normal = cal.record(probe).contributions[:, 0]
+    assert fault > normal + 2
+    fault, normal = plain.record(probe).contributions[:, 0]
+    assert fault < normal                                               # what the plain scale gets wrong
+    again = Calibration.from_dict(cal.to_dict())
+    assert again == cal
+    np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
+
+
+def test_a_state_baseline_holds_the_state_in_its_range_reads_a_missing_one_as_typical_and_names_a_wrong_layout():
+    cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    far = RawScores(errors=np.ones((3, 2)), latent=None, mask=np.ones((3, 2), bool),
+                    state=np.array([[1.5, 0.0], [50.0, 0.0], [np.nan, np.nan]]), state_owners=("b", "a"))
+    c = cal.record(far).contributions[:, 0]
+    assert np.isfinite(c).all() and c[1] == pytest.approx(c[0], abs=0.05)   # 50 is read as the range's top
+    median = cal.normalisation["state"]["median"][0]
+    typical = cal.record(RawScores(np.ones((1, 2)), None, np.ones((1, 2), bool), np.array([[median, 0.0]]),
+                                   ("b", "a"))).contributions[0, 0]
+    assert c[2] == pytest.approx(typical)                               # b absent: its typical level
+    with pytest.raises(ValueError, match=r"\['b', 'a'\]"):
+        cal.record(RawScores(np.ones((1, 2)), None, np.ones((1, 2), bool)))
+    no_state = Calibration.fit(_raw(400), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    assert "baseline" not in no_state.normalisation                     # nothing to condition on: as before

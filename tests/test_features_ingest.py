@@ -1206,3 +1206,22 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     (record,) = caplog.records
     assert "1 file(s) not named *.parquet are not read (000000_0)" in record.getMessage()
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
+
+
+def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with_its_modality(tiny_spec):
+    from dataclasses import replace
+
+    aligned = aligned_rows(tiny_spec)
+    stats = StatisticsFitter(tiny_spec).add(aligned).result()
+    feats = featurize(aligned, tiny_spec, stats)
+    assert feats.state_owners == ("proc", "vib")                        # tabular and series levels, in spec order
+    proc, present = feats.state[:, 0], feats.mask[:, 0]
+    assert np.isnan(proc[~present]).all() and np.isfinite(proc[present]).all()
+    keys = np.asarray(aligned.column("machine_id").to_pylist())
+    for key in ("a", "b"):                                              # pumps 100 apart: each about its own mean
+        assert abs(proc[present & (keys == key)].mean()) < 1e-5
+    assert feats.rows(np.array([0, 1])).state.shape == (2, 2)
+    centered = replace(tiny_spec, modalities={**tiny_spec.modalities,
+                                              "vib": replace(tiny_spec.modalities["vib"], transform="centered")})
+    stats = StatisticsFitter(centered).add(aligned).result()
+    assert featurize(aligned, centered, stats).state_owners == ("proc",)   # a drift-free series has no level

@@ -760,6 +760,12 @@ def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_out
     model_relations = Registry(spec.registry, Storage()).load().manifest["statistics"]["relations"]["process_context"]
     assert model_relations["peers"] == ["vibration"] and model_relations["cross_channels"]
     assert "cross_channels" not in manifest["statistics"]["relations"]["process_context"]
+    # and each error is scaled without the others' operating state, which the fused model's calibration reads
+    fused_calibration = Registry(spec.registry, Storage()).load().manifest["calibration"]
+    assert {"vibration", "camera", "logs"} <= set(fused_calibration["baseline"])
+    owners = fused_calibration["state"]["owners"]           # the vibration's channels presented at their level
+    assert owners[:2] == ["process", "process"] and set(owners[2:]) <= {"vibration"}
+    assert "baseline" not in manifest["calibration"]
     rows = pl.read_delta(alone.score.output)
     assert rows["model_version"].unique().to_list() == [version] and rows["date"].unique().to_list() == [DAY3.isoformat()]
     assert (tmp_path / "scores_alone_runs").exists()
@@ -830,14 +836,29 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     latent = None if parts[0].raw.latent is None else np.concatenate([p.raw.latent for p in parts if len(p.groups)])
     raw = RawScores(errors=np.concatenate([p.raw.errors for p in parts if len(p.groups)])[order],
                     latent=None if latent is None else latent[order],
-                    mask=np.concatenate([p.raw.mask for p in parts if len(p.groups)])[order])
+                    mask=np.concatenate([p.raw.mask for p in parts if len(p.groups)])[order],
+                    state=np.concatenate([p.raw.state for p in parts if len(p.groups)])[order],
+                    state_owners=parts[0].raw.state_owners)
     gathered = Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
                                scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
-                               groups=keys[order]).to_dict()
-    assert on_workers == gathered
+                               groups=keys[order], state_baseline=spec.model.state_baseline).to_dict()
+    assert "baseline" in gathered
+    # the same but for the order the baseline's normal equations were added in (per shard, then together)
+    assert _close(on_workers, gathered)
     # training cut the day otherwise: other batch shapes round the model's float32 sums otherwise (~1e-6)
     assert on_workers["threshold"] == pytest.approx(mv.manifest["calibration"]["threshold"], rel=1e-3)
+
+
+def _close(a, b, tol=1e-9) -> bool:
+    """Equal structures whose floats agree to `tol`."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=tol, abs=tol)
+    return a == b
 
 
 def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left_reads_them(local_ray, tmp_path,
