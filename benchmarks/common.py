@@ -64,9 +64,13 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
 
 
 def subset(features: Features, modalities: tuple[str, ...]) -> Features:
+    """The features of some modalities, with the operating-state columns they own (a modality alone then has
+    none to scale its error by: its own levels never enter its baseline)."""
     idx = [features.modalities.index(m) for m in modalities]
     relations = None if features.relation_errors is None else features.relation_errors[:, idx]
-    return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations)
+    keep = [j for j, owner in enumerate(features.state_owners) if owner in modalities] if features.state is not None else []
+    return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations,
+                    features.state[:, keep] if keep else None, tuple(features.state_owners[j] for j in keep))
 
 
 def auc_by_kind(scores: np.ndarray, split: Split, smooth: float | None = 0.3) -> dict[str, dict[str, float]]:

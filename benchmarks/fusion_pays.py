@@ -119,6 +119,9 @@ def main() -> None:
         gone = rng.random(len(test.mask)) < 0.3
         for view in own:
             test.mask[gone, split.test.modalities.index(view)] = False
+        if test.state is not None:                             # its levels are gone from the operating state too
+            owned = np.isin(np.asarray(test.state_owners), own)
+            test.state = np.where(gone[:, None] & owned[None, :], np.nan, test.state)
         if test.relation_errors is not None and m in peers:    # a relation whose peer is gone: its within fit
             test.relation_errors = np.where(gone[:, None], split.test_within.relation_errors, test.relation_errors)
         drops[m] = full - auc_by_kind(det.decision_function(test), split)["overall"]["roc_auc"]

@@ -73,3 +73,10 @@ def test_the_synthetic_split_reads_the_generated_specs_context_views():
     for full, within in ((split.train, split.train_within), (split.test, split.test_within)):
         assert within.inputs is full.inputs and (within.mask == full.mask).all()
         assert not np.allclose(within.relation_errors[:, parent], full.relation_errors[:, parent])
+    # a subset keeps the operating state its modalities own: a modality alone has only its own levels (none of
+    # which its baseline reads), the whole fleet every column
+    from benchmarks.common import subset
+
+    assert subset(split.test, split.test.modalities).state_owners == split.test.state_owners
+    alone = subset(split.test, ("vibration",))
+    assert set(alone.state_owners) <= {"vibration"} and (alone.state is None) == (not alone.state_owners)
