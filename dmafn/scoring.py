@@ -123,8 +123,7 @@ class Column:
 
     def __call__(self, raw: RawScores) -> np.ndarray:
         if self.kind == "log_error":
-            log_err = np.log(np.maximum(raw.errors, 1e-12))
-            return log_err if self.calib is None else log_err - expected_log_error(raw, self.calib)
+            return baseline_residuals(raw, self.calib or {})
         if self.kind == "state":
             return raw.state if raw.state is not None else np.zeros((len(raw.mask), 0))
         if self.kind == "latent":
@@ -230,25 +229,63 @@ def _baseline_columns(owners: list[str], modality: str) -> list[int]:
 
 @dataclass(frozen=True)
 class BaselineSums:
-    """Per modality, the normal equations of its baseline regression over ticks (the log error on the state
-    basis, `calib['state']`), added up wherever the ticks are held: {m: (X'X, X'y, n) packed as one array}."""
+    """Per modality, over the ticks where the modality and every state column it reads are present, added up
+    wherever the ticks are held: the normal equations of its baseline regression (the log error on the state
+    basis, `calib['state']`) as {m: (X'X, X'y, n) packed as one array}; with `residuals`, the squared residuals
+    each of its fitted regressions (`calib['baseline']`: the full one, then its fallbacks) leaves,
+    {m: (sum of squares per regression)} - summed apart, so no difference of large sums sets a spread."""
 
     calib: dict[str, Any]
+    residuals: bool = False
 
     def __call__(self, raw: RawScores) -> dict[str, np.ndarray]:
         spec, out = self.calib["state"], {}
         log_err = np.log(np.maximum(raw.errors, 1e-12))
         for i, m in enumerate(self.calib["modalities"]):
             columns = _baseline_columns(spec["owners"], m)
+            fitted = self.calib["baseline"].get(m) if self.residuals else None
+            if self.residuals and fitted is None:
+                continue
             d = 4 * len(columns) + 1
             rows = np.isfinite(log_err[:, i]) & raw.mask[:, i]
+            if raw.state is not None and columns:
+                rows &= np.isfinite(raw.state[:, columns]).all(1)
             if raw.state is None or not columns or not rows.any():
-                out[m] = np.zeros(d * d + d + 1)
+                out[m] = np.zeros(1 + len(fitted["fallbacks"]) if fitted else d * d + d + 1)
                 continue
             x = _state_basis(raw.state[rows], spec, columns)
             y = log_err[rows, i]
-            out[m] = np.concatenate([(x.T @ x).ravel(), x.T @ y, [len(y)]])
+            if fitted is None:
+                out[m] = np.concatenate([(x.T @ x).ravel(), x.T @ y, [len(y)]])
+                continue
+            out[m] = np.array([np.sum((y - x[:, _basis_index(len(columns), kept)] @ np.asarray(model["weights"])) ** 2)
+                               for kept, model in _models(fitted, spec["owners"])])
         return out
+
+
+def _basis_index(k: int, kept: list[int]) -> np.ndarray:
+    """The places in `_state_basis` of k columns that belong to the kept ones (by position), and the constant."""
+    return np.array([*kept, *(k + 3 * i + t for i in kept for t in range(3)), 4 * k], np.int64)
+
+
+def _kept(columns: list[int], owners: list[str], dropped: str) -> list[int]:
+    """The positions among a baseline's `columns` that a fallback without `dropped`'s levels keeps ('*': none)."""
+    return [] if dropped == "*" else [p for p, j in enumerate(columns) if owners[j] != dropped]
+
+
+def _models(fitted: dict[str, Any], owners: list[str]) -> list[tuple[list[int], dict[str, Any]]]:
+    """A baseline's regressions: (kept column positions, the regression), the full one first, then its fallbacks."""
+    columns = fitted["columns"]
+    return [(list(range(len(columns))), fitted),
+            *((_kept(columns, owners, o), model) for o, model in fitted["fallbacks"].items())]
+
+
+def _ridge_weights(xtx: np.ndarray, xty: np.ndarray) -> list[float]:
+    """Ridge weights on a basis whose last column is the constant (not shrunk)."""
+    d = len(xty)
+    ridge = BASELINE_RIDGE * np.trace(xtx) / d * np.eye(d)
+    ridge[-1, -1] = 0.0
+    return np.linalg.solve(xtx + ridge, xty).tolist()
 
 
 def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]:
@@ -257,8 +294,11 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     piecewise-linear basis of each state column. A reconstruction error often grows with load (a vibration
     window's error with its amplitude), so normal ticks at high load outrank faults at low load; scored
     against its baseline, each modality's error says how unusual it is where the machine is operating.
+    A tick where a modality the state reads is absent is scored by the regression without that modality's
+    columns (`fallbacks`, fitted on the same ticks; two or more absent: the mean alone), its residual put on the
+    full regression's spread, so the contributions keep the false-alarm rate they were calibrated for.
     {} without a state (or none to read), else `state` (its columns' owners, ranges, medians and knots) and
-    `baseline` (per modality: its columns, weights on their basis, the validation ticks it was fitted on)."""
+    `baseline` (per modality: its columns, weights on their basis, residual std, fallbacks, ticks fitted on)."""
     owners = list(ticks.state_owners)
     if not owners:
         return {}
@@ -270,38 +310,67 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     baseline = {}
     for m in modalities:
         columns = _baseline_columns(owners, m)
-        d = 4 * len(columns) + 1
+        k = len(columns)
+        d = 4 * k + 1
         packed = totals[m]
         n = int(packed[-1])
         if not columns or n < 10 * d:
             continue
         xtx, xty = packed[:d * d].reshape(d, d), packed[d * d:d * d + d]
-        ridge = BASELINE_RIDGE * np.trace(xtx) / d * np.eye(d)
-        ridge[-1, -1] = 0.0                                                       # the constant is not shrunk
-        weights = np.linalg.solve(xtx + ridge, xty)
-        baseline[m] = {"columns": columns, "weights": weights.tolist(), "ticks": n}
-    return {"state": state, "baseline": baseline} if baseline else {}
+        weights = {o: _ridge_weights(xtx[np.ix_(idx, idx)], xty[idx]) for o in
+                   [None, *dict.fromkeys(owners[j] for j in columns), "*"]
+                   for idx in [_basis_index(k, list(range(k)) if o is None else _kept(columns, owners, o))]}
+        baseline[m] = {"columns": columns, "weights": weights.pop(None),
+                       "fallbacks": {o: {"weights": w} for o, w in weights.items()}, "ticks": n}
+    if not baseline:
+        return {}
+    calib = {"modalities": list(modalities), "state": state, "baseline": baseline}
+    for m, squares in ticks.total(BaselineSums(calib, residuals=True)).items():
+        fitted = baseline[m]
+        for (_, model), total in zip(_models(fitted, owners), squares):
+            model["residual_std"] = float(np.sqrt(total / fitted["ticks"])) or 1e-9
+    return {"state": state, "baseline": baseline}
 
 
-def expected_log_error(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
-    """(N, M) each modality's expected log error at the ticks' operating state (`fit_baseline`); 0 where a
-    modality has no baseline. A version fitted on another layout of the state (its owners) is refused."""
-    out = np.zeros(raw.errors.shape)
+def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
+    """(N, M) each modality's log error less its expected level at the ticks' operating state (`fit_baseline`),
+    on the full regression's spread; the log error itself where a modality has no baseline. A version fitted on
+    another layout of the state (its owners) is refused."""
+    log_err = np.log(np.maximum(raw.errors, 1e-12))
     if not calib.get("baseline"):
-        return out
+        return log_err
     spec = calib["state"]
     if raw.state is None or list(raw.state_owners) != list(spec["owners"]):
         raise ValueError(f"the calibration expects an operating state of {spec['owners']} and the ticks carry "
                          f"{list(raw.state_owners)}: score with the spec the model version was trained with")
+    owners = np.asarray(spec["owners"])
+    out = log_err.copy()
     for i, m in enumerate(calib["modalities"]):
         fitted = calib["baseline"].get(m)
-        if fitted is not None:
-            out[:, i] = _state_basis(raw.state, spec, fitted["columns"]) @ np.asarray(fitted["weights"])
+        if fitted is None:
+            continue
+        columns = fitted["columns"]
+        basis = _state_basis(raw.state, spec, columns)
+        pred = basis @ np.asarray(fitted["weights"])
+        spread = np.ones(len(pred))
+        fallbacks = fitted.get("fallbacks", {})
+        absent = ~np.isfinite(raw.state[:, columns])                            # (N, k)
+        gone = {o: absent[:, owners[columns] == o].any(1) for o in fallbacks if o != "*"}
+        count = sum(gone.values(), np.zeros(len(pred), int))
+        k = len(columns)
+        for o, rows in [*gone.items(), ("*", count > 1)]:
+            rows = rows & (count == 1) if o != "*" else rows
+            if not rows.any():
+                continue
+            sub = fallbacks[o]
+            pred[rows] = basis[np.ix_(rows, _basis_index(k, _kept(columns, list(owners), o)))] @ np.asarray(sub["weights"])
+            spread[rows] = fitted["residual_std"] / sub["residual_std"]
+        out[:, i] = (log_err[:, i] - pred) * spread
     return out
 
 
 def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
-    log_err = np.log(np.maximum(raw.errors, 1e-12)) - expected_log_error(raw, calib)
+    log_err = baseline_residuals(raw, calib)
     cols = []
     for i, m in enumerate(calib["modalities"]):
         c = calib["contribution"][m]

@@ -332,17 +332,28 @@ def test_a_state_baseline_scores_each_error_against_its_level_at_the_operating_s
     np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
 
 
-def test_a_state_baseline_holds_the_state_in_its_range_reads_a_missing_one_as_typical_and_names_a_wrong_layout():
+def test_a_state_baseline_holds_the_state_in_its_range_and_names_a_wrong_layout():
     cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
-    far = RawScores(errors=np.ones((3, 2)), latent=None, mask=np.ones((3, 2), bool),
-                    state=np.array([[1.5, 0.0], [50.0, 0.0], [np.nan, np.nan]]), state_owners=("b", "a"))
+    far = RawScores(errors=np.ones((2, 2)), latent=None, mask=np.ones((2, 2), bool),
+                    state=np.array([[1.5, 0.0], [50.0, 0.0]]), state_owners=("b", "a"))
     c = cal.record(far).contributions[:, 0]
     assert np.isfinite(c).all() and c[1] == pytest.approx(c[0], abs=0.05)   # 50 is read as the range's top
-    median = cal.normalisation["state"]["median"][0]
-    typical = cal.record(RawScores(np.ones((1, 2)), None, np.ones((1, 2), bool), np.array([[median, 0.0]]),
-                                   ("b", "a"))).contributions[0, 0]
-    assert c[2] == pytest.approx(typical)                               # b absent: its typical level
     with pytest.raises(ValueError, match=r"\['b', 'a'\]"):
         cal.record(RawScores(np.ones((1, 2)), None, np.ones((1, 2), bool)))
     no_state = Calibration.fit(_raw(400), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
     assert "baseline" not in no_state.normalisation                     # nothing to condition on: as before
+
+
+def test_with_a_state_modality_absent_the_baseline_falls_back_and_keeps_its_false_alarm_rate():
+    """b absent: a's error is scored by the regression without b's levels (here its mean), its residual put on
+    the full regression's spread - not against b's typical level, which would call every high-load tick rare."""
+    cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    assert set(cal.normalisation["baseline"]["a"]["fallbacks"]) == {"b", "*"}
+    new = _loaded(4000, seed=1)
+    with_b = cal.record(new).contributions[:, 0]
+    new.state = new.state.copy()
+    new.state[:, 0] = np.nan
+    without_b = cal.record(new).contributions[:, 0]
+    assert np.isfinite(without_b).all()
+    assert np.quantile(without_b, 0.99) == pytest.approx(np.quantile(with_b, 0.99), rel=0.2)
+    assert np.mean(without_b > np.quantile(with_b, 0.99)) < 0.03
