@@ -68,7 +68,7 @@ def subset(features: Features, modalities: tuple[str, ...]) -> Features:
     none to scale its error by: its own levels never enter its baseline)."""
     idx = [features.modalities.index(m) for m in modalities]
     relations = None if features.relation_errors is None else features.relation_errors[:, idx]
-    keep = [j for j, owner in enumerate(features.state_owners) if owner in modalities] if features.state is not None else []
+    keep = [] if features.state is None else [j for j, owner in enumerate(features.state_owners) if owner in modalities]
     return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations,
                     features.state[:, keep] if keep else None, tuple(features.state_owners[j] for j in keep))
 

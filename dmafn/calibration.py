@@ -64,8 +64,8 @@ class Calibration:
         """`fit` on validation ticks wherever they are held: `ticks` gives the finite values of their columns,
         their fused scores smoothed per group under a calibration, and each group's robust scale of them
         (`InMemoryTicks`; `pipelines.calibrate.ShardTicks` keeps them on the workers)."""
-        calibration = cls(tuple(modalities), fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale,
-                                                               state_baseline), smoothing, threshold_method=threshold.method)
+        normalisation = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale, state_baseline)
+        calibration = cls(tuple(modalities), normalisation, smoothing, threshold_method=threshold.method)
         smoothed = ticks.scores(calibration)
         if threshold.per_entity:
             calibration = replace(calibration, entity_scale={**ticks.group_scales(calibration),

@@ -178,7 +178,7 @@ def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: st
     if state_baseline:
         calib.update(fit_baseline(ticks, tuple(modalities)))
     calib["contribution"] = {m: robust_scale(v) for m, v in
-                             zip(modalities, ticks.column(Column("log_error", calib if "baseline" in calib else None)))}
+                             zip(modalities, ticks.column(Column("log_error", calib)))}
     if ticks.latent_dims is not None:
         latent = [robust_scale(v) for v in ticks.column(Column("latent"))]
         calib["latent"] = dict(zip(modalities, latent)) if ticks.latent_dims == 2 else latent[0]
@@ -362,9 +362,9 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
             rows = rows & (count == 1) if o != "*" else rows
             if not rows.any():
                 continue
-            sub = fallbacks[o]
-            pred[rows] = basis[np.ix_(rows, _basis_index(k, _kept(columns, list(owners), o)))] @ np.asarray(sub["weights"])
-            spread[rows] = fitted["residual_std"] / sub["residual_std"]
+            kept = _basis_index(k, _kept(columns, list(owners), o))
+            pred[rows] = basis[np.ix_(rows, kept)] @ np.asarray(fallbacks[o]["weights"])
+            spread[rows] = fitted["residual_std"] / fallbacks[o]["residual_std"]
         out[:, i] = (log_err[:, i] - pred) * spread
     return out
 

@@ -61,7 +61,8 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tupl
                     mask=np.concatenate([r.mask for r in raws])[rows], latent=latent, state=state,
                     state_owners=raws[0].state_owners)
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
-    return {"ticks": len(rows), "columns": raw.errors.shape[1], "latent_dims": None if latent is None else latent.ndim,
+    return {"ticks": len(rows), "columns": raw.errors.shape[1],
+            "latent_dims": None if latent is None else latent.ndim,
             "state_owners": raw.state_owners if state is not None else ()}, part
 
 

@@ -9,6 +9,7 @@ import pytest
 from dmafn.calibration import Calibration
 from dmafn.scoring import RawScores
 from dmafn.spec import SmoothingSpec, ThresholdSpec
+from tests.approx import close
 
 MODALITIES = ("a", "b", "c")
 
@@ -78,17 +79,6 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
     if smoothing.method == "ewma" and not state:          # the same numbers, bit for bit
         assert shards == whole
     else:             # a rolling mean's sums start elsewhere, the baseline's normal equations are added per shard
-        assert _close(shards, whole, 1e-9 if state else 1e-12)
+        assert close(shards, whole, 1e-9 if state else 1e-12)
     assert whole["validation"]["validation_ticks"] == len(groups)
     assert ("baseline" in whole) == state
-
-
-def _close(a, b, tol=1e-12) -> bool:
-    """Equal structures whose floats agree to `tol`."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == pytest.approx(b, rel=tol, abs=tol)
-    return a == b

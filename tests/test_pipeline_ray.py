@@ -815,6 +815,7 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.storage import Storage
     from pipelines.train import _calibrate, split_dates
+    from tests.approx import close
 
     spec, version, _ = trained
     mv = Registry(spec.registry, Storage()).load(version)
@@ -845,20 +846,9 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
                                groups=keys[order], state_baseline=spec.model.state_baseline).to_dict()
     assert "baseline" in gathered
     # the same but for the order the baseline's normal equations were added in (per shard, then together)
-    assert _close(on_workers, gathered)
+    assert close(on_workers, gathered, 1e-9)
     # training cut the day otherwise: other batch shapes round the model's float32 sums otherwise (~1e-6)
     assert on_workers["threshold"] == pytest.approx(mv.manifest["calibration"]["threshold"], rel=1e-3)
-
-
-def _close(a, b, tol=1e-9) -> bool:
-    """Equal structures whose floats agree to `tol`."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == pytest.approx(b, rel=tol, abs=tol)
-    return a == b
 
 
 def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left_reads_them(local_ray, tmp_path,
