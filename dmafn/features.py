@@ -10,7 +10,7 @@ import io
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -335,6 +335,36 @@ def fit_relation(reg: _Regression) -> dict[str, Any] | None:
     return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
             "entity_intercepts": {key: float((e.sy - weights @ e.sx) / e.n) for key, e in fits.items()},
             "residual_std": max(residual, 1e-9), "spread": spread}
+
+
+def entity_statistics(stats: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, Any]:
+    """`stats` with each per-entity part - normalisation moments, relation intercepts and ranges - only for the
+    entity keys `keep` accepts: what a task that scores some of the entities needs (the fleet's parts stay whole;
+    an entity left out would score by them, as one not seen in training). The rest is shared, not copied."""
+    def only(per_entity: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in per_entity.items() if keep(key)}
+
+    def channel(fitted: dict[str, Any] | None) -> dict[str, Any] | None:
+        if fitted is None:
+            return None
+        out = {**fitted, "entity_intercepts": only(fitted["entity_intercepts"])}
+        if "entity_ranges" in fitted:                       # versions saved before the relation-level ranges
+            out["entity_ranges"] = only(fitted["entity_ranges"])
+        return out
+
+    modalities = {name: {**entry, "entity": only(entry["entity"])} if "entity" in entry else entry
+                  for name, entry in stats["modalities"].items()}
+    relations = {}
+    for ctx, fitted in stats.get("relations", {}).items():
+        fitted = dict(fitted)
+        for key in ("channels", "cross_channels"):
+            if fitted.get(key) is not None:
+                fitted[key] = [channel(ch) for ch in fitted[key]]
+        for key in ("ranges", "cross_ranges"):
+            if fitted.get(key):
+                fitted[key] = {**fitted[key], "entities": only(fitted[key]["entities"])}
+        relations[ctx] = fitted
+    return {**stats, "modalities": modalities, **({"relations": relations} if "relations" in stats else {})}
 
 
 def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:

@@ -258,15 +258,16 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         decoded=decoded)
 
 
-def require_columns(spec: Spec, storage: Storage, files) -> None:
+def require_columns(spec: Spec, storage: Storage, files) -> dict[str, pa.Schema]:
     """Check the schema of each modality's first file on the driver (fail fast before any task starts); every
-    file is checked again where it is read."""
-    seen = set()
+    file is checked again where it is read. Returns those schemas by modality."""
+    seen: dict[str, pa.Schema] = {}
     for f in files:
         if f.modality in seen:
             continue
-        seen.add(f.modality)
         m = spec.modalities[f.modality]
         with open_parquet(storage.filesystem(m.path), f.path) as parquet:
             check_schema(parquet.schema_arrow, spec, m, f.path)
+            seen[f.modality] = parquet.schema_arrow
+    return seen
 

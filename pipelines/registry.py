@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,11 @@ class ModelVersion:
     @property
     def stats(self) -> dict[str, Any]:
         return self.manifest["statistics"]
+
+    def with_statistics(self, stats: dict[str, Any]) -> "ModelVersion":
+        """The same version carrying `stats` as its statistics (e.g. only some entities' parts, or none: {} for a
+        copy whose statistics travel apart)."""
+        return replace(self, manifest={**self.manifest, "statistics": stats})
 
     @cached_property
     def model(self) -> "DMAFN":

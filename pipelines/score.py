@@ -11,11 +11,12 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
 
+from dmafn.features import entity_statistics
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, write_partition
@@ -23,7 +24,8 @@ from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
-from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
+from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, bucket_of, list_inputs,
+                             plan_shards)
 from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
 
@@ -42,10 +44,12 @@ class DateResult:
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
-def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, scored_at: dt.datetime,
+def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, run_id: str, scored_at: dt.datetime,
                       pin: bool = True, *splits: SplitFile) -> Iterator[tuple[int, int] | ShardScores]:
     """Streams (ticks done, ticks total) at most once a second while it scores, then the shard's `ShardScores`.
-    `splits`: its files split by entity bucket (`pipelines.staging`), read in their place."""
+    `mv`: the model version without its statistics, `stats` those of the shard's entity bucket
+    (`bucket_statistics`); `splits`: its files split by entity bucket (`pipelines.staging`), read in their place."""
+    mv = mv.with_statistics(stats)
     import torch
 
     from pipelines.score_steps import score_shard_steps   # torch and the model code: in the worker, never the driver
@@ -61,6 +65,36 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, run_id: str, s
                 yield step
             elif throttle():
                 yield step
+
+
+class BucketStatistics:
+    """A model version's statistics in the object store, one copy per entity bucket holding only that bucket's
+    entities' parts (`dmafn.features.entity_statistics`): with a fleet of 100,000 machines the per-entity parts
+    are most of the statistics, and each task would otherwise receive them all. Only where an entity key's text
+    is the same whichever way it is written (string and integer key columns; `bucket_of` reads the key as Polars
+    writes it, the statistics are keyed as Python writes it); else every bucket gets the whole statistics."""
+
+    def __init__(self, stats: dict[str, Any], keys_sliceable: bool) -> None:
+        self.stats, self.sliceable = stats, keys_sliceable
+        self._refs: dict[tuple[int, int], ray.ObjectRef] = {}
+
+    def ref(self, shard: Shard) -> ray.ObjectRef:
+        """The statistics a shard's task needs, put in the object store once per bucket."""
+        key = (shard.bucket, shard.buckets) if self.sliceable and shard.buckets > 1 else (0, 1)
+        if key not in self._refs:
+            bucket, buckets = key
+            self._refs[key] = ray.put(self.stats if buckets == 1 else
+                                      entity_statistics(self.stats, lambda k: bucket_of(k, buckets) == bucket))
+        return self._refs[key]
+
+
+def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
+    """Whether every modality's entity key columns are strings or integers (`BucketStatistics`)."""
+    def plain(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+    return bool(schemas) and all(plain(schema.field(k).type) for schema in schemas.values() for k in spec.entity
+                                 if schema.get_field_index(k) >= 0)
 
 
 def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
@@ -98,13 +132,15 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     model_spec = reading_spec(mv, spec)
     dates = sorted(set(dates))
     files = list_inputs(model_spec, dates, storage)
-    require_columns(model_spec, storage, files)
+    schemas = require_columns(model_spec, storage, files)
     parallel = parallel or max(1, int(Resources.current().cpus))
     shards = plan_shards(model_spec, dates, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard,
                          min_shards=2 * parallel)
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
-    mv_ref, scored_at = ray.put(mv), dt.datetime.now(dt.timezone.utc)
+    # the version without its statistics once; the statistics once per entity bucket, its entities' parts only
+    mv_ref, scored_at = ray.put(mv.with_statistics({})), dt.datetime.now(dt.timezone.utc)
+    stats = BucketStatistics(mv.stats, keys_sliceable(model_spec, schemas))
     staging = Staging(model_spec, storage, shards, dates, run_id)    # files that mix entities: split once
     pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")
@@ -149,7 +185,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 if not shard.dates:
                     staging.release(shard)
                     continue
-            running[_score_shard_task.remote(shard, model_spec, mv_ref, run_id, scored_at, pin,
+            running[_score_shard_task.remote(shard, model_spec, mv_ref, stats.ref(shard), run_id, scored_at, pin,
                                              *staging.splits(shard))] = shard
 
     def release(stream) -> Shard:

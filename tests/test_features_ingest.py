@@ -1225,3 +1225,52 @@ def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with
                                               "vib": replace(tiny_spec.modalities["vib"], transform="centered")})
     stats = StatisticsFitter(centered).add(aligned).result()
     assert featurize(aligned, centered, stats).state_owners == ("proc",)   # a drift-free series has no level
+
+
+def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do():
+    """A scoring task gets only its entity bucket's per-entity statistics (`entity_statistics`): normalisation
+    moments, relation intercepts and ranges of the others are left out, the fleet's parts kept, and the bucket's
+    entities featurize exactly as with the whole statistics. Only string and integer keys are cut (a key's text
+    must be the same as Polars and Python write it)."""
+    from dataclasses import replace
+
+    from dmafn.features import entity_statistics
+    from dmafn.spec import parse_spec
+    from pipelines.score import keys_sliceable
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    spec = replace(spec, model=replace(spec.model, normalization="entity"))
+    rng = np.random.default_rng(5)
+
+    def rows(key, n, offset):
+        table = _cross_rows(spec, n, rng)
+        for name in ("proc__temp", "proc__pres"):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array(np.asarray(table.column(name)) + offset))
+        return table.set_column(0, "machine_id", pa.array([key] * n))
+
+    train = pa.concat_tables([rows(k, 300, o) for k, o in (("a", 0.0), ("b", 5.0), ("c", -3.0))])
+    whole = StatisticsFitter(spec).add(train).result()
+    cut = entity_statistics(whole, lambda key: key in ("a", "c"))
+    assert set(cut["modalities"]["proc"]["entity"]) == {"a", "c"}
+    assert cut["modalities"]["proc"]["global"] == whole["modalities"]["proc"]["global"]
+    relation = cut["relations"]["proc_context"]
+    for key in ("channels", "cross_channels"):
+        assert all(set(ch["entity_intercepts"]) == {"a", "c"} for ch in relation[key] if ch is not None)
+    for key in ("ranges", "cross_ranges"):
+        assert set(relation[key]["entities"]) == {"a", "c"}
+        assert relation[key]["fleet"] == whole["relations"]["proc_context"][key]["fleet"]
+    assert set(whole["modalities"]["proc"]["entity"]) == {"a", "b", "c"}       # the whole is left as it was
+    new = pa.concat_tables([rows("c", 50, -3.0), rows("a", 50, 0.0)])
+    full, part = featurize(new, spec, whole), featurize(new, spec, cut)
+    for m in spec.modalities:
+        np.testing.assert_array_equal(full.inputs[m], part.inputs[m])
+    np.testing.assert_array_equal(full.relation_errors, part.relation_errors)
+    np.testing.assert_array_equal(full.state, part.state)
+    assert keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.string())]),
+                                 "vib": pa.schema([("machine_id", pa.int64())])})
+    assert not keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.bool_())])})
