@@ -173,8 +173,8 @@ class ShardTicks:
     @classmethod
     def score(cls, spec: Spec, model, stats: dict[str, Any], shards: list[Shard]) -> "ShardTicks":
         """Score the validation shards in Ray tasks; their raw scores stay in the object store."""
-        model_ref = ray.put(model)
-        launched = [(s, *_score_shard.remote(s, spec, stats, model_ref)) for s in shards]
+        model_ref, stats_ref = ray.put(model), ray.put(stats)          # once, not a copy per shard's task
+        launched = [(s, *_score_shard.remote(s, spec, stats_ref, model_ref)) for s in shards]
         metas = [raise_task_error(meta) for _, meta, _ in launched]
         parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
         if not parts:
