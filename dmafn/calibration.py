@@ -156,6 +156,35 @@ class Calibration:
             raise ValueError("calibration has no threshold (fit it first)")
         return np.nan_to_num(np.asarray(smoothed_score, float), nan=-np.inf) > self.threshold
 
+    def baseline_lines(self) -> list[str]:
+        """One line per voting modality that the operating state could condition (`state_baseline`): the other
+        modalities its baseline reads, the spread of its log error left against it and without it (the mean
+        alone), the share that explains, and the validation ticks; or why it has none (fewer than 10 validation
+        ticks per basis weight). `dmafn train` logs them."""
+        state = self.normalisation.get("state")
+        if not state:
+            return []
+        lines, voting = [], self.normalisation.get("voting", self.modalities)
+        for m in [m for m in self.modalities if m in voting]:         # a context view that does not vote: silent
+            columns = [j for j, owner in enumerate(state["owners"]) if owner != m]
+            if not columns:
+                continue
+            fitted = self.normalisation.get("baseline", {}).get(m)
+            if fitted is None:
+                lines.append(f"modality '{m}': no state baseline (fewer than {10 * (4 * len(columns) + 1)} "
+                             "validation ticks with it and its operating state present)")
+                continue
+            readers = ", ".join(sorted({state["owners"][j] for j in columns}))
+            alone = fitted.get("fallbacks", {}).get("*", {}).get("residual_std")
+            spread = fitted.get("residual_std")
+            left = "" if not alone or spread is None else (
+                f"residual std {spread:.3f} against {alone:.3f} with the mean alone "
+                f"({1 - (spread / alone) ** 2:.0%} of its variance explained), ")
+            width = f"{len(columns)} column{'s' * (len(columns) > 1)}"
+            lines.append(f"modality '{m}': log error against its level at the operating state ({readers}, {width}): "
+                         f"{left}{fitted['ticks']:,} validation ticks")
+        return lines
+
     def tail_warnings(self) -> list[str]:
         """One line per modality whose `tail` scale was fitted on fewer than TAIL_MIN_VALUES validation ticks
         (its 99 % quantile is then a handful of ticks); `dmafn train` logs them, `Detector.fit` warns."""

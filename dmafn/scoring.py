@@ -297,8 +297,8 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     A tick where a modality the state reads is absent is scored by the regression without that modality's
     columns (`fallbacks`, fitted on the same ticks; two or more absent: the mean alone), its residual put on the
     full regression's spread, so the contributions keep the false-alarm rate they were calibrated for.
-    {} without a state (or none to read), else `state` (its columns' owners, ranges, medians and knots) and
-    `baseline` (per modality: its columns, weights on their basis, residual std, fallbacks, ticks fitted on)."""
+    {} without a state, else `state` (its columns' owners, ranges, medians and knots) and `baseline` (per
+    modality fitted: its columns, weights on their basis, residual std, fallbacks, ticks fitted on)."""
     owners = list(ticks.state_owners)
     if not owners:
         return {}
@@ -322,8 +322,8 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
                    for idx in [_basis_index(k, list(range(k)) if o is None else _kept(columns, owners, o))]}
         baseline[m] = {"columns": columns, "weights": weights.pop(None),
                        "fallbacks": {o: {"weights": w} for o, w in weights.items()}, "ticks": n}
-    if not baseline:
-        return {}
+    if not baseline:                    # too few ticks for any: the state alone says what was looked at
+        return {"state": state, "baseline": {}}
     calib = {"modalities": list(modalities), "state": state, "baseline": baseline}
     for m, squares in ticks.total(BaselineSums(calib, residuals=True)).items():
         fitted = baseline[m]

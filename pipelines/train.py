@@ -311,6 +311,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])
         calibration = _calibrate(spec, model, stats, val_shards)
+        for line in calibration.baseline_lines():
+            log.info("%s", line)
         for line in calibration.tail_warnings():
             log.warning("%s", line)
         manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),

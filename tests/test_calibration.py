@@ -357,3 +357,21 @@ def test_with_a_state_modality_absent_the_baseline_falls_back_and_keeps_its_fals
     assert np.isfinite(without_b).all()
     assert np.quantile(without_b, 0.99) == pytest.approx(np.quantile(with_b, 0.99), rel=0.2)
     assert np.mean(without_b > np.quantile(with_b, 0.99)) < 0.03
+
+
+def test_train_logs_what_the_operating_state_explains_of_each_modalitys_error_or_why_it_has_no_baseline():
+    lines = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean").baseline_lines()
+    assert lines[0].startswith("modality 'a': log error against its level at the operating state (b, 1 column): "
+                               "residual std 0.2")                  # a's error: load (b's level) + noise 0.2
+    assert "of its variance explained), 4,000 validation ticks" in lines[0]
+    share = int(lines[0].split("(")[2].split("%")[0])
+    assert share > 90 and int(lines[1].split("(")[2].split("%")[0]) < 5   # b's error has nothing to do with a's
+    few = Calibration.fit(_loaded(40), MODALITIES, detector="autoencoder", vote="mean")
+    assert few.normalisation["baseline"] == {} and few.baseline_lines()[0] == (
+        "modality 'a': no state baseline (fewer than 50 validation ticks with it and its operating state present)")
+    np.testing.assert_array_equal(few.record(_loaded(40)).contributions,        # and scores as without one
+                                  Calibration.fit(_loaded(40), MODALITIES, detector="autoencoder", vote="mean",
+                                                  state_baseline=False).record(_loaded(40)).contributions)
+    assert Calibration.fit(_raw(400), MODALITIES, detector="autoencoder", vote="mean").baseline_lines() == []
+    non_voting = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", voting=("a",))
+    assert [line.split(":")[0] for line in non_voting.baseline_lines()] == ["modality 'a'"]
