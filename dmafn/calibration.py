@@ -20,8 +20,8 @@ import numpy as np
 
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.scoring import (TAIL_MIN_VALUES, RawScores, RawTicks, ScoreRecord, fit_normalisation, robust_scale,
-                           to_record)
+from dmafn.scoring import (TAIL_MIN_VALUES, RawScores, RawTicks, ScoreRecord, baseline_columns, baseline_min_ticks,
+                           fit_normalisation, robust_scale, to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
 
@@ -166,12 +166,12 @@ class Calibration:
             return []
         lines, voting = [], self.normalisation.get("voting", self.modalities)
         for m in [m for m in self.modalities if m in voting]:         # a context view that does not vote: silent
-            columns = [j for j, owner in enumerate(state["owners"]) if owner != m]
+            columns = baseline_columns(state["owners"], m)
             if not columns:
                 continue
             fitted = self.normalisation.get("baseline", {}).get(m)
             if fitted is None:
-                lines.append(f"modality '{m}': no state baseline (fewer than {10 * (4 * len(columns) + 1)} "
+                lines.append(f"modality '{m}': no state baseline (fewer than {baseline_min_ticks(len(columns))} "
                              "validation ticks with it and its operating state present)")
                 continue
             readers = ", ".join(sorted({state["owners"][j] for j in columns}))

@@ -172,25 +172,32 @@ def _design_of(quantities: np.ndarray, channels: int, target: int, peers: int) -
     return design_index(channels, (quantities.shape[1] - peers) // channels - 1, target, peers)
 
 
+def level_modalities(spec: Spec) -> list[str]:
+    """The modalities whose channels have a level to read at a tick (`level_values`): every tabular or timeseries
+    modality that is not a context view, in spec order."""
+    return [name for name, m in spec.modalities.items() if m.kind in ("tabular", "timeseries") and not m.context_of]
+
+
+def level_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
+    """A modality's level per channel at each tick (N, C) float64 from its `raw_values` as they are: a tabular row
+    as it is, a series window's mean (the latest step alone is one noisy sample of a fast signal)."""
+    return level.astype(np.float64) if m.kind == "tabular" else level.mean(1, dtype=np.float64)
+
+
 def relation_peers(spec: Spec, parent: str) -> list[str]:
     """The modalities whose current values a cross-modal relation of `parent`'s channels also reads: every other
-    tabular or timeseries modality that is not a context view (in spec order); none with `model.cross_modal_relations`
-    false."""
+    of the `level_modalities`; none with `model.cross_modal_relations` false."""
     if not spec.model.cross_modal_relations:
         return []
-    return [name for name, m in spec.modalities.items()
-            if name != parent and m.kind in ("tabular", "timeseries") and not m.context_of]
+    return [name for name in level_modalities(spec) if name != parent]
 
 
 def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
                 peers: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The peers' current values side by side (N, K): a tabular row as it is, a series window's mean per channel
-    (its level over the window: the latest step alone is one noisy sample of a fast signal); and where every peer
-    is present (N,)."""
+    """The peers' current values side by side (N, K): their `level_values`; and where every peer is present (N,)."""
     cols, present = [], None
     for name in peers:
-        m, level = spec.modalities[name], levels[name]
-        cols.append(level.astype(np.float64) if m.kind == "tabular" else level.mean(1, dtype=np.float64))
+        cols.append(level_values(levels[name], spec.modalities[name]))
         present = presence[name] if present is None else present & presence[name]
     return np.concatenate(cols, 1), present
 
@@ -929,35 +936,33 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
                                      levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
             relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
-    state, owners = operating_state(levels, presence, spec, stats, keys, relation_only)
+    state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners)
 
 
 def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
-                    stats: dict[str, Any], keys: list[str], relation_only: set[str] = frozenset()
-                    ) -> tuple[np.ndarray | None, tuple[str, ...]]:
-    """Where each machine is operating at each tick: the level of every channel of the tabular and series
-    modalities that are not context views (a row's value, a series window's mean; a series channel presented
-    drift-free, `centered` or `difference`, is left out: its level is not meant to be read), in the training
+                    stats: dict[str, Any], keys: list[str]) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """Where each machine is operating at each tick: the level of every channel of the `level_modalities`
+    (`level_values`; a series channel presented drift-free, `centered` or `difference`, is left out: its level
+    is not meant to be read), in the training
     days' standard deviations from the entity's own training mean (the fleet's for an entity not seen).
     (N, S) float32, NaN where the channel's modality is absent, and the modality of each column. The
     calibration reads it to expect each modality's error level at that state (`dmafn.scoring.fit_baseline`)."""
-    cols, owners = [], []
-    for name, m in spec.modalities.items():
-        if m.kind not in ("tabular", "timeseries") or m.context_of or name in relation_only or name not in levels:
-            continue
-        fitted = stats["modalities"][name]
+    cols, owners, groups = [], [], None
+    for name in level_modalities(spec):
+        m, fitted = spec.modalities[name], stats["modalities"][name]
         shown = fitted.get("channel_transforms") or ([m.transform] * len(m.columns) if m.kind == "timeseries"
                                                      else ["level"] * len(m.columns))
-        level = levels[name] if m.kind == "tabular" else levels[name].mean(1, dtype=np.float64)
         keep = [j for j, t in enumerate(shown) if t == "level"]
         if not keep:
             continue
+        level = level_values(levels[name], m)
         mean = np.asarray(fitted["global"]["mean"], np.float64)
         std = np.maximum(np.asarray(fitted["global"]["std"], np.float64), 1e-9)
         centre = np.broadcast_to(mean, (len(level), len(mean))).copy()
-        for key, rows in group_rows(keys):
+        groups = group_rows(keys) if groups is None else groups        # one sort of the keys for every modality
+        for key, rows in groups:
             if key in fitted.get("entity", {}):
                 centre[rows] = np.asarray(fitted["entity"][key]["mean"], np.float64)
         z = np.clip((level - centre) / std, -Z_LIMIT, Z_LIMIT)[:, keep]

@@ -221,10 +221,15 @@ def _state_basis(state: np.ndarray, spec: dict[str, Any], columns: list[int]) ->
     return np.concatenate([x, hinges, np.ones((n, 1))], 1)
 
 
-def _baseline_columns(owners: list[str], modality: str) -> list[int]:
+def baseline_columns(owners: list[str], modality: str) -> list[int]:
     """The state columns a modality's baseline reads: every other modality's (its own level would explain its
     own anomaly away)."""
     return [j for j, owner in enumerate(owners) if owner != modality]
+
+
+def baseline_min_ticks(columns: int) -> int:
+    """The validation ticks a baseline on `columns` state columns needs: 10 per weight of its basis."""
+    return 10 * (4 * columns + 1)
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ class BaselineSums:
         spec, out = self.calib["state"], {}
         log_err = np.log(np.maximum(raw.errors, 1e-12))
         for i, m in enumerate(self.calib["modalities"]):
-            columns = _baseline_columns(spec["owners"], m)
+            columns = baseline_columns(spec["owners"], m)
             fitted = self.calib["baseline"].get(m) if self.residuals else None
             if self.residuals and fitted is None:
                 continue
@@ -268,15 +273,18 @@ def _basis_index(k: int, kept: list[int]) -> np.ndarray:
     return np.array([*kept, *(k + 3 * i + t for i in kept for t in range(3)), 4 * k], np.int64)
 
 
-def _kept(columns: list[int], owners: list[str], dropped: str) -> list[int]:
-    """The positions among a baseline's `columns` that a fallback without `dropped`'s levels keeps ('*': none)."""
+def _kept(columns: list[int], owners: list[str], dropped: str | None) -> list[int]:
+    """The positions among a baseline's `columns` that its regression without `dropped`'s levels keeps (None:
+    the full regression, all of them; '*': the mean alone, none)."""
+    if dropped is None:
+        return list(range(len(columns)))
     return [] if dropped == "*" else [p for p, j in enumerate(columns) if owners[j] != dropped]
 
 
 def _models(fitted: dict[str, Any], owners: list[str]) -> list[tuple[list[int], dict[str, Any]]]:
     """A baseline's regressions: (kept column positions, the regression), the full one first, then its fallbacks."""
     columns = fitted["columns"]
-    return [(list(range(len(columns))), fitted),
+    return [(_kept(columns, owners, None), fitted),
             *((_kept(columns, owners, o), model) for o, model in fitted["fallbacks"].items())]
 
 
@@ -309,17 +317,18 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     totals = ticks.total(BaselineSums({"modalities": list(modalities), "state": state}))
     baseline = {}
     for m in modalities:
-        columns = _baseline_columns(owners, m)
+        columns = baseline_columns(owners, m)
         k = len(columns)
         d = 4 * k + 1
         packed = totals[m]
         n = int(packed[-1])
-        if not columns or n < 10 * d:
+        if not columns or n < baseline_min_ticks(k):
             continue
         xtx, xty = packed[:d * d].reshape(d, d), packed[d * d:d * d + d]
-        weights = {o: _ridge_weights(xtx[np.ix_(idx, idx)], xty[idx]) for o in
-                   [None, *dict.fromkeys(owners[j] for j in columns), "*"]
-                   for idx in [_basis_index(k, list(range(k)) if o is None else _kept(columns, owners, o))]}
+        weights = {}                     # the full regression (None), one without each modality read, the mean
+        for dropped in [None, *dict.fromkeys(owners[j] for j in columns), "*"]:
+            idx = _basis_index(k, _kept(columns, owners, dropped))
+            weights[dropped] = _ridge_weights(xtx[np.ix_(idx, idx)], xty[idx])
         baseline[m] = {"columns": columns, "weights": weights.pop(None),
                        "fallbacks": {o: {"weights": w} for o, w in weights.items()}, "ticks": n}
     if not baseline:                    # too few ticks for any: the state alone says what was looked at
@@ -362,7 +371,7 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
             rows = rows & (count == 1) if o != "*" else rows
             if not rows.any():
                 continue
-            kept = _basis_index(k, _kept(columns, list(owners), o))
+            kept = _basis_index(k, _kept(columns, owners, o))
             pred[rows] = basis[np.ix_(rows, kept)] @ np.asarray(fallbacks[o]["weights"])
             spread[rows] = fitted["residual_std"] / fallbacks[o]["residual_std"]
         out[:, i] = (log_err[:, i] - pred) * spread
