@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-train-features images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-train-features bench-entity-statistics images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-profile: install
 bench-shard-reads: install
 	$(BIN)/python -m benchmarks.shard_reads --out benchmarks/results
 	$(BIN)/python -m benchmarks.shard_reads --shard-mb 16 --out benchmarks/results
+
+bench-entity-statistics: install
+	$(BIN)/python -m benchmarks.entity_statistics --out benchmarks/results
 
 bench-train-features: install
 	$(BIN)/python -m benchmarks.train_features --out benchmarks/results $(if $(BASELINE),--baseline $(BASELINE))

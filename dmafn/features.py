@@ -344,34 +344,57 @@ def fit_relation(reg: _Regression) -> dict[str, Any] | None:
             "residual_std": max(residual, 1e-9), "spread": spread}
 
 
-def entity_statistics(stats: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, Any]:
-    """`stats` with each per-entity part - normalisation moments, relation intercepts and ranges - only for the
-    entity keys `keep` accepts: what a task that scores some of the entities needs (the fleet's parts stay whole;
-    an entity left out would score by them, as one not seen in training). The rest is shared, not copied."""
-    def only(per_entity: dict[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in per_entity.items() if keep(key)}
-
-    def channel(fitted: dict[str, Any] | None) -> dict[str, Any] | None:
+def _per_entity(stats: dict[str, Any], part: Callable[[str, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """`stats` with each per-entity mapping - a modality's normalisation moments, a relation channel's intercepts
+    and ranges, a relation's quantity ranges - replaced by `part(where, mapping)`, `where` naming the mapping's
+    place ('modalities/proc/entity', 'relations/ctx/channels/0/entity_intercepts', ...). The rest is shared."""
+    def channel(where: str, fitted: dict[str, Any] | None) -> dict[str, Any] | None:
         if fitted is None:
             return None
-        out = {**fitted, "entity_intercepts": only(fitted["entity_intercepts"])}
+        out = {**fitted, "entity_intercepts": part(f"{where}/entity_intercepts", fitted["entity_intercepts"])}
         if "entity_ranges" in fitted:                       # versions saved before the relation-level ranges
-            out["entity_ranges"] = only(fitted["entity_ranges"])
+            out["entity_ranges"] = part(f"{where}/entity_ranges", fitted["entity_ranges"])
         return out
 
-    modalities = {name: {**entry, "entity": only(entry["entity"])} if "entity" in entry else entry
-                  for name, entry in stats["modalities"].items()}
+    modalities = {name: {**entry, "entity": part(f"modalities/{name}/entity", entry["entity"])}
+                  if "entity" in entry else entry for name, entry in stats["modalities"].items()}
     relations = {}
     for ctx, fitted in stats.get("relations", {}).items():
         fitted = dict(fitted)
         for key in ("channels", "cross_channels"):
             if fitted.get(key) is not None:
-                fitted[key] = [channel(ch) for ch in fitted[key]]
+                fitted[key] = [channel(f"relations/{ctx}/{key}/{i}", ch) for i, ch in enumerate(fitted[key])]
         for key in ("ranges", "cross_ranges"):
             if fitted.get(key):
-                fitted[key] = {**fitted[key], "entities": only(fitted[key]["entities"])}
+                fitted[key] = {**fitted[key], "entities": part(f"relations/{ctx}/{key}/entities",
+                                                               fitted[key]["entities"])}
         relations[ctx] = fitted
     return {**stats, "modalities": modalities, **({"relations": relations} if "relations" in stats else {})}
+
+
+def split_entity_statistics(stats: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """`stats` as the fleet's part (every per-entity mapping empty) and, per entity key, its parts by place
+    (`{'modalities/proc/entity': [...], ...}`): a model version stores the first in its manifest and the second
+    one row per entity (`pipelines.registry`), so a process reads only the entities it scores.
+    `join_entity_statistics` puts them back together."""
+    entities: dict[str, dict[str, Any]] = {}
+
+    def take(where: str, mapping: dict[str, Any]) -> dict[str, Any]:
+        for key, value in mapping.items():
+            entities.setdefault(key, {})[where] = value
+        return {}
+
+    return _per_entity(stats, take), entities
+
+
+def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The statistics from `split_entity_statistics`'s fleet part and (key, parts) pairs of the entities wanted
+    (any subset: those left out score by the fleet's parts, as with `entity_statistics`)."""
+    by_place: dict[str, dict[str, Any]] = {}
+    for key, parts in entities:
+        for where, value in parts.items():
+            by_place.setdefault(where, {})[key] = value
+    return _per_entity(fleet, lambda where, mapping: {**mapping, **by_place.get(where, {})})
 
 
 def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:

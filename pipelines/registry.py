@@ -1,8 +1,12 @@
 """Model registry: a folder per version under `registry` (local or s3:// via boto3) and a LATEST pointer.
 
 A version holds `weights.pt` (a state dict, loaded with weights_only=True: no pickled code), `manifest.json`
-(resolved spec, model config, preprocessing statistics, threshold calibration, validation metrics, training
-window, the SHA-256 of the weights) and `manifest.sha256` (the manifest's own SHA-256); both are checked at load.
+(resolved spec, model config, the fleet's preprocessing statistics, threshold calibration, validation metrics,
+training window, the SHA-256 of the weights and of the entity statistics), `entity_statistics.parquet` (one row
+per entity: its key and its per-entity statistics - normalisation moments, relation intercepts and ranges - one
+column per place, numbers as float64; with 100,000 machines these are most of the statistics, and a process
+makes Python objects only of the rows of the entities it scores) and `manifest.sha256` (the manifest's own SHA-256); every file is checked at load. Versions
+saved with every entity's statistics inside the manifest load as before.
 """
 from __future__ import annotations
 
@@ -11,11 +15,16 @@ import hashlib
 import io
 import json
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmafn.features import join_entity_statistics, split_entity_statistics
 from dmafn.spec import Spec, parse_spec
 from pipelines.storage import DataError, Storage, is_s3, join
 
@@ -27,6 +36,7 @@ if TYPE_CHECKING:                  # torch is imported where a model is built or
 
 LATEST = "LATEST"
 MANIFEST_SHA256 = "manifest.sha256"
+ENTITY_STATISTICS = "entity_statistics.parquet"
 
 
 @dataclass
@@ -41,14 +51,51 @@ class ModelVersion:
     spec: Spec                     # the version's resolved spec, parsed from the manifest once
     weights_path: str = ""         # where the weights were read from, for errors
 
+    entity_rows: pa.Table | None = None   # `entity_statistics.parquet` as read: made Python objects where needed
+
     @property
     def stats(self) -> dict[str, Any]:
-        return self.manifest["statistics"]
+        """The statistics, every entity's parts included (joined from the entity rows on first use)."""
+        if self.entity_rows is None:
+            return self.manifest["statistics"]
+        return self._whole_statistics
+
+    @cached_property
+    def _whole_statistics(self) -> dict[str, Any]:
+        return self.statistics_for(self.entity_keys())
+
+    def entity_keys(self) -> list[str]:
+        """The keys of the entities with per-entity statistics."""
+        return list(self._entities)
+
+    def statistics_for(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The statistics with the per-entity parts of `keys` only (those without any are left out: they score
+        by the fleet's parts); only those entities' rows are parsed."""
+        fleet, entities = self._fleet_statistics, self._entities
+        if self.entity_rows is None:
+            return join_entity_statistics(fleet, ((k, entities[k]) for k in keys if k in entities))
+        rows = sorted(entities[k] for k in set(keys) if k in entities)
+        return join_entity_statistics(fleet, entity_parts(self.entity_rows.take(pa.array(rows, pa.int64()))))
+
+    @cached_property
+    def _fleet_statistics(self) -> dict[str, Any]:
+        return self.manifest["statistics"] if self.entity_rows is not None else self._split[0]
+
+    @cached_property
+    def _entities(self) -> dict[str, Any]:
+        """Each entity key -> its row in `entity_rows`, or its parts when the manifest holds them."""
+        if self.entity_rows is None:
+            return self._split[1]
+        return {key: row for row, key in enumerate(self.entity_rows.column("key").to_pylist())}
+
+    @cached_property
+    def _split(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        return split_entity_statistics(self.manifest["statistics"])
 
     def with_statistics(self, stats: dict[str, Any]) -> "ModelVersion":
         """The same version carrying `stats` as its statistics (e.g. only some entities' parts, or none: {} for a
         copy whose statistics travel apart)."""
-        return replace(self, manifest={**self.manifest, "statistics": stats})
+        return replace(self, manifest={**self.manifest, "statistics": stats}, entity_rows=None)
 
     @cached_property
     def model(self) -> "DMAFN":
@@ -71,7 +118,7 @@ class ModelVersion:
 
     def __getstate__(self) -> dict[str, Any]:
         # what was built from the manifest and the weights is rebuilt where it is used, not shipped
-        return {k: v for k, v in self.__dict__.items() if k not in ("model", "calibration")}
+        return {k: v for k, v in self.__dict__.items() if k in self.__dataclass_fields__}
 
 
 class Registry:
@@ -127,7 +174,12 @@ class Registry:
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         weights = buf.getvalue()
         manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        fleet, entities = split_entity_statistics(manifest["statistics"])
+        rows = entity_rows_file(entities)
+        manifest = {**manifest, "statistics": fleet, "entity_statistics": {
+            "file": ENTITY_STATISTICS, "entities": len(entities), "sha256": hashlib.sha256(rows).hexdigest()}}
         body = json.dumps(manifest, indent=2, default=str).encode()
+        self._write(join(self.root, version, ENTITY_STATISTICS), rows)
         self._write(join(self.root, version, "weights.pt"), weights)
         self._write(join(self.root, version, "manifest.json"), body)
         self._write(join(self.root, version, MANIFEST_SHA256), hashlib.sha256(body).hexdigest().encode())
@@ -162,10 +214,83 @@ class Registry:
         if manifest.get("weights_sha256") and hashlib.sha256(weights).hexdigest() != manifest["weights_sha256"]:
             raise DataError(f"{weights_path}: checksum does not match the manifest's weights_sha256; the file was "
                             "changed after the version was saved")
-        mv = ModelVersion(version=version, manifest=manifest, weights=weights, spec=spec, weights_path=weights_path)
+        mv = ModelVersion(version=version, manifest=manifest, weights=weights, spec=spec, weights_path=weights_path,
+                          entity_rows=self._entity_rows(version, manifest))
         if build or not manifest.get("weights_sha256"):
             mv.model  # noqa: B018 - built now: the weights are checked here
         return mv
+
+
+    def _entity_rows(self, version: str, manifest: dict[str, Any]) -> pa.Table | None:
+        """The version's per-entity statistics rows, checked against the manifest's SHA-256; None for a version
+        that keeps them in its manifest."""
+        saved = manifest.get("entity_statistics")
+        if saved is None:
+            return None
+        path = join(self.root, version, saved["file"])
+        data = self._read(path)
+        if hashlib.sha256(data).hexdigest() != saved["sha256"]:
+            raise DataError(f"{path}: checksum does not match the manifest's entity_statistics sha256; the file was "
+                            "changed after the version was saved")
+        table = pq.read_table(pa.BufferReader(data))
+        if table.column_names[:1] != ["key"] or table.num_rows != saved["entities"]:
+            raise DataError(f"{path}: expected {saved['entities']} rows keyed by 'key', found {table.num_rows} with "
+                            f"columns {table.column_names[:3]}")
+        return table
+
+
+_JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text
+
+
+def entity_rows_file(entities: dict[str, dict[str, Any]]) -> bytes:
+    """Per-entity statistics (`dmafn.features.split_entity_statistics`) as Parquet bytes: one row per entity key,
+    sorted, one column per place (null where the entity has no part there), in Arrow's own types (numbers as
+    float64, not text) wherever they come back exactly; a place whose values do not (mixed types, None) is kept as
+    JSON text and named in the schema's metadata."""
+    keys = sorted(entities)
+    places = sorted({place for parts in entities.values() for place in parts})
+    columns, as_json = {"key": pa.array(keys, pa.string())}, []
+    for place in places:
+        values = [entities[k].get(place) for k in keys]                  # None: the entity has no part there
+        held_none = any(place in entities[k] and entities[k][place] is None for k in keys)
+        typed = None if held_none else _typed_column(values)
+        if typed is None:
+            as_json.append(place)
+            typed = pa.array([None if place not in entities[k] else _compact(entities[k][place]) for k in keys],
+                             pa.string())
+        columns[place] = typed
+    table = pa.table(columns).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=16384)
+    return buf.getvalue()
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _typed_column(values: list[Any]) -> pa.Array | None:
+    """`values` as an Arrow array that gives each back exactly (as JSON would write it), else None."""
+    try:
+        array = pa.array(values)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+    return array if _compact(array.to_pylist()) == _compact(values) else None
+
+
+def entity_parts(rows: pa.Table) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, parts) of each row of an entity file's table (`entity_rows_file`)."""
+    metadata = rows.schema.metadata or {}
+    as_json = set(json.loads(metadata.get(_JSON_COLUMNS, b"[]")))
+    data = rows.to_pydict()
+    places = [name for name in rows.column_names if name != "key"]
+    for i, key in enumerate(data["key"]):
+        parts = {}
+        for place in places:
+            value = data[place][i]
+            if value is not None:
+                parts[place] = json.loads(value) if place in as_json else value
+        yield key, parts
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, "torch.Tensor"]:

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import pyarrow as pa
 import ray
 
-from dmafn.features import entity_statistics
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, write_partition
@@ -69,22 +68,31 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
 
 class BucketStatistics:
     """A model version's statistics in the object store, one copy per entity bucket holding only that bucket's
-    entities' parts (`dmafn.features.entity_statistics`): with a fleet of 100,000 machines the per-entity parts
-    are most of the statistics, and each task would otherwise receive them all. Only where an entity key's text
-    is the same whichever way it is written (string and integer key columns; `bucket_of` reads the key as Polars
+    entities' parts (`ModelVersion.statistics_for`): with a fleet of 100,000 machines the per-entity parts are
+    most of the statistics, and each task would otherwise receive them all; the driver parses each entity's
+    row once, for its bucket, and never holds every entity's parts at once. Only where an entity key's text is
+    the same whichever way it is written (string and integer key columns; `bucket_of` reads the key as Polars
     writes it, the statistics are keyed as Python writes it); else every bucket gets the whole statistics."""
 
-    def __init__(self, stats: dict[str, Any], keys_sliceable: bool) -> None:
-        self.stats, self.sliceable = stats, keys_sliceable
+    def __init__(self, mv: ModelVersion, keys_sliceable: bool) -> None:
+        self.mv, self.sliceable = mv, keys_sliceable
         self._refs: dict[tuple[int, int], ray.ObjectRef] = {}
+        self._members: dict[int, dict[int, list[str]]] = {}      # buckets -> bucket -> its entity keys
 
     def ref(self, shard: Shard) -> ray.ObjectRef:
         """The statistics a shard's task needs, put in the object store once per bucket."""
         key = (shard.bucket, shard.buckets) if self.sliceable and shard.buckets > 1 else (0, 1)
         if key not in self._refs:
             bucket, buckets = key
-            self._refs[key] = ray.put(self.stats if buckets == 1 else
-                                      entity_statistics(self.stats, lambda k: bucket_of(k, buckets) == bucket))
+            if buckets == 1:
+                self._refs[key] = ray.put(self.mv.stats)
+            else:
+                if buckets not in self._members:             # each key hashed once per bucket count
+                    members: dict[int, list[str]] = {}
+                    for entity in self.mv.entity_keys():
+                        members.setdefault(bucket_of(entity, buckets), []).append(entity)
+                    self._members[buckets] = members
+                self._refs[key] = ray.put(self.mv.statistics_for(self._members[buckets].get(bucket, [])))
         return self._refs[key]
 
 
@@ -140,7 +148,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
              shards[0].buckets if shards else 0, parallel)
     # the version without its statistics once; the statistics once per entity bucket, its entities' parts only
     mv_ref, scored_at = ray.put(mv.with_statistics({})), dt.datetime.now(dt.timezone.utc)
-    stats = BucketStatistics(mv.stats, keys_sliceable(model_spec, schemas))
+    stats = BucketStatistics(mv, keys_sliceable(model_spec, schemas))
     staging = Staging(model_spec, storage, shards, dates, run_id)    # files that mix entities: split once
     pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")

@@ -80,3 +80,22 @@ def test_the_synthetic_split_reads_the_generated_specs_context_views():
     assert subset(split.test, split.test.modalities).state_owners == split.test.state_owners
     alone = subset(split.test, ("vibration",))
     assert set(alone.state_owners) <= {"vibration"} and (alone.state is None) == (not alone.state_owners)
+
+
+def test_the_entity_statistics_benchmark_cuts_the_same_statistics_three_ways(tmp_path):
+    """The registry's cut, the bare loop and the old manifest's cut give each bucket the same statistics, with only
+    its entities' parts (`make bench-entity-statistics` exits when they differ)."""
+    from benchmarks.entity_statistics import run_bare, run_before, run_registry, save_versions
+    from pipelines.registry import Registry
+    from pipelines.shards import bucket_of
+    from pipelines.storage import Storage
+
+    sizes = save_versions(tmp_path, 40)
+    assert sizes["entity_file_mb"] > 0 and (tmp_path / "before" / sizes["version"] / "manifest.json").exists()
+    cuts = [run(tmp_path, 4) for run in (run_registry, run_bare, run_before)]
+    digests = [cut["digests"] for cut in cuts]
+    assert digests[0] == digests[1] == digests[2] and len(set(digests[0])) == 4
+    mv = Registry(str(tmp_path / "now"), Storage()).load(build=False)
+    assert len(mv.entity_keys()) == 40
+    bucket = [k for k in mv.entity_keys() if bucket_of(k, 4) == 1]
+    assert set(mv.statistics_for(bucket)["modalities"]["process"]["entity"]) == set(bucket)

@@ -1228,13 +1228,14 @@ def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with
 
 
 def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do():
-    """A scoring task gets only its entity bucket's per-entity statistics (`entity_statistics`): normalisation
-    moments, relation intercepts and ranges of the others are left out, the fleet's parts kept, and the bucket's
-    entities featurize exactly as with the whole statistics. Only string and integer keys are cut (a key's text
-    must be the same as Polars and Python write it)."""
+    """Statistics split into the fleet's part and one set of parts per entity (`split_entity_statistics`, how a
+    model version stores them) join back to the whole; joined with some entities only (a scoring task's entity
+    bucket), normalisation moments, relation intercepts and ranges of the others are left out, the fleet's parts
+    kept, and the bucket's entities featurize exactly as with the whole statistics. Only string and integer keys
+    are cut (a key's text must be the same as Polars and Python write it)."""
     from dataclasses import replace
 
-    from dmafn.features import entity_statistics
+    from dmafn.features import join_entity_statistics, split_entity_statistics
     from dmafn.spec import parse_spec
     from pipelines.score import keys_sliceable
     from tests.conftest import tiny_spec_dict
@@ -1255,7 +1256,11 @@ def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do()
 
     train = pa.concat_tables([rows(k, 300, o) for k, o in (("a", 0.0), ("b", 5.0), ("c", -3.0))])
     whole = StatisticsFitter(spec).add(train).result()
-    cut = entity_statistics(whole, lambda key: key in ("a", "c"))
+    fleet, entities = split_entity_statistics(whole)
+    assert set(entities) == {"a", "b", "c"} and fleet["modalities"]["proc"]["entity"] == {}
+    assert fleet["relations"]["proc_context"]["ranges"]["entities"] == {}
+    assert join_entity_statistics(fleet, entities.items()) == whole
+    cut = join_entity_statistics(fleet, [(k, entities[k]) for k in ("c", "a")])
     assert set(cut["modalities"]["proc"]["entity"]) == {"a", "c"}
     assert cut["modalities"]["proc"]["global"] == whole["modalities"]["proc"]["global"]
     relation = cut["relations"]["proc_context"]

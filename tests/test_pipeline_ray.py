@@ -52,6 +52,9 @@ def scored(trained):
 
 
 def test_model_version_has_manifest_and_weights(trained):
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+
     spec, version, root = trained
     folder = root / "models" / version
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -61,7 +64,19 @@ def test_model_version_has_manifest_and_weights(trained):
     assert set(manifest["statistics"]["modalities"]) == {"process", "vibration", "camera", "logs", "process_context"}
     relation = manifest["statistics"]["relations"]["process_context"]     # the generated spec's slow context
     assert relation["parent"] == "process" and len(relation["channels"]) == 2
-    assert set(relation["channels"][0]["entity_intercepts"]) == {"pump-00", "pump-01"}
+    # per-entity parts live one row per entity beside the manifest, which keeps the fleet's
+    assert relation["channels"][0]["entity_intercepts"] == {} and relation["ranges"]["fleet"]
+    rows = pq.read_table(folder / "entity_statistics.parquet")
+    assert rows.column("key").to_pylist() == ["pump-00", "pump-01"]
+    assert manifest["entity_statistics"]["entities"] == 2
+    intercepts = "relations/process_context/channels/0/entity_intercepts"    # a column per place, numbers as numbers
+    assert rows.schema.field(intercepts).type == pa.float64() and rows.schema.metadata[b"dmafn.json_columns"] == b"[]"
+    mv = Registry(str(root / "models"), Storage()).load(version, build=False)
+    whole = mv.stats["relations"]["process_context"]
+    assert set(whole["channels"][0]["entity_intercepts"]) == {"pump-00", "pump-01"}
+    assert set(whole["ranges"]["entities"]) == {"pump-00", "pump-01"}
+    one = mv.statistics_for(["pump-01", "pump-09"])["relations"]["process_context"]   # an unknown key: left out
+    assert set(one["channels"][0]["entity_intercepts"]) == {"pump-01"} and one["ranges"]["fleet"] == relation["ranges"]["fleet"]
     vibration = manifest["statistics"]["modalities"]["vibration"]        # 'auto' chosen over the shards' trends
     assert vibration["channel_transforms"] == ["centered" if d > vibration["drift_limit"] else "level"
                                                for d in vibration["drift"]]
@@ -99,7 +114,7 @@ def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path,
     assert runs[0].submitted > 0 and list((tmp_path / "out_staging").glob("*")) == []
     a, b = first.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert first.manifest["statistics"] == second.manifest["statistics"]
+    assert first.stats == second.stats and first.manifest["statistics"] == second.manifest["statistics"]
     assert first.manifest["calibration"] == second.manifest["calibration"]
 
 
@@ -595,7 +610,9 @@ def test_a_scoring_driver_never_builds_the_network_nor_imports_torch(trained, tm
 
 def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp_path, capsys):
     """A registry version whose weights are not a plain tensor state dict is refused without running its code;
-    weights or a manifest changed after saving fail their checksum; each error names the file."""
+    weights, entity statistics or a manifest changed after saving fail their checksum; each error names the file.
+    A version that keeps its entities' statistics in the manifest (saved before the entity file) loads."""
+    import hashlib
     import io
     import shutil
 
@@ -609,6 +626,24 @@ def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp
     folder = tmp_path / "models" / version
     shutil.copytree(root / "models" / version, folder)
     assert registry.load(version).version == version
+    entity_file = folder / "entity_statistics.parquet"
+    saved = entity_file.read_bytes()
+    entity_file.write_bytes(saved[:-12] + b"\0" * 12)
+    with pytest.raises(DataError, match=r"entity_statistics\.parquet: checksum does not match"):
+        registry.load(version)
+    entity_file.write_bytes(saved)
+    current = registry.load(version, build=False)
+    # a version saved before the entity file held every entity's statistics in its manifest: it loads as before
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["statistics"] = current.stats
+    del manifest["entity_statistics"]
+    body = json.dumps(manifest).encode()
+    (folder / "manifest.json").write_bytes(body)
+    (folder / "manifest.sha256").write_text(hashlib.sha256(body).hexdigest())
+    entity_file.unlink()
+    before = registry.load(version, build=False)
+    assert before.entity_rows is None and before.stats == current.stats and before.entity_keys() == ["pump-00", "pump-01"]
+    assert before.statistics_for(["pump-01"]) == current.statistics_for(["pump-01"]) != current.stats
 
     class Payload:
         def __reduce__(self):
