@@ -9,7 +9,8 @@ entity in `entity_statistics.parquet`) and as versions were written before 2026-
 manifest). Each way is measured in its own process (seconds, peak RSS sampled twice a second) doing what a
 scoring job's driver does before its shards run: load the version, then cut the statistics into one copy per
 entity bucket and serialise each (what `ray.put` does):
-- `registry`: `Registry.load` + `ModelVersion.statistics_for` per bucket, as `pipelines.score.BucketStatistics`;
+- `registry`: `Registry.load` + `ModelVersion.statistics.for_keys` per bucket, as
+  `pipelines.statistics.BucketStatistics`;
 - `bare`: a bare loop of the same steps on the same files - read the Parquet, group the rows by bucket, make
   each bucket's rows Python objects and fill the fleet's empty mappings by hand;
 - `before`: the old layout and the old cut - parse the whole manifest, then for each bucket filter every
@@ -122,9 +123,9 @@ def run_registry(root: Path, buckets: int) -> dict[str, Any]:
 
     mv = Registry(str(root / "now"), Storage()).load(build=False)
     members: dict[int, list[str]] = {}
-    for key in mv.entity_keys():
+    for key in mv.statistics.keys():
         members.setdefault(bucket_of(key, buckets), []).append(key)
-    return serialised(mv.statistics_for(members.get(b, [])) for b in range(buckets))
+    return serialised(mv.statistics.for_keys(members.get(b, [])) for b in range(buckets))
 
 
 def run_bare(root: Path, buckets: int) -> dict[str, Any]:

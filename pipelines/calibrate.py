@@ -30,6 +30,7 @@ from dmafn.validation import GATHER_MAX, ArrayValues, quantiles_from_ranks, sele
 from pipelines.ingest import entity_string
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
+from pipelines.statistics import BucketStatistics
 from pipelines.storage import DataError, Storage
 from pipelines.train import aligned_batches
 
@@ -171,10 +172,11 @@ class ShardTicks:
         self._chain: tuple[Calibration, list, list] | None = None
 
     @classmethod
-    def score(cls, spec: Spec, model, stats: dict[str, Any], shards: list[Shard]) -> "ShardTicks":
-        """Score the validation shards in Ray tasks; their raw scores stay in the object store."""
-        model_ref, stats_ref = ray.put(model), ray.put(stats)          # once, not a copy per shard's task
-        launched = [(s, *_score_shard.remote(s, spec, stats_ref, model_ref)) for s in shards]
+    def score(cls, spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> "ShardTicks":
+        """Score the validation shards in Ray tasks, each with its entity bucket's statistics; their raw scores
+        stay in the object store."""
+        model_ref = ray.put(model)                                       # once, not a copy per shard's task
+        launched = [(s, *_score_shard.remote(s, spec, stats.ref(s), model_ref)) for s in shards]
         metas = [raise_task_error(meta) for _, meta, _ in launched]
         parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
         if not parts:

@@ -4,9 +4,10 @@ A version holds `weights.pt` (a state dict, loaded with weights_only=True: no pi
 (resolved spec, model config, the fleet's preprocessing statistics, threshold calibration, validation metrics,
 training window, the SHA-256 of the weights and of the entity statistics), `entity_statistics.parquet` (one row
 per entity: its key and its per-entity statistics - normalisation moments, relation intercepts and ranges - one
-column per place, numbers as float64; with 100,000 machines these are most of the statistics, and a process
-makes Python objects only of the rows of the entities it scores) and `manifest.sha256` (the manifest's own SHA-256); every file is checked at load. Versions
-saved with every entity's statistics inside the manifest load as before.
+column per place, numbers as float64, `pipelines.statistics`; with 100,000 machines these are most of the
+statistics, and a process makes Python objects only of the rows of the entities it scores) and
+`manifest.sha256` (the manifest's own SHA-256); every file is checked at load. Versions saved with every
+entity's statistics inside the manifest load as before.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmafn.features import join_entity_statistics, split_entity_statistics
+from dmafn.features import split_entity_statistics
 from dmafn.spec import Spec, parse_spec
+from pipelines.statistics import EntityStatistics, entity_file
 from pipelines.storage import DataError, Storage, is_s3, join
 
 if TYPE_CHECKING:                  # torch is imported where a model is built or saved, not by a scoring driver
@@ -56,41 +57,14 @@ class ModelVersion:
     @property
     def stats(self) -> dict[str, Any]:
         """The statistics, every entity's parts included (joined from the entity rows on first use)."""
+        return self.manifest["statistics"] if self.entity_rows is None else self.statistics.whole
+
+    @cached_property
+    def statistics(self) -> EntityStatistics:
+        """The statistics split into the fleet's part and each entity's (`pipelines.statistics`)."""
         if self.entity_rows is None:
-            return self.manifest["statistics"]
-        return self._whole_statistics
-
-    @cached_property
-    def _whole_statistics(self) -> dict[str, Any]:
-        return self.statistics_for(self.entity_keys())
-
-    def entity_keys(self) -> list[str]:
-        """The keys of the entities with per-entity statistics."""
-        return list(self._entities)
-
-    def statistics_for(self, keys: Sequence[str]) -> dict[str, Any]:
-        """The statistics with the per-entity parts of `keys` only (those without any are left out: they score
-        by the fleet's parts); only those entities' rows are parsed."""
-        fleet, entities = self._fleet_statistics, self._entities
-        if self.entity_rows is None:
-            return join_entity_statistics(fleet, ((k, entities[k]) for k in keys if k in entities))
-        rows = sorted(entities[k] for k in set(keys) if k in entities)
-        return join_entity_statistics(fleet, entity_parts(self.entity_rows.take(pa.array(rows, pa.int64()))))
-
-    @cached_property
-    def _fleet_statistics(self) -> dict[str, Any]:
-        return self.manifest["statistics"] if self.entity_rows is not None else self._split[0]
-
-    @cached_property
-    def _entities(self) -> dict[str, Any]:
-        """Each entity key -> its row in `entity_rows`, or its parts when the manifest holds them."""
-        if self.entity_rows is None:
-            return self._split[1]
-        return {key: row for row, key in enumerate(self.entity_rows.column("key").to_pylist())}
-
-    @cached_property
-    def _split(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        return split_entity_statistics(self.manifest["statistics"])
+            return EntityStatistics.of(self.manifest["statistics"])
+        return EntityStatistics(self.manifest["statistics"], rows=self.entity_rows)
 
     def with_statistics(self, stats: dict[str, Any]) -> "ModelVersion":
         """The same version carrying `stats` as its statistics (e.g. only some entities' parts, or none: {} for a
@@ -164,8 +138,14 @@ class Registry:
 
     # -- versions
     def save(self, model: "DMAFN", manifest: dict[str, Any]) -> str:
-        """Write a new version and point LATEST at it; returns the version id."""
+        """Write a new version and point LATEST at it; returns the version id. `manifest["statistics"]` are the
+        whole statistics (as fitted, or a loaded version's `stats`): the per-entity parts go to the entity file."""
         import torch
+
+        if "entity_statistics" in manifest:
+            raise ValueError("the manifest is a loaded version's, whose statistics hold the fleet's part only: save "
+                             "it with the whole statistics ({**manifest, 'statistics': version.stats}) and without "
+                             "its 'entity_statistics' entry")
 
         version = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
         buf = io.BytesIO()
@@ -175,7 +155,7 @@ class Registry:
         weights = buf.getvalue()
         manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
         fleet, entities = split_entity_statistics(manifest["statistics"])
-        rows = entity_rows_file(entities)
+        rows = entity_file(entities)
         manifest = {**manifest, "statistics": fleet, "entity_statistics": {
             "file": ENTITY_STATISTICS, "entities": len(entities), "sha256": hashlib.sha256(rows).hexdigest()}}
         body = json.dumps(manifest, indent=2, default=str).encode()
@@ -237,60 +217,6 @@ class Registry:
             raise DataError(f"{path}: expected {saved['entities']} rows keyed by 'key', found {table.num_rows} with "
                             f"columns {table.column_names[:3]}")
         return table
-
-
-_JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text
-
-
-def entity_rows_file(entities: dict[str, dict[str, Any]]) -> bytes:
-    """Per-entity statistics (`dmafn.features.split_entity_statistics`) as Parquet bytes: one row per entity key,
-    sorted, one column per place (null where the entity has no part there), in Arrow's own types (numbers as
-    float64, not text) wherever they come back exactly; a place whose values do not (mixed types, None) is kept as
-    JSON text and named in the schema's metadata."""
-    keys = sorted(entities)
-    places = sorted({place for parts in entities.values() for place in parts})
-    columns, as_json = {"key": pa.array(keys, pa.string())}, []
-    for place in places:
-        values = [entities[k].get(place) for k in keys]                  # None: the entity has no part there
-        held_none = any(place in entities[k] and entities[k][place] is None for k in keys)
-        typed = None if held_none else _typed_column(values)
-        if typed is None:
-            as_json.append(place)
-            typed = pa.array([None if place not in entities[k] else _compact(entities[k][place]) for k in keys],
-                             pa.string())
-        columns[place] = typed
-    table = pa.table(columns).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=16384)
-    return buf.getvalue()
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
-
-
-def _typed_column(values: list[Any]) -> pa.Array | None:
-    """`values` as an Arrow array that gives each back exactly (as JSON would write it), else None."""
-    try:
-        array = pa.array(values)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return None
-    return array if _compact(array.to_pylist()) == _compact(values) else None
-
-
-def entity_parts(rows: pa.Table) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(key, parts) of each row of an entity file's table (`entity_rows_file`)."""
-    metadata = rows.schema.metadata or {}
-    as_json = set(json.loads(metadata.get(_JSON_COLUMNS, b"[]")))
-    data = rows.to_pydict()
-    places = [name for name in rows.column_names if name != "key"]
-    for i, key in enumerate(data["key"]):
-        parts = {}
-        for place in places:
-            value = data[place][i]
-            if value is not None:
-                parts[place] = json.loads(value) if place in as_json else value
-        yield key, parts
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, "torch.Tensor"]:

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import ray
@@ -23,9 +23,9 @@ from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
-from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, bucket_of, list_inputs,
-                             plan_shards)
+from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
 from pipelines.staging import SplitFile, Staging, with_pieces
+from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
 
 log = logging.getLogger(__name__)
@@ -64,45 +64,6 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
                 yield step
             elif throttle():
                 yield step
-
-
-class BucketStatistics:
-    """A model version's statistics in the object store, one copy per entity bucket holding only that bucket's
-    entities' parts (`ModelVersion.statistics_for`): with a fleet of 100,000 machines the per-entity parts are
-    most of the statistics, and each task would otherwise receive them all; the driver parses each entity's
-    row once, for its bucket, and never holds every entity's parts at once. Only where an entity key's text is
-    the same whichever way it is written (string and integer key columns; `bucket_of` reads the key as Polars
-    writes it, the statistics are keyed as Python writes it); else every bucket gets the whole statistics."""
-
-    def __init__(self, mv: ModelVersion, keys_sliceable: bool) -> None:
-        self.mv, self.sliceable = mv, keys_sliceable
-        self._refs: dict[tuple[int, int], ray.ObjectRef] = {}
-        self._members: dict[int, dict[int, list[str]]] = {}      # buckets -> bucket -> its entity keys
-
-    def ref(self, shard: Shard) -> ray.ObjectRef:
-        """The statistics a shard's task needs, put in the object store once per bucket."""
-        key = (shard.bucket, shard.buckets) if self.sliceable and shard.buckets > 1 else (0, 1)
-        if key not in self._refs:
-            bucket, buckets = key
-            if buckets == 1:
-                self._refs[key] = ray.put(self.mv.stats)
-            else:
-                if buckets not in self._members:             # each key hashed once per bucket count
-                    members: dict[int, list[str]] = {}
-                    for entity in self.mv.entity_keys():
-                        members.setdefault(bucket_of(entity, buckets), []).append(entity)
-                    self._members[buckets] = members
-                self._refs[key] = ray.put(self.mv.statistics_for(self._members[buckets].get(bucket, [])))
-        return self._refs[key]
-
-
-def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
-    """Whether every modality's entity key columns are strings or integers (`BucketStatistics`)."""
-    def plain(t: pa.DataType) -> bool:
-        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
-
-    return bool(schemas) and all(plain(schema.field(k).type) for schema in schemas.values() for k in spec.entity
-                                 if schema.get_field_index(k) >= 0)
 
 
 def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
@@ -148,7 +109,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
              shards[0].buckets if shards else 0, parallel)
     # the version without its statistics once; the statistics once per entity bucket, its entities' parts only
     mv_ref, scored_at = ray.put(mv.with_statistics({})), dt.datetime.now(dt.timezone.utc)
-    stats = BucketStatistics(mv, keys_sliceable(model_spec, schemas))
+    stats = BucketStatistics(mv.statistics, keys_sliceable(model_spec, schemas))
     staging = Staging(model_spec, storage, shards, dates, run_id)    # files that mix entities: split once
     pin = pinning_enabled()
     display = ProgressDisplay("scoring", len(shards), "shards")

@@ -40,6 +40,7 @@ from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
 from pipelines.shards import Shard, list_inputs, plan_shards, require_data
 from pipelines.staging import Staging
+from pipelines.statistics import BucketStatistics, EntityStatistics, keys_sliceable
 from pipelines.storage import DataError, Storage, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,14 @@ def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], label
     return write_features(storage, path, parts()), positives
 
 
-def write_training_features(spec: Spec, shards: list[Shard], stats: dict[str, Any], labels: pl.DataFrame | None,
+def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
                             folder: str) -> tuple[list[FeatureFile], int]:
-    """The training shards' features written by Ray tasks to `folder/<i>.arrow` (`pipelines.feature_files`);
-    returns the files in shard order with their rows, and the labelled positives in all. The driver holds
-    the counts only."""
-    stats_ref, labels_ref = ray.put(stats), ray.put(labels)          # once for every task
+    """The training shards' features written by Ray tasks to `folder/<i>.arrow` (`pipelines.feature_files`), each
+    task with its entity bucket's statistics; returns the files in shard order with their rows, and the
+    labelled positives in all. The driver holds the counts only."""
+    labels_ref = ray.put(labels)                                     # once for every task
     paths = [join(folder, f"{i:06d}.arrow") for i in range(len(shards))]
-    refs = [_write_shard_features.remote(s, spec, stats_ref, labels_ref, p) for s, p in zip(shards, paths)]
+    refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p) for s, p in zip(shards, paths)]
     counts = [raise_task_error(r) for r in refs]
     return [FeatureFile(p, rows) for p, (rows, _) in zip(paths, counts)], sum(pos for _, pos in counts)
 
@@ -241,7 +242,7 @@ def _fit(spec: Spec, files: list[FeatureFile], cfg: ModelConfig, pos_weight: flo
             "resumed_at": state.get("resumed_at", [])}
 
 
-def _calibrate(spec: Spec, model, stats, shards: list[Shard]) -> Calibration:
+def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> Calibration:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
     (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks."""
@@ -274,7 +275,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     t0 = time.time()
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
-    require_columns(spec, storage, files)
+    schemas = require_columns(spec, storage, files)
     # enough shards to keep a cluster busy, from the spec (not the cluster): the same spec plans the same shards
     slots = 4 * spec.train.workers
     train_shards = plan_shards(spec, train_days, files, min_shards=slots)
@@ -291,7 +292,9 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                 log.info("modality '%s': transform auto -> %s", name, ", ".join(
                     f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
                                                                    entry["channel_transforms"], entry["drift"])))
-        files, positives = write_training_features(spec, train_shards, stats, labels,
+        # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
+        bucket_stats = BucketStatistics(EntityStatistics.of(stats), keys_sliceable(spec, schemas))
+        files, positives = write_training_features(spec, train_shards, bucket_stats, labels,
                                                    join(staging.folder, "features"))
         ticks = sum(f.rows for f in files)
         if not ticks:
@@ -310,7 +313,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                       run_root if is_s3(run_root) else os.path.abspath(run_root))
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])
-        calibration = _calibrate(spec, model, stats, val_shards)
+        calibration = _calibrate(spec, model, bucket_stats, val_shards)
         for line in calibration.baseline_lines():
             log.info("%s", line)
         for line in calibration.tail_warnings():

@@ -96,6 +96,6 @@ def test_the_entity_statistics_benchmark_cuts_the_same_statistics_three_ways(tmp
     digests = [cut["digests"] for cut in cuts]
     assert digests[0] == digests[1] == digests[2] and len(set(digests[0])) == 4
     mv = Registry(str(tmp_path / "now"), Storage()).load(build=False)
-    assert len(mv.entity_keys()) == 40
-    bucket = [k for k in mv.entity_keys() if bucket_of(k, 4) == 1]
-    assert set(mv.statistics_for(bucket)["modalities"]["process"]["entity"]) == set(bucket)
+    assert len(mv.statistics.keys()) == 40
+    bucket = [k for k in mv.statistics.keys() if bucket_of(k, 4) == 1]
+    assert set(mv.statistics.for_keys(bucket)["modalities"]["process"]["entity"]) == set(bucket)

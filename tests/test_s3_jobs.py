@@ -80,6 +80,11 @@ def test_registry_on_s3_has_latest_and_manifest(s3_spec):
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="models/")["Contents"]]
     assert "models/LATEST" in keys
     assert f"models/{version}/weights.pt" in keys and f"models/{version}/manifest.json" in keys
+    assert f"models/{version}/entity_statistics.parquet" in keys        # per-entity statistics, read back from S3
+    from pipelines.registry import Registry
+
+    mv = Registry(spec.registry, Storage.from_spec(spec.storage)).load(version, build=False)
+    assert mv.entity_rows is not None and set(mv.stats["modalities"]["process"]["entity"]) == set(mv.statistics.keys())
 
 
 def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
