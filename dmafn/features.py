@@ -389,7 +389,8 @@ def split_entity_statistics(stats: dict[str, Any]) -> tuple[dict[str, Any], dict
 
 def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The statistics from `split_entity_statistics`'s fleet part and (key, parts) pairs of the entities wanted
-    (any subset: those left out score by the fleet's parts, as with `entity_statistics`)."""
+    (any subset, e.g. one entity bucket's: those left out score by the fleet's parts, as entities not seen in
+    training do)."""
     by_place: dict[str, dict[str, Any]] = {}
     for key, parts in entities:
         for where, value in parts.items():

@@ -200,7 +200,6 @@ class Registry:
             mv.model  # noqa: B018 - built now: the weights are checked here
         return mv
 
-
     def _entity_rows(self, version: str, manifest: dict[str, Any]) -> pa.Table | None:
         """The version's per-entity statistics rows, checked against the manifest's SHA-256; None for a version
         that keeps them in its manifest."""

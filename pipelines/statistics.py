@@ -35,9 +35,12 @@ class EntityStatistics:
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> "EntityStatistics":
-        """Whole statistics (as fitted, or as a manifest that holds every entity's parts), split."""
+        """Whole statistics (as fitted, or as a manifest that holds every entity's parts), split; `whole` is
+        `stats` itself."""
         fleet, parts = split_entity_statistics(stats)
-        return cls(fleet, parts=parts)
+        split = cls(fleet, parts=parts)
+        split.__dict__["whole"] = stats
+        return split
 
     @cached_property
     def _row_of(self) -> dict[str, int]:

@@ -1279,3 +1279,32 @@ def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do()
     assert keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.string())]),
                                  "vib": pa.schema([("machine_id", pa.int64())])})
     assert not keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.bool_())])})
+
+
+def test_the_entity_file_gives_every_entitys_parts_back_exactly():
+    """`entity_file` keeps numbers in Arrow's own types where they come back exactly (float64, NaN included) and
+    JSON text where they would not (an int beside floats, a None, mixed lists), named in its metadata; an entity
+    without a part at a place gets none back."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines.statistics import EntityStatistics, entity_file, entity_parts
+
+    parts = {"b": {"x": 1.5, "y": {"mean": [1.0, 2.0], "count": 3.0}, "z": [[1.0], [2.0]], "n": None, "m": 1},
+             "a": {"x": float("nan"), "m": 2.5, "q": [1, "s"]}}
+    rows = pq.read_table(pa.BufferReader(entity_file(parts)))
+    assert rows.column_names == ["key", "m", "n", "q", "x", "y", "z"]
+    assert json.loads(rows.schema.metadata[b"dmafn.json_columns"]) == ["m", "n", "q"]
+    assert rows.schema.field("x").type == pa.float64()
+    assert rows.schema.field("z").type == pa.list_(pa.list_(pa.float64()))
+    back = dict(entity_parts(rows))
+    assert json.dumps(back, sort_keys=True) == json.dumps(parts, sort_keys=True)     # NaN, 1 vs 1.0, None kept
+    assert set(back["a"]) == {"x", "m", "q"} and type(back["b"]["m"]) is int
+    fleet = {"modalities": {"p": {"global": {"mean": [0.0]}, "entity": {}}}}
+    split = EntityStatistics(fleet, rows=pq.read_table(pa.BufferReader(entity_file(
+        {"e1": {"modalities/p/entity": {"mean": [1.0]}}, "e2": {"modalities/p/entity": {"mean": [2.0]}}}))))
+    assert split.keys() == ["e1", "e2"]
+    assert split.for_keys(["e2", "e9"])["modalities"]["p"]["entity"] == {"e2": {"mean": [2.0]}}
+    assert split.whole["modalities"]["p"]["entity"] == {"e1": {"mean": [1.0]}, "e2": {"mean": [2.0]}}
+    assert fleet["modalities"]["p"]["entity"] == {}                              # the fleet's part is left as it was
