@@ -196,6 +196,16 @@ class LabelIndex:
                    .sort("_cover", maintain_order=True))
         return cls(started, intervals.select([*keys, pl.col("_e").alias("_end")]).sort("_end"))
 
+    def window(self, lo_us: int, hi_us: int, reach_us: int) -> "LabelIndex":
+        """The index for ticks from `lo_us` to `hi_us` only (a task's dates): the intervals that can cover one of
+        them and the ends from `reach_us` before `lo_us` on. Such ticks get the same `label` and `label_kind` as
+        from the whole index, and the same `since_event_us` up to `reach_us` (null where the entity's last event
+        ended earlier). An interval that started after `hi_us`, or whose `_cover` ends before `lo_us`, can decide
+        no such tick: `_cover` grows with the start, so a tick's first match keeps its place."""
+        started = self.started.filter((pl.col("_s") <= hi_us) & (pl.col("_cover") >= lo_us))
+        first, last = self.ends["_end"].search_sorted(pl.Series([lo_us - reach_us, hi_us]), side="left").to_list()
+        return LabelIndex(started, self.ends.slice(first, last - first))
+
     def keyed_as(self, ticks: pl.DataFrame, keys: list[str]) -> "LabelIndex":
         """The index with its entity columns of the ticks' types (a label's `17` finds the ticks of `"17"`); a
         DataError naming the column where a label's key cannot be read as the ticks' type."""

@@ -19,7 +19,7 @@ per labelled tick and score column (16 bytes; at most `COUNTS_BUDGET` in all).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -32,7 +32,7 @@ from dmafn.metrics import NegativeCounts, PairCounts, RankingTally
 from dmafn.spec import Spec
 from pipelines.align import LabelIndex
 from pipelines.evaluate import (MetricsTally, WindowEvaluation, add_negative_counts, negative_counts, plot_rows,
-                                ranking_metrics, ranking_tallies, score_chunks, split_counts, window_part)
+                                ranking_metrics, ranking_tallies, score_chunks, settle_us, split_counts, window_part)
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.storage import Storage
@@ -135,9 +135,10 @@ class TaskPasses:
 
     def __init__(self, name: str, spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None,
                  dates: list[str], labels: pl.DataFrame | None) -> None:
-        index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
-        self.source = ray.put(Source(spec, Snapshot.of(table, storage),
-                                     Snapshot.of(beside, storage) if beside is not None else None, index))
+        self.index = LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end) if labels is not None else None
+        self.source = Source(spec, Snapshot.of(table, storage), Snapshot.of(beside, storage) if beside is not None
+                             else None, None)
+        self.reach_us = settle_us(spec)          # `since_event_us` past it counts as clear of events, as null does
         self.dates = dates
         self.groups = slices(dates, int(Resources.current().cpus))
         self.progress = ProgressDisplay(name, 2 * len(dates), "date passes")
@@ -145,10 +146,25 @@ class TaskPasses:
         self._tallies: ray.ObjectRef | None = None
         self._counts: list[ray.ObjectRef] = []
 
-    def first(self, first: FirstPass) -> Iterator[Any]:
-        """Each date's part, in date order; its positives (if any) stay in the object store."""
-        first_ref = ray.put(first)                         # once, however many dates
-        launched = [_first_pass.remote(self.source, date, first_ref) for date in self.dates]
+    def _source(self, dates: list[str]) -> Source:
+        """The source for a task that reads `dates` (consecutive): the labels cut to them (`LabelIndex.window`, a
+        day's margin either side), so no task holds the whole window's labels."""
+        if self.index is None:
+            return self.source
+        lo, hi = day_span_us(dates[0], dates[-1])
+        return replace(self.source, labels=self.index.window(lo, hi, self.reach_us))
+
+    def first(self, first: FirstPass, intervals: pl.DataFrame | None = None) -> Iterator[Any]:
+        """Each date's part, in date order; its positives (if any) stay in the object store. `intervals`: the
+        labelled intervals (`evaluate.event_intervals`) `first` takes as its keyword `intervals`: each date's task
+        gets those that overlap the date only."""
+        launched = []
+        for date in self.dates:
+            run = first
+            if intervals is not None:
+                lo, hi = day_span_us(date, date)
+                run = partial(first, intervals=intervals.filter((pl.col("_e") >= lo) & (pl.col("_s") <= hi)))
+            launched.append(_first_pass.remote(self._source([date]), date, run))
         self._positives = [positives for _, positives in launched]
         for i, (part, _) in enumerate(launched):
             yield raise_task_error(part)
@@ -165,7 +181,7 @@ class TaskPasses:
     def second(self, keep: Keep | None) -> list[pl.DataFrame]:
         """Each slice's kept rows, in date order; its negatives counted (after `freeze`) stay in the object store."""
         keep_ref = ray.put(keep)
-        launched = [_second_pass.remote(self.source, group, self._tallies, keep_ref) for group in self.groups]
+        launched = [_second_pass.remote(self._source(group), group, self._tallies, keep_ref) for group in self.groups]
         self._counts = [counts for counts, _ in launched]
         kept, done = [], len(self.dates)
         for group, (_, rows) in zip(self.groups, launched):
@@ -181,6 +197,16 @@ class TaskPasses:
                                                 metrics.kind_list, list(curves)))
 
 
+def day_span_us(first: str, last: str) -> tuple[int, int]:
+    """Microseconds from a day before `first` (a date, YYYY-MM-DD) to a day after `last` ends: the span a task's
+    ticks of those dates lie in, with a day's margin either side."""
+    lo = int(np.datetime64(first, "us").astype(np.int64)) - DAY_US
+    return lo, int(np.datetime64(last, "us").astype(np.int64)) + 2 * DAY_US
+
+
+DAY_US = 86_400_000_000
+
+
 def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
                       labels: pl.DataFrame, bucket_us: int | None
                       ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None]:
@@ -189,7 +215,7 @@ def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: D
     evaluation = WindowEvaluation(spec, labels)
     passes = TaskPasses("evaluate", spec, storage, table, beside, dates, labels)
     entity = None
-    for part in passes.first(partial(window_part, spec=spec, intervals=evaluation.intervals)):
+    for part in passes.first(partial(window_part, spec=spec, intervals=evaluation.intervals), evaluation.intervals):
         evaluation.add_part(part)
         entity = entity or part.metrics.first_entity
     passes.freeze(evaluation.metrics)

@@ -53,10 +53,10 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     labels = checked.usable if checked is not None else None
     evaluation = WindowEvaluation(spec, labels) if labels is not None else None
     window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events)
-    first = partial(report_part, spec=spec, top=top_events,
-                    intervals=evaluation.intervals if evaluation is not None else None)
+    first = partial(report_part, spec=spec, top=top_events, intervals=evaluation.intervals if evaluation else None)
     passes = TaskPasses("report", spec, storage, table, None, dates, labels) if ray_running() else None
-    for part, positives in (((p, None) for p in passes.first(first)) if passes else
+    intervals = evaluation.intervals if evaluation is not None else None
+    for part, positives in (((p, None) for p in passes.first(first, intervals)) if passes else
                             (first(chunk) for chunk in score_chunks(table, spec, dates, labels))):
         window.add_part(part.facts)
         found.add_part(part.events)

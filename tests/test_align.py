@@ -171,3 +171,33 @@ def test_label_ticks_agree_with_checking_every_interval_overlaps_included(tiny_s
         covering = sorted((a, i, k) for i, (m, a, b, k) in enumerate(zip(labels["machine_id"], s, e, labels["kind"]))
                           if m == entity and a <= t <= b)
         assert label == bool(covering) and kind == (covering[0][2] if covering else None)
+
+
+def test_a_label_index_cut_to_a_window_labels_its_ticks_as_the_whole_does(tiny_spec):
+    """`LabelIndex.window` (what an evaluate task gets for its dates): random, overlapping intervals, some long ones
+    reaching into the window from far before and a tie of starts; the window's ticks get the same label and kind
+    as from the whole index, the same time since the last event up to the reach and none (or more) beyond it."""
+    from pipelines.align import LabelIndex, attach_labels
+
+    rng = np.random.default_rng(11)
+    starts = T0 + rng.integers(0, 1000, 60) * M
+    labels = pl.DataFrame({"machine_id": rng.choice(["a", "b", "c"], 60), "start_ts": starts,
+                           "end_ts": starts + rng.integers(0, 300, 60) * M, "kind": rng.choice(["x", "y", "z"], 60)})
+    extra = pl.DataFrame({"machine_id": ["a", "b", "b"], "start_ts": [T0, T0 + 500 * M, T0 + 500 * M],
+                          "end_ts": [T0 + 800 * M, T0 + 520 * M, T0 + 505 * M], "kind": ["long", "tie1", "tie2"]})
+    labels = pl.concat([labels, extra]).with_columns(pl.from_epoch("start_ts", "us").dt.replace_time_zone("UTC"),
+                                                     pl.from_epoch("end_ts", "us").dt.replace_time_zone("UTC"))
+    whole = LabelIndex.build(labels, tiny_spec, "start_ts", "end_ts")
+    lo, hi, reach = T0 + 500 * M, T0 + 700 * M, 30 * M
+    ticks = pl.DataFrame({"machine_id": rng.choice(["a", "b", "c", "d"], 500),
+                          TIME: lo + rng.integers(0, 201, 500) * M})
+    cut = whole.window(lo, hi, reach)
+    assert cut.started.height < whole.started.height and cut.ends.height < whole.ends.height
+    a, b = attach_labels(ticks, whole, tiny_spec), attach_labels(ticks, cut, tiny_spec)
+    assert a["label"].to_list() == b["label"].to_list() and a["label_kind"].to_list() == b["label_kind"].to_list()
+    assert a["label"].sum() > 0 and "long" in a["label_kind"].to_list()
+    for before, after, t in zip(a["since_event_us"], b["since_event_us"], ticks[TIME]):
+        if before is not None and before <= reach + (t - lo):        # every end from `reach` before the window on
+            assert after == before
+        else:
+            assert after is None or after >= reach

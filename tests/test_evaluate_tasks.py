@@ -126,6 +126,13 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
     assert short["by_normal_ticks"]["0-5 min"]["ticks"] == 0                 # a tick every 10 minutes
     assert short["by_normal_ticks"]["clear"]["ticks"] > 0 and short["by_normal_ticks"]["5-15 min"]["ticks"] > 0
     assert "where the fused ROC-AUC falls short of 1" in (tasks_dir / "metrics.txt").read_text()
+    # each task holds its dates' labels (a day's margin either side), not the window's
+    passes = et.TaskPasses("t", spec, Storage(), ev.open_scores(spec, Storage()), None,
+                           [d.isoformat() for d in DATES], read_labels(spec, Storage()))
+    assert passes.index.started.height == 5
+    assert passes._source([DATES[0].isoformat()]).labels.started.height == 3                # 130-160, 250-, 280-
+    assert passes._source([DATES[-1].isoformat()]).labels.started.height == 1               # 575-600
+    assert passes._source([d.isoformat() for d in DATES]).labels.started.height == 5
 
 
 def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():
