@@ -76,7 +76,7 @@ class Calibration:
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
-                      "validation_alarm_rate": float(smoothed.above(value).size / scored) if scored else 0.0,
+                      "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
                       "threshold_method": threshold.method}

@@ -417,9 +417,9 @@ def fit_tail(values: np.ndarray | Values) -> dict[str, Any]:
         return {"levels": [0.0], "knots": [0.0], "rate": 1.0, "n": 0}
     knots = np.maximum.accumulate(values.quantiles(_TAIL_KNOTS))
     knots, first = np.unique(knots, return_index=True)                  # ties: one knot, its lowest level
-    excess = values.above(knots[-1]) - knots[-1]              # sorted: the same mean wherever they were held
+    _, mean_excess = values.excess_mean(knots[-1])       # a count and a sum where the values lie, not the values
     # mean excess at least 0.05 (contributions are in IQR units): a tail never steeper than that
-    rate = 1.0 / max(float(excess.mean(dtype=np.float64)) if excess.size else 0.0, 0.05)
+    rate = 1.0 / max(mean_excess, 0.05)
     return {"levels": _TAIL_KNOTS[first].tolist(), "knots": knots.tolist(), "rate": rate, "n": n}
 
 

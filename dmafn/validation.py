@@ -35,6 +35,14 @@ class Values(Protocol):
         """The values > level, sorted."""
         ...
 
+    def count_above(self, level: float) -> int:
+        """How many values are > level."""
+        ...
+
+    def excess_mean(self, level: float) -> tuple[int, float]:
+        """How many values are > level and the mean of their excess over it (0.0 with none), in float64."""
+        ...
+
 
 class ArrayValues:
     """`Values` of an array in memory (non-finite entries left out; float32 stays float32, as numpy computes
@@ -53,6 +61,13 @@ class ArrayValues:
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self.values[self.values > level])
+
+    def count_above(self, level: float) -> int:
+        return int(np.count_nonzero(self.values > level))
+
+    def excess_mean(self, level: float) -> tuple[int, float]:
+        excess = self.above(level) - level
+        return int(excess.size), float(excess.mean(dtype=np.float64)) if excess.size else 0.0
 
 
 def as_values(values: np.ndarray | Values) -> Values:

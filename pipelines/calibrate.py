@@ -2,11 +2,13 @@
 
 Each validation shard's task scores its ticks and keeps the raw scores in the object store (sorted by entity
 and time); the driver holds their references, the shards' tick counts, at most `GATHER_MAX` values per
-quantile's last round and the tails the fit reads (`above`: 1-2 % of the ticks). What the fit asks of the ticks:
+quantile's last round and the POT threshold's tail (`above`: 2 % of the ticks' fused scores, which its
+probability-weighted moments rank). What the fit asks of the ticks:
 - a column's finite values (log errors, latent terms, contributions): each shard's task sorts its values;
   their count, exact quantiles (`dmafn.validation.select_ranks`: counts at levels and small gathers, a few
-  rounds of small tasks, the same numbers as `np.quantile` on the whole column) and the values above a level
-  (the POT threshold's tail);
+  rounds of small tasks, the same numbers as `np.quantile` on the whole column), how many pass a level and
+  their mean excess over it (each shard's count and sum; read whole, as in memory, when at most `GATHER_MAX`:
+  a contribution's tail surprise) and the values above a level (the POT threshold's tail);
 - the fused scores smoothed per entity: each entity bucket's shards in date order, a chain of tasks handing
   on each entity's smoothing state (`Calibration.smooth_carried`: the same values as smoothing each entity's
   whole validation series);
@@ -91,12 +93,15 @@ def _total(part: ShardPart, sums) -> dict[str, np.ndarray]:
 
 @ray.remote(num_cpus=1)
 def _ask(v: np.ndarray, question: str, args: Any) -> Any:
-    """One sorted column of a shard answers: how many values <= each level; its values in each (lo, hi]; a sample
-    of them in each (lo, hi]."""
+    """One sorted column of a shard answers: how many values <= each level; its values in each (lo, hi]; how many
+    are > a level and their summed excess over it; a sample of them in each (lo, hi]."""
     if question == "count_le":
         return np.searchsorted(v, args, side="right")
     if question == "between":
         return [v[np.searchsorted(v, lo, side="right"):np.searchsorted(v, hi, side="right")] for lo, hi in args]
+    if question == "excess":                                       # count and summed excess of the values > level
+        excess = v[np.searchsorted(v, args, side="right"):] - args
+        return excess.size, float(np.sum(excess, dtype=np.float64))
     intervals, k = args
     return [sorted_part_sample(v, lo, hi, k) for lo, hi in intervals]
 
@@ -160,6 +165,17 @@ class ShardValues:
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self._between([(level, np.inf)])[0])
+
+    def count_above(self, level: float) -> int:
+        return self.count() - int(np.sum(self._ask("count_le", [level])))
+
+    def excess_mean(self, level: float) -> tuple[int, float]:
+        n = self.count_above(level)
+        if n == 0:
+            return 0, 0.0
+        if n <= GATHER_MAX:                            # few enough to read whole: the mean as in memory, to the bit
+            return n, float((self.above(level) - level).mean(dtype=np.float64))
+        return n, sum(total for _, total in self._ask("excess", float(level))) / n   # else summed where they lie
 
 
 class ShardTicks:

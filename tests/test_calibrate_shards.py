@@ -82,3 +82,24 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
         assert close(shards, whole, 1e-9 if state else 1e-12)
     assert whole["validation"]["validation_ticks"] == len(groups)
     assert ("baseline" in whole) == state
+
+
+def test_a_long_tail_is_fitted_from_counts_and_sums_where_it_lies(local_ray, monkeypatch):
+    """`contribution_scale: tail` with more values past the 99 % quantile than the driver reads whole: each shard
+    answers how many of its values pass the level and their summed excess, never the values, and the fit agrees
+    with the one in memory (to the order the floats were summed in)."""
+    import pipelines.calibrate as calibrate
+
+    groups, time, raw = _fleet(None)
+    fit = dict(detector="autoencoder", vote="attention", smoothing=SmoothingSpec(method="ewma", alpha=0.5),
+               threshold=ThresholdSpec(method="quantile", quantile=0.99), scale="tail", state_baseline=False)
+    whole = Calibration.fit(raw, MODALITIES, groups=groups, **fit).to_dict()
+    monkeypatch.setattr(calibrate, "GATHER_MAX", 16)      # ~40 values per modality past the 99 % quantile
+    asked = []
+    answer = calibrate._ask.remote
+    monkeypatch.setattr(calibrate._ask, "remote", lambda *a: asked.append(a[1:]) or answer(*a))
+    shards = Calibration.fit_from(_shard_ticks(groups, time, raw, local_ray), MODALITIES, **fit).to_dict()
+    excess = [args for question, args in asked if question == "excess"]      # one question per shard and modality
+    assert excess and len(excess) % len(MODALITIES) == 0
+    assert not any(question == "between" and any(hi == np.inf for _, hi in args) for question, args in asked)
+    assert close(shards, whole, 1e-12) and shards["tail"]["a"]["n"] == whole["tail"]["a"]["n"] > 3000
