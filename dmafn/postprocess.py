@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from dmafn.validation import Values, as_values
+from dmafn.validation import Values, as_values, excess_moments
 
 
 def ewma(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -69,12 +69,14 @@ def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: 
 
 def gpd_fit(excesses: np.ndarray) -> tuple[float, float]:
     """Generalised Pareto (shape gamma, scale sigma) by probability-weighted moments (Hosking & Wallis 1987)."""
-    x = np.sort(np.asarray(excesses, float))
-    n = x.size
+    return gpd_from_moments(*excess_moments(excesses))
+
+
+def gpd_from_moments(n: int, b0: float, b1: float) -> tuple[float, float]:
+    """`gpd_fit` from n excesses' probability-weighted moments b0 = E[X] and b1 = E[X F(X)]
+    (`dmafn.validation.excess_moments`)."""
     if n < 3:
-        return 0.0, float(max(x.mean() if n else 1.0, 1e-9))
-    b0 = x.mean()
-    b1 = np.sum(x * (np.arange(n)) / (n - 1)) / n       # E[X F(X)] with plotting positions i/(n-1)
+        return 0.0, float(max(b0 if n else 1.0, 1e-9))
     # With a0 = E[X] and a1 = E[X (1 - F)] = b0 - b1: k = a0 / (a0 - 2 a1) - 2, sigma = 2 a0 a1 / (a0 - 2 a1)
     a0, a1 = b0, b0 - b1
     denom = a0 - 2 * a1
@@ -93,11 +95,11 @@ def pot_threshold(scores: np.ndarray | Values, risk: float, level: float = 0.98)
     if n < 10:
         raise ValueError(f"POT needs at least 10 validation scores, got {n}")
     t = float(values.quantiles([level])[0])
-    excesses = values.above(t) - t
-    if excesses.size < 3 or risk * n >= excesses.size:
+    n_t, b0, b1 = values.excess_moments(t)           # where the values lie, not the excesses themselves
+    if n_t < 3 or risk * n >= n_t:
         return float(values.quantiles([1 - risk])[0])
-    gamma, sigma = gpd_fit(excesses)
-    ratio = risk * n / excesses.size
+    gamma, sigma = gpd_from_moments(n_t, b0, b1)
+    ratio = risk * n / n_t
     if abs(gamma) < 1e-6:
         return t - sigma * math.log(ratio)
     return t + sigma / gamma * (ratio ** (-gamma) - 1)

@@ -43,6 +43,10 @@ class Values(Protocol):
         """How many values are > level and the mean of their excess over it (0.0 with none), in float64."""
         ...
 
+    def excess_moments(self, level: float) -> tuple[int, float, float]:
+        """`excess_moments` of the values' excesses over level (those > level)."""
+        ...
+
 
 class ArrayValues:
     """`Values` of an array in memory (non-finite entries left out; float32 stays float32, as numpy computes
@@ -68,6 +72,19 @@ class ArrayValues:
     def excess_mean(self, level: float) -> tuple[int, float]:
         excess = self.above(level) - level
         return int(excess.size), float(excess.mean(dtype=np.float64)) if excess.size else 0.0
+
+    def excess_moments(self, level: float) -> tuple[int, float, float]:
+        return excess_moments(self.above(level) - level)
+
+
+def excess_moments(excesses: np.ndarray) -> tuple[int, float, float]:
+    """n excesses' probability-weighted moments (`dmafn.postprocess.gpd_fit`): n, b0 = their mean and b1 = E[X F(X)]
+    with plotting positions i/(n-1) over them sorted (b1 0.0 for fewer than 2)."""
+    x = np.sort(np.asarray(excesses, float))
+    n = x.size
+    if n < 2:
+        return n, float(x.mean()) if n else 0.0, 0.0
+    return n, float(x.mean()), float(np.sum(x * (np.arange(n)) / (n - 1)) / n)
 
 
 def as_values(values: np.ndarray | Values) -> Values:

@@ -2,13 +2,14 @@
 
 Each validation shard's task scores its ticks and keeps the raw scores in the object store (sorted by entity
 and time); the driver holds their references, the shards' tick counts, at most `GATHER_MAX` values per
-quantile's last round and the POT threshold's tail (`above`: 2 % of the ticks' fused scores, which its
-probability-weighted moments rank). What the fit asks of the ticks:
+quantile's last round and at most `TAIL_READ` values of the POT threshold's tail at a time. What the fit asks of
+the ticks:
 - a column's finite values (log errors, latent terms, contributions): each shard's task sorts its values;
   their count, exact quantiles (`dmafn.validation.select_ranks`: counts at levels and small gathers, a few
   rounds of small tasks, the same numbers as `np.quantile` on the whole column), how many pass a level and
   their mean excess over it (each shard's count and sum; read whole, as in memory, when at most `GATHER_MAX`:
-  a contribution's tail surprise) and the values above a level (the POT threshold's tail);
+  a contribution's tail surprise) and the probability-weighted moments of those excesses (the POT threshold's
+  generalised Pareto fit: a long tail cut into pieces at sampled values and read a few pieces at a time);
 - the fused scores smoothed per entity: each entity bucket's shards in date order, a chain of tasks handing
   on each entity's smoothing state (`Calibration.smooth_carried`: the same values as smoothing each entity's
   whole validation series);
@@ -28,7 +29,8 @@ from dmafn.calibration import Calibration, group_scales
 from dmafn.features import featurize
 from dmafn.scoring import Column, RawScores, raw_scores
 from dmafn.spec import Spec
-from dmafn.validation import GATHER_MAX, ArrayValues, quantiles_from_ranks, select_ranks, sorted_part_sample
+from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, excess_moments, quantiles_from_ranks,
+                             select_ranks, sorted_part_sample)
 from pipelines.ingest import entity_string
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
@@ -123,6 +125,9 @@ def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[flo
     return group_scales(np.concatenate([s for _, s in keyed]), np.concatenate([g for g, _ in keyed]))
 
 
+TAIL_READ = 8 * GATHER_MAX     # values of a long POT tail read at once (`ShardValues.excess_moments`)
+
+
 class ShardValues:
     """`dmafn.validation.Values` of one column held sorted by the shards' objects: `summaries` (each shard's
     [(count, min, max, dtype)] of its columns), `j` the column's place there, `columns` its sorted values."""
@@ -158,10 +163,14 @@ class ShardValues:
         if n <= GATHER_MAX:                            # few enough to read whole (in their dtype, as numpy would)
             values = np.concatenate([raise_task_error(ref) for ref in self.columns])
             return ArrayValues(values.astype(dtype)).quantiles(qs)
-        return quantiles_from_ranks(n, qs, lambda ranks: select_ranks(
-            ranks, n=n, bounds=(lo, hi), count_le=lambda levels: np.sum(self._ask("count_le", levels), axis=0),
-            between=self._between, sample=lambda intervals, k: self._per_interval("sample", intervals, k),
-            gather_max=GATHER_MAX), np.dtype(dtype))
+        return quantiles_from_ranks(n, qs, lambda ranks: self._select(ranks, n, lo, hi), np.dtype(dtype))
+
+    def _select(self, ranks: list[int], n: int, lo: float, hi: float) -> dict[int, float]:
+        """The values at 0-based `ranks` (`select_ranks`, by rounds of counts and small gathers)."""
+        return select_ranks(ranks, n=n, bounds=(lo, hi),
+                            count_le=lambda levels: np.sum(self._ask("count_le", levels), axis=0),
+                            between=self._between, gather_max=GATHER_MAX,
+                            sample=lambda intervals, k: self._per_interval("sample", intervals, k))
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self._between([(level, np.inf)])[0])
@@ -176,6 +185,64 @@ class ShardValues:
         if n <= GATHER_MAX:                            # few enough to read whole: the mean as in memory, to the bit
             return n, float((self.above(level) - level).mean(dtype=np.float64))
         return n, sum(total for _, total in self._ask("excess", float(level))) / n   # else summed where they lie
+
+    def excess_moments(self, level: float) -> tuple[int, float, float]:
+        """As in memory (`dmafn.validation.excess_moments`), never holding a long tail: more than `GATHER_MAX`
+        values past `level` are cut into pieces of at most that many (at values sampled from every shard, their
+        exact counts from rounds of counts, as `select_ranks` cuts), read `TAIL_READ` values at a time, each adding
+        its excesses and its excesses weighted by their rank in the tail (its offset known from the counts)."""
+        n_t = self.count_above(level)
+        if n_t <= GATHER_MAX:                          # few enough to read whole: the numbers in memory, to the bit
+            return excess_moments(self.above(level) - level)
+        n = self.count()
+        first = n - n_t                                # values <= level: the tail's ranks start there
+        pending, pieces = [(level, np.inf, first, n)], []          # (lo, hi] and how many values are <= lo, hi
+        while pending:
+            pieces += [p for p in pending if p[3] - p[2] <= GATHER_MAX]
+            big = [p for p in pending if p[3] - p[2] > GATHER_MAX]
+            pending = []
+            if not big:
+                break
+            samples = self._per_interval("sample", [(lo, hi) for lo, hi, _, _ in big], SPLIT_BINS)
+            inside = [np.unique(v[(v > lo) & (v < hi)]) for (lo, hi, _, _), v in zip(big, samples)]
+            cut = [c for c in inside if c.size]
+            counts = iter(np.sum(self._ask("count_le", np.concatenate(cut)), axis=0).tolist() if cut else [])
+            for (lo, hi, c_lo, c_hi), edges in zip(big, inside):
+                if not edges.size:                     # every value there equals hi: a tie, not read (below)
+                    pieces.append((lo, hi, c_lo, c_hi))
+                    continue
+                at = [c_lo, *(next(counts) for _ in edges), c_hi]
+                bounds = [lo, *edges.tolist(), hi]
+                pending += [(bounds[i], bounds[i + 1], at[i], at[i + 1]) for i in range(len(edges) + 1)
+                            if at[i + 1] > at[i]]
+        pieces.sort()
+        total, weighted, batch, held = 0.0, 0.0, [], 0
+
+        def add(piece: tuple[float, float, int, int], values: np.ndarray) -> None:
+            nonlocal total, weighted
+            x = np.sort(values) - level
+            total += float(np.sum(x))
+            weighted += float(np.sum(x * np.arange(piece[2] - first, piece[3] - first)))
+
+        def read() -> None:
+            for piece, values in zip(batch, self._between([p[:2] for p in batch])):
+                add(piece, values)
+
+        for piece in pieces:
+            size = piece[3] - piece[2]
+            if size > GATHER_MAX:                      # a tie at hi: its values are known without reading them
+                x, offset = piece[1] - level, piece[2] - first
+                total += x * size
+                weighted += x * (offset * size + size * (size - 1) / 2)
+                continue
+            if batch and held + size > TAIL_READ:
+                read()
+                batch, held = [], 0
+            batch.append(piece)
+            held += size
+        if batch:
+            read()
+        return n_t, total / n_t, weighted / (n_t - 1) / n_t
 
 
 class ShardTicks:

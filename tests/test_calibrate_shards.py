@@ -103,3 +103,37 @@ def test_a_long_tail_is_fitted_from_counts_and_sums_where_it_lies(local_ray, mon
     assert excess and len(excess) % len(MODALITIES) == 0
     assert not any(question == "between" and any(hi == np.inf for _, hi in args) for question, args in asked)
     assert close(shards, whole, 1e-12) and shards["tail"]["a"]["n"] == whole["tail"]["a"]["n"] > 3000
+
+
+def test_a_long_pot_tail_is_read_in_pieces(local_ray, monkeypatch):
+    """The POT threshold on more excesses than the driver reads whole: the tail is cut into pieces at values
+    sampled from the shards (exact counts), read a few at a time and never whole, each adding its excesses and its
+    rank-weighted excesses; the calibration and the probability-weighted moments agree with the in-memory ones, a
+    long tie included."""
+    import pipelines.calibrate as calibrate
+    from dmafn.validation import ArrayValues
+
+    groups, time, raw = _fleet(None)
+    fit = dict(detector="autoencoder", vote="attention", smoothing=SmoothingSpec(method="ewma", alpha=0.5),
+               threshold=ThresholdSpec(method="pot", risk=1e-3), scale="robust", state_baseline=False)
+    whole = Calibration.fit(raw, MODALITIES, groups=groups, **fit).to_dict()
+    monkeypatch.setattr(calibrate, "GATHER_MAX", 16)      # ~80 smoothed scores past their 98 % quantile
+    monkeypatch.setattr(calibrate, "TAIL_READ", 24)
+    monkeypatch.setattr(calibrate.ShardValues, "above", lambda *_: pytest.fail("the whole tail was read"))
+    shards = Calibration.fit_from(_shard_ticks(groups, time, raw, local_ray), MODALITIES, **fit).to_dict()
+    assert close(shards, whole, 1e-12)
+    # the moments themselves: values in three shards, ties across pieces' edges and one tie longer than a piece
+    rng = np.random.default_rng(4)
+    values = np.r_[np.round(rng.exponential(1.0, 3000), 2), np.full(40, 2.5)]
+    parts = [np.sort(p) for p in np.array_split(rng.permutation(values), 3)]
+    held = calibrate.ShardValues([local_ray.put([(len(p), float(p[0]), float(p[-1]), "<f8")]) for p in parts], 0,
+                                 [local_ray.put(p) for p in parts])
+    read = []
+    between = calibrate.ShardValues._between
+    monkeypatch.setattr(calibrate.ShardValues, "_between",
+                        lambda self, intervals: read.append(out := between(self, intervals)) or out)
+    level = float(np.quantile(values, 0.8))
+    n, b0, b1 = held.excess_moments(level)
+    m, c0, c1 = ArrayValues(values).excess_moments(level)
+    assert n == m > 16 and b0 == pytest.approx(c0, rel=1e-12) and b1 == pytest.approx(c1, rel=1e-12)
+    assert read and max(sum(v.size for v in answer) for answer in read) <= 24
