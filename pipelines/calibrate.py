@@ -125,6 +125,13 @@ def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[flo
     return group_scales(np.concatenate([s for _, s in keyed]), np.concatenate([g for g, _ in keyed]))
 
 
+def _spread(values: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of sorted `values`, evenly spaced among them."""
+    if values.size <= most:
+        return values
+    return np.unique(values[np.linspace(0, values.size - 1, most).round().astype(int)])
+
+
 TAIL_READ = 8 * GATHER_MAX     # values of a long POT tail read at once (`ShardValues.excess_moments`)
 
 
@@ -204,7 +211,10 @@ class ShardValues:
             if not big:
                 break
             samples = self._per_interval("sample", [(lo, hi) for lo, hi, _, _ in big], SPLIT_BINS)
-            inside = [np.unique(v[(v > lo) & (v < hi)]) for (lo, hi, _, _), v in zip(big, samples)]
+            # as many cuts as pieces of about half GATHER_MAX need (evenly spaced among the samples): every shard
+            # answers each piece's read and count with one array, so thousands of tiny pieces would cost more
+            inside = [_spread(np.unique(v[(v > lo) & (v < hi)]), 2 * -(-(c_hi - c_lo) // max(GATHER_MAX // 2, 1)))
+                      for (lo, hi, c_lo, c_hi), v in zip(big, samples)]
             cut = [c for c in inside if c.size]
             counts = iter(np.sum(self._ask("count_le", np.concatenate(cut)), axis=0).tolist() if cut else [])
             for (lo, hi, c_lo, c_hi), edges in zip(big, inside):
