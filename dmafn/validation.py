@@ -132,27 +132,46 @@ def select_ranks(ranks: list[int], *, n: int, bounds: tuple[float, float],
                 del open_ranks[r]
         if not intervals:
             continue
-        cuts = {}
-        for (lo, hi, _, _), values in zip(intervals, sample([(iv[0], iv[1]) for iv in intervals], bins)):
-            values = np.unique(values)
-            cuts[(lo, hi)] = values[(values > lo) & (values < hi)]
-        for iv in [iv for iv in intervals if not cuts[iv[:2]].size]:   # every part's values there equal hi
-            for r in intervals.pop(iv):
-                found[r] = iv[1]
-                del open_ranks[r]
-        if not intervals:
-            continue
-        counts = count_le(np.concatenate([cuts[iv[:2]] for iv in intervals]))
-        at = 0
-        for (lo, hi, c_lo, c_hi), rs in intervals.items():
-            edges = cuts[(lo, hi)]
-            all_edges, all_counts = np.r_[lo, edges, hi], np.r_[c_lo, counts[at:at + len(edges)], c_hi]
-            at += len(edges)
+        for iv, cut in zip(list(intervals), cut_intervals(list(intervals), sample, count_le, bins)):
+            rs = intervals.pop(iv)
+            if cut is None:                            # every part's values there equal hi
+                for r in rs:
+                    found[r] = iv[1]
+                    del open_ranks[r]
+                continue
+            all_edges, all_counts = cut
             for r in rs:
                 j = int(np.searchsorted(all_counts, r, side="right")) - 1     # count_le(e_j) <= r < count_le(e_j+1)
                 open_ranks[r] = (float(all_edges[j]), float(all_edges[j + 1]), int(all_counts[j]),
                                  int(all_counts[j + 1]))
     return found
+
+
+def cut_intervals(intervals: list[tuple[float, float, int, int]],
+                  sample: Callable[[list[tuple[float, float]], int], list[np.ndarray]],
+                  count_le: Callable[[np.ndarray], np.ndarray], bins: int, most: list[int] | None = None,
+                  ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Each (lo, hi, c_lo, c_hi) - the values in (lo, hi], c_lo and c_hi of them <= lo and hi - cut at the values
+    `sample` draws there from every part (`select_ranks`), at most `most[i]` of them evenly spaced: its edges
+    (lo, the cuts, hi) and how many values are <= each; None where no sampled value lies strictly inside (every
+    value there equals hi)."""
+    cuts = []
+    for i, ((lo, hi, _, _), values) in enumerate(zip(intervals, sample([iv[:2] for iv in intervals], bins))):
+        values = np.unique(values)
+        inside = values[(values > lo) & (values < hi)]
+        if most is not None and inside.size > most[i]:
+            inside = np.unique(inside[np.linspace(0, inside.size - 1, most[i]).round().astype(int)])
+        cuts.append(inside)
+    cut = [c for c in cuts if c.size]
+    counts = count_le(np.concatenate(cut)) if cut else np.zeros(0, np.int64)
+    out, at = [], 0
+    for (lo, hi, c_lo, c_hi), edges in zip(intervals, cuts):
+        if not edges.size:
+            out.append(None)
+            continue
+        out.append((np.r_[lo, edges, hi], np.r_[c_lo, counts[at:at + len(edges)], c_hi]))
+        at += len(edges)
+    return out
 
 
 def sorted_part_sample(part: np.ndarray, lo: float, hi: float, k: int) -> np.ndarray:

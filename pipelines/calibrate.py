@@ -29,8 +29,8 @@ from dmafn.calibration import Calibration, group_scales
 from dmafn.features import featurize
 from dmafn.scoring import Column, RawScores, raw_scores
 from dmafn.spec import Spec
-from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, excess_moments, quantiles_from_ranks,
-                             select_ranks, sorted_part_sample)
+from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
+                             quantiles_from_ranks, select_ranks, sorted_part_sample)
 from pipelines.ingest import entity_string
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
@@ -125,13 +125,6 @@ def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[flo
     return group_scales(np.concatenate([s for _, s in keyed]), np.concatenate([g for g, _ in keyed]))
 
 
-def _spread(values: np.ndarray, most: int) -> np.ndarray:
-    """At most `most` of sorted `values`, evenly spaced among them."""
-    if values.size <= most:
-        return values
-    return np.unique(values[np.linspace(0, values.size - 1, most).round().astype(int)])
-
-
 TAIL_READ = 8 * GATHER_MAX     # values of a long POT tail read at once (`ShardValues.excess_moments`)
 
 
@@ -174,16 +167,20 @@ class ShardValues:
 
     def _select(self, ranks: list[int], n: int, lo: float, hi: float) -> dict[int, float]:
         """The values at 0-based `ranks` (`select_ranks`, by rounds of counts and small gathers)."""
-        return select_ranks(ranks, n=n, bounds=(lo, hi),
-                            count_le=lambda levels: np.sum(self._ask("count_le", levels), axis=0),
-                            between=self._between, gather_max=GATHER_MAX,
-                            sample=lambda intervals, k: self._per_interval("sample", intervals, k))
+        return select_ranks(ranks, n=n, bounds=(lo, hi), count_le=self._count_le, between=self._between,
+                            sample=self._sample, gather_max=GATHER_MAX)
+
+    def _count_le(self, levels) -> np.ndarray:
+        return np.sum(self._ask("count_le", levels), axis=0)
+
+    def _sample(self, intervals: list[tuple[float, float]], k: int) -> list[np.ndarray]:
+        return self._per_interval("sample", intervals, k)
 
     def above(self, level: float) -> np.ndarray:
         return np.sort(self._between([(level, np.inf)])[0])
 
     def count_above(self, level: float) -> int:
-        return self.count() - int(np.sum(self._ask("count_le", [level])))
+        return self.count() - int(self._count_le([level])[0])
 
     def excess_mean(self, level: float) -> tuple[int, float]:
         n = self.count_above(level)
@@ -210,21 +207,16 @@ class ShardValues:
             pending = []
             if not big:
                 break
-            samples = self._per_interval("sample", [(lo, hi) for lo, hi, _, _ in big], SPLIT_BINS)
-            # as many cuts as pieces of about half GATHER_MAX need (evenly spaced among the samples): every shard
-            # answers each piece's read and count with one array, so thousands of tiny pieces would cost more
-            inside = [_spread(np.unique(v[(v > lo) & (v < hi)]), 2 * -(-(c_hi - c_lo) // max(GATHER_MAX // 2, 1)))
-                      for (lo, hi, c_lo, c_hi), v in zip(big, samples)]
-            cut = [c for c in inside if c.size]
-            counts = iter(np.sum(self._ask("count_le", np.concatenate(cut)), axis=0).tolist() if cut else [])
-            for (lo, hi, c_lo, c_hi), edges in zip(big, inside):
-                if not edges.size:                     # every value there equals hi: a tie, not read (below)
-                    pieces.append((lo, hi, c_lo, c_hi))
+            # as many cuts as pieces of about half GATHER_MAX need: every shard answers each piece's read with an
+            # array, so thousands of tiny pieces would cost more than the values
+            most = [2 * -(-(c_hi - c_lo) // max(GATHER_MAX // 2, 1)) for _, _, c_lo, c_hi in big]
+            for piece, cut in zip(big, cut_intervals(big, self._sample, self._count_le, SPLIT_BINS, most)):
+                if cut is None:                        # every value there equals hi: a tie, not read (below)
+                    pieces.append(piece)
                     continue
-                at = [c_lo, *(next(counts) for _ in edges), c_hi]
-                bounds = [lo, *edges.tolist(), hi]
-                pending += [(bounds[i], bounds[i + 1], at[i], at[i + 1]) for i in range(len(edges) + 1)
-                            if at[i + 1] > at[i]]
+                edges, at = cut
+                pending += [(float(edges[i]), float(edges[i + 1]), int(at[i]), int(at[i + 1]))
+                            for i in range(len(edges) - 1) if at[i + 1] > at[i]]
         pieces.sort()
         total, weighted, batch, held = 0.0, 0.0, [], 0
 

@@ -156,8 +156,8 @@ class TaskPasses:
 
     def first(self, first: FirstPass, intervals: pl.DataFrame | None = None) -> Iterator[Any]:
         """Each date's part, in date order; its positives (if any) stay in the object store. `intervals`: the
-        labelled intervals (`evaluate.event_intervals`) `first` takes as its keyword `intervals`: each date's task
-        gets those that overlap the date only."""
+        labelled intervals (`evaluate.event_intervals`) `first` takes as its keyword `intervals` (bound here, in place
+        of any bound before): each date's task gets those that overlap the date only."""
         launched = []
         for date in self.dates:
             run = first
@@ -215,7 +215,7 @@ def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: D
     evaluation = WindowEvaluation(spec, labels)
     passes = TaskPasses("evaluate", spec, storage, table, beside, dates, labels)
     entity = None
-    for part in passes.first(partial(window_part, spec=spec, intervals=evaluation.intervals), evaluation.intervals):
+    for part in passes.first(partial(window_part, spec=spec), evaluation.intervals):   # each date's intervals
         evaluation.add_part(part)
         entity = entity or part.metrics.first_entity
     passes.freeze(evaluation.metrics)

@@ -47,7 +47,7 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
                       pin: bool = True, *splits: SplitFile) -> Iterator[tuple[int, int] | ShardScores]:
     """Streams (ticks done, ticks total) at most once a second while it scores, then the shard's `ShardScores`.
     `mv`: the model version without its statistics, `stats` those of the shard's entity bucket
-    (`bucket_statistics`); `splits`: its files split by entity bucket (`pipelines.staging`), read in their place."""
+    (`pipelines.statistics.BucketStatistics`); `splits`: its files split by entity bucket (`pipelines.staging`), read in their place."""
     mv = mv.with_statistics(stats)
     import torch
 

@@ -30,17 +30,15 @@ class EntityStatistics:
     memory (`of`), or as an entity file's rows (`rows`), made Python objects only for the entities asked for."""
 
     def __init__(self, fleet: dict[str, Any], *, parts: dict[str, dict[str, Any]] | None = None,
-                 rows: pa.Table | None = None) -> None:
-        self.fleet, self._parts, self._rows = fleet, parts, rows
+                 rows: pa.Table | None = None, whole: dict[str, Any] | None = None) -> None:
+        self.fleet, self._parts, self._rows, self._whole = fleet, parts, rows, whole
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> "EntityStatistics":
         """Whole statistics (as fitted, or as a manifest that holds every entity's parts), split; `whole` is
         `stats` itself."""
         fleet, parts = split_entity_statistics(stats)
-        split = cls(fleet, parts=parts)
-        split.__dict__["whole"] = stats
-        return split
+        return cls(fleet, parts=parts, whole=stats)
 
     @cached_property
     def _row_of(self) -> dict[str, int]:
@@ -58,10 +56,12 @@ class EntityStatistics:
         rows = sorted(self._row_of[k] for k in set(keys) if k in self._row_of)
         return join_entity_statistics(self.fleet, entity_parts(self._rows.take(pa.array(rows, pa.int64()))))
 
-    @cached_property
+    @property
     def whole(self) -> dict[str, Any]:
-        """Every entity's parts joined to the fleet's."""
-        return self.for_keys(self.keys())
+        """Every entity's parts joined to the fleet's (once)."""
+        if self._whole is None:
+            self._whole = self.for_keys(self.keys())
+        return self._whole
 
 
 class BucketStatistics:
