@@ -234,16 +234,32 @@ class _Range:
         return self
 
 
-def fit_ranges(ranges: dict[str, _Range]) -> dict[str, Any] | None:
+def fit_ranges(ranges: dict[str, _Range], fleet: _Range | None = None) -> dict[str, Any] | None:
     """Where a relation's quantities were seen on the training days, per entity (those with 2 rows or more, as
     the fits) and over the fleet: at scoring each is held inside it, so a prediction never extrapolates from an
-    abnormal predictor. Kept once per relation, not per channel (a quantity is in every other channel's design)."""
-    seen = {key: r for key, r in ranges.items() if r.n >= 2}
-    if not seen:
+    abnormal predictor. Kept once per relation, not per channel (a quantity is in every other channel's design).
+    `fleet`: the fleet's range (`range_total`) where `ranges` are only some entities' (one bucket's)."""
+    fleet = range_total(ranges) if fleet is None else fleet
+    if fleet is None or fleet.n == 0:
         return None
-    fleet = [np.min([r.lo for r in seen.values()], 0).tolist(), np.max([r.hi for r in seen.values()], 0).tolist()]
-    return {"fleet": fleet,
-            "entities": {key: [r.lo.tolist(), r.hi.tolist()] for key, r in seen.items()}}
+    return {"fleet": [fleet.lo.tolist(), fleet.hi.tolist()], "entities": _entity_ranges(ranges)}
+
+
+def _entity_ranges(ranges: dict[str, _Range]) -> dict[str, list[list[float]]]:
+    return {key: [r.lo.tolist(), r.hi.tolist()] for key, r in ranges.items() if r.n >= 2}
+
+
+def range_total(ranges: dict[str, _Range]) -> _Range | None:
+    """The range over the entities with 2 rows or more (`fit_ranges`), its `n` their count; None without any
+    entity. Totals of disjoint entities merge (`_Range.merge`)."""
+    if not ranges:
+        return None
+    total = _Range(len(next(iter(ranges.values())).lo))
+    for r in ranges.values():
+        if r.n >= 2:
+            total.n += 1
+            total.lo, total.hi = np.minimum(total.lo, r.lo), np.maximum(total.hi, r.hi)
+    return total
 
 
 def clip_quantities(quantities: np.ndarray, ranges: dict[str, Any] | None,
@@ -316,32 +332,64 @@ class _RelationFit:
         return self
 
 
-def fit_relation(reg: _Regression) -> dict[str, Any] | None:
+class _EntityTotals:
+    """What a relation's fleet fit needs from its entities' sums (`_EntitySums`): over the entities with rows,
+    the sums of each one's design and target sums' products over its count (the cross products of the entity
+    means, taken out to leave within-entity deviations); over those with 2 rows or more (the fitted ones),
+    their rows, design and target sums. Totals of disjoint entities (entity buckets) add."""
+
+    def __init__(self, d: int):
+        self.xx, self.xy, self.yy = np.zeros((d, d)), np.zeros(d), 0.0
+        self.fitted, self.n, self.sx, self.sy = 0, 0, np.zeros(d), 0.0
+
+    @classmethod
+    def of(cls, reg: _Regression) -> "_EntityTotals":
+        totals = cls(reg.d)
+        counted = [e for e in reg.entities.values() if e.n]
+        if counted:
+            sums = np.stack([e.sx for e in counted])                      # (E, d)
+            counts = np.array([e.n for e in counted], np.float64)
+            ys = np.array([e.sy for e in counted])
+            totals.xx, totals.xy, totals.yy = sums.T @ (sums / counts[:, None]), sums.T @ (ys / counts), \
+                float(ys @ (ys / counts))
+        fits = [e for e in reg.entities.values() if e.n >= 2]              # one row has no deviation from its mean
+        totals.fitted, totals.n = len(fits), sum(e.n for e in fits)
+        totals.sx, totals.sy = sum((e.sx for e in fits), np.zeros(reg.d)), sum(e.sy for e in fits)
+        return totals
+
+    def merge(self, other: "_EntityTotals") -> "_EntityTotals":
+        self.xx, self.xy, self.yy = self.xx + other.xx, self.xy + other.xy, self.yy + other.yy
+        self.fitted, self.n = self.fitted + other.fitted, self.n + other.n
+        self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
+        return self
+
+
+def fit_relation(reg: _Regression, totals: _EntityTotals | None = None) -> dict[str, Any] | None:
     """One channel's relation: weights pooled over entities on within-entity deviations (each entity keeps its
-    own intercept, an unseen one gets the fleet's) and the residual's std (the unit of its error). None
-    without enough rows to fit it."""
-    fits = {key: e for key, e in reg.entities.items() if e.n >= 2}   # one row has no deviation from its mean
-    if not fits:
+    own intercept, `entity_intercepts`; an unseen one gets the fleet's) and the residual's std (the unit of its
+    error). None without enough rows to fit it. `totals`: the whole fleet's entity totals where `reg` holds only
+    the fleet's cross products (the entities then live in buckets); the intercepts are then left empty."""
+    whole = totals is None
+    totals = _EntityTotals.of(reg) if whole else totals
+    d, n = reg.d, totals.n
+    if not totals.fitted or n < 2 * d + 10:
         return None
-    d = reg.d
-    n = sum(e.n for e in fits.values())
-    if n < 2 * d + 10:
-        return None
-    counted = [e for e in reg.entities.values() if e.n]              # an entity's own means, taken out
-    sums = np.stack([e.sx for e in counted])                          # (E, d)
-    counts = np.array([e.n for e in counted], np.float64)
-    ys = np.array([e.sy for e in counted])
-    sxx = reg.sxx - sums.T @ (sums / counts[:, None])
-    sxy = reg.sxy - sums.T @ (ys / counts)
-    syy = reg.syy - float(ys @ (ys / counts))
+    sxx, sxy, syy = reg.sxx - totals.xx, reg.sxy - totals.xy, reg.syy - totals.yy
     ridge = 1e-6 * max(float(np.trace(sxx)) / d, 1e-12)
     weights = np.linalg.solve(sxx + ridge * np.eye(d), sxy)
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
     residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
-    total_x, total_y = sum(e.sx for e in fits.values()), sum(e.sy for e in fits.values())
-    return {"weights": weights.tolist(), "intercept": float((total_y - weights @ total_x) / n),
-            "entity_intercepts": {key: float((e.sy - weights @ e.sx) / e.n) for key, e in fits.items()},
-            "residual_std": max(residual, 1e-9), "spread": spread}
+    fitted = {"weights": weights.tolist(), "intercept": float((totals.sy - weights @ totals.sx) / n),
+              "entity_intercepts": {}, "residual_std": max(residual, 1e-9), "spread": spread}
+    if whole:
+        fitted["entity_intercepts"] = entity_intercepts(reg, fitted)
+    return fitted
+
+
+def entity_intercepts(reg: _Regression, fitted: dict[str, Any]) -> dict[str, float]:
+    """Each entity's own intercept (entities with 2 rows or more) under the fleet's fitted weights."""
+    weights = np.asarray(fitted["weights"])
+    return {key: float((e.sy - weights @ e.sx) / e.n) for key, e in reg.entities.items() if e.n >= 2}
 
 
 def _per_entity(stats: dict[str, Any], part: Callable[[str, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -588,9 +636,58 @@ class StatisticsFitter:
                                  "alike; drop or fix such rows at the source (or quarantine them upstream)")
         return lines
 
-    def result(self, transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
-        """The statistics; `transforms[m]`: the per-channel choice for an 'auto' modality made elsewhere (e.g.
-        across a fleet) instead of from these rows."""
+    def split(self, buckets: int, bucket_of: Callable[[str], int]) -> tuple["StatisticsFitter", list["StatisticsFitter"]]:
+        """This fitter as the fleet's part (the moments over every row, the text templates, the relations' cross
+        products) and `buckets` parts holding the per-entity state of the entities `bucket_of(key)` puts in each
+        (moments, trends, relation sums and ranges). Merging them all back gives this fitter; a fleet's fit can
+        then run with each bucket's entities in a different process (`totals`, `fleet_result`,
+        `entity_statistics`)."""
+        fleet, parts = StatisticsFitter(self.spec), [StatisticsFitter(self.spec) for _ in range(buckets)]
+        fleet.global_, fleet.templates_ = self.global_, self.templates_
+        bucket: dict[str, int] = {}
+
+        def part(key: str) -> "StatisticsFitter":
+            if key not in bucket:
+                bucket[key] = bucket_of(key)
+            return parts[bucket[key]]
+
+        for name, views in self.entity_.items():
+            for view, per_entity in views.items():
+                for key, moments in per_entity.items():
+                    part(key).entity_[name][view][key] = moments
+        for name, trends in self.trend_.items():
+            for key, trend in trends.items():
+                part(key).trend_[name][key] = trend
+        for kind in ("relations_", "cross_relations_"):
+            for ctx, fit in getattr(self, kind).items():
+                shared = getattr(fleet, kind)[ctx]
+                shared.channels = [_Regression(reg.d) for reg in fit.channels]
+                for mine, reg in zip(shared.channels, fit.channels):
+                    mine.sxx, mine.sxy, mine.syy = reg.sxx, reg.sxy, reg.syy
+                for p in parts:
+                    getattr(p, kind)[ctx].channels = [_Regression(reg.d) for reg in fit.channels]
+                for c, reg in enumerate(fit.channels):
+                    for key, sums in reg.entities.items():
+                        getattr(part(key), kind)[ctx].channels[c].entities[key] = sums
+                for key, r in fit.ranges.items():
+                    getattr(part(key), kind)[ctx].ranges[key] = r
+        return fleet, parts
+
+    def totals(self) -> "StatisticsTotals":
+        """What the fleet's statistics need from this fitter's per-entity state (`StatisticsTotals`)."""
+        totals = StatisticsTotals()
+        for name, trends in self.trend_.items():
+            totals.drifts[name] = [d for d in (t.drift() for t in trends.values()) if d is not None]
+        for kind in ("relations_", "cross_relations_"):
+            for ctx, fit in getattr(self, kind).items():
+                totals.relations[(kind, ctx)] = [_EntityTotals.of(reg) for reg in fit.channels]
+                totals.ranges[(kind, ctx)] = range_total(fit.ranges)
+        return totals
+
+    def fleet_result(self, totals: "StatisticsTotals", transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        """The fleet's part of the statistics (every per-entity mapping empty, as `split_entity_statistics` gives)
+        from this fitter's fleet-wide state and every entity's `totals`; `transforms[m]`: the per-channel choice
+        for an 'auto' modality made elsewhere (e.g. across a fleet) instead of from these rows."""
         stats: dict[str, Any] = {"modalities": {}}
         for name, m in self.spec.modalities.items():
             entry: dict[str, Any] = {"kind": m.kind}
@@ -601,7 +698,7 @@ class StatisticsFitter:
                 if self.global_[name][views[0]].n == 0:
                     raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
                 if name in self.trend_:
-                    chosen, drift = auto_transforms(t.drift() for t in self.trend_[name].values())
+                    chosen, drift = auto_transforms(totals.drifts.get(name, []))
                     if transforms and name in transforms:
                         chosen = list(transforms[name])
                         if len(chosen) != len(m.columns) or set(chosen) - set(AUTO_CANDIDATES):
@@ -611,31 +708,96 @@ class StatisticsFitter:
                         chosen, drift = ["level"] * len(m.columns), [0.0] * len(m.columns)
                     entry.update(channel_transforms=chosen, drift=drift, drift_limit=DRIFT_LIMIT)
                     entry["global"] = _pick_channels({v: self.global_[name][v].result() for v in views}, chosen)
-                    entry["entity"] = {key: _pick_channels({v: self.entity_[name][v][key].result() for v in views},
-                                                           chosen) for key in self.entity_[name][views[0]]}
                 else:
                     entry["global"] = self.global_[name][views[0]].result()
-                    entry["entity"] = {k: v.result() for k, v in self.entity_[name][views[0]].items()}
+                entry["entity"] = {}
             if m.kind == "text":
                 entry["vocabulary"] = TextVocabulary.fit(self.templates_[name]).to_dict()
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
         relations = {}
         for ctx, parent in relation_pairs(self.spec).items():
-            channels = [fit_relation(reg) for reg in self.relations_[ctx].channels]   # none without rows
+            channels = [fit_relation(reg, t) for reg, t in           # none without rows
+                        zip(self.relations_[ctx].channels, totals.relations.get(("relations_", ctx), []))]
             if any(ch is not None for ch in channels):
                 # the context then speaks only through the relations: as a model input its hour of history kept
                 # every reconstruction disturbed for the hour after an event, and let the model copy a drift
                 relations[ctx] = {"parent": parent, "channels": channels, "model_input": False,
-                                  "ranges": fit_ranges(self.relations_[ctx].ranges)}
+                                  "ranges": fit_ranges({}, totals.ranges.get(("relations_", ctx)))}
                 if ctx in self.cross_relations_:
-                    cross = [fit_relation(reg) for reg in self.cross_relations_[ctx].channels]
+                    cross = [fit_relation(reg, t) for reg, t in zip(self.cross_relations_[ctx].channels,
+                                                                    totals.relations.get(("cross_relations_", ctx), []))]
                     if any(ch is not None for ch in cross):
                         relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
-                                              cross_ranges=fit_ranges(self.cross_relations_[ctx].ranges))
+                                              cross_ranges=fit_ranges({}, totals.ranges.get(("cross_relations_",
+                                                                                              ctx))))
         if relations:
             stats["relations"] = relations
         return stats
+
+    def entity_statistics(self, fleet: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """This fitter's entities' parts, per entity key by place (as `split_entity_statistics` gives them), under
+        the fleet's part `fleet` (`fleet_result`: the chosen transforms, the relations' weights)."""
+        def moments(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+            views = self._views(self.spec.modalities[name])
+            if "channel_transforms" in entry:
+                return {key: _pick_channels({v: self.entity_[name][v][key].result() for v in views},
+                                            entry["channel_transforms"]) for key in self.entity_[name][views[0]]}
+            return {key: m.result() for key, m in self.entity_[name][views[0]].items()}
+
+        def channels(fits: list[_Regression], fitted: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+            fits = fits or [None] * len(fitted)                  # no entity of this part had the relation's rows
+            return [None if f is None else {**f, "entity_intercepts": {} if reg is None else entity_intercepts(reg, f)}
+                    for reg, f in zip(fits, fitted)]
+
+        def ranges(fit: _RelationFit, fitted: dict[str, Any] | None) -> dict[str, Any] | None:
+            return None if fitted is None else {**fitted, "entities": _entity_ranges(fit.ranges)}
+
+        modalities = {name: {**entry, "entity": moments(name, entry)} if "entity" in entry else entry
+                      for name, entry in fleet["modalities"].items()}
+        relations = {}
+        for ctx, fitted in fleet.get("relations", {}).items():
+            own = self.relations_[ctx]
+            relations[ctx] = {**fitted, "channels": channels(own.channels, fitted["channels"]),
+                              "ranges": ranges(own, fitted["ranges"])}
+            if fitted.get("cross_channels") is not None:
+                cross = self.cross_relations_[ctx]
+                relations[ctx].update(cross_channels=channels(cross.channels, fitted["cross_channels"]),
+                                      cross_ranges=ranges(cross, fitted.get("cross_ranges")))
+        stats = {**fleet, "modalities": modalities, **({"relations": relations} if relations else {})}
+        return split_entity_statistics(stats)[1]
+
+    def result(self, transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        """The statistics, every entity's parts included; `transforms` as in `fleet_result`."""
+        fleet = self.fleet_result(self.totals(), transforms)
+        return join_entity_statistics(fleet, self.entity_statistics(fleet).items())
+
+
+class StatisticsTotals:
+    """What the fleet's part of the statistics needs from the per-entity state (`StatisticsFitter.totals`): each
+    'auto' modality's entity drifts, each relation channel's entity totals (`_EntityTotals`) and each relation's
+    range over its entities. Totals of disjoint entities (one per entity bucket) merge into the fleet's."""
+
+    def __init__(self) -> None:
+        self.drifts: dict[str, list[np.ndarray]] = {}
+        self.relations: dict[tuple[str, str], list[_EntityTotals]] = {}
+        self.ranges: dict[tuple[str, str], _Range | None] = {}
+
+    def merge(self, other: "StatisticsTotals") -> "StatisticsTotals":
+        for name, drifts in other.drifts.items():
+            self.drifts.setdefault(name, []).extend(drifts)
+        for place, theirs in other.relations.items():
+            mine = self.relations.get(place) or []
+            if not mine:
+                self.relations[place] = [_EntityTotals(t.xx.shape[0]).merge(t) for t in theirs]
+            else:
+                for m, t in zip(mine, theirs):
+                    m.merge(t)
+        for place, theirs in other.ranges.items():
+            mine = self.ranges.get(place)
+            if theirs is not None:
+                self.ranges[place] = _Range(len(theirs.lo)).merge(theirs) if mine is None else mine.merge(theirs)
+        return self
 
 
 def _pick_channels(by_view: dict[str, dict], chosen: list[str]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from dmafn.features import split_entity_statistics
 from dmafn.spec import Spec, parse_spec
-from pipelines.statistics import EntityStatistics, entity_file
+from pipelines.statistics import EntityStatistics, entity_file, entity_table
 from pipelines.storage import DataError, Storage, is_s3, join
 
 if TYPE_CHECKING:                  # torch is imported where a model is built or saved, not by a scoring driver
@@ -137,9 +137,10 @@ class Registry:
             raise DataError(f"{path}: cannot be read from the model registry ({exc})") from None
 
     # -- versions
-    def save(self, model: "DMAFN", manifest: dict[str, Any]) -> str:
-        """Write a new version and point LATEST at it; returns the version id. `manifest["statistics"]` are the
-        whole statistics (as fitted, or a loaded version's `stats`): the per-entity parts go to the entity file."""
+    def save(self, model: "DMAFN", manifest: dict[str, Any], statistics: EntityStatistics | None = None) -> str:
+        """Write a new version and point LATEST at it; returns the version id. The statistics are `statistics`
+        (the fleet's part goes to the manifest, the entities' rows to the entity file: training's, fitted per
+        entity bucket), else `manifest["statistics"]`, whole (as fitted in memory, or a loaded version's `stats`)."""
         import torch
 
         if "entity_statistics" in manifest:
@@ -154,10 +155,14 @@ class Registry:
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         weights = buf.getvalue()
         manifest["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-        fleet, entities = split_entity_statistics(manifest["statistics"])
-        rows = entity_file(entities)
+        if statistics is None:
+            fleet, entities = split_entity_statistics(manifest["statistics"])
+            table = entity_table(entities)
+        else:
+            fleet, table = statistics.fleet, statistics.table()
+        rows = entity_file(table)
         manifest = {**manifest, "statistics": fleet, "entity_statistics": {
-            "file": ENTITY_STATISTICS, "entities": len(entities), "sha256": hashlib.sha256(rows).hexdigest()}}
+            "file": ENTITY_STATISTICS, "entities": table.num_rows, "sha256": hashlib.sha256(rows).hexdigest()}}
         body = json.dumps(manifest, indent=2, default=str).encode()
         self._write(join(self.root, version, ENTITY_STATISTICS), rows)
         self._write(join(self.root, version, "weights.pt"), weights)

@@ -56,6 +56,10 @@ class EntityStatistics:
         rows = sorted(self._row_of[k] for k in set(keys) if k in self._row_of)
         return join_entity_statistics(self.fleet, entity_parts(self._rows.take(pa.array(rows, pa.int64()))))
 
+    def table(self) -> pa.Table:
+        """Every entity's parts as an entity file's rows (`entity_table`)."""
+        return self._rows if self._rows is not None else entity_table(self._parts)
+
     @property
     def whole(self) -> dict[str, Any]:
         """Every entity's parts joined to the fleet's (once)."""
@@ -108,9 +112,9 @@ def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
 _JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text
 
 
-def entity_file(entities: dict[str, dict[str, Any]]) -> bytes:
-    """Per-entity statistics (`dmafn.features.split_entity_statistics`) as Parquet bytes: one row per entity key,
-    sorted, one column per place (null where the entity has no part there), in Arrow's own types (numbers as
+def entity_table(entities: dict[str, dict[str, Any]]) -> pa.Table:
+    """Per-entity statistics (`dmafn.features.split_entity_statistics`) as an entity file's rows: one row per entity
+    key, sorted, one column per place (null where the entity has no part there), in Arrow's own types (numbers as
     float64, not text) wherever they come back exactly; a place whose values do not (mixed types, None) is kept as
     JSON text and named in the schema's metadata."""
     keys = sorted(entities)
@@ -125,9 +129,46 @@ def entity_file(entities: dict[str, dict[str, Any]]) -> bytes:
             typed = pa.array([None if place not in entities[k] else _compact(entities[k][place]) for k in keys],
                              pa.string())
         columns[place] = typed
-    table = pa.table(columns).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
+    return pa.table(columns).replace_schema_metadata({_JSON_COLUMNS: json.dumps(as_json).encode()})
+
+
+def entity_rows(tables: Sequence[pa.Table]) -> pa.Table:
+    """Entity tables of disjoint entities (`entity_table`, e.g. one per entity bucket) as one, sorted by key: a
+    place one table keeps as JSON text, or that the tables typed differently, is JSON text in all."""
+    tables = [t for t in tables if t.num_rows] or list(tables[:1]) or [entity_table({})]
+    places = sorted({name for t in tables for name in t.column_names if name != "key"})
+    as_json = set().union(*(_json_places(t) for t in tables))
+    types: dict[str, set[pa.DataType]] = {}
+    for t in tables:
+        for name in t.column_names:
+            if name != "key" and name not in as_json:
+                types.setdefault(name, set()).add(t.schema.field(name).type)
+    as_json |= {name for name, seen in types.items() if len(seen) > 1}
+    unified = []
+    for t in tables:
+        columns = {"key": t.column("key")}
+        for place in places:
+            if place not in t.column_names:
+                kind = pa.string() if place in as_json else next(iter(types[place]))
+                columns[place] = pa.nulls(t.num_rows, kind)
+            elif place in as_json and place not in _json_places(t):
+                columns[place] = pa.array([None if v is None else _compact(v) for v in t.column(place).to_pylist()],
+                                          pa.string())
+            else:
+                columns[place] = t.column(place)
+        unified.append(pa.table(columns))
+    table = pa.concat_tables(unified).sort_by("key").combine_chunks()
+    return table.replace_schema_metadata({_JSON_COLUMNS: json.dumps(sorted(as_json)).encode()})
+
+
+def _json_places(table: pa.Table) -> set[str]:
+    return set(json.loads((table.schema.metadata or {}).get(_JSON_COLUMNS, b"[]")))
+
+
+def entity_file(rows: pa.Table) -> bytes:
+    """An entity table (`entity_table`, `entity_rows`) as the Parquet bytes of a version's entity file."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=16384)
+    pq.write_table(rows, buf, compression="zstd", row_group_size=16384)
     return buf.getvalue()
 
 
@@ -146,8 +187,7 @@ def _typed_column(values: list[Any]) -> pa.Array | None:
 
 def entity_parts(rows: pa.Table) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, parts) of each row of an entity file's table (`entity_file`)."""
-    metadata = rows.schema.metadata or {}
-    as_json = set(json.loads(metadata.get(_JSON_COLUMNS, b"[]")))
+    as_json = _json_places(rows)
     data = rows.to_pydict()
     places = [name for name in rows.column_names if name != "key"]
     for i, key in enumerate(data["key"]):

@@ -1,6 +1,7 @@
 """Training that streams shards: nothing on the driver grows with the training window.
 
-    shards of the training days -> partial statistics per shard (Ray tasks), merged on the driver
+    shards of the training days -> partial statistics per shard (Ray tasks): the fleet's parts merged on the
+       driver, the per-entity parts per entity bucket (a Ray task each, which writes its entities' rows)
     -> features per shard (a Ray task each; ticks with no modality dropped) written to a feature file in the
        run's staging folder (`pipelines.feature_files`) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16 autocast
        on GPU; checkpoint every epoch; each epoch every worker streams its equal part of the files' rows)
@@ -21,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import ray
 import torch
 
-from dmafn.features import (StatisticsFitter, featurize, features_from_columns, features_to_columns,
-                            relation_lines)
+from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
+                            features_to_columns, relation_lines)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
@@ -38,9 +40,9 @@ from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Thr
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
-from pipelines.shards import Shard, list_inputs, plan_shards, require_data
+from pipelines.shards import Shard, bucket_of, list_inputs, plan_shards, require_data
 from pipelines.staging import Staging
-from pipelines.statistics import BucketStatistics, EntityStatistics, keys_sliceable
+from pipelines.statistics import BucketStatistics, EntityStatistics, entity_rows, entity_table, keys_sliceable
 from pipelines.storage import DataError, Storage, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,35 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage):
             inputs.decoded)
 
 
+STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity statistics are fitted in
+
+
 @ray.remote(num_cpus=1)
-def _shard_statistics(shard: Shard, spec: Spec) -> tuple[StatisticsFitter, dict[str, int]]:
-    """Partial normalisation statistics of one training shard (merged on the driver)."""
+def _shard_statistics(shard: Shard, spec: Spec, buckets: int) -> tuple:
+    """Partial statistics of one training shard: the fleet's part, the input quarantine counts, then one part per
+    entity bucket (`StatisticsFitter.split`), each its own object for the bucket's task."""
     fitter = StatisticsFitter(spec)
     batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     for aligned in batches:
         fitter.add(aligned.to_arrow())
-    return fitter, quarantined
+    fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
+    return (fleet, quarantined, *parts)
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _merge_bucket_statistics(spec: Spec, parts: list["ray.ObjectRef"]) -> tuple[StatisticsTotals, StatisticsFitter]:
+    """One entity bucket's parts of every shard merged (read one at a time): what the fleet's part needs from its
+    entities, and the merged per-entity state (left in the object store for `_bucket_entity_rows`)."""
+    merged = StatisticsFitter(spec)
+    for ref in parts:
+        merged.merge(ray.get(ref))
+    return merged.totals(), merged
+
+
+@ray.remote(num_cpus=1)
+def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.Table:
+    """One entity bucket's statistics under the fleet's part, as entity file rows (`pipelines.statistics`)."""
+    return entity_table(merged.entity_statistics(fleet))
 
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
@@ -255,17 +278,30 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) 
                                 state_baseline=spec.model.state_baseline)
 
 
-def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Normalisation statistics of the training shards, fitted per shard in Ray tasks and merged here; a channel
-    whose variance one value holds (`StatisticsFitter.outlier_warnings`) is logged as a warning."""
+def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[EntityStatistics, dict[str, int]]:
+    """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
+    here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
+    (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
+    fleet of 100,000 machines). A channel whose variance one value holds (`StatisticsFitter.outlier_warnings`) is
+    logged as a warning."""
+    buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
+    outs = [_shard_statistics.options(num_returns=buckets + 2).remote(s, spec, buckets) for s in shards]
+    merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
-    for partial, counts in (raise_task_error(r) for r in [_shard_statistics.remote(s, spec) for s in shards]):
-        fitter.merge(partial)
-        for name, n in counts.items():
+    for out in outs:
+        fitter.merge(raise_task_error(out[0]))
+        for name, n in raise_task_error(out[1]).items():
             quarantined[name] = quarantined.get(name, 0) + n
+    del outs                                        # the buckets' parts go once their merges have read them
+    totals = StatisticsTotals()
+    for totals_ref, _ in merges:
+        totals.merge(raise_task_error(totals_ref))
     for line in fitter.outlier_warnings():
         log.warning("%s", line)
-    return fitter.result(), quarantined
+    fleet = fitter.fleet_result(totals)
+    fleet_ref = ray.put(fleet)
+    rows = entity_rows([raise_task_error(_bucket_entity_rows.remote(merged, fleet_ref)) for _, merged in merges])
+    return EntityStatistics(fleet, rows=rows), quarantined
 
 
 def train(spec: Spec, *, run_root: str | None = None) -> str:
@@ -284,7 +320,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-        stats, quarantined = fit_statistics(spec, train_shards)
+        statistics, quarantined = fit_statistics(spec, train_shards)
+        stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)
         for name, entry in stats["modalities"].items():
@@ -293,7 +330,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
-        bucket_stats = BucketStatistics(EntityStatistics.of(stats), keys_sliceable(spec, schemas))
+        bucket_stats = BucketStatistics(statistics, keys_sliceable(spec, schemas))
         files, positives = write_training_features(spec, train_shards, bucket_stats, labels,
                                                    join(staging.folder, "features"))
         ticks = sum(f.rows for f in files)
@@ -318,7 +355,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
             log.info("%s", line)
         for line in calibration.tail_warnings():
             log.warning("%s", line)
-        manifest = {"spec": spec.to_dict(), "statistics": stats, "calibration": calibration.to_dict(),
+        manifest = {"spec": spec.to_dict(), "calibration": calibration.to_dict(),
                     "training_window": {"train_days": [d.isoformat() for d in train_days],
                                         "validation_days": [d.isoformat() for d in val_days]},
                     "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
@@ -326,6 +363,6 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     "input_quarantine": quarantined}
     finally:
         staging.close()
-    version = Registry(spec.registry, storage).save(model, manifest)
+    version = Registry(spec.registry, storage).save(model, manifest, statistics)
     log.info("model version %s saved under %s", version, spec.registry)
     return version

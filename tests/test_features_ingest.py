@@ -1289,11 +1289,11 @@ def test_the_entity_file_gives_every_entitys_parts_back_exactly():
 
     import pyarrow.parquet as pq
 
-    from pipelines.statistics import EntityStatistics, entity_file, entity_parts
+    from pipelines.statistics import EntityStatistics, entity_file, entity_parts, entity_table
 
     parts = {"b": {"x": 1.5, "y": {"mean": [1.0, 2.0], "count": 3.0}, "z": [[1.0], [2.0]], "n": None, "m": 1},
              "a": {"x": float("nan"), "m": 2.5, "q": [1, "s"]}}
-    rows = pq.read_table(pa.BufferReader(entity_file(parts)))
+    rows = pq.read_table(pa.BufferReader(entity_file(entity_table(parts))))
     assert rows.column_names == ["key", "m", "n", "q", "x", "y", "z"]
     assert json.loads(rows.schema.metadata[b"dmafn.json_columns"]) == ["m", "n", "q"]
     assert rows.schema.field("x").type == pa.float64()
@@ -1302,9 +1302,99 @@ def test_the_entity_file_gives_every_entitys_parts_back_exactly():
     assert json.dumps(back, sort_keys=True) == json.dumps(parts, sort_keys=True)     # NaN, 1 vs 1.0, None kept
     assert set(back["a"]) == {"x", "m", "q"} and type(back["b"]["m"]) is int
     fleet = {"modalities": {"p": {"global": {"mean": [0.0]}, "entity": {}}}}
-    split = EntityStatistics(fleet, rows=pq.read_table(pa.BufferReader(entity_file(
-        {"e1": {"modalities/p/entity": {"mean": [1.0]}}, "e2": {"modalities/p/entity": {"mean": [2.0]}}}))))
+    split = EntityStatistics(fleet, rows=pq.read_table(pa.BufferReader(entity_file(entity_table(
+        {"e1": {"modalities/p/entity": {"mean": [1.0]}}, "e2": {"modalities/p/entity": {"mean": [2.0]}}})))))
     assert split.keys() == ["e1", "e2"]
     assert split.for_keys(["e2", "e9"])["modalities"]["p"]["entity"] == {"e2": {"mean": [2.0]}}
     assert split.whole["modalities"]["p"]["entity"] == {"e1": {"mean": [1.0]}, "e2": {"mean": [2.0]}}
     assert fleet["modalities"]["p"]["entity"] == {}                              # the fleet's part is left as it was
+
+
+def test_entity_tables_of_buckets_join_into_one_that_gives_every_part_back():
+    """Tables of disjoint entities (one per entity bucket) join sorted by key: a place one bucket typed and
+    another kept as JSON, or typed otherwise (an int beside floats), is JSON text in the joined table; a place a
+    bucket lacks is null there; an empty bucket adds nothing."""
+    import json
+
+    from pipelines.statistics import entity_parts, entity_rows, entity_table
+
+    buckets = [{"c": {"m": 2.5, "x": 1.0}, "a": {"m": 0.5, "x": 3.0, "n": None}},
+               {"b": {"m": 1, "x": 2.0, "w": [1.0, 2.0]}}, {}]
+    rows = entity_rows([entity_table(b) for b in buckets])
+    assert rows.column("key").to_pylist() == ["a", "b", "c"]
+    assert json.loads(rows.schema.metadata[b"dmafn.json_columns"]) == ["m", "n"]
+    assert rows.schema.field("x").type == pa.float64() and rows.schema.field("w").type == pa.list_(pa.float64())
+    back = dict(entity_parts(rows))
+    assert json.dumps(back, sort_keys=True) == json.dumps({k: v for b in buckets for k, v in b.items()}, sort_keys=True)
+    assert type(back["b"]["m"]) is int and "w" not in back["a"]
+    assert entity_rows([entity_table({})]).num_rows == 0
+
+
+def _same_statistics(a, b, rtol=1e-9):
+    """Two statistics with the same structure, keys and non-numbers, and numbers equal up to `rtol`."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (sorted(a)[:5], sorted(b)[:5])
+        for k in a:
+            _same_statistics(a[k], b[k], rtol)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_statistics(x, y, rtol)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=rtol, abs=1e-12, nan_ok=True)
+    else:
+        assert a == b
+
+
+def _fit_in_buckets(fitter, buckets):
+    """As `pipelines.train.fit_statistics` does across tasks: split, each bucket's parts merged apart, the
+    fleet's part from the buckets' totals, then each bucket's entities under it."""
+    from dmafn.features import StatisticsTotals, join_entity_statistics
+
+    fleet, parts = fitter.split(buckets, lambda key: sorted("abcdefgh").index(key[0]) % buckets)
+    merged = [StatisticsFitter(fitter.spec).merge(p) for p in parts]           # as a bucket's task receives them
+    totals = StatisticsTotals()
+    for m in merged:
+        totals.merge(m.totals())
+    shared = StatisticsFitter(fitter.spec).merge(fleet).fleet_result(totals)
+    assert all(not entry.get("entity") for entry in shared["modalities"].values())      # no entity's part in it
+    entities = {}
+    for m in merged:
+        entities.update(m.entity_statistics(shared))
+    return fleet, parts, join_entity_statistics(shared, entities.items())
+
+
+def test_statistics_fitted_in_entity_buckets_are_the_fleets_statistics_fitted_whole(auto_spec):
+    """A fitter split into the fleet's part and entity buckets' parts (each merged apart, as training's tasks do)
+    gives the statistics of the whole fitter: relation weights and residuals from the buckets' totals, each
+    entity's moments, intercepts and ranges, the 'auto' choice from every entity's drift; an entity with one row
+    gets no intercept or range, and a bucket without any entity adds nothing. Merging the parts back gives the
+    fitter again."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    rows = _cross_rows(spec, 600, np.random.default_rng(5))
+    keys = ["a", "b", "c", "d", "e"] * 119 + ["a", "b", "c", "d", "f"]                 # 'f' has one row
+    rows = rows.set_column(0, "machine_id", pa.array(keys))
+    fitter = StatisticsFitter(spec).add(rows)
+    whole = fitter.result()
+    fleet, parts, bucketed = _fit_in_buckets(fitter, 7)                            # bucket 6 is empty
+    _same_statistics(whole, bucketed)
+    intercepts = bucketed["relations"]["proc_context"]["cross_channels"][0]["entity_intercepts"]
+    assert sorted(intercepts) == ["a", "b", "c", "d", "e"]                            # not 'f': one row
+    assert sorted(bucketed["relations"]["proc_context"]["ranges"]["entities"]) == ["a", "b", "c", "d", "e"]
+    assert not parts[6].entity_["proc"]["level"] and sorted(parts[5].entity_["proc"]["level"]) == ["f"]
+    back = StatisticsFitter(spec).merge(fleet)
+    for p in parts:
+        back.merge(p)
+    _same_statistics(whole, back.result(), rtol=0)
+
+    series = _series_rows(auto_spec, level=lambda i: 10.0 + 3.0 * i, entities=("a", "b", "c"))
+    auto = StatisticsFitter(auto_spec).add(series)
+    whole = auto.result()
+    assert whole["modalities"]["vib"]["channel_transforms"] == ["centered", "level"]
+    _same_statistics(whole, _fit_in_buckets(auto, 2)[2])
