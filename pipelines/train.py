@@ -286,13 +286,20 @@ def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[EntityStatistics, d
     logged as a warning."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
     outs = [_shard_statistics.options(num_returns=buckets + 2).remote(s, spec, buckets) for s in shards]
+    return gather_statistics(spec, outs, buckets)
+
+
+def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]],
+                      buckets: int) -> tuple[EntityStatistics, dict[str, int]]:
+    """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
+    per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
     for out in outs:
         fitter.merge(raise_task_error(out[0]))
         for name, n in raise_task_error(out[1]).items():
             quarantined[name] = quarantined.get(name, 0) + n
-    del outs                                        # the buckets' parts go once their merges have read them
+    outs.clear()                                    # the buckets' parts go once their merges have read them
     totals = StatisticsTotals()
     for totals_ref, _ in merges:
         totals.merge(raise_task_error(totals_ref))
@@ -300,7 +307,8 @@ def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[EntityStatistics, d
         log.warning("%s", line)
     fleet = fitter.fleet_result(totals)
     fleet_ref = ray.put(fleet)
-    rows = entity_rows([raise_task_error(_bucket_entity_rows.remote(merged, fleet_ref)) for _, merged in merges])
+    rows = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]      # all started, then read
+    rows = entity_rows([raise_task_error(ref) for ref in rows])
     return EntityStatistics(fleet, rows=rows), quarantined
 
 
