@@ -101,8 +101,11 @@ class BucketStatistics:
 
 
 def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
-    """Whether every modality's entity key columns are strings or integers (`BucketStatistics`)."""
+    """Whether every modality's entity key columns are strings (plain or dictionary-encoded, as pandas and Polars
+    write categorical columns) or integers (`BucketStatistics`)."""
     def plain(t: pa.DataType) -> bool:
+        if pa.types.is_dictionary(t):
+            return pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
     return bool(schemas) and all(plain(schema.field(k).type) for schema in schemas.values() for k in spec.entity

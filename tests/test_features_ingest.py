@@ -1279,6 +1279,17 @@ def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do()
     assert keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.string())]),
                                  "vib": pa.schema([("machine_id", pa.int64())])})
     assert not keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.bool_())])})
+    categorical = pa.dictionary(pa.int32(), pa.string())          # pandas' and Polars' categorical columns
+    assert keys_sliceable(spec, {"proc": pa.schema([("machine_id", categorical)])})
+    assert not keys_sliceable(spec, {"proc": pa.schema([("machine_id", pa.dictionary(pa.int32(), pa.float64()))])})
+    # a sliceable key is the same text to the statistics (Python) and to the bucket split (Polars)
+    from dmafn.features import entity_key
+    from pipelines.shards import bucket_numbers, bucket_of
+
+    for column in (pa.array(["pump-07", "b", "pump-07", "é"]).dictionary_encode(), pa.array([12, -3, 12, 7])):
+        table = pa.table({"machine_id": column})
+        assert bucket_numbers(pl.from_arrow(table), ["machine_id"], 5).to_list() == \
+            [bucket_of(k, 5) for k in entity_key(table, ["machine_id"])]
 
 
 def test_the_entity_file_gives_every_entitys_parts_back_exactly():
