@@ -32,6 +32,7 @@ from dmafn.spec import Spec
 from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
                              quantiles_from_ranks, select_ranks, sorted_part_sample)
 from pipelines.ingest import entity_string
+from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
 from pipelines.statistics import BucketStatistics
@@ -262,7 +263,11 @@ class ShardTicks:
         stay in the object store."""
         model_ref = ray.put(model)                                       # once, not a copy per shard's task
         launched = [(s, *_score_shard.remote(s, spec, stats.ref(s), model_ref)) for s in shards]
-        metas = [raise_task_error(meta) for _, meta, _ in launched]
+        display, metas = ProgressDisplay("calibration", len(launched), "validation shards"), []
+        for _, meta, _ in launched:
+            metas.append(raise_task_error(meta))
+            display.update(len(metas), ticks=sum(m["ticks"] for m in metas))
+        display.close()
         parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
         if not parts:
             raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")

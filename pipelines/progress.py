@@ -58,7 +58,7 @@ class ProgressDisplay:
         # -inf: the first update always shows (0.0 hid it on a machine up for less than `every` seconds)
         self.started, self.last_line, self.done, self.facts = time.monotonic(), -math.inf, 0.0, {}
         self.first: tuple[float, float] | None = None      # (time, done) of the first progress: the rate's origin
-        self.bar = None
+        self.bar, self.shown = None, None       # shown: the (done, facts) of the last line logged
         if self.enabled and _is_terminal(self.stream):
             from tqdm import tqdm
 
@@ -91,11 +91,11 @@ class ProgressDisplay:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and self.shown != (self.done, self.facts):      # not the line just logged again
             self._line()
 
     def _line(self) -> None:
-        self.last_line = time.monotonic()
+        self.last_line, self.shown = time.monotonic(), (self.done, dict(self.facts))
         elapsed = self.last_line - self.started
         eta = self.eta()
         log.info("%s: %.0f/%d %s (%.0f%%), elapsed %s, ETA %s%s", self.title, self.done, self.total, self.unit,

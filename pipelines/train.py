@@ -135,7 +135,11 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     labels_ref = ray.put(labels)                                     # once for every task
     paths = [join(folder, f"{i:06d}.arrow") for i in range(len(shards))]
     refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p) for s, p in zip(shards, paths)]
-    counts = [raise_task_error(r) for r in refs]
+    display, counts = ProgressDisplay("features", len(refs), "shards"), []
+    for ref in refs:
+        counts.append(raise_task_error(ref))
+        display.update(len(counts), ticks=sum(rows for rows, _ in counts))
+    display.close()
     return [FeatureFile(p, rows) for p, (rows, _) in zip(paths, counts)], sum(pos for _, pos in counts)
 
 
@@ -295,14 +299,19 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]],
     per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
-    for out in outs:
+    display = ProgressDisplay("statistics", len(outs) + buckets, "shards and buckets")
+    for i, out in enumerate(outs):                  # in shard order: the same fit on every run
         fitter.merge(raise_task_error(out[0]))
         for name, n in raise_task_error(out[1]).items():
             quarantined[name] = quarantined.get(name, 0) + n
+        display.update(i + 1)
+    done = len(outs)
     outs.clear()                                    # the buckets' parts go once their merges have read them
     totals = StatisticsTotals()
-    for totals_ref, _ in merges:
+    for i, (totals_ref, _) in enumerate(merges):
         totals.merge(raise_task_error(totals_ref))
+        display.update(done + i + 1)
+    display.close()
     for line in fitter.outlier_warnings():
         log.warning("%s", line)
     fleet = fitter.fleet_result(totals)

@@ -2,6 +2,7 @@
 score (a Ray task per shard) -> Delta Lake -> evaluate; idempotency, quarantine accounting, bad input."""
 import datetime as dt
 import json
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,44 @@ def trained(tmp_path_factory, local_ray):
                                    pa.timestamp("us", tz="UTC")),
                     "temperature": [None, 50.0, 50.0], "pressure": [3.0, 3.0, 3.0]})
     pq.write_table(bad, root / "raw" / "process" / "date=2024-01-03" / "bad-rows.parquet")
-    version = train(spec)
+    progress = _ProgressLines()
+    with progress:
+        version = train(spec)
+    TRAIN_PROGRESS.extend(progress.lines)
     return spec, version, root
+
+
+TRAIN_PROGRESS: list[str] = []      # what the `trained` fixture's training said of its progress
+
+
+class _ProgressLines(logging.Handler):
+    """The progress lines `pipelines.progress` logs at INFO while in the `with` block."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "_ProgressLines":
+        self.logger, self.level = logging.getLogger("pipelines"), logging.getLogger("pipelines").level
+        logging.getLogger("pipelines.progress").addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("pipelines.progress").removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+def test_training_says_how_far_each_pass_has_come(trained):
+    """`dmafn train` shows the statistics pass (shards, then entity buckets), the feature files (shards, ticks),
+    the epochs' batches and the calibration's validation shards as each goes, each ending at its total."""
+    ends = {line.split(":")[0]: line for line in TRAIN_PROGRESS if "(100%)" in line}
+    assert set(ends) >= {"statistics", "features", "training", "calibration"}, TRAIN_PROGRESS
+    assert "shards and buckets" in ends["statistics"] and "ticks" in ends["features"]
+    assert "validation shards" in ends["calibration"] and "ticks" in ends["calibration"]
 
 
 @pytest.fixture(scope="module")

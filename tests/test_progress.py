@@ -21,7 +21,24 @@ def test_plain_lines_in_a_log_with_progress_eta_and_facts(caplog):
         display.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.progress"]
     assert lines[0].startswith("training: 5/10 batches (50%), elapsed 0:00, ETA ?")   # no rate yet
-    assert lines[0].endswith("epoch 1/2, loss 0.25") and len(lines) == 2
+    assert lines[0].endswith("epoch 1/2, loss 0.25") and len(lines) == 1     # closing repeats no line
+
+
+def test_closing_logs_the_last_progress_once(caplog):
+    """A display closed after updates its last line did not show logs where it ended; one whose last line
+    already said it logs nothing more."""
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        display = ProgressDisplay("features", 4, "shards", every=3600, stream=io.StringIO())
+        for done in range(1, 5):
+            display.update(done, ticks=10 * done)
+        display.close()
+        done = ProgressDisplay("calibration", 1, "shards", every=3600, stream=io.StringIO())
+        done.update(1, ticks=7)
+        done.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.progress"]
+    assert [line.split(" (")[0] for line in lines] == ["features: 1/4 shards", "features: 4/4 shards",
+                                                       "calibration: 1/1 shards"]
+    assert lines[1].endswith("ticks 40")
 
 
 def test_plain_lines_come_every_so_often_not_on_every_update(caplog):
