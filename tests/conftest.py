@@ -16,6 +16,22 @@ os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def same_statistics(a, b, rtol=1e-9):
+    """Two statistics with the same structure, keys and non-numbers, and numbers equal up to `rtol`."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (sorted(a)[:5], sorted(b)[:5])
+        for k in a:
+            same_statistics(a[k], b[k], rtol)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            same_statistics(x, y, rtol)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=rtol, abs=1e-12, nan_ok=True)
+    else:
+        assert a == b
+
+
 def tiny_spec_dict(**overrides) -> dict:
     spec = {
         "name": "tiny", "entity": "machine_id", "time": "ts", "grain": "1min", "partition": "date",

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dmafn.detector import Detector
+from tests.conftest import same_statistics
 from dmafn.features import (StatisticsFitter, _fixed_lists, decode_image, featurize, tokenize_messages,
                             transform_window)
 from dmafn.model import small
@@ -1341,22 +1342,6 @@ def test_entity_tables_of_buckets_join_into_one_that_gives_every_part_back():
     assert entity_rows([entity_table({})]).num_rows == 0
 
 
-def _same_statistics(a, b, rtol=1e-9):
-    """Two statistics with the same structure, keys and non-numbers, and numbers equal up to `rtol`."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (sorted(a)[:5], sorted(b)[:5])
-        for k in a:
-            _same_statistics(a[k], b[k], rtol)
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            _same_statistics(x, y, rtol)
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=rtol, abs=1e-12, nan_ok=True)
-    else:
-        assert a == b
-
-
 def _fit_in_buckets(fitter, buckets):
     """As `pipelines.train.fit_statistics` does across tasks: split, each bucket's parts merged apart, the
     fleet's part from the buckets' totals, then each bucket's entities under it."""
@@ -1394,7 +1379,7 @@ def test_statistics_fitted_in_entity_buckets_are_the_fleets_statistics_fitted_wh
     fitter = StatisticsFitter(spec).add(rows)
     whole = fitter.result()
     fleet, parts, bucketed = _fit_in_buckets(fitter, 7)                            # bucket 6 is empty
-    _same_statistics(whole, bucketed)
+    same_statistics(whole, bucketed)
     intercepts = bucketed["relations"]["proc_context"]["cross_channels"][0]["entity_intercepts"]
     assert sorted(intercepts) == ["a", "b", "c", "d", "e"]                            # not 'f': one row
     assert sorted(bucketed["relations"]["proc_context"]["ranges"]["entities"]) == ["a", "b", "c", "d", "e"]
@@ -1402,10 +1387,10 @@ def test_statistics_fitted_in_entity_buckets_are_the_fleets_statistics_fitted_wh
     back = StatisticsFitter(spec).merge(fleet)
     for p in parts:
         back.merge(p)
-    _same_statistics(whole, back.result(), rtol=0)
+    same_statistics(whole, back.result(), rtol=0)
 
     series = _series_rows(auto_spec, level=lambda i: 10.0 + 3.0 * i, entities=("a", "b", "c"))
     auto = StatisticsFitter(auto_spec).add(series)
     whole = auto.result()
     assert whole["modalities"]["vib"]["channel_transforms"] == ["centered", "level"]
-    _same_statistics(whole, _fit_in_buckets(auto, 2)[2])
+    same_statistics(whole, _fit_in_buckets(auto, 2)[2])

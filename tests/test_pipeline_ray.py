@@ -70,6 +70,33 @@ class _ProgressLines(logging.Handler):
         self.logger.setLevel(self.level)
 
 
+def test_training_statistics_fitted_by_entity_bucket_are_the_one_process_fit(trained):
+    """`fit_statistics` - the shards' tasks, a task per entity bucket, the buckets' rows joined - gives the
+    statistics one `StatisticsFitter` gives over the same shards' rows in one process (to 1e-9: the buckets'
+    relation totals are summed in another order), the per-entity parts as entity-file rows."""
+    from dmafn.features import StatisticsFitter
+    from pipelines.shards import bytes_by_date, list_inputs, plan_shards
+    from pipelines.storage import Storage
+    from pipelines.train import aligned_batches, fit_statistics, split_dates
+    from tests.conftest import same_statistics
+
+    spec, _, _ = trained
+    storage = Storage.from_spec(spec.storage)
+    train_days, _ = split_dates(spec)
+    files = list_inputs(spec, train_days, storage)
+    third = -(-max(bytes_by_date(files).values()) // 3)
+    shards = plan_shards(spec, train_days, files, shard_bytes=third)            # three entity buckets
+    statistics, _ = fit_statistics(spec, shards)
+    one = StatisticsFitter(spec)
+    for shard in shards:
+        for aligned in aligned_batches(shard, spec, storage)[0]:
+            one.add(aligned.to_arrow())
+    whole = one.result()
+    assert len(shards) == 3 and statistics.keys() == ["pump-00", "pump-01"]
+    assert statistics.table().num_rows == 2 and not statistics.fleet["modalities"]["process"]["entity"]
+    same_statistics(whole, statistics.whole)
+
+
 def test_training_says_how_far_each_pass_has_come(trained):
     """`dmafn train` shows the statistics pass (shards, then entity buckets), the feature files (shards, ticks),
     the epochs' batches and the calibration's validation shards as each goes, each ending at its total."""
