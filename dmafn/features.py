@@ -465,9 +465,10 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
 
 
 def relation_pairs(spec: Spec) -> dict[str, str]:
-    """context view -> its parent, for parents with at least two channels (one channel has no relation)."""
+    """context view -> its parent, for parents with two channels or more (each channel related to the others) or
+    with one channel and peers to relate it to (`relation_peers`: a cross-modal relation only)."""
     return {name: m.context_of for name, m in spec.modalities.items()
-            if m.context_of and len(spec.modalities[m.context_of].columns) >= 2}
+            if m.context_of and (len(spec.modalities[m.context_of].columns) >= 2 or relation_peers(spec, m.context_of))}
 
 
 def current_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
@@ -510,12 +511,14 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
         cross_quantities = clip_quantities(relation_quantities(current[across], history[across], peers[across]),
                                            relation.get("cross_ranges"), cross_groups)
     for c, fitted in enumerate(relation["channels"]):
-        if fitted is None:
+        across_fit = cross[c] if len(across) else None
+        if fitted is None and across_fit is None:
             continue
-        z = _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, 0)], current[:, c], groups)
-        if len(across) and cross[c] is not None:
+        z = np.zeros(n) if fitted is None else \
+            _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, 0)], current[:, c], groups)
+        if across_fit is not None:                  # a one-channel parent: only here (0 where a peer is absent)
             design = cross_quantities[:, _design_of(cross_quantities, channels, c, peers.shape[1])]
-            z[across] = _relation_residual(cross[c], design, current[across, c], cross_groups)
+            z[across] = _relation_residual(across_fit, design, current[across, c], cross_groups)
         total += z ** 2
     return total / max(len(relation["channels"]), 1)
 
@@ -585,7 +588,8 @@ class StatisticsFitter:
             current = current_values(levels[parent], self.spec.modalities[parent])[both].astype(np.float64)
             history = levels[ctx][both]
             ticks = np.asarray(keys, object)[both]
-            self.relations_[ctx].add(current, history, ticks)
+            if current.shape[1] >= 2:                   # one channel has no other to be related to within
+                self.relations_[ctx].add(current, history, ticks)
             if ctx in self.cross_relations_:
                 peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent))
                 across = peers_present[both]
@@ -717,20 +721,22 @@ class StatisticsFitter:
         stats["normalization"] = self.spec.model.normalization
         relations = {}
         for ctx, parent in relation_pairs(self.spec).items():
-            channels = [fit_relation(reg, t) for reg, t in           # none without rows
+            width = len(self.spec.modalities[parent].columns)
+            channels = [fit_relation(reg, t) for reg, t in           # none without rows (or one channel)
                         zip(self.relations_[ctx].channels, totals.relations.get(("relations_", ctx), []))]
-            if any(ch is not None for ch in channels):
+            cross = [fit_relation(reg, t) for reg, t in zip(self.cross_relations_[ctx].channels,
+                                                            totals.relations.get(("cross_relations_", ctx), []))] \
+                if ctx in self.cross_relations_ else []
+            if any(ch is not None for ch in channels) or any(ch is not None for ch in cross):
                 # the context then speaks only through the relations: as a model input its hour of history kept
-                # every reconstruction disturbed for the hour after an event, and let the model copy a drift
-                relations[ctx] = {"parent": parent, "channels": channels, "model_input": False,
+                # every reconstruction disturbed for the hour after an event, and let the model copy a drift. A
+                # one-channel parent's relation reads only its peers' current values, none of the hour: its context
+                # stays a model input
+                relations[ctx] = {"parent": parent, "channels": channels or [None] * width, "model_input": width < 2,
                                   "ranges": fit_ranges({}, totals.ranges.get(("relations_", ctx)))}
-                if ctx in self.cross_relations_:
-                    cross = [fit_relation(reg, t) for reg, t in zip(self.cross_relations_[ctx].channels,
-                                                                    totals.relations.get(("cross_relations_", ctx), []))]
-                    if any(ch is not None for ch in cross):
-                        relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
-                                              cross_ranges=fit_ranges({}, totals.ranges.get(("cross_relations_",
-                                                                                              ctx))))
+                if any(ch is not None for ch in cross):
+                    relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
+                                          cross_ranges=fit_ranges({}, totals.ranges.get(("cross_relations_", ctx))))
         if relations:
             stats["relations"] = relations
         return stats

@@ -879,6 +879,61 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
         StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
 
 
+def _one_channel_rows(spec, n, rng, shift=0.0, vib_present=True):
+    """Aligned rows of a one-channel `proc` (temp, with a 10-minute context) and `vib` (a 3-step window), both
+    following one load: temp = 2 x load (+ `shift`), vib's window the load plus fast noise."""
+    steps = spec.modalities["proc_context"].steps
+    load = rng.normal(0, 1, n)
+    temp = 2 * load + shift + rng.normal(0, 0.05, n)
+    vib = load[:, None] + rng.normal(0, 0.2, (n, 3))
+    return pa.table({"machine_id": ["a", "b"] * (n // 2), "proc__present": [True] * n, "proc__temp": temp,
+                     "proc_context__present": [True] * n,
+                     "proc_context__temp": pa.array(np.repeat(temp[:, None], steps, 1).astype(np.float32).tolist(),
+                                                    pa.list_(pa.float32())),
+                     "vib__present": [vib_present] * n,
+                     "vib__a": pa.array(vib.astype(np.float32).tolist() if vib_present else [None] * n,
+                                        pa.list_(pa.float32()))})
+
+
+def test_a_one_channel_modality_gets_a_relation_across_to_its_peers_and_keeps_its_context_as_input():
+    """A modality of one channel has no other to be related to within it, but with peers it gets a cross-modal
+    relation (its peers' current values only): a temperature away from where the vibration's load puts it errs
+    far more than a normal one, a tick without the peer gets no relation error, the context stays a model input
+    (no relation reads its hour), and the bucketed fit gives the same; without peers there is no relation."""
+    from dmafn.features import relation_lines, relation_pairs
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "context": {"window": "10min"}},
+                          "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    assert spec.modalities["proc"].columns == ("temp",) and relation_pairs(spec) == {"proc_context": "proc"}
+    rng = np.random.default_rng(6)
+    fitter = StatisticsFitter(spec).add(_one_channel_rows(spec, 600, rng))
+    stats = fitter.result()
+    fitted = stats["relations"]["proc_context"]
+    assert fitted["channels"] == [None] and fitted["ranges"] is None and fitted["model_input"] is True
+    assert fitted["peers"] == ["vib"] and len(fitted["cross_channels"][0]["weights"]) == 1       # vib's mean only
+    assert set(fitted["cross_channels"][0]["entity_intercepts"]) == {"a", "b"}
+    same_statistics(stats, _fit_in_buckets(fitter, 2)[2])
+    proc = list(spec.modalities).index("proc")
+
+    def features(**kw):
+        return featurize(_one_channel_rows(spec, 200, rng, **kw), spec, stats)
+
+    normal, shifted, blind = features(), features(shift=1.5), features(shift=1.5, vib_present=False)
+    assert normal.relation_errors[:, proc].mean() < 3
+    assert shifted.relation_errors[:, proc].mean() > 20 * normal.relation_errors[:, proc].mean()
+    assert (blind.relation_errors[:, proc] == 0).all()
+    assert normal.mask[:, list(spec.modalities).index("proc_context")].all()           # still a model input
+    assert relation_lines(stats, spec) == [relation_lines(stats, spec)[0]] and \
+        relation_lines(stats, spec)[0].startswith("modality 'proc', column 'temp': relation residual across to vib ")
+    off = parse_spec({**data, "model": {"cross_modal_relations": False}})
+    assert relation_pairs(off) == {} and "relations" not in \
+        StatisticsFitter(off).add(_one_channel_rows(off, 60, rng)).result()
+
+
 def test_a_relations_fit_keeps_per_entity_only_what_grows_with_its_design_not_its_square():
     """A fleet of many entities: the fitter's relations hold one d x d cross product per channel for the whole
     fleet, and per entity only counts, sums and ranges (O(d)): 200 more entities add far less than a d x d matrix
