@@ -316,9 +316,8 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]],
         log.warning("%s", line)
     fleet = fitter.fleet_result(totals)
     fleet_ref = ray.put(fleet)
-    rows = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]      # all started, then read
-    rows = entity_rows([raise_task_error(ref) for ref in rows])
-    return EntityStatistics(fleet, rows=rows), quarantined
+    row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
+    return EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])), quarantined
 
 
 def train(spec: Spec, *, run_root: str | None = None) -> str:
