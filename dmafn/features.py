@@ -192,13 +192,28 @@ def relation_peers(spec: Spec, parent: str) -> list[str]:
     return [name for name in level_modalities(spec) if name != parent]
 
 
+def peer_contexts(spec: Spec, parent: str) -> list[str]:
+    """The context views of `parent`'s peers (`relation_peers`) that the spec has: their history joins the
+    cross-modal design, so a channel that follows a peer with a lag (a temperature the load's last minutes) is
+    related to the peer's past, not only to its current value."""
+    peers = relation_peers(spec, parent)
+    return [name for peer in peers for name, m in spec.modalities.items() if m.context_of == peer]
+
+
 def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
-                peers: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The peers' current values side by side (N, K): their `level_values`; and where every peer is present (N,)."""
+                peers: list[str], history: Iterable[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The peers' current values side by side (N, K): their `level_values`, then for each peer context view in
+    `history` (`peer_contexts`) its window's means over `relation_blocks`; and where every one of them is
+    present (N,)."""
     cols, present = [], None
     for name in peers:
         cols.append(level_values(levels[name], spec.modalities[name]))
         present = presence[name] if present is None else present & presence[name]
+    for name in history:
+        window = levels[name]                                   # (N, T, C): the peer's per-period means
+        steps = window.shape[1]
+        cols += [window[:, steps - hi:steps - lo].mean(1, dtype=np.float64) for lo, hi in relation_blocks(steps)]
+        present = present & presence[name]
     return np.concatenate(cols, 1), present
 
 
@@ -454,11 +469,12 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
     for ctx, relation in stats.get("relations", {}).items():
         parent = relation["parent"]
         cross = relation.get("cross_channels") or [None] * len(relation["channels"])
+        peers = f"across to {', '.join(relation.get('peers', []))}" + \
+            (f" and the history of {', '.join(relation['peer_history'])}" if relation.get("peer_history") else "")
         for column, within, across in zip(spec.modalities[parent].columns, relation["channels"], cross):
             parts = [f"{label} {fit['residual_std']:.4g}" + (f" ({fit['residual_std'] / fit['spread']:.0%} of its "
                                                              "spread)" if fit.get("spread") else "")
-                     for label, fit in (("within the modality", within),
-                                        (f"across to {', '.join(relation.get('peers', []))}", across)) if fit]
+                     for label, fit in (("within the modality", within), (peers, across)) if fit]
             if parts:
                 lines.append(f"modality '{parent}', column '{column}': relation residual " + "; ".join(parts))
     return lines
@@ -591,7 +607,8 @@ class StatisticsFitter:
             if current.shape[1] >= 2:                   # one channel has no other to be related to within
                 self.relations_[ctx].add(current, history, ticks)
             if ctx in self.cross_relations_:
-                peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent))
+                peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent),
+                                                   peer_contexts(self.spec, parent))
                 across = peers_present[both]
                 if across.any():
                     self.cross_relations_[ctx].add(current[across], history[across], ticks[across], peers[both][across])
@@ -737,6 +754,8 @@ class StatisticsFitter:
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
                                           cross_ranges=fit_ranges({}, totals.ranges.get(("cross_relations_", ctx))))
+                    if peer_contexts(self.spec, parent):
+                        relations[ctx]["peer_history"] = peer_contexts(self.spec, parent)
         if relations:
             stats["relations"] = relations
         return stats
@@ -1121,8 +1140,9 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             relations = np.zeros((n, len(names)), np.float32)
         both = presence[ctx] & presence[parent]
         peers = peers_present = None
-        if fitted.get("cross_channels") and all(p in levels for p in fitted["peers"]):
-            peers, peers_present = peer_values(levels, presence, spec, fitted["peers"])
+        history = fitted.get("peer_history", [])            # versions before 2026-12-03: current values only
+        if fitted.get("cross_channels") and all(p in levels for p in [*fitted["peers"], *history]):
+            peers, peers_present = peer_values(levels, presence, spec, fitted["peers"], history)
             peers, peers_present = peers[both], peers_present[both]
         if both.any():
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),

@@ -934,6 +934,56 @@ def test_a_one_channel_modality_gets_a_relation_across_to_its_peers_and_keeps_it
         StatisticsFitter(off).add(_one_channel_rows(off, 60, rng)).result()
 
 
+def _lagged_rows(spec, n, rng, shift=0.0):
+    """A one-channel `proc` (temp, with a 10-minute context) whose temp follows the mean load of the last 3
+    minutes, and `vib` whose window is the load now and whose context (where the spec has one) is the load's
+    per-minute means: temp follows vib's past, not its present."""
+    steps = spec.modalities["proc_context"].steps
+    load = rng.normal(0, 1, (n, steps))                                   # per-minute load
+    temp = 2 * load[:, -3:].mean(1) + shift + rng.normal(0, 0.05, n)
+    vib = load[:, -1:] + rng.normal(0, 0.05, (n, 3))
+    columns = {"machine_id": ["a", "b"] * (n // 2), "proc__present": [True] * n, "proc__temp": temp,
+               "proc_context__present": [True] * n,
+               "proc_context__temp": pa.array(np.repeat(temp[:, None], steps, 1).astype(np.float32).tolist(),
+                                              pa.list_(pa.float32())),
+               "vib__present": [True] * n, "vib__a": pa.array(vib.astype(np.float32).tolist(), pa.list_(pa.float32()))}
+    if "vib_context" in spec.modalities:
+        columns.update({"vib_context__present": [True] * n,
+                        "vib_context__a": pa.array(load.astype(np.float32).tolist(), pa.list_(pa.float32()))})
+    return pa.table(columns)
+
+
+def test_a_peers_context_brings_its_history_into_the_cross_modal_relation():
+    """Where a peer has a context of its own, its window's block means join the cross-modal design: a channel that
+    follows the peer with a lag is then related to the peer's past (residual far below the current-value fit), the
+    relation records which histories it read (`peer_history`), scoring reads them, and a departure still errs
+    far more than normal ticks; a version without `peer_history` reads current values only."""
+    from dmafn.features import peer_contexts, relation_lines
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    proc = {**data["modalities"]["proc"], "context": {"window": "10min"}}
+    plain = parse_spec({**data, "modalities": {"proc": proc, "vib": data["modalities"]["vib"]}})
+    spec = parse_spec({**data, "modalities": {"proc": proc, "vib": {**data["modalities"]["vib"],
+                                                                    "context": {"window": "10min"}}}})
+    assert peer_contexts(plain, "proc") == [] and peer_contexts(spec, "proc") == ["vib_context"]
+    rng = np.random.default_rng(7)
+    now_only = StatisticsFitter(plain).add(_lagged_rows(plain, 800, rng)).result()["relations"]["proc_context"]
+    fitter = StatisticsFitter(spec).add(_lagged_rows(spec, 800, rng))
+    stats = fitter.result()
+    fitted = stats["relations"]["proc_context"]
+    assert "peer_history" not in now_only and fitted["peer_history"] == ["vib_context"]
+    assert len(fitted["cross_channels"][0]["weights"]) == 1 + 3                 # vib now, 3 blocks of its 10 minutes
+    assert fitted["cross_channels"][0]["residual_std"] < 0.3 * now_only["cross_channels"][0]["residual_std"]
+    same_statistics(stats, _fit_in_buckets(fitter, 2)[2])
+    at = list(spec.modalities).index("proc")
+    normal = featurize(_lagged_rows(spec, 200, rng), spec, stats).relation_errors[:, at]
+    shifted = featurize(_lagged_rows(spec, 200, rng, shift=1.0), spec, stats).relation_errors[:, at]
+    assert normal.mean() < 3 and shifted.mean() > 20 * normal.mean()
+    assert "across to vib and the history of vib_context" in relation_lines(stats, spec)[0]
+
+
 def test_a_relations_fit_keeps_per_entity_only_what_grows_with_its_design_not_its_square():
     """A fleet of many entities: the fitter's relations hold one d x d cross product per channel for the whole
     fleet, and per entity only counts, sums and ranges (O(d)): 200 more entities add far less than a d x d matrix
