@@ -139,12 +139,17 @@ def relation_blocks(steps: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip([0, *ends[:-1]], ends)]
 
 
+def block_means(window: np.ndarray, dtype: type | None = None) -> list[np.ndarray]:
+    """A window's (N, T, C) means over each of `relation_blocks` of its T steps: one (N, C) per block."""
+    steps = window.shape[1]
+    return [window[:, steps - hi:steps - lo].mean(1, dtype=dtype) for lo, hi in relation_blocks(steps)]
+
+
 def relation_quantities(current: np.ndarray, history: np.ndarray, peers: np.ndarray | None = None) -> np.ndarray:
     """Everything a modality's relations are built from, once per tick: every channel's current value (N, C), the
     means of its context window (N, T, C) over each of `relation_blocks` (C per block), and the peers' current
     values (N, K; `peer_values`) for a cross-modal relation. (N, C x (1 + blocks) [+ K]), float64."""
-    steps = history.shape[1]
-    cols = [current] + [history[:, steps - hi:steps - lo].mean(1) for lo, hi in relation_blocks(steps)]
+    cols = [current, *block_means(history)]
     if peers is not None:
         cols.append(peers)
     return np.concatenate(cols, 1).astype(np.float64)
@@ -209,10 +214,8 @@ def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], 
     for name in peers:
         cols.append(level_values(levels[name], spec.modalities[name]))
         present = presence[name] if present is None else present & presence[name]
-    for name in history:
-        window = levels[name]                                   # (N, T, C): the peer's per-period means
-        steps = window.shape[1]
-        cols += [window[:, steps - hi:steps - lo].mean(1, dtype=np.float64) for lo, hi in relation_blocks(steps)]
+    for name in history:                                        # (N, T, C): the peer's per-period means
+        cols += block_means(levels[name], np.float64)
         present = present & presence[name]
     return np.concatenate(cols, 1), present
 
@@ -249,15 +252,15 @@ class _Range:
         return self
 
 
-def fit_ranges(ranges: dict[str, _Range], fleet: _Range | None = None) -> dict[str, Any] | None:
-    """Where a relation's quantities were seen on the training days, per entity (those with 2 rows or more, as
-    the fits) and over the fleet: at scoring each is held inside it, so a prediction never extrapolates from an
-    abnormal predictor. Kept once per relation, not per channel (a quantity is in every other channel's design).
-    `fleet`: the fleet's range (`range_total`) where `ranges` are only some entities' (one bucket's)."""
-    fleet = range_total(ranges) if fleet is None else fleet
+def fit_ranges(fleet: _Range | None) -> dict[str, Any] | None:
+    """Where a relation's quantities were seen on the training days, over the fleet (`fleet`, the `range_total`
+    of every entity) and per entity (those with 2 rows or more, as the fits; left empty here, filled with each
+    entity bucket's `_entity_ranges`): at scoring each is held inside it, so a prediction never extrapolates from
+    an abnormal predictor. Kept once per relation, not per channel (a quantity is in every other channel's
+    design). None without an entity."""
     if fleet is None or fleet.n == 0:
         return None
-    return {"fleet": [fleet.lo.tolist(), fleet.hi.tolist()], "entities": _entity_ranges(ranges)}
+    return {"fleet": [fleet.lo.tolist(), fleet.hi.tolist()], "entities": {}}
 
 
 def _entity_ranges(ranges: dict[str, _Range]) -> dict[str, list[list[float]]]:
@@ -379,13 +382,11 @@ class _EntityTotals:
         return self
 
 
-def fit_relation(reg: _Regression, totals: _EntityTotals | None = None) -> dict[str, Any] | None:
-    """One channel's relation: weights pooled over entities on within-entity deviations (each entity keeps its
-    own intercept, `entity_intercepts`; an unseen one gets the fleet's) and the residual's std (the unit of its
-    error). None without enough rows to fit it. `totals`: the whole fleet's entity totals where `reg` holds only
-    the fleet's cross products (the entities then live in buckets); the intercepts are then left empty."""
-    whole = totals is None
-    totals = _EntityTotals.of(reg) if whole else totals
+def fit_relation(reg: _Regression, totals: _EntityTotals) -> dict[str, Any] | None:
+    """One channel's relation from the fleet's cross products (`reg`) and every entity's `totals`: weights pooled
+    over entities on within-entity deviations (each entity keeps its own intercept, left empty here and filled
+    by `entity_intercepts` where its entities are; an unseen one gets the fleet's) and the residual's std (the
+    unit of its error). None without enough rows to fit it."""
     d, n = reg.d, totals.n
     if not totals.fitted or n < 2 * d + 10:
         return None
@@ -394,11 +395,8 @@ def fit_relation(reg: _Regression, totals: _EntityTotals | None = None) -> dict[
     weights = np.linalg.solve(sxx + ridge * np.eye(d), sxy)
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
     residual = max(float(np.sqrt(max(syy - weights @ sxy, 0.0) / n)), 1e-3 * spread)   # an exact relation: no 0
-    fitted = {"weights": weights.tolist(), "intercept": float((totals.sy - weights @ totals.sx) / n),
-              "entity_intercepts": {}, "residual_std": max(residual, 1e-9), "spread": spread}
-    if whole:
-        fitted["entity_intercepts"] = entity_intercepts(reg, fitted)
-    return fitted
+    return {"weights": weights.tolist(), "intercept": float((totals.sy - weights @ totals.sx) / n),
+            "entity_intercepts": {}, "residual_std": max(residual, 1e-9), "spread": spread}
 
 
 def entity_intercepts(reg: _Regression, fitted: dict[str, Any]) -> dict[str, float]:
@@ -750,12 +748,12 @@ class StatisticsFitter:
                 # one-channel parent's relation reads only its peers' current values, none of the hour: its context
                 # stays a model input
                 relations[ctx] = {"parent": parent, "channels": channels or [None] * width, "model_input": width < 2,
-                                  "ranges": fit_ranges({}, totals.ranges.get(("relations_", ctx)))}
+                                  "ranges": fit_ranges(totals.ranges.get(("relations_", ctx)))}
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
-                                          cross_ranges=fit_ranges({}, totals.ranges.get(("cross_relations_", ctx))))
-                    if peer_contexts(self.spec, parent):
-                        relations[ctx]["peer_history"] = peer_contexts(self.spec, parent)
+                                          cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))))
+                    if history := peer_contexts(self.spec, parent):
+                        relations[ctx]["peer_history"] = history
         if relations:
             stats["relations"] = relations
         return stats

@@ -149,12 +149,12 @@ def entity_rows(tables: Sequence[pa.Table]) -> pa.Table:
     as_json |= {name for name, seen in types.items() if len(seen) > 1}
     unified = []
     for t in tables:
-        columns = {"key": t.column("key")}
+        columns, kept_as_json = {"key": t.column("key")}, _json_places(t)
         for place in places:
             if place not in t.column_names:
                 kind = pa.string() if place in as_json else next(iter(types[place]))
                 columns[place] = pa.nulls(t.num_rows, kind)
-            elif place in as_json and place not in _json_places(t):
+            elif place in as_json and place not in kept_as_json:
                 columns[place] = pa.array([None if v is None else _compact(v) for v in t.column(place).to_pylist()],
                                           pa.string())
             else:
