@@ -20,7 +20,7 @@ from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import ScoreRecord, raw_scores
 from dmafn.spec import ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, voting_modalities
-from dmafn.training import fit_model, seed_everything
+from dmafn.training import fit_densities, fit_model, seed_everything
 
 
 def _rows(features: Features, idx: np.ndarray) -> Features:
@@ -62,6 +62,7 @@ class Detector:
         self.history_ = fit_model(self.model_, _rows(X, train_idx), epochs=self.epochs, batch_size=self.batch_size,
                                   lr=self.learning_rate, labels=None if y is None else np.asarray(y)[train_idx],
                                   seed=self.seed, device=self.device)
+        fit_densities(self.model_, _rows(X, train_idx), device=self.device)    # spec `encoding_distance`
         raw_val = raw_scores(self.model_, _rows(X, val_idx), device=self.device)
         self.calibration_ = Calibration.fit(
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,

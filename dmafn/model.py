@@ -7,6 +7,8 @@ Early fusion feeds the modalities' aligned inputs straight into one network.
 Scores per modality come from reconstruction errors. With `cross_modal` scoring the model also predicts
 each modality with that modality hidden (leave-one-out), so a modality that is normal on its own but no
 longer agrees with the others still scores high; modality dropout in training teaches exactly that.
+A modality with `encoding_distance` in the spec also has an `EncodingDensity` (`dmafn.density`), fitted after
+training on the training ticks' encodings: its error is multiplied by how far its encoding lies from them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmafn.density import EncodingDensity, EncodingSums
 from dmafn.encoders import AudioEncoder, ImageEncoder, SeriesEncoder, TabularEncoder, TextEncoder
 from dmafn.features import TEXT_TOKENS
 from dmafn.fusion import AttentionFusion, EarlyFusion, GatedFusion
@@ -88,11 +91,14 @@ class ModelOutput:
 
 
 class DMAFN(nn.Module):
-    """Encoders, fusion and heads passed in; `fusion=None` means late fusion (`heads` keyed by modality)."""
+    """Encoders, fusion and heads passed in; `fusion=None` means late fusion (`heads` keyed by modality);
+    `densities`: an `EncodingDensity` for each modality whose error weighs its encoding's distance."""
 
-    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module | None, heads: nn.ModuleDict, cfg: ModelConfig):
+    def __init__(self, encoders: nn.ModuleDict, fusion: nn.Module | None, heads: nn.ModuleDict, cfg: ModelConfig,
+                 densities: nn.ModuleDict | None = None):
         super().__init__()
         self.encoders, self.fusion, self.heads, self.cfg = encoders, fusion, heads, cfg
+        self.densities = densities if densities is not None else nn.ModuleDict()
         self.modalities = tuple(encoders.keys())
 
     @property
@@ -126,6 +132,33 @@ class DMAFN(nn.Module):
         """Per-modality mean squared reconstruction error (B, M)."""
         return torch.stack([F.mse_loss(out.recon(m), out.targets[m], reduction="none").mean(1)
                             for m in self.modalities], 1)
+
+    def encoding_factors(self, out: ModelOutput) -> torch.Tensor:
+        """(B, M): each modality's `EncodingDensity.factor` of its encoding, 1 where it has none (or no tokens)."""
+        b = next(iter(out.targets.values())).shape[0]
+        device = next(iter(out.targets.values())).device
+        cols = [self.densities[m].factor(out.tokens[:, i])
+                if m in self.densities and out.tokens is not None else torch.ones(b, device=device)
+                for i, m in enumerate(self.modalities)]
+        return torch.stack(cols, 1)
+
+    @torch.no_grad()
+    def encoding_sums(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, EncodingSums]:
+        """The sums of one batch's encodings of each modality with a density, over the ticks it is present at
+        (eval mode)."""
+        if not len(self.densities):
+            return {}
+        self.eval()
+        tokens = torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)          # (B, M, d)
+        return {m: EncodingSums.of(tokens[mask[:, i], i]) for i, m in enumerate(self.modalities)
+                if m in self.densities}
+
+    def fit_densities(self, sums: dict[str, EncodingSums]) -> dict[str, int]:
+        """Fit each density on its modality's summed training encodings; returns the ticks each was fitted on
+        (0: too few, left unfitted)."""
+        for m, density in self.densities.items():
+            density.fit(sums.get(m, EncodingSums.zeros(len(density.mean))))
+        return {m: int(d.ticks) for m, d in self.densities.items()}
 
     def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
                              out: ModelOutput | None = None) -> torch.Tensor:
@@ -162,9 +195,14 @@ def build_model(modalities: dict[str, ModalitySpec], cfg: ModelConfig) -> DMAFN:
     """Build the network for these modalities from a config (see `small`, `base`)."""
     encoders = nn.ModuleDict({name: build_encoder(m, cfg) for name, m in modalities.items()})
     dims = {name: enc.target_dim for name, enc in encoders.items()}
+    weighed = {name: m.encoding_distance for name, m in modalities.items() if m.encoding_distance}
+    if weighed and (cfg.fusion == "early" or cfg.detector == "classifier"):
+        raise ValueError(f"encoding_distance on {sorted(weighed)} needs modality encodings and reconstruction "
+                         f"errors: fusion attention, gated or late, not {cfg.fusion!r} with {cfg.detector!r}")
+    densities = nn.ModuleDict({name: EncodingDensity(cfg.d_model, w) for name, w in weighed.items()})
     if cfg.fusion == "late":
         heads = nn.ModuleDict({m: build_head(cfg.detector, cfg.d_model, cfg.latent, {m: dims[m]}) for m in dims})
-        return DMAFN(encoders, None, heads, cfg)
+        return DMAFN(encoders, None, heads, cfg, densities)
     if cfg.fusion == "early":
         fusion: nn.Module = EarlyFusion(list(dims.values()), cfg.d_model)
     elif cfg.fusion == "attention":
@@ -174,7 +212,7 @@ def build_model(modalities: dict[str, ModalitySpec], cfg: ModelConfig) -> DMAFN:
     else:
         raise ValueError(f"unknown fusion {cfg.fusion!r} (early, late, attention, gated)")
     return DMAFN(encoders, fusion, nn.ModuleDict({"fused": build_head(cfg.detector, cfg.d_model, cfg.latent, dims)}),
-                 cfg)
+                 cfg, densities)
 
 
 def modality_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

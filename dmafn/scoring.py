@@ -71,6 +71,8 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
         if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
             loo = model.leave_one_out_errors(inputs, mask, out)  # reuses out's encodings
             err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
+        if len(model.densities):   # an encoding unlike the training ones raises its modality's error
+            err = err * model.encoding_factors(out)
         errors.append(err.cpu().numpy())
         if model.late:      # each modality's own head: its latent term belongs to that modality only
             terms = [out.heads[m].latent_score for m in features.modalities

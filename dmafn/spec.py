@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,6 +74,8 @@ class ModalitySpec:
     encoder: str | None = None          # timeseries / text encoder override
     transform: str = "level"            # timeseries: level | centered | difference | auto (features.transform_window)
     context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
+    encoding_distance: float = 0.0      # weight of the encoding's distance from the training encodings in the
+                                        # modality's error (0: off; `dmafn.model.EncodingDensity`)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -294,15 +296,23 @@ class _Section:
 
 
 _MODALITY_KEYS = {
-    "tabular": {"kind", "path", "columns", "tolerance", "context"},
-    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform", "context"},
-    "image": {"kind", "path", "column", "size", "tolerance", "channels"},
-    "text": {"kind", "path", "column", "window", "encoder"},
-    "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip"},
+    "tabular": {"kind", "path", "columns", "tolerance", "context", "encoding_distance"},
+    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform", "context",
+                   "encoding_distance"},
+    "image": {"kind", "path", "column", "size", "tolerance", "channels", "encoding_distance"},
+    "text": {"kind", "path", "column", "window", "encoder", "encoding_distance"},
+    "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip", "encoding_distance"},
 }
+ENCODING_DISTANCE_MAX = 4.0     # the largest weight `encoding_distance` takes (an exponent on the distance)
 
 
 def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
+    m = _parse_modality_kind(name, sec, grain_us)
+    distance = sec.number("encoding_distance", 0.0, float, 0.0, ENCODING_DISTANCE_MAX)
+    return replace(m, encoding_distance=distance) if distance else m
+
+
+def _parse_modality_kind(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     kind = sec.choice("kind", MODALITY_KINDS)
     sec.reject_unknown(_MODALITY_KEYS[kind])
     path = str(sec.required("path"))
@@ -477,6 +487,11 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 labels=labels, storage=storage, source=source)
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
+    for m in modalities.values():
+        if m.encoding_distance and (spec.model.fusion == "early" or spec.model.detector == "classifier"):
+            raise mods_sec.err(f"{m.name}.encoding_distance", "needs each modality encoded on its own (fusion "
+                               "attention, gated or late) and a detector that reconstructs (not 'classifier'); "
+                               f"the spec has fusion '{spec.model.fusion}', detector '{spec.model.detector}'")
     return spec
 
 
@@ -520,6 +535,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["encoder"] = m.encoder
         if m.transform != "level":
             entry["transform"] = m.transform
+        if m.encoding_distance:
+            entry["encoding_distance"] = m.encoding_distance
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

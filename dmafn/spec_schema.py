@@ -11,9 +11,9 @@ import datetime as dt
 import json
 from typing import Any
 
-from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, FUSIONS, MODALITY_KINDS, NORMALIZATIONS, PRESETS,
-                        SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, VOTES,
-                        SpecError, parse_spec)
+from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MODALITY_KINDS,
+                        NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
+                        THRESHOLD_METHODS, VOTES, SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -42,6 +42,9 @@ _CONTEXT = {"type": "object", "properties": {"window": _DURATION, "period": _DUR
             "additionalProperties": False,
             "description": "a slow view: the mean of each period (default: the grain) over the last window, "
                            "encoded as its own modality <name>_context"}
+_ENCODING_DISTANCE = {**_number("number", 0, ENCODING_DISTANCE_MAX),
+                      "description": "weight of the encoding's distance from the training encodings in the "
+                                     "modality's error (0: off)"}
 _MODALITY = {
     "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION, "context": _CONTEXT}, ("columns",)),
     "timeseries": ({"columns": _COLUMNS, "period": _DURATION, "window": _DURATION,
@@ -59,7 +62,7 @@ _MODALITY = {
 
 def spec_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a spec file."""
-    base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}}
+    base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}, "encoding_distance": _ENCODING_DISTANCE}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}

@@ -356,7 +356,7 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
         "vibration": {"kind": "timeseries", "path": f"{root}/raw/vibration", "columns": ["ax", "ay", "az"],
                       "period": "2s", "window": "1min"},
         "camera": {"kind": "image", "path": f"{root}/raw/camera", "column": "frame",
-                   "size": [cfg.image_size, cfg.image_size], "tolerance": "6min"},
+                   "size": [cfg.image_size, cfg.image_size], "tolerance": "6min", "encoding_distance": 0.5},
         "logs": {"kind": "text", "path": f"{root}/raw/logs", "column": "message", "window": "5min"},
     }
     if cfg.audio:

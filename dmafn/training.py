@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from dmafn.density import EncodingSums
 from dmafn.features import Features
 from dmafn.model import DMAFN, training_loss
 
@@ -80,6 +81,28 @@ def fit_model(model: DMAFN, features: Features, *, epochs: int, batch_size: int 
                   for batch, y in batches(features, batch_size, labels, seed=seed + epoch)]
         history.append(float(np.mean(losses)) if losses else float("nan"))
     return history
+
+
+def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024,
+                  device: str | torch.device = "cpu") -> dict[str, EncodingSums]:
+    """The sums of the encodings of each modality with a density (`DMAFN.encoding_sums`) over these ticks;
+    {} when the model has none."""
+    if not len(model.densities):
+        return {}
+    dev = torch.device(device)
+    model.to(dev)
+    total: dict[str, EncodingSums] = {}
+    for batch, _ in batches(features, batch_size, shuffle=False):
+        inputs = {m: torch.from_numpy(np.ascontiguousarray(batch.inputs[m])).to(dev) for m in batch.modalities}
+        for m, sums in model.encoding_sums(inputs, torch.from_numpy(batch.mask).to(dev)).items():
+            total[m] = total[m] + sums if m in total else sums
+    return total
+
+
+def fit_densities(model: DMAFN, features: Features, batch_size: int = 1024,
+                  device: str | torch.device = "cpu") -> dict[str, int]:
+    """Fit the model's encoding densities on (training) ticks in memory; returns the ticks each was fitted on."""
+    return model.fit_densities(encoding_sums(model, features, batch_size, device))
 
 
 def positive_weight(labels: Iterable | None) -> float:

@@ -5,6 +5,8 @@
     -> features per shard (a Ray task each; ticks with no modality dropped) written to a feature file in the
        run's staging folder (`pipelines.feature_files`) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16 autocast
        on GPU; checkpoint every epoch; each epoch every worker streams its equal part of the files' rows)
+    -> (spec `encoding_distance`) the trained encoders over the feature files (a Ray task each): summed
+       encodings, a Gaussian per modality fitted on the driver (`dmafn.density`)
     -> raw scores of the validation days' shards (Ray tasks) -> calibration -> model version in the registry
 """
 from __future__ import annotations
@@ -31,9 +33,10 @@ from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, featu
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
-from dmafn.training import positive_weight, seed_everything, train_step
+from dmafn.density import EncodingSums
+from dmafn.training import encoding_sums, positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
-from pipelines.feature_files import FeatureFile, epoch_batches, worker_pieces, write_features
+from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
 from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
@@ -269,6 +272,33 @@ def _fit(spec: Spec, files: list[FeatureFile], cfg: ModelConfig, pos_weight: flo
             "resumed_at": state.get("resumed_at", [])}
 
 
+@ray.remote(num_cpus=1)
+def _file_encoding_sums(spec: Spec, file: FeatureFile, model) -> dict[str, EncodingSums]:
+    """One feature file's encodings summed per modality with a density, a record batch at a time."""
+    total: dict[str, EncodingSums] = {}
+    for columns in read_piece(Storage.from_spec(spec.storage), Piece(file.path, 0, file.rows)):
+        for m, sums in encoding_sums(model, features_from_columns(columns, tuple(spec.modalities))).items():
+            total[m] = total[m] + sums if m in total else sums
+    return total
+
+
+def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> dict[str, int]:
+    """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files: a
+    Ray task per file sums its encodings, the driver adds the sums up (a d x d matrix per modality) in file
+    order. Returns the ticks each density was fitted on; {} when no modality asks for one."""
+    if not len(model.densities):
+        return {}
+    model_ref = ray.put(model)
+    refs = [_file_encoding_sums.remote(spec, f, model_ref) for f in files]
+    display, total = ProgressDisplay("encoding densities", len(refs), "feature files"), {}
+    for done, ref in enumerate(refs, 1):
+        for m, sums in raise_task_error(ref).items():
+            total[m] = total[m] + sums if m in total else sums
+        display.update(done)
+    display.close()
+    return model.fit_densities(total)
+
+
 def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> Calibration:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
@@ -366,6 +396,11 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                       run_root if is_s3(run_root) else os.path.abspath(run_root))
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])
+        densities = fit_encoding_densities(spec, model, files)
+        for name, fitted_ticks in densities.items():
+            log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks%s", name,
+                     spec.modalities[name].encoding_distance, fitted_ticks,
+                     "" if fitted_ticks else " - too few, so its error is not weighed")
         calibration = _calibrate(spec, model, bucket_stats, val_shards)
         for line in calibration.baseline_lines():
             log.info("%s", line)
@@ -375,6 +410,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     "training_window": {"train_days": [d.isoformat() for d in train_days],
                                         "validation_days": [d.isoformat() for d in val_days]},
                     "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
+                                **({"encoding_density_ticks": densities} if densities else {}),
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined}
     finally:

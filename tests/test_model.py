@@ -361,3 +361,77 @@ def test_relation_errors_add_to_their_modality_and_only_there():
     np.testing.assert_allclose(np.delete(got, 5, 0)[:, 0], np.delete(base, 5, 0)[:, 0] + 3.0, rtol=1e-5)
     np.testing.assert_allclose(got[:, 1:], base[:, 1:])
     assert np.isnan(got[5, 0])
+
+
+def test_encoding_density_is_the_gaussian_of_its_encodings():
+    """Mean and ridge-regularised covariance from the summed encodings: on the corners of a square (mean (1, 1),
+    variance 1 each way) a point 2 along one axis lies 4 / 1.001 / 2 dims away; sums of halves add to the whole;
+    too few ticks leave it unfitted with a factor of 1."""
+    from dmafn.density import RIDGE, EncodingDensity, EncodingSums
+
+    corners = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    density = EncodingDensity(2, weight=0.5)
+    assert not density.fitted and torch.equal(density.factor(torch.ones(3, 2)), torch.ones(3))
+    density.fit(EncodingSums.of(corners[:2]) + EncodingSums.of(torch.tensor(corners[2:])))
+    assert density.fitted and int(density.ticks) == 4
+    got = density.distance(torch.tensor([[1.0, 1.0], [3.0, 1.0], [1.0, -1.0]]))
+    torch.testing.assert_close(got, torch.tensor([0.0, 2 / (1 + RIDGE), 2 / (1 + RIDGE)]))
+    torch.testing.assert_close(density.factor(torch.tensor([[3.0, 1.0]])), torch.tensor([(2 / (1 + RIDGE)) ** 0.5]))
+    density.fit(EncodingSums.of(corners[:2]))                 # 2 ticks for 2 dimensions: no covariance to trust
+    assert not density.fitted
+
+
+def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save():
+    """`encoding_distance` on one modality: before the densities are fitted the errors are the model's without
+    them; after, that modality's error is multiplied by its encoding's distance ** weight and the others are
+    unchanged; the fitted density is part of the saved weights."""
+    from dataclasses import replace
+
+    from dmafn.scoring import raw_scores
+    from dmafn.training import fit_densities
+
+    torch.manual_seed(0)
+    mods = {**specs(), "cam": replace(specs()["cam"], encoding_distance=0.5)}
+    train, _ = make(64, seed=1)
+    test, _ = make(24, seed=2)
+    model = build_model(mods, small(d_model=8, latent=4))
+    plain = build_model(specs(), small(d_model=8, latent=4))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("densities.")})
+    base = raw_scores(plain, test).errors
+    np.testing.assert_allclose(raw_scores(model, test).errors, base, rtol=1e-6)      # unfitted: factor 1
+    assert fit_densities(model, train) == {"cam": 64}
+    got = raw_scores(model, test).errors
+    with torch.no_grad():
+        tokens = model({m: torch.from_numpy(test.inputs[m]) for m in test.modalities},
+                       torch.from_numpy(test.mask)).tokens
+        factor = model.densities["cam"].distance(tokens[:, 2]).numpy() ** 0.5
+    np.testing.assert_allclose(got[:, 2], base[:, 2] * factor, rtol=1e-5)
+    np.testing.assert_allclose(np.delete(got, 2, 1), np.delete(base, 2, 1), rtol=1e-6)
+    again = build_model(mods, small(d_model=8, latent=4))
+    again.load_state_dict(model.state_dict())
+    np.testing.assert_allclose(raw_scores(again, test).errors, got, rtol=1e-6)
+    with pytest.raises(ValueError, match="encoding_distance on \\['cam'\\]"):
+        build_model(mods, small(fusion="early"))
+
+
+def test_encoding_distance_scores_a_frame_the_autoencoder_reconstructs_well():
+    """A camera faded towards grey: the smooth frame reconstructs better than a normal one, so its error alone
+    ranks it low; its encoding lies further from the training frames' than any normal frame's does, and with
+    `encoding_distance` the camera's contribution ranks it higher."""
+    from dataclasses import replace
+
+    train, _ = make(512, seed=1)
+    test, _ = make(200, seed=2)
+    test.inputs["cam"][100:] = test.inputs["cam"][100:] * 0.3 + 0.7 * test.inputs["cam"][100:].mean()
+    y = np.r_[np.zeros(100), np.ones(100)]
+    aucs = {}
+    for weight in (0.0, 0.5):
+        mods = {**specs(), "cam": replace(specs()["cam"], encoding_distance=weight)}
+        det = Detector(mods, small(d_model=16, latent=4), epochs=6, batch_size=64, learning_rate=3e-3,
+                       threshold="quantile", seed=0).fit(train)
+        aucs[weight] = roc_auc(det.score_record(test).contributions[:, 2], y)
+    with torch.no_grad():
+        distance = det.model_.densities["cam"].distance(det.model_.encoders["cam"](
+            torch.from_numpy(test.inputs["cam"]))).numpy()
+    assert distance[100:].min() > distance[:100].max()
+    assert aucs[0.5] > aucs[0.0] + 0.2, aucs

@@ -101,7 +101,7 @@ def test_training_says_how_far_each_pass_has_come(trained):
     """`dmafn train` shows the statistics pass (shards, then entity buckets), the feature files (shards, ticks),
     the epochs' batches and the calibration's validation shards as each goes, each ending at its total."""
     ends = {line.split(":")[0]: line for line in TRAIN_PROGRESS if "(100%)" in line}
-    assert set(ends) >= {"statistics", "features", "training", "calibration"}, TRAIN_PROGRESS
+    assert set(ends) >= {"statistics", "features", "training", "encoding densities", "calibration"}, TRAIN_PROGRESS
     assert "shards and buckets" in ends["statistics"] and "ticks" in ends["features"]
     assert "validation shards" in ends["calibration"] and "ticks" in ends["calibration"]
 
@@ -149,6 +149,11 @@ def test_model_version_has_manifest_and_weights(trained):
     import torch
     state = torch.load(folder / "weights.pt", weights_only=True)
     assert any(k.startswith("encoders.vibration") for k in state)
+    # the generated spec's camera weighs its encoding's distance: a Gaussian of the training ticks' encodings
+    fitted = manifest["metrics"]["encoding_density_ticks"]
+    assert list(fitted) == ["camera"] and 0 < fitted["camera"] <= manifest["metrics"]["train_ticks"]
+    assert int(state["densities.camera.ticks"]) == fitted["camera"]
+    assert torch.allclose(state["densities.camera.precision"], state["densities.camera.precision"].T, atol=1e-3)
 
 
 def test_training_again_on_the_same_data_gives_the_same_model(trained, tmp_path, monkeypatch):

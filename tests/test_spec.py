@@ -92,6 +92,21 @@ def test_series_transform_is_parsed_checked_and_round_trips():
         parse_spec(data, source="s.yaml")
 
 
+def test_encoding_distance_is_parsed_checked_and_round_trips():
+    data = tiny_spec_dict()
+    data["modalities"]["cam"]["encoding_distance"] = 0.5
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.modalities["cam"].encoding_distance == 0.5 and spec.modalities["proc"].encoding_distance == 0
+    assert parse_spec(spec.to_dict()).modalities == spec.modalities
+    data["modalities"]["cam"]["encoding_distance"] = -1
+    with pytest.raises(SpecError, match=r"'modalities.cam.encoding_distance': -1 is outside \[0.0, 4.0\]"):
+        parse_spec(data, source="s.yaml")
+    data["modalities"]["cam"]["encoding_distance"] = 1
+    data["model"] = {"fusion": "early"}              # early fusion has no encoding of a modality on its own
+    with pytest.raises(SpecError, match=r"'modalities.cam.encoding_distance': needs each modality encoded"):
+        parse_spec(data, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -184,7 +199,8 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
-                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, kind, path, tolerance)",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, kind, "
+                     "path, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):

@@ -1,0 +1,85 @@
+"""How unlike the training encodings a modality's encoding is: a Gaussian fitted to the encoder's output on
+training ticks, and the squared Mahalanobis distance of an encoding from it.
+
+An autoencoder's error misses what it reconstructs well: a camera fading to fog is a smooth frame, easy to
+reconstruct, yet its encoding lies where no training frame's did. With `encoding_distance: w` on a modality
+(spec), its error is multiplied by `distance ** w` - `distance` the squared Mahalanobis distance per dimension,
+about 1 for a typical encoding - so the contribution is the log error plus `w` times the log distance.
+
+    sums = EncodingSums.of(tokens)          # (n, d) -> count, sum, sum of outer products (float64; mergeable)
+    density.fit(sums_a + sums_b)            # mean and ridge-regularised precision, kept as buffers
+    density.distance(tokens)                # (B, d) -> (B,) squared distance / d
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+RIDGE = 1e-3        # added to the covariance's diagonal, as a share of its mean variance: a few near-constant
+                    # dimensions (encodings are often low-rank) do not make every small move in them huge
+
+
+@dataclass
+class EncodingSums:
+    """Count, sum and sum of outer products of encodings (float64), added up over batches, files or workers."""
+
+    count: int
+    total: np.ndarray        # (d,)
+    outer: np.ndarray        # (d, d)
+
+    @classmethod
+    def zeros(cls, dim: int) -> "EncodingSums":
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    @classmethod
+    def of(cls, tokens: np.ndarray | torch.Tensor) -> "EncodingSums":
+        """The sums of encodings (n, d)."""
+        z = tokens.detach().double().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, float)
+        return cls(len(z), z.sum(0), z.T @ z)
+
+    def __add__(self, other: "EncodingSums") -> "EncodingSums":
+        return EncodingSums(self.count + other.count, self.total + other.total, self.outer + other.outer)
+
+
+class EncodingDensity(nn.Module):
+    """A Gaussian over one modality's encodings (mean and precision as buffers, saved with the weights);
+    `weight` is the spec's `encoding_distance`. Until fitted (`ticks` 0) its factor is 1."""
+
+    def __init__(self, dim: int, weight: float):
+        super().__init__()
+        self.weight = float(weight)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("precision", torch.eye(dim))
+        self.register_buffer("ticks", torch.zeros((), dtype=torch.long))
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.ticks) > 0
+
+    def fit(self, sums: EncodingSums) -> None:
+        """Mean and precision from the encodings' sums; a modality with fewer ticks than dimensions + 1 stays
+        unfitted (its factor 1)."""
+        dim = len(self.mean)
+        if sums.count <= dim:
+            self.ticks.fill_(0)
+            return
+        mean = sums.total / sums.count
+        cov = sums.outer / sums.count - np.outer(mean, mean)
+        cov = (cov + cov.T) / 2 + RIDGE * max(np.trace(cov) / dim, 1e-12) * np.eye(dim)
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.precision.copy_(torch.as_tensor(np.linalg.inv(cov), dtype=self.precision.dtype))
+        self.ticks.fill_(sums.count)
+
+    def distance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, d) encodings -> (B,) squared Mahalanobis distance per dimension (about 1 for a typical one)."""
+        z = tokens.float() - self.mean                                                       # (B, d)
+        return ((z @ self.precision) * z).sum(1) / len(self.mean)
+
+    def factor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B,): `distance ** weight` (floored at 1e-6), 1 while unfitted."""
+        if not self.fitted:
+            return torch.ones(len(tokens), device=tokens.device)
+        return self.distance(tokens).clamp(min=1e-6) ** self.weight
