@@ -44,6 +44,13 @@ class EncodingSums:
         return EncodingSums(self.count + other.count, self.total + other.total, self.outer + other.outer)
 
 
+def add_sums(total: dict[str, EncodingSums], more: dict[str, EncodingSums]) -> dict[str, EncodingSums]:
+    """`total` with each modality's sums in `more` added (in place; returned)."""
+    for m, sums in more.items():
+        total[m] = total[m] + sums if m in total else sums
+    return total
+
+
 class EncodingDensity(nn.Module):
     """A Gaussian over one modality's encodings (mean and precision as buffers, saved with the weights);
     `weight` is the spec's `encoding_distance`. Until fitted (`ticks` 0) its factor is 1."""

@@ -7,7 +7,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from dmafn.density import EncodingSums
+from dmafn.density import EncodingSums, add_sums
 from dmafn.features import Features
 from dmafn.model import DMAFN, training_loss
 
@@ -94,8 +94,7 @@ def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024,
     total: dict[str, EncodingSums] = {}
     for batch, _ in batches(features, batch_size, shuffle=False):
         inputs = {m: torch.from_numpy(np.ascontiguousarray(batch.inputs[m])).to(dev) for m in batch.modalities}
-        for m, sums in model.encoding_sums(inputs, torch.from_numpy(batch.mask).to(dev)).items():
-            total[m] = total[m] + sums if m in total else sums
+        add_sums(total, model.encoding_sums(inputs, torch.from_numpy(batch.mask).to(dev)))
     return total
 
 

@@ -33,7 +33,7 @@ from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, featu
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
-from dmafn.density import EncodingSums
+from dmafn.density import EncodingSums, add_sums
 from dmafn.training import encoding_sums, positive_weight, seed_everything, train_step
 from pipelines.align import align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
@@ -277,8 +277,7 @@ def _file_encoding_sums(spec: Spec, file: FeatureFile, model) -> dict[str, Encod
     """One feature file's encodings summed per modality with a density, a record batch at a time."""
     total: dict[str, EncodingSums] = {}
     for columns in read_piece(Storage.from_spec(spec.storage), Piece(file.path, 0, file.rows)):
-        for m, sums in encoding_sums(model, features_from_columns(columns, tuple(spec.modalities))).items():
-            total[m] = total[m] + sums if m in total else sums
+        add_sums(total, encoding_sums(model, features_from_columns(columns, tuple(spec.modalities))))
     return total
 
 
@@ -292,8 +291,7 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> dict[
     refs = [_file_encoding_sums.remote(spec, f, model_ref) for f in files]
     display, total = ProgressDisplay("encoding densities", len(refs), "feature files"), {}
     for done, ref in enumerate(refs, 1):
-        for m, sums in raise_task_error(ref).items():
-            total[m] = total[m] + sums if m in total else sums
+        add_sums(total, raise_task_error(ref))
         display.update(done)
     display.close()
     return model.fit_densities(total)
