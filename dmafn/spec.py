@@ -75,7 +75,7 @@ class ModalitySpec:
     transform: str = "level"            # timeseries: level | centered | difference | auto (features.transform_window)
     context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
     encoding_distance: float = 0.0      # weight of the encoding's distance from the training encodings in the
-                                        # modality's error (0: off; `dmafn.model.EncodingDensity`)
+                                        # modality's error (0: off; `dmafn.density.EncodingDensity`)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -295,14 +295,14 @@ class _Section:
                                 f"(allowed here: {', '.join(sorted(allowed))})")
 
 
-_MODALITY_KEYS = {
-    "tabular": {"kind", "path", "columns", "tolerance", "context", "encoding_distance"},
-    "timeseries": {"kind", "path", "columns", "period", "window", "encoder", "transform", "context",
-                   "encoding_distance"},
-    "image": {"kind", "path", "column", "size", "tolerance", "channels", "encoding_distance"},
-    "text": {"kind", "path", "column", "window", "encoder", "encoding_distance"},
-    "audio": {"kind", "path", "column", "sample_rate", "tolerance", "clip", "encoding_distance"},
-}
+_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance"}
+_MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
+    "tabular": {"columns", "tolerance", "context"},
+    "timeseries": {"columns", "period", "window", "encoder", "transform", "context"},
+    "image": {"column", "size", "tolerance", "channels"},
+    "text": {"column", "window", "encoder"},
+    "audio": {"column", "sample_rate", "tolerance", "clip"},
+}.items()}
 ENCODING_DISTANCE_MAX = 4.0     # the largest weight `encoding_distance` takes (an exponent on the distance)
 
 
