@@ -381,10 +381,11 @@ def test_encoding_density_is_the_gaussian_of_its_encodings():
     assert not density.fitted
 
 
-def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save():
+@pytest.mark.parametrize("fusion", ["attention", "gated", "late"])
+def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save(fusion):
     """`encoding_distance` on one modality: before the densities are fitted the errors are the model's without
     them; after, that modality's error is multiplied by its encoding's distance ** weight and the others are
-    unchanged; the fitted density is part of the saved weights."""
+    unchanged; the fitted density is part of the saved weights. Every fusion that encodes each modality."""
     from dataclasses import replace
 
     from dmafn.scoring import raw_scores
@@ -394,8 +395,8 @@ def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save():
     mods = {**specs(), "cam": replace(specs()["cam"], encoding_distance=0.5)}
     train, _ = make(64, seed=1)
     test, _ = make(24, seed=2)
-    model = build_model(mods, small(d_model=8, latent=4))
-    plain = build_model(specs(), small(d_model=8, latent=4))
+    model = build_model(mods, small(fusion=fusion, d_model=8, latent=4))
+    plain = build_model(specs(), small(fusion=fusion, d_model=8, latent=4))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("densities.")})
     base = raw_scores(plain, test).errors
     np.testing.assert_allclose(raw_scores(model, test).errors, base, rtol=1e-6)      # unfitted: factor 1
@@ -407,7 +408,7 @@ def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save():
         factor = model.densities["cam"].distance(tokens[:, 2]).numpy() ** 0.5
     np.testing.assert_allclose(got[:, 2], base[:, 2] * factor, rtol=1e-5)
     np.testing.assert_allclose(np.delete(got, 2, 1), np.delete(base, 2, 1), rtol=1e-6)
-    again = build_model(mods, small(d_model=8, latent=4))
+    again = build_model(mods, small(fusion=fusion, d_model=8, latent=4))
     again.load_state_dict(model.state_dict())
     np.testing.assert_allclose(raw_scores(again, test).errors, got, rtol=1e-6)
     with pytest.raises(ValueError, match="encoding_distance on \\['cam'\\]"):
