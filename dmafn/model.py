@@ -143,15 +143,20 @@ class DMAFN(nn.Module):
         return torch.stack(cols, 1)
 
     @torch.no_grad()
-    def encoding_sums(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, EncodingSums]:
+    def encoding_sums(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+                      typical_only: bool = False) -> dict[str, EncodingSums]:
         """The sums of one batch's encodings of each modality with a density, over the ticks it is present at
-        (eval mode)."""
+        (eval mode); `typical_only`: only the encodings its current fit calls typical (the second pass)."""
         if not len(self.densities):
             return {}
         self.eval()
         tokens = torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)          # (B, M, d)
-        return {m: EncodingSums.of(tokens[mask[:, i], i]) for i, m in enumerate(self.modalities)
-                if m in self.densities}
+        out = {}
+        for i, m in enumerate(self.modalities):
+            if m in self.densities:
+                rows = mask[:, i] & self.densities[m].typical(tokens[:, i]) if typical_only else mask[:, i]
+                out[m] = EncodingSums.of(tokens[rows, i])
+        return out
 
     def fit_densities(self, sums: dict[str, EncodingSums]) -> dict[str, int]:
         """Fit each density on its modality's summed training encodings; returns the ticks each was fitted on

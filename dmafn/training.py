@@ -83,10 +83,10 @@ def fit_model(model: DMAFN, features: Features, *, epochs: int, batch_size: int 
     return history
 
 
-def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024,
-                  device: str | torch.device = "cpu") -> dict[str, EncodingSums]:
-    """The sums of the encodings of each modality with a density (`DMAFN.encoding_sums`) over these ticks;
-    {} when the model has none."""
+def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024, device: str | torch.device = "cpu",
+                  typical_only: bool = False) -> dict[str, EncodingSums]:
+    """The sums of the encodings of each modality with a density (`DMAFN.encoding_sums`) over these ticks
+    (`typical_only`: those its current fit calls typical); {} when the model has none."""
     if not len(model.densities):
         return {}
     dev = torch.device(device)
@@ -94,14 +94,16 @@ def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024,
     total: dict[str, EncodingSums] = {}
     for batch, _ in batches(features, batch_size, shuffle=False):
         inputs = {m: torch.from_numpy(np.ascontiguousarray(batch.inputs[m])).to(dev) for m in batch.modalities}
-        add_sums(total, model.encoding_sums(inputs, torch.from_numpy(batch.mask).to(dev)))
+        add_sums(total, model.encoding_sums(inputs, torch.from_numpy(batch.mask).to(dev), typical_only))
     return total
 
 
 def fit_densities(model: DMAFN, features: Features, batch_size: int = 1024,
                   device: str | torch.device = "cpu") -> dict[str, int]:
-    """Fit the model's encoding densities on (training) ticks in memory; returns the ticks each was fitted on."""
-    return model.fit_densities(encoding_sums(model, features, batch_size, device))
+    """Fit the model's encoding densities on (training) ticks in memory, in two passes (the second over the
+    encodings the first fit calls typical, `dmafn.density`); returns the ticks each was fitted on."""
+    model.fit_densities(encoding_sums(model, features, batch_size, device))
+    return model.fit_densities(encoding_sums(model, features, batch_size, device, typical_only=True))
 
 
 def positive_weight(labels: Iterable | None) -> float:

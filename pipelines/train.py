@@ -5,8 +5,9 @@
     -> features per shard (a Ray task each; ticks with no modality dropped) written to a feature file in the
        run's staging folder (`pipelines.feature_files`) -> TorchTrainer (DDP; gloo on CPU, nccl + bf16 autocast
        on GPU; checkpoint every epoch; each epoch every worker streams its equal part of the files' rows)
-    -> (spec `encoding_distance`) the trained encoders over the feature files (a Ray task each): summed
-       encodings, a Gaussian per modality fitted on the driver (`dmafn.density`)
+    -> (spec `encoding_distance`) the trained encoders over the feature files, twice (a Ray task each): summed
+       encodings, a Gaussian per modality fitted on the driver, refitted without what it calls atypical
+       (`dmafn.density`)
     -> raw scores of the validation days' shards (Ray tasks) -> calibration -> model version in the registry
 """
 from __future__ import annotations
@@ -273,28 +274,35 @@ def _fit(spec: Spec, files: list[FeatureFile], cfg: ModelConfig, pos_weight: flo
 
 
 @ray.remote(num_cpus=1)
-def _file_encoding_sums(spec: Spec, file: FeatureFile, model) -> dict[str, EncodingSums]:
+def _file_encoding_sums(spec: Spec, file: FeatureFile, model, typical_only: bool) -> dict[str, EncodingSums]:
     """One feature file's encodings summed per modality with a density, a record batch at a time."""
     total: dict[str, EncodingSums] = {}
     for columns in read_piece(Storage.from_spec(spec.storage), Piece(file.path, 0, file.rows)):
-        add_sums(total, encoding_sums(model, features_from_columns(columns, tuple(spec.modalities))))
+        add_sums(total, encoding_sums(model, features_from_columns(columns, tuple(spec.modalities)),
+                                      typical_only=typical_only))
     return total
 
 
-def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> dict[str, int]:
-    """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files: a
-    Ray task per file sums its encodings, the driver adds the sums up (a d x d matrix per modality) in file
-    order. Returns the ticks each density was fitted on; {} when no modality asks for one."""
+def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple[dict[str, int], dict[str, int]]:
+    """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files, in two
+    passes (`dmafn.density`: the second over the encodings the first fit calls typical): each pass a Ray task per
+    file sums its encodings and the driver adds the sums up (a d x d matrix per modality) in file order. Returns
+    the ticks each density was fitted on and those the second pass left out; ({}, {}) when no modality asks for
+    one."""
     if not len(model.densities):
-        return {}
-    model_ref = ray.put(model)
-    refs = [_file_encoding_sums.remote(spec, f, model_ref) for f in files]
-    display, total = ProgressDisplay("encoding densities", len(refs), "feature files"), {}
-    for done, ref in enumerate(refs, 1):
-        add_sums(total, raise_task_error(ref))
-        display.update(done)
+        return {}, {}
+    display, first = ProgressDisplay("encoding densities", 2 * len(files), "feature file passes"), {}
+    for typical_only in (False, True):
+        model_ref = ray.put(model)
+        refs = [_file_encoding_sums.remote(spec, f, model_ref, typical_only) for f in files]
+        total: dict[str, EncodingSums] = {}
+        for done, ref in enumerate(refs, 1):
+            add_sums(total, raise_task_error(ref))
+            display.update(done + typical_only * len(files))
+        fitted = model.fit_densities(total)
+        first = first or {m: sums.count for m, sums in total.items()}
     display.close()
-    return model.fit_densities(total)
+    return fitted, {m: first.get(m, 0) - n for m, n in fitted.items()}
 
 
 def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> Calibration:
@@ -394,11 +402,11 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                       run_root if is_s3(run_root) else os.path.abspath(run_root))
         model = build_model(spec.modalities, cfg)
         model.load_state_dict(fitted["state"])
-        densities = fit_encoding_densities(spec, model, files)
+        densities, left_out = fit_encoding_densities(spec, model, files)
         for name, fitted_ticks in densities.items():
-            log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks%s", name,
-                     spec.modalities[name].encoding_distance, fitted_ticks,
-                     "" if fitted_ticks else " - too few, so its error is not weighed")
+            log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
+                     "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
+                     fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
         calibration = _calibrate(spec, model, bucket_stats, val_shards)
         for line in calibration.baseline_lines():
             log.info("%s", line)
@@ -408,7 +416,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     "training_window": {"train_days": [d.isoformat() for d in train_days],
                                         "validation_days": [d.isoformat() for d in val_days]},
                     "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
-                                **({"encoding_density_ticks": densities} if densities else {}),
+                                **({"encoding_density_ticks": densities, "encoding_density_left_out": left_out}
+                                   if densities else {}),
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined}
     finally:

@@ -381,6 +381,28 @@ def test_encoding_density_is_the_gaussian_of_its_encodings():
     assert not density.fitted
 
 
+def test_encoding_density_leaves_out_what_its_first_fit_calls_atypical():
+    """Two passes: 2 % of far-off encodings (incidents in the training history) widen a one-pass fit; the second
+    pass sums only the encodings the first fit calls typical (within the chi-square 99.9 % quantile, Wilson-Hilferty:
+    1.96 per dimension for 32) and gets the clean Gaussian back, so an incident measured against it stands out.
+    (One step: incidents that make up much more of the window widen the first fit enough to hide themselves.)"""
+    from dmafn.density import EncodingDensity, EncodingSums
+
+    assert EncodingDensity(32, 1.0).typical_limit == pytest.approx(62.487 / 32, rel=2e-3)   # chi2.ppf(0.999, 32)
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(2000, 4, generator=gen, dtype=torch.float64)
+    incidents = torch.randn(40, 4, generator=gen, dtype=torch.float64) * 0.5 + torch.tensor([10.0, 0, 0, 0])
+    tokens = torch.cat([clean, incidents])
+    density = EncodingDensity(4, 1.0)
+    density.fit(EncodingSums.of(tokens))
+    one_pass = float(density.distance(incidents[:1]))
+    keep = density.typical(tokens)
+    assert keep[:2000].float().mean() > 0.99 and not keep[2000:].any()
+    density.fit(EncodingSums.of(tokens[keep]))
+    assert density.mean.abs().max() < 0.1 and int(density.ticks) == int(keep.sum())
+    assert float(density.distance(incidents[:1])) > 2.5 * one_pass
+
+
 @pytest.mark.parametrize("fusion", ["attention", "gated", "late"])
 def test_encoding_distance_multiplies_its_modality_error_and_survives_a_save(fusion):
     """`encoding_distance` on one modality: before the densities are fitted the errors are the model's without

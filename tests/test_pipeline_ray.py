@@ -150,8 +150,9 @@ def test_model_version_has_manifest_and_weights(trained):
     state = torch.load(folder / "weights.pt", weights_only=True)
     assert any(k.startswith("encoders.vibration") for k in state)
     # the generated spec's camera weighs its encoding's distance: a Gaussian of the training ticks' encodings
-    fitted = manifest["metrics"]["encoding_density_ticks"]
-    assert list(fitted) == ["camera"] and 0 < fitted["camera"] <= manifest["metrics"]["train_ticks"]
+    fitted, left_out = manifest["metrics"]["encoding_density_ticks"], manifest["metrics"]["encoding_density_left_out"]
+    assert list(fitted) == ["camera"] and 0 < fitted["camera"] + left_out["camera"] <= manifest["metrics"]["train_ticks"]
+    assert 0 <= left_out["camera"] <= fitted["camera"] // 20       # the second pass leaves out the first fit's atypical
     assert int(state["densities.camera.ticks"]) == fitted["camera"]
     assert torch.allclose(state["densities.camera.precision"], state["densities.camera.precision"].T, atol=1e-3)
 
