@@ -134,28 +134,24 @@ class DMAFN(nn.Module):
                             for m in self.modalities], 1)
 
     def encoding_factors(self, out: ModelOutput) -> torch.Tensor:
-        """(B, M): each modality's `EncodingDensity.factor` of its encoding, 1 where it has none (or no tokens)."""
-        b = next(iter(out.targets.values())).shape[0]
-        device = next(iter(out.targets.values())).device
-        cols = [self.densities[m].factor(out.tokens[:, i])
-                if m in self.densities and out.tokens is not None else torch.ones(b, device=device)
-                for i, m in enumerate(self.modalities)]
-        return torch.stack(cols, 1)
+        """(B, M): each modality's `EncodingDensity.factor` of its encoding, 1 where it has none. A model with
+        densities always has tokens (`build_model` refuses them with early fusion)."""
+        ones = torch.ones(out.tokens.shape[0], device=out.tokens.device)
+        return torch.stack([self.densities[m].factor(out.tokens[:, i]) if m in self.densities else ones
+                            for i, m in enumerate(self.modalities)], 1)
 
     @torch.no_grad()
     def encoding_sums(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
                       typical_only: bool = False) -> dict[str, EncodingSums]:
         """The sums of one batch's encodings of each modality with a density, over the ticks it is present at
         (eval mode); `typical_only`: only the encodings its current fit calls typical (the second pass)."""
-        if not len(self.densities):
-            return {}
         self.eval()
-        tokens = torch.stack([enc(inputs[m]) for m, enc in self.encoders.items()], 1)          # (B, M, d)
         out = {}
         for i, m in enumerate(self.modalities):
-            if m in self.densities:
-                rows = mask[:, i] & self.densities[m].typical(tokens[:, i]) if typical_only else mask[:, i]
-                out[m] = EncodingSums.of(tokens[rows, i])
+            if m in self.densities:                 # only the weighed modalities' encoders run
+                tokens = self.encoders[m](inputs[m])                                            # (B, d)
+                rows = mask[:, i] & self.densities[m].typical(tokens) if typical_only else mask[:, i]
+                out[m] = EncodingSums.of(tokens[rows])
         return out
 
     def fit_densities(self, sums: dict[str, EncodingSums]) -> dict[str, int]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -98,12 +98,23 @@ def encoding_sums(model: DMAFN, features: Features, batch_size: int = 1024, devi
     return total
 
 
+def fit_densities_in_two_passes(model: DMAFN, pass_sums: Callable[[bool], dict[str, EncodingSums]]
+                                ) -> tuple[dict[str, int], dict[str, int]]:
+    """Fit the model's encoding densities in two passes over the training ticks, wherever they are held:
+    `pass_sums(typical_only)` sums their encodings (`encoding_sums`) under the model's current fit; the second
+    pass sums only those the first fit calls typical (`dmafn.density`). Returns the ticks each density was
+    fitted on and those the second pass left out."""
+    first = model.fit_densities(pass_sums(False))
+    fitted = model.fit_densities(pass_sums(True))
+    return fitted, {m: first[m] - n for m, n in fitted.items()}
+
+
 def fit_densities(model: DMAFN, features: Features, batch_size: int = 1024,
                   device: str | torch.device = "cpu") -> dict[str, int]:
-    """Fit the model's encoding densities on (training) ticks in memory, in two passes (the second over the
-    encodings the first fit calls typical, `dmafn.density`); returns the ticks each was fitted on."""
-    model.fit_densities(encoding_sums(model, features, batch_size, device))
-    return model.fit_densities(encoding_sums(model, features, batch_size, device, typical_only=True))
+    """Fit the model's encoding densities on (training) ticks in memory (`fit_densities_in_two_passes`); returns
+    the ticks each was fitted on."""
+    return fit_densities_in_two_passes(
+        model, lambda typical_only: encoding_sums(model, features, batch_size, device, typical_only))[0]
 
 
 def positive_weight(labels: Iterable | None) -> float:

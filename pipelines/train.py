@@ -35,7 +35,8 @@ from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
 from dmafn.density import EncodingSums, add_sums
-from dmafn.training import encoding_sums, positive_weight, seed_everything, train_step
+from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
+                            train_step)
 from pipelines.align import align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
 from pipelines.ingest import read_shard, require_columns
@@ -284,25 +285,26 @@ def _file_encoding_sums(spec: Spec, file: FeatureFile, model, typical_only: bool
 
 
 def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple[dict[str, int], dict[str, int]]:
-    """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files, in two
-    passes (`dmafn.density`: the second over the encodings the first fit calls typical): each pass a Ray task per
-    file sums its encodings and the driver adds the sums up (a d x d matrix per modality) in file order. Returns
-    the ticks each density was fitted on and those the second pass left out; ({}, {}) when no modality asks for
-    one."""
+    """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files
+    (`dmafn.training.fit_densities_in_two_passes`): each pass a Ray task per file sums its encodings and the driver
+    adds the sums up (a d x d matrix per modality) in file order. Returns the ticks each density was fitted on and
+    those the second pass left out; ({}, {}) when no modality asks for one."""
     if not len(model.densities):
         return {}, {}
-    display, first = ProgressDisplay("encoding densities", 2 * len(files), "feature file passes"), {}
-    for typical_only in (False, True):
-        model_ref = ray.put(model)
+    display = ProgressDisplay("encoding densities", 2 * len(files), "feature file passes")
+
+    def pass_sums(typical_only: bool) -> dict[str, EncodingSums]:
+        model_ref = ray.put(model)                                  # with the first pass's fit for the second
         refs = [_file_encoding_sums.remote(spec, f, model_ref, typical_only) for f in files]
         total: dict[str, EncodingSums] = {}
         for done, ref in enumerate(refs, 1):
             add_sums(total, raise_task_error(ref))
             display.update(done + typical_only * len(files))
-        fitted = model.fit_densities(total)
-        first = first or {m: sums.count for m, sums in total.items()}
+        return total
+
+    result = fit_densities_in_two_passes(model, pass_sums)
     display.close()
-    return fitted, {m: first.get(m, 0) - n for m, n in fitted.items()}
+    return result
 
 
 def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> Calibration:
