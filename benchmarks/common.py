@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dmafn.features import Features, StatisticsFitter, featurize
+from dmafn.features import Features, featurize, fit_training_statistics
 from dmafn.metrics import pr_auc, roc_auc
 from dmafn.postprocess import smooth_by_group
 from dmafn.spec import Spec, parse_spec
@@ -50,7 +50,7 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
     first_test = (cfg.start + dt.timedelta(days=cfg.clean_days)).isoformat()
     train = aligned.filter(pl.col("date") < first_test).sort(["machine_id", "_t"])
     test = aligned.filter(pl.col("date") >= first_test).sort(["machine_id", "_t"])
-    stats = StatisticsFitter(spec).add(train.to_arrow()).result()
+    stats = fit_training_statistics(spec, train.to_arrow())     # as `dmafn train`: relations refitted
     within = within_modality(stats)
     parts = {}
     for name, rows in (("train", train.to_arrow()), ("test", test.to_arrow())):

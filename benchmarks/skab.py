@@ -45,7 +45,7 @@ import pyarrow.dataset as pads
 
 from benchmarks.common import write_json
 from dmafn.detector import Detector
-from dmafn.features import StatisticsFitter, featurize
+from dmafn.features import StatisticsFitter, featurize, fit_training_statistics
 from dmafn.metrics import point_metrics, roc_auc
 from dmafn.model import small
 from dmafn.postprocess import best_f1_threshold, ewma, fit_threshold, to_labels
@@ -189,7 +189,7 @@ def file_splits(spec, files, tables) -> list[FileSplit]:
     for _, train, _ in aligned:
         fleet.add(train.drop("anomaly").to_arrow())
     chosen = {m: e["channel_transforms"] for m, e in fleet.result()["modalities"].items() if "channel_transforms" in e}
-    return [FileSplit(name, train, test, StatisticsFitter(spec).add(train.to_arrow()).result(chosen))
+    return [FileSplit(name, train, test, fit_training_statistics(spec, train.to_arrow(), chosen))   # as `dmafn train`
             for name, train, test in aligned]
 
 

@@ -10,13 +10,15 @@ import io
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.spec import TICK_TIME, WINDOW_TRANSFORMS, ModalitySpec, Spec
+
+T = TypeVar("T")
 
 TEXT_VOCAB = 4096          # hashed token ids: 0 = padding, 1 = message separator
 TEXT_TOKENS = 64           # the latest tokens in the window
@@ -130,6 +132,8 @@ def auto_transforms(drifts: Iterable[np.ndarray], limit: float = DRIFT_LIMIT) ->
 
 # ------------------------------------------------------------------ channel relations (slow context)
 RELATION_BLOCKS = (1, 3, 10, 30)   # context steps, counted back from the latest, that end each history block
+RELATION_TRIM_LIMIT = 4.0   # residual stds: a tick this far from a relation's fit on any channel is left out of its refit
+RELATION_REFITS = 2         # at most: the relations refitted on the ticks their fit before calls typical
 
 
 def relation_blocks(steps: int) -> list[tuple[int, int]]:
@@ -462,7 +466,8 @@ def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, 
 def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
     """One line per fitted channel relation, for `dmafn train`'s log: the residual std (the unit its error is
     counted in) within the modality and, where fitted, across to its peers, each with the share of the channel's
-    own within-entity spread it leaves (how much of the channel each relation explains)."""
+    own within-entity spread it leaves (how much of the channel each relation explains); and per refitted
+    relation the training ticks its refit left out (`refit_relations_on_typical_ticks`)."""
     lines = []
     for ctx, relation in stats.get("relations", {}).items():
         parent = relation["parent"]
@@ -475,6 +480,12 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
                      for label, fit in (("within the modality", within), (peers, across)) if fit]
             if parts:
                 lines.append(f"modality '{parent}', column '{column}': relation residual " + "; ".join(parts))
+        if "left_out" in relation or "cross_left_out" in relation:
+            lines.append(f"modality '{parent}': relations refitted without the training ticks beyond "
+                         f"{RELATION_TRIM_LIMIT:g} residual stds of their fit before on a channel - "
+                         + "; ".join(f"{label} {relation[key]} left out" for label, key in
+                                     (("within the modality", "left_out"), ("across", "cross_left_out"))
+                                     if key in relation))
     return lines
 
 
@@ -506,35 +517,77 @@ def _relation_residual(fitted: dict[str, Any], design: np.ndarray, target: np.nd
     return np.clip((target - pred) / fitted["residual_std"], -Z_LIMIT, Z_LIMIT)
 
 
+def relation_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray, keys: list[str],
+                       peers: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) each channel's signed distance from its prediction by the relation with the others, in units of that
+    relation's residual std on the training days (held within `Z_LIMIT`; NaN for a channel with no fitted
+    relation): by the within-modality fits, or with the peers' values (`peers`, N x K, every one present) by the
+    cross-modal fits (`cross_channels`). The quantities the designs are made of are first held inside the range
+    they took on the training days (the entity's, else the fleet's): a prediction never extrapolates from an
+    abnormal predictor."""
+    n, channels = current.shape
+    fits = relation["channels"] if peers is None else relation["cross_channels"]
+    groups = group_rows(keys)                                # one sort of the keys serves every channel
+    quantities = clip_quantities(relation_quantities(current, history, peers),
+                                 relation.get("ranges" if peers is None else "cross_ranges"), groups)
+    width = 0 if peers is None else peers.shape[1]
+    z = np.full((n, channels), np.nan)
+    for c, fitted in enumerate(fits):
+        if fitted is not None:
+            z[:, c] = _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, width)],
+                                         current[:, c], groups)
+    return z
+
+
 def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
                     keys: list[str], peers: np.ndarray | None = None,
                     peers_present: np.ndarray | None = None) -> np.ndarray:
     """(N,) mean over channels of the squared error of predicting each channel from its relation with the
-    others, in units of that relation's residual std on the training days (about 1 on normal ticks; 0 for a
-    channel with no fitted relation; each residual held within `Z_LIMIT`). The quantities the designs are made of
-    are held inside the range they took on the training days (the entity's, else the fleet's): a prediction never
-    extrapolates from an abnormal predictor. Where the relation has a cross-modal fit (`cross_channels`) and the
-    ticks' peer values (`peers`, N x K) are present (`peers_present`), those ticks are scored by it instead."""
-    n, channels = current.shape
-    total, groups = np.zeros(n), group_rows(keys)           # one sort of the keys serves every channel
-    quantities = clip_quantities(relation_quantities(current, history), relation.get("ranges"), groups)
-    cross = relation.get("cross_channels") if peers is not None else None
-    across = np.flatnonzero(peers_present) if cross is not None else np.zeros(0, np.int64)
-    if len(across):
-        cross_groups = group_rows(np.asarray(keys, object)[across])
-        cross_quantities = clip_quantities(relation_quantities(current[across], history[across], peers[across]),
-                                           relation.get("cross_ranges"), cross_groups)
-    for c, fitted in enumerate(relation["channels"]):
-        across_fit = cross[c] if len(across) else None
-        if fitted is None and across_fit is None:
-            continue
-        z = np.zeros(n) if fitted is None else \
-            _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, 0)], current[:, c], groups)
-        if across_fit is not None:                  # a one-channel parent: only here (0 where a peer is absent)
-            design = cross_quantities[:, _design_of(cross_quantities, channels, c, peers.shape[1])]
-            z[across] = _relation_residual(across_fit, design, current[across, c], cross_groups)
-        total += z ** 2
-    return total / max(len(relation["channels"]), 1)
+    others (`relation_residuals`; about 1 on normal ticks; 0 for a channel with no fitted relation). Where the
+    relation has a cross-modal fit (`cross_channels`) and the ticks' peer values (`peers`, N x K) are present
+    (`peers_present`), those ticks are scored by it instead."""
+    z = relation_residuals(relation, current, history, keys)
+    if peers is not None and relation.get("cross_channels") is not None and peers_present.any():
+        across = np.flatnonzero(peers_present)
+        cross = relation_residuals(relation, current[across], history[across],
+                                   list(np.asarray(keys, object)[across]), peers[across])
+        fitted = ~np.isnan(cross)                    # a one-channel parent: only here (0 where a peer is absent)
+        z[across] = np.where(fitted, cross, z[across])
+    return np.nansum(z ** 2, 1) / max(len(relation["channels"]), 1)
+
+
+def relations_left_out(stats: dict[str, Any]) -> int:
+    """The training ticks the relations' last refit left out (`StatisticsFitter(trim_from=)`), over every
+    relation and its cross-modal fit; 0 for statistics fitted once."""
+    return sum(r.get("left_out", 0) + r.get("cross_left_out", 0) for r in stats.get("relations", {}).values())
+
+
+def refit_relations_on_typical_ticks(first: T, refit: Callable[[T], T], fleet_of: Callable[[T], dict[str, Any]]) -> T:
+    """Statistics whose channel relations are fitted robustly: `first` (every training tick), then up to
+    `RELATION_REFITS` times `refit(previous)` - the same fit with each relation over the ticks that lie within
+    `RELATION_TRIM_LIMIT` residual stds of its previous fit on every channel (a trimmed least squares: an incident
+    left in the training window, an overheat or a drift, no longer sets the weights, the intercepts and the
+    residual std it is measured in). Stops once a refit leaves no tick out. `fleet_of(statistics)`: the
+    statistics' fleet part (where the relations and their counts are); the in-memory and the Ray fits (the
+    latter a pass over the training shards per refit) share this."""
+    fitted = first
+    for _ in range(RELATION_REFITS):
+        if not fleet_of(fitted).get("relations"):
+            break
+        fitted = refit(fitted)
+        if not relations_left_out(fleet_of(fitted)):
+            break
+    return fitted
+
+
+def fit_training_statistics(spec: Spec, aligned: pa.Table,
+                            transforms: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The statistics of aligned training rows held in memory, the relations refitted on their typical ticks
+    (`refit_relations_on_typical_ticks`); `dmafn train` does the same over its shards in Ray tasks. `transforms`
+    as in `StatisticsFitter.fleet_result`."""
+    return refit_relations_on_typical_ticks(
+        StatisticsFitter(spec).add(aligned).result(transforms),
+        lambda previous: StatisticsFitter(spec, previous).add(aligned).result(transforms), lambda stats: stats)
 
 
 class StatisticsFitter:
@@ -542,10 +595,16 @@ class StatisticsFitter:
 
     A timeseries modality with transform 'auto' keeps the moments of both candidate presentations and each
     entity's trend of every channel (the latest value at each tick against the tick time); `result` picks per
-    channel and keeps the chosen presentation's moments."""
+    channel and keeps the chosen presentation's moments.
 
-    def __init__(self, spec: Spec):
+    With `trim_from` (statistics fitted before on the same rows; for a shard, those of its entities) each channel
+    relation is fitted only on the ticks within `RELATION_TRIM_LIMIT` residual stds of its fit there on every
+    channel, and the ticks left out are counted (`refit_relations_on_typical_ticks`); the rest is as without."""
+
+    def __init__(self, spec: Spec, trim_from: dict[str, Any] | None = None):
         self.spec = spec
+        self.trim_from = trim_from
+        self.left_out_: dict[tuple[str, str], int] = {}         # (kind, context) -> ticks left out of its refit
         self.global_: dict[str, dict[str, _Moments]] = {}        # modality -> transform -> moments
         self.entity_: dict[str, dict[str, dict[str, _Moments]]] = {}   # modality -> transform -> entity -> moments
         for name, m in spec.modalities.items():
@@ -603,14 +662,30 @@ class StatisticsFitter:
             history = levels[ctx][both]
             ticks = np.asarray(keys, object)[both]
             if current.shape[1] >= 2:                   # one channel has no other to be related to within
-                self.relations_[ctx].add(current, history, ticks)
+                keep = self._typical("relations_", ctx, current, history, ticks)
+                self.relations_[ctx].add(current[keep], history[keep], ticks[keep])
             if ctx in self.cross_relations_:
                 peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent),
                                                    peer_contexts(self.spec, parent))
                 across = peers_present[both]
                 if across.any():
-                    self.cross_relations_[ctx].add(current[across], history[across], ticks[across], peers[both][across])
+                    mine = peers[both][across]
+                    keep = self._typical("cross_relations_", ctx, current[across], history[across], ticks[across], mine)
+                    self.cross_relations_[ctx].add(current[across][keep], history[across][keep],
+                                                   ticks[across][keep], mine[keep])
         return self
+
+    def _typical(self, kind: str, ctx: str, current: np.ndarray, history: np.ndarray, keys: np.ndarray,
+                 peers: np.ndarray | None = None) -> np.ndarray:
+        """(N,) the ticks a relation is fitted on: all of them, or with `trim_from` those within
+        `RELATION_TRIM_LIMIT` of its fit there on every fitted channel (the ticks left out are counted)."""
+        fitted = (self.trim_from or {}).get("relations", {}).get(ctx)
+        if fitted is None or fitted.get("channels" if peers is None else "cross_channels") is None:
+            return np.ones(len(current), bool)
+        z = relation_residuals(fitted, current, history, list(keys), peers)
+        keep = ~(np.abs(np.nan_to_num(z)) > RELATION_TRIM_LIMIT).any(1)
+        self.left_out_[(kind, ctx)] = self.left_out_.get((kind, ctx), 0) + int((~keep).sum())
+        return keep
 
     def merge(self, other: "StatisticsFitter") -> "StatisticsFitter":
         """Add the partial statistics of other rows (e.g. another shard's); the result is the same as one
@@ -632,6 +707,8 @@ class StatisticsFitter:
         for own, theirs in ((self.relations_, other.relations_), (self.cross_relations_, other.cross_relations_)):
             for ctx, fit in theirs.items():
                 own[ctx].merge(fit)
+        for place, n in other.left_out_.items():
+            self.left_out_[place] = self.left_out_.get(place, 0) + n
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -662,7 +739,7 @@ class StatisticsFitter:
         then run with each bucket's entities in a different process (`totals`, `fleet_result`,
         `entity_statistics`)."""
         fleet, parts = StatisticsFitter(self.spec), [StatisticsFitter(self.spec) for _ in range(buckets)]
-        fleet.global_, fleet.templates_ = self.global_, self.templates_
+        fleet.global_, fleet.templates_, fleet.left_out_ = self.global_, self.templates_, self.left_out_
         bucket: dict[str, int] = {}
 
         def part(key: str) -> "StatisticsFitter":
@@ -749,9 +826,13 @@ class StatisticsFitter:
                 # stays a model input
                 relations[ctx] = {"parent": parent, "channels": channels or [None] * width, "model_input": width < 2,
                                   "ranges": fit_ranges(totals.ranges.get(("relations_", ctx)))}
+                if ("relations_", ctx) in self.left_out_:           # a refit: the ticks it left out
+                    relations[ctx]["left_out"] = self.left_out_[("relations_", ctx)]
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
                                           cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))))
+                    if ("cross_relations_", ctx) in self.left_out_:
+                        relations[ctx]["cross_left_out"] = self.left_out_[("cross_relations_", ctx)]
                     if history := peer_contexts(self.spec, parent):
                         relations[ctx]["peer_history"] = history
         if relations:

@@ -30,7 +30,8 @@ import ray
 import torch
 
 from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
-                            features_to_columns, relation_lines)
+                            features_to_columns, refit_relations_on_typical_ticks, relation_lines,
+                            relations_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, voting_modalities
@@ -74,10 +75,11 @@ STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity st
 
 
 @ray.remote(num_cpus=1)
-def _shard_statistics(shard: Shard, spec: Spec, buckets: int) -> tuple:
+def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[str, Any] | None = None) -> tuple:
     """Partial statistics of one training shard: the fleet's part, the input quarantine counts, then one part per
-    entity bucket (`StatisticsFitter.split`), each its own object for the bucket's task."""
-    fitter = StatisticsFitter(spec)
+    entity bucket (`StatisticsFitter.split`), each its own object for the bucket's task. `trim_from`: the
+    statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks."""
+    fitter = StatisticsFitter(spec, trim_from)
     batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     for aligned in batches:
         fitter.add(aligned.to_arrow())
@@ -320,24 +322,34 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) 
                                 state_baseline=spec.model.state_baseline)
 
 
-def fit_statistics(spec: Spec, shards: list[Shard]) -> tuple[EntityStatistics, dict[str, int]]:
+def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool) -> tuple[EntityStatistics, dict[str, int]]:
     """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
     fleet of 100,000 machines). A channel whose variance one value holds (`StatisticsFitter.outlier_warnings`) is
-    logged as a warning."""
+    logged as a warning. The channel relations are then refitted on their typical ticks, a pass over the shards
+    per refit, each task given the fit before for its entities only (`refit_relations_on_typical_ticks`,
+    `BucketStatistics`; `sliceable`: `keys_sliceable` there)."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
-    outs = [_shard_statistics.options(num_returns=buckets + 2).remote(s, spec, buckets) for s in shards]
-    return gather_statistics(spec, outs, buckets)
+
+    def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
+        fits_before = None if before is None else BucketStatistics(before, sliceable)
+        outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
+            s, spec, buckets, None if fits_before is None else fits_before.ref(s)) for s in shards]
+        return gather_statistics(spec, outs, buckets, refit=before is not None)
+
+    statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
+    return refit_relations_on_typical_ticks(statistics, lambda before: fit(before)[0], lambda s: s.fleet), quarantined
 
 
-def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]],
-                      buckets: int) -> tuple[EntityStatistics, dict[str, int]]:
+def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int,
+                      refit: bool = False) -> tuple[EntityStatistics, dict[str, int]]:
     """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
-    per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done."""
+    per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done.
+    `refit`: a refit of the relations (shown as such; the first pass has logged the outlier warnings)."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
-    display = ProgressDisplay("statistics", len(outs) + buckets, "shards and buckets")
+    display = ProgressDisplay("relations refit" if refit else "statistics", len(outs) + buckets, "shards and buckets")
     for i, out in enumerate(outs):                  # in shard order: the same fit on every run
         fitter.merge(raise_task_error(out[0]))
         for name, n in raise_task_error(out[1]).items():
@@ -350,7 +362,7 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]],
         totals.merge(raise_task_error(totals_ref))
         display.update(done + i + 1)
     display.close()
-    for line in fitter.outlier_warnings():
+    for line in () if refit else fitter.outlier_warnings():
         log.warning("%s", line)
     fleet = fitter.fleet_result(totals)
     fleet_ref = ray.put(fleet)
@@ -374,7 +386,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-        statistics, quarantined = fit_statistics(spec, train_shards)
+        sliceable = keys_sliceable(spec, schemas)
+        statistics, quarantined = fit_statistics(spec, train_shards, sliceable)
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)
@@ -384,7 +397,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     f"{c} {t} (drift {d:.2f})" for c, t, d in zip(spec.modalities[name].columns,
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
-        bucket_stats = BucketStatistics(statistics, keys_sliceable(spec, schemas))
+        bucket_stats = BucketStatistics(statistics, sliceable)
         files, positives = write_training_features(spec, train_shards, bucket_stats, labels,
                                                    join(staging.folder, "features"))
         ticks = sum(f.rows for f in files)
@@ -420,6 +433,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                     "metrics": {"train_loss": fitted["loss"], "epochs": fitted["epochs"], "train_ticks": ticks,
                                 **({"encoding_density_ticks": densities, "encoding_density_left_out": left_out}
                                    if densities else {}),
+                                **({"relation_left_out": relations_left_out(stats)} if stats.get("relations") else {}),
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined}
     finally:

@@ -809,6 +809,44 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     assert normal.rows(np.arange(3)).relation_errors.shape == (3, 2)
 
 
+def test_relations_are_refitted_without_an_incident_left_in_the_training_window():
+    """An overheat inside the training window (3 % of its ticks 30 away from the relation) sets a least-squares
+    fit's residual std, so every later error is counted in its units and a drift hides; the refit on the ticks
+    within `RELATION_TRIM_LIMIT` of the fit before leaves those ticks out (counted) and gives the clean fit back.
+    On clean rows nothing is left out and the statistics are the first fit's."""
+    from dmafn.features import fit_training_statistics, relation_lines, relations_left_out
+
+    spec = _relation_spec()
+    rng = np.random.default_rng(2)
+    offsets = {"a": 0.0, "b": 5.0}
+    clean = _relation_rows(spec, 600, rng, offsets)
+    hot = np.zeros(600)
+    hot[100:118] = 30.0                                   # 18 ticks of pump "a" (every other row) overheating
+    temp = clean.column("proc__temp").to_numpy() + hot
+    incident = clean.set_column(clean.schema.get_field_index("proc__temp"), "proc__temp", pa.array(temp))
+
+    once = StatisticsFitter(spec).add(incident).result()
+    robust = fit_training_statistics(spec, incident)
+    fitted, refitted = once["relations"]["proc_context"], robust["relations"]["proc_context"]
+    assert fitted["channels"][0]["residual_std"] > 2.0            # the incident's spread, not the relation's
+    assert refitted["channels"][0]["residual_std"] == pytest.approx(0.05, rel=0.2)
+    assert refitted["left_out"] == 18 and relations_left_out(robust) == 18 and "left_out" not in fitted
+    intercepts = refitted["channels"][0]["entity_intercepts"]
+    assert intercepts["b"] - intercepts["a"] == pytest.approx(5.0, abs=0.05)
+    assert any("18 left out" in line for line in relation_lines(robust, spec))
+
+    moved = _relation_rows(spec, 200, rng, offsets, drift=0.5)    # a drift of 10 residual stds
+    proc = list(spec.modalities).index("proc")
+    under_once = featurize(moved, spec, once).relation_errors[:, proc].mean()
+    under_refit = featurize(moved, spec, robust).relation_errors[:, proc].mean()
+    assert under_once < 1 < 20 < under_refit                      # hidden under the incident's spread; then seen
+
+    plain, refit = StatisticsFitter(spec).add(clean).result(), fit_training_statistics(spec, clean)
+    assert refit["relations"]["proc_context"]["left_out"] == 0
+    np.testing.assert_array_equal(plain["relations"]["proc_context"]["channels"][0]["weights"],
+                                  refit["relations"]["proc_context"]["channels"][0]["weights"])
+
+
 def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0):
     """Aligned rows of `proc` (temp, pres, 10-minute context) and `vib` (a 3-step window) driven by one load: pres
     follows it now, temp the last three minutes of pres, vib's window its level plus fast noise. `shift` moves the

@@ -73,8 +73,9 @@ class _ProgressLines(logging.Handler):
 def test_training_statistics_fitted_by_entity_bucket_are_the_one_process_fit(trained):
     """`fit_statistics` - the shards' tasks, a task per entity bucket, the buckets' rows joined - gives the
     statistics one `StatisticsFitter` gives over the same shards' rows in one process (to 1e-9: the buckets'
-    relation totals are summed in another order), the per-entity parts as entity-file rows."""
-    from dmafn.features import StatisticsFitter
+    relation totals are summed in another order), the per-entity parts as entity-file rows; the relations refitted
+    on their typical ticks by a pass over the shards per refit as in one process."""
+    from dmafn.features import StatisticsFitter, refit_relations_on_typical_ticks
     from pipelines.shards import bytes_by_date, list_inputs, plan_shards
     from pipelines.storage import Storage
     from pipelines.train import aligned_batches, fit_statistics, split_dates
@@ -86,13 +87,18 @@ def test_training_statistics_fitted_by_entity_bucket_are_the_one_process_fit(tra
     files = list_inputs(spec, train_days, storage)
     third = -(-max(bytes_by_date(files).values()) // 3)
     shards = plan_shards(spec, train_days, files, shard_bytes=third)            # three entity buckets
-    statistics, _ = fit_statistics(spec, shards)
-    one = StatisticsFitter(spec)
-    for shard in shards:
-        for aligned in aligned_batches(shard, spec, storage)[0]:
-            one.add(aligned.to_arrow())
-    whole = one.result()
+    statistics, _ = fit_statistics(spec, shards, True)
+    rows = [aligned.to_arrow() for shard in shards for aligned in aligned_batches(shard, spec, storage)[0]]
+
+    def in_one(before):                              # the same fit in one process, relations refitted as there
+        one = StatisticsFitter(spec, before)
+        for aligned in rows:
+            one.add(aligned)
+        return one.result()
+
+    whole = refit_relations_on_typical_ticks(in_one(None), in_one, lambda s: s)
     assert len(shards) == 3 and statistics.keys() == ["pump-00", "pump-01"]
+    assert "left_out" in statistics.fleet["relations"]["process_context"]         # refitted at least once
     assert statistics.table().num_rows == 2 and not statistics.fleet["modalities"]["process"]["entity"]
     same_statistics(whole, statistics.whole)
 
