@@ -131,6 +131,7 @@ class TrainSpec:
     learning_rate: float = 1e-3
     validation_days: int = 1
     seed: int = 0
+    exclude_labelled: bool = True   # ticks in (or just after) a labelled interval: not trained or calibrated on
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ def default_validation_days(start: dt.date, end: dt.date) -> int:
 
 def _parse_train(sec: _Section) -> TrainSpec:
     sec.reject_unknown({"start", "end", "epochs", "workers", "gpu", "batch_size", "learning_rate",
-                        "validation_days", "seed"})
+                        "validation_days", "seed", "exclude_labelled"})
     start, end = sec.date("start"), sec.date("end")
     if end < start:
         raise sec.err("end", f"{end} is before start {start}")
@@ -418,7 +419,8 @@ def _parse_train(sec: _Section) -> TrainSpec:
                      batch_size=sec.number("batch_size", TrainSpec.batch_size, int, 1),
                      learning_rate=sec.number("learning_rate", TrainSpec.learning_rate, float, 0.0),
                      validation_days=sec.number("validation_days", default_validation_days(start, end), int, 0),
-                     seed=sec.number("seed", TrainSpec.seed, int))
+                     seed=sec.number("seed", TrainSpec.seed, int),
+                     exclude_labelled=sec.boolean("exclude_labelled", TrainSpec.exclude_labelled))
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:

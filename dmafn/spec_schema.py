@@ -92,7 +92,8 @@ def spec_json_schema() -> dict[str, Any]:
             "train": _closed({"start": _DATE, "end": _DATE, "epochs": _number("integer", 1),
                               "workers": _number("integer", 1), "gpu": {"type": "boolean"},
                               "batch_size": _number("integer", 1), "learning_rate": _number("number", 0.0),
-                              "validation_days": _number("integer", 0), "seed": _number("integer")},
+                              "validation_days": _number("integer", 0), "seed": _number("integer"),
+                              "exclude_labelled": {"type": "boolean"}},
                              ("start", "end")),
             "registry": {"type": "string"},
             "score": _closed({

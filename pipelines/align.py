@@ -215,6 +215,37 @@ class LabelIndex:
         return LabelIndex(cast_keys(self.started, types, keys, "labels"), cast_keys(self.ends, types, keys, "labels"))
 
 
+@dataclass
+class KnownIncidents:
+    """The labels as training reads them (`train.exclude_labelled`): a tick inside a labelled interval of its
+    entity, or less than `after_us` after one ended (the longest reach of a modality that is not a context view:
+    its windows and latest frames still hold the incident's rows), is left out of the training and validation
+    days - known incidents neither teach the detector what normal is nor set its threshold. `left_out` counts
+    the ticks `without` has left out (per process: each task returns its own)."""
+    index: LabelIndex
+    after_us: int
+    left_out: int = 0
+
+    @classmethod
+    def of(cls, labels: pl.DataFrame, spec: Spec) -> "KnownIncidents":
+        after = max((m.lookback_us for m in spec.modalities.values() if not m.context_of), default=0)
+        return cls(LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end), after)
+
+    def for_dates(self, dates: tuple[dt.date, ...] | list[dt.date]) -> "KnownIncidents":
+        """Only what ticks of `dates` need (a shard's task gets this, not every label of the window)."""
+        return KnownIncidents(self.index.window(date_start_us(min(dates)), date_start_us(max(dates)) + DAY_US,
+                                                self.after_us), self.after_us)
+
+    def without(self, aligned: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+        """`aligned` without its ticks in or just after a known incident (counted in `left_out`)."""
+        if aligned.height == 0:
+            return aligned
+        labelled = attach_labels(aligned.select([*spec.entity, TIME]), self.index, spec)
+        near = (labelled["label"] == 1) | (labelled["since_event_us"].fill_null(self.after_us) < self.after_us)
+        self.left_out += int(near.sum())
+        return aligned.filter(~near)
+
+
 def label_ticks(aligned: pl.DataFrame, labels: pl.DataFrame, spec: Spec, start: str, end: str) -> pl.DataFrame:
     """Add `label` (1 where the tick lies inside a labelled interval of its entity), `label_kind` and
     `since_event_us` (microseconds since the end of the entity's latest interval that ended before the tick;

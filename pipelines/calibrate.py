@@ -31,6 +31,7 @@ from dmafn.scoring import Column, RawScores, raw_scores
 from dmafn.spec import Spec
 from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
                              quantiles_from_ranks, select_ranks, sorted_part_sample)
+from pipelines.align import KnownIncidents
 from pipelines.ingest import entity_string
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import raise_task_error
@@ -50,14 +51,20 @@ class ShardPart:
 
 
 @ray.remote(num_cpus=1, num_returns=2)
-def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tuple[dict[str, int | None], ShardPart]:
+def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
+                 incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
     batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     keys, raws = [], []
     for aligned in batches:
+        if incidents is not None:
+            aligned = incidents.without(aligned, spec)
+            if aligned.height == 0:
+                continue
         raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
         keys.append(aligned.select([*spec.entity, "ts"]))
+    left_out = 0 if incidents is None else incidents.left_out
     if not raws:
-        return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": ()}, ShardPart(
+        return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": (), "left_out": left_out}, ShardPart(
             np.zeros(0, str), RawScores(np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
@@ -69,7 +76,7 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model) -> tupl
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
     return {"ticks": len(rows), "columns": raw.errors.shape[1],
             "latent_dims": None if latent is None else latent.ndim,
-            "state_owners": raw.state_owners if state is not None else ()}, part
+            "state_owners": raw.state_owners if state is not None else (), "left_out": left_out}, part
 
 
 def _sorted(values: np.ndarray) -> tuple[Any, ...]:
@@ -252,26 +259,34 @@ class ShardTicks:
     """Validation ticks held by the workers, for `Calibration.fit_from`: one scored part per shard in the
     object store, chained per entity bucket in date order for the smoothing."""
 
-    def __init__(self, parts: list[tuple[int, dt.date, ray.ObjectRef]], metas: list[dict[str, Any]]) -> None:
+    def __init__(self, parts: list[tuple[int, dt.date, ray.ObjectRef]], metas: list[dict[str, Any]],
+                 left_out: int = 0) -> None:
         self.parts = sorted(parts, key=lambda p: (p[0], p[1]))
         self.metas = metas
+        self.left_out = left_out                # validation ticks left out for known incidents
         self._chain: tuple[Calibration, list, list] | None = None
 
     @classmethod
-    def score(cls, spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> "ShardTicks":
-        """Score the validation shards in Ray tasks, each with its entity bucket's statistics; their raw scores
-        stay in the object store."""
+    def score(cls, spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
+              incidents: KnownIncidents | None = None) -> "ShardTicks":
+        """Score the validation shards in Ray tasks, each with its entity bucket's statistics (and without the
+        ticks in or just after the known `incidents` of its dates); their raw scores stay in the object store."""
         model_ref = ray.put(model)                                       # once, not a copy per shard's task
-        launched = [(s, *_score_shard.remote(s, spec, stats.ref(s), model_ref)) for s in shards]
+        launched = [(s, *_score_shard.remote(s, spec, stats.ref(s), model_ref,
+                                             None if incidents is None else incidents.for_dates(s.dates)))
+                    for s in shards]
         display, metas = ProgressDisplay("calibration", len(launched), "validation shards"), []
         for _, meta, _ in launched:
             metas.append(raise_task_error(meta))
             display.update(len(metas), ticks=sum(m["ticks"] for m in metas))
         display.close()
         parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
+        left_out = sum(m["left_out"] for m in metas)
         if not parts:
-            raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present")
-        return cls(parts, [m for m in metas if m["ticks"]])
+            raise DataError(f"spec '{spec.name}': no tick of the validation days has a modality present" +
+                            (f" outside the labelled incidents of {spec.labels.path} (train.exclude_labelled)"
+                             if left_out else ""))
+        return cls(parts, [m for m in metas if m["ticks"]], left_out)
 
     @property
     def latent_dims(self) -> int | None:

@@ -34,11 +34,11 @@ from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, featu
                             relations_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.spec import Spec, voting_modalities
+from dmafn.spec import Spec, format_duration, voting_modalities
 from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
                             train_step)
-from pipelines.align import align, data_ticks, label_ticks
+from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
 from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
@@ -75,14 +75,16 @@ STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity st
 
 
 @ray.remote(num_cpus=1)
-def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[str, Any] | None = None) -> tuple:
+def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[str, Any] | None = None,
+                      incidents: KnownIncidents | None = None) -> tuple:
     """Partial statistics of one training shard: the fleet's part, the input quarantine counts, then one part per
     entity bucket (`StatisticsFitter.split`), each its own object for the bucket's task. `trim_from`: the
-    statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks."""
+    statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks;
+    `incidents`: the known ones its ticks are fitted without."""
     fitter = StatisticsFitter(spec, trim_from)
     batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
     for aligned in batches:
-        fitter.add(aligned.to_arrow())
+        fitter.add((aligned if incidents is None else incidents.without(aligned, spec)).to_arrow())
     fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
     return (fleet, quarantined, *parts)
 
@@ -104,11 +106,13 @@ def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.T
 
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
-                        labels: pl.DataFrame | None):
+                        labels: pl.DataFrame | None, incidents: KnownIncidents | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
-    ticks that have at least one modality present."""
+    ticks that have at least one modality present (and, with `incidents`, none in or just after a known one)."""
     batches, _, decoded = aligned_batches(shard, spec, storage)
     for aligned in batches:
+        if incidents is not None:
+            aligned = incidents.without(aligned, spec)
         cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
         if labels is not None:
             lab = spec.labels
@@ -120,34 +124,39 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
-                          path: str) -> tuple[int, int]:
-    """One training shard's features written to its feature file; returns (rows, labelled positives)."""
+                          path: str, incidents: KnownIncidents | None = None) -> tuple[int, int, int]:
+    """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
+    out in or just after a known incident)."""
     storage, positives = Storage.from_spec(spec.storage), 0
 
     def parts():
         nonlocal positives
-        for part in shard_feature_parts(shard, spec, storage, stats, labels):
+        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents):
             if "label" in part:
                 positives += int(part["label"].sum())
             yield part
 
-    return write_features(storage, path, parts()), positives
+    return write_features(storage, path, parts()), positives, 0 if incidents is None else incidents.left_out
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
-                            folder: str) -> tuple[list[FeatureFile], int]:
+                            folder: str, incidents: KnownIncidents | None = None) -> tuple[list[FeatureFile], int, int]:
     """The training shards' features written by Ray tasks to `folder/<i>.arrow` (`pipelines.feature_files`), each
-    task with its entity bucket's statistics; returns the files in shard order with their rows, and the
-    labelled positives in all. The driver holds the counts only."""
+    task with its entity bucket's statistics (and the known incidents of its dates); returns the files in shard
+    order with their rows, the labelled positives in all and the ticks left out for known incidents. The driver
+    holds the counts only."""
     labels_ref = ray.put(labels)                                     # once for every task
     paths = [join(folder, f"{i:06d}.arrow") for i in range(len(shards))]
-    refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p) for s, p in zip(shards, paths)]
+    refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p,
+                                         None if incidents is None else incidents.for_dates(s.dates))
+            for s, p in zip(shards, paths)]
     display, counts = ProgressDisplay("features", len(refs), "shards"), []
     for ref in refs:
         counts.append(raise_task_error(ref))
-        display.update(len(counts), ticks=sum(rows for rows, _ in counts))
+        display.update(len(counts), ticks=sum(rows for rows, _, _ in counts))
     display.close()
-    return [FeatureFile(p, rows) for p, (rows, _) in zip(paths, counts)], sum(pos for _, pos in counts)
+    return ([FeatureFile(p, rows) for p, (rows, _, _) in zip(paths, counts)], sum(pos for _, pos, _ in counts),
+            sum(left for _, _, left in counts))
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -309,33 +318,39 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
     return result
 
 
-def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard]) -> Calibration:
+def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
+               incidents: KnownIncidents | None = None) -> tuple[Calibration, int]:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
-    (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks."""
+    (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks. With `incidents`, the
+    validation ticks in or just after a known one are left out; returns the calibration and their count."""
     from pipelines.calibrate import ShardTicks
 
-    return Calibration.fit_from(ShardTicks.score(spec, model, stats, shards), tuple(spec.modalities),
+    ticks = ShardTicks.score(spec, model, stats, shards, incidents)
+    return Calibration.fit_from(ticks, tuple(spec.modalities),
                                 detector=spec.model.detector, vote=spec.model.vote,
                                 scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
                                 threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
-                                state_baseline=spec.model.state_baseline)
+                                state_baseline=spec.model.state_baseline), ticks.left_out
 
 
-def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool) -> tuple[EntityStatistics, dict[str, int]]:
+def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
+                   incidents: KnownIncidents | None = None) -> tuple[EntityStatistics, dict[str, int]]:
     """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
     fleet of 100,000 machines). A channel whose variance one value holds (`StatisticsFitter.outlier_warnings`) is
     logged as a warning. The channel relations are then refitted on their typical ticks, a pass over the shards
     per refit, each task given the fit before for its entities only (`refit_relations_on_typical_ticks`,
-    `BucketStatistics`; `sliceable`: `keys_sliceable` there)."""
+    `BucketStatistics`; `sliceable`: `keys_sliceable` there). With `incidents`, each task fits its ticks without
+    the known incidents of its dates."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
 
     def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
         fits_before = None if before is None else BucketStatistics(before, sliceable)
         outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
-            s, spec, buckets, None if fits_before is None else fits_before.ref(s)) for s in shards]
+            s, spec, buckets, None if fits_before is None else fits_before.ref(s),
+            None if incidents is None else incidents.for_dates(s.dates)) for s in shards]
         return gather_statistics(spec, outs, buckets, refit=before is not None)
 
     statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
@@ -370,6 +385,14 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
     return EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])), quarantined
 
 
+def known_incidents(spec: Spec, storage: Storage) -> KnownIncidents | None:
+    """The labelled intervals training leaves out (`train.exclude_labelled`, on by default; a spec with labels
+    and any detector but the classifier, which trains on them); None otherwise."""
+    if spec.labels is None or not spec.train.exclude_labelled or spec.model.detector == "classifier":
+        return None
+    return KnownIncidents.of(read_labels(spec, storage), spec)
+
+
 def train(spec: Spec, *, run_root: str | None = None) -> str:
     """Train a model version for `spec` over its training window; returns the version id."""
     storage = Storage.from_spec(spec.storage)
@@ -386,8 +409,9 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
+        incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
-        statistics, quarantined = fit_statistics(spec, train_shards, sliceable)
+        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents)
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)
@@ -398,12 +422,13 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives = write_training_features(spec, train_shards, bucket_stats, labels,
-                                                   join(staging.folder, "features"))
+        files, positives, train_left_out = write_training_features(spec, train_shards, bucket_stats, labels,
+                                                                   join(staging.folder, "features"), incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
-                            "has a modality present")
+                            "has a modality present" + (f" outside the labelled incidents of {spec.labels.path} "
+                                                        "(train.exclude_labelled)" if train_left_out else ""))
         pos_weight = 1.0
         if labels is not None:
             if not positives:
@@ -422,7 +447,11 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
             log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
-        calibration = _calibrate(spec, model, bucket_stats, val_shards)
+        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents)
+        if incidents is not None:
+            log.info("known incidents (labels at %s; train.exclude_labelled): %d training and %d validation ticks "
+                     "inside a labelled interval or within %s of its end left out", spec.labels.path, train_left_out,
+                     validation_left_out, format_duration(incidents.after_us))
         for line in calibration.baseline_lines():
             log.info("%s", line)
         for line in calibration.tail_warnings():
@@ -434,6 +463,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                                 **({"encoding_density_ticks": densities, "encoding_density_left_out": left_out}
                                    if densities else {}),
                                 **({"relation_left_out": relations_left_out(stats)} if stats.get("relations") else {}),
+                                **({"labelled_left_out": {"train": train_left_out, "validation": validation_left_out}}
+                                   if incidents is not None else {}),
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined}
     finally:

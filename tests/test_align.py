@@ -117,6 +117,30 @@ def test_label_ticks_marks_ticks_inside_intervals(tiny_spec):
         label_ticks(out.with_columns(pl.lit(7, pl.Int64).alias("machine_id")), labels, tiny_spec, "start_ts", "end_ts")
 
 
+def test_known_incidents_leave_out_their_ticks_and_the_reach_after_them(tiny_spec):
+    """`KnownIncidents` (training's `train.exclude_labelled`): a tick inside a labelled interval of its own entity,
+    or less than the longest modality reach (here the camera's 5 min tolerance) after its end, is left out and
+    counted; the other entity's ticks and the rest stay, in order; cut to the ticks' dates, the same."""
+    from dataclasses import replace
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.align import KnownIncidents, LabelIndex
+
+    base = date_start_us(dt.date(2024, 1, 1))
+    ticks = pl.DataFrame({"machine_id": ["a"] * 10 + ["b"] * 3,
+                          TIME: [base + i * M for i in range(10)] + [base + i * M for i in range(3)], "x": range(13)})
+    labels = pl.DataFrame({"machine_id": ["a"], "start_ts": [base + 2 * M], "end_ts": [base + 3 * M]}).with_columns(
+        pl.from_epoch("start_ts", "us").dt.replace_time_zone("UTC"), pl.from_epoch("end_ts", "us").dt.replace_time_zone("UTC"))
+    spec = replace(tiny_spec, labels=LabelsSpec(path="/tmp/none/labels"))
+    incidents = KnownIncidents.of(labels, spec)
+    assert incidents.after_us == 5 * M
+    kept = incidents.without(ticks, spec)
+    assert kept["x"].to_list() == [0, 1, 8, 9, 10, 11, 12] and incidents.left_out == 6   # minutes 2-3, then 4-7
+    cut = incidents.for_dates([dt.date(2024, 1, 1)])
+    assert cut.without(ticks, spec).equals(kept) and cut.left_out == 6 and incidents.left_out == 6
+    assert KnownIncidents(LabelIndex.build(labels, spec, "start_ts", "end_ts"), 0).without(ticks, spec).height == 11
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 

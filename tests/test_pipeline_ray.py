@@ -103,6 +103,42 @@ def test_training_statistics_fitted_by_entity_bucket_are_the_one_process_fit(tra
     same_statistics(whole, statistics.whole)
 
 
+def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(trained, tmp_path):
+    """With labels inside the training window (`train.exclude_labelled`, on by default), each task of the
+    statistics, the feature files and the calibration leaves out the ticks in a labelled interval of their
+    entity or less than the longest modality reach after its end, and says how many; the feature files hold the
+    others. The `trained` fixture's labels lie after its training window: its manifest counts none."""
+    from pipelines.align import KnownIncidents
+    from pipelines.registry import Registry
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.statistics import BucketStatistics
+    from pipelines.storage import Storage
+    from pipelines.train import _calibrate, fit_statistics, split_dates, write_training_features
+
+    spec, version, root = trained
+    manifest = json.loads((root / "models" / version / "manifest.json").read_text())
+    assert manifest["metrics"]["labelled_left_out"] == {"train": 0, "validation": 0}
+    utc = dt.timezone.utc
+    labels = pl.DataFrame({"machine_id": ["pump-00", "pump-01"],          # an hour of each day, one pump each
+                           "start_ts": [dt.datetime(2024, 1, 1, 6, tzinfo=utc), dt.datetime(2024, 1, 2, 9, tzinfo=utc)],
+                           "end_ts": [dt.datetime(2024, 1, 1, 7, tzinfo=utc), dt.datetime(2024, 1, 2, 10, tzinfo=utc)]})
+    incidents = KnownIncidents.of(labels, spec)
+    after = incidents.after_us // spec.grain_us                 # the grains after an end still left out, plus one
+    assert after == 6                                           # the camera's tolerance (6 min), the longest reach
+    train_days, validation = split_dates(spec)
+    shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
+    statistics, _ = fit_statistics(spec, shards, True, incidents)
+    buckets = BucketStatistics(statistics, True)
+    kept, _, left = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
+    every, _, none = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
+    assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
+    assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
+    mv = Registry(spec.registry, Storage()).load(version)
+    val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
+    _, left_in_validation = _calibrate(spec, mv.model, BucketStatistics(mv.statistics, True), val_shards, incidents)
+    assert 55 <= left_in_validation <= 61 + after - 1
+
+
 def test_training_says_how_far_each_pass_has_come(trained):
     """`dmafn train` shows the statistics pass (shards, then entity buckets), the feature files (shards, ticks),
     the epochs' batches and the calibration's validation shards as each goes, each ending at its total."""
@@ -970,7 +1006,7 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     monkeypatch.setattr(calibrate, "raise_task_error", lambda ref: received.append(real(ref)) or received[-1])
     monkeypatch.setattr(calibrate, "GATHER_MAX", 64)
     # each shard's task with its bucket's per-entity statistics, the gathered fit below with the whole
-    on_workers = _calibrate(spec, mv.model, BucketStatistics(mv.statistics, keys_sliceable=True), shards).to_dict()
+    on_workers = _calibrate(spec, mv.model, BucketStatistics(mv.statistics, keys_sliceable=True), shards)[0].to_dict()
     assert received and not any(isinstance(v, calibrate.ShardPart) for v in received)
 
     parts = [ray.get(calibrate._score_shard.remote(s, spec, mv.stats, mv.model)[1]) for s in shards]
