@@ -113,6 +113,8 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
     for aligned in batches:
         if incidents is not None:
             aligned = incidents.without(aligned, spec)
+            if aligned.height == 0:
+                continue
         cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
         if labels is not None:
             lab = spec.labels
