@@ -392,7 +392,12 @@ def known_incidents(spec: Spec, storage: Storage) -> KnownIncidents | None:
     and any detector but the classifier, which trains on them); None otherwise."""
     if spec.labels is None or not spec.train.exclude_labelled or spec.model.detector == "classifier":
         return None
-    return KnownIncidents.of(read_labels(spec, storage), spec)
+    try:
+        labels = read_labels(spec, storage)
+    except DataError as exc:
+        raise DataError(f"{exc} - training reads the labels to leave known incidents out of its ticks "
+                        "(train.exclude_labelled); fix the labels or set train.exclude_labelled: false") from None
+    return KnownIncidents.of(labels, spec)
 
 
 def train(spec: Spec, *, run_root: str | None = None) -> str:

@@ -141,6 +141,20 @@ def test_known_incidents_leave_out_their_ticks_and_the_reach_after_them(tiny_spe
     assert KnownIncidents(LabelIndex.build(labels, spec, "start_ts", "end_ts"), 0).without(ticks, spec).height == 11
 
 
+def test_training_with_unreadable_labels_says_how_to_train_on_every_tick(tiny_spec, tmp_path):
+    from dataclasses import replace
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.storage import DataError, Storage
+    from pipelines.train import known_incidents
+
+    spec = replace(tiny_spec, labels=LabelsSpec(path=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match=r"labels .*nowhere: cannot be read .*set train.exclude_labelled: false"):
+        known_incidents(spec, Storage())
+    assert known_incidents(replace(spec, train=replace(spec.train, exclude_labelled=False)), Storage()) is None
+    assert known_incidents(replace(tiny_spec, labels=None), Storage()) is None
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 
