@@ -15,11 +15,13 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dmafn.spec import Spec
 from pipelines.ingest import check_schema
+from pipelines.align import DAY_US, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import list_parquet_files, open_parquet
 from pipelines.storage import DataError, Storage, list_partitions
@@ -55,22 +57,37 @@ class LabelsData:
     path: str
     summary: dict | None = None
     problems: list[str] = field(default_factory=list)
+    in_training: str | None = None          # what training does with the labels inside its window
 
     def lines(self) -> list[str]:
         if self.summary is None:
             return [f"labels: {self.path}: cannot be used"]
         left = ", ".join(f"{n} {why}" for why, n in self.summary["unusable"].items())
         return [f"labels: {self.path}",
-                f"  rows: {self.summary['rows']}, used {self.summary['used']}" + (f"; left out: {left}" if left else "")]
+                f"  rows: {self.summary['rows']}, used {self.summary['used']}" + (f"; left out: {left}" if left else "")] \
+            + ([f"  {self.in_training}"] if self.in_training else [])
 
 
 def check_labels(spec: Spec, storage: Storage) -> LabelsData:
-    """The spec's labels read and checked; a DataError becomes the problem."""
+    """The spec's labels read and checked (a DataError becomes the problem), and how many of the usable ones lie
+    in the training window - what `dmafn train` does with their ticks (`train.exclude_labelled`)."""
     data = LabelsData(spec.labels.path)
     try:
-        data.summary = load_labels(spec, storage).summary()
+        labels = load_labels(spec, storage)
     except DataError as exc:
         data.problems.append(str(exc))
+        return data
+    data.summary = labels.summary()
+    intervals = label_intervals(labels.usable, spec, spec.labels.start, spec.labels.end)
+    lo, hi = date_start_us(spec.train.start), date_start_us(spec.train.end) + DAY_US
+    inside = intervals.filter((pl.col("_s") < hi) & (pl.col("_e") >= lo)).height
+    if inside:
+        window = f"the training window {spec.train.start}..{spec.train.end}"
+        data.in_training = (f"{inside} of them in {window}: trained on as labelled anomalies (the classifier)"
+                            if spec.model.detector == "classifier" else
+                            f"{inside} of them in {window}: their ticks are left out of training and calibration "
+                            "(train.exclude_labelled)" if spec.train.exclude_labelled else
+                            f"{inside} of them in {window}: trained on as normal (train.exclude_labelled: false)")
     return data
 
 

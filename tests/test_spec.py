@@ -260,7 +260,9 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     captured = capsys.readouterr()
     assert "proc: " in captured.out and "partitions: 2 dates 2024-01-01 .. 2024-01-03 (1 date(s) missing in between)" \
         in captured.out and "columns: machine_id string, ts timestamp[us, tz=UTC], temp double" in captured.out
-    assert f"labels: {tmp_path / 'labels'}\n  rows: 2, used 1; left out: 1 null start_ts" in captured.out
+    assert f"labels: {tmp_path / 'labels'}\n  rows: 2, used 1; left out: 1 null start_ts\n  1 of them in the " \
+        "training window 2024-01-01..2024-01-02: their ticks are left out of training and calibration " \
+        "(train.exclude_labelled)" in captured.out
     err = captured.err
     assert err.startswith("error: 4 data problem(s):")
     assert "column 'a' not found" in err and "broken.parquet: not a readable Parquet file" in err
