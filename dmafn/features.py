@@ -556,6 +556,25 @@ def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.n
     return np.nansum(z ** 2, 1) / max(len(relation["channels"]), 1)
 
 
+RELATION_LEFT_OUT_WARNING = 0.01   # share of the training ticks a relation's refit leaves out: over it, `dmafn train` warns
+
+
+def relation_warnings(stats: dict[str, Any], ticks: int) -> list[str]:
+    """One line per relation whose refit left out more than `RELATION_LEFT_OUT_WARNING` of the `ticks` training
+    ticks (within or across; a clean history leaves out about 0.1 %): the training window likely holds incidents
+    nobody labelled, and they may sit in the validation days too, where they set the threshold."""
+    lines = []
+    for relation in stats.get("relations", {}).values():
+        left = max(relation.get("left_out", 0), relation.get("cross_left_out", 0))
+        if ticks and left > RELATION_LEFT_OUT_WARNING * ticks:
+            lines.append(f"modality '{relation['parent']}': its relations' refit left out {left} of {ticks} training "
+                         f"ticks ({left / ticks:.1%}; a clean history leaves out about 0.1 %) - the training window "
+                         "likely holds incidents nobody labelled, and the validation days may too, where they would "
+                         "set the threshold above them: label them (labels, train.exclude_labelled) or train on "
+                         "another window")
+    return lines
+
+
 def relations_left_out(stats: dict[str, Any]) -> int:
     """The training ticks the relations' last refit left out (`StatisticsFitter(trim_from=)`), over every
     relation and its cross-modal fit; 0 for statistics fitted once."""

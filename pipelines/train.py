@@ -31,7 +31,7 @@ import torch
 
 from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
                             features_to_columns, refit_relations_on_typical_ticks, relation_lines,
-                            relations_left_out)
+                            relation_warnings, relations_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, format_duration, voting_modalities
@@ -436,6 +436,8 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
                             "has a modality present" + (f" outside the labelled incidents of {spec.labels.path} "
                                                         "(train.exclude_labelled)" if train_left_out else ""))
+        for line in relation_warnings(stats, ticks):
+            log.warning("%s", line)
         pos_weight = 1.0
         if labels is not None:
             if not positives:

@@ -814,7 +814,7 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
     fit's residual std, so every later error is counted in its units and a drift hides; the refit on the ticks
     within `RELATION_TRIM_LIMIT` of the fit before leaves those ticks out (counted) and gives the clean fit back.
     On clean rows nothing is left out and the statistics are the first fit's."""
-    from dmafn.features import fit_training_statistics, relation_lines, relations_left_out
+    from dmafn.features import fit_training_statistics, relation_lines, relation_warnings, relations_left_out
 
     spec = _relation_spec()
     rng = np.random.default_rng(2)
@@ -834,6 +834,8 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
     intercepts = refitted["channels"][0]["entity_intercepts"]
     assert intercepts["b"] - intercepts["a"] == pytest.approx(5.0, abs=0.05)
     assert any("18 left out" in line for line in relation_lines(robust, spec))
+    (warning,) = relation_warnings(robust, 600)                   # 3 % of the training ticks: incidents, likely
+    assert warning.startswith("modality 'proc': its relations' refit left out 18 of 600 training ticks (3.0%")
 
     moved = _relation_rows(spec, 200, rng, offsets, drift=0.5)    # a drift of 10 residual stds
     proc = list(spec.modalities).index("proc")
@@ -842,7 +844,7 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
     assert under_once < 1 < 20 < under_refit                      # hidden under the incident's spread; then seen
 
     plain, refit = StatisticsFitter(spec).add(clean).result(), fit_training_statistics(spec, clean)
-    assert refit["relations"]["proc_context"]["left_out"] == 0
+    assert refit["relations"]["proc_context"]["left_out"] == 0 and relation_warnings(refit, 600) == []
     np.testing.assert_array_equal(plain["relations"]["proc_context"]["channels"][0]["weights"],
                                   refit["relations"]["proc_context"]["channels"][0]["weights"])
 
