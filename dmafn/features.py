@@ -575,6 +575,26 @@ def relation_warnings(stats: dict[str, Any], ticks: int) -> list[str]:
     return lines
 
 
+def relation_outliers(features: "Features") -> int:
+    """The ticks some relation puts beyond `RELATION_TRIM_LIMIT` residual stds (its channels' mean squared residual
+    over the limit's square): on validation days that should be clean, a count far over a clean history's share
+    (`RELATION_LEFT_OUT_WARNING`) says they hold incidents (`dmafn train` warns)."""
+    if features.relation_errors is None:
+        return 0
+    return int((features.relation_errors > RELATION_TRIM_LIMIT ** 2).any(1).sum())
+
+
+def validation_warnings(outliers: int, ticks: int) -> list[str]:
+    """A line when more than `RELATION_LEFT_OUT_WARNING` of the `ticks` validation ticks are `relation_outliers`:
+    incidents nobody labelled in the validation days, which set the threshold above them."""
+    if not ticks or outliers <= RELATION_LEFT_OUT_WARNING * ticks:
+        return []
+    return [f"{outliers} of {ticks} validation ticks ({outliers / ticks:.1%}) lie over {RELATION_TRIM_LIMIT:g} residual "
+            "stds from their channel relations (a clean day: about 0.1 %) - the validation days likely hold incidents "
+            "nobody labelled, which set the threshold above them (the model then misses their like): label them "
+            "(labels, train.exclude_labelled) or move the training window"]
+
+
 def relations_left_out(stats: dict[str, Any]) -> int:
     """The training ticks the relations' last refit left out (`StatisticsFitter(trim_from=)`), over every
     relation and its cross-modal fit; 0 for statistics fitted once."""

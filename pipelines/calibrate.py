@@ -26,7 +26,7 @@ import polars as pl
 import ray
 
 from dmafn.calibration import Calibration, group_scales
-from dmafn.features import featurize
+from dmafn.features import featurize, relation_outliers
 from dmafn.scoring import Column, RawScores, raw_scores
 from dmafn.spec import Spec
 from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
@@ -54,18 +54,21 @@ class ShardPart:
 def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
     batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
-    keys, raws = [], []
+    keys, raws, outliers = [], [], 0
     for aligned in batches:
         if incidents is not None:
             aligned = incidents.without(aligned, spec)
             if aligned.height == 0:
                 continue
-        raws.append(raw_scores(model, featurize(aligned.to_arrow(), spec, stats, decoded)))
+        features = featurize(aligned.to_arrow(), spec, stats, decoded)
+        outliers += relation_outliers(features)
+        raws.append(raw_scores(model, features))
         keys.append(aligned.select([*spec.entity, "ts"]))
     left_out = 0 if incidents is None else incidents.left_out
     if not raws:
-        return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": (), "left_out": left_out}, ShardPart(
-            np.zeros(0, str), RawScores(np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
+        return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": (), "left_out": left_out,
+                "relation_outliers": 0}, ShardPart(np.zeros(0, str), RawScores(np.zeros((0, 0)), None,
+                                                                                np.zeros((0, 0), bool)))
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
     latent = None if raws[0].latent is None else np.concatenate([r.latent for r in raws])[rows]
@@ -76,7 +79,8 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
     return {"ticks": len(rows), "columns": raw.errors.shape[1],
             "latent_dims": None if latent is None else latent.ndim,
-            "state_owners": raw.state_owners if state is not None else (), "left_out": left_out}, part
+            "state_owners": raw.state_owners if state is not None else (), "left_out": left_out,
+            "relation_outliers": outliers}, part
 
 
 def _sorted(values: np.ndarray) -> tuple[Any, ...]:
@@ -264,6 +268,7 @@ class ShardTicks:
         self.parts = sorted(parts, key=lambda p: (p[0], p[1]))
         self.metas = metas
         self.left_out = left_out                # validation ticks left out for known incidents
+        self.relation_outliers = sum(m.get("relation_outliers", 0) for m in metas)   # `relation_outliers`
         self._chain: tuple[Calibration, list, list] | None = None
 
     @classmethod

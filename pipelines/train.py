@@ -31,7 +31,7 @@ import torch
 
 from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
                             features_to_columns, refit_relations_on_typical_ticks, relation_lines,
-                            relation_warnings, relations_left_out)
+                            relation_warnings, relations_left_out, validation_warnings)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, format_duration, voting_modalities
@@ -329,6 +329,8 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
     from pipelines.calibrate import ShardTicks
 
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
+    for line in validation_warnings(ticks.relation_outliers, ticks.count()):
+        log.warning("%s", line)
     return Calibration.fit_from(ticks, tuple(spec.modalities),
                                 detector=spec.model.detector, vote=spec.model.vote,
                                 scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,

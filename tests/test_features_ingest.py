@@ -814,7 +814,8 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
     fit's residual std, so every later error is counted in its units and a drift hides; the refit on the ticks
     within `RELATION_TRIM_LIMIT` of the fit before leaves those ticks out (counted) and gives the clean fit back.
     On clean rows nothing is left out and the statistics are the first fit's."""
-    from dmafn.features import fit_training_statistics, relation_lines, relation_warnings, relations_left_out
+    from dmafn.features import (fit_training_statistics, relation_lines, relation_outliers, relation_warnings,
+                                relations_left_out, validation_warnings)
 
     spec = _relation_spec()
     rng = np.random.default_rng(2)
@@ -842,6 +843,11 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
     under_once = featurize(moved, spec, once).relation_errors[:, proc].mean()
     under_refit = featurize(moved, spec, robust).relation_errors[:, proc].mean()
     assert under_once < 1 < 20 < under_refit                      # hidden under the incident's spread; then seen
+    drifted, usual = featurize(moved, spec, robust), featurize(_relation_rows(spec, 200, rng, offsets), spec, robust)
+    assert relation_outliers(drifted) > 150 and relation_outliers(usual) <= 1     # validation ticks off their relations
+    assert validation_warnings(relation_outliers(usual), 200) == []
+    (line,) = validation_warnings(relation_outliers(drifted), 200)
+    assert "validation ticks" in line and "likely hold incidents nobody labelled" in line
 
     plain, refit = StatisticsFitter(spec).add(clean).result(), fit_training_statistics(spec, clean)
     assert refit["relations"]["proc_context"]["left_out"] == 0 and relation_warnings(refit, 600) == []
