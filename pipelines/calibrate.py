@@ -53,13 +53,9 @@ class ShardPart:
 @ray.remote(num_cpus=1, num_returns=2)
 def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
-    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
     keys, raws, outliers = [], [], 0
     for aligned in batches:
-        if incidents is not None:
-            aligned = incidents.without(aligned, spec)
-            if aligned.height == 0:
-                continue
         features = featurize(aligned.to_arrow(), spec, stats, decoded)
         outliers += relation_outliers(features)
         raws.append(raw_scores(model, features))

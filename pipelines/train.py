@@ -61,14 +61,18 @@ def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
     return (days[:-n_val], days[-n_val:]) if n_val > 0 else (days, days)
 
 
-def aligned_batches(shard: Shard, spec: Spec, storage: Storage):
+def aligned_batches(shard: Shard, spec: Spec, storage: Storage, incidents: KnownIncidents | None = None):
     """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine
-    counts per modality and the image frames its check decoded (for `featurize(..., decoded=)`)."""
+    counts per modality and the image frames its check decoded (for `featurize(..., decoded=)`). With
+    `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they
+    empty is skipped."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     counts = dict(inputs.quarantined.group_by("source").len().iter_rows())
-    return ((align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec)), counts,
-            inputs.decoded)
+    batches = (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec))
+    if incidents is not None:
+        batches = (kept for kept in (incidents.without(aligned, spec) for aligned in batches) if kept.height)
+    return batches, counts, inputs.decoded
 
 
 STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity statistics are fitted in
@@ -82,9 +86,9 @@ def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[st
     statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks;
     `incidents`: the known ones its ticks are fitted without."""
     fitter = StatisticsFitter(spec, trim_from)
-    batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage))
+    batches, quarantined, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
     for aligned in batches:
-        fitter.add((aligned if incidents is None else incidents.without(aligned, spec)).to_arrow())
+        fitter.add(aligned.to_arrow())
     fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
     return (fleet, quarantined, *parts)
 
@@ -109,12 +113,8 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
                         labels: pl.DataFrame | None, incidents: KnownIncidents | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
     ticks that have at least one modality present (and, with `incidents`, none in or just after a known one)."""
-    batches, _, decoded = aligned_batches(shard, spec, storage)
+    batches, _, decoded = aligned_batches(shard, spec, storage, incidents)
     for aligned in batches:
-        if incidents is not None:
-            aligned = incidents.without(aligned, spec)
-            if aligned.height == 0:
-                continue
         cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
         if labels is not None:
             lab = spec.labels
