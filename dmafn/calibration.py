@@ -7,7 +7,10 @@ benchmarks.
 
 `Calibration.fit(raw, groups=...)` fits the normalisation on the validation ticks, smooths their fused score
 per group in time order, and fits the threshold on the smoothed scores (so the threshold sees the same
-scores it is later applied to); `apply(raw, groups=...)` does the same steps on new ticks. It is stored as
+scores it is later applied to); `apply(raw, groups=...)` does the same steps on new ticks. With an
+`outlier_limit`, the validation ticks where a voting modality lies beyond that many interquartile ranges over
+its median (an incident nobody labelled, most likely) are left out first (`OutlierTicks`), so that they do not
+become the tail every later tick is measured against. It is stored as
 plain data (`to_dict` / `from_dict`) in a model version's manifest; the expected alarm rate on clean days is
 the validation alarm rate it records.
 """
@@ -20,10 +23,54 @@ import numpy as np
 
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
-from dmafn.scoring import (TAIL_MIN_VALUES, RawScores, RawTicks, ScoreRecord, baseline_columns, baseline_min_ticks,
-                           fit_normalisation, robust_scale, to_record)
+from dmafn.scoring import (TAIL_MIN_VALUES, Column, RawScores, RawTicks, ScoreRecord, baseline_columns,
+                           baseline_min_ticks, fit_normalisation, robust_scale, to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
+
+OUTLIER_ROUNDS = 3              # robust scales refitted on the ticks kept, at most, before the outliers settle
+OUTLIER_SHARE = 0.01            # the first round flags at most this share of the validation ticks: a clean day's
+                                # tail, every tick kept; more: incidents, left out (and `dmafn train` warns)
+
+
+@dataclass(frozen=True)
+class OutlierTicks:
+    """The validation ticks a calibration leaves out as outliers: those where a voting modality's contribution on
+    the robust scale `calib` (`fit_normalisation(..., scale='robust')`: its log error less the median, over the
+    interquartile range, of the ticks kept so far) exceeds `limit`, and the `after` ticks that follow one in its
+    group (an event's stale evidence and its recovery). Plain data, so a worker holding ticks applies it."""
+
+    calib: dict[str, Any]
+    limit: float
+    after: int = 0
+
+    def __call__(self, raw: RawScores, groups: np.ndarray,
+                 carry: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
+        """(N,) bool, the ticks to leave out (rows in time order within each group), and per group how many of
+        its next ticks are still to leave out (`carry` in: the same from the part before)."""
+        contributions = Column("contribution", self.calib)(raw)
+        voting = self.calib.get("voting", self.calib["modalities"])
+        columns = [i for i, m in enumerate(self.calib["modalities"]) if m in voting]
+        over = np.nan_to_num(contributions[:, columns], nan=-np.inf).max(1, initial=-np.inf) > self.limit
+        return spread_after(over, np.asarray(groups).astype(str), self.after, carry or {})
+
+
+def spread_after(flags: np.ndarray, groups: np.ndarray, after: int,
+                 carry: dict[str, int]) -> tuple[np.ndarray, dict[str, int]]:
+    """`flags` (N,) grown by the `after` rows that follow each flagged row in its group (rows in time order within
+    each group); `carry[g]`: how many of group g's first rows are flagged by the part before. Returns the
+    grown flags and, per group, how many rows of its next part they still reach."""
+    out, left = flags.copy(), {}
+    for key, rows in group_rows(groups):
+        n = len(rows)
+        index = np.arange(n)
+        last = np.maximum.accumulate(np.where(flags[rows], index, -1 - after - 1))   # the latest flagged row so far
+        within = (index - last <= after) | (index < carry.get(key, 0))
+        out[rows] = within
+        reach = max(int(last[-1]) + after + 1 - n, carry.get(key, 0) - n, 0)
+        if reach:
+            left[key] = reach
+    return out, left
 
 
 @dataclass(frozen=True)
@@ -46,24 +93,39 @@ class Calibration:
             smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
             groups: np.ndarray | None = None, voting: tuple[str, ...] | None = None,
             scale: str = ModelSpec.contribution_scale,
-            state_baseline: bool = ModelSpec.state_baseline) -> "Calibration":
+            state_baseline: bool = ModelSpec.state_baseline, outlier_limit: float | None = None,
+            outlier_after: int = 0) -> "Calibration":
         """Fit on validation ticks in memory (rows in time order within each group; `groups` e.g. the entity
         keys); `voting`: the modalities whose contributions make the fused score (default all;
         `dmafn.spec.voting_modalities`); `scale`: the contributions' units, `robust` or `tail`; `state_baseline`:
         each modality's error against the level expected at the tick's operating state (`raw.state`;
-        `dmafn.scoring.fit_normalisation`)."""
+        `dmafn.scoring.fit_normalisation`); `outlier_limit` (None: keep every tick) and `outlier_after`: the
+        validation ticks left out as outliers first (`OutlierTicks`)."""
         return cls.fit_from(InMemoryTicks(raw, groups), modalities, detector=detector, vote=vote,
                             smoothing=smoothing, threshold=threshold, voting=voting, scale=scale,
-                            state_baseline=state_baseline)
+                            state_baseline=state_baseline, outlier_limit=outlier_limit, outlier_after=outlier_after)
 
     @classmethod
     def fit_from(cls, ticks: "InMemoryTicks", modalities: tuple[str, ...], *, detector: str, vote: str,
                  smoothing: SmoothingSpec = SmoothingSpec(method="none"), threshold: ThresholdSpec = ThresholdSpec(),
                  voting: tuple[str, ...] | None = None, scale: str = ModelSpec.contribution_scale,
-                 state_baseline: bool = ModelSpec.state_baseline) -> "Calibration":
+                 state_baseline: bool = ModelSpec.state_baseline, outlier_limit: float | None = None,
+                 outlier_after: int = 0) -> "Calibration":
         """`fit` on validation ticks wherever they are held: `ticks` gives the finite values of their columns,
-        their fused scores smoothed per group under a calibration, and each group's robust scale of them
-        (`InMemoryTicks`; `pipelines.calibrate.ShardTicks` keeps them on the workers)."""
+        their fused scores smoothed per group under a calibration, and each group's robust scale of them, and
+        leaves out the ticks an `OutlierTicks` rule flags (`InMemoryTicks`; `pipelines.calibrate.ShardTicks`
+        keeps them on the workers)."""
+        outliers, total = 0, ticks.count()
+        if outlier_limit is not None and detector != "classifier":
+            for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
+                robust = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, "robust", state_baseline)
+                flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
+                if not outliers and flagged <= OUTLIER_SHARE * total:     # a clean day's own tail: keep it all
+                    ticks.keep_all()
+                    break
+                if flagged == outliers:
+                    break
+                outliers = flagged
         normalisation = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale, state_baseline)
         calibration = cls(tuple(modalities), normalisation, smoothing, threshold_method=threshold.method)
         smoothed = ticks.scores(calibration)
@@ -76,11 +138,28 @@ class Calibration:
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
+                      "validation_outliers_left_out": outliers,
                       "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
                       "threshold_method": threshold.method}
         return replace(calibration, threshold=float(value), validation=validation)
+
+    @property
+    def outliers_left_out(self) -> int:
+        """The validation ticks left out as outliers (`OutlierTicks`; 0 when none or without a limit)."""
+        return int(self.validation.get("validation_outliers_left_out", 0))
+
+    def outlier_warnings(self) -> list[str]:
+        """A line when validation ticks were left out as outliers (more than `OUTLIER_SHARE` of them): the
+        validation days likely hold incidents nobody labelled; `dmafn train` logs it, `Detector.fit` warns."""
+        left, kept = self.outliers_left_out, int(self.validation.get("validation_ticks", 0))
+        if not left:
+            return []
+        return [f"{left} of {left + kept} validation ticks ({left / (left + kept):.1%}) were left out of the calibration "
+                "as outliers (a clean day has under 1 % beyond the limit, and keeps them) - the validation days likely "
+                "hold incidents nobody labelled; their slower parts, still inside the normal range, stay in and raise the threshold: "
+                "label them (labels, train.exclude_labelled) or calibrate on other days"]
 
     @property
     def expected_alarm_rate(self) -> float | None:
@@ -220,14 +299,30 @@ class Calibration:
 
 
 class InMemoryTicks(RawTicks):
-    """Validation ticks in memory for `Calibration.fit_from`: raw scores, rows in time order within each group."""
+    """Validation ticks in memory for `Calibration.fit_from`: raw scores, rows in time order within each group;
+    `raw` and `groups` are those kept (`leave_out`)."""
 
     def __init__(self, raw: RawScores, groups: np.ndarray | None = None) -> None:
         super().__init__(raw)
         self.groups = groups
+        self._all, self._all_groups = raw, groups
+        self._left_out = np.zeros(len(raw.mask), bool)
 
     def count(self) -> int:
         return len(self.raw.mask)
+
+    def leave_out(self, rule: OutlierTicks) -> int:
+        """Leave out (as well as those before) the ticks `rule` flags among all of them; the count left out."""
+        self._left_out |= rule(self._all, _keys(np.zeros(len(self._all.mask)), self._all_groups))[0]
+        kept = ~self._left_out
+        self.raw = self._all.rows(kept)
+        self.groups = None if self._all_groups is None else np.asarray(self._all_groups)[kept]
+        return int(self._left_out.sum())
+
+    def keep_all(self) -> None:
+        """Take back every tick left out."""
+        self._left_out[:] = False
+        self.raw, self.groups = self._all, self._all_groups
 
     def _smoothed(self, calibration: Calibration) -> np.ndarray:
         return calibration.smooth(calibration.record(self.raw).score, self.groups)

@@ -38,7 +38,8 @@ class Detector:
                  threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
                  smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
-                 validation_fraction: float = 0.2, seed: int = TrainSpec.seed, device: str = "cpu"):
+                 validation_fraction: float = 0.2, seed: int = TrainSpec.seed, device: str = "cpu",
+                 outlier_limit: float | None = TrainSpec.validation_outlier_limit, outlier_after: int = 0):
         self.modalities = modalities
         self.config = config
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
@@ -47,10 +48,13 @@ class Detector:
         self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
         self.smoothing, self.alpha, self.window = smoothing, alpha, window
         self.seed, self.device = seed, device
+        self.outlier_limit, self.outlier_after = outlier_limit, outlier_after
 
     def fit(self, X: Features, y: np.ndarray | None = None) -> "Detector":
         """Train on the first rows, calibrate contributions and the threshold on the last
-        `validation_fraction` (time order kept). `y` is only used by the classifier detector."""
+        `validation_fraction` (time order kept), leaving out its outliers (`outlier_limit` IQRs over a voting
+        modality's median and the `outlier_after` rows after one; None: none). `y` is only used by the
+        classifier detector."""
         cfg = self.config or model_config(ModelSpec())
         n = len(X.mask)
         n_val = int(n * self.validation_fraction) if n >= 20 else 0
@@ -68,8 +72,9 @@ class Detector:
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
             threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
-            voting=voting_modalities(self.modalities), state_baseline=self.state_baseline)
-        for line in self.calibration_.tail_warnings():
+            voting=voting_modalities(self.modalities), state_baseline=self.state_baseline,
+            outlier_limit=self.outlier_limit, outlier_after=self.outlier_after)
+        for line in self.calibration_.tail_warnings() + self.calibration_.outlier_warnings():
             warnings.warn(line, UserWarning, stacklevel=2)
         self.threshold_ = self.calibration_.threshold
         self.decision_scores_ = self.decision_function(X)

@@ -569,8 +569,8 @@ def relation_warnings(stats: dict[str, Any], ticks: int) -> list[str]:
         if ticks and left > RELATION_LEFT_OUT_WARNING * ticks:
             lines.append(f"modality '{relation['parent']}': its relations' refit left out {left} of {ticks} training "
                          f"ticks ({left / ticks:.1%}; a clean history leaves out about 0.1 %) - the training window "
-                         "likely holds incidents nobody labelled, and the validation days may too, where they would "
-                         "set the threshold above them: label them (labels, train.exclude_labelled) or train on "
+                         "likely holds incidents nobody labelled, and the validation days may too, where they raise "
+                         "the threshold: label them (labels, train.exclude_labelled) or train on "
                          "another window")
     return lines
 
@@ -586,13 +586,14 @@ def relation_outliers(features: "Features") -> int:
 
 def validation_warnings(outliers: int, ticks: int) -> list[str]:
     """A line when more than `RELATION_LEFT_OUT_WARNING` of the `ticks` validation ticks are `relation_outliers`:
-    incidents nobody labelled in the validation days, which set the threshold above them."""
+    incidents nobody labelled in the validation days, which raise the threshold."""
     if not ticks or outliers <= RELATION_LEFT_OUT_WARNING * ticks:
         return []
     return [f"{outliers} of {ticks} validation ticks ({outliers / ticks:.1%}) lie over {RELATION_TRIM_LIMIT:g} residual "
             "stds from their channel relations (a clean day: about 0.1 %) - the validation days likely hold incidents "
-            "nobody labelled, which set the threshold above them (the model then misses their like): label them "
-            "(labels, train.exclude_labelled) or move the training window"]
+            "nobody labelled, which raise the threshold (the calibration leaves out their gross parts, "
+            "train.validation_outlier_limit, not their slow ones): label them (labels, train.exclude_labelled) or move "
+            "the training window"]
 
 
 def relations_left_out(stats: dict[str, Any]) -> int:

@@ -36,6 +36,12 @@ class RawScores:
     state: np.ndarray | None = None   # (N, S) the ticks' operating state (`dmafn.features.operating_state`)
     state_owners: tuple[str, ...] = ()
 
+    def rows(self, idx: np.ndarray) -> "RawScores":
+        """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
+        return RawScores(errors=self.errors[idx], latent=None if self.latent is None else self.latent[idx],
+                         mask=self.mask[idx], state=None if self.state is None else self.state[idx],
+                         state_owners=self.state_owners)
+
 
 @dataclass
 class ScoreRecord:

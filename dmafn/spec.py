@@ -132,6 +132,9 @@ class TrainSpec:
     validation_days: int = 1
     seed: int = 0
     exclude_labelled: bool = True   # ticks in (or just after) a labelled interval: not trained or calibrated on
+    # validation ticks where a voting modality lies beyond this many IQRs over its median are left out of the
+    # calibration (`dmafn.calibration.OutlierTicks`: unlabelled incidents); None (spec: 0) keeps every tick
+    validation_outlier_limit: float | None = 4.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,12 @@ class Spec:
         """Days before a date whose partitions feed its first ticks."""
         longest = max(m.lookback_us for m in self.modalities.values())
         return -(-longest // DAY_US)
+
+    @property
+    def evidence_reach_us(self) -> int:
+        """How long after an event its evidence can stay in the ticks' inputs: the longest reach of a modality that
+        is not a context view (a log window, a camera frame's tolerance)."""
+        return max((m.lookback_us for m in self.modalities.values() if not m.context_of), default=0)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain data (saved with every model version)."""
@@ -410,7 +419,7 @@ def default_validation_days(start: dt.date, end: dt.date) -> int:
 
 def _parse_train(sec: _Section) -> TrainSpec:
     sec.reject_unknown({"start", "end", "epochs", "workers", "gpu", "batch_size", "learning_rate",
-                        "validation_days", "seed", "exclude_labelled"})
+                        "validation_days", "seed", "exclude_labelled", "validation_outlier_limit"})
     start, end = sec.date("start"), sec.date("end")
     if end < start:
         raise sec.err("end", f"{end} is before start {start}")
@@ -420,7 +429,17 @@ def _parse_train(sec: _Section) -> TrainSpec:
                      learning_rate=sec.number("learning_rate", TrainSpec.learning_rate, float, 0.0),
                      validation_days=sec.number("validation_days", default_validation_days(start, end), int, 0),
                      seed=sec.number("seed", TrainSpec.seed, int),
-                     exclude_labelled=sec.boolean("exclude_labelled", TrainSpec.exclude_labelled))
+                     exclude_labelled=sec.boolean("exclude_labelled", TrainSpec.exclude_labelled),
+                     validation_outlier_limit=_outlier_limit(sec))
+
+
+def _outlier_limit(sec: _Section) -> float | None:
+    """`train.validation_outlier_limit`: at least 1 (IQRs over the median), or 0 for none."""
+    limit = sec.number("validation_outlier_limit", TrainSpec.validation_outlier_limit, float, 0.0)
+    if 0 < limit < 1:
+        raise sec.err("validation_outlier_limit", f"{limit!r} would leave out a quarter of a clean day's ticks or "
+                      "more: give at least 1 (interquartile ranges over the median), or 0 to keep every tick")
+    return limit or None
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:
@@ -545,7 +564,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         "partition": spec.partition, "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)
-                  for k, v in ((k, getattr(spec.train, k)) for k in TrainSpec.__dataclass_fields__)},
+                  for k, v in ((k, getattr(spec.train, k)) for k in TrainSpec.__dataclass_fields__)}
+        | {"validation_outlier_limit": spec.train.validation_outlier_limit or 0},     # 0: none (null reads as the default)
         "registry": spec.registry,
         "score": {"output": spec.score.output,
                   "threshold": {k: v for k, v in vars(spec.score.threshold).items() if v is not None},

@@ -93,7 +93,8 @@ def spec_json_schema() -> dict[str, Any]:
                               "workers": _number("integer", 1), "gpu": {"type": "boolean"},
                               "batch_size": _number("integer", 1), "learning_rate": _number("number", 0.0),
                               "validation_days": _number("integer", 0), "seed": _number("integer"),
-                              "exclude_labelled": {"type": "boolean"}},
+                              "exclude_labelled": {"type": "boolean"},
+                              "validation_outlier_limit": _number("number", 0.0)},
                              ("start", "end")),
             "registry": {"type": "string"},
             "score": _closed({

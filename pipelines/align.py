@@ -228,8 +228,7 @@ class KnownIncidents:
 
     @classmethod
     def of(cls, labels: pl.DataFrame, spec: Spec) -> "KnownIncidents":
-        after = max((m.lookback_us for m in spec.modalities.values() if not m.context_of), default=0)
-        return cls(LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end), after)
+        return cls(LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end), spec.evidence_reach_us)
 
     def for_dates(self, dates: tuple[dt.date, ...] | list[dt.date]) -> "KnownIncidents":
         """Only what ticks of `dates` need (a shard's task gets this, not every label of the window)."""

@@ -13,6 +13,9 @@ the ticks:
 - the fused scores smoothed per entity: each entity bucket's shards in date order, a chain of tasks handing
   on each entity's smoothing state (`Calibration.smooth_carried`: the same values as smoothing each entity's
   whole validation series);
+- the ticks to leave out as outliers (`dmafn.calibration.OutlierTicks`): each shard's task flags its own, the
+  bucket's shards chained in date order to hand on how many of each entity's next ticks an outlier still reaches;
+  every later question reads the ticks kept;
 - each entity's robust scale (per-entity normalisation): one task per entity bucket over its smoothed scores.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import polars as pl
 import ray
 
-from dmafn.calibration import Calibration, group_scales
+from dmafn.calibration import Calibration, OutlierTicks, group_scales
 from dmafn.features import featurize, relation_outliers
 from dmafn.scoring import Column, RawScores, raw_scores
 from dmafn.spec import Spec
@@ -44,10 +47,18 @@ from pipelines.train import aligned_batches
 @dataclass
 class ShardPart:
     """One validation shard's ticks where its task left them: raw scores and entity keys, sorted by entity and
-    time."""
+    time; `left_out`: those left out as outliers (None: none)."""
 
     groups: np.ndarray
     raw: RawScores
+    left_out: np.ndarray | None = None
+
+    def kept(self) -> "ShardPart":
+        """The ticks kept."""
+        if self.left_out is None:
+            return self
+        kept = ~self.left_out
+        return ShardPart(self.groups[kept], self.raw.rows(kept))
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -91,14 +102,24 @@ def _sorted(values: np.ndarray) -> tuple[Any, ...]:
 
 @ray.remote(num_cpus=1)
 def _column(part: ShardPart, column: Column, width: int) -> tuple[Any, ...]:
-    """`_sorted` of a shard's `column` (`width` columns): run with num_returns=1 + width."""
+    """`_sorted` of a shard's `column` (`width` columns) over its ticks kept: run with num_returns=1 + width."""
+    part = part.kept()
     return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, width)))
 
 
 @ray.remote(num_cpus=1)
 def _total(part: ShardPart, sums) -> dict[str, np.ndarray]:
-    """`sums` (`dmafn.scoring.BaselineSums`) over a shard's ticks."""
-    return sums(part.raw)
+    """`sums` (`dmafn.scoring.BaselineSums`) over a shard's ticks kept."""
+    return sums(part.kept().raw)
+
+
+@ray.remote(num_cpus=1, num_returns=3)
+def _leave_out_part(part: ShardPart, rule: OutlierTicks, carry: dict[str, int] | None):
+    """The shard's part with the ticks `rule` flags left out too (going on from the bucket's previous shard's
+    `carry`), how many it leaves out in all, and the carry for the bucket's next shard."""
+    flagged, carry = rule(part.raw, part.groups, carry or {})
+    left_out = flagged if part.left_out is None else part.left_out | flagged
+    return ShardPart(part.groups, part.raw, left_out), int(left_out.sum()), carry
 
 
 @ray.remote(num_cpus=1)
@@ -121,6 +142,7 @@ def _smooth_part(part: ShardPart, calibration: Calibration, carry: dict[str, np.
     """A shard's fused scores smoothed per entity, going on from the entity bucket's previous shard (`carry`):
     `_sorted` of its scores (normalised per entity with `entity_scale`: summary, sorted finite values),
     (entities, smoothed scores) for the entity scales, and the carry for the bucket's next shard."""
+    part = part.kept()
     score = calibration.record(part.raw).score
     smoothed, carry = calibration.smooth_carried(score, part.groups, carry or {})
     scores = calibration.normalise(smoothed, part.groups)
@@ -262,9 +284,11 @@ class ShardTicks:
     def __init__(self, parts: list[tuple[int, dt.date, ray.ObjectRef]], metas: list[dict[str, Any]],
                  left_out: int = 0) -> None:
         self.parts = sorted(parts, key=lambda p: (p[0], p[1]))
+        self._scored = self.parts               # as scored, before any tick is left out (`keep_all`)
         self.metas = metas
         self.left_out = left_out                # validation ticks left out for known incidents
         self.relation_outliers = sum(m.get("relation_outliers", 0) for m in metas)   # `relation_outliers`
+        self.outliers = 0                       # ticks left out as outliers (`leave_out`)
         self._chain: tuple[Calibration, list, list] | None = None
 
     @classmethod
@@ -294,7 +318,26 @@ class ShardTicks:
         return self.metas[0]["latent_dims"]
 
     def count(self) -> int:
-        return sum(m["ticks"] for m in self.metas)
+        """The ticks kept."""
+        return sum(m["ticks"] for m in self.metas) - self.outliers
+
+    def leave_out(self, rule: OutlierTicks) -> int:
+        """Leave out (as well as those before) the ticks `rule` flags, each entity bucket's shards chained in date
+        order; the count left out. The parts are replaced by their copies with the flags."""
+        parts, counts, carry, bucket = [], [], None, None
+        for b, day, part in self.parts:
+            carry = None if b != bucket else carry
+            bucket = b
+            part, count, carry = _leave_out_part.remote(part, rule, carry)
+            parts.append((b, day, part))
+            counts.append(count)
+        self.parts, self._chain = parts, None
+        self.outliers = sum(raise_task_error(c) for c in counts)
+        return self.outliers
+
+    def keep_all(self) -> None:
+        """Take back every tick left out (the parts as scored)."""
+        self.parts, self._chain, self.outliers = self._scored, None, 0
 
     @property
     def state_owners(self) -> tuple[str, ...]:

@@ -331,11 +331,27 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
     for line in validation_warnings(ticks.relation_outliers, ticks.count()):
         log.warning("%s", line)
-    return Calibration.fit_from(ticks, tuple(spec.modalities),
-                                detector=spec.model.detector, vote=spec.model.vote,
-                                scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
-                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
-                                state_baseline=spec.model.state_baseline), ticks.left_out
+    calibration = Calibration.fit_from(ticks, tuple(spec.modalities),
+                                       detector=spec.model.detector, vote=spec.model.vote,
+                                       scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
+                                       threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
+                                       state_baseline=spec.model.state_baseline,
+                                       outlier_limit=spec.train.validation_outlier_limit,
+                                       outlier_after=outlier_reach_ticks(spec))
+    if spec.train.validation_outlier_limit is not None and spec.model.detector != "classifier":
+        log.info("calibration: %d of %d validation ticks left out as outliers (a voting modality over %g IQRs above "
+                 "its median, and the %d ticks after one; train.validation_outlier_limit)",
+                 calibration.outliers_left_out, calibration.outliers_left_out + ticks.count(),
+                 spec.train.validation_outlier_limit, outlier_reach_ticks(spec))
+    for line in calibration.outlier_warnings():
+        log.warning("%s", line)
+    return calibration, ticks.left_out
+
+
+def outlier_reach_ticks(spec: Spec) -> int:
+    """The ticks after a validation outlier that the calibration leaves out with it: as far as its evidence can
+    stay in the later ticks' inputs (`Spec.evidence_reach_us`), in grains."""
+    return -(-spec.evidence_reach_us // spec.grain_us)
 
 
 def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
@@ -476,6 +492,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                                 **({"relation_left_out": relations_left_out(stats)} if stats.get("relations") else {}),
                                 **({"labelled_left_out": {"train": train_left_out, "validation": validation_left_out}}
                                    if incidents is not None else {}),
+                                "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined}
     finally:

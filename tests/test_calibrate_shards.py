@@ -25,6 +25,8 @@ def _fleet(latent_dims, seed=0, entities=6, ticks=700, state=False):
     errors = np.where(mask, rng.lognormal(size=(n, len(MODALITIES))) * (1 + np.arange(entities).repeat(ticks))[:, None],
                       np.nan)
     errors[rng.random(n) < 0.01, 0] = 1e3                 # a heavy tail
+    for entity, start in ((0, 200), (1, 450)):            # incidents of b (2 % of the ticks), across the shards' spans
+        errors[entity * ticks + start: entity * ticks + start + 40, 1] *= 1e3
     latent = None if latent_dims is None else rng.lognormal(size=n if latent_dims == 1 else (n, len(MODALITIES)))
     if not state:
         return groups, time, RawScores(errors=errors, latent=latent, mask=mask)
@@ -54,21 +56,23 @@ def _shard_ticks(groups, time, raw, ray):
     return ShardTicks(parts, metas)
 
 
-@pytest.mark.parametrize("latent_dims,smoothing,threshold,scale,state", [
-    (1, SmoothingSpec(method="ewma", alpha=0.3), ThresholdSpec(method="pot", risk=1e-3), "tail", False),
+@pytest.mark.parametrize("latent_dims,smoothing,threshold,scale,state,outliers", [
+    (1, SmoothingSpec(method="ewma", alpha=0.3), ThresholdSpec(method="pot", risk=1e-3), "tail", False, (4.0, 3)),
     (2, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="quantile", quantile=0.99, per_entity=True), "robust",
-     False),
+     False, None),
     (None, SmoothingSpec(method="rolling", window=5), ThresholdSpec(method="pot", risk=1e-3, per_entity=True), "tail",
-     False),
-    (1, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="pot", risk=1e-3), "tail", True),
+     False, (3.0, 0)),
+    (1, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="pot", risk=1e-3), "tail", True, (4.0, 10)),
 ])
 def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray, monkeypatch, latent_dims, smoothing,
-                                                                         threshold, scale, state):
+                                                                         threshold, scale, state, outliers):
+    """... and so does the one that leaves out outliers first (`OutlierTicks`: flagged where each shard's ticks are
+    held, an outlier's reach handed on to the entity's next shard)."""
     import pipelines.calibrate as calibrate
 
     groups, time, raw = _fleet(latent_dims, state=state)
     fit = dict(detector="autoencoder", vote="attention", smoothing=smoothing, threshold=threshold, scale=scale,
-               state_baseline=state)
+               state_baseline=state, **(dict(outlier_limit=outliers[0], outlier_after=outliers[1]) if outliers else {}))
     whole = Calibration.fit(raw, MODALITIES, groups=groups, **fit).to_dict()
     monkeypatch.setattr(calibrate, "GATHER_MAX", 128)     # quantiles by rounds of counts, not one gather (the
     # tails, 1-2 % of ~4,000 ticks, are read whole: the in-memory numbers; longer ones are tested below)
@@ -81,7 +85,9 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
         assert shards == whole
     else:             # a rolling mean's sums start elsewhere, the baseline's normal equations are added per shard
         assert close(shards, whole, 1e-9 if state else 1e-12)
-    assert whole["validation"]["validation_ticks"] == len(groups)
+    left_out = whole["validation"]["validation_outliers_left_out"]
+    assert whole["validation"]["validation_ticks"] == len(groups) - left_out
+    assert (left_out > 0) == bool(outliers)
     assert ("baseline" in whole) == state
 
 

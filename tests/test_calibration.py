@@ -375,3 +375,73 @@ def test_train_logs_what_the_operating_state_explains_of_each_modalitys_error_or
     assert Calibration.fit(_raw(400), MODALITIES, detector="autoencoder", vote="mean").baseline_lines() == []
     non_voting = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", voting=("a",))
     assert [line.split(":")[0] for line in non_voting.baseline_lines()] == ["modality 'a'"]
+
+
+def test_spread_after_grows_flags_within_each_group_and_hands_their_reach_on():
+    from dmafn.calibration import spread_after
+
+    flags = np.array([False, True, False, False, False, False, True, False])
+    groups = np.array(["x", "x", "x", "x", "x", "y", "y", "y"])       # y: an outlier one row before its end
+    grown, carry = spread_after(flags, groups, 2, {"y": 1})
+    assert grown.tolist() == [False, True, True, True, False, True, True, True]   # y's first row: the part before's
+    assert carry == {"y": 1}                               # y's outlier reaches one row into its next part
+    assert spread_after(flags, groups, 0, {})[0].tolist() == flags.tolist()
+    grown, carry = spread_after(np.zeros(3, bool), np.array(["x"] * 3), 2, {"x": 5})   # a reach longer than a part
+    assert grown.all() and carry == {"x": 2}
+
+
+def _incident_day(n=3000, seed=0):
+    """Clean validation ticks of two entities, and the same with an incident on entity e1: modality a 60x its
+    usual error for 150 ticks, then 30 ticks of stale evidence at 3x (a log window still holding its lines)."""
+    raw = _raw(n, seed)
+    groups = np.repeat(["e0", "e1"], n // 2)
+    errors = raw.errors.copy()
+    errors[2000:2150, 0] *= 60
+    errors[2150:2180, 0] *= 3
+    return raw, RawScores(errors=errors, latent=None, mask=raw.mask), groups
+
+
+def test_validation_outliers_are_left_out_so_an_incident_does_not_set_the_threshold():
+    clean, dirty, groups = _incident_day()
+    fit = dict(detector="autoencoder", vote="mean", smoothing=SmoothingSpec("ewma", 0.5), groups=groups,
+               threshold=ThresholdSpec("pot", risk=1e-3), scale="tail")
+    reference = Calibration.fit(clean, MODALITIES, **fit)
+    fooled = Calibration.fit(dirty, MODALITIES, **fit)
+    robust = Calibration.fit(dirty, MODALITIES, outlier_limit=4.0, outlier_after=40, **fit)
+    # on the clean ticks: nothing (or next to nothing) left out, the same calibration
+    kept = Calibration.fit(clean, MODALITIES, outlier_limit=4.0, outlier_after=40, **fit)
+    assert kept.outliers_left_out == 0 and kept.outlier_warnings() == []
+    assert kept == reference
+    # a few gross ticks (under 1 % with their reach) are a clean day's own tail: kept
+    spiked = _raw(3000, spike=100)
+    assert (Calibration.fit(spiked, MODALITIES, outlier_limit=4.0, outlier_after=5, **fit)
+            == Calibration.fit(spiked, MODALITIES, **fit))
+    # the incident's 150 ticks and the reach after them go; the threshold is the clean one's again
+    assert 150 <= robust.outliers_left_out <= 150 + 40 + 10
+    assert robust.validation["validation_ticks"] == len(groups) - robust.outliers_left_out
+    assert robust.threshold == pytest.approx(reference.threshold, rel=0.1)
+    # a new day's fault (a at 20x for a while) is caught by the robust calibration, not by the fooled one
+    new = _raw(1000, seed=3)
+    errors = new.errors.copy()
+    errors[500:540, 0] *= 20
+    fault = RawScores(errors=errors, latent=None, mask=new.mask)
+    caught = {name: cal.apply(fault)[1][505:540].mean() for name, cal in
+              (("reference", reference), ("robust", robust), ("fooled", fooled))}
+    assert caught["robust"] == caught["reference"] > 0.9 and caught["fooled"] < 0.1
+    assert any("left out of the calibration as outliers" in line for line in robust.outlier_warnings())
+    assert Calibration.from_dict(robust.to_dict()).outliers_left_out == robust.outliers_left_out
+
+
+def test_the_detector_and_the_spec_carry_the_outlier_limit():
+    from dmafn.detector import Detector
+    from dmafn.spec import SpecError, TrainSpec, parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    assert Detector({}).outlier_limit == TrainSpec.validation_outlier_limit == 4.0
+    data = tiny_spec_dict()
+    assert parse_spec(data).train.validation_outlier_limit == 4.0
+    off = parse_spec({**data, "train": {**data["train"], "validation_outlier_limit": 0}})
+    assert off.train.validation_outlier_limit is None
+    assert parse_spec(off.to_dict()).train.validation_outlier_limit is None        # a round trip keeps it off
+    with pytest.raises(SpecError, match=r"train.validation_outlier_limit.*at least 1"):
+        parse_spec({**data, "train": {**data["train"], "validation_outlier_limit": 0.5}})

@@ -139,6 +139,35 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     assert 55 <= left_in_validation <= 61 + after - 1
 
 
+def test_training_leaves_validation_outliers_out_of_the_calibration(trained, caplog):
+    """`train.validation_outlier_limit`: the calibration's shard tasks flag the validation ticks beyond the limit
+    (and the evidence reach after them) and every later question reads the ticks kept; `dmafn train` logs how many
+    and warns. The `trained` fixture's clean validation day keeps every tick at the default limit (its manifest
+    says 0); a limit of 1 IQR calls more than 1 % of it outliers."""
+    from dataclasses import replace
+
+    from pipelines.registry import Registry
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.statistics import BucketStatistics
+    from pipelines.storage import Storage
+    from pipelines.train import _calibrate, split_dates
+
+    spec, version, root = trained
+    manifest = json.loads((root / "models" / version / "manifest.json").read_text())
+    assert manifest["metrics"]["validation_outliers_left_out"] == 0
+    assert manifest["calibration"]["validation"]["validation_outliers_left_out"] == 0
+    mv = Registry(spec.registry, Storage()).load(version)
+    _, validation = split_dates(spec)
+    val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
+    strict = replace(spec, train=replace(spec.train, validation_outlier_limit=1.0))
+    with caplog.at_level(logging.INFO, logger="pipelines"):
+        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
+    left, kept = calibration.outliers_left_out, calibration.validation["validation_ticks"]
+    assert left > 0.01 * (left + kept) and kept > 0
+    assert f"calibration: {left} of {left + kept} validation ticks left out as outliers" in caplog.text
+    assert "left out of the calibration as outliers" in caplog.text
+
+
 def test_training_says_how_far_each_pass_has_come(trained):
     """`dmafn train` shows the statistics pass (shards, then entity buckets), the feature files (shards, ticks),
     the epochs' batches and the calibration's validation shards as each goes, each ending at its total."""
@@ -992,7 +1021,7 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
     from pipelines.storage import Storage
-    from pipelines.train import _calibrate, split_dates
+    from pipelines.train import _calibrate, outlier_reach_ticks, split_dates
     from tests.approx import close
 
     spec, version, _ = trained
@@ -1022,7 +1051,9 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     gathered = Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
                                scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
-                               groups=keys[order], state_baseline=spec.model.state_baseline).to_dict()
+                               groups=keys[order], state_baseline=spec.model.state_baseline,
+                               outlier_limit=spec.train.validation_outlier_limit,
+                               outlier_after=outlier_reach_ticks(spec)).to_dict()
     assert "baseline" in gathered
     # the same but for the order the baseline's normal equations were added in (per shard, then together)
     assert close(on_workers, gathered, 1e-9)
