@@ -29,8 +29,9 @@ from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
 
 OUTLIER_ROUNDS = 3              # robust scales refitted on the ticks kept, at most, before the outliers settle
-OUTLIER_SHARE = 0.01            # the first round flags at most this share of the validation ticks: a clean day's
-                                # tail, every tick kept; more: incidents, left out (and `dmafn train` warns)
+OUTLIER_SHARE = 0.01            # the first round flags at most this share of the validation ticks, or at most
+OUTLIER_MIN_TICKS = 10          # this many: a clean day's tail, every tick kept; more: incidents, left out (and
+                                # `dmafn train` warns)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class Calibration:
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
                 robust = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, "robust", state_baseline)
                 flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
-                if not outliers and flagged <= OUTLIER_SHARE * total:     # a clean day's own tail: keep it all
+                if not outliers and flagged <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):   # a clean tail
                     ticks.keep_all()
                     break
                 if flagged == outliers:
