@@ -4,7 +4,8 @@
 
 Made-up raw scores (four modalities, lognormal errors, a tenth of them missing; a tick a minute per entity,
 one part per day x entity bucket, as validation shards are) are calibrated the way `dmafn train` does
-(EWMA smoothing, `contribution_scale: tail`, POT threshold, attention vote), each window in its own process,
+(EWMA smoothing, `contribution_scale: tail`, POT threshold, attention vote, validation outliers looked for:
+`train.validation_outlier_limit` 4), each window in its own process,
 sampled twice a second for peak RSS:
 - `pipelines.calibrate.ShardTicks` on a local Ray (2 CPUs): each part made and kept by a task, the fit asking
   for counts, quantiles and tails (`Calibration.fit_from`) - what training does now;
@@ -29,7 +30,8 @@ from benchmarks.common import write_json
 from benchmarks.scale import run_python
 
 MODALITIES = ("a", "b", "c", "d")
-FIT = {"detector": "autoencoder", "vote": "attention", "scale": "tail"}
+FIT = {"detector": "autoencoder", "vote": "attention", "scale": "tail",
+       "outlier_limit": 4.0, "outlier_after": 6}      # train.validation_outlier_limit's default, the demo's reach
 
 
 def made_up_part(day: int, bucket: int, entities: int, buckets: int):

@@ -15,7 +15,7 @@ the ticks:
   whole validation series);
 - the ticks to leave out as outliers (`dmafn.calibration.OutlierTicks`): each shard's task flags its own, the
   bucket's shards chained in date order to hand on how many of each entity's next ticks an outlier still reaches;
-  every later question reads the ticks kept;
+  every later question reads the ticks kept (each shard's flags an object beside its part);
 - each entity's robust scale (per-entity normalisation): one task per entity bucket over its smoothed scores.
 """
 from __future__ import annotations
@@ -47,18 +47,16 @@ from pipelines.train import aligned_batches
 @dataclass
 class ShardPart:
     """One validation shard's ticks where its task left them: raw scores and entity keys, sorted by entity and
-    time; `left_out`: those left out as outliers (None: none)."""
+    time."""
 
     groups: np.ndarray
     raw: RawScores
-    left_out: np.ndarray | None = None
 
-    def kept(self) -> "ShardPart":
-        """The ticks kept."""
-        if self.left_out is None:
+    def kept(self, left_out: np.ndarray | None) -> "ShardPart":
+        """The ticks not `left_out` ((N,) bool, the outliers `ShardTicks.leave_out` flagged; None: all)."""
+        if left_out is None:
             return self
-        kept = ~self.left_out
-        return ShardPart(self.groups[kept], self.raw.rows(kept))
+        return ShardPart(self.groups[~left_out], self.raw.rows(~left_out))
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -101,25 +99,25 @@ def _sorted(values: np.ndarray) -> tuple[Any, ...]:
 
 
 @ray.remote(num_cpus=1)
-def _column(part: ShardPart, column: Column, width: int) -> tuple[Any, ...]:
+def _column(part: ShardPart, left_out: np.ndarray | None, column: Column, width: int) -> tuple[Any, ...]:
     """`_sorted` of a shard's `column` (`width` columns) over its ticks kept: run with num_returns=1 + width."""
-    part = part.kept()
+    part = part.kept(left_out)
     return _sorted(column(part.raw) if len(part.groups) else np.zeros((0, width)))
 
 
 @ray.remote(num_cpus=1)
-def _total(part: ShardPart, sums) -> dict[str, np.ndarray]:
+def _total(part: ShardPart, left_out: np.ndarray | None, sums) -> dict[str, np.ndarray]:
     """`sums` (`dmafn.scoring.BaselineSums`) over a shard's ticks kept."""
-    return sums(part.kept().raw)
+    return sums(part.kept(left_out).raw)
 
 
 @ray.remote(num_cpus=1, num_returns=3)
-def _leave_out_part(part: ShardPart, rule: OutlierTicks, carry: dict[str, int] | None):
-    """The shard's part with the ticks `rule` flags left out too (going on from the bucket's previous shard's
-    `carry`), how many it leaves out in all, and the carry for the bucket's next shard."""
+def _leave_out_part(part: ShardPart, left_out: np.ndarray | None, rule: OutlierTicks, carry: dict[str, int] | None):
+    """The shard's ticks left out once those `rule` flags join the ones before ((N,) bool; going on from the
+    bucket's previous shard's `carry`), how many that is, and the carry for the bucket's next shard."""
     flagged, carry = rule(part.raw, part.groups, carry or {})
-    left_out = flagged if part.left_out is None else part.left_out | flagged
-    return ShardPart(part.groups, part.raw, left_out), int(left_out.sum()), carry
+    left_out = flagged if left_out is None else left_out | flagged
+    return left_out, int(left_out.sum()), carry
 
 
 @ray.remote(num_cpus=1)
@@ -138,11 +136,12 @@ def _ask(v: np.ndarray, question: str, args: Any) -> Any:
 
 
 @ray.remote(num_cpus=1, num_returns=4)
-def _smooth_part(part: ShardPart, calibration: Calibration, carry: dict[str, np.ndarray] | None):
+def _smooth_part(part: ShardPart, left_out: np.ndarray | None, calibration: Calibration,
+                 carry: dict[str, np.ndarray] | None):
     """A shard's fused scores smoothed per entity, going on from the entity bucket's previous shard (`carry`):
     `_sorted` of its scores (normalised per entity with `entity_scale`: summary, sorted finite values),
     (entities, smoothed scores) for the entity scales, and the carry for the bucket's next shard."""
-    part = part.kept()
+    part = part.kept(left_out)
     score = calibration.record(part.raw).score
     smoothed, carry = calibration.smooth_carried(score, part.groups, carry or {})
     scores = calibration.normalise(smoothed, part.groups)
@@ -279,12 +278,13 @@ class ShardValues:
 
 class ShardTicks:
     """Validation ticks held by the workers, for `Calibration.fit_from`: one scored part per shard in the
-    object store, chained per entity bucket in date order for the smoothing."""
+    object store, chained per entity bucket in date order for the smoothing; beside each, once `leave_out` has
+    run, the (N,) flags of its ticks left out as outliers (the raw scores are never copied)."""
 
     def __init__(self, parts: list[tuple[int, dt.date, ray.ObjectRef]], metas: list[dict[str, Any]],
                  left_out: int = 0) -> None:
         self.parts = sorted(parts, key=lambda p: (p[0], p[1]))
-        self._scored = self.parts               # as scored, before any tick is left out (`keep_all`)
+        self._left_out: list[ray.ObjectRef | None] = [None] * len(self.parts)    # per part, `leave_out`'s flags
         self.metas = metas
         self.left_out = left_out                # validation ticks left out for known incidents
         self.relation_outliers = sum(m.get("relation_outliers", 0) for m in metas)   # `relation_outliers`
@@ -323,21 +323,21 @@ class ShardTicks:
 
     def leave_out(self, rule: OutlierTicks) -> int:
         """Leave out (as well as those before) the ticks `rule` flags, each entity bucket's shards chained in date
-        order; the count left out. The parts are replaced by their copies with the flags."""
-        parts, counts, carry, bucket = [], [], None, None
-        for b, day, part in self.parts:
+        order; the count left out."""
+        flags, counts, carry, bucket = [], [], None, None
+        for (b, _, part), before in zip(self.parts, self._left_out):
             carry = None if b != bucket else carry
             bucket = b
-            part, count, carry = _leave_out_part.remote(part, rule, carry)
-            parts.append((b, day, part))
+            left_out, count, carry = _leave_out_part.remote(part, before, rule, carry)
+            flags.append(left_out)
             counts.append(count)
-        self.parts, self._chain = parts, None
+        self._left_out, self._chain = flags, None
         self.outliers = sum(raise_task_error(c) for c in counts)
         return self.outliers
 
     def keep_all(self) -> None:
-        """Take back every tick left out (the parts as scored)."""
-        self.parts, self._chain, self.outliers = self._scored, None, 0
+        """Take back every tick left out."""
+        self._left_out, self._chain, self.outliers = [None] * len(self.parts), None, 0
 
     @property
     def state_owners(self) -> tuple[str, ...]:
@@ -346,7 +346,8 @@ class ShardTicks:
     def total(self, sums) -> dict[str, np.ndarray]:
         """`sums` added up over every shard's ticks: each shard's task sums its own, the driver adds them."""
         out: dict[str, np.ndarray] = {}
-        for part in (raise_task_error(r) for r in [_total.remote(p, sums) for _, _, p in self.parts]):
+        for part in (raise_task_error(r) for r in [_total.remote(p, flags, sums)
+                                                   for (_, _, p), flags in zip(self.parts, self._left_out)]):
             for key, value in part.items():
                 out[key] = out[key] + value if key in out else value
         return out
@@ -354,16 +355,17 @@ class ShardTicks:
     def column(self, column: Column) -> list[ShardValues]:
         width = (1 if column.kind == "latent" and self.latent_dims == 1 else
                  len(self.state_owners) if column.kind == "state" else self.metas[0]["columns"])
-        refs = [_column.options(num_returns=1 + width).remote(part, column, width) for _, _, part in self.parts]
+        refs = [_column.options(num_returns=1 + width).remote(part, flags, column, width)
+                for (_, _, part), flags in zip(self.parts, self._left_out)]
         return [ShardValues([r[0] for r in refs], j, [r[1 + j] for r in refs]) for j in range(width)]
 
     def _smoothed(self, calibration: Calibration) -> tuple[list, list]:
         if self._chain is None or self._chain[0] is not calibration:     # the chain of this very calibration
             scores, keyed, carry, bucket = [], [], None, None
-            for b, _, part in self.parts:
+            for (b, _, part), flags in zip(self.parts, self._left_out):
                 carry = None if b != bucket else carry
                 bucket = b
-                summary, values, by_entity, carry = _smooth_part.remote(part, calibration, carry)
+                summary, values, by_entity, carry = _smooth_part.remote(part, flags, calibration, carry)
                 scores.append((summary, values))
                 keyed.append((b, by_entity))
             self._chain = (calibration, scores, keyed)
