@@ -24,7 +24,7 @@ import numpy as np
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group
 from dmafn.scoring import (TAIL_MIN_VALUES, Column, RawScores, RawTicks, ScoreRecord, baseline_columns,
-                           baseline_min_ticks, fit_normalisation, robust_scale, to_record)
+                           baseline_min_ticks, fit_normalisation, fit_robust_scales, robust_scale, to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
 
@@ -37,7 +37,7 @@ OUTLIER_MIN_TICKS = 10          # this many: a clean day's tail, every tick kept
 @dataclass(frozen=True)
 class OutlierTicks:
     """The validation ticks a calibration leaves out as outliers: those where a voting modality's contribution on
-    the robust scale `calib` (`fit_normalisation(..., scale='robust')`: its log error less the median, over the
+    the robust scale `calib` (`dmafn.scoring.fit_robust_scales`: its log error less the median, over the
     interquartile range, of the ticks kept so far) exceeds `limit`, and the `after` ticks that follow one in its
     group (an event's stale evidence and its recovery). Plain data, so a worker holding ticks applies it."""
 
@@ -116,18 +116,19 @@ class Calibration:
         their fused scores smoothed per group under a calibration, and each group's robust scale of them, and
         leaves out the ticks an `OutlierTicks` rule flags (`InMemoryTicks`; `pipelines.calibrate.ShardTicks`
         keeps them on the workers)."""
-        outliers, total = 0, ticks.count()
+        outliers, total, robust = 0, ticks.count(), None
         if outlier_limit is not None and detector != "classifier":
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
-                robust = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, "robust", state_baseline)
+                robust = fit_robust_scales(ticks, tuple(modalities), detector, vote, voting, state_baseline)
                 flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
                 if not outliers and flagged <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):   # a clean tail
                     ticks.keep_all()
                     break
-                if flagged == outliers:
+                if flagged == outliers:        # the ticks kept are those `robust` was fitted on
                     break
-                outliers = flagged
-        normalisation = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale, state_baseline)
+                outliers, robust = flagged, None
+        normalisation = fit_normalisation(ticks, tuple(modalities), detector, vote, voting, scale, state_baseline,
+                                          robust)
         calibration = cls(tuple(modalities), normalisation, smoothing, threshold_method=threshold.method)
         smoothed = ticks.scores(calibration)
         if threshold.per_entity:
@@ -314,7 +315,10 @@ class InMemoryTicks(RawTicks):
 
     def leave_out(self, rule: OutlierTicks) -> int:
         """Leave out (as well as those before) the ticks `rule` flags among all of them; the count left out."""
-        self._left_out |= rule(self._all, _keys(np.zeros(len(self._all.mask)), self._all_groups))[0]
+        flagged = rule(self._all, _keys(np.zeros(len(self._all.mask)), self._all_groups))[0]
+        if not flagged.any() and not self._left_out.any():
+            return 0                                           # nothing to leave out: no copy of the ticks
+        self._left_out |= flagged
         kept = ~self._left_out
         self.raw = self._all.rows(kept)
         self.groups = None if self._all_groups is None else np.asarray(self._all_groups)[kept]

@@ -169,14 +169,37 @@ class RawTicks:
 
 def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: str, vote: str = "mean",
                       voting: tuple[str, ...] | None = None,
-                      scale: str = ModelSpec.contribution_scale, state_baseline: bool = False) -> dict[str, Any]:
+                      scale: str = ModelSpec.contribution_scale, state_baseline: bool = False,
+                      robust: dict[str, Any] | None = None) -> dict[str, Any]:
     """Normalisation of each modality's contribution, fitted on validation ticks (`ticks.column(Column)`:
     the finite values of each column, wherever they are held); `voting`: the modalities whose contributions
     make the fused score (default all); `scale`: `robust` (median and IQR of the log error) or `tail` (that
     value put on its tail surprise among the validation ticks, `fit_tail`); `state_baseline`: each modality's
-    log error taken relative to the level expected at the tick's operating state (`fit_baseline`)."""
+    log error taken relative to the level expected at the tick's operating state (`fit_baseline`); `robust`:
+    `fit_robust_scales` of the same arguments on the same ticks, already fitted (not asked of the ticks again)."""
     if scale not in CONTRIBUTION_SCALES:
         raise ValueError(f"unknown contribution scale {scale!r} ({', '.join(CONTRIBUTION_SCALES)})")
+    calib = dict(robust) if robust is not None else fit_robust_scales(ticks, modalities, detector, vote, voting,
+                                                                      state_baseline)
+    if detector == "classifier":
+        return calib
+    chosen = calib.pop("voting", None)
+    if scale == "tail":
+        calib["tail"] = {m: fit_tail(v) for m, v in zip(modalities, ticks.column(Column("contribution", calib)))}
+    spread = np.array([v.quantiles([0.99])[0] if v.count() else 1.0
+                       for v in ticks.column(Column("contribution", calib))])
+    weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
+    calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
+    if chosen is not None:
+        calib["voting"] = chosen
+    return calib
+
+
+def fit_robust_scales(ticks: RawTicks, modalities: tuple[str, ...], detector: str, vote: str = "mean",
+                      voting: tuple[str, ...] | None = None, state_baseline: bool = False) -> dict[str, Any]:
+    """`fit_normalisation`'s first part: the state baseline (with `state_baseline`), each modality's median and
+    IQR of its log error and the latent term's - the contributions on the `robust` scale, without the vote's
+    weights (what `dmafn.calibration.OutlierTicks` reads)."""
     if detector == "classifier":
         return {"detector": detector, "vote": vote, "modalities": list(modalities)}
     if voting is not None and (not voting or set(voting) - set(modalities)):
@@ -190,12 +213,6 @@ def fit_normalisation(ticks: RawTicks, modalities: tuple[str, ...], detector: st
     if ticks.latent_dims is not None:
         latent = [robust_scale(v) for v in ticks.column(Column("latent"))]
         calib["latent"] = dict(zip(modalities, latent)) if ticks.latent_dims == 2 else latent[0]
-    if scale == "tail":
-        calib["tail"] = {m: fit_tail(v) for m, v in zip(modalities, ticks.column(Column("contribution", calib)))}
-    spread = np.array([v.quantiles([0.99])[0] if v.count() else 1.0
-                       for v in ticks.column(Column("contribution", calib))])
-    weights = 1.0 / np.maximum(spread, 0.5)               # noisy modalities get less say in 'weighted'
-    calib["weights"] = (weights / weights.sum() * len(modalities)).tolist()
     if voting is not None:
         calib["voting"] = [m for m in modalities if m in voting]
     return calib
