@@ -517,7 +517,7 @@ def alarm_rates(df: pl.DataFrame | dict[str, Any], spec: Spec, storage: Storage)
                            "false_alarm_rate": c["false_alarms"] / c["normal"] if c["normal"] else 0.0,
                            "false_alarm_rate_clear": c["clear_alarms"] / c["clear"] if c["clear"] else None,
                            "clear_after_minutes": settle_us(spec) / 60e6, "clear_ticks": c["clear"],
-                           "expected_false_alarm_rate": {}}
+                           "expected_false_alarm_rate": {}, "validation_outliers_left_out": {}}
     registry = Registry(spec.registry, storage)
     for version in sorted(c["versions"]):
         try:
@@ -526,9 +526,10 @@ def alarm_rates(df: pl.DataFrame | dict[str, Any], spec: Spec, storage: Storage)
             log.warning("model version %s: %s (no expected alarm rate)", version, exc)
             continue
         # read as the version's calibration reads it (older versions kept the summary in `metrics`)
-        expected = Calibration.from_dict(manifest["calibration"], validation=manifest.get("metrics")).expected_alarm_rate
-        if expected is not None:
-            out["expected_false_alarm_rate"][version] = float(expected)
+        calibration = Calibration.from_dict(manifest["calibration"], validation=manifest.get("metrics"))
+        if calibration.expected_alarm_rate is not None:
+            out["expected_false_alarm_rate"][version] = float(calibration.expected_alarm_rate)
+        out["validation_outliers_left_out"][version] = calibration.outliers_left_out
     return out
 
 
@@ -557,6 +558,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  alarms on {100 * result['alarm_rate']:.2f} % of ticks; false alarms on "
                      f"{100 * result['false_alarm_rate']:.2f} % of the ticks labelled normal, expected {said} "
                      "from the validation days")
+        for version, left in result.get("validation_outliers_left_out", {}).items():
+            if left:
+                lines.append(f"  model version {version}: {left} validation ticks were left out of its calibration as "
+                             "outliers (train.validation_outlier_limit) - its validation days likely held incidents "
+                             "nobody labelled, whose slower parts may have raised the threshold")
         if result.get("false_alarm_rate_clear") is not None:
             lines.append(f"  clear of events (normal ticks more than {result['clear_after_minutes']:.0f} min after "
                          f"an event's end: windows' reach + smoothing; {result['clear_ticks']} ticks): false "

@@ -381,6 +381,9 @@ def _metrics_section(result: dict[str, Any]) -> str:
                       result["false_alarm_rate_clear"]))
     for version, rate in result["expected_false_alarm_rate"].items():
         point.append((f"expected false-alarm rate (validation days of {version})", rate))
+    for version, left in result.get("validation_outliers_left_out", {}).items():
+        if left:          # its validation days held incidents nobody labelled, most likely
+            point.append((f"validation ticks left out as outliers (calibration of {version})", left))
     fused = _table(["at the calibrated threshold", "value"], [[k, _num(v)] for k, v in point], "fused-metrics")
     kinds = list(result["by_kind"])
     head = ["score", "ROC-AUC overall", "PR-AUC overall", *[f"ROC-AUC {k}" for k in kinds]]

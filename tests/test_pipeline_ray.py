@@ -319,7 +319,7 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
 
 
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
-    from pipelines.evaluate import evaluate
+    from pipelines.evaluate import evaluate, format_table
 
     spec, _, _ = trained
     result = evaluate(spec, start=DAY3, end=DAY3, report_dir=str(tmp_path))
@@ -347,6 +347,13 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     manifest = json.loads((Path(spec.registry) / version / "manifest.json").read_text())
     assert result["expected_false_alarm_rate"] == {version: manifest["calibration"]["validation"]["validation_alarm_rate"]}
     assert f"false alarms on {100 * fused['far']:.2f} % of the ticks labelled normal, expected" in out
+    assert result["validation_outliers_left_out"] == {version: 0} and "left out of its calibration" not in out
+    said = format_table({**result, "validation_outliers_left_out": {version: 57}})
+    assert f"model version {version}: 57 validation ticks were left out of its calibration as outliers" in said
+    from pipelines.report import _metrics_section        # the report page's row, only when some were
+    assert "as outliers" not in _metrics_section(result)
+    assert f"validation ticks left out as outliers (calibration of {version})" in _metrics_section(
+        {**result, "validation_outliers_left_out": {version: 57}})
 
 
 REPORT_CHECK = """({
