@@ -116,13 +116,14 @@ class Calibration:
         their fused scores smoothed per group under a calibration, and each group's robust scale of them, and
         leaves out the ticks an `OutlierTicks` rule flags (`InMemoryTicks`; `pipelines.calibrate.ShardTicks`
         keeps them on the workers)."""
-        outliers, total, robust = 0, ticks.count(), None
+        outliers, tail, total, robust = 0, 0, ticks.count(), None
         if outlier_limit is not None and detector != "classifier":
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
                 robust = fit_robust_scales(ticks, tuple(modalities), detector, vote, voting, state_baseline)
                 flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
                 if not outliers and flagged <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):   # a clean tail
                     ticks.keep_all()
+                    tail = flagged
                     break
                 if flagged == outliers:        # the ticks kept are those `robust` was fitted on
                     break
@@ -140,7 +141,7 @@ class Calibration:
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
-                      "validation_outliers_left_out": outliers,
+                      "validation_outliers_left_out": outliers, "validation_outliers_kept": tail,
                       "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
@@ -151,6 +152,12 @@ class Calibration:
     def outliers_left_out(self) -> int:
         """The validation ticks left out as outliers (`OutlierTicks`; 0 when none or without a limit)."""
         return int(self.validation.get("validation_outliers_left_out", 0))
+
+    @property
+    def outliers_kept(self) -> int:
+        """The validation ticks flagged as outliers but kept: so few (`OUTLIER_SHARE`, `OUTLIER_MIN_TICKS`) that they
+        are a clean day's own tail."""
+        return int(self.validation.get("validation_outliers_kept", 0))
 
     def outlier_warnings(self) -> list[str]:
         """A line when validation ticks were left out as outliers (more than `OUTLIER_SHARE` of them): the

@@ -339,10 +339,12 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
                                        outlier_limit=spec.train.validation_outlier_limit,
                                        outlier_after=outlier_reach_ticks(spec))
     if spec.train.validation_outlier_limit is not None and spec.model.detector != "classifier":
+        kept = calibration.outliers_kept
         log.info("calibration: %d of %d validation ticks left out as outliers (a voting modality over %g IQRs above "
-                 "its median, and the %d ticks after one; train.validation_outlier_limit)",
+                 "its median, and the %d ticks after one; train.validation_outlier_limit)%s",
                  calibration.outliers_left_out, calibration.outliers_left_out + ticks.count(),
-                 spec.train.validation_outlier_limit, outlier_reach_ticks(spec))
+                 spec.train.validation_outlier_limit, outlier_reach_ticks(spec),
+                 f"; {kept} flagged but kept - at most 1 % of the ticks or 10, a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
         log.warning("%s", line)
     return calibration, ticks.left_out
