@@ -32,6 +32,7 @@ OUTLIER_ROUNDS = 3              # robust scales refitted on the ticks kept, at m
 OUTLIER_SHARE = 0.01            # the first round flags at most this share of the validation ticks, or at most
 OUTLIER_MIN_TICKS = 10          # this many: a clean day's tail, every tick kept; more: incidents, left out (and
                                 # `dmafn train` warns)
+OUTLIER_MOST = 0.5              # a round that would leave out more than this share: nothing is left out (warned)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,10 @@ class Calibration:
                     ticks.keep_all()
                     tail = flagged
                     break
+                if flagged > OUTLIER_MOST * total:    # no normal day to calibrate on: keep them all, and say so
+                    ticks.keep_all()
+                    outliers, tail, robust = 0, flagged, None
+                    break
                 if flagged == outliers:        # the ticks kept are those `robust` was fitted on
                     break
                 outliers, robust = flagged, None
@@ -163,6 +168,11 @@ class Calibration:
         """A line when validation ticks were left out as outliers (more than `OUTLIER_SHARE` of them): the
         validation days likely hold incidents nobody labelled; `dmafn train` logs it, `Detector.fit` warns."""
         left, kept = self.outliers_left_out, int(self.validation.get("validation_ticks", 0))
+        if self.outliers_kept > OUTLIER_MOST * kept:
+            return [f"{self.outliers_kept} of {kept} validation ticks lie beyond the outlier limit - more than half, "
+                    "so none was left out and the calibration reads them all: the validation days look like one "
+                    "long incident (or the limit, train.validation_outlier_limit, is far too low); calibrate on "
+                    "other days"]
         if not left:
             return []
         return [f"{left} of {left + kept} validation ticks ({left / (left + kept):.1%}) were left out of the calibration "

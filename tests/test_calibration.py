@@ -422,6 +422,13 @@ def test_validation_outliers_are_left_out_so_an_incident_does_not_set_the_thresh
     trimmed = Calibration.fit(spiked, MODALITIES, outlier_limit=4.0, outlier_after=5, **fit)
     assert same(trimmed, Calibration.fit(spiked, MODALITIES, **fit))
     assert trimmed.outliers_kept == 6 and trimmed.outliers_left_out == 0      # the spike and its reach
+    # more than half of the ticks beyond the limit (a validation window that is one long incident): none left out
+    errors = clean.errors.copy()
+    errors[[10, 1510], 0] *= 60                           # an outlier early in each entity, reaching to its end
+    early = RawScores(errors=errors, latent=None, mask=clean.mask)
+    flooded = Calibration.fit(early, MODALITIES, outlier_limit=4.0, outlier_after=len(groups), **fit)
+    assert same(flooded, Calibration.fit(early, MODALITIES, **fit)) and flooded.outliers_kept > len(groups) / 2
+    assert any("more than half, so none was left out" in line for line in flooded.outlier_warnings())
     few = _raw(200, spike=100)                            # 6 of 200 ticks: over 1 %, but too few to tell (10 at most)
     few_fit = {**fit, "groups": None}
     assert same(Calibration.fit(few, MODALITIES, outlier_limit=4.0, outlier_after=5, **few_fit),

@@ -143,7 +143,7 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     """`train.validation_outlier_limit`: the calibration's shard tasks flag the validation ticks beyond the limit
     (and the evidence reach after them) and every later question reads the ticks kept; `dmafn train` logs how many
     and warns. The `trained` fixture's clean validation day keeps every tick at the default limit (its manifest
-    says 0); a limit of 1 IQR calls more than 1 % of it outliers."""
+    says 0); a limit of 2 IQRs calls more than 1 % (and less than half) of it outliers."""
     from dataclasses import replace
 
     from pipelines.registry import Registry
@@ -159,11 +159,11 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     mv = Registry(spec.registry, Storage()).load(version)
     _, validation = split_dates(spec)
     val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
-    strict = replace(spec, train=replace(spec.train, validation_outlier_limit=1.0))
+    strict = replace(spec, train=replace(spec.train, validation_outlier_limit=2.0))
     with caplog.at_level(logging.INFO, logger="pipelines"):
         calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
     left, kept = calibration.outliers_left_out, calibration.validation["validation_ticks"]
-    assert left > 0.01 * (left + kept) and kept > 0
+    assert 0.01 * (left + kept) < left < kept
     assert f"calibration: {left} of {left + kept} validation ticks left out as outliers" in caplog.text
     assert "left out of the calibration as outliers" in caplog.text
 
