@@ -117,18 +117,18 @@ class Calibration:
         their fused scores smoothed per group under a calibration, and each group's robust scale of them, and
         leaves out the ticks an `OutlierTicks` rule flags (`InMemoryTicks`; `pipelines.calibrate.ShardTicks`
         keeps them on the workers)."""
-        outliers, tail, total, robust = 0, 0, ticks.count(), None
+        outliers, kept, total, robust = 0, 0, ticks.count(), None
         if outlier_limit is not None and detector != "classifier":
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
                 robust = fit_robust_scales(ticks, tuple(modalities), detector, vote, voting, state_baseline)
                 flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
                 if not outliers and flagged <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):   # a clean tail
                     ticks.keep_all()
-                    tail = flagged
+                    kept = flagged
                     break
                 if flagged > OUTLIER_MOST * total:    # no normal day to calibrate on: keep them all, and say so
                     ticks.keep_all()
-                    outliers, tail, robust = 0, flagged, None
+                    outliers, kept, robust = 0, flagged, None
                     break
                 if flagged == outliers:        # the ticks kept are those `robust` was fitted on
                     break
@@ -146,7 +146,7 @@ class Calibration:
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
-                      "validation_outliers_left_out": outliers, "validation_outliers_kept": tail,
+                      "validation_outliers_left_out": outliers, "validation_outliers_kept": kept,
                       "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
@@ -176,9 +176,10 @@ class Calibration:
         if not left:
             return []
         return [f"{left} of {left + kept} validation ticks ({left / (left + kept):.1%}) were left out of the calibration "
-                "as outliers (a clean day has under 1 % beyond the limit, and keeps them) - the validation days likely "
-                "hold incidents nobody labelled; their slower parts, still inside the normal range, stay in and raise the threshold: "
-                "label them (labels, train.exclude_labelled) or calibrate on other days"]
+                f"as outliers (a clean day has under {100 * OUTLIER_SHARE:g} % beyond the limit, and keeps them) - the "
+                "validation days likely hold incidents nobody labelled; their slower parts, still inside the normal "
+                "range, stay in and raise the threshold: label them (labels, train.exclude_labelled) or calibrate on "
+                "other days"]
 
     @property
     def expected_alarm_rate(self) -> float | None:

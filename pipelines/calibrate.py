@@ -321,18 +321,24 @@ class ShardTicks:
         """The ticks kept."""
         return sum(m["ticks"] for m in self.metas) - self.outliers
 
+    def _in_chains(self, task, *args) -> list[tuple[int, tuple]]:
+        """`task.remote(part, its flags, *args, carry)` over the parts, each entity bucket's shards in date order
+        with the carry (the task's last return) handed on from one to the next: (bucket, the task's other returns)
+        per part."""
+        out, carry, bucket = [], None, None
+        for (b, _, part), flags in zip(self.parts, self._left_out):
+            carry = None if b != bucket else carry
+            bucket = b
+            *returned, carry = task.remote(part, flags, *args, carry)
+            out.append((b, tuple(returned)))
+        return out
+
     def leave_out(self, rule: OutlierTicks) -> int:
         """Leave out (as well as those before) the ticks `rule` flags, each entity bucket's shards chained in date
         order; the count left out."""
-        flags, counts, carry, bucket = [], [], None, None
-        for (b, _, part), before in zip(self.parts, self._left_out):
-            carry = None if b != bucket else carry
-            bucket = b
-            left_out, count, carry = _leave_out_part.remote(part, before, rule, carry)
-            flags.append(left_out)
-            counts.append(count)
-        self._left_out, self._chain = flags, None
-        self.outliers = sum(raise_task_error(c) for c in counts)
+        chained = self._in_chains(_leave_out_part, rule)
+        self._left_out, self._chain = [flags for _, (flags, _) in chained], None
+        self.outliers = sum(raise_task_error(count) for _, (_, count) in chained)
         return self.outliers
 
     def keep_all(self) -> None:
@@ -361,14 +367,9 @@ class ShardTicks:
 
     def _smoothed(self, calibration: Calibration) -> tuple[list, list]:
         if self._chain is None or self._chain[0] is not calibration:     # the chain of this very calibration
-            scores, keyed, carry, bucket = [], [], None, None
-            for (b, _, part), flags in zip(self.parts, self._left_out):
-                carry = None if b != bucket else carry
-                bucket = b
-                summary, values, by_entity, carry = _smooth_part.remote(part, flags, calibration, carry)
-                scores.append((summary, values))
-                keyed.append((b, by_entity))
-            self._chain = (calibration, scores, keyed)
+            chained = self._in_chains(_smooth_part, calibration)
+            self._chain = (calibration, [(summary, values) for _, (summary, values, _) in chained],
+                           [(b, by_entity) for b, (_, _, by_entity) in chained])
         return self._chain[1], self._chain[2]
 
     def scores(self, calibration: Calibration) -> ShardValues:

@@ -33,7 +33,7 @@ from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, featu
                             features_to_columns, refit_relations_on_typical_ticks, relation_lines,
                             relation_warnings, relations_left_out, validation_warnings)
 from dmafn.model import ModelConfig, build_model, model_config
-from dmafn.calibration import Calibration
+from dmafn.calibration import OUTLIER_MIN_TICKS, OUTLIER_SHARE, Calibration
 from dmafn.spec import Spec, format_duration, voting_modalities
 from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
@@ -344,7 +344,8 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
                  "its median, and the %d ticks after one; train.validation_outlier_limit)%s",
                  calibration.outliers_left_out, calibration.outliers_left_out + ticks.count(),
                  spec.train.validation_outlier_limit, outlier_reach_ticks(spec),
-                 f"; {kept} flagged but kept - at most 1 % of the ticks or 10, a clean day's own tail" if kept else "")
+                 f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS}, "
+                 "a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
         log.warning("%s", line)
     return calibration, ticks.left_out
