@@ -17,9 +17,9 @@ largest of what a worker holds itself and of the object store's pages only it ha
 - `bare`: a bare loop of the same fits in one process without Ray - make each partial fit, merge, `result`,
   the rows.
 Checks that the three give the same statistics (to 1e-6: the relations' within-machine cross products are the
-fleet's minus each machine's means' part, which loses digits to cancellation, and the buckets sum those parts in
-another order - a few 1e-9 here; to 1e-11 on the generated fleet's own rows, see the tests), prints seconds, peak
-RSS and ratios; `train_statistics.json`.
+fleet's centred ones minus the scatter of each machine's means, and the buckets add those parts in another order;
+to 1e-11 on the generated fleet's own rows, see the tests), prints seconds, peak RSS and ratios;
+`train_statistics.json`.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def partial_fit(template, keys: list[str], seed: int):
     part and the copies' own)."""
     import numpy as np
 
-    from dmafn.features import StatisticsFitter, _Regression
+    from dmafn.features import StatisticsFitter, _Comoments, _EntityTotals, _Regression
 
     rng = np.random.default_rng(seed)
     fitter, scale = StatisticsFitter(template.spec), len(keys) / 2
@@ -99,16 +99,13 @@ def partial_fit(template, keys: list[str], seed: int):
             for reg in fit.channels:
                 copied = _Regression(reg.d)
                 copied.entities = {key: _moved(reg.entities[TEMPLATE], rng) for key in keys}
-                # the cross products: the template's within-machine part for each machine plus each machine's
-                # own means' part (as a fit over those rows would have them)
-                within = [reg.sxx, reg.sxy, reg.syy]
-                for e in reg.entities.values():
-                    within = [within[0] - np.outer(e.sx, e.sx) / e.n, within[1] - e.sx * e.sy / e.n,
-                              within[2] - e.sy * e.sy / e.n]
-                copied.sxx, copied.sxy, copied.syy = (w * scale for w in within)
-                for e in copied.entities.values():
-                    copied.sxx = copied.sxx + np.outer(e.sx, e.sx) / e.n
-                    copied.sxy, copied.syy = copied.sxy + e.sx * e.sy / e.n, copied.syy + e.sy * e.sy / e.n
+                # the centred cross products: the template's within-machine part for each machine plus the scatter
+                # of the copies' own means (as a fit over those rows would have them)
+                within = reg.moments.scatter - _EntityTotals.of(reg).between.about(reg.moments.mean)
+                means = _EntityTotals.of(copied).between
+                copied.moments = _Comoments(reg.d + 1)
+                copied.moments.n, copied.moments.mean = means.n, means.mean
+                copied.moments.scatter = within * scale + means.scatter
                 mine.channels.append(copied)
             mine.ranges = {key: _moved(fit.ranges[TEMPLATE], rng) for key in keys}
     return fitter

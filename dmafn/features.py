@@ -40,40 +40,47 @@ GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values
 
 
 class _Moments:
-    """Streaming per-column count / sum / sum of squares, and the smallest and largest value."""
+    """Streaming per-column count, mean and sum of squared deviations from the mean, and the smallest and largest
+    value. Parts are merged pairwise (Chan et al.), never as a difference of large sums: a channel whose level is
+    far from zero beside its spread (a counter near 1e6 that moves by 1) keeps its std over years of rows."""
 
     def __init__(self) -> None:
-        self.n, self.s, self.ss = 0.0, 0.0, 0.0
+        self.n, self.mean, self.m2 = 0.0, 0.0, 0.0
         self.lo, self.hi = np.inf, -np.inf
 
     def add(self, values: np.ndarray) -> None:
         values = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[:, None]
-        self.n += values.shape[0]
-        self.s = self.s + values.sum(0, dtype=np.float64)
-        self.ss = self.ss + (values.astype(np.float64) ** 2).sum(0)
-        if values.shape[0]:
-            self.lo, self.hi = np.minimum(self.lo, values.min(0)), np.maximum(self.hi, values.max(0))
+        if not values.shape[0]:
+            return
+        part = _Moments()
+        part.n, part.mean = float(values.shape[0]), values.mean(0, dtype=np.float64)
+        deviations = values.astype(np.float64) - part.mean
+        part.m2 = (deviations * deviations).sum(0)
+        part.lo, part.hi = values.min(0), values.max(0)
+        self.merge(part)
 
     def merge(self, other: "_Moments") -> "_Moments":
-        """Add another partial result (moments of disjoint rows are sums)."""
-        self.n += other.n
-        self.s = self.s + other.s
-        self.ss = self.ss + other.ss
+        """Add another partial result of disjoint rows."""
+        if not other.n:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
+        self.mean = self.mean + delta * (other.n / n)
+        self.n = n
         self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
         return self
 
     def extreme_share(self) -> tuple[np.ndarray, np.ndarray]:
         """Per column, the value farthest from the mean and the share of the column's variance (sum of squared
         deviations) that this one value holds."""
-        mean = self.s / max(self.n, 1)
-        var_sum = np.maximum(self.ss - self.n * mean ** 2, 1e-300)
-        far = np.where(np.abs(self.hi - mean) >= np.abs(self.lo - mean), self.hi, self.lo)
-        return np.atleast_1d(far), np.atleast_1d((far - mean) ** 2 / var_sum)
+        var_sum = np.maximum(self.m2, 1e-300)
+        far = np.where(np.abs(self.hi - self.mean) >= np.abs(self.lo - self.mean), self.hi, self.lo)
+        return np.atleast_1d(far), np.atleast_1d((far - self.mean) ** 2 / var_sum)
 
     def result(self) -> dict[str, list[float]]:
-        mean = self.s / max(self.n, 1)
-        std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean ** 2, 0.0))
-        return {"mean": np.atleast_1d(mean).tolist(), "std": np.maximum(np.atleast_1d(std), 1e-3).tolist(),
+        std = np.sqrt(np.maximum(self.m2 / max(self.n, 1), 0.0))
+        return {"mean": np.atleast_1d(self.mean).tolist(), "std": np.maximum(np.atleast_1d(std), 1e-3).tolist(),
                 "count": self.n}
 
 
@@ -296,26 +303,62 @@ def clip_quantities(quantities: np.ndarray, ranges: dict[str, Any] | None,
     return quantities
 
 
+class _Comoments:
+    """Streaming count, mean and centred cross products (scatter about the mean) of the columns of rows z (N, k),
+    float64, merged pairwise (Chan et al.): never a difference of large raw sums, so columns far from zero beside
+    their spread (a counter near 1e6 that moves by 1) keep their scatter over years of rows."""
+
+    def __init__(self, k: int):
+        self.n, self.mean, self.scatter = 0.0, np.zeros(k), np.zeros((k, k))
+
+    def add(self, z: np.ndarray, weights: np.ndarray | None = None) -> "_Comoments":
+        """Rows z (N, k), each counted `weights` times (N,; default once)."""
+        if not len(z):
+            return self
+        w = np.ones(len(z)) if weights is None else np.asarray(weights, np.float64)
+        part = _Comoments(z.shape[1])
+        part.n = float(w.sum())
+        part.mean = (w @ z) / part.n
+        d = z - part.mean
+        part.scatter = d.T @ (d * w[:, None])
+        return self.merge(part)
+
+    def merge(self, other: "_Comoments") -> "_Comoments":
+        """Add another part of disjoint rows (new arrays: `other` is never changed by merging on)."""
+        if not other.n:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.n * other.n / n)
+        self.mean = self.mean + delta * (other.n / n)
+        self.n = n
+        return self
+
+    def about(self, point: np.ndarray) -> np.ndarray:
+        """(k, k) the scatter about `point` instead of the mean."""
+        delta = self.mean - point
+        return self.scatter + np.outer(delta, delta) * self.n
+
+
 class _Regression:
-    """Streaming least squares of one channel on its design (`relation_design`) over a fleet: the cross products
-    over every row once (d x d), and per entity only what its own intercept needs (`_EntitySums`), so
-    memory grows with the entities by O(d), not O(d^2); the within-entity cross products are the fleet's minus
-    each entity's sums' outer product over its count. Merged by adding (ranges by min / max)."""
+    """Streaming least squares of one channel on its design (`relation_design`) over a fleet: the count, means and
+    centred cross products of [design, target] over every row once (`_Comoments`, (d+1) x (d+1)), and per entity
+    only what its own intercept needs (`_EntitySums`), so memory grows with the entities by O(d), not O(d^2); the
+    within-entity cross products are the fleet's minus the scatter of the entities' means (`_EntityTotals`).
+    Merged by adding (ranges by min / max)."""
 
     def __init__(self, d: int):
         self.d = d
-        self.sxx, self.sxy, self.syy = np.zeros((d, d)), np.zeros(d), 0.0
+        self.moments = _Comoments(d + 1)
         self.entities: dict[str, _EntitySums] = {}
 
     def add(self, key: str, x: np.ndarray, y: np.ndarray) -> None:
         """Rows of one entity: design x (n, d), target y (n,)."""
-        self.sxx = self.sxx + x.T @ x
-        self.sxy = self.sxy + x.T @ y
-        self.syy += float(y @ y)
+        self.moments.add(np.column_stack([x, y]).astype(np.float64))
         self.entities.setdefault(key, _EntitySums(self.d)).add(x, y)
 
     def merge(self, other: "_Regression") -> "_Regression":
-        self.sxx, self.sxy, self.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        self.moments.merge(other.moments)
         for key, part in other.entities.items():               # copies: merging on must not change `other`
             self.entities.setdefault(key, _EntitySums(self.d)).merge(part)
         return self
@@ -356,12 +399,12 @@ class _RelationFit:
 
 class _EntityTotals:
     """What a relation's fleet fit needs from its entities' sums (`_EntitySums`): over the entities with rows,
-    the sums of each one's design and target sums' products over its count (the cross products of the entity
-    means, taken out to leave within-entity deviations); over those with 2 rows or more (the fitted ones),
-    their rows, design and target sums. Totals of disjoint entities (entity buckets) add."""
+    the count, mean and scatter of their [design, target] means, each weighted by its rows (`_Comoments`: taken
+    out of the fleet's scatter to leave within-entity deviations); over those with 2 rows or more (the fitted
+    ones), their rows, design and target sums. Totals of disjoint entities (entity buckets) merge."""
 
     def __init__(self, d: int):
-        self.xx, self.xy, self.yy = np.zeros((d, d)), np.zeros(d), 0.0
+        self.between = _Comoments(d + 1)
         self.fitted, self.n, self.sx, self.sy = 0, 0, np.zeros(d), 0.0
 
     @classmethod
@@ -369,32 +412,31 @@ class _EntityTotals:
         totals = cls(reg.d)
         counted = [e for e in reg.entities.values() if e.n]
         if counted:
-            sums = np.stack([e.sx for e in counted])                      # (E, d)
             counts = np.array([e.n for e in counted], np.float64)
-            ys = np.array([e.sy for e in counted])
-            totals.xx, totals.xy, totals.yy = sums.T @ (sums / counts[:, None]), sums.T @ (ys / counts), \
-                float(ys @ (ys / counts))
+            sums = np.column_stack([np.stack([e.sx for e in counted]), [e.sy for e in counted]])   # (E, d + 1)
+            totals.between.add(sums / counts[:, None], counts)
         fits = [e for e in reg.entities.values() if e.n >= 2]              # one row has no deviation from its mean
         totals.fitted, totals.n = len(fits), sum(e.n for e in fits)
         totals.sx, totals.sy = sum((e.sx for e in fits), np.zeros(reg.d)), sum(e.sy for e in fits)
         return totals
 
     def merge(self, other: "_EntityTotals") -> "_EntityTotals":
-        self.xx, self.xy, self.yy = self.xx + other.xx, self.xy + other.xy, self.yy + other.yy
+        self.between.merge(other.between)
         self.fitted, self.n = self.fitted + other.fitted, self.n + other.n
         self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
         return self
 
 
 def fit_relation(reg: _Regression, totals: _EntityTotals) -> dict[str, Any] | None:
-    """One channel's relation from the fleet's cross products (`reg`) and every entity's `totals`: weights pooled
+    """One channel's relation from the fleet's centred cross products (`reg`) and every entity's `totals`: weights pooled
     over entities on within-entity deviations (each entity keeps its own intercept, left empty here and filled
     by `entity_intercepts` where its entities are; an unseen one gets the fleet's) and the residual's std (the
     unit of its error). None without enough rows to fit it."""
     d, n = reg.d, totals.n
     if not totals.fitted or n < 2 * d + 10:
         return None
-    sxx, sxy, syy = reg.sxx - totals.xx, reg.sxy - totals.xy, reg.syy - totals.yy
+    within = reg.moments.scatter - totals.between.about(reg.moments.mean)     # (d+1, d+1) about each entity's mean
+    sxx, sxy, syy = within[:d, :d], within[:d, d], float(within[d, d])
     ridge = 1e-6 * max(float(np.trace(sxx)) / d, 1e-12)
     weights = np.linalg.solve(sxx + ridge * np.eye(d), sxy)
     spread = float(np.sqrt(max(syy, 0.0) / n))          # the channel's own within-entity std
@@ -799,7 +841,7 @@ class StatisticsFitter:
                 shared = getattr(fleet, kind)[ctx]
                 shared.channels = [_Regression(reg.d) for reg in fit.channels]
                 for mine, reg in zip(shared.channels, fit.channels):
-                    mine.sxx, mine.sxy, mine.syy = reg.sxx, reg.sxy, reg.syy
+                    mine.moments.merge(reg.moments)                  # a copy: this fitter's stays as it is
                 for p in parts:
                     getattr(p, kind)[ctx].channels = [_Regression(reg.d) for reg in fit.channels]
                 for c, reg in enumerate(fit.channels):
@@ -933,7 +975,7 @@ class StatisticsTotals:
         for place, theirs in other.relations.items():
             mine = self.relations.get(place) or []
             if not mine:
-                self.relations[place] = [_EntityTotals(t.xx.shape[0]).merge(t) for t in theirs]
+                self.relations[place] = [_EntityTotals(len(t.sx)).merge(t) for t in theirs]
             else:
                 for m, t in zip(mine, theirs):
                     m.merge(t)

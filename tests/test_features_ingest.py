@@ -541,6 +541,57 @@ def test_trend_of_two_parts_merges_to_the_trend_of_all_rows():
     assert _Trend().add(t[:5], x[:5]).drift() is None               # too few rows to call a trend
 
 
+def test_moments_of_a_channel_far_from_zero_keep_its_spread_whatever_the_parts():
+    """A level of 1e9 that moves by 1: a variance taken as a difference of raw sums of squares (mean^2 = 1e18
+    against a variance of 1) has no digit left - the fitter before gave std 0 (then the 1e-3 floor) here."""
+    from dmafn.features import _Moments
+
+    values = 1e9 + np.array([1.0, -1.0, 1.0, -1.0, 1.0, 3.0])
+    parts = _Moments().merge(_Moments())                      # an empty part merges to nothing
+    for piece in (values[:2], values[2:3], values[3:]):
+        mine = _Moments()
+        mine.add(piece)
+        parts.merge(mine)
+    whole = _Moments()
+    whole.add(values)
+    for m in (parts, whole):
+        got = m.result()
+        assert got["count"] == 6 and got["mean"][0] == pytest.approx(1e9 + 2 / 3, abs=1e-6)
+        assert got["std"][0] == pytest.approx(np.std(values - 1e9), rel=1e-6)
+        far, share = m.extreme_share()
+        assert far[0] == 1e9 + 3 and share[0] == pytest.approx((3 - 2 / 3) ** 2 / np.sum((values - 1e9 - 2 / 3) ** 2))
+    assert _Moments().result() == {"mean": [0.0], "std": [1e-3], "count": 0.0}     # no rows: as before
+
+
+def test_a_relation_over_predictors_far_from_zero_gets_the_weights_it_gets_near_zero():
+    """Two entities whose predictors sit near 1e6 with a spread under 1 (a counter, a pressure in Pa): the
+    within-entity cross products are the fleet's centred ones minus the scatter of the entities' means, so the
+    weights match the fit of the same rows moved to zero; the fit before subtracted raw sums of squares (~1e12
+    per row against ~0.1) and gave (3.74, -2.71) for (3, -2) here."""
+    from dmafn.features import _EntityTotals, _Regression, fit_relation
+
+    def fitted(offset):
+        rng = np.random.default_rng(0)
+        reg = _Regression(2)
+        for part in range(6):
+            e = part % 2
+            load = rng.random(300)
+            x = np.column_stack([load, load ** 2]) + offset + 7 * e
+            reg.add(f"e{e}", x, 3 * load - 2 * load ** 2 + rng.normal(0, 0.01, 300) + 5 * e)
+        # the same fit merged from two halves (entity buckets, shards) as from one stream
+        halves = [_Regression(2), _Regression(2)]
+        for key, sums in reg.entities.items():
+            halves[int(key[1:])].entities[key] = sums
+        totals = _EntityTotals.of(halves[0]).merge(_EntityTotals.of(halves[1]))
+        return fit_relation(reg, _EntityTotals.of(reg)), fit_relation(reg, totals)
+
+    near, far = fitted(0.0), fitted(1e6)
+    for got in (*near, *far):
+        assert got["weights"] == pytest.approx(near[0]["weights"], rel=1e-6)
+        assert got["residual_std"] == pytest.approx(near[0]["residual_std"], rel=1e-4)
+    assert near[0]["weights"] == pytest.approx([3, -2], abs=0.05)
+
+
 def test_auto_transforms_take_the_median_entity():
     from dmafn.features import auto_transforms
 
