@@ -37,6 +37,7 @@ def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------ statistics
 GLITCH_SHARE = 0.1          # one value holding more of a channel's training variance than this is reported
 GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values: a normal maximum can hold it)
+RESOLUTION_SHARE = 0.1      # float32's step at a channel's largest level over this share of its std is reported
 
 
 class _Moments:
@@ -695,6 +696,7 @@ class StatisticsFitter:
             self.entity_[name] = {v: {} for v in views}
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
+        self.magnitude_: dict[str, np.ndarray] = {}             # modality -> each channel's largest |level| (C,)
         # context view -> its parent's channel relations; and the same with the peers' current values beside
         # (`relation_peers`), on the ticks where every peer is present
         self.relations_: dict[str, _RelationFit] = {ctx: _RelationFit() for ctx in relation_pairs(spec)}
@@ -722,6 +724,9 @@ class StatisticsFitter:
                 continue
             auto = name in self.trend_
             values = levels[name][present]
+            if m.kind != "audio":
+                largest = np.abs(values).reshape(-1, values.shape[-1]).max(0)
+                self.magnitude_[name] = np.maximum(self.magnitude_.get(name, largest), largest)
             groups = group_rows(np.asarray(keys, object)[present]) if m.kind != "audio" else []
             for view in self._views(m):          # 'level' only, for tabular and audio: the values as they are
                 shown = transform_window(values, view)
@@ -791,16 +796,22 @@ class StatisticsFitter:
                 own[ctx].merge(fit)
         for place, n in other.left_out_.items():
             self.left_out_[place] = self.left_out_.get(place, 0) + n
+        for name, largest in other.magnitude_.items():
+            self.magnitude_[name] = np.maximum(self.magnitude_.get(name, largest), largest)
         return self
 
     def outlier_warnings(self) -> list[str]:
         """One line per channel where a single training value holds over `GLITCH_SHARE` of the channel's
         variance (with at least `GLITCH_MIN_VALUES` values): a glitch such as 1e20 then sets the channel's mean
-        and std, and every normal value standardises to about the same number. `dmafn train` logs them."""
+        and std, and every normal value standardises to about the same number. And one per channel whose level is
+        so far from zero beside its spread that float32 - how alignment and the model hold values - keeps it only
+        in steps over `RESOLUTION_SHARE` of its std (a counter near 1e7 that moves by 0.5: steps of 1). `dmafn
+        train` logs them."""
         lines = []
         for name, m in self.spec.modalities.items():
             if m.kind not in ("tabular", "timeseries", "audio") or m.context_of:   # a context view: its parent says it
                 continue
+            lines += self._resolution_warnings(name, m)
             moments = self.global_[name][self._views(m)[0]]
             if moments.n < GLITCH_MIN_VALUES:
                 continue
@@ -814,6 +825,21 @@ class StatisticsFitter:
                                  "alike; drop or fix such rows at the source (or quarantine them upstream)")
         return lines
 
+    def _resolution_warnings(self, name: str, m: ModalitySpec) -> list[str]:
+        if name not in self.magnitude_:
+            return []
+        views = [self.global_[name][v] for v in self._views(m)]
+        spreads = np.min([np.sqrt(np.atleast_1d(v.m2) / max(v.n, 1)) for v in views], 0)   # 0: it never moved
+        lines = []
+        for col, largest, spread in zip(m.columns, self.magnitude_[name], spreads):
+            step = float(np.spacing(np.float32(largest)))
+            if np.isfinite(largest) and 0 < spread and step > RESOLUTION_SHARE * spread:
+                lines.append(f"modality '{name}', column '{col}': values up to {largest:.4g} that move by "
+                             f"{spread:.3g} (std) - float32, in which alignment and the model hold them, keeps "
+                             f"them only in steps of {step:.3g}; subtract the level at the source (a counter's "
+                             "start, a fixed offset) or publish the increments")
+        return lines
+
     def split(self, buckets: int, bucket_of: Callable[[str], int]) -> tuple["StatisticsFitter", list["StatisticsFitter"]]:
         """This fitter as the fleet's part (the moments over every row, the text templates, the relations' cross
         products) and `buckets` parts holding the per-entity state of the entities `bucket_of(key)` puts in each
@@ -822,6 +848,7 @@ class StatisticsFitter:
         `entity_statistics`)."""
         fleet, parts = StatisticsFitter(self.spec), [StatisticsFitter(self.spec) for _ in range(buckets)]
         fleet.global_, fleet.templates_, fleet.left_out_ = self.global_, self.templates_, self.left_out_
+        fleet.magnitude_ = self.magnitude_
         bucket: dict[str, int] = {}
 
         def part(key: str) -> "StatisticsFitter":

@@ -147,6 +147,28 @@ def test_a_training_glitch_that_holds_a_channels_variance_is_reported_by_modalit
     assert merged.result()["modalities"]["proc"]["global"]["std"][1] > 1e17      # what it did to the statistics
 
 
+def test_a_channel_float32_holds_only_in_coarse_steps_is_reported_by_modality_and_column():
+    """A pressure near 1.2e7 that moves by ~1: float32, in which alignment and the model hold values, keeps it only
+    in steps of 1, so `outlier_warnings` names the modality and column once (not for its context view), also
+    when the fitter's shards merge; near 1.2e3 the same spread gives no line, nor does a constant channel."""
+    spec = _relation_spec()
+    rows = _relation_rows(spec, 200, np.random.default_rng(0), {"a": 0.0, "b": 5.0})
+    assert StatisticsFitter(spec).add(rows).outlier_warnings() == []
+
+    def moved(offset):
+        pres = rows.column("proc__pres").to_numpy() + offset
+        return rows.set_column(rows.schema.get_field_index("proc__pres"), "proc__pres", pa.array(pres))
+
+    far = moved(1.2e7)
+    merged = StatisticsFitter(spec).add(far.slice(0, 100)).merge(StatisticsFitter(spec).add(far.slice(100)))
+    (line,) = merged.outlier_warnings()
+    assert line.startswith("modality 'proc', column 'pres': values up to 1.2e+07 that move by ")
+    assert "keeps them only in steps of 1;" in line
+    assert StatisticsFitter(spec).add(moved(1.2e3)).outlier_warnings() == []
+    constant = rows.set_column(rows.schema.get_field_index("proc__pres"), "proc__pres", pa.array([1.2e7] * 200))
+    assert StatisticsFitter(spec).add(constant).outlier_warnings() == []
+
+
 def test_a_relation_residual_is_held_within_z_limit():
     from dmafn.features import Z_LIMIT
 
