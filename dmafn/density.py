@@ -6,7 +6,7 @@ reconstruct, yet its encoding lies where no training frame's did. With `encoding
 (spec), its error is multiplied by `distance ** w` - `distance` the squared Mahalanobis distance per dimension,
 about 1 for a typical encoding - so the contribution is the log error plus `w` times the log distance.
 
-    sums = EncodingSums.of(tokens)          # (n, d) -> count, sum, sum of outer products (float64; mergeable)
+    sums = EncodingSums.of(tokens)          # (n, d) -> count, mean, centred outer products (float64; mergeable)
     density.fit(sums_a + sums_b)            # mean and ridge-regularised precision, kept as buffers
     density.distance(tokens)                # (B, d) -> (B,) squared distance / d
 
@@ -31,11 +31,13 @@ RIDGE = 1e-3        # added to the covariance's diagonal, as a share of its mean
 
 @dataclass
 class EncodingSums:
-    """Count, sum and sum of outer products of encodings (float64), added up over batches, files or workers."""
+    """Count, mean and centred sum of outer products (scatter) of encodings (float64), added up over batches,
+    files or workers pairwise (Chan et al.): never a difference of large sums, so a dimension whose encodings sit
+    far from zero beside their spread keeps its variance."""
 
     count: int
-    total: np.ndarray        # (d,)
-    outer: np.ndarray        # (d, d)
+    mean: np.ndarray         # (d,)
+    scatter: np.ndarray      # (d, d): sum of (z - mean)(z - mean)^T
 
     @classmethod
     def zeros(cls, dim: int) -> "EncodingSums":
@@ -45,10 +47,19 @@ class EncodingSums:
     def of(cls, tokens: np.ndarray | torch.Tensor) -> "EncodingSums":
         """The sums of encodings (n, d)."""
         z = tokens.detach().double().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens, float)
-        return cls(len(z), z.sum(0), z.T @ z)
+        if not len(z):
+            return cls.zeros(z.shape[1])
+        mean = z.mean(0)
+        centred = z - mean
+        return cls(len(z), mean, centred.T @ centred)
 
     def __add__(self, other: "EncodingSums") -> "EncodingSums":
-        return EncodingSums(self.count + other.count, self.total + other.total, self.outer + other.outer)
+        n = self.count + other.count
+        if not other.count or not self.count:
+            return EncodingSums(n, (self if self.count else other).mean, (self if self.count else other).scatter)
+        delta = other.mean - self.mean
+        return EncodingSums(n, self.mean + delta * (other.count / n),
+                            self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / n))
 
 
 def add_sums(total: dict[str, EncodingSums], more: dict[str, EncodingSums]) -> dict[str, EncodingSums]:
@@ -80,8 +91,7 @@ class EncodingDensity(nn.Module):
         if sums.count <= dim:
             self.ticks.fill_(0)
             return
-        mean = sums.total / sums.count
-        cov = sums.outer / sums.count - np.outer(mean, mean)
+        mean, cov = np.array(sums.mean, np.float64), sums.scatter / sums.count      # a copy: sums may be read-only
         cov = (cov + cov.T) / 2 + RIDGE * max(np.trace(cov) / dim, 1e-12) * np.eye(dim)
         self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
         self.precision.copy_(torch.as_tensor(np.linalg.inv(cov), dtype=self.precision.dtype))

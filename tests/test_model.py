@@ -366,7 +366,7 @@ def test_relation_errors_add_to_their_modality_and_only_there():
 def test_encoding_density_is_the_gaussian_of_its_encodings():
     """Mean and ridge-regularised covariance from the summed encodings: on the corners of a square (mean (1, 1),
     variance 1 each way) a point 2 along one axis lies 4 / 1.001 / 2 dims away; sums of halves add to the whole;
-    too few ticks leave it unfitted with a factor of 1."""
+    too few ticks leave it unfitted with a factor of 1; the sums keep the covariance of encodings far from zero."""
     from dmafn.density import RIDGE, EncodingDensity, EncodingSums
 
     corners = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
@@ -379,6 +379,12 @@ def test_encoding_density_is_the_gaussian_of_its_encodings():
     torch.testing.assert_close(density.factor(torch.tensor([[3.0, 1.0]])), torch.tensor([(2 / (1 + RIDGE)) ** 0.5]))
     density.fit(EncodingSums.of(corners[:2]))                 # 2 ticks for 2 dimensions: no covariance to trust
     assert not density.fitted
+    # parts merged pairwise: encodings far from zero beside their spread keep their covariance (a difference of
+    # raw sums of outer products, 1e14 against 1, kept none of it), an empty part adds nothing
+    far = corners + 1e7
+    sums = EncodingSums.of(far[:1]) + EncodingSums.of(far[1:3]) + EncodingSums.zeros(2) + EncodingSums.of(far[3:])
+    assert sums.count == 4 and np.allclose(sums.mean, 1e7 + 1, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(sums.scatter / sums.count, np.eye(2), rtol=0, atol=1e-8)
 
 
 def test_encoding_density_leaves_out_what_its_first_fit_calls_atypical():
