@@ -64,6 +64,9 @@ class _Moments:
         """Add another partial result of disjoint rows."""
         if not other.n:
             return self
+        if not self.n:                  # the first part (most merges of per-entity moments): taken as it is
+            self.n, self.mean, self.m2, self.lo, self.hi = other.n, other.mean, other.m2, other.lo, other.hi
+            return self
         n = self.n + other.n
         delta = other.mean - self.mean
         self.m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
@@ -327,6 +330,9 @@ class _Comoments:
     def merge(self, other: "_Comoments") -> "_Comoments":
         """Add another part of disjoint rows (new arrays: `other` is never changed by merging on)."""
         if not other.n:
+            return self
+        if not self.n:                  # the first part: taken as it is (its arrays are never changed in place)
+            self.n, self.mean, self.scatter = other.n, other.mean, other.scatter
             return self
         n = self.n + other.n
         delta = other.mean - self.mean
