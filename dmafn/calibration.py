@@ -33,6 +33,7 @@ OUTLIER_SHARE = 0.01            # the first round flags at most this share of th
 OUTLIER_MIN_TICKS = 10          # this many: a clean day's tail, every tick kept; more: incidents, left out (and
                                 # `dmafn train` warns)
 OUTLIER_MOST = 0.5              # a round that would leave out more than this share: nothing is left out (warned)
+OUTLIER_CHUNK = 1 << 18         # ticks whose contributions a round computes at once (its flags: one bool per tick)
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,15 @@ class OutlierTicks:
                  carry: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
         """(N,) bool, the ticks to leave out (rows in time order within each group), and per group how many of
         its next ticks are still to leave out (`carry` in: the same from the part before)."""
-        contributions = Column("contribution", self.calib)(raw)
         voting = self.calib.get("voting", self.calib["modalities"])
         columns = [i for i, m in enumerate(self.calib["modalities"]) if m in voting]
-        over = np.nan_to_num(contributions[:, columns], nan=-np.inf).max(1, initial=-np.inf) > self.limit
-        return spread_after(over, np.asarray(groups).astype(str), self.after, carry or {})
+        n = len(raw.mask)
+        over = np.zeros(n, bool)
+        for start in range(0, n, OUTLIER_CHUNK):          # a chunk's contributions at a time: memory O(chunk)
+            part = slice(start, min(start + OUTLIER_CHUNK, n))
+            contributions = Column("contribution", self.calib)(raw.rows(part))
+            over[part] = np.nan_to_num(contributions[:, columns], nan=-np.inf).max(1, initial=-np.inf) > self.limit
+        return spread_after(over, np.asarray(groups, dtype=str), self.after, carry or {})
 
 
 def spread_after(flags: np.ndarray, groups: np.ndarray, after: int,
@@ -205,7 +210,7 @@ class Calibration:
         on from where `carry` (this method's last answer; {} at the start) left it: the same values as
         smoothing the whole series at once. Returns the smoothed part and the carry for the next part (each
         group's EWMA state, or its last `window` values for a rolling mean)."""
-        values, groups = np.asarray(values, float), np.asarray(groups).astype(str)
+        values, groups = np.asarray(values, float), np.asarray(groups, dtype=str)
         sm = self.smoothing
         if sm.method == "none" or not len(values):
             return values.copy(), dict(carry)
@@ -372,4 +377,4 @@ def _robust(values: Values) -> tuple[float, float]:
 
 def _keys(values: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
     """The group of each row as a string ("*" for all rows when there are no groups)."""
-    return np.full(len(values), "*") if groups is None else np.asarray(groups).astype(str)
+    return np.full(len(values), "*") if groups is None else np.asarray(groups, dtype=str)

@@ -1098,7 +1098,8 @@ def _fixed_lists(column: pa.ChunkedArray, length: int) -> np.ndarray:
 
 def group_rows(keys: Iterable[str]) -> list[tuple[str, np.ndarray]]:
     """(key, row indices) for each distinct key, in one sort (O(n log n), not a scan per key)."""
-    keys = np.asarray(list(keys), dtype=str)
+    # an array is converted as it is (no Python string per row: a text array of 10M keys stays as it is)
+    keys = np.asarray(keys if isinstance(keys, np.ndarray) else list(keys), dtype=str)
     if keys.size == 0:
         return []
     uniq, inverse = np.unique(keys, return_inverse=True)

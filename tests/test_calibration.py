@@ -449,6 +449,19 @@ def test_validation_outliers_are_left_out_so_an_incident_does_not_set_the_thresh
     assert Calibration.from_dict(robust.to_dict()).outliers_left_out == robust.outliers_left_out
 
 
+def test_validation_outliers_flagged_a_chunk_of_ticks_at_a_time_are_the_same(monkeypatch):
+    """The flags' contributions are computed `OUTLIER_CHUNK` ticks at a time (memory); chunks of 7 ticks, cutting
+    the incident and its reach, give the same calibration as one chunk."""
+    import dmafn.calibration as calibration
+
+    _, dirty, groups = _incident_day()
+    fit = dict(detector="autoencoder", vote="mean", smoothing=SmoothingSpec("ewma", 0.5), groups=groups,
+               threshold=ThresholdSpec("pot", risk=1e-3), scale="tail", outlier_limit=4.0, outlier_after=40)
+    whole = Calibration.fit(dirty, MODALITIES, **fit)
+    monkeypatch.setattr(calibration, "OUTLIER_CHUNK", 7)
+    assert Calibration.fit(dirty, MODALITIES, **fit) == whole and whole.outliers_left_out >= 150
+
+
 def test_the_detector_and_the_spec_carry_the_outlier_limit():
     from dmafn.detector import Detector
     from dmafn.spec import SpecError, TrainSpec, parse_spec
