@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import polars as pl
@@ -100,6 +100,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     drawn = drawn_rows(pl.concat(shown, how="diagonal_relaxed"), spans, lines, marks)
     sections.append(_timelines_section(drawn, chosen, modalities, kinds))
     sections.append(_events_section(found))
+    sections.append(_versions_section(version_facts(spec, storage, window.versions)))
     sections.append(_runs_section(_read_table(spec.score.runs_path, storage, dates)))
     sections.append(_quality_section(_read_table(spec.score.quarantine_path, storage, dates, quarantine_summary)))
     path = Path(out)
@@ -445,6 +446,46 @@ def _events_section(found: AlarmEvents) -> str:
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score. Dominant modality: the largest mean contribution during the event."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
+
+
+def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict[str, dict[str, Any] | str]:
+    """Per model version that scored the window, what its manifest says about its training (when, on which days,
+    the warnings it gave - `pipelines.train.TrainingWarnings`), or why the manifest could not be read."""
+    from pipelines.registry import Registry
+
+    registry, out = Registry(spec.registry, storage), {}
+    for version in sorted(versions):
+        try:
+            manifest = registry.manifest(version)
+        except (DataError, ValueError) as exc:                  # missing, changed, or not JSON
+            out[version] = str(exc)
+            continue
+        window = manifest.get("training_window", {})
+        out[version] = {"created_at": manifest.get("created_at"), "train_days": window.get("train_days", []),
+                        "validation_days": window.get("validation_days", []),
+                        "warnings": manifest.get("warnings")}          # None: saved before versions kept them
+    return out
+
+
+def _versions_section(facts: dict[str, dict[str, Any] | str]) -> str:
+    def days(d: list[str]) -> str:
+        return f"{d[0]} .. {d[-1]} ({len(d)})" if d else "-"
+
+    parts = []
+    for i, (version, fact) in enumerate(facts.items()):
+        if isinstance(fact, str):
+            parts.append(f"<h3>{_e(version)}</h3><p>Its manifest could not be read: {_e(fact)}</p>")
+            continue
+        rows = [["created", fact["created_at"] or "-"], ["training days", days(fact["train_days"])],
+                ["validation days", days(fact["validation_days"])]]
+        warnings = fact["warnings"]
+        said = ("<p>Saved before versions kept their training warnings.</p>" if warnings is None else
+                "<p>No warning at training.</p>" if not warnings else
+                f"<p>{len(warnings)} warning(s) at training:</p><ul>"
+                + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+        parts.append(f"<h3>{_e(version)}</h3>{_table(['fact', 'value'], rows, f'version-{i}')}{said}")
+    return ('<section id="versions"><h2>Model versions</h2><p>The versions that scored these dates, and what '
+            f'their training said.</p>{"".join(parts)}</section>')
 
 
 def _runs_section(runs: pl.DataFrame | None) -> str:

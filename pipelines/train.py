@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -297,6 +297,24 @@ def _file_encoding_sums(spec: Spec, file: FeatureFile, model, typical_only: bool
     return total
 
 
+def log_warning(line: str) -> None:
+    """How a training step gives a warning by default: logged (`train` also keeps them, `TrainingWarnings`)."""
+    log.warning("%s", line)
+
+
+class TrainingWarnings:
+    """The warnings one training run gives - a glitch that sets a channel's std, a level float32 holds only
+    coarsely, relations refitted without many ticks, validation outliers, a short tail: each logged as it comes
+    and kept, in order, for the version's manifest (`warnings`), where `dmafn report` shows them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        log_warning(line)
+        self.lines.append(line)
+
+
 def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple[dict[str, int], dict[str, int]]:
     """Fit the trained model's encoding densities (spec `encoding_distance`) on the training feature files
     (`dmafn.training.fit_densities_in_two_passes`): each pass a Ray task per file sums its encodings and the driver
@@ -320,17 +338,18 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
     return result
 
 
-def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
-               incidents: KnownIncidents | None = None) -> tuple[Calibration, int]:
+def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard], incidents: KnownIncidents | None = None,
+               warn: Callable[[str], None] = log_warning) -> tuple[Calibration, int]:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
     (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks. With `incidents`, the
-    validation ticks in or just after a known one are left out; returns the calibration and their count."""
+    validation ticks in or just after a known one are left out; returns the calibration and their count. `warn`
+    gives each warning (default: logged)."""
     from pipelines.calibrate import ShardTicks
 
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
     for line in validation_warnings(ticks.relation_outliers, ticks.count()):
-        log.warning("%s", line)
+        warn(line)
     calibration = Calibration.fit_from(ticks, tuple(spec.modalities),
                                        detector=spec.model.detector, vote=spec.model.vote,
                                        scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
@@ -347,7 +366,7 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
                  f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS}, "
                  "a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
-        log.warning("%s", line)
+        warn(line)
     return calibration, ticks.left_out
 
 
@@ -357,8 +376,8 @@ def outlier_reach_ticks(spec: Spec) -> int:
     return -(-spec.evidence_reach_us // spec.grain_us)
 
 
-def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
-                   incidents: KnownIncidents | None = None) -> tuple[EntityStatistics, dict[str, int]]:
+def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: KnownIncidents | None = None,
+                   warn: Callable[[str], None] = log_warning) -> tuple[EntityStatistics, dict[str, int]]:
     """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
@@ -366,7 +385,7 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
     logged as a warning. The channel relations are then refitted on their typical ticks, a pass over the shards
     per refit, each task given the fit before for its entities only (`refit_relations_on_typical_ticks`,
     `BucketStatistics`; `sliceable`: `keys_sliceable` there). With `incidents`, each task fits its ticks without
-    the known incidents of its dates."""
+    the known incidents of its dates. `warn` gives each warning (default: logged)."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
 
     def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
@@ -374,17 +393,17 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
         outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
             s, spec, buckets, None if fits_before is None else fits_before.ref(s),
             None if incidents is None else incidents.for_dates(s.dates)) for s in shards]
-        return gather_statistics(spec, outs, buckets, refit=before is not None)
+        return gather_statistics(spec, outs, buckets, refit=before is not None, warn=warn)
 
     statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
     return refit_relations_on_typical_ticks(statistics, lambda before: fit(before)[0], lambda s: s.fleet), quarantined
 
 
-def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int,
-                      refit: bool = False) -> tuple[EntityStatistics, dict[str, int]]:
+def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int, refit: bool = False,
+                      warn: Callable[[str], None] = log_warning) -> tuple[EntityStatistics, dict[str, int]]:
     """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
     per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done.
-    `refit`: a refit of the relations (shown as such; the first pass has logged the outlier warnings)."""
+    `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings, by `warn`)."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
     display = ProgressDisplay("relations refit" if refit else "statistics", len(outs) + buckets, "shards and buckets")
@@ -401,7 +420,7 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
         display.update(done + i + 1)
     display.close()
     for line in () if refit else fitter.outlier_warnings():
-        log.warning("%s", line)
+        warn(line)
     fleet = fitter.fleet_result(totals)
     fleet_ref = ray.put(fleet)
     row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
@@ -425,7 +444,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     """Train a model version for `spec` over its training window; returns the version id."""
     storage = Storage.from_spec(spec.storage)
     train_days, val_days = split_dates(spec)
-    t0 = time.time()
+    t0, warned = time.time(), TrainingWarnings()
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
     schemas = require_columns(spec, storage, files)
@@ -439,7 +458,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
-        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents)
+        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents, warned)
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)
@@ -458,7 +477,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                             "has a modality present" + (f" outside the labelled incidents of {spec.labels.path} "
                                                         "(train.exclude_labelled)" if train_left_out else ""))
         for line in relation_warnings(stats, ticks):
-            log.warning("%s", line)
+            warned(line)
         pos_weight = 1.0
         if labels is not None:
             if not positives:
@@ -477,7 +496,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
             log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
-        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents)
+        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents, warned)
         if incidents is not None:
             log.info("known incidents (labels at %s; train.exclude_labelled): %d training and %d validation ticks "
                      "inside a labelled interval or within %s of its end left out", spec.labels.path, train_left_out,
@@ -485,7 +504,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
         for line in calibration.baseline_lines():
             log.info("%s", line)
         for line in calibration.tail_warnings():
-            log.warning("%s", line)
+            warned(line)
         manifest = {"spec": spec.to_dict(), "calibration": calibration.to_dict(),
                     "training_window": {"train_days": [d.isoformat() for d in train_days],
                                         "validation_days": [d.isoformat() for d in val_days]},
@@ -497,7 +516,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                                    if incidents is not None else {}),
                                 "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
-                    "input_quarantine": quarantined}
+                    "input_quarantine": quarantined, "warnings": warned.lines}
     finally:
         staging.close()
     version = Registry(spec.registry, storage).save(model, manifest, statistics)

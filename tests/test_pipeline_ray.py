@@ -150,22 +150,24 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
     from pipelines.storage import Storage
-    from pipelines.train import _calibrate, split_dates
+    from pipelines.train import TrainingWarnings, _calibrate, split_dates
 
     spec, version, root = trained
     manifest = json.loads((root / "models" / version / "manifest.json").read_text())
-    assert manifest["metrics"]["validation_outliers_left_out"] == 0
+    assert manifest["metrics"]["validation_outliers_left_out"] == 0 and manifest["warnings"] == []
     assert manifest["calibration"]["validation"]["validation_outliers_left_out"] == 0
     mv = Registry(spec.registry, Storage()).load(version)
     _, validation = split_dates(spec)
     val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
     strict = replace(spec, train=replace(spec.train, validation_outlier_limit=2.0))
+    warned = TrainingWarnings()                       # what `train` keeps for the manifest, as it logs it
     with caplog.at_level(logging.INFO, logger="pipelines"):
-        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
+        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards, warn=warned)
     left, kept = calibration.outliers_left_out, calibration.validation["validation_ticks"]
     assert 0.01 * (left + kept) < left < kept
     assert f"calibration: {left} of {left + kept} validation ticks left out as outliers" in caplog.text
-    assert "left out of the calibration as outliers" in caplog.text
+    (line,) = warned.lines
+    assert "left out of the calibration as outliers" in line and line in caplog.text
 
 
 def test_training_says_how_far_each_pass_has_come(trained):
@@ -384,7 +386,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     page = visit(out, REPORT_CHECK, tmp_path / "report.png")
     assert page.errors == []
     got = page.result
-    assert got["sections"] == ["metrics", "curves", "timelines", "events", "runs", "quality"]
+    assert got["sections"] == ["metrics", "curves", "timelines", "events", "versions", "runs", "quality"]
     assert got["curves"] == 2 * (1 + 4)    # fused + each modality (not the relation-only process context), ROC and PR
     assert sorted(got["timelines"]) == ["pump-00", "pump-01"]
     assert got["thresholds"] == 2 and got["timelineLines"] >= 2 * 5 and got["labelSpans"] > 0 and got["alarms"] > 0
@@ -392,7 +394,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
-    assert rows["runs-table"] >= 1
+    assert rows["runs-table"] >= 1 and rows["version-0"] == 3     # the version that scored: created, its days
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     image = Image.open(page.screenshot).convert("L")
     assert image.size[1] > 1500                                   # the whole page, not one screen
@@ -410,6 +412,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     page = build_report(unlabelled, tmp_path / "r.html", start=DAY3, end=DAY3, entities=["pump-01"]).read_text()
     assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
     assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
+    assert '<section id="versions">' in page and "No warning at training." in page
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):

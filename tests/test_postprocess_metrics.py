@@ -380,6 +380,35 @@ def test_evaluate_and_report_name_the_output_table_when_it_is_missing_or_the_win
         evaluate(spec, start=dt.date(2024, 2, 1))
 
 
+def test_the_report_says_what_each_versions_training_warned_read_from_its_manifest(tmp_path):
+    """`version_facts` reads each version's manifest (its days, its training warnings); the section lists the
+    warnings (escaped), says so for a version saved before they were kept, and names an unreadable manifest."""
+    import json
+
+    from dmafn.spec import parse_spec
+    from pipelines.registry import Registry
+    from pipelines.report import _versions_section, version_facts
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    spec = parse_spec(tiny_spec_dict(registry=str(tmp_path / "models")), source="t.yaml")
+    for version, extra in (("v1", {"warnings": ["modality 'proc', column 'pres': values up to 1.2e+07 <coarse>"]}),
+                           ("v0", {})):
+        folder = tmp_path / "models" / version
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({
+            "created_at": "2024-01-05T00:00:00+00:00", **extra,
+            "training_window": {"train_days": ["2024-01-01", "2024-01-02"], "validation_days": ["2024-01-03"]}}))
+    facts = version_facts(spec, Storage(), {"v1", "v0", "gone"})
+    assert list(facts) == ["gone", "v0", "v1"] and "not found in the model registry" in facts["gone"]
+    assert facts["v0"]["warnings"] is None and facts["v1"]["train_days"] == ["2024-01-01", "2024-01-02"]
+    page = _versions_section(facts)
+    assert "values up to 1.2e+07 &lt;coarse&gt;</li>" in page and "1 warning(s) at training" in page
+    assert "Saved before versions kept their training warnings." in page
+    assert "Its manifest could not be read" in page and "2024-01-01 .. 2024-01-02 (2)" in page
+    assert Registry(spec.registry, Storage()).manifest("v1")["warnings"]         # read as any manifest is
+
+
 def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_path, monkeypatch):
     """`evaluate` in this process (no Ray: `tests/test_evaluate_tasks.py` has the tasks) on a Delta table of three
     dates (one commit each), an event and an alarm run crossing midnight, an entity absent on one date: the same
