@@ -520,5 +520,7 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     finally:
         staging.close()
     version = Registry(spec.registry, storage).save(model, manifest, statistics)
-    log.info("model version %s saved under %s", version, spec.registry)
+    log.info("model version %s saved under %s%s", version, spec.registry,
+             f"; its {len(warned.lines)} training warning(s) are kept in its manifest ('warnings') and shown by "
+             "dmafn report" if warned.lines else "")
     return version
