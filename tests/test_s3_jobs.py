@@ -310,9 +310,17 @@ def _ray_start(ray_bin: Path, env: dict, *args: str) -> None:
 def _submit(ray_bin: Path, env: dict, dash: int, *entrypoint: str) -> str:
     deadline = time.time() + 90
     while True:   # right after `ray start` the job agent may not be up yet
-        submit = subprocess.run(
-            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-             "python", "-m", *entrypoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        try:
+            submit = subprocess.run(
+                [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                 "python", "-m", *entrypoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        except subprocess.TimeoutExpired as exc:      # say where the job stood (seen once: no log line in 400 s)
+            jobs = subprocess.run([str(ray_bin), "job", "list", f"--address=http://127.0.0.1:{dash}"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            said = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o
+                           for o in (exc.stdout or b"", exc.stderr or b""))
+            raise AssertionError(f"`ray job submit {' '.join(entrypoint)}` still running after 400 s; its output:\n"
+                                 f"{said[-2000:]}\nthe cluster's jobs:\n{(jobs.stdout + jobs.stderr)[-3000:]}") from None
         if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
             break
         time.sleep(3)
