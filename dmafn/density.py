@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmafn.features import pairwise_merge
+
 TYPICAL_Z = 3.090232     # the standard normal's 99.9 % quantile: the chi-square cut of `EncodingDensity.typical`
 RIDGE = 1e-3        # added to the covariance's diagonal, as a share of its mean variance: a few near-constant
                     # dimensions (encodings are often low-rank) do not make every small move in them huge
@@ -54,12 +56,7 @@ class EncodingSums:
         return cls(len(z), mean, centred.T @ centred)
 
     def __add__(self, other: "EncodingSums") -> "EncodingSums":
-        n = self.count + other.count
-        if not other.count or not self.count:
-            return EncodingSums(n, (self if self.count else other).mean, (self if self.count else other).scatter)
-        delta = other.mean - self.mean
-        return EncodingSums(n, self.mean + delta * (other.count / n),
-                            self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / n))
+        return EncodingSums(*pairwise_merge(self.count, self.mean, self.scatter, other.count, other.mean, other.scatter))
 
 
 def add_sums(total: dict[str, EncodingSums], more: dict[str, EncodingSums]) -> dict[str, EncodingSums]:

@@ -40,6 +40,21 @@ GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values
 RESOLUTION_SHARE = 0.1      # float32's step at a channel's largest level over this share of its std is reported
 
 
+def pairwise_merge(n_a: float, mean_a: Any, scatter_a: Any, n_b: float, mean_b: Any,
+                   scatter_b: Any) -> tuple[float, Any, Any]:
+    """Count, mean and scatter of the union of two disjoint parts of rows (Chan et al.), never a difference of large
+    sums; the scatter per column (sums of squared deviations, (k,)) or as a matrix (centred cross products, (k, k)),
+    as the parts hold it. A part without rows gives the other as it is (its arrays are never changed in place)."""
+    if not n_b:
+        return n_a, mean_a, scatter_a
+    if not n_a:
+        return n_b, mean_b, scatter_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    spread = np.outer(delta, delta) if np.ndim(scatter_a) == 2 else delta * delta
+    return n, mean_a + delta * (n_b / n), scatter_a + scatter_b + spread * (n_a * n_b / n)
+
+
 class _Moments:
     """Streaming per-column count, mean and sum of squared deviations from the mean, and the smallest and largest
     value. Parts are merged pairwise (Chan et al.), never as a difference of large sums: a channel whose level is
@@ -62,17 +77,9 @@ class _Moments:
 
     def merge(self, other: "_Moments") -> "_Moments":
         """Add another partial result of disjoint rows."""
-        if not other.n:
-            return self
-        if not self.n:                  # the first part (most merges of per-entity moments): taken as it is
-            self.n, self.mean, self.m2, self.lo, self.hi = other.n, other.mean, other.m2, other.lo, other.hi
-            return self
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        self.m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        self.mean = self.mean + delta * (other.n / n)
-        self.n = n
-        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
+        if other.n:
+            self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
+            self.n, self.mean, self.m2 = pairwise_merge(self.n, self.mean, self.m2, other.n, other.mean, other.m2)
         return self
 
     def extreme_share(self) -> tuple[np.ndarray, np.ndarray]:
@@ -328,17 +335,9 @@ class _Comoments:
         return self.merge(part)
 
     def merge(self, other: "_Comoments") -> "_Comoments":
-        """Add another part of disjoint rows (new arrays: `other` is never changed by merging on)."""
-        if not other.n:
-            return self
-        if not self.n:                  # the first part: taken as it is (its arrays are never changed in place)
-            self.n, self.mean, self.scatter = other.n, other.mean, other.scatter
-            return self
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.n * other.n / n)
-        self.mean = self.mean + delta * (other.n / n)
-        self.n = n
+        """Add another part of disjoint rows (`other` is never changed by merging on)."""
+        self.n, self.mean, self.scatter = pairwise_merge(self.n, self.mean, self.scatter,
+                                                         other.n, other.mean, other.scatter)
         return self
 
     def about(self, point: np.ndarray) -> np.ndarray:
