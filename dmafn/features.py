@@ -37,6 +37,7 @@ def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------ statistics
 GLITCH_SHARE = 0.1          # one value holding more of a channel's training variance than this is reported
 GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values: a normal maximum can hold it)
+SPREAD = "spread"           # a series modality's statistics: the moments of its channels' window spread
 RESOLUTION_SHARE = 0.1      # float32's step at a channel's largest level over this share of its std is reported
 
 
@@ -205,10 +206,29 @@ def level_modalities(spec: Spec) -> list[str]:
     return [name for name, m in spec.modalities.items() if m.kind in ("tabular", "timeseries") and not m.context_of]
 
 
-def level_values(level: np.ndarray, m: ModalitySpec) -> np.ndarray:
+def level_values(level: np.ndarray, m: ModalitySpec, spread: bool = False) -> np.ndarray:
     """A modality's level per channel at each tick (N, C) float64 from its `raw_values` as they are: a tabular row
-    as it is, a series window's mean (the latest step alone is one noisy sample of a fast signal)."""
-    return level.astype(np.float64) if m.kind == "tabular" else level.mean(1, dtype=np.float64)
+    as it is, a series window's mean (the latest step alone is one noisy sample of a fast signal); with `spread`,
+    a series window's `window_spread` per channel beside its mean (N, 2C)."""
+    if m.kind == "tabular":
+        return level.astype(np.float64)
+    mean = level.mean(1, dtype=np.float64)
+    return np.concatenate([mean, window_spread(level)], 1) if spread else mean
+
+
+def window_spread(level: np.ndarray) -> np.ndarray:
+    """How far each channel of a series window (N, T, C) swings within it: its standard deviation over the T steps,
+    (N, C) float64. An oscillating signal - an accelerometer's axis - averages near zero over a window whatever the
+    load; its swing (RMS about the window's mean) is where the load shows."""
+    return level.std(1, dtype=np.float64)
+
+
+def spread_modalities(spec: Spec) -> list[str]:
+    """The series modalities among the `level_modalities` whose window spread (`window_spread`) the operating state
+    and the cross-modal relations read beside each channel's window mean; none with `model.window_spread` false."""
+    if not spec.model.window_spread:
+        return []
+    return [name for name in level_modalities(spec) if spec.modalities[name].kind == "timeseries"]
 
 
 def relation_peers(spec: Spec, parent: str) -> list[str]:
@@ -228,13 +248,13 @@ def peer_contexts(spec: Spec, parent: str) -> list[str]:
 
 
 def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
-                peers: list[str], history: Iterable[str] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """The peers' current values side by side (N, K): their `level_values`, then for each peer context view in
-    `history` (`peer_contexts`) its window's means over `relation_blocks`; and where every one of them is
-    present (N,)."""
+                peers: list[str], history: Iterable[str] = (), spread: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The peers' current values side by side (N, K): their `level_values` (with `spread`, a series peer's window
+    spread beside its mean), then for each peer context view in `history` (`peer_contexts`) its window's means
+    over `relation_blocks`; and where every one of them is present (N,)."""
     cols, present = [], None
     for name in peers:
-        cols.append(level_values(levels[name], spec.modalities[name]))
+        cols.append(level_values(levels[name], spec.modalities[name], spread))
         present = presence[name] if present is None else present & presence[name]
     for name in history:                                        # (N, T, C): the peer's per-period means
         cols += block_means(levels[name], np.float64)
@@ -699,6 +719,9 @@ class StatisticsFitter:
             views = self._views(m)
             self.global_[name] = {v: _Moments() for v in views}
             self.entity_[name] = {v: {} for v in views}
+        for name in spread_modalities(spec):     # the moments of each channel's window spread, beside the views'
+            self.global_[name][SPREAD] = _Moments()
+            self.entity_[name][SPREAD] = {}
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
         self.magnitude_: dict[str, np.ndarray] = {}             # modality -> each channel's largest |level| (C,)
@@ -738,6 +761,11 @@ class StatisticsFitter:
                 self.global_[name][view].add(_per_channel(shown, m))
                 for key, rows in groups:
                     self.entity_[name][view].setdefault(key, _Moments()).add(_per_channel(shown[rows], m))
+            if SPREAD in self.global_[name]:
+                swing = window_spread(values)
+                self.global_[name][SPREAD].add(swing)
+                for key, rows in groups:
+                    self.entity_[name][SPREAD].setdefault(key, _Moments()).add(swing[rows])
             if auto:
                 if TICK_TIME not in aligned.column_names:
                     raise ValueError(f"modality '{name}': transform 'auto' needs the aligned rows' tick time "
@@ -758,7 +786,7 @@ class StatisticsFitter:
                 self.relations_[ctx].add(current[keep], history[keep], ticks[keep])
             if ctx in self.cross_relations_:
                 peers, peers_present = peer_values(levels, presents, self.spec, relation_peers(self.spec, parent),
-                                                   peer_contexts(self.spec, parent))
+                                                   peer_contexts(self.spec, parent), self.spec.model.window_spread)
                 across = peers_present[both]
                 if across.any():
                     mine = peers[both][across]
@@ -920,6 +948,8 @@ class StatisticsFitter:
                     entry["global"] = _pick_channels({v: self.global_[name][v].result() for v in views}, chosen)
                 else:
                     entry["global"] = self.global_[name][views[0]].result()
+                if SPREAD in self.global_[name]:
+                    entry[SPREAD] = self.global_[name][SPREAD].result()
                 entry["entity"] = {}
             if m.kind == "text":
                 entry["vocabulary"] = TextVocabulary.fit(self.templates_[name]).to_dict()
@@ -944,7 +974,8 @@ class StatisticsFitter:
                     relations[ctx]["left_out"] = self.left_out_[("relations_", ctx)]
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
-                                          cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))))
+                                          cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))),
+                                          peer_spread=self.spec.model.window_spread)
                     if ("cross_relations_", ctx) in self.left_out_:
                         relations[ctx]["cross_left_out"] = self.left_out_[("cross_relations_", ctx)]
                     if history := peer_contexts(self.spec, parent):
@@ -959,9 +990,14 @@ class StatisticsFitter:
         def moments(name: str, entry: dict[str, Any]) -> dict[str, Any]:
             views = self._views(self.spec.modalities[name])
             if "channel_transforms" in entry:
-                return {key: _pick_channels({v: self.entity_[name][v][key].result() for v in views},
-                                            entry["channel_transforms"]) for key in self.entity_[name][views[0]]}
-            return {key: m.result() for key, m in self.entity_[name][views[0]].items()}
+                out = {key: _pick_channels({v: self.entity_[name][v][key].result() for v in views},
+                                           entry["channel_transforms"]) for key in self.entity_[name][views[0]]}
+            else:
+                out = {key: m.result() for key, m in self.entity_[name][views[0]].items()}
+            if SPREAD in entry:                   # each entity's window spread moments beside its level's
+                for key, spread in self.entity_[name][SPREAD].items():
+                    out[key][SPREAD] = spread.result()
+            return out
 
         def channels(fits: list[_Regression], fitted: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
             fits = fits or [None] * len(fitted)                  # no entity of this part had the relation's rows
@@ -1336,7 +1372,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         peers = peers_present = None
         history = fitted.get("peer_history", [])            # versions before 2026-12-03: current values only
         if fitted.get("cross_channels") and all(p in levels for p in [*fitted["peers"], *history]):
-            peers, peers_present = peer_values(levels, presence, spec, fitted["peers"], history)
+            peers, peers_present = peer_values(levels, presence, spec, fitted["peers"], history,
+                                               fitted.get("peer_spread", False))   # before 2026-12-03: means only
             peers, peers_present = peers[both], peers_present[both]
         if both.any():
             errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
@@ -1351,7 +1388,8 @@ def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarra
                     stats: dict[str, Any], keys: list[str]) -> tuple[np.ndarray | None, tuple[str, ...]]:
     """Where each machine is operating at each tick: the level of every channel of the `level_modalities`
     (`level_values`; a series channel presented drift-free, `centered` or `difference`, is left out: its level
-    is not meant to be read), in the training
+    is not meant to be read) and, for a series fitted with `window_spread`, every channel's swing within the
+    window (`window_spread`, whatever its presentation: a swing does not drift with the level), in the training
     days' standard deviations from the entity's own training mean (the fleet's for an entity not seen).
     (N, S) float32, NaN where the channel's modality is absent, and the modality of each column. The
     calibration reads it to expect each modality's error level at that state (`dmafn.scoring.fit_baseline`)."""
@@ -1361,22 +1399,33 @@ def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarra
         shown = fitted.get("channel_transforms") or ([m.transform] * len(m.columns) if m.kind == "timeseries"
                                                      else ["level"] * len(m.columns))
         keep = [j for j, t in enumerate(shown) if t == "level"]
-        if not keep:
+        if not keep and SPREAD not in fitted:
             continue
-        level = level_values(levels[name], m)
-        mean = np.asarray(fitted["global"]["mean"], np.float64)
-        std = np.maximum(np.asarray(fitted["global"]["std"], np.float64), 1e-9)
-        centre = np.broadcast_to(mean, (len(level), len(mean))).copy()
         groups = group_rows(keys) if groups is None else groups        # one sort of the keys for every modality
-        for key, rows in groups:
-            if key in fitted.get("entity", {}):
-                centre[rows] = np.asarray(fitted["entity"][key]["mean"], np.float64)
-        z = np.clip((level - centre) / std, -Z_LIMIT, Z_LIMIT)[:, keep]
+        z = _state_columns(level_values(levels[name], m), fitted, groups)[:, keep]
+        if SPREAD in fitted:              # a series' swing per channel (versions since 2026-12-03 with window_spread)
+            z = np.concatenate([z, _state_columns(window_spread(levels[name]), fitted, groups, SPREAD)], 1)
         cols.append(np.where(presence[name][:, None], z, np.nan).astype(np.float32))
-        owners += [name] * len(keep)
+        owners += [name] * z.shape[1]
     if not cols:
         return None, ()
     return np.concatenate(cols, 1), tuple(owners)
+
+
+def _state_columns(values: np.ndarray, fitted: dict[str, Any], groups: list[tuple[str, np.ndarray]],
+                   part: str | None = None) -> np.ndarray:
+    """(N, C) values in the training days' standard deviations from their entity's training mean (the fleet's for
+    an entity not seen), clipped to +-Z_LIMIT; `part`: the moments kept under that name (`SPREAD`) instead of the
+    modality's own."""
+    moments = fitted[part] if part else fitted["global"]
+    mean = np.asarray(moments["mean"], np.float64)
+    std = np.maximum(np.asarray(moments["std"], np.float64), 1e-9)
+    centre = np.broadcast_to(mean, (len(values), len(mean))).copy()
+    for key, rows in groups:
+        own = fitted.get("entity", {}).get(key)
+        if own is not None and (part is None or part in own):
+            centre[rows] = np.asarray(own[part]["mean"] if part else own["mean"], np.float64)
+    return np.clip((values - centre) / std, -Z_LIMIT, Z_LIMIT)
 
 
 def _check_transform(m: ModalitySpec, fitted: dict) -> None:

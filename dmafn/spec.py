@@ -118,6 +118,7 @@ class ModelSpec:
     cross_modal_scoring: bool = True
     cross_modal_relations: bool = True      # context relations also fitted with the peer modalities' values
     state_baseline: bool = True             # each modality's error against its level at the operating state
+    window_spread: bool = True              # a series channel's swing within its window read beside its mean
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         return ModelSpec()
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
                         "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring",
-                        "cross_modal_relations", "state_baseline"})
+                        "cross_modal_relations", "state_baseline", "window_spread"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
         detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
@@ -407,7 +408,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         modality_dropout=sec.number("modality_dropout", ModelSpec.modality_dropout, float, 0.0, 0.9),
         cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring),
         cross_modal_relations=sec.boolean("cross_modal_relations", ModelSpec.cross_modal_relations),
-        state_baseline=sec.boolean("state_baseline", ModelSpec.state_baseline))
+        state_baseline=sec.boolean("state_baseline", ModelSpec.state_baseline),
+        window_spread=sec.boolean("window_spread", ModelSpec.window_spread))
 
 
 def default_validation_days(start: dt.date, end: dt.date) -> int:

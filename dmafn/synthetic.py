@@ -35,7 +35,10 @@ Besides, in the shifted fleet each pump's vibration sensor fails for 2-4 hours o
 missing, not labelled: an absent modality is not an anomaly, and scores must not jump for it). `outages`
 (`dmafn generate --outages`, with any fleet of the demo's family) gives the design fleets the same failure, so
 that how scores hold while a modality is gone for hours can be measured, and settings chosen, without the
-shifted fleet.
+shifted fleet. `ac_vibration` (`dmafn generate --ac-vibration`, with any fleet) makes the vibration's third axis
+oscillate too (at twice the shaft's frequency) instead of carrying half the amplitude as a steady part, as a real
+accelerometer's axes do: every axis then has a window mean near zero whatever the load, and the load shows only
+in how far the axes swing. The flag changes no other value, row or label.
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ class SyntheticConfig:
     gradual: bool = False        # the demo's machines with slow_drift, intermittent and camera_fade too
     outages: bool = False        # each pump's vibration sensor fails for 2-4 h once on a scored day (the shifted
                                  # fleet always has it)
+    ac_vibration: bool = False   # the vibration's third axis oscillates (no steady part): every axis averages ~0
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -255,7 +259,8 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     vibration = {"ts": _timestamps(base_us, vib_s, 0.2, rng),
                  "ax": amp * np.sin(phase) + rough * 0.6 * np.sin(3 * phase) + rng.normal(0, 1, vib_s.size) * noise,
                  "ay": amp * np.cos(phase) + rng.normal(0, 1, vib_s.size) * noise,
-                 "az": 0.5 * amp + rng.normal(0, 1, vib_s.size) * noise}
+                 "az": 0.5 * amp * (np.sin(2 * phase) if cfg.ac_vibration else 1.0)
+                       + rng.normal(0, 1, vib_s.size) * noise}
 
     if cfg.outages and not cfg.shifted and cfg.days > cfg.clean_days:
         # the same failure for a design fleet, drawn from a stream of its own and cut out of the rows afterwards:

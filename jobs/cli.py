@@ -54,7 +54,7 @@ def cmd_generate(args) -> None:
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
-                          gradual=args.gradual, outages=args.outages)
+                          gradual=args.gradual, outages=args.outages, ac_vibration=args.ac_vibration)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outages", action="store_true",
                    help="each pump's vibration sensor fails for 2-4 hours once on a scored day, unlabelled (the "
                         "shifted fleet always has it): how scores hold while a modality is gone")
+    p.add_argument("--ac-vibration", action="store_true",
+                   help="every vibration axis oscillates around zero (a real accelerometer): the load shows only in "
+                        "how far the axes swing, not in their window means")
     p = verb("validate", cmd_validate, "check a spec: every problem at once", spec="?")
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")

@@ -928,16 +928,18 @@ def test_relations_are_refitted_without_an_incident_left_in_the_training_window(
                                   refit["relations"]["proc_context"]["channels"][0]["weights"])
 
 
-def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0):
+def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0, swing=False):
     """Aligned rows of `proc` (temp, pres, 10-minute context) and `vib` (a 3-step window) driven by one load: pres
     follows it now, temp the last three minutes of pres, vib's window its level plus fast noise. `shift` moves the
     process side (pres and its history, so temp too) to another load while vib keeps the true one; `spread`: the
-    load's std (new rows keep inside the training range, so no predictor is held at its edge)."""
+    load's std (new rows keep inside the training range, so no predictor is held at its edge); `swing`: vib's
+    window swings about zero by 2 + the load instead (an accelerometer's axis: its mean says nothing)."""
     steps = spec.modalities["proc_context"].steps
     load = rng.normal(0, spread, (n, steps))                                    # per-minute load
     history = load + shift + rng.normal(0, 0.05, (n, steps))                    # pressure's per-minute means
     temp = 2 * history[:, -3:].mean(1) + rng.normal(0, 0.05, n)
-    vib = load[:, -1:] + rng.normal(0, 0.2, (n, 3))
+    vib = (2 + load[:, -1:]) * np.array([[1.0, -1.0, 0.0]]) + rng.normal(0, 0.05, (n, 3)) if swing else \
+        load[:, -1:] + rng.normal(0, 0.2, (n, 3))
     return pa.table({"machine_id": ["a"] * n, "proc__present": [True] * n, "proc__temp": temp,
                      "proc__pres": history[:, -1], "proc_context__present": [True] * n,
                      "proc_context__temp": pa.array(np.repeat(temp[:, None], steps, 1).astype(np.float32).tolist(),
@@ -950,7 +952,7 @@ def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0):
 
 def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not_with_its_peers():
     """A context's relations are fitted a second time with the peer modalities' current values beside (a series
-    window's mean): a process side that follows another load than the vibration - each channel still where the
+    window's mean and its swing): a process side that follows another load than the vibration - each channel still where the
     other puts it - errs far from its cross-modal relation; where the peer is absent the within-modality relation
     scores it (and misses it); shards merge exactly."""
     from dmafn.features import peer_values, relation_peers
@@ -969,13 +971,16 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
         StatisticsFitter(spec).add(train.slice(400))).result()
     fitted = whole["relations"]["proc_context"]
     assert fitted["peers"] == ["vib"]
-    assert len(fitted["cross_channels"][1]["weights"]) == 1 + 3 + 1         # temp now, 3 blocks, vib
+    assert len(fitted["cross_channels"][1]["weights"]) == 1 + 3 + 2         # temp now, 3 blocks, vib's mean, swing
+    assert fitted["peer_spread"] is True
     np.testing.assert_allclose(fitted["cross_channels"][1]["weights"],
                                halves["relations"]["proc_context"]["cross_channels"][1]["weights"], atol=1e-9)
 
     levels = {"vib": np.array([[[1.0], [2.0], [6.0]]], np.float32)}
     values, present = peer_values(levels, {"vib": np.array([True])}, spec, ["vib"])
     np.testing.assert_allclose(values, [[3.0]]) and present.tolist() == [True]      # the window's mean
+    values, _ = peer_values(levels, {"vib": np.array([True])}, spec, ["vib"], spread=True)
+    np.testing.assert_allclose(values, [[3.0, np.std([1.0, 2.0, 6.0])]])             # and how far it swings
 
     proc = list(spec.modalities).index("proc")
     def errors(stats, **kw):
@@ -996,6 +1001,45 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
     off = parse_spec({**data, "model": {"cross_modal_relations": False}})        # a spec can turn them off
     assert relation_peers(off, "proc") == [] and "cross_channels" not in \
         StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
+
+
+def test_a_peer_that_swings_about_zero_tells_its_load_through_its_window_spread():
+    """An accelerometer's axis swings about zero whatever the load: its window mean says nothing, how far it swings
+    (`window_spread`) does. With `model.window_spread` (the default) the cross-modal relation reads both, so a
+    process that follows another load than the vibration errs far from it, and the operating state reads the
+    swing; with `window_spread: false` (a window's mean only, as versions before it) the same shift passes
+    unseen. A version fitted without it keeps its layout under a spec that has it."""
+    from dmafn.features import window_spread
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec, off = parse_spec(data), parse_spec({**data, "model": {"window_spread": False}})
+    assert spec.model.window_spread and not off.model.window_spread
+    np.testing.assert_allclose(window_spread(np.array([[[1.0], [-1.0], [0.0]]])), [[np.sqrt(2 / 3)]])
+    rng = np.random.default_rng(8)
+    train = _cross_rows(spec, 800, rng, swing=True)
+    with_swing, means_only = StatisticsFitter(spec).add(train).result(), StatisticsFitter(off).add(train).result()
+    assert with_swing["relations"]["proc_context"]["peer_spread"] is True
+    assert means_only["relations"]["proc_context"]["peer_spread"] is False and "spread" not in means_only["modalities"]["vib"]
+    proc = list(spec.modalities).index("proc")
+
+    def errors(stats, run_spec, **kw):
+        return featurize(_cross_rows(spec, 200, rng, spread=0.4, swing=True, **kw), run_spec, stats).relation_errors[:, proc]
+
+    normal = errors(with_swing, spec)
+    assert normal.mean() < 3 and errors(with_swing, spec, shift=1.2).mean() > 20 * normal.mean()
+    assert errors(means_only, off, shift=1.2).mean() < 3              # the mean alone cannot see the vibration's load
+    assert errors(means_only, spec, shift=1.2).mean() < 3             # the version's own layout, whatever the spec says
+
+    rows = _cross_rows(spec, 200, rng, spread=0.4, swing=True)
+    state = featurize(rows, spec, with_swing)
+    assert state.state_owners == ("proc", "proc", "vib", "vib")            # temp, pres, vib's mean, vib's swing
+    pres, mean, swing = state.state[:, 1], state.state[:, 2], state.state[:, 3]
+    assert np.corrcoef(pres, swing)[0, 1] > 0.9 and abs(np.corrcoef(pres, mean)[0, 1]) < 0.3
+    assert featurize(rows, spec, means_only).state_owners == ("proc", "proc", "vib")
 
 
 def _one_channel_rows(spec, n, rng, shift=0.0, vib_present=True):
@@ -1033,7 +1077,7 @@ def test_a_one_channel_modality_gets_a_relation_across_to_its_peers_and_keeps_it
     stats = fitter.result()
     fitted = stats["relations"]["proc_context"]
     assert fitted["channels"] == [None] and fitted["ranges"] is None and fitted["model_input"] is True
-    assert fitted["peers"] == ["vib"] and len(fitted["cross_channels"][0]["weights"]) == 1       # vib's mean only
+    assert fitted["peers"] == ["vib"] and len(fitted["cross_channels"][0]["weights"]) == 2   # vib's mean and swing
     assert set(fitted["cross_channels"][0]["entity_intercepts"]) == {"a", "b"}
     same_statistics(stats, _fit_in_buckets(fitter, 2)[2])
     proc = list(spec.modalities).index("proc")
@@ -1093,7 +1137,7 @@ def test_a_peers_context_brings_its_history_into_the_cross_modal_relation():
     stats = fitter.result()
     fitted = stats["relations"]["proc_context"]
     assert "peer_history" not in now_only and fitted["peer_history"] == ["vib_context"]
-    assert len(fitted["cross_channels"][0]["weights"]) == 1 + 3                 # vib now, 3 blocks of its 10 minutes
+    assert len(fitted["cross_channels"][0]["weights"]) == 2 + 3          # vib now (mean, swing), 3 blocks of its 10 minutes
     assert fitted["cross_channels"][0]["residual_std"] < 0.3 * now_only["cross_channels"][0]["residual_std"]
     same_statistics(stats, _fit_in_buckets(fitter, 2)[2])
     at = list(spec.modalities).index("proc")
@@ -1439,17 +1483,17 @@ def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with
     aligned = aligned_rows(tiny_spec)
     stats = StatisticsFitter(tiny_spec).add(aligned).result()
     feats = featurize(aligned, tiny_spec, stats)
-    assert feats.state_owners == ("proc", "vib")                        # tabular and series levels, in spec order
+    assert feats.state_owners == ("proc", "vib", "vib")        # tabular and series levels, a series' swing, in order
     proc, present = feats.state[:, 0], feats.mask[:, 0]
     assert np.isnan(proc[~present]).all() and np.isfinite(proc[present]).all()
     keys = np.asarray(aligned.column("machine_id").to_pylist())
     for key in ("a", "b"):                                              # pumps 100 apart: each about its own mean
         assert abs(proc[present & (keys == key)].mean()) < 1e-5
-    assert feats.rows(np.array([0, 1])).state.shape == (2, 2)
+    assert feats.rows(np.array([0, 1])).state.shape == (2, 3)
     centered = replace(tiny_spec, modalities={**tiny_spec.modalities,
                                               "vib": replace(tiny_spec.modalities["vib"], transform="centered")})
     stats = StatisticsFitter(centered).add(aligned).result()
-    assert featurize(aligned, centered, stats).state_owners == ("proc",)   # a drift-free series has no level
+    assert featurize(aligned, centered, stats).state_owners == ("proc", "vib")   # a drift-free series: its swing only
 
 
 def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do():

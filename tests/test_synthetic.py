@@ -113,6 +113,24 @@ def test_outages_give_a_design_fleet_the_same_failure_and_nothing_else():
     assert failing.tables["process"].equals(plain.tables["process"])
 
 
+def test_ac_vibration_makes_every_axis_swing_about_zero_and_changes_nothing_else():
+    """`ac_vibration`: the third axis oscillates instead of carrying half the amplitude as a steady part, so every
+    axis averages near zero over a minute whatever the load, and its swing grows with the load; every other
+    value, row and label is as without the flag."""
+    base = SyntheticConfig(entities=1, days=1, clean_days=1, image_size=16, seed=2)
+    plain, swinging = generate(base), generate(replace(base, ac_vibration=True))
+    a, b = plain.tables["vibration"], swinging.tables["vibration"]
+    assert a.drop(["az"]).equals(b.drop(["az"])) and plain.labels.equals(swinging.labels)
+    assert plain.tables["process"].equals(swinging.tables["process"])
+    steady, swing = a["az"].to_numpy(), b["az"].to_numpy()
+    minutes = len(swing) // 60
+    means = swing[:minutes * 60].reshape(minutes, 60).mean(1)
+    assert abs(steady.mean()) > 0.2 and np.abs(means).max() < 0.1 * steady.mean()
+    load_proxy = steady[:minutes * 60].reshape(minutes, 60).mean(1)                   # the steady part: 0.5 x amplitude
+    spread = swing[:minutes * 60].reshape(minutes, 60).std(1)
+    assert np.corrcoef(load_proxy, spread)[0, 1] > 0.9
+
+
 def test_a_slow_drift_moves_temperature_up_to_six_degrees_inside_its_range(shifted):
     proc, labels = shifted.tables["process"], shifted.labels
     drift = labels.filter(pc.equal(labels["kind"], "slow_drift")).to_pylist()[0]
