@@ -837,9 +837,10 @@ class StatisticsFitter:
         """One line per channel where a single training value holds over `GLITCH_SHARE` of the channel's
         variance (with at least `GLITCH_MIN_VALUES` values): a glitch such as 1e20 then sets the channel's mean
         and std, and every normal value standardises to about the same number. And one per channel whose level is
-        so far from zero beside its spread that float32 - how alignment and the model hold values - keeps it only
-        in steps over `RESOLUTION_SHARE` of its std (a counter near 1e7 that moves by 0.5: steps of 1). `dmafn
-        train` logs them."""
+        so far from zero beside its spread that float32 - how alignment holds a series' windows - keeps it only in
+        steps over `RESOLUTION_SHARE` of its std (a counter near 1e7 that moves by 0.5: steps of 1): a series
+        channel, or a tabular one with a `context` (its history is such a window; a tabular row itself is taken in
+        float64 until it is standardised). `dmafn train` logs them."""
         lines = []
         for name, m in self.spec.modalities.items():
             if m.kind not in ("tabular", "timeseries", "audio") or m.context_of:   # a context view: its parent says it
@@ -859,7 +860,8 @@ class StatisticsFitter:
         return lines
 
     def _resolution_warnings(self, name: str, m: ModalitySpec) -> list[str]:
-        if name not in self.magnitude_:
+        windowed = m.kind == "timeseries" or any(v.context_of == name for v in self.spec.modalities.values())
+        if name not in self.magnitude_ or not windowed:
             return []
         views = [self.global_[name][v] for v in self._views(m)]
         spreads = np.min([np.sqrt(np.atleast_1d(v.m2) / max(v.n, 1)) for v in views], 0)   # 0: it never moved
@@ -867,8 +869,9 @@ class StatisticsFitter:
         for col, largest, spread in zip(m.columns, self.magnitude_[name], spreads):
             step = float(np.spacing(np.float32(largest)))
             if np.isfinite(largest) and 0 < spread and step > RESOLUTION_SHARE * spread:
+                held = "alignment holds its windows" if m.kind == "timeseries" else "alignment holds its context window"
                 lines.append(f"modality '{name}', column '{col}': values up to {largest:.4g} that move by "
-                             f"{spread:.3g} (std) - float32, in which alignment and the model hold them, keeps "
+                             f"{spread:.3g} (std) - float32, in which {held}, keeps "
                              f"them only in steps of {step:.3g}; subtract the level at the source (a counter's "
                              "start, a fixed offset) or publish the increments")
         return lines
@@ -1069,13 +1072,16 @@ def _per_channel(values: np.ndarray, m: ModalitySpec) -> np.ndarray:
 
 # ------------------------------------------------------------------ featurization
 def raw_values(aligned: pa.Table, m: ModalitySpec, transform: str | list[str] | None = None) -> np.ndarray:
-    """Tabular (N, C) float32; timeseries (N, L, C) float32, presented by `transform` (default the spec's; one
-    per channel for a fitted 'auto'); audio (N, S) float32. Absent rows are zeros."""
+    """Tabular (N, C) float64 (as alignment gives a row's values: a level far from zero keeps its steps until it is
+    standardised), held within float32's range (beyond it: its largest value, see Z_LIMIT); timeseries (N, L, C)
+    float32, presented by `transform` (default the spec's; one per channel for a fitted 'auto'); audio (N, S)
+    float32. Absent rows are zeros."""
     n = aligned.num_rows
     if m.kind == "tabular":
         cols = [aligned.column(f"{m.name}__{c}").to_numpy(zero_copy_only=False) for c in m.columns]
-        with np.errstate(over="ignore"):               # beyond float32's range: its largest value (see Z_LIMIT)
-            return np.nan_to_num(np.stack([np.asarray(c, np.float64) for c in cols], 1).astype(np.float32))
+        values = np.nan_to_num(np.stack([np.asarray(c, np.float64) for c in cols], 1), nan=0.0,
+                               posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+        return np.clip(values, -FLOAT32_MAX, FLOAT32_MAX)
     if m.kind == "timeseries":
         out = np.zeros((n, m.steps, len(m.columns)), np.float32)
         for j, c in enumerate(m.columns):
@@ -1143,22 +1149,26 @@ def group_rows(keys: Iterable[str]) -> list[tuple[str, np.ndarray]]:
     return [(str(key), order[bounds[i]:bounds[i + 1]]) for i, key in enumerate(uniq)]
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 Z_LIMIT = 1e4   # standardised inputs and relation residuals are held within +-Z_LIMIT standard deviations: a
                 # reading far beyond it (a glitch of 1e20) still scores as extreme, where squaring it in float32
                 # would give inf and NaN, a score of NaN and no alarm
 
 
 def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool) -> np.ndarray:
-    mean = np.asarray(stats["global"]["mean"], np.float32)
-    std = np.asarray(stats["global"]["std"], np.float32)
+    """Values in their training mean and std (the entity's with `by_entity`), held within +-Z_LIMIT, float32; taken
+    in the values' own precision (a tabular row's float64: a level near 1e7 that moves by 0.1 keeps its steps)."""
+    dtype = np.float64 if values.dtype == np.float64 else np.float32
+    mean = np.asarray(stats["global"]["mean"], dtype)
+    std = np.asarray(stats["global"]["std"], dtype)
     with np.errstate(over="ignore"):                       # a value near float32's limit: inf, then clipped
         if not by_entity or not stats.get("entity"):
-            return np.clip((values - mean) / std, -Z_LIMIT, Z_LIMIT)
+            return np.clip((values - mean) / std, -Z_LIMIT, Z_LIMIT).astype(np.float32)
         out = np.empty_like(values)
         for key, rows in group_rows(keys):
             ent = stats["entity"].get(key, stats["global"])     # unseen entity: global fallback
-            out[rows] = (values[rows] - np.asarray(ent["mean"], np.float32)) / np.asarray(ent["std"], np.float32)
-    return np.clip(out, -Z_LIMIT, Z_LIMIT)
+            out[rows] = (values[rows] - np.asarray(ent["mean"], dtype)) / np.asarray(ent["std"], dtype)
+    return np.clip(out, -Z_LIMIT, Z_LIMIT).astype(np.float32)
 
 
 def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
@@ -1320,7 +1330,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             _check_transform(m, fitted)
             levels[name] = raw_values(aligned, m, "level")
             if name in relation_only:             # a context absent to the model: its values feed the relations only
-                x = np.zeros_like(levels[name])
+                x = np.zeros_like(levels[name], dtype=np.float32)
             else:
                 shown = levels[name] if m.kind == "tabular" else \
                     transform_window(levels[name], fitted.get("channel_transforms") or m.transform)

@@ -169,6 +169,30 @@ def test_a_channel_float32_holds_only_in_coarse_steps_is_reported_by_modality_an
     assert StatisticsFitter(spec).add(constant).outlier_warnings() == []
 
 
+def test_a_tabular_level_far_from_zero_keeps_its_steps_up_to_the_model():
+    """A row's values are taken in float64 until they are standardised: a counter near 1.2e7 that moves by ~0.3
+    gives the model the inputs the same rows give near zero (in float32 it was held in steps of 1: inputs off by
+    up to 1.7 std), and training warns of nothing - the warning stays for what alignment holds in float32 windows
+    (a series, or a tabular channel's context: the test above)."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": data["modalities"]["proc"]}
+    spec = parse_spec(data)
+    temp = np.random.default_rng(0).normal(0, 0.3, 400)
+
+    def rows(offset):
+        return pa.table({"machine_id": ["a", "b"] * 200, "proc__present": [True] * 400, "proc__temp": temp + offset})
+
+    near, far = (StatisticsFitter(spec).add(rows(offset)) for offset in (0.0, 1.2e7))
+    assert far.outlier_warnings() == []
+    inputs = [featurize(rows(offset), spec, fitter.result()).inputs["proc"] for offset, fitter in ((0.0, near), (1.2e7, far))]
+    assert inputs[1].dtype == np.float32
+    np.testing.assert_allclose(inputs[1], inputs[0], atol=1e-5)
+    assert len(np.unique(inputs[1])) == 400
+
+
 def test_a_relation_residual_is_held_within_z_limit():
     from dmafn.features import Z_LIMIT
 
