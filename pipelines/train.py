@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -305,7 +306,9 @@ def log_warning(line: str) -> None:
 class TrainingWarnings:
     """The warnings one training run gives - a glitch that sets a channel's std, a level float32 holds only
     coarsely, relations refitted without many ticks, validation outliers, a short tail: each logged as it comes
-    and kept, in order, for the version's manifest (`warnings`), where `dmafn report` shows them."""
+    and kept, in order, for the version's manifest (`warnings`), where `dmafn report` shows them. Inside
+    `capturing()` it also keeps what the data layer warns of on this process while the version trains (label rows
+    left out, files not named *.parquet)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -313,6 +316,29 @@ class TrainingWarnings:
     def __call__(self, line: str) -> None:
         log_warning(line)
         self.lines.append(line)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator["TrainingWarnings"]:
+        """Keep every WARNING or worse that another `pipelines` module logs in this process inside the block, each
+        distinct line once (its own lines are kept as they are given); the handler is removed on leaving."""
+        handler = _KeptWarnings(self.lines)
+        logger = logging.getLogger("pipelines")
+        logger.addHandler(handler)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(handler)
+
+
+class _KeptWarnings(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()                 # `TrainingWarnings.__call__` keeps this module's own; a line
+        if record.name != log.name and line not in self.lines:     # said again (a folder listed twice) once
+            self.lines.append(line)
 
 
 def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple[dict[str, int], dict[str, int]]:
@@ -445,6 +471,12 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
     storage = Storage.from_spec(spec.storage)
     train_days, val_days = split_dates(spec)
     t0, warned = time.time(), TrainingWarnings()
+    with warned.capturing():
+        return _train(spec, storage, train_days, val_days, t0, warned, run_root)
+
+
+def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: list[dt.date], t0: float,
+           warned: TrainingWarnings, run_root: str | None) -> str:
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
     schemas = require_columns(spec, storage, files)
@@ -516,11 +548,11 @@ def train(spec: Spec, *, run_root: str | None = None) -> str:
                                    if incidents is not None else {}),
                                 "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
-                    "input_quarantine": quarantined, "warnings": warned.lines}
+                    "input_quarantine": quarantined, "warnings": list(warned.lines)}
     finally:
         staging.close()
     version = Registry(spec.registry, storage).save(model, manifest, statistics)
     log.info("model version %s saved under %s%s", version, spec.registry,
-             f"; its {len(warned.lines)} training warning(s) are kept in its manifest ('warnings') and shown by "
-             "dmafn report" if warned.lines else "")
+             f"; its {len(manifest['warnings'])} training warning(s) are kept in its manifest ('warnings') and shown "
+             "by dmafn report" if manifest["warnings"] else "")
     return version

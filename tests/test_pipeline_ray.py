@@ -39,6 +39,8 @@ def trained(tmp_path_factory, local_ray):
                                    pa.timestamp("us", tz="UTC")),
                     "temperature": [None, 50.0, 50.0], "pressure": [3.0, 3.0, 3.0]})
     pq.write_table(bad, root / "raw" / "process" / "date=2024-01-03" / "bad-rows.parquet")
+    # a Hive-named data file on a training day: not read, and the warning is kept with the version
+    (root / "raw" / "process" / "date=2024-01-01" / "000000_0").write_bytes(b"not read")
     progress = _ProgressLines()
     with progress:
         version = train(spec)
@@ -154,7 +156,9 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
 
     spec, version, root = trained
     manifest = json.loads((root / "models" / version / "manifest.json").read_text())
-    assert manifest["metrics"]["validation_outliers_left_out"] == 0 and manifest["warnings"] == []
+    assert manifest["metrics"]["validation_outliers_left_out"] == 0
+    (kept,) = manifest["warnings"]                    # the data layer's warning on the driver, kept with the version
+    assert "1 file(s) not named *.parquet are not read (000000_0)" in kept and "date=2024-01-01" in kept
     assert manifest["calibration"]["validation"]["validation_outliers_left_out"] == 0
     mv = Registry(spec.registry, Storage()).load(version)
     _, validation = split_dates(spec)
@@ -412,7 +416,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     page = build_report(unlabelled, tmp_path / "r.html", start=DAY3, end=DAY3, entities=["pump-01"]).read_text()
     assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
     assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
-    assert '<section id="versions">' in page and "No warning at training." in page
+    assert '<section id="versions">' in page and "1 warning(s) at training:" in page and "000000_0" in page
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):

@@ -464,3 +464,25 @@ def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_p
         assert same(result[key], whole[key]), key
     assert result["dates"] == ["2024-01-03", "2024-01-04", "2024-01-05"] and result["detection"]["overall"]["events"] == 3
     assert result["overall"].keys() == {"fused", "score_proc"}
+
+
+def test_training_warnings_keep_what_the_data_layer_warns_of_while_capturing_and_nothing_else():
+    """`TrainingWarnings.capturing()`: a warning another `pipelines` module logs inside the block is kept (once,
+    however often it is said),
+    the version's own lines once (not again through the log), INFO and other loggers' lines and anything after
+    the block are not."""
+    import logging
+
+    from pipelines.train import TrainingWarnings
+
+    warned = TrainingWarnings()
+    with warned.capturing():
+        logging.getLogger("pipelines.labels").warning("labels %s: %d of %d rows left out", "x", 2, 9)
+        logging.getLogger("pipelines.parquet_files").warning("labels x: 2 of 9 rows left out")   # said again: once
+        logging.getLogger("pipelines.parquet_files").info("read 3 files")
+        logging.getLogger("elsewhere").warning("not ours")
+        warned("modality 'p', column 'c': a glitch")
+    logging.getLogger("pipelines.labels").warning("after the version was saved")
+    assert warned.lines == ["labels x: 2 of 9 rows left out", "modality 'p', column 'c': a glitch"]
+    assert not any(isinstance(h, logging.Handler) and h.__class__.__name__ == "_KeptWarnings"
+                   for h in logging.getLogger("pipelines").handlers)
