@@ -99,11 +99,12 @@ def list_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> list[Inpu
     folder simply has no files.
     """
     wanted = sorted(_reads(tuple(dates), spec.lookback_days))
-    files = []
+    files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
-        parts = list_partitions(storage, m.path, spec.partition)
-        listed = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in wanted if d in parts})
-        files += [InputFile(name, dt.date.fromisoformat(day), path, size) for day, path, size in listed]
+        if m.path not in by_path:
+            parts = list_partitions(storage, m.path, spec.partition)
+            by_path[m.path] = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in wanted if d in parts})
+        files += [InputFile(name, dt.date.fromisoformat(day), path, size) for day, path, size in by_path[m.path]]
     return files
 
 

@@ -1501,6 +1501,32 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
 
 
+def test_a_table_read_by_a_modality_and_its_context_is_listed_once(tmp_path, caplog):
+    """A context view reads its parent's table: `list_inputs` lists the folder once (one warning for a file not
+    named *.parquet, one LIST per folder on S3) and gives both modalities the same files."""
+    import datetime as dt
+    import logging
+
+    from dmafn.spec import parse_spec
+    from pipelines.shards import list_inputs
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    folder = tmp_path / "proc" / "date=2024-01-02"
+    folder.mkdir(parents=True)
+    for name in ("part-0.parquet", "000000_0"):
+        (folder / name).write_bytes(b"x")
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc"),
+                                   "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    with caplog.at_level(logging.WARNING, logger="pipelines.parquet_files"):
+        files = list_inputs(spec, [dt.date(2024, 1, 2)], Storage())
+    assert sorted((f.modality, f.path.rsplit("/", 1)[1]) for f in files) == [
+        ("proc", "part-0.parquet"), ("proc_context", "part-0.parquet")]
+    assert len(caplog.records) == 1 and "000000_0" in caplog.records[0].getMessage()
+
+
 def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with_its_modality(tiny_spec):
     from dataclasses import replace
 

@@ -158,6 +158,7 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     manifest = json.loads((root / "models" / version / "manifest.json").read_text())
     assert manifest["metrics"]["validation_outliers_left_out"] == 0
     (kept,) = manifest["warnings"]                    # the data layer's warning on the driver, kept with the version
+    # (once: the process table is listed once for the process and its context view, which reads the same files)
     assert "1 file(s) not named *.parquet are not read (000000_0)" in kept and "date=2024-01-01" in kept
     assert manifest["calibration"]["validation"]["validation_outliers_left_out"] == 0
     mv = Registry(spec.registry, Storage()).load(version)
