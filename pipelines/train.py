@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -298,29 +298,23 @@ def _file_encoding_sums(spec: Spec, file: FeatureFile, model, typical_only: bool
     return total
 
 
-def log_warning(line: str) -> None:
-    """How a training step gives a warning by default: logged (`train` also keeps them, `TrainingWarnings`)."""
-    log.warning("%s", line)
-
-
 class TrainingWarnings:
-    """The warnings one training run gives - a glitch that sets a channel's std, a level float32 holds only
-    coarsely, relations refitted without many ticks, validation outliers, a short tail: each logged as it comes
-    and kept, in order, for the version's manifest (`warnings`), where `dmafn report` shows them. Inside
-    `capturing()` it also keeps what the data layer warns of on this process while the version trains (label rows
-    left out, files not named *.parquet)."""
+    """The warnings one training run gives, kept in order for the version's manifest (`warnings`), where `dmafn
+    report` shows them: inside `capturing()`, every warning a `pipelines` module logs on this process - a glitch
+    that sets a channel's std, a level float32 holds only coarsely, relations refitted without many ticks,
+    validation outliers, a short tail, and the data layer's (label rows left out, files not named *.parquet)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def __call__(self, line: str) -> None:
-        log_warning(line)
-        self.lines.append(line)
+        """Give a warning: logged, so kept inside `capturing()`."""
+        log.warning("%s", line)
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator["TrainingWarnings"]:
-        """Keep every WARNING or worse that another `pipelines` module logs in this process inside the block, each
-        distinct line once (its own lines are kept as they are given); the handler is removed on leaving."""
+        """Keep every WARNING or worse that a `pipelines` module logs in this process inside the block, each
+        distinct line once (a folder listed twice warns twice); the handler is removed on leaving."""
         handler = _KeptWarnings(self.lines)
         logger = logging.getLogger("pipelines")
         logger.addHandler(handler)
@@ -336,8 +330,8 @@ class _KeptWarnings(logging.Handler):
         self.lines = lines
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = record.getMessage()                 # `TrainingWarnings.__call__` keeps this module's own; a line
-        if record.name != log.name and line not in self.lines:     # said again (a folder listed twice) once
+        line = record.getMessage()
+        if line not in self.lines:
             self.lines.append(line)
 
 
@@ -364,18 +358,17 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
     return result
 
 
-def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard], incidents: KnownIncidents | None = None,
-               warn: Callable[[str], None] = log_warning) -> tuple[Calibration, int]:
+def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
+               incidents: KnownIncidents | None = None) -> tuple[Calibration, int]:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
     (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks. With `incidents`, the
-    validation ticks in or just after a known one are left out; returns the calibration and their count. `warn`
-    gives each warning (default: logged)."""
+    validation ticks in or just after a known one are left out; returns the calibration and their count."""
     from pipelines.calibrate import ShardTicks
 
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
     for line in validation_warnings(ticks.relation_outliers, ticks.count()):
-        warn(line)
+        log.warning("%s", line)
     calibration = Calibration.fit_from(ticks, tuple(spec.modalities),
                                        detector=spec.model.detector, vote=spec.model.vote,
                                        scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
@@ -392,7 +385,7 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard], 
                  f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS}, "
                  "a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
-        warn(line)
+        log.warning("%s", line)
     return calibration, ticks.left_out
 
 
@@ -402,8 +395,8 @@ def outlier_reach_ticks(spec: Spec) -> int:
     return -(-spec.evidence_reach_us // spec.grain_us)
 
 
-def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: KnownIncidents | None = None,
-                   warn: Callable[[str], None] = log_warning) -> tuple[EntityStatistics, dict[str, int]]:
+def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
+                   incidents: KnownIncidents | None = None) -> tuple[EntityStatistics, dict[str, int]]:
     """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
@@ -411,7 +404,7 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: 
     logged as a warning. The channel relations are then refitted on their typical ticks, a pass over the shards
     per refit, each task given the fit before for its entities only (`refit_relations_on_typical_ticks`,
     `BucketStatistics`; `sliceable`: `keys_sliceable` there). With `incidents`, each task fits its ticks without
-    the known incidents of its dates. `warn` gives each warning (default: logged)."""
+    the known incidents of its dates."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
 
     def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
@@ -419,17 +412,17 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: 
         outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
             s, spec, buckets, None if fits_before is None else fits_before.ref(s),
             None if incidents is None else incidents.for_dates(s.dates)) for s in shards]
-        return gather_statistics(spec, outs, buckets, refit=before is not None, warn=warn)
+        return gather_statistics(spec, outs, buckets, refit=before is not None)
 
     statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
     return refit_relations_on_typical_ticks(statistics, lambda before: fit(before)[0], lambda s: s.fleet), quarantined
 
 
-def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int, refit: bool = False,
-                      warn: Callable[[str], None] = log_warning) -> tuple[EntityStatistics, dict[str, int]]:
+def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int,
+                      refit: bool = False) -> tuple[EntityStatistics, dict[str, int]]:
     """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
     per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done.
-    `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings, by `warn`)."""
+    `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings)."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
     display = ProgressDisplay("relations refit" if refit else "statistics", len(outs) + buckets, "shards and buckets")
@@ -446,7 +439,7 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
         display.update(done + i + 1)
     display.close()
     for line in () if refit else fitter.outlier_warnings():
-        warn(line)
+        log.warning("%s", line)
     fleet = fitter.fleet_result(totals)
     fleet_ref = ray.put(fleet)
     row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
@@ -490,7 +483,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
-        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents, warned)
+        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents)
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)
@@ -528,7 +521,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
-        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents, warned)
+        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents)
         if incidents is not None:
             log.info("known incidents (labels at %s; train.exclude_labelled): %d training and %d validation ticks "
                      "inside a labelled interval or within %s of its end left out", spec.labels.path, train_left_out,

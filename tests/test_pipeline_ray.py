@@ -166,8 +166,8 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
     strict = replace(spec, train=replace(spec.train, validation_outlier_limit=2.0))
     warned = TrainingWarnings()                       # what `train` keeps for the manifest, as it logs it
-    with caplog.at_level(logging.INFO, logger="pipelines"):
-        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards, warn=warned)
+    with caplog.at_level(logging.INFO, logger="pipelines"), warned.capturing():
+        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
     left, kept = calibration.outliers_left_out, calibration.validation["validation_ticks"]
     assert 0.01 * (left + kept) < left < kept
     assert f"calibration: {left} of {left + kept} validation ticks left out as outliers" in caplog.text

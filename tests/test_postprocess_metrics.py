@@ -467,10 +467,9 @@ def test_evaluate_a_date_at_a_time_equals_the_whole_window_across_midnight(tmp_p
 
 
 def test_training_warnings_keep_what_the_data_layer_warns_of_while_capturing_and_nothing_else():
-    """`TrainingWarnings.capturing()`: a warning another `pipelines` module logs inside the block is kept (once,
-    however often it is said),
-    the version's own lines once (not again through the log), INFO and other loggers' lines and anything after
-    the block are not."""
+    """`TrainingWarnings.capturing()`: a warning any `pipelines` module logs inside the block is kept (once, however
+    often it is said), the version's own lines given through `warned(...)` too (once); INFO and other loggers' lines
+    and anything after the block are not."""
     import logging
 
     from pipelines.train import TrainingWarnings
