@@ -82,6 +82,13 @@ class ModelVersion:
         model.eval()
         return model
 
+    @property
+    def validation_summary(self) -> dict[str, Any]:
+        """What the calibration recorded of its validation days (alarm rate, score median and 99th percentile), read
+        from the manifest as `calibration` reads it, without the model code (the scoring driver never imports
+        torch); versions saved before the calibration kept it have it in their metrics."""
+        return self.manifest.get("calibration", {}).get("validation") or dict(self.manifest.get("metrics") or {})
+
     @cached_property
     def calibration(self) -> "Calibration":
         """The fitted calibration; versions saved before it stored its smoothing take the spec's."""

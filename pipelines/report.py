@@ -493,10 +493,22 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
     runs = runs.sort(["date", "finished_at"])
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "anomalies", "duration_s", "run_id", "finished_at"] if c in runs.columns]
-    rows = [[_cell(r[c]) for c in cols] for r in runs.select(cols).iter_rows(named=True)]
-    return (f'<section id="runs"><h2>Runs</h2><p>Every scoring run of these dates (a re-run adds a row).</p>'
+                        "input_rows_quarantined", "anomalies", *RUN_SHARES, "duration_s", "run_id", "finished_at"]
+            if c in runs.columns]
+    rows = [[_share(r[c]) if c in RUN_SHARES else _cell(r[c]) for c in cols]
+            for r in runs.select(cols).iter_rows(named=True)]
+    return (f'<section id="runs"><h2>Runs</h2><p>Every scoring run of these dates (a re-run adds a row). '
+            'alarm_rate beside expected_alarm_rate, the version\'s validation days\' (an incident raises a '
+            'day\'s); above_validation_median: the share of the day\'s ticks scoring above the version\'s '
+            'validation median - about half on days like those, far more when the inputs have moved.</p>'
             f'{_table(cols, rows, "runs-table")}</section>')
+
+
+RUN_SHARES = ("alarm_rate", "expected_alarm_rate", "above_validation_median")   # shown as percentages
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f} %"
 
 
 def quarantine_summary(rows: pl.LazyFrame) -> pl.LazyFrame:

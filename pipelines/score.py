@@ -40,6 +40,30 @@ class DateResult:
     anomalies: int
     seconds: float
     input_rows_quarantined: int = 0     # unusable input rows of the date (stage = ingest in the quarantine table)
+    above_validation_median: float | None = None   # share of its ticks with a score above the version's validation
+                                                   # median (None: no score, or a version without the median)
+
+    @property
+    def alarm_rate(self) -> float | None:
+        """The share of the scored ticks that alarmed."""
+        return self.anomalies / self.rows_scored if self.rows_scored else None
+
+
+UNLIKE_VALIDATION_SHARE = 0.75   # a date with more of its ticks above the validation median than this: warned
+                                 # (the design fleets' days with 10-18 % anomalous ticks: 0.54-0.62)
+
+
+def unlike_validation_warning(result: DateResult, version: str) -> str | None:
+    """A line when most of a date's ticks score above the model version's validation median: the bulk of the day,
+    not an incident's share of it, looks unlike the days the version was calibrated on (inputs that moved: a
+    changed sensor, a new operating regime, a fleet-wide fault) - check the inputs, or train a new version."""
+    share = result.above_validation_median
+    if share is None or share <= UNLIKE_VALIDATION_SHARE:
+        return None
+    return (f"{result.date}: {share:.0%} of its scored ticks score above model version {version}'s validation median "
+            f"(about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%} warns) - most of the "
+            "day, not an incident's share of it, looks unlike the days the version was calibrated on: check the "
+            "inputs (dmafn report, dmafn profile) or train a new version on recent days")
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
@@ -131,8 +155,10 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             else:
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
-                           tables=tables)
+                           tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
+                if (line := unlike_validation_warning(result, mv.version)) is not None:
+                    log.warning("%s", line)
                 return
         failed.append((date, error))
         record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed",
@@ -240,21 +266,29 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                 continue
             schema = pa.schema(table.schema().to_arrow())
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
+    with_score = sum(c.with_score for c in counts)
+    above = sum(c.above_validation_median for c in counts) / with_score if with_score else None
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
                       seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
-                      input_rows_quarantined=sum(c.input_rows_quarantined for c in counts))
+                      input_rows_quarantined=sum(c.input_rows_quarantined for c in counts),
+                      above_validation_median=above)
 
 
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str,
-               tables: OpenTables | None = None) -> None:
-    """Append one row to the run audit table (`score.runs`, default `<output>_runs`)."""
+               tables: OpenTables | None = None, expected_alarm_rate: float | None = None) -> None:
+    """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
+    alarm rate beside the one the version expects (its validation days'), and the share of its ticks above the
+    version's validation median score (`unlike_validation_warning`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
                     "rows_quarantined": pa.array([result.rows_quarantined], pa.int64()),
                     "anomalies": pa.array([result.anomalies], pa.int64()),
                     "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
+                    "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
+                    "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
+                    "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
     write_partition(storage.delta_uri(spec.score.runs_path), row, date=None, mode="append",

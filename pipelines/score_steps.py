@@ -98,6 +98,15 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
         pl.lit(scored_at, pl.Datetime("us", "UTC")).alias("scored_at")])
 
 
+def score_position(score: pa.ChunkedArray, calibration: Calibration) -> tuple[int, int]:
+    """(ticks with a score, those above the calibration's validation median score): on days like the validation
+    days about half are above it. (0, 0) for a version that did not record the median."""
+    median = calibration.validation.get("validation_score_p50")
+    if median is None:
+        return 0, 0
+    return len(score) - score.null_count, int(pc.sum(pc.greater(score, median)).as_py() or 0)
+
+
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
                     at: dt.datetime) -> pl.DataFrame:
     """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
@@ -144,6 +153,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
+            counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

@@ -72,6 +72,8 @@ class DateCounts:
     rows_quarantined: int = 0
     anomalies: int = 0
     input_rows_quarantined: int = 0
+    with_score: int = 0                 # scored ticks with a fused score, where the version recorded its validation
+    above_validation_median: int = 0    # median score; of those, the ticks above it
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 

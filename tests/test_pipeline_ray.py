@@ -325,6 +325,71 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     assert last["rows_scored"] == scored and last["input_rows_quarantined"] == 3
 
 
+def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_the_validation_median(trained, scored):
+    """The runs table keeps a date's alarm rate beside the one the version expects (its validation days') and the
+    share of its ticks above the version's validation median score, each counted from the rows written."""
+    spec, version, root = trained
+    manifest = json.loads((root / "models" / version / "manifest.json").read_text())
+    validation = manifest["calibration"]["validation"]
+    out = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03")
+    last = pl.read_delta(str(root / "scores_runs")).filter(pl.col("date") == "2024-01-03").sort("finished_at").row(
+        -1, named=True)
+    assert last["alarm_rate"] == pytest.approx(out["is_anomaly"].sum() / out.height)
+    assert last["expected_alarm_rate"] == pytest.approx(validation["validation_alarm_rate"])
+    with_score = out["score"].drop_nulls()
+    share = (with_score > validation["validation_score_p50"]).sum() / with_score.len()
+    assert 0 < last["above_validation_median"] < 1 and last["above_validation_median"] == pytest.approx(share)
+    assert scored.above_validation_median == pytest.approx(share)
+
+
+def test_score_position_counts_the_ticks_above_the_validation_median_and_nothing_without_one():
+    from dmafn.calibration import Calibration
+    from pipelines.score import DateResult, unlike_validation_warning
+    from pipelines.score_steps import score_position
+
+    calibration = Calibration(("a",), {}, validation={"validation_score_p50": 1.0})
+    score = pa.chunked_array([[0.5, 1.5, None, 2.0, 1.0]])
+    assert score_position(score, calibration) == (4, 2)                 # a null score is not ranked; 1.0 is not above
+    assert score_position(score, replace(calibration, validation={})) == (0, 0)    # a version without the median
+    assert unlike_validation_warning(DateResult("2024-01-03", 5, 5, 0, 0, 0.0), "v1") is None
+    assert unlike_validation_warning(DateResult("2024-01-03", 5, 5, 0, 0, 0.0, above_validation_median=0.75), "v1") \
+        is None
+    line = unlike_validation_warning(DateResult("2024-01-03", 5, 5, 0, 0, 0.0, above_validation_median=0.9), "v1")
+    assert line.startswith("2024-01-03: 90% of its scored ticks score above model version v1's validation median")
+
+
+def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
+    """The same fleet with every temperature 25 C higher and every pressure 5 bar higher (a recalibrated sensor,
+    a new regime): nearly every tick scores above the version's validation median, and scoring says so."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from pipelines.score import UNLIKE_VALIDATION_SHARE, score_date
+
+    spec, version, root = trained
+    raw = tmp_path / "raw"
+    shutil.copytree(root / "raw", raw)
+    for path in (raw / "process").rglob("*.parquet"):
+        table = pq.read_table(path)
+        moved = {"temperature": pc.add(table.column("temperature"), 25.0),
+                 "pressure": pc.add(table.column("pressure"), 5.0)}
+        for name, column in moved.items():
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        pq.write_table(table, path)
+    moved_spec = replace(spec, modalities={name: replace(m, path=str(raw / Path(m.path).name))
+                                           for name, m in spec.modalities.items()},
+                         score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
+                                       staging=None))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(moved_spec, DAY3, version=version)
+    assert result.above_validation_median > UNLIKE_VALIDATION_SHARE
+    assert f"2024-01-03: {result.above_validation_median:.0%} of its scored ticks score above model version {version}" \
+        in caplog.text
+    runs = pl.read_delta(str(tmp_path / "scores_runs"))
+    assert runs["above_validation_median"].to_list() == [pytest.approx(result.above_validation_median)]
+
+
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     from pipelines.evaluate import evaluate, format_table
 
@@ -418,6 +483,9 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
     assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
     assert '<section id="versions">' in page and "1 warning(s) at training:" in page and "000000_0" in page
+    runs = page[page.index('id="runs-table"'):]
+    assert "alarm_rate" in runs and "expected_alarm_rate" in runs and "above_validation_median" in runs
+    assert re.search(r"<td[^>]*>\d+\.\d\d %</td>", runs)                  # the shares as percentages
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):
