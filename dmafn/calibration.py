@@ -150,11 +150,15 @@ class Calibration:
                               value=threshold.value, level=threshold.level, rate=threshold.rate)
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
+        medians = {} if detector == "classifier" else {            # each modality's smoothed contribution's median
+            m: float(values.quantiles([0.5])[0])
+            for m, values in zip(modalities, ticks.contributions(calibration)) if values.count()}
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
                       "validation_outliers_left_out": outliers, "validation_outliers_kept": kept,
                       "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
+                      "validation_contribution_p50": medians,
                       "threshold_method": threshold.method}
         return replace(calibration, threshold=float(value), validation=validation)
 
@@ -362,6 +366,11 @@ class InMemoryTicks(RawTicks):
     def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
         """Median and interquartile range of each group's smoothed fused scores."""
         return group_scales(self._smoothed(calibration), self.groups)
+
+    def contributions(self, calibration: Calibration) -> list[Values]:
+        """Each modality's contributions smoothed per group, as `apply` gives them (one `Values` per modality)."""
+        smoothed = calibration.smooth(calibration.record(self.raw).contributions, self.groups)
+        return [ArrayValues(smoothed[:, j]) for j in range(smoothed.shape[1])]
 
 
 def group_scales(smoothed: np.ndarray, groups: np.ndarray | None) -> dict[str, tuple[float, float]]:

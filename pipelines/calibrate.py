@@ -149,6 +149,20 @@ def _smooth_part(part: ShardPart, left_out: np.ndarray | None, calibration: Cali
 
 
 @ray.remote(num_cpus=1)
+def _smooth_contributions(part: ShardPart, left_out: np.ndarray | None, calibration: Calibration,
+                          carry: dict[int, dict[str, np.ndarray]] | None):
+    """A shard's contributions smoothed per entity, each modality's going on from the entity bucket's previous
+    shard (`carry`, per modality): `_sorted` of them (summaries, then each modality's sorted finite values), and the
+    carry for the bucket's next shard. Run with num_returns=2 + modalities."""
+    part, carry = part.kept(left_out), carry or {}
+    contributions = calibration.record(part.raw).contributions
+    smoothed, after = np.empty_like(contributions, dtype=np.float64), {}
+    for j in range(contributions.shape[1]):
+        smoothed[:, j], after[j] = calibration.smooth_carried(contributions[:, j], part.groups, carry.get(j, {}))
+    return (*_sorted(smoothed), after)
+
+
+@ray.remote(num_cpus=1)
 def _bucket_scales(*keyed: tuple[np.ndarray, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Each entity's robust scale of its smoothed scores, from its bucket's shards (an entity lies in one)."""
     return group_scales(np.concatenate([s for _, s in keyed]), np.concatenate([g for g, _ in keyed]))
@@ -375,6 +389,13 @@ class ShardTicks:
     def scores(self, calibration: Calibration) -> ShardValues:
         scores = self._smoothed(calibration)[0]
         return ShardValues([summary for summary, _ in scores], 0, [values for _, values in scores])
+
+    def contributions(self, calibration: Calibration) -> list[ShardValues]:
+        """Each modality's contributions smoothed per entity (the bucket's shards chained in date order, as the
+        fused scores): one `ShardValues` per modality."""
+        width = len(calibration.modalities)
+        chained = self._in_chains(_smooth_contributions.options(num_returns=2 + width), calibration)
+        return [ShardValues([r[0] for _, r in chained], j, [r[1 + j] for _, r in chained]) for j in range(width)]
 
     def group_scales(self, calibration: Calibration) -> dict[str, tuple[float, float]]:
         keyed = self._smoothed(calibration)[1]

@@ -492,15 +492,18 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     if runs is None:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
     runs = runs.sort(["date", "finished_at"])
+    by_modality = sorted(c for c in runs.columns if c.startswith("above_validation_median_"))
+    shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "anomalies", *RUN_SHARES, "duration_s", "run_id", "finished_at"]
+                        "input_rows_quarantined", "anomalies", *shares, "duration_s", "run_id", "finished_at"]
             if c in runs.columns]
-    rows = [[_share(r[c]) if c in RUN_SHARES else _cell(r[c]) for c in cols]
+    rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
     return (f'<section id="runs"><h2>Runs</h2><p>Every scoring run of these dates (a re-run adds a row). '
             'alarm_rate beside expected_alarm_rate, the version\'s validation days\' (an incident raises a '
             'day\'s); above_validation_median: the share of the day\'s ticks scoring above the version\'s '
-            'validation median - about half on days like those, far more when the inputs have moved.</p>'
+            'validation median - about half on days like those, far more when the inputs have moved (and, per '
+            'modality, the share of its smoothed contributions above their validation median).</p>'
             f'{_table(cols, rows, "runs-table")}</section>')
 
 

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ class DateResult:
     input_rows_quarantined: int = 0     # unusable input rows of the date (stage = ingest in the quarantine table)
     above_validation_median: float | None = None   # share of its ticks with a score above the version's validation
                                                    # median (None: no score, or a version without the median)
+    modality_above: dict[str, float] = field(default_factory=dict)   # the same for each modality's contribution
 
     @property
     def alarm_rate(self) -> float | None:
@@ -60,10 +61,12 @@ def unlike_validation_warning(result: DateResult, version: str) -> str | None:
     share = result.above_validation_median
     if share is None or share <= UNLIKE_VALIDATION_SHARE:
         return None
+    by_modality = "".join(f"; {m} {v:.0%}" for m, v in sorted(result.modality_above.items(), key=lambda kv: -kv[1]))
     return (f"{result.date}: {share:.0%} of its scored ticks score above model version {version}'s validation median "
             f"(about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%} warns) - most of the "
             "day, not an incident's share of it, looks unlike the days the version was calibrated on: check the "
-            "inputs (dmafn report, dmafn profile) or train a new version on recent days")
+            "inputs (dmafn report, dmafn profile) or train a new version on recent days"
+            + (f" (each modality's contribution above its validation median{by_modality})" if by_modality else ""))
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
@@ -268,11 +271,18 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     with_score = sum(c.with_score for c in counts)
     above = sum(c.above_validation_median for c in counts) / with_score if with_score else None
+    ranked: dict[str, list[int]] = {}
+    for c in counts:
+        for m, (n, up) in c.modality_above.items():
+            ranked.setdefault(m, [0, 0])
+            ranked[m][0] += n
+            ranked[m][1] += up
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
                       seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
                       input_rows_quarantined=sum(c.input_rows_quarantined for c in counts),
-                      above_validation_median=above)
+                      above_validation_median=above,
+                      modality_above={m: up / n for m, (n, up) in ranked.items() if n})
 
 
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str,
@@ -289,6 +299,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
+                    **{f"above_validation_median_{m}": pa.array([share], pa.float64())
+                       for m, share in sorted(result.modality_above.items())},
                     "duration_s": [float(result.seconds)], "status": [status],
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
     write_partition(storage.delta_uri(spec.score.runs_path), row, date=None, mode="append",

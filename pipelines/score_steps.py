@@ -107,6 +107,17 @@ def score_position(score: pa.ChunkedArray, calibration: Calibration) -> tuple[in
     return len(score) - score.null_count, int(pc.sum(pc.greater(score, median)).as_py() or 0)
 
 
+def contribution_positions(out: pa.Table, calibration: Calibration) -> dict[str, tuple[int, int]]:
+    """Per modality: (ticks with its contribution, those above its validation median - smoothed, as the output's
+    `score_<m>`); none for a version that did not record the medians."""
+    positions = {}
+    for m, median in calibration.validation.get("validation_contribution_p50", {}).items():
+        if f"score_{m}" in out.column_names:
+            column = out.column(f"score_{m}")
+            positions[m] = (len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0))
+    return positions
+
+
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
                     at: dt.datetime) -> pl.DataFrame:
     """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
@@ -154,6 +165,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
+            counts.modality_above = contribution_positions(out, mv.calibration)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

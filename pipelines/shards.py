@@ -74,6 +74,7 @@ class DateCounts:
     input_rows_quarantined: int = 0
     with_score: int = 0                 # scored ticks with a fused score, where the version recorded its validation
     above_validation_median: int = 0    # median score; of those, the ticks above it
+    modality_above: dict[str, tuple[int, int]] = field(default_factory=dict)   # the same per modality's contribution
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 

@@ -35,6 +35,22 @@ def test_fit_apply_and_a_round_trip_through_plain_data():
     assert new_alarms[50] and np.isnan(record.contributions[0, 1])   # the spike alarms; absent stays absent
 
 
+def test_the_validation_medians_of_the_fused_score_and_of_each_contribution_are_recorded():
+    """What scoring compares a day against (`pipelines.score`'s share above the validation median): the smoothed
+    fused score's median and each modality's smoothed contribution's, as `apply` gives them on the same ticks."""
+    raw = _raw(400)
+    groups = np.repeat(["e0", "e1"], 200)
+    cal = Calibration.fit(raw, MODALITIES, detector="autoencoder", vote="mean", groups=groups,
+                          smoothing=SmoothingSpec("ewma", 0.3), threshold=ThresholdSpec("quantile", quantile=0.95))
+    smoothed, _ = cal.apply(raw, groups)
+    assert cal.validation["validation_score_p50"] == pytest.approx(np.nanmedian(smoothed.score))
+    medians = cal.validation["validation_contribution_p50"]
+    assert list(medians) == list(MODALITIES)
+    for j, m in enumerate(MODALITIES):
+        assert medians[m] == pytest.approx(np.nanmedian(smoothed.contributions[:, j]))
+    assert (smoothed.contributions[:, 0] > medians["a"]).mean() == pytest.approx(0.5, abs=0.01)
+
+
 def test_the_threshold_is_fitted_on_the_scores_it_is_applied_to():
     """Smoothed validation scores are narrower than raw ones: the threshold follows the smoothing."""
     raw = _raw(2000)

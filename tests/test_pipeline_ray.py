@@ -340,6 +340,14 @@ def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_th
     share = (with_score > validation["validation_score_p50"]).sum() / with_score.len()
     assert 0 < last["above_validation_median"] < 1 and last["above_validation_median"] == pytest.approx(share)
     assert scored.above_validation_median == pytest.approx(share)
+    medians = validation["validation_contribution_p50"]
+    assert set(medians) == set(spec.modalities) - {"process_context"}   # speaking through its relations, the
+    #                                                                     context view has no contribution of its own
+    for m, median in medians.items():
+        ranked = out[f"score_{m}"].drop_nulls()
+        if ranked.len():
+            assert last[f"above_validation_median_{m}"] == pytest.approx((ranked > median).sum() / ranked.len())
+            assert scored.modality_above[m] == pytest.approx(last[f"above_validation_median_{m}"])
 
 
 def test_score_position_counts_the_ticks_above_the_validation_median_and_nothing_without_one():
@@ -388,6 +396,9 @@ def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(traine
         in caplog.text
     runs = pl.read_delta(str(tmp_path / "scores_runs"))
     assert runs["above_validation_median"].to_list() == [pytest.approx(result.above_validation_median)]
+    moved = max(result.modality_above, key=result.modality_above.get)
+    assert moved == "process" and result.modality_above["process"] > 0.95           # the modality that moved
+    assert f"(each modality's contribution above its validation median; process " in caplog.text
 
 
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
