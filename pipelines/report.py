@@ -504,7 +504,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'day\'s); above_validation_median: the share of the day\'s ticks scoring above the version\'s '
             'validation median - about half on days like those, far more when the inputs have moved (and, per '
             'modality, the share of its smoothed contributions above their validation median).</p>'
-            f'{_table(cols, rows, "runs-table")}</section>')
+            f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 
 RUN_SHARES = ("alarm_rate", "expected_alarm_rate", "above_validation_median")   # shown as percentages
@@ -690,7 +690,7 @@ def _page(title: str, body: str) -> str:
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px auto; max-width: 1060px; color: #222; }}
 h1 {{ margin: 0 0 8px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee;
+table {{ border-collapse: collapse; margin: 8px 0 16px; }} .wide {{ overflow-x: auto; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee;
   text-align: right; }} th {{ background: #f6f6f6; }} td:first-child, th:first-child {{ text-align: left; }}
 table.facts th {{ text-align: left; background: none; font-weight: 600; }}
 .row {{ display: flex; gap: 16px; flex-wrap: wrap; }} figure {{ margin: 8px 0 20px; }}

@@ -477,6 +477,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1 and rows["version-0"] == 3     # the version that scored: created, its days
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
+    assert got["width"] <= 1200          # the window's width: a wide table scrolls in its own box, not the page
     image = Image.open(page.screenshot).convert("L")
     assert image.size[1] > 1500                                   # the whole page, not one screen
     histogram = image.histogram()
