@@ -269,20 +269,20 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                 continue
             schema = pa.schema(table.schema().to_arrow())
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
-    with_score = sum(c.with_score for c in counts)
-    above = sum(c.above_validation_median for c in counts) / with_score if with_score else None
-    ranked: dict[str, list[int]] = {}
-    for c in counts:
-        for m, (n, up) in c.modality_above.items():
-            ranked.setdefault(m, [0, 0])
-            ranked[m][0] += n
-            ranked[m][1] += up
+    modalities = sorted({m for c in counts for m in c.modality_above})
+    by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
                       seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
                       input_rows_quarantined=sum(c.input_rows_quarantined for c in counts),
-                      above_validation_median=above,
-                      modality_above={m: up / n for m, (n, up) in ranked.items() if n})
+                      above_validation_median=_share_above([(c.with_score, c.above_validation_median) for c in counts]),
+                      modality_above={m: share for m, share in by_modality.items() if share is not None})
+
+
+def _share_above(positions: list[tuple[int, int]]) -> float | None:
+    """The share above a validation median over the shards' (values, those above it) counts; None without values."""
+    values = sum(n for n, _ in positions)
+    return sum(up for _, up in positions) / values if values else None
 
 
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str,

@@ -101,21 +101,22 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
 def score_position(score: pa.ChunkedArray, calibration: Calibration) -> tuple[int, int]:
     """(ticks with a score, those above the calibration's validation median score): on days like the validation
     days about half are above it. (0, 0) for a version that did not record the median."""
-    median = calibration.validation.get("validation_score_p50")
-    if median is None:
-        return 0, 0
-    return len(score) - score.null_count, int(pc.sum(pc.greater(score, median)).as_py() or 0)
+    return _above(score, calibration.validation.get("validation_score_p50"))
 
 
 def contribution_positions(out: pa.Table, calibration: Calibration) -> dict[str, tuple[int, int]]:
-    """Per modality: (ticks with its contribution, those above its validation median - smoothed, as the output's
-    `score_<m>`); none for a version that did not record the medians."""
-    positions = {}
-    for m, median in calibration.validation.get("validation_contribution_p50", {}).items():
-        if f"score_{m}" in out.column_names:
-            column = out.column(f"score_{m}")
-            positions[m] = (len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0))
-    return positions
+    """`score_position` of each modality's contribution (smoothed, as the output's `score_<m>`) against its
+    validation median; none for a version that did not record the medians."""
+    return {m: _above(out.column(f"score_{m}"), median)
+            for m, median in calibration.validation.get("validation_contribution_p50", {}).items()
+            if f"score_{m}" in out.column_names}
+
+
+def _above(column: pa.ChunkedArray, median: float | None) -> tuple[int, int]:
+    """(values in `column`, those above `median`); (0, 0) without a median."""
+    if median is None:
+        return 0, 0
+    return len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0)
 
 
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
