@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dmafn.features import group_rows
-from dmafn.postprocess import fit_threshold, smooth_by_group
+from dmafn.postprocess import fit_threshold, smooth_by_group, soften
 from dmafn.scoring import (TAIL_MIN_VALUES, Column, RawScores, RawTicks, ScoreRecord, baseline_columns,
                            baseline_min_ticks, fit_normalisation, fit_robust_scales, robust_scale, to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
@@ -200,13 +200,17 @@ class Calibration:
         return to_record(raw, self.normalisation, self.modalities)
 
     def smooth(self, values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-        """Causal smoothing of a score column (N,) or columns (N, k) within each group, rows in time order."""
+        """Causal smoothing of a score column (N,) or columns (N, k) within each group, rows in time order (each
+        value first `soften`ed by the smoothing's knee, when it has one)."""
+        return self._smooth(values, groups, self.smoothing.knee)
+
+    def _smooth(self, values: np.ndarray, groups: np.ndarray | None, knee: float | None) -> np.ndarray:
         values = np.asarray(values, float)
         sm = self.smoothing
         if sm.method == "none":
             return values.copy()
         groups = np.zeros(len(values), np.int8) if groups is None else np.asarray(groups)
-        return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window)
+        return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window, knee)
 
     def smooth_carried(self, values: np.ndarray, groups: np.ndarray,
                        carry: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -218,6 +222,7 @@ class Calibration:
         sm = self.smoothing
         if sm.method == "none" or not len(values):
             return values.copy(), dict(carry)
+        values = soften(values, sm.knee)            # once: the carry holds values already softened (or a state)
         cuts = np.flatnonzero(groups[1:] != groups[:-1]) + 1
         pieces, labels, own, out_carry = [], [], [], dict(carry)
         for rows in np.split(np.arange(len(values)), cuts):
@@ -227,7 +232,7 @@ class Calibration:
             labels.append(np.full(len(prefix) + len(rows), key))
             own.append(np.r_[np.zeros(len(prefix), bool), np.ones(len(rows), bool)])
         series, keys, mine = np.concatenate(pieces), np.concatenate(labels), np.concatenate(own)
-        smoothed = self.smooth(series, keys)
+        smoothed = self._smooth(series, keys, None)
         starts = np.r_[0, np.cumsum([len(k) for k in labels])]
         for i, key in enumerate(k[0] for k in labels):
             span = slice(starts[i], starts[i + 1])

@@ -38,6 +38,7 @@ class Detector:
                  threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
                  smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
+                 knee: float | None = SmoothingSpec.knee,
                  validation_fraction: float = 0.2, seed: int = TrainSpec.seed, device: str = "cpu",
                  outlier_limit: float | None = TrainSpec.validation_outlier_limit, outlier_after: int = 0):
         self.modalities = modalities
@@ -46,7 +47,7 @@ class Detector:
         self.vote, self.threshold, self.risk, self.quantile = vote, threshold, risk, quantile
         self.contribution_scale, self.state_baseline = contribution_scale, state_baseline
         self.threshold_value, self.validation_fraction = threshold_value, validation_fraction
-        self.smoothing, self.alpha, self.window = smoothing, alpha, window
+        self.smoothing, self.alpha, self.window, self.knee = smoothing, alpha, window, knee
         self.seed, self.device = seed, device
         self.outlier_limit, self.outlier_after = outlier_limit, outlier_after
 
@@ -70,7 +71,7 @@ class Detector:
         raw_val = raw_scores(self.model_, _rows(X, val_idx), device=self.device)
         self.calibration_ = Calibration.fit(
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,
-            smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window),
+            smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window, self.knee),
             threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
             voting=voting_modalities(self.modalities), state_baseline=self.state_baseline,
             outlier_limit=self.outlier_limit, outlier_after=self.outlier_after)

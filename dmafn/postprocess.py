@@ -39,19 +39,33 @@ def rolling_mean(scores: np.ndarray, window: int) -> np.ndarray:
     return np.where(valid, total / np.maximum(count, 1), np.nan)
 
 
-def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5) -> np.ndarray:
-    """Smooth one time-ordered series: none | ewma | rolling."""
+def soften(scores: np.ndarray, knee: float | None) -> np.ndarray:
+    """Each value over `knee` counts only by the log of its excess: knee + ln(1 + value - knee); the rest (and
+    every value with `knee` None) as it is. Monotone, so the order of the ticks is kept; what it bounds is how
+    long one tick of overwhelming evidence (a tail surprise of 50, one in 10^50) holds a smoothed score up after
+    the evidence is gone."""
+    scores = np.asarray(scores, float)
+    if knee is None:
+        return scores
+    with np.errstate(invalid="ignore"):
+        return np.where(scores > knee, knee + np.log1p(np.maximum(scores - knee, 0.0)), scores)
+
+
+def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5,
+           knee: float | None = None) -> np.ndarray:
+    """Smooth one time-ordered series: none | ewma | rolling; with `knee`, each value `soften`ed first (not with
+    none: nothing is carried from tick to tick there)."""
     if method == "none":
         return np.asarray(scores, float)
     if method == "ewma":
-        return ewma(np.asarray(scores, float), alpha)
+        return ewma(soften(scores, knee), alpha)
     if method == "rolling":
-        return rolling_mean(np.asarray(scores, float), window)
+        return rolling_mean(soften(scores, knee), window)
     raise ValueError(f"unknown smoothing {method!r} (none, ewma, rolling)")
 
 
 def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: float = 0.3,
-                    window: int = 5) -> np.ndarray:
+                    window: int = 5, knee: float | None = None) -> np.ndarray:
     """Smooth each group's series separately (one sort, not a scan per group); rows must already be in time
     order within each group. `scores` (N,) or (N, k): each column smoothed on its own."""
     scores = np.asarray(scores, float)
@@ -63,7 +77,7 @@ def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: 
     columns = scores.reshape(len(scores), -1)
     for rows in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
         out.reshape(len(scores), -1)[rows] = np.stack(
-            [smooth(columns[rows, j], method, alpha, window) for j in range(columns.shape[1])], 1)
+            [smooth(columns[rows, j], method, alpha, window, knee) for j in range(columns.shape[1])], 1)
     return out
 
 

@@ -154,6 +154,7 @@ class SmoothingSpec:
     method: str = "ewma"
     alpha: float = 0.3
     window: int = 5
+    knee: float | None = None     # over it a tick's score counts by the log of its excess (`postprocess.soften`)
 
 
 @dataclass(frozen=True)
@@ -462,10 +463,11 @@ def _parse_score(sec: _Section) -> ScoreSpec:
     smo = sec.section("smoothing")
     smoothing = SmoothingSpec()
     if smo is not None:
-        smo.reject_unknown({"method", "alpha", "window"})
+        smo.reject_unknown({"method", "alpha", "window", "knee"})
         smoothing = SmoothingSpec(method=smo.choice("method", SMOOTHING_METHODS, SmoothingSpec.method),
                                   alpha=smo.number("alpha", SmoothingSpec.alpha, float, 0.001, 1.0),
-                                  window=smo.number("window", SmoothingSpec.window, int, 1))
+                                  window=smo.number("window", SmoothingSpec.window, int, 1),
+                                  knee=None if smo.get("knee") is None else smo.number("knee", None, float, 0.0))
     return ScoreSpec(output=str(sec.required("output")), threshold=threshold, smoothing=smoothing,
                      quarantine=sec.get("quarantine"), runs=sec.get("runs"),
                      staging=sec.get("staging"))

@@ -376,5 +376,5 @@ def synthetic_spec(root: str, cfg: SyntheticConfig, *, train_days: int | None = 
                   "gpu": False, "validation_days": 1},
         "registry": f"{root}/models",
         "score": {"output": f"{root}/scores", "threshold": {"method": "pot", "risk": 3e-3},
-                  "smoothing": {"method": "ewma", "alpha": 0.5}},
+                  "smoothing": {"method": "ewma", "alpha": 0.5, "knee": 4}},
     }

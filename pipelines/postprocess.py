@@ -7,16 +7,20 @@ import polars as pl
 from dmafn.spec import SmoothingSpec, Spec
 
 
-def smoothed(column: str, method: str, *, alpha: float, window: int, over: list[str]) -> pl.Expr:
+def smoothed(column: str, method: str, *, alpha: float, window: int, over: list[str],
+             knee: float | None = None) -> pl.Expr:
     """Causal smoothing of `column` within each `over` group (rows already in time order): NaN/null ticks are
-    skipped (the state carries over them) and stay null - the same values as `dmafn.postprocess.smooth`."""
+    skipped (the state carries over them) and stay null; with `knee`, each value over it counts by the log of its
+    excess - the same values as `dmafn.postprocess.smooth`."""
     values = pl.col(column).cast(pl.Float64).fill_nan(None)
+    carried = values if knee is None or method == "none" else (
+        pl.when(values > knee).then(knee + (values - knee).log1p()).otherwise(values))
     if method == "none":
         out = values
     elif method == "ewma":
-        out = values.ewm_mean(alpha=alpha, adjust=False, ignore_nulls=True, min_samples=1)
+        out = carried.ewm_mean(alpha=alpha, adjust=False, ignore_nulls=True, min_samples=1)
     elif method == "rolling":
-        out = values.rolling_mean(window_size=window, min_samples=1)
+        out = carried.rolling_mean(window_size=window, min_samples=1)
     else:
         raise ValueError(f"unknown smoothing {method!r} (none, ewma, rolling)")
     return pl.when(values.is_not_null()).then(out.over(over)).otherwise(None).alias(column)
@@ -53,4 +57,5 @@ def smooth_columns(df: pl.DataFrame, columns: list[str], spec: Spec, *, by: tupl
     if sm.method == "none" or df.is_empty():
         return df
     over = [*spec.entity, *by]
-    return df.with_columns([smoothed(c, sm.method, alpha=sm.alpha, window=sm.window, over=over) for c in columns])
+    return df.with_columns([smoothed(c, sm.method, alpha=sm.alpha, window=sm.window, over=over, knee=sm.knee)
+                            for c in columns])

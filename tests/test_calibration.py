@@ -94,6 +94,12 @@ def test_a_manifest_written_before_the_smoothing_was_stored_takes_the_specs():
     cal = Calibration.from_dict(old, smoothing=SmoothingSpec("rolling", window=3),
                                 validation={"validation_alarm_rate": 0.01, "threshold_method": "pot"})
     assert cal.smoothing == SmoothingSpec("rolling", window=3) and cal.threshold == 2.0
+    assert cal.smoothing.knee is None
+    kneed = Calibration.from_dict({**old, "smoothing": {"method": "ewma", "alpha": 0.5, "window": 5}})
+    assert kneed.smoothing == SmoothingSpec("ewma", 0.5)          # stored before the knee existed: none
+    again = Calibration.from_dict(Calibration(("a", "b"), kneed.normalisation, SmoothingSpec("ewma", 0.5, knee=6.0),
+                                              threshold=2.0).to_dict())
+    assert again.smoothing.knee == 6.0
     assert cal.expected_alarm_rate == 0.01 and cal.threshold_method == "pot"
     assert cal.normalisation == {k: v for k, v in old.items() if k != "threshold"}
 
@@ -297,8 +303,10 @@ def test_smoothing_in_parts_with_a_carry_equals_smoothing_the_whole_series():
     values[rng.random(n) < 0.3] = np.nan
     values[groups == "z"] = np.nan                       # a group with no value yet carries NaN
     slot = np.searchsorted([0.3, 0.31, 0.7], time)      # the second part holds few rows
+    values[rng.random(n) < 0.1] = 8.0                    # over the knees below: softened once, never twice
     for smoothing in (SmoothingSpec(method="ewma", alpha=0.3), SmoothingSpec(method="rolling", window=4),
-                      SmoothingSpec(method="none")):
+                      SmoothingSpec(method="none"), SmoothingSpec(method="ewma", alpha=0.3, knee=1.0),
+                      SmoothingSpec(method="rolling", window=4, knee=1.0)):
         calibration = Calibration(("a",), {}, smoothing)
         carry, got = {}, np.full(n, np.nan)
         for k in range(4):

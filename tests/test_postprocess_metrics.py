@@ -9,7 +9,7 @@ import pytest
 
 from dmafn.metrics import event_metrics, point_adjust, point_metrics, pr_auc, report, roc_auc
 from dmafn.postprocess import (best_f1_threshold, events, ewma, fit_threshold, gpd_fit, pot_threshold,
-                               rolling_mean, smooth_by_group, to_labels)
+                               rolling_mean, smooth, smooth_by_group, soften, to_labels)
 
 
 def test_roc_auc_hand_computed():
@@ -65,16 +65,37 @@ def test_ewma_and_rolling_hand_computed():
     assert rolling_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [1.0, 1.5, 2.5, 3.5]
 
 
+def test_a_knee_counts_the_excess_over_it_by_its_log_and_keeps_the_order():
+    values = np.array([0.5, 2.0, 3.0, 10.0, np.nan])
+    got = soften(values, 2.0)
+    assert got[:4] == pytest.approx([0.5, 2.0, 2.0 + math.log(2.0), 2.0 + math.log(9.0)])
+    assert math.isnan(got[4]) and np.all(np.diff(got[:4]) > 0)
+    assert np.array_equal(soften(values, None), values, equal_nan=True)
+
+
+def test_a_knee_shortens_how_long_one_overwhelming_tick_holds_the_smoothed_score_up():
+    """One tick of surprise 50 among ticks of 0.4: EWMA 0.5 stays over 1.5 for 4 ticks after it without a knee,
+    2 with a knee at 6 (6 + ln 45 = 9.8 carried); before it nothing changes, and smoothing 'none' is untouched."""
+    scores = np.r_[np.full(5, 0.4), 50.0, np.full(10, 0.4)]
+    plain, kneed = smooth(scores, "ewma", 0.5), smooth(scores, "ewma", 0.5, knee=6.0)
+    assert (plain[6:] > 1.5).sum() == 4 and (kneed[6:] > 1.5).sum() == 2
+    assert np.array_equal(plain[:5], kneed[:5]) and kneed[5] == pytest.approx(0.5 * 0.4 + 0.5 * (6 + math.log(45)))
+    assert np.array_equal(smooth(scores, "none", knee=6.0), scores)
+    assert smooth(scores, "rolling", window=3, knee=6.0)[5] == pytest.approx((0.8 + 6 + math.log(45)) / 3)
+
+
 def test_smoothing_stays_within_its_group():
     scores = np.array([0.0, 10.0, 0.0, 10.0])
     groups = np.array(["a", "b", "a", "b"])
     assert smooth_by_group(scores, groups, "ewma", 0.5).tolist() == [0.0, 10.0, 0.0, 10.0]
 
 
-@pytest.mark.parametrize("method", ["ewma", "rolling", "none"])
-def test_polars_smoothing_per_entity_equals_the_reference_series_by_series(method):
+@pytest.mark.parametrize("method, knee", [("ewma", None), ("rolling", None), ("none", None), ("ewma", 1.0),
+                                         ("rolling", 0.5), ("none", 1.0)])
+def test_polars_smoothing_per_entity_equals_the_reference_series_by_series(method, knee):
     """The pipeline's Polars window expressions give the values of `dmafn.postprocess.smooth` applied to each
-    entity's series (NaN ticks skipped and kept null), whatever the order rows come in."""
+    entity's series (NaN ticks skipped and kept null, values over a knee softened), whatever the order rows
+    come in."""
     import polars as pl
 
     from pipelines.postprocess import smoothed
@@ -82,12 +103,15 @@ def test_polars_smoothing_per_entity_equals_the_reference_series_by_series(metho
     rng = np.random.default_rng(1)
     n = 600
     groups = rng.choice(["a", "b", "c", "d"], n)
-    scores = rng.normal(size=n)
+    scores = rng.normal(size=n) * 3
     scores[rng.random(n) < 0.1] = np.nan
     df = pl.DataFrame({"g": groups, "t": np.arange(n), "s": scores}).sample(fraction=1.0, shuffle=True, seed=2)
-    out = df.sort("g", "t").with_columns(smoothed("s", method, alpha=0.3, window=5, over=["g"]))
+    out = df.sort("g", "t").with_columns(smoothed("s", method, alpha=0.3, window=5, over=["g"], knee=knee))
     reference = df.sort("g", "t")
-    expected = smooth_by_group(reference["s"].to_numpy(), reference["g"].to_numpy(), method, 0.3, 5)
+    expected = smooth_by_group(reference["s"].to_numpy(), reference["g"].to_numpy(), method, 0.3, 5, knee)
+    if knee is not None and method != "none":     # the knee took part
+        assert not np.allclose(expected, smooth_by_group(reference["s"].to_numpy(), reference["g"].to_numpy(),
+                                                         method, 0.3, 5), equal_nan=True)
     got = out["s"].fill_null(np.nan).to_numpy()
     assert np.array_equal(np.isnan(got), np.isnan(expected))
     assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=0, atol=1e-12)

@@ -107,6 +107,17 @@ def test_encoding_distance_is_parsed_checked_and_round_trips():
         parse_spec(data, source="s.yaml")
 
 
+def test_the_smoothings_knee_is_parsed_checked_and_round_trips():
+    data = tiny_spec_dict()
+    assert parse_spec(data).score.smoothing.knee is None
+    data["score"] = {**data["score"], "smoothing": {"method": "ewma", "alpha": 0.5, "knee": 6}}
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.score.smoothing.knee == 6.0 and parse_spec(spec.to_dict()).score == spec.score
+    data["score"]["smoothing"]["knee"] = -1
+    with pytest.raises(SpecError, match=r"'score.smoothing.knee': -1 is outside \[0.0, None\]"):
+        parse_spec(data, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
