@@ -63,6 +63,7 @@ def _shard_ticks(groups, time, raw, ray):
     (None, SmoothingSpec(method="rolling", window=5), ThresholdSpec(method="pot", risk=1e-3, per_entity=True), "tail",
      False, (3.0, 0)),
     (1, SmoothingSpec(method="ewma", alpha=0.5), ThresholdSpec(method="pot", risk=1e-3), "tail", True, (4.0, 10)),
+    (1, SmoothingSpec(method="ewma", alpha=0.5, knee=1.5), ThresholdSpec(method="pot", risk=1e-3), "tail", False, None),
 ])
 def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray, monkeypatch, latent_dims, smoothing,
                                                                          threshold, scale, state, outliers):
@@ -89,6 +90,9 @@ def test_the_calibration_of_shards_on_workers_equals_the_one_in_memory(local_ray
     assert whole["validation"]["validation_ticks"] == len(groups) - left_out
     assert (left_out > 0) == bool(outliers)
     assert ("baseline" in whole) == state
+    if smoothing.knee is not None:                        # the knee took part: without it the threshold moves
+        plain = Calibration.fit(raw, MODALITIES, groups=groups, **{**fit, "smoothing": SmoothingSpec("ewma", smoothing.alpha)})
+        assert plain.threshold != whole["threshold"]
 
 
 def test_a_long_tail_is_fitted_from_counts_and_sums_where_it_lies(local_ray, monkeypatch):
