@@ -202,15 +202,12 @@ class Calibration:
     def smooth(self, values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
         """Causal smoothing of a score column (N,) or columns (N, k) within each group, rows in time order (each
         value first `soften`ed by the smoothing's knee, when it has one)."""
-        return self._smooth(values, groups, self.smoothing.knee)
-
-    def _smooth(self, values: np.ndarray, groups: np.ndarray | None, knee: float | None) -> np.ndarray:
         values = np.asarray(values, float)
         sm = self.smoothing
         if sm.method == "none":
             return values.copy()
         groups = np.zeros(len(values), np.int8) if groups is None else np.asarray(groups)
-        return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window, knee)
+        return smooth_by_group(values, groups, sm.method, sm.alpha, sm.window, sm.knee)
 
     def smooth_carried(self, values: np.ndarray, groups: np.ndarray,
                        carry: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -232,7 +229,7 @@ class Calibration:
             labels.append(np.full(len(prefix) + len(rows), key))
             own.append(np.r_[np.zeros(len(prefix), bool), np.ones(len(rows), bool)])
         series, keys, mine = np.concatenate(pieces), np.concatenate(labels), np.concatenate(own)
-        smoothed = self._smooth(series, keys, None)
+        smoothed = smooth_by_group(series, keys, sm.method, sm.alpha, sm.window)     # softened above
         starts = np.r_[0, np.cumsum([len(k) for k in labels])]
         for i, key in enumerate(k[0] for k in labels):
             span = slice(starts[i], starts[i + 1])

@@ -47,8 +47,7 @@ def soften(scores: np.ndarray, knee: float | None) -> np.ndarray:
     scores = np.asarray(scores, float)
     if knee is None:
         return scores
-    with np.errstate(invalid="ignore"):
-        return np.where(scores > knee, knee + np.log1p(np.maximum(scores - knee, 0.0)), scores)
+    return np.where(scores > knee, knee + np.log1p(np.maximum(scores - knee, 0.0)), scores)
 
 
 def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5,
