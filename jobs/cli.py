@@ -164,6 +164,17 @@ def cmd_maintain(args) -> None:
         print(line)
 
 
+def cmd_status(args) -> int:
+    from pipelines.status import scoring_status
+    from pipelines.storage import Storage
+
+    spec = load_spec(args.spec)
+    found = scoring_status(spec, Storage.from_spec(spec.storage), days=args.days, max_age_days=args.max_age_days,
+                           spec_path=args.spec)
+    print(found.text())
+    return 1 if args.check and found.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmafn", description="Deep Multi-Modal Anomaly Fusion Network")
     parser.add_argument("--version", action="version", version=f"dmafn {_version()}")
@@ -246,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--out", default=None, help="also write the table to this Parquet file")
+    p = verb("status", cmd_status, "model versions, dates scored, failed or never scored, days unlike validation")
+    p.add_argument("--days", type=_positive(int), default=7, help="the newest dates listed and checked (default 7)")
+    p.add_argument("--max-age-days", type=_positive(int), default=None,
+                   help="a newest scored date older than this many days before today (UTC) is a problem")
+    p.add_argument("--check", action="store_true", help="exit with code 1 when there is a problem (for monitoring)")
     p = verb("maintain", cmd_maintain, "compact and vacuum the output Delta tables")
     p.add_argument("--retention-hours", type=int, default=168)
     return parser
@@ -263,7 +279,7 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        args.fn(args)
+        code = args.fn(args) or 0                # `status --check` returns 1 when it found a problem
     except (SpecError, DataError) as exc:
         if args.verbose:                  # the one line below says what; the traceback says where, on request
             traceback.print_exc(file=sys.stderr)
@@ -288,7 +304,7 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         print(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
         return 3
-    return 0
+    return code
 
 
 def run(verb: str | None = None) -> NoReturn:

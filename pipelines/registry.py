@@ -19,9 +19,10 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmafn.features import split_entity_statistics
@@ -181,6 +182,18 @@ class Registry:
     def latest(self) -> str:
         return self._read(join(self.root, LATEST)).decode().strip()
 
+    def versions(self) -> list[str]:
+        """The saved versions' ids, oldest first (an id begins with its UTC save time); none when the registry does
+        not exist yet. Folders whose names begin with '_' (training checkpoints, the baselines' registry) are not
+        versions."""
+        fs, root = self.storage.filesystem(self.root), self.storage.fs_path(self.root)
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+        except Exception as exc:  # noqa: BLE001 - unreachable endpoint, denied: say which registry
+            raise DataError(f"{self.root}: the model registry cannot be listed ({exc})") from None
+        return sorted(e.base_name for e in entries
+                      if e.type == pafs.FileType.Directory and not e.base_name.startswith("_"))
+
     def manifest(self, version: str) -> dict[str, Any]:
         """A version's manifest, checked against the checksum written at save (DataError names the file)."""
         manifest_path = join(self.root, version, "manifest.json")
@@ -228,6 +241,26 @@ class Registry:
             raise DataError(f"{path}: expected {saved['entities']} rows keyed by 'key', found {table.num_rows} with "
                             f"columns {table.column_names[:3]}")
         return table
+
+
+def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict[str, dict[str, Any] | str]:
+    """Per model version, what its manifest says about its training - when, on which days, the warnings it gave
+    (`pipelines.train.TrainingWarnings`), the alarm rate its validation days had (`expected_alarm_rate`) - or why
+    the manifest could not be read."""
+    registry, out = Registry(spec.registry, storage), {}
+    for version in sorted(versions):
+        try:
+            manifest = registry.manifest(version)
+        except (DataError, ValueError) as exc:                  # missing, changed, or not JSON
+            out[version] = str(exc)
+            continue
+        window = manifest.get("training_window", {})
+        validation = manifest.get("calibration", {}).get("validation") or manifest.get("metrics") or {}
+        out[version] = {"created_at": manifest.get("created_at"), "train_days": window.get("train_days", []),
+                        "validation_days": window.get("validation_days", []),
+                        "expected_alarm_rate": validation.get("validation_alarm_rate"),
+                        "warnings": manifest.get("warnings")}          # None: saved before versions kept them
+    return out
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, "torch.Tensor"]:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -28,6 +28,7 @@ from pipelines.evaluate_tasks import TaskPasses
 from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
+from pipelines.registry import version_facts
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -446,25 +447,6 @@ def _events_section(found: AlarmEvents) -> str:
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score. Dominant modality: the largest mean contribution during the event."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
-
-
-def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict[str, dict[str, Any] | str]:
-    """Per model version that scored the window, what its manifest says about its training (when, on which days,
-    the warnings it gave - `pipelines.train.TrainingWarnings`), or why the manifest could not be read."""
-    from pipelines.registry import Registry
-
-    registry, out = Registry(spec.registry, storage), {}
-    for version in sorted(versions):
-        try:
-            manifest = registry.manifest(version)
-        except (DataError, ValueError) as exc:                  # missing, changed, or not JSON
-            out[version] = str(exc)
-            continue
-        window = manifest.get("training_window", {})
-        out[version] = {"created_at": manifest.get("created_at"), "train_days": window.get("train_days", []),
-                        "validation_days": window.get("validation_days", []),
-                        "warnings": manifest.get("warnings")}          # None: saved before versions kept them
-    return out
 
 
 def _versions_section(facts: dict[str, dict[str, Any] | str]) -> str:

@@ -410,8 +410,8 @@ def test_the_report_says_what_each_versions_training_warned_read_from_its_manife
     import json
 
     from dmafn.spec import parse_spec
-    from pipelines.registry import Registry
-    from pipelines.report import _versions_section, version_facts
+    from pipelines.registry import Registry, version_facts
+    from pipelines.report import _versions_section
     from pipelines.storage import Storage
     from tests.conftest import tiny_spec_dict
 

@@ -134,6 +134,17 @@ def test_evaluate_and_report_read_the_scores_on_s3_a_date_at_a_time(s3_spec, tmp
     assert result["overall"]["fused"]["roc_auc"] > 0.5 and (tmp_path / "eval" / "scores.png").exists()
     page = build_report(spec, tmp_path / "r.html", start=DAYS[0], end=DAYS[-1]).read_text()
     assert f"{scored.height:,}" in page and 'id="runs-table"' in page and 'id="kind-metrics"' in page
+    # `status` lists the registry's versions on S3 (not its `_train_runs` checkpoints) and reads the runs table there
+    from pipelines.registry import Registry
+    from pipelines.status import scoring_status
+
+    registry = Registry(spec.registry, Storage.from_spec(spec.storage))
+    versions = registry.versions()
+    assert registry.latest() in versions and not any(v.startswith("_") for v in versions)
+    text = scoring_status(spec, Storage.from_spec(spec.storage), today=DAYS[-1]).text()
+    assert f"model versions: {len(versions)} in {spec.registry}; LATEST {registry.latest()} (created " in text
+    assert re.search(rf"scored: \d+ date\(s\), \S+ \.\. {DAYS[-1].isoformat()} ", text), text
+    assert f"\n{DAYS[-1].isoformat()}  succeeded  " in text
 
 
 def test_profile_reads_the_history_on_s3(s3_spec):

@@ -1,0 +1,169 @@
+"""`dmafn status`: where a spec's scoring stands and what needs a look, from the model registry and the runs table
+alone (a row per scored date and run) - no Ray, no scored row read.
+
+It lists the model versions (the latest: when it was trained, on which days, the alarm rate its validation days
+had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
+dates whose latest run failed, dates never scored between the first and the newest scored date, recent dates
+most of whose ticks score above the version's validation median (`pipelines.score.unlike_validation_warning`'s
+rule), and - with `max_age_days` - a newest scored date too old for a nightly job.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from dmafn.spec import Spec
+from pipelines.delta_sink import read_table
+from pipelines.registry import LATEST, Registry, version_facts
+from pipelines.score import UNLIKE_VALIDATION_SHARE
+from pipelines.storage import DataError, Storage, join
+
+STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
+LISTED = 10         # dates named in one problem line; the rest counted
+
+
+@dataclass
+class ScoringStatus:
+    """What `scoring_status` found: the lines to print and the problems among them (none: nothing needs a look)."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    latest: str | None = None          # the version the registry names LATEST, when its manifest reads
+
+    def text(self) -> str:
+        found = [f"problems: {len(self.problems)}", *(f"  {p}" for p in self.problems)] if self.problems \
+            else ["problems: none"]
+        return "\n".join([*self.lines, *found])
+
+
+def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None, days: int = STATUS_DAYS,
+                   max_age_days: int | None = None, spec_path: str = "SPEC") -> ScoringStatus:
+    """The registry's versions and the runs table's dates of `spec`, and what needs a look (see the module).
+    `today` (default: today, UTC) and `max_age_days`: a newest scored date older than today - max_age_days is a
+    problem; `spec_path` names the spec in the commands the problems suggest."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    out = ScoringStatus()
+    _versions(spec, storage, out, spec_path)
+    runs = _latest_runs(spec, storage)
+    if runs is None or runs.filter(pl.col("status") == "succeeded").is_empty():
+        out.lines.append(f"scored: nothing yet in {spec.score.output}")
+        out.problems.append(f"nothing scored yet in {spec.score.output}: run dmafn score {spec_path} "
+                            f"(or dmafn backfill {spec_path} --start D --end D)")
+        if runs is not None:
+            _failed(runs, out, spec_path)
+        return out
+    done = runs.filter(pl.col("status") == "succeeded")
+    first, newest = done["date"].min(), done["date"].max()
+    newest_version = done.filter(pl.col("date") == newest)["model_version"][0]
+    out.lines.append(f"scored: {done.height} date(s), {first} .. {newest} (the newest by {newest_version}) "
+                     f"in {spec.score.output}")
+    if out.latest is not None and out.latest not in set(done["model_version"].to_list()):
+        out.lines.append(f"{LATEST} {out.latest} has scored no date yet (dmafn score and backfill use it unless "
+                         "given --model)")
+    _failed(runs, out, spec_path)
+    _never_scored(runs, first, newest, out, spec_path)
+    recent = runs.sort("date").tail(days)
+    out.lines += ["", f"the {recent.height} newest date(s):", *_table(recent)]
+    for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True):
+        share = row["above_validation_median"]
+        if share is not None and share > UNLIKE_VALIDATION_SHARE:
+            out.problems.append(
+                f"{row['date']}: {share:.0%} of its ticks score above model version {row['model_version']}'s "
+                f"validation median (about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%}"
+                " is a problem): most of the day looks unlike the days the version was calibrated on - check the "
+                f"inputs (dmafn report, dmafn profile) or train a new version on recent days")
+    if max_age_days is not None and dt.date.fromisoformat(newest) < today - dt.timedelta(days=max_age_days):
+        out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
+                            f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
+    return out
+
+
+def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) -> None:
+    registry = Registry(spec.registry, storage)
+    versions = registry.versions()
+    try:
+        latest = registry.latest() if versions else None
+    except DataError:
+        latest = None
+    if latest is None:
+        out.lines.append(f"model versions: {len(versions)} in {spec.registry}, none named {LATEST}")
+        out.problems.append(f"no model version named in {join(spec.registry, LATEST)}: run dmafn train {spec_path}")
+        return
+    fact = version_facts(spec, storage, [latest])[latest]
+    if isinstance(fact, str):
+        out.lines.append(f"model versions: {len(versions)} in {spec.registry}; {LATEST} {latest}")
+        out.problems.append(f"{LATEST} names {latest}, whose manifest cannot be read: {fact}")
+        return
+
+    def span(d: list[str]) -> str:
+        return "-" if not d else d[0] if d[0] == d[-1] else f"{d[0]} .. {d[-1]}"
+
+    created = fact["created_at"]
+    if created:                                     # to the minute, in UTC
+        created = dt.datetime.fromisoformat(created).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    out.latest = latest
+    rate = fact["expected_alarm_rate"]
+    warnings = fact["warnings"]
+    out.lines.append(f"model versions: {len(versions)} in {spec.registry}; {LATEST} {latest} (created "
+                     f"{created or '-'}; trained on {span(fact['train_days'])}, validated on "
+                     f"{span(fact['validation_days'])}; expected alarm rate "
+                     f"{'-' if rate is None else f'{rate:.2%}'}; "
+                     f"{'warnings not kept' if warnings is None else f'{len(warnings)} training warning(s)'})")
+
+
+def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
+    """The runs table's newest row per date (by when it finished), or None when the table does not exist yet."""
+    path = spec.score.runs_path
+    uri, options = storage.delta_uri(path), storage.delta_options(path)
+    try:
+        if read_table(uri, options) is None:
+            return None
+        runs = pl.scan_delta(uri, storage_options=options).collect()
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined", "anomalies",
+              "alarm_rate", "expected_alarm_rate", "above_validation_median", "finished_at"]
+    missing = [c for c in wanted if c not in runs.columns]
+    if missing:
+        raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
+    return (runs.select(wanted).sort("finished_at").group_by("date", maintain_order=True).last().sort("date"))
+
+
+def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
+    failed = runs.filter(pl.col("status") != "succeeded")["date"].to_list()
+    if failed:
+        out.problems.append(f"{len(failed)} date(s) whose latest run failed: {_named(failed)} - run dmafn backfill "
+                            f"{spec_path} --start {failed[0]} --end {failed[-1]} (dates scored since are skipped)")
+
+
+def _never_scored(runs: pl.DataFrame, first: str, newest: str, out: ScoringStatus, spec_path: str) -> None:
+    start, end = dt.date.fromisoformat(first), dt.date.fromisoformat(newest)
+    seen = set(runs["date"].to_list())
+    missing = [d.isoformat() for d in (start + dt.timedelta(days=i) for i in range((end - start).days + 1))
+               if d.isoformat() not in seen]
+    if missing:
+        out.problems.append(f"{len(missing)} date(s) never scored between {first} and {newest}: {_named(missing)} "
+                            f"- run dmafn backfill {spec_path} --start {missing[0]} --end {missing[-1]}")
+
+
+def _named(dates: list[str]) -> str:
+    more = f" and {len(dates) - LISTED} more" if len(dates) > LISTED else ""
+    return ", ".join(dates[:LISTED]) + more
+
+
+def _table(runs: pl.DataFrame) -> list[str]:
+    head = ["date", "status", "model version", "ticks in", "scored", "quarantined", "alarms", "alarm rate",
+            "expected", "above val. median"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2%}"
+
+    rows = [[r["date"], r["status"], r["model_version"], str(r["ticks_in"]), str(r["rows_scored"]),
+             str(r["rows_quarantined"]), str(r["anomalies"]), pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
+             "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}"]
+            for r in runs.iter_rows(named=True)]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows]]

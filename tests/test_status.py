@@ -1,0 +1,97 @@
+"""`dmafn status`: the registry's versions and the runs table's dates, and the problems among them - on a real
+runs table (Delta, in a temp folder) and registry folders, without Ray."""
+import datetime as dt
+import json
+
+import pytest
+import yaml
+
+from dmafn.spec import parse_spec
+from pipelines.score import DateResult, record_run
+from pipelines.status import scoring_status
+from pipelines.storage import Storage
+from tests.conftest import tiny_spec_dict
+
+OLD, NEW = "20240101T000000Z-aaaaaa", "20240102T120000Z-bbbbbb"
+
+
+def _spec(tmp_path):
+    data = tiny_spec_dict(registry=str(tmp_path / "models"), score={"output": str(tmp_path / "scores")})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return parse_spec(data, source=str(path)), str(path)
+
+
+def _version(tmp_path, version, alarm_rate=0.003, latest=True):
+    folder = tmp_path / "models" / version
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({
+        "created_at": "2024-01-02T12:00:30+00:00", "warnings": ["modality 'proc': a warning"],
+        "calibration": {"validation": {"validation_alarm_rate": alarm_rate}},
+        "training_window": {"train_days": ["2024-01-01"], "validation_days": ["2024-01-02"]}}))
+    if latest:
+        (tmp_path / "models" / "LATEST").write_text(version)
+
+
+def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3):
+    result = DateResult(day, 100, 98, 2, anomalies, 1.0, above_validation_median=above) if status == "succeeded" \
+        else DateResult(day, 0, 0, 0, 0, 0.0)
+    record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003)
+
+
+def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD, latest=False)
+    _version(tmp_path, NEW)
+    (tmp_path / "models" / "_alone").mkdir()                          # the baselines' registry: not a version
+    _run(spec, "2024-01-03")
+    _run(spec, "2024-01-04", status="failed")
+    _run(spec, "2024-01-04", above=0.9)                               # failed, then scored: not failed now
+    _run(spec, "2024-01-06", status="failed")
+    _run(spec, "2024-01-08")
+    found = scoring_status(spec, Storage(), today=dt.date(2024, 1, 12), max_age_days=2, spec_path="s.yaml")
+    text = found.text()
+    assert f"model versions: 2 in {spec.registry}; LATEST {NEW} (created 2024-01-02 12:00 UTC; trained on " \
+           "2024-01-01, validated on 2024-01-02; expected alarm rate 0.30%; 1 training warning(s))" in text
+    assert f"scored: 3 date(s), 2024-01-03 .. 2024-01-08 (the newest by {OLD})" in text
+    assert f"LATEST {NEW} has scored no date yet" in text
+    assert len(found.problems) == 4, found.problems
+    failed, never, unlike, stale = found.problems
+    assert failed.startswith("1 date(s) whose latest run failed: 2024-01-06 - run dmafn backfill s.yaml "
+                             "--start 2024-01-06 --end 2024-01-06")
+    assert never.startswith("2 date(s) never scored between 2024-01-03 and 2024-01-08: 2024-01-05, 2024-01-07 - "
+                            "run dmafn backfill s.yaml --start 2024-01-05 --end 2024-01-07")
+    assert unlike.startswith(f"2024-01-04: 90% of its ticks score above model version {OLD}'s validation median")
+    assert stale.startswith("the newest scored date is 2024-01-08, 4 days before 2024-01-12 (at most 2 allowed)")
+    # the newest dates side by side, the latest run of each date only
+    table = text.split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
+    assert table[0].split()[:3] == ["date", "status", "model"] and len(table) == 5
+    assert [line.split()[:2] for line in table[1:]] == [["2024-01-03", "succeeded"], ["2024-01-04", "succeeded"],
+                                                      ["2024-01-06", "failed"], ["2024-01-08", "succeeded"]]
+    assert table[1].split()[3:] == ["100", "98", "2", "3", "3.06%", "0.30%", "50%"]
+    assert table[2].split()[-1] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "-", "0.30%", "-"]
+    # only the newest `days` dates are checked for days unlike validation; a recent enough date is not stale
+    quiet = scoring_status(spec, Storage(), today=dt.date(2024, 1, 9), days=2, max_age_days=2, spec_path="s.yaml")
+    assert quiet.problems == [failed, never]
+
+
+def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(tmp_path):
+    from jobs.cli import main
+
+    spec, path = _spec(tmp_path)
+    found = scoring_status(spec, Storage(), spec_path=path)
+    assert found.problems == [f"no model version named in {spec.registry}/LATEST: run dmafn train {path}",
+                              f"nothing scored yet in {spec.score.output}: run dmafn score {path} (or dmafn backfill "
+                              f"{path} --start D --end D)"]
+    _version(tmp_path, OLD)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    _run(spec, (today - dt.timedelta(days=3)).isoformat())
+    _run(spec, (today - dt.timedelta(days=1)).isoformat())
+    assert main(["status", path, "--check", "--max-age-days", "2"]) == 1      # the date between: never scored
+    assert main(["status", path, "--max-age-days", "2"]) == 0                 # printed, not an exit code
+    _run(spec, (today - dt.timedelta(days=2)).isoformat())
+    assert scoring_status(spec, Storage(), max_age_days=2).problems == []
+    assert main(["status", path, "--check", "--max-age-days", "2"]) == 0
+    with pytest.raises(SystemExit) as usage:                                   # argparse's usage error
+        main(["status", path, "--days", "0"])
+    assert usage.value.code == 2
