@@ -3,7 +3,7 @@ alone (a row per scored date and run) - no Ray, no scored row read.
 
 It lists the model versions (the latest: when it was trained, on which days, the alarm rate its validation days
 had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
-dates whose latest run failed, dates never scored between the first and the newest scored date, recent dates
+dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest scored date, recent dates
 most of whose ticks score above the version's validation median (`pipelines.score.unlike_validation_warning`'s
 rule), and - with `max_age_days` - a newest scored date too old for a nightly job.
 """
@@ -22,6 +22,7 @@ from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
 LISTED = 10         # dates named in one problem line; the rest counted
+MODALITY_SHARE = "above_validation_median_"     # the runs table's per-modality shares: this prefix, the modality
 
 
 @dataclass
@@ -47,14 +48,14 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     out = ScoringStatus()
     _versions(spec, storage, out, spec_path)
     runs = _latest_runs(spec, storage)
-    if runs is None or runs.filter(pl.col("status") == "succeeded").is_empty():
+    if runs is None or not runs["committed"].any():
         out.lines.append(f"scored: nothing yet in {spec.score.output}")
         out.problems.append(f"nothing scored yet in {spec.score.output}: run dmafn score {spec_path} "
                             f"(or dmafn backfill {spec_path} --start D --end D)")
         if runs is not None:
             _failed(runs, out, spec_path)
         return out
-    done = runs.filter(pl.col("status") == "succeeded")
+    done = runs.filter(pl.col("committed"))
     first, newest = done["date"].min(), done["date"].max()
     newest_version = done.filter(pl.col("date") == newest)["model_version"][0]
     out.lines.append(f"scored: {done.height} date(s), {first} .. {newest} (the newest by {newest_version}) "
@@ -69,11 +70,15 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True):
         share = row["above_validation_median"]
         if share is not None and share > UNLIKE_VALIDATION_SHARE:
+            shares = sorted(((c[len(MODALITY_SHARE):], v) for c, v in row.items()
+                             if c.startswith(MODALITY_SHARE) and v is not None), key=lambda kv: -kv[1])
+            by_modality = "".join(f"; {m} {v:.0%}" for m, v in shares)
             out.problems.append(
                 f"{row['date']}: {share:.0%} of its ticks score above model version {row['model_version']}'s "
                 f"validation median (about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%}"
                 " is a problem): most of the day looks unlike the days the version was calibrated on - check the "
-                f"inputs (dmafn report, dmafn profile) or train a new version on recent days")
+                f"inputs (dmafn report, dmafn profile) or train a new version on recent days"
+                + (f" (each modality's contribution above its validation median{by_modality})" if by_modality else ""))
     if max_age_days is not None and dt.date.fromisoformat(newest) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
@@ -115,7 +120,9 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
 
 
 def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
-    """The runs table's newest row per date (by when it finished), or None when the table does not exist yet."""
+    """The runs table's newest row per date (by when it finished) and whether any run of the date succeeded
+    (`committed`: its rows are in the output, even if a later re-run failed), or None when the table does not
+    exist yet."""
     path = spec.score.runs_path
     uri, options = storage.delta_uri(path), storage.delta_options(path)
     try:
@@ -129,14 +136,20 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     missing = [c for c in wanted if c not in runs.columns]
     if missing:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
-    return (runs.select(wanted).sort("finished_at").group_by("date", maintain_order=True).last().sort("date"))
+    by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
+    return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
+            .agg(pl.all().last(), (pl.col("status") == "succeeded").any().alias("committed")).sort("date"))
 
 
 def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
-    failed = runs.filter(pl.col("status") != "succeeded")["date"].to_list()
-    if failed:
-        out.problems.append(f"{len(failed)} date(s) whose latest run failed: {_named(failed)} - run dmafn backfill "
-                            f"{spec_path} --start {failed[0]} --end {failed[-1]} (dates scored since are skipped)")
+    latest_failed = runs.filter(pl.col("status") != "succeeded")
+    never = latest_failed.filter(~pl.col("committed"))["date"].to_list()
+    if never:
+        out.problems.append(f"{len(never)} date(s) whose runs all failed: {_named(never)} - run dmafn backfill "
+                            f"{spec_path} --start {never[0]} --end {never[-1]} (dates scored since are skipped)")
+    for day in latest_failed.filter(pl.col("committed"))["date"].to_list():
+        out.problems.append(f"{day}: its latest run failed; the output holds an earlier run's rows - run dmafn score "
+                            f"{spec_path} --date {day} again (scoring a date replaces it)")
 
 
 def _never_scored(runs: pl.DataFrame, first: str, newest: str, out: ScoringStatus, spec_path: str) -> None:
