@@ -1,4 +1,5 @@
-"""The demo: generate -> train on the first days -> backfill the later days -> evaluate -> the HTML report."""
+"""The demo: generate -> train on the first days -> backfill the later days -> evaluate -> the HTML report ->
+where the scoring stands (`dmafn status`)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,6 +13,8 @@ from pipelines.evaluate import evaluate
 from pipelines.generate import write_synthetic
 from pipelines.report import build_report
 from pipelines.score import backfill
+from pipelines.status import scoring_status
+from pipelines.storage import Storage
 from pipelines.train import train
 
 log = logging.getLogger(__name__)
@@ -39,5 +42,8 @@ def run_demo(workdir: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *, e
     result = evaluate(spec, start=first, end=last, report_dir=str(workdir / "report"), baselines=baselines)
     page = build_report(spec, workdir / "report" / "report.html", start=first, end=last)
     print(f"[demo] report page: {page} (open it in a browser)")
+    print(f"[demo] where the scoring stands (dmafn status {spec_path}):")
+    print("\n".join(f"  {line}".rstrip() for line in scoring_status(spec, Storage.from_spec(spec.storage),
+                                                          spec_path=str(spec_path)).text().splitlines()))
     result["report_page"] = str(page)
     return result

@@ -131,11 +131,13 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
         runs = pl.scan_delta(uri, storage_options=options).collect()
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined", "anomalies",
-              "alarm_rate", "expected_alarm_rate", "above_validation_median", "finished_at"]
-    missing = [c for c in wanted if c not in runs.columns]
+    missing = [c for c in ("date", "status", "model_version", "finished_at") if c not in runs.columns]
     if missing:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
+    wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
+              "input_rows_quarantined", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
+              "finished_at"]
+    runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
             .agg(pl.all().last(), (pl.col("status") == "succeeded").any().alias("committed")).sort("date"))
@@ -168,14 +170,17 @@ def _named(dates: list[str]) -> str:
 
 
 def _table(runs: pl.DataFrame) -> list[str]:
-    head = ["date", "status", "model version", "ticks in", "scored", "quarantined", "alarms", "alarm rate",
-            "expected", "above val. median"]
+    head = ["date", "status", "model version", "ticks in", "scored", "quarantined", "input rows quarantined",
+            "alarms", "alarm rate", "expected", "above val. median"]
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2%}"
 
-    rows = [[r["date"], r["status"], r["model_version"], str(r["ticks_in"]), str(r["rows_scored"]),
-             str(r["rows_quarantined"]), str(r["anomalies"]), pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
+    def count(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    rows = [[r["date"], r["status"], r["model_version"], count(r["ticks_in"]), count(r["rows_scored"]),
+             count(r["rows_quarantined"]), count(r["input_rows_quarantined"]), count(r["anomalies"]), pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
              "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}"]
             for r in runs.iter_rows(named=True)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]

@@ -35,7 +35,8 @@ def _version(tmp_path, version, alarm_rate=0.003, latest=True):
 
 def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3):
     shares = {"proc": 0.97, "vib": 0.4} if above > 0.75 else {"proc": 0.5, "vib": 0.5}
-    result = DateResult(day, 100, 98, 2, anomalies, 1.0, above_validation_median=above, modality_above=shares) \
+    result = DateResult(day, 100, 98, 2, anomalies, 1.0, input_rows_quarantined=5, above_validation_median=above,
+                        modality_above=shares) \
         if status == "succeeded" else DateResult(day, 0, 0, 0, 0, 0.0)
     record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003)
 
@@ -73,8 +74,8 @@ def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
     assert table[0].split()[:3] == ["date", "status", "model"] and len(table) == 5
     assert [line.split()[:2] for line in table[1:]] == [["2024-01-03", "failed"], ["2024-01-04", "succeeded"],
                                                       ["2024-01-06", "failed"], ["2024-01-08", "succeeded"]]
-    assert table[4].split()[3:] == ["100", "98", "2", "3", "3.06%", "0.30%", "50%"]
-    assert table[2].split()[-1] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "-", "0.30%", "-"]
+    assert table[4].split()[3:] == ["100", "98", "2", "5", "3", "3.06%", "0.30%", "50%"]
+    assert table[2].split()[-1] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "0", "-", "0.30%", "-"]
     # only the newest `days` dates are checked for days unlike validation; a recent enough date is not stale
     quiet = scoring_status(spec, Storage(), today=dt.date(2024, 1, 9), days=2, max_age_days=2, spec_path="s.yaml")
     assert quiet.problems == [failed, rerun, never]
@@ -100,3 +101,27 @@ def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(
     with pytest.raises(SystemExit) as usage:                                   # argparse's usage error
         main(["status", path, "--days", "0"])
     assert usage.value.code == 2
+
+
+def test_status_reads_a_runs_table_from_before_its_newer_columns_and_names_a_table_that_is_not_one(tmp_path):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from pipelines.storage import DataError
+
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    when = pa.array([dt.datetime(2024, 1, 4, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("us", tz="UTC"))
+    write_deltalake(spec.score.runs_path, pa.table({       # the first runs tables' columns only
+        "run_id": ["r", "r"], "date": ["2024-01-02", "2024-01-03"], "model_version": [OLD, OLD],
+        "ticks_in": pa.array([10, 10], pa.int64()), "rows_scored": pa.array([10, 10], pa.int64()),
+        "status": ["succeeded", "succeeded"], "finished_at": when}))
+    found = scoring_status(spec, Storage())
+    assert found.problems == []
+    rows = found.text().split("the 2 newest date(s):\n")[1].splitlines()
+    assert rows[1].split() == ["2024-01-02", "succeeded", OLD, "10", "10", "-", "-", "-", "-", "-", "-"]
+    write_deltalake(spec.score.runs_path, pa.table({"date": ["2024-01-05"], "n": [1]}), mode="overwrite",
+                    schema_mode="overwrite")
+    with pytest.raises(DataError, match=f"{spec.score.runs_path}: not a runs table of dmafn's \\(no column status, "
+                                        "model_version, finished_at\\)"):
+        scoring_status(spec, Storage())
