@@ -165,7 +165,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 return
         failed.append((date, error))
         record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed",
-                   tables=tables)
+                   tables=tables, error=str(error))
         log.warning("%s failed: %s", day, error)
 
     finished_shards, ticks_done = 0, 0
@@ -285,11 +285,15 @@ def _share_above(positions: list[tuple[int, int]]) -> float | None:
     return sum(up for _, up in positions) / values if values else None
 
 
+RUN_ERROR_CHARS = 2000    # a failed date's error kept in the runs table: its first this many characters
+
+
 def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str, version: str, status: str,
-               tables: OpenTables | None = None, expected_alarm_rate: float | None = None) -> None:
+               tables: OpenTables | None = None, expected_alarm_rate: float | None = None,
+               error: str | None = None) -> None:
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
-    alarm rate beside the one the version expects (its validation days'), and the share of its ticks above the
-    version's validation median score (`unlike_validation_warning`)."""
+    alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
+    version's validation median score (`unlike_validation_warning`) and, for a failed date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
@@ -302,6 +306,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     **{f"above_validation_median_{m}": pa.array([share], pa.float64())
                        for m, share in sorted(result.modality_above.items())},
                     "duration_s": [float(result.seconds)], "status": [status],
+                    "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})
     write_partition(storage.delta_uri(spec.score.runs_path), row, date=None, mode="append",
                     storage_options=storage.delta_options(spec.score.runs_path), tables=tables)

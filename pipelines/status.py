@@ -136,7 +136,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "finished_at"]
+              "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
@@ -145,13 +145,21 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
 
 def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     latest_failed = runs.filter(pl.col("status") != "succeeded")
-    never = latest_failed.filter(~pl.col("committed"))["date"].to_list()
-    if never:
-        out.problems.append(f"{len(never)} date(s) whose runs all failed: {_named(never)} - run dmafn backfill "
-                            f"{spec_path} --start {never[0]} --end {never[-1]} (dates scored since are skipped)")
-    for day in latest_failed.filter(pl.col("committed"))["date"].to_list():
-        out.problems.append(f"{day}: its latest run failed; the output holds an earlier run's rows - run dmafn score "
-                            f"{spec_path} --date {day} again (scoring a date replaces it)")
+    never = latest_failed.filter(~pl.col("committed"))
+    for (error,), group in never.group_by("error", maintain_order=True):     # the same cause: one line
+        days = group["date"].to_list()
+        out.problems.append(f"{len(days)} date(s) whose runs all failed: {_named(days)}{_because(error)} - mend "
+                            f"it, then run dmafn backfill {spec_path} --start {days[0]} --end {days[-1]} (dates "
+                            "scored since are skipped)")
+    for row in latest_failed.filter(pl.col("committed")).iter_rows(named=True):
+        out.problems.append(f"{row['date']}: its latest run failed{_because(row['error'])}; the output holds an "
+                            f"earlier run's rows - mend it, then run dmafn score {spec_path} --date {row['date']} "
+                            "again (scoring a date replaces it)")
+
+
+def _because(error: str | None) -> str:
+    """The runs table's error of a failed date, its first line (runs recorded before errors were kept: none)."""
+    return "" if not error else f" ({error.strip().splitlines()[0]})"
 
 
 def _never_scored(runs: pl.DataFrame, first: str, newest: str, out: ScoringStatus, spec_path: str) -> None:

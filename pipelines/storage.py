@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import pyarrow.fs as pafs
 from dmafn.spec import StorageSpec
 
 _PARTITION = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>\d{4}-\d{2}-\d{2})$")
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -108,6 +111,8 @@ class Storage:
 
 def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]:
     """The `key=YYYY-MM-DD` partition folders under `path`: date -> folder path (as the filesystem names it).
+    Other folders (`date=2024-13-01`, `date=2024-1-5`, another key) are not read, with a warning naming them, never
+    silently; those whose names start with `.` or `_` (`_delta_log`) are skipped.
 
     Raises DataError naming the path when it does not exist or cannot be reached.
     """
@@ -121,11 +126,20 @@ def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]
         raise
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    out = {}
+    out, other = {}, []
     for entry in entries:
+        if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
+            continue                                  # files beside the partitions, `_delta_log`, `.tmp`: not data
         match = _PARTITION.match(entry.base_name)
-        if entry.type == pafs.FileType.Directory and match and match.group("key") == key:
+        try:
+            if not match or match.group("key") != key:
+                raise ValueError
             out[dt.date.fromisoformat(match.group("value"))] = entry.path
+        except ValueError:                             # `date=2024-13-01`, `date=2024-1-5`, `day=...`, `backup`
+            other.append(entry.base_name)
+    if other:
+        log.warning("%s: %d folder(s) not named %s=YYYY-MM-DD (a real date) are not read (%s%s); rename them to have "
+                    "them read", path, len(other), key, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
     if not out:
         raise DataError(f"{path}: no '{key}=YYYY-MM-DD' partitions found")
     return out

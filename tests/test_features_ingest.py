@@ -1501,6 +1501,29 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
 
 
+def test_partition_folders_that_are_not_a_date_are_skipped_with_a_warning_that_names_them(tmp_path, caplog):
+    """`date=2024-13-01` (no such date), `date=2024-1-5` (not YYYY-MM-DD), another key or a stray folder are not
+    read, and one warning names them (once crashed the job with `month must be in 1..12`); `_delta_log`-like and
+    hidden folders and files beside the partitions are skipped quietly."""
+    import datetime as dt
+    import logging
+
+    from pipelines.storage import DataError, Storage, list_partitions
+
+    for name in ("date=2024-01-02", "date=2024-13-01", "date=2024-1-5", "day=2024-01-03", "backup", "_tmp", ".git"):
+        (tmp_path / "proc" / name).mkdir(parents=True)
+    (tmp_path / "proc" / "README").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        parts = list_partitions(Storage(), str(tmp_path / "proc"), "date")
+    assert list(parts) == [dt.date(2024, 1, 2)] and parts[dt.date(2024, 1, 2)].endswith("/proc/date=2024-01-02")
+    (record,) = caplog.records
+    assert (f"{tmp_path / 'proc'}: 4 folder(s) not named date=YYYY-MM-DD (a real date) are not read (backup, "
+            "date=2024-1-5, date=2024-13-01, ...)") in record.getMessage()
+    (tmp_path / "other" / "date=2024-02-30").mkdir(parents=True)
+    with pytest.raises(DataError, match="no 'date=YYYY-MM-DD' partitions found"):
+        list_partitions(Storage(), str(tmp_path / "other"), "date")
+
+
 def test_a_table_read_by_a_modality_and_its_context_is_listed_once(tmp_path, caplog):
     """A context view reads its parent's table: `list_inputs` lists the folder once (one warning for a file not
     named *.parquet, one LIST per folder on S3) and gives both modalities the same files."""

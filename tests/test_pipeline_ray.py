@@ -570,6 +570,8 @@ def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_pat
     runs = pl.read_delta(spec.score.runs_path)
     assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-03": "succeeded",
                                                                              "2024-01-04": "failed"}
+    assert dict(zip(runs["date"].to_list(), runs["error"].to_list()))["2024-01-03"] is None
+    assert re.match(r"no modality .* has data for 2024-01-04", runs.filter(pl.col("status") == "failed")["error"][0])
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
 
 

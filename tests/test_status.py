@@ -33,12 +33,13 @@ def _version(tmp_path, version, alarm_rate=0.003, latest=True):
         (tmp_path / "models" / "LATEST").write_text(version)
 
 
-def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3):
+def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3, error="x.parquet: not Parquet\nmore"):
     shares = {"proc": 0.97, "vib": 0.4} if above > 0.75 else {"proc": 0.5, "vib": 0.5}
     result = DateResult(day, 100, 98, 2, anomalies, 1.0, input_rows_quarantined=5, above_validation_median=above,
                         modality_above=shares) \
         if status == "succeeded" else DateResult(day, 0, 0, 0, 0, 0.0)
-    record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003)
+    record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003,
+               error=None if status == "succeeded" else error)
 
 
 def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
@@ -50,35 +51,41 @@ def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
     _run(spec, "2024-01-04", status="failed")
     _run(spec, "2024-01-04", above=0.9)                               # failed, then scored: not failed now
     _run(spec, "2024-01-06", status="failed")
+    _run(spec, "2024-01-07", status="failed", error="no modality has data for 2024-01-07")
     _run(spec, "2024-01-08")
-    _run(spec, "2024-01-03", status="failed")                         # a re-run that failed: its rows still stand
+    _run(spec, "2024-01-03", status="failed", error="killed")          # a re-run that failed: its rows still stand
+    _run(spec, "2024-01-09", status="failed")                         # the same cause as 2024-01-06: one line
     found = scoring_status(spec, Storage(), today=dt.date(2024, 1, 12), max_age_days=2, spec_path="s.yaml")
     text = found.text()
     assert f"model versions: 2 in {spec.registry}; LATEST {NEW} (created 2024-01-02 12:00 UTC; trained on " \
            "2024-01-01, validated on 2024-01-02; expected alarm rate 0.30%; 1 training warning(s))" in text
     assert f"scored: 3 date(s), 2024-01-03 .. 2024-01-08 (the newest by {OLD})" in text
     assert f"LATEST {NEW} has scored no date yet" in text
-    assert len(found.problems) == 5, found.problems
-    failed, rerun, never, unlike, stale = found.problems
-    assert failed.startswith("1 date(s) whose runs all failed: 2024-01-06 - run dmafn backfill s.yaml "
-                             "--start 2024-01-06 --end 2024-01-06")
-    assert rerun == ("2024-01-03: its latest run failed; the output holds an earlier run's rows - run dmafn score "
-                     "s.yaml --date 2024-01-03 again (scoring a date replaces it)")
-    assert never.startswith("2 date(s) never scored between 2024-01-03 and 2024-01-08: 2024-01-05, 2024-01-07 - "
-                            "run dmafn backfill s.yaml --start 2024-01-05 --end 2024-01-07")
+    assert len(found.problems) == 6, found.problems
+    failed, failed_no_data, rerun, never, unlike, stale = found.problems
+    assert failed == ("2 date(s) whose runs all failed: 2024-01-06, 2024-01-09 (x.parquet: not Parquet) - mend it, "
+                      "then run dmafn backfill s.yaml --start 2024-01-06 --end 2024-01-09 (dates scored since are "
+                      "skipped)")
+    assert failed_no_data.startswith("1 date(s) whose runs all failed: 2024-01-07 (no modality has data for "
+                                     "2024-01-07) - mend it")
+    assert rerun == ("2024-01-03: its latest run failed (killed); the output holds an earlier run's rows - mend it, "
+                     "then run dmafn score s.yaml --date 2024-01-03 again (scoring a date replaces it)")
+    assert never == ("1 date(s) never scored between 2024-01-03 and 2024-01-08: 2024-01-05 - run dmafn backfill "
+                     "s.yaml --start 2024-01-05 --end 2024-01-05")
     assert unlike.startswith(f"2024-01-04: 90% of its ticks score above model version {OLD}'s validation median")
     assert unlike.endswith("(each modality's contribution above its validation median; proc 97%; vib 40%)")
     assert stale.startswith("the newest scored date is 2024-01-08, 4 days before 2024-01-12 (at most 2 allowed)")
     # the newest dates side by side, the latest run of each date only
-    table = text.split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
-    assert table[0].split()[:3] == ["date", "status", "model"] and len(table) == 5
-    assert [line.split()[:2] for line in table[1:]] == [["2024-01-03", "failed"], ["2024-01-04", "succeeded"],
-                                                      ["2024-01-06", "failed"], ["2024-01-08", "succeeded"]]
-    assert table[4].split()[3:] == ["100", "98", "2", "5", "3", "3.06%", "0.30%", "50%"]
+    table = text.split("the 6 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
+    assert table[0].split()[:3] == ["date", "status", "model"] and len(table) == 7
+    assert [line.split()[:2] for line in table[1:]] == [
+        ["2024-01-03", "failed"], ["2024-01-04", "succeeded"], ["2024-01-06", "failed"], ["2024-01-07", "failed"],
+        ["2024-01-08", "succeeded"], ["2024-01-09", "failed"]]
+    assert table[5].split()[3:] == ["100", "98", "2", "5", "3", "3.06%", "0.30%", "50%"]
     assert table[2].split()[-1] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "0", "-", "0.30%", "-"]
     # only the newest `days` dates are checked for days unlike validation; a recent enough date is not stale
     quiet = scoring_status(spec, Storage(), today=dt.date(2024, 1, 9), days=2, max_age_days=2, spec_path="s.yaml")
-    assert quiet.problems == [failed, rerun, never]
+    assert quiet.problems == [failed, failed_no_data, rerun, never]
 
 
 def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(tmp_path):
@@ -115,9 +122,10 @@ def test_status_reads_a_runs_table_from_before_its_newer_columns_and_names_a_tab
     write_deltalake(spec.score.runs_path, pa.table({       # the first runs tables' columns only
         "run_id": ["r", "r"], "date": ["2024-01-02", "2024-01-03"], "model_version": [OLD, OLD],
         "ticks_in": pa.array([10, 10], pa.int64()), "rows_scored": pa.array([10, 10], pa.int64()),
-        "status": ["succeeded", "succeeded"], "finished_at": when}))
-    found = scoring_status(spec, Storage())
-    assert found.problems == []
+        "status": ["succeeded", "failed"], "finished_at": when}))
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == ["1 date(s) whose runs all failed: 2024-01-03 - mend it, then run dmafn backfill s.yaml "
+                              "--start 2024-01-03 --end 2024-01-03 (dates scored since are skipped)"]
     rows = found.text().split("the 2 newest date(s):\n")[1].splitlines()
     assert rows[1].split() == ["2024-01-02", "succeeded", OLD, "10", "10", "-", "-", "-", "-", "-", "-"]
     write_deltalake(spec.score.runs_path, pa.table({"date": ["2024-01-05"], "n": [1]}), mode="overwrite",
