@@ -71,6 +71,9 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
     for col in (start, end):
         if not isinstance(df.schema[col], (pl.Datetime, pl.Date)):
             raise DataError(f"labels {path}: column '{col}' is {df.schema[col]}; a timestamp (or date) is needed")
+    # one instant type for both ends (naive = UTC, another time zone converted): a naive start beside a zoned end,
+    # or files that differ, otherwise cannot be compared (it once ended `evaluate` with an unexpected SchemaError)
+    df = df.with_columns(_utc(c, df.schema[c]) for c in (start, end) if isinstance(df.schema[c], pl.Datetime))
     if "kind" in df.columns and df.schema["kind"] != pl.String:
         raise DataError(f"labels {path}: column 'kind' is {df.schema['kind']}; text is needed")
     missing = [(pl.col(c).is_null(), f"null {c}") for c in [*spec.entity, start, end]]
@@ -83,6 +86,12 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
         counts = ", ".join(f"{n} {why}" for why, n in unusable.group_by("reason").len().sort("reason").iter_rows())
         log.warning("labels %s: %d of %d rows left out (%s)", path, unusable.height, df.height, counts)
     return Labels(path, marked.filter(pl.col("reason").is_null()).drop("reason"), unusable)
+
+
+def _utc(column: str, dtype: pl.Datetime) -> pl.Expr:
+    """A timestamp column as microseconds in UTC: naive ones read as UTC, zoned ones converted."""
+    col = pl.col(column).dt.cast_time_unit("us")
+    return (col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")).alias(column)
 
 
 def read_labels(spec: Spec, storage: Storage) -> pl.DataFrame:

@@ -3,9 +3,10 @@ alone (a row per scored date and run) - no Ray, no scored row read.
 
 It lists the model versions (the latest: when it was trained, on which days, the alarm rate its validation days
 had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
-dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest scored date, recent dates
-most of whose ticks score above the version's validation median (`pipelines.score.unlike_validation_warning`'s
-rule), and - with `max_age_days` - a newest scored date too old for a nightly job.
+dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest
+scored date, recent dates most of whose ticks score above the version's validation median
+(`pipelines.score.unlike_validation_warning`'s rule), and - with `max_age_days` - a newest scored date too old for a
+nightly job.
 """
 from __future__ import annotations
 
@@ -188,7 +189,8 @@ def _table(runs: pl.DataFrame) -> list[str]:
         return "-" if v is None else str(v)
 
     rows = [[r["date"], r["status"], r["model_version"], count(r["ticks_in"]), count(r["rows_scored"]),
-             count(r["rows_quarantined"]), count(r["input_rows_quarantined"]), count(r["anomalies"]), pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
+             count(r["rows_quarantined"]), count(r["input_rows_quarantined"]), count(r["anomalies"]),
+             pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
              "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}"]
             for r in runs.iter_rows(named=True)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]

@@ -155,6 +155,32 @@ def test_training_with_unreadable_labels_says_how_to_train_on_every_tick(tiny_sp
     assert known_incidents(replace(tiny_spec, labels=None), Storage()) is None
 
 
+def test_label_times_naive_zoned_and_in_any_unit_are_one_utc_instant(tiny_spec, tmp_path):
+    """A naive start beside a zoned end (or files that differ) once ended `evaluate` with an unexpected SchemaError
+    comparing them; now naive times are read as UTC, zoned ones converted, both in microseconds."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.labels import load_labels
+    from pipelines.storage import Storage
+
+    start = dt.datetime(2024, 1, 1, 10, 0)
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({
+        "machine_id": ["a", "b"],
+        "start_ts": pa.array([start, start], pa.timestamp("ns")),                               # naive: UTC
+        "end_ts": pa.array([start.replace(hour=12, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("us", tz="Europe/Berlin")),
+    }), tmp_path / "labels" / "part-0.parquet")
+    spec = replace(tiny_spec, labels=LabelsSpec(path=str(tmp_path / "labels")))
+    labels = load_labels(spec, Storage())
+    assert labels.usable.schema["start_ts"] == labels.usable.schema["end_ts"] == pl.Datetime("us", "UTC")
+    assert labels.usable["start_ts"].to_list() == [start.replace(tzinfo=dt.timezone.utc)] * 2
+    assert labels.usable["end_ts"].dt.hour().to_list() == [12, 12] and labels.unusable.is_empty()
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 
