@@ -171,7 +171,12 @@ def cmd_status(args) -> int:
     spec = load_spec(args.spec)
     found = scoring_status(spec, Storage.from_spec(spec.storage), days=args.days, max_age_days=args.max_age_days,
                            spec_path=args.spec)
-    print(found.text())
+    if args.json:
+        import json
+
+        print(json.dumps(found.as_dict(), indent=2, default=str))
+    else:
+        print(found.text())
     return 1 if args.check and found.problems else 0
 
 
@@ -262,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age-days", type=_positive(int), default=None,
                    help="a newest scored date older than this many days before today (UTC) is a problem")
     p.add_argument("--check", action="store_true", help="exit with code 1 when there is a problem (for monitoring)")
+    p.add_argument("--json", action="store_true", help="print what was found as JSON instead of lines")
     p = verb("maintain", cmd_maintain, "compact and vacuum the output Delta tables")
     p.add_argument("--retention-hours", type=int, default=168)
     return parser

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -33,6 +34,12 @@ class ScoringStatus:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     latest: str | None = None          # the version the registry names LATEST, when its manifest reads
+    facts: dict[str, Any] = field(default_factory=dict)     # the same as plain data (`as_dict`)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What was found as JSON-ready data: `versions` (count), `latest` (its facts), `scored` (dates, first,
+        newest, newest_version), `recent` (the newest dates' latest runs, a dict each) and `problems`."""
+        return {**self.facts, "problems": list(self.problems)}
 
     def text(self) -> str:
         found = [f"problems: {len(self.problems)}", *(f"  {p}" for p in self.problems)] if self.problems \
@@ -59,6 +66,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     done = runs.filter(pl.col("committed"))
     first, newest = done["date"].min(), done["date"].max()
     newest_version = done.filter(pl.col("date") == newest)["model_version"][0]
+    out.facts["scored"] = {"dates": done.height, "first": first, "newest": newest, "newest_version": newest_version}
     out.lines.append(f"scored: {done.height} date(s), {first} .. {newest} (the newest by {newest_version}) "
                      f"in {spec.score.output}")
     if out.latest is not None and out.latest not in set(done["model_version"].to_list()):
@@ -68,6 +76,8 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     _never_scored(runs, first, newest, out, spec_path)
     recent = runs.sort("date").tail(days)
     out.lines += ["", f"the {recent.height} newest date(s):", *_table(recent)]
+    out.facts["recent"] = [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
+                           for row in recent.iter_rows(named=True)]
     for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True):
         share = row["above_validation_median"]
         if share is not None and share > UNLIKE_VALIDATION_SHARE:
@@ -89,6 +99,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
 def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) -> None:
     registry = Registry(spec.registry, storage)
     versions = registry.versions()
+    out.facts.update(versions=len(versions), latest=None, scored={"dates": 0}, recent=[])
     try:
         latest = registry.latest() if versions else None
     except DataError:
@@ -111,6 +122,7 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
         created = dt.datetime.fromisoformat(created).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     out.latest = latest
+    out.facts["latest"] = {"version": latest, **fact}
     rate = fact["expected_alarm_rate"]
     warnings = fact["warnings"]
     out.lines.append(f"model versions: {len(versions)} in {spec.registry}; {LATEST} {latest} (created "

@@ -88,11 +88,13 @@ def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
     assert quiet.problems == [failed, failed_no_data, rerun, never]
 
 
-def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(tmp_path):
+def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(tmp_path, capsys):
     from jobs.cli import main
 
     spec, path = _spec(tmp_path)
     found = scoring_status(spec, Storage(), spec_path=path)
+    assert found.as_dict() == {"versions": 0, "latest": None, "scored": {"dates": 0}, "recent": [],
+                               "problems": found.problems}
     assert found.problems == [f"no model version named in {spec.registry}/LATEST: run dmafn train {path}",
                               f"nothing scored yet in {spec.score.output}: run dmafn score {path} (or dmafn backfill "
                               f"{path} --start D --end D)"]
@@ -105,6 +107,15 @@ def test_status_of_a_spec_with_nothing_trained_or_scored_and_the_cli_exit_codes(
     _run(spec, (today - dt.timedelta(days=2)).isoformat())
     assert scoring_status(spec, Storage(), max_age_days=2).problems == []
     assert main(["status", path, "--check", "--max-age-days", "2"]) == 0
+    capsys.readouterr()
+    assert main(["status", path, "--json", "--days", "2"]) == 0                # the same, as data
+    found = json.loads(capsys.readouterr().out)
+    assert found["versions"] == 1 and found["latest"]["version"] == OLD and found["problems"] == []
+    assert found["latest"]["expected_alarm_rate"] == 0.003 and found["latest"]["train_days"] == ["2024-01-01"]
+    assert found["scored"] == {"dates": 3, "first": (today - dt.timedelta(days=3)).isoformat(),
+                               "newest": (today - dt.timedelta(days=1)).isoformat(), "newest_version": OLD}
+    assert [r["date"] for r in found["recent"]] == [(today - dt.timedelta(days=d)).isoformat() for d in (2, 1)]
+    assert found["recent"][0]["rows_scored"] == 98 and found["recent"][0]["above_validation_median_proc"] == 0.5
     with pytest.raises(SystemExit) as usage:                                   # argparse's usage error
         main(["status", path, "--days", "0"])
     assert usage.value.code == 2
