@@ -29,6 +29,7 @@ from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
+from pipelines.score import MODALITY_SHARE
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -474,7 +475,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     if runs is None:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
     runs = runs.sort(["date", "finished_at"])
-    by_modality = sorted(c for c in runs.columns if c.startswith("above_validation_median_"))
+    by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
                         "input_rows_quarantined", "anomalies", *shares, "duration_s", "run_id", "finished_at", "error"]

@@ -54,19 +54,28 @@ UNLIKE_VALIDATION_SHARE = 0.75   # a date with more of its ticks above the valid
                                  # (the design fleets' days with 10-18 % anomalous ticks: 0.54-0.62)
 
 
+MODALITY_SHARE = "above_validation_median_"   # the runs table's column of a modality's share: this prefix + its name
+
+
 def unlike_validation_warning(result: DateResult, version: str) -> str | None:
     """A line when most of a date's ticks score above the model version's validation median: the bulk of the day,
     not an incident's share of it, looks unlike the days the version was calibrated on (inputs that moved: a
     changed sensor, a new operating regime, a fleet-wide fault) - check the inputs, or train a new version."""
-    share = result.above_validation_median
+    return unlike_validation_line(result.date, version, result.above_validation_median, result.modality_above)
+
+
+def unlike_validation_line(date: str, version: str, share: float | None,
+                           by_modality: dict[str, float]) -> str | None:
+    """`unlike_validation_warning` from a date's share of ticks above the validation median and each modality's
+    share (a runs table row's, as `dmafn status` reads them); None when the day is like the validation days."""
     if share is None or share <= UNLIKE_VALIDATION_SHARE:
         return None
-    by_modality = "".join(f"; {m} {v:.0%}" for m, v in sorted(result.modality_above.items(), key=lambda kv: -kv[1]))
-    return (f"{result.date}: {share:.0%} of its scored ticks score above model version {version}'s validation median "
+    shares = "".join(f"; {m} {v:.0%}" for m, v in sorted(by_modality.items(), key=lambda kv: -kv[1]))
+    return (f"{date}: {share:.0%} of its scored ticks score above model version {version}'s validation median "
             f"(about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%} warns) - most of the "
             "day, not an incident's share of it, looks unlike the days the version was calibrated on: check the "
             "inputs (dmafn report, dmafn profile) or train a new version on recent days"
-            + (f" (each modality's contribution above its validation median{by_modality})" if by_modality else ""))
+            + (f" (each modality's contribution above its validation median{shares})" if shares else ""))
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
@@ -303,7 +312,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
-                    **{f"above_validation_median_{m}": pa.array([share], pa.float64())
+                    **{f"{MODALITY_SHARE}{m}": pa.array([share], pa.float64())
                        for m, share in sorted(result.modality_above.items())},
                     "duration_s": [float(result.seconds)], "status": [status],
                     "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),

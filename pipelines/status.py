@@ -4,8 +4,8 @@ alone (a row per scored date and run) - no Ray, no scored row read.
 It lists the model versions (the latest: when it was trained, on which days, the alarm rate its validation days
 had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
 dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest
-scored date, recent dates most of whose ticks score above the version's validation median
-(`pipelines.score.unlike_validation_warning`'s rule), and - with `max_age_days` - a newest scored date too old for a
+scored date, recent dates most of whose ticks score above the version's validation median (the line
+`pipelines.score.unlike_validation_warning` logs), and - with `max_age_days` - a newest scored date too old for a
 nightly job.
 """
 from __future__ import annotations
@@ -19,12 +19,11 @@ import polars as pl
 from dmafn.spec import Spec
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import UNLIKE_VALIDATION_SHARE
+from pipelines.score import MODALITY_SHARE, unlike_validation_line
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
 LISTED = 10         # dates named in one problem line; the rest counted
-MODALITY_SHARE = "above_validation_median_"     # the runs table's per-modality shares: this prefix, the modality
 
 
 @dataclass
@@ -79,17 +78,11 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     out.facts["recent"] = [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
                            for row in recent.iter_rows(named=True)]
     for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True):
+        by_modality = {c[len(MODALITY_SHARE):]: v for c, v in row.items()
+                       if c.startswith(MODALITY_SHARE) and v is not None}
         share = row["above_validation_median"]
-        if share is not None and share > UNLIKE_VALIDATION_SHARE:
-            shares = sorted(((c[len(MODALITY_SHARE):], v) for c, v in row.items()
-                             if c.startswith(MODALITY_SHARE) and v is not None), key=lambda kv: -kv[1])
-            by_modality = "".join(f"; {m} {v:.0%}" for m, v in shares)
-            out.problems.append(
-                f"{row['date']}: {share:.0%} of its ticks score above model version {row['model_version']}'s "
-                f"validation median (about half on days like its validation days; over {UNLIKE_VALIDATION_SHARE:.0%}"
-                " is a problem): most of the day looks unlike the days the version was calibrated on - check the "
-                f"inputs (dmafn report, dmafn profile) or train a new version on recent days"
-                + (f" (each modality's contribution above its validation median{by_modality})" if by_modality else ""))
+        if line := unlike_validation_line(row["date"], row["model_version"], share, by_modality):
+            out.problems.append(line)
     if max_age_days is not None and dt.date.fromisoformat(newest) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")

@@ -109,6 +109,17 @@ class Storage:
         return path if is_s3(path) else str(Path(path).absolute())
 
 
+def _partition_date(name: str, key: str) -> dt.date | None:
+    """The date a folder named `key=YYYY-MM-DD` stands for; None for any other name or no such date."""
+    match = _PARTITION.match(name)
+    if not match or match.group("key") != key:
+        return None
+    try:
+        return dt.date.fromisoformat(match.group("value"))
+    except ValueError:                                # 2024-13-01
+        return None
+
+
 def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]:
     """The `key=YYYY-MM-DD` partition folders under `path`: date -> folder path (as the filesystem names it).
     Other folders (`date=2024-13-01`, `date=2024-1-5`, another key) are not read, with a warning naming them, never
@@ -130,13 +141,10 @@ def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]
     for entry in entries:
         if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
             continue                                  # files beside the partitions, `_delta_log`, `.tmp`: not data
-        match = _PARTITION.match(entry.base_name)
-        try:
-            if not match or match.group("key") != key:
-                raise ValueError
-            out[dt.date.fromisoformat(match.group("value"))] = entry.path
-        except ValueError:                             # `date=2024-13-01`, `date=2024-1-5`, `day=...`, `backup`
-            other.append(entry.base_name)
+        if (day := _partition_date(entry.base_name, key)) is None:
+            other.append(entry.base_name)             # `date=2024-13-01`, `date=2024-1-5`, `day=...`, `backup`
+        else:
+            out[day] = entry.path
     if other:
         log.warning("%s: %d folder(s) not named %s=YYYY-MM-DD (a real date) are not read (%s%s); rename them to have "
                     "them read", path, len(other), key, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")

@@ -72,7 +72,8 @@ def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
                      "then run dmafn score s.yaml --date 2024-01-03 again (scoring a date replaces it)")
     assert never == ("1 date(s) never scored between 2024-01-03 and 2024-01-08: 2024-01-05 - run dmafn backfill "
                      "s.yaml --start 2024-01-05 --end 2024-01-05")
-    assert unlike.startswith(f"2024-01-04: 90% of its ticks score above model version {OLD}'s validation median")
+    assert unlike.startswith(f"2024-01-04: 90% of its scored ticks score above model version {OLD}'s validation "
+                             "median")
     assert unlike.endswith("(each modality's contribution above its validation median; proc 97%; vib 40%)")
     assert stale.startswith("the newest scored date is 2024-01-08, 4 days before 2024-01-12 (at most 2 allowed)")
     # the newest dates side by side, the latest run of each date only
