@@ -520,6 +520,20 @@ def split_entity_statistics(stats: dict[str, Any]) -> tuple[dict[str, Any], dict
     return _per_entity(stats, take), entities
 
 
+def entity_keys(stats: dict[str, Any]) -> set[str]:
+    """The keys of the entities `stats` holds a per-entity part of (normalisation moments, relation intercepts or
+    ranges): those it was fitted on with enough rows of their own. Any other entity scores by the fleet's parts,
+    as one not seen in training."""
+    keys: set[str] = set()
+
+    def gather(where: str, mapping: dict[str, Any]) -> dict[str, Any]:
+        keys.update(mapping)
+        return mapping
+
+    _per_entity(stats, gather)
+    return keys
+
+
 def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The statistics from `split_entity_statistics`'s fleet part and (key, parts) pairs of the entities wanted
     (any subset, e.g. one entity bucket's: those left out score by the fleet's parts, as entities not seen in

@@ -478,7 +478,8 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "anomalies", *shares, "duration_s", "run_id", "finished_at", "error"]
+                        "input_rows_quarantined", "anomalies", "unseen_entities", *shares, "duration_s", "run_id",
+                        "finished_at", "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
@@ -486,11 +487,14 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'alarm_rate beside expected_alarm_rate, the version\'s validation days\' (an incident raises a '
             'day\'s); above_validation_median: the share of the day\'s ticks scoring above the version\'s '
             'validation median - about half on days like those, far more when the inputs have moved (and, per '
-            'modality, the share of its smoothed contributions above their validation median).</p>'
+            'modality, the share of its smoothed contributions above their validation median); unseen_entities: '
+            'entities the version has no statistics of their own for (new machines, scored by the fleet\'s: they '
+            'alarm more, at unseen_entity_alarm_rate, until a version is trained on days that hold them).</p>'
             f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 
-RUN_SHARES = ("alarm_rate", "expected_alarm_rate", "above_validation_median")   # shown as percentages
+RUN_SHARES = ("alarm_rate", "expected_alarm_rate", "above_validation_median",   # shown as percentages
+              "unseen_entity_alarm_rate")
 
 
 def _share(value: float | None) -> str:

@@ -6,6 +6,7 @@ atomic Delta commit per date and table. The driver holds metadata only: file lis
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 import uuid
@@ -23,7 +24,8 @@ from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
-from pipelines.shards import DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, list_inputs, plan_shards
+from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, UnseenEntities, list_inputs,
+                             plan_shards)
 from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
@@ -43,6 +45,8 @@ class DateResult:
     above_validation_median: float | None = None   # share of its ticks with a score above the version's validation
                                                    # median (None: no score, or a version without the median)
     modality_above: dict[str, float] = field(default_factory=dict)   # the same for each modality's contribution
+    unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for (None:
+                                           # a version with no per-entity statistics, or a failed date)
 
     @property
     def alarm_rate(self) -> float | None:
@@ -76,6 +80,24 @@ def unlike_validation_line(date: str, version: str, share: float | None,
             "day, not an incident's share of it, looks unlike the days the version was calibrated on: check the "
             "inputs (dmafn report, dmafn profile) or train a new version on recent days"
             + (f" (each modality's contribution above its validation median{shares})" if shares else ""))
+
+
+def unseen_entities_warning(result: DateResult, version: str) -> str | None:
+    """A line when a date scored entities that model `version` has no statistics of their own for - machines new to
+    the fleet since its training days (or with too few rows in them): they were scored by the fleet's statistics,
+    so their own normal level reads as a deviation and they alarm more than the others. Train a version on days
+    that hold them."""
+    unseen = result.unseen
+    if unseen is None or not unseen.entities:
+        return None
+    more = f" and {unseen.entities - len(unseen.named)} more" if unseen.entities > len(unseen.named) else ""
+    rate = unseen.alarm_rate
+    one = unseen.entities == 1
+    return (f"{result.date}: {unseen.entities} entit{'y' if one else 'ies'} not in model version {version}'s training "
+            f"data ({', '.join(unseen.named)}{more}; {unseen.ticks} ticks"
+            + ("" if rate is None else f", {rate:.1%} of them alarmed") + f") {'was' if one else 'were'} scored by the "
+            "fleet's statistics, not its own: expect more alarms from them until a version is trained on days that "
+            "hold them (dmafn train, with train.start/end over those days)")
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
@@ -169,8 +191,9 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
-                if (line := unlike_validation_warning(result, mv.version)) is not None:
-                    log.warning("%s", line)
+                for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version)):
+                    if line is not None:
+                        log.warning("%s", line)
                 return
         failed.append((date, error))
         record_run(spec, storage, DateResult(day, 0, 0, 0, 0, 0.0), run_id=run_id, version=mv.version, status="failed",
@@ -279,13 +302,15 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
             schema = pa.schema(table.schema().to_arrow())
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     modalities = sorted({m for c in counts for m in c.modality_above})
+    unseen = [c.unseen for c in counts if c.unseen is not None]
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
                       seconds=round(sum(s for _, s in parts) + time.time() - t0, 2),
                       input_rows_quarantined=sum(c.input_rows_quarantined for c in counts),
                       above_validation_median=_share_above([(c.with_score, c.above_validation_median) for c in counts]),
-                      modality_above={m: share for m, share in by_modality.items() if share is not None})
+                      modality_above={m: share for m, share in by_modality.items() if share is not None},
+                      unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None)
 
 
 def _share_above(positions: list[tuple[int, int]]) -> float | None:
@@ -302,7 +327,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                error: str | None = None) -> None:
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
-    version's validation median score (`unlike_validation_warning`) and, for a failed date, why (`error`)."""
+    version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
+    their own and their alarm rate (`unseen_entities_warning`) and, for a failed date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
@@ -314,6 +340,10 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
                     **{f"{MODALITY_SHARE}{m}": pa.array([share], pa.float64())
                        for m, share in sorted(result.modality_above.items())},
+                    "unseen_entities": pa.array([None if result.unseen is None else result.unseen.entities],
+                                                pa.int64()),
+                    "unseen_entity_alarm_rate": pa.array([None if result.unseen is None else result.unseen.alarm_rate],
+                                                         pa.float64()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})

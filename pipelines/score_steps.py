@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import featurize
+from dmafn.features import entity_key, entity_keys, featurize
 from dmafn.calibration import Calibration
 from dmafn.scoring import raw_scores
 from dmafn.spec import DAY_US, Spec
@@ -26,7 +26,7 @@ from pipelines.delta_sink import write_data_file
 from pipelines.ingest import REASON, entity_string, read_shard
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
-from pipelines.shards import DateCounts, Shard, ShardScores
+from pipelines.shards import UNSEEN_NAMED, DateCounts, Shard, ShardScores, UnseenEntities
 from pipelines.storage import Storage
 
 NO_MODALITY = "no modality present at the tick"
@@ -119,6 +119,20 @@ def _above(column: pa.ChunkedArray, median: float | None) -> tuple[int, int]:
     return len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0)
 
 
+def unseen_entities(out: pa.Table, entity: tuple[str, ...] | list[str], known: set[str]) -> UnseenEntities | None:
+    """The entities of scored rows `out` whose keys are not in `known` (the version's entities with statistics of
+    their own, `dmafn.features.entity_keys`), with their ticks and alarms; None when the version keeps no per-entity
+    statistics at all (every entity scores by the fleet's alike)."""
+    if not known:
+        return None
+    per_entity = (pl.from_arrow(out.select([*entity, "is_anomaly"])).group_by(list(entity))
+                  .agg(pl.len().alias("ticks"), pl.col("is_anomaly").sum().alias("anomalies")))
+    keys = np.asarray(entity_key(per_entity.select(entity).to_arrow(), entity), object)
+    new = per_entity.filter(pl.Series([k not in known for k in keys], dtype=pl.Boolean))
+    return UnseenEntities(new.height, int(new["ticks"].sum()), int(new["anomalies"].sum()),
+                          sorted(k for k in keys if k not in known)[:UNSEEN_NAMED])
+
+
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
                     at: dt.datetime) -> pl.DataFrame:
     """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
@@ -145,6 +159,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
+    known = entity_keys(mv.stats)
     parts, done = [], 0
     for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
         parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow(), inputs.decoded)))
@@ -167,6 +182,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.modality_above = contribution_positions(out, mv.calibration)
+            counts.unseen = unseen_entities(out, spec.entity, known)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

@@ -75,8 +75,34 @@ class DateCounts:
     with_score: int = 0                 # scored ticks with a fused score, where the version recorded its validation
     above_validation_median: int = 0    # median score; of those, the ticks above it
     modality_above: dict[str, tuple[int, int]] = field(default_factory=dict)   # the same per modality's contribution
+    unseen: UnseenEntities | None = None   # scored entities the version has no statistics of its own for
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
+
+
+UNSEEN_NAMED = 10     # entities not seen in training: named up to this many, the rest counted
+
+
+@dataclass
+class UnseenEntities:
+    """Scored entities the model version holds no per-entity statistics of (not in its training data, or with too
+    few rows there): they score by the fleet's statistics, so their own level reads as a deviation and they alarm
+    more. Counts over one date's shards; `named` the first `UNSEEN_NAMED` keys (sorted)."""
+
+    entities: int = 0
+    ticks: int = 0
+    anomalies: int = 0
+    named: list[str] = field(default_factory=list)
+
+    def add(self, other: "UnseenEntities") -> "UnseenEntities":
+        """Both counts together (one date's shards hold disjoint entities)."""
+        return UnseenEntities(self.entities + other.entities, self.ticks + other.ticks,
+                              self.anomalies + other.anomalies, sorted(self.named + other.named)[:UNSEEN_NAMED])
+
+    @property
+    def alarm_rate(self) -> float | None:
+        """The share of their scored ticks that alarmed."""
+        return self.anomalies / self.ticks if self.ticks else None
 
 
 @dataclass

@@ -5,7 +5,8 @@ It lists the model versions (the latest: when it was trained, on which days, the
 had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
 dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest
 scored date, recent dates most of whose ticks score above the version's validation median (the line
-`pipelines.score.unlike_validation_warning` logs), and - with `max_age_days` - a newest scored date too old for a
+`pipelines.score.unlike_validation_warning` logs), entities the latest version scored without statistics of their
+own (`pipelines.score.unseen_entities_warning`), and - with `max_age_days` - a newest scored date too old for a
 nightly job.
 """
 from __future__ import annotations
@@ -83,6 +84,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
         share = row["above_validation_median"]
         if line := unlike_validation_line(row["date"], row["model_version"], share, by_modality):
             out.problems.append(line)
+    _unseen(recent, out, spec_path)
     if max_age_days is not None and dt.date.fromisoformat(newest) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
@@ -142,7 +144,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "error", "finished_at"]
+              "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
@@ -161,6 +163,23 @@ def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
         out.problems.append(f"{row['date']}: its latest run failed{_because(row['error'])}; the output holds an "
                             f"earlier run's rows - mend it, then run dmafn score {spec_path} --date {row['date']} "
                             "again (scoring a date replaces it)")
+
+
+def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
+    """A problem when recent dates scored by LATEST scored entities that LATEST has no statistics of their own for
+    (`pipelines.score.unseen_entities_warning`): machines new since its training days. Dates scored by an older
+    version are not named: a newer version may hold them (its runs say)."""
+    hit = recent.filter((pl.col("status") == "succeeded") & (pl.col("model_version") == out.latest)
+                        & (pl.col("unseen_entities") > 0))
+    if not hit.height:
+        return
+    most, rate = hit["unseen_entities"].max(), hit["unseen_entity_alarm_rate"].mean()
+    alarms = "" if rate is None else f"; their alarm rate {rate:.1%}"
+    out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date) were scored by "
+                        f"the fleet's statistics on {hit.height} recent date(s): {_named(hit['date'].to_list())}"
+                        f"{alarms} - train a version on days that hold them (dmafn train {spec_path}, "
+                        f"train.start/end over those days), then rescore with it (dmafn backfill {spec_path} "
+                        "--start D --end D)")
 
 
 def _because(error: str | None) -> str:
@@ -185,7 +204,7 @@ def _named(dates: list[str]) -> str:
 
 def _table(runs: pl.DataFrame) -> list[str]:
     head = ["date", "status", "model version", "ticks in", "scored", "quarantined", "input rows quarantined",
-            "alarms", "alarm rate", "expected", "above val. median"]
+            "alarms", "alarm rate", "expected", "above val. median", "unseen entities"]
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2%}"
@@ -196,7 +215,8 @@ def _table(runs: pl.DataFrame) -> list[str]:
     rows = [[r["date"], r["status"], r["model_version"], count(r["ticks_in"]), count(r["rows_scored"]),
              count(r["rows_quarantined"]), count(r["input_rows_quarantined"]), count(r["anomalies"]),
              pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
-             "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}"]
+             "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}",
+             count(r["unseen_entities"])]
             for r in runs.iter_rows(named=True)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     return ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows]]

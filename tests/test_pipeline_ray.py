@@ -340,6 +340,7 @@ def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_th
     share = (with_score > validation["validation_score_p50"]).sum() / with_score.len()
     assert 0 < last["above_validation_median"] < 1 and last["above_validation_median"] == pytest.approx(share)
     assert scored.above_validation_median == pytest.approx(share)
+    assert last["unseen_entities"] == 0 and last["unseen_entity_alarm_rate"] is None     # both pumps trained
     medians = validation["validation_contribution_p50"]
     assert set(medians) == set(spec.modalities) - {"process_context"}   # speaking through its relations, the
     #                                                                     context view has no contribution of its own
@@ -399,6 +400,58 @@ def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(traine
     moved = max(result.modality_above, key=result.modality_above.get)
     assert moved == "process" and result.modality_above["process"] > 0.95           # the modality that moved
     assert f"(each modality's contribution above its validation median; process " in caplog.text
+
+
+def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
+    from dmafn.features import entity_keys
+    from pipelines.score import DateResult, unseen_entities_warning
+    from pipelines.score_steps import unseen_entities
+    from pipelines.shards import UnseenEntities
+
+    stats = {"modalities": {"proc": {"entity": {"m-1": {}, "m-2": {}}}, "img": {"global": {}}},
+             "relations": {"ctx": {"channels": [{"entity_intercepts": {"m-3": 0.1}}], "cross_channels": None}}}
+    assert entity_keys(stats) == {"m-1", "m-2", "m-3"}
+    assert entity_keys({"modalities": {"proc": {"global": {}}}}) == set()
+    out = pa.table({"site": ["a", "a", "b", "a"], "machine": [1, 2, 9, 9], "is_anomaly": [True, False, True, False]})
+    found = unseen_entities(out, ("site", "machine"), {"a|1", "a|2"})      # keys as `entity_key` writes them
+    assert (found.entities, found.ticks, found.anomalies, found.named) == (2, 2, 1, ["a|9", "b|9"])
+    assert unseen_entities(out, ("site", "machine"), set()) is None         # no per-entity statistics: no fallback
+    both = found.add(UnseenEntities(1, 2, 0, ["a|3"]))                       # another shard of the date
+    assert unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=both), "v1") == (
+        "2024-01-03: 3 entities not in model version v1's training data (a|3, a|9, b|9; 4 ticks, 25.0% of them "
+        "alarmed) were scored by the fleet's statistics, not its own: expect more alarms from them until a version "
+        "is trained on days that hold them (dmafn train, with train.start/end over those days)")
+
+
+def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp_path, caplog):
+    """A machine that joined the fleet after the training days (here pump-01's data under a new key) scores by
+    the fleet's statistics: scoring names it with its ticks and alarm rate, and the runs table counts it."""
+    import shutil
+
+    from pipelines.score import score_date
+
+    spec, version, root = trained
+    raw = tmp_path / "raw"
+    shutil.copytree(root / "raw", raw)
+    for path in raw.rglob("date=2024-01-03/*.parquet"):
+        table = pq.read_table(path)
+        keys = pa.array(["pump-09" if k == "pump-01" else k for k in table.column("machine_id").to_pylist()],
+                        table.schema.field("machine_id").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("machine_id"), "machine_id", keys), path)
+    moved = replace(spec, modalities={name: replace(m, path=str(raw / Path(m.path).name))
+                                      for name, m in spec.modalities.items()},
+                    score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
+                                  staging=None))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(moved, DAY3, version=version)
+    out = pl.read_delta(str(tmp_path / "scores")).filter(pl.col("machine_id") == "pump-09")
+    assert (result.unseen.entities, result.unseen.named) == (1, ["pump-09"])
+    assert (result.unseen.ticks, result.unseen.anomalies) == (out.height, out["is_anomaly"].sum()) and out.height
+    assert f"2024-01-03: 1 entity not in model version {version}'s training data (pump-09; {out.height} ticks" \
+        in caplog.text
+    runs = pl.read_delta(str(tmp_path / "scores_runs"))
+    assert runs["unseen_entities"].to_list() == [1]
+    assert runs["unseen_entity_alarm_rate"].to_list() == [pytest.approx(out["is_anomaly"].mean())]
 
 
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):

@@ -8,6 +8,7 @@ import yaml
 
 from dmafn.spec import parse_spec
 from pipelines.score import DateResult, record_run
+from pipelines.shards import UnseenEntities
 from pipelines.status import scoring_status
 from pipelines.storage import Storage
 from tests.conftest import tiny_spec_dict
@@ -33,10 +34,11 @@ def _version(tmp_path, version, alarm_rate=0.003, latest=True):
         (tmp_path / "models" / "LATEST").write_text(version)
 
 
-def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3, error="x.parquet: not Parquet\nmore"):
+def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3, error="x.parquet: not Parquet\nmore",
+         unseen=None):
     shares = {"proc": 0.97, "vib": 0.4} if above > 0.75 else {"proc": 0.5, "vib": 0.5}
     result = DateResult(day, 100, 98, 2, anomalies, 1.0, input_rows_quarantined=5, above_validation_median=above,
-                        modality_above=shares) \
+                        modality_above=shares, unseen=unseen) \
         if status == "succeeded" else DateResult(day, 0, 0, 0, 0, 0.0)
     record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003,
                error=None if status == "succeeded" else error)
@@ -82,8 +84,8 @@ def test_status_names_failed_never_scored_unlike_and_stale_dates(tmp_path):
     assert [line.split()[:2] for line in table[1:]] == [
         ["2024-01-03", "failed"], ["2024-01-04", "succeeded"], ["2024-01-06", "failed"], ["2024-01-07", "failed"],
         ["2024-01-08", "succeeded"], ["2024-01-09", "failed"]]
-    assert table[5].split()[3:] == ["100", "98", "2", "5", "3", "3.06%", "0.30%", "50%"]
-    assert table[2].split()[-1] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "0", "-", "0.30%", "-"]
+    assert table[5].split()[3:] == ["100", "98", "2", "5", "3", "3.06%", "0.30%", "50%", "-"]
+    assert table[2].split()[-2] == "90%" and table[3].split()[3:] == ["0", "0", "0", "0", "0", "-", "0.30%", "-", "-"]
     # only the newest `days` dates are checked for days unlike validation; a recent enough date is not stale
     quiet = scoring_status(spec, Storage(), today=dt.date(2024, 1, 9), days=2, max_age_days=2, spec_path="s.yaml")
     assert quiet.problems == [failed, failed_no_data, rerun, never]
@@ -139,9 +141,31 @@ def test_status_reads_a_runs_table_from_before_its_newer_columns_and_names_a_tab
     assert found.problems == ["1 date(s) whose runs all failed: 2024-01-03 - mend it, then run dmafn backfill s.yaml "
                               "--start 2024-01-03 --end 2024-01-03 (dates scored since are skipped)"]
     rows = found.text().split("the 2 newest date(s):\n")[1].splitlines()
-    assert rows[1].split() == ["2024-01-02", "succeeded", OLD, "10", "10", "-", "-", "-", "-", "-", "-"]
+    assert rows[1].split() == ["2024-01-02", "succeeded", OLD, "10", "10", "-", "-", "-", "-", "-", "-", "-"]
     write_deltalake(spec.score.runs_path, pa.table({"date": ["2024-01-05"], "n": [1]}), mode="overwrite",
                     schema_mode="overwrite")
     with pytest.raises(DataError, match=f"{spec.score.runs_path}: not a runs table of dmafn's \\(no column status, "
                                         "model_version, finished_at\\)"):
         scoring_status(spec, Storage())
+
+
+def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_statistics_of(tmp_path):
+    """Machines new since LATEST's training days score by the fleet's statistics and alarm more: status names the
+    recent dates LATEST scored them on (a date scored by an older version is not named: a newer one may hold them)."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD, latest=False)
+    _version(tmp_path, NEW)
+    _run(spec, "2024-01-03", unseen=UnseenEntities(3, 300, 150, ["m-7", "m-8", "m-9"]))
+    _run(spec, "2024-01-04", version=NEW, unseen=UnseenEntities(2, 200, 50, ["m-8", "m-9"]))
+    _run(spec, "2024-01-05", version=NEW, unseen=UnseenEntities(1, 100, 30, ["m-9"]))
+    _run(spec, "2024-01-06", version=NEW, unseen=UnseenEntities())
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == [
+        f"entities not in LATEST {NEW}'s training data (up to 2 a date) were scored by the fleet's statistics on 2 "
+        "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - train a version on days that hold them "
+        "(dmafn train s.yaml, train.start/end over those days), then rescore with it (dmafn backfill s.yaml --start "
+        "D --end D)"]
+    table = found.text().split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
+    assert [line.split()[-1] for line in table[1:]] == ["3", "2", "1", "0"]
+    assert [r["unseen_entities"] for r in found.as_dict()["recent"]] == [3, 2, 1, 0]
+    assert scoring_status(spec, Storage(), days=1).problems == []              # the newest date holds none
