@@ -525,10 +525,17 @@ def read_spec_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
+    text = path.read_text()
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or exc
+        raise SpecError(f"{path}: not valid YAML{where}: {what}") from None
+    if data is None:
+        raise SpecError(f"{path}: the spec file is empty")
+    return data
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -71,7 +71,14 @@ def test_load_spec_reports_missing_file(tmp_path):
 def test_load_spec_reports_bad_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: [unclosed\n")
-    with pytest.raises(SpecError, match="not valid YAML"):
+    with pytest.raises(SpecError, match=r"bad.yaml: not valid YAML at line 2, column 1: while parsing a flow sequence "
+                                        "expected ',' or ']', but got '<stream end>'"):
+        load_spec(path)
+    path.write_text("name: x\n\tmodalities: 1\n")
+    with pytest.raises(SpecError, match="at line 2, column 1: while scanning for the next token found character"):
+        load_spec(path)
+    path.write_text("# nothing yet\n")
+    with pytest.raises(SpecError, match="bad.yaml: the spec file is empty"):
         load_spec(path)
 
 
