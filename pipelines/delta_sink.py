@@ -4,7 +4,7 @@
   through the driver and re-running a date leaves one copy;
 - small tables written from the driver (the runs audit table): `write_partition`.
 Both retry on concurrent-commit conflicts and merge schemas (a new `score_<modality>` column appears, old rows
-keep null)."""
+keep null). A path that holds a table dmafn did not write is refused before either runs (`require_own_tables`)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from typing import Literal
+from typing import Literal, Sequence
 
 import polars as pl
 import pyarrow as pa
@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
+
+from dmafn.spec import ScoreSpec
+from pipelines.storage import DataError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,42 @@ def write_partition(uri: str, data: pa.Table, *, date: str | None, mode: Literal
             wait = min(0.2 * 2 ** attempt, 5.0) * (0.5 + random.random())
             log.warning("Delta commit to %s conflicted (%s); retrying in %.1fs", uri, exc, wait)
             time.sleep(wait)
+
+
+def table_mismatch(table: DeltaTable, columns: Sequence[str], partition_by: Sequence[str] = ("date",)) -> list[str]:
+    """Why `table` is not one a writer of `columns`, partitioned by `partition_by`, may replace dates in: the columns
+    it lacks and its partitioning when it differs (empty: it is one)."""
+    names = set(pa.schema(table.schema().to_arrow()).names)
+    missing = [c for c in columns if c not in names]
+    partitions = list(table.metadata().partition_columns)
+    problems = [f"no column {', '.join(missing)}"] if missing else []
+    if partitions != list(partition_by):
+        problems.append(f"partitioned by {', '.join(partitions) or 'nothing'}, not {', '.join(partition_by)}")
+    return problems
+
+
+# columns every table of each kind that dmafn wrote holds (since its first version), by which it knows its own
+OUTPUT_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "model_version", "run_id")   # and the entity's
+SCORED_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly")   # of those, what `evaluate` and `report` read
+QUARANTINE_COLUMNS = ("date", "stage", "entity", "ts", "reason", "run_id")
+RUNS_COLUMNS = ("run_id", "date", "model_version", "status", "finished_at")
+
+
+def require_own_tables(score: ScoreSpec, entity: tuple[str, ...] | list[str], storage: Storage,
+                       tables: OpenTables | None = None) -> None:
+    """Before anything is written: each of `score`'s output, quarantine and runs tables that exists already must be
+    one dmafn wrote for entity key `entity` (its columns, partitioned by date) - scoring replaces whole dates there,
+    so a `score.output` pointed at another team's table (or at the output of a spec with another entity key) would
+    lose its rows. DataError naming the spec key, the path and what differs."""
+    tables = tables or OpenTables()
+    for key, path, columns in (("score.output", score.output, (*entity, *OUTPUT_COLUMNS)),
+                               ("score.quarantine", score.quarantine_path, QUARANTINE_COLUMNS),
+                               ("score.runs", score.runs_path, RUNS_COLUMNS)):
+        table = tables.get(storage.delta_uri(path), storage.delta_options(path))
+        if table is not None and (problems := table_mismatch(table, columns)):
+            raise DataError(f"{key} {path} is a Delta table dmafn did not write for this spec ({'; '.join(problems)}): "
+                            "dmafn replaces whole dates in its tables, so it writes nothing there - point "
+                            f"{key} at a new path, or at the table dmafn wrote")
 
 
 def read_table(uri: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:

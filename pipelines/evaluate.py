@@ -25,7 +25,7 @@ from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
 from pipelines.baselines import score_alone
-from pipelines.delta_sink import read_table
+from pipelines.delta_sink import SCORED_COLUMNS, read_table, table_mismatch
 from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs
@@ -656,6 +656,9 @@ def open_scores(spec: Spec, storage: Storage) -> DeltaTable:
         raise DataError(f"scores {spec.score.output}: cannot be read ({exc})") from None
     if table is None:
         raise DataError(f"scores {spec.score.output}: no such table (nothing scored yet)")
+    if problems := table_mismatch(table, (*spec.entity, *SCORED_COLUMNS)):
+        raise DataError(f"scores {spec.score.output}: not an output table dmafn wrote for this spec "
+                        f"({'; '.join(problems)})")
     return table
 
 
@@ -669,7 +672,9 @@ def score_dates(table: DeltaTable, spec: Spec, start: dt.date | None = None, end
     dates = sorted({p["date"] for p in table.partitions()})
     dates = [d for d in dates if (not start or d >= start.isoformat()) and (not end or d <= end.isoformat())]
     if not dates:
-        raise DataError(f"scores {spec.score.output}: no rows in {start}..{end}")
+        within = (f" in {start}..{end}" if start and end else f" from {start} on" if start
+                  else f" up to {end}" if end else "")
+        raise DataError(f"scores {spec.score.output}: no scored dates{within}")
     return dates
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
-from pipelines.delta_sink import read_table
+from pipelines.delta_sink import read_table, require_own_tables
 from pipelines.staging import remove_stale_runs
 from pipelines.storage import Storage
 
@@ -16,6 +16,8 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
     storage = Storage.from_spec(spec.storage)
     lines = []
     alone = alone_spec(spec).score
+    for score in (spec.score, alone):        # compacting or vacuuming another team's table: refused, named
+        require_own_tables(score, spec.entity, storage)
     for path, optional in ((spec.score.output, False), (spec.score.quarantine_path, False),
                            (spec.score.runs_path, False), (alone.output, True), (alone.quarantine_path, True),
                            (alone.runs_path, True)):

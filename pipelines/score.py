@@ -19,7 +19,7 @@ import ray
 
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
-from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, write_partition
+from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, require_own_tables, write_partition
 from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -157,6 +157,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     """
     storage = Storage.from_spec(spec.storage)
     model_spec = reading_spec(mv, spec)
+    tables = OpenTables()
+    require_own_tables(spec.score, model_spec.entity, storage, tables)    # before anything is written
     dates = sorted(set(dates))
     files = list_inputs(model_spec, dates, storage)
     schemas = require_columns(model_spec, storage, files)
@@ -174,7 +176,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     waiting = {d.isoformat(): sum(1 for s in shards if d in s.dates) for d in dates}
     parts: dict[str, list[tuple[DateCounts, float]]] = {d: [] for d in waiting}
     schemas: dict[str, pa.Schema] = {}
-    done, failed, started, tables = [], [], time.time(), OpenTables()
+    done, failed, started = [], [], time.time()
     todo, running = deque(shards), {}                  # running: each shard task's stream -> its shard
     partial: dict[str, tuple[int, int]] = {}           # a running shard's last (ticks done, ticks total)
 
@@ -389,6 +391,7 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     """`backfill` of the dates `days` (in any order, not necessarily consecutive)."""
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
+    require_own_tables(spec.score, mv.spec.entity, storage)       # before reading which dates it holds
     days = sorted(set(days))
     skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
     todo = [d for d in days if d.isoformat() not in skip]

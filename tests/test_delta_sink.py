@@ -80,3 +80,36 @@ def test_files_carry_exact_text_statistics_and_the_dates_a_version_wrote_are_rea
     assert sink.dates_written_by(uri, None, "model_version", "v2", dates) == {"2024-01-04"}
     assert len(read) == 2                                                    # once per call: the dates without stats
     assert sink.dates_written_by(str(tmp_path / "none"), None, "model_version", "v1", dates) == set()
+
+
+def test_tables_dmafn_did_not_write_are_refused_before_anything_is_written(tmp_path):
+    """A `score.output` (or quarantine, or runs table) pointed at another table - another team's, or the output of
+    a spec with another entity key - is named with what differs, and left as it was: dmafn replaces whole dates in
+    its tables. Its own tables, and paths with no table yet, pass."""
+    import datetime as dt
+
+    import pytest
+    from deltalake import write_deltalake
+
+    from dmafn.spec import ScoreSpec
+    from pipelines.delta_sink import OUTPUT_COLUMNS, require_own_tables, table_mismatch
+    from pipelines.storage import DataError, Storage
+
+    score = ScoreSpec(output=str(tmp_path / "scores"))
+    require_own_tables(score, ("machine_id",), Storage())                       # nothing there yet
+    theirs = pa.table({"a": [1, 2], "date": ["2024-01-05", "2024-01-05"]})
+    write_deltalake(score.output, theirs)
+    with pytest.raises(DataError, match=f"score.output {score.output} is a Delta table dmafn did not write for this "
+                                        "spec \\(no column machine_id, ts, score, threshold, is_anomaly, model_version, "
+                                        "run_id; partitioned by nothing, not date\\)"):
+        require_own_tables(score, ("machine_id",), Storage())
+    assert pl.read_delta(score.output).to_dict(as_series=False) == theirs.to_pydict()
+    ours = {"machine_id": ["m"], "ts": [dt.datetime(2024, 1, 5)], "date": ["2024-01-05"], "score": [0.1],
+            "threshold": [1.0], "is_anomaly": [False], "model_version": ["v"], "run_id": ["r"]}
+    write_deltalake(score.output, pa.table(ours), mode="overwrite", schema_mode="overwrite", partition_by=["date"])
+    require_own_tables(score, ("machine_id",), Storage())
+    assert table_mismatch(DeltaTable(score.output), ("site", "machine_id", *OUTPUT_COLUMNS)) == ["no column site"]
+    write_deltalake(score.runs_path, pa.table({"run_id": ["r"], "date": ["2024-01-05"]}), partition_by=["date"])
+    with pytest.raises(DataError, match="score.runs .*scores_runs is a Delta table dmafn did not write for this spec "
+                                        "\\(no column model_version, status, finished_at\\)"):
+        require_own_tables(score, ("machine_id",), Storage())

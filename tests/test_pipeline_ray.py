@@ -612,6 +612,27 @@ def test_missing_table_is_named(trained):
         list_inputs(replace(spec, modalities=mods), [DAY3], Storage())
 
 
+def test_score_backfill_and_maintain_leave_a_table_dmafn_did_not_write_alone(trained, tmp_path):
+    """`score.output` pointed at another team's table: score, backfill and maintain stop naming it, before writing
+    anything (no runs row either), and its rows stay."""
+    from deltalake import write_deltalake
+
+    from pipelines.maintain import maintain
+    from pipelines.score import backfill, score_date
+
+    spec, version, _ = trained
+    theirs = pa.table({"a": [1, 2], "date": ["2024-01-03", "2024-01-03"]})
+    out = tmp_path / "theirs"
+    write_deltalake(str(out), theirs)
+    other = replace(spec, score=replace(spec.score, output=str(out), runs=None, quarantine=None, staging=None))
+    for run in (lambda: score_date(other, DAY3, version=version), lambda: backfill(other, DAY3, DAY3),
+                lambda: maintain(other)):
+        with pytest.raises(DataError, match=f"score.output {out} is a Delta table dmafn did not write for this spec"):
+            run()
+    assert pl.read_delta(str(out)).to_dict(as_series=False) == theirs.to_pydict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]                 # no runs or quarantine table
+
+
 def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_path):
     from pipelines.score import backfill
 

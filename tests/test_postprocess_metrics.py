@@ -400,7 +400,14 @@ def test_evaluate_and_report_name_the_output_table_when_it_is_missing_or_the_win
         build_report(spec, tmp_path / "r.html")
     write_deltalake(str(out), pl.DataFrame({"machine_id": ["a"], "date": ["2024-01-03"], "score": [0.1]}).to_arrow(),
                     partition_by=["date"])
-    with pytest.raises(DataError, match=f"scores {out}: no rows in 2024-02-01..None"):
+    with pytest.raises(DataError, match=f"scores {out}: not an output table dmafn wrote for this spec \\(no column "
+                                        "ts, threshold, is_anomaly\\)"):
+        evaluate(spec)
+    row = {"machine_id": ["a"], "ts": [dt.datetime(2024, 1, 3)], "date": ["2024-01-03"], "score": [0.1],
+           "threshold": [1.0], "is_anomaly": [False], "model_version": ["v"], "run_id": ["r"]}
+    write_deltalake(str(out), pl.DataFrame(row).to_arrow(), partition_by=["date"], mode="overwrite",
+                    schema_mode="overwrite")
+    with pytest.raises(DataError, match=f"scores {out}: no scored dates from 2024-02-01 on$"):
         evaluate(spec, start=dt.date(2024, 2, 1))
 
 
