@@ -5,6 +5,8 @@ Every error names the file and the key. Unknown keys are errors.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import posixpath
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -517,7 +519,42 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
             raise mods_sec.err(f"{m.name}.encoding_distance", "needs each modality encoded on its own (fusion "
                                "attention, gated or late) and a detector that reconstructs (not 'classifier'); "
                                f"the spec has fusion '{spec.model.fusion}', detector '{spec.model.detector}'")
+    _check_places(spec)
     return spec
+
+
+def _place(path: str) -> str:
+    """A path as compared for overlap: a URI's scheme kept, '.', '..', doubled and trailing slashes folded; a local
+    path made absolute (against the working directory, as the jobs read it)."""
+    scheme, sep, rest = path.partition("://")
+    if sep:
+        return f"{scheme}://{posixpath.normpath('/' + rest)[1:]}"
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one of two places is the other or lies inside it."""
+    a, b = _place(a), _place(b)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _check_places(spec: Spec) -> None:
+    """What the jobs write must lie apart from what they read and from each other: a `score.output` at (or above) an
+    input table would add Delta files to its partitions, and `dmafn maintain`'s vacuum of a folder holding other
+    files deletes them. SpecError naming both keys."""
+    read = [(f"modalities.{m.name}.path", m.path) for m in spec.modalities.values() if m.context_of is None]
+    if spec.labels is not None:
+        read.append(("labels.path", spec.labels.path))
+    score = spec.score
+    tables = [("score.output", score.output), ("score.quarantine", score.quarantine_path),
+              ("score.runs", score.runs_path), ("score.staging", score.staging_path)]
+    written = [*tables, ("registry", spec.registry)]
+    pairs = [(w, r) for w in written for r in read] + \
+        [(a, b) for i, a in enumerate(tables) for b in [*tables[i + 1:], ("registry", spec.registry)]]
+    for (key, path), (other, other_path) in pairs:
+        if _overlap(path, other_path):
+            raise SpecError(f"{spec.source}: key '{key}' ({path}) and key '{other}' ({other_path}) are the same place "
+                            "or one lies inside the other: the jobs write there, so each needs a place of its own")
 
 
 def read_spec_yaml(path: str | Path) -> Any:

@@ -379,3 +379,25 @@ def test_check_data_reads_footers_in_parallel_and_lists_problems_in_file_order(t
     broken = [p for p in found.problems if "not a readable Parquet file" in p]
     assert [p.split("part-")[1][:2] for p in broken] == ["02", "07", "12", "17", "22"]
     assert found.columns == {"machine_id": "string", "ts": "timestamp[us, tz=UTC]", "temp": "double"}
+
+
+def test_what_the_jobs_write_lies_apart_from_what_they_read_and_from_each_other():
+    """A `score.output` at an input table would add Delta files to its partitions (read back as input), one above it
+    would be vacuumed with the inputs inside; the output tables and the registry need places of their own too."""
+    def spec(**score):
+        data = tiny_spec_dict(score={"output": "/tmp/none/scores", **score})
+        data["modalities"]["proc"]["path"] = "s3://lake/raw/proc"
+        return data
+
+    parse_spec(spec(), source="s.yaml")                                 # the default layout: apart
+    parse_spec(spec(output="s3://lake/raw/proc_scores"), source="s.yaml")   # a common prefix is not inside
+    cases = [(spec(output="s3://lake/raw/proc/"), "score.output", "modalities.proc.path"),
+             (spec(output="s3://lake//raw"), "score.output", "modalities.proc.path"),
+             (spec(runs="/tmp/none/scores/runs"), "score.output", "score.runs"),
+             (spec(quarantine="/tmp/none/models/q"), "score.quarantine", "registry"),
+             (dict(spec(), registry="/tmp/none/vib/../vib/models"), "registry", "modalities.vib.path"),
+             (dict(spec(), labels={"path": "/tmp/none/scores_staging/labels"}), "score.staging", "labels.path")]
+    for data, key, other in cases:
+        with pytest.raises(SpecError, match=f"s.yaml: key '{key}' \\(.*\\) and key '{other}' \\(.*\\) are the same "
+                                            "place or one lies inside the other"):
+            parse_spec(data, source="s.yaml")
