@@ -17,13 +17,14 @@ from typing import Literal, Sequence
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
 
 from dmafn.spec import ScoreSpec
-from pipelines.storage import DataError, Storage
+from pipelines.storage import DataError, Storage, partition_date
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,23 @@ def require_own_tables(score: ScoreSpec, entity: tuple[str, ...] | list[str], st
             raise DataError(f"{key} {path} is a Delta table dmafn did not write for this spec ({'; '.join(problems)}): "
                             "dmafn replaces whole dates in its tables, so it writes nothing there - point "
                             f"{key} at a new path, or at the table dmafn wrote")
+        if table is None and (other := _other_entries(storage, path)):
+            raise DataError(f"{key} {path} holds files but no Delta table ({', '.join(other[:3])}"
+                            f"{', ...' if len(other) > 3 else ''}): dmafn maintain's vacuum deletes the files its "
+                            f"table does not list, so dmafn writes nothing there - point {key} at a new path or an "
+                            "empty folder")
+
+
+def _other_entries(storage: Storage, path: str) -> list[str]:
+    """The names in the folder at `path` (no Delta table there) other than `date=YYYY-MM-DD` folders - what a job
+    killed before its first commit leaves - and names starting with `.` or `_`; empty when it cannot be listed (the
+    commit then says why)."""
+    try:
+        entries = storage.filesystem(path).get_file_info(pafs.FileSelector(storage.fs_path(path), allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(e.base_name for e in entries if not e.base_name.startswith((".", "_"))
+                  and not (e.type == pafs.FileType.Directory and partition_date(e.base_name, "date")))
 
 
 def read_table(uri: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:

@@ -109,7 +109,7 @@ class Storage:
         return path if is_s3(path) else str(Path(path).absolute())
 
 
-def _partition_date(name: str, key: str) -> dt.date | None:
+def partition_date(name: str, key: str) -> dt.date | None:
     """The date a folder named `key=YYYY-MM-DD` stands for; None for any other name or no such date."""
     match = _PARTITION.match(name)
     if not match or match.group("key") != key:
@@ -141,7 +141,7 @@ def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]
     for entry in entries:
         if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
             continue                                  # files beside the partitions, `_delta_log`, `.tmp`: not data
-        if (day := _partition_date(entry.base_name, key)) is None:
+        if (day := partition_date(entry.base_name, key)) is None:
             other.append(entry.base_name)             # `date=2024-13-01`, `date=2024-1-5`, `day=...`, `backup`
         else:
             out[day] = entry.path

@@ -87,6 +87,7 @@ def test_tables_dmafn_did_not_write_are_refused_before_anything_is_written(tmp_p
     a spec with another entity key - is named with what differs, and left as it was: dmafn replaces whole dates in
     its tables. Its own tables, and paths with no table yet, pass."""
     import datetime as dt
+    import shutil
 
     import pytest
     from deltalake import write_deltalake
@@ -97,6 +98,13 @@ def test_tables_dmafn_did_not_write_are_refused_before_anything_is_written(tmp_p
 
     score = ScoreSpec(output=str(tmp_path / "scores"))
     require_own_tables(score, ("machine_id",), Storage())                       # nothing there yet
+    (tmp_path / "scores" / "date=2024-01-05").mkdir(parents=True)               # a first job killed before its commit
+    (tmp_path / "scores" / "date=2024-01-05" / "part-r-0.parquet").write_bytes(b"PAR1")
+    require_own_tables(score, ("machine_id",), Storage())
+    (tmp_path / "scores" / "exports.csv").write_text("a,b\n")                  # someone else's files
+    with pytest.raises(DataError, match=f"score.output {score.output} holds files but no Delta table \\(exports.csv\\)"):
+        require_own_tables(score, ("machine_id",), Storage())
+    shutil.rmtree(tmp_path / "scores")
     theirs = pa.table({"a": [1, 2], "date": ["2024-01-05", "2024-01-05"]})
     write_deltalake(score.output, theirs)
     with pytest.raises(DataError, match=f"score.output {score.output} is a Delta table dmafn did not write for this "
