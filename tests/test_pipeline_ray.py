@@ -367,29 +367,35 @@ def test_score_position_counts_the_ticks_above_the_validation_median_and_nothing
     assert line.startswith("2024-01-03: 90% of its scored ticks score above model version v1's validation median")
 
 
+def _edited_copy(trained, tmp_path, files: str, edit):
+    """The `trained` fixture's spec reading a copy of its inputs whose files matching `files` (a glob under raw/)
+    were rewritten as `edit(table)`, and writing to its own tables under `tmp_path`."""
+    import shutil
+
+    spec, _, root = trained
+    raw = tmp_path / "raw"
+    shutil.copytree(root / "raw", raw)
+    for path in raw.glob(files):
+        pq.write_table(edit(pq.read_table(path)), path)
+    return replace(spec, modalities={name: replace(m, path=str(raw / Path(m.path).name))
+                                     for name, m in spec.modalities.items()},
+                   score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None, staging=None))
+
+
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
     """The same fleet with every temperature 25 C higher and every pressure 5 bar higher (a recalibrated sensor,
     a new regime): nearly every tick scores above the version's validation median, and scoring says so."""
-    import shutil
-
     import pyarrow.compute as pc
 
     from pipelines.score import UNLIKE_VALIDATION_SHARE, score_date
 
-    spec, version, root = trained
-    raw = tmp_path / "raw"
-    shutil.copytree(root / "raw", raw)
-    for path in (raw / "process").rglob("*.parquet"):
-        table = pq.read_table(path)
-        moved = {"temperature": pc.add(table.column("temperature"), 25.0),
-                 "pressure": pc.add(table.column("pressure"), 5.0)}
-        for name, column in moved.items():
-            table = table.set_column(table.schema.get_field_index(name), name, column)
-        pq.write_table(table, path)
-    moved_spec = replace(spec, modalities={name: replace(m, path=str(raw / Path(m.path).name))
-                                           for name, m in spec.modalities.items()},
-                         score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
-                                       staging=None))
+    def recalibrated(table):
+        for name, by in (("temperature", 25.0), ("pressure", 5.0)):
+            table = table.set_column(table.schema.get_field_index(name), name, pc.add(table.column(name), by))
+        return table
+
+    _, version, _ = trained
+    moved_spec = _edited_copy(trained, tmp_path, "process/**/*.parquet", recalibrated)
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         result = score_date(moved_spec, DAY3, version=version)
     assert result.above_validation_median > UNLIKE_VALIDATION_SHARE
@@ -419,29 +425,22 @@ def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
     both = found.add(UnseenEntities(1, 2, 0, ["a|3"]))                       # another shard of the date
     assert unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=both), "v1") == (
         "2024-01-03: 3 entities not in model version v1's training data (a|3, a|9, b|9; 4 ticks, 25.0% of them "
-        "alarmed) were scored by the fleet's statistics, not its own: expect more alarms from them until a version "
+        "alarmed) were scored by the fleet's statistics, not their own: expect more alarms from them until a version "
         "is trained on days that hold them (dmafn train, with train.start/end over those days)")
 
 
 def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp_path, caplog):
     """A machine that joined the fleet after the training days (here pump-01's data under a new key) scores by
     the fleet's statistics: scoring names it with its ticks and alarm rate, and the runs table counts it."""
-    import shutil
-
     from pipelines.score import score_date
 
-    spec, version, root = trained
-    raw = tmp_path / "raw"
-    shutil.copytree(root / "raw", raw)
-    for path in raw.rglob("date=2024-01-03/*.parquet"):
-        table = pq.read_table(path)
+    def renamed(table):
         keys = pa.array(["pump-09" if k == "pump-01" else k for k in table.column("machine_id").to_pylist()],
                         table.schema.field("machine_id").type)
-        pq.write_table(table.set_column(table.schema.get_field_index("machine_id"), "machine_id", keys), path)
-    moved = replace(spec, modalities={name: replace(m, path=str(raw / Path(m.path).name))
-                                      for name, m in spec.modalities.items()},
-                    score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
-                                  staging=None))
+        return table.set_column(table.schema.get_field_index("machine_id"), "machine_id", keys)
+
+    _, version, _ = trained
+    moved = _edited_copy(trained, tmp_path, "*/date=2024-01-03/*.parquet", renamed)
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         result = score_date(moved, DAY3, version=version)
     out = pl.read_delta(str(tmp_path / "scores")).filter(pl.col("machine_id") == "pump-09")
