@@ -245,8 +245,9 @@ class Registry:
 
 def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict[str, dict[str, Any] | str]:
     """Per model version, what its manifest says about its training - when, on which days, the warnings it gave
-    (`pipelines.train.TrainingWarnings`), the alarm rate its validation days had (`expected_alarm_rate`) - or why
-    the manifest could not be read."""
+    (`pipelines.train.TrainingWarnings`), the alarm rate its validation days had (`expected_alarm_rate`), how many
+    entities it keeps statistics of their own for (`entities`: the others score by the fleet's) - or why the
+    manifest could not be read."""
     registry, out = Registry(spec.registry, storage), {}
     for version in sorted(versions):
         try:
@@ -259,6 +260,8 @@ def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict
         out[version] = {"created_at": manifest.get("created_at"), "train_days": window.get("train_days", []),
                         "validation_days": window.get("validation_days", []),
                         "expected_alarm_rate": validation.get("validation_alarm_rate"),
+                        # the entities with statistics of their own (None: saved before the entity file)
+                        "entities": (manifest.get("entity_statistics") or {}).get("entities"),
                         "warnings": manifest.get("warnings")}          # None: saved before versions kept them
     return out
 

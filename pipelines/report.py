@@ -460,7 +460,8 @@ def _versions_section(facts: dict[str, dict[str, Any] | str]) -> str:
             parts.append(f"<h3>{_e(version)}</h3><p>Its manifest could not be read: {_e(fact)}</p>")
             continue
         rows = [["created", fact["created_at"] or "-"], ["training days", days(fact["train_days"])],
-                ["validation days", days(fact["validation_days"])]]
+                ["validation days", days(fact["validation_days"])],
+                ["entities with statistics of their own", "-" if fact["entities"] is None else str(fact["entities"])]]
         warnings = fact["warnings"]
         said = ("<p>Saved before versions kept their training warnings.</p>" if warnings is None else
                 "<p>No warning at training.</p>" if not warnings else

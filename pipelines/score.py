@@ -193,8 +193,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
-                for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version)):
-                    if line is not None:
+                for warn in (unlike_validation_warning, unseen_entities_warning):
+                    if (line := warn(result, mv.version)) is not None:
                         log.warning("%s", line)
                 return
         failed.append((date, error))

@@ -120,8 +120,9 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
     out.facts["latest"] = {"version": latest, **fact}
     rate = fact["expected_alarm_rate"]
     warnings = fact["warnings"]
+    entities = "" if fact["entities"] is None else f" ({fact['entities']} entities)"
     out.lines.append(f"model versions: {len(versions)} in {spec.registry}; {LATEST} {latest} (created "
-                     f"{created or '-'}; trained on {span(fact['train_days'])}, validated on "
+                     f"{created or '-'}; trained on {span(fact['train_days'])}{entities}, validated on "
                      f"{span(fact['validation_days'])}; expected alarm rate "
                      f"{'-' if rate is None else f'{rate:.2%}'}; "
                      f"{'warnings not kept' if warnings is None else f'{len(warnings)} training warning(s)'})")

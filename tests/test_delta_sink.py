@@ -102,14 +102,15 @@ def test_tables_dmafn_did_not_write_are_refused_before_anything_is_written(tmp_p
     (tmp_path / "scores" / "date=2024-01-05" / "part-r-0.parquet").write_bytes(b"PAR1")
     require_own_tables(score, ("machine_id",), Storage())
     (tmp_path / "scores" / "exports.csv").write_text("a,b\n")                  # someone else's files
-    with pytest.raises(DataError, match=f"score.output {score.output} holds files but no Delta table \\(exports.csv\\)"):
+    with pytest.raises(DataError, match=f"score.output {score.output} holds files but no Delta table "
+                                        "\\(exports.csv\\)"):
         require_own_tables(score, ("machine_id",), Storage())
     shutil.rmtree(tmp_path / "scores")
     theirs = pa.table({"a": [1, 2], "date": ["2024-01-05", "2024-01-05"]})
     write_deltalake(score.output, theirs)
     with pytest.raises(DataError, match=f"score.output {score.output} is a Delta table dmafn did not write for this "
-                                        "spec \\(no column machine_id, ts, score, threshold, is_anomaly, model_version, "
-                                        "run_id; partitioned by nothing, not date\\)"):
+                                        "spec \\(no column machine_id, ts, score, threshold, is_anomaly, "
+                                        "model_version, run_id; partitioned by nothing, not date\\)"):
         require_own_tables(score, ("machine_id",), Storage())
     assert pl.read_delta(score.output).to_dict(as_series=False) == theirs.to_pydict()
     ours = {"machine_id": ["m"], "ts": [dt.datetime(2024, 1, 5)], "date": ["2024-01-05"], "score": [0.1],

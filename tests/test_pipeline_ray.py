@@ -527,7 +527,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
-    assert rows["runs-table"] >= 1 and rows["version-0"] == 3     # the version that scored: created, its days
+    assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     assert got["width"] <= 1200          # the window's width: a wide table scrolls in its own box, not the page
     image = Image.open(page.screenshot).convert("L")

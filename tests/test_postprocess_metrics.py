@@ -423,7 +423,8 @@ def test_the_report_says_what_each_versions_training_warned_read_from_its_manife
     from tests.conftest import tiny_spec_dict
 
     spec = parse_spec(tiny_spec_dict(registry=str(tmp_path / "models")), source="t.yaml")
-    for version, extra in (("v1", {"warnings": ["modality 'proc', column 'pres': values up to 1.2e+07 <coarse>"]}),
+    for version, extra in (("v1", {"warnings": ["modality 'proc', column 'pres': values up to 1.2e+07 <coarse>"],
+                                   "entity_statistics": {"file": "entity_statistics.parquet", "entities": 12}}),
                            ("v0", {})):
         folder = tmp_path / "models" / version
         folder.mkdir(parents=True)
@@ -433,7 +434,9 @@ def test_the_report_says_what_each_versions_training_warned_read_from_its_manife
     facts = version_facts(spec, Storage(), {"v1", "v0", "gone"})
     assert list(facts) == ["gone", "v0", "v1"] and "not found in the model registry" in facts["gone"]
     assert facts["v0"]["warnings"] is None and facts["v1"]["train_days"] == ["2024-01-01", "2024-01-02"]
+    assert (facts["v1"]["entities"], facts["v0"]["entities"]) == (12, None)     # v0: saved before the entity file
     page = _versions_section(facts)
+    assert "<td>entities with statistics of their own</td><td>12</td>" in page
     assert "values up to 1.2e+07 &lt;coarse&gt;</li>" in page and "1 warning(s) at training" in page
     assert "Saved before versions kept their training warnings." in page
     assert "Its manifest could not be read" in page and "2024-01-01 .. 2024-01-02 (2)" in page

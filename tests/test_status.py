@@ -23,10 +23,11 @@ def _spec(tmp_path):
     return parse_spec(data, source=str(path)), str(path)
 
 
-def _version(tmp_path, version, alarm_rate=0.003, latest=True):
+def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None):
     folder = tmp_path / "models" / version
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({
+        **({} if entities is None else {"entity_statistics": {"file": "x.parquet", "entities": entities}}),
         "created_at": "2024-01-02T12:00:30+00:00", "warnings": ["modality 'proc': a warning"],
         "calibration": {"validation": {"validation_alarm_rate": alarm_rate}},
         "training_window": {"train_days": ["2024-01-01"], "validation_days": ["2024-01-02"]}}))
@@ -154,7 +155,7 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
     recent dates LATEST scored them on (a date scored by an older version is not named: a newer one may hold them)."""
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD, latest=False)
-    _version(tmp_path, NEW)
+    _version(tmp_path, NEW, entities=40)
     _run(spec, "2024-01-03", unseen=UnseenEntities(3, 300, 150, ["m-7", "m-8", "m-9"]))
     _run(spec, "2024-01-04", version=NEW, unseen=UnseenEntities(2, 200, 50, ["m-8", "m-9"]))
     _run(spec, "2024-01-05", version=NEW, unseen=UnseenEntities(1, 100, 30, ["m-9"]))
@@ -165,6 +166,8 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
         "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - train a version on days that hold them "
         "(dmafn train s.yaml, train.start/end over those days), then rescore with it (dmafn backfill s.yaml --start "
         "D --end D)"]
+    assert f"LATEST {NEW} (created 2024-01-02 12:00 UTC; trained on 2024-01-01 (40 entities), validated on" \
+        in found.text() and found.as_dict()["latest"]["entities"] == 40
     table = found.text().split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
     assert [line.split()[-1] for line in table[1:]] == ["3", "2", "1", "0"]
     assert [r["unseen_entities"] for r in found.as_dict()["recent"]] == [3, 2, 1, 0]
