@@ -45,6 +45,7 @@ class DateResult:
     above_validation_median: float | None = None   # share of its ticks with a score above the version's validation
                                                    # median (None: no score, or a version without the median)
     modality_above: dict[str, float] = field(default_factory=dict)   # the same for each modality's contribution
+    entities: int | None = None          # entities with a scored tick (None: a failed date)
     unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for (None:
                                            # a version with no per-entity statistics, or a failed date)
 
@@ -312,6 +313,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       input_rows_quarantined=sum(c.input_rows_quarantined for c in counts),
                       above_validation_median=_share_above([(c.with_score, c.above_validation_median) for c in counts]),
                       modality_above={m: share for m, share in by_modality.items() if share is not None},
+                      entities=sum(c.entities for c in counts),
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None)
 
 
@@ -342,6 +344,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
                     **{f"{MODALITY_SHARE}{m}": pa.array([share], pa.float64())
                        for m, share in sorted(result.modality_above.items())},
+                    "entities": pa.array([result.entities], pa.int64()),
                     "unseen_entities": pa.array([None if result.unseen is None else result.unseen.entities],
                                                 pa.int64()),
                     "unseen_entity_alarm_rate": pa.array([None if result.unseen is None else result.unseen.alarm_rate],

@@ -183,6 +183,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.modality_above = contribution_positions(out, mv.calibration)
             counts.unseen = unseen_entities(out, spec.entity, known)
+            counts.entities = pl.from_arrow(out.select(list(spec.entity))).n_unique()
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

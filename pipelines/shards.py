@@ -75,7 +75,8 @@ class DateCounts:
     with_score: int = 0                 # scored ticks with a fused score, where the version recorded its validation
     above_validation_median: int = 0    # median score; of those, the ticks above it
     modality_above: dict[str, tuple[int, int]] = field(default_factory=dict)   # the same per modality's contribution
-    unseen: UnseenEntities | None = None   # scored entities the version has no statistics of its own for
+    entities: int = 0                   # entities with a scored tick (a date's shards hold disjoint entities)
+    unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 

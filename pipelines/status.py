@@ -145,7 +145,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
+              "entities", "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
@@ -205,7 +205,7 @@ def _named(dates: list[str]) -> str:
 
 def _table(runs: pl.DataFrame) -> list[str]:
     head = ["date", "status", "model version", "ticks in", "scored", "quarantined", "input rows quarantined",
-            "alarms", "alarm rate", "expected", "above val. median", "unseen entities"]
+            "alarms", "alarm rate", "expected", "above val. median", "entities", "unseen entities"]
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2%}"
@@ -217,7 +217,7 @@ def _table(runs: pl.DataFrame) -> list[str]:
              count(r["rows_quarantined"]), count(r["input_rows_quarantined"]), count(r["anomalies"]),
              pct(r["alarm_rate"]), pct(r["expected_alarm_rate"]),
              "-" if r["above_validation_median"] is None else f"{r['above_validation_median']:.0%}",
-             count(r["unseen_entities"])]
+             count(r["entities"]), count(r["unseen_entities"])]
             for r in runs.iter_rows(named=True)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     return ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows]]

@@ -341,6 +341,7 @@ def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_th
     assert 0 < last["above_validation_median"] < 1 and last["above_validation_median"] == pytest.approx(share)
     assert scored.above_validation_median == pytest.approx(share)
     assert last["unseen_entities"] == 0 and last["unseen_entity_alarm_rate"] is None     # both pumps trained
+    assert last["entities"] == scored.entities == out["machine_id"].n_unique() == 2
     medians = validation["validation_contribution_p50"]
     assert set(medians) == set(spec.modalities) - {"process_context"}   # speaking through its relations, the
     #                                                                     context view has no contribution of its own
