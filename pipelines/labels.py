@@ -91,7 +91,8 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
 def _utc(column: str, dtype: pl.Datetime) -> pl.Expr:
     """A timestamp column as microseconds in UTC: naive ones read as UTC, zoned ones converted."""
     col = pl.col(column).dt.cast_time_unit("us")
-    return (col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")).alias(column)
+    utc = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
+    return utc.alias(column)
 
 
 def read_labels(spec: Spec, storage: Storage) -> pl.DataFrame:

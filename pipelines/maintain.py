@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
-from pipelines.delta_sink import read_table, require_own_tables
+from pipelines.delta_sink import OpenTables, require_own_tables
 from pipelines.staging import remove_stale_runs
 from pipelines.storage import Storage
 
@@ -15,13 +15,13 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
     than the retention (`pipelines.staging`); returns one line per table and one for the staging folder."""
     storage = Storage.from_spec(spec.storage)
     lines = []
-    alone = alone_spec(spec).score
+    alone, tables = alone_spec(spec).score, OpenTables()
     for score in (spec.score, alone):        # compacting or vacuuming another team's table: refused, named
-        require_own_tables(score, spec.entity, storage)
+        require_own_tables(score, spec.entity, storage, tables)
     for path, optional in ((spec.score.output, False), (spec.score.quarantine_path, False),
                            (spec.score.runs_path, False), (alone.output, True), (alone.quarantine_path, True),
                            (alone.runs_path, True)):
-        table = read_table(storage.delta_uri(path), storage.delta_options(path))
+        table = tables.get(storage.delta_uri(path), storage.delta_options(path))     # opened by the check
         if table is None:
             if not optional:
                 lines.append(f"{path}: no table yet")

@@ -479,8 +479,8 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "anomalies", "entities", "unseen_entities", *shares, "duration_s", "run_id",
-                        "finished_at", "error"]
+                        "input_rows_quarantined", "anomalies", "entities", "unseen_entities", *shares, "duration_s",
+                        "run_id", "finished_at", "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]

@@ -147,7 +147,7 @@ def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id:
 
 
 def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: str, parallel: int | None = None,
-                days_per_shard: int = DAYS_PER_SHARD, shard_bytes: int = SHARD_BYTES,
+                days_per_shard: int = DAYS_PER_SHARD, shard_bytes: int = SHARD_BYTES, tables: OpenTables | None = None,
                 ) -> tuple[list[DateResult], list[tuple[dt.date, Exception]]]:
     """Score `dates` in shards on the cluster and commit each date on its own once its shards are written.
 
@@ -155,10 +155,11 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     Delta commit per table and recorded in the runs table. A shard of several dates that fails is retried one
     date at a time, so a bad date fails alone. Returns the dates done and the dates that failed with their
     error; errors before any shard runs (a table that cannot be listed, a missing column) are raised.
+    `tables`: the job's open output tables, when it opened them already (backfill reads the scored dates first).
     """
     storage = Storage.from_spec(spec.storage)
     model_spec = reading_spec(mv, spec)
-    tables = OpenTables()
+    tables = tables or OpenTables()        # the caller's, when it opened (and checked) them already
     require_own_tables(spec.score, model_spec.entity, storage, tables)    # before anything is written
     dates = sorted(set(dates))
     files = list_inputs(model_spec, dates, storage)
@@ -394,7 +395,8 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     """`backfill` of the dates `days` (in any order, not necessarily consecutive)."""
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
-    require_own_tables(spec.score, mv.spec.entity, storage)       # before reading which dates it holds
+    tables = OpenTables()
+    require_own_tables(spec.score, mv.spec.entity, storage, tables)       # before reading which dates it holds
     days = sorted(set(days))
     skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
     todo = [d for d in days if d.isoformat() not in skip]
@@ -403,7 +405,7 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     if not todo:
         return []
     results, errors = score_dates(spec, todo, mv, run_id=uuid.uuid4().hex[:12], parallel=parallel,
-                                  days_per_shard=days_per_shard, shard_bytes=shard_bytes)
+                                  days_per_shard=days_per_shard, shard_bytes=shard_bytes, tables=tables)
     if errors:
         error = BackfillError(errors)
         raise error from error.failed[0][1]

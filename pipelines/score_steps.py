@@ -119,18 +119,24 @@ def _above(column: pa.ChunkedArray, median: float | None) -> tuple[int, int]:
     return len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0)
 
 
-def unseen_entities(out: pa.Table, entity: tuple[str, ...] | list[str], known: set[str]) -> UnseenEntities | None:
-    """The entities of scored rows `out` whose keys are not in `known` (the version's entities with statistics of
-    their own, `dmafn.features.entity_keys`), with their ticks and alarms; None when the version keeps no per-entity
-    statistics at all (every entity scores by the fleet's alike)."""
+def entity_alarms(out: pa.Table, entity: tuple[str, ...] | list[str]) -> pl.DataFrame:
+    """Scored rows `out` per entity: its key column(s), `ticks` and `anomalies` (one row per scored entity)."""
+    return (pl.from_arrow(out.select([*entity, "is_anomaly"])).group_by(list(entity))
+            .agg(pl.len().alias("ticks"), pl.col("is_anomaly").sum().alias("anomalies")))
+
+
+def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str],
+                    known: set[str]) -> UnseenEntities | None:
+    """The entities of `per_entity` (`entity_alarms`) whose keys are not in `known` (the version's entities with
+    statistics of their own, `dmafn.features.entity_keys`), with their ticks and alarms; None when the version keeps
+    no per-entity statistics at all (every entity scores by the fleet's alike)."""
     if not known:
         return None
-    per_entity = (pl.from_arrow(out.select([*entity, "is_anomaly"])).group_by(list(entity))
-                  .agg(pl.len().alias("ticks"), pl.col("is_anomaly").sum().alias("anomalies")))
     keys = np.asarray(entity_key(per_entity.select(entity).to_arrow(), entity), object)
-    new = per_entity.filter(pl.Series([k not in known for k in keys], dtype=pl.Boolean))
-    return UnseenEntities(new.height, int(new["ticks"].sum()), int(new["anomalies"].sum()),
-                          sorted(k for k in keys if k not in known)[:UNSEEN_NAMED])
+    new = np.fromiter((k not in known for k in keys), bool, len(keys))
+    rows = per_entity.filter(pl.Series(new))
+    return UnseenEntities(rows.height, int(rows["ticks"].sum()), int(rows["anomalies"].sum()),
+                          sorted(keys[new])[:UNSEEN_NAMED])
 
 
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
@@ -182,8 +188,8 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.modality_above = contribution_positions(out, mv.calibration)
-            counts.unseen = unseen_entities(out, spec.entity, known)
-            counts.entities = pl.from_arrow(out.select(list(spec.entity))).n_unique()
+            per_entity = entity_alarms(out, spec.entity)
+            counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, spec.entity, known)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

@@ -412,7 +412,7 @@ def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(traine
 def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
     from dmafn.features import entity_keys
     from pipelines.score import DateResult, unseen_entities_warning
-    from pipelines.score_steps import unseen_entities
+    from pipelines.score_steps import entity_alarms, unseen_entities
     from pipelines.shards import UnseenEntities
 
     stats = {"modalities": {"proc": {"entity": {"m-1": {}, "m-2": {}}}, "img": {"global": {}}},
@@ -420,9 +420,10 @@ def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
     assert entity_keys(stats) == {"m-1", "m-2", "m-3"}
     assert entity_keys({"modalities": {"proc": {"global": {}}}}) == set()
     out = pa.table({"site": ["a", "a", "b", "a"], "machine": [1, 2, 9, 9], "is_anomaly": [True, False, True, False]})
-    found = unseen_entities(out, ("site", "machine"), {"a|1", "a|2"})      # keys as `entity_key` writes them
+    per_entity = entity_alarms(out, ("site", "machine"))
+    found = unseen_entities(per_entity, ("site", "machine"), {"a|1", "a|2"})   # keys as `entity_key` writes them
     assert (found.entities, found.ticks, found.anomalies, found.named) == (2, 2, 1, ["a|9", "b|9"])
-    assert unseen_entities(out, ("site", "machine"), set()) is None         # no per-entity statistics: no fallback
+    assert unseen_entities(per_entity, ("site", "machine"), set()) is None     # no per-entity statistics: no fallback
     both = found.add(UnseenEntities(1, 2, 0, ["a|3"]))                       # another shard of the date
     assert unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=both), "v1") == (
         "2024-01-03: 3 entities not in model version v1's training data (a|3, a|9, b|9; 4 ticks, 25.0% of them "
