@@ -534,6 +534,19 @@ def entity_keys(stats: dict[str, Any]) -> set[str]:
     return keys
 
 
+def entity_places(stats: dict[str, Any]) -> list[str]:
+    """Where `stats` keep parts per entity (normalisation moments with `model.normalization: entity`, relation
+    intercepts and ranges), e.g. 'modalities/proc/entity'; none: every entity scores by the fleet's parts alike."""
+    places: list[str] = []
+
+    def gather(where: str, mapping: dict[str, Any]) -> dict[str, Any]:
+        places.append(where)
+        return mapping
+
+    _per_entity(stats, gather)
+    return places
+
+
 def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The statistics from `split_entity_statistics`'s fleet part and (key, parts) pairs of the entities wanted
     (any subset, e.g. one entity bucket's: those left out score by the fleet's parts, as entities not seen in
@@ -682,6 +695,20 @@ def relations_left_out(stats: dict[str, Any]) -> int:
     """The training ticks the relations' last refit left out (`StatisticsFitter(trim_from=)`), over every
     relation and its cross-modal fit; 0 for statistics fitted once."""
     return sum(r.get("left_out", 0) + r.get("cross_left_out", 0) for r in stats.get("relations", {}).values())
+
+
+def with_left_out(fleet: dict[str, Any], left_out: dict[tuple[str, str], int]) -> dict[str, Any]:
+    """A fleet's part fitted before with each relation's left-out counts replaced by those of another fit's refit
+    (`StatisticsFitter.left_out_`: (kind, context) -> ticks; none for a first fit), so that
+    `refit_relations_on_typical_ticks` can tell when entities' parts fitted under it stop changing."""
+    relations = {}
+    for ctx, fitted in fleet.get("relations", {}).items():
+        fitted = {k: v for k, v in fitted.items() if k not in ("left_out", "cross_left_out")}
+        for kind, key in (("relations_", "left_out"), ("cross_relations_", "cross_left_out")):
+            if (kind, ctx) in left_out:
+                fitted[key] = left_out[(kind, ctx)]
+        relations[ctx] = fitted
+    return {**fleet, "relations": relations} if "relations" in fleet else fleet
 
 
 def refit_relations_on_typical_ticks(first: T, refit: Callable[[T], T], fleet_of: Callable[[T], dict[str, Any]]) -> T:

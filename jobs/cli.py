@@ -95,6 +95,16 @@ def cmd_train(args) -> None:
         print(f"model version: {train(spec)}")
 
 
+def cmd_enroll(args) -> None:
+    from pipelines.enroll import enroll, enrolment_lines
+    from pipelines.ray_runtime import ray_session
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address, verbose=args.verbose):
+        enrolment = enroll(spec, args.start, args.end, version=args.model)
+    print("\n".join(enrolment_lines(enrolment, args.start, args.end)))
+
+
 def cmd_score(args) -> None:
     from pipelines.ray_runtime import ray_session
     from pipelines.score import score_date
@@ -231,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list each modality path's partitions, dates, files and columns, and check them")
     p.add_argument("--schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
     verb("train", cmd_train, "train a model version on the spec's training window")
+    p = verb("enroll", cmd_enroll, "give machines new to a model version statistics of their own, without training")
+    p.add_argument("--start", type=_date, required=True, help="first day of the machines' data to fit on")
+    p.add_argument("--end", type=_date, required=True, help="last day (inclusive)")
+    p.add_argument("--model", default=None, help="the model version to enrol them into (default: LATEST)")
     p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
     p.add_argument("--date", type=_date, default=None)
     p.add_argument("--model", default=None, help="model version (default: LATEST)")

@@ -246,8 +246,8 @@ class Registry:
 def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict[str, dict[str, Any] | str]:
     """Per model version, what its manifest says about its training - when, on which days, the warnings it gave
     (`pipelines.train.TrainingWarnings`), the alarm rate its validation days had (`expected_alarm_rate`), how many
-    entities it keeps statistics of their own for (`entities`: the others score by the fleet's) - or why the
-    manifest could not be read."""
+    entities it keeps statistics of their own for (`entities`: the others score by the fleet's; `enrolled` of them
+    by `dmafn enroll` into the version first trained, `enrolled_into`) - or why the manifest could not be read."""
     registry, out = Registry(spec.registry, storage), {}
     for version in sorted(versions):
         try:
@@ -262,6 +262,9 @@ def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict
                         "expected_alarm_rate": validation.get("validation_alarm_rate"),
                         # the entities with statistics of their own (None: saved before the entity file)
                         "entities": (manifest.get("entity_statistics") or {}).get("entities"),
+                        # of those, enrolled after training (`pipelines.enroll`), and the version first trained
+                        "enrolled": sum(e["entities"] for e in manifest.get("enrolled", [])),
+                        "enrolled_into": (manifest.get("enrolled") or [{}])[0].get("from_version"),
                         "warnings": manifest.get("warnings")}          # None: saved before versions kept them
     return out
 

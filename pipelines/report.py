@@ -461,7 +461,9 @@ def _versions_section(facts: dict[str, dict[str, Any] | str]) -> str:
             continue
         rows = [["created", fact["created_at"] or "-"], ["training days", days(fact["train_days"])],
                 ["validation days", days(fact["validation_days"])],
-                ["entities with statistics of their own", "-" if fact["entities"] is None else str(fact["entities"])]]
+                ["entities with statistics of their own", "-" if fact["entities"] is None else str(fact["entities"])
+                 + (f" ({fact['enrolled']} enrolled since {fact['enrolled_into']} was trained: dmafn enroll)"
+                    if fact.get("enrolled") else "")]]
         warnings = fact["warnings"]
         said = ("<p>Saved before versions kept their training warnings.</p>" if warnings is None else
                 "<p>No warning at training.</p>" if not warnings else
@@ -490,7 +492,8 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'validation median - about half on days like those, far more when the inputs have moved (and, per '
             'modality, the share of its smoothed contributions above their validation median); unseen_entities: '
             'entities the version has no statistics of their own for (new machines, scored by the fleet\'s: they '
-            'alarm more, at unseen_entity_alarm_rate, until a version is trained on days that hold them).</p>'
+            'alarm more, at unseen_entity_alarm_rate, until they are enrolled, dmafn enroll, or a version is '
+            'trained on days that hold them).</p>'
             f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 

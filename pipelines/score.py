@@ -97,8 +97,8 @@ def unseen_entities_warning(result: DateResult, version: str) -> str | None:
     return (f"{result.date}: {unseen.entities} entit{'y' if one else 'ies'} not in model version {version}'s training "
             f"data ({', '.join(unseen.named)}{more}; {unseen.ticks} ticks"
             + ("" if rate is None else f", {rate:.1%} of them alarmed") + f") {'was' if one else 'were'} scored by the "
-            f"fleet's statistics, not {'its' if one else 'their'} own: expect more alarms from them until a version is "
-            "trained on days that hold them (dmafn train, with train.start/end over those days)")
+            f"fleet's statistics, not {'its' if one else 'their'} own: expect more alarms from them until they are "
+            "enrolled (dmafn enroll, --start/--end over days that hold them) or a version is trained on such days")
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")

@@ -120,7 +120,9 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
     out.facts["latest"] = {"version": latest, **fact}
     rate = fact["expected_alarm_rate"]
     warnings = fact["warnings"]
-    entities = "" if fact["entities"] is None else f" ({fact['entities']} entities)"
+    enrolled = f", {fact['enrolled']} enrolled since {fact['enrolled_into']} was trained" \
+        if fact.get("enrolled") else ""
+    entities = "" if fact["entities"] is None else f" ({fact['entities']} entities{enrolled})"
     out.lines.append(f"model versions: {len(versions)} in {spec.registry}; {LATEST} {latest} (created "
                      f"{created or '-'}; trained on {span(fact['train_days'])}{entities}, validated on "
                      f"{span(fact['validation_days'])}; expected alarm rate "
@@ -178,9 +180,9 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     alarms = "" if rate is None else f"; their alarm rate {rate:.1%}"
     out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date) were scored by "
                         f"the fleet's statistics on {hit.height} recent date(s): {_named(hit['date'].to_list())}"
-                        f"{alarms} - train a version on days that hold them (dmafn train {spec_path}, "
-                        f"train.start/end over those days), then rescore with it (dmafn backfill {spec_path} "
-                        "--start D --end D)")
+                        f"{alarms} - enrol them (dmafn enroll {spec_path} --start D1 --end D2, days that hold them) or "
+                        f"train a version on such days, then rescore with it (dmafn backfill {spec_path} --start D "
+                        "--end D)")
 
 
 def _because(error: str | None) -> str:

@@ -32,7 +32,7 @@ import torch
 
 from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
                             features_to_columns, refit_relations_on_typical_ticks, relation_lines,
-                            relation_warnings, relations_left_out, validation_warnings)
+                            relation_warnings, relations_left_out, validation_warnings, with_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import OUTLIER_MIN_TICKS, OUTLIER_SHARE, Calibration
 from dmafn.spec import Spec, format_duration, voting_modalities
@@ -395,8 +395,8 @@ def outlier_reach_ticks(spec: Spec) -> int:
     return -(-spec.evidence_reach_us // spec.grain_us)
 
 
-def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
-                   incidents: KnownIncidents | None = None) -> tuple[EntityStatistics, dict[str, int]]:
+def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: KnownIncidents | None = None,
+                   under: dict[str, Any] | None = None) -> tuple[EntityStatistics, dict[str, int]]:
     """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
@@ -404,7 +404,11 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
     logged as a warning. The channel relations are then refitted on their typical ticks, a pass over the shards
     per refit, each task given the fit before for its entities only (`refit_relations_on_typical_ticks`,
     `BucketStatistics`; `sliceable`: `keys_sliceable` there). With `incidents`, each task fits its ticks without
-    the known incidents of its dates."""
+    the known incidents of its dates.
+
+    `under`: a fleet's part fitted before (a model version's): only the entities' parts are fitted, under it (its
+    transforms, its relations' weights), as `dmafn enroll` does for machines new to the version; the result's
+    fleet part is `under` with the relations' left-out counts of this fit's last pass."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
 
     def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
@@ -412,17 +416,18 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool,
         outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
             s, spec, buckets, None if fits_before is None else fits_before.ref(s),
             None if incidents is None else incidents.for_dates(s.dates)) for s in shards]
-        return gather_statistics(spec, outs, buckets, refit=before is not None)
+        return gather_statistics(spec, outs, buckets, refit=before is not None, under=under)
 
     statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
     return refit_relations_on_typical_ticks(statistics, lambda before: fit(before)[0], lambda s: s.fleet), quarantined
 
 
-def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int,
-                      refit: bool = False) -> tuple[EntityStatistics, dict[str, int]]:
+def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int, refit: bool = False,
+                      under: dict[str, Any] | None = None) -> tuple[EntityStatistics, dict[str, int]]:
     """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
     per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done.
-    `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings)."""
+    `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings); `under`: the
+    fleet's part to fit the entities' parts under instead of this fit's (see `fit_statistics`)."""
     merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
     fitter, quarantined = StatisticsFitter(spec), {}
     display = ProgressDisplay("relations refit" if refit else "statistics", len(outs) + buckets, "shards and buckets")
@@ -438,9 +443,9 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
         totals.merge(raise_task_error(totals_ref))
         display.update(done + i + 1)
     display.close()
-    for line in () if refit else fitter.outlier_warnings():
+    for line in () if refit or under is not None else fitter.outlier_warnings():
         log.warning("%s", line)
-    fleet = fitter.fleet_result(totals)
+    fleet = fitter.fleet_result(totals) if under is None else with_left_out(under, fitter.left_out_)
     fleet_ref = ray.put(fleet)
     row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
     return EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])), quarantined

@@ -1735,3 +1735,23 @@ def test_statistics_fitted_in_entity_buckets_are_the_fleets_statistics_fitted_wh
     whole = auto.result()
     assert whole["modalities"]["vib"]["channel_transforms"] == ["centered", "level"]
     same_statistics(whole, _fit_in_buckets(auto, 2)[2])
+
+
+def test_entity_places_and_left_out_counts_of_a_fleet_part_fitted_before():
+    """`entity_places` names where statistics keep parts per entity (none for a fleet of images and text only);
+    `with_left_out` puts another fit's refit counts on a fleet part fitted before (what `dmafn enroll` fits under)."""
+    from dmafn.features import entity_places, with_left_out
+
+    fleet = {"modalities": {"proc": {"global": {}, "entity": {}}, "img": {"kind": "image"}},
+             "relations": {"ctx": {"parent": "proc", "channels": [{"entity_intercepts": {}}, None],
+                                   "ranges": {"fleet": [[0], [1]], "entities": {}}, "left_out": 7,
+                                   "cross_channels": [{"entity_intercepts": {}}, None], "cross_left_out": 3}}}
+    assert entity_places(fleet) == ["modalities/proc/entity", "relations/ctx/channels/0/entity_intercepts",
+                                    "relations/ctx/cross_channels/0/entity_intercepts", "relations/ctx/ranges/entities"]
+    assert entity_places({"modalities": {"img": {"kind": "image"}, "log": {"vocabulary": {}}}}) == []
+    refit = with_left_out(fleet, {("relations_", "ctx"): 2})
+    assert (refit["relations"]["ctx"]["left_out"], "cross_left_out" in refit["relations"]["ctx"]) == (2, False)
+    assert fleet["relations"]["ctx"]["left_out"] == 7                       # the fleet part given is not changed
+    first = with_left_out(fleet, {})                                         # a first fit: nothing left out yet
+    assert not {"left_out", "cross_left_out"} & set(first["relations"]["ctx"])
+    assert with_left_out({"modalities": {}}, {("relations_", "ctx"): 1}) == {"modalities": {}}

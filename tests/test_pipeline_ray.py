@@ -427,8 +427,8 @@ def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
     both = found.add(UnseenEntities(1, 2, 0, ["a|3"]))                       # another shard of the date
     assert unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=both), "v1") == (
         "2024-01-03: 3 entities not in model version v1's training data (a|3, a|9, b|9; 4 ticks, 25.0% of them "
-        "alarmed) were scored by the fleet's statistics, not their own: expect more alarms from them until a version "
-        "is trained on days that hold them (dmafn train, with train.start/end over those days)")
+        "alarmed) were scored by the fleet's statistics, not their own: expect more alarms from them until they are "
+        "enrolled (dmafn enroll, --start/--end over days that hold them) or a version is trained on such days")
 
 
 def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp_path, caplog):
@@ -453,6 +453,75 @@ def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp
     runs = pl.read_delta(str(tmp_path / "scores_runs"))
     assert runs["unseen_entities"].to_list() == [1]
     assert runs["unseen_entity_alarm_rate"].to_list() == [pytest.approx(out["is_anomaly"].mean())]
+
+
+def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(trained, tmp_path):
+    """pump-01's rows on every day also under a new key, pump-09 (a machine like pump-01 that joined the fleet later):
+    the version scores pump-09 by the fleet's statistics. Enrolled over the training day, it gets statistics of its
+    own - fitted from the same rows as pump-01's, under the version's fleet part - and scores as pump-01 does; the
+    new version keeps the weights, the fleet's statistics, the calibration and the other entities' rows."""
+    import hashlib
+    import shutil
+
+    from pipelines.enroll import enroll, enrolment_lines
+    from pipelines.registry import Registry, version_facts
+    from pipelines.score import score_date
+    from pipelines.storage import Storage
+
+    def twinned(table):
+        twin = table.filter(pa.compute.equal(table.column("machine_id"), "pump-01"))
+        keys = pa.array(["pump-09"] * twin.num_rows, table.schema.field("machine_id").type)
+        return pa.concat_tables([table, twin.set_column(twin.schema.get_field_index("machine_id"), "machine_id", keys)])
+
+    spec, version, _ = trained
+    moved = _edited_copy(trained, tmp_path, "*/date=*/*.parquet", twinned)
+    shutil.copytree(spec.registry, tmp_path / "models")          # enrolling saves a version and moves LATEST
+    moved = replace(moved, registry=str(tmp_path / "models"))
+    before = score_date(moved, DAY3, version=version)
+    assert (before.unseen.entities, before.unseen.named) == (1, ["pump-09"])
+    assert _twin_gap(tmp_path / "scores", version)[0] > 0.01                    # by the fleet's statistics
+
+    enrolment = enroll(moved, DAY1, DAY1, version=version)
+    assert (enrolment.from_version, enrolment.entities, enrolment.named, enrolment.already_held) == \
+        (version, 1, ["pump-09"], 2)
+    registry = Registry(moved.registry, Storage())
+    assert registry.latest() == enrolment.version
+    old, new = registry.load(version, build=False), registry.load(enrolment.version, build=False)
+    assert hashlib.sha256(new.weights).digest() == hashlib.sha256(old.weights).digest()
+    assert new.manifest["calibration"] == old.manifest["calibration"]
+    assert new.statistics.fleet == old.statistics.fleet
+    assert new.statistics.keys() == ["pump-00", "pump-01", "pump-09"]
+    held = old.statistics.for_keys(["pump-00", "pump-01"])
+    assert new.statistics.for_keys(["pump-00", "pump-01"]) == held                 # theirs as they were
+    own = new.statistics.for_keys(["pump-09"])["relations"]["process_context"]["channels"][0]["entity_intercepts"]
+    assert own["pump-09"] == pytest.approx(held["relations"]["process_context"]["channels"][0]["entity_intercepts"]
+                                           ["pump-01"], abs=1e-6)
+    assert new.manifest["enrolled"][0]["named"] == ["pump-09"]
+    facts = version_facts(moved, Storage(), [enrolment.version])[enrolment.version]
+    assert (facts["entities"], facts["enrolled"], facts["enrolled_into"]) == (3, 1, version)
+    assert enrolment_lines(enrolment, DAY1, DAY1)[0].startswith(
+        f"model version {enrolment.version}: model version {version} with 1 entity enrolled from "
+        "2024-01-01..2024-01-01 "
+        "(pump-09); its weights, fleet statistics and calibration are")
+
+    after = score_date(moved, DAY3, version=None)                # LATEST: the version with pump-09 enrolled
+    assert after.unseen is None or after.unseen.entities == 0
+    assert _twin_gap(tmp_path / "scores", enrolment.version) == (pytest.approx(0, abs=1e-4), True)
+    again = enroll(moved, DAY1, DAY1)                            # nothing new to LATEST: nothing saved
+    assert again.version is None and again.already_held == 3 and registry.latest() == enrolment.version
+    assert enrolment_lines(again, DAY1, DAY1) == [
+        f"no entity of 2024-01-01..2024-01-01 is new to model version {enrolment.version} (3 held already): "
+        "nothing saved"]
+
+
+def _twin_gap(scores: Path, version: str) -> tuple[float, bool]:
+    """The largest difference between pump-09's and pump-01's scores by `version` (their ticks in time order), and
+    whether they alarmed on the same ticks."""
+    out = pl.read_delta(str(scores)).filter(pl.col("model_version") == version)
+    twin, original = (out.filter(pl.col("machine_id") == k).sort("ts") for k in ("pump-09", "pump-01"))
+    assert twin.height == original.height > 0
+    same_alarms = twin["is_anomaly"].to_list() == original["is_anomaly"].to_list()
+    return (twin["score"] - original["score"]).abs().max(), same_alarms
 
 
 def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):

@@ -23,11 +23,12 @@ def _spec(tmp_path):
     return parse_spec(data, source=str(path)), str(path)
 
 
-def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None):
+def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None, enrolled=()):
     folder = tmp_path / "models" / version
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({
         **({} if entities is None else {"entity_statistics": {"file": "x.parquet", "entities": entities}}),
+        **({"enrolled": [{"from_version": OLD, "entities": n} for n in enrolled]} if enrolled else {}),
         "created_at": "2024-01-02T12:00:30+00:00", "warnings": ["modality 'proc': a warning"],
         "calibration": {"validation": {"validation_alarm_rate": alarm_rate}},
         "training_window": {"train_days": ["2024-01-01"], "validation_days": ["2024-01-02"]}}))
@@ -151,6 +152,16 @@ def test_status_reads_a_runs_table_from_before_its_newer_columns_and_names_a_tab
         scoring_status(spec, Storage())
 
 
+def test_status_counts_the_entities_enrolled_into_the_latest_version_since_its_training(tmp_path):
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD, latest=False, entities=40)
+    _version(tmp_path, NEW, entities=45, enrolled=(2, 3))                 # two enrolments into OLD, then into theirs
+    found = scoring_status(spec, Storage())
+    assert "trained on 2024-01-01 (45 entities, 5 enrolled since " + OLD + " was trained), validated on" \
+        in found.text()
+    assert (found.as_dict()["latest"]["enrolled"], found.as_dict()["latest"]["enrolled_into"]) == (5, OLD)
+
+
 def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_statistics_of(tmp_path):
     """Machines new since LATEST's training days score by the fleet's statistics and alarm more: status names the
     recent dates LATEST scored them on (a date scored by an older version is not named: a newer one may hold them)."""
@@ -164,9 +175,9 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         f"entities not in LATEST {NEW}'s training data (up to 2 a date) were scored by the fleet's statistics on 2 "
-        "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - train a version on days that hold them "
-        "(dmafn train s.yaml, train.start/end over those days), then rescore with it (dmafn backfill s.yaml --start "
-        "D --end D)"]
+        "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - enrol them (dmafn enroll s.yaml --start D1 "
+        "--end D2, days that hold them) or train a version on such days, then rescore with it (dmafn backfill s.yaml "
+        "--start D --end D)"]
     assert f"LATEST {NEW} (created 2024-01-02 12:00 UTC; trained on 2024-01-01 (40 entities), validated on" \
         in found.text() and found.as_dict()["latest"]["entities"] == 40
     table = found.text().split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
