@@ -92,7 +92,27 @@ def cmd_train(args) -> None:
 
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
-        print(f"model version: {train(spec)}")
+        version = train(spec, promote=not args.no_promote)
+    print(f"model version: {version}" + (f" (not promoted: LATEST is unchanged; dmafn promote {args.spec} {version})"
+                                         if args.no_promote else ""))
+
+
+def cmd_promote(args) -> None:
+    from pipelines.registry import Registry, version_facts
+    from pipelines.score import reading_spec
+    from pipelines.storage import Storage
+
+    spec = load_spec(args.spec)
+    storage = Storage.from_spec(spec.storage)
+    before, mv = Registry(spec.registry, storage).promote(args.model_version, check=lambda v: reading_spec(v, spec))
+    fact = version_facts(spec, storage, [mv.version])[mv.version]
+    days = fact["train_days"] if isinstance(fact, dict) else []
+    trained = f" (trained on {days[0]} .. {days[-1]})" if days else ""
+    if before == mv.version:
+        print(f"LATEST already names {mv.version}{trained}: nothing changed")
+        return
+    print(f"LATEST: {before or '(none)'} -> {mv.version}{trained}. Scoring uses it from now on; dates scored by "
+          f"another version are rescored by dmafn backfill {args.spec} --start D --end D")
 
 
 def cmd_enroll(args) -> None:
@@ -101,7 +121,7 @@ def cmd_enroll(args) -> None:
 
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
-        enrolment = enroll(spec, args.start, args.end, version=args.model)
+        enrolment = enroll(spec, args.start, args.end, version=args.model, promote=not args.no_promote)
     print("\n".join(enrolment_lines(enrolment, args.start, args.end)))
 
 
@@ -240,11 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-data", action="store_true",
                    help="also list each modality path's partitions, dates, files and columns, and check them")
     p.add_argument("--schema", action="store_true", help="print the spec's JSON Schema (for editors) and exit")
-    verb("train", cmd_train, "train a model version on the spec's training window")
+    p = verb("train", cmd_train, "train a model version on the spec's training window")
+    p.add_argument("--no-promote", action="store_true",
+                   help="save it as a candidate: LATEST stays as it is until dmafn promote names it")
+    p = verb("promote", cmd_promote, "point LATEST at a model version: a candidate, or an older one to roll back to")
+    p.add_argument("model_version", help="the version's id (a folder under the spec's registry)")
     p = verb("enroll", cmd_enroll, "give machines new to a model version statistics of their own, without training")
     p.add_argument("--start", type=_date, required=True, help="first day of the machines' data to fit on")
     p.add_argument("--end", type=_date, required=True, help="last day (inclusive)")
     p.add_argument("--model", default=None, help="the model version to enrol them into (default: LATEST)")
+    p.add_argument("--no-promote", action="store_true", help="save the new version as a candidate (see train)")
     p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
     p.add_argument("--date", type=_date, default=None)
     p.add_argument("--model", default=None, help="model version (default: LATEST)")

@@ -50,11 +50,13 @@ class Enrolment:
     named: list[str]
     already_held: int
     input_quarantine: dict[str, int]
+    promoted: bool = False         # LATEST names the saved version
 
 
-def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None) -> Enrolment:
+def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, promote: bool = True) -> Enrolment:
     """Fit the statistics of the entities in `start`..`end` that model version `version` (default LATEST) holds
-    no parts of, and save them with the version's weights and calibration as a new version (LATEST). The data is
+    no parts of, and save them with the version's weights and calibration as a new version (LATEST, unless not
+    `promote`: a candidate, see `Registry.promote`). The data is
     read where `spec` says it lives now, with the version's modalities and windows (`reading_spec`); the ticks in
     a labelled incident are left out as training leaves them out (`train.exclude_labelled`)."""
     if end < start:
@@ -93,7 +95,8 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
         "named": keys[:NAMED], "input_quarantine": quarantined,
         "at": dt.datetime.now(dt.timezone.utc).isoformat()}]
     statistics = EntityStatistics(mv.statistics.fleet, rows=entity_rows([mv.statistics.table(), new]))
-    enrolment.version = registry.save(mv.model, manifest, statistics)
+    enrolment.version = registry.save(mv.model, manifest, statistics, promote=promote)
+    enrolment.promoted = promote
     return enrolment
 
 
@@ -107,8 +110,9 @@ def enrolment_lines(enrolment: Enrolment, start: dt.date, end: dt.date) -> list[
     lines = [f"model version {enrolment.version}: model version {enrolment.from_version} with {enrolment.entities} "
              f"{'entity' if enrolment.entities == 1 else 'entities'} enrolled from {start}..{end} ({names}); its "
              f"weights, fleet statistics and calibration are {enrolment.from_version}'s, and the "
-             f"{enrolment.already_held} entities of those days it held keep their statistics. LATEST -> "
-             f"{enrolment.version}",
+             f"{enrolment.already_held} entities of those days it held keep their statistics. "
+             + (f"LATEST -> {enrolment.version}" if enrolment.promoted else
+                f"Not promoted: LATEST is unchanged (dmafn promote SPEC {enrolment.version})"),
              "rescore the dates they were scored on by the fleet's statistics: dmafn backfill SPEC --start D1 "
              "--end D2 (dates scored by another version are rescored)"]
     if enrolment.input_quarantine:

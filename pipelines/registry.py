@@ -19,7 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -145,10 +145,13 @@ class Registry:
             raise DataError(f"{path}: cannot be read from the model registry ({exc})") from None
 
     # -- versions
-    def save(self, model: "DMAFN", manifest: dict[str, Any], statistics: EntityStatistics | None = None) -> str:
-        """Write a new version and point LATEST at it; returns the version id. The statistics are `statistics`
-        (the fleet's part goes to the manifest, the entities' rows to the entity file: training's, fitted per
-        entity bucket), else `manifest["statistics"]`, whole (as fitted in memory, or a loaded version's `stats`)."""
+    def save(self, model: "DMAFN", manifest: dict[str, Any], statistics: EntityStatistics | None = None, *,
+             promote: bool = True) -> str:
+        """Write a new version and (with `promote`) point LATEST at it; returns the version id. The statistics are
+        `statistics` (the fleet's part goes to the manifest, the entities' rows to the entity file: training's,
+        fitted per entity bucket), else `manifest["statistics"]`, whole (as fitted in memory, or a loaded
+        version's `stats`). Without `promote` the version is a candidate: scored only where asked for by name
+        (`--model`) until `promote` names it."""
         import torch
 
         if "entity_statistics" in manifest:
@@ -176,11 +179,29 @@ class Registry:
         self._write(join(self.root, version, "weights.pt"), weights)
         self._write(join(self.root, version, "manifest.json"), body)
         self._write(join(self.root, version, MANIFEST_SHA256), hashlib.sha256(body).hexdigest().encode())
-        self._write(join(self.root, LATEST), version.encode())
+        if promote:
+            self._write(join(self.root, LATEST), version.encode())
         return version
 
     def latest(self) -> str:
         return self._read(join(self.root, LATEST)).decode().strip()
+
+    def promote(self, version: str, check: Callable[[ModelVersion], object] | None = None
+                ) -> tuple[str | None, ModelVersion]:
+        """Point LATEST at a saved version (a candidate trained with `--no-promote`, or an older version to roll
+        back to), after loading it as scoring will - its manifest, weights and entity file checked against their
+        checksums, the weights built into its network (DataError naming the file) - and `check(version)` raised
+        nothing (e.g. that the spec still defines the modalities it reads). Returns the version LATEST named before
+        (None: none) and the one loaded."""
+        mv = self.load(version)
+        if check is not None:
+            check(mv)
+        try:
+            before = self.latest()
+        except DataError:
+            before = None
+        self._write(join(self.root, LATEST), mv.version.encode())
+        return before, mv
 
     def versions(self) -> list[str]:
         """The saved versions' ids, oldest first (an id begins with its UTC save time); none when the registry does

@@ -128,6 +128,11 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
                      f"{span(fact['validation_days'])}; expected alarm rate "
                      f"{'-' if rate is None else f'{rate:.2%}'}; "
                      f"{'warnings not kept' if warnings is None else f'{len(warnings)} training warning(s)'})")
+    # versions saved after LATEST that it does not name: candidates (train --no-promote) or rolled back from
+    out.facts["newer_than_latest"] = newer = [v for v in versions if v > latest]
+    if newer:
+        out.lines.append(f"saved after {LATEST} and not named by it: {_named(newer)} (candidates not promoted, or "
+                         f"versions rolled back from; dmafn promote {spec_path} VERSION names one)")
 
 
 def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:

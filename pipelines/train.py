@@ -464,17 +464,18 @@ def known_incidents(spec: Spec, storage: Storage) -> KnownIncidents | None:
     return KnownIncidents.of(labels, spec)
 
 
-def train(spec: Spec, *, run_root: str | None = None) -> str:
-    """Train a model version for `spec` over its training window; returns the version id."""
+def train(spec: Spec, *, run_root: str | None = None, promote: bool = True) -> str:
+    """Train a model version for `spec` over its training window; returns the version id. With `promote` (the
+    default) LATEST names it; without, it is a candidate (`Registry.promote` names it later)."""
     storage = Storage.from_spec(spec.storage)
     train_days, val_days = split_dates(spec)
     t0, warned = time.time(), TrainingWarnings()
     with warned.capturing():
-        return _train(spec, storage, train_days, val_days, t0, warned, run_root)
+        return _train(spec, storage, train_days, val_days, t0, warned, run_root, promote)
 
 
 def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: list[dt.date], t0: float,
-           warned: TrainingWarnings, run_root: str | None) -> str:
+           warned: TrainingWarnings, run_root: str | None, promote: bool = True) -> str:
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
     schemas = require_columns(spec, storage, files)
@@ -549,7 +550,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                     "input_quarantine": quarantined, "warnings": list(warned.lines)}
     finally:
         staging.close()
-    version = Registry(spec.registry, storage).save(model, manifest, statistics)
+    version = Registry(spec.registry, storage).save(model, manifest, statistics, promote=promote)
     log.info("model version %s saved under %s%s", version, spec.registry,
              f"; its {len(manifest['warnings'])} training warning(s) are kept in its manifest ('warnings') and shown "
              "by dmafn report" if manifest["warnings"] else "")

@@ -512,6 +512,41 @@ def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(train
     assert enrolment_lines(again, DAY1, DAY1) == [
         f"no entity of 2024-01-01..2024-01-01 is new to model version {enrolment.version} (3 held already): "
         "nothing saved"]
+    _promote_and_roll_back(moved, tmp_path, version, enrolment.version)
+
+
+def _promote_and_roll_back(spec, tmp_path, trained_version: str, enrolled_version: str):
+    """`dmafn promote` rolls LATEST back to the trained version and forward again; a version that does not load, or
+    that the spec cannot score, leaves LATEST as it was; `--no-promote` saves a candidate that status names."""
+    import yaml
+
+    from jobs.cli import main
+    from pipelines.enroll import enroll, enrolment_lines
+    from pipelines.registry import Registry
+    from pipelines.status import scoring_status
+    from pipelines.storage import Storage
+
+    registry = Registry(spec.registry, Storage())
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert main(["promote", str(path), trained_version]) == 0
+    assert registry.latest() == trained_version
+    assert scoring_status(spec, Storage()).facts["newer_than_latest"] == [enrolled_version]
+    before, mv = registry.promote(enrolled_version)                  # and forward again
+    assert (before, mv.version, registry.latest()) == (trained_version, enrolled_version, enrolled_version)
+    assert main(["promote", str(path), "no-such-version"]) == 2 and registry.latest() == enrolled_version
+
+    def refuse(version):
+        raise DataError(f"model version {version.version} reads a modality the spec lacks")
+
+    with pytest.raises(DataError, match="reads a modality the spec lacks"):
+        registry.promote(trained_version, check=refuse)
+    assert registry.latest() == enrolled_version
+    registry.promote(trained_version)
+    candidate = enroll(spec, DAY1, DAY1, promote=False)              # pump-09 is new to the trained version again
+    assert (candidate.version is not None, candidate.promoted, registry.latest()) == (True, False, trained_version)
+    assert "Not promoted: LATEST is unchanged" in enrolment_lines(candidate, DAY1, DAY1)[0]
+    assert scoring_status(spec, Storage()).facts["newer_than_latest"] == [enrolled_version, candidate.version]
 
 
 def _twin_gap(scores: Path, version: str) -> tuple[float, bool]:
