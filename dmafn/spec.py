@@ -28,6 +28,7 @@ PRESETS = ("small", "base")
 NORMALIZATIONS = ("global", "entity")
 THRESHOLD_METHODS = ("pot", "quantile", "rate", "fixed")
 SMOOTHING_METHODS = ("none", "ewma", "rolling")
+MISSING_INPUT = ("fail", "skip")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|sec|min|m|h|d)\s*$")
 _UNITS_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "sec": 1_000_000, "min": 60_000_000,
@@ -167,6 +168,7 @@ class ScoreSpec:
     quarantine: str | None = None
     runs: str | None = None
     staging: str | None = None
+    missing_input: str = "fail"   # a date no modality has input for: 'fail' (an outage) or 'skip' (a plant at rest)
 
     @property
     def quarantine_path(self) -> str:
@@ -448,7 +450,7 @@ def _outlier_limit(sec: _Section) -> float | None:
 
 
 def _parse_score(sec: _Section) -> ScoreSpec:
-    sec.reject_unknown({"output", "threshold", "smoothing", "quarantine", "runs", "staging"})
+    sec.reject_unknown({"output", "threshold", "smoothing", "quarantine", "runs", "staging", "missing_input"})
     thr = sec.section("threshold")
     threshold = ThresholdSpec()
     if thr is not None:
@@ -472,7 +474,8 @@ def _parse_score(sec: _Section) -> ScoreSpec:
                                   knee=None if smo.get("knee") is None else smo.number("knee", None, float, 0.0))
     return ScoreSpec(output=str(sec.required("output")), threshold=threshold, smoothing=smoothing,
                      quarantine=sec.get("quarantine"), runs=sec.get("runs"),
-                     staging=sec.get("staging"))
+                     staging=sec.get("staging"),
+                     missing_input=sec.choice("missing_input", MISSING_INPUT, ScoreSpec.missing_input))
 
 
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
@@ -620,7 +623,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
                   "smoothing": dict(vars(spec.score.smoothing)),
                   **({"quarantine": spec.score.quarantine} if spec.score.quarantine else {}),
                   **({"runs": spec.score.runs} if spec.score.runs else {}),
-                  **({"staging": spec.score.staging} if spec.score.staging else {})},
+                  **({"staging": spec.score.staging} if spec.score.staging else {}),
+                  **({"missing_input": spec.score.missing_input} if spec.score.missing_input != "fail" else {})},
     }
     if spec.labels:
         out["labels"] = dict(vars(spec.labels))

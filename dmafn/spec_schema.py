@@ -11,7 +11,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MODALITY_KINDS,
+from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
                         NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
                         THRESHOLD_METHODS, VOTES, SpecError, parse_spec)
 
@@ -100,7 +100,7 @@ def spec_json_schema() -> dict[str, Any]:
             "registry": {"type": "string"},
             "score": _closed({
                 "output": {"type": "string"}, "quarantine": {"type": "string"}, "runs": {"type": "string"},
-                "staging": {"type": "string"},
+                "staging": {"type": "string"}, "missing_input": _enum(MISSING_INPUT),
                 "threshold": _closed({"method": _enum(THRESHOLD_METHODS), "risk": _number("number", 0.0, 1.0),
                                       "quantile": _number("number", 0.0, 1.0), "value": _number("number"),
                                       "level": _number("number", 0.5, 0.9999),

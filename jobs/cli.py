@@ -132,8 +132,12 @@ def cmd_score(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
         r = score_date(spec, args.date or _yesterday(), version=args.model)
-    print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
-          f"{r.anomalies} anomalies -> {spec.score.output}")
+    print(_skipped_line(r) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
+          f"{r.rows_quarantined} quarantined; {r.anomalies} anomalies -> {spec.score.output}")
+
+
+def _skipped_line(r) -> str:
+    return f"{r.date}: no input for any modality: skipped, nothing written (score.missing_input: skip)"
 
 
 def cmd_backfill(args) -> None:
@@ -146,8 +150,8 @@ def cmd_backfill(args) -> None:
                            parallel=args.parallel, days_per_shard=args.days_per_shard,
                            shard_bytes=int(args.shard_mb * 1e6))
     for r in results:
-        print(f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + {r.rows_quarantined} quarantined; "
-              f"{r.anomalies} anomalies")
+        print(_skipped_line(r) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
+              f"{r.rows_quarantined} quarantined; {r.anomalies} anomalies")
 
 
 def cmd_evaluate(args) -> None:

@@ -48,6 +48,7 @@ class DateResult:
     entities: int | None = None          # entities with a scored tick (None: a failed date)
     unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for (None:
                                            # a version with no per-entity statistics, or a failed date)
+    skipped: bool = False                # no modality had input for the date, and `score.missing_input: skip`
 
     @property
     def alarm_rate(self) -> float | None:
@@ -154,7 +155,9 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     Each date is smoothed per entity, thresholded, checked (ticks in = scored + quarantined), committed in one
     Delta commit per table and recorded in the runs table. A shard of several dates that fails is retried one
     date at a time, so a bad date fails alone. Returns the dates done and the dates that failed with their
-    error; errors before any shard runs (a table that cannot be listed, a missing column) are raised.
+    error; errors before any shard runs (a table that cannot be listed, a missing column) are raised. A date no
+    modality has a row for fails (an upstream outage), unless `score.missing_input` is 'skip' (a plant at rest):
+    then it is done, `skipped`, recorded as such in the runs table, and nothing is written for it.
     `tables`: the job's open output tables, when it opened them already (backfill reads the scored dates first).
     """
     storage = Storage.from_spec(spec.storage)
@@ -188,6 +191,15 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
         if error is None:
             try:
                 result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec.name, tables)
+            except NoInput as exc:
+                if spec.score.missing_input != "skip":
+                    error = exc
+                else:                                 # a plant at rest: recorded, nothing written, not a failure
+                    done.append(DateResult(day, 0, 0, 0, 0, 0.0, skipped=True))
+                    record_run(spec, storage, done[-1], run_id=run_id, version=mv.version, status="skipped",
+                               tables=tables, error=f"{exc} (score.missing_input: skip)")
+                    display.note(f"{day}: no input for any modality: skipped (score.missing_input: skip)")
+                    return
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
             else:
@@ -284,6 +296,10 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     return sorted(done, key=lambda r: r.date), sorted(failed, key=lambda f: f[0])
 
 
+class NoInput(DataError):
+    """No modality has a row for the date (not even an unusable one)."""
+
+
 def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts, float]],
             schemas: dict[str, pa.Schema], name: str, tables: OpenTables) -> DateResult:
     """One date's files from all its shards: checked, then committed (quarantine first, then the output)."""
@@ -292,7 +308,11 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     ticks_in = sum(c.ticks_in for c in counts)
     scored, quarantined = sum(c.rows_scored for c in counts), sum(c.rows_quarantined for c in counts)
     if not ticks_in:
-        raise DataError(f"no modality of spec '{name}' has data for {day}")
+        unusable = sum(c.input_rows_quarantined for c in counts)
+        if unusable:                 # rows came, none usable: a data problem whatever score.missing_input says
+            raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
+                            f"quarantined: see {spec.score.quarantine_path})")
+        raise NoInput(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:
         raise RuntimeError(f"{day}: {ticks_in} ticks in but {scored} scored + {quarantined} quarantined")
     targets = ((spec.score.quarantine_path, [f for c in counts for f in c.quarantine_files], schemas.get("quarantine")),
@@ -333,7 +353,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
-    their own and their alarm rate (`unseen_entities_warning`) and, for a failed date, why (`error`)."""
+    their own and their alarm rate (`unseen_entities_warning`) and, for a failed or skipped date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),

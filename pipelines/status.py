@@ -24,6 +24,7 @@ from pipelines.score import MODALITY_SHARE, unlike_validation_line
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
+SKIPPED = "skipped"  # a run's status for a date no modality had input for, with `score.missing_input: skip`
 LISTED = 10         # dates named in one problem line; the rest counted
 
 
@@ -72,8 +73,15 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     if out.latest is not None and out.latest not in set(done["model_version"].to_list()):
         out.lines.append(f"{LATEST} {out.latest} has scored no date yet (dmafn score and backfill use it unless "
                          "given --model)")
+    # dates no modality had input for, skipped as the spec asks (`score.missing_input: skip`): not problems
+    skipped = runs.filter((pl.col("status") == SKIPPED) & ~pl.col("committed"))["date"].to_list()
+    out.facts["skipped"] = skipped
+    if skipped:
+        out.lines.append(f"skipped for want of any input (score.missing_input: skip): {len(skipped)} date(s), "
+                         f"{_named(skipped)}")
+    handled = max([newest, *skipped])                   # a plant at rest: the nightly ran and skipped its dates
     _failed(runs, out, spec_path)
-    _never_scored(runs, first, newest, out, spec_path)
+    _never_scored(runs, first, handled, out, spec_path)
     recent = runs.sort("date").tail(days)
     out.lines += ["", f"the {recent.height} newest date(s):", *_table(recent)]
     out.facts["recent"] = [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
@@ -85,7 +93,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
         if line := unlike_validation_line(row["date"], row["model_version"], share, by_modality):
             out.problems.append(line)
     _unseen(recent, out, spec_path)
-    if max_age_days is not None and dt.date.fromisoformat(newest) < today - dt.timedelta(days=max_age_days):
+    if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
     return out
@@ -160,7 +168,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
 
 
 def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
-    latest_failed = runs.filter(pl.col("status") != "succeeded")
+    latest_failed = runs.filter(~pl.col("status").is_in(["succeeded", SKIPPED]))
     never = latest_failed.filter(~pl.col("committed"))
     for (error,), group in never.group_by("error", maintain_order=True):     # the same cause: one line
         days = group["date"].to_list()

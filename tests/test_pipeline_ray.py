@@ -754,6 +754,30 @@ def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_pat
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
 
 
+def test_a_date_without_input_is_skipped_when_the_spec_says_a_plant_may_rest(trained, tmp_path):
+    """`score.missing_input: skip`: a date no modality has a row for is recorded as skipped (nothing written, the
+    backfill succeeds); a date whose rows are all unusable still fails, with the quarantine to read."""
+    from pipelines.score import backfill
+
+    day4, day5 = DAY3 + dt.timedelta(days=1), DAY3 + dt.timedelta(days=2)
+    resting = _edited_copy(trained, tmp_path, "no-file-matches", None)
+    resting = replace(resting, score=replace(resting.score, missing_input="skip"))
+    unusable = pa.table({"machine_id": ["pump-00"], "ts": pa.array([int(1704412800e6)], pa.timestamp("us", tz="UTC")),
+                         "temperature": pa.array([None], pa.float64()), "pressure": [3.0]})   # 2024-01-05, no value
+    (tmp_path / "raw" / "process" / "date=2024-01-05").mkdir()
+    pq.write_table(unusable, tmp_path / "raw" / "process" / "date=2024-01-05" / "part-0.parquet")
+    with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-05: no modality .* has usable data "
+                                           r"for 2024-01-05 \(1 input rows, all quarantined"):
+        backfill(resting, DAY3, day5, parallel=1)
+    runs = pl.read_delta(resting.score.runs_path)
+    assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {
+        "2024-01-03": "succeeded", "2024-01-04": "skipped", "2024-01-05": "failed"}
+    assert runs.filter(pl.col("date") == "2024-01-04")["error"][0].endswith("(score.missing_input: skip)")
+    assert pl.read_delta(resting.score.output)["date"].unique().to_list() == ["2024-01-03"]
+    again = backfill(resting, day4, day4)                   # a skipped date is tried again: late data is scored
+    assert [(r.date, r.skipped, r.ticks_in) for r in again] == [("2024-01-04", True, 0)]
+
+
 def _driver_must_not_touch_rows(monkeypatch):
     """In this (driver) process, reading a table's rows or writing scored rows fails the test; the Ray tasks,
     in their own processes, use the real functions."""

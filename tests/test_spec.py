@@ -125,6 +125,18 @@ def test_the_smoothings_knee_is_parsed_checked_and_round_trips():
         parse_spec(data, source="s.yaml")
 
 
+def test_missing_input_is_parsed_checked_and_round_trips():
+    data = tiny_spec_dict()
+    spec = parse_spec(data)
+    assert spec.score.missing_input == "fail" and "missing_input" not in spec.to_dict()["score"]
+    data["score"] = {**data["score"], "missing_input": "skip"}
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.score.missing_input == "skip" and parse_spec(spec.to_dict()).score == spec.score
+    data["score"]["missing_input"] = "ignore"
+    with pytest.raises(SpecError, match="s.yaml: key 'score.missing_input': 'ignore' is not one of fail, skip"):
+        parse_spec(data, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 

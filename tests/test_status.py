@@ -152,6 +152,23 @@ def test_status_reads_a_runs_table_from_before_its_newer_columns_and_names_a_tab
         scoring_status(spec, Storage())
 
 
+def test_status_counts_dates_skipped_for_want_of_input_as_handled_not_as_problems(tmp_path):
+    """A plant at rest (`score.missing_input: skip`): its skipped dates are listed, not failures; they count as
+    handled for the gap and age checks, so a date missing between them is named."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    _run(spec, "2024-01-03")
+    _run(spec, "2024-01-04", status="skipped", error="no modality of spec 's' has data for 2024-01-04")
+    _run(spec, "2024-01-06", status="skipped", error="no modality of spec 's' has data for 2024-01-06")
+    found = scoring_status(spec, Storage(), today=dt.date(2024, 1, 7), max_age_days=2, spec_path="s.yaml")
+    assert "skipped for want of any input (score.missing_input: skip): 2 date(s), 2024-01-04, 2024-01-06" \
+        in found.text() and found.as_dict()["skipped"] == ["2024-01-04", "2024-01-06"]
+    assert found.problems == ["1 date(s) never scored between 2024-01-03 and 2024-01-06: 2024-01-05 - run dmafn "
+                              "backfill s.yaml --start 2024-01-05 --end 2024-01-05"]       # not stale, not failed
+    later = scoring_status(spec, Storage(), today=dt.date(2024, 1, 10), max_age_days=2, spec_path="s.yaml")
+    assert later.problems[-1].startswith("the newest scored date is 2024-01-03, 7 days before 2024-01-10")
+
+
 def test_status_counts_the_entities_enrolled_into_the_latest_version_since_its_training(tmp_path):
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD, latest=False, entities=40)
