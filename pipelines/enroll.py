@@ -16,7 +16,6 @@ already holds keep their parts, so their scores do not move.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import uuid
 from dataclasses import dataclass, replace
 
@@ -33,8 +32,6 @@ from pipelines.staging import Staging
 from pipelines.statistics import EntityStatistics, entity_rows, keys_sliceable
 from pipelines.storage import DataError, Storage
 from pipelines.train import fit_statistics, known_incidents
-
-log = logging.getLogger(__name__)
 
 NAMED = 10          # at most: the enrolled entities' keys kept in the manifest and printed
 
@@ -56,9 +53,9 @@ class Enrolment:
 def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, promote: bool = True) -> Enrolment:
     """Fit the statistics of the entities in `start`..`end` that model version `version` (default LATEST) holds
     no parts of, and save them with the version's weights and calibration as a new version (LATEST, unless not
-    `promote`: a candidate, see `Registry.promote`). The data is
-    read where `spec` says it lives now, with the version's modalities and windows (`reading_spec`); the ticks in
-    a labelled incident are left out as training leaves them out (`train.exclude_labelled`)."""
+    `promote`: a candidate, see `Registry.promote`). The data is read where `spec` says it lives now, with the
+    version's modalities and windows (`reading_spec`); the ticks in a labelled incident are left out as training
+    leaves them out (`train.exclude_labelled`)."""
     if end < start:
         raise DataError(f"--end {end} is before --start {start}")
     storage = Storage.from_spec(spec.storage)
