@@ -191,11 +191,12 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
         return
     most, rate = hit["unseen_entities"].max(), hit["unseen_entity_alarm_rate"].mean()
     alarms = "" if rate is None else f"; their alarm rate {rate:.1%}"
+    first, last = hit["date"].min(), hit["date"].max()      # days that hold them: where enrolment can fit them
     out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date) were scored by "
                         f"the fleet's statistics on {hit.height} recent date(s): {_named(hit['date'].to_list())}"
-                        f"{alarms} - enrol them (dmafn enroll {spec_path} --start D1 --end D2, days that hold them) or "
-                        f"train a version on such days, then rescore with it (dmafn backfill {spec_path} --start D "
-                        "--end D)")
+                        f"{alarms} - enrol them (dmafn enroll {spec_path} --start {first} --end {last}: days that "
+                        f"hold them, normal for them) or train a version on such days, then rescore with it (dmafn "
+                        f"backfill {spec_path} --start {first} --end {last})")
 
 
 def _because(error: str | None) -> str:

@@ -87,6 +87,41 @@ def test_registry_on_s3_has_latest_and_manifest(s3_spec):
     assert mv.entity_rows is not None and set(mv.stats["modalities"]["process"]["entity"]) == set(mv.statistics.keys())
 
 
+def test_enrol_a_new_machine_from_s3_as_a_candidate_then_promote_and_roll_back(s3_spec, tmp_path):
+    """`enroll` reads its days from S3 and saves the version there; `--no-promote` leaves LATEST, `promote` moves it
+    and moves it back (the other tests keep scoring with the trained version)."""
+    import shutil
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.enroll import enroll
+    from pipelines.registry import Registry
+
+    spec, version, spec_path = s3_spec
+    raw = tmp_path / "raw"
+    shutil.copytree(spec_path.parent / "raw", raw)
+    for path in raw.glob("*/date=2024-01-01/*.parquet"):          # pump-01's training day again, as pump-07
+        table = pq.read_table(path)
+        twin = table.filter(pc.equal(table.column("machine_id"), "pump-01"))
+        keys = pa.array(["pump-07"] * twin.num_rows, table.schema.field("machine_id").type)
+        pq.write_table(twin.set_column(twin.schema.get_field_index("machine_id"), "machine_id", keys),
+                       path.with_name("twin.parquet"))
+    _upload(raw, BUCKET, "raw-enrol")
+    moved = replace(spec, modalities={name: replace(m, path=m.path.replace(f"s3://{BUCKET}/raw/",
+                                                                          f"s3://{BUCKET}/raw-enrol/"))
+                                      for name, m in spec.modalities.items()})
+    enrolment = enroll(moved, dt.date(2024, 1, 1), dt.date(2024, 1, 1), version=version, promote=False)
+    assert (enrolment.entities, enrolment.named, enrolment.already_held) == (1, ["pump-07"], 2)
+    registry = Registry(spec.registry, Storage.from_spec(spec.storage))
+    assert registry.latest() == version                              # a candidate
+    assert "pump-07" in registry.load(enrolment.version, build=False).statistics.keys()
+    assert registry.promote(enrolment.version)[0] == version and registry.latest() == enrolment.version
+    assert registry.promote(version)[0] == enrolment.version and registry.latest() == version
+
+
 def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     import logging
 

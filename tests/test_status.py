@@ -192,9 +192,9 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         f"entities not in LATEST {NEW}'s training data (up to 2 a date) were scored by the fleet's statistics on 2 "
-        "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - enrol them (dmafn enroll s.yaml --start D1 "
-        "--end D2, days that hold them) or train a version on such days, then rescore with it (dmafn backfill s.yaml "
-        "--start D --end D)"]
+        "recent date(s): 2024-01-04, 2024-01-05; their alarm rate 27.5% - enrol them (dmafn enroll s.yaml --start "
+        "2024-01-04 --end 2024-01-05: days that hold them, normal for them) or train a version on such days, then "
+        "rescore with it (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05)"]
     assert f"LATEST {NEW} (created 2024-01-02 12:00 UTC; trained on 2024-01-01 (40 entities), validated on" \
         in found.text() and found.as_dict()["latest"]["entities"] == 40
     table = found.text().split("the 4 newest date(s):\n")[1].split("\nproblems")[0].splitlines()
