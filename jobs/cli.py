@@ -98,15 +98,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_promote(args) -> None:
-    from pipelines.registry import Registry, version_facts
+    from pipelines.registry import Registry
     from pipelines.score import reading_spec
     from pipelines.storage import Storage
 
     spec = load_spec(args.spec)
     storage = Storage.from_spec(spec.storage)
     before, mv = Registry(spec.registry, storage).promote(args.model_version, check=lambda v: reading_spec(v, spec))
-    fact = version_facts(spec, storage, [mv.version])[mv.version]
-    days = fact["train_days"] if isinstance(fact, dict) else []
+    days = mv.manifest.get("training_window", {}).get("train_days", [])
     trained = f" (trained on {days[0]} .. {days[-1]})" if days else ""
     if before == mv.version:
         print(f"LATEST already names {mv.version}{trained}: nothing changed")
@@ -127,22 +126,18 @@ def cmd_enroll(args) -> None:
 
 def cmd_score(args) -> None:
     from pipelines.ray_runtime import ray_session
-    from pipelines.score import score_date
+    from pipelines.score import score_date, skipped_line
 
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
         r = score_date(spec, args.date or _yesterday(), version=args.model)
-    print(_skipped_line(r) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
+    print(skipped_line(r.date) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
           f"{r.rows_quarantined} quarantined; {r.anomalies} anomalies -> {spec.score.output}")
-
-
-def _skipped_line(r) -> str:
-    return f"{r.date}: no input for any modality: skipped, nothing written (score.missing_input: skip)"
 
 
 def cmd_backfill(args) -> None:
     from pipelines.ray_runtime import ray_session
-    from pipelines.score import backfill
+    from pipelines.score import backfill, skipped_line
 
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
@@ -150,7 +145,7 @@ def cmd_backfill(args) -> None:
                            parallel=args.parallel, days_per_shard=args.days_per_shard,
                            shard_bytes=int(args.shard_mb * 1e6))
     for r in results:
-        print(_skipped_line(r) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
+        print(skipped_line(r.date) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
               f"{r.rows_quarantined} quarantined; {r.anomalies} anomalies")
 
 

@@ -60,7 +60,7 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
         raise DataError(f"--end {end} is before --start {start}")
     storage = Storage.from_spec(spec.storage)
     registry = Registry(spec.registry, storage)
-    mv = registry.load(version)
+    mv = registry.load(version, build=False)           # checked against its checksums; built only to be saved
     held = set(mv.statistics.keys())
     if not entity_places(mv.statistics.fleet):
         raise DataError(f"model version {mv.version} keeps no statistics per entity (none of its modalities is tabular "

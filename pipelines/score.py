@@ -198,7 +198,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                     done.append(DateResult(day, 0, 0, 0, 0, 0.0, skipped=True))
                     record_run(spec, storage, done[-1], run_id=run_id, version=mv.version, status="skipped",
                                tables=tables, error=f"{exc} (score.missing_input: skip)")
-                    display.note(f"{day}: no input for any modality: skipped (score.missing_input: skip)")
+                    display.note(skipped_line(day))
                     return
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
@@ -298,6 +298,11 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
 
 class NoInput(DataError):
     """No modality has a row for the date (not even an unusable one)."""
+
+
+def skipped_line(day: str) -> str:
+    """What a job says of a date it skipped for want of any input (`score.missing_input: skip`)."""
+    return f"{day}: no input for any modality: skipped, nothing written (score.missing_input: skip)"
 
 
 def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts, float]],
