@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import posixpath
 import re
+import zoneinfo
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -209,11 +210,15 @@ class Spec:
     labels: LabelsSpec | None = None
     storage: StorageSpec = field(default_factory=StorageSpec)
     source: str = "<memory>"
+    timezone: str = "UTC"               # the zone whose calendar days the dates are (partitions, train days, output)
 
     @property
     def lookback_days(self) -> int:
-        """Days before a date whose partitions feed its first ticks."""
+        """Days before a date whose partitions feed its first ticks (a local day can be an hour short, at a
+        daylight-saving change: outside UTC an hour more is covered)."""
         longest = max(m.lookback_us for m in self.modalities.values())
+        if self.timezone != "UTC":
+            longest += _UNITS_US["h"]
         return -(-longest // DAY_US)
 
     @property
@@ -481,7 +486,7 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "grain", "partition", "modalities", "labels", "model",
+    top.reject_unknown({"name", "entity", "time", "grain", "partition", "timezone", "modalities", "labels", "model",
                         "train", "registry", "score", "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
@@ -514,7 +519,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 grain_us=grain, partition=str(top.get("partition", "date")), modalities=modalities,
                 train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),
                 score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
-                labels=labels, storage=storage, source=source)
+                labels=labels, storage=storage, source=source, timezone=_parse_timezone(top))
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -524,6 +529,27 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                                f"the spec has fusion '{spec.model.fusion}', detector '{spec.model.detector}'")
     _check_places(spec)
     return spec
+
+
+def _parse_timezone(top: _Section) -> str:
+    """`timezone`: an IANA time zone name (`Europe/Berlin`, `America/Chicago`, `UTC`, `Etc/GMT-1` for a fixed +1 h)."""
+    name = top.get("timezone", "UTC")
+    if not isinstance(name, str) or not name.strip():
+        raise top.err("timezone", f"must be a time zone name like UTC or Europe/Berlin, got {name!r}")
+    name = name.strip()
+    if name.upper() in ("UTC", "Z", "ETC/UTC"):
+        return "UTC"
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise top.err("timezone", f"{name!r} is not a known time zone (an IANA name like Europe/Berlin or "
+                      "America/Chicago; Etc/GMT-1 for a fixed UTC+1)") from None
+    return name
+
+
+def local_today(zone: str = "UTC") -> dt.date:
+    """Today's date in time zone `zone` (the spec's `timezone`)."""
+    return dt.datetime.now(dt.timezone.utc if zone == "UTC" else zoneinfo.ZoneInfo(zone)).date()
 
 
 def _place(path: str) -> str:
@@ -612,7 +638,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
-        "partition": spec.partition, "modalities": mods,
+        "partition": spec.partition, **({"timezone": spec.timezone} if spec.timezone != "UTC" else {}),
+        "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)
                   for k, v in ((k, getattr(spec.train, k)) for k in TrainSpec.__dataclass_fields__)}

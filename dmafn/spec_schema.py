@@ -77,6 +77,7 @@ def spec_json_schema() -> dict[str, Any]:
             "time": {"type": "string"},
             "grain": _DURATION,
             "partition": {"type": "string"},
+            "timezone": {"type": "string", "minLength": 1},
             "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,
                            "patternProperties": {r"^[A-Za-z][A-Za-z0-9_]*$": modality}},
             "labels": _closed({"path": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"}},

@@ -34,8 +34,10 @@ def _positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
-def _yesterday() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+def _yesterday(zone: str) -> dt.date:
+    """Yesterday in the spec's `timezone` (the nightly's default date)."""
+    from dmafn.spec import local_today
+    return local_today(zone) - dt.timedelta(days=1)
 
 
 def cmd_demo(args) -> None:
@@ -130,7 +132,7 @@ def cmd_score(args) -> None:
 
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
-        r = score_date(spec, args.date or _yesterday(), version=args.model)
+        r = score_date(spec, args.date or _yesterday(spec.timezone), version=args.model)
     print(skipped_line(r.date) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
           f"{r.rows_quarantined} quarantined; {r.anomalies} anomalies -> {spec.score.output}")
 
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, required=True, help="last day (inclusive)")
     p.add_argument("--model", default=None, help="the model version to enrol them into (default: LATEST)")
     p.add_argument("--no-promote", action="store_true", help="save the new version as a candidate (see train)")
-    p = verb("score", cmd_score, "score one date (default: yesterday, UTC) into the Delta table")
+    p = verb("score", cmd_score, "score one date (default: yesterday in the spec's timezone) into the Delta table")
     p.add_argument("--date", type=_date, default=None)
     p.add_argument("--model", default=None, help="model version (default: LATEST)")
     p = verb("backfill", cmd_backfill, "score every date of a range, one commit per date")
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("status", cmd_status, "model versions, dates scored, failed or never scored, days unlike validation")
     p.add_argument("--days", type=_positive(int), default=7, help="the newest dates listed and checked (default 7)")
     p.add_argument("--max-age-days", type=_positive(int), default=None,
-                   help="a newest scored date older than this many days before today (UTC) is a problem")
+                   help="a newest scored date older than this many days before today (spec's timezone) is a problem")
     p.add_argument("--check", action="store_true", help="exit with code 1 when there is a problem (for monitoring)")
     p.add_argument("--json", action="store_true", help="print what was found as JSON instead of lines")
     p = verb("maintain", cmd_maintain, "compact and vacuum the output Delta tables")

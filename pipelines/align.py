@@ -14,6 +14,7 @@ epoch, UTC) and the modality's value columns. Output columns per modality `m`:
 from __future__ import annotations
 
 import datetime as dt
+import zoneinfo
 from dataclasses import dataclass
 
 import polars as pl
@@ -30,14 +31,47 @@ def to_micros(expr: pl.Expr) -> pl.Expr:
     return expr.dt.epoch("us")
 
 
-def date_start_us(date: dt.date) -> int:
-    return int(dt.datetime(date.year, date.month, date.day, tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def make_ticks(entities: pl.DataFrame, date: dt.date, grain_us: int) -> pl.DataFrame:
-    """Every entity x every tick of one UTC day (00:00 + k * grain): the grid `data_ticks` keeps a part of."""
-    start = date_start_us(date)
-    ticks = pl.DataFrame({TIME: pl.int_range(start, start + DAY_US, grain_us, eager=True).cast(pl.Int64)})
+def date_start_us(date: dt.date, zone: str = "UTC") -> int:
+    """The instant `date` begins in time zone `zone` (its local midnight), as microseconds since the epoch."""
+    tz = dt.timezone.utc if zone == "UTC" else zoneinfo.ZoneInfo(zone)
+    return (dt.datetime(date.year, date.month, date.day, tzinfo=tz) - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def date_end_us(date: dt.date, zone: str = "UTC") -> int:
+    """The instant `date` ends in `zone` (the next date's start): a day is 24 h in UTC, 23 or 25 h in a zone on the
+    days its clocks change."""
+    return date_start_us(date + dt.timedelta(days=1), zone)
+
+
+def day_number(date: dt.date) -> int:
+    """A calendar date as days since 1970-01-01 (what `local_day` gives the times of that date)."""
+    return (date - _EPOCH.date()).days
+
+
+def local_day(micros: pl.Expr, zone: str = "UTC") -> pl.Expr:
+    """The calendar date in `zone` of times given as microseconds since the epoch, as days since 1970-01-01
+    (Int64)."""
+    if zone == "UTC":
+        return micros // DAY_US
+    return (pl.from_epoch(micros, time_unit="us").dt.replace_time_zone("UTC").dt.convert_time_zone(zone)
+            .dt.date().cast(pl.Int32).cast(pl.Int64))
+
+
+def local_date_text(micros: pl.Expr, zone: str = "UTC") -> pl.Expr:
+    """The calendar date in `zone` of times given as microseconds since the epoch, as `YYYY-MM-DD`."""
+    ts = pl.from_epoch(micros, time_unit="us").dt.replace_time_zone("UTC")
+    return (ts if zone == "UTC" else ts.dt.convert_time_zone(zone)).dt.strftime("%Y-%m-%d")
+
+
+def make_ticks(entities: pl.DataFrame, date: dt.date, grain_us: int, zone: str = "UTC") -> pl.DataFrame:
+    """Every entity x every tick of one day (`k * grain` since the epoch, from the date's start in `zone`): the
+    grid `data_ticks` keeps a part of."""
+    start, end = date_start_us(date, zone), date_end_us(date, zone)
+    first = -(-start // grain_us) * grain_us
+    ticks = pl.DataFrame({TIME: pl.int_range(first, end, grain_us, eager=True).cast(pl.Int64)})
     return entities.unique().join(ticks, how="cross").sort([*entities.columns, TIME])
 
 
@@ -59,16 +93,17 @@ def data_ticks(tables: dict[str, pl.DataFrame], present: pl.DataFrame, spec: Spe
                dates: list[dt.date] | tuple[dt.date, ...]) -> pl.DataFrame:
     """The ticks that follow the data: an entity gets a tick of a date only when it has a usable row timed
     inside that date (`present`: entity columns and `_day`), and only where some modality has a row the tick can
-    read (within that modality's window or tolerance before the tick). Ticks are `00:00 + k * grain` UTC;
-    returns the entity columns and `_t`, sorted."""
+    read (within that modality's window or tolerance before the tick). Ticks are `k * grain` since the epoch
+    (`00:00 + k * grain` UTC), a date's those from its start in the spec's `timezone` to its end; returns the
+    entity columns and `_t`, sorted."""
     keys, g = list(spec.entity), spec.grain_us
     schema = {**{k: present.schema[k] for k in keys}, TIME: pl.Int64} if not present.is_empty() else None
     spans = [t.select(*keys, reach(spec.modalities[name], g).alias("_r")).unnest("_r").unique()
              for name, t in tables.items() if not t.is_empty()]
     if not spans or present.is_empty():
         return pl.DataFrame(schema=schema or {TIME: pl.Int64})
-    lo_day, hi_day = min(dates), max(dates)
-    first, last = date_start_us(lo_day) // g, (date_start_us(hi_day) + DAY_US) // g - 1
+    zone = spec.timezone
+    first, last = -(-date_start_us(min(dates), zone) // g), (date_end_us(max(dates), zone) - 1) // g
     spans = (pl.concat(spans, how="vertical_relaxed")
              .with_columns(pl.col("_lo").clip(first, None), pl.col("_hi").clip(None, last))
              .filter(pl.col("_hi") >= pl.col("_lo")).sort([*keys, "_lo"]))
@@ -77,7 +112,7 @@ def data_ticks(tables: dict[str, pl.DataFrame], present: pl.DataFrame, spec: Spe
     spans = spans.with_columns(((pl.col("_lo") > prev_end + 1).fill_null(True)).cum_sum().over(keys).alias("_span"))
     merged = spans.group_by([*keys, "_span"]).agg(pl.col("_lo").min(), pl.col("_hi").max())
     ticks = (merged.select(*keys, (pl.int_ranges("_lo", pl.col("_hi") + 1) * g).alias(TIME)).explode(TIME)
-             .with_columns(pl.col(TIME).cast(pl.Int64), (pl.col(TIME) // DAY_US).alias("_day")))
+             .with_columns(pl.col(TIME).cast(pl.Int64)).with_columns(local_day(pl.col(TIME), zone).alias("_day")))
     return (ticks.join(present.select(*keys, pl.col("_day").cast(pl.Int64)), on=[*keys, "_day"], how="semi")
             .select(*keys, TIME).sort([*keys, TIME]))
 
@@ -149,7 +184,7 @@ def align(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spec) -> p
         out = out.join(part, on=[*keys, TIME], how="left")
     return out.with_columns(
         pl.from_epoch(TIME, time_unit="us").dt.replace_time_zone("UTC").alias("ts"),
-    ).with_columns(pl.col("ts").dt.strftime("%Y-%m-%d").alias("date")).sort([*keys, TIME])
+        local_date_text(pl.col(TIME), spec.timezone).alias("date")).sort([*keys, TIME])
 
 
 _PAYLOAD_TYPES = {"image": pl.Binary, "text": pl.String, "audio": pl.List(pl.Float32)}
@@ -225,15 +260,17 @@ class KnownIncidents:
     index: LabelIndex
     after_us: int
     left_out: int = 0
+    zone: str = "UTC"                   # the spec's timezone: where a date begins and ends
 
     @classmethod
     def of(cls, labels: pl.DataFrame, spec: Spec) -> "KnownIncidents":
-        return cls(LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end), spec.evidence_reach_us)
+        return cls(LabelIndex.build(labels, spec, spec.labels.start, spec.labels.end), spec.evidence_reach_us,
+                   zone=spec.timezone)
 
     def for_dates(self, dates: tuple[dt.date, ...] | list[dt.date]) -> "KnownIncidents":
         """Only what ticks of `dates` need (a shard's task gets this, not every label of the window)."""
-        return KnownIncidents(self.index.window(date_start_us(min(dates)), date_start_us(max(dates)) + DAY_US,
-                                                self.after_us), self.after_us)
+        lo, hi = date_start_us(min(dates), self.zone), date_end_us(max(dates), self.zone)
+        return KnownIncidents(self.index.window(lo, hi, self.after_us), self.after_us, zone=self.zone)
 
     def without(self, aligned: pl.DataFrame, spec: Spec) -> pl.DataFrame:
         """`aligned` without its ticks in or just after a known incident (counted in `left_out`)."""

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from dmafn.spec import Spec
 from pipelines.ingest import check_schema
-from pipelines.align import DAY_US, date_start_us, label_intervals
+from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import list_parquet_files, open_parquet
 from pipelines.storage import DataError, Storage, list_partitions
@@ -79,7 +79,7 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
         return data
     data.summary = labels.summary()
     intervals = label_intervals(labels.usable, spec, spec.labels.start, spec.labels.end)
-    lo, hi = date_start_us(spec.train.start), date_start_us(spec.train.end) + DAY_US
+    lo, hi = date_start_us(spec.train.start, spec.timezone), date_end_us(spec.train.end, spec.timezone)
     inside = intervals.filter((pl.col("_s") < hi) & (pl.col("_e") >= lo)).height
     if inside:
         window = f"the training window {spec.train.start}..{spec.train.end}"

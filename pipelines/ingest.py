@@ -13,8 +13,8 @@ import polars as pl
 import pyarrow as pa
 
 from dmafn.features import decode_pixels
-from dmafn.spec import DAY_US, ModalitySpec, Spec
-from pipelines.align import TIME, date_start_us, to_micros
+from dmafn.spec import ModalitySpec, Spec
+from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import each_row_group, open_parquet, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
@@ -116,17 +116,21 @@ def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
     return table.set_column(table.schema.get_field_index(m.column), m.column, fixed), bad
 
 
-def timed_outside(micros: pl.Expr, date) -> pl.Expr:
-    """True where a time (microseconds, UTC) is not on `date`; null where there is no time."""
-    start = date_start_us(date)
-    return (micros < start) | (micros >= start + DAY_US)
+MISPLACED = "timed outside its date partition"     # the reason's start: `misplaced` adds the date (and the zone)
 
 
-def misplaced(rows: pl.DataFrame, date) -> pl.DataFrame:
-    """Rows of the `date` partition timed on another date get a reason (they are quarantined, never used)."""
-    outside = pl.col(REASON).is_null() & timed_outside(pl.col(TIME), date)
-    return rows.with_columns(pl.when(outside).then(pl.lit(f"timed outside its date partition {date.isoformat()}"))
-                             .otherwise(pl.col(REASON)).alias(REASON))
+def timed_outside(micros: pl.Expr, date, zone: str = "UTC") -> pl.Expr:
+    """True where a time (microseconds since the epoch) is not on `date` as time zone `zone` counts dates; null
+    where there is no time."""
+    return (micros < date_start_us(date, zone)) | (micros >= date_end_us(date, zone))
+
+
+def misplaced(rows: pl.DataFrame, date, zone: str = "UTC") -> pl.DataFrame:
+    """Rows of the `date` partition timed on another date (in the spec's `timezone`) get a reason (they are
+    quarantined, never used)."""
+    outside = pl.col(REASON).is_null() & timed_outside(pl.col(TIME), date, zone)
+    reason = f"{MISPLACED} {date.isoformat()}" + ("" if zone == "UTC" else f" ({zone})")
+    return rows.with_columns(pl.when(outside).then(pl.lit(reason)).otherwise(pl.col(REASON)).alias(REASON))
 
 
 def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
@@ -183,13 +187,15 @@ class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
     only within the modality's window or tolerance of the shard's first tick), the unusable rows of the shard's
     own dates (`entity`, `_t`, `date`, `source`, `reason`), and the (entity, `_day`) pairs with a usable row timed
-    inside one of its dates (`_day` = days since the epoch), and the image frames the check decoded (uint8,
-    by their bytes: `featurize(..., decoded=)` reuses them)."""
+    inside one of its dates (`_day` = days since the epoch, of the date in the spec's `timezone`), the image frames
+    the check decoded (uint8, by their bytes: `featurize(..., decoded=)` reuses them), and how many input rows each
+    of its dates' partitions held (its entity bucket's; a context view's rows are its parent's, counted once)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
     present: pl.DataFrame
     decoded: dict[str, dict[bytes, np.ndarray | None]] = field(default_factory=dict)   # image frames, for featurize
+    rows_read: dict[str, int] = field(default_factory=dict)                            # date -> input rows
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -206,9 +212,10 @@ def both(first: list[int] | None, second: list[int] | None) -> list[int] | None:
 
 def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
-    days = [date_start_us(d) // DAY_US for d in shard.dates]
-    first = date_start_us(min(shard.dates))
-    tables, quarantined, present, decoded = {}, [], [], {}
+    zone = spec.timezone
+    days = [day_number(d) for d in shard.dates]
+    first = date_start_us(min(shard.dates), zone)
+    tables, quarantined, present, decoded, rows_read = {}, [], [], {}, {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
@@ -229,11 +236,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if not own_date:  # a look-back day: only what the first ticks can read is checked further and kept
                         rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
-                    rows = misplaced(rows, f.date)
+                    rows = misplaced(rows, f.date, zone)
                     if m.kind == "image":
                         rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
                     good = rows.filter(pl.col(REASON).is_null())
                     if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
+                        rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
@@ -244,18 +252,18 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         if clash.any():                 # rows of one key can sit in different files: checked on the whole table
             if not m.context_of:
                 quarantined.append(quarantined_input(
-                    table.filter(clash & (pl.col(TIME) // DAY_US).is_in(days)), spec, name,
-                    pl.from_epoch(TIME, time_unit="us").dt.date().cast(pl.String), pl.lit(CONFLICT)))
+                    table.filter(clash & local_day(pl.col(TIME), zone).is_in(days)), spec, name,
+                    local_date_text(pl.col(TIME), zone), pl.lit(CONFLICT)))
             table = table.filter(~clash)
         tables[name] = table
-        present.append(table.select(*spec.entity, (pl.col(TIME) // DAY_US).alias("_day"))
+        present.append(table.select(*spec.entity, local_day(pl.col(TIME), zone).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())
     return ShardInputs(
         tables=tables,
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(
             schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
-        decoded=decoded)
+        decoded=decoded, rows_read=rows_read)
 
 
 def require_columns(spec: Spec, storage: Storage, files) -> dict[str, pa.Schema]:

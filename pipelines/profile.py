@@ -80,6 +80,7 @@ class FilePart:
     path: str
     storage: Storage
     table: str                      # the modality's path: which filesystem the file is on
+    zone: str = "UTC"               # the spec's timezone: where the partition's date begins and ends
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
         outside += pl.from_arrow(table.select([cols.time])).select(   # rows without a time are nulls, not here
-            timed_outside(to_micros(pl.col(cols.time)), part.date).sum()).item()
+            timed_outside(to_micros(pl.col(cols.time)), part.date, part.zone).sum()).item()
     return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],
                          "rows": [rows], "nulls": [nulls], "outside_partition": [outside],
                          "row_groups": [parquet.metadata.num_row_groups]})
@@ -185,7 +186,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
-    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path)
+    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone)
             for day, path, _ in list_parquet_files(storage.filesystem(m.path), found)]
 
 

@@ -21,6 +21,7 @@ import polars as pl
 
 from dmafn.postprocess import events
 from dmafn.spec import Spec
+from pipelines.align import date_start_us
 from pipelines.delta_sink import read_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
                                 ray_running, score_chunks, score_dates, score_types, window_part)
@@ -100,7 +101,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
     drawn = drawn_rows(pl.concat(shown, how="diagonal_relaxed"), spans, lines, marks)
-    sections.append(_timelines_section(drawn, chosen, modalities, kinds))
+    sections.append(_timelines_section(drawn, chosen, modalities, kinds, spec.timezone))
     sections.append(_events_section(found))
     sections.append(_versions_section(version_facts(spec, storage, window.versions)))
     sections.append(_runs_section(_read_table(spec.score.runs_path, storage, dates)))
@@ -429,14 +430,15 @@ def _curves_section(curves: dict[str, tuple[np.ndarray, ...]]) -> str:
             + _xy_figure("pr", "Precision vs recall", pr, "recall", "precision") + "</div></section>")
 
 
-def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: list[str], kinds: list[str]) -> str:
+def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: list[str], kinds: list[str],
+                       zone: str = "UTC") -> str:
     legend = "".join(f'<span class="key" style="background:{KIND_COLOURS[i % len(KIND_COLOURS)]}"></span>{_e(k)} '
                      for i, k in enumerate(kinds))
     legend += f'<span class="key" style="background:{ALARM}"></span>alarm (is_anomaly) '
     parts = [f'<section id="timelines"><h2>Timelines</h2><p class="legend">{legend}</p>']
     for entity in entities:
         one = scores.filter(pl.col("_entity") == entity).sort("ts")
-        parts.append(_timeline_figure(entity, one, modalities, kinds))
+        parts.append(_timeline_figure(entity, one, modalities, kinds, zone))
     parts.append("</section>")
     return "".join(parts)
 
@@ -552,7 +554,8 @@ def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndar
             f'{"".join(body + legend)}</svg><figcaption>{_e(title)}</figcaption></figure>')
 
 
-def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kinds: list[str]) -> str:
+def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kinds: list[str],
+                     zone: str = "UTC") -> str:
     """One entity's timeline from its `drawn_rows`: each line through the rows its `_line_` column marks."""
     t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
     t0, t1 = float(t.min()), float(max(t.max(), t.min() + 1))
@@ -573,7 +576,7 @@ def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kind
     finite = np.concatenate([v[np.isfinite(v)] for _, v, _ in contributions.values()]) if contributions else np.zeros(1)
     c_lo, c_hi = _clipped_range(finite if finite.size else np.zeros(1), None)
     bottom = _panel(contributions, c_lo, c_hi, sx)
-    days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30)
+    days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30, zone)
     legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, _, c) in contributions.items())
     svg = (f'<svg viewBox="0 0 {WIDTH} {2 * PLOT_HEIGHT + 40}" width="{WIDTH}" height="{2 * PLOT_HEIGHT + 40}" '
            f'role="img"><g>{labelled}{_alarms(one, sx, PLOT_HEIGHT)}{top}</g>'
@@ -658,12 +661,16 @@ def _alarms(one: pl.DataFrame, sx, height: int) -> str:
     return "".join(out)
 
 
-def _day_ticks(t0: float, t1: float, sx, y: int) -> str:
+def _day_ticks(t0: float, t1: float, sx, y: int, zone: str = "UTC") -> str:
+    """The dates' starts (midnight in the spec's `timezone`) between t0 and t1, labelled, for up to 31 days."""
     day = 86_400_000_000
-    first = math.ceil(t0 / day) * day
-    marks = range(int(first), int(t1) + 1, day) if (t1 - t0) / day <= 31 else []
-    return "".join(f'<text x="{sx(m):.0f}" y="{y}" class="tick" text-anchor="middle">'
-                   f'{dt.datetime.fromtimestamp(m / 1e6, dt.timezone.utc):%Y-%m-%d}</text>' for m in marks)
+    if (t1 - t0) / day > 31:
+        return ""
+    first = dt.datetime.fromtimestamp(t0 / 1e6, dt.timezone.utc).date() - dt.timedelta(days=1)
+    dates = [first + dt.timedelta(days=i) for i in range(int((t1 - t0) // day) + 3)]
+    marks = [(d, m) for d in dates if t0 <= (m := date_start_us(d, zone)) <= t1]
+    return "".join(f'<text x="{sx(m):.0f}" y="{y}" class="tick" text-anchor="middle">{d:%Y-%m-%d}</text>'
+                   for d, m in marks)
 
 
 # ---------------------------------------------------------------- HTML

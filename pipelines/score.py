@@ -49,6 +49,8 @@ class DateResult:
     unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for (None:
                                            # a version with no per-entity statistics, or a failed date)
     skipped: bool = False                # no modality had input for the date, and `score.missing_input: skip`
+    input_rows: int = 0                  # input rows the date's partitions held (usable or not)
+    timed_outside: int = 0               # of them, quarantined as timed outside their date partition
 
     @property
     def alarm_rate(self) -> float | None:
@@ -102,6 +104,22 @@ def unseen_entities_warning(result: DateResult, version: str) -> str | None:
             "enrolled (dmafn enroll, --start/--end over days that hold them) or a version is trained on such days")
 
 
+MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its partition than this: warned
+
+
+def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
+    """A line when more than `MISPLACED_SHARE` of a date's input rows were timed outside its date partition (and
+    quarantined): late or misfiled rows, or - when they sit in the hours at either edge of every day - partitions
+    cut by the calendar of another time zone than the spec's `timezone`."""
+    if not result.timed_outside or result.timed_outside <= MISPLACED_SHARE * result.input_rows:
+        return None
+    return (f"{result.date}: {result.timed_outside} of its {result.input_rows} input rows "
+            f"({result.timed_outside / max(result.input_rows, 1):.1%}) are timed outside their date partition, as "
+            f"the spec's timezone ({zone}) counts dates, and were quarantined: late or misfiled rows - or, if every "
+            "day loses the hours at its start or end, partitions cut by another time zone's dates: set `timezone` "
+            "in the spec to it")
+
+
 @ray.remote(num_cpus=1, num_returns="streaming")
 def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, run_id: str, scored_at: dt.datetime,
                       pin: bool = True, *splits: SplitFile) -> Iterator[tuple[int, int] | ShardScores]:
@@ -128,14 +146,15 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
 
 def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
-    (its modality paths and partition key), written to `spec`'s output tables: moving the data does not
-    need a new model."""
+    (its modality paths, partition key and the time zone of its dates), written to `spec`'s output tables: moving
+    the data does not need a new model."""
     missing = sorted(set(mv.spec.modalities) - set(spec.modalities))
     if missing:
         raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "
                         "define; add them back or score with a model trained on this spec")
     modalities = {name: replace(m, path=spec.modalities[name].path) for name, m in mv.spec.modalities.items()}
-    return replace(mv.spec, modalities=modalities, partition=spec.partition, score=spec.score, storage=spec.storage)
+    return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone, score=spec.score,
+                   storage=spec.storage)
 
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:
@@ -207,8 +226,9 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
-                for warn in (unlike_validation_warning, unseen_entities_warning):
-                    if (line := warn(result, mv.version)) is not None:
+                for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version),
+                             misplaced_rows_warning(result, spec.timezone)):
+                    if line is not None:
                         log.warning("%s", line)
                 return
         failed.append((date, error))
@@ -340,7 +360,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       above_validation_median=_share_above([(c.with_score, c.above_validation_median) for c in counts]),
                       modality_above={m: share for m, share in by_modality.items() if share is not None},
                       entities=sum(c.entities for c in counts),
-                      unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None)
+                      unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
+                      input_rows=sum(c.input_rows for c in counts), timed_outside=sum(c.timed_outside for c in counts))
 
 
 def _share_above(positions: list[tuple[int, int]]) -> float | None:

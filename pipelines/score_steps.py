@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 from dmafn.features import entity_key, entity_keys, featurize
 from dmafn.calibration import Calibration
 from dmafn.scoring import raw_scores
-from dmafn.spec import DAY_US, Spec
-from pipelines.align import TIME, align, data_ticks, date_start_us
+from dmafn.spec import Spec
+from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
-from pipelines.ingest import REASON, entity_string, read_shard
+from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
 from pipelines.shards import UNSEEN_NAMED, DateCounts, Shard, ShardScores, UnseenEntities
@@ -177,11 +177,13 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
     for date in shard.dates:
         day = date.isoformat()
         counts = result.dates.setdefault(day, DateCounts())
-        counts.ticks_in = ticks.filter((pl.col(TIME) // DAY_US) == date_start_us(date) // DAY_US).height
+        counts.ticks_in = ticks.filter(local_day(pl.col(TIME), spec.timezone) == day_number(date)).height
         rows = scored.filter(pl.col("date") == day)
         good, bad = rows.filter(pl.col(REASON).is_null()).drop(REASON), rows.filter(pl.col(REASON).is_not_null())
         ingest = inputs.quarantined.filter(pl.col("date") == day)
         counts.input_rows_quarantined = ingest.height
+        counts.input_rows = inputs.rows_read.get(day, 0)
+        counts.timed_outside = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)

@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from dmafn.spec import Spec
+from dmafn.spec import Spec, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import MODALITY_SHARE, unlike_validation_line
@@ -51,9 +51,9 @@ class ScoringStatus:
 def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None, days: int = STATUS_DAYS,
                    max_age_days: int | None = None, spec_path: str = "SPEC") -> ScoringStatus:
     """The registry's versions and the runs table's dates of `spec`, and what needs a look (see the module).
-    `today` (default: today, UTC) and `max_age_days`: a newest scored date older than today - max_age_days is a
-    problem; `spec_path` names the spec in the commands the problems suggest."""
-    today = today or dt.datetime.now(dt.timezone.utc).date()
+    `today` (default: today in the spec's timezone) and `max_age_days`: a newest scored date older than today -
+    max_age_days is a problem; `spec_path` names the spec in the commands the problems suggest."""
+    today = today or local_today(spec.timezone)
     out = ScoringStatus()
     _versions(spec, storage, out, spec_path)
     runs = _latest_runs(spec, storage)

@@ -215,6 +215,37 @@ def test_ticks_follow_the_data_exactly_where_a_modality_can_be_present(tiny_spec
     assert data_ticks(tables, present.head(0), tiny_spec, [DAY]).is_empty()
 
 
+def test_a_date_in_a_time_zone_is_its_local_midnight_to_the_next_and_its_ticks_follow(tiny_spec):
+    """With `timezone`, a date runs from its local midnight to the next: 23 h on the day clocks go forward, 25 h
+    on the day they go back; `local_day`/`local_date_text` give each instant its local date, `data_ticks` keeps
+    a date's ticks inside it and `align` writes that date."""
+    from dataclasses import replace
+
+    from pipelines.align import data_ticks, date_end_us, day_number, local_date_text, local_day
+
+    H = 60 * M
+    for day, hours in ((dt.date(2024, 3, 31), 23), (dt.date(2024, 10, 27), 25), (dt.date(2024, 1, 2), 24)):
+        start, end = date_start_us(day, "Europe/Berlin"), date_end_us(day, "Europe/Berlin")
+        assert (end - start) // H == hours and start == date_start_us(day) - (2 if day.month == 10 else 1) * H
+        assert make_ticks(pl.DataFrame({"machine_id": ["a"]}), day, M, "Europe/Berlin")[TIME].to_list() == \
+            list(range(start, end, M))
+        edges = pl.DataFrame({TIME: [start - 1, start, end - 1, end]})
+        assert edges.select(local_day(pl.col(TIME), "Europe/Berlin"))[TIME].to_list() == \
+            [day_number(day) - 1, day_number(day), day_number(day), day_number(day) + 1]
+        assert edges.select(local_date_text(pl.col(TIME), "Europe/Berlin"))[TIME].to_list()[1:3] == [day.isoformat()] * 2
+    berlin = replace(tiny_spec, timezone="Europe/Berlin")
+    start = date_start_us(DAY, "Europe/Berlin")              # 2024-01-01 23:00 UTC
+    rows = {"proc": pl.DataFrame({"machine_id": ["a"] * 3, TIME: [start - 10 * S, start + 10 * S, start + 24 * H - 90 * S],
+                                  "temp": [1.0, 2.0, 3.0]})}
+    present = pl.DataFrame({"machine_id": ["a"], "_day": [day_number(DAY)]})
+    got = data_ticks(rows, present, berlin, [DAY])
+    # the day's ticks from its local start: the row 10 s before it is read there; the last row's second tick (its
+    # 2 min tolerance) is the next date's
+    assert ((got[TIME] - start) // M).to_list() == [0, 1, 2, 1439]
+    assert align(got, rows, berlin)["date"].unique().to_list() == ["2024-01-02"]
+    assert align(got, rows, tiny_spec)["date"].unique().sort().to_list() == ["2024-01-01", "2024-01-02"]
+
+
 def test_label_ticks_agree_with_checking_every_interval_overlaps_included(tiny_spec):
     """Random ticks of two entities against random, overlapping intervals: a tick is labelled exactly when some
     interval of its entity covers it (ends included), with the kind of the earliest-starting one that does -

@@ -739,6 +739,38 @@ def test_bad_text_undecodable_images_and_misplaced_rows_are_quarantined_with_the
                        ("logs", "timed outside its date partition 2024-01-02")]
 
 
+def test_partitions_cut_by_local_dates_are_read_by_the_specs_timezone(tmp_path, tiny_spec):
+    """A lake partitioned by the plant's own dates: with `timezone` its evening rows (the next UTC date) belong to
+    their partition and the look-back partition feeds the first ticks; read as UTC dates they are quarantined as
+    timed outside the partition. Every date's input rows are counted beside those quarantined."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.align import date_start_us, day_number
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    day, before = dt.date(2024, 1, 2), dt.date(2024, 1, 1)
+    start = date_start_us(day, "America/New_York")               # 2024-01-02 05:00 UTC
+    h = 3_600_000_000
+    for d, times in ((before, [start - 60_000_000]), (day, [start + h, start + 20 * h, start + 23 * h])):
+        _write(tmp_path / "proc" / f"date={d}" / "part-0.parquet",
+               pa.table({"machine_id": ["a"] * len(times), "ts": pa.array(times, pa.timestamp("us", tz="UTC")),
+                         "temp": [1.0] * len(times)}))
+    utc = _proc_spec(tiny_spec, tmp_path / "proc")
+    local = replace(utc, timezone="America/New_York")
+    got = read_shard(_shard(tmp_path, local, [day]), local, Storage())
+    assert got.quarantined.is_empty() and got.rows_read == {"2024-01-02": 3}
+    assert sorted(got.tables["proc"]["_t"].to_list()) == [start - 60_000_000, start + h, start + 20 * h, start + 23 * h]
+    assert got.present["_day"].to_list() == [day_number(day)]
+    as_utc = read_shard(_shard(tmp_path, utc, [day]), utc, Storage())  # 20 h and 23 h after the local start: 01-03 UTC
+    assert as_utc.quarantined["reason"].to_list() == ["timed outside its date partition 2024-01-02"] * 2
+    assert as_utc.rows_read == {"2024-01-02": 3}
+    shifted = replace(utc, timezone="Asia/Tokyo")                # read as Tokyo's dates (ending 15:00 UTC): the two
+    reasons = read_shard(_shard(tmp_path, shifted, [day]), shifted, Storage()).quarantined["reason"].to_list()
+    assert reasons == ["timed outside its date partition 2024-01-02 (Asia/Tokyo)"] * 2   # evening rows again
+
+
 def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
     """The footer reads, the pages do not: a DataError naming the file, not a thrift traceback."""
     import datetime as dt

@@ -383,6 +383,56 @@ def _edited_copy(trained, tmp_path, files: str, edit):
                    score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None, staging=None))
 
 
+def test_a_lake_partitioned_by_local_dates_scores_its_own_dates_with_timezone(trained, scored, tmp_path, caplog):
+    """The fleet's inputs re-filed by New York's dates (a partition holds 05:00 UTC to 05:00 UTC the next day): with
+    `timezone: America/New_York` a date's ticks are that local day's, none of its rows is quarantined as misplaced,
+    the output's `date` is the local date and a tick settled in both runs scores as the UTC-partitioned run scored
+    it; the same lake read as UTC dates loses every date's evening rows to quarantine, with a warning naming
+    `timezone`."""
+    from pipelines.align import date_end_us, date_start_us
+    from pipelines.score import score_date
+
+    spec, _, root = trained
+    zone = "America/New_York"
+    local = tmp_path / "raw"
+    for path in (root / "raw").glob("*/date=*/*.parquet"):
+        table = pl.from_arrow(pq.read_table(path))
+        day = pl.col("ts").dt.replace_time_zone("UTC", non_existent="null") if table.schema["ts"].time_zone is None \
+            else pl.col("ts")
+        table = table.with_columns(day.dt.convert_time_zone(zone).dt.date().alias("_local"))
+        for (d,), part in table.partition_by("_local", as_dict=True).items():
+            folder = local / path.parent.parent.name / f"date={d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part.drop("_local").to_arrow(), folder / f"{path.parent.name}-{path.name}")
+    spec_local = replace(spec, timezone=zone,
+                         modalities={n: replace(m, path=str(local / Path(m.path).name)) for n, m in spec.modalities.items()},
+                         score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
+                                       staging=None))
+    result = score_date(spec_local, DAY2)
+    assert result.ticks_in == result.rows_scored + result.rows_quarantined and result.timed_outside == 0
+    out = pl.read_delta(spec_local.score.output)
+    start, end = date_start_us(DAY2, zone), date_end_us(DAY2, zone)
+    assert out["date"].unique().to_list() == ["2024-01-02"] and out.height == result.rows_scored
+    assert out["ts"].dt.epoch("us").min() >= start and out["ts"].dt.epoch("us").max() < end
+    quarantine = pl.read_delta(spec_local.score.quarantine_path)
+    assert not quarantine["reason"].str.contains("outside its date").any()
+    # 02:00-05:00 UTC on 2024-01-03: settled in the UTC run of that date (from 00:00) and in this one (from 05:00)
+    settled = (pl.col("ts") >= dt.datetime(2024, 1, 3, 2, tzinfo=dt.timezone.utc)) & (pl.col("ts") < pl.lit(end).cast(
+        pl.Datetime("us", "UTC")))
+    utc_run = pl.read_delta(str(root / "scores")).filter(settled).sort("machine_id", "ts")
+    ours = out.filter(settled).sort("machine_id", "ts")
+    assert ours.height == utc_run.height > 300
+    assert ours.select("machine_id", "ts", "is_anomaly").equals(utc_run.select("machine_id", "ts", "is_anomaly"))
+    assert (ours["score"] - utc_run["score"]).abs().max() < 1e-5
+
+    caplog.set_level(logging.WARNING, logger="pipelines.score")
+    as_utc = replace(spec_local, timezone="UTC", score=replace(spec_local.score, output=str(tmp_path / "utc")))
+    wrong = score_date(as_utc, DAY2)
+    assert wrong.timed_outside > 0.1 * wrong.input_rows > 0          # 19:00-24:00 local is the next UTC date
+    assert re.search(r"2024-01-02: \d+ of its \d+ input rows .* timed outside their date partition, as the spec's "
+                     r"timezone \(UTC\) counts dates.*set `timezone`", caplog.text)
+
+
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
     """The same fleet with every temperature 25 C higher and every pressure 5 bar higher (a recalibrated sensor,
     a new regime): nearly every tick scores above the version's validation median, and scoring says so."""

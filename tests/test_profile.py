@@ -49,6 +49,10 @@ def test_file_counts_a_row_group_at_a_time(tmp_path):
     assert row["nulls"] == 6                    # a null key, a null time, NaN and null in v, two null images
     assert row["outside_partition"] == 1        # the row timed on the next day; the one without a time is a null
     assert row["row_groups"] == 3
+    # as Los Angeles counts dates (2024-01-01 runs 08:00 UTC to 08:00 UTC the next day): the five rows at 00:00 UTC
+    # are the day before; the one at 00:00 UTC the next day is inside
+    west = FilePart(cols, dt.date(2024, 1, 1), str(path), Storage(), str(tmp_path), "America/Los_Angeles")
+    assert file_counts(west).iloc[0]["outside_partition"] == 5
     text_time = table.set_column(1, "ts", pa.array(["x"] * 7))
     pq.write_table(text_time, tmp_path / "text.parquet")
     with pytest.raises(DataError, match=r"text\.parquet.*time column 'ts' is string"):

@@ -137,6 +137,24 @@ def test_missing_input_is_parsed_checked_and_round_trips():
         parse_spec(data, source="s.yaml")
 
 
+def test_timezone_is_parsed_checked_and_round_trips():
+    """`timezone` names the calendar the dates are in: an IANA name, UTC by default (and not written then); a
+    zone's day can be 23 h, so its look-back covers an hour more."""
+    data = tiny_spec_dict()
+    spec = parse_spec(data)
+    assert spec.timezone == "UTC" and "timezone" not in spec.to_dict() and spec.lookback_days == 1
+    spec = parse_spec({**data, "timezone": "Europe/Berlin"}, source="s.yaml")
+    assert spec.timezone == "Europe/Berlin" and parse_spec(spec.to_dict()).timezone == "Europe/Berlin"
+    assert parse_spec({**data, "timezone": "utc"}).timezone == "UTC"
+    day = {**data, "modalities": {**data["modalities"], "logs": {**data["modalities"]["logs"], "window": "1d"}}}
+    assert parse_spec(day).lookback_days == 1 and parse_spec({**day, "timezone": "Asia/Tokyo"}).lookback_days == 2
+    from dmafn.spec import local_today
+    assert (local_today("Pacific/Kiritimati") - local_today("Etc/GMT+12")).days in (1, 2)   # UTC+14 and UTC-12
+    for bad in ("Mars/Olympus", "", 5):
+        with pytest.raises(SpecError, match=r"s.yaml: key 'timezone': .*(time zone|Europe/Berlin)"):
+            parse_spec({**data, "timezone": bad}, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
