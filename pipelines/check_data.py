@@ -23,7 +23,7 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import list_parquet_files, open_parquet
+from pipelines.parquet_files import list_parquet_files, open_parquet, time_bounds
 from pipelines.storage import DataError, Storage, list_partitions
 
 FOOTER_READERS = 16
@@ -38,6 +38,8 @@ class ModalityData:
     bytes: int = 0
     columns: dict[str, str] = field(default_factory=dict)     # name -> Arrow type, as the first file has them
     problems: list[str] = field(default_factory=list)
+    misplaced: list[tuple[str, dt.date, int, int]] = field(default_factory=list)   # files holding rows timed
+    zone: str = "UTC"                       # outside their date (path, date, first, last time); the spec's timezone
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -48,7 +50,17 @@ class ModalityData:
                 f"  partitions: {len(self.dates)} dates {self.dates[0]} .. {self.dates[-1]}"
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
-                f"  columns: {columns}"]
+                f"  columns: {columns}"] + self._misplaced_lines()
+
+    def _misplaced_lines(self) -> list[str]:
+        if not self.misplaced:
+            return []
+        path, date, first, last = self.misplaced[0]
+        when = lambda us: dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+        return [f"  rows timed outside their date partition (dates of timezone {self.zone}, by the footers' time "
+                f"statistics): in {len(self.misplaced)} of {self.files} files, e.g. {path} ({date}) holds "
+                f"{when(first)} .. {when(last)} UTC - late or misfiled rows (quarantined when scored), or partitions "
+                "cut by another time zone's dates: set `timezone` in the spec to it"]
 
 
 @dataclass
@@ -91,15 +103,19 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
     return data
 
 
-def file_schema(filesystem: pafs.FileSystem, path: str) -> pa.Schema | DataError:
-    """The Arrow schema in the footer of the Parquet file at `path`, or the DataError naming it (returned, so
-    that a thread pool's map keeps going); the file is closed afterwards."""
+def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str
+                ) -> tuple[pa.Schema, tuple[int, int] | None] | DataError:
+    """The Arrow schema in the footer of the Parquet file at `path` and the earliest and latest time its time
+    column's statistics give (None: none to go by), or the DataError naming it (returned, so that a thread pool's
+    map keeps going); the file is closed afterwards."""
     try:
         parquet = open_parquet(filesystem, path)
     except DataError as exc:
         return exc
     try:
-        return parquet.schema_arrow
+        schema = parquet.schema_arrow
+        bounds = time_bounds(parquet, time_column) if time_column in schema.names else None
+        return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
     finally:
         parquet.close()
 
@@ -110,7 +126,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
     storage = storage or Storage.from_spec(spec.storage)
     found: list[ModalityData | LabelsData] = []
     for name, m in spec.modalities.items():
-        data = ModalityData(name, m.path)
+        data = ModalityData(name, m.path, zone=spec.timezone)
         found.append(data)
         try:
             partitions = list_partitions(storage, m.path, spec.partition)
@@ -124,15 +140,21 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
         schemas: dict[tuple, str] = {}
         filesystem, paths = storage.filesystem(m.path), [path for _, path, _ in files]
+        dates = {path: dt.date.fromisoformat(day) for day, path, _ in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            for path, schema in zip(paths, pool.map(lambda path: file_schema(filesystem, path), paths)):
+            for path, footer in zip(paths, pool.map(lambda path: file_footer(filesystem, path, spec.time), paths)):
                 try:
-                    if isinstance(schema, DataError):
-                        raise schema
+                    if isinstance(footer, DataError):
+                        raise footer
+                    schema, times = footer
                     check_schema(schema, spec, m, path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
+                day = dates[path]
+                if times is not None and (times[0] < date_start_us(day, spec.timezone)
+                                          or times[1] >= date_end_us(day, spec.timezone)):
+                    data.misplaced.append((path, day, *times))
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
                 schemas.setdefault(tuple((f.name, str(f.type)) for f in schema), path)

@@ -24,7 +24,7 @@ def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-_MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1e-3}
+_MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
 
 
 def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.ColumnChunkMetaData | None:
@@ -34,14 +34,17 @@ def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.Col
     return next((meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == column), None)
 
 
-def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -> list[int] | None:
-    """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
-    time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
+def time_bounds(parquet: pq.ParquetFile, time_column: str) -> list[tuple[int, int]] | None:
+    """Each row group's earliest and latest time (microseconds since the epoch; a naive column's values as UTC,
+    as they are read) by the time column's min/max statistics; None when the file has none to go by (no row
+    group, a column that is not a timestamp, a row group without statistics)."""
     field = parquet.schema_arrow.field(time_column)
     meta = parquet.metadata
     if not pa.types.is_timestamp(field.type) or meta.num_row_groups == 0:
         return None
-    keep = []
+    unit = field.type.unit
+    micros = (lambda v: v // 1000) if unit == "ns" else (lambda v: v * _MICROS_PER_UNIT[unit])   # exact integers
+    bounds = []
     for r in range(meta.num_row_groups):
         chunk = column_chunk(parquet, r, time_column)
         if chunk is None:
@@ -49,9 +52,15 @@ def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -
         stats = chunk.statistics
         if chunk.physical_type != "INT64" or stats is None or not stats.has_min_max:
             return None
-        if stats.max_raw * _MICROS_PER_UNIT[field.type.unit] >= since_us:
-            keep.append(r)
-    return keep
+        bounds.append((micros(stats.min_raw), micros(stats.max_raw)))
+    return bounds
+
+
+def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -> list[int] | None:
+    """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
+    time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
+    bounds = time_bounds(parquet, time_column)
+    return None if bounds is None else [r for r, (_, hi) in enumerate(bounds) if hi >= since_us]
 
 
 def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],

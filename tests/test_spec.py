@@ -327,6 +327,41 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     assert f"labels {tmp_path / 'labels'}: column 'end_ts' is String; a timestamp (or date) is needed" in captured.err
 
 
+def test_check_data_names_files_holding_rows_timed_outside_their_date_by_the_specs_timezone(tmp_path, capsys):
+    """From the footers' time statistics alone: a lake filed by Berlin's dates read as UTC dates has files whose
+    rows start the evening before their date - named, with `timezone` suggested; with `timezone: Europe/Berlin`
+    nothing is outside. A note, not a problem (late rows are quarantined when scored)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    utc = dt.timezone.utc
+    for day in (1, 2):                                       # Berlin's date: 23:00 UTC the day before to 23:00 UTC
+        times = [dt.datetime(2024, 1, day - 1, 23, 30, tzinfo=utc) if day > 1 else dt.datetime(2024, 1, 1, 0, 30,
+                                                                                                tzinfo=utc),
+                 dt.datetime(2024, 1, day, 22, 0, tzinfo=utc)]
+        folder = tmp_path / "proc" / f"date=2024-01-0{day}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": ["a", "a"], "ts": pa.array(times, pa.timestamp("ns", tz="UTC")),
+                                 "temp": [1.0, 2.0]}), folder / "part-0.parquet")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    out = capsys.readouterr().out
+    assert ("rows timed outside their date partition (dates of timezone UTC, by the footers' time statistics): in 1 "
+            f"of 2 files, e.g. {tmp_path / 'proc' / 'date=2024-01-02' / 'part-0.parquet'} (2024-01-02) holds "
+            "2024-01-01 23:30 .. 2024-01-02 22:00 UTC") in out and "set `timezone` in the spec" in out
+    path.write_text(yaml.safe_dump({**data, "timezone": "Europe/Berlin"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "outside their date partition" not in capsys.readouterr().out
+
+
 def test_context_derives_a_slow_time_series_view_of_the_same_rows():
     data = tiny_spec_dict()
     data["modalities"]["proc"]["context"] = {"window": "30min"}          # period: the grain
@@ -390,20 +425,20 @@ def test_check_data_reads_footers_in_parallel_and_lists_problems_in_file_order(t
     spec = parse_spec(data, source="spec.yaml")
     reading, most = set(), [0]
     lock = threading.Lock()
-    read = check.file_schema
+    read = check.file_footer
 
-    def slow_first(filesystem, path):
+    def slow_first(filesystem, path, time_column):
         with lock:
             reading.add(path)
             most[0] = max(most[0], len(reading))
         time.sleep(0.2 - 0.008 * int(path[-10:-8]))          # the later the file, the sooner it answers
         try:
-            return read(filesystem, path)
+            return read(filesystem, path, time_column)
         finally:
             with lock:
                 reading.discard(path)
 
-    monkeypatch.setattr(check, "file_schema", slow_first)
+    monkeypatch.setattr(check, "file_footer", slow_first)
     found = check.check_data(spec)[0]
     assert found.files == 24 and most[0] > 1
     broken = [p for p in found.problems if "not a readable Parquet file" in p]
