@@ -211,6 +211,7 @@ class Spec:
     storage: StorageSpec = field(default_factory=StorageSpec)
     source: str = "<memory>"
     timezone: str = "UTC"               # the zone whose calendar days the dates are (partitions, train days, output)
+    lateness_us: int = 0                # how long after its time a row may still be filed (partitions by arrival)
 
     @property
     def lookback_days(self) -> int:
@@ -220,6 +221,13 @@ class Spec:
         if self.timezone != "UTC":
             longest += _UNITS_US["h"]
         return -(-longest // DAY_US)
+
+    @property
+    def lookahead_days(self) -> int:
+        """Days after a date whose partitions may hold its rows (filed up to `lateness` after their time)."""
+        if not self.lateness_us:
+            return 0
+        return -(-(self.lateness_us + (_UNITS_US["h"] if self.timezone != "UTC" else 0)) // DAY_US)
 
     @property
     def evidence_reach_us(self) -> int:
@@ -486,8 +494,8 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "grain", "partition", "timezone", "modalities", "labels", "model",
-                        "train", "registry", "score", "storage"})
+    top.reject_unknown({"name", "entity", "time", "grain", "partition", "timezone", "lateness", "modalities", "labels",
+                        "model", "train", "registry", "score", "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
         raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
@@ -519,7 +527,8 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 grain_us=grain, partition=str(top.get("partition", "date")), modalities=modalities,
                 train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),
                 score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
-                labels=labels, storage=storage, source=source, timezone=_parse_timezone(top))
+                labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),
+                lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0)
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -639,6 +648,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
         "partition": spec.partition, **({"timezone": spec.timezone} if spec.timezone != "UTC" else {}),
+        **({"lateness": format_duration(spec.lateness_us)} if spec.lateness_us else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

@@ -78,6 +78,7 @@ def spec_json_schema() -> dict[str, Any]:
             "grain": _DURATION,
             "partition": {"type": "string"},
             "timezone": {"type": "string", "minLength": 1},
+            "lateness": {"anyOf": [_DURATION, {"const": 0}]},
             "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,
                            "patternProperties": {r"^[A-Za-z][A-Za-z0-9_]*$": modality}},
             "labels": _closed({"path": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"}},

@@ -59,8 +59,8 @@ class ModalityData:
         when = lambda us: dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
         return [f"  rows timed outside their date partition (dates of timezone {self.zone}, by the footers' time "
                 f"statistics): in {len(self.misplaced)} of {self.files} files, e.g. {path} ({date}) holds "
-                f"{when(first)} .. {when(last)} UTC - late or misfiled rows (quarantined when scored), or partitions "
-                "cut by another time zone's dates: set `timezone` in the spec to it"]
+                f"{when(first)} .. {when(last)} UTC - misfiled rows (quarantined when scored), rows filed by the day "
+                "they arrived (set `lateness`), or partitions cut by another time zone's dates (set `timezone`)"]
 
 
 @dataclass
@@ -152,7 +152,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     data.problems.append(str(exc))
                     continue
                 day = dates[path]
-                if times is not None and (times[0] < date_start_us(day, spec.timezone)
+                if times is not None and (times[0] < date_start_us(day, spec.timezone) - spec.lateness_us
                                           or times[1] >= date_end_us(day, spec.timezone)):
                     data.misplaced.append((path, day, *times))
                 if not data.columns:

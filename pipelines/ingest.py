@@ -15,7 +15,7 @@ import pyarrow as pa
 from dmafn.features import decode_pixels
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import each_row_group, open_parquet, row_groups_since
+from pipelines.parquet_files import each_row_group, open_parquet, row_groups_before, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 
@@ -119,16 +119,17 @@ def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
 MISPLACED = "timed outside its date partition"     # the reason's start: `misplaced` adds the date (and the zone)
 
 
-def timed_outside(micros: pl.Expr, date, zone: str = "UTC") -> pl.Expr:
-    """True where a time (microseconds since the epoch) is not on `date` as time zone `zone` counts dates; null
-    where there is no time."""
-    return (micros < date_start_us(date, zone)) | (micros >= date_end_us(date, zone))
+def timed_outside(micros: pl.Expr, date, zone: str = "UTC", lateness_us: int = 0) -> pl.Expr:
+    """True where a time (microseconds since the epoch) does not belong in the `date` partition: not on `date` as
+    time zone `zone` counts dates, nor up to `lateness_us` before its start (a row filed late); null where there
+    is no time."""
+    return (micros < date_start_us(date, zone) - lateness_us) | (micros >= date_end_us(date, zone))
 
 
-def misplaced(rows: pl.DataFrame, date, zone: str = "UTC") -> pl.DataFrame:
-    """Rows of the `date` partition timed on another date (in the spec's `timezone`) get a reason (they are
-    quarantined, never used)."""
-    outside = pl.col(REASON).is_null() & timed_outside(pl.col(TIME), date, zone)
+def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0) -> pl.DataFrame:
+    """Rows of the `date` partition timed on another date (in the spec's `timezone`; before it by more than the
+    spec's `lateness`) get a reason (they are quarantined, never used)."""
+    outside = pl.col(REASON).is_null() & timed_outside(pl.col(TIME), date, zone, lateness_us)
     reason = f"{MISPLACED} {date.isoformat()}" + ("" if zone == "UTC" else f" ({zone})")
     return rows.with_columns(pl.when(outside).then(pl.lit(reason)).otherwise(pl.col(REASON)).alias(REASON))
 
@@ -214,7 +215,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
     zone = spec.timezone
     days = [day_number(d) for d in shard.dates]
-    first = date_start_us(min(shard.dates), zone)
+    first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
     tables, quarantined, present, decoded, rows_read = {}, [], [], {}, {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
@@ -223,10 +224,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         for f in (f for f in shard.files if f.modality == name):
             with open_parquet(fs, f.path) as parquet:
                 check_schema(parquet.schema_arrow, spec, m, f.path)
-                own_date = f.date in shard.dates
+                own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
+                # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                since = None if own_date else row_groups_since(parquet, spec.time, first - m.lookback_us)
+                since = None if own_date or ahead else row_groups_since(parquet, spec.time, first - m.lookback_us)
+                since = both(since, row_groups_before(parquet, spec.time, end) if ahead else None)
                 groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
@@ -234,9 +237,11 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
-                    if not own_date:  # a look-back day: only what the first ticks can read is checked further and kept
+                    if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept
+                        rows = rows.filter(pl.col(TIME) < end)
+                    elif not own_date:  # a look-back day: only what the first ticks can read is checked and kept
                         rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
-                    rows = misplaced(rows, f.date, zone)
+                    rows = misplaced(rows, f.date, zone, spec.lateness_us)
                     if m.kind == "image":
                         rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
                     good = rows.filter(pl.col(REASON).is_null())

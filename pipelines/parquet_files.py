@@ -63,6 +63,13 @@ def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -
     return None if bounds is None else [r for r, (_, hi) in enumerate(bounds) if hi >= since_us]
 
 
+def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int) -> list[int] | None:
+    """The row groups that may hold rows timed before `until_us`, by the time column's statistics; None when the
+    file has none to go by."""
+    bounds = time_bounds(parquet, time_column)
+    return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
+
+
 def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
                  row_groups: list[int] | None = None) -> pa.Table:
     """The file's `columns` (of `row_groups` only, when given); DataError naming the file when its pages cannot

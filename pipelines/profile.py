@@ -81,6 +81,7 @@ class FilePart:
     storage: Storage
     table: str                      # the modality's path: which filesystem the file is on
     zone: str = "UTC"               # the spec's timezone: where the partition's date begins and ends
+    lateness_us: int = 0            # the spec's lateness: rows filed up to this long after their time are in place
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
         outside += pl.from_arrow(table.select([cols.time])).select(   # rows without a time are nulls, not here
-            timed_outside(to_micros(pl.col(cols.time)), part.date, part.zone).sum()).item()
+            timed_outside(to_micros(pl.col(cols.time)), part.date, part.zone, part.lateness_us).sum()).item()
     return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],
                          "rows": [rows], "nulls": [nulls], "outside_partition": [outside],
                          "row_groups": [parquet.metadata.num_row_groups]})
@@ -186,7 +187,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
-    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone)
+    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone, spec.lateness_us)
             for day, path, _ in list_parquet_files(storage.filesystem(m.path), found)]
 
 

@@ -109,15 +109,16 @@ MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its 
 
 def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
     """A line when more than `MISPLACED_SHARE` of a date's input rows were timed outside its date partition (and
-    quarantined): late or misfiled rows, or - when they sit in the hours at either edge of every day - partitions
-    cut by the calendar of another time zone than the spec's `timezone`."""
+    quarantined): misfiled rows; rows filed by the day they arrived, later than the spec's `lateness` allows; or -
+    when they sit in the hours at either edge of every day - partitions cut by the calendar of another time zone
+    than the spec's `timezone`."""
     if not result.timed_outside or result.timed_outside <= MISPLACED_SHARE * result.input_rows:
         return None
     return (f"{result.date}: {result.timed_outside} of its {result.input_rows} input rows "
             f"({result.timed_outside / max(result.input_rows, 1):.1%}) are timed outside their date partition, as "
-            f"the spec's timezone ({zone}) counts dates, and were quarantined: late or misfiled rows - or, if every "
-            "day loses the hours at its start or end, partitions cut by another time zone's dates: set `timezone` "
-            "in the spec to it")
+            f"the spec's timezone ({zone}) counts dates, and were quarantined: misfiled rows; rows filed by the day they "
+            "arrived (set `lateness` to how late they may come); or, if every day loses the hours at its start or "
+            "end, partitions cut by another time zone's dates (set `timezone` to it)")
 
 
 @ray.remote(num_cpus=1, num_returns="streaming")
@@ -146,15 +147,15 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
 
 def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
-    (its modality paths, partition key and the time zone of its dates), written to `spec`'s output tables: moving
-    the data does not need a new model."""
+    (its modality paths, partition key, the time zone of its dates and how late rows may be filed), written to
+    `spec`'s output tables: moving the data does not need a new model."""
     missing = sorted(set(mv.spec.modalities) - set(spec.modalities))
     if missing:
         raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "
                         "define; add them back or score with a model trained on this spec")
     modalities = {name: replace(m, path=spec.modalities[name].path) for name, m in mv.spec.modalities.items()}
-    return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone, score=spec.score,
-                   storage=spec.storage)
+    return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
+                   lateness_us=spec.lateness_us, score=spec.score, storage=spec.storage)
 
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:

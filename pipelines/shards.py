@@ -40,14 +40,16 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Shard:
-    """Consecutive `dates` x entity bucket `bucket` of `buckets`; `files` holds every file it reads: its dates'
-    and the look-back days' before them (rows within each modality's window or tolerance of the first tick)."""
+    """Consecutive `dates` x entity bucket `bucket` of `buckets`; `files` holds every file it reads: its dates',
+    the look-back days' before them (rows within each modality's window or tolerance of the first tick) and, with
+    the spec's `lateness`, the look-ahead days' after them (rows of its dates filed late)."""
 
     dates: tuple[dt.date, ...]
     bucket: int
     buckets: int
     files: tuple[InputFile, ...]
     lookback_days: int = 1
+    lookahead_days: int = 0
 
     @property
     def name(self) -> str:
@@ -59,7 +61,8 @@ class Shard:
         if len(self.dates) == 1:
             return [self]
         return [Shard((d,), self.bucket, self.buckets,
-                      tuple(f for f in self.files if f.date in _reads((d,), self.lookback_days)), self.lookback_days)
+                      tuple(f for f in self.files if f.date in _reads((d,), self.lookback_days, self.lookahead_days)),
+                      self.lookback_days, self.lookahead_days)
                 for d in self.dates]
 
 
@@ -120,17 +123,18 @@ class ShardScores:
     seconds: float = 0.0
 
 
-def _reads(dates: tuple[dt.date, ...], lookback_days: int) -> set[dt.date]:
-    return {d - dt.timedelta(days=i) for d in dates for i in range(lookback_days + 1)}
+def _reads(dates: tuple[dt.date, ...], lookback_days: int, lookahead_days: int = 0) -> set[dt.date]:
+    return {d + dt.timedelta(days=i) for d in dates for i in range(-lookback_days, lookahead_days + 1)}
 
 
 def list_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> list[InputFile]:
-    """Every modality's Parquet files of `dates` and of the look-back days before them (metadata only).
+    """Every modality's Parquet files of `dates`, of the look-back days before them and of the look-ahead days
+    after them (`lateness`; metadata only).
 
     Raises DataError naming the path when a modality's table or a folder cannot be listed; a date with no
     folder simply has no files.
     """
-    wanted = sorted(_reads(tuple(dates), spec.lookback_days))
+    wanted = sorted(_reads(tuple(dates), spec.lookback_days, spec.lookahead_days))
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
@@ -172,9 +176,10 @@ def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, sha
         held += size
     shards = []
     for group in groups:
-        reads = _reads(tuple(group), spec.lookback_days)
+        reads = _reads(tuple(group), spec.lookback_days, spec.lookahead_days)
         mine = tuple(f for f in files if f.date in reads)
-        shards += [Shard(tuple(group), b, buckets, mine, spec.lookback_days) for b in range(buckets)]
+        shards += [Shard(tuple(group), b, buckets, mine, spec.lookback_days, spec.lookahead_days)
+                   for b in range(buckets)]
     return shards
 
 

@@ -771,6 +771,58 @@ def test_partitions_cut_by_local_dates_are_read_by_the_specs_timezone(tmp_path, 
     assert reasons == ["timed outside its date partition 2024-01-02 (Asia/Tokyo)"] * 2   # evening rows again
 
 
+def test_rows_filed_by_their_arrival_are_read_from_the_next_partition_with_lateness(tmp_path, tiny_spec):
+    """A lake partitioned by arrival: 2024-01-03's partition holds the rows of 2024-01-02's last minutes. With
+    `lateness: 1h` a shard of 2024-01-02 reads the next partition as look-ahead - only its row groups that can hold
+    rows of its dates - and keeps them; the shard of 2024-01-03 finds them in place (not quarantined) and keeps
+    them as look-back. Without it they are quarantined there as timed outside the partition, and 2024-01-02 never
+    sees them."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.align import date_start_us
+    from pipelines.ingest import read_shard
+    from pipelines.parquet_files import open_parquet, row_groups_before
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+
+    day, next_day = dt.date(2024, 1, 2), dt.date(2024, 1, 3)
+    mid, m = date_start_us(next_day), 60_000_000
+    _write(tmp_path / "proc" / f"date={day}" / "part-0.parquet",
+           pa.table({"machine_id": ["a"], "ts": pa.array([mid - 600 * m], pa.timestamp("us", tz="UTC")),
+                     "temp": [1.0]}))
+    late, then = [mid - 3 * m, mid - 2 * m], [mid + 60 * m, mid + 61 * m]      # filed under the next date
+    pq.write_table(pa.table({"machine_id": ["a"] * 4, "ts": pa.array(late + then, pa.timestamp("us", tz="UTC")),
+                             "temp": [2.0, 3.0, 4.0, 5.0]}), _mkdir(tmp_path / "proc" / f"date={next_day}") /
+                   "part-0.parquet", row_group_size=2)
+    parquet = open_parquet(pafs.LocalFileSystem(), str(tmp_path / "proc" / f"date={next_day}" / "part-0.parquet"))
+    assert row_groups_before(parquet, "ts", mid) == [0]          # the late rows only
+    plain = _proc_spec(tiny_spec, tmp_path / "proc")
+    late_spec = replace(plain, lateness_us=3_600_000_000)
+    (shard,) = plan_shards(late_spec, [day], list_inputs(late_spec, [day], Storage()))
+    assert sorted({f.date for f in shard.files}) == [day, next_day] and shard.lookahead_days == 1
+    assert shard.alone() == [shard]
+    (both_days,) = plan_shards(late_spec, [day, next_day], list_inputs(late_spec, [day, next_day], Storage()))
+    first, second = both_days.alone()                            # each alone keeps its look-ahead (and look-back) day
+    assert {f.date for f in first.files} == {day, next_day} == {f.date for f in second.files}
+    got = read_shard(shard, late_spec, Storage())
+    assert sorted(got.tables["proc"]["_t"].to_list()) == [mid - 600 * m, *late] and got.quarantined.is_empty()
+    assert got.rows_read == {"2024-01-02": 1}
+    following = read_shard(_shard(tmp_path, late_spec, [next_day]), late_spec, Storage())
+    assert following.quarantined.is_empty() and sorted(following.tables["proc"]["_t"].to_list()) == late + then
+    assert read_shard(_shard(tmp_path, plain, [day]), plain, Storage()).tables["proc"].height == 1
+    quarantined = read_shard(_shard(tmp_path, plain, [next_day]), plain, Storage()).quarantined
+    assert quarantined["reason"].to_list() == ["timed outside its date partition 2024-01-03"] * 2
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
     """The footer reads, the pages do not: a DataError naming the file, not a thrift traceback."""
     import datetime as dt

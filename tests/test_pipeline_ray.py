@@ -430,7 +430,34 @@ def test_a_lake_partitioned_by_local_dates_scores_its_own_dates_with_timezone(tr
     wrong = score_date(as_utc, DAY2)
     assert wrong.timed_outside > 0.1 * wrong.input_rows > 0          # 19:00-24:00 local is the next UTC date
     assert re.search(r"2024-01-02: \d+ of its \d+ input rows .* timed outside their date partition, as the spec's "
-                     r"timezone \(UTC\) counts dates.*set `timezone`", caplog.text)
+                     r"timezone \(UTC\) counts dates.*\(set `timezone` to it\)", caplog.text)
+
+
+def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(trained, scored, tmp_path):
+    """Every row filed under the date it arrived, 45 minutes after its time (a stream's sink): each date's last
+    45 minutes sit in the next date's partition. With `lateness: 1h` the date's scoring reads them from there (and
+    finds nothing misplaced): 2024-01-03 scores tick for tick as the lake filed by event time scored it."""
+    from pipelines.score import score_date
+
+    spec, _, root = trained
+    arrived = tmp_path / "raw"
+    for path in (root / "raw").glob("*/date=*/*.parquet"):
+        table = pl.from_arrow(pq.read_table(path))
+        arrival = (pl.col("ts") + pl.duration(minutes=45)).dt.date()
+        for (d,), part in table.with_columns(arrival.alias("_arrival")).partition_by("_arrival", as_dict=True).items():
+            folder = arrived / path.parent.parent.name / f"date={d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part.drop("_arrival").to_arrow(), folder / f"{path.parent.name}-{path.name}")
+    late = replace(spec, lateness_us=3_600_000_000,
+                   modalities={n: replace(m, path=str(arrived / Path(m.path).name)) for n, m in spec.modalities.items()},
+                   score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None, staging=None))
+    result = score_date(late, DAY3)
+    assert result.timed_outside == 0 and result.ticks_in == scored.ticks_in
+    ours = pl.read_delta(late.score.output).sort("machine_id", "ts")
+    before = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").sort("machine_id", "ts")
+    assert ours.select("machine_id", "ts", "is_anomaly").equals(before.select("machine_id", "ts", "is_anomaly"))
+    for col in ("score", "score_process", "score_vibration", "score_camera", "score_logs"):
+        assert (ours[col] - before[col]).abs().max() < 1e-5, col
 
 
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
@@ -916,6 +943,8 @@ def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, t
     moved = replace(spec, modalities={k: replace(m, path=str(tmp_path / k)) for k, m in spec.modalities.items()})
     assert {k: m.path for k, m in reading_spec(mv, moved).modalities.items()} == \
         {k: str(tmp_path / k) for k in spec.modalities}
+    calendar = reading_spec(mv, replace(spec, timezone="Asia/Tokyo", lateness_us=3_600_000_000))  # how it is filed
+    assert (calendar.timezone, calendar.lateness_us) == ("Asia/Tokyo", 3_600_000_000)
     without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
     with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
         reading_spec(mv, without_logs)

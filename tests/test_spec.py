@@ -155,6 +155,22 @@ def test_timezone_is_parsed_checked_and_round_trips():
             parse_spec({**data, "timezone": bad}, source="s.yaml")
 
 
+def test_lateness_is_parsed_checked_and_round_trips():
+    """`lateness`: how long after its time a row may still be filed (a lake partitioned by arrival); it sets how
+    many partitions after a date are read for it (an hour more outside UTC, for a 23-hour day)."""
+    data = tiny_spec_dict()
+    assert parse_spec(data).lateness_us == 0 and parse_spec(data).lookahead_days == 0
+    assert "lateness" not in parse_spec(data).to_dict() and parse_spec({**data, "lateness": 0}).lateness_us == 0
+    spec = parse_spec({**data, "lateness": "2h"})
+    assert spec.lateness_us == 7_200_000_000 and spec.lookahead_days == 1
+    assert parse_spec(spec.to_dict()).lateness_us == spec.lateness_us
+    assert parse_spec({**data, "lateness": "1d"}).lookahead_days == 1
+    assert parse_spec({**data, "lateness": "1d", "timezone": "Europe/Berlin"}).lookahead_days == 2
+    assert parse_spec({**data, "lateness": "25h"}).lookahead_days == 2
+    with pytest.raises(SpecError, match=r"s.yaml: key 'lateness': 'soon' is not a duration"):
+        parse_spec({**data, "lateness": "soon"}, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -356,7 +372,7 @@ def test_check_data_names_files_holding_rows_timed_outside_their_date_by_the_spe
     out = capsys.readouterr().out
     assert ("rows timed outside their date partition (dates of timezone UTC, by the footers' time statistics): in 1 "
             f"of 2 files, e.g. {tmp_path / 'proc' / 'date=2024-01-02' / 'part-0.parquet'} (2024-01-02) holds "
-            "2024-01-01 23:30 .. 2024-01-02 22:00 UTC") in out and "set `timezone` in the spec" in out
+            "2024-01-01 23:30 .. 2024-01-02 22:00 UTC") in out and "(set `timezone`)" in out
     path.write_text(yaml.safe_dump({**data, "timezone": "Europe/Berlin"}))
     assert main(["validate", str(path), "--check-data"]) == 0
     assert "outside their date partition" not in capsys.readouterr().out
