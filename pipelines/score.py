@@ -380,13 +380,16 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
-    their own and their alarm rate (`unseen_entities_warning`) and, for a failed or skipped date, why (`error`)."""
+    their own and their alarm rate (`unseen_entities_warning`), its input rows and those timed outside their date
+    partition (`misplaced_rows_warning`) and, for a failed or skipped date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
                     "rows_quarantined": pa.array([result.rows_quarantined], pa.int64()),
                     "anomalies": pa.array([result.anomalies], pa.int64()),
                     "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
+                    "input_rows": pa.array([result.input_rows], pa.int64()),
+                    "input_rows_misplaced": pa.array([result.timed_outside], pa.int64()),
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),

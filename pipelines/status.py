@@ -17,10 +17,10 @@ from typing import Any
 
 import polars as pl
 
-from dmafn.spec import Spec, local_today
+from dmafn.spec import Spec, format_duration, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import MODALITY_SHARE, unlike_validation_line
+from pipelines.score import MISPLACED_SHARE, MODALITY_SHARE, unlike_validation_line
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -93,6 +93,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
         if line := unlike_validation_line(row["date"], row["model_version"], share, by_modality):
             out.problems.append(line)
     _unseen(recent, out, spec_path)
+    _misplaced(recent, out, spec, spec_path)
     if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
@@ -159,7 +160,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     if missing:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-              "input_rows_quarantined", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
+              "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
               "entities", "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
@@ -197,6 +198,25 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
                         f"{alarms} - enrol them (dmafn enroll {spec_path} --start {first} --end {last}: days that "
                         f"hold them, normal for them) or train a version on such days, then rescore with it (dmafn "
                         f"backfill {spec_path} --start {first} --end {last})")
+
+
+def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: str) -> None:
+    """A problem when recent dates had more than `MISPLACED_SHARE` of their input rows timed outside their date
+    partition (`pipelines.score.misplaced_rows_warning`): quarantined, never scored - a lake filed by another
+    calendar than the spec's `timezone`, or by arrival later than its `lateness` allows."""
+    share = pl.col("input_rows_misplaced") / pl.col("input_rows")
+    hit = recent.filter((pl.col("status") == "succeeded") & (pl.col("input_rows") > 0)
+                        & (share > MISPLACED_SHARE)).with_columns(share.alias("_share"))
+    if not hit.height:
+        return
+    first, last = hit["date"].min(), hit["date"].max()
+    out.problems.append(f"{hit.height} recent date(s) had over {MISPLACED_SHARE:.0%} of their input rows timed outside "
+                        f"their date partition (up to {hit['_share'].max():.1%}; quarantined, not scored): "
+                        f"{_named(hit['date'].to_list())} - misfiled rows, or a lake filed by another calendar than "
+                        f"the spec's timezone ({spec.timezone}) or by arrival later than its lateness allows "
+                        f"({format_duration(spec.lateness_us) if spec.lateness_us else 'none'}): set `timezone` or "
+                        f"`lateness` in {spec_path}, then rescore (dmafn backfill {spec_path} --start {first} --end "
+                        f"{last} --force)")
 
 
 def _because(error: str | None) -> str:

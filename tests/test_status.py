@@ -201,3 +201,23 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
     assert [line.split()[-1] for line in table[1:]] == ["3", "2", "1", "0"]
     assert [r["unseen_entities"] for r in found.as_dict()["recent"]] == [3, 2, 1, 0]
     assert scoring_status(spec, Storage(), days=1).problems == []              # the newest date holds none
+
+
+def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
+    """Dates with over 1 % of their input rows timed outside their date partition (a lake filed by another calendar,
+    or by arrival): quarantined, never scored - status names them with `timezone` and `lateness` to set and the
+    backfill that rescores them; a few late rows are not a problem, and runs tables without the counts read as
+    none."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    for day, misplaced in (("2024-01-03", 5), ("2024-01-04", 420), ("2024-01-05", 1200)):
+        result = DateResult(day, 100, 98, 2, 3, 1.0, input_rows=10_000, timed_outside=misplaced)
+        record_run(spec, Storage(), result, run_id=f"r-{day}", version=OLD, status="succeeded")
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == [
+        "2 recent date(s) had over 1% of their input rows timed outside their date partition (up to 12.0%; "
+        "quarantined, not scored): 2024-01-04, 2024-01-05 - misfiled rows, or a lake filed by another calendar than "
+        "the spec's timezone (UTC) or by arrival later than its lateness allows (none): set `timezone` or `lateness` "
+        "in s.yaml, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05 --force)"]
+    assert [r["input_rows_misplaced"] for r in found.as_dict()["recent"]] == [5, 420, 1200]
+    assert scoring_status(spec, Storage(), days=1, spec_path="s.yaml").problems[0].startswith("1 recent date(s)")
