@@ -483,8 +483,8 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "anomalies", "entities", "unseen_entities", *shares, "duration_s",
-                        "run_id", "finished_at", "error"]
+                        "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "entities",
+                        "unseen_entities", *shares, "duration_s", "run_id", "finished_at", "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
@@ -495,7 +495,9 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'modality, the share of its smoothed contributions above their validation median); unseen_entities: '
             'entities the version has no statistics of their own for (new machines, scored by the fleet\'s: they '
             'alarm more, at unseen_entity_alarm_rate, until they are enrolled, dmafn enroll, or a version is '
-            'trained on days that hold them).</p>'
+            'trained on days that hold them); input_rows_misplaced: of the input_rows its partitions held, those '
+            'timed outside their date partition (quarantined; many at the edges of every day: the lake is filed by '
+            'another calendar than the spec\'s timezone, or by arrival beyond its lateness).</p>'
             f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 

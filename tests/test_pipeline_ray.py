@@ -323,6 +323,8 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     last = runs.sort("finished_at").row(-1, named=True)
     assert last["ticks_in"] == last["rows_scored"] + last["rows_quarantined"]
     assert last["rows_scored"] == scored and last["input_rows_quarantined"] == 3
+    held = sum(pq.read_metadata(p).num_rows for p in root.glob("raw/*/date=2024-01-03/*.parquet"))
+    assert last["input_rows"] == held and last["input_rows_misplaced"] == 1     # the row timed on 2024-01-04
 
 
 def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_the_validation_median(trained, scored):
@@ -458,6 +460,20 @@ def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(tra
     assert ours.select("machine_id", "ts", "is_anomaly").equals(before.select("machine_id", "ts", "is_anomaly"))
     for col in ("score", "score_process", "score_vibration", "score_camera", "score_logs"):
         assert (ours[col] - before[col]).abs().max() < 1e-5, col
+    # two dates in one shard (the later partition its own, holding the earlier date's late rows) or one each: the
+    # same rows, and each partition's unusable rows counted once
+    from pipelines.score import backfill
+    cuts = {}
+    for days in (1, 2):
+        out = replace(late, score=replace(late.score, output=str(tmp_path / f"cut{days}")))
+        results = backfill(out, DAY2, DAY3, days_per_shard=days, parallel=1)
+        cuts[days] = (pl.read_delta(out.score.output).sort("machine_id", "ts"),
+                      [(r.ticks_in, r.rows_scored, r.input_rows, r.input_rows_quarantined, r.timed_outside)
+                       for r in results])
+    assert cuts[1][1] == cuts[2][1] and cuts[1][1][1][:2] == (result.ticks_in, result.rows_scored)
+    keys = ["machine_id", "ts", "is_anomaly"]
+    assert cuts[1][0].select(keys).equals(cuts[2][0].select(keys))
+    assert (cuts[1][0]["score"] - cuts[2][0]["score"]).abs().max() < 1e-5
 
 
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
