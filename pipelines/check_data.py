@@ -151,8 +151,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
-                day = dates[path]
-                if times is not None and (times[0] < date_start_us(day, spec.timezone) - spec.lateness_us
+                day = dates[path]             # (a context view reads its parent's files: noted once, there)
+                if times is not None and not m.context_of and (times[0] < date_start_us(day, spec.timezone) - spec.lateness_us
                                           or times[1] >= date_end_us(day, spec.timezone)):
                     data.misplaced.append((path, day, *times))
                 if not data.columns:
