@@ -215,19 +215,17 @@ class Spec:
 
     @property
     def lookback_days(self) -> int:
-        """Days before a date whose partitions feed its first ticks (a local day can be an hour short, at a
-        daylight-saving change: outside UTC an hour more is covered)."""
-        longest = max(m.lookback_us for m in self.modalities.values())
-        if self.timezone != "UTC":
-            longest += _UNITS_US["h"]
-        return -(-longest // DAY_US)
+        """Days before a date whose partitions feed its first ticks."""
+        return self._days_covering(max(m.lookback_us for m in self.modalities.values()))
 
     @property
     def lookahead_days(self) -> int:
         """Days after a date whose partitions may hold its rows (filed up to `lateness` after their time)."""
-        if not self.lateness_us:
-            return 0
-        return -(-(self.lateness_us + (_UNITS_US["h"] if self.timezone != "UTC" else 0)) // DAY_US)
+        return self._days_covering(self.lateness_us) if self.lateness_us else 0
+
+    def _days_covering(self, span_us: int) -> int:
+        """Whole days that always cover `span_us` (outside UTC an hour more: a local day can be 23 hours)."""
+        return -(-(span_us + (_UNITS_US["h"] if self.timezone != "UTC" else 0)) // DAY_US)
 
     @property
     def evidence_reach_us(self) -> int:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dmafn.spec import Spec
-from pipelines.ingest import check_schema
+from pipelines.ingest import check_schema, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import list_parquet_files, open_parquet, time_bounds
@@ -151,10 +151,11 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
-                day = dates[path]             # (a context view reads its parent's files: noted once, there)
-                if times is not None and not m.context_of and (times[0] < date_start_us(day, spec.timezone) - spec.lateness_us
-                                          or times[1] >= date_end_us(day, spec.timezone)):
-                    data.misplaced.append((path, day, *times))
+                if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
+                    continue
+                lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
+                if times[0] < lo or times[1] >= hi:
+                    data.misplaced.append((path, dates[path], *times))
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
                 schemas.setdefault(tuple((f.name, str(f.type)) for f in schema), path)

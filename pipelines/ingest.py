@@ -119,11 +119,17 @@ def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
 MISPLACED = "timed outside its date partition"     # the reason's start: `misplaced` adds the date (and the zone)
 
 
+def partition_span_us(date, zone: str = "UTC", lateness_us: int = 0) -> tuple[int, int]:
+    """The times (microseconds since the epoch, `[lo, hi)`) a row of the `date` partition may have: on `date` as
+    time zone `zone` counts dates, or up to `lateness_us` before its start (a row filed late)."""
+    return date_start_us(date, zone) - lateness_us, date_end_us(date, zone)
+
+
 def timed_outside(micros: pl.Expr, date, zone: str = "UTC", lateness_us: int = 0) -> pl.Expr:
-    """True where a time (microseconds since the epoch) does not belong in the `date` partition: not on `date` as
-    time zone `zone` counts dates, nor up to `lateness_us` before its start (a row filed late); null where there
-    is no time."""
-    return (micros < date_start_us(date, zone) - lateness_us) | (micros >= date_end_us(date, zone))
+    """True where a time (microseconds since the epoch) does not belong in the `date` partition
+    (`partition_span_us`); null where there is no time."""
+    lo, hi = partition_span_us(date, zone, lateness_us)
+    return (micros < lo) | (micros >= hi)
 
 
 def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0) -> pl.DataFrame:
@@ -228,9 +234,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                since = None if own_date or ahead else row_groups_since(parquet, spec.time, first - m.lookback_us)
-                since = both(since, row_groups_before(parquet, spec.time, end) if ahead else None)
-                groups = both(since, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
+                by_time = (None if own_date else row_groups_before(parquet, spec.time, end) if ahead
+                           else row_groups_since(parquet, spec.time, first - m.lookback_us))
+                groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
                     table, bad_text = valid_text(part, m)

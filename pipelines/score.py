@@ -50,7 +50,7 @@ class DateResult:
                                            # a version with no per-entity statistics, or a failed date)
     skipped: bool = False                # no modality had input for the date, and `score.missing_input: skip`
     input_rows: int = 0                  # input rows the date's partitions held (usable or not)
-    timed_outside: int = 0               # of them, quarantined as timed outside their date partition
+    input_rows_misplaced: int = 0        # of them, quarantined as timed outside their date partition
 
     @property
     def alarm_rate(self) -> float | None:
@@ -112,10 +112,11 @@ def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
     quarantined): misfiled rows; rows filed by the day they arrived, later than the spec's `lateness` allows; or -
     when they sit in the hours at either edge of every day - partitions cut by the calendar of another time zone
     than the spec's `timezone`."""
-    if not result.timed_outside or result.timed_outside <= MISPLACED_SHARE * result.input_rows:
+    misplaced = result.input_rows_misplaced
+    if misplaced <= MISPLACED_SHARE * result.input_rows:
         return None
-    return (f"{result.date}: {result.timed_outside} of its {result.input_rows} input rows "
-            f"({result.timed_outside / max(result.input_rows, 1):.1%}) are timed outside their date partition, as "
+    return (f"{result.date}: {misplaced} of its {result.input_rows} input rows "
+            f"({misplaced / max(result.input_rows, 1):.1%}) are timed outside their date partition, as "
             f"the spec's timezone ({zone}) counts dates, and were quarantined: misfiled rows; rows filed by the day they "
             "arrived (set `lateness` to how late they may come); or, if every day loses the hours at its start or "
             "end, partitions cut by another time zone's dates (set `timezone` to it)")
@@ -362,7 +363,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       modality_above={m: share for m, share in by_modality.items() if share is not None},
                       entities=sum(c.entities for c in counts),
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
-                      input_rows=sum(c.input_rows for c in counts), timed_outside=sum(c.timed_outside for c in counts))
+                      input_rows=sum(c.input_rows for c in counts),
+                      input_rows_misplaced=sum(c.input_rows_misplaced for c in counts))
 
 
 def _share_above(positions: list[tuple[int, int]]) -> float | None:
@@ -389,7 +391,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "anomalies": pa.array([result.anomalies], pa.int64()),
                     "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
                     "input_rows": pa.array([result.input_rows], pa.int64()),
-                    "input_rows_misplaced": pa.array([result.timed_outside], pa.int64()),
+                    "input_rows_misplaced": pa.array([result.input_rows_misplaced], pa.int64()),
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),

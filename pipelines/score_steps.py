@@ -183,7 +183,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         ingest = inputs.quarantined.filter(pl.col("date") == day)
         counts.input_rows_quarantined = ingest.height
         counts.input_rows = inputs.rows_read.get(day, 0)
-        counts.timed_outside = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
+        counts.input_rows_misplaced = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)

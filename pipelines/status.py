@@ -160,7 +160,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     if missing:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-              "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "alarm_rate", "expected_alarm_rate", "above_validation_median",
+              "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "alarm_rate",
+              "expected_alarm_rate", "above_validation_median",
               "entities", "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))

@@ -411,7 +411,8 @@ def test_a_lake_partitioned_by_local_dates_scores_its_own_dates_with_timezone(tr
                          score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
                                        staging=None))
     result = score_date(spec_local, DAY2)
-    assert result.ticks_in == result.rows_scored + result.rows_quarantined and result.timed_outside == 0
+    assert result.ticks_in == result.rows_scored + result.rows_quarantined
+    assert result.input_rows_misplaced == 0
     out = pl.read_delta(spec_local.score.output)
     start, end = date_start_us(DAY2, zone), date_end_us(DAY2, zone)
     assert out["date"].unique().to_list() == ["2024-01-02"] and out.height == result.rows_scored
@@ -430,7 +431,7 @@ def test_a_lake_partitioned_by_local_dates_scores_its_own_dates_with_timezone(tr
     caplog.set_level(logging.WARNING, logger="pipelines.score")
     as_utc = replace(spec_local, timezone="UTC", score=replace(spec_local.score, output=str(tmp_path / "utc")))
     wrong = score_date(as_utc, DAY2)
-    assert wrong.timed_outside > 0.1 * wrong.input_rows > 0          # 19:00-24:00 local is the next UTC date
+    assert wrong.input_rows_misplaced > 0.1 * wrong.input_rows > 0          # 19:00-24:00 local is the next UTC date
     assert re.search(r"2024-01-02: \d+ of its \d+ input rows .* timed outside their date partition, as the spec's "
                      r"timezone \(UTC\) counts dates.*\(set `timezone` to it\)", caplog.text)
 
@@ -454,7 +455,7 @@ def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(tra
                    modalities={n: replace(m, path=str(arrived / Path(m.path).name)) for n, m in spec.modalities.items()},
                    score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None, staging=None))
     result = score_date(late, DAY3)
-    assert result.timed_outside == 0 and result.ticks_in == scored.ticks_in
+    assert result.input_rows_misplaced == 0 and result.ticks_in == scored.ticks_in
     ours = pl.read_delta(late.score.output).sort("machine_id", "ts")
     before = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").sort("machine_id", "ts")
     assert ours.select("machine_id", "ts", "is_anomaly").equals(before.select("machine_id", "ts", "is_anomaly"))
@@ -468,7 +469,8 @@ def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(tra
         out = replace(late, score=replace(late.score, output=str(tmp_path / f"cut{days}")))
         results = backfill(out, DAY2, DAY3, days_per_shard=days, parallel=1)
         cuts[days] = (pl.read_delta(out.score.output).sort("machine_id", "ts"),
-                      [(r.ticks_in, r.rows_scored, r.input_rows, r.input_rows_quarantined, r.timed_outside)
+                      [(r.ticks_in, r.rows_scored, r.input_rows, r.input_rows_quarantined,
+                        r.input_rows_misplaced)
                        for r in results])
     assert cuts[1][1] == cuts[2][1] and cuts[1][1][1][:2] == (result.ticks_in, result.rows_scored)
     keys = ["machine_id", "ts", "is_anomaly"]

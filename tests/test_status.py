@@ -211,7 +211,7 @@ def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD)
     for day, misplaced in (("2024-01-03", 5), ("2024-01-04", 420), ("2024-01-05", 1200)):
-        result = DateResult(day, 100, 98, 2, 3, 1.0, input_rows=10_000, timed_outside=misplaced)
+        result = DateResult(day, 100, 98, 2, 3, 1.0, input_rows=10_000, input_rows_misplaced=misplaced)
         record_run(spec, Storage(), result, run_id=f"r-{day}", version=OLD, status="succeeded")
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
