@@ -144,7 +144,7 @@ def cmd_backfill(args) -> None:
     spec = load_spec(args.spec)
     with ray_session(args.address, verbose=args.verbose):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
-                           parallel=args.parallel, days_per_shard=args.days_per_shard,
+                           skip_changed=args.skip_changed, parallel=args.parallel, days_per_shard=args.days_per_shard,
                            shard_bytes=int(args.shard_mb * 1e6))
     for r in results:
         print(skipped_line(r.date) if r.skipped else f"{r.date}: {r.ticks_in} ticks = {r.rows_scored} scored + "
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=_date, required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--force", action="store_true", help="rescore dates already scored by this model version")
+    p.add_argument("--skip-changed", action="store_true",
+                   help="leave dates already scored by this model version as they are even where their partitions "
+                        "changed since (files added, removed or rewritten; by default those are rescored)")
     p.add_argument("--parallel", type=_positive(int), default=None,
                    help="shards scored at once, one CPU each (default: the cluster's CPUs)")
     p.add_argument("--days-per-shard", type=_positive(int), default=7,

@@ -135,12 +135,12 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             data.problems.append(f"modality '{name}': {exc}")
             continue
         data.dates = sorted(partitions)
-        data.files, data.bytes = len(files), sum(size for _, _, size in files)
+        data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
         schemas: dict[tuple, str] = {}
-        filesystem, paths = storage.filesystem(m.path), [path for _, path, _ in files]
-        dates = {path: dt.date.fromisoformat(day) for day, path, _ in files}
+        filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
+        dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
             for path, footer in zip(paths, pool.map(lambda path: file_footer(filesystem, path, spec.time), paths)):
                 try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -92,19 +92,33 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str],
         yield read_columns(parquet, path, columns, [r])
 
 
-def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[tuple[str, str, int]]:
-    """(date, path, bytes) of the Parquet files under each date's folder, by date then path. Files whose
-    names start with `.` or `_` are skipped (Spark/Delta side files); other files not named `*.parquet` (a Hive
-    table's `000000_0`) are skipped with a warning naming them, never silently; DataError names a folder that
-    cannot be listed."""
-    files: list[tuple[str, str, int]] = []
+class ListedFile(NamedTuple):
+    """A Parquet file of a date partition as listed: its date (ISO text), its path as the filesystem names it, its
+    name inside the date's folder, its size and when it was last written (nanoseconds since the epoch; None where
+    the filesystem does not say)."""
+
+    date: str
+    path: str
+    size: int
+    name: str
+    mtime_ns: int | None
+
+
+def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[ListedFile]:
+    """The Parquet files under each date's folder, by date then path. Files whose names start with `.` or `_` are
+    skipped (Spark/Delta side files); other files not named `*.parquet` (a Hive table's `000000_0`) are skipped
+    with a warning naming them, never silently; DataError names a folder that cannot be listed."""
+    files: list[ListedFile] = []
     for date, folder in sorted(folders.items()):
         try:
             infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
         except OSError as exc:
             raise DataError(f"{folder}: cannot be listed ({exc})") from None
         shown = sorted((i for i in infos if i.is_file and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
-        files += [(date.isoformat(), i.path, i.size or 0) for i in shown if i.base_name.endswith(".parquet")]
+        prefix = folder.rstrip("/") + "/"
+        files += [ListedFile(date.isoformat(), i.path, i.size or 0,
+                             i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name, i.mtime_ns)
+                  for i in shown if i.base_name.endswith(".parquet")]
         other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
         if other:
             log.warning("%s: %d file(s) not named *.parquet are not read (%s%s); name them *.parquet to have them "

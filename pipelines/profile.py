@@ -188,7 +188,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
     return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone, spec.lateness_us)
-            for day, path, _ in list_parquet_files(storage.filesystem(m.path), found)]
+            for day, path, *_ in list_parquet_files(storage.filesystem(m.path), found)]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

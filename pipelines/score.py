@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import logging
 import time
 import uuid
@@ -14,18 +15,20 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
+import polars as pl
 import pyarrow as pa
 import ray
 
 from dmafn.spec import Spec
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
-from pipelines.delta_sink import OpenTables, commit_date, dates_written_by, require_own_tables, write_partition
+from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
+                                  write_partition)
 from pipelines.ingest import require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
 from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, UnseenEntities, list_inputs,
-                             plan_shards)
+                             list_partition_files, partition_files, plan_shards)
 from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
@@ -51,6 +54,8 @@ class DateResult:
     skipped: bool = False                # no modality had input for the date, and `score.missing_input: skip`
     input_rows: int = 0                  # input rows the date's partitions held (usable or not)
     input_rows_misplaced: int = 0        # of them, quarantined as timed outside their date partition
+    input_files: int | None = None       # files its own partitions held when the run listed them (None: a failed date)
+    input_digests: dict[str, str] | None = None   # per modality, a digest of those files (`shards.PartitionFiles`)
 
     @property
     def alarm_rate(self) -> float | None:
@@ -187,6 +192,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     require_own_tables(spec.score, model_spec.entity, storage, tables)    # before anything is written
     dates = sorted(set(dates))
     files = list_inputs(model_spec, dates, storage)
+    listed = partition_files(model_spec, files, dates)     # what each date's partitions held: its run records it
     schemas = require_columns(model_spec, storage, files)
     parallel = parallel or max(1, int(Resources.current().cpus))
     shards = plan_shards(model_spec, dates, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard,
@@ -209,6 +215,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     def finish(day: str, error: Exception | None) -> None:
         waiting.pop(day)
         date = dt.date.fromisoformat(day)
+        read = {"input_files": listed[date].files, "input_digests": listed[date].digests}
         if error is None:
             try:
                 result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec.name, tables)
@@ -216,7 +223,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 if spec.score.missing_input != "skip":
                     error = exc
                 else:                                 # a plant at rest: recorded, nothing written, not a failure
-                    done.append(DateResult(day, 0, 0, 0, 0, 0.0, skipped=True))
+                    done.append(DateResult(day, 0, 0, 0, 0, 0.0, skipped=True, **read))
                     record_run(spec, storage, done[-1], run_id=run_id, version=mv.version, status="skipped",
                                tables=tables, error=f"{exc} (score.missing_input: skip)")
                     display.note(skipped_line(day))
@@ -224,6 +231,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
             else:
+                result = replace(result, **read)
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
@@ -383,7 +391,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
     their own and their alarm rate (`unseen_entities_warning`), its input rows and those timed outside their date
-    partition (`misplaced_rows_warning`) and, for a failed or skipped date, why (`error`)."""
+    partition (`misplaced_rows_warning`), the files its partitions held when listed (`input_files`, and per modality
+    a digest of them, `input_digests`: `changed_inputs`) and, for a failed or skipped date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
@@ -392,6 +401,9 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
                     "input_rows": pa.array([result.input_rows], pa.int64()),
                     "input_rows_misplaced": pa.array([result.input_rows_misplaced], pa.int64()),
+                    "input_files": pa.array([result.input_files], pa.int64()),
+                    "input_digests": pa.array([None if result.input_digests is None
+                                               else json.dumps(result.input_digests, sort_keys=True)], pa.string()),
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
@@ -415,6 +427,61 @@ def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -
                             "model_version", version, dates)
 
 
+@dataclass(frozen=True)
+class ChangedInput:
+    """A scored date whose partitions changed since the run that scored it listed them: the modalities whose files
+    differ (added, removed or rewritten: name, size or modification time) and the count of files then and now."""
+
+    date: str
+    modalities: list[str]
+    files_then: int | None
+    files_now: int
+
+
+def recorded_inputs(spec: Spec, storage: Storage, dates: list[str], *,
+                    version: str | None = None) -> dict[str, tuple[int | None, dict[str, str]]]:
+    """For each of `dates` the files count and per-modality digests its newest run that scored it recorded (status
+    succeeded, or skipped for want of input; by model `version` when given - the run whose rows the output holds);
+    a date without such a run, or scored before runs recorded their listing, is left out."""
+    path = spec.score.runs_path
+    uri, options = storage.delta_uri(path), storage.delta_options(path)
+    if not dates or read_table(uri, options) is None:
+        return {}
+    runs = pl.scan_delta(uri, storage_options=options)
+    if "input_digests" not in runs.collect_schema().names():
+        return {}
+    runs = runs.filter(pl.col("date").is_in(dates) & pl.col("status").is_in(["succeeded", "skipped"]))
+    if version is not None:
+        runs = runs.filter(pl.col("model_version") == version)
+    newest = (runs.select("date", "input_files", "input_digests", "finished_at").collect()
+              .sort("finished_at").group_by("date").last())
+    return {row["date"]: (row["input_files"], json.loads(row["input_digests"]))
+            for row in newest.iter_rows(named=True) if row["input_digests"] is not None}
+
+
+def changed_inputs(spec: Spec, storage: Storage, dates: list[str], *, version: str | None = None) -> list[ChangedInput]:
+    """The dates among `dates` whose own partitions (`spec`'s modalities; context views read their parent's) changed
+    since the newest run that scored them listed them (`recorded_inputs`; by `version` when given): a late upload of
+    a date's files, a partition re-delivered or rewritten. Their output was scored without what is there now;
+    `backfill` rescores them. Metadata only: one listing of the dates' partitions. Dates whose runs recorded no
+    listing (older runs tables) are not compared."""
+    recorded = recorded_inputs(spec, storage, dates, version=version)
+    days = sorted(dt.date.fromisoformat(d) for d in recorded)
+    now = partition_files(spec, list_partition_files(spec, days, storage), days) if days else {}
+    changed = []
+    for day in days:
+        files_then, digests = recorded[day.isoformat()]
+        if modalities := now[day].changed(digests):
+            changed.append(ChangedInput(day.isoformat(), modalities, files_then, now[day].files))
+    return changed
+
+
+def changed_inputs_line(changed: list[ChangedInput]) -> str:
+    """One text for the changed dates: each with the modalities whose files changed and its partitions' count of files
+    (every modality's) then -> now."""
+    return ", ".join(f"{c.date} ({', '.join(c.modalities)}; {c.files_then} -> {c.files_now} files)" for c in changed)
+
+
 def _date_line(done: int, total: int, started: float, r: DateResult) -> str:
     elapsed = time.time() - started
     eta = elapsed / done * (total - done)
@@ -423,11 +490,13 @@ def _date_line(done: int, total: int, started: float, r: DateResult) -> str:
 
 
 def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
-             parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
+             skip_changed: bool = False, parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
              shard_bytes: int = SHARD_BYTES) -> list[DateResult]:
     """Score every date in [start, end], one commit per date, with one model version.
 
-    Resumable: dates already scored by that version are skipped unless `force`. The dates are cut into
+    Resumable: dates already scored by that version are skipped unless `force` - but a date whose partitions changed
+    since it was scored (`changed_inputs`: files added, removed or rewritten) is rescored, and so are the scored
+    dates after it whose first ticks read it as their look-back, unless `skip_changed`. The dates are cut into
     shards of at most `days_per_shard` consecutive dates x an entity bucket, each reading at most about
     `shard_bytes` of Parquet; `parallel` shards run at once (default: the cluster's CPUs). A date that fails
     is recorded as failed in the runs table and the error is raised once the other dates have finished.
@@ -437,12 +506,12 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
     if days_per_shard < 1 or shard_bytes <= 0 or (parallel is not None and parallel < 1):
         raise ValueError("backfill: days_per_shard, shard_bytes and parallel must be positive")
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    return backfill_dates(spec, days, version=version, force=force, parallel=parallel,
+    return backfill_dates(spec, days, version=version, force=force, skip_changed=skip_changed, parallel=parallel,
                           days_per_shard=days_per_shard, shard_bytes=shard_bytes)
 
 
 def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = None, force: bool = False,
-                   parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
+                   skip_changed: bool = False, parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
                    shard_bytes: int = SHARD_BYTES) -> list[DateResult]:
     """`backfill` of the dates `days` (in any order, not necessarily consecutive)."""
     storage = Storage.from_spec(spec.storage)
@@ -451,6 +520,8 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     require_own_tables(spec.score, mv.spec.entity, storage, tables)       # before reading which dates it holds
     days = sorted(set(days))
     skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
+    if skip:
+        skip -= _rescored_for_changes(reading_spec(mv, spec), storage, mv.version, skip, skip_changed)
     todo = [d for d in days if d.isoformat() not in skip]
     if skip:
         log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
@@ -462,3 +533,25 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
         error = BackfillError(errors)
         raise error from error.failed[0][1]
     return results
+
+
+def _rescored_for_changes(model_spec: Spec, storage: Storage, version: str, scored: set[str],
+                          skip_changed: bool) -> set[str]:
+    """Of the `scored` dates (their output written by `version`), those to score again: each whose partitions changed
+    since (`changed_inputs`) and each after it within the look-back days (its first ticks read the changed
+    partition); none with `skip_changed` (the changed dates are then named and left)."""
+    changed = changed_inputs(model_spec, storage, sorted(scored), version=version)
+    if not changed:
+        return set()
+    if skip_changed:
+        log.warning("%d date(s) changed since model %s scored them, left as scored (--skip-changed): %s", len(changed),
+                    version, changed_inputs_line(changed))
+        return set()
+    first_ticks = {(dt.date.fromisoformat(c.date) + dt.timedelta(days=i)).isoformat()
+                   for c in changed for i in range(1, model_spec.lookback_days + 1)} & scored
+    again = first_ticks | {c.date for c in changed}
+    log.warning("rescoring %d date(s) whose partitions changed since model %s scored them: %s%s", len(changed),
+                version, changed_inputs_line(changed),
+                f"; and {len(again) - len(changed)} scored date(s) after them whose first ticks read them "
+                f"({', '.join(sorted(again - {c.date for c in changed}))})" if len(again) > len(changed) else "")
+    return again

@@ -8,6 +8,7 @@ are what a scoring task hands back for its shard (counts and file actions: plain
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import zlib
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class InputFile:
     path: str
     size: int
     row_groups: tuple[int, ...] | None = None
+    name: str = ""                  # its name inside the date's folder (as listed; "" for a staged piece)
+    mtime_ns: int | None = None     # when it was last written (None: the filesystem does not say)
 
 
 @dataclass(frozen=True)
@@ -134,14 +137,50 @@ def list_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> list[Inpu
     Raises DataError naming the path when a modality's table or a folder cannot be listed; a date with no
     folder simply has no files.
     """
-    wanted = sorted(_reads(tuple(dates), spec.lookback_days, spec.lookahead_days))
+    return list_partition_files(spec, sorted(_reads(tuple(dates), spec.lookback_days, spec.lookahead_days)), storage)
+
+
+def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> list[InputFile]:
+    """Every modality's Parquet files of exactly the partitions of `dates` (`list_inputs` without the days around)."""
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
             parts = list_partitions(storage, m.path, spec.partition)
-            by_path[m.path] = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in wanted if d in parts})
-        files += [InputFile(name, dt.date.fromisoformat(day), path, size) for day, path, size in by_path[m.path]]
+            by_path[m.path] = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in dates if d in parts})
+        files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns)
+                  for f in by_path[m.path]]
     return files
+
+
+@dataclass(frozen=True)
+class PartitionFiles:
+    """What a date's own partitions held when they were listed: how many files over every modality's table, and per
+    modality (context views left out: they read their parent's files) a digest of each file's name, size and
+    modification time - a file added, removed or rewritten changes its modality's digest."""
+
+    files: int
+    digests: dict[str, str]
+
+    def changed(self, recorded: dict[str, str]) -> list[str]:
+        """The modalities whose digest differs from `recorded`'s (a listing's earlier `digests`); a modality only one
+        of them knows is not compared."""
+        return sorted(m for m, digest in recorded.items() if m in self.digests and self.digests[m] != digest)
+
+
+def partition_files(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> dict[dt.date, PartitionFiles]:
+    """Each of `dates`' `PartitionFiles` from a listing (`list_inputs`' or `list_partition_files`'; the look-back and
+    look-ahead days' files are not a date's own). A date without files has one too: files that land later change
+    it."""
+    own = [name for name, m in spec.modalities.items() if not m.context_of]
+    lines = {d: {name: [] for name in own} for d in dates}
+    paths: dict[dt.date, set[str]] = {d: set() for d in dates}
+    for f in files:
+        if f.date in lines and f.modality in lines[f.date]:
+            lines[f.date][f.modality].append(f"{f.name}\t{f.size}\t{f.mtime_ns}")
+            paths[f.date].add(f.path)
+    return {d: PartitionFiles(len(paths[d]), {name: hashlib.sha256("\n".join(sorted(found)).encode()).hexdigest()[:16]
+                                             for name, found in lines[d].items()})
+            for d in dates}
 
 
 def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:

@@ -1,13 +1,14 @@
-"""`dmafn status`: where a spec's scoring stands and what needs a look, from the model registry and the runs table
-alone (a row per scored date and run) - no Ray, no scored row read.
+"""`dmafn status`: where a spec's scoring stands and what needs a look, from the model registry, the runs table (a row
+per scored date and run) and a listing of the newest dates' input partitions - no Ray, no row read.
 
 It lists the model versions (the latest: when it was trained, on which days, the alarm rate its validation days
 had), the dates scored (first, newest, by which version), the last few dates' runs side by side, and the problems:
 dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest
 scored date, recent dates most of whose ticks score above the version's validation median (the line
 `pipelines.score.unlike_validation_warning` logs), entities the latest version scored without statistics of their
-own (`pipelines.score.unseen_entities_warning`), and - with `max_age_days` - a newest scored date too old for a
-nightly job.
+own (`pipelines.score.unseen_entities_warning`), recent dates with many input rows timed outside their partition,
+recent dates whose partitions changed since they were scored (`pipelines.score.changed_inputs`), and - with
+`max_age_days` - a newest scored date too old for a nightly job.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import polars as pl
 from dmafn.spec import Spec, format_duration, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import MISPLACED_SHARE, MODALITY_SHARE, unlike_validation_line
+from pipelines.score import (MISPLACED_SHARE, MODALITY_SHARE, changed_inputs, changed_inputs_line,
+                             unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -94,6 +96,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
             out.problems.append(line)
     _unseen(recent, out, spec_path)
     _misplaced(recent, out, spec, spec_path)
+    _changed(recent, out, spec, storage, spec_path, handled)
     if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
                             f"days before {today} (at most {max_age_days} allowed): is the nightly job running?")
@@ -218,6 +221,31 @@ def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: 
                         f"({format_duration(spec.lateness_us) if spec.lateness_us else 'none'}): set `timezone` or "
                         f"`lateness` in {spec_path}, then rescore (dmafn backfill {spec_path} --start {first} --end "
                         f"{last} --force)")
+
+
+def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Storage, spec_path: str,
+             handled: str) -> None:
+    """A problem when recent dates' partitions changed since the run that scored (or skipped) them listed them
+    (`pipelines.score.changed_inputs`: files added, removed or rewritten - a late upload, a re-delivered partition):
+    their output was scored without what is there now. One listing of those dates' partitions."""
+    dates = recent.filter(pl.col("committed") | (pl.col("status") == SKIPPED))["date"].to_list()
+    try:
+        changed = changed_inputs(spec, storage, dates)
+    except DataError as exc:
+        out.lines.append(f"recent dates' input not compared with what their runs listed: {exc}")
+        return
+    out.facts["changed_input"] = [{"date": c.date, "modalities": c.modalities, "files_then": c.files_then,
+                                   "files_now": c.files_now} for c in changed]
+    if not changed:
+        return
+    first = changed[0].date          # and the dates whose first ticks read the last one, up to the newest handled
+    last = min(dt.date.fromisoformat(changed[-1].date) + dt.timedelta(days=spec.lookback_days),
+               dt.date.fromisoformat(handled)).isoformat()
+    out.problems.append(f"{len(changed)} recent date(s) whose partitions changed since they were scored: "
+                        f"{changed_inputs_line(changed[:LISTED])}{' and more' if len(changed) > LISTED else ''} - "
+                        "their output was scored without what is there now (files uploaded late, a partition "
+                        f"re-delivered or rewritten): run dmafn backfill {spec_path} --start {first} --end {last} "
+                        "(it rescores the dates whose partitions changed and those whose first ticks read them)")
 
 
 def _because(error: str | None) -> str:

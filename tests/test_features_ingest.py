@@ -475,6 +475,34 @@ def test_entity_buckets_split_rows_and_keep_every_row_once(tmp_path, tiny_spec):
     assert sorted(seen) == sorted(n for n in names if n) and quarantined == 1
 
 
+def test_a_dates_partition_files_change_with_a_file_added_removed_or_rewritten_and_only_then(tiny_spec):
+    """`partition_files`: per modality a digest of the date's own files (name, size, modification time) and the count
+    of files; the look-back day's files are not the date's, another modality's file changes only its own digest."""
+    import datetime as dt
+
+    from pipelines.shards import InputFile, partition_files
+
+    day, before = dt.date(2024, 1, 2), dt.date(2024, 1, 1)
+    files = [InputFile("proc", day, "/l/proc/date=2024-01-02/a.parquet", 10, name="a.parquet", mtime_ns=5),
+             InputFile("vib", day, "/l/vib/date=2024-01-02/a.parquet", 20, name="a.parquet", mtime_ns=5),
+             InputFile("proc", before, "/l/proc/date=2024-01-01/a.parquet", 10, name="a.parquet", mtime_ns=5)]
+    listed = partition_files(tiny_spec, files, [day])[day]
+    assert listed.files == 2 and sorted(listed.digests) == ["cam", "logs", "proc", "vib"]   # every own table
+    assert listed.digests["proc"] != listed.digests["vib"]              # the same name, another size
+    assert partition_files(tiny_spec, files[:2], [day])[day] == listed   # the look-back day's file is not its own
+    added = files + [InputFile("proc", day, "/l/proc/date=2024-01-02/b.parquet", 1, name="b.parquet", mtime_ns=9)]
+    rewritten = [InputFile("proc", day, files[0].path, 10, name="a.parquet", mtime_ns=6), *files[1:]]
+    resized = [InputFile("proc", day, files[0].path, 11, name="a.parquet", mtime_ns=5), *files[1:]]
+    for other in (added, rewritten, resized, files[1:]):
+        now = partition_files(tiny_spec, other, [day])[day]
+        assert now.changed(listed.digests) == ["proc"], other
+    assert partition_files(tiny_spec, list(reversed(files)), [day])[day].changed(listed.digests) == []
+    # a modality only one side knows is not compared; a date without files has a listing too
+    assert listed.changed({"proc": listed.digests["proc"], "gone": "x"}) == []
+    empty = partition_files(tiny_spec, [], [day])[day]
+    assert empty.files == 0 and empty.changed(listed.digests) == ["proc", "vib"]
+
+
 def test_plan_shards_groups_dates_and_splits_big_ones_into_entity_buckets(tiny_spec):
     import datetime as dt
 
@@ -1579,7 +1607,7 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
         (folder / name).write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="pipelines.parquet_files"):
         files = list_parquet_files(pafs.LocalFileSystem(), {dt.date(2024, 1, 2): str(folder)})
-    assert [p.rsplit("/", 1)[1] for _, p, _ in files] == ["part-0.parquet"]
+    assert [f.name for f in files] == ["part-0.parquet"]
     (record,) = caplog.records
     assert "1 file(s) not named *.parquet are not read (000000_0)" in record.getMessage()
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()

@@ -478,6 +478,64 @@ def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(tra
     assert (cuts[1][0]["score"] - cuts[2][0]["score"]).abs().max() < 1e-5
 
 
+def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored(trained, scored, tmp_path, caplog):
+    """2024-01-03's process rows after noon are uploaded late, after the date was scored: `status` names the date, a
+    re-run backfill rescores it (not 2024-01-02), and its rows are then those of the complete partition. A file of
+    2024-01-02 rewritten: `--skip-changed` leaves both dates and says so; without it 2024-01-02 is rescored and so is
+    2024-01-03, whose first ticks read it."""
+    import os
+
+    import pyarrow.compute as pc
+
+    from pipelines.score import backfill
+    from pipelines.status import scoring_status
+    from pipelines.storage import Storage
+
+    spec, _, root = trained
+    held = tmp_path / "held-back.parquet"
+
+    def morning_only(table):
+        noon = pa.scalar(int(1704283200e6), pa.timestamp("us", tz="UTC"))      # 2024-01-03 12:00
+        pq.write_table(table.filter(pc.greater_equal(table["ts"], noon)), held)
+        return table.filter(pc.less(table["ts"], noon))
+
+    late = _edited_copy(trained, tmp_path, "process/date=2024-01-03/part-0.parquet", morning_only)
+    first = backfill(late, DAY2, DAY3, parallel=1)
+    assert [r.date for r in first] == ["2024-01-02", "2024-01-03"] and first[1].input_files == 5
+    assert backfill(late, DAY2, DAY3, parallel=1) == []                # nothing changed: nothing rescored
+    partition = Path(late.modalities["process"].path) / "date=2024-01-03"
+    (partition / "late-upload.parquet").write_bytes(held.read_bytes())
+    status = scoring_status(late, Storage(), today=DAY3, spec_path="spec.yaml")
+    (problem,) = [p for p in status.problems if "partitions changed" in p]
+    assert "2024-01-03 (process; 5 -> 6 files)" in problem and "2024-01-02" not in problem.split(" - ")[0]
+    assert "dmafn backfill spec.yaml --start 2024-01-03 --end 2024-01-03" in problem
+    assert status.facts["changed_input"] == [{"date": "2024-01-03", "modalities": ["process"], "files_then": 5,
+                                              "files_now": 6}]
+    with caplog.at_level(logging.INFO, logger="pipelines.score"):
+        again = backfill(late, DAY2, DAY3, parallel=1)
+    assert [r.date for r in again] == ["2024-01-03"] and again[0].input_files == 6
+    assert "rescoring 1 date(s) whose partitions changed since model" in caplog.text
+    assert "skipping 1 date(s) already scored" in caplog.text
+    ours = pl.read_delta(late.score.output).filter(pl.col("date") == "2024-01-03").sort("machine_id", "ts")
+    complete = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").sort("machine_id", "ts")
+    assert ours.select("machine_id", "ts", "is_anomaly").equals(complete.select("machine_id", "ts", "is_anomaly"))
+    assert (ours["score_process"] - complete["score_process"]).abs().max() < 1e-5
+    assert not [p for p in scoring_status(late, Storage(), today=DAY3).problems if "partitions changed" in p]
+    # a file of 2024-01-02 rewritten (another modification time): it and the date after it
+    rewritten = next((Path(late.modalities["vibration"].path) / "date=2024-01-02").glob("*.parquet"))
+    stat = rewritten.stat()
+    os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.score"):
+        assert backfill(late, DAY2, DAY3, parallel=1, skip_changed=True) == []
+    assert "1 date(s) changed since model" in caplog.text and "left as scored (--skip-changed): 2024-01-02 " \
+        "(vibration; 4 -> 4 files)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.score"):
+        assert [r.date for r in backfill(late, DAY2, DAY3, parallel=1)] == ["2024-01-02", "2024-01-03"]
+    assert "and 1 scored date(s) after them whose first ticks read them (2024-01-03)" in caplog.text
+
+
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
     """The same fleet with every temperature 25 C higher and every pressure 5 bar higher (a recalibrated sensor,
     a new regime): nearly every tick scores above the version's validation median, and scoring says so."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import boto3
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -135,9 +136,24 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     assert [r.date for r in results] == ["2024-01-04", "2024-01-05"]      # the nightly's date is skipped
     counts = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
     assert backfill(spec, DAYS[0], DAYS[-1]) == []                         # everything already scored
+    # a file uploaded late into a scored date's partition (here one without rows): that date is rescored
+    s3 = boto3.client("s3")
+    first = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"raw/logs/date={DAYS[1]}/")["Contents"][0]["Key"]
+    empty = pq.read_table(pa.BufferReader(s3.get_object(Bucket=BUCKET, Key=first)["Body"].read())).slice(0, 0)
+    sink = pa.BufferOutputStream()
+    pq.write_table(empty, sink)
+    s3.put_object(Bucket=BUCKET, Key=f"raw/logs/date={DAYS[1]}/late-upload.parquet", Body=sink.getvalue().to_pybytes())
+    caplog.set_level(logging.INFO, logger="pipelines.score")
+    rescored = backfill(spec, DAYS[0], DAYS[-1])
+    assert [r.date for r in rescored] == [DAYS[1].isoformat(), DAYS[2].isoformat()]   # and the date after: its look-back
+    assert f"rescoring 1 date(s) whose partitions changed since model {version} scored them: {DAYS[1]} (logs; " \
+        in caplog.text
+    assert [(r.ticks_in, r.rows_scored, r.anomalies) for r in rescored] == \
+        [(r.ticks_in, r.rows_scored, r.anomalies) for r in results]
+    assert backfill(spec, DAYS[0], DAYS[-1]) == []
     # forced in four entity buckets: the files are split by bucket on S3 first, the pieces deleted afterwards
     files = list_inputs(spec, DAYS, Storage.from_spec(spec.storage))
-    caplog.set_level(logging.INFO, logger="pipelines.score")
+    assert all(f.mtime_ns for f in files)                               # S3's LastModified, listed
     forced = backfill(spec, DAYS[0], DAYS[-1], force=True,
                       shard_bytes=max(bytes_by_date(files).values()) // 4 + 1)
     assert len(forced) == 3
