@@ -139,9 +139,14 @@ def cmd_score(args) -> None:
 
 def cmd_backfill(args) -> None:
     from pipelines.ray_runtime import ray_session
-    from pipelines.score import backfill, skipped_line
+    from pipelines.score import backfill, backfill_dry_run, skipped_line
 
     spec = load_spec(args.spec)
+    if args.dry_run:                                   # listings and the output's log only: no Ray
+        print("\n".join(backfill_dry_run(spec, args.start, args.end, version=args.model, force=args.force,
+                                          skip_changed=args.skip_changed, parallel=args.parallel,
+                                          days_per_shard=args.days_per_shard, shard_bytes=int(args.shard_mb * 1e6))))
+        return
     with ray_session(args.address, verbose=args.verbose):
         results = backfill(spec, args.start, args.end, version=args.model, force=args.force,
                            skip_changed=args.skip_changed, parallel=args.parallel, days_per_shard=args.days_per_shard,
@@ -282,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-changed", action="store_true",
                    help="leave dates already scored by this model version as they are even where their partitions "
                         "changed since (files added, removed or rewritten; by default those are rescored)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the dates it would score and why, those it would leave, and its input and shards; "
+                        "score and write nothing (no Ray)")
     p.add_argument("--parallel", type=_positive(int), default=None,
                    help="shards scored at once, one CPU each (default: the cluster's CPUs)")
     p.add_argument("--days-per-shard", type=_positive(int), default=7,

@@ -496,18 +496,23 @@ def backfill(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = 
 
     Resumable: dates already scored by that version are skipped unless `force` - but a date whose partitions changed
     since it was scored (`changed_inputs`: files added, removed or rewritten) is rescored, and so are the scored
-    dates after it whose first ticks read it as their look-back, unless `skip_changed`. The dates are cut into
-    shards of at most `days_per_shard` consecutive dates x an entity bucket, each reading at most about
+    dates after it whose first ticks read it as their look-back, unless `skip_changed` (`plan_backfill`). The dates
+    are cut into shards of at most `days_per_shard` consecutive dates x an entity bucket, each reading at most about
     `shard_bytes` of Parquet; `parallel` shards run at once (default: the cluster's CPUs). A date that fails
     is recorded as failed in the runs table and the error is raised once the other dates have finished.
     """
+    return backfill_dates(spec, _date_range(start, end, days_per_shard, shard_bytes, parallel), version=version,
+                          force=force, skip_changed=skip_changed, parallel=parallel, days_per_shard=days_per_shard,
+                          shard_bytes=shard_bytes)
+
+
+def _date_range(start: dt.date, end: dt.date, days_per_shard: int, shard_bytes: int,
+                parallel: int | None) -> list[dt.date]:
     if end < start:
         raise ValueError(f"backfill: end {end} is before start {start}")
     if days_per_shard < 1 or shard_bytes <= 0 or (parallel is not None and parallel < 1):
         raise ValueError("backfill: days_per_shard, shard_bytes and parallel must be positive")
-    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    return backfill_dates(spec, days, version=version, force=force, skip_changed=skip_changed, parallel=parallel,
-                          days_per_shard=days_per_shard, shard_bytes=shard_bytes)
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
 
 
 def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = None, force: bool = False,
@@ -517,17 +522,11 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
     tables = OpenTables()
-    require_own_tables(spec.score, mv.spec.entity, storage, tables)       # before reading which dates it holds
-    days = sorted(set(days))
-    skip = set() if force else scored_dates(spec, storage, mv.version, [d.isoformat() for d in days])
-    if skip:
-        skip -= _rescored_for_changes(reading_spec(mv, spec), storage, mv.version, skip, skip_changed)
-    todo = [d for d in days if d.isoformat() not in skip]
-    if skip:
-        log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(skip), mv.version)
-    if not todo:
+    plan = plan_backfill(spec, days, mv, storage, tables, force=force, skip_changed=skip_changed)
+    plan.log()
+    if not plan.todo:
         return []
-    results, errors = score_dates(spec, todo, mv, run_id=uuid.uuid4().hex[:12], parallel=parallel,
+    results, errors = score_dates(spec, plan.todo, mv, run_id=uuid.uuid4().hex[:12], parallel=parallel,
                                   days_per_shard=days_per_shard, shard_bytes=shard_bytes, tables=tables)
     if errors:
         error = BackfillError(errors)
@@ -535,23 +534,98 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     return results
 
 
-def _rescored_for_changes(model_spec: Spec, storage: Storage, version: str, scored: set[str],
-                          skip_changed: bool) -> set[str]:
-    """Of the `scored` dates (their output written by `version`), those to score again: each whose partitions changed
-    since (`changed_inputs`) and each after it within the look-back days (its first ticks read the changed
-    partition); none with `skip_changed` (the changed dates are then named and left)."""
-    changed = changed_inputs(model_spec, storage, sorted(scored), version=version)
-    if not changed:
-        return set()
+@dataclass
+class BackfillPlan:
+    """Which dates a backfill with model `version` scores and which it leaves, and why (`plan_backfill`)."""
+
+    version: str
+    new: list[str]                     # not scored by the version (or all of them, with `force`)
+    changed: list[ChangedInput]        # scored by it, their partitions changed since: scored again
+    after_changed: list[str]           # scored by it after a changed date, within the look-back days: scored again
+    left: list[str]                    # scored by it: skipped
+    changed_left: list[ChangedInput]   # changed since, but left as scored (`skip_changed`)
+
+    @property
+    def todo(self) -> list[dt.date]:
+        """The dates it scores."""
+        return sorted(dt.date.fromisoformat(d) for d in [*self.new, *(c.date for c in self.changed),
+                                                         *self.after_changed])
+
+    def log(self) -> None:
+        """What a backfill says of its plan before it scores (the changed dates as warnings)."""
+        if self.changed:
+            log.warning("rescoring %d date(s) whose partitions changed since model %s scored them: %s%s",
+                        len(self.changed), self.version, changed_inputs_line(self.changed),
+                        f"; and {len(self.after_changed)} scored date(s) after them whose first ticks read them "
+                        f"({', '.join(self.after_changed)})" if self.after_changed else "")
+        if self.changed_left:
+            log.warning("%d date(s) changed since model %s scored them, left as scored (--skip-changed): %s",
+                        len(self.changed_left), self.version, changed_inputs_line(self.changed_left))
+        if self.left:
+            log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(self.left),
+                     self.version)
+
+
+def plan_backfill(spec: Spec, days: list[dt.date], mv: ModelVersion, storage: Storage,
+                  tables: OpenTables | None = None, *, force: bool = False, skip_changed: bool = False) -> BackfillPlan:
+    """The dates of `days` a backfill with `mv` scores: those its output does not hold from `mv` (all with `force`),
+    those it holds whose partitions changed since (`changed_inputs`) and the scored dates after each of them within
+    the look-back days (their first ticks read the changed partition) - the last two left as they are with
+    `skip_changed`. Checks the output tables first (`require_own_tables`); metadata only."""
+    tables = tables or OpenTables()
+    require_own_tables(spec.score, mv.spec.entity, storage, tables)       # before reading which dates it holds
+    names = sorted({d.isoformat() for d in days})
+    scored = set() if force else scored_dates(spec, storage, mv.version, names)
+    model_spec = reading_spec(mv, spec)
+    changed = changed_inputs(model_spec, storage, sorted(scored), version=mv.version) if scored else []
+    after = sorted({(dt.date.fromisoformat(c.date) + dt.timedelta(days=i)).isoformat()
+                    for c in changed for i in range(1, model_spec.lookback_days + 1)} & scored
+                   - {c.date for c in changed})
     if skip_changed:
-        log.warning("%d date(s) changed since model %s scored them, left as scored (--skip-changed): %s", len(changed),
-                    version, changed_inputs_line(changed))
-        return set()
-    first_ticks = {(dt.date.fromisoformat(c.date) + dt.timedelta(days=i)).isoformat()
-                   for c in changed for i in range(1, model_spec.lookback_days + 1)} & scored
-    again = first_ticks | {c.date for c in changed}
-    log.warning("rescoring %d date(s) whose partitions changed since model %s scored them: %s%s", len(changed),
-                version, changed_inputs_line(changed),
-                f"; and {len(again) - len(changed)} scored date(s) after them whose first ticks read them "
-                f"({', '.join(sorted(again - {c.date for c in changed}))})" if len(again) > len(changed) else "")
-    return again
+        changed, after, changed_left = [], [], changed
+    else:
+        changed_left = []
+    again = {c.date for c in changed} | set(after)
+    return BackfillPlan(mv.version, [d for d in names if d not in scored], changed, after,
+                        sorted(scored - again), changed_left)
+
+
+def backfill_dry_run(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
+                     skip_changed: bool = False, parallel: int | None = None, days_per_shard: int = DAYS_PER_SHARD,
+                     shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """What `backfill` with these arguments would do, as lines - the dates it would score and why, those it would
+    leave, the input it would read and its shards - without scoring or writing anything (no Ray; listings and the
+    output table's log only). `parallel` (default 1 here: no cluster is asked) sets the least number of shards."""
+    days = _date_range(start, end, days_per_shard, shard_bytes, parallel)
+    storage = Storage.from_spec(spec.storage)
+    mv = Registry(spec.registry, storage).load(version, build=False)
+    plan = plan_backfill(spec, days, mv, storage, force=force, skip_changed=skip_changed)
+    lines = [f"backfill {start} .. {end} with model version {mv.version}: a dry run, nothing is scored or written"]
+
+    def named(dates: list[str]) -> str:
+        return ", ".join(dates[:10]) + (f" and {len(dates) - 10} more" if len(dates) > 10 else "")
+
+    lines.append(f"  to score: {len(plan.new)} date(s) "
+                 + ("(--force)" if force else f"not scored by {mv.version}") + (f": {named(plan.new)}" if plan.new else ""))
+    if plan.changed:
+        lines.append(f"  to score again: {len(plan.changed)} date(s) whose partitions changed since it scored them: "
+                     f"{changed_inputs_line(plan.changed[:10])}" + (" and more" if len(plan.changed) > 10 else "")
+                     + (f"; {len(plan.after_changed)} date(s) after them whose first ticks read them: "
+                        f"{named(plan.after_changed)}" if plan.after_changed else ""))
+    lines.append(f"  left as scored: {len(plan.left)} date(s)" + (f": {named(plan.left)}" if plan.left else ""))
+    if plan.changed_left:
+        lines.append(f"  left although their partitions changed (--skip-changed): {len(plan.changed_left)} date(s): "
+                     f"{changed_inputs_line(plan.changed_left[:10])}" + (" and more" if len(plan.changed_left) > 10
+                                                                       else ""))
+    todo = plan.todo
+    if todo:
+        model_spec = reading_spec(mv, spec)
+        files = list_inputs(model_spec, todo, storage)
+        shards = plan_shards(model_spec, todo, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard,
+                             min_shards=2 * (parallel or 1))
+        sizes = {f.path: f.size for f in files}              # a context view's files are its parent's
+        lines.append(f"  input: {len(sizes)} file(s), {sum(sizes.values()) / 1e6:,.1f} MB (the look-back and "
+                     f"look-ahead days' included) in {len(shards)} "
+                     f"shard(s) of up to {days_per_shard} date(s) x {shards[0].buckets if shards else 1} entity "
+                     f"bucket(s) (--shard-mb {shard_bytes / 1e6:g}, --parallel {parallel or 1})")
+    return lines

@@ -478,11 +478,13 @@ def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(tra
     assert (cuts[1][0]["score"] - cuts[2][0]["score"]).abs().max() < 1e-5
 
 
-def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored(trained, scored, tmp_path, caplog):
+def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored(trained, scored, tmp_path, caplog,
+                                                                                  capsys):
     """2024-01-03's process rows after noon are uploaded late, after the date was scored: `status` names the date, a
     re-run backfill rescores it (not 2024-01-02), and its rows are then those of the complete partition. A file of
     2024-01-02 rewritten: `--skip-changed` leaves both dates and says so; without it 2024-01-02 is rescored and so is
-    2024-01-03, whose first ticks read it."""
+    2024-01-03, whose first ticks read it. `backfill --dry-run` names the dates it would score and why, and writes
+    nothing."""
     import os
 
     import pyarrow.compute as pc
@@ -511,6 +513,22 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
     assert "dmafn backfill spec.yaml --start 2024-01-03 --end 2024-01-03" in problem
     assert status.facts["changed_input"] == [{"date": "2024-01-03", "modalities": ["process"], "files_then": 5,
                                               "files_now": 6}]
+    # a dry run through the CLI says so, and writes nothing
+    import yaml
+
+    from jobs.cli import main
+
+    runs_before = pl.read_delta(late.score.runs_path).height
+    (tmp_path / "late.yaml").write_text(yaml.safe_dump(late.to_dict()))
+    capsys.readouterr()
+    assert main(["backfill", str(tmp_path / "late.yaml"), "--start", "2024-01-01", "--end", "2024-01-03",
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "a dry run, nothing is scored or written" in printed and \
+        "to score: 1 date(s) not scored by" in printed and ": 2024-01-01\n" in printed
+    assert "to score again: 1 date(s) whose partitions changed since it scored them: 2024-01-03 (process; 5 -> 6 " \
+        "files)\n  left as scored: 1 date(s): 2024-01-02\n  input: " in printed
+    assert pl.read_delta(late.score.runs_path).height == runs_before
     with caplog.at_level(logging.INFO, logger="pipelines.score"):
         again = backfill(late, DAY2, DAY3, parallel=1)
     assert [r.date for r in again] == ["2024-01-03"] and again[0].input_files == 6
