@@ -196,13 +196,15 @@ class ShardInputs:
     own dates (`entity`, `_t`, `date`, `source`, `reason`), and the (entity, `_day`) pairs with a usable row timed
     inside one of its dates (`_day` = days since the epoch, of the date in the spec's `timezone`), the image frames
     the check decoded (uint8, by their bytes: `featurize(..., decoded=)` reuses them), and how many input rows each
-    of its dates' partitions held (its entity bucket's; a context view's rows are its parent's, counted once)."""
+    of its dates' partitions held (its entity bucket's; a context view's rows are its parent's, counted once) and,
+    per modality, how many of them were usable."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
     present: pl.DataFrame
     decoded: dict[str, dict[bytes, np.ndarray | None]] = field(default_factory=dict)   # image frames, for featurize
     rows_read: dict[str, int] = field(default_factory=dict)                            # date -> input rows
+    usable_rows: dict[str, dict[str, int]] = field(default_factory=dict)   # date -> modality -> usable input rows
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -222,7 +224,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     zone = spec.timezone
     days = [day_number(d) for d in shard.dates]
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
-    tables, quarantined, present, decoded, rows_read = {}, [], [], {}, {}
+    tables, quarantined, present, decoded, rows_read, usable_rows = {}, [], [], {}, {}, {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
@@ -253,6 +255,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     good = rows.filter(pl.col(REASON).is_null())
                     if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
+                        day_usable = usable_rows.setdefault(f.date.isoformat(), {})
+                        day_usable[name] = day_usable.get(name, 0) + good.height
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
@@ -274,7 +278,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(
             schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
-        decoded=decoded, rows_read=rows_read)
+        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows)
 
 
 def require_columns(spec: Spec, storage: Storage, files) -> dict[str, pa.Schema]:

@@ -56,6 +56,12 @@ class DateResult:
     input_rows_misplaced: int = 0        # of them, quarantined as timed outside their date partition
     input_files: int | None = None       # files its own partitions held when the run listed them (None: a failed date)
     input_digests: dict[str, str] | None = None   # per modality, a digest of those files (`shards.PartitionFiles`)
+    modality_rows: dict[str, int] = field(default_factory=dict)   # per modality (context views left out), usable
+                                                                   # input rows of the date's own partitions
+    modality_present: dict[str, float] = field(default_factory=dict)   # per modality, the share of the scored ticks
+                                                                        # it was present at
+    without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities it
+                                                                                # was absent at every tick of
 
     @property
     def alarm_rate(self) -> float | None:
@@ -110,6 +116,26 @@ def unseen_entities_warning(result: DateResult, version: str) -> str | None:
 
 
 MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its partition than this: warned
+USABLE_ROWS = "usable_rows_"              # the runs table's column of a modality's usable input rows: + its name
+PRESENT_SHARE = "present_share_"          # the runs table's column of a modality's share of ticks present: + its name
+ENTITIES_WITHOUT = "entities_without_"    # ... of the scored entities it was absent at every tick of: + its name
+ENTITIES_WITHOUT_NAMED = "entities_without_named"   # ... their first keys per modality (JSON)
+
+
+def absent_modality_warning(result: DateResult) -> str | None:
+    """A line when a modality of the version had no usable row in a date's partitions while others scored its ticks:
+    the date was scored without it (but for its first ticks, which read the day before; its partition missing or
+    empty, its path moved, every row quarantined) - the fused score then rests on the other modalities, and the
+    faults only it shows are not seen."""
+    gone = sorted(m for m, rows in result.modality_rows.items() if rows == 0)
+    if not gone or not result.rows_scored:
+        return None
+    return (f"{result.date}: modality {', '.join(gone)} had no usable input row in the date's partitions, so its "
+            f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
+            "moved, or every row quarantined) - check its input (dmafn validate SPEC --check-data, the quarantine "
+            "table); once its files are there, a backfill over the date rescores it (its partitions changed)")
+
+
 
 
 def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
@@ -237,7 +263,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version),
-                             misplaced_rows_warning(result, spec.timezone)):
+                             misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result)):
                     if line is not None:
                         log.warning("%s", line)
                 return
@@ -362,6 +388,13 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     modalities = sorted({m for c in counts for m in c.modality_above})
     unseen = [c.unseen for c in counts if c.unseen is not None]
+    present = {m: sum(c.modality_present.get(m, 0) for c in counts) for m in {m for c in counts for m in
+                                                                            c.modality_present}}
+    usable = {m: sum(c.modality_rows.get(m, 0) for c in counts) for m in {m for c in counts for m in c.modality_rows}}
+    without: dict[str, UnseenEntities] = {}
+    for c in counts:                     # a date's shards hold disjoint entities
+        for m, group in c.without_modality.items():
+            without[m] = without[m].add(group) if m in without else group
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
@@ -372,7 +405,10 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       entities=sum(c.entities for c in counts),
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
                       input_rows=sum(c.input_rows for c in counts),
-                      input_rows_misplaced=sum(c.input_rows_misplaced for c in counts))
+                      input_rows_misplaced=sum(c.input_rows_misplaced for c in counts),
+                      modality_rows=dict(sorted(usable.items())),
+                      modality_present={m: n / scored for m, n in sorted(present.items())} if scored else {},
+                      without_modality=without)
 
 
 def _share_above(positions: list[tuple[int, int]]) -> float | None:
@@ -391,8 +427,10 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
     their own and their alarm rate (`unseen_entities_warning`), its input rows and those timed outside their date
-    partition (`misplaced_rows_warning`), the files its partitions held when listed (`input_files`, and per modality
-    a digest of them, `input_digests`: `changed_inputs`) and, for a failed or skipped date, why (`error`)."""
+    partition (`misplaced_rows_warning`), per modality its usable input rows (`absent_modality_warning`), the share
+    of its scored ticks it was present at and the entities it was absent at every tick of (`dmafn status`), the
+    files its partitions held when listed (`input_files`, and per modality a digest of them, `input_digests`:
+    `changed_inputs`) and, for a failed or skipped date, why (`error`)."""
     row = pa.table({"run_id": [run_id], "date": [result.date], "model_version": [version],
                     "ticks_in": pa.array([result.ticks_in], pa.int64()),
                     "rows_scored": pa.array([result.rows_scored], pa.int64()),
@@ -409,6 +447,16 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
                     **{f"{MODALITY_SHARE}{m}": pa.array([share], pa.float64())
                        for m, share in sorted(result.modality_above.items())},
+                    **{f"{USABLE_ROWS}{m}": pa.array([rows], pa.int64())
+                       for m, rows in sorted(result.modality_rows.items())},
+                    **{f"{PRESENT_SHARE}{m}": pa.array([share], pa.float64())
+                       for m, share in sorted(result.modality_present.items())},
+                    **{f"{ENTITIES_WITHOUT}{m}": pa.array([result.without_modality[m].entities
+                                                           if m in result.without_modality else 0], pa.int64())
+                       for m in sorted(result.modality_present)},
+                    ENTITIES_WITHOUT_NAMED: pa.array([json.dumps({m: g.named for m, g in
+                                                                  sorted(result.without_modality.items())})
+                                                      if result.without_modality else None], pa.string()),
                     "entities": pa.array([result.entities], pa.int64()),
                     "unseen_entities": pa.array([None if result.unseen is None else result.unseen.entities],
                                                 pa.int64()),

@@ -139,6 +139,26 @@ def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str
                           sorted(keys[new])[:UNSEEN_NAMED])
 
 
+def modality_presence(out: pa.Table, entity: tuple[str, ...] | list[str], modalities: list[str]
+                      ) -> tuple[dict[str, int], dict[str, UnseenEntities]]:
+    """Per modality of `modalities`, the scored ticks of `out` it was present at (the `modalities` column), and the
+    scored entities it was absent at every tick of, with their ticks and alarms (`UnseenEntities`; none without
+    such entities): a sensor, camera or log shipper gone dark for the whole date is scored around, not silently."""
+    rows = pl.from_arrow(out.select([*entity, "modalities", "is_anomaly"]))
+    has = {m: pl.col("modalities").list.contains(m) for m in modalities}
+    present = rows.select(has[m].sum().alias(f"_has_{m}") for m in modalities).row(0)
+    per_entity = rows.group_by(list(entity)).agg(pl.len().alias("_ticks"), pl.col("is_anomaly").sum().alias("_alarms"),
+                                                 *(has[m].any().alias(f"_has_{m}") for m in modalities))
+    without = {}
+    for m in modalities:
+        dark = per_entity.filter(~pl.col(f"_has_{m}"))
+        if dark.height:
+            keys = entity_key(dark.select(entity).to_arrow(), entity)
+            without[m] = UnseenEntities(dark.height, int(dark["_ticks"].sum()), int(dark["_alarms"].sum()),
+                                        sorted(keys)[:UNSEEN_NAMED])
+    return {m: int(n or 0) for m, n in zip(modalities, present)}, without
+
+
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
                     at: dt.datetime) -> pl.DataFrame:
     """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
@@ -166,6 +186,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
     known = entity_keys(mv.stats)
+    own_modalities = [name for name, m in mv.spec.modalities.items() if not m.context_of]   # a view follows its parent
     parts, done = [], 0
     for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
         parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow(), inputs.decoded)))
@@ -184,6 +205,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         counts.input_rows_quarantined = ingest.height
         counts.input_rows = inputs.rows_read.get(day, 0)
         counts.input_rows_misplaced = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
+        counts.modality_rows = {m: inputs.usable_rows.get(day, {}).get(m, 0) for m in own_modalities}
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)
@@ -192,6 +214,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.modality_above = contribution_positions(out, mv.calibration)
             per_entity = entity_alarms(out, spec.entity)
             counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, spec.entity, known)
+            counts.modality_present, counts.without_modality = modality_presence(out, spec.entity, own_modalities)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

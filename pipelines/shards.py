@@ -85,6 +85,11 @@ class DateCounts:
     modality_above: dict[str, tuple[int, int]] = field(default_factory=dict)   # the same per modality's contribution
     entities: int = 0                   # entities with a scored tick (a date's shards hold disjoint entities)
     unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for
+    modality_rows: dict[str, int] = field(default_factory=dict)      # per modality, usable input rows of the date's
+                                                                     # own partitions (context views left out)
+    modality_present: dict[str, int] = field(default_factory=dict)   # per modality, scored ticks it was present at
+    without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities
+                                                                    # it was absent at every tick of
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 
@@ -94,9 +99,10 @@ UNSEEN_NAMED = 10     # entities not seen in training: named up to this many, th
 
 @dataclass
 class UnseenEntities:
-    """Scored entities the model version holds no per-entity statistics of (not in its training data, or with too
-    few rows there): they score by the fleet's statistics, so their own level reads as a deviation and they alarm
-    more. Counts over one date's shards; `named` the first `UNSEEN_NAMED` keys (sorted)."""
+    """A group of a date's scored entities with their ticks and alarms: those the model version holds no per-entity
+    statistics of (not in its training data, or with too few rows there: they score by the fleet's statistics, so
+    their own level reads as a deviation and they alarm more), or those a modality was absent at every tick of.
+    Counts over one date's shards; `named` the first `UNSEEN_NAMED` keys (sorted)."""
 
     entities: int = 0
     ticks: int = 0

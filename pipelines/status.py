@@ -13,6 +13,7 @@ recent dates whose partitions changed since they were scored (`pipelines.score.c
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,8 @@ import polars as pl
 from dmafn.spec import Spec, format_duration, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import (MISPLACED_SHARE, MODALITY_SHARE, changed_inputs, changed_inputs_line,
-                             unlike_validation_line)
+from pipelines.score import (ENTITIES_WITHOUT, ENTITIES_WITHOUT_NAMED, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
+                             USABLE_ROWS, changed_inputs, changed_inputs_line, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -96,6 +97,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
             out.problems.append(line)
     _unseen(recent, out, spec_path)
     _misplaced(recent, out, spec, spec_path)
+    _absent(recent, out, spec_path)
     _changed(recent, out, spec, storage, spec_path, handled)
     if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
         out.problems.append(f"the newest scored date is {newest}, {(today - dt.date.fromisoformat(newest)).days} "
@@ -167,7 +169,10 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
               "expected_alarm_rate", "above_validation_median",
               "entities", "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
-    by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
+    if ENTITIES_WITHOUT_NAMED not in runs.columns:
+        runs = runs.with_columns(pl.lit(None, pl.String).alias(ENTITIES_WITHOUT_NAMED))
+    by_modality = sorted(c for c in runs.columns if c.startswith((MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE,
+                                                                            ENTITIES_WITHOUT)))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
             .agg(pl.all().last(), (pl.col("status") == "succeeded").any().alias("committed")).sort("date"))
 
@@ -221,6 +226,41 @@ def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: 
                         f"({format_duration(spec.lateness_us) if spec.lateness_us else 'none'}): set `timezone` or "
                         f"`lateness` in {spec_path}, then rescore (dmafn backfill {spec_path} --start {first} --end "
                         f"{last} --force)")
+
+
+def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
+    """Problems for modalities that went dark: one with no usable row in a recent date's partitions while the date's
+    ticks were scored (`pipelines.score.absent_modality_warning`), and one absent at every tick of more of the newest
+    date's entities
+    than on some recent date before it (a sensor, camera or log shipper that stopped; machines that never had it are
+    there on every date and not named)."""
+    done = recent.filter((pl.col("status") == "succeeded") & (pl.col("rows_scored") > 0))
+    for column in sorted(c for c in done.columns if c.startswith(USABLE_ROWS)):
+        m = column[len(USABLE_ROWS):]
+        gone = done.filter(pl.col(column) == 0)["date"].to_list()
+        if gone:
+            out.problems.append(f"modality '{m}' had no usable input row in the partitions of {len(gone)} recent "
+                                f"date(s): {_named(gone)} - they were scored without it (its partition missing or "
+                                "empty, its path moved, or every row quarantined): check its input (dmafn validate "
+                                f"{spec_path} --check-data, the quarantine table); once its files are there, dmafn "
+                                f"backfill {spec_path} --start {gone[0]} --end {gone[-1]} rescores them")
+        without, share = f"{ENTITIES_WITHOUT}{m}", f"{PRESENT_SHARE}{m}"
+        if without not in done.columns or share not in done.columns:
+            continue
+        counted = done.filter(pl.col(without).is_not_null() & (pl.col(column) > 0))
+        if counted.height < 2:
+            continue
+        newest, before = counted.row(-1, named=True), counted.head(counted.height - 1)
+        fewest = before.sort(without).row(0, named=True)
+        if newest[without] > fewest[without]:
+            named = json.loads(newest[ENTITIES_WITHOUT_NAMED] or "{}").get(m, [])
+            out.problems.append(f"modality '{m}' was absent at every scored tick of {newest[without]} entit"
+                                f"{'y' if newest[without] == 1 else 'ies'} on {newest['date']} against "
+                                f"{fewest[without]} on {fewest['date']}"
+                                + (f" (among them {', '.join(named)})" if named else "")
+                                + f" - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching "
+                                "the lake: their ticks were scored without it (the output's `modalities` column says "
+                                "which ticks had it)")
 
 
 def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Storage, spec_path: str,

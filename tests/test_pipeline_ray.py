@@ -554,6 +554,40 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
     assert "and 1 scored date(s) after them whose first ticks read them (2024-01-03)" in caplog.text
 
 
+def test_a_modality_gone_dark_for_a_date_or_for_one_machine_is_warned_and_named_by_status(trained, tmp_path, caplog):
+    """2024-01-03's camera partition missing and one pump's log lines gone since 2024-01-02: the date is scored
+    around them and not silently - `score` warns that the camera had no usable row, the runs table records each
+    modality's usable rows, share of ticks present and the entities without it, and `status` names both."""
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from pipelines.score import backfill
+    from pipelines.status import scoring_status
+    from pipelines.storage import Storage
+
+    quiet = _edited_copy(trained, tmp_path, "logs/date=2024-01-0[23]/*.parquet",
+                         lambda table: table.filter(pc.not_equal(table["machine_id"], "pump-01")))
+    shutil.rmtree(Path(quiet.modalities["camera"].path) / "date=2024-01-03")
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        day2, day3 = backfill(quiet, DAY2, DAY3, parallel=1)
+    assert day3.modality_rows["camera"] == 0 and min(day2.modality_rows.values()) > 0
+    assert set(day3.modality_rows) == {"process", "vibration", "camera", "logs"}      # no context view
+    assert 0 < day3.modality_present["camera"] < 0.01         # its first minutes: the day before's last frame
+    assert "2024-01-03: modality camera had no usable input row in the date's partitions" in caplog.text
+    assert "2024-01-02: modality" not in caplog.text
+    assert "logs" not in day2.without_modality                   # its first ticks read 2024-01-01's lines
+    assert (day3.without_modality["logs"].entities, day3.without_modality["logs"].named) == (1, ["pump-01"])
+    runs = pl.read_delta(quiet.score.runs_path).sort("date")
+    assert runs["usable_rows_camera"].to_list()[1] == 0 and runs["entities_without_logs"].to_list() == [0, 1]
+    assert json.loads(runs["entities_without_named"][1]) == {"logs": ["pump-01"]}
+    problems = scoring_status(quiet, Storage(), today=DAY3, spec_path="spec.yaml").problems
+    assert any(p.startswith("modality 'camera' had no usable input row in the partitions of 1 recent date(s): "
+                            "2024-01-03 - ") for p in problems), problems
+    assert any(p.startswith("modality 'logs' was absent at every scored tick of 1 entity on 2024-01-03 against 0 on "
+                            "2024-01-02 (among them pump-01)") for p in problems), problems
+
+
 def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(trained, tmp_path, caplog):
     """The same fleet with every temperature 25 C higher and every pressure 5 bar higher (a recalibrated sensor,
     a new regime): nearly every tick scores above the version's validation median, and scoring says so."""
@@ -578,6 +612,19 @@ def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(traine
     moved = max(result.modality_above, key=result.modality_above.get)
     assert moved == "process" and result.modality_above["process"] > 0.95           # the modality that moved
     assert f"(each modality's contribution above its validation median; process " in caplog.text
+
+
+def test_modality_presence_counts_ticks_present_and_the_entities_a_modality_missed_at_every_tick():
+    from pipelines.score_steps import modality_presence
+
+    out = pa.table({"site": ["a", "a", "b"], "machine": [1, 1, 2],
+                    "modalities": [["proc", "cam"], ["proc"], ["proc"]], "is_anomaly": [False, True, True]})
+    present, without = modality_presence(out, ("site", "machine"), ["proc", "cam", "logs"])
+    assert present == {"proc": 3, "cam": 1, "logs": 0}
+    assert "proc" not in without
+    assert (without["cam"].entities, without["cam"].ticks, without["cam"].anomalies, without["cam"].named) == \
+        (1, 1, 1, ["b|2"])
+    assert (without["logs"].entities, without["logs"].ticks, without["logs"].named) == (2, 3, ["a|1", "b|2"])
 
 
 def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():

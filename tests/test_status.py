@@ -221,3 +221,32 @@ def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
         "in s.yaml, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05 --force)"]
     assert [r["input_rows_misplaced"] for r in found.as_dict()["recent"]] == [5, 420, 1200]
     assert scoring_status(spec, Storage(), days=1, spec_path="s.yaml").problems[0].startswith("1 recent date(s)")
+
+
+def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_before(tmp_path):
+    """A modality with no usable row in a date's partitions is named for that date; one absent at every tick of more
+    of the newest date's entities than on a recent date before is named with its entities - a machine that never
+    has it (one on every date) is not."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    for day, cam_rows, dark in (("2024-01-03", 50, 1), ("2024-01-04", 0, 1), ("2024-01-05", 48, 1)):
+        without = {"cam": UnseenEntities(dark, 96, 4, ["m-9"])}
+        result = DateResult(day, 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": cam_rows},
+                            modality_present={"proc": 1.0, "cam": 0.9 if cam_rows else 0.02}, without_modality=without)
+        record_run(spec, Storage(), result, run_id=f"r-{day}", version=OLD, status="succeeded")
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == [
+        "modality 'cam' had no usable input row in the partitions of 1 recent date(s): 2024-01-04 - they were scored "
+        "without it (its partition missing or empty, its path moved, or every row quarantined): check its input "
+        "(dmafn validate s.yaml --check-data, the quarantine table); once its files are there, dmafn backfill s.yaml "
+        "--start 2024-01-04 --end 2024-01-04 rescores them"]
+    newest = DateResult("2024-01-06", 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": 40},
+                        modality_present={"proc": 1.0, "cam": 0.7},
+                        without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
+    record_run(spec, Storage(), newest, run_id="r-6", version=OLD, status="succeeded")
+    problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems
+    assert problems[1] == (
+        "modality 'cam' was absent at every scored tick of 3 entities on 2024-01-06 against 1 on 2024-01-03 (among them "
+        "m-2, m-5, m-9) - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the lake: "
+        "their ticks were scored without it (the output's `modalities` column says which ticks had it)")
+    assert found.as_dict()["recent"][1]["usable_rows_cam"] == 0
