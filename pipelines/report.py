@@ -30,7 +30,7 @@ from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
-from pipelines.score import MODALITY_SHARE
+from pipelines.score import ENTITIES_WITHOUT, ENTITIES_WITHOUT_NAMED, MODALITY_SHARE, PRESENT_SHARE, USABLE_ROWS
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -480,11 +480,14 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     if runs is None:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
     runs = runs.sort(["date", "finished_at"])
-    by_modality = sorted(c for c in runs.columns if c.startswith(MODALITY_SHARE))
+    by_modality = sorted(c for c in runs.columns if c.startswith((MODALITY_SHARE, PRESENT_SHARE)))
+    coverage = sorted(c for c in runs.columns if c.startswith((USABLE_ROWS, ENTITIES_WITHOUT)) and
+                      c != ENTITIES_WITHOUT_NAMED)
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-                        "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "entities",
-                        "unseen_entities", *shares, "duration_s", "run_id", "finished_at", "error"]
+                        "input_rows_quarantined", "input_rows", "input_rows_misplaced", "input_files", "anomalies",
+                        "entities", "unseen_entities", *shares, *coverage, "duration_s", "run_id", "finished_at",
+                        "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
@@ -497,7 +500,12 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'alarm more, at unseen_entity_alarm_rate, until they are enrolled, dmafn enroll, or a version is '
             'trained on days that hold them); input_rows_misplaced: of the input_rows its partitions held, those '
             'timed outside their date partition (quarantined; many at the edges of every day: the lake is filed by '
-            'another calendar than the spec\'s timezone, or by arrival beyond its lateness).</p>'
+            'another calendar than the spec\'s timezone, or by arrival beyond its lateness); per modality '
+            'usable_rows_ (its usable rows in the date\'s partitions: 0, the date was scored without it), '
+            'present_share_ (the share of the ticks it was present at) and entities_without_ (the entities it was '
+            'absent at every tick of: a sensor, camera or log shipper that stopped); input_files: the files the '
+            'date\'s partitions held when the run listed them (a backfill rescores a date whose files changed '
+            'since).</p>'
             f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 

@@ -874,6 +874,8 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     runs = page[page.index('id="runs-table"'):]
     assert "alarm_rate" in runs and "expected_alarm_rate" in runs and "above_validation_median" in runs
     assert re.search(r"<td[^>]*>\d+\.\d\d %</td>", runs)                  # the shares as percentages
+    assert all(f"{c}_camera" in runs for c in ("usable_rows", "present_share", "entities_without"))
+    assert "input_files" in runs and "entities_without_named" not in runs
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):
