@@ -29,6 +29,8 @@ from pipelines.storage import DataError, Storage, join
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
 SKIPPED = "skipped"  # a run's status for a date no modality had input for, with `score.missing_input: skip`
 LISTED = 10         # dates named in one problem line; the rest counted
+PRESENT_DROP = 0.05  # a modality present at this much less of the newest date's ticks than the median of the recent
+                     # dates before: named (the demo fleet's shares move by at most 0.01 from day to day)
 
 
 @dataclass
@@ -230,8 +232,9 @@ def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: 
 
 def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     """Problems for modalities that went dark: one with no usable row in a recent date's partitions while the date's
-    ticks were scored (`pipelines.score.absent_modality_warning`), and one absent at every tick of more of the newest
-    date's entities
+    ticks were scored (`pipelines.score.absent_modality_warning`), one present at `PRESENT_DROP` less of the newest
+    date's ticks than the recent dates' median (part of a day missing), and one absent at every tick of more of the
+    newest date's entities
     than on some recent date before it (a sensor, camera or log shipper that stopped; machines that never had it are
     there on every date and not named)."""
     done = recent.filter((pl.col("status") == "succeeded") & (pl.col("rows_scored") > 0))
@@ -247,6 +250,15 @@ def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
         without, share = f"{ENTITIES_WITHOUT}{m}", f"{PRESENT_SHARE}{m}"
         if without not in done.columns or share not in done.columns:
             continue
+        shares = done.filter(pl.col(share).is_not_null() & (pl.col(column) > 0))
+        if shares.height >= 2:
+            newest, usual = shares.row(-1, named=True), shares.head(shares.height - 1)[share].median()
+            if newest[share] < usual - PRESENT_DROP:
+                out.problems.append(f"modality '{m}' was present at {newest[share]:.0%} of {newest['date']}'s scored "
+                                    f"ticks against {usual:.0%} on the {shares.height - 1} recent date(s) before "
+                                    "(median) - part of its rows missing: an upload that stopped or started late, a "
+                                    f"gap upstream; once they are there, dmafn backfill {spec_path} --start "
+                                    f"{newest['date']} --end {newest['date']} rescores the date")
         counted = done.filter(pl.col(without).is_not_null() & (pl.col(column) > 0))
         if counted.height < 2:
             continue

@@ -224,8 +224,9 @@ def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
 
 
 def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_before(tmp_path):
-    """A modality with no usable row in a date's partitions is named for that date; one absent at every tick of more
-    of the newest date's entities than on a recent date before is named with its entities - a machine that never
+    """A modality with no usable row in a date's partitions is named for that date; one present at 5 points less of
+    the newest date's ticks than the dates before (their median), and one absent at every tick of more of the newest
+    date's entities than on a recent date before, are named (the latter with its entities) - a machine that never
     has it (one on every date) is not."""
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD)
@@ -246,7 +247,17 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
     record_run(spec, Storage(), newest, run_id="r-6", version=OLD, status="succeeded")
     problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems
     assert problems[1] == (
+        "modality 'cam' was present at 70% of 2024-01-06's scored ticks against 90% on the 2 recent date(s) before "
+        "(median) - part of its rows missing: an upload that stopped or started late, a gap upstream; once they are "
+        "there, dmafn backfill s.yaml --start 2024-01-06 --end 2024-01-06 rescores the date")
+    assert problems[2] == (
         "modality 'cam' was absent at every scored tick of 3 entities on 2024-01-06 against 1 on 2024-01-03 (among them "
         "m-2, m-5, m-9) - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the lake: "
         "their ticks were scored without it (the output's `modalities` column says which ticks had it)")
     assert found.as_dict()["recent"][1]["usable_rows_cam"] == 0
+    level = DateResult("2024-01-07", 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": 40},
+                       modality_present={"proc": 1.0, "cam": 0.86},
+                       without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
+    record_run(spec, Storage(), level, run_id="r-7", version=OLD, status="succeeded")
+    problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems       # 86% against a median of 90%
+    assert len(problems) == 2 and not any("was present at" in p for p in problems)   # still 3 without it against 1
