@@ -526,8 +526,18 @@ def changed_inputs(spec: Spec, storage: Storage, dates: list[str], *, version: s
 
 def changed_inputs_line(changed: list[ChangedInput]) -> str:
     """One text for the changed dates: each with the modalities whose files changed and its partitions' count of files
-    (every modality's) then -> now."""
-    return ", ".join(f"{c.date} ({', '.join(c.modalities)}; {c.files_then} -> {c.files_now} files)" for c in changed)
+    (every modality's) then -> now; the first `NAMED_DATES`, the rest counted."""
+    return named_dates([f"{c.date} ({', '.join(c.modalities)}; {c.files_then} -> {c.files_now} files)"
+                        for c in changed])
+
+
+NAMED_DATES = 10     # dates a line names; the rest counted
+
+
+def named_dates(dates: list[str]) -> str:
+    """The first `NAMED_DATES` of `dates` (or of their descriptions) and how many more."""
+    more = f" and {len(dates) - NAMED_DATES} more" if len(dates) > NAMED_DATES else ""
+    return ", ".join(dates[:NAMED_DATES]) + more
 
 
 def _date_line(done: int, total: int, started: float, r: DateResult) -> str:
@@ -605,7 +615,7 @@ class BackfillPlan:
             log.warning("rescoring %d date(s) whose partitions changed since model %s scored them: %s%s",
                         len(self.changed), self.version, changed_inputs_line(self.changed),
                         f"; and {len(self.after_changed)} scored date(s) after them whose first ticks read them "
-                        f"({', '.join(self.after_changed)})" if self.after_changed else "")
+                        f"({named_dates(self.after_changed)})" if self.after_changed else "")
         if self.changed_left:
             log.warning("%d date(s) changed since model %s scored them, left as scored (--skip-changed): %s",
                         len(self.changed_left), self.version, changed_inputs_line(self.changed_left))
@@ -648,23 +658,18 @@ def backfill_dry_run(spec: Spec, start: dt.date, end: dt.date, *, version: str |
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
     plan = plan_backfill(spec, days, mv, storage, force=force, skip_changed=skip_changed)
-    lines = [f"backfill {start} .. {end} with model version {mv.version}: a dry run, nothing is scored or written"]
-
-    def named(dates: list[str]) -> str:
-        return ", ".join(dates[:10]) + (f" and {len(dates) - 10} more" if len(dates) > 10 else "")
-
-    lines.append(f"  to score: {len(plan.new)} date(s) "
-                 + ("(--force)" if force else f"not scored by {mv.version}") + (f": {named(plan.new)}" if plan.new else ""))
+    lines = [f"backfill {start} .. {end} with model version {mv.version}: a dry run, nothing is scored or written",
+             f"  to score: {len(plan.new)} date(s) " + ("(--force)" if force else f"not scored by {mv.version}")
+             + (f": {named_dates(plan.new)}" if plan.new else "")]
     if plan.changed:
         lines.append(f"  to score again: {len(plan.changed)} date(s) whose partitions changed since it scored them: "
-                     f"{changed_inputs_line(plan.changed[:10])}" + (" and more" if len(plan.changed) > 10 else "")
+                     f"{changed_inputs_line(plan.changed)}"
                      + (f"; {len(plan.after_changed)} date(s) after them whose first ticks read them: "
-                        f"{named(plan.after_changed)}" if plan.after_changed else ""))
-    lines.append(f"  left as scored: {len(plan.left)} date(s)" + (f": {named(plan.left)}" if plan.left else ""))
+                        f"{named_dates(plan.after_changed)}" if plan.after_changed else ""))
+    lines.append(f"  left as scored: {len(plan.left)} date(s)" + (f": {named_dates(plan.left)}" if plan.left else ""))
     if plan.changed_left:
         lines.append(f"  left although their partitions changed (--skip-changed): {len(plan.changed_left)} date(s): "
-                     f"{changed_inputs_line(plan.changed_left[:10])}" + (" and more" if len(plan.changed_left) > 10
-                                                                       else ""))
+                     f"{changed_inputs_line(plan.changed_left)}")
     todo = plan.todo
     if todo:
         model_spec = reading_spec(mv, spec)

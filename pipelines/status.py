@@ -7,8 +7,9 @@ dates whose runs all failed, dates whose latest re-run failed, dates never score
 scored date, recent dates most of whose ticks score above the version's validation median (the line
 `pipelines.score.unlike_validation_warning` logs), entities the latest version scored without statistics of their
 own (`pipelines.score.unseen_entities_warning`), recent dates with many input rows timed outside their partition,
-recent dates whose partitions changed since they were scored (`pipelines.score.changed_inputs`), and - with
-`max_age_days` - a newest scored date too old for a nightly job.
+modalities gone dark (no usable row on a date, part of the newest day missing, more machines without it), recent
+dates whose partitions changed since they were scored (`pipelines.score.changed_inputs`), and - with `max_age_days` -
+a newest scored date too old for a nightly job.
 """
 from __future__ import annotations
 
@@ -23,12 +24,11 @@ from dmafn.spec import Spec, format_duration, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, ENTITIES_WITHOUT_NAMED, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             USABLE_ROWS, changed_inputs, changed_inputs_line, unlike_validation_line)
+                             USABLE_ROWS, changed_inputs, changed_inputs_line, named_dates, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
 SKIPPED = "skipped"  # a run's status for a date no modality had input for, with `score.missing_input: skip`
-LISTED = 10         # dates named in one problem line; the rest counted
 PRESENT_DROP = 0.05  # a modality present at this much less of the newest date's ticks than the median of the recent
                      # dates before: named (the demo fleet's shares move by at most 0.01 from day to day)
 
@@ -83,7 +83,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     out.facts["skipped"] = skipped
     if skipped:
         out.lines.append(f"skipped for want of any input (score.missing_input: skip): {len(skipped)} date(s), "
-                         f"{_named(skipped)}")
+                         f"{named_dates(skipped)}")
     handled = max([newest, *skipped])                   # a plant at rest: the nightly ran and skipped its dates
     _failed(runs, out, spec_path)
     _never_scored(runs, first, handled, out, spec_path)
@@ -147,7 +147,7 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
     # versions saved after LATEST that it does not name: candidates (train --no-promote) or rolled back from
     out.facts["newer_than_latest"] = newer = [v for v in versions if v > latest]
     if newer:
-        out.lines.append(f"saved after {LATEST} and not named by it: {_named(newer)} (candidates not promoted, or "
+        out.lines.append(f"saved after {LATEST} and not named by it: {named_dates(newer)} (candidates not promoted, or "
                          f"versions rolled back from; dmafn promote {spec_path} VERSION names one)")
 
 
@@ -173,8 +173,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     if ENTITIES_WITHOUT_NAMED not in runs.columns:
         runs = runs.with_columns(pl.lit(None, pl.String).alias(ENTITIES_WITHOUT_NAMED))
-    by_modality = sorted(c for c in runs.columns if c.startswith((MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE,
-                                                                            ENTITIES_WITHOUT)))
+    per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
+    by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
             .agg(pl.all().last(), (pl.col("status") == "succeeded").any().alias("committed")).sort("date"))
 
@@ -184,7 +184,7 @@ def _failed(runs: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     never = latest_failed.filter(~pl.col("committed"))
     for (error,), group in never.group_by("error", maintain_order=True):     # the same cause: one line
         days = group["date"].to_list()
-        out.problems.append(f"{len(days)} date(s) whose runs all failed: {_named(days)}{_because(error)} - mend "
+        out.problems.append(f"{len(days)} date(s) whose runs all failed: {named_dates(days)}{_because(error)} - mend "
                             f"it, then run dmafn backfill {spec_path} --start {days[0]} --end {days[-1]} (dates "
                             "scored since are skipped)")
     for row in latest_failed.filter(pl.col("committed")).iter_rows(named=True):
@@ -205,7 +205,7 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     alarms = "" if rate is None else f"; their alarm rate {rate:.1%}"
     first, last = hit["date"].min(), hit["date"].max()      # days that hold them: where enrolment can fit them
     out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date) were scored by "
-                        f"the fleet's statistics on {hit.height} recent date(s): {_named(hit['date'].to_list())}"
+                        f"the fleet's statistics on {hit.height} recent date(s): {named_dates(hit['date'].to_list())}"
                         f"{alarms} - enrol them (dmafn enroll {spec_path} --start {first} --end {last}: days that "
                         f"hold them, normal for them) or train a version on such days, then rescore with it (dmafn "
                         f"backfill {spec_path} --start {first} --end {last})")
@@ -223,56 +223,72 @@ def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: 
     first, last = hit["date"].min(), hit["date"].max()
     out.problems.append(f"{hit.height} recent date(s) had over {MISPLACED_SHARE:.0%} of their input rows timed outside "
                         f"their date partition (up to {hit['_share'].max():.1%}; quarantined, not scored): "
-                        f"{_named(hit['date'].to_list())} - misfiled rows, or a lake filed by another calendar than "
-                        f"the spec's timezone ({spec.timezone}) or by arrival later than its lateness allows "
+                        f"{named_dates(hit['date'].to_list())} - misfiled rows, or a lake filed by another calendar "
+                        f"than the spec's timezone ({spec.timezone}) or by arrival later than its lateness allows "
                         f"({format_duration(spec.lateness_us) if spec.lateness_us else 'none'}): set `timezone` or "
                         f"`lateness` in {spec_path}, then rescore (dmafn backfill {spec_path} --start {first} --end "
                         f"{last} --force)")
 
 
 def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
-    """Problems for modalities that went dark: one with no usable row in a recent date's partitions while the date's
-    ticks were scored (`pipelines.score.absent_modality_warning`), one present at `PRESENT_DROP` less of the newest
-    date's ticks than the recent dates' median (part of a day missing), and one absent at every tick of more of the
-    newest date's entities
-    than on some recent date before it (a sensor, camera or log shipper that stopped; machines that never had it are
-    there on every date and not named)."""
+    """Problems for modalities that went dark, each modality on its own: dates it had no usable row on
+    (`_dark_dates`), a newest date with part of its day missing (`_share_drop`), and more machines without it on the
+    newest date than before (`_dark_entities`)."""
     done = recent.filter((pl.col("status") == "succeeded") & (pl.col("rows_scored") > 0))
-    for column in sorted(c for c in done.columns if c.startswith(USABLE_ROWS)):
-        m = column[len(USABLE_ROWS):]
-        gone = done.filter(pl.col(column) == 0)["date"].to_list()
-        if gone:
-            out.problems.append(f"modality '{m}' had no usable input row in the partitions of {len(gone)} recent "
-                                f"date(s): {_named(gone)} - they were scored without it (its partition missing or "
-                                "empty, its path moved, or every row quarantined): check its input (dmafn validate "
-                                f"{spec_path} --check-data, the quarantine table); once its files are there, dmafn "
-                                f"backfill {spec_path} --start {gone[0]} --end {gone[-1]} rescores them")
-        without, share = f"{ENTITIES_WITHOUT}{m}", f"{PRESENT_SHARE}{m}"
-        if without not in done.columns or share not in done.columns:
-            continue
-        shares = done.filter(pl.col(share).is_not_null() & (pl.col(column) > 0))
-        if shares.height >= 2:
-            newest, usual = shares.row(-1, named=True), shares.head(shares.height - 1)[share].median()
-            if newest[share] < usual - PRESENT_DROP:
-                out.problems.append(f"modality '{m}' was present at {newest[share]:.0%} of {newest['date']}'s scored "
-                                    f"ticks against {usual:.0%} on the {shares.height - 1} recent date(s) before "
-                                    "(median) - part of its rows missing: an upload that stopped or started late, a "
-                                    f"gap upstream; once they are there, dmafn backfill {spec_path} --start "
-                                    f"{newest['date']} --end {newest['date']} rescores the date")
-        counted = done.filter(pl.col(without).is_not_null() & (pl.col(column) > 0))
-        if counted.height < 2:
-            continue
-        newest, before = counted.row(-1, named=True), counted.head(counted.height - 1)
-        fewest = before.sort(without).row(0, named=True)
-        if newest[without] > fewest[without]:
-            named = json.loads(newest[ENTITIES_WITHOUT_NAMED] or "{}").get(m, [])
-            out.problems.append(f"modality '{m}' was absent at every scored tick of {newest[without]} entit"
-                                f"{'y' if newest[without] == 1 else 'ies'} on {newest['date']} against "
-                                f"{fewest[without]} on {fewest['date']}"
-                                + (f" (among them {', '.join(named)})" if named else "")
-                                + f" - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching "
-                                "the lake: their ticks were scored without it (the output's `modalities` column says "
-                                "which ticks had it)")
+    for rows in sorted(c for c in done.columns if c.startswith(USABLE_ROWS)):
+        m = rows[len(USABLE_ROWS):]
+        _dark_dates(done, m, out, spec_path)
+        if f"{ENTITIES_WITHOUT}{m}" in done.columns and f"{PRESENT_SHARE}{m}" in done.columns:
+            with_rows = done.filter(pl.col(rows) > 0)          # a dark date is named above, and not compared
+            _share_drop(with_rows, m, out, spec_path)
+            _dark_entities(with_rows, m, out)
+
+
+def _dark_dates(done: pl.DataFrame, m: str, out: ScoringStatus, spec_path: str) -> None:
+    """A problem when modality `m` had no usable row in the partitions of recent dates whose ticks were scored
+    (`pipelines.score.absent_modality_warning`): they were scored without it."""
+    gone = done.filter(pl.col(f"{USABLE_ROWS}{m}") == 0)["date"].to_list()
+    if gone:
+        out.problems.append(f"modality '{m}' had no usable input row in the partitions of {len(gone)} recent "
+                            f"date(s): {named_dates(gone)} - they were scored without it (its partition missing or "
+                            "empty, its path moved, or every row quarantined): check its input (dmafn validate "
+                            f"{spec_path} --check-data, the quarantine table); once its files are there, dmafn "
+                            f"backfill {spec_path} --start {gone[0]} --end {gone[-1]} rescores them")
+
+
+def _share_drop(done: pl.DataFrame, m: str, out: ScoringStatus, spec_path: str) -> None:
+    """A problem when modality `m` was present at `PRESENT_DROP` less of the newest date's scored ticks than the
+    median of the recent dates before: part of its day missing."""
+    share = f"{PRESENT_SHARE}{m}"
+    shares = done.filter(pl.col(share).is_not_null())
+    if shares.height < 2:
+        return
+    newest, usual = shares.row(-1, named=True), shares.head(shares.height - 1)[share].median()
+    if newest[share] < usual - PRESENT_DROP:
+        out.problems.append(f"modality '{m}' was present at {newest[share]:.0%} of {newest['date']}'s scored ticks "
+                            f"against {usual:.0%} on the {shares.height - 1} recent date(s) before (median) - part of "
+                            "its rows missing: an upload that stopped or started late, a gap upstream; once they are "
+                            f"there, dmafn backfill {spec_path} --start {newest['date']} --end {newest['date']} "
+                            "rescores the date")
+
+
+def _dark_entities(done: pl.DataFrame, m: str, out: ScoringStatus) -> None:
+    """A problem when modality `m` was absent at every scored tick of more of the newest date's entities than on the
+    recent date before with the fewest (a sensor, camera or log shipper that stopped; machines that never have it
+    count alike on every date and are not named)."""
+    without = f"{ENTITIES_WITHOUT}{m}"
+    counted = done.filter(pl.col(without).is_not_null())
+    if counted.height < 2:
+        return
+    newest, fewest = counted.row(-1, named=True), counted.head(counted.height - 1).sort(without).row(0, named=True)
+    if newest[without] > fewest[without]:
+        named = json.loads(newest[ENTITIES_WITHOUT_NAMED] or "{}").get(m, [])
+        out.problems.append(f"modality '{m}' was absent at every scored tick of {newest[without]} entit"
+                            f"{'y' if newest[without] == 1 else 'ies'} on {newest['date']} against {fewest[without]} "
+                            f"on {fewest['date']}" + (f" (among them {', '.join(named)})" if named else "")
+                            + " - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the "
+                            "lake: their ticks were scored without it (the output's `modalities` column says which "
+                            "ticks had it)")
 
 
 def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Storage, spec_path: str,
@@ -294,7 +310,7 @@ def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Stor
     last = min(dt.date.fromisoformat(changed[-1].date) + dt.timedelta(days=spec.lookback_days),
                dt.date.fromisoformat(handled)).isoformat()
     out.problems.append(f"{len(changed)} recent date(s) whose partitions changed since they were scored: "
-                        f"{changed_inputs_line(changed[:LISTED])}{' and more' if len(changed) > LISTED else ''} - "
+                        f"{changed_inputs_line(changed)} - "
                         "their output was scored without what is there now (files uploaded late, a partition "
                         f"re-delivered or rewritten): run dmafn backfill {spec_path} --start {first} --end {last} "
                         "(it rescores the dates whose partitions changed and those whose first ticks read them)")
@@ -311,13 +327,8 @@ def _never_scored(runs: pl.DataFrame, first: str, newest: str, out: ScoringStatu
     missing = [d.isoformat() for d in (start + dt.timedelta(days=i) for i in range((end - start).days + 1))
                if d.isoformat() not in seen]
     if missing:
-        out.problems.append(f"{len(missing)} date(s) never scored between {first} and {newest}: {_named(missing)} "
+        out.problems.append(f"{len(missing)} date(s) never scored between {first} and {newest}: {named_dates(missing)} "
                             f"- run dmafn backfill {spec_path} --start {missing[0]} --end {missing[-1]}")
-
-
-def _named(dates: list[str]) -> str:
-    more = f" and {len(dates) - LISTED} more" if len(dates) > LISTED else ""
-    return ", ".join(dates[:LISTED]) + more
 
 
 def _table(runs: pl.DataFrame) -> list[str]:

@@ -145,7 +145,7 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     s3.put_object(Bucket=BUCKET, Key=f"raw/logs/date={DAYS[1]}/late-upload.parquet", Body=sink.getvalue().to_pybytes())
     caplog.set_level(logging.INFO, logger="pipelines.score")
     rescored = backfill(spec, DAYS[0], DAYS[-1])
-    assert [r.date for r in rescored] == [DAYS[1].isoformat(), DAYS[2].isoformat()]   # and the date after: its look-back
+    assert [r.date for r in rescored] == [DAYS[1].isoformat(), DAYS[2].isoformat()]   # and the next: its look-back
     assert f"rescoring 1 date(s) whose partitions changed since model {version} scored them: {DAYS[1]} (logs; " \
         in caplog.text
     assert [(r.ticks_in, r.rows_scored, r.anomalies) for r in rescored] == \

@@ -251,8 +251,8 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
         "(median) - part of its rows missing: an upload that stopped or started late, a gap upstream; once they are "
         "there, dmafn backfill s.yaml --start 2024-01-06 --end 2024-01-06 rescores the date")
     assert problems[2] == (
-        "modality 'cam' was absent at every scored tick of 3 entities on 2024-01-06 against 1 on 2024-01-03 (among them "
-        "m-2, m-5, m-9) - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the lake: "
+        "modality 'cam' was absent at every scored tick of 3 entities on 2024-01-06 against 1 on 2024-01-03 (among "
+        "them m-2, m-5, m-9) - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the lake: "
         "their ticks were scored without it (the output's `modalities` column says which ticks had it)")
     assert found.as_dict()["recent"][1]["usable_rows_cam"] == 0
     level = DateResult("2024-01-07", 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": 40},
