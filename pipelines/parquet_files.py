@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
 import pyarrow as pa
@@ -104,23 +105,33 @@ class ListedFile(NamedTuple):
     mtime_ns: int | None
 
 
+FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)
+
+
 def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[ListedFile]:
-    """The Parquet files under each date's folder, by date then path. Files whose names start with `.` or `_` are
-    skipped (Spark/Delta side files); other files not named `*.parquet` (a Hive table's `000000_0`) are skipped
-    with a warning naming them, never silently; DataError names a folder that cannot be listed."""
-    files: list[ListedFile] = []
-    for date, folder in sorted(folders.items()):
-        try:
-            infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-        except OSError as exc:
-            raise DataError(f"{folder}: cannot be listed ({exc})") from None
-        shown = sorted((i for i in infos if i.is_file and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
-        prefix = folder.rstrip("/") + "/"
-        files += [ListedFile(date.isoformat(), i.path, i.size or 0,
-                             i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name, i.mtime_ns)
-                  for i in shown if i.base_name.endswith(".parquet")]
-        other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
-        if other:
-            log.warning("%s: %d file(s) not named *.parquet are not read (%s%s); name them *.parquet to have them "
-                        "read", folder, len(other), ", ".join(other[:3]), ", ..." if len(other) > 3 else "")
+    """The Parquet files under each date's folder, by date then path; the folders are listed `FOLDER_LISTERS` at a
+    time. Files whose names start with `.` or `_` are skipped (Spark/Delta side files); other files not named
+    `*.parquet` (a Hive table's `000000_0`) are skipped with a warning naming them, never silently; DataError names a
+    folder that cannot be listed."""
+    items = sorted(folders.items())
+    if len(items) <= 1:
+        return [f for date, folder in items for f in _list_folder(filesystem, date, folder)]
+    with ThreadPoolExecutor(min(FOLDER_LISTERS, len(items))) as pool:     # results in date order
+        return [f for found in pool.map(lambda item: _list_folder(filesystem, *item), items) for f in found]
+
+
+def _list_folder(filesystem: pafs.FileSystem, date: dt.date, folder: str) -> list[ListedFile]:
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot be listed ({exc})") from None
+    shown = sorted((i for i in infos if i.is_file and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
+    prefix = folder.rstrip("/") + "/"
+    files = [ListedFile(date.isoformat(), i.path, i.size or 0,
+                        i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name, i.mtime_ns)
+             for i in shown if i.base_name.endswith(".parquet")]
+    other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
+    if other:
+        log.warning("%s: %d file(s) not named *.parquet are not read (%s%s); name them *.parquet to have them "
+                    "read", folder, len(other), ", ".join(other[:3]), ", ..." if len(other) > 3 else "")
     return files

@@ -1613,6 +1613,32 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
 
 
+def test_date_folders_listed_at_once_come_back_by_date_then_path_and_a_folder_that_cannot_be_listed_is_named(
+        tmp_path):
+    import datetime as dt
+
+    import pyarrow.fs as pafs
+
+    from pipelines.parquet_files import FOLDER_LISTERS, list_parquet_files
+    from pipelines.storage import DataError
+
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(FOLDER_LISTERS + 4)]
+    folders = {}
+    for i, day in enumerate(reversed(days)):                 # created newest first
+        folder = tmp_path / f"date={day}"
+        (folder / "sub").mkdir(parents=True)
+        for name in ("b.parquet", "a.parquet", "sub/c.parquet")[: 1 + i % 3]:
+            (folder / name).write_bytes(b"x" * (i + 1))
+        folders[day] = str(folder)
+    files = list_parquet_files(pafs.LocalFileSystem(), folders)
+    assert [(f.date, f.name) for f in files] == sorted((f.date, f.name) for f in files)
+    assert {f.date for f in files} == {d.isoformat() for d in days} and all(f.mtime_ns for f in files)
+    assert any(f.name == "sub/c.parquet" for f in files)
+    folders[days[3]] = str(tmp_path / "gone")
+    with pytest.raises(DataError, match=r"gone: cannot be listed"):
+        list_parquet_files(pafs.LocalFileSystem(), folders)
+
+
 def test_partition_folders_that_are_not_a_date_are_skipped_with_a_warning_that_names_them(tmp_path, caplog):
     """`date=2024-13-01` (no such date), `date=2024-1-5` (not YYYY-MM-DD), another key or a stray folder are not
     read, and one warning names them (once crashed the job with `month must be in 1..12`); `_delta_log`-like and
