@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -55,7 +56,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     checked = load_labels(spec, storage).keyed_as(spec, score_types(table)) if spec.labels else None
     labels = checked.usable if checked is not None else None
     evaluation = WindowEvaluation(spec, labels) if labels is not None else None
-    window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events)
+    window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events, spec.timezone)
     first = partial(report_part, spec=spec, top=top_events, intervals=evaluation.intervals if evaluation else None)
     passes = TaskPasses("report", spec, storage, table, None, dates, labels) if ray_running() else None
     intervals = evaluation.intervals if evaluation is not None else None
@@ -279,8 +280,8 @@ class AlarmEvents:
     Keeps the number of runs and the `top` highest (all: None). A chunk is added whole (`add`) or as the
     `EventsPart` computed where it lies (`add_part`): the runs inside it counted there, those at its edges here."""
 
-    def __init__(self, modalities: list[str], top: int | None = None) -> None:
-        self.modalities, self.top, self.count = modalities, top, 0
+    def __init__(self, modalities: list[str], top: int | None = None, zone: str = "UTC") -> None:
+        self.modalities, self.top, self.count, self.zone = modalities, top, 0, zone   # zone: of the times shown
         self.best: pl.DataFrame | None = None
         self._carry: pl.DataFrame | None = None
         self.found: list[dict[str, Any]] = []
@@ -344,7 +345,8 @@ class AlarmEvents:
         self.found = []
         for row in (self.best.iter_rows(named=True) if self.best is not None else []):
             means = {m: row[m] for m in self.modalities if row.get(m) is not None and math.isfinite(row[m])}
-            self.found.append({"entity": row["_entity"], "start": _when(row["start"]), "end": _when(row["end"]),
+            self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
+                               "end": _when(row["end"], self.zone),
                                "ticks": row["ticks"], "peak": row["peak"],
                                "dominant": max(means, key=means.get) if means else "none", "kind": row.get("kind")})
         return self.found
@@ -448,7 +450,8 @@ def _events_section(found: AlarmEvents) -> str:
     rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]), e["dominant"], e["kind"] or "none"]
             for e in found.found]
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
-           "with the highest peak score. Dominant modality: the largest mean contribution during the event."
+           "with the highest peak score, their times in the spec's timezone. Dominant modality: the largest mean " \
+           "contribution during the event."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
 
 
@@ -589,7 +592,7 @@ def _timeline_figure(entity: str, one: pl.DataFrame, modalities: list[str], kind
     days = _day_ticks(t0, t1, sx, 2 * PLOT_HEIGHT + 30, zone)
     legend = "".join(f'<tspan fill="{c}"> {_e(m)}</tspan>' for m, (_, _, c) in contributions.items())
     svg = (f'<svg viewBox="0 0 {WIDTH} {2 * PLOT_HEIGHT + 40}" width="{WIDTH}" height="{2 * PLOT_HEIGHT + 40}" '
-           f'role="img"><g>{labelled}{_alarms(one, sx, PLOT_HEIGHT)}{top}</g>'
+           f'role="img"><g>{labelled}{_alarms(one, sx, PLOT_HEIGHT, zone)}{top}</g>'
            f'<g transform="translate(0 {PLOT_HEIGHT + 15})">{labelled}{bottom}'
            f'<text x="56" y="14" class="label">contributions:{legend}</text></g>{days}</svg>')
     note = (f"fused score on an axis clipped to [{lo:.2f}, {hi:.2f}]; {clipped} of the points drawn lie above it, "
@@ -661,13 +664,14 @@ def _shading(one: pl.DataFrame, kinds: list[str], sx, height: int) -> str:
     return "".join(out)
 
 
-def _alarms(one: pl.DataFrame, sx, height: int) -> str:
+def _alarms(one: pl.DataFrame, sx, height: int, zone: str = "UTC") -> str:
     t = one["ts"].dt.epoch("us").to_numpy().astype(np.float64)
     out = []
     for a, b in _spans(one, one["is_anomaly"].fill_null(False).to_numpy()):
         x0, x1 = sx(t[a]), sx(t[b])
         out.append(f'<rect x="{x0:.1f}" y="{height - 9}" width="{max(x1 - x0, 2):.1f}" height="7" fill="{ALARM}" '
-                   f'class="alarm"><title>alarm ticks {_when(one["ts"][a])} .. {_when(one["ts"][b])}</title></rect>')
+                   f'class="alarm"><title>alarm ticks {_when(one["ts"][a], zone)} .. {_when(one["ts"][b], zone)}'
+                   '</title></rect>')
     return "".join(out)
 
 
@@ -733,5 +737,9 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _when(value: dt.datetime) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S")
+def _when(value: dt.datetime, zone: str | None = None) -> str:
+    """A time as text; with `zone` (an IANA name) an aware time in that zone, its abbreviation after it (the spec's
+    `timezone`: the dates' own clock)."""
+    if zone is None or value.tzinfo is None:
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")

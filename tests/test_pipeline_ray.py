@@ -878,6 +878,17 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     assert "input_files" in runs and "entities_without_named" not in runs
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
+    # event times in the spec's timezone: the same events, 5 hours earlier on New York's clock
+    when = r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (UTC|EST)</td>"
+    events = page[page.index('id="events-table"'):page.index("</table>", page.index('id="events-table"'))]
+    local = build_report(replace(unlabelled, timezone="America/New_York"), tmp_path / "ny.html", start=DAY3, end=DAY3,
+                         entities=["pump-01"]).read_text()
+    local_events = local[local.index('id="events-table"'):local.index("</table>", local.index('id="events-table"'))]
+    utc, est = re.findall(when, events), re.findall(when, local_events)
+    assert utc and len(utc) == len(est) and {z for _, z in utc} == {"UTC"} and {z for _, z in est} == {"EST"}
+    assert all(dt.datetime.fromisoformat(a) - dt.datetime.fromisoformat(b) == dt.timedelta(hours=5)
+               for (a, _), (b, _) in zip(utc, est))
+    assert re.search(r"<title>alarm ticks \S+ \S+ EST \.\. \S+ \S+ EST</title>", local)
     with pytest.raises(DataError, match="report: entity pump-99 has no scores in 2024-01-03..2024-01-03"):
         build_report(unlabelled, tmp_path / "x.html", start=DAY3, end=DAY3, entities=["pump-99"])
 
