@@ -381,7 +381,7 @@ CONTEXT_SUFFIX = "_context"
 def voting_modalities(modalities: dict[str, ModalitySpec]) -> tuple[str, ...]:
     """The modalities whose contributions make the fused score: all but the slow `context` views, which
     inform the others' reconstructions without voting (their look-back would hold an event's score up long
-    after it ends)."""
+    after it ends). They are also the modalities that read a table of their own (a view reads its parent's)."""
     return tuple(name for name, m in modalities.items() if m.context_of is None)
 
 

@@ -31,7 +31,7 @@ from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
-from pipelines.score import ENTITIES_WITHOUT, ENTITIES_WITHOUT_NAMED, MODALITY_SHARE, PRESENT_SHARE, USABLE_ROWS
+from pipelines.score import ENTITIES_WITHOUT, MODALITY_SHARE, PRESENT_SHARE, USABLE_ROWS
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -484,8 +484,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
         return '<section id="runs"><h2>Runs</h2><p>No runs table yet.</p></section>'
     runs = runs.sort(["date", "finished_at"])
     by_modality = sorted(c for c in runs.columns if c.startswith((MODALITY_SHARE, PRESENT_SHARE)))
-    coverage = sorted(c for c in runs.columns if c.startswith((USABLE_ROWS, ENTITIES_WITHOUT)) and
-                      c != ENTITIES_WITHOUT_NAMED)
+    coverage = sorted(c for c in runs.columns if c.startswith((USABLE_ROWS, ENTITIES_WITHOUT)))
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
                         "input_rows_quarantined", "input_rows", "input_rows_misplaced", "input_files", "anomalies",

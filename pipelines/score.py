@@ -119,7 +119,8 @@ MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its 
 USABLE_ROWS = "usable_rows_"              # the runs table's column of a modality's usable input rows: + its name
 PRESENT_SHARE = "present_share_"          # the runs table's column of a modality's share of ticks present: + its name
 ENTITIES_WITHOUT = "entities_without_"    # ... of the scored entities it was absent at every tick of: + its name
-ENTITIES_WITHOUT_NAMED = "entities_without_named"   # ... their first keys per modality (JSON)
+KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per modality (JSON; not a per-modality
+                                                  # column, so outside those prefixes)
 
 
 def absent_modality_warning(result: DateResult) -> str | None:
@@ -134,8 +135,6 @@ def absent_modality_warning(result: DateResult) -> str | None:
             f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
             "moved, or every row quarantined) - check its input (dmafn validate SPEC --check-data, the quarantine "
             "table); once its files are there, a backfill over the date rescores it (its partitions changed)")
-
-
 
 
 def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
@@ -388,9 +387,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     modalities = sorted({m for c in counts for m in c.modality_above})
     unseen = [c.unseen for c in counts if c.unseen is not None]
-    present = {m: sum(c.modality_present.get(m, 0) for c in counts) for m in {m for c in counts for m in
-                                                                            c.modality_present}}
-    usable = {m: sum(c.modality_rows.get(m, 0) for c in counts) for m in {m for c in counts for m in c.modality_rows}}
+    present, usable = _summed([c.modality_present for c in counts]), _summed([c.modality_rows for c in counts])
     without: dict[str, UnseenEntities] = {}
     for c in counts:                     # a date's shards hold disjoint entities
         for m, group in c.without_modality.items():
@@ -406,9 +403,14 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
                       input_rows=sum(c.input_rows for c in counts),
                       input_rows_misplaced=sum(c.input_rows_misplaced for c in counts),
-                      modality_rows=dict(sorted(usable.items())),
-                      modality_present={m: n / scored for m, n in sorted(present.items())} if scored else {},
+                      modality_rows=usable,
+                      modality_present={m: n / scored for m, n in present.items()} if scored else {},
                       without_modality=without)
+
+
+def _summed(parts: list[dict[str, int]]) -> dict[str, int]:
+    """Per key, the sum over the shards' counts (a key with 0 kept: a modality without rows), sorted by key."""
+    return {k: sum(p.get(k, 0) for p in parts) for k in sorted({k for p in parts for k in p})}
 
 
 def _share_above(positions: list[tuple[int, int]]) -> float | None:
@@ -454,9 +456,9 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     **{f"{ENTITIES_WITHOUT}{m}": pa.array([result.without_modality[m].entities
                                                            if m in result.without_modality else 0], pa.int64())
                        for m in sorted(result.modality_present)},
-                    ENTITIES_WITHOUT_NAMED: pa.array([json.dumps({m: g.named for m, g in
-                                                                  sorted(result.without_modality.items())})
-                                                      if result.without_modality else None], pa.string()),
+                    KEYS_WITHOUT_MODALITY: pa.array([json.dumps({m: g.named for m, g in
+                                                                 sorted(result.without_modality.items())})
+                                                     if result.without_modality else None], pa.string()),
                     "entities": pa.array([result.entities], pa.int64()),
                     "unseen_entities": pa.array([None if result.unseen is None else result.unseen.entities],
                                                 pa.int64()),

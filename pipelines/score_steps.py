@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from dmafn.features import entity_key, entity_keys, featurize
 from dmafn.calibration import Calibration
 from dmafn.scoring import raw_scores
-from dmafn.spec import Spec
+from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
 from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard
@@ -119,10 +119,18 @@ def _above(column: pa.ChunkedArray, median: float | None) -> tuple[int, int]:
     return len(column) - column.null_count, int(pc.sum(pc.greater(column, median)).as_py() or 0)
 
 
-def entity_alarms(out: pa.Table, entity: tuple[str, ...] | list[str]) -> pl.DataFrame:
-    """Scored rows `out` per entity: its key column(s), `ticks` and `anomalies` (one row per scored entity)."""
-    return (pl.from_arrow(out.select([*entity, "is_anomaly"])).group_by(list(entity))
-            .agg(pl.len().alias("ticks"), pl.col("is_anomaly").sum().alias("anomalies")))
+def entity_alarms(out: pa.Table, entity: tuple[str, ...] | list[str],
+                  modalities: tuple[str, ...] | list[str] = ()) -> pl.DataFrame:
+    """Scored rows `out` per entity: its key column(s), `ticks`, `anomalies` and, for each of `modalities`, whether it
+    was present at any of the entity's ticks (`_has_<m>`, from the `modalities` column; one row per scored entity)."""
+    rows = pl.from_arrow(out.select([*entity, "is_anomaly", *(["modalities"] if modalities else [])]))
+    return rows.group_by(list(entity)).agg(pl.len().alias("ticks"), pl.col("is_anomaly").sum().alias("anomalies"),
+                                           *(_has(m).any().alias(f"_has_{m}") for m in modalities))
+
+
+def _has(modality: str) -> pl.Expr:
+    """True at a scored tick `modality` was present at (the output's `modalities` column)."""
+    return pl.col("modalities").list.contains(modality)
 
 
 def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str],
@@ -139,22 +147,19 @@ def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str
                           sorted(keys[new])[:UNSEEN_NAMED])
 
 
-def modality_presence(out: pa.Table, entity: tuple[str, ...] | list[str], modalities: list[str]
-                      ) -> tuple[dict[str, int], dict[str, UnseenEntities]]:
+def modality_presence(out: pa.Table, per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str],
+                      modalities: list[str]) -> tuple[dict[str, int], dict[str, UnseenEntities]]:
     """Per modality of `modalities`, the scored ticks of `out` it was present at (the `modalities` column), and the
-    scored entities it was absent at every tick of, with their ticks and alarms (`UnseenEntities`; none without
-    such entities): a sensor, camera or log shipper gone dark for the whole date is scored around, not silently."""
-    rows = pl.from_arrow(out.select([*entity, "modalities", "is_anomaly"]))
-    has = {m: pl.col("modalities").list.contains(m) for m in modalities}
-    present = rows.select(has[m].sum().alias(f"_has_{m}") for m in modalities).row(0)
-    per_entity = rows.group_by(list(entity)).agg(pl.len().alias("_ticks"), pl.col("is_anomaly").sum().alias("_alarms"),
-                                                 *(has[m].any().alias(f"_has_{m}") for m in modalities))
+    scored entities it was absent at every tick of (from `per_entity`, `entity_alarms` with the same `modalities`),
+    with their ticks and alarms (`UnseenEntities`; none without such entities): a sensor, camera or log shipper gone
+    dark for the whole date is scored around, not silently."""
+    present = pl.from_arrow(out.select(["modalities"])).select(_has(m).sum().alias(m) for m in modalities).row(0)
     without = {}
     for m in modalities:
         dark = per_entity.filter(~pl.col(f"_has_{m}"))
         if dark.height:
             keys = entity_key(dark.select(entity).to_arrow(), entity)
-            without[m] = UnseenEntities(dark.height, int(dark["_ticks"].sum()), int(dark["_alarms"].sum()),
+            without[m] = UnseenEntities(dark.height, int(dark["ticks"].sum()), int(dark["anomalies"].sum()),
                                         sorted(keys)[:UNSEEN_NAMED])
     return {m: int(n or 0) for m, n in zip(modalities, present)}, without
 
@@ -186,7 +191,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
     known = entity_keys(mv.stats)
-    own_modalities = [name for name, m in mv.spec.modalities.items() if not m.context_of]   # a view follows its parent
+    own_modalities = list(voting_modalities(mv.spec.modalities))     # each reads a table of its own
     parts, done = [], 0
     for batch, tables in tick_batches(ticks, inputs.tables, spec, batch_ticks):
         parts.append(pl.from_arrow(scorer(align(batch, tables, spec).to_arrow(), inputs.decoded)))
@@ -212,9 +217,10 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.rows_scored, counts.anomalies = out.num_rows, int(pc.sum(out.column("is_anomaly")).as_py() or 0)
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.modality_above = contribution_positions(out, mv.calibration)
-            per_entity = entity_alarms(out, spec.entity)
+            per_entity = entity_alarms(out, spec.entity, own_modalities)
             counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, spec.entity, known)
-            counts.modality_present, counts.without_modality = modality_presence(out, spec.entity, own_modalities)
+            counts.modality_present, counts.without_modality = modality_presence(out, per_entity, spec.entity,
+                                                                                 own_modalities)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

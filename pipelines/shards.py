@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmafn.spec import Spec
+from dmafn.spec import Spec, voting_modalities
 from pipelines.parquet_files import column_chunk, list_parquet_files
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -177,8 +177,7 @@ def partition_files(spec: Spec, files: list[InputFile], dates: list[dt.date]) ->
     """Each of `dates`' `PartitionFiles` from a listing (`list_inputs`' or `list_partition_files`'; the look-back and
     look-ahead days' files are not a date's own). A date without files has one too: files that land later change
     it."""
-    own = [name for name, m in spec.modalities.items() if not m.context_of]
-    lines = {d: {name: [] for name in own} for d in dates}
+    lines = {d: {name: [] for name in voting_modalities(spec.modalities)} for d in dates}   # each reads its own table
     paths: dict[dt.date, set[str]] = {d: set() for d in dates}
     for f in files:
         if f.date in lines and f.modality in lines[f.date]:

@@ -23,7 +23,7 @@ import polars as pl
 from dmafn.spec import Spec, format_duration, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import (ENTITIES_WITHOUT, ENTITIES_WITHOUT_NAMED, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
+from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              USABLE_ROWS, changed_inputs, changed_inputs_line, named_dates, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
@@ -169,10 +169,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "alarm_rate",
               "expected_alarm_rate", "above_validation_median",
-              "entities", "unseen_entities", "unseen_entity_alarm_rate", "error", "finished_at"]
+              "entities", "unseen_entities", "unseen_entity_alarm_rate", KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
-    if ENTITIES_WITHOUT_NAMED not in runs.columns:
-        runs = runs.with_columns(pl.lit(None, pl.String).alias(ENTITIES_WITHOUT_NAMED))
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
     by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
@@ -282,7 +280,7 @@ def _dark_entities(done: pl.DataFrame, m: str, out: ScoringStatus) -> None:
         return
     newest, fewest = counted.row(-1, named=True), counted.head(counted.height - 1).sort(without).row(0, named=True)
     if newest[without] > fewest[without]:
-        named = json.loads(newest[ENTITIES_WITHOUT_NAMED] or "{}").get(m, [])
+        named = json.loads(newest[KEYS_WITHOUT_MODALITY] or "{}").get(m, [])
         out.problems.append(f"modality '{m}' was absent at every scored tick of {newest[without]} entit"
                             f"{'y' if newest[without] == 1 else 'ies'} on {newest['date']} against {fewest[without]} "
                             f"on {fewest['date']}" + (f" (among them {', '.join(named)})" if named else "")

@@ -580,7 +580,7 @@ def test_a_modality_gone_dark_for_a_date_or_for_one_machine_is_warned_and_named_
     assert (day3.without_modality["logs"].entities, day3.without_modality["logs"].named) == (1, ["pump-01"])
     runs = pl.read_delta(quiet.score.runs_path).sort("date")
     assert runs["usable_rows_camera"].to_list()[1] == 0 and runs["entities_without_logs"].to_list() == [0, 1]
-    assert json.loads(runs["entities_without_named"][1]) == {"logs": ["pump-01"]}
+    assert json.loads(runs["keys_without_modality"][1]) == {"logs": ["pump-01"]}
     problems = scoring_status(quiet, Storage(), today=DAY3, spec_path="spec.yaml").problems
     assert any(p.startswith("modality 'camera' had no usable input row in the partitions of 1 recent date(s): "
                             "2024-01-03 - ") for p in problems), problems
@@ -615,11 +615,12 @@ def test_a_day_whose_inputs_moved_is_warned_as_unlike_the_validation_days(traine
 
 
 def test_modality_presence_counts_ticks_present_and_the_entities_a_modality_missed_at_every_tick():
-    from pipelines.score_steps import modality_presence
+    from pipelines.score_steps import entity_alarms, modality_presence
 
     out = pa.table({"site": ["a", "a", "b"], "machine": [1, 1, 2],
                     "modalities": [["proc", "cam"], ["proc"], ["proc"]], "is_anomaly": [False, True, True]})
-    present, without = modality_presence(out, ("site", "machine"), ["proc", "cam", "logs"])
+    keys, modalities = ("site", "machine"), ["proc", "cam", "logs"]
+    present, without = modality_presence(out, entity_alarms(out, keys, modalities), keys, modalities)
     assert present == {"proc": 3, "cam": 1, "logs": 0}
     assert "proc" not in without
     assert (without["cam"].entities, without["cam"].ticks, without["cam"].anomalies, without["cam"].named) == \
@@ -875,7 +876,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     assert "alarm_rate" in runs and "expected_alarm_rate" in runs and "above_validation_median" in runs
     assert re.search(r"<td[^>]*>\d+\.\d\d %</td>", runs)                  # the shares as percentages
     assert all(f"{c}_camera" in runs for c in ("usable_rows", "present_share", "entities_without"))
-    assert "input_files" in runs and "entities_without_named" not in runs
+    assert "input_files" in runs and "keys_without_modality" not in runs
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     # event times in the spec's timezone: the same events, 5 hours earlier on New York's clock
