@@ -37,10 +37,11 @@ def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None, en
 
 
 def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3, error="x.parquet: not Parquet\nmore",
-         unseen=None):
+         unseen=None, **counts):
+    """A run of `day` recorded in the runs table; `counts`: more of a succeeded date's `DateResult` fields."""
     shares = {"proc": 0.97, "vib": 0.4} if above > 0.75 else {"proc": 0.5, "vib": 0.5}
     result = DateResult(day, 100, 98, 2, anomalies, 1.0, input_rows_quarantined=5, above_validation_median=above,
-                        modality_above=shares, unseen=unseen) \
+                        modality_above=shares, unseen=unseen, **counts) \
         if status == "succeeded" else DateResult(day, 0, 0, 0, 0, 0.0)
     record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003,
                error=None if status == "succeeded" else error)
@@ -211,8 +212,7 @@ def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD)
     for day, misplaced in (("2024-01-03", 5), ("2024-01-04", 420), ("2024-01-05", 1200)):
-        result = DateResult(day, 100, 98, 2, 3, 1.0, input_rows=10_000, input_rows_misplaced=misplaced)
-        record_run(spec, Storage(), result, run_id=f"r-{day}", version=OLD, status="succeeded")
+        _run(spec, day, input_rows=10_000, input_rows_misplaced=misplaced)
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         "2 recent date(s) had over 1% of their input rows timed outside their date partition (up to 12.0%; "
@@ -230,21 +230,18 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
     has it (one on every date) is not."""
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD)
-    for day, cam_rows, dark in (("2024-01-03", 50, 1), ("2024-01-04", 0, 1), ("2024-01-05", 48, 1)):
-        without = {"cam": UnseenEntities(dark, 96, 4, ["m-9"])}
-        result = DateResult(day, 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": cam_rows},
-                            modality_present={"proc": 1.0, "cam": 0.9 if cam_rows else 0.02}, without_modality=without)
-        record_run(spec, Storage(), result, run_id=f"r-{day}", version=OLD, status="succeeded")
+    for day, cam_rows in (("2024-01-03", 50), ("2024-01-04", 0), ("2024-01-05", 48)):
+        _run(spec, day, modality_rows={"proc": 900, "cam": cam_rows},
+             modality_present={"proc": 1.0, "cam": 0.9 if cam_rows else 0.02},
+             without_modality={"cam": UnseenEntities(1, 96, 4, ["m-9"])})
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         "modality 'cam' had no usable input row in the partitions of 1 recent date(s): 2024-01-04 - they were scored "
         "without it (its partition missing or empty, its path moved, or every row quarantined): check its input "
         "(dmafn validate s.yaml --check-data, the quarantine table); once its files are there, dmafn backfill s.yaml "
         "--start 2024-01-04 --end 2024-01-04 rescores them"]
-    newest = DateResult("2024-01-06", 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": 40},
-                        modality_present={"proc": 1.0, "cam": 0.7},
-                        without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
-    record_run(spec, Storage(), newest, run_id="r-6", version=OLD, status="succeeded")
+    _run(spec, "2024-01-06", modality_rows={"proc": 900, "cam": 40}, modality_present={"proc": 1.0, "cam": 0.7},
+         without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
     problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems
     assert problems[1] == (
         "modality 'cam' was present at 70% of 2024-01-06's scored ticks against 90% on the 2 recent date(s) before "
@@ -255,9 +252,7 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
         "them m-2, m-5, m-9) - a sensor, camera or log shipper of theirs stopped, or its rows stopped reaching the lake: "
         "their ticks were scored without it (the output's `modalities` column says which ticks had it)")
     assert found.as_dict()["recent"][1]["usable_rows_cam"] == 0
-    level = DateResult("2024-01-07", 100, 98, 2, 3, 1.0, modality_rows={"proc": 900, "cam": 40},
-                       modality_present={"proc": 1.0, "cam": 0.86},
-                       without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
-    record_run(spec, Storage(), level, run_id="r-7", version=OLD, status="succeeded")
+    _run(spec, "2024-01-07", modality_rows={"proc": 900, "cam": 40}, modality_present={"proc": 1.0, "cam": 0.86},
+         without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
     problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems       # 86% against a median of 90%
     assert len(problems) == 2 and not any("was present at" in p for p in problems)   # still 3 without it against 1
