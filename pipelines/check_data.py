@@ -40,6 +40,8 @@ class ModalityData:
     problems: list[str] = field(default_factory=list)
     misplaced: list[tuple[str, dt.date, int, int]] = field(default_factory=list)   # files holding rows timed
     zone: str = "UTC"                       # outside their date (path, date, first, last time); the spec's timezone
+    # the Arrow types of the spec's columns (entity, time, values) as stored -> the first file storing them so
+    stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -50,7 +52,20 @@ class ModalityData:
                 f"  partitions: {len(self.dates)} dates {self.dates[0]} .. {self.dates[-1]}"
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
-                f"  columns: {columns}"] + self._misplaced_lines()
+                f"  columns: {columns}"] + self._stored_types_lines() + self._misplaced_lines()
+
+    def _stored_types_lines(self) -> list[str]:
+        if len(self.stored_types) < 2:
+            return []
+        (first, path), *others = self.stored_types.items()
+        ways = [", ".join(f"{c} {t}" for (c, t), (_, was) in zip(types, first) if t != was) + f" in {other}"
+                for types, other in others[:2]]
+        empty = any(t == "null" for types in self.stored_types for _, t in types)
+        return [f"  the spec's columns are stored as other types in some files ({len(self.stored_types)} ways; each "
+                "file is read as its own types say" + ("; a column of type null holds no value: its rows are "
+                                                       "quarantined" if empty else "")
+                + f"): {path} has {', '.join(f'{c} {t}' for c, t in first)}; "
+                + "; ".join(ways) + ("; ..." if len(others) > 2 else "")]
 
     def _misplaced_lines(self) -> list[str]:
         if not self.misplaced:
@@ -138,7 +153,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
-        schemas: dict[tuple, str] = {}
+        wanted = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
@@ -158,9 +173,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     data.misplaced.append((path, dates[path], *times))
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
-                schemas.setdefault(tuple((f.name, str(f.type)) for f in schema), path)
-        if len(schemas) > 1:
-            data.problems.append(f"modality '{name}': files differ in their columns, e.g. {list(schemas.values())[:2]}")
+                data.stored_types.setdefault(tuple((c, str(schema.field(c).type)) for c in wanted), path)
     if spec.labels:
         found.append(check_labels(spec, storage))
     return found

@@ -54,14 +54,37 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
                         f"{schema.field(time).type}, expected a timestamp")
 
 
+# what a value column that holds no value at all (Arrow's null type) is read as, by kind
+_PLAIN = {"tabular": pa.float64(), "timeseries": pa.float64(), "image": pa.binary(), "text": pa.string(),
+          "audio": pa.list_(pa.float64())}
+
+
 def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> None:
-    """Raise DataError naming the table and column when the contract does not hold."""
+    """Raise DataError naming the table and column when the contract does not hold. A value column may be
+    dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
+    the file: its rows are quarantined as unusable, see `plain_values`)."""
     check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where)
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
-        if not check(schema.field(col).type):
+        stored = schema.field(col).type
+        if pa.types.is_null(stored):
+            continue
+        if not check(stored.value_type if pa.types.is_dictionary(stored) else stored):
             raise DataError(f"modality '{m.name}' ({where}): column '{col}' is {schema.field(col).type}, "
                             f"expected {expected}")
+
+
+def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
+    """`table` (checked by `check_schema`) with each of `m`'s value columns that is dictionary-encoded decoded to its
+    values, and each of Arrow's null type typed as the kind's values (`_PLAIN`: every row then holds a null, which
+    `with_reasons` calls unusable), so files that store a column either way read like the others."""
+    for col in m.value_columns:
+        i, stored = table.schema.get_field_index(col), table.schema.field(col).type
+        if pa.types.is_dictionary(stored):
+            table = table.set_column(i, col, table.column(i).cast(stored.value_type))
+        elif pa.types.is_null(stored):
+            table = table.set_column(i, col, table.column(i).cast(_PLAIN[m.kind]))
+    return table
 
 
 def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
@@ -241,7 +264,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, bad_text = valid_text(part, m)
+                    table, bad_text = valid_text(plain_values(part, m), m)
                     rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))

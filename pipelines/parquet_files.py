@@ -110,7 +110,8 @@ FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a r
 
 def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[ListedFile]:
     """The Parquet files under each date's folder, by date then path; the folders are listed `FOLDER_LISTERS` at a
-    time. Files whose names start with `.` or `_` are skipped (Spark/Delta side files); other files not named
+    time. Files whose names start with `.` or `_`, or that lie in a folder so named, are skipped (Spark/Hive side
+    files, a failed job's attempts: `_hidden`); other files not named
     `*.parquet` (a Hive table's `000000_0`) are skipped with a warning naming them, never silently; DataError names a
     folder that cannot be listed."""
     items = sorted(folders.items())
@@ -120,15 +121,26 @@ def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str])
         return [f for found in pool.map(lambda item: _list_folder(filesystem, *item), items) for f in found]
 
 
+def _hidden(name: str) -> bool:
+    """Whether a path inside a date folder is a side file, or lies in a side folder, of the writer that made it: a
+    part starting with `.` or `_` (`_SUCCESS`, `.part-0.parquet.crc`, Spark's `_temporary/0/...` of attempts not
+    committed, Hive's `.hive-staging_*`, Impala's `_impala_insert_staging`), as Hive, Spark and pyarrow's datasets
+    skip them."""
+    return any(part.startswith((".", "_")) for part in name.split("/"))
+
+
 def _list_folder(filesystem: pafs.FileSystem, date: dt.date, folder: str) -> list[ListedFile]:
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     except OSError as exc:
         raise DataError(f"{folder}: cannot be listed ({exc})") from None
-    shown = sorted((i for i in infos if i.is_file and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
     prefix = folder.rstrip("/") + "/"
-    files = [ListedFile(date.isoformat(), i.path, i.size or 0,
-                        i.path[len(prefix):] if i.path.startswith(prefix) else i.base_name, i.mtime_ns)
+
+    def name(info: pafs.FileInfo) -> str:        # the path inside the date folder
+        return info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
+
+    shown = sorted((i for i in infos if i.is_file and not _hidden(name(i))), key=lambda i: i.path)
+    files = [ListedFile(date.isoformat(), i.path, i.size or 0, name(i), i.mtime_ns)
              for i in shown if i.base_name.endswith(".parquet")]
     other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
     if other:

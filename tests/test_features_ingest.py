@@ -256,6 +256,12 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
     schema = schema.append(pa.field("temp", pa.string()))
     with pytest.raises(DataError, match="column 'temp' is string, expected a number"):
         check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    categorical = pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")),
+                             ("temp", pa.dictionary(pa.int32(), pa.string()))])
+    with pytest.raises(DataError, match="column 'temp' is dictionary<values=string, .*expected a number"):
+        check_schema(categorical, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    for stored in (pa.dictionary(pa.int8(), pa.float32()), pa.null()):      # a categorical of numbers; no value
+        check_schema(categorical.set(2, pa.field("temp", stored)), tiny_spec, tiny_spec.modalities["proc"], "/d")
     bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.string()), ("temp", pa.float64())])
     with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp"):
         check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
@@ -345,6 +351,42 @@ def test_read_shard_reads_its_dates_and_the_lookback_and_quarantines_bad_rows(tm
         ("b", "2024-01-02", "proc", "unusable value in column 'temp'")]
     assert got.present.sort("machine_id")["machine_id"].to_list() == ["a"]
     assert got.present["_day"].to_list() == [day // 86_400_000_000]
+
+
+def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_that_holds_no_value(tmp_path,
+                                                                                                   tiny_spec):
+    """Files of one modality need not store a value column alike: a categorical (dictionary-encoded) text column
+    reads as its strings, and a column of Arrow's null type (a writer that saw no value in the file) is every row
+    unusable - quarantined, beside the other files' rows, not a failed date."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = replace(tiny_spec, modalities={
+        "proc": replace(tiny_spec.modalities["proc"], path=str(tmp_path / "proc")),
+        "logs": replace(tiny_spec.modalities["logs"], path=str(tmp_path / "logs"))})
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day, day + 60_000_000], pa.timestamp("us", tz="UTC"))
+    folder = "date=2024-01-02"
+    _write(tmp_path / "proc" / folder / "part-0.parquet",
+           pa.table({"machine_id": ["a", "b"], "ts": ts, "temp": [1.0, 2.0]}))
+    _write(tmp_path / "proc" / folder / "part-1.parquet",
+           pa.table({"machine_id": ["c", "d"], "ts": ts, "temp": pa.nulls(2)}))
+    _write(tmp_path / "logs" / folder / "part-0.parquet", pa.table({
+        "machine_id": ["a", "a"], "ts": ts, "msg": pa.array(["pump ok", "valve stuck"]).dictionary_encode()}))
+    _write(tmp_path / "logs" / folder / "part-1.parquet", pa.table({"machine_id": ["b"], "ts": ts.slice(0, 1),
+                                                                    "msg": ["pump ok"]}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["logs"].schema["msg"] == pl.String
+    assert sorted(got.tables["logs"].select("machine_id", "msg").rows()) == [
+        ("a", "pump ok"), ("a", "valve stuck"), ("b", "pump ok")]
+    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [("a", 1.0), ("b", 2.0)]
+    assert sorted(got.quarantined.select("entity", "source", "reason").rows()) == [
+        ("c", "proc", "unusable value in column 'temp'"), ("d", "proc", "unusable value in column 'temp'")]
+    assert got.usable_rows == {"2024-01-02": {"proc": 2, "logs": 3}}
+    assert got.rows_read == {"2024-01-02": 7}
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -1592,8 +1634,10 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
 
 
 def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_side_files_quietly(tmp_path, caplog):
-    """A date folder as Spark or Hive leave it: side files (`_SUCCESS`, `.crc`) are skipped quietly; a data file
-    without the .parquet name (Hive's `000000_0`) is not read, and the warning says so by name."""
+    """A date folder as Spark or Hive leave it: side files (`_SUCCESS`, `.crc`) and the files in side folders (a failed
+    Spark job's `_temporary` attempts, Hive's `.hive-staging_*`) are skipped quietly; files in other sub-folders (an
+    hour's) are read; a data file without the .parquet name (Hive's `000000_0`) is not read, and the warning says so
+    by name."""
     import datetime as dt
     import logging
 
@@ -1603,11 +1647,13 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
 
     folder = tmp_path / "proc" / "date=2024-01-02"
     folder.mkdir(parents=True)
-    for name in ("part-0.parquet", "_SUCCESS", ".part-0.parquet.crc", "000000_0"):
+    for name in ("part-0.parquet", "_SUCCESS", ".part-0.parquet.crc", "000000_0", "_temporary/0/part-9.parquet",
+                 ".hive-staging_1/part-8.parquet", "hour=13/part-1.parquet", "hour=13/_SUCCESS"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="pipelines.parquet_files"):
         files = list_parquet_files(pafs.LocalFileSystem(), {dt.date(2024, 1, 2): str(folder)})
-    assert [f.name for f in files] == ["part-0.parquet"]
+    assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
     (record,) = caplog.records
     assert "1 file(s) not named *.parquet are not read (000000_0)" in record.getMessage()
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()

@@ -304,10 +304,11 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     ts = pa.array([dt.datetime(2024, 1, 1, 0, 0, tzinfo=dt.timezone.utc)], pa.timestamp("us", tz="UTC"))
     for name in ("proc", "vib", "logs", "cam"):
         data["modalities"][name]["path"] = str(tmp_path / name)
-    for day in ("2024-01-01", "2024-01-03"):
+    for day, temp in (("2024-01-01", [1.0]), ("2024-01-03", pa.nulls(1))):   # a day with no value: type null
         folder = tmp_path / "proc" / f"date={day}"
         folder.mkdir(parents=True)
-        pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "temp": [1.0]}), folder / "part-0.parquet")
+        pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "temp": temp, "extra": [day]}),
+                       folder / "part-0.parquet")
     folder = tmp_path / "vib" / "date=2024-01-01"
     folder.mkdir(parents=True)
     pq.write_table(pa.table({"machine_id": ["a"], "ts": ts, "b": [1.0]}), folder / "part-0.parquet")   # no 'a'
@@ -324,6 +325,11 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     captured = capsys.readouterr()
     assert "proc: " in captured.out and "partitions: 2 dates 2024-01-01 .. 2024-01-03 (1 date(s) missing in between)" \
         in captured.out and "columns: machine_id string, ts timestamp[us, tz=UTC], temp double" in captured.out
+    proc = tmp_path / "proc"        # a note, not a problem: each file is read as its types say (columns not read: no)
+    assert "  the spec's columns are stored as other types in some files (2 ways; each file is read as its own " \
+        "types say; a column of type null holds no value: its rows are quarantined): " \
+        f"{proc}/date=2024-01-01/part-0.parquet has machine_id string, ts timestamp[us, tz=UTC], temp double; " \
+        f"temp null in {proc}/date=2024-01-03/part-0.parquet\n" in captured.out
     assert f"labels: {tmp_path / 'labels'}\n  rows: 2, used 1; left out: 1 null start_ts\n  1 of them in the " \
         "training window 2024-01-01..2024-01-02: their ticks are left out of training and calibration " \
         "(train.exclude_labelled)" in captured.out
