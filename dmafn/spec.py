@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from dmafn.partition_layout import LayoutError, parse_layout
+
 MODALITY_KINDS = ("tabular", "timeseries", "image", "text", "audio")
 FUSIONS = ("early", "late", "attention", "gated")
 DETECTORS = ("autoencoder", "vae", "adversarial", "classifier", "svdd")
@@ -521,8 +523,13 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
         storage = StorageSpec(endpoint_url=sto.get("endpoint_url"), region=sto.get("region"),
                               allow_http=sto.get("allow_http"),
                               timeout_s=sto.number("timeout_s", StorageSpec.timeout_s, float, 0.1, 600))
+    partition = str(top.get("partition", "date"))
+    try:
+        parse_layout(partition)
+    except LayoutError as exc:
+        raise top.err("partition", str(exc)) from None
     spec = Spec(name=str(top.required("name")), entity=top.string_list("entity"), time=str(top.required("time")),
-                grain_us=grain, partition=str(top.get("partition", "date")), modalities=modalities,
+                grain_us=grain, partition=partition, modalities=modalities,
                 train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),
                 score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
                 labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),

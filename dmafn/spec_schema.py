@@ -76,7 +76,8 @@ def spec_json_schema() -> dict[str, Any]:
             "entity": _COLUMNS,
             "time": {"type": "string"},
             "grain": _DURATION,
-            "partition": {"type": "string"},
+            "partition": {"type": "string", "description": "where a date's files lie: a key (date: date=YYYY-MM-DD "
+                          "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},
             "timezone": {"type": "string", "minLength": 1},
             "lateness": {"anyOf": [_DURATION, {"const": 0}]},
             "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,

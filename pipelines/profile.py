@@ -182,7 +182,7 @@ def partition_periods(rows: pd.DataFrame) -> pd.DataFrame:
 def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt.date]) -> list[FilePart]:
     """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing); DataError
     naming the modality's path when none of the dates has a partition."""
-    parts = list_partitions(storage, m.path, spec.partition)
+    parts = list_partitions(storage, m.path, spec.partition, (min(dates), max(dates)))
     found = {d: parts[d] for d in dates if d in parts}
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")

@@ -151,7 +151,7 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
-            parts = list_partitions(storage, m.path, spec.partition)
+            parts = list_partitions(storage, m.path, spec.partition, (min(dates), max(dates)) if dates else None)
             by_path[m.path] = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in dates if d in parts})
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns)
                   for f in by_path[m.path]]

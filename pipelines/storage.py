@@ -5,11 +5,13 @@ import datetime as dt
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from dmafn.partition_layout import parse_layout
 from dmafn.spec import StorageSpec
 
 _PARTITION = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>\d{4}-\d{2}-\d{2})$")
@@ -120,34 +122,75 @@ def partition_date(name: str, key: str) -> dt.date | None:
         return None
 
 
-def list_partitions(storage: Storage, path: str, key: str) -> dict[dt.date, str]:
-    """The `key=YYYY-MM-DD` partition folders under `path`: date -> folder path (as the filesystem names it).
-    Other folders (`date=2024-13-01`, `date=2024-1-5`, another key) are not read, with a warning naming them, never
-    silently; those whose names start with `.` or `_` (`_delta_log`) are skipped.
+PARTITION_LISTERS = 16  # folders of a layout's level listed at once (on S3 each listing is a round trip)
 
-    Raises DataError naming the path when it does not exist or cannot be reached.
+
+def list_partitions(storage: Storage, path: str, partition: str = "date",
+                    within: tuple[dt.date, dt.date] | None = None) -> dict[dt.date, str]:
+    """The date partition folders under `path`, laid out as the spec's `partition` says (a key: `key=YYYY-MM-DD`
+    folders; a layout such as `year=%Y/month=%m/day=%d`: a level of folders each, see `dmafn.partition_layout`):
+    date -> folder path (as the filesystem names it). A layout's levels are listed one after the other, the folders
+    of a level `PARTITION_LISTERS` at a time; with `within` (first, last date) a folder that can hold no date of it
+    (another year's, another month's) is not listed further, and only dates within it are returned. Folders that do
+    not fit the layout (`date=2024-13-01`, `date=2024-1-5`, another key, `backup`) are not read, with a warning
+    naming them, never silently; those whose names start with `.` or `_` (`_delta_log`) are skipped.
+
+    Raises DataError naming the path when it does not exist or cannot be reached, or when no folder under it fits
+    the layout.
     """
+    layout = parse_layout(partition)
     fs, root = storage.filesystem(path), storage.fs_path(path)
     try:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"{path}: table not found")
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except DataError:
         raise
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    out, other = {}, []
-    for entry in entries:
-        if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
-            continue                                  # files beside the partitions, `_delta_log`, `.tmp`: not data
-        if (day := partition_date(entry.base_name, key)) is None:
-            other.append(entry.base_name)             # `date=2024-13-01`, `date=2024-1-5`, `day=...`, `backup`
-        else:
-            out[day] = entry.path
+    prefix = root.rstrip("/") + "/"
+    other, fitting = [], False
+    frontier: list[tuple[str, dict[str, int]]] = [(root, {})]
+    for level in range(len(layout.levels)):
+        found = []
+        for (folder, fields), entries in zip(frontier, _list_folders(fs, path, [f for f, _ in frontier])):
+            for entry in entries:
+                if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
+                    continue                          # files beside the partitions, `_delta_log`, `.tmp`: not data
+                if (got := layout.match(level, entry.base_name)) is None:
+                    other.append(entry.path[len(prefix):] if entry.path.startswith(prefix) else entry.base_name)
+                    continue
+                span = layout.span({**fields, **got}) if within else None
+                if span is None or (span[0] <= within[1] and span[1] >= within[0]):
+                    found.append((entry.path, {**fields, **got}))
+                else:                                 # another year's, month's or day's: fits, not wanted
+                    fitting = True
+        frontier = found
+    out = {}
+    for folder, fields in frontier:
+        if (day := layout.date(fields)) is None:      # month=13, day=31 of April
+            other.append(folder[len(prefix):] if folder.startswith(prefix) else folder)
+            continue
+        fitting = True
+        if within is None or within[0] <= day <= within[1]:
+            out[day] = folder
     if other:
-        log.warning("%s: %d folder(s) not named %s=YYYY-MM-DD (a real date) are not read (%s%s); rename them to have "
-                    "them read", path, len(other), key, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
-    if not out:
-        raise DataError(f"{path}: no '{key}=YYYY-MM-DD' partitions found")
+        log.warning("%s: %d folder(s) not named %s (a real date) are not read (%s%s); rename them to have them read",
+                    path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
+    if not fitting:
+        raise DataError(f"{path}: no '{layout.text}' partitions found")
     return out
+
+
+def _list_folders(fs: pafs.FileSystem, path: str, folders: list[str]) -> list[list[pafs.FileInfo]]:
+    """Each folder's entries (not recursive), `PARTITION_LISTERS` folders at a time; DataError names `path`."""
+    def entries(folder: str) -> list[pafs.FileInfo]:
+        try:
+            return fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc})") from None
+
+    if len(folders) <= 1:
+        return [entries(f) for f in folders]
+    with ThreadPoolExecutor(min(PARTITION_LISTERS, len(folders))) as pool:
+        return list(pool.map(entries, folders))

@@ -1659,6 +1659,48 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     assert str(folder) in record.getMessage() and "_SUCCESS" not in record.getMessage()
 
 
+def test_partitions_laid_out_by_year_month_and_day_are_found_level_by_level_and_pruned_to_the_dates_asked(
+        tmp_path, caplog, monkeypatch):
+    """`partition: year=%Y/month=%m/day=%d`: each level listed in turn; folders that do not fit (month=13, a day
+    that no month has, a `backup`) are named in one warning and not read, side folders skipped quietly; given the
+    dates wanted, another year's or month's folders are not listed at all. A table where nothing fits is an error
+    naming the layout."""
+    import datetime as dt
+    import logging
+
+    from pipelines import storage as storage_module
+    from pipelines.storage import Storage, list_partitions
+
+    layout = "year=%Y/month=%m/day=%d"
+    for folder in ("year=2023/month=12/day=31", "year=2024/month=01/day=05", "year=2024/month=01/day=06",
+                   "year=2024/month=02/day=30", "year=2024/month=13/day=01", "year=2024/backup", "_tmp/x",
+                   "year=2024/month=01/_temporary"):
+        (tmp_path / "t" / folder).mkdir(parents=True)
+    listed = []
+    real = storage_module._list_folders
+    monkeypatch.setattr(storage_module, "_list_folders",
+                        lambda fs, path, folders: listed.extend(folders) or real(fs, path, folders))
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        found = list_partitions(Storage(), str(tmp_path / "t"), layout)
+    assert {d.isoformat(): p[len(str(tmp_path / "t")) + 1:] for d, p in found.items()} == {
+        "2023-12-31": "year=2023/month=12/day=31", "2024-01-05": "year=2024/month=01/day=05",
+        "2024-01-06": "year=2024/month=01/day=06"}
+    (record,) = caplog.records
+    assert "3 folder(s) not named year=YYYY/month=MM/day=DD (a real date) are not read (year=2024/backup, " \
+        "year=2024/month=02/day=30, year=2024/month=13)" in record.getMessage()
+    assert len(listed) == 1 + 2 + 3                                   # the table, 2 years, 3 months
+    listed.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        found = list_partitions(Storage(), str(tmp_path / "t"), layout, (dt.date(2024, 1, 6), dt.date(2024, 1, 9)))
+    assert list(found) == [dt.date(2024, 1, 6)]
+    table = tmp_path / "t"
+    assert sorted(listed) == [str(table), str(table / "year=2024"), str(table / "year=2024" / "month=01")]
+    assert "backup" in caplog.text and "month=13" in caplog.text and "day=30" not in caplog.text   # not listed
+    with pytest.raises(DataError, match=r"no 'YYYY/MM/DD' partitions found"):
+        list_partitions(Storage(), str(tmp_path / "t"), "%Y/%m/%d")
+
+
 def test_date_folders_listed_at_once_come_back_by_date_then_path_and_a_folder_that_cannot_be_listed_is_named(
         tmp_path):
     import datetime as dt

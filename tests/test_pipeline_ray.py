@@ -436,6 +436,37 @@ def test_a_lake_partitioned_by_local_dates_scores_its_own_dates_with_timezone(tr
                      r"timezone \(UTC\) counts dates.*\(set `timezone` to it\)", caplog.text)
 
 
+def test_a_lake_laid_out_by_year_month_and_day_scores_as_the_date_partitioned_one(trained, scored, tmp_path):
+    """The fleet's inputs moved from `date=YYYY-MM-DD` folders into `YYYY/MM/DD` ones (a stream's sink), one table
+    further into hour folders: with `partition: "%Y/%m/%d"` a date reads the same rows - its look-back day's too - and
+    scores tick for tick as before; the run records the same input files."""
+    import shutil
+
+    from pipelines.score import score_date
+
+    spec, _, root = trained
+    nested = tmp_path / "raw"
+    for path in (root / "raw").glob("*/date=*/*.parquet"):
+        day = dt.date.fromisoformat(path.parent.name.removeprefix("date="))
+        folder = nested / path.parent.parent.name / day.strftime("%Y/%m/%d")
+        if path.parent.parent.name == "logs":
+            folder = folder / "hour=00"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
+    laid_out = replace(spec, partition="%Y/%m/%d",
+                       modalities={n: replace(m, path=str(nested / Path(m.path).name))
+                                   for n, m in spec.modalities.items()},
+                       score=replace(spec.score, output=str(tmp_path / "scores"), runs=None, quarantine=None,
+                                     staging=None))
+    result = score_date(laid_out, DAY3)
+    assert (result.ticks_in, result.input_rows, result.input_files) == (scored.ticks_in, scored.input_rows,
+                                                                        scored.input_files)
+    ours = pl.read_delta(laid_out.score.output).sort("machine_id", "ts")
+    before = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").sort("machine_id", "ts")
+    assert ours.select("machine_id", "ts", "is_anomaly", "score").equals(
+        before.select("machine_id", "ts", "is_anomaly", "score"))
+
+
 def test_a_lake_partitioned_by_arrival_scores_as_by_event_time_with_lateness(trained, scored, tmp_path):
     """Every row filed under the date it arrived, 45 minutes after its time (a stream's sink): each date's last
     45 minutes sit in the next date's partition. With `lateness: 1h` the date's scoring reads them from there (and

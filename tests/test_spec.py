@@ -56,6 +56,38 @@ def test_bad_values_are_explained(patch, message):
         parse_spec({**tiny_spec_dict(), **patch}, source="s.yaml")
 
 
+def test_partition_is_a_key_or_a_layout_with_year_month_and_day():
+    """`partition: date` means `date=YYYY-MM-DD` folders; a value with % is a layout, one folder level per '/', each
+    of %Y, %m, %d once; anything else is an error naming the key."""
+    import datetime as dt
+
+    from dmafn.partition_layout import parse_layout
+
+    day = dt.date(2024, 1, 5)
+    for partition, folder, text in (
+            ("date", "date=2024-01-05", "date=YYYY-MM-DD"),
+            ("year=%Y/month=%m/day=%d", "year=2024/month=01/day=05", "year=YYYY/month=MM/day=DD"),
+            ("%Y/%m/%d", "2024/01/05", "YYYY/MM/DD"), ("dt=%Y%m%d", "dt=20240105", "dt=YYYYMMDD"),
+            ("/%d-%m-%Y/", "05-01-2024", "DD-MM-YYYY")):
+        assert parse_spec({**tiny_spec_dict(), "partition": partition}).partition == partition
+        layout = parse_layout(partition)
+        assert (layout.folder(day), layout.text) == (folder, text)
+        fields = {}
+        for level, name in enumerate(folder.split("/")):
+            fields |= layout.match(level, name)
+        assert layout.date(fields) == day
+    layout = parse_layout("year=%Y/month=%m/day=%d")
+    assert layout.match(1, "month=1") is None and layout.match(0, "year=2024x") is None
+    assert layout.date({"Y": 2024, "m": 2, "d": 30}) is None
+    assert layout.span({"Y": 2024, "m": 2}) == (dt.date(2024, 2, 1), dt.date(2024, 2, 29))
+    assert layout.span({"m": 2}) is None                             # a month of any year
+    for partition, message in (("%Y/%m", "holds %d exactly once"), ("%Y/%m/%d/%d", "holds %d exactly once"),
+                               ("%Y/%H/%m/%d", "%H is not a layout code"),
+                               ("raw/%Y/%m/%d", "the level 'raw' holds none"), ("date of day", "neither a partition key")):
+        with pytest.raises(SpecError, match=f"s.yaml: key 'partition': .*{message}"):
+            parse_spec({**tiny_spec_dict(), "partition": partition}, source="s.yaml")
+
+
 def test_timeseries_period_must_fit_grain_and_window():
     data = tiny_spec_dict()
     data["modalities"]["vib"]["period"] = "7s"
