@@ -24,7 +24,7 @@ from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
 from pipelines.delta_sink import write_partition
 from pipelines.generate import write_synthetic
-from pipelines.storage import DataError, Storage
+from pipelines.storage import DataError, Storage, list_partitions
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "lake"
@@ -304,6 +304,27 @@ def test_an_endpoint_that_never_answers_fails_within_the_storage_timeout(s3_spec
         server.close()
     assert accepted, "the client never connected"
     assert time.monotonic() - started < 30
+
+
+def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endpoint):
+    """S3 has no folders, only key prefixes: a `%Y/%m/%d` layout is found level by level there too, only the years and
+    months that can hold the dates asked are listed, and a failed Spark job's `_temporary/` files are not read."""
+    from dmafn.spec import StorageSpec
+    from pipelines.parquet_files import list_parquet_files
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="layouts")
+    for key in ("2023/12/31/part-0.parquet", "2024/01/05/part-0.parquet", "2024/01/05/hour=13/part-1.parquet",
+                "2024/01/05/_temporary/0/part-9.parquet", "2024/01/06/part-0.parquet", "2024/02/01/part-0.parquet",
+                "_staging/part-0.parquet", "2024/notes/readme.txt"):
+        s3.put_object(Bucket="layouts", Key=f"process/{key}", Body=b"x")
+    storage = Storage.from_spec(StorageSpec(endpoint_url=s3_endpoint, region="us-east-1"))
+    everything = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d")
+    assert sorted(d.isoformat() for d in everything) == ["2023-12-31", "2024-01-05", "2024-01-06", "2024-02-01"]
+    wanted = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d", (dt.date(2024, 1, 5), dt.date(2024, 1, 5)))
+    assert wanted == {dt.date(2024, 1, 5): "layouts/process/2024/01/05"}
+    files = list_parquet_files(storage.filesystem("s3://layouts/process"), wanted)
+    assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
 
 
 def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):
