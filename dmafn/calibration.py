@@ -150,15 +150,15 @@ class Calibration:
                               value=threshold.value, level=threshold.level, rate=threshold.rate)
         scored = smoothed.count()
         p50, p99 = smoothed.quantiles([0.5, 0.99]) if scored else (None, None)
-        medians = {} if detector == "classifier" else {            # each modality's smoothed contribution's median
-            m: float(values.quantiles([0.5])[0])
-            for m, values in zip(modalities, ticks.contributions(calibration)) if values.count()}
+        contributions = [] if detector == "classifier" else list(zip(modalities, ticks.contributions(calibration)))
+        present = {m: int(values.count()) for m, values in contributions}   # the ticks each modality is present at
+        medians = {m: float(values.quantiles([0.5])[0]) for m, values in contributions if present[m]}
         validation = {"validation_ticks": ticks.count(), "validation_scored": scored,
                       "validation_outliers_left_out": outliers, "validation_outliers_kept": kept,
                       "validation_alarm_rate": float(smoothed.count_above(value) / scored) if scored else 0.0,
                       "validation_score_p50": None if p50 is None else float(p50),
                       "validation_score_p99": None if p99 is None else float(p99),
-                      "validation_contribution_p50": medians,
+                      "validation_contribution_p50": medians, "validation_present_ticks": present,
                       "threshold_method": threshold.method}
         return replace(calibration, threshold=float(value), validation=validation)
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -47,7 +47,7 @@ from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Thr
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import Registry
 from pipelines.score_steps import tick_batches
-from pipelines.shards import Shard, bucket_of, list_inputs, plan_shards, require_data
+from pipelines.shards import Shard, bucket_of, list_inputs, plan_shards, require_data, require_each_modality
 from pipelines.staging import Staging
 from pipelines.statistics import BucketStatistics, EntityStatistics, entity_rows, entity_table, keys_sliceable
 from pipelines.storage import DataError, Storage, is_s3, join
@@ -127,27 +127,38 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
-                          path: str, incidents: KnownIncidents | None = None) -> tuple[int, int, int]:
+                          path: str, incidents: KnownIncidents | None = None) -> tuple[int, int, int, np.ndarray]:
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
-    out in or just after a known incident)."""
-    storage, positives = Storage.from_spec(spec.storage), 0
+    out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
+    context view that speaks only through its relations)."""
+    storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
 
     def parts():
-        nonlocal positives
+        nonlocal positives, present
         for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents):
             if "label" in part:
                 positives += int(part["label"].sum())
+            present = present + part["mask"].sum(0)
             yield part
 
-    return write_features(storage, path, parts()), positives, 0 if incidents is None else incidents.left_out
+    rows = write_features(storage, path, parts())
+    return rows, positives, 0 if incidents is None else incidents.left_out, present
+
+
+class TrainingFeatures(NamedTuple):
+    """The training shards' feature files (in shard order, with their rows) and what the driver keeps of them."""
+
+    files: list[FeatureFile]
+    positives: int                      # labelled positives in all
+    left_out: int                       # ticks left out in or just after a known incident
+    present: dict[str, int]             # per modality, the ticks it is present at
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
-                            folder: str, incidents: KnownIncidents | None = None) -> tuple[list[FeatureFile], int, int]:
+                            folder: str, incidents: KnownIncidents | None = None) -> TrainingFeatures:
     """The training shards' features written by Ray tasks to `folder/<i>.arrow` (`pipelines.feature_files`), each
-    task with its entity bucket's statistics (and the known incidents of its dates); returns the files in shard
-    order with their rows, the labelled positives in all and the ticks left out for known incidents. The driver
-    holds the counts only."""
+    task with its entity bucket's statistics (and the known incidents of its dates). The driver holds the
+    counts only."""
     labels_ref = ray.put(labels)                                     # once for every task
     paths = [join(folder, f"{i:06d}.arrow") for i in range(len(shards))]
     refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p,
@@ -156,10 +167,11 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     display, counts = ProgressDisplay("features", len(refs), "shards"), []
     for ref in refs:
         counts.append(raise_task_error(ref))
-        display.update(len(counts), ticks=sum(rows for rows, _, _ in counts))
+        display.update(len(counts), ticks=sum(c[0] for c in counts))
     display.close()
-    return ([FeatureFile(p, rows) for p, (rows, _, _) in zip(paths, counts)], sum(pos for _, pos, _ in counts),
-            sum(left for _, _, left in counts))
+    present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
+    return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
+                            sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))))
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -389,6 +401,28 @@ def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
     return calibration, ticks.left_out
 
 
+RARE_MODALITY_SHARE = 0.01     # a modality present at fewer of the training (validation) ticks is warned of
+
+
+def rare_modality_lines(spec: Spec, present: dict[str, int], ticks: int, where: str, task: str) -> list[str]:
+    """A warning line for each modality with a table of its own present at fewer than `RARE_MODALITY_SHARE` of
+    `ticks` (`where`: which ticks); DataError for the first present at none (its files there hold no usable row, or
+    none within a tick's window or tolerance), as the model could not do its `task` with it ("learn", "calibrate")."""
+    lines = []
+    for name in voting_modalities(spec.modalities):
+        n = present.get(name, 0)
+        if not n:
+            raise DataError(f"modality '{name}' ({spec.modalities[name].path}): present at none of the {ticks:,} "
+                            f"{where} (its files there hold no usable row, or none within a tick's window or "
+                            f"tolerance), so the model could not {task} it: train on days that hold it, or leave it "
+                            "out of the spec")
+        if n < RARE_MODALITY_SHARE * ticks:
+            lines.append(f"modality '{name}': present at only {n:,} of the {ticks:,} {where} "
+                         f"({100 * n / ticks:.2f} %), so the model can {task} it from those alone - train on days "
+                         "that hold more of it")
+    return lines
+
+
 def outlier_reach_ticks(spec: Spec) -> int:
     """The ticks after a validation outlier that the calibration leaves out with it: as far as its evidence can
     stay in the later ticks' inputs (`Spec.evidence_reach_us`), in grains."""
@@ -478,6 +512,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
            warned: TrainingWarnings, run_root: str | None, promote: bool = True) -> str:
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
+    require_each_modality(spec, files, train_days, "training")
+    require_each_modality(spec, files, val_days, "validation")
     schemas = require_columns(spec, storage, files)
     # enough shards to keep a cluster busy, from the spec (not the cluster): the same spec plans the same shards
     slots = 4 * spec.train.workers
@@ -500,13 +536,16 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives, train_left_out = write_training_features(spec, train_shards, bucket_stats, labels,
-                                                                   join(staging.folder, "features"), incidents)
+        files, positives, train_left_out, present = write_training_features(
+            spec, train_shards, bucket_stats, labels, join(staging.folder, "features"), incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
                             "has a modality present" + (f" outside the labelled incidents of {spec.labels.path} "
                                                         "(train.exclude_labelled)" if train_left_out else ""))
+        for line in rare_modality_lines(spec, present, ticks, f"training ticks of {train_days[0]}..{train_days[-1]}",
+                                        "learn"):
+            warned(line)
         for line in relation_warnings(stats, ticks):
             warned(line)
         pos_weight = 1.0
@@ -528,6 +567,12 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
         calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents)
+        if spec.model.detector != "classifier":
+            validation = calibration.validation
+            for line in rare_modality_lines(spec, validation["validation_present_ticks"],
+                                            validation["validation_ticks"],
+                                            f"validation ticks of {val_days[0]}..{val_days[-1]}", "calibrate"):
+                warned(line)
         if incidents is not None:
             log.info("known incidents (labels at %s; train.exclude_labelled): %d training and %d validation ticks "
                      "inside a labelled interval or within %s of its end left out", spec.labels.path, train_left_out,

@@ -131,8 +131,8 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
     statistics, _ = fit_statistics(spec, shards, True, incidents)
     buckets = BucketStatistics(statistics, True)
-    kept, _, left = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
-    every, _, none = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
+    kept, _, left, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
+    every, _, none, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
     assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
@@ -950,6 +950,44 @@ def test_report_timelines_are_not_flattened_by_a_spike_and_events_name_their_dom
     for part in (scores[:2], scores[2:]):
         other.add(part)
     assert other.finish() == events
+
+
+def test_training_refuses_a_modality_it_would_never_see(trained, tmp_path):
+    """A modality of the spec with no file in the training days' partitions is named before anything is read; one
+    whose files there hold no usable row is named once the features are written, before the network trains (a model
+    would score it with an encoder trained on nothing, its contributions calibrated on nothing). The fixture's
+    version records each modality's validation ticks."""
+    import shutil
+
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+    from pipelines.train import train
+
+    spec, version, _ = trained
+    manifest = Registry(spec.registry, Storage()).load(version).manifest
+    present = manifest["calibration"]["validation"]["validation_present_ticks"]
+    assert all(present[m] > 1000 for m in ("process", "vibration", "camera", "logs"))
+    empty = _edited_copy(trained, tmp_path / "empty", "logs/date=2024-01-01/*.parquet", lambda t: t.slice(0, 0))
+    with pytest.raises(DataError, match=r"modality 'logs' \(.*\): present at none of the [\d,]+ training ticks of "
+                                        r"2024-01-01\.\.2024-01-01 .* could not learn it"):
+        train(replace(empty, registry=str(tmp_path / "empty" / "models")))
+    gone = _edited_copy(trained, tmp_path / "gone", "none", None)
+    shutil.rmtree(Path(gone.modalities["camera"].path) / "date=2024-01-01")
+    with pytest.raises(DataError, match=r"modality 'camera' \(.*\): no file in the partitions of the training days "
+                                        r"2024-01-01\.\.2024-01-01, so the model could not learn it"):
+        train(replace(gone, registry=str(tmp_path / "gone" / "models")))
+    assert not (tmp_path / "gone" / "models").exists() and not (tmp_path / "empty" / "models").exists()
+
+
+def test_a_modality_present_at_few_training_or_validation_ticks_is_warned_of(tiny_spec):
+    from pipelines.train import rare_modality_lines
+
+    present = {"proc": 5000, "vib": 40, "logs": 50, "cam": 4990}
+    assert rare_modality_lines(tiny_spec, present, 5000, "validation ticks of 2024-01-03..2024-01-03", "calibrate") == [
+        "modality 'vib': present at only 40 of the 5,000 validation ticks of 2024-01-03..2024-01-03 (0.80 %), so the "
+        "model can calibrate it from those alone - train on days that hold more of it"]
+    with pytest.raises(DataError, match="modality 'logs' .* present at none of the 5,000 training ticks"):
+        rare_modality_lines(tiny_spec, {**present, "logs": 0}, 5000, "training ticks", "learn")
 
 
 def test_missing_column_fails_before_any_write(trained, tmp_path):
