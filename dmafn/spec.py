@@ -143,6 +143,13 @@ class TrainSpec:
     # calibration (`dmafn.calibration.OutlierTicks`: unlabelled incidents); None (spec: 0) keeps every tick
     validation_outlier_limit: float | None = 4.0
 
+    def split_days(self) -> tuple[list[dt.date], list[dt.date]]:
+        """Training days and validation days (the last `validation_days` of the window; both the whole window when
+        it is one day)."""
+        days = [self.start + dt.timedelta(days=i) for i in range((self.end - self.start).days + 1)]
+        n_val = min(self.validation_days, len(days) - 1)
+        return (days[:-n_val], days[-n_val:]) if n_val > 0 else (days, days)
+
 
 @dataclass(frozen=True)
 class ThresholdSpec:

@@ -140,6 +140,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
     nothing is raised."""
     storage = storage or Storage.from_spec(spec.storage)
     found: list[ModalityData | LabelsData] = []
+    dated: dict[str, set[dt.date]] = {}         # the dates of each modality's files (context views: their parent's)
     for name, m in spec.modalities.items():
         data = ModalityData(name, m.path, zone=spec.timezone)
         found.append(data)
@@ -153,6 +154,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
+        elif not m.context_of:
+            dated[name] = {dt.date.fromisoformat(f.date) for f in files}
         wanted = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
@@ -174,6 +177,19 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
                 data.stored_types.setdefault(tuple((c, str(schema.field(c).type)) for c in wanted), path)
+    _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:
         found.append(check_labels(spec, storage))
     return found
+
+
+def _training_days_problems(spec: Spec, dated: dict[str, set[dt.date]], found: dict[str, ModalityData]) -> None:
+    """A problem on each modality without a file in the training (validation) days' partitions where another one has
+    files there: `dmafn train` refuses it (`shards.require_each_modality`). A window no modality has files in (aged
+    out of the lake, a spec that only scores) is no problem here."""
+    for role, days in zip(("training", "validation"), spec.train.split_days()):
+        holding = {name for name, dates in dated.items() if dates & set(days)}
+        for name in sorted(set(dated) - holding) if holding else []:
+            found[name].problems.append(f"modality '{name}' ({spec.modalities[name].path}): no file in the partitions "
+                                        f"of the {role} days {days[0]}..{days[-1]}, where {', '.join(sorted(holding))} "
+                                        f"{'has' if len(holding) == 1 else 'have'} files: dmafn train would refuse it")

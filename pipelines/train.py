@@ -57,9 +57,7 @@ log = logging.getLogger(__name__)
 
 def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
     """Training days and validation days (the last `validation_days` of the training window)."""
-    days = [spec.train.start + dt.timedelta(days=i) for i in range((spec.train.end - spec.train.start).days + 1)]
-    n_val = min(spec.train.validation_days, len(days) - 1)
-    return (days[:-n_val], days[-n_val:]) if n_val > 0 else (days, days)
+    return spec.train.split_days()
 
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage, incidents: KnownIncidents | None = None):

@@ -381,6 +381,35 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     assert f"labels {tmp_path / 'labels'}: column 'end_ts' is String; a timestamp (or date) is needed" in captured.err
 
 
+def test_check_data_names_a_modality_without_files_in_the_training_days_where_the_others_have_them(tmp_path):
+    """What `dmafn train` would refuse (a modality it could not learn or calibrate) is a problem before it runs; a
+    training window no modality has files in (aged out of the lake: a spec that only scores) is none."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.check_data import check_data
+
+    data = tiny_spec_dict()
+    data["modalities"] = {name: {**data["modalities"][name], "path": str(tmp_path / name)} for name in ("proc", "vib")}
+    data["train"] = {"start": "2024-01-01", "end": "2024-01-03"}            # training 01-02, validation 03
+    ts = pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)], pa.timestamp("us", tz="UTC"))
+    for name, column, days in (("proc", "temp", ("01", "02", "03", "09")), ("vib", "a", ("03", "09"))):
+        for day in days:
+            folder = tmp_path / name / f"date=2024-01-{day}"
+            folder.mkdir(parents=True)
+            stamp = pa.array([dt.datetime(2024, 1, int(day), tzinfo=dt.timezone.utc)], ts.type)
+            pq.write_table(pa.table({"machine_id": ["a"], "ts": stamp, column: [1.0]}), folder / "part-0.parquet")
+    found = {d.name: d.problems for d in check_data(parse_spec(data))}
+    assert found == {"proc": [], "vib": [
+        f"modality 'vib' ({tmp_path / 'vib'}): no file in the partitions of the training days 2024-01-01..2024-01-02, "
+        "where proc has files: dmafn train would refuse it"]}
+    data["train"] = {"start": "2023-06-01", "end": "2023-06-03"}            # long gone from the lake
+    assert all(not d.problems for d in check_data(parse_spec(data)))
+
+
 def test_check_data_names_files_holding_rows_timed_outside_their_date_by_the_specs_timezone(tmp_path, capsys):
     """From the footers' time statistics alone: a lake filed by Berlin's dates read as UTC dates has files whose
     rows start the evening before their date - named, with `timezone` suggested; with `timezone: Europe/Berlin`
