@@ -1212,16 +1212,21 @@ def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool
     return np.clip(out, -Z_LIMIT, Z_LIMIT).astype(np.float32)
 
 
+_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I")     # Pillow's modes of a 16-bit grey PNG (0..65535)
+
+
 def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
     """PNG/JPEG bytes -> (channels, H, W) uint8, resized to the modality's size; None when the bytes cannot
-    be decoded."""
+    be decoded. A 16-bit grey PNG is scaled to 8 bits (Pillow's own conversion clips it at 255: nearly white)."""
     from PIL import Image
 
     if not data:
         return None
     try:
-        img = Image.open(io.BytesIO(data)).convert("L" if m.channels == 1 else "RGB")
-        img = img.resize((m.size[1], m.size[0]), Image.BILINEAR)
+        img = Image.open(io.BytesIO(data))
+        if img.mode in _DEEP_GREY:      # 16-bit grey (machine-vision cameras): scaled to 8 bits, not clipped at 255
+            img = Image.fromarray((np.asarray(img, np.float64) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
+        img = img.convert("L" if m.channels == 1 else "RGB").resize((m.size[1], m.size[0]), Image.BILINEAR)
     except Exception:  # noqa: BLE001 - any decoder failure means "not usable"
         return None
     arr = np.asarray(img, np.uint8)

@@ -50,6 +50,26 @@ def test_tokenizer_hashes_stably_and_keeps_latest_tokens():
     assert tokenize_messages(None, 4).tolist() == [0, 0, 0, 0]
 
 
+def test_a_16_bit_grey_frame_decodes_as_its_8_bit_twin(tiny_spec):
+    """Machine-vision cameras write 16-bit grey PNGs: scaled to 8 bits they give the 8-bit frame's pixels, where
+    Pillow's own conversion would clip every value over 255 (a white frame)."""
+    from dataclasses import replace
+
+    from dmafn.features import decode_pixels
+
+    deep = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    frames = []
+    for pixels in (deep, (deep / 257).round().astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        frames.append(buf.getvalue())
+    assert Image.open(io.BytesIO(frames[0])).mode == "I;16"
+    for channels in (1, 3):
+        cam = replace(tiny_spec.modalities["cam"], channels=channels)
+        wide, narrow = (decode_pixels(f, cam) for f in frames)
+        assert wide.shape == (channels, 16, 16) and np.array_equal(wide, narrow) and 0 < wide.mean() < 200
+
+
 def test_decode_image_resizes_and_rejects_garbage(tiny_spec):
     cam = tiny_spec.modalities["cam"]
     img = decode_image(png(255), cam)
