@@ -205,6 +205,21 @@ def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     return clash
 
 
+REDELIVERED = "repeat of a row in another file: entity, time and text alike (a file delivered twice)"
+FILE = "_file"
+
+
+def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
+    """Boolean mask of a text modality's rows (with `_file`, the index of the file each was read from) that repeat a
+    row of an earlier file exactly - entity, time and message: a file delivered twice (a sink that retried, a copy
+    uploaded again) would otherwise double every line of its windows. Repeats within one file are kept (a burst of
+    one message in one second); the other kinds need no such rule (an exact repeat reads the same, `conflicting`)."""
+    if m.kind != "text" or table.is_empty():
+        return np.zeros(table.height, bool)
+    keys = [*spec.entity, TIME, m.column]
+    return table.select(pl.col(FILE) != pl.col(FILE).min().over(keys)).to_series().fill_null(False).to_numpy()
+
+
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
     """`rows` (entity columns, `_t`) as a shard's quarantined input rows: `entity`, `_t`, `date`, `source`,
     `reason`."""
@@ -252,7 +267,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         fs = storage.filesystem(m.path)
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
         usable = []
-        for f in (f for f in shard.files if f.modality == name):
+        for index, f in enumerate(f for f in shard.files if f.modality == name):
             with open_parquet(fs, f.path) as parquet:
                 check_schema(parquet.schema_arrow, spec, m, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
@@ -282,10 +297,18 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                         day_usable[name] = day_usable.get(name, 0) + good.height
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
-                    usable.append(good.select([*spec.entity, TIME, *m.value_columns]))
+                    usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
+                        pl.lit(index, pl.Int32).alias(FILE)))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue
+        again = pl.Series(redelivered(table, spec, m))
+        if again.any():                 # a file delivered twice: its rows once, the copy's quarantined
+            quarantined.append(quarantined_input(
+                table.filter(again & local_day(pl.col(TIME), zone).is_in(days)), spec, name,
+                local_date_text(pl.col(TIME), zone), pl.lit(REDELIVERED)))
+            table = table.filter(~again)
+        table = table.drop(FILE)
         clash = pl.Series(conflicting(table, spec, m))
         if clash.any():                 # rows of one key can sit in different files: checked on the whole table
             if not m.context_of:

@@ -409,6 +409,32 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
     assert got.rows_read == {"2024-01-02": 7}
 
 
+def test_read_shard_reads_a_log_file_delivered_twice_once(tmp_path, tiny_spec):
+    """A sink that retried wrote one log file twice: the copy's lines (entity, time and text alike a line of an
+    earlier file) are quarantined, so windows do not count every line double; the same line twice in one file (a
+    burst within one timestamp) is kept."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import REDELIVERED, read_shard
+    from pipelines.storage import Storage
+
+    spec = replace(tiny_spec, modalities={"logs": replace(tiny_spec.modalities["logs"], path=str(tmp_path))})
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day, day, day + 60_000_000], pa.timestamp("us", tz="UTC"))
+    first = pa.table({"machine_id": ["a", "a", "a"], "ts": ts, "msg": ["retry", "retry", "pump ok"]})
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", first)
+    _write(tmp_path / "date=2024-01-02" / "part-0-copy.parquet", first)               # delivered again
+    _write(tmp_path / "date=2024-01-02" / "part-1.parquet", pa.table({              # one line new, one the same
+        "machine_id": ["a", "b"], "ts": ts.slice(1, 2), "msg": ["retry", "retry"]}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert sorted(got.tables["logs"].select("machine_id", "_t", "msg").rows()) == [
+        ("a", day, "retry"), ("a", day, "retry"), ("a", day + 60_000_000, "pump ok"), ("b", day + 60_000_000, "retry")]
+    assert sorted(got.quarantined.select("entity", "_t", "reason").rows()) == [
+        ("a", day, REDELIVERED)] * 3 + [("a", day + 60_000_000, REDELIVERED)]
+    assert got.tables["logs"].columns == ["machine_id", "_t", "msg"]
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_read_shard_quarantines_rows_of_one_key_with_other_values_whatever_the_files_order(tmp_path, tiny_spec,
                                                                                            reverse):
