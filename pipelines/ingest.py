@@ -210,8 +210,8 @@ FILE = "_file"
 
 
 def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
-    """Boolean mask of a text modality's rows (with `_file`, the index of the file each was read from) that repeat a
-    row of an earlier file exactly - entity, time and message: a file delivered twice (a sink that retried, a copy
+    """Boolean mask of a text modality's rows (with `_file`, the index of the file each was read from - a staged
+    piece counts as its source file) that repeat a row of an earlier file exactly - entity, time and message: a file delivered twice (a sink that retried, a copy
     uploaded again) would otherwise double every line of its windows. Repeats within one file are kept (a burst of
     one message in one second); the other kinds need no such rule (an exact repeat reads the same, `conflicting`)."""
     if m.kind != "text" or table.is_empty():
@@ -266,8 +266,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
-        usable = []
-        for index, f in enumerate(f for f in shard.files if f.modality == name):
+        usable, sources = [], {}
+        for f in (f for f in shard.files if f.modality == name):
+            index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
             with open_parquet(fs, f.path) as parquet:
                 check_schema(parquet.schema_arrow, spec, m, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)

@@ -37,7 +37,7 @@ class InputFile:
     path: str
     size: int
     row_groups: tuple[int, ...] | None = None
-    name: str = ""                  # its name inside the date's folder (as listed; "" for a staged piece)
+    name: str = ""                  # its name inside the date's folder (as listed; a staged piece: its source's)
     mtime_ns: int | None = None     # when it was last written (None: the filesystem does not say)
 
 

@@ -100,7 +100,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
             with staging_fs.open_output_stream(piece) as sink:
                 pq.write_table(pa.concat_tables(tables), sink)
                 size = sink.tell()
-            pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size))
+            pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size, name=file.name))
         pending.clear()
         flushes += 1
 

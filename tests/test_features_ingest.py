@@ -1630,9 +1630,12 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     pq.write_table(partly, tmp_path / "proc" / "date=2024-01-02" / "partly.parquet", row_group_size=5)
     msgs = [f"line {i}".encode() for i in range(n)]
     msgs[3] = b"bad \xff\xfe"
-    _write(tmp_path / "logs" / "date=2024-01-02" / "part-0.parquet",
-           pa.table({"machine_id": machines, "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-                     "msg": _invalid_utf8(msgs)}))
+    log_ts = list(ts)
+    log_ts[45], msgs[45] = ts[5], msgs[5]           # pump-5's line twice, in two row groups: one file's burst, kept
+    (tmp_path / "logs" / "date=2024-01-02").mkdir(parents=True)
+    pq.write_table(pa.table({"machine_id": machines, "ts": pa.array(log_ts, pa.timestamp("us", tz="UTC")),
+                             "msg": _invalid_utf8(msgs)}), tmp_path / "logs" / "date=2024-01-02" / "part-0.parquet",
+                   row_group_size=25)
 
     date = dt.date(2024, 1, 2)
     size = bytes_by_date(list_inputs(spec, [date], Storage()))[date]     # a context view lists its parent's files
@@ -1649,9 +1652,8 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
         pieces = kept[name]
         assert set(pieces) == {0, 1, 2}
         assert sum(pq.ParquetFile(p.path).metadata.num_rows for ps in pieces.values() for p in ps) == source_rows
-        # 160 rows in row groups of 25 (mixed) or one group (logs): a piece per flush that held the bucket's rows
-        assert max(len(ps) for ps in pieces.values()) == (7 if flush_every_row_group and name == "mixed.parquet"
-                                                          else 1)
+        # 160 rows in row groups of 25: a piece per flush that held the bucket's rows
+        assert max(len(ps) for ps in pieces.values()) == (7 if flush_every_row_group else 1)
     assert "extra" not in pq.ParquetFile(kept["mixed.parquet"][0][0].path).schema_arrow.names
     for shard in shards:
         staged = with_pieces(shard, splits)
@@ -1660,6 +1662,8 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
         assert [f.row_groups for f in staged.files if f.path == partly_split.source.path] == [(0,)] * 2
         assert {f.modality for f in staged.files} == {"proc", "proc_context", "logs"}
         got, want = read_shard(staged, spec, Storage()), read_shard(shard, spec, Storage())
+        if "logs" in want.tables and want.tables["logs"]["machine_id"].eq("pump-5").any():
+            assert want.tables["logs"].filter(pl.col("_t") == ts[5]).height == 2      # the burst: kept, staged too
         for name in want.tables:
             order = ["machine_id", "_t"]
             assert got.tables[name].sort(order).equals(want.tables[name].sort(order)), name
