@@ -211,9 +211,10 @@ FILE = "_file"
 
 def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     """Boolean mask of a text modality's rows (with `_file`, the index of the file each was read from - a staged
-    piece counts as its source file) that repeat a row of an earlier file exactly - entity, time and message: a file delivered twice (a sink that retried, a copy
-    uploaded again) would otherwise double every line of its windows. Repeats within one file are kept (a burst of
-    one message in one second); the other kinds need no such rule (an exact repeat reads the same, `conflicting`)."""
+    piece counts as its source file) that repeat a row of an earlier file exactly - entity, time and message: a file
+    delivered twice (a sink that retried, a copy uploaded again) would otherwise double every line of its windows.
+    Repeats within one file are kept (a burst of one message in one second); the other kinds need no such rule (an
+    exact repeat reads the same, `conflicting`)."""
     if m.kind != "text" or table.is_empty():
         return np.zeros(table.height, bool)
     keys = [*spec.entity, TIME, m.column]

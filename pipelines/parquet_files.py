@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.storage import DataError
+from pipelines.storage import DataError, relative
 
 PARTITION_COLUMN = "date"
 log = logging.getLogger(__name__)
@@ -134,13 +134,8 @@ def _list_folder(filesystem: pafs.FileSystem, date: dt.date, folder: str) -> lis
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     except OSError as exc:
         raise DataError(f"{folder}: cannot be listed ({exc})") from None
-    prefix = folder.rstrip("/") + "/"
-
-    def name(info: pafs.FileInfo) -> str:        # the path inside the date folder
-        return info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name
-
-    shown = sorted((i for i in infos if i.is_file and not _hidden(name(i))), key=lambda i: i.path)
-    files = [ListedFile(date.isoformat(), i.path, i.size or 0, name(i), i.mtime_ns)
+    shown = sorted((i for i in infos if i.is_file and not _hidden(relative(i.path, folder))), key=lambda i: i.path)
+    files = [ListedFile(date.isoformat(), i.path, i.size or 0, relative(i.path, folder), i.mtime_ns)
              for i in shown if i.base_name.endswith(".parquet")]
     other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
     if other:

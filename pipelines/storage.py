@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ import pyarrow.fs as pafs
 
 from dmafn.partition_layout import parse_layout
 from dmafn.spec import StorageSpec
-
-_PARTITION = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>\d{4}-\d{2}-\d{2})$")
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +110,15 @@ class Storage:
 
 def partition_date(name: str, key: str) -> dt.date | None:
     """The date a folder named `key=YYYY-MM-DD` stands for; None for any other name or no such date."""
-    match = _PARTITION.match(name)
-    if not match or match.group("key") != key:
-        return None
-    try:
-        return dt.date.fromisoformat(match.group("value"))
-    except ValueError:                                # 2024-13-01
-        return None
+    layout = parse_layout(key)
+    fields = layout.match(0, name)
+    return None if fields is None else layout.date(fields)
+
+
+def relative(path: str, root: str) -> str:
+    """`path` inside the folder `root` (as a filesystem's listing names both); its last part when it is not inside."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
 
 
 PARTITION_LISTERS = 16  # folders of a layout's level listed at once (on S3 each listing is a round trip)
@@ -148,7 +147,6 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
         raise
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
-    prefix = root.rstrip("/") + "/"
     other, fitting = [], False
     frontier: list[tuple[str, dict[str, int]]] = [(root, {})]
     for level in range(len(layout.levels)):
@@ -158,7 +156,7 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
                 if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
                     continue                          # files beside the partitions, `_delta_log`, `.tmp`: not data
                 if (got := layout.match(level, entry.base_name)) is None:
-                    other.append(entry.path[len(prefix):] if entry.path.startswith(prefix) else entry.base_name)
+                    other.append(relative(entry.path, root))
                     continue
                 span = layout.span({**fields, **got}) if within else None
                 if span is None or (span[0] <= within[1] and span[1] >= within[0]):
@@ -168,12 +166,11 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
         frontier = found
     out = {}
     for folder, fields in frontier:
-        if (day := layout.date(fields)) is None:      # month=13, day=31 of April
-            other.append(folder[len(prefix):] if folder.startswith(prefix) else folder)
+        if (day := layout.date(fields)) is None:      # day=31 of April
+            other.append(relative(folder, root))
             continue
         fitting = True
-        if within is None or within[0] <= day <= within[1]:
-            out[day] = folder
+        out[day] = folder                             # within `within`: its span (the day) was checked
     if other:
         log.warning("%s: %d folder(s) not named %s (a real date) are not read (%s%s); rename them to have them read",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
