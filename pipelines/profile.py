@@ -12,6 +12,10 @@ driver holds a row per file and per modality and day:
    entity's rows of a day are together; per entity its median period, gaps and repeated keys
    (`entity_periods`). The data is read once: the shuffle moves 20 bytes a row.
 Dask's group-by merges the entities per modality and day.
+
+Every shuffle on Ray is Dask's task shuffle (`_compute`): its disk shuffle (which Dask picks for a group-by
+median) writes a partd folder on one worker's local disk, which another node cannot read and which is left
+behind in its temp folder.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
+import dask
 import dask.dataframe as dd
 import pandas as pd
 import polars as pl
@@ -230,12 +235,13 @@ def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,
 
 def _compute(collection, use_ray: bool):
     """`collection.compute()` on the Ray cluster (dask-on-ray) or, with `use_ray=False`, on Dask's own threads;
-    a task's own error (a DataError naming a file) is raised as itself."""
+    a task's own error (a DataError naming a file) is raised as itself. On Ray every shuffle moves its pieces
+    as task results (Dask's disk shuffle keeps them in a partd folder on one worker's local disk)."""
     if not use_ray:
         return collection.compute()
     from ray.util.dask import ray_dask_get
 
     from pipelines.ray_runtime import task_error_as_itself
 
-    with task_error_as_itself():
+    with task_error_as_itself(), dask.config.set({"dataframe.shuffle.method": "tasks"}):
         return collection.compute(scheduler=ray_dask_get)

@@ -1,8 +1,11 @@
 """Profile: each pass's function by hand, and the whole profile with Dask on the local Ray (an entity's rows of a
-day spread over reads and files are brought together; more partitions give the same table; a bad file is named)."""
+day spread over reads and files are brought together; more partitions give the same table; no disk shuffle; a bad
+file is named)."""
 import datetime as dt
 import logging
 import re
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,6 +81,7 @@ def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, capl
     for i, piece in enumerate([day[:half], day[half:]]):
         pq.write_table(piece.to_arrow(), folder / f"part-{i}.parquet", row_group_size=5_000)
 
+    partd_before = set(Path(tempfile.gettempdir()).glob("*.partd"))
     out = tmp_path / "profile.parquet"                             # through the CLI, as a user runs it
     assert main(["profile", str(tmp_path / "spec.yaml"), "--start", "2024-01-01", "--end", "2024-01-02",
                  "--out", str(out)]) == 0
@@ -105,6 +109,9 @@ def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, capl
     assert re.search(r"profile: 10 files, 10 reads of row groups, ([2-9]|\d\d+) partitions", caplog.text)
     assert small.drop("median_period_s").equals(table.drop("median_period_s"))
     assert small["median_period_s"].to_list() == pytest.approx(table["median_period_s"].to_list(), rel=1e-12)
+    # every shuffle moved its pieces as task results: no disk shuffle's partd folder (one worker's local disk,
+    # unreadable from another node) left in the workers' temp folder
+    assert set(Path(tempfile.gettempdir()).glob("*.partd")) == partd_before
 
     # a file whose time column is text: its path and the column named (raised from the task as itself)
     bad = late.set_column(1, "ts", pa.array(["2024-01-02"] * 2))
