@@ -630,6 +630,44 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(read_spec_yaml(path), source=str(path))
 
 
+def reading_differences(trained: Spec, current: Spec) -> list[str]:
+    """What `current` says about reading, modelling or thresholding the data that differs from `trained` (a model
+    version's spec), one line each: the entity, time and grain, a modality's settings (its path aside - data may
+    move; its columns as a set - they are read by name), a modality only `current` defines, the `model` section,
+    `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and scores
+    as it was trained, so each is an edit that takes effect with a new version."""
+    was, now = spec_to_dict(trained), spec_to_dict(current)
+    lines = [f"{key}: {now[key]} (the version's: {was[key]})" for key in ("entity", "time", "grain")
+             if now[key] != was[key]]
+    for name, entry in now["modalities"].items():
+        old = was["modalities"].get(name)
+        if old is None:
+            lines.append(f"modalities.{name}: not in the version, so not read")
+            continue
+        for key in sorted((set(entry) | set(old)) - {"path"}):
+            a, b = old.get(key), entry.get(key)
+            if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
+                continue
+            if a != b:
+                lines.append(f"modalities.{name}.{key}: {_shown(b)} (the version's: {_shown(a)})")
+    lines += [f"model.{key}: {value} (the version's: {was['model'].get(key)})"
+              for key, value in now["model"].items() if value != was["model"].get(key)]
+    for part in ("threshold", "smoothing"):
+        a, b = was["score"][part], now["score"][part]
+        lines += [f"score.{part}.{key}: {_shown(b.get(key))} (the version's: {_shown(a.get(key))})"
+                  for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return lines
+
+
+def _shown(value: Any) -> str:
+    """A spec value as a line shows it: a missing one as 'none', a context as its window and period."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
 def spec_to_dict(spec: Spec) -> dict[str, Any]:
     mods = {}
     for m in spec.modalities.values():

@@ -1155,9 +1155,9 @@ def test_a_failed_pass_retries_its_dates_alone(trained, tmp_path):
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-02"]
 
 
-def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, tmp_path):
+def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, tmp_path, caplog):
     """Data moved since training: the spec's paths are read; a modality the model needs but the spec no
-    longer defines is an error naming it."""
+    longer defines is an error naming it; a window edited since is read as the model's, with a warning once."""
     from pipelines.registry import Registry
     from pipelines.score import reading_spec
     from pipelines.storage import Storage
@@ -1172,6 +1172,16 @@ def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, t
     without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
     with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
         reading_spec(mv, without_logs)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    logs = spec.modalities["logs"]
+    edited = replace(spec, source="edited.yaml",
+                     modalities={**spec.modalities, "logs": replace(logs, window_us=2 * logs.window_us)})
+    with caplog.at_level(logging.WARNING, logger="pipelines.score"):
+        assert reading_spec(mv, edited).modalities["logs"].window_us == logs.window_us       # the model's
+        reading_spec(mv, edited)                                                                # (backfill asks again)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and re.search(rf"spec edited\.yaml differs from model version {version} .*"
+                                          rf"modalities\.logs\.window: \d+min \(the version's: \d+min\)$", warned[0])
 
 
 def test_cli_backfill_lists_failed_dates_and_exits_1(trained, tmp_path, capsys):

@@ -1,6 +1,6 @@
 import pytest
 
-from dmafn.spec import SpecError, load_spec, parse_duration_us, parse_spec
+from dmafn.spec import SpecError, load_spec, parse_duration_us, parse_spec, reading_differences
 from tests.conftest import tiny_spec_dict
 
 
@@ -467,6 +467,28 @@ def test_context_derives_a_slow_time_series_view_of_the_same_rows():
     data["modalities"]["proc_context"] = dict(data["modalities"]["vib"])
     with pytest.raises(SpecError, match="derives modality 'proc_context', which the spec also defines"):
         parse_spec(data, source="s.yaml")
+
+
+def test_reading_differences_name_each_edit_a_model_version_would_not_see():
+    trained = parse_spec(tiny_spec_dict(), source="trained")
+    data = tiny_spec_dict()
+    data["modalities"]["proc"].update(path="s3://moved/proc", columns=["temp"])     # moved: no difference
+    assert reading_differences(trained, parse_spec(data, source="s.yaml")) == []
+    data["modalities"]["vib"].update(window="2min", columns=["a", "b"])
+    data["modalities"]["proc"]["context"] = {"window": "1h"}
+    data["modalities"]["audio"] = {"kind": "audio", "path": "/tmp/none/audio", "column": "clip",
+                                   "sample_rate": 8000, "clip": "1s", "tolerance": "1min"}
+    data.update(grain="2min", model={"fusion": "gated"}, train={"start": "2024-02-01", "end": "2024-02-09"},
+                score={"output": "/tmp/elsewhere/scores", "threshold": {"method": "quantile", "quantile": 0.95}})
+    assert reading_differences(trained, parse_spec(data, source="s.yaml")) == [
+        "grain: 2min (the version's: 1min)",
+        "modalities.proc.context: window 1h, period 2min (the version's: none)",
+        "modalities.vib.columns: ['a', 'b'] (the version's: ['a'])",
+        "modalities.vib.window: 2min (the version's: 1min)",
+        "modalities.audio: not in the version, so not read",
+        "model.fusion: gated (the version's: attention)",
+        "score.threshold.method: quantile (the version's: pot)",
+        "score.threshold.quantile: 0.95 (the version's: 0.99)"]   # neither the train section nor where output goes
 
 
 def test_validation_days_default_to_a_tenth_of_the_training_window():
