@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
@@ -119,12 +120,21 @@ class Registry:
         return bucket, key
 
     def _write(self, path: str, data: bytes) -> None:
+        """Write a file whole: a reader sees the old bytes or the new ones, never a part (an S3 PUT is so; a local
+        file is written beside and renamed over, so a nightly score reading LATEST while `train` or `promote`
+        rewrites it, or a write cut short, never finds it empty)."""
         if is_s3(path):
             bucket, key = self._split(path)
             self._s3().put_object(Bucket=bucket, Key=key, Body=data)
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(data)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _read(self, path: str, *, missing_ok: bool = False) -> bytes | None:
         """The file's bytes; with `missing_ok`, None when it does not exist (a version saved before checksums
@@ -184,7 +194,12 @@ class Registry:
         return version
 
     def latest(self) -> str:
-        return self._read(join(self.root, LATEST)).decode().strip()
+        """The version LATEST names (DataError naming the file when there is none or it names none)."""
+        path = join(self.root, LATEST)
+        version = self._read(path).decode().strip()
+        if not version:
+            raise DataError(f"{path}: empty; it should name a saved version (dmafn promote SPEC VERSION sets it)")
+        return version
 
     def promote(self, version: str, check: Callable[[ModelVersion], object] | None = None
                 ) -> tuple[str | None, ModelVersion]:

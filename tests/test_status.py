@@ -256,3 +256,28 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
          without_modality={"cam": UnseenEntities(3, 300, 9, ["m-2", "m-5", "m-9"])})
     problems = scoring_status(spec, Storage(), spec_path="s.yaml").problems       # 86% against a median of 90%
     assert len(problems) == 2 and not any("was present at" in p for p in problems)   # still 3 without it against 1
+
+
+def test_the_registry_rewrites_latest_whole_and_names_an_empty_one(tmp_path, monkeypatch):
+    """LATEST is written beside and renamed over: a write cut short leaves the old one (a nightly score reading it
+    while `train` promotes never finds it empty); an empty one is an error naming it."""
+    from pipelines.registry import Registry
+    from pipelines.storage import DataError
+
+    registry, latest = Registry(str(tmp_path / "models"), Storage()), tmp_path / "models" / "LATEST"
+    registry._write(str(latest), OLD.encode())
+    assert registry.latest() == OLD
+
+    def cut_short(src, dst):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("pipelines.registry.os.replace", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        registry._write(str(latest), NEW.encode())
+    monkeypatch.undo()
+    assert registry.latest() == OLD and [p.name for p in latest.parent.iterdir()] == ["LATEST"]
+    registry._write(str(latest), NEW.encode())
+    assert registry.latest() == NEW
+    latest.write_text("\n")
+    with pytest.raises(DataError, match=r"models/LATEST: empty; it should name a saved version"):
+        registry.latest()
