@@ -1,18 +1,20 @@
 """Maintenance of the output Delta tables: compaction (optimize) and vacuum with a retention period; staged
-pieces left by killed jobs are removed."""
+pieces and training checkpoints left by killed jobs are removed."""
 from __future__ import annotations
 
 from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
 from pipelines.delta_sink import OpenTables, require_own_tables
-from pipelines.staging import remove_stale_runs
+from pipelines.staging import remove_stale_folders, remove_stale_runs
+from pipelines.registry import train_runs_path
 from pipelines.storage import Storage
 
 
 def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
     """Compact small files and vacuum files older than the retention in the output, quarantine and runs tables,
     and in the baselines' (`evaluate --baselines`) where they exist; delete the staging folders of runs older
-    than the retention (`pipelines.staging`); returns one line per table and one for the staging folder."""
+    than the retention (`pipelines.staging`) and the checkpoint folders of trainings stopped before they removed
+    them (`registry/_train_runs`); returns one line per table and one per folder."""
     storage = Storage.from_spec(spec.storage)
     lines = []
     alone, tables = alone_spec(spec).score, OpenTables()
@@ -36,4 +38,7 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
     stale = remove_stale_runs(spec, storage, retention_hours)
     lines.append(f"{spec.score.staging_path}: removed {stale} staging folder(s) of stopped runs older than "
                  f"{retention_hours}h")
+    runs = train_runs_path(spec)
+    stale = remove_stale_folders(storage, runs, retention_hours)
+    lines.append(f"{runs}: removed {stale} checkpoint folder(s) of stopped trainings older than {retention_hours}h")
     return lines

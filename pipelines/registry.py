@@ -40,6 +40,7 @@ if TYPE_CHECKING:                  # torch is imported where a model is built or
 LATEST = "LATEST"
 MANIFEST_SHA256 = "manifest.sha256"
 ENTITY_STATISTICS = "entity_statistics.parquet"
+TRAIN_RUNS = "_train_runs"             # a training's checkpoints while it runs (not a version: it begins with _)
 
 
 @dataclass
@@ -102,6 +103,12 @@ class ModelVersion:
     def __getstate__(self) -> dict[str, Any]:
         # what was built from the manifest and the weights is rebuilt where it is used, not shipped
         return {k: v for k, v in self.__dict__.items() if k in self.__dataclass_fields__}
+
+
+def train_runs_path(spec: Spec) -> str:
+    """Where `dmafn train` keeps a training's checkpoints while it runs (removed when it ends; `dmafn maintain`
+    removes those of a training that was killed)."""
+    return join(spec.registry, TRAIN_RUNS)
 
 
 class Registry:

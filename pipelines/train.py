@@ -45,7 +45,7 @@ from pipelines.ingest import read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
-from pipelines.registry import Registry
+from pipelines.registry import Registry, train_runs_path
 from pipelines.score_steps import tick_batches
 from pipelines.shards import Shard, bucket_of, list_inputs, plan_shards, require_data, require_each_modality
 from pipelines.staging import Staging
@@ -287,15 +287,29 @@ def _fit(spec: Spec, files: list[FeatureFile], cfg: ModelConfig, pos_weight: flo
     try:
         with BoardWatcher(board, show):
             result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training of '{spec.name}' produced no checkpoint: {result.error}")
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     finally:
         display.close()
         ray.kill(board)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training of '{spec.name}' produced no checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        _remove_run_folder(storage, join(run_root, name))
     return {"state": state["model"], "loss": result.metrics.get("loss"), "epochs": state["epoch"] + 1,
             "resumed_at": state.get("resumed_at", [])}
+
+
+def _remove_run_folder(storage: Storage, run_dir: str) -> None:
+    """Delete a training's checkpoints once it has ended: they serve only to resume it after a worker loss, and a
+    registry trained in every week would otherwise keep two checkpoints of each training for good."""
+    fs = storage.filesystem(run_dir)
+    try:
+        fs.delete_dir(storage.fs_path(run_dir))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:                  # the version is saved either way; `dmafn maintain` removes it later
+        log.warning("%s: the training's checkpoints could not be removed (%s); dmafn maintain removes them once "
+                    "they are older than its retention", run_dir, exc)
 
 
 @ray.remote(num_cpus=1)
@@ -552,7 +566,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                 raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
             pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
         cfg = model_config(spec.model)
-        run_root = run_root or join(spec.registry, "_train_runs")
+        run_root = run_root or train_runs_path(spec)
         log.info("training %s on %d ticks (%s..%s, %d shard(s)), %d workers", spec.name, ticks, train_days[0],
                  train_days[-1], len(train_shards), spec.train.workers)
         fitted = _fit(spec, files, cfg, pos_weight, storage,

@@ -1484,12 +1484,13 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
     metrics = Registry(spec.registry, Storage()).load(version).manifest["metrics"]
     assert metrics["epochs"] == 5
     assert metrics["resumed_at_epochs"] and metrics["resumed_at_epochs"][0] >= 1, metrics["resumed_at_epochs"]
+    assert not list((tmp_path / "models" / "_train_runs").iterdir())       # its checkpoints removed at the end
 
 
 def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
     """A data file left by a shard whose date never committed is not part of the table; `maintain` removes it
     once older than the retention, and the table's rows stay; a killed run's staged pieces go too, a running
-    run's stay."""
+    run's stay, as do a killed training's checkpoints and a running one's."""
     import os
     import time
 
@@ -1511,10 +1512,20 @@ def test_maintain_vacuums_data_files_no_commit_referenced(trained, tmp_path):
         piece.parent.mkdir(parents=True)
         pq.write_table(before.drop("date").to_arrow(), piece)
     os.utime(left, (week_and_a_day, week_and_a_day))
+    spec = replace(spec, registry=str(tmp_path / "models"))
+    killed = tmp_path / "models" / "_train_runs" / "pumps-1700000000-abcdef" / "checkpoint_2023-11-14" / "state.pt"
+    training = tmp_path / "models" / "_train_runs" / "pumps-1800000000-fedcba" / "checkpoint_2027-01-15" / "state.pt"
+    for state in (killed, training):
+        state.parent.mkdir(parents=True)
+        state.write_bytes(b"weights")
+    os.utime(killed, (week_and_a_day, week_and_a_day))
     lines = maintain(spec, retention_hours=168)
     assert not orphan.exists() and any("vacuumed 1 files" in line for line in lines), lines
     assert not left.parent.parent.parent.exists() and running.exists()
     assert any("removed 1 staging folder(s)" in line for line in lines), lines
+    assert not killed.parent.parent.exists() and training.exists()
+    assert any(line.endswith("_train_runs: removed 1 checkpoint folder(s) of stopped trainings older than 168h")
+               for line in lines), lines
     assert pl.read_delta(spec.score.output).sort("machine_id", "ts").equals(before)
 
 
