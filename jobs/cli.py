@@ -126,6 +126,16 @@ def cmd_enroll(args) -> None:
     print("\n".join(enrolment_lines(enrolment, args.start, args.end)))
 
 
+def cmd_recalibrate(args) -> None:
+    from pipelines.ray_runtime import ray_session
+    from pipelines.recalibrate import recalibrate, recalibration_lines
+
+    spec = load_spec(args.spec)
+    with ray_session(args.address, verbose=args.verbose):
+        done = recalibrate(spec, version=args.model, start=args.start, end=args.end, promote=not args.no_promote)
+    print("\n".join(recalibration_lines(done)))
+
+
 def cmd_score(args) -> None:
     from pipelines.ray_runtime import ray_session
     from pipelines.score import score_date, skipped_line
@@ -275,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_date, required=True, help="first day of the machines' data to fit on")
     p.add_argument("--end", type=_date, required=True, help="last day (inclusive)")
     p.add_argument("--model", default=None, help="the model version to enrol them into (default: LATEST)")
+    p.add_argument("--no-promote", action="store_true", help="save the new version as a candidate (see train)")
+    p = verb("recalibrate", cmd_recalibrate, "fit a model version's threshold and smoothing again with the spec's "
+             "score.threshold and score.smoothing, without training")
+    p.add_argument("--start", type=_date, default=None, help="first day to calibrate on (default: the version's "
+                   "validation days)")
+    p.add_argument("--end", type=_date, default=None, help="last day (inclusive)")
+    p.add_argument("--model", default=None, help="the model version to recalibrate (default: LATEST)")
     p.add_argument("--no-promote", action="store_true", help="save the new version as a candidate (see train)")
     p = verb("score", cmd_score, "score one date (default: yesterday in the spec's timezone) into the Delta table")
     p.add_argument("--date", type=_date, default=None)

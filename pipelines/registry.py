@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmafn.features import split_entity_statistics
-from dmafn.spec import Spec, parse_spec
+from dmafn.spec import Spec, SpecError, parse_spec, reading_differences
 from pipelines.statistics import EntityStatistics, entity_file, entity_table
 from pipelines.storage import DataError, Storage, is_s3, join
 
@@ -290,7 +290,8 @@ def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict
     """Per model version, what its manifest says about its training - when, on which days, the warnings it gave
     (`pipelines.train.TrainingWarnings`), the alarm rate its validation days had (`expected_alarm_rate`), how many
     entities it keeps statistics of their own for (`entities`: the others score by the fleet's; `enrolled` of them
-    by `dmafn enroll` into the version first trained, `enrolled_into`) - or why the manifest could not be read."""
+    by `dmafn enroll` into the version first trained, `enrolled_into`), the edits of `spec` it does not read
+    (`spec_edits`) - or why the manifest could not be read."""
     registry, out = Registry(spec.registry, storage), {}
     for version in sorted(versions):
         try:
@@ -308,8 +309,19 @@ def version_facts(spec: Spec, storage: Storage, versions: Iterable[str]) -> dict
                         # of those, enrolled after training (`pipelines.enroll`), and the version first trained
                         "enrolled": sum(e["entities"] for e in manifest.get("enrolled", [])),
                         "enrolled_into": (manifest.get("enrolled") or [{}])[0].get("from_version"),
-                        "warnings": manifest.get("warnings")}          # None: saved before versions kept them
+                        "warnings": manifest.get("warnings"),          # None: saved before versions kept them
+                        # what `spec` reads, models or thresholds otherwise (taking effect with a new version)
+                        "spec_edits": _spec_edits(manifest, version, spec)}
     return out
+
+
+def _spec_edits(manifest: dict[str, Any], version: str, spec: Spec) -> list[str] | None:
+    """`reading_differences` between the version's spec and `spec`; None where the manifest keeps no spec that
+    parses (the version's own load names why)."""
+    try:
+        return reading_differences(parse_spec(manifest["spec"], source=f"model version {version}"), spec)
+    except (KeyError, SpecError):
+        return None
 
 
 def plain_state_dict(data: bytes, path: str) -> dict[str, "torch.Tensor"]:

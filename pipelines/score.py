@@ -179,23 +179,25 @@ def _score_shard_task(shard: Shard, spec: Spec, mv: ModelVersion, stats: dict, r
 _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
-def reading_spec(mv: ModelVersion, spec: Spec) -> Spec:
+def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
     (its modality paths, partition key, the time zone of its dates and how late rows may be filed), written to
     `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
     the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
-    warning names each."""
+    warning names each (`recalibrating`: the threshold and smoothing aside, which `dmafn recalibrate` adopts)."""
     missing = sorted(set(mv.spec.modalities) - set(spec.modalities))
     if missing:
         raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "
                         "define; add them back or score with a model trained on this spec")
-    edits = reading_differences(mv.spec, spec)
+    edits = [e for e in reading_differences(mv.spec, spec) if not (recalibrating and e.startswith("score."))]
     if edits and (mv.version, spec.source, tuple(edits)) not in _EDITS_WARNED:      # once per command
         _EDITS_WARNED.add((mv.version, spec.source, tuple(edits)))
+        calibration = any(e.startswith("score.") for e in edits)
         log.warning("spec %s differs from model version %s in how data is read, modelled or thresholded, and the "
                     "version reads and scores as it was trained (these edits take effect with a version trained on "
-                    "the spec): %s",
-                    spec.source, mv.version, "; ".join(edits))
+                    "the spec%s): %s", spec.source, mv.version,
+                    "; the threshold's and the smoothing's also with dmafn recalibrate, which fits the version's "
+                    "calibration again without training" if calibration else "", "; ".join(edits))
     modalities = {name: replace(m, path=spec.modalities[name].path) for name, m in mv.spec.modalities.items()}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, score=spec.score, storage=spec.storage)

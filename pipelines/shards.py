@@ -296,13 +296,15 @@ def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> No
 
 def require_each_modality(spec: Spec, files: list[InputFile], dates: list[dt.date], role: str) -> None:
     """DataError naming the first modality (with a table of its own) that has no file in any of `dates`' partitions -
-    training's `role` ("training", "validation") days: a model cannot learn, or calibrate, a modality it never sees,
+    training's `role` ("training", "validation") days, or recalibration's ("calibration"): a model cannot learn, or calibrate, a modality it never sees,
     and would score it with an encoder trained on nothing. A listing, before anything is read or written."""
     seen = {f.modality for f in files if f.date in set(dates)}
     for name in voting_modalities(spec.modalities):
         if name not in seen:
+            remedy = {"training": "train on days that hold it (train.start/end), or leave it out of the spec",
+                      "validation": "train on days that hold it (train.start/end, train.validation_days), or leave "
+                                    "it out of the spec",
+                      "calibration": "calibrate on days that hold it (--start, --end)"}[role]
             raise DataError(f"modality '{name}' ({spec.modalities[name].path}): no file in the partitions of the "
                             f"{role} days {min(dates)}..{max(dates)}, so the model could not "
-                            f"{'learn' if role == 'training' else 'calibrate'} it: train on days that hold it (train.start/"
-                            f"end{', train.validation_days' if role == 'validation' else ''}), or leave it out of "
-                            "the spec")
+                            f"{'learn' if role == 'training' else 'calibrate'} it: {remedy}")

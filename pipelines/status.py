@@ -144,6 +144,11 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
                      f"{span(fact['validation_days'])}; expected alarm rate "
                      f"{'-' if rate is None else f'{rate:.2%}'}; "
                      f"{'warnings not kept' if warnings is None else f'{len(warnings)} training warning(s)'})")
+    edits = fact.get("spec_edits")
+    if edits:
+        out.lines.append(f"spec edits {LATEST} does not read (they take effect with a version trained on the spec"
+                         + ("; the threshold's and the smoothing's also with dmafn recalibrate"
+                            if any(e.startswith("score.") for e in edits) else "") + "): " + "; ".join(edits))
     # versions saved after LATEST that it does not name: candidates (train --no-promote) or rolled back from
     out.facts["newer_than_latest"] = newer = [v for v in versions if v > latest]
     if newer:

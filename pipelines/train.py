@@ -382,7 +382,7 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
     return result
 
 
-def _calibrate(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
+def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
                incidents: KnownIncidents | None = None) -> tuple[Calibration, int]:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
@@ -578,7 +578,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
-        calibration, validation_left_out = _calibrate(spec, model, bucket_stats, val_shards, incidents)
+        calibration, validation_left_out = fit_calibration(spec, model, bucket_stats, val_shards, incidents)
         if spec.model.detector != "classifier":
             validation = calibration.validation
             for line in rare_modality_lines(spec, validation["validation_present_ticks"],

@@ -115,7 +115,7 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
     from pipelines.storage import Storage
-    from pipelines.train import _calibrate, fit_statistics, split_dates, write_training_features
+    from pipelines.train import fit_calibration, fit_statistics, split_dates, write_training_features
 
     spec, version, root = trained
     manifest = json.loads((root / "models" / version / "manifest.json").read_text())
@@ -137,7 +137,7 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
     val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
-    _, left_in_validation = _calibrate(spec, mv.model, BucketStatistics(mv.statistics, True), val_shards, incidents)
+    _, left_in_validation = fit_calibration(spec, mv.model, BucketStatistics(mv.statistics, True), val_shards, incidents)
     assert 55 <= left_in_validation <= 61 + after - 1
 
 
@@ -152,7 +152,7 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
     from pipelines.storage import Storage
-    from pipelines.train import TrainingWarnings, _calibrate, split_dates
+    from pipelines.train import TrainingWarnings, fit_calibration, split_dates
 
     spec, version, root = trained
     manifest = json.loads((root / "models" / version / "manifest.json").read_text())
@@ -167,7 +167,7 @@ def test_training_leaves_validation_outliers_out_of_the_calibration(trained, cap
     strict = replace(spec, train=replace(spec.train, validation_outlier_limit=2.0))
     warned = TrainingWarnings()                       # what `train` keeps for the manifest, as it logs it
     with caplog.at_level(logging.INFO, logger="pipelines"), warned.capturing():
-        calibration, _ = _calibrate(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
+        calibration, _ = fit_calibration(strict, mv.model, BucketStatistics(mv.statistics, True), val_shards)
     left, kept = calibration.outliers_left_out, calibration.validation["validation_ticks"]
     assert 0.01 * (left + kept) < left < kept
     assert f"calibration: {left} of {left + kept} validation ticks left out as outliers" in caplog.text
@@ -763,6 +763,57 @@ def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(train
         f"no entity of 2024-01-01..2024-01-01 is new to model version {enrolment.version} (3 held already): "
         "nothing saved"]
     _promote_and_roll_back(moved, tmp_path, version, enrolment.version)
+
+
+def test_recalibrate_refits_the_threshold_and_smoothing_with_the_specs_without_training(trained, tmp_path, capsys,
+                                                                                         caplog):
+    """The same settings on the version's validation days give its calibration to the digit (a candidate: LATEST
+    stays); the spec's threshold and smoothing edited, `dmafn recalibrate` saves a version with the same weights and
+    statistics whose threshold alarms as the new rule says, and whose spec no longer differs from the spec."""
+    import hashlib
+    import shutil
+
+    import yaml
+
+    from dmafn.spec import reading_differences
+    from jobs.cli import main
+    from pipelines.recalibrate import recalibrate, recalibration_lines
+    from pipelines.registry import Registry
+    from pipelines.storage import Storage
+
+    spec, version, _ = trained
+    shutil.copytree(spec.registry, tmp_path / "models")
+    spec = replace(spec, registry=str(tmp_path / "models"))
+    registry = Registry(spec.registry, Storage())
+    same = recalibrate(spec, promote=False)
+    old, again = registry.load(version, build=False), registry.load(same.version, build=False)
+    assert registry.latest() == version and same.from_version == version and same.days == \
+        old.manifest["training_window"]["validation_days"]
+    assert again.manifest["calibration"] == old.manifest["calibration"]
+    assert hashlib.sha256(again.weights).digest() == hashlib.sha256(old.weights).digest()
+    assert again.statistics.table().equals(old.statistics.table())
+    assert "Not promoted: LATEST is unchanged" in recalibration_lines(same)[0]
+
+    edited = replace(spec, score=replace(spec.score, threshold=replace(spec.score.threshold, method="quantile",
+                                                                       quantile=0.9),
+                                         smoothing=replace(spec.score.smoothing, alpha=0.6)))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(edited.to_dict()))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        assert main(["recalibrate", str(path)]) == 0
+    out = capsys.readouterr().out
+    new = registry.load(registry.latest(), build=False)
+    assert re.search(rf"model version {new.version}: model version {version} recalibrated on \S+ \([\d,]+ ticks\): "
+                     r"threshold pot risk [\d.e-]+ level 0.98 -> quantile 0.9, [\d.]+ -> [\d.]+; "
+                     r"smoothing ewma alpha [\d.]+( knee [\d.]+)? -> ewma alpha 0.6( knee [\d.]+)?; "
+                     r"expected alarm rate [\d.]+% -> 10.\d+%.*LATEST -> ", out), out
+    assert not [r for r in caplog.records if "differs from model version" in r.getMessage()]   # what it adopts
+    assert new.calibration.threshold_method == "quantile" and new.calibration.smoothing.alpha == 0.6
+    assert new.calibration.expected_alarm_rate == pytest.approx(0.1, abs=0.01)
+    assert reading_differences(new.spec, edited) == [] and new.manifest["recalibrated"][0]["from_version"] == version
+    assert hashlib.sha256(new.weights).digest() == hashlib.sha256(old.weights).digest()
+    assert main(["recalibrate", str(path), "--start", "2024-01-02"]) == 2
+    assert "give both --start and --end" in capsys.readouterr().err
 
 
 def _promote_and_roll_back(spec, tmp_path, trained_version: str, enrolled_version: str):
@@ -1645,7 +1696,7 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
     from pipelines.storage import Storage
-    from pipelines.train import _calibrate, outlier_reach_ticks, split_dates
+    from pipelines.train import fit_calibration, outlier_reach_ticks, split_dates
     from tests.approx import close
 
     spec, version, _ = trained
@@ -1659,7 +1710,7 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     monkeypatch.setattr(calibrate, "raise_task_error", lambda ref: received.append(real(ref)) or received[-1])
     monkeypatch.setattr(calibrate, "GATHER_MAX", 64)
     # each shard's task with its bucket's per-entity statistics, the gathered fit below with the whole
-    on_workers = _calibrate(spec, mv.model, BucketStatistics(mv.statistics, keys_sliceable=True), shards)[0].to_dict()
+    on_workers = fit_calibration(spec, mv.model, BucketStatistics(mv.statistics, keys_sliceable=True), shards)[0].to_dict()
     assert received and not any(isinstance(v, calibrate.ShardPart) for v in received)
 
     parts = [ray.get(calibrate._score_shard.remote(s, spec, mv.stats, mv.model)[1]) for s in shards]

@@ -23,10 +23,11 @@ def _spec(tmp_path):
     return parse_spec(data, source=str(path)), str(path)
 
 
-def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None, enrolled=()):
+def _version(tmp_path, version, alarm_rate=0.003, latest=True, entities=None, enrolled=(), spec=None):
     folder = tmp_path / "models" / version
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text(json.dumps({
+        **({} if spec is None else {"spec": spec}),
         **({} if entities is None else {"entity_statistics": {"file": "x.parquet", "entities": entities}}),
         **({"enrolled": [{"from_version": OLD, "entities": n} for n in enrolled]} if enrolled else {}),
         "created_at": "2024-01-02T12:00:30+00:00", "warnings": ["modality 'proc': a warning"],
@@ -281,3 +282,25 @@ def test_the_registry_rewrites_latest_whole_and_names_an_empty_one(tmp_path, mon
     latest.write_text("\n")
     with pytest.raises(DataError, match=r"models/LATEST: empty; it should name a saved version"):
         registry.latest()
+
+
+def test_status_names_the_spec_edits_latest_does_not_read(tmp_path):
+    """A window and the threshold edited in the spec since LATEST was trained: one line names both (a note, not a
+    problem: edits wait for the next training, or `recalibrate`); none when the spec reads as the version."""
+    spec, _ = _spec(tmp_path)
+    trained = tiny_spec_dict(registry=spec.registry, score={"output": spec.score.output})
+    trained["modalities"]["logs"]["window"] = "1min"
+    trained["score"]["threshold"] = {"method": "pot", "risk": 0.003}
+    _version(tmp_path, NEW, spec=parse_spec(trained).to_dict())
+    found = scoring_status(spec, Storage(), today=dt.date(2024, 1, 3), spec_path="s.yaml")
+    assert "spec edits LATEST does not read (they take effect with a version trained on the spec; the threshold's " \
+           "and the smoothing's also with dmafn recalibrate): modalities.logs.window: 2min (the version's: 1min); " \
+           "score.threshold.risk: 0.001 (the version's: 0.003)" in found.text()
+    assert found.facts["latest"]["spec_edits"] == ["modalities.logs.window: 2min (the version's: 1min)",
+                                                   "score.threshold.risk: 0.001 (the version's: 0.003)"]
+    assert not [p for p in found.problems if "edit" in p]
+    (tmp_path / "models" / NEW / "manifest.json").unlink()
+    (tmp_path / "models" / NEW).rmdir()
+    _version(tmp_path, NEW, spec=spec.to_dict())
+    again = scoring_status(spec, Storage(), today=dt.date(2024, 1, 3), spec_path="s.yaml")
+    assert "spec edits" not in again.text() and again.facts["latest"]["spec_edits"] == []
