@@ -5,8 +5,8 @@ from __future__ import annotations
 from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
 from pipelines.delta_sink import OpenTables, require_own_tables
-from pipelines.staging import remove_stale_folders, remove_stale_runs
 from pipelines.registry import train_runs_path
+from pipelines.staging import remove_stale_folders, remove_stale_runs
 from pipelines.storage import Storage
 
 
