@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dmafn.features import decode_pixels
 from dmafn.spec import ModalitySpec, Spec
@@ -36,7 +37,8 @@ def _is_list_of_numbers(t: pa.DataType) -> bool:
 _EXPECTED = {
     "tabular": (_is_numeric, "a number"), "timeseries": (_is_numeric, "a number"),
     "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (PNG/JPEG bytes)"),
-    "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string"),
+    "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+             or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
     "audio": (_is_list_of_numbers, "a list of floats"),
 }
 
@@ -76,14 +78,22 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
 
 def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
     """`table` (checked by `check_schema`) with each of `m`'s value columns that is dictionary-encoded decoded to its
-    values, and each of Arrow's null type typed as the kind's values (`_PLAIN`: every row then holds a null, which
-    `with_reasons` calls unusable), so files that store a column either way read like the others."""
+    values, each of Arrow's null type typed as the kind's values (`_PLAIN`: every row then holds a null, which
+    `with_reasons` calls unusable), and text stored as bytes (Parquet BINARY without the UTF8 annotation, as Impala
+    and older Hive write strings) read as strings unchecked - `valid_text` then quarantines what is not UTF-8 - so
+    files that store a column either way read like the others."""
     for col in m.value_columns:
-        i, stored = table.schema.get_field_index(col), table.schema.field(col).type
-        if pa.types.is_dictionary(stored):
-            table = table.set_column(i, col, table.column(i).cast(stored.value_type))
-        elif pa.types.is_null(stored):
-            table = table.set_column(i, col, table.column(i).cast(_PLAIN[m.kind]))
+        i = table.schema.get_field_index(col)
+        column = stored = table.column(i)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if pa.types.is_null(column.type):
+            column = column.cast(_PLAIN[m.kind])
+        elif m.kind == "text" and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            column = pc.cast(column, pa.large_string() if pa.types.is_large_binary(column.type) else pa.string(),
+                             safe=False)
+        if column is not stored:
+            table = table.set_column(i, col, column)
     return table
 
 

@@ -282,6 +282,12 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
         check_schema(categorical, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
     for stored in (pa.dictionary(pa.int8(), pa.float32()), pa.null()):      # a categorical of numbers; no value
         check_schema(categorical.set(2, pa.field("temp", stored)), tiny_spec, tiny_spec.modalities["proc"], "/d")
+    for stored in (pa.binary(), pa.large_binary(), pa.dictionary(pa.int32(), pa.binary())):   # text as bytes
+        check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", stored)]),
+                     tiny_spec, tiny_spec.modalities["logs"], "/d")
+    with pytest.raises(DataError, match="column 'msg' is int64, expected a string \\(or UTF-8 bytes\\)"):
+        check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", pa.int64())]),
+                     tiny_spec, tiny_spec.modalities["logs"], "/d")
     bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.string()), ("temp", pa.float64())])
     with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp"):
         check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
@@ -376,8 +382,9 @@ def test_read_shard_reads_its_dates_and_the_lookback_and_quarantines_bad_rows(tm
 def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_that_holds_no_value(tmp_path,
                                                                                                    tiny_spec):
     """Files of one modality need not store a value column alike: a categorical (dictionary-encoded) text column
-    reads as its strings, and a column of Arrow's null type (a writer that saw no value in the file) is every row
-    unusable - quarantined, beside the other files' rows, not a failed date."""
+    reads as its strings, text stored as bytes (Parquet BINARY without the UTF8 annotation) as its UTF-8 (a value
+    that is not UTF-8 quarantined), and a column of Arrow's null type (a writer that saw no value in the file) is
+    every row unusable - quarantined, beside the other files' rows, not a failed date."""
     import datetime as dt
     from dataclasses import replace
 
@@ -398,15 +405,18 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
         "machine_id": ["a", "a"], "ts": ts, "msg": pa.array(["pump ok", "valve stuck"]).dictionary_encode()}))
     _write(tmp_path / "logs" / folder / "part-1.parquet", pa.table({"machine_id": ["b"], "ts": ts.slice(0, 1),
                                                                     "msg": ["pump ok"]}))
+    _write(tmp_path / "logs" / folder / "part-2.parquet", pa.table({"machine_id": ["e", "e"], "ts": ts,
+                                                                    "msg": pa.array([b"valve open", b"\xff\xfe"])}))
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     assert got.tables["logs"].schema["msg"] == pl.String
     assert sorted(got.tables["logs"].select("machine_id", "msg").rows()) == [
-        ("a", "pump ok"), ("a", "valve stuck"), ("b", "pump ok")]
+        ("a", "pump ok"), ("a", "valve stuck"), ("b", "pump ok"), ("e", "valve open")]
     assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [("a", 1.0), ("b", 2.0)]
     assert sorted(got.quarantined.select("entity", "source", "reason").rows()) == [
-        ("c", "proc", "unusable value in column 'temp'"), ("d", "proc", "unusable value in column 'temp'")]
-    assert got.usable_rows == {"2024-01-02": {"proc": 2, "logs": 3}}
-    assert got.rows_read == {"2024-01-02": 7}
+        ("c", "proc", "unusable value in column 'temp'"), ("d", "proc", "unusable value in column 'temp'"),
+        ("e", "logs", "invalid UTF-8 in column 'msg'")]
+    assert got.usable_rows == {"2024-01-02": {"proc": 2, "logs": 4}}
+    assert got.rows_read == {"2024-01-02": 9}
 
 
 def test_read_shard_reads_a_log_file_delivered_twice_once(tmp_path, tiny_spec):
