@@ -74,8 +74,14 @@ def recalibrate(spec: Spec, *, version: str | None = None, start: dt.date | None
                         "lower than on new days, so the threshold will be too low and alarms more frequent than "
                         "expected; prefer later days", mv.version, len(trained_on), ", ".join(trained_on))
     rspec = replace(reading_spec(mv, spec, recalibrating=True), labels=spec.labels)
-    files = list_inputs(rspec, days, storage)
-    require_data(rspec, files, days)
+    try:
+        files = list_inputs(rspec, days, storage)
+        require_data(rspec, files, days)
+    except DataError as exc:
+        if start is None:       # the version's validation days, aged out of the lake or moved
+            raise DataError(f"{exc}: the validation days of model version {mv.version}; recalibrate on later days "
+                            "that hold data (--start D --end D)") from None
+        raise
     require_each_modality(rspec, files, days, "calibration")
     schemas = require_columns(rspec, storage, files)
     shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers)

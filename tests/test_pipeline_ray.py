@@ -814,6 +814,13 @@ def test_recalibrate_refits_the_threshold_and_smoothing_with_the_specs_without_t
     assert hashlib.sha256(new.weights).digest() == hashlib.sha256(old.weights).digest()
     assert main(["recalibrate", str(path), "--start", "2024-01-02"]) == 2
     assert "give both --start and --end" in capsys.readouterr().err
+    gone = replace(edited, modalities={k: replace(m, path=str(tmp_path / "aged-out" / k))
+                                       for k, m in edited.modalities.items()})
+    for m in gone.modalities.values():                         # the tables are there, their old partitions not
+        Path(m.path).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(DataError, match=rf": the validation days of model version {new.version}; "
+                                        r"recalibrate on later days that hold data \(--start D --end D\)"):
+        recalibrate(gone)
 
 
 def _promote_and_roll_back(spec, tmp_path, trained_version: str, enrolled_version: str):
