@@ -659,6 +659,12 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
     return lines
 
 
+def is_calibration_edit(line: str) -> bool:
+    """A `reading_differences` line of `score.threshold` or `score.smoothing`: fitted into a version's calibration,
+    so `dmafn recalibrate` adopts it without training."""
+    return line.startswith("score.")
+
+
 def _shown(value: Any) -> str:
     """A spec value as a line shows it: a missing one as 'none', a context as its window and period."""
     if value is None:

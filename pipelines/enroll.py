@@ -85,8 +85,7 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
     enrolment = Enrolment(mv.version, None, len(keys), keys[:NAMED], rows.num_rows - len(keys), quarantined)
     if not keys:
         return enrolment
-    manifest = {k: v for k, v in mv.manifest.items()
-                if k not in ("version", "model_config", "created_at", "weights_sha256", "entity_statistics")}
+    manifest = mv.manifest_to_save_again()
     manifest["enrolled"] = [*mv.manifest.get("enrolled", []), {
         "from_version": mv.version, "days": [start.isoformat(), end.isoformat()], "entities": len(keys),
         "named": keys[:NAMED], "input_quarantine": quarantined,

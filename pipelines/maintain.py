@@ -6,7 +6,7 @@ from dmafn.spec import Spec
 from pipelines.baselines import alone_spec
 from pipelines.delta_sink import OpenTables, require_own_tables
 from pipelines.registry import train_runs_path
-from pipelines.staging import remove_stale_folders, remove_stale_runs
+from pipelines.staging import remove_stale_folders
 from pipelines.storage import Storage
 
 
@@ -35,7 +35,7 @@ def maintain(spec: Spec, *, retention_hours: int = 168) -> list[str]:
         lines.append(f"{path}: compacted {compacted.get('numFilesRemoved', 0)} files into "
                      f"{compacted.get('numFilesAdded', 0)}; vacuumed {len(removed)} files older than "
                      f"{retention_hours}h")
-    stale = remove_stale_runs(spec, storage, retention_hours)
+    stale = remove_stale_folders(storage, spec.score.staging_path, retention_hours)
     lines.append(f"{spec.score.staging_path}: removed {stale} staging folder(s) of stopped runs older than "
                  f"{retention_hours}h")
     runs = train_runs_path(spec)

@@ -28,7 +28,7 @@ from pipelines.shards import list_inputs, plan_shards, require_data, require_eac
 from pipelines.staging import Staging
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import DataError, Storage
-from pipelines.train import fit_calibration, known_incidents, rare_modality_lines
+from pipelines.train import fit_calibration, known_incidents
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +89,22 @@ def recalibrate(spec: Spec, *, version: str | None = None, start: dt.date | None
     try:
         shards = staging.resolve(shards)
         stats = BucketStatistics(mv.statistics, keys_sliceable(rspec, schemas))
-        calibration, _ = fit_calibration(rspec, mv.model, stats, shards, known_incidents(rspec, storage))
+        calibration, _ = fit_calibration(rspec, mv.model, stats, shards, known_incidents(rspec, storage), days)
     finally:
         staging.close()
-    validation = calibration.validation
-    if rspec.model.detector != "classifier":
-        for line in rare_modality_lines(rspec, validation["validation_present_ticks"], validation["validation_ticks"],
-                                        f"ticks of {days[0]}..{days[-1]}", "calibrate"):
-            log.warning("%s", line)
     saved_spec = replace(mv.spec, score=replace(mv.spec.score, threshold=spec.score.threshold,
                                                 smoothing=spec.score.smoothing))
     before, after = _summary(mv.calibration, mv.spec.score.threshold), _summary(calibration, spec.score.threshold)
     day_texts = [d.isoformat() for d in days]
-    manifest = {k: v for k, v in mv.manifest.items()
-                if k not in ("version", "model_config", "created_at", "weights_sha256", "entity_statistics")}
+    manifest = mv.manifest_to_save_again()
     manifest.update(spec=saved_spec.to_dict(), calibration=calibration.to_dict(),
                     training_window={**window, "validation_days": day_texts})
     manifest["recalibrated"] = [*mv.manifest.get("recalibrated", []), {
         "from_version": mv.version, "days": [day_texts[0], day_texts[-1]], "before": before, "after": after,
         "at": dt.datetime.now(dt.timezone.utc).isoformat()}]
     saved = registry.save(mv.model, manifest, mv.statistics, promote=promote)
-    return Recalibration(mv.version, saved, day_texts, int(validation.get("validation_ticks", 0)), before, after,
-                         promote)
+    return Recalibration(mv.version, saved, day_texts, int(calibration.validation.get("validation_ticks", 0)), before,
+                         after, promote)
 
 
 def _summary(calibration: Calibration, threshold: ThresholdSpec) -> dict:

@@ -100,6 +100,12 @@ class ModelVersion:
         return Calibration.from_dict(self.manifest["calibration"], smoothing=self.spec.score.smoothing,
                                      validation=self.manifest.get("metrics"))
 
+    def manifest_to_save_again(self) -> dict[str, Any]:
+        """The manifest without what `Registry.save` writes for each version (its id, time, model config and
+        checksums, its entity file): what a version saved from this one (`enroll`, `recalibrate`) starts from."""
+        return {k: v for k, v in self.manifest.items()
+                if k not in ("version", "model_config", "created_at", "weights_sha256", "entity_statistics")}
+
     def __getstate__(self) -> dict[str, Any]:
         # what was built from the manifest and the weights is rebuilt where it is used, not shipped
         return {k: v for k, v in self.__dict__.items() if k in self.__dataclass_fields__}

@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from dmafn.spec import Spec, reading_differences
+from dmafn.spec import Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   write_partition)
@@ -189,10 +189,10 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
     if missing:
         raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "
                         "define; add them back or score with a model trained on this spec")
-    edits = [e for e in reading_differences(mv.spec, spec) if not (recalibrating and e.startswith("score."))]
+    edits = [e for e in reading_differences(mv.spec, spec) if not (recalibrating and is_calibration_edit(e))]
     if edits and (mv.version, spec.source, tuple(edits)) not in _EDITS_WARNED:      # once per command
         _EDITS_WARNED.add((mv.version, spec.source, tuple(edits)))
-        calibration = any(e.startswith("score.") for e in edits)
+        calibration = any(map(is_calibration_edit, edits))
         log.warning("spec %s differs from model version %s in how data is read, modelled or thresholded, and the "
                     "version reads and scores as it was trained (these edits take effect with a version trained on "
                     "the spec%s): %s", spec.source, mv.version,

@@ -214,15 +214,10 @@ class Staging:
             log.warning("could not delete staged pieces under %s: %s", folder, exc)
 
 
-def remove_stale_runs(spec: Spec, storage: Storage, older_than_hours: float) -> int:
-    """Delete the staging folders of runs whose newest piece is older than `older_than_hours` (a job that was
-    killed before its `close`); returns how many. A run still writing pieces is younger and stays."""
-    return remove_stale_folders(storage, spec.score.staging_path, older_than_hours)
-
-
 def remove_stale_folders(storage: Storage, path: str, older_than_hours: float) -> int:
-    """Delete each folder directly under `path` whose newest file is older than `older_than_hours` (the folder
-    of a job that was killed before it removed it); returns how many. One still being written stays."""
+    """Delete each folder directly under `path` whose newest file is older than `older_than_hours` (a staging run's
+    or a training's folder, of a job that was killed before it removed it); returns how many. One still being
+    written stays."""
     fs, root = storage.filesystem(path), storage.fs_path(path)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from dmafn.spec import Spec, format_duration, local_today
+from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
@@ -148,7 +148,7 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
     if edits:
         out.lines.append(f"spec edits {LATEST} does not read (they take effect with a version trained on the spec"
                          + ("; the threshold's and the smoothing's also with dmafn recalibrate"
-                            if any(e.startswith("score.") for e in edits) else "") + "): " + "; ".join(edits))
+                            if any(map(is_calibration_edit, edits)) else "") + "): " + "; ".join(edits))
     # versions saved after LATEST that it does not name: candidates (train --no-promote) or rolled back from
     out.facts["newer_than_latest"] = newer = [v for v in versions if v > latest]
     if newer:

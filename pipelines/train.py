@@ -383,11 +383,14 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
 
 
 def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
-               incidents: KnownIncidents | None = None) -> tuple[Calibration, int]:
+                    incidents: KnownIncidents | None = None, days: list[dt.date] | None = None
+                    ) -> tuple[Calibration, int]:
     """The calibration (contribution normalisation, the spec's smoothing per entity, the threshold) fitted on
     the validation days' raw scores - the one scoring path - where the shards' tasks leave them
     (`pipelines.calibrate`): the driver gets counts and a few values, not the ticks. With `incidents`, the
-    validation ticks in or just after a known one are left out; returns the calibration and their count."""
+    validation ticks in or just after a known one are left out; returns the calibration and their count. Warns of
+    what the fit shows (outliers, a modality rare among the validation `days` - default: the shards' -, a short
+    tail); a modality at none of them is a DataError (`rare_modality_lines`)."""
     from pipelines.calibrate import ShardTicks
 
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
@@ -409,6 +412,14 @@ def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Sha
                  f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS}, "
                  "a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
+        log.warning("%s", line)
+    if spec.model.detector != "classifier":
+        days = days or sorted({d for s in shards for d in s.dates})
+        validation = calibration.validation
+        for line in rare_modality_lines(spec, validation["validation_present_ticks"], validation["validation_ticks"],
+                                        f"validation ticks of {days[0]}..{days[-1]}", "calibrate"):
+            log.warning("%s", line)
+    for line in calibration.tail_warnings():
         log.warning("%s", line)
     return calibration, ticks.left_out
 
@@ -578,21 +589,13 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             log.info("modality '%s': encoding distance (weight %g) fitted on %d training ticks (%d beyond the "
                      "first fit's 99.9 %% limit left out)%s", name, spec.modalities[name].encoding_distance,
                      fitted_ticks, left_out[name], "" if fitted_ticks else " - too few, so its error is not weighed")
-        calibration, validation_left_out = fit_calibration(spec, model, bucket_stats, val_shards, incidents)
-        if spec.model.detector != "classifier":
-            validation = calibration.validation
-            for line in rare_modality_lines(spec, validation["validation_present_ticks"],
-                                            validation["validation_ticks"],
-                                            f"validation ticks of {val_days[0]}..{val_days[-1]}", "calibrate"):
-                warned(line)
+        calibration, validation_left_out = fit_calibration(spec, model, bucket_stats, val_shards, incidents, val_days)
         if incidents is not None:
             log.info("known incidents (labels at %s; train.exclude_labelled): %d training and %d validation ticks "
                      "inside a labelled interval or within %s of its end left out", spec.labels.path, train_left_out,
                      validation_left_out, format_duration(incidents.after_us))
         for line in calibration.baseline_lines():
             log.info("%s", line)
-        for line in calibration.tail_warnings():
-            warned(line)
         manifest = {"spec": spec.to_dict(), "calibration": calibration.to_dict(),
                     "training_window": {"train_days": [d.isoformat() for d in train_days],
                                         "validation_days": [d.isoformat() for d in val_days]},
