@@ -28,6 +28,7 @@ TICK_TIME = "_t"            # aligned rows: the tick time, Int64 microseconds si
 VOTES = ("mean", "max", "weighted", "attention")
 CONTRIBUTION_SCALES = ("robust", "tail")
 PRESETS = ("small", "base")
+TIME_UNITS = ("s", "ms", "us", "ns")                       # a time column stored as integers since the epoch
 NORMALIZATIONS = ("global", "entity")
 THRESHOLD_METHODS = ("pot", "quantile", "rate", "fixed")
 SMOOTHING_METHODS = ("none", "ewma", "rolling")
@@ -221,6 +222,7 @@ class Spec:
     source: str = "<memory>"
     timezone: str = "UTC"               # the zone whose calendar days the dates are (partitions, train days, output)
     lateness_us: int = 0                # how long after its time a row may still be filed (partitions by arrival)
+    time_unit: str | None = None        # what a time column stored as integers counts since the epoch (s|ms|us|ns)
 
     @property
     def lookback_days(self) -> int:
@@ -501,8 +503,8 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "grain", "partition", "timezone", "lateness", "modalities", "labels",
-                        "model", "train", "registry", "score", "storage"})
+    top.reject_unknown({"name", "entity", "time", "time_unit", "grain", "partition", "timezone", "lateness",
+                        "modalities", "labels", "model", "train", "registry", "score", "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
         raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
@@ -540,7 +542,8 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 train=_parse_train(top.section("train", required=True)), registry=str(top.required("registry")),
                 score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
                 labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),
-                lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0)
+                lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0,
+                time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS))
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -705,6 +708,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
         "partition": spec.partition, **({"timezone": spec.timezone} if spec.timezone != "UTC" else {}),
         **({"lateness": format_duration(spec.lateness_us)} if spec.lateness_us else {}),
+        **({"time_unit": spec.time_unit} if spec.time_unit else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

@@ -13,7 +13,7 @@ from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
                         NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
-                        THRESHOLD_METHODS, VOTES, SpecError, parse_spec)
+                        THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -75,6 +75,8 @@ def spec_json_schema() -> dict[str, Any]:
             "name": {"type": "string"},
             "entity": _COLUMNS,
             "time": {"type": "string"},
+            "time_unit": {**_enum(TIME_UNITS), "description": "what a time column stored as integers counts since "
+                          "the Unix epoch (UTC); without it the time column must be a timestamp"},
             "grain": _DURATION,
             "partition": {"type": "string", "description": "where a date's files lie: a key (date: date=YYYY-MM-DD "
                           "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},

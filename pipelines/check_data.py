@@ -40,6 +40,7 @@ class ModalityData:
     problems: list[str] = field(default_factory=list)
     misplaced: list[tuple[str, dt.date, int, int]] = field(default_factory=list)   # files holding rows timed
     zone: str = "UTC"                       # outside their date (path, date, first, last time); the spec's timezone
+    integer_times: str | None = None        # the spec's time_unit, where some file stores its time as integers
     # the Arrow types of the spec's columns (entity, time, values) as stored -> the first file storing them so
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
 
@@ -71,11 +72,22 @@ class ModalityData:
         if not self.misplaced:
             return []
         path, date, first, last = self.misplaced[0]
-        when = lambda us: dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
         return [f"  rows timed outside their date partition (dates of timezone {self.zone}, by the footers' time "
                 f"statistics): in {len(self.misplaced)} of {self.files} files, e.g. {path} ({date}) holds "
-                f"{when(first)} .. {when(last)} UTC - misfiled rows (quarantined when scored), rows filed by the day "
-                "they arrived (set `lateness`), or partitions cut by another time zone's dates (set `timezone`)"]
+                f"{_span(first, last)} - misfiled rows (quarantined when scored), rows filed by the day "
+                "they arrived (set `lateness`), or partitions cut by another time zone's dates (set `timezone`)"
+                + (f", or integer times that count another unit than `time_unit` ({self.integer_times})"
+                   if self.integer_times else "")]
+
+
+def _span(first: int, last: int) -> str:
+    """Two times (microseconds since the epoch) as a line shows them: UTC to the minute, or the counts where no
+    calendar holds them (integer times read in too small a unit)."""
+    try:
+        return " .. ".join(dt.datetime.fromtimestamp(us / 1e6, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+                           for us in (first, last)) + " UTC"
+    except (OverflowError, ValueError, OSError):
+        return f"{first} .. {last} microseconds since the epoch"
 
 
 @dataclass
@@ -118,7 +130,7 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
     return data
 
 
-def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str
+def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None
                 ) -> tuple[pa.Schema, tuple[int, int] | None] | DataError:
     """The Arrow schema in the footer of the Parquet file at `path` and the earliest and latest time its time
     column's statistics give (None: none to go by), or the DataError naming it (returned, so that a thread pool's
@@ -129,7 +141,7 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str
         return exc
     try:
         schema = parquet.schema_arrow
-        bounds = time_bounds(parquet, time_column) if time_column in schema.names else None
+        bounds = time_bounds(parquet, time_column, time_unit) if time_column in schema.names else None
         return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
     finally:
         parquet.close()
@@ -160,7 +172,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            for path, footer in zip(paths, pool.map(lambda path: file_footer(filesystem, path, spec.time), paths)):
+            footers = pool.map(lambda path: file_footer(filesystem, path, spec.time, spec.time_unit), paths)
+            for path, footer in zip(paths, footers):
                 try:
                     if isinstance(footer, DataError):
                         raise footer
@@ -171,6 +184,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     continue
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
+                if pa.types.is_integer(schema.field(spec.time).type):
+                    data.integer_times = spec.time_unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:
                     data.misplaced.append((path, dates[path], *times))

@@ -16,12 +16,14 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import each_row_group, open_parquet, row_groups_before, row_groups_since
+from pipelines.parquet_files import (MICROS_PER_UNIT, each_row_group, open_parquet, row_groups_before,
+                                     row_groups_since)
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 
 REASON = "_reason"
 BAD_TEXT = "_bad_text"
+BAD_TIME = "_bad_time"
 _PNG, _JPEG = b"\x89PNG", b"\xff\xd8"
 
 
@@ -48,17 +50,47 @@ _EXPECTED = {
 }
 
 
-def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str) -> None:
+def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str,
+                  time_unit: str | None = None) -> None:
     """Raise DataError naming the table and column when one of `columns` is missing or `time` is not a
-    timestamp (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
+    timestamp - or, with `time_unit` (the spec's), an integer count of it since the epoch (what `dmafn profile`
+    needs of a file; `check_schema` checks the value types too)."""
     names = set(schema.names)
     for col in columns:
         if col not in names:
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
                             f"columns are {sorted(names)}")
-    if not pa.types.is_timestamp(schema.field(time).type):
-        raise DataError(f"modality '{modality}' ({where}): time column '{time}' is "
-                        f"{schema.field(time).type}, expected a timestamp")
+    stored = schema.field(time).type
+    if pa.types.is_timestamp(stored) or (time_unit and pa.types.is_integer(stored)):
+        return
+    raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected a timestamp"
+                    + (f" or an integer count of {time_unit} since the epoch (time_unit)" if time_unit else
+                       " (an integer count of seconds, milliseconds, microseconds or nanoseconds since the epoch "
+                       "is read as such with the spec's time_unit: s, ms, us or ns)"
+                       if pa.types.is_integer(stored) else ""))
+
+
+def epoch_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
+    """`table` with its time column, where it is stored as integers (counts of `time_unit` since the epoch, the
+    spec's), as timestamps in microseconds (naive: UTC, as a naive timestamp column is read); with the raw counts
+    no timestamp can hold (beyond +-292,000 years in microseconds) kept as `_bad_time` (null elsewhere) and
+    their time null - `with_reasons` quarantines them, naming the count. A timestamp column is returned as it
+    is, with None."""
+    i = table.schema.get_field_index(time)
+    stored = table.column(i)
+    if not pa.types.is_integer(stored.type) or not time_unit:
+        return table, None
+    per_unit = MICROS_PER_UNIT.get(time_unit, 1)
+    limit = (2 ** 63 - 1) // per_unit
+    raw = pl.col("raw")
+    counts = raw.cast(pl.Int64, strict=False)                           # a uint64 beyond Int64: out of range
+    out = (counts.is_null() & raw.is_not_null()) | (counts > limit) | (counts < -limit)
+    micros = counts // 1000 if time_unit == "ns" else counts * per_unit
+    converted = pl.DataFrame({"raw": pl.from_arrow(stored)}).select(
+        pl.when(out).then(None).otherwise(micros).cast(pl.Datetime("us")).alias(time),
+        pl.when(out).then(raw.cast(pl.String)).otherwise(None).alias(BAD_TIME))
+    times, bad = converted.get_column(time), converted.get_column(BAD_TIME)
+    return table.set_column(i, time, times.to_arrow()), bad
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind
@@ -70,7 +102,7 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
     """Raise DataError naming the table and column when the contract does not hold. A value column may be
     dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
     the file: its rows are quarantined as unusable, see `plain_values`)."""
-    check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where)
+    check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where, spec.time_unit)
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
         stored = schema.field(col).type
@@ -113,11 +145,16 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` with `_reason` added (see `check_rows`); a true `_bad_text` column (from `valid_text`) marks text that
-    was not valid UTF-8, and is dropped."""
+    was not valid UTF-8, a `_bad_time` one (from `epoch_times`) an integer time no timestamp can hold; both are
+    dropped."""
     bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
-    df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT))
+    bad_time = pl.col(BAD_TIME) if BAD_TIME in df.columns else pl.lit(None, pl.String)
+    df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT), bad_time.alias(BAD_TIME))
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
     conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
+    conditions.append((pl.col(BAD_TIME).is_not_null(),
+                       pl.format(f"time column '{spec.time}' holds {{}}, which as {spec.time_unit} since the epoch no "
+                                 "timestamp can hold", pl.col(BAD_TIME))))
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
     for col in m.value_columns:
         bad = pl.col(col).is_null()
@@ -129,10 +166,11 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
             bad = bad | (pl.col(col).list.len() == 0) | pl.col(col).list.eval(
                 ~pl.element().cast(pl.Float64).is_finite().fill_null(False)).list.any()
         conditions.append((bad, f"unusable value in column '{col}'"))
-    expr = pl.when(conditions[0][0]).then(pl.lit(conditions[0][1]))
+    said = lambda reason: reason if isinstance(reason, pl.Expr) else pl.lit(reason)   # noqa: E731
+    expr = pl.when(conditions[0][0]).then(said(conditions[0][1]))
     for cond, reason in conditions[1:]:
-        expr = expr.when(cond).then(pl.lit(reason))
-    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT)
+        expr = expr.when(cond).then(said(reason))
+    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT, BAD_TIME)
 
 
 def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
@@ -295,13 +333,15 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                by_time = (None if own_date else row_groups_before(parquet, spec.time, end) if ahead
-                           else row_groups_since(parquet, spec.time, first - m.lookback_us))
+                by_time = (None if own_date else row_groups_before(parquet, spec.time, end, spec.time_unit) if ahead
+                           else row_groups_since(parquet, spec.time, first - m.lookback_us, spec.time_unit))
                 groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, bad_text = valid_text(plain_values(part, m), m)
-                    rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text)), spec, m)
+                    table, bad_time = epoch_times(part, spec.time, spec.time_unit)
+                    table, bad_text = valid_text(plain_values(table, m), m)
+                    rows = with_reasons(pl.from_arrow(table).with_columns(
+                        pl.Series(BAD_TEXT, bad_text), *([] if bad_time is None else [bad_time])), spec, m)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept

@@ -25,7 +25,12 @@ def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-_MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
+MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
+
+
+def micros_of(value: int, unit: str) -> int:
+    """An integer count of `unit` (s, ms, us, ns) since the epoch as microseconds (exact; ns floored)."""
+    return value // 1000 if unit == "ns" else value * MICROS_PER_UNIT[unit]
 
 
 def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.ColumnChunkMetaData | None:
@@ -35,39 +40,47 @@ def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.Col
     return next((meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == column), None)
 
 
-def time_bounds(parquet: pq.ParquetFile, time_column: str) -> list[tuple[int, int]] | None:
+def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None = None
+                ) -> list[tuple[int, int]] | None:
     """Each row group's earliest and latest time (microseconds since the epoch; a naive column's values as UTC,
-    as they are read) by the time column's min/max statistics; None when the file has none to go by (no row
-    group, a column that is not a timestamp, a row group without statistics)."""
-    field = parquet.schema_arrow.field(time_column)
+    as they are read; an integer column's as counts of `time_unit`, the spec's) by the time column's min/max
+    statistics; None when the file has none to go by (no row group, a column that is neither a timestamp nor, with
+    `time_unit`, an integer, a row group without statistics)."""
+    kind = parquet.schema_arrow.field(time_column).type
     meta = parquet.metadata
-    if not pa.types.is_timestamp(field.type) or meta.num_row_groups == 0:
+    if pa.types.is_timestamp(kind):
+        unit, raw = kind.unit, True
+    elif time_unit and pa.types.is_integer(kind):
+        unit, raw = time_unit, False
+    else:
         return None
-    unit = field.type.unit
-    micros = (lambda v: v // 1000) if unit == "ns" else (lambda v: v * _MICROS_PER_UNIT[unit])   # exact integers
     bounds = []
     for r in range(meta.num_row_groups):
         chunk = column_chunk(parquet, r, time_column)
         if chunk is None:
             return None
         stats = chunk.statistics
-        if chunk.physical_type != "INT64" or stats is None or not stats.has_min_max:
+        if chunk.physical_type not in ("INT64", "INT32") or (raw and chunk.physical_type != "INT64") \
+                or stats is None or not stats.has_min_max:
             return None
-        bounds.append((micros(stats.min_raw), micros(stats.max_raw)))
-    return bounds
+        low, high = (stats.min_raw, stats.max_raw) if raw else (stats.min, stats.max)   # integers: signedness kept
+        bounds.append((micros_of(low, unit), micros_of(high, unit)))
+    return bounds or None
 
 
-def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int) -> list[int] | None:
+def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int, time_unit: str | None = None
+                     ) -> list[int] | None:
     """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
     time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
-    bounds = time_bounds(parquet, time_column)
+    bounds = time_bounds(parquet, time_column, time_unit)
     return None if bounds is None else [r for r, (_, hi) in enumerate(bounds) if hi >= since_us]
 
 
-def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int) -> list[int] | None:
+def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, time_unit: str | None = None
+                      ) -> list[int] | None:
     """The row groups that may hold rows timed before `until_us`, by the time column's statistics; None when the
     file has none to go by."""
-    bounds = time_bounds(parquet, time_column)
+    bounds = time_bounds(parquet, time_column, time_unit)
     return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
 
 

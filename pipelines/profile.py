@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import to_micros
-from pipelines.ingest import check_columns, entity_string, timed_outside
+from pipelines.ingest import check_columns, entity_string, epoch_times, timed_outside
 from pipelines.parquet_files import column_chunk, list_parquet_files, open_parquet, read_columns
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -55,17 +55,19 @@ _PERIODS_META = pd.DataFrame({"_day": pd.Series(dtype="int32"), "period_s": pd.S
 
 @dataclass(frozen=True)
 class Columns:
-    """What a modality's files must hold: entity columns, the time column, value columns."""
+    """What a modality's files must hold: entity columns, the time column (a timestamp, or integers counting the
+    spec's `time_unit`), value columns."""
 
     modality: str
     keys: tuple[str, ...]
     time: str
     values: tuple[str, ...]
+    time_unit: str | None = None
 
     @classmethod
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
         values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*spec.entity, spec.time))
-        return cls(m.name, tuple(spec.entity), spec.time, values)
+        return cls(m.name, tuple(spec.entity), spec.time, values, spec.time_unit)
 
     @property
     def key_and_time(self) -> list[str]:
@@ -73,7 +75,13 @@ class Columns:
 
     def check(self, schema: pa.Schema, path: str) -> None:
         """DataError naming the file and the column when a column is missing or the time is not a timestamp."""
-        check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path)
+        check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path, self.time_unit)
+
+    def times(self, table: pa.Table) -> tuple[pl.DataFrame, int]:
+        """`table`'s key and time columns, the time as a timestamp (`epoch_times`), and how many of its integer
+        times no timestamp can hold (their time null)."""
+        table, bad = epoch_times(table.select(self.key_and_time), self.time, self.time_unit)
+        return pl.from_arrow(table), 0 if bad is None else bad.is_not_null().sum()
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,8 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         table = read_columns(parquet, part.path, read, [r])
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
-        outside += pl.from_arrow(table.select([cols.time])).select(   # rows without a time are nulls, not here
+        timed, beyond = cols.times(table)   # rows without a time are nulls, not here; one beyond any date is outside
+        outside += beyond + timed.select(
             timed_outside(to_micros(pl.col(cols.time)), part.date, part.zone, part.lateness_us).sum()).item()
     return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],
                          "rows": [rows], "nulls": [nulls], "outside_partition": [outside],
@@ -171,7 +180,7 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     cols, path = part.file.columns, part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    rows = pl.from_arrow(read_columns(parquet, path, cols.key_and_time, list(part.row_groups))).drop_nulls()
+    rows = cols.times(read_columns(parquet, path, cols.key_and_time, list(part.row_groups)))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
                        to_micros(pl.col(cols.time)).alias("_us")).to_pandas()

@@ -181,7 +181,8 @@ _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
-    (its modality paths, partition key, the time zone of its dates and how late rows may be filed), written to
+    (its modality paths, partition key, the time zone of its dates, how late rows may be filed and the unit of
+    integer times), written to
     `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
     the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
     warning names each (`recalibrating`: the threshold and smoothing aside, which `dmafn recalibrate` adopts)."""
@@ -200,7 +201,7 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "calibration again without training" if calibration else "", "; ".join(edits))
     modalities = {name: replace(m, path=spec.modalities[name].path) for name, m in mv.spec.modalities.items()}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
-                   lateness_us=spec.lateness_us, score=spec.score, storage=spec.storage)
+                   lateness_us=spec.lateness_us, time_unit=spec.time_unit, score=spec.score, storage=spec.storage)
 
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:
@@ -384,8 +385,12 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     if not ticks_in:
         unusable = sum(c.input_rows_quarantined for c in counts)
         if unusable:                 # rows came, none usable: a data problem whatever score.missing_input says
+            misplaced = sum(c.input_rows_misplaced for c in counts)
             raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
-                            f"quarantined: see {spec.score.quarantine_path})")
+                            f"quarantined: see {spec.score.quarantine_path})" + (
+                                f"; {misplaced} of them timed outside their date partition: do the spec's "
+                                + ("timezone, lateness and time_unit" if spec.time_unit else "timezone and lateness")
+                                + " say how the lake is filed?" if 2 * misplaced > unusable else ""))
         raise NoInput(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:
         raise RuntimeError(f"{day}: {ticks_in} ticks in but {scored} scored + {quarantined} quarantined")

@@ -270,6 +270,8 @@ def test_check_rows_rejects_non_image_bytes(tiny_spec):
 
 
 def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
+    from dataclasses import replace
+
     schema = pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us"))])
     with pytest.raises(DataError, match=r"modality 'proc' \(/data/proc\): column 'temp' not found"):
         check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
@@ -290,8 +292,47 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
         check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", pa.int64())]),
                      tiny_spec, tiny_spec.modalities["logs"], "/d")
     bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.string()), ("temp", pa.float64())])
-    with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp"):
+    with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp$"):
         check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    epoch = bad_time.set(1, pa.field("ts", pa.int64()))           # epoch milliseconds, as a Kafka sink writes them
+    with pytest.raises(DataError, match="time column 'ts' is int64, expected a timestamp \\(an integer count of "
+                                        "seconds, .* with the spec's time_unit: s, ms, us or ns\\)"):
+        check_schema(epoch, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    in_ms = replace(tiny_spec, time_unit="ms")
+    for stored in (pa.int64(), pa.int32(), pa.uint64(), pa.timestamp("ns")):
+        check_schema(epoch.set(1, pa.field("ts", stored)), in_ms, in_ms.modalities["proc"], "/d")
+    with pytest.raises(DataError, match="time column 'ts' is double, expected a timestamp or an integer count of ms"):
+        check_schema(epoch.set(1, pa.field("ts", pa.float64())), in_ms, in_ms.modalities["proc"], "/d")
+
+
+def test_integer_times_read_as_the_spec_time_unit_and_a_count_no_timestamp_holds_is_quarantined(tiny_spec):
+    """`time_unit`: an integer time column counts that unit since the epoch (UTC); a count beyond what a timestamp
+    in microseconds can hold (a nanosecond column declared as seconds) is a row quarantined with its count named,
+    a null one a null time; a timestamp column is left as it is."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import epoch_times
+
+    second = 1_704_153_600                                        # 2024-01-02 00:00 UTC
+    table = pa.table({"machine_id": ["a"] * 4, "ts": pa.array([second * 1000, second * 1000 + 1500, None, 2 ** 62]),
+                      "temp": [1.0, 2.0, 3.0, 4.0]})
+    spec = replace(tiny_spec, time_unit="ms")
+    read, bad = epoch_times(table, "ts", "ms")
+    assert read["ts"].type == pa.timestamp("us")
+    assert read["ts"].to_pylist()[:3] == [dt.datetime(2024, 1, 2), dt.datetime(2024, 1, 2, 0, 0, 1, 500_000), None]
+    assert bad.to_list() == [None, None, None, str(2 ** 62)]
+    reasons = check_rows(read.append_column("_bad_time", bad.to_arrow()), spec, spec.modalities["proc"])
+    assert reasons.column(REASON).to_pylist() == [
+        None, None, "null time column 'ts'",
+        f"time column 'ts' holds {2 ** 62}, which as ms since the epoch no timestamp can hold"]
+    for unit, count in (("s", second), ("us", second * 10 ** 6), ("ns", second * 10 ** 9 + 999)):
+        times, none = epoch_times(table.set_column(1, "ts", pa.array([count] * 4)), "ts", unit)
+        assert times["ts"].to_pylist() == [dt.datetime(2024, 1, 2)] * 4 and none.null_count() == 4
+    unsigned = pa.array([second, 2 ** 64 - 1], pa.uint64())       # beyond int64: out of range, not wrapped
+    assert epoch_times(pa.table({"ts": unsigned}), "ts", "s")[1].to_list() == [None, str(2 ** 64 - 1)]
+    stamped = table.set_column(1, "ts", pa.array([0] * 4, pa.timestamp("ms")))
+    assert epoch_times(stamped, "ts", "ms") == (stamped, None)
 
 
 def test_detector_follows_the_pyod_contract():
@@ -1515,6 +1556,41 @@ def test_a_look_back_day_reads_only_the_row_groups_its_statistics_allow_with_the
     monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
     whole = ingest.read_shard(shard, spec, Storage())
     assert pruned.tables["proc"].equals(whole.tables["proc"]) and pruned.tables["proc"].height == 3   # 23:59, 23:58 + own
+
+
+def test_a_lake_timed_in_epoch_milliseconds_reads_as_one_timed_in_timestamps(tmp_path, tiny_spec, monkeypatch):
+    """With `time_unit: ms`, files storing the time as integer milliseconds (a Kafka sink's) read the same rows
+    as timestamps, the look-back day pruned by the integers' statistics; a row filed under another date is
+    quarantined as misplaced, as with timestamps."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import open_parquet, row_groups_since, time_bounds
+    from pipelines.storage import Storage
+
+    day_ms = 1_704_153_600_000                                    # 2024-01-02 00:00 UTC
+    minutes = np.arange(-1440, 0)
+    before = pa.table({"machine_id": ["a"] * 1440, "ts": pa.array(day_ms + minutes * 60_000, pa.int64()),
+                       "temp": np.arange(1440, dtype=float)})
+    pq.write_table(before, _dir(tmp_path, "2024-01-01") / "part-0.parquet", row_group_size=100)
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", pa.table({
+        "machine_id": ["a", "b"], "ts": pa.array([day_ms, day_ms - 7 * 86_400_000], pa.int64()), "temp": [5.0, 6.0]}))
+    spec = replace(_proc_spec(tiny_spec, tmp_path), time_unit="ms")
+    parquet = open_parquet(Storage().filesystem(str(tmp_path)), str(tmp_path / "date=2024-01-01" / "part-0.parquet"))
+    assert time_bounds(parquet, "ts") is None                     # integers without a unit: nothing to go by
+    assert row_groups_since(parquet, "ts", day_ms * 1000 - 2 * 60_000_000, "ms") == [14]
+
+    shard = _shard(tmp_path, spec, [dt.date(2024, 1, 2)])
+    pruned = ingest.read_shard(shard, spec, Storage())
+    monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
+    whole = ingest.read_shard(shard, spec, Storage())
+    assert pruned.tables["proc"].equals(whole.tables["proc"])
+    assert sorted(pruned.tables["proc"].select(TIME, "temp").rows()) == [
+        ((day_ms - 120_000) * 1000, 1438.0), ((day_ms - 60_000) * 1000, 1439.0), (day_ms * 1000, 5.0)]
+    assert pruned.quarantined.select("entity", "reason").rows() == [("b", "timed outside its date partition 2024-01-02")]
 
 
 def _dir(tmp_path, day):

@@ -1121,12 +1121,14 @@ def test_a_date_without_input_is_skipped_when_the_spec_says_a_plant_may_rest(tra
     day4, day5 = DAY3 + dt.timedelta(days=1), DAY3 + dt.timedelta(days=2)
     resting = _edited_copy(trained, tmp_path, "no-file-matches", None)
     resting = replace(resting, score=replace(resting.score, missing_input="skip"))
-    unusable = pa.table({"machine_id": ["pump-00"], "ts": pa.array([int(1704412800e6)], pa.timestamp("us", tz="UTC")),
-                         "temperature": pa.array([None], pa.float64()), "pressure": [3.0]})   # 2024-01-05, no value
+    unusable = pa.table({"machine_id": ["pump-00"] * 3, "ts": pa.array([int(1704412800e6), 0, 0], pa.timestamp(
+        "us", tz="UTC")), "temperature": pa.array([None, 1.0, 1.0], pa.float64()), "pressure": [3.0] * 3})
+    # 2024-01-05 without a value; twice 1970-01-01 (epoch milliseconds read as microseconds, say): misplaced
     (tmp_path / "raw" / "process" / "date=2024-01-05").mkdir()
     pq.write_table(unusable, tmp_path / "raw" / "process" / "date=2024-01-05" / "part-0.parquet")
     with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-05: no modality .* has usable data "
-                                           r"for 2024-01-05 \(1 input rows, all quarantined"):
+                                           r"for 2024-01-05 \(3 input rows, all quarantined: see .*\); 2 of them timed "
+                                           "outside their date partition: do the spec's timezone and lateness say"):
         backfill(resting, DAY3, day5, parallel=1)
     runs = pl.read_delta(resting.score.runs_path)
     assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {
@@ -1225,8 +1227,9 @@ def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, t
     moved = replace(spec, modalities={k: replace(m, path=str(tmp_path / k)) for k, m in spec.modalities.items()})
     assert {k: m.path for k, m in reading_spec(mv, moved).modalities.items()} == \
         {k: str(tmp_path / k) for k in spec.modalities}
-    calendar = reading_spec(mv, replace(spec, timezone="Asia/Tokyo", lateness_us=3_600_000_000))  # how it is filed
-    assert (calendar.timezone, calendar.lateness_us) == ("Asia/Tokyo", 3_600_000_000)
+    calendar = reading_spec(mv, replace(spec, timezone="Asia/Tokyo", lateness_us=3_600_000_000,   # how it is filed
+                                        time_unit="ms"))
+    assert (calendar.timezone, calendar.lateness_us, calendar.time_unit) == ("Asia/Tokyo", 3_600_000_000, "ms")
     without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
     with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
         reading_spec(mv, without_logs)

@@ -16,7 +16,7 @@ from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
 from jobs.cli import main
 from pipelines.generate import write_synthetic
-from pipelines.profile import Columns, FilePart, entity_periods, file_counts, profile
+from pipelines.profile import Columns, FilePart, RowGroupsPart, entity_periods, file_counts, key_rows, profile
 from pipelines.storage import DataError, Storage
 
 S = 1_000_000                                  # a second in microseconds
@@ -56,6 +56,23 @@ def test_file_counts_a_row_group_at_a_time(tmp_path):
     # are the day before; the one at 00:00 UTC the next day is inside
     west = FilePart(cols, dt.date(2024, 1, 1), str(path), Storage(), str(tmp_path), "America/Los_Angeles")
     assert file_counts(west).iloc[0]["outside_partition"] == 5
+    # the same rows timed in epoch milliseconds (`time_unit: ms`): the same counts; one more row whose count no
+    # timestamp holds (a nanosecond time read as milliseconds) is outside its date, not a null
+    millis = pa.array([None if t is None else t // 1000 for t in ts.cast(pa.int64()).to_pylist()], pa.int64())
+    pq.write_table(table.set_column(1, "ts", millis), tmp_path / "ms.parquet", row_group_size=3)
+    in_ms = Columns("process", ("m",), "ts", ("v", "img"), "ms")
+    row = file_counts(FilePart(in_ms, dt.date(2024, 1, 1), str(tmp_path / "ms.parquet"), Storage(), str(tmp_path)))
+    assert row.iloc[0][["rows", "nulls", "outside_partition", "row_groups"]].tolist() == [7, 6, 1, 3]
+    far = pa.concat_tables([table.set_column(1, "ts", millis), table.slice(0, 1).set_column(1, "ts",
+                                                                                           pa.array([2 ** 62]))])
+    pq.write_table(far, tmp_path / "far.parquet")
+    assert file_counts(FilePart(in_ms, dt.date(2024, 1, 1), str(tmp_path / "far.parquet"), Storage(),
+                                str(tmp_path))).iloc[0][["rows", "nulls", "outside_partition"]].tolist() == [8, 6, 2]
+    with pytest.raises(DataError, match=r"ms\.parquet.*time column 'ts' is int64, expected a timestamp"):
+        file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "ms.parquet"), Storage(), str(tmp_path)))
+    key = key_rows(RowGroupsPart(FilePart(in_ms, dt.date(2024, 1, 1), str(tmp_path / "far.parquet"), Storage(),
+                                          str(tmp_path)), (0,), 7))
+    assert key["_us"].tolist() == [DAY + i * S for i in (0, 1, 3, 4)] + [DAY + 86_400 * S]  # no key, time, too far: out
     text_time = table.set_column(1, "ts", pa.array(["x"] * 7))
     pq.write_table(text_time, tmp_path / "text.parquet")
     with pytest.raises(DataError, match=r"text\.parquet.*time column 'ts' is string"):

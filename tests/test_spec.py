@@ -203,6 +203,16 @@ def test_lateness_is_parsed_checked_and_round_trips():
         parse_spec({**data, "lateness": "soon"}, source="s.yaml")
 
 
+def test_time_unit_is_parsed_checked_and_round_trips():
+    """`time_unit`: what a time column stored as integers counts since the epoch; absent unless set."""
+    data = tiny_spec_dict()
+    assert parse_spec(data).time_unit is None and "time_unit" not in parse_spec(data).to_dict()
+    spec = parse_spec({**data, "time_unit": "ms"})
+    assert spec.time_unit == "ms" and parse_spec(spec.to_dict()).time_unit == "ms"
+    with pytest.raises(SpecError, match=r"s.yaml: key 'time_unit': 'minutes' is not one of s, ms, us, ns"):
+        parse_spec({**data, "time_unit": "minutes"}, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -445,6 +455,41 @@ def test_check_data_names_files_holding_rows_timed_outside_their_date_by_the_spe
     assert "outside their date partition" not in capsys.readouterr().out
 
 
+def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys):
+    """A lake timed in epoch milliseconds: without `time_unit` each file is a problem naming the column and the
+    key; with `time_unit: ms` it checks clean; with a wrong unit every file's rows lie in January 1970 (`us`) or
+    beyond any calendar (`s`: year 56,000) - named as rows outside their date, the unit suggested."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    for day in (1, 2):
+        folder = tmp_path / "proc" / f"date=2024-01-0{day}"
+        folder.mkdir(parents=True)
+        start = 1_704_067_200_000 + (day - 1) * 86_400_000     # the date's midnight, UTC, in milliseconds
+        pq.write_table(pa.table({"machine_id": ["a", "a"], "ts": pa.array([start, start + 60_000], pa.int64()),
+                                 "temp": [1.0, 2.0]}), folder / "part-0.parquet")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path), "--check-data"]) == 2
+    assert "time column 'ts' is int64, expected a timestamp (an integer count of seconds" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**data, "time_unit": "ms"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "outside their date partition" not in capsys.readouterr().out
+    path.write_text(yaml.safe_dump({**data, "time_unit": "us"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    out = capsys.readouterr().out
+    assert "in 2 of 2 files" in out and "holds 1970-01-20 17:21 .. 1970-01-20 17:21 UTC" in out
+    assert "or integer times that count another unit than `time_unit` (us)" in out
+    path.write_text(yaml.safe_dump({**data, "time_unit": "s"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "holds 1704067200000000000 .. 1704067260000000000 microseconds since the epoch" in capsys.readouterr().out
+
+
 def test_context_derives_a_slow_time_series_view_of_the_same_rows():
     data = tiny_spec_dict()
     data["modalities"]["proc"]["context"] = {"window": "30min"}          # period: the grain
@@ -532,13 +577,13 @@ def test_check_data_reads_footers_in_parallel_and_lists_problems_in_file_order(t
     lock = threading.Lock()
     read = check.file_footer
 
-    def slow_first(filesystem, path, time_column):
+    def slow_first(filesystem, path, time_column, time_unit=None):
         with lock:
             reading.add(path)
             most[0] = max(most[0], len(reading))
         time.sleep(0.2 - 0.008 * int(path[-10:-8]))          # the later the file, the sooner it answers
         try:
-            return read(filesystem, path, time_column)
+            return read(filesystem, path, time_column, time_unit)
         finally:
             with lock:
                 reading.discard(path)
