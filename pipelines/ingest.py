@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (MICROS_PER_UNIT, each_row_group, open_parquet, row_groups_before,
-                                     row_groups_since)
+from pipelines.parquet_files import (each_row_group, open_parquet, row_groups_before, row_groups_since,
+                                     times_from_counts)
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 
@@ -61,8 +61,8 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
                             f"columns are {sorted(names)}")
     stored = schema.field(time).type
-    if pa.types.is_timestamp(stored) or (time_unit and pa.types.is_integer(stored)):
-        return
+    if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or (time_unit and pa.types.is_integer(stored)):
+        return                      # Arrow's null type: a writer that saw no time in the file, every row quarantined
     raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected a timestamp"
                     + (f" or an integer count of {time_unit} since the epoch (time_unit)" if time_unit else
                        " (an integer count of seconds, milliseconds, microseconds or nanoseconds since the epoch "
@@ -74,23 +74,16 @@ def epoch_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.T
     """`table` with its time column, where it is stored as integers (counts of `time_unit` since the epoch, the
     spec's), as timestamps in microseconds (naive: UTC, as a naive timestamp column is read); with the raw counts
     no timestamp can hold (beyond +-292,000 years in microseconds) kept as `_bad_time` (null elsewhere) and
-    their time null - `with_reasons` quarantines them, naming the count. A timestamp column is returned as it
-    is, with None."""
+    their time null - `with_reasons` quarantines them, naming the count. A column of Arrow's null type (no time in
+    the file) is typed as timestamps, all null; a timestamp column is returned as it is, with None."""
     i = table.schema.get_field_index(time)
     stored = table.column(i)
+    if pa.types.is_null(stored.type):
+        return table.set_column(i, time, stored.cast(pa.timestamp("us"))), None
     if not pa.types.is_integer(stored.type) or not time_unit:
         return table, None
-    per_unit = MICROS_PER_UNIT.get(time_unit, 1)
-    limit = (2 ** 63 - 1) // per_unit
-    raw = pl.col("raw")
-    counts = raw.cast(pl.Int64, strict=False)                           # a uint64 beyond Int64: out of range
-    out = (counts.is_null() & raw.is_not_null()) | (counts > limit) | (counts < -limit)
-    micros = counts // 1000 if time_unit == "ns" else counts * per_unit
-    converted = pl.DataFrame({"raw": pl.from_arrow(stored)}).select(
-        pl.when(out).then(None).otherwise(micros).cast(pl.Datetime("us")).alias(time),
-        pl.when(out).then(raw.cast(pl.String)).otherwise(None).alias(BAD_TIME))
-    times, bad = converted.get_column(time), converted.get_column(BAD_TIME)
-    return table.set_column(i, time, times.to_arrow()), bad
+    times, bad = times_from_counts(pl.from_arrow(stored), time_unit)
+    return table.set_column(i, time, times.to_arrow()), bad.alias(BAD_TIME)
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind

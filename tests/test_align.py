@@ -181,6 +181,36 @@ def test_label_times_naive_zoned_and_in_any_unit_are_one_utc_instant(tiny_spec, 
     assert labels.usable["end_ts"].dt.hour().to_list() == [12, 12] and labels.unusable.is_empty()
 
 
+def test_label_times_stored_as_integers_count_the_specs_time_unit(tiny_spec, tmp_path):
+    """With `time_unit: ms` labels storing start and end as epoch milliseconds read as the same UTC instants; a
+    count no timestamp holds leaves its row out with the count in its reason; without `time_unit` the column is
+    named with the key that reads it."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.labels import load_labels
+    from pipelines.storage import DataError, Storage
+
+    start_ms = 1_704_103_200_000                                     # 2024-01-01 10:00 UTC
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"machine_id": ["a", "b"], "start_ts": pa.array([start_ms, 2 ** 62], pa.int64()),
+                             "end_ts": pa.array([start_ms + 7_200_000] * 2, pa.int64())}),
+                   tmp_path / "labels" / "part-0.parquet")
+    spec = replace(tiny_spec, labels=LabelsSpec(path=str(tmp_path / "labels")), time_unit="ms")
+    labels = load_labels(spec, Storage())
+    assert labels.usable.schema["start_ts"] == labels.usable.schema["end_ts"] == pl.Datetime("us", "UTC")
+    assert labels.usable.rows() == [("a", dt.datetime(2024, 1, 1, 10, tzinfo=dt.timezone.utc),
+                                     dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone.utc))]
+    assert labels.unusable["reason"].to_list() == [f"start_ts {2 ** 62} out of range as ms since the epoch"]
+    assert "_out_start_ts" not in labels.unusable.columns
+    with pytest.raises(DataError, match="column 'start_ts' is Int64; a timestamp \\(or date\\) is needed - or, with "
+                                        "the spec's time_unit"):
+        load_labels(replace(spec, time_unit=None), Storage())
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 

@@ -425,8 +425,8 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
                                                                                                    tiny_spec):
     """Files of one modality need not store a value column alike: a categorical (dictionary-encoded) text column
     reads as its strings, text stored as bytes (Parquet BINARY without the UTF8 annotation) as its UTF-8 (a value
-    that is not UTF-8 quarantined), and a column of Arrow's null type (a writer that saw no value in the file) is
-    every row unusable - quarantined, beside the other files' rows, not a failed date."""
+    that is not UTF-8 quarantined), and a value or time column of Arrow's null type (a writer that saw no value in
+    the file) is every row unusable - quarantined, beside the other files' rows, not a failed date."""
     import datetime as dt
     from dataclasses import replace
 
@@ -445,6 +445,8 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
            pa.table({"machine_id": ["c", "d"], "ts": ts, "temp": pa.nulls(2)}))
     _write(tmp_path / "proc" / folder / "part-2.parquet",                        # numbers as text: parsed
            pa.table({"machine_id": ["f", "g"], "ts": ts, "temp": [" 3.5", "N/A"]}))
+    _write(tmp_path / "proc" / folder / "part-3.parquet",                        # no time in the file
+           pa.table({"machine_id": ["h"], "ts": pa.nulls(1), "temp": [4.0]}))
     _write(tmp_path / "logs" / folder / "part-0.parquet", pa.table({
         "machine_id": ["a", "a"], "ts": ts, "msg": pa.array(["pump ok", "valve stuck"]).dictionary_encode()}))
     _write(tmp_path / "logs" / folder / "part-1.parquet", pa.table({"machine_id": ["b"], "ts": ts.slice(0, 1),
@@ -458,9 +460,10 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
     assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [("a", 1.0), ("b", 2.0), ("f", 3.5)]
     assert sorted(got.quarantined.select("entity", "source", "reason").rows()) == [
         ("c", "proc", "unusable value in column 'temp'"), ("d", "proc", "unusable value in column 'temp'"),
-        ("e", "logs", "invalid UTF-8 in column 'msg'"), ("g", "proc", "unusable value in column 'temp'")]
+        ("e", "logs", "invalid UTF-8 in column 'msg'"), ("g", "proc", "unusable value in column 'temp'"),
+        ("h", "proc", "null time column 'ts'")]
     assert got.usable_rows == {"2024-01-02": {"proc": 3, "logs": 4}}
-    assert got.rows_read == {"2024-01-02": 11}
+    assert got.rows_read == {"2024-01-02": 12}
 
 
 def test_read_shard_reads_a_log_file_delivered_twice_once(tmp_path, tiny_spec):

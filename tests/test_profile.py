@@ -73,6 +73,9 @@ def test_file_counts_a_row_group_at_a_time(tmp_path):
     key = key_rows(RowGroupsPart(FilePart(in_ms, dt.date(2024, 1, 1), str(tmp_path / "far.parquet"), Storage(),
                                           str(tmp_path)), (0,), 7))
     assert key["_us"].tolist() == [DAY + i * S for i in (0, 1, 3, 4)] + [DAY + 86_400 * S]  # no key, time, too far: out
+    pq.write_table(table.set_column(1, "ts", pa.nulls(7)), tmp_path / "no_time.parquet")   # no time in the file
+    row = file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "no_time.parquet"), Storage(), str(tmp_path)))
+    assert row.iloc[0][["rows", "nulls", "outside_partition"]].tolist() == [7, 12, 0]       # 7 times, 5 as before
     text_time = table.set_column(1, "ts", pa.array(["x"] * 7))
     pq.write_table(text_time, tmp_path / "text.parquet")
     with pytest.raises(DataError, match=r"text\.parquet.*time column 'ts' is string"):
