@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (each_row_group, open_parquet, row_groups_before, row_groups_since,
-                                     times_from_counts)
+from pipelines.parquet_files import each_row_group, open_parquet, row_groups_before, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
+from pipelines.stored_times import times_from_counts, times_from_text
 
 REASON = "_reason"
 BAD_TEXT = "_bad_text"
@@ -52,38 +52,49 @@ _EXPECTED = {
 
 def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str,
                   time_unit: str | None = None) -> None:
-    """Raise DataError naming the table and column when one of `columns` is missing or `time` is not a
-    timestamp - or, with `time_unit` (the spec's), an integer count of it since the epoch (what `dmafn profile`
-    needs of a file; `check_schema` checks the value types too)."""
+    """Raise DataError naming the table and column when one of `columns` is missing or `time` is neither a
+    timestamp nor text (ISO 8601, read by `read_times`) - nor, with `time_unit` (the spec's), an integer count of it
+    since the epoch (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
     names = set(schema.names)
     for col in columns:
         if col not in names:
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
                             f"columns are {sorted(names)}")
     stored = schema.field(time).type
-    if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or (time_unit and pa.types.is_integer(stored)):
-        return                      # Arrow's null type: a writer that saw no time in the file, every row quarantined
-    raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected a timestamp"
-                    + (f" or an integer count of {time_unit} since the epoch (time_unit)" if time_unit else
-                       " (an integer count of seconds, milliseconds, microseconds or nanoseconds since the epoch "
-                       "is read as such with the spec's time_unit: s, ms, us or ns)"
-                       if pa.types.is_integer(stored) else ""))
+    kind = stored.value_type if pa.types.is_dictionary(stored) else stored
+    if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or pa.types.is_string(kind) \
+            or pa.types.is_large_string(kind) or (time_unit and pa.types.is_integer(stored)):
+        return          # text: ISO 8601 (`read_times`); Arrow's null type: no time in the file, every row quarantined
+    expected = f"a timestamp, ISO 8601 text or an integer count of {time_unit} since the epoch (time_unit)" \
+        if time_unit else "a timestamp or ISO 8601 text" + (
+            "; an integer count of seconds, milliseconds, microseconds or nanoseconds since the epoch is read as such "
+            "with the spec's time_unit: s, ms, us or ns" if pa.types.is_integer(stored) else "")
+    raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected {expected}")
 
 
-def epoch_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
-    """`table` with its time column, where it is stored as integers (counts of `time_unit` since the epoch, the
-    spec's), as timestamps in microseconds (naive: UTC, as a naive timestamp column is read); with the raw counts
-    no timestamp can hold (beyond +-292,000 years in microseconds) kept as `_bad_time` (null elsewhere) and
-    their time null - `with_reasons` quarantines them, naming the count. A column of Arrow's null type (no time in
-    the file) is typed as timestamps, all null; a timestamp column is returned as it is, with None."""
+def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
+    """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
+    where it is stored otherwise: integers counting the spec's `time_unit` since the epoch, ISO 8601 text (or with
+    `time_unit` digits), or Arrow's null type (no time in the file: all null). Beside it `_bad_time`, for each
+    stored value it could not read (a count no timestamp holds, a text that is no time), the reason its row is
+    quarantined, naming the value (null elsewhere; their time null). A timestamp column is returned as it is, with
+    None."""
     i = table.schema.get_field_index(time)
     stored = table.column(i)
-    if pa.types.is_null(stored.type):
+    kind = stored.type.value_type if pa.types.is_dictionary(stored.type) else stored.type
+    if pa.types.is_null(kind):
         return table.set_column(i, time, stored.cast(pa.timestamp("us"))), None
-    if not pa.types.is_integer(stored.type) or not time_unit:
+    if pa.types.is_integer(kind) and time_unit:
+        times, unread = times_from_counts(pl.from_arrow(stored), time_unit)
+        why = f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        times, unread = times_from_text(pl.from_arrow(stored), time_unit)
+        why = f"time column '{time}' holds '{{}}', not an ISO 8601 time" + (
+            f" nor a count of {time_unit} since the epoch" if time_unit else "")
+    else:
         return table, None
-    times, bad = times_from_counts(pl.from_arrow(stored), time_unit)
-    return table.set_column(i, time, times.to_arrow()), bad.alias(BAD_TIME)
+    reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
+    return table.set_column(i, time, times.to_arrow()), reasons.alias(BAD_TIME)
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind
@@ -138,16 +149,14 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` with `_reason` added (see `check_rows`); a true `_bad_text` column (from `valid_text`) marks text that
-    was not valid UTF-8, a `_bad_time` one (from `epoch_times`) an integer time no timestamp can hold; both are
-    dropped."""
+    was not valid UTF-8, a `_bad_time` one (from `read_times`) gives the reason a stored time could not be read;
+    both are dropped."""
     bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
     bad_time = pl.col(BAD_TIME) if BAD_TIME in df.columns else pl.lit(None, pl.String)
     df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT), bad_time.alias(BAD_TIME))
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
     conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
-    conditions.append((pl.col(BAD_TIME).is_not_null(),
-                       pl.format(f"time column '{spec.time}' holds {{}}, which as {spec.time_unit} since the epoch no "
-                                 "timestamp can hold", pl.col(BAD_TIME))))
+    conditions.append((pl.col(BAD_TIME).is_not_null(), pl.col(BAD_TIME)))
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
     for col in m.value_columns:
         bad = pl.col(col).is_null()
@@ -331,7 +340,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, bad_time = epoch_times(part, spec.time, spec.time_unit)
+                    table, bad_time = read_times(part, spec.time, spec.time_unit)
                     table, bad_text = valid_text(plain_values(table, m), m)
                     rows = with_reasons(pl.from_arrow(table).with_columns(
                         pl.Series(BAD_TEXT, bad_text), *([] if bad_time is None else [bad_time])), spec, m)

@@ -1,10 +1,11 @@
 """Reading the optional labels table (entity, start, end[, kind]) named in the spec.
 
-A column of the wrong type is a DataError naming the path and the column; start and end stored as integers count
-the spec's `time_unit` since the epoch, as the modalities' times do. Rows that cannot be used - an entity, start or
-end missing or beyond any timestamp, or an end before its start - are left out, counted per reason in a warning that
-names the path, and kept (`Labels.unusable`, with their `reason`): `evaluate` reports them beside its metrics and writes
-them to `labels_unusable.parquet` in its report folder, the report page counts them."""
+A column of the wrong type is a DataError naming the path and the column; start and end stored as ISO 8601 text, or
+as integers counting the spec's `time_unit` since the epoch, are read as the modalities' times are. Rows that cannot
+be used - an entity, start or end missing, beyond any timestamp or no time, or an end before its start - are left
+out, counted per reason in a warning that names the path, and kept (`Labels.unusable`, with their `reason`):
+`evaluate` reports them beside its metrics and writes them to `labels_unusable.parquet` in its report folder, the
+report page counts them."""
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ import polars as pl
 import pyarrow.dataset as pads
 
 from dmafn.spec import Spec
-from pipelines.parquet_files import times_from_counts
 from pipelines.storage import DataError, Storage
+from pipelines.stored_times import times_from_counts, times_from_text
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,21 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
     for col in [*spec.entity, start, end]:
         if col not in df.columns:
             raise DataError(f"labels {path}: column '{col}' not found; columns are {df.columns}")
-    out_of_range = []
+    unread = []                     # (test, reason) for the stored times that could not be read
     for col in (start, end):
-        if df.schema[col].is_integer() and spec.time_unit:       # counts of the spec's time_unit since the epoch
-            times, out = times_from_counts(df.get_column(col), spec.time_unit)
-            df = df.with_columns(times, out.alias(f"_out_{col}"))
-            out_of_range.append((pl.col(f"_out_{col}").is_not_null(), pl.format(
-                f"{col} {{}} out of range as {spec.time_unit} since the epoch", pl.col(f"_out_{col}"))))
-        elif not isinstance(df.schema[col], (pl.Datetime, pl.Date)):
-            raise DataError(f"labels {path}: column '{col}' is {df.schema[col]}; a timestamp (or date) is needed"
-                            + (" - or, with the spec's time_unit (s, ms, us or ns), an integer count of it since the "
-                               "epoch" if df.schema[col].is_integer() else ""))
+        stored = df.schema[col]
+        if (stored.is_integer() and spec.time_unit) or stored in (pl.String, pl.Categorical):
+            counted = stored.is_integer()   # counts of the spec's time_unit since the epoch, or ISO 8601 text
+            times, bad = (times_from_counts(df.get_column(col), spec.time_unit) if counted
+                          else times_from_text(df.get_column(col), spec.time_unit))
+            df = df.with_columns(times, bad.alias(f"_unread_{col}"))
+            unread.append((pl.col(f"_unread_{col}").is_not_null(), pl.format(
+                f"{col} {{}} out of range as {spec.time_unit} since the epoch" if counted else
+                f"{col} '{{}}' not an ISO 8601 time", pl.col(f"_unread_{col}").str.slice(0, 40))))
+        elif not isinstance(stored, (pl.Datetime, pl.Date)):
+            raise DataError(f"labels {path}: column '{col}' is {stored}; a timestamp (or date, or ISO 8601 text) is "
+                            "needed" + (" - or, with the spec's time_unit (s, ms, us or ns), an integer count of it "
+                                        "since the epoch" if stored.is_integer() else ""))
     # one instant type for both ends (naive = UTC, another time zone converted): a naive start beside a zoned end,
     # or files that differ, otherwise cannot be compared (it once ended `evaluate` with an unexpected SchemaError)
     df = df.with_columns(_utc(c, df.schema[c]) for c in (start, end) if isinstance(df.schema[c], pl.Datetime))
@@ -88,9 +93,9 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
         raise DataError(f"labels {path}: column 'kind' is {df.schema['kind']}; text is needed")
     missing = [(pl.col(c).is_null(), f"null {c}") for c in [*spec.entity, start, end]]
     reason = pl.lit(None, pl.String)
-    for test, why in reversed([*out_of_range, *missing, (pl.col(end) < pl.col(start), f"{end} before {start}")]):
+    for test, why in reversed([*unread, *missing, (pl.col(end) < pl.col(start), f"{end} before {start}")]):
         reason = pl.when(test).then(why if isinstance(why, pl.Expr) else pl.lit(why)).otherwise(reason)
-    helpers = [f"_out_{c}" for c in (start, end) if f"_out_{c}" in df.columns]
+    helpers = [f"_unread_{c}" for c in (start, end) if f"_unread_{c}" in df.columns]
     marked = df.with_columns(reason.alias("reason")).drop(helpers)
     unusable = marked.filter(pl.col("reason").is_not_null())
     if unusable.height:

@@ -7,12 +7,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.storage import DataError, relative
+from pipelines.stored_times import micros_of
 
 PARTITION_COLUMN = "date"
 log = logging.getLogger(__name__)
@@ -24,30 +24,6 @@ def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
         return pq.ParquetFile(filesystem.open_input_file(path))
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-
-
-MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
-
-
-def micros_of(value: int, unit: str) -> int:
-    """An integer count of `unit` (s, ms, us, ns) since the epoch as microseconds (exact; ns floored)."""
-    return value // 1000 if unit == "ns" else value * MICROS_PER_UNIT[unit]
-
-
-def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Series]:
-    """Integer counts of `unit` (s, ms, us, ns) since the epoch as naive (UTC) timestamps in microseconds, and
-    the counts no such timestamp can hold (beyond +-292,000 years; a uint64 beyond int64) as text, null elsewhere
-    - their time is null."""
-    per_unit = MICROS_PER_UNIT.get(unit, 1)
-    limit = (2 ** 63 - 1) // per_unit
-    raw = pl.col("raw")
-    whole = raw.cast(pl.Int64, strict=False)
-    out = (whole.is_null() & raw.is_not_null()) | (whole > limit) | (whole < -limit)
-    micros = whole // 1000 if unit == "ns" else whole * per_unit
-    converted = pl.DataFrame({"raw": counts}).select(
-        pl.when(out).then(None).otherwise(micros).cast(pl.Datetime("us")).alias("times"),
-        pl.when(out).then(raw.cast(pl.String)).otherwise(None).alias("out_of_range"))
-    return converted.get_column("times").alias(counts.name), converted.get_column("out_of_range")
 
 
 def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.ColumnChunkMetaData | None:

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import to_micros
-from pipelines.ingest import check_columns, entity_string, epoch_times, timed_outside
+from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
 from pipelines.parquet_files import column_chunk, list_parquet_files, open_parquet, read_columns
 from pipelines.storage import DataError, Storage, list_partitions
 
@@ -77,11 +77,14 @@ class Columns:
         """DataError naming the file and the column when a column is missing or the time is not a timestamp."""
         check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path, self.time_unit)
 
-    def times(self, table: pa.Table) -> tuple[pl.DataFrame, int]:
-        """`table`'s key and time columns, the time as a timestamp (`epoch_times`), and how many of its integer
-        times no timestamp can hold (their time null)."""
-        table, bad = epoch_times(table.select(self.key_and_time), self.time, self.time_unit)
-        return pl.from_arrow(table), 0 if bad is None else bad.is_not_null().sum()
+    def times(self, table: pa.Table) -> tuple[pl.DataFrame, int, int]:
+        """`table`'s key and time columns, the time as a timestamp (`read_times`), and how many of its stored
+        times could not be read (their time null): integer counts no timestamp holds (beyond any date), texts that
+        are no time (as good as none)."""
+        stored = table.schema.field(self.time).type
+        table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit)
+        unread = 0 if bad is None else bad.is_not_null().sum()
+        return (pl.from_arrow(table), *((unread, 0) if pa.types.is_integer(stored) else (0, unread)))
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,8 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         table = read_columns(parquet, part.path, read, [r])
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
-        timed, beyond = cols.times(table)   # rows without a time are nulls, not here; one beyond any date is outside
+        timed, beyond, no_time = cols.times(table)  # rows without a time are nulls; one beyond any date is outside
+        nulls += no_time
         outside += beyond + timed.select(
             timed_outside(to_micros(pl.col(cols.time)), part.date, part.zone, part.lateness_us).sum()).item()
     return pd.DataFrame({"path": [part.path], "modality": [cols.modality], "date": [part.date.isoformat()],

@@ -206,8 +206,8 @@ def test_label_times_stored_as_integers_count_the_specs_time_unit(tiny_spec, tmp
                                      dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone.utc))]
     assert labels.unusable["reason"].to_list() == [f"start_ts {2 ** 62} out of range as ms since the epoch"]
     assert "_out_start_ts" not in labels.unusable.columns
-    with pytest.raises(DataError, match="column 'start_ts' is Int64; a timestamp \\(or date\\) is needed - or, with "
-                                        "the spec's time_unit"):
+    with pytest.raises(DataError, match="column 'start_ts' is Int64; a timestamp \\(or date, or ISO 8601 text\\) is "
+                                        "needed - or, with the spec's time_unit"):
         load_labels(replace(spec, time_unit=None), Storage())
 
 

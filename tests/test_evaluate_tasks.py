@@ -300,8 +300,8 @@ def test_the_report_page_on_ray_tasks_is_the_page_of_one_process(window, tmp_pat
 def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_named(window, tmp_path, monkeypatch,
                                                                                      capsys):
     """Label rows without an entity or a start, or ending before they start, are left out of the metrics, counted
-    per reason (printed, in metrics.json, on the page) and kept in labels_unusable.parquet; a time column of text
-    is a DataError naming the file's path and the column."""
+    per reason (printed, in metrics.json, on the page) and kept in labels_unusable.parquet; a time column of numbers
+    is a DataError naming the file's path and the column, one of text is read as ISO 8601."""
     from dataclasses import replace
 
     import pipelines.evaluate as ev
@@ -337,6 +337,12 @@ def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_n
     with pytest.raises(DataError, match="column 'machine_id' is String and some of its values cannot be read as Int64"):
         labels.keyed_as(spec, {"machine_id": pl.Int64})
     (tmp_path / "labels" / "part-0.parquet").unlink()
-    bad.with_columns(pl.col("start_ts").cast(pl.String)).write_parquet(tmp_path / "labels" / "part-1.parquet")
-    with pytest.raises(DataError, match=rf"labels {tmp_path / 'labels'}: column 'start_ts' is String"):
+    bad.with_columns(pl.col("start_ts").dt.epoch("s").cast(pl.Float64)).write_parquet(
+        tmp_path / "labels" / "part-1.parquet")
+    with pytest.raises(DataError, match=rf"labels {tmp_path / 'labels'}: column 'start_ts' is Float64"):
         load_labels(spec, Storage())
+    # text is read as ISO 8601 times: what is none is left out, counted under its own reason
+    bad.with_columns(pl.col("start_ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").fill_null("soon")).write_parquet(
+        tmp_path / "labels" / "part-1.parquet")
+    assert load_labels(spec, Storage()).summary()["unusable"] == {"end_ts before start_ts": 1, "null machine_id": 1,
+                                                                   "start_ts 'soon' not an ISO 8601 time": 1}

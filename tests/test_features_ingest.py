@@ -291,17 +291,20 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
     with pytest.raises(DataError, match="column 'msg' is int64, expected a string \\(or UTF-8 bytes\\)"):
         check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", pa.int64())]),
                      tiny_spec, tiny_spec.modalities["logs"], "/d")
-    bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.string()), ("temp", pa.float64())])
-    with pytest.raises(DataError, match="time column 'ts' is string, expected a timestamp$"):
+    bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.bool_()), ("temp", pa.float64())])
+    with pytest.raises(DataError, match="time column 'ts' is bool, expected a timestamp or ISO 8601 text$"):
         check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    for stored in (pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string()), pa.null()):  # read_times
+        check_schema(bad_time.set(1, pa.field("ts", stored)), tiny_spec, tiny_spec.modalities["proc"], "/d")
     epoch = bad_time.set(1, pa.field("ts", pa.int64()))           # epoch milliseconds, as a Kafka sink writes them
-    with pytest.raises(DataError, match="time column 'ts' is int64, expected a timestamp \\(an integer count of "
-                                        "seconds, .* with the spec's time_unit: s, ms, us or ns\\)"):
+    with pytest.raises(DataError, match="time column 'ts' is int64, expected a timestamp or ISO 8601 text; an integer "
+                                        "count of seconds, .* with the spec's time_unit: s, ms, us or ns$"):
         check_schema(epoch, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
     in_ms = replace(tiny_spec, time_unit="ms")
     for stored in (pa.int64(), pa.int32(), pa.uint64(), pa.timestamp("ns")):
         check_schema(epoch.set(1, pa.field("ts", stored)), in_ms, in_ms.modalities["proc"], "/d")
-    with pytest.raises(DataError, match="time column 'ts' is double, expected a timestamp or an integer count of ms"):
+    with pytest.raises(DataError, match="time column 'ts' is double, expected a timestamp, ISO 8601 text or an "
+                                        "integer count of ms since the epoch \\(time_unit\\)"):
         check_schema(epoch.set(1, pa.field("ts", pa.float64())), in_ms, in_ms.modalities["proc"], "/d")
 
 
@@ -312,27 +315,56 @@ def test_integer_times_read_as_the_spec_time_unit_and_a_count_no_timestamp_holds
     import datetime as dt
     from dataclasses import replace
 
-    from pipelines.ingest import epoch_times
+    from pipelines.ingest import read_times
 
     second = 1_704_153_600                                        # 2024-01-02 00:00 UTC
     table = pa.table({"machine_id": ["a"] * 4, "ts": pa.array([second * 1000, second * 1000 + 1500, None, 2 ** 62]),
                       "temp": [1.0, 2.0, 3.0, 4.0]})
     spec = replace(tiny_spec, time_unit="ms")
-    read, bad = epoch_times(table, "ts", "ms")
+    read, bad = read_times(table, "ts", "ms")
     assert read["ts"].type == pa.timestamp("us")
     assert read["ts"].to_pylist()[:3] == [dt.datetime(2024, 1, 2), dt.datetime(2024, 1, 2, 0, 0, 1, 500_000), None]
-    assert bad.to_list() == [None, None, None, str(2 ** 62)]
+    assert bad[:3].null_count() == 3
     reasons = check_rows(read.append_column("_bad_time", bad.to_arrow()), spec, spec.modalities["proc"])
     assert reasons.column(REASON).to_pylist() == [
         None, None, "null time column 'ts'",
         f"time column 'ts' holds {2 ** 62}, which as ms since the epoch no timestamp can hold"]
     for unit, count in (("s", second), ("us", second * 10 ** 6), ("ns", second * 10 ** 9 + 999)):
-        times, none = epoch_times(table.set_column(1, "ts", pa.array([count] * 4)), "ts", unit)
+        times, none = read_times(table.set_column(1, "ts", pa.array([count] * 4)), "ts", unit)
         assert times["ts"].to_pylist() == [dt.datetime(2024, 1, 2)] * 4 and none.null_count() == 4
     unsigned = pa.array([second, 2 ** 64 - 1], pa.uint64())       # beyond int64: out of range, not wrapped
-    assert epoch_times(pa.table({"ts": unsigned}), "ts", "s")[1].to_list() == [None, str(2 ** 64 - 1)]
+    assert read_times(pa.table({"ts": unsigned}), "ts", "s")[1].to_list() == [
+        None, f"time column 'ts' holds {2 ** 64 - 1}, which as s since the epoch no timestamp can hold"]
     stamped = table.set_column(1, "ts", pa.array([0] * 4, pa.timestamp("ms")))
-    assert epoch_times(stamped, "ts", "ms") == (stamped, None)
+    assert read_times(stamped, "ts", "ms") == (stamped, None)
+
+
+def test_times_stored_as_text_read_as_iso_8601_each_by_its_own_shape(tiny_spec):
+    """A time column stored as text (a CSV loaded without parsing dates): ISO 8601 with or without a zone, to the
+    minute or the nanosecond, a date alone; a day-first or impossible date, or no time at all, is a row quarantined
+    with its text named (never a date guessed from another row's format); with `time_unit`, digits count it."""
+    import datetime as dt
+
+    from pipelines.ingest import read_times
+    from pipelines.stored_times import times_from_text
+
+    texts = ["2024-01-02T10:00:00Z", " 2024-01-02 10:00:01.5 ", "2024-01-02T11:00+01:00", "2024-01-02T04:30:00-0530",
+             "2024-01-02", "2024-01-02T10:00:00.123456789+00", "05/01/2024 10:00", "2024-02-30T00:00", "24:00", None]
+    table = pa.table({"machine_id": ["a"] * 10, "ts": texts, "temp": [1.0] * 10})
+    read, bad = read_times(table, "ts", None)
+    at = lambda *clock: dt.datetime(2024, 1, 2, *clock)          # noqa: E731
+    assert read["ts"].to_pylist() == [at(10), at(10, 0, 1, 500_000), at(10), at(10), at(0), at(10, 0, 0, 123_456),
+                                      None, None, None, None]
+    reasons = check_rows(read.append_column("_bad_time", bad.to_arrow()), tiny_spec, tiny_spec.modalities["proc"])
+    assert reasons.column(REASON).to_pylist()[5:] == [
+        None, "time column 'ts' holds '05/01/2024 10:00', not an ISO 8601 time",
+        "time column 'ts' holds '2024-02-30T00:00', not an ISO 8601 time",
+        "time column 'ts' holds '24:00', not an ISO 8601 time", "null time column 'ts'"]
+    categorical = table.set_column(1, "ts", pa.array(texts).dictionary_encode())
+    assert read_times(categorical, "ts", None)[0]["ts"].equals(read["ts"])
+    times, unread = times_from_text(pl.Series(["1704189600000", "2024-01-02T10:00Z", "noon"]), "ms")
+    assert times.to_list() == [at(10), at(10), None] and unread.to_list() == [None, None, "noon"]
+    assert times_from_text(pl.Series(["1704189600000"]))[1].to_list() == ["1704189600000"]     # no unit: no count
 
 
 def test_detector_follows_the_pyod_contract():

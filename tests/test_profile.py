@@ -76,10 +76,15 @@ def test_file_counts_a_row_group_at_a_time(tmp_path):
     pq.write_table(table.set_column(1, "ts", pa.nulls(7)), tmp_path / "no_time.parquet")   # no time in the file
     row = file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "no_time.parquet"), Storage(), str(tmp_path)))
     assert row.iloc[0][["rows", "nulls", "outside_partition"]].tolist() == [7, 12, 0]       # 7 times, 5 as before
-    text_time = table.set_column(1, "ts", pa.array(["x"] * 7))
-    pq.write_table(text_time, tmp_path / "text.parquet")
-    with pytest.raises(DataError, match=r"text\.parquet.*time column 'ts' is string"):
-        file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "text.parquet"), Storage(), str(tmp_path)))
+    # the same times as ISO 8601 text (a CSV loaded as strings): the same counts; a text that is no time is a null
+    iso = pa.array([None if t is None else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in ts.to_pylist()][:-1] + ["?"])
+    pq.write_table(table.set_column(1, "ts", iso), tmp_path / "iso.parquet", row_group_size=3)
+    row = file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "iso.parquet"), Storage(), str(tmp_path)))
+    assert row.iloc[0][["rows", "nulls", "outside_partition", "row_groups"]].tolist() == [7, 6, 1, 3]
+    number_time = table.set_column(1, "ts", pa.array([1.5] * 7))
+    pq.write_table(number_time, tmp_path / "number.parquet")
+    with pytest.raises(DataError, match=r"number\.parquet.*time column 'ts' is double"):
+        file_counts(FilePart(cols, dt.date(2024, 1, 1), str(tmp_path / "number.parquet"), Storage(), str(tmp_path)))
     with pytest.raises(DataError, match=r"part\.parquet.*column 'w' not found"):
         file_counts(FilePart(Columns("process", ("m",), "ts", ("w",)), dt.date(2024, 1, 1), str(path), Storage(),
                              str(tmp_path)))
@@ -133,10 +138,10 @@ def test_profile_over_parquet_history_with_dask_on_ray(tmp_path, local_ray, capl
     # unreadable from another node) left in the workers' temp folder
     assert set(Path(tempfile.gettempdir()).glob("*.partd")) == partd_before
 
-    # a file whose time column is text: its path and the column named (raised from the task as itself)
-    bad = late.set_column(1, "ts", pa.array(["2024-01-02"] * 2))
+    # a file whose time column holds no time (booleans): its path and the column named (raised from the task)
+    bad = late.set_column(1, "ts", pa.array([True] * 2))
     pq.write_table(bad, tmp_path / "raw" / "process" / "date=2024-01-02" / "bad.parquet")
-    with pytest.raises(DataError, match=r"date=2024-01-02/bad\.parquet.*time column 'ts' is string"):
+    with pytest.raises(DataError, match=r"date=2024-01-02/bad\.parquet.*time column 'ts' is bool"):
         profile(spec, dt.date(2024, 1, 1), dt.date(2024, 1, 2))
     assert main(["profile", str(tmp_path / "spec.yaml"), "--start", "2024-01-02", "--end", "2024-01-02"]) == 2
-    assert re.search(r"error: .*bad\.parquet.*time column 'ts' is string", capsys.readouterr().err)
+    assert re.search(r"error: .*bad\.parquet.*time column 'ts' is bool", capsys.readouterr().err)

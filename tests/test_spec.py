@@ -381,14 +381,15 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     assert f"modality 'logs': {tmp_path / 'logs'}: no 'date=YYYY-MM-DD' partitions found" in err
     assert f"modality 'cam': {tmp_path / 'cam'}: table not found" in err
 
-    # labels whose end column is text: a problem naming their path and the column
-    pq.write_table(pa.table({"machine_id": ["a"], "start_ts": ts, "end_ts": ["2024-01-01"]}),
+    # labels whose end column is a number: a problem naming their path and the column
+    pq.write_table(pa.table({"machine_id": ["a"], "start_ts": ts, "end_ts": [1.5]}),
                    tmp_path / "labels" / "part-0.parquet")
     assert main(["validate", str(path), "--check-data"]) == 2
     captured = capsys.readouterr()
     assert f"labels: {tmp_path / 'labels'}: cannot be used" in captured.out
     assert captured.err.startswith("error: 5 data problem(s):")
-    assert f"labels {tmp_path / 'labels'}: column 'end_ts' is String; a timestamp (or date) is needed" in captured.err
+    assert f"labels {tmp_path / 'labels'}: column 'end_ts' is Float64; a timestamp (or date, or ISO 8601 text) is " \
+        "needed" in captured.err
 
 
 def test_check_data_names_a_modality_without_files_in_the_training_days_where_the_others_have_them(tmp_path):
@@ -476,7 +477,8 @@ def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path), "--check-data"]) == 2
-    assert "time column 'ts' is int64, expected a timestamp (an integer count of seconds" in capsys.readouterr().err
+    assert "time column 'ts' is int64, expected a timestamp or ISO 8601 text; an integer count of seconds" \
+        in capsys.readouterr().err
     path.write_text(yaml.safe_dump({**data, "time_unit": "ms"}))
     assert main(["validate", str(path), "--check-data"]) == 0
     assert "outside their date partition" not in capsys.readouterr().out

@@ -1,0 +1,67 @@
+"""Event times as files store them, read as naive UTC timestamps in microseconds: a timestamp column needs nothing
+(`pipelines.align.to_micros`); these read the others - integer counts of the spec's `time_unit` since the epoch
+(an event stream's sink) and ISO 8601 text (a CSV or JSON loaded without a schema). Each returns the times and,
+beside them, the stored values it could not read (as text; null elsewhere), so that the caller can say why."""
+from __future__ import annotations
+
+import polars as pl
+
+MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
+# ISO 8601 as data writes it: a date, optionally a time to the minute, second or fraction, optionally Z or an offset
+ISO_TIME = (r"^(?P<date>\d{4}-\d{2}-\d{2})(?:[T ](?P<hour>\d{2}):(?P<minute>\d{2})"
+            r"(?::(?P<second>\d{2})(?:[.,](?P<fraction>\d{1,9}))?)?)?\s*(?P<zone>Z|[+-]\d{2}(?::?\d{2})?)?$")
+_MINUTE_US, _HOUR_US, _DAY_US = 60_000_000, 3_600_000_000, 86_400_000_000
+
+
+def micros_of(value: int, unit: str) -> int:
+    """An integer count of `unit` (s, ms, us, ns) since the epoch as microseconds (exact; ns floored)."""
+    return value // 1000 if unit == "ns" else value * MICROS_PER_UNIT[unit]
+
+
+def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Series]:
+    """Integer counts of `unit` (s, ms, us, ns) since the epoch as naive (UTC) timestamps in microseconds, and
+    the counts no such timestamp can hold (beyond +-292,000 years; a uint64 beyond int64) as text, null elsewhere
+    - their time is null."""
+    per_unit = MICROS_PER_UNIT.get(unit, 1)
+    limit = (2 ** 63 - 1) // per_unit
+    raw = pl.col("raw")
+    whole = raw.cast(pl.Int64, strict=False)
+    out = (whole.is_null() & raw.is_not_null()) | (whole > limit) | (whole < -limit)
+    micros = whole // 1000 if unit == "ns" else whole * per_unit
+    converted = pl.DataFrame({"raw": counts}).select(
+        pl.when(out).then(None).otherwise(micros).cast(pl.Datetime("us")).alias("times"),
+        pl.when(out).then(raw.cast(pl.String)).otherwise(None).alias("unread"))
+    return converted.get_column("times").alias(counts.name), converted.get_column("unread")
+
+
+def times_from_text(texts: pl.Series, unit: str | None = None) -> tuple[pl.Series, pl.Series]:
+    """Times stored as text as naive (UTC) timestamps in microseconds: ISO 8601 - `2024-01-05T10:00:00Z`,
+    `2024-01-05 10:00:00.250`, `2024-01-05T11:00+01:00` (an offset converted, none read as UTC), a date alone its
+    midnight - or, with `unit`, a whole number (a count of it since the epoch, as `times_from_counts`). Spaces around
+    a value are ignored. Returns the times and the texts that are neither (a day-first `05/01/2024`, an impossible
+    `2024-02-30`, an hour 24), null elsewhere; their time is null. Each value is read by its own shape, never by a
+    format guessed from another row."""
+    text = texts.cast(pl.String).str.strip_chars()
+    parts = pl.DataFrame({"text": text}).select(pl.col("text"), pl.col("text").str.extract_groups(ISO_TIME)
+                                                .alias("iso")).unnest("iso")
+    number = lambda name, default: pl.col(name).cast(pl.Int64, strict=False).fill_null(default)  # noqa: E731
+    zone = pl.col("zone").str.replace_all(":", "")
+    offset_us = (pl.when(pl.col("zone").is_null() | (pl.col("zone") == "Z")).then(0).otherwise(
+        (zone.str.slice(1, 2).cast(pl.Int64) * _HOUR_US + zone.str.slice(3, 2).str.pad_end(2, "0").cast(pl.Int64)
+         * _MINUTE_US) * pl.when(zone.str.starts_with("-")).then(-1).otherwise(1)))
+    day = pl.col("date").str.to_date("%Y-%m-%d", strict=False)
+    clock_ok = (number("hour", 0) < 24) & (number("minute", 0) < 60) & (number("second", 0) < 60)
+    micros = (day.cast(pl.Int64) * _DAY_US + number("hour", 0) * _HOUR_US + number("minute", 0) * _MINUTE_US
+              + number("second", 0) * 1_000_000
+              + pl.col("fraction").str.pad_end(9, "0").str.slice(0, 6).cast(pl.Int64, strict=False).fill_null(0)
+              - offset_us)
+    read = parts.select(pl.col("text"), pl.when(day.is_not_null() & clock_ok).then(micros).alias("micros"))
+    if unit is not None:
+        digits = pl.col("text").str.contains(r"^[+-]?\d+$")
+        counts, _ = times_from_counts(read.get_column("text").str.to_integer(strict=False), unit)
+        read = read.with_columns(pl.when(digits & pl.col("micros").is_null())
+                                 .then(counts.cast(pl.Int64)).otherwise(pl.col("micros")).alias("micros"))
+    read = read.select(pl.col("micros").cast(pl.Datetime("us")).alias("times"),
+                       pl.when(pl.col("micros").is_null() & pl.col("text").is_not_null()).then(texts.cast(pl.String))
+                       .alias("unread"))
+    return read.get_column("times").alias(texts.name), read.get_column("unread")
