@@ -222,6 +222,17 @@ def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0)
     return rows.with_columns(pl.when(outside).then(pl.lit(reason)).otherwise(pl.col(REASON)).alias(REASON))
 
 
+def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
+    """A date's quarantined input rows (`source`, `reason`) other than those timed outside their partition
+    (`MISPLACED`, counted on their own), per modality and kind of reason - `vibration: unusable value in column 'ax'`;
+    the stored value a reason names counted under `a value`."""
+    kinds = quarantined.filter(~pl.col("reason").str.starts_with(MISPLACED)).select(pl.format(
+        "{}: {}", pl.col("source"), pl.col("reason").str.replace(r" holds (?:'.*'|[-\d]+), ", " holds a value, "))
+        .alias("kind"))
+    counted = kinds.group_by("kind").len().sort("kind")
+    return dict(zip(counted["kind"].to_list(), counted["len"].to_list()))
+
+
 def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
                        decoded: dict[bytes, np.ndarray | None] | None = None) -> pl.DataFrame:
     """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason. The

@@ -54,6 +54,8 @@ class DateResult:
     skipped: bool = False                # no modality had input for the date, and `score.missing_input: skip`
     input_rows: int = 0                  # input rows the date's partitions held (usable or not)
     input_rows_misplaced: int = 0        # of them, quarantined as timed outside their date partition
+    unusable_reasons: dict[str, int] = field(default_factory=dict)   # the other quarantined input rows, per modality
+                                                                     # and reason, largest first
     input_files: int | None = None       # files its own partitions held when the run listed them (None: a failed date)
     input_digests: dict[str, str] | None = None   # per modality, a digest of those files (`shards.PartitionFiles`)
     modality_rows: dict[str, int] = field(default_factory=dict)   # per modality (context views left out), usable
@@ -73,6 +75,7 @@ UNLIKE_VALIDATION_SHARE = 0.75   # a date with more of its ticks above the valid
                                  # (the design fleets' days with 10-18 % anomalous ticks: 0.54-0.62)
 
 
+UNUSABLE_REASONS = "input_unusable_reasons"   # the runs table's column of a date's unusable rows per reason (JSON)
 MODALITY_SHARE = "above_validation_median_"   # the runs table's column of a modality's share: this prefix + its name
 
 
@@ -135,6 +138,36 @@ def absent_modality_warning(result: DateResult) -> str | None:
             f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
             "moved, or every row quarantined) - check its input (dmafn validate SPEC --check-data, the quarantine "
             "table); once its files are there, a backfill over the date rescores it (its partitions changed)")
+
+
+UNUSABLE_SHARE = 0.01    # a date with more of its input rows unusable (quarantined, misplaced ones aside): warned
+UNUSABLE_NAMED = 3       # reasons named in the warning (the runs table keeps them all)
+
+
+def unusable_rows_warning(result: DateResult, spec: Spec) -> str | None:
+    """A line when more than `UNUSABLE_SHARE` of a date's input rows could not be used for another reason than their
+    time's partition (`misplaced_rows_warning`): null or non-finite values, undecodable frames, times that are none,
+    conflicting or redelivered rows - quarantined, so the date was scored from the rest: the reasons that took most,
+    and where the rows are."""
+    unusable = result.input_rows_quarantined - result.input_rows_misplaced
+    if unusable <= UNUSABLE_SHARE * result.input_rows:
+        return None
+    return (f"{result.date}: {unusable} of its {result.input_rows} input rows ({unusable / result.input_rows:.1%}) "
+            f"could not be used and were quarantined ({spec.score.quarantine_path}); the date was scored from the "
+            f"rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the date (dmafn backfill "
+            f"{spec.source} --start {result.date} --end {result.date} --force)")
+
+
+def largest_first(reasons: dict[str, int]) -> dict[str, int]:
+    """Reasons by the rows they took, most first (ties by name)."""
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def named_reasons(reasons: dict[str, int]) -> str:
+    """The `UNUSABLE_NAMED` reasons that took most rows, with their counts (and how many other reasons)."""
+    named = "; ".join(f"{why} ({n})" for why, n in list(largest_first(reasons).items())[:UNUSABLE_NAMED])
+    more = len(reasons) - UNUSABLE_NAMED
+    return named + (f"; {more} more reason(s)" if more > 0 else "")
 
 
 def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
@@ -277,7 +310,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version),
-                             misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result)):
+                             misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result),
+                             unusable_rows_warning(result, spec)):
                     if line is not None:
                         log.warning("%s", line)
                 return
@@ -422,6 +456,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
                       input_rows=sum(c.input_rows for c in counts),
                       input_rows_misplaced=sum(c.input_rows_misplaced for c in counts),
+                      unusable_reasons=largest_first(_summed([c.unusable_reasons for c in counts])),
                       modality_rows=usable,
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
                       without_modality=without)
@@ -448,7 +483,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
     their own and their alarm rate (`unseen_entities_warning`), its input rows and those timed outside their date
-    partition (`misplaced_rows_warning`), per modality its usable input rows (`absent_modality_warning`), the share
+    partition (`misplaced_rows_warning`), the other unusable ones per modality and reason (`unusable_rows_warning`),
+    per modality its usable input rows (`absent_modality_warning`), the share
     of its scored ticks it was present at and the entities it was absent at every tick of (`dmafn status`), the
     files its partitions held when listed (`input_files`, and per modality a digest of them, `input_digests`:
     `changed_inputs`) and, for a failed or skipped date, why (`error`)."""
@@ -460,6 +496,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "input_rows_quarantined": pa.array([result.input_rows_quarantined], pa.int64()),
                     "input_rows": pa.array([result.input_rows], pa.int64()),
                     "input_rows_misplaced": pa.array([result.input_rows_misplaced], pa.int64()),
+                    UNUSABLE_REASONS: pa.array([json.dumps(result.unusable_reasons) if result.unusable_reasons
+                                                else None], pa.string()),
                     "input_files": pa.array([result.input_files], pa.int64()),
                     "input_digests": pa.array([None if result.input_digests is None
                                                else json.dumps(result.input_digests, sort_keys=True)], pa.string()),

@@ -23,7 +23,7 @@ from dmafn.scoring import raw_scores
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
-from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard
+from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard, unusable_reasons
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
 from pipelines.shards import UNSEEN_NAMED, DateCounts, Shard, ShardScores, UnseenEntities
@@ -210,6 +210,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         counts.input_rows_quarantined = ingest.height
         counts.input_rows = inputs.rows_read.get(day, 0)
         counts.input_rows_misplaced = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
+        counts.unusable_reasons = unusable_reasons(ingest)
         counts.modality_rows = {m: inputs.usable_rows.get(day, {}).get(m, 0) for m in own_modalities}
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,

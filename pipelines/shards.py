@@ -80,6 +80,8 @@ class DateCounts:
     input_rows_quarantined: int = 0
     input_rows: int = 0                 # input rows its partitions held (usable or not)
     input_rows_misplaced: int = 0       # of them, quarantined as timed outside their date partition
+    unusable_reasons: dict[str, int] = field(default_factory=dict)   # the other quarantined input rows, per modality
+                                                                     # and reason (`ingest.unusable_reasons`)
     with_score: int = 0                 # scored ticks with a fused score, where the version recorded its validation
     above_validation_median: int = 0    # median score; of those, the ticks above it
     modality_above: dict[str, tuple[int, int]] = field(default_factory=dict)   # the same per modality's contribution

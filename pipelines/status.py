@@ -24,7 +24,8 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             USABLE_ROWS, changed_inputs, changed_inputs_line, named_dates, unlike_validation_line)
+                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
+                             named_dates, named_reasons, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -99,6 +100,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
             out.problems.append(line)
     _unseen(recent, out, spec_path)
     _misplaced(recent, out, spec, spec_path)
+    _unusable(recent, out, spec, spec_path)
     _absent(recent, out, spec_path)
     _changed(recent, out, spec, storage, spec_path, handled)
     if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
@@ -172,8 +174,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     if missing:
         raise DataError(f"{path}: not a runs table of dmafn's (no column {', '.join(missing)})")
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
-              "input_rows_quarantined", "input_rows", "input_rows_misplaced", "anomalies", "alarm_rate",
-              "expected_alarm_rate", "above_validation_median",
+              "input_rows_quarantined", "input_rows", "input_rows_misplaced", UNUSABLE_REASONS, "anomalies",
+              "alarm_rate", "expected_alarm_rate", "above_validation_median",
               "entities", "unseen_entities", "unseen_entity_alarm_rate", KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
@@ -231,6 +233,28 @@ def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: 
                         f"({format_duration(spec.lateness_us) if spec.lateness_us else 'none'}): set `timezone` or "
                         f"`lateness` in {spec_path}, then rescore (dmafn backfill {spec_path} --start {first} --end "
                         f"{last} --force)")
+
+
+def _unusable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: str) -> None:
+    """A problem when recent dates had more than `UNUSABLE_SHARE` of their input rows unusable for another reason
+    than their partition (`pipelines.score.unusable_rows_warning`): quarantined, scored from the rest - with the
+    reasons that took most over those dates (runs before the runs table kept reasons: their count alone)."""
+    unusable = pl.col("input_rows_quarantined") - pl.col("input_rows_misplaced").fill_null(0)
+    hit = recent.filter((pl.col("status") == "succeeded") & (pl.col("input_rows") > 0)
+                        & (unusable > UNUSABLE_SHARE * pl.col("input_rows"))).with_columns(
+        (unusable / pl.col("input_rows")).alias("_share"))
+    if not hit.height:
+        return
+    reasons: dict[str, int] = {}
+    for kept in hit[UNUSABLE_REASONS].drop_nulls().to_list():
+        for why, n in json.loads(kept).items():
+            reasons[why] = reasons.get(why, 0) + n
+    first, last = hit["date"].min(), hit["date"].max()
+    why = f" - most: {named_reasons(reasons)}" if reasons else ""
+    out.problems.append(f"{hit.height} recent date(s) had over {UNUSABLE_SHARE:.0%} of their input rows unusable "
+                        f"(up to {hit['_share'].max():.1%}; quarantined in {spec.score.quarantine_path}, the dates "
+                        f"scored from the rest): {named_dates(hit['date'].to_list())}{why}; mend the source, then "
+                        f"rescore (dmafn backfill {spec_path} --start {first} --end {last} --force)")
 
 
 def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

@@ -367,6 +367,19 @@ def test_times_stored_as_text_read_as_iso_8601_each_by_its_own_shape(tiny_spec):
     assert times_from_text(pl.Series(["1704189600000"]))[1].to_list() == ["1704189600000"]     # no unit: no count
 
 
+def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_they_name_together():
+    from pipelines.ingest import unusable_reasons
+
+    quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc"], "reason": [
+        "time column 'ts' holds '05/01/2024', not an ISO 8601 time", "time column 'ts' holds 'noon', not an ISO 8601 "
+        "time", "timed outside its date partition 2024-01-02", "unusable value in column 'ax'",
+        "time column 'ts' holds -4611686018427387904, which as ms since the epoch no timestamp can hold"]})
+    assert unusable_reasons(quarantined) == {       # the misplaced row counted on its own (input_rows_misplaced)
+        "proc: time column 'ts' holds a value, not an ISO 8601 time": 2,
+        "proc: time column 'ts' holds a value, which as ms since the epoch no timestamp can hold": 1,
+        "vib: unusable value in column 'ax'": 1}
+
+
 def test_detector_follows_the_pyod_contract():
     train, _ = make(300, seed=3)
     test, y = make(200, seed=4, anomalies=20, kind="proc")

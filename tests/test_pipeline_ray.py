@@ -325,6 +325,9 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     assert last["rows_scored"] == scored and last["input_rows_quarantined"] == 3
     held = sum(pq.read_metadata(p).num_rows for p in root.glob("raw/*/date=2024-01-03/*.parquet"))
     assert last["input_rows"] == held and last["input_rows_misplaced"] == 1     # the row timed on 2024-01-04
+    assert json.loads(last["input_unusable_reasons"]) == {              # the others, by modality and reason
+        f"{row['source']}: {row['reason']}": 1 for row in ingest.iter_rows(named=True)
+        if not row["reason"].startswith("timed outside")}
 
 
 def test_each_run_records_its_alarm_rate_and_how_much_of_the_day_scores_above_the_validation_median(trained, scored):

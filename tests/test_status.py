@@ -3,6 +3,7 @@ runs table (Delta, in a temp folder) and registry folders, without Ray."""
 import datetime as dt
 import json
 
+import polars as pl
 import pytest
 import yaml
 
@@ -41,7 +42,8 @@ def _run(spec, day, status="succeeded", version=OLD, above=0.5, anomalies=3, err
          unseen=None, **counts):
     """A run of `day` recorded in the runs table; `counts`: more of a succeeded date's `DateResult` fields."""
     shares = {"proc": 0.97, "vib": 0.4} if above > 0.75 else {"proc": 0.5, "vib": 0.5}
-    result = DateResult(day, 100, 98, 2, anomalies, 1.0, input_rows_quarantined=5, above_validation_median=above,
+    counts = {"input_rows_quarantined": 5, **counts}
+    result = DateResult(day, 100, 98, 2, anomalies, 1.0, above_validation_median=above,
                         modality_above=shares, unseen=unseen, **counts) \
         if status == "succeeded" else DateResult(day, 0, 0, 0, 0, 0.0)
     record_run(spec, Storage(), result, run_id=f"r-{day}", version=version, status=status, expected_alarm_rate=0.003,
@@ -222,6 +224,45 @@ def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
         "in s.yaml, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05 --force)"]
     assert [r["input_rows_misplaced"] for r in found.as_dict()["recent"]] == [5, 420, 1200]
     assert scoring_status(spec, Storage(), days=1, spec_path="s.yaml").problems[0].startswith("1 recent date(s)")
+
+
+def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_reasons(tmp_path):
+    """Dates with over 1 % of their input rows unusable for another reason than their partition (null values,
+    times that are none, ...): quarantined, the dates scored from the rest - named with the reasons that took most
+    over them and the backfill that rescores them; misplaced rows are not counted here (their own problem), and runs
+    recorded before the runs table kept the reasons are named by their count alone."""
+    from pipelines.score import unusable_rows_warning
+
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    reasons = {"vib: unusable value in column 'ax'": 300, "proc: time column 'ts' holds a value, not an ISO 8601 "
+               "time": 100, "logs: redelivered": 20, "cam: undecodable image in column 'frame'": 10}
+    _run(spec, "2024-01-03", input_rows=10_000, input_rows_quarantined=90)            # under 1 %: not named
+    _run(spec, "2024-01-04", input_rows=10_000, input_rows_quarantined=430, unusable_reasons=reasons)
+    _run(spec, "2024-01-05", input_rows=10_000, input_rows_quarantined=1_500, input_rows_misplaced=1_400,
+         unusable_reasons={"vib: unusable value in column 'ax'": 100})                 # 1 % unusable: not named
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    unusable = [p for p in found.problems if "unusable" in p]
+    assert unusable == [
+        f"1 recent date(s) had over 1% of their input rows unusable (up to 4.3%; quarantined in "
+        f"{spec.score.quarantine_path}, the dates scored from the rest): 2024-01-04 - most: vib: unusable value in "
+        "column 'ax' (300); proc: time column 'ts' holds a value, not an ISO 8601 time (100); logs: redelivered (20); "
+        "1 more reason(s); mend the source, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-04 "
+        "--force)"]
+    runs = pl.read_delta(spec.score.runs_path).sort("date")
+    assert [None if v is None else json.loads(v) for v in runs["input_unusable_reasons"]] == [
+        None, reasons, {"vib: unusable value in column 'ax'": 100}]
+    older = runs.drop("input_unusable_reasons")                       # a runs table from before: counts alone
+    older.write_delta(spec.score.runs_path, mode="overwrite", delta_write_options={"schema_mode": "overwrite"})
+    assert [p for p in scoring_status(spec, Storage(), spec_path="s.yaml").problems if "unusable" in p][0].startswith(
+        "1 recent date(s) had over 1% of their input rows unusable (up to 4.3%; quarantined in ")
+    warned = unusable_rows_warning(DateResult("2024-01-04", 100, 100, 0, 1, 1.0, input_rows_quarantined=430,
+                                              input_rows=10_000, unusable_reasons=reasons), spec)
+    assert warned.startswith("2024-01-04: 430 of its 10000 input rows (4.3%) could not be used and were quarantined (")
+    assert warned.endswith("(20); 1 more reason(s) - mend the source, then rescore the date (dmafn backfill "
+                           f"{spec.source} --start 2024-01-04 --end 2024-01-04 --force)")
+    assert unusable_rows_warning(DateResult("2024-01-03", 100, 100, 0, 1, 1.0, input_rows_quarantined=90,
+                                            input_rows=10_000), spec) is None
 
 
 def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_before(tmp_path):
