@@ -1212,12 +1212,13 @@ def _normalise(values: np.ndarray, stats: dict, keys: list[str], by_entity: bool
     return np.clip(out, -Z_LIMIT, Z_LIMIT).astype(np.float32)
 
 
-_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I")     # Pillow's modes of a 16-bit grey PNG (0..65535)
+_DEEP_GREY = ("I;16", "I;16B", "I;16L", "I")     # Pillow's modes of a 16-bit grey PNG or TIFF (0..65535)
 
 
 def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
-    """PNG/JPEG bytes -> (channels, H, W) uint8, resized to the modality's size; None when the bytes cannot
-    be decoded. A 16-bit grey PNG is scaled to 8 bits (Pillow's own conversion clips it at 255: nearly white)."""
+    """Image bytes (PNG, JPEG, TIFF, BMP, GIF, WebP: what Pillow decodes) -> (channels, H, W) uint8, resized to the
+    modality's size; None when the bytes cannot be decoded. A 16-bit grey frame (PNG or TIFF) is scaled to 8 bits
+    (Pillow's own conversion clips it at 255: nearly white)."""
     from PIL import Image
 
     if not data:
@@ -1234,7 +1235,7 @@ def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
 
 
 def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
-    """PNG/JPEG bytes -> (channels, H, W) float32 in [0, 1]; None when the bytes cannot be decoded."""
+    """Image bytes (see `decode_pixels`) -> (channels, H, W) float32 in [0, 1]; None when they cannot be decoded."""
     pixels = decode_pixels(data, m)
     return None if pixels is None else pixels.astype(np.float32) / 255.0
 

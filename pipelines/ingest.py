@@ -24,7 +24,9 @@ from pipelines.stored_times import times_from_counts, times_from_text
 REASON = "_reason"
 BAD_TEXT = "_bad_text"
 BAD_TIME = "_bad_time"
-_PNG, _JPEG = b"\x89PNG", b"\xff\xd8"
+# what a frame's bytes start with, per format Pillow decodes: PNG, JPEG, TIFF (both byte orders), BMP, GIF, WebP
+# (a RIFF container; other RIFF payloads fail to decode, `undecodable_images`)
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM", b"GIF8", b"RIFF")
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -43,7 +45,8 @@ def _is_number_or_text(t: pa.DataType) -> bool:
 _EXPECTED = {
     "tabular": (_is_number_or_text, "a number (or its text)"),
     "timeseries": (_is_number_or_text, "a number (or its text)"),
-    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (PNG/JPEG bytes)"),
+    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+              "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes)"),
     "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
              or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
     "audio": (_is_list_of_numbers, "a list of floats"),
@@ -163,7 +166,7 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
         if m.kind in ("tabular", "timeseries"):
             bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
         elif m.kind == "image":
-            bad = bad | ~(pl.col(col).bin.starts_with(_PNG) | pl.col(col).bin.starts_with(_JPEG))
+            bad = bad | ~pl.any_horizontal(pl.col(col).bin.starts_with(magic) for magic in IMAGE_MAGIC)
         elif m.kind == "audio":                       # an empty clip, or one with a missing or non-finite sample
             bad = bad | (pl.col(col).list.len() == 0) | pl.col(col).list.eval(
                 ~pl.element().cast(pl.Float64).is_finite().fill_null(False)).list.any()

@@ -70,6 +70,35 @@ def test_a_16_bit_grey_frame_decodes_as_its_8_bit_twin(tiny_spec):
         assert wide.shape == (channels, 16, 16) and np.array_equal(wide, narrow) and 0 < wide.mean() < 200
 
 
+def test_frames_in_each_format_a_camera_writes_decode_to_the_same_pixels(tiny_spec):
+    """TIFF (8- and 16-bit grey, as machine-vision cameras write it), BMP, GIF and lossless WebP frames of one image
+    decode to the PNG's pixels; each passes ingest's check of the bytes' start, a WAV file in a RIFF container
+    does not decode."""
+    from pipelines.ingest import IMAGE_MAGIC
+    from dmafn.features import decode_pixels
+
+    grey = np.linspace(0, 255, 16 * 16).reshape(16, 16).round().astype(np.uint8)
+    cam = tiny_spec.modalities["cam"]
+
+    def saved(image, fmt, **options):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **options)
+        return buf.getvalue()
+
+    png_pixels = decode_pixels(saved(Image.fromarray(grey), "PNG"), cam)
+    frames = [saved(Image.fromarray(grey), "TIFF"), saved(Image.fromarray(grey.astype(np.uint16) * 257), "TIFF"),
+              saved(Image.fromarray(grey), "BMP"), saved(Image.fromarray(grey), "GIF"),
+              saved(Image.fromarray(grey).convert("RGB"), "WEBP", lossless=True)]
+    for frame in frames:
+        assert frame.startswith(IMAGE_MAGIC) and np.array_equal(decode_pixels(frame, cam), png_pixels)
+    wave = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28)
+    assert wave.startswith(IMAGE_MAGIC) and decode_pixels(wave, cam) is None
+    rows = pa.table({"machine_id": ["a"] * 7, "ts": pa.array(range(7), pa.timestamp("us", tz="UTC")),
+                     "frame": [*frames, wave, b"%PDF-1.7"]})
+    assert check_rows(rows, tiny_spec, cam).column(REASON).to_pylist() == [None] * 6 + [
+        "unusable value in column 'frame'"]
+
+
 def test_decode_image_resizes_and_rejects_garbage(tiny_spec):
     cam = tiny_spec.modalities["cam"]
     img = decode_image(png(255), cam)
