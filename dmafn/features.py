@@ -1240,6 +1240,55 @@ def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
     return None if pixels is None else pixels.astype(np.float32) / 255.0
 
 
+_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+
+
+def decode_wav(data: bytes | None, sample_rate: int) -> np.ndarray | None:
+    """WAV bytes (a RIFF/WAVE file: PCM of 8, 16, 24 or 32 bits, or 32/64-bit float; any number of channels,
+    averaged) -> float32 samples in [-1, 1] at `sample_rate` (the modality's; another rate is resampled by linear
+    interpolation); None when the bytes are no such file (truncated, another format, no sample)."""
+    if not data or len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    fmt, samples, at = None, None, 12
+    while at + 8 <= len(data):                                   # chunks: id, size (little-endian), payload
+        chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        body = data[at + 8:at + 8 + size]
+        if chunk == b"fmt " and len(body) >= 16:
+            fmt = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
+                   int.from_bytes(body[4:8], "little"), int.from_bytes(body[14:16], "little"))
+            if fmt[0] == _WAV_EXTENSIBLE and len(body) >= 26:    # the sub-format's first two bytes say PCM or float
+                fmt = (int.from_bytes(body[24:26], "little"), *fmt[1:])
+        elif chunk == b"data":
+            samples = body
+        at += 8 + size + size % 2                                # chunks are padded to an even size
+    if fmt is None or samples is None:
+        return None
+    code, channels, rate, bits = fmt
+    width = bits // 8
+    if channels < 1 or rate < 1 or width < 1 or len(samples) < width * channels:
+        return None
+    samples = samples[:len(samples) // (width * channels) * width * channels]
+    if code == _WAV_FLOAT and bits in (32, 64):
+        values = np.frombuffer(samples, "<f4" if bits == 32 else "<f8").astype(np.float64)
+    elif code == _WAV_PCM and bits == 8:                         # unsigned, centred on 128
+        values = (np.frombuffer(samples, np.uint8).astype(np.float64) - 128.0) / 128.0
+    elif code == _WAV_PCM and bits in (16, 24, 32):
+        if bits == 24:                                           # three bytes each: widened to 32 bits
+            raw = np.frombuffer(samples, np.uint8).reshape(-1, 3)
+            values = (raw[:, 0].astype(np.int32) | raw[:, 1].astype(np.int32) << 8
+                      | raw[:, 2].astype(np.int8).astype(np.int32) << 16).astype(np.float64)
+        else:
+            values = np.frombuffer(samples, "<i2" if bits == 16 else "<i4").astype(np.float64)
+        values /= float(2 ** (bits - 1))
+    else:
+        return None
+    mono = values.reshape(-1, channels).mean(axis=1)
+    if rate != sample_rate and len(mono) > 1:
+        at_rate = np.arange(int(round(len(mono) * sample_rate / rate))) * (rate / sample_rate)
+        mono = np.interp(at_rate, np.arange(len(mono)), mono)
+    return mono.astype(np.float32) if len(mono) else None
+
+
 def hash_token(token: str) -> int:
     return 2 + zlib.crc32(token.encode()) % (TEXT_VOCAB - 2)
 

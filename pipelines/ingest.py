@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import decode_pixels
+from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import each_row_group, open_parquet, row_groups_before, row_groups_since
@@ -23,7 +23,7 @@ from pipelines.stored_times import times_from_counts, times_from_text
 
 REASON = "_reason"
 BAD_TEXT = "_bad_text"
-BAD_TIME = "_bad_time"
+UNREAD = "_unread_"     # + what: the reason a stored value (the time, an audio clip) could not be read, per row
 # what a frame's bytes start with, per format Pillow decodes: PNG, JPEG, TIFF (both byte orders), BMP, GIF, WebP
 # (a RIFF container; other RIFF payloads fail to decode, `undecodable_images`)
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM", b"GIF8", b"RIFF")
@@ -49,7 +49,8 @@ _EXPECTED = {
               "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes)"),
     "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
              or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
-    "audio": (_is_list_of_numbers, "a list of floats"),
+    "audio": (lambda t: _is_list_of_numbers(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
+              "a list of floats (or WAV bytes)"),
 }
 
 
@@ -78,7 +79,7 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
 def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: integers counting the spec's `time_unit` since the epoch, ISO 8601 text (or with
-    `time_unit` digits), or Arrow's null type (no time in the file: all null). Beside it `_bad_time`, for each
+    `time_unit` digits), or Arrow's null type (no time in the file: all null). Beside it `_unread_time`, for each
     stored value it could not read (a count no timestamp holds, a text that is no time), the reason its row is
     quarantined, naming the value (null elsewhere; their time null). A timestamp column is returned as it is, with
     None."""
@@ -97,7 +98,7 @@ def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Ta
     else:
         return table, None
     reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
-    return table.set_column(i, time, times.to_arrow()), reasons.alias(BAD_TIME)
+    return table.set_column(i, time, times.to_arrow()), reasons.alias(f"{UNREAD}time")
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind
@@ -145,6 +146,23 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
     return table
 
 
+def decoded_audio(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, pl.Series | None]:
+    """An audio modality's clips stored as WAV bytes decoded to float samples at its `sample_rate` (`decode_wav`);
+    beside them `_unread_audio`, the reason for each clip that does not decode (its row quarantined; null
+    elsewhere). Clips stored as lists of numbers, and other kinds, are returned as they are, with None."""
+    if m.kind != "audio":
+        return table, None
+    i = table.schema.get_field_index(m.column)
+    stored = table.column(i)
+    if not (pa.types.is_binary(stored.type) or pa.types.is_large_binary(stored.type)):
+        return table, None
+    clips = [None if b is None else decode_wav(b, m.sample_rate) for b in stored.to_pylist()]
+    unread = [None if b is None or clip is not None else f"undecodable audio in column '{m.column}'"
+              for b, clip in zip(stored.to_pylist(), clips)]
+    return (table.set_column(i, m.column, pa.array(clips, pa.list_(pa.float32()))),
+            pl.Series(f"{UNREAD}audio", unread, pl.String))
+
+
 def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
     """Add `_reason`: null for a usable row, else why the row cannot be used (first problem found)."""
     return with_reasons(pl.from_arrow(table), spec, m).to_arrow()
@@ -152,14 +170,14 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` with `_reason` added (see `check_rows`); a true `_bad_text` column (from `valid_text`) marks text that
-    was not valid UTF-8, a `_bad_time` one (from `read_times`) gives the reason a stored time could not be read;
-    both are dropped."""
+    was not valid UTF-8, each `_unread_*` one (from `read_times`, `decoded_audio`) gives the reason a stored value
+    could not be read; they are dropped."""
     bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
-    bad_time = pl.col(BAD_TIME) if BAD_TIME in df.columns else pl.lit(None, pl.String)
-    df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT), bad_time.alias(BAD_TIME))
+    df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT))
+    unread = [c for c in df.columns if c.startswith(UNREAD)]
     conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
     conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
-    conditions.append((pl.col(BAD_TIME).is_not_null(), pl.col(BAD_TIME)))
+    conditions += [(pl.col(c).is_not_null(), pl.col(c)) for c in unread]
     conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
     for col in m.value_columns:
         bad = pl.col(col).is_null()
@@ -175,7 +193,7 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     expr = pl.when(conditions[0][0]).then(said(conditions[0][1]))
     for cond, reason in conditions[1:]:
         expr = expr.when(cond).then(said(reason))
-    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT, BAD_TIME)
+    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT, *unread)
 
 
 def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
@@ -354,10 +372,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, bad_time = read_times(part, spec.time, spec.time_unit)
-                    table, bad_text = valid_text(plain_values(table, m), m)
-                    rows = with_reasons(pl.from_arrow(table).with_columns(
-                        pl.Series(BAD_TEXT, bad_text), *([] if bad_time is None else [bad_time])), spec, m)
+                    table, unread_time = read_times(part, spec.time, spec.time_unit)
+                    table, unread_audio = decoded_audio(plain_values(table, m), m)
+                    table, bad_text = valid_text(table, m)
+                    unread = [u for u in (unread_time, unread_audio) if u is not None]
+                    rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text), *unread),
+                                        spec, m)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept

@@ -291,6 +291,55 @@ def test_check_rows_rejects_audio_clips_that_are_empty_or_hold_a_missing_or_non_
     assert reasons == [None] + ["unusable value in column 'wave'"] * 5
 
 
+def _wav(samples: np.ndarray, rate: int, bits: int, channels: int = 1, code: int = 1, extensible: bool = False):
+    """A WAV file of `samples` (floats in [-1, 1], repeated on each channel) written by hand: PCM (`code` 1) of
+    `bits`, or IEEE float (3); in a WAVE_FORMAT_EXTENSIBLE header when asked."""
+    x = np.repeat(samples, channels)
+    data = (x.astype("<f4").tobytes() if code == 3 else (x * 127 + 128).round().astype(np.uint8).tobytes() if bits == 8
+            else b"".join(int(v).to_bytes(3, "little", signed=True) for v in (x * (2 ** 23 - 1)).round())
+            if bits == 24 else (x * (2 ** (bits - 1) - 1)).round().astype(f"<i{bits // 8}").tobytes())
+    block = channels * bits // 8
+    fmt = ((0xFFFE if extensible else code).to_bytes(2, "little") + channels.to_bytes(2, "little")
+           + rate.to_bytes(4, "little") + (rate * block).to_bytes(4, "little") + block.to_bytes(2, "little")
+           + bits.to_bytes(2, "little"))
+    if extensible:
+        fmt += (22).to_bytes(2, "little") + bits.to_bytes(2, "little") + bytes(4) + code.to_bytes(2, "little") + bytes(14)
+    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"LIST" + (3).to_bytes(4, "little") + b"abc\x00" \
+        + b"data" + len(data).to_bytes(4, "little") + data
+    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks
+
+
+def test_audio_stored_as_wav_bytes_decodes_to_the_clips_samples_at_the_modalitys_rate(tiny_spec):
+    """Microphones' clips stored as WAV files: PCM of 8-32 bits or float, mono or stereo (averaged), in a plain or
+    an extensible header, past other chunks (an odd-sized one padded); another sample rate resampled to the
+    modality's; bytes that are no WAV are quarantined with their reason."""
+    from dataclasses import replace
+
+    from dmafn.features import decode_wav
+    from pipelines.ingest import check_schema, decoded_audio
+
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(1600) / 16_000)
+    for bits, code, channels, extensible, error in ((8, 1, 1, False, 8e-3), (16, 1, 2, False, 4e-5),
+                                                    (24, 1, 1, True, 2e-7), (32, 1, 1, False, 2e-8),
+                                                    (32, 3, 2, True, 1e-7)):
+        clip = decode_wav(_wav(tone, 16_000, bits, channels, code, extensible), 16_000)
+        assert clip.dtype == np.float32 and clip.shape == tone.shape and np.abs(clip - tone).max() < error
+    faster = 0.5 * np.sin(2 * np.pi * 440 * np.arange(4410) / 44_100)        # 0.1 s at 44.1 kHz
+    resampled = decode_wav(_wav(faster, 44_100, 16), 16_000)
+    assert resampled.shape == (1600,) and np.abs(resampled - tone).max() < 2e-3
+    for broken in (b"RIFF\x04\x00\x00\x00WAVE", _wav(tone, 16_000, 12), b"\x89PNG", b"", None):
+        assert decode_wav(broken, 16_000) is None
+
+    mic = replace(tiny_spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000)
+    table = pa.table({"machine_id": ["a"] * 3, "ts": pa.array(range(3), pa.timestamp("us", tz="UTC")),
+                      "wave": [_wav(tone, 16_000, 16), b"not a wav", None]})
+    check_schema(table.schema, tiny_spec, mic, "/d")
+    read, unread = decoded_audio(table, mic)
+    assert read["wave"].type == pa.list_(pa.float32()) and len(read["wave"][0]) == 1600
+    reasons = check_rows(read.append_column(unread.name, unread.to_arrow()), tiny_spec, mic).column(REASON)
+    assert reasons.to_pylist() == [None, "undecodable audio in column 'wave'", "unusable value in column 'wave'"]
+
+
 def test_check_rows_rejects_non_image_bytes(tiny_spec):
     table = pa.table({"machine_id": ["a", "a"], "ts": pa.array([1, 2], pa.timestamp("us", tz="UTC")),
                       "frame": [png(3), b"hello"]})
@@ -354,7 +403,7 @@ def test_integer_times_read_as_the_spec_time_unit_and_a_count_no_timestamp_holds
     assert read["ts"].type == pa.timestamp("us")
     assert read["ts"].to_pylist()[:3] == [dt.datetime(2024, 1, 2), dt.datetime(2024, 1, 2, 0, 0, 1, 500_000), None]
     assert bad[:3].null_count() == 3
-    reasons = check_rows(read.append_column("_bad_time", bad.to_arrow()), spec, spec.modalities["proc"])
+    reasons = check_rows(read.append_column("_unread_time", bad.to_arrow()), spec, spec.modalities["proc"])
     assert reasons.column(REASON).to_pylist() == [
         None, None, "null time column 'ts'",
         f"time column 'ts' holds {2 ** 62}, which as ms since the epoch no timestamp can hold"]
@@ -384,7 +433,7 @@ def test_times_stored_as_text_read_as_iso_8601_each_by_its_own_shape(tiny_spec):
     at = lambda *clock: dt.datetime(2024, 1, 2, *clock)          # noqa: E731
     assert read["ts"].to_pylist() == [at(10), at(10, 0, 1, 500_000), at(10), at(10), at(0), at(10, 0, 0, 123_456),
                                       None, None, None, None]
-    reasons = check_rows(read.append_column("_bad_time", bad.to_arrow()), tiny_spec, tiny_spec.modalities["proc"])
+    reasons = check_rows(read.append_column("_unread_time", bad.to_arrow()), tiny_spec, tiny_spec.modalities["proc"])
     assert reasons.column(REASON).to_pylist()[5:] == [
         None, "time column 'ts' holds '05/01/2024 10:00', not an ISO 8601 time",
         "time column 'ts' holds '2024-02-30T00:00', not an ISO 8601 time",
