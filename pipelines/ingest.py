@@ -39,12 +39,12 @@ def _is_list_of_numbers(t: pa.DataType) -> bool:
 
 
 def _is_number_or_text(t: pa.DataType) -> bool:
-    return _is_numeric(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return _is_numeric(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 _EXPECTED = {
-    "tabular": (_is_number_or_text, "a number (or its text)"),
-    "timeseries": (_is_number_or_text, "a number (or its text)"),
+    "tabular": (_is_number_or_text, "a number (or its text, or true/false)"),
+    "timeseries": (_is_number_or_text, "a number (or its text, or true/false)"),
     "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
               "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes)"),
     "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
@@ -125,9 +125,9 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
     """`table` (checked by `check_schema`) with each of `m`'s value columns that is dictionary-encoded decoded to its
     values, each of Arrow's null type typed as the kind's values (`_PLAIN`: every row then holds a null, which
     `with_reasons` calls unusable), text stored as bytes (Parquet BINARY without the UTF8 annotation, as Impala
-    and older Hive write strings) read as strings unchecked - `valid_text` then quarantines what is not UTF-8 - and
-    numbers stored as text (a CSV loaded as strings) parsed, a text that is no number read as null (unusable), so
-    files that store a column either way read like the others."""
+    and older Hive write strings) read as strings unchecked - `valid_text` then quarantines what is not UTF-8 -,
+    numbers stored as text (a CSV loaded as strings) parsed, a text that is no number read as null (unusable), and
+    a true/false state read as 1/0, so files that store a column either way read like the others."""
     for col in m.value_columns:
         i = table.schema.get_field_index(col)
         column = stored = table.column(i)
@@ -141,6 +141,8 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
         elif m.kind in ("tabular", "timeseries") and (pa.types.is_string(column.type)
                                                       or pa.types.is_large_string(column.type)):
             column = pl.from_arrow(column).str.strip_chars().cast(pl.Float64, strict=False).to_arrow()
+        elif m.kind in ("tabular", "timeseries") and pa.types.is_boolean(column.type):
+            column = column.cast(pa.float64())                   # a state (a valve open, a pump running): 1 or 0
         if column is not stored:
             table = table.set_column(i, col, column)
     return table

@@ -353,15 +353,17 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
     schema = pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us"))])
     with pytest.raises(DataError, match=r"modality 'proc' \(/data/proc\): column 'temp' not found"):
         check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
-    schema = schema.append(pa.field("temp", pa.bool_()))
-    with pytest.raises(DataError, match=r"column 'temp' is bool, expected a number \(or its text\)"):
+    schema = schema.append(pa.field("temp", pa.date32()))
+    with pytest.raises(DataError, match=r"column 'temp' is date32\[day\], expected a number \(or its text, or "
+                                        r"true/false\)"):
         check_schema(schema, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
     categorical = pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")),
                              ("temp", pa.dictionary(pa.int32(), pa.binary()))])
     with pytest.raises(DataError, match="column 'temp' is dictionary<values=binary, .*expected a number"):
         check_schema(categorical, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
     for stored in (pa.dictionary(pa.int8(), pa.float32()), pa.null(),    # a categorical of numbers; no value;
-                   pa.string(), pa.dictionary(pa.int32(), pa.string())):  # numbers as text (a CSV's strings)
+                   pa.string(), pa.dictionary(pa.int32(), pa.string()),   # numbers as text (a CSV's strings);
+                   pa.bool_()):                                           # a state (a valve open or shut)
         check_schema(categorical.set(2, pa.field("temp", stored)), tiny_spec, tiny_spec.modalities["proc"], "/d")
     for stored in (pa.binary(), pa.large_binary(), pa.dictionary(pa.int32(), pa.binary())):   # text as bytes
         check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", stored)]),
@@ -570,6 +572,8 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
            pa.table({"machine_id": ["f", "g"], "ts": ts, "temp": [" 3.5", "N/A"]}))
     _write(tmp_path / "proc" / folder / "part-3.parquet",                        # no time in the file
            pa.table({"machine_id": ["h"], "ts": pa.nulls(1), "temp": [4.0]}))
+    _write(tmp_path / "proc" / folder / "part-4.parquet",                        # a state: 1 or 0
+           pa.table({"machine_id": ["i", "j"], "ts": ts, "temp": [True, False]}))
     _write(tmp_path / "logs" / folder / "part-0.parquet", pa.table({
         "machine_id": ["a", "a"], "ts": ts, "msg": pa.array(["pump ok", "valve stuck"]).dictionary_encode()}))
     _write(tmp_path / "logs" / folder / "part-1.parquet", pa.table({"machine_id": ["b"], "ts": ts.slice(0, 1),
@@ -580,13 +584,14 @@ def test_read_shard_reads_dictionary_encoded_values_and_quarantines_a_column_tha
     assert got.tables["logs"].schema["msg"] == pl.String
     assert sorted(got.tables["logs"].select("machine_id", "msg").rows()) == [
         ("a", "pump ok"), ("a", "valve stuck"), ("b", "pump ok"), ("e", "valve open")]
-    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [("a", 1.0), ("b", 2.0), ("f", 3.5)]
+    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [
+        ("a", 1.0), ("b", 2.0), ("f", 3.5), ("i", 1.0), ("j", 0.0)]
     assert sorted(got.quarantined.select("entity", "source", "reason").rows()) == [
         ("c", "proc", "unusable value in column 'temp'"), ("d", "proc", "unusable value in column 'temp'"),
         ("e", "logs", "invalid UTF-8 in column 'msg'"), ("g", "proc", "unusable value in column 'temp'"),
         ("h", "proc", "null time column 'ts'")]
-    assert got.usable_rows == {"2024-01-02": {"proc": 3, "logs": 4}}
-    assert got.rows_read == {"2024-01-02": 12}
+    assert got.usable_rows == {"2024-01-02": {"proc": 5, "logs": 4}}
+    assert got.rows_read == {"2024-01-02": 14}
 
 
 def test_read_shard_reads_a_log_file_delivered_twice_once(tmp_path, tiny_spec):
