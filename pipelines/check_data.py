@@ -23,7 +23,7 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import list_parquet_files, open_parquet, time_bounds
+from pipelines.parquet_files import field_of, list_parquet_files, open_parquet, time_bounds
 from pipelines.storage import DataError, Storage, list_partitions
 
 FOOTER_READERS = 16
@@ -141,7 +141,7 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
         return exc
     try:
         schema = parquet.schema_arrow
-        bounds = time_bounds(parquet, time_column, time_unit) if time_column in schema.names else None
+        bounds = time_bounds(parquet, time_column, time_unit) if field_of(schema, time_column) is not None else None
         return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
     finally:
         parquet.close()
@@ -184,14 +184,14 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     continue
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
-                if pa.types.is_integer(schema.field(spec.time).type):
+                if pa.types.is_integer(field_of(schema, spec.time).type):
                     data.integer_times = spec.time_unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:
                     data.misplaced.append((path, dates[path], *times))
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
-                data.stored_types.setdefault(tuple((c, str(schema.field(c).type)) for c in wanted), path)
+                data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:
         found.append(check_labels(spec, storage))

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import each_row_group, open_parquet, row_groups_before, row_groups_since
+from pipelines.parquet_files import each_row_group, field_of, open_parquet, row_groups_before, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import times_from_counts, times_from_text
@@ -59,12 +59,11 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
     """Raise DataError naming the table and column when one of `columns` is missing or `time` is neither a
     timestamp nor text (ISO 8601, read by `read_times`) - nor, with `time_unit` (the spec's), an integer count of it
     since the epoch (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
-    names = set(schema.names)
     for col in columns:
-        if col not in names:
+        if field_of(schema, col) is None:
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
-                            f"columns are {sorted(names)}")
-    stored = schema.field(time).type
+                            f"columns are {sorted(schema.names)}")
+    stored = field_of(schema, time).type
     kind = stored.value_type if pa.types.is_dictionary(stored) else stored
     if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or pa.types.is_string(kind) \
             or pa.types.is_large_string(kind) or (time_unit and pa.types.is_integer(stored)):
@@ -113,11 +112,11 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
     check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where, spec.time_unit)
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
-        stored = schema.field(col).type
+        stored = field_of(schema, col).type
         if pa.types.is_null(stored):
             continue
         if not check(stored.value_type if pa.types.is_dictionary(stored) else stored):
-            raise DataError(f"modality '{m.name}' ({where}): column '{col}' is {schema.field(col).type}, "
+            raise DataError(f"modality '{m.name}' ({where}): column '{col}' is {stored}, "
                             f"expected {expected}")
 
 

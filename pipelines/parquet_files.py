@@ -39,7 +39,7 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
     as they are read; an integer column's as counts of `time_unit`, the spec's) by the time column's min/max
     statistics; None when the file has none to go by (no row group, a column that is neither a timestamp nor, with
     `time_unit`, an integer, a row group without statistics)."""
-    kind = parquet.schema_arrow.field(time_column).type
+    kind = field_of(parquet.schema_arrow, time_column).type
     meta = parquet.metadata
     if pa.types.is_timestamp(kind):
         unit, raw = kind.unit, True
@@ -77,17 +77,40 @@ def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, 
     return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
 
 
+def field_of(schema: pa.Schema, name: str) -> pa.Field | None:
+    """The field a spec's column name reads: a top-level column of that name, else a field inside struct columns
+    by its dotted path (`payload.temperature`: the `temperature` of struct `payload`, as JSON landed in Parquet
+    nests it), named `name`; None when there is neither."""
+    if name in schema.names:
+        return schema.field(name)
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        head = ".".join(parts[:i])
+        if head in schema.names and pa.types.is_struct(schema.field(head).type):
+            inner = field_of(pa.schema(list(schema.field(head).type)), ".".join(parts[i:]))
+            if inner is not None:
+                return inner.with_name(name)
+    return None
+
+
+def flat_columns(table: pa.Table, columns: list[str]) -> pa.Table:
+    """`columns` of a table read from Parquet, those inside struct columns lifted out under their dotted path."""
+    while any(pa.types.is_struct(t) for t in table.schema.types) and not set(columns) <= set(table.column_names):
+        table = table.flatten()
+    return table.select(columns)
+
+
 def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
                  row_groups: list[int] | None = None) -> pa.Table:
-    """The file's `columns` (of `row_groups` only, when given); DataError naming the file when its pages cannot
-    be read or decoded."""
+    """The file's `columns` (of `row_groups` only, when given; a dotted name reads a field inside struct columns,
+    `field_of`); DataError naming the file when its pages cannot be read or decoded."""
     try:
         if row_groups is None:
-            return parquet.read(columns=columns)
+            return flat_columns(parquet.read(columns=columns), columns)
         if not row_groups:
-            return parquet.schema_arrow.empty_table().select(columns)
-        return parquet.read_row_groups(row_groups, columns=columns)
-    except (OSError, pa.ArrowException) as exc:
+            return flat_columns(parquet.schema_arrow.empty_table(), columns)
+        return flat_columns(parquet.read_row_groups(row_groups, columns=columns), columns)
+    except (OSError, pa.ArrowException, KeyError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 

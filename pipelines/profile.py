@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import to_micros
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
-from pipelines.parquet_files import column_chunk, list_parquet_files, open_parquet, read_columns
+from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, open_parquet, read_columns
 from pipelines.storage import DataError, Storage, list_partitions
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def _null_cells(column: pa.ChunkedArray) -> int:
 def _nulls_from_statistics(parquet, row_group: int, column: str) -> int | None:
     """The column chunk's null count when the file's statistics give it exactly for a flat column that cannot
     hold NaN; None when the column must be read."""
-    field = parquet.schema_arrow.field(column)
+    field = field_of(parquet.schema_arrow, column)
     if pa.types.is_floating(field.type) or pa.types.is_nested(field.type):
         return None
     chunk = column_chunk(parquet, row_group, column)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmafn.spec import Spec, voting_modalities
-from pipelines.parquet_files import column_chunk, list_parquet_files
+from pipelines.parquet_files import column_chunk, field_of, list_parquet_files
 from pipelines.storage import DataError, Storage, list_partitions
 
 # a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
@@ -262,7 +262,7 @@ def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int) -
     key column's min equals its max, no nulls); None when they do not."""
     values = []
     for key in keys:
-        field_type = parquet.schema_arrow.field(key).type
+        field_type = field_of(parquet.schema_arrow, key).type
         if pa.types.is_dictionary(field_type):
             field_type = field_type.value_type
         text = pa.types.is_string(field_type) or pa.types.is_large_string(field_type)

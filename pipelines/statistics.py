@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from dmafn.features import join_entity_statistics, split_entity_statistics
 from dmafn.spec import Spec
+from pipelines.parquet_files import field_of
 from pipelines.shards import Shard, bucket_of
 
 if TYPE_CHECKING:
@@ -108,8 +109,8 @@ def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
             return pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
-    return bool(schemas) and all(plain(schema.field(k).type) for schema in schemas.values() for k in spec.entity
-                                 if schema.get_field_index(k) >= 0)
+    return bool(schemas) and all(plain(field_of(schema, k).type) for schema in schemas.values() for k in spec.entity
+                                 if field_of(schema, k) is not None)
 
 
 _JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text

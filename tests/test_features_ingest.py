@@ -1724,6 +1724,52 @@ def test_a_lake_timed_in_epoch_milliseconds_reads_as_one_timed_in_timestamps(tmp
     assert pruned.quarantined.select("entity", "reason").rows() == [("b", "timed outside its date partition 2024-01-02")]
 
 
+def test_columns_inside_struct_columns_are_read_by_their_dotted_path(tmp_path, tiny_spec, monkeypatch):
+    """JSON landed in Parquet nests its fields: a spec's `payload.temp` reads field `temp` of struct `payload`, and a
+    time at `event.ts` is a time like any (its look-back day pruned by the nested column's statistics); a file
+    holding a top-level column named `payload.temp` (a staged piece, a flattened export) reads alike; a path to no
+    field is named."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import field_of, open_parquet, row_groups_since
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minutes = np.arange(-1440, 0)
+    nested = lambda times, temps: pa.table({                       # noqa: E731
+        "machine_id": ["a"] * len(times),
+        "event": pa.StructArray.from_arrays([pa.array(times, pa.timestamp("us", tz="UTC")),
+                                             pa.array(["sensor"] * len(times))], ["ts", "origin"]),
+        "payload": pa.StructArray.from_arrays([pa.array(temps, pa.float64()), pa.array([1] * len(times))],
+                                              ["temp", "unit_code"])})
+    pq.write_table(nested(day + minutes * 60_000_000, np.arange(1440, dtype=float)),
+                   _dir(tmp_path, "2024-01-01") / "part-0.parquet", row_group_size=100)
+    _write(tmp_path / "date=2024-01-02" / "part-0.parquet", nested([day], [5.0]))
+    _write(tmp_path / "date=2024-01-02" / "part-1.parquet", pa.table({      # flattened: a top-level dotted name
+        "machine_id": ["b"], "event.ts": pa.array([day], pa.timestamp("us", tz="UTC")), "payload.temp": [6.0]}))
+    proc = replace(tiny_spec.modalities["proc"], path=str(tmp_path), columns=("payload.temp",))
+    spec = replace(tiny_spec, time="event.ts", modalities={"proc": proc})
+    parquet = open_parquet(Storage().filesystem(str(tmp_path)), str(tmp_path / "date=2024-01-01" / "part-0.parquet"))
+    assert field_of(parquet.schema_arrow, "payload.temp") == pa.field("payload.temp", pa.float64())
+    assert field_of(parquet.schema_arrow, "payload.pressure") is None and field_of(parquet.schema_arrow, "x.y") is None
+    assert row_groups_since(parquet, "event.ts", day - 2 * 60_000_000) == [14]
+
+    shard = _shard(tmp_path, spec, [dt.date(2024, 1, 2)])
+    pruned = ingest.read_shard(shard, spec, Storage())
+    monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
+    assert pruned.tables["proc"].equals(ingest.read_shard(shard, spec, Storage()).tables["proc"])
+    assert sorted(pruned.tables["proc"].select("machine_id", TIME, "payload.temp").rows()) == [
+        ("a", day - 120_000_000, 1438.0), ("a", day - 60_000_000, 1439.0), ("a", day, 5.0), ("b", day, 6.0)]
+    missing = replace(spec, modalities={"proc": replace(proc, columns=("payload.pressure",))})
+    with pytest.raises(DataError, match="column 'payload.pressure' not found; columns are \\['event', 'machine_id', "
+                                        "'payload'\\]"):
+        check_schema(parquet.schema_arrow, missing, missing.modalities["proc"], "f")
+
+
 def _dir(tmp_path, day):
     folder = tmp_path / f"date={day}"
     folder.mkdir(parents=True, exist_ok=True)
