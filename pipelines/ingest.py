@@ -19,7 +19,7 @@ from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_
 from pipelines.parquet_files import each_row_group, field_of, open_parquet, row_groups_before, row_groups_since
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import times_from_counts, times_from_text
+from pipelines.stored_times import times_from_stored
 
 REASON = "_reason"
 BAD_TEXT = "_bad_text"
@@ -87,15 +87,12 @@ def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Ta
     kind = stored.type.value_type if pa.types.is_dictionary(stored.type) else stored.type
     if pa.types.is_null(kind):
         return table.set_column(i, time, stored.cast(pa.timestamp("us"))), None
-    if pa.types.is_integer(kind) and time_unit:
-        times, unread = times_from_counts(pl.from_arrow(stored), time_unit)
-        why = f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        times, unread = times_from_text(pl.from_arrow(stored), time_unit)
-        why = f"time column '{time}' holds '{{}}', not an ISO 8601 time" + (
-            f" nor a count of {time_unit} since the epoch" if time_unit else "")
-    else:
+    if pa.types.is_timestamp(kind) or (read := times_from_stored(pl.from_arrow(stored), time_unit)) is None:
         return table, None
+    times, unread = read
+    why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
+           if pa.types.is_integer(kind) else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
+           + (f" nor a count of {time_unit} since the epoch" if time_unit else ""))
     reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
     return table.set_column(i, time, times.to_arrow()), reasons.alias(f"{UNREAD}time")
 
@@ -157,9 +154,10 @@ def decoded_audio(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, pl.Series
     stored = table.column(i)
     if not (pa.types.is_binary(stored.type) or pa.types.is_large_binary(stored.type)):
         return table, None
-    clips = [None if b is None else decode_wav(b, m.sample_rate) for b in stored.to_pylist()]
+    data = stored.to_pylist()
+    clips = [None if b is None else decode_wav(b, m.sample_rate) for b in data]
     unread = [None if b is None or clip is not None else f"undecodable audio in column '{m.column}'"
-              for b, clip in zip(stored.to_pylist(), clips)]
+              for b, clip in zip(data, clips)]
     return (table.set_column(i, m.column, pa.array(clips, pa.list_(pa.float32()))),
             pl.Series(f"{UNREAD}audio", unread, pl.String))
 

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 
 from dmafn.spec import Spec
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import times_from_counts, times_from_text
+from pipelines.stored_times import times_from_stored
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,11 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
     unread = []                     # (test, reason) for the stored times that could not be read
     for col in (start, end):
         stored = df.schema[col]
-        if (stored.is_integer() and spec.time_unit) or stored in (pl.String, pl.Categorical):
-            counted = stored.is_integer()   # counts of the spec's time_unit since the epoch, or ISO 8601 text
-            times, bad = (times_from_counts(df.get_column(col), spec.time_unit) if counted
-                          else times_from_text(df.get_column(col), spec.time_unit))
+        if (read := times_from_stored(df.get_column(col), spec.time_unit)) is not None:
+            times, bad = read           # counts of the spec's time_unit since the epoch, or ISO 8601 text
             df = df.with_columns(times, bad.alias(f"_unread_{col}"))
             unread.append((pl.col(f"_unread_{col}").is_not_null(), pl.format(
-                f"{col} {{}} out of range as {spec.time_unit} since the epoch" if counted else
+                f"{col} {{}} out of range as {spec.time_unit} since the epoch" if stored.is_integer() else
                 f"{col} '{{}}' not an ISO 8601 time", pl.col(f"_unread_{col}").str.slice(0, 40))))
         elif not isinstance(stored, (pl.Datetime, pl.Date)):
             raise DataError(f"labels {path}: column '{col}' is {stored}; a timestamp (or date, or ISO 8601 text) is "

@@ -53,8 +53,8 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
         if chunk is None:
             return None
         stats = chunk.statistics
-        if chunk.physical_type not in ("INT64", "INT32") or (raw and chunk.physical_type != "INT64") \
-                or stats is None or not stats.has_min_max:
+        stored_as = ("INT64",) if raw else ("INT64", "INT32")     # a timestamp's raw statistics: INT64 only
+        if chunk.physical_type not in stored_as or stats is None or not stats.has_min_max:
             return None
         low, high = (stats.min_raw, stats.max_raw) if raw else (stats.min, stats.max)   # integers: signedness kept
         bounds.append((micros_of(low, unit), micros_of(high, unit)))

@@ -440,7 +440,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         commit_date(uri, files, date=day, schema=schema, storage_options=options, tables=tables)
     modalities = sorted({m for c in counts for m in c.modality_above})
     unseen = [c.unseen for c in counts if c.unseen is not None]
-    present, usable = _summed([c.modality_present for c in counts]), _summed([c.modality_rows for c in counts])
+    present = summed_counts([c.modality_present for c in counts])
+    usable = summed_counts([c.modality_rows for c in counts])
     without: dict[str, UnseenEntities] = {}
     for c in counts:                     # a date's shards hold disjoint entities
         for m, group in c.without_modality.items():
@@ -456,14 +457,15 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       unseen=functools.reduce(UnseenEntities.add, unseen) if unseen else None,
                       input_rows=sum(c.input_rows for c in counts),
                       input_rows_misplaced=sum(c.input_rows_misplaced for c in counts),
-                      unusable_reasons=largest_first(_summed([c.unusable_reasons for c in counts])),
+                      unusable_reasons=largest_first(summed_counts([c.unusable_reasons for c in counts])),
                       modality_rows=usable,
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
                       without_modality=without)
 
 
-def _summed(parts: list[dict[str, int]]) -> dict[str, int]:
-    """Per key, the sum over the shards' counts (a key with 0 kept: a modality without rows), sorted by key."""
+def summed_counts(parts: list[dict[str, int]]) -> dict[str, int]:
+    """Per key, the sum over the parts' counts - a date's shards', or dates' (a key with 0 kept: a modality without
+    rows), sorted by key."""
     return {k: sum(p.get(k, 0) for p in parts) for k in sorted({k for p in parts for k in p})}
 
 

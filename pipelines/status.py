@@ -25,7 +25,7 @@ from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
-                             named_dates, named_reasons, unlike_validation_line)
+                             named_dates, named_reasons, summed_counts, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -245,10 +245,7 @@ def _unusable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: s
         (unusable / pl.col("input_rows")).alias("_share"))
     if not hit.height:
         return
-    reasons: dict[str, int] = {}
-    for kept in hit[UNUSABLE_REASONS].drop_nulls().to_list():
-        for why, n in json.loads(kept).items():
-            reasons[why] = reasons.get(why, 0) + n
+    reasons = summed_counts([json.loads(kept) for kept in hit[UNUSABLE_REASONS].drop_nulls().to_list()])
     first, last = hit["date"].min(), hit["date"].max()
     why = f" - most: {named_reasons(reasons)}" if reasons else ""
     out.problems.append(f"{hit.height} recent date(s) had over {UNUSABLE_SHARE:.0%} of their input rows unusable "

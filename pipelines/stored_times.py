@@ -34,6 +34,17 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
     return converted.get_column("times").alias(counts.name), converted.get_column("unread")
 
 
+def times_from_stored(values: pl.Series, unit: str | None) -> tuple[pl.Series, pl.Series] | None:
+    """Times stored otherwise than as timestamps, read: integers as counts of `unit` (`times_from_counts`; only
+    with a unit), text as ISO 8601 (`times_from_text`); the times and the stored values not read (see those). None
+    for any other storage (timestamps and dates need no reading; the rest is no time)."""
+    if values.dtype.is_integer():
+        return None if unit is None else times_from_counts(values, unit)
+    if values.dtype in (pl.String, pl.Categorical):
+        return times_from_text(values, unit)
+    return None
+
+
 def times_from_text(texts: pl.Series, unit: str | None = None) -> tuple[pl.Series, pl.Series]:
     """Times stored as text as naive (UTC) timestamps in microseconds: ISO 8601 - `2024-01-05T10:00:00Z`,
     `2024-01-05 10:00:00.250`, `2024-01-05T11:00+01:00` (an offset converted, none read as UTC), a date alone its
