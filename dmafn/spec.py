@@ -83,6 +83,8 @@ class ModalitySpec:
     context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
     encoding_distance: float = 0.0      # weight of the encoding's distance from the training encodings in the
                                         # modality's error (0: off; `dmafn.density.EncodingDensity`)
+    time_column: str | None = None      # the time column's name in this table when not the spec's `time`
+    entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -248,6 +250,21 @@ class Spec:
         """The resolved spec as plain data (saved with every model version)."""
         return spec_to_dict(self)
 
+    def time_in(self, m: ModalitySpec) -> str:
+        """The name of the time column in modality `m`'s files (its own `time`, else the spec's)."""
+        return m.time_column or self.time
+
+    def entity_in(self, m: ModalitySpec) -> tuple[str, ...]:
+        """The names of the entity columns in modality `m`'s files (its own `entity`, else the spec's), in the
+        order of the spec's."""
+        return m.entity_columns or self.entity
+
+    def names_read(self, m: ModalitySpec) -> dict[str, str]:
+        """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
+        files name their time and entity as the spec does)."""
+        pairs = zip((*self.entity_in(m), self.time_in(m)), (*self.entity, self.time))
+        return {stored: name for stored, name in pairs if stored != name}
+
 
 # ---------------------------------------------------------------- parsing helpers
 class _Section:
@@ -333,7 +350,7 @@ class _Section:
                                 f"(allowed here: {', '.join(sorted(allowed))})")
 
 
-_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance"}
+_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity"}
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
     "timeseries": {"columns", "period", "window", "encoder", "transform", "context"},
@@ -347,7 +364,31 @@ ENCODING_DISTANCE_MAX = 4.0     # the largest weight `encoding_distance` takes (
 def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     m = _parse_modality_kind(name, sec, grain_us)
     distance = sec.number("encoding_distance", 0.0, float, 0.0, ENCODING_DISTANCE_MAX)
-    return replace(m, encoding_distance=distance) if distance else m
+    time = sec.get("time")
+    if time is not None and not (isinstance(time, str) and time):
+        raise sec.err("time", f"{time!r} must be a column name")
+    entity = sec.string_list("entity") if sec.get("entity") is not None else None
+    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity)
+
+
+def _check_names_read(spec: Spec, sec: _Section) -> None:
+    """A modality's own `time` / `entity` (the names its files use) name as many entity columns as the spec's, all
+    different, and none of its value columns is a name they are read as (two columns would then have one name)."""
+    for m in spec.modalities.values():
+        if m.context_of:
+            continue
+        if m.entity_columns is not None and len(m.entity_columns) != len(spec.entity):
+            raise sec.err(f"{m.name}.entity", f"names {len(m.entity_columns)} column(s) for the spec's entity "
+                          f"{list(spec.entity)}: one for each, in that order")
+        stored = [*spec.entity_in(m), spec.time_in(m)]
+        if len(set(stored)) < len(stored):
+            raise sec.err(f"{m.name}.time" if m.time_column else f"{m.name}.entity",
+                          f"{stored} name one column twice")
+        for col in m.value_columns:
+            if col in spec.names_read(m).values():
+                raise sec.err(m.name, f"value column '{col}' is a name the modality's "
+                              f"{'time' if col == spec.time else 'entity'} column is read as; name it otherwise "
+                              "(or the spec's time and entity)")
 
 
 def _parse_modality_kind(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
@@ -414,7 +455,8 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
     if window <= parent.lookback_us:
         raise ctx.err("window", f"must be longer than the modality's own reach ({format_duration(parent.lookback_us)})")
     return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
-                        period_us=period, window_us=window, context_of=parent.name)
+                        period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
+                        entity_columns=parent.entity_columns)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -551,6 +593,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
             raise mods_sec.err(f"{m.name}.encoding_distance", "needs each modality encoded on its own (fusion "
                                "attention, gated or late) and a detector that reconstructs (not 'classifier'); "
                                f"the spec has fusion '{spec.model.fusion}', detector '{spec.model.detector}'")
+    _check_names_read(spec, mods_sec)
     _check_places(spec)
     return spec
 
@@ -635,8 +678,9 @@ def load_spec(path: str | Path) -> Spec:
 
 def reading_differences(trained: Spec, current: Spec) -> list[str]:
     """What `current` says about reading, modelling or thresholding the data that differs from `trained` (a model
-    version's spec), one line each: the entity, time and grain, a modality's settings (its path aside - data may
-    move; its columns as a set - they are read by name), a modality only `current` defines, the `model` section,
+    version's spec), one line each: the entity, time and grain, a modality's settings (its path and the names its
+    files give the time and entity aside - data may move and be renamed; its columns as a set - they are read by
+    name), a modality only `current` defines, the `model` section,
     `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and scores
     as it was trained, so each is an edit that takes effect with a new version."""
     was, now = spec_to_dict(trained), spec_to_dict(current)
@@ -647,7 +691,7 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         if old is None:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
-        for key in sorted((set(entry) | set(old)) - {"path"}):
+        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
                 continue
@@ -703,6 +747,10 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["transform"] = m.transform
         if m.encoding_distance:
             entry["encoding_distance"] = m.encoding_distance
+        if m.time_column:
+            entry["time"] = m.time_column
+        if m.entity_columns:
+            entry["entity"] = list(m.entity_columns)
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

@@ -62,7 +62,11 @@ _MODALITY = {
 
 def spec_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a spec file."""
-    base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}, "encoding_distance": _ENCODING_DISTANCE}
+    base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}, "encoding_distance": _ENCODING_DISTANCE,
+            "time": {"type": "string", "minLength": 1, "description": "the time column's name in this modality's "
+                     "files, where it is not the spec's time (read as the spec's)"},
+            "entity": {**_COLUMNS, "description": "the entity columns' names in this modality's files, one for each "
+                       "of the spec's entity in its order, where they are not the spec's (read as the spec's)"}}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}

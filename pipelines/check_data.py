@@ -168,11 +168,12 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
         elif not m.context_of:
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
-        wanted = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
+        time = spec.time_in(m)                                  # as the modality's files name it
+        wanted = list(dict.fromkeys([*spec.entity_in(m), time, *m.value_columns]))
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            footers = pool.map(lambda path: file_footer(filesystem, path, spec.time, spec.time_unit), paths)
+            footers = pool.map(lambda path: file_footer(filesystem, path, time, spec.time_unit), paths)
             for path, footer in zip(paths, footers):
                 try:
                     if isinstance(footer, DataError):
@@ -184,7 +185,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     continue
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
-                if pa.types.is_integer(field_of(schema, spec.time).type):
+                if pa.types.is_integer(field_of(schema, time).type):
                     data.integer_times = spec.time_unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:

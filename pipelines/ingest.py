@@ -106,7 +106,8 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
     """Raise DataError naming the table and column when the contract does not hold. A value column may be
     dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
     the file: its rows are quarantined as unusable, see `plain_values`)."""
-    check_columns(schema, m.name, [*spec.entity, spec.time, *m.value_columns], spec.time, where, spec.time_unit)
+    time = spec.time_in(m)
+    check_columns(schema, m.name, [*spec.entity_in(m), time, *m.value_columns], time, where, spec.time_unit)
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
         stored = field_of(schema, col).type
@@ -168,16 +169,16 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
-    """`df` with `_reason` added (see `check_rows`); a true `_bad_text` column (from `valid_text`) marks text that
-    was not valid UTF-8, each `_unread_*` one (from `read_times`, `decoded_audio`) gives the reason a stored value
-    could not be read; they are dropped."""
+    """`df` (`m`'s columns as its files name them) with `_reason` added (see `check_rows`); a true `_bad_text`
+    column (from `valid_text`) marks text that was not valid UTF-8, each `_unread_*` one (from `read_times`,
+    `decoded_audio`) gives the reason a stored value could not be read; they are dropped."""
     bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
     df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT))
     unread = [c for c in df.columns if c.startswith(UNREAD)]
-    conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity]
+    conditions = [(pl.col(k).is_null(), f"null entity column '{k}'") for k in spec.entity_in(m)]
     conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
     conditions += [(pl.col(c).is_not_null(), pl.col(c)) for c in unread]
-    conditions.append((pl.col(spec.time).is_null(), f"null time column '{spec.time}'"))
+    conditions.append((pl.col(spec.time_in(m)).is_null(), f"null time column '{spec.time_in(m)}'"))
     for col in m.value_columns:
         bad = pl.col(col).is_null()
         if m.kind in ("tabular", "timeseries"):
@@ -356,7 +357,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     tables, quarantined, present, decoded, rows_read, usable_rows = {}, [], [], {}, {}, {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
-        columns = list(dict.fromkeys([*spec.entity, spec.time, *m.value_columns]))
+        time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
+        columns = list(dict.fromkeys([*keys, time, *m.value_columns]))
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
@@ -366,17 +368,17 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                by_time = (None if own_date else row_groups_before(parquet, spec.time, end, spec.time_unit) if ahead
-                           else row_groups_since(parquet, spec.time, first - m.lookback_us, spec.time_unit))
-                groups = both(by_time, row_groups_in_bucket(parquet, list(spec.entity), shard.bucket, shard.buckets))
+                by_time = (None if own_date else row_groups_before(parquet, time, end, spec.time_unit) if ahead
+                           else row_groups_since(parquet, time, first - m.lookback_us, spec.time_unit))
+                groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, unread_time = read_times(part, spec.time, spec.time_unit)
+                    table, unread_time = read_times(part, time, spec.time_unit)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]
                     rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text), *unread),
-                                        spec, m)
+                                        spec, m).rename(names)          # the time and entity as the spec names them
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept

@@ -66,8 +66,9 @@ class Columns:
 
     @classmethod
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
-        values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*spec.entity, spec.time))
-        return cls(m.name, tuple(spec.entity), spec.time, values, spec.time_unit)
+        keys, time = spec.entity_in(m), spec.time_in(m)                 # as the modality's files name them
+        values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*keys, time))
+        return cls(m.name, keys, time, values, spec.time_unit)
 
     @property
     def key_and_time(self) -> list[str]:

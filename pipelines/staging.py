@@ -79,11 +79,11 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     parquet = open_parquet(storage.filesystem(path), file.path)
     for m in readers:
         check_schema(parquet.schema_arrow, spec, m, file.path)
-    keys = list(spec.entity)
+    keys = list(spec.entity_in(spec.modalities[file.modality]))     # as the file names them; the pieces alike
     single = [row_group_entity(parquet, keys, r) is not None for r in range(parquet.metadata.num_row_groups)]
     if all(single):
         return SplitFile(file, buckets, None)
-    columns = list(dict.fromkeys([*keys, spec.time, *(c for m in readers for c in m.value_columns)]))
+    columns = list(dict.fromkeys(c for m in readers for c in (*spec.entity_in(m), spec.time_in(m), *m.value_columns)))
     staging_fs = storage.filesystem(spec.score.staging_path)
     pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}

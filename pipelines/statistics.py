@@ -109,8 +109,8 @@ def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
             return pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
-    return bool(schemas) and all(plain(field_of(schema, k).type) for schema in schemas.values() for k in spec.entity
-                                 if field_of(schema, k) is not None)
+    return bool(schemas) and all(plain(field_of(schema, k).type) for name, schema in schemas.items()
+                                 for k in spec.entity_in(spec.modalities[name]) if field_of(schema, k) is not None)
 
 
 _JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text

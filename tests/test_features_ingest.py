@@ -2297,3 +2297,93 @@ def test_entity_places_and_left_out_counts_of_a_fleet_part_fitted_before():
     first = with_left_out(fleet, {})                                         # a first fit: nothing left out yet
     assert not {"left_out", "cross_left_out"} & set(first["relations"]["ctx"])
     assert with_left_out({"modalities": {}}, {("relations_", "ctx"): 1}) == {"modalities": {}}
+
+
+def test_a_modality_whose_files_name_the_time_and_entity_otherwise_reads_as_if_they_were_the_specs(tmp_path):
+    """A table landed by another team names its time and entity columns its own way (`event_time`, `asset`): with
+    the modality's `time` and `entity` it reads as a twin lake written with the spec's names does - its rows, look-back
+    day, quarantine (the reasons naming its own columns), entity buckets, split pieces, schema checks, profile and
+    check-data alike; a missing renamed column is named as the file names it."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.profile import profile
+    from pipelines.staging import split_file, with_pieces
+    from pipelines.statistics import keys_sliceable
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    day, n = 1_704_153_600_000_000, 120                           # 2024-01-02 00:00 UTC
+    machines = [f"pump-{i % 6}" for i in range(n)]                # every row group mixes machines
+    machines[7] = None
+    ts = [day + i * 20_000_000 for i in range(n)]
+    temp = np.linspace(0, 1, n)
+    temp[11] = np.nan
+    msgs = [f"line {i}" for i in range(n)]
+
+    def lake(root, time, entity) -> dict:
+        for date, shift in (("2024-01-01", n * 20_000_000), ("2024-01-02", 0)):   # the day before: its last 40 min
+            times = pa.array([None if i == 13 and not shift else t - shift for i, t in enumerate(ts)],
+                             pa.timestamp("us", tz="UTC"))
+            for table, rows in (("proc", {"temp": temp}), ("logs", {"msg": msgs})):
+                (root / table / f"date={date}").mkdir(parents=True)
+                pq.write_table(pa.table({entity: machines, time: times, **rows}),
+                               root / table / f"date={date}" / "part-0.parquet", row_group_size=25)
+        data = tiny_spec_dict()
+        data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(root / "proc"),
+                                       "context": {"window": "1h"}},
+                              "logs": {**data["modalities"]["logs"], "path": str(root / "logs")}}
+        data["score"] = {"output": str(root / "scores")}
+        data["train"] = {"start": "2024-01-01", "end": "2024-01-02"}
+        return data
+
+    plain = parse_spec(lake(tmp_path / "plain", "ts", "machine_id"))
+    data = lake(tmp_path / "own", "event_time", "asset")
+    data["modalities"]["proc"].update(time="event_time", entity="asset")
+    data["modalities"]["logs"].update(time="event_time", entity=["asset"])
+    own = parse_spec(data)
+    date = dt.date(2024, 1, 2)
+    for spec in (plain, own):
+        assert len(_shards(spec, [date])) == 1
+    got, want = (read_shard(_shard(tmp_path, spec, [date]), spec, Storage()) for spec in (own, plain))
+    assert set(got.tables) == set(want.tables) == {"proc", "proc_context", "logs"}
+    for name in want.tables:
+        assert got.tables[name].columns == want.tables[name].columns
+        assert got.tables[name].sort("machine_id", "_t").equals(want.tables[name].sort("machine_id", "_t")), name
+    assert got.tables["proc"]["_t"].min() < day                   # the look-back day's rows, pruned by event_time
+    assert got.present.sort(pl.all()).equals(want.present.sort(pl.all()))
+    renamed = lambda frame: frame.with_columns(pl.col("reason").str.replace("'asset'", "'machine_id'")  # noqa: E731
+                                               .str.replace("'event_time'", "'ts'"))
+    assert renamed(got.quarantined).sort(pl.all()).equals(want.quarantined.sort(pl.all()))
+    assert sorted(set(got.quarantined["reason"])) == [
+        "null entity column 'asset'", "null time column 'event_time'", "unusable value in column 'temp'"]
+
+    # entity buckets, and the split pieces of files that mix machines: every bucket reads what the twin's does
+    size = sum(f.stat().st_size for f in (tmp_path / "own").rglob("*.parquet"))
+    shards = {name: _shards(spec, [date], shard_bytes=size // 6) for name, spec in (("own", own), ("plain", plain))}
+    assert len(shards["own"]) == len(shards["plain"]) > 1
+    files = sorted({f for s in shards["own"] for f in s.files if f.date == date}, key=lambda f: (f.modality, f.path))
+    splits = [split_file(f, own, Storage(), shards["own"][0].buckets, str(tmp_path / "stage" / str(i)))
+              for i, f in enumerate(files)]
+    assert all(s.pieces for s in splits)
+    assert {"asset", "event_time"} <= set(pq.ParquetFile(splits[0].pieces[0][0].path).schema_arrow.names)
+    for mine, twin in zip(shards["own"], shards["plain"]):
+        got, want = read_shard(with_pieces(mine, splits), own, Storage()), read_shard(twin, plain, Storage())
+        for name in want.tables:
+            assert got.tables[name].sort("machine_id", "_t").equals(want.tables[name].sort("machine_id", "_t"))
+        assert renamed(got.quarantined).sort(pl.all()).equals(want.quarantined.sort(pl.all()))
+
+    assert keys_sliceable(own, {"proc": pq.read_schema(files[-1].path)})
+    assert profile(own, dt.date(2024, 1, 1), date, use_ray=False).equals(
+        profile(plain, dt.date(2024, 1, 1), date, use_ray=False))
+    assert [d.problems for d in check_data(own)] == [[], [], []]
+    bad = tmp_path / "own" / "logs" / "date=2024-01-02" / "part-1.parquet"
+    pq.write_table(pa.table({"machine_id": ["a"], "event_time": pa.array([day], pa.timestamp("us")), "msg": ["x"]}),
+                   bad)
+    with pytest.raises(DataError, match=r"part-1\.parquet\): column 'asset' not found"):
+        read_shard(_shard(tmp_path, own, [date]), own, Storage())
+    assert "column 'asset' not found" in " ".join(p for d in check_data(own) for p in d.problems)

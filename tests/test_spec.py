@@ -213,6 +213,34 @@ def test_time_unit_is_parsed_checked_and_round_trips():
         parse_spec({**data, "time_unit": "minutes"}, source="s.yaml")
 
 
+def test_a_modalitys_own_time_and_entity_names_are_parsed_checked_and_round_trip():
+    """A modality's `time` / `entity`: the names its files give the spec's time and entity columns (read as the
+    spec's); absent unless set; a context view reads its parent's files, so their names."""
+    data = tiny_spec_dict(entity=["site", "machine_id"])
+    spec = parse_spec(data)
+    assert spec.names_read(spec.modalities["logs"]) == {} and "time" not in spec.to_dict()["modalities"]["logs"]
+    data["modalities"]["logs"].update(time="@timestamp", entity=["plant", "machine_id"])
+    data["modalities"]["proc"].update(time="event_time", context={"window": "30min"})
+    spec = parse_spec(data, source="s.yaml")
+    logs, view = spec.modalities["logs"], spec.modalities["proc_context"]
+    assert (spec.time_in(logs), spec.entity_in(logs)) == ("@timestamp", ("plant", "machine_id"))
+    assert spec.names_read(logs) == {"plant": "site", "@timestamp": "ts"}
+    assert (spec.time_in(view), spec.entity_in(view)) == ("event_time", ("site", "machine_id"))
+    assert spec.entity_in(spec.modalities["vib"]) == ("site", "machine_id") and spec.time_in(spec.modalities["vib"]) == "ts"
+    assert parse_spec(spec.to_dict()).modalities == spec.modalities
+    assert spec.to_dict()["modalities"]["logs"]["entity"] == ["plant", "machine_id"]
+    for patch, message in (({"entity": "plant"}, r"'modalities.logs.entity': names 1 column\(s\) for the spec's "
+                                                 r"entity \['site', 'machine_id'\]: one for each, in that order"),
+                           ({"entity": ["plant", "@timestamp"]}, r"'modalities.logs.time': \['plant', '@timestamp', "
+                                                                 r"'@timestamp'\] name one column twice"),
+                           ({"time": 5}, r"'modalities.logs.time': 5 must be a column name"),
+                           ({"column": "ts"}, r"'modalities.logs': value column 'ts' is a name the modality's time "
+                                              "column is read as")):
+        with pytest.raises(SpecError, match=message):
+            parse_spec({**data, "modalities": {**data["modalities"], "logs": {**data["modalities"]["logs"], **patch}}},
+                       source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -305,8 +333,8 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
-                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, kind, "
-                     "path, tolerance)",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
+                     "entity, kind, path, time, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
@@ -520,6 +548,7 @@ def test_reading_differences_name_each_edit_a_model_version_would_not_see():
     trained = parse_spec(tiny_spec_dict(), source="trained")
     data = tiny_spec_dict()
     data["modalities"]["proc"].update(path="s3://moved/proc", columns=["temp"])     # moved: no difference
+    data["modalities"]["logs"].update(time="@timestamp", entity="machine")         # renamed: none either
     assert reading_differences(trained, parse_spec(data, source="s.yaml")) == []
     data["modalities"]["vib"].update(window="2min", columns=["a", "b"])
     data["modalities"]["proc"]["context"] = {"window": "1h"}
