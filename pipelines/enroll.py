@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import entity_places
 from dmafn.spec import Spec
-from pipelines.ingest import require_columns
+from pipelines.ingest import require_columns, entity_casts
 from pipelines.registry import Registry
 from pipelines.score import reading_spec
 from pipelines.shards import list_inputs, plan_shards, require_data
@@ -71,7 +71,7 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
     files = list_inputs(rspec, days, storage)
     require_data(rspec, files, days)
     schemas = require_columns(rspec, storage, files)
-    shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers)
+    shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers, key_casts=entity_casts(rspec, schemas))
     staging = Staging(rspec, storage, shards, days, uuid.uuid4().hex[:12])
     try:
         shards = staging.resolve(shards)

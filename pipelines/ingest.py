@@ -377,8 +377,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]
-                    rows = with_reasons(pl.from_arrow(table).with_columns(pl.Series(BAD_TEXT, bad_text), *unread),
-                                        spec, m).rename(names)          # the time and entity as the spec names them
+                    rows = same_keys(with_reasons(pl.from_arrow(table).with_columns(
+                        pl.Series(BAD_TEXT, bad_text), *unread), spec, m).rename(names), spec, shard.key_casts)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept
@@ -423,6 +423,39 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
         decoded=decoded, rows_read=rows_read, usable_rows=usable_rows)
+
+
+def same_keys(rows: pl.DataFrame, spec: Spec, key_casts: tuple[tuple[str, str], ...] = ()) -> pl.DataFrame:
+    """`rows` (the time and entity named as the spec names them) with entity keys every table stores alike: a
+    dictionary-encoded key (pandas' and Polars' categorical) as its strings, and each key of `key_casts` (see
+    `entity_casts`) as text or as a 64-bit integer."""
+    casts = {k: pl.String for k in spec.entity if rows.schema[k] in (pl.Categorical, pl.Enum)}
+    casts.update((k, pl.String if kind == "text" else pl.Int64) for k, kind in key_casts)
+    return rows.with_columns(pl.col(k).cast(t) for k, t in casts.items() if rows.schema[k] != t)
+
+
+def _key_kind(t: pa.DataType) -> str:
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return "text" if pa.types.is_string(t) or pa.types.is_large_string(t) else \
+        "integer" if pa.types.is_integer(t) else str(t)
+
+
+def entity_casts(spec: Spec, schemas: dict[str, pa.Schema]) -> tuple[tuple[str, str], ...]:
+    """How to read the spec's entity keys that the modalities' files (`schemas`: one per modality,
+    `require_columns`) store differently, so that every table's meet on the ticks (`Shard.key_casts`): a key stored
+    as integers in one table and as text (or another type) in another is read as `text` in each - machine 17 and
+    machine '17' are one machine, as they are to the model, whose per-entity statistics are keyed by the key's
+    text -, one stored as integers of different widths as `integer` (64-bit). Keys stored alike, or as strings
+    plain, large or dictionary-encoded (read as strings), are not listed."""
+    casts = []
+    for i, key in enumerate(spec.entity):
+        types = {field_of(schema, spec.entity_in(spec.modalities[name])[i]).type for name, schema in schemas.items()}
+        kinds = {_key_kind(t) for t in types}
+        if len(kinds) > 1:
+            casts.append((key, "text"))
+        elif kinds == {"integer"} and len(types) > 1:
+            casts.append((key, "integer"))
+    return tuple(casts)
 
 
 def require_columns(spec: Spec, storage: Storage, files) -> dict[str, pa.Schema]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, ThresholdSpec
-from pipelines.ingest import require_columns
+from pipelines.ingest import require_columns, entity_casts
 from pipelines.registry import Registry
 from pipelines.score import reading_spec
 from pipelines.shards import list_inputs, plan_shards, require_data, require_each_modality
@@ -84,7 +84,7 @@ def recalibrate(spec: Spec, *, version: str | None = None, start: dt.date | None
         raise
     require_each_modality(rspec, files, days, "calibration")
     schemas = require_columns(rspec, storage, files)
-    shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers)
+    shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers, key_casts=entity_casts(rspec, schemas))
     staging = Staging(rspec, storage, shards, days, uuid.uuid4().hex[:12])
     try:
         shards = staging.resolve(shards)

@@ -23,7 +23,7 @@ from dmafn.spec import Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   write_partition)
-from pipelines.ingest import require_columns
+from pipelines.ingest import require_columns, entity_casts
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -270,7 +270,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     schemas = require_columns(model_spec, storage, files)
     parallel = parallel or max(1, int(Resources.current().cpus))
     shards = plan_shards(model_spec, dates, files, shard_bytes=shard_bytes, days_per_shard=days_per_shard,
-                         min_shards=2 * parallel)
+                         min_shards=2 * parallel, key_casts=entity_casts(model_spec, schemas))
     log.info("%d date(s) in %d shard(s) (%d entity bucket(s)), %d at once", len(dates), len(shards),
              shards[0].buckets if shards else 0, parallel)
     # the version without its statistics once; the statistics once per entity bucket, its entities' parts only

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 import pyarrow as pa
@@ -53,6 +53,7 @@ class Shard:
     files: tuple[InputFile, ...]
     lookback_days: int = 1
     lookahead_days: int = 0
+    key_casts: tuple[tuple[str, str], ...] = ()   # entity keys the tables store differently: (key, 'text'|'integer')
 
     @property
     def name(self) -> str:
@@ -63,9 +64,8 @@ class Shard:
         """The same shard one date at a time (each with its own look-back files)."""
         if len(self.dates) == 1:
             return [self]
-        return [Shard((d,), self.bucket, self.buckets,
-                      tuple(f for f in self.files if f.date in _reads((d,), self.lookback_days, self.lookahead_days)),
-                      self.lookback_days, self.lookahead_days)
+        return [replace(self, dates=(d,), files=tuple(
+                    f for f in self.files if f.date in _reads((d,), self.lookback_days, self.lookahead_days)))
                 for d in self.dates]
 
 
@@ -198,12 +198,13 @@ def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:
 
 
 def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, shard_bytes: int = SHARD_BYTES,
-                days_per_shard: int = DAYS_PER_SHARD, min_shards: int = 1) -> list[Shard]:
+                days_per_shard: int = DAYS_PER_SHARD, min_shards: int = 1,
+                key_casts: tuple[tuple[str, str], ...] = ()) -> list[Shard]:
     """Shards covering `dates`: the entity buckets are as many as the largest date needs to fit `shard_bytes`
     (every bucket of a date reads the date's files and keeps its entities' rows), and consecutive dates share
     a shard while their bytes per bucket stay under `shard_bytes` (at most `days_per_shard` dates, fewer when
     that would give less than `min_shards` shards: a cluster's slots all get work, and the last shard to
-    finish is short)."""
+    finish is short). `key_casts`: how every shard reads the entity keys the tables store differently (`ingest.entity_casts`)."""
     dates = sorted(set(dates))
     if not dates:
         return []
@@ -224,7 +225,7 @@ def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, sha
     for group in groups:
         reads = _reads(tuple(group), spec.lookback_days, spec.lookahead_days)
         mine = tuple(f for f in files if f.date in reads)
-        shards += [Shard(tuple(group), b, buckets, mine, spec.lookback_days, spec.lookahead_days)
+        shards += [Shard(tuple(group), b, buckets, mine, spec.lookback_days, spec.lookahead_days, key_casts)
                    for b in range(buckets)]
     return shards
 

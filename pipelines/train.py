@@ -41,7 +41,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import read_shard, require_columns
+from pipelines.ingest import read_shard, require_columns, entity_casts
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -540,8 +540,9 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
     schemas = require_columns(spec, storage, files)
     # enough shards to keep a cluster busy, from the spec (not the cluster): the same spec plans the same shards
     slots = 4 * spec.train.workers
-    train_shards = plan_shards(spec, train_days, files, min_shards=slots)
-    val_shards = plan_shards(spec, val_days, files, min_shards=slots)
+    key_casts = entity_casts(spec, schemas)
+    train_shards = plan_shards(spec, train_days, files, min_shards=slots, key_casts=key_casts)
+    val_shards = plan_shards(spec, val_days, files, min_shards=slots, key_casts=key_casts)
     staging = Staging(spec, storage, train_shards + val_shards, [*train_days, *val_days], uuid.uuid4().hex[:12])
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)

@@ -790,11 +790,12 @@ def test_plan_shards_groups_dates_and_splits_big_ones_into_entity_buckets(tiny_s
     assert [s.dates for s in plan] == [tuple(days[0:3]), tuple(days[3:6]), tuple(days[6:7])]
     assert [f.path for f in plan[0].files] == ["/x/2024-01-02", "/x/2024-01-03", "/x/2024-01-04", "/x/lookback"]
     # 50 bytes at most 25 per shard: two entity buckets for every date; dates share a shard up to 25 per bucket
-    plan = plan_shards(spec, days, files, shard_bytes=25, days_per_shard=7)
+    plan = plan_shards(spec, days, files, shard_bytes=25, days_per_shard=7, key_casts=(("machine_id", "text"),))
     assert {s.buckets for s in plan} == {2} and [s.bucket for s in plan[:2]] == [0, 1]
     assert [s.dates for s in plan if s.bucket == 0] == [tuple(days[0:3]), (days[3],), tuple(days[4:7])]
-    alone = plan[0].alone()
+    alone = plan[1].alone()
     assert [s.dates for s in alone] == [(d,) for d in days[0:3]]
+    assert {(s.bucket, s.buckets, s.key_casts) for s in alone} == {(1, 2, (("machine_id", "text"),))}
     assert [f.path for f in alone[1].files] == ["/x/2024-01-02", "/x/2024-01-03"]     # its look-back day too
     assert plan_shards(spec, [], files) == []
     # at least 4 shards for 7 dates and one bucket: 2 dates a shard, not 7
@@ -2387,3 +2388,47 @@ def test_a_modality_whose_files_name_the_time_and_entity_otherwise_reads_as_if_t
     with pytest.raises(DataError, match=r"part-1\.parquet\): column 'asset' not found"):
         read_shard(_shard(tmp_path, own, [date]), own, Storage())
     assert "column 'asset' not found" in " ".join(p for d in check_data(own) for p in d.problems)
+
+
+@pytest.mark.parametrize("proc_keys,log_keys", [("int64", "string"), ("dictionary", "string"),
+                                                ("dictionary", "int64"), ("int32", "int64"), ("large", "string")])
+def test_entity_keys_stored_differently_by_two_tables_meet_as_one_entity(tmp_path, proc_keys, log_keys):
+    """Two teams' tables key one machine differently - 17 in one, '17' in the other; a pandas categorical in one, a
+    plain string in the other: the machine's rows meet on its ticks (integers against text read as text, as the
+    model's per-entity statistics key them; a categorical as its strings; integers of two widths as they are)."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.align import data_ticks
+    from pipelines.ingest import entity_casts, read_shard, require_columns
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    stored = {"int64": pa.array([17, 4, 17], pa.int64()), "int32": pa.array([17, 4, 17], pa.int32()),
+              "string": pa.array(["17", "4", "17"]), "large": pa.array(["17", "4", "17"], pa.large_string()),
+              "dictionary": pa.array(["17", "4", "17"]).dictionary_encode()}
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day + i * M for i in range(3)], pa.timestamp("us", tz="UTC"))
+    for table, keys, rows in (("proc", proc_keys, {"temp": [1.0, 2.0, 3.0]}), ("logs", log_keys, {"msg": ["a"] * 3})):
+        (tmp_path / table / "date=2024-01-02").mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": stored[keys], "ts": ts, **rows}),
+                       tmp_path / table / "date=2024-01-02" / "part-0.parquet")
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")},
+                          "logs": {**data["modalities"]["logs"], "path": str(tmp_path / "logs")}}
+    spec, date = parse_spec(data), dt.date(2024, 1, 2)
+    files = list_inputs(spec, [date], Storage())
+    casts = entity_casts(spec, require_columns(spec, Storage(), files))
+    integers = {proc_keys, log_keys} & {"int64", "int32"}
+    assert casts == ((("machine_id", "text"),) if integers and {proc_keys, log_keys} - integers else
+                     (("machine_id", "integer"),) if len(integers) == 2 else ())
+    (shard,) = plan_shards(spec, [date], files, key_casts=casts)
+    got = read_shard(shard, spec, Storage())
+    aligned = align(data_ticks(got.tables, got.present, spec, [date]), got.tables, spec)
+    assert aligned.schema["machine_id"] == (pl.String if not integers or casts[0][1] == "text" else pl.Int64)
+    seventeen = aligned.filter(pl.col("machine_id").cast(pl.String) == "17")
+    assert seventeen.height == 5 and seventeen["proc__present"].sum() == 5 and seventeen["logs__present"].sum() == 4
+    assert aligned["machine_id"].cast(pl.String).unique().sort().to_list() == ["17", "4"]
