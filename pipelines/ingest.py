@@ -22,6 +22,7 @@ from pipelines.storage import DataError, Storage
 from pipelines.stored_times import times_from_stored
 
 REASON = "_reason"
+PARTLY = "_partly"      # why a row was kept for some of its values only (`with_reasons`)
 BAD_TEXT = "_bad_text"
 UNREAD = "_unread_"     # + what: the reason a stored value (the time, an audio clip) could not be read, per row
 # what a frame's bytes start with, per format Pillow decodes: PNG, JPEG, TIFF (both byte orders), BMP, GIF, WebP
@@ -168,10 +169,29 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
     return with_reasons(pl.from_arrow(table), spec, m).to_arrow()
 
 
+def _bad_value(m: ModalitySpec, col: str) -> pl.Expr:
+    """True where `col`'s value cannot be used: null, a number that is not finite, bytes that are no image, an
+    empty clip or one with a missing or non-finite sample."""
+    bad = pl.col(col).is_null()
+    if m.kind in ("tabular", "timeseries"):
+        bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
+    elif m.kind == "image":
+        bad = bad | ~pl.any_horizontal(pl.col(col).bin.starts_with(magic) for magic in IMAGE_MAGIC)
+    elif m.kind == "audio":
+        bad = bad | (pl.col(col).list.len() == 0) | pl.col(col).list.eval(
+            ~pl.element().cast(pl.Float64).is_finite().fill_null(False)).list.any()
+    return bad.fill_null(True)
+
+
+PARTLY_USED = "the row's other columns used"     # a reason's end where a row was kept for its other values
+
+
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` (`m`'s columns as its files name them) with `_reason` added (see `check_rows`); a true `_bad_text`
     column (from `valid_text`) marks text that was not valid UTF-8, each `_unread_*` one (from `read_times`,
-    `decoded_audio`) gives the reason a stored value could not be read; they are dropped."""
+    `decoded_audio`) gives the reason a stored value could not be read; they are dropped. A row of numbers
+    (tabular, time series) with an unusable value in some of its columns but not all is usable for the others:
+    no `_reason`, the unusable values null, and `_partly` (present for those kinds) names the first such column."""
     bad_text = pl.col(BAD_TEXT) if BAD_TEXT in df.columns else pl.lit(False)
     df = df.with_columns(bad_text.fill_null(False).alias(BAD_TEXT))
     unread = [c for c in df.columns if c.startswith(UNREAD)]
@@ -179,21 +199,25 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     conditions.append((pl.col(BAD_TEXT), f"invalid UTF-8 in column '{m.column}'"))
     conditions += [(pl.col(c).is_not_null(), pl.col(c)) for c in unread]
     conditions.append((pl.col(spec.time_in(m)).is_null(), f"null time column '{spec.time_in(m)}'"))
-    for col in m.value_columns:
-        bad = pl.col(col).is_null()
-        if m.kind in ("tabular", "timeseries"):
-            bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
-        elif m.kind == "image":
-            bad = bad | ~pl.any_horizontal(pl.col(col).bin.starts_with(magic) for magic in IMAGE_MAGIC)
-        elif m.kind == "audio":                       # an empty clip, or one with a missing or non-finite sample
-            bad = bad | (pl.col(col).list.len() == 0) | pl.col(col).list.eval(
-                ~pl.element().cast(pl.Float64).is_finite().fill_null(False)).list.any()
-        conditions.append((bad, f"unusable value in column '{col}'"))
+    columns = list(dict.fromkeys(m.value_columns))
+    partial = m.kind in ("tabular", "timeseries") and len(columns) > 1
+    bad = {col: _bad_value(m, col) for col in columns}
+    if partial:                          # unusable only when every value is; the first column named
+        conditions.append((pl.all_horizontal(bad.values()), f"unusable value in column '{columns[0]}'"))
+    else:
+        conditions += [(bad[col], f"unusable value in column '{col}'") for col in columns]
     said = lambda reason: reason if isinstance(reason, pl.Expr) else pl.lit(reason)   # noqa: E731
     expr = pl.when(conditions[0][0]).then(said(conditions[0][1]))
     for cond, reason in conditions[1:]:
         expr = expr.when(cond).then(said(reason))
-    return df.with_columns(expr.otherwise(None).alias(REASON)).drop(BAD_TEXT, *unread)
+    df = df.with_columns(expr.otherwise(None).alias(REASON))
+    if partial:
+        first_bad = pl.when(bad[columns[0]]).then(pl.lit(f"unusable value in column '{columns[0]}' ({PARTLY_USED})"))
+        for col in columns[1:]:
+            first_bad = first_bad.when(bad[col]).then(pl.lit(f"unusable value in column '{col}' ({PARTLY_USED})"))
+        df = df.with_columns(pl.when(pl.col(REASON).is_null()).then(first_bad.otherwise(None)).alias(PARTLY),
+                             *[pl.when(bad[col]).then(None).otherwise(pl.col(col)).alias(col) for col in columns])
+    return df.drop(BAD_TEXT, *unread)
 
 
 def valid_text(table: pa.Table, m: ModalitySpec) -> tuple[pa.Table, np.ndarray]:
@@ -322,12 +346,13 @@ def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr
 @dataclass
 class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
-    only within the modality's window or tolerance of the shard's first tick), the unusable rows of the shard's
-    own dates (`entity`, `_t`, `date`, `source`, `reason`), and the (entity, `_day`) pairs with a usable row timed
+    only within the modality's window or tolerance of the shard's first tick; a value that could not be used null),
+    the unusable rows of the shard's own dates (`entity`, `_t`, `date`, `source`, `reason`) - and, beside them,
+    the rows kept for their other values, a reason naming the value that was not (`PARTLY_USED`) -, and the (entity, `_day`) pairs with a usable row timed
     inside one of its dates (`_day` = days since the epoch, of the date in the spec's `timezone`), the image frames
     the check decoded (uint8, by their bytes: `featurize(..., decoded=)` reuses them), and how many input rows each
     of its dates' partitions held (its entity bucket's; a context view's rows are its parent's, counted once) and,
-    per modality, how many of them were usable."""
+    per modality, how many of them were usable in every column (a dead channel leaves none)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -392,9 +417,13 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
                         day_usable = usable_rows.setdefault(f.date.isoformat(), {})
-                        day_usable[name] = day_usable.get(name, 0) + good.height
+                        partly = int(good[PARTLY].is_not_null().sum()) if PARTLY in good.columns else 0
+                        day_usable[name] = day_usable.get(name, 0) + good.height - partly     # usable in full
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
+                        if PARTLY in good.columns:  # kept for its other values: the unusable one noted, once
+                            quarantined.append(quarantined_input(good.filter(pl.col(PARTLY).is_not_null()), spec,
+                                                                 name, pl.lit(f.date.isoformat()), pl.col(PARTLY)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()

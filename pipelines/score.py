@@ -129,14 +129,14 @@ KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per mod
 def absent_modality_warning(result: DateResult) -> str | None:
     """A line when a modality of the version had no usable row in a date's partitions while others scored its ticks:
     the date was scored without it (but for its first ticks, which read the day before; its partition missing or
-    empty, its path moved, every row quarantined) - the fused score then rests on the other modalities, and the
+    empty, its path moved, every row quarantined, a column with no usable value - a dead channel) - the fused score then rests on the other modalities, and the
     faults only it shows are not seen."""
     gone = sorted(m for m, rows in result.modality_rows.items() if rows == 0)
     if not gone or not result.rows_scored:
         return None
     return (f"{result.date}: modality {', '.join(gone)} had no usable input row in the date's partitions, so its "
             f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
-            "moved, or every row quarantined) - check its input (dmafn validate SPEC --check-data, the quarantine "
+            "moved, every row quarantined, or a column with no usable value in any row) - check its input (dmafn validate SPEC --check-data, the quarantine "
             "table); once its files are there, a backfill over the date rescores it (its partitions changed)")
 
 
@@ -147,14 +147,14 @@ UNUSABLE_NAMED = 3       # reasons named in the warning (the runs table keeps th
 def unusable_rows_warning(result: DateResult, spec: Spec) -> str | None:
     """A line when more than `UNUSABLE_SHARE` of a date's input rows could not be used for another reason than their
     time's partition (`misplaced_rows_warning`): null or non-finite values, undecodable frames, times that are none,
-    conflicting or redelivered rows - quarantined, so the date was scored from the rest: the reasons that took most,
-    and where the rows are."""
+    conflicting or redelivered rows - quarantined, so the date was scored from the rest (a row of numbers kept for
+    its other columns counts too: a value of it was lost): the reasons that took most, and where the rows are."""
     unusable = result.input_rows_quarantined - result.input_rows_misplaced
     if unusable <= UNUSABLE_SHARE * result.input_rows:
         return None
     return (f"{result.date}: {unusable} of its {result.input_rows} input rows ({unusable / result.input_rows:.1%}) "
-            f"could not be used and were quarantined ({spec.score.quarantine_path}); the date was scored from the "
-            f"rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the date (dmafn backfill "
+            f"could not be used, in whole or in part, and were quarantined ({spec.score.quarantine_path}); the date "
+            f"was scored from the rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the date (dmafn backfill "
             f"{spec.source} --start {result.date} --end {result.date} --force)")
 
 
@@ -417,15 +417,17 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     counts = [c for c, _ in parts]
     ticks_in = sum(c.ticks_in for c in counts)
     scored, quarantined = sum(c.rows_scored for c in counts), sum(c.rows_quarantined for c in counts)
+    unusable = sum(c.input_rows_quarantined for c in counts)
+    # rows came and none could be used - or only rows kept for some of their values, which gave no modality a
+    # tick: a data problem, whatever score.missing_input says
+    if not scored and unusable:
+        misplaced = sum(c.input_rows_misplaced for c in counts)
+        raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
+                        f"quarantined: see {spec.score.quarantine_path})" + (
+                            f"; {misplaced} of them timed outside their date partition: do the spec's "
+                            + ("timezone, lateness and time_unit" if spec.time_unit else "timezone and lateness")
+                            + " say how the lake is filed?" if 2 * misplaced > unusable else ""))
     if not ticks_in:
-        unusable = sum(c.input_rows_quarantined for c in counts)
-        if unusable:                 # rows came, none usable: a data problem whatever score.missing_input says
-            misplaced = sum(c.input_rows_misplaced for c in counts)
-            raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
-                            f"quarantined: see {spec.score.quarantine_path})" + (
-                                f"; {misplaced} of them timed outside their date partition: do the spec's "
-                                + ("timezone, lateness and time_unit" if spec.time_unit else "timezone and lateness")
-                                + " say how the lake is filed?" if 2 * misplaced > unusable else ""))
         raise NoInput(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:
         raise RuntimeError(f"{day}: {ticks_in} ticks in but {scored} scored + {quarantined} quarantined")

@@ -49,6 +49,36 @@ def test_tolerance_limits_the_age_of_a_row(tiny_spec):
     assert out["proc__present"].to_list() == [True, False, False]
 
 
+def test_a_row_without_a_value_in_one_column_gives_the_others_and_that_column_its_latest_value_within_tolerance():
+    """A row kept for its other values (`ingest.with_reasons`: the unusable one null): a tabular column takes its
+    latest value within tolerance from an earlier row, and is absent - the modality with it - where there is none;
+    a time series column's bins without a value are filled from its own neighbouring bins, the other columns' stay
+    as read, and a column with no value in the whole window makes the modality absent."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"]["proc"]["columns"] = ["temp", "pres"]
+    data["modalities"]["vib"]["columns"] = ["a", "b"]
+    spec = parse_spec(data)
+    # tolerance 2 min: tick 1 takes temp from 00:00:30 (30 s old) and pres from its own row; tick 2 its own pres
+    # and temp from 00:00:30 again (90 s old: the rows since hold none)
+    out = run(spec, proc=table([T0 - 150 * S, T0 + 30 * S, T0 + M, T0 + 2 * M],
+                               temp=[1.0, 2.0, None, None], pres=[10.0, None, 30.0, 40.0]))
+    assert out["proc__temp"].to_list() == [None, 2.0, 2.0]         # tick 0: the only temp is 150 s old
+    assert out["proc__pres"].to_list() == [None, 30.0, 40.0]
+    assert out["proc__present"].to_list() == [False, True, True]
+    late = run(spec, proc=table([T0 - 30 * S, T0 + M, T0 + 2 * M], temp=[1.0, None, None], pres=[1.0, 2.0, 3.0]))
+    assert late["proc__present"].to_list() == [True, True, False]   # tick 2: temp 150 s old
+    assert late["proc__temp"].to_list() == [1.0, 1.0, None]
+    # window 1 min in 20 s bins (-40 s, -20 s, 0 s): b's middle bin empty, filled from its neighbours
+    out = run(spec, vib=table([T0 - 40 * S, T0 - 20 * S, T0, T0 + M], a=[1.0, 2.0, 3.0, 4.0],
+                              b=[5.0, None, 7.0, None]))
+    first = out.row(0, named=True)
+    assert first["vib__present"] and first["vib__a"] == [1.0, 2.0, 3.0] and first["vib__b"] == [5.0, 5.0, 7.0]
+    assert out["vib__present"].to_list() == [True, False, False]    # tick 1: b has no value in its window
+
+
 def test_day_boundary_uses_previous_day_rows(tiny_spec):
     out = run(tiny_spec, vib=table([T0 - 40 * S, T0 - 20 * S, T0], a=[1.0, 2.0, 3.0]))
     first = out.row(0, named=True)

@@ -280,6 +280,52 @@ def test_check_rows_gives_a_reason_per_bad_row(tiny_spec):
                        "unusable value in column 'temp'"]
 
 
+def test_a_row_of_numbers_with_an_unusable_value_in_some_columns_is_kept_for_the_others(tmp_path):
+    """A series row whose `a` is NaN or infinite (one dead or glitching channel) keeps its other channels: no reason,
+    the bad value null, and the first such column named for the quarantine table, where the row is noted beside the
+    rows that could not be used at all; a row with no usable value is quarantined as before (its first column
+    named). The shard's usable rows count the rows usable in every column (a dead channel leaves none, and the
+    date is warned of as scored without the modality); one-column and non-numeric modalities are unchanged."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.ingest import PARTLY, PARTLY_USED, read_shard
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"vib": {**data["modalities"]["vib"], "path": str(tmp_path / "vib"), "columns": ["a", "b"]}}
+    spec = parse_spec(data)
+    vib = spec.modalities["vib"]
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    rows = pa.table({"machine_id": ["m"] * 4, "ts": pa.array([day + i * 10 * 1_000_000 for i in range(4)],
+                                                             pa.timestamp("us", tz="UTC")),
+                     "a": [1.0, float("nan"), float("inf"), None], "b": [5.0, 6.0, None, 8.0]})
+    checked = check_rows(rows, spec, vib)
+    assert checked.column(REASON).to_pylist() == [None, None, "unusable value in column 'a'", None]
+    assert checked.column(PARTLY).to_pylist() == [None, f"unusable value in column 'a' ({PARTLY_USED})", None,
+                                                  f"unusable value in column 'a' ({PARTLY_USED})"]
+    assert checked.column("a").to_pylist()[:2] == [1.0, None] and checked.column("b").to_pylist()[:2] == [5.0, 6.0]
+
+    pq.write_table(rows, _folder(tmp_path / "vib" / "date=2024-01-02") / "part-0.parquet")
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["vib"].select("a", "b").rows() == [(1.0, 5.0), (None, 6.0), (None, 8.0)]
+    assert got.quarantined.sort("_t")["reason"].to_list() == [
+        f"unusable value in column 'a' ({PARTLY_USED})", "unusable value in column 'a'",
+        f"unusable value in column 'a' ({PARTLY_USED})"]
+    assert got.usable_rows == {"2024-01-02": {"vib": 1}} and got.rows_read == {"2024-01-02": 4}   # usable in full
+    one = parse_spec(tiny_spec_dict())
+    assert PARTLY not in check_rows(rows.select(["machine_id", "ts", "a"]).rename_columns(["machine_id", "ts", "temp"]),
+                                    one, one.modalities["proc"]).column_names
+
+
+def _folder(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_check_rows_rejects_audio_clips_that_are_empty_or_hold_a_missing_or_non_finite_sample(tiny_spec):
     from dataclasses import replace
 

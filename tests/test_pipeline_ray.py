@@ -317,7 +317,8 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     ingest = q.filter(pl.col("stage") == "ingest")
     assert sorted(ingest["reason"].to_list()) == ["null entity column 'machine_id'",
                                                   "timed outside its date partition 2024-01-03",
-                                                  "unusable value in column 'temperature'"]
+                                                  "unusable value in column 'temperature' (the row's other "
+                                                  "columns used)"]     # its pressure kept
     runs = pl.read_delta(str(root / "scores_runs"))
     scored = pl.read_delta(str(root / "scores")).filter(pl.col("date") == "2024-01-03").height
     last = runs.sort("finished_at").row(-1, named=True)
@@ -1126,7 +1127,7 @@ def test_a_date_without_input_is_skipped_when_the_spec_says_a_plant_may_rest(tra
     resting = replace(resting, score=replace(resting.score, missing_input="skip"))
     unusable = pa.table({"machine_id": ["pump-00"] * 3, "ts": pa.array([int(1704412800e6), 0, 0], pa.timestamp(
         "us", tz="UTC")), "temperature": pa.array([None, 1.0, 1.0], pa.float64()), "pressure": [3.0] * 3})
-    # 2024-01-05 without a value; twice 1970-01-01 (epoch milliseconds read as microseconds, say): misplaced
+    # 2024-01-05 without a temperature (kept for its pressure, which alone gives no tick); twice 1970-01-01 (epoch milliseconds read as microseconds, say): misplaced
     (tmp_path / "raw" / "process" / "date=2024-01-05").mkdir()
     pq.write_table(unusable, tmp_path / "raw" / "process" / "date=2024-01-05" / "part-0.parquet")
     with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-05: no modality .* has usable data "

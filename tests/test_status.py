@@ -258,7 +258,7 @@ def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_rea
         "1 recent date(s) had over 1% of their input rows unusable (up to 4.3%; quarantined in ")
     warned = unusable_rows_warning(DateResult("2024-01-04", 100, 100, 0, 1, 1.0, input_rows_quarantined=430,
                                               input_rows=10_000, unusable_reasons=reasons), spec)
-    assert warned.startswith("2024-01-04: 430 of its 10000 input rows (4.3%) could not be used and were quarantined (")
+    assert warned.startswith("2024-01-04: 430 of its 10000 input rows (4.3%) could not be used, in whole or in part, and were quarantined (")
     assert warned.endswith("(20); 1 more reason(s) - mend the source, then rescore the date (dmafn backfill "
                            f"{spec.source} --start 2024-01-04 --end 2024-01-04 --force)")
     assert unusable_rows_warning(DateResult("2024-01-03", 100, 100, 0, 1, 1.0, input_rows_quarantined=90,
@@ -279,7 +279,8 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         "modality 'cam' had no usable input row in the partitions of 1 recent date(s): 2024-01-04 - they were scored "
-        "without it (its partition missing or empty, its path moved, or every row quarantined): check its input "
+        "without it (its partition missing or empty, its path moved, every row quarantined, or a column with no "
+        "usable value in any row): check its input "
         "(dmafn validate s.yaml --check-data, the quarantine table); once its files are there, dmafn backfill s.yaml "
         "--start 2024-01-04 --end 2024-01-04 rescores them"]
     _run(spec, "2024-01-06", modality_rows={"proc": 900, "cam": 40}, modality_present={"proc": 1.0, "cam": 0.7},
