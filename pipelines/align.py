@@ -125,7 +125,9 @@ def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[
     cols = list(m.value_columns)
     right = table.select([*keys, pl.col(TIME).alias("_rt"), *cols]).sort([*keys, "_rt"])
     gaps = [c for c in cols if right[c].null_count()]
-    if gaps:                            # carry each column's last value forward, with the time it was taken at
+    if gaps:                            # carry each column's last value forward, with the time it was taken at;
+        # rows of one entity and time as one (they agree where both hold a value: `ingest.conflicting`)
+        right = right.group_by([*keys, "_rt"]).agg(pl.col(c).drop_nulls().first() for c in cols).sort([*keys, "_rt"])
         right = right.with_columns(
             *[pl.col(c).forward_fill().over(keys) for c in gaps],
             *[pl.when(pl.col(c).is_not_null()).then(pl.col("_rt")).forward_fill().over(keys).alias(f"_rt_{c}")

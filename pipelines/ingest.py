@@ -301,7 +301,9 @@ CONFLICT = "conflicting rows: another row of this entity at the same time holds 
 def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     """Boolean mask of the rows of an as-of modality (tabular, image, audio) whose entity and time repeat in a
     row with other values: which one a tick should read cannot be told, and a choice would follow the order the
-    files were read in. Exact repeats are kept (whichever is read, it is the same). Time series average their
+    files were read in. Exact repeats are kept (whichever is read, it is the same), and so are rows that differ
+    only where one holds no value (a row kept for its other columns: alignment takes each column's value from the
+    row that holds it). Time series average their
     rows per period and text keeps every line, in an order that does not depend on the files
     (`pipelines.align`): neither has to choose. A context view reads its parent's rows and drops the same ones.
     """
@@ -313,8 +315,10 @@ def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     repeated = table.select(pl.struct(keys).is_duplicated()).to_series()
     if not repeated.any():
         return clash
+    columns = list(dict.fromkeys(m.value_columns))    # where a row holds no value (kept for its others) it agrees
     groups = (table.with_row_index("_row").filter(repeated).group_by(keys)
-              .agg(pl.col("_row"), pl.struct(list(m.value_columns)).n_unique().alias("_values"))
+              .agg(pl.col("_row"), pl.max_horizontal(pl.col(c).drop_nulls().n_unique() for c in columns)
+                   .alias("_values"))
               .filter(pl.col("_values") > 1))
     clash[groups["_row"].explode().to_numpy()] = True
     return clash

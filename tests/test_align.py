@@ -68,6 +68,10 @@ def test_a_row_without_a_value_in_one_column_gives_the_others_and_that_column_it
     assert out["proc__temp"].to_list() == [None, 2.0, 2.0]         # tick 0: the only temp is 150 s old
     assert out["proc__pres"].to_list() == [None, 30.0, 40.0]
     assert out["proc__present"].to_list() == [False, True, True]
+    for order in ([0, 1], [1, 0]):      # two rows of one time, one without temp: read as one row, either order
+        twice = table([T0, T0], temp=[7.0, None], pres=[8.0, 8.0])[order]
+        first = run(spec, proc=twice).row(0, named=True)
+        assert (first["proc__present"], first["proc__temp"], first["proc__pres"]) == (True, 7.0, 8.0)
     late = run(spec, proc=table([T0 - 30 * S, T0 + M, T0 + 2 * M], temp=[1.0, None, None], pres=[1.0, 2.0, 3.0]))
     assert late["proc__present"].to_list() == [True, True, False]   # tick 2: temp 150 s old
     assert late["proc__temp"].to_list() == [1.0, 1.0, None]

@@ -705,6 +705,9 @@ def test_conflicting_rows_by_kind(tiny_spec):
     mic = replace(tiny_spec.modalities["cam"], kind="audio", column="wave")
     waves = pl.DataFrame({**keys, "wave": [[0.1, 0.2], [0.1, 0.2], [0.3], [0.1], [0.1, 0.0]]})
     assert conflicting(waves, tiny_spec, mic).tolist() == [False, False, False, True, True]
+    two = replace(tiny_spec.modalities["proc"], columns=("temp", "pres"))
+    readings = pl.DataFrame({**keys, "temp": [1.0, None, 2.0, 1.0, None], "pres": [5.0, 5.0, None, 6.0, 7.0]})
+    assert conflicting(readings, tiny_spec, two).tolist() == [False, False, False, True, True]  # a null agrees
     series = pl.DataFrame({**keys, "a": [1.0, 2.0, 3.0, 4.0, 5.0]})     # a period's rows are averaged: no choice
     assert not conflicting(series, tiny_spec, tiny_spec.modalities["vib"]).any()
     assert conflicting(frames.clear(), tiny_spec, tiny_spec.modalities["cam"]).tolist() == []
