@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dmafn.spec import Spec
-from pipelines.ingest import check_schema, partition_span_us
+from pipelines.ingest import check_schema, entity_casts, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import field_of, list_parquet_files, open_parquet, time_bounds
@@ -43,6 +43,7 @@ class ModalityData:
     integer_times: str | None = None        # the spec's time_unit, where some file stores its time as integers
     # the Arrow types of the spec's columns (entity, time, values) as stored -> the first file storing them so
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)        # how its files are read where that is not as stored
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -53,7 +54,8 @@ class ModalityData:
                 f"  partitions: {len(self.dates)} dates {self.dates[0]} .. {self.dates[-1]}"
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
-                f"  columns: {columns}"] + self._stored_types_lines() + self._misplaced_lines()
+                f"  columns: {columns}"] + [f"  {note}" for note in self.notes] + self._stored_types_lines() \
+            + self._misplaced_lines()
 
     def _stored_types_lines(self) -> list[str]:
         if len(self.stored_types) < 2:
@@ -147,12 +149,33 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
         parquet.close()
 
 
+def _key_notes(spec: Spec, firsts: dict[str, pa.Schema], found: dict[str, ModalityData]) -> None:
+    """A note on each modality whose entity key is stored otherwise than in another's and read alike in every table
+    (`ingest.entity_casts`, as the jobs read them)."""
+    for key, kind in entity_casts(spec, firsts):
+        i = spec.entity.index(key)
+        stored = {name: str(field_of(schema, spec.entity_in(spec.modalities[name])[i]).type)
+                  for name, schema in firsts.items()}
+        for name, mine in stored.items():
+            by_type: dict[str, list[str]] = {}
+            for other, t in stored.items():
+                if t != mine:
+                    by_type.setdefault(t, []).append(other)
+            others = "; ".join(f"{t} in {', '.join(names)}" for t, names in by_type.items())
+            if others:
+                found[name].notes.append(
+                    f"entity '{key}' stored as {mine} ({others}): read as "
+                    + ("text in every table, so that 17 and '17' are one entity" if kind == "text"
+                       else "64-bit integers in every table"))
+
+
 def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData | LabelsData]:
     """What every modality path holds, and the labels if the spec has them; problems are collected on each,
     nothing is raised."""
     storage = storage or Storage.from_spec(spec.storage)
     found: list[ModalityData | LabelsData] = []
     dated: dict[str, set[dt.date]] = {}         # the dates of each modality's files (context views: their parent's)
+    firsts: dict[str, pa.Schema] = {}           # each modality's first readable file's schema
     for name, m in spec.modalities.items():
         data = ModalityData(name, m.path, zone=spec.timezone)
         found.append(data)
@@ -183,6 +206,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
+                if not m.context_of:
+                    firsts.setdefault(name, schema)
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
                 if pa.types.is_integer(field_of(schema, time).type):
@@ -193,6 +218,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
                 data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
+    _key_notes(spec, firsts, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:
         found.append(check_labels(spec, storage))

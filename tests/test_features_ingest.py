@@ -2451,6 +2451,7 @@ def test_entity_keys_stored_differently_by_two_tables_meet_as_one_entity(tmp_pat
 
     from dmafn.spec import parse_spec
     from pipelines.align import data_ticks
+    from pipelines.check_data import check_data
     from pipelines.ingest import entity_casts, read_shard, require_columns
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.storage import Storage
@@ -2481,3 +2482,11 @@ def test_entity_keys_stored_differently_by_two_tables_meet_as_one_entity(tmp_pat
     seventeen = aligned.filter(pl.col("machine_id").cast(pl.String) == "17")
     assert seventeen.height == 5 and seventeen["proc__present"].sum() == 5 and seventeen["logs__present"].sum() == 4
     assert aligned["machine_id"].cast(pl.String).unique().sort().to_list() == ["17", "4"]
+    notes = {d.name: d.notes for d in check_data(spec)[:2]}          # validate --check-data says how they are read
+    reading = {"text": "read as text in every table, so that 17 and '17' are one entity",
+               "integer": "read as 64-bit integers in every table"}
+    assert notes == ({"proc": [], "logs": []} if not casts else {
+        "proc": [f"entity 'machine_id' stored as {stored[proc_keys].type} ({stored[log_keys].type} in logs): "
+                 f"{reading[casts[0][1]]}"],
+        "logs": [f"entity 'machine_id' stored as {stored[log_keys].type} ({stored[proc_keys].type} in proc): "
+                 f"{reading[casts[0][1]]}"]})
