@@ -85,6 +85,7 @@ class ModalitySpec:
                                         # modality's error (0: off; `dmafn.density.EncodingDensity`)
     time_column: str | None = None      # the time column's name in this table when not the spec's `time`
     entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
+    time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -259,6 +260,11 @@ class Spec:
         order of the spec's."""
         return m.entity_columns or self.entity
 
+    def time_unit_in(self, m: ModalitySpec) -> str | None:
+        """What a time stored as a number in modality `m`'s files counts since the epoch (its own `time_unit`, else
+        the spec's; None: a numeric time is no time)."""
+        return m.time_unit or self.time_unit
+
     def names_read(self, m: ModalitySpec) -> dict[str, str]:
         """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
         files name their time and entity as the spec does)."""
@@ -350,7 +356,7 @@ class _Section:
                                 f"(allowed here: {', '.join(sorted(allowed))})")
 
 
-_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity"}
+_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit"}
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
     "timeseries": {"columns", "period", "window", "encoder", "transform", "context"},
@@ -368,7 +374,8 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     if time is not None and not (isinstance(time, str) and time):
         raise sec.err("time", f"{time!r} must be a column name")
     entity = sec.string_list("entity") if sec.get("entity") is not None else None
-    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity)
+    unit = sec.choice("time_unit", TIME_UNITS) if sec.get("time_unit") is not None else None
+    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit)
 
 
 def _check_names_read(spec: Spec, sec: _Section) -> None:
@@ -456,7 +463,7 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
         raise ctx.err("window", f"must be longer than the modality's own reach ({format_duration(parent.lookback_us)})")
     return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
-                        entity_columns=parent.entity_columns)
+                        entity_columns=parent.entity_columns, time_unit=parent.time_unit)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -678,8 +685,8 @@ def load_spec(path: str | Path) -> Spec:
 
 def reading_differences(trained: Spec, current: Spec) -> list[str]:
     """What `current` says about reading, modelling or thresholding the data that differs from `trained` (a model
-    version's spec), one line each: the entity, time and grain, a modality's settings (its path and the names its
-    files give the time and entity aside - data may move and be renamed; its columns as a set - they are read by
+    version's spec), one line each: the entity, time and grain, a modality's settings (its path, the names its
+    files give the time and entity and the unit of a numeric time aside - data may move and be renamed; its columns as a set - they are read by
     name), a modality only `current` defines, the `model` section,
     `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and scores
     as it was trained, so each is an edit that takes effect with a new version."""
@@ -691,7 +698,7 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         if old is None:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
-        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity"}):
+        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
                 continue
@@ -751,6 +758,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["time"] = m.time_column
         if m.entity_columns:
             entry["entity"] = list(m.entity_columns)
+        if m.time_unit:
+            entry["time_unit"] = m.time_unit
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

@@ -66,7 +66,9 @@ def spec_json_schema() -> dict[str, Any]:
             "time": {"type": "string", "minLength": 1, "description": "the time column's name in this modality's "
                      "files, where it is not the spec's time (read as the spec's)"},
             "entity": {**_COLUMNS, "description": "the entity columns' names in this modality's files, one for each "
-                       "of the spec's entity in its order, where they are not the spec's (read as the spec's)"}}
+                       "of the spec's entity in its order, where they are not the spec's (read as the spec's)"},
+            "time_unit": {**_enum(TIME_UNITS), "description": "what this modality's time counts since the Unix "
+                          "epoch where its files store it as numbers, when not the spec's time_unit"}}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}
@@ -79,8 +81,8 @@ def spec_json_schema() -> dict[str, Any]:
             "name": {"type": "string"},
             "entity": _COLUMNS,
             "time": {"type": "string"},
-            "time_unit": {**_enum(TIME_UNITS), "description": "what a time column stored as integers counts since "
-                          "the Unix epoch (UTC); without it the time column must be a timestamp"},
+            "time_unit": {**_enum(TIME_UNITS), "description": "what a time column stored as numbers (integers or "
+                          "floats) counts since the Unix epoch (UTC); without it a numeric time column is an error"},
             "grain": _DURATION,
             "partition": {"type": "string", "description": "where a date's files lie: a key (date: date=YYYY-MM-DD "
                           "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},

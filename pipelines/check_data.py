@@ -40,7 +40,7 @@ class ModalityData:
     problems: list[str] = field(default_factory=list)
     misplaced: list[tuple[str, dt.date, int, int]] = field(default_factory=list)   # files holding rows timed
     zone: str = "UTC"                       # outside their date (path, date, first, last time); the spec's timezone
-    integer_times: str | None = None        # the spec's time_unit, where some file stores its time as integers
+    integer_times: str | None = None        # the modality's time_unit, where some file stores its time as numbers
     # the Arrow types of the spec's columns (entity, time, values) as stored -> the first file storing them so
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)        # how its files are read where that is not as stored
@@ -78,7 +78,7 @@ class ModalityData:
                 f"statistics): in {len(self.misplaced)} of {self.files} files, e.g. {path} ({date}) holds "
                 f"{_span(first, last)} - misfiled rows (quarantined when scored), rows filed by the day "
                 "they arrived (set `lateness`), or partitions cut by another time zone's dates (set `timezone`)"
-                + (f", or integer times that count another unit than `time_unit` ({self.integer_times})"
+                + (f", or numeric times that count another unit than `time_unit` ({self.integer_times})"
                    if self.integer_times else "")]
 
 
@@ -191,12 +191,12 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
         elif not m.context_of:
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
-        time = spec.time_in(m)                                  # as the modality's files name it
+        time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
         wanted = list(dict.fromkeys([*spec.entity_in(m), time, *m.value_columns]))
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            footers = pool.map(lambda path: file_footer(filesystem, path, time, spec.time_unit), paths)
+            footers = pool.map(lambda path: file_footer(filesystem, path, time, unit), paths)
             for path, footer in zip(paths, footers):
                 try:
                     if isinstance(footer, DataError):
@@ -210,8 +210,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     firsts.setdefault(name, schema)
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
-                if pa.types.is_integer(field_of(schema, time).type):
-                    data.integer_times = spec.time_unit
+                if pa.types.is_integer(stored := field_of(schema, time).type) or pa.types.is_floating(stored):
+                    data.integer_times = unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:
                     data.misplaced.append((path, dates[path], *times))

@@ -58,27 +58,28 @@ _EXPECTED = {
 def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str,
                   time_unit: str | None = None) -> None:
     """Raise DataError naming the table and column when one of `columns` is missing or `time` is neither a
-    timestamp nor text (ISO 8601, read by `read_times`) - nor, with `time_unit` (the spec's), an integer count of it
-    since the epoch (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
+    timestamp nor text (ISO 8601, read by `read_times`) - nor, with `time_unit` (the modality's), a count of it since
+    the epoch, integer or float (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
     for col in columns:
         if field_of(schema, col) is None:
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
                             f"columns are {sorted(schema.names)}")
     stored = field_of(schema, time).type
     kind = stored.value_type if pa.types.is_dictionary(stored) else stored
+    number = pa.types.is_integer(stored) or pa.types.is_floating(stored)
     if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or pa.types.is_string(kind) \
-            or pa.types.is_large_string(kind) or (time_unit and pa.types.is_integer(stored)):
+            or pa.types.is_large_string(kind) or (time_unit and number):
         return          # text: ISO 8601 (`read_times`); Arrow's null type: no time in the file, every row quarantined
-    expected = f"a timestamp, ISO 8601 text or an integer count of {time_unit} since the epoch (time_unit)" \
+    expected = f"a timestamp, ISO 8601 text or a count of {time_unit} since the epoch (time_unit)" \
         if time_unit else "a timestamp or ISO 8601 text" + (
-            "; an integer count of seconds, milliseconds, microseconds or nanoseconds since the epoch is read as such "
-            "with the spec's time_unit: s, ms, us or ns" if pa.types.is_integer(stored) else "")
+            "; a count of seconds, milliseconds, microseconds or nanoseconds since the epoch (an integer or a float) "
+            "is read as such with time_unit: s, ms, us or ns" if number else "")
     raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected {expected}")
 
 
 def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
-    where it is stored otherwise: integers counting the spec's `time_unit` since the epoch, ISO 8601 text (or with
+    where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
     `time_unit` digits), or Arrow's null type (no time in the file: all null). Beside it `_unread_time`, for each
     stored value it could not read (a count no timestamp holds, a text that is no time), the reason its row is
     quarantined, naming the value (null elsewhere; their time null). A timestamp column is returned as it is, with
@@ -92,7 +93,8 @@ def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Ta
         return table, None
     times, unread = read
     why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
-           if pa.types.is_integer(kind) else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
+           if pa.types.is_integer(kind) or pa.types.is_floating(kind)
+           else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
            + (f" nor a count of {time_unit} since the epoch" if time_unit else ""))
     reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
     return table.set_column(i, time, times.to_arrow()), reasons.alias(f"{UNREAD}time")
@@ -108,7 +110,7 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
     dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
     the file: its rows are quarantined as unusable, see `plain_values`)."""
     time = spec.time_in(m)
-    check_columns(schema, m.name, [*spec.entity_in(m), time, *m.value_columns], time, where, spec.time_unit)
+    check_columns(schema, m.name, [*spec.entity_in(m), time, *m.value_columns], time, where, spec.time_unit_in(m))
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
         stored = field_of(schema, col).type
@@ -387,6 +389,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
+        unit = spec.time_unit_in(m)
         columns = list(dict.fromkeys([*keys, time, *m.value_columns]))
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
@@ -397,12 +400,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                by_time = (None if own_date else row_groups_before(parquet, time, end, spec.time_unit) if ahead
-                           else row_groups_since(parquet, time, first - m.lookback_us, spec.time_unit))
+                by_time = (None if own_date else row_groups_before(parquet, time, end, unit) if ahead
+                           else row_groups_since(parquet, time, first - m.lookback_us, unit))
                 groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, unread_time = read_times(part, time, spec.time_unit)
+                    table, unread_time = read_times(part, time, unit)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 
 from dmafn.spec import Spec
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import times_from_stored
+from pipelines.stored_times import is_count, times_from_stored
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
             times, bad = read           # counts of the spec's time_unit since the epoch, or ISO 8601 text
             df = df.with_columns(times, bad.alias(f"_unread_{col}"))
             unread.append((pl.col(f"_unread_{col}").is_not_null(), pl.format(
-                f"{col} {{}} out of range as {spec.time_unit} since the epoch" if stored.is_integer() else
+                f"{col} {{}} out of range as {spec.time_unit} since the epoch" if is_count(stored) else
                 f"{col} '{{}}' not an ISO 8601 time", pl.col(f"_unread_{col}").str.slice(0, 40))))
         elif not isinstance(stored, (pl.Datetime, pl.Date)):
             raise DataError(f"labels {path}: column '{col}' is {stored}; a timestamp (or date, or ISO 8601 text) is "
-                            "needed" + (" - or, with the spec's time_unit (s, ms, us or ns), an integer count of it "
-                                        "since the epoch" if stored.is_integer() else ""))
+                            "needed" + (" - or, with the spec's time_unit (s, ms, us or ns), a count of it since the "
+                                        "epoch" if is_count(stored) else ""))
     # one instant type for both ends (naive = UTC, another time zone converted): a naive start beside a zoned end,
     # or files that differ, otherwise cannot be compared (it once ended `evaluate` with an unexpected SchemaError)
     df = df.with_columns(_utc(c, df.schema[c]) for c in (start, end) if isinstance(df.schema[c], pl.Datetime))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
@@ -12,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.storage import DataError, relative
-from pipelines.stored_times import micros_of
+from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
 PARTITION_COLUMN = "date"
 log = logging.getLogger(__name__)
@@ -36,15 +37,17 @@ def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.Col
 def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None = None
                 ) -> list[tuple[int, int]] | None:
     """Each row group's earliest and latest time (microseconds since the epoch; a naive column's values as UTC,
-    as they are read; an integer column's as counts of `time_unit`, the spec's) by the time column's min/max
-    statistics; None when the file has none to go by (no row group, a column that is neither a timestamp nor, with
-    `time_unit`, an integer, a row group without statistics)."""
+    as they are read; a numeric column's as counts of `time_unit`, the modality's, a float's widened to whole
+    microseconds) by the time column's min/max statistics; None when the file has none to go by (no row group, a
+    column that is neither a timestamp nor, with `time_unit`, a number, a row group without statistics)."""
     kind = field_of(parquet.schema_arrow, time_column).type
     meta = parquet.metadata
     if pa.types.is_timestamp(kind):
-        unit, raw = kind.unit, True
+        unit, raw, stored_as = kind.unit, True, ("INT64",)       # a timestamp's raw statistics: INT64 only
     elif time_unit and pa.types.is_integer(kind):
-        unit, raw = time_unit, False
+        unit, raw, stored_as = time_unit, False, ("INT64", "INT32")
+    elif time_unit and pa.types.is_floating(kind):
+        unit, raw, stored_as = time_unit, False, ("DOUBLE", "FLOAT")
     else:
         return None
     bounds = []
@@ -53,10 +56,15 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
         if chunk is None:
             return None
         stats = chunk.statistics
-        stored_as = ("INT64",) if raw else ("INT64", "INT32")     # a timestamp's raw statistics: INT64 only
         if chunk.physical_type not in stored_as or stats is None or not stats.has_min_max:
             return None
         low, high = (stats.min_raw, stats.max_raw) if raw else (stats.min, stats.max)   # integers: signedness kept
+        if isinstance(low, float):
+            per_us = 1 / 1000 if unit == "ns" else MICROS_PER_UNIT[unit]
+            if not (math.isfinite(low * per_us) and math.isfinite(high * per_us)):
+                return None
+            bounds.append((math.floor(low * per_us), math.ceil(high * per_us)))
+            continue
         bounds.append((micros_of(low, unit), micros_of(high, unit)))
     return bounds or None
 

@@ -68,7 +68,7 @@ class Columns:
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
         keys, time = spec.entity_in(m), spec.time_in(m)                 # as the modality's files name them
         values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*keys, time))
-        return cls(m.name, keys, time, values, spec.time_unit)
+        return cls(m.name, keys, time, values, spec.time_unit_in(m))
 
     @property
     def key_and_time(self) -> list[str]:
@@ -85,7 +85,8 @@ class Columns:
         stored = table.schema.field(self.time).type
         table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit)
         unread = 0 if bad is None else bad.is_not_null().sum()
-        return (pl.from_arrow(table), *((unread, 0) if pa.types.is_integer(stored) else (0, unread)))
+        number = pa.types.is_integer(stored) or pa.types.is_floating(stored)
+        return (pl.from_arrow(table), *((unread, 0) if number else (0, unread)))
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,8 @@ _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
-    (its modality paths and the names their files give the time and entity, the partition key, the time zone of its dates, how late rows may be filed and the unit of
+    (its modality paths, the names their files give the time and entity and the unit of a numeric time, the
+    partition key, the time zone of its dates, how late rows may be filed and the unit of
     integer times), written to
     `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
     the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
@@ -232,7 +233,8 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "the spec%s): %s", spec.source, mv.version,
                     "; the threshold's and the smoothing's also with dmafn recalibrate, which fits the version's "
                     "calibration again without training" if calibration else "", "; ".join(edits))
-    modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns)
+    modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns,
+                                time_unit=now.time_unit)
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, score=spec.score, storage=spec.storage)
@@ -425,7 +427,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
                         f"quarantined: see {spec.score.quarantine_path})" + (
                             f"; {misplaced} of them timed outside their date partition: do the spec's "
-                            + ("timezone, lateness and time_unit" if spec.time_unit else "timezone and lateness")
+                            + ("timezone, lateness and time_unit" if any(
+                                spec.time_unit_in(m) for m in spec.modalities.values()) else "timezone and lateness")
                             + " say how the lake is filed?" if 2 * misplaced > unusable else ""))
     if not ticks_in:
         raise NoInput(f"no modality of spec '{name}' has data for {day}")

@@ -1,6 +1,6 @@
 """Event times as files store them, read as naive UTC timestamps in microseconds: a timestamp column needs nothing
-(`pipelines.align.to_micros`); these read the others - integer counts of the spec's `time_unit` since the epoch
-(an event stream's sink) and ISO 8601 text (a CSV or JSON loaded without a schema). Each returns the times and,
+(`pipelines.align.to_micros`); these read the others - counts of the spec's `time_unit` since the epoch, integers
+(an event stream's sink) or floats (a log shipper's epoch seconds with a fraction), and ISO 8601 text (a CSV or JSON loaded without a schema). Each returns the times and,
 beside them, the stored values it could not read (as text; null elsewhere), so that the caller can say why."""
 from __future__ import annotations
 
@@ -18,16 +18,26 @@ def micros_of(value: int, unit: str) -> int:
     return value // 1000 if unit == "ns" else value * MICROS_PER_UNIT[unit]
 
 
+def is_count(dtype: pl.DataType) -> bool:
+    """Whether a stored time of this type is read as a count of `time_unit` since the epoch: integers and floats."""
+    return dtype.is_integer() or dtype.is_float()
+
+
 def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Series]:
-    """Integer counts of `unit` (s, ms, us, ns) since the epoch as naive (UTC) timestamps in microseconds, and
-    the counts no such timestamp can hold (beyond +-292,000 years; a uint64 beyond int64) as text, null elsewhere
-    - their time is null."""
+    """Counts of `unit` (s, ms, us, ns) since the epoch as naive (UTC) timestamps in microseconds - integers exactly
+    (ns floored), floats to the nearest microsecond -, and the counts no such timestamp can hold (beyond +-292,000
+    years; a uint64 beyond int64; NaN or infinite) as text, null elsewhere - their time is null."""
     per_unit = MICROS_PER_UNIT.get(unit, 1)
     limit = (2 ** 63 - 1) // per_unit
     raw = pl.col("raw")
-    whole = raw.cast(pl.Int64, strict=False)
-    out = (whole.is_null() & raw.is_not_null()) | (whole > limit) | (whole < -limit)
-    micros = whole // 1000 if unit == "ns" else whole * per_unit
+    if counts.dtype.is_float():
+        scaled = raw / 1000 if unit == "ns" else raw * per_unit
+        out = raw.is_not_null() & (~raw.is_finite() | (scaled.abs() >= 2.0 ** 63))
+        micros = pl.when(out).then(None).otherwise(scaled).round(0).cast(pl.Int64)
+    else:
+        whole = raw.cast(pl.Int64, strict=False)
+        out = (whole.is_null() & raw.is_not_null()) | (whole > limit) | (whole < -limit)
+        micros = whole // 1000 if unit == "ns" else whole * per_unit
     converted = pl.DataFrame({"raw": counts}).select(
         pl.when(out).then(None).otherwise(micros).cast(pl.Datetime("us")).alias("times"),
         pl.when(out).then(raw.cast(pl.String)).otherwise(None).alias("unread"))
@@ -35,10 +45,10 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
 
 
 def times_from_stored(values: pl.Series, unit: str | None) -> tuple[pl.Series, pl.Series] | None:
-    """Times stored otherwise than as timestamps, read: integers as counts of `unit` (`times_from_counts`; only
+    """Times stored otherwise than as timestamps, read: numbers as counts of `unit` (`times_from_counts`; only
     with a unit), text as ISO 8601 (`times_from_text`); the times and the stored values not read (see those). None
     for any other storage (timestamps and dates need no reading; the rest is no time)."""
-    if values.dtype.is_integer():
+    if is_count(values.dtype):
         return None if unit is None else times_from_counts(values, unit)
     if values.dtype in (pl.String, pl.Categorical):
         return times_from_text(values, unit)

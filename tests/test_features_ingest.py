@@ -423,15 +423,19 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
     for stored in (pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string()), pa.null()):  # read_times
         check_schema(bad_time.set(1, pa.field("ts", stored)), tiny_spec, tiny_spec.modalities["proc"], "/d")
     epoch = bad_time.set(1, pa.field("ts", pa.int64()))           # epoch milliseconds, as a Kafka sink writes them
-    with pytest.raises(DataError, match="time column 'ts' is int64, expected a timestamp or ISO 8601 text; an integer "
-                                        "count of seconds, .* with the spec's time_unit: s, ms, us or ns$"):
-        check_schema(epoch, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
+    for stored in (pa.int64(), pa.float64()):
+        with pytest.raises(DataError, match=f"time column 'ts' is {stored}, expected a timestamp or ISO 8601 text; a "
+                                            "count of seconds, .* \\(an integer or a float\\) is read as such with "
+                                            "time_unit: s, ms, us or ns$"):
+            check_schema(epoch.set(1, pa.field("ts", stored)), tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
     in_ms = replace(tiny_spec, time_unit="ms")
-    for stored in (pa.int64(), pa.int32(), pa.uint64(), pa.timestamp("ns")):
+    for stored in (pa.int64(), pa.int32(), pa.uint64(), pa.timestamp("ns"), pa.float64(), pa.float32()):
         check_schema(epoch.set(1, pa.field("ts", stored)), in_ms, in_ms.modalities["proc"], "/d")
-    with pytest.raises(DataError, match="time column 'ts' is double, expected a timestamp, ISO 8601 text or an "
-                                        "integer count of ms since the epoch \\(time_unit\\)"):
-        check_schema(epoch.set(1, pa.field("ts", pa.float64())), in_ms, in_ms.modalities["proc"], "/d")
+    own_unit = replace(tiny_spec, modalities={"proc": replace(tiny_spec.modalities["proc"], time_unit="s")})
+    check_schema(epoch.set(1, pa.field("ts", pa.float64())), own_unit, own_unit.modalities["proc"], "/d")
+    with pytest.raises(DataError, match="time column 'ts' is bool, expected a timestamp, ISO 8601 text or a count of "
+                                        "ms since the epoch \\(time_unit\\)"):
+        check_schema(epoch.set(1, pa.field("ts", pa.bool_())), in_ms, in_ms.modalities["proc"], "/d")
 
 
 def test_integer_times_read_as_the_spec_time_unit_and_a_count_no_timestamp_holds_is_quarantined(tiny_spec):
@@ -463,6 +467,15 @@ def test_integer_times_read_as_the_spec_time_unit_and_a_count_no_timestamp_holds
         None, f"time column 'ts' holds {2 ** 64 - 1}, which as s since the epoch no timestamp can hold"]
     stamped = table.set_column(1, "ts", pa.array([0] * 4, pa.timestamp("ms")))
     assert read_times(stamped, "ts", "ms") == (stamped, None)
+    # floats: epoch seconds with a fraction (a log shipper's), to the nearest microsecond; NaN and beyond: unread
+    shipped = pa.array([second + 0.25, second + 1.0000004, None, float("nan"), float("inf"), 1e300])
+    times, none = read_times(pa.table({"ts": shipped}), "ts", "s")
+    assert times["ts"].to_pylist() == [dt.datetime(2024, 1, 2, 0, 0, 0, 250_000), dt.datetime(2024, 1, 2, 0, 0, 1),
+                                       None, None, None, None]
+    assert none.to_list() == [None, None, None] + [
+        f"time column 'ts' holds {v}, which as s since the epoch no timestamp can hold" for v in ("NaN", "inf", "1e+300")]
+    as_ms = read_times(pa.table({"ts": pa.array([second * 1000.0 + 0.5], pa.float32())}), "ts", "ms")[0]
+    assert abs(as_ms["ts"][0].as_py() - dt.datetime(2024, 1, 2)) < dt.timedelta(minutes=3)   # float32: ~2 min steps
 
 
 def test_times_stored_as_text_read_as_iso_8601_each_by_its_own_shape(tiny_spec):
@@ -1772,6 +1785,50 @@ def test_a_lake_timed_in_epoch_milliseconds_reads_as_one_timed_in_timestamps(tmp
     assert sorted(pruned.tables["proc"].select(TIME, "temp").rows()) == [
         ((day_ms - 120_000) * 1000, 1438.0), ((day_ms - 60_000) * 1000, 1439.0), (day_ms * 1000, 5.0)]
     assert pruned.quarantined.select("entity", "reason").rows() == [("b", "timed outside its date partition 2024-01-02")]
+
+
+def test_a_modality_with_its_own_time_unit_reads_float_epoch_seconds_and_prunes_by_their_statistics(tmp_path,
+                                                                                                     tiny_spec,
+                                                                                                     monkeypatch):
+    """One table timed by a log shipper's float epoch seconds, with the modality's own `time_unit: s` (the spec's
+    unit, or none, for the others): read as the twin timed by timestamps is, its look-back day pruned by the float
+    statistics (whole microseconds around them) to the row groups the first ticks read."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import open_parquet, row_groups_since, time_bounds
+    from pipelines.storage import Storage
+
+    day_s = 1_704_153_600                                         # 2024-01-02 00:00 UTC
+    seconds = day_s + np.arange(-1440, 0) * 60 + 0.5              # every minute of the day before, at :00.5
+    for root, times in ((tmp_path / "floats", pa.array(seconds)),
+                        (tmp_path / "stamps", pa.array((seconds * 1e6).astype("int64"), pa.timestamp("us")))):
+        _dir(root, "2024-01-01")
+        pq.write_table(pa.table({"machine_id": ["a"] * 1440, "ts": times, "temp": np.arange(1440, dtype=float)}),
+                       root / "date=2024-01-01" / "part-0.parquet", row_group_size=100)
+        own = pa.array([day_s + 30.0]) if root.name == "floats" else pa.array([(day_s + 30) * 10 ** 6],
+                                                                                pa.timestamp("us"))
+        _write(root / "date=2024-01-02" / "part-0.parquet", pa.table({"machine_id": ["a"], "ts": own, "temp": [5.0]}))
+    floats = _proc_spec(tiny_spec, tmp_path / "floats")
+    floats = replace(floats, modalities={"proc": replace(floats.modalities["proc"], time_unit="s")})
+    stamps = _proc_spec(tiny_spec, tmp_path / "stamps")
+    parquet = open_parquet(Storage().filesystem(str(tmp_path)), str(tmp_path / "floats" / "date=2024-01-01" /
+                                                                     "part-0.parquet"))
+    assert time_bounds(parquet, "ts") is None                     # a number without a unit: nothing to go by
+    assert time_bounds(parquet, "ts", "s")[0] == ((day_s - 86_400) * 10 ** 6 + 500_000,
+                                                  (day_s - 86_400 + 99 * 60) * 10 ** 6 + 500_000)
+    assert row_groups_since(parquet, "ts", (day_s - 120) * 10 ** 6, "s") == [14]
+    got = ingest.read_shard(_shard(tmp_path, floats, [dt.date(2024, 1, 2)]), floats, Storage())
+    want = ingest.read_shard(_shard(tmp_path, stamps, [dt.date(2024, 1, 2)]), stamps, Storage())
+    assert got.tables["proc"].sort(TIME).equals(want.tables["proc"].sort(TIME))
+    assert got.tables["proc"][TIME].to_list() == [(day_s - 120 + 0.5) * 10 ** 6, (day_s - 60 + 0.5) * 10 ** 6,
+                                                  (day_s + 30) * 10 ** 6]
+    monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
+    assert ingest.read_shard(_shard(tmp_path, floats, [dt.date(2024, 1, 2)]), floats, Storage()).tables["proc"] \
+        .sort(TIME).equals(got.tables["proc"].sort(TIME))
 
 
 def test_columns_inside_struct_columns_are_read_by_their_dotted_path(tmp_path, tiny_spec, monkeypatch):

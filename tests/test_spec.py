@@ -220,7 +220,13 @@ def test_a_modalitys_own_time_and_entity_names_are_parsed_checked_and_round_trip
     spec = parse_spec(data)
     assert spec.names_read(spec.modalities["logs"]) == {} and "time" not in spec.to_dict()["modalities"]["logs"]
     data["modalities"]["logs"].update(time="@timestamp", entity=["plant", "machine_id"])
-    data["modalities"]["proc"].update(time="event_time", context={"window": "30min"})
+    data["modalities"]["proc"].update(time="event_time", context={"window": "30min"}, time_unit="s")
+    spec = parse_spec({**data, "time_unit": "ms"}, source="s.yaml")
+    assert [spec.time_unit_in(spec.modalities[m]) for m in ("proc", "proc_context", "logs")] == ["s", "s", "ms"]
+    assert spec.to_dict()["modalities"]["proc"]["time_unit"] == "s" and parse_spec(spec.to_dict(), "s.yaml") == spec
+    with pytest.raises(SpecError, match="'modalities.proc.time_unit': 'sec' is not one of s, ms, us, ns"):
+        parse_spec({**data, "modalities": {**data["modalities"], "proc": {**data["modalities"]["proc"],
+                                                                        "time_unit": "sec"}}}, source="s.yaml")
     spec = parse_spec(data, source="s.yaml")
     logs, view = spec.modalities["logs"], spec.modalities["proc_context"]
     assert (spec.time_in(logs), spec.entity_in(logs)) == ("@timestamp", ("plant", "machine_id"))
@@ -334,7 +340,7 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, kind, path, time, tolerance)",
+                     "entity, kind, path, time, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
@@ -505,7 +511,7 @@ def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path), "--check-data"]) == 2
-    assert "time column 'ts' is int64, expected a timestamp or ISO 8601 text; an integer count of seconds" \
+    assert "time column 'ts' is int64, expected a timestamp or ISO 8601 text; a count of seconds" \
         in capsys.readouterr().err
     path.write_text(yaml.safe_dump({**data, "time_unit": "ms"}))
     assert main(["validate", str(path), "--check-data"]) == 0
@@ -514,7 +520,7 @@ def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys)
     assert main(["validate", str(path), "--check-data"]) == 0
     out = capsys.readouterr().out
     assert "in 2 of 2 files" in out and "holds 1970-01-20 17:21 .. 1970-01-20 17:21 UTC" in out
-    assert "or integer times that count another unit than `time_unit` (us)" in out
+    assert "or numeric times that count another unit than `time_unit` (us)" in out
     path.write_text(yaml.safe_dump({**data, "time_unit": "s"}))
     assert main(["validate", str(path), "--check-data"]) == 0
     assert "holds 1704067200000000000 .. 1704067260000000000 microseconds since the epoch" in capsys.readouterr().out
@@ -548,7 +554,7 @@ def test_reading_differences_name_each_edit_a_model_version_would_not_see():
     trained = parse_spec(tiny_spec_dict(), source="trained")
     data = tiny_spec_dict()
     data["modalities"]["proc"].update(path="s3://moved/proc", columns=["temp"])     # moved: no difference
-    data["modalities"]["logs"].update(time="@timestamp", entity="machine")         # renamed: none either
+    data["modalities"]["logs"].update(time="@timestamp", entity="machine", time_unit="s")   # renamed: none either
     assert reading_differences(trained, parse_spec(data, source="s.yaml")) == []
     data["modalities"]["vib"].update(window="2min", columns=["a", "b"])
     data["modalities"]["proc"]["context"] = {"window": "1h"}
