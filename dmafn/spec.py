@@ -86,6 +86,7 @@ class ModalitySpec:
     time_column: str | None = None      # the time column's name in this table when not the spec's `time`
     entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
     time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
+    naive_times: str | None = None      # utc | local: what this table's times without a zone are, when not the spec's
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -226,6 +227,7 @@ class Spec:
     timezone: str = "UTC"               # the zone whose calendar days the dates are (partitions, train days, output)
     lateness_us: int = 0                # how long after its time a row may still be filed (partitions by arrival)
     time_unit: str | None = None        # what a time column stored as integers counts since the epoch (s|ms|us|ns)
+    naive_times: str = "utc"            # utc | local: a time without a zone is UTC, or the wall clock of `timezone`
 
     @property
     def lookback_days(self) -> int:
@@ -264,6 +266,12 @@ class Spec:
         """What a time stored as a number in modality `m`'s files counts since the epoch (its own `time_unit`, else
         the spec's; None: a numeric time is no time)."""
         return m.time_unit or self.time_unit
+
+    def naive_zone_in(self, m: ModalitySpec | None = None) -> str | None:
+        """The time zone whose wall clock modality `m`'s times without a zone show (`naive_times: local`: the spec's
+        `timezone`; without `m`, the spec's own setting, as the labels read theirs); None where they are UTC."""
+        local = ((m and m.naive_times) or self.naive_times) == "local" and self.timezone != "UTC"
+        return self.timezone if local else None
 
     def names_read(self, m: ModalitySpec) -> dict[str, str]:
         """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
@@ -356,7 +364,8 @@ class _Section:
                                 f"(allowed here: {', '.join(sorted(allowed))})")
 
 
-_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit"}
+_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times"}
+NAIVE_TIMES = ("utc", "local")
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
     "timeseries": {"columns", "period", "window", "encoder", "transform", "context"},
@@ -375,7 +384,9 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
         raise sec.err("time", f"{time!r} must be a column name")
     entity = sec.string_list("entity") if sec.get("entity") is not None else None
     unit = sec.choice("time_unit", TIME_UNITS) if sec.get("time_unit") is not None else None
-    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit)
+    naive = sec.choice("naive_times", NAIVE_TIMES) if sec.get("naive_times") is not None else None
+    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
+                   naive_times=naive)
 
 
 def _check_names_read(spec: Spec, sec: _Section) -> None:
@@ -463,7 +474,8 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
         raise ctx.err("window", f"must be longer than the modality's own reach ({format_duration(parent.lookback_us)})")
     return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
-                        entity_columns=parent.entity_columns, time_unit=parent.time_unit)
+                        entity_columns=parent.entity_columns, time_unit=parent.time_unit,
+                        naive_times=parent.naive_times)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -552,7 +564,7 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "time_unit", "grain", "partition", "timezone", "lateness",
+    top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "grain", "partition", "timezone", "lateness",
                         "modalities", "labels", "model", "train", "registry", "score", "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
@@ -592,7 +604,8 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 score=_parse_score(top.section("score", required=True)), model=_parse_model(top.section("model")),
                 labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),
                 lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0,
-                time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS))
+                time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS),
+                naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"))
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -686,7 +699,7 @@ def load_spec(path: str | Path) -> Spec:
 def reading_differences(trained: Spec, current: Spec) -> list[str]:
     """What `current` says about reading, modelling or thresholding the data that differs from `trained` (a model
     version's spec), one line each: the entity, time and grain, a modality's settings (its path, the names its
-    files give the time and entity and the unit of a numeric time aside - data may move and be renamed; its columns as a set - they are read by
+    files give the time and entity, the unit of a numeric time and the zone of a naive one aside - data may move and be renamed; its columns as a set - they are read by
     name), a modality only `current` defines, the `model` section,
     `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and scores
     as it was trained, so each is an edit that takes effect with a new version."""
@@ -698,7 +711,7 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         if old is None:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
-        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit"}):
+        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
                 continue
@@ -760,12 +773,15 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["entity"] = list(m.entity_columns)
         if m.time_unit:
             entry["time_unit"] = m.time_unit
+        if m.naive_times:
+            entry["naive_times"] = m.naive_times
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
         "partition": spec.partition, **({"timezone": spec.timezone} if spec.timezone != "UTC" else {}),
         **({"lateness": format_duration(spec.lateness_us)} if spec.lateness_us else {}),
         **({"time_unit": spec.time_unit} if spec.time_unit else {}),
+        **({"naive_times": spec.naive_times} if spec.naive_times != "utc" else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

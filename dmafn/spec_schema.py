@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
-                        NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
+                        NAIVE_TIMES, NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
                         THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
@@ -68,7 +68,9 @@ def spec_json_schema() -> dict[str, Any]:
             "entity": {**_COLUMNS, "description": "the entity columns' names in this modality's files, one for each "
                        "of the spec's entity in its order, where they are not the spec's (read as the spec's)"},
             "time_unit": {**_enum(TIME_UNITS), "description": "what this modality's time counts since the Unix "
-                          "epoch where its files store it as numbers, when not the spec's time_unit"}}
+                          "epoch where its files store it as numbers, when not the spec's time_unit"},
+            "naive_times": {**_enum(NAIVE_TIMES), "description": "what this modality's times without a zone are, "
+                            "when not as the spec's naive_times says"}}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}
@@ -83,6 +85,9 @@ def spec_json_schema() -> dict[str, Any]:
             "time": {"type": "string"},
             "time_unit": {**_enum(TIME_UNITS), "description": "what a time column stored as numbers (integers or "
                           "floats) counts since the Unix epoch (UTC); without it a numeric time column is an error"},
+            "naive_times": {**_enum(NAIVE_TIMES), "description": "what a time stored without a zone (a naive "
+                            "timestamp, ISO 8601 text without an offset) is: utc (the default), or local - the wall "
+                            "clock of the spec's timezone"},
             "grain": _DURATION,
             "partition": {"type": "string", "description": "where a date's files lie: a key (date: date=YYYY-MM-DD "
                           "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},

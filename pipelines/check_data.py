@@ -132,8 +132,8 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
     return data
 
 
-def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None
-                ) -> tuple[pa.Schema, tuple[int, int] | None] | DataError:
+def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None,
+                naive_zone: str | None = None) -> tuple[pa.Schema, tuple[int, int] | None] | DataError:
     """The Arrow schema in the footer of the Parquet file at `path` and the earliest and latest time its time
     column's statistics give (None: none to go by), or the DataError naming it (returned, so that a thread pool's
     map keeps going); the file is closed afterwards."""
@@ -143,7 +143,8 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
         return exc
     try:
         schema = parquet.schema_arrow
-        bounds = time_bounds(parquet, time_column, time_unit) if field_of(schema, time_column) is not None else None
+        bounds = time_bounds(parquet, time_column, time_unit, naive_zone) \
+            if field_of(schema, time_column) is not None else None
         return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
     finally:
         parquet.close()
@@ -196,7 +197,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            footers = pool.map(lambda path: file_footer(filesystem, path, time, unit), paths)
+            footers = pool.map(lambda path: file_footer(filesystem, path, time, unit, spec.naive_zone_in(m)), paths)
             for path, footer in zip(paths, footers):
                 try:
                     if isinstance(footer, DataError):

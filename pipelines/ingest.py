@@ -77,25 +77,31 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
     raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected {expected}")
 
 
-def read_times(table: pa.Table, time: str, time_unit: str | None) -> tuple[pa.Table, pl.Series | None]:
+def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None = None
+               ) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
-    `time_unit` digits), or Arrow's null type (no time in the file: all null). Beside it `_unread_time`, for each
-    stored value it could not read (a count no timestamp holds, a text that is no time), the reason its row is
-    quarantined, naming the value (null elsewhere; their time null). A timestamp column is returned as it is, with
-    None."""
+    `time_unit` digits), Arrow's null type (no time in the file: all null) - and, with `naive_zone` (`naive_times:
+    local`), naive timestamps and text without an offset as that zone's wall clock. Beside it `_unread_time`, for
+    each stored value it could not read (a count no timestamp holds, a text that is no time, a wall-clock time the
+    zone's clocks skipped or showed twice), the reason its row is quarantined, naming the value (null elsewhere;
+    their time null). A timestamp column that needs no reading is returned as it is, with None."""
     i = table.schema.get_field_index(time)
     stored = table.column(i)
     kind = stored.type.value_type if pa.types.is_dictionary(stored.type) else stored.type
     if pa.types.is_null(kind):
         return table.set_column(i, time, stored.cast(pa.timestamp("us"))), None
-    if pa.types.is_timestamp(kind) or (read := times_from_stored(pl.from_arrow(stored), time_unit)) is None:
+    if (pa.types.is_timestamp(kind) and (kind.tz is not None or naive_zone is None)) \
+            or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone)) is None:
         return table, None
     times, unread = read
+    clock = f"a wall-clock time {naive_zone}'s clocks skipped or showed twice (a daylight-saving change)"
     why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
            if pa.types.is_integer(kind) or pa.types.is_floating(kind)
+           else f"time column '{time}' holds {{}}, {clock}" if pa.types.is_timestamp(kind)
            else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
-           + (f" nor a count of {time_unit} since the epoch" if time_unit else ""))
+           + (f" nor a count of {time_unit} since the epoch" if time_unit else "")
+           + (f", or {clock}" if naive_zone else ""))
     reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
     return table.set_column(i, time, times.to_arrow()), reasons.alias(f"{UNREAD}time")
 
@@ -389,7 +395,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
-        unit = spec.time_unit_in(m)
+        unit, wall_clock = spec.time_unit_in(m), spec.naive_zone_in(m)
         columns = list(dict.fromkeys([*keys, time, *m.value_columns]))
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
@@ -400,12 +406,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                by_time = (None if own_date else row_groups_before(parquet, time, end, unit) if ahead
-                           else row_groups_since(parquet, time, first - m.lookback_us, unit))
+                by_time = (None if own_date else row_groups_before(parquet, time, end, unit, wall_clock) if ahead
+                           else row_groups_since(parquet, time, first - m.lookback_us, unit, wall_clock))
                 groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
-                    table, unread_time = read_times(part, time, unit)
+                    table, unread_time = read_times(part, time, unit, wall_clock)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]

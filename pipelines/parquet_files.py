@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple
 
@@ -34,12 +35,13 @@ def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.Col
     return next((meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == column), None)
 
 
-def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None = None
-                ) -> list[tuple[int, int]] | None:
+def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None = None,
+                naive_zone: str | None = None) -> list[tuple[int, int]] | None:
     """Each row group's earliest and latest time (microseconds since the epoch; a naive column's values as UTC,
     as they are read; a numeric column's as counts of `time_unit`, the modality's, a float's widened to whole
-    microseconds) by the time column's min/max statistics; None when the file has none to go by (no row group, a
-    column that is neither a timestamp nor, with `time_unit`, a number, a row group without statistics)."""
+    microseconds; with `naive_zone`, a naive timestamp's as that zone's wall clock, widened over a clock change) by
+    the time column's min/max statistics; None when the file has none to go by (no row group, a column that is
+    neither a timestamp nor, with `time_unit`, a number, a row group without statistics)."""
     kind = field_of(parquet.schema_arrow, time_column).type
     meta = parquet.metadata
     if pa.types.is_timestamp(kind):
@@ -66,22 +68,36 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
             bounds.append((math.floor(low * per_us), math.ceil(high * per_us)))
             continue
         bounds.append((micros_of(low, unit), micros_of(high, unit)))
+    if bounds and naive_zone and pa.types.is_timestamp(kind) and kind.tz is None:
+        bounds = [(_wall_clock_us(lo, naive_zone, min), _wall_clock_us(hi, naive_zone, max)) for lo, hi in bounds]
     return bounds or None
 
 
-def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int, time_unit: str | None = None
-                     ) -> list[int] | None:
+def _wall_clock_us(micros: int, zone: str, pick) -> int:
+    """A wall-clock time of `zone` (microseconds as if UTC) as the instant it shows, microseconds since the epoch:
+    of the two readings a clock change allows (`fold`), the earlier (`pick=min`) or the later (`max`)."""
+    try:
+        wall = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=micros)
+    except OverflowError:                           # beyond any calendar: as far as any zone's offset reaches
+        return micros + pick(-14, 12) * 3_600_000_000
+    tz = zoneinfo.ZoneInfo(zone)
+    return pick(micros - int(wall.replace(tzinfo=tz, fold=fold).utcoffset() / dt.timedelta(microseconds=1))
+                for fold in (0, 1))
+
+
+def row_groups_since(parquet: pq.ParquetFile, time_column: str, since_us: int, time_unit: str | None = None,
+                     naive_zone: str | None = None) -> list[int] | None:
     """The row groups that may hold rows timed at or after `since_us` (microseconds since the epoch), by the
     time column's min/max statistics; None when the file has none to go by (then every row group is read)."""
-    bounds = time_bounds(parquet, time_column, time_unit)
+    bounds = time_bounds(parquet, time_column, time_unit, naive_zone)
     return None if bounds is None else [r for r, (_, hi) in enumerate(bounds) if hi >= since_us]
 
 
-def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, time_unit: str | None = None
-                      ) -> list[int] | None:
+def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, time_unit: str | None = None,
+                      naive_zone: str | None = None) -> list[int] | None:
     """The row groups that may hold rows timed before `until_us`, by the time column's statistics; None when the
     file has none to go by."""
-    bounds = time_bounds(parquet, time_column, time_unit)
+    bounds = time_bounds(parquet, time_column, time_unit, naive_zone)
     return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
 
 

@@ -44,24 +44,41 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
     return converted.get_column("times").alias(counts.name), converted.get_column("unread")
 
 
-def times_from_stored(values: pl.Series, unit: str | None) -> tuple[pl.Series, pl.Series] | None:
-    """Times stored otherwise than as timestamps, read: numbers as counts of `unit` (`times_from_counts`; only
-    with a unit), text as ISO 8601 (`times_from_text`); the times and the stored values not read (see those). None
-    for any other storage (timestamps and dates need no reading; the rest is no time)."""
+def times_from_stored(values: pl.Series, unit: str | None, naive_zone: str | None = None
+                      ) -> tuple[pl.Series, pl.Series] | None:
+    """Times stored otherwise than as zoned timestamps, read: numbers as counts of `unit` (`times_from_counts`;
+    only with a unit), text as ISO 8601 (`times_from_text`), and - with `naive_zone` - naive timestamps as that
+    zone's wall clock (`times_from_wall_clock`); the times and the stored values not read (see those). None where
+    nothing needs reading (zoned timestamps and dates, naive ones without `naive_zone`; the rest is no time)."""
     if is_count(values.dtype):
         return None if unit is None else times_from_counts(values, unit)
     if values.dtype in (pl.String, pl.Categorical):
-        return times_from_text(values, unit)
+        return times_from_text(values, unit, naive_zone)
+    if naive_zone and isinstance(values.dtype, pl.Datetime) and values.dtype.time_zone is None:
+        return times_from_wall_clock(values, naive_zone)
     return None
 
 
-def times_from_text(texts: pl.Series, unit: str | None = None) -> tuple[pl.Series, pl.Series]:
+def times_from_wall_clock(times: pl.Series, zone: str) -> tuple[pl.Series, pl.Series]:
+    """Naive timestamps that show the wall clock of `zone` (a plant's historian writing local time) as naive UTC
+    timestamps in microseconds, and as text those the zone's clocks skipped or showed twice (a daylight-saving
+    change: which instant is meant cannot be told) - null elsewhere; their time is null."""
+    utc = (times.dt.cast_time_unit("us").dt.replace_time_zone(zone, ambiguous="null", non_existent="null")
+           .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+    unread = pl.select(pl.when(utc.is_null() & times.is_not_null()).then(times.dt.to_string("%Y-%m-%d %H:%M:%S%.f"))
+                       .otherwise(None)).to_series()
+    return utc.alias(times.name), unread
+
+
+def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str | None = None
+                    ) -> tuple[pl.Series, pl.Series]:
     """Times stored as text as naive (UTC) timestamps in microseconds: ISO 8601 - `2024-01-05T10:00:00Z`,
-    `2024-01-05 10:00:00.250`, `2024-01-05T11:00+01:00` (an offset converted, none read as UTC), a date alone its
-    midnight - or, with `unit`, a whole number (a count of it since the epoch, as `times_from_counts`). Spaces around
-    a value are ignored. Returns the times and the texts that are neither (a day-first `05/01/2024`, an impossible
-    `2024-02-30`, an hour 24), null elsewhere; their time is null. Each value is read by its own shape, never by a
-    format guessed from another row."""
+    `2024-01-05 10:00:00.250`, `2024-01-05T11:00+01:00` (an offset converted, none read as UTC - or, with
+    `naive_zone`, as that zone's wall clock, `times_from_wall_clock`), a date alone its midnight - or, with `unit`, a
+    whole number (a count of it since the epoch, as `times_from_counts`). Spaces around a value are ignored. Returns
+    the times and the texts that are neither (a day-first `05/01/2024`, an impossible `2024-02-30`, an hour 24; a
+    wall-clock time the zone skipped or showed twice), null elsewhere; their time is null. Each value is read by its
+    own shape, never by a format guessed from another row."""
     text = texts.cast(pl.String).str.strip_chars()
     parts = pl.DataFrame({"text": text}).select(pl.col("text"), pl.col("text").str.extract_groups(ISO_TIME)
                                                 .alias("iso")).unnest("iso")
@@ -77,6 +94,11 @@ def times_from_text(texts: pl.Series, unit: str | None = None) -> tuple[pl.Serie
               + pl.col("fraction").str.pad_end(9, "0").str.slice(0, 6).cast(pl.Int64, strict=False).fill_null(0)
               - offset_us)
     read = parts.select(pl.col("text"), pl.when(day.is_not_null() & clock_ok).then(micros).alias("micros"))
+    if naive_zone is not None:       # the values without a zone: that zone's wall clock
+        wall = pl.Series(read.get_column("micros")).cast(pl.Datetime("us"))
+        local, _ = times_from_wall_clock(wall, naive_zone)
+        read = read.with_columns(pl.when(parts.get_column("zone").is_null()).then(local.cast(pl.Int64))
+                                 .otherwise(pl.col("micros")).alias("micros"))
     if unit is not None:
         digits = pl.col("text").str.contains(r"^[+-]?\d+$")
         counts, _ = times_from_counts(read.get_column("text").str.to_integer(strict=False), unit)

@@ -213,6 +213,12 @@ def test_label_times_naive_zoned_and_in_any_unit_are_one_utc_instant(tiny_spec, 
     assert labels.usable.schema["start_ts"] == labels.usable.schema["end_ts"] == pl.Datetime("us", "UTC")
     assert labels.usable["start_ts"].to_list() == [start.replace(tzinfo=dt.timezone.utc)] * 2
     assert labels.usable["end_ts"].dt.hour().to_list() == [12, 12] and labels.unusable.is_empty()
+    local = replace(spec, timezone="Europe/Berlin", naive_times="local")     # naive: Berlin's wall clock (UTC+1)
+    assert load_labels(local, Storage()).usable["start_ts"].dt.hour().to_list() == [9, 9]
+    pq.write_table(pa.table({"machine_id": ["a"], "start_ts": pa.array([dt.datetime(2024, 3, 31, 2, 30)]),
+                             "end_ts": pa.array([dt.datetime(2024, 3, 31, 4)])}), tmp_path / "labels" / "part-0.parquet")
+    assert load_labels(local, Storage()).unusable["reason"].to_list() == [
+        "start_ts 2024-03-31 02:30:00: a wall-clock time Europe/Berlin's clocks skipped or showed twice"]
 
 
 def test_label_times_stored_as_integers_count_the_specs_time_unit(tiny_spec, tmp_path):

@@ -1831,6 +1831,76 @@ def test_a_modality_with_its_own_time_unit_reads_float_epoch_seconds_and_prunes_
         .sort(TIME).equals(got.tables["proc"].sort(TIME))
 
 
+def test_naive_times_of_a_plants_wall_clock_read_as_the_instants_they_show(tmp_path, tiny_spec, monkeypatch):
+    """A historian writing the plant's local time without a zone (`naive_times: local`, the spec's `timezone`): its
+    naive timestamps and its ISO text without an offset read as the instants a twin table timed in UTC holds - the
+    look-back day pruned by the statistics read as that wall clock; a time the clocks skipped (spring forward) or
+    showed twice (fall back) is quarantined with the time named; a time with a zone and an epoch count are instants
+    already. Without the setting a naive time is UTC, as before."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    import pipelines.ingest as ingest
+    from pipelines.parquet_files import open_parquet, time_bounds
+    from pipelines.storage import Storage
+    from pipelines.stored_times import times_from_text, times_from_wall_clock
+
+    berlin = "Europe/Berlin"
+    clocks = pl.Series("ts", [dt.datetime(2024, 1, 5, 12), dt.datetime(2024, 3, 31, 2, 30),
+                              dt.datetime(2024, 10, 27, 2, 30), dt.datetime(2024, 7, 1, 0, 0), None])
+    read, unread = times_from_wall_clock(clocks, berlin)
+    assert read.to_list() == [dt.datetime(2024, 1, 5, 11), None, None, dt.datetime(2024, 6, 30, 22), None]
+    assert unread.to_list() == [None, "2024-03-31 02:30:00", "2024-10-27 02:30:00", None, None]
+    texts = pl.Series(["2024-01-05 12:00", "2024-01-05T12:00Z", "2024-01-05T12:00+02:00", "2024-03-31T02:30"])
+    assert times_from_text(texts, None, berlin)[0].to_list() == [
+        dt.datetime(2024, 1, 5, 11), dt.datetime(2024, 1, 5, 12), dt.datetime(2024, 1, 5, 10), None]
+
+    day = dt.date(2024, 1, 2)                                     # Berlin: 2024-01-01 23:00 UTC onwards
+    start = 1_704_150_000_000_000                                 # 2024-01-01 23:00 UTC = Berlin's midnight
+    minute = 60_000_000
+    look_back = start - np.arange(600, 0, -1) * minute            # the last 10 hours of Berlin's 2024-01-01
+    own = start + np.arange(0, 600) * minute
+    for root, stored in (("utc", lambda us: pa.array(us, pa.timestamp("us", tz="UTC"))),
+                         ("wall", lambda us: pa.array(us + 3_600_000_000, pa.timestamp("us")))):   # UTC+1 in winter
+        for date, times in (("2024-01-01", look_back), ("2024-01-02", own)):
+            _dir(tmp_path / root, date)
+            pq.write_table(pa.table({"machine_id": ["a"] * len(times), "ts": stored(times),
+                                     "temp": np.arange(len(times), dtype=float)}),
+                           tmp_path / root / f"date={date}" / "part-0.parquet", row_group_size=60)
+    _write(tmp_path / "wall" / "date=2024-01-02" / "text.parquet", pa.table({    # text without an offset: alike
+        "machine_id": ["b", "b"], "ts": ["2024-01-02 00:30:00", "2024-01-02T00:31"], "temp": [1.0, 2.0]}))
+    _write(tmp_path / "utc" / "date=2024-01-02" / "text.parquet", pa.table({
+        "machine_id": ["b", "b"], "ts": ["2024-01-01T23:30:00Z", "2024-01-01T23:31Z"], "temp": [1.0, 2.0]}))
+    utc = replace(_proc_spec(tiny_spec, tmp_path / "utc"), timezone=berlin)
+    wall = replace(_proc_spec(tiny_spec, tmp_path / "wall"), timezone=berlin)
+    wall = replace(wall, modalities={"proc": replace(wall.modalities["proc"], naive_times="local")})
+    assert (wall.naive_zone_in(wall.modalities["proc"]), utc.naive_zone_in(utc.modalities["proc"])) == (berlin, None)
+    parquet = open_parquet(Storage().filesystem(str(tmp_path)), str(tmp_path / "wall" / "date=2024-01-01" /
+                                                                     "part-0.parquet"))
+    assert time_bounds(parquet, "ts", None, berlin) == time_bounds(
+        pq.ParquetFile(tmp_path / "utc" / "date=2024-01-01" / "part-0.parquet"), "ts")
+    got = ingest.read_shard(_shard(tmp_path, wall, [day]), wall, Storage())
+    want = ingest.read_shard(_shard(tmp_path, utc, [day]), utc, Storage())
+    assert got.tables["proc"].sort("machine_id", TIME).equals(want.tables["proc"].sort("machine_id", TIME))
+    assert got.tables["proc"][TIME].min() == start - 2 * minute   # the look-back rows within tolerance only
+    assert got.quarantined.is_empty() and want.quarantined.is_empty()
+    monkeypatch.setattr(ingest, "row_groups_since", lambda *a: None)
+    assert ingest.read_shard(_shard(tmp_path, wall, [day]), wall, Storage()).tables["proc"].sort(
+        "machine_id", TIME).equals(got.tables["proc"].sort("machine_id", TIME))
+    as_utc = replace(wall, modalities={"proc": replace(wall.modalities["proc"], naive_times=None)})
+    shifted = ingest.read_shard(_shard(tmp_path, as_utc, [day]), as_utc, Storage())   # naive read as UTC: 1 h late
+    assert shifted.tables["proc"][TIME].max() == got.tables["proc"][TIME].max() + 3_600_000_000
+
+    spring = pa.table({"machine_id": ["a"], "ts": pa.array([dt.datetime(2024, 3, 31, 2, 30)], pa.timestamp("us")),
+                       "temp": [1.0]})
+    table, unread = ingest.read_times(spring, "ts", None, berlin)
+    assert unread.to_list() == ["time column 'ts' holds 2024-03-31 02:30:00, a wall-clock time Europe/Berlin's "
+                                "clocks skipped or showed twice (a daylight-saving change)"]
+    assert table["ts"].to_pylist() == [None]
+
+
 def test_columns_inside_struct_columns_are_read_by_their_dotted_path(tmp_path, tiny_spec, monkeypatch):
     """JSON landed in Parquet nests its fields: a spec's `payload.temp` reads field `temp` of struct `payload`, and a
     time at `event.ts` is a time like any (its look-back day pruned by the nested column's statistics); a file

@@ -247,6 +247,24 @@ def test_a_modalitys_own_time_and_entity_names_are_parsed_checked_and_round_trip
                        source="s.yaml")
 
 
+def test_naive_times_are_parsed_checked_and_round_trip():
+    """`naive_times: local`: a time without a zone shows the wall clock of `timezone` (the spec's, or one modality's
+    own setting); UTC by default, and under `timezone: UTC` either way."""
+    data = tiny_spec_dict(timezone="Europe/Berlin")
+    spec = parse_spec(data)
+    assert spec.naive_times == "utc" and spec.naive_zone_in() is None and "naive_times" not in spec.to_dict()
+    data["modalities"]["logs"]["naive_times"] = "local"
+    spec = parse_spec(data, source="s.yaml")
+    assert [spec.naive_zone_in(spec.modalities[m]) for m in ("proc", "logs")] == [None, "Europe/Berlin"]
+    assert parse_spec(spec.to_dict(), "s.yaml") == spec
+    everywhere = parse_spec({**data, "naive_times": "local"})
+    assert everywhere.naive_zone_in() == everywhere.naive_zone_in(everywhere.modalities["proc"]) == "Europe/Berlin"
+    assert parse_spec({**data, "naive_times": "local", "timezone": "UTC"}).naive_zone_in() is None
+    assert reading_differences(parse_spec(tiny_spec_dict(timezone="Europe/Berlin")), spec) == []   # how it is stored
+    with pytest.raises(SpecError, match=r"key 'naive_times': 'berlin' is not one of utc, local"):
+        parse_spec({**data, "naive_times": "berlin"}, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -340,7 +358,7 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, kind, path, time, time_unit, tolerance)",
+                     "entity, kind, naive_times, path, time, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
@@ -614,13 +632,13 @@ def test_check_data_reads_footers_in_parallel_and_lists_problems_in_file_order(t
     lock = threading.Lock()
     read = check.file_footer
 
-    def slow_first(filesystem, path, time_column, time_unit=None):
+    def slow_first(filesystem, path, time_column, time_unit=None, naive_zone=None):
         with lock:
             reading.add(path)
             most[0] = max(most[0], len(reading))
         time.sleep(0.2 - 0.008 * int(path[-10:-8]))          # the later the file, the sooner it answers
         try:
-            return read(filesystem, path, time_column, time_unit)
+            return read(filesystem, path, time_column, time_unit, naive_zone)
         finally:
             with lock:
                 reading.discard(path)
