@@ -564,8 +564,8 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "grain", "partition", "timezone", "lateness",
-                        "modalities", "labels", "model", "train", "registry", "score", "storage"})
+    top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "grain", "partition", "timezone",
+                        "lateness", "modalities", "labels", "model", "train", "registry", "score", "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
         raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
@@ -699,10 +699,10 @@ def load_spec(path: str | Path) -> Spec:
 def reading_differences(trained: Spec, current: Spec) -> list[str]:
     """What `current` says about reading, modelling or thresholding the data that differs from `trained` (a model
     version's spec), one line each: the entity, time and grain, a modality's settings (its path, the names its
-    files give the time and entity, the unit of a numeric time and the zone of a naive one aside - data may move and be renamed; its columns as a set - they are read by
-    name), a modality only `current` defines, the `model` section,
-    `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and scores
-    as it was trained, so each is an edit that takes effect with a new version."""
+    files give the time and entity, the unit of a numeric time and the zone of a naive one aside - data may move
+    and be renamed; its columns as a set - they are read by name), a modality only `current` defines, the `model`
+    section, `score.threshold` and `score.smoothing` (fitted into the version's calibration). A version reads and
+    scores as it was trained, so each is an edit that takes effect with a new version."""
     was, now = spec_to_dict(trained), spec_to_dict(current)
     lines = [f"{key}: {now[key]} (the version's: {was[key]})" for key in ("entity", "time", "grain")
              if now[key] != was[key]]

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
-                        NAIVE_TIMES, NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS, TEXT_ENCODERS,
-                        THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
+                        NAIVE_TIMES, NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS,
+                        TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}

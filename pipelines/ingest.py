@@ -311,10 +311,9 @@ def conflicting(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     row with other values: which one a tick should read cannot be told, and a choice would follow the order the
     files were read in. Exact repeats are kept (whichever is read, it is the same), and so are rows that differ
     only where one holds no value (a row kept for its other columns: alignment takes each column's value from the
-    row that holds it). Time series average their
-    rows per period and text keeps every line, in an order that does not depend on the files
-    (`pipelines.align`): neither has to choose. A context view reads its parent's rows and drops the same ones.
-    """
+    row that holds it). Time series average their rows per period and text keeps every line, in an order that does
+    not depend on the files (`pipelines.align`): neither has to choose. A context view reads its parent's rows and
+    drops the same ones."""
     clash = np.zeros(table.height, bool)
     kind = spec.modalities[m.context_of].kind if m.context_of else m.kind
     if kind in ("timeseries", "text") or table.is_empty():
@@ -360,11 +359,12 @@ class ShardInputs:
     """What a shard read: per modality its usable rows (entity columns, `_t`, value columns; look-back rows
     only within the modality's window or tolerance of the shard's first tick; a value that could not be used null),
     the unusable rows of the shard's own dates (`entity`, `_t`, `date`, `source`, `reason`) - and, beside them,
-    the rows kept for their other values, a reason naming the value that was not (`PARTLY_USED`) -, and the (entity, `_day`) pairs with a usable row timed
-    inside one of its dates (`_day` = days since the epoch, of the date in the spec's `timezone`), the image frames
-    the check decoded (uint8, by their bytes: `featurize(..., decoded=)` reuses them), and how many input rows each
-    of its dates' partitions held (its entity bucket's; a context view's rows are its parent's, counted once) and,
-    per modality, how many of them were usable in every column (a dead channel leaves none)."""
+    the rows kept for their other values, a reason naming the value that was not (`PARTLY_USED`) -, and the
+    (entity, `_day`) pairs with a usable row timed inside one of its dates (`_day` = days since the epoch, of the
+    date in the spec's `timezone`), the image frames the check decoded (uint8, by their bytes: `featurize(...,
+    decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
+    view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
+    channel leaves none)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame

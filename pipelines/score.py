@@ -129,15 +129,16 @@ KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per mod
 def absent_modality_warning(result: DateResult) -> str | None:
     """A line when a modality of the version had no usable row in a date's partitions while others scored its ticks:
     the date was scored without it (but for its first ticks, which read the day before; its partition missing or
-    empty, its path moved, every row quarantined, a column with no usable value - a dead channel) - the fused score then rests on the other modalities, and the
-    faults only it shows are not seen."""
+    empty, its path moved, every row quarantined, a column with no usable value - a dead channel) - the fused score
+    then rests on the other modalities, and the faults only it shows are not seen."""
     gone = sorted(m for m, rows in result.modality_rows.items() if rows == 0)
     if not gone or not result.rows_scored:
         return None
     return (f"{result.date}: modality {', '.join(gone)} had no usable input row in the date's partitions, so its "
             f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
-            "moved, every row quarantined, or a column with no usable value in any row) - check its input (dmafn validate SPEC --check-data, the quarantine "
-            "table); once its files are there, a backfill over the date rescores it (its partitions changed)")
+            "moved, every row quarantined, or a column with no usable value in any row) - check its input (dmafn "
+            "validate SPEC --check-data, the quarantine table); once its files are there, a backfill over the date "
+            "rescores it (its partitions changed)")
 
 
 UNUSABLE_SHARE = 0.01    # a date with more of its input rows unusable (quarantined, misplaced ones aside): warned
@@ -154,8 +155,8 @@ def unusable_rows_warning(result: DateResult, spec: Spec) -> str | None:
         return None
     return (f"{result.date}: {unusable} of its {result.input_rows} input rows ({unusable / result.input_rows:.1%}) "
             f"could not be used, in whole or in part, and were quarantined ({spec.score.quarantine_path}); the date "
-            f"was scored from the rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the date (dmafn backfill "
-            f"{spec.source} --start {result.date} --end {result.date} --force)")
+            f"was scored from the rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the "
+            f"date (dmafn backfill {spec.source} --start {result.date} --end {result.date} --force)")
 
 
 def largest_first(reasons: dict[str, int]) -> dict[str, int]:

@@ -204,7 +204,8 @@ def plan_shards(spec: Spec, dates: list[dt.date], files: list[InputFile], *, sha
     (every bucket of a date reads the date's files and keeps its entities' rows), and consecutive dates share
     a shard while their bytes per bucket stay under `shard_bytes` (at most `days_per_shard` dates, fewer when
     that would give less than `min_shards` shards: a cluster's slots all get work, and the last shard to
-    finish is short). `key_casts`: how every shard reads the entity keys the tables store differently (`ingest.entity_casts`)."""
+    finish is short). `key_casts`: how every shard reads the entity keys the tables store differently
+    (`ingest.entity_casts`)."""
     dates = sorted(set(dates))
     if not dates:
         return []
@@ -299,8 +300,9 @@ def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> No
 
 def require_each_modality(spec: Spec, files: list[InputFile], dates: list[dt.date], role: str) -> None:
     """DataError naming the first modality (with a table of its own) that has no file in any of `dates`' partitions -
-    training's `role` ("training", "validation") days, or recalibration's ("calibration"): a model cannot learn, or calibrate, a modality it never sees,
-    and would score it with an encoder trained on nothing. A listing, before anything is read or written."""
+    training's `role` ("training", "validation") days, or recalibration's ("calibration"): a model cannot learn, or
+    calibrate, a modality it never sees, and would score it with an encoder trained on nothing. A listing, before
+    anything is read or written."""
     seen = {f.modality for f in files if f.date in set(dates)}
     for name in voting_modalities(spec.modalities):
         if name not in seen:

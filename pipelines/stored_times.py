@@ -1,7 +1,8 @@
 """Event times as files store them, read as naive UTC timestamps in microseconds: a timestamp column needs nothing
 (`pipelines.align.to_micros`); these read the others - counts of the spec's `time_unit` since the epoch, integers
-(an event stream's sink) or floats (a log shipper's epoch seconds with a fraction), and ISO 8601 text (a CSV or JSON loaded without a schema). Each returns the times and,
-beside them, the stored values it could not read (as text; null elsewhere), so that the caller can say why."""
+(an event stream's sink) or floats (a log shipper's epoch seconds with a fraction), ISO 8601 text (a CSV or JSON
+loaded without a schema) and a plant's wall clock (`naive_times: local`). Each returns the times and, beside them,
+the stored values it could not read (as text; null elsewhere), so that the caller can say why."""
 from __future__ import annotations
 
 import polars as pl
