@@ -44,6 +44,7 @@ class ModalityData:
     # the Arrow types of the spec's columns (entity, time, values) as stored -> the first file storing them so
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)        # how its files are read where that is not as stored
+    naive_as_utc: bool = False              # a time without a zone read as UTC although the dates are a zone's
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -79,7 +80,9 @@ class ModalityData:
                 f"{_span(first, last)} - misfiled rows (quarantined when scored), rows filed by the day "
                 "they arrived (set `lateness`), or partitions cut by another time zone's dates (set `timezone`)"
                 + (f", or numeric times that count another unit than `time_unit` ({self.integer_times})"
-                   if self.integer_times else "")]
+                   if self.integer_times else "")
+                + (f", or times without a zone that show {self.zone}'s wall clock (set `naive_times: local`)"
+                   if self.naive_as_utc else "")]
 
 
 def _span(first: int, last: int) -> str:
@@ -178,7 +181,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
     dated: dict[str, set[dt.date]] = {}         # the dates of each modality's files (context views: their parent's)
     firsts: dict[str, pa.Schema] = {}           # each modality's first readable file's schema
     for name, m in spec.modalities.items():
-        data = ModalityData(name, m.path, zone=spec.timezone)
+        data = ModalityData(name, m.path, zone=spec.timezone,
+                            naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
         found.append(data)
         try:
             partitions = list_partitions(storage, m.path, spec.partition)

@@ -67,8 +67,8 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
     stored = field_of(schema, time).type
     kind = stored.value_type if pa.types.is_dictionary(stored) else stored
     number = pa.types.is_integer(stored) or pa.types.is_floating(stored)
-    if pa.types.is_timestamp(stored) or pa.types.is_null(stored) or pa.types.is_string(kind) \
-            or pa.types.is_large_string(kind) or (time_unit and number):
+    if pa.types.is_timestamp(stored) or pa.types.is_date(stored) or pa.types.is_null(stored) \
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind) or (time_unit and number):
         return          # text: ISO 8601 (`read_times`); Arrow's null type: no time in the file, every row quarantined
     expected = f"a timestamp, ISO 8601 text or a count of {time_unit} since the epoch (time_unit)" \
         if time_unit else "a timestamp or ISO 8601 text" + (
@@ -81,7 +81,8 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
                ) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
-    `time_unit` digits), Arrow's null type (no time in the file: all null) - and, with `naive_zone` (`naive_times:
+    `time_unit` digits), a date (its midnight), Arrow's null type (no time in the file: all null) - and, with
+    `naive_zone` (`naive_times:
     local`), naive timestamps and text without an offset as that zone's wall clock. Beside it `_unread_time`, for
     each stored value it could not read (a count no timestamp holds, a text that is no time, a wall-clock time the
     zone's clocks skipped or showed twice), the reason its row is quarantined, naming the value (null elsewhere;
@@ -91,6 +92,9 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
     kind = stored.type.value_type if pa.types.is_dictionary(stored.type) else stored.type
     if pa.types.is_null(kind):
         return table.set_column(i, time, stored.cast(pa.timestamp("us"))), None
+    if pa.types.is_date(kind):          # a date alone (a daily table): its midnight, naive as a date is
+        stored, kind = stored.cast(pa.timestamp("us")), pa.timestamp("us")
+        table = table.set_column(i, time, stored)
     if (pa.types.is_timestamp(kind) and (kind.tz is not None or naive_zone is None)) \
             or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone)) is None:
         return table, None

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dmafn.spec import DAY_US
 from pipelines.storage import DataError, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
@@ -38,14 +39,17 @@ def column_chunk(parquet: pq.ParquetFile, row_group: int, column: str) -> pq.Col
 def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None = None,
                 naive_zone: str | None = None) -> list[tuple[int, int]] | None:
     """Each row group's earliest and latest time (microseconds since the epoch; a naive column's values as UTC,
-    as they are read; a numeric column's as counts of `time_unit`, the modality's, a float's widened to whole
-    microseconds; with `naive_zone`, a naive timestamp's as that zone's wall clock, widened over a clock change) by
+    as they are read; a date's as its midnight; a numeric column's as counts of `time_unit`, the modality's, a
+    float's widened to whole microseconds; with `naive_zone`, a naive timestamp's or a date's as that zone's wall
+    clock, widened over a clock change) by
     the time column's min/max statistics; None when the file has none to go by (no row group, a column that is
     neither a timestamp nor, with `time_unit`, a number, a row group without statistics)."""
     kind = field_of(parquet.schema_arrow, time_column).type
     meta = parquet.metadata
     if pa.types.is_timestamp(kind):
         unit, raw, stored_as = kind.unit, True, ("INT64",)       # a timestamp's raw statistics: INT64 only
+    elif pa.types.is_date(kind):
+        unit, raw, stored_as = "day", True, ("INT32",)           # Parquet stores any date as days (INT32)
     elif time_unit and pa.types.is_integer(kind):
         unit, raw, stored_as = time_unit, False, ("INT64", "INT32")
     elif time_unit and pa.types.is_floating(kind):
@@ -67,8 +71,8 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
                 return None
             bounds.append((math.floor(low * per_us), math.ceil(high * per_us)))
             continue
-        bounds.append((micros_of(low, unit), micros_of(high, unit)))
-    if bounds and naive_zone and pa.types.is_timestamp(kind) and kind.tz is None:
+        bounds.append((low * DAY_US, high * DAY_US) if unit == "day" else (micros_of(low, unit), micros_of(high, unit)))
+    if bounds and naive_zone and (pa.types.is_date(kind) or pa.types.is_timestamp(kind) and kind.tz is None):
         bounds = [(_wall_clock_us(lo, naive_zone, min), _wall_clock_us(hi, naive_zone, max)) for lo, hi in bounds]
     return bounds or None
 

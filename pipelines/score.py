@@ -426,12 +426,13 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     # tick: a data problem, whatever score.missing_input says
     if not scored and unusable:
         misplaced = sum(c.input_rows_misplaced for c in counts)
+        keys = ["timezone", "lateness", *(["time_unit"] if any(map(spec.time_unit_in, spec.modalities.values()))
+                                          else []), *(["naive_times"] if spec.timezone != "UTC" else [])]
         raise DataError(f"no modality of spec '{name}' has usable data for {day} ({unusable} input rows, all "
                         f"quarantined: see {spec.score.quarantine_path})" + (
                             f"; {misplaced} of them timed outside their date partition: do the spec's "
-                            + ("timezone, lateness and time_unit" if any(
-                                spec.time_unit_in(m) for m in spec.modalities.values()) else "timezone and lateness")
-                            + " say how the lake is filed?" if 2 * misplaced > unusable else ""))
+                            f"{', '.join(keys[:-1])} and {keys[-1]} say how the lake is filed?"
+                            if 2 * misplaced > unusable else ""))
     if not ticks_in:
         raise NoInput(f"no modality of spec '{name}' has data for {day}")
     if scored + quarantined != ticks_in:

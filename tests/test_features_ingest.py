@@ -1901,6 +1901,38 @@ def test_naive_times_of_a_plants_wall_clock_read_as_the_instants_they_show(tmp_p
     assert table["ts"].to_pylist() == [None]
 
 
+def test_a_time_stored_as_a_date_is_its_midnight(tmp_path, tiny_spec):
+    """A daily table (lab results, a maintenance log) timed by a date alone: read as the date's midnight - UTC, or
+    with `naive_times: local` the plant's -, checked, read and pruned by the date statistics like a timestamp."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard, read_times
+    from pipelines.parquet_files import time_bounds
+    from pipelines.storage import Storage
+
+    days = pa.array([dt.date(2024, 1, 1), dt.date(2024, 1, 2)], pa.date32())
+    table = pa.table({"machine_id": ["a", "a"], "ts": days, "temp": [1.0, 2.0]})
+    check_schema(table.schema, tiny_spec, tiny_spec.modalities["proc"], "/d")
+    assert read_times(table, "ts", None)[0]["ts"].to_pylist() == [dt.datetime(2024, 1, 1), dt.datetime(2024, 1, 2)]
+    assert read_times(table, "ts", None, "Europe/Berlin")[0]["ts"].to_pylist() == [
+        dt.datetime(2023, 12, 31, 23), dt.datetime(2024, 1, 1, 23)]
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    pq.write_table(table.slice(1), _dir(tmp_path, "2024-01-02") / "part-0.parquet")
+    pq.write_table(pa.table({"machine_id": ["a"] * 2, "ts": pa.array([dt.date(2023, 12, 31), dt.date(2024, 1, 1)],
+                                                                      pa.date64()), "temp": [0.0, 1.0]}),
+                   _dir(tmp_path, "2024-01-01") / "part-0.parquet", row_group_size=1)
+    assert time_bounds(pq.ParquetFile(tmp_path / "date=2024-01-01" / "part-0.parquet"), "ts") == [
+        (day - 2 * 86_400_000_000, day - 2 * 86_400_000_000), (day - 86_400_000_000, day - 86_400_000_000)]
+    spec = _proc_spec(tiny_spec, tmp_path)
+    spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], tolerance_us=86_400_000_000)})
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert sorted(got.tables["proc"][TIME].to_list()) == [day - 86_400_000_000, day]   # 2023-12-31: beyond reach
+    assert got.quarantined.is_empty()                             # a look-back day's rows are its own date's
+
+
 def test_columns_inside_struct_columns_are_read_by_their_dotted_path(tmp_path, tiny_spec, monkeypatch):
     """JSON landed in Parquet nests its fields: a spec's `payload.temp` reads field `temp` of struct `payload`, and a
     time at `event.ts` is a time like any (its look-back day pruned by the nested column's statistics); a file

@@ -506,6 +506,19 @@ def test_check_data_names_files_holding_rows_timed_outside_their_date_by_the_spe
     path.write_text(yaml.safe_dump({**data, "timezone": "Europe/Berlin"}))
     assert main(["validate", str(path), "--check-data"]) == 0
     assert "outside their date partition" not in capsys.readouterr().out
+    # the same lake with naive times of Berlin's wall clock (01:30 is 00:30 UTC): read as UTC, the evening's are
+    # late - `naive_times` suggested; with `naive_times: local` nothing is outside
+    for day in (1, 2):
+        file = tmp_path / "proc" / f"date=2024-01-0{day}" / "part-0.parquet"
+        wall = pq.read_table(file).column("ts").cast(pa.timestamp("ns", tz="Europe/Berlin")).to_pylist()
+        pq.write_table(pq.read_table(file).set_column(1, "ts", pa.array([t.replace(tzinfo=None) for t in wall],
+                                                                        pa.timestamp("us"))), file)
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "or times without a zone that show Europe/Berlin's wall clock (set `naive_times: local`)" in \
+        capsys.readouterr().out
+    path.write_text(yaml.safe_dump({**data, "timezone": "Europe/Berlin", "naive_times": "local"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "outside their date partition" not in capsys.readouterr().out
 
 
 def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys):
