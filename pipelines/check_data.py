@@ -153,22 +153,23 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
         parquet.close()
 
 
-def _key_notes(spec: Spec, firsts: dict[str, pa.Schema], found: dict[str, ModalityData]) -> None:
-    """A note on each modality whose entity key is stored otherwise than in another's and read alike in every table
+def _key_notes(spec: Spec, keyed: dict[str, list[pa.Schema]], found: dict[str, ModalityData]) -> None:
+    """A note on each modality whose entity key is stored otherwise than in another's, or otherwise in some of its
+    own files (`keyed`: a schema per way each modality's files store the keys), and read alike in every table
     (`ingest.entity_casts`, as the jobs read them)."""
-    for key, kind in entity_casts(spec, firsts):
+    for key, kind in entity_casts(spec, keyed):
         i = spec.entity.index(key)
-        stored = {name: str(field_of(schema, spec.entity_in(spec.modalities[name])[i]).type)
-                  for name, schema in firsts.items()}
+        stored = {name: " and ".join(dict.fromkeys(str(field_of(schema, spec.entity_in(spec.modalities[name])[i]).type)
+                                                   for schema in held)) for name, held in keyed.items()}
         for name, mine in stored.items():
             by_type: dict[str, list[str]] = {}
             for other, t in stored.items():
                 if t != mine:
                     by_type.setdefault(t, []).append(other)
             others = "; ".join(f"{t} in {', '.join(names)}" for t, names in by_type.items())
-            if others:
+            if others or " and " in mine:
                 found[name].notes.append(
-                    f"entity '{key}' stored as {mine} ({others}): read as "
+                    f"entity '{key}' stored as {mine}" + (f" ({others})" if others else " in its files") + ": read as "
                     + ("text in every table, so that 17 and '17' are one entity" if kind == "text"
                        else "64-bit integers in every table"))
 
@@ -179,7 +180,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
     storage = storage or Storage.from_spec(spec.storage)
     found: list[ModalityData | LabelsData] = []
     dated: dict[str, set[dt.date]] = {}         # the dates of each modality's files (context views: their parent's)
-    firsts: dict[str, pa.Schema] = {}           # each modality's first readable file's schema
+    keyed: dict[str, dict[tuple[str, ...], pa.Schema]] = {}   # per modality, a schema per way it stores its keys
     for name, m in spec.modalities.items():
         data = ModalityData(name, m.path, zone=spec.timezone,
                             naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
@@ -212,7 +213,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     data.problems.append(str(exc))
                     continue
                 if not m.context_of:
-                    firsts.setdefault(name, schema)
+                    keyed.setdefault(name, {}).setdefault(
+                        tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)), schema)
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
                 if pa.types.is_integer(stored := field_of(schema, time).type) or pa.types.is_floating(stored):
@@ -223,7 +225,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 if not data.columns:
                     data.columns = {f.name: str(f.type) for f in schema}
                 data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
-    _key_notes(spec, firsts, {d.name: d for d in found})
+    _key_notes(spec, {name: list(ways.values()) for name, ways in keyed.items()}, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:
         found.append(check_labels(spec, storage))

@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import each_row_group, field_of, open_parquet, row_groups_before, row_groups_since
+from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, row_groups_before,
+                                     row_groups_since)
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import times_from_stored
@@ -486,16 +487,17 @@ def _key_kind(t: pa.DataType) -> str:
         "integer" if pa.types.is_integer(t) else str(t)
 
 
-def entity_casts(spec: Spec, schemas: dict[str, pa.Schema]) -> tuple[tuple[str, str], ...]:
-    """How to read the spec's entity keys that the modalities' files (`schemas`: one per modality,
+def entity_casts(spec: Spec, schemas: dict[str, pa.Schema | list[pa.Schema]]) -> tuple[tuple[str, str], ...]:
+    """How to read the spec's entity keys that the modalities' files (`schemas`: one or several per modality,
     `require_columns`) store differently, so that every table's meet on the ticks (`Shard.key_casts`): a key stored
-    as integers in one table and as text (or another type) in another is read as `text` in each - machine 17 and
+    as integers in one table or file and as text (or another type) in another is read as `text` in each - machine 17 and
     machine '17' are one machine, as they are to the model, whose per-entity statistics are keyed by the key's
     text -, one stored as integers of different widths as `integer` (64-bit). Keys stored alike, or as strings
     plain, large or dictionary-encoded (read as strings), are not listed."""
     casts = []
     for i, key in enumerate(spec.entity):
-        types = {field_of(schema, spec.entity_in(spec.modalities[name])[i]).type for name, schema in schemas.items()}
+        types = {field_of(schema, spec.entity_in(spec.modalities[name])[i]).type
+                 for name, held in schemas.items() for schema in each_schema(held)}
         kinds = {_key_kind(t) for t in types}
         if len(kinds) > 1:
             casts.append((key, "text"))
@@ -504,16 +506,27 @@ def entity_casts(spec: Spec, schemas: dict[str, pa.Schema]) -> tuple[tuple[str, 
     return tuple(casts)
 
 
-def require_columns(spec: Spec, storage: Storage, files) -> dict[str, pa.Schema]:
+def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Schema]]:
     """Check the schema of each modality's first file on the driver (fail fast before any task starts); every
-    file is checked again where it is read. Returns those schemas by modality."""
-    seen: dict[str, pa.Schema] = {}
+    file is checked again where it is read. Returns by modality that schema and, where it reads, the newest file's
+    (a lake whose writer changed stores its keys otherwise there): what `entity_casts` and `keys_sliceable` go by.
+    A newest file that cannot be read is left to its date's task, so that it fails its date alone."""
+    ends: dict[str, list] = {}
     for f in files:
-        if f.modality in seen:
-            continue
-        m = spec.modalities[f.modality]
-        with open_parquet(storage.filesystem(m.path), f.path) as parquet:
-            check_schema(parquet.schema_arrow, spec, m, f.path)
-            seen[f.modality] = parquet.schema_arrow
+        ends.setdefault(f.modality, [f, f])
+        ends[f.modality][1] = f if f.date >= ends[f.modality][1].date else ends[f.modality][1]
+    seen: dict[str, list[pa.Schema]] = {}
+    for name, (first, newest) in ends.items():
+        m = spec.modalities[name]
+        with open_parquet(storage.filesystem(m.path), first.path) as parquet:
+            check_schema(parquet.schema_arrow, spec, m, first.path)
+            seen[name] = [parquet.schema_arrow]
+        if newest.path != first.path:
+            try:
+                with open_parquet(storage.filesystem(m.path), newest.path) as parquet:
+                    check_schema(parquet.schema_arrow, spec, m, newest.path)
+                    seen[name].append(parquet.schema_arrow)
+            except DataError:
+                pass
     return seen
 

@@ -105,6 +105,11 @@ def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, 
     return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
 
 
+def each_schema(held: pa.Schema | list[pa.Schema]) -> list[pa.Schema]:
+    """A modality's schema, or its several (`ingest.require_columns`), as a list."""
+    return held if isinstance(held, list) else [held]
+
+
 def field_of(schema: pa.Schema, name: str) -> pa.Field | None:
     """The field a spec's column name reads: a top-level column of that name, else a field inside struct columns
     by its dotted path (`payload.temperature`: the `temperature` of struct `payload`, as JSON landed in Parquet

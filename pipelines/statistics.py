@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from dmafn.features import join_entity_statistics, split_entity_statistics
 from dmafn.spec import Spec
-from pipelines.parquet_files import field_of
+from pipelines.parquet_files import each_schema, field_of
 from pipelines.shards import Shard, bucket_of
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class BucketStatistics:
         return self._refs[key]
 
 
-def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
+def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema | list[pa.Schema]]) -> bool:
     """Whether every modality's entity key columns are strings (plain or dictionary-encoded, as pandas and Polars
     write categorical columns) or integers (`BucketStatistics`)."""
     def plain(t: pa.DataType) -> bool:
@@ -109,8 +109,9 @@ def keys_sliceable(spec: Spec, schemas: dict[str, pa.Schema]) -> bool:
             return pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
-    return bool(schemas) and all(plain(field_of(schema, k).type) for name, schema in schemas.items()
-                                 for k in spec.entity_in(spec.modalities[name]) if field_of(schema, k) is not None)
+    return bool(schemas) and all(plain(field_of(schema, k).type) for name, held in schemas.items()
+                                 for schema in each_schema(held) for k in spec.entity_in(spec.modalities[name])
+                                 if field_of(schema, k) is not None)
 
 
 _JSON_COLUMNS = b"dmafn.json_columns"     # the entity file's schema metadata: places stored as JSON text

@@ -2649,3 +2649,38 @@ def test_entity_keys_stored_differently_by_two_tables_meet_as_one_entity(tmp_pat
                  f"{reading[casts[0][1]]}"],
         "logs": [f"entity 'machine_id' stored as {stored[log_keys].type} ({stored[proc_keys].type} in proc): "
                  f"{reading[casts[0][1]]}"]})
+
+
+def test_entity_keys_a_table_stores_otherwise_in_its_newer_files_meet_as_one_entity(tmp_path):
+    """A writer that changed: the process table keyed machine 17 as an integer until yesterday and as text since. The
+    job reads each modality's first and newest file's schema (`require_columns`), so the keys are read as text in
+    every file and the look-back day's rows meet today's; `validate --check-data` notes it."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.check_data import check_data
+    from pipelines.ingest import entity_casts, read_shard, require_columns
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    for date, keys, at in (("2024-01-01", pa.array([17], pa.int64()), day - M), ("2024-01-02", pa.array(["17"]), day)):
+        pq.write_table(pa.table({"machine_id": keys, "ts": pa.array([at], pa.timestamp("us", tz="UTC")),
+                                 "temp": [1.0]}), _folder(tmp_path / "proc" / f"date={date}") / "part-0.parquet")
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    spec, date = parse_spec(data), dt.date(2024, 1, 2)
+    files = list_inputs(spec, [date], Storage())
+    schemas = require_columns(spec, Storage(), files)
+    assert [str(s.field("machine_id").type) for s in schemas["proc"]] == ["int64", "string"]
+    casts = entity_casts(spec, schemas)
+    assert casts == (("machine_id", "text"),)
+    (shard,) = plan_shards(spec, [date], files, key_casts=casts)
+    got = read_shard(shard, spec, Storage())
+    assert got.tables["proc"].sort(TIME).rows() == [("17", day - M, 1.0), ("17", day, 1.0)]
+    assert check_data(spec)[0].notes == [
+        "entity 'machine_id' stored as int64 and string in its files: read as text in every table, so that 17 and "
+        "'17' are one entity"]
