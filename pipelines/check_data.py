@@ -25,6 +25,7 @@ from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import field_of, list_parquet_files, open_parquet, time_bounds
 from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.stored_times import is_count
 
 FOOTER_READERS = 16
 
@@ -159,8 +160,8 @@ def _key_notes(spec: Spec, keyed: dict[str, list[pa.Schema]], found: dict[str, M
     (`ingest.entity_casts`, as the jobs read them)."""
     for key, kind in entity_casts(spec, keyed):
         i = spec.entity.index(key)
-        stored = {name: " and ".join(dict.fromkeys(str(field_of(schema, spec.entity_in(spec.modalities[name])[i]).type)
-                                                   for schema in held)) for name, held in keyed.items()}
+        stored = {name: " and ".join(dict.fromkeys(str(field_of(s, spec.entity_in(spec.modalities[name])[i]).type)
+                                                   for s in held)) for name, held in keyed.items()}
         for name, mine in stored.items():
             by_type: dict[str, list[str]] = {}
             for other, t in stored.items():
@@ -217,7 +218,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                         tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)), schema)
                 if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
                     continue
-                if pa.types.is_integer(stored := field_of(schema, time).type) or pa.types.is_floating(stored):
+                if is_count(field_of(schema, time).type):
                     data.integer_times = unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import entity_places
 from dmafn.spec import Spec
-from pipelines.ingest import require_columns, entity_casts
+from pipelines.ingest import entity_casts, require_columns
 from pipelines.registry import Registry
 from pipelines.score import reading_spec
 from pipelines.shards import list_inputs, plan_shards, require_data

@@ -20,7 +20,7 @@ from pipelines.parquet_files import (each_row_group, each_schema, field_of, open
                                      row_groups_since)
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import times_from_stored
+from pipelines.stored_times import is_count, times_from_stored
 
 REASON = "_reason"
 PARTLY = "_partly"      # why a row was kept for some of its values only (`with_reasons`)
@@ -67,7 +67,7 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
                             f"columns are {sorted(schema.names)}")
     stored = field_of(schema, time).type
     kind = stored.value_type if pa.types.is_dictionary(stored) else stored
-    number = pa.types.is_integer(stored) or pa.types.is_floating(stored)
+    number = is_count(stored)
     if pa.types.is_timestamp(stored) or pa.types.is_date(stored) or pa.types.is_null(stored) \
             or pa.types.is_string(kind) or pa.types.is_large_string(kind) or (time_unit and number):
         return          # text: ISO 8601 (`read_times`); Arrow's null type: no time in the file, every row quarantined
@@ -83,11 +83,11 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
     `time_unit` digits), a date (its midnight), Arrow's null type (no time in the file: all null) - and, with
-    `naive_zone` (`naive_times:
-    local`), naive timestamps and text without an offset as that zone's wall clock. Beside it `_unread_time`, for
-    each stored value it could not read (a count no timestamp holds, a text that is no time, a wall-clock time the
-    zone's clocks skipped or showed twice), the reason its row is quarantined, naming the value (null elsewhere;
-    their time null). A timestamp column that needs no reading is returned as it is, with None."""
+    `naive_zone` (`naive_times: local`), naive timestamps and text without an offset as that zone's wall clock.
+    Beside it `_unread_time`, for each stored value it could not read (a count no timestamp holds, a text that is no
+    time, a wall-clock time the zone's clocks skipped or showed twice), the reason its row is quarantined, naming
+    the value (null elsewhere; their time null). A timestamp column that needs no reading is returned as it is,
+    with None."""
     i = table.schema.get_field_index(time)
     stored = table.column(i)
     kind = stored.type.value_type if pa.types.is_dictionary(stored.type) else stored.type
@@ -102,7 +102,7 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
     times, unread = read
     clock = f"a wall-clock time {naive_zone}'s clocks skipped or showed twice (a daylight-saving change)"
     why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
-           if pa.types.is_integer(kind) or pa.types.is_floating(kind)
+           if is_count(kind)
            else f"time column '{time}' holds {{}}, {clock}" if pa.types.is_timestamp(kind)
            else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
            + (f" nor a count of {time_unit} since the epoch" if time_unit else "")
@@ -225,10 +225,9 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
         expr = expr.when(cond).then(said(reason))
     df = df.with_columns(expr.otherwise(None).alias(REASON))
     if partial:
-        first_bad = pl.when(bad[columns[0]]).then(pl.lit(f"unusable value in column '{columns[0]}' ({PARTLY_USED})"))
-        for col in columns[1:]:
-            first_bad = first_bad.when(bad[col]).then(pl.lit(f"unusable value in column '{col}' ({PARTLY_USED})"))
-        df = df.with_columns(pl.when(pl.col(REASON).is_null()).then(first_bad.otherwise(None)).alias(PARTLY),
+        first_bad = pl.coalesce(pl.when(bad[col]).then(pl.lit(f"unusable value in column '{col}' ({PARTLY_USED})"))
+                                for col in columns)
+        df = df.with_columns(pl.when(pl.col(REASON).is_null()).then(first_bad).alias(PARTLY),
                              *[pl.when(bad[col]).then(None).otherwise(pl.col(col)).alias(col) for col in columns])
     return df.drop(BAD_TEXT, *unread)
 
@@ -435,13 +434,14 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
                         day_usable = usable_rows.setdefault(f.date.isoformat(), {})
-                        partly = int(good[PARTLY].is_not_null().sum()) if PARTLY in good.columns else 0
-                        day_usable[name] = day_usable.get(name, 0) + good.height - partly     # usable in full
+                        partly = good.filter(pl.col(PARTLY).is_not_null()) if PARTLY in good.columns else None
+                        day_usable[name] = day_usable.get(name, 0) + good.height - (   # usable in full
+                            0 if partly is None else partly.height)
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
-                        if PARTLY in good.columns:  # kept for its other values: the unusable one noted, once
-                            quarantined.append(quarantined_input(good.filter(pl.col(PARTLY).is_not_null()), spec,
-                                                                 name, pl.lit(f.date.isoformat()), pl.col(PARTLY)))
+                        if partly is not None:      # kept for its other values: the unusable one noted, once
+                            quarantined.append(quarantined_input(partly, spec, name, pl.lit(f.date.isoformat()),
+                                                                 pl.col(PARTLY)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
@@ -490,8 +490,8 @@ def _key_kind(t: pa.DataType) -> str:
 def entity_casts(spec: Spec, schemas: dict[str, pa.Schema | list[pa.Schema]]) -> tuple[tuple[str, str], ...]:
     """How to read the spec's entity keys that the modalities' files (`schemas`: one or several per modality,
     `require_columns`) store differently, so that every table's meet on the ticks (`Shard.key_casts`): a key stored
-    as integers in one table or file and as text (or another type) in another is read as `text` in each - machine 17 and
-    machine '17' are one machine, as they are to the model, whose per-entity statistics are keyed by the key's
+    as integers in one table or file and as text (or another type) in another is read as `text` in each - machine
+    17 and machine '17' are one machine, as they are to the model, whose per-entity statistics are keyed by the key's
     text -, one stored as integers of different widths as `integer` (64-bit). Keys stored alike, or as strings
     plain, large or dictionary-encoded (read as strings), are not listed."""
     casts = []

@@ -35,6 +35,7 @@ from pipelines.align import to_micros
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
 from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, open_parquet, read_columns
 from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.stored_times import is_count
 
 log = logging.getLogger(__name__)
 GAP_FACTOR = 3.0                # a gap: rows of one entity further apart than 3x its median period that day
@@ -86,8 +87,7 @@ class Columns:
         stored = table.schema.field(self.time).type
         table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit, self.naive_zone)
         unread = 0 if bad is None else bad.is_not_null().sum()
-        number = pa.types.is_integer(stored) or pa.types.is_floating(stored)
-        return (pl.from_arrow(table), *((unread, 0) if number else (0, unread)))
+        return (pl.from_arrow(table), *((unread, 0) if is_count(stored) else (0, unread)))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from dmafn.calibration import Calibration
 from dmafn.spec import Spec, ThresholdSpec
-from pipelines.ingest import require_columns, entity_casts
+from pipelines.ingest import entity_casts, require_columns
 from pipelines.registry import Registry
 from pipelines.score import reading_spec
 from pipelines.shards import list_inputs, plan_shards, require_data, require_each_modality

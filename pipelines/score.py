@@ -23,7 +23,7 @@ from dmafn.spec import Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   write_partition)
-from pipelines.ingest import require_columns, entity_casts
+from pipelines.ingest import entity_casts, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -216,8 +216,7 @@ _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
     (its modality paths, the names their files give the time and entity, the unit of a numeric time and the zone
-    of a naive one, the partition key, the time zone of its dates, how late rows may be filed and the unit of
-    integer times), written to
+    of a naive one, the partition key, the time zone of its dates and how late rows may be filed), written to
     `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
     the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
     warning names each (`recalibrating`: the threshold and smoothing aside, which `dmafn recalibrate` adopts)."""

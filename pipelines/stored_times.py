@@ -6,12 +6,15 @@ the stored values it could not read (as text; null elsewhere), so that the calle
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
+
+from dmafn.spec import DAY_US
 
 MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
 # ISO 8601 as data writes it: a date, optionally a time to the minute, second or fraction, optionally Z or an offset
 ISO_TIME = (r"^(?P<date>\d{4}-\d{2}-\d{2})(?:[T ](?P<hour>\d{2}):(?P<minute>\d{2})"
             r"(?::(?P<second>\d{2})(?:[.,](?P<fraction>\d{1,9}))?)?)?\s*(?P<zone>Z|[+-]\d{2}(?::?\d{2})?)?$")
-_MINUTE_US, _HOUR_US, _DAY_US = 60_000_000, 3_600_000_000, 86_400_000_000
+_MINUTE_US, _HOUR_US = 60_000_000, 3_600_000_000
 
 
 def micros_of(value: int, unit: str) -> int:
@@ -19,8 +22,11 @@ def micros_of(value: int, unit: str) -> int:
     return value // 1000 if unit == "ns" else value * MICROS_PER_UNIT[unit]
 
 
-def is_count(dtype: pl.DataType) -> bool:
-    """Whether a stored time of this type is read as a count of `time_unit` since the epoch: integers and floats."""
+def is_count(dtype: pl.DataType | pa.DataType) -> bool:
+    """Whether a stored time of this type (Polars' or Arrow's) is read as a count of `time_unit` since the epoch:
+    integers and floats."""
+    if isinstance(dtype, pa.DataType):
+        return pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
     return dtype.is_integer() or dtype.is_float()
 
 
@@ -90,7 +96,7 @@ def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str |
          * _MINUTE_US) * pl.when(zone.str.starts_with("-")).then(-1).otherwise(1)))
     day = pl.col("date").str.to_date("%Y-%m-%d", strict=False)
     clock_ok = (number("hour", 0) < 24) & (number("minute", 0) < 60) & (number("second", 0) < 60)
-    micros = (day.cast(pl.Int64) * _DAY_US + number("hour", 0) * _HOUR_US + number("minute", 0) * _MINUTE_US
+    micros = (day.cast(pl.Int64) * DAY_US + number("hour", 0) * _HOUR_US + number("minute", 0) * _MINUTE_US
               + number("second", 0) * 1_000_000
               + pl.col("fraction").str.pad_end(9, "0").str.slice(0, 6).cast(pl.Int64, strict=False).fill_null(0)
               - offset_us)

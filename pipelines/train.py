@@ -41,7 +41,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import read_shard, require_columns, entity_casts
+from pipelines.ingest import entity_casts, read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
