@@ -18,6 +18,7 @@ from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, row_groups_before,
                                      row_groups_since)
+from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count, times_from_stored
@@ -368,7 +369,7 @@ class ShardInputs:
     date in the spec's `timezone`), the image frames the check decoded (uint8, by their bytes: `featurize(...,
     decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
-    channel leaves none)."""
+    channel leaves none) and the digest of them all as stored (`pipelines.row_digests`)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -376,6 +377,8 @@ class ShardInputs:
     decoded: dict[str, dict[bytes, np.ndarray | None]] = field(default_factory=dict)   # image frames, for featurize
     rows_read: dict[str, int] = field(default_factory=dict)                            # date -> input rows
     usable_rows: dict[str, dict[str, int]] = field(default_factory=dict)   # date -> modality -> usable input rows
+    row_digests: dict[str, dict[str, RowDigest]] = field(default_factory=dict)   # date -> modality -> its rows'
+                                                                                  # digest (`row_digests`)
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -395,7 +398,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     zone = spec.timezone
     days = [day_number(d) for d in shard.dates]
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
-    tables, quarantined, present, decoded, rows_read, usable_rows = {}, [], [], {}, {}, {}
+    tables, quarantined, present, decoded, rows_read, usable_rows, row_digests = {}, [], [], {}, {}, {}, {}
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
@@ -414,13 +417,15 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                            else row_groups_since(parquet, time, first - m.lookback_us, unit, wall_clock))
                 groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
+                counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
+                    hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]
                     rows = same_keys(with_reasons(pl.from_arrow(table).with_columns(
-                        pl.Series(BAD_TEXT, bad_text), *unread), spec, m).rename(names), spec, shard.key_casts)
+                        pl.Series(BAD_TEXT, bad_text), *unread, *hashes), spec, m).rename(names), spec, shard.key_casts)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept
@@ -431,8 +436,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     if m.kind == "image":
                         rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
                     good = rows.filter(pl.col(REASON).is_null())
-                    if own_date and not m.context_of:   # a context view reads its parent's rows: quarantined once
+                    if counted:
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
+                        row_digests.setdefault(f.date.isoformat(), {}).setdefault(name, RowDigest()).add(rows[ROW_HASH])
                         day_usable = usable_rows.setdefault(f.date.isoformat(), {})
                         partly = good.filter(pl.col(PARTLY).is_not_null()) if PARTLY in good.columns else None
                         day_usable[name] = day_usable.get(name, 0) + good.height - (   # usable in full
@@ -469,7 +475,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(
             schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
-        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows)
+        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests)
 
 
 def same_keys(rows: pl.DataFrame, spec: Spec, key_casts: tuple[tuple[str, str], ...] = ()) -> pl.DataFrame:

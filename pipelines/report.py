@@ -507,7 +507,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'present_share_ (the share of the ticks it was present at) and entities_without_ (the entities it was '
             'absent at every tick of: a sensor, camera or log shipper that stopped); input_files: the files the '
             'date\'s partitions held when the run listed them (a backfill rescores a date whose files changed '
-            'since).</p>'
+            'since, or - their rows the same, a compaction - adds a row with status relisted and the new count).</p>'
             f'<div class="wide">{_table(cols, rows, "runs-table")}</div></section>')
 
 

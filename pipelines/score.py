@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -27,8 +27,9 @@ from pipelines.ingest import entity_casts, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
-from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, Shard, ShardScores, UnseenEntities, list_inputs,
-                             list_partition_files, partition_files, plan_shards)
+from pipelines.row_digests import RowDigest, date_digests, merged, record, recorded_columns, same_rows
+from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, InputFile, Shard, ShardScores, UnseenEntities,
+                             list_inputs, list_partition_files, partition_files, plan_shards)
 from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
@@ -64,6 +65,8 @@ class DateResult:
                                                                         # it was present at
     without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities it
                                                                                 # was absent at every tick of
+    row_digests: dict[str, RowDigest] = field(default_factory=dict)   # per modality, its own partitions' rows as stored
+    input_row_digests: str | None = None   # the runs table's JSON of them (`row_digests.record`; None: a failed date)
 
     @property
     def alarm_rate(self) -> float | None:
@@ -308,7 +311,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             except Exception as exc:  # noqa: BLE001 - the other dates still commit
                 error = exc
             else:
-                result = replace(result, **read)
+                result = replace(result, **read, input_row_digests=record(model_spec, result.row_digests))
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
@@ -468,7 +471,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       unusable_reasons=largest_first(summed_counts([c.unusable_reasons for c in counts])),
                       modality_rows=usable,
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
-                      without_modality=without)
+                      without_modality=without, row_digests=merged([c.row_digests for c in counts]))
 
 
 def summed_counts(parts: list[dict[str, int]]) -> dict[str, int]:
@@ -511,6 +514,7 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     "input_files": pa.array([result.input_files], pa.int64()),
                     "input_digests": pa.array([None if result.input_digests is None
                                                else json.dumps(result.input_digests, sort_keys=True)], pa.string()),
+                    "input_row_digests": pa.array([result.input_row_digests], pa.string()),
                     "alarm_rate": pa.array([result.alarm_rate], pa.float64()),
                     "expected_alarm_rate": pa.array([expected_alarm_rate], pa.float64()),
                     "above_validation_median": pa.array([result.above_validation_median], pa.float64()),
@@ -544,35 +548,48 @@ def scored_dates(spec: Spec, storage: Storage, version: str, dates: list[str]) -
                             "model_version", version, dates)
 
 
+RELISTED = "relisted"   # a runs table row's status: the date's files were rewritten since it was scored, its rows the
+                        # same (`rows_unchanged`); the row records the new listing, the output is as scored
+
+
 @dataclass(frozen=True)
 class ChangedInput:
     """A scored date whose partitions changed since the run that scored it listed them: the modalities whose files
-    differ (added, removed or rewritten: name, size or modification time) and the count of files then and now."""
+    differ (added, removed or rewritten: name, size or modification time) and the count of files then and now; and, to
+    compare its rows (`rows_unchanged`), the row digests that run recorded (`row_digests.record`'s JSON, None before
+    runs recorded them), the per-modality listing digests now and the files its own partitions hold now."""
 
     date: str
     modalities: list[str]
     files_then: int | None
     files_now: int
+    rows_then: str | None = field(default=None, compare=False)
+    digests_now: dict[str, str] = field(default_factory=dict, compare=False)
+    listed_now: tuple[InputFile, ...] = field(default=(), compare=False)
 
 
 def recorded_inputs(spec: Spec, storage: Storage, dates: list[str], *,
-                    version: str | None = None) -> dict[str, tuple[int | None, dict[str, str]]]:
-    """For each of `dates` the files count and per-modality digests its newest run that scored it recorded (status
-    succeeded, or skipped for want of input; by model `version` when given - the run whose rows the output holds);
-    a date without such a run, or scored before runs recorded their listing, is left out."""
+                    version: str | None = None) -> dict[str, tuple[int | None, dict[str, str], str | None]]:
+    """For each of `dates` the files count, per-modality digests and row digests (None before runs recorded them)
+    its newest run that scored it recorded (status succeeded, skipped for want of input, or relisted: its files
+    rewritten with the same rows; by model `version` when given - the run whose rows the output holds); a date without
+    such a run, or scored before runs recorded their listing, is left out."""
     path = spec.score.runs_path
     uri, options = storage.delta_uri(path), storage.delta_options(path)
     if not dates or read_table(uri, options) is None:
         return {}
     runs = pl.scan_delta(uri, storage_options=options)
-    if "input_digests" not in runs.collect_schema().names():
+    names = runs.collect_schema().names()
+    if "input_digests" not in names:
         return {}
-    runs = runs.filter(pl.col("date").is_in(dates) & pl.col("status").is_in(["succeeded", "skipped"]))
+    if "input_row_digests" not in names:                    # runs tables before 2026-12-04
+        runs = runs.with_columns(pl.lit(None, pl.String).alias("input_row_digests"))
+    runs = runs.filter(pl.col("date").is_in(dates) & pl.col("status").is_in(["succeeded", "skipped", RELISTED]))
     if version is not None:
         runs = runs.filter(pl.col("model_version") == version)
-    newest = (runs.select("date", "input_files", "input_digests", "finished_at").collect()
+    newest = (runs.select("date", "input_files", "input_digests", "input_row_digests", "finished_at").collect()
               .sort("finished_at").group_by("date").last())
-    return {row["date"]: (row["input_files"], json.loads(row["input_digests"]))
+    return {row["date"]: (row["input_files"], json.loads(row["input_digests"]), row["input_row_digests"])
             for row in newest.iter_rows(named=True) if row["input_digests"] is not None}
 
 
@@ -584,13 +601,41 @@ def changed_inputs(spec: Spec, storage: Storage, dates: list[str], *, version: s
     listing (older runs tables) are not compared."""
     recorded = recorded_inputs(spec, storage, dates, version=version)
     days = sorted(dt.date.fromisoformat(d) for d in recorded)
-    now = partition_files(spec, list_partition_files(spec, days, storage), days) if days else {}
+    files = list_partition_files(spec, days, storage) if days else []
+    now = partition_files(spec, files, days) if days else {}
+    by_date: dict[dt.date, list[InputFile]] = {}
+    for f in files:
+        by_date.setdefault(f.date, []).append(f)
     changed = []
     for day in days:
-        files_then, digests = recorded[day.isoformat()]
+        files_then, digests, rows_then = recorded[day.isoformat()]
         if modalities := now[day].changed(digests):
-            changed.append(ChangedInput(day.isoformat(), modalities, files_then, now[day].files))
+            changed.append(ChangedInput(day.isoformat(), modalities, files_then, now[day].files, rows_then,
+                                        now[day].digests, tuple(by_date.get(day, ()))))
     return changed
+
+
+_date_digests_task = ray.remote(num_cpus=1)(date_digests)
+
+
+def rows_unchanged(spec: Spec, changed: list[ChangedInput]) -> set[str]:
+    """The dates of `changed` whose changed modalities' partitions hold, row for row, what the run that scored them
+    read (`row_digests`): files rewritten - a compaction upstream, a copy uploaded again in place of the first - with
+    the same rows. A Ray task per date reads its changed modalities' files (the columns hashed then); a date whose run
+    recorded no row digests (before 2026-12-04, or under another Polars version) is not compared."""
+    tasks = []
+    for c in changed:
+        columns = recorded_columns(c.rows_then)
+        if all(m in columns for m in c.modalities):
+            tasks.append((c, _date_digests_task.remote(spec, [f for f in c.listed_now if f.modality in c.modalities],
+                                                       {m: columns[m] for m in c.modalities})))
+    display, same = ProgressDisplay("comparing rows", len(tasks), "changed dates"), set()
+    for done, (c, ref) in enumerate(tasks, 1):
+        if same_rows(c.rows_then, raise_task_error(ref), c.modalities):
+            same.add(c.date)
+        display.update(done, same=len(same))
+    display.close()
+    return same
 
 
 def changed_inputs_line(changed: list[ChangedInput]) -> str:
@@ -649,11 +694,17 @@ def backfill_dates(spec: Spec, days: list[dt.date], *, version: str | None = Non
     storage = Storage.from_spec(spec.storage)
     mv = Registry(spec.registry, storage).load(version, build=False)
     tables = OpenTables()
-    plan = plan_backfill(spec, days, mv, storage, tables, force=force, skip_changed=skip_changed)
+    plan = plan_backfill(spec, days, mv, storage, tables, force=force, skip_changed=skip_changed,
+                         compare_rows=rows_unchanged)
     plan.log()
+    run_id = uuid.uuid4().hex[:12]
+    for c in plan.rewritten:        # the new listing recorded: the next check compares with it, reading no row
+        record_run(spec, storage, DateResult(c.date, 0, 0, 0, 0, 0.0, input_files=c.files_now,
+                                             input_digests=c.digests_now, input_row_digests=c.rows_then),
+                   run_id=run_id, version=mv.version, status=RELISTED, tables=tables)
     if not plan.todo:
         return []
-    results, errors = score_dates(spec, plan.todo, mv, run_id=uuid.uuid4().hex[:12], parallel=parallel,
+    results, errors = score_dates(spec, plan.todo, mv, run_id=run_id, parallel=parallel,
                                   days_per_shard=days_per_shard, shard_bytes=shard_bytes, tables=tables)
     if errors:
         error = BackfillError(errors)
@@ -671,6 +722,7 @@ class BackfillPlan:
     after_changed: list[str]           # scored by it after a changed date, within the look-back days: scored again
     left: list[str]                    # scored by it: skipped
     changed_left: list[ChangedInput]   # changed since, but left as scored (`skip_changed`)
+    rewritten: list[ChangedInput] = field(default_factory=list)   # their files changed, not their rows: left as scored
 
     @property
     def todo(self) -> list[dt.date]:
@@ -688,23 +740,34 @@ class BackfillPlan:
         if self.changed_left:
             log.warning("%d date(s) changed since model %s scored them, left as scored (--skip-changed): %s",
                         len(self.changed_left), self.version, changed_inputs_line(self.changed_left))
+        if self.rewritten:
+            log.info("%d date(s) whose files were rewritten since model %s scored them hold the same rows, left as "
+                     "scored (their new listing recorded): %s", len(self.rewritten), self.version,
+                     changed_inputs_line(self.rewritten))
         if self.left:
             log.info("skipping %d date(s) already scored by model %s (use --force to rescore)", len(self.left),
                      self.version)
 
 
 def plan_backfill(spec: Spec, days: list[dt.date], mv: ModelVersion, storage: Storage,
-                  tables: OpenTables | None = None, *, force: bool = False, skip_changed: bool = False) -> BackfillPlan:
+                  tables: OpenTables | None = None, *, force: bool = False, skip_changed: bool = False,
+                  compare_rows: Callable[[Spec, list[ChangedInput]], set[str]] | None = None) -> BackfillPlan:
     """The dates of `days` a backfill with `mv` scores: those its output does not hold from `mv` (all with `force`),
     those it holds whose partitions changed since (`changed_inputs`) and the scored dates after each of them within
     the look-back days (their first ticks read the changed partition) - the last two left as they are with
-    `skip_changed`. Checks the output tables first (`require_own_tables`); metadata only."""
+    `skip_changed`. Checks the output tables first (`require_own_tables`); metadata only, unless `compare_rows`
+    (`rows_unchanged`) is given: the changed dates it finds holding the rows they were scored from are then left as
+    scored (`rewritten`), and so are the dates after them."""
     tables = tables or OpenTables()
     require_own_tables(spec.score, mv.spec.entity, storage, tables)       # before reading which dates it holds
     names = sorted({d.isoformat() for d in days})
     scored = set() if force else scored_dates(spec, storage, mv.version, names)
     model_spec = reading_spec(mv, spec)
     changed = changed_inputs(model_spec, storage, sorted(scored), version=mv.version) if scored else []
+    rewritten = []
+    if changed and compare_rows is not None and not skip_changed:
+        same = compare_rows(model_spec, changed)
+        rewritten, changed = [c for c in changed if c.date in same], [c for c in changed if c.date not in same]
     after = sorted({(dt.date.fromisoformat(c.date) + dt.timedelta(days=i)).isoformat()
                     for c in changed for i in range(1, model_spec.lookback_days + 1)} & scored
                    - {c.date for c in changed})
@@ -714,7 +777,7 @@ def plan_backfill(spec: Spec, days: list[dt.date], mv: ModelVersion, storage: St
         changed_left = []
     again = {c.date for c in changed} | set(after)
     return BackfillPlan(mv.version, [d for d in names if d not in scored], changed, after,
-                        sorted(scored - again), changed_left)
+                        sorted(scored - again), changed_left, rewritten)
 
 
 def backfill_dry_run(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = None, force: bool = False,
@@ -734,7 +797,9 @@ def backfill_dry_run(spec: Spec, start: dt.date, end: dt.date, *, version: str |
         lines.append(f"  to score again: {len(plan.changed)} date(s) whose partitions changed since it scored them: "
                      f"{changed_inputs_line(plan.changed)}"
                      + (f"; {len(plan.after_changed)} date(s) after them whose first ticks read them: "
-                        f"{named_dates(plan.after_changed)}" if plan.after_changed else ""))
+                        f"{named_dates(plan.after_changed)}" if plan.after_changed else "")
+                     + " (the backfill first reads their partitions: a date whose rows are those it was scored from "
+                       "- files rewritten by a compaction - is left as scored, with the dates after it)")
     lines.append(f"  left as scored: {len(plan.left)} date(s)" + (f": {named_dates(plan.left)}" if plan.left else ""))
     if plan.changed_left:
         lines.append(f"  left although their partitions changed (--skip-changed): {len(plan.changed_left)} date(s): "

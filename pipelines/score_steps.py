@@ -26,6 +26,7 @@ from pipelines.delta_sink import write_data_file
 from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard, unusable_reasons
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
+from pipelines.row_digests import RowDigest
 from pipelines.shards import UNSEEN_NAMED, DateCounts, Shard, ShardScores, UnseenEntities
 from pipelines.storage import Storage
 
@@ -212,6 +213,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         counts.input_rows_misplaced = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
         counts.unusable_reasons = unusable_reasons(ingest)
         counts.modality_rows = {m: inputs.usable_rows.get(day, {}).get(m, 0) for m in own_modalities}
+        counts.row_digests = {m: inputs.row_digests.get(day, {}).get(m, RowDigest()) for m in own_modalities}
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)

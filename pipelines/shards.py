@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from dmafn.spec import Spec, voting_modalities
 from pipelines.parquet_files import column_chunk, field_of, list_parquet_files
+from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage, list_partitions
 
 # a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
@@ -89,6 +90,7 @@ class DateCounts:
     unseen: UnseenEntities | None = None   # scored entities the version has no statistics of their own for
     modality_rows: dict[str, int] = field(default_factory=dict)      # per modality, usable input rows of the date's
                                                                      # own partitions (context views left out)
+    row_digests: dict[str, RowDigest] = field(default_factory=dict)  # per modality, those rows' digest as stored
     modality_present: dict[str, int] = field(default_factory=dict)   # per modality, scored ticks it was present at
     without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities
                                                                     # it was absent at every tick of

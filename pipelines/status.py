@@ -24,7 +24,7 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
+                             RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
                              named_dates, named_reasons, summed_counts, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
@@ -180,6 +180,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
     by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
+    runs = runs.filter(pl.col("status") != RELISTED)           # a new listing of the same rows: not a run of its own
     return (runs.select(wanted + by_modality).sort("finished_at").group_by("date", maintain_order=True)
             .agg(pl.all().last(), (pl.col("status") == "succeeded").any().alias("committed")).sort("date"))
 
@@ -338,7 +339,9 @@ def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Stor
                         f"{changed_inputs_line(changed)} - "
                         "their output was scored without what is there now (files uploaded late, a partition "
                         f"re-delivered or rewritten): run dmafn backfill {spec_path} --start {first} --end {last} "
-                        "(it rescores the dates whose partitions changed and those whose first ticks read them)")
+                        "(it rescores the dates whose partitions changed and those whose first ticks read them; a "
+                        "date whose files were rewritten with the rows it was scored from - a compaction - it leaves "
+                        "as scored and records as such)")
 
 
 def _because(error: str | None) -> str:

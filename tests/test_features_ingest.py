@@ -901,6 +901,62 @@ def test_series_transforms_remove_the_level_and_keep_the_shape():
         transform_window(windows, "log")
 
 
+def test_a_dates_row_digest_is_kept_by_a_compaction_and_changed_by_a_value(tmp_path, tiny_spec):
+    """`row_digests`: what `read_shard` sums of a date's own rows as stored is what `date_digests` reads from the
+    partition afterwards - in one bucket or cut into two, the look-back day's rows not counted. The partition's two
+    files compacted into one (rows in another order, the key dictionary-encoded, the strings large, times in
+    milliseconds) keep the digest; a value changed, a row dropped or a column's type changed do not."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard
+    from pipelines.row_digests import HASH, date_digests, digest_columns, merged, record, recorded_columns, same_rows
+    from pipelines.shards import list_partition_files
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    day, date = 1_704_153_600_000_000, dt.date(2024, 1, 2)             # 2024-01-02 00:00 UTC
+    rows = pa.table({"machine_id": [f"m{i % 3}" for i in range(12)],
+                     "ts": pa.array([day - 30 * 60_000_000 + i * 7 * 60_000_000 for i in range(12)],
+                                    pa.timestamp("ms", tz="UTC")),
+                     "temp": [20.0 + i for i in range(12)]})
+    own, before = rows.slice(1), rows.slice(0, 1)                       # 23:30 of the day before: its look-back
+    pq.write_table(before, _folder(tmp_path / "date=2024-01-01") / "part-0.parquet")
+    folder = _folder(tmp_path / "date=2024-01-02")
+    pq.write_table(own.slice(0, 5), folder / "part-0.parquet")
+    pq.write_table(own.slice(5), folder / "part-1.parquet")
+    whole = read_shard(_shard(tmp_path, spec, [date]), spec, Storage()).row_digests["2024-01-02"]["proc"]
+    assert whole.rows == 11
+    cut = [read_shard(s, spec, Storage()).row_digests["2024-01-02"]["proc"] for s in _shards(spec, [date], 100)]
+    assert len(cut) > 1 and merged([{"proc": d} for d in cut])["proc"] == whole
+    columns = {"proc": digest_columns(spec, spec.modalities["proc"])}
+    assert columns == {"proc": ["machine_id", "ts", "temp"]}
+
+    def now():
+        return date_digests(spec, list_partition_files(spec, [date], Storage()), columns)
+
+    recorded = record(spec, {"proc": whole})
+    assert recorded_columns(recorded) == columns and now()["proc"] == whole and same_rows(recorded, now(), ["proc"])
+    for f in folder.iterdir():                                          # a compaction: one file, another order
+        f.unlink()
+    shuffled = own.take(list(range(10, -1, -1)))
+    compacted = pa.table({"machine_id": shuffled["machine_id"].cast(pa.large_string()).dictionary_encode(),
+                          "ts": shuffled["ts"], "temp": shuffled["temp"]})
+    pq.write_table(compacted, folder / "compacted.parquet")
+    assert same_rows(recorded, now(), ["proc"])
+    us = compacted.set_column(1, "ts", compacted["ts"].cast(pa.timestamp("us", tz="UTC")))
+    pq.write_table(us, folder / "compacted.parquet")
+    assert same_rows(recorded, now(), ["proc"])                          # ms times read as the same microseconds
+    for changed in (us.set_column(2, "temp", pa.array([20.0 + i for i in range(10)] + [99.0])), us.slice(1),
+                    us.set_column(2, "temp", us["temp"].cast(pa.float32()).cast(pa.float16())),
+                    us.drop_columns(["temp"])):
+        pq.write_table(changed, folder / "compacted.parquet")
+        assert not same_rows(recorded, now(), ["proc"]), changed.schema
+    assert not same_rows(None, now(), ["proc"])                          # a run that recorded none: never the same
+    assert not same_rows(recorded.replace(HASH, "polars 0.0"), now(), ["proc"])
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 

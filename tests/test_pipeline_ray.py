@@ -517,9 +517,10 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
                                                                                   capsys):
     """2024-01-03's process rows after noon are uploaded late, after the date was scored: `status` names the date, a
     re-run backfill rescores it (not 2024-01-02), and its rows are then those of the complete partition. A file of
-    2024-01-02 rewritten: `--skip-changed` leaves both dates and says so; without it 2024-01-02 is rescored and so is
-    2024-01-03, whose first ticks read it. `backfill --dry-run` names the dates it would score and why, and writes
-    nothing."""
+    2024-01-02 rewritten with the same rows: `--skip-changed` leaves it and says so; without it the backfill reads its
+    rows, finds them the same and records its new listing (status relisted) instead of rescoring it; a value of the
+    file changed, 2024-01-02 is rescored and so is 2024-01-03, whose first ticks read it. `backfill --dry-run` names
+    the dates it would score and why, and writes nothing."""
     import os
 
     import pyarrow.compute as pc
@@ -562,7 +563,9 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
     assert "a dry run, nothing is scored or written" in printed and \
         "to score: 1 date(s) not scored by" in printed and ": 2024-01-01\n" in printed
     assert "to score again: 1 date(s) whose partitions changed since it scored them: 2024-01-03 (process; 5 -> 6 " \
-        "files)\n  left as scored: 1 date(s): 2024-01-02\n  input: " in printed
+        "files) (the backfill first reads their partitions: a date whose rows are those it was scored from - files " \
+        "rewritten by a compaction - is left as scored, with the dates after it)\n  left as scored: 1 date(s): " \
+        "2024-01-02\n  input: " in printed
     assert pl.read_delta(late.score.runs_path).height == runs_before
     with caplog.at_level(logging.INFO, logger="pipelines.score"):
         again = backfill(late, DAY2, DAY3, parallel=1)
@@ -574,7 +577,8 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
     assert ours.select("machine_id", "ts", "is_anomaly").equals(complete.select("machine_id", "ts", "is_anomaly"))
     assert (ours["score_process"] - complete["score_process"]).abs().max() < 1e-5
     assert not [p for p in scoring_status(late, Storage(), today=DAY3).problems if "partitions changed" in p]
-    # a file of 2024-01-02 rewritten (another modification time): it and the date after it
+    # a file of 2024-01-02 rewritten with the same rows (another modification time, a compaction's): its rows are
+    # compared and found the same - left as scored, the new listing recorded, status content
     rewritten = next((Path(late.modalities["vibration"].path) / "date=2024-01-02").glob("*.parquet"))
     stat = rewritten.stat()
     os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
@@ -583,6 +587,23 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
         assert backfill(late, DAY2, DAY3, parallel=1, skip_changed=True) == []
     assert "1 date(s) changed since model" in caplog.text and "left as scored (--skip-changed): 2024-01-02 " \
         "(vibration; 4 -> 4 files)" in caplog.text
+    assert [p for p in scoring_status(late, Storage(), today=DAY3).problems if "partitions changed" in p]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.score"):
+        assert backfill(late, DAY2, DAY3, parallel=1) == []
+    assert "1 date(s) whose files were rewritten since model" in caplog.text and "hold the same rows, left as " \
+        "scored (their new listing recorded): 2024-01-02 (vibration; 4 -> 4 files)" in caplog.text
+    runs = pl.read_delta(late.score.runs_path).sort("finished_at")
+    assert runs.row(-1, named=True)["status"] == "relisted" and runs.row(-1, named=True)["date"] == "2024-01-02"
+    assert not [p for p in scoring_status(late, Storage(), today=DAY3).problems if "partitions changed" in p]
+    assert backfill(late, DAY2, DAY3, parallel=1) == []                 # compared with the new listing: no read
+    # a value of that file changed: it and the date after it, whose first ticks read it, are rescored
+    table = pq.read_table(rewritten)
+    column = table.column_names.index(late.modalities["vibration"].columns[0])
+    values = table.column(column).to_pylist()
+    values[0] = values[0] + 1.0
+    pq.write_table(table.set_column(column, table.field(column), pa.array(values, table.field(column).type)),
+                   rewritten)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.score"):
         assert [r.date for r in backfill(late, DAY2, DAY3, parallel=1)] == ["2024-01-02", "2024-01-03"]

@@ -138,14 +138,19 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     assert [r.date for r in results] == ["2024-01-04", "2024-01-05"]      # the nightly's date is skipped
     counts = _assert_each_date_once(spec, DAYS).group_by("date").len().sort("date")
     assert backfill(spec, DAYS[0], DAYS[-1]) == []                         # everything already scored
-    # a file uploaded late into a scored date's partition (here one without rows): that date is rescored
+    # a file uploaded late into a scored date's partition without a row: its rows are read on S3 and found the same,
+    # the date left as scored (recorded relisted)
     s3 = boto3.client("s3")
     first = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"raw/logs/date={DAYS[1]}/")["Contents"][0]["Key"]
-    empty = pq.read_table(pa.BufferReader(s3.get_object(Bucket=BUCKET, Key=first)["Body"].read())).slice(0, 0)
+    held = s3.get_object(Bucket=BUCKET, Key=first)["Body"].read()
     sink = pa.BufferOutputStream()
-    pq.write_table(empty, sink)
+    pq.write_table(pq.read_table(pa.BufferReader(held)).slice(0, 0), sink)
     s3.put_object(Bucket=BUCKET, Key=f"raw/logs/date={DAYS[1]}/late-upload.parquet", Body=sink.getvalue().to_pybytes())
     caplog.set_level(logging.INFO, logger="pipelines.score")
+    assert backfill(spec, DAYS[0], DAYS[-1]) == []
+    assert f"1 date(s) whose files were rewritten since model {version} scored them hold the same rows" in caplog.text
+    # a copy of a file uploaded again (its lines quarantined as redelivered): that date and the next are rescored
+    s3.put_object(Bucket=BUCKET, Key=f"raw/logs/date={DAYS[1]}/uploaded-again.parquet", Body=held)
     rescored = backfill(spec, DAYS[0], DAYS[-1])
     assert [r.date for r in rescored] == [DAYS[1].isoformat(), DAYS[2].isoformat()]   # and the next: its look-back
     assert f"rescoring 1 date(s) whose partitions changed since model {version} scored them: {DAYS[1]} (logs; " \
@@ -153,6 +158,7 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     assert [(r.ticks_in, r.rows_scored, r.anomalies) for r in rescored] == \
         [(r.ticks_in, r.rows_scored, r.anomalies) for r in results]
     assert backfill(spec, DAYS[0], DAYS[-1]) == []
+    s3.delete_object(Bucket=BUCKET, Key=f"raw/logs/date={DAYS[1]}/uploaded-again.parquet")   # the lake as uploaded
     # forced in four entity buckets: the files are split by bucket on S3 first, the pieces deleted afterwards
     files = list_inputs(spec, DAYS, Storage.from_spec(spec.storage))
     assert all(f.mtime_ns for f in files)                               # S3's LastModified, listed
@@ -169,7 +175,7 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
                          .delta_options(spec.score.runs_path))
     assert (runs["ticks_in"] == runs["rows_scored"] + runs["rows_quarantined"]).all()
-    assert set(runs["status"]) == {"succeeded"}
+    assert set(runs["status"]) == {"succeeded", "relisted"}
 
 
 def test_evaluate_and_report_read_the_scores_on_s3_a_date_at_a_time(s3_spec, tmp_path):
