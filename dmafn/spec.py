@@ -87,6 +87,7 @@ class ModalitySpec:
     entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
     time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
     naive_times: str | None = None      # utc | local: what this table's times without a zone are, when not the spec's
+    time_format: str | None = None      # how this table writes a time as text, when not ISO 8601 nor the spec's
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -228,6 +229,7 @@ class Spec:
     lateness_us: int = 0                # how long after its time a row may still be filed (partitions by arrival)
     time_unit: str | None = None        # what a time column stored as integers counts since the epoch (s|ms|us|ns)
     naive_times: str = "utc"            # utc | local: a time without a zone is UTC, or the wall clock of `timezone`
+    time_format: str | None = None      # how a time stored as text is written (a strftime format) when not ISO 8601
 
     @property
     def lookback_days(self) -> int:
@@ -266,6 +268,11 @@ class Spec:
         """What a time stored as a number in modality `m`'s files counts since the epoch (its own `time_unit`, else
         the spec's; None: a numeric time is no time)."""
         return m.time_unit or self.time_unit
+
+    def time_format_in(self, m: ModalitySpec | None = None) -> str | None:
+        """How modality `m`'s files write a time stored as text (its own `time_format`, else the spec's; without `m`,
+        the spec's own, as the labels read theirs); None: ISO 8601."""
+        return (m and m.time_format) or self.time_format
 
     def naive_zone_in(self, m: ModalitySpec | None = None) -> str | None:
         """The time zone whose wall clock modality `m`'s times without a zone show (`naive_times: local`: the spec's
@@ -364,7 +371,8 @@ class _Section:
                                 f"(allowed here: {', '.join(sorted(allowed))})")
 
 
-_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times"}
+_COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
+                         "time_format"}
 NAIVE_TIMES = ("utc", "local")
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
@@ -386,7 +394,31 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     unit = sec.choice("time_unit", TIME_UNITS) if sec.get("time_unit") is not None else None
     naive = sec.choice("naive_times", NAIVE_TIMES) if sec.get("naive_times") is not None else None
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
-                   naive_times=naive)
+                   naive_times=naive, time_format=_parse_time_format(sec))
+
+
+def _parse_time_format(sec: "_Section") -> str | None:
+    """A section's `time_format`: a strftime format (as Polars reads one: `%d/%m/%Y %H:%M:%S%.f`, `%z` for an
+    offset) that writes a time which it reads back on the same day - it holds the year, month and day. SpecError
+    naming the key otherwise."""
+    fmt = sec.get("time_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, str) or "%" not in fmt:
+        raise sec.err("time_format", f"{fmt!r} must be a strftime format such as '%d/%m/%Y %H:%M:%S'")
+    import polars as pl                     # only where a spec has a format
+
+    sample = dt.datetime(2024, 3, 17, 13, 45, 30, 123456, tzinfo=dt.timezone.utc)
+    try:
+        written = pl.Series([sample]).dt.strftime(fmt)
+        read = written.str.strptime(pl.Datetime("us"), fmt, strict=False).item()
+    except Exception as exc:  # noqa: BLE001 - Polars' own words on an unknown code
+        raise sec.err("time_format", f"{fmt!r} is no format a time can be written in ({str(exc).splitlines()[0]})"
+                      ) from None
+    if read is None or read.date() != sample.date():
+        raise sec.err("time_format", f"{fmt!r} does not read back the day it writes ({sample:%Y-%m-%d %H:%M:%S} "
+                      f"written as {written.item()!r}): a format holds the year, month and day")
+    return fmt
 
 
 def _check_names_read(spec: Spec, sec: _Section) -> None:
@@ -475,7 +507,7 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
     return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
-                        naive_times=parent.naive_times)
+                        naive_times=parent.naive_times, time_format=parent.time_format)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -564,8 +596,9 @@ def _parse_score(sec: _Section) -> ScoreSpec:
 def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     """Validate a spec given as parsed YAML; raise SpecError naming the key and the source."""
     top = _Section(data, "", source)
-    top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "grain", "partition", "timezone",
-                        "lateness", "modalities", "labels", "model", "train", "registry", "score", "storage"})
+    top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "time_format", "grain", "partition",
+                        "timezone", "lateness", "modalities", "labels", "model", "train", "registry", "score",
+                        "storage"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
         raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
@@ -605,7 +638,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),
                 lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0,
                 time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS),
-                naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"))
+                naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"), time_format=_parse_time_format(top))
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -711,7 +744,8 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         if old is None:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
-        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times"}):
+        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times",
+                                                       "time_format"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
                 continue
@@ -775,6 +809,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["time_unit"] = m.time_unit
         if m.naive_times:
             entry["naive_times"] = m.naive_times
+        if m.time_format:
+            entry["time_format"] = m.time_format
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),
@@ -782,6 +818,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         **({"lateness": format_duration(spec.lateness_us)} if spec.lateness_us else {}),
         **({"time_unit": spec.time_unit} if spec.time_unit else {}),
         **({"naive_times": spec.naive_times} if spec.naive_times != "utc" else {}),
+        **({"time_format": spec.time_format} if spec.time_format else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

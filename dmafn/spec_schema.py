@@ -60,6 +60,9 @@ _MODALITY = {
 }
 
 
+_TIME_FORMAT = {"type": "string", "pattern": "%"}
+
+
 def spec_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of a spec file."""
     base = {"kind": _enum(MODALITY_KINDS), "path": {"type": "string"}, "encoding_distance": _ENCODING_DISTANCE,
@@ -70,7 +73,9 @@ def spec_json_schema() -> dict[str, Any]:
             "time_unit": {**_enum(TIME_UNITS), "description": "what this modality's time counts since the Unix "
                           "epoch where its files store it as numbers, when not the spec's time_unit"},
             "naive_times": {**_enum(NAIVE_TIMES), "description": "what this modality's times without a zone are, "
-                            "when not as the spec's naive_times says"}}
+                            "when not as the spec's naive_times says"},
+            "time_format": {**_TIME_FORMAT, "description": "how this modality's files write a time stored as text, "
+                            "when not ISO 8601 nor as the spec's time_format says"}}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}
@@ -88,6 +93,9 @@ def spec_json_schema() -> dict[str, Any]:
             "naive_times": {**_enum(NAIVE_TIMES), "description": "what a time stored without a zone (a naive "
                             "timestamp, ISO 8601 text without an offset) is: utc (the default), or local - the wall "
                             "clock of the spec's timezone"},
+            "time_format": {**_TIME_FORMAT, "description": "how a time stored as text is written where it is not ISO "
+                            "8601: a strftime format as Polars reads it (%d/%m/%Y %H:%M:%S%.f; %z an offset), holding "
+                            "the year, month and day; every table's and the labels', unless a modality says its own"},
             "grain": _DURATION,
             "partition": {"type": "string", "description": "where a date's files lie: a key (date: date=YYYY-MM-DD "
                           "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},

@@ -23,9 +23,9 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema, entity_casts, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import field_of, list_parquet_files, open_parquet, time_bounds
+from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, open_parquet, time_bounds
 from pipelines.storage import DataError, Storage, list_partitions
-from pipelines.stored_times import is_count
+from pipelines.stored_times import is_count, times_from_stored
 
 FOOTER_READERS = 16
 
@@ -137,21 +137,63 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
 
 
 def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None,
-                naive_zone: str | None = None) -> tuple[pa.Schema, tuple[int, int] | None] | DataError:
-    """The Arrow schema in the footer of the Parquet file at `path` and the earliest and latest time its time
-    column's statistics give (None: none to go by), or the DataError naming it (returned, so that a thread pool's
-    map keeps going); the file is closed afterwards."""
+                naive_zone: str | None = None) -> tuple[pa.Schema, tuple[int, int] | None, list[str]] | DataError:
+    """The Arrow schema in the footer of the Parquet file at `path`, the earliest and latest time its time column's
+    statistics give (None: none to go by) and, for a time stored as text, the texts its statistics hold (its first
+    row group's smallest and largest: samples of how the times are written), or the DataError naming it (returned,
+    so that a thread pool's map keeps going); the file is closed afterwards."""
     try:
         parquet = open_parquet(filesystem, path)
     except DataError as exc:
         return exc
     try:
         schema = parquet.schema_arrow
-        bounds = time_bounds(parquet, time_column, time_unit, naive_zone) \
-            if field_of(schema, time_column) is not None else None
-        return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds))
+        found = field_of(schema, time_column)
+        bounds = time_bounds(parquet, time_column, time_unit, naive_zone) if found is not None else None
+        samples = []
+        if found is not None and (pa.types.is_string(found.type) or pa.types.is_large_string(found.type)):
+            chunk = column_chunk(parquet, 0, time_column) if parquet.metadata.num_row_groups else None
+            stats = None if chunk is None else chunk.statistics
+            if stats is not None and stats.has_min_max:
+                samples = list(dict.fromkeys(str(v) for v in (stats.min, stats.max)))
+        return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds)), samples
     finally:
         parquet.close()
+
+
+# how logs and exports write times, for `validate --check-data` to suggest a `time_format` from (each read with an
+# optional fraction of seconds; with an offset too)
+_DATES = ("%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y/%m/%d", "%d-%m-%Y", "%m-%d-%Y", "%Y%m%d", "%d/%b/%Y", "%b %d %Y",
+          "%d %b %Y", "%Y.%m.%d")
+_CLOCKS = ("%H:%M:%S%.f", "%H:%M", "%I:%M:%S %p", "%I:%M %p")
+FORMATS = tuple(f"{d}{sep}{c}{z}" for d in _DATES for sep in (" ", "T", ":") for c in _CLOCKS
+                for z in ("", " %z", "%z")) + ("%a %b %d %H:%M:%S %Y", "%a %b %e %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S %z")
+
+
+def formats_reading(samples: list[str]) -> list[str]:
+    """The formats of `FORMATS` that read every one of `samples` (texts of a time column), most specific first: what
+    `validate --check-data` suggests as `time_format` (a day-first and a month-first format can both read them)."""
+    texts = pl.Series([t.strip() for t in samples], dtype=pl.String)
+    return [f for f in FORMATS if texts.str.strptime(pl.Datetime("us"), f, strict=False).null_count() == 0]
+
+
+def _text_time_problem(spec: Spec, m, path: str, samples: list[str]) -> str | None:
+    """A problem where the texts a file's statistics hold of its time column (`file_footer`) are no time as the spec
+    reads them (ISO 8601, or its `time_format`): every row of such a file would be quarantined. With the formats that
+    do read them."""
+    read = times_from_stored(pl.Series(samples, dtype=pl.String), spec.time_unit_in(m), spec.naive_zone_in(m),
+                             spec.time_format_in(m))
+    if read is None or not read[1].is_not_null().any():
+        return None
+    written, key = spec.time_format_in(m), f"modalities.{m.name}.time_format"
+    fits = formats_reading(samples)
+    return (f"modality '{m.name}': time column '{spec.time_in(m)}' holds text such as "
+            f"{', '.join(repr(t) for t in samples)} ({path}, by its statistics), which is not "
+            + (f"a time in the format '{written}'" if written else "an ISO 8601 time")
+            + " - every such row would be quarantined; "
+            + (f"set {key}: it reads as " + " or as ".join(f"'{f}'" for f in fits[:3])
+               + (" (which one, the data's source says)" if len(fits) > 1 else "") if fits
+               else f"set {key} to the strftime format the times are written in"))
 
 
 def _key_notes(spec: Spec, keyed: dict[str, list[pa.Schema]], found: dict[str, ModalityData]) -> None:
@@ -204,28 +246,32 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
             footers = pool.map(lambda path: file_footer(filesystem, path, time, unit, spec.naive_zone_in(m)), paths)
+            unread_text = None                                # the first file whose time texts are no time: named
             for path, footer in zip(paths, footers):
                 try:
                     if isinstance(footer, DataError):
                         raise footer
-                    schema, times = footer
+                    schema, times, samples = footer
                     check_schema(schema, spec, m, path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
-                if not m.context_of:
-                    keyed.setdefault(name, {}).setdefault(
-                        tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)), schema)
-                if times is None or m.context_of:   # a context view reads its parent's files: noted once, there
+                if not data.columns:
+                    data.columns = {f.name: str(f.type) for f in schema}
+                if m.context_of:                    # a context view reads its parent's files: noted once, there
+                    continue
+                keyed.setdefault(name, {}).setdefault(tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)),
+                                                      schema)
+                data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
+                if samples and unread_text is None and (unread_text := _text_time_problem(spec, m, path, samples)):
+                    data.problems.append(unread_text)
+                if times is None:                   # no time statistics to go by (a time stored as text)
                     continue
                 if is_count(field_of(schema, time).type):
                     data.integer_times = unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:
                     data.misplaced.append((path, dates[path], *times))
-                if not data.columns:
-                    data.columns = {f.name: str(f.type) for f in schema}
-                data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
     _key_notes(spec, {name: list(ways.values()) for name, ways in keyed.items()}, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:

@@ -79,11 +79,12 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
     raise DataError(f"modality '{modality}' ({where}): time column '{time}' is {stored}, expected {expected}")
 
 
-def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None = None
-               ) -> tuple[pa.Table, pl.Series | None]:
+def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None = None,
+               time_format: str | None = None) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
-    `time_unit` digits), a date (its midnight), Arrow's null type (no time in the file: all null) - and, with
+    `time_unit` digits; or, with `time_format`, text as that format writes it), a date (its midnight), Arrow's null
+    type (no time in the file: all null) - and, with
     `naive_zone` (`naive_times: local`), naive timestamps and text without an offset as that zone's wall clock.
     Beside it `_unread_time`, for each stored value it could not read (a count no timestamp holds, a text that is no
     time, a wall-clock time the zone's clocks skipped or showed twice), the reason its row is quarantined, naming
@@ -98,13 +99,15 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
         stored, kind = stored.cast(pa.timestamp("us")), pa.timestamp("us")
         table = table.set_column(i, time, stored)
     if (pa.types.is_timestamp(kind) and (kind.tz is not None or naive_zone is None)) \
-            or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone)) is None:
+            or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone, time_format)) is None:
         return table, None
     times, unread = read
     clock = f"a wall-clock time {naive_zone}'s clocks skipped or showed twice (a daylight-saving change)"
     why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
            if is_count(kind)
            else f"time column '{time}' holds {{}}, {clock}" if pa.types.is_timestamp(kind)
+           else f"time column '{time}' holds '{{}}', not a time in the format '{time_format}' (time_format)"
+           + (f", or {clock}" if naive_zone else "") if time_format is not None
            else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
            + (f" nor a count of {time_unit} since the epoch" if time_unit else "")
            + (f", or {clock}" if naive_zone else ""))
@@ -402,7 +405,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
-        unit, wall_clock = spec.time_unit_in(m), spec.naive_zone_in(m)
+        unit, wall_clock, written = spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m)
         columns = list(dict.fromkeys([*keys, time, *m.value_columns]))
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
@@ -420,7 +423,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 for part in each_row_group(parquet, f.path, columns, groups):  # peak: a row group beside the kept rows
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
-                    table, unread_time = read_times(part, time, unit, wall_clock)
+                    table, unread_time = read_times(part, time, unit, wall_clock, written)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]

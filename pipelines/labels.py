@@ -73,17 +73,19 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
             raise DataError(f"labels {path}: column '{col}' not found; columns are {df.columns}")
     unread = []                     # (test, reason) for the stored times that could not be read
     local = spec.naive_zone_in()    # `naive_times: local`: the zone whose wall clock naive times show
+    written = spec.time_format_in()  # the spec's `time_format`: how a time stored as text is written
     for col in (start, end):
         stored = df.schema[col]
-        if (read := times_from_stored(df.get_column(col), spec.time_unit, local)) is not None:
+        if (read := times_from_stored(df.get_column(col), spec.time_unit, local, written)) is not None:
             times, bad = read           # counts of the spec's time_unit since the epoch, ISO 8601 text, a clock
             df = df.with_columns(times, bad.alias(f"_unread_{col}"))
             unread.append((pl.col(f"_unread_{col}").is_not_null(), pl.format(
                 f"{col} {{}} out of range as {spec.time_unit} since the epoch" if is_count(stored) else
                 f"{col} {{}}: a wall-clock time {local}'s clocks skipped or showed twice"
                 if isinstance(stored, pl.Datetime) else
-                f"{col} '{{}}' not an ISO 8601 time" + (f" (or a wall-clock time {local}'s clocks skipped or showed "
-                                                        "twice)" if local else ""),
+                (f"{col} '{{}}' not a time in the format '{written}' (time_format)" if written
+                 else f"{col} '{{}}' not an ISO 8601 time")
+                + (f" (or a wall-clock time {local}'s clocks skipped or showed twice)" if local else ""),
                 pl.col(f"_unread_{col}").str.slice(0, 40))))
         elif not isinstance(stored, (pl.Datetime, pl.Date)):
             raise DataError(f"labels {path}: column '{col}' is {stored}; a timestamp (or date, or ISO 8601 text) is "

@@ -65,12 +65,13 @@ class Columns:
     values: tuple[str, ...]
     time_unit: str | None = None
     naive_zone: str | None = None       # `naive_times: local`: the zone whose wall clock a naive time shows
+    time_format: str | None = None      # how a time stored as text is written, when not ISO 8601
 
     @classmethod
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
         keys, time = spec.entity_in(m), spec.time_in(m)                 # as the modality's files name them
         values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*keys, time))
-        return cls(m.name, keys, time, values, spec.time_unit_in(m), spec.naive_zone_in(m))
+        return cls(m.name, keys, time, values, spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m))
 
     @property
     def key_and_time(self) -> list[str]:
@@ -85,7 +86,8 @@ class Columns:
         times could not be read (their time null): integer counts no timestamp holds (beyond any date), texts that
         are no time (as good as none)."""
         stored = table.schema.field(self.time).type
-        table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit, self.naive_zone)
+        table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit, self.naive_zone,
+                                self.time_format)
         unread = 0 if bad is None else bad.is_not_null().sum()
         return (pl.from_arrow(table), *((unread, 0) if is_count(stored) else (0, unread)))
 

@@ -218,8 +218,8 @@ _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
-    (its modality paths, the names their files give the time and entity, the unit of a numeric time and the zone
-    of a naive one, the partition key, the time zone of its dates and how late rows may be filed), written to
+    (its modality paths, the names their files give the time and entity, the unit of a numeric time, the zone
+    of a naive one and the format of a time written as text, the partition key, the time zone of its dates and how late rows may be filed), written to
     `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
     the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
     warning names each (`recalibrating`: the threshold and smoothing aside, which `dmafn recalibrate` adopts)."""
@@ -237,11 +237,11 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "; the threshold's and the smoothing's also with dmafn recalibrate, which fits the version's "
                     "calibration again without training" if calibration else "", "; ".join(edits))
     modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns,
-                                time_unit=now.time_unit, naive_times=now.naive_times)
+                                time_unit=now.time_unit, naive_times=now.naive_times, time_format=now.time_format)
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, naive_times=spec.naive_times,
-                   score=spec.score, storage=spec.storage)
+                   time_format=spec.time_format, score=spec.score, storage=spec.storage)
 
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:

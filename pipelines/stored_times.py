@@ -51,14 +51,17 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
     return converted.get_column("times").alias(counts.name), converted.get_column("unread")
 
 
-def times_from_stored(values: pl.Series, unit: str | None, naive_zone: str | None = None
-                      ) -> tuple[pl.Series, pl.Series] | None:
+def times_from_stored(values: pl.Series, unit: str | None, naive_zone: str | None = None,
+                      time_format: str | None = None) -> tuple[pl.Series, pl.Series] | None:
     """Times stored otherwise than as zoned timestamps, read: numbers as counts of `unit` (`times_from_counts`;
-    only with a unit), text as ISO 8601 (`times_from_text`), and - with `naive_zone` - naive timestamps as that
-    zone's wall clock (`times_from_wall_clock`); the times and the stored values not read (see those). None where
-    nothing needs reading (zoned timestamps and dates, naive ones without `naive_zone`; the rest is no time)."""
+    only with a unit), text as ISO 8601 (`times_from_text`) or, with `time_format`, as that format writes them
+    (`times_from_format`), and - with `naive_zone` - naive timestamps as that zone's wall clock
+    (`times_from_wall_clock`); the times and the stored values not read (see those). None where nothing needs
+    reading (zoned timestamps and dates, naive ones without `naive_zone`; the rest is no time)."""
     if is_count(values.dtype):
         return None if unit is None else times_from_counts(values, unit)
+    if values.dtype in (pl.String, pl.Categorical) and time_format is not None:
+        return times_from_format(values, time_format, naive_zone)
     if values.dtype in (pl.String, pl.Categorical):
         return times_from_text(values, unit, naive_zone)
     if naive_zone and isinstance(values.dtype, pl.Datetime) and values.dtype.time_zone is None:
@@ -75,6 +78,26 @@ def times_from_wall_clock(times: pl.Series, zone: str) -> tuple[pl.Series, pl.Se
     unread = pl.select(pl.when(utc.is_null() & times.is_not_null()).then(times.dt.to_string("%Y-%m-%d %H:%M:%S%.f"))
                        .otherwise(None)).to_series()
     return utc.alias(times.name), unread
+
+
+def times_from_format(texts: pl.Series, time_format: str, naive_zone: str | None = None
+                      ) -> tuple[pl.Series, pl.Series]:
+    """Times written as text in `time_format` (a strftime format as Polars reads it - `%d/%m/%Y %H:%M:%S%.f`,
+    `%b %d %Y %I:%M:%S %p`; the spec checks that it holds the date) as naive (UTC) timestamps in microseconds: with an
+    offset in the format (`%z`) each value converted by its own, else UTC - or, with `naive_zone`, that zone's wall
+    clock (`times_from_wall_clock`). Spaces around a value are ignored. Returns the times and the texts the format
+    does not read (another shape, an impossible date; a wall-clock time the zone skipped or showed twice), null
+    elsewhere; their time is null."""
+    text = texts.cast(pl.String).str.strip_chars()
+    parsed = text.str.strptime(pl.Datetime("us"), time_format, strict=False)
+    if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
+        times = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    elif naive_zone is not None:
+        times, _ = times_from_wall_clock(parsed, naive_zone)
+    else:
+        times = parsed
+    unread = pl.select(pl.when(times.is_null() & text.is_not_null()).then(texts.cast(pl.String))).to_series()
+    return times.alias(texts.name), unread
 
 
 def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str | None = None

@@ -506,6 +506,63 @@ def test_times_stored_as_text_read_as_iso_8601_each_by_its_own_shape(tiny_spec):
     assert times_from_text(pl.Series(["1704189600000"]))[1].to_list() == ["1704189600000"]     # no unit: no count
 
 
+def test_times_written_in_a_time_format_are_read_by_it_and_others_quarantined_with_the_format_named(tiny_spec,
+                                                                                                   tmp_path):
+    """`time_format`: day-first text with a fraction read by the format (spaces ignored); an offset in the format
+    converts each value by its own; without one the wall clock of `naive_times: local`'s zone; a text of another
+    shape - ISO 8601 too - or an impossible date is a row quarantined with the format named. A modality's own
+    format reads its files through `read_shard`, and the labels read the spec's."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.ingest import read_shard, read_times
+    from pipelines.labels import load_labels
+    from pipelines.storage import Storage
+    from dmafn.spec import parse_spec
+    from pipelines.stored_times import times_from_format
+    from tests.conftest import tiny_spec_dict
+
+    texts = ["02/01/2024 10:00:00.5", " 02/01/2024 23:59:59 ", "2024-01-02T10:00:00Z", "31/02/2024 10:00:00", None]
+    table = pa.table({"machine_id": ["a"] * 5, "ts": texts, "temp": [1.0] * 5})
+    read, bad = read_times(table, "ts", None, None, "%d/%m/%Y %H:%M:%S%.f")
+    assert read["ts"].to_pylist() == [dt.datetime(2024, 1, 2, 10, 0, 0, 500_000), dt.datetime(2024, 1, 2, 23, 59, 59),
+                                      None, None, None]
+    reasons = check_rows(read.append_column("_unread_time", bad.to_arrow()), tiny_spec, tiny_spec.modalities["proc"])
+    assert reasons.column(REASON).to_pylist()[2:] == [
+        "time column 'ts' holds '2024-01-02T10:00:00Z', not a time in the format '%d/%m/%Y %H:%M:%S%.f' (time_format)",
+        "time column 'ts' holds '31/02/2024 10:00:00', not a time in the format '%d/%m/%Y %H:%M:%S%.f' (time_format)",
+        "null time column 'ts'"]
+    zoned, _ = times_from_format(pl.Series(["02/01/2024 11:00 +0100", "02/01/2024 04:30 -0530"]), "%d/%m/%Y %H:%M %z")
+    assert zoned.to_list() == [dt.datetime(2024, 1, 2, 10, 0), dt.datetime(2024, 1, 2, 10, 0)]
+    local, unread = times_from_format(pl.Series(["Jan 02 2024 11:00:00 AM", "Mar 31 2024 02:30:00 AM"]),
+                                      "%b %d %Y %I:%M:%S %p", "Europe/Berlin")
+    assert local.to_list() == [dt.datetime(2024, 1, 2, 10, 0), None] and unread.to_list() == [None,
+                                                                                             "Mar 31 2024 02:30:00 AM"]
+    # a modality's own format, through read_shard
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc"),
+                                   "time_format": "%d.%m.%Y %H:%M:%S"}}
+    spec = parse_spec(data)
+    stamps = [dt.datetime(2024, 1, 2, 0, 0) + dt.timedelta(minutes=7 * i) for i in range(5)]
+    pq.write_table(pa.table({"machine_id": ["m"] * 5, "ts": [t.strftime("%d.%m.%Y %H:%M:%S") for t in stamps],
+                             "temp": [1.0, 2.0, 3.0, 4.0, 5.0]}), _folder(tmp_path / "proc" / "date=2024-01-02") / "p.parquet")
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.quarantined.is_empty() and got.tables["proc"]["_t"].to_list() == [
+        int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1e6) for t in stamps]
+    # the labels read the spec's format
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"machine_id": ["m", "m"], "start_ts": ["02/01/2024 10:00:00", "2024-01-02T10:00:00"],
+                             "end_ts": ["02/01/2024 12:00:00", "02/01/2024 12:00:00"]}),
+                   tmp_path / "labels" / "part-0.parquet")
+    labelled = replace(spec, labels=LabelsSpec(path=str(tmp_path / "labels")), time_format="%d/%m/%Y %H:%M:%S")
+    labels = load_labels(labelled, Storage())
+    assert labels.usable["start_ts"].dt.hour().to_list() == [10] and labels.unusable["reason"].to_list() == [
+        "start_ts '2024-01-02T10:00:00' not a time in the format '%d/%m/%Y %H:%M:%S' (time_format)"]
+
+
 def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_they_name_together():
     from pipelines.ingest import unusable_reasons
 

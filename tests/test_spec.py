@@ -265,6 +265,28 @@ def test_naive_times_are_parsed_checked_and_round_trip():
         parse_spec({**data, "naive_times": "berlin"}, source="s.yaml")
 
 
+def test_time_format_is_checked_to_hold_the_day_and_round_trips():
+    """`time_format`: how a time stored as text is written when not ISO 8601 (the spec's, or one modality's own); a
+    format that does not write the year, month and day, an unknown code or no code at all is an error naming the key;
+    it says how the data is stored, so a model version reads a table whose format changed."""
+    data = tiny_spec_dict(time_format="%d/%m/%Y %H:%M:%S%.f")
+    data["modalities"]["logs"]["time_format"] = "%b %d %Y %I:%M:%S %p"
+    spec = parse_spec(data, source="s.yaml")
+    assert [spec.time_format_in(spec.modalities[m]) for m in ("proc", "logs")] == ["%d/%m/%Y %H:%M:%S%.f",
+                                                                                   "%b %d %Y %I:%M:%S %p"]
+    assert spec.time_format_in() == "%d/%m/%Y %H:%M:%S%.f" and parse_spec(spec.to_dict(), "s.yaml") == spec
+    assert parse_spec(tiny_spec_dict()).time_format_in() is None
+    assert reading_differences(parse_spec(tiny_spec_dict()), spec) == []
+    with pytest.raises(SpecError, match=r"key 'modalities.logs.time_format': '%H:%M' does not read back the day it "
+                                        r"writes .* a format holds the year, month and day"):
+        parse_spec({**data, "modalities": {**data["modalities"], "logs": {**data["modalities"]["logs"],
+                                                                          "time_format": "%H:%M"}}})
+    for bad, said in (("%Q %Y", "is no format a time can be written in"), ("dd/mm/yyyy", "must be a strftime format"),
+                      (5, "must be a strftime format")):
+        with pytest.raises(SpecError, match=f"key 'time_format': .*{said}"):
+            parse_spec(tiny_spec_dict(time_format=bad), source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -358,7 +380,7 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, kind, naive_times, path, time, time_unit, tolerance)",
+                     "entity, kind, naive_times, path, time, time_format, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
@@ -555,6 +577,40 @@ def test_check_data_reads_integer_times_by_the_specs_time_unit(tmp_path, capsys)
     path.write_text(yaml.safe_dump({**data, "time_unit": "s"}))
     assert main(["validate", str(path), "--check-data"]) == 0
     assert "holds 1704067200000000000 .. 1704067260000000000 microseconds since the epoch" in capsys.readouterr().out
+
+
+def test_check_data_names_text_times_the_spec_does_not_read_and_the_formats_that_do(tmp_path, capsys):
+    """A table timed by day-first text: `validate --check-data` names the column, texts its statistics hold and the
+    key, with the formats that read them (day- and month-first alike: the source says which); with `time_format` it
+    checks clean, and the columns are listed (they were not for a time stored as text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from jobs.cli import main
+    from pipelines.check_data import formats_reading
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    for day in (1, 2):
+        folder = tmp_path / "proc" / f"date=2024-01-0{day}"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": ["a", "a"], "ts": [f"0{day}/01/2024 00:00:00", f"0{day}/01/2024 13:30:00"],
+                                 "temp": [1.0, 2.0]}), folder / "part-0.parquet")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path), "--check-data"]) == 2
+    err = capsys.readouterr().err
+    assert "modality 'proc': time column 'ts' holds text such as '01/01/2024 00:00:00', '01/01/2024 13:30:00' (" in err \
+        and "which is not an ISO 8601 time - every such row would be quarantined; set modalities.proc.time_format: it " \
+        "reads as '%d/%m/%Y %H:%M:%S%.f' or as '%m/%d/%Y %H:%M:%S%.f' (which one, the data's source says)" in err
+    assert err.count("holds text such as") == 1                                     # the first file only
+    path.write_text(yaml.safe_dump({**data, "time_format": "%d/%m/%Y %H:%M:%S"}))
+    assert main(["validate", str(path), "--check-data"]) == 0
+    assert "columns: machine_id string, ts string, temp double" in capsys.readouterr().out
+    assert formats_reading(["13/01/2024 10:00:00"]) == ["%d/%m/%Y %H:%M:%S%.f"]        # no 13th month
+    assert formats_reading(["[05/Jan/2024:10:00:00 +0100]"]) == []
+    assert "%d/%b/%Y:%H:%M:%S%.f %z" in formats_reading(["05/Jan/2024:10:00:00 +0100"])   # a web server's
 
 
 def test_context_derives_a_slow_time_series_view_of_the_same_rows():
