@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-train-features bench-entity-statistics bench-train-statistics images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-profile: install
 bench-shard-reads: install
 	$(BIN)/python -m benchmarks.shard_reads --out benchmarks/results
 	$(BIN)/python -m benchmarks.shard_reads --shard-mb 16 --out benchmarks/results
+
+bench-row-group-reads: install
+	$(BIN)/python -m benchmarks.row_group_reads --out benchmarks/results
+	$(BIN)/python -m benchmarks.row_group_reads --buckets 16 --out benchmarks/results
 
 bench-entity-statistics: install
 	$(BIN)/python -m benchmarks.entity_statistics --out benchmarks/results

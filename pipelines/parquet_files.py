@@ -147,12 +147,47 @@ def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str],
-                   row_groups: list[int] | None = None) -> Iterator[pa.Table]:
+PART_BYTES = 16_000_000   # a row group whose columns hold more than this, uncompressed, is read in parts of about this
+STREAM_BUFFER = 8 << 20  # through a stream buffered this much per column: pages as they are decoded, not whole chunks
+
+
+def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
+                   filesystem: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
     """The file's `columns` one row group at a time (of `row_groups` only, when given): a reader holds one row
-    group's decoded columns beside what it keeps of them."""
-    for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
-        yield read_columns(parquet, path, columns, [r])
+    group's decoded columns beside what it keeps of them. With `filesystem` (the file's), a row group whose columns
+    hold more than `PART_BYTES` uncompressed - a writer that put a day of camera frames, or of a whole fleet, in one
+    row group - is read in parts of about that size through a buffered stream, so that a reader's peak is set by
+    `PART_BYTES`, not by the rows its writer put in a row group."""
+    streamed = None
+    try:
+        for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
+            rows, size = parquet.metadata.row_group(r).num_rows, uncompressed_bytes(parquet, r, columns)
+            if filesystem is None or size <= PART_BYTES or rows < 2:
+                yield read_columns(parquet, path, columns, [r])
+                continue
+            try:
+                if streamed is None:
+                    streamed = pq.ParquetFile(filesystem.open_input_file(path), metadata=parquet.metadata,
+                                              buffer_size=STREAM_BUFFER, pre_buffer=False)
+                parts = streamed.iter_batches(batch_size=max(1, rows * PART_BYTES // size), row_groups=[r],
+                                              columns=columns)
+                batch = next(parts, None)
+                while batch is not None:
+                    yield flat_columns(pa.Table.from_batches([batch]), columns)
+                    batch = next(parts, None)
+            except (OSError, pa.ArrowException, KeyError) as exc:
+                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    finally:
+        if streamed is not None:
+            streamed.close()
+
+
+def uncompressed_bytes(parquet: pq.ParquetFile, row_group: int, columns: list[str]) -> int:
+    """How many bytes `columns` (a dotted name: a field inside struct columns) hold in `row_group`, uncompressed."""
+    meta = parquet.metadata.row_group(row_group)
+    chunks = (meta.column(j) for j in range(meta.num_columns))
+    return sum(c.total_uncompressed_size for c in chunks
+               if any(c.path_in_schema == name or c.path_in_schema.startswith(name + ".") for name in columns))
 
 
 class ListedFile(NamedTuple):

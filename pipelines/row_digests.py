@@ -106,13 +106,14 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         if f.modality not in columns or out[f.modality] is None:
             continue
         wanted = columns[f.modality]
-        with open_parquet(storage.filesystem(spec.modalities[f.modality].path), f.path) as parquet:
+        filesystem = storage.filesystem(spec.modalities[f.modality].path)
+        with open_parquet(filesystem, f.path) as parquet:
             names = set(parquet.schema_arrow.names)
             if not all(c.split(".")[0] in names for c in wanted):
                 out[f.modality] = None
                 continue
             groups = None if f.row_groups is None else list(f.row_groups)
-            for part in each_row_group(parquet, f.path, wanted, groups):
+            for part in each_row_group(parquet, f.path, wanted, groups, filesystem):
                 out[f.modality].add(row_hashes(part))
     return out
 

@@ -76,7 +76,8 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     its columns break the contract or its pages cannot be read."""
     path = spec.modalities[file.modality].path
     readers = [m for m in spec.modalities.values() if m.path == path]      # a context view reads the same files
-    parquet = open_parquet(storage.filesystem(path), file.path)
+    source_fs = storage.filesystem(path)
+    parquet = open_parquet(source_fs, file.path)
     for m in readers:
         check_schema(parquet.schema_arrow, spec, m, file.path)
     keys = list(spec.entity_in(spec.modalities[file.modality]))     # as the file names them; the pieces alike
@@ -104,7 +105,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         pending.clear()
         flushes += 1
 
-    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one]):
+    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one], source_fs):
         numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
         order = np.argsort(numbers, kind="stable")
         part, numbers = part.take(pa.array(order)), numbers[order]

@@ -1014,6 +1014,45 @@ def test_a_dates_row_digest_is_kept_by_a_compaction_and_changed_by_a_value(tmp_p
     assert not same_rows(recorded.replace(HASH, "polars 0.0"), now(), ["proc"])
 
 
+def test_a_big_row_group_is_read_in_parts_with_the_same_rows(tmp_path, tiny_spec, monkeypatch):
+    """`each_row_group` reads a row group whose columns hold more than `PART_BYTES` in parts (a buffered stream) that
+    together are the row group - struct fields and list columns too -, and `read_shard` then keeps the same rows, in
+    one bucket or two, with the same row digests."""
+    import datetime as dt
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    import pipelines.parquet_files as parquet_files
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    n = 3000
+    nested = pa.table({"k": [f"m{i % 7}" for i in range(n)], "s": pa.StructArray.from_arrays(
+        [pa.array(np.arange(n, dtype=float)), pa.array(np.arange(n))], ["a", "b"]), "w": pa.array([[1.0, 2.0]] * n)})
+    pq.write_table(nested, tmp_path / "nested.parquet", row_group_size=n)
+    path = str(tmp_path / "nested.parquet")
+    parquet = parquet_files.open_parquet(pafs.LocalFileSystem(), path)
+    (whole,) = parquet_files.each_row_group(parquet, path, ["k", "s.a", "w"])
+    spec = _proc_spec(tiny_spec, tmp_path / "proc")
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    rows = pa.table({"machine_id": [f"m{i % 5}" for i in range(n)],
+                     "ts": pa.array([day + i * 20_000_000 for i in range(n)], pa.timestamp("us", tz="UTC")),
+                     "temp": np.arange(n, dtype=float)})
+    pq.write_table(rows, _folder(tmp_path / "proc" / "date=2024-01-02") / "p.parquet", row_group_size=n)
+    date = dt.date(2024, 1, 2)
+    before = [read_shard(s, spec, Storage()) for s in (_shard(tmp_path, spec, [date]), *_shards(spec, [date], 10_000))]
+    monkeypatch.setattr(parquet_files, "PART_BYTES", 8_000)
+    parts = list(parquet_files.each_row_group(parquet, path, ["k", "s.a", "w"], None, pafs.LocalFileSystem()))
+    assert len(parts) > 3 and pa.concat_tables(parts).equals(whole)
+    after = [read_shard(s, spec, Storage()) for s in (_shard(tmp_path, spec, [date]), *_shards(spec, [date], 10_000))]
+    assert len(after) == len(before) > 2
+    for a, b in zip(before, after):
+        assert a.tables.keys() == b.tables.keys() and a.row_digests == b.row_digests
+        assert all(a.tables[m].equals(b.tables[m]) for m in a.tables)
+    assert sum(a.row_digests["2024-01-02"]["proc"].rows for a in after[1:]) == n
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 
