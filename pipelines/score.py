@@ -158,8 +158,21 @@ def unusable_rows_warning(result: DateResult, spec: Spec) -> str | None:
         return None
     return (f"{result.date}: {unusable} of its {result.input_rows} input rows ({unusable / result.input_rows:.1%}) "
             f"could not be used, in whole or in part, and were quarantined ({spec.score.quarantine_path}); the date "
-            f"was scored from the rest: {named_reasons(result.unusable_reasons)} - mend the source, then rescore the "
+            f"was scored from the rest: {named_reasons(result.unusable_reasons)}"
+            f"{time_text_hint(result.unusable_reasons, spec.source)} - mend the source, then rescore the "
             f"date (dmafn backfill {spec.source} --start {result.date} --end {result.date} --force)")
+
+
+def time_text_hint(reasons: dict[str, int], spec_path: str) -> str:
+    """Where some unusable rows' times are text the spec does not read (`ingest.read_times`' reasons), what to set
+    or check, and the command that reads the files' samples (`validate --check-data`); else nothing."""
+    if any("not an ISO 8601 time" in why for why in reasons):
+        return (" (times written as text otherwise than ISO 8601: set the spec's time_format, or the modality's - "
+                f"dmafn validate {spec_path} --check-data names the formats that read them)")
+    if any("(time_format)" in why for why in reasons):
+        return (f" (times the time_format does not read: dmafn validate {spec_path} --check-data names the formats "
+                "that read them)")
+    return ""
 
 
 def largest_first(reasons: dict[str, int]) -> dict[str, int]:

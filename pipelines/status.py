@@ -25,7 +25,7 @@ from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
-                             named_dates, named_reasons, summed_counts, unlike_validation_line)
+                             named_dates, named_reasons, summed_counts, time_text_hint, unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -248,7 +248,7 @@ def _unusable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: s
         return
     reasons = summed_counts([json.loads(kept) for kept in hit[UNUSABLE_REASONS].drop_nulls().to_list()])
     first, last = hit["date"].min(), hit["date"].max()
-    why = f" - most: {named_reasons(reasons)}" if reasons else ""
+    why = f" - most: {named_reasons(reasons)}{time_text_hint(reasons, spec_path)}" if reasons else ""
     out.problems.append(f"{hit.height} recent date(s) had over {UNUSABLE_SHARE:.0%} of their input rows unusable "
                         f"(up to {hit['_share'].max():.1%}; quarantined in {spec.score.quarantine_path}, the dates "
                         f"scored from the rest): {named_dates(hit['date'].to_list())}{why}; mend the source, then "

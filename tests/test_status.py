@@ -231,7 +231,7 @@ def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_rea
     times that are none, ...): quarantined, the dates scored from the rest - named with the reasons that took most
     over them and the backfill that rescores them; misplaced rows are not counted here (their own problem), and runs
     recorded before the runs table kept the reasons are named by their count alone."""
-    from pipelines.score import unusable_rows_warning
+    from pipelines.score import time_text_hint, unusable_rows_warning
 
     spec, _ = _spec(tmp_path)
     _version(tmp_path, OLD)
@@ -247,8 +247,9 @@ def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_rea
         f"1 recent date(s) had over 1% of their input rows unusable (up to 4.3%; quarantined in "
         f"{spec.score.quarantine_path}, the dates scored from the rest): 2024-01-04 - most: vib: unusable value in "
         "column 'ax' (300); proc: time column 'ts' holds a value, not an ISO 8601 time (100); logs: redelivered (20); "
-        "1 more reason(s); mend the source, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-04 "
-        "--force)"]
+        "1 more reason(s) (times written as text otherwise than ISO 8601: set the spec's time_format, or the "
+        "modality's - dmafn validate s.yaml --check-data names the formats that read them); mend the source, then "
+        "rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-04 --force)"]
     runs = pl.read_delta(spec.score.runs_path).sort("date")
     assert [None if v is None else json.loads(v) for v in runs["input_unusable_reasons"]] == [
         None, reasons, {"vib: unusable value in column 'ax'": 100}]
@@ -259,8 +260,13 @@ def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_rea
     warned = unusable_rows_warning(DateResult("2024-01-04", 100, 100, 0, 1, 1.0, input_rows_quarantined=430,
                                               input_rows=10_000, unusable_reasons=reasons), spec)
     assert warned.startswith("2024-01-04: 430 of its 10000 input rows (4.3%) could not be used, in whole or in part, and were quarantined (")
-    assert warned.endswith("(20); 1 more reason(s) - mend the source, then rescore the date (dmafn backfill "
+    assert warned.endswith(f"(20); 1 more reason(s) (times written as text otherwise than ISO 8601: set the spec's "
+                           f"time_format, or the modality's - dmafn validate {spec.source} --check-data names the "
+                           "formats that read them) - mend the source, then rescore the date (dmafn backfill "
                            f"{spec.source} --start 2024-01-04 --end 2024-01-04 --force)")
+    assert time_text_hint({"vib: unusable value in column 'ax'": 3}, "s.yaml") == ""
+    assert "times the time_format does not read" in time_text_hint(
+        {"logs: time column 'ts' holds a value, not a time in the format '%d/%m/%Y' (time_format)": 3}, "s.yaml")
     assert unusable_rows_warning(DateResult("2024-01-03", 100, 100, 0, 1, 1.0, input_rows_quarantined=90,
                                             input_rows=10_000), spec) is None
 
