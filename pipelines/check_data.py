@@ -23,8 +23,9 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema, entity_casts, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, open_parquet, time_bounds
-from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.delta_sink import live_data_files
+from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, only_live, open_parquet, time_bounds
+from pipelines.storage import DataError, Storage, list_partitions, relative
 from pipelines.stored_times import is_count, times_from_stored
 
 FOOTER_READERS = 16
@@ -229,11 +230,21 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                             naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
         found.append(data)
         try:
+            live = live_data_files(storage, m.path)            # a Delta table's log: read (and checked) first
             partitions = list_partitions(storage, m.path, spec.partition)
             files = list_parquet_files(storage.filesystem(m.path), partitions)
         except DataError as exc:
             data.problems.append(f"modality '{name}': {exc}")
             continue
+        if live is not None:             # a Delta table: the files its log holds now
+            root = storage.fs_path(m.path)
+            kept = only_live(files, root, live)
+            replaced = [f for f in files if f not in kept]
+            files = kept
+            data.notes += [] if m.context_of else [f"a Delta table: read as its log says ({len(files)} files" + (
+                f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
+                f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, root)} - are not read)"
+                if replaced else ")")]
         data.dates = sorted(partitions)
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from typing import Literal, Sequence
+from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
@@ -235,3 +236,33 @@ def merged_schema(table: DeltaTable, schema: pa.Schema) -> pa.Schema:
     """The table's columns in their order, then the columns of `schema` it does not have yet."""
     current = pa.schema(table.schema().to_arrow())
     return pa.schema([*current, *[f for f in schema if f.name not in current.names]])
+
+
+def live_data_files(storage: Storage, path: str) -> set[str] | None:
+    """The data files the Delta table at `path` holds by its log now (their paths inside its folder), or None where
+    `path` holds no Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an
+    OPTIMIZE, DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows. DataError naming the
+    table where its files alone do not say its rows (deletion vectors on some file, column mapping) or where its log
+    cannot be read."""
+    log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
+    try:
+        if storage.filesystem(path).get_file_info(log_folder).type != pafs.FileType.Directory:
+            return None
+        table = DeltaTable(storage.delta_uri(path), storage_options=storage.delta_options(path))
+        mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
+        if mapping != "none":
+            raise DataError(f"{path}: a Delta table with column mapping ('{mapping}'): its files name the columns "
+                            "otherwise than its schema, so they cannot be read as Parquet - point the modality at a "
+                            "copy without it (or at the table's Parquet export)")
+        if "deletionVectors" in (table.protocol().reader_features or []):
+            marked = next((batch for batch in table.deletion_vectors() if batch.num_rows), None)
+            if marked is not None:
+                first = pa.record_batch(marked).column("filepath")[0].as_py()
+                raise DataError(f"{path}: a Delta table with rows deleted by deletion vectors (in {first} and maybe "
+                                "others): its files alone do not say its rows - purge them (REORG TABLE ... APPLY "
+                                "(PURGE), or OPTIMIZE) or write the table without deletion vectors")
+        return {unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist()}
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
+        raise DataError(f"{path}: holds a Delta log (_delta_log) that cannot be read ({exc})") from None

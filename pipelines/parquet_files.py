@@ -14,7 +14,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmafn.spec import DAY_US
-from pipelines.storage import DataError, relative
+from pipelines.delta_sink import live_data_files
+from pipelines.storage import DataError, Storage, list_partitions, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
 PARTITION_COLUMN = "date"
@@ -188,6 +189,25 @@ def uncompressed_bytes(parquet: pq.ParquetFile, row_group: int, columns: list[st
     chunks = (meta.column(j) for j in range(meta.num_columns))
     return sum(c.total_uncompressed_size for c in chunks
                if any(c.path_in_schema == name or c.path_in_schema.startswith(name + ".") for name in columns))
+
+
+def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None
+                     ) -> tuple[dict[dt.date, str], list["ListedFile"]]:
+    """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
+    (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
+    (`delta_sink.live_data_files`, read first: a table whose files alone do not say its rows is named as such, not
+    as a folder without partitions; files a compaction or a DELETE/MERGE replaced are not read)."""
+    live = live_data_files(storage, path)
+    folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None)
+    if dates is not None:
+        folders = {d: folders[d] for d in dates if d in folders}
+    files = list_parquet_files(storage.filesystem(path), folders)
+    return folders, files if live is None else only_live(files, storage.fs_path(path), live)
+
+
+def only_live(files: list["ListedFile"], root: str, live: set[str]) -> list["ListedFile"]:
+    """The files of a Delta table's folders (at `root`, as the filesystem names it) that its log holds (`live`)."""
+    return [f for f in files if relative(f.path, root) in live]
 
 
 class ListedFile(NamedTuple):

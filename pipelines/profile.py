@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import to_micros
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
-from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, open_parquet, read_columns
-from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.parquet_files import column_chunk, field_of, list_table_files, open_parquet, read_columns
+from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,15 @@ def partition_periods(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt.date]) -> list[FilePart]:
-    """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing); DataError
+    """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing; of a Delta
+    table, the files its log holds); DataError
     naming the modality's path when none of the dates has a partition."""
-    parts = list_partitions(storage, m.path, spec.partition, (min(dates), max(dates)))
-    found = {d: parts[d] for d in dates if d in parts}
+    found, files = list_table_files(storage, m.path, spec.partition, dates)
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
     return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone, spec.lateness_us)
-            for day, path, *_ in list_parquet_files(storage.filesystem(m.path), found)]
+            for day, path, *_ in files]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

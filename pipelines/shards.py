@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmafn.spec import Spec, voting_modalities
-from pipelines.parquet_files import column_chunk, field_of, list_parquet_files
+from pipelines.parquet_files import column_chunk, field_of, list_table_files
 from pipelines.row_digests import RowDigest
-from pipelines.storage import DataError, Storage, list_partitions
+from pipelines.storage import DataError, Storage
 
 # a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
 # aligned they take ~10x that in one worker
@@ -155,8 +155,7 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
-            parts = list_partitions(storage, m.path, spec.partition, (min(dates), max(dates)) if dates else None)
-            by_path[m.path] = list_parquet_files(storage.filesystem(m.path), {d: parts[d] for d in dates if d in parts})
+            by_path[m.path] = list_table_files(storage, m.path, spec.partition, dates)[1]
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns)
                   for f in by_path[m.path]]
     return files

@@ -1053,6 +1053,50 @@ def test_a_big_row_group_is_read_in_parts_with_the_same_rows(tmp_path, tiny_spec
     assert sum(a.row_digests["2024-01-02"]["proc"].rows for a in after[1:]) == n
 
 
+def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny_spec, monkeypatch):
+    """A modality table written as a Delta table partitioned by date: after a date was overwritten (the replaced file
+    stays in its folder until VACUUM), the listing, `read_shard` and `validate --check-data` take only the files the
+    log holds, and check-data says so; a table with column mapping or with deletion vectors on a file is an error
+    naming it (its files alone do not say its rows)."""
+    import datetime as dt
+
+    from deltalake import DeltaTable, write_deltalake
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.shards import list_partition_files
+    from pipelines.storage import DataError, Storage
+
+    table = tmp_path / "proc"
+    spec = _proc_spec(tiny_spec, table)
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    rows = pa.table({"date": ["2024-01-02"] * 4, "machine_id": ["a", "a", "b", "b"],
+                     "ts": pa.array([day + i * 60_000_000 for i in range(4)], pa.timestamp("us", tz="UTC")),
+                     "temp": [1.0, 2.0, 3.0, 4.0]})
+    write_deltalake(str(table), rows, partition_by=["date"])
+    write_deltalake(str(table), rows.slice(0, 2), partition_by=["date"], mode="overwrite",
+                    predicate="date = '2024-01-02'")                  # b's rows deleted; the old file stays
+    date = dt.date(2024, 1, 2)
+    assert len(list((table / "date=2024-01-02").glob("*.parquet"))) == 2
+    (listed,) = list_partition_files(spec, [date], Storage())
+    assert DeltaTable(str(table)).file_uris() == [listed.path]
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert got.tables["proc"]["machine_id"].to_list() == ["a", "a"] and got.rows_read == {"2024-01-02": 2}
+    (found,) = check_data(spec)
+    assert found.files == 1 and not found.problems and found.notes[0].startswith(
+        "a Delta table: read as its log says (1 files; 1 more in its folders that it no longer holds - replaced by ")
+    marked = pa.record_batch({"filepath": [listed.path], "selection_vector": [[True, False]]})
+    monkeypatch.setattr(DeltaTable, "protocol", lambda self: type("P", (), {"reader_features": ["deletionVectors"]})())
+    monkeypatch.setattr(DeltaTable, "deletion_vectors", lambda self: iter([marked]))
+    with pytest.raises(DataError, match=r"a Delta table with rows deleted by deletion vectors \(in .*part-"):
+        list_partition_files(spec, [date], Storage())
+    monkeypatch.undo()
+    mapped = tmp_path / "mapped"
+    write_deltalake(str(mapped), rows, partition_by=["date"], configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(DataError, match=r"a Delta table with column mapping \('name'\)"):
+        list_partition_files(_proc_spec(tiny_spec, mapped), [date], Storage())
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 
