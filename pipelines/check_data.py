@@ -239,8 +239,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         if live is not None:             # a Delta table: the files its log holds now
             root = storage.fs_path(m.path)
             kept = only_live(files, root, live)
-            replaced = [f for f in files if f not in kept]
-            files = kept
+            held = {f.path for f in kept}
+            replaced, files = [f for f in files if f.path not in held], kept
             data.notes += [] if m.context_of else [f"a Delta table: read as its log says ({len(files)} files" + (
                 f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
                 f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, root)} - are not read)"

@@ -470,3 +470,29 @@ def test_ray_job_submit_train_backfill_nightly_on_a_two_node_cluster(s3_spec, tm
     assert sorted(runs["date"].to_list()) == ["2024-01-03", "2024-01-04", "2024-01-05"]
     assert set(runs["status"]) == {"succeeded"}
     _assert_each_date_once(job_spec, DAYS)
+
+
+def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
+    """A modality table kept as a Delta table in a bucket: after a date was overwritten (the replaced file stays
+    until VACUUM) the listing takes only the file its log holds - the log read through deltalake's object store, the
+    files through pyarrow's S3 filesystem, their paths matched inside the table's prefix."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from dmafn.spec import StorageSpec
+    from pipelines.parquet_files import list_table_files
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="deltalake-input")
+    storage = Storage.from_spec(StorageSpec(endpoint_url=s3_endpoint, region="us-east-1"))
+    path = "s3://deltalake-input/raw/process"
+    options = storage.delta_options(path)
+    rows = pa.table({"date": ["2024-01-05"] * 2, "machine_id": ["a", "b"], "temp": [1.0, 2.0]})
+    write_deltalake(path, rows, partition_by=["date"], storage_options=options)
+    write_deltalake(path, rows.slice(0, 1), partition_by=["date"], mode="overwrite", predicate="date = '2024-01-05'",
+                    storage_options=options)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deltalake-input", Prefix="raw/process/date=")["Contents"]]
+    assert len(keys) == 2
+    folders, files = list_table_files(storage, path, "date")
+    assert list(folders) == [dt.date(2024, 1, 5)] and len(files) == 1
+    live = DeltaTable(path, storage_options=options).file_uris()
+    assert live == [f"s3://{files[0].path}"]
