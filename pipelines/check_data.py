@@ -168,7 +168,8 @@ _DATES = ("%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y/%m/%d", "%d-%m-%Y", "%m-%d-%Y"
           "%d %b %Y", "%Y.%m.%d")
 _CLOCKS = ("%H:%M:%S%.f", "%H:%M", "%I:%M:%S %p", "%I:%M %p")
 FORMATS = tuple(f"{d}{sep}{c}{z}" for d in _DATES for sep in (" ", "T", ":") for c in _CLOCKS
-                for z in ("", " %z", "%z")) + ("%a %b %d %H:%M:%S %Y", "%a %b %e %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S %z")
+                for z in ("", " %z", "%z")) \
+    + ("%a %b %d %H:%M:%S %Y", "%a %b %e %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S %z")     # ctime, RFC 2822
 
 
 def formats_reading(samples: list[str]) -> list[str]:

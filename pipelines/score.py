@@ -232,10 +232,11 @@ _EDITS_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
 def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -> Spec:
     """The model version's modalities, columns and windows, read from where `spec` says the data lives now
     (its modality paths, the names their files give the time and entity, the unit of a numeric time, the zone
-    of a naive one and the format of a time written as text, the partition key, the time zone of its dates and how late rows may be filed), written to
-    `spec`'s output tables: moving the data does not need a new model. Where `spec` reads, models or thresholds
-    the data otherwise than the version (a window, a column, the model section, the threshold edited since), a
-    warning names each (`recalibrating`: the threshold and smoothing aside, which `dmafn recalibrate` adopts)."""
+    of a naive one and the format of a time written as text, the partition key, the time zone of its dates and
+    how late rows may be filed), written to `spec`'s output tables: moving the data does not need a new model.
+    Where `spec` reads, models or thresholds the data otherwise than the version (a window, a column, the model
+    section, the threshold edited since), a warning names each (`recalibrating`: the threshold and smoothing aside,
+    which `dmafn recalibrate` adopts)."""
     missing = sorted(set(mv.spec.modalities) - set(spec.modalities))
     if missing:
         raise DataError(f"model version {mv.version} reads modalities {missing} that spec '{spec.name}' does not "

@@ -24,8 +24,9 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs, changed_inputs_line,
-                             named_dates, named_reasons, summed_counts, time_text_hint, unlike_validation_line)
+                             RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
+                             changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
+                             unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days

@@ -548,7 +548,8 @@ def test_times_written_in_a_time_format_are_read_by_it_and_others_quarantined_wi
     spec = parse_spec(data)
     stamps = [dt.datetime(2024, 1, 2, 0, 0) + dt.timedelta(minutes=7 * i) for i in range(5)]
     pq.write_table(pa.table({"machine_id": ["m"] * 5, "ts": [t.strftime("%d.%m.%Y %H:%M:%S") for t in stamps],
-                             "temp": [1.0, 2.0, 3.0, 4.0, 5.0]}), _folder(tmp_path / "proc" / "date=2024-01-02") / "p.parquet")
+                             "temp": [1.0, 2.0, 3.0, 4.0, 5.0]}),
+                   _folder(tmp_path / "proc" / "date=2024-01-02") / "p.parquet")
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     assert got.quarantined.is_empty() and got.tables["proc"]["_t"].to_list() == [
         int(t.replace(tzinfo=dt.timezone.utc).timestamp() * 1e6) for t in stamps]

@@ -595,14 +595,16 @@ def test_check_data_names_text_times_the_spec_does_not_read_and_the_formats_that
     for day in (1, 2):
         folder = tmp_path / "proc" / f"date=2024-01-0{day}"
         folder.mkdir(parents=True)
-        pq.write_table(pa.table({"machine_id": ["a", "a"], "ts": [f"0{day}/01/2024 00:00:00", f"0{day}/01/2024 13:30:00"],
+        pq.write_table(pa.table({"machine_id": ["a", "a"],
+                                 "ts": [f"0{day}/01/2024 00:00:00", f"0{day}/01/2024 13:30:00"],
                                  "temp": [1.0, 2.0]}), folder / "part-0.parquet")
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path), "--check-data"]) == 2
     err = capsys.readouterr().err
-    assert "modality 'proc': time column 'ts' holds text such as '01/01/2024 00:00:00', '01/01/2024 13:30:00' (" in err \
-        and "which is not an ISO 8601 time - every such row would be quarantined; set modalities.proc.time_format: it " \
+    assert "modality 'proc': time column 'ts' holds text such as '01/01/2024 00:00:00', '01/01/2024 13:30:00' (" \
+        in err
+    assert "which is not an ISO 8601 time - every such row would be quarantined; set modalities.proc.time_format: it " \
         "reads as '%d/%m/%Y %H:%M:%S%.f' or as '%m/%d/%Y %H:%M:%S%.f' (which one, the data's source says)" in err
     assert err.count("holds text such as") == 1                                     # the first file only
     path.write_text(yaml.safe_dump({**data, "time_format": "%d/%m/%Y %H:%M:%S"}))
