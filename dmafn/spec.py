@@ -280,6 +280,11 @@ class Spec:
         local = ((m and m.naive_times) or self.naive_times) == "local" and self.timezone != "UTC"
         return self.timezone if local else None
 
+    def columns_read(self, m: ModalitySpec) -> list[str]:
+        """The columns a job reads of `m`'s files, by the files' names: the entity columns, the time, the value
+        columns, each once."""
+        return list(dict.fromkeys([*self.entity_in(m), self.time_in(m), *m.value_columns]))
+
     def names_read(self, m: ModalitySpec) -> dict[str, str]:
         """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
         files name their time and entity as the spec does)."""

@@ -23,9 +23,8 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema, entity_casts, partition_span_us
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.delta_sink import live_data_files
-from pipelines.parquet_files import column_chunk, field_of, list_parquet_files, only_live, open_parquet, time_bounds
-from pipelines.storage import DataError, Storage, list_partitions, relative
+from pipelines.parquet_files import column_chunk, field_of, list_table_files, open_parquet, time_bounds
+from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import is_count, times_from_stored
 
 FOOTER_READERS = 16
@@ -231,21 +230,15 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                             naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
         found.append(data)
         try:
-            live = live_data_files(storage, m.path)            # a Delta table's log: read (and checked) first
-            partitions = list_partitions(storage, m.path, spec.partition)
-            files = list_parquet_files(storage.filesystem(m.path), partitions)
+            partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition)
         except DataError as exc:
             data.problems.append(f"modality '{name}': {exc}")
             continue
-        if live is not None:             # a Delta table: the files its log holds now
-            root = storage.fs_path(m.path)
-            kept = only_live(files, root, live)
-            held = {f.path for f in kept}
-            replaced, files = [f for f in files if f.path not in held], kept
-            data.notes += [] if m.context_of else [f"a Delta table: read as its log says ({len(files)} files" + (
+        if delta and not m.context_of:             # a Delta table: the files its log holds now
+            data.notes.append(f"a Delta table: read as its log says ({len(files)} files" + (
                 f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
-                f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, root)} - are not read)"
-                if replaced else ")")]
+                f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, storage.fs_path(m.path))} "
+                "- are not read)" if replaced else ")"))
         data.dates = sorted(partitions)
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
@@ -253,7 +246,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         elif not m.context_of:
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
-        wanted = list(dict.fromkeys([*spec.entity_in(m), time, *m.value_columns]))
+        wanted = spec.columns_read(m)
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come

@@ -406,7 +406,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
         unit, wall_clock, written = spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m)
-        columns = list(dict.fromkeys([*keys, time, *m.value_columns]))
+        columns = spec.columns_read(m)
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's

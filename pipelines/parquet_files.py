@@ -191,8 +191,17 @@ def uncompressed_bytes(parquet: pq.ParquetFile, row_group: int, columns: list[st
                if any(c.path_in_schema == name or c.path_in_schema.startswith(name + ".") for name in columns))
 
 
-def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None
-                     ) -> tuple[dict[dt.date, str], list["ListedFile"]]:
+class TableFiles(NamedTuple):
+    """A modality table's date folders and the Parquet files read there (`list_table_files`); of a Delta table
+    (`delta`), also the files its folders still hold that its log no longer does (`replaced`: not read)."""
+
+    folders: dict[dt.date, str]
+    files: list["ListedFile"]
+    delta: bool = False
+    replaced: tuple["ListedFile", ...] = ()
+
+
+def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
     (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
     (`delta_sink.live_data_files`, read first: a table whose files alone do not say its rows is named as such, not
@@ -202,12 +211,12 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
     if dates is not None:
         folders = {d: folders[d] for d in dates if d in folders}
     files = list_parquet_files(storage.filesystem(path), folders)
-    return folders, files if live is None else only_live(files, storage.fs_path(path), live)
-
-
-def only_live(files: list["ListedFile"], root: str, live: set[str]) -> list["ListedFile"]:
-    """The files of a Delta table's folders (at `root`, as the filesystem names it) that its log holds (`live`)."""
-    return [f for f in files if relative(f.path, root) in live]
+    if live is None:
+        return TableFiles(folders, files)
+    root = storage.fs_path(path)
+    held = [relative(f.path, root) in live for f in files]
+    return TableFiles(folders, [f for f, h in zip(files, held) if h], True,
+                      tuple(f for f, h in zip(files, held) if not h))
 
 
 class ListedFile(NamedTuple):

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dmafn.spec import ModalitySpec, Spec
+from dmafn.spec import Spec
 from pipelines.parquet_files import each_row_group, open_parquet
 from pipelines.storage import Storage
 
@@ -36,11 +36,6 @@ SEED = 20241205
 HASH = f"polars {pl.__version__} hash_rows seed {SEED}"     # digests under another scheme are never compared equal
 ROW_HASH = "_row_hash"                                      # the column `read_shard` carries each row's hash in
 _MASK = 2**64 - 1
-
-
-def digest_columns(spec: Spec, m: ModalitySpec) -> list[str]:
-    """The columns of `m`'s files a row's hash covers, by the files' names: what a job reads of them."""
-    return list(dict.fromkeys([*spec.entity_in(m), spec.time_in(m), *m.value_columns]))
 
 
 def row_hashes(table: pa.Table) -> pl.Series:
@@ -91,9 +86,9 @@ def merged(parts: list[dict[str, RowDigest]]) -> dict[str, RowDigest]:
 
 def record(spec: Spec, digests: dict[str, RowDigest]) -> str:
     """The runs table's `input_row_digests` of a date: JSON with the hash scheme and, per modality, its rows, their
-    hashes' sum and the columns hashed."""
+    hashes' sum and the columns hashed (`Spec.columns_read`: what a job reads of its files)."""
     return json.dumps({"hash": HASH, "modalities": {
-        m: {**d.to_dict(), "columns": digest_columns(spec, spec.modalities[m])} for m, d in sorted(digests.items())}},
+        m: {**d.to_dict(), "columns": spec.columns_read(spec.modalities[m])} for m, d in sorted(digests.items())}},
         sort_keys=True)
 
 

@@ -84,7 +84,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     single = [row_group_entity(parquet, keys, r) is not None for r in range(parquet.metadata.num_row_groups)]
     if all(single):
         return SplitFile(file, buckets, None)
-    columns = list(dict.fromkeys(c for m in readers for c in (*spec.entity_in(m), spec.time_in(m), *m.value_columns)))
+    columns = list(dict.fromkeys(c for m in readers for c in spec.columns_read(m)))
     staging_fs = storage.filesystem(spec.score.staging_path)
     pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}

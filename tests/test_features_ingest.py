@@ -969,7 +969,7 @@ def test_a_dates_row_digest_is_kept_by_a_compaction_and_changed_by_a_value(tmp_p
     import pyarrow.parquet as pq
 
     from pipelines.ingest import read_shard
-    from pipelines.row_digests import HASH, date_digests, digest_columns, merged, record, recorded_columns, same_rows
+    from pipelines.row_digests import HASH, date_digests, merged, record, recorded_columns, same_rows
     from pipelines.shards import list_partition_files
     from pipelines.storage import Storage
 
@@ -988,7 +988,7 @@ def test_a_dates_row_digest_is_kept_by_a_compaction_and_changed_by_a_value(tmp_p
     assert whole.rows == 11
     cut = [read_shard(s, spec, Storage()).row_digests["2024-01-02"]["proc"] for s in _shards(spec, [date], 100)]
     assert len(cut) > 1 and merged([{"proc": d} for d in cut])["proc"] == whole
-    columns = {"proc": digest_columns(spec, spec.modalities["proc"])}
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
     assert columns == {"proc": ["machine_id", "ts", "temp"]}
 
     def now():

@@ -492,7 +492,8 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
                     storage_options=options)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="deltalake-input", Prefix="raw/process/date=")["Contents"]]
     assert len(keys) == 2
-    folders, files = list_table_files(storage, path, "date")
-    assert list(folders) == [dt.date(2024, 1, 5)] and len(files) == 1
+    listed = list_table_files(storage, path, "date")
+    folders, files = listed.folders, listed.files
+    assert list(folders) == [dt.date(2024, 1, 5)] and len(files) == 1 and listed.delta and len(listed.replaced) == 1
     live = DeltaTable(path, storage_options=options).file_uris()
     assert live == [f"s3://{files[0].path}"]
