@@ -235,10 +235,13 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             data.problems.append(f"modality '{name}': {exc}")
             continue
         if delta and not m.context_of:             # a Delta table: the files its log holds now
+            marked = [f.deleted.count for f in files if f.deleted is not None]
             data.notes.append(f"a Delta table: read as its log says ({len(files)} files" + (
                 f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
                 f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, storage.fs_path(m.path))} "
-                "- are not read)" if replaced else ")"))
+                "- are not read" if replaced else "") + (
+                f"; {sum(marked)} rows of {len(marked)} files deleted in place by deletion vectors - not read (the "
+                "footers' statistics this check reads still count them)" if marked else "") + ")")
         data.dates = sorted(partitions)
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:

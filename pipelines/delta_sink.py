@@ -7,14 +7,17 @@ Both retry on concurrent-commit conflicts and merge schemas (a new `score_<modal
 keep null). A path that holds a table dmafn did not write is refused before either runs (`require_own_tables`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal, Sequence
 from urllib.parse import unquote
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -238,12 +241,44 @@ def merged_schema(table: DeltaTable, schema: pa.Schema) -> pa.Schema:
     return pa.schema([*current, *[f for f in schema if f.name not in current.names]])
 
 
-def live_data_files(storage: Storage, path: str) -> set[str] | None:
-    """The data files the Delta table at `path` holds by its log now (their paths inside its folder), or None where
-    `path` holds no Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an
-    OPTIMIZE, DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows. DataError naming the
-    table where its files alone do not say its rows (deletion vectors on some file, column mapping) or where its log
-    cannot be read."""
+@dataclass(frozen=True)
+class DeletedRows:
+    """The rows of a data file that a Delta deletion vector removes: their positions in the file (0: its first row),
+    as sorted little-endian int64 bytes - a value, so a listing holding it stays hashable and pickles small."""
+
+    positions: bytes
+
+    @classmethod
+    def of(cls, positions: np.ndarray) -> "DeletedRows":
+        return cls(np.sort(np.asarray(positions, dtype="<i8")).tobytes())
+
+    @property
+    def count(self) -> int:
+        return len(self.positions) // 8
+
+    def token(self) -> str:
+        """Which rows, in short (a listing's digest line: another DELETE changes it)."""
+        return f"{self.count}:{hashlib.sha256(self.positions).hexdigest()[:16]}"
+
+    def kept(self, start: int, rows: int) -> np.ndarray | None:
+        """Which of the file's rows `start` .. `start + rows` are not deleted (a bool per row), None where none is."""
+        at = np.frombuffer(self.positions, dtype="<i8")
+        inside = at[np.searchsorted(at, start):np.searchsorted(at, start + rows)]
+        if not len(inside):
+            return None
+        keep = np.ones(rows, dtype=bool)
+        keep[inside - start] = False
+        return keep
+
+
+def live_data_files(storage: Storage, path: str) -> dict[str, DeletedRows | None] | None:
+    """The data files the Delta table at `path` holds by its log now (their paths inside its folder), each with the
+    rows a deletion vector removes from it (None: none), or None where `path` holds no Delta table (no `_delta_log`):
+    a modality table kept as Delta is read as its log says - files an OPTIMIZE, DELETE, UPDATE or MERGE replaced and
+    VACUUM has not yet removed are not its rows, nor are the rows a DELETE, UPDATE or MERGE marked deleted in place
+    (deletion vectors: delta-rs decodes them, here, so the driver holds 8 bytes per deleted row of the table's
+    files). DataError naming the table where its files do not say its columns (column mapping) or where its log or
+    a deletion vector cannot be read."""
     log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
     try:
         if storage.filesystem(path).get_file_info(log_folder).type != pafs.FileType.Directory:
@@ -254,14 +289,19 @@ def live_data_files(storage: Storage, path: str) -> set[str] | None:
             raise DataError(f"{path}: a Delta table with column mapping ('{mapping}'): its files name the columns "
                             "otherwise than its schema, so they cannot be read as Parquet - point the modality at a "
                             "copy without it (or at the table's Parquet export)")
+        deleted: dict[str, DeletedRows] = {}
         if "deletionVectors" in (table.protocol().reader_features or []):
-            marked = next((batch for batch in table.deletion_vectors() if batch.num_rows), None)
-            if marked is not None:
-                first = pa.record_batch(marked).column("filepath")[0].as_py()
-                raise DataError(f"{path}: a Delta table with rows deleted by deletion vectors (in {first} and maybe "
-                                "others): its files alone do not say its rows - purge them (REORG TABLE ... APPLY "
-                                "(PURGE), or OPTIMIZE) or write the table without deletion vectors")
-        return {unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist()}
+            root = table.table_uri.rstrip("/") + "/"
+            for batch in table.deletion_vectors():
+                batch = pa.record_batch(batch)
+                for uri, keep in zip(batch.column("filepath").to_pylist(), batch.column("selection_vector")):
+                    if not uri.startswith(root):
+                        raise DataError(f"{path}: a deletion vector of {uri}, a file outside the table's folder")
+                    gone = np.flatnonzero(~keep.values.to_numpy(zero_copy_only=False))
+                    if len(gone):
+                        deleted[unquote(uri[len(root):])] = DeletedRows.of(gone)
+        live = (unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist())
+        return {p: deleted.get(p) for p in live}
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table

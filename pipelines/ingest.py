@@ -422,7 +422,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                for part in each_row_group(parquet, f.path, columns, groups, fs):
+                for part in each_row_group(parquet, f.path, columns, groups, fs, f.deleted):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock, written)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)

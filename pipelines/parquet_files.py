@@ -7,6 +7,7 @@ import logging
 import math
 import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 from typing import Iterator, NamedTuple
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmafn.spec import DAY_US
-from pipelines.delta_sink import live_data_files
+from pipelines.delta_sink import DeletedRows, live_data_files
 from pipelines.storage import DataError, Storage, list_partitions, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
@@ -153,18 +154,21 @@ STREAM_BUFFER = 8 << 20  # through a stream buffered this much per column: pages
 
 
 def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
-                   filesystem: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
+                   filesystem: pafs.FileSystem | None = None,
+                   deleted: DeletedRows | None = None) -> Iterator[pa.Table]:
     """The file's `columns` one row group at a time (of `row_groups` only, when given): a reader holds one row
     group's decoded columns beside what it keeps of them. With `filesystem` (the file's), a row group whose columns
     hold more than `PART_BYTES` uncompressed - a writer that put a day of camera frames, or of a whole fleet, in one
     row group - is read in parts of about that size through a buffered stream, so that a reader's peak is set by
-    `PART_BYTES`, not by the rows its writer put in a row group."""
+    `PART_BYTES`, not by the rows its writer put in a row group. `deleted`: the rows a Delta deletion vector removes
+    from the file (`ListedFile.deleted`), left out by their positions."""
     streamed = None
+    starts = _row_group_starts(parquet) if deleted is not None else None
     try:
         for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
             rows, size = parquet.metadata.row_group(r).num_rows, uncompressed_bytes(parquet, r, columns)
             if filesystem is None or size <= PART_BYTES or rows < 2:
-                yield read_columns(parquet, path, columns, [r])
+                yield _without(read_columns(parquet, path, columns, [r]), deleted, starts[r] if starts else 0)
                 continue
             try:
                 if streamed is None:
@@ -172,15 +176,28 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
                                               buffer_size=STREAM_BUFFER, pre_buffer=False)
                 parts = streamed.iter_batches(batch_size=max(1, rows * PART_BYTES // size), row_groups=[r],
                                               columns=columns)
-                batch = next(parts, None)
+                batch, at = next(parts, None), starts[r] if starts else 0
                 while batch is not None:
-                    yield flat_columns(pa.Table.from_batches([batch]), columns)
+                    yield _without(flat_columns(pa.Table.from_batches([batch]), columns), deleted, at)
+                    at += batch.num_rows
                     batch = next(parts, None)
             except (OSError, pa.ArrowException, KeyError) as exc:
                 raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     finally:
         if streamed is not None:
             streamed.close()
+
+
+def _row_group_starts(parquet: pq.ParquetFile) -> list[int]:
+    """Each row group's first row's position in the file."""
+    sizes = [parquet.metadata.row_group(r).num_rows for r in range(parquet.metadata.num_row_groups)]
+    return list(accumulate(sizes, initial=0))[:-1]
+
+
+def _without(table: pa.Table, deleted: DeletedRows | None, start: int) -> pa.Table:
+    """`table`, the file's rows from position `start` on, less those `deleted` removes."""
+    keep = None if deleted is None else deleted.kept(start, table.num_rows)
+    return table if keep is None else table.filter(pa.array(keep))
 
 
 def uncompressed_bytes(parquet: pq.ParquetFile, row_group: int, columns: list[str]) -> int:
@@ -204,8 +221,9 @@ class TableFiles(NamedTuple):
 def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
     (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
-    (`delta_sink.live_data_files`, read first: a table whose files alone do not say its rows is named as such, not
-    as a folder without partitions; files a compaction or a DELETE/MERGE replaced are not read)."""
+    (`delta_sink.live_data_files`, read first: a table whose files do not say its columns is named as such, not
+    as a folder without partitions; files a compaction or a DELETE/MERGE replaced are not read, and each file keeps
+    the rows its deletion vector removes, `ListedFile.deleted`)."""
     live = live_data_files(storage, path)
     folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None)
     if dates is not None:
@@ -215,20 +233,21 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
         return TableFiles(folders, files)
     root = storage.fs_path(path)
     held = [relative(f.path, root) in live for f in files]
-    return TableFiles(folders, [f for f, h in zip(files, held) if h], True,
-                      tuple(f for f, h in zip(files, held) if not h))
+    return TableFiles(folders, [f._replace(deleted=live[relative(f.path, root)]) for f, h in zip(files, held) if h],
+                      True, tuple(f for f, h in zip(files, held) if not h))
 
 
 class ListedFile(NamedTuple):
     """A Parquet file of a date partition as listed: its date (ISO text), its path as the filesystem names it, its
-    name inside the date's folder, its size and when it was last written (nanoseconds since the epoch; None where
-    the filesystem does not say)."""
+    name inside the date's folder, its size, when it was last written (nanoseconds since the epoch; None where
+    the filesystem does not say) and, in a Delta table, the rows a deletion vector removes from it (None: none)."""
 
     date: str
     path: str
     size: int
     name: str
     mtime_ns: int | None
+    deleted: DeletedRows | None = None
 
 
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)

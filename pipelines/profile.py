@@ -32,8 +32,9 @@ import pyarrow.compute as pc
 
 from dmafn.spec import ModalitySpec, Spec
 from pipelines.align import to_micros
+from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
-from pipelines.parquet_files import column_chunk, field_of, list_table_files, open_parquet, read_columns
+from pipelines.parquet_files import column_chunk, each_row_group, field_of, list_table_files, open_parquet
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -103,6 +104,7 @@ class FilePart:
     table: str                      # the modality's path: which filesystem the file is on
     zone: str = "UTC"               # the spec's timezone: where the partition's date begins and ends
     lateness_us: int = 0            # the spec's lateness: rows filed up to this long after their time are in place
+    deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from the file: not counted
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,10 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     cols.check(parquet.schema_arrow, part.path)
     rows = nulls = outside = 0
     for r in range(parquet.metadata.num_row_groups):
-        from_stats = {c: _nulls_from_statistics(parquet, r, c) for c in cols.values}
+        # a footer's statistics count the rows a deletion vector removed too: such a file's values are read
+        from_stats = {c: None if part.deleted else _nulls_from_statistics(parquet, r, c) for c in cols.values}
         read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
-        table = read_columns(parquet, part.path, read, [r])
+        table = pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted))
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
         timed, beyond, no_time = cols.times(table)  # rows without a time are nulls; one beyond any date is outside
@@ -189,7 +192,8 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     cols, path = part.file.columns, part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    rows = cols.times(read_columns(parquet, path, cols.key_and_time, list(part.row_groups)))[0].drop_nulls()
+    read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted)
+    rows = cols.times(pa.concat_tables(read))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
                        to_micros(pl.col(cols.time)).alias("_us")).to_pandas()
@@ -210,8 +214,8 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
-    return [FilePart(cols, dt.date.fromisoformat(day), path, storage, m.path, spec.timezone, spec.lateness_us)
-            for day, path, *_ in files]
+    return [FilePart(cols, dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
+                     f.deleted) for f in files]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

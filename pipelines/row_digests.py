@@ -108,7 +108,7 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
                 out[f.modality] = None
                 continue
             groups = None if f.row_groups is None else list(f.row_groups)
-            for part in each_row_group(parquet, f.path, wanted, groups, filesystem):
+            for part in each_row_group(parquet, f.path, wanted, groups, filesystem, f.deleted):
                 out[f.modality].add(row_hashes(part))
     return out
 

@@ -610,7 +610,8 @@ def recorded_inputs(spec: Spec, storage: Storage, dates: list[str], *,
 def changed_inputs(spec: Spec, storage: Storage, dates: list[str], *, version: str | None = None) -> list[ChangedInput]:
     """The dates among `dates` whose own partitions (`spec`'s modalities; context views read their parent's) changed
     since the newest run that scored them listed them (`recorded_inputs`; by `version` when given): a late upload of
-    a date's files, a partition re-delivered or rewritten. Their output was scored without what is there now;
+    a date's files, a partition re-delivered or rewritten, rows of a Delta table deleted in place (a deletion
+    vector). Their output was scored without what is there now;
     `backfill` rescores them. Metadata only: one listing of the dates' partitions. Dates whose runs recorded no
     listing (older runs tables) are not compared."""
     recorded = recorded_inputs(spec, storage, dates, version=version)

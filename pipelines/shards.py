@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmafn.spec import Spec, voting_modalities
+from pipelines.delta_sink import DeletedRows
 from pipelines.parquet_files import column_chunk, field_of, list_table_files
 from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage
@@ -40,6 +41,7 @@ class InputFile:
     row_groups: tuple[int, ...] | None = None
     name: str = ""                  # its name inside the date's folder (as listed; a staged piece: its source's)
     mtime_ns: int | None = None     # when it was last written (None: the filesystem does not say)
+    deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from it (positions in the file)
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,8 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     for name, m in spec.modalities.items():
         if m.path not in by_path:
             by_path[m.path] = list_table_files(storage, m.path, spec.partition, dates).files
-        files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns)
-                  for f in by_path[m.path]]
+        files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
+                            deleted=f.deleted) for f in by_path[m.path]]
     return files
 
 
@@ -165,7 +167,8 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
 class PartitionFiles:
     """What a date's own partitions held when they were listed: how many files over every modality's table, and per
     modality (context views left out: they read their parent's files) a digest of each file's name, size and
-    modification time - a file added, removed or rewritten changes its modality's digest."""
+    modification time (and, in a Delta table, of the rows its deletion vector removes) - a file added, removed or
+    rewritten, or rows of it deleted in place, changes its modality's digest."""
 
     files: int
     digests: dict[str, str]
@@ -184,7 +187,8 @@ def partition_files(spec: Spec, files: list[InputFile], dates: list[dt.date]) ->
     paths: dict[dt.date, set[str]] = {d: set() for d in dates}
     for f in files:
         if f.date in lines and f.modality in lines[f.date]:
-            lines[f.date][f.modality].append(f"{f.name}\t{f.size}\t{f.mtime_ns}")
+            lines[f.date][f.modality].append(f"{f.name}\t{f.size}\t{f.mtime_ns}"
+                                             + ("" if f.deleted is None else f"\t{f.deleted.token()}"))
             paths[f.date].add(f.path)
     return {d: PartitionFiles(len(paths[d]), {name: hashlib.sha256("\n".join(sorted(found)).encode()).hexdigest()[:16]
                                              for name, found in lines[d].items()})

@@ -105,7 +105,8 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         pending.clear()
         flushes += 1
 
-    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one], source_fs):
+    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one], source_fs,
+                               file.deleted):
         numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
         order = np.argsort(numbers, kind="stable")
         part, numbers = part.take(pa.array(order)), numbers[order]

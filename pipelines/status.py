@@ -339,7 +339,8 @@ def _changed(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, storage: Stor
     out.problems.append(f"{len(changed)} recent date(s) whose partitions changed since they were scored: "
                         f"{changed_inputs_line(changed)} - "
                         "their output was scored without what is there now (files uploaded late, a partition "
-                        f"re-delivered or rewritten): run dmafn backfill {spec_path} --start {first} --end {last} "
+                        "re-delivered or rewritten, rows of a Delta table deleted in place): run dmafn backfill "
+                        f"{spec_path} --start {first} --end {last} "
                         "(it rescores the dates whose partitions changed and those whose first ticks read them; a "
                         "date whose files were rewritten with the rows it was scored from - a compaction - it leaves "
                         "as scored and records as such)")

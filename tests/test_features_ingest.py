@@ -1054,11 +1054,11 @@ def test_a_big_row_group_is_read_in_parts_with_the_same_rows(tmp_path, tiny_spec
     assert sum(a.row_digests["2024-01-02"]["proc"].rows for a in after[1:]) == n
 
 
-def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny_spec, monkeypatch):
+def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny_spec):
     """A modality table written as a Delta table partitioned by date: after a date was overwritten (the replaced file
     stays in its folder until VACUUM), the listing, `read_shard` and `validate --check-data` take only the files the
-    log holds, and check-data says so; a table with column mapping or with deletion vectors on a file is an error
-    naming it (its files alone do not say its rows)."""
+    log holds, and check-data says so; a table with column mapping is an error naming it (its files do not name
+    its columns)."""
     import datetime as dt
 
     from deltalake import DeltaTable, write_deltalake
@@ -1086,16 +1086,83 @@ def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny
     (found,) = check_data(spec)
     assert found.files == 1 and not found.problems and found.notes[0].startswith(
         "a Delta table: read as its log says (1 files; 1 more in its folders that it no longer holds - replaced by ")
-    marked = pa.record_batch({"filepath": [listed.path], "selection_vector": [[True, False]]})
-    monkeypatch.setattr(DeltaTable, "protocol", lambda self: type("P", (), {"reader_features": ["deletionVectors"]})())
-    monkeypatch.setattr(DeltaTable, "deletion_vectors", lambda self: iter([marked]))
-    with pytest.raises(DataError, match=r"a Delta table with rows deleted by deletion vectors \(in .*part-"):
-        list_partition_files(spec, [date], Storage())
-    monkeypatch.undo()
     mapped = tmp_path / "mapped"
     write_deltalake(str(mapped), rows, partition_by=["date"], configuration={"delta.columnMapping.mode": "name"})
     with pytest.raises(DataError, match=r"a Delta table with column mapping \('name'\)"):
         list_partition_files(_proc_spec(tiny_spec, mapped), [date], Storage())
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "in-a-file"])
+def test_rows_a_deletion_vector_removes_are_not_read(tmp_path, tiny_spec, monkeypatch, inline):
+    """A DELETE that marks rows deleted in place (a deletion vector, as Spark and Databricks write them, inline in the
+    log or in a file beside the data): the listing carries the deleted positions (as delta-rs decodes them) and a
+    changed digest; `read_shard`, the row digests, a big row group read in parts, profile's counts and check-data
+    leave those rows out, as if the file held only the others."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, WriterProperties, write_deltalake
+
+    from pipelines import parquet_files
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.parquet_files import each_row_group, open_parquet
+    from pipelines.profile import Columns, FilePart, file_counts
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import list_partition_files, partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+    from tests.deletion_vectors import delete_in_place
+
+    table = tmp_path / "proc"
+    spec = _proc_spec(tiny_spec, table)
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    rows = pa.table({"date": ["2024-01-02"] * 6, "machine_id": ["a", "a", "a", "b", "b", "b"],
+                     "ts": pa.array([day + i * 60_000_000 for i in range(6)], pa.timestamp("us", tz="UTC")),
+                     "temp": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    write_deltalake(str(table), rows, partition_by=["date"], writer_properties=WriterProperties(max_row_group_size=4))
+    date = dt.date(2024, 1, 2)
+    (before,) = list_partition_files(spec, [date], Storage())
+    assert before.deleted is None
+    delete_in_place(table, before.path.rsplit("/", 1)[1], [1, 4], inline=inline)    # a's 2nd row, b's 2nd row
+    kept = [1.0, 3.0, 4.0, 6.0]
+    (listed,) = list_partition_files(spec, [date], Storage())
+    (vector,) = DeltaTable(str(table)).deletion_vectors()
+    assert pa.record_batch(vector).column("selection_vector")[0].as_py() == [True, False, True, True, False, True]
+    assert listed.path == before.path and listed.deleted.count == 2
+    digests = [partition_files(spec, [f], [date])[date].digests for f in (before, listed)]
+    assert digests[0] != digests[1]
+    with open_parquet(Storage().filesystem(str(table)), listed.path) as parquet:
+        assert parquet.metadata.num_row_groups == 2                   # positions 0-3 and 4-5
+        got = pa.concat_tables(each_row_group(parquet, listed.path, ["temp"], deleted=listed.deleted))
+        assert got.column("temp").to_pylist() == kept
+        monkeypatch.setattr(parquet_files, "PART_BYTES", 1)           # each row group read a row at a time
+        parts = list(each_row_group(parquet, listed.path, ["temp"], None, Storage().filesystem(str(table)),
+                                    listed.deleted))
+        assert [p.num_rows for p in parts] == [1, 0, 1, 1, 0, 1]
+        assert pa.concat_tables(parts).column("temp").to_pylist() == kept
+        monkeypatch.undo()
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert got.tables["proc"]["temp"].to_list() == kept and got.rows_read == {"2024-01-02": 4}
+    assert got.usable_rows == {"2024-01-02": {"proc": 4}}
+    plain = tmp_path / "plain" / "date=2024-01-02"                    # the same rows without the deleted ones
+    plain.mkdir(parents=True)
+    pq.write_table(rows.drop(["date"]).take([0, 2, 3, 5]), plain / "part.parquet")
+    plain_spec = _proc_spec(tiny_spec, tmp_path / "plain")
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    ours = date_digests(spec, list_partition_files(spec, [date], Storage()), columns)["proc"]
+    theirs = date_digests(plain_spec, list_partition_files(plain_spec, [date], Storage()), columns)["proc"]
+    assert ours.to_dict() == theirs.to_dict() == got.row_digests["2024-01-02"]["proc"].to_dict()
+    split = split_file(listed, spec, Storage(), 2, str(tmp_path / "staged"))     # a's and b's rows of group 0 moved
+    assert split.kept == (1,) and sorted(pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values()
+                                                   for p in ps)["temp"].to_list()) == [1.0, 3.0, 4.0]
+    counted = file_counts(FilePart(Columns.of(spec, spec.modalities["proc"]), date, listed.path, Storage(),
+                                   str(table), deleted=listed.deleted))
+    assert counted["rows"].tolist() == [4] and counted["nulls"].tolist() == [0]
+    (found,) = check_data(spec)
+    assert not found.problems and found.notes[0] == (
+        "a Delta table: read as its log says (1 files; 2 rows of 1 files deleted in place by deletion vectors - not "
+        "read (the footers' statistics this check reads still count them))")
 
 
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):

@@ -475,11 +475,13 @@ def test_ray_job_submit_train_backfill_nightly_on_a_two_node_cluster(s3_spec, tm
 def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     """A modality table kept as a Delta table in a bucket: after a date was overwritten (the replaced file stays
     until VACUUM) the listing takes only the file its log holds - the log read through deltalake's object store, the
-    files through pyarrow's S3 filesystem, their paths matched inside the table's prefix."""
+    files through pyarrow's S3 filesystem, their paths matched inside the table's prefix; a deletion vector then
+    written in the bucket is decoded by delta-rs and its row is not read."""
     from deltalake import DeltaTable, write_deltalake
 
     from dmafn.spec import StorageSpec
-    from pipelines.parquet_files import list_table_files
+    from pipelines.parquet_files import each_row_group, list_table_files, open_parquet
+    from tests.deletion_vectors import deletion_commit, latest_add, vector_in_a_file
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="deltalake-input")
@@ -497,3 +499,16 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     assert list(folders) == [dt.date(2024, 1, 5)] and len(files) == 1 and listed.delta and len(listed.replaced) == 1
     live = DeltaTable(path, storage_options=options).file_uris()
     assert live == [f"s3://{files[0].path}"]
+    # a DELETE in place: a deletion vector in a file beside the data, read by delta-rs from the bucket
+    log = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="deltalake-input", Prefix="raw/process/_delta_log/")[
+        "Contents"] if o["Key"].endswith(".json"))
+    commits = [s3.get_object(Bucket="deltalake-input", Key=k)["Body"].read().decode() for k in log]
+    vector, name, blob = vector_in_a_file([0])
+    s3.put_object(Bucket="deltalake-input", Key=f"raw/process/{name}", Body=blob)
+    s3.put_object(Bucket="deltalake-input", Key=f"raw/process/_delta_log/{len(log):020d}.json",
+                  Body=deletion_commit(latest_add(commits, files[0].path.rsplit("/", 1)[1]), vector).encode())
+    (marked,) = list_table_files(storage, path, "date").files
+    assert marked.path == files[0].path and marked.deleted.count == 1
+    with open_parquet(storage.filesystem(path), marked.path) as parquet:
+        assert parquet.metadata.num_rows == 1
+        assert pa.concat_tables(each_row_group(parquet, marked.path, ["temp"], deleted=marked.deleted)).num_rows == 0
