@@ -11,7 +11,7 @@ import re
 import zoneinfo
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -88,6 +88,8 @@ class ModalitySpec:
     time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
     naive_times: str | None = None      # utc | local: what this table's times without a zone are, when not the spec's
     time_format: str | None = None      # how this table writes a time as text, when not ISO 8601 nor the spec's
+    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a value column -> the other names its files have
+                                                                 # stored it under (a rename upstream)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -285,11 +287,35 @@ class Spec:
         columns, each once."""
         return list(dict.fromkeys([*self.entity_in(m), self.time_in(m), *m.value_columns]))
 
+    def stored_columns(self, m: ModalitySpec, holds: Callable[[str], bool]) -> dict[str, str]:
+        """The columns a job reads of one of `m`'s files (`columns_read`), by the name that file stores each under ->
+        the name it is read as: a value column the file does not hold (`holds(name)` false) is read under the first
+        of its other names (`former_names`: a column and its names there, either way) the file holds; with none of
+        them, under its own name (the file's check then names it missing)."""
+        out = {}
+        for col in self.columns_read(m):
+            stored = col
+            if col in m.value_columns and not holds(col):
+                stored = next((n for n in other_names(m.former_names, col) if holds(n)), col)
+            out[stored] = col
+        return out
+
     def names_read(self, m: ModalitySpec) -> dict[str, str]:
         """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
         files name their time and entity as the spec does)."""
         pairs = zip((*self.entity_in(m), self.time_in(m)), (*self.entity, self.time))
         return {stored: name for stored, name in pairs if stored != name}
+
+
+def other_names(former_names: tuple[tuple[str, tuple[str, ...]], ...], column: str) -> list[str]:
+    """The other names a modality's files have stored `column` under, by its `former_names`: the column's group (the
+    column the spec names and its former names) but itself - so a version trained before a rename reads the renamed
+    files too."""
+    for current, former in former_names:
+        group = [current, *former]
+        if column in group:
+            return [n for n in group if n != column]
+    return []
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -377,7 +403,7 @@ class _Section:
 
 
 _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
-                         "time_format"}
+                         "time_format", "former_names"}
 NAIVE_TIMES = ("utc", "local")
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
@@ -399,7 +425,33 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     unit = sec.choice("time_unit", TIME_UNITS) if sec.get("time_unit") is not None else None
     naive = sec.choice("naive_times", NAIVE_TIMES) if sec.get("naive_times") is not None else None
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
-                   naive_times=naive, time_format=_parse_time_format(sec))
+                   naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m))
+
+
+def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A modality's `former_names`: each of some of its value columns -> the name, or names, its files stored it
+    under before (older files are read under them where they lack the column); a name no other column of the
+    modality has nor another column's former names."""
+    names = sec.get("former_names")
+    if names is None:
+        return ()
+    if not isinstance(names, Mapping) or not names:
+        raise sec.err("former_names", "must map value columns to the name (or list of names) older files gave them")
+    out, taken = [], set(m.value_columns)
+    for col, former in names.items():
+        if col not in m.value_columns:
+            raise sec.err(f"former_names.{col}", f"'{col}' is not a value column of the modality "
+                          f"({', '.join(m.value_columns)})")
+        former = [former] if isinstance(former, str) else former
+        if not isinstance(former, list) or not former or not all(isinstance(n, str) and n for n in former):
+            raise sec.err(f"former_names.{col}", "must be a column name or a non-empty list of them")
+        clash = next((n for n in former if n in taken), None)
+        if clash is not None:
+            raise sec.err(f"former_names.{col}", f"'{clash}' is the name of another column of the modality, or "
+                          "another column's former name: a file holding it would be read twice")
+        taken |= set(former)
+        out.append((col, tuple(dict.fromkeys(former))))
+    return tuple(out)
 
 
 def _parse_time_format(sec: "_Section") -> str | None:
@@ -439,6 +491,11 @@ def _check_names_read(spec: Spec, sec: _Section) -> None:
         if len(set(stored)) < len(stored):
             raise sec.err(f"{m.name}.time" if m.time_column else f"{m.name}.entity",
                           f"{stored} name one column twice")
+        for col, former in m.former_names:
+            keyed = next((n for n in former if n in spec.columns_read(m)), None)
+            if keyed is not None:
+                raise sec.err(f"{m.name}.former_names.{col}", f"'{keyed}' is the name of the modality's time or "
+                              "entity column in its files: a file holding it would be read twice")
         for col in m.value_columns:
             if col in spec.names_read(m).values():
                 raise sec.err(m.name, f"value column '{col}' is a name the modality's "
@@ -512,7 +569,8 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
     return ModalitySpec(parent.name + CONTEXT_SUFFIX, "timeseries", parent.path, columns=parent.columns,
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
-                        naive_times=parent.naive_times, time_format=parent.time_format)
+                        naive_times=parent.naive_times, time_format=parent.time_format,
+                        former_names=parent.former_names)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -750,10 +808,11 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
         for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times",
-                                                       "time_format"}):
+                                                       "time_format", "former_names"}):
             a, b = old.get(key), entry.get(key)
-            if key == "columns" and a is not None and b is not None and sorted(a) == sorted(b):
-                continue
+            if key == "columns" and a is not None and b is not None and \
+                    sorted(map(renamed(entry), a)) == sorted(map(renamed(entry), b)):
+                continue            # the same columns, in another order or under names they have had
             if a != b:
                 lines.append(f"modalities.{name}.{key}: {_shown(b)} (the version's: {_shown(a)})")
     lines += [f"model.{key}: {value} (the version's: {was['model'].get(key)})"
@@ -763,6 +822,13 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         lines += [f"score.{part}.{key}: {_shown(b.get(key))} (the version's: {_shown(a.get(key))})"
                   for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
     return lines
+
+
+def renamed(entry: dict[str, Any]) -> Callable[[str], str]:
+    """A column's name as a modality's `spec_to_dict` entry names it now: a former name (`former_names`) -> the
+    column's; any other name as it is."""
+    now = {old: col for col, former in entry.get("former_names", {}).items() for old in former}
+    return lambda name: now.get(name, name)
 
 
 def is_calibration_edit(line: str) -> bool:
@@ -816,6 +882,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["naive_times"] = m.naive_times
         if m.time_format:
             entry["time_format"] = m.time_format
+        if m.former_names:
+            entry["former_names"] = {col: list(former) for col, former in m.former_names}
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

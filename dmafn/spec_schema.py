@@ -75,7 +75,13 @@ def spec_json_schema() -> dict[str, Any]:
             "naive_times": {**_enum(NAIVE_TIMES), "description": "what this modality's times without a zone are, "
                             "when not as the spec's naive_times says"},
             "time_format": {**_TIME_FORMAT, "description": "how this modality's files write a time stored as text, "
-                            "when not ISO 8601 nor as the spec's time_format says"}}
+                            "when not ISO 8601 nor as the spec's time_format says"},
+            "former_names": {"type": "object", "minProperties": 1, "description": "value columns renamed upstream: "
+                             "each -> the name (or names) older files stored it under; a file without the column is "
+                             "read under the first of them it holds (and a version trained on an old name reads the "
+                             "renamed files)", "additionalProperties": {"oneOf": [
+                                 {"type": "string", "minLength": 1},
+                                 {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}]}}}
     modality = {"type": "object", "required": ["kind", "path"], "properties": base,
                 "allOf": [{"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
                            "then": _closed({**base, **props}, ("kind", "path", *required))}

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dmafn.spec import Spec
-from pipelines.ingest import check_schema, entity_casts, partition_span_us
+from pipelines.ingest import check_schema, entity_casts, partition_span_us, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import column_chunk, field_of, list_table_files, open_parquet, time_bounds
@@ -46,6 +46,8 @@ class ModalityData:
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)        # how its files are read where that is not as stored
     naive_as_utc: bool = False              # a time without a zone read as UTC although the dates are a zone's
+    # a value column read under another name (`former_names`): (column, name stored) -> [files, the first such file]
+    renamed: dict[tuple[str, str], list] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -57,7 +59,11 @@ class ModalityData:
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
                 f"  columns: {columns}"] + [f"  {note}" for note in self.notes] + self._stored_types_lines() \
-            + self._misplaced_lines()
+            + self._renamed_lines() + self._misplaced_lines()
+
+    def _renamed_lines(self) -> list[str]:
+        return [f"  column '{col}' read under its former name '{stored}' (former_names) in {files} of {self.files} "
+                f"files, e.g. {path}" for (col, stored), (files, path) in self.renamed.items()]
 
     def _stored_types_lines(self) -> list[str]:
         if len(self.stored_types) < 2:
@@ -249,7 +255,6 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         elif not m.context_of:
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
-        wanted = spec.columns_read(m)
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
@@ -270,7 +275,12 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     continue
                 keyed.setdefault(name, {}).setdefault(tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)),
                                                       schema)
-                data.stored_types.setdefault(tuple((c, str(field_of(schema, c).type)) for c in wanted), path)
+                names = stored_names(schema, spec, m)
+                for stored, read in names.items():
+                    if stored != read:
+                        data.renamed.setdefault((read, stored), [0, path])[0] += 1
+                data.stored_types.setdefault(tuple((read, str(field_of(schema, stored).type))
+                                                   for stored, read in names.items()), path)
                 if samples and unread_text is None and (unread_text := _text_time_problem(spec, m, path, samples)):
                     data.problems.append(unread_text)
                 if times is None:                   # no time statistics to go by (a time stored as text)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.features import decode_pixels, decode_wav
-from dmafn.spec import ModalitySpec, Spec
+from dmafn.spec import ModalitySpec, Spec, other_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, row_groups_before,
                                      row_groups_since)
@@ -120,19 +120,40 @@ _PLAIN = {"tabular": pa.float64(), "timeseries": pa.float64(), "image": pa.binar
           "audio": pa.list_(pa.float64())}
 
 
+def stored_names(schema: pa.Schema, spec: Spec, m: ModalitySpec) -> dict[str, str]:
+    """The columns a job reads of a file of `m` with this schema: the name the file stores each under -> the name it
+    is read as (`Spec.columns_read`'s; a value column under one of its `former_names` where the file lacks it)."""
+    return spec.stored_columns(m, lambda name: field_of(schema, name) is not None)
+
+
+def as_read(table: pa.Table, names: dict[str, str]) -> pa.Table:
+    """`table`, read by `names`' keys (`stored_names`), with its columns under the names they are read as."""
+    if all(stored == read for stored, read in names.items()):
+        return table
+    return table.rename_columns([names.get(c, c) for c in table.column_names])
+
+
 def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> None:
     """Raise DataError naming the table and column when the contract does not hold. A value column may be
     dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
-    the file: its rows are quarantined as unusable, see `plain_values`)."""
-    time = spec.time_in(m)
-    check_columns(schema, m.name, [*spec.entity_in(m), time, *m.value_columns], time, where, spec.time_unit_in(m))
+    the file: its rows are quarantined as unusable, see `plain_values`), and stored under one of its `former_names`."""
+    time, stored_as = spec.time_in(m), {read: stored for stored, read in stored_names(schema, spec, m).items()}
+    for col in m.value_columns:
+        if field_of(schema, stored_as[col]) is None:
+            others = other_names(m.former_names, col)
+            raise DataError(f"modality '{m.name}' ({where}): column '{col}' not found" + (
+                f", nor under its other names {others} (former_names)" if others else "")
+                + f"; columns are {sorted(schema.names)}" + ("" if others else " - a column renamed upstream is read "
+                                                             "under either name with the modality's former_names"))
+    check_columns(schema, m.name, [*spec.entity_in(m), time, *(stored_as[c] for c in m.value_columns)], time, where,
+                  spec.time_unit_in(m))
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
-        stored = field_of(schema, col).type
+        stored = field_of(schema, stored_as[col]).type
         if pa.types.is_null(stored):
             continue
         if not check(stored.value_type if pa.types.is_dictionary(stored) else stored):
-            raise DataError(f"modality '{m.name}' ({where}): column '{col}' is {stored}, "
+            raise DataError(f"modality '{m.name}' ({where}): column '{stored_as[col]}' is {stored}, "
                             f"expected {expected}")
 
 
@@ -406,7 +427,6 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
         unit, wall_clock, written = spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m)
-        columns = spec.columns_read(m)
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
@@ -422,7 +442,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                for part in each_row_group(parquet, f.path, columns, groups, fs, f.deleted):
+                stored = stored_names(parquet.schema_arrow, spec, m)  # a column renamed upstream: as it is now
+                for part in (as_read(p, stored) for p in each_row_group(parquet, f.path, list(stored), groups, fs,
+                                                                        f.deleted)):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock, written)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)

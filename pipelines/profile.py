@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.dataframe as dd
@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.spec import ModalitySpec, Spec
+from dmafn.spec import ModalitySpec, Spec, other_names
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
@@ -67,12 +67,20 @@ class Columns:
     time_unit: str | None = None
     naive_zone: str | None = None       # `naive_times: local`: the zone whose wall clock a naive time shows
     time_format: str | None = None      # how a time stored as text is written, when not ISO 8601
+    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # value columns renamed upstream (the modality's)
 
     @classmethod
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
         keys, time = spec.entity_in(m), spec.time_in(m)                 # as the modality's files name them
         values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*keys, time))
-        return cls(m.name, keys, time, values, spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m))
+        return cls(m.name, keys, time, values, spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m),
+                   m.former_names)
+
+    def in_file(self, schema: pa.Schema) -> "Columns":
+        """The same columns as a file with this schema names them: a value column it lacks under the first of its
+        other names (`former_names`) it holds."""
+        return replace(self, values=tuple(c if field_of(schema, c) is not None else next(
+            (n for n in other_names(self.former_names, c) if field_of(schema, n) is not None), c) for c in self.values))
 
     @property
     def key_and_time(self) -> list[str]:
@@ -152,8 +160,8 @@ def _nulls_from_statistics(parquet, row_group: int, column: str) -> int | None:
 def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
-    cols = part.columns
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
+    cols = part.columns.in_file(parquet.schema_arrow)
     cols.check(parquet.schema_arrow, part.path)
     rows = nulls = outside = 0
     for r in range(parquet.metadata.num_row_groups):

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dmafn.spec import Spec
+from dmafn.spec import Spec, other_names
 from pipelines.parquet_files import each_row_group, open_parquet
 from pipelines.storage import Storage
 
@@ -104,11 +104,15 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         filesystem = storage.filesystem(spec.modalities[f.modality].path)
         with open_parquet(filesystem, f.path) as parquet:
             names = set(parquet.schema_arrow.names)
-            if not all(c.split(".")[0] in names for c in wanted):
+            # a column renamed upstream (`former_names`, either way): read under the name the file holds
+            read = [c if c.split(".")[0] in names else next(
+                (n for n in other_names(spec.modalities[f.modality].former_names, c) if n.split(".")[0] in names), c)
+                for c in wanted]
+            if not all(c.split(".")[0] in names for c in read):
                 out[f.modality] = None
                 continue
             groups = None if f.row_groups is None else list(f.row_groups)
-            for part in each_row_group(parquet, f.path, wanted, groups, filesystem, f.deleted):
+            for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted):
                 out[f.modality].add(row_hashes(part))
     return out
 

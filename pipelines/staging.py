@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import ray
 
 from dmafn.spec import Spec
-from pipelines.ingest import check_schema
+from pipelines.ingest import as_read, check_schema, stored_names
 from pipelines.parquet_files import each_row_group, open_parquet
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
@@ -84,7 +84,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     single = [row_group_entity(parquet, keys, r) is not None for r in range(parquet.metadata.num_row_groups)]
     if all(single):
         return SplitFile(file, buckets, None)
-    columns = list(dict.fromkeys(c for m in readers for c in spec.columns_read(m)))
+    names = {stored: read for m in readers for stored, read in stored_names(parquet.schema_arrow, spec, m).items()}
     staging_fs = storage.filesystem(spec.score.staging_path)
     pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}
@@ -105,8 +105,9 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         pending.clear()
         flushes += 1
 
-    for part in each_row_group(parquet, file.path, columns, [r for r, one in enumerate(single) if not one], source_fs,
-                               file.deleted):
+    for part in each_row_group(parquet, file.path, list(names), [r for r, one in enumerate(single) if not one],
+                               source_fs, file.deleted):
+        part = as_read(part, names)             # a column renamed upstream: its pieces name it as it is now
         numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
         order = np.argsort(numbers, kind="stable")
         part, numbers = part.take(pa.array(order)), numbers[order]

@@ -1165,6 +1165,65 @@ def test_rows_a_deletion_vector_removes_are_not_read(tmp_path, tiny_spec, monkey
         "read (the footers' statistics this check reads still count them))")
 
 
+def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_spec):
+    """`former_names`: a date whose older file stores the value column under its former name is read whole - the
+    listing's files, `read_shard` (staged or not), the row digests (a file rewritten under the new name holds the
+    same rows), profile's counts and check-data, which says so; a file with neither name is an error naming both."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import check_schema, read_shard
+    from pipelines.profile import Columns, FilePart, file_counts
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import DataError, Storage
+
+    table = tmp_path / "proc"
+    spec = _proc_spec(tiny_spec, table)
+    spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], former_names=(("temp", ("t_old",)),))})
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    folder = table / "date=2024-01-02"
+    folder.mkdir(parents=True)
+    def rows(name, ids, first):
+        return pa.table({"machine_id": ids, "ts": pa.array([day + (first + i) * 60_000_000 for i in range(len(ids))],
+                                                           pa.timestamp("us", tz="UTC")),
+                         name: [float(first + i) for i in range(len(ids))]})
+    pq.write_table(rows("t_old", ["a", "b", "a"], 0), folder / "old.parquet")      # before the rename
+    pq.write_table(rows("temp", ["a", "b"], 10), folder / "new.parquet")
+    date = dt.date(2024, 1, 2)
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert sorted(got.tables["proc"]["temp"].to_list()) == [0.0, 1.0, 2.0, 10.0, 11.0]
+    assert got.usable_rows == {"2024-01-02": {"proc": 5}}
+    files = list_partition_files(spec, [date], Storage())
+    old = next(f for f in files if f.path.endswith("old.parquet"))
+    split = split_file(old, spec, Storage(), 2, str(tmp_path / "staged"))         # its pieces name it as it is now
+    assert all(pq.read_schema(p.path).names == ["machine_id", "ts", "temp"] for ps in split.pieces.values() for p in ps)
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    before = date_digests(spec, files, columns)["proc"].to_dict()
+    assert before == got.row_digests["2024-01-02"]["proc"].to_dict()
+    pq.write_table(pq.read_table(folder / "old.parquet").rename_columns(["machine_id", "ts", "temp"]),
+                   folder / "old.parquet")                             # rewritten under the new name
+    assert date_digests(spec, list_partition_files(spec, [date], Storage()), columns)["proc"].to_dict() == before
+    pq.write_table(rows("t_old", ["a", "b", "a"], 0), folder / "old.parquet")
+    counted = file_counts(FilePart(Columns.of(spec, spec.modalities["proc"]), date, old.path, Storage(), str(table)))
+    assert counted["rows"].tolist() == [3] and counted["nulls"].tolist() == [0]
+    (found,) = check_data(spec)
+    assert not found.problems and f"  column 'temp' read under its former name 't_old' (former_names) in 1 of 2 " \
+        f"files, e.g. {old.path}" in found.lines()
+    with pytest.raises(DataError, match=r"modality 'proc' \(x.parquet\): column 'temp' not found, nor under its "
+                                        r"other names \['t_old'\] \(former_names\)"):
+        check_schema(rows("t", ["a"], 0).schema, spec, spec.modalities["proc"], "x.parquet")
+    plain = _proc_spec(tiny_spec, table)                                # without former_names: where to set them
+    with pytest.raises(DataError, match=r"column 'temp' not found; columns are \['machine_id', 't_old', 'ts'\] - a "
+                                        r"column renamed upstream is read under either name with the modality's "
+                                        r"former_names"):
+        check_schema(rows("t_old", ["a"], 0).schema, plain, plain.modalities["proc"], "x.parquet")
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 

@@ -287,6 +287,45 @@ def test_time_format_is_checked_to_hold_the_day_and_round_trips():
             parse_spec(tiny_spec_dict(time_format=bad), source="s.yaml")
 
 
+def test_former_names_read_a_renamed_column_either_way_and_are_checked():
+    """`former_names`: a value column renamed upstream is read under an older name where a file lacks it - and a
+    version trained on the older name (scored with the current spec's `former_names`) reads the renamed files; the
+    rename is no reading edit; a former name that is no value column's, or that names another column, is an error
+    naming the key."""
+    from dataclasses import replace
+
+    data = tiny_spec_dict()
+    data["modalities"]["vib"] = {**data["modalities"]["vib"], "columns": ["a", "b"],
+                                 "former_names": {"a": "acc_x", "b": ["acc_y", "ay"]}}
+    spec = parse_spec(data, source="s.yaml")
+    vib = spec.modalities["vib"]
+    assert vib.former_names == (("a", ("acc_x",)), ("b", ("acc_y", "ay")))
+    assert spec.modalities["proc"].former_names == () and parse_spec(spec.to_dict(), "s.yaml") == spec
+    now = {"machine_id", "ts", "a", "b"}
+    assert spec.stored_columns(vib, now.__contains__) == {"machine_id": "machine_id", "ts": "ts", "a": "a", "b": "b"}
+    assert spec.stored_columns(vib, {"machine_id", "ts", "acc_x", "ay"}.__contains__) == {
+        "machine_id": "machine_id", "ts": "ts", "acc_x": "a", "ay": "b"}
+    assert spec.stored_columns(vib, {"machine_id", "ts"}.__contains__)["a"] == "a"     # none: the check names it
+    trained = replace(vib, columns=("acc_x", "b"))          # a version trained before the rename of a
+    assert spec.stored_columns(trained, now.__contains__) == {"machine_id": "machine_id", "ts": "ts", "a": "acc_x",
+                                                               "b": "b"}
+    before = tiny_spec_dict()
+    before["modalities"]["vib"] = {**before["modalities"]["vib"], "columns": ["b", "acc_x"]}
+    assert reading_differences(parse_spec(before), spec) == []
+    from dmafn.spec_schema import spec_problems
+    assert spec_problems(data, "s.yaml") == []
+    for bad, key, said in (({"c": "x"}, "vib.former_names.c", "'c' is not a value column of the modality \\(a, b\\)"),
+                           ({"a": "b"}, "vib.former_names.a", "'b' is the name of another column of the modality"),
+                           ({"a": "x", "b": "x"}, "vib.former_names.b", "'x' is the name .* another column's former"),
+                           ({"a": []}, "vib.former_names.a", "must be a column name or a non-empty list of them"),
+                           ({"a": "ts"}, "vib.former_names.a", "'ts' is the name of the modality's time or entity"),
+                           ("a", "vib.former_names", "must map value columns to the name")):
+        broken = tiny_spec_dict()
+        broken["modalities"]["vib"] = {**broken["modalities"]["vib"], "columns": ["a", "b"], "former_names": bad}
+        with pytest.raises(SpecError, match=f"key 'modalities.{key}': {said}"):
+            parse_spec(broken, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -380,7 +419,7 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, kind, naive_times, path, time, time_format, time_unit, tolerance)",
+                     "entity, former_names, kind, naive_times, path, time, time_format, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
