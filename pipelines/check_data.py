@@ -23,7 +23,8 @@ from dmafn.spec import Spec
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import column_chunk, field_of, list_table_files, open_parquet, time_bounds
+from pipelines.parquet_files import (column_chunk, field_of, list_table_files, open_parquet, path_values, time_bounds,
+                                     with_path_fields)
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import is_count, times_from_stored
 
@@ -256,6 +257,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
+        in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
             footers = pool.map(lambda path: file_footer(filesystem, path, time, unit, spec.naive_zone_in(m)), paths)
@@ -265,6 +267,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     if isinstance(footer, DataError):
                         raise footer
                     schema, times, samples = footer
+                    schema = with_path_fields(schema, path_values(in_folder[path]))   # columns in its folders only
                     check_schema(schema, spec, m, path)
                 except DataError as exc:
                     data.problems.append(str(exc))

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, row_groups_before,
-                                     row_groups_since)
+from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, path_values,
+                                     row_groups_before, row_groups_since, with_path_fields)
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
@@ -431,20 +431,22 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
             with open_parquet(fs, f.path) as parquet:
-                check_schema(parquet.schema_arrow, spec, m, f.path)
+                values = path_values(f.name)                # a column in the file's folders only (Hive, Spark)
+                schema = with_path_fields(parquet.schema_arrow, values)
+                check_schema(schema, spec, m, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
                 by_time = (None if own_date else row_groups_before(parquet, time, end, unit, wall_clock) if ahead
                            else row_groups_since(parquet, time, first - m.lookback_us, unit, wall_clock))
-                groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets))
+                groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets, values))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                stored = stored_names(parquet.schema_arrow, spec, m)  # a column renamed upstream: as it is now
+                stored = stored_names(schema, spec, m)      # a column renamed upstream: as it is now
                 for part in (as_read(p, stored) for p in each_row_group(parquet, f.path, list(stored), groups, fs,
-                                                                        f.deleted)):
+                                                                        f.deleted, values)):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock, written)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
@@ -551,13 +553,15 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
     for name, (first, newest) in ends.items():
         m = spec.modalities[name]
         with open_parquet(storage.filesystem(m.path), first.path) as parquet:
-            check_schema(parquet.schema_arrow, spec, m, first.path)
-            seen[name] = [parquet.schema_arrow]
+            schema = with_path_fields(parquet.schema_arrow, path_values(first.name))
+            check_schema(schema, spec, m, first.path)
+            seen[name] = [schema]
         if newest.path != first.path:
             try:
                 with open_parquet(storage.filesystem(m.path), newest.path) as parquet:
-                    check_schema(parquet.schema_arrow, spec, m, newest.path)
-                    seen[name].append(parquet.schema_arrow)
+                    schema = with_path_fields(parquet.schema_arrow, path_values(newest.name))
+                    check_schema(schema, spec, m, newest.path)
+                    seen[name].append(schema)
             except DataError:
                 pass
     return seen

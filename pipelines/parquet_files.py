@@ -9,6 +9,7 @@ import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from typing import Iterator, NamedTuple
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -153,15 +154,47 @@ PART_BYTES = 16_000_000   # a row group whose columns hold more than this, uncom
 STREAM_BUFFER = 8 << 20  # through a stream buffered this much per column: pages as they are decoded, not whole chunks
 
 
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # the folder value Hive and Spark write for a null partition value
+
+
+def path_values(name: str) -> dict[str, str | None]:
+    """The partition values in the folders of a file below its date partition (`name`: its path inside the date's
+    folder, `ListedFile.name`): `machine_id=pump-01/part-0.parquet` -> {'machine_id': 'pump-01'} (unescaped as Hive
+    escapes them; its null folder None). A writer partitioned by the date and more columns - Spark's
+    `partitionBy("date", "machine_id")` - keeps those columns in the folder names only, not in the files."""
+    out = {}
+    for folder in name.split("/")[:-1]:
+        key, sep, value = folder.partition("=")
+        if sep and key:
+            value = unquote(value)
+            out[unquote(key)] = None if value == HIVE_NULL else value
+    return out
+
+
+def with_path_fields(schema: pa.Schema, values: dict[str, str | None]) -> pa.Schema:
+    """`schema` with a string field for each of a file's partition values (`path_values`) the file does not hold:
+    what a reader of its columns finds (`each_row_group(..., values=)`)."""
+    missing = [k for k in values if field_of(schema, k) is None]
+    return pa.schema([*schema, *(pa.field(k, pa.string()) for k in missing)]) if missing else schema
+
+
 def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
-                   filesystem: pafs.FileSystem | None = None,
-                   deleted: DeletedRows | None = None) -> Iterator[pa.Table]:
+                   filesystem: pafs.FileSystem | None = None, deleted: DeletedRows | None = None,
+                   values: dict[str, str | None] | None = None) -> Iterator[pa.Table]:
     """The file's `columns` one row group at a time (of `row_groups` only, when given): a reader holds one row
     group's decoded columns beside what it keeps of them. With `filesystem` (the file's), a row group whose columns
     hold more than `PART_BYTES` uncompressed - a writer that put a day of camera frames, or of a whole fleet, in one
     row group - is read in parts of about that size through a buffered stream, so that a reader's peak is set by
     `PART_BYTES`, not by the rows its writer put in a row group. `deleted`: the rows a Delta deletion vector removes
-    from the file (`ListedFile.deleted`), left out by their positions."""
+    from the file (`ListedFile.deleted`), left out by their positions. `values`: the file's partition values
+    (`path_values`); a column the file does not hold and they do is each row's value from there."""
+    from_path = {c: values[c] for c in columns if values and c in values and field_of(parquet.schema_arrow, c) is None}
+    if from_path:
+        stored = [c for c in columns if c not in from_path]
+        for part in each_row_group(parquet, path, stored, row_groups, filesystem, deleted):
+            yield pa.Table.from_arrays([pa.repeat(pa.scalar(from_path[c], pa.string()), part.num_rows)
+                                        if c in from_path else part[c] for c in columns], names=columns)
+        return
     streamed = None
     starts = _row_group_starts(parquet) if deleted is not None else None
     try:

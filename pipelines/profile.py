@@ -34,7 +34,8 @@ from dmafn.spec import ModalitySpec, Spec, other_names
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
-from pipelines.parquet_files import column_chunk, each_row_group, field_of, list_table_files, open_parquet
+from pipelines.parquet_files import (column_chunk, each_row_group, field_of, list_table_files, open_parquet,
+                                     path_values, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -113,6 +114,7 @@ class FilePart:
     zone: str = "UTC"               # the spec's timezone: where the partition's date begins and ends
     lateness_us: int = 0            # the spec's lateness: rows filed up to this long after their time are in place
     deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from the file: not counted
+    values: tuple[tuple[str, str | None], ...] = ()   # its partition values below the date (`path_values`)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def _nulls_from_statistics(parquet, row_group: int, column: str) -> int | None:
     """The column chunk's null count when the file's statistics give it exactly for a flat column that cannot
     hold NaN; None when the column must be read."""
     field = field_of(parquet.schema_arrow, column)
-    if pa.types.is_floating(field.type) or pa.types.is_nested(field.type):
+    if field is None or pa.types.is_floating(field.type) or pa.types.is_nested(field.type):
         return None
     chunk = column_chunk(parquet, row_group, column)
     stats = None if chunk is None else chunk.statistics
@@ -161,14 +163,16 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
-    cols = part.columns.in_file(parquet.schema_arrow)
-    cols.check(parquet.schema_arrow, part.path)
+    schema = with_path_fields(parquet.schema_arrow, dict(part.values))    # a column in the file's folders only
+    cols = part.columns.in_file(schema)
+    cols.check(schema, part.path)
     rows = nulls = outside = 0
     for r in range(parquet.metadata.num_row_groups):
         # a footer's statistics count the rows a deletion vector removed too: such a file's values are read
         from_stats = {c: None if part.deleted else _nulls_from_statistics(parquet, r, c) for c in cols.values}
         read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
-        table = pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted))
+        table = pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted,
+                                                values=dict(part.values)))
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
         timed, beyond, no_time = cols.times(table)  # rows without a time are nulls; one beyond any date is outside
@@ -200,7 +204,8 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     cols, path = part.file.columns, part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted)
+    read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted,
+                          values=dict(part.file.values))
     rows = cols.times(pa.concat_tables(read))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
@@ -223,7 +228,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
     return [FilePart(cols, dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
-                     f.deleted) for f in files]
+                     f.deleted, tuple(path_values(f.name).items())) for f in files]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from dmafn.spec import Spec, other_names
-from pipelines.parquet_files import each_row_group, open_parquet
+from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
 from pipelines.storage import Storage
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         wanted = columns[f.modality]
         filesystem = storage.filesystem(spec.modalities[f.modality].path)
         with open_parquet(filesystem, f.path) as parquet:
-            names = set(parquet.schema_arrow.names)
+            values = path_values(f.name)            # columns in the file's folders only (Hive, Spark)
+            names = set(with_path_fields(parquet.schema_arrow, values).names)
             # a column renamed upstream (`former_names`, either way): read under the name the file holds
             read = [c if c.split(".")[0] in names else next(
                 (n for n in other_names(spec.modalities[f.modality].former_names, c) if n.split(".")[0] in names), c)
@@ -112,7 +113,7 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
                 out[f.modality] = None
                 continue
             groups = None if f.row_groups is None else list(f.row_groups)
-            for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted):
+            for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted, values):
                 out[f.modality].add(row_hashes(part))
     return out
 

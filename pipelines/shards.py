@@ -264,11 +264,18 @@ def in_bucket(rows: pl.DataFrame, keys: list[str], bucket: int, buckets: int) ->
 _EXACT_KEY_CHARS = 64
 
 
-def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int) -> str | None:
+def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int,
+                     path: dict[str, str | None] | None = None) -> str | None:
     """The one entity key (as `in_bucket` writes it) of every row of `row_group` when its statistics say so (each
-    key column's min equals its max, no nulls); None when they do not."""
+    key column's min equals its max, no nulls) - or, for a key the file does not hold, its folders (`path`: the
+    file's partition values, `parquet_files.path_values`); None when they do not."""
     values = []
     for key in keys:
+        if path and key in path and field_of(parquet.schema_arrow, key) is None:
+            if path[key] is None:
+                return None
+            values.append(path[key])
+            continue
         field_type = field_of(parquet.schema_arrow, key).type
         if pa.types.is_dictionary(field_type):
             field_type = field_type.value_type
@@ -285,15 +292,16 @@ def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int) -
     return "|".join(values)
 
 
-def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, buckets: int) -> list[int] | None:
+def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, buckets: int,
+                         path: dict[str, str | None] | None = None) -> list[int] | None:
     """The row groups of a file that may hold rows of entity bucket `bucket` of `buckets` (`bucket_of`):
-    a row group whose statistics show one entity key and no null key is left out when that key falls in another
-    bucket (a file per machine, or files sorted by machine, are then read by the bucket that owns them); every
-    other row group is kept. None when all are kept."""
+    a row group whose statistics (or the file's folders, `path`) show one entity key and no null key is left out
+    when that key falls in another bucket (a file per machine, files sorted by machine, or a folder per machine are
+    then read by the bucket that owns them); every other row group is kept. None when all are kept."""
     if buckets == 1:
         return None
     kept = [r for r in range(parquet.metadata.num_row_groups)
-            if (key := row_group_entity(parquet, keys, r)) is None or bucket_of(key, buckets) == bucket]
+            if (key := row_group_entity(parquet, keys, r, path)) is None or bucket_of(key, buckets) == bucket]
     return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 

@@ -36,7 +36,7 @@ import ray
 
 from dmafn.spec import Spec
 from pipelines.ingest import as_read, check_schema, stored_names
-from pipelines.parquet_files import each_row_group, open_parquet
+from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
 from pipelines.storage import Storage, is_s3, join
@@ -78,13 +78,15 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     readers = [m for m in spec.modalities.values() if m.path == path]      # a context view reads the same files
     source_fs = storage.filesystem(path)
     parquet = open_parquet(source_fs, file.path)
+    values = path_values(file.name)                 # columns in the file's folders only: its pieces hold them
+    schema = with_path_fields(parquet.schema_arrow, values)
     for m in readers:
-        check_schema(parquet.schema_arrow, spec, m, file.path)
+        check_schema(schema, spec, m, file.path)
     keys = list(spec.entity_in(spec.modalities[file.modality]))     # as the file names them; the pieces alike
-    single = [row_group_entity(parquet, keys, r) is not None for r in range(parquet.metadata.num_row_groups)]
+    single = [row_group_entity(parquet, keys, r, values) is not None for r in range(parquet.metadata.num_row_groups)]
     if all(single):
         return SplitFile(file, buckets, None)
-    names = {stored: read for m in readers for stored, read in stored_names(parquet.schema_arrow, spec, m).items()}
+    names = {stored: read for m in readers for stored, read in stored_names(schema, spec, m).items()}
     staging_fs = storage.filesystem(spec.score.staging_path)
     pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}
@@ -106,7 +108,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         flushes += 1
 
     for part in each_row_group(parquet, file.path, list(names), [r for r, one in enumerate(single) if not one],
-                               source_fs, file.deleted):
+                               source_fs, file.deleted, values):
         part = as_read(part, names)             # a column renamed upstream: its pieces name it as it is now
         numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
         order = np.argsort(numbers, kind="stable")

@@ -1224,6 +1224,66 @@ def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_
         check_schema(rows("t_old", ["a"], 0).schema, plain, plain.modalities["proc"], "x.parquet")
 
 
+def test_an_entity_kept_in_the_folder_names_only_is_read_from_them(tmp_path, tiny_spec):
+    """A table partitioned by the date and the machine (Spark's `partitionBy("date", "machine_id")`: the files hold
+    neither column): the machine is each row's folder value - `read_shard`, an entity bucket reading only its
+    machines' files (by their folders, no statistics needed), staging leaving such files whole, the row digests
+    (the same as a flat table's with the column in its files), profile's counts and check-data; Hive's null folder
+    is a null key, quarantined."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.profile import modality_files, file_counts
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import bucket_of, list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    def rows(first, n):
+        times = pa.array([day + (first + i) * 60_000_000 for i in range(n)], pa.timestamp("us", tz="UTC"))
+        return pa.table({"ts": times, "temp": [float(first + i) for i in range(n)]})
+    table, flat = tmp_path / "proc", tmp_path / "flat" / "date=2024-01-02"
+    flat.mkdir(parents=True)
+    for machine, first in (("a", 0), ("e", 10), ("c%2Fd", 20), ("__HIVE_DEFAULT_PARTITION__", 30)):
+        folder = table / "date=2024-01-02" / f"machine_id={machine}"
+        folder.mkdir(parents=True)
+        pq.write_table(rows(first, 2), folder / "part-0.parquet")
+        if machine in ("a", "e"):
+            pq.write_table(rows(first, 2).add_column(0, "machine_id", pa.array([machine] * 2)),
+                           flat / f"{machine}.parquet")
+    spec = _proc_spec(tiny_spec, table)
+    date = dt.date(2024, 1, 2)
+    shard = _shard(tmp_path, spec, [date])
+    got = read_shard(shard, spec, Storage())
+    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [
+        ("a", 0.0), ("a", 1.0), ("c/d", 20.0), ("c/d", 21.0), ("e", 10.0), ("e", 11.0)]
+    assert got.quarantined["reason"].to_list() == ["null entity column 'machine_id'"] * 2
+    assert {bucket_of(m, 2) for m in ("a", "e")} == {0, 1}
+    for bucket in (0, 1):                                   # each bucket: its own machines' files
+        mine = read_shard(replace(shard, bucket=bucket, buckets=2), spec, Storage()).tables["proc"]
+        assert set(mine["machine_id"]) == {m for m in ("a", "e", "c/d") if bucket_of(m, 2) == bucket}
+    files = list_partition_files(spec, [date], Storage())
+    a = next(f for f in files if "machine_id=a/" in f.path)
+    assert split_file(a, spec, Storage(), 2, str(tmp_path / "staged")).pieces is None        # one machine: whole
+    plain = _proc_spec(tiny_spec, tmp_path / "flat")
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    ab = [f for f in files if "machine_id=a/" in f.path or "machine_id=e/" in f.path]
+    assert date_digests(spec, ab, columns)["proc"].to_dict() == \
+        date_digests(plain, list_partition_files(plain, [date], Storage()), columns)["proc"].to_dict()
+    counted = pl.concat([pl.from_pandas(file_counts(part)) for part in modality_files(spec, spec.modalities["proc"],
+                                                                                        Storage(), [date])])
+    assert counted["rows"].sum() == 8 and counted["nulls"].sum() == 2        # the null folder's keys
+    (found,) = check_data(spec)
+    assert not found.problems and found.columns == {"ts": "timestamp[us, tz=UTC]", "temp": "double",
+                                                    "machine_id": "string"}
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 
