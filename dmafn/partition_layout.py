@@ -2,7 +2,9 @@
 
 A key (`date`, the default) means Hive folders `date=YYYY-MM-DD`. A layout names the folders with `%Y`, `%m` and
 `%d`, one level per `/`: `year=%Y/month=%m/day=%d` (Hive, partitioned by three columns), `%Y/%m/%d` (a stream's
-sink, Firehose-style), `dt=%Y%m%d`. Each of the three once; every level holds at least one; `%%` is a `%`.
+sink, Firehose-style), `dt=%Y%m%d`. Each of the three once; every level holds at least one, but for a level `key=*`:
+a folder per value of a column (`machine_id=*/date=%Y-%m-%d`, a lake partitioned by machine first; the readers take
+the column from the folder names where the files lack it). `%%` is a `%`.
 Pure: the listing that walks the levels is `pipelines.storage.list_partitions`.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import lru_cache
 _CODES = {"Y": (r"\d{4}", "YYYY"), "m": (r"\d{2}", "MM"), "d": (r"\d{2}", "DD")}
 _RANGES = {"Y": (1, 9999), "m": (1, 12), "d": (1, 31)}
 _KEY = re.compile(r"[^%/=\s]+")
+_ANY_VALUE = re.compile(r"([^%/=*\s]+)=\*")     # a level of a folder per value of a column: `machine_id=*`
 
 
 class LayoutError(ValueError):
@@ -37,9 +40,16 @@ class PartitionLayout:
         """The partition folder of `date`, relative to the table's path (`year=2024/month=01/day=05`)."""
         return "/".join(date.strftime(level) for level in self.levels)
 
+    def any_value(self, level: int) -> bool:
+        """Whether `level` is a folder per value of a column (`key=*`), naming no part of the date."""
+        return _ANY_VALUE.fullmatch(self.levels[level]) is not None
+
     def match(self, level: int, name: str) -> dict[str, int] | None:
-        """The date fields (`Y`, `m`, `d`) a folder named `name` gives at `level`; None when it is not such a
-        folder (`month=1`, `month=13`, `day=32`)."""
+        """The date fields (`Y`, `m`, `d`) a folder named `name` gives at `level` (none at a `key=*` level: a folder
+        `key=` and a value); None when it is not such a folder (`month=1`, `month=13`, `day=32`)."""
+        if self.any_value(level):
+            key = self.levels[level][:-2]
+            return {} if name.startswith(key + "=") and len(name) > len(key) + 1 else None
         found = _pattern(self.levels[level]).fullmatch(name)
         if found is None:
             return None
@@ -92,12 +102,18 @@ def parse_layout(partition: str) -> PartitionLayout:
     levels = tuple(partition.strip("/").split("/"))
     seen: list[str] = []
     for level in levels:
+        if _ANY_VALUE.fullmatch(level):
+            continue
+        if "*" in level:
+            raise LayoutError(f"{partition!r}: the level {level!r} holds a '*' (a folder per value of a column is a "
+                              "level of its own, key=*: machine_id=*)")
         codes = [c for c in re.findall(r"%(.)", level) if c != "%"]
         if unknown := sorted(set(codes) - set(_CODES)):
             raise LayoutError(f"{partition!r}: %{unknown[0]} is not a layout code (only %Y, %m, %d and %%)")
         if not codes:
             raise LayoutError(f"{partition!r}: the level {level!r} holds none of %Y, %m, %d (every folder level "
-                              "of a layout names part of the date; files below the date's folder are read anyway)")
+                              "of a layout names part of the date, or is key=* - a folder per value of a column; "
+                              "files below the date's folder are read anyway)")
         seen += codes
     for code in _CODES:
         if seen.count(code) != 1:

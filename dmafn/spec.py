@@ -90,6 +90,7 @@ class ModalitySpec:
     time_format: str | None = None      # how this table writes a time as text, when not ISO 8601 nor the spec's
     former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a value column -> the other names its files have
                                                                  # stored it under (a rename upstream)
+    partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -282,6 +283,10 @@ class Spec:
         local = ((m and m.naive_times) or self.naive_times) == "local" and self.timezone != "UTC"
         return self.timezone if local else None
 
+    def partition_in(self, m: ModalitySpec) -> str:
+        """Where modality `m`'s files of a date lie under its path (its own `partition`, else the spec's)."""
+        return m.partition or self.partition
+
     def columns_read(self, m: ModalitySpec) -> list[str]:
         """The columns a job reads of `m`'s files, by the files' names: the entity columns, the time, the value
         columns, each once."""
@@ -403,7 +408,7 @@ class _Section:
 
 
 _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
-                         "time_format", "former_names"}
+                         "time_format", "former_names", "partition"}
 NAIVE_TIMES = ("utc", "local")
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context"},
@@ -424,8 +429,15 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     entity = sec.string_list("entity") if sec.get("entity") is not None else None
     unit = sec.choice("time_unit", TIME_UNITS) if sec.get("time_unit") is not None else None
     naive = sec.choice("naive_times", NAIVE_TIMES) if sec.get("naive_times") is not None else None
+    partition = sec.get("partition")
+    if partition is not None:
+        try:
+            parse_layout(str(partition))
+        except LayoutError as exc:
+            raise sec.err("partition", str(exc)) from None
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
-                   naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m))
+                   naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m),
+                   partition=None if partition is None else str(partition))
 
 
 def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -570,7 +582,7 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
                         naive_times=parent.naive_times, time_format=parent.time_format,
-                        former_names=parent.former_names)
+                        former_names=parent.former_names, partition=parent.partition)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -808,7 +820,7 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
         for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times",
-                                                       "time_format", "former_names"}):
+                                                       "time_format", "former_names", "partition"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and \
                     sorted(map(renamed(entry), a)) == sorted(map(renamed(entry), b)):
@@ -884,6 +896,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["time_format"] = m.time_format
         if m.former_names:
             entry["former_names"] = {col: list(former) for col, former in m.former_names}
+        if m.partition:
+            entry["partition"] = m.partition
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

@@ -76,6 +76,8 @@ def spec_json_schema() -> dict[str, Any]:
                             "when not as the spec's naive_times says"},
             "time_format": {**_TIME_FORMAT, "description": "how this modality's files write a time stored as text, "
                             "when not ISO 8601 nor as the spec's time_format says"},
+            "partition": {"type": "string", "description": "where this modality's date folders lie, when not as the "
+                          "spec's partition says: a key or a layout"},
             "former_names": {"type": "object", "minProperties": 1, "description": "value columns renamed upstream: "
                              "each -> the name (or names) older files stored it under; a file without the column is "
                              "read under the first of them it holds (and a version trained on an old name reads the "

@@ -237,7 +237,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                             naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
         found.append(data)
         try:
-            partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition)
+            partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition_in(m))
         except DataError as exc:
             data.problems.append(f"modality '{name}': {exc}")
             continue

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from dmafn.spec import DAY_US
 from pipelines.delta_sink import DeletedRows, live_data_files
-from pipelines.storage import DataError, Storage, list_partitions, relative
+from pipelines.storage import DataError, DateFolder, Storage, list_partitions, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
 PARTITION_COLUMN = "date"
@@ -245,7 +245,7 @@ class TableFiles(NamedTuple):
     """A modality table's date folders and the Parquet files read there (`list_table_files`); of a Delta table
     (`delta`), also the files its folders still hold that its log no longer does (`replaced`: not read)."""
 
-    folders: dict[dt.date, str]
+    folders: dict[dt.date, list[DateFolder]]
     files: list["ListedFile"]
     delta: bool = False
     replaced: tuple["ListedFile", ...] = ()
@@ -271,9 +271,10 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
 
 
 class ListedFile(NamedTuple):
-    """A Parquet file of a date partition as listed: its date (ISO text), its path as the filesystem names it, its
-    name inside the date's folder, its size, when it was last written (nanoseconds since the epoch; None where
-    the filesystem does not say) and, in a Delta table, the rows a deletion vector removes from it (None: none)."""
+    """A Parquet file of a date partition as listed: its date (ISO text), its path as the filesystem names it, its name
+    inside the date's folder (after the `key=value/` folders of a layout's `key=*` levels), its size, when it was last
+    written (nanoseconds since the epoch; None where the filesystem does not say) and, in a Delta table, the rows a
+    deletion vector removes from it (None: none)."""
 
     date: str
     path: str
@@ -286,17 +287,19 @@ class ListedFile(NamedTuple):
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)
 
 
-def list_parquet_files(filesystem: pafs.FileSystem, folders: dict[dt.date, str]) -> list[ListedFile]:
-    """The Parquet files under each date's folder, by date then path; the folders are listed `FOLDER_LISTERS` at a
-    time. Files whose names start with `.` or `_`, or that lie in a folder so named, are skipped (Spark/Hive side
-    files, a failed job's attempts: `_hidden`); other files not named
-    `*.parquet` (a Hive table's `000000_0`) are skipped with a warning naming them, never silently; DataError names a
-    folder that cannot be listed."""
-    items = sorted(folders.items())
+def list_parquet_files(filesystem: pafs.FileSystem,
+                       folders: dict[dt.date, list[DateFolder]]) -> list[ListedFile]:
+    """The Parquet files under each date's folders, by date then path (each named inside its folder, after the
+    `key=value/` folders above it, `DateFolder.above`); the folders are listed `FOLDER_LISTERS` at a time. Files whose
+    names start with `.` or `_`, or that lie in a folder so named, are skipped (Spark/Hive side files, a failed job's
+    attempts: `_hidden`); other files not named `*.parquet` (a Hive table's `000000_0`) are skipped with a warning
+    naming them, never silently; DataError names a folder that cannot be listed."""
+    items = [(date, folder) for date, held in sorted(folders.items()) for folder in held]
     if len(items) <= 1:
         return [f for date, folder in items for f in _list_folder(filesystem, date, folder)]
     with ThreadPoolExecutor(min(FOLDER_LISTERS, len(items))) as pool:     # results in date order
-        return [f for found in pool.map(lambda item: _list_folder(filesystem, *item), items) for f in found]
+        found = [f for listed in pool.map(lambda item: _list_folder(filesystem, *item), items) for f in listed]
+    return sorted(found, key=lambda f: (f.date, f.path))        # a date's folders per value listed in any order
 
 
 def _hidden(name: str) -> bool:
@@ -307,13 +310,14 @@ def _hidden(name: str) -> bool:
     return any(part.startswith((".", "_")) for part in name.split("/"))
 
 
-def _list_folder(filesystem: pafs.FileSystem, date: dt.date, folder: str) -> list[ListedFile]:
+def _list_folder(filesystem: pafs.FileSystem, date: dt.date, at: DateFolder) -> list[ListedFile]:
+    folder = at.path
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     except OSError as exc:
         raise DataError(f"{folder}: cannot be listed ({exc})") from None
     shown = sorted((i for i in infos if i.is_file and not _hidden(relative(i.path, folder))), key=lambda i: i.path)
-    files = [ListedFile(date.isoformat(), i.path, i.size or 0, relative(i.path, folder), i.mtime_ns)
+    files = [ListedFile(date.isoformat(), i.path, i.size or 0, at.above + relative(i.path, folder), i.mtime_ns)
              for i in shown if i.base_name.endswith(".parquet")]
     other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
     if other:

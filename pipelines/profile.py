@@ -223,7 +223,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing; of a Delta
     table, the files its log holds); DataError
     naming the modality's path when none of the dates has a partition."""
-    found, files, *_ = list_table_files(storage, m.path, spec.partition, dates)
+    found, files, *_ = list_table_files(storage, m.path, spec.partition_in(m), dates)
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)

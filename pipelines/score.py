@@ -252,7 +252,7 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "calibration again without training" if calibration else "", "; ".join(edits))
     modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns,
                                 time_unit=now.time_unit, naive_times=now.naive_times, time_format=now.time_format,
-                                former_names=now.former_names)
+                                former_names=now.former_names, partition=now.partition)
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, naive_times=spec.naive_times,

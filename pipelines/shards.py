@@ -157,7 +157,7 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
-            by_path[m.path] = list_table_files(storage, m.path, spec.partition, dates).files
+            by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates).files
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
                             deleted=f.deleted) for f in by_path[m.path]]
     return files

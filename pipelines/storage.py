@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -124,15 +125,25 @@ def relative(path: str, root: str) -> str:
 PARTITION_LISTERS = 16  # folders of a layout's level listed at once (on S3 each listing is a round trip)
 
 
+class DateFolder(NamedTuple):
+    """A folder holding files of one date (`list_partitions`): its path as the filesystem names it, and the
+    `key=value/` folders of the layout's `key=*` levels above it ('' without such levels: a reader finds the column
+    values of its files' folders in their names inside it, `ListedFile.name`, prefixed with these)."""
+
+    path: str
+    above: str = ""
+
+
 def list_partitions(storage: Storage, path: str, partition: str = "date",
-                    within: tuple[dt.date, dt.date] | None = None) -> dict[dt.date, str]:
+                    within: tuple[dt.date, dt.date] | None = None) -> dict[dt.date, list[DateFolder]]:
     """The date partition folders under `path`, laid out as the spec's `partition` says (a key: `key=YYYY-MM-DD`
     folders; a layout such as `year=%Y/month=%m/day=%d`: a level of folders each, see `dmafn.partition_layout`):
-    date -> folder path (as the filesystem names it). A layout's levels are listed one after the other, the folders
-    of a level `PARTITION_LISTERS` at a time; with `within` (first, last date) a folder that can hold no date of it
-    (another year's, another month's) is not listed further, and only dates within it are returned. Folders that do
-    not fit the layout (`date=2024-13-01`, `date=2024-1-5`, another key, `backup`) are not read, with a warning
-    naming them, never silently; those whose names start with `.` or `_` (`_delta_log`) are skipped.
+    date -> its folders (one; for a layout with `key=*` levels, one per value). A layout's levels are listed one after
+    the other, the folders of a level `PARTITION_LISTERS` at a time; with `within` (first, last date) a folder that
+    can hold no date of it (another year's, another month's) is not listed further, and only dates within it are
+    returned. Folders that do not fit the layout (`date=2024-13-01`, `date=2024-1-5`, another key, `backup`) are not
+    read, with a warning naming them, never silently; those whose names start with `.` or `_` (`_delta_log`) are
+    skipped.
 
     Raises DataError naming the path when it does not exist or cannot be reached, or when no folder under it fits
     the layout.
@@ -148,10 +159,10 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from None
     other, fitting = [], False
-    frontier: list[tuple[str, dict[str, int]]] = [(root, {})]
+    frontier: list[tuple[str, dict[str, int], str]] = [(root, {}, "")]     # folder, date fields, `key=value/`s
     for level in range(len(layout.levels)):
         found = []
-        for (folder, fields), entries in zip(frontier, _list_folders(fs, path, [f for f, _ in frontier])):
+        for (folder, fields, above), entries in zip(frontier, _list_folders(fs, path, [f for f, *_ in frontier])):
             for entry in entries:
                 if entry.type != pafs.FileType.Directory or entry.base_name.startswith((".", "_")):
                     continue                          # files beside the partitions, `_delta_log`, `.tmp`: not data
@@ -160,17 +171,18 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
                     continue
                 span = layout.span({**fields, **got}) if within else None
                 if span is None or (span[0] <= within[1] and span[1] >= within[0]):
-                    found.append((entry.path, {**fields, **got}))
+                    found.append((entry.path, {**fields, **got},
+                                  above + entry.base_name + "/" if layout.any_value(level) else above))
                 else:                                 # another year's, month's or day's: fits, not wanted
                     fitting = True
         frontier = found
-    out = {}
-    for folder, fields in frontier:
+    out: dict[dt.date, list[DateFolder]] = {}
+    for folder, fields, above in frontier:
         if (day := layout.date(fields)) is None:      # day=31 of April
             other.append(relative(folder, root))
             continue
         fitting = True
-        out[day] = folder                             # within `within`: its span (the day) was checked
+        out.setdefault(day, []).append(DateFolder(folder, above))   # within `within`: its span (the day) checked
     if other:
         log.warning("%s: %d folder(s) not named %s (a real date) are not read (%s%s); rename them to have them read",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")

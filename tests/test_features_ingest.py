@@ -1284,6 +1284,45 @@ def test_an_entity_kept_in_the_folder_names_only_is_read_from_them(tmp_path, tin
                                                     "machine_id": "string"}
 
 
+def test_a_table_laid_out_by_machine_then_date_is_listed_per_machine_and_read_with_its_key(tmp_path, tiny_spec,
+                                                                                           caplog):
+    """A modality's own `partition: machine_id=*/date=%Y-%m-%d` (a folder per machine above its date folders, the
+    files without the column): each date's files are those of every machine's folder of it, named after the machine's
+    folder, so the key reads from there; a folder at the machine level that is not `machine_id=...` is warned of and
+    not read; the other modalities keep the spec's partition."""
+    import datetime as dt
+    import logging
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard
+    from pipelines.shards import list_partition_files
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    table = tmp_path / "proc"
+    for machine, date, first in (("a", "2024-01-02", 0), ("b", "2024-01-02", 10), ("a", "2024-01-01", -2),
+                                 ("b", "2024-01-03", 1440)):
+        folder = table / f"machine_id={machine}" / f"date={date}"
+        folder.mkdir(parents=True)
+        times = pa.array([day + (first + i) * 60_000_000 for i in range(2)], pa.timestamp("us", tz="UTC"))
+        pq.write_table(pa.table({"ts": times, "temp": [float(first), float(first + 1)]}), folder / "part-0.parquet")
+    (table / "backup" / "date=2024-01-02").mkdir(parents=True)
+    spec = _proc_spec(tiny_spec, table)
+    spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], partition="machine_id=*/date=%Y-%m-%d")})
+    date = dt.date(2024, 1, 2)
+    with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
+        files = list_partition_files(spec, [date], Storage())
+    assert [(f.date.isoformat(), f.name) for f in files] == [("2024-01-02", "machine_id=a/part-0.parquet"),
+                                                             ("2024-01-02", "machine_id=b/part-0.parquet")]
+    assert "1 folder(s) not named machine_id=*/date=YYYY-MM-DD (a real date) are not read (backup)" in caplog.text
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [
+        ("a", -2.0), ("a", -1.0), ("a", 0.0), ("a", 1.0), ("b", 10.0), ("b", 11.0)]   # a's look-back rows too
+    assert got.rows_read == {"2024-01-02": 4}
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 
@@ -2552,6 +2591,7 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
     import pyarrow.fs as pafs
 
     from pipelines.parquet_files import list_parquet_files
+    from pipelines.storage import DateFolder
 
     folder = tmp_path / "proc" / "date=2024-01-02"
     folder.mkdir(parents=True)
@@ -2560,7 +2600,7 @@ def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="pipelines.parquet_files"):
-        files = list_parquet_files(pafs.LocalFileSystem(), {dt.date(2024, 1, 2): str(folder)})
+        files = list_parquet_files(pafs.LocalFileSystem(), {dt.date(2024, 1, 2): [DateFolder(str(folder))]})
     assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
     (record,) = caplog.records
     assert "1 file(s) not named *.parquet are not read (000000_0)" in record.getMessage()
@@ -2590,7 +2630,7 @@ def test_partitions_laid_out_by_year_month_and_day_are_found_level_by_level_and_
                         lambda fs, path, folders: listed.extend(folders) or real(fs, path, folders))
     with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
         found = list_partitions(Storage(), str(tmp_path / "t"), layout)
-    assert {d.isoformat(): p[len(str(tmp_path / "t")) + 1:] for d, p in found.items()} == {
+    assert {d.isoformat(): p.path[len(str(tmp_path / "t")) + 1:] for d, (p,) in found.items()} == {
         "2023-12-31": "year=2023/month=12/day=31", "2024-01-05": "year=2024/month=01/day=05",
         "2024-01-06": "year=2024/month=01/day=06"}
     (record,) = caplog.records
@@ -2616,7 +2656,7 @@ def test_date_folders_listed_at_once_come_back_by_date_then_path_and_a_folder_th
     import pyarrow.fs as pafs
 
     from pipelines.parquet_files import FOLDER_LISTERS, list_parquet_files
-    from pipelines.storage import DataError
+    from pipelines.storage import DataError, DateFolder
 
     days = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(FOLDER_LISTERS + 4)]
     folders = {}
@@ -2625,12 +2665,12 @@ def test_date_folders_listed_at_once_come_back_by_date_then_path_and_a_folder_th
         (folder / "sub").mkdir(parents=True)
         for name in ("b.parquet", "a.parquet", "sub/c.parquet")[: 1 + i % 3]:
             (folder / name).write_bytes(b"x" * (i + 1))
-        folders[day] = str(folder)
+        folders[day] = [DateFolder(str(folder))]
     files = list_parquet_files(pafs.LocalFileSystem(), folders)
     assert [(f.date, f.name) for f in files] == sorted((f.date, f.name) for f in files)
     assert {f.date for f in files} == {d.isoformat() for d in days} and all(f.mtime_ns for f in files)
     assert any(f.name == "sub/c.parquet" for f in files)
-    folders[days[3]] = str(tmp_path / "gone")
+    folders[days[3]] = [DateFolder(str(tmp_path / "gone"))]
     with pytest.raises(DataError, match=r"gone: cannot be listed"):
         list_parquet_files(pafs.LocalFileSystem(), folders)
 
@@ -2649,7 +2689,7 @@ def test_partition_folders_that_are_not_a_date_are_skipped_with_a_warning_that_n
     (tmp_path / "proc" / "README").write_text("x")
     with caplog.at_level(logging.WARNING, logger="pipelines.storage"):
         parts = list_partitions(Storage(), str(tmp_path / "proc"), "date")
-    assert list(parts) == [dt.date(2024, 1, 2)] and parts[dt.date(2024, 1, 2)].endswith("/proc/date=2024-01-02")
+    assert list(parts) == [dt.date(2024, 1, 2)] and parts[dt.date(2024, 1, 2)][0].path.endswith("/proc/date=2024-01-02")
     (record,) = caplog.records
     assert (f"{tmp_path / 'proc'}: 4 folder(s) not named date=YYYY-MM-DD (a real date) are not read (backup, "
             "date=2024-1-5, date=2024-13-01, ...)") in record.getMessage()

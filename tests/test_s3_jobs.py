@@ -330,7 +330,7 @@ def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endp
     everything = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d")
     assert sorted(d.isoformat() for d in everything) == ["2023-12-31", "2024-01-05", "2024-01-06", "2024-02-01"]
     wanted = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d", (dt.date(2024, 1, 5), dt.date(2024, 1, 5)))
-    assert wanted == {dt.date(2024, 1, 5): "layouts/process/2024/01/05"}
+    assert wanted == {dt.date(2024, 1, 5): [("layouts/process/2024/01/05", "")]}
     files = list_parquet_files(storage.filesystem("s3://layouts/process"), wanted)
     assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
 

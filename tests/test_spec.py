@@ -76,12 +76,28 @@ def test_partition_is_a_key_or_a_layout_with_year_month_and_day():
         for level, name in enumerate(folder.split("/")):
             fields |= layout.match(level, name)
         assert layout.date(fields) == day
+    per_machine = parse_layout("machine_id=*/date=%Y-%m-%d")          # a folder per machine above the date's
+    assert per_machine.text == "machine_id=*/date=YYYY-MM-DD" and per_machine.any_value(0)
+    assert per_machine.match(0, "machine_id=pump-01") == {} and per_machine.match(0, "machine_id=") is None
+    assert per_machine.match(0, "backup") is None and per_machine.match(1, "date=2024-01-05") == {"Y": 2024, "m": 1,
+                                                                                                "d": 5}
+    data = tiny_spec_dict()
+    data["modalities"]["proc"]["partition"] = "machine_id=*/year=%Y/month=%m/day=%d"     # this table's own layout
+    spec = parse_spec(data)
+    assert [spec.partition_in(spec.modalities[m]) for m in ("proc", "vib")] == ["machine_id=*/year=%Y/month=%m/day=%d",
+                                                                                "date"]
+    assert parse_spec(spec.to_dict()) == spec and reading_differences(parse_spec(tiny_spec_dict()), spec) == []
+    data["modalities"]["proc"]["partition"] = "%Y/%m"
+    with pytest.raises(SpecError, match=r"key 'modalities.proc.partition': '%Y/%m': a layout holds %d exactly once"):
+        parse_spec(data)
     layout = parse_layout("year=%Y/month=%m/day=%d")
     assert layout.match(1, "month=1") is None and layout.match(0, "year=2024x") is None
     assert layout.date({"Y": 2024, "m": 2, "d": 30}) is None
     assert layout.span({"Y": 2024, "m": 2}) == (dt.date(2024, 2, 1), dt.date(2024, 2, 29))
     assert layout.span({"m": 2}) is None                             # a month of any year
     for partition, message in (("%Y/%m", "holds %d exactly once"), ("%Y/%m/%d/%d", "holds %d exactly once"),
+                               ("machine_id=*", "is neither a partition key"), ("m=*/%m/%d", "holds %Y exactly once"),
+                               ("m=p*/%Y/%m/%d", "a level of its own"),
                                ("%Y/%H/%m/%d", "%H is not a layout code"),
                                ("raw/%Y/%m/%d", "the level 'raw' holds none"), ("date of day", "neither a partition key")):
         with pytest.raises(SpecError, match=f"s.yaml: key 'partition': .*{message}"):
@@ -419,7 +435,8 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, former_names, kind, naive_times, path, time, time_format, time_unit, tolerance)",
+                     "entity, former_names, kind, naive_times, partition, path, time, time_format, time_unit, "
+                     "tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
