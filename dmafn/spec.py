@@ -5,6 +5,7 @@ Every error names the file and the key. Unknown keys are errors.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import posixpath
 import re
@@ -91,6 +92,8 @@ class ModalitySpec:
     former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a value column -> the other names its files have
                                                                  # stored it under (a rename upstream)
     partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
+    missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # a value column -> the numbers its writer puts
+                                                                     # where it has none (-9999): unusable values
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -411,8 +414,8 @@ _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", 
                          "time_format", "former_names", "partition"}
 NAIVE_TIMES = ("utc", "local")
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
-    "tabular": {"columns", "tolerance", "context"},
-    "timeseries": {"columns", "period", "window", "encoder", "transform", "context"},
+    "tabular": {"columns", "tolerance", "context", "missing_values"},
+    "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values"},
     "image": {"column", "size", "tolerance", "channels"},
     "text": {"column", "window", "encoder"},
     "audio": {"column", "sample_rate", "tolerance", "clip"},
@@ -437,7 +440,30 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
             raise sec.err("partition", str(exc)) from None
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
                    naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m),
-                   partition=None if partition is None else str(partition))
+                   partition=None if partition is None else str(partition),
+                   missing_values=_parse_missing_values(sec, m))
+
+
+def _parse_missing_values(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """A numeric modality's `missing_values`: the numbers its writer stores where a value is missing (a historian's
+    -9999, a 16-bit 65535) - a list for every value column, or a mapping of some columns to theirs."""
+    given = sec.get("missing_values")
+    if given is None:
+        return ()
+    def numbers(key: str, value: Any) -> tuple[float, ...]:
+        value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise sec.err(key, f"{value!r} must be a number or a non-empty list of finite numbers")
+        return tuple(dict.fromkeys(float(v) for v in value))
+    if isinstance(given, Mapping):
+        for col in given:
+            if col not in m.value_columns:
+                raise sec.err(f"missing_values.{col}", f"'{col}' is not a value column of the modality "
+                              f"({', '.join(m.value_columns)})")
+        return tuple((col, numbers(f"missing_values.{col}", v)) for col, v in given.items())
+    markers = numbers("missing_values", given)
+    return tuple((col, markers) for col in m.value_columns)
 
 
 def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -582,7 +608,8 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
                         period_us=period, window_us=window, context_of=parent.name, time_column=parent.time_column,
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
                         naive_times=parent.naive_times, time_format=parent.time_format,
-                        former_names=parent.former_names, partition=parent.partition)
+                        former_names=parent.former_names, partition=parent.partition,
+                        missing_values=parent.missing_values)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -820,7 +847,8 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
         for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times",
-                                                       "time_format", "former_names", "partition"}):
+                                                       "time_format", "former_names", "partition",
+                                                       "missing_values"}):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and \
                     sorted(map(renamed(entry), a)) == sorted(map(renamed(entry), b)):
@@ -898,6 +926,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["former_names"] = {col: list(former) for col, former in m.former_names}
         if m.partition:
             entry["partition"] = m.partition
+        if m.missing_values:
+            entry["missing_values"] = {col: list(markers) for col, markers in m.missing_values}
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

@@ -61,6 +61,7 @@ _MODALITY = {
 
 
 _TIME_FORMAT = {"type": "string", "pattern": "%"}
+_MARKERS = {"oneOf": [{"type": "number"}, {"type": "array", "minItems": 1, "items": {"type": "number"}}]}
 
 
 def spec_json_schema() -> dict[str, Any]:
@@ -78,6 +79,10 @@ def spec_json_schema() -> dict[str, Any]:
                             "when not ISO 8601 nor as the spec's time_format says"},
             "partition": {"type": "string", "description": "where this modality's date folders lie, when not as the "
                           "spec's partition says: a key or a layout"},
+            "missing_values": {"description": "tabular and timeseries: the numbers the writer stores where a value is "
+                               "missing (-9999), unusable like a null - a list for every value column, or a mapping "
+                               "of columns to theirs", "oneOf": [_MARKERS, {"type": "object", "minProperties": 1,
+                                                                           "additionalProperties": _MARKERS}]},
             "former_names": {"type": "object", "minProperties": 1, "description": "value columns renamed upstream: "
                              "each -> the name (or names) older files stored it under; a file without the column is "
                              "read under the first of them it holds (and a version trained on an old name reads the "

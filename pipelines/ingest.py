@@ -208,11 +208,15 @@ def check_rows(table: pa.Table, spec: Spec, m: ModalitySpec) -> pa.Table:
 
 
 def _bad_value(m: ModalitySpec, col: str) -> pl.Expr:
-    """True where `col`'s value cannot be used: null, a number that is not finite, bytes that are no image, an
-    empty clip or one with a missing or non-finite sample."""
+    """True where `col`'s value cannot be used: null, a number that is not finite or that its writer stores for a
+    missing value (`missing_values`), bytes that are no image, an empty clip or one with a missing or non-finite
+    sample."""
     bad = pl.col(col).is_null()
     if m.kind in ("tabular", "timeseries"):
         bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
+        markers = dict(m.missing_values).get(col)
+        if markers:                     # the writer's number for a missing value (`missing_values`): as a null
+            bad = bad | pl.col(col).cast(pl.Float64).is_in(list(markers))
     elif m.kind == "image":
         bad = bad | ~pl.any_horizontal(pl.col(col).bin.starts_with(magic) for magic in IMAGE_MAGIC)
     elif m.kind == "audio":

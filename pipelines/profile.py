@@ -69,13 +69,14 @@ class Columns:
     naive_zone: str | None = None       # `naive_times: local`: the zone whose wall clock a naive time shows
     time_format: str | None = None      # how a time stored as text is written, when not ISO 8601
     former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # value columns renamed upstream (the modality's)
+    missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # their writer's numbers for a missing value
 
     @classmethod
     def of(cls, spec: Spec, m: ModalitySpec) -> "Columns":
         keys, time = spec.entity_in(m), spec.time_in(m)                 # as the modality's files name them
         values = tuple(c for c in dict.fromkeys(m.value_columns) if c not in (*keys, time))
         return cls(m.name, keys, time, values, spec.time_unit_in(m), spec.naive_zone_in(m), spec.time_format_in(m),
-                   m.former_names)
+                   m.former_names, m.missing_values)
 
     def in_file(self, schema: pa.Schema) -> "Columns":
         """The same columns as a file with this schema names them: a value column it lacks under the first of its
@@ -140,11 +141,14 @@ def row_group_parts(files: list[FilePart], per_file: pl.DataFrame, days: dict[tu
     return parts
 
 
-def _null_cells(column: pa.ChunkedArray) -> int:
-    """Null cells of a column, NaN counted as null in a float column."""
+def _null_cells(column: pa.ChunkedArray, markers: tuple[float, ...] | None = None) -> int:
+    """Null cells of a column, NaN counted as null in a float column, and so is each of `markers` (the column's
+    `missing_values`: the numbers its writer stores for a missing value)."""
     nulls = column.null_count
     if pa.types.is_floating(column.type):
         nulls += int(pc.sum(pc.is_nan(column)).as_py() or 0)
+    if markers:
+        nulls += int(pl.from_arrow(column).cast(pl.Float64, strict=False).is_in(list(markers)).sum())
     return nulls
 
 
@@ -166,15 +170,19 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     schema = with_path_fields(parquet.schema_arrow, dict(part.values))    # a column in the file's folders only
     cols = part.columns.in_file(schema)
     cols.check(schema, part.path)
+    markers = dict(zip(cols.values, map(dict(part.columns.missing_values).get, part.columns.values)))
     rows = nulls = outside = 0
     for r in range(parquet.metadata.num_row_groups):
         # a footer's statistics count the rows a deletion vector removed too: such a file's values are read
-        from_stats = {c: None if part.deleted else _nulls_from_statistics(parquet, r, c) for c in cols.values}
+        # and a column's missing-value markers are counted from its values
+        from_stats = {c: None if part.deleted or markers.get(c) else _nulls_from_statistics(parquet, r, c)
+                      for c in cols.values}
         read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
         table = pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted,
                                                 values=dict(part.values)))
         rows += table.num_rows
-        nulls += sum(_null_cells(table.column(c)) for c in read) + sum(n for n in from_stats.values() if n)
+        nulls += sum(_null_cells(table.column(c), markers.get(c)) for c in read) \
+            + sum(n for n in from_stats.values() if n)
         timed, beyond, no_time = cols.times(table)  # rows without a time are nulls; one beyond any date is outside
         nulls += no_time
         outside += beyond + timed.select(

@@ -252,7 +252,8 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "calibration again without training" if calibration else "", "; ".join(edits))
     modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns,
                                 time_unit=now.time_unit, naive_times=now.naive_times, time_format=now.time_format,
-                                former_names=now.former_names, partition=now.partition)
+                                former_names=now.former_names, partition=now.partition,
+                                missing_values=now.missing_values)
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, naive_times=spec.naive_times,
@@ -418,7 +419,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
         display.close()
         staging.close()
         if staging.submitted:
-            log.info("%d file(s) split by entity bucket", staging.submitted)
+            log.info("%d file(s) checked for a split by entity bucket (those holding several entities in a row "
+                     "group split, the others read in place)", staging.submitted)
     return sorted(done, key=lambda r: r.date), sorted(failed, key=lambda f: f[0])
 
 

@@ -160,7 +160,7 @@ class Staging:
                            if is_s3(m.path) == is_s3(spec.score.staging_path)}
         self.refs: dict[tuple[str, int], ray.ObjectRef] = {}
         self.uses: Counter = Counter()
-        self.submitted = 0                             # files split so far
+        self.submitted = 0                             # files given to `split_file` so far (split or left whole)
         self.retain(shards)
 
     def _split(self, shard: Shard) -> list[tuple[InputFile, tuple[str, int]]]:

@@ -1323,6 +1323,43 @@ def test_a_table_laid_out_by_machine_then_date_is_listed_per_machine_and_read_wi
     assert got.rows_read == {"2024-01-02": 4}
 
 
+def test_a_writers_missing_value_marker_is_unusable_like_a_null(tmp_path, tiny_spec):
+    """`missing_values`: the numbers a writer stores where it has no value (a historian's -9999; here one stored as
+    text too) are unusable values - the row kept for its other columns and the marker quarantined as such, a row of
+    markers only quarantined whole - and profile counts them as nulls; without the key they are values."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard
+    from pipelines.profile import file_counts, modality_files
+    from pipelines.storage import Storage
+
+    table = tmp_path / "proc" / "date=2024-01-02"
+    table.mkdir(parents=True)
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    times = pa.array([day + i * 60_000_000 for i in range(4)], pa.timestamp("us", tz="UTC"))
+    pq.write_table(pa.table({"machine_id": ["a"] * 4, "ts": times, "temp": [1.0, -9999.0, 3.0, -9999.0],
+                             "pressure": ["5", "6", "-9999", "-9999"]}), table / "part-0.parquet")
+    plain = _proc_spec(tiny_spec, tmp_path / "proc")
+    plain = replace(plain, modalities={"proc": replace(plain.modalities["proc"], columns=("temp", "pressure"))})
+    marked = replace(plain, modalities={"proc": replace(plain.modalities["proc"], missing_values=(
+        ("temp", (-9999.0,)), ("pressure", (-9999.0,))))})
+    date = dt.date(2024, 1, 2)
+    got = read_shard(_shard(tmp_path, plain, [date]), plain, Storage())
+    assert got.tables["proc"]["temp"].to_list() == [1.0, -9999.0, 3.0, -9999.0] and got.quarantined.is_empty()
+    got = read_shard(_shard(tmp_path, marked, [date]), marked, Storage())
+    assert got.tables["proc"].select("temp", "pressure").rows() == [(1.0, 5.0), (None, 6.0), (3.0, None)]
+    assert sorted(got.quarantined["reason"].to_list()) == [
+        "unusable value in column 'pressure' (the row's other columns used)", "unusable value in column 'temp'",
+        "unusable value in column 'temp' (the row's other columns used)"]
+    assert got.usable_rows == {"2024-01-02": {"proc": 1}}
+    counted = [file_counts(part)["nulls"].item() for spec in (plain, marked)
+               for part in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
+    assert counted == [0, 4]
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 

@@ -1206,7 +1206,7 @@ def test_backfill_gives_the_same_rows_however_its_shards_are_cut(trained, tmp_pa
     # four entity buckets: pump-00 and pump-01 hash to two of them (two are empty), a data file per bucket with rows
     assert len(list((tmp_path / "scores_buckets" / "date=2024-01-03").glob("*.parquet"))) == 2
     # the demo's files mix both pumps in a row group: split by bucket once per file, the pieces deleted at the end
-    assert re.search(r"(^|\s)[1-9]\d* file\(s\) split by entity bucket", caplog.text)
+    assert re.search(r"(^|\s)[1-9]\d* file\(s\) checked for a split by entity bucket", caplog.text)
     assert list((tmp_path / "scores_buckets_staging").glob("*")) == []
     alone, q_alone, counts_alone = outputs.pop("alone")
     for cut, (rows, quarantine, counts) in outputs.items():

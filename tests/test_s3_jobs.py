@@ -169,7 +169,7 @@ def test_nightly_backfill_rerun_and_force(s3_spec, caplog):
     assert again.equals(counts)
     assert [(r.ticks_in, r.rows_scored, r.anomalies) for r in forced[1:]] == \
         [(r.ticks_in, r.rows_scored, r.anomalies) for r in results]
-    assert re.search(r"(^|\s)[1-9]\d* file\(s\) split by entity bucket", caplog.text)
+    assert re.search(r"(^|\s)[1-9]\d* file\(s\) checked for a split by entity bucket", caplog.text)
     left = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="scores_staging/").get("Contents", [])
     assert [o["Key"] for o in left] in ([], ["scores_staging/"])        # at most pyarrow's folder marker
     runs = pl.read_delta(spec.score.runs_path, storage_options=Storage.from_spec(spec.storage)
@@ -316,7 +316,8 @@ def test_an_endpoint_that_never_answers_fails_within_the_storage_timeout(s3_spec
 
 def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endpoint):
     """S3 has no folders, only key prefixes: a `%Y/%m/%d` layout is found level by level there too, only the years and
-    months that can hold the dates asked are listed, and a failed Spark job's `_temporary/` files are not read."""
+    months that can hold the dates asked are listed, and a failed Spark job's `_temporary/` files are not read; a
+    layout with a folder per machine first (`machine_id=*/date=%Y-%m-%d`) gives a date each machine's folder."""
     from dmafn.spec import StorageSpec
     from pipelines.parquet_files import list_parquet_files
 
@@ -333,6 +334,16 @@ def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endp
     assert wanted == {dt.date(2024, 1, 5): [("layouts/process/2024/01/05", "")]}
     files = list_parquet_files(storage.filesystem("s3://layouts/process"), wanted)
     assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
+    for key in ("machine_id=b/date=2024-01-05/part-0.parquet", "machine_id=a/date=2024-01-05/part-0.parquet",
+                "machine_id=a/date=2024-01-06/part-0.parquet", "backup/date=2024-01-05/part-0.parquet"):
+        s3.put_object(Bucket="layouts", Key=f"by_machine/{key}", Body=b"x")      # a folder per machine first
+    per_machine = list_partitions(storage, "s3://layouts/by_machine", "machine_id=*/date=%Y-%m-%d",
+                                  (dt.date(2024, 1, 5), dt.date(2024, 1, 5)))
+    assert {d: sorted(held) for d, held in per_machine.items()} == {dt.date(2024, 1, 5): [
+        ("layouts/by_machine/machine_id=a/date=2024-01-05", "machine_id=a/"),
+        ("layouts/by_machine/machine_id=b/date=2024-01-05", "machine_id=b/")]}
+    files = list_parquet_files(storage.filesystem("s3://layouts/by_machine"), per_machine)
+    assert [f.name for f in files] == ["machine_id=a/part-0.parquet", "machine_id=b/part-0.parquet"]
 
 
 def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):

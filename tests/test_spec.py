@@ -342,6 +342,31 @@ def test_former_names_read_a_renamed_column_either_way_and_are_checked():
             parse_spec(broken, source="s.yaml")
 
 
+def test_missing_values_are_numbers_for_every_value_column_or_some_and_only_of_numeric_modalities():
+    """`missing_values`: a list (or one number) for each value column of a tabular or timeseries modality, or a
+    mapping of some columns to theirs; it says how the data is stored, so it is no reading edit; a text, an unknown
+    column or a non-numeric modality is an error naming the key."""
+    data = tiny_spec_dict()
+    data["modalities"]["vib"] = {**data["modalities"]["vib"], "columns": ["a", "b"], "missing_values": -9999}
+    data["modalities"]["proc"]["missing_values"] = {"temp": [-9999, 65535]}
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.modalities["vib"].missing_values == (("a", (-9999.0,)), ("b", (-9999.0,)))
+    assert spec.modalities["proc"].missing_values == (("temp", (-9999.0, 65535.0)),)
+    assert parse_spec(spec.to_dict(), "s.yaml") == spec
+    before = tiny_spec_dict()
+    before["modalities"]["vib"] = {**before["modalities"]["vib"], "columns": ["a", "b"]}
+    assert reading_differences(parse_spec(before), spec) == []
+    from dmafn.spec_schema import spec_problems
+    assert spec_problems(data, "s.yaml") == []
+    for where, bad, said in (("proc", {"x": 1}, "missing_values.x': 'x' is not a value column"),
+                             ("proc", ["n/a"], "missing_values': \\['n/a'\\] must be a number or a non-empty list"),
+                             ("logs", [-1], "unknown key 'modalities.logs.missing_values'")):
+        broken = tiny_spec_dict()
+        broken["modalities"][where]["missing_values"] = bad
+        with pytest.raises(SpecError, match=said):
+            parse_spec(broken, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -435,8 +460,8 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
                      "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, former_names, kind, naive_times, partition, path, time, time_format, time_unit, "
-                     "tolerance)",
+                     "entity, former_names, kind, missing_values, naive_times, partition, path, time, time_format, "
+                     "time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
