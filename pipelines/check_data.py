@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from dmafn.spec import Spec
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, stored_names
@@ -49,6 +50,9 @@ class ModalityData:
     naive_as_utc: bool = False              # a time without a zone read as UTC although the dates are a zone's
     # a value column read under another name (`former_names`): (column, name stored) -> [files, the first such file]
     renamed: dict[tuple[str, str], list] = field(default_factory=dict)
+    # a value column whose footers' smallest or largest value is a number writers store for a missing value, not in
+    # its `missing_values`: (column, number) -> [files, the first such file]
+    markers: dict[tuple[str, float], list] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -60,7 +64,13 @@ class ModalityData:
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
                 f"  columns: {columns}"] + [f"  {note}" for note in self.notes] + self._stored_types_lines() \
-            + self._renamed_lines() + self._misplaced_lines()
+            + self._renamed_lines() + self._marker_lines() + self._misplaced_lines()
+
+    def _marker_lines(self) -> list[str]:
+        return [f"  column '{col}' reaches {value:g} in {files} of {self.files} files (the footers' statistics), e.g. "
+                f"{path}: if that is its writer's number for a missing value, set modalities.{self.name}."
+                f"missing_values: {{{col}: [{value:g}]}} to read it as none" for (col, value), (files, path)
+                in self.markers.items()]
 
     def _renamed_lines(self) -> list[str]:
         return [f"  column '{col}' read under its former name '{stored}' (former_names) in {files} of {self.files} "
@@ -143,12 +153,36 @@ def check_labels(spec: Spec, storage: Storage) -> LabelsData:
     return data
 
 
+MARKERS = (-2147483648.0, -99999.0, -32768.0, -9999.0, 9999.0, 32767.0, 65535.0, 99999.0, 2147483647.0)
+# numbers writers store for a missing value (a historian's -9999, a register's 65535, an integer type's limit)
+
+
+def numeric_extremes(parquet: pq.ParquetFile) -> dict[str, tuple[float, float]]:
+    """Each numeric column's smallest and largest value by the footer's statistics (dotted: a field inside struct
+    columns), over the row groups that have them."""
+    schema, out = parquet.schema_arrow, {}
+    for r in range(parquet.metadata.num_row_groups):
+        meta = parquet.metadata.row_group(r)
+        for j in range(meta.num_columns):
+            chunk = meta.column(j)
+            found = field_of(schema, chunk.path_in_schema)
+            stats = chunk.statistics
+            if found is None or not (pa.types.is_integer(found.type) or pa.types.is_floating(found.type)) \
+                    or stats is None or not stats.has_min_max:
+                continue
+            lo, hi = out.get(chunk.path_in_schema, (float(stats.min), float(stats.max)))
+            out[chunk.path_in_schema] = (min(lo, float(stats.min)), max(hi, float(stats.max)))
+    return out
+
+
 def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None,
-                naive_zone: str | None = None) -> tuple[pa.Schema, tuple[int, int] | None, list[str]] | DataError:
+                naive_zone: str | None = None
+                ) -> tuple[pa.Schema, tuple[int, int] | None, list[str], dict[str, tuple[float, float]]] | DataError:
     """The Arrow schema in the footer of the Parquet file at `path`, the earliest and latest time its time column's
-    statistics give (None: none to go by) and, for a time stored as text, the texts its statistics hold (its first
-    row group's smallest and largest: samples of how the times are written), or the DataError naming it (returned,
-    so that a thread pool's map keeps going); the file is closed afterwards."""
+    statistics give (None: none to go by), for a time stored as text the texts its statistics hold (its first row
+    group's smallest and largest: samples of how the times are written), and each numeric column's extremes
+    (`numeric_extremes`) - or the DataError naming it (returned, so that a thread pool's map keeps going); the file
+    is closed afterwards."""
     try:
         parquet = open_parquet(filesystem, path)
     except DataError as exc:
@@ -163,7 +197,8 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
             stats = None if chunk is None else chunk.statistics
             if stats is not None and stats.has_min_max:
                 samples = list(dict.fromkeys(str(v) for v in (stats.min, stats.max)))
-        return schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds)), samples
+        return (schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds)), samples,
+                numeric_extremes(parquet))
     finally:
         parquet.close()
 
@@ -266,7 +301,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 try:
                     if isinstance(footer, DataError):
                         raise footer
-                    schema, times, samples = footer
+                    schema, times, samples, extremes = footer
                     schema = with_path_fields(schema, path_values(in_folder[path]))   # columns in its folders only
                     check_schema(schema, spec, m, path)
                 except DataError as exc:
@@ -282,6 +317,11 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 for stored, read in names.items():
                     if stored != read:
                         data.renamed.setdefault((read, stored), [0, path])[0] += 1
+                    marked = dict(m.missing_values).get(read, ())
+                    if read in m.value_columns and m.kind in ("tabular", "timeseries"):
+                        for value in dict.fromkeys(extremes.get(stored, ())):
+                            if value in MARKERS and value not in marked:
+                                data.markers.setdefault((read, value), [0, path])[0] += 1
                 data.stored_types.setdefault(tuple((read, str(field_of(schema, stored).type))
                                                    for stored, read in names.items()), path)
                 if samples and unread_text is None and (unread_text := _text_time_problem(spec, m, path, samples)):

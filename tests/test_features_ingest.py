@@ -1326,12 +1326,14 @@ def test_a_table_laid_out_by_machine_then_date_is_listed_per_machine_and_read_wi
 def test_a_writers_missing_value_marker_is_unusable_like_a_null(tmp_path, tiny_spec):
     """`missing_values`: the numbers a writer stores where it has no value (a historian's -9999; here one stored as
     text too) are unusable values - the row kept for its other columns and the marker quarantined as such, a row of
-    markers only quarantined whole - and profile counts them as nulls; without the key they are values."""
+    markers only quarantined whole - and profile counts them as nulls; without the key they are values, and
+    check-data, which sees -9999 as a column's smallest value in the footers, suggests the key."""
     import datetime as dt
     from dataclasses import replace
 
     import pyarrow.parquet as pq
 
+    from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
     from pipelines.profile import file_counts, modality_files
     from pipelines.storage import Storage
@@ -1358,6 +1360,11 @@ def test_a_writers_missing_value_marker_is_unusable_like_a_null(tmp_path, tiny_s
     counted = [file_counts(part)["nulls"].item() for spec in (plain, marked)
                for part in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
     assert counted == [0, 4]
+    (found,) = check_data(plain)                            # the footers show it: a note that names the key
+    assert f"  column 'temp' reaches -9999 in 1 of 1 files (the footers' statistics), e.g. {table / 'part-0.parquet'}" \
+        ": if that is its writer's number for a missing value, set modalities.proc.missing_values: {temp: [-9999]} " \
+        "to read it as none" in found.lines()
+    assert not any("reaches" in line for line in check_data(marked)[0].lines())
 
 
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
