@@ -88,7 +88,8 @@ class ModalitySpec:
     entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
     time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
     naive_times: str | None = None      # utc | local: what this table's times without a zone are, when not the spec's
-    time_format: str | None = None      # how this table writes a time as text, when not ISO 8601 nor the spec's
+    time_format: str | tuple[str, ...] | None = None   # how this table writes a time as text (formats tried in
+                                                       # order), when not ISO 8601 nor as the spec's says
     former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a value column -> the other names its files have
                                                                  # stored it under (a rename upstream)
     partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
@@ -235,7 +236,8 @@ class Spec:
     lateness_us: int = 0                # how long after its time a row may still be filed (partitions by arrival)
     time_unit: str | None = None        # what a time column stored as integers counts since the epoch (s|ms|us|ns)
     naive_times: str = "utc"            # utc | local: a time without a zone is UTC, or the wall clock of `timezone`
-    time_format: str | None = None      # how a time stored as text is written (a strftime format) when not ISO 8601
+    time_format: str | tuple[str, ...] | None = None   # how a time stored as text is written (a strftime format,
+                                                       # or several tried in order) when not ISO 8601
 
     @property
     def lookback_days(self) -> int:
@@ -275,7 +277,7 @@ class Spec:
         the spec's; None: a numeric time is no time)."""
         return m.time_unit or self.time_unit
 
-    def time_format_in(self, m: ModalitySpec | None = None) -> str | None:
+    def time_format_in(self, m: ModalitySpec | None = None) -> str | tuple[str, ...] | None:
         """How modality `m`'s files write a time stored as text (its own `time_format`, else the spec's; without `m`,
         the spec's own, as the labels read theirs); None: ISO 8601."""
         return (m and m.time_format) or self.time_format
@@ -492,13 +494,25 @@ def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tupl
     return tuple(out)
 
 
-def _parse_time_format(sec: "_Section") -> str | None:
+ISO_8601 = "ISO8601"    # among several time formats: ISO 8601 text, each value by its own shape
+
+
+def _parse_time_format(sec: "_Section") -> str | tuple[str, ...] | None:
     """A section's `time_format`: a strftime format (as Polars reads one: `%d/%m/%Y %H:%M:%S%.f`, `%z` for an
-    offset) that writes a time which it reads back on the same day - it holds the year, month and day. SpecError
-    naming the key otherwise."""
-    fmt = sec.get("time_format")
-    if fmt is None:
+    offset) that writes a time which it reads back on the same day - it holds the year, month and day - or a list of
+    them, tried in order (a writer that changed its format; `ISO8601` among them: ISO 8601 text). SpecError naming
+    the key otherwise."""
+    given = sec.get("time_format")
+    if given is None:
         return None
+    if isinstance(given, list) and given:
+        formats = tuple(dict.fromkeys(_checked_format(sec, f) if f != ISO_8601 else f for f in given))
+        return formats[0] if len(formats) == 1 else formats
+    return _checked_format(sec, given)
+
+
+def _checked_format(sec: "_Section", fmt: Any) -> str:
+    """One strftime format of a `time_format`, checked to read back the day it writes."""
     if not isinstance(fmt, str) or "%" not in fmt:
         raise sec.err("time_format", f"{fmt!r} must be a strftime format such as '%d/%m/%Y %H:%M:%S'")
     import polars as pl                     # only where a spec has a format
@@ -921,7 +935,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         if m.naive_times:
             entry["naive_times"] = m.naive_times
         if m.time_format:
-            entry["time_format"] = m.time_format
+            entry["time_format"] = m.time_format if isinstance(m.time_format, str) else list(m.time_format)
         if m.former_names:
             entry["former_names"] = {col: list(former) for col, former in m.former_names}
         if m.partition:
@@ -935,7 +949,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         **({"lateness": format_duration(spec.lateness_us)} if spec.lateness_us else {}),
         **({"time_unit": spec.time_unit} if spec.time_unit else {}),
         **({"naive_times": spec.naive_times} if spec.naive_times != "utc" else {}),
-        **({"time_format": spec.time_format} if spec.time_format else {}),
+        **({"time_format": spec.time_format if isinstance(spec.time_format, str) else list(spec.time_format)}
+           if spec.time_format else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

@@ -60,7 +60,8 @@ _MODALITY = {
 }
 
 
-_TIME_FORMAT = {"type": "string", "pattern": "%"}
+_TIME_FORMAT = {"oneOf": [{"type": "string", "pattern": "%"}, {"type": "array", "minItems": 1, "items": {
+    "anyOf": [{"type": "string", "pattern": "%"}, {"const": "ISO8601"}]}}]}
 _MARKERS = {"oneOf": [{"type": "number"}, {"type": "array", "minItems": 1, "items": {"type": "number"}}]}
 
 

@@ -27,7 +27,7 @@ from pipelines.labels import load_labels
 from pipelines.parquet_files import (column_chunk, field_of, list_table_files, open_parquet, path_values, time_bounds,
                                      with_path_fields)
 from pipelines.storage import DataError, Storage, relative
-from pipelines.stored_times import is_count, times_from_stored
+from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
 FOOTER_READERS = 16
 
@@ -232,7 +232,7 @@ def _text_time_problem(spec: Spec, m, path: str, samples: list[str]) -> str | No
     fits = formats_reading(samples)
     return (f"modality '{m.name}': time column '{spec.time_in(m)}' holds text such as "
             f"{', '.join(repr(t) for t in samples)} ({path}, by its statistics), which is not "
-            + (f"a time in the format '{written}'" if written else "an ISO 8601 time")
+            + (f"a time in {formats_shown(written)}" if written else "an ISO 8601 time")
             + " - every such row would be quarantined; "
             + (f"set {key}: it reads as " + " or as ".join(f"'{f}'" for f in fits[:3])
                + (" (which one, the data's source says)" if len(fits) > 1 else "") if fits

@@ -21,7 +21,7 @@ from pipelines.parquet_files import (each_row_group, each_schema, field_of, open
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import is_count, times_from_stored
+from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
 REASON = "_reason"
 PARTLY = "_partly"      # why a row was kept for some of its values only (`with_reasons`)
@@ -106,7 +106,7 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
     why = (f"time column '{time}' holds {{}}, which as {time_unit} since the epoch no timestamp can hold"
            if is_count(kind)
            else f"time column '{time}' holds {{}}, {clock}" if pa.types.is_timestamp(kind)
-           else f"time column '{time}' holds '{{}}', not a time in the format '{time_format}' (time_format)"
+           else f"time column '{time}' holds '{{}}', not a time in {formats_shown(time_format)} (time_format)"
            + (f", or {clock}" if naive_zone else "") if time_format is not None
            else f"time column '{time}' holds '{{}}', not an ISO 8601 time"
            + (f" nor a count of {time_unit} since the epoch" if time_unit else "")

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 
 from dmafn.spec import Spec
 from pipelines.storage import DataError, Storage
-from pipelines.stored_times import is_count, times_from_stored
+from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
                 f"{col} {{}} out of range as {spec.time_unit} since the epoch" if is_count(stored) else
                 f"{col} {{}}: a wall-clock time {local}'s clocks skipped or showed twice"
                 if isinstance(stored, pl.Datetime) else
-                (f"{col} '{{}}' not a time in the format '{written}' (time_format)" if written
+                (f"{col} '{{}}' not a time in {formats_shown(written)} (time_format)" if written
                  else f"{col} '{{}}' not an ISO 8601 time")
                 + (f" (or a wall-clock time {local}'s clocks skipped or showed twice)" if local else ""),
                 pl.col(f"_unread_{col}").str.slice(0, 40))))

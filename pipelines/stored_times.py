@@ -8,7 +8,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from dmafn.spec import DAY_US
+from dmafn.spec import DAY_US, ISO_8601
 
 MICROS_PER_UNIT = {"s": 1_000_000, "ms": 1_000, "us": 1}       # ns: divided by 1,000 (floor)
 # ISO 8601 as data writes it: a date, optionally a time to the minute, second or fraction, optionally Z or an offset
@@ -52,7 +52,7 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
 
 
 def times_from_stored(values: pl.Series, unit: str | None, naive_zone: str | None = None,
-                      time_format: str | None = None) -> tuple[pl.Series, pl.Series] | None:
+                      time_format: str | tuple[str, ...] | None = None) -> tuple[pl.Series, pl.Series] | None:
     """Times stored otherwise than as zoned timestamps, read: numbers as counts of `unit` (`times_from_counts`;
     only with a unit), text as ISO 8601 (`times_from_text`) or, with `time_format`, as that format writes them
     (`times_from_format`), and - with `naive_zone` - naive timestamps as that zone's wall clock
@@ -80,22 +80,45 @@ def times_from_wall_clock(times: pl.Series, zone: str) -> tuple[pl.Series, pl.Se
     return utc.alias(times.name), unread
 
 
-def times_from_format(texts: pl.Series, time_format: str, naive_zone: str | None = None
+def time_formats(time_format: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A spec's `time_format` as the formats it lists, in order (one: a tuple of one)."""
+    return (time_format,) if isinstance(time_format, str) else tuple(time_format)
+
+
+def formats_shown(time_format: str | tuple[str, ...]) -> str:
+    """How a reason names a `time_format`: `the format '%d/%m/%Y'`, `the formats '%d/%m/%Y' or ISO 8601`."""
+    formats = time_formats(time_format)
+    named = " or ".join("ISO 8601" if f == ISO_8601 else f"'{f}'" for f in formats)
+    return f"the format{'s' if len(formats) > 1 else ''} {named}"
+
+
+def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naive_zone: str | None = None
                       ) -> tuple[pl.Series, pl.Series]:
     """Times written as text in `time_format` (a strftime format as Polars reads it - `%d/%m/%Y %H:%M:%S%.f`,
-    `%b %d %Y %I:%M:%S %p`; the spec checks that it holds the date) as naive (UTC) timestamps in microseconds: with an
-    offset in the format (`%z`) each value converted by its own, else UTC - or, with `naive_zone`, that zone's wall
-    clock (`times_from_wall_clock`). Spaces around a value are ignored. Returns the times and the texts the format
-    does not read (another shape, an impossible date; a wall-clock time the zone skipped or showed twice), null
-    elsewhere; their time is null."""
+    `%b %d %Y %I:%M:%S %p`; the spec checks that it holds the date - or several, tried in order: a value is read by the
+    first that reads it, `ISO_8601` standing for ISO 8601 text; a writer that changed its format) as naive (UTC)
+    timestamps in microseconds: with an offset in the format (`%z`) each value converted by its own, else UTC - or,
+    with `naive_zone`, that zone's wall clock (`times_from_wall_clock`). Spaces around a value are ignored. Returns
+    the times and the texts no format reads (another shape, an impossible date; a wall-clock time the zone skipped or
+    showed twice), null elsewhere; their time is null."""
     text = texts.cast(pl.String).str.strip_chars()
-    parsed = text.str.strptime(pl.Datetime("us"), time_format, strict=False)
-    if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
-        times = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    elif naive_zone is not None:
-        times, _ = times_from_wall_clock(parsed, naive_zone)
-    else:
-        times = parsed
+    times = taken = None
+    for written in time_formats(time_format):
+        if written == ISO_8601:
+            got, _ = times_from_text(texts, None, naive_zone)
+            read = got.is_not_null()
+        else:
+            parsed = text.str.strptime(pl.Datetime("us"), written, strict=False)
+            read = parsed.is_not_null()          # read by this format: taken from it, a clock change's time too
+            if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
+                got = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+            elif naive_zone is not None:
+                got, _ = times_from_wall_clock(parsed, naive_zone)
+            else:
+                got = parsed
+        got = got.cast(pl.Datetime("us"))
+        times = got if times is None else pl.select(pl.when(taken).then(times).otherwise(got)).to_series()
+        taken = read if taken is None else taken | read
     unread = pl.select(pl.when(times.is_null() & text.is_not_null()).then(texts.cast(pl.String))).to_series()
     return times.alias(texts.name), unread
 

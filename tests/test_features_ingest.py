@@ -541,6 +541,16 @@ def test_times_written_in_a_time_format_are_read_by_it_and_others_quarantined_wi
                                       "%b %d %Y %I:%M:%S %p", "Europe/Berlin")
     assert local.to_list() == [dt.datetime(2024, 1, 2, 10, 0), None] and unread.to_list() == [None,
                                                                                              "Mar 31 2024 02:30:00 AM"]
+    # several formats, tried in order (a writer that changed its format): each value by the first that reads it
+    read, bad = read_times(table, "ts", None, None, ("%d/%m/%Y %H:%M:%S%.f", "ISO8601"))
+    assert read["ts"].to_pylist()[:3] == [dt.datetime(2024, 1, 2, 10, 0, 0, 500_000),
+                                          dt.datetime(2024, 1, 2, 23, 59, 59), dt.datetime(2024, 1, 2, 10, 0)]
+    reasons = check_rows(read.append_column("_unread_time", bad.to_arrow()), tiny_spec, tiny_spec.modalities["proc"])
+    assert reasons.column(REASON).to_pylist()[2:4] == [None, "time column 'ts' holds '31/02/2024 10:00:00', not a "
+                                                       "time in the formats '%d/%m/%Y %H:%M:%S%.f' or ISO 8601 "
+                                                       "(time_format)"]
+    first, _ = times_from_format(pl.Series(["05/01/2024 10:00"]), ("%d/%m/%Y %H:%M", "%m/%d/%Y %H:%M"))
+    assert first.to_list() == [dt.datetime(2024, 1, 5, 10, 0)]                 # the first format that reads it
     # a modality's own format, through read_shard
     data = tiny_spec_dict()
     data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc"),

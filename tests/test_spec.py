@@ -293,12 +293,18 @@ def test_time_format_is_checked_to_hold_the_day_and_round_trips():
     assert spec.time_format_in() == "%d/%m/%Y %H:%M:%S%.f" and parse_spec(spec.to_dict(), "s.yaml") == spec
     assert parse_spec(tiny_spec_dict()).time_format_in() is None
     assert reading_differences(parse_spec(tiny_spec_dict()), spec) == []
+    several = parse_spec(tiny_spec_dict(time_format=["%d/%m/%Y %H:%M:%S", "ISO8601", "%d/%m/%Y %H:%M:%S"]))
+    assert several.time_format_in() == ("%d/%m/%Y %H:%M:%S", "ISO8601")          # in order, each once
+    assert parse_spec(several.to_dict()) == several
+    assert parse_spec(tiny_spec_dict(time_format=["%d/%m/%Y %H:%M:%S"])).time_format_in() == "%d/%m/%Y %H:%M:%S"
+    from dmafn.spec_schema import spec_problems
+    assert spec_problems(tiny_spec_dict(time_format=["%d/%m/%Y %H:%M:%S", "ISO8601"]), "s.yaml") == []
     with pytest.raises(SpecError, match=r"key 'modalities.logs.time_format': '%H:%M' does not read back the day it "
                                         r"writes .* a format holds the year, month and day"):
         parse_spec({**data, "modalities": {**data["modalities"], "logs": {**data["modalities"]["logs"],
                                                                           "time_format": "%H:%M"}}})
     for bad, said in (("%Q %Y", "is no format a time can be written in"), ("dd/mm/yyyy", "must be a strftime format"),
-                      (5, "must be a strftime format")):
+                      (5, "must be a strftime format"), (["%d/%m/%Y", "%H:%M"], "'%H:%M' does not read back the day")):
         with pytest.raises(SpecError, match=f"key 'time_format': .*{said}"):
             parse_spec(tiny_spec_dict(time_format=bad), source="s.yaml")
 
