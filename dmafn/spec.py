@@ -299,13 +299,13 @@ class Spec:
 
     def stored_columns(self, m: ModalitySpec, holds: Callable[[str], bool]) -> dict[str, str]:
         """The columns a job reads of one of `m`'s files (`columns_read`), by the name that file stores each under ->
-        the name it is read as: a value column the file does not hold (`holds(name)` false) is read under the first
-        of its other names (`former_names`: a column and its names there, either way) the file holds; with none of
-        them, under its own name (the file's check then names it missing)."""
+        the name it is read as: a column the file does not hold (`holds(name)` false) is read under the first of its
+        other names (`former_names`: a column and its names there, either way) the file holds; with none of them,
+        under its own name (the file's check then names it missing)."""
         out = {}
         for col in self.columns_read(m):
             stored = col
-            if col in m.value_columns and not holds(col):
+            if not holds(col):
                 stored = next((n for n in other_names(m.former_names, col) if holds(n)), col)
             out[stored] = col
         return out
@@ -469,9 +469,10 @@ def _parse_missing_values(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tu
 
 
 def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """A modality's `former_names`: each of some of its value columns -> the name, or names, its files stored it
-    under before (older files are read under them where they lack the column); a name no other column of the
-    modality has nor another column's former names."""
+    """A modality's `former_names`: each of some of its columns (value columns, or its time or entity as its files
+    name them: checked by `_check_names_read`) -> the name, or names, its files stored it under before (older files
+    are read under them where they lack the column); a name no other column of the modality has nor another
+    column's former names."""
     names = sec.get("former_names")
     if names is None:
         return ()
@@ -479,9 +480,6 @@ def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tupl
         raise sec.err("former_names", "must map value columns to the name (or list of names) older files gave them")
     out, taken = [], set(m.value_columns)
     for col, former in names.items():
-        if col not in m.value_columns:
-            raise sec.err(f"former_names.{col}", f"'{col}' is not a value column of the modality "
-                          f"({', '.join(m.value_columns)})")
         former = [former] if isinstance(former, str) else former
         if not isinstance(former, list) or not former or not all(isinstance(n, str) and n for n in former):
             raise sec.err(f"former_names.{col}", "must be a column name or a non-empty list of them")
@@ -544,6 +542,9 @@ def _check_names_read(spec: Spec, sec: _Section) -> None:
             raise sec.err(f"{m.name}.time" if m.time_column else f"{m.name}.entity",
                           f"{stored} name one column twice")
         for col, former in m.former_names:
+            if col not in spec.columns_read(m):
+                raise sec.err(f"{m.name}.former_names.{col}", f"'{col}' is no column the modality reads "
+                              f"({', '.join(spec.columns_read(m))}; the time and entity as its files name them)")
             keyed = next((n for n in former if n in spec.columns_read(m)), None)
             if keyed is not None:
                 raise sec.err(f"{m.name}.former_names.{col}", f"'{keyed}' is the name of the modality's time or "

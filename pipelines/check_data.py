@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dmafn.spec import Spec
-from pipelines.ingest import check_schema, entity_casts, partition_span_us, stored_names
+from dmafn.spec import Spec, other_names
+from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import (column_chunk, field_of, list_table_files, open_parquet, path_values, time_bounds,
@@ -175,8 +175,8 @@ def numeric_extremes(parquet: pq.ParquetFile) -> dict[str, tuple[float, float]]:
     return out
 
 
-def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_unit: str | None = None,
-                naive_zone: str | None = None
+def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str | tuple[str, ...],
+                time_unit: str | None = None, naive_zone: str | None = None
                 ) -> tuple[pa.Schema, tuple[int, int] | None, list[str], dict[str, tuple[float, float]]] | DataError:
     """The Arrow schema in the footer of the Parquet file at `path`, the earliest and latest time its time column's
     statistics give (None: none to go by), for a time stored as text the texts its statistics hold (its first row
@@ -189,6 +189,8 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str, time_u
         return exc
     try:
         schema = parquet.schema_arrow
+        if not isinstance(time_column, str):      # the time and its other names: the first the file holds
+            time_column = next((t for t in time_column if field_of(schema, t) is not None), time_column[0])
         found = field_of(schema, time_column)
         bounds = time_bounds(parquet, time_column, time_unit, naive_zone) if found is not None else None
         samples = []
@@ -295,7 +297,9 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            footers = pool.map(lambda path: file_footer(filesystem, path, time, unit, spec.naive_zone_in(m)), paths)
+            times_named = (time, *other_names(m.former_names, time))          # a time renamed upstream too
+            footers = pool.map(lambda path: file_footer(filesystem, path, times_named, unit, spec.naive_zone_in(m)),
+                               paths)
             unread_text = None                                # the first file whose time texts are no time: named
             for path, footer in zip(paths, footers):
                 try:
@@ -311,8 +315,9 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     data.columns = {f.name: str(f.type) for f in schema}
                 if m.context_of:                    # a context view reads its parent's files: noted once, there
                     continue
-                keyed.setdefault(name, {}).setdefault(tuple(str(field_of(schema, k).type) for k in spec.entity_in(m)),
-                                                      schema)
+                as_read = schema_as_read(schema, spec, m)         # the key casts go by the names read
+                keyed.setdefault(name, {}).setdefault(tuple(str(field_of(as_read, k).type) for k in spec.entity_in(m)),
+                                                      as_read)
                 names = stored_names(schema, spec, m)
                 for stored, read in names.items():
                     if stored != read:
@@ -328,7 +333,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     data.problems.append(unread_text)
                 if times is None:                   # no time statistics to go by (a time stored as text)
                     continue
-                if is_count(field_of(schema, time).type):
+                if is_count(field_of(as_read, time).type):
                     data.integer_times = unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
                 if times[0] < lo or times[1] >= hi:

@@ -126,6 +126,13 @@ def stored_names(schema: pa.Schema, spec: Spec, m: ModalitySpec) -> dict[str, st
     return spec.stored_columns(m, lambda name: field_of(schema, name) is not None)
 
 
+def schema_as_read(schema: pa.Schema, spec: Spec, m: ModalitySpec) -> pa.Schema:
+    """A file's schema with the columns a job reads under the names they are read as (`stored_names`): what the key
+    casts and the checks of stored types go by."""
+    names = {stored: read for stored, read in stored_names(schema, spec, m).items() if stored != read}
+    return pa.schema([f.with_name(names.get(f.name, f.name)) for f in schema]) if names else schema
+
+
 def as_read(table: pa.Table, names: dict[str, str]) -> pa.Table:
     """`table`, read by `names`' keys (`stored_names`), with its columns under the names they are read as."""
     if all(stored == read for stored, read in names.items()):
@@ -138,14 +145,14 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
     dictionary-encoded (a categorical's values are checked), or of Arrow's null type (a writer that saw no value in
     the file: its rows are quarantined as unusable, see `plain_values`), and stored under one of its `former_names`."""
     time, stored_as = spec.time_in(m), {read: stored for stored, read in stored_names(schema, spec, m).items()}
-    for col in m.value_columns:
-        if field_of(schema, stored_as[col]) is None:
-            others = other_names(m.former_names, col)
+    for col in spec.columns_read(m):
+        others = other_names(m.former_names, col)
+        if field_of(schema, stored_as[col]) is None and (others or col in m.value_columns):
             raise DataError(f"modality '{m.name}' ({where}): column '{col}' not found" + (
                 f", nor under its other names {others} (former_names)" if others else "")
                 + f"; columns are {sorted(schema.names)}" + ("" if others else " - a column renamed upstream is read "
                                                              "under either name with the modality's former_names"))
-    check_columns(schema, m.name, [*spec.entity_in(m), time, *(stored_as[c] for c in m.value_columns)], time, where,
+    check_columns(schema, m.name, [stored_as[c] for c in spec.columns_read(m)], stored_as[time], where,
                   spec.time_unit_in(m))
     check, expected = _EXPECTED[m.kind]
     for col in m.value_columns:
@@ -439,16 +446,19 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 schema = with_path_fields(parquet.schema_arrow, values)
                 check_schema(schema, spec, m, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
+                stored = stored_names(schema, spec, m)      # a column renamed upstream: read as it is named now
+                as_stored = {read: name for name, read in stored.items()}
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
                 # and of an entity bucket, only the row groups that may hold its entities
-                by_time = (None if own_date else row_groups_before(parquet, time, end, unit, wall_clock) if ahead
-                           else row_groups_since(parquet, time, first - m.lookback_us, unit, wall_clock))
-                groups = both(by_time, row_groups_in_bucket(parquet, keys, shard.bucket, shard.buckets, values))
+                at = as_stored[time]
+                by_time = (None if own_date else row_groups_before(parquet, at, end, unit, wall_clock) if ahead
+                           else row_groups_since(parquet, at, first - m.lookback_us, unit, wall_clock))
+                groups = both(by_time, row_groups_in_bucket(parquet, [as_stored[k] for k in keys], shard.bucket,
+                                                            shard.buckets, values))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                stored = stored_names(schema, spec, m)      # a column renamed upstream: as it is now
                 for part in (as_read(p, stored) for p in each_row_group(parquet, f.path, list(stored), groups, fs,
                                                                         f.deleted, values)):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
@@ -559,13 +569,13 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
         with open_parquet(storage.filesystem(m.path), first.path) as parquet:
             schema = with_path_fields(parquet.schema_arrow, path_values(first.name))
             check_schema(schema, spec, m, first.path)
-            seen[name] = [schema]
+            seen[name] = [schema_as_read(schema, spec, m)]
         if newest.path != first.path:
             try:
                 with open_parquet(storage.filesystem(m.path), newest.path) as parquet:
                     schema = with_path_fields(parquet.schema_arrow, path_values(newest.name))
                     check_schema(schema, spec, m, newest.path)
-                    seen[name].append(schema)
+                    seen[name].append(schema_as_read(schema, spec, m))
             except DataError:
                 pass
     return seen

@@ -79,10 +79,13 @@ class Columns:
                    m.former_names, m.missing_values)
 
     def in_file(self, schema: pa.Schema) -> "Columns":
-        """The same columns as a file with this schema names them: a value column it lacks under the first of its
-        other names (`former_names`) it holds."""
-        return replace(self, values=tuple(c if field_of(schema, c) is not None else next(
-            (n for n in other_names(self.former_names, c) if field_of(schema, n) is not None), c) for c in self.values))
+        """The same columns as a file with this schema names them: a column it lacks under the first of its other
+        names (`former_names`) it holds."""
+        def stored(c: str) -> str:
+            return c if field_of(schema, c) is not None else next(
+                (n for n in other_names(self.former_names, c) if field_of(schema, n) is not None), c)
+        return replace(self, keys=tuple(map(stored, self.keys)), time=stored(self.time),
+                       values=tuple(map(stored, self.values)))
 
     @property
     def key_and_time(self) -> list[str]:
@@ -210,8 +213,9 @@ def entity_periods(rows: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     """Pass 2's read, in a Dask task on a worker: the part's (modality, date) number, entity (a 64-bit hash of
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
-    cols, path = part.file.columns, part.file.path
+    path = part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
+    cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, dict(part.file.values)))
     read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted,
                           values=dict(part.file.values))
     rows = cols.times(pa.concat_tables(read))[0].drop_nulls()

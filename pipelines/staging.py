@@ -83,10 +83,12 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     for m in readers:
         check_schema(schema, spec, m, file.path)
     keys = list(spec.entity_in(spec.modalities[file.modality]))     # as the file names them; the pieces alike
-    single = [row_group_entity(parquet, keys, r, values) is not None for r in range(parquet.metadata.num_row_groups)]
+    names = {stored: read for m in readers for stored, read in stored_names(schema, spec, m).items()}
+    stored_keys = [next(s for s, read in names.items() if read == k) for k in keys]   # renamed upstream: as stored
+    single = [row_group_entity(parquet, stored_keys, r, values) is not None
+              for r in range(parquet.metadata.num_row_groups)]
     if all(single):
         return SplitFile(file, buckets, None)
-    names = {stored: read for m in readers for stored, read in stored_names(schema, spec, m).items()}
     staging_fs = storage.filesystem(spec.score.staging_path)
     pieces: dict[int, list[InputFile]] = {}
     pending: dict[int, list[pa.Table]] = {}

@@ -1377,6 +1377,54 @@ def test_a_writers_missing_value_marker_is_unusable_like_a_null(tmp_path, tiny_s
     assert not any("reaches" in line for line in check_data(marked)[0].lines())
 
 
+def test_a_renamed_time_and_entity_are_read_under_their_former_names(tmp_path, tiny_spec):
+    """`former_names` of the time and the entity columns (as the modality's files name them): an older file's
+    `timestamp` and `machine` are read as `ts` and `machine_id` - pruned by their statistics (a bucket, the look-back
+    day), split by staging into pieces named as now, checked and typed for the key casts, and counted by profile."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import entity_casts, read_shard, require_columns
+    from pipelines.profile import Columns, FilePart, RowGroupsPart, file_counts, key_rows
+    from pipelines.shards import bucket_of, list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path / "proc")
+    spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], former_names=(
+        ("ts", ("timestamp",)), ("machine_id", ("machine",))))})
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    def rows(key, time, ids, first):
+        times = pa.array([day + (first + i) * 60_000_000 for i in range(len(ids))], pa.timestamp("us", tz="UTC"))
+        return pa.table({key: ids, time: times, "temp": [float(first + i) for i in range(len(ids))]})
+    for date, name, table in (("2024-01-01", "old.parquet", rows("machine", "timestamp", ["a"], -1)),
+                              ("2024-01-02", "old.parquet", rows("machine", "timestamp", ["a", "e", "a"], 0)),
+                              ("2024-01-02", "new.parquet", rows("machine_id", "ts", ["e"], 10))):
+        (tmp_path / "proc" / f"date={date}").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "proc" / f"date={date}" / name)
+    date = dt.date(2024, 1, 2)
+    shard = _shard(tmp_path, spec, [date])
+    got = read_shard(shard, spec, Storage())
+    assert sorted(got.tables["proc"].select("machine_id", "temp").rows()) == [
+        ("a", -1.0), ("a", 0.0), ("a", 2.0), ("e", 1.0), ("e", 10.0)] and got.quarantined.is_empty()
+    assert {bucket_of(m, 2) for m in ("a", "e")} == {0, 1}
+    for bucket in (0, 1):
+        mine = read_shard(replace(shard, bucket=bucket, buckets=2), spec, Storage()).tables["proc"]
+        assert set(mine["machine_id"]) == {m for m in ("a", "e") if bucket_of(m, 2) == bucket}
+    files = list_partition_files(spec, [date], Storage())
+    old = next(f for f in files if f.path.endswith("old.parquet"))
+    split = split_file(old, spec, Storage(), 2, str(tmp_path / "staged"))
+    assert all(pq.read_schema(p.path).names == ["machine_id", "ts", "temp"] for ps in split.pieces.values() for p in ps)
+    assert entity_casts(spec, require_columns(spec, Storage(), files)) == ()
+    part = FilePart(Columns.of(spec, spec.modalities["proc"]), date, old.path, Storage(), str(tmp_path / "proc"))
+    assert file_counts(part)["rows"].tolist() == [3] and len(key_rows(RowGroupsPart(part, (0,), 0))) == 3
+    (found,) = check_data(spec)
+    assert not found.problems
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 

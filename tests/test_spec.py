@@ -336,7 +336,10 @@ def test_former_names_read_a_renamed_column_either_way_and_are_checked():
     assert reading_differences(parse_spec(before), spec) == []
     from dmafn.spec_schema import spec_problems
     assert spec_problems(data, "s.yaml") == []
-    for bad, key, said in (({"c": "x"}, "vib.former_names.c", "'c' is not a value column of the modality \\(a, b\\)"),
+    data["modalities"]["proc"]["former_names"] = {"ts": "timestamp", "machine_id": ["machine"]}   # time and entity
+    assert parse_spec(data).modalities["proc"].former_names == (("ts", ("timestamp",)), ("machine_id", ("machine",)))
+    for bad, key, said in (({"c": "x"}, "vib.former_names.c", "'c' is no column the modality reads \\(machine_id, "
+                                                              "ts, a, b;"),
                            ({"a": "b"}, "vib.former_names.a", "'b' is the name of another column of the modality"),
                            ({"a": "x", "b": "x"}, "vib.former_names.b", "'x' is the name .* another column's former"),
                            ({"a": []}, "vib.former_names.a", "must be a column name or a non-empty list of them"),
