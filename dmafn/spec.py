@@ -90,7 +90,7 @@ class ModalitySpec:
     naive_times: str | None = None      # utc | local: what this table's times without a zone are, when not the spec's
     time_format: str | tuple[str, ...] | None = None   # how this table writes a time as text (formats tried in
                                                        # order), when not ISO 8601 nor as the spec's says
-    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a value column -> the other names its files have
+    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # a column -> the other names its files have
                                                                  # stored it under (a rename upstream)
     partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
     missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # a value column -> the numbers its writer puts
@@ -477,7 +477,7 @@ def _parse_former_names(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tupl
     if names is None:
         return ()
     if not isinstance(names, Mapping) or not names:
-        raise sec.err("former_names", "must map value columns to the name (or list of names) older files gave them")
+        raise sec.err("former_names", "must map columns to the name (or list of names) older files gave them")
     out, taken = [], set(m.value_columns)
     for col, former in names.items():
         former = [former] if isinstance(former, str) else former
@@ -506,7 +506,7 @@ def _parse_time_format(sec: "_Section") -> str | tuple[str, ...] | None:
     if isinstance(given, list) and given:
         formats = tuple(dict.fromkeys(_checked_format(sec, f) if f != ISO_8601 else f for f in given))
         return formats[0] if len(formats) == 1 else formats
-    return _checked_format(sec, given)
+    return given if given == ISO_8601 else _checked_format(sec, given)
 
 
 def _checked_format(sec: "_Section", fmt: Any) -> str:

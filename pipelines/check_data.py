@@ -48,7 +48,7 @@ class ModalityData:
     stored_types: dict[tuple[tuple[str, str], ...], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)        # how its files are read where that is not as stored
     naive_as_utc: bool = False              # a time without a zone read as UTC although the dates are a zone's
-    # a value column read under another name (`former_names`): (column, name stored) -> [files, the first such file]
+    # a column read under another name (`former_names`): (column, name stored) -> [files, the first such file]
     renamed: dict[tuple[str, str], list] = field(default_factory=dict)
     # a value column whose footers' smallest or largest value is a number writers store for a missing value, not in
     # its `missing_values`: (column, number) -> [files, the first such file]

@@ -67,8 +67,8 @@ class Columns:
     values: tuple[str, ...]
     time_unit: str | None = None
     naive_zone: str | None = None       # `naive_times: local`: the zone whose wall clock a naive time shows
-    time_format: str | None = None      # how a time stored as text is written, when not ISO 8601
-    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # value columns renamed upstream (the modality's)
+    time_format: str | tuple[str, ...] | None = None   # how a time stored as text is written, when not ISO 8601
+    former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()   # columns renamed upstream (the modality's)
     missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # their writer's numbers for a missing value
 
     @classmethod

@@ -297,6 +297,8 @@ def test_time_format_is_checked_to_hold_the_day_and_round_trips():
     assert several.time_format_in() == ("%d/%m/%Y %H:%M:%S", "ISO8601")          # in order, each once
     assert parse_spec(several.to_dict()) == several
     assert parse_spec(tiny_spec_dict(time_format=["%d/%m/%Y %H:%M:%S"])).time_format_in() == "%d/%m/%Y %H:%M:%S"
+    iso = parse_spec(tiny_spec_dict(time_format=["ISO8601"]))               # a list of one: as its one format
+    assert iso.time_format_in() == "ISO8601" and parse_spec(iso.to_dict()) == iso
     from dmafn.spec_schema import spec_problems
     assert spec_problems(tiny_spec_dict(time_format=["%d/%m/%Y %H:%M:%S", "ISO8601"]), "s.yaml") == []
     with pytest.raises(SpecError, match=r"key 'modalities.logs.time_format': '%H:%M' does not read back the day it "
@@ -344,7 +346,7 @@ def test_former_names_read_a_renamed_column_either_way_and_are_checked():
                            ({"a": "x", "b": "x"}, "vib.former_names.b", "'x' is the name .* another column's former"),
                            ({"a": []}, "vib.former_names.a", "must be a column name or a non-empty list of them"),
                            ({"a": "ts"}, "vib.former_names.a", "'ts' is the name of the modality's time or entity"),
-                           ("a", "vib.former_names", "must map value columns to the name")):
+                           ("a", "vib.former_names", "must map columns to the name")):
         broken = tiny_spec_dict()
         broken["modalities"]["vib"] = {**broken["modalities"]["vib"], "columns": ["a", "b"], "former_names": bad}
         with pytest.raises(SpecError, match=f"key 'modalities.{key}': {said}"):
