@@ -44,6 +44,13 @@ class PartitionLayout:
         """Whether `level` is a folder per value of a column (`key=*`), naming no part of the date."""
         return _ANY_VALUE.fullmatch(self.levels[level]) is not None
 
+    @property
+    def values_first(self) -> int:
+        """How many `key=*` levels the layout starts with when no such level comes after a date level (a lake
+        partitioned by machine first: `machine_id=*/date=%Y-%m-%d`); 0 otherwise."""
+        first = next((i for i in range(len(self.levels)) if not self.any_value(i)), len(self.levels))
+        return first if not any(self.any_value(i) for i in range(first, len(self.levels))) else 0
+
     def match(self, level: int, name: str) -> dict[str, int] | None:
         """The date fields (`Y`, `m`, `d`) a folder named `name` gives at `level` (none at a `key=*` level: a folder
         `key=` and a value); None when it is not such a folder (`month=1`, `month=13`, `day=32`)."""

@@ -251,6 +251,9 @@ class TableFiles(NamedTuple):
     replaced: tuple["ListedFile", ...] = ()
 
 
+WHOLE_LISTING_DATES = 31  # more dates than this (or all): a `key=*`-first layout's value folders listed whole, once
+
+
 def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
     (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
@@ -258,7 +261,9 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
     as a folder without partitions; files a compaction or a DELETE/MERGE replaced are not read, and each file keeps
     the rows its deletion vector removes, `ListedFile.deleted`)."""
     live = live_data_files(storage, path)
-    folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None)
+    # a layout with a folder per machine first: over many dates, each machine's folder listed once, whole
+    folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None,
+                              whole=dates is None or len(dates) > WHOLE_LISTING_DATES)
     if dates is not None:
         folders = {d: folders[d] for d in dates if d in folders}
     files = list_parquet_files(storage.filesystem(path), folders)
@@ -313,7 +318,8 @@ def _hidden(name: str) -> bool:
 def _list_folder(filesystem: pafs.FileSystem, date: dt.date, at: DateFolder) -> list[ListedFile]:
     folder = at.path
     try:
-        infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        infos = at.files if at.files is not None else \
+            filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     except OSError as exc:
         raise DataError(f"{folder}: cannot be listed ({exc})") from None
     shown = sorted((i for i in infos if i.is_file and not _hidden(relative(i.path, folder))), key=lambda i: i.path)

@@ -132,10 +132,13 @@ class DateFolder(NamedTuple):
 
     path: str
     above: str = ""
+    files: tuple[pafs.FileInfo, ...] | None = None   # what lies under it, where the listing already read it (a
+                                                     # value folder listed whole: `list_partitions(..., whole=True)`)
 
 
 def list_partitions(storage: Storage, path: str, partition: str = "date",
-                    within: tuple[dt.date, dt.date] | None = None) -> dict[dt.date, list[DateFolder]]:
+                    within: tuple[dt.date, dt.date] | None = None,
+                    whole: bool = False) -> dict[dt.date, list[DateFolder]]:
     """The date partition folders under `path`, laid out as the spec's `partition` says (a key: `key=YYYY-MM-DD`
     folders; a layout such as `year=%Y/month=%m/day=%d`: a level of folders each, see `dmafn.partition_layout`):
     date -> its folders (one; for a layout with `key=*` levels, one per value). A layout's levels are listed one after
@@ -144,6 +147,11 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
     returned. Folders that do not fit the layout (`date=2024-13-01`, `date=2024-1-5`, another key, `backup`) are not
     read, with a warning naming them, never silently; those whose names start with `.` or `_` (`_delta_log`) are
     skipped.
+
+    With `whole`, a layout that starts with its `key=*` levels (`machine_id=*/date=%Y-%m-%d`) has each value folder
+    listed once, recursively, and its date folders found in that listing, their files kept (`DateFolder.files`): a
+    round trip or a few per machine, instead of one per machine and date (the files' listing, `list_parquet_files`,
+    then takes them from there) - a backfill over a year of a fleet's folders lists each machine once.
 
     Raises DataError naming the path when it does not exist or cannot be reached, or when no folder under it fits
     the layout.
@@ -160,7 +168,8 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
         raise DataError(f"{path}: cannot be read ({exc})") from None
     other, fitting = [], False
     frontier: list[tuple[str, dict[str, int], str]] = [(root, {}, "")]     # folder, date fields, `key=value/`s
-    for level in range(len(layout.levels)):
+    listed_whole = layout.values_first if whole else 0
+    for level in range(listed_whole or len(layout.levels)):
         found = []
         for (folder, fields, above), entries in zip(frontier, _list_folders(fs, path, [f for f, *_ in frontier])):
             for entry in entries:
@@ -177,6 +186,13 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
                     fitting = True
         frontier = found
     out: dict[dt.date, list[DateFolder]] = {}
+    if listed_whole:
+        dated, elsewhere = _dates_in_whole_listings(fs, path, root, layout, listed_whole, frontier, within, other)
+        fitting = fitting or elsewhere
+        frontier = []
+        for day, folder in dated:
+            fitting = True
+            out.setdefault(day, []).append(folder)
     for folder, fields, above in frontier:
         if (day := layout.date(fields)) is None:      # day=31 of April
             other.append(relative(folder, root))
@@ -191,11 +207,48 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
     return out
 
 
-def _list_folders(fs: pafs.FileSystem, path: str, folders: list[str]) -> list[list[pafs.FileInfo]]:
-    """Each folder's entries (not recursive), `PARTITION_LISTERS` folders at a time; DataError names `path`."""
+def _dates_in_whole_listings(fs: pafs.FileSystem, path: str, root: str, layout, first: int,
+                             frontier: list[tuple[str, dict[str, int], str]], within: tuple[dt.date, dt.date] | None,
+                             other: list[str]) -> tuple[list[tuple[dt.date, DateFolder]], bool]:
+    """`list_partitions`' date levels (from `first` on) found in one recursive listing of each value folder: the date
+    folders (each with the files under it) and whether one fitted outside `within`; folders that fit no date are
+    added to `other`, hidden ones (`.`/`_`) and files beside the date folders skipped, as the level walk does."""
+    depth, dated, elsewhere = len(layout.levels) - first, [], False
+    for (folder, fields, above), infos in zip(frontier, _list_folders(fs, path, [f for f, *_ in frontier], True)):
+        under: dict[str, list[pafs.FileInfo]] = {}
+        for info in infos:
+            parts = relative(info.path, folder).split("/")
+            if len(parts) < depth or (len(parts) == depth and info.type != pafs.FileType.Directory) \
+                    or any(p.startswith((".", "_")) for p in parts[:depth]):
+                continue
+            under.setdefault("/".join(parts[:depth]), [])
+            if len(parts) > depth:
+                under["/".join(parts[:depth])].append(info)
+        unfit = set()
+        for head, files in sorted(under.items()):
+            got, parts = dict(fields), head.split("/")
+            for k, part in enumerate(parts):
+                if (matched := layout.match(first + k, part)) is None:
+                    unfit.add(relative(f"{folder}/{'/'.join(parts[:k + 1])}", root))
+                    break
+                got |= matched
+            else:
+                if (day := layout.date(got)) is None:
+                    unfit.add(relative(f"{folder}/{head}", root))
+                elif within and not within[0] <= day <= within[1]:
+                    elsewhere = True
+                else:
+                    dated.append((day, DateFolder(f"{folder}/{head}", above, tuple(files))))
+        other.extend(sorted(unfit))
+    return dated, elsewhere
+
+
+def _list_folders(fs: pafs.FileSystem, path: str, folders: list[str],
+                  recursive: bool = False) -> list[list[pafs.FileInfo]]:
+    """Each folder's entries (recursive or not), `PARTITION_LISTERS` folders at a time; DataError names `path`."""
     def entries(folder: str) -> list[pafs.FileInfo]:
         try:
-            return fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+            return fs.get_file_info(pafs.FileSelector(folder, recursive=recursive))
         except OSError as exc:
             raise DataError(f"{path}: cannot be read ({exc})") from None
 

@@ -1425,6 +1425,60 @@ def test_a_renamed_time_and_entity_are_read_under_their_former_names(tmp_path, t
     assert not found.problems
 
 
+def test_a_machine_first_layout_listed_whole_finds_what_the_level_walk_finds_in_fewer_listings(tmp_path, caplog,
+                                                                                                monkeypatch):
+    """`list_partitions(..., whole=True)` on `machine_id=*/year=%Y/month=%m/day=%d`: each machine's folder listed once,
+    recursively - the same date folders, files (names after the machine's folder), skipped side files and warned
+    folders as the level walk (within the dates asked, also those the walk did not open), with a listing per
+    machine instead of per level and date folder."""
+    import datetime as dt
+    import logging
+
+    import pyarrow.fs as pafs
+
+    from pipelines import storage as storage_module
+    from pipelines.parquet_files import list_parquet_files
+    from pipelines.storage import Storage, list_partitions
+
+    table = tmp_path / "t"
+    for name in ("machine_id=a/year=2024/month=01/day=05/part-0.parquet", "machine_id=a/year=2024/month=01/day=05/"
+                 "hour=13/part-1.parquet", "machine_id=a/year=2024/month=01/day=06/part-0.parquet",
+                 "machine_id=a/year=2024/month=01/day=06/_SUCCESS", "machine_id=a/year=2024/month=01/day=06/x.csv",
+                 "machine_id=a/year=2024/month=02/day=30/part-0.parquet", "machine_id=a/year=2024/backup/x/p.parquet",
+                 "machine_id=b/year=2023/month=12/day=31/part-0.parquet", "machine_id=b/year=2024/month=01/day=05/"
+                 "_temporary/0/part-9.parquet", "machine_id=b/year=2024/month=01/day=05/part-0.parquet",
+                 "machine_id=b/_tmp/year=2024/month=01/day=05/part-0.parquet",
+                 "backup/year=2024/month=01/day=05/p.parquet"):
+        (table / name).parent.mkdir(parents=True, exist_ok=True)
+        (table / name).write_bytes(b"x")
+    (table / "machine_id=b" / "year=2024" / "month=01" / "day=07").mkdir(parents=True)      # a date without files
+    layout = "machine_id=*/year=%Y/month=%m/day=%d"
+    listings = []
+    real = storage_module._list_folders
+    monkeypatch.setattr(storage_module, "_list_folders",
+                        lambda fs, path, folders, *a: listings.extend(folders) or real(fs, path, folders, *a))
+    fs = pafs.LocalFileSystem()
+    for within in (None, (dt.date(2024, 1, 5), dt.date(2024, 1, 6))):
+        seen = []
+        for whole in (False, True):
+            listings.clear()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                folders = list_partitions(Storage(), str(table), layout, within, whole=whole)
+                files = list_parquet_files(fs, folders)
+            seen.append((sorted(folders), {d: sorted((f.path, f.above) for f in held) for d, held in folders.items()},
+                         [(f.date, f.path, f.name) for f in files], len(listings),
+                         sorted(r.getMessage() for r in caplog.records)))
+        (walked, whole_listed) = seen
+        assert walked[:3] == whole_listed[:3]
+        assert walked[4] == whole_listed[4] if within is None else "day=30" in whole_listed[4][1]   # it sees it all
+        assert whole_listed[3] == 3 < walked[3]                    # the table, then each machine's folder once
+    assert [name for _, _, name in whole_listed[2]] == ["machine_id=a/hour=13/part-1.parquet",
+                                                        "machine_id=a/part-0.parquet", "machine_id=b/part-0.parquet",
+                                                        "machine_id=a/part-0.parquet"]
+    assert "year=2024/backup" in caplog.text and "month=02/day=30" in caplog.text and "x.csv" in caplog.text
+
+
 def test_transform_is_fitted_with_the_statistics_and_a_changed_spec_is_refused(tiny_spec):
     from dataclasses import replace
 

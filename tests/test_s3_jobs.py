@@ -331,7 +331,7 @@ def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endp
     everything = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d")
     assert sorted(d.isoformat() for d in everything) == ["2023-12-31", "2024-01-05", "2024-01-06", "2024-02-01"]
     wanted = list_partitions(storage, "s3://layouts/process", "%Y/%m/%d", (dt.date(2024, 1, 5), dt.date(2024, 1, 5)))
-    assert wanted == {dt.date(2024, 1, 5): [("layouts/process/2024/01/05", "")]}
+    assert wanted == {dt.date(2024, 1, 5): [("layouts/process/2024/01/05", "", None)]}
     files = list_parquet_files(storage.filesystem("s3://layouts/process"), wanted)
     assert [f.name for f in files] == ["hour=13/part-1.parquet", "part-0.parquet"]
     for key in ("machine_id=b/date=2024-01-05/part-0.parquet", "machine_id=a/date=2024-01-05/part-0.parquet",
@@ -339,11 +339,15 @@ def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endp
         s3.put_object(Bucket="layouts", Key=f"by_machine/{key}", Body=b"x")      # a folder per machine first
     per_machine = list_partitions(storage, "s3://layouts/by_machine", "machine_id=*/date=%Y-%m-%d",
                                   (dt.date(2024, 1, 5), dt.date(2024, 1, 5)))
-    assert {d: sorted(held) for d, held in per_machine.items()} == {dt.date(2024, 1, 5): [
+    assert {d: sorted(f[:2] for f in held) for d, held in per_machine.items()} == {dt.date(2024, 1, 5): [
         ("layouts/by_machine/machine_id=a/date=2024-01-05", "machine_id=a/"),
         ("layouts/by_machine/machine_id=b/date=2024-01-05", "machine_id=b/")]}
     files = list_parquet_files(storage.filesystem("s3://layouts/by_machine"), per_machine)
     assert [f.name for f in files] == ["machine_id=a/part-0.parquet", "machine_id=b/part-0.parquet"]
+    whole = list_partitions(storage, "s3://layouts/by_machine", "machine_id=*/date=%Y-%m-%d", whole=True)  # once each
+    assert sorted(whole) == [dt.date(2024, 1, 5), dt.date(2024, 1, 6)]
+    assert list_parquet_files(storage.filesystem("s3://layouts/by_machine"), {d: whole[d] for d in [
+        dt.date(2024, 1, 5)]}) == files
 
 
 def test_schema_evolution_adds_a_column_and_old_rows_keep_null(tmp_path):
