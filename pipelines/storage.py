@@ -210,21 +210,25 @@ def list_partitions(storage: Storage, path: str, partition: str = "date",
 def _dates_in_whole_listings(fs: pafs.FileSystem, path: str, root: str, layout, first: int,
                              frontier: list[tuple[str, dict[str, int], str]], within: tuple[dt.date, dt.date] | None,
                              other: list[str]) -> tuple[list[tuple[dt.date, DateFolder]], bool]:
-    """`list_partitions`' date levels (from `first` on) found in one recursive listing of each value folder: the date
-    folders (each with the files under it) and whether one fitted outside `within`; folders that fit no date are
-    added to `other`, hidden ones (`.`/`_`) and files beside the date folders skipped, as the level walk does."""
-    depth, dated, elsewhere = len(layout.levels) - first, [], False
-    for (folder, fields, above), infos in zip(frontier, _list_folders(fs, path, [f for f, *_ in frontier], True)):
+    """`list_partitions`' date levels (from `first` on) found in one recursive listing of each value folder
+    (`PARTITION_LISTERS` at a time, each cut to its dates within `within` as it comes, so the driver holds the files
+    of the dates asked, not a machine's whole history): the date folders (each with the files under it) and whether
+    one fitted outside `within`; folders that fit no date are added to `other`, hidden ones (`.`/`_`) and files
+    beside the date folders skipped, as the level walk does."""
+    depth = len(layout.levels) - first
+
+    def dates_of(start: tuple[str, dict[str, int], str]) -> tuple[list[tuple[dt.date, DateFolder]], set[str], bool]:
+        folder, fields, above = start
         under: dict[str, list[pafs.FileInfo]] = {}
-        for info in infos:
+        for info in _list_folders(fs, path, [folder], True)[0]:
             parts = relative(info.path, folder).split("/")
             if len(parts) < depth or (len(parts) == depth and info.type != pafs.FileType.Directory) \
                     or any(p.startswith((".", "_")) for p in parts[:depth]):
                 continue
-            under.setdefault("/".join(parts[:depth]), [])
+            held = under.setdefault("/".join(parts[:depth]), [])
             if len(parts) > depth:
-                under["/".join(parts[:depth])].append(info)
-        unfit = set()
+                held.append(info)
+        dated, unfit, elsewhere = [], set(), False
         for head, files in sorted(under.items()):
             got, parts = dict(fields), head.split("/")
             for k, part in enumerate(parts):
@@ -239,7 +243,14 @@ def _dates_in_whole_listings(fs: pafs.FileSystem, path: str, root: str, layout, 
                     elsewhere = True
                 else:
                     dated.append((day, DateFolder(f"{folder}/{head}", above, tuple(files))))
-        other.extend(sorted(unfit))
+        return dated, unfit, elsewhere
+
+    dated, elsewhere = [], False
+    with ThreadPoolExecutor(max(1, min(PARTITION_LISTERS, len(frontier)))) as pool:
+        for found, unfit, outside in pool.map(dates_of, frontier):
+            dated += found
+            other.extend(sorted(unfit))
+            elsewhere = elsewhere or outside
     return dated, elsewhere
 
 
