@@ -302,13 +302,7 @@ class Spec:
         the name it is read as: a column the file does not hold (`holds(name)` false) is read under the first of its
         other names (`former_names`: a column and its names there, either way) the file holds; with none of them,
         under its own name (the file's check then names it missing)."""
-        out = {}
-        for col in self.columns_read(m):
-            stored = col
-            if not holds(col):
-                stored = next((n for n in other_names(m.former_names, col) if holds(n)), col)
-            out[stored] = col
-        return out
+        return {held_name(m.former_names, col, holds): col for col in self.columns_read(m)}
 
     def names_read(self, m: ModalitySpec) -> dict[str, str]:
         """The columns of `m`'s files read under another name: the stored name -> the spec's (empty when `m`'s
@@ -326,6 +320,12 @@ def other_names(former_names: tuple[tuple[str, tuple[str, ...]], ...], column: s
         if column in group:
             return [n for n in group if n != column]
     return []
+
+
+def held_name(former_names: tuple[tuple[str, tuple[str, ...]], ...], column: str, holds: Callable[[str], bool]) -> str:
+    """The name a file stores `column` under: its own where the file holds it (`holds(name)`), else the first of its
+    other names (`other_names`) the file holds; with none of them, its own (the file's check then names it missing)."""
+    return column if holds(column) else next((n for n in other_names(former_names, column) if holds(n)), column)
 
 
 # ---------------------------------------------------------------- parsing helpers

@@ -563,19 +563,20 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
     for f in files:
         ends.setdefault(f.modality, [f, f])
         ends[f.modality][1] = f if f.date >= ends[f.modality][1].date else ends[f.modality][1]
+    def checked(m: ModalitySpec, f) -> pa.Schema:
+        """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
+        with open_parquet(storage.filesystem(m.path), f.path) as parquet:
+            schema = with_path_fields(parquet.schema_arrow, path_values(f.name))
+            check_schema(schema, spec, m, f.path)
+            return schema_as_read(schema, spec, m)
+
     seen: dict[str, list[pa.Schema]] = {}
     for name, (first, newest) in ends.items():
         m = spec.modalities[name]
-        with open_parquet(storage.filesystem(m.path), first.path) as parquet:
-            schema = with_path_fields(parquet.schema_arrow, path_values(first.name))
-            check_schema(schema, spec, m, first.path)
-            seen[name] = [schema_as_read(schema, spec, m)]
+        seen[name] = [checked(m, first)]
         if newest.path != first.path:
             try:
-                with open_parquet(storage.filesystem(m.path), newest.path) as parquet:
-                    schema = with_path_fields(parquet.schema_arrow, path_values(newest.name))
-                    check_schema(schema, spec, m, newest.path)
-                    seen[name].append(schema_as_read(schema, spec, m))
+                seen[name].append(checked(m, newest))
             except DataError:
                 pass
     return seen

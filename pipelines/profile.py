@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.spec import ModalitySpec, Spec, other_names
+from dmafn.spec import ModalitySpec, Spec, held_name
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
@@ -82,8 +82,7 @@ class Columns:
         """The same columns as a file with this schema names them: a column it lacks under the first of its other
         names (`former_names`) it holds."""
         def stored(c: str) -> str:
-            return c if field_of(schema, c) is not None else next(
-                (n for n in other_names(self.former_names, c) if field_of(schema, n) is not None), c)
+            return held_name(self.former_names, c, lambda n: field_of(schema, n) is not None)
         return replace(self, keys=tuple(map(stored, self.keys)), time=stored(self.time),
                        values=tuple(map(stored, self.values)))
 

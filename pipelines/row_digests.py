@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dmafn.spec import Spec, other_names
+from dmafn.spec import Spec, held_name
 from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
 from pipelines.storage import Storage
 
@@ -106,9 +106,8 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
             values = path_values(f.name)            # columns in the file's folders only (Hive, Spark)
             names = set(with_path_fields(parquet.schema_arrow, values).names)
             # a column renamed upstream (`former_names`, either way): read under the name the file holds
-            read = [c if c.split(".")[0] in names else next(
-                (n for n in other_names(spec.modalities[f.modality].former_names, c) if n.split(".")[0] in names), c)
-                for c in wanted]
+            read = [held_name(spec.modalities[f.modality].former_names, c, lambda n: n.split(".")[0] in names)
+                    for c in wanted]
             if not all(c.split(".")[0] in names for c in read):
                 out[f.modality] = None
                 continue
