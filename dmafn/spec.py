@@ -861,9 +861,7 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         if old is None:
             lines.append(f"modalities.{name}: not in the version, so not read")
             continue
-        for key in sorted((set(entry) | set(old)) - {"path", "time", "entity", "time_unit", "naive_times",
-                                                       "time_format", "former_names", "partition",
-                                                       "missing_values"}):
+        for key in sorted((set(entry) | set(old)) - set(STORED_AS)):
             a, b = old.get(key), entry.get(key)
             if key == "columns" and a is not None and b is not None and \
                     sorted(map(renamed(entry), a)) == sorted(map(renamed(entry), b)):
@@ -877,6 +875,13 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
         lines += [f"score.{part}.{key}: {_shown(b.get(key))} (the version's: {_shown(a.get(key))})"
                   for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
     return lines
+
+
+# a modality's keys that say how its data is stored (a spec entry's key -> the `ModalitySpec` field), not how it is
+# modelled: no reading edit (`reading_differences`), and a version reads with the current spec's (`reading_spec`)
+STORED_AS = {"path": "path", "time": "time_column", "entity": "entity_columns", "time_unit": "time_unit",
+             "naive_times": "naive_times", "time_format": "time_format", "former_names": "former_names",
+             "partition": "partition", "missing_values": "missing_values"}
 
 
 def renamed(entry: dict[str, Any]) -> Callable[[str], str]:

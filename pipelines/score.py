@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from dmafn.spec import Spec, is_calibration_edit, reading_differences
+from dmafn.spec import STORED_AS, Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   write_partition)
@@ -250,10 +250,7 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                     "the spec%s): %s", spec.source, mv.version,
                     "; the threshold's and the smoothing's also with dmafn recalibrate, which fits the version's "
                     "calibration again without training" if calibration else "", "; ".join(edits))
-    modalities = {name: replace(m, path=now.path, time_column=now.time_column, entity_columns=now.entity_columns,
-                                time_unit=now.time_unit, naive_times=now.naive_times, time_format=now.time_format,
-                                former_names=now.former_names, partition=now.partition,
-                                missing_values=now.missing_values)
+    modalities = {name: replace(m, **{field: getattr(now, field) for field in STORED_AS.values()})
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, naive_times=spec.naive_times,
