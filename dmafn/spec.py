@@ -328,6 +328,24 @@ def held_name(former_names: tuple[tuple[str, tuple[str, ...]], ...], column: str
     return column if holds(column) else next((n for n in other_names(former_names, column) if holds(n)), column)
 
 
+def with_stored_names(m: ModalitySpec, stored: tuple[tuple[str, str], ...]) -> ModalitySpec:
+    """`m` as it reads a file that stores its columns under other names than its table's schema gives them (a Delta
+    table's column mapping: `stored` pairs each column's name - a dotted path for a field inside a struct - with the
+    name its files give it): each column, and each of its `former_names`, is looked up under its stored name first
+    (`held_name`), the names as they are kept where the file holds no such column. `m` itself without `stored`."""
+    if not stored:
+        return m
+    names = dict(stored)
+    groups = {col: former for col, former in m.former_names}
+    for col in names:
+        groups.setdefault(col, ())
+    merged = []
+    for col, former in groups.items():
+        found = [names[n] for n in (col, *former) if n in names]
+        merged.append((col, tuple(dict.fromkeys(n for n in (*found, *former) if n != col))))
+    return replace(m, former_names=tuple(merged))
+
+
 # ---------------------------------------------------------------- parsing helpers
 class _Section:
     """Reads one mapping of the YAML, tracking which keys were used."""

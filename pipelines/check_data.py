@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dmafn.spec import Spec, other_names
+from dmafn.spec import Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
@@ -285,7 +285,9 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, storage.fs_path(m.path))} "
                 "- are not read" if replaced else "") + (
                 f"; {sum(marked)} rows of {len(marked)} files deleted in place by deletion vectors - not read (the "
-                "footers' statistics this check reads still count them)" if marked else "") + ")")
+                "footers' statistics this check reads still count them)" if marked else "") + (
+                "; with column mapping: listed from its log by its partition values, its files' columns read by "
+                "their physical names" if any(f.stored_names for f in files) else "") + ")")
         data.dates = sorted(partitions)
         data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
@@ -296,10 +298,14 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
+        # a Delta table's column mapping: each file read as it stores the columns (their physical names)
+        stored_as = {f.path: with_stored_names(m, f.stored_names) for f in files}
+        physical = {f.path: {p: c for c, p in f.stored_names if p != c} for f in files}   # its name -> the column
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            times_named = (time, *other_names(m.former_names, time))          # a time renamed upstream too
-            footers = pool.map(lambda path: file_footer(filesystem, path, times_named, unit, spec.naive_zone_in(m)),
-                               paths)
+            def footer_of(path: str):
+                times_named = (time, *other_names(stored_as[path].former_names, time))   # a time renamed upstream too
+                return file_footer(filesystem, path, times_named, unit, spec.naive_zone_in(m))
+            footers = pool.map(footer_of, paths)
             unread_text = None                                # the first file whose time texts are no time: named
             for path, footer in zip(paths, footers):
                 try:
@@ -307,20 +313,20 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                         raise footer
                     schema, times, samples, extremes = footer
                     schema = with_path_fields(schema, path_values(in_folder[path]))   # columns in its folders only
-                    check_schema(schema, spec, m, path)
+                    check_schema(schema, spec, stored_as[path], path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
                 if not data.columns:
-                    data.columns = {f.name: str(f.type) for f in schema}
+                    data.columns = {physical[path].get(f.name, f.name): str(f.type) for f in schema}
                 if m.context_of:                    # a context view reads its parent's files: noted once, there
                     continue
-                as_read = schema_as_read(schema, spec, m)         # the key casts go by the names read
+                as_read = schema_as_read(schema, spec, stored_as[path])     # the key casts go by the names read
                 keyed.setdefault(name, {}).setdefault(tuple(str(field_of(as_read, k).type) for k in spec.entity_in(m)),
                                                       as_read)
-                names = stored_names(schema, spec, m)
+                names = stored_names(schema, spec, stored_as[path])
                 for stored, read in names.items():
-                    if stored != read:
+                    if stored != read and stored not in physical[path]:
                         data.renamed.setdefault((read, stored), [0, path])[0] += 1
                     marked = dict(m.missing_values).get(read, ())
                     if read in m.value_columns and m.kind in ("tabular", "timeseries"):

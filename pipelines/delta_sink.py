@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -271,24 +271,46 @@ class DeletedRows:
         return keep
 
 
-def live_data_files(storage: Storage, path: str) -> dict[str, DeletedRows | None] | None:
-    """The data files the Delta table at `path` holds by its log now (their paths inside its folder), each with the
-    rows a deletion vector removes from it (None: none), or None where `path` holds no Delta table (no `_delta_log`):
-    a modality table kept as Delta is read as its log says - files an OPTIMIZE, DELETE, UPDATE or MERGE replaced and
-    VACUUM has not yet removed are not its rows, nor are the rows a DELETE, UPDATE or MERGE marked deleted in place
-    (deletion vectors: delta-rs decodes them, here, so the driver holds 8 bytes per deleted row of the table's
-    files). DataError naming the table where its files do not say its columns (column mapping) or where its log or
-    a deletion vector cannot be read."""
+class LoggedFile(NamedTuple):
+    """A data file of a Delta table with column mapping as its log lists it (its folders name nothing): its path
+    inside the table's folder, its size, when it was written (nanoseconds since the epoch), its partition values
+    (column -> value as text, None: null) and the rows a deletion vector removes from it (None: none)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    partition: tuple[tuple[str, str | None], ...]
+    deleted: DeletedRows | None = None
+
+
+class DeltaFiles(NamedTuple):
+    """What the log of a modality's Delta table holds now (`live_data_files`): its data files (paths inside its
+    folder) with the rows a deletion vector removes from each; with column mapping also each column's name in its
+    files (`stored_names`: a column - a dotted path for a field inside a struct - and the physical name its files
+    give it), its partition columns and its files as the log lists them (`logged`: they lie in folders of random
+    names, so the listing takes their dates and partition values from the log, not from folders)."""
+
+    live: dict[str, DeletedRows | None]
+    stored_names: tuple[tuple[str, str], ...] = ()
+    partition_columns: tuple[str, ...] = ()
+    logged: tuple[LoggedFile, ...] | None = None
+
+
+def live_data_files(storage: Storage, path: str) -> DeltaFiles | None:
+    """The data files the Delta table at `path` holds by its log now (`DeltaFiles`), or None where `path` holds no
+    Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an OPTIMIZE,
+    DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows, nor are the rows a DELETE,
+    UPDATE or MERGE marked deleted in place (deletion vectors: delta-rs decodes them, here, so the driver holds 8
+    bytes per deleted row of the table's files). A table with column mapping (`delta.columnMapping.mode` name or id,
+    which Databricks sets to rename or drop a column) names its columns in its files by their physical names: those
+    come with the files. DataError naming the table where its log or a deletion vector cannot be read, or where its
+    column mapping gives a column the physical name of another column."""
     log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
     try:
         if storage.filesystem(path).get_file_info(log_folder).type != pafs.FileType.Directory:
             return None
         table = DeltaTable(storage.delta_uri(path), storage_options=storage.delta_options(path))
         mapping = table.metadata().configuration.get("delta.columnMapping.mode", "none")
-        if mapping != "none":
-            raise DataError(f"{path}: a Delta table with column mapping ('{mapping}'): its files name the columns "
-                            "otherwise than its schema, so they cannot be read as Parquet - point the modality at a "
-                            "copy without it (or at the table's Parquet export)")
         deleted: dict[str, DeletedRows] = {}
         if "deletionVectors" in (table.protocol().reader_features or []):
             root = table.table_uri.rstrip("/") + "/"
@@ -300,9 +322,49 @@ def live_data_files(storage: Storage, path: str) -> dict[str, DeletedRows | None
                     gone = np.flatnonzero(~keep.values.to_numpy(zero_copy_only=False))
                     if len(gone):
                         deleted[unquote(uri[len(root):])] = DeletedRows.of(gone)
-        live = (unquote(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist())
-        return {p: deleted.get(p) for p in live}
+        actions = pa.table(table.get_add_actions(flatten=False))
+        live = [unquote(p) for p in actions.column("path").to_pylist()]
+        files = {p: deleted.get(p) for p in live}
+        if mapping == "none":
+            return DeltaFiles(files)
+        stored = _physical_names(path, table.schema().fields)
+        values = (actions.column("partition").to_pylist() if "partition" in actions.column_names
+                  else [{}] * len(live))
+        logged = tuple(LoggedFile(p, size, ms * 1_000_000, tuple((k, _partition_text(v)) for k, v in held.items()),
+                                  files[p])
+                       for p, size, ms, held in zip(live, actions.column("size_bytes").to_pylist(),
+                                                    actions.column("modification_time").to_pylist(), values))
+        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: holds a Delta log (_delta_log) that cannot be read ({exc})") from None
+
+
+def _physical_names(path: str, fields, prefix: str = "", physical_prefix: str = "") -> tuple[tuple[str, str], ...]:
+    """Each column of a Delta schema with column mapping (dotted paths into structs) and its physical name (the
+    name its data files give it). DataError naming the table where a column's physical name is another column's
+    name: a file's column would be read as the wrong one (a reader looks a column up by its own name first)."""
+    out: list[tuple[str, str]] = []
+    for f in fields:
+        physical = (f.metadata or {}).get("delta.columnMapping.physicalName", f.name)
+        out.append((prefix + f.name, physical_prefix + physical))
+        inner = getattr(f.type, "fields", None)           # a struct: its fields are mapped too
+        if inner:
+            out += _physical_names(path, inner, f"{prefix}{f.name}.", f"{physical_prefix}{physical}.")
+    if not prefix:
+        names = dict(out)
+        if clash := next(((c, p) for c, p in out if p != c and p in names), None):
+            raise DataError(f"{path}: a Delta table whose column mapping stores column '{clash[0]}' under the name "
+                            f"of its column '{clash[1]}' (columns renamed into each other's names): not read - "
+                            "rewrite the table (e.g. CREATE TABLE ... AS SELECT) to read it")
+    return tuple(out)
+
+
+def _partition_text(value) -> str | None:
+    """A partition value as a Hive folder would name it (a date as YYYY-MM-DD, a bool as true/false)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)

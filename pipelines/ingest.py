@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.features import decode_pixels, decode_wav
-from dmafn.spec import ModalitySpec, Spec, other_names
+from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, path_values,
                                      row_groups_before, row_groups_since, with_path_fields)
@@ -441,12 +441,13 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         usable, sources = [], {}
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
+            stored_as = with_stored_names(m, f.stored_names)    # a Delta table's column mapping: physical names
             with open_parquet(fs, f.path) as parquet:
                 values = path_values(f.name)                # a column in the file's folders only (Hive, Spark)
                 schema = with_path_fields(parquet.schema_arrow, values)
-                check_schema(schema, spec, m, f.path)
+                check_schema(schema, spec, stored_as, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
-                stored = stored_names(schema, spec, m)      # a column renamed upstream: read as it is named now
+                stored = stored_names(schema, spec, stored_as)   # a column renamed upstream: read as named now
                 as_stored = {read: name for name, read in stored.items()}
                 # a look-back day: only the row groups that can hold what the first ticks read (by their statistics);
                 # a look-ahead day (`lateness`): only those that can hold rows of the shard's dates filed late;
@@ -565,6 +566,7 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
         ends[f.modality][1] = f if f.date >= ends[f.modality][1].date else ends[f.modality][1]
     def checked(m: ModalitySpec, f) -> pa.Schema:
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
+        m = with_stored_names(m, f.stored_names)        # a Delta table's column mapping: physical names
         with open_parquet(storage.filesystem(m.path), f.path) as parquet:
             schema = with_path_fields(parquet.schema_arrow, path_values(f.name))
             check_schema(schema, spec, m, f.path)

@@ -9,14 +9,15 @@ import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from typing import Iterator, NamedTuple
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dmafn.partition_layout import parse_layout
 from dmafn.spec import DAY_US
-from pipelines.delta_sink import DeletedRows, live_data_files
+from pipelines.delta_sink import DeletedRows, DeltaFiles, live_data_files
 from pipelines.storage import DataError, DateFolder, Storage, list_partitions, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
 
@@ -257,10 +258,12 @@ WHOLE_LISTING_DATES = 31  # more dates than this (or all): a `key=*`-first layou
 def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
     (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
-    (`delta_sink.live_data_files`, read first: a table whose files do not say its columns is named as such, not
-    as a folder without partitions; files a compaction or a DELETE/MERGE replaced are not read, and each file keeps
-    the rows its deletion vector removes, `ListedFile.deleted`)."""
+    (`delta_sink.live_data_files`, read first: files a compaction or a DELETE/MERGE replaced are not read, and each
+    file keeps the rows its deletion vector removes, `ListedFile.deleted`). A Delta table with column mapping is
+    listed from its log alone (`files_in_log`): its files lie in folders of random names."""
     live = live_data_files(storage, path)
+    if live is not None and live.logged is not None:
+        return files_in_log(storage, path, partition, live, dates)
     # a layout with a folder per machine first: over many dates, each machine's folder listed once, whole
     folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None,
                               whole=dates is None or len(dates) > WHOLE_LISTING_DATES)
@@ -270,16 +273,68 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
     if live is None:
         return TableFiles(folders, files)
     root = storage.fs_path(path)
-    held = [relative(f.path, root) in live for f in files]
-    return TableFiles(folders, [f._replace(deleted=live[relative(f.path, root)]) for f, h in zip(files, held) if h],
+    held = [relative(f.path, root) in live.live for f in files]
+    return TableFiles(folders, [f._replace(deleted=live.live[relative(f.path, root)])
+                                for f, h in zip(files, held) if h],
                       True, tuple(f for f, h in zip(files, held) if not h))
+
+
+def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles,
+                 dates: list[dt.date] | None = None) -> TableFiles:
+    """The files of a Delta table with column mapping (`live.logged`) by date, as `list_table_files` gives a table's:
+    a file's date is what its partition values say at each level of the spec's `partition` (a key: that partition
+    column holds the date; a layout `year=%Y/month=%m/day=%d`: its columns year, month and day; a `key=*` level: the
+    column `key`), and its other partition values are named as Hive folders before its name (`ListedFile.name`), so
+    a reader takes a column its file lacks from there (`path_values`); each file carries its columns' physical names
+    (`ListedFile.stored_names`). A file whose values name no date of the layout is not read, with a warning naming
+    it. DataError naming the table and its partition columns where one of the layout's is not among them (a table
+    partitioned otherwise, or not at all: liquid clustering)."""
+    layout = parse_layout(partition)
+    keys = [level.split("=", 1)[0] if "=" in level else None for level in layout.levels]
+    if missing := [level for key, level in zip(keys, layout.levels) if key not in live.partition_columns]:
+        raise DataError(f"{path}: a Delta table with column mapping is read by the partition values its log gives "
+                        f"its files (they lie in folders of random names), and it has no partition column for the "
+                        f"level {missing[0]!r} of its partition {layout.text!r} (its partition columns: "
+                        f"{', '.join(live.partition_columns) or 'none'}) - set the modality's partition to the "
+                        "column that holds the date (a key: partition: day)")
+    date_keys = {k for i, k in enumerate(keys) if not layout.any_value(i)}
+    root, wanted = storage.fs_path(path).rstrip("/"), None if dates is None else set(dates)
+    folders: dict[dt.date, list[DateFolder]] = {}
+    files, other = [], []
+    for f in live.logged:
+        values, fields = dict(f.partition), {}
+        for level, key in enumerate(keys):
+            if not layout.any_value(level):
+                text = values[key] or ""
+                got = layout.match(level, f"{key}={text}")
+                if got is None and text.isdigit() and len(text) == 1:     # an integer month or day: 1 for 01
+                    got = layout.match(level, f"{key}=0{text}")
+                if got is None:
+                    break
+                fields.update(got)
+        day = layout.date(fields) if len(fields) == 3 else None
+        if day is None:
+            other.append(f.path)
+            continue
+        if wanted is not None and day not in wanted:
+            continue
+        folders.setdefault(day, [DateFolder(root)])
+        above = "".join(f"{quote(k, safe='')}={HIVE_NULL if v is None else quote(v, safe='')}/"
+                        for k, v in f.partition if k not in date_keys)
+        files.append(ListedFile(day.isoformat(), f"{root}/{f.path}", f.size, above + f.path, f.mtime_ns, f.deleted,
+                                live.stored_names))
+    if other:
+        log.warning("%s: %d file(s) of the Delta table whose partition values name no date as %s are not read (%s%s)",
+                    path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
+    return TableFiles(dict(sorted(folders.items())), sorted(files, key=lambda f: (f.date, f.path)), True)
 
 
 class ListedFile(NamedTuple):
     """A Parquet file of a date partition as listed: its date (ISO text), its path as the filesystem names it, its name
     inside the date's folder (after the `key=value/` folders of a layout's `key=*` levels), its size, when it was last
     written (nanoseconds since the epoch; None where the filesystem does not say) and, in a Delta table, the rows a
-    deletion vector removes from it (None: none)."""
+    deletion vector removes from it (None: none) and, with column mapping, its columns' physical names (a file listed
+    from the log: its name is its path inside the table after its partition values as Hive folders)."""
 
     date: str
     path: str
@@ -287,6 +342,7 @@ class ListedFile(NamedTuple):
     name: str
     mtime_ns: int | None
     deleted: DeletedRows | None = None
+    stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> its files' name
 
 
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)

@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.spec import ModalitySpec, Spec, held_name
+from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
@@ -238,7 +238,8 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
-    return [FilePart(cols, dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
+    return [FilePart(Columns.of(spec, with_stored_names(m, f.stored_names)) if f.stored_names else cols,
+                     dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
                      f.deleted, tuple(path_values(f.name).items())) for f in files]
 
 

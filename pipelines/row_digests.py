@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from dmafn.spec import Spec, held_name
+from dmafn.spec import Spec, held_name, with_stored_names
 from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
 from pipelines.storage import Storage
 
@@ -105,9 +105,10 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         with open_parquet(filesystem, f.path) as parquet:
             values = path_values(f.name)            # columns in the file's folders only (Hive, Spark)
             names = set(with_path_fields(parquet.schema_arrow, values).names)
-            # a column renamed upstream (`former_names`, either way): read under the name the file holds
-            read = [held_name(spec.modalities[f.modality].former_names, c, lambda n: n.split(".")[0] in names)
-                    for c in wanted]
+            # a column renamed upstream (`former_names`, either way) or stored under its physical name (a Delta
+            # table's column mapping): read under the name the file holds
+            former = with_stored_names(spec.modalities[f.modality], f.stored_names).former_names
+            read = [held_name(former, c, lambda n: n.split(".")[0] in names) for c in wanted]
             if not all(c.split(".")[0] in names for c in read):
                 out[f.modality] = None
                 continue

@@ -42,6 +42,7 @@ class InputFile:
     name: str = ""                  # its name inside the date's folder (as listed; a staged piece: its source's)
     mtime_ns: int | None = None     # when it was last written (None: the filesystem does not say)
     deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from it (positions in the file)
+    stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> the file's name
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
         if m.path not in by_path:
             by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates).files
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
-                            deleted=f.deleted) for f in by_path[m.path]]
+                            deleted=f.deleted, stored_names=f.stored_names) for f in by_path[m.path]]
     return files
 
 

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from dmafn.spec import Spec
+from dmafn.spec import Spec, with_stored_names
 from pipelines.ingest import as_read, check_schema, stored_names
 from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
 from pipelines.ray_runtime import raise_task_error
@@ -75,7 +75,8 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     groups of one entity each, by their statistics, stay where they are. Raises DataError naming the file when
     its columns break the contract or its pages cannot be read."""
     path = spec.modalities[file.modality].path
-    readers = [m for m in spec.modalities.values() if m.path == path]      # a context view reads the same files
+    readers = [with_stored_names(m, file.stored_names)      # a context view reads the same files; a Delta table's
+               for m in spec.modalities.values() if m.path == path]     # column mapping: by their physical names
     source_fs = storage.filesystem(path)
     parquet = open_parquet(source_fs, file.path)
     values = path_values(file.name)                 # columns in the file's folders only: its pieces hold them

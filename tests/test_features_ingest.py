@@ -1096,10 +1096,89 @@ def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny
     (found,) = check_data(spec)
     assert found.files == 1 and not found.problems and found.notes[0].startswith(
         "a Delta table: read as its log says (1 files; 1 more in its folders that it no longer holds - replaced by ")
-    mapped = tmp_path / "mapped"
-    write_deltalake(str(mapped), rows, partition_by=["date"], configuration={"delta.columnMapping.mode": "name"})
-    with pytest.raises(DataError, match=r"a Delta table with column mapping \('name'\)"):
+    mapped = tmp_path / "mapped"               # column mapping: listed from its log (next test), by date partitions
+    write_deltalake(str(mapped), rows, partition_by=["machine_id"], configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(DataError, match=r"mapped: a Delta table with column mapping .* no partition column for the "
+                                        r"level 'date=%Y-%m-%d' .*\(its partition columns: machine_id\)"):
         list_partition_files(_proc_spec(tiny_spec, mapped), [date], Storage())
+
+
+def test_a_delta_table_with_column_mapping_is_read_by_its_log(tmp_path, tiny_spec):
+    """A Delta table with column mapping (its files name the columns by physical names and lie in folders of random
+    names) is listed from its log: each file's date and other partition values from there, its columns' physical
+    names with it. `read_shard`, the row digests, staging's split (its pieces named as read), profile's counts and
+    check-data read its rows as those of the same rows in plain `date=` folders; a mapping that stores a column
+    under another column's name is an error naming the table."""
+    import datetime as dt
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    from pipelines.check_data import check_data
+    from pipelines.delta_sink import _physical_names
+    from pipelines.ingest import read_shard
+    from pipelines.profile import file_counts, modality_files
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import DataError, Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    rows = pa.table({"date": ["2024-01-01"] + ["2024-01-02"] * 4, "machine_id": ["a", "a", "a", "b", "b"],
+                     "ts": pa.array([day - 60_000_000] + [day + i * 60_000_000 for i in range(4)],
+                                    pa.timestamp("us", tz="UTC")),
+                     "temp": [0.5, 1.0, 2.0, 3.0, 4.0]})
+    date = dt.date(2024, 1, 2)
+    plain = tmp_path / "plain"
+    for d in ("2024-01-01", "2024-01-02"):
+        (plain / f"date={d}").mkdir(parents=True)
+        pq.write_table(rows.filter(pc.equal(rows["date"], d)).drop(["date"]), plain / f"date={d}" / "p.parquet")
+    plain_spec = _proc_spec(tiny_spec, plain)
+    expected = read_shard(_shard(tmp_path, plain_spec, [date]), plain_spec, Storage())
+    columns = {"proc": plain_spec.columns_read(plain_spec.modalities["proc"])}
+    plain_digests = date_digests(plain_spec, list_partition_files(plain_spec, [date], Storage()), columns)["proc"]
+    for partition_by in (["date", "machine_id"], ["date"]):      # the entity kept in the log's partition values
+        table = tmp_path / "_".join(partition_by)
+        write_deltalake(str(table), rows, partition_by=partition_by,
+                        configuration={"delta.columnMapping.mode": "name"})
+        assert not list(table.glob("date=*"))                     # random folder names: nothing to walk
+        spec = _proc_spec(tiny_spec, table)
+        listed = list_partition_files(spec, [date], Storage())
+        assert {f.date for f in listed} == {date} and len(listed) == len(partition_by)
+        names = dict(listed[0].stored_names)
+        assert names["temp"].startswith("col-") and names["ts"].startswith("col-")
+        if len(partition_by) == 2:
+            assert sorted(f.name.split("/")[0] for f in listed) == ["machine_id=a", "machine_id=b"]
+        got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+        assert got.tables["proc"].sort("machine_id", "_t").equals(expected.tables["proc"].sort("machine_id", "_t"))
+        assert got.rows_read == expected.rows_read == {"2024-01-02": 4}
+        assert got.row_digests["2024-01-02"]["proc"].to_dict() == plain_digests.to_dict()
+        assert date_digests(spec, listed, columns)["proc"].to_dict() == plain_digests.to_dict()
+        counted = [file_counts(part) for part in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
+        assert sum(int(c["rows"].sum()) for c in counted) == 4 and sum(int(c["nulls"].sum()) for c in counted) == 0
+        (found,) = check_data(spec)
+        assert not found.problems and found.dates == [dt.date(2024, 1, 1), date]
+        assert set(found.columns) == {"ts", "temp", "machine_id"} and not found.renamed
+        assert "with column mapping: listed from its log by its partition values" in found.notes[0]
+    by_day = tmp_path / "by_day"                  # a layout of integer partition columns: month 1 is month=01
+    write_deltalake(str(by_day), rows.append_column("year", pa.array([2024] * 5)).append_column(
+        "month", pa.array([1] * 5)).append_column("day", pc.utf8_slice_codeunits(rows["date"], 8)).drop(["date"]),
+        partition_by=["year", "month", "day"], configuration={"delta.columnMapping.mode": "name"})
+    layout = replace(spec.modalities["proc"], path=str(by_day), partition="year=%Y/month=%m/day=%d")
+    by_layout = replace(spec, modalities={"proc": layout})
+    assert [f.date for f in list_partition_files(by_layout, [date], Storage())] == [date]
+    split = split_file(listed[0], spec, Storage(), 2, str(tmp_path / "staged"))    # a's and b's rows in one group
+    pieces = [pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps]
+    assert all(set(p.columns) == {"machine_id", "ts", "temp"} for p in pieces)    # named as read
+    assert sorted(pl.concat(pieces)["temp"].to_list()) == [1.0, 2.0, 3.0, 4.0]
+    field = SimpleNamespace                                           # a mapping renamed into another column's name
+    with pytest.raises(DataError, match=r"t: a Delta table whose column mapping stores column 'a' under the name of "
+                                        r"its column 'b'"):
+        _physical_names("t", [field(name="a", metadata={"delta.columnMapping.physicalName": "b"}, type="double"),
+                              field(name="b", metadata={"delta.columnMapping.physicalName": "c"}, type="double")])
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "in-a-file"])

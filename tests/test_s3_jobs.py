@@ -527,3 +527,13 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     with open_parquet(storage.filesystem(path), marked.path) as parquet:
         assert parquet.metadata.num_rows == 1
         assert pa.concat_tables(each_row_group(parquet, marked.path, ["temp"], deleted=marked.deleted)).num_rows == 0
+    # column mapping: listed from the log alone (random folder names), the columns read by their physical names
+    mapped = "s3://deltalake-input/raw/mapped"
+    write_deltalake(mapped, rows, partition_by=["date", "machine_id"], storage_options=options,
+                    configuration={"delta.columnMapping.mode": "name"})
+    found = sorted(list_table_files(storage, mapped, "date").files, key=lambda f: f.name)   # random folders
+    assert [f.name.split("/")[0] for f in found] == ["machine_id=a", "machine_id=b"] and {f.date for f in found} == {
+        "2024-01-05"}
+    with open_parquet(storage.filesystem(mapped), found[1].path) as parquet:
+        physical = dict(found[1].stored_names)["temp"]
+        assert pa.concat_tables(each_row_group(parquet, found[1].path, [physical])).column(0).to_pylist() == [2.0]

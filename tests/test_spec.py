@@ -353,6 +353,25 @@ def test_former_names_read_a_renamed_column_either_way_and_are_checked():
             parse_spec(broken, source="s.yaml")
 
 
+def test_with_stored_names_reads_each_column_and_its_former_names_by_the_files_physical_names():
+    """A file of a Delta table with column mapping: each column is read under its physical name, a former name under
+    its own physical name (a column renamed in the table keeps its physical name), a column the mapping does not
+    know (a partition value) under its own name; without stored names the modality is unchanged."""
+    from dmafn.spec import with_stored_names
+
+    data = tiny_spec_dict()
+    data["modalities"]["vib"] = {**data["modalities"]["vib"], "columns": ["a", "b"], "former_names": {"b": "bb"}}
+    spec = parse_spec(data, source="s.yaml")
+    vib = spec.modalities["vib"]
+    assert with_stored_names(vib, ()) is vib
+    mapped = with_stored_names(vib, (("ts", "col-1"), ("a", "col-2"), ("bb", "col-3"), ("x", "col-4")))
+    physical = {"machine_id", "col-1", "col-2", "col-3", "col-4"}          # the entity from the file's folders
+    assert spec.stored_columns(mapped, physical.__contains__) == {"machine_id": "machine_id", "col-1": "ts",
+                                                                  "col-2": "a", "col-3": "b"}
+    assert spec.stored_columns(mapped, {"machine_id", "ts", "a", "b"}.__contains__) == {
+        "machine_id": "machine_id", "ts": "ts", "a": "a", "b": "b"}              # a file from before the mapping
+
+
 def test_missing_values_are_numbers_for_every_value_column_or_some_and_only_of_numeric_modalities():
     """`missing_values`: a list (or one number) for each value column of a tabular or timeseries modality, or a
     mapping of some columns to theirs; it says how the data is stored, so it is no reading edit; a text, an unknown
