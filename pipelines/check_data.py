@@ -24,8 +24,8 @@ from dmafn.spec import Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import (column_chunk, field_of, list_table_files, open_parquet, path_values, time_bounds,
-                                     with_path_fields)
+from pipelines.parquet_files import (RowTimes, column_chunk, field_of, list_table_files, open_parquet, path_values,
+                                     time_bounds, with_path_fields)
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -274,30 +274,35 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                             naive_as_utc=spec.timezone != "UTC" and spec.naive_zone_in(m) is None)
         found.append(data)
         try:
-            partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition_in(m))
+            partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition_in(m), None,
+                                                                  RowTimes.of(spec, m))
         except DataError as exc:
             data.problems.append(f"modality '{name}': {exc}")
             continue
         if delta and not m.context_of:             # a Delta table: the files its log holds now
             marked = [f.deleted.count for f in files if f.deleted is not None]
-            data.notes.append(f"a Delta table: read as its log says ({len(files)} files" + (
+            data.notes.append(f"a Delta table: read as its log says ({len({f.path for f in files})} files" + (
                 f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
                 f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, storage.fs_path(m.path))} "
                 "- are not read" if replaced else "") + (
                 f"; {sum(marked)} rows of {len(marked)} files deleted in place by deletion vectors - not read (the "
                 "footers' statistics this check reads still count them)" if marked else "") + (
-                "; with column mapping: listed from its log by its partition values, its files' columns read by "
-                "their physical names" if any(f.stored_names for f in files) else "") + ")")
+                "; with column mapping: listed from its log, its files' columns read by their physical names"
+                if any(f.stored_names for f in files) else "") + (
+                "; not partitioned by the date: each file read for every date from its first to its last time by "
+                "the log's statistics" if any(f.span for f in files) else "") + ")")
         data.dates = sorted(partitions)
-        data.files, data.bytes = len(files), sum(f.size for f in files)
         if not files:
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
         elif not m.context_of:
             dated[name] = {dt.date.fromisoformat(f.date) for f in files}
+        files = list({f.path: f for f in files}.values())   # a file listed under each date it spans: checked once
+        data.files, data.bytes = len(files), sum(f.size for f in files)
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
         in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
+        spans = {f.path: f.span for f in files}         # a file of each date its rows span: never misplaced
         # a Delta table's column mapping: each file read as it stores the columns (their physical names)
         stored_as = {f.path: with_stored_names(m, f.stored_names) for f in files}
         physical = {f.path: {p: c for c, p in f.stored_names if p != c} for f in files}   # its name -> the column
@@ -342,7 +347,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 if is_count(field_of(as_read, time).type):
                     data.integer_times = unit
                 lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
-                if times[0] < lo or times[1] >= hi:
+                if spans[path] is None and (times[0] < lo or times[1] >= hi):
                     data.misplaced.append((path, dates[path], *times))
     _key_notes(spec, {name: list(ways.values()) for name, ways in keyed.items()}, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})

@@ -272,39 +272,43 @@ class DeletedRows:
 
 
 class LoggedFile(NamedTuple):
-    """A data file of a Delta table with column mapping as its log lists it (its folders name nothing): its path
-    inside the table's folder, its size, when it was written (nanoseconds since the epoch), its partition values
-    (column -> value as text, None: null) and the rows a deletion vector removes from it (None: none)."""
+    """A data file of a Delta table as its log lists it: its path inside the table's folder, its size, when it was
+    written (nanoseconds since the epoch), its partition values (column -> value as text, None: null), the rows a
+    deletion vector removes from it (None: none) and its least and greatest time by the log's statistics."""
 
     path: str
     size: int
     mtime_ns: int
     partition: tuple[tuple[str, str | None], ...]
     deleted: DeletedRows | None = None
+    times: tuple[int | float, int | float] | None = None   # its least and greatest time by the log's statistics
 
 
 class DeltaFiles(NamedTuple):
     """What the log of a modality's Delta table holds now (`live_data_files`): its data files (paths inside its
-    folder) with the rows a deletion vector removes from each; with column mapping also each column's name in its
-    files (`stored_names`: a column - a dotted path for a field inside a struct - and the physical name its files
-    give it), its partition columns and its files as the log lists them (`logged`: they lie in folders of random
-    names, so the listing takes their dates and partition values from the log, not from folders)."""
+    folder) with the rows a deletion vector removes from each; with column mapping each column's name in its files
+    (`stored_names`: a column - a dotted path for a field inside a struct - and the physical name its files give
+    it); its partition columns and its files as the log lists them (`logged`: a table with column mapping lies in
+    folders of random names, one not partitioned by date in none, so those are listed from the log)."""
 
     live: dict[str, DeletedRows | None]
     stored_names: tuple[tuple[str, str], ...] = ()
     partition_columns: tuple[str, ...] = ()
-    logged: tuple[LoggedFile, ...] | None = None
+    logged: tuple[LoggedFile, ...] = ()
+    time_type: pa.DataType | None = None     # the type of the time statistics (`LoggedFile.times`; None: none kept)
 
 
-def live_data_files(storage: Storage, path: str) -> DeltaFiles | None:
+def live_data_files(storage: Storage, path: str, time_column: str | None = None) -> DeltaFiles | None:
     """The data files the Delta table at `path` holds by its log now (`DeltaFiles`), or None where `path` holds no
     Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an OPTIMIZE,
     DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows, nor are the rows a DELETE,
     UPDATE or MERGE marked deleted in place (deletion vectors: delta-rs decodes them, here, so the driver holds 8
     bytes per deleted row of the table's files). A table with column mapping (`delta.columnMapping.mode` name or id,
     which Databricks sets to rename or drop a column) names its columns in its files by their physical names: those
-    come with the files. DataError naming the table where its log or a deletion vector cannot be read, or where its
-    column mapping gives a column the physical name of another column."""
+    come with the files. With `time_column` (as the table names it), each file's least and greatest time by the log's
+    statistics comes with it (`LoggedFile.times`): what a table not partitioned by date is listed by. DataError
+    naming the table where its log or a deletion vector cannot be read, or where its column mapping gives a column
+    the physical name of another column."""
     log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
     try:
         if storage.filesystem(path).get_file_info(log_folder).type != pafs.FileType.Directory:
@@ -325,16 +329,16 @@ def live_data_files(storage: Storage, path: str) -> DeltaFiles | None:
         actions = pa.table(table.get_add_actions(flatten=False))
         live = [unquote(p) for p in actions.column("path").to_pylist()]
         files = {p: deleted.get(p) for p in live}
-        if mapping == "none":
-            return DeltaFiles(files)
-        stored = _physical_names(path, table.schema().fields)
+        stored = _physical_names(path, table.schema().fields) if mapping != "none" else ()
         values = (actions.column("partition").to_pylist() if "partition" in actions.column_names
                   else [{}] * len(live))
+        times, kind = _time_statistics(actions, dict(stored).get(time_column, time_column), len(live))
         logged = tuple(LoggedFile(p, size, ms * 1_000_000, tuple((k, _partition_text(v)) for k, v in held.items()),
-                                  files[p])
-                       for p, size, ms, held in zip(live, actions.column("size_bytes").to_pylist(),
-                                                    actions.column("modification_time").to_pylist(), values))
-        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged)
+                                  files[p], low_high)
+                       for p, size, ms, held, low_high in zip(live, actions.column("size_bytes").to_pylist(),
+                                                              actions.column("modification_time").to_pylist(), values,
+                                                              times))
+        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged, kind)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
@@ -359,6 +363,20 @@ def _physical_names(path: str, fields, prefix: str = "", physical_prefix: str = 
                             f"of its column '{clash[1]}' (columns renamed into each other's names): not read - "
                             "rewrite the table (e.g. CREATE TABLE ... AS SELECT) to read it")
     return tuple(out)
+
+
+def _time_statistics(actions: pa.Table, column: str | None, files: int) -> tuple[list, pa.DataType | None]:
+    """Each add action's least and greatest value of `column` by the statistics the log keeps (a timestamp's or a
+    date's as integers of its unit - microseconds, days -, a number's as it is; None where the log keeps none for the
+    file), and the column's type (None where the log keeps no statistics of it)."""
+    found = [actions.column(end).combine_chunks() for end in ("min", "max") if end in actions.column_names]
+    if column is None or len(found) < 2 or any(column not in [f.name for f in a.type] for a in found):
+        return [None] * files, None
+    low, high = (a.field(column) for a in found)
+    kind = low.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        low, high = low.cast(pa.int64()), high.cast(pa.int64())
+    return [None if lo is None or hi is None else (lo, hi) for lo, hi in zip(low.to_pylist(), high.to_pylist())], kind
 
 
 def _partition_text(value) -> str | None:

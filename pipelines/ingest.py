@@ -307,6 +307,19 @@ def timed_outside(micros: pl.Expr, date, zone: str = "UTC", lateness_us: int = 0
     return (micros < lo) | (micros >= hi)
 
 
+def of_listed_date(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None,
+                   time_format: str | tuple[str, ...] | None, zone: str, date, span) -> pa.Table:
+    """`table` (rows of a file as stored; `time` its time column as the file names it) less its rows of other dates
+    than `date`, where the file was listed under each date its rows span (a Delta table not partitioned by date:
+    `InputFile.span`, its first and last date; rows whose time cannot be read count on the first); `table` itself
+    for any other file."""
+    if span is None:
+        return table
+    timed, _ = read_times(table.select([time]), time, time_unit, naive_zone, time_format)
+    keep = pl.from_arrow(timed).select((~timed_outside(to_micros(pl.col(time)), date, zone)).fill_null(date == span[0]))
+    return table.filter(keep.to_series().to_arrow())
+
+
 def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0) -> pl.DataFrame:
     """Rows of the `date` partition timed on another date (in the spec's `timezone`; before it by more than the
     spec's `lateness`) get a reason (they are quarantined, never used)."""
@@ -455,6 +468,10 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 at = as_stored[time]
                 by_time = (None if own_date else row_groups_before(parquet, at, end, unit, wall_clock) if ahead
                            else row_groups_since(parquet, at, first - m.lookback_us, unit, wall_clock))
+                if f.span is not None:      # a file of every date its rows span: only its rows of `f.date` are read
+                    lo, hi = date_start_us(f.date, zone), date_end_us(f.date, zone)
+                    by_time = both(by_time, both(row_groups_since(parquet, at, lo, unit, wall_clock),
+                                                 row_groups_before(parquet, at, hi, unit, wall_clock)))
                 groups = both(by_time, row_groups_in_bucket(parquet, [as_stored[k] for k in keys], shard.bucket,
                                                             shard.buckets, values))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
@@ -471,6 +488,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                         pl.Series(BAD_TEXT, bad_text), *unread, *hashes), spec, m).rename(names), spec, shard.key_casts)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
+                    if f.span is not None:  # its rows of `f.date` (those without a time: of its first date)
+                        rows = rows.filter(~timed_outside(pl.col(TIME), f.date, zone)
+                                           | (pl.col(TIME).is_null() & (f.date == f.span[0])))
                     if ahead:         # a look-ahead day: only rows of the shard's dates (filed late) are kept
                         rows = rows.filter(pl.col(TIME) < end)
                     elif not own_date:  # a look-back day: only what the first ticks can read is checked and kept

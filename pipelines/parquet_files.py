@@ -255,15 +255,65 @@ class TableFiles(NamedTuple):
 WHOLE_LISTING_DATES = 31  # more dates than this (or all): a `key=*`-first layout's value folders listed whole, once
 
 
-def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None) -> TableFiles:
+class RowTimes(NamedTuple):
+    """How a modality's files keep their rows' times, for listing a Delta table not partitioned by date by its time
+    statistics: the time column as the files name it, what a number there counts (`time_unit`), whose wall clock a
+    naive time shows (None: UTC) and the zone whose calendar the dates are (the spec's `timezone`)."""
+
+    column: str
+    unit: str | None = None
+    naive_zone: str | None = None
+    zone: str = "UTC"
+
+    @classmethod
+    def of(cls, spec, m) -> "RowTimes":
+        return cls(spec.time_in(m), spec.time_unit_in(m), spec.naive_zone_in(m), spec.timezone)
+
+    def bounds(self, times: tuple[int | float, int | float] | None, kind: pa.DataType | None) -> tuple[int, int] | None:
+        """The least and greatest time of a file's rows (microseconds since the epoch) by the Delta log's statistics
+        (`LoggedFile.times`, of type `kind`: a timestamp's kept to the millisecond, so its greatest widened by one);
+        None where they say nothing of it (none kept, a time stored as text)."""
+        if times is None or kind is None:
+            return None
+        low, high = times
+        if pa.types.is_timestamp(kind):
+            low, high = micros_of(low, kind.unit), micros_of(high, kind.unit) + 999
+        elif pa.types.is_date(kind):
+            low, high = low * DAY_US, high * DAY_US + DAY_US - 1
+        elif self.unit and pa.types.is_integer(kind):
+            low, high = micros_of(low, self.unit), micros_of(high, self.unit)
+        elif self.unit and pa.types.is_floating(kind) and math.isfinite(low) and math.isfinite(high):
+            per_us = 1 / 1000 if self.unit == "ns" else MICROS_PER_UNIT[self.unit]
+            low, high = math.floor(low * per_us), math.ceil(high * per_us)
+        else:
+            return None
+        if self.naive_zone and (pa.types.is_date(kind) or pa.types.is_timestamp(kind) and kind.tz is None):
+            low, high = _wall_clock_us(low, self.naive_zone, min), _wall_clock_us(high, self.naive_zone, max)
+        return low, high
+
+    def dates(self, low: int, high: int) -> tuple[dt.date, dt.date]:
+        """The first and last date (in `zone`) of times from `low` to `high` (microseconds since the epoch)."""
+        tz, lowest, highest = zoneinfo.ZoneInfo(self.zone), dt.datetime.min, dt.datetime.max
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        def date_of(us: int) -> dt.date:
+            try:
+                return (epoch + dt.timedelta(microseconds=us)).astimezone(tz).date()
+            except OverflowError:
+                return (lowest if us < 0 else highest).date()
+        return date_of(low), date_of(high)
+
+
+def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None,
+                     times: RowTimes | None = None) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
     (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
     (`delta_sink.live_data_files`, read first: files a compaction or a DELETE/MERGE replaced are not read, and each
-    file keeps the rows its deletion vector removes, `ListedFile.deleted`). A Delta table with column mapping is
-    listed from its log alone (`files_in_log`): its files lie in folders of random names."""
-    live = live_data_files(storage, path)
-    if live is not None and live.logged is not None:
-        return files_in_log(storage, path, partition, live, dates)
+    file keeps the rows its deletion vector removes, `ListedFile.deleted`). A Delta table with column mapping, or
+    not partitioned by the date (`times`: by its files' time statistics), is listed from its log alone
+    (`files_in_log`)."""
+    live = live_data_files(storage, path, times.column if times else None)
+    if live is not None and (live.stored_names or not _dated_by_partitions(live, partition)):
+        return files_in_log(storage, path, partition, live, dates, times)
     # a layout with a folder per machine first: over many dates, each machine's folder listed once, whole
     folders = list_partitions(storage, path, partition, (min(dates), max(dates)) if dates else None,
                               whole=dates is None or len(dates) > WHOLE_LISTING_DATES)
@@ -279,50 +329,81 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
                       True, tuple(f for f, h in zip(files, held) if not h))
 
 
-def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles,
-                 dates: list[dt.date] | None = None) -> TableFiles:
-    """The files of a Delta table with column mapping (`live.logged`) by date, as `list_table_files` gives a table's:
-    a file's date is what its partition values say at each level of the spec's `partition` (a key: that partition
-    column holds the date; a layout `year=%Y/month=%m/day=%d`: its columns year, month and day; a `key=*` level: the
-    column `key`), and its other partition values are named as Hive folders before its name (`ListedFile.name`), so
-    a reader takes a column its file lacks from there (`path_values`); each file carries its columns' physical names
-    (`ListedFile.stored_names`). A file whose values name no date of the layout is not read, with a warning naming
-    it. DataError naming the table and its partition columns where one of the layout's is not among them (a table
-    partitioned otherwise, or not at all: liquid clustering)."""
+def _date_keys(partition: str) -> list[str | None]:
+    """The partition column each date level of a layout names (None: a level without one, `%Y/%m/%d`)."""
+    layout = parse_layout(partition)
+    return [level.split("=", 1)[0] if "=" in level else None
+            for i, level in enumerate(layout.levels) if not layout.any_value(i)]
+
+
+def _dated_by_partitions(live: DeltaFiles, partition: str) -> bool:
+    """Whether a Delta table's partition columns hold each date level of the layout `partition`."""
+    return all(key in live.partition_columns for key in _date_keys(partition))
+
+
+def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, dates: list[dt.date] | None = None,
+                 times: RowTimes | None = None) -> TableFiles:
+    """The files of a Delta table as its log lists them (`live.logged`) by date, as `list_table_files` gives a
+    table's. A table partitioned by the date: a file's date is what its partition values say at each level of the
+    spec's `partition` (a key: that partition column holds the date; a layout `year=%Y/month=%m/day=%d`: its columns
+    year, month and day; a `key=*` level: the column `key`); a file whose values name no date of the layout is not
+    read, with a warning naming it. A table that is not (partitioned otherwise, or not at all: liquid clustering):
+    each file is listed under every date from its least to its greatest time by the log's statistics (`times`;
+    `ListedFile.span`: its readers keep the rows of the date listed). Either way its partition values are named as
+    Hive folders before its name (`ListedFile.name`, so a reader takes a column its file lacks from there,
+    `path_values`) and each file carries its columns' physical names (`ListedFile.stored_names`, column mapping).
+    DataError naming the table where it is not partitioned by the date and `times` is not given, or where the log
+    keeps no time statistics of a file to list it by."""
     layout = parse_layout(partition)
     keys = [level.split("=", 1)[0] if "=" in level else None for level in layout.levels]
-    if missing := [level for key, level in zip(keys, layout.levels) if key not in live.partition_columns]:
-        raise DataError(f"{path}: a Delta table with column mapping is read by the partition values its log gives "
-                        f"its files (they lie in folders of random names), and it has no partition column for the "
-                        f"level {missing[0]!r} of its partition {layout.text!r} (its partition columns: "
-                        f"{', '.join(live.partition_columns) or 'none'}) - set the modality's partition to the "
-                        "column that holds the date (a key: partition: day)")
-    date_keys = {k for i, k in enumerate(keys) if not layout.any_value(i)}
+    by_partitions = _dated_by_partitions(live, partition)
+    if not by_partitions and times is None:
+        missing = next(level for key, level in zip(keys, layout.levels) if key not in live.partition_columns)
+        raise DataError(f"{path}: a Delta table with no partition column for the level {missing!r} of its partition "
+                        f"{layout.text!r} (its partition columns: {', '.join(live.partition_columns) or 'none'}) - "
+                        "set the modality's partition to the column that holds the date (a key: partition: day)")
+    date_keys = set(_date_keys(partition)) if by_partitions else set()
     root, wanted = storage.fs_path(path).rstrip("/"), None if dates is None else set(dates)
     folders: dict[dt.date, list[DateFolder]] = {}
     files, other = [], []
     for f in live.logged:
-        values, fields = dict(f.partition), {}
-        for level, key in enumerate(keys):
-            if not layout.any_value(level):
-                text = values[key] or ""
-                got = layout.match(level, f"{key}={text}")
-                if got is None and text.isdigit() and len(text) == 1:     # an integer month or day: 1 for 01
-                    got = layout.match(level, f"{key}=0{text}")
-                if got is None:
-                    break
-                fields.update(got)
-        day = layout.date(fields) if len(fields) == 3 else None
-        if day is None:
-            other.append(f.path)
-            continue
-        if wanted is not None and day not in wanted:
-            continue
-        folders.setdefault(day, [DateFolder(root)])
+        span = None
+        if by_partitions:
+            values, fields = dict(f.partition), {}
+            for level, key in enumerate(keys):
+                if not layout.any_value(level):
+                    text = values[key] or ""
+                    got = layout.match(level, f"{key}={text}")
+                    if got is None and text.isdigit() and len(text) == 1:     # an integer month or day: 1 for 01
+                        got = layout.match(level, f"{key}=0{text}")
+                    if got is None:
+                        break
+                    fields.update(got)
+            day = layout.date(fields) if len(fields) == 3 else None
+            if day is None:
+                other.append(f.path)
+                continue
+            days = [day]
+        else:
+            if (bounds := times.bounds(f.times, live.time_type)) is None:
+                raise DataError(f"{path}: a Delta table not partitioned by the date ({layout.text}) is listed by the "
+                                f"statistics its log keeps of its time column '{times.column}', and it keeps none "
+                                f"that give a time for {f.path}" + (
+                                    " (a time stored as text)" if pa.types.is_string(live.time_type or pa.null())
+                                    else " (a writer that left statistics out: Delta keeps them for the first 32 "
+                                         "columns unless delta.dataSkippingNumIndexedCols says more)"))
+            first, last = times.dates(*bounds)
+            span = (first.isoformat(), last.isoformat())
+            days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)] if wanted is None else \
+                sorted(d for d in wanted if first <= d <= last)
         above = "".join(f"{quote(k, safe='')}={HIVE_NULL if v is None else quote(v, safe='')}/"
                         for k, v in f.partition if k not in date_keys)
-        files.append(ListedFile(day.isoformat(), f"{root}/{f.path}", f.size, above + f.path, f.mtime_ns, f.deleted,
-                                live.stored_names))
+        for day in days:
+            if wanted is not None and day not in wanted:
+                continue
+            folders.setdefault(day, [DateFolder(root)])
+            files.append(ListedFile(day.isoformat(), f"{root}/{f.path}", f.size, above + f.path, f.mtime_ns,
+                                    f.deleted, live.stored_names, span))
     if other:
         log.warning("%s: %d file(s) of the Delta table whose partition values name no date as %s are not read (%s%s)",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
@@ -343,6 +424,8 @@ class ListedFile(NamedTuple):
     mtime_ns: int | None
     deleted: DeletedRows | None = None
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> its files' name
+    span: tuple[str, str] | None = None     # a Delta table not partitioned by date: the first and last date of the
+                                            # file's rows (listed under each; its rows of `date` are the date's)
 
 
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)

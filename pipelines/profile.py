@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
-from pipelines.ingest import check_columns, entity_string, read_times, timed_outside
-from pipelines.parquet_files import (column_chunk, each_row_group, field_of, list_table_files, open_parquet,
-                                     path_values, with_path_fields)
+from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
+from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, list_table_files,
+                                     open_parquet, path_values, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -118,6 +118,13 @@ class FilePart:
     lateness_us: int = 0            # the spec's lateness: rows filed up to this long after their time are in place
     deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from the file: not counted
     values: tuple[tuple[str, str | None], ...] = ()   # its partition values below the date (`path_values`)
+    span: tuple[dt.date, dt.date] | None = None   # a file listed under each date its rows span: their first and
+                                                  # last (`InputFile.span`); its rows of `date` are counted
+
+    def of_date(self, table: pa.Table, cols: "Columns") -> pa.Table:
+        """`table` (rows of the file, as `cols` names its columns) less its rows of other dates (`span`)."""
+        return of_listed_date(table, cols.time, cols.time_unit, cols.naive_zone, cols.time_format, self.zone,
+                              self.date, self.span)
 
 
 @dataclass(frozen=True)
@@ -133,10 +140,10 @@ def row_group_parts(files: list[FilePart], per_file: pl.DataFrame, days: dict[tu
                     part_rows: int = PART_ROWS) -> list[RowGroupsPart]:
     """Pass 2's parts: each file's row groups (`per_file`: pass 1's rows) in runs of about `part_rows` rows (at
     least one row group)."""
-    counted = {row["path"]: (row["row_groups"], row["rows"]) for row in per_file.iter_rows(named=True)}
+    counted = {(row["path"], row["date"]): (row["row_groups"], row["rows"]) for row in per_file.iter_rows(named=True)}
     parts = []
-    for f in files:
-        groups, n = counted[f.path]
+    for f in files:                         # (a file listed under several dates: counted for each, `FilePart.span`)
+        groups, n = counted[(f.path, f.date.isoformat())]
         per_part = max(1, part_rows * groups // max(n, 1))
         day = days[(f.columns.modality, f.date.isoformat())]
         parts += [RowGroupsPart(f, tuple(range(g, min(g + per_part, groups))), day) for g in range(0, groups, per_part)]
@@ -180,8 +187,8 @@ def file_counts(part: FilePart) -> pd.DataFrame:
         from_stats = {c: None if part.deleted or markers.get(c) else _nulls_from_statistics(parquet, r, c)
                       for c in cols.values}
         read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
-        table = pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted,
-                                                values=dict(part.values)))
+        table = part.of_date(pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted,
+                                                             values=dict(part.values))), cols)
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c), markers.get(c)) for c in read) \
             + sum(n for n in from_stats.values() if n)
@@ -217,7 +224,7 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, dict(part.file.values)))
     read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted,
                           values=dict(part.file.values))
-    rows = cols.times(pa.concat_tables(read))[0].drop_nulls()
+    rows = cols.times(part.file.of_date(pa.concat_tables(read), cols))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
                        to_micros(pl.col(cols.time)).alias("_us")).to_pandas()
@@ -234,13 +241,14 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing; of a Delta
     table, the files its log holds); DataError
     naming the modality's path when none of the dates has a partition."""
-    found, files, *_ = list_table_files(storage, m.path, spec.partition_in(m), dates)
+    found, files, *_ = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m))
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)
     return [FilePart(Columns.of(spec, with_stored_names(m, f.stored_names)) if f.stored_names else cols,
                      dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
-                     f.deleted, tuple(path_values(f.name).items())) for f in files]
+                     f.deleted, tuple(path_values(f.name).items()),
+                     None if f.span is None else tuple(map(dt.date.fromisoformat, f.span))) for f in files]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

@@ -95,6 +95,8 @@ def record(spec: Spec, digests: dict[str, RowDigest]) -> str:
 def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str]]) -> dict[str, RowDigest | None]:
     """Per modality of `columns`, the digest of every row of `files` (a date's own partitions, as listed now) over
     those columns; None for a modality some file of which lacks one of them (its rows cannot be the same)."""
+    from pipelines.ingest import of_listed_date         # ingest imports this module
+
     storage = Storage.from_spec(spec.storage)
     out: dict[str, RowDigest | None] = {m: RowDigest() for m in columns}
     for f in files:
@@ -113,7 +115,15 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
                 out[f.modality] = None
                 continue
             groups = None if f.row_groups is None else list(f.row_groups)
+            m = spec.modalities[f.modality]
+            if f.span is not None and spec.time_in(m) not in wanted:    # its rows of the date cannot be told apart
+                out[f.modality] = None
+                continue
+            time = read[wanted.index(spec.time_in(m))] if f.span is not None else None    # as the file names it
             for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted, values):
+                # a file listed under each date its rows span: its rows of `f.date`
+                part = of_listed_date(part, time, spec.time_unit_in(m), spec.naive_zone_in(m),
+                                      spec.time_format_in(m), spec.timezone, f.date, f.span)
                 out[f.modality].add(row_hashes(part))
     return out
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from dmafn.spec import Spec, voting_modalities
 from pipelines.delta_sink import DeletedRows
-from pipelines.parquet_files import column_chunk, field_of, list_table_files
+from pipelines.parquet_files import RowTimes, column_chunk, field_of, list_table_files
 from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage
 
@@ -43,6 +43,8 @@ class InputFile:
     mtime_ns: int | None = None     # when it was last written (None: the filesystem does not say)
     deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from it (positions in the file)
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> the file's name
+    span: tuple[dt.date, dt.date] | None = None  # a Delta table not partitioned by date: its rows' first and last
+                                                 # date (listed under each; read for `date`, its rows of that date)
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,11 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
-            by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates).files
+            by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m)).files
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
-                            deleted=f.deleted, stored_names=f.stored_names) for f in by_path[m.path]]
+                            deleted=f.deleted, stored_names=f.stored_names,
+                            span=None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)))
+                  for f in by_path[m.path]]
     return files
 
 
@@ -197,9 +201,12 @@ def partition_files(spec: Spec, files: list[InputFile], dates: list[dt.date]) ->
 
 
 def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:
+    """Each date's bytes on disk; a file listed under each date its rows span (`InputFile.span`) counts its size
+    shared out evenly over them."""
     sizes: dict[dt.date, int] = {}
     for f in files:
-        sizes[f.date] = sizes.get(f.date, 0) + f.size
+        share = f.size if f.span is None else f.size // ((f.span[1] - f.span[0]).days + 1)
+        sizes[f.date] = sizes.get(f.date, 0) + share
     return sizes
 
 

@@ -106,7 +106,8 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
             with staging_fs.open_output_stream(piece) as sink:
                 pq.write_table(pa.concat_tables(tables), sink)
                 size = sink.tell()
-            pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size, name=file.name))
+            pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size, name=file.name,
+                                                           span=file.span))
         pending.clear()
         flushes += 1
 
@@ -142,8 +143,9 @@ def with_pieces(shard: Shard, splits: Sequence[SplitFile]) -> Shard:
             continue
         if split.kept:                          # its row groups of one entity each, read in place
             files.append(replace(f, row_groups=split.kept))
-        # as this modality's files: a context view reads its parent's pieces
-        files.extend(replace(piece, modality=f.modality) for piece in split.pieces.get(shard.bucket, ()))
+        # as this modality's files (a context view reads its parent's pieces), of its date (a file listed under
+        # several dates, `InputFile.span`, is split once; each listing reads the pieces for its own date's rows)
+        files.extend(replace(piece, modality=f.modality, date=f.date) for piece in split.pieces.get(shard.bucket, ()))
     return replace(shard, files=tuple(files))
 
 

@@ -1075,6 +1075,7 @@ def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny
 
     from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
+    from pipelines.parquet_files import list_table_files
     from pipelines.shards import list_partition_files
     from pipelines.storage import DataError, Storage
 
@@ -1096,11 +1097,14 @@ def test_a_modality_kept_as_a_delta_table_is_read_as_its_log_says(tmp_path, tiny
     (found,) = check_data(spec)
     assert found.files == 1 and not found.problems and found.notes[0].startswith(
         "a Delta table: read as its log says (1 files; 1 more in its folders that it no longer holds - replaced by ")
-    mapped = tmp_path / "mapped"               # column mapping: listed from its log (next test), by date partitions
+    mapped = tmp_path / "mapped"         # column mapping, partitioned by the machine: listed from its log by time
     write_deltalake(str(mapped), rows, partition_by=["machine_id"], configuration={"delta.columnMapping.mode": "name"})
-    with pytest.raises(DataError, match=r"mapped: a Delta table with column mapping .* no partition column for the "
-                                        r"level 'date=%Y-%m-%d' .*\(its partition columns: machine_id\)"):
-        list_partition_files(_proc_spec(tiny_spec, mapped), [date], Storage())
+    found = list_partition_files(_proc_spec(tiny_spec, mapped), [date], Storage())
+    assert sorted((f.name.split("/")[0], f.span) for f in found) == [("machine_id=a", (date, date)),
+                                                                     ("machine_id=b", (date, date))]
+    with pytest.raises(DataError, match=r"mapped: a Delta table with no partition column for the level "
+                                        r"'date=%Y-%m-%d' .*\(its partition columns: machine_id\)"):
+        list_table_files(Storage(), str(mapped), "date")                 # no time to list it by
 
 
 def test_a_delta_table_with_column_mapping_is_read_by_its_log(tmp_path, tiny_spec):
@@ -1162,7 +1166,8 @@ def test_a_delta_table_with_column_mapping_is_read_by_its_log(tmp_path, tiny_spe
         (found,) = check_data(spec)
         assert not found.problems and found.dates == [dt.date(2024, 1, 1), date]
         assert set(found.columns) == {"ts", "temp", "machine_id"} and not found.renamed
-        assert "with column mapping: listed from its log by its partition values" in found.notes[0]
+        assert "with column mapping: listed from its log, its files' columns read by their physical names" in \
+            found.notes[0]
     by_day = tmp_path / "by_day"                  # a layout of integer partition columns: month 1 is month=01
     write_deltalake(str(by_day), rows.append_column("year", pa.array([2024] * 5)).append_column(
         "month", pa.array([1] * 5)).append_column("day", pc.utf8_slice_codeunits(rows["date"], 8)).drop(["date"]),
@@ -1252,6 +1257,84 @@ def test_rows_a_deletion_vector_removes_are_not_read(tmp_path, tiny_spec, monkey
     assert not found.problems and found.notes[0] == (
         "a Delta table: read as its log says (1 files; 2 rows of 1 files deleted in place by deletion vectors - not "
         "read (the footers' statistics this check reads still count them))")
+
+
+def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tmp_path, tiny_spec):
+    """A Delta table not partitioned by the date (liquid clustering, or partitioned by the machine only): each file
+    is listed under every date from its least to its greatest time by the log's statistics, and each date reads
+    only its rows of it - `read_shard` (nothing misplaced; a row without a time counted on its file's first date),
+    the row digests (equal to plain `date=` folders holding the same rows), profile's counts and check-data. A
+    time kept as text gives no statistics to list by: an error naming the file. Staging's pieces of a file listed
+    under two dates of one shard are read for each date."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.profile import file_counts, modality_files
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import InputFile, Shard, list_partition_files
+    from pipelines.staging import SplitFile, with_pieces
+    from pipelines.storage import DataError, Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    first = pa.table({"machine_id": ["a", "b", "a", "b"],                # 2024-01-01 23:58 .. 2024-01-02 00:01
+                      "ts": pa.array([day - 2 * minute, day - minute, day, day + minute], pa.timestamp("us", tz="UTC")),
+                      "temp": [1.0, 2.0, 3.0, 4.0]})
+    second = pa.table({"machine_id": ["a", "b", "a"],                    # 2024-01-02 12:00 .. 2024-01-03 00:00
+                       "ts": pa.array([day + 720 * minute, None, day + 1440 * minute], pa.timestamp("us", tz="UTC")),
+                       "temp": [5.0, 6.0, 7.0]})
+    table = tmp_path / "clustered"
+    write_deltalake(str(table), first)
+    write_deltalake(str(table), second, mode="append")
+    spec = _proc_spec(tiny_spec, table)
+    dates = [dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)]
+    listed = list_partition_files(spec, dates, Storage())
+    assert sorted((f.date, f.span) for f in listed) == [(dates[0], (dates[0], dates[1])),
+                                                       (dates[1], (dates[0], dates[1])),
+                                                       (dates[1], (dates[1], dates[2])),
+                                                       (dates[2], (dates[1], dates[2]))]
+    plain = tmp_path / "plain"                                           # the same rows in date folders
+    both = pa.concat_tables([first, second])
+    for d in dates:
+        (plain / f"date={d}").mkdir(parents=True)
+        pq.write_table(both.filter(pc.equal(pc.strftime(both["ts"], "%Y-%m-%d"), d.isoformat())),
+                       plain / f"date={d}" / "p.parquet")
+    plain_spec = _proc_spec(tiny_spec, plain)
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    for d, rows in zip(dates, (2, 3, 1)):
+        got = read_shard(_shard(tmp_path, spec, [d]), spec, Storage())
+        expected = read_shard(_shard(tmp_path, plain_spec, [d]), plain_spec, Storage())
+        assert got.tables["proc"].sort("machine_id", "_t").equals(expected.tables["proc"].sort("machine_id", "_t"))
+        assert got.usable_rows == expected.usable_rows == {d.isoformat(): {"proc": rows}}
+        assert got.quarantined["reason"].to_list() == (["null time column 'ts'"] if d == dates[1] else [])
+        assert got.rows_read == {d.isoformat(): rows + (d == dates[1])}
+        ours = date_digests(spec, list_partition_files(spec, [d], Storage()), columns)["proc"]
+        theirs = date_digests(plain_spec, list_partition_files(plain_spec, [d], Storage()), columns)["proc"]
+        assert ours.rows == rows + (d == dates[1]) and (d == dates[1] or ours.to_dict() == theirs.to_dict())
+        counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [d])]
+        assert sum(int(c["rows"].sum()) for c in counted) == rows + (d == dates[1])
+        assert sum(int(c["outside_partition"].sum()) for c in counted) == 0
+    (found,) = check_data(spec)
+    assert not found.problems and not found.misplaced and found.files == 2 and found.dates == dates
+    assert "not partitioned by the date: each file read for every date from its first to its last time" in \
+        found.notes[0]
+    text = tmp_path / "text_times"                                       # text times: no order to list by
+    write_deltalake(str(text), first.set_column(1, "ts", pc.cast(first["ts"], pa.string())))
+    with pytest.raises(DataError, match=r"text_times: a Delta table not partitioned by the date .* keeps none that "
+                                        r"give a time for part-.*\.parquet \(a time stored as text\)"):
+        list_partition_files(_proc_spec(tiny_spec, text), dates, Storage())
+    # staging: a file split once, read for each date it is listed under in one shard
+    source = [f for f in listed if f.span == (dates[0], dates[1])]
+    piece = InputFile("proc", dates[0], str(tmp_path / "piece.parquet"), 1, name=source[0].name, span=source[0].span)
+    shard = Shard(tuple(dates[1:2]), 0, 2, tuple(source))
+    (left, right) = with_pieces(shard, [SplitFile(source[0], 2, {0: (piece,)})]).files
+    assert (left.date, right.date) == (dates[0], dates[1]) and left.path == right.path == piece.path
 
 
 def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_spec):
