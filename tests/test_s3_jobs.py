@@ -495,7 +495,7 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     from deltalake import DeltaTable, write_deltalake
 
     from dmafn.spec import StorageSpec
-    from pipelines.parquet_files import each_row_group, list_table_files, open_parquet
+    from pipelines.parquet_files import RowTimes, each_row_group, list_table_files, open_parquet
     from tests.deletion_vectors import deletion_commit, latest_add, vector_in_a_file
 
     s3 = boto3.client("s3")
@@ -537,3 +537,12 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     with open_parquet(storage.filesystem(mapped), found[1].path) as parquet:
         physical = dict(found[1].stored_names)["temp"]
         assert pa.concat_tables(each_row_group(parquet, found[1].path, [physical])).column(0).to_pylist() == [2.0]
+    # not partitioned by the date: listed by the time statistics its log keeps
+    clustered = "s3://deltalake-input/raw/clustered"
+    write_deltalake(clustered, pa.table({"machine_id": ["a", "b"], "ts": pa.array(
+        [1_704_412_800_000_000, 1_704_499_200_000_000], pa.timestamp("us", tz="UTC")), "temp": [1.0, 2.0]}),
+        storage_options=options)                                       # 2024-01-05 00:00 and 2024-01-06 00:00
+    spanning = list_table_files(storage, clustered, "date", None, RowTimes("ts")).files
+    assert [(f.date, f.span) for f in spanning] == [("2024-01-05", ("2024-01-05", "2024-01-06")),
+                                                    ("2024-01-06", ("2024-01-05", "2024-01-06"))]
+    assert spanning[0].path.startswith("deltalake-input/raw/clustered/part-")
