@@ -281,7 +281,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             continue
         if delta and not m.context_of:             # a Delta table: the files its log holds now
             marked = [f.deleted.count for f in files if f.deleted is not None]
-            data.notes.append(f"a Delta table: read as its log says ({len({f.path for f in files})} files" + (
+            data.notes.append(f"a Delta table: read as its log says ({len(files)} files" + (
                 f"; {len(replaced)} more in its folders that it no longer holds - replaced by an OPTIMIZE, DELETE, "
                 f"UPDATE or MERGE and not yet vacuumed, e.g. {relative(replaced[0].path, storage.fs_path(m.path))} "
                 "- are not read" if replaced else "") + (
@@ -294,9 +294,9 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         data.dates = sorted(partitions)
         if not files:
             data.problems.append(f"modality '{name}' ({m.path}): partitions but no Parquet files")
-        elif not m.context_of:
-            dated[name] = {dt.date.fromisoformat(f.date) for f in files}
-        files = list({f.path: f for f in files}.values())   # a file listed under each date it spans: checked once
+        elif not m.context_of:          # a file of each date its rows span (listed once): the dates it spans
+            dated[name] = set(partitions) if any(f.span for f in files) else {dt.date.fromisoformat(f.date)
+                                                                              for f in files}
         data.files, data.bytes = len(files), sum(f.size for f in files)
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
         filesystem, paths = storage.filesystem(m.path), [f.path for f in files]

@@ -348,24 +348,27 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
     spec's `partition` (a key: that partition column holds the date; a layout `year=%Y/month=%m/day=%d`: its columns
     year, month and day; a `key=*` level: the column `key`); a file whose values name no date of the layout is not
     read, with a warning naming it. A table that is not (partitioned otherwise, or not at all: liquid clustering):
-    each file is listed under every date from its least to its greatest time by the log's statistics (`times`;
-    `ListedFile.span`: its readers keep the rows of the date listed). Either way its partition values are named as
-    Hive folders before its name (`ListedFile.name`, so a reader takes a column its file lacks from there,
-    `path_values`) and each file carries its columns' physical names (`ListedFile.stored_names`, column mapping).
+    each file is listed under every date of `dates` from its least to its greatest time by the log's statistics
+    (`times`; `ListedFile.span`: its readers keep the rows of the date listed) - with `dates` None once, under its
+    first date, the dates of the table (`TableFiles.folders`) being every date a file spans. Either way its
+    partition values are named as Hive folders before its name (`ListedFile.name`, so a reader takes a column its
+    file lacks from there, `path_values`) and each file carries its columns' physical names
+    (`ListedFile.stored_names`, column mapping).
     DataError naming the table where it is not partitioned by the date and `times` is not given, or where the log
     keeps no time statistics of a file to list it by."""
     layout = parse_layout(partition)
     keys = [level.split("=", 1)[0] if "=" in level else None for level in layout.levels]
     by_partitions = _dated_by_partitions(live, partition)
     if not by_partitions and times is None:
-        missing = next(level for key, level in zip(keys, layout.levels) if key not in live.partition_columns)
+        missing = next(level for i, (key, level) in enumerate(zip(keys, layout.levels))
+                       if not layout.any_value(i) and key not in live.partition_columns)
         raise DataError(f"{path}: a Delta table with no partition column for the level {missing!r} of its partition "
                         f"{layout.text!r} (its partition columns: {', '.join(live.partition_columns) or 'none'}) - "
                         "set the modality's partition to the column that holds the date (a key: partition: day)")
     date_keys = set(_date_keys(partition)) if by_partitions else set()
     root, wanted = storage.fs_path(path).rstrip("/"), None if dates is None else set(dates)
     folders: dict[dt.date, list[DateFolder]] = {}
-    files, other = [], []
+    files, other, spans = [], [], []
     for f in live.logged:
         span = None
         if by_partitions:
@@ -394,8 +397,11 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
                                          "columns unless delta.dataSkippingNumIndexedCols says more)"))
             first, last = times.dates(*bounds)
             span = (first.isoformat(), last.isoformat())
-            days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)] if wanted is None else \
-                sorted(d for d in wanted if first <= d <= last)
+            if wanted is None:                  # every date: the file once, its dates among the table's
+                spans.append((first, last))
+                days = [first]
+            else:
+                days = sorted(d for d in wanted if first <= d <= last)
         above = "".join(f"{quote(k, safe='')}={HIVE_NULL if v is None else quote(v, safe='')}/"
                         for k, v in f.partition if k not in date_keys)
         for day in days:
@@ -407,6 +413,12 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
     if other:
         log.warning("%s: %d file(s) of the Delta table whose partition values name no date as %s are not read (%s%s)",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
+    reach = None
+    for first, last in sorted(spans):           # the dates the files span, once each (their union, run by run)
+        start = first if reach is None or first > reach else reach + dt.timedelta(days=1)
+        for i in range((last - start).days + 1):
+            folders.setdefault(start + dt.timedelta(days=i), [DateFolder(root)])
+        reach = last if reach is None else max(reach, last)
     return TableFiles(dict(sorted(folders.items())), sorted(files, key=lambda f: (f.date, f.path)), True)
 
 

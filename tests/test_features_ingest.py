@@ -1275,6 +1275,7 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
 
     from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
+    from pipelines.parquet_files import RowTimes, list_table_files
     from pipelines.profile import file_counts, modality_files
     from pipelines.row_digests import date_digests
     from pipelines.shards import InputFile, Shard, list_partition_files
@@ -1320,6 +1321,9 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
         counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [d])]
         assert sum(int(c["rows"].sum()) for c in counted) == rows + (d == dates[1])
         assert sum(int(c["outside_partition"].sum()) for c in counted) == 0
+    every = list_table_files(Storage(), str(table), "date", None, RowTimes("ts"))     # every date: each file once
+    assert list(every.folders) == dates and [(f.date, f.span) for f in every.files] == [
+        ("2024-01-01", ("2024-01-01", "2024-01-02")), ("2024-01-02", ("2024-01-02", "2024-01-03"))]
     (found,) = check_data(spec)
     assert not found.problems and not found.misplaced and found.files == 2 and found.dates == dates
     assert "not partitioned by the date: each file read for every date from its first to its last time" in \

@@ -542,7 +542,9 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
     write_deltalake(clustered, pa.table({"machine_id": ["a", "b"], "ts": pa.array(
         [1_704_412_800_000_000, 1_704_499_200_000_000], pa.timestamp("us", tz="UTC")), "temp": [1.0, 2.0]}),
         storage_options=options)                                       # 2024-01-05 00:00 and 2024-01-06 00:00
-    spanning = list_table_files(storage, clustered, "date", None, RowTimes("ts")).files
+    days = [dt.date(2024, 1, 5), dt.date(2024, 1, 6)]
+    spanning = list_table_files(storage, clustered, "date", days, RowTimes("ts")).files
     assert [(f.date, f.span) for f in spanning] == [("2024-01-05", ("2024-01-05", "2024-01-06")),
                                                     ("2024-01-06", ("2024-01-05", "2024-01-06"))]
     assert spanning[0].path.startswith("deltalake-input/raw/clustered/part-")
+    assert list(list_table_files(storage, clustered, "date", None, RowTimes("ts")).folders) == days
