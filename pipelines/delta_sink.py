@@ -296,6 +296,7 @@ class DeltaFiles(NamedTuple):
     partition_columns: tuple[str, ...] = ()
     logged: tuple[LoggedFile, ...] = ()
     time_type: pa.DataType | None = None     # the type of the time statistics (`LoggedFile.times`; None: none kept)
+    schema: pa.Schema | None = None          # the table's columns, by their names (not the physical ones)
 
 
 def live_data_files(storage: Storage, path: str, time_column: str | None = None) -> DeltaFiles | None:
@@ -338,7 +339,8 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None)
                        for p, size, ms, held, low_high in zip(live, actions.column("size_bytes").to_pylist(),
                                                               actions.column("modification_time").to_pylist(), values,
                                                               times))
-        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged, kind)
+        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged, kind,
+                          pa.schema(table.schema().to_arrow()))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table

@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow.dataset as pads
 
 from dmafn.spec import Spec
+from pipelines.parquet_files import read_whole_delta_table
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -62,10 +63,15 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
     if spec.labels is None:
         raise DataError(f"{spec.source}: the spec has no 'labels' section")
     path = spec.labels.path
-    try:
-        table = pads.dataset(storage.fs_path(path), filesystem=storage.filesystem(path), format="parquet").to_table()
+    try:                                # a Delta table as its log holds it now; else every Parquet file
+        table = read_whole_delta_table(storage, path)
+        if table is None:
+            table = pads.dataset(storage.fs_path(path), filesystem=storage.filesystem(path),
+                                 format="parquet").to_table()
     except (OSError, FileNotFoundError) as exc:
         raise DataError(f"labels {path}: cannot be read ({exc})") from None
+    except DataError as exc:
+        raise DataError(f"labels {exc}") from None
     df = pl.from_arrow(table)
     start, end = spec.labels.start, spec.labels.end
     for col in [*spec.entity, start, end]:

@@ -130,11 +130,19 @@ def field_of(schema: pa.Schema, name: str) -> pa.Field | None:
     return None
 
 
+VIEW_TYPES = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
+
+
 def flat_columns(table: pa.Table, columns: list[str]) -> pa.Table:
-    """`columns` of a table read from Parquet, those inside struct columns lifted out under their dotted path."""
+    """`columns` of a table read from Parquet, those inside struct columns lifted out under their dotted path, and a
+    column of Arrow's view types (string_view, binary_view: as delta-rs writes the files an UPDATE or MERGE rewrites)
+    as the plain large type, which every kernel takes (pyarrow's take and filter have none for views)."""
     while any(pa.types.is_struct(t) for t in table.schema.types) and not set(columns) <= set(table.column_names):
         table = table.flatten()
-    return table.select(columns)
+    table = table.select(columns)
+    if any(t in VIEW_TYPES for t in table.schema.types):
+        table = table.cast(pa.schema([f.with_type(VIEW_TYPES.get(f.type, f.type)) for f in table.schema]))
+    return table
 
 
 def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
@@ -420,6 +428,32 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
             folders.setdefault(start + dt.timedelta(days=i), [DateFolder(root)])
         reach = last if reach is None else max(reach, last)
     return TableFiles(dict(sorted(folders.items())), sorted(files, key=lambda f: (f.date, f.path)), True)
+
+
+def read_whole_delta_table(storage: Storage, path: str) -> pa.Table | None:
+    """Every row of the Delta table at `path` as its log holds them now - its live files only, the rows a deletion
+    vector removes left out, columns stored under physical names (column mapping) read under the table's names and
+    its partition values as text columns -, or None where `path` holds no Delta table. For a small input table read
+    whole (the labels: an incident table kept in Delta and updated by MERGE holds the replaced files in its folders
+    until VACUUM). DataError naming the table or file that cannot be read."""
+    live = live_data_files(storage, path)
+    if live is None:
+        return None
+    filesystem, root = storage.filesystem(path), storage.fs_path(path).rstrip("/")
+    named = {stored: column for column, stored in live.stored_names if "." not in column}   # top-level columns
+    parts = []
+    for f in live.logged:
+        at = f"{root}/{f.path}"
+        with open_parquet(filesystem, at) as parquet:
+            columns = parquet.schema_arrow.names
+            part = pa.concat_tables([flat_columns(parquet.schema_arrow.empty_table(), columns),
+                                     *each_row_group(parquet, at, columns, deleted=f.deleted)])
+        part = part.rename_columns([named.get(c, c) for c in part.column_names])
+        for key, value in f.partition:
+            if key not in part.column_names:
+                part = part.append_column(key, pa.array([value] * part.num_rows, pa.string()))
+        parts.append(part)
+    return pa.concat_tables(parts, promote_options="permissive") if parts else live.schema.empty_table()
 
 
 class ListedFile(NamedTuple):

@@ -251,6 +251,45 @@ def test_label_times_stored_as_integers_count_the_specs_time_unit(tiny_spec, tmp
         load_labels(replace(spec, time_unit=None), Storage())
 
 
+def test_labels_kept_as_a_delta_table_are_read_as_its_log_holds_them(tiny_spec, tmp_path):
+    """An incident table kept in Delta: an UPDATE that closed an incident later leaves the replaced file in the
+    folder until VACUUM - only the updated row is read; with column mapping and partitioned by the machine, the
+    physical names read under the table's and the machine from the partition values; a deleted incident (a file
+    rewritten, or its row deleted in place by a deletion vector) is gone."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, write_deltalake
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.labels import load_labels
+    from pipelines.storage import Storage
+    from tests.deletion_vectors import delete_in_place
+
+    def at(*hours):
+        return pa.array([dt.datetime(2024, 1, 5, h, tzinfo=dt.timezone.utc) for h in hours], pa.timestamp("us", "UTC"))
+
+    incidents = pa.table({"machine_id": ["a", "b"], "start_ts": at(1, 3), "end_ts": at(2, 4)})
+    for name, options in (("plain", {}), ("mapped", {"partition_by": ["machine_id"], "configuration": {
+            "delta.columnMapping.mode": "name"}})):
+        table = tmp_path / name
+        write_deltalake(str(table), incidents, **options)
+        DeltaTable(str(table)).update(predicate="machine_id = 'a'",
+                                      updates={"end_ts": "'2024-01-05T05:00:00Z'::timestamp"})
+        spec = replace(tiny_spec, labels=LabelsSpec(path=str(table)))
+        rows = sorted(load_labels(spec, Storage()).usable.select("machine_id", "end_ts").rows())
+        assert [(key, end.hour) for key, end in rows] == [("a", 5), ("b", 4)]
+        if name == "plain":             # b's row deleted in place (a deletion vector, as Databricks writes them)
+            (live,) = DeltaTable(str(table)).file_uris()
+            b_at = pq.read_table(live)["machine_id"].to_pylist().index("b")
+            delete_in_place(table, live.rsplit("/", 1)[1], [b_at])
+        else:
+            DeltaTable(str(table)).delete("machine_id = 'b'")
+        assert load_labels(spec, Storage()).usable["machine_id"].to_list() == ["a"]
+        assert load_labels(spec, Storage()).summary()["rows"] == 1
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 

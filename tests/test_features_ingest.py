@@ -1341,6 +1341,42 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
     assert (left.date, right.date) == (dates[0], dates[1]) and left.path == right.path == piece.path
 
 
+def test_view_typed_columns_are_read_split_and_filtered_as_plain_strings(tmp_path, tiny_spec):
+    """A file whose entity is stored as Arrow's string_view (as delta-rs writes the files an UPDATE or MERGE rewrites):
+    `read_shard` reads it, staging's split sorts its rows by bucket and a deletion vector's rows are left out - the
+    view read as a large string, which pyarrow's take and filter kernels take."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from pipelines.delta_sink import DeletedRows
+    from pipelines.ingest import read_shard
+    from pipelines.parquet_files import each_row_group, open_parquet
+    from pipelines.shards import list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    folder = tmp_path / "proc" / "date=2024-01-02"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"machine_id": pa.array(["a", "b", "a", "b"], pa.string_view()),
+                             "ts": pa.array([day + i * 60_000_000 for i in range(4)], pa.timestamp("us", tz="UTC")),
+                             "temp": [1.0, 2.0, 3.0, 4.0]}), folder / "part.parquet")
+    spec = _proc_spec(tiny_spec, tmp_path / "proc")
+    date = dt.date(2024, 1, 2)
+    (listed,) = list_partition_files(spec, [date], Storage())
+    with open_parquet(Storage().filesystem(str(folder)), listed.path) as parquet:
+        assert parquet.schema_arrow.field("machine_id").type == pa.string_view()
+        kept = pa.concat_tables(each_row_group(parquet, listed.path, ["machine_id", "temp"],
+                                               deleted=DeletedRows.of(np.array([1]))))
+    assert kept.column("machine_id").to_pylist() == ["a", "a", "b"] and kept.column("temp").type == pa.float64()
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert sorted(got.tables["proc"]["temp"].to_list()) == [1.0, 2.0, 3.0, 4.0]
+    split = split_file(listed, spec, Storage(), 2, str(tmp_path / "staged"))
+    assert sorted(pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps)["temp"].to_list()) \
+        == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_spec):
     """`former_names`: a date whose older file stores the value column under its former name is read whole - the
     listing's files, `read_shard` (staged or not), the row digests (a file rewritten under the new name holds the
