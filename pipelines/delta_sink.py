@@ -299,7 +299,8 @@ class DeltaFiles(NamedTuple):
     schema: pa.Schema | None = None          # the table's columns, by their names (not the physical ones)
 
 
-def live_data_files(storage: Storage, path: str, time_column: str | None = None) -> DeltaFiles | None:
+def live_data_files(storage: Storage, path: str, time_column: str | None = None,
+                    dated_by: list[str | None] | None = None) -> DeltaFiles | None:
     """The data files the Delta table at `path` holds by its log now (`DeltaFiles`), or None where `path` holds no
     Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an OPTIMIZE,
     DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows, nor are the rows a DELETE,
@@ -307,7 +308,9 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None)
     bytes per deleted row of the table's files). A table with column mapping (`delta.columnMapping.mode` name or id,
     which Databricks sets to rename or drop a column) names its columns in its files by their physical names: those
     come with the files. With `time_column` (as the table names it), each file's least and greatest time by the log's
-    statistics comes with it (`LoggedFile.times`): what a table not partitioned by date is listed by. DataError
+    statistics comes with it (`LoggedFile.times`): what a table not partitioned by date is listed by. `dated_by`: the
+    partition columns that hold a date (the layout's date levels); a table without column mapping partitioned by
+    them all is listed by its folders, so no `logged` is built for it (an object per file of the table). DataError
     naming the table where its log or a deletion vector cannot be read, or where its column mapping gives a column
     the physical name of another column."""
     log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
@@ -331,6 +334,9 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None)
         live = [unquote(p) for p in actions.column("path").to_pylist()]
         files = {p: deleted.get(p) for p in live}
         stored = _physical_names(path, table.schema().fields) if mapping != "none" else ()
+        partitioned_by = tuple(table.metadata().partition_columns)
+        if not stored and dated_by is not None and all(key in partitioned_by for key in dated_by):
+            return DeltaFiles(files, (), partitioned_by)            # listed by its date folders
         values = (actions.column("partition").to_pylist() if "partition" in actions.column_names
                   else [{}] * len(live))
         times, kind = _time_statistics(actions, dict(stored).get(time_column, time_column), len(live))
@@ -339,8 +345,7 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None)
                        for p, size, ms, held, low_high in zip(live, actions.column("size_bytes").to_pylist(),
                                                               actions.column("modification_time").to_pylist(), values,
                                                               times))
-        return DeltaFiles(files, stored, tuple(table.metadata().partition_columns), logged, kind,
-                          pa.schema(table.schema().to_arrow()))
+        return DeltaFiles(files, stored, partitioned_by, logged, kind, pa.schema(table.schema().to_arrow()))
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table

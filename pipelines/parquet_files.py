@@ -319,7 +319,7 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
     file keeps the rows its deletion vector removes, `ListedFile.deleted`). A Delta table with column mapping, or
     not partitioned by the date (`times`: by its files' time statistics), is listed from its log alone
     (`files_in_log`)."""
-    live = live_data_files(storage, path, times.column if times else None)
+    live = live_data_files(storage, path, times.column if times else None, _date_keys(partition))
     if live is not None and (live.stored_names or not _dated_by_partitions(live, partition)):
         return files_in_log(storage, path, partition, live, dates, times)
     # a layout with a folder per machine first: over many dates, each machine's folder listed once, whole
