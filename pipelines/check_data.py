@@ -24,7 +24,7 @@ from dmafn.spec import Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import (RowTimes, column_chunk, field_of, list_table_files, open_parquet, path_values,
+from pipelines.parquet_files import (RowTimes, column_chunk, field_of, file_values, list_table_files, open_parquet,
                                      time_bounds, with_path_fields)
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
@@ -303,6 +303,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
         dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
         spans = {f.path: f.span for f in files}         # a file of each date its rows span: never misplaced
+        table_columns = {f.path: (f.table_columns, f.stored_names) for f in files}
         # a Delta table's column mapping: each file read as it stores the columns (their physical names)
         stored_as = {f.path: with_stored_names(m, f.stored_names) for f in files}
         physical = {f.path: {p: c for c, p in f.stored_names if p != c} for f in files}   # its name -> the column
@@ -317,7 +318,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     if isinstance(footer, DataError):
                         raise footer
                     schema, times, samples, extremes = footer
-                    schema = with_path_fields(schema, path_values(in_folder[path]))   # columns in its folders only
+                    # columns in its folders only, or added to its Delta table since (null)
+                    schema = with_path_fields(schema, file_values(in_folder[path], schema, *table_columns[path]))
                     check_schema(schema, spec, stored_as[path], path)
                 except DataError as exc:
                     data.problems.append(str(exc))

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (each_row_group, each_schema, field_of, open_parquet, path_values,
+from pipelines.parquet_files import (each_row_group, each_schema, field_of, file_values, open_parquet,
                                      row_groups_before, row_groups_since, with_path_fields)
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
@@ -456,7 +456,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
             stored_as = with_stored_names(m, f.stored_names)    # a Delta table's column mapping: physical names
             with open_parquet(fs, f.path) as parquet:
-                values = path_values(f.name)                # a column in the file's folders only (Hive, Spark)
+                # a column in the file's folders only (Hive, Spark), or added to its Delta table since: null
+                values = file_values(f.name, parquet.schema_arrow, f.table_columns, f.stored_names)
                 schema = with_path_fields(parquet.schema_arrow, values)
                 check_schema(schema, spec, stored_as, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
@@ -588,7 +589,8 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
         m = with_stored_names(m, f.stored_names)        # a Delta table's column mapping: physical names
         with open_parquet(storage.filesystem(m.path), f.path) as parquet:
-            schema = with_path_fields(parquet.schema_arrow, path_values(f.name))
+            schema = with_path_fields(parquet.schema_arrow, file_values(f.name, parquet.schema_arrow,
+                                                                        f.table_columns, f.stored_names))
             check_schema(schema, spec, m, f.path)
             return schema_as_read(schema, spec, m)
 

@@ -180,6 +180,23 @@ def path_values(name: str) -> dict[str, str | None]:
     return out
 
 
+def file_values(name: str, schema: pa.Schema, table_columns: tuple[str, ...] = (),
+                stored_names: tuple[tuple[str, str], ...] = ()) -> dict[str, str | None]:
+    """What a file's rows hold for columns the file itself does not: its partition values (`path_values` of its
+    `name`) and, in a Delta table, null for each of the table's columns (`table_columns`, by the names the file would
+    store them under, `stored_names`) that the file (`schema`) lacks - a column added since it was written (ALTER
+    TABLE ADD COLUMNS, a MERGE with schema evolution), which every Delta reader reads as null there."""
+    return {**absent_columns(schema, table_columns, stored_names), **path_values(name)}
+
+
+def absent_columns(schema: pa.Schema, table_columns: tuple[str, ...],
+                   stored_names: tuple[tuple[str, str], ...] = ()) -> dict[str, None]:
+    """Each of a Delta table's columns (`table_columns`) that a file (`schema`) lacks under the name it would store
+    it under (`stored_names`), as null (`file_values`)."""
+    stored = dict(stored_names)
+    return {c: None for c in table_columns if field_of(schema, stored.get(c, c)) is None}
+
+
 def with_path_fields(schema: pa.Schema, values: dict[str, str | None]) -> pa.Schema:
     """`schema` with a string field for each of a file's partition values (`path_values`) the file does not hold:
     what a reader of its columns finds (`each_row_group(..., values=)`)."""
@@ -332,7 +349,7 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
         return TableFiles(folders, files)
     root = storage.fs_path(path)
     held = [relative(f.path, root) in live.live for f in files]
-    return TableFiles(folders, [f._replace(deleted=live.live[relative(f.path, root)])
+    return TableFiles(folders, [f._replace(deleted=live.live[relative(f.path, root)], table_columns=live.columns)
                                 for f, h in zip(files, held) if h],
                       True, tuple(f for f, h in zip(files, held) if not h))
 
@@ -417,7 +434,7 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
                 continue
             folders.setdefault(day, [DateFolder(root)])
             files.append(ListedFile(day.isoformat(), f"{root}/{f.path}", f.size, above + f.path, f.mtime_ns,
-                                    f.deleted, live.stored_names, span))
+                                    f.deleted, live.stored_names, span, live.columns))
     if other:
         log.warning("%s: %d file(s) of the Delta table whose partition values name no date as %s are not read (%s%s)",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
@@ -472,6 +489,7 @@ class ListedFile(NamedTuple):
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> its files' name
     span: tuple[str, str] | None = None     # a Delta table not partitioned by date: the first and last date of the
                                             # file's rows (listed under each; its rows of `date` are the date's)
+    table_columns: tuple[str, ...] = ()     # a Delta table's columns: one the file lacks is null (`file_values`)
 
 
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)

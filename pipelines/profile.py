@@ -34,8 +34,8 @@ from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
 from pipelines.align import to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
-from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, list_table_files,
-                                     open_parquet, path_values, with_path_fields)
+from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, each_row_group, field_of,
+                                     list_table_files, open_parquet, path_values, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -120,6 +120,12 @@ class FilePart:
     values: tuple[tuple[str, str | None], ...] = ()   # its partition values below the date (`path_values`)
     span: tuple[dt.date, dt.date] | None = None   # a file listed under each date its rows span: their first and
                                                   # last (`InputFile.span`); its rows of `date` are counted
+    table_columns: tuple[str, ...] = ()           # a Delta table's columns (`InputFile.table_columns`) and their
+    stored_names: tuple[tuple[str, str], ...] = ()  # physical names: one the file lacks is null (`file_values`)
+
+    def values_in(self, schema: pa.Schema) -> dict[str, str | None]:
+        """What its rows hold for columns the file (`schema`) does not (`file_values`)."""
+        return {**absent_columns(schema, self.table_columns, self.stored_names), **dict(self.values)}
 
     def of_date(self, table: pa.Table, cols: "Columns") -> pa.Table:
         """`table` (rows of the file, as `cols` names its columns) less its rows of other dates (`span`)."""
@@ -176,7 +182,8 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
-    schema = with_path_fields(parquet.schema_arrow, dict(part.values))    # a column in the file's folders only
+    values = part.values_in(parquet.schema_arrow)    # a column in the file's folders only, or added since (null)
+    schema = with_path_fields(parquet.schema_arrow, values)
     cols = part.columns.in_file(schema)
     cols.check(schema, part.path)
     markers = dict(zip(cols.values, map(dict(part.columns.missing_values).get, part.columns.values)))
@@ -188,7 +195,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
                       for c in cols.values}
         read = [*cols.key_and_time, *(c for c, n in from_stats.items() if n is None)]
         table = part.of_date(pa.concat_tables(each_row_group(parquet, part.path, read, [r], deleted=part.deleted,
-                                                             values=dict(part.values))), cols)
+                                                             values=values)), cols)
         rows += table.num_rows
         nulls += sum(_null_cells(table.column(c), markers.get(c)) for c in read) \
             + sum(n for n in from_stats.values() if n)
@@ -221,9 +228,10 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     path = part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, dict(part.file.values)))
+    values = part.file.values_in(parquet.schema_arrow)
+    cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, values))
     read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted,
-                          values=dict(part.file.values))
+                          values=values)
     rows = cols.times(part.file.of_date(pa.concat_tables(read), cols))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),
@@ -248,7 +256,8 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     return [FilePart(Columns.of(spec, with_stored_names(m, f.stored_names)) if f.stored_names else cols,
                      dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
                      f.deleted, tuple(path_values(f.name).items()),
-                     None if f.span is None else tuple(map(dt.date.fromisoformat, f.span))) for f in files]
+                     None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)), f.table_columns,
+                     f.stored_names) for f in files]
 
 
 def profile(spec: Spec, start: dt.date, end: dt.date, *, use_ray: bool = True,

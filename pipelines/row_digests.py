@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from dmafn.spec import Spec, held_name, with_stored_names
-from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
+from pipelines.parquet_files import each_row_group, file_values, open_parquet, with_path_fields
 from pipelines.storage import Storage
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         wanted = columns[f.modality]
         filesystem = storage.filesystem(spec.modalities[f.modality].path)
         with open_parquet(filesystem, f.path) as parquet:
-            values = path_values(f.name)            # columns in the file's folders only (Hive, Spark)
+            # columns in the file's folders only (Hive, Spark), or added to its Delta table since (null)
+            values = file_values(f.name, parquet.schema_arrow, f.table_columns, f.stored_names)
             names = set(with_path_fields(parquet.schema_arrow, values).names)
             # a column renamed upstream (`former_names`, either way) or stored under its physical name (a Delta
             # table's column mapping): read under the name the file holds

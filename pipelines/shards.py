@@ -45,6 +45,7 @@ class InputFile:
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> the file's name
     span: tuple[dt.date, dt.date] | None = None  # a Delta table not partitioned by date: its rows' first and last
                                                  # date (listed under each; read for `date`, its rows of that date)
+    table_columns: tuple[str, ...] = ()     # a Delta table's columns: one the file lacks is null (`file_values`)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
             by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m)).files
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
                             deleted=f.deleted, stored_names=f.stored_names,
-                            span=None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)))
+                            span=None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)),
+                            table_columns=f.table_columns)
                   for f in by_path[m.path]]
     return files
 

@@ -36,7 +36,7 @@ import ray
 
 from dmafn.spec import Spec, with_stored_names
 from pipelines.ingest import as_read, check_schema, stored_names
-from pipelines.parquet_files import each_row_group, open_parquet, path_values, with_path_fields
+from pipelines.parquet_files import each_row_group, file_values, open_parquet, with_path_fields
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
 from pipelines.storage import Storage, is_s3, join
@@ -79,7 +79,8 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
                for m in spec.modalities.values() if m.path == path]     # column mapping: by their physical names
     source_fs = storage.filesystem(path)
     parquet = open_parquet(source_fs, file.path)
-    values = path_values(file.name)                 # columns in the file's folders only: its pieces hold them
+    # columns in the file's folders only, or added to its Delta table since (null): its pieces hold them
+    values = file_values(file.name, parquet.schema_arrow, file.table_columns, file.stored_names)
     schema = with_path_fields(parquet.schema_arrow, values)
     for m in readers:
         check_schema(schema, spec, m, file.path)

@@ -1377,6 +1377,68 @@ def test_view_typed_columns_are_read_split_and_filtered_as_plain_strings(tmp_pat
         == [1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(tmp_path, tiny_spec):
+    """A Delta table whose schema gained a value column after some files were written (schema evolution: a MERGE
+    or an append with mergeSchema, ALTER TABLE ADD COLUMNS): its older files lack the column, which every Delta reader
+    reads as null there - so does `read_shard` (the row kept for its other values, the missing one quarantined with
+    its reason), staging's split, the row digests, profile's counts (nulls) and check-data, instead of failing the
+    date; a plain Parquet file lacking it is still an error naming the file and the column."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.parquet_files import absent_columns
+    from pipelines.profile import file_counts, modality_files
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import list_partition_files
+    from pipelines.staging import split_file
+    from pipelines.storage import DataError, Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    older = pa.table({"date": ["2024-01-02"] * 2, "machine_id": ["a", "b"],
+                      "ts": pa.array([day, day + minute], pa.timestamp("us", tz="UTC")), "temp": [1.0, 2.0]})
+    newer = pa.table({"date": ["2024-01-02"], "machine_id": ["a"],
+                      "ts": pa.array([day + 2 * minute], pa.timestamp("us", tz="UTC")), "temp": [3.0],
+                      "pressure": [5.0]})
+    table = tmp_path / "proc"
+    write_deltalake(str(table), older, partition_by=["date"])
+    write_deltalake(str(table), newer, partition_by=["date"], mode="append", schema_mode="merge")
+    spec = _proc_spec(tiny_spec, table)
+    spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], columns=("temp", "pressure"))})
+    date = dt.date(2024, 1, 2)
+    listed = list_partition_files(spec, [date], Storage())
+    assert len(listed) == 2 and all(f.table_columns == ("machine_id", "ts", "temp", "pressure") for f in listed)
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    rows = got.tables["proc"].sort("_t")
+    assert rows["temp"].to_list() == [1.0, 2.0, 3.0] and rows["pressure"].to_list() == [None, None, 5.0]
+    assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 1}}
+    assert got.quarantined["reason"].to_list() == [
+        "unusable value in column 'pressure' (the row's other columns used)"] * 2
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    assert date_digests(spec, listed, columns)["proc"].rows == 3
+    counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
+    assert sum(int(c["rows"].sum()) for c in counted) == 3 and sum(int(c["nulls"].sum()) for c in counted) == 2
+    (found,) = check_data(spec)
+    assert not found.problems
+    first = next(f for f in listed if "pressure" not in pq.read_schema(f.path).names)
+    split = split_file(first, spec, Storage(), 2, str(tmp_path / "staged"))       # a's and b's rows in one group
+    pieces = pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps)
+    assert sorted(pieces["temp"].to_list()) == [1.0, 2.0] and pieces["pressure"].null_count() == 2
+    assert absent_columns(pa.schema([("col-1", pa.float64())]), ("temp", "pressure"),
+                          (("temp", "col-1"), ("pressure", "col-2"))) == {"pressure": None}   # column mapping
+    plain = tmp_path / "plain" / "date=2024-01-02"
+    plain.mkdir(parents=True)
+    pq.write_table(older.drop(["date"]), plain / "p.parquet")
+    plain_spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], path=str(tmp_path / "plain"))})
+    with pytest.raises(DataError, match=r"p\.parquet.*'pressure'"):
+        read_shard(_shard(tmp_path, plain_spec, [date]), plain_spec, Storage())
+
+
 def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_spec):
     """`former_names`: a date whose older file stores the value column under its former name is read whole - the
     listing's files, `read_shard` (staged or not), the row digests (a file rewritten under the new name holds the
