@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
-from pipelines.align import to_micros
+from pipelines.align import date_end_us, date_start_us, to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
 from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, each_row_group, field_of,
-                                     list_table_files, open_parquet, path_values, with_path_fields)
+                                     list_table_files, open_parquet, path_values, time_bounds, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -127,6 +127,16 @@ class FilePart:
         """What its rows hold for columns the file (`schema`) does not (`file_values`)."""
         return {**absent_columns(schema, self.table_columns, self.stored_names), **dict(self.values)}
 
+    def row_groups_of_date(self, parquet, cols: "Columns") -> list[int]:
+        """The file's row groups that may hold rows of `date` by their time statistics: of a file listed under
+        each date its rows span (`span`), those whose times reach into the date; of any other file, all."""
+        every = list(range(parquet.metadata.num_row_groups))
+        if self.span is None:
+            return every
+        lo, hi = date_start_us(self.date, self.zone), date_end_us(self.date, self.zone)
+        bounds = time_bounds(parquet, cols.time, cols.time_unit, cols.naive_zone)
+        return every if bounds is None else [r for r, (low, high) in enumerate(bounds) if high >= lo and low < hi]
+
     def of_date(self, table: pa.Table, cols: "Columns") -> pa.Table:
         """`table` (rows of the file, as `cols` names its columns) less its rows of other dates (`span`)."""
         return of_listed_date(table, cols.time, cols.time_unit, cols.naive_zone, cols.time_format, self.zone,
@@ -188,7 +198,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     cols.check(schema, part.path)
     markers = dict(zip(cols.values, map(dict(part.columns.missing_values).get, part.columns.values)))
     rows = nulls = outside = 0
-    for r in range(parquet.metadata.num_row_groups):
+    for r in part.row_groups_of_date(parquet, cols):         # of a file spanning dates: those reaching its date
         # a footer's statistics count the rows a deletion vector removed too: such a file's values are read
         # and a column's missing-value markers are counted from its values
         from_stats = {c: None if part.deleted or markers.get(c) else _nulls_from_statistics(parquet, r, c)
@@ -230,8 +240,10 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
     values = part.file.values_in(parquet.schema_arrow)
     cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, values))
-    read = each_row_group(parquet, path, cols.key_and_time, list(part.row_groups), deleted=part.file.deleted,
-                          values=values)
+    groups = sorted(set(part.row_groups) & set(part.file.row_groups_of_date(parquet, cols)))
+    if not groups:                          # a file spanning dates: none of these reaches the part's date
+        return _KEY_META.copy()
+    read = each_row_group(parquet, path, cols.key_and_time, groups, deleted=part.file.deleted, values=values)
     rows = cols.times(part.file.of_date(pa.concat_tables(read), cols))[0].drop_nulls()
     entity = entity_string(cols.keys).hash(seed=0)
     return rows.select(pl.lit(part.day, pl.Int32).alias("_day"), entity.alias("_entity"),

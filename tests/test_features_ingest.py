@@ -1271,11 +1271,11 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    from deltalake import write_deltalake
+    from deltalake import WriterProperties, write_deltalake
 
     from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
-    from pipelines.parquet_files import RowTimes, list_table_files
+    from pipelines.parquet_files import RowTimes, list_table_files, open_parquet
     from pipelines.profile import file_counts, modality_files
     from pipelines.row_digests import date_digests
     from pipelines.shards import InputFile, Shard, list_partition_files
@@ -1291,7 +1291,7 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
                        "ts": pa.array([day + 720 * minute, None, day + 1440 * minute], pa.timestamp("us", tz="UTC")),
                        "temp": [5.0, 6.0, 7.0]})
     table = tmp_path / "clustered"
-    write_deltalake(str(table), first)
+    write_deltalake(str(table), first, writer_properties=WriterProperties(max_row_group_size=2))  # a group a date
     write_deltalake(str(table), second, mode="append")
     spec = _proc_spec(tiny_spec, table)
     dates = [dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)]
@@ -1318,9 +1318,14 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
         ours = date_digests(spec, list_partition_files(spec, [d], Storage()), columns)["proc"]
         theirs = date_digests(plain_spec, list_partition_files(plain_spec, [d], Storage()), columns)["proc"]
         assert ours.rows == rows + (d == dates[1]) and (d == dates[1] or ours.to_dict() == theirs.to_dict())
-        counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [d])]
+        parts = modality_files(spec, spec.modalities["proc"], Storage(), [d])
+        counted = [file_counts(p) for p in parts]
         assert sum(int(c["rows"].sum()) for c in counted) == rows + (d == dates[1])
         assert sum(int(c["outside_partition"].sum()) for c in counted) == 0
+        two = next((p for p in parts if p.span == (dates[0], dates[1])), None)      # profile reads only its group
+        if two is not None:
+            with open_parquet(Storage().filesystem(str(table)), two.path) as parquet:
+                assert two.row_groups_of_date(parquet, two.columns.in_file(parquet.schema_arrow)) == [dates.index(d)]
     every = list_table_files(Storage(), str(table), "date", None, RowTimes("ts"))     # every date: each file once
     assert list(every.folders) == dates and [(f.date, f.span) for f in every.files] == [
         ("2024-01-01", ("2024-01-01", "2024-01-02")), ("2024-01-02", ("2024-01-02", "2024-01-03"))]
