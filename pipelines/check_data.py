@@ -24,8 +24,8 @@ from dmafn.spec import Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import (RowTimes, column_chunk, field_of, file_values, list_table_files, open_parquet,
-                                     time_bounds, with_path_fields)
+from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, field_of, file_values, list_table_files,
+                                     open_parquet, path_values, time_bounds, with_path_fields)
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -53,6 +53,8 @@ class ModalityData:
     # a value column whose footers' smallest or largest value is a number writers store for a missing value, not in
     # its `missing_values`: (column, number) -> [files, the first such file]
     markers: dict[tuple[str, float], list] = field(default_factory=dict)
+    # a column of its Delta table that files written before it was added lack (read as null): -> [files, the first]
+    absent: dict[str, list] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -64,7 +66,13 @@ class ModalityData:
                 + (f" ({gaps} date(s) missing in between)" if gaps else ""),
                 f"  files: {self.files}, {self.bytes / 1e6:.1f} MB",
                 f"  columns: {columns}"] + [f"  {note}" for note in self.notes] + self._stored_types_lines() \
-            + self._renamed_lines() + self._marker_lines() + self._misplaced_lines()
+            + self._renamed_lines() + self._absent_lines() + self._marker_lines() + self._misplaced_lines()
+
+    def _absent_lines(self) -> list[str]:
+        return [f"  column '{col}' is not in {files} of {self.files} files (written before it was added to the Delta "
+                f"table, e.g. {path}): read as null there, as Delta reads it - each of their rows' '{col}' an unusable "
+                "value (quarantined), the modality absent where no value of it is within its tolerance or window"
+                for col, (files, path) in self.absent.items()]
 
     def _marker_lines(self) -> list[str]:
         return [f"  column '{col}' reaches {value:g} in {files} of {self.files} files (the footers' statistics), e.g. "
@@ -77,16 +85,24 @@ class ModalityData:
                 f"files, e.g. {path}" for (col, stored), (files, path) in self.renamed.items()]
 
     def _stored_types_lines(self) -> list[str]:
-        if len(self.stored_types) < 2:
+        kept: list[tuple[dict[str, str], str]] = []     # the ways that differ in a column both store (a file that
+        for types, path in self.stored_types.items():   # lacks a column added to its Delta table since is no other
+            held = dict(types)                          # way: the columns it stores alike are merged into one)
+            same = next((other for other, _ in kept if all(other.get(c, t) == t for c, t in held.items())), None)
+            if same is None:
+                kept.append((held, path))
+            else:
+                same.update(held)
+        if len(kept) < 2:
             return []
-        (first, path), *others = self.stored_types.items()
-        ways = [", ".join(f"{c} {t}" for (c, t), (_, was) in zip(types, first) if t != was) + f" in {other}"
+        (first, path), *others = kept
+        ways = [", ".join(f"{c} {t}" for c, t in types.items() if c in first and t != first[c]) + f" in {other}"
                 for types, other in others[:2]]
-        empty = any(t == "null" for types in self.stored_types for _, t in types)
-        return [f"  the spec's columns are stored as other types in some files ({len(self.stored_types)} ways; each "
+        empty = any(t == "null" for types, _ in kept for t in types.values())
+        return [f"  the spec's columns are stored as other types in some files ({len(kept)} ways; each "
                 "file is read as its own types say" + ("; a column of type null holds no value: its rows are "
                                                        "quarantined" if empty else "")
-                + f"): {path} has {', '.join(f'{c} {t}' for c, t in first)}; "
+                + f"): {path} has {', '.join(f'{c} {t}' for c, t in first.items())}; "
                 + "; ".join(ways) + ("; ..." if len(others) > 2 else "")]
 
     def _misplaced_lines(self) -> list[str]:
@@ -318,14 +334,16 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     if isinstance(footer, DataError):
                         raise footer
                     schema, times, samples, extremes = footer
-                    # columns in its folders only, or added to its Delta table since (null)
+                    # columns added to its Delta table since it was written (null there), or in its folders only
+                    lacked = set(absent_columns(schema, *table_columns[path])) - set(path_values(in_folder[path]))
                     schema = with_path_fields(schema, file_values(in_folder[path], schema, *table_columns[path]))
                     check_schema(schema, spec, stored_as[path], path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
                 if not data.columns:
-                    data.columns = {physical[path].get(f.name, f.name): str(f.type) for f in schema}
+                    data.columns = {physical[path].get(f.name, f.name): str(f.type) for f in schema
+                                    if f.name not in lacked}
                 if m.context_of:                    # a context view reads its parent's files: noted once, there
                     continue
                 as_read = schema_as_read(schema, spec, stored_as[path])     # the key casts go by the names read
@@ -333,6 +351,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                                                       as_read)
                 names = stored_names(schema, spec, stored_as[path])
                 for stored, read in names.items():
+                    if stored in lacked:
+                        data.absent.setdefault(read, [0, path])[0] += 1
                     if stored != read and stored not in physical[path]:
                         data.renamed.setdefault((read, stored), [0, path])[0] += 1
                     marked = dict(m.missing_values).get(read, ())
@@ -341,7 +361,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                             if value in MARKERS and value not in marked:
                                 data.markers.setdefault((read, value), [0, path])[0] += 1
                 data.stored_types.setdefault(tuple((read, str(field_of(schema, stored).type))
-                                                   for stored, read in names.items()), path)
+                                                   for stored, read in names.items() if stored not in lacked), path)
                 if samples and unread_text is None and (unread_text := _text_time_problem(spec, m, path, samples)):
                     data.problems.append(unread_text)
                 if times is None:                   # no time statistics to go by (a time stored as text)

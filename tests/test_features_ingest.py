@@ -1429,8 +1429,12 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
     assert sum(int(c["rows"].sum()) for c in counted) == 3 and sum(int(c["nulls"].sum()) for c in counted) == 2
     (found,) = check_data(spec)
-    assert not found.problems
     first = next(f for f in listed if "pressure" not in pq.read_schema(f.path).names)
+    assert not found.problems and found.absent == {"pressure": [1, first.path]}
+    assert [line for line in found.lines() if "column 'pressure'" in line] == [
+        f"  column 'pressure' is not in 1 of 2 files (written before it was added to the Delta table, e.g. "
+        f"{first.path}): read as null there, as Delta reads it - each of their rows' 'pressure' an unusable value "
+        "(quarantined), the modality absent where no value of it is within its tolerance or window"]
     split = split_file(first, spec, Storage(), 2, str(tmp_path / "staged"))       # a's and b's rows in one group
     pieces = pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps)
     assert sorted(pieces["temp"].to_list()) == [1.0, 2.0] and pieces["pressure"].null_count() == 2
