@@ -386,8 +386,11 @@ def _time_statistics(actions: pa.Table, column: str | None, files: int) -> tuple
         return [None] * files, None
     low, high = (a.field(column) for a in found)
     kind = low.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+    if pa.types.is_timestamp(kind):
         low, high = low.cast(pa.int64()), high.cast(pa.int64())
+    elif pa.types.is_date(kind):                        # days (pyarrow casts a date to int32 only)
+        kind = pa.date32()
+        low, high = low.cast(kind).cast(pa.int32()), high.cast(kind).cast(pa.int32())
     return [None if lo is None or hi is None else (lo, hi) for lo, hi in zip(low.to_pylist(), high.to_pylist())], kind
 
 

@@ -1333,6 +1333,11 @@ def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tm
     assert not found.problems and not found.misplaced and found.files == 2 and found.dates == dates
     assert "not partitioned by the date: each file read for every date from its first to its last time" in \
         found.notes[0]
+    daily = tmp_path / "daily"                              # a time kept as a date: its statistics are days
+    write_deltalake(str(daily), pa.table({"machine_id": ["a", "a"], "ts": pa.array(dates[1:], pa.date32()),
+                                          "temp": [1.0, 2.0]}))
+    assert [(f.date, f.span) for f in list_table_files(Storage(), str(daily), "date", dates, RowTimes("ts")).files] \
+        == [(d.isoformat(), ("2024-01-02", "2024-01-03")) for d in dates[1:]]
     text = tmp_path / "text_times"                                       # text times: no order to list by
     write_deltalake(str(text), first.set_column(1, "ts", pc.cast(first["ts"], pa.string())))
     with pytest.raises(DataError, match=r"text_times: a Delta table not partitioned by the date .* keeps none that "
