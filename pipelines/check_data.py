@@ -315,45 +315,42 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                                                                               for f in files}
         data.files, data.bytes = len(files), sum(f.size for f in files)
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
-        filesystem, paths = storage.filesystem(m.path), [f.path for f in files]
-        in_folder = {f.path: f.name for f in files}      # each file's path inside its date's folder
-        dates = {f.path: dt.date.fromisoformat(f.date) for f in files}
-        spans = {f.path: f.span for f in files}         # a file of each date its rows span: never misplaced
-        table_columns = {f.path: (f.table_columns, f.stored_names) for f in files}
-        # a Delta table's column mapping: each file read as it stores the columns (their physical names)
-        stored_as = {f.path: with_stored_names(m, f.stored_names) for f in files}
-        physical = {f.path: {p: c for c, p in f.stored_names if p != c} for f in files}   # its name -> the column
+        filesystem = storage.filesystem(m.path)
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come
-            def footer_of(path: str):
-                times_named = (time, *other_names(stored_as[path].former_names, time))   # a time renamed upstream too
-                return file_footer(filesystem, path, times_named, unit, spec.naive_zone_in(m))
-            footers = pool.map(footer_of, paths)
+            def footer_of(f):
+                # a time renamed upstream too, or stored under its physical name (a Delta table's column mapping)
+                times_named = (time, *other_names(with_stored_names(m, f.stored_names).former_names, time))
+                return file_footer(filesystem, f.path, times_named, unit, spec.naive_zone_in(m))
+            footers = pool.map(footer_of, files)
             unread_text = None                                # the first file whose time texts are no time: named
-            for path, footer in zip(paths, footers):
+            for listed, footer in zip(files, footers):
+                path, stored_as = listed.path, with_stored_names(m, listed.stored_names)   # as the file stores them
+                physical = {p: c for c, p in listed.stored_names if p != c}      # its name for a column -> the column
                 try:
                     if isinstance(footer, DataError):
                         raise footer
                     schema, times, samples, extremes = footer
                     # columns added to its Delta table since it was written (null there), or in its folders only
-                    lacked = set(absent_columns(schema, *table_columns[path])) - set(path_values(in_folder[path]))
-                    schema = with_path_fields(schema, file_values(in_folder[path], schema, *table_columns[path]))
-                    check_schema(schema, spec, stored_as[path], path)
+                    lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names)) \
+                        - set(path_values(listed.name))
+                    schema = with_path_fields(schema, file_values(listed.name, schema, listed.table_columns,
+                                                                  listed.stored_names))
+                    check_schema(schema, spec, stored_as, path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue
                 if not data.columns:
-                    data.columns = {physical[path].get(f.name, f.name): str(f.type) for f in schema
-                                    if f.name not in lacked}
+                    data.columns = {physical.get(f.name, f.name): str(f.type) for f in schema if f.name not in lacked}
                 if m.context_of:                    # a context view reads its parent's files: noted once, there
                     continue
-                as_read = schema_as_read(schema, spec, stored_as[path])     # the key casts go by the names read
+                as_read = schema_as_read(schema, spec, stored_as)     # the key casts go by the names read
                 keyed.setdefault(name, {}).setdefault(tuple(str(field_of(as_read, k).type) for k in spec.entity_in(m)),
                                                       as_read)
-                names = stored_names(schema, spec, stored_as[path])
+                names = stored_names(schema, spec, stored_as)
                 for stored, read in names.items():
                     if stored in lacked:
                         data.absent.setdefault(read, [0, path])[0] += 1
-                    if stored != read and stored not in physical[path]:
+                    if stored != read and stored not in physical:
                         data.renamed.setdefault((read, stored), [0, path])[0] += 1
                     marked = dict(m.missing_values).get(read, ())
                     if read in m.value_columns and m.kind in ("tabular", "timeseries"):
@@ -368,9 +365,10 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     continue
                 if is_count(field_of(as_read, time).type):
                     data.integer_times = unit
-                lo, hi = partition_span_us(dates[path], spec.timezone, spec.lateness_us)
-                if spans[path] is None and (times[0] < lo or times[1] >= hi):
-                    data.misplaced.append((path, dates[path], *times))
+                day = dt.date.fromisoformat(listed.date)
+                lo, hi = partition_span_us(day, spec.timezone, spec.lateness_us)
+                if listed.span is None and (times[0] < lo or times[1] >= hi):   # a file spanning dates is never
+                    data.misplaced.append((path, day, *times))
     _key_notes(spec, {name: list(ways.values()) for name, ways in keyed.items()}, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:

@@ -297,9 +297,12 @@ class DeltaFiles(NamedTuple):
     logged: tuple[LoggedFile, ...] = ()
     time_type: pa.DataType | None = None     # the type of the time statistics (`LoggedFile.times`; None: none kept)
     schema: pa.Schema | None = None          # the table's columns, by their names (not the physical ones)
-    columns: tuple[str, ...] = ()            # those its data files hold (not its partition columns): a file written
-                                             # before one was added (ALTER TABLE ADD COLUMNS, schema evolution)
-                                             # lacks it, and Delta reads it there as null
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns its data files hold (not its partition columns): a file written before one was added (ALTER
+        TABLE ADD COLUMNS, schema evolution) lacks it, and Delta reads it there as null."""
+        return tuple(c for c in self.schema.names if c not in self.partition_columns) if self.schema else ()
 
 
 def live_data_files(storage: Storage, path: str, time_column: str | None = None,
@@ -339,9 +342,8 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None,
         stored = _physical_names(path, table.schema().fields) if mapping != "none" else ()
         partitioned_by = tuple(table.metadata().partition_columns)
         schema = pa.schema(table.schema().to_arrow())
-        columns = tuple(c for c in schema.names if c not in partitioned_by)      # those its files hold
         if not stored and dated_by is not None and all(key in partitioned_by for key in dated_by):
-            return DeltaFiles(files, (), partitioned_by, columns=columns)     # listed by its date folders
+            return DeltaFiles(files, (), partitioned_by, schema=schema)       # listed by its date folders
         values = (actions.column("partition").to_pylist() if "partition" in actions.column_names
                   else [{}] * len(live))
         times, kind = _time_statistics(actions, dict(stored).get(time_column, time_column), len(live))
@@ -350,7 +352,7 @@ def live_data_files(storage: Storage, path: str, time_column: str | None = None,
                        for p, size, ms, held, low_high in zip(live, actions.column("size_bytes").to_pylist(),
                                                               actions.column("modification_time").to_pylist(), values,
                                                               times))
-        return DeltaFiles(files, stored, partitioned_by, logged, kind, schema, columns)
+        return DeltaFiles(files, stored, partitioned_by, logged, kind, schema)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table

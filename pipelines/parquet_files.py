@@ -49,19 +49,18 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
     the time column's min/max statistics; None when the file has none to go by (no row group, a column that is
     neither a timestamp nor, with `time_unit`, a number, a row group without statistics)."""
     kind = field_of(parquet.schema_arrow, time_column).type
-    meta = parquet.metadata
     if pa.types.is_timestamp(kind):
-        unit, raw, stored_as = kind.unit, True, ("INT64",)       # a timestamp's raw statistics: INT64 only
+        raw, stored_as = True, ("INT64",)               # a timestamp's raw statistics: INT64 only
     elif pa.types.is_date(kind):
-        unit, raw, stored_as = "day", True, ("INT32",)           # Parquet stores any date as days (INT32)
+        raw, stored_as = True, ("INT32",)               # Parquet stores any date as days (INT32)
     elif time_unit and pa.types.is_integer(kind):
-        unit, raw, stored_as = time_unit, False, ("INT64", "INT32")
+        raw, stored_as = False, ("INT64", "INT32")
     elif time_unit and pa.types.is_floating(kind):
-        unit, raw, stored_as = time_unit, False, ("DOUBLE", "FLOAT")
+        raw, stored_as = False, ("DOUBLE", "FLOAT")
     else:
         return None
     bounds = []
-    for r in range(meta.num_row_groups):
+    for r in range(parquet.metadata.num_row_groups):
         chunk = column_chunk(parquet, r, time_column)
         if chunk is None:
             return None
@@ -69,16 +68,35 @@ def time_bounds(parquet: pq.ParquetFile, time_column: str, time_unit: str | None
         if chunk.physical_type not in stored_as or stats is None or not stats.has_min_max:
             return None
         low, high = (stats.min_raw, stats.max_raw) if raw else (stats.min, stats.max)   # integers: signedness kept
-        if isinstance(low, float):
-            per_us = 1 / 1000 if unit == "ns" else MICROS_PER_UNIT[unit]
-            if not (math.isfinite(low * per_us) and math.isfinite(high * per_us)):
-                return None
-            bounds.append((math.floor(low * per_us), math.ceil(high * per_us)))
-            continue
-        bounds.append((low * DAY_US, high * DAY_US) if unit == "day" else (micros_of(low, unit), micros_of(high, unit)))
-    if bounds and naive_zone and (pa.types.is_date(kind) or pa.types.is_timestamp(kind) and kind.tz is None):
-        bounds = [(_wall_clock_us(lo, naive_zone, min), _wall_clock_us(hi, naive_zone, max)) for lo, hi in bounds]
+        if (found := micros_bounds(low, high, kind, time_unit, naive_zone)) is None:
+            return None
+        bounds.append(found)
     return bounds or None
+
+
+def micros_bounds(low: int | float, high: int | float, kind: pa.DataType, time_unit: str | None = None,
+                  naive_zone: str | None = None) -> tuple[int, int] | None:
+    """A time column's least and greatest value (of Arrow type `kind`: a timestamp's as integers of its unit, a date's
+    as days, a number's as stored) as microseconds since the epoch, as its rows are read: a naive timestamp's as UTC,
+    a date's as its midnight, a number's as counts of `time_unit`, a float's widened to whole microseconds; with
+    `naive_zone`, a naive timestamp's or a date's as that zone's wall clock, widened over a clock change. None for any
+    other type (text) or a float beyond any time."""
+    if pa.types.is_timestamp(kind):
+        low, high = micros_of(low, kind.unit), micros_of(high, kind.unit)
+    elif pa.types.is_date(kind):
+        low, high = low * DAY_US, high * DAY_US
+    elif time_unit and pa.types.is_integer(kind):
+        low, high = micros_of(low, time_unit), micros_of(high, time_unit)
+    elif time_unit and pa.types.is_floating(kind):
+        per_us = 1 / 1000 if time_unit == "ns" else MICROS_PER_UNIT[time_unit]
+        if not (math.isfinite(low * per_us) and math.isfinite(high * per_us)):
+            return None
+        low, high = math.floor(low * per_us), math.ceil(high * per_us)
+    else:
+        return None
+    if naive_zone and (pa.types.is_date(kind) or pa.types.is_timestamp(kind) and kind.tz is None):
+        low, high = _wall_clock_us(low, naive_zone, min), _wall_clock_us(high, naive_zone, max)
+    return low, high
 
 
 def _wall_clock_us(micros: int, zone: str, pick) -> int:
@@ -296,25 +314,12 @@ class RowTimes(NamedTuple):
 
     def bounds(self, times: tuple[int | float, int | float] | None, kind: pa.DataType | None) -> tuple[int, int] | None:
         """The least and greatest time of a file's rows (microseconds since the epoch) by the Delta log's statistics
-        (`LoggedFile.times`, of type `kind`: a timestamp's kept to the millisecond, so its greatest widened by one);
-        None where they say nothing of it (none kept, a time stored as text)."""
-        if times is None or kind is None:
-            return None
-        low, high = times
-        if pa.types.is_timestamp(kind):
-            low, high = micros_of(low, kind.unit), micros_of(high, kind.unit) + 999
-        elif pa.types.is_date(kind):
-            low, high = low * DAY_US, high * DAY_US + DAY_US - 1
-        elif self.unit and pa.types.is_integer(kind):
-            low, high = micros_of(low, self.unit), micros_of(high, self.unit)
-        elif self.unit and pa.types.is_floating(kind) and math.isfinite(low) and math.isfinite(high):
-            per_us = 1 / 1000 if self.unit == "ns" else MICROS_PER_UNIT[self.unit]
-            low, high = math.floor(low * per_us), math.ceil(high * per_us)
-        else:
-            return None
-        if self.naive_zone and (pa.types.is_date(kind) or pa.types.is_timestamp(kind) and kind.tz is None):
-            low, high = _wall_clock_us(low, self.naive_zone, min), _wall_clock_us(high, self.naive_zone, max)
-        return low, high
+        (`LoggedFile.times`, of type `kind`, read as `micros_bounds` reads a footer's; a timestamp's kept to the
+        millisecond, so its greatest widened by one); None where they say nothing of it (none kept, a text time)."""
+        found = None if times is None or kind is None else micros_bounds(*times, kind, self.unit, self.naive_zone)
+        if found is None or not pa.types.is_timestamp(kind):
+            return found
+        return found[0], found[1] + 999
 
     def dates(self, low: int, high: int) -> tuple[dt.date, dt.date]:
         """The first and last date (in `zone`) of times from `low` to `high` (microseconds since the epoch)."""
@@ -349,7 +354,8 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
         return TableFiles(folders, files)
     root = storage.fs_path(path)
     held = [relative(f.path, root) in live.live for f in files]
-    return TableFiles(folders, [f._replace(deleted=live.live[relative(f.path, root)], table_columns=live.columns)
+    columns = live.columns
+    return TableFiles(folders, [f._replace(deleted=live.live[relative(f.path, root)], table_columns=columns)
                                 for f, h in zip(files, held) if h],
                       True, tuple(f for f, h in zip(files, held) if not h))
 
@@ -392,6 +398,7 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
                         "set the modality's partition to the column that holds the date (a key: partition: day)")
     date_keys = set(_date_keys(partition)) if by_partitions else set()
     root, wanted = storage.fs_path(path).rstrip("/"), None if dates is None else set(dates)
+    columns = live.columns
     folders: dict[dt.date, list[DateFolder]] = {}
     files, other, spans = [], [], []
     for f in live.logged:
@@ -434,7 +441,7 @@ def files_in_log(storage: Storage, path: str, partition: str, live: DeltaFiles, 
                 continue
             folders.setdefault(day, [DateFolder(root)])
             files.append(ListedFile(day.isoformat(), f"{root}/{f.path}", f.size, above + f.path, f.mtime_ns,
-                                    f.deleted, live.stored_names, span, live.columns))
+                                    f.deleted, live.stored_names, span, columns))
     if other:
         log.warning("%s: %d file(s) of the Delta table whose partition values name no date as %s are not read (%s%s)",
                     path, len(other), layout.text, ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")
@@ -461,15 +468,12 @@ def read_whole_delta_table(storage: Storage, path: str) -> pa.Table | None:
     parts = []
     for f in live.logged:
         at = f"{root}/{f.path}"
+        values = dict(f.partition)                      # its partition columns: text, as a Hive folder's
         with open_parquet(filesystem, at) as parquet:
-            columns = parquet.schema_arrow.names
-            part = pa.concat_tables([flat_columns(parquet.schema_arrow.empty_table(), columns),
-                                     *each_row_group(parquet, at, columns, deleted=f.deleted)])
-        part = part.rename_columns([named.get(c, c) for c in part.column_names])
-        for key, value in f.partition:
-            if key not in part.column_names:
-                part = part.append_column(key, pa.array([value] * part.num_rows, pa.string()))
-        parts.append(part)
+            held = with_path_fields(parquet.schema_arrow, values)
+            part = pa.concat_tables([flat_columns(held.empty_table(), held.names),
+                                     *each_row_group(parquet, at, held.names, deleted=f.deleted, values=values)])
+        parts.append(part.rename_columns([named.get(c, c) for c in part.column_names]))
     return pa.concat_tables(parts, promote_options="permissive") if parts else live.schema.empty_table()
 
 

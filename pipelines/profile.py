@@ -34,8 +34,8 @@ from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
 from pipelines.align import date_end_us, date_start_us, to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
-from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, each_row_group, field_of,
-                                     list_table_files, open_parquet, path_values, time_bounds, with_path_fields)
+from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, file_values, list_table_files,
+                                     open_parquet, time_bounds, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -117,7 +117,7 @@ class FilePart:
     zone: str = "UTC"               # the spec's timezone: where the partition's date begins and ends
     lateness_us: int = 0            # the spec's lateness: rows filed up to this long after their time are in place
     deleted: DeletedRows | None = None   # the rows a Delta deletion vector removes from the file: not counted
-    values: tuple[tuple[str, str | None], ...] = ()   # its partition values below the date (`path_values`)
+    name: str = ""                  # its name inside its date's folder (`ListedFile.name`: its folders' values)
     span: tuple[dt.date, dt.date] | None = None   # a file listed under each date its rows span: their first and
                                                   # last (`InputFile.span`); its rows of `date` are counted
     table_columns: tuple[str, ...] = ()           # a Delta table's columns (`InputFile.table_columns`) and their
@@ -125,7 +125,7 @@ class FilePart:
 
     def values_in(self, schema: pa.Schema) -> dict[str, str | None]:
         """What its rows hold for columns the file (`schema`) does not (`file_values`)."""
-        return {**absent_columns(schema, self.table_columns, self.stored_names), **dict(self.values)}
+        return file_values(self.name, schema, self.table_columns, self.stored_names)
 
     def row_groups_of_date(self, parquet, cols: "Columns") -> list[int]:
         """The file's row groups that may hold rows of `date` by their time statistics: of a file listed under
@@ -267,7 +267,7 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     cols = Columns.of(spec, m)
     return [FilePart(Columns.of(spec, with_stored_names(m, f.stored_names)) if f.stored_names else cols,
                      dt.date.fromisoformat(f.date), f.path, storage, m.path, spec.timezone, spec.lateness_us,
-                     f.deleted, tuple(path_values(f.name).items()),
+                     f.deleted, f.name,
                      None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)), f.table_columns,
                      f.stored_names) for f in files]
 
