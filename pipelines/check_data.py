@@ -333,8 +333,7 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                     # columns added to its Delta table since it was written (null there), or in its folders only
                     lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names)) \
                         - set(path_values(listed.name))
-                    schema = with_path_fields(schema, file_values(listed.name, schema, listed.table_columns,
-                                                                  listed.stored_names))
+                    schema = with_path_fields(schema, file_values(listed, schema))
                     check_schema(schema, spec, stored_as, path)
                 except DataError as exc:
                     data.problems.append(str(exc))

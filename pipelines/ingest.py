@@ -457,7 +457,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             stored_as = with_stored_names(m, f.stored_names)    # a Delta table's column mapping: physical names
             with open_parquet(fs, f.path) as parquet:
                 # a column in the file's folders only (Hive, Spark), or added to its Delta table since: null
-                values = file_values(f.name, parquet.schema_arrow, f.table_columns, f.stored_names)
+                values = file_values(f, parquet.schema_arrow)
                 schema = with_path_fields(parquet.schema_arrow, values)
                 check_schema(schema, spec, stored_as, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
@@ -589,8 +589,7 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
         m = with_stored_names(m, f.stored_names)        # a Delta table's column mapping: physical names
         with open_parquet(storage.filesystem(m.path), f.path) as parquet:
-            schema = with_path_fields(parquet.schema_arrow, file_values(f.name, parquet.schema_arrow,
-                                                                        f.table_columns, f.stored_names))
+            schema = with_path_fields(parquet.schema_arrow, file_values(f, parquet.schema_arrow))
             check_schema(schema, spec, m, f.path)
             return schema_as_read(schema, spec, m)
 

@@ -198,13 +198,13 @@ def path_values(name: str) -> dict[str, str | None]:
     return out
 
 
-def file_values(name: str, schema: pa.Schema, table_columns: tuple[str, ...] = (),
-                stored_names: tuple[tuple[str, str], ...] = ()) -> dict[str, str | None]:
-    """What a file's rows hold for columns the file itself does not: its partition values (`path_values` of its
-    `name`) and, in a Delta table, null for each of the table's columns (`table_columns`, by the names the file would
-    store them under, `stored_names`) that the file (`schema`) lacks - a column added since it was written (ALTER
-    TABLE ADD COLUMNS, a MERGE with schema evolution), which every Delta reader reads as null there."""
-    return {**absent_columns(schema, table_columns, stored_names), **path_values(name)}
+def file_values(file, schema: pa.Schema) -> dict[str, str | None]:
+    """What the rows of a listed file (`ListedFile`, `shards.InputFile` or profile's `FilePart`: its `name`,
+    `table_columns` and `stored_names`) hold for columns the file itself (`schema`) does not: its partition values
+    (`path_values` of its name) and, in a Delta table, null for each of the table's columns it lacks under the name
+    it would store it under (`absent_columns`) - a column added since it was written (ALTER TABLE ADD COLUMNS, a
+    MERGE with schema evolution), which every Delta reader reads as null there."""
+    return {**absent_columns(schema, file.table_columns, file.stored_names), **path_values(file.name)}
 
 
 def absent_columns(schema: pa.Schema, table_columns: tuple[str, ...],

@@ -123,10 +123,6 @@ class FilePart:
     table_columns: tuple[str, ...] = ()           # a Delta table's columns (`InputFile.table_columns`) and their
     stored_names: tuple[tuple[str, str], ...] = ()  # physical names: one the file lacks is null (`file_values`)
 
-    def values_in(self, schema: pa.Schema) -> dict[str, str | None]:
-        """What its rows hold for columns the file (`schema`) does not (`file_values`)."""
-        return file_values(self.name, schema, self.table_columns, self.stored_names)
-
     def row_groups_of_date(self, parquet, cols: "Columns") -> list[int]:
         """The file's row groups that may hold rows of `date` by their time statistics: of a file listed under
         each date its rows span (`span`), those whose times reach into the date; of any other file, all."""
@@ -192,7 +188,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
-    values = part.values_in(parquet.schema_arrow)    # a column in the file's folders only, or added since (null)
+    values = file_values(part, parquet.schema_arrow)    # a column in its folders only, or added since (null)
     schema = with_path_fields(parquet.schema_arrow, values)
     cols = part.columns.in_file(schema)
     cols.check(schema, part.path)
@@ -238,7 +234,7 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     path = part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    values = part.file.values_in(parquet.schema_arrow)
+    values = file_values(part.file, parquet.schema_arrow)
     cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, values))
     groups = sorted(set(part.row_groups) & set(part.file.row_groups_of_date(parquet, cols)))
     if not groups:                          # a file spanning dates: none of these reaches the part's date
