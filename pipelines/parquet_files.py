@@ -466,15 +466,41 @@ def read_whole_delta_table(storage: Storage, path: str) -> pa.Table | None:
     filesystem, root = storage.filesystem(path), storage.fs_path(path).rstrip("/")
     named = {stored: column for column, stored in live.stored_names if "." not in column}   # top-level columns
     parts = []
-    for f in live.logged:
-        at = f"{root}/{f.path}"
-        values = dict(f.partition)                      # its partition columns: text, as a Hive folder's
-        with open_parquet(filesystem, at) as parquet:
-            held = with_path_fields(parquet.schema_arrow, values)
-            part = pa.concat_tables([flat_columns(held.empty_table(), held.names),
-                                     *each_row_group(parquet, at, held.names, deleted=f.deleted, values=values)])
+    for f in live.logged:       # its partition columns: text, as a Hive folder's
+        part = read_whole_file(filesystem, f"{root}/{f.path}", dict(f.partition), f.deleted)
         parts.append(part.rename_columns([named.get(c, c) for c in part.column_names]))
     return pa.concat_tables(parts, promote_options="permissive") if parts else live.schema.empty_table()
+
+
+def read_whole_file(filesystem: pafs.FileSystem, path: str, values: dict[str, str | None],
+                    deleted: DeletedRows | None = None) -> pa.Table:
+    """Every row and column of the Parquet file at `path` (its schema kept where it holds no row), with a text
+    column for each of its partition values (`values`) it does not hold itself, the rows `deleted` removes left
+    out. DataError naming the file where it cannot be read."""
+    with open_parquet(filesystem, path) as parquet:
+        held = with_path_fields(parquet.schema_arrow, values)
+        return pa.concat_tables([flat_columns(held.empty_table(), held.names),
+                                 *each_row_group(parquet, path, held.names, filesystem=filesystem, deleted=deleted,
+                                                 values=values)])
+
+
+def read_parquet_files(storage: Storage, path: str) -> list[tuple[str, pa.Table]]:
+    """The Parquet file at `path`, or each one under the folder `path` (`parquet_files_under`: side files skipped,
+    other files skipped with a warning), as the path the filesystem names it by and its rows read whole, each with
+    the values of the `key=value` folders between `path` and it as text columns it does not hold (Spark's
+    `partitionBy`, `path_values`), in order of path: a small input table (the labels) kept as plain files. DataError
+    naming a folder that cannot be listed or a file that cannot be read."""
+    filesystem, root = storage.filesystem(path), storage.fs_path(path).rstrip("/")
+    try:
+        kind = filesystem.get_file_info(root).type
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    if kind == pafs.FileType.NotFound:
+        raise DataError(f"{path}: cannot be read (no such file or folder)")
+    if kind == pafs.FileType.File:
+        return [(root, read_whole_file(filesystem, root, {}))]
+    return [(i.path, read_whole_file(filesystem, i.path, path_values(relative(i.path, root))))
+            for i in parquet_files_under(filesystem, root)]
 
 
 class ListedFile(NamedTuple):
@@ -523,17 +549,22 @@ def _hidden(name: str) -> bool:
 
 
 def _list_folder(filesystem: pafs.FileSystem, date: dt.date, at: DateFolder) -> list[ListedFile]:
-    folder = at.path
+    return [ListedFile(date.isoformat(), i.path, i.size or 0, at.above + relative(i.path, at.path), i.mtime_ns)
+            for i in parquet_files_under(filesystem, at.path, at.files)]
+
+
+def parquet_files_under(filesystem: pafs.FileSystem, folder: str,
+                        infos: tuple[pafs.FileInfo, ...] | None = None) -> list[pafs.FileInfo]:
+    """The files named `*.parquet` anywhere under `folder` (`infos`: what a listing already read of it), by path:
+    side files skipped (`_hidden`), other files skipped with a warning naming them. DataError naming the folder
+    where it cannot be listed."""
     try:
-        infos = at.files if at.files is not None else \
-            filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        infos = infos if infos is not None else filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     except OSError as exc:
         raise DataError(f"{folder}: cannot be listed ({exc})") from None
     shown = sorted((i for i in infos if i.is_file and not _hidden(relative(i.path, folder))), key=lambda i: i.path)
-    files = [ListedFile(date.isoformat(), i.path, i.size or 0, at.above + relative(i.path, folder), i.mtime_ns)
-             for i in shown if i.base_name.endswith(".parquet")]
     other = [i.base_name for i in shown if not i.base_name.endswith(".parquet")]
     if other:
         log.warning("%s: %d file(s) not named *.parquet are not read (%s%s); name them *.parquet to have them "
                     "read", folder, len(other), ", ".join(other[:3]), ", ..." if len(other) > 3 else "")
-    return files
+    return [i for i in shown if i.base_name.endswith(".parquet")]

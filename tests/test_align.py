@@ -290,6 +290,61 @@ def test_labels_kept_as_a_delta_table_are_read_as_its_log_holds_them(tiny_spec, 
         assert load_labels(spec, Storage()).summary()["rows"] == 1
 
 
+def test_labels_kept_as_plain_files_are_read_file_by_file(tiny_spec, tmp_path, caplog):
+    """Labels as Spark's `partitionBy("machine_id")` leaves them (the machine in the folder names only), files that
+    store a column as different types (naive ns beside zoned us, a date alone, one without `kind`), a side file, a
+    text file and a file that is no Parquet: each Parquet file read with its folders' values, times as one UTC
+    instant, `kind` null where a file lacks it; the text file skipped with a warning naming it; the broken file
+    named in the error. Before, pyarrow's dataset took the first file's schema: a later file's `kind` and the
+    folders' machine were dropped, and a non-Parquet file ended the read with an unexpected ArrowInvalid."""
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import LabelsSpec
+    from pipelines.labels import load_labels
+    from pipelines.storage import DataError, Storage
+
+    root = tmp_path / "labels"
+    for folder in ("machine_id=a", "machine_id=b", "_temporary/0"):
+        (root / folder).mkdir(parents=True)
+    pq.write_table(pa.table({"start_ts": pa.array([dt.datetime(2024, 1, 5, 1)], pa.timestamp("ns")),
+                             "end_ts": pa.array([dt.datetime(2024, 1, 5, 2)], pa.timestamp("ns"))}),
+                   root / "machine_id=a" / "part-0.parquet")
+    pq.write_table(pa.table({"start_ts": pa.array([dt.date(2024, 1, 6)]),
+                             "end_ts": pa.array([dt.datetime(2024, 1, 6, 3, tzinfo=dt.timezone.utc)],
+                                                pa.timestamp("us", "Europe/Berlin")),
+                             "kind": ["overheat"]}), root / "machine_id=b" / "part-0.parquet")
+    pq.write_table(pa.table({"machine_id": ["x"], "start_ts": pa.array([dt.datetime(2024, 1, 5)]),
+                             "end_ts": pa.array([dt.datetime(2024, 1, 6)])}), root / "_temporary" / "0" / "p.parquet")
+    (root / "_SUCCESS").write_text("")
+    (root / "README.txt").write_text("incidents, one file per machine")
+    spec = replace(tiny_spec, labels=LabelsSpec(path=str(root)))
+    with caplog.at_level("WARNING"):
+        labels = load_labels(spec, Storage())
+    assert "1 file(s) not named *.parquet are not read (README.txt)" in caplog.text
+    rows = labels.usable.sort("machine_id").select("machine_id", "start_ts", "end_ts", "kind").rows()
+    utc = dt.timezone.utc
+    assert rows == [("a", dt.datetime(2024, 1, 5, 1, tzinfo=utc), dt.datetime(2024, 1, 5, 2, tzinfo=utc), None),
+                    ("b", dt.datetime(2024, 1, 6, tzinfo=utc), dt.datetime(2024, 1, 6, 3, tzinfo=utc), "overheat")]
+    # a date alone is the plant's midnight where naive times are its wall clock (Berlin: 23:00 UTC the day before)
+    local = replace(spec, timezone="Europe/Berlin", naive_times="local")
+    assert load_labels(local, Storage()).usable.sort("machine_id")["start_ts"].dt.hour().to_list() == [0, 23]
+    # one label file alone; a file that is no Parquet, named
+    single = replace(spec, labels=LabelsSpec(path=str(root / "machine_id=b" / "part-0.parquet")))
+    with pytest.raises(DataError, match="part-0.parquet: column 'machine_id' not found"):
+        load_labels(single, Storage())
+    (root / "machine_id=b" / "part-1.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=rf"labels {root / 'machine_id=b' / 'part-1.parquet'}: not a readable "
+                                        "Parquet file"):
+        load_labels(spec, Storage())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=rf"labels {empty}: holds no Parquet file"):
+        load_labels(replace(spec, labels=LabelsSpec(path=str(empty))), Storage())
+
+
 def test_false_alarms_clear_of_events_leave_out_the_ticks_an_event_still_reaches(tiny_spec):
     from pipelines.evaluate import alarm_rates, settle_us
 

@@ -339,7 +339,8 @@ def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_n
     (tmp_path / "labels" / "part-0.parquet").unlink()
     bad.with_columns(pl.col("start_ts").dt.epoch("s").cast(pl.Float64)).write_parquet(
         tmp_path / "labels" / "part-1.parquet")
-    with pytest.raises(DataError, match=rf"labels {tmp_path / 'labels'}: column 'start_ts' is Float64"):
+    with pytest.raises(DataError, match=rf"labels {tmp_path / 'labels' / 'part-1.parquet'}: column 'start_ts' is "
+                                        "Float64"):
         load_labels(spec, Storage())
     # text is read as ISO 8601 times: what is none is left out, counted under its own reason
     bad.with_columns(pl.col("start_ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ").fill_null("soon")).write_parquet(

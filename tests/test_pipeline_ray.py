@@ -1165,12 +1165,21 @@ def test_a_date_without_input_is_skipped_when_the_spec_says_a_plant_may_rest(tra
 
 
 def _driver_must_not_touch_rows(monkeypatch):
-    """In this (driver) process, reading a table's rows or writing scored rows fails the test; the Ray tasks,
-    in their own processes, use the real functions."""
+    """In this (driver) process, reading a table's rows or writing scored rows fails the test - the labels aside,
+    a small table read whole on the driver (`known_incidents`, `evaluate`); the Ray tasks, in their own processes,
+    use the real functions."""
+    from pipelines import parquet_files
+
     def refuse(*args, **kwargs):
         raise AssertionError("the driver read input rows or wrote scored rows")
 
-    monkeypatch.setattr("pipelines.parquet_files.read_columns", refuse)
+    def labels_only(parquet, path, *args, **kwargs):
+        if "/labels/" not in path:
+            refuse()
+        return read_columns(parquet, path, *args, **kwargs)
+
+    read_columns = parquet_files.read_columns
+    monkeypatch.setattr("pipelines.parquet_files.read_columns", labels_only)
     monkeypatch.setattr("pipelines.score_steps.write_data_file", refuse)
 
 

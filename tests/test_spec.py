@@ -573,7 +573,7 @@ def test_validate_check_data_lists_what_each_path_holds_and_every_problem(tmp_pa
     captured = capsys.readouterr()
     assert f"labels: {tmp_path / 'labels'}: cannot be used" in captured.out
     assert captured.err.startswith("error: 5 data problem(s):")
-    assert f"labels {tmp_path / 'labels'}: column 'end_ts' is Float64; a timestamp (or date, or ISO 8601 text) is " \
+    assert f"labels {tmp_path / 'labels' / 'part-0.parquet'}: column 'end_ts' is Float64; a timestamp (or date, or ISO 8601 text) is " \
         "needed" in captured.err
 
 
