@@ -95,6 +95,8 @@ class ModalitySpec:
     partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
     missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # a value column -> the numbers its writer puts
                                                                      # where it has none (-9999): unusable values
+    payload: str = "bytes"              # image / audio: bytes (in the column) | file (the column says where each lies)
+    payload_root: str | None = None     # payload: file - where a relative file name lies (a folder or s3:// prefix)
 
     @property
     def value_columns(self) -> tuple[str, ...]:
@@ -433,12 +435,13 @@ class _Section:
 _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
                          "time_format", "former_names", "partition"}
 NAIVE_TIMES = ("utc", "local")
+PAYLOADS = ("bytes", "file")    # how an image or audio modality stores its payloads: in the column, or as files
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context", "missing_values"},
     "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values"},
-    "image": {"column", "size", "tolerance", "channels"},
+    "image": {"column", "size", "tolerance", "channels", "payload", "payload_root"},
     "text": {"column", "window", "encoder"},
-    "audio": {"column", "sample_rate", "tolerance", "clip"},
+    "audio": {"column", "sample_rate", "tolerance", "clip", "payload", "payload_root"},
 }.items()}
 ENCODING_DISTANCE_MAX = 4.0     # the largest weight `encoding_distance` takes (an exponent on the distance)
 
@@ -458,10 +461,15 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
             parse_layout(str(partition))
         except LayoutError as exc:
             raise sec.err("partition", str(exc)) from None
+    payload, root = sec.choice("payload", PAYLOADS, "bytes"), sec.get("payload_root")
+    if root is not None and not (isinstance(root, str) and root.strip()):
+        raise sec.err("payload_root", f"{root!r} must be a folder or an s3:// prefix")
+    if root is not None and payload != "file":
+        raise sec.err("payload_root", "says where payload files lie: it needs 'payload: file'")
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
                    naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m),
                    partition=None if partition is None else str(partition),
-                   missing_values=_parse_missing_values(sec, m))
+                   missing_values=_parse_missing_values(sec, m), payload=payload, payload_root=root)
 
 
 def _parse_missing_values(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[float, ...]], ...]:
@@ -827,6 +835,7 @@ def _check_places(spec: Spec) -> None:
     input table would add Delta files to its partitions, and `dmafn maintain`'s vacuum of a folder holding other
     files deletes them. SpecError naming both keys."""
     read = [(f"modalities.{m.name}.path", m.path) for m in spec.modalities.values() if m.context_of is None]
+    read += [(f"modalities.{m.name}.payload_root", m.payload_root) for m in spec.modalities.values() if m.payload_root]
     if spec.labels is not None:
         read.append(("labels.path", spec.labels.path))
     score = spec.score
@@ -899,7 +908,8 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
 # modelled: no reading edit (`reading_differences`), and a version reads with the current spec's (`reading_spec`)
 STORED_AS = {"path": "path", "time": "time_column", "entity": "entity_columns", "time_unit": "time_unit",
              "naive_times": "naive_times", "time_format": "time_format", "former_names": "former_names",
-             "partition": "partition", "missing_values": "missing_values"}
+             "partition": "partition", "missing_values": "missing_values", "payload": "payload",
+             "payload_root": "payload_root"}
 
 
 def renamed(entry: dict[str, Any]) -> Callable[[str], str]:
@@ -966,6 +976,10 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["partition"] = m.partition
         if m.missing_values:
             entry["missing_values"] = {col: list(markers) for col, markers in m.missing_values}
+        if m.payload != "bytes":
+            entry["payload"] = m.payload
+        if m.payload_root:
+            entry["payload_root"] = m.payload_root
         mods[m.name] = entry
     out: dict[str, Any] = {
         "name": spec.name, "entity": list(spec.entity), "time": spec.time, "grain": format_duration(spec.grain_us),

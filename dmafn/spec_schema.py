@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
-                        NAIVE_TIMES, NORMALIZATIONS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS, SMOOTHING_METHODS,
-                        TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
+                        NAIVE_TIMES, NORMALIZATIONS, PAYLOADS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS,
+                        SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -45,18 +45,23 @@ _CONTEXT = {"type": "object", "properties": {"window": _DURATION, "period": _DUR
 _ENCODING_DISTANCE = {**_number("number", 0, ENCODING_DISTANCE_MAX),
                       "description": "weight of the encoding's distance from the training encodings in the "
                                      "modality's error (0: off)"}
+_PAYLOAD = {"payload": {**_enum(PAYLOADS), "description": "bytes: the column holds each payload; file: where each "
+                                                            "lies (an s3:// URI, an absolute path, or a path under "
+                                                            "payload_root)"},
+            "payload_root": {"type": "string", "minLength": 1,
+                             "description": "payload: file - the folder or s3:// prefix a relative file name lies in"}}
 _MODALITY = {
     "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION, "context": _CONTEXT}, ("columns",)),
     "timeseries": ({"columns": _COLUMNS, "period": _DURATION, "window": _DURATION,
                     "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS), "context": _CONTEXT},
                    ("columns", "period", "window")),
     "image": ({"column": {"type": "string"}, "tolerance": _DURATION, "channels": {"enum": [1, 3]},
-               "size": {"type": "array", "items": _number("integer", 8), "minItems": 2, "maxItems": 2}},
-              ("column", "tolerance")),
+               "size": {"type": "array", "items": _number("integer", 8), "minItems": 2, "maxItems": 2},
+               **_PAYLOAD}, ("column", "tolerance")),
     "text": ({"column": {"type": "string"}, "window": _DURATION, "encoder": _enum(TEXT_ENCODERS)},
              ("column", "window")),
     "audio": ({"column": {"type": "string"}, "tolerance": _DURATION, "clip": _DURATION,
-               "sample_rate": _number("integer", 100)}, ("column", "tolerance")),
+               "sample_rate": _number("integer", 100), **_PAYLOAD}, ("column", "tolerance")),
 }
 
 

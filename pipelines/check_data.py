@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dmafn.spec import Spec, other_names, with_stored_names
+from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, field_of, file_values, list_table_files,
                                      open_parquet, path_values, time_bounds, with_path_fields)
+from pipelines.payload_files import sample_payloads
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -117,6 +118,31 @@ class ModalityData:
                    if self.integer_times else "")
                 + (f", or times without a zone that show {self.zone}'s wall clock (set `naive_times: local`)"
                    if self.naive_as_utc else "")]
+
+
+def _payload_sample(storage: Storage, m: ModalitySpec, files: list, data: ModalityData) -> None:
+    """A `payload: file` modality's payload files, by a sample the largest file names (`sample_payloads`): a note of
+    how many bytes they hold about, a note naming one that does not exist, a problem where none of them does."""
+    largest = max(files, key=lambda f: f.size)
+    try:
+        sample = sample_payloads(storage, m, largest.path, largest.size, largest.stored_names)
+    except DataError as exc:
+        data.problems.append(str(exc))
+        return
+    if not sample.names:
+        return
+    missing = [where for where, size in zip(sample.locations, sample.sizes) if size is None]
+    if len(missing) == len(sample.names):
+        data.problems.append(f"modality '{m.name}' ({largest.path}): none of the {len(missing)} payload files its "
+                             f"rows name that were looked up exists (the first: {missing[0]}) - does payload_root "
+                             "say where they lie?")
+        return
+    found = sample.found
+    data.notes.append(f"payload files (payload: file): about {sum(found) / len(found) / 1e3:.1f} kB each by "
+                      f"{len(found)} looked up, about {sum(f.size for f in files) * sample.bytes_per_byte() / 1e6:.1f}"
+                      " MB for the files listed" + (
+                          f"; {len(missing)} of the {len(sample.names)} looked up do not exist, e.g. {missing[0]}: "
+                          "rows whose file cannot be read are quarantined" if missing else ""))
 
 
 def _span(first: int, last: int) -> str:
@@ -314,6 +340,8 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
             dated[name] = set(partitions) if any(f.span for f in files) else {dt.date.fromisoformat(f.date)
                                                                               for f in files}
         data.files, data.bytes = len(files), sum(f.size for f in files)
+        if m.payload == "file" and files and not m.context_of:
+            _payload_sample(storage, m, files, data)
         time, unit = spec.time_in(m), spec.time_unit_in(m)      # as the modality's files store it
         filesystem = storage.filesystem(m.path)
         with ThreadPoolExecutor(FOOTER_READERS) as pool:      # results in file order, taken as they come

@@ -6,7 +6,7 @@ Plain functions (pyarrow + Polars, no Ray): a shard's task (`pipelines.score`, `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -18,6 +18,7 @@ from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (each_row_group, each_schema, field_of, file_values, open_parquet,
                                      row_groups_before, row_groups_since, with_path_fields)
+from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
@@ -54,6 +55,9 @@ _EXPECTED = {
              or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
     "audio": (lambda t: _is_list_of_numbers(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
               "a list of floats (or WAV bytes)"),
+    "file": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),     # `payload: file`
+             "a string (payload: file - where each payload lies: an s3:// URI, an absolute path or a path under "
+             "payload_root)"),
 }
 
 
@@ -154,7 +158,7 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
                                                              "under either name with the modality's former_names"))
     check_columns(schema, m.name, [stored_as[c] for c in spec.columns_read(m)], stored_as[time], where,
                   spec.time_unit_in(m))
-    check, expected = _EXPECTED[m.kind]
+    check, expected = _EXPECTED["file" if m.payload == "file" else m.kind]
     for col in m.value_columns:
         stored = field_of(schema, stored_as[col]).type
         if pa.types.is_null(stored):
@@ -177,7 +181,7 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         if pa.types.is_null(column.type):
-            column = column.cast(_PLAIN[m.kind])
+            column = column.cast(pa.string() if m.payload == "file" else _PLAIN[m.kind])
         elif m.kind == "text" and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
             column = pc.cast(column, pa.large_string() if pa.types.is_large_binary(column.type) else pa.string(),
                              safe=False)
@@ -219,7 +223,9 @@ def _bad_value(m: ModalitySpec, col: str) -> pl.Expr:
     missing value (`missing_values`), bytes that are no image, an empty clip or one with a missing or non-finite
     sample."""
     bad = pl.col(col).is_null()
-    if m.kind in ("tabular", "timeseries"):
+    if m.payload == "file":             # where the payload lies: its bytes are checked once read (`fetched_payloads`)
+        bad = bad | (pl.col(col).str.strip_chars() == "")
+    elif m.kind in ("tabular", "timeseries"):
         bad = bad | ~pl.col(col).cast(pl.Float64).is_finite()
         markers = dict(m.missing_values).get(col)
         if markers:                     # the writer's number for a missing value (`missing_values`): as a null
@@ -337,6 +343,29 @@ def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
         .alias("kind"))
     counted = kinds.group_by("kind").len().sort("kind")
     return dict(zip(counted["kind"].to_list(), counted["len"].to_list()))
+
+
+def with_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage) -> pl.DataFrame:
+    """`rows` of a `payload: file` modality with each usable row's payload read from the file its column names
+    (`payload_files.fetched_payloads`: a file that cannot be read is the row's reason) and, for audio, its WAV bytes
+    decoded and checked as a clip stored in the table is (`decoded_audio`, `_bad_value`); images are decoded and
+    checked by `undecodable_images`."""
+    rows = fetched_payloads(rows, m, storage, REASON)
+    if m.kind != "audio":
+        return rows
+    stored = replace(m, payload="bytes")        # the clips as a table storing them holds them
+    clips, unread = decoded_audio(rows.select(m.column).to_arrow(), stored)
+    rows = rows.with_columns(pl.from_arrow(clips.column(0)).alias(m.column),
+                             (unread if unread is not None else pl.Series([None] * rows.height, dtype=pl.String))
+                             .alias(UNREAD_CLIP))
+    usable = pl.col(REASON).is_null()
+    reason = pl.when(usable & pl.col(UNREAD_CLIP).is_not_null()).then(pl.col(UNREAD_CLIP)).when(
+        usable & _bad_value(stored, m.column)).then(pl.lit(f"unusable value in column '{m.column}'")) \
+        .otherwise(pl.col(REASON))
+    return rows.with_columns(reason.alias(REASON)).drop(UNREAD_CLIP)
+
+
+UNREAD_CLIP = "_unread_clip"    # why a clip read from its file does not decode (`with_payloads`)
 
 
 def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
@@ -497,6 +526,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     elif not own_date:  # a look-back day: only what the first ticks can read is checked and kept
                         rows = rows.filter(pl.col(TIME) >= first - m.lookback_us)
                     rows = misplaced(rows, f.date, zone, spec.lateness_us)
+                    if m.payload == "file":     # the payload files of the rows kept, read now; a clip decoded
+                        rows = with_payloads(rows, m, storage)
                     if m.kind == "image":
                         rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
                     good = rows.filter(pl.col(REASON).is_null())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -16,11 +17,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmafn.spec import Spec, voting_modalities
+from dmafn.spec import ModalitySpec, Spec, voting_modalities
 from pipelines.delta_sink import DeletedRows
 from pipelines.parquet_files import RowTimes, column_chunk, field_of, list_table_files
+from pipelines.payload_files import sample_payloads
 from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage
+
+log = logging.getLogger(__name__)
 
 # a shard's input files (Parquet bytes on disk, look-back days included) should stay under this: decoded and
 # aligned they take ~10x that in one worker
@@ -46,6 +50,7 @@ class InputFile:
     span: tuple[dt.date, dt.date] | None = None  # a Delta table not partitioned by date: its rows' first and last
                                                  # date (listed under each; read for `date`, its rows of that date)
     table_columns: tuple[str, ...] = ()     # a Delta table's columns: one the file lacks is null (`file_values`)
+    payload_bytes: int = 0                  # `payload: file`: about how many bytes the files its rows name hold
 
 
 @dataclass(frozen=True)
@@ -162,12 +167,29 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> 
     for name, m in spec.modalities.items():
         if m.path not in by_path:
             by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m)).files
+        ratio = payload_ratio(storage, m, by_path[m.path]) if m.payload == "file" else 0.0
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
                             deleted=f.deleted, stored_names=f.stored_names,
                             span=None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)),
-                            table_columns=f.table_columns)
+                            table_columns=f.table_columns, payload_bytes=int(f.size * ratio))
                   for f in by_path[m.path]]
     return files
+
+
+def payload_ratio(storage: Storage, m: ModalitySpec, listed: list) -> float:
+    """For a `payload: file` modality, about how many bytes of payload files each byte of its table files names:
+    the rows of its largest listed file times the mean size of the payload files a sample of them names
+    (`payload_files.sample_payloads`); 0 without a file. A sample none of whose files exist is warned of (a wrong
+    `payload_root`, say): the rows will be quarantined as their files cannot be read."""
+    if not listed:
+        return 0.0
+    largest = max(listed, key=lambda f: f.size)
+    sample = sample_payloads(storage, m, largest.path, largest.size, largest.stored_names)
+    if sample.names and not sample.found:
+        log.warning("modality '%s': none of the %d payload files sampled from %s exist (the first: %s) - does "
+                    "payload_root say where they lie?", m.name, len(sample.names), largest.path,
+                    sample.locations[0])
+    return sample.bytes_per_byte()
 
 
 @dataclass(frozen=True)
@@ -203,11 +225,13 @@ def partition_files(spec: Spec, files: list[InputFile], dates: list[dt.date]) ->
 
 
 def bytes_by_date(files: list[InputFile]) -> dict[dt.date, int]:
-    """Each date's bytes on disk; a file listed under each date its rows span (`InputFile.span`) counts its size
+    """Each date's bytes on disk (a `payload: file` table's file with the payload files it names,
+    `InputFile.payload_bytes`); a file listed under each date its rows span (`InputFile.span`) counts its size
     shared out evenly over them."""
     sizes: dict[dt.date, int] = {}
     for f in files:
-        share = f.size if f.span is None else f.size // ((f.span[1] - f.span[0]).days + 1)
+        held = f.size + f.payload_bytes         # a table of payload files' names: the files' bytes too
+        share = held if f.span is None else held // ((f.span[1] - f.span[0]).days + 1)
         sizes[f.date] = sizes.get(f.date, 0) + share
     return sizes
 

@@ -1959,6 +1959,86 @@ def test_bad_text_undecodable_images_and_misplaced_rows_are_quarantined_with_the
                        ("logs", "timed outside its date partition 2024-01-02")]
 
 
+def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, tiny_spec, monkeypatch):
+    """`payload: file`: the camera table names each frame's file - an absolute path, a `file://` URI, a path
+    under `payload_root` - and a microphone table each clip's WAV file. A shard reads the files of the rows it keeps
+    (a look-back row beyond the tolerance is not read), with the bytes a table storing them would hold; a missing
+    file, a file that is no image, an empty name and a relative name without `payload_root` are quarantined with
+    reasons naming them. The planner counts the files' bytes (`payload_bytes`), so shards are sized by them."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines import payload_files
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.shards import bytes_by_date, list_inputs
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    frames = tmp_path / "frames"
+    (frames / "a").mkdir(parents=True)
+    for name, data in (("a/1.png", png(10)), ("a/2.png", png(20)), ("a/3.png", png(30)), ("a/old.png", png(40)),
+                       ("a/text.png", b"not an image")):
+        (frames / name).write_bytes(data)
+    cam = replace(tiny_spec.modalities["cam"], path=str(tmp_path / "cam"), payload="file", payload_root=str(frames))
+    spec = replace(tiny_spec, modalities={"cam": cam})
+    _write(tmp_path / "cam" / "date=2024-01-01" / "part-0.parquet",    # 20 and 2 min before the day: one within reach
+           pa.table({"machine_id": ["a", "a"], "ts": pa.array([day - 20 * minute, day - 2 * minute],
+                                                              pa.timestamp("us", tz="UTC")),
+                     "frame": ["a/old.png", "a/3.png"]}))
+    names = ["a/1.png", f"{frames}/a/2.png", f"file://{frames}/a/3.png", "a/missing.png", "a/text.png", " "]
+    _write(tmp_path / "cam" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a"] * 6, "ts": pa.array([day + i * minute for i in range(1, 7)],
+                                                            pa.timestamp("us", tz="UTC")), "frame": names}))
+    asked = []
+    reader = payload_files.read_payloads
+    monkeypatch.setattr(payload_files, "read_payloads", lambda names, *a: asked.extend(names) or reader(names, *a))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["cam"].sort("_t")["frame"].to_list() == [png(30), png(10), png(20), png(30)]
+    assert "a/old.png" not in asked and sorted(asked).count("a/3.png") == 1
+    reasons = sorted(got.quarantined["reason"].to_list())
+    assert reasons[0].startswith(f"image file '{frames}/a/missing.png' in column 'frame' cannot be read (")
+    assert reasons[1:] == ["undecodable image in column 'frame'", "unusable value in column 'frame'"]
+    rootless = replace(spec, modalities={"cam": replace(cam, payload_root=None)})
+    got = read_shard(_shard(tmp_path, rootless, [dt.date(2024, 1, 2)]), rootless, Storage())
+    assert got.tables["cam"]["frame"].to_list() == [png(20), png(30)]
+    assert "image file 'a/1.png' in column 'frame' is a relative path and the modality has no payload_root to read " \
+        "it under" in got.quarantined["reason"].to_list()
+    # the planner sizes a date by the files its rows name (the sample's mean size times the file's rows)
+    listed = [f for f in list_inputs(spec, [dt.date(2024, 1, 2)], Storage()) if f.date == dt.date(2024, 1, 2)]
+    (one,) = listed
+    sampled = [len(png(v)) for v in (10, 20, 30)] + [len(b"not an image")]
+    assert one.payload_bytes == int(one.size * (6 * sum(sampled) / 4 / one.size))
+    assert bytes_by_date(listed)[dt.date(2024, 1, 2)] == one.size + one.payload_bytes
+    # `validate --check-data` looks up a sample of the files: how large they are, which do not exist
+    (data,) = check_data(spec, Storage())
+    assert any(n.startswith("payload files (payload: file): about ") and f"1 of the 5 looked up do not exist, e.g. "
+               f"{frames}/a/missing.png" in n for n in data.notes) and not data.problems
+
+    # a microphone's clips as WAV files: decoded and checked as WAV bytes in the table are
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(1600) / 16_000)
+    (frames / "a" / "clip.wav").write_bytes(_wav(tone, 16_000, 16))
+    (frames / "a" / "empty.wav").write_bytes(_wav(np.zeros(0), 16_000, 16))
+    mic = replace(cam, name="mic", kind="audio", column="wave", path=str(tmp_path / "mic"), sample_rate=16_000,
+                  clip_us=100_000)
+    _write(tmp_path / "mic" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a"] * 3, "ts": pa.array([day + i * minute for i in range(1, 4)],
+                                                            pa.timestamp("us", tz="UTC")),
+                     "wave": ["a/clip.wav", "a/1.png", "a/empty.wav"]}))
+    spec = replace(tiny_spec, modalities={"mic": mic})
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    (clip,) = got.tables["mic"]["wave"].to_list()
+    assert np.abs(np.array(clip) - tone).max() < 4e-5
+    assert sorted(got.quarantined["reason"].to_list()) == ["undecodable audio in column 'wave'",
+                                                           "undecodable audio in column 'wave'"]
+    nowhere = replace(spec, modalities={"mic": replace(mic, payload_root=str(tmp_path / "nowhere"))})
+    (data,) = check_data(nowhere, Storage())
+    assert [p.split(" - ")[0] for p in data.problems] == [
+        f"modality 'mic' ({tmp_path}/mic/date=2024-01-02/part-0.parquet): none of the 3 payload files its rows name "
+        f"that were looked up exists (the first: {tmp_path}/nowhere/a/clip.wav)"]
+
+
 def test_partitions_cut_by_local_dates_are_read_by_the_specs_timezone(tmp_path, tiny_spec):
     """A lake partitioned by the plant's own dates: with `timezone` its evening rows (the next UTC date) belong to
     their partition and the look-back partition feeds the first ticks; read as UTC dates they are quarantined as

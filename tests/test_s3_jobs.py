@@ -548,3 +548,46 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
                                                     ("2024-01-06", ("2024-01-05", "2024-01-06"))]
     assert spanning[0].path.startswith("deltalake-input/raw/clustered/part-")
     assert list(list_table_files(storage, clustered, "date", None, RowTimes("ts")).folders) == days
+
+
+def test_payload_files_in_a_bucket_are_read_for_the_rows_a_shard_keeps(s3_endpoint, tiny_spec):
+    """`payload: file` on S3: a camera table in the bucket names each frame's object by its s3:// URI or by a key
+    under `payload_root`; the shard reads those objects (a missing one quarantined, naming it), and the planner
+    sizes the date by their bytes (`payload_bytes`, from a sample of HEAD requests)."""
+    import io
+
+    from PIL import Image
+
+    from dmafn.spec import StorageSpec
+    from pipelines.ingest import read_shard
+    from pipelines.shards import list_inputs, plan_shards
+
+    def png(value: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pa.array([value] * 256, pa.uint8()).to_numpy().reshape(16, 16)).save(out, format="PNG")
+        return out.getvalue()
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="frames")
+    for key, value in (("cam/a/1.png", 10), ("cam/a/2.png", 20)):
+        s3.put_object(Bucket="frames", Key=key, Body=png(value))
+    storage_spec = StorageSpec(endpoint_url=s3_endpoint, region="us-east-1")
+    cam = replace(tiny_spec.modalities["cam"], path="s3://frames/raw/cam", payload="file",
+                  payload_root="s3://frames/cam")
+    spec = replace(tiny_spec, modalities={"cam": cam}, storage=storage_spec)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    table = pa.table({"machine_id": ["a"] * 3, "ts": pa.array([day + i * 60_000_000 for i in (1, 2, 3)],
+                                                              pa.timestamp("us", tz="UTC")),
+                      "frame": ["a/1.png", "s3://frames/cam/a/2.png", "a/gone.png"]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    s3.put_object(Bucket="frames", Key="raw/cam/date=2024-01-02/part-0.parquet", Body=sink.getvalue().to_pybytes())
+    storage = Storage.from_spec(storage_spec)
+    files = list_inputs(spec, [dt.date(2024, 1, 2)], storage)
+    (listed,) = files
+    assert listed.payload_bytes == int(listed.size * (3 * (len(png(10)) + len(png(20))) / 2 / listed.size))
+    (shard,) = plan_shards(spec, [dt.date(2024, 1, 2)], files)
+    got = read_shard(shard, spec, storage)
+    assert sorted(got.tables["cam"]["frame"].to_list()) == sorted([png(10), png(20)])
+    (reason,) = got.quarantined["reason"].to_list()
+    assert reason.startswith("image file 's3://frames/cam/a/gone.png' in column 'frame' cannot be read (")
