@@ -84,12 +84,15 @@ def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: st
 
 
 def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None = None,
-               time_format: str | None = None) -> tuple[pa.Table, pl.Series | None]:
+               time_format: str | None = None, entity: list[str] | tuple[str, ...] = ()
+               ) -> tuple[pa.Table, pl.Series | None]:
     """`table` with its time column as timestamps in microseconds (naive: UTC, as a naive timestamp column is read)
     where it is stored otherwise: numbers counting the modality's `time_unit` since the epoch, ISO 8601 text (or with
     `time_unit` digits; or, with `time_format`, text as that format writes it), a date (its midnight), Arrow's null
     type (no time in the file: all null) - and, with
-    `naive_zone` (`naive_times: local`), naive timestamps and text without an offset as that zone's wall clock.
+    `naive_zone` (`naive_times: local`), naive timestamps and text without an offset as that zone's wall clock
+    (an hour the clocks showed twice told apart by the order each entity's rows are stored in, where `table` holds
+    its `entity` columns: `stored_times.times_from_wall_clock`).
     Beside it `_unread_time`, for each stored value it could not read (a count no timestamp holds, a text that is no
     time, a wall-clock time the zone's clocks skipped or showed twice), the reason its row is quarantined, naming
     the value (null elsewhere; their time null). A timestamp column that needs no reading is returned as it is,
@@ -103,7 +106,8 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
         stored, kind = stored.cast(pa.timestamp("us")), pa.timestamp("us")
         table = table.set_column(i, time, stored)
     if (pa.types.is_timestamp(kind) and (kind.tz is not None or naive_zone is None)) \
-            or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone, time_format)) is None:
+            or (read := times_from_stored(pl.from_arrow(stored), time_unit, naive_zone, time_format,
+                                          writers(table, entity) if naive_zone else None)) is None:
         return table, None
     times, unread = read
     clock = f"a wall-clock time {naive_zone}'s clocks skipped or showed twice (a daylight-saving change)"
@@ -117,6 +121,16 @@ def read_times(table: pa.Table, time: str, time_unit: str | None, naive_zone: st
            + (f", or {clock}" if naive_zone else ""))
     reasons = pl.DataFrame({"v": unread}).select(pl.format(why, pl.col("v").str.slice(0, 40))).to_series()
     return table.set_column(i, time, times.to_arrow()), reasons.alias(f"{UNREAD}time")
+
+
+def writers(table: pa.Table, entity: list[str] | tuple[str, ...]) -> pl.Series | None:
+    """Each row's entity key as text (several keys joined), the writer whose order tells a repeated wall-clock hour's
+    passes apart; None where `table` lacks an entity column."""
+    if not entity or any(k not in table.column_names for k in entity):
+        return None
+    keys = pl.from_arrow(table.select(list(entity)))
+    return keys.select(pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in entity],
+                                     separator="|")).to_series()
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind
@@ -314,14 +328,16 @@ def timed_outside(micros: pl.Expr, date, zone: str = "UTC", lateness_us: int = 0
 
 
 def of_listed_date(table: pa.Table, time: str, time_unit: str | None, naive_zone: str | None,
-                   time_format: str | tuple[str, ...] | None, zone: str, date, span) -> pa.Table:
+                   time_format: str | tuple[str, ...] | None, zone: str, date, span,
+                   entity: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """`table` (rows of a file as stored; `time` its time column as the file names it) less its rows of other dates
     than `date`, where the file was listed under each date its rows span (a Delta table not partitioned by date:
     `InputFile.span`, its first and last date; rows whose time cannot be read count on the first); `table` itself
     for any other file."""
     if span is None:
         return table
-    timed, _ = read_times(table.select([time]), time, time_unit, naive_zone, time_format)
+    held = [k for k in entity if k in table.column_names and k != time]       # the rows' writers, as read_shard's
+    timed, _ = read_times(table.select([time, *held]), time, time_unit, naive_zone, time_format, held)
     keep = pl.from_arrow(timed).select((~timed_outside(to_micros(pl.col(time)), date, zone)).fill_null(date == span[0]))
     return table.filter(keep.to_series().to_arrow())
 
@@ -337,10 +353,13 @@ def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0)
 def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
     """A date's quarantined input rows (`source`, `reason`) other than those timed outside their partition
     (`MISPLACED`, counted on their own), per modality and kind of reason - `vibration: unusable value in column 'ax'`;
-    the stored value a reason names counted under `a value`."""
+    the stored value a reason names (a text, a count, a wall-clock time) counted under `a value`, and a payload file
+    that cannot be read (`payload: file`) without its name and error."""
+    reason = (pl.col("reason").str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
+              .str.replace(r" file '.*' in column ", " file in column ").str.replace(r" cannot be read \(.*\)$",
+                                                                                   " cannot be read"))
     kinds = quarantined.filter(~pl.col("reason").str.starts_with(MISPLACED)).select(pl.format(
-        "{}: {}", pl.col("source"), pl.col("reason").str.replace(r" holds (?:'.*'|[-\d]+), ", " holds a value, "))
-        .alias("kind"))
+        "{}: {}", pl.col("source"), reason).alias("kind"))
     counted = kinds.group_by("kind").len().sort("kind")
     return dict(zip(counted["kind"].to_list(), counted["len"].to_list()))
 
@@ -510,7 +529,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 for part in (as_read(p, stored) for p in each_row_group(parquet, f.path, list(stored), groups, fs,
                                                                         f.deleted, values)):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
-                    table, unread_time = read_times(part, time, unit, wall_clock, written)
+                    table, unread_time = read_times(part, time, unit, wall_clock, written, keys)
                     table, unread_audio = decoded_audio(plain_values(table, m), m)
                     table, bad_text = valid_text(table, m)
                     unread = [u for u in (unread_time, unread_audio) if u is not None]

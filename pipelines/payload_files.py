@@ -25,11 +25,17 @@ SAMPLED_PAYLOADS = 16   # payload files the driver looks at (their sizes) to siz
 
 
 def payload_location(name: str, root: str | None) -> str | None:
-    """Where a row's payload file lies: `name` itself when it is an `s3://` URI or an absolute path (`file://` one
-    too), else under `root` (the modality's `payload_root`; None without one)."""
+    """Where a row's payload file lies: `name` itself when it is an `s3://` URI (Hadoop's `s3a://` and `s3n://` read
+    as such) or an absolute path (a `file://` URI's too), else under `root` (the modality's `payload_root`; None
+    without one, or where `name` is a URI of another scheme)."""
     name = name.strip()
-    if name.startswith("file://"):
-        name = name[len("file://"):]
+    scheme, sep, rest = name.partition("://")
+    if sep and scheme in ("s3a", "s3n"):
+        name = f"s3://{rest}"
+    elif sep and scheme == "file":
+        name = rest
+    elif sep and scheme != "s3" and scheme.isalnum():
+        return None
     if is_s3(name) or name.startswith("/"):
         return name
     return None if root is None else join(root, name)
@@ -64,6 +70,9 @@ def read_payloads(names: list[str], m: ModalitySpec, storage: Storage) -> dict[s
 
     def read(name: str) -> bytes | str:
         where = payload_location(name, m.payload_root)
+        if where is None and "://" in name:
+            return (f"{what} file '{name[:200]}' in column '{m.column}' is a URI of a scheme not read (s3://, "
+                    "s3a://, file:// or a path)")
         if where is None:
             return (f"{what} file '{name[:200]}' in column '{m.column}' is a relative path and the modality has no "
                     "payload_root to read it under")

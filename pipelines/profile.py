@@ -100,7 +100,7 @@ class Columns:
         are no time (as good as none)."""
         stored = table.schema.field(self.time).type
         table, bad = read_times(table.select(self.key_and_time), self.time, self.time_unit, self.naive_zone,
-                                self.time_format)
+                                self.time_format, self.keys)
         unread = 0 if bad is None else bad.is_not_null().sum()
         return (pl.from_arrow(table), *((unread, 0) if is_count(stored) else (0, unread)))
 
@@ -136,7 +136,7 @@ class FilePart:
     def of_date(self, table: pa.Table, cols: "Columns") -> pa.Table:
         """`table` (rows of the file, as `cols` names its columns) less its rows of other dates (`span`)."""
         return of_listed_date(table, cols.time, cols.time_unit, cols.naive_zone, cols.time_format, self.zone,
-                              self.date, self.span)
+                              self.date, self.span, cols.keys)
 
 
 @dataclass(frozen=True)

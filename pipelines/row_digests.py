@@ -124,7 +124,8 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
             for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted, values):
                 # a file listed under each date its rows span: its rows of `f.date`
                 part = of_listed_date(part, time, spec.time_unit_in(m), spec.naive_zone_in(m),
-                                      spec.time_format_in(m), spec.timezone, f.date, f.span)
+                                      spec.time_format_in(m), spec.timezone, f.date, f.span,
+                                      [read[wanted.index(k)] for k in spec.entity_in(m) if k in wanted])
                 out[f.modality].add(row_hashes(part))
     return out
 

@@ -52,32 +52,62 @@ def times_from_counts(counts: pl.Series, unit: str) -> tuple[pl.Series, pl.Serie
 
 
 def times_from_stored(values: pl.Series, unit: str | None, naive_zone: str | None = None,
-                      time_format: str | tuple[str, ...] | None = None) -> tuple[pl.Series, pl.Series] | None:
+                      time_format: str | tuple[str, ...] | None = None, sequence: pl.Series | None = None
+                      ) -> tuple[pl.Series, pl.Series] | None:
     """Times stored otherwise than as zoned timestamps, read: numbers as counts of `unit` (`times_from_counts`;
     only with a unit), text as ISO 8601 (`times_from_text`) or, with `time_format`, as that format writes them
     (`times_from_format`), and - with `naive_zone` - naive timestamps as that zone's wall clock
-    (`times_from_wall_clock`); the times and the stored values not read (see those). None where nothing needs
-    reading (zoned timestamps and dates, naive ones without `naive_zone`; the rest is no time)."""
+    (`times_from_wall_clock`, which tells a repeated hour's passes apart by `sequence`, each row's writer); the
+    times and the stored values not read (see those). None where nothing needs reading (zoned timestamps and dates,
+    naive ones without `naive_zone`; the rest is no time)."""
     if is_count(values.dtype):
         return None if unit is None else times_from_counts(values, unit)
     if values.dtype in (pl.String, pl.Categorical) and time_format is not None:
-        return times_from_format(values, time_format, naive_zone)
+        return times_from_format(values, time_format, naive_zone, sequence)
     if values.dtype in (pl.String, pl.Categorical):
-        return times_from_text(values, unit, naive_zone)
+        return times_from_text(values, unit, naive_zone, sequence)
     if naive_zone and isinstance(values.dtype, pl.Datetime) and values.dtype.time_zone is None:
-        return times_from_wall_clock(values, naive_zone)
+        return times_from_wall_clock(values, naive_zone, sequence)
     return None
 
 
-def times_from_wall_clock(times: pl.Series, zone: str) -> tuple[pl.Series, pl.Series]:
+def times_from_wall_clock(times: pl.Series, zone: str, sequence: pl.Series | None = None
+                          ) -> tuple[pl.Series, pl.Series]:
     """Naive timestamps that show the wall clock of `zone` (a plant's historian writing local time) as naive UTC
     timestamps in microseconds, and as text those the zone's clocks skipped or showed twice (a daylight-saving
-    change: which instant is meant cannot be told) - null elsewhere; their time is null."""
-    utc = (times.dt.cast_time_unit("us").dt.replace_time_zone(zone, ambiguous="null", non_existent="null")
-           .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+    change) that cannot be read - null elsewhere; their time is null. A time the clocks skipped names no instant.
+    One they showed twice (the hour repeated when they go back) is told apart by the order it was written in where
+    `sequence` gives each row's writer (its entity key; rows in stored order): among a writer's times of one such
+    repeat, those before its clock stepped back by half the change or more are the first pass (summer time),
+    those after it the second - as a historian logs the repeated hour twice, in order (`pandas`' `ambiguous='infer'`
+    reads it alike). A writer whose repeat shows no such step, or more than one, is not read there."""
+    wall = times.dt.cast_time_unit("us")
+    first, second = ((wall.dt.replace_time_zone(zone, ambiguous=pick, non_existent="null")
+                      .dt.convert_time_zone("UTC").dt.replace_time_zone(None)) for pick in ("earliest", "latest"))
+    twice = (first != second).fill_null(False)
+    utc = pl.select(pl.when(twice).then(None).otherwise(first)).to_series()
+    if sequence is not None and twice.any():
+        utc = _told_apart(wall, first, second, twice, sequence, utc)
     unread = pl.select(pl.when(utc.is_null() & times.is_not_null()).then(times.dt.to_string("%Y-%m-%d %H:%M:%S%.f"))
                        .otherwise(None)).to_series()
     return utc.alias(times.name), unread
+
+
+def _told_apart(wall: pl.Series, first: pl.Series, second: pl.Series, twice: pl.Series, sequence: pl.Series,
+                utc: pl.Series) -> pl.Series:
+    """`utc` with the wall-clock times shown twice (`twice`) read by their writer's order (`times_from_wall_clock`):
+    per writer and repeat (its wall date), in stored order, the first pass the earlier instant, the second the
+    later, where exactly one step back of half the change or more parts them."""
+    rows = pl.DataFrame({"i": range(len(wall)), "key": sequence.cast(pl.String), "wall": wall, "first": first,
+                         "second": second}).filter(twice)
+    repeat = [pl.col("key"), pl.col("wall").dt.date()]
+    back = (pl.col("wall").diff().over(repeat) <= -(pl.col("second") - pl.col("first")) / 2).fill_null(False)
+    passes = rows.with_columns(back.cast(pl.Int32).alias("back")).with_columns(
+        pl.col("back").cum_sum().over(repeat).alias("pass"), pl.col("back").sum().over(repeat).alias("steps"))
+    read = passes.select("i", pl.when(pl.col("steps") != 1).then(None).when(pl.col("pass") == 0).then(pl.col("first"))
+                         .otherwise(pl.col("second")).alias("read"))
+    at = pl.DataFrame({"i": range(len(wall)), "utc": utc}).join(read, on="i", how="left", maintain_order="left")
+    return at.select(pl.coalesce("utc", "read")).to_series()
 
 
 def time_formats(time_format: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -92,8 +122,8 @@ def formats_shown(time_format: str | tuple[str, ...]) -> str:
     return f"the format{'s' if len(formats) > 1 else ''} {named}"
 
 
-def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naive_zone: str | None = None
-                      ) -> tuple[pl.Series, pl.Series]:
+def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naive_zone: str | None = None,
+                      sequence: pl.Series | None = None) -> tuple[pl.Series, pl.Series]:
     """Times written as text in `time_format` (a strftime format as Polars reads it - `%d/%m/%Y %H:%M:%S%.f`,
     `%b %d %Y %I:%M:%S %p`; the spec checks that it holds the date - or several, tried in order: a value is read by the
     first that reads it, `ISO_8601` standing for ISO 8601 text; a writer that changed its format) as naive (UTC)
@@ -105,7 +135,7 @@ def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naiv
     times = taken = None
     for written in time_formats(time_format):
         if written == ISO_8601:
-            got, _ = times_from_text(texts, None, naive_zone)
+            got, _ = times_from_text(texts, None, naive_zone, sequence)
             read = got.is_not_null()
         else:
             parsed = text.str.strptime(pl.Datetime("us"), written, strict=False)
@@ -113,7 +143,7 @@ def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naiv
             if isinstance(parsed.dtype, pl.Datetime) and parsed.dtype.time_zone is not None:
                 got = parsed.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
             elif naive_zone is not None:
-                got, _ = times_from_wall_clock(parsed, naive_zone)
+                got, _ = times_from_wall_clock(parsed, naive_zone, sequence)
             else:
                 got = parsed
         got = got.cast(pl.Datetime("us"))
@@ -123,8 +153,8 @@ def times_from_format(texts: pl.Series, time_format: str | tuple[str, ...], naiv
     return times.alias(texts.name), unread
 
 
-def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str | None = None
-                    ) -> tuple[pl.Series, pl.Series]:
+def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str | None = None,
+                    sequence: pl.Series | None = None) -> tuple[pl.Series, pl.Series]:
     """Times stored as text as naive (UTC) timestamps in microseconds: ISO 8601 - `2024-01-05T10:00:00Z`,
     `2024-01-05 10:00:00.250`, `2024-01-05T11:00+01:00` (an offset converted, none read as UTC - or, with
     `naive_zone`, as that zone's wall clock, `times_from_wall_clock`), a date alone its midnight - or, with `unit`, a
@@ -148,8 +178,9 @@ def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str |
               - offset_us)
     read = parts.select(pl.col("text"), pl.when(day.is_not_null() & clock_ok).then(micros).alias("micros"))
     if naive_zone is not None:       # the values without a zone: that zone's wall clock
-        wall = pl.Series(read.get_column("micros")).cast(pl.Datetime("us"))
-        local, _ = times_from_wall_clock(wall, naive_zone)
+        naive = parts.get_column("zone").is_null()      # (a zoned value is no wall clock: left out of the order)
+        wall = pl.select(pl.when(naive).then(read.get_column("micros"))).to_series().cast(pl.Datetime("us"))
+        local, _ = times_from_wall_clock(wall, naive_zone, sequence)
         read = read.with_columns(pl.when(parts.get_column("zone").is_null()).then(local.cast(pl.Int64))
                                  .otherwise(pl.col("micros")).alias("micros"))
     if unit is not None:

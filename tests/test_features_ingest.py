@@ -577,12 +577,20 @@ def test_times_written_in_a_time_format_are_read_by_it_and_others_quarantined_wi
 def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_they_name_together():
     from pipelines.ingest import unusable_reasons
 
-    quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc"], "reason": [
+    clock = "a wall-clock time Europe/Berlin's clocks skipped or showed twice (a daylight-saving change)"
+    quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc", "proc", "proc", "cam", "cam"],
+                                "reason": [
         "time column 'ts' holds '05/01/2024', not an ISO 8601 time", "time column 'ts' holds 'noon', not an ISO 8601 "
         "time", "timed outside its date partition 2024-01-02", "unusable value in column 'ax'",
-        "time column 'ts' holds -4611686018427387904, which as ms since the epoch no timestamp can hold"]})
+        "time column 'ts' holds -4611686018427387904, which as ms since the epoch no timestamp can hold",
+        f"time column 'ts' holds 2024-10-27 02:00:20.789893, {clock}",
+        f"time column 'ts' holds 2024-03-31 02:30:00, {clock}",
+        "image file 's3://b/a/1.png' in column 'frame' cannot be read (AWS Error NO_SUCH_KEY: 's3://b/a/1.png')",
+        "image file '/f/a/2.png' in column 'frame' cannot be read ([Errno 2] Failed to open local file '/f/a/2.png')"]})
     assert unusable_reasons(quarantined) == {       # the misplaced row counted on its own (input_rows_misplaced)
+        "cam: image file in column 'frame' cannot be read": 2,
         "proc: time column 'ts' holds a value, not an ISO 8601 time": 2,
+        f"proc: time column 'ts' holds a value, {clock}": 2,
         "proc: time column 'ts' holds a value, which as ms since the epoch no timestamp can hold": 1,
         "vib: unusable value in column 'ax'": 1}
 
@@ -1959,6 +1967,18 @@ def test_bad_text_undecodable_images_and_misplaced_rows_are_quarantined_with_the
                        ("logs", "timed outside its date partition 2024-01-02")]
 
 
+def test_a_payload_files_location_by_its_name():
+    """An s3:// URI (Hadoop's s3a:// and s3n:// as one), an absolute path or file:// URI as it is; a relative name
+    under payload_root (none without one); another scheme's URI is none."""
+    from pipelines.payload_files import payload_location
+
+    root = "s3://lake/frames/"
+    assert [payload_location(n, root) for n in ("s3://b/k.png", " s3a://b/k.png", "s3n://b/k.png", "/d/k.png",
+                                                "file:///d/k.png", "a/k.png", "gs://b/k.png", "https://h/k.png")] == [
+        "s3://b/k.png", "s3://b/k.png", "s3://b/k.png", "/d/k.png", "/d/k.png", "s3://lake/frames/a/k.png", None, None]
+    assert payload_location("a/k.png", None) is None and payload_location("a/k.png", "/d") == "/d/a/k.png"
+
+
 def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, tiny_spec, monkeypatch):
     """`payload: file`: the camera table names each frame's file - an absolute path, a `file://` URI, a path
     under `payload_root` - and a microphone table each clip's WAV file. A shard reads the files of the rows it keeps
@@ -2835,6 +2855,53 @@ def test_naive_times_of_a_plants_wall_clock_read_as_the_instants_they_show(tmp_p
     assert unread.to_list() == ["time column 'ts' holds 2024-03-31 02:30:00, a wall-clock time Europe/Berlin's "
                                 "clocks skipped or showed twice (a daylight-saving change)"]
     assert table["ts"].to_pylist() == [None]
+
+
+def test_an_hour_the_clocks_showed_twice_is_read_by_the_order_each_machine_wrote_it(tmp_path, tiny_spec):
+    """Fall back: a historian writing Berlin's wall clock logs 02:00-02:59 twice on 2024-10-27, in order. Each
+    machine's rows (interleaved with another's, as naive timestamps and as ISO text) are read by their order: before
+    the clock steps back the first pass (summer time, 00:xx UTC), after it the second (01:xx UTC) - the instants a twin
+    table timed in UTC holds. A machine whose repeat shows no step back (one pass alone), or two, is quarantined as
+    before; a late row a few minutes back is no step back."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import read_shard, read_times
+    from pipelines.storage import Storage
+    from pipelines.stored_times import times_from_wall_clock
+
+    berlin = "Europe/Berlin"
+    utc = [dt.datetime(2024, 10, 26, 23, 50) + dt.timedelta(minutes=10 * i) for i in range(16)]   # to 02:20 UTC
+    wall = [t.replace(tzinfo=dt.timezone.utc).astimezone(__import__("zoneinfo").ZoneInfo(berlin)).replace(tzinfo=None)
+            for t in utc]
+    assert wall[1:4] == wall[7:10]                                     # 02:00, 02:10, 02:20 shown twice
+    rows = pl.DataFrame({"machine_id": [m for t in wall for m in ("a", "b")], "ts": [t for t in wall for _ in "ab"]})
+    read, unread = times_from_wall_clock(rows["ts"], berlin, rows["machine_id"])
+    assert read.to_list() == [t for t in utc for _ in "ab"] and unread.null_count() == len(rows)
+    texts = rows["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")
+    table, why = read_times(pa.table({"machine_id": rows["machine_id"].to_arrow(), "ts": texts.to_arrow()}), "ts",
+                            None, berlin, None, ["machine_id"])
+    assert table["ts"].to_pylist() == [t for t in utc for _ in "ab"] and why.null_count() == len(rows)
+    # one pass alone (no step back), two steps back, a late row: what cannot be told apart stays unread
+    one = pl.Series([wall[1], wall[2], wall[3]])
+    assert times_from_wall_clock(one, berlin, pl.Series(["a"] * 3))[0].to_list() == [None] * 3
+    twice_back = pl.Series([wall[1], wall[2], wall[1], wall[2], wall[1]])
+    assert times_from_wall_clock(twice_back, berlin, pl.Series(["a"] * 5))[0].null_count() == 5
+    late = pl.Series([wall[1], wall[2], wall[2] - dt.timedelta(minutes=5), *wall[3:9]])
+    assert times_from_wall_clock(late, berlin, pl.Series(["a"] * 9))[0].to_list() == [
+        utc[1], utc[2], utc[2] - dt.timedelta(minutes=5), *utc[3:9]]
+
+    # through a shard: the wall-clock table reads as its UTC twin, nothing quarantined
+    for root, stamps in (("utc", pa.array([t for t in utc for _ in "ab"], pa.timestamp("us", tz="UTC"))),
+                         ("wall", pa.array([t for t in wall for _ in "ab"], pa.timestamp("us")))):
+        _write(tmp_path / root / "date=2024-10-27" / "part-0.parquet", pa.table({
+            "machine_id": rows["machine_id"].to_arrow(), "ts": stamps, "temp": np.arange(32, dtype=float)}))
+    specs = [replace(_proc_spec(tiny_spec, tmp_path / root), timezone=berlin) for root in ("utc", "wall")]
+    specs[1] = replace(specs[1], modalities={"proc": replace(specs[1].modalities["proc"], naive_times="local")})
+    day = [dt.date(2024, 10, 27)]
+    twin, got = (read_shard(_shard(tmp_path, sp, day), sp, Storage()) for sp in specs)
+    assert got.quarantined.is_empty() and got.tables["proc"].sort("machine_id", TIME).equals(
+        twin.tables["proc"].sort("machine_id", TIME))
 
 
 def test_a_time_stored_as_a_date_is_its_midnight(tmp_path, tiny_spec):

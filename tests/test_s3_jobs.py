@@ -551,9 +551,9 @@ def test_a_delta_input_table_on_s3_is_listed_by_its_log(s3_endpoint):
 
 
 def test_payload_files_in_a_bucket_are_read_for_the_rows_a_shard_keeps(s3_endpoint, tiny_spec):
-    """`payload: file` on S3: a camera table in the bucket names each frame's object by its s3:// URI or by a key
-    under `payload_root`; the shard reads those objects (a missing one quarantined, naming it), and the planner
-    sizes the date by their bytes (`payload_bytes`, from a sample of HEAD requests)."""
+    """`payload: file` on S3: a camera table in the bucket names each frame's object by its URI (s3a://, as Spark
+    writes it) or by a key under `payload_root`; the shard reads those objects (a missing one quarantined, naming
+    it), and the planner sizes the date by their bytes (`payload_bytes`, from a sample of HEAD requests)."""
     import io
 
     from PIL import Image
@@ -578,7 +578,7 @@ def test_payload_files_in_a_bucket_are_read_for_the_rows_a_shard_keeps(s3_endpoi
     day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
     table = pa.table({"machine_id": ["a"] * 3, "ts": pa.array([day + i * 60_000_000 for i in (1, 2, 3)],
                                                               pa.timestamp("us", tz="UTC")),
-                      "frame": ["a/1.png", "s3://frames/cam/a/2.png", "a/gone.png"]})
+                      "frame": ["a/1.png", "s3a://frames/cam/a/2.png", "a/gone.png"]})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     s3.put_object(Bucket="frames", Key="raw/cam/date=2024-01-02/part-0.parquet", Body=sink.getvalue().to_pybytes())
