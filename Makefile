@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-entity-statistics: install
 
 bench-train-statistics: install
 	$(BIN)/python -m benchmarks.train_statistics --out benchmarks/results
+
+bench-relation-width: install
+	$(BIN)/python -m benchmarks.relation_width --out benchmarks/results
 
 bench-train-features: install
 	$(BIN)/python -m benchmarks.train_features --out benchmarks/results $(if $(BASELINE),--baseline $(BASELINE))

@@ -95,18 +95,17 @@ def partial_fit(template, keys: list[str], seed: int):
     for kind in ("relations_", "cross_relations_"):
         for ctx, fit in getattr(template, kind).items():
             mine = getattr(fitter, kind)[ctx]
-            mine.channels = []
-            for reg in fit.channels:
-                copied = _Regression(reg.d)
-                copied.entities = {key: _moved(reg.entities[TEMPLATE], rng) for key in keys}
-                # the centred cross products: the template's within-machine part for each machine plus the scatter
-                # of the copies' own means (as a fit over those rows would have them)
-                within = reg.moments.scatter - _EntityTotals.of(reg).between.about(reg.moments.mean)
-                means = _EntityTotals.of(copied).between
-                copied.moments = _Comoments(reg.d + 1)
-                copied.moments.n, copied.moments.mean = means.n, means.mean
-                copied.moments.scatter = within * scale + means.scatter
-                mine.channels.append(copied)
+            reg = fit.quantities                        # every quantity's cross products (`_RelationFit`)
+            copied = _Regression(reg.d, target=False)
+            copied.entities = {key: _moved(reg.entities[TEMPLATE], rng) for key in keys}
+            # the centred cross products: the template's within-machine part for each machine plus the scatter
+            # of the copies' own means (as a fit over those rows would have them)
+            within = reg.moments.scatter - _EntityTotals.of_quantities(reg).between.about(reg.moments.mean)
+            means = _EntityTotals.of_quantities(copied).between
+            copied.moments = _Comoments(reg.d)
+            copied.moments.n, copied.moments.mean = means.n, means.mean
+            copied.moments.scatter = within * scale + means.scatter
+            mine.quantities, mine.width, mine.peers = copied, fit.width, fit.peers
             mine.ranges = {key: _moved(fit.ranges[TEMPLATE], rng) for key in keys}
     return fitter
 

@@ -10,7 +10,7 @@ import io
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -277,6 +277,13 @@ class _EntitySums:
         self.n, self.sx, self.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
         return self
 
+    def channel(self, design: np.ndarray, target: int) -> "_EntitySums":
+        """One channel's sums from the sums of every quantity (`sx` over `relation_quantities`): its design's and,
+        as its target's, its current value's."""
+        out = _EntitySums(len(design))
+        out.n, out.sx, out.sy = self.n, self.sx[design], float(self.sx[target])
+        return out
+
 
 class _Range:
     """The range each of a relation's quantities (`relation_quantities`) took for one entity, and its rows."""
@@ -360,6 +367,12 @@ class _Comoments:
                                                          other.n, other.mean, other.scatter)
         return self
 
+    def columns(self, index: np.ndarray) -> "_Comoments":
+        """The count, means and scatter of the columns `index` alone (as if only they had been added)."""
+        out = _Comoments(len(index))
+        out.n, out.mean, out.scatter = self.n, self.mean[index], self.scatter[np.ix_(index, index)]
+        return out
+
     def about(self, point: np.ndarray) -> np.ndarray:
         """(k, k) the scatter about `point` instead of the mean."""
         delta = self.mean - point
@@ -373,15 +386,15 @@ class _Regression:
     within-entity cross products are the fleet's minus the scatter of the entities' means (`_EntityTotals`).
     Merged by adding (ranges by min / max)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, target: bool = True):
         self.d = d
-        self.moments = _Comoments(d + 1)
+        self.moments = _Comoments(d + 1 if target else d)     # without a target: every quantity's (`_RelationFit`)
         self.entities: dict[str, _EntitySums] = {}
 
-    def add(self, key: str, x: np.ndarray, y: np.ndarray) -> None:
-        """Rows of one entity: design x (n, d), target y (n,)."""
-        self.moments.add(np.column_stack([x, y]).astype(np.float64))
-        self.entities.setdefault(key, _EntitySums(self.d)).add(x, y)
+    def add(self, key: str, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Rows of one entity: design x (n, d), target y (n,) (none without a target)."""
+        self.moments.add((x if y is None else np.column_stack([x, y])).astype(np.float64))
+        self.entities.setdefault(key, _EntitySums(self.d)).add(x, np.zeros(len(x)) if y is None else y)
 
     def merge(self, other: "_Regression") -> "_Regression":
         self.moments.merge(other.moments)
@@ -391,36 +404,58 @@ class _Regression:
 
 
 class _RelationFit:
-    """One context's relations as its rows stream in: a regression per parent channel (`_Regression`) on the
-    channel's design, and the range each quantity (`relation_quantities`) took per entity (`_Range`); merged by
-    adding."""
+    """One context's relations as its rows stream in: the count, means and centred cross products of every quantity
+    (`relation_quantities`: each channel's current value and block means, the peers' values) over the fleet and
+    each entity's sums of them (`quantities`, a `_Regression` without a target), from which each parent channel's
+    regression on its design is taken when it is fitted (`channel`: its design's and its own current value's rows
+    and columns) - one (P, P) accumulator instead of one per channel: a parent of C channels has P = C x (1 +
+    blocks) + K quantities and each channel's design nearly all of them, so C accumulators cost C times the
+    arithmetic and memory (a historian table of 300 tags: 7.8 GB). And the range each quantity took per entity
+    (`_Range`). Merged by adding."""
 
     def __init__(self) -> None:
-        self.channels: list[_Regression] = []
+        self.quantities: _Regression | None = None
+        self.width = 0                      # the parent's channels (C)
+        self.peers = 0                      # the peers' values (K)
         self.ranges: dict[str, _Range] = {}
 
     def add(self, current: np.ndarray, history: np.ndarray, keys: np.ndarray, peers: np.ndarray | None = None) -> None:
         """Ticks with the parent's current values (N, C), the context window (N, T, C), their entity keys and, for a
         cross-modal fit, the peers' values (N, K)."""
         quantities = relation_quantities(current, history, peers)
-        width = 0 if peers is None else peers.shape[1]
-        designs = [_design_of(quantities, current.shape[1], c, width) for c in range(current.shape[1])]
-        if not self.channels:
-            self.channels = [_Regression(len(design)) for design in designs]
+        if self.quantities is None:
+            self.quantities = _Regression(quantities.shape[1], target=False)
+            self.width, self.peers = current.shape[1], 0 if peers is None else peers.shape[1]
         for key, rows in group_rows(keys):
             mine = quantities[rows]
             self.ranges.setdefault(key, _Range(quantities.shape[1])).add(mine)
-            for c, (reg, design) in enumerate(zip(self.channels, designs)):
-                reg.add(key, mine[:, design], current[rows, c])
+            self.quantities.add(key, mine)
 
     def merge(self, other: "_RelationFit") -> "_RelationFit":
-        if not self.channels:                                   # copies: merging on must not change `other`
-            self.channels = [_Regression(reg.d) for reg in other.channels]
-        for mine, theirs in zip(self.channels, other.channels):
-            mine.merge(theirs)
+        if other.quantities is not None:                        # copies: merging on must not change `other`
+            if self.quantities is None:
+                self.quantities = _Regression(other.quantities.d, target=False)
+                self.width, self.peers = other.width, other.peers
+            self.quantities.merge(other.quantities)
         for key, part in other.ranges.items():
             self.ranges.setdefault(key, _Range(len(part.lo))).merge(part)
         return self
+
+    def design(self, channel: int) -> np.ndarray:
+        """The columns of the quantities channel `channel`'s design reads (`design_index`)."""
+        return design_index(self.width, (self.quantities.d - self.peers) // self.width - 1, channel, self.peers)
+
+    def channel(self, c: int) -> _Regression:
+        """Channel `c`'s regression on its design, as if it alone had been fitted (`_Regression`)."""
+        design = self.design(c)
+        reg = _Regression(len(design))
+        reg.moments = self.quantities.moments.columns(np.append(design, c))
+        reg.entities = {key: sums.channel(design, c) for key, sums in self.quantities.entities.items()}
+        return reg
+
+    def channels(self) -> Iterator[_Regression]:
+        """Each parent channel's regression in turn (`channel`; none before a row was added)."""
+        return (self.channel(c) for c in range(self.width if self.quantities is not None else 0))
 
 
 class _EntityTotals:
@@ -451,6 +486,28 @@ class _EntityTotals:
         self.fitted, self.n = self.fitted + other.fitted, self.n + other.n
         self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
         return self
+
+    @classmethod
+    def of_quantities(cls, quantities: _Regression) -> "_EntityTotals":
+        """The totals of every quantity of a relation (`_RelationFit.quantities`: no target), from which each
+        channel's are taken (`channel`)."""
+        totals = cls(quantities.d)
+        totals.between = _Comoments(quantities.d)
+        counted = [e for e in quantities.entities.values() if e.n]
+        if counted:
+            counts = np.array([e.n for e in counted], np.float64)
+            totals.between.add(np.stack([e.sx for e in counted]) / counts[:, None], counts)
+        fits = [e for e in quantities.entities.values() if e.n >= 2]
+        totals.fitted, totals.n = len(fits), sum(e.n for e in fits)
+        totals.sx = sum((e.sx for e in fits), np.zeros(quantities.d))
+        return totals
+
+    def channel(self, design: np.ndarray, target: int) -> "_EntityTotals":
+        """One channel's totals from those of every quantity (`of_quantities`)."""
+        out = _EntityTotals(len(design))
+        out.between = self.between.columns(np.append(design, target))
+        out.fitted, out.n, out.sx, out.sy = self.fitted, self.n, self.sx[design], float(self.sx[target])
+        return out
 
 
 def fit_relation(reg: _Regression, totals: _EntityTotals) -> dict[str, Any] | None:
@@ -942,15 +999,14 @@ class StatisticsFitter:
                 part(key).trend_[name][key] = trend
         for kind in ("relations_", "cross_relations_"):
             for ctx, fit in getattr(self, kind).items():
-                shared = getattr(fleet, kind)[ctx]
-                shared.channels = [_Regression(reg.d) for reg in fit.channels]
-                for mine, reg in zip(shared.channels, fit.channels):
-                    mine.moments.merge(reg.moments)                  # a copy: this fitter's stays as it is
-                for p in parts:
-                    getattr(p, kind)[ctx].channels = [_Regression(reg.d) for reg in fit.channels]
-                for c, reg in enumerate(fit.channels):
-                    for key, sums in reg.entities.items():
-                        getattr(part(key), kind)[ctx].channels[c].entities[key] = sums
+                if fit.quantities is not None:
+                    for p in (fleet, *parts):
+                        held = getattr(p, kind)[ctx]
+                        held.quantities = _Regression(fit.quantities.d, target=False)
+                        held.width, held.peers = fit.width, fit.peers
+                    getattr(fleet, kind)[ctx].quantities.moments.merge(fit.quantities.moments)   # a copy
+                    for key, sums in fit.quantities.entities.items():
+                        getattr(part(key), kind)[ctx].quantities.entities[key] = sums
                 for key, r in fit.ranges.items():
                     getattr(part(key), kind)[ctx].ranges[key] = r
         return fleet, parts
@@ -962,7 +1018,8 @@ class StatisticsFitter:
             totals.drifts[name] = [d for d in (t.drift() for t in trends.values()) if d is not None]
         for kind in ("relations_", "cross_relations_"):
             for ctx, fit in getattr(self, kind).items():
-                totals.relations[(kind, ctx)] = [_EntityTotals.of(reg) for reg in fit.channels]
+                if fit.quantities is not None:
+                    totals.relations[(kind, ctx)] = _EntityTotals.of_quantities(fit.quantities)
                 totals.ranges[(kind, ctx)] = range_total(fit.ranges)
         return totals
 
@@ -1000,12 +1057,16 @@ class StatisticsFitter:
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
         relations = {}
+        def fitted(fit: _RelationFit, totals_of: _EntityTotals | None) -> list[dict[str, Any] | None]:
+            """Each channel's relation, one channel at a time (none without rows)."""
+            if totals_of is None or fit.quantities is None:
+                return []
+            return [fit_relation(fit.channel(c), totals_of.channel(fit.design(c), c)) for c in range(fit.width)]
+
         for ctx, parent in relation_pairs(self.spec).items():
             width = len(self.spec.modalities[parent].columns)
-            channels = [fit_relation(reg, t) for reg, t in           # none without rows (or one channel)
-                        zip(self.relations_[ctx].channels, totals.relations.get(("relations_", ctx), []))]
-            cross = [fit_relation(reg, t) for reg, t in zip(self.cross_relations_[ctx].channels,
-                                                            totals.relations.get(("cross_relations_", ctx), []))] \
+            channels = fitted(self.relations_[ctx], totals.relations.get(("relations_", ctx)))   # none: no rows
+            cross = fitted(self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx))) \
                 if ctx in self.cross_relations_ else []
             if any(ch is not None for ch in channels) or any(ch is not None for ch in cross):
                 # the context then speaks only through the relations: as a model input its hour of history kept
@@ -1043,10 +1104,10 @@ class StatisticsFitter:
                     out[key][SPREAD] = spread.result()
             return out
 
-        def channels(fits: list[_Regression], fitted: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
-            fits = fits or [None] * len(fitted)                  # no entity of this part had the relation's rows
-            return [None if f is None else {**f, "entity_intercepts": {} if reg is None else entity_intercepts(reg, f)}
-                    for reg, f in zip(fits, fitted)]
+        def channels(fit: _RelationFit, fitted: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+            held = fit.quantities is not None                    # else no entity of this part had the relation's rows
+            return [None if f is None else {**f, "entity_intercepts": entity_intercepts(fit.channel(c), f) if held
+                                            else {}} for c, f in enumerate(fitted)]
 
         def ranges(fit: _RelationFit, fitted: dict[str, Any] | None) -> dict[str, Any] | None:
             return None if fitted is None else {**fitted, "entities": _entity_ranges(fit.ranges)}
@@ -1056,11 +1117,11 @@ class StatisticsFitter:
         relations = {}
         for ctx, fitted in fleet.get("relations", {}).items():
             own = self.relations_[ctx]
-            relations[ctx] = {**fitted, "channels": channels(own.channels, fitted["channels"]),
+            relations[ctx] = {**fitted, "channels": channels(own, fitted["channels"]),
                               "ranges": ranges(own, fitted["ranges"])}
             if fitted.get("cross_channels") is not None:
                 cross = self.cross_relations_[ctx]
-                relations[ctx].update(cross_channels=channels(cross.channels, fitted["cross_channels"]),
+                relations[ctx].update(cross_channels=channels(cross, fitted["cross_channels"]),
                                       cross_ranges=ranges(cross, fitted.get("cross_ranges")))
         stats = {**fleet, "modalities": modalities, **({"relations": relations} if relations else {})}
         return split_entity_statistics(stats)[1]
@@ -1073,24 +1134,23 @@ class StatisticsFitter:
 
 class StatisticsTotals:
     """What the fleet's part of the statistics needs from the per-entity state (`StatisticsFitter.totals`): each
-    'auto' modality's entity drifts, each relation channel's entity totals (`_EntityTotals`) and each relation's
-    range over its entities. Totals of disjoint entities (one per entity bucket) merge into the fleet's."""
+    'auto' modality's entity drifts, each relation's entity totals of its quantities (`_EntityTotals.of_quantities`,
+    each channel's taken from them) and each relation's range over its entities. Totals of disjoint entities (one
+    per entity bucket) merge into the fleet's."""
 
     def __init__(self) -> None:
         self.drifts: dict[str, list[np.ndarray]] = {}
-        self.relations: dict[tuple[str, str], list[_EntityTotals]] = {}
+        self.relations: dict[tuple[str, str], _EntityTotals] = {}
         self.ranges: dict[tuple[str, str], _Range | None] = {}
 
     def merge(self, other: "StatisticsTotals") -> "StatisticsTotals":
         for name, drifts in other.drifts.items():
             self.drifts.setdefault(name, []).extend(drifts)
         for place, theirs in other.relations.items():
-            mine = self.relations.get(place) or []
-            if not mine:
-                self.relations[place] = [_EntityTotals(len(t.sx)).merge(t) for t in theirs]
-            else:
-                for m, t in zip(mine, theirs):
-                    m.merge(t)
+            if place not in self.relations:                     # a copy: merging on must not change `other`
+                self.relations[place] = _EntityTotals(len(theirs.sx))
+                self.relations[place].between = _Comoments(len(theirs.sx))
+            self.relations[place].merge(theirs)
         for place, theirs in other.ranges.items():
             mine = self.ranges.get(place)
             if theirs is not None:

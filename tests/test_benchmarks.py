@@ -99,3 +99,14 @@ def test_the_entity_statistics_benchmark_cuts_the_same_statistics_three_ways(tmp
     assert len(mv.statistics.keys()) == 40
     bucket = [k for k in mv.statistics.keys() if bucket_of(k, 4) == 1]
     assert set(mv.statistics.for_keys(bucket)["modalities"]["process"]["entity"]) == set(bucket)
+
+
+def test_the_relation_width_benchmark_fits_the_same_weights_shared_and_per_channel(tmp_path):
+    """`benchmarks.relation_width` at a tiny size: the shared accumulator and one per channel give the same weights
+    (it exits when they differ), each way timed, and the JSON written."""
+    from benchmarks.relation_width import main
+
+    result = main(["--channels", "3", "--ticks", "3000", "--entities", "4", "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert row["quantities"] == 3 * 6 + 6 and row["largest_weight_difference"] < 1e-6
+    assert {"seconds", "peak_mb"} <= set(row["shared"]) and (tmp_path / "relation_width.json").exists()

@@ -2274,6 +2274,39 @@ def _relation_rows(spec, n, rng, offsets, drift=0.0):
                      "proc_context__pres": pa.array(history.astype(np.float32).tolist(), pa.list_(pa.float32()))})
 
 
+def test_each_channels_regression_taken_from_the_shared_quantities_is_the_one_fitted_on_its_design_alone():
+    """`_RelationFit` keeps one accumulator over every quantity (P x P) instead of one per channel (C of them, each
+    nearly P x P): a channel's regression taken from it (`channel`, `_EntityTotals.channel`) has the moments, entity
+    sums and fitted relation of a `_Regression` fed that channel's design and target alone."""
+    from dmafn.features import _EntityTotals, _Regression, _RelationFit, fit_relation, relation_design
+
+    rng = np.random.default_rng(3)
+    fit, alone = _RelationFit(), None
+    for part in range(3):                                   # three batches, two entities
+        keys = np.array(["a", "b"] * 40)
+        current = rng.normal(size=(80, 4)) + (keys == "b")[:, None] * 3
+        history = current[:, None, :] + rng.normal(0, 0.1, size=(80, 12, 4))
+        peers = rng.normal(size=(80, 2))
+        fit.add(current, history, keys, peers)
+        alone = alone or [_Regression(relation_design(current, history, c, peers).shape[1]) for c in range(4)]
+        for c, reg in enumerate(alone):
+            for key in ("a", "b"):
+                rows = keys == key
+                reg.add(key, relation_design(current[rows], history[rows], c, peers[rows]), current[rows, c])
+    totals = _EntityTotals.of_quantities(fit.quantities)
+    for c, reg in enumerate(alone):
+        taken = fit.channel(c)
+        np.testing.assert_allclose(taken.moments.scatter, reg.moments.scatter, rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(taken.moments.mean, reg.moments.mean, rtol=1e-12)
+        assert taken.moments.n == reg.moments.n and taken.entities["b"].n == reg.entities["b"].n
+        np.testing.assert_allclose(taken.entities["b"].sx, reg.entities["b"].sx, rtol=1e-12)
+        assert taken.entities["b"].sy == pytest.approx(reg.entities["b"].sy, rel=1e-12)
+        got = fit_relation(taken, totals.channel(fit.design(c), c))
+        want = fit_relation(reg, _EntityTotals.of(reg))
+        np.testing.assert_allclose(got["weights"], want["weights"], rtol=1e-8, atol=1e-10)
+        assert got["residual_std"] == pytest.approx(want["residual_std"], rel=1e-9)
+
+
 def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_error():
     """A context view fits, per channel of its parent, a least-squares relation to the other channels (now and
     over the window) with an intercept per entity; shards merge exactly; on new rows a channel where its
@@ -2289,7 +2322,7 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     whole = StatisticsFitter(spec).add(train).result()
     second = StatisticsFitter(spec).add(train.slice(300))
     first = StatisticsFitter(spec).merge(second).add(train.slice(0, 300))     # merged into an empty one, then added
-    assert second.relations_["proc_context"].channels[0].entities["a"].n == 150   # merging copied, `second` unchanged
+    assert second.relations_["proc_context"].quantities.entities["a"].n == 150   # merging copied, `second` unchanged
     halves = first.result()
     temp = whole["relations"]["proc_context"]["channels"][0]
     np.testing.assert_allclose(temp["weights"], halves["relations"]["proc_context"]["channels"][0]["weights"],
