@@ -616,7 +616,7 @@ def changed_inputs(spec: Spec, storage: Storage, dates: list[str], *, version: s
     listing (older runs tables) are not compared."""
     recorded = recorded_inputs(spec, storage, dates, version=version)
     days = sorted(dt.date.fromisoformat(d) for d in recorded)
-    files = list_partition_files(spec, days, storage) if days else []
+    files = list_partition_files(spec, days, storage, sized=False) if days else []
     now = partition_files(spec, files, days) if days else {}
     by_date: dict[dt.date, list[InputFile]] = {}
     for f in files:

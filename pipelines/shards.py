@@ -161,13 +161,15 @@ def list_inputs(spec: Spec, dates: list[dt.date], storage: Storage) -> list[Inpu
     return list_partition_files(spec, sorted(_reads(tuple(dates), spec.lookback_days, spec.lookahead_days)), storage)
 
 
-def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage) -> list[InputFile]:
-    """Every modality's Parquet files of exactly the partitions of `dates` (`list_inputs` without the days around)."""
+def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage, sized: bool = True) -> list[InputFile]:
+    """Every modality's Parquet files of exactly the partitions of `dates` (`list_inputs` without the days around);
+    with `sized`, a `payload: file` modality's files carry the bytes of the payload files they name (`payload_ratio`:
+    a sample looked up - for planning shards; a listing that only compares what the partitions hold skips it)."""
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
             by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m)).files
-        ratio = payload_ratio(storage, m, by_path[m.path]) if m.payload == "file" else 0.0
+        ratio = payload_ratio(storage, m, by_path[m.path]) if sized and m.payload == "file" else 0.0
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
                             deleted=f.deleted, stored_names=f.stored_names,
                             span=None if f.span is None else tuple(map(dt.date.fromisoformat, f.span)),

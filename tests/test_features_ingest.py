@@ -1991,7 +1991,7 @@ def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, ti
     from pipelines import payload_files
     from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
-    from pipelines.shards import bytes_by_date, list_inputs
+    from pipelines.shards import bytes_by_date, list_inputs, list_partition_files
     from pipelines.storage import Storage
 
     day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
@@ -2031,6 +2031,10 @@ def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, ti
     sampled = [len(png(v)) for v in (10, 20, 30)] + [len(b"not an image")]
     assert one.payload_bytes == int(one.size * (6 * sum(sampled) / 4 / one.size))
     assert bytes_by_date(listed)[dt.date(2024, 1, 2)] == one.size + one.payload_bytes
+    # a listing that only compares what the partitions hold (`status`, `changed_inputs`) looks nothing up
+    monkeypatch.setattr("pipelines.shards.sample_payloads", lambda *a: pytest.fail("a payload file looked up"))
+    assert [f.payload_bytes for f in list_partition_files(spec, [dt.date(2024, 1, 2)], Storage(), sized=False)] == [0]
+    monkeypatch.undo()
     # `validate --check-data` looks up a sample of the files: how large they are, which do not exist
     (data,) = check_data(spec, Storage())
     assert any(n.startswith("payload files (payload: file): about ") and f"1 of the 5 looked up do not exist, e.g. "
@@ -2888,6 +2892,36 @@ def test_naive_times_of_a_plants_wall_clock_read_as_the_instants_they_show(tmp_p
     assert unread.to_list() == ["time column 'ts' holds 2024-03-31 02:30:00, a wall-clock time Europe/Berlin's "
                                 "clocks skipped or showed twice (a daylight-saving change)"]
     assert table["ts"].to_pylist() == [None]
+
+
+def test_int96_times_as_spark_hive_and_impala_write_them_read_as_the_same_rows(tmp_path, tiny_spec):
+    """Parquet's legacy INT96 timestamps (Spark's default before 3.0, Hive, Impala) read as nanosecond timestamps:
+    a shard - its day and the look-back day, which the INT96 statistics cannot prune - reads the rows a twin timed
+    by INT64 microseconds holds."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard
+    from pipelines.parquet_files import open_parquet, time_bounds
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    for root, legacy in (("int64", False), ("int96", True)):
+        for date, start in (("2024-01-01", day - 300 * minute), ("2024-01-02", day)):
+            times = pa.array(start + np.arange(300) * minute, pa.timestamp("us"))
+            pq.write_table(pa.table({"machine_id": ["a"] * 300, "ts": times, "temp": np.arange(300, dtype=float)}),
+                           _dir(tmp_path / root, date) / "part-0.parquet", row_group_size=50,
+                           use_deprecated_int96_timestamps=legacy)
+    legacy_file = str(tmp_path / "int96" / "date=2024-01-01" / "part-0.parquet")
+    with open_parquet(Storage().filesystem(legacy_file), legacy_file) as parquet:
+        assert parquet.metadata.row_group(0).column(1).physical_type == "INT96"
+        assert parquet.schema_arrow.field("ts").type == pa.timestamp("ns") and time_bounds(parquet, "ts") is None
+    got, want = (read_shard(_shard(tmp_path, sp, [dt.date(2024, 1, 2)]), sp, Storage())
+                 for sp in (_proc_spec(tiny_spec, tmp_path / r) for r in ("int96", "int64")))
+    assert got.quarantined.is_empty() and got.tables["proc"].equals(want.tables["proc"])
+    assert got.tables["proc"][TIME].min() == day - 2 * minute       # the look-back rows within tolerance only
 
 
 def test_an_hour_the_clocks_showed_twice_is_read_by_the_order_each_machine_wrote_it(tmp_path, tiny_spec):
