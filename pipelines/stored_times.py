@@ -82,32 +82,36 @@ def times_from_wall_clock(times: pl.Series, zone: str, sequence: pl.Series | Non
     those after it the second - as a historian logs the repeated hour twice, in order (`pandas`' `ambiguous='infer'`
     reads it alike). A writer whose repeat shows no such step, or more than one, is not read there."""
     wall = times.dt.cast_time_unit("us")
-    first, second = ((wall.dt.replace_time_zone(zone, ambiguous=pick, non_existent="null")
-                      .dt.convert_time_zone("UTC").dt.replace_time_zone(None)) for pick in ("earliest", "latest"))
-    twice = (first != second).fill_null(False)
-    utc = pl.select(pl.when(twice).then(None).otherwise(first)).to_series()
-    if sequence is not None and twice.any():
-        utc = _told_apart(wall, first, second, twice, sequence, utc)
+    utc = _as_utc(wall, zone, "null")
+    unknown = utc.is_null() & wall.is_not_null()        # skipped or shown twice (the few rows of a clock change)
+    if sequence is not None and unknown.any():
+        at = unknown.arg_true()
+        utc = utc.scatter(at, _told_apart(wall.gather(at), zone, sequence.gather(at)))
     unread = pl.select(pl.when(utc.is_null() & times.is_not_null()).then(times.dt.to_string("%Y-%m-%d %H:%M:%S%.f"))
                        .otherwise(None)).to_series()
     return utc.alias(times.name), unread
 
 
-def _told_apart(wall: pl.Series, first: pl.Series, second: pl.Series, twice: pl.Series, sequence: pl.Series,
-                utc: pl.Series) -> pl.Series:
-    """`utc` with the wall-clock times shown twice (`twice`) read by their writer's order (`times_from_wall_clock`):
-    per writer and repeat (its wall date), in stored order, the first pass the earlier instant, the second the
-    later, where exactly one step back of half the change or more parts them."""
-    rows = pl.DataFrame({"i": range(len(wall)), "key": sequence.cast(pl.String), "wall": wall, "first": first,
-                         "second": second}).filter(twice)
+def _as_utc(wall: pl.Series, zone: str, ambiguous: str) -> pl.Series:
+    """Naive wall-clock timestamps of `zone` as naive UTC ones; a time the clocks skipped null, one they showed
+    twice as `ambiguous` says (`null`, `earliest`, `latest`)."""
+    return (wall.dt.replace_time_zone(zone, ambiguous=ambiguous, non_existent="null")
+            .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+
+
+def _told_apart(wall: pl.Series, zone: str, sequence: pl.Series) -> pl.Series:
+    """Wall-clock times of `zone` the clocks skipped or showed twice, with their writers (`sequence`), in stored
+    order, as naive UTC timestamps where they can be told apart (`times_from_wall_clock`), null elsewhere: per
+    writer and repeat (its wall date), the first pass the earlier instant, the second the later, where exactly one
+    step back of half the change or more parts them; a skipped time is null."""
+    first, second = _as_utc(wall, zone, "earliest"), _as_utc(wall, zone, "latest")
+    rows = pl.DataFrame({"key": sequence.cast(pl.String), "wall": wall, "first": first, "second": second})
     repeat = [pl.col("key"), pl.col("wall").dt.date()]
     back = (pl.col("wall").diff().over(repeat) <= -(pl.col("second") - pl.col("first")) / 2).fill_null(False)
     passes = rows.with_columns(back.cast(pl.Int32).alias("back")).with_columns(
         pl.col("back").cum_sum().over(repeat).alias("pass"), pl.col("back").sum().over(repeat).alias("steps"))
-    read = passes.select("i", pl.when(pl.col("steps") != 1).then(None).when(pl.col("pass") == 0).then(pl.col("first"))
-                         .otherwise(pl.col("second")).alias("read"))
-    at = pl.DataFrame({"i": range(len(wall)), "utc": utc}).join(read, on="i", how="left", maintain_order="left")
-    return at.select(pl.coalesce("utc", "read")).to_series()
+    return passes.select(pl.when(pl.col("first").is_null() | (pl.col("steps") != 1)).then(None)
+                         .when(pl.col("pass") == 0).then(pl.col("first")).otherwise(pl.col("second"))).to_series()
 
 
 def time_formats(time_format: str | tuple[str, ...]) -> tuple[str, ...]:
