@@ -853,3 +853,33 @@ def test_what_the_jobs_write_lies_apart_from_what_they_read_and_from_each_other(
         with pytest.raises(SpecError, match=f"s.yaml: key '{key}' \\(.*\\) and key '{other}' \\(.*\\) are the same "
                                             "place or one lies inside the other"):
             parse_spec(data, source="s.yaml")
+
+
+def test_payload_files_are_an_image_or_audio_modalitys_way_of_storage():
+    """`payload: file` with `payload_root`: parsed, written back by `spec_to_dict`, how data is stored (no reading
+    edit, a version reads with the current spec's); `payload_root` without `payload: file`, on a tabular
+    modality, or where the jobs write, is refused naming the key."""
+    from dmafn.spec import spec_to_dict
+
+    spec = tiny_spec_dict()
+    spec["modalities"]["cam"].update(payload="file", payload_root="s3://lake/frames")
+    parsed = parse_spec(spec, source="s.yaml")
+    cam = parsed.modalities["cam"]
+    assert (cam.payload, cam.payload_root) == ("file", "s3://lake/frames")
+    assert spec_to_dict(parsed)["modalities"]["cam"]["payload_root"] == "s3://lake/frames"
+    assert parse_spec(spec_to_dict(parsed), source="again").modalities["cam"] == cam
+    assert reading_differences(parse_spec(tiny_spec_dict(), source="t"), parsed) == []
+    for key, value, message in (("payload", "url", "'url' is not one of bytes, file"),
+                                ("payload", "bytes", "payload_root.*needs 'payload: file'")):
+        bad = tiny_spec_dict()
+        bad["modalities"]["cam"].update(payload_root="/frames", **{key: value})
+        with pytest.raises(SpecError, match=message):
+            parse_spec(bad, source="s.yaml")
+    tabular = tiny_spec_dict()
+    tabular["modalities"]["proc"]["payload"] = "file"
+    with pytest.raises(SpecError, match="unknown key 'modalities.proc.payload'"):
+        parse_spec(tabular, source="s.yaml")
+    inside = tiny_spec_dict()
+    inside["modalities"]["cam"].update(payload="file", payload_root="/tmp/none/scores")
+    with pytest.raises(SpecError, match="'score.output' .* and key 'modalities.cam.payload_root'"):
+        parse_spec(inside, source="s.yaml")
