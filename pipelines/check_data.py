@@ -26,7 +26,7 @@ from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
 from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, field_of, file_values, list_table_files,
                                      open_parquet, path_values, time_bounds, with_path_fields)
-from pipelines.payload_files import sample_payloads
+from pipelines.payload_files import sample_listed
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -121,11 +121,10 @@ class ModalityData:
 
 
 def _payload_sample(storage: Storage, m: ModalitySpec, files: list, data: ModalityData) -> None:
-    """A `payload: file` modality's payload files, by a sample the largest file names (`sample_payloads`): a note of
+    """A `payload: file` modality's payload files, by a sample the largest file names (`sample_listed`): a note of
     how many bytes they hold about, a note naming one that does not exist, a problem where none of them does."""
-    largest = max(files, key=lambda f: f.size)
     try:
-        sample = sample_payloads(storage, m, largest.path, largest.size, largest.stored_names)
+        sample = sample_listed(storage, m, files)
     except DataError as exc:
         data.problems.append(str(exc))
         return
@@ -133,7 +132,7 @@ def _payload_sample(storage: Storage, m: ModalitySpec, files: list, data: Modali
         return
     missing = [where for where, size in zip(sample.locations, sample.sizes) if size is None]
     if len(missing) == len(sample.names):
-        data.problems.append(f"modality '{m.name}' ({largest.path}): none of the {len(missing)} payload files its "
+        data.problems.append(f"modality '{m.name}' ({sample.path}): none of the {len(missing)} payload files its "
                              f"rows name that were looked up exists (the first: {missing[0]}) - does payload_root "
                              "say where they lie?")
         return

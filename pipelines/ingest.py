@@ -17,7 +17,7 @@ from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (each_row_group, each_schema, field_of, file_values, open_parquet,
-                                     row_groups_before, row_groups_since, with_path_fields)
+                                     row_groups_before, row_groups_between, row_groups_since, with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
@@ -128,9 +128,7 @@ def writers(table: pa.Table, entity: list[str] | tuple[str, ...]) -> pl.Series |
     passes apart; None where `table` lacks an entity column."""
     if not entity or any(k not in table.column_names for k in entity):
         return None
-    keys = pl.from_arrow(table.select(list(entity)))
-    return keys.select(pl.concat_str([pl.col(k).cast(pl.String).fill_null("\x00") for k in entity],
-                                     separator="|")).to_series()
+    return pl.from_arrow(table.select(list(entity))).select(entity_string(entity)).to_series()
 
 
 # what a value column that holds no value at all (Arrow's null type) is read as, by kind
@@ -519,8 +517,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                            else row_groups_since(parquet, at, first - m.lookback_us, unit, wall_clock))
                 if f.span is not None:      # a file of every date its rows span: only its rows of `f.date` are read
                     lo, hi = date_start_us(f.date, zone), date_end_us(f.date, zone)
-                    by_time = both(by_time, both(row_groups_since(parquet, at, lo, unit, wall_clock),
-                                                 row_groups_before(parquet, at, hi, unit, wall_clock)))
+                    by_time = both(by_time, row_groups_between(parquet, at, lo, hi, unit, wall_clock))
                 groups = both(by_time, row_groups_in_bucket(parquet, [as_stored[k] for k in keys], shard.bucket,
                                                             shard.buckets, values))
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))

@@ -127,6 +127,14 @@ def row_groups_before(parquet: pq.ParquetFile, time_column: str, until_us: int, 
     return None if bounds is None else [r for r, (lo, _) in enumerate(bounds) if lo < until_us]
 
 
+def row_groups_between(parquet: pq.ParquetFile, time_column: str, lo_us: int, hi_us: int,
+                       time_unit: str | None = None, naive_zone: str | None = None) -> list[int] | None:
+    """The row groups that may hold rows timed from `lo_us` to before `hi_us` (a date of a file listed under each
+    date its rows span), by the time column's statistics read once; None when the file has none to go by."""
+    bounds = time_bounds(parquet, time_column, time_unit, naive_zone)
+    return None if bounds is None else [r for r, (lo, hi) in enumerate(bounds) if hi >= lo_us and lo < hi_us]
+
+
 def each_schema(held: pa.Schema | list[pa.Schema]) -> list[pa.Schema]:
     """A modality's schema, or its several (`ingest.require_columns`), as a list."""
     return held if isinstance(held, list) else [held]

@@ -100,10 +100,11 @@ def fetched_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage, reas
 
 
 class PayloadSample(NamedTuple):
-    """What a sample of a table file's payload files says: the rows the file holds, its size, the sampled names,
+    """What a sample of a table file's payload files says: the file, the rows it holds, its size, the sampled names,
     where each lies (`payload_location`; the name where it cannot be told) and the size of each (None: no such
     file)."""
 
+    path: str
     rows: int
     file_bytes: int
     names: tuple[str, ...]
@@ -121,6 +122,15 @@ class PayloadSample(NamedTuple):
         if not found or not self.file_bytes:
             return 0.0
         return self.rows * (sum(found) / len(found)) / self.file_bytes
+
+
+def sample_listed(storage: Storage, m: ModalitySpec, listed: list) -> PayloadSample | None:
+    """`sample_payloads` of the largest of a listing's files (`ListedFile`s or `InputFile`s: `path`, `size`,
+    `stored_names`); None without a file."""
+    if not listed:
+        return None
+    largest = max(listed, key=lambda f: f.size)
+    return sample_payloads(storage, m, largest.path, largest.size, largest.stored_names)
 
 
 def sample_payloads(storage: Storage, m: ModalitySpec, path: str, file_bytes: int,
@@ -154,5 +164,5 @@ def sample_payloads(storage: Storage, m: ModalitySpec, path: str, file_bytes: in
 
     with ThreadPoolExecutor(max(1, min(PAYLOAD_READERS, len(names)))) as pool:
         sizes = tuple(pool.map(size, names))
-    return PayloadSample(rows, file_bytes, tuple(names),
+    return PayloadSample(path, rows, file_bytes, tuple(names),
                          tuple(payload_location(n, m.payload_root) or n for n in names), sizes)

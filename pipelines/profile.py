@@ -35,7 +35,7 @@ from pipelines.align import date_end_us, date_start_us, to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
 from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, file_values, list_table_files,
-                                     open_parquet, time_bounds, with_path_fields)
+                                     open_parquet, row_groups_between, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -126,12 +126,10 @@ class FilePart:
     def row_groups_of_date(self, parquet, cols: "Columns") -> list[int]:
         """The file's row groups that may hold rows of `date` by their time statistics: of a file listed under
         each date its rows span (`span`), those whose times reach into the date; of any other file, all."""
-        every = list(range(parquet.metadata.num_row_groups))
-        if self.span is None:
-            return every
-        lo, hi = date_start_us(self.date, self.zone), date_end_us(self.date, self.zone)
-        bounds = time_bounds(parquet, cols.time, cols.time_unit, cols.naive_zone)
-        return every if bounds is None else [r for r, (low, high) in enumerate(bounds) if high >= lo and low < hi]
+        kept = None if self.span is None else row_groups_between(
+            parquet, cols.time, date_start_us(self.date, self.zone), date_end_us(self.date, self.zone), cols.time_unit,
+            cols.naive_zone)
+        return list(range(parquet.metadata.num_row_groups)) if kept is None else kept
 
     def of_date(self, table: pa.Table, cols: "Columns") -> pa.Table:
         """`table` (rows of the file, as `cols` names its columns) less its rows of other dates (`span`)."""

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from dmafn.spec import ModalitySpec, Spec, voting_modalities
 from pipelines.delta_sink import DeletedRows
 from pipelines.parquet_files import RowTimes, column_chunk, field_of, list_table_files
-from pipelines.payload_files import sample_payloads
+from pipelines.payload_files import sample_listed
 from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage
 
@@ -181,16 +181,14 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage, siz
 def payload_ratio(storage: Storage, m: ModalitySpec, listed: list) -> float:
     """For a `payload: file` modality, about how many bytes of payload files each byte of its table files names:
     the rows of its largest listed file times the mean size of the payload files a sample of them names
-    (`payload_files.sample_payloads`); 0 without a file. A sample none of whose files exist is warned of (a wrong
+    (`payload_files.sample_listed`); 0 without a file. A sample none of whose files exist is warned of (a wrong
     `payload_root`, say): the rows will be quarantined as their files cannot be read."""
-    if not listed:
+    sample = sample_listed(storage, m, listed)
+    if sample is None:
         return 0.0
-    largest = max(listed, key=lambda f: f.size)
-    sample = sample_payloads(storage, m, largest.path, largest.size, largest.stored_names)
     if sample.names and not sample.found:
         log.warning("modality '%s': none of the %d payload files sampled from %s exist (the first: %s) - does "
-                    "payload_root say where they lie?", m.name, len(sample.names), largest.path,
-                    sample.locations[0])
+                    "payload_root say where they lie?", m.name, len(sample.names), sample.path, sample.locations[0])
     return sample.bytes_per_byte()
 
 

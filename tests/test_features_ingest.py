@@ -2032,7 +2032,7 @@ def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, ti
     assert one.payload_bytes == int(one.size * (6 * sum(sampled) / 4 / one.size))
     assert bytes_by_date(listed)[dt.date(2024, 1, 2)] == one.size + one.payload_bytes
     # a listing that only compares what the partitions hold (`status`, `changed_inputs`) looks nothing up
-    monkeypatch.setattr("pipelines.shards.sample_payloads", lambda *a: pytest.fail("a payload file looked up"))
+    monkeypatch.setattr("pipelines.shards.sample_listed", lambda *a: pytest.fail("a payload file looked up"))
     assert [f.payload_bytes for f in list_partition_files(spec, [dt.date(2024, 1, 2)], Storage(), sized=False)] == [0]
     monkeypatch.undo()
     # `validate --check-data` looks up a sample of the files: how large they are, which do not exist
