@@ -56,6 +56,15 @@ def pairwise_merge(n_a: float, mean_a: Any, scatter_a: Any, n_b: float, mean_b: 
     return n, mean_a + delta * (n_b / n), scatter_a + scatter_b + spread * (n_a * n_b / n)
 
 
+class NoUsableRows(ValueError):
+    """A modality present at none of the ticks a fit was given (`StatisticsFitter.fleet_result`): nothing to fit its
+    statistics on. `modality`: its name."""
+
+    def __init__(self, modality: str) -> None:
+        super().__init__(f"modality '{modality}': no usable rows in the training days to fit statistics")
+        self.modality = modality
+
+
 class _Moments:
     """Streaming per-column count, mean and sum of squared deviations from the mean, and the smallest and largest
     value. Parts are merged pairwise (Chan et al.), never as a difference of large sums: a channel whose level is
@@ -1035,7 +1044,7 @@ class StatisticsFitter:
             if m.kind in ("tabular", "timeseries", "audio"):
                 views = self._views(m)
                 if self.global_[name][views[0]].n == 0:
-                    raise ValueError(f"modality '{name}': no usable rows in the training days to fit statistics")
+                    raise NoUsableRows(name)
                 if name in self.trend_:
                     chosen, drift = auto_transforms(totals.drifts.get(name, []))
                     if transforms and name in transforms:

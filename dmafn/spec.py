@@ -95,6 +95,8 @@ class ModalitySpec:
     partition: str | None = None        # where this table's date folders lie, when not as the spec's `partition`
     missing_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # a value column -> the numbers its writer puts
                                                                      # where it has none (-9999): unusable values
+    added_columns: tuple[str, ...] = ()     # value columns added to the table after some of its files were written:
+                                            # a file without one reads null there (unusable values), not an error
     payload: str = "bytes"              # image / audio: bytes (in the column) | file (the column says where each lies)
     payload_root: str | None = None     # payload: file - where a relative file name lies (a folder or s3:// prefix)
 
@@ -437,8 +439,8 @@ _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", 
 NAIVE_TIMES = ("utc", "local")
 PAYLOADS = ("bytes", "file")    # how an image or audio modality stores its payloads: in the column, or as files
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
-    "tabular": {"columns", "tolerance", "context", "missing_values"},
-    "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values"},
+    "tabular": {"columns", "tolerance", "context", "missing_values", "added_columns"},
+    "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values", "added_columns"},
     "image": {"column", "size", "tolerance", "channels", "payload", "payload_root"},
     "text": {"column", "window", "encoder"},
     "audio": {"column", "sample_rate", "tolerance", "clip", "payload", "payload_root"},
@@ -469,7 +471,22 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
                    naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m),
                    partition=None if partition is None else str(partition),
-                   missing_values=_parse_missing_values(sec, m), payload=payload, payload_root=root)
+                   missing_values=_parse_missing_values(sec, m), added_columns=_parse_added_columns(sec, m),
+                   payload=payload, payload_root=root)
+
+
+def _parse_added_columns(sec: _Section, m: ModalitySpec) -> tuple[str, ...]:
+    """A numeric modality's `added_columns`: value columns its table gained after some of its files were written
+    (a new tag; Spark's `mergeSchema`, a Hive table's ADD COLUMNS) - a plain Parquet file without one reads null
+    there, as a Delta table's file without a column its table added since always does."""
+    if sec.get("added_columns") is None:
+        return ()
+    added = sec.string_list("added_columns")
+    for col in added:
+        if col not in m.value_columns:
+            raise sec.err("added_columns", f"'{col}' is not a value column of the modality "
+                          f"({', '.join(m.value_columns)})")
+    return tuple(dict.fromkeys(added))
 
 
 def _parse_missing_values(sec: _Section, m: ModalitySpec) -> tuple[tuple[str, tuple[float, ...]], ...]:
@@ -650,7 +667,7 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
                         naive_times=parent.naive_times, time_format=parent.time_format,
                         former_names=parent.former_names, partition=parent.partition,
-                        missing_values=parent.missing_values)
+                        missing_values=parent.missing_values, added_columns=parent.added_columns)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -908,7 +925,8 @@ def reading_differences(trained: Spec, current: Spec) -> list[str]:
 # modelled: no reading edit (`reading_differences`), and a version reads with the current spec's (`reading_spec`)
 STORED_AS = {"path": "path", "time": "time_column", "entity": "entity_columns", "time_unit": "time_unit",
              "naive_times": "naive_times", "time_format": "time_format", "former_names": "former_names",
-             "partition": "partition", "missing_values": "missing_values", "payload": "payload",
+             "partition": "partition", "missing_values": "missing_values", "added_columns": "added_columns",
+             "payload": "payload",
              "payload_root": "payload_root"}
 
 
@@ -976,6 +994,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["partition"] = m.partition
         if m.missing_values:
             entry["missing_values"] = {col: list(markers) for col, markers in m.missing_values}
+        if m.added_columns:
+            entry["added_columns"] = list(m.added_columns)
         if m.payload != "bytes":
             entry["payload"] = m.payload
         if m.payload_root:

@@ -89,6 +89,10 @@ def spec_json_schema() -> dict[str, Any]:
                                "missing (-9999), unusable like a null - a list for every value column, or a mapping "
                                "of columns to theirs", "oneOf": [_MARKERS, {"type": "object", "minProperties": 1,
                                                                            "additionalProperties": _MARKERS}]},
+            "added_columns": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
+                              "description": "tabular and timeseries: value columns the table gained after some of "
+                              "its files were written - a file without one reads null there (its values unusable) "
+                              "instead of failing"},
             "former_names": {"type": "object", "minProperties": 1, "description": "value columns renamed upstream: "
                              "each -> the name (or names) older files stored it under; a file without the column is "
                              "read under the first of them it holds (and a version trained on an old name reads the "

@@ -54,8 +54,10 @@ class ModalityData:
     # a value column whose footers' smallest or largest value is a number writers store for a missing value, not in
     # its `missing_values`: (column, number) -> [files, the first such file]
     markers: dict[tuple[str, float], list] = field(default_factory=dict)
-    # a column of its Delta table that files written before it was added lack (read as null): -> [files, the first]
+    # a column of its Delta table (or of its plain table's `added_columns`) that files written before it was added
+    # lack (read as null): -> [files, the first]
     absent: dict[str, list] = field(default_factory=dict)
+    delta: bool = False                     # a Delta table (read as its log says)
 
     def lines(self) -> list[str]:
         if not self.dates:
@@ -70,9 +72,10 @@ class ModalityData:
             + self._renamed_lines() + self._absent_lines() + self._marker_lines() + self._misplaced_lines()
 
     def _absent_lines(self) -> list[str]:
-        return [f"  column '{col}' is not in {files} of {self.files} files (written before it was added to the Delta "
-                f"table, e.g. {path}): read as null there, as Delta reads it - each of their rows' '{col}' an unusable "
-                "value (quarantined), the modality absent where no value of it is within its tolerance or window"
+        table, read = ("the Delta table", "as Delta reads it") if self.delta else ("the table", "by added_columns")
+        return [f"  column '{col}' is not in {files} of {self.files} files (written before it was added to {table}, "
+                f"e.g. {path}): read as null there, {read} - each of their rows' '{col}' an unusable value "
+                "(quarantined), the modality absent where no value of it is within its tolerance or window"
                 for col, (files, path) in self.absent.items()]
 
     def _marker_lines(self) -> list[str]:
@@ -316,10 +319,11 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
         found.append(data)
         try:
             partitions, files, delta, replaced = list_table_files(storage, m.path, spec.partition_in(m), None,
-                                                                  RowTimes.of(spec, m))
+                                                                  RowTimes.of(spec, m), m.added_columns)
         except DataError as exc:
             data.problems.append(f"modality '{name}': {exc}")
             continue
+        data.delta = delta
         if delta and not m.context_of:             # a Delta table: the files its log holds now
             marked = [f.deleted.count for f in files if f.deleted is not None]
             data.notes.append(f"a Delta table: read as its log says ({len(files)} files" + (
@@ -358,9 +362,9 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                         raise footer
                     schema, times, samples, extremes = footer
                     # columns added to its Delta table since it was written (null there), or in its folders only
-                    lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names)) \
-                        - set(path_values(listed.name))
-                    schema = with_path_fields(schema, file_values(listed, schema))
+                    lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names,
+                                                m.former_names)) - set(path_values(listed.name))
+                    schema = with_path_fields(schema, file_values(listed, schema, m.former_names))
                     check_schema(schema, spec, stored_as, path)
                 except DataError as exc:
                     data.problems.append(str(exc))
@@ -395,6 +399,10 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                 lo, hi = partition_span_us(day, spec.timezone, spec.lateness_us)
                 if listed.span is None and (times[0] < lo or times[1] >= hi):   # a file spanning dates is never
                     data.misplaced.append((path, day, *times))
+            for col in m.added_columns if not delta and not m.context_of else ():
+                if data.files and data.absent.get(col, [0])[0] == data.files:
+                    data.problems.append(f"modality '{name}': column '{col}' (added_columns) is in none of its "
+                                         f"{data.files} files - every value of it would be null (a misspelt name?)")
     _key_notes(spec, {name: list(ways.values()) for name, ways in keyed.items()}, {d.name: d for d in found})
     _training_days_problems(spec, dated, {d.name: d for d in found})
     if spec.labels:

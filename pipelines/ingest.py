@@ -167,7 +167,9 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
             raise DataError(f"modality '{m.name}' ({where}): column '{col}' not found" + (
                 f", nor under its other names {others} (former_names)" if others else "")
                 + f"; columns are {sorted(schema.names)}" + ("" if others else " - a column renamed upstream is read "
-                                                             "under either name with the modality's former_names"))
+                                                             "under either name with the modality's former_names")
+                + (", one added to the table since this file was written reads null here with its added_columns"
+                   if m.kind in ("tabular", "timeseries") and col in m.value_columns else ""))
     check_columns(schema, m.name, [stored_as[c] for c in spec.columns_read(m)], stored_as[time], where,
                   spec.time_unit_in(m))
     check, expected = _EXPECTED["file" if m.payload == "file" else m.kind]
@@ -503,7 +505,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             stored_as = with_stored_names(m, f.stored_names)    # a Delta table's column mapping: physical names
             with open_parquet(fs, f.path) as parquet:
                 # a column in the file's folders only (Hive, Spark), or added to its Delta table since: null
-                values = file_values(f, parquet.schema_arrow)
+                values = file_values(f, parquet.schema_arrow, m.former_names)
                 schema = with_path_fields(parquet.schema_arrow, values)
                 check_schema(schema, spec, stored_as, f.path)
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
@@ -634,9 +636,9 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
         ends[f.modality][1] = f if f.date >= ends[f.modality][1].date else ends[f.modality][1]
     def checked(m: ModalitySpec, f) -> pa.Schema:
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
-        m = with_stored_names(m, f.stored_names)        # a Delta table's column mapping: physical names
+        former, m = m.former_names, with_stored_names(m, f.stored_names)    # a Delta table's column mapping
         with open_parquet(storage.filesystem(m.path), f.path) as parquet:
-            schema = with_path_fields(parquet.schema_arrow, file_values(f, parquet.schema_arrow))
+            schema = with_path_fields(parquet.schema_arrow, file_values(f, parquet.schema_arrow, former))
             check_schema(schema, spec, m, f.path)
             return schema_as_read(schema, spec, m)
 

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmafn.partition_layout import parse_layout
-from dmafn.spec import DAY_US
+from dmafn.spec import DAY_US, other_names
 from pipelines.delta_sink import DeletedRows, DeltaFiles, live_data_files
 from pipelines.storage import DataError, DateFolder, Storage, list_partitions, relative
 from pipelines.stored_times import MICROS_PER_UNIT, micros_of
@@ -206,21 +206,26 @@ def path_values(name: str) -> dict[str, str | None]:
     return out
 
 
-def file_values(file, schema: pa.Schema) -> dict[str, str | None]:
+def file_values(file, schema: pa.Schema,
+                former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, str | None]:
     """What the rows of a listed file (`ListedFile`, `shards.InputFile` or profile's `FilePart`: its `name`,
     `table_columns` and `stored_names`) hold for columns the file itself (`schema`) does not: its partition values
-    (`path_values` of its name) and, in a Delta table, null for each of the table's columns it lacks under the name
-    it would store it under (`absent_columns`) - a column added since it was written (ALTER TABLE ADD COLUMNS, a
-    MERGE with schema evolution), which every Delta reader reads as null there."""
-    return {**absent_columns(schema, file.table_columns, file.stored_names), **path_values(file.name)}
+    (`path_values` of its name) and null for each of its table's columns it lacks (`absent_columns`; under none of
+    its names, `former_names` the modality's) - a column added since it was written (a Delta table's ALTER TABLE ADD
+    COLUMNS or MERGE with schema evolution, which every Delta reader reads as null there; a plain table's
+    `added_columns`)."""
+    return {**absent_columns(schema, file.table_columns, file.stored_names, former_names), **path_values(file.name)}
 
 
-def absent_columns(schema: pa.Schema, table_columns: tuple[str, ...],
-                   stored_names: tuple[tuple[str, str], ...] = ()) -> dict[str, None]:
-    """Each of a Delta table's columns (`table_columns`) that a file (`schema`) lacks under the name it would store
-    it under (`stored_names`), as null (`file_values`)."""
+def absent_columns(schema: pa.Schema, table_columns: tuple[str, ...], stored_names: tuple[tuple[str, str], ...] = (),
+                   former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, None]:
+    """Each of a table's columns (`table_columns`: a Delta table's, or a plain table's `added_columns`) that a file
+    (`schema`) lacks under the name it would store it under (`stored_names`) and under each of its other names
+    (`former_names`: a file holding the column under a name it was renamed from reads it there), as null
+    (`file_values`)."""
     stored = dict(stored_names)
-    return {c: None for c in table_columns if field_of(schema, stored.get(c, c)) is None}
+    return {c: None for c in table_columns
+            if all(field_of(schema, stored.get(n, n)) is None for n in (c, *other_names(former_names, c)))}
 
 
 def with_path_fields(schema: pa.Schema, values: dict[str, str | None]) -> pa.Schema:
@@ -342,9 +347,11 @@ class RowTimes(NamedTuple):
 
 
 def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt.date] | None = None,
-                     times: RowTimes | None = None) -> TableFiles:
+                     times: RowTimes | None = None, added: tuple[str, ...] = ()) -> TableFiles:
     """A modality table's date folders (`list_partitions`; of `dates` only, when given) and their Parquet files
-    (`list_parquet_files`); where the table is a Delta table, only the files its log holds now
+    (`list_parquet_files`; `added`: the columns a plain table gained after some of its files were written, the
+    modality's `added_columns` - each file's `table_columns`, null where it lacks one, as a Delta table's are);
+    where the table is a Delta table, only the files its log holds now
     (`delta_sink.live_data_files`, read first: files a compaction or a DELETE/MERGE replaced are not read, and each
     file keeps the rows its deletion vector removes, `ListedFile.deleted`). A Delta table with column mapping, or
     not partitioned by the date (`times`: by its files' time statistics), is listed from its log alone
@@ -359,7 +366,7 @@ def list_table_files(storage: Storage, path: str, partition: str, dates: list[dt
         folders = {d: folders[d] for d in dates if d in folders}
     files = list_parquet_files(storage.filesystem(path), folders)
     if live is None:
-        return TableFiles(folders, files)
+        return TableFiles(folders, [f._replace(table_columns=added) for f in files] if added else files)
     root = storage.fs_path(path)
     held = [relative(f.path, root) in live.live for f in files]
     columns = live.columns
@@ -527,7 +534,8 @@ class ListedFile(NamedTuple):
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> its files' name
     span: tuple[str, str] | None = None     # a Delta table not partitioned by date: the first and last date of the
                                             # file's rows (listed under each; its rows of `date` are the date's)
-    table_columns: tuple[str, ...] = ()     # a Delta table's columns: one the file lacks is null (`file_values`)
+    table_columns: tuple[str, ...] = ()     # a Delta table's columns, a plain table's `added_columns`: one the file
+                                            # lacks is null (`file_values`)
 
 
 FOLDER_LISTERS = 16     # date folders listed at once (on S3 each listing is a round trip of tens of milliseconds)

@@ -120,7 +120,7 @@ class FilePart:
     name: str = ""                  # its name inside its date's folder (`ListedFile.name`: its folders' values)
     span: tuple[dt.date, dt.date] | None = None   # a file listed under each date its rows span: their first and
                                                   # last (`InputFile.span`); its rows of `date` are counted
-    table_columns: tuple[str, ...] = ()           # a Delta table's columns (`InputFile.table_columns`) and their
+    table_columns: tuple[str, ...] = ()           # a table's columns a file may lack (`InputFile.table_columns`), their
     stored_names: tuple[tuple[str, str], ...] = ()  # physical names: one the file lacks is null (`file_values`)
 
     def row_groups_of_date(self, parquet, cols: "Columns") -> list[int]:
@@ -186,7 +186,7 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
-    values = file_values(part, parquet.schema_arrow)    # a column in its folders only, or added since (null)
+    values = file_values(part, parquet.schema_arrow, part.columns.former_names)  # in its folders, or added (null)
     schema = with_path_fields(parquet.schema_arrow, values)
     cols = part.columns.in_file(schema)
     cols.check(schema, part.path)
@@ -232,7 +232,7 @@ def key_rows(part: RowGroupsPart) -> pd.DataFrame:
     its key columns' text) and time (microseconds) of each row with both, as the pandas frame Dask shuffles."""
     path = part.file.path
     parquet = open_parquet(part.file.storage.filesystem(part.file.table), path)
-    values = file_values(part.file, parquet.schema_arrow)
+    values = file_values(part.file, parquet.schema_arrow, part.file.columns.former_names)
     cols = part.file.columns.in_file(with_path_fields(parquet.schema_arrow, values))
     groups = sorted(set(part.row_groups) & set(part.file.row_groups_of_date(parquet, cols)))
     if not groups:                          # a file spanning dates: none of these reaches the part's date
@@ -255,7 +255,8 @@ def modality_files(spec: Spec, m: ModalitySpec, storage: Storage, dates: list[dt
     """Pass 1's parts: every Parquet file of the modality's date partitions among `dates` (a listing; of a Delta
     table, the files its log holds); DataError
     naming the modality's path when none of the dates has a partition."""
-    found, files, *_ = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m))
+    found, files, *_ = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m),
+                                        m.added_columns)
     if not found:
         raise DataError(f"modality '{m.name}' ({m.path}): no partitions in {dates[0]}..{dates[-1]}")
     cols = Columns.of(spec, m)

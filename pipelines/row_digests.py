@@ -106,7 +106,7 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
         filesystem = storage.filesystem(spec.modalities[f.modality].path)
         with open_parquet(filesystem, f.path) as parquet:
             # columns in the file's folders only (Hive, Spark), or added to its Delta table since (null)
-            values = file_values(f, parquet.schema_arrow)
+            values = file_values(f, parquet.schema_arrow, spec.modalities[f.modality].former_names)
             names = set(with_path_fields(parquet.schema_arrow, values).names)
             # a column renamed upstream (`former_names`, either way) or stored under its physical name (a Delta
             # table's column mapping): read under the name the file holds

@@ -49,7 +49,8 @@ class InputFile:
     stored_names: tuple[tuple[str, str], ...] = ()   # a Delta table's column mapping: column -> the file's name
     span: tuple[dt.date, dt.date] | None = None  # a Delta table not partitioned by date: its rows' first and last
                                                  # date (listed under each; read for `date`, its rows of that date)
-    table_columns: tuple[str, ...] = ()     # a Delta table's columns: one the file lacks is null (`file_values`)
+    table_columns: tuple[str, ...] = ()     # a Delta table's columns, a plain table's `added_columns`: one the file
+                                            # lacks is null (`file_values`)
     payload_bytes: int = 0                  # `payload: file`: about how many bytes the files its rows name hold
 
 
@@ -168,7 +169,10 @@ def list_partition_files(spec: Spec, dates: list[dt.date], storage: Storage, siz
     files, by_path = [], {}                 # a context view reads its parent's table: listed once
     for name, m in spec.modalities.items():
         if m.path not in by_path:
-            by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m)).files
+            added = tuple(dict.fromkeys(c for r in spec.modalities.values() if r.path == m.path
+                                        for c in r.added_columns))
+            by_path[m.path] = list_table_files(storage, m.path, spec.partition_in(m), dates, RowTimes.of(spec, m),
+                                               added).files
         ratio = payload_ratio(storage, m, by_path[m.path]) if sized and m.payload == "file" else 0.0
         files += [InputFile(name, dt.date.fromisoformat(f.date), f.path, f.size, name=f.name, mtime_ns=f.mtime_ns,
                             deleted=f.deleted, stored_names=f.stored_names,

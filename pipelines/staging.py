@@ -80,7 +80,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     source_fs = storage.filesystem(path)
     parquet = open_parquet(source_fs, file.path)
     # columns in the file's folders only, or added to its Delta table since (null): its pieces hold them
-    values = file_values(file, parquet.schema_arrow)
+    values = file_values(file, parquet.schema_arrow, spec.modalities[file.modality].former_names)
     schema = with_path_fields(parquet.schema_arrow, values)
     for m in readers:
         check_schema(schema, spec, m, file.path)

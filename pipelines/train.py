@@ -30,7 +30,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from dmafn.features import (StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
+from dmafn.features import (NoUsableRows, StatisticsFitter, StatisticsTotals, featurize, features_from_columns,
                             features_to_columns, refit_relations_on_typical_ticks, relation_lines,
                             relation_warnings, relations_left_out, validation_warnings, with_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
@@ -502,7 +502,16 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
     display.close()
     for line in () if refit or under is not None else fitter.outlier_warnings():
         log.warning("%s", line)
-    fleet = fitter.fleet_result(totals) if under is None else with_left_out(under, fitter.left_out_)
+    try:
+        fleet = fitter.fleet_result(totals) if under is None else with_left_out(under, fitter.left_out_)
+    except NoUsableRows as exc:
+        m = spec.modalities[exc.modality]
+        added = f" - added_columns: {', '.join(m.added_columns)}" if m.added_columns else ""
+        raise DataError(f"modality '{m.name}' ({m.path}): present at none of the training ticks - no tick holds a "
+                        f"usable value of each of its columns ({', '.join(m.value_columns)}) within its window or "
+                        "tolerance, so the model could not learn it (its files there hold no usable row, or lack a "
+                        f"column: one added to the table after they were written reads null there{added}); train on "
+                        "days that hold it, or leave it (or the column) out of the spec") from None
     fleet_ref = ray.put(fleet)
     row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
     return EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])), quarantined

@@ -1395,25 +1395,54 @@ def test_view_typed_columns_are_read_split_and_filtered_as_plain_strings(tmp_pat
         == [1.0, 2.0, 3.0, 4.0]
 
 
+def _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, older, added_to: str, read_so: str) -> None:
+    """The checks shared by a Delta table's added column and a plain table's `added_columns`: of 'proc' with columns
+    temp and pressure, a date's two files `listed` (3 rows; `older`, of a's and b's first rows, without pressure) -
+    `read_shard`, the row digests, profile's counts, check-data's note and staging's split read its pressure as null
+    (`added_to`, `read_so`: how check-data's note words the table and the reading)."""
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.profile import file_counts, modality_files
+    from pipelines.row_digests import date_digests
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    rows = got.tables["proc"].sort("_t")
+    assert rows["temp"].to_list() == [1.0, 2.0, 3.0] and rows["pressure"].to_list() == [None, None, 5.0]
+    assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 1}}
+    assert got.quarantined["reason"].to_list() == [
+        "unusable value in column 'pressure' (the row's other columns used)"] * 2
+    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
+    assert date_digests(spec, listed, columns)["proc"].rows == 3
+    counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
+    assert sum(int(c["rows"].sum()) for c in counted) == 3 and sum(int(c["nulls"].sum()) for c in counted) == 2
+    (found,) = check_data(spec)
+    assert not found.problems and found.absent == {"pressure": [1, older.path]}
+    assert [line for line in found.lines() if "column 'pressure'" in line] == [
+        f"  column 'pressure' is not in 1 of 2 files (written before it was added to {added_to}, e.g. {older.path}): "
+        f"read as null there, {read_so} - each of their rows' 'pressure' an unusable value (quarantined), the "
+        "modality absent where no value of it is within its tolerance or window"]
+    split = split_file(older, spec, Storage(), 2, str(tmp_path / "staged"))      # a's and b's rows in one group
+    pieces = pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps)
+    assert sorted(pieces["temp"].to_list()) == [1.0, 2.0] and pieces["pressure"].null_count() == 2
+
+
 def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(tmp_path, tiny_spec):
     """A Delta table whose schema gained a value column after some files were written (schema evolution: a MERGE
     or an append with mergeSchema, ALTER TABLE ADD COLUMNS): its older files lack the column, which every Delta reader
     reads as null there - so does `read_shard` (the row kept for its other values, the missing one quarantined with
     its reason), staging's split, the row digests, profile's counts (nulls) and check-data, instead of failing the
-    date; a plain Parquet file lacking it is still an error naming the file and the column."""
+    date; a plain Parquet file lacking it is an error naming the file and the column (without `added_columns`)."""
     import datetime as dt
     from dataclasses import replace
 
     import pyarrow.parquet as pq
     from deltalake import write_deltalake
 
-    from pipelines.check_data import check_data
     from pipelines.ingest import read_shard
     from pipelines.parquet_files import absent_columns
-    from pipelines.profile import file_counts, modality_files
-    from pipelines.row_digests import date_digests
     from pipelines.shards import list_partition_files
-    from pipelines.staging import split_file
     from pipelines.storage import DataError, Storage
 
     day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
@@ -1431,26 +1460,8 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     date = dt.date(2024, 1, 2)
     listed = list_partition_files(spec, [date], Storage())
     assert len(listed) == 2 and all(f.table_columns == ("machine_id", "ts", "temp", "pressure") for f in listed)
-    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
-    rows = got.tables["proc"].sort("_t")
-    assert rows["temp"].to_list() == [1.0, 2.0, 3.0] and rows["pressure"].to_list() == [None, None, 5.0]
-    assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 1}}
-    assert got.quarantined["reason"].to_list() == [
-        "unusable value in column 'pressure' (the row's other columns used)"] * 2
-    columns = {"proc": spec.columns_read(spec.modalities["proc"])}
-    assert date_digests(spec, listed, columns)["proc"].rows == 3
-    counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
-    assert sum(int(c["rows"].sum()) for c in counted) == 3 and sum(int(c["nulls"].sum()) for c in counted) == 2
-    (found,) = check_data(spec)
     first = next(f for f in listed if "pressure" not in pq.read_schema(f.path).names)
-    assert not found.problems and found.absent == {"pressure": [1, first.path]}
-    assert [line for line in found.lines() if "column 'pressure'" in line] == [
-        f"  column 'pressure' is not in 1 of 2 files (written before it was added to the Delta table, e.g. "
-        f"{first.path}): read as null there, as Delta reads it - each of their rows' 'pressure' an unusable value "
-        "(quarantined), the modality absent where no value of it is within its tolerance or window"]
-    split = split_file(first, spec, Storage(), 2, str(tmp_path / "staged"))       # a's and b's rows in one group
-    pieces = pl.concat(pl.read_parquet(p.path) for ps in split.pieces.values() for p in ps)
-    assert sorted(pieces["temp"].to_list()) == [1.0, 2.0] and pieces["pressure"].null_count() == 2
+    _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, first, "the Delta table", "as Delta reads it")
     assert absent_columns(pa.schema([("col-1", pa.float64())]), ("temp", "pressure"),
                           (("temp", "col-1"), ("pressure", "col-2"))) == {"pressure": None}   # column mapping
     plain = tmp_path / "plain" / "date=2024-01-02"
@@ -1459,6 +1470,57 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     plain_spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], path=str(tmp_path / "plain"))})
     with pytest.raises(DataError, match=r"p\.parquet.*'pressure'"):
         read_shard(_shard(tmp_path, plain_spec, [date]), plain_spec, Storage())
+
+
+def test_a_column_a_plain_table_gained_is_null_in_older_files_with_added_columns(tmp_path, tiny_spec):
+    """`added_columns`: a plain Parquet table that gained a value column after some files were written (a new tag,
+    Spark's mergeSchema) reads it as null in the files without it, as a Delta table's do - `read_shard` (the row kept
+    for its other values, the missing one quarantined), staging's split, the row digests, profile's counts and
+    check-data (a note; a problem where no file holds the column); a file holding it under a former name reads it
+    there. Without `added_columns` such a file is an error naming the file and the column, and saying how."""
+    import datetime as dt
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from pipelines.check_data import check_data
+    from pipelines.ingest import read_shard
+    from pipelines.shards import list_partition_files
+    from pipelines.storage import DataError, Storage
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    table = tmp_path / "proc"
+    folder = table / "date=2024-01-02"
+    folder.mkdir(parents=True)
+    first_two = pa.array([day, day + minute], pa.timestamp("us", tz="UTC"))
+    pq.write_table(pa.table({"machine_id": ["a", "b"], "ts": first_two, "temp": [1.0, 2.0]}), folder / "older.parquet")
+    pq.write_table(pa.table({"machine_id": ["a"], "ts": pa.array([day + 2 * minute], pa.timestamp("us", tz="UTC")),
+                             "temp": [3.0], "pressure": [5.0]}), folder / "newer.parquet")
+    spec = _proc_spec(tiny_spec, table)
+    proc = replace(spec.modalities["proc"], columns=("temp", "pressure"))
+    date = dt.date(2024, 1, 2)
+    strict = replace(spec, modalities={"proc": proc})
+    with pytest.raises(DataError, match=r"older\.parquet.*column 'pressure' not found.*reads null here with its "
+                                        r"added_columns"):
+        read_shard(_shard(tmp_path, strict, [date]), strict, Storage())
+    spec = replace(spec, modalities={"proc": replace(proc, added_columns=("pressure",))})
+    listed = list_partition_files(spec, [date], Storage())
+    assert [f.table_columns for f in listed] == [("pressure",)] * 2
+    older = next(f for f in listed if f.path.endswith("older.parquet"))
+    _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, older, "the table", "by added_columns")
+    # the older file holding it under its former name: read there, not null
+    pq.write_table(pa.table({"machine_id": ["a", "b"], "ts": first_two, "temp": [1.0, 2.0], "p_old": [7.0, 8.0]}),
+                   folder / "older.parquet")
+    renamed = replace(spec, modalities={"proc": replace(spec.modalities["proc"],
+                                                        former_names=(("pressure", ("p_old",)),))})
+    got = read_shard(_shard(tmp_path, renamed, [date]), renamed, Storage())
+    assert got.tables["proc"].sort("_t")["pressure"].to_list() == [7.0, 8.0, 5.0] and got.quarantined.is_empty()
+    assert check_data(renamed)[0].absent == {}
+    # a name no file holds: every value null - a problem, not a note
+    typo = replace(spec, modalities={"proc": replace(proc, columns=("temp", "presure"), added_columns=("presure",))})
+    assert "modality 'proc': column 'presure' (added_columns) is in none of its 2 files - every value of it would be " \
+           "null (a misspelt name?)" in check_data(typo)[0].problems
 
 
 def test_a_column_renamed_upstream_is_read_under_its_former_name(tmp_path, tiny_spec):

@@ -1,6 +1,6 @@
 import pytest
 
-from dmafn.spec import SpecError, load_spec, parse_duration_us, parse_spec, reading_differences
+from dmafn.spec import CONTEXT_SUFFIX, SpecError, load_spec, parse_duration_us, parse_spec, reading_differences
 from tests.conftest import tiny_spec_dict
 
 
@@ -397,6 +397,31 @@ def test_missing_values_are_numbers_for_every_value_column_or_some_and_only_of_n
             parse_spec(broken, source="s.yaml")
 
 
+def test_added_columns_name_value_columns_of_numeric_modalities_and_are_no_reading_edit():
+    """`added_columns`: value columns a tabular or timeseries table gained after some files were written; it says how
+    the data is stored (no reading edit), a context view reads its parent's; an unknown column, a non-list or a
+    text modality is an error naming the key."""
+    data = tiny_spec_dict()
+    data["modalities"]["proc"] = {**data["modalities"]["proc"], "added_columns": ["temp"],
+                                  "context": {"window": "1h", "period": "1min"}}
+    spec = parse_spec(data, source="s.yaml")
+    assert spec.modalities["proc"].added_columns == ("temp",)
+    assert spec.modalities["proc" + CONTEXT_SUFFIX].added_columns == ("temp",)
+    assert parse_spec(spec.to_dict(), "s.yaml") == spec
+    before = tiny_spec_dict()
+    before["modalities"]["proc"] = {**before["modalities"]["proc"], "context": {"window": "1h", "period": "1min"}}
+    assert reading_differences(parse_spec(before), spec) == []
+    from dmafn.spec_schema import spec_problems
+    assert spec_problems(data, "s.yaml") == []
+    for where, bad, said in (("proc", ["x"], "added_columns': 'x' is not a value column"),
+                             ("proc", [1], "added_columns': must be a non-empty list of column names"),
+                             ("logs", ["message"], "unknown key 'modalities.logs.added_columns'")):
+        broken = tiny_spec_dict()
+        broken["modalities"][where]["added_columns"] = bad
+        with pytest.raises(SpecError, match=said):
+            parse_spec(broken, source="s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 
@@ -489,9 +514,9 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
-                     "unknown key 'modalities.proc.tolerence' (allowed here: columns, context, encoding_distance, "
-                     "entity, former_names, kind, missing_values, naive_times, partition, path, time, time_format, "
-                     "time_unit, tolerance)",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: added_columns, columns, context, "
+                     "encoding_distance, entity, former_names, kind, missing_values, naive_times, partition, path, "
+                     "time, time_format, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
