@@ -190,6 +190,9 @@ STREAM_BUFFER = 8 << 20  # through a stream buffered this much per column: pages
 
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # the folder value Hive and Spark write for a null partition value
+# a column a file lacks that its table has (`absent_columns`): null of no type, as a writer that saw no value stores
+# it - each kind's checks and reads take it (`ingest.plain_values` types it), a frame's or a clip's as a number's
+ABSENT = pa.scalar(None, pa.null())
 
 
 def path_values(name: str) -> dict[str, str | None]:
@@ -207,32 +210,38 @@ def path_values(name: str) -> dict[str, str | None]:
 
 
 def file_values(file, schema: pa.Schema,
-                former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, str | None]:
+                former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, str | pa.Scalar | None]:
     """What the rows of a listed file (`ListedFile`, `shards.InputFile` or profile's `FilePart`: its `name`,
     `table_columns` and `stored_names`) hold for columns the file itself (`schema`) does not: its partition values
     (`path_values` of its name) and null for each of its table's columns it lacks (`absent_columns`; under none of
     its names, `former_names` the modality's) - a column added since it was written (a Delta table's ALTER TABLE ADD
     COLUMNS or MERGE with schema evolution, which every Delta reader reads as null there; a plain table's
-    `added_columns`)."""
+    `added_columns`) - `ABSENT`, null of Arrow's null type."""
     return {**absent_columns(schema, file.table_columns, file.stored_names, former_names), **path_values(file.name)}
 
 
 def absent_columns(schema: pa.Schema, table_columns: tuple[str, ...], stored_names: tuple[tuple[str, str], ...] = (),
-                   former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, None]:
+                   former_names: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, pa.Scalar]:
     """Each of a table's columns (`table_columns`: a Delta table's, or a plain table's `added_columns`) that a file
     (`schema`) lacks under the name it would store it under (`stored_names`) and under each of its other names
-    (`former_names`: a file holding the column under a name it was renamed from reads it there), as null
+    (`former_names`: a file holding the column under a name it was renamed from reads it there), as `ABSENT`
     (`file_values`)."""
     stored = dict(stored_names)
-    return {c: None for c in table_columns
+    return {c: ABSENT for c in table_columns
             if all(field_of(schema, stored.get(n, n)) is None for n in (c, *other_names(former_names, c)))}
 
 
-def with_path_fields(schema: pa.Schema, values: dict[str, str | None]) -> pa.Schema:
-    """`schema` with a string field for each of a file's partition values (`path_values`) the file does not hold:
-    what a reader of its columns finds (`each_row_group(..., values=)`)."""
+def with_path_fields(schema: pa.Schema, values: dict[str, str | pa.Scalar | None]) -> pa.Schema:
+    """`schema` with a field for each of a file's `file_values` the file does not hold - a string for a partition
+    value (`path_values`), Arrow's null type for a column it lacks (`ABSENT`): what a reader of its columns finds
+    (`each_row_group(..., values=)`)."""
     missing = [k for k in values if field_of(schema, k) is None]
-    return pa.schema([*schema, *(pa.field(k, pa.string()) for k in missing)]) if missing else schema
+    return pa.schema([*schema, *(pa.field(k, _scalar(values[k]).type) for k in missing)]) if missing else schema
+
+
+def _scalar(value: str | pa.Scalar | None) -> pa.Scalar:
+    """A `file_values` value as the scalar each of the file's rows holds: a partition value as text."""
+    return value if isinstance(value, pa.Scalar) else pa.scalar(value, pa.string())
 
 
 def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
@@ -249,7 +258,7 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
     if from_path:
         stored = [c for c in columns if c not in from_path]
         for part in each_row_group(parquet, path, stored, row_groups, filesystem, deleted):
-            yield pa.Table.from_arrays([pa.repeat(pa.scalar(from_path[c], pa.string()), part.num_rows)
+            yield pa.Table.from_arrays([pa.repeat(_scalar(from_path[c]), part.num_rows)
                                         if c in from_path else part[c] for c in columns], names=columns)
         return
     streamed = None

@@ -303,14 +303,14 @@ _EXACT_KEY_CHARS = 64
 
 
 def row_group_entity(parquet: pq.ParquetFile, keys: list[str], row_group: int,
-                     path: dict[str, str | None] | None = None) -> str | None:
+                     path: dict[str, str | pa.Scalar | None] | None = None) -> str | None:
     """The one entity key (as `in_bucket` writes it) of every row of `row_group` when its statistics say so (each
     key column's min equals its max, no nulls) - or, for a key the file does not hold, its folders (`path`: the
     file's partition values, `parquet_files.path_values`); None when they do not."""
     values = []
     for key in keys:
         if path and key in path and field_of(parquet.schema_arrow, key) is None:
-            if path[key] is None:
+            if not isinstance(path[key], str):        # a null folder, or a key column its Delta table added since
                 return None
             values.append(path[key])
             continue

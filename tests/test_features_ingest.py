@@ -1441,7 +1441,7 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     from deltalake import write_deltalake
 
     from pipelines.ingest import read_shard
-    from pipelines.parquet_files import absent_columns
+    from pipelines.parquet_files import ABSENT, absent_columns
     from pipelines.shards import list_partition_files
     from pipelines.storage import DataError, Storage
 
@@ -1463,13 +1463,35 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     first = next(f for f in listed if "pressure" not in pq.read_schema(f.path).names)
     _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, first, "the Delta table", "as Delta reads it")
     assert absent_columns(pa.schema([("col-1", pa.float64())]), ("temp", "pressure"),
-                          (("temp", "col-1"), ("pressure", "col-2"))) == {"pressure": None}   # column mapping
+                          (("temp", "col-1"), ("pressure", "col-2"))) == {"pressure": ABSENT}   # column mapping
     plain = tmp_path / "plain" / "date=2024-01-02"
     plain.mkdir(parents=True)
     pq.write_table(older.drop(["date"]), plain / "p.parquet")
     plain_spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], path=str(tmp_path / "plain"))})
     with pytest.raises(DataError, match=r"p\.parquet.*'pressure'"):
         read_shard(_shard(tmp_path, plain_spec, [date]), plain_spec, Storage())
+
+
+def test_a_column_a_file_lacks_reads_as_null_of_its_kind(tmp_path, tiny_spec):
+    """A column a file lacks that its table has (`file_values`: a Delta table's added column, `added_columns`) is a
+    null of Arrow's null type (`ABSENT`): a frame's, a log line's and a number's pass their kind's type check and
+    read as nulls of the kind's values (each row's value unusable), as a column a writer stored without a value."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import plain_values
+    from pipelines.parquet_files import ABSENT, each_row_group, open_parquet, with_path_fields
+
+    path = str(tmp_path / "f.parquet")
+    pq.write_table(pa.table({"machine_id": ["a", "b"], "ts": pa.array([0, 1], pa.timestamp("us", tz="UTC"))}), path)
+    for name, expected in (("cam", pa.binary()), ("logs", pa.string()), ("proc", pa.float64())):
+        m = tiny_spec.modalities[name]
+        values = {m.value_columns[0]: ABSENT}
+        with open_parquet(pafs.LocalFileSystem(), path) as parquet:
+            check_schema(with_path_fields(parquet.schema_arrow, values), tiny_spec, m, path)
+            (part,) = each_row_group(parquet, path, ["machine_id", "ts", m.value_columns[0]], values=values)
+        read = plain_values(part, m).column(m.value_columns[0])
+        assert read.type == expected and read.null_count == 2, name
 
 
 def test_a_column_a_plain_table_gained_is_null_in_older_files_with_added_columns(tmp_path, tiny_spec):
