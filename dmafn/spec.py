@@ -242,6 +242,8 @@ class Spec:
     naive_times: str = "utc"            # utc | local: a time without a zone is UTC, or the wall clock of `timezone`
     time_format: str | tuple[str, ...] | None = None   # how a time stored as text is written (a strftime format,
                                                        # or several tried in order) when not ISO 8601
+    unreadable_files: str = "fail"      # fail | skip: an input file whose bytes are no Parquet (truncated, empty)
+                                        # fails its date, or is left out of it - named in the quarantine and runs tables
 
     @property
     def lookback_days(self) -> int:
@@ -437,6 +439,7 @@ class _Section:
 _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
                          "time_format", "former_names", "partition"}
 NAIVE_TIMES = ("utc", "local")
+UNREADABLE_FILES = ("fail", "skip")   # an input file that is no Parquet: fail its date, or leave it out (quarantined)
 PAYLOADS = ("bytes", "file")    # how an image or audio modality stores its payloads: in the column, or as files
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
     "tabular": {"columns", "tolerance", "context", "missing_values", "added_columns"},
@@ -758,7 +761,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     top = _Section(data, "", source)
     top.reject_unknown({"name", "entity", "time", "time_unit", "naive_times", "time_format", "grain", "partition",
                         "timezone", "lateness", "modalities", "labels", "model", "train", "registry", "score",
-                        "storage"})
+                        "storage", "unreadable_files"})
     grain = top.duration("grain", required=True)
     if DAY_US % grain:
         raise top.err("grain", "must divide one day evenly (e.g. 1min, 5min, 1h)")
@@ -798,7 +801,8 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 labels=labels, storage=storage, source=source, timezone=_parse_timezone(top),
                 lateness_us=0 if top.get("lateness") in (0, "0") else top.duration("lateness") or 0,
                 time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS),
-                naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"), time_format=_parse_time_format(top))
+                naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"), time_format=_parse_time_format(top),
+                unreadable_files=top.choice("unreadable_files", UNREADABLE_FILES, "fail"))
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -1009,6 +1013,7 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
         **({"naive_times": spec.naive_times} if spec.naive_times != "utc" else {}),
         **({"time_format": spec.time_format if isinstance(spec.time_format, str) else list(spec.time_format)}
            if spec.time_format else {}),
+        **({"unreadable_files": spec.unreadable_files} if spec.unreadable_files != "fail" else {}),
         "modalities": mods,
         "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)

@@ -13,7 +13,8 @@ from typing import Any
 
 from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
                         NAIVE_TIMES, NORMALIZATIONS, PAYLOADS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS,
-                        SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, VOTES, SpecError, parse_spec)
+                        SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, UNREADABLE_FILES, VOTES,
+                        SpecError, parse_spec)
 
 _DURATION = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(us|ms|s|sec|min|m|h|d)\s*$",
              "description": "a duration like 100ms, 1s, 5min, 2h, 1d"}
@@ -124,6 +125,10 @@ def spec_json_schema() -> dict[str, Any]:
                           "folders) or a layout with %Y, %m and %d, a folder level per '/' (year=%Y/month=%m/day=%d)"},
             "timezone": {"type": "string", "minLength": 1},
             "lateness": {"anyOf": [_DURATION, {"const": 0}]},
+            "unreadable_files": {**_enum(UNREADABLE_FILES), "description": "an input file whose bytes are no "
+                                 "Parquet (truncated, empty, another format): fail (the default) fails its date; skip "
+                                 "leaves it out of the date, named in the quarantine and runs tables (and by dmafn "
+                                 "status)"},
             "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,
                            "patternProperties": {r"^[A-Za-z][A-Za-z0-9_]*$": modality}},
             "labels": _closed({"path": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"}},

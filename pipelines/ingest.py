@@ -6,6 +6,7 @@ Plain functions (pyarrow + Polars, no Ray): a shard's task (`pipelines.score`, `
 """
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (each_row_group, each_schema, field_of, file_values, open_parquet,
+from pipelines.parquet_files import (UnreadableFile, each_row_group, each_schema, field_of, file_values, open_parquet,
                                      row_groups_before, row_groups_between, row_groups_since, with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
@@ -354,8 +355,10 @@ def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
     """A date's quarantined input rows (`source`, `reason`) other than those timed outside their partition
     (`MISPLACED`, counted on their own), per modality and kind of reason - `vibration: unusable value in column 'ax'`;
     the stored value a reason names (a text, a count, a wall-clock time) counted under `a value`, and a payload file
-    that cannot be read (`payload: file`) without its name and error."""
-    reason = (pl.col("reason").str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
+    that cannot be read (`payload: file`) and an input file left out as no Parquet (`UNREADABLE`) without its name
+    and error."""
+    reason = (pl.col("reason").str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
+              .str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
               .str.replace(r" file '.*' in column ", " file in column ").str.replace(r" cannot be read \(.*\)$",
                                                                                    " cannot be read"))
     kinds = quarantined.filter(~pl.col("reason").str.starts_with(MISPLACED)).select(pl.format(
@@ -448,6 +451,22 @@ def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
     return table.select(pl.col(FILE) != pl.col(FILE).min().over(keys)).to_series().fill_null(False).to_numpy()
 
 
+UNREADABLE = "unreadable Parquet file"   # the reason of a file left out by `unreadable_files: skip`
+
+
+def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list[dt.date]) -> pl.DataFrame:
+    """The quarantine row of an input file of `source` (a modality) whose bytes are no Parquet, left out under
+    `unreadable_files: skip` (no entity, no time): under its own date, or - a look-back or look-ahead day's - under
+    the first of the shard's `dates`, whose ticks it would have fed."""
+    own = date in dates
+    reason = (f"{UNREADABLE} '{exc.path}'" + ("" if own else f" of {date.isoformat()} (read around the date)")
+              + f": {exc.reason} - left out (unreadable_files: skip)")
+    return pl.DataFrame({"entity": [None], TIME: [None], "date": [(date if own else min(dates)).isoformat()],
+                         "source": [source], "reason": [reason]},
+                        schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String,
+                                "reason": pl.String})
+
+
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
     """`rows` (entity columns, `_t`) as a shard's quarantined input rows: `entity`, `_t`, `date`, `source`,
     `reason`."""
@@ -503,7 +522,15 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         for f in (f for f in shard.files if f.modality == name):
             index = sources.setdefault((f.date, f.name or f.path), len(sources))   # a staged piece: its source's
             stored_as = with_stored_names(m, f.stored_names)    # a Delta table's column mapping: physical names
-            with open_parquet(fs, f.path) as parquet:
+            try:
+                opened = open_parquet(fs, f.path)
+            except UnreadableFile as exc:       # its bytes are no Parquet: fails the date, or left out of it
+                if spec.unreadable_files != "skip":
+                    raise
+                if shard.bucket == 0 and not m.context_of:      # named once, by the date's first bucket
+                    quarantined.append(unreadable_file(exc, name, f.date, shard.dates))
+                continue
+            with opened as parquet:
                 # a column in the file's folders only (Hive, Spark), or added to its Delta table since: null
                 values = file_values(f, parquet.schema_arrow, m.former_names)
                 schema = with_path_fields(parquet.schema_arrow, values)
@@ -629,11 +656,11 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
     """Check the schema of each modality's first file on the driver (fail fast before any task starts); every
     file is checked again where it is read. Returns by modality that schema and, where it reads, the newest file's
     (a lake whose writer changed stores its keys otherwise there): what `entity_casts` and `keys_sliceable` go by.
-    A newest file that cannot be read is left to its date's task, so that it fails its date alone."""
-    ends: dict[str, list] = {}
+    A newest file that cannot be read is left to its date's task, so that it fails its date alone; under
+    `unreadable_files: skip` so is a first file whose bytes are no Parquet (the next one is checked instead)."""
+    listed: dict[str, list] = {}
     for f in files:
-        ends.setdefault(f.modality, [f, f])
-        ends[f.modality][1] = f if f.date >= ends[f.modality][1].date else ends[f.modality][1]
+        listed.setdefault(f.modality, []).append(f)
     def checked(m: ModalitySpec, f) -> pa.Schema:
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
         former, m = m.former_names, with_stored_names(m, f.stored_names)    # a Delta table's column mapping
@@ -643,9 +670,19 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
             return schema_as_read(schema, spec, m)
 
     seen: dict[str, list[pa.Schema]] = {}
-    for name, (first, newest) in ends.items():
-        m = spec.modalities[name]
-        seen[name] = [checked(m, first)]
+    for name, held in listed.items():
+        m, newest = spec.modalities[name], held[0]
+        for f in held:
+            newest = f if f.date >= newest.date else newest
+        for first in held:
+            try:
+                seen[name] = [checked(m, first)]
+                break
+            except UnreadableFile:
+                if spec.unreadable_files != "skip":
+                    raise
+        else:
+            continue                    # none readable: each left out (and named) by its date's tasks
         if newest.path != first.path:
             try:
                 seen[name].append(checked(m, newest))

@@ -25,11 +25,32 @@ PARTITION_COLUMN = "date"
 log = logging.getLogger(__name__)
 
 
+class UnreadableFile(DataError):
+    """A file whose bytes are no Parquet (`open_parquet`: truncated, empty, another format) - not a file that could
+    not be fetched. `path`: the file; `reason`: what the reader said."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: not a readable Parquet file ({reason})")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):           # pickled whole: a Ray task's error reaches the driver as this class
+        return type(self), (self.path, self.reason)
+
+
 def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
-    """The Parquet file at `path` (footer read); DataError naming the file when it is not Parquet."""
+    """The Parquet file at `path` (footer read); DataError naming the file when it cannot be opened - an
+    `UnreadableFile` when its bytes are no Parquet (the spec's `unreadable_files` may leave it out)."""
     try:
-        return pq.ParquetFile(filesystem.open_input_file(path))
+        source = filesystem.open_input_file(path)
     except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    try:
+        return pq.ParquetFile(source)
+    except pa.ArrowInvalid as exc:
+        source.close()
+        raise UnreadableFile(path, str(exc)) from None
+    except OSError as exc:
+        source.close()
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
 
 

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from dmafn.spec import Spec, held_name, with_stored_names
-from pipelines.parquet_files import each_row_group, file_values, open_parquet, with_path_fields
+from pipelines.parquet_files import UnreadableFile, each_row_group, file_values, open_parquet, with_path_fields
 from pipelines.storage import Storage
 
 if TYPE_CHECKING:
@@ -104,7 +104,12 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
             continue
         wanted = columns[f.modality]
         filesystem = storage.filesystem(spec.modalities[f.modality].path)
-        with open_parquet(filesystem, f.path) as parquet:
+        try:
+            opened = open_parquet(filesystem, f.path)
+        except UnreadableFile:              # no Parquet now: its rows cannot be the ones scored
+            out[f.modality] = None
+            continue
+        with opened as parquet:
             # columns in the file's folders only (Hive, Spark), or added to its Delta table since (null)
             values = file_values(f, parquet.schema_arrow, spec.modalities[f.modality].former_names)
             names = set(with_path_fields(parquet.schema_arrow, values).names)

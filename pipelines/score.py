@@ -23,7 +23,7 @@ from dmafn.spec import STORED_AS, Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   write_partition)
-from pipelines.ingest import entity_casts, require_columns
+from pipelines.ingest import UNREADABLE, entity_casts, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -187,6 +187,24 @@ def named_reasons(reasons: dict[str, int]) -> str:
     return named + (f"; {more} more reason(s)" if more > 0 else "")
 
 
+def unreadable_files(reasons: dict[str, int]) -> int:
+    """How many input files a date's quarantine names as left out for bytes that are no Parquet
+    (`unreadable_files: skip`), from its unusable reasons (`ingest.unusable_reasons`)."""
+    return sum(n for why, n in reasons.items() if why.endswith(f": {UNREADABLE}"))
+
+
+def unreadable_files_warning(result: DateResult, spec: Spec) -> str | None:
+    """A line when a date was scored without input files whose bytes are no Parquet (`unreadable_files: skip`):
+    how many, where they are named, and how to rescore it once they are mended."""
+    files = unreadable_files(result.unusable_reasons)
+    if not files:
+        return None
+    return (f"{result.date}: {files} input file(s) could not be read as Parquet (truncated, empty or another format) "
+            f"and were left out (unreadable_files: skip) - each named in the quarantine table "
+            f"({spec.score.quarantine_path}, reason '{UNREADABLE} ...'); once mended, a backfill over the date "
+            "rescores it (its partitions changed)")
+
+
 def misplaced_rows_warning(result: DateResult, zone: str) -> str | None:
     """A line when more than `MISPLACED_SHARE` of a date's input rows were timed outside its date partition (and
     quarantined): misfiled rows; rows filed by the day they arrived, later than the spec's `lateness` allows; or -
@@ -254,7 +272,8 @@ def reading_spec(mv: ModelVersion, spec: Spec, *, recalibrating: bool = False) -
                   for name, m in mv.spec.modalities.items() for now in [spec.modalities[name]]}
     return replace(mv.spec, modalities=modalities, partition=spec.partition, timezone=spec.timezone,
                    lateness_us=spec.lateness_us, time_unit=spec.time_unit, naive_times=spec.naive_times,
-                   time_format=spec.time_format, score=spec.score, storage=spec.storage)
+                   time_format=spec.time_format, unreadable_files=spec.unreadable_files, score=spec.score,
+                   storage=spec.storage)
 
 
 def score_date(spec: Spec, date: dt.date, *, version: str | None = None, run_id: str | None = None) -> DateResult:
@@ -331,7 +350,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version),
                              misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result),
-                             unusable_rows_warning(result, spec)):
+                             unusable_rows_warning(result, spec), unreadable_files_warning(result, spec)):
                     if line is not None:
                         log.warning("%s", line)
                 return

@@ -36,7 +36,7 @@ import ray
 
 from dmafn.spec import Spec, with_stored_names
 from pipelines.ingest import as_read, check_schema, stored_names
-from pipelines.parquet_files import each_row_group, file_values, open_parquet, with_path_fields
+from pipelines.parquet_files import UnreadableFile, each_row_group, file_values, open_parquet, with_path_fields
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
 from pipelines.storage import Storage, is_s3, join
@@ -78,7 +78,12 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
     readers = [with_stored_names(m, file.stored_names)      # a context view reads the same files; a Delta table's
                for m in spec.modalities.values() if m.path == path]     # column mapping: by their physical names
     source_fs = storage.filesystem(path)
-    parquet = open_parquet(source_fs, file.path)
+    try:
+        parquet = open_parquet(source_fs, file.path)
+    except UnreadableFile:
+        if spec.unreadable_files != "skip":
+            raise
+        return SplitFile(file, buckets, None)       # left as it is: its date's first bucket names it
     # columns in the file's folders only, or added to its Delta table since (null): its pieces hold them
     values = file_values(file, parquet.schema_arrow, spec.modalities[file.modality].former_names)
     schema = with_path_fields(parquet.schema_arrow, values)

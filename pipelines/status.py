@@ -26,7 +26,7 @@ from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
                              changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
-                             unlike_validation_line)
+                             unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -102,6 +102,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     _unseen(recent, out, spec_path)
     _misplaced(recent, out, spec, spec_path)
     _unusable(recent, out, spec, spec_path)
+    _unreadable(recent, out, spec)
     _absent(recent, out, spec_path)
     _changed(recent, out, spec, storage, spec_path, handled)
     if max_age_days is not None and dt.date.fromisoformat(handled) < today - dt.timedelta(days=max_age_days):
@@ -254,6 +255,18 @@ def _unusable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: s
                         f"(up to {hit['_share'].max():.1%}; quarantined in {spec.score.quarantine_path}, the dates "
                         f"scored from the rest): {named_dates(hit['date'].to_list())}{why}; mend the source, then "
                         f"rescore (dmafn backfill {spec_path} --start {first} --end {last} --force)")
+
+
+def _unreadable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
+    """A problem when recent dates were scored without input files whose bytes are no Parquet, left out by
+    `unreadable_files: skip` (`pipelines.score.unreadable_files_warning`): the dates and how many files."""
+    hit = [(row["date"], files) for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True)
+           if row.get(UNUSABLE_REASONS) and (files := unreadable_files(json.loads(row[UNUSABLE_REASONS])))]
+    if hit:
+        out.problems.append(f"{len(hit)} recent date(s) were scored without {sum(n for _, n in hit)} input file(s) "
+                            f"that could not be read as Parquet (unreadable_files: skip): "
+                            f"{named_dates([d for d, _ in hit])} - each named in the quarantine table "
+                            f"({spec.score.quarantine_path}); once mended, a backfill over the dates rescores them")
 
 
 def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

@@ -578,7 +578,8 @@ def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_the
     from pipelines.ingest import unusable_reasons
 
     clock = "a wall-clock time Europe/Berlin's clocks skipped or showed twice (a daylight-saving change)"
-    quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc", "proc", "proc", "cam", "cam"],
+    quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc", "proc", "proc", "cam", "cam",
+                                           "vib", "vib"],
                                 "reason": [
         "time column 'ts' holds '05/01/2024', not an ISO 8601 time", "time column 'ts' holds 'noon', not an ISO 8601 "
         "time", "timed outside its date partition 2024-01-02", "unusable value in column 'ax'",
@@ -586,13 +587,16 @@ def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_the
         f"time column 'ts' holds 2024-10-27 02:00:20.789893, {clock}",
         f"time column 'ts' holds 2024-03-31 02:30:00, {clock}",
         "image file 's3://b/a/1.png' in column 'frame' cannot be read (AWS Error NO_SUCH_KEY: 's3://b/a/1.png')",
-        "image file '/f/a/2.png' in column 'frame' cannot be read ([Errno 2] Failed to open local file '/f/a/2.png')"]})
+        "image file '/f/a/2.png' in column 'frame' cannot be read ([Errno 2] Failed to open local file '/f/a/2.png')",
+        "unreadable Parquet file '/v/date=2024-01-02/a.parquet': Parquet file size is 0 bytes - left out "
+        "(unreadable_files: skip)", "unreadable Parquet file '/v/date=2024-01-01/b.parquet' of 2024-01-01 (read "
+        "around the date): Parquet magic bytes not found in footer - left out (unreadable_files: skip)"]})
     assert unusable_reasons(quarantined) == {       # the misplaced row counted on its own (input_rows_misplaced)
         "cam: image file in column 'frame' cannot be read": 2,
         "proc: time column 'ts' holds a value, not an ISO 8601 time": 2,
         f"proc: time column 'ts' holds a value, {clock}": 2,
         "proc: time column 'ts' holds a value, which as ms since the epoch no timestamp can hold": 1,
-        "vib: unusable value in column 'ax'": 1}
+        "vib: unreadable Parquet file": 2, "vib: unusable value in column 'ax'": 1}
 
 
 def test_detector_follows_the_pyod_contract():
@@ -1470,6 +1474,73 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
     plain_spec = replace(spec, modalities={"proc": replace(spec.modalities["proc"], path=str(tmp_path / "plain"))})
     with pytest.raises(DataError, match=r"p\.parquet.*'pressure'"):
         read_shard(_shard(tmp_path, plain_spec, [date]), plain_spec, Storage())
+
+
+def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_unreadable_files_skip(tmp_path,
+                                                                                                   tiny_spec):
+    """An input file whose bytes are no Parquet (empty, truncated): by default an error naming it (`UnreadableFile`,
+    a DataError) - with `unreadable_files: skip` left out of its date, named once (by the date's first entity
+    bucket) in the quarantine rows - a look-back day's under the shard's first date -, and left alone by the driver's
+    schema check (the next file checked), staging's split (not split) and the row digests (none: its rows cannot be
+    the ones scored). A file that cannot be fetched is no `UnreadableFile`."""
+    import datetime as dt
+    import pickle
+    from dataclasses import replace
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard, require_columns
+    from pipelines.parquet_files import UnreadableFile, open_parquet
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import Shard, list_inputs
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+
+    table = tmp_path / "proc"
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    for date, first in (("2024-01-01", day - 60_000_000), ("2024-01-02", day)):
+        (table / f"date={date}").mkdir(parents=True)
+        pq.write_table(pa.table({"machine_id": ["a", "b"], "ts": pa.array([first, first + 1], pa.timestamp(
+            "us", tz="UTC")), "temp": [1.0, 2.0]}), table / f"date={date}" / "good.parquet")
+    whole = (table / "date=2024-01-02" / "good.parquet").read_bytes()
+    (table / "date=2024-01-02" / "a-truncated.parquet").write_bytes(whole[: len(whole) // 2])
+    (table / "date=2024-01-01" / "empty.parquet").write_bytes(b"")
+    spec = _proc_spec(tiny_spec, table)
+    date = dt.date(2024, 1, 2)
+    files = list_inputs(spec, [date], Storage())
+    truncated = next(f for f in files if f.path.endswith("a-truncated.parquet"))
+    with pytest.raises(UnreadableFile, match=r"empty\.parquet: not a readable Parquet file \(Parquet file size is 0 "):
+        read_shard(Shard((date,), 0, 1, tuple(files)), spec, Storage())
+    with pytest.raises(UnreadableFile, match=r"a-truncated\.parquet: .*Parquet magic bytes not found"):
+        read_shard(Shard((date,), 0, 1, tuple(f for f in files if f.date == date)), spec, Storage())
+    with pytest.raises(UnreadableFile, match=r"empty\.parquet: .*Parquet file size is 0 bytes"):
+        require_columns(spec, Storage(), sorted(files, key=lambda f: f.path))
+    with pytest.raises(DataError, match="not a readable Parquet file") as missing:
+        open_parquet(pafs.LocalFileSystem(), str(table / "gone.parquet"))
+    assert not isinstance(missing.value, UnreadableFile)
+    again = pickle.loads(pickle.dumps(UnreadableFile("/a.parquet", "bad")))    # a Ray task's error, as raised
+    assert (type(again), str(again), again.reason) == (UnreadableFile, "/a.parquet: not a readable Parquet file "
+                                                                      "(bad)", "bad")
+    skip = replace(spec, unreadable_files="skip")
+    assert [s.names for s in require_columns(skip, Storage(), sorted(files, key=lambda f: f.path))["proc"]] == [
+        ["machine_id", "ts", "temp"]] * 2                  # the first readable file and the newest
+    got = read_shard(Shard((date,), 0, 2, tuple(files)), skip, Storage())
+    assert got.quarantined.select("entity", "_t", "date", "source").rows() == [(None, None, "2024-01-02", "proc")] * 2
+    assert sorted(got.quarantined["reason"]) == [
+        f"unreadable Parquet file '{table}/date=2024-01-01/empty.parquet' of 2024-01-01 (read around the date): "
+        "Parquet file size is 0 bytes - left out (unreadable_files: skip)",
+        f"unreadable Parquet file '{truncated.path}': Parquet magic bytes not found in footer. Either the file is "
+        "corrupted or this is not a parquet file. - left out (unreadable_files: skip)"]
+    other = read_shard(Shard((date,), 1, 2, tuple(files)), skip, Storage())
+    assert other.quarantined.is_empty()
+    read = [t for g in (got, other) if "proc" in g.tables for t in g.tables["proc"]["temp"].to_list()]
+    assert sorted(read) == [1.0, 1.0, 2.0, 2.0]           # the good files of the date and of the look-back day
+    assert split_file(truncated, skip, Storage(), 2, str(tmp_path / "staged")).pieces is None
+    with pytest.raises(UnreadableFile):
+        split_file(truncated, spec, Storage(), 2, str(tmp_path / "staged"))
+    own = [f for f in files if f.date == date]
+    assert date_digests(skip, own, {"proc": spec.columns_read(spec.modalities["proc"])}) == {"proc": None}
 
 
 def test_a_column_a_file_lacks_reads_as_null_of_its_kind(tmp_path, tiny_spec):

@@ -1272,8 +1272,9 @@ def test_scoring_reads_where_the_spec_says_with_the_models_modalities(trained, t
     assert {k: m.path for k, m in reading_spec(mv, moved).modalities.items()} == \
         {k: str(tmp_path / k) for k in spec.modalities}
     calendar = reading_spec(mv, replace(spec, timezone="Asia/Tokyo", lateness_us=3_600_000_000,   # how it is filed
-                                        time_unit="ms"))
-    assert (calendar.timezone, calendar.lateness_us, calendar.time_unit) == ("Asia/Tokyo", 3_600_000_000, "ms")
+                                        time_unit="ms", unreadable_files="skip"))
+    assert (calendar.timezone, calendar.lateness_us, calendar.time_unit, calendar.unreadable_files) == (
+        "Asia/Tokyo", 3_600_000_000, "ms", "skip")
     without_logs = replace(spec, modalities={k: m for k, m in spec.modalities.items() if k != "logs"})
     with pytest.raises(DataError, match=r"reads modalities \['logs'\] that spec"):
         reading_spec(mv, without_logs)

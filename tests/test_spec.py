@@ -422,6 +422,17 @@ def test_added_columns_name_value_columns_of_numeric_modalities_and_are_no_readi
             parse_spec(broken, source="s.yaml")
 
 
+def test_unreadable_files_is_fail_by_default_or_skip_and_kept_in_the_written_spec():
+    data = tiny_spec_dict()
+    assert parse_spec(data).unreadable_files == "fail" and "unreadable_files" not in parse_spec(data).to_dict()
+    spec = parse_spec({**data, "unreadable_files": "skip"}, "s.yaml")
+    assert spec.unreadable_files == "skip" and parse_spec(spec.to_dict(), "s.yaml") == spec
+    from dmafn.spec_schema import spec_problems
+    assert spec_problems({**data, "unreadable_files": "skip"}, "s.yaml") == []
+    with pytest.raises(SpecError, match="unreadable_files': 'ignore' is not one of"):
+        parse_spec({**data, "unreadable_files": "ignore"}, "s.yaml")
+
+
 def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
     import yaml
 

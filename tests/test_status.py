@@ -271,6 +271,31 @@ def test_status_names_recent_dates_that_lost_input_rows_as_unusable_with_the_rea
                                             input_rows=10_000), spec) is None
 
 
+def test_status_names_recent_dates_scored_without_input_files_that_are_no_parquet(tmp_path):
+    """Dates scored without input files left out as no Parquet (`unreadable_files: skip`, their reason folded in
+    the runs table's reasons) are a problem, however few their rows: named with the count of files; the score
+    command's warning says the same of its date."""
+    from pipelines.score import unreadable_files_warning
+
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, OLD)
+    reasons = {"proc: unreadable Parquet file": 2, "vib: unreadable Parquet file": 1}
+    _run(spec, "2024-01-04", input_rows=10_000, input_rows_quarantined=3, unusable_reasons=reasons)
+    _run(spec, "2024-01-05", input_rows=10_000, input_rows_quarantined=1,
+         unusable_reasons={"vib: unusable value in column 'ax'": 1})
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert [p for p in found.problems if "Parquet" in p] == [
+        "1 recent date(s) were scored without 3 input file(s) that could not be read as Parquet (unreadable_files: "
+        f"skip): 2024-01-04 - each named in the quarantine table ({spec.score.quarantine_path}); once mended, a "
+        "backfill over the dates rescores them"]
+    assert unreadable_files_warning(DateResult("2024-01-04", 100, 100, 0, 1, 1.0, input_rows_quarantined=3,
+                                               input_rows=10_000, unusable_reasons=reasons), spec) == (
+        "2024-01-04: 3 input file(s) could not be read as Parquet (truncated, empty or another format) and were left "
+        f"out (unreadable_files: skip) - each named in the quarantine table ({spec.score.quarantine_path}, reason "
+        "'unreadable Parquet file ...'); once mended, a backfill over the date rescores it (its partitions changed)")
+    assert unreadable_files_warning(DateResult("2024-01-05", 100, 100, 0, 1, 1.0), spec) is None
+
+
 def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_before(tmp_path):
     """A modality with no usable row in a date's partitions is named for that date; one present at 5 points less of
     the newest date's ticks than the dates before (their median), and one absent at every tick of more of the newest
