@@ -217,6 +217,7 @@ class StorageSpec:
     region: str | None = None
     allow_http: bool | None = None
     timeout_s: float = 10.0      # each S3 connect and request; with one retry an unresponsive endpoint fails in ~30 s
+    retries: int = 1             # a failed S3 request is tried again this many times (throttling on a busy bucket)
 
 
 @dataclass(frozen=True)
@@ -439,6 +440,7 @@ class _Section:
 _COMMON_MODALITY_KEYS = {"kind", "path", "encoding_distance", "time", "entity", "time_unit", "naive_times",
                          "time_format", "former_names", "partition"}
 NAIVE_TIMES = ("utc", "local")
+MAX_RETRIES = 20      # the most retries of a failed S3 request `storage.retries` takes
 UNREADABLE_FILES = ("fail", "skip")   # an input file that is no Parquet: fail its date, or leave it out (quarantined)
 PAYLOADS = ("bytes", "file")    # how an image or audio modality stores its payloads: in the column, or as files
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
@@ -785,10 +787,11 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                             end=lab.get("end", "end_ts"))
     storage = StorageSpec()
     if (sto := top.section("storage")) is not None:
-        sto.reject_unknown({"endpoint_url", "region", "allow_http", "timeout_s"})
+        sto.reject_unknown({"endpoint_url", "region", "allow_http", "timeout_s", "retries"})
         storage = StorageSpec(endpoint_url=sto.get("endpoint_url"), region=sto.get("region"),
                               allow_http=sto.get("allow_http"),
-                              timeout_s=sto.number("timeout_s", StorageSpec.timeout_s, float, 0.1, 600))
+                              timeout_s=sto.number("timeout_s", StorageSpec.timeout_s, float, 0.1, 600),
+                              retries=sto.number("retries", StorageSpec.retries, int, 0, MAX_RETRIES))
     partition = str(top.get("partition", "date"))
     try:
         parse_layout(partition)

@@ -11,7 +11,8 @@ import datetime as dt
 import json
 from typing import Any
 
-from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MISSING_INPUT, MODALITY_KINDS,
+from dmafn.spec import (CONTRIBUTION_SCALES, DETECTORS, ENCODING_DISTANCE_MAX, FUSIONS, MAX_RETRIES, MISSING_INPUT,
+                        MODALITY_KINDS,
                         NAIVE_TIMES, NORMALIZATIONS, PAYLOADS, PRESETS, SERIES_ENCODERS, SERIES_TRANSFORMS,
                         SMOOTHING_METHODS, TEXT_ENCODERS, THRESHOLD_METHODS, TIME_UNITS, UNREADABLE_FILES, VOTES,
                         SpecError, parse_spec)
@@ -161,7 +162,11 @@ def spec_json_schema() -> dict[str, Any]:
                                       "window": _number("integer", 1),
                                       "knee": _number("number", 0.0)})}, ("output",)),
             "storage": _closed({"endpoint_url": {"type": "string"}, "region": {"type": "string"},
-                                "allow_http": {"type": "boolean"}, "timeout_s": _number("number", 0.1, 600)}),
+                                "allow_http": {"type": "boolean"}, "timeout_s": _number("number", 0.1, 600),
+                                "retries": {**_number("integer", 0, MAX_RETRIES), "description": "how many times a "
+                                            "failed S3 request is tried again (pyarrow, boto3; deltalake for as long "
+                                            "as timeout_s x (retries + 1)); default 1 - more for a busy bucket that "
+                                            "throttles a large backfill"}}),
         }, ("name", "entity", "time", "grain", "modalities", "train", "registry", "score")),
     }
 

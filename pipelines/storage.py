@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class Storage:
     endpoint_url: str | None = None
     region: str | None = None
     allow_http: bool = False
-    timeout_s: float = StorageSpec.timeout_s     # per S3 connect and request, one retry (pyarrow, deltalake, boto3)
+    timeout_s: float = StorageSpec.timeout_s     # per S3 connect and request (pyarrow, deltalake, boto3)
+    retries: int = StorageSpec.retries           # times a failed S3 request is tried again (all three alike)
 
     @classmethod
     def from_spec(cls, spec: StorageSpec | None) -> "Storage":
@@ -61,14 +63,16 @@ class Storage:
         endpoint = spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         region = spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         allow_http = spec.allow_http if spec.allow_http is not None else bool(endpoint and endpoint.startswith("http:"))
-        return cls(endpoint_url=endpoint, region=region, allow_http=allow_http, timeout_s=spec.timeout_s)
+        return cls(endpoint_url=endpoint, region=region, allow_http=allow_http, timeout_s=spec.timeout_s,
+                   retries=spec.retries)
 
     def filesystem(self, path: str) -> pafs.FileSystem:
         """A pyarrow filesystem for `path` (local or S3)."""
         if not is_s3(path):
             return pafs.LocalFileSystem()
         kwargs: dict = {"region": self.region, "connect_timeout": self.timeout_s, "request_timeout": self.timeout_s,
-                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)}
+                        # the AWS SDK counts attempts: the first one and its retries
+                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.retries + 1)}
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host, scheme=scheme)
@@ -86,7 +90,11 @@ class Storage:
         if not is_s3(path):
             return None
         seconds = f"{max(1, round(self.timeout_s))}s"
-        opts = {"AWS_REGION": self.region or "us-east-1", "timeout": seconds, "connect_timeout": seconds}
+        opts = {"AWS_REGION": self.region or "us-east-1", "timeout": seconds, "connect_timeout": seconds,
+                # object_store retries with backoff for up to 3 minutes by default: here for as long as the other
+                # clients' attempts may take (its `max_retries` is no key here: Polars, handed these options by
+                # `pl.scan_delta`, reads that key itself, as a number)
+                "retry_timeout": f"{max(1, math.ceil(self.timeout_s * (self.retries + 1)))}s"}
         if self.endpoint_url:
             opts["AWS_ENDPOINT_URL"] = self.endpoint_url
         if self.allow_http:
@@ -97,12 +105,12 @@ class Storage:
         return opts
 
     def boto3_client(self):
-        """A boto3 S3 client with the same endpoint, region and timeouts (one retry)."""
+        """A boto3 S3 client with the same endpoint, region, timeouts and retries."""
         import boto3
         from botocore.config import Config
 
         config = Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s,
-                        retries={"max_attempts": 2, "mode": "standard"})
+                        retries={"total_max_attempts": self.retries + 1, "mode": "standard"})
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     def delta_uri(self, path: str) -> str:

@@ -265,6 +265,23 @@ def test_concurrent_jobs_on_different_and_same_dates(s3_spec):
     assert after.equals(before)
 
 
+def test_storage_retries_reach_each_s3_client_alike():
+    """`storage.retries`: how many times pyarrow and boto3 try a failed request again (each counting the first
+    attempt its own way), and for how long deltalake's object store does (its own default: up to 3 minutes)."""
+    from dmafn.spec import SpecError, StorageSpec, parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    spec = parse_spec({**tiny_spec_dict(), "storage": {"timeout_s": 10, "retries": 3}})
+    storage = Storage.from_spec(spec.storage)
+    assert storage.retries == 3 and Storage.from_spec(StorageSpec()).retries == 1
+    options = storage.delta_options("s3://lake/t")
+    assert options["retry_timeout"] == "40s" and "max_retries" not in options      # Polars reads that key itself
+    assert storage.boto3_client().meta.config.retries == {"total_max_attempts": 4, "mode": "standard"}
+    assert storage.filesystem("s3://lake/t") is not None
+    with pytest.raises(SpecError, match="storage.retries': 21 is outside"):
+        parse_spec({**tiny_spec_dict(), "storage": {"retries": 21}})
+
+
 def test_unreachable_endpoint_is_a_clear_error_before_any_write(s3_spec, tmp_path):
     from pipelines.shards import list_inputs
 
