@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (UnreadableFile, each_row_group, each_schema, field_of, file_values, open_parquet,
-                                     row_groups_before, row_groups_between, row_groups_since, with_path_fields)
+from pipelines.parquet_files import (ABSENT, UnreadableFile, each_row_group, each_schema, field_of, file_values,
+                                     open_parquet, row_groups_before, row_groups_between, row_groups_since,
+                                     with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
@@ -256,6 +257,18 @@ def _bad_value(m: ModalitySpec, col: str) -> pl.Expr:
 PARTLY_USED = "the row's other columns used"     # a reason's end where a row was kept for its other values
 
 
+def partly_reason(column: str) -> str:
+    """The reason of a row of numbers kept for its other values, `column`'s unusable (`with_reasons`)."""
+    return f"unusable value in column '{column}' ({PARTLY_USED})"
+
+
+def lacked_column(column: str, path: str, rows: int) -> str:
+    """The one reason noted for the rows of a file that lacks `column`, a column its table gained since it was
+    written (`file_values`: a Delta table's, `added_columns`) - not one per row, as a value of a row is noted."""
+    return (f"column '{column}' is not in file '{path}' (added to its table since it was written): {rows} row(s) "
+            f"read without it ({PARTLY_USED})")
+
+
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` (`m`'s columns as its files name them) with `_reason` added (see `check_rows`); a true `_bad_text`
     column (from `valid_text`) marks text that was not valid UTF-8, each `_unread_*` one (from `read_times`,
@@ -282,8 +295,7 @@ def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
         expr = expr.when(cond).then(said(reason))
     df = df.with_columns(expr.otherwise(None).alias(REASON))
     if partial:
-        first_bad = pl.coalesce(pl.when(bad[col]).then(pl.lit(f"unusable value in column '{col}' ({PARTLY_USED})"))
-                                for col in columns)
+        first_bad = pl.coalesce(pl.when(bad[col]).then(pl.lit(partly_reason(col))) for col in columns)
         df = df.with_columns(pl.when(pl.col(REASON).is_null()).then(first_bad).alias(PARTLY),
                              *[pl.when(bad[col]).then(None).otherwise(pl.col(col)).alias(col) for col in columns])
     return df.drop(BAD_TEXT, *unread)
@@ -358,6 +370,8 @@ def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
     that cannot be read (`payload: file`) and an input file left out as no Parquet (`UNREADABLE`) without its name
     and error."""
     reason = (pl.col("reason").str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
+              .str.replace(r"^(column '[^']*') is not in file '.*' \(added to its table since it was written\).*$",
+                           "${1} is not in files written before it was added to their table")
               .str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
               .str.replace(r" file '.*' in column ", " file in column ").str.replace(r" cannot be read \(.*\)$",
                                                                                    " cannot be read"))
@@ -461,8 +475,14 @@ def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list
     own = date in dates
     reason = (f"{UNREADABLE} '{exc.path}'" + ("" if own else f" of {date.isoformat()} (read around the date)")
               + f": {exc.reason} - left out (unreadable_files: skip)")
-    return pl.DataFrame({"entity": [None], TIME: [None], "date": [(date if own else min(dates)).isoformat()],
-                         "source": [source], "reason": [reason]},
+    return file_row(reason, source, date if own else min(dates))
+
+
+def file_row(reason: str, source: str, date: dt.date) -> pl.DataFrame:
+    """A quarantine row about a file, not a row of it (no entity, no time): `source` its modality, `date` the date
+    it is noted under."""
+    return pl.DataFrame({"entity": [None], TIME: [None], "date": [date.isoformat()], "source": [source],
+                         "reason": [reason]},
                         schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String,
                                 "reason": pl.String})
 
@@ -535,6 +555,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 values = file_values(f, parquet.schema_arrow, m.former_names)
                 schema = with_path_fields(parquet.schema_arrow, values)
                 check_schema(schema, spec, stored_as, f.path)
+                lacked = {partly_reason(c): c for c, v in values.items() if v is ABSENT}   # noted once per file
+                lacking: dict[str, int] = {}
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
                 stored = stored_names(schema, spec, stored_as)   # a column renamed upstream: read as named now
                 as_stored = {read: name for name, read in stored.items()}
@@ -585,11 +607,17 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                             0 if partly is None else partly.height)
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
+                        if partly is not None and lacked:       # a column the file lacks: noted for the file
+                            for reason, n in partly.filter(pl.col(PARTLY).is_in(list(lacked))).group_by(
+                                    PARTLY).len().iter_rows():
+                                lacking[lacked[reason]] = lacking.get(lacked[reason], 0) + n
+                            partly = partly.filter(~pl.col(PARTLY).is_in(list(lacked)))
                         if partly is not None:      # kept for its other values: the unusable one noted, once
                             quarantined.append(quarantined_input(partly, spec, name, pl.lit(f.date.isoformat()),
                                                                  pl.col(PARTLY)))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
+                quarantined += [file_row(lacked_column(c, f.path, n), name, f.date) for c, n in lacking.items()]
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue

@@ -579,7 +579,7 @@ def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_the
 
     clock = "a wall-clock time Europe/Berlin's clocks skipped or showed twice (a daylight-saving change)"
     quarantined = pl.DataFrame({"source": ["proc", "proc", "proc", "vib", "proc", "proc", "proc", "cam", "cam",
-                                           "vib", "vib"],
+                                           "vib", "vib", "proc"],
                                 "reason": [
         "time column 'ts' holds '05/01/2024', not an ISO 8601 time", "time column 'ts' holds 'noon', not an ISO 8601 "
         "time", "timed outside its date partition 2024-01-02", "unusable value in column 'ax'",
@@ -590,12 +590,15 @@ def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_the
         "image file '/f/a/2.png' in column 'frame' cannot be read ([Errno 2] Failed to open local file '/f/a/2.png')",
         "unreadable Parquet file '/v/date=2024-01-02/a.parquet': Parquet file size is 0 bytes - left out "
         "(unreadable_files: skip)", "unreadable Parquet file '/v/date=2024-01-01/b.parquet' of 2024-01-01 (read "
-        "around the date): Parquet magic bytes not found in footer - left out (unreadable_files: skip)"]})
+        "around the date): Parquet magic bytes not found in footer - left out (unreadable_files: skip)",
+        "column 'pressure' is not in file '/p/date=2024-01-01/c.parquet' (added to its table since it was written): "
+        "5668 row(s) read without it (the row's other columns used)"]})
     assert unusable_reasons(quarantined) == {       # the misplaced row counted on its own (input_rows_misplaced)
         "cam: image file in column 'frame' cannot be read": 2,
         "proc: time column 'ts' holds a value, not an ISO 8601 time": 2,
         f"proc: time column 'ts' holds a value, {clock}": 2,
         "proc: time column 'ts' holds a value, which as ms since the epoch no timestamp can hold": 1,
+        "proc: column 'pressure' is not in files written before it was added to their table": 1,
         "vib: unreadable Parquet file": 2, "vib: unusable value in column 'ax'": 1}
 
 
@@ -1415,8 +1418,10 @@ def _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, older, adde
     rows = got.tables["proc"].sort("_t")
     assert rows["temp"].to_list() == [1.0, 2.0, 3.0] and rows["pressure"].to_list() == [None, None, 5.0]
     assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 1}}
-    assert got.quarantined["reason"].to_list() == [
-        "unusable value in column 'pressure' (the row's other columns used)"] * 2
+    assert got.quarantined.select("entity", "_t", "date", "source", "reason").rows() == [   # one note for the file
+        (None, None, "2024-01-02", "proc", f"column 'pressure' is not in file '{older.path}' (added to its table "
+                                           "since it was written): 2 row(s) read without it (the row's other columns "
+                                           "used)")]
     columns = {"proc": spec.columns_read(spec.modalities["proc"])}
     assert date_digests(spec, listed, columns)["proc"].rows == 3
     counted = [file_counts(p) for p in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
