@@ -35,13 +35,13 @@ from dmafn.spec import Spec
 from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
                              quantiles_from_ranks, select_ranks, sorted_part_sample)
 from pipelines.align import KnownIncidents
-from pipelines.ingest import entity_string
+from pipelines.ingest import UNREADABLE, entity_string
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
 from pipelines.statistics import BucketStatistics
 from pipelines.storage import DataError, Storage
-from pipelines.train import aligned_batches
+from pipelines.train import aligned_batches, left_out_files
 
 
 @dataclass
@@ -62,7 +62,8 @@ class ShardPart:
 @ray.remote(num_cpus=1, num_returns=2)
 def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
-    batches, _, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    batches, counts, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    unreadable = {why: 1 for why in counts if why.startswith(UNREADABLE)}      # files left out, warned of
     keys, raws, outliers = [], [], 0
     for aligned in batches:
         features = featurize(aligned.to_arrow(), spec, stats, decoded)
@@ -72,8 +73,8 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
     left_out = 0 if incidents is None else incidents.left_out
     if not raws:
         return {"ticks": 0, "columns": 0, "latent_dims": None, "state_owners": (), "left_out": left_out,
-                "relation_outliers": 0}, ShardPart(np.zeros(0, str), RawScores(np.zeros((0, 0)), None,
-                                                                                np.zeros((0, 0), bool)))
+                "relation_outliers": 0, "unreadable": unreadable}, ShardPart(
+            np.zeros(0, str), RawScores(np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
     latent = None if raws[0].latent is None else np.concatenate([r.latent for r in raws])[rows]
@@ -85,7 +86,7 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
     return {"ticks": len(rows), "columns": raw.errors.shape[1],
             "latent_dims": None if latent is None else latent.ndim,
             "state_owners": raw.state_owners if state is not None else (), "left_out": left_out,
-            "relation_outliers": outliers}, part
+            "relation_outliers": outliers, "unreadable": unreadable}, part
 
 
 def _sorted(values: np.ndarray) -> tuple[Any, ...]:
@@ -319,6 +320,9 @@ class ShardTicks:
             metas.append(raise_task_error(meta))
             display.update(len(metas), ticks=sum(m["ticks"] for m in metas))
         display.close()
+        days = sorted({d for s in shards for d in s.dates})
+        left_out_files({why: 1 for m in metas for why in m.get("unreadable", {})},
+                       f"validation days {days[0]}..{days[-1]}" if days else "validation days")
         parts = [(s.bucket, s.dates[0], part) for (s, _, part), meta in zip(launched, metas) if meta["ticks"]]
         left_out = sum(m["left_out"] for m in metas)
         if not parts:

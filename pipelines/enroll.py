@@ -31,7 +31,7 @@ from pipelines.shards import list_inputs, plan_shards, require_data
 from pipelines.staging import Staging
 from pipelines.statistics import EntityStatistics, entity_rows, keys_sliceable
 from pipelines.storage import DataError, Storage
-from pipelines.train import fit_statistics, known_incidents
+from pipelines.train import fit_statistics, known_incidents, left_out_files
 
 NAMED = 10          # at most: the enrolled entities' keys kept in the manifest and printed
 
@@ -77,6 +77,7 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
         shards = staging.resolve(shards)
         fitted, quarantined = fit_statistics(rspec, shards, keys_sliceable(rspec, schemas),
                                              known_incidents(rspec, storage), under=mv.statistics.fleet)
+        quarantined = left_out_files(quarantined, f"enrolment days {days[0]}..{days[-1]}")
     finally:
         staging.close()
     rows = fitted.table()

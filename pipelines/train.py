@@ -41,7 +41,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import entity_casts, read_shard, require_columns
+from pipelines.ingest import UNREADABLE, entity_casts, read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -62,16 +62,30 @@ def split_dates(spec: Spec) -> tuple[list[dt.date], list[dt.date]]:
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage, incidents: KnownIncidents | None = None):
     """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine
-    counts per modality and the image frames its check decoded (for `featurize(..., decoded=)`). With
+    counts per modality (and, under the reason, 1 for each file left out as no Parquet: `unreadable_files: skip`,
+    `left_out_files`) and the image frames its check decoded (for `featurize(..., decoded=)`). With
     `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they
     empty is skipped."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     counts = dict(inputs.quarantined.group_by("source").len().iter_rows())
+    counts.update((why, 1) for why in inputs.quarantined.filter(pl.col("reason").str.starts_with(UNREADABLE))["reason"])
     batches = (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec))
     if incidents is not None:
         batches = (kept for kept in (incidents.without(aligned, spec) for aligned in batches) if kept.height)
     return batches, counts, inputs.decoded
+
+
+def left_out_files(counts: dict[str, int], days: str) -> dict[str, int]:
+    """`aligned_batches`' counts over some shards with each input file left out as no Parquet (`unreadable_files:
+    skip`) warned of once - nothing is left out silently - and taken out: the counts per modality."""
+    by_file: dict[str, str] = {}        # a file read for its own date and around the next one: named once
+    for why in sorted(k for k in counts if k.startswith(UNREADABLE)):
+        path = why.split("'")[1]
+        by_file[path] = why if path not in by_file or "(read around the date)" in by_file[path] else by_file[path]
+    for why in by_file.values():
+        log.warning("%s: %s", days, why)
+    return {k: n for k, n in counts.items() if not k.startswith(UNREADABLE)}
 
 
 STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity statistics are fitted in
@@ -559,6 +573,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
         statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents)
+        quarantined = left_out_files(quarantined, f"training days {train_days[0]}..{train_days[-1]}")
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
             log.info("%s", line)

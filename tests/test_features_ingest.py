@@ -1482,7 +1482,7 @@ def test_a_column_added_to_a_delta_table_since_a_file_was_written_is_null_there(
 
 
 def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_unreadable_files_skip(tmp_path,
-                                                                                                   tiny_spec):
+                                                                                                   tiny_spec, caplog):
     """An input file whose bytes are no Parquet (empty, truncated): by default an error naming it (`UnreadableFile`,
     a DataError) - with `unreadable_files: skip` left out of its date, named once (by the date's first entity
     bucket) in the quarantine rows - a look-back day's under the shard's first date -, and left alone by the driver's
@@ -1501,6 +1501,7 @@ def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_
     from pipelines.shards import Shard, list_inputs
     from pipelines.staging import split_file
     from pipelines.storage import Storage
+    from pipelines.train import aligned_batches, left_out_files
 
     table = tmp_path / "proc"
     day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
@@ -1528,6 +1529,7 @@ def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_
     assert (type(again), str(again), again.reason) == (UnreadableFile, "/a.parquet: not a readable Parquet file "
                                                                       "(bad)", "bad")
     skip = replace(spec, unreadable_files="skip")
+    caplog.set_level("WARNING")
     assert [s.names for s in require_columns(skip, Storage(), sorted(files, key=lambda f: f.path))["proc"]] == [
         ["machine_id", "ts", "temp"]] * 2                  # the first readable file and the newest
     got = read_shard(Shard((date,), 0, 2, tuple(files)), skip, Storage())
@@ -1539,6 +1541,11 @@ def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_
         "corrupted or this is not a parquet file. - left out (unreadable_files: skip)"]
     other = read_shard(Shard((date,), 1, 2, tuple(files)), skip, Storage())
     assert other.quarantined.is_empty()
+    _, counts, _ = aligned_batches(Shard((date,), 0, 2, tuple(files)), skip, Storage())   # training's passes
+    assert counts == {"proc": 2, **{why: 1 for why in got.quarantined["reason"]}}
+    assert left_out_files(counts, "training days 2024-01-02..2024-01-02") == {"proc": 2}
+    assert sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING") == sorted(
+        f"training days 2024-01-02..2024-01-02: {why}" for why in got.quarantined["reason"])
     read = [t for g in (got, other) if "proc" in g.tables for t in g.tables["proc"]["temp"].to_list()]
     assert sorted(read) == [1.0, 1.0, 2.0, 2.0]           # the good files of the date and of the look-back day
     assert split_file(truncated, skip, Storage(), 2, str(tmp_path / "staged")).pieces is None
