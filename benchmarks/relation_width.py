@@ -50,7 +50,7 @@ def run_shared(channels: int, a: argparse.Namespace) -> list[np.ndarray]:
     fit = _RelationFit()
     for current, history, keys, peers in batches(channels, a.ticks, a.entities):
         fit.add(current, history, keys, peers)
-    totals = _EntityTotals.of_quantities(fit.quantities)
+    totals = _EntityTotals.of(fit.quantities)
     return [np.asarray(fit_relation(fit.channel(c), totals.channel(fit.design(c), c))["weights"])
             for c in range(channels)]
 

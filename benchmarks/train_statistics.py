@@ -100,8 +100,8 @@ def partial_fit(template, keys: list[str], seed: int):
             copied.entities = {key: _moved(reg.entities[TEMPLATE], rng) for key in keys}
             # the centred cross products: the template's within-machine part for each machine plus the scatter
             # of the copies' own means (as a fit over those rows would have them)
-            within = reg.moments.scatter - _EntityTotals.of_quantities(reg).between.about(reg.moments.mean)
-            means = _EntityTotals.of_quantities(copied).between
+            within = reg.moments.scatter - _EntityTotals.of(reg).between.about(reg.moments.mean)
+            means = _EntityTotals.of(copied).between
             copied.moments = _Comoments(reg.d)
             copied.moments.n, copied.moments.mean = means.n, means.mean
             copied.moments.scatter = within * scale + means.scatter

@@ -479,11 +479,18 @@ class _EntityTotals:
 
     @classmethod
     def of(cls, reg: _Regression) -> "_EntityTotals":
+        """The totals of `reg`'s entities; of a regression without a target (`_RelationFit.quantities`) those of
+        every quantity, from which each channel's are taken (`channel`)."""
+        targeted = len(reg.moments.mean) > reg.d
         totals = cls(reg.d)
+        if not targeted:
+            totals.between = _Comoments(reg.d)
         counted = [e for e in reg.entities.values() if e.n]
         if counted:
             counts = np.array([e.n for e in counted], np.float64)
-            sums = np.column_stack([np.stack([e.sx for e in counted]), [e.sy for e in counted]])   # (E, d + 1)
+            sums = np.stack([e.sx for e in counted])                                              # (E, d)
+            if targeted:
+                sums = np.column_stack([sums, [e.sy for e in counted]])                           # (E, d + 1)
             totals.between.add(sums / counts[:, None], counts)
         fits = [e for e in reg.entities.values() if e.n >= 2]              # one row has no deviation from its mean
         totals.fitted, totals.n = len(fits), sum(e.n for e in fits)
@@ -496,23 +503,8 @@ class _EntityTotals:
         self.sx, self.sy = self.sx + other.sx, self.sy + other.sy
         return self
 
-    @classmethod
-    def of_quantities(cls, quantities: _Regression) -> "_EntityTotals":
-        """The totals of every quantity of a relation (`_RelationFit.quantities`: no target), from which each
-        channel's are taken (`channel`)."""
-        totals = cls(quantities.d)
-        totals.between = _Comoments(quantities.d)
-        counted = [e for e in quantities.entities.values() if e.n]
-        if counted:
-            counts = np.array([e.n for e in counted], np.float64)
-            totals.between.add(np.stack([e.sx for e in counted]) / counts[:, None], counts)
-        fits = [e for e in quantities.entities.values() if e.n >= 2]
-        totals.fitted, totals.n = len(fits), sum(e.n for e in fits)
-        totals.sx = sum((e.sx for e in fits), np.zeros(quantities.d))
-        return totals
-
     def channel(self, design: np.ndarray, target: int) -> "_EntityTotals":
-        """One channel's totals from those of every quantity (`of_quantities`)."""
+        """One channel's totals from those of every quantity (`of` a regression without a target)."""
         out = _EntityTotals(len(design))
         out.between = self.between.columns(np.append(design, target))
         out.fitted, out.n, out.sx, out.sy = self.fitted, self.n, self.sx[design], float(self.sx[target])
@@ -1028,7 +1020,7 @@ class StatisticsFitter:
         for kind in ("relations_", "cross_relations_"):
             for ctx, fit in getattr(self, kind).items():
                 if fit.quantities is not None:
-                    totals.relations[(kind, ctx)] = _EntityTotals.of_quantities(fit.quantities)
+                    totals.relations[(kind, ctx)] = _EntityTotals.of(fit.quantities)
                 totals.ranges[(kind, ctx)] = range_total(fit.ranges)
         return totals
 
@@ -1143,7 +1135,7 @@ class StatisticsFitter:
 
 class StatisticsTotals:
     """What the fleet's part of the statistics needs from the per-entity state (`StatisticsFitter.totals`): each
-    'auto' modality's entity drifts, each relation's entity totals of its quantities (`_EntityTotals.of_quantities`,
+    'auto' modality's entity drifts, each relation's entity totals of its quantities (`_EntityTotals.of`,
     each channel's taken from them) and each relation's range over its entities. Totals of disjoint entities (one
     per entity bucket) merge into the fleet's."""
 

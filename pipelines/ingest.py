@@ -466,6 +466,8 @@ def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
 
 
 UNREADABLE = "unreadable Parquet file"   # the reason of a file left out by `unreadable_files: skip`
+# a shard's quarantined input rows (`ShardInputs.quarantined`)
+QUARANTINED = {"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}
 
 
 def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list[dt.date]) -> pl.DataFrame:
@@ -482,9 +484,7 @@ def file_row(reason: str, source: str, date: dt.date) -> pl.DataFrame:
     """A quarantine row about a file, not a row of it (no entity, no time): `source` its modality, `date` the date
     it is noted under."""
     return pl.DataFrame({"entity": [None], TIME: [None], "date": [date.isoformat()], "source": [source],
-                         "reason": [reason]},
-                        schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String,
-                                "reason": pl.String})
+                         "reason": [reason]}, schema=QUARANTINED)
 
 
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
@@ -640,8 +640,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                        .filter(pl.col("_day").is_in(days)).unique())
     return ShardInputs(
         tables=tables,
-        quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(
-            schema={"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}),
+        quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(schema=QUARANTINED),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
         decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests)
 

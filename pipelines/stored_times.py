@@ -185,7 +185,7 @@ def times_from_text(texts: pl.Series, unit: str | None = None, naive_zone: str |
         naive = parts.get_column("zone").is_null()      # (a zoned value is no wall clock: left out of the order)
         wall = pl.select(pl.when(naive).then(read.get_column("micros"))).to_series().cast(pl.Datetime("us"))
         local, _ = times_from_wall_clock(wall, naive_zone, sequence)
-        read = read.with_columns(pl.when(parts.get_column("zone").is_null()).then(local.cast(pl.Int64))
+        read = read.with_columns(pl.when(naive).then(local.cast(pl.Int64))
                                  .otherwise(pl.col("micros")).alias("micros"))
     if unit is not None:
         digits = pl.col("text").str.contains(r"^[+-]?\d+$")

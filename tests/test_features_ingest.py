@@ -2464,7 +2464,7 @@ def test_each_channels_regression_taken_from_the_shared_quantities_is_the_one_fi
             for key in ("a", "b"):
                 rows = keys == key
                 reg.add(key, relation_design(current[rows], history[rows], c, peers[rows]), current[rows, c])
-    totals = _EntityTotals.of_quantities(fit.quantities)
+    totals = _EntityTotals.of(fit.quantities)
     for c, reg in enumerate(alone):
         taken = fit.channel(c)
         np.testing.assert_allclose(taken.moments.scatter, reg.moments.scatter, rtol=1e-10, atol=1e-9)
