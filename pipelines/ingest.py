@@ -269,6 +269,31 @@ def lacked_column(column: str, path: str, rows: int) -> str:
             f"read without it ({PARTLY_USED})")
 
 
+def noted_partly(partly: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """Rows of numbers kept for their other values (entity columns, `_t`, `_partly`) as counts per entity and
+    reason: `entity`, `_partly`, `rows`, `_first` and `_last` (their earliest and latest times)."""
+    return partly.group_by(entity_string(spec.entity).alias("entity"), PARTLY).agg(
+        pl.len().cast(pl.Int64).alias("rows"), pl.col(TIME).min().alias("_first"), pl.col(TIME).max().alias("_last"))
+
+
+def _utc_text(micros: int) -> str:
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)).isoformat()
+
+
+def partly_rows(noted: list[pl.DataFrame], path: str, source: str, date: dt.date) -> pl.DataFrame:
+    """The quarantine rows of a file's rows kept for their other values (`noted_partly` of each part read): one
+    per entity and unusable column - a dead channel of a high-rate series would otherwise copy each of its rows
+    into the quarantine table -, timed at the first such row, its reason saying how many rows of the file, from
+    when to when (`rows` counts them); a value unusable in one row alone is noted as that row, as before."""
+    counts = pl.concat(noted).group_by("entity", PARTLY).agg(
+        pl.col("rows").sum(), pl.col("_first").min(), pl.col("_last").max()).sort("entity", PARTLY)
+    reasons = [why if n == 1 else f"{why}: {n} rows of file '{path}', {_utc_text(a)} to {_utc_text(b)}"
+               for why, n, a, b in counts.select(PARTLY, "rows", "_first", "_last").iter_rows()]
+    return counts.select(pl.col("entity"), pl.col("_first").alias(TIME), pl.lit(date.isoformat()).alias("date"),
+                         pl.lit(source).alias("source"), pl.Series("reason", reasons, pl.String),
+                         pl.col("rows")).cast(QUARANTINED)
+
+
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
     """`df` (`m`'s columns as its files name them) with `_reason` added (see `check_rows`); a true `_bad_text`
     column (from `valid_text`) marks text that was not valid UTF-8, each `_unread_*` one (from `read_times`,
@@ -363,22 +388,28 @@ def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0)
     return rows.with_columns(pl.when(outside).then(pl.lit(reason)).otherwise(pl.col(REASON)).alias(REASON))
 
 
+def reason_kind(reason: pl.Expr) -> pl.Expr:
+    """A quarantine reason as its kind: the stored value it names (a text, a count, a wall-clock time) as `a value`, a
+    payload file that cannot be read (`payload: file`) and an input file left out as no Parquet (`UNREADABLE`)
+    without its name and error, a file's note of a column it lacks or of its rows kept for their other values
+    (`partly_rows`) as the reason of such a row."""
+    return (reason.str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
+            .str.replace(r"^(column '[^']*') is not in file '.*' \(added to its table since it was written\).*$",
+                         "${1} is not in files written before it was added to their table")
+            .str.replace(rf"^(.* \({PARTLY_USED}\)): \d+ rows of file '.*', \S+ to \S+$", "${1}")
+            .str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
+            .str.replace(r" file '.*' in column ", " file in column ").str.replace(r" cannot be read \(.*\)$",
+                                                                                 " cannot be read"))
+
+
 def unusable_reasons(quarantined: pl.DataFrame) -> dict[str, int]:
-    """A date's quarantined input rows (`source`, `reason`) other than those timed outside their partition
-    (`MISPLACED`, counted on their own), per modality and kind of reason - `vibration: unusable value in column 'ax'`;
-    the stored value a reason names (a text, a count, a wall-clock time) counted under `a value`, and a payload file
-    that cannot be read (`payload: file`) and an input file left out as no Parquet (`UNREADABLE`) without its name
-    and error."""
-    reason = (pl.col("reason").str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
-              .str.replace(r"^(column '[^']*') is not in file '.*' \(added to its table since it was written\).*$",
-                           "${1} is not in files written before it was added to their table")
-              .str.replace(r" holds (?:'.*'|[-\d]+|\d{4}-\d\d-\d\d[ T][\d:.]+), ", " holds a value, ")
-              .str.replace(r" file '.*' in column ", " file in column ").str.replace(r" cannot be read \(.*\)$",
-                                                                                   " cannot be read"))
+    """How many of a date's quarantined input rows (`source`, `reason`, `rows`) other than those timed outside their
+    partition (`MISPLACED`, counted on their own) each modality and kind of reason (`reason_kind`) took -
+    `vibration: unusable value in column 'ax'`."""
     kinds = quarantined.filter(~pl.col("reason").str.starts_with(MISPLACED)).select(pl.format(
-        "{}: {}", pl.col("source"), reason).alias("kind"))
-    counted = kinds.group_by("kind").len().sort("kind")
-    return dict(zip(counted["kind"].to_list(), counted["len"].to_list()))
+        "{}: {}", pl.col("source"), reason_kind(pl.col("reason"))).alias("kind"), "rows")
+    counted = kinds.group_by("kind").agg(pl.col("rows").sum()).sort("kind")
+    return dict(zip(counted["kind"].to_list(), counted["rows"].to_list()))
 
 
 def with_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage) -> pl.DataFrame:
@@ -467,7 +498,8 @@ def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
 
 UNREADABLE = "unreadable Parquet file"   # the reason of a file left out by `unreadable_files: skip`
 # a shard's quarantined input rows (`ShardInputs.quarantined`)
-QUARANTINED = {"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String}
+QUARANTINED = {"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String,
+               "rows": pl.Int64}       # `rows`: the input rows a quarantine row counts for (`partly_rows`)
 
 
 def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list[dt.date]) -> pl.DataFrame:
@@ -484,14 +516,14 @@ def file_row(reason: str, source: str, date: dt.date) -> pl.DataFrame:
     """A quarantine row about a file, not a row of it (no entity, no time): `source` its modality, `date` the date
     it is noted under."""
     return pl.DataFrame({"entity": [None], TIME: [None], "date": [date.isoformat()], "source": [source],
-                         "reason": [reason]}, schema=QUARANTINED)
+                         "reason": [reason], "rows": [1]}, schema=QUARANTINED)
 
 
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
     """`rows` (entity columns, `_t`) as a shard's quarantined input rows: `entity`, `_t`, `date`, `source`,
     `reason`."""
     return rows.select(entity_string(spec.entity).alias("entity"), pl.col(TIME), date.alias("date"),
-                       pl.lit(source).alias("source"), reason.alias("reason"))
+                       pl.lit(source).alias("source"), reason.alias("reason"), pl.lit(1, pl.Int64).alias("rows"))
 
 
 @dataclass
@@ -557,6 +589,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 check_schema(schema, spec, stored_as, f.path)
                 lacked = {partly_reason(c): c for c, v in values.items() if v is ABSENT}   # noted once per file
                 lacking: dict[str, int] = {}
+                noted: list[pl.DataFrame] = []      # rows kept for their other values, counted per entity
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
                 stored = stored_names(schema, spec, stored_as)   # a column renamed upstream: read as named now
                 as_stored = {read: name for name, read in stored.items()}
@@ -612,12 +645,14 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                                     PARTLY).len().iter_rows():
                                 lacking[lacked[reason]] = lacking.get(lacked[reason], 0) + n
                             partly = partly.filter(~pl.col(PARTLY).is_in(list(lacked)))
-                        if partly is not None:      # kept for its other values: the unusable one noted, once
-                            quarantined.append(quarantined_input(partly, spec, name, pl.lit(f.date.isoformat()),
-                                                                 pl.col(PARTLY)))
+                        if partly is not None and partly.height:    # kept for its other values: noted per file
+                            noted.append(noted_partly(partly, spec))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
-                quarantined += [file_row(lacked_column(c, f.path, n), name, f.date) for c, n in lacking.items()]
+                source = f.source or f.path     # a staged piece's notes name the file it was split from
+                quarantined += [file_row(lacked_column(c, source, n), name, f.date) for c, n in lacking.items()]
+                if noted:
+                    quarantined.append(partly_rows(noted, source, name, f.date))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue

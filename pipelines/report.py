@@ -27,7 +27,7 @@ from pipelines.delta_sink import read_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
                                 ray_running, score_chunks, score_dates, score_types, window_part)
 from pipelines.evaluate_tasks import TaskPasses
-from pipelines.ingest import entity_string
+from pipelines.ingest import entity_string, reason_kind
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
@@ -520,9 +520,13 @@ def _share(value: float | None) -> str:
 
 
 def quarantine_summary(rows: pl.LazyFrame) -> pl.LazyFrame:
-    """Quarantined rows per stage, source and reason: how many, of how many entities and dates."""
-    return rows.group_by("stage", "source", "reason").agg(
-        pl.len().alias("rows"), pl.col("entity").n_unique().alias("entities"), pl.col("date").n_unique().alias("dates"))
+    """Quarantined rows per stage, source and kind of reason (`ingest.reason_kind`: a file's note as the reason of a
+    row, the values and files reasons name left out): how many input rows (a row noting a file's rows counts them; a
+    table written before `rows` was kept: 1 a row), of how many entities and dates."""
+    counted = pl.col("rows").fill_null(1).sum() if "rows" in rows.collect_schema().names() else pl.len()
+    return rows.with_columns(reason_kind(pl.col("reason")).alias("reason")).group_by("stage", "source", "reason").agg(
+        counted.cast(pl.Int64).alias("rows"), pl.col("entity").n_unique().alias("entities"),
+        pl.col("date").n_unique().alias("dates"))
 
 
 def _quality_section(summary: pl.DataFrame | None) -> str:

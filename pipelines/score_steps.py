@@ -168,13 +168,14 @@ def modality_presence(out: pa.Table, per_entity: pl.DataFrame, entity: tuple[str
 def quarantine_rows(bad_ticks: pl.DataFrame, ingest: pl.DataFrame, spec: Spec, *, run_id: str, version: str,
                     at: dt.datetime) -> pl.DataFrame:
     """Quarantine table rows: ticks no modality could serve (`stage = score`) and unusable input rows
-    (`stage = ingest`), each with its reason."""
+    (`stage = ingest`), each with its reason and the input rows it counts for (`rows`: 1, or a file's rows kept for
+    their other values noted as one, `ingest.partly_rows`)."""
     ts = pl.from_epoch(TIME, time_unit="us").dt.replace_time_zone("UTC").alias("ts")
     ticks = bad_ticks.select(pl.col("date"), pl.lit("score").alias("stage"), pl.lit("tick").alias("source"),
                              entity_string(spec.entity).alias("entity"), pl.col("ts").cast(pl.Datetime("us", "UTC")),
-                             pl.col(REASON).alias("reason"))
+                             pl.col(REASON).alias("reason"), pl.lit(1, pl.Int64).alias("rows"))
     rows = ingest.select(pl.col("date"), pl.lit("ingest").alias("stage"), pl.col("source"), pl.col("entity"), ts,
-                         pl.col("reason"))
+                         pl.col("reason"), pl.col("rows"))
     return pl.concat([ticks, rows], how="vertical_relaxed").with_columns(
         pl.lit(run_id).alias("run_id"), pl.lit(version).alias("model_version"),
         pl.lit(at, pl.Datetime("us", "UTC")).alias("quarantined_at"))
@@ -208,9 +209,9 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         rows = scored.filter(pl.col("date") == day)
         good, bad = rows.filter(pl.col(REASON).is_null()).drop(REASON), rows.filter(pl.col(REASON).is_not_null())
         ingest = inputs.quarantined.filter(pl.col("date") == day)
-        counts.input_rows_quarantined = ingest.height
+        counts.input_rows_quarantined = int(ingest["rows"].sum())      # a note of a file's rows counts them all
         counts.input_rows = inputs.rows_read.get(day, 0)
-        counts.input_rows_misplaced = ingest.filter(pl.col("reason").str.starts_with(MISPLACED)).height
+        counts.input_rows_misplaced = int(ingest.filter(pl.col("reason").str.starts_with(MISPLACED))["rows"].sum())
         counts.unusable_reasons = unusable_reasons(ingest)
         counts.modality_rows = {m: inputs.usable_rows.get(day, {}).get(m, 0) for m in own_modalities}
         counts.row_digests = {m: inputs.row_digests.get(day, {}).get(m, RowDigest()) for m in own_modalities}

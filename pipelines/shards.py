@@ -52,6 +52,7 @@ class InputFile:
     table_columns: tuple[str, ...] = ()     # a Delta table's columns, a plain table's `added_columns`: one the file
                                             # lacks is null (`file_values`)
     payload_bytes: int = 0                  # `payload: file`: about how many bytes the files its rows name hold
+    source: str = ""                        # a staged piece: the path of the file it was split from
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
                 pq.write_table(pa.concat_tables(tables), sink)
                 size = sink.tell()
             pieces.setdefault(bucket, []).append(InputFile(file.modality, file.date, piece, size, name=file.name,
-                                                           span=file.span))
+                                                           span=file.span, source=file.path))
         pending.clear()
         flushes += 1
 

@@ -68,7 +68,7 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage, incidents: Known
     empty is skipped."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
-    counts = dict(inputs.quarantined.group_by("source").len().iter_rows())
+    counts = dict(inputs.quarantined.group_by("source").agg(pl.col("rows").sum()).iter_rows())
     counts.update((why, 1) for why in inputs.quarantined.filter(pl.col("reason").str.starts_with(UNREADABLE))["reason"])
     batches = (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec))
     if incidents is not None:

@@ -291,7 +291,7 @@ def test_a_row_of_numbers_with_an_unusable_value_in_some_columns_is_kept_for_the
     import pyarrow.parquet as pq
 
     from dmafn.spec import parse_spec
-    from pipelines.ingest import PARTLY, PARTLY_USED, read_shard
+    from pipelines.ingest import PARTLY, PARTLY_USED, read_shard, unusable_reasons
     from pipelines.storage import Storage
     from tests.conftest import tiny_spec_dict
 
@@ -309,13 +309,22 @@ def test_a_row_of_numbers_with_an_unusable_value_in_some_columns_is_kept_for_the
                                                   f"unusable value in column 'a' ({PARTLY_USED})"]
     assert checked.column("a").to_pylist()[:2] == [1.0, None] and checked.column("b").to_pylist()[:2] == [5.0, 6.0]
 
-    pq.write_table(rows, _folder(tmp_path / "vib" / "date=2024-01-02") / "part-0.parquet")
+    path = _folder(tmp_path / "vib" / "date=2024-01-02") / "part-0.parquet"
+    other = pa.table({"machine_id": ["n"], "ts": pa.array([day + 5_000_000], pa.timestamp("us", tz="UTC")),
+                      "a": pa.array([None], pa.float64()), "b": [1.0]})       # another machine's one row without `a`
+    pq.write_table(pa.concat_tables([rows, other]), path, row_group_size=2)
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
-    assert got.tables["vib"].select("a", "b").rows() == [(1.0, 5.0), (None, 6.0), (None, 8.0)]
-    assert got.quarantined.sort("_t")["reason"].to_list() == [
-        f"unusable value in column 'a' ({PARTLY_USED})", "unusable value in column 'a'",
-        f"unusable value in column 'a' ({PARTLY_USED})"]
-    assert got.usable_rows == {"2024-01-02": {"vib": 1}} and got.rows_read == {"2024-01-02": 4}   # usable in full
+    assert got.tables["vib"].sort("_t").select("a", "b").rows() == [(1.0, 5.0), (None, 1.0), (None, 6.0), (None, 8.0)]
+    # the rows kept for their other values: one quarantine row per file, entity and column (counting them, timed at
+    # the first) - one row alone noted as itself
+    assert got.quarantined.sort("entity", "_t").select("entity", "_t", "reason", "rows").rows() == [
+        ("m", day + 10_000_000, f"unusable value in column 'a' ({PARTLY_USED}): 2 rows of file '{path}', "
+         "2024-01-02T00:00:10+00:00 to 2024-01-02T00:00:30+00:00", 2),
+        ("m", day + 20_000_000, "unusable value in column 'a'", 1),
+        ("n", day + 5_000_000, f"unusable value in column 'a' ({PARTLY_USED})", 1)]
+    assert unusable_reasons(got.quarantined) == {f"vib: unusable value in column 'a' ({PARTLY_USED})": 3,
+                                                 "vib: unusable value in column 'a'": 1}
+    assert got.usable_rows == {"2024-01-02": {"vib": 1}} and got.rows_read == {"2024-01-02": 5}   # usable in full
     one = parse_spec(tiny_spec_dict())
     assert PARTLY not in check_rows(rows.select(["machine_id", "ts", "a"]).rename_columns(["machine_id", "ts", "temp"]),
                                     one, one.modalities["proc"]).column_names
@@ -592,14 +601,36 @@ def test_unusable_rows_are_counted_by_modality_and_kind_of_reason_the_values_the
         "(unreadable_files: skip)", "unreadable Parquet file '/v/date=2024-01-01/b.parquet' of 2024-01-01 (read "
         "around the date): Parquet magic bytes not found in footer - left out (unreadable_files: skip)",
         "column 'pressure' is not in file '/p/date=2024-01-01/c.parquet' (added to its table since it was written): "
-        "5668 row(s) read without it (the row's other columns used)"]})
-    assert unusable_reasons(quarantined) == {       # the misplaced row counted on its own (input_rows_misplaced)
+        "5668 row(s) read without it (the row's other columns used)"]}).with_columns(rows=pl.lit(1, pl.Int64))
+    dead = pl.DataFrame({"source": ["vib"], "rows": [40], "reason": [  # a file's rows without `ay`, noted as one
+        "unusable value in column 'ay' (the row's other columns used): 40 rows of file '/v/date=2024-01-02/a.parquet', "
+        "2024-01-02T00:00:00+00:00 to 2024-01-02T00:39:00+00:00"]})
+    quarantined = pl.concat([quarantined, dead], how="diagonal")
+    assert unusable_reasons(quarantined) == {
+        "vib: unusable value in column 'ay' (the row's other columns used)": 40,    # the file's note: its rows
+        # the misplaced row counted on its own (input_rows_misplaced)
         "cam: image file in column 'frame' cannot be read": 2,
         "proc: time column 'ts' holds a value, not an ISO 8601 time": 2,
         f"proc: time column 'ts' holds a value, {clock}": 2,
         "proc: time column 'ts' holds a value, which as ms since the epoch no timestamp can hold": 1,
         "proc: column 'pressure' is not in files written before it was added to their table": 1,
         "vib: unreadable Parquet file": 2, "vib: unusable value in column 'ax'": 1}
+
+
+def test_the_report_counts_the_input_rows_a_quarantine_row_notes_and_one_a_row_of_an_older_table():
+    from pipelines.report import quarantine_summary
+
+    noted = pl.DataFrame({"stage": ["ingest", "ingest", "score"], "source": ["vib", "vib", "tick"],
+                          "reason": ["unusable value in column 'a' (the row's other columns used): 40 rows of "
+                                     "file '/v/a.parquet', 2024-01-02T00:00:00+00:00 to 2024-01-02T00:39:00+00:00",
+                                     "unusable value in column 'a' (the row's other columns used)",
+                                     "no modality present"], "entity": ["m", "n", "m"],
+                          "date": ["2024-01-02"] * 3, "rows": [40, None, 1]})    # None: written before `rows`
+    older = noted.drop("rows")
+    assert quarantine_summary(noted.lazy()).collect().sort("stage").rows() == [
+        ("ingest", "vib", "unusable value in column 'a' (the row's other columns used)", 41, 2, 1),   # one kind
+        ("score", "tick", "no modality present", 1, 1, 1)]
+    assert quarantine_summary(older.lazy()).collect().sort("stage")["rows"].to_list() == [2, 1]
 
 
 def test_detector_follows_the_pyod_contract():
@@ -787,7 +818,7 @@ def test_read_shard_quarantines_rows_of_one_key_with_other_values_whatever_the_f
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     for name in ("proc", "proc_context"):
         assert sorted(got.tables[name].rows()) == [("a", day + 60_000_000, 3.0), ("b", day, 5.0), ("b", day, 5.0)]
-    assert sorted(got.quarantined.rows()) == [("a", day, "2024-01-02", "proc", CONFLICT)] * 2
+    assert sorted(got.quarantined.rows()) == [("a", day, "2024-01-02", "proc", CONFLICT, 1)] * 2
 
 
 def test_conflicting_rows_by_kind(tiny_spec):
@@ -3393,6 +3424,45 @@ def test_a_split_file_gives_each_bucket_the_same_rows_and_quarantine_as_the_whol
     with pytest.raises(DataError, match=r"no_temp\.parquet\): column 'temp' not found"):
         split_file(replace(next(f for f in own if f.modality == "proc"), path=str(tmp_path / "no_temp.parquet")),
                    spec, Storage(), 3, str(tmp_path / "stage" / "bad"))
+
+
+def test_a_dead_channel_is_noted_once_per_entity_naming_the_file_a_staged_piece_was_split_from(tmp_path):
+    """A file mixing machines whose column `b` holds no value (a dead channel), split into entity buckets by
+    staging: each bucket notes each of its machines' rows without `b` as one quarantine row naming the source file
+    (not the piece, which staging deletes), counting them, as the whole file read alike does."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.ingest import PARTLY_USED, read_shard
+    from pipelines.shards import bytes_by_date, list_inputs
+    from pipelines.staging import split_file, with_pieces
+    from pipelines.storage import Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"vib": {**data["modalities"]["vib"], "path": str(tmp_path / "vib"), "columns": ["a", "b"]}}
+    spec = parse_spec(data)
+    day, n = 1_704_153_600_000_000, 120                           # 2024-01-02 00:00 UTC
+    source = _folder(tmp_path / "vib" / "date=2024-01-02") / "mixed.parquet"
+    pq.write_table(pa.table({"machine_id": [f"pump-{i % 6}" for i in range(n)],
+                             "ts": pa.array([day + i * 10_000_000 for i in range(n)], pa.timestamp("us", tz="UTC")),
+                             "a": np.linspace(0, 1, n), "b": pa.array([None] * n, pa.float64())}),
+                   source, row_group_size=20)
+    date = dt.date(2024, 1, 2)
+    shards = _shards(spec, [date], shard_bytes=bytes_by_date(list_inputs(spec, [date], Storage()))[date] // 2 + 1)
+    assert len(shards) > 1
+    splits = [split_file(f, spec, Storage(), shards[0].buckets, str(tmp_path / "stage"))
+              for f in shards[0].files if f.date == date]
+    assert all(s.pieces for s in splits)                          # every row group mixes machines: all moved
+    staged = [read_shard(with_pieces(s, splits), spec, Storage()).quarantined for s in shards]
+    whole = pl.concat([read_shard(s, spec, Storage()).quarantined for s in shards])
+    notes = pl.concat(staged)
+    assert notes.height == 6 and notes["rows"].to_list() == [20] * 6 and notes["entity"].n_unique() == 6
+    assert notes.sort(pl.all()).equals(whole.sort(pl.all()))
+    assert notes["reason"].str.starts_with(f"unusable value in column 'b' ({PARTLY_USED}): 20 rows of file "
+                                           f"'{source}', 2024-01-02T00:").all()
 
 
 def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_side_files_quietly(tmp_path, caplog):

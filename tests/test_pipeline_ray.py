@@ -324,6 +324,7 @@ def test_quarantine_and_run_audit_account_for_every_tick(trained, scored):
     last = runs.sort("finished_at").row(-1, named=True)
     assert last["ticks_in"] == last["rows_scored"] + last["rows_quarantined"]
     assert last["rows_scored"] == scored and last["input_rows_quarantined"] == 3
+    assert ingest["rows"].sum() == 3                              # each row counts for one input row
     held = sum(pq.read_metadata(p).num_rows for p in root.glob("raw/*/date=2024-01-03/*.parquet"))
     assert last["input_rows"] == held and last["input_rows_misplaced"] == 1     # the row timed on 2024-01-04
     assert json.loads(last["input_unusable_reasons"]) == {              # the others, by modality and reason
