@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -41,7 +42,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import UNREADABLE, entity_casts, read_shard, require_columns
+from pipelines.ingest import UNREADABLE, entity_casts, entity_string, read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -122,12 +123,70 @@ def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.T
     return entity_table(merged.entity_statistics(fleet))
 
 
+def entity_modalities(aligned: pl.DataFrame, spec: Spec) -> dict[str, int]:
+    """Per entity key of `aligned` (`ingest.entity_string`), which of the modalities with a table of their own it
+    has present at any of its ticks, as bits (bit i: the i-th of `voting_modalities`)."""
+    own = list(voting_modalities(spec.modalities))
+    bits = sum((pl.col(f"{m}__present").fill_null(False).any().cast(pl.Int64) * (1 << i) for i, m in enumerate(own)),
+               pl.lit(0, pl.Int64))
+    per_entity = aligned.group_by(entity_string(spec.entity).alias("_entity")).agg(bits.alias("_bits"))
+    return dict(per_entity.iter_rows())
+
+
+def merge_entity_modalities(into: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """`into` with each entity's modalities of `more` added (bitwise or)."""
+    for key, bits in more.items():
+        into[key] = into.get(key, 0) | bits
+    return into
+
+
+SEPARATORS = re.compile(r"[\s\-_./:]+")     # what `unmet_entity_lines` ignores in keys (not | between keys)
+
+
+def unmet_entity_lines(spec: Spec, seen: dict[str, int], where: str, examples: int = 3) -> list[str]:
+    """Warnings when the entity keys of the modalities do not meet (`seen`: per entity key the modalities present at
+    any of its `where` ticks, `entity_modalities`): keys that differ only in case, spaces or separators present with
+    different modalities (`PUMP-01` in the camera's table, `pump-01` in the others' - a tick joins modalities by the
+    exact key, so such a machine's modalities are never read together), and a modality none of whose entities has
+    another modality at any tick (its keys name the machines otherwise)."""
+    own = list(voting_modalities(spec.modalities))
+    if len(own) < 2 or not seen:
+        return []
+    named = lambda bits: ", ".join(m for i, m in enumerate(own) if bits >> i & 1)     # noqa: E731
+    lines, groups = [], {}
+    for key in sorted(seen):
+        groups.setdefault(SEPARATORS.sub("", key).casefold(), []).append(key)
+    apart = [keys for keys in groups.values() if len(keys) > 1 and len({seen[k] for k in keys}) > 1]
+    if apart:
+        shown = "; ".join(" and ".join(f"'{k}' ({named(seen[k])})" for k in keys) for keys in apart[:examples])
+        lines.append(f"entity keys that differ only in case, spaces or separators are present with different "
+                     f"modalities at the {where}, so those modalities are never read together: {shown}"
+                     + (f"; and {len(apart) - examples} more such group(s)" if len(apart) > examples else "")
+                     + " - a tick joins an entity's modalities by its exact key: write each machine's key alike in "
+                     "every table")
+    for i, m in enumerate(own):
+        mine = [k for k, bits in seen.items() if bits >> i & 1]
+        if mine and not any(seen[k] & ~(1 << i) for k in mine):
+            others = sorted(k for k, bits in seen.items() if not bits >> i & 1)
+            lines.append(f"modality '{m}': none of its {len(mine)} entities has another modality present at any of "
+                         f"the {where} (its keys: {', '.join(repr(k) for k in sorted(mine)[:examples])}"
+                         + (", ..." if len(mine) > examples else "")
+                         + (f"; the other modalities': {', '.join(repr(k) for k in others[:examples])}"
+                            + (", ...)" if len(others) > examples else ")") if others else ")")
+                         + " - the model never reads it with the others: do its keys name the machines otherwise?")
+    return lines
+
+
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
-                        labels: pl.DataFrame | None, incidents: KnownIncidents | None = None):
+                        labels: pl.DataFrame | None, incidents: KnownIncidents | None = None,
+                        seen: dict[str, int] | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
-    ticks that have at least one modality present (and, with `incidents`, none in or just after a known one)."""
+    ticks that have at least one modality present (and, with `incidents`, none in or just after a known one);
+    `seen`, when given, gets each entity's modalities present at them (`entity_modalities`)."""
     batches, _, decoded = aligned_batches(shard, spec, storage, incidents)
     for aligned in batches:
+        if seen is not None:
+            merge_entity_modalities(seen, entity_modalities(aligned, spec))
         cols = features_to_columns(featurize(aligned.to_arrow(), spec, stats, decoded))
         if labels is not None:
             lab = spec.labels
@@ -139,22 +198,24 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
-                          path: str, incidents: KnownIncidents | None = None) -> tuple[int, int, int, np.ndarray]:
+                          path: str, incidents: KnownIncidents | None = None
+                          ) -> tuple[int, int, int, np.ndarray, dict[str, int]]:
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
     out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
-    context view that speaks only through its relations)."""
+    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
+    seen: dict[str, int] = {}
 
     def parts():
         nonlocal positives, present
-        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents):
+        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen):
             if "label" in part:
                 positives += int(part["label"].sum())
             present = present + part["mask"].sum(0)
             yield part
 
     rows = write_features(storage, path, parts())
-    return rows, positives, 0 if incidents is None else incidents.left_out, present
+    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen
 
 
 class TrainingFeatures(NamedTuple):
@@ -164,6 +225,7 @@ class TrainingFeatures(NamedTuple):
     positives: int                      # labelled positives in all
     left_out: int                       # ticks left out in or just after a known incident
     present: dict[str, int]             # per modality, the ticks it is present at
+    entities: dict[str, int]            # per entity key, its modalities present at any tick (`entity_modalities`)
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
@@ -182,8 +244,11 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
         display.update(len(counts), ticks=sum(c[0] for c in counts))
     display.close()
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
+    entities: dict[str, int] = {}
+    for c in counts:
+        merge_entity_modalities(entities, c[4])
     return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
-                            sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))))
+                            sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))), entities)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -584,7 +649,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives, train_left_out, present = write_training_features(
+        files, positives, train_left_out, present, entities = write_training_features(
             spec, train_shards, bucket_stats, labels, join(staging.folder, "features"), incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
@@ -593,6 +658,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                         "(train.exclude_labelled)" if train_left_out else ""))
         for line in rare_modality_lines(spec, present, ticks, f"training ticks of {train_days[0]}..{train_days[-1]}",
                                         "learn"):
+            warned(line)
+        for line in unmet_entity_lines(spec, entities, f"training ticks of {train_days[0]}..{train_days[-1]}"):
             warned(line)
         for line in relation_warnings(stats, ticks):
             warned(line)

@@ -131,8 +131,8 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
     statistics, _ = fit_statistics(spec, shards, True, incidents)
     buckets = BucketStatistics(statistics, True)
-    kept, _, left, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
-    every, _, none, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
+    kept, _, left, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
+    every, _, none, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
     assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
@@ -1082,6 +1082,35 @@ def test_a_modality_present_at_few_training_or_validation_ticks_is_warned_of(tin
         "model can calibrate it from those alone - train on days that hold more of it"]
     with pytest.raises(DataError, match="modality 'logs' .* present at none of the 5,000 training ticks"):
         rare_modality_lines(tiny_spec, {**present, "logs": 0}, 5000, "training ticks", "learn")
+
+
+def test_entity_keys_that_never_meet_across_modalities_are_warned_of(tiny_spec):
+    """Training warns when a machine's key is written two ways (`PUMP-01` in the camera's table, `pump-01` in the
+    others': its modalities never read together) and when a modality's entities never have another modality - each
+    entity's modalities gathered from aligned ticks (`entity_modalities`, bits in `voting_modalities`' order) and
+    merged over shards; keys alike but for case are no warning when they have the same modalities."""
+    from pipelines.train import entity_modalities, merge_entity_modalities, unmet_entity_lines
+
+    aligned = pl.DataFrame({"machine_id": ["pump-01", "pump-01", "PUMP-01 ", "pump-02", "cam 9"],
+                            "proc__present": [True, False, False, True, False],
+                            "vib__present": [False, True, False, None, False],
+                            "logs__present": [False, False, False, True, False],
+                            "cam__present": [False, False, True, False, True]})
+    seen = entity_modalities(aligned, tiny_spec)
+    assert seen == {"pump-01": 0b0011, "PUMP-01 ": 0b1000, "pump-02": 0b0101, "cam 9": 0b1000}
+    assert merge_entity_modalities(dict(seen), {"pump-02": 0b0010, "pump-03": 0b0001})["pump-02"] == 0b0111
+    where = "training ticks of 2024-01-01..2024-01-02"
+    assert unmet_entity_lines(tiny_spec, seen, where) == [
+        f"entity keys that differ only in case, spaces or separators are present with different modalities at the "
+        f"{where}, so those modalities are never read together: 'PUMP-01 ' (cam) and 'pump-01' (proc, vib) - a tick "
+        "joins an entity's modalities by its exact key: write each machine's key alike in every table",
+        f"modality 'cam': none of its 2 entities has another modality present at any of the {where} (its keys: "
+        "'PUMP-01 ', 'cam 9'; the other modalities': 'pump-01', 'pump-02') - the model never reads it with the "
+        "others: do its keys name the machines otherwise?"]
+    met = {"pump-01": 0b1111, "PUMP_01": 0b1111, "pump-02": 0b1001}
+    assert unmet_entity_lines(tiny_spec, met, where) == []
+    assert unmet_entity_lines(replace(tiny_spec, modalities={"proc": tiny_spec.modalities["proc"]}),
+                              {"a": 1, "A": 1}, where) == []
 
 
 def test_missing_column_fails_before_any_write(trained, tmp_path):
