@@ -24,8 +24,9 @@ from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.ingest import check_schema, entity_casts, partition_span_us, schema_as_read, stored_names
 from pipelines.align import date_end_us, date_start_us, label_intervals
 from pipelines.labels import load_labels
-from pipelines.parquet_files import (RowTimes, absent_columns, column_chunk, field_of, file_values, list_table_files,
-                                     open_parquet, path_values, time_bounds, with_path_fields)
+from pipelines.parquet_files import (RepeatedColumn, RowTimes, absent_columns, column_chunk, field_of, file_values,
+                                     in_file, list_table_files, open_parquet, path_values, time_bounds,
+                                     with_path_fields)
 from pipelines.payload_files import sample_listed
 from pipelines.storage import DataError, Storage, relative
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
@@ -203,13 +204,16 @@ MARKERS = (-2147483648.0, -99999.0, -32768.0, -9999.0, 9999.0, 32767.0, 65535.0,
 
 def numeric_extremes(parquet: pq.ParquetFile) -> dict[str, tuple[float, float]]:
     """Each numeric column's smallest and largest value by the footer's statistics (dotted: a field inside struct
-    columns), over the row groups that have them."""
+    columns), over the row groups that have them; a name the file holds more than once is left out."""
     schema, out = parquet.schema_arrow, {}
     for r in range(parquet.metadata.num_row_groups):
         meta = parquet.metadata.row_group(r)
         for j in range(meta.num_columns):
             chunk = meta.column(j)
-            found = field_of(schema, chunk.path_in_schema)
+            try:
+                found = field_of(schema, chunk.path_in_schema)
+            except RepeatedColumn:      # which one is read cannot be told: named by the check if the spec reads it
+                continue
             stats = chunk.statistics
             if found is None or not (pa.types.is_integer(found.type) or pa.types.is_floating(found.type)) \
                     or stats is None or not stats.has_min_max:
@@ -245,6 +249,8 @@ def file_footer(filesystem: pafs.FileSystem, path: str, time_column: str | tuple
                 samples = list(dict.fromkeys(str(v) for v in (stats.min, stats.max)))
         return (schema, None if not bounds else (min(lo for lo, _ in bounds), max(hi for _, hi in bounds)), samples,
                 numeric_extremes(parquet))
+    except RepeatedColumn as exc:       # the time column held twice
+        return DataError(f"{path}: {exc}")
     finally:
         parquet.close()
 
@@ -362,10 +368,11 @@ def check_data(spec: Spec, storage: Storage | None = None) -> list[ModalityData 
                         raise footer
                     schema, times, samples, extremes = footer
                     # columns added to its Delta table since it was written (null there), or in its folders only
-                    lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names,
-                                                m.former_names)) - set(path_values(listed.name))
-                    schema = with_path_fields(schema, file_values(listed, schema, m.former_names))
-                    check_schema(schema, spec, stored_as, path)
+                    with in_file(name, path):
+                        lacked = set(absent_columns(schema, listed.table_columns, listed.stored_names,
+                                                    m.former_names)) - set(path_values(listed.name))
+                        schema = with_path_fields(schema, file_values(listed, schema, m.former_names))
+                        check_schema(schema, spec, stored_as, path)
                 except DataError as exc:
                     data.problems.append(str(exc))
                     continue

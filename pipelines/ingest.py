@@ -18,7 +18,7 @@ from dmafn.features import decode_pixels, decode_wav
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, UnreadableFile, each_row_group, each_schema, field_of, file_values,
-                                     open_parquet, row_groups_before, row_groups_between, row_groups_since,
+                                     in_file, open_parquet, row_groups_before, row_groups_between, row_groups_since,
                                      with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
@@ -584,9 +584,10 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 continue
             with opened as parquet:
                 # a column in the file's folders only (Hive, Spark), or added to its Delta table since: null
-                values = file_values(f, parquet.schema_arrow, m.former_names)
-                schema = with_path_fields(parquet.schema_arrow, values)
-                check_schema(schema, spec, stored_as, f.path)
+                with in_file(name, f.path):     # a column it holds twice: named with the file
+                    values = file_values(f, parquet.schema_arrow, m.former_names)
+                    schema = with_path_fields(parquet.schema_arrow, values)
+                    check_schema(schema, spec, stored_as, f.path)
                 lacked = {partly_reason(c): c for c, v in values.items() if v is ABSENT}   # noted once per file
                 lacking: dict[str, int] = {}
                 noted: list[pl.DataFrame] = []      # rows kept for their other values, counted per entity
@@ -726,7 +727,7 @@ def require_columns(spec: Spec, storage: Storage, files) -> dict[str, list[pa.Sc
     def checked(m: ModalitySpec, f) -> pa.Schema:
         """The file's schema (its folders' columns too) checked, under the names read (`schema_as_read`)."""
         former, m = m.former_names, with_stored_names(m, f.stored_names)    # a Delta table's column mapping
-        with open_parquet(storage.filesystem(m.path), f.path) as parquet:
+        with open_parquet(storage.filesystem(m.path), f.path) as parquet, in_file(m.name, f.path):
             schema = with_path_fields(parquet.schema_arrow, file_values(f, parquet.schema_arrow, former))
             check_schema(schema, spec, m, f.path)
             return schema_as_read(schema, spec, m)

@@ -2,6 +2,7 @@
 name the file. Plain pyarrow, no Ray: a shard's task reads its files with these."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -35,6 +36,28 @@ class UnreadableFile(DataError):
 
     def __reduce__(self):           # pickled whole: a Ray task's error reaches the driver as this class
         return type(self), (self.path, self.reason)
+
+
+class RepeatedColumn(DataError):
+    """A column a job reads that a file holds more than once under the same name (`field_of`): which holds its values
+    cannot be told. `in_file` names the file."""
+
+    def __init__(self, name: str, count: int) -> None:
+        super().__init__(f"column '{name}' appears {count} times in the file, so which of them holds its values "
+                         "cannot be told - write it once")
+        self.name, self.count = name, count
+
+    def __reduce__(self):
+        return type(self), (self.name, self.count)
+
+
+@contextlib.contextmanager
+def in_file(modality: str, path: str) -> Iterator[None]:
+    """A `RepeatedColumn` raised inside as a DataError naming the modality and the file."""
+    try:
+        yield
+    except RepeatedColumn as exc:
+        raise DataError(f"modality '{modality}' ({path}): {exc}") from None
 
 
 def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
@@ -164,17 +187,25 @@ def each_schema(held: pa.Schema | list[pa.Schema]) -> list[pa.Schema]:
 def field_of(schema: pa.Schema, name: str) -> pa.Field | None:
     """The field a spec's column name reads: a top-level column of that name, else a field inside struct columns
     by its dotted path (`payload.temperature`: the `temperature` of struct `payload`, as JSON landed in Parquet
-    nests it), named `name`; None when there is neither."""
+    nests it), named `name`; None when there is neither. `RepeatedColumn` when the file holds it more than once."""
     if name in schema.names:
-        return schema.field(name)
+        return _only(schema, name)
     parts = name.split(".")
     for i in range(1, len(parts)):
         head = ".".join(parts[:i])
-        if head in schema.names and pa.types.is_struct(schema.field(head).type):
+        if head in schema.names and pa.types.is_struct(_only(schema, head).type):
             inner = field_of(pa.schema(list(schema.field(head).type)), ".".join(parts[i:]))
             if inner is not None:
                 return inner.with_name(name)
     return None
+
+
+def _only(schema: pa.Schema, name: str) -> pa.Field:
+    """The one field of `schema` named `name` (`RepeatedColumn` when there are several)."""
+    found = schema.get_all_field_indices(name)
+    if len(found) > 1:
+        raise RepeatedColumn(name, len(found))
+    return schema.field(found[0])
 
 
 VIEW_TYPES = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}

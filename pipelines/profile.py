@@ -34,8 +34,8 @@ from dmafn.spec import ModalitySpec, Spec, held_name, with_stored_names
 from pipelines.align import date_end_us, date_start_us, to_micros
 from pipelines.delta_sink import DeletedRows
 from pipelines.ingest import check_columns, entity_string, of_listed_date, read_times, timed_outside
-from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, file_values, list_table_files,
-                                     open_parquet, row_groups_between, with_path_fields)
+from pipelines.parquet_files import (RowTimes, column_chunk, each_row_group, field_of, file_values, in_file,
+                                     list_table_files, open_parquet, row_groups_between, with_path_fields)
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import is_count
 
@@ -186,10 +186,11 @@ def file_counts(part: FilePart) -> pd.DataFrame:
     """Pass 1: one file -> one row: rows, null cells (entity, time and value columns; NaN counts), rows whose
     time is outside the partition's date, and its row groups."""
     parquet = open_parquet(part.storage.filesystem(part.table), part.path)
-    values = file_values(part, parquet.schema_arrow, part.columns.former_names)  # in its folders, or added (null)
-    schema = with_path_fields(parquet.schema_arrow, values)
-    cols = part.columns.in_file(schema)
-    cols.check(schema, part.path)
+    with in_file(part.columns.modality, part.path):
+        values = file_values(part, parquet.schema_arrow, part.columns.former_names)  # in its folders, or added
+        schema = with_path_fields(parquet.schema_arrow, values)
+        cols = part.columns.in_file(schema)
+        cols.check(schema, part.path)
     markers = dict(zip(cols.values, map(dict(part.columns.missing_values).get, part.columns.values)))
     rows = nulls = outside = 0
     for r in part.row_groups_of_date(parquet, cols):         # of a file spanning dates: those reaching its date

@@ -36,7 +36,8 @@ import ray
 
 from dmafn.spec import Spec, with_stored_names
 from pipelines.ingest import as_read, check_schema, stored_names
-from pipelines.parquet_files import UnreadableFile, each_row_group, file_values, open_parquet, with_path_fields
+from pipelines.parquet_files import (UnreadableFile, each_row_group, file_values, in_file, open_parquet,
+                                     with_path_fields)
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
 from pipelines.storage import Storage, is_s3, join
@@ -85,10 +86,11 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
             raise
         return SplitFile(file, buckets, None)       # left as it is: its date's first bucket names it
     # columns in the file's folders only, or added to its Delta table since (null): its pieces hold them
-    values = file_values(file, parquet.schema_arrow, spec.modalities[file.modality].former_names)
-    schema = with_path_fields(parquet.schema_arrow, values)
-    for m in readers:
-        check_schema(schema, spec, m, file.path)
+    with in_file(file.modality, file.path):
+        values = file_values(file, parquet.schema_arrow, spec.modalities[file.modality].former_names)
+        schema = with_path_fields(parquet.schema_arrow, values)
+        for m in readers:
+            check_schema(schema, spec, m, file.path)
     keys = list(spec.entity_in(spec.modalities[file.modality]))     # as the file names them; the pieces alike
     names = {stored: read for m in readers for stored, read in stored_names(schema, spec, m).items()}
     stored_keys = [next(s for s, read in names.items() if read == k) for k in keys]   # renamed upstream: as stored

@@ -3465,6 +3465,58 @@ def test_a_dead_channel_is_noted_once_per_entity_naming_the_file_a_staged_piece_
                                            f"'{source}', 2024-01-02T00:").all()
 
 
+def test_a_column_a_file_holds_twice_is_an_error_naming_the_file_when_it_is_read_and_no_matter_otherwise(tmp_path):
+    """A value column a file holds twice under one name (pandas or pyarrow let a writer do so): which holds the values
+    cannot be told - a DataError naming the modality, the file and the column (it was an unexpected KeyError), from
+    the shard's read, the driver's check of the columns, staging's split and check-data's footers; a repeated column
+    the spec does not read is no matter (its extremes left out)."""
+    import datetime as dt
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.check_data import check_data, numeric_extremes
+    from pipelines.ingest import read_shard, require_columns
+    from pipelines.parquet_files import RepeatedColumn, field_of
+    from pipelines.shards import list_inputs
+    from pipelines.staging import split_file
+    from pipelines.storage import DataError, Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    spec = parse_spec(data)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    times = pa.array([day + i * M for i in range(4)], pa.timestamp("us", tz="UTC"))
+    keys, temp = pa.array(["a", "b", "a", "b"]), pa.array([1.0, 2.0, 3.0, 4.0])
+    path = _folder(tmp_path / "proc" / "date=2024-01-02") / "part-0.parquet"
+    pq.write_table(pa.table([keys, times, temp, temp], names=["machine_id", "ts", "temp", "temp"]), path)
+    date = dt.date(2024, 1, 2)
+    named = rf"modality 'proc' \({path}\): column 'temp' appears 2 times in the file, so which of them holds its " \
+            r"values cannot be told - write it once"
+    with pytest.raises(DataError, match=named):
+        read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    with pytest.raises(DataError, match=named):
+        require_columns(spec, Storage(), list_inputs(spec, [date], Storage()))
+    with pytest.raises(DataError, match=named):
+        split_file(list_inputs(spec, [date], Storage())[0], spec, Storage(), 2, str(tmp_path / "stage"))
+    with pytest.raises(RepeatedColumn, match="column 'temp' appears 2 times"):
+        field_of(pq.read_schema(path), "temp")
+    again = pickle.loads(pickle.dumps(RepeatedColumn("temp", 2)))          # a Ray task's error, as raised
+    assert (again.name, again.count, str(again)) == ("temp", 2, str(RepeatedColumn("temp", 2)))
+
+    pq.write_table(pa.table([keys, times, temp, temp, temp], names=["machine_id", "ts", "temp", "extra", "extra"]),
+                   path)
+    got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
+    assert got.tables["proc"].sort("_t")["temp"].to_list() == [1.0, 2.0, 3.0, 4.0]
+    assert numeric_extremes(pq.ParquetFile(path)) == {"temp": (1.0, 4.0)}
+    pq.write_table(pa.table([keys, times, times, temp], names=["machine_id", "ts", "ts", "temp"]), path)
+    (found,) = [d for d in check_data(spec) if getattr(d, "name", None) == "proc"]    # the time held twice
+    assert found.problems == [f"{path}: column 'ts' appears 2 times in the file, so which of them holds its values "
+                              "cannot be told - write it once"]
+
+
 def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_side_files_quietly(tmp_path, caplog):
     """A date folder as Spark or Hive leave it: side files (`_SUCCESS`, `.crc`) and the files in side folders (a failed
     Spark job's `_temporary` attempts, Hive's `.hive-staging_*`) are skipped quietly; files in other sub-folders (an
