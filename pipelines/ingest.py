@@ -64,14 +64,20 @@ _EXPECTED = {
 
 
 def check_columns(schema: pa.Schema, modality: str, columns: list[str], time: str, where: str,
-                  time_unit: str | None = None) -> None:
-    """Raise DataError naming the table and column when one of `columns` is missing or `time` is neither a
-    timestamp nor text (ISO 8601, read by `read_times`) - nor, with `time_unit` (the modality's), a count of it since
-    the epoch, integer or float (what `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
+                  time_unit: str | None = None, keys: list[str] | tuple[str, ...] = ()) -> None:
+    """Raise DataError naming the table and column when one of `columns` is missing, an entity column of `keys` holds
+    nested values (a struct, a list: no key) or `time` is neither a timestamp nor text (ISO 8601, read by
+    `read_times`) - nor, with `time_unit` (the modality's), a count of it since the epoch, integer or float (what
+    `dmafn profile` needs of a file; `check_schema` checks the value types too)."""
     for col in columns:
         if field_of(schema, col) is None:
             raise DataError(f"modality '{modality}' ({where}): column '{col}' not found; "
                             f"columns are {sorted(schema.names)}")
+    for key in keys:
+        stored = field_of(schema, key).type
+        if pa.types.is_nested(stored.value_type if pa.types.is_dictionary(stored) else stored):
+            raise DataError(f"modality '{modality}' ({where}): entity column '{key}' is {stored}, expected text or a "
+                            "number - a key inside a struct is read by its dotted name (entity: machine.id)")
     stored = field_of(schema, time).type
     kind = stored.value_type if pa.types.is_dictionary(stored) else stored
     number = is_count(stored)
@@ -173,7 +179,7 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
                 + (", one added to the table since this file was written reads null here with its added_columns"
                    if m.kind in ("tabular", "timeseries") and col in m.value_columns else ""))
     check_columns(schema, m.name, [stored_as[c] for c in spec.columns_read(m)], stored_as[time], where,
-                  spec.time_unit_in(m))
+                  spec.time_unit_in(m), [stored_as[k] for k in spec.entity_in(m)])
     check, expected = _EXPECTED["file" if m.payload == "file" else m.kind]
     for col in m.value_columns:
         stored = field_of(schema, stored_as[col]).type
@@ -190,7 +196,8 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
     `with_reasons` calls unusable), text stored as bytes (Parquet BINARY without the UTF8 annotation, as Impala
     and older Hive write strings) read as strings unchecked - `valid_text` then quarantines what is not UTF-8 -,
     numbers stored as text (a CSV loaded as strings) parsed, a text that is no number read as null (unusable), and
-    a true/false state read as 1/0, so files that store a column either way read like the others."""
+    a true/false state read as 1/0, and decimals (Spark's DECIMAL(p, s), up to 76 digits) as floats, so files that
+    store a column either way read like the others."""
     for col in m.value_columns:
         i = table.schema.get_field_index(col)
         column = stored = table.column(i)
@@ -206,6 +213,8 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
             column = pl.from_arrow(column).str.strip_chars().cast(pl.Float64, strict=False).to_arrow()
         elif m.kind in ("tabular", "timeseries") and pa.types.is_boolean(column.type):
             column = column.cast(pa.float64())                   # a state (a valve open, a pump running): 1 or 0
+        elif m.kind in ("tabular", "timeseries") and pa.types.is_decimal(column.type):
+            column = pc.cast(column, pa.float64())     # Polars has no 256-bit decimals (a panic): every width alike
         if column is not stored:
             table = table.set_column(i, col, column)
     return table

@@ -92,7 +92,8 @@ class Columns:
 
     def check(self, schema: pa.Schema, path: str) -> None:
         """DataError naming the file and the column when a column is missing or the time is not a timestamp."""
-        check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path, self.time_unit)
+        check_columns(schema, self.modality, [*self.key_and_time, *self.values], self.time, path, self.time_unit,
+                      self.keys)
 
     def times(self, table: pa.Table) -> tuple[pl.DataFrame, int, int]:
         """`table`'s key and time columns, the time as a timestamp (`read_times`), and how many of its stored

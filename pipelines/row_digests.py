@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dmafn.spec import Spec, held_name, with_stored_names
 from pipelines.parquet_files import UnreadableFile, each_row_group, file_values, open_parquet, with_path_fields
@@ -40,7 +41,11 @@ _MASK = 2**64 - 1
 
 def row_hashes(table: pa.Table) -> pl.Series:
     """(N,) UInt64: a hash of each row of `table` (Arrow, as read from a file), alike for the same values stored in
-    another width of offsets, dictionary-encoded, as millisecond times or as float32 (see the module)."""
+    another width of offsets, dictionary-encoded, as millisecond times or as float32 (see the module); a 256-bit
+    decimal (which Polars cannot hold) by its exact text."""
+    wide = [i for i, f in enumerate(table.schema) if pa.types.is_decimal256(f.type)]
+    for i in wide:
+        table = table.set_column(i, table.schema.field(i).name, pc.cast(table.column(i), pa.string()))
     frame = pl.from_arrow(table)
     if isinstance(frame, pl.Series):
         frame = frame.to_frame()

@@ -3517,6 +3517,44 @@ def test_a_column_a_file_holds_twice_is_an_error_naming_the_file_when_it_is_read
                               "cannot be told - write it once"]
 
 
+def test_a_256_bit_decimal_reads_as_a_float_and_a_nested_entity_key_is_an_error_naming_the_file(tmp_path):
+    """A value stored as DECIMAL(40, 6) (Spark writes 256-bit decimals past 38 digits) reads as a float, as a 128-bit
+    one does - Polars cannot hold it and panicked (exit 3) -, its row hash by its exact text; an entity column of
+    structs (a key nested with others) is a DataError naming the file and the column - it was read as each struct's
+    text, every key an entity no other table has."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from dmafn.spec import parse_spec
+    from pipelines.ingest import check_schema, read_shard
+    from pipelines.row_digests import row_hashes
+    from pipelines.storage import DataError, Storage
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "path": str(tmp_path / "proc")}}
+    spec = parse_spec(data)
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    times = pa.array([day + i * M for i in range(3)], pa.timestamp("us", tz="UTC"))
+    temp = pa.array([1.25, None, 3.5]).cast(pa.decimal256(40, 6))
+    rows = pa.table({"machine_id": ["a", "b", "a"], "ts": times, "temp": temp})
+    pq.write_table(rows, _folder(tmp_path / "proc" / "date=2024-01-02") / "part-0.parquet")
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["proc"].sort("_t")["temp"].to_list() == [1.25, 3.5]
+    assert got.quarantined["reason"].to_list() == ["unusable value in column 'temp'"]
+    hashes = row_hashes(rows)
+    assert hashes.n_unique() == 3 and row_hashes(rows.slice(0, 1))[0] == hashes[0]
+
+    nested = pa.schema([("machine_id", pa.struct([("id", pa.string())])), ("ts", times.type), ("temp", pa.float64())])
+    with pytest.raises(DataError, match=r"modality 'proc' \(f\.parquet\): entity column 'machine_id' is "
+                                        r"struct<id: string>, expected text or a number - a key inside a struct is "
+                                        r"read by its dotted name"):
+        check_schema(nested, spec, spec.modalities["proc"], "f.parquet")
+    check_schema(pa.schema([("machine_id", pa.dictionary(pa.int32(), pa.string())), ("ts", times.type),
+                            ("temp", pa.float64())]), spec, spec.modalities["proc"], "f.parquet")   # a categorical
+
+
 def test_files_not_named_parquet_are_skipped_with_a_warning_that_names_them_and_side_files_quietly(tmp_path, caplog):
     """A date folder as Spark or Hive leave it: side files (`_SUCCESS`, `.crc`) and the files in side folders (a failed
     Spark job's `_temporary` attempts, Hive's `.hive-staging_*`) are skipped quietly; files in other sub-folders (an
