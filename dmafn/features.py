@@ -1354,11 +1354,23 @@ def hash_token(token: str) -> int:
     return 2 + zlib.crc32(token.encode()) % (TEXT_VOCAB - 2)
 
 
+MESSAGE_CHARS = 4096     # a log line's first characters that its tokens and template are read from
+
+
+def message_text(message: str) -> str:
+    """A log line as its tokens and template read it: its first `MESSAGE_CHARS` characters. A megabyte line (a dump,
+    a payload logged whole) sits in every window that reaches it: read whole, it took minutes to score a day and
+    its template a megabyte of the vocabulary."""
+    text = str(message)
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS]
+
+
 def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS) -> np.ndarray:
-    """Messages (oldest first) -> the latest `max_tokens` hashed token ids, separator between messages."""
+    """Messages (oldest first) -> the latest `max_tokens` hashed token ids, separator between messages (each message
+    read as `message_text`)."""
     ids: list[int] = []
     for msg in messages or []:
-        ids.extend(hash_token(t) for t in _TOKEN.findall(str(msg).lower()))
+        ids.extend(hash_token(t) for t in _TOKEN.findall(message_text(msg).lower()))
         ids.append(1)
     tail = ids[-max_tokens:]
     out = np.zeros(max_tokens, np.int64)
@@ -1381,11 +1393,15 @@ def prune_counts(counts: dict[str, int], cap: int = VOCABULARY_CAP) -> dict[str,
     return {t: counts[t] for t in kept}
 
 
-@functools.lru_cache(maxsize=1 << 16)      # a line sits in every window that reaches it: template it once
 def line_template(message: str) -> str:
-    """A log line's template (Drain-style masking): lower case, every word holding a digit (numbers, ids,
-    hex, addresses, values with units) replaced by `<*>`."""
-    return " ".join("<*>" if any(c.isdigit() for c in w) else w for w in _WORD.findall(str(message).lower()))
+    """A log line's template (Drain-style masking) of its `message_text`: lower case, every word holding a digit
+    (numbers, ids, hex, addresses, values with units) replaced by `<*>`."""
+    return _template(message_text(message))
+
+
+@functools.lru_cache(maxsize=1 << 16)      # a line sits in every window that reaches it: template it once
+def _template(text: str) -> str:
+    return " ".join("<*>" if any(c.isdigit() for c in w) else w for w in _WORD.findall(text.lower()))
 
 
 def template_words(template: str) -> list[str]:

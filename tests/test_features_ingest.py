@@ -50,6 +50,20 @@ def test_tokenizer_hashes_stably_and_keeps_latest_tokens():
     assert tokenize_messages(None, 4).tolist() == [0, 0, 0, 0]
 
 
+def test_a_log_line_is_read_from_its_first_characters_for_its_tokens_and_template():
+    """A line longer than `MESSAGE_CHARS` (a dump logged whole) gives its tokens, template and novelty from its first
+    characters: what lies past them is not read (a megabyte line in every window took minutes a day)."""
+    from dmafn.features import MESSAGE_CHARS, TextVocabulary, line_template, message_text
+
+    head = "seal pressure ok " * (MESSAGE_CHARS // 17 + 1)
+    long_line = head[:MESSAGE_CHARS] + " omega 42" * 100_000
+    assert message_text(long_line) == head[:MESSAGE_CHARS] and message_text("pump 7 ok") == "pump 7 ok"
+    assert (tokenize_messages([long_line]) == tokenize_messages([head[:MESSAGE_CHARS]])).all()
+    assert "omega" not in line_template(long_line) and line_template(long_line) == line_template(head[:MESSAGE_CHARS])
+    vocab = TextVocabulary.fit(TextVocabulary.count([head[:MESSAGE_CHARS]]))
+    assert vocab.novelty([long_line]) == (0, 0)
+
+
 def test_a_16_bit_grey_frame_decodes_as_its_8_bit_twin(tiny_spec):
     """Machine-vision cameras write 16-bit grey PNGs: scaled to 8 bits they give the 8-bit frame's pixels, where
     Pillow's own conversion would clip every value over 255 (a white frame)."""
