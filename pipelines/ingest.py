@@ -6,7 +6,10 @@ Plain functions (pyarrow + Polars, no Ray): a shard's task (`pipelines.score`, `
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -48,15 +51,36 @@ def _is_number_or_text(t: pa.DataType) -> bool:
     return _is_numeric(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _is_bytes_or_text(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+_DATA_URI = re.compile(r"^\s*data:[^,]*;base64,")
+
+
+def base64_payloads(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Frames or clips kept as base64 text (JSON events landed in Parquet carry bytes so; a `data:...;base64,` URI
+    too) as their bytes; a text that is no base64 as its own bytes, which are no image or WAV (its row quarantined
+    as such bytes are)."""
+    def decoded(text: str | None) -> bytes | None:
+        if text is None:
+            return None
+        try:
+            return base64.b64decode(_DATA_URI.sub("", text).strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return text.encode()
+    return pa.array([decoded(v) for v in column.to_pylist()],
+                    pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+
+
 _EXPECTED = {
     "tabular": (_is_number_or_text, "a number (or its text, or true/false)"),
     "timeseries": (_is_number_or_text, "a number (or its text, or true/false)"),
-    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
-              "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes)"),
+    "image": (_is_bytes_or_text, "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes, or their base64 text)"),
     "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
              or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
-    "audio": (lambda t: _is_list_of_numbers(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t),
-              "a list of floats (or WAV bytes)"),
+    "audio": (lambda t: _is_list_of_numbers(t) or _is_bytes_or_text(t), "a list of floats (or WAV bytes, or their "
+              "base64 text)"),
     "file": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),     # `payload: file`
              "a string (payload: file - where each payload lies: an s3:// URI, an absolute path or a path under "
              "payload_root)"),
@@ -196,8 +220,9 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
     `with_reasons` calls unusable), text stored as bytes (Parquet BINARY without the UTF8 annotation, as Impala
     and older Hive write strings) read as strings unchecked - `valid_text` then quarantines what is not UTF-8 -,
     numbers stored as text (a CSV loaded as strings) parsed, a text that is no number read as null (unusable), and
-    a true/false state read as 1/0, and decimals (Spark's DECIMAL(p, s), up to 76 digits) as floats, so files that
-    store a column either way read like the others."""
+    a true/false state read as 1/0, decimals (Spark's DECIMAL(p, s), up to 76 digits) as floats, and frames or clips
+    kept as base64 text as their bytes (`base64_payloads`), so files that store a column either way read like the
+    others."""
     for col in m.value_columns:
         i = table.schema.get_field_index(col)
         column = stored = table.column(i)
@@ -213,6 +238,9 @@ def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:
             column = pl.from_arrow(column).str.strip_chars().cast(pl.Float64, strict=False).to_arrow()
         elif m.kind in ("tabular", "timeseries") and pa.types.is_boolean(column.type):
             column = column.cast(pa.float64())                   # a state (a valve open, a pump running): 1 or 0
+        elif m.kind in ("image", "audio") and m.payload != "file" and (pa.types.is_string(column.type)
+                                                                      or pa.types.is_large_string(column.type)):
+            column = base64_payloads(column)            # frames or clips kept as base64 text: their bytes
         elif m.kind in ("tabular", "timeseries") and pa.types.is_decimal(column.type):
             column = pc.cast(column, pa.float64())     # Polars has no 256-bit decimals (a panic): every width alike
         if column is not stored:

@@ -2179,6 +2179,32 @@ def test_bad_text_undecodable_images_and_misplaced_rows_are_quarantined_with_the
                        ("logs", "timed outside its date partition 2024-01-02")]
 
 
+def test_frames_kept_as_base64_text_read_as_their_bytes_and_text_that_is_no_base64_is_quarantined(tmp_path, tiny_spec):
+    """JSON events landed in Parquet carry a camera's frames as base64 text (plain, or a `data:image/png;base64,`
+    URI): read as the bytes they encode, alike to a table of bytes; a text that is no base64 is no image, its row
+    quarantined as bytes that are no frame are (before 2026-12-05 such a file failed its date: `column 'frame' is
+    string, expected binary`)."""
+    import base64
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import base64_payloads, read_shard
+    from pipelines.storage import Storage
+
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    ts = pa.array([day + i * 60_000_000 for i in range(1, 4)], pa.timestamp("us", tz="UTC"))
+    spec = replace(tiny_spec, modalities={"cam": replace(tiny_spec.modalities["cam"], path=str(tmp_path / "cam"))})
+    texts = [base64.b64encode(png(10)).decode(), "data:image/png;base64," + base64.b64encode(png(20)).decode(),
+             "not base64 at all!"]
+    _write(tmp_path / "cam" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a", "a", "a"], "ts": ts, "frame": texts}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.tables["cam"].sort("_t")["frame"].to_list() == [png(10), png(20)]
+    assert got.quarantined["reason"].to_list() == ["unusable value in column 'frame'"]
+    assert base64_payloads(pa.array([None, "AAEC"], pa.large_string())).to_pylist() == [None, b"\x00\x01\x02"]
+    assert base64_payloads(pa.array(["AAEC"])).type == pa.binary()
+
+
 def test_a_payload_files_location_by_its_name():
     """An s3:// URI (Hadoop's s3a:// and s3n:// as one), an absolute path or file:// URI as it is; a relative name
     under payload_root (none without one); another scheme's URI is none."""
