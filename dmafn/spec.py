@@ -806,6 +806,7 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
                 time_unit=None if top.get("time_unit") is None else top.choice("time_unit", TIME_UNITS),
                 naive_times=top.choice("naive_times", NAIVE_TIMES, "utc"), time_format=_parse_time_format(top),
                 unreadable_files=top.choice("unreadable_files", UNREADABLE_FILES, "fail"))
+    _check_entity_names(spec, top)
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
     for m in modalities.values():
@@ -816,6 +817,22 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     _check_names_read(spec, mods_sec)
     _check_places(spec)
     return spec
+
+
+SCORED_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "modalities", "model_version", "run_id",
+                  "scored_at")      # the output table's columns beside the entity's and `score_<modality>`
+
+
+def _check_entity_names(spec: Spec, top: _Section) -> None:
+    """The entity columns are the output table's too: none may be named as one of its other columns, nor start with
+    `_` (the jobs' own columns: `_t`, `_reason`, ...) - a modality's files may keep their own name for it."""
+    taken = {*SCORED_COLUMNS, *(f"score_{m}" for m in spec.modalities)}
+    for name in spec.entity:
+        if name in taken or name.startswith("_"):
+            raise top.err("entity", f"'{name}' " + ("is a column of the output table beside the entity's" if name in
+                                                    taken else "starts with '_', as the jobs' own columns do")
+                          + " - name the entity otherwise; a modality whose files name it so says so in its own "
+                          f"entity (modalities.<name>.entity: [{name}])")
 
 
 def _parse_timezone(top: _Section) -> str:

@@ -30,6 +30,22 @@ def test_unknown_top_level_key_names_key_and_file():
         parse_spec({**tiny_spec_dict(), "colour": "red"}, source="spec.yaml")
 
 
+@pytest.mark.parametrize("name, why", [("score", "is a column of the output table"),
+                                       ("run_id", "is a column of the output table"),
+                                       ("score_proc", "is a column of the output table"),
+                                       ("_t", "starts with '_'")])
+def test_an_entity_named_as_an_output_or_internal_column_is_refused(name, why):
+    """The entity columns are the output table's too: named `score` it trained and then failed every date with
+    Polars' DuplicateError (exit 3); now the spec names the clash and where a modality's files keep their name."""
+    data = tiny_spec_dict()
+    data["entity"] = name
+    with pytest.raises(SpecError, match=rf"key 'entity': '{name}' {why}.*\(modalities.<name>.entity: \[{name}\]"):
+        parse_spec(data)
+    data["entity"] = ["site", "machine"]
+    data["modalities"]["proc"]["entity"] = ["site", name]          # the files' own name for it: read under the spec's
+    assert parse_spec(data).entity_in(parse_spec(data).modalities["proc"]) == ("site", name)
+
+
 def test_unknown_nested_key_names_full_path():
     data = tiny_spec_dict()
     data["modalities"]["proc"]["window"] = "1min"
