@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -135,6 +136,19 @@ def _other_entries(storage: Storage, path: str) -> list[str]:
                   and not (e.type == pafs.FileType.Directory and partition_date(e.base_name, "date")))
 
 
+_PLAIN_LOCATION = re.compile(r"[A-Za-z0-9/._\-=:~+]*")    # what a table's file URIs spell as it is
+
+
+def scan_table(source: str | DeltaTable, storage_options: dict[str, str] | None = None) -> pl.LazyFrame:
+    """`pl.scan_delta` of a table (a URI with its options, or an open `DeltaTable`) - through deltalake's pyarrow
+    dataset where the table lies under a name its file URIs percent-encode (a space, a letter beyond ASCII: `/data/
+    Pumpen Daten/scores`), as Polars opens those URIs as spelled and finds no such file (its own tables' too). There a
+    bare `select(pl.len())` counts 0 (Polars asks the dataset for no column): count by a column or a group."""
+    location = unquote(source.table_uri if isinstance(source, DeltaTable) else source).split("://", 1)[-1]
+    return pl.scan_delta(source, storage_options=None if isinstance(source, DeltaTable) else storage_options,
+                         use_pyarrow=not _PLAIN_LOCATION.fullmatch(location))
+
+
 def read_table(uri: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:
     """The Delta table at `uri`, or None when none exists yet."""
     try:
@@ -205,7 +219,7 @@ def dates_written_by(uri: str, storage_options: dict[str, str] | None, column: s
     done = set(per_date.filter(pl.col("known") & pl.col("same"))["partition.date"].to_list())
     unknown = per_date.filter(~pl.col("known"))["partition.date"].to_list()
     if unknown:
-        read = (pl.scan_delta(uri, storage_options=storage_options).filter(pl.col("date").is_in(unknown))
+        read = (scan_table(uri, storage_options).filter(pl.col("date").is_in(unknown))
                 .group_by("date").agg((pl.col(column) == value).all().alias("same")).collect(engine="streaming"))
         done |= set(read.filter(pl.col("same"))["date"].to_list())
     return done

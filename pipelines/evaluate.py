@@ -25,7 +25,7 @@ from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
 from pipelines.baselines import score_alone
-from pipelines.delta_sink import SCORED_COLUMNS, read_table, table_mismatch
+from pipelines.delta_sink import SCORED_COLUMNS, read_table, scan_table, table_mismatch
 from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs
@@ -664,7 +664,7 @@ def open_scores(spec: Spec, storage: Storage) -> DeltaTable:
 
 def score_types(table: DeltaTable) -> dict[str, pl.DataType]:
     """The output table's column types, from its log (no data file is read)."""
-    return dict(pl.scan_delta(table).collect_schema())
+    return dict(scan_table(table).collect_schema())
 
 
 def score_dates(table: DeltaTable, spec: Spec, start: dt.date | None = None, end: dt.date | None = None) -> list[str]:
@@ -681,7 +681,7 @@ def score_dates(table: DeltaTable, spec: Spec, start: dt.date | None = None, end
 def read_score_date(table: DeltaTable, spec: Spec, date: str) -> pl.DataFrame:
     """The output table's rows of one date (its partition alone), in time order per entity."""
     try:
-        df = pl.scan_delta(table).filter(pl.col("date") == date).collect()
+        df = scan_table(table).filter(pl.col("date") == date).collect()
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"scores {spec.score.output}: date {date} cannot be read ({exc})") from None
     return df.sort([*spec.entity, "ts"])

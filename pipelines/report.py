@@ -23,7 +23,7 @@ import polars as pl
 from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.align import date_start_us
-from pipelines.delta_sink import read_table
+from pipelines.delta_sink import read_table, scan_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
                                 ray_running, score_chunks, score_dates, score_types, window_part)
 from pipelines.evaluate_tasks import TaskPasses
@@ -198,7 +198,7 @@ def _read_table(path: str, storage: Storage, dates: list[str],
         uri, options = storage.delta_uri(path), storage.delta_options(path)
         if read_table(uri, options) is None:
             return None
-        rows = pl.scan_delta(uri, storage_options=options).filter(pl.col("date").is_in(dates))
+        rows = scan_table(uri, options).filter(pl.col("date").is_in(dates))
         return query(rows).collect(engine="streaming")
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: cannot be read ({exc})") from None

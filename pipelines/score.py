@@ -22,7 +22,7 @@ import ray
 from dmafn.spec import STORED_AS, Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
-                                  write_partition)
+                                  scan_table, write_partition)
 from pipelines.ingest import UNREADABLE, entity_casts, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -611,7 +611,7 @@ def recorded_inputs(spec: Spec, storage: Storage, dates: list[str], *,
     uri, options = storage.delta_uri(path), storage.delta_options(path)
     if not dates or read_table(uri, options) is None:
         return {}
-    runs = pl.scan_delta(uri, storage_options=options)
+    runs = scan_table(uri, options)
     names = runs.collect_schema().names()
     if "input_digests" not in names:
         return {}

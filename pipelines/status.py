@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
-from pipelines.delta_sink import read_table
+from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
@@ -169,7 +169,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     try:
         if read_table(uri, options) is None:
             return None
-        runs = pl.scan_delta(uri, storage_options=options).collect()
+        runs = scan_table(uri, options).collect()
     except Exception as exc:  # noqa: BLE001 - any reader failure: say which table
         raise DataError(f"{path}: cannot be read ({exc})") from None
     missing = [c for c in ("date", "status", "model_version", "finished_at") if c not in runs.columns]

@@ -82,6 +82,25 @@ def test_files_carry_exact_text_statistics_and_the_dates_a_version_wrote_are_rea
     assert sink.dates_written_by(str(tmp_path / "none"), None, "model_version", "v1", dates) == set()
 
 
+def test_a_table_under_a_name_with_a_space_or_a_letter_beyond_ascii_is_read(tmp_path):
+    """`/data/Pumpen Daten ü/scores`: the log's file URIs percent-encode the name and Polars opened them as spelled (no
+    such file: `status`, `evaluate`, `report` and a backfill's check failed on tables `score` had just written);
+    `scan_table` reads it - by its URI and open - as a plain name is read."""
+    from pipelines.delta_sink import dates_written_by, scan_table
+
+    for name in ("plain", "Pumpen Daten \u00fc"):
+        uri = str(tmp_path / name / "scores")
+        for day in ("2024-01-01", "2024-01-02"):
+            write_partition(uri, pa.table({"m": ["a", "b"], "v": [1.0, 2.0], "run_id": ["r1", "r1"],
+                                           "date": [day, day]}), date=day, mode="replace_date")
+        read = scan_table(uri).filter(pl.col("date") == "2024-01-02").collect()
+        assert read.sort("m")["v"].to_list() == [1.0, 2.0]
+        per_date = scan_table(DeltaTable(uri)).group_by("date").agg(pl.len()).collect(engine="streaming")
+        assert per_date.sort("date")["len"].to_list() == [2, 2]
+        assert dates_written_by(uri, None, "run_id", "r1", ["2024-01-01", "2024-01-02"]) == {"2024-01-01",
+                                                                                            "2024-01-02"}
+
+
 def test_tables_dmafn_did_not_write_are_refused_before_anything_is_written(tmp_path):
     """A `score.output` (or quarantine, or runs table) pointed at another table - another team's, or the output of
     a spec with another entity key - is named with what differs, and left as it was: dmafn replaces whole dates in
