@@ -60,13 +60,13 @@ _DATA_URI = re.compile(r"^\s*data:[^,]*;base64,")
 
 def base64_payloads(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Frames or clips kept as base64 text (JSON events landed in Parquet carry bytes so; a `data:...;base64,` URI
-    too) as their bytes; a text that is no base64 as its own bytes, which are no image or WAV (its row quarantined
+    too, and MIME's lines of 76 characters) as their bytes; a text that is no base64 as its own bytes, which are no image or WAV (its row quarantined
     as such bytes are)."""
     def decoded(text: str | None) -> bytes | None:
         if text is None:
             return None
         try:
-            return base64.b64decode(_DATA_URI.sub("", text).strip(), validate=True)
+            return base64.b64decode("".join(_DATA_URI.sub("", text).split()), validate=True)   # MIME: lines
         except (binascii.Error, ValueError):
             return text.encode()
     return pa.array([decoded(v) for v in column.to_pylist()],
@@ -558,7 +558,7 @@ def file_row(reason: str, source: str, date: dt.date) -> pl.DataFrame:
 
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
     """`rows` (entity columns, `_t`) as a shard's quarantined input rows: `entity`, `_t`, `date`, `source`,
-    `reason`."""
+    `reason`, `rows` (1 each)."""
     return rows.select(entity_string(spec.entity).alias("entity"), pl.col(TIME), date.alias("date"),
                        pl.lit(source).alias("source"), reason.alias("reason"), pl.lit(1, pl.Int64).alias("rows"))
 

@@ -2194,8 +2194,8 @@ def test_frames_kept_as_base64_text_read_as_their_bytes_and_text_that_is_no_base
     day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
     ts = pa.array([day + i * 60_000_000 for i in range(1, 4)], pa.timestamp("us", tz="UTC"))
     spec = replace(tiny_spec, modalities={"cam": replace(tiny_spec.modalities["cam"], path=str(tmp_path / "cam"))})
-    texts = [base64.b64encode(png(10)).decode(), "data:image/png;base64," + base64.b64encode(png(20)).decode(),
-             "not base64 at all!"]
+    texts = [base64.encodebytes(png(10)).decode(), "data:image/png;base64," + base64.b64encode(png(20)).decode(),
+             "not base64 at all!"]                                 # MIME's lines; a data URI
     _write(tmp_path / "cam" / "date=2024-01-02" / "part-0.parquet",
            pa.table({"machine_id": ["a", "a", "a"], "ts": ts, "frame": texts}))
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
@@ -2203,6 +2203,14 @@ def test_frames_kept_as_base64_text_read_as_their_bytes_and_text_that_is_no_base
     assert got.quarantined["reason"].to_list() == ["unusable value in column 'frame'"]
     assert base64_payloads(pa.array([None, "AAEC"], pa.large_string())).to_pylist() == [None, b"\x00\x01\x02"]
     assert base64_payloads(pa.array(["AAEC"])).type == pa.binary()
+    from pipelines.ingest import decoded_audio, plain_values            # a clip as base64 text: decoded as its WAV
+
+    mic = replace(tiny_spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000)
+    wav = _wav(np.sin(np.linspace(0, 20, 1600)), 16_000, 16)
+    as_text = pa.table({"wave": [base64.b64encode(wav).decode()]})
+    clips, unread = decoded_audio(plain_values(as_text, mic), mic)
+    same, _ = decoded_audio(pa.table({"wave": [wav]}), mic)
+    assert clips.column("wave").to_pylist() == same.column("wave").to_pylist() and unread.to_list() == [None]
 
 
 def test_a_payload_files_location_by_its_name():

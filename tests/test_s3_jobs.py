@@ -331,6 +331,23 @@ def test_an_endpoint_that_never_answers_fails_within_the_storage_timeout(s3_spec
     assert time.monotonic() - started < 30
 
 
+def test_a_table_under_a_key_with_a_space_is_read_on_s3(s3_endpoint):
+    """`delta_sink.scan_table` reads a Delta table on S3 whose key holds a space and a letter beyond ASCII (through
+    deltalake's pyarrow dataset, with the same storage options) as one under a plain key."""
+    from dmafn.spec import StorageSpec
+    from pipelines.delta_sink import scan_table, write_partition
+
+    boto3.client("s3").create_bucket(Bucket="spaced")
+    storage = Storage.from_spec(StorageSpec(endpoint_url=s3_endpoint, region="us-east-1"))
+    for key in ("plain/scores", "Pumpen Daten \u00fc/scores"):
+        uri = f"s3://spaced/{key}"
+        options = storage.delta_options(uri)
+        write_partition(uri, pa.table({"m": ["a", "b"], "v": [1.0, 2.0], "date": ["2024-01-02"] * 2}),
+                        date="2024-01-02", mode="replace_date", storage_options=options)
+        read = scan_table(uri, options).filter(pl.col("date") == "2024-01-02").collect()
+        assert read.sort("m")["v"].to_list() == [1.0, 2.0], key
+
+
 def test_partitions_laid_out_as_year_month_day_prefixes_are_listed_on_s3(s3_endpoint):
     """S3 has no folders, only key prefixes: a `%Y/%m/%d` layout is found level by level there too, only the years and
     months that can hold the dates asked are listed, and a failed Spark job's `_temporary/` files are not read; a
