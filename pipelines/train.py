@@ -141,12 +141,18 @@ def merge_entity_modalities(into: dict[str, int], more: dict[str, int]) -> dict[
 
 
 SEPARATORS = re.compile(r"[\s\-_./:]+")     # what `unmet_entity_lines` ignores in keys (not | between keys)
+LEADING_ZEROS = re.compile(r"(?<!\d)0+(?=\d)")   # and the zeros a number is padded with: pump-01 as pump-1
+
+
+def key_shape(key: str) -> str:
+    """An entity key as `unmet_entity_lines` compares keys: case, spaces, separators and padding zeros left out."""
+    return LEADING_ZEROS.sub("", SEPARATORS.sub("", key).casefold())
 
 
 def unmet_entity_lines(spec: Spec, seen: dict[str, int], where: str, examples: int = 3) -> list[str]:
     """Warnings when the entity keys of the modalities do not meet (`seen`: per entity key the modalities present at
-    any of its `where` ticks, `entity_modalities`): keys that differ only in case, spaces or separators present with
-    different modalities (`PUMP-01` in the camera's table, `pump-01` in the others' - a tick joins modalities by the
+    any of its `where` ticks, `entity_modalities`): keys that differ only in case, spaces, separators or padding zeros
+    (`key_shape`) present with different modalities (`PUMP-01` in the camera's table, `pump-01` in the others' - a tick joins modalities by the
     exact key, so such a machine's modalities are never read together), and a modality none of whose entities has
     another modality at any tick (its keys name the machines otherwise)."""
     own = list(voting_modalities(spec.modalities))
@@ -155,12 +161,12 @@ def unmet_entity_lines(spec: Spec, seen: dict[str, int], where: str, examples: i
     named = lambda bits: ", ".join(m for i, m in enumerate(own) if bits >> i & 1)     # noqa: E731
     lines, groups = [], {}
     for key in sorted(seen):
-        groups.setdefault(SEPARATORS.sub("", key).casefold(), []).append(key)
+        groups.setdefault(key_shape(key), []).append(key)
     apart = [keys for keys in groups.values() if len(keys) > 1 and len({seen[k] for k in keys}) > 1]
     if apart:
         shown = "; ".join(" and ".join(f"'{k}' ({named(seen[k])})" for k in keys) for keys in apart[:examples])
-        lines.append(f"entity keys that differ only in case, spaces or separators are present with different "
-                     f"modalities at the {where}, so those modalities are never read together: {shown}"
+        lines.append(f"entity keys that differ only in case, spaces, separators or padding zeros are present with "
+                     f"different modalities at the {where}, so those modalities are never read together: {shown}"
                      + (f"; and {len(apart) - examples} more such group(s)" if len(apart) > examples else "")
                      + " - a tick joins an entity's modalities by its exact key: write each machine's key alike in "
                      "every table")

@@ -1089,7 +1089,7 @@ def test_entity_keys_that_never_meet_across_modalities_are_warned_of(tiny_spec):
     others': its modalities never read together) and when a modality's entities never have another modality - each
     entity's modalities gathered from aligned ticks (`entity_modalities`, bits in `voting_modalities`' order) and
     merged over shards; keys alike but for case are no warning when they have the same modalities."""
-    from pipelines.train import entity_modalities, merge_entity_modalities, unmet_entity_lines
+    from pipelines.train import entity_modalities, key_shape, merge_entity_modalities, unmet_entity_lines
 
     aligned = pl.DataFrame({"machine_id": ["pump-01", "pump-01", "PUMP-01 ", "pump-02", "cam 9"],
                             "proc__present": [True, False, False, True, False],
@@ -1101,14 +1101,19 @@ def test_entity_keys_that_never_meet_across_modalities_are_warned_of(tiny_spec):
     assert merge_entity_modalities(dict(seen), {"pump-02": 0b0010, "pump-03": 0b0001})["pump-02"] == 0b0111
     where = "training ticks of 2024-01-01..2024-01-02"
     assert unmet_entity_lines(tiny_spec, seen, where) == [
-        f"entity keys that differ only in case, spaces or separators are present with different modalities at the "
-        f"{where}, so those modalities are never read together: 'PUMP-01 ' (cam) and 'pump-01' (proc, vib) - a tick "
-        "joins an entity's modalities by its exact key: write each machine's key alike in every table",
+        f"entity keys that differ only in case, spaces, separators or padding zeros are present with different "
+        f"modalities at the {where}, so those modalities are never read together: 'PUMP-01 ' (cam) and 'pump-01' "
+        "(proc, vib) - a tick joins an entity's modalities by its exact key: write each machine's key alike in every "
+        "table",
         f"modality 'cam': none of its 2 entities has another modality present at any of the {where} (its keys: "
         "'PUMP-01 ', 'cam 9'; the other modalities': 'pump-01', 'pump-02') - the model never reads it with the "
         "others: do its keys name the machines otherwise?"]
     met = {"pump-01": 0b1111, "PUMP_01": 0b1111, "pump-02": 0b1001}
     assert unmet_entity_lines(tiny_spec, met, where) == []
+    assert [key_shape(k) for k in ("Pump-007", "pump_7", "site 10/pump-0", "P100")] == ["pump7", "pump7", "site10pump0",
+                                                                                      "p100"]
+    padded = {"pump-7": 0b0111, "pump-007": 0b1000, "pump-10": 0b1111}   # the camera's keys padded with zeros
+    assert "'pump-007' (cam) and 'pump-7' (proc, vib, logs)" in unmet_entity_lines(tiny_spec, padded, where)[0]
     assert unmet_entity_lines(replace(tiny_spec, modalities={"proc": tiny_spec.modalities["proc"]}),
                               {"a": 1, "A": 1}, where) == []
 
