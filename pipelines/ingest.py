@@ -317,18 +317,25 @@ def _utc_text(micros: int) -> str:
     return (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)).isoformat()
 
 
-def partly_rows(noted: list[pl.DataFrame], path: str, source: str, date: dt.date) -> pl.DataFrame:
-    """The quarantine rows of a file's rows kept for their other values (`noted_partly` of each part read): one
-    per entity and unusable column - a dead channel of a high-rate series would otherwise copy each of its rows
-    into the quarantine table -, timed at the first such row, its reason saying how many rows of the file, from
-    when to when (`rows` counts them); a value unusable in one row alone is noted as that row, as before."""
+def partly_rows(noted: list[pl.DataFrame], lacked: dict[str, str], path: str, source: str,
+                date: dt.date) -> pl.DataFrame:
+    """The quarantine rows of a file's rows kept for their other values (`noted_partly` of each part read): a column
+    the file lacks (`lacked`: its rows' reason -> the column, `file_values`' `ABSENT`) noted once for the file
+    (`lacked_column`, counting 1); any other unusable column once per entity - a dead channel of a high-rate series
+    would otherwise copy each of its rows into the quarantine table -, timed at the first such row, its reason saying
+    how many rows of the file, from when to when (`rows` counts them); a value unusable in one row alone is noted as
+    that row, as before."""
     counts = pl.concat(noted).group_by("entity", PARTLY).agg(
         pl.col("rows").sum(), pl.col("_first").min(), pl.col("_last").max()).sort("entity", PARTLY)
+    absent = pl.col(PARTLY).is_in(list(lacked))
+    files = [file_row(lacked_column(lacked[why], path, n), source, date) for why, n in
+             counts.filter(absent).group_by(PARTLY).agg(pl.col("rows").sum()).sort(PARTLY).iter_rows()]
+    counts = counts.filter(~absent)
     reasons = [why if n == 1 else f"{why}: {n} rows of file '{path}', {_utc_text(a)} to {_utc_text(b)}"
                for why, n, a, b in counts.select(PARTLY, "rows", "_first", "_last").iter_rows()]
-    return counts.select(pl.col("entity"), pl.col("_first").alias(TIME), pl.lit(date.isoformat()).alias("date"),
-                         pl.lit(source).alias("source"), pl.Series("reason", reasons, pl.String),
-                         pl.col("rows")).cast(QUARANTINED)
+    return pl.concat([*files, counts.select(
+        pl.col("entity"), pl.col("_first").alias(TIME), pl.lit(date.isoformat()).alias("date"),
+        pl.lit(source).alias("source"), pl.Series("reason", reasons, pl.String), pl.col("rows")).cast(QUARANTINED)])
 
 
 def with_reasons(df: pl.DataFrame, spec: Spec, m: ModalitySpec) -> pl.DataFrame:
@@ -626,7 +633,6 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     schema = with_path_fields(parquet.schema_arrow, values)
                     check_schema(schema, spec, stored_as, f.path)
                 lacked = {partly_reason(c): c for c, v in values.items() if v is ABSENT}   # noted once per file
-                lacking: dict[str, int] = {}
                 noted: list[pl.DataFrame] = []      # rows kept for their other values, counted per entity
                 own_date, ahead = f.date in shard.dates, f.date > max(shard.dates)
                 stored = stored_names(schema, spec, stored_as)   # a column renamed upstream: read as named now
@@ -678,19 +684,12 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                             0 if partly is None else partly.height)
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
-                        if partly is not None and lacked:       # a column the file lacks: noted for the file
-                            for reason, n in partly.filter(pl.col(PARTLY).is_in(list(lacked))).group_by(
-                                    PARTLY).len().iter_rows():
-                                lacking[lacked[reason]] = lacking.get(lacked[reason], 0) + n
-                            partly = partly.filter(~pl.col(PARTLY).is_in(list(lacked)))
                         if partly is not None and partly.height:    # kept for its other values: noted per file
                             noted.append(noted_partly(partly, spec))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
-                source = f.source or f.path     # a staged piece's notes name the file it was split from
-                quarantined += [file_row(lacked_column(c, source, n), name, f.date) for c, n in lacking.items()]
-                if noted:
-                    quarantined.append(partly_rows(noted, source, name, f.date))
+                if noted:                       # a staged piece's notes name the file it was split from
+                    quarantined.append(partly_rows(noted, lacked, f.source or f.path, name, f.date))
         table = pl.concat(usable, how="vertical_relaxed") if usable else pl.DataFrame()
         if table.is_empty():
             continue
