@@ -62,13 +62,15 @@ def in_file(modality: str, path: str) -> Iterator[None]:
 
 def open_parquet(filesystem: pafs.FileSystem, path: str) -> pq.ParquetFile:
     """The Parquet file at `path` (footer read); DataError naming the file when it cannot be opened - an
-    `UnreadableFile` when its bytes are no Parquet (the spec's `unreadable_files` may leave it out)."""
+    `UnreadableFile` when its bytes are no Parquet (the spec's `unreadable_files` may leave it out). Its pages are
+    read with their checksums verified where the writer stored them (Spark's and every parquet-java writer's default):
+    a page damaged in storage fails its read (`read_columns`) instead of yielding other numbers."""
     try:
         source = filesystem.open_input_file(path)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     try:
-        return pq.ParquetFile(source)
+        return pq.ParquetFile(source, page_checksum_verification=True)
     except pa.ArrowInvalid as exc:
         source.close()
         raise UnreadableFile(path, str(exc)) from None
@@ -226,7 +228,7 @@ def flat_columns(table: pa.Table, columns: list[str]) -> pa.Table:
 def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
                  row_groups: list[int] | None = None) -> pa.Table:
     """The file's `columns` (of `row_groups` only, when given; a dotted name reads a field inside struct columns,
-    `field_of`); DataError naming the file when its pages cannot be read or decoded."""
+    `field_of`); DataError naming the file and the row groups when its pages cannot be read, decoded or verified."""
     try:
         if row_groups is None:
             return flat_columns(parquet.read(columns=columns), columns)
@@ -234,7 +236,31 @@ def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
             return flat_columns(parquet.schema_arrow.empty_table(), columns)
         return flat_columns(parquet.read_row_groups(row_groups, columns=columns), columns)
     except (OSError, pa.ArrowException, KeyError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        where = _groups(row_groups) + _failing_columns(parquet, row_groups, columns)
+        raise DataError(f"{path}: not a readable Parquet file ({where}{': ' if where else ''}{exc})") from None
+
+
+def _groups(row_groups: list[int] | None) -> str:
+    """Which row groups a failed read asked for ('' for the whole file)."""
+    if row_groups is None:
+        return ""
+    return f"row group {row_groups[0]}" if len(row_groups) == 1 else f"row groups {row_groups}"
+
+
+def _failing_columns(parquet: pq.ParquetFile, row_groups: list[int] | None, columns: list[str]) -> str:
+    """Of a read of `columns` that failed, the columns whose pages fail when each is read alone (', column ...' or
+    ', columns ...'; '' where none or all of several do: the failure is not one column's)."""
+    if len(columns) < 2:
+        return ""
+    failing = []
+    for c in columns:
+        try:
+            parquet.read(columns=[c]) if row_groups is None else parquet.read_row_groups(row_groups, columns=[c])
+        except (OSError, pa.ArrowException, KeyError):
+            failing.append(c)
+    if not failing or len(failing) == len(columns):
+        return ""
+    return (", column " if len(failing) == 1 else ", columns ") + ", ".join(f"'{c}'" for c in failing)
 
 
 PART_BYTES = 16_000_000   # a row group whose columns hold more than this, uncompressed, is read in parts of about this
@@ -324,7 +350,8 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
             try:
                 if streamed is None:
                     streamed = pq.ParquetFile(filesystem.open_input_file(path), metadata=parquet.metadata,
-                                              buffer_size=STREAM_BUFFER, pre_buffer=False)
+                                              buffer_size=STREAM_BUFFER, pre_buffer=False,
+                                              page_checksum_verification=True)
                 parts = streamed.iter_batches(batch_size=max(1, rows * PART_BYTES // size), row_groups=[r],
                                               columns=columns)
                 batch, at = next(parts, None), starts[r] if starts else 0
@@ -333,7 +360,7 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
                     at += batch.num_rows
                     batch = next(parts, None)
             except (OSError, pa.ArrowException, KeyError) as exc:
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+                raise DataError(f"{path}: not a readable Parquet file ({_groups([r])}: {exc})") from None
     finally:
         if streamed is not None:
             streamed.close()

@@ -2413,6 +2413,36 @@ def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
         read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
 
 
+def test_a_page_damaged_in_storage_fails_its_checksum_and_names_the_row_group_and_column(tmp_path, tiny_spec):
+    """A writer's page checksums (parquet-java's default) are verified: bytes flipped inside a page that still decodes
+    (a dictionary of doubles) would be read as other numbers; the read fails naming file, row group and column."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import read_shard
+    from pipelines.storage import Storage
+
+    spec = _proc_spec(tiny_spec, tmp_path)
+    path = tmp_path / "date=2024-01-02" / "part-0.parquet"
+    n = 2000
+    table = pa.table({"machine_id": ["a"] * n, "ts": pa.array(np.arange(n) * 1_000_000 + 1_704_153_600_000_000,
+                                                              pa.timestamp("us", tz="UTC")),
+                      "temp": np.random.default_rng(0).normal(size=n)})
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path, write_page_checksum=True, compression="none")
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(2)
+    assert chunk.path_in_schema == "temp"
+    data = bytearray(path.read_bytes())
+    start = (chunk.dictionary_page_offset or chunk.data_page_offset) + 100
+    data[start:start + 8] = bytes(b ^ 0x5A for b in data[start:start + 8])     # inside temp's values
+    path.write_bytes(bytes(data))
+    unverified = pq.ParquetFile(path).read()["temp"].to_numpy()
+    assert unverified.shape == (n,) and (unverified != table["temp"].to_numpy()).any()   # silently other numbers
+    with pytest.raises(DataError, match=r"part-0\.parquet: not a readable Parquet file \(row group 0, column 'temp': "
+                                        r".*checksum"):
+        read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+
 def test_log_templates_mask_numbers_and_ids_and_novelty_counts_unseen_lines_and_tokens():
     from dmafn.features import TextVocabulary, line_template
 
