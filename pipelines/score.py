@@ -23,6 +23,7 @@ from dmafn.spec import STORED_AS, Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
+from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
 from pipelines.ingest import UNREADABLE, entity_casts, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -67,6 +68,8 @@ class DateResult:
                                                                                 # was absent at every tick of
     row_digests: dict[str, RowDigest] = field(default_factory=dict)   # per modality, its own partitions' rows as stored
     input_row_digests: str | None = None   # the runs table's JSON of them (`row_digests.record`; None: a failed date)
+    unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
+                                                          # (`entity_keys.unmet_entity_lines` over its scored ticks)
 
     @property
     def alarm_rate(self) -> float | None:
@@ -118,7 +121,22 @@ def unseen_entities_warning(result: DateResult, version: str) -> str | None:
             f"data ({', '.join(unseen.named)}{more}; {unseen.ticks} ticks"
             + ("" if rate is None else f", {rate:.1%} of them alarmed") + f") {'was' if one else 'were'} scored by the "
             f"fleet's statistics, not {'its' if one else 'their'} own: expect more alarms from them until they are "
-            "enrolled (dmafn enroll, --start/--end over days that hold them) or a version is trained on such days")
+            "enrolled (dmafn enroll, --start/--end over days that hold them) or a version is trained on such days"
+            + _respelled(unseen))
+
+
+def _respelled(unseen: UnseenEntities) -> str:
+    """Of `unseen_entities_warning`'s entities, those spelled like a trained one but for case, spaces, separators or
+    padding zeros, named with it ('' when none): a source that changed how it writes its keys."""
+    if not unseen.respelled:
+        return ""
+    shown = ", ".join(f"'{new}' as '{old}'" for new, old in unseen.respelled_named)
+    more = f" and {unseen.respelled - len(unseen.respelled_named)} more" if unseen.respelled > len(
+        unseen.respelled_named) else ""
+    return (f"; {unseen.respelled} of them spelled like a trained entity but for case, spaces, separators or padding "
+            f"zeros ({shown}{more}) - has a source changed how it writes its keys? Write them as the version was "
+            "trained on: until then they score as new machines (and apart from the rows of any table that still "
+            "writes the trained key)")
 
 
 MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its partition than this: warned
@@ -330,7 +348,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
         read = {"input_files": listed[date].files, "input_digests": listed[date].digests}
         if error is None:
             try:
-                result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec.name, tables)
+                result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec, tables)
             except NoInput as exc:
                 if spec.score.missing_input != "skip":
                     error = exc
@@ -350,7 +368,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 display.note(_date_line(len(done) + len(failed), len(dates), started, result))
                 for line in (unlike_validation_warning(result, mv.version), unseen_entities_warning(result, mv.version),
                              misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result),
-                             unusable_rows_warning(result, spec), unreadable_files_warning(result, spec)):
+                             unusable_rows_warning(result, spec), unreadable_files_warning(result, spec),
+                             *(f"{day}: {line}" for line in result.unmet_keys)):
                     if line is not None:
                         log.warning("%s", line)
                 return
@@ -450,9 +469,11 @@ def skipped_line(day: str) -> str:
 
 
 def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts, float]],
-            schemas: dict[str, pa.Schema], name: str, tables: OpenTables) -> DateResult:
-    """One date's files from all its shards: checked, then committed (quarantine first, then the output)."""
+            schemas: dict[str, pa.Schema], model: Spec, tables: OpenTables) -> DateResult:
+    """One date's files from all its shards: checked, then committed (quarantine first, then the output). `model`:
+    the version's spec as it reads now (`reading_spec`), whose modalities the shards' entity bits follow."""
     t0 = time.time()
+    name = model.name
     counts = [c for c, _ in parts]
     ticks_in = sum(c.ticks_in for c in counts)
     scored, quarantined = sum(c.rows_scored for c in counts), sum(c.rows_quarantined for c in counts)
@@ -490,6 +511,9 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     for c in counts:                     # a date's shards hold disjoint entities
         for m, group in c.without_modality.items():
             without[m] = without[m].add(group) if m in without else group
+    seen: dict[str, int] = {}
+    for c in counts:
+        merge_entity_modalities(seen, c.entity_modalities)
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
@@ -504,7 +528,8 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       unusable_reasons=largest_first(summed_counts([c.unusable_reasons for c in counts])),
                       modality_rows=usable,
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
-                      without_modality=without, row_digests=merged([c.row_digests for c in counts]))
+                      without_modality=without, row_digests=merged([c.row_digests for c in counts]),
+                      unmet_keys=unmet_entity_lines(model, seen, f"scored ticks of {day}", lone_when_others=True))
 
 
 def summed_counts(parts: list[dict[str, int]]) -> dict[str, int]:

@@ -23,6 +23,7 @@ from dmafn.scoring import raw_scores
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
+from pipelines.entity_keys import respelled_keys, scored_entity_modalities
 from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard, unusable_reasons
 from pipelines.postprocess import smooth_columns
 from pipelines.registry import ModelVersion
@@ -138,14 +139,16 @@ def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str
                     known: set[str]) -> UnseenEntities | None:
     """The entities of `per_entity` (`entity_alarms`) whose keys are not in `known` (the version's entities with
     statistics of their own, `dmafn.features.entity_keys`), with their ticks and alarms; None when the version keeps
-    no per-entity statistics at all (every entity scores by the fleet's alike)."""
+    no per-entity statistics at all (every entity scores by the fleet's alike). Those spelled like a known key but
+    for case, spaces, separators or padding zeros are counted and named with it (`entity_keys.respelled_keys`)."""
     if not known:
         return None
     keys = np.asarray(entity_key(per_entity.select(entity).to_arrow(), entity), object)
     new = np.fromiter((k not in known for k in keys), bool, len(keys))
     rows = per_entity.filter(pl.Series(new))
+    respelled = respelled_keys(list(keys[new]), known)
     return UnseenEntities(rows.height, int(rows["ticks"].sum()), int(rows["anomalies"].sum()),
-                          sorted(keys[new])[:UNSEEN_NAMED])
+                          sorted(keys[new])[:UNSEEN_NAMED], len(respelled), sorted(respelled)[:UNSEEN_NAMED])
 
 
 def modality_presence(out: pa.Table, per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str],
@@ -225,6 +228,8 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, spec.entity, known)
             counts.modality_present, counts.without_modality = modality_presence(out, per_entity, spec.entity,
                                                                                  own_modalities)
+            counts.entity_modalities = scored_entity_modalities(
+                per_entity, entity_key(per_entity.select(spec.entity).to_arrow(), spec.entity), own_modalities)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

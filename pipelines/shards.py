@@ -107,6 +107,8 @@ class DateCounts:
     modality_present: dict[str, int] = field(default_factory=dict)   # per modality, scored ticks it was present at
     without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities
                                                                     # it was absent at every tick of
+    entity_modalities: dict[str, int] = field(default_factory=dict)  # per scored entity key, the modalities present at
+                                                        # any of its ticks, as bits (`entity_keys.entity_modalities`)
     output_files: list[dict] = field(default_factory=list)
     quarantine_files: list[dict] = field(default_factory=list)
 
@@ -125,11 +127,15 @@ class UnseenEntities:
     ticks: int = 0
     anomalies: int = 0
     named: list[str] = field(default_factory=list)
+    respelled: int = 0      # of entities new to the version, those spelled like a trained one but for case,
+    respelled_named: list[tuple[str, str]] = field(default_factory=list)   # separators...: the first, with it
 
     def add(self, other: "UnseenEntities") -> "UnseenEntities":
         """Both counts together (one date's shards hold disjoint entities)."""
         return UnseenEntities(self.entities + other.entities, self.ticks + other.ticks,
-                              self.anomalies + other.anomalies, sorted(self.named + other.named)[:UNSEEN_NAMED])
+                              self.anomalies + other.anomalies, sorted(self.named + other.named)[:UNSEEN_NAMED],
+                              self.respelled + other.respelled,
+                              sorted(self.respelled_named + other.respelled_named)[:UNSEEN_NAMED])
 
     @property
     def alarm_rate(self) -> float | None:

@@ -18,7 +18,6 @@ import io
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -41,8 +40,9 @@ from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
+from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import UNREADABLE, entity_casts, entity_string, read_shard, require_columns
+from pipelines.ingest import UNREADABLE, entity_casts, read_shard, require_columns
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -121,66 +121,6 @@ def _merge_bucket_statistics(spec: Spec, parts: list["ray.ObjectRef"]) -> tuple[
 def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.Table:
     """One entity bucket's statistics under the fleet's part, as entity file rows (`pipelines.statistics`)."""
     return entity_table(merged.entity_statistics(fleet))
-
-
-def entity_modalities(aligned: pl.DataFrame, spec: Spec) -> dict[str, int]:
-    """Per entity key of `aligned` (`ingest.entity_string`), which of the modalities with a table of their own it
-    has present at any of its ticks, as bits (bit i: the i-th of `voting_modalities`)."""
-    own = list(voting_modalities(spec.modalities))
-    bits = sum((pl.col(f"{m}__present").fill_null(False).any().cast(pl.Int64) * (1 << i) for i, m in enumerate(own)),
-               pl.lit(0, pl.Int64))
-    per_entity = aligned.group_by(entity_string(spec.entity).alias("_entity")).agg(bits.alias("_bits"))
-    return dict(per_entity.iter_rows())
-
-
-def merge_entity_modalities(into: dict[str, int], more: dict[str, int]) -> dict[str, int]:
-    """`into` with each entity's modalities of `more` added (bitwise or)."""
-    for key, bits in more.items():
-        into[key] = into.get(key, 0) | bits
-    return into
-
-
-SEPARATORS = re.compile(r"[\s\-_./:]+")     # what `unmet_entity_lines` ignores in keys (not | between keys)
-LEADING_ZEROS = re.compile(r"(?<!\d)0+(?=\d)")   # and the zeros a number is padded with: pump-01 as pump-1
-
-
-def key_shape(key: str) -> str:
-    """An entity key as `unmet_entity_lines` compares keys: case, spaces, separators and padding zeros left out."""
-    return LEADING_ZEROS.sub("", SEPARATORS.sub("", key).casefold())
-
-
-def unmet_entity_lines(spec: Spec, seen: dict[str, int], where: str, examples: int = 3) -> list[str]:
-    """Warnings when the entity keys of the modalities do not meet (`seen`: per entity key the modalities present at
-    any of its `where` ticks, `entity_modalities`): keys that differ only in case, spaces, separators or padding zeros
-    (`key_shape`) present with different modalities (`PUMP-01` in the camera's table, `pump-01` in the others' - a tick joins modalities by the
-    exact key, so such a machine's modalities are never read together), and a modality none of whose entities has
-    another modality at any tick (its keys name the machines otherwise)."""
-    own = list(voting_modalities(spec.modalities))
-    if len(own) < 2 or not seen:
-        return []
-    named = lambda bits: ", ".join(m for i, m in enumerate(own) if bits >> i & 1)     # noqa: E731
-    lines, groups = [], {}
-    for key in sorted(seen):
-        groups.setdefault(key_shape(key), []).append(key)
-    apart = [keys for keys in groups.values() if len(keys) > 1 and len({seen[k] for k in keys}) > 1]
-    if apart:
-        shown = "; ".join(" and ".join(f"'{k}' ({named(seen[k])})" for k in keys) for keys in apart[:examples])
-        lines.append(f"entity keys that differ only in case, spaces, separators or padding zeros are present with "
-                     f"different modalities at the {where}, so those modalities are never read together: {shown}"
-                     + (f"; and {len(apart) - examples} more such group(s)" if len(apart) > examples else "")
-                     + " - a tick joins an entity's modalities by its exact key: write each machine's key alike in "
-                     "every table")
-    for i, m in enumerate(own):
-        mine = [k for k, bits in seen.items() if bits >> i & 1]
-        if mine and not any(seen[k] & ~(1 << i) for k in mine):
-            others = sorted(k for k, bits in seen.items() if not bits >> i & 1)
-            lines.append(f"modality '{m}': none of its {len(mine)} entities has another modality present at any of "
-                         f"the {where} (its keys: {', '.join(repr(k) for k in sorted(mine)[:examples])}"
-                         + (", ..." if len(mine) > examples else "")
-                         + (f"; the other modalities': {', '.join(repr(k) for k in others[:examples])}"
-                            + (", ...)" if len(others) > examples else ")") if others else ")")
-                         + " - the model never reads it with the others: do its keys name the machines otherwise?")
-    return lines
 
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],

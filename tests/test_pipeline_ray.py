@@ -729,6 +729,25 @@ def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp
     runs = pl.read_delta(str(tmp_path / "scores_runs"))
     assert runs["unseen_entities"].to_list() == [1]
     assert runs["unseen_entity_alarm_rate"].to_list() == [pytest.approx(out["is_anomaly"].mean())]
+    assert result.unseen.respelled == 0 and result.unmet_keys == []     # a new machine, not a key written otherwise
+
+
+def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(trained, tmp_path, caplog):
+    """The camera's table writes its keys upper-cased from the scored day on: its machines score as new ones, named
+    with the trained keys they are spelled like, and the date warns that those keys' modalities never meet."""
+    from pipelines.score import score_date
+
+    def upper(table):
+        keys = pa.array([k.upper() for k in table.column("machine_id").to_pylist()])
+        return table.set_column(table.schema.get_field_index("machine_id"), "machine_id", keys)
+
+    moved = _edited_copy(trained, tmp_path, "camera/date=2024-01-03/*.parquet", upper)
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(moved, DAY3)
+    assert result.unseen.respelled_named == [("PUMP-00", "pump-00"), ("PUMP-01", "pump-01")]
+    (line,) = result.unmet_keys
+    assert "'PUMP-00' (camera) and 'pump-00' (" in line and "scored ticks of 2024-01-03" in line
+    assert f"2024-01-03: {line}" in caplog.text and "'PUMP-01' as 'pump-01'" in caplog.text
 
 
 def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(trained, tmp_path):
@@ -1089,7 +1108,7 @@ def test_entity_keys_that_never_meet_across_modalities_are_warned_of(tiny_spec):
     others': its modalities never read together) and when a modality's entities never have another modality - each
     entity's modalities gathered from aligned ticks (`entity_modalities`, bits in `voting_modalities`' order) and
     merged over shards; keys alike but for case are no warning when they have the same modalities."""
-    from pipelines.train import entity_modalities, key_shape, merge_entity_modalities, unmet_entity_lines
+    from pipelines.entity_keys import entity_modalities, key_shape, merge_entity_modalities, unmet_entity_lines
 
     aligned = pl.DataFrame({"machine_id": ["pump-01", "pump-01", "PUMP-01 ", "pump-02", "cam 9"],
                             "proc__present": [True, False, False, True, False],
@@ -1116,6 +1135,39 @@ def test_entity_keys_that_never_meet_across_modalities_are_warned_of(tiny_spec):
     assert "'pump-007' (cam) and 'pump-7' (proc, vib, logs)" in unmet_entity_lines(tiny_spec, padded, where)[0]
     assert unmet_entity_lines(replace(tiny_spec, modalities={"proc": tiny_spec.modalities["proc"]}),
                               {"a": 1, "A": 1}, where) == []
+    alone = {"pump-01": 0b1000, "pump-02": 0b1000}          # a scored date on which only the cameras held rows
+    assert len(unmet_entity_lines(tiny_spec, alone, where)) == 1
+    assert unmet_entity_lines(tiny_spec, alone, where, lone_when_others=True) == []
+    assert len(unmet_entity_lines(tiny_spec, {**alone, "p-3": 0b0011}, where, lone_when_others=True)) == 1
+
+
+def test_scored_entities_give_their_modalities_as_bits_and_respelled_keys_their_trained_spelling():
+    """Scoring's side of the unmet-keys warning: each scored entity's modalities present (`entity_alarms`' `_has_`
+    columns) as the same bits training gathers, and entities new to a version named with the trained key they are
+    spelled like (case, separators, padding zeros)."""
+    from pipelines.entity_keys import respelled_keys, scored_entity_modalities
+    from pipelines.score import DateResult, unseen_entities_warning
+    from pipelines.score_steps import entity_alarms, unseen_entities
+
+    out = pa.table({"machine_id": ["pump-01", "pump-01", "PUMP-01", "pump_7"], "is_anomaly": [False, True, True, False],
+                    "modalities": [["proc"], ["vib"], ["cam"], ["proc", "cam"]]})
+    per_entity = entity_alarms(out, ["machine_id"], ["proc", "vib", "cam"]).sort("machine_id")
+    keys = per_entity["machine_id"].to_list()
+    assert scored_entity_modalities(per_entity, keys, ["proc", "vib", "cam"]) == {
+        "PUMP-01": 0b100, "pump-01": 0b011, "pump_7": 0b101}
+    known = {"pump-01", "pump-007", "pump-2"}
+    assert respelled_keys(["PUMP-01", "pump_7", "pump-3"], known) == [("PUMP-01", "pump-01"), ("pump_7", "pump-007")]
+    assert respelled_keys([], known) == []
+    unseen = unseen_entities(per_entity, ["machine_id"], known)
+    assert (unseen.entities, unseen.respelled, unseen.respelled_named) == (
+        2, 2, [("PUMP-01", "pump-01"), ("pump_7", "pump-007")])
+    both = unseen.add(unseen)
+    assert (both.respelled, len(both.respelled_named)) == (4, 4)
+    line = unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=unseen), "v1")
+    assert line.endswith("; 2 of them spelled like a trained entity but for case, spaces, separators or padding zeros "
+                         "('PUMP-01' as 'pump-01', 'pump_7' as 'pump-007') - has a source changed how it writes its "
+                         "keys? Write them as the version was trained on: until then they score as new machines (and "
+                         "apart from the rows of any table that still writes the trained key)")
 
 
 def test_missing_column_fails_before_any_write(trained, tmp_path):
