@@ -143,6 +143,8 @@ MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its 
 USABLE_ROWS = "usable_rows_"              # the runs table's column of a modality's usable input rows: + its name
 PRESENT_SHARE = "present_share_"          # the runs table's column of a modality's share of ticks present: + its name
 ENTITIES_WITHOUT = "entities_without_"    # ... of the scored entities it was absent at every tick of: + its name
+UNSEEN_RESPELLED = "unseen_respelled"      # ... of its unseen entities, those spelled like a trained one
+UNMET_KEYS = "unmet_keys"                  # ... its warnings of keys whose modalities never meet (JSON list)
 KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per modality (JSON; not a per-modality
                                                   # column, so outside those prefixes)
 
@@ -553,7 +555,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
     """Append one row to the run audit table (`score.runs`, default `<output>_runs`): the date's counts, its
     alarm rate beside the one the version expects (its validation days'), the share of its ticks above the
     version's validation median score (`unlike_validation_warning`), the entities it scored without statistics of
-    their own and their alarm rate (`unseen_entities_warning`), its input rows and those timed outside their date
+    their own, their alarm rate and those spelled like a trained entity (`unseen_entities_warning`), the warnings of
+    keys whose modalities never meet (`unmet_keys`), its input rows and those timed outside their date
     partition (`misplaced_rows_warning`), the other unusable ones per modality and reason (`unusable_rows_warning`),
     per modality its usable input rows (`absent_modality_warning`), the share
     of its scored ticks it was present at and the entities it was absent at every tick of (`dmafn status`), the
@@ -593,6 +596,9 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                                                 pa.int64()),
                     "unseen_entity_alarm_rate": pa.array([None if result.unseen is None else result.unseen.alarm_rate],
                                                          pa.float64()),
+                    UNSEEN_RESPELLED: pa.array([None if result.unseen is None else result.unseen.respelled],
+                                               pa.int64()),
+                    UNMET_KEYS: pa.array([json.dumps(result.unmet_keys) if result.unmet_keys else None], pa.string()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})

@@ -6,7 +6,8 @@ had), the dates scored (first, newest, by which version), the last few dates' ru
 dates whose runs all failed, dates whose latest re-run failed, dates never scored between the first and the newest
 scored date, recent dates most of whose ticks score above the version's validation median (the line
 `pipelines.score.unlike_validation_warning` logs), entities the latest version scored without statistics of their
-own (`pipelines.score.unseen_entities_warning`), recent dates with many input rows timed outside their partition,
+own (`pipelines.score.unseen_entities_warning`; those spelled like a trained one apart), entity keys whose
+modalities never meet (`entity_keys.unmet_entity_lines`), recent dates with many input rows timed outside their partition,
 modalities gone dark (no usable row on a date, part of the newest day missing, more machines without it), recent
 dates whose partitions changed since they were scored (`pipelines.score.changed_inputs`), and - with `max_age_days` -
 a newest scored date too old for a nightly job.
@@ -24,7 +25,8 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             RELISTED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
+                             RELISTED, UNMET_KEYS, UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS,
+                             changed_inputs,
                              changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
                              unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
@@ -100,6 +102,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
         if line := unlike_validation_line(row["date"], row["model_version"], share, by_modality):
             out.problems.append(line)
     _unseen(recent, out, spec_path)
+    _unmet(recent, out, spec_path)
     _misplaced(recent, out, spec, spec_path)
     _unusable(recent, out, spec, spec_path)
     _unreadable(recent, out, spec)
@@ -178,7 +181,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "input_rows", "input_rows_misplaced", UNUSABLE_REASONS, "anomalies",
               "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "entities", "unseen_entities", "unseen_entity_alarm_rate", KEYS_WITHOUT_MODALITY, "error", "finished_at"]
+              "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS,
+              KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
     by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
@@ -212,11 +216,36 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
     most, rate = hit["unseen_entities"].max(), hit["unseen_entity_alarm_rate"].mean()
     alarms = "" if rate is None else f"; their alarm rate {rate:.1%}"
     first, last = hit["date"].min(), hit["date"].max()      # days that hold them: where enrolment can fit them
+    respelled = hit[UNSEEN_RESPELLED].max()
+    if respelled:       # not new machines: keys a source writes otherwise than the version was trained on
+        out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date, up to "
+                            f"{respelled} of them spelled like a trained entity but for case, spaces, separators or "
+                            f"padding zeros) on {hit.height} recent date(s): {named_dates(hit['date'].to_list())}"
+                            f"{alarms} - has a source changed how it writes its keys (dmafn score names them)? Write "
+                            f"them as trained at the source, then rescore (dmafn backfill {spec_path} --start {first} "
+                            f"--end {last})" + ("; enrol the others (dmafn enroll)" if (
+                                hit["unseen_entities"] > hit[UNSEEN_RESPELLED].fill_null(0)).any() else ""))
+        return
     out.problems.append(f"entities not in {LATEST} {out.latest}'s training data (up to {most} a date) were scored by "
                         f"the fleet's statistics on {hit.height} recent date(s): {named_dates(hit['date'].to_list())}"
                         f"{alarms} - enrol them (dmafn enroll {spec_path} --start {first} --end {last}: days that "
                         f"hold them, normal for them) or train a version on such days, then rescore with it (dmafn "
                         f"backfill {spec_path} --start {first} --end {last})")
+
+
+def _unmet(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
+    """A problem when recent dates' entity keys differ only in case, spaces, separators or padding zeros with
+    different modalities, or a modality's keys meet no other's (`entity_keys.unmet_entity_lines` over their scored
+    ticks, the runs table's `unmet_keys`): those modalities were never read together."""
+    hit = recent.filter((pl.col("status") == "succeeded") & pl.col(UNMET_KEYS).is_not_null())
+    if not hit.height:
+        return
+    days = hit["date"].to_list()
+    newest = json.loads(hit[UNMET_KEYS][-1])
+    out.problems.append(f"entity keys whose modalities never meet on {len(days)} recent date(s): {named_dates(days)} "
+                        f"- on {days[-1]}: {newest[0]}" + (f" (and {len(newest) - 1} more warning(s))"
+                                                           if len(newest) > 1 else "")
+                        + f"; then rescore (dmafn backfill {spec_path} --start {days[0]} --end {days[-1]})")
 
 
 def _misplaced(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: str) -> None:

@@ -207,6 +207,31 @@ def test_status_names_recent_dates_the_latest_version_scored_entities_it_has_no_
     assert scoring_status(spec, Storage(), days=1).problems == []              # the newest date holds none
 
 
+def test_status_tells_keys_a_source_respelled_from_new_machines_and_names_keys_that_never_meet(tmp_path):
+    """Unseen entities spelled like trained ones (`UnseenEntities.respelled`) are a source's keys written otherwise:
+    status says to mend the keys, not to enrol them; a date whose keys' modalities never met (the runs table's
+    `unmet_keys`) is a problem of its own, with the newest date's warning."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, NEW, entities=40)
+    line = "entity keys that differ only in case ... 'PUMP-00' (cam) and 'pump-00' (proc, vib) - ..."
+    _run(spec, "2024-01-04", version=NEW, unseen=UnseenEntities(2, 200, 20, ["PUMP-00", "m-9"], 1,
+                                                                   [("PUMP-00", "pump-00")]), unmet_keys=[line])
+    _run(spec, "2024-01-05", version=NEW, unseen=UnseenEntities(1, 100, 10, ["PUMP-00"], 1, [("PUMP-00", "pump-00")]),
+         unmet_keys=[line, "modality 'cam': none of its 1 entities ..."])
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == [
+        f"entities not in LATEST {NEW}'s training data (up to 2 a date, up to 1 of them spelled like a trained entity "
+        "but for case, spaces, separators or padding zeros) on 2 recent date(s): 2024-01-04, 2024-01-05; their alarm "
+        "rate 10.0% - has a source changed how it writes its keys (dmafn score names them)? Write them as trained at "
+        "the source, then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05); enrol the others "
+        "(dmafn enroll)",
+        f"entity keys whose modalities never meet on 2 recent date(s): 2024-01-04, 2024-01-05 - on 2024-01-05: {line} "
+        "(and 1 more warning(s)); then rescore (dmafn backfill s.yaml --start 2024-01-04 --end 2024-01-05)"]
+    assert [r["unseen_respelled"] for r in found.as_dict()["recent"]] == [1, 1]
+    only = scoring_status(spec, Storage(), days=1).problems[0]
+    assert "up to 1 of them spelled like" in only and not only.endswith("(dmafn enroll)")   # no other new machine
+
+
 def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
     """Dates with over 1 % of their input rows timed outside their date partition (a lake filed by another calendar,
     or by arrival): quarantined, never scored - status names them with `timezone` and `lateness` to set and the
