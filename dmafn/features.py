@@ -1295,6 +1295,21 @@ def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
     return arr[None] if m.channels == 1 else arr.transpose(2, 0, 1)
 
 
+def frame_size(data: bytes | None) -> str | None:
+    """An image's stored size as '<width>x<height>' (its header read by Pillow, the pixels not decoded); None when the
+    bytes are no image Pillow opens. A camera replaced or reconfigured shows as a size its version never trained on:
+    each frame is resized to the modality's `size` all the same (`decode_pixels`)."""
+    from PIL import Image
+
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return f"{img.size[0]}x{img.size[1]}"
+    except Exception:  # noqa: BLE001 - any decoder failure: no size
+        return None
+
+
 def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
     """Image bytes (see `decode_pixels`) -> (channels, H, W) float32 in [0, 1]; None when they cannot be decoded."""
     pixels = decode_pixels(data, m)

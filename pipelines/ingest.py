@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import decode_pixels, decode_wav
+from dmafn.features import decode_pixels, decode_wav, frame_size
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, UnreadableFile, each_row_group, each_schema, field_of, file_values,
@@ -479,6 +479,30 @@ def with_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage) -> pl.D
 UNREAD_CLIP = "_unread_clip"    # why a clip read from its file does not decode (`with_payloads`)
 
 
+TRAINED_FRAME_SIZES = "input_frame_sizes"   # a version's manifest: per image modality its training frames per size
+
+
+def count_frame_sizes(frames: list[bytes], sizes_of: dict[bytes, str | None], into: dict[str, int]) -> dict[str, int]:
+    """`into` with each of `frames` counted under its stored size (`frame_size`: '<width>x<height>'; the bytes' size
+    kept in `sizes_of`, so that a frame repeated is opened once)."""
+    for frame in frames:
+        if frame not in sizes_of:
+            sizes_of[frame] = frame_size(frame)
+        size = sizes_of[frame]
+        if size is not None:
+            into[size] = into.get(size, 0) + 1
+    return into
+
+
+def merge_frame_sizes(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Per image modality, `into`'s frames per size with `more`'s added."""
+    for m, sizes in more.items():
+        held = into.setdefault(m, {})
+        for size, n in sizes.items():
+            held[size] = held.get(size, 0) + n
+    return into
+
+
 def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
                        decoded: dict[bytes, np.ndarray | None] | None = None) -> pl.DataFrame:
     """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason. The
@@ -580,7 +604,8 @@ class ShardInputs:
     date in the spec's `timezone`), the image frames the check decoded (uint8, by their bytes: `featurize(...,
     decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
-    channel leaves none) and the digest of them all as stored (`pipelines.row_digests`)."""
+    channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
+    usable frames per stored size (`count_frame_sizes`)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -590,6 +615,8 @@ class ShardInputs:
     usable_rows: dict[str, dict[str, int]] = field(default_factory=dict)   # date -> modality -> usable input rows
     row_digests: dict[str, dict[str, RowDigest]] = field(default_factory=dict)   # date -> modality -> its rows'
                                                                                   # digest (`row_digests`)
+    frame_sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> image modality ->
+                                                            # its usable frames per stored size (`count_frame_sizes`)
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -610,6 +637,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     days = [day_number(d) for d in shard.dates]
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
     tables, quarantined, present, decoded, rows_read, usable_rows, row_digests = {}, [], [], {}, {}, {}, {}
+    frame_sizes: dict[str, dict[str, dict[str, int]]] = {}
+    sizes_of: dict[bytes, str | None] = {}          # a frame's stored size, by its bytes (`frame_size`)
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
@@ -686,6 +715,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                         if partly is not None and partly.height:    # kept for its other values: noted per file
                             noted.append(noted_partly(partly, spec))
+                        if m.kind == "image":
+                            count_frame_sizes(good[m.column].to_list(), sizes_of, frame_sizes.setdefault(
+                                f.date.isoformat(), {}).setdefault(name, {}))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
                 if noted:                       # a staged piece's notes name the file it was split from
@@ -714,7 +746,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         tables=tables,
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(schema=QUARANTINED),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
-        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests)
+        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests, frame_sizes=frame_sizes)
 
 
 def same_keys(rows: pl.DataFrame, spec: Spec, key_casts: tuple[tuple[str, str], ...] = ()) -> pl.DataFrame:

@@ -7,7 +7,8 @@ dates whose runs all failed, dates whose latest re-run failed, dates never score
 scored date, recent dates most of whose ticks score above the version's validation median (the line
 `pipelines.score.unlike_validation_warning` logs), entities the latest version scored without statistics of their
 own (`pipelines.score.unseen_entities_warning`; those spelled like a trained one apart), entity keys whose
-modalities never meet (`entity_keys.unmet_entity_lines`), recent dates with many input rows timed outside their partition,
+modalities never meet (`entity_keys.unmet_entity_lines`), image frames of a size the version never trained on,
+recent dates with many input rows timed outside their partition,
 modalities gone dark (no usable row on a date, part of the newest day missing, more machines without it), recent
 dates whose partitions changed since they were scored (`pipelines.score.changed_inputs`), and - with `max_age_days` -
 a newest scored date too old for a nightly job.
@@ -25,7 +26,8 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             RELISTED, UNMET_KEYS, UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS,
+                             NEW_FRAME_SHARE, NEW_FRAME_SIZES, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED,
+                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS,
                              changed_inputs,
                              changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
                              unlike_validation_line, unreadable_files)
@@ -103,6 +105,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
             out.problems.append(line)
     _unseen(recent, out, spec_path)
     _unmet(recent, out, spec_path)
+    _new_frame_sizes(recent, out)
     _misplaced(recent, out, spec, spec_path)
     _unusable(recent, out, spec, spec_path)
     _unreadable(recent, out, spec)
@@ -181,7 +184,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "input_rows", "input_rows_misplaced", UNUSABLE_REASONS, "anomalies",
               "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS,
+              "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS, NEW_FRAME_SIZES,
               KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
@@ -231,6 +234,26 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
                         f"{alarms} - enrol them (dmafn enroll {spec_path} --start {first} --end {last}: days that "
                         f"hold them, normal for them) or train a version on such days, then rescore with it (dmafn "
                         f"backfill {spec_path} --start {first} --end {last})")
+
+
+def _new_frame_sizes(recent: pl.DataFrame, out: ScoringStatus) -> None:
+    """A problem per image modality when recent dates had more than `NEW_FRAME_SHARE` of its usable frames of a
+    size their version's training frames never had (`pipelines.score.new_frame_sizes_lines`; the runs table's
+    `new_frame_sizes` beside `usable_rows_<m>`): a camera replaced or reconfigured."""
+    hit: dict[str, list[tuple[str, int, int, dict[str, int]]]] = {}
+    for row in recent.filter((pl.col("status") == "succeeded") & pl.col(NEW_FRAME_SIZES).is_not_null()).iter_rows(
+            named=True):
+        for m, new in json.loads(row[NEW_FRAME_SIZES]).items():
+            frames, count = row.get(f"{USABLE_ROWS}{m}") or 0, sum(new.values())
+            if frames and count > NEW_FRAME_SHARE * frames:
+                hit.setdefault(m, []).append((row["date"], count, frames, new))
+    for m, dates in sorted(hit.items()):
+        day, count, frames, new = dates[-1]
+        sizes = ", ".join(sorted(new, key=lambda s: -new[s]))
+        out.problems.append(f"modality '{m}': frames of a size their version's training frames never had on "
+                            f"{len(dates)} recent date(s): {named_dates([d[0] for d in dates])} - on {day} {count} of "
+                            f"{frames} ({count / frames:.0%}; {sizes}): a camera replaced or reconfigured? Restore "
+                            "its setting, or train a version on days with such frames")
 
 
 def _unmet(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

@@ -1586,7 +1586,7 @@ def test_a_file_that_is_no_parquet_fails_its_date_or_is_left_out_and_named_with_
         "corrupted or this is not a parquet file. - left out (unreadable_files: skip)"]
     other = read_shard(Shard((date,), 1, 2, tuple(files)), skip, Storage())
     assert other.quarantined.is_empty()
-    _, counts, _ = aligned_batches(Shard((date,), 0, 2, tuple(files)), skip, Storage())   # training's passes
+    counts = aligned_batches(Shard((date,), 0, 2, tuple(files)), skip, Storage()).counts   # training's passes
     assert counts == {"proc": 2, **{why: 1 for why in got.quarantined["reason"]}}
     assert left_out_files(counts, "training days 2024-01-02..2024-01-02") == {"proc": 2}
     assert sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING") == sorted(
@@ -2411,6 +2411,31 @@ def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"part-0\.parquet: not a readable Parquet file"):
         read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+
+
+def test_frames_are_counted_by_their_stored_size_read_from_the_header():
+    """`frame_size` reads an image's size from its header (PNG, JPEG), None for bytes that are no image; the counts
+    open each distinct frame once and add up over shards."""
+    import io
+
+    from PIL import Image
+
+    from dmafn.features import frame_size
+    from pipelines.ingest import count_frame_sizes, merge_frame_sizes
+
+    def encoded(size, kind):
+        buf = io.BytesIO()
+        Image.new("L" if kind == "PNG" else "RGB", size).save(buf, kind)
+        return buf.getvalue()
+
+    small, wide = encoded((16, 16), "PNG"), encoded((64, 48), "JPEG")
+    assert (frame_size(small), frame_size(wide), frame_size(b"\x89PNG garbage"), frame_size(None)) == (
+        "16x16", "64x48", None, None)
+    cache = {}
+    counts = count_frame_sizes([small, small, wide, b"junk"], cache, {})
+    assert counts == {"16x16": 2, "64x48": 1} and set(cache) == {small, wide, b"junk"}
+    assert merge_frame_sizes({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
+        "cam": {"16x16": 3, "64x48": 1}, "cam2": {"8x8": 3}}
 
 
 def test_a_page_damaged_in_storage_fails_its_checksum_and_names_the_row_group_and_column(tmp_path, tiny_spec):

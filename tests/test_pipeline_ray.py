@@ -131,8 +131,8 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
     statistics, _ = fit_statistics(spec, shards, True, incidents)
     buckets = BucketStatistics(statistics, True)
-    kept, _, left, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
-    every, _, none, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
+    kept, _, left, _, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
+    every, _, none, _, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
     assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
@@ -730,6 +730,48 @@ def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp
     assert runs["unseen_entities"].to_list() == [1]
     assert runs["unseen_entity_alarm_rate"].to_list() == [pytest.approx(out["is_anomaly"].mean())]
     assert result.unseen.respelled == 0 and result.unmet_keys == []     # a new machine, not a key written otherwise
+
+
+def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_recorded(trained, scored, tmp_path,
+                                                                                       caplog):
+    """The version keeps its training frames' sizes (`input_frame_sizes`); the camera sending half-size frames on the
+    scored day is warned of (they are resized and scored all the same) and recorded in the runs table; the
+    fleet's own frames are no warning (the `scored` run)."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.registry import Registry
+    from pipelines.score import new_frame_sizes, new_frame_sizes_lines, score_date
+    from pipelines.storage import Storage
+
+    spec, version, _ = trained
+    manifest = Registry(spec.registry, Storage()).load(version).manifest
+    assert list(manifest["input_frame_sizes"]) == ["camera"] and list(manifest["input_frame_sizes"]["camera"]) == [
+        "16x16"]
+    assert list(scored.frame_sizes["camera"]) == ["16x16"] and scored.new_frame_sizes == {}
+
+    def halved(table):
+        out = []
+        for frame in table.column("frame").to_pylist():
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(frame)).resize((8, 8)).save(buf, "PNG")
+            out.append(buf.getvalue())
+        return table.set_column(table.schema.get_field_index("frame"), "frame", pa.array(out, pa.binary()))
+
+    moved = _edited_copy(trained, tmp_path, "camera/date=2024-01-03/*.parquet", halved)
+    moved = replace(moved, score=replace(moved.score, runs=str(tmp_path / "runs")))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(moved, DAY3)
+    frames = result.frame_sizes["camera"]["8x8"]
+    assert result.frame_sizes == {"camera": {"8x8": frames}} and result.new_frame_sizes == {"camera": {"8x8": frames}}
+    assert f"2024-01-03: modality 'camera': {frames} of its {frames} frames (100%) are of a size model version " \
+        f"{version}'s training frames never had: 8x8 ({frames})" in caplog.text
+    runs = pl.read_delta(str(tmp_path / "runs"))
+    assert runs["new_frame_sizes"].to_list() == [f'{{"camera": {{"8x8": {frames}}}}}']
+    assert new_frame_sizes({"camera": {"16x16": 9}}, manifest) == {} and new_frame_sizes({}, {}) is None
+    assert new_frame_sizes_lines(replace(result, new_frame_sizes={"camera": {"8x8": 1}},
+                                         frame_sizes={"camera": {"8x8": 1, "16x16": 199}}), version) == []
 
 
 def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(trained, tmp_path, caplog):

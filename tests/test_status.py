@@ -232,6 +232,22 @@ def test_status_tells_keys_a_source_respelled_from_new_machines_and_names_keys_t
     assert "up to 1 of them spelled like" in only and not only.endswith("(dmafn enroll)")   # no other new machine
 
 
+def test_status_names_an_image_modality_whose_frames_came_in_a_size_the_version_never_trained_on(tmp_path):
+    """The runs table's `new_frame_sizes` beside the modality's usable rows: over 1 % of a date's frames of a size
+    the version's training frames never had is a problem (a camera replaced or reconfigured); a few are not."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, NEW)
+    _run(spec, "2024-01-04", version=NEW, modality_rows={"proc": 900, "cam": 1000}, new_frame_sizes={"cam": {"8x8": 5}})
+    _run(spec, "2024-01-05", version=NEW, modality_rows={"proc": 900, "cam": 1000},
+         new_frame_sizes={"cam": {"8x8": 600, "9x9": 100}})
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert found.problems == [
+        "modality 'cam': frames of a size their version's training frames never had on 1 recent date(s): 2024-01-05 "
+        "- on 2024-01-05 700 of 1000 (70%; 8x8, 9x9): a camera replaced or reconfigured? Restore its setting, or "
+        "train a version on days with such frames"]
+    assert scoring_status(spec, Storage(), days=1).problems == found.problems       # 0.5 % on 2024-01-04: none
+
+
 def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
     """Dates with over 1 % of their input rows timed outside their date partition (a lake filed by another calendar,
     or by arrival): quarantined, never scored - status names them with `timezone` and `lateness` to set and the
