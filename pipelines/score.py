@@ -147,14 +147,17 @@ NEW_FRAME_SHARE = 0.01   # a date with more of an image modality's frames of siz
 
 
 def new_frame_sizes(sizes: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict[str, int]] | None:
-    """Of a date's frames per image modality and stored size (`DateResult.frame_sizes`), those of sizes none of the
-    version's training frames had (its manifest's `input_frame_sizes`); None for a version that did not record them
-    (trained before 2026-12-05)."""
+    """Of a date's frames per image modality and stored size (`DateResult.frame_sizes`), those of sizes the version
+    (almost) never trained on: none or at most `NEW_FRAME_SHARE` of its training frames had (its manifest's
+    `input_frame_sizes`; a few odd frames in the training days do not make a size known). None for a version that
+    did not record them (trained before 2026-12-05)."""
     trained = manifest.get(TRAINED_FRAME_SIZES)
     if trained is None:
         return None
+    known = {m: {size for size, n in held.items() if n > NEW_FRAME_SHARE * sum(held.values())}
+             for m, held in trained.items()}
     return {m: new for m, held in sizes.items()
-            if (new := {size: n for size, n in held.items() if size not in trained.get(m, {})})}
+            if (new := {size: n for size, n in held.items() if size not in known.get(m, set())})}
 
 
 def new_frame_sizes_lines(result: DateResult, version: str) -> list[str]:
@@ -169,7 +172,8 @@ def new_frame_sizes_lines(result: DateResult, version: str) -> list[str]:
         if frames and count > NEW_FRAME_SHARE * frames:
             sizes = ", ".join(f"{size} ({n})" for size, n in sorted(new.items(), key=lambda kv: -kv[1]))
             lines.append(f"{result.date}: modality '{m}': {count} of its {frames} frames ({count / frames:.0%}) are of "
-                         f"a size model version {version}'s training frames never had: {sizes} - a camera replaced or "
+                         f"a size model version {version}'s training frames (almost) never had: {sizes} - a camera "
+                         "replaced or "
                          "reconfigured? They were resized to the modality's size and scored, but their contributions "
                          "are not those the version was calibrated on: restore the camera's setting, or train a "
                          "version on days with such frames")

@@ -250,7 +250,7 @@ def _new_frame_sizes(recent: pl.DataFrame, out: ScoringStatus) -> None:
     for m, dates in sorted(hit.items()):
         day, count, frames, new = dates[-1]
         sizes = ", ".join(sorted(new, key=lambda s: -new[s]))
-        out.problems.append(f"modality '{m}': frames of a size their version's training frames never had on "
+        out.problems.append(f"modality '{m}': frames of a size their version's training frames (almost) never had on "
                             f"{len(dates)} recent date(s): {named_dates([d[0] for d in dates])} - on {day} {count} of "
                             f"{frames} ({count / frames:.0%}; {sizes}): a camera replaced or reconfigured? Restore "
                             "its setting, or train a version on days with such frames")
