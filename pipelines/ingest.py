@@ -483,8 +483,8 @@ TRAINED_FRAME_SIZES = "input_frame_sizes"   # a version's manifest: per image mo
 
 
 def count_frame_sizes(frames: list[bytes], sizes_of: dict[bytes, str | None], into: dict[str, int]) -> dict[str, int]:
-    """`into` with each of `frames` counted under its stored size (`frame_size`: '<width>x<height>'; the bytes' size
-    kept in `sizes_of`, so that a frame repeated is opened once)."""
+    """`into` with each of `frames` counted under its stored size (`frame_size`: '<width>x<height>'), as
+    `undecodable_images` keeps it in `sizes_of` by the frame's bytes (one read before is opened again)."""
     for frame in frames:
         if frame not in sizes_of:
             sizes_of[frame] = frame_size(frame)
@@ -503,10 +503,11 @@ def merge_frame_sizes(into: dict[str, dict[str, int]], more: dict[str, dict[str,
     return into
 
 
-def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
-                       decoded: dict[bytes, np.ndarray | None] | None = None) -> pl.DataFrame:
+def undecodable_images(rows: pl.DataFrame, m: ModalitySpec, decoded: dict[bytes, np.ndarray | None] | None = None,
+                       sizes: dict[bytes, str | None] | None = None) -> pl.DataFrame:
     """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason. The
-    decoded frames are kept in `decoded` (keyed by their bytes) for featurize, which then decodes none again."""
+    decoded frames are kept in `decoded` (keyed by their bytes) for featurize, which then decodes none again, and
+    with `sizes` their stored sizes (`frame_size`), keyed by the same bytes objects (no second copy of a frame)."""
     decoded = {} if decoded is None else decoded
     usable = rows[REASON].is_null().to_numpy()
     frames = rows[m.column].to_list()
@@ -514,6 +515,8 @@ def undecodable_images(rows: pl.DataFrame, m: ModalitySpec,
     for ok, frame in zip(usable, frames):
         if ok and frame not in decoded:
             decoded[frame] = decode_pixels(frame, m)
+            if sizes is not None:
+                sizes[frame] = frame_size(frame)
         broken.append(bool(ok) and decoded[frame] is None)
     reason = pl.lit(f"undecodable image in column '{m.column}'")
     return rows.with_columns(pl.when(pl.Series(broken, dtype=pl.Boolean)).then(reason).otherwise(pl.col(REASON))
@@ -702,7 +705,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     if m.payload == "file":     # the payload files of the rows kept, read now; a clip decoded
                         rows = with_payloads(rows, m, storage)
                     if m.kind == "image":
-                        rows = undecodable_images(rows, m, decoded.setdefault(name, {}))
+                        rows = undecodable_images(rows, m, decoded.setdefault(name, {}), sizes_of)
                     good = rows.filter(pl.col(REASON).is_null())
                     if counted:
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
