@@ -71,7 +71,7 @@ class DateResult:
     frame_sizes: dict[str, dict[str, int]] = field(default_factory=dict)   # per image modality, its usable frames
                                                                            # per stored size (`ingest.frame_size`)
     new_frame_sizes: dict[str, dict[str, int]] | None = None   # of them, those of sizes the version's training
-                                  # frames never had (`new_frame_sizes`; None: a version that did not record its own)
+                       # frames (almost) never had (`new_frame_sizes`; None: a version that did not record its own)
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
                                                           # (`entity_keys.unmet_entity_lines` over its scored ticks)
 
@@ -162,7 +162,7 @@ def new_frame_sizes(sizes: dict[str, dict[str, int]], manifest: dict) -> dict[st
 
 def new_frame_sizes_lines(result: DateResult, version: str) -> list[str]:
     """A line per image modality more than `NEW_FRAME_SHARE` of whose frames on the date are of a size the version's
-    training frames never had: a camera replaced or reconfigured. Each frame is resized to the modality's `size` and
+    training frames (almost) never had (`new_frame_sizes`): a camera replaced or reconfigured. Each frame is resized to the modality's `size` and
     scored all the same, but its contributions are not those the version was calibrated on (on the demo, its
     32x32 frames sent as 16x16 gave 52 % more alarms; as 64x64 the median camera contribution fell from 0.36 to
     0.02)."""
@@ -173,10 +173,9 @@ def new_frame_sizes_lines(result: DateResult, version: str) -> list[str]:
             sizes = ", ".join(f"{size} ({n})" for size, n in sorted(new.items(), key=lambda kv: -kv[1]))
             lines.append(f"{result.date}: modality '{m}': {count} of its {frames} frames ({count / frames:.0%}) are of "
                          f"a size model version {version}'s training frames (almost) never had: {sizes} - a camera "
-                         "replaced or "
-                         "reconfigured? They were resized to the modality's size and scored, but their contributions "
-                         "are not those the version was calibrated on: restore the camera's setting, or train a "
-                         "version on days with such frames")
+                         "replaced or reconfigured? They were resized to the modality's size and scored, but their "
+                         "contributions are not those the version was calibrated on: restore the camera's setting, or "
+                         "train a version on days with such frames")
     return lines
 
 

@@ -27,8 +27,7 @@ from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              NEW_FRAME_SHARE, NEW_FRAME_SIZES, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED,
-                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS,
-                             changed_inputs,
+                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
                              changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
                              unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
