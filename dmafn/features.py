@@ -1319,24 +1319,46 @@ def decode_image(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
 _WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
 
 
+def _wav_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """A RIFF/WAVE file's chunks after its 12-byte header: (id, payload)."""
+    at = 12
+    while at + 8 <= len(data):                                   # chunks: id, size (little-endian), payload
+        chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        yield chunk, data[at + 8:at + 8 + size]
+        at += 8 + size + size % 2                                # chunks are padded to an even size
+
+
+def _wav_fmt(body: bytes) -> tuple[int, int, int, int]:
+    """A WAV `fmt ` chunk's sample format code (an extensible one's sub-format), channels, rate and bits."""
+    fmt = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
+           int.from_bytes(body[4:8], "little"), int.from_bytes(body[14:16], "little"))
+    if fmt[0] == _WAV_EXTENSIBLE and len(body) >= 26:            # the sub-format's first two bytes say PCM or float
+        fmt = (int.from_bytes(body[24:26], "little"), *fmt[1:])
+    return fmt
+
+
+def wav_format(data: bytes | None) -> str | None:
+    """A WAV clip's stored sample rate as '<rate> Hz' (its `fmt ` chunk read, no sample decoded); None for bytes that
+    are no RIFF/WAVE file with one. A microphone replaced or reconfigured shows as a rate its version never trained
+    on: each clip is resampled to the modality's `sample_rate` all the same (`decode_wav`)."""
+    if not data or len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    return next((f"{_wav_fmt(body)[2]} Hz" for chunk, body in _wav_chunks(data)
+                 if chunk == b"fmt " and len(body) >= 16), None)
+
+
 def decode_wav(data: bytes | None, sample_rate: int) -> np.ndarray | None:
     """WAV bytes (a RIFF/WAVE file: PCM of 8, 16, 24 or 32 bits, or 32/64-bit float; any number of channels,
     averaged) -> float32 samples in [-1, 1] at `sample_rate` (the modality's; another rate is resampled by linear
     interpolation); None when the bytes are no such file (truncated, another format, no sample)."""
     if not data or len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
-    fmt, samples, at = None, None, 12
-    while at + 8 <= len(data):                                   # chunks: id, size (little-endian), payload
-        chunk, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
-        body = data[at + 8:at + 8 + size]
+    fmt, samples = None, None
+    for chunk, body in _wav_chunks(data):
         if chunk == b"fmt " and len(body) >= 16:
-            fmt = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
-                   int.from_bytes(body[4:8], "little"), int.from_bytes(body[14:16], "little"))
-            if fmt[0] == _WAV_EXTENSIBLE and len(body) >= 26:    # the sub-format's first two bytes say PCM or float
-                fmt = (int.from_bytes(body[24:26], "little"), *fmt[1:])
+            fmt = _wav_fmt(body)
         elif chunk == b"data":
             samples = body
-        at += 8 + size + size % 2                                # chunks are padded to an even size
     if fmt is None or samples is None:
         return None
     code, channels, rate, bits = fmt

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import decode_pixels, decode_wav, frame_size
+from dmafn.features import decode_pixels, decode_wav, frame_size, wav_format
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, UnreadableFile, each_row_group, each_schema, field_of, file_values,
@@ -465,8 +465,10 @@ def with_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage) -> pl.D
     if m.kind != "audio":
         return rows
     stored = replace(m, payload="bytes")        # the clips as a table storing them holds them
-    clips, unread = decoded_audio(rows.select(m.column).to_arrow(), stored)
-    rows = rows.with_columns(pl.from_arrow(clips.column(0)).alias(m.column),
+    payloads = rows.select(m.column).to_arrow()
+    clips, unread = decoded_audio(payloads, stored)
+    formats = clip_formats(payloads, stored)    # each WAV file's stored rate, before it is resampled
+    rows = rows.with_columns(pl.from_arrow(clips.column(0)).alias(m.column), *([] if formats is None else [formats]),
                              (unread if unread is not None else pl.Series([None] * rows.height, dtype=pl.String))
                              .alias(UNREAD_CLIP))
     usable = pl.col(REASON).is_null()
@@ -479,27 +481,44 @@ def with_payloads(rows: pl.DataFrame, m: ModalitySpec, storage: Storage) -> pl.D
 UNREAD_CLIP = "_unread_clip"    # why a clip read from its file does not decode (`with_payloads`)
 
 
-TRAINED_FRAME_SIZES = "input_frame_sizes"   # a version's manifest: per image modality its training frames per size
+TRAINED_FORMATS = "input_payload_formats"   # a version's manifest: per image or audio modality its training
+                                            # frames per stored size, clips per stored sample rate
+FORMAT = "_format"      # an audio row's stored format (`clip_formats`), counted with its date's usable rows
 
 
-def count_frame_sizes(frames: list[bytes], sizes_of: dict[bytes, str | None], into: dict[str, int]) -> dict[str, int]:
-    """`into` with each of `frames` counted under its stored size (`frame_size`: '<width>x<height>'), as
-    `undecodable_images` keeps it in `sizes_of` by the frame's bytes (one read before is opened again)."""
-    for frame in frames:
-        if frame not in sizes_of:
-            sizes_of[frame] = frame_size(frame)
-        size = sizes_of[frame]
-        if size is not None:
-            into[size] = into.get(size, 0) + 1
+def frame_formats(frames: list[bytes], formats_of: dict[bytes, str | None]) -> list[str | None]:
+    """Each frame's stored size (`frame_size`: '<width>x<height>'), as `undecodable_images` keeps it in `formats_of`
+    by the frame's bytes (one not read before is opened here)."""
+    return [formats_of[f] if f in formats_of else formats_of.setdefault(f, frame_size(f)) for f in frames]
+
+
+def clip_formats(table: pa.Table, m: ModalitySpec) -> pl.Series | None:
+    """An audio modality's clips stored as WAV bytes: each one's stored sample rate (`wav_format`: '<rate> Hz'; null
+    where none is read) as `FORMAT`; None for clips stored as lists of numbers (no rate of their own) and other
+    kinds."""
+    if m.kind != "audio":
+        return None
+    stored = table.column(m.column)
+    if not (pa.types.is_binary(stored.type) or pa.types.is_large_binary(stored.type)):
+        return None
+    return pl.Series(FORMAT, [wav_format(b) for b in stored.to_pylist()], pl.String)
+
+
+def count_payload_formats(formats: list[str | None], into: dict[str, int]) -> dict[str, int]:
+    """`into` with each of `formats` (a frame's size, a clip's rate) counted; None (none read) left out."""
+    for found in formats:
+        if found is not None:
+            into[found] = into.get(found, 0) + 1
     return into
 
 
-def merge_frame_sizes(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """Per image modality, `into`'s frames per size with `more`'s added."""
-    for m, sizes in more.items():
+def merge_payload_formats(into: dict[str, dict[str, int]],
+                          more: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Per modality, `into`'s payloads per stored format with `more`'s added."""
+    for m, formats in more.items():
         held = into.setdefault(m, {})
-        for size, n in sizes.items():
-            held[size] = held.get(size, 0) + n
+        for found, n in formats.items():
+            held[found] = held.get(found, 0) + n
     return into
 
 
@@ -608,7 +627,7 @@ class ShardInputs:
     decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
     channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
-    usable frames per stored size (`count_frame_sizes`)."""
+    usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -618,8 +637,8 @@ class ShardInputs:
     usable_rows: dict[str, dict[str, int]] = field(default_factory=dict)   # date -> modality -> usable input rows
     row_digests: dict[str, dict[str, RowDigest]] = field(default_factory=dict)   # date -> modality -> its rows'
                                                                                   # digest (`row_digests`)
-    frame_sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> image modality ->
-                                                            # its usable frames per stored size (`count_frame_sizes`)
+    payload_formats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> image or audio
+                                        # modality -> its usable payloads per stored format (`count_payload_formats`)
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -640,8 +659,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     days = [day_number(d) for d in shard.dates]
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
     tables, quarantined, present, decoded, rows_read, usable_rows, row_digests = {}, [], [], {}, {}, {}, {}
-    frame_sizes: dict[str, dict[str, dict[str, int]]] = {}
-    sizes_of: dict[bytes, str | None] = {}          # a frame's stored size, by its bytes (`frame_size`)
+    payload_formats: dict[str, dict[str, dict[str, int]]] = {}
+    formats_of: dict[bytes, str | None] = {}        # a frame's stored size, by its bytes (`frame_formats`)
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
         time, keys, names = spec.time_in(m), list(spec.entity_in(m)), spec.names_read(m)  # as m's files name them
@@ -687,11 +706,13 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                                                                         f.deleted, values)):
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock, written, keys)
-                    table, unread_audio = decoded_audio(plain_values(table, m), m)
+                    plain = plain_values(table, m)
+                    formats = clip_formats(plain, m)        # a WAV clip's stored rate, before it is resampled
+                    table, unread_audio = decoded_audio(plain, m)
                     table, bad_text = valid_text(table, m)
-                    unread = [u for u in (unread_time, unread_audio) if u is not None]
+                    beside = [u for u in (unread_time, unread_audio, formats) if u is not None]
                     rows = same_keys(with_reasons(pl.from_arrow(table).with_columns(
-                        pl.Series(BAD_TEXT, bad_text), *unread, *hashes), spec, m).rename(names), spec, shard.key_casts)
+                        pl.Series(BAD_TEXT, bad_text), *beside, *hashes), spec, m).rename(names), spec, shard.key_casts)
                     rows = in_bucket(rows, list(spec.entity), shard.bucket, shard.buckets) \
                         .with_columns(to_micros(pl.col(spec.time)).alias(TIME))
                     if f.span is not None:  # its rows of `f.date` (those without a time: of its first date)
@@ -705,7 +726,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     if m.payload == "file":     # the payload files of the rows kept, read now; a clip decoded
                         rows = with_payloads(rows, m, storage)
                     if m.kind == "image":
-                        rows = undecodable_images(rows, m, decoded.setdefault(name, {}), sizes_of)
+                        rows = undecodable_images(rows, m, decoded.setdefault(name, {}), formats_of)
                     good = rows.filter(pl.col(REASON).is_null())
                     if counted:
                         rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + rows.height
@@ -718,9 +739,11 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                         if partly is not None and partly.height:    # kept for its other values: noted per file
                             noted.append(noted_partly(partly, spec))
-                        if m.kind == "image":
-                            count_frame_sizes(good[m.column].to_list(), sizes_of, frame_sizes.setdefault(
-                                f.date.isoformat(), {}).setdefault(name, {}))
+                        if m.kind == "image" or FORMAT in good.columns:     # frames' sizes, clips' rates
+                            count_payload_formats(
+                                frame_formats(good[m.column].to_list(), formats_of) if m.kind == "image"
+                                else good[FORMAT].to_list(),
+                                payload_formats.setdefault(f.date.isoformat(), {}).setdefault(name, {}))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))
                 if noted:                       # a staged piece's notes name the file it was split from
@@ -749,7 +772,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         tables=tables,
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(schema=QUARANTINED),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
-        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests, frame_sizes=frame_sizes)
+        decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests,
+        payload_formats=payload_formats)
 
 
 def same_keys(rows: pl.DataFrame, spec: Spec, key_casts: tuple[tuple[str, str], ...] = ()) -> pl.DataFrame:

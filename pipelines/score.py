@@ -24,7 +24,7 @@ from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
-from pipelines.ingest import TRAINED_FRAME_SIZES, UNREADABLE, entity_casts, merge_frame_sizes, require_columns
+from pipelines.ingest import TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats, require_columns
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -68,10 +68,10 @@ class DateResult:
                                                                                 # was absent at every tick of
     row_digests: dict[str, RowDigest] = field(default_factory=dict)   # per modality, its own partitions' rows as stored
     input_row_digests: str | None = None   # the runs table's JSON of them (`row_digests.record`; None: a failed date)
-    frame_sizes: dict[str, dict[str, int]] = field(default_factory=dict)   # per image modality, its usable frames
-                                                                           # per stored size (`ingest.frame_size`)
-    new_frame_sizes: dict[str, dict[str, int]] | None = None   # of them, those of sizes the version's training
-                       # frames (almost) never had (`new_frame_sizes`; None: a version that did not record its own)
+    payload_formats: dict[str, dict[str, int]] = field(default_factory=dict)   # per image or audio modality, its
+                        # usable payloads per stored format (a frame's size, a clip's rate: `count_payload_formats`)
+    new_payload_formats: dict[str, dict[str, int]] | None = None   # of them, those of formats the version's training
+                     # payloads (almost) never had (`new_payload_formats`; None: a version that did not record its own)
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
                                                           # (`entity_keys.unmet_entity_lines` over its scored ticks)
 
@@ -143,39 +143,46 @@ def _respelled(unseen: UnseenEntities) -> str:
             "writes the trained key)")
 
 
-NEW_FRAME_SHARE = 0.01   # a date with more of an image modality's frames of sizes its version never trained on: warned
+NEW_FORMAT_SHARE = 0.01   # a date with more of a modality's payloads of a format its version never trained on: warned
+# per kind: what its payloads are, what their stored format says, the device, and what scoring does with another format
+PAYLOAD_WORDS = {"image": ("frames", "of a size", "camera", "resized to the modality's size"),
+                 "audio": ("clips", "recorded at a sample rate", "microphone",
+                           "resampled to the modality's sample_rate")}
 
 
-def new_frame_sizes(sizes: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict[str, int]] | None:
-    """Of a date's frames per image modality and stored size (`DateResult.frame_sizes`), those of sizes the version
-    (almost) never trained on: none or at most `NEW_FRAME_SHARE` of its training frames had (its manifest's
-    `input_frame_sizes`; a few odd frames in the training days do not make a size known). None for a version that
-    did not record them (trained before 2026-12-05)."""
-    trained = manifest.get(TRAINED_FRAME_SIZES)
+def new_payload_formats(formats: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict[str, int]] | None:
+    """Of a date's payloads per image or audio modality and stored format (`DateResult.payload_formats`: a frame's
+    size, a WAV clip's sample rate), those of formats the version (almost) never trained on: none or at most
+    `NEW_FORMAT_SHARE` of its training payloads had (its manifest's `input_payload_formats`; a few odd ones in the
+    training days do not make a format known). None for a version that did not record them (trained before
+    2026-12-05)."""
+    trained = manifest.get(TRAINED_FORMATS)
     if trained is None:
         return None
-    known = {m: {size for size, n in held.items() if n > NEW_FRAME_SHARE * sum(held.values())}
+    known = {m: {found for found, n in held.items() if n > NEW_FORMAT_SHARE * sum(held.values())}
              for m, held in trained.items()}
-    return {m: new for m, held in sizes.items()
-            if (new := {size: n for size, n in held.items() if size not in known.get(m, set())})}
+    return {m: new for m, held in formats.items()
+            if (new := {found: n for found, n in held.items() if found not in known.get(m, set())})}
 
 
-def new_frame_sizes_lines(result: DateResult, version: str) -> list[str]:
-    """A line per image modality more than `NEW_FRAME_SHARE` of whose frames on the date are of a size the version's
-    training frames (almost) never had (`new_frame_sizes`): a camera replaced or reconfigured. Each frame is resized to the modality's `size` and
-    scored all the same, but its contributions are not those the version was calibrated on (on the demo, its
-    32x32 frames sent as 16x16 gave 52 % more alarms; as 64x64 the median camera contribution fell from 0.36 to
-    0.02)."""
+def new_payload_formats_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:
+    """A line per image or audio modality (`kinds`: each modality's kind) more than `NEW_FORMAT_SHARE` of whose
+    payloads on the date are of a format the version's training payloads (almost) never had (`new_payload_formats`):
+    a camera or microphone replaced or reconfigured. Each frame is resized to the modality's `size` (each clip
+    resampled to its `sample_rate`) and scored all the same, but its contributions are not those the version was
+    calibrated on (on the demo, its 32x32 frames sent as 16x16 gave 52 % more alarms; as 64x64 the median camera
+    contribution fell from 0.36 to 0.02)."""
     lines = []
-    for m, new in sorted((result.new_frame_sizes or {}).items()):
-        frames, count = sum(result.frame_sizes.get(m, {}).values()), sum(new.values())
-        if frames and count > NEW_FRAME_SHARE * frames:
-            sizes = ", ".join(f"{size} ({n})" for size, n in sorted(new.items(), key=lambda kv: -kv[1]))
-            lines.append(f"{result.date}: modality '{m}': {count} of its {frames} frames ({count / frames:.0%}) are of "
-                         f"a size model version {version}'s training frames (almost) never had: {sizes} - a camera "
-                         "replaced or reconfigured? They were resized to the modality's size and scored, but their "
-                         "contributions are not those the version was calibrated on: restore the camera's setting, or "
-                         "train a version on days with such frames")
+    for m, new in sorted((result.new_payload_formats or {}).items()):
+        held, count = sum(result.payload_formats.get(m, {}).values()), sum(new.values())
+        if held and count > NEW_FORMAT_SHARE * held:
+            things, of_format, device, done = PAYLOAD_WORDS.get(kinds.get(m, "image"), PAYLOAD_WORDS["image"])
+            found = ", ".join(f"{f} ({n})" for f, n in sorted(new.items(), key=lambda kv: -kv[1]))
+            lines.append(f"{result.date}: modality '{m}': {count} of its {held} {things} ({count / held:.0%}) are "
+                         f"{of_format} model version {version}'s training {things} (almost) never had: {found} - a "
+                         f"{device} replaced or reconfigured? They were {done} and scored, but their contributions "
+                         f"are not those the version was calibrated on: restore the {device}'s setting, or train a "
+                         f"version on days with such {things}")
     return lines
 
 
@@ -185,7 +192,7 @@ PRESENT_SHARE = "present_share_"          # the runs table's column of a modalit
 ENTITIES_WITHOUT = "entities_without_"    # ... of the scored entities it was absent at every tick of: + its name
 UNSEEN_RESPELLED = "unseen_respelled"      # ... of its unseen entities, those spelled like a trained one
 UNMET_KEYS = "unmet_keys"                  # ... its warnings of keys whose modalities never meet (JSON list)
-NEW_FRAME_SIZES = "new_frame_sizes"        # ... per image modality, its frames of sizes the version never trained on
+NEW_PAYLOAD_FORMATS = "new_payload_formats"   # ... per modality, its payloads of formats the version never trained on
 KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per modality (JSON; not a per-modality
                                                   # column, so outside those prefixes)
 
@@ -405,7 +412,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 error = exc
             else:
                 result = replace(result, **read, input_row_digests=record(model_spec, result.row_digests),
-                                 new_frame_sizes=new_frame_sizes(result.frame_sizes, mv.manifest))
+                                 new_payload_formats=new_payload_formats(result.payload_formats, mv.manifest))
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
@@ -414,7 +421,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                              misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result),
                              unusable_rows_warning(result, spec), unreadable_files_warning(result, spec),
                              *(f"{day}: {line}" for line in result.unmet_keys),
-                             *new_frame_sizes_lines(result, mv.version)):
+                             *new_payload_formats_lines(result, mv.version,
+                                                        {n: k.kind for n, k in model_spec.modalities.items()})):
                     if line is not None:
                         log.warning("%s", line)
                 return
@@ -557,10 +565,10 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
         for m, group in c.without_modality.items():
             without[m] = without[m].add(group) if m in without else group
     seen: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {}
+    formats: dict[str, dict[str, int]] = {}
     for c in counts:
         merge_entity_modalities(seen, c.entity_modalities)
-        merge_frame_sizes(sizes, c.frame_sizes)
+        merge_payload_formats(formats, c.payload_formats)
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
@@ -577,7 +585,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
                       without_modality=without, row_digests=merged([c.row_digests for c in counts]),
                       unmet_keys=unmet_entity_lines(model, seen, f"scored ticks of {day}", lone_when_others=True),
-                      frame_sizes=sizes)
+                      payload_formats=formats)
 
 
 def summed_counts(parts: list[dict[str, int]]) -> dict[str, int]:
@@ -645,8 +653,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     UNSEEN_RESPELLED: pa.array([None if result.unseen is None else result.unseen.respelled],
                                                pa.int64()),
                     UNMET_KEYS: pa.array([json.dumps(result.unmet_keys) if result.unmet_keys else None], pa.string()),
-                    NEW_FRAME_SIZES: pa.array([json.dumps(result.new_frame_sizes, sort_keys=True)
-                                               if result.new_frame_sizes else None], pa.string()),
+                    NEW_PAYLOAD_FORMATS: pa.array([json.dumps(result.new_payload_formats, sort_keys=True)
+                                               if result.new_payload_formats else None], pa.string()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})

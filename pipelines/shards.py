@@ -107,8 +107,8 @@ class DateCounts:
     modality_present: dict[str, int] = field(default_factory=dict)   # per modality, scored ticks it was present at
     without_modality: dict[str, UnseenEntities] = field(default_factory=dict)   # per modality, the scored entities
                                                                     # it was absent at every tick of
-    frame_sizes: dict[str, dict[str, int]] = field(default_factory=dict)   # per image modality, its usable frames of
-                                                                          # the date per stored size
+    payload_formats: dict[str, dict[str, int]] = field(default_factory=dict)   # per image or audio modality, its
+                                            # usable payloads of the date per stored format (a frame's size, a rate)
     entity_modalities: dict[str, int] = field(default_factory=dict)  # per scored entity key, the modalities present at
                                                         # any of its ticks, as bits (`entity_keys.entity_modalities`)
     output_files: list[dict] = field(default_factory=list)

@@ -26,8 +26,8 @@ from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             NEW_FRAME_SHARE, NEW_FRAME_SIZES, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED,
-                             UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
+                             NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS, PAYLOAD_WORDS, RELISTED, UNMET_KEYS,
+                             UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
                              changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
                              unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
@@ -104,7 +104,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
             out.problems.append(line)
     _unseen(recent, out, spec_path)
     _unmet(recent, out, spec_path)
-    _new_frame_sizes(recent, out)
+    _new_payload_formats(recent, out, spec)
     _misplaced(recent, out, spec, spec_path)
     _unusable(recent, out, spec, spec_path)
     _unreadable(recent, out, spec)
@@ -183,8 +183,8 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
     wanted = ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
               "input_rows_quarantined", "input_rows", "input_rows_misplaced", UNUSABLE_REASONS, "anomalies",
               "alarm_rate", "expected_alarm_rate", "above_validation_median",
-              "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS, NEW_FRAME_SIZES,
-              KEYS_WITHOUT_MODALITY, "error", "finished_at"]
+              "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS,
+              NEW_PAYLOAD_FORMATS, KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
     by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
@@ -235,24 +235,27 @@ def _unseen(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:
                         f"backfill {spec_path} --start {first} --end {last})")
 
 
-def _new_frame_sizes(recent: pl.DataFrame, out: ScoringStatus) -> None:
-    """A problem per image modality when recent dates had more than `NEW_FRAME_SHARE` of its usable frames of a
-    size their version's training frames never had (`pipelines.score.new_frame_sizes_lines`; the runs table's
-    `new_frame_sizes` beside `usable_rows_<m>`): a camera replaced or reconfigured."""
+def _new_payload_formats(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
+    """A problem per image or audio modality when recent dates had more than `NEW_FORMAT_SHARE` of its usable
+    payloads of a format their version's training payloads (almost) never had - a frame's size, a clip's sample rate
+    (`pipelines.score.new_payload_formats_lines`; the runs table's `new_payload_formats` beside `usable_rows_<m>`): a
+    camera or microphone replaced or reconfigured."""
     hit: dict[str, list[tuple[str, int, int, dict[str, int]]]] = {}
-    for row in recent.filter((pl.col("status") == "succeeded") & pl.col(NEW_FRAME_SIZES).is_not_null()).iter_rows(
+    for row in recent.filter((pl.col("status") == "succeeded") & pl.col(NEW_PAYLOAD_FORMATS).is_not_null()).iter_rows(
             named=True):
-        for m, new in json.loads(row[NEW_FRAME_SIZES]).items():
-            frames, count = row.get(f"{USABLE_ROWS}{m}") or 0, sum(new.values())
-            if frames and count > NEW_FRAME_SHARE * frames:
-                hit.setdefault(m, []).append((row["date"], count, frames, new))
+        for m, new in json.loads(row[NEW_PAYLOAD_FORMATS]).items():
+            held, count = row.get(f"{USABLE_ROWS}{m}") or 0, sum(new.values())
+            if held and count > NEW_FORMAT_SHARE * held:
+                hit.setdefault(m, []).append((row["date"], count, held, new))
     for m, dates in sorted(hit.items()):
-        day, count, frames, new = dates[-1]
-        sizes = ", ".join(sorted(new, key=lambda s: -new[s]))
-        out.problems.append(f"modality '{m}': frames of a size their version's training frames (almost) never had on "
-                            f"{len(dates)} recent date(s): {named_dates([d[0] for d in dates])} - on {day} {count} of "
-                            f"{frames} ({count / frames:.0%}; {sizes}): a camera replaced or reconfigured? Restore "
-                            "its setting, or train a version on days with such frames")
+        day, count, held, new = dates[-1]
+        kind = spec.modalities[m].kind if m in spec.modalities else "image"
+        things, of_format, device, _ = PAYLOAD_WORDS.get(kind, PAYLOAD_WORDS["image"])
+        found = ", ".join(sorted(new, key=lambda f: -new[f]))
+        out.problems.append(f"modality '{m}': {things} {of_format} their version's training {things} (almost) never "
+                            f"had on {len(dates)} recent date(s): {named_dates([d[0] for d in dates])} - on {day} "
+                            f"{count} of {held} ({count / held:.0%}; {found}): a {device} replaced or reconfigured? "
+                            f"Restore its setting, or train a version on days with such {things}")
 
 
 def _unmet(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

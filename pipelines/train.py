@@ -42,7 +42,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import (TRAINED_FRAME_SIZES, UNREADABLE, entity_casts, merge_frame_sizes, read_shard,
+from pipelines.ingest import (TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats, read_shard,
                               require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
@@ -68,15 +68,16 @@ class AlignedShard(NamedTuple):
     batches: Iterator[pl.DataFrame]     # the shard's aligned rows, a slice of ticks at a time
     counts: dict[str, int]              # its input quarantine counts per modality (and each file left out)
     decoded: dict[str, dict[bytes, np.ndarray | None]]   # the image frames its check decoded
-    frame_sizes: dict[str, dict[str, int]]               # per image modality, its own dates' frames per stored size
+    payload_formats: dict[str, dict[str, int]]           # per image or audio modality, its own dates' payloads per
+                                                         # stored format (a frame's size, a clip's sample rate)
 
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
                     incidents: KnownIncidents | None = None) -> AlignedShard:
     """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine
     counts per modality (and, under the reason, 1 for each file left out as no Parquet: `unreadable_files: skip`,
-    `left_out_files`), the image frames its check decoded (for `featurize(..., decoded=)`) and per image modality
-    its own dates' usable frames per stored size (`ingest.count_frame_sizes`). With
+    `left_out_files`), the image frames its check decoded (for `featurize(..., decoded=)`) and per image or audio
+    modality its own dates' usable payloads per stored format (`ingest.count_payload_formats`). With
     `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they
     empty is skipped."""
     inputs = read_shard(shard, spec, storage)
@@ -86,10 +87,10 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
     batches = (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec))
     if incidents is not None:
         batches = (kept for kept in (incidents.without(aligned, spec) for aligned in batches) if kept.height)
-    sizes: dict[str, dict[str, int]] = {}
-    for day in inputs.frame_sizes.values():
-        merge_frame_sizes(sizes, day)
-    return AlignedShard(batches, counts, inputs.decoded, sizes)
+    formats: dict[str, dict[str, int]] = {}
+    for day in inputs.payload_formats.values():
+        merge_payload_formats(formats, day)
+    return AlignedShard(batches, counts, inputs.decoded, formats)
 
 
 def left_out_files(counts: dict[str, int], days: str) -> dict[str, int]:
@@ -140,14 +141,14 @@ def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.T
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
                         labels: pl.DataFrame | None, incidents: KnownIncidents | None = None,
-                        seen: dict[str, int] | None = None, sizes: dict[str, dict[str, int]] | None = None):
+                        seen: dict[str, int] | None = None, formats: dict[str, dict[str, int]] | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
     ticks that have at least one modality present (and, with `incidents`, none in or just after a known one);
-    `seen`, when given, gets each entity's modalities present at them (`entity_modalities`), `sizes` its image
-    modalities' frames per stored size (`ingest.count_frame_sizes`)."""
-    batches, _, decoded, frame_sizes = aligned_batches(shard, spec, storage, incidents)
-    if sizes is not None:
-        merge_frame_sizes(sizes, frame_sizes)
+    `seen`, when given, gets each entity's modalities present at them (`entity_modalities`), `formats` its image and
+    audio modalities' payloads per stored format (`ingest.count_payload_formats`)."""
+    batches, _, decoded, payload_formats = aligned_batches(shard, spec, storage, incidents)
+    if formats is not None:
+        merge_payload_formats(formats, payload_formats)
     for aligned in batches:
         if seen is not None:
             merge_entity_modalities(seen, entity_modalities(aligned, spec))
@@ -167,21 +168,21 @@ def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], label
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
     out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
     context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, and its
-    image modalities' frames per stored size)."""
+    image and audio modalities' payloads per stored format)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
     seen: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {}
+    formats: dict[str, dict[str, int]] = {}
 
     def parts():
         nonlocal positives, present
-        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, sizes):
+        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, formats):
             if "label" in part:
                 positives += int(part["label"].sum())
             present = present + part["mask"].sum(0)
             yield part
 
     rows = write_features(storage, path, parts())
-    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, sizes
+    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats
 
 
 class TrainingFeatures(NamedTuple):
@@ -192,7 +193,7 @@ class TrainingFeatures(NamedTuple):
     left_out: int                       # ticks left out in or just after a known incident
     present: dict[str, int]             # per modality, the ticks it is present at
     entities: dict[str, int]            # per entity key, its modalities present at any tick (`entity_modalities`)
-    frame_sizes: dict[str, dict[str, int]]   # per image modality, its usable frames per stored size
+    payload_formats: dict[str, dict[str, int]]   # per image or audio modality, its usable payloads per stored format
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
@@ -212,13 +213,13 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     display.close()
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
     entities: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {}
+    formats: dict[str, dict[str, int]] = {}
     for c in counts:
         merge_entity_modalities(entities, c[4])
-        merge_frame_sizes(sizes, c[5])
+        merge_payload_formats(formats, c[5])
     return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
                             sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))), entities,
-                            sizes)
+                            formats)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -619,7 +620,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives, train_left_out, present, entities, frame_sizes = write_training_features(
+        files, positives, train_left_out, present, entities, payload_formats = write_training_features(
             spec, train_shards, bucket_stats, labels, join(staging.folder, "features"), incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
@@ -670,7 +671,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                 "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined, "warnings": list(warned.lines),
-                    **({TRAINED_FRAME_SIZES: frame_sizes} if frame_sizes else {})}
+                    **({TRAINED_FORMATS: payload_formats} if payload_formats else {})}
     finally:
         staging.close()
     version = Registry(spec.registry, storage).save(model, manifest, statistics, promote=promote)

@@ -2300,6 +2300,7 @@ def test_payloads_kept_as_files_are_read_for_the_rows_a_shard_keeps(tmp_path, ti
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     (clip,) = got.tables["mic"]["wave"].to_list()
     assert np.abs(np.array(clip) - tone).max() < 4e-5
+    assert got.payload_formats == {"2024-01-02": {"mic": {"16000 Hz": 1}}}     # the usable file's stored rate
     assert sorted(got.quarantined["reason"].to_list()) == ["undecodable audio in column 'wave'",
                                                            "undecodable audio in column 'wave'"]
     nowhere = replace(spec, modalities={"mic": replace(mic, payload_root=str(tmp_path / "nowhere"))})
@@ -2413,15 +2414,19 @@ def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
         read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
 
 
-def test_frames_are_counted_by_their_stored_size_read_from_the_header():
-    """`frame_size` reads an image's size from its header (PNG, JPEG), None for bytes that are no image; the counts
-    open each distinct frame once and add up over shards."""
+def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_from_the_header(tmp_path, tiny_spec):
+    """`frame_size` reads an image's size from its header (PNG, JPEG), `wav_format` a WAV clip's sample rate, None for
+    bytes that are no such file; each distinct frame is opened once, the counts add up over shards, and `read_shard`
+    counts its own date's usable clips per stored rate (a clip stored as numbers has none)."""
+    import datetime as dt
     import io
+    from dataclasses import replace
 
     from PIL import Image
 
-    from dmafn.features import frame_size
-    from pipelines.ingest import count_frame_sizes, merge_frame_sizes
+    from dmafn.features import frame_size, wav_format
+    from pipelines.ingest import count_payload_formats, frame_formats, merge_payload_formats, read_shard
+    from pipelines.storage import Storage
 
     def encoded(size, kind):
         buf = io.BytesIO()
@@ -2431,11 +2436,25 @@ def test_frames_are_counted_by_their_stored_size_read_from_the_header():
     small, wide = encoded((16, 16), "PNG"), encoded((64, 48), "JPEG")
     assert (frame_size(small), frame_size(wide), frame_size(b"\x89PNG garbage"), frame_size(None)) == (
         "16x16", "64x48", None, None)
-    cache = {}
-    counts = count_frame_sizes([small, small, wide, b"junk"], cache, {})
-    assert counts == {"16x16": 2, "64x48": 1} and set(cache) == {small, wide, b"junk"}
-    assert merge_frame_sizes({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
+    cache = {small: "16x16"}                                            # as undecodable_images left it
+    counts = count_payload_formats(frame_formats([small, small, wide, b"junk"], cache), {})
+    assert counts == {"16x16": 2, "64x48": 1} and cache == {small: "16x16", wide: "64x48", b"junk": None}
+    assert merge_payload_formats({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
         "cam": {"16x16": 3, "64x48": 1}, "cam2": {"8x8": 3}}
+    slow, fast = _wav(np.sin(np.linspace(0, 20, 800)), 8_000, 16), _wav(np.sin(np.linspace(0, 20, 1600)), 16_000, 16)
+    assert (wav_format(slow), wav_format(_wav(np.zeros(10), 44_100, 24, 2, extensible=True)), wav_format(b"RIFF"),
+            wav_format(None)) == ("8000 Hz", "44100 Hz", None, None)
+    mic = replace(tiny_spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000,
+                  path=str(tmp_path / "mic"))
+    spec = replace(tiny_spec, modalities={"mic": mic})
+    day = 1_704_153_600_000_000                                   # 2024-01-02 00:00 UTC
+    _write(tmp_path / "mic" / "date=2024-01-02" / "part-0.parquet",
+           pa.table({"machine_id": ["a"] * 4, "ts": pa.array([day + i * 60_000_000 for i in range(1, 5)],
+                                                               pa.timestamp("us", tz="UTC")),
+                     "wave": [fast, fast, slow, b"RIFF....WAVEjunk"]}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.payload_formats == {"2024-01-02": {"mic": {"16000 Hz": 2, "8000 Hz": 1}}}     # the junk quarantined
+    assert got.quarantined.height == 1 and "_format" not in got.tables["mic"].columns
 
 
 def test_a_page_damaged_in_storage_fails_its_checksum_and_names_the_row_group_and_column(tmp_path, tiny_spec):

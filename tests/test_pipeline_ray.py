@@ -734,22 +734,22 @@ def test_an_entity_new_since_training_is_named_counted_and_recorded(trained, tmp
 
 def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_recorded(trained, scored, tmp_path,
                                                                                        caplog):
-    """The version keeps its training frames' sizes (`input_frame_sizes`); the camera sending half-size frames on the
-    scored day is warned of (they are resized and scored all the same) and recorded in the runs table; the
-    fleet's own frames are no warning (the `scored` run)."""
+    """The version keeps its training frames' sizes (`input_payload_formats`); the camera sending half-size frames on
+    the scored day is warned of (they are resized and scored all the same) and recorded in the runs table; the
+    fleet's own frames are no warning (the `scored` run). An audio modality's lines speak of clips and rates."""
     import io
 
     from PIL import Image
 
     from pipelines.registry import Registry
-    from pipelines.score import new_frame_sizes, new_frame_sizes_lines, score_date
+    from pipelines.score import new_payload_formats, new_payload_formats_lines, score_date
     from pipelines.storage import Storage
 
     spec, version, _ = trained
     manifest = Registry(spec.registry, Storage()).load(version).manifest
-    assert list(manifest["input_frame_sizes"]) == ["camera"] and list(manifest["input_frame_sizes"]["camera"]) == [
-        "16x16"]
-    assert list(scored.frame_sizes["camera"]) == ["16x16"] and scored.new_frame_sizes == {}
+    assert manifest["input_payload_formats"].keys() == {"camera"}
+    assert list(manifest["input_payload_formats"]["camera"]) == ["16x16"]
+    assert list(scored.payload_formats["camera"]) == ["16x16"] and scored.new_payload_formats == {}
 
     def halved(table):
         out = []
@@ -763,17 +763,24 @@ def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_re
     moved = replace(moved, score=replace(moved.score, runs=str(tmp_path / "runs")))
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         result = score_date(moved, DAY3)
-    frames = result.frame_sizes["camera"]["8x8"]
-    assert result.frame_sizes == {"camera": {"8x8": frames}} and result.new_frame_sizes == {"camera": {"8x8": frames}}
+    frames = result.payload_formats["camera"]["8x8"]
+    assert result.payload_formats == result.new_payload_formats == {"camera": {"8x8": frames}}
     assert f"2024-01-03: modality 'camera': {frames} of its {frames} frames (100%) are of a size model version " \
         f"{version}'s training frames (almost) never had: 8x8 ({frames})" in caplog.text
     runs = pl.read_delta(str(tmp_path / "runs"))
-    assert runs["new_frame_sizes"].to_list() == [f'{{"camera": {{"8x8": {frames}}}}}']
-    assert new_frame_sizes({"camera": {"16x16": 9}}, manifest) == {} and new_frame_sizes({}, {}) is None
-    odd = {"input_frame_sizes": {"camera": {"16x16": 995, "8x8": 5}}}     # a few odd training frames: not known
-    assert new_frame_sizes({"camera": {"8x8": 7, "16x16": 1}}, odd) == {"camera": {"8x8": 7}}
-    assert new_frame_sizes_lines(replace(result, new_frame_sizes={"camera": {"8x8": 1}},
-                                         frame_sizes={"camera": {"8x8": 1, "16x16": 199}}), version) == []
+    assert runs["new_payload_formats"].to_list() == [f'{{"camera": {{"8x8": {frames}}}}}']
+    assert new_payload_formats({"camera": {"16x16": 9}}, manifest) == {} and new_payload_formats({}, {}) is None
+    odd = {"input_payload_formats": {"camera": {"16x16": 995, "8x8": 5}}}     # a few odd training frames: not known
+    assert new_payload_formats({"camera": {"8x8": 7, "16x16": 1}}, odd) == {"camera": {"8x8": 7}}
+    kinds = {"camera": "image", "mic": "audio"}
+    few = replace(result, new_payload_formats={"camera": {"8x8": 1}},
+                  payload_formats={"camera": {"8x8": 1, "16x16": 199}})
+    assert new_payload_formats_lines(few, version, kinds) == []
+    (line,) = new_payload_formats_lines(replace(result, new_payload_formats={"mic": {"8000 Hz": 50}},
+                                                payload_formats={"mic": {"8000 Hz": 50, "16000 Hz": 50}}), "v", kinds)
+    assert line.startswith("2024-01-03: modality 'mic': 50 of its 100 clips (50%) are recorded at a sample rate model "
+                           "version v's training clips (almost) never had: 8000 Hz (50) - a microphone replaced or "
+                           "reconfigured? They were resampled to the modality's sample_rate and scored")
 
 
 def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(trained, tmp_path, caplog):

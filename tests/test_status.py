@@ -2,6 +2,7 @@
 runs table (Delta, in a temp folder) and registry folders, without Ray."""
 import datetime as dt
 import json
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -233,18 +234,25 @@ def test_status_tells_keys_a_source_respelled_from_new_machines_and_names_keys_t
 
 
 def test_status_names_an_image_modality_whose_frames_came_in_a_size_the_version_never_trained_on(tmp_path):
-    """The runs table's `new_frame_sizes` beside the modality's usable rows: over 1 % of a date's frames of a size
+    """The runs table's `new_payload_formats` beside the modality's usable rows: over 1 % of a date's frames of a size
     the version's training frames never had is a problem (a camera replaced or reconfigured); a few are not."""
     spec, _ = _spec(tmp_path)
     _version(tmp_path, NEW)
-    _run(spec, "2024-01-04", version=NEW, modality_rows={"proc": 900, "cam": 1000}, new_frame_sizes={"cam": {"8x8": 5}})
+    _run(spec, "2024-01-04", version=NEW, modality_rows={"proc": 900, "cam": 1000},
+         new_payload_formats={"cam": {"8x8": 5}})
     _run(spec, "2024-01-05", version=NEW, modality_rows={"proc": 900, "cam": 1000},
-         new_frame_sizes={"cam": {"8x8": 600, "9x9": 100}})
+         new_payload_formats={"cam": {"8x8": 600, "9x9": 100}})
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         "modality 'cam': frames of a size their version's training frames (almost) never had on 1 recent date(s): "
         "2024-01-05 - on 2024-01-05 700 of 1000 (70%; 8x8, 9x9): a camera replaced or reconfigured? Restore its "
         "setting, or train a version on days with such frames"]          # 2024-01-04's 0.5 % is no problem
+    mic = replace(spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000)
+    _run(spec, "2024-01-06", version=NEW, modality_rows={"mic": 200}, new_payload_formats={"mic": {"8000 Hz": 200}})
+    audio = scoring_status(replace(spec, modalities={**spec.modalities, "mic": mic}), Storage(), days=1).problems
+    assert audio == ["modality 'mic': clips recorded at a sample rate their version's training clips (almost) never "
+                     "had on 1 recent date(s): 2024-01-06 - on 2024-01-06 200 of 200 (100%; 8000 Hz): a microphone "
+                     "replaced or reconfigured? Restore its setting, or train a version on days with such clips"]
 
 
 def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
