@@ -31,7 +31,8 @@ from pipelines.ingest import entity_string, reason_kind
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
-from pipelines.score import ENTITIES_WITHOUT, MODALITY_SHARE, PRESENT_SHARE, USABLE_ROWS
+from pipelines.score import (ENTITIES_WITHOUT, MODALITY_SHARE, NEW_PAYLOAD_FORMATS, PRESENT_SHARE, UNMET_KEYS,
+                             UNSEEN_RESPELLED, USABLE_ROWS)
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -488,8 +489,8 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     shares = [*RUN_SHARES, *by_modality]
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
                         "input_rows_quarantined", "input_rows", "input_rows_misplaced", "input_files", "anomalies",
-                        "entities", "unseen_entities", *shares, *coverage, "duration_s", "run_id", "finished_at",
-                        "error"]
+                        "entities", "unseen_entities", UNSEEN_RESPELLED, *shares, *coverage, NEW_PAYLOAD_FORMATS,
+                        UNMET_KEYS, "duration_s", "run_id", "finished_at", "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
@@ -500,7 +501,12 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'modality, the share of its smoothed contributions above their validation median); unseen_entities: '
             'entities the version has no statistics of their own for (new machines, scored by the fleet\'s: they '
             'alarm more, at unseen_entity_alarm_rate, until they are enrolled, dmafn enroll, or a version is '
-            'trained on days that hold them); input_rows_misplaced: of the input_rows its partitions held, those '
+            'trained on days that hold them; unseen_respelled of them are spelled like a trained entity but for '
+            'case, spaces, separators or padding zeros: a source that changed how it writes its keys, to be mended '
+            'there); unmet_keys: the date\'s warnings of entity keys whose modalities never met; '
+            'new_payload_formats: per image or audio modality, its frames of sizes (clips of sample rates) the '
+            'version\'s training payloads (almost) never had - a camera or microphone replaced or reconfigured; '
+            'input_rows_misplaced: of the input_rows its partitions held, those '
             'timed outside their date partition (quarantined; many at the edges of every day: the lake is filed by '
             'another calendar than the spec\'s timezone, or by arrival beyond its lateness); per modality '
             'usable_rows_ (its usable rows in the date\'s partitions: 0, the date was scored without it), '

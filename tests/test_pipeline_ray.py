@@ -1062,6 +1062,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     assert re.search(r"<td[^>]*>\d+\.\d\d %</td>", runs)                  # the shares as percentages
     assert all(f"{c}_camera" in runs for c in ("usable_rows", "present_share", "entities_without"))
     assert "input_files" in runs and "keys_without_modality" not in runs
+    assert all(c in runs for c in ("unseen_respelled", "new_payload_formats", "unmet_keys"))
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     # event times in the spec's timezone: the same events, 5 hours earlier on New York's clock
