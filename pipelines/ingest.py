@@ -77,8 +77,7 @@ _EXPECTED = {
     "tabular": (_is_number_or_text, "a number (or its text, or true/false)"),
     "timeseries": (_is_number_or_text, "a number (or its text, or true/false)"),
     "image": (_is_bytes_or_text, "binary (PNG, JPEG, TIFF, BMP, GIF or WebP bytes, or their base64 text)"),
-    "text": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-             or pa.types.is_large_binary(t), "a string (or UTF-8 bytes)"),
+    "text": (_is_bytes_or_text, "a string (or UTF-8 bytes)"),
     "audio": (lambda t: _is_list_of_numbers(t) or _is_bytes_or_text(t), "a list of floats (or WAV bytes, or their "
               "base64 text)"),
     "file": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),     # `payload: file`
@@ -523,10 +522,11 @@ def merge_payload_formats(into: dict[str, dict[str, int]],
 
 
 def undecodable_images(rows: pl.DataFrame, m: ModalitySpec, decoded: dict[bytes, np.ndarray | None] | None = None,
-                       sizes: dict[bytes, str | None] | None = None) -> pl.DataFrame:
+                       formats_of: dict[bytes, str | None] | None = None) -> pl.DataFrame:
     """Usable image rows whose bytes do not decode (a PNG header followed by garbage) get a reason. The
     decoded frames are kept in `decoded` (keyed by their bytes) for featurize, which then decodes none again, and
-    with `sizes` their stored sizes (`frame_size`), keyed by the same bytes objects (no second copy of a frame)."""
+    with `formats_of` their stored sizes (`frame_size`), keyed by the same bytes objects (no second copy of a
+    frame)."""
     decoded = {} if decoded is None else decoded
     usable = rows[REASON].is_null().to_numpy()
     frames = rows[m.column].to_list()
@@ -534,8 +534,8 @@ def undecodable_images(rows: pl.DataFrame, m: ModalitySpec, decoded: dict[bytes,
     for ok, frame in zip(usable, frames):
         if ok and frame not in decoded:
             decoded[frame] = decode_pixels(frame, m)
-            if sizes is not None:
-                sizes[frame] = frame_size(frame)
+            if formats_of is not None:
+                formats_of[frame] = frame_size(frame)
         broken.append(bool(ok) and decoded[frame] is None)
     reason = pl.lit(f"undecodable image in column '{m.column}'")
     return rows.with_columns(pl.when(pl.Series(broken, dtype=pl.Boolean)).then(reason).otherwise(pl.col(REASON))

@@ -135,15 +135,15 @@ def _has(modality: str) -> pl.Expr:
     return pl.col("modalities").list.contains(modality)
 
 
-def unseen_entities(per_entity: pl.DataFrame, entity: tuple[str, ...] | list[str],
-                    known: set[str]) -> UnseenEntities | None:
-    """The entities of `per_entity` (`entity_alarms`) whose keys are not in `known` (the version's entities with
-    statistics of their own, `dmafn.features.entity_keys`), with their ticks and alarms; None when the version keeps
+def unseen_entities(per_entity: pl.DataFrame, keys: list[str], known: set[str]) -> UnseenEntities | None:
+    """The entities of `per_entity` (`entity_alarms`; `keys`: its rows' keys, `entity_key`) whose keys are not in
+    `known` (the version's entities with statistics of their own, `dmafn.features.entity_keys`), with their ticks and
+    alarms; None when the version keeps
     no per-entity statistics at all (every entity scores by the fleet's alike). Those spelled like a known key but
     for case, spaces, separators or padding zeros are counted and named with it (`entity_keys.respelled_keys`)."""
     if not known:
         return None
-    keys = np.asarray(entity_key(per_entity.select(entity).to_arrow(), entity), object)
+    keys = np.asarray(keys, object)
     new = np.fromiter((k not in known for k in keys), bool, len(keys))
     rows = per_entity.filter(pl.Series(new))
     respelled = respelled_keys(list(keys[new]), known)
@@ -226,11 +226,11 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
             counts.with_score, counts.above_validation_median = score_position(out.column("score"), mv.calibration)
             counts.modality_above = contribution_positions(out, mv.calibration)
             per_entity = entity_alarms(out, spec.entity, own_modalities)
-            counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, spec.entity, known)
+            keys = entity_key(per_entity.select(spec.entity).to_arrow(), spec.entity)     # in its rows' order
+            counts.entities, counts.unseen = per_entity.height, unseen_entities(per_entity, keys, known)
             counts.modality_present, counts.without_modality = modality_presence(out, per_entity, spec.entity,
                                                                                  own_modalities)
-            counts.entity_modalities = scored_entity_modalities(
-                per_entity, entity_key(per_entity.select(spec.entity).to_arrow(), spec.entity), own_modalities)
+            counts.entity_modalities = scored_entity_modalities(per_entity, keys, own_modalities)
             counts.output_files.append(_write(storage, out_uri, out, day, f"{run_id}-{shard.bucket}"))
             result.output_schema = out.schema
         quarantine = quarantine_rows(bad, ingest, spec, run_id=run_id, version=mv.version,

@@ -686,7 +686,7 @@ def test_modality_presence_counts_ticks_present_and_the_entities_a_modality_miss
 
 
 def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
-    from dmafn.features import entity_keys
+    from dmafn.features import entity_key, entity_keys
     from pipelines.score import DateResult, unseen_entities_warning
     from pipelines.score_steps import entity_alarms, unseen_entities
     from pipelines.shards import UnseenEntities
@@ -697,9 +697,10 @@ def test_unseen_entities_are_counted_from_keys_the_statistics_hold_parts_of():
     assert entity_keys({"modalities": {"proc": {"global": {}}}}) == set()
     out = pa.table({"site": ["a", "a", "b", "a"], "machine": [1, 2, 9, 9], "is_anomaly": [True, False, True, False]})
     per_entity = entity_alarms(out, ("site", "machine"))
-    found = unseen_entities(per_entity, ("site", "machine"), {"a|1", "a|2"})   # keys as `entity_key` writes them
+    keys = entity_key(per_entity.select("site", "machine").to_arrow(), ("site", "machine"))
+    found = unseen_entities(per_entity, keys, {"a|1", "a|2"})                  # keys as `entity_key` writes them
     assert (found.entities, found.ticks, found.anomalies, found.named) == (2, 2, 1, ["a|9", "b|9"])
-    assert unseen_entities(per_entity, ("site", "machine"), set()) is None     # no per-entity statistics: no fallback
+    assert unseen_entities(per_entity, keys, set()) is None                    # no per-entity statistics: no fallback
     both = found.add(UnseenEntities(1, 2, 0, ["a|3"]))                       # another shard of the date
     assert unseen_entities_warning(DateResult("2024-01-03", 4, 4, 0, 2, 0.0, unseen=both), "v1") == (
         "2024-01-03: 3 entities not in model version v1's training data (a|3, a|9, b|9; 4 ticks, 25.0% of them "
@@ -1210,7 +1211,7 @@ def test_scored_entities_give_their_modalities_as_bits_and_respelled_keys_their_
     known = {"pump-01", "pump-007", "pump-2"}
     assert respelled_keys(["PUMP-01", "pump_7", "pump-3"], known) == [("PUMP-01", "pump-01"), ("pump_7", "pump-007")]
     assert respelled_keys([], known) == []
-    unseen = unseen_entities(per_entity, ["machine_id"], known)
+    unseen = unseen_entities(per_entity, keys, known)
     assert (unseen.entities, unseen.respelled, unseen.respelled_named) == (
         2, 2, [("PUMP-01", "pump-01"), ("pump_7", "pump-007")])
     both = unseen.add(unseen)
