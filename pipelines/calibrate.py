@@ -35,7 +35,7 @@ from dmafn.spec import Spec
 from dmafn.validation import (GATHER_MAX, SPLIT_BINS, ArrayValues, cut_intervals, excess_moments,
                              quantiles_from_ranks, select_ranks, sorted_part_sample)
 from pipelines.align import KnownIncidents
-from pipelines.ingest import UNREADABLE, entity_string
+from pipelines.ingest import LEFT_OUT, entity_string
 from pipelines.progress import ProgressDisplay
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import Shard
@@ -63,7 +63,7 @@ class ShardPart:
 def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
     batches, counts, decoded, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
-    unreadable = {why: 1 for why in counts if why.startswith(UNREADABLE)}      # files left out, warned of
+    unreadable = {why: 1 for why in counts if why.startswith(LEFT_OUT)}    # files, row groups left out: warned of
     keys, raws, outliers = [], [], 0
     for aligned in batches:
         features = featurize(aligned.to_arrow(), spec, stats, decoded)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import datetime as dt
 import re
 from dataclasses import dataclass, field, replace
@@ -20,12 +21,12 @@ import pyarrow.compute as pc
 from dmafn.features import decode_pixels, decode_wav, frame_size, wav_format
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
-from pipelines.parquet_files import (ABSENT, UnreadableFile, each_row_group, each_schema, field_of, file_values,
-                                     in_file, open_parquet, row_groups_before, row_groups_between, row_groups_since,
-                                     with_path_fields)
+from pipelines.parquet_files import (ABSENT, DamagedRowGroup, UnreadableFile, each_row_group_part, each_schema,
+                                     field_of, file_values, in_file, open_parquet, row_groups_before,
+                                     row_groups_between, row_groups_since, with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
-from pipelines.shards import Shard, in_bucket, row_groups_in_bucket
+from pipelines.shards import Shard, bucket_of, in_bucket, row_group_entity, row_groups_in_bucket
 from pipelines.storage import DataError, Storage
 from pipelines.stored_times import formats_shown, is_count, times_from_stored
 
@@ -433,10 +434,13 @@ def misplaced(rows: pl.DataFrame, date, zone: str = "UTC", lateness_us: int = 0)
 
 def reason_kind(reason: pl.Expr) -> pl.Expr:
     """A quarantine reason as its kind: the stored value it names (a text, a count, a wall-clock time) as `a value`, a
-    payload file that cannot be read (`payload: file`) and an input file left out as no Parquet (`UNREADABLE`)
-    without its name and error, a file's note of a column it lacks or of its rows kept for their other values
-    (`partly_rows`) as the reason of such a row."""
+    payload file that cannot be read (`payload: file`), an input file left out as no Parquet (`UNREADABLE`) and a row
+    group left out as damaged (`DAMAGED`; a look-back day's: `DAMAGED_AROUND`) without its name and error, a file's
+    note of a column it lacks or of its rows kept for their other values (`partly_rows`) as the reason of such a
+    row."""
     return (reason.str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
+            .str.replace(rf"^{DAMAGED} in '.* \(read around the date\): .*$", DAMAGED_AROUND)
+            .str.replace(f"^{DAMAGED} in '.*$", DAMAGED)
             .str.replace(r"^(column '[^']*') is not in file '.*' \(added to its table since it was written\).*$",
                          "${1} is not in files written before it was added to their table")
             .str.replace(rf"^(.* \({PARTLY_USED}\)): \d+ rows of file '.*', \S+ to \S+$", "${1}")
@@ -587,6 +591,9 @@ def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
 
 
 UNREADABLE = "unreadable Parquet file"   # the reason of a file left out by `unreadable_files: skip`
+DAMAGED = "damaged Parquet pages"         # ... and of a row group whose pages do not decode from its bytes
+DAMAGED_AROUND = f"{DAMAGED} read around the date"   # ... a look-back or look-ahead day's (its kind, 1 a row group)
+LEFT_OUT = (UNREADABLE, DAMAGED)          # what `unreadable_files: skip` leaves out, each named in the quarantine
 # a shard's quarantined input rows (`ShardInputs.quarantined`)
 QUARANTINED = {"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String,
                "rows": pl.Int64}       # `rows`: the input rows a quarantine row counts for (`partly_rows`)
@@ -602,11 +609,31 @@ def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list
     return file_row(reason, source, date if own else min(dates))
 
 
-def file_row(reason: str, source: str, date: dt.date) -> pl.DataFrame:
+def damaged_row_group(exc: DamagedRowGroup, source: str, date: dt.date, dates: list[dt.date]) -> pl.DataFrame:
+    """The quarantine row of an input file's row group whose pages do not decode from its bytes (`DamagedRowGroup`),
+    left out under `unreadable_files: skip` (no entity, no time): under its own date, counting the row group's rows,
+    or - a look-back or look-ahead day's - under the first of the shard's `dates`, whose ticks it would have fed,
+    counting 1 (its rows are not the date's; `reason_kind` folds it as `DAMAGED_AROUND`)."""
+    own = date in dates
+    reason = (f"{DAMAGED} in '{exc.path}' row group {exc.row_group}"
+              + (f", column '{exc.column}'" if exc.column else "")
+              + ("" if own else f" of {date.isoformat()} (read around the date)")
+              + f": {exc.reason} - its {exc.rows} rows left out (unreadable_files: skip)")
+    return file_row(reason, source, date if own else min(dates), exc.rows if own else 1)
+
+
+def noting_bucket(parquet, keys: list[str], row_group: int, buckets: int, values: dict[str, str | None]) -> int:
+    """The entity bucket (of `buckets`) that names a damaged row group: the one that owns its entity where its
+    statistics (or the file's folders) show one, else the first - every bucket whose entities it may hold reads it."""
+    key = row_group_entity(parquet, keys, row_group, values) if buckets > 1 else None
+    return 0 if key is None else bucket_of(key, buckets)
+
+
+def file_row(reason: str, source: str, date: dt.date, rows: int = 1) -> pl.DataFrame:
     """A quarantine row about a file, not a row of it (no entity, no time): `source` its modality, `date` the date
-    it is noted under."""
+    it is noted under, `rows` the input rows it counts for (a file whose bytes are no Parquet: 1)."""
     return pl.DataFrame({"entity": [None], TIME: [None], "date": [date.isoformat()], "source": [source],
-                         "reason": [reason], "rows": [1]}, schema=QUARANTINED)
+                         "reason": [reason], "rows": [rows]}, schema=QUARANTINED)
 
 
 def quarantined_input(rows: pl.DataFrame, spec: Spec, source: str, date: pl.Expr, reason: pl.Expr) -> pl.DataFrame:
@@ -702,8 +729,23 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                for part in (as_read(p, stored) for p in each_row_group(parquet, f.path, list(stored), groups, fs,
-                                                                        f.deleted, values)):
+                group, before = None, None
+                for r, part in each_row_group_part(parquet, f.path, list(stored), groups, fs, f.deleted, values):
+                    if r != group:      # a row group's first part: what was gathered before it, undone if damaged
+                        group, before = r, _Kept(usable, quarantined, noted, rows_read, usable_rows, row_digests,
+                                                 payload_formats)
+                    if isinstance(part, DamagedRowGroup):   # its pages do not decode from its bytes
+                        if spec.unreadable_files != "skip":
+                            raise part
+                        before.restore(usable, quarantined, noted, rows_read, usable_rows, row_digests,
+                                       payload_formats)
+                        if not m.context_of and shard.bucket == noting_bucket(
+                                parquet, [as_stored[k] for k in keys], r, shard.buckets, values):  # named once
+                            quarantined.append(damaged_row_group(part, name, f.date, shard.dates))
+                            if counted:
+                                rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + part.rows
+                        continue
+                    part = as_read(part, stored)
                     hashes = [row_hashes(part)] if counted else []    # each row as stored (`row_digests`)
                     table, unread_time = read_times(part, time, unit, wall_clock, written, keys)
                     plain = plain_values(table, m)
@@ -774,6 +816,22 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
         decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests,
         payload_formats=payload_formats)
+
+
+class _Kept:
+    """What `read_shard` had gathered before a row group, to undo what its parts added when it turns out damaged:
+    the lengths of its lists, copies of its counts."""
+
+    def __init__(self, usable: list, quarantined: list, noted: list, *counts: dict) -> None:
+        self.lengths = (len(usable), len(quarantined), len(noted))
+        self.counts = copy.deepcopy(counts)
+
+    def restore(self, usable: list, quarantined: list, noted: list, *counts: dict) -> None:
+        for kept, length in zip((usable, quarantined, noted), self.lengths):
+            del kept[length:]
+        for now, before in zip(counts, self.counts):
+            now.clear()
+            now.update(copy.deepcopy(before))
 
 
 def same_keys(rows: pl.DataFrame, spec: Spec, key_casts: tuple[tuple[str, str], ...] = ()) -> pl.DataFrame:

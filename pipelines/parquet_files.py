@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import logging
 import math
 import zoneinfo
@@ -36,6 +37,21 @@ class UnreadableFile(DataError):
 
     def __reduce__(self):           # pickled whole: a Ray task's error reaches the driver as this class
         return type(self), (self.path, self.reason)
+
+
+class DamagedRowGroup(DataError):
+    """A row group whose pages do not decode or verify from its bytes fetched anew into memory (`read_columns`): the
+    file's bytes are damaged there - not a read that failed on the way (a network error), which is a plain DataError.
+    `path`, `row_group`, `rows` (the row group's, less those a deletion vector removes), `column` (the one that fails
+    alone, '' when not one) and `reason` (what the reader said)."""
+
+    def __init__(self, path: str, row_group: int, rows: int, column: str, reason: str) -> None:
+        where = f"row group {row_group}" + (f", column '{column}'" if column else "")
+        super().__init__(f"{path}: not a readable Parquet file ({where}: {reason})")
+        self.path, self.row_group, self.rows, self.column, self.reason = path, row_group, rows, column, reason
+
+    def __reduce__(self):           # pickled whole: a Ray task's error reaches the driver as this class
+        return type(self), (self.path, self.row_group, self.rows, self.column, self.reason)
 
 
 class RepeatedColumn(DataError):
@@ -225,10 +241,13 @@ def flat_columns(table: pa.Table, columns: list[str]) -> pa.Table:
     return table
 
 
-def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
-                 row_groups: list[int] | None = None) -> pa.Table:
+def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
+                 filesystem: pafs.FileSystem | None = None) -> pa.Table:
     """The file's `columns` (of `row_groups` only, when given; a dotted name reads a field inside struct columns,
-    `field_of`); DataError naming the file and the row groups when its pages cannot be read, decoded or verified."""
+    `field_of`); DataError naming the file and the row groups when its pages cannot be read, decoded or verified.
+    With `filesystem` (the file's) and one row group, a read that fails is tried once more from the row group's bytes
+    fetched anew into memory (`_read_again`): the rows when they decode (the first read failed on the way),
+    `DamagedRowGroup` when they do not (the bytes are damaged)."""
     try:
         if row_groups is None:
             return flat_columns(parquet.read(columns=columns), columns)
@@ -236,8 +255,93 @@ def read_columns(parquet: pq.ParquetFile, path: str, columns: list[str],
             return flat_columns(parquet.schema_arrow.empty_table(), columns)
         return flat_columns(parquet.read_row_groups(row_groups, columns=columns), columns)
     except (OSError, pa.ArrowException, KeyError) as exc:
-        where = _groups(row_groups) + _failing_columns(parquet, row_groups, columns)
-        raise DataError(f"{path}: not a readable Parquet file ({where}{': ' if where else ''}{exc})") from None
+        if filesystem is not None and row_groups is not None and len(row_groups) == 1:
+            again = _read_again(parquet, path, columns, row_groups[0], filesystem, exc, keep=True)
+            if isinstance(again, pa.Table):
+                return flat_columns(again, columns)
+            if again is not None:
+                raise again from None
+        raise _read_failure(parquet, path, columns, row_groups, exc) from None
+
+
+def _read_failure(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None,
+                  exc: BaseException) -> DataError:
+    """The DataError of a failed read: the file, the row groups, the column that fails alone, what the reader said."""
+    where = _groups(row_groups) + _failing_columns(parquet, row_groups, columns)
+    return DataError(f"{path}: not a readable Parquet file ({where}{': ' if where else ''}{exc})")
+
+
+DECODE_ERRORS = (OSError, pa.ArrowInvalid)     # what a page that does not decode or verify raises (as a failed fetch)
+CHUNK_PADDING = 100       # bytes past a column chunk's end that a reader may ask for (old parquet-mr files' headers)
+
+
+class _FetchedChunks(io.RawIOBase):
+    """A file of `size` bytes of which only `pieces` ((offset, bytes), fetched beforehand) are held: what a reader of
+    one row group asks for. A read elsewhere gives zeros and sets `outside` (what it then says proves nothing)."""
+
+    def __init__(self, pieces: list[tuple[int, bytes]], size: int) -> None:
+        super().__init__()
+        self.pieces, self.size, self.position, self.outside = pieces, size, 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = offset + (0 if whence == io.SEEK_SET else self.position if whence == io.SEEK_CUR else self.size)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self.size - self.position))
+        held = next((data[self.position - at:self.position - at + count] for at, data in self.pieces
+                     if at <= self.position and self.position + count <= at + len(data)), None)
+        if held is None:
+            self.outside, held = True, bytes(count)
+        buffer[:count] = held
+        self.position += count
+        return count
+
+
+def _read_again(parquet: pq.ParquetFile, path: str, columns: list[str], row_group: int, filesystem: pafs.FileSystem,
+                exc: BaseException, keep: bool) -> pa.Table | DamagedRowGroup | None:
+    """After a read of `row_group` failed with `exc`: its column chunks fetched anew and decoded from memory, where no
+    network is in the way - the table when they decode (`keep`; else an empty one, decoded batch by batch and let go),
+    a `DamagedRowGroup` when they do not (the bytes are damaged), None when `exc` is not a decode error, the bytes
+    cannot be fetched, or the reader asked for bytes beyond the chunks (nothing is proven)."""
+    if not isinstance(exc, DECODE_ERRORS):
+        return None
+    group = parquet.metadata.row_group(row_group)
+    chunks = [group.column(j) for j in range(group.num_columns)]
+    chunks = [c for c in chunks if any(c.path_in_schema == n or c.path_in_schema.startswith(n + ".") for n in columns)]
+    try:
+        with filesystem.open_input_file(path) as source:
+            size = source.size()
+            starts = [c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset
+                      else c.data_page_offset for c in chunks]
+            pieces = [(at, source.read_at(min(c.total_compressed_size + CHUNK_PADDING, size - at), at))
+                      for at, c in zip(starts, chunks)]
+    except (OSError, pa.ArrowException):
+        return None
+    held = _FetchedChunks(pieces, size)
+    with pq.ParquetFile(held, metadata=parquet.metadata, page_checksum_verification=True, pre_buffer=False) as again:
+        try:
+            if keep:
+                return None if held.outside else again.read_row_groups([row_group], columns=columns)
+            rows = max(1, group.num_rows * PART_BYTES // max(1, uncompressed_bytes(parquet, row_group, columns)))
+            for _ in again.iter_batches(batch_size=rows, row_groups=[row_group], columns=columns):
+                pass
+            return None if held.outside else parquet.schema_arrow.empty_table()
+        except DECODE_ERRORS as damage:
+            reason = str(damage)
+        failing = [] if held.outside else _columns_failing(again, [row_group], columns)
+    if held.outside:
+        return None
+    return DamagedRowGroup(path, row_group, group.num_rows, failing[0] if len(failing) == 1 else "", reason)
 
 
 def _groups(row_groups: list[int] | None) -> str:
@@ -250,17 +354,24 @@ def _groups(row_groups: list[int] | None) -> str:
 def _failing_columns(parquet: pq.ParquetFile, row_groups: list[int] | None, columns: list[str]) -> str:
     """Of a read of `columns` that failed, the columns whose pages fail when each is read alone (', column ...' or
     ', columns ...'; '' where none or all of several do: the failure is not one column's)."""
-    if len(columns) < 2:
+    failing = _columns_failing(parquet, row_groups, columns)
+    if not failing:
         return ""
+    return (", column " if len(failing) == 1 else ", columns ") + ", ".join(f"'{c}'" for c in failing)
+
+
+def _columns_failing(parquet: pq.ParquetFile, row_groups: list[int] | None, columns: list[str]) -> list[str]:
+    """Of a read of `columns` that failed, the columns whose pages fail when each is read alone; none where all of
+    several do (the failure is not one column's)."""
+    if len(columns) < 2:
+        return []
     failing = []
     for c in columns:
         try:
             parquet.read(columns=[c]) if row_groups is None else parquet.read_row_groups(row_groups, columns=[c])
         except (OSError, pa.ArrowException, KeyError):
             failing.append(c)
-    if not failing or len(failing) == len(columns):
-        return ""
-    return (", column " if len(failing) == 1 else ", columns ") + ", ".join(f"'{c}'" for c in failing)
+    return [] if len(failing) == len(columns) else failing
 
 
 PART_BYTES = 16_000_000   # a row group whose columns hold more than this, uncompressed, is read in parts of about this
@@ -345,7 +456,11 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
         for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
             rows, size = parquet.metadata.row_group(r).num_rows, uncompressed_bytes(parquet, r, columns)
             if filesystem is None or size <= PART_BYTES or rows < 2:
-                yield _without(read_columns(parquet, path, columns, [r]), deleted, starts[r] if starts else 0)
+                try:
+                    yield _without(read_columns(parquet, path, columns, [r], filesystem), deleted,
+                                   starts[r] if starts else 0)
+                except DamagedRowGroup as damage:
+                    raise _less_deleted(damage, deleted, starts[r] if starts else 0) from None
                 continue
             try:
                 if streamed is None:
@@ -360,10 +475,34 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
                     at += batch.num_rows
                     batch = next(parts, None)
             except (OSError, pa.ArrowException, KeyError) as exc:
+                again = _read_again(parquet, path, columns, r, filesystem, exc, keep=False)
+                if isinstance(again, DamagedRowGroup):
+                    raise _less_deleted(again, deleted, starts[r] if starts else 0) from None
                 raise DataError(f"{path}: not a readable Parquet file ({_groups([r])}: {exc})") from None
     finally:
         if streamed is not None:
             streamed.close()
+
+
+def each_row_group_part(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
+                        filesystem: pafs.FileSystem | None = None, deleted: DeletedRows | None = None,
+                        values: dict[str, str | None] | None = None
+                        ) -> Iterator[tuple[int, pa.Table | DamagedRowGroup]]:
+    """`each_row_group`'s parts, each with its row group's number - and a row group whose pages do not decode from
+    its bytes (`filesystem` given) as its `DamagedRowGroup` in place of its further parts, the next read on."""
+    for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
+        try:
+            for part in each_row_group(parquet, path, columns, [r], filesystem, deleted, values):
+                yield r, part
+        except DamagedRowGroup as damage:
+            yield r, damage
+
+
+def _less_deleted(damage: DamagedRowGroup, deleted: DeletedRows | None, start: int) -> DamagedRowGroup:
+    """`damage` counting only the rows of its row group (from position `start` in the file) that `deleted` keeps."""
+    keep = None if deleted is None else deleted.kept(start, damage.rows)
+    return damage if keep is None else DamagedRowGroup(damage.path, damage.row_group, int(sum(keep)), damage.column,
+                                                       damage.reason)
 
 
 def _row_group_starts(parquet: pq.ParquetFile) -> list[int]:

@@ -146,7 +146,7 @@ def sample_payloads(storage: Storage, m: ModalitySpec, path: str, file_bytes: in
                        if field_of(parquet.schema_arrow, c) is not None), None)
         if column is not None:
             for r in range(parquet.metadata.num_row_groups):
-                values = read_columns(parquet, path, [column], [r]).column(0)
+                values = read_columns(parquet, path, [column], [r], storage.filesystem(m.path)).column(0)
                 for v in pc.unique(values.cast(pa.string())).to_pylist():
                     if v is not None and v.strip() and v not in names:
                         names.append(v)

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmafn.spec import Spec, held_name, with_stored_names
-from pipelines.parquet_files import UnreadableFile, each_row_group, file_values, open_parquet, with_path_fields
+from pipelines.parquet_files import (DamagedRowGroup, UnreadableFile, each_row_group, file_values, open_parquet,
+                                     with_path_fields)
 from pipelines.storage import Storage
 
 if TYPE_CHECKING:
@@ -131,12 +132,15 @@ def date_digests(spec: Spec, files: list[InputFile], columns: dict[str, list[str
                 out[f.modality] = None
                 continue
             time = read[wanted.index(spec.time_in(m))] if f.span is not None else None    # as the file names it
-            for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted, values):
-                # a file listed under each date its rows span: its rows of `f.date`
-                part = of_listed_date(part, time, spec.time_unit_in(m), spec.naive_zone_in(m),
-                                      spec.time_format_in(m), spec.timezone, f.date, f.span,
-                                      [read[wanted.index(k)] for k in spec.entity_in(m) if k in wanted])
-                out[f.modality].add(row_hashes(part))
+            try:
+                for part in each_row_group(parquet, f.path, read, groups, filesystem, f.deleted, values):
+                    # a file listed under each date its rows span: its rows of `f.date`
+                    part = of_listed_date(part, time, spec.time_unit_in(m), spec.naive_zone_in(m),
+                                          spec.time_format_in(m), spec.timezone, f.date, f.span,
+                                          [read[wanted.index(k)] for k in spec.entity_in(m) if k in wanted])
+                    out[f.modality].add(row_hashes(part))
+            except DamagedRowGroup:         # pages that do not decode now: its rows cannot be the ones scored
+                out[f.modality] = None
     return out
 
 

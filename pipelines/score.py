@@ -24,7 +24,8 @@ from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
-from pipelines.ingest import TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats, require_columns
+from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats,
+                              require_columns)
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -261,15 +262,45 @@ def unreadable_files(reasons: dict[str, int]) -> int:
     return sum(n for why, n in reasons.items() if why.endswith(f": {UNREADABLE}"))
 
 
-def unreadable_files_warning(result: DateResult, spec: Spec) -> str | None:
-    """A line when a date was scored without input files whose bytes are no Parquet (`unreadable_files: skip`):
-    how many, where they are named, and how to rescore it once they are mended."""
-    files = unreadable_files(result.unusable_reasons)
-    if not files:
+def damaged_rows(reasons: dict[str, int]) -> int | None:
+    """How many input rows a date's quarantine counts in row groups left out as damaged - pages that do not decode
+    from their bytes (`unreadable_files: skip`) -, from its unusable reasons; None where none was."""
+    hit = [n for why, n in reasons.items() if why.endswith(f": {DAMAGED}")]
+    return sum(hit) if hit else None
+
+
+def damaged_around(reasons: dict[str, int]) -> int:
+    """How many row groups of the days read around a date (its first ticks' look-back, rows filed late) a date's
+    quarantine names as left out as damaged (`unreadable_files: skip`), from its unusable reasons."""
+    return sum(n for why, n in reasons.items() if why.endswith(f": {DAMAGED_AROUND}"))
+
+
+def left_out_input(reasons: dict[str, int]) -> tuple[str, str] | None:
+    """What `unreadable_files: skip` left out of a date, from its unusable reasons: the words (how many files whose
+    bytes are no Parquet, how many rows in damaged row groups, how many damaged row groups of the days read around it)
+    and the reasons that name them; None where nothing."""
+    files, rows, around = unreadable_files(reasons), damaged_rows(reasons), damaged_around(reasons)
+    said = ([f"{files} input file(s) could not be read as Parquet (truncated, empty or another format)"] if files
+            else []) + ([f"{rows} input row(s) sat in row groups whose pages do not decode (damaged in storage)"]
+                        if rows is not None else []) + (
+        [f"{around} row group(s) of the days read around it (its first ticks' look-back) have pages that do not "
+         "decode"] if around else [])
+    if not said:
         return None
-    return (f"{result.date}: {files} input file(s) could not be read as Parquet (truncated, empty or another format) "
-            f"and were left out (unreadable_files: skip) - each named in the quarantine table "
-            f"({spec.score.quarantine_path}, reason '{UNREADABLE} ...'); once mended, a backfill over the date "
+    named = ((UNREADABLE, files), (DAMAGED, rows is not None or around))
+    return " and ".join(said), " or ".join(f"'{kind} ...'" for kind, n in named if n)
+
+
+def unreadable_files_warning(result: DateResult, spec: Spec) -> str | None:
+    """A line when a date was scored without input files whose bytes are no Parquet, or without row groups whose
+    pages do not decode (`unreadable_files: skip`): how many, where they are named, and how to rescore it once they
+    are mended."""
+    left_out = left_out_input(result.unusable_reasons)
+    if left_out is None:
+        return None
+    said, reasons = left_out
+    return (f"{result.date}: {said} and were left out (unreadable_files: skip) - each named in the quarantine table "
+            f"({spec.score.quarantine_path}, reason {reasons}); once mended, a backfill over the date "
             "rescores it (its partitions changed)")
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from dmafn.spec import ModalitySpec, Spec, voting_modalities
 from pipelines.delta_sink import DeletedRows
-from pipelines.parquet_files import RowTimes, UnreadableFile, column_chunk, field_of, list_table_files
+from pipelines.parquet_files import DamagedRowGroup, RowTimes, UnreadableFile, column_chunk, field_of, list_table_files
 from pipelines.payload_files import sample_listed
 from pipelines.row_digests import RowDigest
 from pipelines.storage import DataError, Storage
@@ -196,10 +196,11 @@ def payload_ratio(storage: Storage, m: ModalitySpec, listed: list) -> float:
     the rows of its largest listed file times the mean size of the payload files a sample of them names
     (`payload_files.sample_listed`); 0 without a file. A sample none of whose files exist is warned of (a wrong
     `payload_root`, say): the rows will be quarantined as their files cannot be read. A largest file whose bytes are
-    no Parquet leaves the shards sized by the table's bytes (its date's task fails or leaves it out)."""
+    no Parquet, or whose pages do not decode, leaves the shards sized by the table's bytes (its date's task fails or
+    leaves it out)."""
     try:
         sample = sample_listed(storage, m, listed)
-    except UnreadableFile as exc:
+    except (UnreadableFile, DamagedRowGroup) as exc:
         log.warning("modality '%s': %s - its payload files are not sampled, shards sized by the table's bytes",
                     m.name, exc)
         return 0.0

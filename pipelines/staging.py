@@ -36,8 +36,8 @@ import ray
 
 from dmafn.spec import Spec, with_stored_names
 from pipelines.ingest import as_read, check_schema, stored_names
-from pipelines.parquet_files import (UnreadableFile, each_row_group, file_values, in_file, open_parquet,
-                                     with_path_fields)
+from pipelines.parquet_files import (DamagedRowGroup, UnreadableFile, each_row_group, file_values, in_file,
+                                     open_parquet, with_path_fields)
 from pipelines.ray_runtime import raise_task_error
 from pipelines.shards import InputFile, Shard, bucket_numbers, row_group_entity
 from pipelines.storage import Storage, is_s3, join
@@ -119,19 +119,25 @@ def split_file(file: InputFile, spec: Spec, storage: Storage, buckets: int, fold
         pending.clear()
         flushes += 1
 
-    for part in each_row_group(parquet, file.path, list(names), [r for r, one in enumerate(single) if not one],
-                               source_fs, file.deleted, values):
-        part = as_read(part, names)             # a column renamed upstream: its pieces name it as it is now
-        numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
-        order = np.argsort(numbers, kind="stable")
-        part, numbers = part.take(pa.array(order)), numbers[order]
-        starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
-        for start, stop in zip(starts, [*starts[1:], len(numbers)]):
-            pending.setdefault(int(numbers[start]), []).append(part.slice(start, stop - start))
-        held += part.nbytes
-        if held > SPLIT_BUFFER_BYTES:
-            flush()
-            held = 0
+    try:
+        for part in each_row_group(parquet, file.path, list(names), [r for r, one in enumerate(single) if not one],
+                                   source_fs, file.deleted, values):
+            part = as_read(part, names)             # a column renamed upstream: its pieces name it as it is now
+            numbers = bucket_numbers(pl.from_arrow(part.select(keys)), keys, buckets).to_numpy()
+            order = np.argsort(numbers, kind="stable")
+            part, numbers = part.take(pa.array(order)), numbers[order]
+            starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]]) if len(numbers) else []
+            for start, stop in zip(starts, [*starts[1:], len(numbers)]):
+                pending.setdefault(int(numbers[start]), []).append(part.slice(start, stop - start))
+            held += part.nbytes
+            if held > SPLIT_BUFFER_BYTES:
+                flush()
+                held = 0
+    except DamagedRowGroup:
+        if spec.unreadable_files != "skip":
+            raise
+        return SplitFile(file, buckets, None)   # left as it is (pieces written go with the run's folder): its date's
+                                                # buckets read it in place and name its damaged row groups
     flush()
     return SplitFile(file, buckets, {b: tuple(files) for b, files in pieces.items()},
                      tuple(r for r, one in enumerate(single) if one))

@@ -28,8 +28,8 @@ from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
                              NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS, PAYLOAD_WORDS, RELISTED, UNMET_KEYS,
                              UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
-                             changed_inputs_line, named_dates, named_reasons, summed_counts, time_text_hint,
-                             unlike_validation_line, unreadable_files)
+                             changed_inputs_line, damaged_around, damaged_rows, left_out_input, named_dates,
+                             named_reasons, summed_counts, time_text_hint, unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -312,15 +312,22 @@ def _unusable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec, spec_path: s
 
 
 def _unreadable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
-    """A problem when recent dates were scored without input files whose bytes are no Parquet, left out by
-    `unreadable_files: skip` (`pipelines.score.unreadable_files_warning`): the dates and how many files."""
-    hit = [(row["date"], files) for row in recent.filter(pl.col("status") == "succeeded").iter_rows(named=True)
-           if row.get(UNUSABLE_REASONS) and (files := unreadable_files(json.loads(row[UNUSABLE_REASONS])))]
-    if hit:
-        out.problems.append(f"{len(hit)} recent date(s) were scored without {sum(n for _, n in hit)} input file(s) "
-                            f"that could not be read as Parquet (unreadable_files: skip): "
-                            f"{named_dates([d for d, _ in hit])} - each named in the quarantine table "
-                            f"({spec.score.quarantine_path}); once mended, a backfill over the dates rescores them")
+    """A problem when recent dates were scored without input files whose bytes are no Parquet, or without row groups
+    whose pages do not decode, left out by `unreadable_files: skip` (`pipelines.score.unreadable_files_warning`):
+    the dates, how many files and how many rows of damaged row groups."""
+    reasons = {row["date"]: json.loads(row[UNUSABLE_REASONS]) for row in recent.filter(
+        pl.col("status") == "succeeded").iter_rows(named=True) if row.get(UNUSABLE_REASONS)}
+    hit = {date: left for date, why in reasons.items() if (left := left_out_input(why)) is not None}
+    if not hit:
+        return
+    files, around = (sum(count(reasons[d]) for d in hit) for count in (unreadable_files, damaged_around))
+    rows = [n for d in hit if (n := damaged_rows(reasons[d])) is not None]
+    said = ([f"{files} input file(s) that could not be read as Parquet"] if files else []) + (
+        [f"{sum(rows)} input row(s) of row groups whose pages do not decode"] if rows else []) + (
+        [f"{around} row group(s) of days read around them whose pages do not decode"] if around else [])
+    out.problems.append(f"{len(hit)} recent date(s) were scored without {' and '.join(said)} (unreadable_files: "
+                        f"skip): {named_dates(sorted(hit))} - each named in the quarantine table "
+                        f"({spec.score.quarantine_path}); once mended, a backfill over the dates rescores them")
 
 
 def _absent(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

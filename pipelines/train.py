@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -42,7 +43,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import (TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats, read_shard,
+from pipelines.ingest import (TRAINED_FORMATS, LEFT_OUT, entity_casts, merge_payload_formats, read_shard,
                               require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
@@ -74,16 +75,17 @@ class AlignedShard(NamedTuple):
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
                     incidents: KnownIncidents | None = None) -> AlignedShard:
-    """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine
-    counts per modality (and, under the reason, 1 for each file left out as no Parquet: `unreadable_files: skip`,
-    `left_out_files`), the image frames its check decoded (for `featurize(..., decoded=)`) and per image or audio
-    modality its own dates' usable payloads per stored format (`ingest.count_payload_formats`). With
-    `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they
-    empty is skipped."""
+    """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine counts per
+    modality (and, under the reason, 1 for each file left out as no Parquet or row group left out as damaged:
+    `unreadable_files: skip`, `left_out_files`), the image frames its check decoded (for `featurize(..., decoded=)`) and
+    per image or audio modality its own dates' usable payloads per stored format (`ingest.count_payload_formats`). With
+    `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they empty
+    is skipped."""
     inputs = read_shard(shard, spec, storage)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     counts = dict(inputs.quarantined.group_by("source").agg(pl.col("rows").sum()).iter_rows())
-    counts.update((why, 1) for why in inputs.quarantined.filter(pl.col("reason").str.starts_with(UNREADABLE))["reason"])
+    counts.update((why, 1) for why in inputs.quarantined.filter(
+        pl.any_horizontal(pl.col("reason").str.starts_with(kind) for kind in LEFT_OUT))["reason"])
     batches = (align(batch, tables, spec) for batch, tables in tick_batches(ticks, inputs.tables, spec))
     if incidents is not None:
         batches = (kept for kept in (incidents.without(aligned, spec) for aligned in batches) if kept.height)
@@ -93,16 +95,21 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
     return AlignedShard(batches, counts, inputs.decoded, formats)
 
 
+AROUND = re.compile(r" of \d{4}-\d\d-\d\d \(read around the date\)")   # a look-back day's note, as its own date's
+
+
 def left_out_files(counts: dict[str, int], days: str) -> dict[str, int]:
-    """`aligned_batches`' counts over some shards with each input file left out as no Parquet (`unreadable_files:
-    skip`) warned of once - nothing is left out silently - and taken out: the counts per modality."""
+    """`aligned_batches`' counts over some shards with each input file left out as no Parquet, and each row group
+    left out as damaged (`unreadable_files: skip`), warned of once - nothing is left out silently - and taken out: the
+    counts per modality."""
     by_file: dict[str, str] = {}        # a file read for its own date and around the next one: named once
-    for why in sorted(k for k in counts if k.startswith(UNREADABLE)):
-        path = why.split("'")[1]
-        by_file[path] = why if path not in by_file or "(read around the date)" in by_file[path] else by_file[path]
+    for why in sorted(k for k in counts if k.startswith(LEFT_OUT)):
+        what = AROUND.sub("", why)
+        by_file[what] = why if what not in by_file or "(read around the date)" in by_file[what] else by_file[what]
     for why in by_file.values():
         log.warning("%s: %s", days, why)
-    return {k: n for k, n in counts.items() if not k.startswith(UNREADABLE)}
+    return {k: n for k, n in counts.items() if not k.startswith(LEFT_OUT)}
+
 
 
 STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity statistics are fitted in

@@ -4204,3 +4204,126 @@ def test_entity_keys_a_table_stores_otherwise_in_its_newer_files_meet_as_one_ent
     assert check_data(spec)[0].notes == [
         "entity 'machine_id' stored as int64 and string in its files: read as text in every table, so that 17 and "
         "'17' are one entity"]
+
+
+def _damaged_file(path, rows_per_group=600, groups=3):
+    """A process file of `groups` row groups (machines a, b alternating; small pages, checksummed) whose `temp` pages
+    near the end of row group 1 are damaged; returns the table as written."""
+    import pyarrow.parquet as pq
+
+    n = rows_per_group * groups
+    table = pa.table({"machine_id": ["a", "b"] * (n // 2), "ts": pa.array(
+        np.arange(n) * 20_000_000 + 1_704_153_600_000_000, pa.timestamp("us", tz="UTC")),
+        "temp": np.random.default_rng(0).normal(size=n)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, write_page_checksum=True, compression="none", row_group_size=rows_per_group,
+                   data_page_size=1_000, use_dictionary=False, write_batch_size=100)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(2)
+    assert chunk.path_in_schema == "temp"
+    data = bytearray(path.read_bytes())
+    at = chunk.data_page_offset + chunk.total_compressed_size - 40         # inside the chunk's last page
+    data[at:at + 8] = bytes(b ^ 0x5A for b in data[at:at + 8])
+    path.write_bytes(bytes(data))
+    return table
+
+
+def test_a_damaged_row_group_fails_its_date_or_is_left_out_whole_and_named_once_with_unreadable_files_skip(
+        tmp_path, tiny_spec, monkeypatch, caplog):
+    """A row group whose pages do not decode from its bytes fetched anew (`DamagedRowGroup`, a DataError naming file,
+    row group and column) fails its date by default; with `unreadable_files: skip` it is left out whole - what its
+    earlier parts added undone (read in parts here) - and named once over the entity buckets with its rows, which
+    the date counts as read; the other row groups are read. Training warns of it, staging leaves the file unsplit,
+    the row digests have none."""
+    import datetime as dt
+    import pickle
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    import pipelines.parquet_files as parquet_files
+    from pipelines.ingest import read_shard, unusable_reasons
+    from pipelines.parquet_files import DamagedRowGroup
+    from pipelines.row_digests import date_digests
+    from pipelines.shards import Shard, list_inputs
+    from pipelines.staging import split_file
+    from pipelines.storage import Storage
+    from pipelines.train import aligned_batches, left_out_files
+
+    path = tmp_path / "proc" / "date=2024-01-02" / "part-0.parquet"
+    table = _damaged_file(path)
+    spec = _proc_spec(tiny_spec, tmp_path / "proc")
+    date = dt.date(2024, 1, 2)
+    files = tuple(list_inputs(spec, [date], Storage()))
+    with pytest.raises(DamagedRowGroup, match=r"part-0\.parquet: not a readable Parquet file \(row group 1, column "
+                                              r"'temp': .*checksum"):
+        read_shard(Shard((date,), 0, 1, files), spec, Storage())
+    again = pickle.loads(pickle.dumps(DamagedRowGroup("/a.parquet", 1, 600, "temp", "bad")))  # as a Ray task raises
+    assert (type(again), str(again), again.rows) == (DamagedRowGroup, "/a.parquet: not a readable Parquet file "
+                                                                      "(row group 1, column 'temp': bad)", 600)
+    skip = replace(spec, unreadable_files="skip")
+    monkeypatch.setattr(parquet_files, "PART_BYTES", 2_000)      # each row group read in parts: some before the damage
+    got = [read_shard(Shard((date,), b, 2, files), skip, Storage()) for b in (0, 1)]
+    read = pl.concat([g.tables["proc"] for g in got if "proc" in g.tables]).sort("_t")
+    kept = np.r_[0:600, 1200:1800]
+    assert read["temp"].to_list() == table["temp"].to_numpy()[kept].tolist()       # row groups 0 and 2, whole
+    quarantined = pl.concat([g.quarantined for g in got])
+    assert quarantined.select("entity", "_t", "date", "source", "rows").rows() == [
+        (None, None, "2024-01-02", "proc", 600)]
+    (reason,) = quarantined["reason"]
+    assert reason.startswith(f"damaged Parquet pages in '{path}' row group 1, column 'temp': ") and reason.endswith(
+        " - its 600 rows left out (unreadable_files: skip)") and "checksum" in reason
+    assert sum(g.rows_read["2024-01-02"] for g in got) == 1800
+    assert sum(g.usable_rows["2024-01-02"]["proc"] for g in got) == 1200
+    assert sum(g.row_digests["2024-01-02"]["proc"].rows for g in got) == 1200
+    assert unusable_reasons(quarantined) == {"proc: damaged Parquet pages": 600}
+    caplog.set_level("WARNING")
+    counts = aligned_batches(Shard((date,), 0, 1, files), skip, Storage()).counts     # training's passes
+    assert counts == {"proc": 600, reason: 1}
+    assert left_out_files(counts, "training days 2024-01-02..2024-01-02") == {"proc": 600}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"training days 2024-01-02..2024-01-02: {reason}"]
+    assert split_file(files[0], skip, Storage(), 2, str(tmp_path / "staged")).pieces is None
+    with pytest.raises(DamagedRowGroup):
+        split_file(files[0], spec, Storage(), 2, str(tmp_path / "staged"))
+    assert date_digests(skip, list(files), {"proc": spec.columns_read(spec.modalities["proc"])}) == {"proc": None}
+    # the next day's first ticks read it (look-back): named under that date, as read around it
+    nxt = tmp_path / "proc" / "date=2024-01-03" / "part-0.parquet"
+    _write(nxt, pa.table({"machine_id": ["a"], "ts": pa.array([1_704_240_000_000_000], pa.timestamp("us", tz="UTC")),
+                          "temp": [1.0]}))
+    monkeypatch.setattr(parquet_files, "PART_BYTES", 16_000_000)
+    reach = replace(skip, modalities={"proc": replace(skip.modalities["proc"], tolerance_us=86_400_000_000)})
+    around = read_shard(Shard((dt.date(2024, 1, 3),), 0, 1, tuple(list_inputs(reach, [dt.date(2024, 1, 3)],
+                                                                               Storage()))), reach, Storage())
+    assert around.quarantined["reason"].to_list() == [reason.replace(
+        "'temp': ", "'temp' of 2024-01-02 (read around the date): ")] and around.rows_read == {"2024-01-03": 1}
+    assert unusable_reasons(around.quarantined) == {"proc: damaged Parquet pages read around the date": 1}
+
+
+def test_a_read_that_fails_on_the_way_is_read_again_and_only_damaged_bytes_are_a_damaged_row_group(tmp_path):
+    """A row group read that fails is tried once more from its bytes fetched anew into memory: the rows when they
+    decode (the first read failed on the way - here a handle on other bytes), a `DamagedRowGroup` when they do not,
+    and a plain DataError when the bytes cannot be fetched (nothing proven)."""
+    import shutil
+
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.parquet_files import DamagedRowGroup, read_columns
+
+    damaged = tmp_path / "damaged.parquet"
+    table = _damaged_file(damaged)
+    good = tmp_path / "good.parquet"
+    pq.write_table(table, good, write_page_checksum=True, compression="none", row_group_size=600,
+                   data_page_size=1_000, use_dictionary=False, write_batch_size=100)
+    local = pafs.LocalFileSystem()
+    on_damaged = pq.ParquetFile(pa.BufferReader(damaged.read_bytes()), page_checksum_verification=True)
+    assert read_columns(on_damaged, str(good), ["temp"], [1], local).equals(table.select(["temp"]).slice(600, 600))
+    with pytest.raises(DamagedRowGroup, match=r"row group 1: .*checksum"):
+        read_columns(on_damaged, str(damaged), ["temp"], [1], local)
+    shutil.move(damaged, tmp_path / "moved.parquet")
+    with pytest.raises(DataError, match=r"damaged\.parquet: not a readable Parquet file \(row group 1: ") as gone:
+        read_columns(on_damaged, str(damaged), ["temp"], [1], local)
+    assert not isinstance(gone.value, DamagedRowGroup)
+    with pytest.raises(DataError) as plain:
+        read_columns(on_damaged, str(good), ["temp"], [1])          # no filesystem: not tried again
+    assert not isinstance(plain.value, DamagedRowGroup)

@@ -342,6 +342,27 @@ def test_status_names_recent_dates_scored_without_input_files_that_are_no_parque
         f"out (unreadable_files: skip) - each named in the quarantine table ({spec.score.quarantine_path}, reason "
         "'unreadable Parquet file ...'); once mended, a backfill over the date rescores it (its partitions changed)")
     assert unreadable_files_warning(DateResult("2024-01-05", 100, 100, 0, 1, 1.0), spec) is None
+    damaged = {"proc: damaged Parquet pages": 600}                  # a row group whose pages do not decode
+    _run(spec, "2024-01-06", input_rows=10_000, input_rows_quarantined=601,
+         unusable_reasons={**damaged, "vib: unreadable Parquet file": 1})
+    around = {"proc: damaged Parquet pages read around the date": 1}  # the day before's, read for the first ticks
+    _run(spec, "2024-01-07", input_rows=10_000, input_rows_quarantined=1, unusable_reasons=around)
+    found = scoring_status(spec, Storage(), spec_path="s.yaml")
+    assert [p for p in found.problems if "unreadable_files" in p] == [
+        "3 recent date(s) were scored without 4 input file(s) that could not be read as Parquet and 600 input row(s) "
+        "of row groups whose pages do not decode and 1 row group(s) of days read around them whose pages do not "
+        "decode (unreadable_files: skip): 2024-01-04, 2024-01-06, 2024-01-07 - each named in the quarantine table "
+        f"({spec.score.quarantine_path}); once mended, a backfill over the dates rescores them"]
+    assert unreadable_files_warning(DateResult("2024-01-07", 100, 100, 0, 1, 1.0, unusable_reasons=around), spec) == (
+        "2024-01-07: 1 row group(s) of the days read around it (its first ticks' look-back) have pages that do not "
+        "decode and were left out (unreadable_files: skip) - each named in the quarantine table "
+        f"({spec.score.quarantine_path}, reason 'damaged Parquet pages ...'); once mended, a backfill over the date "
+        "rescores it (its partitions changed)")
+    assert unreadable_files_warning(DateResult("2024-01-06", 100, 100, 0, 1, 1.0, input_rows_quarantined=600,
+                                               input_rows=10_000, unusable_reasons=damaged), spec) == (
+        "2024-01-06: 600 input row(s) sat in row groups whose pages do not decode (damaged in storage) and were left "
+        f"out (unreadable_files: skip) - each named in the quarantine table ({spec.score.quarantine_path}, reason "
+        "'damaged Parquet pages ...'); once mended, a backfill over the date rescores it (its partitions changed)")
 
 
 def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_before(tmp_path):
