@@ -96,7 +96,7 @@ def bare_loop(spec_path: str, epochs: int) -> None:
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, storage))
     fitter, aligned = StatisticsFitter(spec), []
     for shard in shards:
-        batches, _, decoded = aligned_batches(shard, spec, storage)
+        batches, _, decoded = aligned_batches(shard, spec, storage)[:3]
         for batch in batches:
             fitter.add(batch.to_arrow())
             aligned.append((batch, decoded))

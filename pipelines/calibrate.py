@@ -62,7 +62,7 @@ class ShardPart:
 @ray.remote(num_cpus=1, num_returns=2)
 def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
-    batches, counts, decoded, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    batches, counts, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)[:3]
     unreadable = {why: 1 for why in counts if why.startswith(LEFT_OUT)}    # files, row groups left out: warned of
     keys, raws, outliers = [], [], 0
     for aligned in batches:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import copy
 import datetime as dt
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -515,13 +516,58 @@ def count_payload_formats(formats: list[str | None], into: dict[str, int]) -> di
     return into
 
 
-def merge_payload_formats(into: dict[str, dict[str, int]],
-                          more: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """Per modality, `into`'s payloads per stored format with `more`'s added."""
-    for m, formats in more.items():
-        held = into.setdefault(m, {})
-        for found, n in formats.items():
-            held[found] = held.get(found, 0) + n
+def merge_payload_formats(into: dict, more: dict) -> dict:
+    """`into`'s counts with `more`'s added, at any depth of nesting: per modality, its payloads per stored format
+    (`count_payload_formats`), or its entities' training days per row interval (`count_row_intervals`)."""
+    for key, n in more.items():
+        if isinstance(n, dict):
+            merge_payload_formats(into.setdefault(key, {}), n)
+        else:
+            into[key] = into.get(key, 0) + n
+    return into
+
+
+CADENCED = ("timeseries", "tabular")     # kinds whose rows come at a cadence: their row intervals are followed
+TRAINED_INTERVALS = "input_row_intervals"   # a version's manifest: per such modality and entity, its training days
+                                            # per median row interval (`count_row_intervals`)
+INTERVAL_GAPS = 10        # an entity's date with fewer intervals between its rows than this: none taken
+INTERVAL_STEPS = 32       # interval bins per doubling (`interval_bin`): about 2 % apart
+
+
+def daily_intervals(table: pl.DataFrame, spec: Spec, days: list[int]) -> dict[str, dict[str, int]]:
+    """Per date of `days` (as `YYYY-MM-DD`) and entity of a tabular or time-series modality's usable rows (`table`:
+    entity columns, `_t`; look-back rows too), the median interval between its consecutive rows in microseconds -
+    rows at the same time not counted, an interval given to the date of its later row; an entity's date with fewer
+    than `INTERVAL_GAPS` intervals has none. A source sampled or written at another rate moves it, jitter and
+    outages do not."""
+    zone = spec.timezone
+    gaps = (table.select(entity_string(spec.entity).alias("_entity"), TIME).sort("_entity", TIME)
+            .with_columns(pl.col(TIME).diff().over("_entity").alias("_gap"))
+            .filter((pl.col("_gap") > 0) & local_day(pl.col(TIME), zone).is_in(days))
+            .group_by(local_date_text(pl.col(TIME), zone).alias("_date"), "_entity")
+            .agg(pl.col("_gap").median().alias("_median"), pl.len().alias("_gaps"))
+            .filter(pl.col("_gaps") >= INTERVAL_GAPS))
+    out: dict[str, dict[str, int]] = {}
+    for date, entity, median, _ in gaps.iter_rows():
+        out.setdefault(date, {})[entity] = round(median)
+    return out
+
+
+def interval_bin(us: float) -> int:
+    """An interval's bin (`INTERVAL_STEPS` per doubling): round(steps * log2(microseconds))."""
+    return round(INTERVAL_STEPS * math.log2(max(us, 1)))
+
+
+def count_row_intervals(into: dict[str, dict[str, dict[str, int]]],
+                        per_date: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, dict[str, int]]]:
+    """`into` (per modality and entity, its days per interval bin - `interval_bin`, as text) with the dates of
+    `per_date` (`ShardInputs.row_intervals`: date -> modality -> entity -> median interval) counted."""
+    for modalities in per_date.values():
+        for m, entities in modalities.items():
+            held = into.setdefault(m, {})
+            for entity, us in entities.items():
+                bins = held.setdefault(entity, {})
+                bins[str(interval_bin(us))] = bins.get(str(interval_bin(us)), 0) + 1
     return into
 
 
@@ -654,7 +700,8 @@ class ShardInputs:
     decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
     channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
-    usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate)."""
+    usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate), and per
+    tabular or time-series modality its entities' median interval between rows on each date (`daily_intervals`)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -666,6 +713,8 @@ class ShardInputs:
                                                                                   # digest (`row_digests`)
     payload_formats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> image or audio
                                         # modality -> its usable payloads per stored format (`count_payload_formats`)
+    row_intervals: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> tabular or time-
+                            # series modality -> entity -> its median interval between rows, us (`daily_intervals`)
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:
@@ -687,6 +736,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
     tables, quarantined, present, decoded, rows_read, usable_rows, row_digests = {}, [], [], {}, {}, {}, {}
     payload_formats: dict[str, dict[str, dict[str, int]]] = {}
+    row_intervals: dict[str, dict[str, dict[str, int]]] = {}
     formats_of: dict[bytes, str | None] = {}        # a frame's stored size, by its bytes (`frame_formats`)
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
@@ -808,6 +858,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     local_date_text(pl.col(TIME), zone), pl.lit(CONFLICT)))
             table = table.filter(~clash)
         tables[name] = table
+        if m.kind in CADENCED and not m.context_of:
+            for day, entities in daily_intervals(table, spec, days).items():
+                row_intervals.setdefault(day, {})[name] = entities
         present.append(table.select(*spec.entity, local_day(pl.col(TIME), zone).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())
     return ShardInputs(
@@ -815,7 +868,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(schema=QUARANTINED),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
         decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests,
-        payload_formats=payload_formats)
+        payload_formats=payload_formats, row_intervals=row_intervals)
 
 
 class _Kept:

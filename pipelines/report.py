@@ -31,8 +31,8 @@ from pipelines.ingest import entity_string, reason_kind
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, open_runs
 from pipelines.registry import version_facts
-from pipelines.score import (ENTITIES_WITHOUT, MODALITY_SHARE, NEW_PAYLOAD_FORMATS, PRESENT_SHARE, UNMET_KEYS,
-                             UNSEEN_RESPELLED, USABLE_ROWS)
+from pipelines.score import (CHANGED_INTERVALS, ENTITIES_WITHOUT, MODALITY_SHARE, NEW_PAYLOAD_FORMATS, PRESENT_SHARE,
+                             UNMET_KEYS, UNSEEN_RESPELLED, USABLE_ROWS)
 from pipelines.storage import DataError, Storage
 
 LINE_COLOURS = ["#1f4e9c", "#0f8a6a", "#b5651d", "#6a3d9a", "#8c564b", "#17a2b8", "#7f7f7f"]   # contributions
@@ -490,7 +490,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
     cols = [c for c in ["date", "status", "model_version", "ticks_in", "rows_scored", "rows_quarantined",
                         "input_rows_quarantined", "input_rows", "input_rows_misplaced", "input_files", "anomalies",
                         "entities", "unseen_entities", UNSEEN_RESPELLED, *shares, *coverage, NEW_PAYLOAD_FORMATS,
-                        UNMET_KEYS, "duration_s", "run_id", "finished_at", "error"]
+                        CHANGED_INTERVALS, UNMET_KEYS, "duration_s", "run_id", "finished_at", "error"]
             if c in runs.columns]
     rows = [[_share(r[c]) if c in shares else _cell(r[c]) for c in cols]
             for r in runs.select(cols).iter_rows(named=True)]
@@ -506,6 +506,9 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'there); unmet_keys: the date\'s warnings of entity keys whose modalities never met; '
             'new_payload_formats: per image or audio modality, its frames of sizes (clips of sample rates) the '
             'version\'s training payloads (almost) never had - a camera or microphone replaced or reconfigured; '
+            'changed_row_intervals: per tabular or time-series modality, its entities whose rows came at another '
+            'interval (the median between consecutive rows) than on every training day - a sensor sampled at '
+            'another rate, a source writing more or fewer rows; '
             'input_rows_misplaced: of the input_rows its partitions held, those '
             'timed outside their date partition (quarantined; many at the edges of every day: the lake is filed by '
             'another calendar than the spec\'s timezone, or by arrival beyond its lateness); per modality '

@@ -24,8 +24,8 @@ from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
-from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, TRAINED_FORMATS, UNREADABLE, entity_casts, merge_payload_formats,
-                              require_columns)
+from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, INTERVAL_STEPS, TRAINED_FORMATS, TRAINED_INTERVALS, UNREADABLE,
+                              entity_casts, interval_bin, merge_payload_formats, require_columns)
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -75,6 +75,10 @@ class DateResult:
                      # payloads (almost) never had (`new_payload_formats`; None: a version that did not record its own)
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
                                                           # (`entity_keys.unmet_entity_lines` over its scored ticks)
+    row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per tabular or time-series modality
+                                            # and entity, its median interval between rows (`ingest.daily_intervals`)
+    changed_intervals: dict[str, dict] | None = None   # of them, those far from every training day's of the same
+                            # entity (`changed_row_intervals`; None: a version that did not record its own)
 
     @property
     def alarm_rate(self) -> float | None:
@@ -187,6 +191,68 @@ def new_payload_formats_lines(result: DateResult, version: str, kinds: dict[str,
     return lines
 
 
+INTERVAL_CHANGE = 20     # interval bins (32 per doubling) beyond every training day's: about 1.5 x apart, warned
+INTERVALS_SHOWN = 3      # entities named per modality (the runs table keeps as many)
+# per kind: what its rows are, the device, and what scoring does with rows at another interval
+INTERVAL_WORDS = {"timeseries": ("readings", "sensor", "resampled to the modality's period"),
+                  "tabular": ("rows", "source", "taken as the latest row within the modality's tolerance")}
+
+
+def changed_row_intervals(intervals: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict] | None:
+    """Of a date's median interval between rows per tabular or time-series modality and entity
+    (`DateResult.row_intervals`), the entities whose interval lies more than `INTERVAL_CHANGE` bins (about 1.5 x)
+    outside every training day's of the same entity (the manifest's `input_row_intervals`): per modality with any,
+    `changed` (how many), `compared` (its entities with training days) and `first` ([entity, now, trained] - the
+    training days' median interval, microseconds - for the first `INTERVALS_SHOWN` by key). Entities the version
+    did not train on are not compared. None for a version that did not record them (trained before 2026-12-05)."""
+    trained = manifest.get(TRAINED_INTERVALS)
+    if trained is None:
+        return None
+    out = {}
+    for m, now in sorted(intervals.items()):
+        held = trained.get(m, {})
+        compared = [(entity, us, {int(b): n for b, n in held[entity].items()}) for entity, us in sorted(now.items())
+                    if entity in held]
+        changed = [[entity, us, typical_interval(bins)] for entity, us, bins in compared
+                   if not min(bins) - INTERVAL_CHANGE <= interval_bin(us) <= max(bins) + INTERVAL_CHANGE]
+        if changed:
+            out[m] = {"changed": len(changed), "compared": len(compared), "first": changed[:INTERVALS_SHOWN]}
+    return out
+
+
+def typical_interval(bins: dict[int, int]) -> int:
+    """The median interval (microseconds) of an entity's training days per interval bin."""
+    days = sorted(b for b, n in bins.items() for _ in range(n))
+    return round(2 ** (days[len(days) // 2] / INTERVAL_STEPS))
+
+
+def about(us: float) -> str:
+    """A duration in its largest unit that it fills, to 2 figures: '4 s', '250 ms', '1.5 min'."""
+    for unit, size in (("d", 86_400e6), ("h", 3_600e6), ("min", 60e6), ("s", 1e6), ("ms", 1e3)):
+        if us >= size:
+            return f"{float(f'{us / size:.2g}'):g} {unit}"
+    return f"{float(f'{us:.2g}'):g} us"
+
+
+def changed_intervals_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:
+    """A line per tabular or time-series modality (`kinds`: each modality's kind) some entities of which had their
+    rows at another interval on the date than on every training day (`changed_row_intervals`): a sensor sampled at
+    another rate, a source that writes more or fewer rows. Its rows were read and scored all the same, but a series
+    resampled from fewer readings (a table's latest row older) is not what the version was calibrated on."""
+    lines = []
+    for m, found in sorted((result.changed_intervals or {}).items()):
+        things, device, done = INTERVAL_WORDS.get(kinds.get(m, "timeseries"), INTERVAL_WORDS["timeseries"])
+        named = ", ".join(f"{e} every {about(now)} against {about(then)}" for e, now, then in found["first"])
+        more = found["changed"] - len(found["first"])
+        lines.append(f"{result.date}: modality '{m}': {found['changed']} of its {found['compared']} entities' {things} "
+                     f"came at another interval than on any of model version {version}'s training days (the median "
+                     f"between consecutive {things}): {named}{f' and {more} more' if more > 0 else ''} - a {device} "
+                     f"reconfigured, or rows thinned or batched on their way? They were {done} and scored, but not as "
+                     f"the version was calibrated on: restore the {device}'s rate, or train a version on days with "
+                     f"such {things}")
+    return lines
+
+
 MISPLACED_SHARE = 0.01   # a date with more of its input rows timed outside its partition than this: warned
 USABLE_ROWS = "usable_rows_"              # the runs table's column of a modality's usable input rows: + its name
 PRESENT_SHARE = "present_share_"          # the runs table's column of a modality's share of ticks present: + its name
@@ -194,6 +260,7 @@ ENTITIES_WITHOUT = "entities_without_"    # ... of the scored entities it was ab
 UNSEEN_RESPELLED = "unseen_respelled"      # ... of its unseen entities, those spelled like a trained one
 UNMET_KEYS = "unmet_keys"                  # ... its warnings of keys whose modalities never meet (JSON list)
 NEW_PAYLOAD_FORMATS = "new_payload_formats"   # ... per modality, its payloads of formats the version never trained on
+CHANGED_INTERVALS = "changed_row_intervals"   # ... per modality, its entities with rows at another interval (JSON)
 KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per modality (JSON; not a per-modality
                                                   # column, so outside those prefixes)
 
@@ -399,6 +466,7 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     """
     storage = Storage.from_spec(spec.storage)
     model_spec = reading_spec(mv, spec)
+    kinds = {n: k.kind for n, k in model_spec.modalities.items()}
     tables = tables or OpenTables()        # the caller's, when it opened (and checked) them already
     require_own_tables(spec.score, model_spec.entity, storage, tables)    # before anything is written
     dates = sorted(set(dates))
@@ -443,7 +511,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                 error = exc
             else:
                 result = replace(result, **read, input_row_digests=record(model_spec, result.row_digests),
-                                 new_payload_formats=new_payload_formats(result.payload_formats, mv.manifest))
+                                 new_payload_formats=new_payload_formats(result.payload_formats, mv.manifest),
+                                 changed_intervals=changed_row_intervals(result.row_intervals, mv.manifest))
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
@@ -452,8 +521,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
                              misplaced_rows_warning(result, spec.timezone), absent_modality_warning(result),
                              unusable_rows_warning(result, spec), unreadable_files_warning(result, spec),
                              *(f"{day}: {line}" for line in result.unmet_keys),
-                             *new_payload_formats_lines(result, mv.version,
-                                                        {n: k.kind for n, k in model_spec.modalities.items()})):
+                             *new_payload_formats_lines(result, mv.version, kinds),
+                             *changed_intervals_lines(result, mv.version, kinds)):
                     if line is not None:
                         log.warning("%s", line)
                 return
@@ -597,9 +666,12 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
             without[m] = without[m].add(group) if m in without else group
     seen: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
-    for c in counts:
+    intervals: dict[str, dict[str, int]] = {}
+    for c in counts:                     # a date's shards hold disjoint entities
         merge_entity_modalities(seen, c.entity_modalities)
         merge_payload_formats(formats, c.payload_formats)
+        for m, entities in c.row_intervals.items():
+            intervals.setdefault(m, {}).update(entities)
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}
     return DateResult(date=day, ticks_in=ticks_in, rows_scored=scored, rows_quarantined=quarantined,
                       anomalies=sum(c.anomalies for c in counts),
@@ -616,7 +688,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
                       modality_present={m: n / scored for m, n in present.items()} if scored else {},
                       without_modality=without, row_digests=merged([c.row_digests for c in counts]),
                       unmet_keys=unmet_entity_lines(model, seen, f"scored ticks of {day}", lone_when_others=True),
-                      payload_formats=formats)
+                      payload_formats=formats, row_intervals=intervals)
 
 
 def summed_counts(parts: list[dict[str, int]]) -> dict[str, int]:
@@ -686,6 +758,8 @@ def record_run(spec: Spec, storage: Storage, result: DateResult, *, run_id: str,
                     UNMET_KEYS: pa.array([json.dumps(result.unmet_keys) if result.unmet_keys else None], pa.string()),
                     NEW_PAYLOAD_FORMATS: pa.array([json.dumps(result.new_payload_formats, sort_keys=True)
                                                if result.new_payload_formats else None], pa.string()),
+                    CHANGED_INTERVALS: pa.array([json.dumps(result.changed_intervals, sort_keys=True)
+                                                 if result.changed_intervals else None], pa.string()),
                     "duration_s": [float(result.seconds)], "status": [status],
                     "error": pa.array([None if error is None else error[:RUN_ERROR_CHARS]], pa.string()),
                     "finished_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("us", tz="UTC"))})

@@ -219,6 +219,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
         counts.modality_rows = {m: inputs.usable_rows.get(day, {}).get(m, 0) for m in own_modalities}
         counts.row_digests = {m: inputs.row_digests.get(day, {}).get(m, RowDigest()) for m in own_modalities}
         counts.payload_formats = inputs.payload_formats.get(day, {})
+        counts.row_intervals = inputs.row_intervals.get(day, {})
         if good.height:
             out = finalize(good, mv.spec, mv.calibration, version=mv.version, run_id=run_id,
                            modalities=list(mv.spec.modalities), scored_at=scored_at).to_arrow(compat_level=_OLDEST)

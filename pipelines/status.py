@@ -25,11 +25,12 @@ import polars as pl
 from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
 from pipelines.registry import LATEST, Registry, version_facts
-from pipelines.score import (ENTITIES_WITHOUT, KEYS_WITHOUT_MODALITY, MISPLACED_SHARE, MODALITY_SHARE, PRESENT_SHARE,
-                             NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS, PAYLOAD_WORDS, RELISTED, UNMET_KEYS,
-                             UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE, USABLE_ROWS, changed_inputs,
-                             changed_inputs_line, damaged_around, damaged_rows, left_out_input, named_dates,
-                             named_reasons, summed_counts, time_text_hint, unlike_validation_line, unreadable_files)
+from pipelines.score import (CHANGED_INTERVALS, ENTITIES_WITHOUT, INTERVAL_WORDS, KEYS_WITHOUT_MODALITY,
+                             MISPLACED_SHARE, MODALITY_SHARE, NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS, PAYLOAD_WORDS,
+                             PRESENT_SHARE, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE,
+                             USABLE_ROWS, about, changed_inputs, changed_inputs_line, damaged_around, damaged_rows,
+                             left_out_input, named_dates, named_reasons, summed_counts, time_text_hint,
+                             unlike_validation_line, unreadable_files)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -105,6 +106,7 @@ def scoring_status(spec: Spec, storage: Storage, *, today: dt.date | None = None
     _unseen(recent, out, spec_path)
     _unmet(recent, out, spec_path)
     _new_payload_formats(recent, out, spec)
+    _changed_intervals(recent, out, spec)
     _misplaced(recent, out, spec, spec_path)
     _unusable(recent, out, spec, spec_path)
     _unreadable(recent, out, spec)
@@ -184,7 +186,7 @@ def _latest_runs(spec: Spec, storage: Storage) -> pl.DataFrame | None:
               "input_rows_quarantined", "input_rows", "input_rows_misplaced", UNUSABLE_REASONS, "anomalies",
               "alarm_rate", "expected_alarm_rate", "above_validation_median",
               "entities", "unseen_entities", "unseen_entity_alarm_rate", UNSEEN_RESPELLED, UNMET_KEYS,
-              NEW_PAYLOAD_FORMATS, KEYS_WITHOUT_MODALITY, "error", "finished_at"]
+              NEW_PAYLOAD_FORMATS, CHANGED_INTERVALS, KEYS_WITHOUT_MODALITY, "error", "finished_at"]
     runs = runs.with_columns(pl.lit(None).alias(c) for c in wanted if c not in runs.columns)  # older tables: null
     per_modality = (MODALITY_SHARE, USABLE_ROWS, PRESENT_SHARE, ENTITIES_WITHOUT)     # its columns' prefixes
     by_modality = sorted(c for c in runs.columns if c.startswith(per_modality))
@@ -256,6 +258,27 @@ def _new_payload_formats(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -
                             f"had on {len(dates)} recent date(s): {named_dates([d[0] for d in dates])} - on {day} "
                             f"{count} of {held} ({count / held:.0%}; {found}): a {device} replaced or reconfigured? "
                             f"Restore its setting, or train a version on days with such {things}")
+
+
+def _changed_intervals(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
+    """A problem per tabular or time-series modality when recent dates had entities whose rows came at another
+    interval than on every training day of their version (`pipelines.score.changed_intervals_lines`; the runs
+    table's `changed_row_intervals`): a sensor sampled at another rate, a source writing more or fewer rows."""
+    hit: dict[str, list[tuple[str, dict]]] = {}
+    for row in recent.filter((pl.col("status") == "succeeded") & pl.col(CHANGED_INTERVALS).is_not_null()).iter_rows(
+            named=True):
+        for m, found in json.loads(row[CHANGED_INTERVALS]).items():
+            hit.setdefault(m, []).append((row["date"], found))
+    for m, dates in sorted(hit.items()):
+        day, found = dates[-1]
+        kind = spec.modalities[m].kind if m in spec.modalities else "timeseries"
+        things, device, _ = INTERVAL_WORDS.get(kind, INTERVAL_WORDS["timeseries"])
+        named = ", ".join(f"{e} every {about(now)} against {about(then)}" for e, now, then in found["first"])
+        out.problems.append(f"modality '{m}': {things} at another interval than on their version's training days on "
+                            f"{len(dates)} recent date(s): {named_dates([d for d, _ in dates])} - on {day} "
+                            f"{found['changed']} of {found['compared']} entities ({named}): a {device} reconfigured, "
+                            f"or rows thinned or batched on their way? Restore its rate, or train a version on days "
+                            f"with such {things}")
 
 
 def _unmet(recent: pl.DataFrame, out: ScoringStatus, spec_path: str) -> None:

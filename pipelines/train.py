@@ -43,7 +43,8 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import (TRAINED_FORMATS, LEFT_OUT, entity_casts, merge_payload_formats, read_shard,
+from pipelines.ingest import (TRAINED_FORMATS, TRAINED_INTERVALS, LEFT_OUT, count_row_intervals, entity_casts,
+                              merge_payload_formats, read_shard,
                               require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
@@ -71,6 +72,8 @@ class AlignedShard(NamedTuple):
     decoded: dict[str, dict[bytes, np.ndarray | None]]   # the image frames its check decoded
     payload_formats: dict[str, dict[str, int]]           # per image or audio modality, its own dates' payloads per
                                                          # stored format (a frame's size, a clip's sample rate)
+    row_intervals: dict[str, dict[str, dict[str, int]]]  # per date, tabular or time-series modality and entity, its
+                                                         # median interval between rows (`ingest.daily_intervals`)
 
 
 def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
@@ -92,7 +95,7 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
     formats: dict[str, dict[str, int]] = {}
     for day in inputs.payload_formats.values():
         merge_payload_formats(formats, day)
-    return AlignedShard(batches, counts, inputs.decoded, formats)
+    return AlignedShard(batches, counts, inputs.decoded, formats, inputs.row_intervals)
 
 
 AROUND = re.compile(r" of \d{4}-\d\d-\d\d \(read around the date\)")   # a look-back day's note, as its own date's
@@ -123,7 +126,7 @@ def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[st
     statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks;
     `incidents`: the known ones its ticks are fitted without."""
     fitter = StatisticsFitter(spec, trim_from)
-    batches, quarantined, _, _ = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    batches, quarantined = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)[:2]
     for aligned in batches:
         fitter.add(aligned.to_arrow())
     fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
@@ -148,14 +151,18 @@ def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.T
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
                         labels: pl.DataFrame | None, incidents: KnownIncidents | None = None,
-                        seen: dict[str, int] | None = None, formats: dict[str, dict[str, int]] | None = None):
+                        seen: dict[str, int] | None = None, formats: dict[str, dict[str, int]] | None = None,
+                        intervals: dict[str, dict[str, dict[str, int]]] | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
     ticks that have at least one modality present (and, with `incidents`, none in or just after a known one);
     `seen`, when given, gets each entity's modalities present at them (`entity_modalities`), `formats` its image and
-    audio modalities' payloads per stored format (`ingest.count_payload_formats`)."""
-    batches, _, decoded, payload_formats = aligned_batches(shard, spec, storage, incidents)
+    audio modalities' payloads per stored format (`ingest.count_payload_formats`), `intervals` its tabular and
+    time-series modalities' entities' days per median row interval (`ingest.count_row_intervals`)."""
+    batches, _, decoded, payload_formats, row_intervals = aligned_batches(shard, spec, storage, incidents)
     if formats is not None:
         merge_payload_formats(formats, payload_formats)
+    if intervals is not None:
+        count_row_intervals(intervals, row_intervals)
     for aligned in batches:
         if seen is not None:
             merge_entity_modalities(seen, entity_modalities(aligned, spec))
@@ -171,25 +178,28 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
                           path: str, incidents: KnownIncidents | None = None
-                          ) -> tuple[int, int, int, np.ndarray, dict[str, int], dict[str, dict[str, int]]]:
+                          ) -> tuple[int, int, int, np.ndarray, dict[str, int], dict[str, dict[str, int]], dict]:
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
     out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
-    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, and its
-    image and audio modalities' payloads per stored format)."""
+    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, its
+    image and audio modalities' payloads per stored format, and its tabular and time-series modalities' entities'
+    days per median row interval)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
     seen: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
+    intervals: dict[str, dict[str, dict[str, int]]] = {}
 
     def parts():
         nonlocal positives, present
-        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, formats):
+        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, formats,
+                                        intervals):
             if "label" in part:
                 positives += int(part["label"].sum())
             present = present + part["mask"].sum(0)
             yield part
 
     rows = write_features(storage, path, parts())
-    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats
+    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats, intervals
 
 
 class TrainingFeatures(NamedTuple):
@@ -201,6 +211,8 @@ class TrainingFeatures(NamedTuple):
     present: dict[str, int]             # per modality, the ticks it is present at
     entities: dict[str, int]            # per entity key, its modalities present at any tick (`entity_modalities`)
     payload_formats: dict[str, dict[str, int]]   # per image or audio modality, its usable payloads per stored format
+    row_intervals: dict[str, dict[str, dict[str, int]]]   # per tabular or time-series modality and entity, its days
+                                                          # per median row interval (`ingest.count_row_intervals`)
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
@@ -221,12 +233,14 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
     entities: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
+    intervals: dict[str, dict[str, dict[str, int]]] = {}
     for c in counts:
         merge_entity_modalities(entities, c[4])
         merge_payload_formats(formats, c[5])
+        merge_payload_formats(intervals, c[6])
     return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
                             sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))), entities,
-                            formats)
+                            formats, intervals)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -627,8 +641,9 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives, train_left_out, present, entities, payload_formats = write_training_features(
-            spec, train_shards, bucket_stats, labels, join(staging.folder, "features"), incidents)
+        files, positives, train_left_out, present, entities, payload_formats, row_intervals = \
+            write_training_features(spec, train_shards, bucket_stats, labels, join(staging.folder, "features"),
+                                    incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
@@ -678,7 +693,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                 "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined, "warnings": list(warned.lines),
-                    **({TRAINED_FORMATS: payload_formats} if payload_formats else {})}
+                    **({TRAINED_FORMATS: payload_formats} if payload_formats else {}),
+                    **({TRAINED_INTERVALS: row_intervals} if row_intervals else {})}
     finally:
         staging.close()
     version = Registry(spec.registry, storage).save(model, manifest, statistics, promote=promote)

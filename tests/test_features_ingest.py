@@ -4327,3 +4327,39 @@ def test_a_read_that_fails_on_the_way_is_read_again_and_only_damaged_bytes_are_a
     with pytest.raises(DataError) as plain:
         read_columns(on_damaged, str(good), ["temp"], [1])          # no filesystem: not tried again
     assert not isinstance(plain.value, DamagedRowGroup)
+
+
+def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_change_is_found_against_training(
+        tiny_spec):
+    """`daily_intervals`: per date and entity the median interval between consecutive rows (a look-back row gives the
+    date's first row its interval; rows at one time not counted; fewer than 10 intervals: none); training counts the
+    days per interval bin; scoring names an entity whose interval lies over 20 bins (about 1.5 x) outside every
+    training day's, not one within, nor one the version never trained on."""
+    from pipelines.ingest import count_row_intervals, daily_intervals, interval_bin, merge_payload_formats
+    from pipelines.score import DateResult, about, changed_intervals_lines, changed_row_intervals
+
+    day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
+    minute = 60_000_000
+    times = [day - minute, *(day + i * minute for i in range(11)), day + 10 * minute,   # a repeated time
+             *(day + 5 * i * 1_000_000 for i in range(5))]
+    table = pl.DataFrame({"machine_id": ["a"] * 13 + ["b"] * 5, "_t": times})
+    spec = _proc_spec(tiny_spec, "/tmp/none")
+    assert daily_intervals(table, spec, [19724]) == {"2024-01-02": {"a": minute}}      # b: 4 intervals only
+    assert daily_intervals(table, spec, [19725]) == {}
+    assert interval_bin(minute) == round(32 * np.log2(minute)) and interval_bin(0) == 0
+    counts = count_row_intervals({}, {"2024-01-01": {"proc": {"a": minute}}, "2024-01-02": {"proc": {"a": minute}}})
+    assert counts == {"proc": {"a": {str(interval_bin(minute)): 2}}}
+    assert merge_payload_formats(counts, {"proc": {"a": {"1": 1}, "b": {"2": 3}}}) == {
+        "proc": {"a": {str(interval_bin(minute)): 2, "1": 1}, "b": {"2": 3}}}
+    manifest = {"input_row_intervals": {"proc": {"a": {str(interval_bin(minute)): 5}}}}
+    assert changed_row_intervals({"proc": {"a": int(minute * 1.3), "new": 4 * minute}}, manifest) == {}
+    changed = changed_row_intervals({"proc": {"a": 5 * minute}}, manifest)
+    (entity, now, then), = changed["proc"]["first"]
+    assert (entity, now, changed["proc"]["changed"], changed["proc"]["compared"]) == ("a", 5 * minute, 1, 1)
+    assert abs(then - minute) < 0.05 * minute and changed_row_intervals({"proc": {"a": 1}}, {}) is None
+    assert (about(4_000_000), about(250_000), about(90_000_000), about(17)) == ("4 s", "250 ms", "1.5 min", "17 us")
+    (line,) = changed_intervals_lines(DateResult("2024-01-02", 1, 1, 0, 0, 0.0, changed_intervals=changed), "v1",
+                                      {"proc": "tabular"})
+    assert line.startswith("2024-01-02: modality 'proc': 1 of its 1 entities' rows came at another interval than on "
+                           "any of model version v1's training days (the median between consecutive rows): a every "
+                           "5 min against 1 min - a source reconfigured, or rows thinned or batched on their way?")

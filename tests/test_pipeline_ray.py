@@ -131,8 +131,8 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
     statistics, _ = fit_statistics(spec, shards, True, incidents)
     buckets = BucketStatistics(statistics, True)
-    kept, _, left, _, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)
-    every, _, none, _, _, _ = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))
+    kept, _, left = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)[:3]
+    every, _, none = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))[:3]
     assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
@@ -784,6 +784,43 @@ def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_re
                            "reconfigured? They were resampled to the modality's sample_rate and scored")
 
 
+def test_rows_at_another_interval_than_on_every_training_day_are_warned_and_recorded(trained, scored, tmp_path,
+                                                                                      caplog):
+    """The version keeps its tabular and time-series entities' training days per median row interval
+    (`input_row_intervals`); vibration thinned to every fourth reading for one pump on the scored day is warned of
+    (still scored) and recorded in the runs table; the fleet's own rows are no warning (the `scored` run)."""
+    from pipelines.registry import Registry
+    from pipelines.score import score_date
+    from pipelines.storage import Storage
+
+    spec, version, _ = trained
+    manifest = Registry(spec.registry, Storage()).load(version).manifest
+    assert manifest["input_row_intervals"].keys() == {"process", "vibration"}         # not the context view
+    assert manifest["input_row_intervals"]["vibration"].keys() == {"pump-00", "pump-01"}
+    assert scored.changed_intervals == {} and scored.row_intervals["vibration"].keys() == {"pump-00", "pump-01"}
+    before = scored.row_intervals["vibration"]["pump-00"]
+
+    def thinned(table):
+        keep = [k != "pump-00" or i % 4 == 0 for i, k in enumerate(table.column("machine_id").to_pylist())]
+        return table.filter(pa.array(keep))
+
+    moved = _edited_copy(trained, tmp_path, "vibration/date=2024-01-03/*.parquet", thinned)
+    moved = replace(moved, score=replace(moved.score, runs=str(tmp_path / "runs")))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(moved, DAY3)
+    now = result.row_intervals["vibration"]["pump-00"]
+    assert 3.5 * before < now < 4.5 * before and result.rows_scored == scored.rows_scored
+    (entity, found, trained_us), = result.changed_intervals["vibration"]["first"]
+    assert (entity, found, result.changed_intervals["vibration"]["changed"],
+            result.changed_intervals["vibration"]["compared"]) == ("pump-00", now, 1, 2)
+    assert 0.9 * before < trained_us < 1.1 * before and result.changed_intervals.keys() == {"vibration"}
+    assert f"2024-01-03: modality 'vibration': 1 of its 2 entities' readings came at another interval than on any " \
+        f"of model version {version}'s training days (the median between consecutive readings): pump-00 every " in \
+        caplog.text
+    runs = pl.read_delta(str(tmp_path / "runs"))
+    assert json.loads(runs["changed_row_intervals"][0]) == result.changed_intervals
+
+
 def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(trained, tmp_path, caplog):
     """The camera's table writes its keys upper-cased from the scored day on: its machines score as new ones, named
     with the trained keys they are spelled like, and the date warns that those keys' modalities never meet."""
@@ -1063,7 +1100,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     assert re.search(r"<td[^>]*>\d+\.\d\d %</td>", runs)                  # the shares as percentages
     assert all(f"{c}_camera" in runs for c in ("usable_rows", "present_share", "entities_without"))
     assert "input_files" in runs and "keys_without_modality" not in runs
-    assert all(c in runs for c in ("unseen_respelled", "new_payload_formats", "unmet_keys"))
+    assert all(c in runs for c in ("unseen_respelled", "new_payload_formats", "changed_row_intervals", "unmet_keys"))
     quarantined = pl.read_delta(spec.score.quarantine_path).filter(pl.col("date") == DAY3.isoformat())
     assert quarantined.height > 0 and f"{quarantined.height:,} quarantined rows (stage ingest" in page
     # event times in the spec's timezone: the same events, 5 hours earlier on New York's clock

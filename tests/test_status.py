@@ -255,6 +255,22 @@ def test_status_names_an_image_modality_whose_frames_came_in_a_size_the_version_
                      "replaced or reconfigured? Restore its setting, or train a version on days with such clips"]
 
 
+def test_status_names_a_modality_whose_rows_came_at_another_interval_than_on_its_training_days(tmp_path):
+    """The runs table's `changed_row_intervals`: a tabular or time-series modality with entities whose rows came at
+    another interval than on every training day is a problem, named with its dates and the newest's entities."""
+    spec, _ = _spec(tmp_path)
+    _version(tmp_path, NEW)
+    _run(spec, "2024-01-04", version=NEW)
+    for day in ("2024-01-05", "2024-01-06"):
+        _run(spec, day, version=NEW, changed_intervals={"proc": {"changed": 2, "compared": 4, "first": [
+            ["pump-00", 300_000_000, 60_000_000], ["pump-02", 290_000_000, 61_000_000]]}})
+    assert scoring_status(spec, Storage(), spec_path="s.yaml").problems == [
+        "modality 'proc': rows at another interval than on their version's training days on 2 recent date(s): "
+        "2024-01-05, 2024-01-06 - on 2024-01-06 2 of 4 entities (pump-00 every 5 min against 1 min, pump-02 every "
+        "4.8 min against 1 min): a source reconfigured, or rows thinned or batched on their way? Restore its rate, or "
+        "train a version on days with such rows"]
+
+
 def test_status_names_recent_dates_that_lost_input_rows_as_misfiled(tmp_path):
     """Dates with over 1 % of their input rows timed outside their date partition (a lake filed by another calendar,
     or by arrival): quarantined, never scored - status names them with `timezone` and `lateness` to set and the
