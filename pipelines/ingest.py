@@ -516,12 +516,12 @@ def count_payload_formats(formats: list[str | None], into: dict[str, int]) -> di
     return into
 
 
-def merge_payload_formats(into: dict, more: dict) -> dict:
+def merge_counts(into: dict, more: dict) -> dict:
     """`into`'s counts with `more`'s added, at any depth of nesting: per modality, its payloads per stored format
     (`count_payload_formats`), or its entities' training days per row interval (`count_row_intervals`)."""
     for key, n in more.items():
         if isinstance(n, dict):
-            merge_payload_formats(into.setdefault(key, {}), n)
+            merge_counts(into.setdefault(key, {}), n)
         else:
             into[key] = into.get(key, 0) + n
     return into

@@ -25,7 +25,7 @@ from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, rea
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
 from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, INTERVAL_STEPS, TRAINED_FORMATS, TRAINED_INTERVALS, UNREADABLE,
-                              entity_casts, interval_bin, merge_payload_formats, require_columns)
+                              entity_casts, interval_bin, merge_counts, require_columns)
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -76,7 +76,7 @@ class DateResult:
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
                                                           # (`entity_keys.unmet_entity_lines` over its scored ticks)
     row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per tabular or time-series modality
-                                            # and entity, its median interval between rows (`ingest.daily_intervals`)
+                # and entity, its median interval between rows (`ingest.daily_intervals`; emptied once compared)
     changed_intervals: dict[str, dict] | None = None   # of them, those far from every training day's of the same
                             # entity (`changed_row_intervals`; None: a version that did not record its own)
 
@@ -512,7 +512,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             else:
                 result = replace(result, **read, input_row_digests=record(model_spec, result.row_digests),
                                  new_payload_formats=new_payload_formats(result.payload_formats, mv.manifest),
-                                 changed_intervals=changed_row_intervals(result.row_intervals, mv.manifest))
+                                 changed_intervals=changed_row_intervals(result.row_intervals, mv.manifest),
+                                 row_intervals={})   # let go: a number per entity, not kept for every date of a run
                 done.append(result)                   # committed: counted even if Ctrl-C lands in the record
                 record_run(spec, storage, result, run_id=run_id, version=mv.version, status="succeeded",
                            tables=tables, expected_alarm_rate=mv.validation_summary.get("validation_alarm_rate"))
@@ -669,7 +670,7 @@ def _commit(spec: Spec, storage: Storage, day: str, parts: list[tuple[DateCounts
     intervals: dict[str, dict[str, int]] = {}
     for c in counts:                     # a date's shards hold disjoint entities
         merge_entity_modalities(seen, c.entity_modalities)
-        merge_payload_formats(formats, c.payload_formats)
+        merge_counts(formats, c.payload_formats)
         for m, entities in c.row_intervals.items():
             intervals.setdefault(m, {}).update(entities)
     by_modality = {m: _share_above([c.modality_above[m] for c in counts if m in c.modality_above]) for m in modalities}

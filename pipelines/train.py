@@ -44,7 +44,7 @@ from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
 from pipelines.ingest import (TRAINED_FORMATS, TRAINED_INTERVALS, LEFT_OUT, count_row_intervals, entity_casts,
-                              merge_payload_formats, read_shard,
+                              merge_counts, read_shard,
                               require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
@@ -94,7 +94,7 @@ def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
         batches = (kept for kept in (incidents.without(aligned, spec) for aligned in batches) if kept.height)
     formats: dict[str, dict[str, int]] = {}
     for day in inputs.payload_formats.values():
-        merge_payload_formats(formats, day)
+        merge_counts(formats, day)
     return AlignedShard(batches, counts, inputs.decoded, formats, inputs.row_intervals)
 
 
@@ -160,7 +160,7 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
     time-series modalities' entities' days per median row interval (`ingest.count_row_intervals`)."""
     batches, _, decoded, payload_formats, row_intervals = aligned_batches(shard, spec, storage, incidents)
     if formats is not None:
-        merge_payload_formats(formats, payload_formats)
+        merge_counts(formats, payload_formats)
     if intervals is not None:
         count_row_intervals(intervals, row_intervals)
     for aligned in batches:
@@ -236,8 +236,8 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     intervals: dict[str, dict[str, dict[str, int]]] = {}
     for c in counts:
         merge_entity_modalities(entities, c[4])
-        merge_payload_formats(formats, c[5])
-        merge_payload_formats(intervals, c[6])
+        merge_counts(formats, c[5])
+        merge_counts(intervals, c[6])
     return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
                             sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))), entities,
                             formats, intervals)

@@ -2425,7 +2425,7 @@ def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_fr
     from PIL import Image
 
     from dmafn.features import frame_size, wav_format
-    from pipelines.ingest import count_payload_formats, frame_formats, merge_payload_formats, read_shard
+    from pipelines.ingest import count_payload_formats, frame_formats, merge_counts, read_shard
     from pipelines.storage import Storage
 
     def encoded(size, kind):
@@ -2439,7 +2439,7 @@ def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_fr
     cache = {small: "16x16"}                                            # as undecodable_images left it
     counts = count_payload_formats(frame_formats([small, small, wide, b"junk"], cache), {})
     assert counts == {"16x16": 2, "64x48": 1} and cache == {small: "16x16", wide: "64x48", b"junk": None}
-    assert merge_payload_formats({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
+    assert merge_counts({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
         "cam": {"16x16": 3, "64x48": 1}, "cam2": {"8x8": 3}}
     slow, fast = _wav(np.sin(np.linspace(0, 20, 800)), 8_000, 16), _wav(np.sin(np.linspace(0, 20, 1600)), 16_000, 16)
     assert (wav_format(slow), wav_format(_wav(np.zeros(10), 44_100, 24, 2, extensible=True)), wav_format(b"RIFF"),
@@ -4335,7 +4335,7 @@ def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_chang
     date's first row its interval; rows at one time not counted; fewer than 10 intervals: none); training counts the
     days per interval bin; scoring names an entity whose interval lies over 20 bins (about 1.5 x) outside every
     training day's, not one within, nor one the version never trained on."""
-    from pipelines.ingest import count_row_intervals, daily_intervals, interval_bin, merge_payload_formats
+    from pipelines.ingest import count_row_intervals, daily_intervals, interval_bin, merge_counts
     from pipelines.score import DateResult, about, changed_intervals_lines, changed_row_intervals
 
     day = 1_704_153_600_000_000                                        # 2024-01-02 00:00 UTC
@@ -4349,7 +4349,7 @@ def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_chang
     assert interval_bin(minute) == round(32 * np.log2(minute)) and interval_bin(0) == 0
     counts = count_row_intervals({}, {"2024-01-01": {"proc": {"a": minute}}, "2024-01-02": {"proc": {"a": minute}}})
     assert counts == {"proc": {"a": {str(interval_bin(minute)): 2}}}
-    assert merge_payload_formats(counts, {"proc": {"a": {"1": 1}, "b": {"2": 3}}}) == {
+    assert merge_counts(counts, {"proc": {"a": {"1": 1}, "b": {"2": 3}}}) == {
         "proc": {"a": {str(interval_bin(minute)): 2, "1": 1}, "b": {"2": 3}}}
     manifest = {"input_row_intervals": {"proc": {"a": {str(interval_bin(minute)): 5}}}}
     assert changed_row_intervals({"proc": {"a": int(minute * 1.3), "new": 4 * minute}}, manifest) == {}
