@@ -45,9 +45,9 @@ def read_every_bucket(spec, shards, way: str, stage: Path) -> tuple[float, int, 
 
     pruning, read_columns, groups = ingest.row_groups_in_bucket, parquet_files.read_columns, [0]
 
-    def counting(parquet, path, columns, row_groups=None):
+    def counting(parquet, path, columns, row_groups=None, filesystem=None):
         groups[0] += parquet.metadata.num_row_groups if row_groups is None else len(row_groups)
-        return read_columns(parquet, path, columns, row_groups)
+        return read_columns(parquet, path, columns, row_groups, filesystem)
 
     parquet_files.read_columns = counting
     ingest.row_groups_in_bucket = (lambda *a: None) if way == "every row group" else pruning

@@ -527,7 +527,8 @@ def merge_counts(into: dict, more: dict) -> dict:
     return into
 
 
-CADENCED = ("timeseries", "tabular")     # kinds whose rows come at a cadence: their row intervals are followed
+CADENCED = ("timeseries", "tabular", "image", "audio")    # kinds whose rows come at a cadence (not text's lines):
+                                                          # their row intervals are followed
 TRAINED_INTERVALS = "input_row_intervals"   # a version's manifest: per such modality and entity, its training days
                                             # per median row interval (`count_row_intervals`)
 INTERVAL_GAPS = 10        # an entity's date with fewer intervals between its rows than this: none taken
@@ -535,7 +536,7 @@ INTERVAL_STEPS = 32       # interval bins per doubling (`interval_bin`): about 2
 
 
 def daily_intervals(table: pl.DataFrame, spec: Spec, days: list[int]) -> dict[str, dict[str, int]]:
-    """Per date of `days` (as `YYYY-MM-DD`) and entity of a tabular or time-series modality's usable rows (`table`:
+    """Per date of `days` (as `YYYY-MM-DD`) and entity of a non-text modality's usable rows (`table`:
     entity columns, `_t`; look-back rows too), the median interval between its consecutive rows in microseconds -
     rows at the same time not counted, an interval given to the date of its later row; an entity's date with fewer
     than `INTERVAL_GAPS` intervals has none. A source sampled or written at another rate moves it, jitter and
@@ -701,7 +702,7 @@ class ShardInputs:
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
     channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
     usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate), and per
-    tabular or time-series modality its entities' median interval between rows on each date (`daily_intervals`)."""
+    non-text modality its entities' median interval between rows on each date (`daily_intervals`)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -713,8 +714,8 @@ class ShardInputs:
                                                                                   # digest (`row_digests`)
     payload_formats: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> image or audio
                                         # modality -> its usable payloads per stored format (`count_payload_formats`)
-    row_intervals: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> tabular or time-
-                            # series modality -> entity -> its median interval between rows, us (`daily_intervals`)
+    row_intervals: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)   # date -> non-text
+                            # modality -> entity -> its median interval between rows, us (`daily_intervals`)
 
 
 def entity_string(keys: tuple[str, ...] | list[str]) -> pl.Expr:

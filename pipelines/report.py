@@ -506,7 +506,7 @@ def _runs_section(runs: pl.DataFrame | None) -> str:
             'there); unmet_keys: the date\'s warnings of entity keys whose modalities never met; '
             'new_payload_formats: per image or audio modality, its frames of sizes (clips of sample rates) the '
             'version\'s training payloads (almost) never had - a camera or microphone replaced or reconfigured; '
-            'changed_row_intervals: per tabular or time-series modality, its entities whose rows came at another '
+            'changed_row_intervals: per non-text modality, its entities whose rows came at another '
             'interval (the median between consecutive rows) than on every training day - a sensor sampled at '
             'another rate, a source writing more or fewer rows; '
             'input_rows_misplaced: of the input_rows its partitions held, those '

@@ -75,7 +75,7 @@ class DateResult:
                      # payloads (almost) never had (`new_payload_formats`; None: a version that did not record its own)
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
                                                           # (`entity_keys.unmet_entity_lines` over its scored ticks)
-    row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per tabular or time-series modality
+    row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per non-text modality
                 # and entity, its median interval between rows (`ingest.daily_intervals`; emptied once compared)
     changed_intervals: dict[str, dict] | None = None   # of them, those far from every training day's of the same
                             # entity (`changed_row_intervals`; None: a version that did not record its own)
@@ -195,11 +195,13 @@ INTERVAL_CHANGE = 20     # interval bins (32 per doubling) beyond every training
 INTERVALS_SHOWN = 3      # entities named per modality (the runs table keeps as many)
 # per kind: what its rows are, the device, and what scoring does with rows at another interval
 INTERVAL_WORDS = {"timeseries": ("readings", "sensor", "resampled to the modality's period"),
-                  "tabular": ("rows", "source", "taken as the latest row within the modality's tolerance")}
+                  "tabular": ("rows", "source", "taken as the latest row within the modality's tolerance"),
+                  "image": ("frames", "camera", "taken as the latest frame within the modality's tolerance"),
+                  "audio": ("clips", "microphone", "taken as the latest clip within the modality's tolerance")}
 
 
 def changed_row_intervals(intervals: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict] | None:
-    """Of a date's median interval between rows per tabular or time-series modality and entity
+    """Of a date's median interval between rows per non-text modality and entity
     (`DateResult.row_intervals`), the entities whose interval lies more than `INTERVAL_CHANGE` bins (about 1.5 x)
     outside every training day's of the same entity (the manifest's `input_row_intervals`): per modality with any,
     `changed` (how many), `compared` (its entities with training days) and `first` ([entity, now, trained] - the
@@ -235,7 +237,7 @@ def about(us: float) -> str:
 
 
 def changed_intervals_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:
-    """A line per tabular or time-series modality (`kinds`: each modality's kind) some entities of which had their
+    """A line per non-text modality (`kinds`: each modality's kind) some entities of which had their
     rows at another interval on the date than on every training day (`changed_row_intervals`): a sensor sampled at
     another rate, a source that writes more or fewer rows. Its rows were read and scored all the same, but a series
     resampled from fewer readings (a table's latest row older) is not what the version was calibrated on."""

@@ -109,7 +109,7 @@ class DateCounts:
                                                                     # it was absent at every tick of
     payload_formats: dict[str, dict[str, int]] = field(default_factory=dict)   # per image or audio modality, its
                                             # usable payloads of the date per stored format (a frame's size, a rate)
-    row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per tabular or time-series modality
+    row_intervals: dict[str, dict[str, int]] = field(default_factory=dict)   # per non-text modality
                                             # and entity, its median interval between rows (`ingest.daily_intervals`)
     entity_modalities: dict[str, int] = field(default_factory=dict)  # per scored entity key, the modalities present at
                                                         # any of its ticks, as bits (`entity_keys.entity_modalities`)

@@ -261,7 +261,7 @@ def _new_payload_formats(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -
 
 
 def _changed_intervals(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
-    """A problem per tabular or time-series modality when recent dates had entities whose rows came at another
+    """A problem per non-text modality when recent dates had entities whose rows came at another
     interval than on every training day of their version (`pipelines.score.changed_intervals_lines`; the runs
     table's `changed_row_intervals`): a sensor sampled at another rate, a source writing more or fewer rows."""
     hit: dict[str, list[tuple[str, dict]]] = {}

@@ -72,7 +72,7 @@ class AlignedShard(NamedTuple):
     decoded: dict[str, dict[bytes, np.ndarray | None]]   # the image frames its check decoded
     payload_formats: dict[str, dict[str, int]]           # per image or audio modality, its own dates' payloads per
                                                          # stored format (a frame's size, a clip's sample rate)
-    row_intervals: dict[str, dict[str, dict[str, int]]]  # per date, tabular or time-series modality and entity, its
+    row_intervals: dict[str, dict[str, dict[str, int]]]  # per date, non-text modality and entity, its
                                                          # median interval between rows (`ingest.daily_intervals`)
 
 
@@ -156,8 +156,8 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
     ticks that have at least one modality present (and, with `incidents`, none in or just after a known one);
     `seen`, when given, gets each entity's modalities present at them (`entity_modalities`), `formats` its image and
-    audio modalities' payloads per stored format (`ingest.count_payload_formats`), `intervals` its tabular and
-    time-series modalities' entities' days per median row interval (`ingest.count_row_intervals`)."""
+    audio modalities' payloads per stored format (`ingest.count_payload_formats`), `intervals` its non-text
+    modalities' entities' days per median row interval (`ingest.count_row_intervals`)."""
     batches, _, decoded, payload_formats, row_intervals = aligned_batches(shard, spec, storage, incidents)
     if formats is not None:
         merge_counts(formats, payload_formats)
@@ -182,7 +182,7 @@ def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], label
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
     out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
     context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, its
-    image and audio modalities' payloads per stored format, and its tabular and time-series modalities' entities'
+    image and audio modalities' payloads per stored format, and its non-text modalities' entities'
     days per median row interval)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
     seen: dict[str, int] = {}
@@ -211,7 +211,7 @@ class TrainingFeatures(NamedTuple):
     present: dict[str, int]             # per modality, the ticks it is present at
     entities: dict[str, int]            # per entity key, its modalities present at any tick (`entity_modalities`)
     payload_formats: dict[str, dict[str, int]]   # per image or audio modality, its usable payloads per stored format
-    row_intervals: dict[str, dict[str, dict[str, int]]]   # per tabular or time-series modality and entity, its days
+    row_intervals: dict[str, dict[str, dict[str, int]]]   # per non-text modality and entity, its days
                                                           # per median row interval (`ingest.count_row_intervals`)
 
 

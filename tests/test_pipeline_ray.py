@@ -795,7 +795,7 @@ def test_rows_at_another_interval_than_on_every_training_day_are_warned_and_reco
 
     spec, version, _ = trained
     manifest = Registry(spec.registry, Storage()).load(version).manifest
-    assert manifest["input_row_intervals"].keys() == {"process", "vibration"}         # not the context view
+    assert manifest["input_row_intervals"].keys() == {"process", "vibration", "camera"}   # not the context view, logs
     assert manifest["input_row_intervals"]["vibration"].keys() == {"pump-00", "pump-01"}
     assert scored.changed_intervals == {} and scored.row_intervals == {}       # compared, then let go
     (bin_, days), = manifest["input_row_intervals"]["vibration"]["pump-00"].items()
