@@ -535,22 +535,24 @@ INTERVAL_GAPS = 10        # an entity's date with fewer intervals between its ro
 INTERVAL_STEPS = 32       # interval bins per doubling (`interval_bin`): about 2 % apart
 
 
-def daily_intervals(table: pl.DataFrame, spec: Spec, days: list[int]) -> dict[str, dict[str, int]]:
-    """Per date of `days` (as `YYYY-MM-DD`) and entity of a non-text modality's usable rows (`table`:
-    entity columns, `_t`; look-back rows too), the median interval between its consecutive rows in microseconds -
-    rows at the same time not counted, an interval given to the date of its later row; an entity's date with fewer
-    than `INTERVAL_GAPS` intervals has none. A source sampled or written at another rate moves it, jitter and
+def daily_intervals(table: pl.DataFrame, spec: Spec, dates: list[dt.date]) -> dict[str, dict[str, int]]:
+    """Per date of `dates` (as `YYYY-MM-DD`) and entity of a non-text modality's usable rows (`table`: entity columns,
+    `_t`; look-back rows too), the median interval between its consecutive rows in microseconds - rows at the same
+    time not counted, an interval given to the date of its later row (the spec's `timezone`); an entity's date with
+    fewer than `INTERVAL_GAPS` intervals has none. A source sampled or written at another rate moves it, jitter and
     outages do not."""
-    zone = spec.timezone
-    gaps = (table.select(entity_string(spec.entity).alias("_entity"), TIME).sort("_entity", TIME)
-            .with_columns(pl.col(TIME).diff().over("_entity").alias("_gap"))
-            .filter((pl.col("_gap") > 0) & local_day(pl.col(TIME), zone).is_in(days))
-            .group_by(local_date_text(pl.col(TIME), zone).alias("_date"), "_entity")
-            .agg(pl.col("_gap").median().alias("_median"), pl.len().alias("_gaps"))
-            .filter(pl.col("_gaps") >= INTERVAL_GAPS))
+    keys = list(spec.entity)
+    gaps = (table.select(*keys, TIME).sort([*keys, TIME])
+            .with_columns(pl.col(TIME).diff().over(keys).alias("_gap")).filter(pl.col("_gap") > 0))
     out: dict[str, dict[str, int]] = {}
-    for date, entity, median, _ in gaps.iter_rows():
-        out.setdefault(date, {})[entity] = round(median)
+    for date in dates:                  # bounds per date, not a calendar per row
+        start, end = date_start_us(date, spec.timezone), date_end_us(date, spec.timezone)
+        medians = (gaps.filter(pl.col(TIME).is_between(start, end, closed="left")).group_by(keys)
+                   .agg(pl.col("_gap").median().alias("_median"), pl.len().alias("_gaps"))
+                   .filter(pl.col("_gaps") >= INTERVAL_GAPS))
+        if medians.height:
+            out[date.isoformat()] = dict(zip(medians.select(entity_string(keys)).to_series().to_list(),
+                                             (round(m) for m in medians["_median"].to_list())))
     return out
 
 
@@ -860,7 +862,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
             table = table.filter(~clash)
         tables[name] = table
         if m.kind in CADENCED and not m.context_of:
-            for day, entities in daily_intervals(table, spec, days).items():
+            for day, entities in daily_intervals(table, spec, list(shard.dates)).items():
                 row_intervals.setdefault(day, {})[name] = entities
         present.append(table.select(*spec.entity, local_day(pl.col(TIME), zone).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())

@@ -443,45 +443,8 @@ def each_row_group(parquet: pq.ParquetFile, path: str, columns: list[str], row_g
     `PART_BYTES`, not by the rows its writer put in a row group. `deleted`: the rows a Delta deletion vector removes
     from the file (`ListedFile.deleted`), left out by their positions. `values`: the file's partition values
     (`path_values`); a column the file does not hold and they do is each row's value from there."""
-    from_path = {c: values[c] for c in columns if values and c in values and field_of(parquet.schema_arrow, c) is None}
-    if from_path:
-        stored = [c for c in columns if c not in from_path]
-        for part in each_row_group(parquet, path, stored, row_groups, filesystem, deleted):
-            yield pa.Table.from_arrays([pa.repeat(_scalar(from_path[c]), part.num_rows)
-                                        if c in from_path else part[c] for c in columns], names=columns)
-        return
-    streamed = None
-    starts = _row_group_starts(parquet) if deleted is not None else None
-    try:
-        for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
-            rows, size = parquet.metadata.row_group(r).num_rows, uncompressed_bytes(parquet, r, columns)
-            if filesystem is None or size <= PART_BYTES or rows < 2:
-                try:
-                    yield _without(read_columns(parquet, path, columns, [r], filesystem), deleted,
-                                   starts[r] if starts else 0)
-                except DamagedRowGroup as damage:
-                    raise _less_deleted(damage, deleted, starts[r] if starts else 0) from None
-                continue
-            try:
-                if streamed is None:
-                    streamed = pq.ParquetFile(filesystem.open_input_file(path), metadata=parquet.metadata,
-                                              buffer_size=STREAM_BUFFER, pre_buffer=False,
-                                              page_checksum_verification=True)
-                parts = streamed.iter_batches(batch_size=max(1, rows * PART_BYTES // size), row_groups=[r],
-                                              columns=columns)
-                batch, at = next(parts, None), starts[r] if starts else 0
-                while batch is not None:
-                    yield _without(flat_columns(pa.Table.from_batches([batch]), columns), deleted, at)
-                    at += batch.num_rows
-                    batch = next(parts, None)
-            except (OSError, pa.ArrowException, KeyError) as exc:
-                again = _read_again(parquet, path, columns, r, filesystem, exc, keep=False)
-                if isinstance(again, DamagedRowGroup):
-                    raise _less_deleted(again, deleted, starts[r] if starts else 0) from None
-                raise DataError(f"{path}: not a readable Parquet file ({_groups([r])}: {exc})") from None
-    finally:
-        if streamed is not None:
-            streamed.close()
+    for _, part in _row_group_parts(parquet, path, columns, row_groups, filesystem, deleted, values, False):
+        yield part
 
 
 def each_row_group_part(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None = None,
@@ -490,12 +453,57 @@ def each_row_group_part(parquet: pq.ParquetFile, path: str, columns: list[str], 
                         ) -> Iterator[tuple[int, pa.Table | DamagedRowGroup]]:
     """`each_row_group`'s parts, each with its row group's number - and a row group whose pages do not decode from
     its bytes (`filesystem` given) as its `DamagedRowGroup` in place of its further parts, the next read on."""
-    for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
-        try:
-            for part in each_row_group(parquet, path, columns, [r], filesystem, deleted, values):
-                yield r, part
-        except DamagedRowGroup as damage:
-            yield r, damage
+    yield from _row_group_parts(parquet, path, columns, row_groups, filesystem, deleted, values, True)
+
+
+def _row_group_parts(parquet: pq.ParquetFile, path: str, columns: list[str], row_groups: list[int] | None,
+                     filesystem: pafs.FileSystem | None, deleted: DeletedRows | None,
+                     values: dict[str, str | None] | None, past_damage: bool
+                     ) -> Iterator[tuple[int, pa.Table | DamagedRowGroup]]:
+    """`each_row_group`'s parts with their row group's number; with `past_damage`, a damaged row group yielded as
+    its `DamagedRowGroup` and the next read on (else raised)."""
+    from_path = {c: values[c] for c in columns if values and c in values and field_of(parquet.schema_arrow, c) is None}
+    if from_path:
+        stored = [c for c in columns if c not in from_path]
+        for r, part in _row_group_parts(parquet, path, stored, row_groups, filesystem, deleted, None, past_damage):
+            yield r, part if isinstance(part, DamagedRowGroup) else pa.Table.from_arrays(
+                [pa.repeat(_scalar(from_path[c]), part.num_rows) if c in from_path else part[c] for c in columns],
+                names=columns)
+        return
+    streamed = None
+    starts = _row_group_starts(parquet) if deleted is not None else None
+    try:
+        for r in range(parquet.metadata.num_row_groups) if row_groups is None else row_groups:
+            start = starts[r] if starts else 0
+            try:
+                rows, size = parquet.metadata.row_group(r).num_rows, uncompressed_bytes(parquet, r, columns)
+                if filesystem is None or size <= PART_BYTES or rows < 2:
+                    yield r, _without(read_columns(parquet, path, columns, [r], filesystem), deleted, start)
+                    continue
+                try:
+                    if streamed is None:
+                        streamed = pq.ParquetFile(filesystem.open_input_file(path), metadata=parquet.metadata,
+                                                  buffer_size=STREAM_BUFFER, pre_buffer=False,
+                                                  page_checksum_verification=True)
+                    parts = streamed.iter_batches(batch_size=max(1, rows * PART_BYTES // size), row_groups=[r],
+                                                  columns=columns)
+                    batch, at = next(parts, None), start
+                    while batch is not None:
+                        yield r, _without(flat_columns(pa.Table.from_batches([batch]), columns), deleted, at)
+                        at += batch.num_rows
+                        batch = next(parts, None)
+                except (OSError, pa.ArrowException, KeyError) as exc:
+                    again = _read_again(parquet, path, columns, r, filesystem, exc, keep=False)
+                    if isinstance(again, DamagedRowGroup):
+                        raise again from None
+                    raise DataError(f"{path}: not a readable Parquet file ({_groups([r])}: {exc})") from None
+            except DamagedRowGroup as damage:
+                if not past_damage:
+                    raise _less_deleted(damage, deleted, start) from None
+                yield r, _less_deleted(damage, deleted, start)
+    finally:
+        if streamed is not None:
+            streamed.close()
 
 
 def _less_deleted(damage: DamagedRowGroup, deleted: DeletedRows | None, start: int) -> DamagedRowGroup:

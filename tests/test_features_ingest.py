@@ -4335,6 +4335,8 @@ def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_chang
     date's first row its interval; rows at one time not counted; fewer than 10 intervals: none); training counts the
     days per interval bin; scoring names an entity whose interval lies over 20 bins (about 1.5 x) outside every
     training day's, not one within, nor one the version never trained on."""
+    import datetime as dt
+
     from pipelines.ingest import count_row_intervals, daily_intervals, interval_bin, merge_counts
     from pipelines.score import DateResult, about, changed_intervals_lines, changed_row_intervals
 
@@ -4344,8 +4346,9 @@ def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_chang
              *(day + 5 * i * 1_000_000 for i in range(5))]
     table = pl.DataFrame({"machine_id": ["a"] * 13 + ["b"] * 5, "_t": times})
     spec = _proc_spec(tiny_spec, "/tmp/none")
-    assert daily_intervals(table, spec, [19724]) == {"2024-01-02": {"a": minute}}      # b: 4 intervals only
-    assert daily_intervals(table, spec, [19725]) == {}
+    two, three = dt.date(2024, 1, 2), dt.date(2024, 1, 3)
+    assert daily_intervals(table, spec, [two, three]) == {"2024-01-02": {"a": minute}}   # b: 4 intervals only
+    assert daily_intervals(table, spec, [three]) == {}
     assert interval_bin(minute) == round(32 * np.log2(minute)) and interval_bin(0) == 0
     counts = count_row_intervals({}, {"2024-01-01": {"proc": {"a": minute}}, "2024-01-02": {"proc": {"a": minute}}})
     assert counts == {"proc": {"a": {str(interval_bin(minute)): 2}}}
