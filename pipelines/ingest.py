@@ -782,9 +782,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                 groups = both(groups, None if f.row_groups is None else list(f.row_groups))
                 counted = own_date and not m.context_of   # a context view reads its parent's rows: counted once
                 # peak: a row group (or a part of a big one, `PART_BYTES`) beside the kept rows
-                group, before = None, None
+                group, before = None, None      # under `skip`, what was gathered before a row group: undone if
                 for r, part in each_row_group_part(parquet, f.path, list(stored), groups, fs, f.deleted, values):
-                    if r != group:      # a row group's first part: what was gathered before it, undone if damaged
+                    if r != group and spec.unreadable_files == "skip":      # it turns out damaged
                         group, before = r, _Kept(usable, quarantined, noted, rows_read, usable_rows, row_digests,
                                                  payload_formats)
                     if isinstance(part, DamagedRowGroup):   # its pages do not decode from its bytes

@@ -821,6 +821,38 @@ def test_rows_at_another_interval_than_on_every_training_day_are_warned_and_reco
     assert json.loads(runs["changed_row_intervals"][0]) == result.changed_intervals
 
 
+def test_a_damaged_row_group_fails_the_date_or_with_unreadable_files_skip_is_left_out_and_recorded(trained, scored,
+                                                                                                    tmp_path, caplog):
+    """The scored day's process rows rewritten with page checksums in row groups of 200 rows, one of whose pages is
+    then damaged: the date fails naming file, row group and column; with `unreadable_files: skip` it is scored from
+    the other row groups, the row group's rows counted unusable in the runs table and warned of."""
+    from pipelines.score import score_date
+
+    spec, _, root = trained
+    moved = _edited_copy(trained, tmp_path, "process/date=2024-01-03/*.parquet", lambda table: table)
+    path = max((tmp_path / "raw" / "process" / "date=2024-01-03").glob("*.parquet"), key=lambda p: p.stat().st_size)
+    pq.write_table(pq.read_table(path), path, write_page_checksum=True, row_group_size=200, compression="none")
+    meta = pq.ParquetFile(path).metadata
+    rows = meta.row_group(1).num_rows
+    chunk = next(meta.row_group(1).column(j) for j in range(meta.num_columns)
+                 if meta.row_group(1).column(j).path_in_schema == "pressure")
+    data = bytearray(path.read_bytes())
+    at = (chunk.dictionary_page_offset or chunk.data_page_offset) + 40
+    data[at:at + 8] = bytes(b ^ 0x5A for b in data[at:at + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{path.name}: not a readable Parquet file \(row group 1, column 'pressure'"):
+        score_date(moved, DAY3)
+    skip = replace(moved, unreadable_files="skip", score=replace(moved.score, runs=str(tmp_path / "runs")))
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        result = score_date(skip, DAY3)
+    assert result.unusable_reasons["process: damaged Parquet pages"] == rows and result.rows_scored
+    assert result.input_rows == scored.input_rows
+    assert f"2024-01-03: {rows} input row(s) sat in row groups whose pages do not decode (damaged in storage)" in \
+        caplog.text
+    runs = pl.read_delta(str(tmp_path / "runs"))
+    assert json.loads(runs["input_unusable_reasons"][0])["process: damaged Parquet pages"] == rows
+
+
 def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(trained, tmp_path, caplog):
     """The camera's table writes its keys upper-cased from the scored day on: its machines score as new ones, named
     with the trained keys they are spelled like, and the date warns that those keys' modalities never meet."""
