@@ -143,12 +143,12 @@ def run_buckets(a: argparse.Namespace, out: Path) -> None:
         from pipelines.shards import bucket_of
 
         fleet, parts = partial_fit(template, keys, seed).split(buckets, lambda key: bucket_of(key, buckets))
-        return (fleet, {}, *parts)
+        return (fleet, {}, {}, *parts)
 
     with ray_session(num_cpus=2):
         template_ref = ray.put(template)
-        outs = [shard_task.options(num_returns=buckets + 2).remote(template_ref, keys, seed) for seed, keys in plan]
-        statistics, _ = gather_statistics(spec, outs, buckets)
+        outs = [shard_task.options(num_returns=buckets + 3).remote(template_ref, keys, seed) for seed, keys in plan]
+        statistics = gather_statistics(spec, outs, buckets).statistics
         _write(out, statistics.fleet, statistics.table())
 
 

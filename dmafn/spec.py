@@ -243,8 +243,9 @@ class Spec:
     naive_times: str = "utc"            # utc | local: a time without a zone is UTC, or the wall clock of `timezone`
     time_format: str | tuple[str, ...] | None = None   # how a time stored as text is written (a strftime format,
                                                        # or several tried in order) when not ISO 8601
-    unreadable_files: str = "fail"      # fail | skip: an input file whose bytes are no Parquet (truncated, empty)
-                                        # fails its date, or is left out of it - named in the quarantine and runs tables
+    unreadable_files: str = "fail"      # fail | skip: an input file whose bytes are no Parquet (truncated, empty),
+                                        # or a row group of one whose pages do not decode, fails its date, or is left
+                                        # out of it - named in the quarantine and runs tables
 
     @property
     def lookback_days(self) -> int:

@@ -127,9 +127,9 @@ def spec_json_schema() -> dict[str, Any]:
             "timezone": {"type": "string", "minLength": 1},
             "lateness": {"anyOf": [_DURATION, {"const": 0}]},
             "unreadable_files": {**_enum(UNREADABLE_FILES), "description": "an input file whose bytes are no "
-                                 "Parquet (truncated, empty, another format): fail (the default) fails its date; skip "
-                                 "leaves it out of the date, named in the quarantine and runs tables (and by dmafn "
-                                 "status)"},
+                                 "Parquet (truncated, empty, another format), or a row group of one whose pages do "
+                                 "not decode from its bytes: fail (the default) fails its date; skip leaves it out "
+                                 "of the date, named in the quarantine and runs tables (and by dmafn status)"},
             "modalities": {"type": "object", "minProperties": 1, "additionalProperties": False,
                            "patternProperties": {r"^[A-Za-z][A-Za-z0-9_]*$": modality}},
             "labels": _closed({"path": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"}},

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import entity_places
 from dmafn.spec import Spec
-from pipelines.ingest import entity_casts, require_columns
+from pipelines.ingest import TRAINED_INTERVALS, entity_casts, require_columns
 from pipelines.registry import Registry
 from pipelines.score import reading_spec
 from pipelines.shards import list_inputs, plan_shards, require_data
@@ -75,8 +75,8 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
     staging = Staging(rspec, storage, shards, days, uuid.uuid4().hex[:12])
     try:
         shards = staging.resolve(shards)
-        fitted, quarantined = fit_statistics(rspec, shards, keys_sliceable(rspec, schemas),
-                                             known_incidents(rspec, storage), under=mv.statistics.fleet)
+        fitted, quarantined, intervals = fit_statistics(rspec, shards, keys_sliceable(rspec, schemas),
+                                                        known_incidents(rspec, storage), under=mv.statistics.fleet)
         quarantined = left_out_files(quarantined, f"enrolment days {days[0]}..{days[-1]}")
     finally:
         staging.close()
@@ -91,10 +91,22 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
         "from_version": mv.version, "days": [start.isoformat(), end.isoformat()], "entities": len(keys),
         "named": keys[:NAMED], "input_quarantine": quarantined,
         "at": dt.datetime.now(dt.timezone.utc).isoformat()}]
+    if TRAINED_INTERVALS in manifest:   # the new entities' row intervals, compared at scoring as the trained ones'
+        manifest[TRAINED_INTERVALS] = with_entities(manifest[TRAINED_INTERVALS], intervals, set(keys))
     statistics = EntityStatistics(mv.statistics.fleet, rows=entity_rows([mv.statistics.table(), new]))
     enrolment.version = registry.save(mv.model, manifest, statistics, promote=promote)
     enrolment.promoted = promote
     return enrolment
+
+
+def with_entities(held: dict[str, dict[str, dict]], fitted: dict[str, dict[str, dict]],
+                  keys: set[str]) -> dict[str, dict[str, dict]]:
+    """A version's per-modality, per-entity counts (`input_row_intervals`) with those of `fitted` for the entities
+    `keys` names added (the entities it held keep theirs)."""
+    out = {m: dict(entities) for m, entities in held.items()}
+    for m, entities in fitted.items():
+        out.setdefault(m, {}).update((e, counts) for e, counts in entities.items() if e in keys)
+    return out
 
 
 def enrolment_lines(enrolment: Enrolment, start: dt.date, end: dt.date) -> list[str]:

@@ -43,9 +43,8 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
-from pipelines.ingest import (TRAINED_FORMATS, TRAINED_INTERVALS, LEFT_OUT, count_row_intervals, entity_casts,
-                              merge_counts, read_shard,
-                              require_columns)
+from pipelines.ingest import (LEFT_OUT, TRAINED_FORMATS, TRAINED_INTERVALS, count_row_intervals, entity_casts,
+                              merge_counts, read_shard, require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -121,16 +120,26 @@ STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity st
 @ray.remote(num_cpus=1)
 def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[str, Any] | None = None,
                       incidents: KnownIncidents | None = None) -> tuple:
-    """Partial statistics of one training shard: the fleet's part, the input quarantine counts, then one part per
-    entity bucket (`StatisticsFitter.split`), each its own object for the bucket's task. `trim_from`: the
-    statistics fitted before for the shard's entities, whose relations are refitted on their typical ticks;
-    `incidents`: the known ones its ticks are fitted without."""
+    """Partial statistics of one training shard: the fleet's part, the input quarantine counts, its entities' days
+    per median row interval (`ingest.count_row_intervals`), then one part per entity bucket
+    (`StatisticsFitter.split`), each its own object for the bucket's task. `trim_from`: the statistics fitted
+    before for the shard's entities, whose relations are refitted on their typical ticks; `incidents`: the known
+    ones its ticks are fitted without."""
     fitter = StatisticsFitter(spec, trim_from)
-    batches, quarantined = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)[:2]
-    for aligned in batches:
+    shard_inputs = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    for aligned in shard_inputs.batches:
         fitter.add(aligned.to_arrow())
     fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
-    return (fleet, quarantined, *parts)
+    return (fleet, shard_inputs.counts, count_row_intervals({}, shard_inputs.row_intervals), *parts)
+
+
+class FittedStatistics(NamedTuple):
+    """`fit_statistics`' answer."""
+
+    statistics: EntityStatistics
+    quarantined: dict[str, int]                          # the input quarantine counts per modality (and file left out)
+    row_intervals: dict[str, dict[str, dict[str, int]]]  # per non-text modality and entity, its days per median row
+                                                         # interval (`ingest.count_row_intervals`)
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -524,8 +533,9 @@ def outlier_reach_ticks(spec: Spec) -> int:
 
 
 def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: KnownIncidents | None = None,
-                   under: dict[str, Any] | None = None) -> tuple[EntityStatistics, dict[str, int]]:
-    """Normalisation statistics of the training shards: fitted per shard in Ray tasks; the fleet's parts merged
+                   under: dict[str, Any] | None = None) -> FittedStatistics:
+    """Normalisation statistics of the training shards (with the input quarantine counts and the entities' row
+    intervals, `FittedStatistics`): fitted per shard in Ray tasks; the fleet's parts merged
     here, the per-entity parts by entity bucket in a task each, which sends back only what the fleet's part needs
     (`StatisticsTotals`) and then its entities' rows (so the driver never holds every entity's Python objects: a
     fleet of 100,000 machines). A channel whose variance one value holds (`StatisticsFitter.outlier_warnings`) is
@@ -539,30 +549,33 @@ def fit_statistics(spec: Spec, shards: list[Shard], sliceable: bool, incidents: 
     fleet part is `under` with the relations' left-out counts of this fit's last pass."""
     buckets = max(1, min(STATISTICS_BUCKETS, len(shards)))
 
-    def fit(before: EntityStatistics | None) -> tuple[EntityStatistics, dict[str, int]]:
+    def fit(before: EntityStatistics | None) -> FittedStatistics:
         fits_before = None if before is None else BucketStatistics(before, sliceable)
-        outs = [_shard_statistics.options(num_returns=buckets + 2).remote(
+        outs = [_shard_statistics.options(num_returns=buckets + 3).remote(
             s, spec, buckets, None if fits_before is None else fits_before.ref(s),
             None if incidents is None else incidents.for_dates(s.dates)) for s in shards]
         return gather_statistics(spec, outs, buckets, refit=before is not None, under=under)
 
-    statistics, quarantined = fit(None)                # a refit reads the same rows: its quarantine counts again
-    return refit_relations_on_typical_ticks(statistics, lambda before: fit(before)[0], lambda s: s.fleet), quarantined
+    first = fit(None)                   # a refit reads the same rows: its counts and intervals again
+    refitted = refit_relations_on_typical_ticks(first.statistics, lambda before: fit(before)[0], lambda s: s.fleet)
+    return first._replace(statistics=refitted)
 
 
 def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: int, refit: bool = False,
-                      under: dict[str, Any] | None = None) -> tuple[EntityStatistics, dict[str, int]]:
-    """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, then one part
-    per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their merges are done.
+                      under: dict[str, Any] | None = None) -> FittedStatistics:
+    """`fit_statistics` from its shard tasks' objects (each the fleet's part, the quarantine counts, the row
+    intervals, then one part per entity bucket of `buckets`); `outs` is emptied once read, so the parts go when their
+    merges are done.
     `refit`: a refit of the relations (shown as such; the first pass has given the outlier warnings); `under`: the
     fleet's part to fit the entities' parts under instead of this fit's (see `fit_statistics`)."""
-    merges = [_merge_bucket_statistics.remote(spec, [out[2 + b] for out in outs]) for b in range(buckets)]
-    fitter, quarantined = StatisticsFitter(spec), {}
+    merges = [_merge_bucket_statistics.remote(spec, [out[3 + b] for out in outs]) for b in range(buckets)]
+    fitter, quarantined, intervals = StatisticsFitter(spec), {}, {}
     display = ProgressDisplay("relations refit" if refit else "statistics", len(outs) + buckets, "shards and buckets")
     for i, out in enumerate(outs):                  # in shard order: the same fit on every run
         fitter.merge(raise_task_error(out[0]))
         for name, n in raise_task_error(out[1]).items():
             quarantined[name] = quarantined.get(name, 0) + n
+        merge_counts(intervals, raise_task_error(out[2]))
         display.update(i + 1)
     done = len(outs)
     outs.clear()                                    # the buckets' parts go once their merges have read them
@@ -585,7 +598,8 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
                         "days that hold it, or leave it (or the column) out of the spec") from None
     fleet_ref = ray.put(fleet)
     row_refs = [_bucket_entity_rows.remote(merged, fleet_ref) for _, merged in merges]   # all started, then read
-    return EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])), quarantined
+    return FittedStatistics(EntityStatistics(fleet, rows=entity_rows([raise_task_error(ref) for ref in row_refs])),
+                            quarantined, intervals)
 
 
 def known_incidents(spec: Spec, storage: Storage) -> KnownIncidents | None:
@@ -629,7 +643,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
-        statistics, quarantined = fit_statistics(spec, train_shards, sliceable, incidents)
+        statistics, quarantined, _ = fit_statistics(spec, train_shards, sliceable, incidents)
         quarantined = left_out_files(quarantined, f"training days {train_days[0]}..{train_days[-1]}")
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):

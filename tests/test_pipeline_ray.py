@@ -89,7 +89,7 @@ def test_training_statistics_fitted_by_entity_bucket_are_the_one_process_fit(tra
     files = list_inputs(spec, train_days, storage)
     third = -(-max(bytes_by_date(files).values()) // 3)
     shards = plan_shards(spec, train_days, files, shard_bytes=third)            # three entity buckets
-    statistics, _ = fit_statistics(spec, shards, True)
+    statistics = fit_statistics(spec, shards, True).statistics
     rows = [aligned.to_arrow() for shard in shards for aligned in aligned_batches(shard, spec, storage)[0]]
 
     def in_one(before):                              # the same fit in one process, relations refitted as there
@@ -129,7 +129,7 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     assert after == 6                                           # the camera's tolerance (6 min), the longest reach
     train_days, validation = split_dates(spec)
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
-    statistics, _ = fit_statistics(spec, shards, True, incidents)
+    statistics = fit_statistics(spec, shards, True, incidents).statistics
     buckets = BucketStatistics(statistics, True)
     kept, _, left = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)[:3]
     every, _, none = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))[:3]
@@ -874,8 +874,9 @@ def test_a_table_whose_keys_are_respelled_after_training_is_named_at_scoring(tra
 def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(trained, tmp_path):
     """pump-01's rows on every day also under a new key, pump-09 (a machine like pump-01 that joined the fleet later):
     the version scores pump-09 by the fleet's statistics. Enrolled over the training day, it gets statistics of its
-    own - fitted from the same rows as pump-01's, under the version's fleet part - and scores as pump-01 does; the
-    new version keeps the weights, the fleet's statistics, the calibration and the other entities' rows."""
+    own - fitted from the same rows as pump-01's, under the version's fleet part - and its row intervals, and scores
+    as pump-01 does; the new version keeps the weights, the fleet's statistics, the calibration and the other
+    entities' rows and intervals."""
     import hashlib
     import shutil
 
@@ -913,6 +914,10 @@ def test_enrolling_an_entity_new_since_training_makes_it_score_as_its_twin(train
     assert own["pump-09"] == pytest.approx(held["relations"]["process_context"]["channels"][0]["entity_intercepts"]
                                            ["pump-01"], abs=1e-6)
     assert new.manifest["enrolled"][0]["named"] == ["pump-09"]
+    for m, entities in new.manifest["input_row_intervals"].items():   # its row intervals too, theirs kept
+        assert entities == {**old.manifest["input_row_intervals"][m], "pump-09": entities["pump-09"]}
+    assert new.manifest["input_row_intervals"]["vibration"]["pump-09"] == {
+        b: 1 for b in old.manifest["input_row_intervals"]["vibration"]["pump-01"]}      # one enrolment day
     facts = version_facts(moved, Storage(), [enrolment.version])[enrolment.version]
     assert (facts["entities"], facts["enrolled"], facts["enrolled_into"]) == (3, 1, version)
     assert enrolment_lines(enrolment, DAY1, DAY1)[0].startswith(
