@@ -160,18 +160,14 @@ def _bucket_entity_rows(merged: StatisticsFitter, fleet: dict[str, Any]) -> pa.T
 
 def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[str, Any],
                         labels: pl.DataFrame | None, incidents: KnownIncidents | None = None,
-                        seen: dict[str, int] | None = None, formats: dict[str, dict[str, int]] | None = None,
-                        intervals: dict[str, dict[str, dict[str, int]]] | None = None):
+                        seen: dict[str, int] | None = None, formats: dict[str, dict[str, int]] | None = None):
     """A shard's model input columns (`x__<m>`, `mask`, `label` with labels), a tick slice at a time, of its
     ticks that have at least one modality present (and, with `incidents`, none in or just after a known one);
     `seen`, when given, gets each entity's modalities present at them (`entity_modalities`), `formats` its image and
-    audio modalities' payloads per stored format (`ingest.count_payload_formats`), `intervals` its non-text
-    modalities' entities' days per median row interval (`ingest.count_row_intervals`)."""
-    batches, _, decoded, payload_formats, row_intervals = aligned_batches(shard, spec, storage, incidents)
+    audio modalities' payloads per stored format (`ingest.count_payload_formats`)."""
+    batches, _, decoded, payload_formats = aligned_batches(shard, spec, storage, incidents)[:4]
     if formats is not None:
         merge_counts(formats, payload_formats)
-    if intervals is not None:
-        count_row_intervals(intervals, row_intervals)
     for aligned in batches:
         if seen is not None:
             merge_entity_modalities(seen, entity_modalities(aligned, spec))
@@ -187,28 +183,25 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
                           path: str, incidents: KnownIncidents | None = None
-                          ) -> tuple[int, int, int, np.ndarray, dict[str, int], dict[str, dict[str, int]], dict]:
+                          ) -> tuple[int, int, int, np.ndarray, dict[str, int], dict[str, dict[str, int]]]:
     """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
     out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
-    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, its
-    image and audio modalities' payloads per stored format, and its non-text modalities' entities'
-    days per median row interval)."""
+    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, and its
+    image and audio modalities' payloads per stored format)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
     seen: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
-    intervals: dict[str, dict[str, dict[str, int]]] = {}
 
     def parts():
         nonlocal positives, present
-        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, formats,
-                                        intervals):
+        for part in shard_feature_parts(shard, spec, storage, stats, labels, incidents, seen, formats):
             if "label" in part:
                 positives += int(part["label"].sum())
             present = present + part["mask"].sum(0)
             yield part
 
     rows = write_features(storage, path, parts())
-    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats, intervals
+    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats
 
 
 class TrainingFeatures(NamedTuple):
@@ -220,8 +213,6 @@ class TrainingFeatures(NamedTuple):
     present: dict[str, int]             # per modality, the ticks it is present at
     entities: dict[str, int]            # per entity key, its modalities present at any tick (`entity_modalities`)
     payload_formats: dict[str, dict[str, int]]   # per image or audio modality, its usable payloads per stored format
-    row_intervals: dict[str, dict[str, dict[str, int]]]   # per non-text modality and entity, its days
-                                                          # per median row interval (`ingest.count_row_intervals`)
 
 
 def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatistics, labels: pl.DataFrame | None,
@@ -242,14 +233,12 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
     entities: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
-    intervals: dict[str, dict[str, dict[str, int]]] = {}
     for c in counts:
         merge_entity_modalities(entities, c[4])
         merge_counts(formats, c[5])
-        merge_counts(intervals, c[6])
     return TrainingFeatures([FeatureFile(p, c[0]) for p, c in zip(paths, counts)], sum(c[1] for c in counts),
                             sum(c[2] for c in counts), dict(zip(spec.modalities, (int(n) for n in present))), entities,
-                            formats, intervals)
+                            formats)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -643,7 +632,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
-        statistics, quarantined, _ = fit_statistics(spec, train_shards, sliceable, incidents)
+        statistics, quarantined, row_intervals = fit_statistics(spec, train_shards, sliceable, incidents)
         quarantined = left_out_files(quarantined, f"training days {train_days[0]}..{train_days[-1]}")
         stats = statistics.fleet                    # the fleet's part: each entity's are rows (`pipelines.statistics`)
         for line in relation_lines(stats, spec):
@@ -655,9 +644,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                                                    entry["channel_transforms"], entry["drift"])))
         # each shard's task gets its entity bucket's per-entity statistics only (`pipelines.statistics`)
         bucket_stats = BucketStatistics(statistics, sliceable)
-        files, positives, train_left_out, present, entities, payload_formats, row_intervals = \
-            write_training_features(spec, train_shards, bucket_stats, labels, join(staging.folder, "features"),
-                                    incidents)
+        files, positives, train_left_out, present, entities, payload_formats = write_training_features(
+            spec, train_shards, bucket_stats, labels, join(staging.folder, "features"), incidents)
         ticks = sum(f.rows for f in files)
         if not ticks:
             raise DataError(f"spec '{spec.name}': no tick of the training days {train_days[0]}..{train_days[-1]} "
