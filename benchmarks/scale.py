@@ -143,7 +143,8 @@ def bare_loop(spec_path: Path, version: str, dates: list[dt.date], out: str) -> 
     started, cpu, ticks_total = time.perf_counter(), time.process_time(), 0
     for date in dates:
         files = tuple(list_inputs(model_spec, [date], storage))
-        inputs = read_shard(Shard((date,), 0, 1, files, model_spec.lookback_days), model_spec, storage)
+        inputs = read_shard(Shard((date,), 0, 1, files, model_spec.lookback_days), model_spec, storage,
+                            row_intervals=True)                                   # as scoring reads
         ticks = data_ticks(inputs.tables, inputs.present, model_spec, [date])
         scored = pl.from_arrow(scorer(align(ticks, inputs.tables, model_spec).to_arrow(), inputs.decoded))
         rows = finalize(scored.filter(pl.col(REASON).is_null()).drop(REASON), mv.spec, mv.calibration,

@@ -704,7 +704,7 @@ class ShardInputs:
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
     channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
     usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate), and per
-    non-text modality its entities' median interval between rows on each date (`daily_intervals`)."""
+    non-text modality its entities' median interval between rows on each date (`daily_intervals`; when asked)."""
 
     tables: dict[str, pl.DataFrame]
     quarantined: pl.DataFrame
@@ -732,14 +732,16 @@ def both(first: list[int] | None, second: list[int] | None) -> list[int] | None:
     return sorted(set(first) & set(second))
 
 
-def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
-    """Read, check and split the rows of one shard (its entity bucket of every file it lists)."""
+def read_shard(shard: Shard, spec: Spec, storage: Storage, *, row_intervals: bool = False) -> ShardInputs:
+    """Read, check and split the rows of one shard (its entity bucket of every file it lists); with `row_intervals`,
+    also take its entities' median interval between rows per date (`daily_intervals`: a sort of each non-text
+    table's keys and times - what scoring and training's first statistics pass use, not every pass)."""
     zone = spec.timezone
     days = [day_number(d) for d in shard.dates]
     first, end = date_start_us(min(shard.dates), zone), date_end_us(max(shard.dates), zone)
     tables, quarantined, present, decoded, rows_read, usable_rows, row_digests = {}, [], [], {}, {}, {}, {}
     payload_formats: dict[str, dict[str, dict[str, int]]] = {}
-    row_intervals: dict[str, dict[str, dict[str, int]]] = {}
+    intervals: dict[str, dict[str, dict[str, int]]] = {}
     formats_of: dict[bytes, str | None] = {}        # a frame's stored size, by its bytes (`frame_formats`)
     for name, m in spec.modalities.items():
         fs = storage.filesystem(m.path)
@@ -861,9 +863,9 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
                     local_date_text(pl.col(TIME), zone), pl.lit(CONFLICT)))
             table = table.filter(~clash)
         tables[name] = table
-        if m.kind in CADENCED and not m.context_of:
+        if row_intervals and m.kind in CADENCED and not m.context_of:
             for day, entities in daily_intervals(table, spec, list(shard.dates)).items():
-                row_intervals.setdefault(day, {})[name] = entities
+                intervals.setdefault(day, {})[name] = entities
         present.append(table.select(*spec.entity, local_day(pl.col(TIME), zone).alias("_day"))
                        .filter(pl.col("_day").is_in(days)).unique())
     return ShardInputs(
@@ -871,7 +873,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage) -> ShardInputs:
         quarantined=pl.concat(quarantined, how="vertical_relaxed") if quarantined else pl.DataFrame(schema=QUARANTINED),
         present=pl.concat(present, how="vertical_relaxed").unique() if present else pl.DataFrame(),
         decoded=decoded, rows_read=rows_read, usable_rows=usable_rows, row_digests=row_digests,
-        payload_formats=payload_formats, row_intervals=row_intervals)
+        payload_formats=payload_formats, row_intervals=intervals)
 
 
 class _Kept:

@@ -192,7 +192,7 @@ def score_shard_steps(shard: Shard, spec: Spec, mv: ModelVersion, storage: Stora
     is and the model version's modalities (see `pipelines.score.reading_spec`). Yields (ticks done, ticks
     total) after each batch of ticks, then the shard's `ShardScores` last (a Ray task streams these to the
     driver: progress without an actor)."""
-    inputs = read_shard(shard, spec, storage)
+    inputs = read_shard(shard, spec, storage, row_intervals=True)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     scorer = Scorer(mv)
     known = entity_keys(mv.stats)

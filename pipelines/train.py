@@ -75,15 +75,15 @@ class AlignedShard(NamedTuple):
                                                          # median interval between rows (`ingest.daily_intervals`)
 
 
-def aligned_batches(shard: Shard, spec: Spec, storage: Storage,
-                    incidents: KnownIncidents | None = None) -> AlignedShard:
+def aligned_batches(shard: Shard, spec: Spec, storage: Storage, incidents: KnownIncidents | None = None, *,
+                    row_intervals: bool = False) -> AlignedShard:
     """A shard's aligned rows, a slice of ticks at a time (its ticks follow the data), its input quarantine counts per
     modality (and, under the reason, 1 for each file left out as no Parquet or row group left out as damaged:
     `unreadable_files: skip`, `left_out_files`), the image frames its check decoded (for `featurize(..., decoded=)`) and
     per image or audio modality its own dates' usable payloads per stored format (`ingest.count_payload_formats`). With
     `incidents`, the slices come without the ticks in or just after a known one (counted there), and a slice they empty
-    is skipped."""
-    inputs = read_shard(shard, spec, storage)
+    is skipped. With `row_intervals`, its entities' median row intervals per date too (`read_shard`)."""
+    inputs = read_shard(shard, spec, storage, row_intervals=row_intervals)
     ticks = data_ticks(inputs.tables, inputs.present, spec, shard.dates)
     counts = dict(inputs.quarantined.group_by("source").agg(pl.col("rows").sum()).iter_rows())
     counts.update((why, 1) for why in inputs.quarantined.filter(
@@ -121,12 +121,13 @@ STATISTICS_BUCKETS = 16   # at most: the entity buckets training's per-entity st
 def _shard_statistics(shard: Shard, spec: Spec, buckets: int, trim_from: dict[str, Any] | None = None,
                       incidents: KnownIncidents | None = None) -> tuple:
     """Partial statistics of one training shard: the fleet's part, the input quarantine counts, its entities' days
-    per median row interval (`ingest.count_row_intervals`), then one part per entity bucket
+    per median row interval (`ingest.count_row_intervals`; none in a refit), then one part per entity bucket
     (`StatisticsFitter.split`), each its own object for the bucket's task. `trim_from`: the statistics fitted
     before for the shard's entities, whose relations are refitted on their typical ticks; `incidents`: the known
     ones its ticks are fitted without."""
     fitter = StatisticsFitter(spec, trim_from)
-    shard_inputs = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)
+    shard_inputs = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents,
+                                   row_intervals=trim_from is None)     # a refit reads the same rows again
     for aligned in shard_inputs.batches:
         fitter.add(aligned.to_arrow())
     fleet, parts = fitter.split(buckets, lambda key: bucket_of(key, buckets))
