@@ -236,6 +236,11 @@ def about(us: float) -> str:
     return f"{float(f'{us:.2g}'):g} us"
 
 
+def changed_entities(found: dict) -> str:
+    """A modality's first entities with rows at another interval (`changed_row_intervals`), as words."""
+    return ", ".join(f"{e} every {about(now)} against {about(then)}" for e, now, then in found["first"])
+
+
 def changed_intervals_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:
     """A line per non-text modality (`kinds`: each modality's kind) some entities of which had their
     rows at another interval on the date than on every training day (`changed_row_intervals`): a sensor sampled at
@@ -244,7 +249,7 @@ def changed_intervals_lines(result: DateResult, version: str, kinds: dict[str, s
     lines = []
     for m, found in sorted((result.changed_intervals or {}).items()):
         things, device, done = INTERVAL_WORDS.get(kinds.get(m, "timeseries"), INTERVAL_WORDS["timeseries"])
-        named = ", ".join(f"{e} every {about(now)} against {about(then)}" for e, now, then in found["first"])
+        named = changed_entities(found)
         more = found["changed"] - len(found["first"])
         lines.append(f"{result.date}: modality '{m}': {found['changed']} of its {found['compared']} entities' {things} "
                      f"came at another interval than on any of model version {version}'s training days (the median "
@@ -325,39 +330,33 @@ def named_reasons(reasons: dict[str, int]) -> str:
     return named + (f"; {more} more reason(s)" if more > 0 else "")
 
 
-def unreadable_files(reasons: dict[str, int]) -> int:
-    """How many input files a date's quarantine names as left out for bytes that are no Parquet
-    (`unreadable_files: skip`), from its unusable reasons (`ingest.unusable_reasons`)."""
-    return sum(n for why, n in reasons.items() if why.endswith(f": {UNREADABLE}"))
+LEFT_OUT_KINDS = (UNREADABLE, DAMAGED, DAMAGED_AROUND)   # what `unreadable_files: skip` leaves out, as reasons fold
 
 
-def damaged_rows(reasons: dict[str, int]) -> int | None:
-    """How many input rows a date's quarantine counts in row groups left out as damaged - pages that do not decode
-    from their bytes (`unreadable_files: skip`) -, from its unusable reasons; None where none was."""
-    hit = [n for why, n in reasons.items() if why.endswith(f": {DAMAGED}")]
-    return sum(hit) if hit else None
-
-
-def damaged_around(reasons: dict[str, int]) -> int:
-    """How many row groups of the days read around a date (its first ticks' look-back, rows filed late) a date's
-    quarantine names as left out as damaged (`unreadable_files: skip`), from its unusable reasons."""
-    return sum(n for why, n in reasons.items() if why.endswith(f": {DAMAGED_AROUND}"))
+def left_out_counts(reasons: dict[str, int]) -> dict[str, int]:
+    """Of a date's unusable reasons (`ingest.unusable_reasons`), what `unreadable_files: skip` left out, per kind
+    present: files whose bytes are no Parquet (`UNREADABLE`, 1 each), rows of row groups whose pages do not decode
+    (`DAMAGED`), such row groups of the days read around the date (`DAMAGED_AROUND`, 1 each)."""
+    out: dict[str, int] = {}
+    for why, n in reasons.items():
+        if (kind := next((k for k in LEFT_OUT_KINDS if why.endswith(f": {k}")), None)) is not None:
+            out[kind] = out.get(kind, 0) + n
+    return out
 
 
 def left_out_input(reasons: dict[str, int]) -> tuple[str, str] | None:
-    """What `unreadable_files: skip` left out of a date, from its unusable reasons: the words (how many files whose
-    bytes are no Parquet, how many rows in damaged row groups, how many damaged row groups of the days read around it)
+    """What `unreadable_files: skip` left out of a date, from its unusable reasons (`left_out_counts`): the words
     and the reasons that name them; None where nothing."""
-    files, rows, around = unreadable_files(reasons), damaged_rows(reasons), damaged_around(reasons)
-    said = ([f"{files} input file(s) could not be read as Parquet (truncated, empty or another format)"] if files
-            else []) + ([f"{rows} input row(s) sat in row groups whose pages do not decode (damaged in storage)"]
-                        if rows is not None else []) + (
-        [f"{around} row group(s) of the days read around it (its first ticks' look-back) have pages that do not "
-         "decode"] if around else [])
-    if not said:
+    counts = left_out_counts(reasons)
+    words = {UNREADABLE: "input file(s) could not be read as Parquet (truncated, empty or another format)",
+             DAMAGED: "input row(s) sat in row groups whose pages do not decode (damaged in storage)",
+             DAMAGED_AROUND: "row group(s) of the days read around it (its first ticks' look-back) have pages that do "
+                             "not decode"}
+    if not counts:
         return None
-    named = ((UNREADABLE, files), (DAMAGED, rows is not None or around))
-    return " and ".join(said), " or ".join(f"'{kind} ...'" for kind, n in named if n)
+    named = [kind for kind in (UNREADABLE, DAMAGED) if kind in counts or kind == DAMAGED and DAMAGED_AROUND in counts]
+    return (" and ".join(f"{counts[kind]} {words[kind]}" for kind in LEFT_OUT_KINDS if kind in counts),
+            " or ".join(f"'{kind} ...'" for kind in named))
 
 
 def unreadable_files_warning(result: DateResult, spec: Spec) -> str | None:

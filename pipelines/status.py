@@ -24,13 +24,14 @@ import polars as pl
 
 from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
+from pipelines.ingest import DAMAGED, DAMAGED_AROUND, UNREADABLE
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (CHANGED_INTERVALS, ENTITIES_WITHOUT, INTERVAL_WORDS, KEYS_WITHOUT_MODALITY,
-                             MISPLACED_SHARE, MODALITY_SHARE, NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS, PAYLOAD_WORDS,
-                             PRESENT_SHARE, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED, UNUSABLE_REASONS, UNUSABLE_SHARE,
-                             USABLE_ROWS, about, changed_inputs, changed_inputs_line, damaged_around, damaged_rows,
-                             left_out_input, named_dates, named_reasons, summed_counts, time_text_hint,
-                             unlike_validation_line, unreadable_files)
+                             LEFT_OUT_KINDS, MISPLACED_SHARE, MODALITY_SHARE, NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS,
+                             PAYLOAD_WORDS, PRESENT_SHARE, RELISTED, UNMET_KEYS, UNSEEN_RESPELLED, UNUSABLE_REASONS,
+                             UNUSABLE_SHARE, USABLE_ROWS, changed_entities, changed_inputs, changed_inputs_line,
+                             left_out_counts, named_dates, named_reasons, summed_counts, time_text_hint,
+                             unlike_validation_line)
 from pipelines.storage import DataError, Storage, join
 
 STATUS_DAYS = 7     # the newest dates shown, and checked for days unlike the validation days
@@ -273,7 +274,7 @@ def _changed_intervals(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> 
         day, found = dates[-1]
         kind = spec.modalities[m].kind if m in spec.modalities else "timeseries"
         things, device, _ = INTERVAL_WORDS.get(kind, INTERVAL_WORDS["timeseries"])
-        named = ", ".join(f"{e} every {about(now)} against {about(then)}" for e, now, then in found["first"])
+        named = changed_entities(found)
         out.problems.append(f"modality '{m}': {things} at another interval than on their version's training days on "
                             f"{len(dates)} recent date(s): {named_dates([d for d, _ in dates])} - on {day} "
                             f"{found['changed']} of {found['compared']} entities ({named}): a {device} reconfigured, "
@@ -340,16 +341,16 @@ def _unreadable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
     the dates, how many files and how many rows of damaged row groups."""
     reasons = {row["date"]: json.loads(row[UNUSABLE_REASONS]) for row in recent.filter(
         pl.col("status") == "succeeded").iter_rows(named=True) if row.get(UNUSABLE_REASONS)}
-    hit = {date: left for date, why in reasons.items() if (left := left_out_input(why)) is not None}
-    if not hit:
+    left = {date: counts for date, why in reasons.items() if (counts := left_out_counts(why))}
+    if not left:
         return
-    files, around = (sum(count(reasons[d]) for d in hit) for count in (unreadable_files, damaged_around))
-    rows = [n for d in hit if (n := damaged_rows(reasons[d])) is not None]
-    said = ([f"{files} input file(s) that could not be read as Parquet"] if files else []) + (
-        [f"{sum(rows)} input row(s) of row groups whose pages do not decode"] if rows else []) + (
-        [f"{around} row group(s) of days read around them whose pages do not decode"] if around else [])
+    hit, counts = sorted(left), summed_counts(list(left.values()))
+    words = {UNREADABLE: "input file(s) that could not be read as Parquet",
+             DAMAGED: "input row(s) of row groups whose pages do not decode",
+             DAMAGED_AROUND: "row group(s) of days read around them whose pages do not decode"}
+    said = [f"{counts[kind]} {words[kind]}" for kind in LEFT_OUT_KINDS if kind in counts]
     out.problems.append(f"{len(hit)} recent date(s) were scored without {' and '.join(said)} (unreadable_files: "
-                        f"skip): {named_dates(sorted(hit))} - each named in the quarantine table "
+                        f"skip): {named_dates(hit)} - each named in the quarantine table "
                         f"({spec.score.quarantine_path}); once mended, a backfill over the dates rescores them")
 
 
