@@ -42,7 +42,7 @@ from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive
                             train_step)
 from pipelines.align import KnownIncidents, align, data_ticks, label_ticks
 from pipelines.entity_keys import entity_modalities, merge_entity_modalities, unmet_entity_lines
-from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_pieces, write_features
+from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_blocks, write_features
 from pipelines.ingest import (LEFT_OUT, TRAINED_FORMATS, TRAINED_INTERVALS, count_row_intervals, entity_casts,
                               merge_counts, read_shard, require_columns)
 from pipelines.labels import read_labels
@@ -184,11 +184,12 @@ def shard_feature_parts(shard: Shard, spec: Spec, storage: Storage, stats: dict[
 @ray.remote(num_cpus=1)
 def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], labels: pl.DataFrame | None,
                           path: str, incidents: KnownIncidents | None = None
-                          ) -> tuple[int, int, int, np.ndarray, dict[str, int], dict[str, dict[str, int]]]:
-    """One training shard's features written to its feature file; returns (rows, labelled positives, ticks left
-    out in or just after a known incident, the rows each modality is present at - in the spec's order, 0 for a
-    context view that speaks only through its relations -, each entity's modalities, `entity_modalities`, and its
-    image and audio modalities' payloads per stored format)."""
+                          ) -> tuple[tuple[int, ...], int, int, np.ndarray, dict[str, int],
+                                     dict[str, dict[str, int]]]:
+    """One training shard's features written to its feature file; returns (the rows of each of its record batches,
+    labelled positives, ticks left out in or just after a known incident, the rows each modality is present at - in
+    the spec's order, 0 for a context view that speaks only through its relations -, each entity's modalities,
+    `entity_modalities`, and its image and audio modalities' payloads per stored format)."""
     storage, positives, present = Storage.from_spec(spec.storage), 0, np.zeros(len(spec.modalities), np.int64)
     seen: dict[str, int] = {}
     formats: dict[str, dict[str, int]] = {}
@@ -201,8 +202,8 @@ def _write_shard_features(shard: Shard, spec: Spec, stats: dict[str, Any], label
             present = present + part["mask"].sum(0)
             yield part
 
-    rows = write_features(storage, path, parts())
-    return rows, positives, 0 if incidents is None else incidents.left_out, present, seen, formats
+    batches = write_features(storage, path, parts())
+    return batches, positives, 0 if incidents is None else incidents.left_out, present, seen, formats
 
 
 class TrainingFeatures(NamedTuple):
@@ -229,7 +230,7 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     display, counts = ProgressDisplay("features", len(refs), "shards"), []
     for ref in refs:
         counts.append(raise_task_error(ref))
-        display.update(len(counts), ticks=sum(c[0] for c in counts))
+        display.update(len(counts), ticks=sum(sum(c[0]) for c in counts))
     display.close()
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
     entities: dict[str, int] = {}
@@ -273,13 +274,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     storage = Storage.from_spec(spec.storage)
-    pieces = worker_pieces(config["files"], rank, context.get_world_size())
+    blocks = worker_blocks(config["files"], rank, context.get_world_size())
     board, throttle = (config.get("progress") if rank == 0 else None), Throttle(1.0)
     for epoch in range(start_epoch, config["epochs"]):
         losses = []
         # a seeded order and shuffle per (seed, epoch, rank): same data and seed -> same batches, same weights
         rng = np.random.default_rng((config["seed"] * 1_000_003 + epoch * 1_009 + rank) % 2**32)
-        for batch in epoch_batches(storage, pieces, config["batch_size"], rng):
+        for batch in epoch_batches(storage, blocks, config["batch_size"], rng):
             feats = features_from_columns(batch, modalities)
             labels = batch.get("label")
             losses.append(train_step(model, optimizer, feats, labels, device, config["pos_weight"],
