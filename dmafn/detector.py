@@ -19,7 +19,8 @@ from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import ScoreRecord, raw_scores
-from dmafn.spec import ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, voting_modalities
+from dmafn.spec import (CLASSIFIER_THRESHOLD, ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec,
+                        voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
 
 
@@ -35,7 +36,7 @@ class Detector:
                  learning_rate: float = TrainSpec.learning_rate, vote: str = ModelSpec.vote,
                  contribution_scale: str = ModelSpec.contribution_scale,
                  state_baseline: bool = ModelSpec.state_baseline,
-                 threshold: str = ThresholdSpec.method, risk: float = ThresholdSpec.risk,
+                 threshold: str | None = None, risk: float = ThresholdSpec.risk,
                  quantile: float = ThresholdSpec.quantile, threshold_value: float | None = None,
                  smoothing: str = "none", alpha: float = SmoothingSpec.alpha, window: int = SmoothingSpec.window,
                  knee: float | None = SmoothingSpec.knee,
@@ -72,7 +73,7 @@ class Detector:
         self.calibration_ = Calibration.fit(
             raw_val, X.modalities, detector=cfg.detector, vote=self.vote, scale=self.contribution_scale,
             smoothing=SmoothingSpec(self.smoothing, self.alpha, self.window, self.knee),
-            threshold=ThresholdSpec(self.threshold, self.risk, self.quantile, self.threshold_value),
+            threshold=self._threshold_spec(cfg.detector),
             voting=voting_modalities(self.modalities), state_baseline=self.state_baseline,
             outlier_limit=self.outlier_limit, outlier_after=self.outlier_after)
         for line in self.calibration_.tail_warnings() + self.calibration_.outlier_warnings():
@@ -81,6 +82,14 @@ class Detector:
         self.decision_scores_ = self.decision_function(X)
         self.labels_ = self.calibration_.alarms(self.decision_scores_).astype(int)
         return self
+
+    def _threshold_spec(self, detector: str) -> ThresholdSpec:
+        """The threshold rule asked for; without a `threshold` method, `ThresholdSpec`'s (POT) - or, for the
+        classifier, fixed at `threshold_value` or `CLASSIFIER_THRESHOLD` (logit 0), as a spec without one gets."""
+        if self.threshold is None and detector == "classifier":
+            value = CLASSIFIER_THRESHOLD if self.threshold_value is None else self.threshold_value
+            return ThresholdSpec("fixed", self.risk, self.quantile, value)
+        return ThresholdSpec(self.threshold or ThresholdSpec.method, self.risk, self.quantile, self.threshold_value)
 
     def score_record(self, X: Features, groups: np.ndarray | None = None, *, smoothed: bool = True) -> ScoreRecord:
         """Fused score and contributions; smoothed (causally, per group: rows in time order) unless `smoothed`

@@ -32,6 +32,9 @@ PRESETS = ("small", "base")
 TIME_UNITS = ("s", "ms", "us", "ns")                       # a time column stored as integers since the epoch
 NORMALIZATIONS = ("global", "entity")
 THRESHOLD_METHODS = ("pot", "quantile", "rate", "fixed")
+TAIL_METHODS = ("pot", "quantile", "rate")   # threshold methods fitted on the validation ticks' upper tail
+CLASSIFIER_THRESHOLD = 0.0   # a classifier's threshold unless the spec gives a method: logit 0, P(anomaly) 0.5 under
+                             # its class-weighted loss (a tail method would sit among its validation days' incidents)
 SMOOTHING_METHODS = ("none", "ewma", "rolling")
 MISSING_INPUT = ("fail", "skip")
 
@@ -810,6 +813,9 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     _check_entity_names(spec, top)
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
+    if spec.model.detector == "classifier" and _threshold_method_unset(top):
+        spec = replace(spec, score=replace(spec.score, threshold=replace(
+            spec.score.threshold, method="fixed", value=CLASSIFIER_THRESHOLD)))
     for m in modalities.values():
         if m.encoding_distance and (spec.model.fusion == "early" or spec.model.detector == "classifier"):
             raise mods_sec.err(f"{m.name}.encoding_distance", "needs each modality encoded on its own (fusion "
@@ -818,6 +824,12 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     _check_names_read(spec, mods_sec)
     _check_places(spec)
     return spec
+
+
+def _threshold_method_unset(top: _Section) -> bool:
+    """Whether the spec leaves `score.threshold.method` out (a classifier then gets `CLASSIFIER_THRESHOLD`)."""
+    threshold = top.section("score", required=True).section("threshold")
+    return threshold is None or threshold.get("method") is None
 
 
 OUTPUT_TABLE_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "modalities", "model_version", "run_id",

@@ -36,7 +36,7 @@ from dmafn.features import (NoUsableRows, StatisticsFitter, StatisticsTotals, fe
                             relation_warnings, relations_left_out, validation_warnings, with_left_out)
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import OUTLIER_MIN_TICKS, OUTLIER_SHARE, Calibration
-from dmafn.spec import Spec, format_duration, voting_modalities
+from dmafn.spec import CLASSIFIER_THRESHOLD, TAIL_METHODS, Spec, format_duration, voting_modalities
 from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
                             train_step)
@@ -465,8 +465,9 @@ def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Sha
     from pipelines.calibrate import ShardTicks
 
     ticks = ShardTicks.score(spec, model, stats, shards, incidents)
-    for line in validation_warnings(ticks.relation_outliers, ticks.count()):
-        log.warning("%s", line)
+    if spec.model.detector != "classifier":      # a classifier's validation days hold its labelled incidents
+        for line in validation_warnings(ticks.relation_outliers, ticks.count()):
+            log.warning("%s", line)
     calibration = Calibration.fit_from(ticks, tuple(spec.modalities),
                                        detector=spec.model.detector, vote=spec.model.vote,
                                        scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
@@ -658,8 +659,14 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             warned(line)
         for line in unmet_entity_lines(spec, entities, f"training ticks of {train_days[0]}..{train_days[-1]}"):
             warned(line)
-        for line in relation_warnings(stats, ticks):
+        for line in relation_warnings(stats, ticks) if labels is None else []:    # the classifier's: labelled
             warned(line)
+        if labels is not None and spec.score.threshold.method in TAIL_METHODS:
+            warned(f"detector 'classifier' with score.threshold method '{spec.score.threshold.method}': fitted on the "
+                   f"upper tail of the validation days' logits ({val_days[0]}..{val_days[-1]}) as if they were normal "
+                   "ticks, it sits among the labelled incidents there and misses most alarms; leave the method out "
+                   f"(a classifier's default: fixed at logit {CLASSIFIER_THRESHOLD:g}, P(anomaly) 0.5 under its "
+                   "class-weighted loss) or give {method: fixed, value: V}")
         pos_weight = 1.0
         if labels is not None:
             if not positives:

@@ -298,6 +298,17 @@ def test_every_pair_ranks_anomalies_above_normal(fusion, detector):
     assert np.isfinite(det.threshold_)
 
 
+def test_a_classifier_given_no_threshold_method_alarms_at_logit_zero():
+    """As a spec without `score.threshold.method`: its validation rows hold labelled anomalies, so a tail of them
+    would sit among those; an autoencoder given none keeps POT."""
+    train, labels = make(256, seed=1, anomalies=60)
+    det = Detector(specs(), small(detector="classifier", d_model=16, latent=4), epochs=2, batch_size=64).fit(train,
+                                                                                                           labels)
+    assert det.threshold_ == 0.0 and det.calibration_.threshold_method == "fixed"
+    assert Detector(specs())._threshold_spec("autoencoder").method == "pot"
+    assert Detector(specs(), threshold_value=1.5)._threshold_spec("classifier").value == 1.5
+
+
 def test_late_fusion_is_blind_to_cross_modal_anomalies_but_fusion_sees_them():
     late, _ = _fit_and_auc("late", "autoencoder", "cross")
     fused, _ = _fit_and_auc("attention", "autoencoder", "cross")

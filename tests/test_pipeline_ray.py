@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -2059,3 +2060,45 @@ def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left
     with pytest.raises(DataError, match=r"date=2024-01-03/part-1\.parquet: not a readable Parquet file"):
         staging.resolve(shards)
     staging.close()
+
+
+def test_a_classifier_trained_through_the_pipeline_ranks_incidents_and_alarms_at_logit_zero(tmp_path, local_ray):
+    """The classifier trains on the labelled incidents of its training days. Its batches must mix the window (each
+    feature file holds a shard's ticks in time order: read so, a labelled day came as a run of batches of its own, and
+    through the CLI the classifier ranked its own training day at 0.73); and a spec that gives no threshold method
+    gives it logit 0, not a tail of its validation days' logits, where the incidents lie."""
+    import yaml
+
+    from pipelines.align import label_ticks
+    from pipelines.labels import read_labels
+    from pipelines.registry import Registry
+    from pipelines.shards import list_inputs, plan_shards
+    from pipelines.storage import Storage
+    from pipelines.train import aligned_batches, train
+    from dmafn.features import featurize
+    from dmafn.metrics import roc_auc
+    from dmafn.scoring import raw_scores
+
+    path = write_synthetic(tmp_path, SyntheticConfig(entities=2, days=4, clean_days=2, image_size=16, seed=5))
+    data = yaml.safe_load(path.read_text())
+    data["model"]["detector"] = "classifier"
+    data["modalities"]["camera"].pop("encoding_distance", None)     # a reconstructing detector's
+    data["score"].pop("threshold")
+    data["train"].update(end="2024-01-04", epochs=4, batch_size=128)   # days 1-3 trained on, 4 validates
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(path)
+    assert (spec.score.threshold.method, spec.score.threshold.value) == ("fixed", 0.0)
+    version = train(spec)
+    mv = Registry(spec.registry, Storage()).load(version)
+    assert mv.manifest["calibration"]["threshold"] == 0.0
+    assert not any("nobody labelled" in line for line in mv.manifest["warnings"])
+    labels, storage, day = read_labels(spec, Storage()), Storage(), dt.date(2024, 1, 3)
+    logits, truth = [], []
+    for shard in plan_shards(spec, [day], list_inputs(spec, [day], storage)):
+        batches, _, decoded = aligned_batches(shard, spec, storage)[:3]
+        for aligned in batches:
+            logits.append(raw_scores(mv.model, featurize(aligned.to_arrow(), spec, mv.stats, decoded)).latent)
+            truth.append(label_ticks(aligned, labels, spec, spec.labels.start, spec.labels.end)["label"].to_numpy())
+    logits, truth = np.concatenate(logits), np.concatenate(truth)
+    assert 100 < truth.sum() < len(truth) / 2
+    assert roc_auc(logits, truth) > 0.95, roc_auc(logits, truth)
