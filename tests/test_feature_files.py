@@ -117,6 +117,7 @@ def test_every_batch_of_an_epoch_mixes_ticks_of_many_places_of_the_window(tmp_pa
     consecutive hours (a labelled day's incidents in a run of batches of their own). Each batch now draws from the
     shuffle buffer's `mixed` blocks, taken in a seeded order over all of a worker's blocks."""
     monkeypatch.setattr(feature_files, "BATCH_ROWS", 16)
+    monkeypatch.setattr(feature_files, "OPEN_FILES", 2)             # a reading thread closes files as it goes
     storage, files = Storage(), []
     for day in range(6):                                             # 6 shards of 8 record batches of 16 ticks
         path = str(tmp_path / f"{day}.arrow")
