@@ -28,7 +28,7 @@ from pipelines.shards import list_inputs, plan_shards, require_data, require_eac
 from pipelines.staging import Staging
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import DataError, Storage
-from pipelines.train import fit_calibration, known_incidents
+from pipelines.train import classifier_threshold_lines, fit_calibration, known_incidents
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def recalibrate(spec: Spec, *, version: str | None = None, start: dt.date | None
                             "that hold data (--start D --end D)") from None
         raise
     require_each_modality(rspec, files, days, "calibration")
+    for line in classifier_threshold_lines(rspec, days):
+        log.warning("%s", line)
     schemas = require_columns(rspec, storage, files)
     shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers, key_casts=entity_casts(rspec, schemas))
     staging = Staging(rspec, storage, shards, days, uuid.uuid4().hex[:12])

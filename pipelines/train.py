@@ -453,6 +453,19 @@ def fit_encoding_densities(spec: Spec, model, files: list[FeatureFile]) -> tuple
     return result
 
 
+def classifier_threshold_lines(spec: Spec, days: list[dt.date]) -> list[str]:
+    """A line when a classifier's threshold is fitted by a tail method (`TAIL_METHODS`) on `days`, which hold its
+    labelled incidents: the threshold sits among them (`dmafn train` and `dmafn recalibrate` warn)."""
+    method = spec.score.threshold.method
+    if spec.model.detector != "classifier" or method not in TAIL_METHODS or not days:
+        return []
+    return [f"detector 'classifier' with score.threshold method '{method}': fitted on the upper tail of the validation "
+            f"days' logits ({days[0]}..{days[-1]}) as if they were normal ticks, it sits among the labelled incidents "
+            f"there and misses most alarms; leave the method out (a classifier's default: fixed at logit "
+            f"{CLASSIFIER_THRESHOLD:g}, P(anomaly) 0.5 under its class-weighted loss) or give {{method: fixed, value: "
+            "V}"]
+
+
 def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Shard],
                     incidents: KnownIncidents | None = None, days: list[dt.date] | None = None
                     ) -> tuple[Calibration, int]:
@@ -661,12 +674,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             warned(line)
         for line in relation_warnings(stats, ticks) if labels is None else []:    # the classifier's: labelled
             warned(line)
-        if labels is not None and spec.score.threshold.method in TAIL_METHODS:
-            warned(f"detector 'classifier' with score.threshold method '{spec.score.threshold.method}': fitted on the "
-                   f"upper tail of the validation days' logits ({val_days[0]}..{val_days[-1]}) as if they were normal "
-                   "ticks, it sits among the labelled incidents there and misses most alarms; leave the method out "
-                   f"(a classifier's default: fixed at logit {CLASSIFIER_THRESHOLD:g}, P(anomaly) 0.5 under its "
-                   "class-weighted loss) or give {method: fixed, value: V}")
+        for line in classifier_threshold_lines(spec, val_days):
+            warned(line)
         pos_weight = 1.0
         if labels is not None:
             if not positives:

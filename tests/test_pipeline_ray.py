@@ -2102,3 +2102,18 @@ def test_a_classifier_trained_through_the_pipeline_ranks_incidents_and_alarms_at
     logits, truth = np.concatenate(logits), np.concatenate(truth)
     assert 100 < truth.sum() < len(truth) / 2
     assert roc_auc(logits, truth) > 0.95, roc_auc(logits, truth)
+
+
+def test_a_classifier_whose_threshold_is_fitted_on_a_tail_is_warned_of_by_train_and_recalibrate(tiny_spec):
+    """A tail method on a classifier's validation days, which hold its labelled incidents, sits among them (F1 0.000
+    on the demo's 2024-01-06 under its POT); `train` and `recalibrate` say so with the way out."""
+    from pipelines.train import classifier_threshold_lines
+
+    days = [DAY2, DAY3]
+    classifier = replace(tiny_spec, model=replace(tiny_spec.model, detector="classifier"))
+    assert classifier.score.threshold.method == "pot"                # given by hand here, as a spec can
+    (line,) = classifier_threshold_lines(classifier, days)
+    assert "method 'pot'" in line and "(2024-01-02..2024-01-03)" in line and "fixed at logit 0" in line
+    fixed = replace(classifier.score.threshold, method="fixed", value=0.0)
+    assert classifier_threshold_lines(replace(classifier, score=replace(classifier.score, threshold=fixed)), days) == []
+    assert classifier_threshold_lines(tiny_spec, days) == []          # an autoencoder's tail is its normal ticks'
