@@ -227,10 +227,11 @@ def write_training_features(spec: Spec, shards: list[Shard], stats: BucketStatis
     refs = [_write_shard_features.remote(s, spec, stats.ref(s), labels_ref, p,
                                          None if incidents is None else incidents.for_dates(s.dates))
             for s, p in zip(shards, paths)]
-    display, counts = ProgressDisplay("features", len(refs), "shards"), []
+    display, counts, written = ProgressDisplay("features", len(refs), "shards"), [], 0
     for ref in refs:
         counts.append(raise_task_error(ref))
-        display.update(len(counts), ticks=sum(sum(c[0]) for c in counts))
+        written += sum(counts[-1][0])                 # the shard's rows, over its record batches
+        display.update(len(counts), ticks=written)
     display.close()
     present = sum((c[3] for c in counts), np.zeros(len(spec.modalities), np.int64))
     entities: dict[str, int] = {}
@@ -672,8 +673,9 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             warned(line)
         for line in unmet_entity_lines(spec, entities, f"training ticks of {train_days[0]}..{train_days[-1]}"):
             warned(line)
-        for line in relation_warnings(stats, ticks) if labels is None else []:    # the classifier's: labelled
-            warned(line)
+        if spec.model.detector != "classifier":     # a classifier's training window holds its labelled incidents
+            for line in relation_warnings(stats, ticks):
+                warned(line)
         for line in classifier_threshold_lines(spec, val_days):
             warned(line)
         pos_weight = 1.0
