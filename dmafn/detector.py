@@ -19,7 +19,7 @@ from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import ScoreRecord, raw_scores
-from dmafn.spec import (CLASSIFIER_THRESHOLD, ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec,
+from dmafn.spec import (ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, threshold_without_method,
                         voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
 
@@ -84,12 +84,10 @@ class Detector:
         return self
 
     def _threshold_spec(self, detector: str) -> ThresholdSpec:
-        """The threshold rule asked for; without a `threshold` method, `ThresholdSpec`'s (POT) - or, for the
-        classifier, fixed at `threshold_value` or `CLASSIFIER_THRESHOLD` (logit 0), as a spec without one gets."""
-        if self.threshold is None and detector == "classifier":
-            value = CLASSIFIER_THRESHOLD if self.threshold_value is None else self.threshold_value
-            return ThresholdSpec("fixed", self.risk, self.quantile, value)
-        return ThresholdSpec(self.threshold or ThresholdSpec.method, self.risk, self.quantile, self.threshold_value)
+        """The threshold rule asked for; without a `threshold` method, as a spec without one gets
+        (`threshold_without_method`: fixed at `threshold_value` when given, a classifier's at logit 0, else POT)."""
+        rule = ThresholdSpec(self.threshold or ThresholdSpec.method, self.risk, self.quantile, self.threshold_value)
+        return rule if self.threshold is not None else threshold_without_method(rule, detector)
 
     def score_record(self, X: Features, groups: np.ndarray | None = None, *, smoothed: bool = True) -> ScoreRecord:
         """Fused score and contributions; smoothed (causally, per group: rows in time order) unless `smoothed`

@@ -813,9 +813,9 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
     _check_entity_names(spec, top)
     if spec.model.detector == "classifier" and spec.labels is None:
         raise top.err("model", "detector 'classifier' needs a 'labels' section")
-    if spec.model.detector == "classifier" and _threshold_method_unset(top):
-        spec = replace(spec, score=replace(spec.score, threshold=replace(
-            spec.score.threshold, method="fixed", value=CLASSIFIER_THRESHOLD)))
+    if _threshold_method_unset(top):
+        spec = replace(spec, score=replace(spec.score, threshold=threshold_without_method(
+            spec.score.threshold, spec.model.detector)))
     for m in modalities.values():
         if m.encoding_distance and (spec.model.fusion == "early" or spec.model.detector == "classifier"):
             raise mods_sec.err(f"{m.name}.encoding_distance", "needs each modality encoded on its own (fusion "
@@ -827,9 +827,19 @@ def parse_spec(data: Any, source: str = "<memory>") -> Spec:
 
 
 def _threshold_method_unset(top: _Section) -> bool:
-    """Whether the spec leaves `score.threshold.method` out (a classifier then gets `CLASSIFIER_THRESHOLD`)."""
+    """Whether the spec leaves `score.threshold.method` out (`threshold_without_method` then says which rule)."""
     threshold = top.section("score", required=True).section("threshold")
     return threshold is None or threshold.get("method") is None
+
+
+def threshold_without_method(threshold: ThresholdSpec, detector: str) -> ThresholdSpec:
+    """The threshold rule where none was named (the spec's and `Detector`'s one reading): `fixed` at a `value`
+    given; else, for a classifier, `fixed` at `CLASSIFIER_THRESHOLD`; else `ThresholdSpec`'s default (POT)."""
+    if threshold.value is not None:
+        return replace(threshold, method="fixed")
+    if detector == "classifier":
+        return replace(threshold, method="fixed", value=CLASSIFIER_THRESHOLD)
+    return replace(threshold, method=ThresholdSpec.method)
 
 
 OUTPUT_TABLE_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "modalities", "model_version", "run_id",

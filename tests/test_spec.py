@@ -1,5 +1,6 @@
 import pytest
 
+from dmafn.detector import Detector
 from dmafn.spec import CONTEXT_SUFFIX, SpecError, load_spec, parse_duration_us, parse_spec, reading_differences
 from tests.conftest import tiny_spec_dict
 
@@ -41,6 +42,22 @@ def test_a_classifier_without_a_threshold_method_alarms_at_logit_zero_and_one_wi
     assert parse_spec(parse_spec(data).to_dict()).score.threshold.method == "pot"
     del data["model"]
     assert parse_spec({**data, "score": {"output": "/tmp/none/scores"}}).score.threshold.method == "pot"
+
+
+def test_a_threshold_value_given_without_a_method_is_a_fixed_threshold_for_every_detector():
+    """`threshold: {value: V}` without a method: fixed at V (before 2026-12-05 a classifier's V was replaced by
+    logit 0 and any other detector's ignored for POT), in the spec as in `Detector(threshold_value=V)`."""
+    labels = {"path": "/tmp/none/labels", "start": "start_ts", "end": "end_ts"}
+    for model in ({"detector": "classifier"}, {"detector": "autoencoder"}, {}):
+        data = {**tiny_spec_dict(), "labels": labels, "model": model}
+        data["score"] = {**data["score"], "threshold": {"value": 1.5}}
+        threshold = parse_spec(data).score.threshold
+        assert (threshold.method, threshold.value) == ("fixed", 1.5), model
+        assert parse_spec(parse_spec(data).to_dict()).score.threshold == threshold
+        detector = model.get("detector", "autoencoder")
+        assert Detector(parse_spec(data).modalities, threshold_value=1.5)._threshold_spec(detector) == threshold
+    data["score"]["threshold"] = {"method": "pot", "value": 1.5}      # a method named is the rule, as before
+    assert parse_spec(data).score.threshold.method == "pot"
 
 
 def test_unknown_top_level_key_names_key_and_file():
