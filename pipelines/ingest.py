@@ -212,7 +212,21 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
             continue
         if not check(stored.value_type if pa.types.is_dictionary(stored) else stored):
             raise DataError(f"modality '{m.name}' ({where}): column '{stored_as[col]}' is {stored}, "
-                            f"expected {expected}")
+                            f"expected {expected}{_list_hint(stored, m)}")
+
+
+def _list_hint(stored: pa.DataType, m: ModalitySpec) -> str:
+    """What to do with a list per row where the kind reads one value: a block of samples (a waveform) is a clip of
+    `kind: audio`; a text's tokens are one string."""
+    if m.payload == "file" or not (pa.types.is_list(stored) or pa.types.is_large_list(stored)
+                                   or pa.types.is_fixed_size_list(stored)):
+        return ""
+    if m.kind in ("tabular", "timeseries") and _is_numeric(stored.value_type):
+        return (" - a row holding a block of samples (a waveform) is read as a clip by `kind: audio` (`sample_rate`, "
+                "`clip`: its spectrogram), one such modality per column; a timeseries reads one sample per row")
+    if m.kind == "text" and _is_bytes_or_text(stored.value_type):
+        return " - a list of strings (lines, tokens) per row: join it into one string per row upstream"
+    return ""
 
 
 def plain_values(table: pa.Table, m: ModalitySpec) -> pa.Table:

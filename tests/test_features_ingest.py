@@ -437,9 +437,23 @@ def test_check_schema_names_the_missing_or_mistyped_column(tiny_spec):
     for stored in (pa.binary(), pa.large_binary(), pa.dictionary(pa.int32(), pa.binary())):   # text as bytes
         check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", stored)]),
                      tiny_spec, tiny_spec.modalities["logs"], "/d")
-    with pytest.raises(DataError, match="column 'msg' is int64, expected a string \\(or UTF-8 bytes\\)"):
+    with pytest.raises(DataError, match="column 'msg' is int64, expected a string \\(or UTF-8 bytes\\)$"):
         check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("msg", pa.int64())]),
                      tiny_spec, tiny_spec.modalities["logs"], "/d")
+    # a list per row where one value is read: a waveform block points to the audio kind, a text's lines to a join
+    for stored in (pa.list_(pa.float32()), pa.large_list(pa.int16()), pa.list_(pa.float64(), 4)):
+        with pytest.raises(DataError, match=r"column 'a' is .*, expected a number .* a row holding a block of samples "
+                                            r"\(a waveform\) is read as a clip by `kind: audio`"):
+            check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")), ("a", stored)]),
+                         tiny_spec, tiny_spec.modalities["vib"], "/d")
+    with pytest.raises(DataError, match=r"column 'msg' is list<item: string>, expected a string \(or UTF-8 bytes\) - "
+                                        r"a list of strings \(lines, tokens\) per row: join it"):
+        check_schema(pa.schema([("machine_id", pa.string()), ("ts", pa.timestamp("us")),
+                                ("msg", pa.list_(pa.string()))]), tiny_spec, tiny_spec.modalities["logs"], "/d")
+    with pytest.raises(DataError, match=r"column 'temp' is list<item: string>, expected a number \(or its text, "
+                                        r"or true/false\)$"):       # a list of text where a number is read: no hint
+        check_schema(categorical.set(2, pa.field("temp", pa.list_(pa.string()))), tiny_spec,
+                     tiny_spec.modalities["proc"], "/d")
     bad_time = pa.schema([("machine_id", pa.string()), ("ts", pa.bool_()), ("temp", pa.float64())])
     with pytest.raises(DataError, match="time column 'ts' is bool, expected a timestamp or ISO 8601 text$"):
         check_schema(bad_time, tiny_spec, tiny_spec.modalities["proc"], "/data/proc")
