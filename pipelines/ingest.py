@@ -511,12 +511,16 @@ def frame_formats(frames: list[bytes], formats_of: dict[bytes, str | None]) -> l
 
 
 def clip_formats(table: pa.Table, m: ModalitySpec) -> pl.Series | None:
-    """An audio modality's clips stored as WAV bytes: each one's stored sample rate (`wav_format`: '<rate> Hz'; null
-    where none is read) as `FORMAT`; None for clips stored as lists of numbers (no rate of their own) and other
-    kinds."""
+    """An audio modality's clips as `FORMAT`: stored as WAV bytes, each one's stored sample rate (`wav_format`:
+    '<rate> Hz'; null where none is read); stored as lists of numbers (no rate of their own, read as at the
+    modality's `sample_rate`), each one's length ('<n> samples': a device recording at another rate, or clips of
+    another length, write other lengths; null for a null clip). None for other kinds."""
     if m.kind != "audio":
         return None
     stored = table.column(m.column)
+    if _is_list_of_numbers(stored.type):
+        lengths = pc.list_value_length(stored).to_pylist()
+        return pl.Series(FORMAT, [None if n is None else f"{n} samples" for n in lengths], pl.String)
     if not (pa.types.is_binary(stored.type) or pa.types.is_large_binary(stored.type)):
         return None
     return pl.Series(FORMAT, [wav_format(b) for b in stored.to_pylist()], pl.String)

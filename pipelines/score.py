@@ -151,8 +151,8 @@ def _respelled(unseen: UnseenEntities) -> str:
 NEW_FORMAT_SHARE = 0.01   # a date with more of a modality's payloads of a format its version never trained on: warned
 # per kind: what its payloads are, what their stored format says, the device, and what scoring does with another format
 PAYLOAD_WORDS = {"image": ("frames", "of a size", "camera", "resized to the modality's size"),
-                 "audio": ("clips", "recorded at a sample rate", "microphone",
-                           "resampled to the modality's sample_rate")}
+                 "audio": ("clips", "of a sample rate or length", "microphone",
+                           "resampled to the modality's sample_rate (WAV) or read as at it (lists)")}
 
 
 def new_payload_formats(formats: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict[str, int]] | None:
@@ -160,14 +160,15 @@ def new_payload_formats(formats: dict[str, dict[str, int]], manifest: dict) -> d
     size, a WAV clip's sample rate), those of formats the version (almost) never trained on: none or at most
     `NEW_FORMAT_SHARE` of its training payloads had (its manifest's `input_payload_formats`; a few odd ones in the
     training days do not make a format known). None for a version that did not record them (trained before
-    2026-12-05)."""
+    2026-12-05); a modality it recorded none for (clips stored as lists, before their lengths were counted on
+    2026-12-05) is not compared."""
     trained = manifest.get(TRAINED_FORMATS)
     if trained is None:
         return None
     known = {m: {found for found, n in held.items() if n > NEW_FORMAT_SHARE * sum(held.values())}
              for m, held in trained.items()}
     return {m: new for m, held in formats.items()
-            if (new := {found: n for found, n in held.items() if found not in known.get(m, set())})}
+            if known.get(m) and (new := {found: n for found, n in held.items() if found not in known[m]})}
 
 
 def new_payload_formats_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:

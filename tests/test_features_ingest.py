@@ -2431,7 +2431,7 @@ def test_a_file_whose_pages_are_corrupt_is_named(tmp_path, tiny_spec):
 def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_from_the_header(tmp_path, tiny_spec):
     """`frame_size` reads an image's size from its header (PNG, JPEG), `wav_format` a WAV clip's sample rate, None for
     bytes that are no such file; each distinct frame is opened once, the counts add up over shards, and `read_shard`
-    counts its own date's usable clips per stored rate (a clip stored as numbers has none)."""
+    counts its own date's usable clips per stored rate - a clip stored as numbers, which has none, by its length."""
     import datetime as dt
     import io
     from dataclasses import replace
@@ -2469,6 +2469,14 @@ def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_fr
     got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
     assert got.payload_formats == {"2024-01-02": {"mic": {"16000 Hz": 2, "8000 Hz": 1}}}     # the junk quarantined
     assert got.quarantined.height == 1 and "_format" not in got.tables["mic"].columns
+    as_lists = tmp_path / "mic" / "date=2024-01-02" / "part-0.parquet"    # clips as lists: their lengths counted
+    _write(as_lists, pa.table({"machine_id": ["a"] * 5, "ts": pa.array([day + i * 60_000_000 for i in range(1, 6)],
+                                                                      pa.timestamp("us", tz="UTC")),
+                               "wave": pa.array([[0.1] * 1600, [0.2] * 1600, [0.3] * 800, [], None],
+                                                pa.list_(pa.float32()))}))
+    got = read_shard(_shard(tmp_path, spec, [dt.date(2024, 1, 2)]), spec, Storage())
+    assert got.payload_formats == {"2024-01-02": {"mic": {"1600 samples": 2, "800 samples": 1}}}   # usable ones
+    assert got.quarantined.height == 2 and "_format" not in got.tables["mic"].columns
 
 
 def test_a_page_damaged_in_storage_fails_its_checksum_and_names_the_row_group_and_column(tmp_path, tiny_spec):

@@ -780,9 +780,14 @@ def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_re
     assert new_payload_formats_lines(few, version, kinds) == []
     (line,) = new_payload_formats_lines(replace(result, new_payload_formats={"mic": {"8000 Hz": 50}},
                                                 payload_formats={"mic": {"8000 Hz": 50, "16000 Hz": 50}}), "v", kinds)
-    assert line.startswith("2024-01-03: modality 'mic': 50 of its 100 clips (50%) are recorded at a sample rate model "
+    assert line.startswith("2024-01-03: modality 'mic': 50 of its 100 clips (50%) are of a sample rate or length model "
                            "version v's training clips (almost) never had: 8000 Hz (50) - a microphone replaced or "
-                           "reconfigured? They were resampled to the modality's sample_rate and scored")
+                           "reconfigured? They were resampled to the modality's sample_rate (WAV) or read as at it "
+                           "(lists) and scored")
+    lists = {"input_payload_formats": {"camera": {"16x16": 9}, "mic": {"4000 samples": 90}}}   # clips as lists
+    assert new_payload_formats({"mic": {"2000 samples": 5, "4000 samples": 5}}, lists) == {"mic": {"2000 samples": 5}}
+    before = {"input_payload_formats": {"camera": {"16x16": 9}}}       # lists' lengths not yet counted: not compared
+    assert new_payload_formats({"mic": {"2000 samples": 5}, "camera": {"16x16": 1}}, before) == {}
 
 
 def test_rows_at_another_interval_than_on_every_training_day_are_warned_and_recorded(trained, scored, tmp_path,

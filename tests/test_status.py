@@ -250,7 +250,7 @@ def test_status_names_an_image_modality_whose_frames_came_in_a_size_the_version_
     mic = replace(spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000)
     _run(spec, "2024-01-06", version=NEW, modality_rows={"mic": 200}, new_payload_formats={"mic": {"8000 Hz": 200}})
     audio = scoring_status(replace(spec, modalities={**spec.modalities, "mic": mic}), Storage(), days=1).problems
-    assert audio == ["modality 'mic': clips recorded at a sample rate their version's training clips (almost) never "
+    assert audio == ["modality 'mic': clips of a sample rate or length their version's training clips (almost) never "
                      "had on 1 recent date(s): 2024-01-06 - on 2024-01-06 200 of 200 (100%; 8000 Hz): a microphone "
                      "replaced or reconfigured? Restore its setting, or train a version on days with such clips"]
 
