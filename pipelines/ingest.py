@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import math
 import re
+import zoneinfo
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -24,7 +25,7 @@ from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, DamagedRowGroup, UnreadableFile, each_row_group_part, each_schema,
                                      field_of, file_values, in_file, open_parquet, row_groups_before,
-                                     row_groups_between, row_groups_since, with_path_fields)
+                                     row_groups_between, row_groups_since, time_bounds, with_path_fields)
 from pipelines.payload_files import fetched_payloads
 from pipelines.row_digests import ROW_HASH, RowDigest, row_hashes
 from pipelines.shards import Shard, bucket_of, in_bucket, row_group_entity, row_groups_in_bucket
@@ -455,6 +456,7 @@ def reason_kind(reason: pl.Expr) -> pl.Expr:
     row."""
     return (reason.str.replace(f"^{UNREADABLE} '.*$", UNREADABLE)
             .str.replace(rf"^{DAMAGED} in '.* \(read around the date\): .*$", DAMAGED_AROUND)
+            .str.replace(rf"^{DAMAGED} in '.* \(its rows counted under [0-9-]+\): .*$", DAMAGED_ELSEWHERE)
             .str.replace(f"^{DAMAGED} in '.*$", DAMAGED)
             .str.replace(r"^(column '[^']*') is not in file '.*' \(added to its table since it was written\).*$",
                          "${1} is not in files written before it was added to their table")
@@ -660,6 +662,7 @@ def redelivered(table: pl.DataFrame, spec: Spec, m: ModalitySpec) -> np.ndarray:
 UNREADABLE = "unreadable Parquet file"   # the reason of a file left out by `unreadable_files: skip`
 DAMAGED = "damaged Parquet pages"         # ... and of a row group whose pages do not decode from its bytes
 DAMAGED_AROUND = f"{DAMAGED} read around the date"   # ... a look-back or look-ahead day's (its kind, 1 a row group)
+DAMAGED_ELSEWHERE = f"{DAMAGED} counted under another date"  # ... a file's spanning several dates, counted on one
 LEFT_OUT = (UNREADABLE, DAMAGED)          # what `unreadable_files: skip` leaves out, each named in the quarantine
 # a shard's quarantined input rows (`ShardInputs.quarantined`)
 QUARANTINED = {"entity": pl.String, TIME: pl.Int64, "date": pl.String, "source": pl.String, "reason": pl.String,
@@ -676,17 +679,40 @@ def unreadable_file(exc: UnreadableFile, source: str, date: dt.date, dates: list
     return file_row(reason, source, date if own else min(dates))
 
 
-def damaged_row_group(exc: DamagedRowGroup, source: str, date: dt.date, dates: list[dt.date]) -> pl.DataFrame:
+def damaged_row_group(exc: DamagedRowGroup, source: str, date: dt.date, dates: list[dt.date],
+                      counted_under: dt.date | None = None) -> pl.DataFrame:
     """The quarantine row of an input file's row group whose pages do not decode from its bytes (`DamagedRowGroup`),
     left out under `unreadable_files: skip` (no entity, no time): under its own date, counting the row group's rows,
     or - a look-back or look-ahead day's - under the first of the shard's `dates`, whose ticks it would have fed,
-    counting 1 (its rows are not the date's; `reason_kind` folds it as `DAMAGED_AROUND`)."""
+    counting 1 (its rows are not the date's; `reason_kind` folds it as `DAMAGED_AROUND`). A row group of a file
+    listed under each date its rows span, read for `date` but counted under another (`counted_under`,
+    `damaged_owner_date`: its rows cannot be told apart by date), is noted under `date` counting 1 (folded as
+    `DAMAGED_ELSEWHERE`)."""
     own = date in dates
+    elsewhere = own and counted_under is not None and counted_under != date
     reason = (f"{DAMAGED} in '{exc.path}' row group {exc.row_group}"
               + (f", column '{exc.column}'" if exc.column else "")
               + ("" if own else f" of {date.isoformat()} (read around the date)")
+              + (f" (its rows counted under {counted_under.isoformat()})" if elsewhere else "")
               + f": {exc.reason} - its {exc.rows} rows left out (unreadable_files: skip)")
-    return file_row(reason, source, date if own else min(dates), exc.rows if own else 1)
+    return file_row(reason, source, date if own else min(dates), exc.rows if own and not elsewhere else 1)
+
+
+def damaged_owner_date(parquet, time_column: str, row_group: int, span: tuple[dt.date, dt.date], zone: str,
+                       time_unit: str | None = None, naive_zone: str | None = None) -> dt.date:
+    """The date that counts the rows of a damaged row group of a file listed under each date its rows span
+    (`InputFile.span`; each date reads the row groups its times may reach, so one across midnight is read by two):
+    the date in `zone` of its earliest time by the time column's statistics, held within the span; the span's
+    first date where the statistics do not say. Its rows do not decode, so they cannot be counted by their dates."""
+    bounds = time_bounds(parquet, time_column, time_unit, naive_zone)
+    if bounds is None:
+        return span[0]
+    try:
+        tz = dt.timezone.utc if zone == "UTC" else zoneinfo.ZoneInfo(zone)
+        day = dt.datetime.fromtimestamp(bounds[row_group][0] / 1e6, tz).date()
+    except (OverflowError, OSError, ValueError):        # statistics beyond any calendar
+        return span[0]
+    return min(max(day, span[0]), span[1])
 
 
 def noting_bucket(parquet, keys: list[str], row_group: int, buckets: int, values: dict[str, str | None]) -> int:
@@ -814,8 +840,10 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage, *, row_intervals: boo
                                        payload_formats)
                         if not m.context_of and shard.bucket == noting_bucket(
                                 parquet, [as_stored[k] for k in keys], r, shard.buckets, values):  # named once
-                            quarantined.append(damaged_row_group(part, name, f.date, shard.dates))
-                            if counted:
+                            owner = f.date if f.span is None else damaged_owner_date(
+                                parquet, at, r, f.span, zone, unit, wall_clock)   # a file of several dates: one
+                            quarantined.append(damaged_row_group(part, name, f.date, shard.dates, owner))
+                            if counted and owner == f.date:
                                 rows_read[f.date.isoformat()] = rows_read.get(f.date.isoformat(), 0) + part.rows
                         continue
                     part = as_read(part, stored)

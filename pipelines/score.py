@@ -24,8 +24,8 @@ from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
-from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, INTERVAL_STEPS, TRAINED_FORMATS, TRAINED_INTERVALS, UNREADABLE,
-                              entity_casts, interval_bin, merge_counts, require_columns)
+from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, DAMAGED_ELSEWHERE, INTERVAL_STEPS, TRAINED_FORMATS,
+                              TRAINED_INTERVALS, UNREADABLE, entity_casts, interval_bin, merge_counts, require_columns)
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -331,13 +331,15 @@ def named_reasons(reasons: dict[str, int]) -> str:
     return named + (f"; {more} more reason(s)" if more > 0 else "")
 
 
-LEFT_OUT_KINDS = (UNREADABLE, DAMAGED, DAMAGED_AROUND)   # what `unreadable_files: skip` leaves out, as reasons fold
+LEFT_OUT_KINDS = (UNREADABLE, DAMAGED, DAMAGED_AROUND, DAMAGED_ELSEWHERE)   # what `unreadable_files: skip` leaves
+                                                                            # out, as reasons fold
 
 
 def left_out_counts(reasons: dict[str, int]) -> dict[str, int]:
     """Of a date's unusable reasons (`ingest.unusable_reasons`), what `unreadable_files: skip` left out, per kind
     present: files whose bytes are no Parquet (`UNREADABLE`, 1 each), rows of row groups whose pages do not decode
-    (`DAMAGED`), such row groups of the days read around the date (`DAMAGED_AROUND`, 1 each)."""
+    (`DAMAGED`), such row groups of the days read around the date (`DAMAGED_AROUND`, 1 each) and of files spanning
+    several dates whose rows another date counts (`DAMAGED_ELSEWHERE`, 1 each)."""
     out: dict[str, int] = {}
     for why, n in reasons.items():
         if (kind := next((k for k in LEFT_OUT_KINDS if why.endswith(f": {k}")), None)) is not None:
@@ -352,10 +354,13 @@ def left_out_input(reasons: dict[str, int]) -> tuple[str, str] | None:
     words = {UNREADABLE: "input file(s) could not be read as Parquet (truncated, empty or another format)",
              DAMAGED: "input row(s) sat in row groups whose pages do not decode (damaged in storage)",
              DAMAGED_AROUND: "row group(s) of the days read around it (its first ticks' look-back) have pages that do "
-                             "not decode"}
+                             "not decode",
+             DAMAGED_ELSEWHERE: "row group(s) of files spanning several dates have pages that do not decode (their "
+                                "rows counted under another date)"}
     if not counts:
         return None
-    named = [kind for kind in (UNREADABLE, DAMAGED) if kind in counts or kind == DAMAGED and DAMAGED_AROUND in counts]
+    named = [kind for kind in (UNREADABLE, DAMAGED)
+             if kind in counts or kind == DAMAGED and (DAMAGED_AROUND in counts or DAMAGED_ELSEWHERE in counts)]
     return (" and ".join(f"{counts[kind]} {words[kind]}" for kind in LEFT_OUT_KINDS if kind in counts),
             " or ".join(f"'{kind} ...'" for kind in named))
 

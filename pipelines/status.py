@@ -24,7 +24,7 @@ import polars as pl
 
 from dmafn.spec import Spec, format_duration, is_calibration_edit, local_today
 from pipelines.delta_sink import read_table, scan_table
-from pipelines.ingest import DAMAGED, DAMAGED_AROUND, UNREADABLE
+from pipelines.ingest import DAMAGED, DAMAGED_AROUND, DAMAGED_ELSEWHERE, UNREADABLE
 from pipelines.registry import LATEST, Registry, version_facts
 from pipelines.score import (CHANGED_INTERVALS, ENTITIES_WITHOUT, INTERVAL_WORDS, KEYS_WITHOUT_MODALITY,
                              LEFT_OUT_KINDS, MISPLACED_SHARE, MODALITY_SHARE, NEW_FORMAT_SHARE, NEW_PAYLOAD_FORMATS,
@@ -347,7 +347,9 @@ def _unreadable(recent: pl.DataFrame, out: ScoringStatus, spec: Spec) -> None:
     hit, counts = sorted(left), summed_counts(list(left.values()))
     words = {UNREADABLE: "input file(s) that could not be read as Parquet",
              DAMAGED: "input row(s) of row groups whose pages do not decode",
-             DAMAGED_AROUND: "row group(s) of days read around them whose pages do not decode"}
+             DAMAGED_AROUND: "row group(s) of days read around them whose pages do not decode",
+             DAMAGED_ELSEWHERE: "row group(s) of files spanning several dates (counted under another) whose pages do "
+                                "not decode"}
     said = [f"{counts[kind]} {words[kind]}" for kind in LEFT_OUT_KINDS if kind in counts]
     out.problems.append(f"{len(hit)} recent date(s) were scored without {' and '.join(said)} (unreadable_files: "
                         f"skip): {named_dates(hit)} - each named in the quarantine table "

@@ -4228,14 +4228,14 @@ def test_entity_keys_a_table_stores_otherwise_in_its_newer_files_meet_as_one_ent
         "'17' are one entity"]
 
 
-def _damaged_file(path, rows_per_group=600, groups=3):
-    """A process file of `groups` row groups (machines a, b alternating; small pages, checksummed) whose `temp` pages
-    near the end of row group 1 are damaged; returns the table as written."""
+def _damaged_file(path, rows_per_group=600, groups=3, start_us=1_704_153_600_000_000):
+    """A process file of `groups` row groups (machines a, b alternating, a row every 20 s from `start_us`; small
+    pages, checksummed) whose `temp` pages near the end of row group 1 are damaged; returns the table as written."""
     import pyarrow.parquet as pq
 
     n = rows_per_group * groups
     table = pa.table({"machine_id": ["a", "b"] * (n // 2), "ts": pa.array(
-        np.arange(n) * 20_000_000 + 1_704_153_600_000_000, pa.timestamp("us", tz="UTC")),
+        np.arange(n) * 20_000_000 + start_us, pa.timestamp("us", tz="UTC")),
         "temp": np.random.default_rng(0).normal(size=n)})
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, write_page_checksum=True, compression="none", row_group_size=rows_per_group,
@@ -4319,6 +4319,45 @@ def test_a_damaged_row_group_fails_its_date_or_is_left_out_whole_and_named_once_
     assert around.quarantined["reason"].to_list() == [reason.replace(
         "'temp': ", "'temp' of 2024-01-02 (read around the date): ")] and around.rows_read == {"2024-01-03": 1}
     assert unusable_reasons(around.quarantined) == {"proc: damaged Parquet pages read around the date": 1}
+
+
+def test_a_damaged_row_group_of_a_file_spanning_two_dates_is_counted_under_one(tmp_path, tiny_spec):
+    """A file listed under each date its rows span (a Delta table not partitioned by date, `InputFile.span`) whose
+    row group across midnight does not decode: each date reads it (its times reach both), but its rows are counted
+    once - under the date of its earliest time by the statistics - and noted under the other as counted there (1
+    row, folded as `DAMAGED_ELSEWHERE`); before, each date counted all its rows. Without statistics, the span's first
+    date counts them."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.ingest import DAMAGED_ELSEWHERE, damaged_owner_date, read_shard, unusable_reasons
+    from pipelines.parquet_files import open_parquet
+    from pipelines.score import left_out_input
+    from pipelines.shards import InputFile, Shard
+    from pipelines.storage import Storage
+
+    path = tmp_path / "clustered" / "part-0.parquet"    # 20:00 on 01-01 to 06:00 on 01-02; row group 1 23:20-02:40
+    _damaged_file(path, start_us=1_704_153_600_000_000 - 4 * 3_600_000_000)
+    spec = replace(_proc_spec(tiny_spec, tmp_path / "clustered"), unreadable_files="skip")
+    days = (dt.date(2024, 1, 1), dt.date(2024, 1, 2))
+    got = {d: read_shard(Shard((d,), 0, 1, (InputFile("proc", d, str(path), path.stat().st_size, span=days),)),
+                         spec, Storage()) for d in days}
+    assert {d.isoformat(): g.rows_read for d, g in got.items()} == {"2024-01-01": {"2024-01-01": 1200},
+                                                                   "2024-01-02": {"2024-01-02": 600}}
+    first, second = (got[d].quarantined for d in days)
+    assert first["rows"].to_list() == [600] and second["rows"].to_list() == [1]
+    assert "(its rows counted under" not in first["reason"][0]
+    assert second["reason"][0].startswith(f"damaged Parquet pages in '{path}' row group 1, column 'temp' (its rows "
+                                          "counted under 2024-01-01): ")
+    assert unusable_reasons(second) == {f"proc: {DAMAGED_ELSEWHERE}": 1}
+    said, named = left_out_input(unusable_reasons(second))
+    assert said.startswith("1 row group(s) of files spanning several dates") and named == "'damaged Parquet pages ...'"
+    assert sum(g.usable_rows[d.isoformat()]["proc"] for d, g in got.items()) == 1200   # groups 0 and 2
+    with open_parquet(Storage().filesystem(str(path)), str(path)) as parquet:
+        assert [damaged_owner_date(parquet, "ts", r, days, "UTC") for r in range(3)] == [days[0], days[0], days[1]]
+        assert damaged_owner_date(parquet, "ts", 2, days, "Asia/Tokyo") == days[1]       # 02:40 UTC: 11:40 there
+        assert damaged_owner_date(parquet, "ts", 2, days, "America/New_York") == days[0]  # 21:40 on 01-01 there
+        assert damaged_owner_date(parquet, "machine_id", 1, days, "UTC") == days[0]   # no time statistics: the first
 
 
 def test_a_read_that_fails_on_the_way_is_read_again_and_only_damaged_bytes_are_a_damaged_row_group(tmp_path):
