@@ -529,7 +529,7 @@ def clip_formats(table: pa.Table, m: ModalitySpec) -> pl.Series | None:
 
 
 def count_payload_formats(formats: list[str | None], into: dict[str, int]) -> dict[str, int]:
-    """`into` with each of `formats` (a frame's size, a clip's rate) counted; None (none read) left out."""
+    """`into` with each of `formats` (a frame's size, a clip's rate or length) counted; None (none read) left out."""
     for found in formats:
         if found is not None:
             into[found] = into.get(found, 0) + 1
@@ -747,7 +747,7 @@ class ShardInputs:
     decoded=)` reuses them), and how many input rows each of its dates' partitions held (its entity bucket's; a context
     view's rows are its parent's, counted once) and, per modality, how many of them were usable in every column (a dead
     channel leaves none) and the digest of them all as stored (`pipelines.row_digests`), and per image modality its
-    usable payloads per stored format (`count_payload_formats`: a frame's size, a WAV clip's sample rate), and per
+    usable payloads per stored format (`count_payload_formats`: a frame's size, a clip's rate or length), and per
     non-text modality its entities' median interval between rows on each date (`daily_intervals`; when asked)."""
 
     tables: dict[str, pl.DataFrame]
@@ -882,7 +882,7 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage, *, row_intervals: boo
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                         if partly is not None and partly.height:    # kept for its other values: noted per file
                             noted.append(noted_partly(partly, spec))
-                        if m.kind == "image" or FORMAT in good.columns:     # frames' sizes, clips' rates
+                        if m.kind == "image" or FORMAT in good.columns:     # frames' sizes, clips' rates or lengths
                             count_payload_formats(
                                 frame_formats(good[m.column].to_list(), formats_of) if m.kind == "image"
                                 else good[FORMAT].to_list(),

@@ -70,7 +70,7 @@ class DateResult:
     row_digests: dict[str, RowDigest] = field(default_factory=dict)   # per modality, its own partitions' rows as stored
     input_row_digests: str | None = None   # the runs table's JSON of them (`row_digests.record`; None: a failed date)
     payload_formats: dict[str, dict[str, int]] = field(default_factory=dict)   # per image or audio modality, its
-                        # usable payloads per stored format (a frame's size, a clip's rate: `count_payload_formats`)
+                        # usable payloads per stored format (a frame's size, a clip's rate or length)
     new_payload_formats: dict[str, dict[str, int]] | None = None   # of them, those of formats the version's training
                      # payloads (almost) never had (`new_payload_formats`; None: a version that did not record its own)
     unmet_keys: list[str] = field(default_factory=list)   # warnings of entity keys whose modalities never meet
@@ -157,11 +157,11 @@ PAYLOAD_WORDS = {"image": ("frames", "of a size", "camera", "resized to the moda
 
 def new_payload_formats(formats: dict[str, dict[str, int]], manifest: dict) -> dict[str, dict[str, int]] | None:
     """Of a date's payloads per image or audio modality and stored format (`DateResult.payload_formats`: a frame's
-    size, a WAV clip's sample rate), those of formats the version (almost) never trained on: none or at most
-    `NEW_FORMAT_SHARE` of its training payloads had (its manifest's `input_payload_formats`; a few odd ones in the
-    training days do not make a format known). None for a version that did not record them (trained before
-    2026-12-05); a modality it recorded none for (clips stored as lists, before their lengths were counted on
-    2026-12-05) is not compared."""
+    size, a WAV clip's sample rate, a listed clip's length), those of formats the version (almost) never trained on:
+    none or at most `NEW_FORMAT_SHARE` of its training payloads had (its manifest's `input_payload_formats`; a few
+    odd ones in the training days do not make a format known). None for a version that did not record them
+    (trained before 2026-12-05); a modality it recorded none for (clips stored as lists, before their lengths were
+    counted on 2026-12-05) is not compared."""
     trained = manifest.get(TRAINED_FORMATS)
     if trained is None:
         return None
