@@ -1295,17 +1295,22 @@ def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
     return arr[None] if m.channels == 1 else arr.transpose(2, 0, 1)
 
 
+GREY_FRAME = " grey"     # after a frame's size (`frame_size`): it holds no colour
+_GREY_MODES = ("1", "L", "LA", "F", *_DEEP_GREY)    # Pillow's modes of a frame without colour
+
+
 def frame_size(data: bytes | None) -> str | None:
-    """An image's stored size as '<width>x<height>' (its header read by Pillow, the pixels not decoded); None when the
-    bytes are no image Pillow opens. A camera replaced or reconfigured shows as a size its version never trained on:
-    each frame is resized to the modality's `size` all the same (`decode_pixels`)."""
+    """An image's stored size as '<width>x<height>', followed by `GREY_FRAME` for a frame without colour (its header
+    read by Pillow, the pixels not decoded); None when the bytes are no image Pillow opens. A camera replaced or
+    reconfigured shows as a size its version never trained on: each frame is resized to the modality's `size` all
+    the same (`decode_pixels`) - and a grey frame fed to a colour modality has its one channel copied to three."""
     from PIL import Image
 
     if not data:
         return None
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return f"{img.size[0]}x{img.size[1]}"
+            return f"{img.size[0]}x{img.size[1]}" + (GREY_FRAME if img.mode in _GREY_MODES else "")
     except Exception:  # noqa: BLE001 - any decoder failure: no size
         return None
 

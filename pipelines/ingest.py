@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import decode_pixels, decode_wav, frame_size, wav_format
+from dmafn.features import GREY_FRAME, decode_pixels, decode_wav, frame_size, wav_format
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, DamagedRowGroup, UnreadableFile, each_row_group_part, each_schema,
@@ -506,10 +506,13 @@ TRAINED_FORMATS = "input_payload_formats"   # a version's manifest: per image or
 FORMAT = "_format"      # an audio row's stored format (`clip_formats`), counted with its date's usable rows
 
 
-def frame_formats(frames: list[bytes], formats_of: dict[bytes, str | None]) -> list[str | None]:
+def frame_formats(frames: list[bytes], formats_of: dict[bytes, str | None], colour: bool = False) -> list[str | None]:
     """Each frame's stored size (`frame_size`: '<width>x<height>'), as `undecodable_images` keeps it in `formats_of`
-    by the frame's bytes (one not read before is opened here)."""
-    return [formats_of[f] if f in formats_of else formats_of.setdefault(f, frame_size(f)) for f in frames]
+    by the frame's bytes (one not read before is opened here); for a `colour` modality (`channels: 3`) a frame
+    without colour's with `GREY_FRAME` after it - a grey modality reads every frame as grey (since 2026-12-05; a
+    version trained before recorded sizes alone, which a colour camera's frames still give)."""
+    found = [formats_of[f] if f in formats_of else formats_of.setdefault(f, frame_size(f)) for f in frames]
+    return found if colour else [None if f is None else f.removesuffix(GREY_FRAME) for f in found]
 
 
 def clip_formats(table: pa.Table, m: ModalitySpec) -> pl.Series | None:
@@ -884,8 +887,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage, *, row_intervals: boo
                             noted.append(noted_partly(partly, spec))
                         if m.kind == "image" or FORMAT in good.columns:     # frames' sizes, clips' rates or lengths
                             count_payload_formats(
-                                frame_formats(good[m.column].to_list(), formats_of) if m.kind == "image"
-                                else good[FORMAT].to_list(),
+                                frame_formats(good[m.column].to_list(), formats_of, colour=m.channels == 3)
+                                if m.kind == "image" else good[FORMAT].to_list(),
                                 payload_formats.setdefault(f.date.isoformat(), {}).setdefault(name, {}))
                     usable.append(good.select([*spec.entity, TIME, *m.value_columns]).with_columns(
                         pl.lit(index, pl.Int32).alias(FILE)))

@@ -150,7 +150,8 @@ def _respelled(unseen: UnseenEntities) -> str:
 
 NEW_FORMAT_SHARE = 0.01   # a date with more of a modality's payloads of a format its version never trained on: warned
 # per kind: what its payloads are, what their stored format says, the device, and what scoring does with another format
-PAYLOAD_WORDS = {"image": ("frames", "of a size", "camera", "resized to the modality's size"),
+PAYLOAD_WORDS = {"image": ("frames", "of a size or colour", "camera",
+                           "resized to the modality's size (a grey one's channel copied to a colour modality's three)"),
                  "audio": ("clips", "of a sample rate or length", "microphone",
                            "resampled to the modality's sample_rate (WAV) or read as at it (lists)")}
 

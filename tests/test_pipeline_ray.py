@@ -767,8 +767,8 @@ def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_re
         result = score_date(moved, DAY3)
     frames = result.payload_formats["camera"]["8x8"]
     assert result.payload_formats == result.new_payload_formats == {"camera": {"8x8": frames}}
-    assert f"2024-01-03: modality 'camera': {frames} of its {frames} frames (100%) are of a size model version " \
-        f"{version}'s training frames (almost) never had: 8x8 ({frames})" in caplog.text
+    assert f"2024-01-03: modality 'camera': {frames} of its {frames} frames (100%) are of a size or colour model " \
+        f"version {version}'s training frames (almost) never had: 8x8 ({frames})" in caplog.text
     runs = pl.read_delta(str(tmp_path / "runs"))
     assert runs["new_payload_formats"].to_list() == [f'{{"camera": {{"8x8": {frames}}}}}']
     assert new_payload_formats({"camera": {"16x16": 9}}, manifest) == {} and new_payload_formats({}, {}) is None

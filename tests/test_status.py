@@ -244,9 +244,9 @@ def test_status_names_an_image_modality_whose_frames_came_in_a_size_the_version_
          new_payload_formats={"cam": {"8x8": 600, "9x9": 100}})
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
-        "modality 'cam': frames of a size their version's training frames (almost) never had on 1 recent date(s): "
-        "2024-01-05 - on 2024-01-05 700 of 1000 (70%; 8x8, 9x9): a camera replaced or reconfigured? Restore its "
-        "setting, or train a version on days with such frames"]          # 2024-01-04's 0.5 % is no problem
+        "modality 'cam': frames of a size or colour their version's training frames (almost) never had on 1 recent "
+        "date(s): 2024-01-05 - on 2024-01-05 700 of 1000 (70%; 8x8, 9x9): a camera replaced or reconfigured? Restore "
+        "its setting, or train a version on days with such frames"]          # 2024-01-04's 0.5 % is no problem
     mic = replace(spec.modalities["cam"], name="mic", kind="audio", column="wave", sample_rate=16_000)
     _run(spec, "2024-01-06", version=NEW, modality_rows={"mic": 200}, new_payload_formats={"mic": {"8000 Hz": 200}})
     audio = scoring_status(replace(spec, modalities={**spec.modalities, "mic": mic}), Storage(), days=1).problems
