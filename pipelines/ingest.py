@@ -45,9 +45,12 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
 def _is_list_of_numbers(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-        and _is_numeric(t.value_type)
+    return _is_list(t) and _is_numeric(t.value_type)
 
 
 def _is_number_or_text(t: pa.DataType) -> bool:
@@ -219,13 +222,12 @@ def check_schema(schema: pa.Schema, spec: Spec, m: ModalitySpec, where: str) -> 
 def _list_hint(stored: pa.DataType, m: ModalitySpec) -> str:
     """What to do with a list per row where the kind reads one value: a block of samples (a waveform) is a clip of
     `kind: audio`; a text's tokens are one string."""
-    if m.payload == "file" or not (pa.types.is_list(stored) or pa.types.is_large_list(stored)
-                                   or pa.types.is_fixed_size_list(stored)):
+    if m.payload == "file":
         return ""
-    if m.kind in ("tabular", "timeseries") and _is_numeric(stored.value_type):
+    if m.kind in ("tabular", "timeseries") and _is_list_of_numbers(stored):
         return (" - a row holding a block of samples (a waveform) is read as a clip by `kind: audio` (`sample_rate`, "
                 "`clip`: its spectrogram), one such modality per column; a timeseries reads one sample per row")
-    if m.kind == "text" and _is_bytes_or_text(stored.value_type):
+    if m.kind == "text" and _is_list(stored) and _is_bytes_or_text(stored.value_type):
         return " - a list of strings (lines, tokens) per row: join it into one string per row upstream"
     return ""
 
