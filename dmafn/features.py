@@ -692,21 +692,71 @@ def relation_residuals(relation: dict[str, Any], current: np.ndarray, history: n
     return z
 
 
-def relation_errors(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
-                    keys: list[str], peers: np.ndarray | None = None,
-                    peers_present: np.ndarray | None = None) -> np.ndarray:
-    """(N,) mean over channels of the squared error of predicting each channel from its relation with the
-    others (`relation_residuals`; about 1 on normal ticks; 0 for a channel with no fitted relation). Where the
-    relation has a cross-modal fit (`cross_channels`) and the ticks' peer values (`peers`, N x K) are present
-    (`peers_present`), those ticks are scored by it instead."""
+def tick_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray,
+                   keys: list[str], peers: np.ndarray | None = None,
+                   peers_present: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) each channel's signed residual from its relation with the others (`relation_residuals`; NaN for a
+    channel with no fitted relation). Where the relation has a cross-modal fit (`cross_channels`) and the ticks'
+    peer values (`peers`, N x K) are present (`peers_present`), those ticks are scored by it instead."""
     z = relation_residuals(relation, current, history, keys)
     if peers is not None and relation.get("cross_channels") is not None and peers_present.any():
         across = np.flatnonzero(peers_present)
         cross = relation_residuals(relation, current[across], history[across],
                                    list(np.asarray(keys, object)[across]), peers[across])
-        fitted = ~np.isnan(cross)                    # a one-channel parent: only here (0 where a peer is absent)
+        fitted = ~np.isnan(cross)                    # a one-channel parent: only here (NaN where a peer is absent)
         z[across] = np.where(fitted, cross, z[across])
+    return z
+
+
+def squared_residuals(relation: dict[str, Any], z: np.ndarray) -> np.ndarray:
+    """(N,) the mean over a relation's channels of their squared residuals `z` (N, C; about 1 on normal ticks; a
+    NaN channel, with no fitted relation, counts 0)."""
     return np.nansum(z ** 2, 1) / max(len(relation["channels"]), 1)
+
+
+def smooth_residuals(z: np.ndarray, groups: np.ndarray, alpha: float,
+                     carry: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    """(N, C) each channel's signed relation residual `z` (N, C; rows in time order within each group - an entity's
+    date) averaged causally within its group: an EWMA of weight `alpha`, divided by the root of its weights' sum of
+    squares, so that residuals independent from tick to tick keep unit variance from a group's first tick on,
+    while a persistent offset too small to show at one tick adds up over the ticks it lasts (a matched filter for a
+    creeping break of a relation). NaN values are skipped (the state carries over; NaN out). `carry`: group ->
+    (weighted sum, sum of squared weights) per channel, read and updated, so a group's series cut into batches
+    smooths as one."""
+    out = np.full(z.shape, np.nan)
+    carry = {} if carry is None else carry
+    for key, rows in group_rows(groups):
+        total, weights = (np.array(part, np.float64) for part in
+                          carry.get(key, (np.zeros(z.shape[1]), np.zeros(z.shape[1]))))
+        for c in range(z.shape[1]):
+            seen = rows[~np.isnan(z[rows, c])]
+            if not len(seen):
+                continue
+            sums = _ewma_from(z[seen, c], alpha, total[c])
+            decay = (1.0 - alpha) ** (2 * np.arange(1, len(seen) + 1))       # each weight's square, as it ages
+            squares = decay * weights[c] + alpha * alpha * (1.0 - decay) / (1.0 - (1.0 - alpha) ** 2)
+            out[seen, c] = sums / np.sqrt(squares)
+            total[c], weights[c] = sums[-1], squares[-1]
+        carry[key] = (total, weights)
+    return out
+
+
+_EWMA_BLOCK = 256     # values per matrix product in `_ewma_from`
+
+
+def _ewma_from(values: np.ndarray, alpha: float, start: float) -> np.ndarray:
+    """(n,) s_k = alpha x_k + (1 - alpha) s_(k-1) with s_(-1) = `start`, a block of values per matrix product
+    (no Python step per value)."""
+    keep = 1.0 - alpha
+    steps = np.arange(_EWMA_BLOCK)
+    lower = np.tril(keep ** np.clip(steps[:, None] - steps[None, :], 0, None))     # x_j's weight in s_i, j <= i
+    out = np.empty(len(values))
+    for lo in range(0, len(values), _EWMA_BLOCK):
+        block = values[lo:lo + _EWMA_BLOCK]
+        k = len(block)
+        out[lo:lo + k] = alpha * (lower[:k, :k] @ block) + keep ** (steps[:k] + 1) * start
+        start = out[lo + k - 1]
+    return out
 
 
 RELATION_LEFT_OUT_WARNING = 0.01   # share of the training ticks a relation's refit leaves out: over it, `dmafn train` warns
@@ -1076,6 +1126,8 @@ class StatisticsFitter:
                 # stays a model input
                 relations[ctx] = {"parent": parent, "channels": channels or [None] * width, "model_input": width < 2,
                                   "ranges": fit_ranges(totals.ranges.get(("relations_", ctx)))}
+                if self.spec.model.relation_smoothing < 1.0:        # versions before 2026-12-06: no such key
+                    relations[ctx]["smoothing"] = self.spec.model.relation_smoothing
                 if ("relations_", ctx) in self.left_out_:           # a refit: the ticks it left out
                     relations[ctx]["left_out"] = self.left_out_[("relations_", ctx)]
                 if any(ch is not None for ch in cross):
@@ -1515,7 +1567,7 @@ class Features:
     inputs: dict[str, np.ndarray]
     mask: np.ndarray
     modalities: tuple[str, ...]
-    relation_errors: np.ndarray | None = None   # (N, M): added to a parent modality's error (`relation_errors`)
+    relation_errors: np.ndarray | None = None   # (N, M): added to a parent modality's error (`squared_residuals`)
     state: np.ndarray | None = None             # (N, S) the operating state (`operating_state`), NaN where absent
     state_owners: tuple[str, ...] = ()          # the modality each state column comes from
 
@@ -1527,11 +1579,15 @@ class Features:
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
-              decoded: dict[str, dict[bytes, np.ndarray | None]] | None = None) -> Features:
+              decoded: dict[str, dict[bytes, np.ndarray | None]] | None = None,
+              carry: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None) -> Features:
     """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False.
 
     `decoded[m]`: frames of image modality m already decoded (`decode_pixels`, keyed by their bytes, None
-    for bytes that do not decode), e.g. by the ingest check of the same shard; the others are decoded here."""
+    for bytes that do not decode), e.g. by the ingest check of the same shard; the others are decoded here.
+    `carry`: for relations fitted with `model.relation_smoothing`, each context's smoothing state per entity and
+    date (`smooth_residuals`), read and updated - given the same dict for the consecutive batches of one shard
+    (rows sorted by entity and time), its ticks smooth as if aligned at once; without it each call starts afresh."""
     n = aligned.num_rows
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
@@ -1601,12 +1657,35 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
                                                fitted.get("peer_spread", False))   # before 2026-12-03: means only
             peers, peers_present = peers[both], peers_present[both]
         if both.any():
-            errors = relation_errors(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
-                                     levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
-            relations[np.flatnonzero(both), names.index(parent)] += errors.astype(np.float32)
+            rows = np.flatnonzero(both)
+            z = tick_residuals(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
+                               levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
+            if fitted.get("smoothing"):                     # versions before 2026-12-06: each tick on its own
+                groups, rank = smoothing_groups(aligned, keys)
+                order = np.argsort(rank[rows], kind="stable")
+                z[order] = smooth_residuals(z[order], groups[rows][order], float(fitted["smoothing"]),
+                                            None if carry is None else carry.setdefault(ctx, {}))
+            relations[rows, names.index(parent)] += squared_residuals(fitted, z).astype(np.float32)
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners)
+
+
+def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """What a relation's residuals are smoothed within (`smooth_residuals`): each tick's entity and date (its
+    `date` column, where the aligned rows have one) - a date smooths alike whether scored alone or in a backfill
+    of many - and each row's rank in time order within them (by the tick time `_t`; else the rows' order)."""
+    groups = np.asarray(keys, dtype=str)
+    if "date" in aligned.column_names:
+        groups = np.char.add(np.char.add(groups, "\x1f"), np.asarray(aligned.column("date").cast(pa.string())
+                                                                      .to_pylist(), dtype=str))
+    n = len(groups)
+    if TICK_TIME not in aligned.column_names:
+        return groups, np.arange(n)
+    times = np.asarray(aligned.column(TICK_TIME).to_numpy(zero_copy_only=False), np.int64)
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((times, groups))] = np.arange(n)
+    return groups, rank
 
 
 def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,

@@ -145,6 +145,7 @@ class ModelSpec:
     cross_modal_relations: bool = True      # context relations also fitted with the peer modalities' values
     state_baseline: bool = True             # each modality's error against its level at the operating state
     window_spread: bool = True              # a series channel's swing within its window read beside its mean
+    relation_smoothing: float = 0.7         # EWMA weight of each channel's signed relation residual (1: none)
 
 
 @dataclass(frozen=True)
@@ -684,7 +685,7 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         return ModelSpec()
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
                         "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring",
-                        "cross_modal_relations", "state_baseline", "window_spread"})
+                        "cross_modal_relations", "state_baseline", "window_spread", "relation_smoothing"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
         detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
@@ -698,7 +699,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring),
         cross_modal_relations=sec.boolean("cross_modal_relations", ModelSpec.cross_modal_relations),
         state_baseline=sec.boolean("state_baseline", ModelSpec.state_baseline),
-        window_spread=sec.boolean("window_spread", ModelSpec.window_spread))
+        window_spread=sec.boolean("window_spread", ModelSpec.window_spread),
+        relation_smoothing=sec.number("relation_smoothing", ModelSpec.relation_smoothing, float, 0.01, 1.0))
 
 
 def default_validation_days(start: dt.date, end: dt.date) -> int:

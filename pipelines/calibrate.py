@@ -64,9 +64,9 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
     batches, counts, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)[:3]
     unreadable = {why: 1 for why in counts if why.startswith(LEFT_OUT)}    # files, row groups left out: warned of
-    keys, raws, outliers = [], [], 0
-    for aligned in batches:
-        features = featurize(aligned.to_arrow(), spec, stats, decoded)
+    keys, raws, outliers, carry = [], [], 0, {}
+    for aligned in batches:          # sorted by entity and time: the relations' smoothing carries across them
+        features = featurize(aligned.to_arrow(), spec, stats, decoded, carry)
         outliers += relation_outliers(features)
         raws.append(raw_scores(model, features))
         keys.append(aligned.select([*spec.entity, "ts"]))

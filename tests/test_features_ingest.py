@@ -4439,3 +4439,80 @@ def test_row_intervals_are_each_entitys_median_between_rows_per_date_and_a_chang
     assert line.startswith("2024-01-02: modality 'proc': 1 of its 1 entities' rows came at another interval than on "
                            "any of model version v1's training days (the median between consecutive rows): a every "
                            "5 min against 1 min - a source reconfigured, or rows thinned or batched on their way?")
+
+
+def test_smoothed_relation_residuals_keep_unit_variance_add_up_an_offset_and_carry_between_batches():
+    """`smooth_residuals`: independent unit residuals stay unit from each group's first tick on; a persistent
+    offset of half a residual std grows towards sqrt((2 - alpha) / alpha) of itself; NaN is skipped; a group's
+    series cut into batches smooths as one when the carry is handed on."""
+    from dmafn.features import smooth_residuals
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4000).astype(str), 6)
+    noise = rng.normal(size=(len(groups), 1))
+    out = smooth_residuals(noise, groups, 0.5).reshape(4000, 6)
+    assert np.std(out[:, 0]) == pytest.approx(1.0, abs=0.05) and np.std(out[:, 5]) == pytest.approx(1.0, abs=0.05)
+    offset = smooth_residuals(np.full((40, 1), 0.5), np.zeros(40, str), 0.5)[:, 0]
+    assert offset[0] == pytest.approx(0.5) and offset[-1] == pytest.approx(0.5 * np.sqrt(3.0))
+    z = rng.normal(size=(10, 2))
+    z[3, 1] = np.nan
+    keys = np.array(["a"] * 5 + ["b"] * 5)
+    whole = smooth_residuals(z, keys, 0.3)
+    assert np.isnan(whole[3, 1]) and np.isfinite(whole[4, 1])
+    carry: dict = {}
+    parts = np.r_[smooth_residuals(z[:3], keys[:3], 0.3, carry), smooth_residuals(z[3:], keys[3:], 0.3, carry)]
+    np.testing.assert_allclose(parts, whole, rtol=1e-12)
+    by_hand, total, weights = [], 0.0, 0.0
+    for value in z[5:, 0]:
+        total, weights = 0.3 * value + 0.7 * total, 0.09 + 0.49 * weights
+        by_hand.append(total / np.sqrt(weights))
+    np.testing.assert_allclose(whole[5:, 0], by_hand, rtol=1e-12)
+
+
+def test_relation_smoothing_raises_a_small_persistent_drift_and_scores_alike_in_any_batches():
+    """With `model.relation_smoothing` the fitted relation keeps its weight and `featurize` averages each channel's
+    signed residual per entity and date in time order before squaring it: a drift of one residual std scores far
+    more than tick by tick, normal ticks about 1 as before; rows shuffled or cut into batches with a carry give the
+    same errors; statistics without the key (versions before) score each tick on its own."""
+    from dmafn.spec import TICK_TIME, SpecError, parse_spec, spec_to_dict
+
+    data = spec_to_dict(_relation_spec())
+    spec = parse_spec({**data, "model": {**data["model"], "relation_smoothing": 1}})          # none
+    smoothed_spec = parse_spec({**data, "model": {**data["model"], "relation_smoothing": 0.3}})
+    assert _relation_spec().model.relation_smoothing == 0.7                                  # the default
+    with pytest.raises(SpecError, match="model.relation_smoothing': 0 is outside"):
+        parse_spec({**data, "model": {"relation_smoothing": 0}})
+    rng = np.random.default_rng(0)
+    offsets = {"a": 0.0, "b": 5.0}
+    train = _relation_rows(spec, 600, rng, offsets)
+    plain = StatisticsFitter(spec).add(train).result()
+    stats = StatisticsFitter(smoothed_spec).add(train).result()
+    assert "smoothing" not in plain["relations"]["proc_context"]
+    assert stats["relations"]["proc_context"]["smoothing"] == 0.3
+
+    def timed(table):
+        n = table.num_rows
+        minutes = np.arange(n) // 2                                          # a tick a minute per entity
+        return table.append_column(TICK_TIME, pa.array(minutes * 60_000_000, pa.int64())) \
+            .append_column("date", pa.array(["2024-01-01"] * n))
+
+    proc = 0
+    normal = timed(_relation_rows(spec, 400, rng, offsets))
+    drift = timed(_relation_rows(spec, 400, rng, offsets, drift=0.05))       # one residual std (0.05)
+    for name, table in (("normal", normal), ("drift", drift)):
+        tick = featurize(table, smoothed_spec, plain).relation_errors[:, proc]
+        smooth = featurize(table, smoothed_spec, stats).relation_errors[:, proc]
+        if name == "normal":
+            assert tick.mean() < 3 and smooth.mean() < 3
+        else:
+            assert smooth[40:].mean() > 2 * tick[40:].mean()
+    whole = featurize(drift, smoothed_spec, stats).relation_errors
+    shuffled = rng.permutation(drift.num_rows)
+    np.testing.assert_allclose(featurize(drift.take(shuffled), smoothed_spec, stats).relation_errors,
+                               whole[shuffled], rtol=1e-5)
+    carry: dict = {}
+    batches = [featurize(drift.slice(lo, 150), smoothed_spec, stats, carry=carry).relation_errors
+               for lo in range(0, drift.num_rows, 150)]
+    np.testing.assert_allclose(np.concatenate(batches), whole, rtol=1e-5)
+    assert featurize(drift.slice(150), smoothed_spec, stats).relation_errors[0, proc] != \
+        pytest.approx(float(whole[150, proc]))                          # without the carry: started afresh

@@ -1614,6 +1614,21 @@ def test_a_shard_streams_its_progress_then_its_scores(trained, tmp_path):
     assert len(progress) == -(-counts.ticks_in // 500) >= 2
     assert [d for d, _ in progress] == sorted(d for d, _ in progress) and progress[-1] == (counts.ticks_in,) * 2
     assert {t for _, t in progress} == {counts.ticks_in} and counts.rows_scored + counts.rows_quarantined == counts.ticks_in
+    assert mv.stats["relations"]["process_context"].get("smoothing") == 0.7    # the relations smooth their residuals
+    whole = replace(model_spec, score=replace(model_spec.score, output=str(tmp_path / "whole")))
+    at_once = list(score_shard_steps(shard, whole, mv, Storage(), run_id="t",
+                                     scored_at=dt.datetime.now(dt.timezone.utc)))[-1].dates[DAY3.isoformat()]
+
+    def scores(root, written):
+        table = pa.concat_tables([pq.read_table(f"{root}/{f['path']}") for f in written.output_files])
+        return table.sort_by([("machine_id", "ascending"), ("ts", "ascending")])
+
+    cut, one = scores(tmp_path / "scores", counts), scores(tmp_path / "whole", at_once)
+    assert cut.num_rows == one.num_rows == counts.rows_scored            # cut into 500-tick batches or not: alike
+    np.testing.assert_allclose(cut["score_process"].to_numpy(zero_copy_only=False),
+                               one["score_process"].to_numpy(zero_copy_only=False), rtol=1e-6)
+    np.testing.assert_allclose(cut["score"].to_numpy(zero_copy_only=False),     # float32 sums of other batch sizes
+                               one["score"].to_numpy(zero_copy_only=False), rtol=1e-5)
 
 
 def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray):
