@@ -1643,6 +1643,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     names = tuple(spec.modalities)
     relations = None
+    smoothed = any(fitted.get("smoothing") for fitted in stats.get("relations", {}).values())
+    groups, rank = smoothing_groups(aligned, keys) if smoothed else (None, None)     # once for every relation
     for ctx, fitted in stats.get("relations", {}).items():
         parent = fitted["parent"]
         if ctx not in spec.modalities or parent not in spec.modalities:
@@ -1661,7 +1663,6 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             z = tick_residuals(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
                                levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
             if fitted.get("smoothing"):                     # versions before 2026-12-06: each tick on its own
-                groups, rank = smoothing_groups(aligned, keys)
                 order = np.argsort(rank[rows], kind="stable")
                 z[order] = smooth_residuals(z[order], groups[rows][order], float(fitted["smoothing"]),
                                             None if carry is None else carry.setdefault(ctx, {}))
