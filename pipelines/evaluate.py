@@ -23,7 +23,8 @@ from dmafn.calibration import Calibration
 from dmafn.metrics import NegativeCounts, PairCounts, RankingTally, count_metrics
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
-from pipelines.align import TIME, LabelIndex, attach_labels, label_intervals, to_micros
+from pipelines.align import (TIME, LabelIndex, attach_labels, date_end_us, date_start_us, label_intervals,
+                            to_micros)
 from pipelines.baselines import score_alone
 from pipelines.delta_sink import SCORED_COLUMNS, read_table, scan_table, table_mismatch
 from pipelines.ingest import entity_string
@@ -425,17 +426,57 @@ def detection(ticks: pl.DataFrame, labels: pl.DataFrame, spec: Spec) -> dict[str
 
 @dataclass
 class WindowPart:
-    """`WindowEvaluation`'s first pass of one chunk (`window_part`): the metrics' part, the alarm counts and the
-    first tick and alarm inside each labelled interval - small, whatever the chunk."""
+    """`WindowEvaluation`'s first pass of one chunk (`window_part`): the metrics' part, the alarm counts, the
+    first tick and alarm inside each labelled interval and the entities scored - small, whatever the chunk."""
     metrics: ChunkPart
     counts: dict[str, Any]
     firsts: pl.DataFrame
+    entities: pl.DataFrame | None = None           # the entity keys with a tick in the chunk, each once
 
 
 def window_part(chunk: pl.DataFrame, spec: Spec, intervals: pl.DataFrame) -> tuple[WindowPart, pl.DataFrame]:
     """A chunk's `WindowPart` and its labelled ticks' scores (`chunk_part`)."""
     metrics, positives = chunk_part(chunk, spec)
-    return WindowPart(metrics, alarm_counts(chunk, spec), event_firsts(chunk, intervals, list(spec.entity))), positives
+    keys = list(spec.entity)
+    return WindowPart(metrics, alarm_counts(chunk, spec), event_firsts(chunk, intervals, keys),
+                      chunk.select(keys).unique()), positives
+
+
+NEVER_SCORED = "entity with no scored tick in the window"
+NONE_INSIDE = "no scored tick inside the event"
+UNSCORED_SHOWN = 5          # unscored events named in the printed line (`labels_unscored.parquet` keeps them all)
+
+
+def unscored_events(intervals: pl.DataFrame, firsts: pl.DataFrame, entities: pl.DataFrame, window_us: tuple[int, int],
+                    spec: Spec) -> pl.DataFrame:
+    """The labelled events (`event_intervals`) that overlap the window [start, end) of microseconds but hold none
+    of its scored ticks - so no metric counts them: the entity keys, start, end, `kind` and a `reason`:
+    `NEVER_SCORED` (an entity the scores do not hold in the window: a key written otherwise than in the input,
+    or an entity whose input is missing) or `NONE_INSIDE` (its ticks were not scored there: its input missing
+    for those hours, a date not scored, or an event shorter than the grain between two ticks). `firsts`:
+    `earliest` of the window's `event_firsts`; `entities`: the entity keys scored in the window."""
+    keys = list(spec.entity)
+    lo, hi = window_us
+    seen = firsts.filter(pl.col("_tick").is_not_null()).select("_event")
+    known = entities.unique().with_columns(pl.lit(True).alias("_known"))
+    missing = (intervals.filter((pl.col("_e") >= lo) & (pl.col("_s") < hi)).join(seen, on="_event", how="anti")
+               .join(known, on=keys, how="left").sort("_event"))
+    at = pl.Datetime("us", "UTC")
+    return missing.select(*keys, pl.col("_s").cast(at).alias(spec.labels.start),
+                          pl.col("_e").cast(at).alias(spec.labels.end), pl.col("_kind").alias("kind"),
+                          pl.when(pl.col("_known")).then(pl.lit(NONE_INSIDE)).otherwise(pl.lit(NEVER_SCORED))
+                          .alias("reason"))
+
+
+def unscored_summary(unscored: pl.DataFrame, spec: Spec) -> dict[str, Any]:
+    """`unscored_events` counted per reason, with the first `UNSCORED_SHOWN` named (for `metrics.json`, the text
+    and the page)."""
+    start, end = spec.labels.start, spec.labels.end
+    reasons = dict(unscored.group_by("reason").len().sort("reason").iter_rows())
+    named = [f"{' '.join(f'{k}={row[k]}' for k in spec.entity)} {row[start]:%Y-%m-%d %H:%M} to "
+             f"{row[end]:%Y-%m-%d %H:%M} UTC, {row['kind']}" + (f" ({row['reason']})" if len(reasons) > 1 else "")
+             for row in unscored.head(UNSCORED_SHOWN).iter_rows(named=True)]
+    return {"events": unscored.height, "by_reason": reasons, "first": named}
 
 
 class WindowEvaluation:
@@ -443,16 +484,29 @@ class WindowEvaluation:
     passes as `MetricsTally`): the metrics, the alarm rates against the expected one, and detection. The first
     pass takes chunks (`first_pass`) or their `window_part` computed elsewhere (`add_part`)."""
 
-    def __init__(self, spec: Spec, labels: pl.DataFrame) -> None:
+    def __init__(self, spec: Spec, labels: pl.DataFrame, dates: list[str] | None = None) -> None:
         self.spec, self.intervals = spec, event_intervals(labels, spec)
         self.metrics = MetricsTally(spec)
         self.counts: dict[str, Any] | None = None
         self.firsts: list[pl.DataFrame] = []             # each chunk's `event_firsts`: its intervals only
+        self.window_us = (date_start_us(dt.date.fromisoformat(dates[0]), spec.timezone),
+                          date_end_us(dt.date.fromisoformat(dates[-1]), spec.timezone)) if dates else None
+        self.entities = pl.DataFrame(schema=self.intervals.select(spec.entity).schema)   # scored so far, each once
 
     def add_part(self, part: WindowPart) -> None:
         self.metrics.add_part(part.metrics)
         self.counts = add_counts(self.counts, part.counts)
         self.firsts.append(part.firsts)
+        if part.entities is not None and part.entities.height:
+            self.entities = pl.concat([self.entities, part.entities], how="vertical_relaxed").unique()
+
+    def unscored(self) -> pl.DataFrame | None:
+        """`unscored_events` of the window (None where the evaluation was not given its dates)."""
+        if self.window_us is None:
+            return None
+        return unscored_events(self.intervals, earliest(self.firsts) if self.firsts else
+                               pl.DataFrame(schema={"_event": pl.UInt32, "_tick": pl.Int64}),
+                               self.entities, self.window_us, self.spec)
 
     def first_pass(self, chunk: pl.DataFrame) -> None:
         part, positives = window_part(chunk, self.spec, self.intervals)
@@ -469,6 +523,9 @@ class WindowEvaluation:
         """`metrics_table`'s dict with `alarm_rates` and `detection` added (`ranking`: as `MetricsTally.result`)."""
         result = self.metrics.result(ranking) | alarm_rates(self.counts, self.spec, storage)
         result["detection"] = detection_summary(self.intervals, earliest(self.firsts), self.spec)
+        unscored = self.unscored()
+        if unscored is not None and unscored.height:
+            result["unscored_events"] = unscored_summary(unscored, self.spec)
         return result
 
 
@@ -576,12 +633,23 @@ def format_table(result: dict[str, Any]) -> str:
                 if d["detected"] else "  none caught"))
     lines += shortfall_lines(result.get("shortfall"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
+    if result.get("unscored_events"):
+        lines.append(f"labels: {unscored_line(result['unscored_events'])} (labels_unscored.parquet in the report "
+                     "folder)")
     if result.get("labels", {}).get("unusable"):
         lab = result["labels"]
         reasons = ", ".join(f"{n} {why}" for why, n in lab["unusable"].items())
         lines.append(f"labels: {lab['used']} of {lab['rows']} rows used; left out: {reasons} "
                      f"(labels_unusable.parquet in the report folder)")
     return "\n".join(lines)
+
+
+def unscored_line(unscored: dict[str, Any]) -> str:
+    """`unscored_summary` in words: how many labelled events no metric counts, why, and the first of them."""
+    reasons = ", ".join(f"{n} {why}" for why, n in unscored["by_reason"].items())
+    more = unscored["events"] - len(unscored["first"])
+    return (f"{unscored['events']} labelled event(s) in the window hold no scored tick, so no metric counts them "
+            f"({reasons}): {'; '.join(unscored['first'])}" + (f"; {more} more" if more > 0 else ""))
 
 
 def shortfall_lines(short: dict[str, Any] | None) -> list[str]:
@@ -737,13 +805,15 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
     if ray_running():
         from pipelines.evaluate_tasks import evaluate_on_tasks
 
-        result, plotted, entity = evaluate_on_tasks(spec, storage, table, beside, dates, labels,
-                                                    bucket_us if report_dir else None)
+        result, plotted, entity, unscored = evaluate_on_tasks(spec, storage, table, beside, dates, labels,
+                                                              bucket_us if report_dir else None)
     else:
-        result, plotted, entity = _evaluate_here(spec, storage, table, beside, dates, labels,
-                                                 bucket_us if report_dir else None)
+        result, plotted, entity, unscored = _evaluate_here(spec, storage, table, beside, dates, labels,
+                                                           bucket_us if report_dir else None)
     result["dates"] = dates
     result["labels"] = checked.summary()
+    if result.get("unscored_events"):
+        log.warning("labels %s: %s", spec.labels.path, unscored_line(result["unscored_events"]))
     text = format_table(result)
     print(text)
     if report_dir:
@@ -751,6 +821,8 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         out.mkdir(parents=True, exist_ok=True)
         if checked.unusable.height:                 # kept beside the metrics they were left out of
             checked.unusable.write_parquet(out / "labels_unusable.parquet")
+        if unscored is not None and unscored.height:     # the labelled events no metric counts
+            unscored.write_parquet(out / "labels_unscored.parquet")
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         (out / "metrics.txt").write_text(text + "\n")
         result["plot"] = str(plot_entity(plotted, spec, out / "scores.png", entity))
@@ -759,10 +831,11 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
 
 
 def _evaluate_here(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
-                   labels: pl.DataFrame, bucket_us: int | None) -> tuple[dict[str, Any], pl.DataFrame | None, str | None]:
-    """`evaluate`'s two passes in this process: the result, and with `bucket_us` the plot's rows and entity (the
-    first of the first date)."""
-    evaluation, plotted, entity = WindowEvaluation(spec, labels), [], None
+                   labels: pl.DataFrame, bucket_us: int | None
+                   ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None, pl.DataFrame | None]:
+    """`evaluate`'s two passes in this process: the result, with `bucket_us` the plot's rows and entity (the
+    first of the first date), and the labelled events no scored tick falls in (`unscored_events`)."""
+    evaluation, plotted, entity = WindowEvaluation(spec, labels, dates), [], None
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
     for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
         evaluation.first_pass(chunk)
@@ -775,4 +848,5 @@ def _evaluate_here(spec: Spec, storage: Storage, table: DeltaTable, beside: Delt
         evaluation.second_pass(chunk)
         progress.update(len(dates) + i + 1)
     progress.close()
-    return evaluation.result(storage), pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity
+    return (evaluation.result(storage), pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity,
+            evaluation.unscored())

@@ -209,10 +209,10 @@ DAY_US = 86_400_000_000
 
 def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
                       labels: pl.DataFrame, bucket_us: int | None
-                      ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None]:
-    """`evaluate`'s two passes in Ray tasks: the result, and with `bucket_us` the plot's rows and entity (the
-    first of the first date)."""
-    evaluation = WindowEvaluation(spec, labels)
+                      ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None, pl.DataFrame | None]:
+    """`evaluate`'s two passes in Ray tasks: the result, with `bucket_us` the plot's rows and entity (the first of
+    the first date), and the labelled events no scored tick falls in (`evaluate.unscored_events`)."""
+    evaluation = WindowEvaluation(spec, labels, dates)
     passes = TaskPasses("evaluate", spec, storage, table, beside, dates, labels)
     entity = None
     for part in passes.first(partial(window_part, spec=spec), evaluation.intervals):   # each date's intervals
@@ -222,4 +222,4 @@ def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: D
     plot = partial(plot_rows, spec=spec, entity=entity, bucket_us=bucket_us) if bucket_us and entity else None
     plotted = passes.second(plot)
     result = evaluation.result(storage, passes.ranking(evaluation.metrics))
-    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity
+    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity, evaluation.unscored()

@@ -25,7 +25,7 @@ from dmafn.spec import Spec
 from pipelines.align import date_start_us
 from pipelines.delta_sink import read_table, scan_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
-                                ray_running, score_chunks, score_dates, score_types, window_part)
+                                ray_running, score_chunks, score_dates, score_types, unscored_line, window_part)
 from pipelines.evaluate_tasks import TaskPasses
 from pipelines.ingest import entity_string, reason_kind
 from pipelines.labels import load_labels
@@ -56,7 +56,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     dates = score_dates(table, spec, start, end)
     checked = load_labels(spec, storage).keyed_as(spec, score_types(table)) if spec.labels else None
     labels = checked.usable if checked is not None else None
-    evaluation = WindowEvaluation(spec, labels) if labels is not None else None
+    evaluation = WindowEvaluation(spec, labels, dates) if labels is not None else None
     window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events, spec.timezone)
     first = partial(report_part, spec=spec, top=top_events, intervals=evaluation.intervals if evaluation else None)
     passes = TaskPasses("report", spec, storage, table, None, dates, labels) if ray_running() else None
@@ -416,8 +416,11 @@ def _metrics_section(result: dict[str, Any]) -> str:
                  'outranking a labelled one, split by the labelled tick\'s kind and by the normal tick\'s time since '
                  'its entity\'s last event ended (each split adds up to the shortfall):</p>'
                  + _table(["split", "part", "ticks", "of 1 - ROC-AUC"], rows, "shortfall"))
+    unscored = ""
+    if result.get("unscored_events"):              # labelled events no metric counts: said, never dropped quietly
+        unscored = f'<p class="warning" id="unscored-events">Labels: {_e(unscored_line(result["unscored_events"]))}.</p>'
     return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
-            f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{per_kind}{fused}'
+            f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{unscored}{per_kind}{fused}'
             f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{short}</section>')
 
 
@@ -722,7 +725,7 @@ table.facts th {{ text-align: left; background: none; font-weight: 600; }}
 figcaption {{ color: #555; font-size: 12px; }} .frame {{ fill: none; stroke: #ccc; }}
 .tick {{ font-size: 10px; fill: #666; }} .axis, .label {{ font-size: 11px; fill: #333; }}
 .diagonal {{ stroke: #bbb; stroke-dasharray: 4 4; }} .key {{ display: inline-block; width: 12px; height: 12px;
-  margin: 0 4px 0 12px; vertical-align: middle; }}
+  margin: 0 4px 0 12px; vertical-align: middle; }} .warning {{ color: #8a4b00; }}
 </style></head>
 <body>
 {body}

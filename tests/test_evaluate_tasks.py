@@ -297,6 +297,46 @@ def test_the_report_page_on_ray_tasks_is_the_page_of_one_process(window, tmp_pat
     assert 'id="curves"' in here and here.count('class="timeline"') == 3 and 'id="events-table"' in here
 
 
+def test_labelled_events_without_a_scored_tick_are_counted_named_and_kept(window, tmp_path, monkeypatch, capsys,
+                                                                          local_ray):
+    """A labelled event of the window that holds no scored tick - its entity never scored there (a key written
+    otherwise), or its hours not scored - is counted per reason, named (printed, warned, in metrics.json and on the
+    page) and kept in labels_unscored.parquet, the same in one process and on Ray tasks; an event outside the window
+    is not one of them, and the metrics stay those of the events that were scored."""
+    import pipelines.evaluate as ev
+    from pipelines.report import build_report
+
+    spec, _ = window
+    monkeypatch.setattr(ev, "ray_running", lambda: False)
+    clean = ev.evaluate(spec)
+    at = [dt.datetime(2024, 3, d, h, tzinfo=dt.timezone.utc) for d, h in ((2, 5), (3, 6), (20, 1))]
+    pl.DataFrame({"machine_id": ["pump-9", "c", "a"], "start_ts": at, "end_ts": [t + dt.timedelta(hours=1) for t in at],
+                  "kind": ["spike", "drift", "spike"]}).write_parquet(tmp_path / "labels" / "part-1.parquet")
+    out = tmp_path / "eval"
+    result = ev.evaluate(spec, report_dir=str(out))
+    printed = capsys.readouterr().out
+    assert result["unscored_events"] == {
+        "events": 2, "by_reason": {ev.NEVER_SCORED: 1, ev.NONE_INSIDE: 1},
+        "first": [f"machine_id=pump-9 2024-03-02 05:00 to 2024-03-02 06:00 UTC, spike ({ev.NEVER_SCORED})",
+                  f"machine_id=c 2024-03-03 06:00 to 2024-03-03 07:00 UTC, drift ({ev.NONE_INSIDE})"]}
+    assert {k: result[k] for k in ("overall", "by_kind", "detection")} == \
+        {k: clean[k] for k in ("overall", "by_kind", "detection")}
+    assert "labels: 2 labelled event(s) in the window hold no scored tick, so no metric counts them (1 entity " \
+           "with no scored tick in the window, 1 no scored tick inside the event): machine_id=pump-9" in printed
+    kept = pl.read_parquet(out / "labels_unscored.parquet")
+    assert kept.columns == ["machine_id", "start_ts", "end_ts", "kind", "reason"]
+    assert kept.select("machine_id", "start_ts", "reason").rows() == [("pump-9", at[0], ev.NEVER_SCORED),
+                                                                    ("c", at[1], ev.NONE_INSIDE)]
+    assert json.loads((out / "metrics.json").read_text())["unscored_events"]["events"] == 2
+    assert "no metric counts them" in build_report(spec, tmp_path / "r.html").read_text()
+    monkeypatch.undo()
+    assert ev.ray_running()
+    on_tasks = ev.evaluate(spec, report_dir=str(tmp_path / "tasks"))
+    assert on_tasks["unscored_events"] == result["unscored_events"]
+    assert pl.read_parquet(tmp_path / "tasks" / "labels_unscored.parquet").equals(kept)
+    assert "unscored_events" not in clean
+
+
 def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_named(window, tmp_path, monkeypatch,
                                                                                      capsys):
     """Label rows without an entity or a start, or ending before they start, are left out of the metrics, counted
