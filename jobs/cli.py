@@ -175,6 +175,14 @@ def cmd_evaluate(args) -> None:
         evaluate(spec, start=args.start, end=args.end, report_dir=args.report, baselines=args.baselines)
 
 
+def cmd_alarms(args) -> None:
+    from pipelines.alarms import alarm_events
+
+    spec = load_spec(args.spec)
+    found = alarm_events(spec, start=args.date or args.start, end=args.date or args.end)
+    print(found.json_lines() if args.json else found.text())
+
+
 def cmd_report(args) -> None:
     from pipelines.ray_runtime import ray_session
     from pipelines.report import build_report
@@ -326,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entities", default=None,
                    help="comma-separated entities to draw (default: the 4 with the most alarm ticks)")
     p.add_argument("--top", type=_positive(int), default=20, help="alarm events listed (default 20)")
+    p = verb("alarms", cmd_alarms, "the alarm events of scored dates (default: the newest): entity, start, end, "
+             "peak, the modality that drove it - for a pager or ticket queue")
+    p.add_argument("--date", type=_date, default=None, help="one scored date")
+    p.add_argument("--start", type=_date, default=None)
+    p.add_argument("--end", type=_date, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object per event (times ISO 8601, UTC)")
     p = verb("profile", cmd_profile, "per modality and day: rows, entities, period, gaps, nulls, duplicates")
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None, verb: str | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "start", None) and getattr(args, "end", None) and args.end < args.start:
         parser.error(f"--end {args.end} is before --start {args.start}")      # before any Ray starts
+    if getattr(args, "date", None) and (getattr(args, "start", None) or getattr(args, "end", None)):
+        parser.error("--date, or --start and --end, not both")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.WARNING if args.quiet else logging.INFO)

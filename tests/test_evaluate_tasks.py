@@ -387,3 +387,64 @@ def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_n
         tmp_path / "labels" / "part-1.parquet")
     assert load_labels(spec, Storage()).summary()["unusable"] == {"end_ts before start_ts": 1, "null machine_id": 1,
                                                                    "start_ts 'soon' not an ISO 8601 time": 1}
+
+
+def test_alarm_events_are_the_runs_of_alarm_ticks_with_their_true_start_and_open_end(window, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """`dmafn alarms`: each run of consecutive alarm ticks of an entity with a tick in the window, as a brute-force
+    pass over the look-back date and the window finds it - a run open at the window's start keeps the start it had
+    on the date before, one alarming at the window's last tick is `open`; the dominant modality is the one with the
+    largest mean contribution; JSON lines; the newest date by default; --date with --start is a usage error."""
+    import yaml
+
+    from jobs.cli import main
+    from pipelines.alarms import alarm_events
+
+    spec, scores = window
+    first, last = DATES[1], DATES[3]
+    found = alarm_events(spec, start=first, end=last)
+    assert found.dates == [d.isoformat() for d in DATES[1:4]]
+    read = scores.filter(pl.col("date").is_between(pl.lit(DATES[0].isoformat()), pl.lit(last.isoformat()))
+                         ).sort("machine_id", "ts")
+    brute = []
+    for (name,), rows in read.group_by(["machine_id"], maintain_order=True):
+        flags, ts = rows["is_anomaly"].to_list(), rows["ts"].to_list()
+        proc, vib, score = rows["score_process"].to_list(), rows["score_vibration"].to_list(), rows["score"].to_list()
+        i = 0
+        while i < len(flags):
+            if not flags[i]:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(flags) and flags[j + 1]:
+                j += 1
+            if ts[j].date() >= first:
+                v = [x for x in vib[i:j + 1] if x is not None]
+                means = {"process": float(np.mean(proc[i:j + 1])), **({"vibration": float(np.mean(v))} if v else {})}
+                brute.append({"entity": name, "start": ts[i], "end": ts[j], "ticks": j - i + 1,
+                              "peak": max(score[i:j + 1]), "dominant": max(means, key=means.get),
+                              "open": ts[j] == ts[-1], "earlier": i == 0})
+            i = j + 1
+    brute.sort(key=lambda e: (e["start"], e["entity"]))
+    got = [{"entity": e["entity"], "start": dt.datetime.fromisoformat(e["start"]), "end": dt.datetime.fromisoformat(e["end"]),
+            "ticks": e["ticks"], "peak": e["peak"], "dominant": e["dominant"], "open": e["open"],
+            "earlier": e["may_have_begun_earlier"]} for e in found.events]
+    assert got == brute and len(got) > 20
+    assert any(e["start"].date() < first for e in brute)                   # a run carried in from the date before
+    assert all(e["machine_id"] == e["entity"] for e in found.events)
+    # the newest date by default, JSON lines through the CLI; a window without alarms lists none
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    assert main(["alarms", str(path), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == alarm_events(spec, start=DATES[-1], end=DATES[-1]).events
+    assert lines and all(e["end"][:10] == DATES[-1].isoformat() for e in lines)
+    assert main(["alarms", str(path), "--date", DATES[2].isoformat()]) == 0
+    assert capsys.readouterr().out.startswith(f"alarm events on {DATES[2].isoformat()}: ")
+    with pytest.raises(SystemExit):
+        main(["alarms", str(path), "--date", DATES[2].isoformat(), "--start", DATES[1].isoformat()])
+    import pipelines.alarms as al
+    read_date = al.read_score_date
+    monkeypatch.setattr(al, "read_score_date", lambda *a: read_date(*a).with_columns(pl.lit(False).alias("is_anomaly")))
+    none = alarm_events(spec, start=first, end=last)
+    assert none.events == [] and none.text() == f"alarm events on {first}..{last}: 0"
