@@ -3,7 +3,8 @@ bits), keys spelled alike but for case, spaces, separators or padding zeros (`ke
 fleet's tables key their machines differently - a tick joins an entity's modalities by its exact key, so such
 machines' modalities are never read together. Training warns of them over its training ticks (each feature task's
 `entity_modalities`), scoring over each date's scored ticks (`scored_entity_modalities`) and of entities new to a
-version that are spelled like one it was trained on (`respelled_keys`). Plain Polars, no Ray."""
+version that are spelled like one it was trained on (`respelled_keys`), and of labelled incidents in the training
+window whose entity has no training tick (`unmatched_label_lines`). Plain Polars, no Ray."""
 from __future__ import annotations
 
 import re
@@ -97,3 +98,28 @@ def respelled_keys(keys: list[str], known: set[str]) -> list[tuple[str, str]]:
     for k in sorted(known):
         shapes.setdefault(key_shape(k), k)
     return [(k, shapes[key_shape(k)]) for k in keys if key_shape(k) in shapes]
+
+
+def unmatched_label_lines(intervals: pl.DataFrame, spec: Spec, seen: dict[str, int], span_us: tuple[int, int],
+                          where: str, path: str, examples: int = 3) -> list[str]:
+    """A warning when labelled intervals (`align.label_intervals`: the entity columns, `_s`, `_e`) overlapping
+    `span_us` ([start, end) microseconds) name an entity with no tick among `seen` (the entity keys of the `where`
+    ticks, `entity_modalities`): training leaves a known incident out by its entity's exact key, so where the input
+    spells the machine otherwise (`PUMP-01` for `pump-01`) the incident is trained on as normal, without a word -
+    the keys named, and the training key each is spelled like but for case, spaces, separators or padding zeros
+    (`key_shape`)."""
+    lo, hi = span_us
+    inside = intervals.filter((pl.col("_e") >= lo) & (pl.col("_s") < hi))
+    if inside.is_empty():
+        return []
+    keys = inside.select(entity_string(spec.entity).alias("_entity"))["_entity"].to_list()
+    missing = sorted({k for k in keys if k not in seen})
+    if not missing:
+        return []
+    events = sum(k in missing for k in keys)
+    like = dict(respelled_keys(missing, set(seen)))
+    shown = ", ".join(repr(k) + (f" (the input has {like[k]!r})" if k in like else "") for k in missing[:examples])
+    return [f"labels {path}: {events} labelled interval(s) in the {where} name an entity with no tick there: "
+            f"{shown}" + (f"; and {len(missing) - examples} more" if len(missing) > examples else "")
+            + " - their ticks are left out by the exact key, so an incident whose machine the input spells otherwise "
+            "is trained on as normal: write the labels' keys as the input does"]

@@ -111,7 +111,8 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     statistics, the feature files and the calibration leaves out the ticks in a labelled interval of their
     entity or less than the longest modality reach after its end, and says how many; the feature files hold the
     others. The `trained` fixture's labels lie after its training window: its manifest counts none."""
-    from pipelines.align import KnownIncidents
+    from pipelines.align import KnownIncidents, date_end_us, date_start_us
+    from pipelines.entity_keys import unmatched_label_lines
     from pipelines.registry import Registry
     from pipelines.shards import list_inputs, plan_shards
     from pipelines.statistics import BucketStatistics
@@ -132,9 +133,23 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
     shards = plan_shards(spec, train_days, list_inputs(spec, train_days, Storage()))
     statistics = fit_statistics(spec, shards, True, incidents).statistics
     buckets = BucketStatistics(statistics, True)
-    kept, _, left = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"), incidents)[:3]
+    kept, _, left, _, entities = write_training_features(spec, shards, buckets, None, str(tmp_path / "kept"),
+                                                         incidents)[:5]
     every, _, none = write_training_features(spec, shards, buckets, None, str(tmp_path / "every"))[:3]
     assert none == 0 and left == sum(f.rows for f in every) - sum(f.rows for f in kept)
+    # a labelled interval whose entity has no training tick - a key the input spells otherwise - is named (the
+    # training key it is spelled like beside it), one outside the training days is not
+    span = (date_start_us(train_days[0]), date_end_us(train_days[-1]))
+    where = f"training days {train_days[0]}..{train_days[-1]}"
+    assert unmatched_label_lines(incidents.index.started, spec, entities, span, where, "L") == []
+    odd = pl.concat([labels, pl.DataFrame({"machine_id": ["PUMP-00", "pump-99", "pump-99"], "start_ts": [
+        dt.datetime(2024, 1, 1, 8, tzinfo=utc), dt.datetime(2024, 1, 1, 1, tzinfo=utc), dt.datetime(2024, 1, 2, tzinfo=utc)],
+        "end_ts": [dt.datetime(2024, 1, 1, 9, tzinfo=utc), dt.datetime(2024, 1, 1, 2, tzinfo=utc),
+                   dt.datetime(2024, 1, 2, 1, tzinfo=utc)]})])
+    assert unmatched_label_lines(KnownIncidents.of(odd, spec).index.started, spec, entities, span, where, "L") == [
+        f"labels L: 2 labelled interval(s) in the {where} name an entity with no tick there: 'PUMP-00' (the input has "
+        "'pump-00'), 'pump-99' - their ticks are left out by the exact key, so an incident whose machine the input "
+        "spells otherwise is trained on as normal: write the labels' keys as the input does"]
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
     val_shards = plan_shards(spec, validation, list_inputs(spec, validation, Storage()))
