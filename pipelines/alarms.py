@@ -7,7 +7,8 @@ in this process (a date's scores and the runs found in memory). The scored date 
 a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
 a consumer that files one ticket per pair files it once; a run still alarming at the window's last tick is marked
 `open` (the next date may go on with it), and one already alarming at the first tick read (the date before's)
-`may_have_begun_earlier`. `entity` is the entity key, several key columns joined by '|'."""
+`may_have_begun_earlier`. `entity` is the entity key as text (several key columns joined by '|'), each key
+column's value as stored beside it."""
 from __future__ import annotations
 
 import datetime as dt
@@ -62,9 +63,12 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
     found = AlarmEvents(modalities)
     last: pl.DataFrame | None = None                          # each entity's last tick in the window
     first: pl.DataFrame | None = None                         # ... and the first tick read
+    key_values: dict[str, dict[str, Any]] = {}                # entity string -> its key columns' values as stored
     for date in [*before, *dates]:
         chunk = read_score_date(table, spec, date).with_columns(entity_string(spec.entity).alias("_entity"))
         found.add(chunk)
+        for row in chunk.select("_entity", *spec.entity).unique("_entity").iter_rows(named=True):
+            key_values.setdefault(row.pop("_entity"), row)
         if first is None:
             first = chunk.group_by("_entity").agg(pl.col("ts").min().alias("_first"))
         if date == dates[-1]:
@@ -76,11 +80,10 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
         return AlarmList(dates)
     runs = (found.best.filter(pl.col("end") >= window_start)
             .join(last, on="_entity", how="left").join(first, on="_entity", how="left").sort("start", "_entity"))
-    one_key = spec.entity[0] if len(spec.entity) == 1 else None
     events = []
     for row in runs.iter_rows(named=True):
         means = {m: row[m] for m in modalities if row.get(m) is not None and math.isfinite(row[m])}
-        events.append({"entity": row["_entity"], **({one_key: row["_entity"]} if one_key else {}),
+        events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
                        "peak": row["peak"], "dominant": max(means, key=means.get) if means else None,
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],

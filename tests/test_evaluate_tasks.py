@@ -448,3 +448,33 @@ def test_alarm_events_are_the_runs_of_alarm_ticks_with_their_true_start_and_open
     monkeypatch.setattr(al, "read_score_date", lambda *a: read_date(*a).with_columns(pl.lit(False).alias("is_anomaly")))
     none = alarm_events(spec, start=first, end=last)
     assert none.events == [] and none.text() == f"alarm events on {first}..{last}: 0"
+
+
+def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_whole(tmp_path):
+    """With two entity key columns, one of them an integer, each event carries both as stored (JSON numbers stay
+    numbers) and `entity` joins them; a run from 23:50 to 00:10 listed for the second date keeps its start."""
+    from pipelines.alarms import alarm_events
+
+    spec = parse_spec({
+        "name": "alarms", "entity": ["site", "pump"], "time": "ts", "grain": "10min", "partition": "date",
+        "modalities": {"process": {"kind": "tabular", "path": str(tmp_path / "raw"), "columns": ["x"],
+                                   "tolerance": "10min"}},
+        "train": {"start": "2024-02-01", "end": "2024-02-02"},
+        "registry": str(tmp_path / "models"), "score": {"output": str(tmp_path / "scores")}}, source="t.yaml")
+    ts = [dt.datetime(2024, 3, 1, 23, 30), dt.datetime(2024, 3, 1, 23, 40), dt.datetime(2024, 3, 1, 23, 50),
+          dt.datetime(2024, 3, 2, 0, 0), dt.datetime(2024, 3, 2, 0, 10), dt.datetime(2024, 3, 2, 0, 20)]
+    alarm = [False, False, True, True, True, False]
+    rows = pl.DataFrame({"site": [7] * 6, "pump": ["a"] * 6, "ts": ts, "score": [1.0, 1.0, 3.0, 5.0, 4.0, 1.0],
+                         "threshold": 2.0, "is_anomaly": alarm, "score_process": [0.5, 0.5, 3.0, 5.0, 4.0, 0.5],
+                         "model_version": "v"}).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
+                                                             pl.col("ts").dt.date().cast(pl.String).alias("date"))
+    for date in ("2024-03-01", "2024-03-02"):
+        write_deltalake(spec.score.output, rows.filter(pl.col("date") == date).to_arrow(), mode="append",
+                        partition_by=["date"])
+    (event,) = alarm_events(spec).events                     # the newest date, 2024-03-02
+    assert event == {"entity": "7|a", "site": 7, "pump": "a", "start": "2024-03-01T23:50:00+00:00",
+                     "end": "2024-03-02T00:10:00+00:00", "ticks": 3, "peak": 5.0, "dominant": "process",
+                     "contributions": {"process": 4.0}, "open": False, "may_have_begun_earlier": False}
+    (first,) = alarm_events(spec, start=dt.date(2024, 3, 1), end=dt.date(2024, 3, 1)).events
+    assert first["open"] and first["end"] == "2024-03-01T23:50:00+00:00" and first["ticks"] == 1
+    assert json.loads(json.dumps(event))["site"] == 7
