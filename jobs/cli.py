@@ -179,7 +179,7 @@ def cmd_alarms(args) -> None:
     from pipelines.alarms import alarm_events
 
     spec = load_spec(args.spec)
-    found = alarm_events(spec, start=args.date or args.start, end=args.date or args.end)
+    found = alarm_events(spec, start=args.date or args.start, end=args.date or args.end, min_ticks=args.min_ticks)
     print(found.json_lines() if args.json else found.text())
 
 
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=_date, default=None)
     p.add_argument("--end", type=_date, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object per event (times ISO 8601, UTC)")
+    p.add_argument("--min-ticks", type=_positive(int), default=1,
+                   help="only events of at least this many alarm ticks (default 1: every one)")
     p = verb("profile", cmd_profile, "per modality and day: rows, entities, period, gaps, nulls, duplicates")
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)

@@ -51,9 +51,11 @@ class AlarmList:
         return "\n".join(lines)
 
 
-def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None) -> AlarmList:
-    """The alarm events with a tick in the scored dates of [start, end] (default: the newest scored date); a
-    DataError where the output table is not there or holds no date in the window."""
+def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None,
+                 min_ticks: int = 1) -> AlarmList:
+    """The alarm events with a tick in the scored dates of [start, end] (default: the newest scored date), of
+    `min_ticks` alarm ticks or more; a DataError where the output table is not there or holds no date in the
+    window."""
     storage = Storage.from_spec(spec.storage)
     table = open_scores(spec, storage)
     every = score_dates(table, spec)
@@ -78,7 +80,7 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
                                              dt.timezone.utc)
     if found.best is None:                                    # no alarm tick in the dates read
         return AlarmList(dates)
-    runs = (found.best.filter(pl.col("end") >= window_start)
+    runs = (found.best.filter((pl.col("end") >= window_start) & (pl.col("ticks") >= min_ticks))
             .join(last, on="_entity", how="left").join(first, on="_entity", how="left").sort("start", "_entity"))
     events = []
     for row in runs.iter_rows(named=True):

@@ -9,6 +9,7 @@ from typing import Any
 
 from dmafn.spec import load_spec
 from dmafn.synthetic import SyntheticConfig
+from pipelines.alarms import alarm_events
 from pipelines.evaluate import evaluate
 from pipelines.generate import write_synthetic
 from pipelines.report import build_report
@@ -45,5 +46,12 @@ def run_demo(workdir: str | Path, cfg: SyntheticConfig = SyntheticConfig(), *, e
     print(f"[demo] where the scoring stands (dmafn status {spec_path}):")
     print("\n".join(f"  {line}".rstrip() for line in scoring_status(spec, Storage.from_spec(spec.storage),
                                                           spec_path=str(spec_path)).text().splitlines()))
+    shown = alarm_events(spec).text().splitlines()              # the newest date's, as after a nightly
+    print(f"[demo] the newest date's alarm events (dmafn alarms {spec_path}; --json for a pager):")
+    print("\n".join(f"  {line}" for line in shown[:DEMO_EVENTS_SHOWN + 2])
+          + (f"\n  ... {len(shown) - DEMO_EVENTS_SHOWN - 2} more" if len(shown) > DEMO_EVENTS_SHOWN + 2 else ""))
     result["report_page"] = str(page)
     return result
+
+
+DEMO_EVENTS_SHOWN = 5       # alarm events the demo prints (`dmafn alarms` lists them all)

@@ -193,6 +193,12 @@ def test_evaluate_and_report_read_the_scores_on_s3_a_date_at_a_time(s3_spec, tmp
     assert result["overall"]["fused"]["roc_auc"] > 0.5 and (tmp_path / "eval" / "scores.png").exists()
     page = build_report(spec, tmp_path / "r.html", start=DAYS[0], end=DAYS[-1]).read_text()
     assert f"{scored.height:,}" in page and 'id="runs-table"' in page and 'id="kind-metrics"' in page
+    # `dmafn alarms` reads the same partitions: its events hold every alarm tick of the window
+    from pipelines.alarms import alarm_events
+    found = alarm_events(spec, start=DAYS[0], end=DAYS[-1])
+    alarm_ticks = int(scored["is_anomaly"].sum())
+    assert alarm_ticks and alarm_ticks <= sum(e["ticks"] for e in found.events)
+    assert all(e["end"] >= DAYS[0].isoformat() for e in found.events)
     # `status` lists the registry's versions on S3 (not its `_train_runs` checkpoints) and reads the runs table there
     from pipelines.registry import Registry
     from pipelines.status import scoring_status
