@@ -4,8 +4,9 @@ folders' values as columns, each file's times read by its own types, then combin
 
 A column of the wrong type is a DataError naming the path and the column; start and end stored as ISO 8601 text, or
 as integers counting the spec's `time_unit` since the epoch, are read as the modalities' times are. Rows that cannot
-be used - an entity, start or end missing, beyond any timestamp or no time, or an end before its start - are left
-out, counted per reason in a warning that names the path, and kept (`Labels.unusable`, with their `reason`):
+be used - an entity, start or end missing, beyond any timestamp or no time, an end before its start, or a repeat of
+an earlier row's event (entity, start, end and kind alike: a table exported twice would count each event twice) -
+are left out, counted per reason in a warning that names the path, and kept (`Labels.unusable`, with their `reason`):
 `evaluate` reports them beside its metrics and writes them to `labels_unusable.parquet` in its report folder, the
 report page counts them."""
 from __future__ import annotations
@@ -79,8 +80,10 @@ def load_labels(spec: Spec, storage: Storage) -> Labels:
         raise DataError(f"labels {path}: its files store a column as types that do not combine ({exc})") from None
     start, end = spec.labels.start, spec.labels.end
     missing = [(pl.col(c).is_null(), f"null {c}") for c in [*spec.entity, start, end]]
+    event = [*spec.entity, start, end, *(["kind"] if "kind" in df.columns else [])]   # what a row says of its event
+    repeated = (~pl.struct(event).is_first_distinct(), f"repeats an earlier row (same {', '.join(event)})")
     reason = pl.lit(None, pl.String)
-    for test, why in reversed([*missing, (pl.col(end) < pl.col(start), f"{end} before {start}")]):
+    for test, why in reversed([*missing, (pl.col(end) < pl.col(start), f"{end} before {start}"), repeated]):
         reason = pl.when(test).then(pl.lit(why)).otherwise(reason)
     marked = df.with_columns(pl.coalesce(pl.col(_UNREAD), reason).alias("reason")).drop(_UNREAD)
     unusable = marked.filter(pl.col("reason").is_not_null())

@@ -339,8 +339,9 @@ def test_labelled_events_without_a_scored_tick_are_counted_named_and_kept(window
 
 def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_named(window, tmp_path, monkeypatch,
                                                                                      capsys):
-    """Label rows without an entity or a start, or ending before they start, are left out of the metrics, counted
-    per reason (printed, in metrics.json, on the page) and kept in labels_unusable.parquet; a time column of numbers
+    """Label rows without an entity or a start, ending before they start, or repeating an earlier row's event, are
+    left out of the metrics, counted per reason (printed, in metrics.json, on the page) and kept in
+    labels_unusable.parquet; a time column of numbers
     is a DataError naming the file's path and the column, one of text is read as ISO 8601."""
     from dataclasses import replace
 
@@ -356,19 +357,23 @@ def test_unusable_label_rows_are_left_out_counted_and_kept_and_a_wrong_type_is_n
     bad = pl.DataFrame({"machine_id": ["a", None, "b"], "start_ts": [None, t, t], "end_ts": [t, t, t - dt.timedelta(hours=1)],
                         "kind": ["drift", "drift", "spike"]})
     bad.write_parquet(tmp_path / "labels" / "part-1.parquet")
+    # an event exported twice (another file repeating the first one's row) counts once
+    pl.read_parquet(tmp_path / "labels" / "part-0.parquet").head(1).write_parquet(tmp_path / "labels" / "part-2.parquet")
     out = tmp_path / "eval"
     result = ev.evaluate(spec, report_dir=str(out))
-    assert result["labels"] == {"path": spec.labels.path, "rows": 8, "used": 5,
-                                "unusable": {"end_ts before start_ts": 1, "null machine_id": 1, "null start_ts": 1}}
+    repeat = "repeats an earlier row (same machine_id, start_ts, end_ts, kind)"
+    assert result["labels"] == {"path": spec.labels.path, "rows": 9, "used": 5, "unusable": {
+        "end_ts before start_ts": 1, "null machine_id": 1, "null start_ts": 1, repeat: 1}}
     assert {k: result[k] for k in ("overall", "by_kind", "detection")} == \
         {k: clean[k] for k in ("overall", "by_kind", "detection")}
     kept = pl.read_parquet(out / "labels_unusable.parquet")
-    assert sorted(kept["reason"].to_list()) == ["end_ts before start_ts", "null machine_id", "null start_ts"]
-    assert "labels: 5 of 8 rows used; left out: 1 end_ts before start_ts, 1 null machine_id, 1 null start_ts" \
-        in capsys.readouterr().out
+    assert sorted(kept["reason"].to_list()) == ["end_ts before start_ts", "null machine_id", "null start_ts", repeat]
+    assert "labels: 5 of 9 rows used; left out: 1 end_ts before start_ts, 1 null machine_id, 1 null start_ts, " \
+           f"1 {repeat}" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["labels"]["used"] == 5
     page = build_report(spec, tmp_path / "r.html").read_text()
-    assert "5 of 8 rows used; left out: 1 end_ts before start_ts" in page
+    assert "5 of 9 rows used; left out: 1 end_ts before start_ts" in page
+    (tmp_path / "labels" / "part-2.parquet").unlink()
 
     # entity keys of another type: cast to the scores' type where they can be, else named
     labels = load_labels(spec, Storage())
