@@ -104,8 +104,9 @@ def unmatched_label_lines(intervals: pl.DataFrame, spec: Spec, seen: dict[str, i
                           where: str, path: str, examples: int = 3) -> list[str]:
     """A warning when labelled intervals (`align.label_intervals`: the entity columns, `_s`, `_e`) overlapping
     `span_us` ([start, end) microseconds) name an entity with no tick among `seen` (the entity keys of the `where`
-    ticks, `entity_modalities`): training leaves a known incident out by its entity's exact key, so where the input
-    spells the machine otherwise (`PUMP-01` for `pump-01`) the incident is trained on as normal, without a word -
+    ticks, `entity_modalities`): training leaves a known incident out (or, for a classifier, labels its ticks) by its
+    entity's exact key, so where the input spells the machine otherwise (`PUMP-01` for `pump-01`) the incident is
+    trained on as normal, without a word -
     the keys named, and the training key each is spelled like but for case, spaces, separators or padding zeros
     (`key_shape`)."""
     lo, hi = span_us
@@ -121,5 +122,5 @@ def unmatched_label_lines(intervals: pl.DataFrame, spec: Spec, seen: dict[str, i
     shown = ", ".join(repr(k) + (f" (the input has {like[k]!r})" if k in like else "") for k in missing[:examples])
     return [f"labels {path}: {events} labelled interval(s) in the {where} name an entity with no tick there: "
             f"{shown}" + (f"; and {len(missing) - examples} more" if len(missing) > examples else "")
-            + " - their ticks are left out by the exact key, so an incident whose machine the input spells otherwise "
+            + " - a label reaches its ticks by the exact key, so an incident whose machine the input spells otherwise "
             "is trained on as normal: write the labels' keys as the input does"]

@@ -40,7 +40,8 @@ from dmafn.spec import CLASSIFIER_THRESHOLD, TAIL_METHODS, Spec, format_duration
 from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
                             train_step)
-from pipelines.align import KnownIncidents, align, data_ticks, date_end_us, date_start_us, label_ticks
+from pipelines.align import (KnownIncidents, align, data_ticks, date_end_us, date_start_us, label_intervals,
+                             label_ticks)
 from pipelines.entity_keys import (entity_modalities, merge_entity_modalities, unmatched_label_lines,
                                    unmet_entity_lines)
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_blocks, write_features
@@ -674,9 +675,11 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             warned(line)
         for line in unmet_entity_lines(spec, entities, f"training ticks of {train_days[0]}..{train_days[-1]}"):
             warned(line)
-        if incidents is not None:                   # a known incident under a key the input spells otherwise
+        if incidents is not None or labels is not None:    # an incident under a key the input spells otherwise
             span = (date_start_us(train_days[0], spec.timezone), date_end_us(train_days[-1], spec.timezone))
-            for line in unmatched_label_lines(incidents.index.started, spec, entities, span,
+            named = incidents.index.started if incidents is not None else \
+                label_intervals(labels, spec, spec.labels.start, spec.labels.end)   # a classifier's positives
+            for line in unmatched_label_lines(named, spec, entities, span,
                                               f"training days {train_days[0]}..{train_days[-1]}", spec.labels.path):
                 warned(line)
         if spec.model.detector != "classifier":     # a classifier's training window holds its labelled incidents

@@ -148,7 +148,7 @@ def test_known_incidents_are_left_out_of_the_training_and_validation_ticks(train
                    dt.datetime(2024, 1, 2, 1, tzinfo=utc)]})])
     assert unmatched_label_lines(KnownIncidents.of(odd, spec).index.started, spec, entities, span, where, "L") == [
         f"labels L: 2 labelled interval(s) in the {where} name an entity with no tick there: 'PUMP-00' (the input has "
-        "'pump-00'), 'pump-99' - their ticks are left out by the exact key, so an incident whose machine the input "
+        "'pump-00'), 'pump-99' - a label reaches its ticks by the exact key, so an incident whose machine the input "
         "spells otherwise is trained on as normal: write the labels' keys as the input does"]
     assert 55 <= left <= 61 + after - 1                         # the hour's ticks (ends included) and the reach after
     mv = Registry(spec.registry, Storage()).load(version)
