@@ -492,6 +492,7 @@ class WindowEvaluation:
         self.window_us = (date_start_us(dt.date.fromisoformat(dates[0]), spec.timezone),
                           date_end_us(dt.date.fromisoformat(dates[-1]), spec.timezone)) if dates else None
         self.entities = pl.DataFrame(schema=self.intervals.select(spec.entity).schema)   # scored so far, each once
+        self.unscored: pl.DataFrame | None = None        # `unscored_events`, set by `result` (given the dates)
 
     def add_part(self, part: WindowPart) -> None:
         self.metrics.add_part(part.metrics)
@@ -499,14 +500,6 @@ class WindowEvaluation:
         self.firsts.append(part.firsts)
         if part.entities is not None and part.entities.height:
             self.entities = pl.concat([self.entities, part.entities], how="vertical_relaxed").unique()
-
-    def unscored(self) -> pl.DataFrame | None:
-        """`unscored_events` of the window (None where the evaluation was not given its dates)."""
-        if self.window_us is None:
-            return None
-        return unscored_events(self.intervals, earliest(self.firsts) if self.firsts else
-                               pl.DataFrame(schema={"_event": pl.UInt32, "_tick": pl.Int64}),
-                               self.entities, self.window_us, self.spec)
 
     def first_pass(self, chunk: pl.DataFrame) -> None:
         part, positives = window_part(chunk, self.spec, self.intervals)
@@ -520,12 +513,16 @@ class WindowEvaluation:
         self.metrics.second_pass(chunk)
 
     def result(self, storage: Storage, ranking: dict[str, Any] | None = None) -> dict[str, Any]:
-        """`metrics_table`'s dict with `alarm_rates` and `detection` added (`ranking`: as `MetricsTally.result`)."""
+        """`metrics_table`'s dict with `alarm_rates` and `detection` added (`ranking`: as `MetricsTally.result`), and
+        with the window's dates its `unscored_events` counted (`unscored_summary`; the events themselves kept in
+        `unscored`)."""
         result = self.metrics.result(ranking) | alarm_rates(self.counts, self.spec, storage)
-        result["detection"] = detection_summary(self.intervals, earliest(self.firsts), self.spec)
-        unscored = self.unscored()
-        if unscored is not None and unscored.height:
-            result["unscored_events"] = unscored_summary(unscored, self.spec)
+        firsts = earliest(self.firsts)
+        result["detection"] = detection_summary(self.intervals, firsts, self.spec)
+        if self.window_us is not None:
+            self.unscored = unscored_events(self.intervals, firsts, self.entities, self.window_us, self.spec)
+            if self.unscored.height:
+                result["unscored_events"] = unscored_summary(self.unscored, self.spec)
         return result
 
 
@@ -848,5 +845,5 @@ def _evaluate_here(spec: Spec, storage: Storage, table: DeltaTable, beside: Delt
         evaluation.second_pass(chunk)
         progress.update(len(dates) + i + 1)
     progress.close()
-    return (evaluation.result(storage), pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity,
-            evaluation.unscored())
+    result = evaluation.result(storage)
+    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity, evaluation.unscored

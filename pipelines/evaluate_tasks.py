@@ -222,4 +222,4 @@ def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: D
     plot = partial(plot_rows, spec=spec, entity=entity, bucket_us=bucket_us) if bucket_us and entity else None
     plotted = passes.second(plot)
     result = evaluation.result(storage, passes.ranking(evaluation.metrics))
-    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity, evaluation.unscored()
+    return result, pl.concat(plotted, how="diagonal_relaxed") if plotted else None, entity, evaluation.unscored
