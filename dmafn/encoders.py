@@ -54,6 +54,10 @@ class TabularEncoder(nn.Module):
     def target(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def target_weights(self, channels: torch.Tensor) -> torch.Tensor:
+        """(B, C) channels held -> (B, C) weights of the target's dimensions."""
+        return channels.float()
+
 
 class _TCN(nn.Module):
     """Causal dilated 1-D convolutions with residuals."""
@@ -109,6 +113,10 @@ class SeriesEncoder(nn.Module):
     def target(self, x: torch.Tensor) -> torch.Tensor:
         pooled = F.adaptive_avg_pool1d(x.transpose(1, 2), self.pooled_steps)  # (B, C, L')
         return pooled.flatten(1)
+
+    def target_weights(self, channels: torch.Tensor) -> torch.Tensor:
+        """(B, C) channels held -> (B, C * L') weights of the target's dimensions (channel-major, as `target`)."""
+        return channels.float().repeat_interleave(self.pooled_steps, 1)
 
 
 class ImageEncoder(nn.Module):

@@ -9,7 +9,7 @@ import functools
 import io
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -896,6 +896,8 @@ class StatisticsFitter:
             if m.kind not in ("tabular", "timeseries", "audio"):
                 continue
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
+            if m.kind != "audio":         # fitted on the ticks with every channel (a dead channel's ticks: none)
+                present = present & channel_presence(aligned, m).all(1)
             levels[name], presents[name] = raw_values(aligned, m, "level"), present
             if not present.any():
                 continue
@@ -1225,6 +1227,13 @@ def _per_channel(values: np.ndarray, m: ModalitySpec) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ featurization
+def channel_presence(aligned: pa.Table, m: ModalitySpec) -> np.ndarray:
+    """(N, C) bool: which of a tabular or series modality's channels hold a value at each tick. `align` keeps a
+    modality present while any channel does: a dead channel (a historian's tag gone null) leaves the others in use."""
+    return np.stack([np.asarray(pc.is_valid(aligned.column(f"{m.name}__{c}")).to_numpy(zero_copy_only=False), bool)
+                     for c in m.columns], 1).reshape(aligned.num_rows, len(m.columns))
+
+
 def raw_values(aligned: pa.Table, m: ModalitySpec, transform: str | list[str] | None = None) -> np.ndarray:
     """Tabular (N, C) float64 (as alignment gives a row's values: a level far from zero keeps its steps until it is
     standardised), held within float32's range (beyond it: its largest value, see Z_LIMIT); timeseries (N, L, C)
@@ -1570,18 +1579,23 @@ class Features:
     relation_errors: np.ndarray | None = None   # (N, M): added to a parent modality's error (`squared_residuals`)
     state: np.ndarray | None = None             # (N, S) the operating state (`operating_state`), NaN where absent
     state_owners: tuple[str, ...] = ()          # the modality each state column comes from
+    channels: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, C) the tabular or series channels
+                                                # holding a value (a missing one is 0 in `inputs`, out of the error)
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
         return Features({m: self.inputs[m][idx] for m in self.modalities}, self.mask[idx], self.modalities,
                         None if self.relation_errors is None else self.relation_errors[idx],
-                        None if self.state is None else self.state[idx], self.state_owners)
+                        None if self.state is None else self.state[idx], self.state_owners,
+                        {m: c[idx] for m, c in self.channels.items()})
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
               decoded: dict[str, dict[bytes, np.ndarray | None]] | None = None,
               carry: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None) -> Features:
-    """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False.
+    """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False; a tabular or series
+    modality missing some of its channels is present, those channels 0 (their training mean) and False in
+    `channels` (the model leaves them out of its error; relations and the operating state read it as absent).
 
     `decoded[m]`: frames of image modality m already decoded (`decode_pixels`, keyed by their bytes, None
     for bytes that do not decode), e.g. by the ingest check of the same shard; the others are decoded here.
@@ -1592,7 +1606,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
     inputs, masks, levels = {}, [], {}           # levels: tabular and series values as they are (relations)
-    presence = {}                                 # what each modality really has (the mask hides relation-only ones)
+    presence = {}                                 # what each modality really has (the mask hides relation-only ones;
+    channels = {}                                 # a tabular or series one: every channel)
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -1600,12 +1615,17 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             fitted = stats["modalities"][name]
             _check_transform(m, fitted)
             levels[name] = raw_values(aligned, m, "level")
+            held = channel_presence(aligned, m) & present[:, None]                      # (N, C)
+            complete = present & held.all(1)       # every channel: what relations and the state read
             if name in relation_only:             # a context absent to the model: its values feed the relations only
                 x = np.zeros_like(levels[name], dtype=np.float32)
             else:
                 shown = levels[name] if m.kind == "tabular" else \
                     transform_window(levels[name], fitted.get("channel_transforms") or m.transform)
                 x = _normalise(shown, fitted, keys, by_entity)
+                channels[name] = held
+                if not complete[present].all():    # a missing channel at its training mean (0)
+                    x = np.where(held if m.kind == "tabular" else held[:, None, :], x, 0).astype(np.float32)
         elif m.kind == "audio":
             x = _normalise(raw_values(aligned, m), stats["modalities"][name], keys, False)
         elif m.kind == "image":
@@ -1638,7 +1658,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             x = np.stack(rows) if n else np.zeros((0, width), np.int64)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
-        presence[name] = present
+        presence[name] = complete if m.kind in ("tabular", "timeseries") else present
         masks.append(np.zeros(n, bool) if name in relation_only else present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     names = tuple(spec.modalities)
@@ -1669,7 +1689,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             relations[rows, names.index(parent)] += squared_residuals(fitted, z).astype(np.float32)
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
-                    state_owners=owners)
+                    state_owners=owners, channels=channels)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -1741,13 +1761,16 @@ def _check_transform(m: ModalitySpec, fitted: dict) -> None:
 
 
 def features_to_columns(features: Features) -> dict[str, np.ndarray]:
-    """Features as flat numpy columns (a training feature file's columns): `x__<m>` and `mask`."""
+    """Features as flat numpy columns (a training feature file's columns): `x__<m>`, `mask` and `c__<m>` (the
+    channels held, `Features.channels`)."""
     cols = {f"x__{m}": features.inputs[m] for m in features.modalities}
     cols["mask"] = features.mask
+    cols.update({f"c__{m}": held for m, held in features.channels.items()})
     return cols
 
 
 def features_from_columns(batch: dict[str, np.ndarray], modalities: Iterable[str]) -> Features:
     modalities = tuple(modalities)
     return Features(inputs={m: np.asarray(batch[f"x__{m}"]) for m in modalities},
-                    mask=np.asarray(batch["mask"], bool), modalities=modalities)
+                    mask=np.asarray(batch["mask"], bool), modalities=modalities,
+                    channels={m: np.asarray(batch[f"c__{m}"], bool) for m in modalities if f"c__{m}" in batch})

@@ -128,10 +128,20 @@ class DMAFN(nn.Module):
         weights = mask.float()
         return (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
 
-    def errors(self, out: ModelOutput) -> torch.Tensor:
-        """Per-modality mean squared reconstruction error (B, M)."""
-        return torch.stack([F.mse_loss(out.recon(m), out.targets[m], reduction="none").mean(1)
+    def errors(self, out: ModelOutput, channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-modality mean squared reconstruction error (B, M); `channels`: m -> (B, C) the channels of a tabular
+        or series modality that hold a value (`Features.channels`), a missing one left out of its mean."""
+        return torch.stack([self.mean_error(m, F.mse_loss(out.recon(m), out.targets[m], reduction="none"), channels)
                             for m in self.modalities], 1)
+
+    def mean_error(self, m: str, squared: torch.Tensor, channels: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """(B, D) squared errors of modality m's target -> (B,) their mean over the dimensions of the channels held
+        (all of them where none is missing: the plain mean)."""
+        held = None if channels is None else channels.get(m)
+        if held is None or bool(held.all()):
+            return squared.mean(1)
+        weights = self.encoders[m].target_weights(held)                                       # (B, D)
+        return (squared * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def encoding_factors(self, out: ModelOutput) -> torch.Tensor:
         """(B, M): each modality's `EncodingDensity.factor` of its encoding, 1 where it has none. A model with
@@ -162,8 +172,10 @@ class DMAFN(nn.Module):
         return {m: int(d.ticks) for m, d in self.densities.items()}
 
     def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
-                             out: ModelOutput | None = None) -> torch.Tensor:
-        """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present.
+                             out: ModelOutput | None = None,
+                             channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present;
+        `channels` as in `errors`.
 
         `out`: this batch's forward output in eval mode, whose encodings are reused (the encoders are most
         of the cost); without it the encoders run again."""
@@ -187,7 +199,7 @@ class DMAFN(nn.Module):
         cols = []
         for i, m in enumerate(self.modalities):
             block = slice(i * b, (i + 1) * b)
-            err = F.mse_loss(recon[m][block], targets[m], reduction="none").mean(1)                  # (B,)
+            err = self.mean_error(m, F.mse_loss(recon[m][block], targets[m], reduction="none"), channels)  # (B,)
             cols.append(torch.where(hidden[block].any(1), err, torch.full_like(err, float("nan"))))
         return torch.stack(cols, 1)
 
@@ -229,8 +241,10 @@ def modality_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | 
 
 
 def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
-                  labels: torch.Tensor | None = None, pos_weight: float = 1.0) -> torch.Tensor:
-    """The loss of one batch: masked reconstruction (+ head terms), or weighted BCE for the classifier."""
+                  labels: torch.Tensor | None = None, pos_weight: float = 1.0,
+                  channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The loss of one batch: masked reconstruction (+ head terms; `channels` as in `DMAFN.errors`), or weighted
+    BCE for the classifier."""
     if model.cfg.detector == "classifier":
         if labels is None:
             raise ValueError("detector 'classifier' needs labels to train")
@@ -239,7 +253,7 @@ def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Ten
                                                   pos_weight=torch.tensor(pos_weight, device=logit.device))
     input_mask = mask if model.late else modality_dropout(mask, model.cfg.modality_dropout)
     out = model(inputs, input_mask)
-    err = model.errors(out)                                                                  # (B, M)
+    err = model.errors(out, channels)                                                        # (B, M)
     weights = mask.float()
     loss = (err * weights).sum() / weights.sum().clamp(min=1)
     for head_out in out.heads.values():

@@ -53,10 +53,12 @@ class ScoreRecord:
     modalities: tuple[str, ...]
 
 
-def _to_tensors(features: Features, rows: slice, device: torch.device) -> tuple[dict, torch.Tensor]:
+def _to_tensors(features: Features, rows: slice, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
     inputs = {m: torch.from_numpy(np.ascontiguousarray(features.inputs[m][rows])).to(device)
               for m in features.modalities}
-    return inputs, torch.from_numpy(features.mask[rows]).to(device)
+    channels = {m: torch.from_numpy(np.ascontiguousarray(held[rows])).to(device)
+                for m, held in features.channels.items()}
+    return inputs, torch.from_numpy(features.mask[rows]).to(device), channels
 
 
 @torch.no_grad()
@@ -68,14 +70,14 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     errors, latents = [], []
     n = len(features.mask)
     for start in range(0, n, batch_size):
-        inputs, mask = _to_tensors(features, slice(start, start + batch_size), dev)
+        inputs, mask, channels = _to_tensors(features, slice(start, start + batch_size), dev)
         if model.cfg.detector == "classifier":
             errors.append(_occlusion(model, inputs, mask))
             continue
         out = model(inputs, mask)
-        err = model.errors(out)
+        err = model.errors(out, channels)
         if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
-            loo = model.leave_one_out_errors(inputs, mask, out)  # reuses out's encodings
+            loo = model.leave_one_out_errors(inputs, mask, out, channels)  # reuses out's encodings
             err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
         if len(model.densities):   # an encoding unlike the training ones raises its modality's error
             err = err * model.encoding_factors(out)

@@ -35,7 +35,11 @@ Besides, in the shifted fleet each pump's vibration sensor fails for 2-4 hours o
 missing, not labelled: an absent modality is not an anomaly, and scores must not jump for it). `outages`
 (`dmafn generate --outages`, with any fleet of the demo's family) gives the design fleets the same failure, so
 that how scores hold while a modality is gone for hours can be measured, and settings chosen, without the
-shifted fleet. `ac_vibration` (`dmafn generate --ac-vibration`, with any fleet) makes the vibration's third axis
+shifted fleet. `dead_channels` (`dmafn generate --dead-channels`, with any fleet) makes one channel of a
+modality fall silent for 2-4 hours on each pump's first scored day while its other channels go on: the vibration's
+`ay` around the day's first vibration fault (or intermittent burst) and the process's `pressure` around its first
+overheat (or slow drift) - the rows are kept, the channel null, as a historian writes a dead tag; nothing else
+changes. `ac_vibration` (`dmafn generate --ac-vibration`, with any fleet) makes the vibration's third axis
 oscillate too (at twice the shaft's frequency) instead of carrying half the amplitude as a steady part, as a real
 accelerometer's axes do: every axis then has a window mean near zero whatever the load, and the load shows only
 in how far the axes swing. The flag changes no other value, row or label.
@@ -75,6 +79,7 @@ class SyntheticConfig:
     gradual: bool = False        # the demo's machines with slow_drift, intermittent and camera_fade too
     outages: bool = False        # each pump's vibration sensor fails for 2-4 h once on a scored day (the shifted
                                  # fleet always has it)
+    dead_channels: bool = False  # vibration `ay` and process `pressure` null for 2-4 h around a fault (module doc)
     ac_vibration: bool = False   # the vibration's third axis oscillates (no steady part): every axis averages ~0
 
     @property
@@ -167,6 +172,26 @@ def _ramp(events: list[tuple[int, int, str]], kind: str, seconds: int) -> np.nda
         if k == kind:
             ramp[start:end + 1] = np.linspace(0, 1, end - start + 1)
     return ramp
+
+
+_DEAD_CHANNELS = (("vibration", "ay", ("vibration", "intermittent")),       # (table, column, the faults it spans)
+                  ("process", "pressure", ("overheat", "slow_drift")))
+
+
+def _silence_channels(e: int, cfg: SyntheticConfig, events: list[tuple[int, int, str]],
+                      tables: dict[str, tuple[dict, np.ndarray]]) -> None:
+    """`dead_channels`: each of `_DEAD_CHANNELS` NaN (written as null) for 2-4 h around the first event of its kinds
+    on the first scored day, from a draw of its own (nothing else changes)."""
+    draw = np.random.default_rng([cfg.seed, e, 11])
+    for table, column, kinds in _DEAD_CHANNELS:
+        starts = [(s, end) for s, end, k in events if k in kinds and s < (cfg.clean_days + 1) * 86400]
+        if not starts:
+            continue
+        first, last = starts[0]
+        start = max(first - int(draw.integers(1800, 5400)), cfg.clean_days * 86400)
+        end = max(start + int(draw.integers(2 * 3600, 4 * 3600)), last + 600)
+        values, times = tables[table]
+        values[column] = np.where((times >= start) & (times < end), np.nan, values[column])
 
 
 def _gauge_png(load: float, fog: float, rng: np.random.Generator, size: int) -> bytes:
@@ -262,6 +287,9 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
                  "az": 0.5 * amp * (np.sin(2 * phase) if cfg.ac_vibration else 1.0)
                        + rng.normal(0, 1, vib_s.size) * noise}
 
+    if cfg.dead_channels:
+        _silence_channels(e, cfg, events, {"vibration": (vibration, vib_s), "process": (process, minute_s)})
+
     if cfg.outages and not cfg.shifted and cfg.days > cfg.clean_days:
         # the same failure for a design fleet, drawn from a stream of its own and cut out of the rows afterwards:
         # the flag changes nothing else
@@ -333,7 +361,7 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
                 arrays[key] = pa.array(flat, pa.binary() if key == "frame" else
                                        pa.list_(pa.float32()) if key == "wave" else pa.string())
             else:
-                arrays[key] = pa.array(np.concatenate(parts).astype(np.float64))
+                arrays[key] = pa.array(np.concatenate(parts).astype(np.float64), from_pandas=True)   # NaN: null
         table = pa.table(arrays)
         out[mod] = table.append_column("date", _dates(table["ts"]))
     label_table = pa.table({

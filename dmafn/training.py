@@ -26,7 +26,8 @@ def batches(features: Features, batch_size: int, labels: np.ndarray | None = Non
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
         yield (Features({m: features.inputs[m][idx] for m in features.modalities}, features.mask[idx],
-                        features.modalities), None if labels is None else labels[idx])
+                        features.modalities, channels={m: c[idx] for m, c in features.channels.items()}),
+               None if labels is None else labels[idx])
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -43,10 +44,11 @@ def train_step(model: DMAFN, optimizer: torch.optim.Optimizer, features: Feature
     model.train()
     inputs = {m: torch.from_numpy(np.ascontiguousarray(features.inputs[m])).to(device) for m in features.modalities}
     mask = torch.from_numpy(features.mask).to(device)
+    channels = {m: torch.from_numpy(held).to(device) for m, held in features.channels.items()}
     y = None if labels is None else torch.from_numpy(np.asarray(labels, np.float32)).to(device)
     forward = model if loss_model is None else _Forwarder(loss_model, model)
     with autocast(device, bf16):
-        loss = training_loss(forward, inputs, mask, y, pos_weight)
+        loss = training_loss(forward, inputs, mask, y, pos_weight, channels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -56,7 +56,8 @@ def cmd_generate(args) -> None:
 
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
-                          gradual=args.gradual, outages=args.outages, ac_vibration=args.ac_vibration)
+                          gradual=args.gradual, outages=args.outages, ac_vibration=args.ac_vibration,
+                          dead_channels=args.dead_channels)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outages", action="store_true",
                    help="each pump's vibration sensor fails for 2-4 hours once on a scored day, unlabelled (the "
                         "shifted fleet always has it): how scores hold while a modality is gone")
+    p.add_argument("--dead-channels", action="store_true",
+                   help="one channel of the vibration (ay) and of the process (pressure) null for 2-4 hours around a "
+                        "fault on each pump's first scored day, rows kept: how a modality holds with a dead channel")
     p.add_argument("--ac-vibration", action="store_true",
                    help="every vibration axis oscillates around zero (a real accelerometer): the load shows only in "
                         "how far the axes swing, not in their window means")

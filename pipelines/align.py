@@ -4,11 +4,13 @@ Plain functions over Polars tables; the shards' tasks call them on what `pipelin
 
 Conventions of the tables passed in: entity column(s), `_t` (event time as Int64 microseconds since the
 epoch, UTC) and the modality's value columns. Output columns per modality `m`:
-  `m__present`                     bool, the modality had a usable row for that tick
+  `m__present`                     bool, the modality had a usable row for that tick (tabular, timeseries: a
+                                   value in at least one of its columns)
   tabular     `m__<col>`           float64: latest row with  tick - tolerance <= t <= tick (a column it holds
-                                   no value in: the latest row's within tolerance that does)
+                                   no value in: the latest row's within tolerance that does; null if none)
   timeseries  `m__<col>`           list[f32] of window/period steps, mean per period bin ending at the tick,
-                                   gaps filled from neighbouring bins inside the window (per column)
+                                   gaps filled from neighbouring bins inside the window (per column; null for
+                                   a column with no value in the window)
   image/audio `m__<column>`        the payload of the latest row within tolerance
   text        `m__<column>`        list[str]: messages with  tick - window < t <= tick, oldest first
 """
@@ -120,8 +122,8 @@ def data_ticks(tables: dict[str, pl.DataFrame], present: pl.DataFrame, spec: Spe
 
 def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:
     """Each column's latest value within tolerance: the latest row's, or where a row holds no value in a column (a
-    row kept for its other values, `ingest.with_reasons`) the latest earlier row's that does - present when every
-    column has one."""
+    row kept for its other values, `ingest.with_reasons`) the latest earlier row's that does - present when any
+    column has one (a channel with none is null: a dead channel leaves the modality's others in use)."""
     cols = list(m.value_columns)
     right = table.select([*keys, pl.col(TIME).alias("_rt"), *cols]).sort([*keys, "_rt"])
     gaps = [c for c in cols if right[c].null_count()]
@@ -137,9 +139,9 @@ def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[
     if gaps:                            # a value taken longer than the tolerance before the tick is none
         joined = joined.with_columns(pl.when(pl.col(f"_rt_{c}") >= pl.col(TIME) - m.tolerance_us)
                                      .then(pl.col(c)).otherwise(None).alias(c) for c in gaps)
-    present = pl.all_horizontal(pl.col("_rt").is_not_null(), *[pl.col(c).is_not_null() for c in gaps])
+    present = pl.col("_rt").is_not_null() & pl.any_horizontal(pl.col(c).is_not_null() for c in cols)
     return joined.select([*keys, TIME, present.alias(f"{m.name}__present"),
-                          *[pl.when(present).then(pl.col(c)).otherwise(None).alias(f"{m.name}__{c}") for c in cols]])
+                          *[pl.col(c).alias(f"{m.name}__{c}") for c in cols]])
 
 
 def _series(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:
@@ -152,11 +154,13 @@ def _series(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: lis
     joined = grid.join(binned, on=[*keys, "_bin"], how="left").sort([*group, "_k"])
     filled = joined.with_columns([pl.col(c).fill_null(strategy="forward").fill_null(strategy="backward")
                                   .over(group).cast(pl.Float32) for c in cols])
-    present = pl.all_horizontal(pl.col(c).is_not_null().all() for c in cols)
-    out = filled.group_by(group, maintain_order=True).agg(
-        [present.alias(f"{m.name}__present"), *[pl.col(c).alias(f"{m.name}__{c}") for c in cols]])
-    return out.with_columns([pl.when(pl.col(f"{m.name}__present")).then(pl.col(f"{m.name}__{c}"))
-                             .otherwise(None).alias(f"{m.name}__{c}") for c in cols])
+    out = filled.group_by(group, maintain_order=True).agg([pl.col(c).alias(f"{m.name}__{c}") for c in cols])
+    # a channel with no value in the window is null (filled within the window, a list is all values or all
+    # nulls); the modality is present while any channel has one
+    held = {c: pl.col(f"{m.name}__{c}").list.first().is_not_null() for c in cols}
+    out = out.with_columns([pl.when(held[c]).then(pl.col(f"{m.name}__{c}")).otherwise(None).alias(f"{m.name}__{c}")
+                            for c in cols] + [pl.any_horizontal(held.values()).alias(f"{m.name}__present")])
+    return out.select([*group, f"{m.name}__present", *[f"{m.name}__{c}" for c in cols]])
 
 
 def _text(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str], grain_us: int) -> pl.DataFrame:

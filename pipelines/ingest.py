@@ -881,8 +881,8 @@ def read_shard(shard: Shard, spec: Spec, storage: Storage, *, row_intervals: boo
                         row_digests.setdefault(f.date.isoformat(), {}).setdefault(name, RowDigest()).add(rows[ROW_HASH])
                         day_usable = usable_rows.setdefault(f.date.isoformat(), {})
                         partly = good.filter(pl.col(PARTLY).is_not_null()) if PARTLY in good.columns else None
-                        day_usable[name] = day_usable.get(name, 0) + good.height - (   # usable in full
-                            0 if partly is None else partly.height)
+                        # usable in at least one column: a dead channel leaves the modality its others (align)
+                        day_usable[name] = day_usable.get(name, 0) + good.height
                         quarantined.append(quarantined_input(rows.filter(pl.col(REASON).is_not_null()), spec, name,
                                                              pl.lit(f.date.isoformat()), pl.col(REASON)))
                         if partly is not None and partly.height:    # kept for its other values: noted per file

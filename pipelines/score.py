@@ -277,14 +277,15 @@ KEYS_WITHOUT_MODALITY = "keys_without_modality"   # ... their first keys per mod
 def absent_modality_warning(result: DateResult) -> str | None:
     """A line when a modality of the version had no usable row in a date's partitions while others scored its ticks:
     the date was scored without it (but for its first ticks, which read the day before; its partition missing or
-    empty, its path moved, every row quarantined, a column with no usable value - a dead channel) - the fused score
-    then rests on the other modalities, and the faults only it shows are not seen."""
+    empty, its path moved, every row quarantined) - the fused score then rests on the other modalities, and the
+    faults only it shows are not seen. (A dead channel is not this: its modality is scored with its other channels,
+    and its rows are counted in `unusable_rows_warning`.)"""
     gone = sorted(m for m, rows in result.modality_rows.items() if rows == 0)
     if not gone or not result.rows_scored:
         return None
     return (f"{result.date}: modality {', '.join(gone)} had no usable input row in the date's partitions, so its "
             f"{result.rows_scored} scored ticks were scored without it (its partition missing or empty, its path "
-            "moved, every row quarantined, or a column with no usable value in any row) - check its input (dmafn "
+            "moved, or every row quarantined) - check its input (dmafn "
             "validate SPEC --check-data, the quarantine table); once its files are there, a backfill over the date "
             "rescores it (its partitions changed)")
 

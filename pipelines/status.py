@@ -377,8 +377,7 @@ def _dark_dates(done: pl.DataFrame, m: str, out: ScoringStatus, spec_path: str) 
     if gone:
         out.problems.append(f"modality '{m}' had no usable input row in the partitions of {len(gone)} recent "
                             f"date(s): {named_dates(gone)} - they were scored without it (its partition missing or "
-                            "empty, its path moved, every row quarantined, or a column with no usable value in any "
-                            "row): check its input (dmafn validate "
+                            "empty, its path moved, or every row quarantined): check its input (dmafn validate "
                             f"{spec_path} --check-data, the quarantine table); once its files are there, dmafn "
                             f"backfill {spec_path} --start {gone[0]} --end {gone[-1]} rescores them")
 

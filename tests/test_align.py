@@ -51,9 +51,10 @@ def test_tolerance_limits_the_age_of_a_row(tiny_spec):
 
 def test_a_row_without_a_value_in_one_column_gives_the_others_and_that_column_its_latest_value_within_tolerance():
     """A row kept for its other values (`ingest.with_reasons`: the unusable one null): a tabular column takes its
-    latest value within tolerance from an earlier row, and is absent - the modality with it - where there is none;
-    a time series column's bins without a value are filled from its own neighbouring bins, the other columns' stay
-    as read, and a column with no value in the whole window makes the modality absent."""
+    latest value within tolerance from an earlier row, and is null where there is none - the modality present
+    with its other columns (a dead channel does not take the others with it); a time series column's bins without
+    a value are filled from its own neighbouring bins, the other columns' stay as read, and a column with no value
+    in the whole window is null, the modality present while another column has one."""
     from dmafn.spec import parse_spec
     from tests.conftest import tiny_spec_dict
 
@@ -73,14 +74,16 @@ def test_a_row_without_a_value_in_one_column_gives_the_others_and_that_column_it
         first = run(spec, proc=twice).row(0, named=True)
         assert (first["proc__present"], first["proc__temp"], first["proc__pres"]) == (True, 7.0, 8.0)
     late = run(spec, proc=table([T0 - 30 * S, T0 + M, T0 + 2 * M], temp=[1.0, None, None], pres=[1.0, 2.0, 3.0]))
-    assert late["proc__present"].to_list() == [True, True, False]   # tick 2: temp 150 s old
+    assert late["proc__present"].to_list() == [True, True, True]    # tick 2: temp 150 s old, pres its own
     assert late["proc__temp"].to_list() == [1.0, 1.0, None]
+    assert late["proc__pres"].to_list() == [1.0, 2.0, 3.0]
     # window 1 min in 20 s bins (-40 s, -20 s, 0 s): b's middle bin empty, filled from its neighbours
     out = run(spec, vib=table([T0 - 40 * S, T0 - 20 * S, T0, T0 + M], a=[1.0, 2.0, 3.0, 4.0],
                               b=[5.0, None, 7.0, None]))
     first = out.row(0, named=True)
     assert first["vib__present"] and first["vib__a"] == [1.0, 2.0, 3.0] and first["vib__b"] == [5.0, 5.0, 7.0]
-    assert out["vib__present"].to_list() == [True, False, False]    # tick 1: b has no value in its window
+    assert out["vib__present"].to_list() == [True, True, False]     # tick 1: b has no value in its window, a has
+    assert out["vib__a"][1].to_list() == [4.0, 4.0, 4.0] and out["vib__b"][1] is None
 
 
 def test_day_boundary_uses_previous_day_rows(tiny_spec):

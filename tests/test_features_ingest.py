@@ -298,8 +298,8 @@ def test_a_row_of_numbers_with_an_unusable_value_in_some_columns_is_kept_for_the
     """A series row whose `a` is NaN or infinite (one dead or glitching channel) keeps its other channels: no reason,
     the bad value null, and the first such column named for the quarantine table, where the row is noted beside the
     rows that could not be used at all; a row with no usable value is quarantined as before (its first column
-    named). The shard's usable rows count the rows usable in every column (a dead channel leaves none, and the
-    date is warned of as scored without the modality); one-column and non-numeric modalities are unchanged."""
+    named). The shard's usable rows count the rows usable in any column (a dead channel leaves the modality its
+    other channels: `align`); one-column and non-numeric modalities are unchanged."""
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -338,7 +338,7 @@ def test_a_row_of_numbers_with_an_unusable_value_in_some_columns_is_kept_for_the
         ("n", day + 5_000_000, f"unusable value in column 'a' ({PARTLY_USED})", 1)]
     assert unusable_reasons(got.quarantined) == {f"vib: unusable value in column 'a' ({PARTLY_USED})": 3,
                                                  "vib: unusable value in column 'a'": 1}
-    assert got.usable_rows == {"2024-01-02": {"vib": 1}} and got.rows_read == {"2024-01-02": 5}   # usable in full
+    assert got.usable_rows == {"2024-01-02": {"vib": 4}} and got.rows_read == {"2024-01-02": 5}   # in any column
     one = parse_spec(tiny_spec_dict())
     assert PARTLY not in check_rows(rows.select(["machine_id", "ts", "a"]).rename_columns(["machine_id", "ts", "temp"]),
                                     one, one.modalities["proc"]).column_names
@@ -1476,7 +1476,7 @@ def _older_file_reads_pressure_as_null(tmp_path, spec, date, listed, older, adde
     got = read_shard(_shard(tmp_path, spec, [date]), spec, Storage())
     rows = got.tables["proc"].sort("_t")
     assert rows["temp"].to_list() == [1.0, 2.0, 3.0] and rows["pressure"].to_list() == [None, None, 5.0]
-    assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 1}}
+    assert got.rows_read == {"2024-01-02": 3} and got.usable_rows == {"2024-01-02": {"proc": 3}}   # in any column
     assert got.quarantined.select("entity", "_t", "date", "source", "reason").rows() == [   # one note for the file
         (None, None, "2024-01-02", "proc", f"column 'pressure' is not in file '{older.path}' (added to its table "
                                            "since it was written): 2 row(s) read without it (the row's other columns "
@@ -1878,7 +1878,7 @@ def test_a_writers_missing_value_marker_is_unusable_like_a_null(tmp_path, tiny_s
     assert sorted(got.quarantined["reason"].to_list()) == [
         "unusable value in column 'pressure' (the row's other columns used)", "unusable value in column 'temp'",
         "unusable value in column 'temp' (the row's other columns used)"]
-    assert got.usable_rows == {"2024-01-02": {"proc": 1}}
+    assert got.usable_rows == {"2024-01-02": {"proc": 3}}                # usable in any column
     counted = [file_counts(part)["nulls"].item() for spec in (plain, marked)
                for part in modality_files(spec, spec.modalities["proc"], Storage(), [date])]
     assert counted == [0, 4]
@@ -4516,3 +4516,38 @@ def test_relation_smoothing_raises_a_small_persistent_drift_and_scores_alike_in_
     np.testing.assert_allclose(np.concatenate(batches), whole, rtol=1e-5)
     assert featurize(drift.slice(150), smoothed_spec, stats).relation_errors[0, proc] != \
         pytest.approx(float(whole[150, proc]))                          # without the carry: started afresh
+
+
+def test_a_dead_channel_leaves_its_modality_present_with_the_others_and_out_of_the_fits():
+    """A tick whose `proc` has temp but no pressure (a dead channel: `align` keeps the modality present) gets the
+    pressure at its training mean (0) and False in `channels`, temp as it is; the relation and the state read the
+    modality as absent there (every channel needed); the statistics are fitted on the complete ticks only, so ticks
+    with a dead channel change no fitted number."""
+    spec = _relation_spec()
+    rng = np.random.default_rng(5)
+    offsets = {"a": 0.0, "b": 5.0}
+    train = _relation_rows(spec, 400, rng, offsets)
+    dead = np.arange(400) % 3 == 0
+    holed = train.set_column(train.schema.get_field_index("proc__pres"), "proc__pres",
+                             pa.array(np.where(dead, np.nan, train["proc__pres"].to_numpy()), from_pandas=True))
+    absent = train.set_column(train.schema.get_field_index("proc__present"), "proc__present", pa.array(~dead))
+    stats = StatisticsFitter(spec).add(holed).result()
+    same_statistics(stats, StatisticsFitter(spec).add(absent).result())       # as if the modality were absent
+
+    rows = _relation_rows(spec, 90, rng, offsets)
+    gone = np.arange(90) % 2 == 0
+    partial = rows.set_column(rows.schema.get_field_index("proc__pres"), "proc__pres",
+                              pa.array(np.where(gone, None, rows["proc__pres"].to_numpy()).tolist(), pa.float64()))
+    full, part = featurize(rows, spec, stats), featurize(partial, spec, stats)
+    proc = part.modalities.index("proc")
+    assert part.mask[:, proc].all()
+    np.testing.assert_array_equal(part.channels["proc"], np.stack([np.ones(90, bool), ~gone], 1))
+    assert (part.inputs["proc"][gone, 1] == 0).all()
+    np.testing.assert_array_equal(part.inputs["proc"][:, 0], full.inputs["proc"][:, 0])
+    np.testing.assert_array_equal(part.inputs["proc"][~gone], full.inputs["proc"][~gone])
+    assert (part.relation_errors[gone, proc] == 0).all() and (full.relation_errors[gone, proc] > 0).all()
+    np.testing.assert_array_equal(part.relation_errors[~gone], full.relation_errors[~gone])
+    assert part.rows(np.arange(4)).channels["proc"].shape == (4, 2)
+    from dmafn.features import features_from_columns, features_to_columns
+    again = features_from_columns(features_to_columns(part), part.modalities)
+    np.testing.assert_array_equal(again.channels["proc"], part.channels["proc"])

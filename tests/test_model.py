@@ -475,3 +475,38 @@ def test_encoding_distance_scores_a_frame_the_autoencoder_reconstructs_well():
             torch.from_numpy(test.inputs["cam"]))).numpy()
     assert distance[100:].min() > distance[:100].max()
     assert aucs[0.5] > aucs[0.0] + 0.2, aucs
+
+
+@pytest.mark.parametrize("fusion", ["attention", "late"])
+def test_a_missing_channel_is_left_out_of_its_modalitys_error_and_of_the_loss(fusion):
+    """`channels` (m -> (B, C), `Features.channels`): a tabular or series modality's error is the mean over the target
+    dimensions of the channels held (a series' pooled steps of each), the plain mean where all are held; the
+    leave-one-out errors and the training loss alike; a missing channel's reconstruction gets no gradient."""
+    torch.manual_seed(0)
+    feats, _ = make(16)
+    model = build_model(specs(), small(fusion=fusion, d_model=16, latent=4)).eval()
+    inputs = {m: torch.from_numpy(feats.inputs[m]) for m in feats.modalities}
+    mask = torch.from_numpy(feats.mask)
+    held = {"proc": torch.ones(16, 2, dtype=torch.bool), "vib": torch.ones(16, 2, dtype=torch.bool)}
+    held["proc"][:6, 1] = False                          # pressure dead on the first rows
+    held["vib"][10:, 0] = False                          # one axis dead on the last
+    with torch.no_grad():
+        out = model(inputs, mask)
+        plain, err = model.errors(out), model.errors(out, held)
+        assert torch.equal(model.errors(out, {m: torch.ones_like(h) for m, h in held.items()}), plain)
+        squared = {m: (out.recon(m) - out.targets[m]) ** 2 for m in held}
+        assert torch.allclose(err[:6, 0], squared["proc"][:6, 0]) and torch.equal(err[6:, 0], plain[6:, 0])
+        steps = model.encoders["vib"].pooled_steps                # the target is channel-major: (C, L') flattened
+        assert torch.allclose(err[10:, 1], squared["vib"][10:, steps:].mean(1))
+        assert torch.allclose(err[:10, 1], plain[:10, 1])
+        assert torch.equal(err[:, 2:], plain[:, 2:])
+        if fusion != "late":
+            loo, loo_held = model.leave_one_out_errors(inputs, mask, out), model.leave_one_out_errors(inputs, mask,
+                                                                                                       out, held)
+            assert torch.equal(loo_held[6:10], loo[6:10]) and not torch.allclose(loo_held[:6, 0], loo[:6, 0])
+    loss = training_loss(model.train(), inputs, mask, channels=held)
+    assert torch.isfinite(loss)
+    out = model(inputs, mask)
+    recon = out.recon("proc")
+    (grad,) = torch.autograd.grad(model.errors(out, held)[:, 0].sum(), recon)
+    assert (grad[:6, 1] == 0).all() and (grad[6:, 1] != 0).all() and (grad[:, 0] != 0).all()

@@ -630,7 +630,9 @@ def test_backfill_rescores_dates_whose_partitions_changed_since_they_were_scored
 def test_a_modality_gone_dark_for_a_date_or_for_one_machine_is_warned_and_named_by_status(trained, tmp_path, caplog):
     """2024-01-03's camera partition missing and one pump's log lines gone since 2024-01-02: the date is scored
     around them and not silently - `score` warns that the camera had no usable row, the runs table records each
-    modality's usable rows, share of ticks present and the entities without it, and `status` names both."""
+    modality's usable rows, share of ticks present and the entities without it, and `status` names both. A vibration
+    channel dead (null) all that day is no modality gone: the vibration is scored with its other channels, its rows
+    warned of as unusable in part."""
     import shutil
 
     import pyarrow.compute as pc
@@ -642,9 +644,16 @@ def test_a_modality_gone_dark_for_a_date_or_for_one_machine_is_warned_and_named_
     quiet = _edited_copy(trained, tmp_path, "logs/date=2024-01-0[23]/*.parquet",
                          lambda table: table.filter(pc.not_equal(table["machine_id"], "pump-01")))
     shutil.rmtree(Path(quiet.modalities["camera"].path) / "date=2024-01-03")
+    dead = quiet.modalities["vibration"].columns[1]
+    for path in (Path(quiet.modalities["vibration"].path) / "date=2024-01-03").glob("*.parquet"):
+        table = pq.read_table(path)
+        i = table.column_names.index(dead)
+        pq.write_table(table.set_column(i, table.field(i), pa.nulls(table.num_rows, table.field(i).type)), path)
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         day2, day3 = backfill(quiet, DAY2, DAY3, parallel=1)
     assert day3.modality_rows["camera"] == 0 and min(day2.modality_rows.values()) > 0
+    assert day3.modality_rows["vibration"] > 0 and day3.modality_present["vibration"] > 0.9
+    assert "modality vibration" not in caplog.text and f"unusable value in column '{dead}'" in caplog.text
     assert set(day3.modality_rows) == {"process", "vibration", "camera", "logs"}      # no context view
     assert 0 < day3.modality_present["camera"] < 0.01         # its first minutes: the day before's last frame
     assert "2024-01-03: modality camera had no usable input row in the date's partitions" in caplog.text
@@ -1392,8 +1401,9 @@ def test_a_date_without_input_is_skipped_when_the_spec_says_a_plant_may_rest(tra
     resting = _edited_copy(trained, tmp_path, "no-file-matches", None)
     resting = replace(resting, score=replace(resting.score, missing_input="skip"))
     unusable = pa.table({"machine_id": ["pump-00"] * 3, "ts": pa.array([int(1704412800e6), 0, 0], pa.timestamp(
-        "us", tz="UTC")), "temperature": pa.array([None, 1.0, 1.0], pa.float64()), "pressure": [3.0] * 3})
-    # 2024-01-05 without a temperature (kept for its pressure, which alone gives no tick); twice 1970-01-01 (epoch milliseconds read as microseconds, say): misplaced
+        "us", tz="UTC")), "temperature": pa.array([None, 1.0, 1.0], pa.float64()), "pressure": [None, 3.0, 3.0]})
+    # 2024-01-05 without a value (a row with only a pressure would be kept for it and give ticks: a dead channel);
+    # twice 1970-01-01 (epoch milliseconds read as microseconds, say): misplaced
     (tmp_path / "raw" / "process" / "date=2024-01-05").mkdir()
     pq.write_table(unusable, tmp_path / "raw" / "process" / "date=2024-01-05" / "part-0.parquet")
     with pytest.raises(RuntimeError, match=r"1 date\(s\) failed, first 2024-01-05: no modality .* has usable data "

@@ -395,8 +395,7 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
     found = scoring_status(spec, Storage(), spec_path="s.yaml")
     assert found.problems == [
         "modality 'cam' had no usable input row in the partitions of 1 recent date(s): 2024-01-04 - they were scored "
-        "without it (its partition missing or empty, its path moved, every row quarantined, or a column with no "
-        "usable value in any row): check its input "
+        "without it (its partition missing or empty, its path moved, or every row quarantined): check its input "
         "(dmafn validate s.yaml --check-data, the quarantine table); once its files are there, dmafn backfill s.yaml "
         "--start 2024-01-04 --end 2024-01-04 rescores them"]
     _run(spec, "2024-01-06", modality_rows={"proc": 900, "cam": 40}, modality_present={"proc": 1.0, "cam": 0.7},

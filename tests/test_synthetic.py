@@ -4,6 +4,7 @@ import datetime as dt
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -148,3 +149,27 @@ def test_ramps_rise_from_nothing_to_full_over_their_events():
 
     ramp = _ramp([(2, 6, "slow_drift"), (8, 9, "camera_fade")], "slow_drift", 12)
     assert ramp.tolist() == [0, 0, 0, 0.25, 0.5, 0.75, 1, 0, 0, 0, 0, 0]
+
+
+def test_dead_channels_null_one_channel_for_hours_around_a_fault_and_change_nothing_else():
+    """`dead_channels`: vibration `ay` and process `pressure` are null for 2-4 h on the first scored day, each around
+    the day's first fault of its modality (vibration, overheat), the rows kept; every other value, row and label is
+    as without the flag."""
+    base = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=3)
+    plain, dead = generate(base), generate(replace(base, dead_channels=True))
+    assert dead.labels.equals(plain.labels)
+    for table, column, kind in (("vibration", "ay", "vibration"), ("process", "pressure", "overheat")):
+        a, b = plain.tables[table], dead.tables[table]
+        assert a.drop([column]).equals(b.drop([column])) and a[column].null_count == 0
+        for entity in ("pump-00", "pump-01"):
+            rows = b.filter(pc.equal(b["machine_id"], entity))
+            gone = rows.filter(rows[column].is_null())["ts"].cast(pa.int64()).to_numpy()
+            span = (gone.max() - gone.min()) / 1e6
+            assert 2 * 3600 - 120 <= span <= 4 * 3600 + 120
+            assert gone.min() >= DAY_S * 1e6 + plain.tables[table]["ts"].cast(pa.int64()).to_numpy().min() - 120e6
+            labels = dead.labels.filter(pc.and_(pc.equal(dead.labels["machine_id"], entity),
+                                                pc.equal(dead.labels["kind"], kind)))
+            first = min(zip(*[labels[c].cast(pa.int64()).to_pylist() for c in ("start_ts", "end_ts")]))
+            assert gone.min() <= first[0] and first[1] <= gone.max()     # the fault inside the dead hours
+            kept = rows.filter(rows[column].is_valid())
+            assert kept.num_rows + len(gone) == rows.num_rows
