@@ -58,6 +58,10 @@ class TabularEncoder(nn.Module):
         """(B, C) channels held -> (B, C) weights of the target's dimensions."""
         return channels.float()
 
+    def channel_means(self, squared: torch.Tensor) -> torch.Tensor:
+        """(B, C) squared errors of the target -> (B, C) each channel's mean."""
+        return squared
+
 
 class _TCN(nn.Module):
     """Causal dilated 1-D convolutions with residuals."""
@@ -117,6 +121,10 @@ class SeriesEncoder(nn.Module):
     def target_weights(self, channels: torch.Tensor) -> torch.Tensor:
         """(B, C) channels held -> (B, C * L') weights of the target's dimensions (channel-major, as `target`)."""
         return channels.float().repeat_interleave(self.pooled_steps, 1)
+
+    def channel_means(self, squared: torch.Tensor) -> torch.Tensor:
+        """(B, C * L') squared errors of the target -> (B, C) each channel's mean over its pooled steps."""
+        return squared.view(squared.shape[0], self.channels, self.pooled_steps).mean(2)
 
 
 class ImageEncoder(nn.Module):

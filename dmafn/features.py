@@ -1581,13 +1581,16 @@ class Features:
     state_owners: tuple[str, ...] = ()          # the modality each state column comes from
     channels: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, C) the tabular or series channels
                                                 # holding a value (a missing one is 0 in `inputs`, out of the error)
+    relation_channels: dict[str, np.ndarray] = field(default_factory=dict)   # parent m -> (N, C) each channel's
+                                                # part of `relation_errors` (`squared_residuals` before the sum)
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
         return Features({m: self.inputs[m][idx] for m in self.modalities}, self.mask[idx], self.modalities,
                         None if self.relation_errors is None else self.relation_errors[idx],
                         None if self.state is None else self.state[idx], self.state_owners,
-                        {m: c[idx] for m, c in self.channels.items()})
+                        {m: c[idx] for m, c in self.channels.items()},
+                        {m: r[idx] for m, r in self.relation_channels.items()})
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
@@ -1662,7 +1665,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         masks.append(np.zeros(n, bool) if name in relation_only else present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     names = tuple(spec.modalities)
-    relations = None
+    relations, relation_channels = None, {}
     smoothed = any(fitted.get("smoothing") for fitted in stats.get("relations", {}).values())
     groups, rank = smoothing_groups(aligned, keys) if smoothed else (None, None)     # once for every relation
     for ctx, fitted in stats.get("relations", {}).items():
@@ -1687,9 +1690,11 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
                 z[order] = smooth_residuals(z[order], groups[rows][order], float(fitted["smoothing"]),
                                             None if carry is None else carry.setdefault(ctx, {}))
             relations[rows, names.index(parent)] += squared_residuals(fitted, z).astype(np.float32)
+            split = relation_channels.setdefault(parent, np.zeros((n, z.shape[1])))
+            split[rows] += np.nan_to_num(z ** 2) / max(len(fitted["channels"]), 1)      # (rows, C): adds up to it
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
-                    state_owners=owners, channels=channels)
+                    state_owners=owners, channels=channels, relation_channels=relation_channels)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,33 @@ class DMAFN(nn.Module):
         weights = self.encoders[m].target_weights(held)                                       # (B, D)
         return (squared * weights).sum(1) / weights.sum(1).clamp(min=1)
 
+    def channel_errors(self, out: ModelOutput,
+                       channels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """m -> (B, C) each channel's part of modality m's error (`channel_parts`), for its tabular and series
+        modalities of two channels or more: which channel drives the modality's error."""
+        parts = {}
+        for m in self.modalities:
+            split = self.channel_parts(m, F.mse_loss(out.recon(m), out.targets[m], reduction="none"), channels)
+            if split is not None:
+                parts[m] = split
+        return parts
+
+    def channel_parts(self, m: str, squared: torch.Tensor,
+                      channels: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """(B, D) squared errors of modality m's target -> (B, C) each channel's part of `mean_error` (they add up
+        to it; a missing channel's 0) for a tabular or series modality of two channels or more; else None."""
+        encoder = self.encoders[m]
+        if not hasattr(encoder, "channel_means"):
+            return None
+        per = encoder.channel_means(squared)                                                  # (B, C)
+        if per.shape[1] < 2:
+            return None
+        held = None if channels is None else channels.get(m)
+        if held is None:
+            return per / per.shape[1]
+        weights = held.float()
+        return per * weights / weights.sum(1, keepdim=True).clamp(min=1)
+
     def encoding_factors(self, out: ModelOutput) -> torch.Tensor:
         """(B, M): each modality's `EncodingDensity.factor` of its encoding, 1 where it has none. A model with
         densities always has tokens (`build_model` refuses them with early fusion)."""
@@ -173,9 +200,10 @@ class DMAFN(nn.Module):
 
     def leave_one_out_errors(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
                              out: ModelOutput | None = None,
-                             channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                             channels: dict[str, torch.Tensor] | None = None,
+                             parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, M): error of predicting each modality with it hidden; NaN where nothing else is present;
-        `channels` as in `errors`.
+        `channels` as in `errors`; `parts`, when given, gets each channel's part of it (`channel_parts`).
 
         `out`: this batch's forward output in eval mode, whose encodings are reused (the encoders are most
         of the cost); without it the encoders run again."""
@@ -199,7 +227,10 @@ class DMAFN(nn.Module):
         cols = []
         for i, m in enumerate(self.modalities):
             block = slice(i * b, (i + 1) * b)
-            err = self.mean_error(m, F.mse_loss(recon[m][block], targets[m], reduction="none"), channels)  # (B,)
+            squared = F.mse_loss(recon[m][block], targets[m], reduction="none")                    # (B, D)
+            err = self.mean_error(m, squared, channels)                                              # (B,)
+            if parts is not None and (split := self.channel_parts(m, squared, channels)) is not None:
+                parts[m] = split
             cols.append(torch.where(hidden[block].any(1), err, torch.full_like(err, float("nan"))))
         return torch.stack(cols, 1)
 

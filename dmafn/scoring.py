@@ -16,7 +16,7 @@ attributes by occlusion: the drop of the logit when a modality is hidden.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,15 @@ class RawScores:
     mask: np.ndarray                  # (N, M)
     state: np.ndarray | None = None   # (N, S) the ticks' operating state (`dmafn.features.operating_state`)
     state_owners: tuple[str, ...] = ()
+    channel_errors: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, C) each channel's part of
+                                      # m's raw error (model and relations; `DMAFN.channel_errors`), NaN where absent
 
     def rows(self, idx: np.ndarray) -> "RawScores":
         """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
         return RawScores(errors=self.errors[idx], latent=None if self.latent is None else self.latent[idx],
                          mask=self.mask[idx], state=None if self.state is None else self.state[idx],
-                         state_owners=self.state_owners)
+                         state_owners=self.state_owners,
+                         channel_errors={m: e[idx] for m, e in self.channel_errors.items()})
 
 
 @dataclass
@@ -67,7 +70,7 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     model.eval()
     dev = torch.device(device)
     model.to(dev)
-    errors, latents = [], []
+    errors, latents, parts = [], [], {}
     n = len(features.mask)
     for start in range(0, n, batch_size):
         inputs, mask, channels = _to_tensors(features, slice(start, start + batch_size), dev)
@@ -76,9 +79,16 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
             continue
         out = model(inputs, mask)
         err = model.errors(out, channels)
+        own = model.channel_errors(out, channels)             # m -> (B, C), adding up to err[:, m]
         if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
-            loo = model.leave_one_out_errors(inputs, mask, out, channels)  # reuses out's encodings
+            hidden: dict[str, torch.Tensor] = {}
+            loo = model.leave_one_out_errors(inputs, mask, out, channels, hidden)  # reuses out's encodings
             err = err + torch.where(loo.isnan(), err, loo)    # nothing else present: own error twice
+            for m, split in hidden.items():
+                alone = loo[:, features.modalities.index(m)].isnan().unsqueeze(1)
+                own[m] = own[m] + torch.where(alone, own[m], split)
+        for m, split in own.items():
+            parts.setdefault(m, []).append(split.cpu().numpy())
         if len(model.densities):   # an encoding unlike the training ones raises its modality's error
             err = err * model.encoding_factors(out)
         errors.append(err.cpu().numpy())
@@ -97,8 +107,24 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
     elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
         err = err + features.relation_errors
+    channel_errors = {}
+    for m, split in parts.items():
+        split = np.concatenate(split).astype(np.float64)
+        if m in features.relation_channels:
+            split = split + features.relation_channels[m]
+        channel_errors[m] = np.where(mask[:, features.modalities.index(m), None], split, np.nan)
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
-                     state_owners=features.state_owners)
+                     state_owners=features.state_owners, channel_errors=channel_errors)
+
+
+def top_channels(parts: np.ndarray, names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """(N, C) channel parts of a modality's error (`RawScores.channel_errors`) -> (N,) the name of the channel with
+    the largest part at each tick (object array; None where the modality is absent)."""
+    out = np.full(len(parts), None, object)
+    finite = np.isfinite(parts).all(1) if parts.size else np.zeros(len(parts), bool)
+    if finite.any():
+        out[finite] = np.asarray(names, object)[np.argmax(parts[finite], 1)]
+    return out
 
 
 def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:

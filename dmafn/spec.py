@@ -845,13 +845,14 @@ def threshold_without_method(threshold: ThresholdSpec, detector: str) -> Thresho
 
 
 OUTPUT_TABLE_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "modalities", "model_version", "run_id",
-                        "scored_at")      # the output table's columns beside the entity's and `score_<modality>`
+                        "scored_at")      # the output table's columns beside the entity's, `score_<modality>` and
+                                          # `channel_<modality>`
 
 
 def _check_entity_names(spec: Spec, top: _Section) -> None:
     """The entity columns are the output table's too: none may be named as one of its other columns, nor start with
     `_` (the jobs' own columns: `_t`, `_reason`, ...) - a modality's files may keep their own name for it."""
-    taken = {*OUTPUT_TABLE_COLUMNS, *(f"score_{m}" for m in spec.modalities)}
+    taken = {*OUTPUT_TABLE_COLUMNS, *(f"{p}_{m}" for m in spec.modalities for p in ("score", "channel"))}
     for name in spec.entity:
         if name in taken or name.startswith("_"):
             raise top.err("entity", f"'{name}' " + ("is a column of the output table beside the entity's" if name in

@@ -2,8 +2,10 @@
 
 An alarm event is a run of consecutive alarm ticks (`is_anomaly`) of one entity in the output table, as the report
 page's "top alarm events" counts them (`report.AlarmEvents`): its start and end, ticks, peak score, each modality's
-mean contribution over the run and the one with the largest (where to look). The output is read a date at a time,
-in this process (a date's scores and the runs found in memory). The scored date before the window is read too, so
+mean contribution over the run and the one with the largest (where to look) - for a sensor table or series of
+several channels also the channel that drove its error at most of the run's ticks (`channel`, from the output's
+`channel_<m>`; None for dates scored before 2026-12-06 or a modality of one channel or none). The output is read a
+date at a time, in this process (a date's scores and the runs found in memory). The scored date before the window is read too, so
 a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
 a consumer that files one ticket per pair files it once; a run still alarming at the window's last tick is marked
 `open` (the next date may go on with it), and one already alarming at the first tick read (the date before's)
@@ -46,8 +48,8 @@ class AlarmList:
             lines.append(f"  {'entity':<16} {'start (UTC)':<20} {'end (UTC)':<20} {'ticks':>6} {'peak':>8}  dominant")
         for e in self.events:
             lines.append(f"  {e['entity']:<16} {e['start'][:19]:<20} {e['end'][:19]:<20} {e['ticks']:>6} "
-                         f"{e['peak']:>8.3f}  {e['dominant']}" + ("  (open: still alarming at the window's end)"
-                                                                  if e["open"] else ""))
+                         f"{e['peak']:>8.3f}  {e['dominant']}" + (f" ({e['channel']})" if e["channel"] else "")
+                         + ("  (open: still alarming at the window's end)" if e["open"] else ""))
         return "\n".join(lines)
 
 
@@ -85,9 +87,10 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
     events = []
     for row in runs.iter_rows(named=True):
         means = {m: row[m] for m in modalities if row.get(m) is not None and math.isfinite(row[m])}
+        dominant = max(means, key=means.get) if means else None
         events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
-                       "peak": row["peak"], "dominant": max(means, key=means.get) if means else None,
+                       "peak": row["peak"], "dominant": dominant, "channel": row.get(f"channel_{dominant}"),
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
     return AlarmList(dates, events)

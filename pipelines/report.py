@@ -277,7 +277,9 @@ class EventsPart:
 class AlarmEvents:
     """Runs of consecutive `is_anomaly` ticks per entity of a window read in chunks (dates in time order; an
     entity's run still open at a chunk's end waits for the next), highest peak first: entity, start, end, ticks,
-    peak, the dominant modality (largest mean contribution in the run) and the labelled kind it overlaps, if any.
+    peak, the dominant modality (largest mean contribution in the run), the channel that drove that modality's error
+    at most of the run's ticks (its output column `channel_<m>`, for a sensor table or series of several channels;
+    None otherwise) and the labelled kind it overlaps, if any.
     Keeps the number of runs and the `top` highest (all: None). A chunk is added whole (`add`) or as the
     `EventsPart` computed where it lies (`add_part`): the runs inside it counted there, those at its edges here."""
 
@@ -291,12 +293,14 @@ class AlarmEvents:
     def _rows(chunk: pl.DataFrame, modalities: list[str]) -> tuple[pl.DataFrame, list[pl.Expr]]:
         """A chunk's columns that the runs need, and the aggregations of a run."""
         contributions = [m for m in modalities if f"score_{m}" in chunk.columns]
+        channels = [f"channel_{m}" for m in modalities if f"channel_{m}" in chunk.columns]
         has_kind = "label_kind" in chunk.columns
         rows = chunk.select("_entity", "ts", "is_anomaly", "score", *[f"score_{m}" for m in contributions],
-                            *(["label_kind"] if has_kind else []))
+                            *channels, *(["label_kind"] if has_kind else []))
         aggs = [pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"), pl.len().alias("ticks"),
                 pl.col("score").max().alias("peak"),
-                *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in contributions]]
+                *[pl.col(f"score_{m}").cast(pl.Float64).mean().alias(m) for m in contributions],
+                *[pl.col(c).drop_nulls().mode().sort().first().alias(c) for c in channels]]     # most of its ticks
         if has_kind:
             aggs.append(pl.col("label_kind").filter(pl.col("label_kind").fill_null("") != "").mode().sort().first()
                         .alias("kind"))
@@ -346,10 +350,11 @@ class AlarmEvents:
         self.found = []
         for row in (self.best.iter_rows(named=True) if self.best is not None else []):
             means = {m: row[m] for m in self.modalities if row.get(m) is not None and math.isfinite(row[m])}
+            dominant = max(means, key=means.get) if means else "none"
             self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
                                "end": _when(row["end"], self.zone),
-                               "ticks": row["ticks"], "peak": row["peak"],
-                               "dominant": max(means, key=means.get) if means else "none", "kind": row.get("kind")})
+                               "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant,
+                               "channel": row.get(f"channel_{dominant}"), "kind": row.get("kind")})
         return self.found
 
 
@@ -451,7 +456,8 @@ def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: li
 
 def _events_section(found: AlarmEvents) -> str:
     head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "labelled kind"]
-    rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]), e["dominant"], e["kind"] or "none"]
+    rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]),
+             e["dominant"] + (f" ({e['channel']})" if e.get("channel") else ""), e["kind"] or "none"]
             for e in found.found]
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score, their times in the spec's timezone. Dominant modality: the largest mean " \

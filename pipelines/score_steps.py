@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import entity_key, entity_keys, featurize
 from dmafn.calibration import Calibration
-from dmafn.scoring import raw_scores
+from dmafn.scoring import raw_scores, top_channels
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
@@ -32,6 +32,7 @@ from pipelines.shards import UNSEEN_NAMED, DateCounts, Shard, ShardScores, Unsee
 from pipelines.storage import Storage
 
 NO_MODALITY = "no modality present at the tick"
+CHANNEL = "channel_"        # + a modality's name: the output column naming the channel that drives its error
 BATCH_TICKS = 8192          # ticks aligned, featurized and scored at once inside a shard
 _OLDEST = pl.CompatLevel.oldest()     # large_string, not string_view: what Delta's schema takes
 
@@ -49,7 +50,8 @@ class Scorer:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
         spec = self.spec
         feats = featurize(aligned, spec, self.stats, decoded, self.carry)
-        record = self.calibration.record(raw_scores(self.model, feats))      # smoothed later, per entity and date
+        raw = raw_scores(self.model, feats)
+        record = self.calibration.record(raw)      # smoothed later, per entity and date
         names = np.asarray(feats.modalities, object)
         present = [list(names[row]) for row in feats.mask]
         cols: dict[str, Any] = {k: aligned.column(k) for k in spec.entity}
@@ -58,6 +60,10 @@ class Scorer:
         for i, m in enumerate(feats.modalities):
             c = record.contributions[:, i]
             cols[f"score_{m}"] = pa.array(c, pa.float64(), mask=~np.isfinite(c))
+        for m in voting_modalities(spec.modalities):       # which channel drives a sensor table's or series' error
+            if m in raw.channel_errors:
+                cols[f"{CHANNEL}{m}"] = pa.array(top_channels(raw.channel_errors[m], spec.modalities[m].columns),
+                                                 pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
@@ -87,6 +93,7 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
     """The calibration's smoothing per entity and date and its threshold (as `Calibration.apply`, in Polars
     window expressions), then the provenance columns: the output table's schema."""
     score_cols = ["score", *[f"score_{m}" for m in modalities]]
+    channel_cols = [f"{CHANNEL}{m}" for m in modalities if f"{CHANNEL}{m}" in scored.columns]
     df = smooth_columns(scored, score_cols, spec, by=("date",), smoothing=calibration.smoothing)
     if calibration.entity_scale:                    # per-entity normalisation of the smoothed fused score
         groups = df.select(entity_string(spec.entity)).to_series().to_numpy()
@@ -97,7 +104,7 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
         *spec.entity, pl.col("ts"), pl.col("date"), pl.col("score").cast(pl.Float64),
         pl.lit(threshold, pl.Float64).alias("threshold"),
         (pl.col("score") > threshold).fill_null(False).alias("is_anomaly"),
-        *[pl.col(c).cast(pl.Float64) for c in score_cols[1:]],
+        *[pl.col(c).cast(pl.Float64) for c in score_cols[1:]], *[pl.col(c).cast(pl.String) for c in channel_cols],
         pl.col("modalities"), pl.lit(version).alias("model_version"), pl.lit(run_id).alias("run_id"),
         pl.lit(scored_at, pl.Datetime("us", "UTC")).alias("scored_at")])
 

@@ -177,7 +177,8 @@ def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():
 def test_alarm_events_from_chunk_parts_equal_the_whole_series():
     """`AlarmEvents.part` of each chunk (runs inside it aggregated where it lies, the rows of those at its edges
     added here) gives the runs, counts and top events of the whole series: runs through a chunk, across edges,
-    an entity missing from a chunk while its run is open, runs in the middle of a chunk."""
+    an entity missing from a chunk while its run is open, runs in the middle of a chunk. An event's channel is the
+    one its dominant modality's `channel_<m>` names at most of its ticks (the first by name of a tie)."""
     from pipelines.report import AlarmEvents, alarm_events
 
     rng = np.random.default_rng(5)
@@ -190,6 +191,7 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
         for t in range(n):
             rows.append({"_entity": g, "ts": t0 + dt.timedelta(minutes=t), "score": float(rng.normal() + 3 * alarm[t]),
                          "is_anomaly": bool(alarm[t]), "score_x": float(rng.random()), "score_y": float(rng.random()),
+                         "channel_x": str(rng.choice(["p", "q", "r"])),
                          "label_kind": "k" if rng.random() < 0.3 else None})
     scores = pl.DataFrame(rows)
     whole = alarm_events(scores, ["x", "y"])
@@ -206,6 +208,17 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
         got = found.finish()
         assert found.count == len(whole) and got == (whole[:top] if top else whole)
     assert len(whole) > 20 and any(e["ticks"] >= 35 for e in whole)
+    for e in whole:
+        start, end = (dt.datetime.strptime(e[k], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=dt.timezone.utc)
+                      for k in ("start", "end"))
+        ticks = scores.filter((pl.col("_entity") == e["entity"]) & pl.col("ts").is_between(start, end))
+        if e["dominant"] == "y":                          # a modality without channels: none named
+            assert e["channel"] is None
+            continue
+        counts = ticks["channel_x"].value_counts()
+        most = counts.filter(pl.col("count") == counts["count"].max())["channel_x"].sort()[0]
+        assert e["channel"] == most
+    assert {e["dominant"] for e in whole} == {"x", "y"}
 
 
 def test_timeline_rows_reduced_a_date_at_a_time_are_those_of_the_whole_window_and_keep_every_pixel():
@@ -460,12 +473,13 @@ def test_alarm_events_are_the_runs_of_alarm_ticks_with_their_true_start_and_open
 
 def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_whole(tmp_path):
     """With two entity key columns, one of them an integer, each event carries both as stored (JSON numbers stay
-    numbers) and `entity` joins them; a run from 23:50 to 00:10 listed for the second date keeps its start."""
+    numbers) and `entity` joins them; a run from 23:50 to 00:10 listed for the second date keeps its start, and its
+    channel is the one most of its ticks on both dates name."""
     from pipelines.alarms import alarm_events
 
     spec = parse_spec({
         "name": "alarms", "entity": ["site", "pump"], "time": "ts", "grain": "10min", "partition": "date",
-        "modalities": {"process": {"kind": "tabular", "path": str(tmp_path / "raw"), "columns": ["x"],
+        "modalities": {"process": {"kind": "tabular", "path": str(tmp_path / "raw"), "columns": ["x", "y"],
                                    "tolerance": "10min"}},
         "train": {"start": "2024-02-01", "end": "2024-02-02"},
         "registry": str(tmp_path / "models"), "score": {"output": str(tmp_path / "scores")}}, source="t.yaml")
@@ -474,7 +488,7 @@ def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_w
     alarm = [False, False, True, True, True, False]
     rows = pl.DataFrame({"site": [7] * 6, "pump": ["a"] * 6, "ts": ts, "score": [1.0, 1.0, 3.0, 5.0, 4.0, 1.0],
                          "threshold": 2.0, "is_anomaly": alarm, "score_process": [0.5, 0.5, 3.0, 5.0, 4.0, 0.5],
-                         "model_version": "v"}).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
+                         "channel_process": ["x", "x", "y", "y", "x", "x"], "model_version": "v"}).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
                                                              pl.col("ts").dt.date().cast(pl.String).alias("date"))
     for date in ("2024-03-01", "2024-03-02"):
         write_deltalake(spec.score.output, rows.filter(pl.col("date") == date).to_arrow(), mode="append",
@@ -482,7 +496,7 @@ def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_w
     (event,) = alarm_events(spec).events                     # the newest date, 2024-03-02
     assert event == {"entity": "7|a", "site": 7, "pump": "a", "start": "2024-03-01T23:50:00+00:00",
                      "end": "2024-03-02T00:10:00+00:00", "ticks": 3, "peak": 5.0, "dominant": "process",
-                     "contributions": {"process": 4.0}, "open": False, "may_have_begun_earlier": False}
+                     "channel": "y", "contributions": {"process": 4.0}, "open": False, "may_have_begun_earlier": False}
     (first,) = alarm_events(spec, start=dt.date(2024, 3, 1), end=dt.date(2024, 3, 1)).events
     assert first["open"] and first["end"] == "2024-03-01T23:50:00+00:00" and first["ticks"] == 1
     assert json.loads(json.dumps(event))["site"] == 7

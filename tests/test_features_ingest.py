@@ -2694,6 +2694,10 @@ def test_a_channel_that_leaves_its_relation_with_the_others_gets_a_relation_erro
     assert normal.relation_errors[:, proc].mean() < 3
     assert moved.relation_errors[:, proc].mean() > 20 * normal.relation_errors[:, proc].mean()
     assert (normal.relation_errors[:, normal.modalities.index("proc_context")] == 0).all()
+    for f in (normal, moved):               # each channel's part (`relation_channels`) adds up to the error
+        np.testing.assert_allclose(f.relation_channels["proc"].sum(1), f.relation_errors[:, proc], rtol=1e-5)
+    parts = moved.relation_channels["proc"]
+    assert (parts[:, 0] > parts[:, 1]).mean() > 0.9         # the moved channel's part is the larger
     current, history = np.array([[1.0, 2.0]]), np.ones((1, 10, 2))
     changed = history.copy()
     changed[..., 0] = 99.0                                   # the target's own history: not in its design

@@ -510,3 +510,33 @@ def test_a_missing_channel_is_left_out_of_its_modalitys_error_and_of_the_loss(fu
     recon = out.recon("proc")
     (grad,) = torch.autograd.grad(model.errors(out, held)[:, 0].sum(), recon)
     assert (grad[:6, 1] == 0).all() and (grad[6:, 1] != 0).all() and (grad[:, 0] != 0).all()
+
+
+@pytest.mark.parametrize("fusion", ["attention", "late"])
+def test_each_channels_part_of_a_modalitys_error_adds_up_to_it_and_names_the_channel_that_drives_it(fusion):
+    """`RawScores.channel_errors`: for a tabular or series modality of two channels or more, each channel's part of
+    its raw error (reconstruction, and with cross-modal errors the leave-one-out one; a missing channel's 0) adds up
+    to the modality's error; `top_channels` names the largest - the channel a fault is on."""
+    from dmafn.scoring import raw_scores, top_channels
+    from dmafn.training import fit_model
+
+    torch.manual_seed(0)
+    feats, _ = make(64)
+    model = build_model(specs(), small(fusion=fusion, d_model=16, latent=4))
+    fit_model(model, feats, epochs=3, batch_size=32)
+    held = np.ones((64, 2), bool)
+    held[:5, 1] = False
+    feats.channels = {"proc": held, "vib": np.ones((64, 2), bool)}
+    feats.inputs["proc"] = feats.inputs["proc"].copy()
+    feats.inputs["proc"][:5, 1] = 0.0
+    feats.inputs["proc"][40:, 0] += 6.0                   # a fault on the first channel
+    raw = raw_scores(model, feats)
+    assert set(raw.channel_errors) == {"proc", "vib"}     # camera and logs have no channels to split
+    for i, m in enumerate(("proc", "vib")):
+        np.testing.assert_allclose(raw.channel_errors[m].sum(1), raw.errors[:, i], rtol=1e-4)
+    assert (raw.channel_errors["proc"][:5, 1] == 0).all()
+    names = top_channels(raw.channel_errors["proc"], ("t", "p"))
+    assert (names[40:] == "t").all()
+    absent = raw.channel_errors["proc"].copy()
+    absent[3] = np.nan
+    assert top_channels(absent, ("t", "p"))[3] is None and raw.rows(np.arange(4)).channel_errors["proc"].shape == (4, 2)
