@@ -57,12 +57,15 @@ def pairwise_merge(n_a: float, mean_a: Any, scatter_a: Any, n_b: float, mean_b: 
 
 
 class NoUsableRows(ValueError):
-    """A modality present at none of the ticks a fit was given (`StatisticsFitter.fleet_result`): nothing to fit its
-    statistics on. `modality`: its name."""
+    """A modality with every channel at none of the ticks a fit was given (`StatisticsFitter.fleet_result`): nothing
+    to fit its statistics on. `modality`: its name; `dead`: the columns that hold no value at any tick it is present
+    at (present: with another column), `present`: those ticks."""
 
-    def __init__(self, modality: str) -> None:
-        super().__init__(f"modality '{modality}': no usable rows in the training days to fit statistics")
-        self.modality = modality
+    def __init__(self, modality: str, dead: tuple[str, ...] = (), present: int = 0) -> None:
+        super().__init__(f"modality '{modality}': no usable rows in the training days to fit statistics"
+                         + (f" (column {', '.join(map(repr, dead))} holds no value at any of the {present} ticks its "
+                            "others have one)" if dead else ""))
+        self.modality, self.dead, self.present = modality, dead, present
 
 
 class _Moments:
@@ -874,6 +877,7 @@ class StatisticsFitter:
         self.trend_: dict[str, dict[str, _Trend]] = {m: {} for m, s in spec.modalities.items() if s.transform == "auto"}
         self.templates_: dict[str, dict[str, int]] = {m: {} for m, s in spec.modalities.items() if s.kind == "text"}
         self.magnitude_: dict[str, np.ndarray] = {}             # modality -> each channel's largest |level| (C,)
+        self.held_: dict[str, np.ndarray] = {}                  # modality -> ticks present, then holding each channel
         # context view -> its parent's channel relations; and the same with the peers' current values beside
         # (`relation_peers`), on the ticks where every peer is present
         self.relations_: dict[str, _RelationFit] = {ctx: _RelationFit() for ctx in relation_pairs(spec)}
@@ -897,7 +901,10 @@ class StatisticsFitter:
                 continue
             present = np.asarray(aligned.column(f"{name}__present").to_numpy(zero_copy_only=False), bool)
             if m.kind != "audio":         # fitted on the ticks with every channel (a dead channel's ticks: none)
-                present = present & channel_presence(aligned, m).all(1)
+                held = channel_presence(aligned, m) & present[:, None]
+                counts = np.concatenate([[present.sum()], held.sum(0)]).astype(np.int64)
+                self.held_[name] = self.held_.get(name, 0) + counts
+                present = present & held.all(1)
             levels[name], presents[name] = raw_values(aligned, m, "level"), present
             if not present.any():
                 continue
@@ -982,6 +989,8 @@ class StatisticsFitter:
             self.left_out_[place] = self.left_out_.get(place, 0) + n
         for name, largest in other.magnitude_.items():
             self.magnitude_[name] = np.maximum(self.magnitude_.get(name, largest), largest)
+        for name, counts in other.held_.items():
+            self.held_[name] = self.held_.get(name, 0) + counts
         return self
 
     def outlier_warnings(self) -> list[str]:
@@ -1035,7 +1044,7 @@ class StatisticsFitter:
         `entity_statistics`)."""
         fleet, parts = StatisticsFitter(self.spec), [StatisticsFitter(self.spec) for _ in range(buckets)]
         fleet.global_, fleet.templates_, fleet.left_out_ = self.global_, self.templates_, self.left_out_
-        fleet.magnitude_ = self.magnitude_
+        fleet.magnitude_, fleet.held_ = self.magnitude_, self.held_
         bucket: dict[str, int] = {}
 
         def part(key: str) -> "StatisticsFitter":
@@ -1088,7 +1097,9 @@ class StatisticsFitter:
             if m.kind in ("tabular", "timeseries", "audio"):
                 views = self._views(m)
                 if self.global_[name][views[0]].n == 0:
-                    raise NoUsableRows(name)
+                    counts = self.held_.get(name, np.zeros(len(m.columns) + 1, np.int64))
+                    dead = tuple(c for c, n in zip(m.columns, counts[1:]) if n == 0) if counts[0] else ()
+                    raise NoUsableRows(name, dead, int(counts[0]))
                 if name in self.trend_:
                     chosen, drift = auto_transforms(totals.drifts.get(name, []))
                     if transforms and name in transforms:

@@ -599,6 +599,13 @@ def gather_statistics(spec: Spec, outs: list[list["ray.ObjectRef"]], buckets: in
     except NoUsableRows as exc:
         m = spec.modalities[exc.modality]
         added = f" - added_columns: {', '.join(m.added_columns)}" if m.added_columns else ""
+        if exc.dead:         # a dead channel: the others are there, that column never is
+            raise DataError(
+                f"modality '{m.name}' ({m.path}): column {', '.join(map(repr, exc.dead))} holds no usable value at "
+                f"any of the {exc.present:,} training ticks its other columns have one, so its statistics cannot be "
+                "fitted (a dead channel for the whole training window, or a column added to the table after its "
+                f"files were written, which reads null there{added}); train on days where it has values, or leave "
+                "the column out of the spec's columns") from None
         raise DataError(f"modality '{m.name}' ({m.path}): present at none of the training ticks - no tick holds a "
                         f"usable value of each of its columns ({', '.join(m.value_columns)}) within its window or "
                         "tolerance, so the model could not learn it (its files there hold no usable row, or lack a "

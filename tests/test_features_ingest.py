@@ -4534,6 +4534,11 @@ def test_a_dead_channel_leaves_its_modality_present_with_the_others_and_out_of_t
     dead = np.arange(400) % 3 == 0
     holed = train.set_column(train.schema.get_field_index("proc__pres"), "proc__pres",
                              pa.array(np.where(dead, np.nan, train["proc__pres"].to_numpy()), from_pandas=True))
+    silent = train.set_column(train.schema.get_field_index("proc__pres"), "proc__pres", pa.nulls(400, pa.float64()))
+    from dmafn.features import NoUsableRows
+    with pytest.raises(NoUsableRows, match=r"column 'pres' holds no value at any of the 400 ticks") as caught:
+        StatisticsFitter(spec).add(silent.slice(0, 150)).merge(StatisticsFitter(spec).add(silent.slice(150))).result()
+    assert (caught.value.modality, caught.value.dead, caught.value.present) == ("proc", ("pres",), 400)
     absent = train.set_column(train.schema.get_field_index("proc__present"), "proc__present", pa.array(~dead))
     stats = StatisticsFitter(spec).add(holed).result()
     same_statistics(stats, StatisticsFitter(spec).add(absent).result())       # as if the modality were absent

@@ -1242,15 +1242,15 @@ def test_training_refuses_a_modality_it_would_never_see(trained, tmp_path):
                                         r"2024-01-01\.\.2024-01-01, so the model could not learn it"):
         train(replace(gone, registry=str(tmp_path / "gone" / "models")))
     assert not (tmp_path / "gone" / "models").exists() and not (tmp_path / "empty" / "models").exists()
-    # a column added to the process table after the training days (`added_columns`: null in their files) leaves
-    # the modality absent at every training tick: named when its statistics would be fitted
+    # a column added to the process table after the training days (`added_columns`: null in their files) holds no
+    # value at any training tick - a dead channel: the column named when its statistics would be fitted
     added = _edited_copy(trained, tmp_path / "added", "process/date=2024-01-01/*.parquet",
                          lambda t: t.drop(["pressure"]) if "pressure" in t.column_names else t)
     added = replace(added, registry=str(tmp_path / "added" / "models"), modalities={
         **added.modalities, "process": replace(added.modalities["process"], added_columns=("pressure",))})
-    with pytest.raises(DataError, match=r"modality 'process' \(.*\): present at none of the training ticks - no tick "
-                                        r"holds a usable value of each of its columns \(temperature, pressure\).* "
-                                        r"added_columns: pressure\); train on days that hold it"):
+    with pytest.raises(DataError, match=r"modality 'process' \(.*\): column 'pressure' holds no usable value at any "
+                                        r"of the [\d,]+ training ticks its other columns have one, .* "
+                                        r"added_columns: pressure\); train on days where it has values"):
         train(added)
 
 
