@@ -170,7 +170,7 @@ def run_before(root: Path, buckets: int) -> dict[str, Any]:
         relations = {}
         for ctx, fitted in stats.get("relations", {}).items():
             fitted = dict(fitted)
-            for key in ("channels", "cross_channels"):
+            for key in ("channels", "cross_channels", "peer_channels"):
                 if fitted.get(key) is not None:
                     fitted[key] = [None if ch is None else
                                    {**ch, "entity_intercepts": only(ch["entity_intercepts"]),

@@ -453,13 +453,16 @@ class _RelationFit:
             self.ranges.setdefault(key, _Range(len(part.lo))).merge(part)
         return self
 
-    def design(self, channel: int) -> np.ndarray:
-        """The columns of the quantities channel `channel`'s design reads (`design_index`)."""
+    def design(self, channel: int, peers_only: bool = False) -> np.ndarray:
+        """The columns of the quantities channel `channel`'s design reads (`design_index`); `peers_only`: the peers'
+        values alone (what predicts it while another channel of its parent is missing - a dead channel)."""
+        if peers_only:
+            return np.arange(self.quantities.d - self.peers, self.quantities.d)
         return design_index(self.width, (self.quantities.d - self.peers) // self.width - 1, channel, self.peers)
 
-    def channel(self, c: int) -> _Regression:
-        """Channel `c`'s regression on its design, as if it alone had been fitted (`_Regression`)."""
-        design = self.design(c)
+    def channel(self, c: int, peers_only: bool = False) -> _Regression:
+        """Channel `c`'s regression on its design (`design`), as if it alone had been fitted (`_Regression`)."""
+        design = self.design(c, peers_only)
         reg = _Regression(len(design))
         reg.moments = self.quantities.moments.columns(np.append(design, c))
         reg.entities = {key: sums.channel(design, c) for key, sums in self.quantities.entities.items()}
@@ -555,7 +558,7 @@ def _per_entity(stats: dict[str, Any], part: Callable[[str, dict[str, Any]], dic
     relations = {}
     for ctx, fitted in stats.get("relations", {}).items():
         fitted = dict(fitted)
-        for key in ("channels", "cross_channels"):
+        for key in ("channels", "cross_channels", "peer_channels"):
             if fitted.get(key) is not None:
                 fitted[key] = [channel(f"relations/{ctx}/{key}/{i}", ch) for i, ch in enumerate(fitted[key])]
         for key in ("ranges", "cross_ranges"):
@@ -674,15 +677,16 @@ def _relation_residual(fitted: dict[str, Any], design: np.ndarray, target: np.nd
 
 
 def relation_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray, keys: list[str],
-                       peers: np.ndarray | None = None) -> np.ndarray:
+                       peers: np.ndarray | None = None, peers_only: bool = False) -> np.ndarray:
     """(N, C) each channel's signed distance from its prediction by the relation with the others, in units of that
     relation's residual std on the training days (held within `Z_LIMIT`; NaN for a channel with no fitted
     relation): by the within-modality fits, or with the peers' values (`peers`, N x K, every one present) by the
-    cross-modal fits (`cross_channels`). The quantities the designs are made of are first held inside the range
+    cross-modal fits (`cross_channels`), with `peers_only` by the fits on the peers alone (`peer_channels`: while a
+    channel of the parent is missing). The quantities the designs are made of are first held inside the range
     they took on the training days (the entity's, else the fleet's): a prediction never extrapolates from an
     abnormal predictor."""
     n, channels = current.shape
-    fits = relation["channels"] if peers is None else relation["cross_channels"]
+    fits = relation["channels"] if peers is None else relation["peer_channels" if peers_only else "cross_channels"]
     groups = group_rows(keys)                                # one sort of the keys serves every channel
     quantities = clip_quantities(relation_quantities(current, history, peers),
                                  relation.get("ranges" if peers is None else "cross_ranges"), groups)
@@ -690,8 +694,9 @@ def relation_residuals(relation: dict[str, Any], current: np.ndarray, history: n
     z = np.full((n, channels), np.nan)
     for c, fitted in enumerate(fits):
         if fitted is not None:
-            z[:, c] = _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, width)],
-                                         current[:, c], groups)
+            design = np.arange(quantities.shape[1] - width, quantities.shape[1]) if peers_only else \
+                _design_of(quantities, channels, c, width)
+            z[:, c] = _relation_residual(fitted, quantities[:, design], current[:, c], groups)
     return z
 
 
@@ -1121,11 +1126,13 @@ class StatisticsFitter:
             stats["modalities"][name] = entry
         stats["normalization"] = self.spec.model.normalization
         relations = {}
-        def fitted(fit: _RelationFit, totals_of: _EntityTotals | None) -> list[dict[str, Any] | None]:
+        def fitted(fit: _RelationFit, totals_of: _EntityTotals | None,
+                   peers_only: bool = False) -> list[dict[str, Any] | None]:
             """Each channel's relation, one channel at a time (none without rows)."""
             if totals_of is None or fit.quantities is None:
                 return []
-            return [fit_relation(fit.channel(c), totals_of.channel(fit.design(c), c)) for c in range(fit.width)]
+            return [fit_relation(fit.channel(c, peers_only), totals_of.channel(fit.design(c, peers_only), c))
+                    for c in range(fit.width)]
 
         for ctx, parent in relation_pairs(self.spec).items():
             width = len(self.spec.modalities[parent].columns)
@@ -1147,6 +1154,9 @@ class StatisticsFitter:
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
                                           cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))),
                                           peer_spread=self.spec.model.window_spread)
+                    if width >= 2:      # each channel from the peers alone: while another channel is dead
+                        relations[ctx]["peer_channels"] = fitted(
+                            self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx)), True)
                     if ("cross_relations_", ctx) in self.left_out_:
                         relations[ctx]["cross_left_out"] = self.left_out_[("cross_relations_", ctx)]
                     if history := peer_contexts(self.spec, parent):
@@ -1170,10 +1180,11 @@ class StatisticsFitter:
                     out[key][SPREAD] = spread.result()
             return out
 
-        def channels(fit: _RelationFit, fitted: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+        def channels(fit: _RelationFit, fitted: list[dict[str, Any] | None],
+                     peers_only: bool = False) -> list[dict[str, Any] | None]:
             held = fit.quantities is not None                    # else no entity of this part had the relation's rows
-            return [None if f is None else {**f, "entity_intercepts": entity_intercepts(fit.channel(c), f) if held
-                                            else {}} for c, f in enumerate(fitted)]
+            return [None if f is None else {**f, "entity_intercepts": entity_intercepts(fit.channel(c, peers_only), f)
+                                            if held else {}} for c, f in enumerate(fitted)]
 
         def ranges(fit: _RelationFit, fitted: dict[str, Any] | None) -> dict[str, Any] | None:
             return None if fitted is None else {**fitted, "entities": _entity_ranges(fit.ranges)}
@@ -1189,6 +1200,8 @@ class StatisticsFitter:
                 cross = self.cross_relations_[ctx]
                 relations[ctx].update(cross_channels=channels(cross, fitted["cross_channels"]),
                                       cross_ranges=ranges(cross, fitted.get("cross_ranges")))
+                if fitted.get("peer_channels") is not None:
+                    relations[ctx]["peer_channels"] = channels(cross, fitted["peer_channels"], True)
         stats = {**fleet, "modalities": modalities, **({"relations": relations} if relations else {})}
         return split_entity_statistics(stats)[1]
 
@@ -1622,6 +1635,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     inputs, masks, levels = {}, [], {}           # levels: tabular and series values as they are (relations)
     presence = {}                                 # what each modality really has (the mask hides relation-only ones;
     channels = {}                                 # a tabular or series one: every channel)
+    present_in_part, held_by = {}, {}             # a tabular or series one: any channel, and which
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -1631,6 +1645,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             levels[name] = raw_values(aligned, m, "level")
             held = channel_presence(aligned, m) & present[:, None]                      # (N, C)
             complete = present & held.all(1)       # every channel: what relations and the state read
+            present_in_part[name], held_by[name] = present.copy(), held
             if name in relation_only:             # a context absent to the model: its values feed the relations only
                 x = np.zeros_like(levels[name], dtype=np.float32)
             else:
@@ -1691,11 +1706,25 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         if fitted.get("cross_channels") and all(p in levels for p in [*fitted["peers"], *history]):
             peers, peers_present = peer_values(levels, presence, spec, fitted["peers"], history,
                                                fitted.get("peer_spread", False))   # before 2026-12-03: means only
-            peers, peers_present = peers[both], peers_present[both]
-        if both.any():
-            rows = np.flatnonzero(both)
-            z = tick_residuals(fitted, current_values(levels[parent], spec.modalities[parent])[both].astype(np.float64),
-                               levels[ctx][both], list(np.asarray(keys, object)[both]), peers, peers_present)
+        # a channel of the parent missing (a dead channel) with its peers there: each channel it has is scored by
+        # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none)
+        dead = np.zeros(n, bool) if fitted.get("peer_channels") is None or peers is None else \
+            present_in_part[parent] & ~presence[parent] & peers_present
+        scored = both | dead
+        if scored.any():
+            rows = np.flatnonzero(scored)
+            current = current_values(levels[parent], spec.modalities[parent]).astype(np.float64)
+            tick_keys = np.asarray(keys, object)
+            z = np.full((len(rows), current.shape[1]), np.nan)
+            whole = both[rows]
+            if whole.any():
+                z[whole] = tick_residuals(fitted, current[both], levels[ctx][both], list(tick_keys[both]),
+                                          None if peers is None else peers[both],
+                                          None if peers is None else peers_present[both])
+            if dead.any():
+                alone = relation_residuals(fitted, current[dead], levels[ctx][dead], list(tick_keys[dead]),
+                                           peers[dead], peers_only=True)
+                z[~whole] = np.where(held_by[parent][dead], alone, np.nan)     # none for the missing channel
             if fitted.get("smoothing"):                     # versions before 2026-12-06: each tick on its own
                 order = np.argsort(rank[rows], kind="stable")
                 z[order] = smooth_residuals(z[order], groups[rows][order], float(fitted["smoothing"]),

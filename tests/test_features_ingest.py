@@ -4560,3 +4560,46 @@ def test_a_dead_channel_leaves_its_modality_present_with_the_others_and_out_of_t
     from dmafn.features import features_from_columns, features_to_columns
     again = features_from_columns(features_to_columns(part), part.modalities)
     np.testing.assert_array_equal(again.channels["proc"], part.channels["proc"])
+
+
+def test_a_dead_channels_modality_keeps_a_relation_with_its_peers_alone():
+    """Each channel of a parent with peers also gets a relation on the peers' values alone (`peer_channels`, from the
+    cross-modal fit's accumulated cross products): while pressure is dead (null, and with it its context window) a
+    temperature where the vibration's load puts it errs ~1 and one that left it errs far more, scored by that
+    relation (before, no relation error at all while a channel was missing); the dead channel itself gets none;
+    ticks with every channel are scored as before; the per-entity intercepts travel with the entity parts."""
+    from dmafn.features import join_entity_statistics, split_entity_statistics
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(6)
+    stats = StatisticsFitter(spec).add(_cross_rows(spec, 800, rng)).result()
+    alone = stats["relations"]["proc_context"]["peer_channels"]
+    assert [len(f["weights"]) for f in alone] == [2, 2] and set(alone[0]["entity_intercepts"]) == {"a"}
+    fleet, entities = split_entity_statistics(stats)
+    assert fleet["relations"]["proc_context"]["peer_channels"][0]["entity_intercepts"] == {}
+    same_statistics(join_entity_statistics(fleet, entities.items()), stats)
+    proc = list(spec.modalities).index("proc")
+
+    def dead(rows):                                     # pressure null now and over the context window
+        for name, kind in (("proc__pres", pa.float64()), ("proc_context__pres", pa.list_(pa.float32()))):
+            rows = rows.set_column(rows.schema.get_field_index(name), name, pa.nulls(rows.num_rows, kind))
+        return rows
+
+    normal = dead(_cross_rows(spec, 200, rng, spread=0.4))
+    shifted = dead(_cross_rows(spec, 200, rng, spread=0.4, shift=1.2))
+    calm, moved = featurize(normal, spec, stats), featurize(shifted, spec, stats)
+    assert calm.mask[:, proc].all() and not calm.channels["proc"][:, 1].any()
+    assert 0 < calm.relation_errors[:, proc].mean() < 3
+    assert moved.relation_errors[:, proc].mean() > 20 * calm.relation_errors[:, proc].mean()
+    assert (moved.relation_channels["proc"][:, 1] == 0).all()                      # the dead channel: no residual
+    without = {**stats, "relations": {"proc_context": {k: v for k, v in stats["relations"]["proc_context"].items()
+                                                       if k != "peer_channels"}}}   # a version before 2026-12-06
+    assert (featurize(shifted, spec, without).relation_errors[:, proc] == 0).all()
+    whole = _cross_rows(spec, 50, rng, spread=0.4, shift=1.2)
+    np.testing.assert_array_equal(featurize(whole, spec, stats).relation_errors,
+                                  featurize(whole, spec, without).relation_errors)
