@@ -540,3 +540,16 @@ def test_each_channels_part_of_a_modalitys_error_adds_up_to_it_and_names_the_cha
     absent = raw.channel_errors["proc"].copy()
     absent[3] = np.nan
     assert top_channels(absent, ("t", "p"))[3] is None and raw.rows(np.arange(4)).channel_errors["proc"].shape == (4, 2)
+
+
+def test_the_detector_names_the_channel_that_drives_each_rows_error():
+    """`Detector.channels`: per tabular or series modality of two channels or more, the channel `top_channels` names
+    at each row (as the output's `channel_<m>`); rows with a fault on one channel name it."""
+    feats, _ = make(160)
+    det = Detector(specs(), small(d_model=16, latent=4), epochs=3, batch_size=32).fit(feats.rows(np.arange(120)))
+    test = feats.rows(np.arange(120, 160))
+    test.inputs["proc"] = test.inputs["proc"].copy()
+    test.inputs["proc"][30:, 1] += 6.0                     # a fault on the second column
+    named = det.channels(test)
+    assert set(named) == {"proc", "vib"} and len(named["proc"]) == 40
+    assert (named["proc"][30:] == "p").all() and set(named["vib"]) <= {"x", "y"}
