@@ -18,7 +18,7 @@ import numpy as np
 from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.scoring import ScoreRecord, raw_scores, top_channels
+from dmafn.scoring import ScoreRecord, channel_names, raw_scores
 from dmafn.spec import (ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, threshold_without_method,
                         voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
@@ -97,11 +97,8 @@ class Detector:
 
     def channels(self, X: Features) -> dict[str, np.ndarray]:
         """Per voting tabular or series modality of two channels or more, the name of the channel that drives its
-        error at each row (`top_channels`, as the output's `channel_<m>`; None where the modality is absent)."""
-        raw = raw_scores(self.model_, X, device=self.device)
-        voting = voting_modalities(self.modalities)
-        return {m: top_channels(parts, self.modalities[m].columns) for m, parts in raw.channel_errors.items()
-                if m in voting}
+        error at each row (`channel_names`, as the output's `channel_<m>`; None where the modality is absent)."""
+        return channel_names(raw_scores(self.model_, X, device=self.device), self.modalities)
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

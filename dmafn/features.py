@@ -1635,7 +1635,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     inputs, masks, levels = {}, [], {}           # levels: tabular and series values as they are (relations)
     presence = {}                                 # what each modality really has (the mask hides relation-only ones;
     channels = {}                                 # a tabular or series one: every channel)
-    present_in_part, held_by = {}, {}             # a tabular or series one: any channel, and which
+    held_by = {}                                  # a tabular or series one: which channels (N, C)
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -1645,7 +1645,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             levels[name] = raw_values(aligned, m, "level")
             held = channel_presence(aligned, m) & present[:, None]                      # (N, C)
             complete = present & held.all(1)       # every channel: what relations and the state read
-            present_in_part[name], held_by[name] = present.copy(), held
+            held_by[name] = held
             if name in relation_only:             # a context absent to the model: its values feed the relations only
                 x = np.zeros_like(levels[name], dtype=np.float32)
             else:
@@ -1709,7 +1709,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         # a channel of the parent missing (a dead channel) with its peers there: each channel it has is scored by
         # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none)
         dead = np.zeros(n, bool) if fitted.get("peer_channels") is None or peers is None else \
-            present_in_part[parent] & ~presence[parent] & peers_present
+            held_by[parent].any(1) & ~presence[parent] & peers_present
         scored = both | dead
         if scored.any():
             rows = np.flatnonzero(scored)

@@ -128,11 +128,18 @@ class DMAFN(nn.Module):
         weights = mask.float()
         return (logits * weights).sum(1) / weights.sum(1).clamp(min=1)
 
-    def errors(self, out: ModelOutput, channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def errors(self, out: ModelOutput, channels: dict[str, torch.Tensor] | None = None,
+               parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-modality mean squared reconstruction error (B, M); `channels`: m -> (B, C) the channels of a tabular
-        or series modality that hold a value (`Features.channels`), a missing one left out of its mean."""
-        return torch.stack([self.mean_error(m, F.mse_loss(out.recon(m), out.targets[m], reduction="none"), channels)
-                            for m in self.modalities], 1)
+        or series modality that hold a value (`Features.channels`), a missing one left out of its mean; `parts`,
+        when given, gets each channel's part of it (`channel_parts`: which channel drives the modality's error)."""
+        cols = []
+        for m in self.modalities:
+            squared = F.mse_loss(out.recon(m), out.targets[m], reduction="none")                  # (B, D)
+            cols.append(self.mean_error(m, squared, channels))
+            if parts is not None and (split := self.channel_parts(m, squared, channels)) is not None:
+                parts[m] = split
+        return torch.stack(cols, 1)
 
     def mean_error(self, m: str, squared: torch.Tensor, channels: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """(B, D) squared errors of modality m's target -> (B,) their mean over the dimensions of the channels held
@@ -142,17 +149,6 @@ class DMAFN(nn.Module):
             return squared.mean(1)
         weights = self.encoders[m].target_weights(held)                                       # (B, D)
         return (squared * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-    def channel_errors(self, out: ModelOutput,
-                       channels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """m -> (B, C) each channel's part of modality m's error (`channel_parts`), for its tabular and series
-        modalities of two channels or more: which channel drives the modality's error."""
-        parts = {}
-        for m in self.modalities:
-            split = self.channel_parts(m, F.mse_loss(out.recon(m), out.targets[m], reduction="none"), channels)
-            if split is not None:
-                parts[m] = split
-        return parts
 
     def channel_parts(self, m: str, squared: torch.Tensor,
                       channels: dict[str, torch.Tensor] | None) -> torch.Tensor | None:

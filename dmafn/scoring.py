@@ -24,7 +24,7 @@ import torch
 
 from dmafn.features import Features
 from dmafn.model import DMAFN
-from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModelSpec
+from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModalitySpec, ModelSpec, voting_modalities
 from dmafn.validation import ArrayValues, Values, as_values
 
 
@@ -78,8 +78,8 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
             errors.append(_occlusion(model, inputs, mask))
             continue
         out = model(inputs, mask)
-        err = model.errors(out, channels)
-        own = model.channel_errors(out, channels)             # m -> (B, C), adding up to err[:, m]
+        own: dict[str, torch.Tensor] = {}                   # m -> (B, C), adding up to err[:, m]
+        err = model.errors(out, channels, own)
         if model.cfg.cross_modal and not model.late and mask.shape[1] > 1:
             hidden: dict[str, torch.Tensor] = {}
             loo = model.leave_one_out_errors(inputs, mask, out, channels, hidden)  # reuses out's encodings
@@ -115,6 +115,13 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
         channel_errors[m] = np.where(mask[:, features.modalities.index(m), None], split, np.nan)
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
                      state_owners=features.state_owners, channel_errors=channel_errors)
+
+
+def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec]) -> dict[str, np.ndarray]:
+    """Per voting modality with channel parts (`RawScores.channel_errors`), the name of the channel that drives its
+    error at each tick (`top_channels`): the output's `channel_<m>`."""
+    voting = voting_modalities(modalities)
+    return {m: top_channels(parts, modalities[m].columns) for m, parts in raw.channel_errors.items() if m in voting}
 
 
 def top_channels(parts: np.ndarray, names: tuple[str, ...] | list[str]) -> np.ndarray:

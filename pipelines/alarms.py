@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +62,7 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
     every = score_dates(table, spec)
     dates = score_dates(table, spec, start, end) if start or end else every[-1:]
     before = [d for d in every if d < dates[0]][-1:]          # where a run open at the window's start began
-    modalities = list(spec.modalities)
-    found = AlarmEvents(modalities)
+    found = AlarmEvents(list(spec.modalities))
     last: pl.DataFrame | None = None                          # each entity's last tick in the window
     first: pl.DataFrame | None = None                         # ... and the first tick read
     key_values: dict[str, dict[str, Any]] = {}                # entity string -> its key columns' values as stored
@@ -86,11 +84,10 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
             .join(last, on="_entity", how="left").join(first, on="_entity", how="left").sort("start", "_entity"))
     events = []
     for row in runs.iter_rows(named=True):
-        means = {m: row[m] for m in modalities if row.get(m) is not None and math.isfinite(row[m])}
-        dominant = max(means, key=means.get) if means else None
+        means, dominant, channel = found.attribution(row)
         events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
-                       "peak": row["peak"], "dominant": dominant, "channel": row.get(f"channel_{dominant}"),
+                       "peak": row["peak"], "dominant": dominant, "channel": channel,
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
     return AlarmList(dates, events)

@@ -289,6 +289,13 @@ class AlarmEvents:
         self._carry: pl.DataFrame | None = None
         self.found: list[dict[str, Any]] = []
 
+    def attribution(self, run: dict[str, Any]) -> tuple[dict[str, float], str | None, str | None]:
+        """A run's (a row of `best`) mean contribution per modality, the dominant one (the largest; None without
+        any) and that modality's channel at most of the run's ticks (None without one)."""
+        means = {m: run[m] for m in self.modalities if run.get(m) is not None and math.isfinite(run[m])}
+        dominant = max(means, key=means.get) if means else None
+        return means, dominant, run.get(f"channel_{dominant}") if dominant else None
+
     @staticmethod
     def _rows(chunk: pl.DataFrame, modalities: list[str]) -> tuple[pl.DataFrame, list[pl.Expr]]:
         """A chunk's columns that the runs need, and the aggregations of a run."""
@@ -349,12 +356,11 @@ class AlarmEvents:
             self.add(self._carry.clear(), final=True)
         self.found = []
         for row in (self.best.iter_rows(named=True) if self.best is not None else []):
-            means = {m: row[m] for m in self.modalities if row.get(m) is not None and math.isfinite(row[m])}
-            dominant = max(means, key=means.get) if means else "none"
+            _, dominant, channel = self.attribution(row)
             self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
                                "end": _when(row["end"], self.zone),
-                               "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant,
-                               "channel": row.get(f"channel_{dominant}"), "kind": row.get("kind")})
+                               "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant or "none",
+                               "channel": channel, "kind": row.get("kind")})
         return self.found
 
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import entity_key, entity_keys, featurize
 from dmafn.calibration import Calibration
-from dmafn.scoring import raw_scores, top_channels
+from dmafn.scoring import channel_names, raw_scores
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
@@ -60,10 +60,8 @@ class Scorer:
         for i, m in enumerate(feats.modalities):
             c = record.contributions[:, i]
             cols[f"score_{m}"] = pa.array(c, pa.float64(), mask=~np.isfinite(c))
-        for m in voting_modalities(spec.modalities):       # which channel drives a sensor table's or series' error
-            if m in raw.channel_errors:
-                cols[f"{CHANNEL}{m}"] = pa.array(top_channels(raw.channel_errors[m], spec.modalities[m].columns),
-                                                 pa.string())
+        for m, named in channel_names(raw, spec.modalities).items():   # which channel drives a table's error
+            cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
