@@ -36,7 +36,7 @@ class RawScores:
     state: np.ndarray | None = None   # (N, S) the ticks' operating state (`dmafn.features.operating_state`)
     state_owners: tuple[str, ...] = ()
     channel_errors: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, C) each channel's part of
-                                      # m's raw error (model and relations; `DMAFN.channel_errors`), NaN where absent
+                                      # m's raw error (model and relations; `DMAFN.errors`' parts), NaN where absent
 
     def rows(self, idx: np.ndarray) -> "RawScores":
         """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
