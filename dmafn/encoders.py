@@ -62,6 +62,10 @@ class TabularEncoder(nn.Module):
         """(B, C) squared errors of the target -> (B, C) each channel's mean."""
         return squared
 
+    def hide_channels(self, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """(B, C) inputs, (B, C) channels kept -> the inputs with the others at 0 (a missing channel's value)."""
+        return x * channels.to(x.dtype)
+
 
 class _TCN(nn.Module):
     """Causal dilated 1-D convolutions with residuals."""
@@ -125,6 +129,10 @@ class SeriesEncoder(nn.Module):
     def channel_means(self, squared: torch.Tensor) -> torch.Tensor:
         """(B, C * L') squared errors of the target -> (B, C) each channel's mean over its pooled steps."""
         return squared.view(squared.shape[0], self.channels, self.pooled_steps).mean(2)
+
+    def hide_channels(self, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) inputs, (B, C) channels kept -> the inputs with the others at 0 (a missing channel's value)."""
+        return x * channels.to(x.dtype).unsqueeze(1)
 
 
 class ImageEncoder(nn.Module):

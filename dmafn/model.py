@@ -37,6 +37,7 @@ class ModelConfig:
     series_encoder: str = ModelSpec.series_encoder
     text_encoder: str = ModelSpec.text_encoder
     modality_dropout: float = ModelSpec.modality_dropout
+    channel_dropout: float = ModelSpec.channel_dropout
     cross_modal: bool = ModelSpec.cross_modal_scoring
     text_novelty: bool = False      # the text target counts lines and tokens unseen in training (versions since
                                     # the text vocabulary; older ones load without it)
@@ -61,6 +62,7 @@ def model_config(m: ModelSpec) -> ModelConfig:
     """The network config a spec's `model` section asks for: its named preset plus its options."""
     return PRESETS[m.preset](fusion=m.fusion, detector=m.detector, series_encoder=m.series_encoder,
                              text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
+                             channel_dropout=m.channel_dropout,
                              cross_modal=m.cross_modal_scoring, text_novelty=True,
                              image_grid=True)
 
@@ -267,6 +269,24 @@ def modality_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | 
     return dropped | restore
 
 
+def channel_dropout(channels: dict[str, torch.Tensor], p: float,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Hide each held channel of a modality of two channels or more (m -> (B, C)) with probability p, always keeping
+    at least one of those a row holds."""
+    if p <= 0:
+        return channels
+    hidden = {}
+    for m, held in channels.items():
+        if held.shape[1] < 2:
+            hidden[m] = held
+            continue
+        kept = held & (torch.rand(held.shape, generator=generator, device=held.device) >= p)
+        none_left = ~kept.any(1) & held.any(1)
+        first_held = F.one_hot(torch.argmax(held.int(), 1), held.shape[1]).bool()
+        hidden[m] = kept | (first_held & none_left.unsqueeze(1))
+    return hidden
+
+
 def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
                   labels: torch.Tensor | None = None, pos_weight: float = 1.0,
                   channels: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -279,6 +299,11 @@ def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Ten
         return F.binary_cross_entropy_with_logits(logit, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logit.device))
     input_mask = mask if model.late else modality_dropout(mask, model.cfg.modality_dropout)
+    if channels and model.cfg.channel_dropout > 0:
+        # a hidden channel reads as a missing one does at scoring time (0, its training mean) and leaves the loss
+        channels = channel_dropout(channels, model.cfg.channel_dropout)
+        inputs = {m: model.encoders[m].hide_channels(x, channels[m]) if m in channels else x
+                  for m, x in inputs.items()}
     out = model(inputs, input_mask)
     err = model.errors(out, channels)                                                        # (B, M)
     weights = mask.float()

@@ -141,6 +141,7 @@ class ModelSpec:
     contribution_scale: str = "robust"      # robust | tail: the units contributions are voted in
     normalization: str = "global"
     modality_dropout: float = 0.25
+    channel_dropout: float = 0.25           # training hides each channel of a sensor table or series at this rate
     cross_modal_scoring: bool = True
     cross_modal_relations: bool = True      # context relations also fitted with the peer modalities' values
     state_baseline: bool = True             # each modality's error against its level at the operating state
@@ -684,7 +685,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     if sec is None:
         return ModelSpec()
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
-                        "contribution_scale", "normalization", "modality_dropout", "cross_modal_scoring",
+                        "contribution_scale", "normalization", "modality_dropout", "channel_dropout",
+                        "cross_modal_scoring",
                         "cross_modal_relations", "state_baseline", "window_spread", "relation_smoothing"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
@@ -696,6 +698,7 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         contribution_scale=sec.choice("contribution_scale", CONTRIBUTION_SCALES, ModelSpec.contribution_scale),
         normalization=sec.choice("normalization", NORMALIZATIONS, ModelSpec.normalization),
         modality_dropout=sec.number("modality_dropout", ModelSpec.modality_dropout, float, 0.0, 0.9),
+        channel_dropout=sec.number("channel_dropout", ModelSpec.channel_dropout, float, 0.0, 0.9),
         cross_modal_scoring=sec.boolean("cross_modal_scoring", ModelSpec.cross_modal_scoring),
         cross_modal_relations=sec.boolean("cross_modal_relations", ModelSpec.cross_modal_relations),
         state_baseline=sec.boolean("state_baseline", ModelSpec.state_baseline),

@@ -139,6 +139,7 @@ def spec_json_schema() -> dict[str, Any]:
                               "vote": _enum(VOTES), "contribution_scale": _enum(CONTRIBUTION_SCALES),
                               "normalization": _enum(NORMALIZATIONS),
                               "modality_dropout": _number("number", 0.0, 0.9),
+                              "channel_dropout": _number("number", 0.0, 0.9),
                               "cross_modal_scoring": {"type": "boolean"},
                               "cross_modal_relations": {"type": "boolean"},
                               "state_baseline": {"type": "boolean"},

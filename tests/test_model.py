@@ -8,7 +8,7 @@ from dmafn.detector import Detector
 from dmafn.encoders import AudioEncoder, ImageEncoder, SeriesEncoder, TabularEncoder, TextEncoder
 from dmafn.fusion import AttentionFusion, EarlyFusion, GatedFusion
 from dmafn.metrics import roc_auc
-from dmafn.model import ModelConfig, build_model, modality_dropout, small, training_loss
+from dmafn.model import ModelConfig, build_model, channel_dropout, modality_dropout, small, training_loss
 from dmafn.spec import DETECTORS, FUSIONS, SERIES_ENCODERS
 from tests.modeldata import make, specs
 
@@ -553,3 +553,52 @@ def test_the_detector_names_the_channel_that_drives_each_rows_error():
     named = det.channels(test)
     assert set(named) == {"proc", "vib"} and len(named["proc"]) == 40
     assert (named["proc"][30:] == "p").all() and set(named["vib"]) <= {"x", "y"}
+
+
+def test_channel_dropout_hides_held_channels_only_and_keeps_one_per_row():
+    torch.manual_seed(0)
+    held = {"proc": torch.ones(4000, 3, dtype=torch.bool), "one": torch.ones(4000, 1, dtype=torch.bool)}
+    held["proc"][:500, 2] = False                                    # dead already on the first rows
+    held["proc"][500:600] = False                                    # the modality absent
+    hidden = channel_dropout(held, 0.2)
+    assert torch.equal(hidden["one"], held["one"])                  # a one-channel modality is never hidden
+    assert not (hidden["proc"] & ~held["proc"]).any()
+    assert not hidden["proc"][500:600].any()
+    share = 1 - hidden["proc"][600:].float().mean().item()          # the rows holding all three
+    assert 0.17 < share < 0.23
+    most = channel_dropout(held, 0.9)["proc"]
+    assert most[600:].any(1).all()                                   # every row keeps one of its channels
+    assert (most[:500, :2].sum(1) == 1).float().mean() > 0.7
+    assert channel_dropout(held, 0.0) is held
+
+
+def test_a_hidden_channel_reads_as_a_missing_one():
+    tab, series = TabularEncoder(3, D), SeriesEncoder(3, 8, D)
+    kept = torch.tensor([[True, False, True], [True, True, True]])
+    x = torch.randn(2, 3)
+    assert torch.equal(tab.hide_channels(x, kept), torch.where(kept, x, torch.zeros_like(x)))
+    w = torch.randn(2, 8, 3)
+    assert torch.equal(series.hide_channels(w, kept), torch.where(kept[:, None, :], w, torch.zeros_like(w)))
+
+
+def test_training_with_channels_hidden_leaves_the_other_modalities_undisturbed_by_a_dead_channel():
+    """`channel_dropout`: trained with channels hidden at random, a tick whose channel is dead (0, not held) moves the
+    other modalities' errors less than under a model that never saw one missing."""
+    from dmafn.training import fit_model
+    feats, _ = make(400, seed=1)
+    feats.channels = {"proc": np.ones((400, 2), bool), "vib": np.ones((400, 2), bool)}
+    test, _ = make(200, seed=2)
+    inputs = {m: torch.from_numpy(test.inputs[m]) for m in test.modalities}
+    mask = torch.from_numpy(test.mask)
+    dead = dict(inputs, proc=inputs["proc"] * torch.tensor([1.0, 0.0]))
+    held = {"proc": torch.tensor([[True, False]]).repeat(200, 1), "vib": torch.ones(200, 2, dtype=torch.bool)}
+    shift = {}
+    for p in (0.0, 0.5):
+        model = build_model(specs(), small(d_model=16, latent=4, channel_dropout=p))
+        fit_model(model, feats, epochs=40, batch_size=32, seed=0)
+        model.eval()
+        with torch.no_grad():
+            whole = model.leave_one_out_errors(inputs, mask)[:, 1:]
+            broken = model.leave_one_out_errors(dead, mask, channels=held)[:, 1:]
+        shift[p] = (broken - whole).abs().mean().item()
+    assert shift[0.5] < 0.7 * shift[0.0], shift

@@ -14,6 +14,13 @@ def test_valid_spec_resolves_defaults(tiny_spec):
     assert tiny_spec.lookback_days == 1
 
 
+def test_channel_dropout_reaches_the_networks_config_and_is_saved_with_it():
+    from dmafn.model import model_config
+    spec = parse_spec({**tiny_spec_dict(), "model": {"channel_dropout": 0.3}})
+    assert spec.model.channel_dropout == 0.3 and model_config(spec.model).channel_dropout == 0.3
+    assert parse_spec(spec.to_dict()).model == spec.model
+
+
 def test_round_trip_through_dict(tiny_spec):
     again = parse_spec(tiny_spec.to_dict())
     assert again.modalities == tiny_spec.modalities
@@ -99,6 +106,7 @@ def test_missing_key_is_named():
     ({"grain": "7min"}, "must divide one day"),
     ({"model": {"fusion": "mixing"}}, "'model.fusion': 'mixing' is not one of"),
     ({"model": {"detector": "classifier"}}, "needs a 'labels' section"),
+    ({"model": {"channel_dropout": 1.5}}, r"'model.channel_dropout': 1.5 is outside \[0.0, 0.9\]"),
     ({"train": {"start": "2024-02-01", "end": "2024-01-01"}}, "before start"),
     ({"score": {"output": "x", "threshold": {"method": "fixed"}}}, "required when method is 'fixed'"),
 ])
