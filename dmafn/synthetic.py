@@ -81,6 +81,7 @@ class SyntheticConfig:
                                  # fleet always has it)
     dead_channels: bool = False  # vibration `ay` and process `pressure` null for 2-4 h around a fault (module doc)
     ac_vibration: bool = False   # the vibration's third axis oscillates (no steady part): every axis averages ~0
+    stops: bool = False          # each pump stops 2-4 times a day for 20-120 min, training days too (normal, unlabelled)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -194,6 +195,31 @@ def _silence_channels(e: int, cfg: SyntheticConfig, events: list[tuple[int, int,
         values[column] = np.where((times >= start) & (times < end), np.nan, values[column])
 
 
+STOP_RAMP_S = 120      # `stops`: seconds a pump takes to run down or up
+
+
+def _draw_stops(e: int, cfg: SyntheticConfig, events: list[tuple[int, int, str]], seconds: int) -> np.ndarray:
+    """`stops`: (seconds,) how far the pump runs, 1 running, 0 stopped - 2-4 stops a day of 20-120 minutes, each
+    running down and up over `STOP_RAMP_S`, at least 30 minutes from any labelled event; from a draw of its own."""
+    draw = np.random.default_rng([cfg.seed, e, 13])
+    busy = np.zeros(seconds, bool)
+    for start, end, _ in events:
+        busy[max(start - 1800, 0):end + 1800] = True
+    running = np.ones(seconds)
+    ramp = np.linspace(1, 0, STOP_RAMP_S)
+    for day in range(cfg.days):
+        for _ in range(int(draw.integers(2, 5))):
+            start = day * 86400 + int(draw.integers(0, 86400 - 3 * 3600))
+            end = start + int(draw.integers(20, 121)) * 60
+            if busy[start:end + STOP_RAMP_S].any() or end + STOP_RAMP_S >= seconds:
+                continue
+            running[start:start + STOP_RAMP_S] = np.minimum(running[start:start + STOP_RAMP_S], ramp)
+            running[start + STOP_RAMP_S:end] = 0
+            running[end:end + STOP_RAMP_S] = np.minimum(running[end:end + STOP_RAMP_S], ramp[::-1])
+            busy[start - 1800:end + 1800] = True
+    return running
+
+
 def _gauge_png(load: float, fog: float, rng: np.random.Generator, size: int) -> bytes:
     """The gauge at this load; `fog` in [0, 1] mixes in a fogged picture (1: fully fogged)."""
     from PIL import Image
@@ -241,6 +267,8 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
                               tzinfo=dt.timezone.utc).timestamp() * _S)
     load = _load_curve(rng, seconds, phase=rng.uniform(0, 2 * np.pi), cycle_minutes=m.cycle_minutes)
     events = _draw_events(rng, cfg, seconds)
+    running = _draw_stops(e, cfg, events, seconds) if cfg.stops else np.ones(seconds)
+    load = load * running               # a stopped pump: no load, its shaft still (below)
     shifted = np.where(load < 0.5, load + m.cross_shift, load - m.cross_shift)
     cross = _mask(events, "cross_modal", seconds)
     process_load = np.where(cross, shifted, load)
@@ -266,7 +294,7 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
         start = int(rng.integers(cfg.clean_days * 86400, seconds - 4 * 3600))
         keep[start:start + int(rng.integers(2 * 3600, 4 * 3600))] = False
     vib_s = np.flatnonzero(keep)
-    amp = m.vib_amp[0] + m.vib_amp[1] * load[vib_s]
+    amp = (m.vib_amp[0] + m.vib_amp[1] * load[vib_s]) * running[vib_s]
     rough = _mask(events, "vibration", seconds)
     if "intermittent" in cfg.kinds:     # intermittent: rough in bursts of 20-90 s, smooth in between
         bursts = np.zeros(seconds, bool)
@@ -305,8 +333,8 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     camera = {"ts": _timestamps(base_us, cam_s, 30, rng),
               "frame": [_gauge_png(process_load[s], f, rng, cfg.image_size) for s, f in zip(cam_s, fog)]}
 
-    # logs: Poisson per minute, rate and words follow load
-    rate = m.log_rate[0] + m.log_rate[1] * load[30::60]
+    # logs: Poisson per minute, rate and words follow load (a stopped pump: a heartbeat a minute or so)
+    rate = (m.log_rate[0] + m.log_rate[1] * load[30::60]) * np.maximum(running[30::60], 0.5)
     counts = rng.poisson(rate)
     log_s = np.repeat(np.arange(counts.size) * 60, counts) + rng.integers(0, 60, counts.sum())
     level = np.digitize(load[log_s], [0.35, 0.7])
@@ -314,6 +342,10 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
         messages = [_fill(_LOG_SHIFTED[lv][rng.integers(3)], rng) for lv in level]
     else:
         messages = [_LOG_NORMAL[lv][rng.integers(3)] for lv in level]
+    if cfg.stops:                       # the controller says when it stops and starts the pump
+        moves = np.flatnonzero(np.diff((running > 0.5).astype(int)))
+        log_s = np.concatenate([log_s, moves])
+        messages += ["INFO pump stopped" if running[s + 1] < 0.5 else "INFO pump started" for s in moves]
     err_mask = _mask(events, "log_errors", seconds)
     err_s = np.flatnonzero(err_mask[::30]) * 30
     log_s = np.concatenate([log_s, err_s])

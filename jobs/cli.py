@@ -57,7 +57,7 @@ def cmd_generate(args) -> None:
     cfg = SyntheticConfig(entities=args.entities, days=args.days, clean_days=args.train_days, seed=args.seed,
                           audio=args.audio, shifted=args.shifted, slow_drifts=args.slow_drifts,
                           gradual=args.gradual, outages=args.outages, ac_vibration=args.ac_vibration,
-                          dead_channels=args.dead_channels)
+                          dead_channels=args.dead_channels, stops=args.stops)
     print(f"spec: {write_synthetic(args.dir, cfg)}")
 
 
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-channels", action="store_true",
                    help="one channel of the vibration (ay) and of the process (pressure) null for 2-4 hours around a "
                         "fault on each pump's first scored day, rows kept: how a modality holds with a dead channel")
+    p.add_argument("--stops", action="store_true",
+                   help="each pump stops 2-4 times a day for 20-120 minutes, training days too (run down and up over 2 "
+                        "minutes; still shaft, resting pressure, the controller's stop and start lines): normal, "
+                        "unlabelled - how scores hold through a fleet's stops and start-ups")
     p.add_argument("--ac-vibration", action="store_true",
                    help="every vibration axis oscillates around zero (a real accelerometer): the load shows only in "
                         "how far the axes swing, not in their window means")

@@ -173,3 +173,31 @@ def test_dead_channels_null_one_channel_for_hours_around_a_fault_and_change_noth
             assert gone.min() <= first[0] and first[1] <= gone.max()     # the fault inside the dead hours
             kept = rows.filter(rows[column].is_valid())
             assert kept.num_rows + len(gone) == rows.num_rows
+
+
+def test_stops_still_each_pump_for_a_while_a_day_away_from_faults_and_say_so_in_the_logs():
+    """`stops`: 2-4 stops a day per pump (training days too) of 20-120 minutes, none within 30 minutes of a labelled
+    event, each announced by the controller's log lines; while stopped the shaft is still (vibration noise only) and
+    the pressure rests at its base."""
+    stops = generate(SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=3, stops=True))
+    logs, vib, proc = stops.tables["logs"], stops.tables["vibration"], stops.tables["process"]
+    for entity in ("pump-00", "pump-01"):
+        mine = logs.filter(pc.equal(logs["machine_id"], entity))
+        said = mine.filter(pc.match_substring_regex(mine["message"], "^INFO pump (stopped|started)$"))
+        words = said["message"].to_pylist()
+        times = said["ts"].cast(pa.int64()).to_numpy() / 1e6
+        assert 2 <= len(words) // 2 <= 8 and words == ["INFO pump stopped", "INFO pump started"] * (len(words) // 2)
+        labels = stops.labels.filter(pc.equal(stops.labels["machine_id"], entity))
+        events = list(zip(*[(labels[c].cast(pa.int64()).to_numpy() / 1e6) for c in ("start_ts", "end_ts")]))
+        v = vib.filter(pc.equal(vib["machine_id"], entity))
+        p = proc.filter(pc.equal(proc["machine_id"], entity))
+        vt, pt = v["ts"].cast(pa.int64()).to_numpy() / 1e6, p["ts"].cast(pa.int64()).to_numpy() / 1e6
+        pressure, running = p["pressure"].to_numpy(), np.ones(len(pt), bool)
+        for stop, start in zip(times[::2], times[1::2]):
+            assert 20 * 60 - 130 <= start - stop <= 120 * 60 + 130
+            assert all(stop - 1800 + 130 > end or start + 1800 - 130 < begin for begin, end in events)
+            still = (vt > stop + 120) & (vt < start - 120)
+            assert still.any() and np.abs(v["ax"].to_numpy()[still]).max() < 0.4   # a running shaft swings 0.2-1.2
+            running &= ~((pt > stop - 60) & (pt < start + 180))
+            rest = (pt > stop + 120) & (pt < start - 120)
+            assert pressure[rest].mean() < pressure[running].min() + 0.5
