@@ -42,7 +42,11 @@ overheat (or slow drift) - the rows are kept, the channel null, as a historian w
 changes. `ac_vibration` (`dmafn generate --ac-vibration`, with any fleet) makes the vibration's third axis
 oscillate too (at twice the shaft's frequency) instead of carrying half the amplitude as a steady part, as a real
 accelerometer's axes do: every axis then has a window mean near zero whatever the load, and the load shows only
-in how far the axes swing. The flag changes no other value, row or label.
+in how far the axes swing. The flag changes no other value, row or label. `stops` (`dmafn generate --stops`, with
+any fleet) stops each pump 2-4 times a day, training days too, for 20-120 minutes at least 30 minutes from any
+labelled event (running down and up over `STOP_RAMP_S`: no load, a still shaft, the pressure at rest, the
+controller's `INFO pump stopped` / `INFO pump started` lines), unlabelled: a plant's routine stops are normal
+operation. Its log lines change how later draws fall, so the other pumps' events differ from the fleet without it.
 """
 from __future__ import annotations
 
@@ -216,7 +220,7 @@ def _draw_stops(e: int, cfg: SyntheticConfig, events: list[tuple[int, int, str]]
             running[start:start + STOP_RAMP_S] = np.minimum(running[start:start + STOP_RAMP_S], ramp)
             running[start + STOP_RAMP_S:end] = 0
             running[end:end + STOP_RAMP_S] = np.minimum(running[end:end + STOP_RAMP_S], ramp[::-1])
-            busy[start - 1800:end + 1800] = True
+            busy[max(start - 1800, 0):end + 1800] = True
     return running
 
 
