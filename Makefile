@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width bench-dead-tags images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,9 @@ bench-train-statistics: install
 
 bench-relation-width: install
 	$(BIN)/python -m benchmarks.relation_width --out benchmarks/results
+
+bench-dead-tags: install
+	$(BIN)/python -m benchmarks.dead_tags --out benchmarks/results
 
 bench-train-features: install
 	$(BIN)/python -m benchmarks.train_features --out benchmarks/results $(if $(BASELINE),--baseline $(BASELINE))

@@ -112,3 +112,15 @@ def test_the_relation_width_benchmark_fits_the_same_weights_shared_and_per_chann
     (row,) = result["rows"]
     assert row["quantities"] == 3 * 6 + 6 and row["largest_weight_difference"] < 1e-6
     assert {"seconds", "peak_mb"} <= set(row["shared"]) and (tmp_path / "relation_width.json").exists()
+
+
+def test_the_dead_tags_benchmark_scores_each_rate_and_dead_count_on_the_pipelines_detector():
+    """`make bench-dead-tags` on a tiny table: per channel-dropout rate and number of dead tags, the normal ticks'
+    false alarms (%) and the ROC-AUC of one live tag off its relation."""
+    from benchmarks.dead_tags import run
+
+    found = run(5, [0.0, 0.5], draws=1, epochs=1, train_ticks=300, test_ticks=200)
+    assert set(found) == {"0.0", "0.5"} and set(found["0.0"]) == {"0", "1", "3"}          # 5 of 5 would leave none
+    for by_dead in found.values():
+        for v in by_dead.values():
+            assert 0 <= v["false_alarm_pct"] <= 100 and 0 <= v["roc_auc"] <= 1
