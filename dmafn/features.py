@@ -190,12 +190,16 @@ def relation_quantities(current: np.ndarray, history: np.ndarray, peers: np.ndar
     return np.concatenate(cols, 1).astype(np.float64)
 
 
-def design_index(channels: int, blocks: int, target: int, peers: int = 0) -> np.ndarray:
+def design_index(channels: int, blocks: int, target: int, peers: int = 0, peers_only: bool = False) -> np.ndarray:
     """The columns of `relation_quantities` that channel `target`'s design reads: the other channels' current
-    values and block means - never its own - and every peer value."""
+    values and block means - never its own - and every peer value; `peers_only`: the peer values alone (what
+    predicts it while another channel of its parent is missing - a dead channel)."""
+    first_peer = (1 + blocks) * channels
+    if peers_only:
+        return np.arange(first_peer, first_peer + peers, dtype=np.int64)
     others = [j for j in range(channels) if j != target]
     return np.array([b * channels + j for b in range(1 + blocks) for j in others]
-                    + [(1 + blocks) * channels + k for k in range(peers)], np.int64)
+                    + [first_peer + k for k in range(peers)], np.int64)
 
 
 def relation_design(current: np.ndarray, history: np.ndarray, target: int,
@@ -208,8 +212,9 @@ def relation_design(current: np.ndarray, history: np.ndarray, target: int,
     return quantities[:, _design_of(quantities, current.shape[1], target, 0 if peers is None else peers.shape[1])]
 
 
-def _design_of(quantities: np.ndarray, channels: int, target: int, peers: int) -> np.ndarray:
-    return design_index(channels, (quantities.shape[1] - peers) // channels - 1, target, peers)
+def _design_of(quantities: np.ndarray, channels: int, target: int, peers: int,
+               peers_only: bool = False) -> np.ndarray:
+    return design_index(channels, (quantities.shape[1] - peers) // channels - 1, target, peers, peers_only)
 
 
 def level_modalities(spec: Spec) -> list[str]:
@@ -454,11 +459,9 @@ class _RelationFit:
         return self
 
     def design(self, channel: int, peers_only: bool = False) -> np.ndarray:
-        """The columns of the quantities channel `channel`'s design reads (`design_index`); `peers_only`: the peers'
-        values alone (what predicts it while another channel of its parent is missing - a dead channel)."""
-        if peers_only:
-            return np.arange(self.quantities.d - self.peers, self.quantities.d)
-        return design_index(self.width, (self.quantities.d - self.peers) // self.width - 1, channel, self.peers)
+        """The columns of the quantities channel `channel`'s design reads (`design_index`, `peers_only` as there)."""
+        return design_index(self.width, (self.quantities.d - self.peers) // self.width - 1, channel, self.peers,
+                            peers_only)
 
     def channel(self, c: int, peers_only: bool = False) -> _Regression:
         """Channel `c`'s regression on its design (`design`), as if it alone had been fitted (`_Regression`)."""
@@ -694,9 +697,8 @@ def relation_residuals(relation: dict[str, Any], current: np.ndarray, history: n
     z = np.full((n, channels), np.nan)
     for c, fitted in enumerate(fits):
         if fitted is not None:
-            design = np.arange(quantities.shape[1] - width, quantities.shape[1]) if peers_only else \
-                _design_of(quantities, channels, c, width)
-            z[:, c] = _relation_residual(fitted, quantities[:, design], current[:, c], groups)
+            z[:, c] = _relation_residual(fitted, quantities[:, _design_of(quantities, channels, c, width, peers_only)],
+                                         current[:, c], groups)
     return z
 
 
