@@ -65,14 +65,16 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
 
 def subset(features: Features, modalities: tuple[str, ...]) -> Features:
     """The features of some modalities, with the operating-state columns they own (a modality alone then has
-    none to scale its error by: its own levels never enter its baseline) and their channels held."""
+    none to scale its error by: its own levels never enter its baseline), their channels held and their payloads'
+    row times (`Features.taken`, with the ticks' groups)."""
     idx = [features.modalities.index(m) for m in modalities]
     relations = None if features.relation_errors is None else features.relation_errors[:, idx]
     keep = [] if features.state is None else [j for j, owner in enumerate(features.state_owners) if owner in modalities]
     return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations,
                     features.state[:, keep] if keep else None, tuple(features.state_owners[j] for j in keep),
                     {m: c for m, c in features.channels.items() if m in modalities},
-                    {m: r for m, r in features.relation_channels.items() if m in modalities})
+                    {m: r for m, r in features.relation_channels.items() if m in modalities},
+                    {m: t for m, t in features.taken.items() if m in modalities}, features.groups)
 
 
 def auc_by_kind(scores: np.ndarray, split: Split, smooth: float | None = 0.3) -> dict[str, dict[str, float]]:

@@ -1609,6 +1609,9 @@ class Features:
                                                 # holding a value (a missing one is 0 in `inputs`, out of the error)
     relation_channels: dict[str, np.ndarray] = field(default_factory=dict)   # parent m -> (N, C) each channel's
                                                 # part of `relation_errors` (`squared_residuals` before the sum)
+    taken: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N,) int64: when the row a tabular, image or
+                                                # audio modality's payload came from was taken (-1 where absent)
+    groups: np.ndarray | None = None            # (N,) each tick's entity and date (`smoothing_groups`), with `taken`
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
@@ -1616,7 +1619,9 @@ class Features:
                         None if self.relation_errors is None else self.relation_errors[idx],
                         None if self.state is None else self.state[idx], self.state_owners,
                         {m: c[idx] for m, c in self.channels.items()},
-                        {m: r[idx] for m, r in self.relation_channels.items()})
+                        {m: r[idx] for m, r in self.relation_channels.items()},
+                        {m: t[idx] for m, t in self.taken.items()},
+                        None if self.groups is None else self.groups[idx])
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
@@ -1638,6 +1643,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     presence = {}                                 # what each modality really has (the mask hides relation-only ones;
     channels = {}                                 # a tabular or series one: every channel)
     held_by = {}                                  # a tabular or series one: which channels (N, C)
+    taken = {}                                    # a tabular, image or audio one: when its row was taken (N,)
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -1689,13 +1695,16 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             x = np.stack(rows) if n else np.zeros((0, width), np.int64)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
+        if f"{name}__taken" in aligned.column_names and name not in relation_only:   # an as-of payload: its row's time
+            when = aligned.column(f"{name}__taken").cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
+            taken[name] = np.where(present, when, -1).astype(np.int64)
         presence[name] = complete if m.kind in ("tabular", "timeseries") else present
         masks.append(np.zeros(n, bool) if name in relation_only else present)
     mask = np.stack(masks, 1) if masks else np.zeros((n, 0), bool)
     names = tuple(spec.modalities)
     relations, relation_channels = None, {}
     smoothed = any(fitted.get("smoothing") for fitted in stats.get("relations", {}).values())
-    groups, rank = smoothing_groups(aligned, keys) if smoothed else (None, None)     # once for every relation
+    groups, rank = smoothing_groups(aligned, keys) if smoothed or taken else (None, None)   # once for them all
     for ctx, fitted in stats.get("relations", {}).items():
         parent = fitted["parent"]
         if ctx not in spec.modalities or parent not in spec.modalities:
@@ -1736,7 +1745,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             split[rows] += np.nan_to_num(z ** 2) / max(len(fitted["channels"]), 1)      # (rows, C): adds up to it
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
-                    state_owners=owners, channels=channels, relation_channels=relation_channels)
+                    state_owners=owners, channels=channels, relation_channels=relation_channels, taken=taken,
+                    groups=groups if taken else None)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:

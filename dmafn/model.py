@@ -43,6 +43,10 @@ class ModelConfig:
                                     # the text vocabulary; older ones load without it)
     image_grid: bool = False        # image embeddings keep a 4x4 grid of places (versions since 2026-12-02; older
                                     # ones averaged the whole frame and load without it)
+    hold_payloads: bool = False     # a tabular, image or audio modality's error is held from the tick its row arrived
+                                    # at while that row stays the latest and the machine has moved since
+                                    # (`dmafn.scoring.hold_payload_errors`; versions since 2026-12-06, older ones
+                                    # score each tick afresh)
 
 
 def small(**overrides) -> ModelConfig:
@@ -64,7 +68,7 @@ def model_config(m: ModelSpec) -> ModelConfig:
                              text_encoder=m.text_encoder, modality_dropout=m.modality_dropout,
                              channel_dropout=m.channel_dropout,
                              cross_modal=m.cross_modal_scoring, text_novelty=True,
-                             image_grid=True)
+                             image_grid=True, hold_payloads=True)
 
 
 def build_encoder(m: ModalitySpec, cfg: ModelConfig) -> nn.Module:

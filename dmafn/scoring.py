@@ -37,13 +37,38 @@ class RawScores:
     state_owners: tuple[str, ...] = ()
     channel_errors: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, C) each channel's part of
                                       # m's raw error (model and relations; `DMAFN.errors`' parts), NaN where absent
+    held_state: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, S) the operating state at the tick
+                                      # m's held error was read at (`hold_payload_errors`); `state` for the others
 
     def rows(self, idx: np.ndarray) -> "RawScores":
         """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
         return RawScores(errors=self.errors[idx], latent=None if self.latent is None else self.latent[idx],
                          mask=self.mask[idx], state=None if self.state is None else self.state[idx],
                          state_owners=self.state_owners,
-                         channel_errors={m: e[idx] for m, e in self.channel_errors.items()})
+                         channel_errors={m: e[idx] for m, e in self.channel_errors.items()},
+                         held_state={m: s[idx] for m, s in self.held_state.items()})
+
+    def state_of(self, m: str) -> np.ndarray | None:
+        """(N, S) the operating state modality m's error is read against: its held one, else the tick's."""
+        return self.held_state.get(m, self.state)
+
+    @staticmethod
+    def concatenate(parts: list["RawScores"], order: np.ndarray | None = None) -> "RawScores":
+        """Raw scores of consecutive batches as one, their rows taken in `order` when given (channel parts and
+        held states kept where every batch has them)."""
+        def joined(arrays: list[np.ndarray]) -> np.ndarray:
+            whole = np.concatenate(arrays)
+            return whole if order is None else whole[order]
+
+        first = parts[0]
+        return RawScores(errors=joined([r.errors for r in parts]), mask=joined([r.mask for r in parts]),
+                         latent=None if first.latent is None else joined([r.latent for r in parts]),
+                         state=None if first.state is None else joined([r.state for r in parts]),
+                         state_owners=first.state_owners,
+                         channel_errors={m: joined([r.channel_errors[m] for r in parts]) for m in first.channel_errors
+                                         if all(m in r.channel_errors for r in parts)},
+                         held_state={m: joined([r.held_state[m] for r in parts]) for m in first.held_state
+                                     if all(m in r.held_state for r in parts)})
 
 
 @dataclass
@@ -65,8 +90,12 @@ def _to_tensors(features: Features, rows: slice, device: torch.device) -> tuple[
 
 
 @torch.no_grad()
-def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device: str = "cpu") -> RawScores:
-    """Run the model over all ticks in eval mode."""
+def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device: str = "cpu",
+               hold: dict[str, dict[str, tuple]] | None = None) -> RawScores:
+    """Run the model over all ticks in eval mode. A version with `hold_payloads` holds a tabular, image or audio
+    modality's error from the tick its row arrived at (`hold_payload_errors`); `hold`: that state per modality and
+    group, read and updated - given the same dict for the consecutive batches of one shard (rows sorted by entity
+    and time), its ticks hold as if scored at once; without it each call starts afresh."""
     model.eval()
     dev = torch.device(device)
     model.to(dev)
@@ -103,18 +132,98 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     err = np.concatenate(errors) if errors else np.zeros((0, m + (model.cfg.detector == "classifier")))
     latent = np.concatenate(latents) if latents else None
     mask = features.mask
+    split_by = {m: np.concatenate(split).astype(np.float64) for m, split in parts.items()}
+    held_state = {}
+    if model.cfg.detector != "classifier" and getattr(model.cfg, "hold_payloads", False):
+        err, split_by, held_state = hold_payload_errors(err, split_by, features, hold)
     if model.cfg.detector == "classifier":
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
     elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
         err = err + features.relation_errors
     channel_errors = {}
-    for m, split in parts.items():
-        split = np.concatenate(split).astype(np.float64)
+    for m, split in split_by.items():
         if m in features.relation_channels:
             split = split + features.relation_channels[m]
         channel_errors[m] = np.where(mask[:, features.modalities.index(m), None], split, np.nan)
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
-                     state_owners=features.state_owners, channel_errors=channel_errors)
+                     state_owners=features.state_owners, channel_errors=channel_errors, held_state=held_state)
+
+
+HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the machine as it was when its row came
+                          # once the operating state has moved this far since (RMS, in training standard deviations;
+                          # chosen 2026-12-06 on `--gradual --stops`, `--gradual` and the demo - see README "Stops and
+                          # start-ups"; between two frames of the demo's camera the median tick moves 0.33)
+
+
+def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], features: Features,
+                        carry: dict[str, dict[str, tuple]] | None = None
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each tabular, image or audio modality's error (N, M), channel parts (m -> (N, C)) and the operating state its
+    error is expected at (`Features.state`, (N, S); returned per modality as `RawScores.held_state`), held from the
+    tick its row arrived at while that row stays the latest (same entity and date, same `Features.taken`) and the
+    machine has moved since: its operating state - the columns the modality's state baseline reads, the other
+    modalities' levels - more than `HOLD_STATE_MOVE` standard deviations (RMS) from where it was at that tick (a
+    tick whose distance cannot be read holds; without an operating state every later tick of the run holds).
+    A camera frame taken every 5 minutes is the latest for 5 ticks; read afresh at each, it is compared with the
+    others as they are now, not as they were when it was taken - after a pump stops, the frame still shows it
+    running while the process says stopped, and its cross-modal error (and its error's expected level at a stopped
+    pump) would call the frame anomalous. Held, it is judged against the state it was taken in, and what changed
+    since shows in the other modalities' own errors; while the machine stays where it was, each tick reads it
+    afresh, as before. Rows sorted by group, in time order within it. `carry`: group -> (taken, error, parts,
+    state) of each modality's run at the group's last tick, read and updated (see `raw_scores`)."""
+    state = features.state
+    if not features.taken or features.groups is None or not len(errors):
+        return errors, parts, {}
+    errors, parts = errors.copy(), {m: p.copy() for m, p in parts.items()}
+    held_state = {}
+    groups, n = np.asarray(features.groups), len(errors)
+    index = np.arange(n)
+    group_start = np.r_[True, groups[1:] != groups[:-1]]
+    group_end = np.r_[group_start[1:], True]
+    for m, taken in features.taken.items():
+        j = features.modalities.index(m)
+        kept = {} if carry is None else carry.setdefault(m, {})
+        part = parts.get(m)
+        run_start = group_start | np.r_[True, taken[1:] != taken[:-1]] | (taken < 0)
+        first = np.maximum.accumulate(np.where(run_start, index, 0))        # each tick's run's first tick
+        run_error = errors[first, j]
+        run_part = None if part is None else part[first]
+        run_state = None if state is None else state[first]
+        starts = np.flatnonzero(run_start)
+        ends = np.r_[starts[1:], n]
+        for i in np.flatnonzero(group_start):         # a group's first run may go on from the batch before
+            held = kept.get(groups[i])
+            if held is not None and taken[i] >= 0 and held[0] == taken[i]:
+                run = slice(i, ends[np.searchsorted(starts, i)])
+                run_error[run] = held[1]
+                if run_part is not None and held[2] is not None:
+                    run_part[run] = held[2]
+                if run_state is not None and held[3] is not None:
+                    run_state[run] = held[3]
+        for i in np.flatnonzero(group_end):
+            kept[groups[i]] = (int(taken[i]), float(run_error[i]), None if run_part is None else run_part[i].copy(),
+                               None if run_state is None else run_state[i].copy())
+        hold = taken >= 0
+        if run_state is not None:
+            columns = baseline_columns(list(features.state_owners), m)
+            moved = state_move(state[:, columns], run_state[:, columns])
+            hold &= ~(moved <= HOLD_STATE_MOVE)                       # NaN: cannot tell, held
+        errors[hold, j] = run_error[hold]
+        if part is not None:
+            part[hold] = run_part[hold]
+        if run_state is not None:
+            held_state[m] = np.where(hold[:, None], run_state, state)
+    return errors, parts, held_state
+
+
+def state_move(now: np.ndarray, then: np.ndarray) -> np.ndarray:
+    """(N,) how far the operating state moved between two readings (N, k): the root mean square of the columns both
+    hold; NaN where none (or k = 0)."""
+    both = np.isfinite(now) & np.isfinite(then)
+    count = both.sum(1)
+    squares = np.where(both, now - then, 0.0) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.sqrt(squares.sum(1) / np.maximum(count, 1)), np.nan)
 
 
 def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec]) -> dict[str, np.ndarray]:
@@ -313,12 +422,13 @@ class BaselineSums:
                 continue
             d = 4 * len(columns) + 1
             rows = np.isfinite(log_err[:, i]) & raw.mask[:, i]
-            if raw.state is not None and columns:
-                rows &= np.isfinite(raw.state[:, columns]).all(1)
-            if raw.state is None or not columns or not rows.any():
+            state = raw.state_of(m)
+            if state is not None and columns:
+                rows &= np.isfinite(state[:, columns]).all(1)
+            if state is None or not columns or not rows.any():
                 out[m] = np.zeros(1 + len(fitted["fallbacks"]) if fitted else d * d + d + 1)
                 continue
-            x = _state_basis(raw.state[rows], spec, columns)
+            x = _state_basis(state[rows], spec, columns)
             y = log_err[rows, i]
             if fitted is None:
                 out[m] = np.concatenate([(x.T @ x).ravel(), x.T @ y, [len(y)]])
@@ -418,12 +528,12 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
         fitted = calib["baseline"].get(m)
         if fitted is None:
             continue
-        columns = fitted["columns"]
-        basis = _state_basis(raw.state, spec, columns)
+        columns, state = fitted["columns"], raw.state_of(m)                    # a held error: its held state
+        basis = _state_basis(state, spec, columns)
         pred = basis @ np.asarray(fitted["weights"])
         spread = np.ones(len(pred))
         fallbacks = fitted.get("fallbacks", {})
-        absent = ~np.isfinite(raw.state[:, columns])                            # (N, k)
+        absent = ~np.isfinite(state[:, columns])                                # (N, k)
         gone = {o: absent[:, owners[columns] == o].any(1) for o in fallbacks if o != "*"}
         count = sum(gone.values(), np.zeros(len(pred), int))
         k = len(columns)

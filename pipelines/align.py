@@ -12,6 +12,8 @@ epoch, UTC) and the modality's value columns. Output columns per modality `m`:
                                    gaps filled from neighbouring bins inside the window (per column; null for
                                    a column with no value in the window)
   image/audio `m__<column>`        the payload of the latest row within tolerance
+  tabular, image, audio `m__taken` Int64, the time (`_t`) of the latest row within tolerance: the row a payload
+                                   came from, so that a tick can tell a new one from one it read before
   text        `m__<column>`        list[str]: messages with  tick - window < t <= tick, oldest first
 """
 from __future__ import annotations
@@ -141,7 +143,7 @@ def _asof(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[
                                      .then(pl.col(c)).otherwise(None).alias(c) for c in gaps)
     present = pl.col("_rt").is_not_null() & pl.any_horizontal(pl.col(c).is_not_null() for c in cols)
     return joined.select([*keys, TIME, present.alias(f"{m.name}__present"),
-                          *[pl.col(c).alias(f"{m.name}__{c}") for c in cols]])
+                          *[pl.col(c).alias(f"{m.name}__{c}") for c in cols], pl.col("_rt").alias(f"{m.name}__taken")])
 
 
 def _series(ticks: pl.DataFrame, table: pl.DataFrame, m: ModalitySpec, keys: list[str]) -> pl.DataFrame:

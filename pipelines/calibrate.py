@@ -64,11 +64,11 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
                  incidents: KnownIncidents | None = None) -> tuple[dict[str, int | None], ShardPart]:
     batches, counts, decoded = aligned_batches(shard, spec, Storage.from_spec(spec.storage), incidents)[:3]
     unreadable = {why: 1 for why in counts if why.startswith(LEFT_OUT)}    # files, row groups left out: warned of
-    keys, raws, outliers, carry = [], [], 0, {}
-    for aligned in batches:          # sorted by entity and time: the relations' smoothing carries across them
-        features = featurize(aligned.to_arrow(), spec, stats, decoded, carry)
+    keys, raws, outliers, carry, hold = [], [], 0, {}, {}
+    for aligned in batches:          # sorted by entity and time: the relations' smoothing carries across them, as do
+        features = featurize(aligned.to_arrow(), spec, stats, decoded, carry)          # the payloads' held errors
         outliers += relation_outliers(features)
-        raws.append(raw_scores(model, features))
+        raws.append(raw_scores(model, features, hold=hold))
         keys.append(aligned.select([*spec.entity, "ts"]))
     left_out = 0 if incidents is None else incidents.left_out
     if not raws:
@@ -77,15 +77,12 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
             np.zeros(0, str), RawScores(np.zeros((0, 0)), None, np.zeros((0, 0), bool)))
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
-    latent = None if raws[0].latent is None else np.concatenate([r.latent for r in raws])[rows]
-    state = None if raws[0].state is None else np.concatenate([r.state for r in raws])[rows]
-    raw = RawScores(errors=np.concatenate([r.errors for r in raws])[rows],
-                    mask=np.concatenate([r.mask for r in raws])[rows], latent=latent, state=state,
-                    state_owners=raws[0].state_owners)
+    raw = RawScores.concatenate(raws, rows)
+    raw.channel_errors = {}                       # the calibration never reads them
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
     return {"ticks": len(rows), "columns": raw.errors.shape[1],
-            "latent_dims": None if latent is None else latent.ndim,
-            "state_owners": raw.state_owners if state is not None else (), "left_out": left_out,
+            "latent_dims": None if raw.latent is None else raw.latent.ndim,
+            "state_owners": raw.state_owners if raw.state is not None else (), "left_out": left_out,
             "relation_outliers": outliers, "unreadable": unreadable}, part
 
 

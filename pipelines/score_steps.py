@@ -39,18 +39,20 @@ _OLDEST = pl.CompatLevel.oldest()     # large_string, not string_view: what Delt
 
 class Scorer:
     """Scores the aligned batches of one shard, in order (ticks sorted by entity and time), with one loaded model
-    version; `__call__(aligned batch)` carries only the relations' smoothing state from batch to batch."""
+    version; `__call__(aligned batch)` carries only the relations' smoothing state and the payloads' held errors
+    from batch to batch."""
 
     def __init__(self, mv: ModelVersion):
         self.version, self.model, self.spec = mv.version, mv.model, mv.spec
         self.stats, self.calibration = mv.stats, mv.calibration
         self.carry: dict = {}       # the relations' smoothing state per entity and date, batch to batch (`featurize`)
+        self.hold: dict = {}        # each payload's held error per entity and date, batch to batch (`raw_scores`)
 
     def __call__(self, aligned: pa.Table, decoded: dict | None = None) -> pa.Table:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
         spec = self.spec
         feats = featurize(aligned, spec, self.stats, decoded, self.carry)
-        raw = raw_scores(self.model, feats)
+        raw = raw_scores(self.model, feats, hold=self.hold)
         record = self.calibration.record(raw)      # smoothed later, per entity and date
         names = np.asarray(feats.modalities, object)
         present = [list(names[row]) for row in feats.mask]

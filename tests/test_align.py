@@ -36,6 +36,17 @@ def test_tabular_is_latest_row_at_or_before_tick(tiny_spec):
     assert out["proc__present"].to_list() == [True, True, True]
 
 
+def test_an_as_of_payload_names_the_time_of_the_row_it_came_from(tiny_spec):
+    """`m__taken`: a frame read at several ticks carries its own row's time at each (a tick tells a new row from one
+    it read before); null where none is within tolerance."""
+    frames = table([T0 - 3 * M, T0 + M], frame=[b"a", b"b"])
+    out = run(tiny_spec, cam=frames, proc=table([T0, T0 + 30 * S], temp=[1.0, 2.0]))
+    assert out["cam__frame"].to_list() == [b"a", b"b", b"b"]
+    assert out["cam__taken"].to_list() == [T0 - 3 * M, T0 + M, T0 + M]
+    assert out["proc__taken"].to_list() == [T0, T0 + 30 * S, T0 + 30 * S]
+    assert run(tiny_spec, cam=frames.head(0))["cam__taken"].to_list() == [None] * 3
+
+
 def test_no_row_after_the_tick_is_used(tiny_spec):
     out = run(tiny_spec, proc=table([T0 + 1, T0 + M + 1, T0 + 2 * M + 1], temp=[1.0, 2.0, 3.0]))
     assert out["proc__temp"].to_list() == [None, 1.0, 2.0]

@@ -82,6 +82,9 @@ def test_the_synthetic_split_reads_the_generated_specs_context_views():
     assert set(alone.state_owners) <= {"vibration"} and (alone.state is None) == (not alone.state_owners)
     # ... and the channels each tick holds, which the model's errors and its training's channel dropout read
     assert set(alone.channels) == {"vibration"} and alone.channels["vibration"] is split.test.channels["vibration"]
+    # ... and when each payload's row was taken, with the ticks' groups (`hold_payload_errors` reads both)
+    camera = subset(split.test, ("camera",))
+    assert camera.taken["camera"] is split.test.taken["camera"] and camera.groups is split.test.groups
 
 
 def test_the_entity_statistics_benchmark_cuts_the_same_statistics_three_ways(tmp_path):

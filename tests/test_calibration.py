@@ -356,6 +356,25 @@ def test_a_state_baseline_scores_each_error_against_its_level_at_the_operating_s
     np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
 
 
+def test_a_held_error_is_expected_at_the_state_it_was_read_at():
+    """`RawScores.held_state`: a modality whose error is held (`hold_payload_errors`) is scored against its level at
+    the operating state of the tick it was read at - a frame taken at high load and still the latest after the load
+    fell is as normal as it was - and its baseline is fitted on those pairs."""
+    raw = _loaded(4000)
+    fit = dict(detector="autoencoder", vote="mean", state_baseline=True)
+    cal = Calibration.fit(raw, MODALITIES, **fit)
+    stale = RawScores(errors=np.exp(np.array([[1.2, 0.0], [1.2, 0.0]])), latent=None, mask=np.ones((2, 2), bool),
+                      state=np.array([[1.2, 0.0], [-1.2, 0.0]]), state_owners=("b", "a"))   # the load fell
+    fresh, now = cal.record(stale).contributions[:, 0]
+    assert now > fresh + 2                                             # read against the state as it is now
+    stale.held_state = {"a": np.array([[1.2, 0.0], [1.2, 0.0]])}
+    assert cal.record(stale).contributions[1, 0] == pytest.approx(fresh)
+    shifted = RawScores(raw.errors, None, raw.mask, raw.state, raw.state_owners,
+                        held_state={"a": np.stack([raw.state[:, 0] + 0.5, raw.state[:, 1]], 1)})
+    weights = Calibration.fit(shifted, MODALITIES, **fit).normalisation["baseline"]["a"]["weights"]
+    assert weights != cal.normalisation["baseline"]["a"]["weights"]    # fitted on the held pairs
+
+
 def test_a_state_baseline_holds_the_state_in_its_range_and_names_a_wrong_layout():
     cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
     far = RawScores(errors=np.ones((2, 2)), latent=None, mask=np.ones((2, 2), bool),
@@ -499,3 +518,15 @@ def test_the_detector_and_the_spec_carry_the_outlier_limit():
     assert parse_spec(off.to_dict()).train.validation_outlier_limit is None        # a round trip keeps it off
     with pytest.raises(SpecError, match=r"train.validation_outlier_limit.*at least 1"):
         parse_spec({**data, "train": {**data["train"], "validation_outlier_limit": 0.5}})
+
+
+def test_raw_scores_of_batches_join_in_the_order_given_with_their_held_states():
+    """`RawScores.concatenate` (a validation shard's batches, `pipelines.calibrate`): every per-tick field joined
+    and taken in `order`, the held states kept - the state baseline of a held modality reads them."""
+    a, b = _loaded(3, seed=1), _loaded(2, seed=2)
+    a.held_state, b.held_state = {"a": a.state + 1}, {"a": b.state + 2}
+    whole = RawScores.concatenate([a, b], np.array([4, 0, 1, 2, 3]))
+    assert np.array_equal(whole.errors, np.r_[a.errors, b.errors][[4, 0, 1, 2, 3]])
+    assert np.array_equal(whole.held_state["a"], np.r_[a.state + 1, b.state + 2][[4, 0, 1, 2, 3]])
+    assert np.array_equal(whole.state, np.r_[a.state, b.state][[4, 0, 1, 2, 3]]) and whole.state_owners == ("b", "a")
+    assert whole.state_of("b") is whole.state and whole.rows([0]).held_state["a"].shape == (1, 2)

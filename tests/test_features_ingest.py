@@ -145,6 +145,9 @@ def test_featurize_decodes_a_repeated_frame_once_and_keeps_bad_bytes_absent(tiny
                                          pa.array(garbage, pa.binary())), tiny_spec, stats)
     assert sum(present) == 3 and len(calls) == 2        # the garbage and the frame the two other ticks share
     assert not feats.mask[first, 3] and feats.mask[:, 3].sum() == sum(present) - 1
+    taken = aligned.column("cam__taken").to_pylist()      # the row each frame came from; -1 where none is usable
+    assert feats.taken["cam"].tolist() == [t if p and i != first else -1 for i, (t, p) in enumerate(zip(taken, present))]
+    assert set(feats.taken) == {"proc", "cam"} and len(feats.groups) == aligned.num_rows   # as-of payloads only
 
 
 def test_featurize_shapes_masks_and_global_statistics(tiny_spec):

@@ -602,3 +602,72 @@ def test_training_with_channels_hidden_leaves_the_other_modalities_undisturbed_b
             broken = model.leave_one_out_errors(dead, mask, channels=held)[:, 1:]
         shift[p] = (broken - whole).abs().mean().item()
     assert shift[0.5] < 0.7 * shift[0.0], shift
+
+
+def test_a_payloads_error_is_held_from_the_tick_its_row_arrived_at_and_carries_across_batches():
+    """`hold_payload_errors`: a camera frame (`Features.taken`) read at several ticks keeps the error of the first
+    (its channel parts and operating state too) once the machine has moved since; a new row, a new group (entity
+    and date) or an absent tick starts afresh; a group's series cut into batches holds as one with the carry."""
+    from dmafn.features import Features
+    from dmafn.scoring import hold_payload_errors
+
+    errors = np.array([[1.0, 10], [2, 20], [3, 30], [4, 40], [5, 50], [6, 60], [7, 70]])
+    parts = {"proc": errors[:, 1:] * np.array([[0.25, 0.75]])}
+    taken = {"cam": np.array([5, 5, 5, 9, 9, -1, 9]), "proc": np.array([1, 1, 2, 3, 4, 5, 5])}
+    groups = np.array(["a", "a", "a", "a", "a", "a", "b"])
+    state = np.arange(14.0).reshape(7, 2)                         # the operating state each tick is at
+    feats = Features({"cam": np.zeros((7, 1)), "proc": np.zeros((7, 2))}, np.ones((7, 2), bool), ("cam", "proc"),
+                     state=state, state_owners=("proc", "cam"), taken=taken, groups=groups)
+    held, held_parts, held_state = hold_payload_errors(errors, parts, feats)
+    assert held[:, 0].tolist() == [1, 1, 1, 4, 4, 6, 7]
+    assert held[:, 1].tolist() == [10, 10, 30, 40, 50, 60, 70]
+    assert held_parts["proc"][:, 1].tolist() == [7.5, 7.5, 22.5, 30, 37.5, 45, 52.5]
+    assert held_state["cam"][:, 0].tolist() == [0, 0, 0, 6, 6, 10, 12]    # the state its held error was read at
+    assert errors[1, 0] == 2 and parts["proc"][1, 1] == 15          # the inputs are left as they were
+    carry: dict = {}
+    first = hold_payload_errors(errors[:2], {"proc": parts["proc"][:2]}, feats.rows(slice(0, 2)), carry)
+    rest = hold_payload_errors(errors[2:], {"proc": parts["proc"][2:]}, feats.rows(slice(2, 7)), carry)
+    assert np.array_equal(np.r_[first[0], rest[0]], held)
+    assert np.array_equal(np.r_[first[1]["proc"], rest[1]["proc"]], held_parts["proc"])
+    for m in ("cam", "proc"):
+        assert np.array_equal(np.r_[first[2][m], rest[2][m]], held_state[m])
+    # while the machine stays where it was when the row came (its state within HOLD_STATE_MOVE), each tick reads
+    # the payload afresh; where the move cannot be read (a state column absent), it holds
+    still = np.zeros((7, 2))
+    still[2, 0] = np.nan
+    feats.state = still
+    read, read_parts, read_state = hold_payload_errors(errors, parts, feats)
+    assert read[:, 0].tolist() == [1, 2, 1, 4, 5, 6, 7] and read[:, 1].tolist() == [10, 20, 30, 40, 50, 60, 70]
+    assert np.array_equal(read_parts["proc"], parts["proc"])
+    assert np.array_equal(read_state["cam"], np.zeros((7, 2)))       # tick 2 held: the state its frame came at
+
+
+def test_a_version_with_held_payloads_reads_a_stale_frame_against_the_state_it_was_taken_in():
+    """`raw_scores` with `hold_payloads`: while the camera's frame stays the latest its error (own and cross-modal)
+    is the one it had when it arrived, however the process moves; the process's error moves; an older version
+    reads the frame afresh at every tick; a shard's batches hold as one (`hold` carried)."""
+    from dmafn.scoring import raw_scores
+
+    from dmafn.model import model_config
+    from dmafn.spec import ModelSpec
+
+    assert model_config(ModelSpec()).hold_payloads and not ModelConfig().hold_payloads   # older manifests: as before
+    feats, _ = make(6, seed=3, modalities=("proc", "cam"))
+    feats.inputs["cam"][1:3] = feats.inputs["cam"][0]            # one frame read at ticks 0-2, another at 3-5
+    feats.inputs["cam"][4:6] = feats.inputs["cam"][3]
+    feats.taken = {"cam": np.array([0, 0, 0, 3, 3, 3]), "proc": np.arange(6)}
+    feats.groups = np.array(["pump-1|2024-01-02"] * 6)
+    errors = {}
+    for hold in (True, False):
+        torch.manual_seed(0)
+        model = build_model(specs(("proc", "cam")), small(d_model=16, latent=4, hold_payloads=hold))
+        errors[hold] = raw_scores(model, feats).errors
+    held, fresh = errors[True], errors[False]
+    assert np.ptp(held[:3, 1]) == 0 and np.ptp(held[3:, 1]) == 0 and held[3, 1] != held[0, 1]
+    assert np.allclose(held[[0, 3], 1], fresh[[0, 3], 1]) and np.ptp(fresh[:3, 1]) > 0
+    assert np.allclose(held[:, 0], fresh[:, 0])                   # the process's own error is read at each tick
+    carry: dict = {}
+    torch.manual_seed(0)
+    model = build_model(specs(("proc", "cam")), small(d_model=16, latent=4, hold_payloads=True))
+    parts = [raw_scores(model, feats.rows(rows), hold=carry).errors for rows in (slice(0, 2), slice(2, 6))]
+    assert np.allclose(np.concatenate(parts), held)

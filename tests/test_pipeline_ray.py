@@ -2037,12 +2037,8 @@ def test_training_calibrates_on_the_workers_as_it_would_on_the_gathered_ticks(tr
     keys = np.concatenate([p.groups for p in parts])
     assert len(set(keys)) == 2 and all(len(set(p.groups)) <= 1 for p in parts)     # each pump in one bucket
     order = np.argsort(keys, kind="stable")                                          # parts: time order inside
-    latent = None if parts[0].raw.latent is None else np.concatenate([p.raw.latent for p in parts if len(p.groups)])
-    raw = RawScores(errors=np.concatenate([p.raw.errors for p in parts if len(p.groups)])[order],
-                    latent=None if latent is None else latent[order],
-                    mask=np.concatenate([p.raw.mask for p in parts if len(p.groups)])[order],
-                    state=np.concatenate([p.raw.state for p in parts if len(p.groups)])[order],
-                    state_owners=parts[0].raw.state_owners)
+    raw = RawScores.concatenate([p.raw for p in parts if len(p.groups)], order)   # the camera's held states too
+    assert "camera" in raw.held_state
     gathered = Calibration.fit(raw, tuple(spec.modalities), detector=spec.model.detector, vote=spec.model.vote,
                                scale=spec.model.contribution_scale, smoothing=spec.score.smoothing,
                                threshold=spec.score.threshold, voting=voting_modalities(spec.modalities),
