@@ -70,8 +70,8 @@ def main() -> None:
         chosen = {m: mods[m] for m in modalities}
         if model.get("fusion") == "early":   # no encoding of a modality on its own: the spec's encoding_distance
             chosen = {m: replace(spec, encoding_distance=0.0) for m, spec in chosen.items()}    # cannot apply
-        det = Detector(chosen, small(**{"text_novelty": True, "image_grid": True, **model}),
-                       epochs=epochs, seed=0)                  # the pipeline's text head and image grid
+        det = Detector(chosen, small(**{"text_novelty": True, "image_grid": True, "hold_payloads": True, **model}),
+                       epochs=epochs, seed=0)       # the pipeline's text head, image grid and held payloads
         train, test = (split.train_within, split.test_within) if alone else (split.train, split.test)
         det.fit(subset(train, modalities))                     # alone: relations within the modality, no peers
         rows[name] = auc_by_kind(det.decision_function(subset(test, modalities)), split)

@@ -134,7 +134,7 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     mask = features.mask
     split_by = {m: np.concatenate(split).astype(np.float64) for m, split in parts.items()}
     held_state = {}
-    if model.cfg.detector != "classifier" and getattr(model.cfg, "hold_payloads", False):
+    if model.cfg.detector != "classifier" and model.cfg.hold_payloads:
         err, split_by, held_state = hold_payload_errors(err, split_by, features, hold)
     if model.cfg.detector == "classifier":
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
@@ -152,7 +152,7 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
 HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the machine as it was when its row came
                           # once the operating state has moved this far since (RMS, in training standard deviations;
                           # chosen 2026-12-06 on `--gradual --stops`, `--gradual` and the demo - see README "Stops and
-                          # start-ups"; between two frames of the demo's camera the median tick moves 0.33)
+                          # start-ups"; there a normal tick moves 0.33 from its camera frame's first tick, median)
 
 
 def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], features: Features,
