@@ -11,8 +11,9 @@ import polars as pl
 
 from dmafn.features import Features, featurize, fit_training_statistics
 from dmafn.metrics import pr_auc, roc_auc
+from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import smooth_by_group
-from dmafn.spec import Spec, parse_spec
+from dmafn.spec import ModelSpec, Spec, parse_spec
 from dmafn.synthetic import SyntheticConfig, generate, synthetic_spec
 from pipelines.align import align, alignment_input, label_ticks, make_ticks
 
@@ -61,6 +62,13 @@ def synthetic_split(cfg: SyntheticConfig) -> Split:
     return Split(parts["train"], parts["test"], test["label"].to_numpy().astype(int),
                  test["label_kind"].fill_null("").to_numpy(), test["machine_id"].to_numpy(), spec,
                  parts["train_within"], parts["test_within"])
+
+
+def pipeline_model_config(**choices) -> ModelConfig:
+    """The network config `dmafn train` builds for a spec's default `model` section, with `choices` (fusion,
+    detector, ...) changed: a benchmark's models get every capability the pipeline's versions have - a flag
+    `model_config` turns on reaches them without an edit here (a hand-built config missed the held payloads once)."""
+    return replace(model_config(ModelSpec()), **choices)
 
 
 def subset(features: Features, modalities: tuple[str, ...]) -> Features:

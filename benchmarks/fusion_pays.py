@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import auc_by_kind, print_table, subset, synthetic_split, write_json
+from benchmarks.common import auc_by_kind, pipeline_model_config, print_table, subset, synthetic_split, write_json
 from dmafn.detector import Detector
 from dmafn.encoders import TEXT_TARGET_BUCKETS
 from dmafn.features import relation_peers
-from dmafn.model import small
 from dmafn.spec import DETECTORS, FUSIONS, voting_modalities
 from dmafn.synthetic import SyntheticConfig
 
@@ -70,8 +69,7 @@ def main() -> None:
         chosen = {m: mods[m] for m in modalities}
         if model.get("fusion") == "early":   # no encoding of a modality on its own: the spec's encoding_distance
             chosen = {m: replace(spec, encoding_distance=0.0) for m, spec in chosen.items()}    # cannot apply
-        det = Detector(chosen, small(**{"text_novelty": True, "image_grid": True, "hold_payloads": True, **model}),
-                       epochs=epochs, seed=0)       # the pipeline's text head, image grid and held payloads
+        det = Detector(chosen, pipeline_model_config(**model), epochs=epochs, seed=0)
         train, test = (split.train_within, split.test_within) if alone else (split.train, split.test)
         det.fit(subset(train, modalities))                     # alone: relations within the modality, no peers
         rows[name] = auc_by_kind(det.decision_function(subset(test, modalities)), split)
