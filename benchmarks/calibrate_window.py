@@ -102,8 +102,7 @@ def run_memory(days: int, entities: int, buckets: int) -> dict:
     day = np.concatenate([np.full(len(p.groups), d) for _, d, p in parts])
     minute = np.concatenate([np.tile(np.arange(1440), len(p.groups) // 1440) for _, _, p in parts])
     order = np.lexsort((minute, day, groups))
-    raw = RawScores(errors=np.concatenate([p.raw.errors for _, _, p in parts])[order], latent=None,
-                    mask=np.concatenate([p.raw.mask for _, _, p in parts])[order])
+    raw = RawScores.concatenate([p.raw for _, _, p in parts], order)
     del parts
     calibration = Calibration.fit(raw, MODALITIES, groups=groups[order], **settings())
     return {"fingerprint": fingerprint(calibration), "threshold": calibration.threshold,
