@@ -24,7 +24,8 @@ import numpy as np
 from dmafn.features import group_rows
 from dmafn.postprocess import fit_threshold, smooth_by_group, soften
 from dmafn.scoring import (TAIL_MIN_VALUES, Column, RawScores, RawTicks, ScoreRecord, baseline_columns,
-                           baseline_min_ticks, fit_normalisation, fit_robust_scales, robust_scale, to_record)
+                           baseline_min_ticks, fit_normalisation, fit_robust_scales, robust_scale, settle_held,
+                           to_record)
 from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
 
@@ -194,6 +195,11 @@ class Calibration:
     def expected_alarm_rate(self) -> float | None:
         """The alarm rate on the validation ticks (clean days: the false-alarm rate to expect)."""
         return self.validation.get("validation_alarm_rate")
+
+    def settle(self, raw: RawScores) -> RawScores:
+        """Each held payload's reading that this calibration scores (`dmafn.scoring.settle_held`): what `record`
+        reads, and what names a modality's driving channel (`channel_names`)."""
+        return settle_held(raw, self.normalisation)
 
     def record(self, raw: RawScores) -> ScoreRecord:
         """Contributions and fused score, not smoothed (per batch: no state across ticks)."""

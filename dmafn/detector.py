@@ -98,7 +98,7 @@ class Detector:
     def channels(self, X: Features) -> dict[str, np.ndarray]:
         """Per voting tabular or series modality of two channels or more, the name of the channel that drives its
         error at each row (`channel_names`, as the output's `channel_<m>`; None where the modality is absent)."""
-        return channel_names(raw_scores(self.model_, X, device=self.device), self.modalities)
+        return channel_names(self.calibration_.settle(raw_scores(self.model_, X, device=self.device)), self.modalities)
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

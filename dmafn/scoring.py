@@ -16,7 +16,7 @@ attributes by occlusion: the drop of the logit when a modality is hidden.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,9 @@ class RawScores:
                                       # m's raw error (model and relations; `DMAFN.errors`' parts), NaN where absent
     held_state: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N, S) the operating state at the tick
                                       # m's held error was read at (`hold_payload_errors`); `state` for the others
+    fresh_errors: dict[str, np.ndarray] = field(default_factory=dict)  # m -> (N,) a held modality's error as read
+                                      # at the tick itself (its own value where not held; `settle_held`)
+    fresh_channel_errors: dict[str, np.ndarray] = field(default_factory=dict)  # m -> (N, C) its parts, likewise
 
     def rows(self, idx: np.ndarray) -> "RawScores":
         """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
@@ -46,7 +49,9 @@ class RawScores:
                          mask=self.mask[idx], state=None if self.state is None else self.state[idx],
                          state_owners=self.state_owners,
                          channel_errors={m: e[idx] for m, e in self.channel_errors.items()},
-                         held_state={m: s[idx] for m, s in self.held_state.items()})
+                         held_state={m: s[idx] for m, s in self.held_state.items()},
+                         fresh_errors={m: e[idx] for m, e in self.fresh_errors.items()},
+                         fresh_channel_errors={m: e[idx] for m, e in self.fresh_channel_errors.items()})
 
     def state_of(self, m: str) -> np.ndarray | None:
         """(N, S) the operating state modality m's error is read against: its held one, else the tick's."""
@@ -61,14 +66,17 @@ class RawScores:
             return whole if order is None else whole[order]
 
         first = parts[0]
+
+        def each(field_name: str) -> dict[str, np.ndarray]:
+            own = [getattr(r, field_name) for r in parts]
+            return {m: joined([o[m] for o in own]) for m in own[0] if all(m in o for o in own)}
+
         return RawScores(errors=joined([r.errors for r in parts]), mask=joined([r.mask for r in parts]),
                          latent=None if first.latent is None else joined([r.latent for r in parts]),
                          state=None if first.state is None else joined([r.state for r in parts]),
                          state_owners=first.state_owners,
-                         channel_errors={m: joined([r.channel_errors[m] for r in parts]) for m in first.channel_errors
-                                         if all(m in r.channel_errors for r in parts)},
-                         held_state={m: joined([r.held_state[m] for r in parts]) for m in first.held_state
-                                     if all(m in r.held_state for r in parts)})
+                         channel_errors=each("channel_errors"), held_state=each("held_state"),
+                         fresh_errors=each("fresh_errors"), fresh_channel_errors=each("fresh_channel_errors"))
 
 
 @dataclass
@@ -133,20 +141,30 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     latent = np.concatenate(latents) if latents else None
     mask = features.mask
     split_by = {m: np.concatenate(split).astype(np.float64) for m, split in parts.items()}
-    held_state = {}
-    if model.cfg.detector != "classifier" and model.cfg.hold_payloads:
+    held_state, fresh, fresh_split = {}, err, split_by          # fresh: each tick's own reading
+    holding = model.cfg.detector != "classifier" and model.cfg.hold_payloads
+    if holding:
         err, split_by, held_state = hold_payload_errors(err, split_by, features, hold)
     if model.cfg.detector == "classifier":
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
     elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
-        err = err + features.relation_errors
-    channel_errors = {}
-    for m, split in split_by.items():
-        if m in features.relation_channels:
-            split = split + features.relation_channels[m]
-        channel_errors[m] = np.where(mask[:, features.modalities.index(m), None], split, np.nan)
+        err, fresh = err + features.relation_errors, fresh + features.relation_errors
+
+    def with_relations(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for m, split in parts.items():
+            if m in features.relation_channels:
+                split = split + features.relation_channels[m]
+            out[m] = np.where(mask[:, features.modalities.index(m), None], split, np.nan)
+        return out
+
+    held = [m for m in features.taken if m in features.modalities] if holding and len(err) else []
+    fresh = np.where(mask, fresh, np.nan) if held else None
+    fresh_parts = with_relations({m: fresh_split[m] for m in held if m in fresh_split})
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
-                     state_owners=features.state_owners, channel_errors=channel_errors, held_state=held_state)
+                     state_owners=features.state_owners, channel_errors=with_relations(split_by),
+                     held_state=held_state, fresh_errors={m: fresh[:, features.modalities.index(m)] for m in held},
+                     fresh_channel_errors=fresh_parts)
 
 
 HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the machine as it was when its row came
@@ -349,7 +367,8 @@ def fit_robust_scales(ticks: RawTicks, modalities: tuple[str, ...], detector: st
     if voting is not None and (not voting or set(voting) - set(modalities)):
         raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
     voting = None if voting is None or set(voting) == set(modalities) else voting   # all vote: nothing to store
-    calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities)}
+    calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
+                             "held_reading": "smaller"}       # `settle_held`; a calibration without it: as held
     if state_baseline:
         calib.update(fit_baseline(ticks, tuple(modalities)))
     calib["contribution"] = {m: robust_scale(v) for m, v in
@@ -548,7 +567,40 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
     return out
 
 
+def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:
+    """Under a calibration that reads held payloads by their smaller reading (`calib["held_reading"]`, versions
+    since 2026-12-06): each held modality's error, channel parts and operating state at each tick - the held
+    reading (`hold_payload_errors`) or the tick's own, whichever contributes less. A payload held after the machine
+    moved is judged both against the state it was taken in and against the machine now; it counts as anomalous only
+    if it is both - a frame taken mid run-up, unusual for its moment, that fits the running pump it is read
+    beside, is not held into the running minutes as an anomaly, and a frame of a running pump read beside a stopped
+    one is still judged as taken. The result carries no fresh readings (`RawScores.fresh_errors`); without them, or
+    under an older calibration, `raw` itself."""
+    if not raw.fresh_errors or calib.get("held_reading") != "smaller":
+        return raw
+    held_view = replace(raw, fresh_errors={}, fresh_channel_errors={})
+    errors, fresh_state = raw.errors.copy(), dict(raw.held_state)
+    for m in raw.fresh_errors:
+        errors[:, calib["modalities"].index(m)] = raw.fresh_errors[m]
+        fresh_state.pop(m, None)
+    fresh_view = replace(held_view, errors=errors, held_state=fresh_state,
+                         channel_errors={**raw.channel_errors, **raw.fresh_channel_errors})
+    as_held, as_fresh = _contributions(held_view, calib), _contributions(fresh_view, calib)
+    settled = replace(held_view, errors=raw.errors.copy(), channel_errors=dict(raw.channel_errors),
+                      held_state=dict(raw.held_state))
+    for m in raw.fresh_errors:
+        i = calib["modalities"].index(m)
+        fresher = as_fresh[:, i] < as_held[:, i]                        # NaN (absent) on either side: as held
+        settled.errors[:, i] = np.where(fresher, raw.fresh_errors[m], raw.errors[:, i])
+        if m in raw.fresh_channel_errors and m in raw.channel_errors:
+            settled.channel_errors[m] = np.where(fresher[:, None], raw.fresh_channel_errors[m], raw.channel_errors[m])
+        if m in raw.held_state:
+            settled.held_state[m] = np.where(fresher[:, None], raw.state, raw.held_state[m])
+    return settled
+
+
 def _contributions(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
+    raw = settle_held(raw, calib)
     log_err = baseline_residuals(raw, calib)
     cols = []
     for i, m in enumerate(calib["modalities"]):

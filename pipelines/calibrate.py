@@ -78,7 +78,7 @@ def _score_shard(shard: Shard, spec: Spec, stats: dict[str, Any], model,
     order = pl.concat(keys).with_row_index("_row").sort([*spec.entity, "ts"])
     rows = order["_row"].to_numpy()
     raw = RawScores.concatenate(raws, rows)
-    raw.channel_errors = {}                       # the calibration never reads them
+    raw.channel_errors, raw.fresh_channel_errors = {}, {}      # the calibration never reads them
     part = ShardPart(order.select(entity_string(spec.entity)).to_series().to_numpy().astype(str), raw)
     return {"ticks": len(rows), "columns": raw.errors.shape[1],
             "latent_dims": None if raw.latent is None else raw.latent.ndim,

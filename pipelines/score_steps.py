@@ -52,7 +52,7 @@ class Scorer:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
         spec = self.spec
         feats = featurize(aligned, spec, self.stats, decoded, self.carry)
-        raw = raw_scores(self.model, feats, hold=self.hold)
+        raw = self.calibration.settle(raw_scores(self.model, feats, hold=self.hold))   # held or fresh, per tick
         record = self.calibration.record(raw)      # smoothed later, per entity and date
         names = np.asarray(feats.modalities, object)
         present = [list(names[row]) for row in feats.mask]

@@ -375,6 +375,33 @@ def test_a_held_error_is_expected_at_the_state_it_was_read_at():
     assert weights != cal.normalisation["baseline"]["a"]["weights"]    # fitted on the held pairs
 
 
+def test_a_held_payload_counts_by_the_smaller_of_its_held_and_its_fresh_reading():
+    """`settle_held`: where a payload is held (the machine moved since its row came), its contribution is the smaller
+    of the held reading (against the state it was taken in) and the tick's own (against the machine now) - a frame
+    unusual for the moment it was taken that fits the machine now is not held as an anomaly; one anomalous both ways
+    still is; its parts (driving channel) come with the reading chosen; a calibration from before reads as held."""
+    cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    assert cal.normalisation["held_reading"] == "smaller"
+    log_error = np.array([[1.2, 0.0], [3.5, 0.0], [1.2, 0.0]])      # a's error goes with the load (b's level)
+    raw = RawScores(errors=np.exp(log_error), latent=None, mask=np.ones((3, 2), bool),
+                    state=np.full((3, 2), [1.2, 0.0]), state_owners=("b", "a"),     # the load now: high
+                    held_state={"a": np.array([[-1.2, 0.0], [1.2, 0.0], [1.2, 0.0]])},  # tick 0's row came at low
+                    channel_errors={"a": np.array([[2.0, 1.0], [1.0, 2.0], [2.0, 1.0]])},
+                    fresh_errors={"a": np.exp(np.array([1.2, 3.5, 1.2]))},
+                    fresh_channel_errors={"a": np.array([[1.0, 2.0], [2.0, 1.0], [2.0, 1.0]])})
+    as_held = Calibration.from_dict({k: v for k, v in cal.to_dict().items() if k != "held_reading"})   # older
+    held = as_held.record(raw).contributions[:, 0]
+    settled = cal.settle(raw)
+    c = cal.record(raw).contributions[:, 0]
+    assert held[0] > c[0] + 2 and c[0] == pytest.approx(c[2])      # tick 0: as normal as the machine now reads it
+    assert c[1] > c[2] + 2 and c[1] == pytest.approx(held[1])      # tick 1: anomalous both ways - still anomalous
+    np.testing.assert_array_equal(cal.record(settled).contributions, cal.record(raw).contributions)
+    assert settled.channel_errors["a"][:, 0].tolist() == [1.0, 1.0, 2.0] and not settled.fresh_errors
+    assert settled.held_state["a"][0, 0] == 1.2 and settled.held_state["a"][1, 0] == 1.2
+    assert as_held.settle(raw) is raw and held[1] == pytest.approx(c[1])
+    np.testing.assert_array_equal(as_held.record(raw).contributions[:, 1], cal.record(raw).contributions[:, 1])
+
+
 def test_a_state_baseline_holds_the_state_in_its_range_and_names_a_wrong_layout():
     cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
     far = RawScores(errors=np.ones((2, 2)), latent=None, mask=np.ones((2, 2), bool),

@@ -646,7 +646,7 @@ def test_a_version_with_held_payloads_reads_a_stale_frame_against_the_state_it_w
     """`raw_scores` with `hold_payloads`: while the camera's frame stays the latest its error (own and cross-modal)
     is the one it had when it arrived, however the process moves; the process's error moves; an older version
     reads the frame afresh at every tick; a shard's batches hold as one (`hold` carried)."""
-    from dmafn.scoring import raw_scores
+    from dmafn.scoring import RawScores, raw_scores
 
     from dmafn.model import model_config
     from dmafn.spec import ModelSpec
@@ -657,17 +657,23 @@ def test_a_version_with_held_payloads_reads_a_stale_frame_against_the_state_it_w
     feats.inputs["cam"][4:6] = feats.inputs["cam"][3]
     feats.taken = {"cam": np.array([0, 0, 0, 3, 3, 3]), "proc": np.arange(6)}
     feats.groups = np.array(["pump-1|2024-01-02"] * 6)
-    errors = {}
+    errors, raws = {}, {}
     for hold in (True, False):
         torch.manual_seed(0)
         model = build_model(specs(("proc", "cam")), small(d_model=16, latent=4, hold_payloads=hold))
-        errors[hold] = raw_scores(model, feats).errors
+        raws[hold] = raw_scores(model, feats)
+        errors[hold] = raws[hold].errors
     held, fresh = errors[True], errors[False]
+    # beside the held reading, each tick's own (what `settle_held` weighs it against); none without the hold
+    assert np.allclose(raws[True].fresh_errors["cam"], fresh[:, 1]) and set(raws[True].fresh_errors) == {"proc", "cam"}
+    assert np.allclose(raws[True].fresh_channel_errors["proc"], raws[False].channel_errors["proc"])
+    assert not raws[False].fresh_errors and not raws[False].fresh_channel_errors
     assert np.ptp(held[:3, 1]) == 0 and np.ptp(held[3:, 1]) == 0 and held[3, 1] != held[0, 1]
     assert np.allclose(held[[0, 3], 1], fresh[[0, 3], 1]) and np.ptp(fresh[:3, 1]) > 0
     assert np.allclose(held[:, 0], fresh[:, 0])                   # the process's own error is read at each tick
     carry: dict = {}
     torch.manual_seed(0)
     model = build_model(specs(("proc", "cam")), small(d_model=16, latent=4, hold_payloads=True))
-    parts = [raw_scores(model, feats.rows(rows), hold=carry).errors for rows in (slice(0, 2), slice(2, 6))]
-    assert np.allclose(np.concatenate(parts), held)
+    parts = [raw_scores(model, feats.rows(rows), hold=carry) for rows in (slice(0, 2), slice(2, 6))]
+    joined = RawScores.concatenate(parts)
+    assert np.allclose(joined.errors, held) and np.allclose(joined.fresh_errors["cam"], fresh[:, 1])
