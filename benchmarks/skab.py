@@ -26,8 +26,9 @@ the same with today's code and generated-spec smoothing), `preregistered-tail` t
 (`PREREGISTERED_TAIL`: the third with contributions on their tail surprise), `preregistered-cross` the fifth
 (`PREREGISTERED_CROSS`: the fourth's settings under the code with cross-modal relations), `preregistered-robust`
 the sixth (`PREREGISTERED_ROBUST`: the fifth's settings under the code whose relations are refitted robustly),
-`preregistered-knee` the seventh (`PREREGISTERED_KNEE`: the sixth's with the smoothing's knee at 4), each into
-`skab-NAME.json`. (`--preregistered-relations` and `--preregistered-relation-only` still name the second and
+`preregistered-knee` the seventh (`PREREGISTERED_KNEE`: the sixth's with the smoothing's knee at 4),
+`preregistered-again` the eighth (`PREREGISTERED_AGAIN`: the first's settings under the code of 2026-12-06), each
+into `skab-NAME.json`. (`--preregistered-relations` and `--preregistered-relation-only` still name the second and
 third.)
 """
 from __future__ import annotations
@@ -119,10 +120,22 @@ PREREGISTERED_ROBUST = dict(PREREGISTERED_CROSS)
 # The T^2 reference is smoothed as before (its statistic is not in surprise units). Nothing here was chosen on
 # SKAB; the earlier runs' files stay as they are.
 PREREGISTERED_KNEE = {**PREREGISTERED_ROBUST, "knee": 4.0}
+
+# The eighth run fixed in advance (written 2026-12-06 and committed before it ran): the first run's settings,
+# unchanged, under today's code. Since the first run the defaults it takes changed, each chosen on the design fleets
+# and none on SKAB: each group's error read against its level at the operating state (`state_baseline`,
+# 2026-12-02), that state reading each series channel's swing beside its window mean (`window_spread`, 2026-12-03),
+# training hiding each channel at random (`channel_dropout: 0.25`, 2026-12-06). Why the first run's settings and
+# not the seventh's: runs two to seven each added a slow context with channel relations and did worse than the
+# first - a choice made knowing those runs' results, so read this run as the first re-measured under today's
+# defaults, not as a blind setting. The earlier runs' files stay as they are.
+PREREGISTERED_AGAIN = dict(PREREGISTERED)
+
 PREREGISTERED_RUNS = {"preregistered": PREREGISTERED, "preregistered-relations": PREREGISTERED_RELATIONS,
                       "preregistered-relation-only": PREREGISTERED_RELATION_ONLY,
                       "preregistered-tail": PREREGISTERED_TAIL, "preregistered-cross": PREREGISTERED_CROSS,
-                      "preregistered-robust": PREREGISTERED_ROBUST, "preregistered-knee": PREREGISTERED_KNEE}
+                      "preregistered-robust": PREREGISTERED_ROBUST, "preregistered-knee": PREREGISTERED_KNEE,
+                      "preregistered-again": PREREGISTERED_AGAIN}
 
 
 def load_files(root: Path) -> dict[str, pd.DataFrame]:
