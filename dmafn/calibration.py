@@ -201,6 +201,11 @@ class Calibration:
         reads, and what names a modality's driving channel (`channel_names`)."""
         return settle_held(raw, self.normalisation)
 
+    def parts_smoothing(self) -> "Calibration":
+        """This calibration with its smoothing's knee taken off: how the channel parts of a modality's error (raw
+        error, not surprise units, so no knee applies) are smoothed before the largest is named (`channel_names`)."""
+        return replace(self, smoothing=replace(self.smoothing, knee=None))
+
     def record(self, raw: RawScores) -> ScoreRecord:
         """Contributions and fused score, not smoothed (per batch: no state across ticks)."""
         return to_record(raw, self.normalisation, self.modalities)

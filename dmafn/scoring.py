@@ -17,7 +17,7 @@ attributes by occlusion: the drop of the logit when a modality is hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -244,11 +244,16 @@ def state_move(now: np.ndarray, then: np.ndarray) -> np.ndarray:
         return np.where(count > 0, np.sqrt(squares.sum(1) / np.maximum(count, 1)), np.nan)
 
 
-def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec]) -> dict[str, np.ndarray]:
+def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec],
+                  smooth: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per voting modality with channel parts (`RawScores.channel_errors`), the name of the channel that drives its
-    error at each tick (`top_channels`): the output's `channel_<m>`."""
+    error at each tick (`top_channels`): the output's `channel_<m>`. `smooth(m, parts)`: each channel's part smoothed
+    as the scores are (per entity and date, in time order; `Calibration.parts_smoothing`) before the largest is
+    named - so the channel named is the one behind the smoothed contribution `score_<m>`, also on the ticks after a
+    spike, where the tick's own largest part is the noise of whichever channel."""
     voting = voting_modalities(modalities)
-    return {m: top_channels(parts, modalities[m].columns) for m, parts in raw.channel_errors.items() if m in voting}
+    return {m: top_channels(parts if smooth is None else smooth(m, parts), modalities[m].columns)
+            for m, parts in raw.channel_errors.items() if m in voting}
 
 
 def top_channels(parts: np.ndarray, names: tuple[str, ...] | list[str]) -> np.ndarray:

@@ -10,14 +10,14 @@ ticks in = rows scored + rows quarantined (also recorded in the runs table).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import entity_key, entity_keys, featurize
+from dmafn.features import entity_key, entity_keys, featurize, smoothing_groups
 from dmafn.calibration import Calibration
 from dmafn.scoring import channel_names, raw_scores
 from dmafn.spec import Spec, voting_modalities
@@ -39,14 +39,16 @@ _OLDEST = pl.CompatLevel.oldest()     # large_string, not string_view: what Delt
 
 class Scorer:
     """Scores the aligned batches of one shard, in order (ticks sorted by entity and time), with one loaded model
-    version; `__call__(aligned batch)` carries only the relations' smoothing state and the payloads' held errors
-    from batch to batch."""
+    version; `__call__(aligned batch)` carries only the relations' smoothing state, the payloads' held errors and
+    the channel parts' smoothing state from batch to batch."""
 
     def __init__(self, mv: ModelVersion):
         self.version, self.model, self.spec = mv.version, mv.model, mv.spec
         self.stats, self.calibration = mv.stats, mv.calibration
         self.carry: dict = {}       # the relations' smoothing state per entity and date, batch to batch (`featurize`)
         self.hold: dict = {}        # each payload's held error per entity and date, batch to batch (`raw_scores`)
+        self.parts: dict = {}       # each channel part's smoothing state per entity and date, batch to batch
+        self.parts_smoothing = self.calibration.parts_smoothing()
 
     def __call__(self, aligned: pa.Table, decoded: dict | None = None) -> pa.Table:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
@@ -62,11 +64,29 @@ class Scorer:
         for i, m in enumerate(feats.modalities):
             c = record.contributions[:, i]
             cols[f"score_{m}"] = pa.array(c, pa.float64(), mask=~np.isfinite(c))
-        for m, named in channel_names(raw, spec.modalities).items():   # which channel drives a table's error
+        for m, named in channel_names(raw, spec.modalities, self._smoothed_parts(aligned, feats)).items():
             cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
+
+    def _smoothed_parts(self, aligned: pa.Table, feats) -> Callable[[str, np.ndarray], np.ndarray] | None:
+        """How `channel_names` smooths a modality's channel parts in this batch: per entity and date, carried from the
+        batch before (each channel alone, exactly as the whole date at once); None without smoothing."""
+        calibration = self.parts_smoothing
+        if calibration.smoothing.method == "none":
+            return None
+        groups = feats.groups if feats.groups is not None else smoothing_groups(
+            aligned, entity_key(aligned, self.spec.entity))[0]
+
+        def smooth(m: str, parts: np.ndarray) -> np.ndarray:
+            carry = self.parts.setdefault(m, {})
+            columns = []
+            for j in range(parts.shape[1]):
+                column, carry[j] = calibration.smooth_carried(parts[:, j], groups, carry.get(j, {}))
+                columns.append(column)
+            return np.stack(columns, 1) if columns else parts
+        return smooth
 
 
 def tick_batches(ticks: pl.DataFrame, tables: dict[str, pl.DataFrame], spec: Spec,

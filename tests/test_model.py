@@ -553,6 +553,19 @@ def test_the_detector_names_the_channel_that_drives_each_rows_error():
     named = det.channels(test)
     assert set(named) == {"proc", "vib"} and len(named["proc"]) == 40
     assert (named["proc"][30:] == "p").all() and set(named["vib"]) <= {"x", "y"}
+    # with the scores smoothed, so are the parts the channel is named from: the ticks after a spike on p still name
+    # p while a smaller rise of t is the tick's own largest part; a new group (entity and date) starts afresh
+    smoothing = Detector(specs(), small(d_model=16, latent=4), epochs=3, batch_size=32, smoothing="ewma", alpha=0.3)
+    smoothing.fit(feats.rows(np.arange(120)))
+    test = feats.rows(np.arange(120, 140))
+    test.inputs["proc"] = test.inputs["proc"].copy()
+    test.inputs["proc"][10, 1] += 12.0
+    test.inputs["proc"][11:13, 0] += 3.0
+    own = smoothing.channels(test, smoothed=False)["proc"]
+    assert own[10] == "p" and (own[11:13] == "t").all()
+    assert (smoothing.channels(test)["proc"][10:13] == "p").all()
+    groups = np.array(["a"] * 11 + ["b"] * 9)
+    assert (smoothing.channels(test, groups)["proc"][11:13] == "t").all()
 
 
 def test_channel_dropout_hides_held_channels_only_and_keeps_one_per_row():

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dmafn.spec import load_spec
+from dmafn.spec import SmoothingSpec, load_spec
 from dmafn.synthetic import SyntheticConfig
 from pipelines.generate import write_synthetic
 from pipelines.storage import DataError
@@ -1659,6 +1659,37 @@ def test_a_shard_streams_its_progress_then_its_scores(trained, tmp_path):
                                one["score_process"].to_numpy(zero_copy_only=False), rtol=1e-6)
     np.testing.assert_allclose(cut["score"].to_numpy(zero_copy_only=False),     # float32 sums of other batch sizes
                                one["score"].to_numpy(zero_copy_only=False), rtol=1e-5)
+    named = np.asarray(cut["channel_vibration"].to_pylist(), object), np.asarray(one["channel_vibration"].to_pylist(), object)
+    assert np.mean(named[0] == named[1]) > 0.99         # the channel parts' smoothing carried across the batches
+
+
+def test_the_scorer_smooths_each_channels_part_across_its_batches_as_at_once(trained):
+    """`Scorer`: the channel parts `channel_<m>` is named from are smoothed per entity and date as the scores are
+    (without the knee), carried from batch to batch exactly; a version without smoothing names the tick's own."""
+    from types import SimpleNamespace
+
+    from pipelines.registry import Registry
+    from pipelines.score_steps import Scorer
+    from pipelines.storage import Storage
+
+    spec, version, _ = trained
+    mv = Registry(spec.registry, Storage()).load(version)
+    assert mv.calibration.smoothing.method == "ewma"
+    parts = np.random.default_rng(0).gamma(1.0, size=(12, 3))
+    parts[5] = np.nan                                               # the modality absent on a tick
+    groups = np.array(["pump-00\x1f2024-01-03"] * 7 + ["pump-01\x1f2024-01-03"] * 5)
+    whole = Scorer(mv)._smoothed_parts(None, SimpleNamespace(groups=groups))("vibration", parts)
+    scorer = Scorer(mv)
+    cut = [scorer._smoothed_parts(None, SimpleNamespace(groups=groups[rows]))("vibration", parts[rows])
+           for rows in (slice(0, 3), slice(3, 9), slice(9, 12))]
+    np.testing.assert_array_equal(np.concatenate(cut), whole)
+    alpha = mv.calibration.smoothing.alpha
+    np.testing.assert_allclose(whole[1], alpha * parts[1] + (1 - alpha) * parts[0])
+    np.testing.assert_allclose(whole[6], alpha * parts[6] + (1 - alpha) * whole[4])   # over the absent tick
+    assert np.isnan(whole[5]).all() and np.array_equal(whole[7], parts[7])         # another pump starts afresh
+    plain = Scorer(mv)
+    plain.parts_smoothing = replace(plain.parts_smoothing, smoothing=SmoothingSpec(method="none"))
+    assert plain._smoothed_parts(None, SimpleNamespace(groups=groups)) is None
 
 
 def test_cli_names_a_corrupt_file_in_one_error_line(trained, tmp_path, local_ray):
