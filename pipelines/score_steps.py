@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import entity_key, entity_keys, featurize, smoothing_groups
+from dmafn.features import Features, entity_key, entity_keys, featurize, smoothing_groups
 from dmafn.calibration import Calibration
 from dmafn.scoring import channel_names, raw_scores
 from dmafn.spec import Spec, voting_modalities
@@ -70,16 +70,18 @@ class Scorer:
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
 
-    def _smoothed_parts(self, aligned: pa.Table, feats) -> Callable[[str, np.ndarray], np.ndarray] | None:
+    def _smoothed_parts(self, aligned: pa.Table, feats: Features) -> Callable[[str, np.ndarray], np.ndarray] | None:
         """How `channel_names` smooths a modality's channel parts in this batch: per entity and date, carried from the
         batch before (each channel alone, exactly as the whole date at once); None without smoothing."""
         calibration = self.parts_smoothing
         if calibration.smoothing.method == "none":
             return None
-        groups = feats.groups if feats.groups is not None else smoothing_groups(
-            aligned, entity_key(aligned, self.spec.entity))[0]
+        found: list[np.ndarray] = [] if feats.groups is None else [feats.groups]
 
         def smooth(m: str, parts: np.ndarray) -> np.ndarray:
+            if not found:                       # each tick's entity and date, once per batch and only when asked
+                found.append(smoothing_groups(aligned, entity_key(aligned, self.spec.entity))[0])
+            groups = found[0]
             carry = self.parts.setdefault(m, {})
             columns = []
             for j in range(parts.shape[1]):
