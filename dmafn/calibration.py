@@ -30,9 +30,9 @@ from dmafn.spec import ModelSpec, SmoothingSpec, ThresholdSpec
 from dmafn.validation import ArrayValues, Values
 
 OUTLIER_ROUNDS = 3              # robust scales refitted on the ticks kept, at most, before the outliers settle
-OUTLIER_SHARE = 0.01            # the first round flags at most this share of the validation ticks, or at most
-OUTLIER_MIN_TICKS = 10          # this many: a clean day's tail, every tick kept; more: incidents, left out (and
-                                # `dmafn train` warns)
+OUTLIER_SHARE = 0.01            # the first round finds at most this share of the validation ticks over the limit
+OUTLIER_MIN_TICKS = 10          # (before the reach after each), or at most this many: a clean day's tail, every
+                                # tick kept; more: incidents, left out with their reach (and `dmafn train` warns)
 OUTLIER_MOST = 0.5              # a round that would leave out more than this share: nothing is left out (warned)
 OUTLIER_CHUNK = 1 << 18         # ticks whose contributions a round computes at once (its flags: one bool per tick)
 
@@ -127,11 +127,14 @@ class Calibration:
         if outlier_limit is not None and detector != "classifier":
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
                 robust = fit_robust_scales(ticks, tuple(modalities), detector, vote, voting, state_baseline)
-                flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
-                if not outliers and flagged <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):   # a clean tail
-                    ticks.keep_all()
-                    kept = flagged
-                    break
+                rule = OutlierTicks(robust, float(outlier_limit), int(outlier_after))
+                if not outliers:               # the first round: the ticks over the limit, before their reach
+                    tail = ticks.leave_out(replace(rule, after=0))
+                    if tail <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):     # a clean day's own tail
+                        ticks.keep_all()
+                        kept = tail
+                        break
+                flagged = ticks.leave_out(rule)
                 if flagged > OUTLIER_MOST * total:    # no normal day to calibrate on: keep them all, and say so
                     ticks.keep_all()
                     outliers, kept, robust = 0, flagged, None

@@ -497,8 +497,8 @@ def fit_calibration(spec: Spec, model, stats: BucketStatistics, shards: list[Sha
                  "its median, and the %d ticks after one; train.validation_outlier_limit)%s",
                  calibration.outliers_left_out, calibration.outliers_left_out + ticks.count(),
                  spec.train.validation_outlier_limit, outlier_reach_ticks(spec),
-                 f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS}, "
-                 "a clean day's own tail" if kept else "")
+                 f"; {kept} flagged but kept - at most {100 * OUTLIER_SHARE:g} % of the ticks or {OUTLIER_MIN_TICKS} "
+                 "over the limit (the ticks after each not counted), a clean day's own tail" if kept else "")
     for line in calibration.outlier_warnings():
         log.warning("%s", line)
     if spec.model.detector != "classifier":
