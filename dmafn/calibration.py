@@ -49,9 +49,10 @@ class OutlierTicks:
     after: int = 0
 
     def __call__(self, raw: RawScores, groups: np.ndarray,
-                 carry: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int]]:
-        """(N,) bool, the ticks to leave out (rows in time order within each group), and per group how many of
-        its next ticks are still to leave out (`carry` in: the same from the part before)."""
+                 carry: dict[str, int] | None = None) -> tuple[np.ndarray, dict[str, int], int]:
+        """(N,) bool, the ticks to leave out (rows in time order within each group), per group how many of its
+        next ticks are still to leave out (`carry` in: the same from the part before), and how many ticks are over
+        the limit themselves (the reach after them not counted: what `Calibration.fit_from` judges a tail by)."""
         voting = self.calib.get("voting", self.calib["modalities"])
         columns = [i for i, m in enumerate(self.calib["modalities"]) if m in voting]
         n = len(raw.mask)
@@ -60,7 +61,7 @@ class OutlierTicks:
             part = slice(start, min(start + OUTLIER_CHUNK, n))
             contributions = Column("contribution", self.calib)(raw.rows(part))
             over[part] = np.nan_to_num(contributions[:, columns], nan=-np.inf).max(1, initial=-np.inf) > self.limit
-        return spread_after(over, np.asarray(groups, dtype=str), self.after, carry or {})
+        return (*spread_after(over, np.asarray(groups, dtype=str), self.after, carry or {}), int(over.sum()))
 
 
 def spread_after(flags: np.ndarray, groups: np.ndarray, after: int,
@@ -127,14 +128,12 @@ class Calibration:
         if outlier_limit is not None and detector != "classifier":
             for _ in range(OUTLIER_ROUNDS):    # each round: the robust scales of the ticks kept, and what they flag
                 robust = fit_robust_scales(ticks, tuple(modalities), detector, vote, voting, state_baseline)
-                rule = OutlierTicks(robust, float(outlier_limit), int(outlier_after))
-                if not outliers:               # the first round: the ticks over the limit, before their reach
-                    tail = ticks.leave_out(replace(rule, after=0))
-                    if tail <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):     # a clean day's own tail
-                        ticks.keep_all()
-                        kept = tail
-                        break
-                flagged = ticks.leave_out(rule)
+                flagged = ticks.leave_out(OutlierTicks(robust, float(outlier_limit), int(outlier_after)))
+                # the first round: the ticks over the limit themselves (not their reach) a clean day's own tail?
+                if not outliers and ticks.over <= max(OUTLIER_SHARE * total, OUTLIER_MIN_TICKS):
+                    ticks.keep_all()
+                    kept = ticks.over
+                    break
                 if flagged > OUTLIER_MOST * total:    # no normal day to calibrate on: keep them all, and say so
                     ticks.keep_all()
                     outliers, kept, robust = 0, flagged, None
@@ -352,13 +351,14 @@ class InMemoryTicks(RawTicks):
         self.groups = groups
         self._all, self._all_groups = raw, groups
         self._left_out = np.zeros(len(raw.mask), bool)
+        self.over = 0                   # the last `leave_out`'s ticks over the rule's limit themselves
 
     def count(self) -> int:
         return len(self.raw.mask)
 
     def leave_out(self, rule: OutlierTicks) -> int:
         """Leave out (as well as those before) the ticks `rule` flags among all of them; the count left out."""
-        flagged = rule(self._all, _keys(np.zeros(len(self._all.mask)), self._all_groups))[0]
+        flagged, _, self.over = rule(self._all, _keys(np.zeros(len(self._all.mask)), self._all_groups))
         if not flagged.any() and not self._left_out.any():
             return 0                                           # nothing to leave out: no copy of the ticks
         self._left_out |= flagged

@@ -109,13 +109,14 @@ def _total(part: ShardPart, left_out: np.ndarray | None, sums) -> dict[str, np.n
     return sums(part.kept(left_out).raw)
 
 
-@ray.remote(num_cpus=1, num_returns=3)
+@ray.remote(num_cpus=1, num_returns=4)
 def _leave_out_part(part: ShardPart, left_out: np.ndarray | None, rule: OutlierTicks, carry: dict[str, int] | None):
     """The shard's ticks left out once those `rule` flags join the ones before ((N,) bool; going on from the
-    bucket's previous shard's `carry`), how many that is, and the carry for the bucket's next shard."""
-    flagged, carry = rule(part.raw, part.groups, carry or {})
+    bucket's previous shard's `carry`), how many that is, how many are over the rule's limit themselves, and the
+    carry for the bucket's next shard."""
+    flagged, carry, over = rule(part.raw, part.groups, carry or {})
     left_out = flagged if left_out is None else left_out | flagged
-    return left_out, int(left_out.sum()), carry
+    return left_out, int(left_out.sum()), over, carry
 
 
 @ray.remote(num_cpus=1)
@@ -301,6 +302,7 @@ class ShardTicks:
         self.left_out = left_out                # validation ticks left out for known incidents
         self.relation_outliers = sum(m.get("relation_outliers", 0) for m in metas)   # `relation_outliers`
         self.outliers = 0                       # ticks left out as outliers (`leave_out`)
+        self.over = 0                           # the last `leave_out`'s ticks over the rule's limit themselves
         self._chain: tuple[Calibration, list, list] | None = None
 
     @classmethod
@@ -352,8 +354,9 @@ class ShardTicks:
         """Leave out (as well as those before) the ticks `rule` flags, each entity bucket's shards chained in date
         order; the count left out."""
         chained = self._in_chains(_leave_out_part, rule)
-        self._left_out, self._chain = [flags for _, (flags, _) in chained], None
-        self.outliers = sum(raise_task_error(count) for _, (_, count) in chained)
+        self._left_out, self._chain = [flags for _, (flags, _, _) in chained], None
+        self.outliers = sum(raise_task_error(count) for _, (_, count, _) in chained)
+        self.over = sum(raise_task_error(over) for _, (_, _, over) in chained)
         return self.outliers
 
     def keep_all(self) -> None:
