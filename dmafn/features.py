@@ -1611,7 +1611,8 @@ class Features:
                                                 # part of `relation_errors` (`squared_residuals` before the sum)
     taken: dict[str, np.ndarray] = field(default_factory=dict)   # m -> (N,) int64: when the row a tabular, image or
                                                 # audio modality's payload came from was taken (-1 where absent)
-    groups: np.ndarray | None = None            # (N,) each tick's entity and date (`smoothing_groups`), with `taken`
+    groups: np.ndarray | None = None            # (N,) each tick's entity and date (`smoothing_groups`), where
+                                                # `featurize` needed them (`taken`, or relations that smooth)
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
@@ -1746,7 +1747,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners, channels=channels, relation_channels=relation_channels, taken=taken,
-                    groups=groups if taken else None)
+                    groups=groups)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
