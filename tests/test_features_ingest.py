@@ -1336,6 +1336,36 @@ def test_rows_a_deletion_vector_removes_are_not_read(tmp_path, tiny_spec, monkey
         "read (the footers' statistics this check reads still count them))")
 
 
+def test_deleted_rows_are_held_as_runs_and_read_as_the_positions_were(monkeypatch):
+    """A listing holds a file's rows deleted in place as runs: a million deleted rows together take 16 bytes; the
+    rows a row group keeps, the count and the digest token are what the positions gave (a listing's digest does
+    not change with the representation), for runs scattered or long, the token hashed a chunk at a time."""
+    import hashlib
+
+    import pipelines.delta_sink as delta_sink
+    from pipelines.delta_sink import DeletedRows
+
+    whole = DeletedRows.of(np.arange(2_000_000, 3_000_000))
+    assert len(whole.runs) == 16 and whole.count == 1_000_000
+    assert whole.kept(0, 2_000_000) is None and whole.kept(3_000_000, 10) is None
+    assert whole.kept(2_999_998, 4).tolist() == [False, False, True, True]
+    monkeypatch.setattr(delta_sink, "TOKEN_CHUNK_ROWS", 7)            # runs split across chunks, chunks across runs
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        positions = np.unique(np.r_[rng.integers(0, 300, int(rng.integers(1, 120))), np.arange(trial, trial * 3)])
+        deleted = DeletedRows.of(rng.permutation(positions))
+        mask = np.zeros(320, bool)
+        mask[positions] = True
+        assert DeletedRows.of_mask(mask) == deleted and deleted.count == len(positions)
+        as_positions = np.sort(positions).astype("<i8").tobytes()
+        assert deleted.token() == f"{len(positions)}:{hashlib.sha256(as_positions).hexdigest()[:16]}"
+        start, rows = int(rng.integers(0, 300)), int(rng.integers(1, 80))
+        gone = positions[(positions >= start) & (positions < start + rows)] - start
+        keep = deleted.kept(start, rows)
+        assert (keep is None) == (len(gone) == 0)
+        assert keep is None or np.flatnonzero(~keep).tolist() == gone.tolist()
+
+
 def test_a_delta_table_not_partitioned_by_date_is_read_by_its_time_statistics(tmp_path, tiny_spec):
     """A Delta table not partitioned by the date (liquid clustering, or partitioned by the machine only): each file
     is listed under every date from its least to its greatest time by the log's statistics, and each date reads
