@@ -46,11 +46,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from benchmarks.common import write_json
+from benchmarks.common import pipeline_model_config, write_json
 from dmafn.detector import Detector
 from dmafn.features import StatisticsFitter, featurize, fit_training_statistics
 from dmafn.metrics import point_metrics, roc_auc
-from dmafn.model import small
 from dmafn.postprocess import best_f1_threshold, ewma, fit_threshold, to_labels
 from dmafn.spec import CONTRIBUTION_SCALES, ModelSpec, load_spec
 from pipelines.align import TIME, align, alignment_input, to_micros
@@ -267,7 +266,7 @@ def run_config(spec, splits: list[FileSplit], fusion: str, detector: str, epochs
     for f in splits:
         # the detector's calibration: the threshold is fitted on EWMA-smoothed scores of the held-out last
         # training rows (no labels), and every score it gives is smoothed the same way
-        det = Detector(spec.modalities, small(fusion=fusion, detector=detector, modality_dropout=0.25),
+        det = Detector(spec.modalities, pipeline_model_config(fusion=fusion, detector=detector),
                        epochs=epochs, batch_size=32, learning_rate=2e-3, threshold=rule.method,
                        quantile=rule.quantile, risk=rule.risk,
                        smoothing="ewma", alpha=alpha, knee=knee, validation_fraction=VALIDATION_FRACTION, seed=0,
