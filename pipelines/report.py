@@ -570,7 +570,7 @@ def _quality_section(summary: pl.DataFrame | None) -> str:
 
 def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
                diagonal: bool = False) -> str:
-    w, h, pad, legend_width = 500, 320, 40, 90
+    w, h, pad = 500, 320, 40
     side = h - 2 * pad
     sx = lambda v: pad + v * side                             # noqa: E731 - unit square to pixels
     sy = lambda v: h - pad - v * side                         # noqa: E731
@@ -586,8 +586,11 @@ def _xy_figure(fid: str, title: str, series: dict[str, tuple[np.ndarray, np.ndar
         points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x, y))
         width = 2 if name == "fused" else 1.2
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="{width}"/>')
-        legend.append(f'<text x="{w - legend_width}" y="{pad + 10 + 14 * i}" class="label" '
-                      f'fill="{colour}">{_e(name)}</text>')
+        key_y = pad + 10 + 14 * i          # each name in its curve's colour beside a stroke of it (a style, since the
+        legend.append(                     # page's `.label` fill would override a presentation attribute)
+            f'<line x1="{pad + side + 16}" y1="{key_y - 4}" x2="{pad + side + 34}" y2="{key_y - 4}" stroke="{colour}" '
+            f'stroke-width="{width}" class="legend-swatch"/><text x="{pad + side + 40}" y="{key_y}" '
+            f'class="label legend-key" style="fill:{colour}">{_e(name)}</text>')
     body.append(f'<text x="{pad + side / 2}" y="{h - 6}" class="axis" text-anchor="middle">{_e(xlabel)}</text>'
                 f'<text x="12" y="{h / 2}" class="axis" text-anchor="middle" '
                 f'transform="rotate(-90 12 {h / 2})">{_e(ylabel)}</text>')

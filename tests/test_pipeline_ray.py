@@ -1121,6 +1121,13 @@ REPORT_CHECK = """({
   alarms: document.querySelectorAll('figure.timeline .alarm').length,
   rows: Object.fromEntries([...document.querySelectorAll('table[id]')].map(t => [t.id, t.tBodies[0].rows.length])),
   width: document.documentElement.scrollWidth,
+  legendsMatch: [...document.querySelectorAll('#roc, #pr')].map(f => {
+    const lines = [...f.querySelectorAll('polyline')].map(p => getComputedStyle(p).stroke);
+    const keys = [...f.querySelectorAll('.legend-key')].map(t => getComputedStyle(t).fill);
+    const swatches = [...f.querySelectorAll('.legend-swatch')].map(l => getComputedStyle(l).stroke);
+    return keys.length === lines.length && new Set(lines).size === lines.length
+      && lines.every((c, i) => c === keys[i] && c === swatches[i]);
+  }),
 })"""
 
 
@@ -1150,6 +1157,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     assert got["width"] <= 1200          # the window's width: a wide table scrolls in its own box, not the page
+    assert got["legendsMatch"] == [True, True]    # each curve's name drawn in its curve's colour, beside a stroke of it
     image = Image.open(page.screenshot).convert("L")
     assert image.size[1] > 1500                                   # the whole page, not one screen
     histogram = image.histogram()
