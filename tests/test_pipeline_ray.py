@@ -1121,6 +1121,7 @@ REPORT_CHECK = """({
   alarms: document.querySelectorAll('figure.timeline .alarm').length,
   rows: Object.fromEntries([...document.querySelectorAll('table[id]')].map(t => [t.id, t.tBodies[0].rows.length])),
   width: document.documentElement.scrollWidth,
+  timelinesChosen: document.querySelector('#timelines p').textContent,
   legendsMatch: [...document.querySelectorAll('#roc, #pr')].map(f => {
     const lines = [...f.querySelectorAll('polyline')].map(p => getComputedStyle(p).stroke);
     const keys = [...f.querySelectorAll('.legend-key')].map(t => getComputedStyle(t).fill);
@@ -1158,6 +1159,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason
     assert got["width"] <= 1200          # the window's width: a wide table scrolls in its own box, not the page
     assert got["legendsMatch"] == [True, True]    # each curve's name drawn in its curve's colour, beside a stroke of it
+    assert got["timelinesChosen"].startswith("The 2 entities with the most alarm ticks in the window, the most first")
     image = Image.open(page.screenshot).convert("L")
     assert image.size[1] > 1500                                   # the whole page, not one screen
     histogram = image.histogram()
@@ -1173,6 +1175,7 @@ def test_report_without_labels_and_with_chosen_entities(trained, scored, tmp_pat
     unlabelled = replace(spec, labels=None)
     page = build_report(unlabelled, tmp_path / "r.html", start=DAY3, end=DAY3, entities=["pump-01"]).read_text()
     assert "The spec has no labels: no metrics." in page and 'data-entity="pump-01"' in page
+    assert "<p>The entities asked for.</p>" in page
     assert 'data-entity="pump-00"' not in page and 'id="events-table"' in page and 'id="runs-table"' in page
     assert '<section id="versions">' in page and "1 warning(s) at training:" in page and "000000_0" in page
     runs = page[page.index('id="runs-table"'):]
