@@ -353,18 +353,18 @@ class DeltaFiles(NamedTuple):
 
 def live_data_files(storage: Storage, path: str, time_column: str | None = None,
                     dated_by: list[str | None] | None = None) -> DeltaFiles | None:
-    """The data files the Delta table at `path` holds by its log now (`DeltaFiles`), or None where `path` holds no
-    Delta table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an OPTIMIZE,
-    DELETE, UPDATE or MERGE replaced and VACUUM has not yet removed are not its rows, nor are the rows a DELETE,
-    UPDATE or MERGE marked deleted in place (deletion vectors: delta-rs decodes them, here, a file at a time, and
-    the listing keeps each file's runs of deleted rows, `DeletedRows`). A table with column mapping (`delta.columnMapping.mode` name or id,
-    which Databricks sets to rename or drop a column) names its columns in its files by their physical names: those
-    come with the files. With `time_column` (as the table names it), each file's least and greatest time by the log's
-    statistics comes with it (`LoggedFile.times`): what a table not partitioned by date is listed by. `dated_by`: the
-    partition columns that hold a date (the layout's date levels); a table without column mapping partitioned by
-    them all is listed by its folders, so no `logged` is built for it (an object per file of the table). DataError
-    naming the table where its log or a deletion vector cannot be read, or where its column mapping gives a column
-    the physical name of another column."""
+    """The data files the Delta table at `path` holds by its log now (`DeltaFiles`), or None where `path` holds no Delta
+    table (no `_delta_log`): a modality table kept as Delta is read as its log says - files an OPTIMIZE, DELETE, UPDATE
+    or MERGE replaced and VACUUM has not yet removed are not its rows, nor are the rows a DELETE, UPDATE or MERGE marked
+    deleted in place (deletion vectors: delta-rs decodes them, here, a file at a time, and the listing keeps each file's
+    runs of deleted rows, `DeletedRows`). A table with column mapping (`delta.columnMapping.mode` name or id, which
+    Databricks sets to rename or drop a column) names its columns in its files by their physical names: those come with
+    the files. With `time_column` (as the table names it), each file's least and greatest time by the log's statistics
+    comes with it (`LoggedFile.times`): what a table not partitioned by date is listed by. `dated_by`: the partition
+    columns that hold a date (the layout's date levels); a table without column mapping partitioned by them all is
+    listed by its folders, so no `logged` is built for it (an object per file of the table). DataError naming the table
+    where its log or a deletion vector cannot be read, or where its column mapping gives a column the physical name of
+    another column."""
     log_folder = storage.fs_path(path).rstrip("/") + "/_delta_log"
     try:
         if storage.filesystem(path).get_file_info(log_folder).type != pafs.FileType.Directory:
