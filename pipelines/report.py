@@ -736,8 +736,10 @@ def _page(title: str, body: str) -> str:
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px auto; max-width: 1060px; color: #222; }}
 h1 {{ margin: 0 0 8px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }} .wide {{ overflow-x: auto; }} td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee;
-  text-align: right; }} th {{ background: #f6f6f6; }} td:first-child, th:first-child {{ text-align: left; }}
+table {{ border-collapse: collapse; margin: 8px 0 16px; }} .wide {{ overflow-x: auto; }}
+.wide td {{ white-space: nowrap; }}
+td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee; text-align: right; }} th {{ background: #f6f6f6; }}
+td:first-child, th:first-child {{ text-align: left; }}
 table.facts th {{ text-align: left; background: none; font-weight: 600; }}
 .row {{ display: flex; gap: 16px; flex-wrap: wrap; }} figure {{ margin: 8px 0 20px; }}
 figcaption {{ color: #555; font-size: 12px; }} .frame {{ fill: none; stroke: #ccc; }}

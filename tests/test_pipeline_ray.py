@@ -1122,6 +1122,8 @@ REPORT_CHECK = """({
   rows: Object.fromEntries([...document.querySelectorAll('table[id]')].map(t => [t.id, t.tBodies[0].rows.length])),
   width: document.documentElement.scrollWidth,
   timelinesChosen: document.querySelector('#timelines p').textContent,
+  runsOnOneLine: [...document.querySelectorAll('#runs-table tbody td')]
+    .every(td => td.clientHeight < 2 * parseFloat(getComputedStyle(td).lineHeight)),
   legendsMatch: [...document.querySelectorAll('#roc, #pr')].map(f => {
     const lines = [...f.querySelectorAll('polyline')].map(p => getComputedStyle(p).stroke);
     const keys = [...f.querySelectorAll('.legend-key')].map(t => getComputedStyle(t).fill);
@@ -1160,6 +1162,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert got["width"] <= 1200          # the window's width: a wide table scrolls in its own box, not the page
     assert got["legendsMatch"] == [True, True]    # each curve's name drawn in its curve's colour, beside a stroke of it
     assert got["timelinesChosen"].startswith("The 2 entities with the most alarm ticks in the window, the most first")
+    assert got["runsOnOneLine"]          # a wide table's cells (dates, version ids) keep to one line as it scrolls
     image = Image.open(page.screenshot).convert("L")
     assert image.size[1] > 1500                                   # the whole page, not one screen
     histogram = image.histogram()
