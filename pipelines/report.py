@@ -103,8 +103,8 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     else:
         sections.append('<section id="metrics"><h2>Metrics</h2><p>The spec has no labels: no metrics.</p></section>')
     drawn = drawn_rows(pl.concat(shown, how="diagonal_relaxed"), spans, lines, marks)
-    why = "the entities asked for" if entities else \
-        f"the {len(chosen)} entities with the most alarm ticks in the window, the most first (--entities names others)"
+    why = "The entities asked for." if entities else \
+        f"The {len(chosen)} entities with the most alarm ticks in the window, the most first (--entities names others)."
     sections.append(_timelines_section(drawn, chosen, modalities, kinds, spec.timezone, why))
     sections.append(_events_section(found))
     sections.append(_versions_section(version_facts(spec, storage, window.versions)))
@@ -454,8 +454,8 @@ def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: li
     legend = "".join(f'<span class="key" style="background:{KIND_COLOURS[i % len(KIND_COLOURS)]}"></span>{_e(k)} '
                      for i, k in enumerate(kinds))
     legend += f'<span class="key" style="background:{ALARM}"></span>alarm (is_anomaly) '
-    chosen = f'<p>{_e(why[:1].upper() + why[1:])}.</p>' if why else ""
-    parts = [f'<section id="timelines"><h2>Timelines</h2>{chosen}<p class="legend">{legend}</p>']
+    intro = f"<p>{_e(why)}</p>" if why else ""
+    parts = [f'<section id="timelines"><h2>Timelines</h2>{intro}<p class="legend">{legend}</p>']
     for entity in entities:
         one = scores.filter(pl.col("_entity") == entity).sort("ts")
         parts.append(_timeline_figure(entity, one, modalities, kinds, zone))
