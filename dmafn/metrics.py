@@ -60,11 +60,17 @@ def count_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
             "far": fp / (fp + tn) if fp + tn else 0.0, "mar": fn / (fn + tp) if fn + tp else 0.0}
 
 
-def event_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def event_metrics(predicted: np.ndarray, labels: np.ndarray, min_ticks: int = 1) -> dict[str, float]:
     """Event-wise: recall = share of labelled events with at least one alarm inside; precision = share of
-    alarm events that overlap a labelled event."""
+    alarm events that overlap a labelled event. With `min_ticks` N only the alarm events (runs of alarm ticks) of
+    N ticks or more count, as `dmafn alarms --min-ticks N` lists them: a labelled event is caught when one of those
+    overlaps it (the run may reach outside it)."""
     p, y = np.asarray(predicted).astype(bool), np.asarray(labels).astype(bool)
-    true_events, alarm_events = events(y), events(p)
+    true_events = events(y)
+    alarm_events = [(s, e) for s, e in events(p) if e - s + 1 >= min_ticks]
+    p = np.zeros_like(p)
+    for s, e in alarm_events:
+        p[s:e + 1] = True
     hit = sum(bool(p[s:e + 1].any()) for s, e in true_events)
     good = sum(bool(y[s:e + 1].any()) for s, e in alarm_events)
     recall = hit / len(true_events) if true_events else 0.0

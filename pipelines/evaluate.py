@@ -29,7 +29,7 @@ from pipelines.baselines import score_alone
 from pipelines.delta_sink import SCORED_COLUMNS, read_table, scan_table, table_mismatch
 from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
-from pipelines.postprocess import mark_runs
+from pipelines.postprocess import mark_runs, run_number
 from pipelines.progress import ProgressDisplay
 from pipelines.storage import DataError, Storage
 
@@ -49,12 +49,13 @@ RUN_FLAGS = (("y", "p"), ("p", "y"))     # runs of labelled ticks (events), hit 
                                          # when they touch a labelled tick
 
 
-def run_edges(frame: pl.DataFrame) -> dict[str, tuple[dict[str, int], pl.DataFrame]]:
+def run_edges(frame: pl.DataFrame) -> dict[str, tuple[dict[str, Any], pl.DataFrame]]:
     """Runs of labelled ticks and of alarms in a chunk (`frame`: entity `g`, alarm `p`, label `y`; rows in time
     order per entity), per flag: the counts of the runs that lie wholly inside the chunk (`runs`, `hit`: runs
-    the other flag touches, `hit_ticks`: their ticks), and per entity its edges - whether its first row is flagged
-    and the run it starts (`f0`, `head_n`, `head_hit`), the same for its last row (`f1`, `tail_n`, `tail_hit`), and
-    `through` when one run covers every row. `RunTally` joins the edges of consecutive chunks."""
+    the other flag touches, `hit_ticks`: their ticks, `lengths`: runs and hit runs by length), and per entity its
+    edges - whether its first row is flagged and the run it starts (`f0`, `head_n`, `head_hit`), the same for its
+    last row (`f1`, `tail_n`, `tail_hit`), and `through` when one run covers every row. `RunTally` joins the
+    edges of consecutive chunks."""
     out = {}
     for flag, other in RUN_FLAGS:
         rows = mark_runs(frame, flag, "g")
@@ -66,7 +67,8 @@ def run_edges(frame: pl.DataFrame) -> dict[str, tuple[dict[str, int], pl.DataFra
                 .join(ends.select("g", "_runs"), on="g"))
         inner = runs.filter((pl.col("_run") != 1) & (pl.col("_run") != pl.col("_runs")))
         hit = inner.filter(pl.col("hit"))
-        counts = {"runs": inner.height, "hit": hit.height, "hit_ticks": int(hit["n"].sum())}
+        counts = {"runs": inner.height, "hit": hit.height, "hit_ticks": int(hit["n"].sum()),
+                  "lengths": run_lengths(inner)}
         head = runs.filter(pl.col("_run") == 1).select("g", pl.col("n").alias("head_n"), pl.col("hit").alias("head_hit"))
         tail = (runs.filter(pl.col("_run") == pl.col("_runs"))
                 .select("g", pl.col("n").alias("tail_n"), pl.col("hit").alias("tail_hit")))
@@ -76,26 +78,46 @@ def run_edges(frame: pl.DataFrame) -> dict[str, tuple[dict[str, int], pl.DataFra
     return out
 
 
+def run_lengths(runs: pl.DataFrame) -> dict[int, tuple[int, int]]:
+    """Runs (`n`: ticks, `hit`) counted by length: {ticks: (runs, hit runs)}."""
+    by = runs.group_by("n").agg(pl.len().alias("runs"), pl.col("hit").sum().alias("hit"))
+    return {int(n): (int(r), int(h)) for n, r, h in by.select("n", "runs", "hit").iter_rows()}
+
+
 class RunTally:
     """Runs of one flag per entity over chunks in time order (`run_edges`), counted as on each entity's whole
     series: a run at a chunk's end stays open until the entity's next row that is not flagged (an entity absent
-    from a chunk keeps its run open). Holds one open run per entity, not rows."""
+    from a chunk keeps its run open). Holds one open run per entity, not rows; `lengths` counts the runs and the
+    hit runs by length (`at_least`)."""
 
     def __init__(self) -> None:
         self.runs = self.hit = self.hit_ticks = 0
+        self.lengths: dict[int, tuple[int, int]] = {}
         self.open = pl.DataFrame(schema={"g": pl.String, "n": pl.Int64, "hit": pl.Boolean})
+
+    def _count_lengths(self, lengths: dict[int, tuple[int, int]]) -> None:
+        for n, (runs, hit) in lengths.items():
+            before = self.lengths.get(n, (0, 0))
+            self.lengths[n] = (before[0] + runs, before[1] + hit)
 
     def _close(self, closed: pl.DataFrame) -> None:
         hit = closed.filter(pl.col("hit"))
         self.runs += closed.height
         self.hit += hit.height
         self.hit_ticks += int(hit["n"].sum())
+        self._count_lengths(run_lengths(closed))
 
-    def add(self, counts: dict[str, int], edges: pl.DataFrame) -> None:
+    def at_least(self, ticks: int) -> tuple[int, int]:
+        """The runs of `ticks` or more, and how many of them the other flag touches."""
+        kept = [counts for n, counts in self.lengths.items() if n >= ticks]
+        return sum(r for r, _ in kept), sum(h for _, h in kept)
+
+    def add(self, counts: dict[str, Any], edges: pl.DataFrame) -> None:
         """One chunk's `run_edges` of this flag, chunks in time order."""
         self.runs += counts["runs"]
         self.hit += counts["hit"]
         self.hit_ticks += counts["hit_ticks"]
+        self._count_lengths(counts["lengths"])
         j = edges.join(self.open, on="g", how="left").with_columns(
             (pl.col("n").fill_null(0) + pl.col("head_n").fill_null(0)).alias("merged_n"),
             (pl.col("hit").fill_null(False) | pl.col("head_hit").fill_null(False)).alias("merged_hit"))
@@ -113,6 +135,103 @@ class RunTally:
         self.open = self.open.clear()
 
 
+def event_pieces(frame: pl.DataFrame) -> pl.DataFrame:
+    """The runs of labelled ticks in a chunk (`frame` as `run_edges` takes it), a row each in time order per entity,
+    with what `CatchTally` needs to find the longest alarm run that touches each: `known`, the longest alarm run
+    lying wholly inside the chunk that it touches (0: none); `head` / `tail`, whether it touches the entity's alarm
+    run at the chunk's first / last row (which may go on in the chunks around, so its length is not known here);
+    `first` / `last`, whether it holds the entity's first / last row (it may go on from / into the chunks around)."""
+    alarm = pl.col("p")
+    rows = (frame.select("g", "p", "y").sort("g", maintain_order=True)
+            .with_columns(run_number("p", "g").alias("_pr"), run_number("y", "g").alias("_yr"))
+            .with_columns(pl.len().over("g", "_pr").cast(pl.Int64).alias("_pn"),
+                          (alarm & (pl.col("_pr") == 1) & alarm.first().over("g")).alias("_ph"),
+                          (alarm & (pl.col("_pr") == pl.col("_pr").max().over("g")) & alarm.last().over("g"))
+                          .alias("_pt"),
+                          pl.col("_yr").max().over("g").alias("_yrs")))
+    return (rows.filter(pl.col("y"))
+            .group_by("g", "_yr", maintain_order=True)
+            .agg(pl.when(alarm & ~pl.col("_ph") & ~pl.col("_pt")).then(pl.col("_pn")).otherwise(0).max().alias("known"),
+                 pl.col("_ph").any().alias("head"), pl.col("_pt").any().alias("tail"),
+                 (pl.col("_yr").first() == 1).alias("first"), (pl.col("_yr").first() == pl.col("_yrs").first())
+                 .alias("last"))
+            .sort("g", "_yr", maintain_order=True).drop("_yr"))
+
+
+class CatchTally:
+    """Per labelled event (a run of labelled ticks of one entity), the longest alarm run that touches it, over
+    chunks in time order (`event_pieces` and the alarm flag's `run_edges`), exactly as on each entity's whole
+    series - so the event-wise recall when only alarm runs of N ticks or more count (`dmafn alarms --min-ticks N`)
+    does not depend on where the chunks split. Holds each entity's open alarm run and open event, a number per
+    event, and the events touching an alarm run at a chunk's edge until that run closes."""
+
+    def __init__(self) -> None:
+        self.longest: list[int] = []                     # per event: the longest alarm run known to touch it
+        self._waiting: dict[int, list[int]] = {}         # an open edge alarm run -> the events touching it
+        self._alarm: dict[str, tuple[int, int]] = {}     # entity -> its open alarm run: (id, ticks so far)
+        self._event: dict[str, int] = {}                 # entity -> its open event
+        self._ids = 0
+
+    def _run_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _close(self, run: int, ticks: int) -> None:
+        for event in self._waiting.pop(run, []):
+            self.longest[event] = max(self.longest[event], ticks)
+
+    def add(self, pieces: pl.DataFrame, alarm_edges: pl.DataFrame) -> None:
+        """One chunk's `event_pieces` and the alarm flag's `run_edges` edges, chunks in time order."""
+        heads: dict[str, int] = {}
+        tails: dict[str, int] = {}
+        closing: list[tuple[int, int]] = []
+        edges = alarm_edges.filter(pl.col("f0") | pl.col("f1") | pl.col("g").is_in(list(self._alarm)))
+        for g, f0, f1, through, head_n, tail_n in edges.select("g", "f0", "f1", "through", "head_n",
+                                                                "tail_n").iter_rows():
+            before = self._alarm.pop(g, None)
+            if f0:                                       # the entity's first row alarms: its open run goes on
+                run, n = before or (self._run_id(), 0)
+                heads[g] = run
+                if through:
+                    self._alarm[g], tails[g] = (run, n + head_n), run
+                else:
+                    closing.append((run, n + head_n))
+            elif before is not None:
+                closing.append(before)
+            if f1 and not through:
+                tails[g] = run = self._run_id()
+                self._alarm[g] = (run, tail_n)
+        present_open = alarm_edges.filter(pl.col("g").is_in(list(self._event)))["g"].to_list()
+        continued = set(pieces.filter(pl.col("first"))["g"].to_list())
+        for g in present_open:                           # the entity's first row is not labelled: its event ended
+            if g not in continued:
+                del self._event[g]
+        for g, known, head, tail, first, last in pieces.select("g", "known", "head", "tail", "first",
+                                                               "last").iter_rows():
+            event = self._event.pop(g) if first and g in self._event else None
+            if event is None:
+                event = len(self.longest)
+                self.longest.append(0)
+            self.longest[event] = max(self.longest[event], int(known))
+            for touched, runs in ((head, heads), (tail, tails)):
+                if touched:
+                    self._waiting.setdefault(runs[g], []).append(event)
+            if last:
+                self._event[g] = event
+        for run, ticks in closing:
+            self._close(run, ticks)
+
+    def finish(self) -> None:
+        """Close the runs still open (the window's end)."""
+        for run, ticks in self._alarm.values():
+            self._close(run, ticks)
+        self._alarm, self._event = {}, {}
+
+    def caught(self, ticks: int) -> int:
+        """The events touched by an alarm run of `ticks` or more."""
+        return int(np.count_nonzero(np.asarray(self.longest, np.int64) >= ticks))
+
+
 @dataclass
 class ChunkPart:
     """What `MetricsTally`'s first pass takes of one chunk, computed where the chunk lies (`chunk_part`): counts,
@@ -124,7 +243,8 @@ class ChunkPart:
     names: list[str]                  # score columns, in the table's order
     seen: set[str]                    # those holding any value
     kinds: set[str]                   # labelled kinds
-    runs: dict[str, tuple[dict[str, int], pl.DataFrame]]
+    runs: dict[str, tuple[dict[str, Any], pl.DataFrame]]
+    pieces: pl.DataFrame              # `event_pieces`
     first_entity: str | None
 
 
@@ -137,10 +257,11 @@ def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame
                                                    ("fn", ~pred & labels), ("tn", ~pred & ~labels))}
     kinds = chunk["label_kind"].fill_null("").to_numpy()[labels]
     positives = pl.DataFrame({"kind": kinds.astype(str), **{n: v[labels] for n, v in scores.items()}})
-    runs = run_edges(pl.DataFrame({"g": chunk.select(entity_string(spec.entity)).to_series(), "p": pred, "y": labels}))
+    flags = pl.DataFrame({"g": chunk.select(entity_string(spec.entity)).to_series(), "p": pred, "y": labels})
     part = ChunkPart(ticks=len(labels), labelled=int(labels.sum()), points=points, names=list(scores),
                      seen={n for n, v in scores.items() if not np.isnan(v).all()}, kinds=set(kinds) - {""},
-                     runs=runs, first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None)
+                     runs=run_edges(flags), pieces=event_pieces(flags),
+                     first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None)
     return part, positives
 
 
@@ -250,6 +371,28 @@ def shortfall(fused: RankingTally, kinds: list[str], pairs: dict[str, PairCounts
     return out
 
 
+EVENT_MIN_TICKS = (1, 2, 3, 5, 10)     # the alarm events' least lengths the event-wise metrics are also given at
+
+
+def by_min_ticks(alarms: RunTally, catches: CatchTally, ladder: tuple[int, ...] = EVENT_MIN_TICKS
+                 ) -> dict[str, dict[str, Any]]:
+    """Event-wise metrics when only the alarm events of N ticks or more count (`dmafn alarms --min-ticks N`), for
+    each N of `ladder` (keys: N as text): the alarm events kept and the false ones (touching no labelled tick),
+    event precision, the labelled events caught (touched by a kept alarm event), event recall and F1. N = 1 is
+    the plain event-wise figures."""
+    out = {}
+    events = len(catches.longest)
+    for n in ladder:
+        kept, good = alarms.at_least(n)
+        caught = catches.caught(n)
+        precision = good / kept if kept else 0.0
+        recall = caught / events if events else 0.0
+        out[str(n)] = {"alarm_events": kept, "false_alarm_events": kept - good, "event_precision": precision,
+                       "events": events, "events_caught": caught, "event_recall": recall,
+                       "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+    return out
+
+
 class MetricsTally:
     """`metrics_table`'s numbers for a window read in chunks (dates, in time order), exactly as if read whole:
     ROC-AUC and PR-AUC per score column, overall and per anomaly kind; the fused score's point-wise, event-wise
@@ -272,6 +415,7 @@ class MetricsTally:
         self.ticks = self.labelled = 0
         self.points = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
         self.run_tallies = {flag: RunTally() for flag, _ in RUN_FLAGS}
+        self.catches = CatchTally()
         self.columns: dict[str, RankingTally] = {}        # in memory, after freeze
         self.pairs: dict[str, PairCounts] = {}            # the fused score's normal ticks by class, second pass
         self._positives: list[pl.DataFrame] = []
@@ -287,6 +431,7 @@ class MetricsTally:
             self.points[key] += n
         for flag, (counts, edges) in part.runs.items():
             self.run_tallies[flag].add(counts, edges)
+        self.catches.add(part.pieces, part.runs["p"][1])
 
     def keep_positives(self, positives: pl.DataFrame) -> None:
         """A chunk's labelled ticks' scores (`chunk_part`), kept here until `freeze`."""
@@ -301,6 +446,7 @@ class MetricsTally:
         """End of the first pass: count the runs still open."""
         for tally in self.run_tallies.values():
             tally.finish()
+        self.catches.finish()
 
     def freeze(self) -> None:
         """End of the first pass: count the runs still open and sort the labelled ticks' scores."""
@@ -339,7 +485,8 @@ class MetricsTally:
         precision = alarms.hit / alarms.runs if alarms.runs else 0.0
         recall = events.hit / events.runs if events.runs else 0.0
         out |= {"event_precision": precision, "event_recall": recall,
-                "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+                "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                "event_by_min_ticks": by_min_ticks(alarms, self.catches)}
         # point adjustment: every tick of an event with an alarm inside counts as found (only beside the point-wise F1)
         out["f1_point_adjusted"] = count_metrics(events.hit_ticks, fp, self.labelled - events.hit_ticks, tn)["f1"]
         if self.labelled and oracle is not None:         # an oracle: chosen with the labels, reported only
@@ -603,6 +750,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"  event-wise: precision {f['event_precision']:.3f}  recall {f['event_recall']:.3f}  "
                  f"F1 {f['event_f1']:.3f}   (point-adjusted F1 {f['f1_point_adjusted']:.3f}, shown only beside "
                  f"the point-wise F1 {f['f1']:.3f})")
+    lines += min_ticks_lines(f.get("event_by_min_ticks"))
     if "oracle_f1" in f:
         lines.append(f"  oracle (threshold chosen with the labels, not deployable): best point-wise F1 "
                      f"{f['oracle_f1']:.3f} at {f['oracle_threshold']:.3f} vs the calibrated {f['f1']:.3f}")
@@ -639,6 +787,19 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"labels: {lab['used']} of {lab['rows']} rows used; left out: {reasons} "
                      f"(labels_unusable.parquet in the report folder)")
     return "\n".join(lines)
+
+
+def min_ticks_lines(ladder: dict[str, dict[str, Any]] | None) -> list[str]:
+    """`by_min_ticks` as text lines (none without it)."""
+    if not ladder:
+        return []
+    lines = ["  event-wise when only alarm events of N ticks or more count (`dmafn alarms --min-ticks N`):",
+             f"    {'N':>3} {'alarm events':>13} {'false':>7} {'precision':>10} {'events caught':>15} {'recall':>7} "
+             f"{'F1':>6}"]
+    for n, e in ladder.items():
+        lines.append(f"    {n:>3} {e['alarm_events']:>13} {e['false_alarm_events']:>7} {e['event_precision']:>10.3f} "
+                     f"{e['events_caught']:>7} of {e['events']:<4} {e['event_recall']:>7.3f} {e['event_f1']:>6.3f}")
+    return lines
 
 
 def unscored_line(unscored: dict[str, Any]) -> str:

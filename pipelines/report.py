@@ -419,6 +419,16 @@ def _metrics_section(result: dict[str, Any]) -> str:
                           *([f"{d['median_delay_min']:.1f}", f"{d['p90_delay_min']:.1f}",
                              f"{100 * d['median_elapsed_share']:.0f} %"] if d["detected"] else ["-", "-", "-"])]
                          for k, d in found], "detection")
+    least = ""
+    if f.get("event_by_min_ticks"):
+        rows = [[n, f"{e['alarm_events']:,}", f"{e['false_alarm_events']:,}", _num(e["event_precision"]),
+                 f"{e['events_caught']} of {e['events']}", _num(e["event_recall"]), _num(e["event_f1"])]
+                for n, e in f["event_by_min_ticks"].items()]
+        least = ("<p>Event-wise when only the alarm events of N ticks or more count, as <code>dmafn alarms "
+                 "--min-ticks N</code> lists them (a false one touches no labelled tick; an event is caught when a "
+                 "kept one touches it):</p>"
+                 + _table(["N", "alarm events", "false", "precision", "events caught", "recall", "F1"], rows,
+                          "min-ticks"))
     short = ""
     if result.get("shortfall"):
         s = result["shortfall"]
@@ -434,7 +444,7 @@ def _metrics_section(result: dict[str, Any]) -> str:
         unscored = f'<p class="warning" id="unscored-events">Labels: {_e(unscored_line(result["unscored_events"]))}.</p>'
     return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
             f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{unscored}{per_kind}{fused}'
-            f'<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{short}</section>')
+            f'{least}<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{short}</section>')
 
 
 def _curves_section(curves: dict[str, tuple[np.ndarray, ...]]) -> str:

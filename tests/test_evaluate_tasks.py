@@ -174,6 +174,59 @@ def test_run_edges_carry_runs_over_chunks_as_on_the_whole_series():
             assert (tally.runs, tally.hit, tally.hit_ticks) == (runs, hit, hit_ticks), (flag, other)
 
 
+def test_event_metrics_by_min_ticks_over_chunks_equal_the_whole_series():
+    """Event-wise precision and recall when only alarm runs of N ticks or more count (`by_min_ticks`: `RunTally`'s
+    lengths and `CatchTally`), over chunks cut anywhere (one-tick chunks too, an entity missing from a chunk while
+    its runs are open, an alarm run through several chunks touching events on both sides), equal
+    `dmafn.metrics.event_metrics` on each entity's whole series."""
+    from dmafn.metrics import event_metrics
+    from pipelines.evaluate import CatchTally, RunTally, by_min_ticks, event_pieces, run_edges
+
+    rng = np.random.default_rng(5)
+    n = 120
+    series = {g: (np.repeat(rng.random(n // 4) < 0.4, 4) & (rng.random(n) < 0.8),
+                  np.repeat(rng.random(n // 6) < 0.3, 6)) for g in "xyz"}
+    series["x"][0][30:80], series["x"][0][[29, 80]] = True, False   # a 50-tick alarm run touching 3 events
+    series["x"][1][25:35] = series["x"][1][75:85] = True
+    frame = pl.DataFrame([{"g": g, "t": t, "p": bool(p[t]), "y": bool(y[t])}
+                          for g, (p, y) in series.items() for t in range(n)])
+    ladder = (1, 2, 3, 4, 5, 8, 50, 51)
+
+    def tallied(cuts: list[tuple[int, int]], absent: bool = False) -> dict[str, dict]:
+        alarms, events, catches = RunTally(), RunTally(), CatchTally()
+        for lo, hi in cuts:
+            chunk = frame.filter(pl.col("t").is_between(lo, hi - 1))
+            if absent and lo == 50:
+                chunk = chunk.filter(pl.col("g") != "y")               # y absent while its runs are open
+            if absent and lo == 51:
+                chunk = pl.concat([frame.filter((pl.col("t") == 50) & (pl.col("g") == "y")), chunk])
+            chunk = chunk.sort("g", "t", maintain_order=True)
+            edges = run_edges(chunk)
+            alarms.add(*edges["p"])
+            events.add(*edges["y"])
+            catches.add(event_pieces(chunk), edges["p"][1])
+        for tally in (alarms, events, catches):
+            tally.finish()
+        assert len(catches.longest) == events.runs
+        return by_min_ticks(alarms, catches, ladder)
+
+    cuts = [0, 7, 31, 50, 51, 64, 65, 79, 100, n]
+    chunked = tallied(list(zip(cuts[:-1], cuts[1:])), absent=True)
+    ticks = tallied([(t, t + 1) for t in range(n)])
+    whole = tallied([(0, n)])
+    for key in map(str, ladder):
+        want = [event_metrics(p, y, int(key)) for p, y in series.values()]
+        events, alarms = sum(m["events"] for m in want), sum(m["alarms"] for m in want)
+        caught = sum(round(m["event_recall"] * m["events"]) for m in want)
+        good = sum(round(m["event_precision"] * m["alarms"]) for m in want)
+        got = whole[key]
+        kept = got["alarm_events"]
+        assert (got["events"], got["events_caught"], kept, kept - got["false_alarm_events"]) == \
+            (events, caught, alarms, good), key
+        assert chunked[key] == got and ticks[key] == got, key
+    assert whole["50"]["events_caught"] == 3 and whole["51"]["events_caught"] == 0      # x's long run: 50 ticks
+
+
 def test_alarm_events_from_chunk_parts_equal_the_whole_series():
     """`AlarmEvents.part` of each chunk (runs inside it aggregated where it lies, the rows of those at its edges
     added here) gives the runs, counts and top events of the whole series: runs through a chunk, across edges,

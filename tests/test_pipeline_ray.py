@@ -1096,6 +1096,15 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     assert fused["oracle_f1"] >= fused["f1"]            # the oracle may pick the calibrated threshold too
     out = capsys.readouterr().out
     assert "ROC-AUC" in out and "oracle (threshold chosen with the labels, not deployable)" in out
+    # event-wise again when only alarm events of N ticks or more count (`dmafn alarms --min-ticks N`)
+    ladder = fused["event_by_min_ticks"]
+    assert list(ladder) == ["1", "2", "3", "5", "10"] and "only alarm events of N ticks or more count" in out
+    assert (ladder["1"]["event_precision"], ladder["1"]["event_recall"]) == (fused["event_precision"],
+                                                                             fused["event_recall"])
+    steps = list(ladder.values())
+    assert all(a["alarm_events"] >= b["alarm_events"] and a["events_caught"] >= b["events_caught"]
+               for a, b in zip(steps, steps[1:]))
+    assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["fused"]["event_by_min_ticks"] == ladder
     # the false-alarm rate of these dates against the one the model version expects from its validation days
     _, version, _ = trained
     assert result["false_alarm_rate"] == pytest.approx(fused["far"])
@@ -1156,6 +1165,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     rows = got["rows"]
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
+    assert rows["min-ticks"] == 5                                 # event-wise at N = 1, 2, 3, 5, 10 alarm ticks or more
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason

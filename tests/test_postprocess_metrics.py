@@ -50,6 +50,11 @@ def test_event_metrics_and_point_adjust():
     assert point_adjust(pred, true).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
     r = report(pred.astype(float), true, 0.5)
     assert r["f1_point_adjusted"] >= r["f1"]          # adjustment inflates; both are reported
+    # only the alarm events of 2 ticks or more: the 1-tick alarm inside the first event no longer catches it
+    e2 = event_metrics(pred, true, min_ticks=2)
+    assert (e2["alarms"], e2["event_precision"], e2["event_recall"]) == (1, 0.0, 0.0)
+    reach = np.array([0, 0, 0, 1, 1, 1, 0, 0, 0, 0])   # a 3-tick alarm run reaching outside the event still catches it
+    assert event_metrics(reach, true, min_ticks=3)["event_recall"] == 0.5
 
 
 def test_events_bridge_gaps():
