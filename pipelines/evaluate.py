@@ -793,7 +793,8 @@ def min_ticks_lines(ladder: dict[str, dict[str, Any]] | None) -> list[str]:
     """`by_min_ticks` as text lines (none without it)."""
     if not ladder:
         return []
-    lines = ["  event-wise when only alarm events of N ticks or more count (`dmafn alarms --min-ticks N`):",
+    lines = ["  event-wise when only alarm events of N ticks or more count (`dmafn alarms --min-ticks N`;",
+             "  a labelled event is a run of labelled ticks, as above: labels that overlap or touch make one):",
              f"    {'N':>3} {'alarm events':>13} {'false':>7} {'precision':>10} {'events caught':>15} {'recall':>7} "
              f"{'F1':>6}"]
     for n, e in ladder.items():

@@ -425,8 +425,8 @@ def _metrics_section(result: dict[str, Any]) -> str:
                  f"{e['events_caught']} of {e['events']}", _num(e["event_recall"]), _num(e["event_f1"])]
                 for n, e in f["event_by_min_ticks"].items()]
         least = ("<p>Event-wise when only the alarm events of N ticks or more count, as <code>dmafn alarms "
-                 "--min-ticks N</code> lists them (a false one touches no labelled tick; an event is caught when a "
-                 "kept one touches it):</p>"
+                 "--min-ticks N</code> lists them (a false one touches no labelled tick; a labelled event - a run of "
+                 "labelled ticks, so labels that overlap or touch make one - is caught when a kept one touches it):</p>"
                  + _table(["N", "alarm events", "false", "precision", "events caught", "recall", "F1"], rows,
                           "min-ticks"))
     short = ""
