@@ -106,6 +106,7 @@ class DMAFN(nn.Module):
         self.encoders, self.fusion, self.heads, self.cfg = encoders, fusion, heads, cfg
         self.densities = densities if densities is not None else nn.ModuleDict()
         self.modalities = tuple(encoders.keys())
+        self.channel_rates: dict[str, float] = {}    # a modality's own `channel_dropout`, where the spec gives one
 
     @property
     def late(self) -> bool:
@@ -238,7 +239,14 @@ class DMAFN(nn.Module):
 
 
 def build_model(modalities: dict[str, ModalitySpec], cfg: ModelConfig) -> DMAFN:
-    """Build the network for these modalities from a config (see `small`, `base`)."""
+    """Build the network for these modalities from a config (see `small`, `base`); a modality's own
+    `channel_dropout` (a training setting, not saved with the weights) where the spec gives one."""
+    model = _network(modalities, cfg)
+    model.channel_rates = {name: m.channel_dropout for name, m in modalities.items() if m.channel_dropout is not None}
+    return model
+
+
+def _network(modalities: dict[str, ModalitySpec], cfg: ModelConfig) -> DMAFN:
     encoders = nn.ModuleDict({name: build_encoder(m, cfg) for name, m in modalities.items()})
     dims = {name: enc.target_dim for name, enc in encoders.items()}
     weighed = {name: m.encoding_distance for name, m in modalities.items() if m.encoding_distance}
@@ -273,18 +281,21 @@ def modality_dropout(mask: torch.Tensor, p: float, generator: torch.Generator | 
     return dropped | restore
 
 
-def channel_dropout(channels: dict[str, torch.Tensor], p: float,
+def channel_dropout(channels: dict[str, torch.Tensor], p: float | dict[str, float],
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Hide each held channel of a modality of two channels or more (m -> (B, C)) with probability p, always keeping
-    at least one of those a row holds."""
-    if p <= 0:
+    """Hide each held channel of a modality of two channels or more (m -> (B, C)) with probability p (per modality
+    where `p` maps modality -> rate; a modality it leaves out: none hidden), always keeping at least one of those a
+    row holds."""
+    rates = p if isinstance(p, dict) else dict.fromkeys(channels, p)
+    if all(rates.get(m, 0.0) <= 0 for m in channels):
         return channels
     hidden = {}
     for m, held in channels.items():
-        if held.shape[1] < 2:
+        rate = rates.get(m, 0.0)
+        if held.shape[1] < 2 or rate <= 0:
             hidden[m] = held
             continue
-        kept = held & (torch.rand(held.shape, generator=generator, device=held.device) >= p)
+        kept = held & (torch.rand(held.shape, generator=generator, device=held.device) >= rate)
         none_left = ~kept.any(1) & held.any(1)
         first_held = F.one_hot(torch.argmax(held.int(), 1), held.shape[1]).bool()
         hidden[m] = kept | (first_held & none_left.unsqueeze(1))
@@ -303,9 +314,10 @@ def training_loss(model: DMAFN, inputs: dict[str, torch.Tensor], mask: torch.Ten
         return F.binary_cross_entropy_with_logits(logit, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logit.device))
     input_mask = mask if model.late else modality_dropout(mask, model.cfg.modality_dropout)
-    if channels and model.cfg.channel_dropout > 0:
+    rates = {m: model.channel_rates.get(m, model.cfg.channel_dropout) for m in channels or {}}
+    if channels and any(rate > 0 for rate in rates.values()):
         # a hidden channel reads as a missing one does at scoring time (0, its training mean) and leaves the loss
-        channels = channel_dropout(channels, model.cfg.channel_dropout)
+        channels = channel_dropout(channels, rates)
         inputs = {m: model.encoders[m].hide_channels(x, channels[m]) if m in channels else x
                   for m, x in inputs.items()}
     out = model(inputs, input_mask)

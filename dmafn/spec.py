@@ -87,6 +87,8 @@ class ModalitySpec:
     context_of: str | None = None       # a slow view: the coarse window of this modality over the same rows
     encoding_distance: float = 0.0      # weight of the encoding's distance from the training encodings in the
                                         # modality's error (0: off; `dmafn.density.EncodingDensity`)
+    channel_dropout: float | None = None   # tabular / timeseries: training hides each of its channels at this rate,
+                                           # when not the model's `channel_dropout`
     time_column: str | None = None      # the time column's name in this table when not the spec's `time`
     entity_columns: tuple[str, ...] | None = None   # the entity columns' names here when not the spec's `entity`
     time_unit: str | None = None        # what this table's numeric time counts, when not the spec's `time_unit`
@@ -450,8 +452,9 @@ MAX_RETRIES = 20      # the most retries of a failed S3 request `storage.retries
 UNREADABLE_FILES = ("fail", "skip")   # an input file that is no Parquet: fail its date, or leave it out (quarantined)
 PAYLOADS = ("bytes", "file")    # how an image or audio modality stores its payloads: in the column, or as files
 _MODALITY_KEYS = {kind: _COMMON_MODALITY_KEYS | keys for kind, keys in {
-    "tabular": {"columns", "tolerance", "context", "missing_values", "added_columns"},
-    "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values", "added_columns"},
+    "tabular": {"columns", "tolerance", "context", "missing_values", "added_columns", "channel_dropout"},
+    "timeseries": {"columns", "period", "window", "encoder", "transform", "context", "missing_values", "added_columns",
+                   "channel_dropout"},
     "image": {"column", "size", "tolerance", "channels", "payload", "payload_root"},
     "text": {"column", "window", "encoder"},
     "audio": {"column", "sample_rate", "tolerance", "clip", "payload", "payload_root"},
@@ -462,6 +465,7 @@ ENCODING_DISTANCE_MAX = 4.0     # the largest weight `encoding_distance` takes (
 def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
     m = _parse_modality_kind(name, sec, grain_us)
     distance = sec.number("encoding_distance", 0.0, float, 0.0, ENCODING_DISTANCE_MAX)
+    hidden = sec.number("channel_dropout", 0.0, float, 0.0, 0.9) if sec.get("channel_dropout") is not None else None
     time = sec.get("time")
     if time is not None and not (isinstance(time, str) and time):
         raise sec.err("time", f"{time!r} must be a column name")
@@ -479,9 +483,9 @@ def _parse_modality(name: str, sec: _Section, grain_us: int) -> ModalitySpec:
         raise sec.err("payload_root", f"{root!r} must be a folder or an s3:// prefix")
     if root is not None and payload != "file":
         raise sec.err("payload_root", "says where payload files lie: it needs 'payload: file'")
-    return replace(m, encoding_distance=distance, time_column=time, entity_columns=entity, time_unit=unit,
-                   naive_times=naive, time_format=_parse_time_format(sec), former_names=_parse_former_names(sec, m),
-                   partition=None if partition is None else str(partition),
+    return replace(m, encoding_distance=distance, channel_dropout=hidden, time_column=time, entity_columns=entity,
+                   time_unit=unit, naive_times=naive, time_format=_parse_time_format(sec),
+                   former_names=_parse_former_names(sec, m), partition=None if partition is None else str(partition),
                    missing_values=_parse_missing_values(sec, m), added_columns=_parse_added_columns(sec, m),
                    payload=payload, payload_root=root)
 
@@ -678,7 +682,8 @@ def _parse_context(parent: ModalitySpec, sec: _Section, grain_us: int) -> Modali
                         entity_columns=parent.entity_columns, time_unit=parent.time_unit,
                         naive_times=parent.naive_times, time_format=parent.time_format,
                         former_names=parent.former_names, partition=parent.partition,
-                        missing_values=parent.missing_values, added_columns=parent.added_columns)
+                        missing_values=parent.missing_values, added_columns=parent.added_columns,
+                        channel_dropout=parent.channel_dropout)
 
 
 def _parse_model(sec: _Section | None) -> ModelSpec:
@@ -1031,6 +1036,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
             entry["transform"] = m.transform
         if m.encoding_distance:
             entry["encoding_distance"] = m.encoding_distance
+        if m.channel_dropout is not None:
+            entry["channel_dropout"] = m.channel_dropout
         if m.time_column:
             entry["time"] = m.time_column
         if m.entity_columns:

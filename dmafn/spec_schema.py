@@ -53,9 +53,11 @@ _PAYLOAD = {"payload": {**_enum(PAYLOADS), "description": "bytes: the column hol
             "payload_root": {"type": "string", "minLength": 1,
                              "description": "payload: file - the folder or s3:// prefix a relative file name lies in"}}
 _MODALITY = {
-    "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION, "context": _CONTEXT}, ("columns",)),
+    "tabular": ({"columns": _COLUMNS, "tolerance": _DURATION, "context": _CONTEXT,
+                 "channel_dropout": _number("number", 0.0, 0.9)}, ("columns",)),
     "timeseries": ({"columns": _COLUMNS, "period": _DURATION, "window": _DURATION,
-                    "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS), "context": _CONTEXT},
+                    "encoder": _enum(SERIES_ENCODERS), "transform": _enum(SERIES_TRANSFORMS), "context": _CONTEXT,
+                    "channel_dropout": _number("number", 0.0, 0.9)},
                    ("columns", "period", "window")),
     "image": ({"column": {"type": "string"}, "tolerance": _DURATION, "channels": {"enum": [1, 3]},
                "size": {"type": "array", "items": _number("integer", 8), "minItems": 2, "maxItems": 2},

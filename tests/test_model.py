@@ -583,6 +583,36 @@ def test_channel_dropout_hides_held_channels_only_and_keeps_one_per_row():
     assert most[600:].any(1).all()                                   # every row keeps one of its channels
     assert (most[:500, :2].sum(1) == 1).float().mean() > 0.7
     assert channel_dropout(held, 0.0) is held
+    # a rate per modality: each its own, a modality left out hides nothing
+    both = {"proc": held["proc"], "vib": torch.ones(4000, 4, dtype=torch.bool)}
+    apart = channel_dropout(both, {"proc": 0.5, "vib": 0.1})
+    assert 0.45 < 1 - apart["proc"][600:].float().mean().item() < 0.55
+    assert 0.08 < 1 - apart["vib"].float().mean().item() < 0.12
+    assert torch.equal(channel_dropout(both, {"vib": 0.5})["proc"], both["proc"])
+    assert channel_dropout(both, {"proc": 0.0}) is both
+
+
+def test_a_modalitys_own_channel_dropout_is_the_rate_its_channels_train_at(monkeypatch):
+    """`modalities.<m>.channel_dropout` (a sensor table's or series' own rate) reaches the network built from the
+    spec and is the rate `training_loss` hides that modality's channels at; the others take the model's rate."""
+    from dataclasses import replace
+
+    import dmafn.model as model_module
+
+    feats, _ = make(16, seed=0)
+    mods = specs(("proc", "vib"))
+    mods["proc"] = replace(mods["proc"], channel_dropout=0.6)
+    model = build_model(mods, small(d_model=16, latent=4, channel_dropout=0.0))
+    assert model.channel_rates == {"proc": 0.6}
+    seen = []
+    monkeypatch.setattr(model_module, "channel_dropout", lambda held, rates: seen.append(rates) or held)
+    inputs = {m: torch.from_numpy(feats.inputs[m]) for m in ("proc", "vib")}
+    held = {m: torch.ones(16, x.shape[-1], dtype=torch.bool) for m, x in inputs.items()}
+    training_loss(model, inputs, torch.ones(16, 2, dtype=torch.bool), channels=held)
+    assert seen == [{"proc": 0.6, "vib": 0.0}]
+    training_loss(build_model(specs(("proc", "vib")), small(d_model=16, latent=4, channel_dropout=0.0)), inputs,
+                  torch.ones(16, 2, dtype=torch.bool), channels=held)
+    assert len(seen) == 1                                  # nothing to hide: the model's rate 0, no own rate
 
 
 def test_a_hidden_channel_reads_as_a_missing_one():

@@ -19,6 +19,20 @@ def test_channel_dropout_reaches_the_networks_config_and_is_saved_with_it():
     spec = parse_spec({**tiny_spec_dict(), "model": {"channel_dropout": 0.3}})
     assert spec.model.channel_dropout == 0.3 and model_config(spec.model).channel_dropout == 0.3
     assert parse_spec(spec.to_dict()).model == spec.model
+    # a sensor table's or series' own rate, kept in the spec's dict; the slow context takes its parent's
+    data = tiny_spec_dict()
+    data["modalities"]["vib"] |= {"channel_dropout": 0.05, "context": {"period": "1min", "window": "30min"}}
+    spec = parse_spec(data)
+    assert spec.modalities["vib"].channel_dropout == 0.05 and spec.modalities["proc"].channel_dropout is None
+    assert spec.modalities["vib" + CONTEXT_SUFFIX].channel_dropout == 0.05
+    assert parse_spec(spec.to_dict()).modalities == spec.modalities
+    data["modalities"]["vib"]["channel_dropout"] = 0.95
+    with pytest.raises(SpecError, match=r"'modalities.vib.channel_dropout': 0.95 is outside \[0.0, 0.9\]"):
+        parse_spec(data)
+    data["modalities"]["vib"]["channel_dropout"] = 0.05
+    data["modalities"]["cam"]["channel_dropout"] = 0.1
+    with pytest.raises(SpecError, match="channel_dropout"):
+        parse_spec(data)
 
 
 def test_round_trip_through_dict(tiny_spec):
@@ -584,9 +598,9 @@ def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: 8 problem(s):")
     for expected in ("key 'grain': '1 minute' is not a duration", "unknown key 'bogus'",
-                     "unknown key 'modalities.proc.tolerence' (allowed here: added_columns, columns, context, "
-                     "encoding_distance, entity, former_names, kind, missing_values, naive_times, partition, path, "
-                     "time, time_format, time_unit, tolerance)",
+                     "unknown key 'modalities.proc.tolerence' (allowed here: added_columns, channel_dropout, columns, "
+                     "context, encoding_distance, entity, former_names, kind, missing_values, naive_times, partition, "
+                     "path, time, time_format, time_unit, tolerance)",
                      "missing required key 'modalities.cam.column'", "key 'modalities.logs.kind': 'txt' is not one of",
                      "key 'train.epochs': 0 is less than the minimum of 1", "key 'model.fusion': 'attn' is not one of",
                      "missing required key 'registry'"):
