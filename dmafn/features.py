@@ -1383,6 +1383,7 @@ def decode_pixels(data: bytes | None, m: ModalitySpec) -> np.ndarray | None:
 
 
 GREY_FRAME = " grey"     # after a frame's size (`frame_size`): it holds no colour
+COLOUR_FRAME = " colour"   # after a frame's size as a grey modality counts it (`ingest.frame_formats`): it holds colour
 _GREY_MODES = ("1", "L", "LA", "F", *_DEEP_GREY)    # Pillow's modes of a frame without colour
 
 

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import GREY_FRAME, decode_pixels, decode_wav, frame_size, wav_format
+from dmafn.features import COLOUR_FRAME, GREY_FRAME, decode_pixels, decode_wav, frame_size, wav_format
 from dmafn.spec import ModalitySpec, Spec, other_names, with_stored_names
 from pipelines.align import TIME, date_end_us, date_start_us, day_number, local_date_text, local_day, to_micros
 from pipelines.parquet_files import (ABSENT, DamagedRowGroup, UnreadableFile, each_row_group_part, each_schema,
@@ -505,16 +505,24 @@ UNREAD_CLIP = "_unread_clip"    # why a clip read from its file does not decode 
 
 TRAINED_FORMATS = "input_payload_formats"   # a version's manifest: per image or audio modality its training
                                             # frames per stored size, clips per stored sample rate
+TRAINED_COLOUR = "input_payload_formats_colour"   # ... true where a grey modality's frames with colour were counted
+                                                  # apart (`frame_formats`; versions since 2026-12-06)
 FORMAT = "_format"      # an audio row's stored format (`clip_formats`), counted with its date's usable rows
 
 
 def frame_formats(frames: list[bytes], formats_of: dict[bytes, str | None], colour: bool = False) -> list[str | None]:
     """Each frame's stored size (`frame_size`: '<width>x<height>'), as `undecodable_images` keeps it in `formats_of`
-    by the frame's bytes (one not read before is opened here); for a `colour` modality (`channels: 3`) a frame
-    without colour's with `GREY_FRAME` after it - a grey modality reads every frame as grey (since 2026-12-05; a
-    version trained before recorded sizes alone, which a colour camera's frames still give)."""
+    by the frame's bytes (one not read before is opened here), followed by what sets it apart from the modality's
+    frames: for a `colour` modality (`channels: 3`) a frame without colour's by `GREY_FRAME` (since 2026-12-05),
+    for a grey one a frame with colour's by `COLOUR_FRAME` (since 2026-12-06) - a camera replaced by one of the other
+    kind. A version trained before either recorded sizes alone, as its own kind of frames still give them
+    (`pipelines.score.new_payload_formats` reads a grey modality's by size alone for a version without
+    `TRAINED_COLOUR`)."""
     found = [formats_of[f] if f in formats_of else formats_of.setdefault(f, frame_size(f)) for f in frames]
-    return found if colour else [None if f is None else f.removesuffix(GREY_FRAME) for f in found]
+    if colour:
+        return found
+    return [None if f is None else f.removesuffix(GREY_FRAME) if f.endswith(GREY_FRAME) else f + COLOUR_FRAME
+            for f in found]
 
 
 def clip_formats(table: pa.Table, m: ModalitySpec) -> pl.Series | None:

@@ -19,13 +19,15 @@ import polars as pl
 import pyarrow as pa
 import ray
 
+from dmafn.features import COLOUR_FRAME
 from dmafn.spec import STORED_AS, Spec, is_calibration_edit, reading_differences
 from pipelines.affinity import pinned_to_free_cpu, pinning_enabled
 from pipelines.delta_sink import (OpenTables, commit_date, dates_written_by, read_table, require_own_tables,
                                   scan_table, write_partition)
 from pipelines.entity_keys import merge_entity_modalities, unmet_entity_lines
-from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, DAMAGED_ELSEWHERE, INTERVAL_STEPS, TRAINED_FORMATS,
-                              TRAINED_INTERVALS, UNREADABLE, entity_casts, interval_bin, merge_counts, require_columns)
+from pipelines.ingest import (DAMAGED, DAMAGED_AROUND, DAMAGED_ELSEWHERE, INTERVAL_STEPS, TRAINED_COLOUR,
+                              TRAINED_FORMATS, TRAINED_INTERVALS, UNREADABLE, entity_casts, interval_bin, merge_counts,
+                              require_columns)
 from pipelines.progress import ProgressDisplay, Throttle, clock
 from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
@@ -151,7 +153,8 @@ def _respelled(unseen: UnseenEntities) -> str:
 NEW_FORMAT_SHARE = 0.01   # a date with more of a modality's payloads of a format its version never trained on: warned
 # per kind: what its payloads are, what their stored format says, the device, and what scoring does with another format
 PAYLOAD_WORDS = {"image": ("frames", "of a size or colour", "camera",
-                           "resized to the modality's size (a grey one's channel copied to a colour modality's three)"),
+                           "resized to the modality's size (a grey one's channel copied to a colour modality's three, "
+                           "a colour one made grey for a grey modality)"),
                  "audio": ("clips", "of a sample rate or length", "microphone",
                            "resampled to the modality's sample_rate (WAV) or read as at it (lists)")}
 
@@ -162,14 +165,26 @@ def new_payload_formats(formats: dict[str, dict[str, int]], manifest: dict) -> d
     none or at most `NEW_FORMAT_SHARE` of its training payloads had (its manifest's `input_payload_formats`; a few
     odd ones in the training days do not make a format known). None for a version that did not record them
     (trained before 2026-12-05); a modality it recorded none for (clips stored as lists, before their lengths were
-    counted on 2026-12-05) is not compared."""
+    counted on 2026-12-05) is not compared; a grey modality's frames with colour (`COLOUR_FRAME`) by their size
+    alone for a version trained before they were counted apart (no `TRAINED_COLOUR`)."""
     trained = manifest.get(TRAINED_FORMATS)
     if trained is None:
         return None
+    if not manifest.get(TRAINED_COLOUR):
+        formats = {m: _without_colour_mark(held) for m, held in formats.items()}
     known = {m: {found for found, n in held.items() if n > NEW_FORMAT_SHARE * sum(held.values())}
              for m, held in trained.items()}
     return {m: new for m, held in formats.items()
             if known.get(m) and (new := {found: n for found, n in held.items() if found not in known[m]})}
+
+
+def _without_colour_mark(held: dict[str, int]) -> dict[str, int]:
+    """Payload counts per format with a grey modality's `COLOUR_FRAME` mark taken off (counted by size alone)."""
+    out: dict[str, int] = {}
+    for found, n in held.items():
+        size = found.removesuffix(COLOUR_FRAME)
+        out[size] = out.get(size, 0) + n
+    return out
 
 
 def new_payload_formats_lines(result: DateResult, version: str, kinds: dict[str, str]) -> list[str]:

@@ -45,8 +45,8 @@ from pipelines.align import (KnownIncidents, align, data_ticks, date_end_us, dat
 from pipelines.entity_keys import (entity_modalities, merge_entity_modalities, unmatched_label_lines,
                                    unmet_entity_lines)
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_blocks, write_features
-from pipelines.ingest import (LEFT_OUT, TRAINED_FORMATS, TRAINED_INTERVALS, count_row_intervals, entity_casts,
-                              merge_counts, read_shard, require_columns)
+from pipelines.ingest import (LEFT_OUT, TRAINED_COLOUR, TRAINED_FORMATS, TRAINED_INTERVALS, count_row_intervals,
+                              entity_casts, merge_counts, read_shard, require_columns)
 from pipelines.labels import read_labels
 from pipelines.progress import BoardWatcher, ProgressBoard, ProgressDisplay, Throttle
 from pipelines.ray_runtime import Resources, raise_task_error
@@ -731,7 +731,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
                                 "validation_outliers_left_out": calibration.outliers_left_out,
                                 "resumed_at_epochs": fitted["resumed_at"], "seconds": round(time.time() - t0, 1)},
                     "input_quarantine": quarantined, "warnings": list(warned.lines),
-                    **({TRAINED_FORMATS: payload_formats} if payload_formats else {}),
+                    **({TRAINED_FORMATS: payload_formats, TRAINED_COLOUR: True} if payload_formats else {}),
                     **({TRAINED_INTERVALS: row_intervals} if row_intervals else {})}
     finally:
         staging.close()

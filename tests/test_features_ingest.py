@@ -2485,13 +2485,13 @@ def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_fr
         "16x16 grey", "64x48", None, None)
     cache = {small: "16x16 grey"}                                       # as undecodable_images left it
     counts = count_payload_formats(frame_formats([small, small, wide, b"junk"], cache), {})    # a grey modality's
-    assert counts == {"16x16": 2, "64x48": 1} and cache == {small: "16x16 grey", wide: "64x48", b"junk": None}
+    assert counts == {"16x16": 2, "64x48 colour": 1} and cache == {small: "16x16 grey", wide: "64x48", b"junk": None}
     assert frame_formats([small, wide], cache, colour=True) == ["16x16 grey", "64x48"]    # a colour modality's
     deep = io.BytesIO()
     Image.new("I;16", (8, 8)).save(deep, "PNG")
     assert frame_size(deep.getvalue()) == "8x8 grey"
     assert merge_counts({"cam": dict(counts)}, {"cam": {"16x16": 1}, "cam2": {"8x8": 3}}) == {
-        "cam": {"16x16": 3, "64x48": 1}, "cam2": {"8x8": 3}}
+        "cam": {"16x16": 3, "64x48 colour": 1}, "cam2": {"8x8": 3}}
     slow, fast = _wav(np.sin(np.linspace(0, 20, 800)), 8_000, 16), _wav(np.sin(np.linspace(0, 20, 1600)), 16_000, 16)
     assert (wav_format(slow), wav_format(_wav(np.zeros(10), 44_100, 24, 2, extensible=True)), wav_format(b"RIFF"),
             wav_format(None)) == ("8000 Hz", "44100 Hz", None, None)
@@ -2518,10 +2518,10 @@ def test_frames_are_counted_by_their_stored_size_and_clips_by_their_rate_read_fr
     _write(tmp_path / "cam" / "date=2024-01-02" / "part-0.parquet",
            pa.table({"machine_id": ["a", "a"], "ts": pa.array([day + 60_000_000, day + 120_000_000],
                                                                pa.timestamp("us", tz="UTC")), "frame": [small, wide]}))
-    for channels, formats in ((1, {"16x16": 1, "64x48": 1}), (3, {"16x16 grey": 1, "64x48": 1})):
+    for channels, formats in ((1, {"16x16": 1, "64x48 colour": 1}), (3, {"16x16 grey": 1, "64x48": 1})):
         colour = replace(tiny_spec, modalities={"cam": replace(cam, channels=channels)})
         got = read_shard(_shard(tmp_path, colour, [dt.date(2024, 1, 2)]), colour, Storage())
-        assert got.payload_formats == {"2024-01-02": {"cam": formats}}      # only a colour modality names grey ones
+        assert got.payload_formats == {"2024-01-02": {"cam": formats}}      # each names the frames of the other kind
 
 
 def test_a_page_damaged_in_storage_fails_its_checksum_and_names_the_row_group_and_column(tmp_path, tiny_spec):

@@ -817,6 +817,12 @@ def test_frames_of_a_size_the_version_never_trained_on_are_counted_warned_and_re
     assert new_payload_formats({"mic": {"2000 samples": 5, "4000 samples": 5}}, lists) == {"mic": {"2000 samples": 5}}
     before = {"input_payload_formats": {"camera": {"16x16": 9}}}       # lists' lengths not yet counted: not compared
     assert new_payload_formats({"mic": {"2000 samples": 5}, "camera": {"16x16": 1}}, before) == {}
+    # the grey camera's frames sent with colour: new to this version; a version trained before they were counted
+    # apart (no `input_payload_formats_colour`) recorded a colour camera's frames by size alone, so reads them so
+    assert manifest["input_payload_formats_colour"] is True
+    assert new_payload_formats({"camera": {"16x16 colour": 9}}, manifest) == {"camera": {"16x16 colour": 9}}
+    assert new_payload_formats({"camera": {"16x16 colour": 9, "16x16": 1}}, before) == {}
+    assert new_payload_formats({"camera": {"8x8 colour": 2, "16x16": 1}}, before) == {"camera": {"8x8": 2}}
 
 
 def test_rows_at_another_interval_than_on_every_training_day_are_warned_and_recorded(trained, scored, tmp_path,
