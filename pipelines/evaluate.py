@@ -398,7 +398,8 @@ class MetricsTally:
     ROC-AUC and PR-AUC per score column, overall and per anomaly kind; the fused score's point-wise, event-wise
     and point-adjusted metrics at its threshold and the oracle F1. Two passes over the same chunks:
     `first_pass` each, `freeze`, `second_pass` each, then `result`. Memory: one chunk, the labelled ticks' scores
-    (`dmafn.metrics.RankingTally`) and each entity's open run of alarms and of labelled ticks.
+    (`dmafn.metrics.RankingTally`), each entity's open run of alarms and of labelled ticks, the runs' counts by
+    length and a number per labelled event (`CatchTally`).
 
     The passes split where chunks lie elsewhere (`pipelines.evaluate_tasks`): `add_part` takes a `chunk_part`
     computed anywhere (in time order), the ranking tallies are built, counted and read where the scores lie
@@ -407,8 +408,9 @@ class MetricsTally:
     A chunk holds the score columns, `threshold`, `label`, `label_kind` and the entity keys, rows in time order
     per entity, and the baselines' `alone_<m>` columns if any (a column holding no value gets no row)."""
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, min_ticks: tuple[int, ...] = ()) -> None:
         self.spec = spec
+        self.ladder = tuple(sorted(set(EVENT_MIN_TICKS) | set(min_ticks)))   # N of the event-wise figures by length
         self.names: list[str] = []                        # score columns, in order of appearance
         self.seen: set[str] = set()                       # those holding any value
         self.kinds: set[str] = set()
@@ -486,7 +488,7 @@ class MetricsTally:
         recall = events.hit / events.runs if events.runs else 0.0
         out |= {"event_precision": precision, "event_recall": recall,
                 "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                "event_by_min_ticks": by_min_ticks(alarms, self.catches)}
+                "event_by_min_ticks": by_min_ticks(alarms, self.catches, self.ladder)}
         # point adjustment: every tick of an event with an alarm inside counts as found (only beside the point-wise F1)
         out["f1_point_adjusted"] = count_metrics(events.hit_ticks, fp, self.labelled - events.hit_ticks, tn)["f1"]
         if self.labelled and oracle is not None:         # an oracle: chosen with the labels, reported only
@@ -629,11 +631,13 @@ def unscored_summary(unscored: pl.DataFrame, spec: Spec) -> dict[str, Any]:
 class WindowEvaluation:
     """What `evaluate` and the report page say of a labelled window read in chunks (dates in time order, two
     passes as `MetricsTally`): the metrics, the alarm rates against the expected one, and detection. The first
-    pass takes chunks (`first_pass`) or their `window_part` computed elsewhere (`add_part`)."""
+    pass takes chunks (`first_pass`) or their `window_part` computed elsewhere (`add_part`); `min_ticks`: more N
+    for the event-wise figures by alarm length than `EVENT_MIN_TICKS`."""
 
-    def __init__(self, spec: Spec, labels: pl.DataFrame, dates: list[str] | None = None) -> None:
+    def __init__(self, spec: Spec, labels: pl.DataFrame, dates: list[str] | None = None,
+                 min_ticks: tuple[int, ...] = ()) -> None:
         self.spec, self.intervals = spec, event_intervals(labels, spec)
-        self.metrics = MetricsTally(spec)
+        self.metrics = MetricsTally(spec, min_ticks)
         self.counts: dict[str, Any] | None = None
         self.firsts: list[pl.DataFrame] = []             # each chunk's `event_firsts`: its intervals only
         self.window_us = (date_start_us(dt.date.fromisoformat(dates[0]), spec.timezone),
@@ -945,8 +949,9 @@ def ray_running() -> bool:
 
 
 def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = None, report_dir: str | None = None,
-             baselines: bool = False) -> dict[str, Any]:
-    """Metrics of the scored dates in [start, end] against the labels; prints and writes the report.
+             baselines: bool = False, min_ticks: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Metrics of the scored dates in [start, end] against the labels; prints and writes the report. `min_ticks`:
+    more N than `EVENT_MIN_TICKS` to give the event-wise figures at when only alarm events of N ticks or more count.
 
     The window is read a date at a time, twice (`MetricsTally`). Connected to Ray (the `dmafn evaluate` job is),
     each date is read and tallied by a task where the cluster has room (`pipelines.evaluate_tasks`): this process
@@ -965,10 +970,10 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
         from pipelines.evaluate_tasks import evaluate_on_tasks
 
         result, plotted, entity, unscored = evaluate_on_tasks(spec, storage, table, beside, dates, labels,
-                                                              bucket_us if report_dir else None)
+                                                              bucket_us if report_dir else None, min_ticks)
     else:
         result, plotted, entity, unscored = _evaluate_here(spec, storage, table, beside, dates, labels,
-                                                           bucket_us if report_dir else None)
+                                                           bucket_us if report_dir else None, min_ticks)
     result["dates"] = dates
     result["labels"] = checked.summary()
     if result.get("unscored_events"):
@@ -990,11 +995,11 @@ def evaluate(spec: Spec, *, start: dt.date | None = None, end: dt.date | None = 
 
 
 def _evaluate_here(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
-                   labels: pl.DataFrame, bucket_us: int | None
+                   labels: pl.DataFrame, bucket_us: int | None, min_ticks: tuple[int, ...] = ()
                    ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None, pl.DataFrame | None]:
     """`evaluate`'s two passes in this process: the result, with `bucket_us` the plot's rows and entity (the
     first of the first date), and the labelled events no scored tick falls in (`unscored_events`)."""
-    evaluation, plotted, entity = WindowEvaluation(spec, labels, dates), [], None
+    evaluation, plotted, entity = WindowEvaluation(spec, labels, dates, min_ticks), [], None
     progress = ProgressDisplay("evaluate", 2 * len(dates), "dates")
     for i, chunk in enumerate(score_chunks(table, spec, dates, labels, beside)):
         evaluation.first_pass(chunk)

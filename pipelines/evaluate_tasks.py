@@ -208,11 +208,11 @@ DAY_US = 86_400_000_000
 
 
 def evaluate_on_tasks(spec: Spec, storage: Storage, table: DeltaTable, beside: DeltaTable | None, dates: list[str],
-                      labels: pl.DataFrame, bucket_us: int | None
+                      labels: pl.DataFrame, bucket_us: int | None, min_ticks: tuple[int, ...] = ()
                       ) -> tuple[dict[str, Any], pl.DataFrame | None, str | None, pl.DataFrame | None]:
     """`evaluate`'s two passes in Ray tasks: the result, with `bucket_us` the plot's rows and entity (the first of
     the first date), and the labelled events no scored tick falls in (`evaluate.unscored_events`)."""
-    evaluation = WindowEvaluation(spec, labels, dates)
+    evaluation = WindowEvaluation(spec, labels, dates, min_ticks)
     passes = TaskPasses("evaluate", spec, storage, table, beside, dates, labels)
     entity = None
     for part in passes.first(partial(window_part, spec=spec), evaluation.intervals):   # each date's intervals

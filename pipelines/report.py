@@ -42,8 +42,10 @@ WIDTH, PLOT_HEIGHT = 1000, 180
 
 
 def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, end: dt.date | None = None,
-                 entities: list[str] | None = None, top_events: int = 20, max_entities: int = 4) -> Path:
-    """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path.
+                 entities: list[str] | None = None, top_events: int = 20, max_entities: int = 4,
+                 min_ticks: tuple[int, ...] = ()) -> Path:
+    """Write the report HTML for the scored dates in [start, end] (default: all) to `out`; returns its path
+    (`min_ticks`: more N for the event-wise table by alarm length, as `evaluate` takes them).
 
     The window is read a date at a time, twice: the first pass tallies the metrics, the alarm events and each
     entity's counts and first and last tick (`report_part` of each date), the second ranks the normal ticks and
@@ -56,7 +58,7 @@ def build_report(spec: Spec, out: str | Path, *, start: dt.date | None = None, e
     dates = score_dates(table, spec, start, end)
     checked = load_labels(spec, storage).keyed_as(spec, score_types(table)) if spec.labels else None
     labels = checked.usable if checked is not None else None
-    evaluation = WindowEvaluation(spec, labels, dates) if labels is not None else None
+    evaluation = WindowEvaluation(spec, labels, dates, min_ticks) if labels is not None else None
     window, found = WindowFacts(), AlarmEvents(list(spec.modalities), top_events, spec.timezone)
     first = partial(report_part, spec=spec, top=top_events, intervals=evaluation.intervals if evaluation else None)
     passes = TaskPasses("report", spec, storage, table, None, dates, labels) if ray_running() else None

@@ -1083,7 +1083,7 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     from pipelines.evaluate import evaluate, format_table
 
     spec, _, _ = trained
-    result = evaluate(spec, start=DAY3, end=DAY3, report_dir=str(tmp_path))
+    result = evaluate(spec, start=DAY3, end=DAY3, report_dir=str(tmp_path), min_ticks=(30, 4))
     assert {"fused", "score_process", "score_vibration"} <= set(result["overall"])
     assert result["anomalous_ticks"] > 0
     # the report's ROC-AUC is the one of the Delta table's scores against the labels, and ranks the anomalies
@@ -1104,7 +1104,8 @@ def test_evaluate_reports_metrics_and_plot(trained, scored, tmp_path, capsys):
     assert "ROC-AUC" in out and "oracle (threshold chosen with the labels, not deployable)" in out
     # event-wise again when only alarm events of N ticks or more count (`dmafn alarms --min-ticks N`)
     ladder = fused["event_by_min_ticks"]
-    assert list(ladder) == ["1", "2", "3", "5", "10"] and "only alarm events of N ticks or more count" in out
+    assert list(ladder) == ["1", "2", "3", "4", "5", "10", "30"]          # with the N asked for, in order
+    assert "only alarm events of N ticks or more count" in out
     assert (ladder["1"]["event_precision"], ladder["1"]["event_recall"]) == (fused["event_precision"],
                                                                              fused["event_recall"])
     steps = list(ladder.values())
@@ -1159,7 +1160,8 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
 
     spec, _, root = trained
     out = tmp_path / "report.html"
-    assert main(["report", str(root / "spec.yaml"), "--start", str(DAY3), "--end", str(DAY3), "--out", str(out)]) == 0
+    assert main(["report", str(root / "spec.yaml"), "--start", str(DAY3), "--end", str(DAY3), "--out", str(out),
+                 "--min-ticks", "4"]) == 0
     assert f"report: {out}" in capsys.readouterr().out
     page = visit(out, REPORT_CHECK, tmp_path / "report.png")
     assert page.errors == []
@@ -1171,7 +1173,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     rows = got["rows"]
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
-    assert rows["min-ticks"] == 5                                 # event-wise at N = 1, 2, 3, 5, 10 alarm ticks or more
+    assert rows["min-ticks"] == 6                                 # event-wise at N = 1, 2, 3, 4 (asked), 5, 10 ticks
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities
     assert rows["quality-table"] == 3                             # the three unusable input rows, by reason

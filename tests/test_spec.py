@@ -523,6 +523,10 @@ def test_cli_names_a_bad_spec_key_and_exits_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as usage:          # a usage error before anything starts
             main(["backfill", str(path), "--start", "2024-01-01", "--end", "2024-01-02", option, value])
         assert usage.value.code == 2 and f"'{value}' is not a positive" in capsys.readouterr().err
+    for verb, value in (("evaluate", "0"), ("report", "3,x"), ("evaluate", ",")):
+        with pytest.raises(SystemExit) as usage:
+            main([verb, str(path), "--min-ticks", value])
+        assert usage.value.code == 2 and f"'{value}' is not a list of positive whole numbers" in capsys.readouterr().err
 
 
 def test_cli_version_order_of_dates_unexpected_errors_and_interrupts(tmp_path, capsys, monkeypatch):
