@@ -630,6 +630,31 @@ def known_incidents(spec: Spec, storage: Storage) -> KnownIncidents | None:
     return KnownIncidents.of(labels, spec)
 
 
+def no_labelled_training_days(spec: Spec, labels: pl.DataFrame, train_days: list[dt.date], where: str = "in") -> str:
+    """Why a classifier cannot train: no labelled anomaly `where` ('in', 'at a tick of') its training days - where
+    the labels' events lie, and what to do."""
+    named = label_intervals(labels, spec, spec.labels.start, spec.labels.end).drop_nulls(["_s", "_e"])
+    lies = (f"its {named.height} labelled event(s) lie in {_day(named['_s'].min())}..{_day(named['_e'].max())}"
+            if named.height else "it holds no labelled event")
+    return (f"labels at {spec.labels.path}: no labelled anomaly {where} the training days {train_days[0]}.."
+            f"{train_days[-1]}; {lies} - detector 'classifier' learns from the labelled incidents of its training "
+            "days: train on days that hold some (train.start, train.end), or choose a detector that learns normal "
+            "operation (autoencoder, vae, adversarial, svdd)")
+
+
+def _day(micros: int) -> str:
+    return dt.datetime.fromtimestamp(micros / 1e6, dt.timezone.utc).date().isoformat()
+
+
+def require_labelled_training_days(spec: Spec, labels: pl.DataFrame, train_days: list[dt.date]) -> None:
+    """A classifier learns from the labelled incidents of its training days: a DataError before any data is read
+    when no labelled event overlaps them (`no_labelled_training_days`)."""
+    named = label_intervals(labels, spec, spec.labels.start, spec.labels.end)
+    start, end = date_start_us(train_days[0], spec.timezone), date_end_us(train_days[-1], spec.timezone)
+    if named.filter((pl.col("_e") >= start) & (pl.col("_s") < end)).is_empty():
+        raise DataError(no_labelled_training_days(spec, labels, train_days))
+
+
 def train(spec: Spec, *, run_root: str | None = None, promote: bool = True) -> str:
     """Train a model version for `spec` over its training window; returns the version id. With `promote` (the
     default) LATEST names it; without, it is a candidate (`Registry.promote` names it later)."""
@@ -656,6 +681,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
         labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
+        if labels is not None:                     # before any data is read: none there, none to learn from
+            require_labelled_training_days(spec, labels, train_days)
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
         statistics, quarantined, row_intervals = fit_statistics(spec, train_shards, sliceable, incidents)
@@ -696,8 +723,8 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
             warned(line)
         pos_weight = 1.0
         if labels is not None:
-            if not positives:
-                raise DataError(f"labels at {spec.labels.path}: no labelled anomaly inside the training days")
+            if not positives:                    # labelled there, but at no tick of the data (a key spelt otherwise)
+                raise DataError(no_labelled_training_days(spec, labels, train_days, "at a tick of"))
             pos_weight = positive_weight(np.r_[np.zeros(ticks - positives), np.ones(positives)])
         cfg = model_config(spec.model)
         run_root = run_root or train_runs_path(spec)

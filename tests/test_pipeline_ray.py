@@ -2197,6 +2197,14 @@ def test_a_classifier_trained_through_the_pipeline_ranks_incidents_and_alarms_at
     path.write_text(yaml.safe_dump(data))
     spec = load_spec(path)
     assert (spec.score.threshold.method, spec.score.threshold.value) == ("fixed", 0.0)
+    # trained on the clean days alone: said before any data is read, with where the labels lie and what to do
+    from pipelines.storage import DataError
+    clean = replace(spec, train=replace(spec.train, end=dt.date(2024, 1, 2)))      # day 1 trained on, 2 validates
+    with pytest.raises(DataError, match=r"no labelled anomaly in the training days 2024-01-01..2024-01-01; its "
+                                        r"\d+ labelled event\(s\) lie in 2024-01-0[34]..2024-01-0[45] - detector "
+                                        r"'classifier' learns from the labelled incidents") as caught:
+        train(clean)
+    assert "train on days that hold some (train.start, train.end), or choose a detector" in str(caught.value)
     version = train(spec)
     mv = Registry(spec.registry, Storage()).load(version)
     assert mv.manifest["calibration"]["threshold"] == 0.0
