@@ -41,7 +41,7 @@ from dmafn.density import EncodingSums, add_sums
 from dmafn.training import (encoding_sums, fit_densities_in_two_passes, positive_weight, seed_everything,
                             train_step)
 from pipelines.align import (KnownIncidents, align, data_ticks, date_end_us, date_start_us, label_intervals,
-                             label_ticks)
+                             label_ticks, local_date_text)
 from pipelines.entity_keys import (entity_modalities, merge_entity_modalities, unmatched_label_lines,
                                    unmet_entity_lines)
 from pipelines.feature_files import FeatureFile, Piece, epoch_batches, read_piece, worker_blocks, write_features
@@ -634,16 +634,14 @@ def no_labelled_training_days(spec: Spec, labels: pl.DataFrame, train_days: list
     """Why a classifier cannot train: no labelled anomaly `where` ('in', 'at a tick of') its training days - where
     the labels' events lie, and what to do."""
     named = label_intervals(labels, spec, spec.labels.start, spec.labels.end).drop_nulls(["_s", "_e"])
-    lies = (f"its {named.height} labelled event(s) lie in {_day(named['_s'].min())}..{_day(named['_e'].max())}"
-            if named.height else "it holds no labelled event")
+    first, last = named.select(local_date_text(pl.col("_s").min(), spec.timezone),
+                               local_date_text(pl.col("_e").max(), spec.timezone).alias("last")).row(0)
+    lies = f"its {named.height} labelled event(s) lie in {first}..{last}" if named.height else \
+        "it holds no labelled event"
     return (f"labels at {spec.labels.path}: no labelled anomaly {where} the training days {train_days[0]}.."
             f"{train_days[-1]}; {lies} - detector 'classifier' learns from the labelled incidents of its training "
             "days: train on days that hold some (train.start, train.end), or choose a detector that learns normal "
             "operation (autoencoder, vae, adversarial, svdd)")
-
-
-def _day(micros: int) -> str:
-    return dt.datetime.fromtimestamp(micros / 1e6, dt.timezone.utc).date().isoformat()
 
 
 def require_labelled_training_days(spec: Spec, labels: pl.DataFrame, train_days: list[dt.date]) -> None:
@@ -667,6 +665,9 @@ def train(spec: Spec, *, run_root: str | None = None, promote: bool = True) -> s
 
 def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: list[dt.date], t0: float,
            warned: TrainingWarnings, run_root: str | None, promote: bool = True) -> str:
+    labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
+    if labels is not None:                         # before any data is listed or read: none there, none to learn from
+        require_labelled_training_days(spec, labels, train_days)
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
     require_data(spec, files, train_days)
     require_each_modality(spec, files, train_days, "training")
@@ -680,9 +681,6 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
     staging = Staging(spec, storage, train_shards + val_shards, [*train_days, *val_days], uuid.uuid4().hex[:12])
     try:                                           # files that mix entities: split by bucket once, read from there
         train_shards, val_shards = staging.resolve(train_shards), staging.resolve(val_shards)
-        labels = read_labels(spec, storage) if spec.model.detector == "classifier" else None
-        if labels is not None:                     # before any data is read: none there, none to learn from
-            require_labelled_training_days(spec, labels, train_days)
         incidents = known_incidents(spec, storage)
         sliceable = keys_sliceable(spec, schemas)
         statistics, quarantined, row_intervals = fit_statistics(spec, train_shards, sliceable, incidents)
