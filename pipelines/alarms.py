@@ -30,9 +30,12 @@ from pipelines.storage import Storage
 
 @dataclass
 class AlarmList:
-    """The alarm events of a window (`alarm_events`), in order of start, then entity."""
+    """The alarm events of a window (`alarm_events`), in order of start, then entity; with `min_ticks` over 1 those of
+    that many alarm ticks or more, `shorter` counting the runs left out."""
     dates: list[str]
     events: list[dict[str, Any]] = field(default_factory=list)
+    min_ticks: int = 1
+    shorter: int = 0
 
     def json_lines(self) -> str:
         """One JSON object per event (times ISO 8601, UTC)."""
@@ -41,7 +44,8 @@ class AlarmList:
     def text(self) -> str:
         """A table for a person: one line per event."""
         head = (f"alarm events on {self.dates[0]}" + (f"..{self.dates[-1]}" if len(self.dates) > 1 else "")
-                + f": {len(self.events)}")
+                + f": {len(self.events)}" + (f" (of {self.min_ticks} alarm ticks or more; {self.shorter} shorter "
+                                             "left out)" if self.min_ticks > 1 else ""))
         lines = [head]
         if self.events:
             lines.append(f"  {'entity':<16} {'start (UTC)':<20} {'end (UTC)':<20} {'ticks':>6} {'peak':>8}  dominant")
@@ -79,8 +83,9 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
     window_start = dt.datetime.fromtimestamp(date_start_us(dt.date.fromisoformat(dates[0]), spec.timezone) / 1e6,
                                              dt.timezone.utc)
     if found.best is None:                                    # no alarm tick in the dates read
-        return AlarmList(dates)
-    runs = (found.best.filter((pl.col("end") >= window_start) & (pl.col("ticks") >= min_ticks))
+        return AlarmList(dates, min_ticks=min_ticks)
+    in_window = found.best.filter(pl.col("end") >= window_start)
+    runs = (in_window.filter(pl.col("ticks") >= min_ticks)
             .join(last, on="_entity", how="left").join(first, on="_entity", how="left").sort("start", "_entity"))
     events = []
     for row in runs.iter_rows(named=True):
@@ -90,7 +95,7 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
                        "peak": row["peak"], "dominant": dominant, "channel": channel,
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
-    return AlarmList(dates, events)
+    return AlarmList(dates, events, min_ticks, in_window.height - runs.height)
 
 
 def _iso(value: dt.datetime) -> str:

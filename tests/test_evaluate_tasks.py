@@ -501,9 +501,13 @@ def test_alarm_events_are_the_runs_of_alarm_ticks_with_their_true_start_and_open
             "ticks": e["ticks"], "peak": e["peak"], "dominant": e["dominant"], "open": e["open"],
             "earlier": e["may_have_begun_earlier"]} for e in found.events]
     assert got == brute and len(got) > 20
-    longer = alarm_events(spec, start=first, end=last, min_ticks=3).events
+    kept = alarm_events(spec, start=first, end=last, min_ticks=3)
+    longer = kept.events
     assert [(e["entity"], e["start"]) for e in longer] == [(e["entity"], e["start"]) for e in found.events
                                                           if e["ticks"] >= 3] and 0 < len(longer) < len(got)
+    assert kept.text().startswith(f"alarm events on {first}..{last}: {len(longer)} (of 3 alarm ticks or more; "
+                                  f"{len(got) - len(longer)} shorter left out)")
+    assert found.text().startswith(f"alarm events on {first}..{last}: {len(got)}\n")     # N = 1: nothing left out
     assert any(e["start"].date() < first for e in brute)                   # a run carried in from the date before
     assert all(e["machine_id"] == e["entity"] for e in found.events)
     # the newest date by default, JSON lines through the CLI; a window without alarms lists none
