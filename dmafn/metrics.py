@@ -51,11 +51,16 @@ def point_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]
     return count_metrics(int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum()), int((~p & ~y).sum()))
 
 
+def f1_of(precision: float, recall: float) -> float:
+    """The harmonic mean of precision and recall (0 where both are 0)."""
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
 def count_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     """`point_metrics` from the confusion counts."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1 = f1_of(precision, recall)
     return {"precision": precision, "recall": recall, "f1": f1,
             "far": fp / (fp + tn) if fp + tn else 0.0, "mar": fn / (fn + tp) if fn + tp else 0.0}
 
@@ -75,7 +80,7 @@ def event_metrics(predicted: np.ndarray, labels: np.ndarray, min_ticks: int = 1)
     good = sum(bool(y[s:e + 1].any()) for s, e in alarm_events)
     recall = hit / len(true_events) if true_events else 0.0
     precision = good / len(alarm_events) if alarm_events else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1 = f1_of(precision, recall)
     return {"event_precision": precision, "event_recall": recall, "event_f1": f1,
             "events": len(true_events), "alarms": len(alarm_events)}
 

@@ -20,7 +20,7 @@ import polars as pl
 from deltalake import DeltaTable
 
 from dmafn.calibration import Calibration
-from dmafn.metrics import NegativeCounts, PairCounts, RankingTally, count_metrics
+from dmafn.metrics import NegativeCounts, PairCounts, RankingTally, count_metrics, f1_of
 from dmafn.postprocess import to_labels
 from dmafn.spec import DAY_US, Spec
 from pipelines.align import (TIME, LabelIndex, attach_labels, date_end_us, date_start_us, label_intervals,
@@ -389,7 +389,7 @@ def by_min_ticks(alarms: RunTally, catches: CatchTally, ladder: tuple[int, ...] 
         recall = caught / events if events else 0.0
         out[str(n)] = {"alarm_events": kept, "false_alarm_events": kept - good, "event_precision": precision,
                        "events": events, "events_caught": caught, "event_recall": recall,
-                       "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+                       "event_f1": f1_of(precision, recall)}
     return out
 
 
@@ -487,7 +487,7 @@ class MetricsTally:
         precision = alarms.hit / alarms.runs if alarms.runs else 0.0
         recall = events.hit / events.runs if events.runs else 0.0
         out |= {"event_precision": precision, "event_recall": recall,
-                "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                "event_f1": f1_of(precision, recall),
                 "event_by_min_ticks": by_min_ticks(alarms, self.catches, self.ladder)}
         # point adjustment: every tick of an event with an alarm inside counts as found (only beside the point-wise F1)
         out["f1_point_adjusted"] = count_metrics(events.hit_ticks, fp, self.labelled - events.hit_ticks, tn)["f1"]
