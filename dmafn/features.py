@@ -538,6 +538,63 @@ def fit_relation(reg: _Regression, totals: _EntityTotals) -> dict[str, Any] | No
             "entity_intercepts": {}, "residual_std": max(residual, 1e-9), "spread": spread}
 
 
+CONDITIONAL_QUANTITIES = 256   # at most: a relation's quantities whose covariance is kept for `conditional_residuals`
+                               # (P x P numbers in the manifest; a 42-channel table with an hour's context has 252)
+
+
+def conditional_fit(quantities: _Regression, totals: _EntityTotals) -> dict[str, Any] | None:
+    """What predicts each channel from whichever of its relation's quantities a tick has (`conditional_residuals`):
+    the within-entity covariance of every quantity (`relation_quantities`; P x P) on the ticks the relations were
+    fitted on, their mean over the fitted entities (an unseen entity's) and each entity's own (filled by
+    `entity_statistics`). The relations' fits are the special case of every other channel there. None without enough
+    rows, as `fit_relation`."""
+    d, n = quantities.d, totals.n
+    if not totals.fitted or n < 2 * d + 10:
+        return None
+    within = quantities.moments.scatter - totals.between.about(quantities.moments.mean)
+    return {"covariance": (within / n).tolist(), "means": (totals.sx / n).tolist(), "entity_means": {}}
+
+
+def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quantities: np.ndarray,
+                          available: np.ndarray, keys: list[str]) -> np.ndarray:
+    """(N, C) each channel's signed distance, in its conditional std, from what the quantities its tick has predict
+    (NaN for a channel missing now or with nothing else there): a channel's relation with the others when some of
+    them are missing - a dead tag - as a Gaussian conditioned on the rest. `current` (N, C) the channels' current
+    values (the targets), `quantities` (N, P) the relation's quantities held in their training ranges, `available`
+    (N, P) which of them the tick has; the prediction of channel c reads every available quantity but its own (its
+    current value and block means), as its fitted relation does - with every quantity there, the same prediction
+    and residual std (`fit_relation`, up to its ridge). One matrix inverse per pattern of missing quantities."""
+    cov = np.asarray(conditional["covariance"], np.float64)
+    n, channels = current.shape
+    owner = np.arange(cov.shape[0]) % channels            # quantity q: channel q % C's current value or block mean
+    means = np.tile(np.asarray(conditional["means"], np.float64), (n, 1))
+    for key, rows in group_rows(keys):
+        if key in conditional["entity_means"]:
+            means[rows] = conditional["entity_means"][key]
+    apart = quantities - means
+    target = current - means[:, :channels]
+    z = np.full((n, channels), np.nan)
+    patterns, which = np.unique(available, axis=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        rows, have = np.flatnonzero(which.reshape(-1) == p), np.flatnonzero(pattern)
+        sigma = cov[np.ix_(have, have)]
+        ridge = 1e-6 * max(float(np.trace(sigma)) / max(len(have), 1), 1e-12)
+        precision = np.linalg.inv(sigma + ridge * np.eye(len(have)))
+        for c in range(channels):
+            own, rest = owner[have] == c, owner[have] != c
+            if not pattern[c] or not rest.any():
+                continue
+            # x_own | x_rest ~ N(-A P_own,rest x_rest, A), A = P_own,own^-1 (on deviations from the entity's means)
+            inverse = np.linalg.inv(precision[np.ix_(own, own)])
+            first = int(np.flatnonzero(have[own] == c)[0])       # the current value: the own quantity listed first
+            weights = -(inverse @ precision[np.ix_(own, rest)])[first]
+            std = max(float(np.sqrt(max(inverse[first, first], 0.0))), 1e-3 * float(np.sqrt(max(cov[c, c], 0.0))),
+                      1e-9)
+            pred = apart[np.ix_(rows, have[rest])] @ weights
+            z[rows, c] = np.clip((target[rows, c] - pred) / std, -Z_LIMIT, Z_LIMIT)
+    return z
+
+
 def entity_intercepts(reg: _Regression, fitted: dict[str, Any]) -> dict[str, float]:
     """Each entity's own intercept (entities with 2 rows or more) under the fleet's fitted weights."""
     weights = np.asarray(fitted["weights"])
@@ -568,6 +625,9 @@ def _per_entity(stats: dict[str, Any], part: Callable[[str, dict[str, Any]], dic
             if fitted.get(key):
                 fitted[key] = {**fitted[key], "entities": part(f"relations/{ctx}/{key}/entities",
                                                                fitted[key]["entities"])}
+        if fitted.get("conditional"):
+            fitted["conditional"] = {**fitted["conditional"], "entity_means": part(
+                f"relations/{ctx}/conditional/entity_means", fitted["conditional"]["entity_means"])}
         relations[ctx] = fitted
     return {**stats, "modalities": modalities, **({"relations": relations} if "relations" in stats else {})}
 
@@ -628,8 +688,9 @@ def join_entity_statistics(fleet: dict[str, Any], entities: Iterable[tuple[str, 
 def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
     """One line per fitted channel relation, for `dmafn train`'s log: the residual std (the unit its error is
     counted in) within the modality and, where fitted, across to its peers, each with the share of the channel's
-    own within-entity spread it leaves (how much of the channel each relation explains); and per refitted
-    relation the training ticks its refit left out (`refit_relations_on_typical_ticks`)."""
+    own within-entity spread it leaves (how much of the channel each relation explains); per parent of three
+    channels or more what stands in while one is dead (`conditional_residuals`, or why nothing does); and per
+    refitted relation the training ticks its refit left out (`refit_relations_on_typical_ticks`)."""
     lines = []
     for ctx, relation in stats.get("relations", {}).items():
         parent = relation["parent"]
@@ -642,6 +703,16 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
                      for label, fit in (("within the modality", within), (peers, across)) if fit]
             if parts:
                 lines.append(f"modality '{parent}', column '{column}': relation residual " + "; ".join(parts))
+        width = len(spec.modalities[parent].columns)
+        quantities = width * (1 + len(relation_blocks(spec.modalities[ctx].steps))) if ctx in spec.modalities else 0
+        if relation.get("conditional"):
+            lines.append(f"modality '{parent}': while a channel is dead or its context window missing, each other "
+                         f"channel is read against the quantities still there (the covariance of {quantities} kept)")
+        elif width >= 3 and quantities > CONDITIONAL_QUANTITIES:
+            stand_in = "to the peers alone" if relation.get("peer_channels") else "to nothing (no relation error)"
+            lines.append(f"modality '{parent}': {quantities} relation quantities, over the {CONDITIONAL_QUANTITIES} "
+                         "whose covariance is kept: while one of its channels is dead the others are related "
+                         f"{stand_in}")
         if "left_out" in relation or "cross_left_out" in relation:
             lines.append(f"modality '{parent}': relations refitted without the training ticks beyond "
                          f"{RELATION_TRIM_LIMIT:g} residual stds of their fit before on a channel - "
@@ -1152,6 +1223,11 @@ class StatisticsFitter:
                     relations[ctx]["smoothing"] = self.spec.model.relation_smoothing
                 if ("relations_", ctx) in self.left_out_:           # a refit: the ticks it left out
                     relations[ctx]["left_out"] = self.left_out_[("relations_", ctx)]
+                within, quantities = self.relations_[ctx], totals.relations.get(("relations_", ctx))
+                if width >= 3 and quantities is not None and within.quantities is not None and \
+                        within.quantities.d <= CONDITIONAL_QUANTITIES and \
+                        (conditional := conditional_fit(within.quantities, quantities)) is not None:
+                    relations[ctx]["conditional"] = conditional   # versions before 2026-12-06: none
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
                                           cross_ranges=fit_ranges(totals.ranges.get(("cross_relations_", ctx))),
@@ -1198,6 +1274,10 @@ class StatisticsFitter:
             own = self.relations_[ctx]
             relations[ctx] = {**fitted, "channels": channels(own, fitted["channels"]),
                               "ranges": ranges(own, fitted["ranges"])}
+            if fitted.get("conditional"):
+                relations[ctx]["conditional"] = {**fitted["conditional"], "entity_means": {
+                    key: (e.sx / e.n).tolist() for key, e in own.quantities.entities.items() if e.n >= 2}
+                    if own.quantities is not None else {}}
             if fitted.get("cross_channels") is not None:
                 cross = self.cross_relations_[ctx]
                 relations[ctx].update(cross_channels=channels(cross, fitted["cross_channels"]),
@@ -1723,7 +1803,10 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none)
         dead = np.zeros(n, bool) if fitted.get("peer_channels") is None or peers is None else \
             held_by[parent].any(1) & ~presence[parent] & peers_present
-        scored = both | dead
+        # else a channel or its context missing: each channel it has against whichever of the others' quantities
+        # are there (`conditional_residuals`; versions before 2026-12-06 and parents of two channels have none)
+        partial = held_by[parent].any(1) & ~both & ~dead if fitted.get("conditional") else np.zeros(n, bool)
+        scored = both | dead | partial
         if scored.any():
             rows = np.flatnonzero(scored)
             current = current_values(levels[parent], spec.modalities[parent]).astype(np.float64)
@@ -1737,7 +1820,11 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             if dead.any():
                 alone = relation_residuals(fitted, current[dead], levels[ctx][dead], list(tick_keys[dead]),
                                            peers[dead], peers_only=True)
-                z[~whole] = np.where(held_by[parent][dead], alone, np.nan)     # none for the missing channel
+                z[dead[rows]] = np.where(held_by[parent][dead], alone, np.nan)     # none for the missing channel
+            if partial.any():
+                z[partial[rows]] = _partial_residuals(fitted, current[partial], levels[ctx][partial],
+                                                      held_by[parent][partial], held_by[ctx][partial],
+                                                      list(tick_keys[partial]))
             if fitted.get("smoothing"):                     # versions before 2026-12-06: each tick on its own
                 order = np.argsort(rank[rows], kind="stable")
                 z[order] = smooth_residuals(z[order], groups[rows][order], float(fitted["smoothing"]),
@@ -1749,6 +1836,18 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners, channels=channels, relation_channels=relation_channels, taken=taken,
                     groups=groups)
+
+
+def _partial_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray, held: np.ndarray,
+                       held_history: np.ndarray, keys: list[str]) -> np.ndarray:
+    """(N, C) `conditional_residuals` of ticks whose parent (current values `current`, N x C, channels `held`) or
+    context window (`history`, N x T x C, channels `held_history`) misses a channel: a channel's current value is
+    there where it is held, its block means where its context window holds it."""
+    blocks = len(relation_blocks(history.shape[1]))
+    quantities = relation_quantities(current, history)
+    clipped = clip_quantities(quantities.copy(), relation.get("ranges"), group_rows(keys))
+    available = np.concatenate([held, *[held_history] * blocks], 1)
+    return conditional_residuals(relation["conditional"], current, clipped, available, keys)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -127,3 +127,18 @@ def test_the_dead_tags_benchmark_scores_each_rate_and_dead_count_on_the_pipeline
     for by_dead in found.values():
         for v in by_dead.values():
             assert 0 <= v["false_alarm_pct"] <= 100 and 0 <= v["roc_auc"] <= 1
+
+
+def test_the_dead_tag_relations_benchmark_keeps_a_relation_error_while_tags_are_dead():
+    """`make bench-dead-tag-relations` on a tiny table: per number of dead tags the relation error's ROC-AUC and
+    the normal ticks' mean error with the kept covariance, and without it (before: no error at all while a tag is
+    dead, so 0.5 and 0), and `featurize`'s cost against every tag there."""
+    from benchmarks.dead_tag_relations import run
+
+    found = run(6, 400)
+    assert set(found) == {"0", "1", "3", "5"}
+    assert found["0"]["roc_auc"] == found["0"]["roc_auc_before"] > 0.6
+    for count in ("1", "3"):
+        assert found[count]["roc_auc"] > 0.6 and found[count]["roc_auc_before"] == 0.5
+        assert found[count]["normal_mean_error"] > 0 and found[count]["normal_mean_error_before"] == 0
+    assert all(v["kept_covariance"] and v["ratio"] > 0 for v in found.values())

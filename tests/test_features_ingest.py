@@ -4595,6 +4595,97 @@ def test_a_dead_channel_leaves_its_modality_present_with_the_others_and_out_of_t
     np.testing.assert_array_equal(again.channels["proc"], part.channels["proc"])
 
 
+def _wide_rows(spec, n, rng, shift=0.0, dead=None):
+    """Aligned rows of a 4-channel `proc` (a, b, c, d) and its 10-minute context with no peer modality: each channel a
+    mix of two slowly moving loads plus noise, entities "a" and "b" each with their own offsets; `shift` moves
+    channel a now (its history stays); `dead`: a channel null now and over its context window (a dead tag)."""
+    steps = spec.modalities["proc_context"].steps
+    loads = np.cumsum(rng.normal(0, 0.3, (n, steps, 2)), 1) + rng.normal(0, 1, (n, 1, 2))
+    mix = np.array([[1.0, 0.5, -0.7, 0.2], [0.3, -1.0, 0.6, 0.9]])
+    keys = np.array(["a", "b"] * (n // 2))
+    offsets = np.where(keys == "a", 0.0, 4.0)[:, None, None] * np.array([1.0, -1.0, 0.5, 2.0])
+    values = loads @ mix + offsets + rng.normal(0, 0.05, (n, steps, 4))                    # (n, steps, 4)
+    current = values[:, -1, :].astype(np.float64)
+    current[:, 0] += shift
+    table = {"machine_id": keys.tolist(), "proc__present": [True] * n, "proc_context__present": [True] * n}
+    for j, column in enumerate("abcd"):
+        gone = column == dead
+        table[f"proc__{column}"] = pa.array([None] * n if gone else current[:, j], pa.float64())
+        table[f"proc_context__{column}"] = pa.array([None] * n if gone else values[:, :, j].astype(np.float32).tolist(),
+                                                    pa.list_(pa.float32()))
+    return pa.table(table)
+
+
+def test_a_dead_tag_leaves_the_other_channels_related_to_whatever_else_is_there(monkeypatch):
+    """A parent of three channels or more keeps the within-entity covariance of its relation's quantities
+    (`conditional`): while one channel is dead (null now and over its context window) and no peer can stand in, each
+    other channel is read against the quantities still there (`conditional_residuals`, a Gaussian conditioned on
+    them) - a channel that left its relation errs far more than one that kept it (before, no relation error at all
+    while any channel was missing); with every quantity there the conditional residuals are the fitted relations';
+    complete ticks are scored as before; the entity means travel with the entity parts; a context window missing
+    altogether leaves the current values to read."""
+    from dmafn.features import (clip_quantities, conditional_residuals, group_rows, join_entity_statistics,
+                                relation_lines, relation_quantities, relation_residuals, split_entity_statistics)
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": list("abcd"),
+                                   "context": {"window": "10min"}}}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(8)
+    stats = StatisticsFitter(spec).add(_wide_rows(spec, 1200, rng)).result()
+    relation = stats["relations"]["proc_context"]
+    conditional = relation["conditional"]
+    assert np.asarray(conditional["covariance"]).shape == (16, 16) and set(conditional["entity_means"]) == {"a", "b"}
+    assert relation_lines(stats, spec)[-1] == ("modality 'proc': while a channel is dead or its context window "
+                                               "missing, each other channel is read against the quantities still "
+                                               "there (the covariance of 16 kept)")
+    fleet, entities = split_entity_statistics(stats)
+    assert fleet["relations"]["proc_context"]["conditional"]["entity_means"] == {}
+    same_statistics(join_entity_statistics(fleet, entities.items()), stats)
+    same_statistics(_fit_in_buckets(StatisticsFitter(spec).add(_wide_rows(spec, 400, np.random.default_rng(9))), 3)[2],
+                    StatisticsFitter(spec).add(_wide_rows(spec, 400, np.random.default_rng(9))).result(),
+                    rtol=1e-6)                 # the buckets add in another order: covariances of near-equal sums
+
+    rows = _wide_rows(spec, 300, rng)                  # every quantity there: the fitted relations' residuals
+    current = np.column_stack([rows[f"proc__{c}"].to_numpy() for c in "abcd"])
+    history = np.stack([np.array(rows[f"proc_context__{c}"].to_pylist()) for c in "abcd"], 2)
+    keys = rows["machine_id"].to_pylist()
+    quantities = clip_quantities(relation_quantities(current, history), relation["ranges"], group_rows(keys))
+    np.testing.assert_allclose(conditional_residuals(conditional, current, quantities, np.ones((300, 16), bool), keys),
+                               relation_residuals(relation, current, history, keys), rtol=1e-3, atol=1e-3)
+
+    proc = list(spec.modalities).index("proc")
+    calm = featurize(_wide_rows(spec, 300, rng, dead="d"), spec, stats)
+    moved = featurize(_wide_rows(spec, 300, rng, shift=1.0, dead="d"), spec, stats)
+    assert calm.mask[:, proc].all() and not calm.channels["proc"][:, 3].any()
+    assert 0.3 < calm.relation_errors[:, proc].mean() < 3
+    assert moved.relation_errors[:, proc].mean() > 10 * calm.relation_errors[:, proc].mean()
+    assert (moved.relation_channels["proc"][:, 3] == 0).all()                    # the dead channel: no residual
+    assert moved.relation_channels["proc"][:, 0].mean() > 10 * calm.relation_channels["proc"][:, 0].mean()
+    without = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()
+                                                       if k != "conditional"}}}   # a version before 2026-12-06
+    assert (featurize(_wide_rows(spec, 50, rng, shift=1.0, dead="d"), spec, without).relation_errors == 0).all()
+    whole = _wide_rows(spec, 60, rng, shift=1.0)
+    np.testing.assert_array_equal(featurize(whole, spec, stats).relation_errors,
+                                  featurize(whole, spec, without).relation_errors)
+    unseen = _wide_rows(spec, 60, rng, dead="b")
+    unseen = unseen.set_column(0, "machine_id", pa.array(["z"] * 60))          # an entity not trained on
+    assert (featurize(unseen, spec, stats).relation_channels["proc"][:, [0, 2, 3]] > 0).all()
+    import dmafn.features
+    monkeypatch.setattr(dmafn.features, "CONDITIONAL_QUANTITIES", 8)        # a wider table than the limit: none kept
+    capped = StatisticsFitter(spec).add(_wide_rows(spec, 1200, rng)).result()
+    assert "conditional" not in capped["relations"]["proc_context"]
+    assert relation_lines(capped, spec)[-1] == ("modality 'proc': 16 relation quantities, over the 8 whose covariance "
+                                                "is kept: while one of its channels is dead the others are related to "
+                                                "nothing (no relation error)")
+    blind = whole.set_column(whole.schema.get_field_index("proc_context__present"), "proc_context__present",
+                             pa.array([False] * 60))
+    now_only = featurize(blind, spec, stats).relation_errors[:, proc]
+    assert (now_only > 0).all() and (featurize(blind, spec, without).relation_errors[:, proc] == 0).all()
+
+
 def test_a_dead_channels_modality_keeps_a_relation_with_its_peers_alone():
     """Each channel of a parent with peers also gets a relation on the peers' values alone (`peer_channels`, from the
     cross-modal fit's accumulated cross products): while pressure is dead (null, and with it its context window) a
