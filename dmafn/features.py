@@ -556,17 +556,19 @@ def conditional_fit(quantities: _Regression, totals: _EntityTotals) -> dict[str,
 
 
 def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quantities: np.ndarray,
-                          available: np.ndarray, keys: list[str]) -> np.ndarray:
+                          available: np.ndarray, keys: list[str], peers: int = 0) -> np.ndarray:
     """(N, C) each channel's signed distance, in its conditional std, from what the quantities its tick has predict
     (NaN for a channel missing now or with nothing else there): a channel's relation with the others when some of
     them are missing - a dead tag - as a Gaussian conditioned on the rest. `current` (N, C) the channels' current
     values (the targets), `quantities` (N, P) the relation's quantities held in their training ranges, `available`
-    (N, P) which of them the tick has; the prediction of channel c reads every available quantity but its own (its
-    current value and block means), as its fitted relation does - with every quantity there, the same prediction
-    and residual std (`fit_relation`, up to its ridge). One matrix inverse per pattern of missing quantities."""
+    (N, P) which of them the tick has, the last `peers` of them the peers' values (`cross_conditional`, K); the
+    prediction of channel c reads every available quantity but its own (its current value and block means), as its
+    fitted relation does - with every quantity there, the same prediction and residual std (`fit_relation`, up to
+    its ridge). One matrix inverse per pattern of missing quantities."""
     cov = np.asarray(conditional["covariance"], np.float64)
     n, channels = current.shape
     owner = np.arange(cov.shape[0]) % channels            # quantity q: channel q % C's current value or block mean
+    owner[cov.shape[0] - peers:] = -1                     # ... but a peer's value, no channel's own
     means = np.tile(np.asarray(conditional["means"], np.float64), (n, 1))
     for key, rows in group_rows(keys):
         if key in conditional["entity_means"]:
@@ -625,9 +627,10 @@ def _per_entity(stats: dict[str, Any], part: Callable[[str, dict[str, Any]], dic
             if fitted.get(key):
                 fitted[key] = {**fitted[key], "entities": part(f"relations/{ctx}/{key}/entities",
                                                                fitted[key]["entities"])}
-        if fitted.get("conditional"):
-            fitted["conditional"] = {**fitted["conditional"], "entity_means": part(
-                f"relations/{ctx}/conditional/entity_means", fitted["conditional"]["entity_means"])}
+        for key in ("conditional", "cross_conditional"):
+            if fitted.get(key):
+                fitted[key] = {**fitted[key], "entity_means": part(f"relations/{ctx}/{key}/entity_means",
+                                                                   fitted[key]["entity_means"])}
         relations[ctx] = fitted
     return {**stats, "modalities": modalities, **({"relations": relations} if "relations" in stats else {})}
 
@@ -706,8 +709,10 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
         width = len(spec.modalities[parent].columns)
         quantities = width * (1 + len(relation_blocks(spec.modalities[ctx].steps))) if ctx in spec.modalities else 0
         if relation.get("conditional"):
+            peers = " and the peers' values where they are there" if relation.get("cross_conditional") else ""
             lines.append(f"modality '{parent}': while a channel is dead or its context window missing, each other "
-                         f"channel is read against the quantities still there (the covariance of {quantities} kept)")
+                         f"channel is read against the quantities still there{peers} (the covariance of {quantities} "
+                         "kept)")
         elif width >= 3 and quantities > CONDITIONAL_QUANTITIES:
             stand_in = "to the peers alone" if relation.get("peer_channels") else "to nothing (no relation error)"
             lines.append(f"modality '{parent}': {quantities} relation quantities, over the {CONDITIONAL_QUANTITIES} "
@@ -1235,6 +1240,11 @@ class StatisticsFitter:
                     if width >= 2:      # each channel from the peers alone: while another channel is dead
                         relations[ctx]["peer_channels"] = fitted(
                             self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx)), True)
+                    across, sums = self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx))
+                    if width >= 3 and sums is not None and across.quantities is not None and \
+                            across.quantities.d <= CONDITIONAL_QUANTITIES and \
+                            (conditional := conditional_fit(across.quantities, sums)) is not None:
+                        relations[ctx]["cross_conditional"] = conditional   # the siblings there and the peers
                     if ("cross_relations_", ctx) in self.left_out_:
                         relations[ctx]["cross_left_out"] = self.left_out_[("cross_relations_", ctx)]
                     if history := peer_contexts(self.spec, parent):
@@ -1284,6 +1294,10 @@ class StatisticsFitter:
                                       cross_ranges=ranges(cross, fitted.get("cross_ranges")))
                 if fitted.get("peer_channels") is not None:
                     relations[ctx]["peer_channels"] = channels(cross, fitted["peer_channels"], True)
+                if fitted.get("cross_conditional"):
+                    relations[ctx]["cross_conditional"] = {**fitted["cross_conditional"], "entity_means": {
+                        key: (e.sx / e.n).tolist() for key, e in cross.quantities.entities.items() if e.n >= 2}
+                        if cross.quantities is not None else {}}
         stats = {**fleet, "modalities": modalities, **({"relations": relations} if relations else {})}
         return split_entity_statistics(stats)[1]
 
@@ -1800,9 +1814,12 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             peers, peers_present = peer_values(levels, presence, spec, fitted["peers"], history,
                                                fitted.get("peer_spread", False))   # before 2026-12-03: means only
         # a channel of the parent missing (a dead channel) with its peers there: each channel it has is scored by
-        # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none)
-        dead = np.zeros(n, bool) if fitted.get("peer_channels") is None or peers is None else \
-            held_by[parent].any(1) & ~presence[parent] & peers_present
+        # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none) - or, for a
+        # parent of three channels or more, against its quantities still there and the peers' (`cross_conditional`:
+        # a missing context window too)
+        across = fitted.get("cross_conditional") if peers is not None else None
+        dead = np.zeros(n, bool) if (fitted.get("peer_channels") is None and across is None) or peers is None else \
+            held_by[parent].any(1) & ~(both if across else presence[parent]) & peers_present
         # else a channel or its context missing: each channel it has against whichever of the others' quantities
         # are there (`conditional_residuals`; versions before 2026-12-06 and parents of two channels have none)
         partial = held_by[parent].any(1) & ~both & ~dead if fitted.get("conditional") else np.zeros(n, bool)
@@ -1817,7 +1834,10 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
                 z[whole] = tick_residuals(fitted, current[both], levels[ctx][both], list(tick_keys[both]),
                                           None if peers is None else peers[both],
                                           None if peers is None else peers_present[both])
-            if dead.any():
+            if dead.any() and across:
+                z[dead[rows]] = _partial_residuals(fitted, current[dead], levels[ctx][dead], held_by[parent][dead],
+                                                   held_by[ctx][dead], list(tick_keys[dead]), peers[dead])
+            elif dead.any():
                 alone = relation_residuals(fitted, current[dead], levels[ctx][dead], list(tick_keys[dead]),
                                            peers[dead], peers_only=True)
                 z[dead[rows]] = np.where(held_by[parent][dead], alone, np.nan)     # none for the missing channel
@@ -1839,15 +1859,19 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
 
 
 def _partial_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray, held: np.ndarray,
-                       held_history: np.ndarray, keys: list[str]) -> np.ndarray:
+                       held_history: np.ndarray, keys: list[str], peers: np.ndarray | None = None) -> np.ndarray:
     """(N, C) `conditional_residuals` of ticks whose parent (current values `current`, N x C, channels `held`) or
     context window (`history`, N x T x C, channels `held_history`) misses a channel: a channel's current value is
-    there where it is held, its block means where its context window holds it."""
+    there where it is held, its block means where its context window holds it; with `peers` (N x K, every one
+    present) by the cross-modal covariance (`cross_conditional`), the peers' values read too."""
     blocks = len(relation_blocks(history.shape[1]))
-    quantities = relation_quantities(current, history)
-    clipped = clip_quantities(quantities.copy(), relation.get("ranges"), group_rows(keys))
-    available = np.concatenate([held, *[held_history] * blocks], 1)
-    return conditional_residuals(relation["conditional"], current, clipped, available, keys)
+    quantities = relation_quantities(current, history, peers)
+    clipped = clip_quantities(quantities.copy(), relation.get("ranges" if peers is None else "cross_ranges"),
+                              group_rows(keys))
+    width = 0 if peers is None else peers.shape[1]
+    available = np.concatenate([held, *[held_history] * blocks, np.ones((len(held), width), bool)], 1)
+    return conditional_residuals(relation["conditional" if peers is None else "cross_conditional"], current, clipped,
+                                 available, keys, width)
 
 
 def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -131,8 +131,8 @@ def test_the_dead_tags_benchmark_scores_each_rate_and_dead_count_on_the_pipeline
 
 def test_the_dead_tag_relations_benchmark_keeps_a_relation_error_while_tags_are_dead():
     """`make bench-dead-tag-relations` on a tiny table: per number of dead tags the relation error's ROC-AUC and
-    the normal ticks' mean error with the kept covariance, and without it (before: no error at all while a tag is
-    dead, so 0.5 and 0), and `featurize`'s cost against every tag there."""
+    the normal ticks' mean error with the kept covariance, and without it (before: alone, no error at all while a
+    tag is dead, so 0.5 and 0; beside a peer, the peer alone), and `featurize`'s cost against every tag there."""
     from benchmarks.dead_tag_relations import run
 
     found = run(6, 400)
@@ -142,3 +142,6 @@ def test_the_dead_tag_relations_benchmark_keeps_a_relation_error_while_tags_are_
         assert found[count]["roc_auc"] > 0.6 and found[count]["roc_auc_before"] == 0.5
         assert found[count]["normal_mean_error"] > 0 and found[count]["normal_mean_error_before"] == 0
     assert all(v["kept_covariance"] and v["ratio"] > 0 for v in found.values())
+    beside = run(6, 400, peer=True)                  # before: each tag read against the peer alone
+    assert beside["1"]["roc_auc"] > beside["1"]["roc_auc_before"] and beside["1"]["normal_mean_error_before"] > 0
+    assert all(v["kept_covariance"] for v in beside.values())

@@ -4595,10 +4595,11 @@ def test_a_dead_channel_leaves_its_modality_present_with_the_others_and_out_of_t
     np.testing.assert_array_equal(again.channels["proc"], part.channels["proc"])
 
 
-def _wide_rows(spec, n, rng, shift=0.0, dead=None):
+def _wide_rows(spec, n, rng, shift=0.0, dead=None, peer=False):
     """Aligned rows of a 4-channel `proc` (a, b, c, d) and its 10-minute context with no peer modality: each channel a
     mix of two slowly moving loads plus noise, entities "a" and "b" each with their own offsets; `shift` moves
-    channel a now (its history stays); `dead`: a channel null now and over its context window (a dead tag)."""
+    channel a now (its history stays); `dead`: a channel null now and over its context window (a dead tag); `peer`:
+    with `vib`, a 3-step window of the first load now plus fast noise."""
     steps = spec.modalities["proc_context"].steps
     loads = np.cumsum(rng.normal(0, 0.3, (n, steps, 2)), 1) + rng.normal(0, 1, (n, 1, 2))
     mix = np.array([[1.0, 0.5, -0.7, 0.2], [0.3, -1.0, 0.6, 0.9]])
@@ -4613,6 +4614,10 @@ def _wide_rows(spec, n, rng, shift=0.0, dead=None):
         table[f"proc__{column}"] = pa.array([None] * n if gone else current[:, j], pa.float64())
         table[f"proc_context__{column}"] = pa.array([None] * n if gone else values[:, :, j].astype(np.float32).tolist(),
                                                     pa.list_(pa.float32()))
+    if peer:
+        vib = loads[:, -1:, 0] + rng.normal(0, 0.05, (n, 3))
+        table.update({"vib__present": [True] * n, "vib__a": pa.array(vib.astype(np.float32).tolist(),
+                                                                      pa.list_(pa.float32()))})
     return pa.table(table)
 
 
@@ -4684,6 +4689,60 @@ def test_a_dead_tag_leaves_the_other_channels_related_to_whatever_else_is_there(
                              pa.array([False] * 60))
     now_only = featurize(blind, spec, stats).relation_errors[:, proc]
     assert (now_only > 0).all() and (featurize(blind, spec, without).relation_errors[:, proc] == 0).all()
+
+
+def test_a_dead_tag_with_peers_leaves_the_other_channels_related_to_the_rest_and_the_peers():
+    """With a peer, a parent of three channels or more also keeps the covariance of the cross-modal relation's
+    quantities (`cross_conditional`): while a tag is dead each other channel is read against its siblings still there
+    and the peers' values, not the peers alone (`peer_channels`, which a two-channel parent keeps) - a channel that
+    left its relation stands out far more; with every quantity there it is the cross-modal fit; where the peer is
+    absent too the within-modality covariance stands in; the entity means travel with the entity parts."""
+    from dmafn.features import (clip_quantities, conditional_residuals, group_rows, join_entity_statistics,
+                                peer_values, relation_lines, relation_quantities, relation_residuals,
+                                split_entity_statistics)
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": list("abcd"),
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(10)
+    stats = StatisticsFitter(spec).add(_wide_rows(spec, 1200, rng, peer=True)).result()
+    relation = stats["relations"]["proc_context"]
+    across = relation["cross_conditional"]
+    assert np.asarray(across["covariance"]).shape == (18, 18) and set(across["entity_means"]) == {"a", "b"}
+    assert relation_lines(stats, spec)[-1].startswith("modality 'proc': while a channel is dead or its context "
+                                                      "window missing, each other channel is read against the "
+                                                      "quantities still there and the peers' values where they are")
+    fleet, entities = split_entity_statistics(stats)
+    assert fleet["relations"]["proc_context"]["cross_conditional"]["entity_means"] == {}
+    same_statistics(join_entity_statistics(fleet, entities.items()), stats)
+
+    rows = _wide_rows(spec, 300, rng, peer=True)
+    current = np.column_stack([rows[f"proc__{c}"].to_numpy() for c in "abcd"])
+    history = np.stack([np.array(rows[f"proc_context__{c}"].to_pylist()) for c in "abcd"], 2)
+    vib = np.array(rows["vib__a"].to_pylist(), np.float32)[:, :, None]
+    peers, _ = peer_values({"vib": vib}, {"vib": np.ones(300, bool)}, spec, ["vib"], spread=True)
+    keys = rows["machine_id"].to_pylist()
+    quantities = clip_quantities(relation_quantities(current, history, peers), relation["cross_ranges"],
+                                 group_rows(keys))
+    np.testing.assert_allclose(conditional_residuals(across, current, quantities, np.ones((300, 18), bool), keys, 2),
+                               relation_residuals(relation, current, history, keys, peers), rtol=1e-3, atol=1e-3)
+
+    proc = list(spec.modalities).index("proc")
+    alone = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()
+                                                     if k != "cross_conditional"}}}   # the peers alone
+    def channel_a(stats, **kw):
+        return featurize(_wide_rows(spec, 300, rng, dead="d", peer=True, **kw), spec, stats).relation_channels["proc"]
+
+    calm, moved = channel_a(stats), channel_a(stats, shift=1.0)
+    assert (moved[:, 3] == 0).all() and 0.05 < calm[:, 0].mean() < 1
+    peers_only = channel_a(alone, shift=1.0)[:, 0].mean() / channel_a(alone)[:, 0].mean()
+    assert moved[:, 0].mean() / calm[:, 0].mean() > 5 * peers_only
+    blind = _wide_rows(spec, 60, rng, shift=1.0, dead="d", peer=True)
+    blind = blind.set_column(blind.schema.get_field_index("vib__present"), "vib__present", pa.array([False] * 60))
+    assert featurize(blind, spec, stats).relation_channels["proc"][:, 0].mean() > 10   # the within covariance's
 
 
 def test_a_dead_channels_modality_keeps_a_relation_with_its_peers_alone():
