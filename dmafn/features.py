@@ -576,12 +576,15 @@ def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quan
     apart = quantities - means
     target = current - means[:, :channels]
     z = np.full((n, channels), np.nan)
-    patterns, which = np.unique(available, axis=0, return_inverse=True)
-    for p, pattern in enumerate(patterns):
+    packed = np.ascontiguousarray(np.packbits(available, axis=1))     # a pattern of missing quantities: bytes
+    _, first, which = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True,
+                                return_inverse=True)
+    for p, pattern in enumerate(available[first]):
         rows, have = np.flatnonzero(which.reshape(-1) == p), np.flatnonzero(pattern)
         sigma = cov[np.ix_(have, have)]
         ridge = 1e-6 * max(float(np.trace(sigma)) / max(len(have), 1), 1e-12)
         precision = np.linalg.inv(sigma + ridge * np.eye(len(have)))
+        weights, stds = np.zeros((len(have), channels)), np.full(channels, np.nan)   # column c: channel c's
         for c in range(channels):
             own, rest = owner[have] == c, owner[have] != c
             if not pattern[c] or not rest.any():
@@ -589,11 +592,12 @@ def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quan
             # x_own | x_rest ~ N(-A P_own,rest x_rest, A), A = P_own,own^-1 (on deviations from the entity's means)
             inverse = np.linalg.inv(precision[np.ix_(own, own)])
             first = int(np.flatnonzero(have[own] == c)[0])       # the current value: the own quantity listed first
-            weights = -(inverse @ precision[np.ix_(own, rest)])[first]
-            std = max(float(np.sqrt(max(inverse[first, first], 0.0))), 1e-3 * float(np.sqrt(max(cov[c, c], 0.0))),
-                      1e-9)
-            pred = apart[np.ix_(rows, have[rest])] @ weights
-            z[rows, c] = np.clip((target[rows, c] - pred) / std, -Z_LIMIT, Z_LIMIT)
+            weights[rest, c] = -(inverse @ precision[np.ix_(own, rest)])[first]
+            stds[c] = max(float(np.sqrt(max(inverse[first, first], 0.0))),
+                          1e-3 * float(np.sqrt(max(cov[c, c], 0.0))), 1e-9)
+        scored = np.flatnonzero(~np.isnan(stds))
+        pred = apart[np.ix_(rows, have)] @ weights[:, scored]                        # (rows, scored channels)
+        z[np.ix_(rows, scored)] = np.clip((target[np.ix_(rows, scored)] - pred) / stds[scored], -Z_LIMIT, Z_LIMIT)
     return z
 
 
@@ -711,8 +715,8 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
         if relation.get("conditional"):
             peers = " and the peers' values where they are there" if relation.get("cross_conditional") else ""
             lines.append(f"modality '{parent}': while a channel is dead or its context window missing, each other "
-                         f"channel is read against the quantities still there{peers} (the covariance of {quantities} "
-                         "kept)")
+                         f"channel is read against the quantities still there{peers} (the covariance of its "
+                         f"{quantities} quantities kept)")
         elif width >= 3 and quantities > CONDITIONAL_QUANTITIES:
             stand_in = "to the peers alone" if relation.get("peer_channels") else "to nothing (no relation error)"
             lines.append(f"modality '{parent}': {quantities} relation quantities, over the {CONDITIONAL_QUANTITIES} "
@@ -1862,14 +1866,15 @@ def _partial_residuals(relation: dict[str, Any], current: np.ndarray, history: n
                        held_history: np.ndarray, keys: list[str], peers: np.ndarray | None = None) -> np.ndarray:
     """(N, C) `conditional_residuals` of ticks whose parent (current values `current`, N x C, channels `held`) or
     context window (`history`, N x T x C, channels `held_history`) misses a channel: a channel's current value is
-    there where it is held, its block means where its context window holds it; with `peers` (N x K, every one
-    present) by the cross-modal covariance (`cross_conditional`), the peers' values read too."""
+    there where it is held, its block means where its context window holds it and it is held now (a dead channel's
+    window carries its last values forward until the whole window is without one: stale, not read); with `peers`
+    (N x K, every one present) by the cross-modal covariance (`cross_conditional`), the peers' values read too."""
     blocks = len(relation_blocks(history.shape[1]))
     quantities = relation_quantities(current, history, peers)
     clipped = clip_quantities(quantities.copy(), relation.get("ranges" if peers is None else "cross_ranges"),
                               group_rows(keys))
     width = 0 if peers is None else peers.shape[1]
-    available = np.concatenate([held, *[held_history] * blocks, np.ones((len(held), width), bool)], 1)
+    available = np.concatenate([held, *[held_history & held] * blocks, np.ones((len(held), width), bool)], 1)
     return conditional_residuals(relation["conditional" if peers is None else "cross_conditional"], current, clipped,
                                  available, keys, width)
 

@@ -4627,7 +4627,8 @@ def test_a_dead_tag_leaves_the_other_channels_related_to_whatever_else_is_there(
     other channel is read against the quantities still there (`conditional_residuals`, a Gaussian conditioned on
     them) - a channel that left its relation errs far more than one that kept it (before, no relation error at all
     while any channel was missing); with every quantity there the conditional residuals are the fitted relations';
-    complete ticks are scored as before; the entity means travel with the entity parts; a context window missing
+    complete ticks are scored as before; the entity means travel with the entity parts; a dead channel's context
+    window is not read even where it still holds values (carried forward: stale); a context window missing
     altogether leaves the current values to read."""
     from dmafn.features import (clip_quantities, conditional_residuals, group_rows, join_entity_statistics,
                                 relation_lines, relation_quantities, relation_residuals, split_entity_statistics)
@@ -4645,7 +4646,7 @@ def test_a_dead_tag_leaves_the_other_channels_related_to_whatever_else_is_there(
     assert np.asarray(conditional["covariance"]).shape == (16, 16) and set(conditional["entity_means"]) == {"a", "b"}
     assert relation_lines(stats, spec)[-1] == ("modality 'proc': while a channel is dead or its context window "
                                                "missing, each other channel is read against the quantities still "
-                                               "there (the covariance of 16 kept)")
+                                               "there (the covariance of its 16 quantities kept)")
     fleet, entities = split_entity_statistics(stats)
     assert fleet["relations"]["proc_context"]["conditional"]["entity_means"] == {}
     same_statistics(join_entity_statistics(fleet, entities.items()), stats)
@@ -4669,6 +4670,11 @@ def test_a_dead_tag_leaves_the_other_channels_related_to_whatever_else_is_there(
     assert moved.relation_errors[:, proc].mean() > 10 * calm.relation_errors[:, proc].mean()
     assert (moved.relation_channels["proc"][:, 3] == 0).all()                    # the dead channel: no residual
     assert moved.relation_channels["proc"][:, 0].mean() > 10 * calm.relation_channels["proc"][:, 0].mean()
+    gone, alive = (_wide_rows(spec, 80, np.random.default_rng(12), shift=1.0, dead=dead) for dead in ("d", None))
+    stale = gone.set_column(gone.schema.get_field_index("proc_context__d"), "proc_context__d",
+                            alive["proc_context__d"])      # dead now, its window carrying its last values forward
+    np.testing.assert_array_equal(featurize(stale, spec, stats).relation_errors,
+                                  featurize(gone, spec, stats).relation_errors)
     without = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()
                                                        if k != "conditional"}}}   # a version before 2026-12-06
     assert (featurize(_wide_rows(spec, 50, rng, shift=1.0, dead="d"), spec, without).relation_errors == 0).all()
