@@ -542,17 +542,29 @@ CONDITIONAL_QUANTITIES = 256   # at most: a relation's quantities whose covarian
                                # (P x P numbers in the manifest; a 42-channel table with an hour's context has 252)
 
 
-def conditional_fit(quantities: _Regression, totals: _EntityTotals) -> dict[str, Any] | None:
+def conditional_fit(fit: _RelationFit, totals: _EntityTotals | None) -> dict[str, Any] | None:
     """What predicts each channel from whichever of its relation's quantities a tick has (`conditional_residuals`):
     the within-entity covariance of every quantity (`relation_quantities`; P x P) on the ticks the relations were
     fitted on, their mean over the fitted entities (an unseen entity's) and each entity's own (filled by
-    `entity_statistics`). The relations' fits are the special case of every other channel there. None without enough
-    rows, as `fit_relation`."""
+    `entity_statistics`, `entity_means`). The relations' fits are the special case of every other channel there.
+    None for a parent of fewer than three channels (the other of two is the dead one), over `CONDITIONAL_QUANTITIES`,
+    or without enough rows, as `fit_relation`."""
+    quantities = fit.quantities
+    if fit.width < 3 or totals is None or quantities is None or quantities.d > CONDITIONAL_QUANTITIES:
+        return None
     d, n = quantities.d, totals.n
     if not totals.fitted or n < 2 * d + 10:
         return None
     within = quantities.moments.scatter - totals.between.about(quantities.moments.mean)
     return {"covariance": (within / n).tolist(), "means": (totals.sx / n).tolist(), "entity_means": {}}
+
+
+def entity_means(fit: _RelationFit) -> dict[str, list[float]]:
+    """Each entity's mean of every quantity of a relation (entities with 2 rows or more, as `entity_intercepts`;
+    none where this fit had no rows): `conditional_fit`'s per-entity part."""
+    if fit.quantities is None:
+        return {}
+    return {key: (e.sx / e.n).tolist() for key, e in fit.quantities.entities.items() if e.n >= 2}
 
 
 def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quantities: np.ndarray,
@@ -1232,10 +1244,8 @@ class StatisticsFitter:
                     relations[ctx]["smoothing"] = self.spec.model.relation_smoothing
                 if ("relations_", ctx) in self.left_out_:           # a refit: the ticks it left out
                     relations[ctx]["left_out"] = self.left_out_[("relations_", ctx)]
-                within, quantities = self.relations_[ctx], totals.relations.get(("relations_", ctx))
-                if width >= 3 and quantities is not None and within.quantities is not None and \
-                        within.quantities.d <= CONDITIONAL_QUANTITIES and \
-                        (conditional := conditional_fit(within.quantities, quantities)) is not None:
+                if (conditional := conditional_fit(self.relations_[ctx],
+                                                   totals.relations.get(("relations_", ctx)))) is not None:
                     relations[ctx]["conditional"] = conditional   # versions before 2026-12-06: none
                 if any(ch is not None for ch in cross):
                     relations[ctx].update(peers=relation_peers(self.spec, parent), cross_channels=cross,
@@ -1244,10 +1254,8 @@ class StatisticsFitter:
                     if width >= 2:      # each channel from the peers alone: while another channel is dead
                         relations[ctx]["peer_channels"] = fitted(
                             self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx)), True)
-                    across, sums = self.cross_relations_[ctx], totals.relations.get(("cross_relations_", ctx))
-                    if width >= 3 and sums is not None and across.quantities is not None and \
-                            across.quantities.d <= CONDITIONAL_QUANTITIES and \
-                            (conditional := conditional_fit(across.quantities, sums)) is not None:
+                    if (conditional := conditional_fit(self.cross_relations_[ctx],
+                                                       totals.relations.get(("cross_relations_", ctx)))) is not None:
                         relations[ctx]["cross_conditional"] = conditional   # the siblings there and the peers
                     if ("cross_relations_", ctx) in self.left_out_:
                         relations[ctx]["cross_left_out"] = self.left_out_[("cross_relations_", ctx)]
@@ -1289,9 +1297,7 @@ class StatisticsFitter:
             relations[ctx] = {**fitted, "channels": channels(own, fitted["channels"]),
                               "ranges": ranges(own, fitted["ranges"])}
             if fitted.get("conditional"):
-                relations[ctx]["conditional"] = {**fitted["conditional"], "entity_means": {
-                    key: (e.sx / e.n).tolist() for key, e in own.quantities.entities.items() if e.n >= 2}
-                    if own.quantities is not None else {}}
+                relations[ctx]["conditional"] = {**fitted["conditional"], "entity_means": entity_means(own)}
             if fitted.get("cross_channels") is not None:
                 cross = self.cross_relations_[ctx]
                 relations[ctx].update(cross_channels=channels(cross, fitted["cross_channels"]),
@@ -1299,9 +1305,8 @@ class StatisticsFitter:
                 if fitted.get("peer_channels") is not None:
                     relations[ctx]["peer_channels"] = channels(cross, fitted["peer_channels"], True)
                 if fitted.get("cross_conditional"):
-                    relations[ctx]["cross_conditional"] = {**fitted["cross_conditional"], "entity_means": {
-                        key: (e.sx / e.n).tolist() for key, e in cross.quantities.entities.items() if e.n >= 2}
-                        if cross.quantities is not None else {}}
+                    relations[ctx]["cross_conditional"] = {**fitted["cross_conditional"],
+                                                           "entity_means": entity_means(cross)}
         stats = {**fleet, "modalities": modalities, **({"relations": relations} if relations else {})}
         return split_entity_statistics(stats)[1]
 
