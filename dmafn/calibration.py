@@ -304,8 +304,9 @@ class Calibration:
                 f"residual std {spread:.3f} against {alone:.3f} with the mean alone "
                 f"({1 - (spread / alone) ** 2:.0%} of its variance explained), ")
             width = f"{len(columns)} column{'s' * (len(columns) > 1)}"
+            at_state = "; each residual against the spread expected at its state" if fitted.get("spread") else ""
             lines.append(f"modality '{m}': log error against its level at the operating state ({readers}, {width}): "
-                         f"{left}{fitted['ticks']:,} validation ticks")
+                         f"{left}{fitted['ticks']:,} validation ticks{at_state}")
         return lines
 
     def tail_warnings(self) -> list[str]:

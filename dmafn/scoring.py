@@ -398,6 +398,10 @@ def voting_mask(mask: np.ndarray, calib: dict[str, Any]) -> np.ndarray:
 STATE_LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)   # a state column is held within its 1-99 % quantiles of the
                                                # validation ticks, with hinges at its quartiles
 BASELINE_RIDGE = 1e-3                          # ridge of the baseline regression, relative to its design's scale
+SPREAD_LIMITS = (0.5, 4.0)                     # a state's expected |residual| is held within these multiples of the
+                                               # validation mean's: its residual at most doubled, at least quartered
+SPREAD_MIN_EXPLAINED = 0.5                     # share of a modality's log-error variance its state baseline must
+                                               # explain before the spread is read at the state too
 
 
 def _state_basis(state: np.ndarray, spec: dict[str, Any], columns: list[int]) -> np.ndarray:
@@ -430,8 +434,9 @@ class BaselineSums:
     """Per modality, over the ticks where the modality and every state column it reads are present, added up
     wherever the ticks are held: the normal equations of its baseline regression (the log error on the state
     basis, `calib['state']`) as {m: (X'X, X'y, n) packed as one array}; with `residuals`, the squared residuals
-    each of its fitted regressions (`calib['baseline']`: the full one, then its fallbacks) leaves,
-    {m: (sum of squares per regression)} - summed apart, so no difference of large sums sets a spread."""
+    each of its fitted regressions (`calib['baseline']`: the full one, then its fallbacks) leaves, then the full
+    one's absolute residuals on its basis (X'|r|, for the spread at the state), {m: (sums of squares per regression,
+    X'|r|)} - summed apart, so no difference of large sums sets a spread."""
 
     calib: dict[str, Any]
     residuals: bool = False
@@ -450,15 +455,16 @@ class BaselineSums:
             if state is not None and columns:
                 rows &= np.isfinite(state[:, columns]).all(1)
             if state is None or not columns or not rows.any():
-                out[m] = np.zeros(1 + len(fitted["fallbacks"]) if fitted else d * d + d + 1)
+                out[m] = np.zeros(1 + len(fitted["fallbacks"]) + d if fitted else d * d + d + 1)
                 continue
             x = _state_basis(state[rows], spec, columns)
             y = log_err[rows, i]
             if fitted is None:
                 out[m] = np.concatenate([(x.T @ x).ravel(), x.T @ y, [len(y)]])
                 continue
-            out[m] = np.array([np.sum((y - x[:, _basis_index(len(columns), kept)] @ np.asarray(model["weights"])) ** 2)
-                               for kept, model in _models(fitted, spec["owners"])])
+            squares = [np.sum((y - x[:, _basis_index(len(columns), kept)] @ np.asarray(model["weights"])) ** 2)
+                       for kept, model in _models(fitted, spec["owners"])]
+            out[m] = np.concatenate([squares, x.T @ np.abs(y - x @ np.asarray(fitted["weights"]))])
         return out
 
 
@@ -499,8 +505,14 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     A tick where a modality the state reads is absent is scored by the regression without that modality's
     columns (`fallbacks`, fitted on the same ticks; two or more absent: the mean alone), its residual put on the
     full regression's spread, so the contributions keep the false-alarm rate they were calibrated for.
+    How far the error strays from its level can depend on the state too (a machine running down, at rest or at
+    low load: an error that spans decades; at full load: a steady one): where the state explains at least
+    `SPREAD_MIN_EXPLAINED` of a modality's log-error variance, the full regression's absolute residual is fitted
+    linearly on the same state columns (`spread`, from the residual pass's sums) and each residual is read in
+    units of the spread expected at its state relative to the validation ticks' mean (`state_spread`,
+    `SPREAD_LIMITS`; elsewhere, and in calibrations before 2026-12-07, one spread).
     {} without a state, else `state` (its columns' owners, ranges, medians and knots) and `baseline` (per
-    modality fitted: its columns, weights on their basis, residual std, fallbacks, ticks fitted on)."""
+    modality fitted: its columns, weights on their basis, residual std, spread, fallbacks, ticks fitted on)."""
     owners = list(ticks.state_owners)
     if not owners:
         return {}
@@ -509,7 +521,7 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     state = {"owners": owners, "lo": qs[:, 0].tolist(), "hi": qs[:, 4].tolist(), "median": qs[:, 2].tolist(),
              "knots": qs[:, 1:4].tolist()}
     totals = ticks.total(BaselineSums({"modalities": list(modalities), "state": state}))
-    baseline = {}
+    baseline, normal = {}, {}
     for m in modalities:
         columns = baseline_columns(owners, m)
         k = len(columns)
@@ -519,6 +531,7 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
         if not columns or n < baseline_min_ticks(k):
             continue
         xtx, xty = packed[:d * d].reshape(d, d), packed[d * d:d * d + d]
+        normal[m] = xtx
         weights = {}                     # the full regression (None), one without each modality read, the mean
         for dropped in [None, *dict.fromkeys(owners[j] for j in columns), "*"]:
             idx = _basis_index(k, _kept(columns, owners, dropped))
@@ -528,10 +541,20 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     if not baseline:                    # too few ticks for any: the state alone says what was looked at
         return {"state": state, "baseline": {}}
     calib = {"modalities": list(modalities), "state": state, "baseline": baseline}
-    for m, squares in ticks.total(BaselineSums(calib, residuals=True)).items():
+    for m, sums in ticks.total(BaselineSums(calib, residuals=True)).items():
         fitted = baseline[m]
-        for (_, model), total in zip(_models(fitted, owners), squares):
+        models = _models(fitted, owners)
+        for (_, model), total in zip(models, sums):
             model["residual_std"] = float(np.sqrt(total / fitted["ticks"])) or 1e-9
+        absolute = sums[len(models):]                   # X'|r|: its last entry (the constant's) is the sum of |r|
+        alone = fitted["fallbacks"].get("*", {}).get("residual_std")
+        explained = 0.0 if not alone else 1 - (fitted["residual_std"] / alone) ** 2
+        if absolute[-1] > 0 and explained >= SPREAD_MIN_EXPLAINED:
+            k = len(fitted["columns"])              # the spread: linear in each state column, no hinges
+            linear = np.array([*range(k), 4 * k])
+            weights = np.zeros(4 * k + 1)
+            weights[linear] = _ridge_weights(normal[m][np.ix_(linear, linear)], absolute[linear])
+            fitted["spread"] = {"weights": weights.tolist(), "mean": float(absolute[-1] / fitted["ticks"])}
     return {"state": state, "baseline": baseline}
 
 
@@ -555,7 +578,7 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
         columns, state = fitted["columns"], raw.state_of(m)                    # a held error: its held state
         basis = _state_basis(state, spec, columns)
         pred = basis @ np.asarray(fitted["weights"])
-        spread = np.ones(len(pred))
+        spread = state_spread(basis, fitted)
         fallbacks = fitted.get("fallbacks", {})
         absent = ~np.isfinite(state[:, columns])                                # (N, k)
         gone = {o: absent[:, owners[columns] == o].any(1) for o in fallbacks if o != "*"}
@@ -570,6 +593,18 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
             spread[rows] = fitted["residual_std"] / fallbacks[o]["residual_std"]
         out[:, i] = (log_err[:, i] - pred) * spread
     return out
+
+
+def state_spread(basis: np.ndarray, fitted: dict[str, Any]) -> np.ndarray:
+    """(N,) what a baseline's residual is multiplied by at each tick (`basis`: `_state_basis` of its state): the
+    validation ticks' mean absolute residual over the one expected at the tick's state (`fitted['spread']`, held
+    within `SPREAD_LIMITS` of that mean) - 1 everywhere for a calibration without a spread."""
+    fit = fitted.get("spread")
+    if fit is None:
+        return np.ones(len(basis))
+    lo, hi = SPREAD_LIMITS
+    expected = basis @ np.asarray(fit["weights"])
+    return fit["mean"] / np.clip(expected, lo * fit["mean"], hi * fit["mean"])
 
 
 def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:

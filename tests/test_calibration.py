@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from dmafn.calibration import Calibration
-from dmafn.scoring import RawScores
+from dmafn.scoring import RawScores, _state_basis, state_spread
 from dmafn.spec import SmoothingSpec, ThresholdSpec
 
 MODALITIES = ("a", "b")
@@ -356,6 +356,50 @@ def test_a_state_baseline_scores_each_error_against_its_level_at_the_operating_s
     np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
 
 
+def test_a_state_baseline_reads_each_residual_against_the_spread_expected_at_its_state():
+    """`state_spread`: where a's error strays far from its level (low load: a machine near rest) its residuals count
+    for less, where it is steady (high load) for more - a rise at high load that the one spread of before called
+    ordinary outranks a normal swing at low load; held within `SPREAD_LIMITS`; b, whose error the state does not
+    explain (under `SPREAD_MIN_EXPLAINED`), keeps one spread; a calibration without a spread (before 2026-12-07)
+    reads every residual on the one spread, as before."""
+    from dmafn.scoring import SPREAD_LIMITS
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    load = rng.uniform(-1.5, 1.5, n)
+    strays = np.where(load < 0, 1.0, 0.15)                 # a's log error: load + noise of 1.0 below 0, 0.15 above
+    raw = RawScores(errors=np.exp(np.stack([load + rng.normal(0, 1, n) * strays, rng.normal(0, 0.3, n)], 1)),
+                    latent=None, mask=np.ones((n, 2), bool), state=np.stack([load, rng.normal(size=n)], 1),
+                    state_owners=("b", "a"))
+    cal = Calibration.fit(raw, MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    spread = cal.normalisation["baseline"]["a"]["spread"]
+    assert "spread" not in cal.normalisation["baseline"]["b"]
+    assert spread["mean"] == pytest.approx(np.mean(np.abs(rng.normal(0, 1, 200_000) * np.where(
+        rng.random(200_000) < 0.5, 1.0, 0.15))), rel=0.1)
+    one = Calibration.from_dict({**cal.to_dict(), "baseline": {m: {k: v for k, v in f.items() if k != "spread"}
+                                                               for m, f in cal.to_dict()["baseline"].items()}})
+    assert "spread" not in one.normalisation["baseline"]["a"]
+    c, c_one = cal.record(raw).contributions[:, 0], one.record(raw).contributions[:, 0]
+    ratio = np.quantile(c[load < 0], 0.99) / np.quantile(c[load > 0], 0.99)
+    ratio_one = np.quantile(c_one[load < 0], 0.99) / np.quantile(c_one[load > 0], 0.99)
+    assert ratio_one > 4 and ratio < ratio_one / 2
+    # a rise of 0.8 at high load (over 5 of its noise stds) against a normal swing of 1.5 at low load (1.5 stds)
+    probe = RawScores(errors=np.exp(np.array([[1.0 + 0.8, 0.0], [-1.0 + 1.5, 0.0]])), latent=None,
+                      mask=np.ones((2, 2), bool), state=np.array([[1.0, 0.0], [-1.0, 0.0]]), state_owners=("b", "a"))
+    rise, swing = cal.record(probe).contributions[:, 0]
+    assert rise > swing + 0.5
+    rise, swing = one.record(probe).contributions[:, 0]
+    assert rise < swing                                                 # what the one spread gets wrong
+    lo, hi = SPREAD_LIMITS
+    basis_at = {x: _state_basis(np.array([[x, 0.0]]), cal.normalisation["state"], [0]) for x in (-1.4, 1.4)}
+    factors = {x: state_spread(b, cal.normalisation["baseline"]["a"])[0] for x, b in basis_at.items()}
+    assert 1 / hi <= factors[-1.4] < 1 < factors[1.4] <= 1 / lo
+    assert state_spread(basis_at[1.4], one.normalisation["baseline"]["a"])[0] == 1.0
+    again = Calibration.from_dict(cal.to_dict())
+    assert again == cal
+    np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
+
+
 def test_a_held_error_is_expected_at_the_state_it_was_read_at():
     """`RawScores.held_state`: a modality whose error is held (`hold_payload_errors`) is scored against its level at
     the operating state of the tick it was read at - a frame taken at high load and still the latest after the load
@@ -433,7 +477,9 @@ def test_train_logs_what_the_operating_state_explains_of_each_modalitys_error_or
     lines = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean").baseline_lines()
     assert lines[0].startswith("modality 'a': log error against its level at the operating state (b, 1 column): "
                                "residual std 0.2")                  # a's error: load (b's level) + noise 0.2
-    assert "of its variance explained), 4,000 validation ticks" in lines[0]
+    assert lines[0].endswith("of its variance explained), 4,000 validation ticks; each residual against the spread "
+                             "expected at its state")                # explained over SPREAD_MIN_EXPLAINED
+    assert lines[1].endswith("validation ticks")                     # b's: one spread
     share = int(lines[0].split("(")[2].split("%")[0])
     assert share > 90 and int(lines[1].split("(")[2].split("%")[0]) < 5   # b's error has nothing to do with a's
     few = Calibration.fit(_loaded(40), MODALITIES, detector="autoencoder", vote="mean")
