@@ -726,9 +726,11 @@ def relation_lines(stats: dict[str, Any], spec: Spec) -> list[str]:
         quantities = width * (1 + len(relation_blocks(spec.modalities[ctx].steps))) if ctx in spec.modalities else 0
         if relation.get("conditional"):
             peers = " and the peers' values where they are there" if relation.get("cross_conditional") else ""
+            over = "" if peers or not relation.get("peers") else (
+                f"; with the peers' values they are over {CONDITIONAL_QUANTITIES}: the peers are not read then")
             lines.append(f"modality '{parent}': while a channel is dead or its context window missing, each other "
                          f"channel is read against the quantities still there{peers} (the covariance of its "
-                         f"{quantities} quantities kept)")
+                         f"{quantities} quantities kept{over})")
         elif width >= 3 and quantities > CONDITIONAL_QUANTITIES:
             stand_in = "to the peers alone" if relation.get("peer_channels") else "to nothing (no relation error)"
             lines.append(f"modality '{parent}': {quantities} relation quantities, over the {CONDITIONAL_QUANTITIES} "
@@ -1825,9 +1827,11 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
         # a channel of the parent missing (a dead channel) with its peers there: each channel it has is scored by
         # its relation with the peers alone (`peer_channels`; versions before 2026-12-06 have none) - or, for a
         # parent of three channels or more, against its quantities still there and the peers' (`cross_conditional`:
-        # a missing context window too)
+        # a missing context window too), or where those are too many to keep, the quantities still there alone
+        # (`conditional`, below: its siblings say more than the peers alone)
         across = fitted.get("cross_conditional") if peers is not None else None
-        dead = np.zeros(n, bool) if (fitted.get("peer_channels") is None and across is None) or peers is None else \
+        peers_alone = fitted.get("peer_channels") is not None and not fitted.get("conditional")
+        dead = np.zeros(n, bool) if not (across or peers_alone) or peers is None else \
             held_by[parent].any(1) & ~(both if across else presence[parent]) & peers_present
         # else a channel or its context missing: each channel it has against whichever of the others' quantities
         # are there (`conditional_residuals`; versions before 2026-12-06 and parents of two channels have none)

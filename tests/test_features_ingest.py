@@ -4737,8 +4737,10 @@ def test_a_dead_tag_with_peers_leaves_the_other_channels_related_to_the_rest_and
                                relation_residuals(relation, current, history, keys, peers), rtol=1e-3, atol=1e-3)
 
     proc = list(spec.modalities).index("proc")
-    alone = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()
-                                                     if k != "cross_conditional"}}}   # the peers alone
+    alone = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()       # the peers alone (a
+                                                     if k not in ("cross_conditional", "conditional")}}}   # version
+    within = {**stats, "relations": {"proc_context": {k: v for k, v in relation.items()       # before 2026-12-06);
+                                                      if k != "cross_conditional"}}}   # too many quantities with peers
     def channel_a(stats, **kw):
         return featurize(_wide_rows(spec, 300, rng, dead="d", peer=True, **kw), spec, stats).relation_channels["proc"]
 
@@ -4746,6 +4748,10 @@ def test_a_dead_tag_with_peers_leaves_the_other_channels_related_to_the_rest_and
     assert (moved[:, 3] == 0).all() and 0.05 < calm[:, 0].mean() < 1
     peers_only = channel_a(alone, shift=1.0)[:, 0].mean() / channel_a(alone)[:, 0].mean()
     assert moved[:, 0].mean() / calm[:, 0].mean() > 5 * peers_only
+    siblings = channel_a(within, shift=1.0)[:, 0].mean() / channel_a(within)[:, 0].mean()   # siblings, not peers
+    assert siblings > 3 * peers_only                    # here 57x the calm error against 13x; with the peers 350x
+    assert relation_lines(within, spec)[-1].endswith("quantities kept; with the peers' values they are over 256: "
+                                                     "the peers are not read then)")
     blind = _wide_rows(spec, 60, rng, shift=1.0, dead="d", peer=True)
     blind = blind.set_column(blind.schema.get_field_index("vib__present"), "vib__present", pa.array([False] * 60))
     assert featurize(blind, spec, stats).relation_channels["proc"][:, 0].mean() > 10   # the within covariance's
