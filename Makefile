@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width bench-dead-tags bench-dead-tag-relations images clean
+.PHONY: install browser demo test bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width bench-dead-tags bench-dead-tag-relations bench-smoothing images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,9 @@ bench-dead-tags: install
 
 bench-dead-tag-relations: install
 	$(BIN)/python -m benchmarks.dead_tag_relations --out benchmarks/results
+
+bench-smoothing: install
+	$(BIN)/python -m benchmarks.smoothing --out benchmarks/results
 
 bench-train-features: install
 	$(BIN)/python -m benchmarks.train_features --out benchmarks/results $(if $(BASELINE),--baseline $(BASELINE))

@@ -234,17 +234,18 @@ class Calibration:
             return values.copy(), dict(carry)
         values = soften(values, sm.knee)            # once: the carry holds values already softened (or a state)
         cuts = np.flatnonzero(groups[1:] != groups[:-1]) + 1
-        pieces, labels, own, out_carry = [], [], [], dict(carry)
-        for rows in np.split(np.arange(len(values)), cuts):
+        pieces, labels, own, names, out_carry = [], [], [], [], dict(carry)
+        for i, rows in enumerate(np.split(np.arange(len(values)), cuts)):
             key = groups[rows[0]]
             prefix = carry.get(key, np.zeros(0))
             pieces += [prefix, values[rows]]
-            labels.append(np.full(len(prefix) + len(rows), key))
+            labels.append(np.full(len(prefix) + len(rows), i))         # the group's place: no strings to sort
             own.append(np.r_[np.zeros(len(prefix), bool), np.ones(len(rows), bool)])
+            names.append(key)
         series, keys, mine = np.concatenate(pieces), np.concatenate(labels), np.concatenate(own)
         smoothed = smooth_by_group(series, keys, sm.method, sm.alpha, sm.window)     # softened above
         starts = np.r_[0, np.cumsum([len(k) for k in labels])]
-        for i, key in enumerate(k[0] for k in labels):
+        for i, key in enumerate(names):
             span = slice(starts[i], starts[i + 1])
             if sm.method == "ewma":              # the state: the last smoothed value (NaN while there is none)
                 done = smoothed[span][np.isfinite(smoothed[span])]

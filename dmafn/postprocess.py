@@ -63,21 +63,56 @@ def smooth(scores: np.ndarray, method: str, alpha: float = 0.3, window: int = 5,
     raise ValueError(f"unknown smoothing {method!r} (none, ewma, rolling)")
 
 
+EWMA_SERIES_AT_ONCE = 16    # from this many series (groups x columns) `smooth_by_group` steps their EWMAs together
+EWMA_MAX_PADDING = 4        # ... unless their lengths differ so much that the padded steps are over 4x the values
+
+
 def smooth_by_group(scores: np.ndarray, groups: np.ndarray, method: str, alpha: float = 0.3,
                     window: int = 5, knee: float | None = None) -> np.ndarray:
     """Smooth each group's series separately (one sort, not a scan per group); rows must already be in time
-    order within each group. `scores` (N,) or (N, k): each column smoothed on its own."""
+    order within each group. `scores` (N,) or (N, k): each column smoothed on its own. An EWMA of many series
+    steps them all at once (`_ewma_together`: one array operation per time step, not a Python step per value),
+    with the same arithmetic as `ewma`, so the same values to the bit."""
     scores = np.asarray(scores, float)
     out = np.empty(scores.shape)
     if out.size == 0:
         return out
-    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
+    groups = np.asarray(groups)
+    if groups.dtype.kind in "iu" and (np.diff(groups) >= 0).all():    # numbered in order already: no sort
+        order = np.arange(len(groups))
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    else:
+        _, inverse = np.unique(groups, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
     columns = scores.reshape(len(scores), -1)
-    for rows in np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1):
+    lengths = np.diff(np.r_[starts, len(order)])
+    if (method == "ewma" and len(starts) * columns.shape[1] >= EWMA_SERIES_AT_ONCE
+            and len(starts) * lengths.max() <= EWMA_MAX_PADDING * len(order)):
+        out.reshape(len(scores), -1)[order] = _ewma_together(soften(columns[order], knee), lengths, alpha)
+        return out
+    for rows in np.split(order, starts[1:]):
         out.reshape(len(scores), -1)[rows] = np.stack(
             [smooth(columns[rows, j], method, alpha, window, knee) for j in range(columns.shape[1])], 1)
     return out
+
+
+def _ewma_together(values: np.ndarray, lengths: np.ndarray, alpha: float) -> np.ndarray:
+    """`ewma` of consecutive series (`values` (N, k), rows grouped into series of `lengths`, each column its own
+    series too), stepping every series at once: the t-th values of all of them per array operation - the same
+    arithmetic per value as `ewma` (NaNs skipped, the state carried over them)."""
+    held = np.arange(int(lengths.max())) < lengths[:, None]              # (series, steps): the steps each has
+    padded = np.full((*held.shape, values.shape[1]), np.nan)
+    padded[held] = values                                               # row-major: series by series, in order
+    state = np.full((len(lengths), values.shape[1]), np.nan)
+    smoothed = np.empty(padded.shape)
+    for t in range(held.shape[1]):
+        value = padded[:, t]
+        seen = ~np.isnan(value)
+        blended = np.where(np.isnan(state), value, alpha * value + (1 - alpha) * state)
+        state = np.where(seen, blended, state)
+        smoothed[:, t] = np.where(seen, state, np.nan)
+    return smoothed[held]
 
 
 def gpd_fit(excesses: np.ndarray) -> tuple[float, float]:

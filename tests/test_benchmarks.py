@@ -145,3 +145,13 @@ def test_the_dead_tag_relations_benchmark_keeps_a_relation_error_while_tags_are_
     beside = run(6, 400, peer=True)                  # before: each tag read against the peer alone
     assert beside["1"]["roc_auc"] > beside["1"]["roc_auc_before"] and beside["1"]["normal_mean_error_before"] > 0
     assert all(v["kept_covariance"] for v in beside.values())
+
+
+def test_the_smoothing_benchmark_checks_the_bare_loops_values_and_times_both():
+    """`make bench-smoothing` on a few entities: many series stepped at once give the bare loop's values to the bit
+    (the run raises otherwise), and both are timed."""
+    from benchmarks.smoothing import run
+
+    found = run(20, 3, 50)                          # 20 entities x 3 columns: stepped together
+    assert found["values"] == 3000 and found["seconds"] > 0 and found["bare_loop_seconds"] > 0
+    assert found["ratio"] == found["seconds"] / found["bare_loop_seconds"]

@@ -89,6 +89,40 @@ def test_a_knee_shortens_how_long_one_overwhelming_tick_holds_the_smoothed_score
     assert smooth(scores, "rolling", window=3, knee=6.0)[5] == pytest.approx((0.8 + 6 + math.log(45)) / 3)
 
 
+def test_many_series_step_their_ewma_together_to_the_same_bits_as_one_at_a_time(monkeypatch):
+    """`smooth_by_group` steps the EWMAs of many series at once (`EWMA_SERIES_AT_ONCE`: one array operation per
+    time step); each series comes out bit for bit as `ewma` gives it alone - rows of the groups interleaved, lengths
+    1 to 40, NaNs inside, a series that starts with NaNs and one that is all NaN, two columns, with and without a
+    knee; lengths too uneven to pad (`EWMA_MAX_PADDING`) take the series one at a time, with the same values."""
+    import dmafn.postprocess as postprocess
+
+    rng = np.random.default_rng(3)
+    lengths = np.r_[1, 40, rng.integers(1, 41, 22)]
+    groups = np.repeat([f"m{i}" for i in range(len(lengths))], lengths)
+    values = rng.normal(0, 3, (len(groups), 2))
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[groups == "m2"] = np.nan                                      # all NaN
+    values[np.flatnonzero(groups == "m3")[:3]] = np.nan                  # starts with NaNs
+    times = np.concatenate([np.sort(rng.random(n)) for n in lengths])   # the groups' rows interleaved by time
+    rows = np.argsort(times, kind="stable")
+    groups, values = groups[rows], values[rows]
+    for knee in (None, 1.0):
+        calls = []
+        monkeypatch.setattr(postprocess, "_ewma_together", lambda *a, f=postprocess._ewma_together: calls.append(1)
+                            or f(*a))
+        together = smooth_by_group(values, groups, "ewma", 0.3, knee=knee)
+        assert calls                                                     # 24 groups x 2 columns: together
+        for g in np.unique(groups):
+            for j in range(2):
+                alone = ewma(soften(values[groups == g, j], knee), 0.3)
+                assert np.array_equal(together[groups == g, j], alone, equal_nan=True)
+        monkeypatch.setattr(postprocess, "EWMA_MAX_PADDING", 1)          # 24 x 40 padded steps > the values
+        calls.clear()
+        assert np.array_equal(smooth_by_group(values, groups, "ewma", 0.3, knee=knee), together, equal_nan=True)
+        assert not calls
+        monkeypatch.undo()
+
+
 def test_smoothing_stays_within_its_group():
     scores = np.array([0.0, 10.0, 0.0, 10.0])
     groups = np.array(["a", "b", "a", "b"])
