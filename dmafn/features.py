@@ -589,9 +589,9 @@ def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quan
     target = current - means[:, :channels]
     z = np.full((n, channels), np.nan)
     packed = np.ascontiguousarray(np.packbits(available, axis=1))     # a pattern of missing quantities: bytes
-    _, first, which = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True,
-                                return_inverse=True)
-    for p, pattern in enumerate(available[first]):
+    _, example, which = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True,
+                                  return_inverse=True)                  # a row of each pattern, each row's pattern
+    for p, pattern in enumerate(available[example]):
         rows, have = np.flatnonzero(which.reshape(-1) == p), np.flatnonzero(pattern)
         sigma = cov[np.ix_(have, have)]
         ridge = 1e-6 * max(float(np.trace(sigma)) / max(len(have), 1), 1e-12)
@@ -603,9 +603,9 @@ def conditional_residuals(conditional: dict[str, Any], current: np.ndarray, quan
                 continue
             # x_own | x_rest ~ N(-A P_own,rest x_rest, A), A = P_own,own^-1 (on deviations from the entity's means)
             inverse = np.linalg.inv(precision[np.ix_(own, own)])
-            first = int(np.flatnonzero(have[own] == c)[0])       # the current value: the own quantity listed first
-            weights[rest, c] = -(inverse @ precision[np.ix_(own, rest)])[first]
-            stds[c] = max(float(np.sqrt(max(inverse[first, first], 0.0))),
+            now = int(np.flatnonzero(have[own] == c)[0])         # the current value: the own quantity listed first
+            weights[rest, c] = -(inverse @ precision[np.ix_(own, rest)])[now]
+            stds[c] = max(float(np.sqrt(max(inverse[now, now], 0.0))),
                           1e-3 * float(np.sqrt(max(cov[c, c], 0.0))), 1e-9)
         scored = np.flatnonzero(~np.isnan(stds))
         pred = apart[np.ix_(rows, have)] @ weights[:, scored]                        # (rows, scored channels)
