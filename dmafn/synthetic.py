@@ -16,6 +16,9 @@ Injected anomalies (labels: entity, start, end, kind):
   cross_modal only across modalities: the process side (temperature, pressure and the gauge the
               camera sees) follows a load shifted by 0.45 while the mechanical side (vibration, logs)
               follows the true load; every value stays in its normal range, only their relation breaks.
+  squeal      single modality, with `audio` only (any fleet): a bearing's whine - a tone of its own pitch
+              (1.0-1.8 kHz, drawn per event) in the microphone's clips over the hum, at about half the hum's
+              level at mean load; nothing else changes (the hum itself goes on following load).
 
 The shifted fleet (`SyntheticConfig(shifted=True)`, `dmafn generate --shifted`) is for evaluation only: other
 machines (hotter and less load-sensitive, a two-shift load cycle, a faster shaft, log lines that carry
@@ -60,6 +63,9 @@ import pyarrow as pa
 from dmafn.spec import DAY_US
 
 ANOMALY_KINDS = ("vibration", "overheat", "log_errors", "camera", "cross_modal")
+AUDIO_KINDS = ("squeal",)                 # with `audio`: kinds that only the microphone hears, after the fleet's own
+SQUEAL_HZ = (1000.0, 1800.0)              # a squeal's pitch range (one pitch per event, under a 4 kHz clip's Nyquist)
+SQUEAL_LEVEL = 0.22                       # its amplitude: about half the hum's at mean load (0.2 + 0.5 x 0.5)
 SHIFTED_KINDS = ("slow_drift", "intermittent", "novel_logs", "camera_fade", "cross_modal")
 GRADUAL_KINDS = ("slow_drift", "intermittent", "camera_fade")
 _S = 1_000_000  # microseconds per second
@@ -90,10 +96,12 @@ class SyntheticConfig:
     @property
     def kinds(self) -> tuple[str, ...]:
         if self.shifted:
-            return SHIFTED_KINDS
-        if self.gradual:
-            return (*ANOMALY_KINDS, *GRADUAL_KINDS)
-        return (*ANOMALY_KINDS, "slow_drift") if self.slow_drifts else ANOMALY_KINDS
+            kinds = SHIFTED_KINDS
+        elif self.gradual:
+            kinds = (*ANOMALY_KINDS, *GRADUAL_KINDS)
+        else:
+            kinds = (*ANOMALY_KINDS, "slow_drift") if self.slow_drifts else ANOMALY_KINDS
+        return (*kinds, *AUDIO_KINDS) if self.audio else kinds
 
     @property
     def events_per_day(self) -> int:
@@ -197,6 +205,17 @@ def _silence_channels(e: int, cfg: SyntheticConfig, events: list[tuple[int, int,
         end = max(start + int(draw.integers(2 * 3600, 4 * 3600)), last + 600)
         values, times = tables[table]
         values[column] = np.where((times >= start) & (times < end), np.nan, values[column])
+
+
+def _squeal_pitch(e: int, cfg: SyntheticConfig, events: list[tuple[int, int, str]], seconds: int) -> np.ndarray:
+    """(seconds,) the pitch in Hz of the squeal sounding at each second (0: none), one pitch per `squeal` event in
+    `SQUEAL_HZ`, from a draw of its own."""
+    draw = np.random.default_rng([cfg.seed, e, 17])
+    pitch = np.zeros(seconds)
+    for start, end, kind in events:
+        if kind == "squeal":
+            pitch[start:end + 1] = draw.uniform(*SQUEAL_HZ)
+    return pitch
 
 
 STOP_RAMP_S = 120      # `stops`: seconds a pump takes to run down or up
@@ -365,8 +384,9 @@ def _entity_tables(e: int, cfg: SyntheticConfig, rng: np.random.Generator):
     if cfg.audio:
         mic_s = np.arange(200, seconds, 300)
         t = np.arange(cfg.audio_rate) / cfg.audio_rate
+        pitch = _squeal_pitch(e, cfg, events, seconds)
         waves = [(0.2 + 0.5 * load[s]) * np.sin(2 * np.pi * (80 + 220 * load[s]) * t)
-                 + rng.normal(0, 0.02, t.size) for s in mic_s]
+                 + SQUEAL_LEVEL * np.sin(2 * np.pi * pitch[s] * t) + rng.normal(0, 0.02, t.size) for s in mic_s]
         tables["mic"] = {"ts": _timestamps(base_us, mic_s, 10, rng),
                          "wave": [w.astype(np.float32).tolist() for w in waves]}
     labels = [(name, base_us + s * _S, base_us + end * _S, kind) for s, end, kind in events]

@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=6)
     p.add_argument("--train-days", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--audio", action="store_true", help="add a microphone (audio) modality")
+    p.add_argument("--audio", action="store_true",
+                   help="add a microphone (audio) modality, and a fault only it hears (squeal)")
     fleet = p.add_mutually_exclusive_group()
     fleet.add_argument("--shifted", action="store_true",
                        help="the evaluation-only fleet: other machines and anomaly shapes (never tune on it)")

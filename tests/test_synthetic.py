@@ -70,6 +70,30 @@ def test_the_gradual_fleet_is_the_demos_fleet_with_the_three_gradual_kinds():
         assert np.mean([chunk.std() > 0.2 for chunk in np.array_split(before, len(before) // 10)]) < 0.05
 
 
+def test_an_audio_fleet_gets_a_squeal_that_only_the_microphone_hears():
+    """`audio`: a sixth kind, squeal - the clips inside its events carry a tone in `SQUEAL_HZ` over the hum, the clips
+    outside none; the other modalities' kinds and the fleet without audio are as before."""
+    from dmafn.synthetic import AUDIO_KINDS, SQUEAL_HZ
+
+    cfg = SyntheticConfig(entities=2, days=2, clean_days=1, image_size=16, seed=4, audio=True)   # one of each kind
+    data = generate(cfg)
+    kinds = data.labels["kind"].to_pylist()
+    assert set(kinds) == {*ANOMALY_KINDS, *AUDIO_KINDS} and len(kinds) == 2 * 6
+    assert set(replace(cfg, audio=False).kinds) == set(ANOMALY_KINDS)
+    mic, labels = data.tables["mic"], data.labels
+    t, who = _seconds(mic["ts"]), np.array(mic["machine_id"].to_pylist())
+    waves = np.array(mic["wave"].to_pylist())                                    # (clips, 4000): 1 s at 4 kHz
+    spectrum = np.abs(np.fft.rfft(waves, axis=1))                                # 1 Hz per bin
+    high = spectrum[:, int(SQUEAL_HZ[0]) - 5:int(SQUEAL_HZ[1]) + 5].max(1)      # the hum stays under 300 Hz
+    inside = np.zeros(len(t), bool)
+    for e in labels.filter(pc.equal(labels["kind"], "squeal")).to_pylist():
+        start = (e["start_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        end = (e["end_ts"] - dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)).total_seconds()
+        inside |= (who == e["machine_id"]) & (t >= start + 15) & (t <= end - 15)   # clips jitter by 10 s
+    assert inside.sum() >= 6
+    assert high[inside].min() > 300 and np.median(high[~inside]) < 30            # 0.22 x 2000 against noise
+
+
 def test_novel_log_templates_occur_only_inside_their_events(shifted):
     logs, labels = shifted.tables["logs"], shifted.labels
     novel = np.array([m.split()[0] in ("CRIT", "ALERT", "FATAL") for m in logs["message"].to_pylist()])
