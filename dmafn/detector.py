@@ -96,8 +96,9 @@ class Detector:
         return self.calibration_.apply(raw, groups)[0] if smoothed else self.calibration_.record(raw)
 
     def channels(self, X: Features, groups: np.ndarray | None = None, *, smoothed: bool = True) -> dict[str, np.ndarray]:
-        """Per voting tabular or series modality of two channels or more, the name of the channel that drives its
-        error at each row (`channel_names`, as the output's `channel_<m>`; None where the modality is absent): each
+        """Per voting tabular or series modality of two channels or more, and audio modality (its mel bands), the name
+        of the channel that drives its error at each row (`channel_names`, as the output's `channel_<m>`; None where
+        the modality is absent): each
         channel's part smoothed as the scores are (per group, rows in time order; `Calibration.parts_smoothing`)
         unless `smoothed` is False or the detector's smoothing is 'none'."""
         raw = self.calibration_.settle(raw_scores(self.model_, X, device=self.device))

@@ -237,16 +237,37 @@ class TextEncoder(nn.Module):
         return torch.cat([bag, torch.log1p(novel)], 1)                    # (B, 66)
 
 
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:
-    """Triangular mel filters (n_mels, n_fft // 2 + 1)."""
+AUDIO_MELS = 32     # mel bands of an audio modality's log-mel spectrogram
+
+
+def audio_fft_size(sample_rate: int) -> int:
+    """Samples per frame of the log-mel spectrogram: about 32 ms, a power of two, at least 64."""
+    return 1 << max(6, int(math.log2(sample_rate * 0.032)))
+
+
+def mel_edges(sample_rate: int, n_mels: int) -> np.ndarray:
+    """(n_mels + 2,) the mel filters' corner frequencies in Hz, evenly spaced in mels from 20 Hz to Nyquist: filter i
+    rises from edge i to its centre, edge i + 1, and falls to edge i + 2."""
     def hz_to_mel(f):
         return 2595 * np.log10(1 + f / 700)
 
     def mel_to_hz(m):
         return 700 * (10 ** (m / 2595) - 1)
 
+    return mel_to_hz(np.linspace(hz_to_mel(20.0), hz_to_mel(sample_rate / 2), n_mels + 2))
+
+
+def mel_band_names(sample_rate: int, n_mels: int = AUDIO_MELS) -> tuple[str, ...]:
+    """Each mel band of an audio modality named by its centre frequency (`80 Hz`, `1.43 kHz`): how `channel_<m>`
+    names the band that drives the modality's error."""
+    centres = mel_edges(sample_rate, n_mels)[1:-1]
+    return tuple(f"{c / 1000:.2f} kHz" if c >= 1000 else f"{c:.0f} Hz" for c in centres)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:
+    """Triangular mel filters (n_mels, n_fft // 2 + 1)."""
     freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(20.0), hz_to_mel(sample_rate / 2), n_mels + 2))
+    edges = mel_edges(sample_rate, n_mels)
     bank = np.zeros((n_mels, freqs.size), np.float32)
     for i in range(n_mels):
         lo, mid, hi = edges[i], edges[i + 1], edges[i + 2]
@@ -257,12 +278,14 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> np.ndarray:
 class AudioEncoder(nn.Module):
     """Log-mel spectrogram (torch.stft) and a CNN over (B, S) waveforms.
 
-    Target: per mel band, the mean and standard deviation over time of the log-mel spectrogram.
+    Target: per mel band, the mean and standard deviation over time of the log-mel spectrogram; each band's part of
+    the error (`channel_means`) says where in the spectrum a clip is unlike the others (`mel_band_names`).
     """
 
-    def __init__(self, sample_rate: int, d_model: int, n_mels: int = 32):
+    def __init__(self, sample_rate: int, d_model: int, n_mels: int = AUDIO_MELS):
         super().__init__()
-        self.n_fft = 1 << max(6, int(math.log2(sample_rate * 0.032)))    # ~32 ms frames
+        self.n_mels = n_mels
+        self.n_fft = audio_fft_size(sample_rate)                           # ~32 ms frames
         self.hop = self.n_fft // 2
         self.register_buffer("mel", torch.from_numpy(mel_filterbank(self.n_fft, n_mels, sample_rate)))
         self.register_buffer("window", torch.hann_window(self.n_fft))
@@ -283,3 +306,8 @@ class AudioEncoder(nn.Module):
     def target(self, wave: torch.Tensor) -> torch.Tensor:
         mel = self.log_mel(wave)
         return torch.cat([mel.mean(2), mel.std(2)], 1)                    # (B, 2 * n_mels)
+
+    def channel_means(self, squared: torch.Tensor) -> torch.Tensor:
+        """(B, 2 * n_mels) squared errors of the target -> (B, n_mels) each mel band's mean over its two (level and
+        swing)."""
+        return squared.view(squared.shape[0], 2, self.n_mels).mean(1)

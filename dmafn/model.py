@@ -160,7 +160,8 @@ class DMAFN(nn.Module):
     def channel_parts(self, m: str, squared: torch.Tensor,
                       channels: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         """(B, D) squared errors of modality m's target -> (B, C) each channel's part of `mean_error` (they add up
-        to it; a missing channel's 0) for a tabular or series modality of two channels or more; else None."""
+        to it; a missing channel's 0) for a tabular or series modality of two channels or more, or each mel band's
+        for an audio modality; else None."""
         encoder = self.encoders[m]
         if not hasattr(encoder, "channel_means"):
             return None

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dmafn.encoders import mel_band_names
 from dmafn.features import Features
 from dmafn.model import DMAFN
 from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModalitySpec, ModelSpec, voting_modalities
@@ -246,14 +247,20 @@ def state_move(now: np.ndarray, then: np.ndarray) -> np.ndarray:
 
 def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec],
                   smooth: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Per voting modality with channel parts (`RawScores.channel_errors`), the name of the channel that drives its
-    error at each tick (`top_channels`): the output's `channel_<m>`. `smooth(m, parts)`: each channel's part smoothed
-    as the scores are (per entity and date, in time order; `Calibration.parts_smoothing`) before the largest is
-    named - so the channel named is the one behind the smoothed contribution `score_<m>`, also on the ticks after a
-    spike, where the tick's own largest part is the noise of whichever channel."""
+    """Per voting modality with channel parts (`RawScores.channel_errors`), the name (`part_names`) of the channel that
+    drives its error at each tick (`top_channels`): the output's `channel_<m>`. `smooth(m, parts)`: each channel's
+    part smoothed as the scores are (per entity and date, in time order; `Calibration.parts_smoothing`) before the
+    largest is named - so the channel named is the one behind the smoothed contribution `score_<m>`, also on the
+    ticks after a spike, where the tick's own largest part is the noise of whichever channel."""
     voting = voting_modalities(modalities)
-    return {m: top_channels(parts if smooth is None else smooth(m, parts), modalities[m].columns)
+    return {m: top_channels(parts if smooth is None else smooth(m, parts), part_names(modalities[m]))
             for m, parts in raw.channel_errors.items() if m in voting}
+
+
+def part_names(m: ModalitySpec) -> tuple[str, ...]:
+    """The names of a modality's error parts (`RawScores.channel_errors`): a sensor table's or series' columns, an
+    audio clip's mel bands by their centre frequencies (`mel_band_names`)."""
+    return mel_band_names(m.sample_rate) if m.kind == "audio" else tuple(m.columns)
 
 
 def top_channels(parts: np.ndarray, names: tuple[str, ...] | list[str]) -> np.ndarray:

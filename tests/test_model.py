@@ -568,6 +568,29 @@ def test_the_detector_names_the_channel_that_drives_each_rows_error():
     assert (smoothing.channels(test, groups)["proc"][11:13] == "t").all()
 
 
+def test_an_audio_modalitys_mel_bands_are_its_errors_parts_and_a_tone_names_its_band():
+    """An audio modality's error splits into its mel bands' parts (adding up to it; `AudioEncoder.channel_means`),
+    named by their centre frequencies (`mel_band_names`): a whine over the hum names the band of its pitch."""
+    from dmafn.encoders import mel_band_names, mel_edges
+    from dmafn.scoring import raw_scores
+
+    names = mel_band_names(4000)
+    assert len(names) == 32 and len(set(names)) == 32 and names[0].endswith(" Hz") and names[-1].endswith(" kHz")
+    mods = ("proc", "mic")
+    feats, _ = make(200, seed=1, modalities=mods)
+    det = Detector(specs(mods), small(d_model=16, latent=4), epochs=3, batch_size=32).fit(feats.rows(np.arange(160)))
+    test = feats.rows(np.arange(160, 200))
+    raw = raw_scores(det.model_, test)
+    np.testing.assert_allclose(raw.channel_errors["mic"].sum(1), raw.errors[:, 1], rtol=1e-4)
+    test.inputs["mic"] = test.inputs["mic"].copy()
+    t = np.arange(test.inputs["mic"].shape[1]) / 800                              # 800 Hz clips
+    test.inputs["mic"][20:] += np.sin(2 * np.pi * 340 * t).astype(test.inputs["mic"].dtype)   # over a 60-260 Hz hum
+    named = det.channels(test)["mic"]
+    centres = dict(zip(mel_band_names(800), mel_edges(800, 32)[1:-1]))
+    near = np.array([abs(centres[n] - 340) < 30 for n in named])                  # the whine's band, or next to it
+    assert near[20:].mean() >= 0.8 and near[:20].mean() <= 0.1, named
+
+
 def test_channel_dropout_hides_held_channels_only_and_keeps_one_per_row():
     torch.manual_seed(0)
     held = {"proc": torch.ones(4000, 3, dtype=torch.bool), "one": torch.ones(4000, 1, dtype=torch.bool)}
