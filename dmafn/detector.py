@@ -18,7 +18,7 @@ import numpy as np
 from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.scoring import ScoreRecord, channel_names, raw_scores
+from dmafn.scoring import ScoreRecord, channel_names, line_names, raw_scores
 from dmafn.spec import (ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, threshold_without_method,
                         voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
@@ -98,12 +98,13 @@ class Detector:
     def channels(self, X: Features, groups: np.ndarray | None = None, *, smoothed: bool = True) -> dict[str, np.ndarray]:
         """Per voting tabular or series modality of two channels or more, and audio modality (its mel bands), the name
         of the channel that drives its error at each row (`channel_names`, as the output's `channel_<m>`; None where
-        the modality is absent): each
-        channel's part smoothed as the scores are (per group, rows in time order; `Calibration.parts_smoothing`)
-        unless `smoothed` is False or the detector's smoothing is 'none'."""
+        the modality is absent): each channel's part smoothed as the scores are (per group, rows in time order;
+        `Calibration.parts_smoothing`) unless `smoothed` is False or the detector's smoothing is 'none'. Per voting
+        text modality with a vocabulary, its window's latest line unseen in training (`line_names`)."""
         raw = self.calibration_.settle(raw_scores(self.model_, X, device=self.device))
         parts = self.calibration_.parts_smoothing()
-        return channel_names(raw, self.modalities, (lambda m, p: parts.smooth(p, groups)) if smoothed else None)
+        named = channel_names(raw, self.modalities, (lambda m, p: parts.smooth(p, groups)) if smoothed else None)
+        return {**named, **line_names(X, self.modalities)}
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

@@ -1616,6 +1616,7 @@ def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS)
 _WORD = re.compile(r"\S+")
 _LETTERS = re.compile(r"[a-z]+")
 VOCABULARY_CAP = 50_000       # most frequent templates / tokens kept in a model version's text vocabulary
+NOVEL_LINE_CHARS = 120        # characters of an unseen line's template that `channel_<m>` of a text modality keeps
 
 
 def prune_counts(counts: dict[str, int], cap: int = VOCABULARY_CAP) -> dict[str, int]:
@@ -1670,6 +1671,15 @@ class TextVocabulary:
                 tokens[w] = tokens.get(w, 0) + template_counts[t]
         return cls(kept, sorted(tokens, key=lambda w: (-tokens[w], w))[:cap])
 
+    def latest_novel(self, messages: Iterable[str] | None) -> str | None:
+        """The template of a window's latest line (messages oldest first) whose template the training days never held,
+        its first `NOVEL_LINE_CHARS` characters; None where every line's template was seen."""
+        for msg in reversed(list(messages or ())):
+            t = line_template(msg)
+            if t not in self.templates:
+                return t[:NOVEL_LINE_CHARS]
+        return None
+
     def novelty(self, messages: Iterable[str] | None) -> tuple[int, int]:
         """(lines with an unseen template, tokens never seen) in one window."""
         lines = words = 0
@@ -1719,6 +1729,8 @@ class Features:
                                                 # audio modality's payload came from was taken (-1 where absent)
     groups: np.ndarray | None = None            # (N,) each tick's entity and date (`smoothing_groups`), where
                                                 # `featurize` needed them (`taken`, or relations that smooth)
+    novel_lines: dict[str, np.ndarray] = field(default_factory=dict)   # text m with a vocabulary -> (N,) object: the
+                                                # template of its window's latest line unseen in training (None: none)
 
     def rows(self, idx) -> "Features":
         """The same features for a subset of the ticks."""
@@ -1728,7 +1740,8 @@ class Features:
                         {m: c[idx] for m, c in self.channels.items()},
                         {m: r[idx] for m, r in self.relation_channels.items()},
                         {m: t[idx] for m, t in self.taken.items()},
-                        None if self.groups is None else self.groups[idx])
+                        None if self.groups is None else self.groups[idx],
+                        {m: t[idx] for m, t in self.novel_lines.items()})
 
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
@@ -1751,6 +1764,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     channels = {}                                 # a tabular or series one: every channel)
     held_by = {}                                  # a tabular or series one: which channels (N, C)
     taken = {}                                    # a tabular, image or audio one: when its row was taken (N,)
+    novel_lines = {}                              # a text one with a vocabulary: its window's latest unseen template
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -1791,15 +1805,19 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             # unseen tokens) as two more columns: (N, TEXT_TOKENS + 2)
             vocab = TextVocabulary.from_stats(stats["modalities"].get(name, {}))
             width = TEXT_TOKENS + (2 if vocab is not None else 0)
-            tokenized: dict[tuple, np.ndarray] = {}                  # a window's messages repeat tick to tick
-            rows = []
+            tokenized: dict[tuple, tuple] = {}                       # a window's messages repeat tick to tick
+            rows, lines = [], []
             for msgs in aligned.column(f"{name}__{m.column}").to_pylist():
                 key = tuple(msgs or ())
                 if key not in tokenized:
                     ids = tokenize_messages(msgs)
-                    tokenized[key] = ids if vocab is None else np.concatenate([ids, vocab.novelty(msgs)])
-                rows.append(tokenized[key])
+                    tokenized[key] = ((ids, None) if vocab is None else
+                                      (np.concatenate([ids, vocab.novelty(msgs)]), vocab.latest_novel(msgs)))
+                rows.append(tokenized[key][0])
+                lines.append(tokenized[key][1])
             x = np.stack(rows) if n else np.zeros((0, width), np.int64)
+            if vocab is not None:
+                novel_lines[name] = np.where(present, np.array(lines, dtype=object), None)
         x = np.where(present.reshape(-1, *([1] * (x.ndim - 1))), x, 0).astype(x.dtype)
         inputs[name] = x
         if f"{name}__taken" in aligned.column_names and name not in relation_only:   # an as-of payload: its row's time
@@ -1868,7 +1886,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     state, owners = operating_state(levels, presence, spec, stats, keys)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners, channels=channels, relation_channels=relation_channels, taken=taken,
-                    groups=groups)
+                    groups=groups, novel_lines=novel_lines)
 
 
 def _partial_residuals(relation: dict[str, Any], current: np.ndarray, history: np.ndarray, held: np.ndarray,

@@ -257,6 +257,14 @@ def channel_names(raw: RawScores, modalities: dict[str, ModalitySpec],
             for m, parts in raw.channel_errors.items() if m in voting}
 
 
+def line_names(features: Features, modalities: dict[str, ModalitySpec]) -> dict[str, np.ndarray]:
+    """Per voting text modality fitted with a vocabulary, the template of each tick's window's latest line that the
+    training days never held (`Features.novel_lines`; None where none, or the modality absent): its `channel_<m>`,
+    the line to read where the logs drive an alarm."""
+    voting = voting_modalities(modalities)
+    return {m: lines for m, lines in features.novel_lines.items() if m in voting}
+
+
 def part_names(m: ModalitySpec) -> tuple[str, ...]:
     """The names of a modality's error parts (`RawScores.channel_errors`): a sensor table's or series' columns, an
     audio clip's mel bands by their centre frequencies (`mel_band_names`)."""

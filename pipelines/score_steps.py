@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from dmafn.features import Features, entity_key, entity_keys, featurize, smoothing_groups
 from dmafn.calibration import Calibration
-from dmafn.scoring import channel_names, raw_scores
+from dmafn.scoring import channel_names, line_names, raw_scores
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import write_data_file
@@ -66,6 +66,8 @@ class Scorer:
             cols[f"score_{m}"] = pa.array(c, pa.float64(), mask=~np.isfinite(c))
         for m, named in channel_names(raw, spec.modalities, self._smoothed_parts(aligned, feats)).items():
             cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
+        for m, lines in line_names(feats, spec.modalities).items():     # a text modality: its window's unseen line
+            cols[f"{CHANNEL}{m}"] = pa.array(lines, pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)

@@ -2579,20 +2579,29 @@ def test_log_templates_mask_numbers_and_ids_and_novelty_counts_unseen_lines_and_
 def test_statistics_fit_a_text_vocabulary_and_featurize_adds_the_windows_novelty(tiny_spec):
     import torch
     from dmafn.encoders import TextEncoder
+    from dmafn.features import NOVEL_LINE_CHARS, TextVocabulary
 
     aligned = aligned_rows(tiny_spec)
     fitter = StatisticsFitter(tiny_spec).add(aligned)
     stats = StatisticsFitter(tiny_spec).merge(fitter).result()         # merged partials give the same vocabulary
     assert stats["modalities"]["logs"]["vocabulary"] == {"templates": ["error pump <*> failed"],
                                                          "tokens": ["error", "failed", "pump"]}
-    x = featurize(aligned, tiny_spec, stats).inputs["logs"]
+    seen = featurize(aligned, tiny_spec, stats)
+    x = seen.inputs["logs"]
     assert x.shape == (aligned.num_rows, 66) and not x[:, 64:].any()
+    assert (seen.novel_lines["logs"] == None).all()                      # noqa: E711 - every line's template seen
     novel = aligned.set_column(aligned.schema.get_field_index("logs__msg"), "logs__msg",
-                               pa.array([["seal breach detected", "ERROR pump 8 failed"]] * aligned.num_rows,
+                               pa.array([["seal breach 4 detected", "ERROR pump 8 failed"]] * aligned.num_rows,
                                         pa.list_(pa.string())))
     feats = featurize(novel, tiny_spec, stats)
     x, present = feats.inputs["logs"], feats.mask[:, feats.modalities.index("logs")]
     assert present.any() and (x[present, 64:] == [1, 3]).all() and not x[~present].any()
+    # the window's latest line whose template was never seen, as its template: what `channel_logs` names
+    lines = feats.novel_lines["logs"]
+    assert (lines[present] == "seal breach <*> detected").all() and (lines[~present] == None).all()   # noqa: E711
+    assert list(feats.rows(np.flatnonzero(present)[:2]).novel_lines["logs"]) == ["seal breach <*> detected"] * 2
+    assert TextVocabulary(["a <*>"]).latest_novel(["b " + "x" * 500, "c 1", "a 2"]) == "c <*>"
+    assert TextVocabulary(["a <*>"]).latest_novel(["b " + "x" * 500, "a 2"]) == ("b " + "x" * 500)[:NOVEL_LINE_CHARS]
     enc = TextEncoder(8, "transformer", 64, novelty=True)
     target = enc.target(torch.as_tensor(x))
     assert target.shape == (len(x), 66)

@@ -21,7 +21,7 @@ from pipelines.storage import DataError
 DAY1, DAY2, DAY3 = dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)
 OUTPUT_COLUMNS = {"machine_id", "ts", "date", "score", "threshold", "is_anomaly", "score_process",
                   "score_vibration", "score_camera", "score_logs", "score_process_context", "modalities",
-                  "model_version", "run_id", "scored_at", "channel_process", "channel_vibration"}
+                  "model_version", "run_id", "scored_at", "channel_process", "channel_vibration", "channel_logs"}
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,9 @@ def test_score_writes_delta_and_rescoring_leaves_one_copy(trained, scored):
         assert named.null_count() == 0 and set(named) <= set(spec.modalities[m].columns)
         assert df.filter(pl.col(f"score_{m}").is_null())[f"channel_{m}"].null_count() == \
             df[f"score_{m}"].null_count()
+    # the logs: a window's latest line unseen in training, as its template (a clean day: few or none)
+    lines = df.filter(pl.col("channel_logs").is_not_null())
+    assert lines["score_logs"].null_count() == 0 and all(t == t.lower() for t in lines["channel_logs"])
     assert df["model_version"].unique().to_list() == [version]
     assert df["date"].unique().to_list() == ["2024-01-03"]
     second = score_date(spec, DAY3)
