@@ -4,9 +4,9 @@ An alarm event is a run of consecutive alarm ticks (`is_anomaly`) of one entity 
 page's "top alarm events" counts them (`report.AlarmEvents`): its start and end, ticks, peak score, each modality's
 mean contribution over the run and the one with the largest (where to look) - for a sensor table or series of
 several channels also the channel that drove its error at most of the run's ticks (`channel`, from the output's
-`channel_<m>`; for an audio modality its mel band; None for dates scored before 2026-12-06 or a modality of one channel
-or none). The output is read a
-date at a time, in this process (a date's scores and the runs found in memory). The scored date before the window is read too, so
+`channel_<m>`; for an audio modality its mel band, for a text modality its window's latest line unseen in training;
+None for dates scored before 2026-12-06 or a modality of one channel or none). The output is read a date at a time,
+in this process (a date's scores and the runs found in memory). The scored date before the window is read too, so
 a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
 a consumer that files one ticket per pair files it once; a run still alarming at the window's last tick is marked
 `open` (the next date may go on with it), and one already alarming at the first tick read (the date before's)

@@ -282,8 +282,9 @@ class AlarmEvents:
     """Runs of consecutive `is_anomaly` ticks per entity of a window read in chunks (dates in time order; an
     entity's run still open at a chunk's end waits for the next), highest peak first: entity, start, end, ticks,
     peak, the dominant modality (largest mean contribution in the run), the channel that drove that modality's error
-    at most of the run's ticks (its output column `channel_<m>`, for a sensor table or series of several channels or
-    an audio modality's mel band; None otherwise) and the labelled kind it overlaps, if any.
+    at most of the run's ticks (its output column `channel_<m>`, for a sensor table or series of several channels,
+    an audio modality's mel band or a text modality's latest line unseen in training; None otherwise) and the
+    labelled kind it overlaps, if any.
     Keeps the number of runs and the `top` highest (all: None). A chunk is added whole (`add`) or as the
     `EventsPart` computed where it lies (`add_part`): the runs inside it counted there, those at its edges here."""
 
