@@ -246,6 +246,26 @@ class ChunkPart:
     runs: dict[str, tuple[dict[str, Any], pl.DataFrame]]
     pieces: pl.DataFrame              # `event_pieces`
     first_entity: str | None
+    attribution: dict[tuple[str, str], int]   # `attribution_counts`
+
+
+NORMAL_TICKS = "normal"     # `attribution_counts`' kind of an alarm tick no label covers: a false alarm
+KINDLESS = "labelled"       # ... and of a labelled one whose label names no kind
+
+
+def attribution_counts(scores: dict[str, np.ndarray], alarms: np.ndarray,
+                       kinds: np.ndarray) -> dict[tuple[str, str], int]:
+    """Which modality the alarm ticks name: each alarm tick counted by its kind (`kinds`, per tick) and the modality
+    with the largest contribution `score_<m>` there (a tick with none left out)."""
+    names = [n for n in scores if n.startswith("score_")]
+    if not names or not alarms.any():
+        return {}
+    contributions = np.stack([scores[n][alarms] for n in names], 1)
+    held = ~np.isnan(contributions).all(1)
+    top = np.argmax(np.where(np.isnan(contributions), -np.inf, contributions)[held], 1)
+    pairs = pl.DataFrame({"kind": kinds[alarms][held].astype(str), "modality": np.asarray([n[6:] for n in names])[top]})
+    counted = pairs.group_by("kind", "modality").len()
+    return {(k, m): int(n) for k, m, n in counted.iter_rows()}
 
 
 def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame]:
@@ -255,13 +275,16 @@ def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame
     pred = to_labels(scores["fused"], chunk["threshold"].to_numpy()).astype(bool)
     points = {key: int(hit.sum()) for key, hit in (("tp", pred & labels), ("fp", pred & ~labels),
                                                    ("fn", ~pred & labels), ("tn", ~pred & ~labels))}
-    kinds = chunk["label_kind"].fill_null("").to_numpy()[labels]
+    kinds = chunk["label_kind"].fill_null("").to_numpy().astype(str)[labels]
+    every_kind = np.full(len(labels), NORMAL_TICKS, object)
+    every_kind[labels] = np.where(kinds == "", KINDLESS, kinds)
     positives = pl.DataFrame({"kind": kinds.astype(str), **{n: v[labels] for n, v in scores.items()}})
     flags = pl.DataFrame({"g": chunk.select(entity_string(spec.entity)).to_series(), "p": pred, "y": labels})
     part = ChunkPart(ticks=len(labels), labelled=int(labels.sum()), points=points, names=list(scores),
                      seen={n for n, v in scores.items() if not np.isnan(v).all()}, kinds=set(kinds) - {""},
                      runs=run_edges(flags), pieces=event_pieces(flags),
-                     first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None)
+                     first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None,
+                     attribution=attribution_counts(scores, pred, every_kind))
     return part, positives
 
 
@@ -420,6 +443,7 @@ class MetricsTally:
         self.catches = CatchTally()
         self.columns: dict[str, RankingTally] = {}        # in memory, after freeze
         self.pairs: dict[str, PairCounts] = {}            # the fused score's normal ticks by class, second pass
+        self.attribution: dict[tuple[str, str], int] = {}  # alarm ticks by (kind, the modality they name)
         self._positives: list[pl.DataFrame] = []
 
     def add_part(self, part: ChunkPart) -> None:
@@ -434,6 +458,8 @@ class MetricsTally:
         for flag, (counts, edges) in part.runs.items():
             self.run_tallies[flag].add(counts, edges)
         self.catches.add(part.pieces, part.runs["p"][1])
+        for key, n in part.attribution.items():
+            self.attribution[key] = self.attribution.get(key, 0) + n
 
     def keep_positives(self, positives: pl.DataFrame) -> None:
         """A chunk's labelled ticks' scores (`chunk_part`), kept here until `freeze`."""
@@ -478,7 +504,17 @@ class MetricsTally:
         if ranking.get("shortfall"):
             result["shortfall"] = ranking["shortfall"]
         result["overall"]["fused"] |= self._fused(ranking["oracle"])
+        result["attribution"] = self._attribution()
         return result
+
+    def _attribution(self) -> dict[str, dict[str, int]]:
+        """Alarm ticks per kind (in order, then `NORMAL_TICKS`) and modality named, the most named first."""
+        out: dict[str, dict[str, int]] = {}
+        for kind in [*sorted({k for k, _ in self.attribution} - {NORMAL_TICKS}), NORMAL_TICKS]:
+            named = sorted(((m, n) for (k, m), n in self.attribution.items() if k == kind), key=lambda p: (-p[1], p[0]))
+            if named:
+                out[kind] = dict(named)
+        return out
 
     def _fused(self, oracle: tuple[float, int, int] | None) -> dict[str, Any]:
         tp, fp, fn, tn = (self.points[k] for k in ("tp", "fp", "fn", "tn"))
@@ -780,6 +816,7 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"    {kind:<14}{d['detected']:>4}/{d['events']:<4}" + (
                 f"  {d['median_delay_min']:6.1f} / {d['p90_delay_min']:6.1f} min  {100 * d['median_elapsed_share']:3.0f} %"
                 if d["detected"] else "  none caught"))
+    lines += attribution_lines(result.get("attribution"))
     lines += shortfall_lines(result.get("shortfall"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     if result.get("unscored_events"):
@@ -791,6 +828,19 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"labels: {lab['used']} of {lab['rows']} rows used; left out: {reasons} "
                      f"(labels_unusable.parquet in the report folder)")
     return "\n".join(lines)
+
+
+def attribution_lines(attribution: dict[str, dict[str, int]] | None) -> list[str]:
+    """`MetricsTally`'s attribution as text lines: per kind, the share of its alarm ticks each modality is named at
+    (the three most named); none without alarm ticks."""
+    if not attribution:
+        return []
+    lines = ["  which modality the alarm ticks name (the largest contribution at each; `normal`: false alarms):"]
+    for kind, named in attribution.items():
+        total = sum(named.values())
+        shares = ", ".join(f"{m} {100 * n / total:.0f} %" for m, n in list(named.items())[:3])
+        lines.append(f"    {kind:<14}{shares}  ({total} ticks)")
+    return lines
 
 
 def min_ticks_lines(ladder: dict[str, dict[str, Any]] | None) -> list[str]:

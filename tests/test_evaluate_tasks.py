@@ -87,7 +87,7 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
     whole["detection"] = ev.detection(labelled, read_labels(spec, Storage()), spec)
 
     keys = ("ticks", "anomalous_ticks", "overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate",
-            "false_alarm_rate_clear", "shortfall")
+            "false_alarm_rate_clear", "shortfall", "attribution")
     # the negatives' counts over budget: one slice of every date instead of one per CPU
     import pipelines.evaluate_tasks as et
     asked = []

@@ -367,6 +367,26 @@ def test_the_metrics_table_has_no_row_for_a_modality_without_any_contribution(ti
     assert table["overall"]["score_proc"]["roc_auc"] == 1.0 and set(table["by_kind"]["x"]) == set(table["overall"])
 
 
+def test_the_metrics_say_which_modality_the_alarm_ticks_name_per_kind(tiny_spec):
+    """`attribution`: each alarm tick counted by its kind (`normal` for a false alarm) and the modality with the largest
+    contribution there; a tick under the threshold, or with no contribution, is not counted; the table prints it."""
+    import polars as pl
+
+    from pipelines.evaluate import format_table, metrics_table
+
+    score = [0.1, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.1, 2.0]
+    df = pl.DataFrame({"machine_id": ["a"] * 9, "score": score, "threshold": [1.0] * 9,
+                       "label": [0, 1, 1, 1, 1, 1, 0, 0, 1],
+                       "label_kind": [None, "x", "x", "x", "y", None, None, None, "y"],
+                       "score_proc": [9.0, 3.0, 3.0, 0.1, 0.2, 5.0, 0.1, 9.0, None],
+                       "score_vib": pl.Series([0.0, 1.0, None, 2.0, 4.0, 1.0, 2.0, 0.0, None], dtype=pl.Float64)})
+    table = metrics_table(df, tiny_spec)
+    assert table["attribution"] == {"labelled": {"proc": 1}, "x": {"proc": 2, "vib": 1}, "y": {"vib": 1},
+                                    "normal": {"vib": 1}}
+    text = format_table(table)
+    assert "which modality the alarm ticks name" in text and "x             proc 67 %, vib 33 %  (3 ticks)" in text
+
+
 def test_detection_counts_each_events_delay_to_its_first_alarm_inside_it():
     """Per kind: events with a scored tick, those caught, minutes from start to the first alarm inside the event
     (an alarm before it does not count), the share of the event gone by then; an event no tick saw is left out."""
