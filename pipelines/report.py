@@ -422,6 +422,15 @@ def _metrics_section(result: dict[str, Any]) -> str:
                           *([f"{d['median_delay_min']:.1f}", f"{d['p90_delay_min']:.1f}",
                              f"{100 * d['median_elapsed_share']:.0f} %"] if d["detected"] else ["-", "-", "-"])]
                          for k, d in found], "detection")
+    named = ""
+    if result.get("attribution"):                  # which modality the alarm ticks name, per kind
+        modalities = sorted({m for counts in result["attribution"].values() for m in counts})
+        rows = [[kind, f"{sum(counts.values()):,}",
+                 *[f"{100 * counts[m] / sum(counts.values()):.0f} %" if m in counts else "" for m in modalities]]
+                for kind, counts in result["attribution"].items()]
+        named = ("<p>Which modality the alarm ticks name - the largest contribution at each alarm tick - per labelled "
+                 "kind (<code>normal</code>: the false alarms):</p>"
+                 + _table(["kind", "alarm ticks", *modalities], rows, "attribution"))
     least = ""
     if f.get("event_by_min_ticks"):
         rows = [[n, f"{e['alarm_events']:,}", f"{e['false_alarm_events']:,}", _num(e["event_precision"]),
@@ -447,7 +456,7 @@ def _metrics_section(result: dict[str, Any]) -> str:
         unscored = f'<p class="warning" id="unscored-events">Labels: {_e(unscored_line(result["unscored_events"]))}.</p>'
     return (f'<section id="metrics"><h2>Metrics</h2><p>{result["ticks"]:,} ticks, {result["anomalous_ticks"]:,} '
             f'labelled anomalous. Per kind: that kind\'s ticks against the normal ones.</p>{unscored}{per_kind}{fused}'
-            f'{least}<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{short}</section>')
+            f'{least}<p>How soon the calibrated alarms catch each labelled event:</p>{caught}{named}{short}</section>')
 
 
 def _curves_section(curves: dict[str, tuple[np.ndarray, ...]]) -> str:

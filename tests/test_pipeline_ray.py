@@ -1176,6 +1176,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     rows = got["rows"]
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
+    assert rows["attribution"] >= 1                               # which modality the alarm ticks name, per kind
     assert rows["min-ticks"] == 6                                 # event-wise at N = 1, 2, 3, 4 (asked), 5, 10 ticks
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities
