@@ -1671,24 +1671,23 @@ class TextVocabulary:
                 tokens[w] = tokens.get(w, 0) + template_counts[t]
         return cls(kept, sorted(tokens, key=lambda w: (-tokens[w], w))[:cap])
 
-    def latest_novel(self, messages: Iterable[str] | None) -> str | None:
-        """The template of a window's latest line (messages oldest first) whose template the training days never held,
-        its first `NOVEL_LINE_CHARS` characters; None where every line's template was seen."""
-        for msg in reversed(list(messages or ())):
-            t = line_template(msg)
-            if t not in self.templates:
-                return t[:NOVEL_LINE_CHARS]
-        return None
-
-    def novelty(self, messages: Iterable[str] | None) -> tuple[int, int]:
-        """(lines with an unseen template, tokens never seen) in one window."""
+    def window_novelty(self, messages: Iterable[str] | None) -> tuple[int, int, str | None]:
+        """In one window (messages oldest first), in one pass over its lines: the lines with an unseen template, the
+        tokens never seen, and the template of the latest line whose template the training days never held (its first
+        `NOVEL_LINE_CHARS` characters; None where every line's template was seen)."""
         lines = words = 0
+        latest = None
         for msg in messages or ():
             t = line_template(msg)
             if t not in self.templates:
                 lines += 1
                 words += sum(w not in self.tokens for w in template_words(t))
-        return lines, words
+                latest = t
+        return lines, words, None if latest is None else latest[:NOVEL_LINE_CHARS]
+
+    def novelty(self, messages: Iterable[str] | None) -> tuple[int, int]:
+        """(lines with an unseen template, tokens never seen) in one window (`window_novelty`)."""
+        return self.window_novelty(messages)[:2]
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"templates": sorted(self.templates), "tokens": sorted(self.tokens)}
@@ -1811,8 +1810,11 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
                 key = tuple(msgs or ())
                 if key not in tokenized:
                     ids = tokenize_messages(msgs)
-                    tokenized[key] = ((ids, None) if vocab is None else
-                                      (np.concatenate([ids, vocab.novelty(msgs)]), vocab.latest_novel(msgs)))
+                    if vocab is None:
+                        tokenized[key] = (ids, None)
+                    else:
+                        unseen_lines, unseen_words, latest = vocab.window_novelty(msgs)
+                        tokenized[key] = (np.concatenate([ids, [unseen_lines, unseen_words]]), latest)
                 rows.append(tokenized[key][0])
                 lines.append(tokenized[key][1])
             x = np.stack(rows) if n else np.zeros((0, width), np.int64)

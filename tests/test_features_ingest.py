@@ -2600,8 +2600,9 @@ def test_statistics_fit_a_text_vocabulary_and_featurize_adds_the_windows_novelty
     lines = feats.novel_lines["logs"]
     assert (lines[present] == "seal breach <*> detected").all() and (lines[~present] == None).all()   # noqa: E711
     assert list(feats.rows(np.flatnonzero(present)[:2]).novel_lines["logs"]) == ["seal breach <*> detected"] * 2
-    assert TextVocabulary(["a <*>"]).latest_novel(["b " + "x" * 500, "c 1", "a 2"]) == "c <*>"
-    assert TextVocabulary(["a <*>"]).latest_novel(["b " + "x" * 500, "a 2"]) == ("b " + "x" * 500)[:NOVEL_LINE_CHARS]
+    vocab, long_line = TextVocabulary(["a <*>"]), "b " + "x" * 500
+    assert vocab.window_novelty([long_line, "c 1", "a 2"]) == (2, 3, "c <*>")     # the latest unseen line, in one pass
+    assert vocab.window_novelty([long_line, "a 2"])[2] == long_line[:NOVEL_LINE_CHARS]
     enc = TextEncoder(8, "transformer", 64, novelty=True)
     target = enc.target(torch.as_tensor(x))
     assert target.shape == (len(x), 66)
