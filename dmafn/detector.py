@@ -18,7 +18,8 @@ import numpy as np
 from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
-from dmafn.scoring import ScoreRecord, channel_names, line_names, raw_scores
+from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
+                           occlusion_groups, own_contributions, raw_scores, voting_mask)
 from dmafn.spec import (ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, threshold_without_method,
                         voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
@@ -105,6 +106,19 @@ class Detector:
         parts = self.calibration_.parts_smoothing()
         named = channel_names(raw, self.modalities, (lambda m, p: parts.smooth(p, groups)) if smoothed else None)
         return {**named, **line_names(X, self.modalities)}
+
+    def causes(self, X: Features) -> np.ndarray:
+        """(N,) per row, the voting modality with the largest unsmoothed contribution that no other modality explains
+        (`cause_names` of `own_contributions`: hidden in turn, `occlusion_contributions`; as the output's `cause`,
+        which the pipeline reads at over-threshold ticks only): the fault the others' errors follow; None where
+        fewer than two voting modalities are present, and for a classifier (its contributions are occlusions)."""
+        if self.model_.cfg.detector == "classifier":
+            return np.full(len(X.mask), None, object)
+        record = self.calibration_.record(raw_scores(self.model_, X, device=self.device))
+        hidden = occlusion_contributions(self.model_, X, self.calibration_.record, occlusion_groups(self.modalities),
+                                         device=self.device)
+        voting = voting_mask(X.mask, self.calibration_.normalisation)
+        return cause_names(own_contributions(record.contributions, hidden), voting, X.modalities)
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

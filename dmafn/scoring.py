@@ -281,6 +281,57 @@ def top_channels(parts: np.ndarray, names: tuple[str, ...] | list[str]) -> np.nd
     return out
 
 
+def occlusion_groups(modalities: dict[str, ModalitySpec]) -> dict[str, tuple[str, ...]]:
+    """Per voting modality, what `cause_names` hides to take it out: itself and its slow `context` view(s)."""
+    return {m: (m, *(v for v, spec in modalities.items() if spec.context_of == m))
+            for m in voting_modalities(modalities)}
+
+
+def occlusion_contributions(model: DMAFN, features: Features, record: Callable[[RawScores], ScoreRecord],
+                            groups: dict[str, tuple[str, ...]], batch_size: int = 1024,
+                            device: str = "cpu") -> np.ndarray:
+    """(N, M, M) each tick's contributions (unsmoothed, as `record` makes them from raw scores) with one voting
+    modality hidden from the model - with its context views, `groups` (`occlusion_groups`): [:, k, j] is modality
+    j's with modality k hidden; NaN where k is absent, where j is hidden or absent, and for a k that is not a
+    voting modality. Every payload is read at the tick itself here (nothing held)."""
+    features = replace(features, taken={})
+    names = list(features.modalities)
+    n, m_count = features.mask.shape
+    out = np.full((n, m_count, m_count), np.nan)
+    for m, hide in groups.items():
+        k = names.index(m)
+        mask = features.mask.copy()
+        mask[:, [names.index(h) for h in hide if h in names]] = False
+        rows = np.flatnonzero(features.mask[:, k] & mask.any(1))
+        if len(rows):
+            hidden = replace(features.rows(rows), mask=mask[rows])
+            out[rows, k] = record(raw_scores(model, hidden, batch_size, device)).contributions
+    return out
+
+
+def own_contributions(contributions: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """(N, M) each modality's contribution that no other modality explains: the least of its own (N, M) and of its
+    contributions with each other voting modality hidden (`occlusion_contributions`, (N, M, M)) - what is left of
+    an echo once the modality it echoes is hidden; NaN where absent."""
+    with np.errstate(invalid="ignore"):
+        least = np.fmin.reduce(hidden, axis=1)                  # over the hidden modality; all NaN: NaN
+    return np.where(np.isfinite(contributions), np.fmin(contributions, least), np.nan)
+
+
+def cause_names(own: np.ndarray, voting: np.ndarray, modalities: tuple[str, ...] | list[str]) -> np.ndarray:
+    """(N, M) `own_contributions` and the (N, M) present voting modalities -> (N,) the voting modality with the
+    largest own contribution: the fault the others' errors follow (object array; None where fewer than two vote).
+    Beside the largest contribution it tells a fault from its echo: an overheated process raises the camera's error
+    too (the fused code carries it), but with the process hidden the camera's error is back to normal, while the
+    process's stays high whichever other modality is hidden."""
+    out = np.full(len(own), None, object)
+    named = (voting.sum(1) >= 2) & (voting & np.isfinite(own)).any(1)
+    if named.any():
+        largest = np.argmax(np.where(voting & np.isfinite(own), own, -np.inf)[named], 1)
+        out[named] = np.asarray(modalities, object)[largest]
+    return out
+
+
 def _occlusion(model: DMAFN, inputs: dict, mask: torch.Tensor) -> np.ndarray:
     full = model.logit(model(inputs, mask), mask)
     cols = [full]

@@ -2,16 +2,19 @@
 
 An alarm event is a run of consecutive alarm ticks (`is_anomaly`) of one entity in the output table, as the report
 page's "top alarm events" counts them (`report.AlarmEvents`): its start and end, ticks, peak score, each modality's
-mean contribution over the run and the one with the largest (where to look) - for a sensor table or series of
-several channels also the channel that drove its error at most of the run's ticks (`channel`, from the output's
-`channel_<m>`; for an audio modality its mel band, for a text modality its window's latest line unseen in training;
-None for dates scored before 2026-12-06 or a modality of one channel or none). The output is read a date at a time,
-in this process (a date's scores and the runs found in memory). The scored date before the window is read too, so
-a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
+mean contribution over the run and the one with the largest (where to look) - for a sensor table or series of several
+channels also the channel that drove its error at most of the run's ticks (`channel`, from the output's `channel_<m>`;
+for an audio modality its mel band, for a text modality its window's latest line unseen in training; None for dates
+scored before 2026-12-06 or a modality of one channel or none), and the modality the output's `cause` names at most of
+its ticks (`cause`: the one whose contribution no other modality explains; where it differs from `dominant`, the
+dominant modality's error follows the cause's fault - an overheated process raising the camera's; None for dates
+scored before 2026-12-07 or events none of whose ticks is over the threshold unsmoothed). The output is read a date at
+a time, in this process (a date's scores and the runs found in memory). The scored date before the window is read too,
+so a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
 a consumer that files one ticket per pair files it once; a run still alarming at the window's last tick is marked
 `open` (the next date may go on with it), and one already alarming at the first tick read (the date before's)
-`may_have_begun_earlier`. `entity` is the entity key as text (several key columns joined by '|'), each key
-column's value as stored beside it."""
+`may_have_begun_earlier`. `entity` is the entity key as text (several key columns joined by '|'), each key column's
+value as stored beside it."""
 from __future__ import annotations
 
 import datetime as dt
@@ -23,6 +26,7 @@ import polars as pl
 
 from dmafn.spec import Spec
 from pipelines.align import date_start_us
+from pipelines.delta_sink import CAUSE
 from pipelines.evaluate import open_scores, read_score_date, score_dates
 from pipelines.ingest import entity_string
 from pipelines.report import AlarmEvents
@@ -49,10 +53,12 @@ class AlarmList:
                                              "left out)" if self.min_ticks > 1 else ""))
         lines = [head]
         if self.events:
-            lines.append(f"  {'entity':<16} {'start (UTC)':<20} {'end (UTC)':<20} {'ticks':>6} {'peak':>8}  dominant")
+            lines.append(f"  {'entity':<16} {'start (UTC)':<20} {'end (UTC)':<20} {'ticks':>6} {'peak':>8}  dominant"
+                         "  (cause, where another modality's fault it follows)")
         for e in self.events:
             lines.append(f"  {e['entity']:<16} {e['start'][:19]:<20} {e['end'][:19]:<20} {e['ticks']:>6} "
                          f"{e['peak']:>8.3f}  {e['dominant']}" + (f" ({e['channel']})" if e["channel"] else "")
+                         + (f"  <- {e['cause']}" if e["cause"] and e["cause"] != e["dominant"] else "")
                          + ("  (open: still alarming at the window's end)" if e["open"] else ""))
         return "\n".join(lines)
 
@@ -93,7 +99,7 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
         means, dominant, channel = found.attribution(row)
         events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
-                       "peak": row["peak"], "dominant": dominant, "channel": channel,
+                       "peak": row["peak"], "dominant": dominant, "channel": channel, "cause": row.get(CAUSE),
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
     return AlarmList(dates, events, min_ticks, in_window.height - runs.height)

@@ -98,6 +98,7 @@ def table_mismatch(table: DeltaTable, columns: Sequence[str], partition_by: Sequ
 # columns every table of each kind that dmafn wrote holds (since its first version), by which it knows its own
 OUTPUT_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly", "model_version", "run_id")   # and the entity's
 SCORED_COLUMNS = ("ts", "date", "score", "threshold", "is_anomaly")   # of those, what `evaluate` and `report` read
+CAUSE = "cause"     # the output's column naming the modality behind an over-threshold tick (`score_steps.Scorer`)
 QUARANTINE_COLUMNS = ("date", "stage", "entity", "ts", "reason", "run_id")
 RUNS_COLUMNS = ("run_id", "date", "model_version", "status", "finished_at")
 

@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +26,7 @@ from dmafn.spec import DAY_US, Spec
 from pipelines.align import (TIME, LabelIndex, attach_labels, date_end_us, date_start_us, label_intervals,
                             to_micros)
 from pipelines.baselines import score_alone
-from pipelines.delta_sink import SCORED_COLUMNS, read_table, scan_table, table_mismatch
+from pipelines.delta_sink import CAUSE, SCORED_COLUMNS, read_table, scan_table, table_mismatch
 from pipelines.ingest import entity_string
 from pipelines.labels import load_labels
 from pipelines.postprocess import mark_runs, run_number
@@ -247,6 +247,7 @@ class ChunkPart:
     pieces: pl.DataFrame              # `event_pieces`
     first_entity: str | None
     attribution: dict[tuple[str, str], int]   # `attribution_counts`
+    causes: dict[tuple[str, str], int] = field(default_factory=dict)   # ... of the output's `cause` (`named_counts`)
 
 
 NORMAL_TICKS = "normal"     # `attribution_counts`' kind of an alarm tick no label covers: a false alarm
@@ -260,12 +261,23 @@ def attribution_counts(scores: dict[str, np.ndarray], alarms: np.ndarray,
     names = [n for n in scores if n.startswith("score_")]
     if not names or not alarms.any():
         return {}
-    contributions = np.stack([scores[n][alarms] for n in names], 1)
+    contributions = np.stack([scores[n] for n in names], 1)
     held = ~np.isnan(contributions).all(1)
-    top = np.argmax(np.where(np.isnan(contributions), -np.inf, contributions)[held], 1)
-    pairs = pl.DataFrame({"kind": kinds[alarms][held].astype(str), "modality": np.asarray([n[6:] for n in names])[top]})
-    counted = pairs.group_by("kind", "modality").len()
-    return {(k, m): int(n) for k, m, n in counted.iter_rows()}
+    top = np.full(len(alarms), None, object)
+    top[held] = np.asarray([n[6:] for n in names], object)[
+        np.argmax(np.where(np.isnan(contributions), -np.inf, contributions)[held], 1)]
+    return named_counts(top, alarms, kinds)
+
+
+def named_counts(named: np.ndarray, alarms: np.ndarray, kinds: np.ndarray) -> dict[tuple[str, str], int]:
+    """Alarm ticks by (kind, the modality `named` at each; a tick naming none left out): `attribution_counts`, and
+    the same of the output's `cause`."""
+    named, alarms = np.asarray(named, object), np.asarray(alarms, bool)
+    kept = alarms & np.fromiter((n is not None for n in named), bool, len(named))
+    if not kept.any():
+        return {}
+    pairs = pl.DataFrame({"kind": kinds[kept].astype(str), "modality": named[kept].astype(str)})
+    return {(k, m): int(n) for k, m, n in pairs.group_by("kind", "modality").len().iter_rows()}
 
 
 def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame]:
@@ -284,7 +296,8 @@ def chunk_part(chunk: pl.DataFrame, spec: Spec) -> tuple[ChunkPart, pl.DataFrame
                      seen={n for n, v in scores.items() if not np.isnan(v).all()}, kinds=set(kinds) - {""},
                      runs=run_edges(flags), pieces=event_pieces(flags),
                      first_entity=str(chunk[spec.entity[0]][0]) if chunk.height else None,
-                     attribution=attribution_counts(scores, pred, every_kind))
+                     attribution=attribution_counts(scores, pred, every_kind),
+                     causes=named_counts(chunk[CAUSE].to_numpy(), pred, every_kind) if CAUSE in chunk.columns else {})
     return part, positives
 
 
@@ -444,6 +457,7 @@ class MetricsTally:
         self.columns: dict[str, RankingTally] = {}        # in memory, after freeze
         self.pairs: dict[str, PairCounts] = {}            # the fused score's normal ticks by class, second pass
         self.attribution: dict[tuple[str, str], int] = {}  # alarm ticks by (kind, the modality they name)
+        self.causes: dict[tuple[str, str], int] = {}       # ... and by the modality their `cause` names
         self._positives: list[pl.DataFrame] = []
 
     def add_part(self, part: ChunkPart) -> None:
@@ -460,6 +474,8 @@ class MetricsTally:
         self.catches.add(part.pieces, part.runs["p"][1])
         for key, n in part.attribution.items():
             self.attribution[key] = self.attribution.get(key, 0) + n
+        for key, n in part.causes.items():
+            self.causes[key] = self.causes.get(key, 0) + n
 
     def keep_positives(self, positives: pl.DataFrame) -> None:
         """A chunk's labelled ticks' scores (`chunk_part`), kept here until `freeze`."""
@@ -504,14 +520,16 @@ class MetricsTally:
         if ranking.get("shortfall"):
             result["shortfall"] = ranking["shortfall"]
         result["overall"]["fused"] |= self._fused(ranking["oracle"])
-        result["attribution"] = self._attribution()
+        result["attribution"] = self._by_kind(self.attribution)
+        result["causes"] = self._by_kind(self.causes)
         return result
 
-    def _attribution(self) -> dict[str, dict[str, int]]:
+    @staticmethod
+    def _by_kind(counts: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
         """Alarm ticks per kind (in order, then `NORMAL_TICKS`) and modality named, the most named first."""
         out: dict[str, dict[str, int]] = {}
-        for kind in [*sorted({k for k, _ in self.attribution} - {NORMAL_TICKS}), NORMAL_TICKS]:
-            named = sorted(((m, n) for (k, m), n in self.attribution.items() if k == kind), key=lambda p: (-p[1], p[0]))
+        for kind in [*sorted({k for k, _ in counts} - {NORMAL_TICKS}), NORMAL_TICKS]:
+            named = sorted(((m, n) for (k, m), n in counts.items() if k == kind), key=lambda p: (-p[1], p[0]))
             if named:
                 out[kind] = dict(named)
         return out
@@ -817,6 +835,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"  {d['median_delay_min']:6.1f} / {d['p90_delay_min']:6.1f} min  {100 * d['median_elapsed_share']:3.0f} %"
                 if d["detected"] else "  none caught"))
     lines += attribution_lines(result.get("attribution"))
+    lines += attribution_lines(result.get("causes"), CAUSE_HEAD)
     lines += shortfall_lines(result.get("shortfall"))
     lines.append(f"ticks {result['ticks']}, labelled anomalous {result['anomalous_ticks']}")
     if result.get("unscored_events"):
@@ -830,12 +849,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def attribution_lines(attribution: dict[str, dict[str, int]] | None) -> list[str]:
-    """`MetricsTally`'s attribution as text lines: per kind, the share of its alarm ticks each modality is named at
-    (the three most named); none without alarm ticks."""
+ATTRIBUTION_HEAD = "which modality the alarm ticks name (the largest contribution at each; `normal`: false alarms):"
+CAUSE_HEAD = ("which modality their cause names (the output's `cause`: the largest contribution that no other modality "
+              "explains, with each hidden in turn; at the alarm ticks whose own score is over the threshold):")
+
+
+def attribution_lines(attribution: dict[str, dict[str, int]] | None, head: str = ATTRIBUTION_HEAD) -> list[str]:
+    """`MetricsTally`'s attribution (or causes) as text lines: per kind, the share of its alarm ticks each modality
+    is named at (the three most named); none without alarm ticks."""
     if not attribution:
         return []
-    lines = ["  which modality the alarm ticks name (the largest contribution at each; `normal`: false alarms):"]
+    lines = [f"  {head}"]
     for kind, named in attribution.items():
         total = sum(named.values())
         shares = ", ".join(f"{m} {100 * n / total:.0f} %" for m, n in list(named.items())[:3])

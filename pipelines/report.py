@@ -23,7 +23,7 @@ import polars as pl
 from dmafn.postprocess import events
 from dmafn.spec import Spec
 from pipelines.align import date_start_us
-from pipelines.delta_sink import read_table, scan_table
+from pipelines.delta_sink import CAUSE, read_table, scan_table
 from pipelines.evaluate import (WindowEvaluation, WindowPart, contributing_modalities, open_scores, ranking_metrics,
                                 ray_running, score_chunks, score_dates, score_types, unscored_line, window_part)
 from pipelines.evaluate_tasks import TaskPasses
@@ -283,8 +283,9 @@ class AlarmEvents:
     entity's run still open at a chunk's end waits for the next), highest peak first: entity, start, end, ticks,
     peak, the dominant modality (largest mean contribution in the run), the channel that drove that modality's error
     at most of the run's ticks (its output column `channel_<m>`, for a sensor table or series of several channels,
-    an audio modality's mel band or a text modality's latest line unseen in training; None otherwise) and the
-    labelled kind it overlaps, if any.
+    an audio modality's mel band or a text modality's latest line unseen in training; None otherwise), the modality
+    the output's `cause` names at most of its ticks (None where no tick has one) and the labelled kind it overlaps,
+    if any.
     Keeps the number of runs and the `top` highest (all: None). A chunk is added whole (`add`) or as the
     `EventsPart` computed where it lies (`add_part`): the runs inside it counted there, those at its edges here."""
 
@@ -306,6 +307,7 @@ class AlarmEvents:
         """A chunk's columns that the runs need, and the aggregations of a run."""
         contributions = [m for m in modalities if f"score_{m}" in chunk.columns]
         channels = [f"channel_{m}" for m in modalities if f"channel_{m}" in chunk.columns]
+        channels += [CAUSE] if CAUSE in chunk.columns else []                 # most of its ticks, alike
         has_kind = "label_kind" in chunk.columns
         rows = chunk.select("_entity", "ts", "is_anomaly", "score", *[f"score_{m}" for m in contributions],
                             *channels, *(["label_kind"] if has_kind else []))
@@ -365,7 +367,7 @@ class AlarmEvents:
             self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
                                "end": _when(row["end"], self.zone),
                                "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant or "none",
-                               "channel": channel, "kind": row.get("kind")})
+                               "channel": channel, "cause": row.get(CAUSE), "kind": row.get("kind")})
         return self.found
 
 
@@ -424,13 +426,14 @@ def _metrics_section(result: dict[str, Any]) -> str:
                          for k, d in found], "detection")
     named = ""
     if result.get("attribution"):                  # which modality the alarm ticks name, per kind
-        modalities = sorted({m for counts in result["attribution"].values() for m in counts})
-        rows = [[kind, f"{sum(counts.values()):,}",
-                 *[f"{100 * counts[m] / sum(counts.values()):.0f} %" if m in counts else "" for m in modalities]]
-                for kind, counts in result["attribution"].items()]
         named = ("<p>Which modality the alarm ticks name - the largest contribution at each alarm tick - per labelled "
                  "kind (<code>normal</code>: the false alarms):</p>"
-                 + _table(["kind", "alarm ticks", *modalities], rows, "attribution"))
+                 + _shares_table(result["attribution"], "attribution"))
+    if result.get("causes"):                       # ... and which their cause names
+        named += ("<p>Which modality their cause names - the output's <code>cause</code>: the largest contribution "
+                  "that no other modality explains, each hidden from the model in turn (at the alarm ticks whose own "
+                  "score is over the threshold); a fault the others' errors echo names its own modality here:</p>"
+                  + _shares_table(result["causes"], "causes"))
     least = ""
     if f.get("event_by_min_ticks"):
         rows = [[n, f"{e['alarm_events']:,}", f"{e['false_alarm_events']:,}", _num(e["event_precision"]),
@@ -485,14 +488,25 @@ def _timelines_section(scores: pl.DataFrame, entities: list[str], modalities: li
     return "".join(parts)
 
 
+def _shares_table(counts_by_kind: dict[str, dict[str, int]], table_id: str) -> str:
+    """Alarm ticks per kind and the share each modality is named at (`evaluate`'s attribution or causes)."""
+    modalities = sorted({m for counts in counts_by_kind.values() for m in counts})
+    rows = [[kind, f"{sum(counts.values()):,}",
+             *[f"{100 * counts[m] / sum(counts.values()):.0f} %" if m in counts else "" for m in modalities]]
+            for kind, counts in counts_by_kind.items()]
+    return _table(["kind", "alarm ticks", *modalities], rows, table_id)
+
+
 def _events_section(found: AlarmEvents) -> str:
-    head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "labelled kind"]
+    head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "cause", "labelled kind"]
     rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]),
-             e["dominant"] + (f" ({e['channel']})" if e.get("channel") else ""), e["kind"] or "none"]
-            for e in found.found]
+             e["dominant"] + (f" ({e['channel']})" if e.get("channel") else ""), e.get("cause") or "-",
+             e["kind"] or "none"] for e in found.found]
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score, their times in the spec's timezone. Dominant modality: the largest mean " \
-           "contribution during the event."
+           "contribution during the event. Cause: the modality whose contribution no other modality explains " \
+           "(each hidden from the model in turn), at most of the event's ticks (the output's <code>cause</code>) - " \
+           "where it differs from the dominant one, the dominant modality's error follows a fault of the other."
     return f'<section id="events"><h2>Top alarm events</h2><p>{note}</p>{_table(head, rows, "events-table")}</section>'
 
 

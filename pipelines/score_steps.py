@@ -19,10 +19,11 @@ import pyarrow.compute as pc
 
 from dmafn.features import Features, entity_key, entity_keys, featurize, smoothing_groups
 from dmafn.calibration import Calibration
-from dmafn.scoring import channel_names, line_names, raw_scores
+from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
+                           occlusion_groups, own_contributions, raw_scores, voting_mask)
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
-from pipelines.delta_sink import write_data_file
+from pipelines.delta_sink import CAUSE, write_data_file
 from pipelines.entity_keys import respelled_keys, scored_entity_modalities
 from pipelines.ingest import MISPLACED, REASON, entity_string, read_shard, unusable_reasons
 from pipelines.postprocess import smooth_columns
@@ -49,6 +50,7 @@ class Scorer:
         self.hold: dict = {}        # each payload's held error per entity and date, batch to batch (`raw_scores`)
         self.parts: dict = {}       # each channel part's smoothing state per entity and date, batch to batch
         self.parts_smoothing = self.calibration.parts_smoothing()
+        self.occluded = occlusion_groups(self.spec.modalities)   # what hiding a voting modality hides (`cause`)
 
     def __call__(self, aligned: pa.Table, decoded: dict | None = None) -> pa.Table:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
@@ -68,9 +70,26 @@ class Scorer:
             cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
         for m, lines in line_names(feats, spec.modalities).items():     # a text modality: its window's unseen line
             cols[f"{CHANNEL}{m}"] = pa.array(lines, pa.string())
+        cols[CAUSE] = pa.array(self._causes(aligned, feats, record), pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
+
+    def _causes(self, aligned: pa.Table, feats: Features, record: ScoreRecord) -> np.ndarray:
+        """(N,) object: at each tick whose unsmoothed fused score (normalised per entity, as the smoothed one is) is
+        over the threshold, the voting modality with the largest contribution no other modality explains, each
+        hidden from the model in turn (`dmafn.scoring.cause_names`); None elsewhere and for a classifier."""
+        causes = np.full(len(record.score), None, object)
+        score = record.score
+        if self.calibration.entity_scale:
+            score = self.calibration.normalise(score, np.asarray(entity_key(aligned, self.spec.entity), str))
+        over = np.flatnonzero(np.nan_to_num(score, nan=-np.inf) > float(self.calibration.threshold))
+        if len(over) and len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier":
+            hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded)
+            own = own_contributions(record.contributions[over], hidden)
+            causes[over] = cause_names(own, voting_mask(record.mask[over], self.calibration.normalisation),
+                                       feats.modalities)
+        return causes
 
     def _smoothed_parts(self, aligned: pa.Table, feats: Features) -> Callable[[str, np.ndarray], np.ndarray] | None:
         """How `channel_names` smooths a modality's channel parts in this batch: per entity and date, carried from the
@@ -129,6 +148,7 @@ def finalize(scored: pl.DataFrame, spec: Spec, calibration: Calibration, *, vers
         pl.lit(threshold, pl.Float64).alias("threshold"),
         (pl.col("score") > threshold).fill_null(False).alias("is_anomaly"),
         *[pl.col(c).cast(pl.Float64) for c in score_cols[1:]], *[pl.col(c).cast(pl.String) for c in channel_cols],
+        *([pl.col(CAUSE).cast(pl.String)] if CAUSE in scored.columns else []),
         pl.col("modalities"), pl.lit(version).alias("model_version"), pl.lit(run_id).alias("run_id"),
         pl.lit(scored_at, pl.Datetime("us", "UTC")).alias("scored_at")])
 

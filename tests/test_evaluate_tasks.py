@@ -87,7 +87,7 @@ def test_evaluate_on_ray_tasks_equals_one_process_and_the_whole_window(window, t
     whole["detection"] = ev.detection(labelled, read_labels(spec, Storage()), spec)
 
     keys = ("ticks", "anomalous_ticks", "overall", "by_kind", "detection", "alarm_rate", "false_alarm_rate",
-            "false_alarm_rate_clear", "shortfall", "attribution")
+            "false_alarm_rate_clear", "shortfall", "attribution", "causes")
     # the negatives' counts over budget: one slice of every date instead of one per CPU
     import pipelines.evaluate_tasks as et
     asked = []
@@ -231,7 +231,8 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
     """`AlarmEvents.part` of each chunk (runs inside it aggregated where it lies, the rows of those at its edges
     added here) gives the runs, counts and top events of the whole series: runs through a chunk, across edges,
     an entity missing from a chunk while its run is open, runs in the middle of a chunk. An event's channel is the
-    one its dominant modality's `channel_<m>` names at most of its ticks (the first by name of a tie)."""
+    one its dominant modality's `channel_<m>` names at most of its ticks (the first by name of a tie), its cause
+    the modality `cause` names at most of them (None where no tick names one)."""
     from pipelines.report import AlarmEvents, alarm_events
 
     rng = np.random.default_rng(5)
@@ -245,6 +246,7 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
             rows.append({"_entity": g, "ts": t0 + dt.timedelta(minutes=t), "score": float(rng.normal() + 3 * alarm[t]),
                          "is_anomaly": bool(alarm[t]), "score_x": float(rng.random()), "score_y": float(rng.random()),
                          "channel_x": str(rng.choice(["p", "q", "r"])),
+                         "cause": rng.choice(["x", "y", None]) if alarm[t] else None,
                          "label_kind": "k" if rng.random() < 0.3 else None})
     scores = pl.DataFrame(rows)
     whole = alarm_events(scores, ["x", "y"])
@@ -265,6 +267,9 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
         start, end = (dt.datetime.strptime(e[k], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=dt.timezone.utc)
                       for k in ("start", "end"))
         ticks = scores.filter((pl.col("_entity") == e["entity"]) & pl.col("ts").is_between(start, end))
+        counts = ticks["cause"].drop_nulls().value_counts()          # the cause: the one most of its ticks name
+        assert e["cause"] == (counts.filter(pl.col("count") == counts["count"].max())["cause"].sort()[0]
+                              if counts.height else None)
         if e["dominant"] == "y":                          # a modality without channels: none named
             assert e["channel"] is None
             continue
@@ -545,7 +550,9 @@ def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_w
     alarm = [False, False, True, True, True, False]
     rows = pl.DataFrame({"site": [7] * 6, "pump": ["a"] * 6, "ts": ts, "score": [1.0, 1.0, 3.0, 5.0, 4.0, 1.0],
                          "threshold": 2.0, "is_anomaly": alarm, "score_process": [0.5, 0.5, 3.0, 5.0, 4.0, 0.5],
-                         "channel_process": ["x", "x", "y", "y", "x", "x"], "model_version": "v"}).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
+                         "channel_process": ["x", "x", "y", "y", "x", "x"],
+                         "cause": [None, None, None, "process", "process", None],
+                         "model_version": "v"}).with_columns(pl.col("ts").dt.replace_time_zone("UTC"),
                                                              pl.col("ts").dt.date().cast(pl.String).alias("date"))
     for date in ("2024-03-01", "2024-03-02"):
         write_deltalake(spec.score.output, rows.filter(pl.col("date") == date).to_arrow(), mode="append",
@@ -553,7 +560,8 @@ def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_w
     (event,) = alarm_events(spec).events                     # the newest date, 2024-03-02
     assert event == {"entity": "7|a", "site": 7, "pump": "a", "start": "2024-03-01T23:50:00+00:00",
                      "end": "2024-03-02T00:10:00+00:00", "ticks": 3, "peak": 5.0, "dominant": "process",
-                     "channel": "y", "contributions": {"process": 4.0}, "open": False, "may_have_begun_earlier": False}
+                     "channel": "y", "cause": "process", "contributions": {"process": 4.0}, "open": False,
+                     "may_have_begun_earlier": False}
     (first,) = alarm_events(spec, start=dt.date(2024, 3, 1), end=dt.date(2024, 3, 1)).events
     assert first["open"] and first["end"] == "2024-03-01T23:50:00+00:00" and first["ticks"] == 1
     assert json.loads(json.dumps(event))["site"] == 7

@@ -568,6 +568,39 @@ def test_the_detector_names_the_channel_that_drives_each_rows_error():
     assert (smoothing.channels(test, groups)["proc"][11:13] == "t").all()
 
 
+def test_the_cause_is_the_modality_with_the_largest_contribution_no_other_modality_explains():
+    """`own_contributions`: a modality's contribution at most, and at most what it keeps with any other hidden - an
+    echo of another's fault (b's 5.0, back to 0.3 with a hidden) is not its own; `cause_names`: the largest own one
+    of the voting modalities, None where fewer than two vote; `Detector.causes`: a process fault names the process,
+    a camera fault the camera (where nothing else is off at the same row), an absent modality is never named."""
+    from dmafn.scoring import cause_names, own_contributions
+
+    nan = np.nan
+    contributions = np.array([[4.0, 5.0, 0.1], [1.0, 2.0, nan], [3.0, nan, nan]])
+    hidden = np.array([[[nan, 0.3, 0.2], [4.2, nan, 0.1], [3.9, 5.1, nan]],       # [row, hidden k, modality j]
+                       [[nan, 2.5, nan], [0.5, nan, nan], [nan, nan, nan]],
+                       [[nan, nan, nan], [nan, nan, nan], [nan, nan, nan]]])
+    own = own_contributions(contributions, hidden)
+    np.testing.assert_allclose(own, [[3.9, 0.3, 0.1], [0.5, 2.0, nan], [3.0, nan, nan]])
+    voting = np.isfinite(contributions)
+    assert list(cause_names(own, voting, ("a", "b", "c"))) == ["a", "b", None]
+    voting[0, 0] = False                                           # a does not vote (a context view): never named
+    assert cause_names(own, voting, ("a", "b", "c"))[0] == "b"
+    feats, _ = make(160)
+    det = Detector(specs(), small(d_model=16, latent=4), epochs=4, batch_size=32).fit(feats.rows(np.arange(120)))
+    test, _ = make(40, seed=5, anomalies=20, kind="cross")        # the last 20: the process's load shifted
+    test.inputs["proc"][:10] += 4.0                                # the first 10: a process fault
+    test.inputs["cam"] = test.inputs["cam"].copy()
+    test.inputs["cam"][10:20] = np.random.default_rng(2).uniform(0, 1, (10, 1, 16, 16))   # a camera fault
+    causes = det.causes(test)
+    assert (causes[:10] == "proc").all() and (causes[10:20] == "cam").mean() >= 0.8, causes[:20]
+    test.mask = test.mask.copy()
+    test.mask[0, 1:] = False                                       # the process alone: nothing to tell apart
+    test.mask[[1, 11], 0] = False                                  # the process absent: never named
+    again = det.causes(test)
+    assert again[0] is None and again[1] in ("vib", "cam", "logs") and again[11] == causes[11]
+
+
 def test_an_audio_modalitys_mel_bands_are_its_errors_parts_and_a_tone_names_its_band():
     """An audio modality's error splits into its mel bands' parts (adding up to it; `AudioEncoder.channel_means`),
     named by their centre frequencies (`mel_band_names`): a whine over the hum names the band of its pitch."""

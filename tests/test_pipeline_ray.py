@@ -21,7 +21,8 @@ from pipelines.storage import DataError
 DAY1, DAY2, DAY3 = dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 3)
 OUTPUT_COLUMNS = {"machine_id", "ts", "date", "score", "threshold", "is_anomaly", "score_process",
                   "score_vibration", "score_camera", "score_logs", "score_process_context", "modalities",
-                  "model_version", "run_id", "scored_at", "channel_process", "channel_vibration", "channel_logs"}
+                  "model_version", "run_id", "scored_at", "channel_process", "channel_vibration", "channel_logs",
+                  "cause"}
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +300,9 @@ def test_score_writes_delta_and_rescoring_leaves_one_copy(trained, scored):
     # the logs: a window's latest line unseen in training, as its template (a clean day: few or none)
     lines = df.filter(pl.col("channel_logs").is_not_null())
     assert lines["score_logs"].null_count() == 0 and all(t == t.lower() for t in lines["channel_logs"])
+    # the cause: at a tick over the threshold, a voting modality present there (never the process's context view)
+    causes = df.filter(pl.col("cause").is_not_null())
+    assert all(c in present and c != "process_context" for c, present in zip(causes["cause"], causes["modalities"]))
     assert df["model_version"].unique().to_list() == [version]
     assert df["date"].unique().to_list() == ["2024-01-03"]
     second = score_date(spec, DAY3)
@@ -1177,6 +1181,7 @@ def test_report_page_opens_in_chromium_with_its_figures_and_tables(trained, scor
     assert rows["fused-metrics"] >= 9 and rows["kind-metrics"] == 5 and rows["events-table"] > 0
     assert rows["detection"] >= 2                                 # all kinds, then each kind of the day
     assert rows["attribution"] >= 1                               # which modality the alarm ticks name, per kind
+    assert rows["causes"] >= 1                                    # ... and which their cause names
     assert rows["min-ticks"] == 6                                 # event-wise at N = 1, 2, 3, 4 (asked), 5, 10 ticks
     assert rows["shortfall"] >= 3                                 # the kinds, then the classes of normal ticks
     assert rows["runs-table"] >= 1 and rows["version-0"] == 4     # the version that scored: created, its days, entities

@@ -369,7 +369,8 @@ def test_the_metrics_table_has_no_row_for_a_modality_without_any_contribution(ti
 
 def test_the_metrics_say_which_modality_the_alarm_ticks_name_per_kind(tiny_spec):
     """`attribution`: each alarm tick counted by its kind (`normal` for a false alarm) and the modality with the largest
-    contribution there; a tick under the threshold, or with no contribution, is not counted; the table prints it."""
+    contribution there; a tick under the threshold, or with no contribution, is not counted; the table prints it.
+    `causes`: likewise by the output's `cause`."""
     import polars as pl
 
     from pipelines.evaluate import format_table, metrics_table
@@ -379,12 +380,18 @@ def test_the_metrics_say_which_modality_the_alarm_ticks_name_per_kind(tiny_spec)
                        "label": [0, 1, 1, 1, 1, 1, 0, 0, 1],
                        "label_kind": [None, "x", "x", "x", "y", None, None, None, "y"],
                        "score_proc": [9.0, 3.0, 3.0, 0.1, 0.2, 5.0, 0.1, 9.0, None],
-                       "score_vib": pl.Series([0.0, 1.0, None, 2.0, 4.0, 1.0, 2.0, 0.0, None], dtype=pl.Float64)})
+                       "score_vib": pl.Series([0.0, 1.0, None, 2.0, 4.0, 1.0, 2.0, 0.0, None], dtype=pl.Float64),
+                       "cause": ["proc", "vib", "proc", None, "vib", None, "proc", "vib", None]})
     table = metrics_table(df, tiny_spec)
     assert table["attribution"] == {"labelled": {"proc": 1}, "x": {"proc": 2, "vib": 1}, "y": {"vib": 1},
                                     "normal": {"vib": 1}}
+    # `causes`: the same count of the output's `cause`, at the alarm ticks that have one
+    assert table["causes"] == {"x": {"proc": 1, "vib": 1}, "y": {"vib": 1}, "normal": {"proc": 1}}
     text = format_table(table)
     assert "which modality the alarm ticks name" in text and "x             proc 67 %, vib 33 %  (3 ticks)" in text
+    assert "which modality their cause names" in text and "x             proc 50 %, vib 50 %  (2 ticks)" in text
+    assert "causes" in metrics_table(df.drop("cause"), tiny_spec) and "their cause" not in \
+        format_table(metrics_table(df.drop("cause"), tiny_spec))         # scored before the column: no lines
 
 
 def test_detection_counts_each_events_delay_to_its_first_alarm_inside_it():
