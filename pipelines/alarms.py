@@ -6,15 +6,15 @@ mean contribution over the run and the one with the largest (where to look) - fo
 channels also the channel that drove its error at most of the run's ticks (`channel`, from the output's `channel_<m>`;
 for an audio modality its mel band, for a text modality its window's latest line unseen in training; None for dates
 scored before 2026-12-06 or a modality of one channel or none), and the modality the output's `cause` names at most of
-its ticks (`cause`: the one whose contribution no other modality explains; where it differs from `dominant`, the
-dominant modality's error follows the cause's fault - an overheated process raising the camera's; None for dates
-scored before 2026-12-07 or events none of whose ticks is over the threshold unsmoothed). The output is read a date at
-a time, in this process (a date's scores and the runs found in memory). The scored date before the window is read too,
-so a run that began there keeps its true start - an event is the same `(entity, start)` whichever window lists it, and
-a consumer that files one ticket per pair files it once; a run still alarming at the window's last tick is marked
-`open` (the next date may go on with it), and one already alarming at the first tick read (the date before's)
-`may_have_begun_earlier`. `entity` is the entity key as text (several key columns joined by '|'), each key column's
-value as stored beside it."""
+its ticks (`cause`, with its channel as above, `cause_channel`: the one whose contribution no other modality explains;
+where it differs from `dominant`, the dominant modality's error follows the cause's fault - an overheated process
+raising the camera's; None for dates scored before 2026-12-07 or events none of whose ticks is over the threshold
+unsmoothed). The output is read a date at a time, in this process (a date's scores and the runs found in memory). The
+scored date before the window is read too, so a run that began there keeps its true start - an event is the same
+`(entity, start)` whichever window lists it, and a consumer that files one ticket per pair files it once; a run still
+alarming at the window's last tick is marked `open` (the next date may go on with it), and one already alarming at the
+first tick read (the date before's) `may_have_begun_earlier`. `entity` is the entity key as text (several key columns
+joined by '|'), each key column's value as stored beside it."""
 from __future__ import annotations
 
 import datetime as dt
@@ -58,7 +58,8 @@ class AlarmList:
         for e in self.events:
             lines.append(f"  {e['entity']:<16} {e['start'][:19]:<20} {e['end'][:19]:<20} {e['ticks']:>6} "
                          f"{e['peak']:>8.3f}  {e['dominant']}" + (f" ({e['channel']})" if e["channel"] else "")
-                         + (f"  <- {e['cause']}" if e["cause"] and e["cause"] != e["dominant"] else "")
+                         + (f"  <- {e['cause']}" + (f" ({e['cause_channel']})" if e["cause_channel"] else "")
+                            if e["cause"] and e["cause"] != e["dominant"] else "")
                          + ("  (open: still alarming at the window's end)" if e["open"] else ""))
         return "\n".join(lines)
 
@@ -100,6 +101,7 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
         events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
                        "peak": row["peak"], "dominant": dominant, "channel": channel, "cause": row.get(CAUSE),
+                       "cause_channel": row.get(f"channel_{row[CAUSE]}") if row.get(CAUSE) else None,
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
     return AlarmList(dates, events, min_ticks, in_window.height - runs.height)

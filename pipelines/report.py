@@ -367,7 +367,9 @@ class AlarmEvents:
             self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
                                "end": _when(row["end"], self.zone),
                                "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant or "none",
-                               "channel": channel, "cause": row.get(CAUSE), "kind": row.get("kind")})
+                               "channel": channel, "cause": row.get(CAUSE),
+                               "cause_channel": row.get(f"channel_{row[CAUSE]}") if row.get(CAUSE) else None,
+                               "kind": row.get("kind")})
         return self.found
 
 
@@ -500,7 +502,8 @@ def _shares_table(counts_by_kind: dict[str, dict[str, int]], table_id: str) -> s
 def _events_section(found: AlarmEvents) -> str:
     head = ["entity", "start", "end", "ticks", "peak score", "dominant modality", "cause", "labelled kind"]
     rows = [[e["entity"], e["start"], e["end"], str(e["ticks"]), _num(e["peak"]),
-             e["dominant"] + (f" ({e['channel']})" if e.get("channel") else ""), e.get("cause") or "-",
+             e["dominant"] + (f" ({e['channel']})" if e.get("channel") else ""),
+             (e.get("cause") or "-") + (f" ({e['cause_channel']})" if e.get("cause_channel") else ""),
              e["kind"] or "none"] for e in found.found]
     note = f"{found.count} alarm events (runs of consecutive alarm ticks of one entity); the {len(found.found)} " \
            "with the highest peak score, their times in the spec's timezone. Dominant modality: the largest mean " \

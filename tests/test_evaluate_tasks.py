@@ -270,6 +270,9 @@ def test_alarm_events_from_chunk_parts_equal_the_whole_series():
         counts = ticks["cause"].drop_nulls().value_counts()          # the cause: the one most of its ticks name
         assert e["cause"] == (counts.filter(pl.col("count") == counts["count"].max())["cause"].sort()[0]
                               if counts.height else None)
+        named = ticks["channel_x"].value_counts()                   # a cause with channels: its channel too
+        assert e["cause_channel"] == (named.filter(pl.col("count") == named["count"].max())["channel_x"].sort()[0]
+                                      if e["cause"] == "x" else None)
         if e["dominant"] == "y":                          # a modality without channels: none named
             assert e["channel"] is None
             continue
@@ -536,8 +539,9 @@ def test_alarm_events_are_the_runs_of_alarm_ticks_with_their_true_start_and_open
 def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_whole(tmp_path):
     """With two entity key columns, one of them an integer, each event carries both as stored (JSON numbers stay
     numbers) and `entity` joins them; a run from 23:50 to 00:10 listed for the second date keeps its start, and its
-    channel is the one most of its ticks on both dates name."""
-    from pipelines.alarms import alarm_events
+    channel is the one most of its ticks on both dates name, its cause (with the cause's channel) likewise; the
+    table shows a cause unlike the dominant modality beside it."""
+    from pipelines.alarms import AlarmList, alarm_events
 
     spec = parse_spec({
         "name": "alarms", "entity": ["site", "pump"], "time": "ts", "grain": "10min", "partition": "date",
@@ -560,8 +564,11 @@ def test_alarm_events_keep_each_key_column_as_stored_and_a_run_across_midnight_w
     (event,) = alarm_events(spec).events                     # the newest date, 2024-03-02
     assert event == {"entity": "7|a", "site": 7, "pump": "a", "start": "2024-03-01T23:50:00+00:00",
                      "end": "2024-03-02T00:10:00+00:00", "ticks": 3, "peak": 5.0, "dominant": "process",
-                     "channel": "y", "cause": "process", "contributions": {"process": 4.0}, "open": False,
-                     "may_have_begun_earlier": False}
+                     "channel": "y", "cause": "process", "cause_channel": "y", "contributions": {"process": 4.0},
+                     "open": False, "may_have_begun_earlier": False}
+    echo = dict(event, dominant="camera", channel=None)            # the table names a cause unlike the dominant one
+    assert AlarmList(["2024-03-02"], [event]).text().splitlines()[-1].endswith("5.000  process (y)")
+    assert AlarmList(["2024-03-02"], [echo]).text().splitlines()[-1].endswith("5.000  camera  <- process (y)")
     (first,) = alarm_events(spec, start=dt.date(2024, 3, 1), end=dt.date(2024, 3, 1)).events
     assert first["open"] and first["end"] == "2024-03-01T23:50:00+00:00" and first["ticks"] == 1
     assert json.loads(json.dumps(event))["site"] == 7
