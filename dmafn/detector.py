@@ -4,6 +4,7 @@
     det.decision_function(features)   # higher = more anomalous
     det.predict(features)             # 0/1 by det.threshold_
     det.score_record(features)        # fused score and per-modality contributions
+    det.causes(features)              # per row, the modality behind its score (an echo of another's fault is not)
     det.calibration_                  # the fitted `dmafn.calibration.Calibration` (normalisation, smoothing, threshold)
 
 `features` is a `dmafn.features.Features` (a dict of modality arrays and a presence mask), e.g. from

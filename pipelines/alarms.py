@@ -26,7 +26,6 @@ import polars as pl
 
 from dmafn.spec import Spec
 from pipelines.align import date_start_us
-from pipelines.delta_sink import CAUSE
 from pipelines.evaluate import open_scores, read_score_date, score_dates
 from pipelines.ingest import entity_string
 from pipelines.report import AlarmEvents
@@ -98,10 +97,11 @@ def alarm_events(spec: Spec, *, start: dt.date | None = None, end: dt.date | Non
     events = []
     for row in runs.iter_rows(named=True):
         means, dominant, channel = found.attribution(row)
+        cause, cause_channel = found.cause(row)
         events.append({"entity": row["_entity"], **key_values[row["_entity"]],
                        "start": _iso(row["start"]), "end": _iso(row["end"]), "ticks": row["ticks"],
-                       "peak": row["peak"], "dominant": dominant, "channel": channel, "cause": row.get(CAUSE),
-                       "cause_channel": row.get(f"channel_{row[CAUSE]}") if row.get(CAUSE) else None,
+                       "peak": row["peak"], "dominant": dominant, "channel": channel, "cause": cause,
+                       "cause_channel": cause_channel,
                        "contributions": means, "open": row["_last"] is not None and row["end"] == row["_last"],
                        "may_have_begun_earlier": bool(before) and row["start"] == row["_first"]})
     return AlarmList(dates, events, min_ticks, in_window.height - runs.height)

@@ -303,6 +303,13 @@ class AlarmEvents:
         return means, dominant, run.get(f"channel_{dominant}") if dominant else None
 
     @staticmethod
+    def cause(run: dict[str, Any]) -> tuple[str | None, str | None]:
+        """A run's (a row of `best`) cause - the modality the output's `cause` names at most of its ticks - and that
+        modality's channel at most of them; None where no tick names one, or the modality has no channels."""
+        cause = run.get(CAUSE)
+        return cause, run.get(f"channel_{cause}") if cause else None
+
+    @staticmethod
     def _rows(chunk: pl.DataFrame, modalities: list[str]) -> tuple[pl.DataFrame, list[pl.Expr]]:
         """A chunk's columns that the runs need, and the aggregations of a run."""
         contributions = [m for m in modalities if f"score_{m}" in chunk.columns]
@@ -364,11 +371,11 @@ class AlarmEvents:
         self.found = []
         for row in (self.best.iter_rows(named=True) if self.best is not None else []):
             _, dominant, channel = self.attribution(row)
+            cause, cause_channel = self.cause(row)
             self.found.append({"entity": row["_entity"], "start": _when(row["start"], self.zone),
                                "end": _when(row["end"], self.zone),
                                "ticks": row["ticks"], "peak": row["peak"], "dominant": dominant or "none",
-                               "channel": channel, "cause": row.get(CAUSE),
-                               "cause_channel": row.get(f"channel_{row[CAUSE]}") if row.get(CAUSE) else None,
+                               "channel": channel, "cause": cause, "cause_channel": cause_channel,
                                "kind": row.get("kind")})
         return self.found
 
