@@ -261,10 +261,10 @@ def attribution_counts(scores: dict[str, np.ndarray], alarms: np.ndarray,
     names = [n for n in scores if n.startswith("score_")]
     if not names or not alarms.any():
         return {}
-    contributions = np.stack([scores[n] for n in names], 1)
+    contributions = np.stack([scores[n][alarms] for n in names], 1)          # the alarm ticks' only
     held = ~np.isnan(contributions).all(1)
     top = np.full(len(alarms), None, object)
-    top[held] = np.asarray([n[6:] for n in names], object)[
+    top[np.flatnonzero(alarms)[held]] = np.asarray([n[6:] for n in names], object)[
         np.argmax(np.where(np.isnan(contributions), -np.inf, contributions)[held], 1)]
     return named_counts(top, alarms, kinds)
 
