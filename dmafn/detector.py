@@ -108,18 +108,21 @@ class Detector:
         named = channel_names(raw, self.modalities, (lambda m, p: parts.smooth(p, groups)) if smoothed else None)
         return {**named, **line_names(X, self.modalities)}
 
-    def causes(self, X: Features) -> np.ndarray:
+    def causes(self, X: Features, views: dict[str, Features] | None = None) -> np.ndarray:
         """(N,) per row, the voting modality with the largest unsmoothed contribution that no other modality explains
         (`cause_names` of `own_contributions`: hidden in turn, `occlusion_contributions`; as the output's `cause`,
         which the pipeline reads at over-threshold ticks only): the fault the others' errors follow; None where
-        fewer than two voting modalities are present, and for a classifier (its contributions are occlusions)."""
+        fewer than two voting modalities are present, and for a classifier (its contributions are occlusions).
+        `views[m]`: X's rows featurized with m absent (`featurize(..., absent=...)`) for a modality other modalities'
+        cross-modal relations read, so that hiding it hides it from them too, as the pipeline does."""
         if self.model_.cfg.detector == "classifier":
             return np.full(len(X.mask), None, object)
         record = self.calibration_.record(raw_scores(self.model_, X, device=self.device))
         hidden = occlusion_contributions(self.model_, X, self.calibration_.record, occlusion_groups(self.modalities),
-                                         device=self.device)
+                                         device=self.device, views=views)
         voting = voting_mask(X.mask, self.calibration_.normalisation)
-        return cause_names(own_contributions(record.contributions, hidden), voting, X.modalities)
+        return cause_names(own_contributions(record.contributions, hidden), voting, X.modalities, record.contributions,
+                           hidden)
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

@@ -10,7 +10,7 @@ import io
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -262,6 +262,13 @@ def peer_contexts(spec: Spec, parent: str) -> list[str]:
     related to the peer's past, not only to its current value."""
     peers = relation_peers(spec, parent)
     return [name for peer in peers for name, m in spec.modalities.items() if m.context_of == peer]
+
+
+def relation_peers_read(stats: dict[str, Any]) -> set[str]:
+    """The modalities some fitted cross-modal relation reads as a peer (its current values or, a context view, its
+    history): where one of them is absent, the relations reading it fall back to their within-modality fits."""
+    return {name for fitted in stats.get("relations", {}).values() if fitted.get("cross_channels")
+            for name in [*fitted.get("peers", []), *fitted.get("peer_history", [])]}
 
 
 def peer_values(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
@@ -1745,7 +1752,8 @@ class Features:
 
 def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
               decoded: dict[str, dict[bytes, np.ndarray | None]] | None = None,
-              carry: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None) -> Features:
+              carry: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None,
+              absent: Collection[str] = ()) -> Features:
     """Aligned rows -> normalised model inputs. Absent modalities are zeros with mask False; a tabular or series
     modality missing some of its channels is present, those channels 0 (their training mean) and False in
     `channels` (the model leaves them out of its error; relations and the operating state read it as absent).
@@ -1754,7 +1762,9 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     for bytes that do not decode), e.g. by the ingest check of the same shard; the others are decoded here.
     `carry`: for relations fitted with `model.relation_smoothing`, each context's smoothing state per entity and
     date (`smooth_residuals`), read and updated - given the same dict for the consecutive batches of one shard
-    (rows sorted by entity and time), its ticks smooth as if aligned at once; without it each call starts afresh."""
+    (rows sorted by entity and time), its ticks smooth as if aligned at once; without it each call starts afresh.
+    `absent`: modalities read as having no row at any tick - out of the mask, the others' cross-modal relations and
+    the operating state, as where their rows are missing (`dmafn.scoring.occlusion_contributions`' views)."""
     n = aligned.num_rows
     keys = entity_key(aligned, spec.entity)
     by_entity = stats.get("normalization") == "entity"
@@ -1767,6 +1777,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     relation_only = {ctx for ctx, fitted in stats.get("relations", {}).items() if not fitted.get("model_input", True)}
     for name, m in spec.modalities.items():
         present = np.asarray(aligned.column(f"{name}__present").fill_null(False).to_numpy(zero_copy_only=False), bool)
+        if name in absent:
+            present = np.zeros(n, bool)
         if m.kind in ("tabular", "timeseries"):
             fitted = stats["modalities"][name]
             _check_transform(m, fitted)

@@ -289,11 +289,18 @@ def occlusion_groups(modalities: dict[str, ModalitySpec]) -> dict[str, tuple[str
 
 def occlusion_contributions(model: DMAFN, features: Features, record: Callable[[RawScores], ScoreRecord],
                             groups: dict[str, tuple[str, ...]], batch_size: int = 1024,
-                            device: str = "cpu") -> np.ndarray:
+                            device: str = "cpu", views: dict[str, Features] | None = None) -> np.ndarray:
     """(N, M, M) each tick's contributions (unsmoothed, as `record` makes them from raw scores) with one voting
     modality hidden from the model - with its context views, `groups` (`occlusion_groups`): [:, k, j] is modality
     j's with modality k hidden; NaN where k is absent, where j is hidden or absent, and for a k that is not a
-    voting modality. Every payload is read at the tick itself here (nothing held)."""
+    voting modality. Every payload is read at the tick itself here (nothing held).
+
+    `views[m]`: the same ticks featurized with m's group absent (`featurize(..., absent=groups[m])`), for a modality
+    that others' cross-modal relations read (`dmafn.features.relation_peers_read`): hidden, it is hidden from those
+    relations too - they fall back to their within-modality fits -, so an echo through a relation (a rough vibration
+    breaking the process's relation with it) falls back as one through the fused code does. The operating state
+    stays the tick's own: without a modality's columns the others' baselines read on their wider fallbacks, which
+    lowers their contributions for want of evidence, not because the hidden modality explained them."""
     features = replace(features, taken={})
     names = list(features.modalities)
     n, m_count = features.mask.shape
@@ -303,9 +310,12 @@ def occlusion_contributions(model: DMAFN, features: Features, record: Callable[[
         mask = features.mask.copy()
         mask[:, [names.index(h) for h in hide if h in names]] = False
         rows = np.flatnonzero(features.mask[:, k] & mask.any(1))
-        if len(rows):
-            hidden = replace(features.rows(rows), mask=mask[rows])
-            out[rows, k] = record(raw_scores(model, hidden, batch_size, device)).contributions
+        if not len(rows):
+            continue
+        seen = features if not views or m not in views else \
+            replace(views[m], taken={}, state=features.state, state_owners=features.state_owners)
+        hidden = replace(seen.rows(rows), mask=mask[rows])
+        out[rows, k] = record(raw_scores(model, hidden, batch_size, device)).contributions
     return out
 
 
@@ -318,16 +328,33 @@ def own_contributions(contributions: np.ndarray, hidden: np.ndarray) -> np.ndarr
     return np.where(np.isfinite(contributions), np.fmin(contributions, least), np.nan)
 
 
-def cause_names(own: np.ndarray, voting: np.ndarray, modalities: tuple[str, ...] | list[str]) -> np.ndarray:
+CAUSE_SHARE = 0.5    # `cause_names`: a cause hidden takes at least this share of the largest contribution away, or the
+                     # largest is named (chosen 2026-12-07 on the demo, `--audio --gradual` and `--gradual --stops`:
+                     # a cross-modal fault otherwise named a third modality at 9-14 % of its ticks)
+
+
+def cause_names(own: np.ndarray, voting: np.ndarray, modalities: tuple[str, ...] | list[str],
+                contributions: np.ndarray | None = None, hidden: np.ndarray | None = None) -> np.ndarray:
     """(N, M) `own_contributions` and the (N, M) present voting modalities -> (N,) the voting modality with the
     largest own contribution: the fault the others' errors follow (object array; None where fewer than two vote).
     Beside the largest contribution it tells a fault from its echo: an overheated process raises the camera's error
     too (the fused code carries it), but with the process hidden the camera's error is back to normal, while the
-    process's stays high whichever other modality is hidden."""
+    process's stays high whichever other modality is hidden. With the (N, M) `contributions` and the (N, M, M)
+    `hidden` ones (`occlusion_contributions`), a cause must explain the largest contribution where it is another's:
+    hidden, it takes at least `CAUSE_SHARE` of it away - else the modality with the largest contribution is named (a
+    relation between two modalities broken, each side explained by the other, leaves only a third's noise)."""
     out = np.full(len(own), None, object)
     named = (voting.sum(1) >= 2) & (voting & np.isfinite(own)).any(1)
     if named.any():
         largest = np.argmax(np.where(voting & np.isfinite(own), own, -np.inf)[named], 1)
+        if contributions is not None and hidden is not None:
+            rows = np.flatnonzero(named)
+            full = np.where(voting & np.isfinite(contributions), contributions, -np.inf)[rows]
+            top = np.argmax(full, 1)
+            left = hidden[rows, largest, top]                   # the largest contribution with the cause hidden
+            top_value = full[np.arange(len(rows)), top]
+            explained = (largest == top) | (top_value <= 0) | (left < CAUSE_SHARE * top_value)
+            largest = np.where(explained, largest, top)
         out[named] = np.asarray(modalities, object)[largest]
     return out
 

@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import Features, entity_key, entity_keys, featurize, smoothing_groups
+from dmafn.features import Features, entity_key, entity_keys, featurize, relation_peers_read, smoothing_groups
 from dmafn.calibration import Calibration
 from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
                            occlusion_groups, own_contributions, raw_scores, voting_mask)
@@ -40,8 +40,8 @@ _OLDEST = pl.CompatLevel.oldest()     # large_string, not string_view: what Delt
 
 class Scorer:
     """Scores the aligned batches of one shard, in order (ticks sorted by entity and time), with one loaded model
-    version; `__call__(aligned batch)` carries only the relations' smoothing state, the payloads' held errors and
-    the channel parts' smoothing state from batch to batch."""
+    version; `__call__(aligned batch)` carries only the relations' smoothing state (the cause's views' too), the
+    payloads' held errors and the channel parts' smoothing state from batch to batch."""
 
     def __init__(self, mv: ModelVersion):
         self.version, self.model, self.spec = mv.version, mv.model, mv.spec
@@ -51,6 +51,15 @@ class Scorer:
         self.parts: dict = {}       # each channel part's smoothing state per entity and date, batch to batch
         self.parts_smoothing = self.calibration.parts_smoothing()
         self.occluded = occlusion_groups(self.spec.modalities)   # what hiding a voting modality hides (`cause`)
+        naming = len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier"
+        # the modalities others' cross-modal relations read: hidden, they are hidden from those relations too - a
+        # view of each batch featurized without them, its relations' smoothing carried from batch to batch; with
+        # smoothing every batch is viewed (the carry), else only a batch with a tick over the threshold
+        peers = relation_peers_read(self.stats)
+        self.relayed = {m: group for m, group in self.occluded.items() if naming and set(group) & peers}
+        self.view_carry: dict[str, dict] = {m: {} for m in self.relayed}
+        self.view_every_batch = bool(self.relayed) and any(f.get("smoothing")
+                                                           for f in self.stats.get("relations", {}).values())
 
     def __call__(self, aligned: pa.Table, decoded: dict | None = None) -> pa.Table:
         """`decoded`: image frames the shard's ingest check decoded already (`ShardInputs.decoded`)."""
@@ -70,25 +79,36 @@ class Scorer:
             cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
         for m, lines in line_names(feats, spec.modalities).items():     # a text modality: its window's unseen line
             cols[f"{CHANNEL}{m}"] = pa.array(lines, pa.string())
-        cols[CAUSE] = pa.array(self._causes(aligned, feats, record), pa.string())
+        views = self._views(aligned, decoded) if self.view_every_batch else None
+        cols[CAUSE] = pa.array(self._causes(aligned, feats, record, decoded, views), pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
 
-    def _causes(self, aligned: pa.Table, feats: Features, record: ScoreRecord) -> np.ndarray:
+    def _views(self, aligned: pa.Table, decoded: dict | None) -> dict[str, Features]:
+        """The batch featurized once per modality other modalities' relations read, with it (and its context views)
+        absent: what `occlusion_contributions` reads when it hides that modality."""
+        return {m: featurize(aligned, self.spec, self.stats, decoded, self.view_carry[m], absent=group)
+                for m, group in self.relayed.items()}
+
+    def _causes(self, aligned: pa.Table, feats: Features, record: ScoreRecord, decoded: dict | None = None,
+                views: dict[str, Features] | None = None) -> np.ndarray:
         """(N,) object: at each tick whose unsmoothed fused score (normalised per entity, as the smoothed one is) is
         over the threshold, the voting modality with the largest contribution no other modality explains, each
-        hidden from the model in turn (`dmafn.scoring.cause_names`); None elsewhere and for a classifier."""
+        hidden in turn from the model and from the others' relations (`dmafn.scoring.cause_names`; `views`, made here
+        when not given); None elsewhere and for a classifier."""
         causes = np.full(len(record.score), None, object)
         score = record.score
         if self.calibration.entity_scale:
             score = self.calibration.normalise(score, np.asarray(entity_key(aligned, self.spec.entity), str))
         over = np.flatnonzero(np.nan_to_num(score, nan=-np.inf) > float(self.calibration.threshold))
         if len(over) and len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier":
-            hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded)
+            views = views if views is not None else self._views(aligned, decoded)
+            hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded,
+                                             views={m: view.rows(over) for m, view in views.items()})
             own = own_contributions(record.contributions[over], hidden)
             causes[over] = cause_names(own, voting_mask(record.mask[over], self.calibration.normalisation),
-                                       feats.modalities)
+                                       feats.modalities, record.contributions[over], hidden)
         return causes
 
     def _smoothed_parts(self, aligned: pa.Table, feats: Features) -> Callable[[str, np.ndarray], np.ndarray] | None:

@@ -2869,6 +2869,39 @@ def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not
         StatisticsFitter(off).add(train).result()["relations"]["proc_context"]
 
 
+def test_a_modality_read_as_absent_is_out_of_the_relations_that_read_it_and_the_state_as_where_its_rows_are_missing():
+    """`featurize(..., absent=...)` (the cause's views): the modality out of the mask, its inputs zeros, the relations
+    that read it as a peer on their within-modality fits and its state columns NaN - the same features as where its
+    rows are missing, the other modalities' inputs as they were; `relation_peers_read` names the modalities some
+    fitted relation reads."""
+    from dmafn.features import relation_peers_read
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(4)
+    stats = StatisticsFitter(spec).add(_cross_rows(spec, 800, rng)).result()
+    assert relation_peers_read(stats) == {"vib"}
+    assert relation_peers_read({**stats, "relations": {}}) == set()
+    rows = _cross_rows(spec, 200, rng, spread=0.4, shift=1.2)          # the process side off its relation with vib
+    gone = rows.set_column(rows.schema.get_field_index("vib__present"), "vib__present", pa.array([False] * 200))
+    seen, hidden, missing = (featurize(rows, spec, stats), featurize(rows, spec, stats, absent=("vib",)),
+                             featurize(gone, spec, stats))
+    proc, vib = list(spec.modalities).index("proc"), list(spec.modalities).index("vib")
+    assert seen.relation_errors[:, proc].mean() > 20 * hidden.relation_errors[:, proc].mean()
+    np.testing.assert_array_equal(hidden.relation_errors, missing.relation_errors)
+    np.testing.assert_array_equal(hidden.mask, missing.mask)
+    assert seen.mask[:, vib].all() and not hidden.mask[:, vib].any() and not hidden.inputs["vib"].any()
+    np.testing.assert_array_equal(hidden.inputs["proc"], seen.inputs["proc"])
+    assert hidden.state_owners == seen.state_owners and "vib" in seen.state_owners
+    np.testing.assert_array_equal(hidden.state, missing.state)
+    owned = np.asarray(hidden.state_owners) == "vib"
+    assert np.isnan(hidden.state[:, owned]).all() and np.isfinite(seen.state[:, owned]).all()
+
+
 def test_a_peer_that_swings_about_zero_tells_its_load_through_its_window_spread():
     """An accelerometer's axis swings about zero whatever the load: its window mean says nothing, how far it swings
     (`window_spread`) does. With `model.window_spread` (the default) the cross-modal relation reads both, so a

@@ -571,7 +571,8 @@ def test_the_detector_names_the_channel_that_drives_each_rows_error():
 def test_the_cause_is_the_modality_with_the_largest_contribution_no_other_modality_explains():
     """`own_contributions`: a modality's contribution at most, and at most what it keeps with any other hidden - an
     echo of another's fault (b's 5.0, back to 0.3 with a hidden) is not its own; `cause_names`: the largest own one
-    of the voting modalities, None where fewer than two vote; `Detector.causes`: a process fault names the process,
+    of the voting modalities, None where fewer than two vote, the largest contribution where the largest own one
+    does not explain it; `Detector.causes`: a process fault names the process,
     a camera fault the camera (where nothing else is off at the same row), an absent modality is never named."""
     from dmafn.scoring import cause_names, own_contributions
 
@@ -586,6 +587,15 @@ def test_the_cause_is_the_modality_with_the_largest_contribution_no_other_modali
     assert list(cause_names(own, voting, ("a", "b", "c"))) == ["a", "b", None]
     voting[0, 0] = False                                           # a does not vote (a context view): never named
     assert cause_names(own, voting, ("a", "b", "c"))[0] == "b"
+    # a cause must explain the largest contribution (hidden, take `CAUSE_SHARE` of it away): b's echo of a is (row 1);
+    # a relation between a and b broken - each explained by the other - leaves c's noise the largest own one, which
+    # explains nothing: a, the largest contribution, is named (row 0)
+    both = np.array([[4.0, 3.8, 1.0], [3.0, 5.0, 0.1]])
+    by_hidden = np.array([[[nan, 0.6, 0.9], [0.5, nan, 1.0], [4.0, 3.8, nan]],
+                          [[nan, 0.3, 0.1], [2.9, nan, 0.1], [3.0, 5.0, nan]]])
+    left, every = own_contributions(both, by_hidden), np.ones((2, 3), bool)
+    assert list(cause_names(left, every, ("a", "b", "c"))) == ["c", "a"]
+    assert list(cause_names(left, every, ("a", "b", "c"), both, by_hidden)) == ["a", "a"]
     feats, _ = make(160)
     det = Detector(specs(), small(d_model=16, latent=4), epochs=4, batch_size=32).fit(feats.rows(np.arange(120)))
     test, _ = make(40, seed=5, anomalies=20, kind="cross")        # the last 20: the process's load shifted
@@ -599,6 +609,32 @@ def test_the_cause_is_the_modality_with_the_largest_contribution_no_other_modali
     test.mask[[1, 11], 0] = False                                  # the process absent: never named
     again = det.causes(test)
     assert again[0] is None and again[1] in ("vib", "cam", "logs") and again[11] == causes[11]
+
+
+def test_hiding_a_modality_from_the_relations_that_read_it_leaves_no_echo_through_them_to_name():
+    """A vibration fault that breaks the process's cross-modal relation with it raises the process's error through
+    the relation; hidden from the model alone the vibration leaves that error, and the process is named. With the
+    view of the ticks featurized without the vibration (`views`: the relation on its fit within the process, which
+    holds), the echo falls back and the vibration is named; the operating state stays the ticks' own."""
+    from dataclasses import replace
+
+    feats, _ = make(160)
+    det = Detector(specs(), small(d_model=16, latent=4), epochs=4, batch_size=32).fit(feats.rows(np.arange(120)))
+    test, _ = make(40, seed=5)
+    proc, vib = test.modalities.index("proc"), test.modalities.index("vib")
+    test.inputs["vib"] = test.inputs["vib"].copy()
+    test.inputs["vib"][:10] += np.random.default_rng(3).normal(0, 3.0, test.inputs["vib"][:10].shape)   # rough
+    relation = np.zeros(test.mask.shape, np.float32)
+    relation[:10, proc] = 400.0                        # the process far from where the vibration's level puts it
+    test = replace(test, relation_errors=relation)
+    mask = test.mask.copy()
+    mask[:, vib] = False
+    without = replace(test, mask=mask, relation_errors=np.zeros_like(relation),
+                      inputs={**test.inputs, "vib": np.zeros_like(test.inputs["vib"])})
+    assert (det.causes(test)[:10] == "proc").all()
+    assert (det.causes(test, views={"vib": without})[:10] == "vib").all()
+    assert (det.causes(test, views={"vib": replace(without, state=np.full((40, 1), np.nan), state_owners=("vib",))})
+            [:10] == "vib").all()                      # a view's state is not read
 
 
 def test_an_audio_modalitys_mel_bands_are_its_errors_parts_and_a_tone_names_its_band():

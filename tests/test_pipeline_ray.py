@@ -1702,6 +1702,12 @@ def test_a_shard_streams_its_progress_then_its_scores(trained, tmp_path):
                                one["score"].to_numpy(zero_copy_only=False), rtol=1e-5)
     named = np.asarray(cut["channel_vibration"].to_pylist(), object), np.asarray(one["channel_vibration"].to_pylist(), object)
     assert np.mean(named[0] == named[1]) > 0.99         # the channel parts' smoothing carried across the batches
+    from pipelines.score_steps import Scorer
+
+    assert Scorer(mv).relayed == {"vibration": ("vibration",)}     # the process's relations read the vibration
+    causes = np.asarray(cut["cause"].to_pylist(), object), np.asarray(one["cause"].to_pylist(), object)
+    named_any = np.fromiter((c is not None for c in causes[1]), bool)
+    assert named_any.sum() > 20 and np.mean(causes[0][named_any] == causes[1][named_any]) > 0.99   # views carried
 
 
 def test_the_scorer_smooths_each_channels_part_across_its_batches_as_at_once(trained):
