@@ -9,7 +9,7 @@ import functools
 import io
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -262,6 +262,13 @@ def peer_contexts(spec: Spec, parent: str) -> list[str]:
     related to the peer's past, not only to its current value."""
     peers = relation_peers(spec, parent)
     return [name for peer in peers for name, m in spec.modalities.items() if m.context_of == peer]
+
+
+def level_spec(spec: Spec) -> Spec:
+    """`spec` with its tabular and series modalities alone (their context views among them): everything the relations
+    and the operating state read, without the images, clips and text a featurization for those needs no part of."""
+    return replace(spec, modalities={name: m for name, m in spec.modalities.items()
+                                     if m.kind in ("tabular", "timeseries")})
 
 
 def relation_peers_read(stats: dict[str, Any]) -> set[str]:

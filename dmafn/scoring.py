@@ -295,12 +295,14 @@ def occlusion_contributions(model: DMAFN, features: Features, record: Callable[[
     j's with modality k hidden; NaN where k is absent, where j is hidden or absent, and for a k that is not a
     voting modality. Every payload is read at the tick itself here (nothing held).
 
-    `views[m]`: the same ticks featurized with m's group absent (`featurize(..., absent=groups[m])`), for a modality
-    that others' cross-modal relations read (`dmafn.features.relation_peers_read`): hidden, it is hidden from those
-    relations too - they fall back to their within-modality fits -, so an echo through a relation (a rough vibration
-    breaking the process's relation with it) falls back as one through the fused code does. The operating state
-    stays the tick's own: without a modality's columns the others' baselines read on their wider fallbacks, which
-    lowers their contributions for want of evidence, not because the hidden modality explained them."""
+    `views[m]`: the same ticks featurized with m's group absent (`featurize(..., absent=groups[m])`, of the whole spec
+    or only its tabular and series modalities, `dmafn.features.level_spec`), for a modality that others' cross-modal
+    relations read (`dmafn.features.relation_peers_read`): hidden, it is hidden from those relations too - the view's
+    relation errors, by modality, where they fall back to their within-modality fits -, so an echo through a relation
+    (a rough vibration breaking the process's relation with it) falls back as one through the fused code does. Nothing
+    else is read from a view: the operating state stays the tick's own (without a modality's columns the others'
+    baselines read on their wider fallbacks, which lowers their contributions for want of evidence, not because the
+    hidden modality explained them)."""
     features = replace(features, taken={})
     names = list(features.modalities)
     n, m_count = features.mask.shape
@@ -312,11 +314,24 @@ def occlusion_contributions(model: DMAFN, features: Features, record: Callable[[
         rows = np.flatnonzero(features.mask[:, k] & mask.any(1))
         if not len(rows):
             continue
-        seen = features if not views or m not in views else \
-            replace(views[m], taken={}, state=features.state, state_owners=features.state_owners)
+        seen = features if not views or m not in views else with_relations_of(features, views[m])
         hidden = replace(seen.rows(rows), mask=mask[rows])
         out[rows, k] = record(raw_scores(model, hidden, batch_size, device)).contributions
     return out
+
+
+def with_relations_of(features: Features, view: Features) -> Features:
+    """`features` with the relation errors (and their channel parts) of the modalities `view` holds, by name."""
+    if view.relation_errors is None:
+        return features
+    names = list(features.modalities)
+    errors = np.zeros(features.mask.shape, np.float32) if features.relation_errors is None else \
+        features.relation_errors.copy()
+    for j, name in enumerate(view.modalities):
+        if name in names:
+            errors[:, names.index(name)] = view.relation_errors[:, j]
+    parts = {**features.relation_channels, **{m: p for m, p in view.relation_channels.items() if m in names}}
+    return replace(features, relation_errors=errors, relation_channels=parts)
 
 
 def own_contributions(contributions: np.ndarray, hidden: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmafn.features import Features, entity_key, entity_keys, featurize, relation_peers_read, smoothing_groups
+from dmafn.features import (Features, entity_key, entity_keys, featurize, level_spec, relation_peers_read,
+                            smoothing_groups)
 from dmafn.calibration import Calibration
 from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
                            occlusion_groups, own_contributions, raw_scores, voting_mask)
@@ -58,6 +59,7 @@ class Scorer:
         peers = relation_peers_read(self.stats)
         self.relayed = {m: group for m, group in self.occluded.items() if naming and set(group) & peers}
         self.view_carry: dict[str, dict] = {m: {} for m in self.relayed}
+        self.view_spec = level_spec(self.spec)           # the views need the relations alone: no image, clip or text
         self.view_every_batch = bool(self.relayed) and any(f.get("smoothing")
                                                            for f in self.stats.get("relations", {}).values())
 
@@ -79,19 +81,19 @@ class Scorer:
             cols[f"{CHANNEL}{m}"] = pa.array(named, pa.string())
         for m, lines in line_names(feats, spec.modalities).items():     # a text modality: its window's unseen line
             cols[f"{CHANNEL}{m}"] = pa.array(lines, pa.string())
-        views = self._views(aligned, decoded) if self.view_every_batch else None
-        cols[CAUSE] = pa.array(self._causes(aligned, feats, record, decoded, views), pa.string())
+        views = self._views(aligned) if self.view_every_batch else None
+        cols[CAUSE] = pa.array(self._causes(aligned, feats, record, views), pa.string())
         cols["modalities"] = pa.array(present, pa.list_(pa.string()))
         cols[REASON] = pa.array([None if p else NO_MODALITY for p in present], pa.string())
         return pa.table(cols)
 
-    def _views(self, aligned: pa.Table, decoded: dict | None) -> dict[str, Features]:
-        """The batch featurized once per modality other modalities' relations read, with it (and its context views)
-        absent: what `occlusion_contributions` reads when it hides that modality."""
-        return {m: featurize(aligned, self.spec, self.stats, decoded, self.view_carry[m], absent=group)
+    def _views(self, aligned: pa.Table) -> dict[str, Features]:
+        """The batch's tabular and series modalities featurized once per modality other modalities' relations read,
+        with it (and its context views) absent: the relations `occlusion_contributions` reads when it hides it."""
+        return {m: featurize(aligned, self.view_spec, self.stats, None, self.view_carry[m], absent=group)
                 for m, group in self.relayed.items()}
 
-    def _causes(self, aligned: pa.Table, feats: Features, record: ScoreRecord, decoded: dict | None = None,
+    def _causes(self, aligned: pa.Table, feats: Features, record: ScoreRecord,
                 views: dict[str, Features] | None = None) -> np.ndarray:
         """(N,) object: at each tick whose unsmoothed fused score (normalised per entity, as the smoothed one is) is
         over the threshold, the voting modality with the largest contribution no other modality explains, each
@@ -103,7 +105,7 @@ class Scorer:
             score = self.calibration.normalise(score, np.asarray(entity_key(aligned, self.spec.entity), str))
         over = np.flatnonzero(np.nan_to_num(score, nan=-np.inf) > float(self.calibration.threshold))
         if len(over) and len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier":
-            views = views if views is not None else self._views(aligned, decoded)
+            views = views if views is not None else self._views(aligned)
             hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded,
                                              views={m: view.rows(over) for m, view in views.items()})
             own = own_contributions(record.contributions[over], hidden)

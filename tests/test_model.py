@@ -635,6 +635,12 @@ def test_hiding_a_modality_from_the_relations_that_read_it_leaves_no_echo_throug
     assert (det.causes(test, views={"vib": without})[:10] == "vib").all()
     assert (det.causes(test, views={"vib": replace(without, state=np.full((40, 1), np.nan), state_owners=("vib",))})
             [:10] == "vib").all()                      # a view's state is not read
+    from dmafn.features import Features
+
+    levels = Features(inputs={"proc": test.inputs["proc"], "vib": without.inputs["vib"]}, mask=mask[:, :2],
+                      modalities=("proc", "vib"), relation_errors=np.zeros((40, 2), np.float32))
+    assert test.modalities[:2] == ("proc", "vib")     # a view of the sensor modalities alone: read by name
+    assert (det.causes(test, views={"vib": levels})[:10] == "vib").all()
 
 
 def test_an_audio_modalitys_mel_bands_are_its_errors_parts_and_a_tone_names_its_band():
