@@ -2816,6 +2816,20 @@ def _cross_rows(spec, n, rng, shift=0.0, vib_present=True, spread=1.0, swing=Fal
                                         pa.list_(pa.float32()))})
 
 
+def _cross_fitted(seed: int):
+    """The spec of `proc` (temp, pres, a 10-minute context) and `vib`, its statistics fitted on 800 `_cross_rows`, and
+    the random generator drawn from after them."""
+    from dmafn.spec import parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
+                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
+    spec = parse_spec(data)
+    rng = np.random.default_rng(seed)
+    return spec, StatisticsFitter(spec).add(_cross_rows(spec, 800, rng)).result(), rng
+
+
 def test_a_cross_modal_relation_scores_a_process_that_agrees_with_itself_but_not_with_its_peers():
     """A context's relations are fitted a second time with the peer modalities' current values beside (a series
     window's mean and its swing): a process side that follows another load than the vibration - each channel still where the
@@ -2875,15 +2889,7 @@ def test_a_modality_read_as_absent_is_out_of_the_relations_that_read_it_and_the_
     rows are missing, the other modalities' inputs as they were; `relation_peers_read` names the modalities some
     fitted relation reads."""
     from dmafn.features import relation_peers_read
-    from dmafn.spec import parse_spec
-    from tests.conftest import tiny_spec_dict
-
-    data = tiny_spec_dict()
-    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
-                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
-    spec = parse_spec(data)
-    rng = np.random.default_rng(4)
-    stats = StatisticsFitter(spec).add(_cross_rows(spec, 800, rng)).result()
+    spec, stats, rng = _cross_fitted(4)
     assert relation_peers_read(stats) == {"vib"}
     assert relation_peers_read({**stats, "relations": {}}) == set()
     rows = _cross_rows(spec, 200, rng, spread=0.4, shift=1.2)          # the process side off its relation with vib
@@ -4807,15 +4813,7 @@ def test_a_dead_channels_modality_keeps_a_relation_with_its_peers_alone():
     relation (before, no relation error at all while a channel was missing); the dead channel itself gets none;
     ticks with every channel are scored as before; the per-entity intercepts travel with the entity parts."""
     from dmafn.features import join_entity_statistics, split_entity_statistics
-    from dmafn.spec import parse_spec
-    from tests.conftest import tiny_spec_dict
-
-    data = tiny_spec_dict()
-    data["modalities"] = {"proc": {**data["modalities"]["proc"], "columns": ["temp", "pres"],
-                                   "context": {"window": "10min"}}, "vib": data["modalities"]["vib"]}
-    spec = parse_spec(data)
-    rng = np.random.default_rng(6)
-    stats = StatisticsFitter(spec).add(_cross_rows(spec, 800, rng)).result()
+    spec, stats, rng = _cross_fitted(6)
     alone = stats["relations"]["proc_context"]["peer_channels"]
     assert [len(f["weights"]) for f in alone] == [2, 2] and set(alone[0]["entity_intercepts"]) == {"a"}
     fleet, entities = split_entity_statistics(stats)
