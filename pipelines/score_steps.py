@@ -52,12 +52,12 @@ class Scorer:
         self.parts: dict = {}       # each channel part's smoothing state per entity and date, batch to batch
         self.parts_smoothing = self.calibration.parts_smoothing()
         self.occluded = occlusion_groups(self.spec.modalities)   # what hiding a voting modality hides (`cause`)
-        naming = len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier"
+        self.naming = len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier"
         # the modalities others' cross-modal relations read: hidden, they are hidden from those relations too - a
         # view of each batch featurized without them, its relations' smoothing carried from batch to batch; with
         # smoothing every batch is viewed (the carry), else only a batch with a tick over the threshold
         peers = relation_peers_read(self.stats)
-        self.relayed = {m: group for m, group in self.occluded.items() if naming and set(group) & peers}
+        self.relayed = {m: group for m, group in self.occluded.items() if self.naming and set(group) & peers}
         self.view_carry: dict[str, dict] = {m: {} for m in self.relayed}
         self.view_spec = level_spec(self.spec)           # the views need the relations alone: no image, clip or text
         self.view_every_batch = bool(self.relayed) and any(f.get("smoothing")
@@ -104,7 +104,7 @@ class Scorer:
         if self.calibration.entity_scale:
             score = self.calibration.normalise(score, np.asarray(entity_key(aligned, self.spec.entity), str))
         over = np.flatnonzero(np.nan_to_num(score, nan=-np.inf) > float(self.calibration.threshold))
-        if len(over) and len(self.occluded) > 1 and self.calibration.normalisation["detector"] != "classifier":
+        if len(over) and self.naming:
             views = views if views is not None else self._views(aligned)
             hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded,
                                              views={m: view.rows(over) for m, view in views.items()})
