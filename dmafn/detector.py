@@ -20,7 +20,7 @@ from dmafn.features import Features
 from dmafn.model import ModelConfig, build_model, model_config
 from dmafn.calibration import Calibration
 from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
-                           occlusion_groups, own_contributions, raw_scores, voting_mask)
+                           occlusion_groups, raw_scores, voting_mask)
 from dmafn.spec import (ModalitySpec, ModelSpec, SmoothingSpec, ThresholdSpec, TrainSpec, threshold_without_method,
                         voting_modalities)
 from dmafn.training import fit_densities, fit_model, seed_everything
@@ -121,8 +121,7 @@ class Detector:
         hidden = occlusion_contributions(self.model_, X, self.calibration_.record, occlusion_groups(self.modalities),
                                          device=self.device, views=views)
         voting = voting_mask(X.mask, self.calibration_.normalisation)
-        return cause_names(own_contributions(record.contributions, hidden), voting, X.modalities, record.contributions,
-                           hidden)
+        return cause_names(record.contributions, hidden, voting, X.modalities)
 
     def decision_function(self, X: Features, groups: np.ndarray | None = None) -> np.ndarray:
         """Anomaly score per row: higher = more anomalous (NaN where no modality is present)."""

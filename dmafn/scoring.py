@@ -348,27 +348,28 @@ CAUSE_SHARE = 0.5    # `cause_names`: a cause hidden takes at least this share o
                      # a cross-modal fault otherwise named a third modality at 9-14 % of its ticks)
 
 
-def cause_names(own: np.ndarray, voting: np.ndarray, modalities: tuple[str, ...] | list[str],
-                contributions: np.ndarray | None = None, hidden: np.ndarray | None = None) -> np.ndarray:
-    """(N, M) `own_contributions` and the (N, M) present voting modalities -> (N,) the voting modality with the
-    largest own contribution: the fault the others' errors follow (object array; None where fewer than two vote).
-    Beside the largest contribution it tells a fault from its echo: an overheated process raises the camera's error
-    too (the fused code carries it), but with the process hidden the camera's error is back to normal, while the
-    process's stays high whichever other modality is hidden. With the (N, M) `contributions` and the (N, M, M)
-    `hidden` ones (`occlusion_contributions`), a cause must explain the largest contribution where it is another's:
-    hidden, it takes at least `CAUSE_SHARE` of it away - else the modality with the largest contribution is named (a
-    relation between two modalities broken, each side explained by the other, leaves only a third's noise)."""
+def cause_names(contributions: np.ndarray, hidden: np.ndarray, voting: np.ndarray,
+                modalities: tuple[str, ...] | list[str], share: float | None = CAUSE_SHARE) -> np.ndarray:
+    """(N, M) contributions, the (N, M, M) ones with each voting modality hidden (`occlusion_contributions`) and the
+    (N, M) present voting modalities -> (N,) the voting modality with the largest `own_contributions`: the fault the
+    others' errors follow (object array; None where fewer than two vote). Beside the largest contribution it tells a
+    fault from its echo: an overheated process raises the camera's error too (the fused code carries it), but with
+    the process hidden the camera's error is back to normal, while the process's stays high whichever other modality
+    is hidden. A cause must explain the largest contribution where it is another's: hidden, it takes at least `share`
+    of it away - else the modality with the largest contribution is named (a relation between two modalities broken,
+    each side explained by the other, leaves only a third's noise); `share` None: the largest own one regardless."""
+    own = own_contributions(contributions, hidden)
     out = np.full(len(own), None, object)
     named = (voting.sum(1) >= 2) & (voting & np.isfinite(own)).any(1)
     if named.any():
         largest = np.argmax(np.where(voting & np.isfinite(own), own, -np.inf)[named], 1)
-        if contributions is not None and hidden is not None:
+        if share is not None:
             rows = np.flatnonzero(named)
             full = np.where(voting & np.isfinite(contributions), contributions, -np.inf)[rows]
             top = np.argmax(full, 1)
             left = hidden[rows, largest, top]                   # the largest contribution with the cause hidden
             top_value = full[np.arange(len(rows)), top]
-            explained = (largest == top) | (top_value <= 0) | (left < CAUSE_SHARE * top_value)
+            explained = (largest == top) | (top_value <= 0) | (left < share * top_value)
             largest = np.where(explained, largest, top)
         out[named] = np.asarray(modalities, object)[largest]
     return out

@@ -21,7 +21,7 @@ from dmafn.features import (Features, entity_key, entity_keys, featurize, level_
                             smoothing_groups)
 from dmafn.calibration import Calibration
 from dmafn.scoring import (ScoreRecord, cause_names, channel_names, line_names, occlusion_contributions,
-                           occlusion_groups, own_contributions, raw_scores, voting_mask)
+                           occlusion_groups, raw_scores, voting_mask)
 from dmafn.spec import Spec, voting_modalities
 from pipelines.align import TIME, align, data_ticks, day_number, local_day
 from pipelines.delta_sink import CAUSE, write_data_file
@@ -108,9 +108,8 @@ class Scorer:
             views = views if views is not None else self._views(aligned)
             hidden = occlusion_contributions(self.model, feats.rows(over), self.calibration.record, self.occluded,
                                              views={m: view.rows(over) for m, view in views.items()})
-            own = own_contributions(record.contributions[over], hidden)
-            causes[over] = cause_names(own, voting_mask(record.mask[over], self.calibration.normalisation),
-                                       feats.modalities, record.contributions[over], hidden)
+            causes[over] = cause_names(record.contributions[over], hidden,
+                                       voting_mask(record.mask[over], self.calibration.normalisation), feats.modalities)
         return causes
 
     def _smoothed_parts(self, aligned: pa.Table, feats: Features) -> Callable[[str, np.ndarray], np.ndarray] | None:

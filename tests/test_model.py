@@ -584,18 +584,18 @@ def test_the_cause_is_the_modality_with_the_largest_contribution_no_other_modali
     own = own_contributions(contributions, hidden)
     np.testing.assert_allclose(own, [[3.9, 0.3, 0.1], [0.5, 2.0, nan], [3.0, nan, nan]])
     voting = np.isfinite(contributions)
-    assert list(cause_names(own, voting, ("a", "b", "c"))) == ["a", "b", None]
+    assert list(cause_names(contributions, hidden, voting, ("a", "b", "c"))) == ["a", "b", None]
     voting[0, 0] = False                                           # a does not vote (a context view): never named
-    assert cause_names(own, voting, ("a", "b", "c"))[0] == "b"
+    assert cause_names(contributions, hidden, voting, ("a", "b", "c"))[0] == "b"
     # a cause must explain the largest contribution (hidden, take `CAUSE_SHARE` of it away): b's echo of a is (row 1);
     # a relation between a and b broken - each explained by the other - leaves c's noise the largest own one, which
     # explains nothing: a, the largest contribution, is named (row 0)
     both = np.array([[4.0, 3.8, 1.0], [3.0, 5.0, 0.1]])
     by_hidden = np.array([[[nan, 0.6, 0.9], [0.5, nan, 1.0], [4.0, 3.8, nan]],
                           [[nan, 0.3, 0.1], [2.9, nan, 0.1], [3.0, 5.0, nan]]])
-    left, every = own_contributions(both, by_hidden), np.ones((2, 3), bool)
-    assert list(cause_names(left, every, ("a", "b", "c"))) == ["c", "a"]
-    assert list(cause_names(left, every, ("a", "b", "c"), both, by_hidden)) == ["a", "a"]
+    every = np.ones((2, 3), bool)
+    assert list(cause_names(both, by_hidden, every, ("a", "b", "c"), share=None)) == ["c", "a"]
+    assert list(cause_names(both, by_hidden, every, ("a", "b", "c"))) == ["a", "a"]
     feats, _ = make(160)
     det = Detector(specs(), small(d_model=16, latent=4), epochs=4, batch_size=32).fit(feats.rows(np.arange(120)))
     test, _ = make(40, seed=5, anomalies=20, kind="cross")        # the last 20: the process's load shifted
