@@ -1616,15 +1616,27 @@ def message_text(message: str) -> str:
 
 def tokenize_messages(messages: list[str] | None, max_tokens: int = TEXT_TOKENS) -> np.ndarray:
     """Messages (oldest first) -> the latest `max_tokens` hashed token ids, separator between messages (each message
-    read as `message_text`)."""
-    ids: list[int] = []
-    for msg in messages or []:
-        ids.extend(hash_token(t) for t in _TOKEN.findall(message_text(msg).lower()))
-        ids.append(1)
-    tail = ids[-max_tokens:]
+    read as `message_text`). Read from the newest message back until `max_tokens` are there, each message's ids
+    hashed once however many windows hold it (`_message_ids`)."""
+    parts: list[np.ndarray] = []
+    held = 0
+    for msg in reversed(messages or []):
+        parts.append(_message_ids(message_text(msg)))
+        held += len(parts[-1])
+        if held >= max_tokens:
+            break
+    tail = np.concatenate(parts[::-1])[-max_tokens:] if parts else np.zeros(0, np.int16)
     out = np.zeros(max_tokens, np.int64)
     out[max_tokens - len(tail):] = tail
     return out
+
+
+@functools.lru_cache(maxsize=1 << 12)    # a line sits in every window that reaches it: hash it once
+def _message_ids(text: str) -> np.ndarray:
+    """A message's hashed token ids and the separator after it (int16: ids are under `TEXT_VOCAB`; read-only)."""
+    ids = np.array([hash_token(t) for t in _TOKEN.findall(text.lower())] + [1], np.int16)
+    ids.flags.writeable = False
+    return ids
 
 
 _WORD = re.compile(r"\S+")

@@ -1,5 +1,6 @@
 """Featurisation, statistics, row checks and schema checks - pure functions, without Ray."""
 import io
+import re
 
 import numpy as np
 import polars as pl
@@ -9,7 +10,7 @@ from PIL import Image
 
 from dmafn.detector import Detector
 from tests.conftest import same_statistics
-from dmafn.features import (StatisticsFitter, _fixed_lists, decode_image, featurize, tokenize_messages,
+from dmafn.features import (StatisticsFitter, _fixed_lists, decode_image, featurize, hash_token, tokenize_messages,
                             transform_window)
 from dmafn.model import small
 from pipelines.align import TIME, align, date_start_us, make_ticks
@@ -48,6 +49,17 @@ def test_tokenizer_hashes_stably_and_keeps_latest_tokens():
     assert a.shape == (5,) and (a > 0).all()
     assert (tokenize_messages(["error SEAL 17"], 4) == a[-4:]).all()     # case-folded, same ids
     assert tokenize_messages(None, 4).tolist() == [0, 0, 0, 0]
+    # read from the newest message back: the same ids as every message's tokens and separators in order, cut to the
+    # latest, whether the window's messages hold fewer or many more tokens than kept, and messages repeated
+    rng = np.random.default_rng(0)
+    words = ["pump", "ok", "ERROR", "seal", "17", "x9", "valve", "3"]
+    for _ in range(200):
+        msgs = [" ".join(rng.choice(words, rng.integers(0, 6))) for _ in range(rng.integers(0, 12))]
+        msgs += msgs[:rng.integers(0, 3)]
+        every = [i for m in msgs for i in [*(hash_token(t) for t in re.findall(r"[a-z]+|\d+", m.lower())), 1]]
+        for keep in (1, 5, 64):
+            expected = [0] * max(keep - len(every), 0) + every[-keep:]
+            assert tokenize_messages(msgs, keep).tolist() == expected
 
 
 def test_a_log_line_is_read_from_its_first_characters_for_its_tokens_and_template():
