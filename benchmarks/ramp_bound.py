@@ -6,7 +6,7 @@ must predict it, here from the other channels' history, and does worse) and scor
 of the last `--window` readings' deviation - one-sided (it knows the drift goes up) or two-sided (it does not,
 as DMAFN's relation errors). ROC-AUC of the drift's minutes against normal minutes, and again when a share
 `--stale` of the normal minutes outranks every drift minute (as the ticks right after an event do, while a
-5-minute log window or the last camera frame still holds the event: `README`, "What holds the ranking").
+5-minute log window or the last camera frame still holds the event: `docs/fleets.md`, "What holds the ranking").
 
     python -m benchmarks.ramp_bound [--sigma 0.4,0.51] [--window 3] [--stale 0.02]
 """

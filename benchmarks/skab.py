@@ -66,7 +66,7 @@ LEADERBOARD = [("Conv-AE", 0.78, 13.55, 28.02), ("MSET", 0.78, 39.73, 14.13), ("
                ("Isolation forest", 0.29, 2.56, 82.89)]
 
 # Settings fixed before the run that reports them (written 2026-11-30, before any run with them; SKAB's test
-# labels had been seen in earlier runs with other settings, listed in README). Where each comes from:
+# labels had been seen in earlier runs with other settings, listed in docs/benchmarks.md). Where each comes from:
 PREREGISTERED = {
     "groups": ",".join(GROUPS),            # all four sensor groups, as the data come
     "window": 10,                          # the benchmark's window since its first version

@@ -170,8 +170,9 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
 
 HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the machine as it was when its row came
                           # once the operating state has moved this far since (RMS, in training standard deviations;
-                          # chosen 2026-12-06 on `--gradual --stops`, `--gradual` and the demo - see README "Stops and
-                          # start-ups"; there a normal tick moves 0.33 from its camera frame's first tick, median)
+                          # chosen 2026-12-06 on `--gradual --stops`, `--gradual` and the demo - see docs/fleets.md,
+                          # "Stops and start-ups"; there a normal tick moves 0.33 from its camera frame's first
+                          # tick, median)
 
 
 def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], features: Features,
