@@ -207,9 +207,19 @@ class Registry:
         return version
 
     def latest(self) -> str:
-        """The version LATEST names (DataError naming the file when there is none or it names none)."""
+        """The version LATEST names (DataError naming the file when there is none or it names none; where there is
+        none, what to do: train a first version, or promote one of the saved candidates)."""
         path = join(self.root, LATEST)
-        version = self._read(path).decode().strip()
+        body = self._read(path, missing_ok=True)
+        if body is None:
+            saved = self.versions()
+            if not saved:
+                raise DataError(f"{path}: not found - the model registry holds no version yet: train one "
+                                "(dmafn train SPEC)")
+            raise DataError(f"{path}: not found - no version is promoted yet; the model registry holds "
+                            f"{len(saved)} (newest {saved[-1]}): promote one (dmafn promote SPEC {saved[-1]}) "
+                            "or name one (--model VERSION)")
+        version = body.decode().strip()
         if not version:
             raise DataError(f"{path}: empty; it should name a saved version (dmafn promote SPEC VERSION sets it)")
         return version

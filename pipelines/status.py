@@ -129,7 +129,9 @@ def _versions(spec: Spec, storage: Storage, out: ScoringStatus, spec_path: str) 
         latest = None
     if latest is None:
         out.lines.append(f"model versions: {len(versions)} in {spec.registry}, none named {LATEST}")
-        out.problems.append(f"no model version named in {join(spec.registry, LATEST)}: run dmafn train {spec_path}")
+        todo = (f"promote one: dmafn promote {spec_path} {versions[-1]} (the newest)" if versions
+                else f"run dmafn train {spec_path}")
+        out.problems.append(f"no model version named in {join(spec.registry, LATEST)}: {todo}")
         return
     fact = version_facts(spec, storage, [latest])[latest]
     if isinstance(fact, str):

@@ -416,6 +416,32 @@ def test_status_names_a_modality_gone_dark_for_a_date_or_for_more_machines_than_
     assert len(problems) == 2 and not any("was present at" in p for p in problems)   # still 3 without it against 1
 
 
+def test_a_registry_without_latest_says_to_train_a_first_version_or_promote_a_saved_one(tmp_path):
+    """No LATEST: with no version saved, train one; with candidates only (trained with --no-promote), promote the
+    newest or name one - as the error every job reading LATEST raises, and as `status` advises."""
+    from pipelines.registry import Registry
+    from pipelines.storage import DataError
+
+    spec, path = _spec(tmp_path)
+    registry = Registry(spec.registry, Storage())
+    with pytest.raises(DataError, match=r"models/LATEST: not found - the model registry holds no version yet: "
+                                        r"train one \(dmafn train SPEC\)$"):
+        registry.latest()
+    _version(tmp_path, OLD, latest=False)
+    _version(tmp_path, NEW, latest=False)
+    with pytest.raises(DataError, match=rf"models/LATEST: not found - no version is promoted yet; the model registry "
+                                        rf"holds 2 \(newest {NEW}\): promote one \(dmafn promote SPEC {NEW}\) or "
+                                        r"name one \(--model VERSION\)$"):
+        registry.latest()
+    with pytest.raises(DataError, match=r"promote one"):
+        registry.load()
+    found = scoring_status(spec, Storage(), spec_path=path)
+    assert found.problems[0] == (f"no model version named in {spec.registry}/LATEST: promote one: dmafn promote "
+                                 f"{path} {NEW} (the newest)")
+    (tmp_path / "models" / "LATEST").write_text(NEW)
+    assert registry.latest() == NEW
+
+
 def test_the_registry_rewrites_latest_whole_and_names_an_empty_one(tmp_path, monkeypatch):
     """LATEST is written beside and renamed over: a write cut short leaves the old one (a nightly score reading it
     while `train` promotes never finds it empty); an empty one is an error naming it."""
