@@ -246,7 +246,10 @@ def cmd_status(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmafn", description="Deep Multi-Modal Anomaly Fusion Network")
+    parser = argparse.ArgumentParser(
+        prog="dmafn", description="Deep Multi-Modal Anomaly Fusion Network",
+        epilog="On a lake of your own: validate SPEC --check-data, profile, train, backfill, then alarms, report and "
+               "status; score every night (README: 'Your own data, step by step').")
     parser.add_argument("--version", action="version", version=f"dmafn {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = verb("demo", cmd_demo, "generate, train, backfill, evaluate: all local", spec=False)
+    p = verb("demo", cmd_demo, "generate, train, backfill, evaluate, report, status, alarms: all local", spec=False)
     p.add_argument("--workdir", default="demo_workdir")
     p.add_argument("--entities", type=int, default=4)
     p.add_argument("--days", type=int, default=6)

@@ -69,7 +69,7 @@ def enroll(spec: Spec, start: dt.date, end: dt.date, *, version: str | None = No
     rspec = replace(reading_spec(mv, spec), labels=spec.labels)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     files = list_inputs(rspec, days, storage)
-    require_data(rspec, files, days)
+    require_data(rspec, files, days, storage)
     schemas = require_columns(rspec, storage, files)
     shards = plan_shards(rspec, days, files, min_shards=4 * rspec.train.workers, key_casts=entity_casts(rspec, schemas))
     staging = Staging(rspec, storage, shards, days, uuid.uuid4().hex[:12])

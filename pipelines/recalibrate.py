@@ -76,7 +76,7 @@ def recalibrate(spec: Spec, *, version: str | None = None, start: dt.date | None
     rspec = replace(reading_spec(mv, spec, recalibrating=True), labels=spec.labels)
     try:
         files = list_inputs(rspec, days, storage)
-        require_data(rspec, files, days)
+        require_data(rspec, files, days, storage)
     except DataError as exc:
         if start is None:       # the version's validation days, aged out of the lake or moved
             raise DataError(f"{exc}: the validation days of model version {mv.version}; recalibrate on later days "

@@ -33,7 +33,7 @@ from pipelines.ray_runtime import Resources, raise_task_error
 from pipelines.registry import ModelVersion, Registry
 from pipelines.row_digests import RowDigest, date_digests, merged, record, recorded_columns, same_rows
 from pipelines.shards import (DAYS_PER_SHARD, SHARD_BYTES, DateCounts, InputFile, Shard, ShardScores, UnseenEntities,
-                             list_inputs, list_partition_files, partition_files, plan_shards)
+                             list_inputs, list_partition_files, newest_data_note, partition_files, plan_shards)
 from pipelines.staging import SplitFile, Staging, with_pieces
 from pipelines.statistics import BucketStatistics, keys_sliceable
 from pipelines.storage import BackfillError, DataError, Interrupted, Storage
@@ -515,6 +515,10 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
     todo, running = deque(shards), {}                  # running: each shard task's stream -> its shard
     partial: dict[str, tuple[int, int]] = {}           # a running shard's last (ticks done, ticks total)
 
+    @functools.cache
+    def ends_note() -> str:                            # listed once a run, only if some date found nothing
+        return newest_data_note(model_spec, storage)
+
     def finish(day: str, error: Exception | None) -> None:
         waiting.pop(day)
         date = dt.date.fromisoformat(day)
@@ -523,8 +527,8 @@ def score_dates(spec: Spec, dates: list[dt.date], mv: ModelVersion, *, run_id: s
             try:
                 result = _commit(spec, storage, day, parts.pop(day), schemas, model_spec, tables)
             except NoInput as exc:
-                if spec.score.missing_input != "skip":
-                    error = exc
+                if spec.score.missing_input != "skip":        # where the lake ends, when the date's folders are empty
+                    error = exc if listed[date].files else NoInput(f"{exc}{ends_note()}")
                 else:                                 # a plant at rest: recorded, nothing written, not a failure
                     done.append(DateResult(day, 0, 0, 0, 0, 0.0, skipped=True, **read))
                     record_run(spec, storage, done[-1], run_id=run_id, version=mv.version, status="skipped",

@@ -22,7 +22,7 @@ from pipelines.delta_sink import DeletedRows
 from pipelines.parquet_files import DamagedRowGroup, RowTimes, UnreadableFile, column_chunk, field_of, list_table_files
 from pipelines.payload_files import sample_listed
 from pipelines.row_digests import RowDigest
-from pipelines.storage import DataError, Storage
+from pipelines.storage import DataError, Storage, list_partitions
 
 log = logging.getLogger(__name__)
 
@@ -361,10 +361,34 @@ def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, 
     return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 
-def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date]) -> None:
-    """DataError when no modality has a file for any of `dates` (before anything is written)."""
+def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date], storage: Storage | None = None) -> None:
+    """DataError when no modality has a file for any of `dates` (before anything is written); with `storage`, it
+    says where the lake's data ends (`newest_data_note`)."""
     if not any(f.date in set(dates) for f in files):
-        raise DataError(f"no modality of spec '{spec.name}' has data for {min(dates)}..{max(dates)}")
+        raise DataError(f"no modality of spec '{spec.name}' has data for {min(dates)}..{max(dates)}"
+                        + (newest_data_note(spec, storage) if storage is not None else ""))
+
+
+def newest_data_note(spec: Spec, storage: Storage) -> str:
+    """For an error that found no file for the dates asked: where the lake's date folders end - '; the newest
+    date folder: 2024-01-06 (process, vibration), 2024-01-05 (camera)' - so that an upload that stopped, a date
+    asked beyond the history or a lake filed by other dates tells itself apart. A table whose folders do not
+    follow the spec's `partition` (a Delta table listed from its log) is left out; '' when none is left."""
+    tables: dict[str, list[str]] = {}                  # each table -> the modalities reading it (views: none)
+    for name in voting_modalities(spec.modalities):
+        tables.setdefault(spec.modalities[name].path, []).append(name)
+    newest: dict[dt.date, list[str]] = {}
+    for path, names in tables.items():
+        try:
+            folders = list_partitions(storage, path, spec.partition_in(spec.modalities[names[0]]))
+        except DataError:
+            continue
+        if folders:
+            newest.setdefault(max(folders), []).extend(names)
+    if not newest:
+        return ""
+    return "; the newest date folder: " + ", ".join(f"{d} ({', '.join(n)})" for d, n in sorted(newest.items(),
+                                                                                              reverse=True))
 
 
 def require_each_modality(spec: Spec, files: list[InputFile], dates: list[dt.date], role: str) -> None:

@@ -669,7 +669,7 @@ def _train(spec: Spec, storage: Storage, train_days: list[dt.date], val_days: li
     if labels is not None:                         # before any data is listed or read: none there, none to learn from
         require_labelled_training_days(spec, labels, train_days)
     files = list_inputs(spec, sorted(set(train_days) | set(val_days)), storage)
-    require_data(spec, files, train_days)
+    require_data(spec, files, train_days, storage)
     require_each_modality(spec, files, train_days, "training")
     require_each_modality(spec, files, val_days, "validation")
     schemas = require_columns(spec, storage, files)

@@ -1022,6 +1022,32 @@ def test_plan_shards_groups_dates_and_splits_big_ones_into_entity_buckets(tiny_s
     assert [len(s.dates) for s in plan] == [2, 2, 2, 1]
 
 
+def test_no_data_for_the_dates_asked_names_where_each_tables_date_folders_end(tmp_path, tiny_spec):
+    """A window past the lake's end (an upload that stopped, a date asked beyond the history): the error names the
+    newest date folder of each table, newest first; a table none of whose folders follow the partition is left out
+    of the note."""
+    import datetime as dt
+    from dataclasses import replace
+
+    from pipelines.shards import newest_data_note, require_data
+    from pipelines.storage import Storage
+
+    paths = {m: tmp_path / m for m in tiny_spec.modalities}
+    for m, days in (("proc", ["2024-01-02", "2024-01-05"]), ("vib", ["2024-01-05"]), ("cam", ["2024-01-04"])):
+        for d in days:
+            (paths[m] / f"date={d}").mkdir(parents=True)
+    (paths["logs"] / "backup").mkdir(parents=True)
+    spec = replace(tiny_spec, modalities={n: replace(m, path=str(paths[n])) for n, m in tiny_spec.modalities.items()})
+    note = "; the newest date folder: 2024-01-05 (proc, vib), 2024-01-04 (cam)"
+    assert newest_data_note(spec, Storage()) == note
+    days = [dt.date(2024, 2, 1), dt.date(2024, 2, 2)]
+    with pytest.raises(DataError, match=re.escape(f"no modality of spec 'tiny' has data for 2024-02-01..2024-02-02"
+                                                  f"{note}") + "$"):
+        require_data(spec, [], days, Storage())
+    with pytest.raises(DataError, match=r"has data for 2024-02-01..2024-02-02$"):       # no storage: no note
+        require_data(spec, [], days)
+
+
 def test_a_file_with_a_bad_schema_or_body_is_named(tmp_path, tiny_spec):
     import datetime as dt
 

@@ -1385,7 +1385,8 @@ def test_missing_column_fails_before_any_write(trained, tmp_path):
     with pytest.raises(DataError, match="process/date=2024-01-01/.*column 'humidity' not found"):
         train(broken)
     assert not out.exists()
-    with pytest.raises(DataError, match="no modality .* has data for 2030-01-01"):
+    with pytest.raises(DataError, match=r"no modality .* has data for 2030-01-01; the newest date folder: 2024-01-03 "
+                                        r"\(process, vibration, camera, logs\)$"):
         score_date(replace(spec, score=replace(spec.score, output=str(out))), dt.date(2030, 1, 1))
     assert not out.exists()
 
@@ -1434,7 +1435,8 @@ def test_backfill_records_a_failed_date_and_finishes_the_others(trained, tmp_pat
     assert dict(zip(runs["date"].to_list(), runs["status"].to_list())) == {"2024-01-03": "succeeded",
                                                                              "2024-01-04": "failed"}
     assert dict(zip(runs["date"].to_list(), runs["error"].to_list()))["2024-01-03"] is None
-    assert re.match(r"no modality .* has data for 2024-01-04", runs.filter(pl.col("status") == "failed")["error"][0])
+    assert re.match(r"no modality .* has data for 2024-01-04; the newest date folder: 2024-01-03 \(process, vibration, "
+                    r"camera, logs\)$", runs.filter(pl.col("status") == "failed")["error"][0])
     assert pl.read_delta(spec.score.output)["date"].unique().to_list() == ["2024-01-03"]
 
 
