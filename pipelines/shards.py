@@ -361,12 +361,13 @@ def row_groups_in_bucket(parquet: pq.ParquetFile, keys: list[str], bucket: int, 
     return None if len(kept) == parquet.metadata.num_row_groups else kept
 
 
-def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date], storage: Storage | None = None) -> None:
-    """DataError when no modality has a file for any of `dates` (before anything is written); with `storage`, it
-    says where the lake's data ends (`newest_data_note`)."""
-    if not any(f.date in set(dates) for f in files):
+def require_data(spec: Spec, files: list[InputFile], dates: list[dt.date], storage: Storage) -> None:
+    """DataError when no modality has a file for any of `dates` (before anything is written), saying where the
+    lake's data ends (`newest_data_note`)."""
+    wanted = set(dates)
+    if not any(f.date in wanted for f in files):
         raise DataError(f"no modality of spec '{spec.name}' has data for {min(dates)}..{max(dates)}"
-                        + (newest_data_note(spec, storage) if storage is not None else ""))
+                        + newest_data_note(spec, storage))
 
 
 def newest_data_note(spec: Spec, storage: Storage) -> str:

@@ -1044,8 +1044,6 @@ def test_no_data_for_the_dates_asked_names_where_each_tables_date_folders_end(tm
     with pytest.raises(DataError, match=re.escape(f"no modality of spec 'tiny' has data for 2024-02-01..2024-02-02"
                                                   f"{note}") + "$"):
         require_data(spec, [], days, Storage())
-    with pytest.raises(DataError, match=r"has data for 2024-02-01..2024-02-02$"):       # no storage: no note
-        require_data(spec, [], days)
 
 
 def test_a_file_with_a_bad_schema_or_body_is_named(tmp_path, tiny_spec):
