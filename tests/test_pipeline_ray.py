@@ -1884,7 +1884,8 @@ def test_model_versions_are_checked_and_only_plain_state_dicts_load(trained, tmp
     assert not (tmp_path / "scores").exists()
 
 
-def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(trained, tmp_path):
+@pytest.mark.slow
+def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(local_ray, tmp_path):
     """A Train worker killed once the first checkpoint exists: the worker group restarts and training goes on
     from the epoch after the latest checkpoint, not from epoch 0 (the manifest records where it resumed)."""
     import threading
@@ -1897,8 +1898,9 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_worker_is_killed(tr
     from pipelines.storage import Storage
     from pipelines.train import train
 
-    spec, _, _ = trained
-    spec = replace(spec, registry=str(tmp_path / "models"), train=replace(spec.train, epochs=5))
+    spec = load_spec(write_synthetic(tmp_path, SyntheticConfig(entities=2, days=3, clean_days=2, image_size=16,
+                                                               seed=3)))
+    spec = replace(spec, train=replace(spec.train, epochs=5, batch_size=128))
     killed = []
 
     def complete_checkpoint() -> bool:
@@ -2188,6 +2190,7 @@ def test_staging_splits_each_file_once_and_deletes_its_pieces_when_no_shard_left
     staging.close()
 
 
+@pytest.mark.slow
 def test_a_classifier_trained_through_the_pipeline_ranks_incidents_and_alarms_at_logit_zero(tmp_path, local_ray):
     """The classifier trains on the labelled incidents of its training days. Its batches must mix the window (each
     feature file holds a shard's ticks in time order: read so, a labelled day came as a run of batches of its own, and

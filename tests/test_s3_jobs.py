@@ -39,9 +39,8 @@ def _upload(local: Path, bucket: str, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_spec(tmp_path_factory, local_ray, s3_endpoint):
-    from pipelines.train import train
-
+def s3_lake(tmp_path_factory, s3_endpoint):
+    """The synthetic fleet uploaded to the moto bucket and a spec reading it there (nothing trained)."""
     local = tmp_path_factory.mktemp("s3data")
     spec_path = write_synthetic(local, SyntheticConfig(entities=2, days=5, clean_days=2, image_size=16, seed=5))
     boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -57,9 +56,16 @@ def s3_spec(tmp_path_factory, local_ray, s3_endpoint):
     data["storage"] = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
     s3_spec_path = local / "s3-spec.yaml"
     s3_spec_path.write_text(yaml.safe_dump(data))
-    spec = load_spec(s3_spec_path)
-    version = train(spec)
-    return spec, version, s3_spec_path
+    return load_spec(s3_spec_path), s3_spec_path
+
+
+@pytest.fixture(scope="module")
+def s3_spec(s3_lake, local_ray):
+    """`s3_lake` with a model trained on it and promoted in the bucket's registry."""
+    from pipelines.train import train
+
+    spec, s3_spec_path = s3_lake
+    return spec, train(spec), s3_spec_path
 
 
 def _scores(spec) -> pl.DataFrame:
@@ -505,11 +511,12 @@ def _nodes(ray_bin: Path, env: dict, dash: int, kind: str, where: str) -> set[st
     return {row["node_id"] for row in json.loads(listed.stdout)}
 
 
-def test_ray_job_submit_train_backfill_nightly_on_a_two_node_cluster(s3_spec, tmp_path):
+@pytest.mark.slow
+def test_ray_job_submit_train_backfill_nightly_on_a_two_node_cluster(s3_lake, tmp_path):
     """A 2-node Ray cluster on 127.0.0.1 (a head and a second `ray start --address` with its own resource, one
     CPU each): `ray job submit` of train, backfill and the nightly job; the Train workers and the scoring
-    tasks ran on both nodes."""
-    spec, _, spec_path = s3_spec
+    tasks ran on both nodes. Its jobs train their own model: the test session's Ray is not needed."""
+    spec, spec_path = s3_lake
     ray_bin = Path(sys.executable).parent / "ray"
     # `python` in the job's entrypoint must be this environment's, as on a cluster built from our image
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
