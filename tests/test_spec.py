@@ -584,6 +584,21 @@ def test_every_verb_is_also_a_jobs_module_that_runs_it():
         assert [kw.value.value for c in calls for kw in c.keywords if kw.arg == "verb"] == [verb], module
 
 
+def test_readme_has_a_section_for_every_verb():
+    """README's "Commands" has a section headed "### `dmafn VERB`" for each verb the CLI takes, and none for a verb
+    it does not."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from jobs.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands = readme[readme.index("\n## Commands\n"):readme.index("\n## Where output goes\n")]
+    assert sorted(re.findall(r"^### `dmafn (\w+)`$", commands, re.M)) == sorted(sub.choices)
+
+
 def test_validate_lists_every_problem_of_a_spec_at_once(tmp_path, capsys):
     import yaml
 
