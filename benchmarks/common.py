@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dmafn.features import Features, featurize, fit_training_statistics
+from dmafn.features import Features, featurize, fit_training_statistics, state_owner
 from dmafn.metrics import pr_auc, roc_auc
 from dmafn.model import ModelConfig, model_config
 from dmafn.postprocess import smooth_by_group
@@ -77,7 +77,8 @@ def subset(features: Features, modalities: tuple[str, ...]) -> Features:
     row times (`Features.taken`, with the ticks' groups)."""
     idx = [features.modalities.index(m) for m in modalities]
     relations = None if features.relation_errors is None else features.relation_errors[:, idx]
-    keep = [] if features.state is None else [j for j, owner in enumerate(features.state_owners) if owner in modalities]
+    keep = [] if features.state is None else [j for j, owner in enumerate(features.state_owners)
+                                               if state_owner(owner) in modalities]
     return Features({m: features.inputs[m] for m in modalities}, features.mask[:, idx], modalities, relations,
                     features.state[:, keep] if keep else None, tuple(features.state_owners[j] for j in keep),
                     {m: c for m, c in features.channels.items() if m in modalities},

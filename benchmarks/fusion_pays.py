@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks.common import auc_by_kind, pipeline_model_config, print_table, subset, synthetic_split, write_json
 from dmafn.detector import Detector
 from dmafn.encoders import TEXT_TARGET_BUCKETS
-from dmafn.features import relation_peers
+from dmafn.features import relation_peers, state_owner
 from dmafn.spec import DETECTORS, FUSIONS, voting_modalities
 from dmafn.synthetic import SyntheticConfig
 
@@ -124,7 +124,7 @@ def main() -> None:
         for view in own:
             test.mask[gone, split.test.modalities.index(view)] = False
         if test.state is not None:                             # its levels are gone from the operating state too
-            owned = np.isin(np.asarray(test.state_owners), own)
+            owned = np.isin([state_owner(o) for o in test.state_owners], own)
             test.state = np.where(gone[:, None] & owned[None, :], np.nan, test.state)
         if test.relation_errors is not None and m in peers:    # a relation whose peer is gone: its within fit
             test.relation_errors = np.where(gone[:, None], split.test_within.relation_errors, test.relation_errors)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dmafn.features import group_rows
+from dmafn.features import group_rows, is_speed, state_owner
 from dmafn.postprocess import fit_threshold, smooth_by_group, soften
 from dmafn.scoring import (TAIL_MIN_VALUES, Column, RawScores, RawTicks, ScoreRecord, baseline_columns,
                            baseline_min_ticks, fit_normalisation, fit_robust_scales, robust_scale, settle_held,
@@ -298,13 +298,15 @@ class Calibration:
                 lines.append(f"modality '{m}': no state baseline (fewer than {baseline_min_ticks(len(columns))} "
                              "validation ticks with it and its operating state present)")
                 continue
-            readers = ", ".join(sorted({state["owners"][j] for j in columns}))
+            readers = ", ".join(sorted({state_owner(state["owners"][j]) for j in columns}))
             alone = fitted.get("fallbacks", {}).get("*", {}).get("residual_std")
             spread = fitted.get("residual_std")
             left = "" if not alone or spread is None else (
                 f"residual std {spread:.3f} against {alone:.3f} with the mean alone "
                 f"({1 - (spread / alone) ** 2:.0%} of its variance explained), ")
             width = f"{len(columns)} column{'s' * (len(columns) > 1)}"
+            if speeds := sum(is_speed(state["owners"][j]) for j in columns):
+                width += f", {speeds} of them how fast {'a' if speeds == 1 else 'each'} state rises"
             at_state = "; each residual against the spread expected at its state" if fitted.get("spread") else ""
             lines.append(f"modality '{m}': log error against its level at the operating state ({readers}, {width}): "
                          f"{left}{fitted['ticks']:,} validation ticks{at_state}")

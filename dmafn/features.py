@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import re
 import zlib
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ def entity_key(table: pa.Table, keys: Iterable[str]) -> list[str]:
 GLITCH_SHARE = 0.1          # one value holding more of a channel's training variance than this is reported
 GLITCH_MIN_VALUES = 1000    # (`StatisticsFitter.outlier_warnings`; fewer values: a normal maximum can hold it)
 SPREAD = "spread"           # a series modality's statistics: the moments of its channels' window spread
+SPEED = ".rising"           # an operating-state column's owner + this: how fast that modality's state rises
 RESOLUTION_SHARE = 0.1      # float32's step at a channel's largest level over this share of its std is reported
 
 
@@ -1279,6 +1281,8 @@ class StatisticsFitter:
                         relations[ctx]["peer_history"] = history
         if relations:
             stats["relations"] = relations
+        if self.spec.model.state_speed_us and self.spec.model.state_baseline:   # versions before 2026-12-07: none
+            stats["state_speed"] = 1.0 - math.exp(-self.spec.grain_us / self.spec.model.state_speed_us)
         return stats
 
     def entity_statistics(self, fleet: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -1862,7 +1866,8 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
     names = tuple(spec.modalities)
     relations, relation_channels = None, {}
     smoothed = any(fitted.get("smoothing") for fitted in stats.get("relations", {}).values())
-    groups, rank = smoothing_groups(aligned, keys) if smoothed or taken else (None, None)   # once for them all
+    groups, rank = (smoothing_groups(aligned, keys) if smoothed or taken or stats.get("state_speed")
+                    else (None, None))                                                     # once for them all
     for ctx, fitted in stats.get("relations", {}).items():
         parent = fitted["parent"]
         if ctx not in spec.modalities or parent not in spec.modalities:
@@ -1916,7 +1921,7 @@ def featurize(aligned: pa.Table, spec: Spec, stats: dict[str, Any],
             relations[rows, names.index(parent)] += squared_residuals(fitted, z).astype(np.float32)
             split = relation_channels.setdefault(parent, np.zeros((n, z.shape[1])))
             split[rows] += np.nan_to_num(z ** 2) / max(len(fitted["channels"]), 1)      # (rows, C): adds up to it
-    state, owners = operating_state(levels, presence, spec, stats, keys)
+    state, owners = operating_state(levels, presence, spec, stats, keys, (groups, rank), carry)
     return Features(inputs=inputs, mask=mask, modalities=names, relation_errors=relations, state=state,
                     state_owners=owners, channels=channels, relation_channels=relation_channels, taken=taken,
                     groups=groups, novel_lines=novel_lines)
@@ -1957,15 +1962,20 @@ def smoothing_groups(aligned: pa.Table, keys: list[str]) -> tuple[np.ndarray, np
 
 
 def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarray], spec: Spec,
-                    stats: dict[str, Any], keys: list[str]) -> tuple[np.ndarray | None, tuple[str, ...]]:
+                    stats: dict[str, Any], keys: list[str],
+                    order: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                    carry: dict | None = None) -> tuple[np.ndarray | None, tuple[str, ...]]:
     """Where each machine is operating at each tick: the level of every channel of the `level_modalities`
     (`level_values`; a series channel presented drift-free, `centered` or `difference`, is left out: its level
     is not meant to be read) and, for a series fitted with `window_spread`, every channel's swing within the
     window (`window_spread`, whatever its presentation: a swing does not drift with the level), in the training
-    days' standard deviations from the entity's own training mean (the fleet's for an entity not seen).
-    (N, S) float32, NaN where the channel's modality is absent, and the modality of each column. The
-    calibration reads it to expect each modality's error level at that state (`dmafn.scoring.fit_baseline`)."""
-    cols, owners, groups = [], [], None
+    days' standard deviations from the entity's own training mean (the fleet's for an entity not seen); for a
+    version fitted with `model.state_speed` (`stats['state_speed']`, the EWMA weight per tick), then one column per
+    such modality, owned by `<modality>.rising` (`SPEED`): how fast its state rises (`state_speed`'s rise, within
+    each entity's date, `order` = `smoothing_groups`; `carry` keeps it from batch to batch as `featurize` says).
+    (N, S) float32, NaN where the channel's modality is absent, and the owner of each column. The calibration
+    reads it to expect each modality's error level at that state (`dmafn.scoring.fit_baseline`)."""
+    cols, owners, groups, named = [], [], None, []
     for name in level_modalities(spec):
         m, fitted = spec.modalities[name], stats["modalities"][name]
         shown = fitted.get("channel_transforms") or ([m.transform] * len(m.columns) if m.kind == "timeseries"
@@ -1979,9 +1989,57 @@ def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarra
             z = np.concatenate([z, _state_columns(window_spread(levels[name]), fitted, groups, SPREAD)], 1)
         cols.append(np.where(presence[name][:, None], z, np.nan).astype(np.float32))
         owners += [name] * z.shape[1]
+        named.append(name)
     if not cols:
         return None, ()
+    alpha, (tick_groups, rank) = stats.get("state_speed"), order
+    if alpha and tick_groups is not None:
+        carry = {} if carry is None else carry
+        cols += [state_speed(z, tick_groups, rank, float(alpha), carry.setdefault(name + SPEED, {}))[:, :1]
+                 .astype(np.float32) for z, name in zip(cols[:len(named)], named)]
+        owners += [name + SPEED for name in named]
     return np.concatenate(cols, 1), tuple(owners)
+
+
+def state_owner(owner: str) -> str:
+    """The modality an operating-state column belongs to (a `SPEED` column's too)."""
+    return owner.split(".")[0]
+
+
+def is_speed(owner: str) -> bool:
+    """Whether an operating-state column says how fast its modality's state moves (`SPEED`), not where it is."""
+    return "." in owner
+
+
+def state_speed(z: np.ndarray, groups: np.ndarray, rank: np.ndarray, alpha: float,
+                carry: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(N, 2) how fast one modality's operating state rises and falls at each tick: each value's distance from the
+    EWMA (weight `alpha`) of the values before it in its group (an entity's date, in time order by `rank`), over its
+    state columns `z` (N, C; NaN where absent) the root mean square of the rises (distances above the average, the
+    falls counted 0) and of the falls - a machine starting up lifts its state through several ticks, one stopping
+    lowers it, a steady one stays near its recent average. The operating state reads the rise only: a fall is a
+    stop's and a fault's end alike, and the others' errors differ there. 0 at a group's first tick, NaN where every
+    column is absent (an absent tick leaves the average as it was). `carry`: group -> the EWMA per column, read and
+    updated, so a group cut into batches moves as one."""
+    dev = np.full(z.shape, np.nan)
+    carry = {} if carry is None else carry
+    for key, rows in group_rows(groups):
+        rows = rows[np.argsort(rank[rows], kind="stable")]
+        average = np.array(carry.get(key, np.full(z.shape[1], np.nan)), np.float64)
+        for c in range(z.shape[1]):
+            seen = np.flatnonzero(np.isfinite(z[rows, c]))
+            if not len(seen):
+                continue
+            values = z[rows[seen], c].astype(np.float64)
+            start = average[c] if np.isfinite(average[c]) else values[0]
+            sums = _ewma_from(values, alpha, start)
+            dev[rows[seen], c] = values - np.concatenate([[start], sums[:-1]])
+            average[c] = sums[-1]
+        carry[key] = average
+    held = np.isfinite(dev)
+    count = np.where(held.any(1), held.sum(1), np.nan)[:, None]
+    moves = np.where(held, dev, 0.0)[:, :, None] * np.array([1.0, -1.0])          # (N, C, 2): rises, falls
+    return np.sqrt((np.maximum(moves, 0.0) ** 2).sum(1) / count)
 
 
 def _state_columns(values: np.ndarray, fitted: dict[str, Any], groups: list[tuple[str, np.ndarray]],

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dmafn.encoders import mel_band_names
-from dmafn.features import Features
+from dmafn.features import Features, is_speed, state_owner
 from dmafn.model import DMAFN
 from dmafn.spec import CONTRIBUTION_SCALES, VOTES, ModalitySpec, ModelSpec, voting_modalities
 from dmafn.validation import ArrayValues, Values, as_values
@@ -225,7 +225,8 @@ def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], featur
                                None if run_state is None else run_state[i].copy())
         hold = taken >= 0
         if run_state is not None:
-            columns = baseline_columns(list(features.state_owners), m)
+            columns = [j for j in baseline_columns(list(features.state_owners), m)     # where, not how fast
+                       if not is_speed(features.state_owners[j])]
             moved = state_move(state[:, columns], run_state[:, columns])
             hold &= ~(moved <= HOLD_STATE_MOVE)                       # NaN: cannot tell, held
         errors[hold, j] = run_error[hold]
@@ -507,6 +508,8 @@ def voting_mask(mask: np.ndarray, calib: dict[str, Any]) -> np.ndarray:
 
 STATE_LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)   # a state column is held within its 1-99 % quantiles of the
                                                # validation ticks, with hinges at its quartiles
+SPEED_LEVELS = (0.0, 0.5, 0.9, 0.99, 1.0)      # a speed column (`dmafn.features.SPEED`): within its range,
+                                               # hinges in its tail, where a start moves the state
 BASELINE_RIDGE = 1e-3                          # ridge of the baseline regression, relative to its design's scale
 SPREAD_LIMITS = (0.5, 4.0)                     # a state's expected |residual| is held within these multiples of the
                                                # validation mean's: its residual at most doubled, at least quartered
@@ -529,9 +532,9 @@ def _state_basis(state: np.ndarray, spec: dict[str, Any], columns: list[int]) ->
 
 
 def baseline_columns(owners: list[str], modality: str) -> list[int]:
-    """The state columns a modality's baseline reads: every other modality's (its own level would explain its
-    own anomaly away)."""
-    return [j for j, owner in enumerate(owners) if owner != modality]
+    """The state columns a modality's baseline reads: every other modality's (its own level or speed would explain
+    its own anomaly away)."""
+    return [j for j, owner in enumerate(owners) if state_owner(owner) != modality]
 
 
 def baseline_min_ticks(columns: int) -> int:
@@ -588,7 +591,7 @@ def _kept(columns: list[int], owners: list[str], dropped: str | None) -> list[in
     the full regression, all of them; '*': the mean alone, none)."""
     if dropped is None:
         return list(range(len(columns)))
-    return [] if dropped == "*" else [p for p, j in enumerate(columns) if owners[j] != dropped]
+    return [] if dropped == "*" else [p for p, j in enumerate(columns) if state_owner(owners[j]) != dropped]
 
 
 def _models(fitted: dict[str, Any], owners: list[str]) -> list[tuple[list[int], dict[str, Any]]]:
@@ -612,6 +615,10 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     piecewise-linear basis of each state column. A reconstruction error often grows with load (a vibration
     window's error with its amplitude), so normal ticks at high load outrank faults at low load; scored
     against its baseline, each modality's error says how unusual it is where the machine is operating.
+    With the others' speed columns (versions with `model.state_speed`), also how fast it got there: a machine
+    starting up passes through its states faster than the lagging ones follow, and the validation days' starts
+    teach how much higher the error then runs (hinges in the speed's tail, `SPEED_LEVELS`; the spread reads the
+    levels only).
     A tick where a modality the state reads is absent is scored by the regression without that modality's
     columns (`fallbacks`, fitted on the same ticks; two or more absent: the mean alone), its residual put on the
     full regression's spread, so the contributions keep the false-alarm rate they were calibrated for.
@@ -627,7 +634,8 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
     if not owners:
         return {}
     values = ticks.column(Column("state"))
-    qs = np.array([v.quantiles(STATE_LEVELS) if v.count() else np.zeros(len(STATE_LEVELS)) for v in values])
+    qs = np.array([v.quantiles(SPEED_LEVELS if is_speed(owner) else STATE_LEVELS) if v.count()
+                   else np.zeros(len(STATE_LEVELS)) for v, owner in zip(values, owners)])
     state = {"owners": owners, "lo": qs[:, 0].tolist(), "hi": qs[:, 4].tolist(), "median": qs[:, 2].tolist(),
              "knots": qs[:, 1:4].tolist()}
     totals = ticks.total(BaselineSums({"modalities": list(modalities), "state": state}))
@@ -643,7 +651,7 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
         xtx, xty = packed[:d * d].reshape(d, d), packed[d * d:d * d + d]
         normal[m] = xtx
         weights = {}                     # the full regression (None), one without each modality read, the mean
-        for dropped in [None, *dict.fromkeys(owners[j] for j in columns), "*"]:
+        for dropped in [None, *dict.fromkeys(state_owner(owners[j]) for j in columns), "*"]:
             idx = _basis_index(k, _kept(columns, owners, dropped))
             weights[dropped] = _ridge_weights(xtx[np.ix_(idx, idx)], xty[idx])
         baseline[m] = {"columns": columns, "weights": weights.pop(None),
@@ -660,8 +668,8 @@ def fit_baseline(ticks: RawTicks, modalities: tuple[str, ...]) -> dict[str, Any]
         alone = fitted["fallbacks"].get("*", {}).get("residual_std")
         explained = 0.0 if not alone else 1 - (fitted["residual_std"] / alone) ** 2
         if absolute[-1] > 0 and explained >= SPREAD_MIN_EXPLAINED:
-            k = len(fitted["columns"])              # the spread: linear in each state column, no hinges
-            linear = np.array([*range(k), 4 * k])
+            k = len(fitted["columns"])              # the spread: linear in each level column, no hinges
+            linear = np.array([*(p for p, j in enumerate(fitted["columns"]) if not is_speed(owners[j])), 4 * k])
             weights = np.zeros(4 * k + 1)
             weights[linear] = _ridge_weights(normal[m][np.ix_(linear, linear)], absolute[linear])
             fitted["spread"] = {"weights": weights.tolist(), "mean": float(absolute[-1] / fitted["ticks"])}
@@ -679,7 +687,7 @@ def baseline_residuals(raw: RawScores, calib: dict[str, Any]) -> np.ndarray:
     if raw.state is None or list(raw.state_owners) != list(spec["owners"]):
         raise ValueError(f"the calibration expects an operating state of {spec['owners']} and the ticks carry "
                          f"{list(raw.state_owners)}: score with the spec the model version was trained with")
-    owners = np.asarray(spec["owners"])
+    owners = np.asarray([state_owner(o) for o in spec["owners"]])
     out = log_err.copy()
     for i, m in enumerate(calib["modalities"]):
         fitted = calib["baseline"].get(m)

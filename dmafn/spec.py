@@ -149,6 +149,8 @@ class ModelSpec:
     state_baseline: bool = True             # each modality's error against its level at the operating state
     window_spread: bool = True              # a series channel's swing within its window read beside its mean
     relation_smoothing: float = 0.7         # EWMA weight of each channel's signed relation residual (1: none)
+    state_speed_us: int = 300_000_000       # time constant of the operating state's recent average that its speed is
+                                            # read against (the state baseline's speed columns; spec false: 0, none)
 
 
 @dataclass(frozen=True)
@@ -692,7 +694,8 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
     sec.reject_unknown({"fusion", "detector", "preset", "series_encoder", "text_encoder", "vote",
                         "contribution_scale", "normalization", "modality_dropout", "channel_dropout",
                         "cross_modal_scoring",
-                        "cross_modal_relations", "state_baseline", "window_spread", "relation_smoothing"})
+                        "cross_modal_relations", "state_baseline", "window_spread", "relation_smoothing",
+                        "state_speed"})
     return ModelSpec(
         fusion=sec.choice("fusion", FUSIONS, ModelSpec.fusion),
         detector=sec.choice("detector", DETECTORS, ModelSpec.detector),
@@ -708,7 +711,9 @@ def _parse_model(sec: _Section | None) -> ModelSpec:
         cross_modal_relations=sec.boolean("cross_modal_relations", ModelSpec.cross_modal_relations),
         state_baseline=sec.boolean("state_baseline", ModelSpec.state_baseline),
         window_spread=sec.boolean("window_spread", ModelSpec.window_spread),
-        relation_smoothing=sec.number("relation_smoothing", ModelSpec.relation_smoothing, float, 0.01, 1.0))
+        relation_smoothing=sec.number("relation_smoothing", ModelSpec.relation_smoothing, float, 0.01, 1.0),
+        state_speed_us=0 if sec.get("state_speed") is False
+        else sec.duration("state_speed", f"{ModelSpec.state_speed_us}us"))
 
 
 def default_validation_days(start: dt.date, end: dt.date) -> int:
@@ -1071,7 +1076,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
            if spec.time_format else {}),
         **({"unreadable_files": spec.unreadable_files} if spec.unreadable_files != "fail" else {}),
         "modalities": mods,
-        "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__},
+        "model": {k: getattr(spec.model, k) for k in ModelSpec.__dataclass_fields__ if k != "state_speed_us"}
+        | {"state_speed": format_duration(spec.model.state_speed_us) if spec.model.state_speed_us else False},
         "train": {k: (v.isoformat() if isinstance(v, dt.date) else v)
                   for k, v in ((k, getattr(spec.train, k)) for k in TrainSpec.__dataclass_fields__)}
         | {"validation_outlier_limit": spec.train.validation_outlier_limit or 0},     # 0: none (null reads as the default)

@@ -446,6 +446,47 @@ def test_a_held_payload_counts_by_the_smaller_of_its_held_and_its_fresh_reading(
     np.testing.assert_array_equal(as_held.record(raw).contributions[:, 1], cal.record(raw).contributions[:, 1])
 
 
+def test_a_state_baseline_reads_how_fast_the_other_modalities_state_moves():
+    """With speed columns (`model.state_speed`): a's error runs higher while b's state rises fast (a machine starting
+    up, 3 % of the validation ticks); a's baseline reads how fast b's state rises (never its own), with hinges in
+    the speed's tail (`SPEED_LEVELS`), so a start-up's error is ordinary while the same error at a steady state still
+    stands out; b absent: b's level and speed fall back together."""
+    from dmafn.scoring import SPEED_LEVELS
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    speed = np.where(rng.random(n) < 0.03, rng.uniform(1.0, 3.0, n), np.abs(rng.normal(0, 0.15, n)))
+    own_speed = np.abs(rng.normal(0, 0.15, n))
+    log_err = np.stack([rng.normal(0, 0.2, n) + 1.5 * np.maximum(speed - 0.5, 0), rng.normal(0, 0.3, n)], 1)
+    state = np.stack([rng.normal(size=n), rng.normal(size=n), speed, own_speed], 1)
+    owners = ("b", "a", "b.rising", "a.rising")
+    raw = RawScores(errors=np.exp(log_err), latent=None, mask=np.ones((n, 2), bool), state=state, state_owners=owners)
+    fit = dict(detector="autoencoder", vote="mean", state_baseline=True)
+    cal = Calibration.fit(raw, MODALITIES, **fit)
+    without_speed = RawScores(raw.errors, None, raw.mask, state[:, :2], owners[:2])
+    blind = Calibration.fit(without_speed, MODALITIES, **fit)
+    assert cal.normalisation["baseline"]["a"]["columns"] == [0, 2]           # b's level and rise, not a's rise
+    assert cal.normalisation["baseline"]["b"]["columns"] == [1, 3]
+    assert set(cal.normalisation["baseline"]["a"]["fallbacks"]) == {"b", "*"}
+    assert "(a, 2 columns, 1 of them how fast a state rises)" in cal.baseline_lines()[1]
+    assert cal.normalisation["state"]["hi"][2] == pytest.approx(speed.max())
+    assert cal.normalisation["state"]["knots"][2] == pytest.approx(np.quantile(speed, SPEED_LEVELS[1:4]).tolist())
+    start = [[0.0, 0.0, 2.5, 0.1], [0.0, 0.0, 0.1, 0.1]]                   # a start-up, then a steady tick
+    probe = RawScores(errors=np.exp(np.array([[3.0, 0.0], [3.0, 0.0]])), latent=None, mask=np.ones((2, 2), bool),
+                      state=np.array(start), state_owners=owners)
+    run_up, steady = cal.record(probe).contributions[:, 0]
+    assert steady > run_up + 3
+    threshold = np.quantile(cal.record(raw).contributions[:, 0], 0.99)
+    assert run_up < threshold < steady
+    blind_probe = RawScores(probe.errors, None, probe.mask, probe.state[:, :2], owners[:2])
+    blind_threshold = np.quantile(blind.record(without_speed).contributions[:, 0], 0.99)
+    assert blind.record(blind_probe).contributions[0, 0] > blind_threshold    # without the speed: an alarm
+    gone = RawScores(probe.errors, None, probe.mask, np.array([[np.nan, 0.0, np.nan, 0.1]] * 2), owners)
+    assert np.isfinite(cal.record(gone).contributions).all()                 # b's fallback, its speed out too
+    again = Calibration.from_dict(cal.to_dict())
+    np.testing.assert_array_equal(again.apply(raw)[0].score, cal.apply(raw)[0].score)
+
+
 def test_a_state_baseline_holds_the_state_in_its_range_and_names_a_wrong_layout():
     cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
     far = RawScores(errors=np.ones((2, 2)), latent=None, mask=np.ones((2, 2), bool),

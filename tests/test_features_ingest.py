@@ -2977,10 +2977,11 @@ def test_a_peer_that_swings_about_zero_tells_its_load_through_its_window_spread(
 
     rows = _cross_rows(spec, 200, rng, spread=0.4, swing=True)
     state = featurize(rows, spec, with_swing)
-    assert state.state_owners == ("proc", "proc", "vib", "vib")            # temp, pres, vib's mean, vib's swing
+    assert state.state_owners[:4] == ("proc", "proc", "vib", "vib")        # temp, pres, vib's mean, vib's swing
     pres, mean, swing = state.state[:, 1], state.state[:, 2], state.state[:, 3]
     assert np.corrcoef(pres, swing)[0, 1] > 0.9 and abs(np.corrcoef(pres, mean)[0, 1]) < 0.3
-    assert featurize(rows, spec, means_only).state_owners == ("proc", "proc", "vib")
+    assert featurize(rows, spec, means_only).state_owners[:3] == ("proc", "proc", "vib")
+    assert featurize(rows, spec, means_only).state_owners[3:] == ("proc.rising", "vib.rising")
 
 
 def _one_channel_rows(spec, n, rng, shift=0.0, vib_present=True):
@@ -3983,17 +3984,61 @@ def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with
     aligned = aligned_rows(tiny_spec)
     stats = StatisticsFitter(tiny_spec).add(aligned).result()
     feats = featurize(aligned, tiny_spec, stats)
-    assert feats.state_owners == ("proc", "vib", "vib")        # tabular and series levels, a series' swing, in order
+    # tabular and series levels, a series' swing, in order, then how fast each modality's state rises
+    assert feats.state_owners == ("proc", "vib", "vib", "proc.rising", "vib.rising")
+    before = featurize(aligned, tiny_spec, {k: v for k, v in stats.items() if k != "state_speed"})
+    assert before.state_owners == ("proc", "vib", "vib")          # a version before 2026-12-07: no speed
+    np.testing.assert_array_equal(before.state, feats.state[:, :3])
     proc, present = feats.state[:, 0], feats.mask[:, 0]
     assert np.isnan(proc[~present]).all() and np.isfinite(proc[present]).all()
     keys = np.asarray(aligned.column("machine_id").to_pylist())
     for key in ("a", "b"):                                              # pumps 100 apart: each about its own mean
         assert abs(proc[present & (keys == key)].mean()) < 1e-5
-    assert feats.rows(np.array([0, 1])).state.shape == (2, 3)
+    assert np.isnan(feats.state[~present, 3]).all() and np.isfinite(feats.state[present, 3]).all()
+    assert feats.rows(np.array([0, 1])).state.shape == (2, 5)
     centered = replace(tiny_spec, modalities={**tiny_spec.modalities,
-                                              "vib": replace(tiny_spec.modalities["vib"], transform="centered")})
+                                              "vib": replace(tiny_spec.modalities["vib"], transform="centered")},
+                       model=replace(tiny_spec.model, state_speed_us=0))
     stats = StatisticsFitter(centered).add(aligned).result()
     assert featurize(aligned, centered, stats).state_owners == ("proc", "vib")   # a drift-free series: its swing only
+
+
+def test_state_speed_is_the_distance_from_the_recent_average_within_each_entitys_date_and_carries_over_batches():
+    """`state_speed`: 0 at a group's first tick, then the root mean square of each column's rise above the EWMA of
+    the values before it, and of its fall below; an absent value leaves the average as it was; groups apart; a group
+    cut into batches with a carry gives what it gives at once."""
+    from dmafn.features import state_speed
+
+    z = np.array([[0.0, 0.0], [1.0, 3.0], [np.nan, np.nan], [1.0, np.nan], [5.0, 5.0], [2.0, 0.0], [2.0, 5.0]])
+    groups = np.array(["a", "a", "a", "a", "b", "b", "b"])
+    rank = np.arange(7)
+    speed = state_speed(z, groups, rank, 0.5)
+    # a: averages (0, 0) -> (0.5, 1.5) after tick 1; tick 2 absent; tick 3: 1 - 0.5 (the other column absent)
+    # b: (5, 5); tick 5 falls by (3, 5); average (3.5, 2.5), so tick 6 falls by 1.5 and rises by 2.5
+    np.testing.assert_allclose(speed, [[0.0, 0.0], [np.sqrt((1 + 9) / 2), 0.0], [np.nan, np.nan], [0.5, 0.0],
+                                       [0.0, 0.0], [0.0, np.sqrt((9 + 25) / 2)], [2.5 / np.sqrt(2), 1.5 / np.sqrt(2)]])
+    shuffled = np.array([3, 0, 5, 2, 6, 1, 4])                    # rows in any order: time is the rank
+    np.testing.assert_allclose(state_speed(z[shuffled], groups[shuffled], rank[shuffled], 0.5), speed[shuffled])
+    carry: dict = {}
+    parts = [state_speed(z[rows], groups[rows], rank[rows], 0.5, carry) for rows in (slice(0, 2), slice(2, 7))]
+    np.testing.assert_allclose(np.concatenate(parts), speed)
+    assert set(carry) == {"a", "b"}
+
+
+def test_model_state_speed_sets_the_average_each_tick_moves_by():
+    """`model.state_speed` (a duration, default 5 min; false: none) is saved as the EWMA weight of one tick."""
+    from dmafn.spec import SpecError, parse_spec
+    from tests.conftest import tiny_spec_dict
+
+    data = tiny_spec_dict()
+    for given, weight in (({}, 1 - np.exp(-1 / 5)), ({"state_speed": "10min"}, 1 - np.exp(-1 / 10)),
+                          ({"state_speed": False}, None)):
+        spec = parse_spec({**data, "model": {**data.get("model", {}), **given}})
+        assert StatisticsFitter(spec).add(aligned_rows(spec)).result().get("state_speed") == (
+            None if weight is None else pytest.approx(weight))
+        assert parse_spec(spec.to_dict()).model == spec.model                 # saved with a version as it was
+    with pytest.raises(SpecError, match="state_speed"):
+        parse_spec({**data, "model": {"state_speed": "soon"}})
 
 
 def test_statistics_cut_to_some_entities_score_them_as_the_whole_statistics_do():
