@@ -2019,7 +2019,8 @@ def test_evaluate_baselines_trains_and_scores_each_modality_alone_beside_the_out
     fused_calibration = Registry(spec.registry, Storage()).load().manifest["calibration"]
     assert {"vibration", "camera", "logs"} <= set(fused_calibration["baseline"])
     owners = fused_calibration["state"]["owners"]           # the vibration's channels presented at their level
-    assert owners[:2] == ["process", "process"] and set(owners[2:]) <= {"vibration"}
+    assert owners[:2] == ["process", "process"] and set(owners[2:-2]) <= {"vibration"}
+    assert owners[-2:] == ["process.rising", "vibration.rising"]          # then how fast each state rises
     assert "baseline" not in manifest["calibration"]
     rows = pl.read_delta(alone.score.output)
     assert rows["model_version"].unique().to_list() == [version] and rows["date"].unique().to_list() == [DAY3.isoformat()]
