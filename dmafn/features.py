@@ -1995,7 +1995,7 @@ def operating_state(levels: dict[str, np.ndarray], presence: dict[str, np.ndarra
     alpha, (tick_groups, rank) = stats.get("state_speed"), order
     if alpha and tick_groups is not None:
         carry = {} if carry is None else carry
-        cols += [state_speed(z, tick_groups, rank, float(alpha), carry.setdefault(name + SPEED, {}))[:, :1]
+        cols += [state_speed(z, tick_groups, rank, float(alpha), carry.setdefault(name + SPEED, {}))[:, None]
                  .astype(np.float32) for z, name in zip(cols[:len(named)], named)]
         owners += [name + SPEED for name in named]
     return np.concatenate(cols, 1), tuple(owners)
@@ -2013,14 +2013,14 @@ def is_speed(owner: str) -> bool:
 
 def state_speed(z: np.ndarray, groups: np.ndarray, rank: np.ndarray, alpha: float,
                 carry: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """(N, 2) how fast one modality's operating state rises and falls at each tick: each value's distance from the
-    EWMA (weight `alpha`) of the values before it in its group (an entity's date, in time order by `rank`), over its
-    state columns `z` (N, C; NaN where absent) the root mean square of the rises (distances above the average, the
-    falls counted 0) and of the falls - a machine starting up lifts its state through several ticks, one stopping
-    lowers it, a steady one stays near its recent average. The operating state reads the rise only: a fall is a
-    stop's and a fault's end alike, and the others' errors differ there. 0 at a group's first tick, NaN where every
-    column is absent (an absent tick leaves the average as it was). `carry`: group -> the EWMA per column, read and
-    updated, so a group cut into batches moves as one."""
+    """(N,) how fast one modality's operating state rises at each tick: each value's distance from the EWMA (weight
+    `alpha`) of the values before it in its group (an entity's date, in time order by `rank`), over its state
+    columns `z` (N, C; NaN where absent) the root mean square of the rises (distances above the average; a fall
+    counts 0) - a machine starting up lifts its state through several ticks, a steady one stays near its recent
+    average. Falls are not read: a fall is a stop's and a fault's end alike, and the others' errors differ there
+    (docs/fleets.md, "Stops and start-ups"). 0 at a group's first tick, NaN where every column is absent (an absent
+    tick leaves the average as it was). `carry`: group -> the EWMA per column, read and updated, so a group cut into
+    batches moves as one."""
     dev = np.full(z.shape, np.nan)
     carry = {} if carry is None else carry
     for key, rows in group_rows(groups):
@@ -2037,9 +2037,9 @@ def state_speed(z: np.ndarray, groups: np.ndarray, rank: np.ndarray, alpha: floa
             average[c] = sums[-1]
         carry[key] = average
     held = np.isfinite(dev)
-    count = np.where(held.any(1), held.sum(1), np.nan)[:, None]
-    moves = np.where(held, dev, 0.0)[:, :, None] * np.array([1.0, -1.0])          # (N, C, 2): rises, falls
-    return np.sqrt((np.maximum(moves, 0.0) ** 2).sum(1) / count)
+    count = np.where(held.any(1), held.sum(1), np.nan)
+    rises = np.maximum(np.where(held, dev, 0.0), 0.0)                              # (N, C)
+    return np.sqrt((rises ** 2).sum(1) / count)
 
 
 def _state_columns(values: np.ndarray, fitted: dict[str, Any], groups: list[tuple[str, np.ndarray]],

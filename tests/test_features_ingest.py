@@ -4005,8 +4005,8 @@ def test_operating_state_is_each_level_from_its_entitys_own_mean_and_absent_with
 
 def test_state_speed_is_the_distance_from_the_recent_average_within_each_entitys_date_and_carries_over_batches():
     """`state_speed`: 0 at a group's first tick, then the root mean square of each column's rise above the EWMA of
-    the values before it, and of its fall below; an absent value leaves the average as it was; groups apart; a group
-    cut into batches with a carry gives what it gives at once."""
+    the values before it (a fall counts 0); an absent value leaves the average as it was; groups apart; a group cut
+    into batches with a carry gives what it gives at once."""
     from dmafn.features import state_speed
 
     z = np.array([[0.0, 0.0], [1.0, 3.0], [np.nan, np.nan], [1.0, np.nan], [5.0, 5.0], [2.0, 0.0], [2.0, 5.0]])
@@ -4014,9 +4014,8 @@ def test_state_speed_is_the_distance_from_the_recent_average_within_each_entitys
     rank = np.arange(7)
     speed = state_speed(z, groups, rank, 0.5)
     # a: averages (0, 0) -> (0.5, 1.5) after tick 1; tick 2 absent; tick 3: 1 - 0.5 (the other column absent)
-    # b: (5, 5); tick 5 falls by (3, 5); average (3.5, 2.5), so tick 6 falls by 1.5 and rises by 2.5
-    np.testing.assert_allclose(speed, [[0.0, 0.0], [np.sqrt((1 + 9) / 2), 0.0], [np.nan, np.nan], [0.5, 0.0],
-                                       [0.0, 0.0], [0.0, np.sqrt((9 + 25) / 2)], [2.5 / np.sqrt(2), 1.5 / np.sqrt(2)]])
+    # b: (5, 5); tick 5 falls by (3, 5): no rise; average (3.5, 2.5), so tick 6 falls by 1.5 and rises by 2.5
+    np.testing.assert_allclose(speed, [0.0, np.sqrt((1 + 9) / 2), np.nan, 0.5, 0.0, 0.0, 2.5 / np.sqrt(2)])
     shuffled = np.array([3, 0, 5, 2, 6, 1, 4])                    # rows in any order: time is the rank
     np.testing.assert_allclose(state_speed(z[shuffled], groups[shuffled], rank[shuffled], 0.5), speed[shuffled])
     carry: dict = {}
