@@ -43,6 +43,9 @@ class RawScores:
     fresh_errors: dict[str, np.ndarray] = field(default_factory=dict)  # m -> (N,) a held modality's error as read
                                       # at the tick itself (its own value where not held; `settle_held`)
     fresh_channel_errors: dict[str, np.ndarray] = field(default_factory=dict)  # m -> (N, C) its parts, likewise
+    prior_state: dict[str, np.ndarray] = field(default_factory=dict)  # m -> (N, S) a frame's or clip's operating
+                                      # state at the tick before its row came, where it came while the machine moved
+                                      # (`hold_payload_errors`); its held state elsewhere
 
     def rows(self, idx: np.ndarray) -> "RawScores":
         """The same raw scores for a subset of the ticks (`idx`: positions or a boolean mask)."""
@@ -52,7 +55,8 @@ class RawScores:
                          channel_errors={m: e[idx] for m, e in self.channel_errors.items()},
                          held_state={m: s[idx] for m, s in self.held_state.items()},
                          fresh_errors={m: e[idx] for m, e in self.fresh_errors.items()},
-                         fresh_channel_errors={m: e[idx] for m, e in self.fresh_channel_errors.items()})
+                         fresh_channel_errors={m: e[idx] for m, e in self.fresh_channel_errors.items()},
+                         prior_state={m: s[idx] for m, s in self.prior_state.items()})
 
     def state_of(self, m: str) -> np.ndarray | None:
         """(N, S) the operating state modality m's error is read against: its held one, else the tick's."""
@@ -77,7 +81,8 @@ class RawScores:
                          state=None if first.state is None else joined([r.state for r in parts]),
                          state_owners=first.state_owners,
                          channel_errors=each("channel_errors"), held_state=each("held_state"),
-                         fresh_errors=each("fresh_errors"), fresh_channel_errors=each("fresh_channel_errors"))
+                         fresh_errors=each("fresh_errors"), fresh_channel_errors=each("fresh_channel_errors"),
+                         prior_state=each("prior_state"))
 
 
 @dataclass
@@ -142,10 +147,10 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     latent = np.concatenate(latents) if latents else None
     mask = features.mask
     split_by = {m: np.concatenate(split).astype(np.float64) for m, split in parts.items()}
-    held_state, fresh, fresh_split = {}, err, split_by          # fresh: each tick's own reading
+    held_state, prior_state, fresh, fresh_split = {}, {}, err, split_by      # fresh: each tick's own reading
     holding = model.cfg.detector != "classifier" and model.cfg.hold_payloads
     if holding:
-        err, split_by, held_state = hold_payload_errors(err, split_by, features, hold)
+        err, split_by, held_state, prior_state = hold_payload_errors(err, split_by, features, hold)
     if model.cfg.detector == "classifier":
         latent, err = err[:, 0], err[:, 1:]       # column 0: the full logit
     elif features.relation_errors is not None:    # a channel no longer where its relation with the others puts it
@@ -165,7 +170,7 @@ def raw_scores(model: DMAFN, features: Features, batch_size: int = 1024, device:
     return RawScores(errors=np.where(mask, err, np.nan), latent=latent, mask=mask, state=features.state,
                      state_owners=features.state_owners, channel_errors=with_relations(split_by),
                      held_state=held_state, fresh_errors={m: fresh[:, features.modalities.index(m)] for m in held},
-                     fresh_channel_errors=fresh_parts)
+                     fresh_channel_errors=fresh_parts, prior_state=prior_state)
 
 
 HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the machine as it was when its row came
@@ -177,7 +182,7 @@ HOLD_STATE_MOVE = 0.5     # `hold_payload_errors`: a payload is read against the
 
 def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], features: Features,
                         carry: dict[str, dict[str, tuple]] | None = None
-                        ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Each tabular, image or audio modality's error (N, M), channel parts (m -> (N, C)) and the operating state its
     error is expected at (`Features.state`, (N, S); returned per modality as `RawScores.held_state`), held from the
     tick its row arrived at while that row stays the latest (same entity and date, same `Features.taken`) and the
@@ -189,13 +194,20 @@ def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], featur
     running while the process says stopped, and its cross-modal error (and its error's expected level at a stopped
     pump) would call the frame anomalous. Held, it is judged against the state it was taken in, and what changed
     since shows in the other modalities' own errors; while the machine stays where it was, each tick reads it
-    afresh, as before. Rows sorted by group, in time order within it. `carry`: group -> (taken, error, parts,
-    state) of each modality's run at the group's last tick, read and updated (see `raw_scores`)."""
+    afresh, as before. For a modality with no level of its own (a frame, a clip) also its prior state (returned per
+    such modality, `RawScores.prior_state`): where the machine moved more than `HOLD_STATE_MOVE` between the tick
+    before its row came and the tick it came at, the state at the tick before - a frame is taken between two ticks,
+    and one taken while a pump runs down is first read at a tick where the pump is already still, so both its
+    readings judge a running pump's picture against rest; elsewhere (and where its group has no tick before) its
+    held state. `settle_held` reads it against all three. Rows sorted by group, in time order within it. `carry`:
+    group -> (taken, error, parts, state, prior state, the last tick's state) of each modality's run at the group's
+    last tick, read and updated (see `raw_scores`)."""
     state = features.state
     if not features.taken or features.groups is None or not len(errors):
-        return errors, parts, {}
+        return errors, parts, {}, {}
     errors, parts = errors.copy(), {m: p.copy() for m, p in parts.items()}
-    held_state = {}
+    held_state, prior_state = {}, {}
+    levelled = {state_owner(o) for o in features.state_owners}
     groups, n = np.asarray(features.groups), len(errors)
     index = np.arange(n)
     group_start = np.r_[True, groups[1:] != groups[:-1]]
@@ -209,6 +221,10 @@ def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], featur
         run_error = errors[first, j]
         run_part = None if part is None else part[first]
         run_state = None if state is None else state[first]
+        framed = state is not None and m not in levelled          # a frame or a clip: the tick before it came
+        if framed:
+            before = np.maximum(first - 1, 0)
+            run_prior = np.where(((first > 0) & ~group_start[first])[:, None], state[before], run_state)
         starts = np.flatnonzero(run_start)
         ends = np.r_[starts[1:], n]
         for i in np.flatnonzero(group_start):         # a group's first run may go on from the batch before
@@ -220,13 +236,18 @@ def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], featur
                     run_part[run] = held[2]
                 if run_state is not None and held[3] is not None:
                     run_state[run] = held[3]
+                if framed:
+                    run_prior[run] = held[4]
+            elif framed and held is not None and taken[i] >= 0:     # a run that starts here: the batch before's
+                run_prior[slice(i, ends[np.searchsorted(starts, i)])] = held[5]      # last tick is the one before
         for i in np.flatnonzero(group_end):
             kept[groups[i]] = (int(taken[i]), float(run_error[i]), None if run_part is None else run_part[i].copy(),
-                               None if run_state is None else run_state[i].copy())
+                               None if run_state is None else run_state[i].copy(),
+                               run_prior[i].copy() if framed else None, None if state is None else state[i].copy())
         hold = taken >= 0
+        columns = [j for j in baseline_columns(list(features.state_owners), m)     # where, not how fast
+                   if not is_speed(features.state_owners[j])]
         if run_state is not None:
-            columns = [j for j in baseline_columns(list(features.state_owners), m)     # where, not how fast
-                       if not is_speed(features.state_owners[j])]
             moved = state_move(state[:, columns], run_state[:, columns])
             hold &= ~(moved <= HOLD_STATE_MOVE)                       # NaN: cannot tell, held
         errors[hold, j] = run_error[hold]
@@ -234,7 +255,10 @@ def hold_payload_errors(errors: np.ndarray, parts: dict[str, np.ndarray], featur
             part[hold] = run_part[hold]
         if run_state is not None:
             held_state[m] = np.where(hold[:, None], run_state, state)
-    return errors, parts, held_state
+        if framed:                   # came while the machine moved (NaN: cannot tell, as held)
+            came_moving = (taken >= 0) & (state_move(run_prior[:, columns], run_state[:, columns]) > HOLD_STATE_MOVE)
+            prior_state[m] = np.where(came_moving[:, None], run_prior, held_state[m])
+    return errors, parts, held_state, prior_state
 
 
 def state_move(now: np.ndarray, then: np.ndarray) -> np.ndarray:
@@ -484,7 +508,7 @@ def fit_robust_scales(ticks: RawTicks, modalities: tuple[str, ...], detector: st
         raise ValueError(f"voting modalities {sorted(voting)} must be a non-empty subset of {list(modalities)}")
     voting = None if voting is None or set(voting) == set(modalities) else voting   # all vote: nothing to store
     calib: dict[str, Any] = {"detector": detector, "vote": vote, "modalities": list(modalities),
-                             "held_reading": "smaller"}       # `settle_held`; a calibration without it: as held
+                             "held_reading": "least"}       # `settle_held`; a calibration without it: as held
     if state_baseline:
         calib.update(fit_baseline(ticks, tuple(modalities)))
     calib["contribution"] = {m: robust_scale(v) for m, v in
@@ -726,17 +750,21 @@ def state_spread(basis: np.ndarray, fitted: dict[str, Any]) -> np.ndarray:
 
 
 def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:
-    """Under a calibration that reads held payloads by their smaller reading (`calib["held_reading"]`, versions
-    since 2026-12-06): each held modality's error, channel parts and operating state at each tick - the held
+    """Under a calibration that reads held payloads by their smaller reading (`calib["held_reading"]` `"smaller"`,
+    versions since 2026-12-06): each held modality's error, channel parts and operating state at each tick - the held
     reading (`hold_payload_errors`) or the tick's own, whichever contributes less. A payload held after the machine
     moved is judged both against the state it was taken in and against the machine now; it counts as anomalous only
     if it is both - a frame taken mid run-up, unusual for its moment, that fits the running pump it is read
     beside, is not held into the running minutes as an anomaly, and a frame of a running pump read beside a stopped
-    one is still judged as taken. The result carries no fresh readings (`RawScores.fresh_errors`); without them, or
-    under an older calibration, `raw` itself."""
-    if not raw.fresh_errors or calib.get("held_reading") != "smaller":
+    one is still judged as taken. Under a calibration that reads the least of three (`"least"`, versions since
+    2026-12-07 night), a frame or clip that came while the machine moved (`RawScores.prior_state`) is also read
+    against the state at the tick before it came, and counts by the least of the three: a frame taken while a pump
+    ran down, first read at a tick where it is still, is judged against the pump it pictured too. The result
+    carries no fresh readings (`RawScores.fresh_errors`); without them, or under an older calibration, `raw`
+    itself."""
+    if not raw.fresh_errors or calib.get("held_reading") not in ("smaller", "least"):
         return raw
-    held_view = replace(raw, fresh_errors={}, fresh_channel_errors={})
+    held_view = replace(raw, fresh_errors={}, fresh_channel_errors={}, prior_state={})
     errors, fresh_state = raw.errors.copy(), dict(raw.held_state)
     for m in raw.fresh_errors:
         errors[:, calib["modalities"].index(m)] = raw.fresh_errors[m]
@@ -744,6 +772,9 @@ def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:
     fresh_view = replace(held_view, errors=errors, held_state=fresh_state,
                          channel_errors={**raw.channel_errors, **raw.fresh_channel_errors})
     as_held, as_fresh = _contributions(held_view, calib), _contributions(fresh_view, calib)
+    prior = raw.prior_state if calib.get("held_reading") == "least" else {}
+    if prior:                  # the held error read against the state at the tick before its row came
+        as_prior = _contributions(replace(held_view, held_state={**raw.held_state, **prior}), calib)
     settled = replace(held_view, errors=raw.errors.copy(), channel_errors=dict(raw.channel_errors),
                       held_state=dict(raw.held_state))
     for m in raw.fresh_errors:
@@ -754,6 +785,12 @@ def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:
             settled.channel_errors[m] = np.where(fresher[:, None], raw.fresh_channel_errors[m], raw.channel_errors[m])
         if m in raw.held_state:
             settled.held_state[m] = np.where(fresher[:, None], raw.state, raw.held_state[m])
+        if m in prior:                                              # the least of the three
+            earlier = as_prior[:, i] < np.fmin(as_fresh[:, i], as_held[:, i])
+            settled.errors[:, i] = np.where(earlier, raw.errors[:, i], settled.errors[:, i])
+            if m in raw.channel_errors:
+                settled.channel_errors[m] = np.where(earlier[:, None], raw.channel_errors[m], settled.channel_errors[m])
+            settled.held_state[m] = np.where(earlier[:, None], prior[m], settled.held_state.get(m, raw.state))
     return settled
 
 

@@ -1,4 +1,6 @@
 """The one calibration: contribution normalisation, vote, smoothing per group, threshold - fit and apply."""
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 import pytest
@@ -425,7 +427,7 @@ def test_a_held_payload_counts_by_the_smaller_of_its_held_and_its_fresh_reading(
     unusual for the moment it was taken that fits the machine now is not held as an anomaly; one anomalous both ways
     still is; its parts (driving channel) come with the reading chosen; a calibration from before reads as held."""
     cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
-    assert cal.normalisation["held_reading"] == "smaller"
+    assert cal.normalisation["held_reading"] == "least"
     log_error = np.array([[1.2, 0.0], [3.5, 0.0], [1.2, 0.0]])      # a's error goes with the load (b's level)
     raw = RawScores(errors=np.exp(log_error), latent=None, mask=np.ones((3, 2), bool),
                     state=np.full((3, 2), [1.2, 0.0]), state_owners=("b", "a"),     # the load now: high
@@ -444,6 +446,29 @@ def test_a_held_payload_counts_by_the_smaller_of_its_held_and_its_fresh_reading(
     assert settled.held_state["a"][0, 0] == 1.2 and settled.held_state["a"][1, 0] == 1.2
     assert as_held.settle(raw) is raw and held[1] == pytest.approx(c[1])
     np.testing.assert_array_equal(as_held.record(raw).contributions[:, 1], cal.record(raw).contributions[:, 1])
+
+
+def test_a_frame_that_came_while_the_machine_moved_counts_by_the_least_of_three_readings():
+    """`settle_held` under `held_reading: least`: a frame that came while the machine moved (`RawScores.prior_state`,
+    the state at the tick before its row came) is also read against that state, and counts by the least of its
+    three readings - a frame of a loaded machine first read once the load fell is judged against the load it
+    pictured; one anomalous all three ways still is; a calibration reading the smaller of two ignores the prior."""
+    cal = Calibration.fit(_loaded(4000), MODALITIES, detector="autoencoder", vote="mean", state_baseline=True)
+    log_error = np.array([[1.2, 0.0], [1.2, 0.0], [3.5, 0.0]])      # a's error goes with the load (b's level)
+    low = np.full((3, 2), [-1.2, 0.0])                              # the load now, and when each frame was read
+    raw = RawScores(errors=np.exp(log_error), latent=None, mask=np.ones((3, 2), bool), state=low,
+                    state_owners=("b", "a"), held_state={"a": low.copy()}, fresh_errors={"a": np.exp(log_error[:, 0])},
+                    prior_state={"a": np.array([[1.2, 0.0], [-1.2, 0.0], [1.2, 0.0]])})   # ticks 0, 2: came falling
+    c = cal.record(raw).contributions[:, 0]
+    smaller = Calibration.from_dict({**cal.to_dict(), "held_reading": "smaller"})
+    two = smaller.record(raw).contributions[:, 0]
+    normal = cal.record(replace(raw, state=-low, held_state={}, fresh_errors={}, prior_state={})).contributions[0, 0]
+    assert two[0] > normal + 2 and c[0] == pytest.approx(normal)   # tick 0: judged against the load it pictured
+    assert c[1] == pytest.approx(two[1]) and c[1] == pytest.approx(two[0])   # tick 1: no move, two readings
+    assert c[2] > normal + 2                                       # tick 2: anomalous all three ways
+    settled = cal.settle(raw)
+    assert settled.held_state["a"][:, 0].tolist() == [1.2, -1.2, 1.2] and not settled.prior_state   # the least
+    np.testing.assert_array_equal(cal.record(settled).contributions, cal.record(raw).contributions)
 
 
 def test_a_state_baseline_reads_how_fast_the_other_modalities_state_moves():

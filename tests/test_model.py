@@ -759,12 +759,13 @@ def test_a_payloads_error_is_held_from_the_tick_its_row_arrived_at_and_carries_a
     state = np.arange(14.0).reshape(7, 2)                         # the operating state each tick is at
     feats = Features({"cam": np.zeros((7, 1)), "proc": np.zeros((7, 2))}, np.ones((7, 2), bool), ("cam", "proc"),
                      state=state, state_owners=("proc", "cam"), taken=taken, groups=groups)
-    held, held_parts, held_state = hold_payload_errors(errors, parts, feats)
+    held, held_parts, held_state, prior = hold_payload_errors(errors, parts, feats)
     assert held[:, 0].tolist() == [1, 1, 1, 4, 4, 6, 7]
     assert held[:, 1].tolist() == [10, 10, 30, 40, 50, 60, 70]
     assert held_parts["proc"][:, 1].tolist() == [7.5, 7.5, 22.5, 30, 37.5, 45, 52.5]
     assert held_state["cam"][:, 0].tolist() == [0, 0, 0, 6, 6, 10, 12]    # the state its held error was read at
     assert errors[1, 0] == 2 and parts["proc"][1, 1] == 15          # the inputs are left as they were
+    assert not prior                                   # every modality here owns state columns: no frame or clip
     carry: dict = {}
     first = hold_payload_errors(errors[:2], {"proc": parts["proc"][:2]}, feats.rows(slice(0, 2)), carry)
     rest = hold_payload_errors(errors[2:], {"proc": parts["proc"][2:]}, feats.rows(slice(2, 7)), carry)
@@ -777,10 +778,37 @@ def test_a_payloads_error_is_held_from_the_tick_its_row_arrived_at_and_carries_a
     still = np.zeros((7, 2))
     still[2, 0] = np.nan
     feats.state = still
-    read, read_parts, read_state = hold_payload_errors(errors, parts, feats)
+    read, read_parts, read_state, _ = hold_payload_errors(errors, parts, feats)
     assert read[:, 0].tolist() == [1, 2, 1, 4, 5, 6, 7] and read[:, 1].tolist() == [10, 20, 30, 40, 50, 60, 70]
     assert np.array_equal(read_parts["proc"], parts["proc"])
     assert np.array_equal(read_state["cam"], np.zeros((7, 2)))       # tick 2 held: the state its frame came at
+
+
+def test_a_frame_that_came_while_the_machine_moved_keeps_the_state_at_the_tick_before_and_carries_across_batches():
+    """`hold_payload_errors`' prior state: for a modality with no level of its own (a frame, a clip) that came while
+    the operating state moved more than `HOLD_STATE_MOVE` since the tick before, the state at that tick, for every
+    tick its row stays the latest; elsewhere (the machine still, a group's first tick) its held state; batches with
+    the carry give what the whole gives, a frame's first tick in a batch reading the tick before from the carry."""
+    from dmafn.features import Features
+    from dmafn.scoring import hold_payload_errors
+
+    state = np.array([[0.0, 0], [0, 0], [3, 3], [3, 3], [3, 3], [3.1, 3.1], [1, 1], [1.1, 1.1]])
+    taken = {"cam": np.array([1, 1, 2, 2, 2, 2, 4, 5]), "proc": np.arange(8)}
+    groups = np.array(["a"] * 6 + ["b"] * 2)
+    errors, parts = np.ones((8, 2)), {"proc": np.ones((8, 2))}
+    feats = Features({"cam": np.zeros((8, 1)), "proc": np.zeros((8, 2))}, np.ones((8, 2), bool), ("cam", "proc"),
+                     state=state, state_owners=("proc", "proc"), taken=taken, groups=groups)
+    _, _, held_state, prior = hold_payload_errors(errors, parts, feats)
+    assert set(prior) == {"cam"}                                   # the process has a level: no prior
+    # frame 2 came at tick 2, the machine having moved 3 stds since tick 1: the state at tick 1 while it is the latest
+    assert prior["cam"][:, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1.1]
+    assert np.array_equal(prior["cam"][[0, 1, 6, 7]], held_state["cam"][[0, 1, 6, 7]])   # still, or no tick before
+    for cuts in ((2,), (3,), (2, 5)):
+        carry: dict = {}
+        edges = [0, *cuts, 8]
+        pieces = [hold_payload_errors(errors[a:b], {"proc": parts["proc"][a:b]}, feats.rows(slice(a, b)), carry)
+                  for a, b in zip(edges, edges[1:])]
+        assert np.array_equal(np.concatenate([p[3]["cam"] for p in pieces]), prior["cam"]), cuts
 
 
 def test_a_version_with_held_payloads_reads_a_stale_frame_against_the_state_it_was_taken_in():
