@@ -773,8 +773,15 @@ def settle_held(raw: RawScores, calib: dict[str, Any]) -> RawScores:
                          channel_errors={**raw.channel_errors, **raw.fresh_channel_errors})
     as_held, as_fresh = _contributions(held_view, calib), _contributions(fresh_view, calib)
     prior = raw.prior_state if calib.get("held_reading") == "least" else {}
-    if prior:                  # the held error read against the state at the tick before its row came
-        as_prior = _contributions(replace(held_view, held_state={**raw.held_state, **prior}), calib)
+    if prior:                  # the held error read against the state at the tick before its row came - only at the
+        came = np.zeros(len(raw.mask), bool)          # ticks whose frame came while the machine moved: elsewhere the
+        for m, p in prior.items():                    # prior is the held state, and so is its reading
+            held = raw.held_state.get(m, raw.state)
+            came |= ~((p == held) | (np.isnan(p) & np.isnan(held))).all(1)
+        as_prior = np.full(as_held.shape, np.inf)
+        if came.any():
+            moved = replace(held_view, held_state={**raw.held_state, **prior}).rows(came)
+            as_prior[came] = _contributions(moved, calib)      # row by row, as on the whole batch
     settled = replace(held_view, errors=raw.errors.copy(), channel_errors=dict(raw.channel_errors),
                       held_state=dict(raw.held_state))
     for m in raw.fresh_errors:
