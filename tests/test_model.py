@@ -249,6 +249,36 @@ def test_gradients_reach_every_encoder(fusion, detector):
         assert grads and sum(g.abs().sum() for g in grads) > 0, name
 
 
+# LSTM left out: the CPU's bf16 LSTM (oneDNN) needs bf16 instructions that CI machines may lack; cuDNN runs it on CUDA
+BF16_CASES = [(f, d, "gru") for f in FUSIONS for d in DETECTORS] + [("attention", "autoencoder", c)
+                                                                   for c in ("tcn", "transformer")]
+
+
+@pytest.mark.parametrize("fusion,detector,cell", BF16_CASES)
+def test_every_pair_trains_a_step_under_bf16_autocast(fusion, detector, cell):
+    """The GPU path (`train.gpu`: bf16 autocast on CUDA, `dmafn.training.autocast`) as far as a CPU can take it:
+    the same loss under the CPU's bf16 autocast, every modality kind, held channels with channel and modality
+    dropout, a modality absent on some rows. A loss term mixing bf16 activations with float32 tensors where
+    PyTorch does not promote (an index put, a masked scatter) fails here instead of on the first GPU node."""
+    torch.manual_seed(0)
+    mods = ("proc", "vib", "cam", "logs", "mic")
+    feats, y = make(32, modalities=mods, anomalies=8)
+    model = build_model(specs(mods), small(fusion=fusion, detector=detector, series_encoder=cell, d_model=16,
+                                           latent=4, modality_dropout=0.3, channel_dropout=0.25)).train()
+    inputs = {m: torch.from_numpy(feats.inputs[m]) for m in feats.modalities}
+    mask = torch.from_numpy(feats.mask).clone()
+    mask[:5, 1] = False                                  # vib absent on the first rows
+    held = {"proc": torch.ones(32, 2, dtype=torch.bool), "vib": torch.ones(32, 2, dtype=torch.bool)}
+    held["proc"][:4, 1] = False                          # a dead channel
+    labels = torch.from_numpy(y.astype(np.float32)) if detector == "classifier" else None
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = training_loss(model, inputs, mask, labels, channels=held)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "late"])
 def test_leave_one_out_errors_reuse_the_forward_encodings(fusion):
     """Scoring passes the forward output in: the same errors as running the encoders again."""
