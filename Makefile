@@ -8,7 +8,7 @@ WORKDIR ?= demo_workdir
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test test-slow bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width bench-dead-tags bench-dead-tag-relations bench-smoothing images clean
+.PHONY: install browser demo test test-slow bench-fusion bench-skab bench-scale bench-evaluate bench-calibrate bench-profile bench-shard-reads bench-row-group-reads bench-train-features bench-entity-statistics bench-train-statistics bench-relation-width bench-dead-tags bench-dead-tag-relations bench-smoothing bench-small-validation images clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test-slow: install
 
 bench-fusion: install
 	$(BIN)/python -m benchmarks.fusion_pays --out benchmarks/results
+
+bench-small-validation: install
+	$(BIN)/python -m benchmarks.small_validation --out benchmarks/results
 
 bench-skab: install
 	@test -n "$(SKAB)" || (echo "usage: make bench-skab SKAB=path/to/skab" && exit 2)

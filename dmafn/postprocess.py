@@ -135,22 +135,43 @@ def gpd_from_moments(n: int, b0: float, b1: float) -> tuple[float, float]:
     return float(-k), float(max(sigma, 1e-9))             # gamma = -k in the usual GPD parameterisation
 
 
+POT_MIN_PEAKS = 20     # fewer values over `level`: an exponential tail over the highest 20 (a quarter at most)
+
+
 def pot_threshold(scores: np.ndarray | Values, risk: float, level: float = 0.98) -> float:
     """Score exceeded with probability `risk`: z_q = t + sigma/gamma * ((risk * n / N_t) ** -gamma - 1).
-    `scores`: an array or `dmafn.validation.Values` (the finite ones count)."""
+    `scores`: an array or `dmafn.validation.Values` (the finite ones count). Where `risk` lies inside the
+    values (risk * n at least the values over `level`), their (1 - risk) quantile. Where fewer than
+    `POT_MIN_PEAKS` values lie over `level` (under 1,000 values at 0.98), too few for the GPD's shape, the tail
+    over the highest `POT_MIN_PEAKS` (a quarter of the values at most) is fitted as exponential (the GPD of shape
+    0: its scale the mean excess) - before 2026-12-08, with fewer than 3 the (1 - risk) quantile was taken, which
+    for under 1 / risk values is their largest, whatever the risk asked."""
     values = as_values(scores)
     n = values.count()
     if n < 10:
         raise ValueError(f"POT needs at least 10 validation scores, got {n}")
     t = float(values.quantiles([level])[0])
     n_t, b0, b1 = values.excess_moments(t)           # where the values lie, not the excesses themselves
-    if n_t < 3 or risk * n >= n_t:
+    if risk * n >= n_t:
         return float(values.quantiles([1 - risk])[0])
+    if n_t < POT_MIN_PEAKS:
+        return _exponential_tail_threshold(values, n, risk)
     gamma, sigma = gpd_from_moments(n_t, b0, b1)
     ratio = risk * n / n_t
     if abs(gamma) < 1e-6:
         return t - sigma * math.log(ratio)
     return t + sigma / gamma * (ratio ** (-gamma) - 1)
+
+
+def _exponential_tail_threshold(values: Values, n: int, risk: float) -> float:
+    """`pot_threshold` for few peaks: over t, the quantile with k = min(POT_MIN_PEAKS, n // 4) values above it
+    (3 at least), t + mean excess * ln(k / (risk * n)); the (1 - risk) quantile where ties leave no excess."""
+    k = max(3, min(POT_MIN_PEAKS, n // 4))
+    t = float(values.quantiles([1.0 - k / n])[0])
+    n_t, mean_excess = values.excess_mean(t)
+    if n_t < 3 or mean_excess <= 0 or risk * n >= n_t:
+        return float(values.quantiles([1 - risk])[0])
+    return t + mean_excess * math.log(n_t / (risk * n))
 
 
 def fit_threshold(scores: np.ndarray | Values, method: str, *, risk: float = 1e-3, quantile: float = 0.99,
