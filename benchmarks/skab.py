@@ -130,11 +130,25 @@ PREREGISTERED_KNEE = {**PREREGISTERED_ROBUST, "knee": 4.0}
 # defaults, not as a blind setting. The earlier runs' files stay as they are.
 PREREGISTERED_AGAIN = dict(PREREGISTERED)
 
+# The ninth run fixed in advance (written 2026-12-08 and committed before it ran): the first run's settings,
+# unchanged, under the code whose POT threshold, where fewer than 20 validation scores lie over its 98 % level, fits
+# an exponential tail over the highest 20 (`dmafn.postprocess.pot_threshold`). Each file here holds 80 held-out rows
+# (1.6 over that level), so every earlier run's threshold was the largest held-out score, whatever the risk; the
+# rule's constants (20 scores, shape 0) were set before any run and checked only by a simulation with no model
+# (`benchmarks/small_validation.py`), and it changes no generated fleet. Why it was looked at: the eighth run's
+# oracle bound - one shift of every file's threshold, chosen with the test labels - reached F1 0.783 / FAR 8.9 % /
+# MAR 25.0 % on whole files, past Conv-AE on all three, so that run's ranking would have done and its thresholds
+# did not. That reading of a label-chosen bound is why the threshold for few scores was mended now: read this run as
+# the mend measured once, not as a blind setting. The T^2 reference's threshold takes the same rule. The earlier
+# runs' files stay as they are.
+PREREGISTERED_FEW_SCORES = dict(PREREGISTERED)
+
 PREREGISTERED_RUNS = {"preregistered": PREREGISTERED, "preregistered-relations": PREREGISTERED_RELATIONS,
                       "preregistered-relation-only": PREREGISTERED_RELATION_ONLY,
                       "preregistered-tail": PREREGISTERED_TAIL, "preregistered-cross": PREREGISTERED_CROSS,
                       "preregistered-robust": PREREGISTERED_ROBUST, "preregistered-knee": PREREGISTERED_KNEE,
-                      "preregistered-again": PREREGISTERED_AGAIN}
+                      "preregistered-again": PREREGISTERED_AGAIN,
+                      "preregistered-few-scores": PREREGISTERED_FEW_SCORES}
 
 
 def load_files(root: Path) -> dict[str, pd.DataFrame]:
