@@ -148,3 +148,22 @@ def test_a_long_pot_tail_is_read_in_pieces(local_ray, monkeypatch):
     m, c0, c1 = ArrayValues(values).excess_moments(level)
     assert n == m > 16 and b0 == pytest.approx(c0, rel=1e-12) and b1 == pytest.approx(c1, rel=1e-12)
     assert read and max(sum(v.size for v in answer) for answer in read) <= 24
+
+
+@pytest.mark.parametrize("size", [80, 300])
+def test_pot_on_few_scores_held_in_shards_is_the_one_in_memory(local_ray, monkeypatch, size):
+    """Fewer than 20 scores over POT's level (`POT_MIN_PEAKS`): the exponential tail over the highest 20 is fitted
+    where the shards hold the scores (its level by rounds of counts, its mean excess from the shards) and gives the
+    in-memory threshold - above every score, as a risk of 1e-3 on so few asks."""
+    import pipelines.calibrate as calibrate
+    from dmafn.postprocess import pot_threshold
+    from dmafn.validation import ArrayValues
+
+    monkeypatch.setattr(calibrate, "GATHER_MAX", 16)      # no gather of the whole column
+    values = np.random.default_rng(5).gamma(2.0, 1.0, size)
+    parts = [np.sort(p) for p in np.array_split(values, 3)]
+    held = calibrate.ShardValues([local_ray.put([(len(p), float(p[0]), float(p[-1]), "<f8")]) for p in parts], 0,
+                                 [local_ray.put(p) for p in parts])
+    expected = pot_threshold(ArrayValues(values), 1e-3)
+    assert pot_threshold(held, 1e-3) == pytest.approx(expected, rel=1e-12)
+    assert expected > values.max()
