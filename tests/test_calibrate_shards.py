@@ -116,6 +116,15 @@ def test_a_long_tail_is_fitted_from_counts_and_sums_where_it_lies(local_ray, mon
     assert close(shards, whole, 1e-12) and shards["tail"]["a"]["n"] == whole["tail"]["a"]["n"] > 3000
 
 
+def _held_in_shards(parts: list[np.ndarray], ray_module):
+    """`ShardValues` of one column whose values `parts` are held sorted in the object store, a shard each."""
+    from pipelines.calibrate import ShardValues
+
+    parts = [np.sort(p) for p in parts]
+    return ShardValues([ray_module.put([(len(p), float(p[0]), float(p[-1]), "<f8")]) for p in parts], 0,
+                       [ray_module.put(p) for p in parts])
+
+
 def test_a_long_pot_tail_is_read_in_pieces(local_ray, monkeypatch):
     """The POT threshold on more excesses than the driver reads whole: the tail is cut into pieces at values
     sampled from the shards (exact counts), read a few at a time and never whole, each adding its excesses and its
@@ -136,9 +145,7 @@ def test_a_long_pot_tail_is_read_in_pieces(local_ray, monkeypatch):
     # the moments themselves: values in three shards, ties across pieces' edges and one tie longer than a piece
     rng = np.random.default_rng(4)
     values = np.r_[np.round(rng.exponential(1.0, 3000), 2), np.full(40, 2.5)]
-    parts = [np.sort(p) for p in np.array_split(rng.permutation(values), 3)]
-    held = calibrate.ShardValues([local_ray.put([(len(p), float(p[0]), float(p[-1]), "<f8")]) for p in parts], 0,
-                                 [local_ray.put(p) for p in parts])
+    held = _held_in_shards(np.array_split(rng.permutation(values), 3), local_ray)
     read = []
     between = calibrate.ShardValues._between
     monkeypatch.setattr(calibrate.ShardValues, "_between",
@@ -161,9 +168,7 @@ def test_pot_on_few_scores_held_in_shards_is_the_one_in_memory(local_ray, monkey
 
     monkeypatch.setattr(calibrate, "GATHER_MAX", 16)      # no gather of the whole column
     values = np.random.default_rng(5).gamma(2.0, 1.0, size)
-    parts = [np.sort(p) for p in np.array_split(values, 3)]
-    held = calibrate.ShardValues([local_ray.put([(len(p), float(p[0]), float(p[-1]), "<f8")]) for p in parts], 0,
-                                 [local_ray.put(p) for p in parts])
+    held = _held_in_shards(np.array_split(values, 3), local_ray)
     expected = pot_threshold(ArrayValues(values), 1e-3)
     assert pot_threshold(held, 1e-3) == pytest.approx(expected, rel=1e-12)
     assert expected > values.max()
