@@ -41,18 +41,15 @@ def threshold_before(x: np.ndarray, risk: float, level: float = 0.98) -> float:
 
 def processes(rng: np.random.Generator) -> dict[str, tuple]:
     """Name -> (draw n values in a row, the probability that a value exceeds z)."""
-    def iid(draw, sf):
-        return lambda n: draw(n), sf
-
     def smoothed(alpha: float):
         reference = np.sort(ewma(rng.exponential(1.0, REFERENCE + WARM_UP), alpha)[WARM_UP:])
         return (lambda n: ewma(rng.exponential(1.0, n + WARM_UP), alpha)[WARM_UP:],
                 lambda z: 1.0 - np.searchsorted(reference, z) / reference.size)
 
-    return {"exponential": iid(lambda n: rng.exponential(1.0, n), lambda z: math.exp(-z)),
-            "gamma(4)": iid(lambda n: rng.gamma(4.0, 1.0, n), lambda z: stats.gamma.sf(z, 4.0)),
-            "lognormal(0.5)": iid(lambda n: rng.lognormal(0.0, 0.5, n), lambda z: stats.lognorm.sf(z, 0.5)),
-            "gaussian": iid(lambda n: rng.normal(0.0, 1.0, n), lambda z: stats.norm.sf(z)),
+    return {"exponential": (lambda n: rng.exponential(1.0, n), lambda z: math.exp(-z)),
+            "gamma(4)": (lambda n: rng.gamma(4.0, 1.0, n), lambda z: stats.gamma.sf(z, 4.0)),
+            "lognormal(0.5)": (lambda n: rng.lognormal(0.0, 0.5, n), lambda z: stats.lognorm.sf(z, 0.5)),
+            "gaussian": (lambda n: rng.normal(0.0, 1.0, n), lambda z: stats.norm.sf(z)),
             "ewma 0.3 of exponential": smoothed(0.3), "ewma 0.5 of exponential": smoothed(0.5)}
 
 
